@@ -1,0 +1,80 @@
+"""Rotary embeddings, attention masks and grouped-query attention over a slot axis.
+
+Keys live on a *slot* axis (cache slots, or the current tokens when no cache is used). Every key
+carries its absolute position and a validity bit, so left padding, decoding and sliding windows are
+all one rule: query at position p sees valid keys at positions k with k <= p (and p - k < window on
+sliding layers).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psm_jax.config import RopeConfig
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] in float32, matching HF's default/linear/llama3 RoPE."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (1.0 / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.kind == "linear":
+        inv = inv / np.float32(rope.factor)
+    elif rope.kind == "llama3":
+        old = rope.original_max_position
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_angles(inv_freq: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, T, head_dim] for integer positions [B, T] (HF's concatenated halves)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, head_dim] by the angles (rotate-half convention, as in HF)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_bias(q_pos, k_pos, k_valid, window, is_sliding, dtype):
+    """Additive mask [B, 1, 1, T, S]: 0 where allowed, the dtype's minimum elsewhere.
+
+    `window` is a static int or None; `is_sliding` a traced bool (per layer under scan).
+    """
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+    allowed = (delta >= 0) & k_valid[:, None, :]
+    if window is not None:
+        allowed = allowed & ((delta < window) | ~is_sliding)
+    neg = jnp.finfo(dtype).min
+    return jnp.where(allowed, 0.0, neg).astype(dtype)[:, None, None, :, :]
+
+
+def grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):
+    """q [B,T,H,hd]; k, v [B,S,KV,hd]; bias [B,1,1,T,S] -> [B,T,H,hd].
+
+    Heads are grouped as [KV, H // KV] so K/V are never repeated in memory.
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = scores + bias
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, hd)
