@@ -19,3 +19,22 @@ def tiny_hf(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    """transformers' own load of the packaged SmolLM2 GGUF (torch, fp32): the reference."""
+    from transformers import AutoModelForCausalLM
+
+    from psm_jax.loading import registry
+
+    path = registry.resolve("smollm2-135m-instruct")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype="float32")
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model():
+    import psm_jax
+
+    return psm_jax.load("smollm2-135m-instruct")

@@ -12,6 +12,8 @@ and handing it to `psm_jax.config.from_hf_config`, so family defaults live in on
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
 import hashlib
 import math
 import os
@@ -19,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -51,11 +53,37 @@ _TOKENIZER_CACHE_VERSION = "1"
 # --------------------------------------------------------------------------- reading
 
 
-def open_gguf(path: str | os.PathLike):
-    """Open a GGUF file with `gguf.GGUFReader`, turning low-level failures into one clear error.
+class GGUFTensorInfo(NamedTuple):
+    """Where one tensor's bytes are and how to view them (no data held)."""
 
-    A truncated download is the common failure: the header parses but tensor data runs past the
-    end of the file, which the reader reports (if at all) as an unrelated numpy error.
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # element shape, numpy/torch order ([out, in] for linear weights)
+    storage_dtype: np.dtype  # how gguf-py views the raw bytes (uint8 for quantized types)
+    storage_shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """The parsed header: scalar metadata (large tokenizer arrays left out) and tensor locations."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+
+
+_MAX_KEPT_ARRAY = 4096  # metadata arrays longer than this are tokenizer vocabularies: not kept
+
+
+def read_gguf_header(path: str | os.PathLike) -> GGUFHeader:
+    """Parse a GGUF header with `gguf.GGUFReader`, keep what loading needs, then drop the reader.
+
+    Why drop it: the reader makes a numpy view per vocabulary string (about 170 MB of Python
+    objects for a 49k-token vocabulary). Freed before any weight is allocated, that memory does
+    not add to the load's peak. A truncated download (tensor data running past the end of the
+    file) is reported here as one clear error instead of an unrelated numpy one.
     """
     import gguf
 
@@ -70,35 +98,44 @@ def open_gguf(path: str | os.PathLike):
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # noqa: BLE001 - the reader raises many kinds on corrupt input
         raise ValueError(f"{path} could not be read as GGUF (truncated or corrupt file?): {type(e).__name__}: {e}") from e
-    for t in reader.tensors:
-        if t.data.nbytes != t.n_bytes:
-            raise ValueError(
-                f"{path} is truncated or corrupt: tensor {t.name!r} needs {t.n_bytes} bytes but only "
-                f"{t.data.nbytes} are in the file"
+    try:
+        metadata: dict[str, Any] = {}
+        for key, field in reader.fields.items():
+            if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > _MAX_KEPT_ARRAY:
+                continue
+            metadata[key] = field.contents()
+        tensors: dict[str, GGUFTensorInfo] = {}
+        for t in reader.tensors:
+            if t.data.nbytes != t.n_bytes:
+                raise ValueError(
+                    f"{path} is truncated or corrupt: tensor {t.name!r} needs {t.n_bytes} bytes but only "
+                    f"{t.data.nbytes} are in the file"
+                )
+            tensors[t.name] = GGUFTensorInfo(
+                name=t.name,
+                qtype=t.tensor_type,
+                shape=tuple(int(s) for s in reversed(t.shape.tolist())),
+                storage_dtype=t.data.dtype,
+                storage_shape=tuple(t.data.shape),
+                offset=int(t.data_offset),
+                n_bytes=int(t.n_bytes),
             )
-    return reader
+    finally:
+        mm = getattr(reader.data, "_mmap", None)
+        del reader
+        gc.collect()
+        if mm is not None:
+            try:
+                mm.close()
+            except (BufferError, ValueError):
+                pass
+    return GGUFHeader(path=path, metadata=metadata, tensors=tensors)
 
 
-class _Metadata:
-    """Lazy access to GGUF key/values (the tokenizer arrays are large; decode only what is asked)."""
-
-    def __init__(self, reader):
-        self._reader = reader
-
-    def __contains__(self, key: str) -> bool:
-        return self._reader.get_field(key) is not None
-
-    def get(self, key: str, default: Any = None) -> Any:
-        field = self._reader.get_field(key)
-        if field is None:
-            return default
-        return field.contents()
-
-    def __getitem__(self, key: str) -> Any:
-        field = self._reader.get_field(key)
-        if field is None:
-            raise KeyError(key)
-        return field.contents()
+def _req(md: Mapping[str, Any], key: str) -> Any:
+    if key not in md:
+        raise ValueError(f"GGUF metadata lacks the required key {key!r}")
+    return md[key]
 
 
 def _f32(x) -> float:
@@ -125,11 +162,12 @@ def _llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float,
     return np.where(wavelen < orig / high, 1.0, np.where(wavelen > orig / low, factor, mid))
 
 
-def _rope_scaling(md: _Metadata, arch: str, tensors: dict, theta: float, head_dim: int) -> dict | None:
+def _rope_scaling(header: GGUFHeader, arch: str, theta: float, head_dim: int) -> dict | None:
     """Recover HF `rope_scaling` from GGUF keys; llama3 scaling only survives as a rope_freqs tensor."""
+    md = header.metadata
     kind = md.get(f"{arch}.rope.scaling.type")
-    if "rope_freqs.weight" in tensors:
-        got = np.asarray(dequantize_tensor(tensors["rope_freqs.weight"]), np.float64).reshape(-1)
+    if "rope_freqs.weight" in header.tensors:
+        got = read_tensor(header, "rope_freqs.weight").astype(np.float64).reshape(-1)
         factor = float(got.max())
         # Llama 3.x publish low=1, high=4, original context 8192; check the stored factors agree.
         want = _llama3_rope_factors(theta, head_dim, factor, 1.0, 4.0, 8192)
@@ -143,12 +181,13 @@ def _rope_scaling(md: _Metadata, arch: str, tensors: dict, theta: float, head_di
     if kind in (None, "none"):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": _f32(md[f"{arch}.rope.scaling.factor"])}
+        return {"rope_type": "linear", "factor": _f32(_req(md, f"{arch}.rope.scaling.factor"))}
     raise ValueError(f"GGUF rope scaling type {kind!r} is not supported; expected none, linear or llama3")
 
 
-def hf_config_from_gguf(md: _Metadata, tensors: dict) -> dict:
+def hf_config_from_gguf(header: GGUFHeader) -> dict:
     """Translate GGUF metadata into the HF config dict `from_hf_config` expects."""
+    md, tensors = header.metadata, header.tensors
     arch = md.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(
@@ -157,10 +196,10 @@ def hf_config_from_gguf(md: _Metadata, tensors: dict) -> dict:
     a = arch
     if "token_embd.weight" not in tensors:
         raise ValueError("GGUF file has no token_embd.weight tensor")
-    vocab = int(tensors["token_embd.weight"].shape[1])  # GGUF shape is [d_model, vocab]
-    d_model = int(md[f"{a}.embedding_length"])
-    n_layers = int(md[f"{a}.block_count"])
-    n_heads = _uniform_int(md[f"{a}.attention.head_count"], f"{a}.attention.head_count")
+    vocab = int(tensors["token_embd.weight"].shape[0])  # [vocab, d_model]
+    d_model = int(_req(md, f"{a}.embedding_length"))
+    n_layers = int(_req(md, f"{a}.block_count"))
+    n_heads = _uniform_int(_req(md, f"{a}.attention.head_count"), f"{a}.attention.head_count")
     n_kv = _uniform_int(md.get(f"{a}.attention.head_count_kv", n_heads), f"{a}.attention.head_count_kv")
     head_dim = int(md.get(f"{a}.attention.key_length") or d_model // n_heads)
     value_dim = md.get(f"{a}.attention.value_length")
@@ -178,7 +217,7 @@ def hf_config_from_gguf(md: _Metadata, tensors: dict) -> dict:
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "intermediate_size": _uniform_int(md[f"{a}.feed_forward_length"], f"{a}.feed_forward_length"),
+        "intermediate_size": _uniform_int(_req(md, f"{a}.feed_forward_length"), f"{a}.feed_forward_length"),
         "rms_norm_eps": _f32(md.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6 if arch in _GEMMA else 1e-5)),
         "rope_theta": theta,
         "max_position_embeddings": int(md.get(f"{a}.context_length", 8192)),
@@ -191,7 +230,7 @@ def hf_config_from_gguf(md: _Metadata, tensors: dict) -> dict:
     eos = [md.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
     eos = list(dict.fromkeys(int(e) for e in eos if e is not None))
     hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-    scaling = _rope_scaling(md, a, tensors, theta, head_dim)
+    scaling = _rope_scaling(header, a, theta, head_dim)
     if scaling:
         hf["rope_scaling"] = scaling
 
@@ -225,29 +264,44 @@ def hf_config_from_gguf(md: _Metadata, tensors: dict) -> dict:
 
 def gguf_config(path: str | os.PathLike) -> ModelConfig:
     """The ModelConfig of a GGUF file, without dequantizing anything."""
-    reader = open_gguf(path)
-    return from_hf_config(hf_config_from_gguf(_Metadata(reader), {t.name: t for t in reader.tensors}))
+    return from_hf_config(hf_config_from_gguf(read_gguf_header(path)))
 
 
 # --------------------------------------------------------------------------- tensors
 
 
-def dequantize_tensor(tensor) -> np.ndarray:
-    """One GGUF tensor as float32 in torch layout ([out, in] for linear weights)."""
+def dequantize(name: str, qtype, raw: np.ndarray) -> np.ndarray:
+    """Dequantize raw GGUF storage to float32; an unsupported quant type names the tensor."""
     import gguf
 
-    qtype = tensor.tensor_type
     try:
-        out = gguf.quants.dequantize(tensor.data, qtype)
+        out = gguf.quants.dequantize(raw, qtype)
     except NotImplementedError as e:
         raise ValueError(
-            f"GGUF tensor {tensor.name!r} uses quantization type {qtype.name}, which gguf-py cannot dequantize"
+            f"GGUF tensor {name!r} uses quantization type {qtype.name}, which gguf-py cannot dequantize"
         ) from e
-    shape = tuple(int(s) for s in reversed(tensor.shape.tolist()))
-    return np.asarray(out, dtype=np.float32).reshape(shape)
+    return np.asarray(out, dtype=np.float32)
 
 
-def check_supported(tensors: Iterable) -> None:
+def read_tensor(header: GGUFHeader, name: str, f: BinaryIO | None = None) -> np.ndarray:
+    """One tensor as float32 in torch layout ([out, in] for linear weights), read with plain file I/O.
+
+    File reads instead of a memory map keep the file's pages out of this process's RSS.
+    """
+    info = header.tensors[name]
+    if f is None:
+        with open(header.path, "rb") as fh:
+            return read_tensor(header, name, fh)
+    f.seek(info.offset)
+    count = int(np.prod(info.storage_shape)) if info.storage_shape else 1
+    raw = np.fromfile(f, dtype=info.storage_dtype, count=count)
+    if raw.nbytes != info.n_bytes:
+        raise ValueError(f"{header.path} is truncated: tensor {name!r} is incomplete")
+    out = dequantize(name, info.qtype, raw.reshape(info.storage_shape))
+    return out.reshape(info.shape)
+
+
+def check_supported(header: GGUFHeader) -> None:
     """Fail before any work if a tensor's quant type cannot be dequantized."""
     import gguf
 
@@ -255,10 +309,10 @@ def check_supported(tensors: Iterable) -> None:
     if traits is None:  # private in gguf-py; without it, errors surface per tensor instead
         return
     floats = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-    for t in tensors:
-        if t.tensor_type not in floats and t.tensor_type not in traits:
+    for t in header.tensors.values():
+        if t.qtype not in floats and t.qtype not in traits:
             raise ValueError(
-                f"GGUF tensor {t.name!r} uses quantization type {t.tensor_type.name}, which psm-jax cannot "
+                f"GGUF tensor {t.name!r} uses quantization type {t.qtype.name}, which psm-jax cannot "
                 f"dequantize (supported: F32, F16, {', '.join(sorted(q.name for q in traits))})"
             )
 
@@ -271,63 +325,84 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return out.reshape(w.shape)
 
 
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array whose data is 64-byte aligned, so jax on CPU can adopt it without a copy."""
+    n = int(np.prod(shape)) * 4
+    raw = np.empty(n + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + n].view(np.float32).reshape(shape)
+
+
 def _to_jax(buf: np.ndarray, dtype):
-    import jax.numpy as jnp
+    """numpy -> jax. `device_put` of an aligned float32 buffer aliases it on CPU (no second copy)."""
+    import jax
 
     if np.dtype(dtype) != buf.dtype:
         buf = buf.astype(dtype)
-    return jnp.asarray(buf)
+    return jax.device_put(buf)
 
 
-def load_gguf_params(reader, config: ModelConfig, dtype=None) -> dict:
+def load_gguf_params(header: GGUFHeader, config: ModelConfig, dtype=None) -> dict:
     """Dequantize a GGUF's tensors into the Params pytree for `config` (see names.py for the layout).
 
-    Each stacked leaf is one preallocated float32 array filled layer by layer and converted to a jax
-    array before the next leaf starts, so peak memory is the final params plus one leaf.
+    Each stacked leaf is one preallocated float32 array filled layer by layer and handed to jax
+    before the next leaf starts, so peak memory is the final params plus one layer's temporaries.
     """
     import jax.numpy as jnp
 
     dtype = jnp.float32 if dtype is None else dtype
-    arch = _Metadata(reader).get("general.architecture")
-    tensors = {t.name: t for t in reader.tensors}
+    arch = header.metadata.get("general.architecture")
     permute = arch in _PERMUTED_QK
     gemma = arch in _GEMMA
+
+    def convert(spec, name: str, f) -> np.ndarray:
+        leaf = spec.leaf
+        if name not in header.tensors:
+            raise ValueError(f"GGUF file lacks tensor {name!r} (needed for Params leaf {leaf!r})")
+        w = read_tensor(header, name, f)
+        if permute and leaf in ("wq", "bq"):
+            w = unpermute_qk(w, config.n_heads)
+        elif permute and leaf in ("wk", "bk"):
+            w = unpermute_qk(w, config.n_kv_heads)
+        if gemma and leaf in _NORM_LEAVES:
+            w -= 1.0  # the Gemma converter stores 1 + w; HF (and our norm_offset) keep w
+        return w.T if spec.transpose else w
+
     params: dict[str, Any] = {"layers": {}}
-    for spec in param_specs(config):
-        template = GGUF_NAMES.get(spec.leaf) or _EXTRA_GGUF_NAMES.get(spec.leaf)
-        if template is None:
-            raise ValueError(f"no GGUF tensor name known for Params leaf {spec.leaf!r}")
-        layers = range(config.n_layers) if spec.per_layer else [None]
-        buf = np.empty(((config.n_layers,) if spec.per_layer else ()) + spec.shape, np.float32)
-        for i in layers:
-            name = template.format(i=i)
-            if name not in tensors:
-                raise ValueError(f"GGUF file lacks tensor {name!r} (needed for Params leaf {spec.leaf!r})")
-            w = dequantize_tensor(tensors[name])
-            if permute and spec.leaf in ("wq", "bq"):
-                w = unpermute_qk(w, config.n_heads)
-            elif permute and spec.leaf in ("wk", "bk"):
-                w = unpermute_qk(w, config.n_kv_heads)
-            if gemma and spec.leaf in _NORM_LEAVES:
-                w = w - 1.0  # the Gemma converter stores 1 + w; HF (and our norm_offset) keep w
-            if spec.transpose:
-                w = w.T
-            if w.shape != spec.shape:
-                raise ValueError(
-                    f"GGUF tensor {name!r} has shape {w.shape} after conversion; expected {spec.shape} for {spec.leaf!r}"
-                )
-            if i is None:
-                buf[...] = w
+    with open(header.path, "rb") as f:
+        for spec in param_specs(config):
+            template = GGUF_NAMES.get(spec.leaf) or _EXTRA_GGUF_NAMES.get(spec.leaf)
+            if template is None:
+                raise ValueError(f"no GGUF tensor name known for Params leaf {spec.leaf!r}")
+            if spec.per_layer:
+                buf = _aligned_empty((config.n_layers,) + spec.shape)
+                for i in range(config.n_layers):
+                    name = template.format(i=i)
+                    w = convert(spec, name, f)
+                    _check_shape(name, spec, w)
+                    buf[i] = w
+                    del w
             else:
-                buf[i] = w
-            del w
-        leaf = _to_jax(buf, dtype)
-        del buf
-        if spec.per_layer:
-            params["layers"][spec.leaf] = leaf
-        else:
-            params[spec.leaf] = leaf
+                name = template.format(i=0)
+                w = convert(spec, name, f)
+                _check_shape(name, spec, w)
+                buf = _aligned_empty(spec.shape)
+                buf[...] = w
+                del w
+            leaf = _to_jax(buf, dtype)
+            del buf
+            if spec.per_layer:
+                params["layers"][spec.leaf] = leaf
+            else:
+                params[spec.leaf] = leaf
     return params
+
+
+def _check_shape(name: str, spec, w: np.ndarray) -> None:
+    if w.shape != spec.shape:
+        raise ValueError(
+            f"GGUF tensor {name!r} has shape {w.shape} after conversion; expected {spec.shape} for {spec.leaf!r}"
+        )
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -402,15 +477,14 @@ def load_gguf(path: str | os.PathLike, dtype=None, *, tokenizer: bool = True):
     """Load a GGUF file: returns (params, config, tokenizer, chat_template).
 
     `dtype` is the dtype of the returned params (dequantization is always float32 first).
-    `tokenizer=False` skips building the HF tokenizer (returns None for it).
+    `tokenizer=False` skips building the HF tokenizer (None is returned for it, as for files
+    without a vocabulary). The tokenizer is
+    built before the weights so its transient memory is freed before the params exist.
     """
-    reader = open_gguf(path)
-    md = _Metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    config = from_hf_config(hf_config_from_gguf(md, tensors))
-    check_supported(tensors.values())
-    params = load_gguf_params(reader, config, dtype)
-    chat_template = md.get("tokenizer.chat_template")
-    del tensors, md, reader
-    tok = load_gguf_tokenizer(path) if tokenizer else None
-    return params, config, tok, chat_template
+    header = read_gguf_header(path)
+    config = from_hf_config(hf_config_from_gguf(header))
+    check_supported(header)
+    has_vocab = "tokenizer.ggml.model" in header.metadata
+    tok = load_gguf_tokenizer(path) if tokenizer and has_vocab else None
+    params = load_gguf_params(header, config, dtype)
+    return params, config, tok, header.metadata.get("tokenizer.chat_template")

@@ -1,0 +1,136 @@
+"""Report folders: every experiment writes report.md, metrics.json, config.json, PNG plots and
+vectors (safetensors + JSON metadata) into one folder, atomically.
+
+Files are written to a temporary sibling and renamed into place, so an interrupted run never
+leaves a half-written file; `Report.finish()` writes report.md last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if hasattr(x, "__array__") and hasattr(x, "shape"):
+        return np.asarray(x).tolist()
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    return x
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
+
+
+class Report:
+    """Collects sections, metrics, plots and vectors for one experiment run."""
+
+    def __init__(self, out_dir: str | os.PathLike, title: str, config: Any = None):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.title = title
+        self.sections: list[str] = []
+        self.metrics: dict[str, Any] = {}
+        if config is not None:
+            atomic_write_json(self.dir / "config.json", config)
+
+    def section(self, heading: str, body: str = "") -> None:
+        self.sections.append(f"## {heading}\n\n{body.strip()}\n")
+
+    def table(self, heading: str, rows: list[dict], floatfmt: str = ".4g") -> None:
+        if not rows:
+            self.section(heading, "(no rows)")
+            return
+        cols = list(rows[0])
+        fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+        self.section(heading, "\n".join(lines))
+
+    def metric(self, name: str, value: Any) -> None:
+        self.metrics[name] = _jsonable(value)
+
+    def figure(self, name: str, fig, caption: str = "") -> str:
+        """Save a matplotlib figure as PNG (atomically) and reference it from the report."""
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        atomic_write_bytes(self.dir / f"{name}.png", buf.getvalue())
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        self.sections.append(f"![{caption or name}]({name}.png)\n\n{caption}\n")
+        return f"{name}.png"
+
+    def save_vectors(self, name: str, tensors: dict[str, np.ndarray], metadata: dict) -> Path:
+        """Vectors as safetensors with a JSON sidecar (model, layer(s), site, method...)."""
+        from safetensors.numpy import save
+
+        meta = {k: json.dumps(_jsonable(v)) if not isinstance(v, str) else v for k, v in metadata.items()}
+        data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=meta)
+        atomic_write_bytes(self.dir / f"{name}.safetensors", data)
+        atomic_write_json(self.dir / f"{name}.json", metadata)
+        return self.dir / f"{name}.safetensors"
+
+    def finish(self) -> Path:
+        atomic_write_json(self.dir / "metrics.json", self.metrics)
+        text = f"# {self.title}\n\n" + "\n".join(self.sections)
+        atomic_write_bytes(self.dir / "report.md", text.encode())
+        return self.dir / "report.md"
+
+
+def load_vectors(path: str | os.PathLike, *, expect_model: str | None = None, expect_width: int | None = None):
+    """Read vectors written by `Report.save_vectors`, checking the model and width they were made for."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vector file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = {k: (json.loads(v) if v[:1] in "[{0123456789-\"tfn" else v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise ValueError(f"vector file {str(path)!r} is corrupt or not safetensors: {err}") from err
+    if expect_model is not None and meta.get("model") not in (None, expect_model):
+        raise ValueError(f"vector file {str(path)!r} was made for model {meta.get('model')!r}; expected {expect_model!r}")
+    if expect_width is not None:
+        for k, v in tensors.items():
+            if v.shape[-1] != expect_width:
+                raise ValueError(f"vector {k!r} in {str(path)!r} has width {v.shape[-1]}; expected d_model={expect_width}")
+    return tensors, meta

@@ -1,0 +1,193 @@
+"""Shared experiment machinery on top of the model port: batched chat generation, response-token
+activation means, and log-prob scoring of fixed answers (behavioural measures without a judge).
+
+Every function takes a `LoadedModel` and plain message lists; batching pads to a multiple of 16
+tokens so a handful of compiled shapes serve a whole experiment. `edits_fn(batch)` lets a caller
+build position-dependent edits (e.g. assistant tokens only) from each padded batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_batch
+from psm_jax.generate import generate
+from psm_jax.model import Capture, forward
+from psm_jax.reductions import masked_mean
+
+EditsFn = Callable[[PaddedBatch], tuple]
+PAD_MULTIPLE = 16
+
+
+def _pad_id(model) -> int:
+    tok = model.tokenizer
+    for cand in (getattr(tok, "pad_token_id", None), model.config.pad_token_id, getattr(tok, "eos_token_id", None)):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def eos_ids(model) -> tuple[int, ...]:
+    ids = set(model.config.eos_token_ids)
+    tok = model.tokenizer
+    if getattr(tok, "eos_token_id", None) is not None:
+        ids.add(int(tok.eos_token_id))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>") if tok is not None else None
+    if isinstance(im_end, int) and im_end != getattr(tok, "unk_token_id", None):
+        ids.add(im_end)
+    return tuple(sorted(ids))
+
+
+def encode_batch(model, conversations: Sequence[Sequence[dict]], add_generation_prompt: bool,
+                 multiple_of: int = PAD_MULTIPLE):
+    encs = [encode_chat(model.tokenizer, conv, add_generation_prompt=add_generation_prompt,
+                        chat_template=model.chat_template) for conv in conversations]
+    return encs, pad_batch(encs, _pad_id(model), side="left", multiple_of=multiple_of)
+
+
+@dataclasses.dataclass
+class Rollout:
+    messages: list[dict]  # the prompt conversation
+    response: str
+    response_tokens: np.ndarray
+    finished: bool
+
+    def conversation(self) -> list[dict]:
+        """The prompt plus the response as a final assistant message."""
+        return list(self.messages) + [{"role": "assistant", "content": self.response}]
+
+
+def generate_responses(model, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 64,
+                       temperature: float = 0.0, top_p: float = 1.0, key=None, batch_size: int = 8,
+                       edits_fn: EditsFn | None = None, progress: bool = False) -> list[Rollout]:
+    """Generate one response per conversation (batched, left-padded, EOS-aware)."""
+    out: list[Rollout] = []
+    key = jax.random.key(0) if key is None else key
+    eos = eos_ids(model)
+    chunks = range(0, len(conversations), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="generate", unit="batch")
+    for start in chunks:
+        convs = list(conversations[start:start + batch_size])
+        n_real = len(convs)
+        convs += [convs[-1]] * (batch_size - n_real)  # keep the batch shape static
+        _, batch = encode_batch(model, convs, add_generation_prompt=True)
+        edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
+        key, sub = jax.random.split(key)
+        gen = generate(model.params, model.config, batch.tokens, batch.attention_mask, max_new_tokens=max_new_tokens,
+                       key=sub, temperature=temperature, top_p=top_p, edits=edits, eos_ids=eos)
+        toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
+        for i in range(n_real):
+            n = int(lengths[i]) - (1 if done[i] else 0)  # drop the EOS itself
+            resp = toks[i, :n]
+            out.append(Rollout(messages=list(conversations[start + i]),
+                               response=model.tokenizer.decode(resp, skip_special_tokens=True).strip(),
+                               response_tokens=resp, finished=bool(done[i])))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "site", "layers"))
+def _reduce(params, config, tokens, attention_mask, response_mask, prompt_mask, last_prompt, edits, *, site, layers):
+    out = forward(params, config, tokens, attention_mask=attention_mask, edits=edits,
+                  capture=Capture(sites=(site,), layers=layers), return_logits=False)
+    h = out.captured[site]  # [L, B, T, D]
+    resp = masked_mean(h, response_mask[None])
+    prompt = masked_mean(h, prompt_mask[None])
+    last = jnp.take_along_axis(h, last_prompt[None, :, None, None], axis=2)[:, :, 0]
+    swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731  -> [B, L, D]
+    return swap(resp), swap(prompt), swap(last)
+
+
+def activation_means(model, conversations: Sequence[Sequence[dict]], *, layers: Sequence[int] | None = None,
+                     site: str = "resid_post", batch_size: int = 8, edits_fn: EditsFn | None = None,
+                     roles_for_response: tuple[int, ...] = (Role.ASSISTANT,), last_turn_only: bool = True,
+                     progress: bool = False) -> dict[str, np.ndarray]:
+    """Per-conversation activations at `site` for each layer, reduced three ways:
+
+    response_mean  mean over assistant *content* tokens (of the last message if last_turn_only,
+                   else of every assistant message)             [N, n_layers, D]
+    prompt_mean    mean over every content token before the response      [N, n_layers, D]
+    last_prompt    the token just before the response content begins      [N, n_layers, D]
+    n_response     response token counts [N]
+    """
+    layers = tuple(range(model.config.n_layers)) if layers is None else tuple(int(x) for x in layers)
+    for layer in layers:
+        model.config.check_layer(layer)
+    chunks = range(0, len(conversations), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=f"activations {site}", unit="batch")
+    res = {"response_mean": [], "prompt_mean": [], "last_prompt": [], "n_response": []}
+    for start in chunks:
+        convs = list(conversations[start:start + batch_size])
+        n_real = len(convs)
+        convs += [convs[-1]] * (batch_size - n_real)
+        encs, batch = encode_batch(model, convs, add_generation_prompt=False)
+        T = batch.tokens.shape[1]
+        resp_mask = np.isin(batch.roles, roles_for_response)
+        if last_turn_only:
+            last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
+            resp_mask &= batch.turns == last_turn
+        first_resp = np.where(resp_mask.any(1), resp_mask.argmax(1), T)
+        positions = np.arange(T)[None]
+        content = batch.roles > Role.TEMPLATE
+        prompt_mask = content & (positions < first_resp[:, None])
+        last_prompt = np.clip(first_resp - 1, 0, T - 1).astype(np.int32)
+        edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
+        r, p, l_ = _reduce(model.params, model.config, batch.tokens, batch.attention_mask, resp_mask, prompt_mask,
+                           last_prompt, edits, site=site, layers=layers)
+        r, p, l_ = jax.device_get((r, p, l_))
+        res["response_mean"].append(r[:n_real])
+        res["prompt_mean"].append(p[:n_real])
+        res["last_prompt"].append(l_[:n_real])
+        res["n_response"].append(resp_mask.sum(1)[:n_real])
+    return {k: np.concatenate(v) for k, v in res.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _answer_logprob(params, config, tokens, attention_mask, answer_mask, edits):
+    logits = forward(params, config, tokens, attention_mask=attention_mask, edits=edits).logits
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(answer_mask[:, 1:], tok_lp, 0.0), axis=-1)
+
+
+def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str], *, batch_size: int = 16,
+                  edits_fn: EditsFn | None = None) -> np.ndarray:
+    """log P(answer | prompt) summed over the answer's content tokens, answering as the assistant.
+
+    prompts[i] is a conversation ending with a user message; answers[i] the assistant reply to score.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected equal counts")
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        convs = [list(p) + [{"role": "assistant", "content": a}]
+                 for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
+        n_real = len(convs)
+        convs += [convs[-1]] * (batch_size - n_real)
+        _, batch = encode_batch(model, convs, add_generation_prompt=False)
+        last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
+        answer_mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
+        edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
+        lp = _answer_logprob(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edits)
+        out.append(np.asarray(lp)[:n_real])
+    return np.concatenate(out)
+
+
+def assistant_positions(batch: PaddedBatch, include_generated: bool = True):
+    """Position mask for edits on assistant content tokens (generated tokens follow `extend`)."""
+    return batch.roles == Role.ASSISTANT
+
+
+def no_prompt_positions(batch: PaddedBatch):
+    """Position mask that is false on the whole prompt: with extend=True only generated tokens are edited."""
+    return np.zeros(batch.tokens.shape, bool)
