@@ -43,7 +43,7 @@ def hf_model():
 
     torch.set_num_threads(os.cpu_count())
     path = registry.resolve("smollm2-135m-instruct")
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype="float32").eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32").eval()
 
 
 def bench_forward(m, hf, reps):

@@ -129,6 +129,21 @@ class Clamp(_Edit):
 
 
 @struct.dataclass
+class ScaleProjection(_Edit):
+    """Multiply the component along a unit direction u by `factor`: h + (factor - 1) <h, u> u."""
+
+    direction: jax.Array = None
+    factor: jax.Array = None
+    site: str = struct.field(pytree_node=False, default="resid_post")
+    extend: bool = struct.field(pytree_node=False, default=True)
+
+    def transform(self, h, layer, slot_index):
+        u = _per_layer(self.direction, layer, 1).astype(h.dtype)
+        f = _per_layer(self.factor, layer, 0)
+        return h + ((f - 1.0) * (h @ u))[..., None] * u
+
+
+@struct.dataclass
 class Patch(_Edit):
     """Replace h with given activations on the slot axis: values [B, S, D] or [L, B, S, D]."""
 
@@ -321,6 +336,15 @@ def set_projection(config, direction, value, *, layers, site="resid_post", posit
     """Ablate-then-add: set <h, u> to `value` (a clamp whose floor equals its ceiling)."""
     return clamp(config, direction, layers=layers, floor=value, ceiling=value, site=site,
                  positions=positions, extend=extend)
+
+
+def scale_projection(config, direction, factor, *, layers, site="resid_post", positions=None,
+                     extend=True) -> ScaleProjection:
+    """Scale <h, u> by `factor` (e.g. 1.15 for a 15% push along u; per-layer factors allowed)."""
+    _check_site(site)
+    u = _unit("direction", _vector(config, "direction", direction))
+    return ScaleProjection(layers=layer_mask(config, layers), positions=_positions(positions), direction=u,
+                           factor=_per_layer_scalar(config, "factor", factor), site=site, extend=extend)
 
 
 def patch(config, values, *, layers, site="resid_post", positions=None) -> Patch:

@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests.fixtures_assets import smollm2, smollm2_tokenizer  # noqa: F401  (session fixtures)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -29,12 +31,11 @@ def smollm2_hf():
     from psm_jax.loading import registry
 
     path = registry.resolve("smollm2-135m-instruct")
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
     return model.eval()
 
 
 @pytest.fixture(scope="session")
-def smollm2_model():
-    import psm_jax
-
-    return psm_jax.load("smollm2-135m-instruct")
+def smollm2_model(smollm2):
+    """Alias of the shared `smollm2` LoadedModel (loaded once per session)."""
+    return smollm2

@@ -182,3 +182,16 @@ def test_bad_forward_inputs(llama):
         Capture(sites=("resid",))
     with pytest.raises(ValueError, match="capture layer"):
         jit_forward(params, config, tokens, capture=Capture(sites=("resid_post",), layers=(config.n_layers,)))
+
+
+def test_scale_projection(llama):
+    _, config, _ = llama
+    u = rand_vec(config, 7)
+    u /= np.linalg.norm(u)
+    base = run(llama, sites=("resid_pre",))
+    out = run(llama, [E.scale_projection(config, u, 1.5, layers=[1], site="resid_pre")], sites=("resid_pre",))
+    h0, h1 = np.asarray(base.captured["resid_pre"][1]), np.asarray(out.captured["resid_pre"][1])
+    np.testing.assert_allclose(h1 @ u, 1.5 * (h0 @ u), rtol=1e-4, atol=1e-5)
+    resid0 = h0 - (h0 @ u)[..., None] * u
+    resid1 = h1 - (h1 @ u)[..., None] * u
+    np.testing.assert_allclose(resid1, resid0, atol=1e-5)

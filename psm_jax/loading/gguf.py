@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Mapping, NamedTuple
+from typing import Any, BinaryIO, Mapping, NamedTuple
 
 import numpy as np
 
@@ -40,12 +40,6 @@ GGUF_ARCHITECTURES = {
 _PERMUTED_QK = ("llama",)
 _GEMMA = ("gemma2", "gemma3")
 _NORM_LEAVES = ("final_norm", "attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm", "q_norm", "k_norm")
-# Leaves that names.GGUF_NAMES does not list yet.
-_EXTRA_GGUF_NAMES = {
-    "b_gate": "blk.{i}.ffn_gate.bias",
-    "b_up": "blk.{i}.ffn_up.bias",
-    "b_down": "blk.{i}.ffn_down.bias",
-}
 _GGUF_MAGIC = b"GGUF"
 _TOKENIZER_CACHE_VERSION = "1"
 
@@ -168,16 +162,27 @@ def _rope_scaling(header: GGUFHeader, arch: str, theta: float, head_dim: int) ->
     kind = md.get(f"{arch}.rope.scaling.type")
     if "rope_freqs.weight" in header.tensors:
         got = read_tensor(header, "rope_freqs.weight").astype(np.float64).reshape(-1)
-        factor = float(got.max())
-        # Llama 3.x publish low=1, high=4, original context 8192; check the stored factors agree.
-        want = _llama3_rope_factors(theta, head_dim, factor, 1.0, 4.0, 8192)
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+        # Llama 3.x publish low=1, high=4, original context 8192; find the factor that reproduces
+        # the stored divisors (the largest one, or solved from a divisor in the smooth band).
+        orig, low, high = 8192, 1.0, 4.0
+        wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        smooth = (orig / wavelen - low) / (high - low)
+        band = (wavelen >= orig / high) & (wavelen <= orig / low) & (smooth < 1)
+        candidates = [float(got.max())] if got.size else []
+        if got.shape == wavelen.shape:
+            candidates += [float((1 - s_) / (1 / f_ - s_)) for s_, f_ in zip(smooth[band], got[band]) if 1 / f_ != s_]
+        factor = next(
+            (f_ for f_ in candidates if f_ >= 1 and got.shape == wavelen.shape
+             and np.allclose(got, _llama3_rope_factors(theta, head_dim, f_, low, high, orig), rtol=1e-4, atol=1e-4)),
+            None,
+        )
+        if factor is None:
             raise ValueError(
                 "GGUF carries a rope_freqs.weight tensor that does not match Llama 3 RoPE scaling with "
                 "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192; not supported"
             )
-        return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+        return {"rope_type": "llama3", "factor": float(f"{factor:.4g}"), "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": orig}
     if kind in (None, "none"):
         return None
     if kind == "linear":
@@ -371,7 +376,7 @@ def load_gguf_params(header: GGUFHeader, config: ModelConfig, dtype=None) -> dic
     params: dict[str, Any] = {"layers": {}}
     with open(header.path, "rb") as f:
         for spec in param_specs(config):
-            template = GGUF_NAMES.get(spec.leaf) or _EXTRA_GGUF_NAMES.get(spec.leaf)
+            template = GGUF_NAMES.get(spec.leaf)
             if template is None:
                 raise ValueError(f"no GGUF tensor name known for Params leaf {spec.leaf!r}")
             if spec.per_layer:

@@ -95,4 +95,7 @@ GGUF_NAMES = {
     "w_gate": "blk.{i}.ffn_gate.weight",
     "w_up": "blk.{i}.ffn_up.weight",
     "w_down": "blk.{i}.ffn_down.weight",
+    "b_gate": "blk.{i}.ffn_gate.bias",
+    "b_up": "blk.{i}.ffn_up.bias",
+    "b_down": "blk.{i}.ffn_down.bias",
 }

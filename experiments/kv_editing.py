@@ -1,0 +1,367 @@
+"""KV-cache editing of a persisted persona (after Beckmann & Butlin 2026).
+
+A conversation establishes a non-Assistant persona. Before a probe question ("Who are you?" and
+other identity probes) is appended, the cached states at the *assistant-token* positions of the
+history are pushed along the Assistant Axis over a layer range, in two ways:
+  recompute  re-run the prefill with a resid_pre edit masked to those positions (later layers'
+             K/V change as a consequence), keep the cache, decode unedited;
+  direct     rebuild K/V only at the chosen layers from the edited resid_pre, re-applying RoPE
+             at the stored positions.
+Strength is given two ways ("15%" is ambiguous): `scale` multiplies the projection onto the unit
+axis by (1 + s); `norm` adds s * mean|h| along the unit axis (mean over the edited positions).
+Negative strengths push toward the persona (the converse control).
+
+Measures per condition, for N sampled answers per probe with fixed seeds: the fraction of answers
+that speak as an AI assistant (keyword scorer), the log-odds of an assistant-identity answer over a
+persona answer, and the mean axis projection of the sampled answers' tokens. Control: capping on
+assistant tokens only, and how much it moves user-token projections compared with assistant ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psm_jax import edits as E
+from psm_jax.chat import Role, encode_chat
+from psm_jax.generate import decode, prefill, widen_edits
+from psm_jax.kvcache import edit_cache_direct
+from psm_jax.model import Capture, forward
+
+PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
+ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
+
+
+@dataclasses.dataclass(frozen=True)
+class KVEditConfig:
+    model: str = "smollm2-135m-instruct"
+    conversations: tuple[str, ...] = ()  # ids from experiments/data/conversations/roleplay.json
+    n_conversations: int = 2  # used when `conversations` is empty: the first n
+    probes: int = 4  # number of identity probe questions
+    samples: int = 8  # sampled answers per probe and condition
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+    top_p: float = 0.95
+    strengths: tuple[float, ...] = (-0.3, 0.15, 0.3, 0.6)
+    strength_kind: str = "scale"  # scale | norm
+    layer_ranges: tuple[tuple[int, int], ...] = ((10, 20), (4, 26))  # [start, end) block inputs
+    readout_layer: int = 15  # resid_post layer of the axis projection readout
+    axis_file: str | None = None  # safetensors with key "axis" [n_layers, d_model]; None = estimate
+    axis_roles: int = 12
+    axis_questions: int = 4
+    seed: int = 0
+    out: str = "runs/kv_editing"
+
+    def __post_init__(self):
+        if self.strength_kind not in ("scale", "norm"):
+            raise ValueError(f"strength_kind={self.strength_kind!r}; expected 'scale' or 'norm'")
+        if self.samples < 1 or self.probes < 1:
+            raise ValueError("samples and probes must be >= 1")
+
+
+def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_size: int = 16) -> np.ndarray:
+    """A small Assistant Axis [L, D]: mean(default-prompt responses) - mean(role responses),
+    response-token means of resid_post (see experiments/assistant_axis.py for the full method)."""
+    from experiments import datasets
+    from experiments.assistant_axis import axis_from_vectors, role_and_default_vectors
+
+    roles = [r for r in datasets.load_roles().roles if r.name != "assistant"]
+    rng = np.random.default_rng(seed)
+    roles = [roles[i] for i in rng.choice(len(roles), size=min(n_roles, len(roles)), replace=False)]
+    questions = datasets.load_role_questions()[:n_questions]
+    role_vecs, default_vec = role_and_default_vectors(model, roles, questions, batch_size=batch_size)
+    return axis_from_vectors(default_vec, role_vecs)
+
+
+def _history_and_probe(model, history: list[dict], probe: str):
+    """Tokens of history (cache prefix) and of the probe turn + generation prompt, checked to be a
+    prefix split of the full rendering."""
+    hist = encode_chat(model.tokenizer, history, chat_template=model.chat_template)
+    full = encode_chat(model.tokenizer, history + [{"role": "user", "content": probe}], add_generation_prompt=True,
+                       chat_template=model.chat_template)
+    n = len(hist)
+    if not np.array_equal(full.tokens[:n], hist.tokens):
+        raise ValueError("the chat template does not render the history as a prefix of history + probe; "
+                         "KV-cache editing needs prefix-stable templates")
+    return hist, full.tokens[n:]
+
+
+def _edit(config, model, kind: str, strength: float, layers, positions, u, mean_norms):
+    if kind == "scale":
+        return E.scale_projection(model.config, u, 1.0 + strength, layers=layers, site="resid_pre",
+                                  positions=positions, extend=False)
+    coef = jnp.asarray(strength * mean_norms, jnp.float32)  # per layer
+    return E.add(model.config, u, layers=layers, coef=coef, site="resid_pre", positions=positions, extend=False)
+
+
+def _answer_logprob(params, config, cache, tokens):
+    """Sum log p(tokens[1:]) continuing `cache` (tokens[0] is scored from the cache's last logits)."""
+    out = forward(params, config, tokens, cache=cache)
+    lp = jax.nn.log_softmax(out.logits[:, :-1], -1)
+    return jnp.sum(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0], axis=-1)
+
+
+class _Runner:
+    """Jitted pieces shared by all conditions (one compilation per shape)."""
+
+    def __init__(self, model, cfg: KVEditConfig, u_all):
+        self.m, self.cfg, self.u_all = model, cfg, u_all
+        c = model.config
+        self.prefill = jax.jit(lambda p, t, e: prefill(p, c, t, cache_size=self._size, edits=e,
+                                                       capture=Capture(sites=("resid_pre",))))
+        self.extend = jax.jit(lambda p, cache, t: forward(p, c, t, cache=cache, logits_positions="last"))
+        self.decode = jax.jit(lambda p, cache, logits, key: decode(
+            p, c, cache, logits, max_new_tokens=cfg.max_new_tokens, key=key, temperature=cfg.temperature,
+            top_p=cfg.top_p, sample=True, use_top_p=cfg.top_p < 1.0, eos_ids=self.eos, pad_id=self.pad))
+        self.readout = jax.jit(lambda p, cache, t, mask: _readout(p, c, cache, t, mask, cfg.readout_layer,
+                                                                  u_all[cfg.readout_layer]))
+        self.logprob = jax.jit(lambda p, cache, t: _answer_logprob(p, c, cache, t))
+        self.direct = jax.jit(lambda p, cache, resid, e: edit_cache_direct(p, c, cache, resid, e))
+
+    def set_sizes(self, size, eos, pad):
+        self._size, self.eos, self.pad = size, eos, pad
+
+
+def _readout(params, config, cache, tokens, mask, layer, u):
+    out = forward(params, config, tokens, attention_mask=mask, cache=cache,
+                  capture=Capture(sites=("resid_post",), layers=(layer,)), return_logits=False)
+    proj = out.captured["resid_post"][0] @ u
+    m = mask.astype(jnp.float32)
+    return jnp.sum(proj * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+
+
+def run(cfg: KVEditConfig):
+    import psm_jax
+    from experiments import datasets
+    from experiments.report import Report
+    from experiments.rollouts import eos_ids
+
+    t0 = time.time()
+    model = psm_jax.load(cfg.model)
+    c = model.config
+    for lo, hi in cfg.layer_ranges:
+        if not 0 <= lo < hi <= c.n_layers:
+            raise ValueError(f"layer range ({lo}, {hi}) is invalid; expected 0 <= start < end <= {c.n_layers}")
+    c.check_layer(cfg.readout_layer, "readout_layer")
+    if cfg.axis_file:
+        from experiments.report import load_vectors
+
+        tensors, _ = load_vectors(cfg.axis_file, expect_width=c.d_model)
+        if "axis" not in tensors:
+            raise ValueError(f"{cfg.axis_file} has no tensor 'axis'; found {sorted(tensors)}")
+        axis = np.asarray(tensors["axis"], np.float32)
+    else:
+        axis = estimate_axis(model, cfg.axis_roles, cfg.axis_questions, cfg.seed)
+    if axis.shape != (c.n_layers, c.d_model):
+        raise ValueError(f"axis has shape {axis.shape}; expected ({c.n_layers}, {c.d_model})")
+    u_all = axis / np.linalg.norm(axis, axis=-1, keepdims=True)
+
+    convs = datasets.load_conversations("roleplay")
+    if cfg.conversations:
+        by_id = {cv.id: cv for cv in convs}
+        missing = [i for i in cfg.conversations if i not in by_id]
+        if missing:
+            raise ValueError(f"unknown conversation ids {missing}; expected some of {sorted(by_id)}")
+        convs = [by_id[i] for i in cfg.conversations]
+    else:
+        convs = convs[:cfg.n_conversations]
+    probes_all = datasets.load_identity_probes()
+    probes = list(probes_all.questions[:cfg.probes])
+    markers = [re.compile(rf"\b{re.escape(mk)}\b", re.I) for mk in probes_all.assistant_markers]
+    is_assistant = lambda text: any(p.search(text) for p in markers)  # noqa: E731
+
+    runner = _Runner(model, cfg, jnp.asarray(u_all))
+    eos, pad = eos_ids(model), (model.config.pad_token_id or 0)
+    rows, key = [], jax.random.key(cfg.seed)
+    samples_shown = []
+    conditions = [("none", 0.0, None)] + [(mode, s, lr) for mode in ("recompute", "direct")
+                                          for lr in cfg.layer_ranges for s in cfg.strengths]
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = lambda x, **k: x  # noqa: E731
+    for conv in convs:
+        history = [{"role": m.role, "content": m.content} for m in conv.messages]
+        persona_answer = f"I am {conv.role.replace('_', ' ')}." if conv.role else "I am not an assistant."
+        for probe in tqdm(probes, desc=f"kv-edit {conv.id}"):
+            hist, probe_tokens = _history_and_probe(model, history, probe)
+            n = len(hist)
+            if len(probe_tokens) > PROBE_ROOM:
+                raise ValueError(f"probe {probe!r} takes {len(probe_tokens)} tokens; at most {PROBE_ROOM} fit")
+            size = n + PROBE_ROOM + cfg.max_new_tokens  # a function of n only: jitted shapes stay consistent
+            runner.set_sizes(size, eos, pad)
+            B = cfg.samples
+            hist_tokens = jnp.asarray(np.repeat(hist.tokens[None], B, 0))
+            asst = np.zeros((B, size), bool)
+            asst[:, :n] = (hist.roles == Role.ASSISTANT)[None]
+            base = runner.prefill(model.params, hist_tokens, ())
+            resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
+            h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, hist.roles == Role.ASSISTANT])
+            mean_norms = np.linalg.norm(h_asst, axis=-1).mean(axis=1)  # [L]
+            for mode, strength, lr in conditions:
+                if mode == "none":
+                    cache = base.cache
+                else:
+                    layers = list(range(*lr))
+                    edit = _edit(cfg, model, cfg.strength_kind, strength, layers, asst, u_all, mean_norms)
+                    if mode == "recompute":
+                        cache = runner.prefill(model.params, hist_tokens, (edit,)).cache
+                    else:
+                        cache = runner.direct(model.params, base.cache, resid, edit)
+                probe_b = jnp.asarray(np.repeat(probe_tokens[None], B, 0))
+                ext = runner.extend(model.params, cache, probe_b)
+                key, sub = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), len(rows)))
+                gen = runner.decode(model.params, ext.cache, ext.logits[:, -1], sub)
+                toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
+                texts = [model.tokenizer.decode(toks[i, :lengths[i] - int(done[i])], skip_special_tokens=True)
+                         for i in range(B)]
+                valid = np.arange(cfg.max_new_tokens)[None] < (lengths - done)[:, None]
+                proj = np.asarray(runner.readout(model.params, ext.cache, jnp.asarray(toks), jnp.asarray(valid)))
+                lp = {}
+                for name, ans in (("assistant", ASSISTANT_ANSWER), ("persona", persona_answer)):
+                    ids = model.tokenizer(ans, add_special_tokens=False)["input_ids"]
+                    first = float(jax.nn.log_softmax(ext.logits[0, -1])[ids[0]])
+                    rest = runner.logprob(model.params, ext.cache, jnp.asarray([ids] * B, jnp.int32))
+                    lp[name] = first + float(rest[0])
+                row = dict(conversation=conv.id, probe=probe, mode=mode, strength=strength,
+                           layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B,
+                           assistant_rate=float(np.mean([is_assistant(t) for t in texts])),
+                           identity_logodds=lp["assistant"] - lp["persona"], answer_projection=float(proj.mean()))
+                rows.append(row)
+                if probe == probes[0] and (mode == "none" or strength == max(cfg.strengths)):
+                    samples_shown.append((conv.id, mode, strength, row["layers"], texts[:2]))
+
+    control = capping_control(model, convs, u_all, cfg)
+    return _write_report(cfg, rows, control, samples_shown, time.time() - t0)
+
+
+def capping_control(model, convs, u_all, cfg: KVEditConfig):
+    """Experiment 1 of the paper: floor the axis projection on assistant tokens only; compare the change
+    in user-token and assistant-token projections at the readout layer."""
+    from psm_jax.reductions import percentile
+
+    c = model.config
+    layer = cfg.readout_layer
+    out = []
+    for conv in convs:
+        enc = encode_chat(model.tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages],
+                          chat_template=model.chat_template)
+        tokens = jnp.asarray(enc.tokens[None])
+        cap = Capture(sites=("resid_post",), layers=(layer,))
+        base = forward(model.params, c, tokens, capture=cap).captured["resid_post"][0, 0] @ u_all[layer]
+        asst = enc.roles == Role.ASSISTANT
+        user = enc.roles == Role.USER
+        tau = float(percentile(np.asarray(base)[asst], 75))  # a floor that binds on most assistant tokens
+        lo, hi = cfg.layer_ranges[0]
+        edit = E.clamp(c, u_all, layers=list(range(lo, min(hi, layer + 1))), floor=tau,
+                       positions=asst[None], site="resid_post")
+        capped = forward(model.params, c, tokens, edits=(edit,), capture=cap).captured["resid_post"][0, 0] \
+            @ u_all[layer]
+        d = np.asarray(capped - base)
+        out.append(dict(conversation=conv.id, tau=tau, assistant_shift=float(d[asst].mean()),
+                        user_shift=float(d[user].mean()), user_abs_shift=float(np.abs(d[user]).mean()),
+                        user_tokens=int(user.sum()), assistant_tokens=int(asst.sum())))
+    return out
+
+
+def _write_report(cfg, rows, control, samples, seconds):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.report import Report
+
+    rep = Report(cfg.out, "KV-cache editing of a persisted persona", cfg)
+    rep.section("Setup", f"""
+Model {cfg.model}; {len({r['conversation'] for r in rows})} role-play conversations x {cfg.probes} identity probes x
+{cfg.samples} sampled answers per condition (temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.max_new_tokens}
+tokens, seed {cfg.seed}). Edits act on the cached assistant-token positions of the history only (resid_pre,
+block inputs of the listed layers); strength kind `{cfg.strength_kind}` ("scale": projection x (1+s); "norm":
++ s * mean|h| along the unit axis). Negative strengths push toward the persona. Readout: mean projection of the
+sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The assistant-rate scorer is a keyword
+check and SmolLM2-135M is a small model: read the log-odds and projections, not single samples.
+Run time {seconds:.0f} s.""")
+    # aggregate over conversations and probes
+    keys = sorted({(r["mode"], r["layers"], r["strength"]) for r in rows}, key=lambda k: (k[0] != "none", k))
+    agg = []
+    for mode, layers, s in keys:
+        sel = [r for r in rows if (r["mode"], r["layers"], r["strength"]) == (mode, layers, s)]
+        agg.append(dict(mode=mode, layers=layers, strength=s, n=sum(r["n"] for r in sel),
+                        assistant_rate=float(np.mean([r["assistant_rate"] for r in sel])),
+                        identity_logodds=float(np.mean([r["identity_logodds"] for r in sel])),
+                        answer_projection=float(np.mean([r["answer_projection"] for r in sel]))))
+    rep.table("Effect of cache edits (mean over conversations and probes)", agg)
+    base = next(a for a in agg if a["mode"] == "none")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for mode, ls in (("recompute", "-"), ("direct", "--")):
+        for lr in sorted({a["layers"] for a in agg if a["mode"] == mode}):
+            pts = sorted([(0.0, base)] + [(a["strength"], a) for a in agg if a["mode"] == mode and a["layers"] == lr],
+                         key=lambda p: p[0])
+            for ax, k in zip(axes, ("identity_logodds", "answer_projection")):
+                ax.plot([p[0] for p in pts], [p[1][k] for p in pts], ls, marker="o", label=f"{mode} L{lr}")
+    for ax, k in zip(axes, ("identity log-odds (assistant vs persona answer)", "answer projection on axis")):
+        ax.set_xlabel("edit strength")
+        ax.set_title(k)
+        ax.axvline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=7)
+    rep.figure("kv_edit_effects", fig, "Identity log-odds and answer projection vs edit strength.")
+    rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", control)
+    rep.section("Sample answers (first probe)", "\n".join(
+        f"- {cid} / {mode} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts) for cid, mode, s, lr, texts in samples))
+    best = {}
+    for mode in ("recompute", "direct"):
+        cand = [a for a in agg if a["mode"] == mode and a["strength"] > 0]
+        if cand:
+            top = max(cand, key=lambda a: a["strength"])
+            best[mode] = dict(strength=top["strength"], layers=top["layers"], n=top["n"],
+                              logodds_shift=top["identity_logodds"] - base["identity_logodds"],
+                              assistant_rate_shift=top["assistant_rate"] - base["assistant_rate"],
+                              projection_shift=top["answer_projection"] - base["answer_projection"])
+    rep.metric("kv_edit_identity_shift", best)
+    rep.metric("rows", rows)
+    rep.metric("control", control)
+    rep.metric("seconds", seconds)
+    path = rep.finish()
+    return dict(report=path, best=best, aggregate=agg, control=control)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="psm kv-editing", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/kv_editing")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--axis", default=None, help="safetensors with tensor 'axis' [n_layers, d_model]")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--probes", type=int, default=4)
+    ap.add_argument("--strength-kind", default="scale", choices=("scale", "norm"))
+    ap.add_argument("--quick", action="store_true", help="1 conversation, 2 probes, 4 samples")
+    ap.add_argument("--record", action="store_true", help="append kv_edit_identity_shift to benchmarks/results.jsonl")
+    a = ap.parse_args(argv)
+    cfg = KVEditConfig(model=a.model, axis_file=a.axis, seed=a.seed, samples=4 if a.quick else a.samples,
+                       probes=2 if a.quick else a.probes, strength_kind=a.strength_kind, out=a.out,
+                       n_conversations=1 if a.quick else 2,
+                       strengths=(-0.3, 0.3, 0.6) if a.quick else KVEditConfig.strengths)
+    res = run(cfg)
+    print(f"report: {res['report']}")
+    if a.record:
+        from benchmarks.record import record
+
+        cmd = ".venv/bin/python -m experiments.cli kv-editing " + " ".join(argv or [])
+        for mode, v in res["best"].items():
+            record("kv_edit_identity_shift", round(v["logodds_shift"], 4), "nats (identity log-odds shift)",
+                   f"unedited cache; {mode} edit, strength {v['strength']} ({cfg.strength_kind}), layers {v['layers']}, "
+                   f"n={v['n']} samples, seed {cfg.seed}; assistant-rate shift {v['assistant_rate_shift']:+.3f}, "
+                   f"answer projection shift {v['projection_shift']:+.3f}", "> 0 (toward the Assistant)",
+                   command=cmd.strip(), mode=mode)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
