@@ -1,0 +1,1 @@
+"""Experiment modules and the data they use (see experiments/datasets.py)."""
