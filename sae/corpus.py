@@ -32,7 +32,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -49,7 +49,6 @@ DEFAULT_SPEAKER_MAP: Mapping[str, str] = {
 ROLES = ("system", "user", "assistant")
 LEADING_ASSISTANT_MODES = ("strip", "drop", "keep")
 
-Document = "list[dict[str, str]] | str"
 
 
 class CorpusError(ValueError):
