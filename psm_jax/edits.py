@@ -217,8 +217,15 @@ def apply_edits(edits: Sequence[_Edit], site: str, layer: jax.Array, h: jax.Arra
     for edit in edits:
         if edit.site != site:
             continue
-        on = edit.layers[layer] & edit.position_mask(slot_index, h.shape[0])
-        h = jnp.where(on[..., None], edit.transform(h, layer, slot_index), h)
+
+        def edited(h, edit=edit):
+            new = edit.transform(h, layer, slot_index)
+            if edit.positions is None:
+                return new
+            return jnp.where(edit.position_mask(slot_index, h.shape[0])[..., None], new, h)
+
+        # cond: layers the edit does not touch skip its arithmetic (under vmap this becomes a select)
+        h = jax.lax.cond(edit.layers[layer], edited, lambda h: h, h)
     return h
 
 
