@@ -114,6 +114,14 @@ class Report:
         return self.dir / "report.md"
 
 
+def _maybe_json(text: str):
+    """Metadata values are JSON-encoded unless they were plain strings; fall back to the raw text."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text
+
+
 def load_vectors(path: str | os.PathLike, *, expect_model: str | None = None, expect_width: int | None = None):
     """Read vectors written by `Report.save_vectors`, checking the model and width they were made for."""
     from safetensors import safe_open
@@ -123,7 +131,7 @@ def load_vectors(path: str | os.PathLike, *, expect_model: str | None = None, ex
         raise FileNotFoundError(f"vector file {str(path)!r} does not exist")
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = {k: (json.loads(v) if v[:1] in "[{0123456789-\"tfn" else v) for k, v in (f.metadata() or {}).items()}
+            meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items()}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
         raise ValueError(f"vector file {str(path)!r} is corrupt or not safetensors: {err}") from err

@@ -1,0 +1,790 @@
+"""Refusal direction (after Arditi et al. 2024): difference in means, selection, ablation, weight edit.
+
+1. Prompts: harmful / harmless instructions (experiments/data/refusal), each as one user turn with
+   the generation prompt. Training prompts (split "train", first `n_train` after a seeded shuffle)
+   give the direction, validation prompts (split "val") select it, and the *next* `n_eval`
+   training prompts (never used for the direction or the selection) are the held-out evaluation.
+2. Refusal score: log P(S) - log(1 - P(S)) at the last prompt position, S = the first token of
+   each refusal score marker with and without a leading space (`refusal_token_ids`).
+   Optionally the training prompts are filtered by its sign (harmful > 0, harmless < 0).
+3. Candidates: difference in means (float64) of `resid_pre` at every layer, at each
+   post-instruction template position (the chat-template tokens after the user content, e.g.
+   `<|im_end|>\\n<|im_start|>assistant\\n`; given as negative offsets from the prompt's end).
+4. Selection per (position, layer): bypass = mean refusal score on harmful val with the unit
+   direction ablated everywhere (project_out at resid_pre, attn_out and mlp_out of every layer,
+   all positions); induce = mean refusal score on harmless val with +1 x the raw direction added
+   at resid_pre of that layer (all positions); KL(base || ablated) at the last position on harmless
+   val. Candidates at layers >= max_layer_frac * n_layers, with KL > kl_threshold or induce <
+   induce_threshold are dropped; the lowest bypass wins. Directions and layer masks are traced
+   inputs of one compiled forward per edit kind: no recompilation per candidate.
+5. Evaluation on the held-out prompts: refusal log-odds and refusal rate (greedy generation, a
+   refusal marker found anywhere in the answer) before and after ablation (and with the direction
+   added on harmless prompts); cross-entropy on ShareGPT assistant tokens with and without the
+   ablation; the max |logit difference| between runtime ablation and orthogonalised weights.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psm_jax import edits as E
+from psm_jax.chat import Role, encode_chat, pad_batch, post_instruction_positions
+from psm_jax.logits import kl_divergence, token_set_log_odds
+from psm_jax.model import Capture, forward
+
+ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
+PAD_MULTIPLE = 16
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusalConfig:
+    model: str = "smollm2-135m-instruct"
+    n_train: int = 64  # per side: prompts for the difference in means (before filtering)
+    n_val: int = 32  # per side: selection prompts (split "val")
+    n_eval: int = 32  # per side: held-out prompts (split "train", after the first n_train)
+    filter_train: bool = True  # keep harmful train prompts with score > 0 and harmless with score < 0
+    min_filtered: int = 8  # a side left with fewer prompts after filtering stays unfiltered (reported)
+    positions: tuple[int, ...] | None = None  # candidate post-instruction offsets (< 0); None = all
+    layers: tuple[int, ...] | None = None  # candidate layers; None = every layer
+    max_layer_frac: float = 0.8
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    fallback: bool = True  # if no candidate passes the rules, relax them in order (see select_with_fallback)
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    n_ce: int = 32  # ShareGPT conversations for the CE check
+    ce_max_tokens: int = 256
+    ce_min_assistant_tokens: int = 16
+    seed: int = 0
+    out: str = "runs/refusal"
+
+    def __post_init__(self):
+        for name in ("n_train", "n_val", "n_eval", "batch_size", "max_new_tokens", "ce_max_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected an int >= 1")
+        if self.n_ce < 0 or self.min_filtered < 1:
+            raise ValueError(f"n_ce={self.n_ce}, min_filtered={self.min_filtered}; "
+                             "expected n_ce >= 0, min_filtered >= 1")
+        if not 0.0 < self.max_layer_frac <= 1.0:
+            raise ValueError(f"max_layer_frac={self.max_layer_frac}; expected a fraction in (0, 1]")
+        if not self.kl_threshold > 0:
+            raise ValueError(f"kl_threshold={self.kl_threshold}; expected > 0")
+        if self.positions is not None:
+            object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+            if not self.positions or any(p >= 0 for p in self.positions):
+                raise ValueError(f"positions={self.positions}; expected negative offsets from the prompt end (e.g. -1)")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+            if not self.layers or any(x < 0 for x in self.layers):
+                raise ValueError(f"layers={self.layers}; expected non-negative layer indices")
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Left-padded prompts of one common length (so every batch has the same shape)."""
+
+    tokens: np.ndarray  # int32 [N, T]
+    mask: np.ndarray  # bool [N, T]
+    texts: list
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def subset(self, idx) -> "Prompts":
+        idx = np.asarray(idx, np.int64)
+        return Prompts(self.tokens[idx], self.mask[idx], [self.texts[i] for i in idx])
+
+
+def _pad_id(model) -> int:
+    from experiments.rollouts import _pad_id as pad
+
+    return pad(model)
+
+
+def encode_prompts(model, instruction_sets: Sequence[Sequence[str]]) -> tuple[list[Prompts], np.ndarray, list[str]]:
+    """Encode every instruction as [user] + generation prompt; pad all sets to one length.
+
+    Returns (one Prompts per set, the post-instruction offsets (negative, e.g. [-5..-1]), their
+    token strings). Every prompt must end with the same post-instruction template tokens."""
+    encs_per_set = [[encode_chat(model.tokenizer, [{"role": "user", "content": t}], add_generation_prompt=True,
+                                 chat_template=model.chat_template) for t in texts] for texts in instruction_sets]
+    all_encs = [e for encs in encs_per_set for e in encs]
+    if not all_encs:
+        raise ValueError("no prompts to encode; expected at least one instruction")
+    first = all_encs[0]
+    offsets = post_instruction_positions(first) - len(first)
+    if offsets.size == 0:
+        raise ValueError("the chat template leaves no template tokens after the user content; "
+                         "expected post-instruction positions (e.g. '<|im_start|>assistant')")
+    tail = first.tokens[offsets]
+    for e in all_encs:
+        off = post_instruction_positions(e) - len(e)
+        if off.shape != offsets.shape or not np.array_equal(e.tokens[off], tail):
+            raise ValueError("prompts end with different post-instruction template tokens; expected one template "
+                             f"suffix for all (got {e.tokens[off].tolist()} vs {tail.tolist()})")
+    length = max(len(e) for e in all_encs)
+    pad = _pad_id(model)
+    out = []
+    for texts, encs in zip(instruction_sets, encs_per_set):
+        if not encs:
+            out.append(Prompts(np.zeros((0, length), np.int32), np.zeros((0, length), bool), []))
+            continue
+        b = pad_batch(encs, pad, side="left", length=length, multiple_of=PAD_MULTIPLE)
+        out.append(Prompts(b.tokens, b.attention_mask, list(texts)))
+    names = [model.tokenizer.convert_ids_to_tokens(int(t)) for t in tail]
+    return out, offsets.astype(np.int64), names
+
+
+def refusal_token_ids(tokenizer, score_tokens: Sequence[str]) -> list[int]:
+    """First token id of each refusal score marker, with and without a leading space (deduplicated)."""
+    ids = []
+    for s in score_tokens:
+        if not isinstance(s, str) or not s.strip():
+            raise ValueError(f"refusal score token {s!r}; expected a non-empty string")
+        for variant in (s, " " + s):
+            toks = tokenizer.encode(variant, add_special_tokens=False)
+            if len(toks):
+                ids.append(int(toks[0]))
+    if not ids:
+        raise ValueError(f"no token ids for the refusal score tokens {list(score_tokens)!r}")
+    return sorted(set(ids))
+
+
+def batches(prompts: Prompts, batch_size: int):
+    """(tokens, mask, n_real) of fixed batch size; the last batch is filled with copies of its last row."""
+    n = len(prompts)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+        yield jnp.asarray(prompts.tokens[idx]), jnp.asarray(prompts.mask[idx]), min(batch_size, n - start)
+
+
+# ------------------------------------------------------------------------------------ compiled pieces
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _last_logits(params, config, tokens, mask, edits):
+    return forward(params, config, tokens, attention_mask=mask, edits=edits, logits_positions="last").logits[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _capture_resid_pre(params, config, tokens, mask, offsets):
+    out = forward(params, config, tokens, attention_mask=mask, capture=Capture(sites=("resid_pre",)),
+                  return_logits=False)
+    h = out.captured["resid_pre"]  # [L, B, T, D]
+    return jnp.take(h, tokens.shape[1] + offsets, axis=2)  # [L, B, P, D]
+
+
+@jax.jit
+def _log_odds(logits, token_ids):
+    return token_set_log_odds(logits, token_ids)
+
+
+@jax.jit
+def _kl_rows(base, other):
+    return jax.vmap(lambda p, q: kl_divergence(p[None], q[None]))(base, other)
+
+
+def ablation_edits(config, direction) -> tuple:
+    """Directional ablation: project the unit direction out at resid_pre, attn_out, mlp_out of every layer."""
+    return tuple(E.project_out(config, direction, layers="all", site=s) for s in ABLATION_SITES)
+
+
+def induce_edit(config, vector, layer: int, coef: float = 1.0) -> tuple:
+    """+coef x vector at resid_pre of `layer`, all positions."""
+    return (E.add(config, vector, layers=[layer], coef=coef, site="resid_pre"),)
+
+
+def condition_edits(config, *, unit=None, vector=None, ablate: bool = False, induce_layer: int | None = None) -> tuple:
+    """One edit structure for every condition, so each compiled function serves them all:
+    project_out at resid_pre/attn_out/mlp_out (layers all when `ablate`, else none) followed by
+    +1 x `vector` at resid_pre of `induce_layer` (none when None). Switched-off edits leave the
+    activations bit-identical (the forward selects the unedited value)."""
+    L, D = config.n_layers, config.d_model
+    none = np.zeros(L, bool)
+    if ablate and unit is None:
+        raise ValueError("ablate=True needs a direction (unit=...)")
+    if induce_layer is not None and vector is None:
+        raise ValueError("induce_layer needs a vector (vector=...)")
+    u = np.eye(1, D, dtype=np.float32)[0] if unit is None else np.asarray(unit, np.float32)
+    v = np.zeros(D, np.float32) if vector is None else np.asarray(vector, np.float32)
+    out = [E.project_out(config, u, layers="all" if ablate else none, site=s) for s in ABLATION_SITES]
+    out.append(E.add(config, v, layers=none if induce_layer is None else [int(induce_layer)], coef=1.0,
+                     site="resid_pre"))
+    return tuple(out)
+
+
+def last_logits(params, config, prompts: Prompts, edits=(), batch_size: int = 16) -> np.ndarray:
+    out = []
+    for tok, mask, n in batches(prompts, batch_size):
+        out.append(np.asarray(_last_logits(params, config, tok, mask, tuple(edits)))[:n])
+    return np.concatenate(out) if out else np.zeros((0, config.vocab_size), np.float32)
+
+
+def refusal_scores(params, config, prompts: Prompts, token_ids, edits=(), batch_size: int = 16,
+                   logits: np.ndarray | None = None) -> np.ndarray:
+    """Refusal log-odds per prompt at the last position [N]."""
+    lg = last_logits(params, config, prompts, edits, batch_size) if logits is None else logits
+    return np.asarray(_log_odds(jnp.asarray(lg), jnp.asarray(token_ids, jnp.int32)), np.float64)
+
+
+def mean_diff_directions(params, config, harmful: Prompts, harmless: Prompts, offsets, batch_size: int = 16,
+                         progress: bool = False) -> np.ndarray:
+    """mean(harmful) - mean(harmless) of resid_pre [P, L, D] (float64) at the post-instruction offsets."""
+    if len(harmful) == 0 or len(harmless) == 0:
+        raise ValueError(f"{len(harmful)} harmful and {len(harmless)} harmless prompts; expected at least one each")
+    offsets = jnp.asarray(np.asarray(offsets, np.int32))
+    means = []
+    for prompts in (harmful, harmless):
+        total = np.zeros((len(offsets), config.n_layers, config.d_model), np.float64)
+        it = batches(prompts, batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, total=-(-len(prompts) // batch_size), desc="resid_pre means", unit="batch")
+        for tok, mask, n in it:
+            h = np.asarray(_capture_resid_pre(params, config, tok, mask, offsets))[:, :n]  # [L, n, P, D]
+            total += h.astype(np.float64).sum(axis=1).transpose(1, 0, 2)
+        means.append(total / len(prompts))
+    return means[0] - means[1]
+
+
+def evaluate_candidates(params, config, directions: np.ndarray, candidates: Sequence[tuple[int, int]],
+                        harmful_val: Prompts, harmless_val: Prompts, token_ids, batch_size: int = 16,
+                        progress: bool = False) -> list[dict]:
+    """Bypass, induce and KL scores for each candidate (position index, layer) of directions [P, L, D].
+
+    One compiled forward serves every candidate and condition (directions and layer masks are traced
+    inputs of a fixed edit structure, see `condition_edits`).
+    """
+    base_harmless = last_logits(params, config, harmless_val, condition_edits(config), batch_size)
+    rows = []
+    it = candidates
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(candidates, desc="candidates", unit="cand")
+    scale = max(1.0, float(np.max(np.abs(directions)))) if np.size(directions) else 1.0
+    for p, layer in it:
+        vec = np.asarray(directions[p, layer], np.float32)
+        norm = float(np.linalg.norm(vec))
+        if not np.isfinite(norm) or norm <= 1e-6 * scale:
+            # e.g. layer 0 at a template position: the same token embedding in every prompt -> zero difference
+            rows.append(dict(position=int(p), layer=int(layer), bypass=float("nan"), induce=float("nan"),
+                             kl=float("nan"), norm=norm))
+            continue
+        abl = condition_edits(config, unit=vec / norm, ablate=True)
+        bypass = refusal_scores(params, config, harmful_val, token_ids, abl, batch_size)
+        abl_harmless = last_logits(params, config, harmless_val, abl, batch_size)
+        kl = np.asarray(_kl_rows(jnp.asarray(base_harmless), jnp.asarray(abl_harmless)), np.float64)
+        induce = refusal_scores(params, config, harmless_val, token_ids,
+                                condition_edits(config, vector=vec, induce_layer=layer), batch_size)
+        rows.append(dict(position=int(p), layer=int(layer), bypass=float(bypass.mean()), induce=float(induce.mean()),
+                         kl=float(kl.mean()), norm=norm))
+    return rows
+
+
+def select_direction(scores: Sequence[dict], n_layers: int, *, max_layer_frac: float = 0.8,
+                     kl_threshold: float = 0.1, induce_threshold: float = 0.0) -> tuple[dict | None, list[dict]]:
+    """Apply the selection rules to candidate scores (dicts with layer, bypass, induce, kl).
+
+    A candidate is dropped when layer >= max_layer_frac * n_layers, kl > kl_threshold,
+    induce < induce_threshold, or any score is NaN; the lowest bypass among the rest wins.
+    Returns (winner or None, every row annotated with `kept` and `reason`).
+    """
+    annotated, kept = [], []
+    for s in scores:
+        for k in ("layer", "bypass", "induce", "kl"):
+            if k not in s:
+                raise ValueError(f"candidate score {s!r} lacks {k!r}; expected layer, bypass, induce, kl")
+        reasons = []
+        if s["layer"] >= max_layer_frac * n_layers:
+            reasons.append(f"layer >= {max_layer_frac:g} * n_layers")
+        if not all(np.isfinite(s[k]) for k in ("bypass", "induce", "kl")):
+            reasons.append("zero direction or non-finite score")
+        else:
+            if s["kl"] > kl_threshold:
+                reasons.append(f"KL > {kl_threshold:g}")
+            if s["induce"] < induce_threshold:
+                reasons.append(f"induce < {induce_threshold:g}")
+        row = dict(s, kept=not reasons, reason="; ".join(reasons))
+        annotated.append(row)
+        if not reasons:
+            kept.append(row)
+    best = min(kept, key=lambda r: r["bypass"]) if kept else None
+    return best, annotated
+
+
+FALLBACK_TIERS = ("strict", "induce_above_baseline", "kl_only", "layer_only")
+
+
+def select_with_fallback(scores: Sequence[dict], n_layers: int, *, harmless_baseline: float,
+                         max_layer_frac: float = 0.8, kl_threshold: float = 0.1, induce_threshold: float = 0.0,
+                         fallback: bool = True) -> tuple[dict | None, list[dict], str | None]:
+    """`select_direction`, then (if nothing passes and `fallback`) the same rules relaxed in order:
+
+    induce_above_baseline  induce >= `harmless_baseline` (the direction raises the refusal score of
+                           harmless prompts above their unsteered mean) instead of induce >= threshold:
+                           the absolute threshold assumes a model that refuses confidently when steered;
+    kl_only                layer and KL rules only;
+    layer_only             the layer rule only.
+    Returns (winner or None, annotated rows of the strict rules, the tier used or None).
+    """
+    best, annotated = select_direction(scores, n_layers, max_layer_frac=max_layer_frac, kl_threshold=kl_threshold,
+                                       induce_threshold=induce_threshold)
+    if best is not None or not fallback:
+        return best, annotated, ("strict" if best is not None else None)
+    relaxed = [
+        ("induce_above_baseline", dict(kl_threshold=kl_threshold, induce_threshold=harmless_baseline)),
+        ("kl_only", dict(kl_threshold=kl_threshold, induce_threshold=-np.inf)),
+        ("layer_only", dict(kl_threshold=np.inf, induce_threshold=-np.inf)),
+    ]
+    for tier, kw in relaxed:
+        best, _ = select_direction(scores, n_layers, max_layer_frac=max_layer_frac, **kw)
+        if best is not None:
+            return best, annotated, tier
+    return None, annotated, None
+
+
+# ------------------------------------------------------------------------------------ CE on ShareGPT
+
+
+def sharegpt_batch(model, n: int, max_tokens: int, min_assistant: int, seed: int):
+    """n ShareGPT conversations (seeded shuffle), cut to max_tokens, each with >= min_assistant
+    assistant target tokens: (tokens, mask, target_mask) [n, max_tokens], and the corpus summary."""
+    import dataclasses as dc
+
+    from sae.corpus import load_sharegpt
+
+    corpus = load_sharegpt(shuffle=True, seed=seed, take=max(4 * n, n + 16), max_turns=4)
+    encs = []
+    for conv in corpus:
+        try:
+            e = encode_chat(model.tokenizer, conv, chat_template=model.chat_template)
+        except ValueError:
+            continue
+        e = dc.replace(e, tokens=e.tokens[:max_tokens], roles=e.roles[:max_tokens], turns=e.turns[:max_tokens],
+                       offsets=e.offsets[:max_tokens])
+        if int(np.sum(e.roles[1:] == Role.ASSISTANT)) >= min_assistant:
+            encs.append(e)
+        if len(encs) == n:
+            break
+    if len(encs) < n:
+        raise ValueError(f"only {len(encs)} ShareGPT conversations have >= {min_assistant} assistant tokens in the "
+                         f"first {max_tokens}; expected {n}")
+    b = pad_batch(encs, _pad_id(model), side="left", length=max_tokens)
+    return b.tokens, b.attention_mask, b.roles == Role.ASSISTANT, corpus.report.summary()
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _nll_sum(params, config, tokens, mask, target_mask, edits):
+    logits = forward(params, config, tokens, attention_mask=mask, edits=edits).logits
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    m = target_mask[:, 1:] & mask[:, 1:]
+    return -jnp.sum(jnp.where(m, lp, 0.0)), jnp.sum(m)
+
+
+def cross_entropy(params, config, tokens, mask, target_mask, edits=(), batch_size: int = 8) -> float:
+    """Token-weighted mean next-token CE (nats) over the target tokens."""
+    total, count = 0.0, 0
+    n = tokens.shape[0]
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        tm = target_mask[idx]
+        if len(idx) < batch_size:  # fill rows count nothing
+            fill = np.full(batch_size - len(idx), idx[-1])
+            idx = np.concatenate([idx, fill])
+            tm = np.concatenate([tm, np.zeros((len(fill), tm.shape[1]), bool)])
+        s, c = _nll_sum(params, config, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]), jnp.asarray(tm),
+                        tuple(edits))
+        total += float(s)
+        count += int(c)
+    return total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------ generation
+
+
+def refusal_rate(model, instructions: Sequence[str], markers, edits=(), *, max_new_tokens: int = 32,
+                 batch_size: int = 16) -> tuple[float, float, list[str]]:
+    """Greedy answers; (rate with a marker anywhere, rate with a marker as prefix, answers)."""
+    from experiments.rollouts import generate_responses
+
+    convs = [[{"role": "user", "content": t}] for t in instructions]
+    edits = tuple(edits)
+    rolls = generate_responses(model, convs, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               edits_fn=(lambda batch: edits) if edits else None)
+    answers = [r.response for r in rolls]
+    anywhere = float(np.mean([markers.is_refusal(a, anywhere=True) for a in answers])) if answers else float("nan")
+    prefix = float(np.mean([markers.is_refusal(a) for a in answers])) if answers else float("nan")
+    return anywhere, prefix, answers
+
+
+# ------------------------------------------------------------------------------------ run
+
+
+def _split(texts: Sequence[str], rng: np.random.Generator) -> list[str]:
+    texts = list(texts)
+    return [texts[i] for i in rng.permutation(len(texts))]
+
+
+def run(config: RefusalConfig, model=None) -> dict:
+    """Run the whole pipeline and write the report folder `config.out`. `model`: a LoadedModel
+    to use instead of loading `config.model` (tests)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import psm_jax
+    from experiments import datasets
+    from experiments.report import Report
+    from psm_jax.weights import orthogonalize
+
+    t0 = time.time()
+    seconds = {}
+    c = config
+    if model is None:
+        model = psm_jax.load(c.model)
+    params, mc = model.params, model.config
+    L = mc.n_layers
+    layers = tuple(range(L)) if c.layers is None else c.layers
+    for layer in layers:
+        mc.check_layer(layer, "candidate layer")
+    base = condition_edits(mc)  # every edit switched off: the same compiled functions as the edited runs
+
+    rng = np.random.default_rng(c.seed)
+    train, val = datasets.load_refusal("train"), datasets.load_refusal("val")
+    markers = datasets.load_refusal_markers()
+    harm_train, safe_train = _split(train.harmful_texts, rng), _split(train.harmless_texts, rng)
+    harm_val, safe_val = _split(val.harmful_texts, rng), _split(val.harmless_texts, rng)
+    need = c.n_train + c.n_eval
+    if len(harm_train) < need or len(safe_train) < need:
+        raise ValueError(f"n_train + n_eval = {need} exceeds the training prompts ({len(harm_train)} harmful, "
+                         f"{len(safe_train)} harmless)")
+    if len(harm_val) < c.n_val or len(safe_val) < c.n_val:
+        raise ValueError(f"n_val = {c.n_val} exceeds the validation prompts ({len(harm_val)}, {len(safe_val)})")
+    sets = [harm_train[:c.n_train], safe_train[:c.n_train], harm_val[:c.n_val], safe_val[:c.n_val],
+            harm_train[c.n_train:need], safe_train[c.n_train:need]]
+    (p_harm, p_safe, v_harm, v_safe, e_harm, e_safe), offsets, pos_names = encode_prompts(model, sets)
+    if c.positions is not None:
+        bad = [p for p in c.positions if p not in offsets.tolist()]
+        if bad:
+            raise ValueError(f"positions {bad} are not post-instruction offsets; expected some of {offsets.tolist()}")
+    token_ids = refusal_token_ids(model.tokenizer, markers.score_tokens)
+    token_strs = [model.tokenizer.convert_ids_to_tokens(i) for i in token_ids]
+    bs = c.batch_size
+
+    rep = Report(c.out, "Refusal direction (difference in means, directional ablation)", c)
+
+    # --- baseline scores and filtering
+    t = time.time()
+    s_harm = refusal_scores(params, mc, p_harm, token_ids, base, bs)
+    s_safe = refusal_scores(params, mc, p_safe, token_ids, base, bs)
+    filt = {"harmful_before": len(p_harm), "harmless_before": len(p_safe)}
+    keep_h, keep_s = np.arange(len(p_harm)), np.arange(len(p_safe))
+    if c.filter_train:
+        kh, ks = np.flatnonzero(s_harm > 0), np.flatnonzero(s_safe < 0)
+        filt["harmful_passing"], filt["harmless_passing"] = len(kh), len(ks)
+        filt["harmful_unfiltered_fallback"] = bool(len(kh) < c.min_filtered)
+        filt["harmless_unfiltered_fallback"] = bool(len(ks) < c.min_filtered)
+        keep_h = kh if len(kh) >= c.min_filtered else keep_h
+        keep_s = ks if len(ks) >= c.min_filtered else keep_s
+    filt["harmful_after"], filt["harmless_after"] = len(keep_h), len(keep_s)
+    seconds["baseline_scores"] = time.time() - t
+
+    # --- candidate directions
+    t = time.time()
+    dirs = mean_diff_directions(params, mc, p_harm.subset(keep_h), p_safe.subset(keep_s), offsets, bs, progress=True)
+    seconds["mean_diff"] = time.time() - t
+    pos_index = {int(o): i for i, o in enumerate(offsets.tolist())}
+    cand_pos = offsets.tolist() if c.positions is None else list(c.positions)
+    candidates = [(pos_index[p], layer) for p in cand_pos for layer in layers]
+
+    # --- selection
+    t = time.time()
+    scores = evaluate_candidates(params, mc, dirs, candidates, v_harm, v_safe, token_ids, bs, progress=True)
+    for s in scores:
+        s["offset"] = int(offsets[s["position"]])
+        s["token"] = pos_names[s["position"]]
+    harmless_val_base = float(refusal_scores(params, mc, v_safe, token_ids, base, bs).mean())
+    harmful_val_base = float(refusal_scores(params, mc, v_harm, token_ids, base, bs).mean())
+    best, annotated, tier = select_with_fallback(
+        scores, L, harmless_baseline=harmless_val_base, max_layer_frac=c.max_layer_frac,
+        kl_threshold=c.kl_threshold, induce_threshold=c.induce_threshold, fallback=c.fallback)
+    if best is None:
+        raise RuntimeError("no candidate direction passes the selection filters (see the scores); "
+                           "widen the candidates or enable the fallback")
+    fallback_used = tier != "strict"
+    seconds["selection"] = time.time() - t
+    direction = np.asarray(dirs[best["position"], best["layer"]], np.float64)
+    unit = direction / np.linalg.norm(direction)
+    abl = condition_edits(mc, unit=unit, ablate=True)
+    ind = condition_edits(mc, vector=direction, induce_layer=best["layer"])
+
+    # --- held-out evaluation: log-odds
+    t = time.time()
+    ev = {}
+    ev["harmful_base"] = refusal_scores(params, mc, e_harm, token_ids, base, bs)
+    ev["harmful_ablated"] = refusal_scores(params, mc, e_harm, token_ids, abl, bs)
+    ev["harmless_base"] = refusal_scores(params, mc, e_safe, token_ids, base, bs)
+    ev["harmless_induced"] = refusal_scores(params, mc, e_safe, token_ids, ind, bs)
+    drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
+
+    # --- weight orthogonalisation vs runtime ablation
+    p_orth, c_orth = orthogonalize(params, mc, unit)
+    lg_runtime = last_logits(params, mc, e_harm, abl, bs)
+    lg_orth = last_logits(p_orth, c_orth, e_harm, (), bs)
+    orth_diff = float(np.max(np.abs(lg_runtime - lg_orth)))
+    orth_scores = refusal_scores(p_orth, c_orth, e_harm, token_ids, logits=lg_orth)
+    del p_orth
+    seconds["logodds_eval"] = time.time() - t
+
+    # --- refusal rate by generation
+    t = time.time()
+    gen = {}
+    gen["harmful_base"] = refusal_rate(model, e_harm.texts, markers, base, max_new_tokens=c.max_new_tokens,
+                                       batch_size=bs)
+    gen["harmful_ablated"] = refusal_rate(model, e_harm.texts, markers, abl, max_new_tokens=c.max_new_tokens,
+                                          batch_size=bs)
+    gen["harmless_base"] = refusal_rate(model, e_safe.texts, markers, base, max_new_tokens=c.max_new_tokens,
+                                        batch_size=bs)
+    gen["harmless_induced"] = refusal_rate(model, e_safe.texts, markers, ind, max_new_tokens=c.max_new_tokens,
+                                           batch_size=bs)
+    seconds["generation"] = time.time() - t
+
+    # --- CE on ShareGPT
+    t = time.time()
+    ce = {}
+    if c.n_ce > 0:
+        toks, mask, tmask, corpus_summary = sharegpt_batch(model, c.n_ce, c.ce_max_tokens, c.ce_min_assistant_tokens,
+                                                           c.seed)
+        ce["base"] = cross_entropy(params, mc, toks, mask, tmask, base, batch_size=max(1, bs // 2))
+        ce["ablated"] = cross_entropy(params, mc, toks, mask, tmask, abl, batch_size=max(1, bs // 2))
+        ce["change_pct"] = 100.0 * (ce["ablated"] - ce["base"]) / ce["base"]
+        ce["n_tokens"] = int(tmask[:, 1:].sum())
+        ce["corpus"] = corpus_summary
+    seconds["ce"] = time.time() - t
+    seconds["total"] = time.time() - t0
+
+    # --- report
+    fallback_text = ("" if not fallback_used else
+                     " (no candidate passed the strict rules; the pre-declared relaxations, in order: "
+                     "induce >= unsteered harmless mean, then KL rule only, then layer rule only; "
+                     "see `select_with_fallback`).")
+    if c.filter_train:
+        filter_text = (f"{filt['harmful_passing']} of {filt['harmful_before']} harmful prompts score > 0 and "
+                       f"{filt['harmless_passing']} of {filt['harmless_before']} harmless prompts score < 0. A side "
+                       f"with fewer than {c.min_filtered} passing prompts stays unfiltered: the direction uses "
+                       f"{filt['harmful_after']} harmful ({'unfiltered' if filt['harmful_unfiltered_fallback'] else 'filtered'}) "
+                       f"and {filt['harmless_after']} harmless "
+                       f"({'unfiltered' if filt['harmless_unfiltered_fallback'] else 'filtered'}) prompts.")
+    else:
+        filter_text = f"the direction uses all {filt['harmful_before']} + {filt['harmless_before']} prompts."
+    name_of = lambda r: f"{r['token']!s} ({r['offset']}) / L{r['layer']}"  # noqa: E731
+    rep.section("Setup", f"""
+Model `{c.model}` ({L} layers, d_model {mc.d_model}). Harmful/harmless prompts from `experiments/data/refusal`
+(seeded shuffle, seed {c.seed}): {c.n_train} train per side for the direction, {c.n_val} val per side for the
+selection, and {c.n_eval} further *train-split* prompts per side held out for the evaluation (never used for the
+direction or the selection). Each prompt is one user turn with the chat template's generation prompt (SmolLM2's
+template inserts its default system prompt).
+
+Refusal score = log P(S) - log(1 - P(S)) at the last prompt position, S = first tokens of the score markers
+{list(markers.score_tokens)} with and without a leading space: ids {token_ids} = {token_strs}.
+Refusal rate = fraction of greedy answers ({c.max_new_tokens} new tokens) containing any refusal marker
+(substring check; a prefix-only variant is reported alongside).
+
+Filtering of train prompts by score sign: {'on' if c.filter_train else 'off'}; {filter_text}
+
+Post-instruction positions (offsets from the prompt end): {dict(zip(offsets.tolist(), pos_names))}.
+Candidates evaluated: positions {cand_pos} x layers {list(layers)} = {len(candidates)} candidates
+(difference in means is computed and saved for all {len(offsets)} positions x {L} layers).
+Selection: drop layer >= {c.max_layer_frac} * {L}, KL > {c.kl_threshold}, induce < {c.induce_threshold};
+lowest bypass wins. Unsteered val means: harmful {harmful_val_base:.3f}, harmless {harmless_val_base:.3f}.
+Selection tier used: **{tier}**{fallback_text}
+""")
+    rep.section("Caveat", "SmolLM2-135M-Instruct is a small, weak model: it refuses rarely and inconsistently, and "
+                "its first token 'I' also starts many non-refusals, so the log-odds score is a noisy proxy. "
+                "Claims rest on the log-prob measures; the substring refusal rate is a coarse check. "
+                "No judge model is used.")
+    rep.table("Selected direction", [dict(position=name_of(best), layer=best["layer"], bypass=best["bypass"],
+                                          induce=best["induce"], kl=best["kl"], norm=best["norm"],
+                                          tier=tier)])
+    top = sorted(annotated, key=lambda r: r["bypass"])[:15]
+    rep.table("Candidates, lowest bypass first (top 15)",
+              [dict(candidate=name_of(r), bypass=r["bypass"], induce=r["induce"], kl=r["kl"], kept=r["kept"],
+                    dropped_for=r["reason"]) for r in top])
+    mean = lambda x: float(np.mean(x))  # noqa: E731
+    rows = [
+        dict(prompts="harmful held-out", condition="baseline", refusal_logodds=mean(ev["harmful_base"]),
+             refusal_rate=gen["harmful_base"][0], prefix_rate=gen["harmful_base"][1]),
+        dict(prompts="harmful held-out", condition="ablated", refusal_logodds=mean(ev["harmful_ablated"]),
+             refusal_rate=gen["harmful_ablated"][0], prefix_rate=gen["harmful_ablated"][1]),
+        dict(prompts="harmless held-out", condition="baseline", refusal_logodds=mean(ev["harmless_base"]),
+             refusal_rate=gen["harmless_base"][0], prefix_rate=gen["harmless_base"][1]),
+        dict(prompts="harmless held-out", condition=f"+1x direction at L{best['layer']}",
+             refusal_logodds=mean(ev["harmless_induced"]), refusal_rate=gen["harmless_induced"][0],
+             prefix_rate=gen["harmless_induced"][1]),
+    ]
+    rep.table(f"Held-out evaluation ({c.n_eval} prompts per side)", rows)
+    frac_lower = float(np.mean(ev["harmful_ablated"] < ev["harmful_base"]))
+    rep.section("Ablation effect", f"""
+Mean refusal log-odds drop on held-out harmful prompts: **{drop:.3f} nats**
+({mean(ev['harmful_base']):.3f} -> {mean(ev['harmful_ablated']):.3f}); lower for {frac_lower:.0%} of the prompts.
+Weight orthogonalisation (embedding, o_proj, down_proj; untied unembedding) vs runtime ablation:
+max |logit difference| at the last position over {len(e_harm)} prompts = {orth_diff:.3g};
+refusal log-odds with orthogonalised weights {mean(orth_scores):.3f}.
+""" + (f"""
+Cross-entropy on {c.n_ce} ShareGPT conversations ({ce['n_tokens']} assistant target tokens, first
+{c.ce_max_tokens} tokens of each, seed {c.seed}): {ce['base']:.4f} -> {ce['ablated']:.4f} nats
+(**{ce['change_pct']:+.2f}%**). Corpus: {ce['corpus']}.
+""" if ce else ""))
+    ex = []
+    for i in range(min(6, len(e_harm))):
+        ex.append(f"- **{e_harm.texts[i]}**\n  - baseline: {gen['harmful_base'][2][i]!r}\n"
+                  f"  - ablated: {gen['harmful_ablated'][2][i]!r}")
+    for i in range(min(4, len(e_safe))):
+        ex.append(f"- **{e_safe.texts[i]}**\n  - baseline: {gen['harmless_base'][2][i]!r}\n"
+                  f"  - +direction: {gen['harmless_induced'][2][i]!r}")
+    rep.section("Example answers (greedy)", "\n".join(ex))
+
+    # figures: score grids and held-out distributions
+    P = len(offsets)
+    grids = {k: np.full((P, L), np.nan) for k in ("bypass", "induce", "kl")}
+    for r in annotated:
+        for k in grids:
+            grids[k][r["position"], r["layer"]] = r[k]
+    fig, axes = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True)
+    for ax, k in zip(axes, grids):
+        im = ax.imshow(grids[k], aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(P), [f"{o} {n!r}" for o, n in zip(offsets.tolist(), pos_names)], fontsize=7)
+        ax.set_title(k + (" (harmful val, ablated)" if k == "bypass" else " (harmless val, +direction)"
+                          if k == "induce" else " (harmless val, ablated vs base, last position)"), fontsize=9)
+        fig.colorbar(im, ax=ax)
+        ax.plot([best["layer"]], [best["position"]], "r*", ms=12)
+        ax.axvline(c.max_layer_frac * L - 0.5, color="w", lw=1, ls="--")
+    axes[-1].set_xlabel("layer (resid_pre)")
+    rep.figure("selection_scores", fig, "Selection scores per (position, layer); blank = not evaluated; "
+                                        "red star = selected; dashed line = layer cut.")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bins = np.linspace(min(min(v.min() for v in ev.values()), -8), max(max(v.max() for v in ev.values()), 2), 40)
+    for k, v in ev.items():
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{k} (mean {v.mean():.2f})")
+    ax.set_xlabel("refusal log-odds (last prompt position)")
+    ax.legend(fontsize=7)
+    rep.figure("heldout_logodds", fig, "Held-out refusal log-odds before/after ablation and with the direction added.")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for p in sorted({r["position"] for r in annotated}):
+        rs = sorted([r for r in annotated if r["position"] == p], key=lambda r: r["layer"])
+        ax.plot([r["layer"] for r in rs], [r["norm"] for r in rs], marker=".", label=f"{offsets[p]} {pos_names[p]!r}")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("|mean diff|")
+    ax.legend(fontsize=7)
+    rep.figure("direction_norms", fig, "Norm of the difference in means per layer and position.")
+
+    rep.save_vectors("refusal_direction", {"direction": direction, "unit": unit},
+                     dict(model=c.model, layer=best["layer"], site="resid_pre", method="diff-in-means",
+                          position_offset=best["offset"], position_token=best["token"], d_model=mc.d_model))
+    rep.save_vectors("candidate_directions", {"mean_diff": dirs},
+                     dict(model=c.model, site="resid_pre", method="diff-in-means", layers="all",
+                          position_offsets=offsets.tolist(), position_tokens=pos_names,
+                          shape="position x layer x d_model"))
+    rep.metric("refusal_logodds_drop", drop)
+    rep.metric("refusal_ce_change", ce.get("change_pct"))
+    rep.metric("ce", ce)
+    rep.metric("selected", dict(best, tier=tier))
+    rep.metric("val_baseline_logodds", dict(harmful=harmful_val_base, harmless=harmless_val_base))
+    rep.metric("candidates", annotated)
+    rep.metric("filtering", filt)
+    rep.metric("heldout_logodds", {k: dict(mean=mean(v), values=v) for k, v in ev.items()})
+    rep.metric("heldout_refusal_rate", {k: dict(substring=v[0], prefix=v[1]) for k, v in gen.items()})
+    rep.metric("answers", {k: v[2] for k, v in gen.items()})
+    rep.metric("orthogonalized_max_abs_logit_diff", orth_diff)
+    rep.metric("orthogonalized_logodds_mean", mean(orth_scores))
+    rep.metric("refusal_token_ids", token_ids)
+    rep.metric("seconds", seconds)
+    rep.section("Timing", json.dumps({k: round(v, 1) for k, v in seconds.items()}))
+    path = rep.finish()
+    return dict(report=path, drop=drop, ce=ce, selected=best, tier=tier, orth_diff=orth_diff,
+                rates={k: v[:2] for k, v in gen.items()}, logodds={k: mean(v) for k, v in ev.items()},
+                directions=dirs, scores=annotated, filtering=filt, seconds=seconds)
+
+
+def _ints(s: str | None):
+    if s is None:
+        return None
+    out = []
+    for part in s.split(","):
+        part = part.strip()
+        if ":" in part:
+            a, b, *step = part.split(":")
+            out.extend(range(int(a), int(b), int(step[0]) if step else 1))
+        elif part:
+            out.append(int(part))
+    return tuple(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="psm refusal", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/refusal")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=64)
+    ap.add_argument("--n-val", type=int, default=32)
+    ap.add_argument("--n-eval", type=int, default=32)
+    ap.add_argument("--n-ce", type=int, default=32)
+    ap.add_argument("--positions", default=None, help="candidate offsets, e.g. '-1,-5' (default: all)")
+    ap.add_argument("--layers", default=None, help="candidate layers, e.g. '0:24:2' or '4,8,12' (default: all)")
+    ap.add_argument("--no-filter", action="store_true", help="do not filter train prompts by score sign")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="16 train / 16 val / 16 eval, 8 CE conversations, "
+                                                         "positions -1,-6, layers 0:24:4")
+    ap.add_argument("--record", action="store_true",
+                    help="append refusal_logodds_drop and refusal_ce_change to benchmarks/results.jsonl")
+    a = ap.parse_args(argv)
+    kw = dict(model=a.model, seed=a.seed, out=a.out, n_train=a.n_train, n_val=a.n_val, n_eval=a.n_eval, n_ce=a.n_ce,
+              positions=_ints(a.positions), layers=_ints(a.layers), filter_train=not a.no_filter,
+              batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
+    if a.quick:
+        kw.update(n_train=16, n_val=16, n_eval=16, n_ce=8, positions=kw["positions"] or (-1, -6),
+                  layers=kw["layers"] or tuple(range(0, 24, 4)))
+    cfg = RefusalConfig(**kw)
+    res = run(cfg)
+    print(f"report: {res['report']}")
+    print(json.dumps(dict(refusal_logodds_drop=res["drop"], ce=res["ce"], selected=res["selected"], tier=res["tier"],
+                          orth_max_abs_logit_diff=res["orth_diff"], rates=res["rates"]), default=str))
+    if a.record:
+        from benchmarks.record import record
+
+        cmd = ".venv/bin/python -m experiments.cli refusal " + " ".join(argv if argv is not None else [])
+        sel = res["selected"]
+        ref = (f"{cfg.model}; direction = diff-in-means resid_pre L{sel['layer']} offset {sel['offset']} "
+               f"({sel['token']}), selection tier {res['tier']}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
+        record("refusal_logodds_drop", round(res["drop"], 4), "nats (mean refusal log-odds, baseline - ablated)",
+               ref + "; Arditi et al. 2024: ablation removes refusal", "> 0", command=cmd.strip())
+        if res["ce"]:
+            record("refusal_ce_change", round(res["ce"]["change_pct"], 4), "% (CE ablated vs baseline)",
+                   f"{cfg.model}; {cfg.n_ce} ShareGPT conversations, {res['ce']['n_tokens']} assistant tokens; "
+                   f"CE {res['ce']['base']:.4f} -> {res['ce']['ablated']:.4f}; Arditi et al. 2024: gemma-2b-it "
+                   "Pile CE 3.506 -> 3.503", "< 2", command=cmd.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

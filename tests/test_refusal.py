@@ -1,0 +1,220 @@
+"""Refusal direction: difference in means, candidate scores without recompiling, selection rules,
+and a tiny end-to-end run (random tiny model + the real SmolLM2 tokenizer)."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import refusal as R
+from psm_jax import edits as E
+from psm_jax.config import ModelConfig
+from psm_jax.loading.hf import load_hf_dir
+from psm_jax.loading.names import param_specs
+from psm_jax.logits import kl_divergence, token_set_log_odds
+from psm_jax.model import Capture, jit_forward
+
+TOKEN_IDS = [3, 7, 11]
+
+
+def _prompts(rng, n, T, vocab, min_len=4):
+    tokens = np.zeros((n, T), np.int32)
+    mask = np.zeros((n, T), bool)
+    for i in range(n):
+        length = int(rng.integers(min_len, T + 1))
+        tokens[i, T - length:] = rng.integers(0, vocab, length)
+        mask[i, T - length:] = True
+    return R.Prompts(tokens, mask, [f"p{i}" for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    directory, _ = tiny_hf("llama")
+    params, config = load_hf_dir(directory)
+    rng = np.random.default_rng(0)
+    return params, config, _prompts(rng, 5, 8, config.vocab_size), _prompts(rng, 4, 8, config.vocab_size)
+
+
+def test_mean_diff_equals_numpy(tiny):
+    params, config, harm, safe = tiny
+    offsets = np.array([-3, -2, -1])
+    got = R.mean_diff_directions(params, config, harm, safe, offsets, batch_size=3)  # fill rows in both sets
+    assert got.dtype == np.float64 and got.shape == (3, config.n_layers, config.d_model)
+
+    def means(p):
+        out = jit_forward(params, config, jnp.asarray(p.tokens), attention_mask=jnp.asarray(p.mask),
+                          capture=Capture(sites=("resid_pre",)))
+        h = np.asarray(out.captured["resid_pre"], np.float64)  # [L, N, T, D]
+        return h[:, :, p.tokens.shape[1] + offsets].mean(axis=1).transpose(1, 0, 2)  # [P, L, D]
+
+    np.testing.assert_allclose(got, means(harm) - means(safe), rtol=1e-6, atol=1e-6)
+
+
+def test_candidate_scores_match_direct_and_do_not_recompile(tiny):
+    params, config, harm, safe = tiny
+    dirs = np.random.default_rng(1).normal(size=(2, config.n_layers, config.d_model))
+    R.evaluate_candidates(params, config, dirs, [(0, 1)], harm, safe, TOKEN_IDS, batch_size=4)
+    size = R._last_logits._cache_size()
+    cands = [(0, 0), (1, 2), (1, 1)]
+    rows = R.evaluate_candidates(params, config, dirs, cands, harm, safe, TOKEN_IDS, batch_size=4)
+    assert R._last_logits._cache_size() == size  # directions and layer masks are traced
+    assert [(r["position"], r["layer"]) for r in rows] == cands
+
+    def last(p, edits=()):  # the same compiled forward, fed with edits built independently here
+        return R._last_logits(params, config, jnp.asarray(p.tokens), jnp.asarray(p.mask), tuple(edits))
+
+    p, layer = cands[1]
+    v = dirs[p, layer].astype(np.float32)
+    u = v / np.linalg.norm(v)
+    off = np.zeros(config.n_layers, bool)
+    zero = np.zeros(config.d_model, np.float32)
+    # built here with the edit constructors, in the experiment's edit layout (one compiled forward)
+    abl = [E.project_out(config, u, layers="all", site=s) for s in ("resid_pre", "attn_out", "mlp_out")]
+    abl += [E.add(config, zero, layers=off, site="resid_pre")]
+    ind = [E.project_out(config, u, layers=off, site=s) for s in ("resid_pre", "attn_out", "mlp_out")]
+    ind += [E.add(config, v, layers=[layer], coef=1.0, site="resid_pre")]
+    bypass = float(jnp.mean(token_set_log_odds(last(harm, abl), jnp.asarray(TOKEN_IDS))))
+    induce = float(jnp.mean(token_set_log_odds(last(safe, ind), jnp.asarray(TOKEN_IDS))))
+    kl = float(kl_divergence(last(safe), last(safe, abl)))
+    # switched-off condition edits are bit-identical to no edits
+    np.testing.assert_array_equal(np.asarray(last(safe)), np.asarray(last(safe, R.condition_edits(config))))
+    assert rows[1]["bypass"] == pytest.approx(bypass, abs=1e-4)
+    assert rows[1]["induce"] == pytest.approx(induce, abs=1e-4)
+    assert rows[1]["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert rows[1]["norm"] == pytest.approx(float(np.linalg.norm(v)), rel=1e-5)
+
+
+def test_zero_direction_is_skipped(tiny):
+    params, config, harm, safe = tiny
+    dirs = np.random.default_rng(2).normal(size=(1, config.n_layers, config.d_model))
+    dirs[0, 0] = 0.0
+    rows = R.evaluate_candidates(params, config, dirs, [(0, 0)], harm, safe, TOKEN_IDS, batch_size=4)
+    assert np.isnan(rows[0]["bypass"])
+    best, ann = R.select_direction(rows, config.n_layers)
+    assert best is None and "zero direction" in ann[0]["reason"]
+
+
+def _row(layer, bypass, induce, kl, position=0):
+    return dict(position=position, layer=layer, bypass=bypass, induce=induce, kl=kl)
+
+
+def test_selection_rules_on_synthetic_scores():
+    n_layers = 10  # layer cut at 8
+    rows = [
+        _row(9, -9.0, 1.0, 0.01),  # best bypass but layer >= 0.8 * n_layers
+        _row(8, -8.0, 1.0, 0.01),  # layer exactly at the cut: dropped
+        _row(2, -7.0, 1.0, 0.5),  # KL too high
+        _row(3, -6.0, -0.1, 0.01),  # induce < 0
+        _row(4, -5.0, 0.0, 0.1),  # passes (KL == threshold, induce == 0 are kept)
+        _row(5, -4.0, 2.0, 0.0),  # passes, worse bypass
+        _row(1, float("nan"), 1.0, 0.0),  # NaN
+    ]
+    best, ann = R.select_direction(rows, n_layers, max_layer_frac=0.8, kl_threshold=0.1, induce_threshold=0.0)
+    assert (best["layer"], best["bypass"]) == (4, -5.0)
+    assert [r["kept"] for r in ann] == [False, False, False, False, True, True, False]
+    assert "layer" in ann[0]["reason"] and "layer" in ann[1]["reason"]
+    assert "KL" in ann[2]["reason"] and "induce" in ann[3]["reason"]
+    best, _ = R.select_direction(rows[:4], n_layers)
+    assert best is None
+    with pytest.raises(ValueError, match="lacks"):
+        R.select_direction([dict(layer=1, bypass=0.0, kl=0.0)], n_layers)
+
+
+def test_selection_fallback_tiers():
+    n = 10
+    rows = [_row(2, -3.0, -2.0, 0.05), _row(3, -4.0, -1.0, 0.05), _row(4, -9.0, 0.5, 0.9), _row(9, -20.0, 1, 0)]
+    best, _, tier = R.select_with_fallback(rows, n, harmless_baseline=-1.5)
+    assert tier == "induce_above_baseline" and best["layer"] == 3
+    best, _, tier = R.select_with_fallback(rows, n, harmless_baseline=0.0)
+    assert tier == "kl_only" and best["layer"] == 3
+    best, _, tier = R.select_with_fallback(rows[2:], n, harmless_baseline=0.0)
+    assert tier == "layer_only" and best["layer"] == 4
+    best, _, tier = R.select_with_fallback(rows, n, harmless_baseline=0.0, fallback=False)
+    assert best is None and tier is None
+    best, _, tier = R.select_with_fallback(rows + [_row(5, -1.0, 0.1, 0.0)], n, harmless_baseline=0.0)
+    assert tier == "strict" and best["layer"] == 5
+
+
+class _FakeTok:
+    def encode(self, text, add_special_tokens=False):
+        return {"I": [5], " I": [6], "Sorry": [7, 8], " Sorry": [9, 10], "As": [5]}.get(text, [])
+
+
+def test_refusal_token_ids():
+    assert R.refusal_token_ids(_FakeTok(), ["I", "Sorry", "As"]) == [5, 6, 7, 9]
+    with pytest.raises(ValueError, match="non-empty"):
+        R.refusal_token_ids(_FakeTok(), ["I", " "])
+    with pytest.raises(ValueError, match="no token ids"):
+        R.refusal_token_ids(_FakeTok(), ["zzz"])
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(n_train=0), "n_train"), (dict(max_layer_frac=1.5), "max_layer_frac"), (dict(kl_threshold=0.0), "kl"),
+    (dict(positions=(1,)), "negative"), (dict(layers=(-1,)), "layer"), (dict(n_ce=-1), "n_ce"),
+])
+def test_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        R.RefusalConfig(**kw)
+
+
+def test_mean_diff_needs_prompts(tiny):
+    params, config, harm, _ = tiny
+    with pytest.raises(ValueError, match="at least one"):
+        R.mean_diff_directions(params, config, harm, harm.subset([]), [-1])
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model():
+    """A random 2-layer llama with SmolLM2's vocabulary and tokenizer (fast; outputs are noise)."""
+    from psm_jax.loading import LoadedModel, registry
+    from psm_jax.loading.gguf import load_gguf_tokenizer
+
+    try:
+        path = registry.resolve("smollm2-135m-instruct")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    tok = load_gguf_tokenizer(path)
+    config = ModelConfig(family="llama", vocab_size=49152, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                         head_dim=8, d_mlp=64, tie_embeddings=True, eos_token_ids=(2,), pad_token_id=2,
+                         bos_token_id=1)
+    rng = np.random.default_rng(0)
+    params = {"layers": {}}
+    for spec in param_specs(config):
+        shape = ((config.n_layers,) if spec.per_layer else ()) + spec.shape
+        val = 1.0 + 0.1 * rng.normal(size=shape) if "norm" in spec.leaf else 0.2 * rng.normal(size=shape)
+        (params["layers"] if spec.per_layer else params)[spec.leaf] = jnp.asarray(val, jnp.float32)
+    return LoadedModel(params, config, tok, tok.chat_template, "psm-tiny")
+
+
+def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
+    kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_tokens=64, ce_min_assistant_tokens=4,
+              max_new_tokens=3, batch_size=4, positions=(-1, -6), layers=(1, 2), min_filtered=2)
+    res = R.run(R.RefusalConfig(out=str(tmp_path / "a"), **kw), model=tiny_chat_model)
+    print(res["seconds"])
+    out = tmp_path / "a"
+    for name in ("report.md", "metrics.json", "config.json", "selection_scores.png", "heldout_logodds.png",
+                 "refusal_direction.safetensors", "refusal_direction.json", "candidate_directions.safetensors"):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(m["refusal_logodds_drop"]) and np.isfinite(m["refusal_ce_change"])
+    assert len(m["candidates"]) == 4 and m["selected"]["tier"] in R.FALLBACK_TIERS
+    assert m["orthogonalized_max_abs_logit_diff"] < 1e-4
+    assert res["directions"].shape == (6, 3, 32)  # every post-instruction position x every layer
+    from experiments.report import load_vectors
+
+    vecs, meta = load_vectors(out / "refusal_direction.safetensors", expect_model="psm-tiny", expect_width=32)
+    assert meta["site"] == "resid_pre" and vecs["direction"].shape == (32,)
+    # same config + seed -> same numbers
+    res2 = R.run(R.RefusalConfig(out=str(tmp_path / "b"), **kw), model=tiny_chat_model)
+    assert res2["drop"] == res["drop"] and res2["ce"]["change_pct"] == res["ce"]["change_pct"]
+    np.testing.assert_array_equal(res2["directions"], res["directions"])
+
+
+def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
+    with pytest.raises(ValueError, match="exceeds"):
+        R.run(R.RefusalConfig(out=str(tmp_path), n_train=120, n_eval=32), model=tiny_chat_model)
+    with pytest.raises(ValueError, match="out of range"):
+        R.run(R.RefusalConfig(out=str(tmp_path), layers=(7,)), model=tiny_chat_model)
