@@ -75,8 +75,9 @@ def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_si
     rng = np.random.default_rng(seed)
     roles = [roles[i] for i in rng.choice(len(roles), size=min(n_roles, len(roles)), replace=False)]
     questions = datasets.load_role_questions()[:n_questions]
-    role_vecs, default_vec = role_and_default_vectors(model, roles, questions, batch_size=batch_size)
-    return axis_from_vectors(default_vec, role_vecs)
+    role_vecs, default_vec = role_and_default_vectors(model, roles, questions, batch_size=batch_size, seed=seed)
+    role_vecs = role_vecs[~np.isnan(role_vecs).any(axis=(1, 2))]  # roles with no response have NaN rows
+    return axis_from_vectors(default_vec, role_vecs).astype(np.float32)
 
 
 def _history_and_probe(model, history: list[dict], probe: str):

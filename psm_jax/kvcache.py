@@ -39,16 +39,20 @@ def read_kv(cache: KVCache, config: ModelConfig, layers, slots=None):
 
 
 def write_kv(cache: KVCache, config: ModelConfig, layers, slot_mask, k_new, v_new) -> KVCache:
-    """Replace K/V at `layers` where slot_mask [B, S] is true by k_new/v_new [n_layers, B, S, KV, hd]."""
+    """Replace K/V at `layers` where slot_mask is true by k_new/v_new [n_layers, B, S, KV, hd].
+
+    slot_mask is [B, S] (the same slots at every listed layer) or [n_layers, B, S].
+    """
     idx = np.asarray(_layer_tuple(config, layers))
     m = jnp.asarray(slot_mask, bool)
-    if m.shape != cache.valid.shape:
-        raise ValueError(f"slot mask has shape {tuple(m.shape)}; expected {tuple(cache.valid.shape)}")
+    if m.shape not in (cache.valid.shape, (len(idx),) + cache.valid.shape):
+        raise ValueError(f"slot mask has shape {tuple(m.shape)}; expected {tuple(cache.valid.shape)} "
+                         f"or {(len(idx),) + tuple(cache.valid.shape)}")
     expected = (len(idx),) + cache.k.shape[1:]
     for name, arr in (("k_new", k_new), ("v_new", v_new)):
         if tuple(arr.shape) != expected:
             raise ValueError(f"{name} has shape {tuple(arr.shape)}; expected {expected}")
-    sel = m[None, :, :, None, None]
+    sel = (m if m.ndim == 3 else m[None])[..., None, None]
     k = cache.k.at[idx].set(jnp.where(sel, k_new.astype(cache.k.dtype), cache.k[idx]))
     v = cache.v.at[idx].set(jnp.where(sel, v_new.astype(cache.v.dtype), cache.v[idx]))
     return cache.replace(k=k, v=v)
@@ -80,8 +84,9 @@ def edit_cache_direct(params: dict, config: ModelConfig, cache: KVCache, resid_p
     """Apply `edit` (an edits.* object on site 'resid_pre', positions over cache slots) to the cached
     block inputs resid_pre [n_layers_given, B, S, D] and rebuild K/V where it acts.
 
-    `layers` names the layers resid_pre holds (default: all layers, in order). Only layers the
-    edit's layer mask selects are touched.
+    `layers` names the layers resid_pre holds (default: all layers, in order). Jit-friendly: the
+    edit's layer mask stays traced; K/V are recomputed for every given layer and written only where
+    the edit's layer and position masks are on (other layers and slots keep their exact values).
     """
     if edit.site != "resid_pre":
         raise ValueError(f"direct KV edits act on the block input; expected site 'resid_pre', got {edit.site!r}")
@@ -89,15 +94,13 @@ def edit_cache_direct(params: dict, config: ModelConfig, cache: KVCache, resid_p
     if resid_pre.shape[0] != len(given) or resid_pre.shape[2] != cache.size:
         raise ValueError(f"resid_pre has shape {tuple(resid_pre.shape)}; expected ({len(given)}, B, {cache.size}, D)"
                          " (captured layers, batch, cache slots, d_model)")
-    on = np.asarray(jax.device_get(edit.layers))
-    chosen = tuple(layer for layer in given if on[layer])
-    if not chosen:
-        return cache
-    rows = np.asarray([given.index(layer) for layer in chosen])
+    layer_ids = jnp.asarray(given, jnp.int32)
     slots = jnp.arange(cache.size, dtype=jnp.int32)
-    mask = edit.position_mask(slots, cache.valid.shape[0]) & cache.valid
-    edited = jnp.stack([edit.transform(resid_pre[r], layer, slots) for r, layer in zip(rows, chosen)])
-    return rebuild_kv(params, config, cache, chosen, edited, mask)
+    edited = jax.vmap(lambda h, layer: edit.transform(h, layer, slots))(resid_pre, layer_ids)
+    positions = edit.position_mask(slots, cache.valid.shape[0]) & cache.valid
+    mask = edit.layers[layer_ids][:, None, None] & positions[None]
+    k, v = kv_from_residual(params, config, cache, given, edited)
+    return write_kv(cache, config, given, mask, k, v)
 
 
 def recompute_cache(params: dict, config: ModelConfig, tokens, attention_mask=None, *, cache_size: int,

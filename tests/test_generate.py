@@ -96,6 +96,9 @@ def test_direct_kv_edit_equals_recompute_at_that_layer(model):
     from psm_jax.generate import widen_edits
     direct = edit_cache_direct(params, config, base.cache, resid, widen_edits([edit], size)[0])
     recomputed = recompute_cache(params, config, tokens, cache_size=size, edits=[edit]).cache
+    jitted = jax.jit(lambda c, r, e: edit_cache_direct(params, config, c, r, e))(
+        base.cache, resid, widen_edits([edit], size)[0])  # layer mask stays traced under jit
+    np.testing.assert_allclose(jitted.k, direct.k, atol=1e-6)
     np.testing.assert_allclose(direct.k[layer], recomputed.k[layer], atol=1e-5)
     np.testing.assert_allclose(direct.v[layer], recomputed.v[layer], atol=1e-5)
     np.testing.assert_array_equal(direct.k[:layer], base.cache.k[:layer])
