@@ -7,9 +7,11 @@ history are pushed along the Assistant Axis over a layer range, in two ways:
              K/V change as a consequence), keep the cache, decode unedited;
   direct     rebuild K/V only at the chosen layers from the edited resid_pre, re-applying RoPE
              at the stored positions.
-Strength is given two ways ("15%" is ambiguous): `scale` multiplies the projection onto the unit
-axis by (1 + s); `norm` adds s * mean|h| along the unit axis (mean over the edited positions).
-Negative strengths push toward the persona (the converse control).
+Strength is given two ways ("15%" is ambiguous): `norm` (default) adds s * mean|h| along the unit
+axis (mean over the edited positions): s > 0 always moves toward the Assistant pole; `scale`
+multiplies the projection onto the unit axis by (1 + s), which moves *away from zero* and so
+toward the Assistant only where the projection is already positive. Negative strengths are the
+converse control (toward the persona).
 
 Measures per condition, for N sampled answers per probe with fixed seeds: the fraction of answers
 that speak as an AI assistant (keyword scorer), the log-odds of an assistant-identity answer over a
@@ -43,13 +45,13 @@ class KVEditConfig:
     model: str = "smollm2-135m-instruct"
     conversations: tuple[str, ...] = ()  # ids from experiments/data/conversations/roleplay.json
     n_conversations: int = 2  # used when `conversations` is empty: the first n
-    probes: int = 4  # number of identity probe questions
+    probes: int = 3  # number of identity probe questions
     samples: int = 8  # sampled answers per probe and condition
     max_new_tokens: int = 32
     temperature: float = 0.8
     top_p: float = 0.95
-    strengths: tuple[float, ...] = (-0.3, 0.15, 0.3, 0.6)
-    strength_kind: str = "scale"  # scale | norm
+    strengths: tuple[float, ...] = (-0.15, 0.15, 0.3)
+    strength_kind: str = "norm"  # norm | scale
     layer_ranges: tuple[tuple[int, int], ...] = ((10, 20), (4, 26))  # [start, end) block inputs
     readout_layer: int = 15  # resid_post layer of the axis projection readout
     axis_file: str | None = None  # safetensors with key "axis" [n_layers, d_model]; None = estimate
@@ -137,14 +139,14 @@ def _readout(params, config, cache, tokens, mask, layer, u):
     return jnp.sum(proj * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
 
 
-def run(cfg: KVEditConfig):
+def run(cfg: KVEditConfig, model=None):
     import psm_jax
     from experiments import datasets
     from experiments.report import Report
     from experiments.rollouts import eos_ids
 
     t0 = time.time()
-    model = psm_jax.load(cfg.model)
+    model = psm_jax.load(cfg.model) if model is None else model
     c = model.config
     for lo, hi in cfg.layer_ranges:
         if not 0 <= lo < hi <= c.n_layers:
@@ -340,15 +342,15 @@ def main(argv=None) -> int:
     ap.add_argument("--axis", default=None, help="safetensors with tensor 'axis' [n_layers, d_model]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--probes", type=int, default=4)
-    ap.add_argument("--strength-kind", default="scale", choices=("scale", "norm"))
+    ap.add_argument("--probes", type=int, default=3)
+    ap.add_argument("--strength-kind", default="norm", choices=("norm", "scale"))
     ap.add_argument("--quick", action="store_true", help="1 conversation, 2 probes, 4 samples")
     ap.add_argument("--record", action="store_true", help="append kv_edit_identity_shift to benchmarks/results.jsonl")
     a = ap.parse_args(argv)
     cfg = KVEditConfig(model=a.model, axis_file=a.axis, seed=a.seed, samples=4 if a.quick else a.samples,
                        probes=2 if a.quick else a.probes, strength_kind=a.strength_kind, out=a.out,
                        n_conversations=1 if a.quick else 2,
-                       strengths=(-0.3, 0.3, 0.6) if a.quick else KVEditConfig.strengths)
+                       strengths=(-0.15, 0.3) if a.quick else KVEditConfig.strengths)
     res = run(cfg)
     print(f"report: {res['report']}")
     if a.record:

@@ -39,3 +39,31 @@ def smollm2_hf():
 def smollm2_model(smollm2):
     """Alias of the shared `smollm2` LoadedModel (loaded once per session)."""
     return smollm2
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model():
+    """A random 3-layer llama with SmolLM2's vocabulary, tokenizer and chat template (fast; outputs are noise)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from psm_jax.config import ModelConfig
+    from psm_jax.loading import LoadedModel, registry
+    from psm_jax.loading.gguf import load_gguf_tokenizer
+    from psm_jax.loading.names import param_specs
+
+    try:
+        path = registry.resolve("smollm2-135m-instruct")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    tok = load_gguf_tokenizer(path)
+    config = ModelConfig(family="llama", vocab_size=49152, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                         head_dim=8, d_mlp=64, tie_embeddings=True, eos_token_ids=(2,), pad_token_id=2,
+                         bos_token_id=1)
+    rng = np.random.default_rng(0)
+    params = {"layers": {}}
+    for spec in param_specs(config):
+        shape = ((config.n_layers,) if spec.per_layer else ()) + spec.shape
+        val = 1.0 + 0.1 * rng.normal(size=shape) if "norm" in spec.leaf else 0.2 * rng.normal(size=shape)
+        (params["layers"] if spec.per_layer else params)[spec.leaf] = jnp.asarray(val, jnp.float32)
+    return LoadedModel(params, config, tok, tok.chat_template, "psm-tiny")

@@ -166,29 +166,6 @@ def test_mean_diff_needs_prompts(tiny):
 # ------------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model():
-    """A random 2-layer llama with SmolLM2's vocabulary and tokenizer (fast; outputs are noise)."""
-    from psm_jax.loading import LoadedModel, registry
-    from psm_jax.loading.gguf import load_gguf_tokenizer
-
-    try:
-        path = registry.resolve("smollm2-135m-instruct")
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    tok = load_gguf_tokenizer(path)
-    config = ModelConfig(family="llama", vocab_size=49152, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
-                         head_dim=8, d_mlp=64, tie_embeddings=True, eos_token_ids=(2,), pad_token_id=2,
-                         bos_token_id=1)
-    rng = np.random.default_rng(0)
-    params = {"layers": {}}
-    for spec in param_specs(config):
-        shape = ((config.n_layers,) if spec.per_layer else ()) + spec.shape
-        val = 1.0 + 0.1 * rng.normal(size=shape) if "norm" in spec.leaf else 0.2 * rng.normal(size=shape)
-        (params["layers"] if spec.per_layer else params)[spec.leaf] = jnp.asarray(val, jnp.float32)
-    return LoadedModel(params, config, tok, tok.chat_template, "psm-tiny")
-
-
 def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_tokens=64, ce_min_assistant_tokens=4,
               max_new_tokens=3, batch_size=4, positions=(-1, -6), layers=(1, 2), min_filtered=2)
