@@ -58,6 +58,7 @@ class SaeConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    grad_clip_norm: float | None = None   # clip each SAE's global gradient norm (SAELens clips at 1.0)
     warmup_steps: int = 100
     decay: str = "linear"               # none | linear | cosine, to 0 at total_steps
     decay_start: float = 0.8            # fraction of total_steps where the decay begins
@@ -89,6 +90,8 @@ class SaeConfig:
             bad("normalize_activations", f"expected one of {NORMALIZATIONS}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             bad("lr", "expected None or a positive finite float")
+        if self.grad_clip_norm is not None and not self.grad_clip_norm > 0:
+            bad("grad_clip_norm", "expected None or > 0")
         if not 0.0 <= self.decay_start <= 1.0:
             bad("decay_start", "expected a fraction in [0, 1]")
         if self.total_steps is not None and self.total_steps <= 0:

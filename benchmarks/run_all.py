@@ -1,0 +1,15 @@
+"""Run every benchmark once (each appends its lines to benchmarks/results.jsonl). `make bench`."""
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ["model_forward.py", "sae_step.py", "harvest.py"]
+
+if __name__ == "__main__":
+    root = os.path.dirname(HERE)
+    for script in SCRIPTS:
+        print(f"== {script}", flush=True)
+        rc = subprocess.call([sys.executable, os.path.join("benchmarks", script)], cwd=root)
+        if rc:
+            sys.exit(rc)

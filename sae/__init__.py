@@ -1,0 +1,44 @@
+"""Sparse autoencoders on activations of psm_jax models: train, checkpoint, evaluate, import/export.
+
+Modules: config (SaeConfig), model (params + encode/decode/loss), train (jitted stacked training, sources),
+checkpoint (orbax run dirs), metrics (field-standard metrics), interop (SAELens / sparsify / Gemma Scope),
+cli (`psm sae ...`), synthetic (planted-feature data), activations / corpus (harvesting, activation stores).
+Heavy imports happen in the submodules; `from sae import SaeConfig, load_sae` works lazily.
+
+Quick start (Python):
+    from sae.config import SaeConfig, sweep
+    from sae.train import train, ArraySource            # or sae.activations.StoreSource(store, site, layer, bs)
+    from sae.metrics import evaluate_reconstruction, evaluate_lm, port_runner
+    from sae.interop import export_saelens, hf_hook_name
+    from sae.model import to_edit_sae
+
+    cfg = SaeConfig(architecture="topk", d_in=576, d_sae=4608, k=32, batch_size=4096, total_steps=3000)
+    res = train(cfg, ArraySource("acts.npy", 4096), "runs/l15", checkpoint_every=500, progress=True)
+    metrics, stats = evaluate_reconstruction(res.params[0], cfg, ArraySource("val.npy", 4096, loop=False))
+    lm = evaluate_lm(port_runner(model.params, model.config, res.params[0], cfg, layer=15), token_batches)
+    export_saelens(res.params[0], cfg, "out/l15", hook_name=hf_hook_name("resid_post", 15),
+                   model_name="HuggingFaceTB/SmolLM2-135M-Instruct", log10_density=stats.log10_firing_density())
+    edit = psm_jax.edits.sae_splice(model.config, **to_edit_sae(res.params[0], cfg), layers=[15])
+
+Command line: `psm sae train CONFIG key=value ...`, `psm sae eval RUN_DIR data.npy=...`,
+`psm sae export RUN_DIR OUT_DIR export.model_name=...` (sae/cli.py).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "SaeConfig": "sae.config", "sweep": "sae.config",
+    "init_params": "sae.model", "encode": "sae.model", "decode": "sae.model", "forward": "sae.model",
+    "to_edit_sae": "sae.model",
+    "load_run": "sae.train", "ArraySource": "sae.train", "NanLossError": "sae.train",
+    "export_saelens": "sae.interop", "load_sae": "sae.interop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'sae' has no attribute {name!r}")

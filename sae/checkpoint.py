@@ -1,0 +1,237 @@
+"""Run directories and orbax checkpoints of the whole SAE training state.
+
+Layout of a run directory:
+    config.json          {"format": "psm-sae-run/1", "saes": [SaeConfig dicts]} (written atomically, once)
+    checkpoints/<step>/  orbax: item "state" (flat dict of arrays: params, optimizer state, dead counters, PRNG key
+                         data, step, activation scale) and item "meta" (JSON: step, data cursor, tokens, sha256 digest
+                         of every array, config)
+    log.jsonl            per-step training log (sae/train.py)
+
+Guarantees:
+  * writes are atomic: orbax finalises a checkpoint by renaming its temporary folder, config.json goes through a
+    temporary file + os.replace; a process killed mid-save leaves the previous checkpoint intact;
+  * a run directory whose config.json differs from the requested config raises RunConfigMismatchError naming every
+    differing field;
+  * a checkpoint that cannot be read, or whose arrays do not hash to the digest stored with them, raises
+    CheckpointCorruptError naming the step folder: training never restarts silently from scratch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+RUN_FORMAT = "psm-sae-run/1"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem (the message names the folder)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint exists but cannot be restored faithfully."""
+
+
+class RunConfigMismatchError(ValueError):
+    """The run directory holds a run with another config."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# small file helpers
+# ---------------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a:
+                out.append(f"{name}: <missing> in the run dir vs {b[k]!r} requested")
+            elif k not in b:
+                out.append(f"{name}: {a[k]!r} in the run dir vs <missing> requested")
+            else:
+                out += _flat_diff(a[k], b[k], name)
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{prefix}: {len(a)} entries in the run dir vs {len(b)} requested"]
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            out += _flat_diff(x, y, f"{prefix}[{i}]")
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} in the run dir vs {b!r} requested"]
+
+
+def run_config_dict(cfg_dicts: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> dict:
+    out = {"format": RUN_FORMAT, "saes": [dict(c) for c in cfg_dicts]}
+    if extra:
+        out["extra"] = dict(extra)
+    return json.loads(json.dumps(out))      # normalise tuples etc. the way they will read back
+
+
+def ensure_run_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> bool:
+    """Write config.json into a new run dir, or check an existing one. Returns True when the dir already held this
+    config (a resume). Raises RunConfigMismatchError naming the differing fields otherwise."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointCorruptError(f"{path} is unreadable ({e}); fix or remove it, or use another run dir")
+        diffs = _flat_diff(old, config)
+        if diffs:
+            raise RunConfigMismatchError(
+                f"run dir {run_dir} holds a run with another config; differing field(s): " + "; ".join(diffs)
+                + ". Use a new run dir, or the same config to resume.")
+        return True
+    if (run_dir / CHECKPOINT_DIR).exists() and any((run_dir / CHECKPOINT_DIR).iterdir()):
+        raise CheckpointCorruptError(f"{run_dir} has checkpoints but no {CONFIG_FILE}; refusing to guess its config")
+    atomic_write_text(path, json.dumps(config, indent=1, sort_keys=True))
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# state <-> flat dict of numpy-compatible arrays
+# ---------------------------------------------------------------------------------------------------
+
+def _path_name(path) -> str:
+    parts = []
+    for p in path:
+        if isinstance(p, jax.tree_util.DictKey):
+            parts.append(str(p.key))
+        elif isinstance(p, jax.tree_util.SequenceKey):
+            parts.append(str(p.idx))
+        elif isinstance(p, jax.tree_util.GetAttrKey):
+            parts.append(str(p.name))
+        else:  # pragma: no cover
+            parts.append(str(p).strip(".[]'\""))
+    return ".".join(parts)
+
+
+def flatten_state(state: Any) -> dict[str, Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    out = {_path_name(p): v for p, v in leaves}
+    if len(out) != len(leaves):  # pragma: no cover
+        raise CheckpointError("state has colliding leaf names")
+    return out
+
+
+def unflatten_state(template: Any, flat: Mapping[str, Any]) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    names = [_path_name(p) for p, _ in paths]
+    missing = [n for n in names if n not in flat]
+    if missing:
+        raise CheckpointCorruptError(f"checkpoint lacks array(s) {missing[:5]}")
+    return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
+
+
+def state_digest(flat: Mapping[str, Any]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of every array (order-independent of insertion)."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        a = np.asarray(jax.device_get(flat[name]))
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the checkpointer
+# ---------------------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Synchronous orbax CheckpointManager over `run_dir/checkpoints`, keeping the newest `keep` steps."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
+        self.directory.mkdir(parents=True, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def steps(self) -> list[int]:
+        self._mgr.reload()
+        return sorted(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+        ocp = self._ocp
+        flat = flatten_state(state)
+        meta = dict(meta, step=int(step), digest=state_digest(flat), n_arrays=len(flat))
+        self._mgr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                          meta=ocp.args.JsonSave(meta)), force=True)
+        self._mgr.wait_until_finished()
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restore into the structure (and shardings) of `template` (a state pytree of arrays). Verifies the digest."""
+        ocp = self._ocp
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no checkpoint in {self.directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
+        folder = self.directory / str(step)
+        flat_t = flatten_state(template)
+
+        def abstract(x):
+            sharding = getattr(x, "sharding", None)
+            return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+        abstract_flat = {k: abstract(v) for k, v in flat_t.items()}
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_flat),
+                                                                  meta=ocp.args.JsonRestore()))
+            flat, meta = dict(out["state"]), dict(out["meta"])
+        except Exception as e:  # orbax / tensorstore raise many kinds
+            raise CheckpointCorruptError(
+                f"checkpoint {folder} cannot be restored ({type(e).__name__}: {str(e)[:400]}). It may be corrupt or "
+                "from another config. Remove that step folder to resume from an older checkpoint "
+                f"(have steps {steps}), or start a new run dir.") from e
+        extra = sorted(set(flat) - set(flat_t))
+        if extra:
+            raise CheckpointCorruptError(f"checkpoint {folder} holds unexpected arrays {extra[:5]}")
+        if meta.get("digest") != state_digest(flat):
+            raise CheckpointCorruptError(
+                f"checkpoint {folder}: arrays do not match the sha256 digest saved with them (corrupt data). Remove "
+                f"that step folder to resume from an older checkpoint (have steps {steps}), or start a new run dir.")
+        return unflatten_state(template, flat), meta
+
+    def close(self) -> None:
+        self._mgr.close()

@@ -1,0 +1,669 @@
+"""Training: one jitted step for a stack of SAEs on one activation stream (or one stream per SAE), checkpoints,
+exact resume.
+
+    from sae.config import SaeConfig, sweep
+    from sae.train import train, ArraySource
+    cfgs = sweep(SaeConfig(d_in=576, d_sae=4608, k=32, total_steps=2000), k=[16, 32, 64])
+    result = train(cfgs, ArraySource("acts.npy", batch_size=4096), "runs/l15", checkpoint_every=500)
+
+State (a pytree; every SAE array has a leading stack axis n):
+    params       dict W_enc [n, d_in, d_sae], b_enc, W_dec, b_dec[, threshold]
+    opt          optax Adam state (scale_by_adam: count, mu, nu), same layout
+    since_fired  [n, d_sae] int32 tokens since each latent last fired (capped at 2^30)
+    step         int32 completed steps
+    key          [n, 2] uint32 PRNG key data (from each SAE's seed; kept for stochastic extensions)
+    act_scale    f32 input scale (normalize_activations; 1.0 for "none"), folded into weights on export
+    bad_step     int32, -1 until a step produced a non-finite loss or gradient
+
+The step (one XLA program, state donated), over the stack axis (`stack="map"`: lax.map, the default, keeps the
+sparse TopK kernels unbatched; `"vmap"` vectorises; one SAE skips both): phase 1 per SAE: loss + gradient (AuxK
+under `lax.cond`, only when that SAE has a dead latent), decoder-parallel gradient component removed, gradient
+norm; phase 2 under one `lax.cond` on "every loss and gradient finite": optional global-norm clipping, Adam,
+lr = base * warm-up * decay, decoder rows renormalised, JumpReLU thresholds kept >= 0, BatchTopK threshold EMA,
+dead counters. A non-finite step (and every later one) changes nothing and is recorded; the host raises
+NanLossError naming the step, the batch and the SAE, and no checkpoint is written after it. Values that travel
+traced (sweepable fields, schedule lengths, dead threshold) do not trigger recompiles.
+
+Data sources: any iterator of float arrays [batch, d_in], or [n_saes, batch, d_in] for one stream per SAE (e.g.
+`StoreStackSource`: one SAE per layer). For exact resume it should expose a JSON-able `cursor`
+(attribute, property or method) and `seek(cursor)` (or `state_dict()` / `load_state_dict(d)`); otherwise resume
+replays the iterator and skips the consumed batches (only right for deterministic iterators).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sae import checkpoint as ckpt_mod
+from sae.config import SWEEPABLE, SaeConfig, check_stackable
+from sae.model import (Params, SaeShapeError, aux_loss, fold_activation_scale, hyperparams, init_params,
+                       normalize_decoder, project_decoder_grad, training_loss)
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+SINCE_CAP = 2 ** 30
+TRACED_SCHEDULE_FIELDS = ("warmup_steps", "total_steps", "decay_start", "sparsity_warmup_steps",
+                          "dead_tokens_threshold", "threshold_ema_rate")
+
+
+class NanLossError(FloatingPointError):
+    """Training produced a non-finite loss/gradient; the message names the step, batch and SAE."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# optimiser and schedule
+# ---------------------------------------------------------------------------------------------------
+
+def make_optimizer(cfg: SaeConfig) -> optax.GradientTransformation:
+    """Adam direction (the learning rate, which may differ per stacked SAE, is applied by the step; global-norm
+    clipping, when configured, is applied by the step with the gradient norm it already computes)."""
+    return optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_eps)
+
+
+def learning_rate(cfg: SaeConfig, step, hp: Mapping[str, jax.Array]):
+    """hp["lr"] * linear warm-up over warmup_steps * decay (cfg.decay: linear or cosine to 0 from
+    decay_start * total_steps; none when total_steps is None). Schedule values come traced from `hp`."""
+    s = jnp.asarray(step, jnp.float32)
+    lr = jnp.asarray(hp["lr"], jnp.float32)
+    w = hp["warmup_steps"]
+    lr = lr * jnp.where(w > 0, jnp.minimum((s + 1.0) / jnp.maximum(w, 1.0), 1.0), 1.0)
+    if cfg.decay != "none":
+        total = hp["total_steps"]
+        start = hp["decay_start"] * total
+        frac = jnp.clip((s - start) / jnp.maximum(total - start, 1.0), 0.0, 1.0)
+        dec = (1.0 - frac) if cfg.decay == "linear" else 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        lr = lr * jnp.where(total > 0, dec, 1.0)
+    return lr
+
+
+# ---------------------------------------------------------------------------------------------------
+# stacked state
+# ---------------------------------------------------------------------------------------------------
+
+def static_config(cfgs: Sequence[SaeConfig]) -> SaeConfig:
+    """The config the traced step sees: shared fields, k = the largest k, and every value that travels traced in
+    `hyperparams` (sweepable and schedule fields) canonical, so changing them reuses the compiled step."""
+    check_stackable(cfgs)
+    base = SaeConfig()
+    canon = {f: getattr(base, f) for f in SWEEPABLE + TRACED_SCHEDULE_FIELDS}
+    canon["k"] = max(c.k for c in cfgs)
+    return cfgs[0].replace(**canon)
+
+
+def stacked_hyperparams(cfgs: Sequence[SaeConfig]) -> dict[str, jax.Array]:
+    hps = [hyperparams(c) for c in cfgs]
+    return {k: jnp.stack([h[k] for h in hps]) for k in hps[0]}
+
+
+def activation_scale(cfg: SaeConfig, sample) -> float:
+    if cfg.normalize_activations == "none":
+        return 1.0
+    norms = np.linalg.norm(np.asarray(sample, np.float64).reshape(-1, cfg.d_in), axis=-1)
+    return float(math.sqrt(cfg.d_in) / max(norms.mean(), 1e-12))
+
+
+def init_state(cfgs: Sequence[SaeConfig], sample: jax.Array, act_scale: float | jax.Array = 1.0) -> dict:
+    """Fresh stacked state; b_dec from `sample` (scaled by act_scale). Traceable (for jax.eval_shape)."""
+    seeds = jnp.asarray([c.seed for c in cfgs], jnp.uint32)
+    thr = jnp.asarray([c.jumprelu_init_threshold for c in cfgs], jnp.float32)
+    return _init_state(static_config(cfgs), sample, act_scale, seeds, thr)
+
+
+def _init_state(scfg: SaeConfig, sample, act_scale, seeds, init_thresholds) -> dict:
+    tx = make_optimizer(scfg)
+    sample = jnp.asarray(sample, jnp.float32) * act_scale
+    keys = jax.vmap(jax.random.PRNGKey)(seeds)
+
+    def one(key, thr, smp):
+        return init_params(jax.random.split(key)[0], scfg, smp, init_threshold=thr)
+
+    per_sae = sample.ndim == 3               # [n, N, d_in]: each SAE's b_dec from its own stream
+    params = jax.vmap(one, in_axes=(0, 0, 0 if per_sae else None))(keys, init_thresholds, sample)
+    return {
+        "params": params,
+        "opt": jax.vmap(tx.init)(params),
+        "since_fired": jnp.zeros((len(seeds), scfg.d_sae), jnp.int32),
+        "step": jnp.zeros((), jnp.int32),
+        "key": keys.astype(jnp.uint32),
+        "act_scale": jnp.asarray(act_scale, jnp.float32),
+        "bad_step": jnp.full((), -1, jnp.int32),
+    }
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(scfg: SaeConfig):
+    return jax.jit(functools.partial(_init_state, scfg))
+
+
+def unstack_params(params: Params, n: int) -> list[dict[str, np.ndarray]]:
+    host = jax.device_get(params)
+    return [{k: np.asarray(v[i]) for k, v in host.items()} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharding
+# ---------------------------------------------------------------------------------------------------
+
+def make_mesh(data: int = 1, latent: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ("data", "latent") mesh with Auto axes over the first data*latent devices."""
+    devices = jax.devices() if devices is None else devices
+    if data * latent > len(devices):
+        raise ValueError(f"mesh {data}x{latent} needs {data * latent} devices, have {len(devices)}")
+    arr = np.asarray(devices[: data * latent]).reshape(data, latent)
+    auto = jax.sharding.AxisType.Auto
+    return jax.sharding.Mesh(arr, ("data", "latent"), axis_types=(auto, auto))
+
+
+_LATENT_LAST = {"W_enc"}
+_LATENT_FIRST = {"W_dec", "b_enc", "threshold", "since_fired"}
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """NamedShardings for a stacked state: latent-parallel over d_sae, everything else replicated."""
+
+    def spec(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+        nd = len(np.shape(leaf))
+        if any(n in _LATENT_LAST for n in names) and nd == 3:
+            return NamedSharding(mesh, P(None, None, "latent"))
+        if any(n in _LATENT_FIRST for n in names) and nd >= 2:
+            return NamedSharding(mesh, P(None, "latent", *([None] * (nd - 2))))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def _check_mesh(scfg: SaeConfig, mesh) -> None:
+    if mesh is None:
+        return
+    nd, nl = mesh.shape["data"], mesh.shape["latent"]
+    if scfg.batch_size % nd:
+        raise ValueError(f"batch_size={scfg.batch_size} is not divisible by the mesh's data axis ({nd})")
+    if scfg.d_sae % nl:
+        raise ValueError(f"d_sae={scfg.d_sae} is not divisible by the mesh's latent axis ({nl})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the step
+# ---------------------------------------------------------------------------------------------------
+
+def _sae_grads(scfg: SaeConfig, chunks, stacked, shared):
+    """Phase 1 for one SAE: loss, gradient (AuxK added only when this SAE has a dead latent; decoder-parallel
+    component removed) and the metrics that do not depend on the update."""
+    params, since, hp, x = stacked if len(stacked) == 4 else (*stacked, shared[0])
+    step = shared[-1]
+
+    def lossf(p):
+        return training_loss(p, scfg, x, hp, since, step, with_aux=False, chunks=chunks)
+
+    (loss, info), grads = jax.value_and_grad(lossf, has_aux=True)(params)
+    aux = jnp.zeros((), jnp.float32)
+    if scfg.uses_aux:
+        recon = info["recon"]
+
+        def add_aux(g):
+            a, ga = jax.value_and_grad(lambda p: aux_loss(p, scfg, hp, x, recon, since))(params)
+            return a, jax.tree_util.tree_map(lambda u, v: u + hp["aux_coef"] * v, g, ga)
+
+        aux, grads = lax.cond(jnp.any(since >= hp["dead_tokens_threshold"]), add_aux, lambda g: (aux, g), grads)
+        loss = loss + hp["aux_coef"] * aux
+    if scfg.normalize_decoder:
+        grads = dict(grads, W_dec=project_decoder_grad(grads["W_dec"], params["W_dec"], unit=True))
+    gnorm = optax.tree.norm(grads)
+    metrics = {"loss": loss, "mse": info["mse"], "sparsity_loss": info["sparsity"], "aux_loss": aux,
+               "l0": info["l0"], "explained_variance": info["explained_variance"], "grad_norm": gnorm,
+               "ok": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
+    extra = {"fired": info["fired"], "min_kept": info.get("min_kept", jnp.zeros((), jnp.float32)), "gnorm": gnorm}
+    return grads, metrics, extra
+
+
+def _sae_apply(scfg: SaeConfig, stacked, shared):
+    """Phase 2 for one SAE: Adam, learning rate, decoder renormalisation, thresholds, dead counters."""
+    params, opt, since, hp, grads, extra = stacked
+    step, batch = shared
+    tx = make_optimizer(scfg)
+    if scfg.grad_clip_norm is not None:        # same as optax.clip_by_global_norm, reusing the norm
+        c = scfg.grad_clip_norm
+        scale = jnp.where(extra["gnorm"] < c, 1.0, c / jnp.maximum(extra["gnorm"], 1e-30))
+        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
+    updates, opt = tx.update(grads, opt, params)
+    lr = learning_rate(scfg, step, hp)
+    new = {k: params[k] - lr * updates[k] for k in params}
+    if scfg.normalize_decoder:
+        new["W_dec"] = normalize_decoder(new["W_dec"])
+    if scfg.architecture == "jumprelu":
+        new["threshold"] = jnp.maximum(new["threshold"], 0.0)
+    elif scfg.architecture == "batchtopk":
+        r, t, m = hp["threshold_ema_rate"], params["threshold"], extra["min_kept"]
+        new["threshold"] = jnp.where(m > 0, (1.0 - r) * t + r * m, t)
+    since = jnp.where(extra["fired"], 0, jnp.minimum(since + batch, SINCE_CAP))
+    return new, opt, since, {"lr": lr, "dead_fraction": (since >= hp["dead_tokens_threshold"]).mean()}
+
+
+STACK_MODES = ("map", "vmap")
+
+
+def build_step(scfg: SaeConfig, n: int = 1, *, stack: str = "map", mesh=None, shardings=None) -> Callable:
+    """jit(step)(state, hp, x) -> (state, metrics) for a stack of n SAEs; `state` is donated. Cached per
+    (config, n, stack, mesh, shardings) so one process compiles each step once."""
+    if stack not in STACK_MODES:
+        raise ValueError(f"stack={stack!r}; expected one of {STACK_MODES}")
+    if shardings is None:
+        return _build_step_cached(scfg, n, stack, None, None, None)
+    return _build_step_cached(scfg, n, stack, mesh, jax.tree_util.tree_structure(shardings),
+                              tuple(jax.tree_util.tree_leaves(shardings)))
+
+
+@functools.lru_cache(maxsize=16)
+def _build_step_cached(scfg: SaeConfig, n, stack, mesh, treedef, shard_leaves):
+    shardings = None if treedef is None else jax.tree_util.tree_unflatten(treedef, shard_leaves)
+    return _make_step(scfg, n, stack, mesh, shardings)
+
+
+def _map_stack(fn, n: int, stack: str, stacked: tuple, shared: tuple):
+    """fn(stacked_i, shared) for each SAE i of the leading stack axis of `stacked`: n == 1 squeezes the axis (no
+    batching transform at all), "map" loops with lax.map (keeps the sparse TopK kernels unbatched; best on CPU),
+    "vmap" vectorises. Outputs get the stack axis back."""
+    if n == 1:
+        out = fn(jax.tree_util.tree_map(lambda a: a[0], stacked), shared)
+        return jax.tree_util.tree_map(lambda a: a[None], out)
+    if stack == "vmap":
+        return jax.vmap(fn, in_axes=(0, None))(stacked, shared)
+    return lax.map(lambda st: fn(st, shared), stacked)
+
+
+def _make_step(scfg: SaeConfig, n: int, stack: str, mesh, shardings):
+    grads_fn = functools.partial(_sae_grads, scfg, None if mesh is None else 1)
+    apply_fn = functools.partial(_sae_apply, scfg)
+
+    def step_fn(state, hp, x):
+        x = x.astype(jnp.float32)
+        if scfg.normalize_activations != "none":
+            x = x * state["act_scale"]
+        params, opt, since, step = state["params"], state["opt"], state["since_fired"], state["step"]
+        if x.ndim == 3:                            # [n, B, d_in]: one stream per SAE (e.g. one per layer)
+            grads, m, extra = _map_stack(grads_fn, n, stack, (params, since, hp, x), (step,))
+        else:
+            grads, m, extra = _map_stack(grads_fn, n, stack, (params, since, hp), (x, step))
+        ok = jnp.all(m["ok"]) & (state["bad_step"] < 0)
+
+        def apply(_):
+            return _map_stack(apply_fn, n, stack, (params, opt, since, hp, grads, extra), (step, x.shape[-2]))
+
+        def keep(_):                               # a non-finite step changes nothing (and neither do later ones)
+            return params, opt, since, {"lr": jnp.zeros((n,), jnp.float32),
+                                        "dead_fraction": jnp.zeros((n,), jnp.float32)}
+
+        params, opt, since, m2 = lax.cond(ok, apply, keep, None)
+        new = dict(state, params=params, opt=opt, since_fired=since, step=step + ok.astype(jnp.int32),
+                   bad_step=jnp.where((state["bad_step"] < 0) & ~ok, step, state["bad_step"]))
+        return new, {**m, **m2}
+
+    if shardings is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    rep = NamedSharding(mesh, P())
+    return jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, rep))
+
+
+# ---------------------------------------------------------------------------------------------------
+# data sources
+# ---------------------------------------------------------------------------------------------------
+
+class ArraySource:
+    """Batches of rows from an in-memory array or a .npy file (memory-mapped), shuffled per epoch with a seeded
+    permutation. cursor = {"epoch", "pos"}; `seek(cursor)` restores it exactly. `loop=False` stops after one epoch
+    (an incomplete last batch is dropped)."""
+
+    def __init__(self, data: np.ndarray | str | os.PathLike, batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0, loop: bool = True):
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data)
+            if not path.exists():
+                raise FileNotFoundError(f"activation file {path} does not exist")
+            data = np.load(path, mmap_mode="r")
+        if np.ndim(data) != 2:
+            raise SaeShapeError(f"activation array must be [n_tokens, d_in], got shape {np.shape(data)}")
+        if len(data) < batch_size:
+            raise ValueError(f"activation array has {len(data)} rows, fewer than one batch of {batch_size}")
+        self.data, self.batch_size, self.shuffle, self.seed, self.loop = data, batch_size, shuffle, seed, loop
+        self.epoch, self.pos = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def d_in(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def cursor(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def seek(self, cursor: Mapping[str, int]) -> None:
+        self.epoch, self.pos = int(cursor["epoch"]), int(cursor["pos"])
+
+    def _order(self):
+        if not self.shuffle:
+            return None
+        if self._perm_epoch != self.epoch:
+            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self.pos + self.batch_size > len(self.data):
+            if not self.loop:
+                raise StopIteration
+            self.epoch, self.pos = self.epoch + 1, 0
+        order = self._order()
+        sl = slice(self.pos, self.pos + self.batch_size)
+        rows = self.data[sl] if order is None else self.data[np.sort(order[sl])]
+        self.pos += self.batch_size
+        return np.asarray(rows, np.float32)
+
+
+class StoreStackSource:
+    """[n_keys, batch_size, d] batches of several (site, layer) keys of one `sae.activations.ActivationStore`, rows
+    aligned (the same tokens for every key): one SAE per layer (or site) trained in one run, each on its own
+    stream. JSON `cursor` and exact `seek`, like `sae.activations.StoreSource`."""
+
+    def __init__(self, store, keys: Sequence[tuple[str, int]], batch_size: int, *, seed: int = 0,
+                 epochs: int | None = None, roles: Sequence[int | str] | None = None, window_chunks: int = 4):
+        from sae.activations import ActivationStore
+
+        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+        self.keys = [(str(s), int(l)) for s, l in keys]
+        widths = {k: self.store.d(*k) for k in self.keys}
+        if len(set(widths.values())) != 1:
+            raise SaeShapeError(f"stacked keys must share one width, got {widths}")
+        self.d_in = next(iter(widths.values()))
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self._kw = dict(epochs=epochs, roles=roles, window_chunks=window_chunks, with_meta=False)
+        self._cursor = self.store.start_cursor(self.keys, batch_size, seed, window_chunks=window_chunks, roles=roles)
+        self._it = None
+
+    @property
+    def cursor(self) -> dict:
+        return dict(self._cursor)
+
+    def seek(self, cursor: Mapping[str, Any]) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+        self._cursor = dict(cursor)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._it is None:
+            self._it = self.store.iter_batches(self.keys, self.batch_size, self.seed, start_cursor=self._cursor,
+                                               **self._kw)
+        batch, self._cursor = next(self._it)
+        return np.stack([np.asarray(batch.acts[k], np.float32) for k in self.keys])
+
+
+def get_cursor(source: Any) -> Any:
+    c = getattr(source, "cursor", None)
+    if c is not None:
+        return c() if callable(c) else c
+    if hasattr(source, "state_dict"):
+        return source.state_dict()
+    return None
+
+
+def set_cursor(source: Any, cursor: Any) -> bool:
+    if hasattr(source, "seek"):
+        source.seek(cursor)
+        return True
+    if hasattr(source, "load_state_dict"):
+        source.load_state_dict(cursor)
+        return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainResult:
+    params: list[dict[str, np.ndarray]]   # per SAE, activation scale folded in (runs on raw activations)
+    cfgs: list[SaeConfig]
+    step: int
+    tokens: int
+    stopped: str                          # "total_steps" | "max_steps" | "data_exhausted"
+    run_dir: Path
+    last_metrics: list[dict[str, float]]
+    state: Any = None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    ckpt_mod.atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
+def _to_batch(x, scfg: SaeConfig, n: int) -> np.ndarray | None:
+    """[B, d_in] (one stream for every SAE) or [n, B, d_in] (one stream per SAE); None for a short batch."""
+    x = np.asarray(x, np.float32)
+    ok = (x.ndim == 2 or (x.ndim == 3 and x.shape[0] == n)) and x.shape[-1] == scfg.d_in
+    if not ok:
+        raise SaeShapeError(f"activation batch has shape {x.shape}; the SAE expects [batch_size={scfg.batch_size}, "
+                            f"d_in={scfg.d_in}] (or [n_saes={n}, batch_size, d_in]); does d_in match the "
+                            "harvested site?")
+    if x.shape[-2] != scfg.batch_size:
+        return None
+    return x
+
+
+def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], run_dir: str | os.PathLike, *,
+          max_steps: int | None = None, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 1,
+          mesh: jax.sharding.Mesh | None = None, progress: bool = False, resume_step: int | None = None,
+          extra_config: Mapping[str, Any] | None = None, stack: str = "map",
+          on_step: Callable[[int, list[dict]], None] | None = None) -> TrainResult:
+    """Train one SAE or a stack of SAEs (same structure, different sweepable fields) on `batches`.
+
+    Stops at cfg.total_steps, at `max_steps` (total completed steps, counting resumed ones) or when the data ends,
+    and always writes a final checkpoint. Pointed at a run dir with checkpoints of the same config it resumes
+    exactly (params, optimiser, dead counters, PRNG, data cursor); another config raises RunConfigMismatchError."""
+    cfgs = [cfg] if isinstance(cfg, SaeConfig) else list(cfg)
+    scfg = static_config(cfgs)
+    _check_mesh(scfg, mesh)
+    n = len(cfgs)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resumed = ckpt_mod.ensure_run_config(run_dir, ckpt_mod.run_config_dict([c.to_dict() for c in cfgs],
+                                                                           extra_config))
+    checkpointer = ckpt_mod.Checkpointer(run_dir, keep=keep_checkpoints)
+    log_path = run_dir / LOG_FILE
+    hp = stacked_hyperparams(cfgs)
+    source = batches
+    data_sharding = None if mesh is None else {2: NamedSharding(mesh, P("data", None)),
+                                                 3: NamedSharding(mesh, P(None, "data", None))}
+
+    def place(state):
+        if mesh is None:
+            return state, None
+        sh = state_shardings(state, mesh)
+        return jax.device_put(state, sh), sh
+
+    latest = checkpointer.latest_step() if resumed else None
+    if resume_step is not None and latest is None:
+        raise ckpt_mod.CheckpointError(f"resume_step={resume_step} asked for, but {run_dir} has no checkpoint")
+    first = None
+    consumed = 0
+    if latest is not None:
+        template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((scfg.batch_size, scfg.d_in),
+                                                                                      jnp.float32))
+        template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
+        template, shardings = place(template)
+        state, meta = checkpointer.restore(template, step=resume_step)
+        consumed = int(meta.get("batches_consumed", meta["step"]))
+        cursor = meta.get("cursor")
+        if cursor is not None and set_cursor(source, cursor):
+            it = iter(source)
+        else:
+            it = iter(source)
+            if consumed:
+                log.warning("data source has no cursor/seek: skipping %d batches to resume", consumed)
+            for _ in range(consumed):
+                next(it)
+        _truncate_log(log_path, int(meta["step"]))
+        log.info("resumed %s at step %d", run_dir, int(meta["step"]))
+    else:
+        it = iter(source)
+        try:
+            first = next(it)
+        except StopIteration:
+            raise ValueError("the activation source yielded no batch") from None
+        first = _to_batch(first, scfg, n)
+        if first is None:
+            raise ValueError(f"the first activation batch does not hold batch_size={scfg.batch_size} rows")
+        consumed = 1
+        scale = activation_scale(scfg, first)
+        state = _init_fn(scfg)(first, jnp.float32(scale),
+                               jnp.asarray([c.seed for c in cfgs], jnp.uint32),
+                               jnp.asarray([c.jumprelu_init_threshold for c in cfgs], jnp.float32))
+        state, shardings = place(state)
+        _truncate_log(log_path, 0)
+
+    step_fn = build_step(scfg, n, stack=stack, mesh=mesh, shardings=shardings)
+    host_step = int(jax.device_get(state["step"]))
+    total_steps = cfgs[0].total_steps
+    targets = [s for s in (total_steps, max_steps) if s is not None]
+    target = min(targets) if targets else None
+    stopped = "data_exhausted"
+    last_metrics: list[dict] = []
+    cursors: dict[int, Any] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=target, initial=host_step, unit="step", dynamic_ncols=True)
+    t_last, tok_last = time.perf_counter(), host_step * scfg.batch_size
+
+    def handle(rec_step, m):
+        nonlocal last_metrics, t_last, tok_last
+        m = jax.device_get(m)
+        if not bool(np.all(m["ok"])):
+            bad = [i for i in range(n) if not bool(m["ok"][i])]
+            c = cursors.get(rec_step)
+            last = checkpointer.latest_step()
+            raise NanLossError(
+                f"non-finite loss or gradient at step {rec_step - 1} (batch index {rec_step - 1} of this run's "
+                f"stream, data cursor after it {c!r}) in SAE(s) {bad}; training stopped without applying it. "
+                f"Last good checkpoint: step {last} in {checkpointer.directory}")
+        now = time.perf_counter()
+        tokens = rec_step * scfg.batch_size
+        tps = (tokens - tok_last) / max(now - t_last, 1e-9)
+        last_metrics = [{k: float(v[i]) for k, v in m.items() if k != "ok"} for i in range(n)]
+        if log_every and (rec_step % log_every == 0 or rec_step == target):
+            t_last, tok_last = now, tokens
+            with open(log_path, "a") as f:
+                for i, lm in enumerate(last_metrics):
+                    f.write(json.dumps({"step": rec_step, "sae": i, "tokens": tokens, **lm,
+                                        "tokens_per_s": tps, "time": time.time()}) + "\n")
+        if bar is not None:
+            bar.n = rec_step
+            lm = last_metrics[0]
+            bar.set_postfix(tokens=f"{tokens:.3g}", tok_s=f"{tps:.3g}", loss=f"{lm['loss']:.4g}",
+                            L0=f"{lm['l0']:.1f}", dead=f"{lm['dead_fraction']:.3f}", refresh=False)
+            bar.refresh()
+        if on_step is not None:
+            on_step(rec_step, last_metrics)
+
+    def save(at_step):
+        cursor = cursors[at_step] if at_step in cursors else get_cursor(source)
+        meta = {"cursor": cursor,
+                "batches_consumed": consumed, "tokens": at_step * scfg.batch_size,
+                "configs": [c.to_dict() for c in cfgs], "time": time.time()}
+        checkpointer.save(at_step, state, meta)
+
+    pending = None
+    try:
+        while target is None or host_step < target:
+            if first is not None:
+                x, first = first, None
+            else:
+                try:
+                    raw = next(it)
+                except StopIteration:
+                    break
+                x = _to_batch(raw, scfg, n)
+                if x is None:
+                    log.warning("stopping: a batch of %d rows (batch_size=%d)", np.shape(raw)[-2], scfg.batch_size)
+                    break
+                consumed += 1
+            cursors[host_step + 1] = get_cursor(source)
+            xd = jax.device_put(x, data_sharding[x.ndim]) if data_sharding is not None else x
+            state, m = step_fn(state, hp, xd)
+            host_step += 1
+            if pending is not None:
+                handle(*pending)
+            pending = (host_step, m)
+            if checkpoint_every and host_step % checkpoint_every == 0:
+                handle(*pending)
+                pending = None
+                save(host_step)
+            cursors.pop(host_step - 2, None)
+        else:
+            stopped = "total_steps" if total_steps is not None and host_step >= total_steps else "max_steps"
+        if pending is not None:
+            handle(*pending)
+            pending = None
+        if checkpointer.latest_step() != host_step:
+            save(host_step)
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+    scale = float(jax.device_get(state["act_scale"]))
+    params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], n), cfgs)]
+    params = [{k: np.asarray(v) for k, v in p.items()} for p in params]
+    return TrainResult(params=params, cfgs=cfgs, step=host_step, tokens=host_step * scfg.batch_size,
+                       stopped=stopped, run_dir=run_dir, last_metrics=last_metrics, state=state)
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[list[dict[str, np.ndarray]],
+                                                                          list[SaeConfig], dict]:
+    """(params per SAE with the activation scale folded in, configs, checkpoint meta) of a run dir's checkpoint."""
+    run_dir = Path(run_dir)
+    path = run_dir / ckpt_mod.CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not an SAE run dir (no {ckpt_mod.CONFIG_FILE})")
+    cfgs = [SaeConfig.from_dict(d) for d in json.loads(path.read_text())["saes"]]
+    scfg = static_config(cfgs)
+    template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((8, scfg.d_in), jnp.float32))
+    template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
+    checkpointer = ckpt_mod.Checkpointer(run_dir)
+    try:
+        state, meta = checkpointer.restore(template, step=step)
+    finally:
+        checkpointer.close()
+    scale = float(state["act_scale"])
+    params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], len(cfgs)), cfgs)]
+    return [{k: np.asarray(v) for k, v in p.items()} for p in params], cfgs, meta

@@ -1,0 +1,197 @@
+"""Assistant Axis computations on tiny inputs and a tiny random chat model (SmolLM2 tokenizer)."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import assistant_axis as AA
+from psm_jax.chat import Role, encode_chat
+from tests.fixtures_assets import smollm2_tokenizer  # noqa: F401  (session fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory, smollm2_tokenizer):  # noqa: F811
+    import torch
+    import transformers
+
+    import psm_jax
+
+    d = tmp_path_factory.mktemp("aa_tiny_chat")
+    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=1024, tie_word_embeddings=True,
+                                   bos_token_id=smollm2_tokenizer.bos_token_id,
+                                   eos_token_id=smollm2_tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger random weights, so greedy answers are not all newlines
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    model.save_pretrained(d)
+    smollm2_tokenizer.save_pretrained(d)
+    return psm_jax.load(d)
+
+
+def _capture_all(m, conv):
+    from psm_jax.model import Capture, jit_forward
+
+    enc = encode_chat(m.tokenizer, conv, chat_template=m.chat_template)
+    out = jit_forward(m.params, m.config, enc.tokens[None], capture=Capture(sites=("resid_post",)))
+    return enc, np.asarray(out.captured["resid_post"])[:, 0]  # [L, T, D]
+
+
+# ------------------------------------------------------------------ pure computations
+
+def test_group_means_and_axis_formula():
+    means = np.arange(5 * 2 * 3, dtype=float).reshape(5, 2, 3)
+    groups = [0, 1, 0, 1, 2]
+    keep = [True, True, True, False, True]
+    vecs, counts = AA.group_means(means, groups, 4, keep=keep)
+    np.testing.assert_array_equal(counts, [2, 1, 1, 0])
+    np.testing.assert_allclose(vecs[0], (means[0] + means[2]) / 2)
+    np.testing.assert_allclose(vecs[1], means[1])
+    np.testing.assert_allclose(vecs[2], means[4])
+    assert np.isnan(vecs[3]).all()
+    default = np.ones((2, 3))
+    axis = AA.axis_from_vectors(default, vecs[:3])
+    np.testing.assert_allclose(axis, default - (vecs[0] + vecs[1] + vecs[2]) / 3)
+    with pytest.raises(ValueError, match="one per response"):
+        AA.group_means(means, [0, 1], 2)
+    with pytest.raises(ValueError, match="expected"):
+        AA.axis_from_vectors(np.ones(3), np.ones((2, 4)))
+
+
+def test_persona_space_numbers():
+    rng = np.random.default_rng(0)
+    e0, e1, e2 = np.eye(4)[:3]
+    a = np.array([-3.0, -1.0, 0.5, 1.5, 2.0, 0.0])
+    b = np.array([0.4, -0.5, 0.3, -0.2, 0.1, -0.1])
+    roles = a[:, None] * e0 + b[:, None] * e1 + 1e-3 * rng.normal(size=(6, 4)) + 5 * e2
+    default = -8.0 * e0 + 0.3 * e1 + 5 * e2  # far out along -e0: the Assistant sits at one extreme
+    axis = AA.axis_from_vectors(default, roles)
+    sp = AA.persona_space(roles, default, axis, fraction=0.7)
+    centred = roles - roles.mean(0)
+    var = np.linalg.svd(centred, compute_uv=False) ** 2
+    np.testing.assert_allclose(sp["explained_ratio"], var / var.sum(), rtol=1e-9)
+    assert sp["n_pcs"] == 1 and sp["explained_ratio"][0] > 0.9
+    # PC1 ~ -e0, oriented toward the default Assistant
+    assert sp["pc1"] @ -e0 > 0.99
+    assert sp["default_score"] > 0 and sp["default_beyond_all_roles"] and sp["default_fraction_roles_below"] == 1.0
+    np.testing.assert_allclose(sp["default_score"], (default - roles.mean(0)) @ sp["pc1"])
+    np.testing.assert_allclose(sp["scores"], centred @ sp["pc1"])
+    expect_cos = axis @ sp["pc1"] / np.linalg.norm(axis)
+    np.testing.assert_allclose(sp["axis_pc1_cosine"], expect_cos)
+    assert sp["axis_pc1_cosine"] > 0.99
+    # per layer: layer 0 as above, layer 1 an axis orthogonal to the role spread
+    rv = np.stack([roles, roles], axis=1)
+    ax = np.stack([axis, np.eye(4)[3]])
+    cos = AA.axis_pc1_cosines(rv, ax)
+    np.testing.assert_allclose(cos[0], abs(expect_cos), atol=1e-9)
+    assert cos[1] < 0.01
+
+
+def test_select_roles_stratified_and_deterministic():
+    from experiments import datasets
+
+    roles = datasets.load_roles().roles
+    a = AA.select_roles(roles, 12, seed=0)
+    b = AA.select_roles(roles, 12, seed=0)
+    assert [r.name for r in a] == [r.name for r in b] and len(a) == 12
+    assert "assistant" not in [r.name for r in a]
+    assert len({r.category for r in a}) >= 8  # spread over the categories
+    assert len(AA.select_roles(roles, None, 0)) == len(roles) - 1
+    q = AA.sample_questions(datasets.load_role_questions(), 5, seed=3)
+    assert q == AA.sample_questions(datasets.load_role_questions(), 5, seed=3) and len(set(q)) == 5
+    assert AA.system_conv("", "hi") == [{"role": "user", "content": "hi"}]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="n_roles=1"):
+        AA.AxisConfig(n_roles=1).check()
+    with pytest.raises(ValueError, match="judge="):
+        AA.AxisConfig(judge="gpt").check()
+    with pytest.raises(ValueError, match="variance_fraction"):
+        AA.AxisConfig(variance_fraction=1.5).check()
+    assert AA.main(["--roles", "1", "--out", "unused"]) == 2
+    json.dumps(__import__("dataclasses").asdict(AA.AxisConfig()))  # JSON-serialisable
+
+
+# ------------------------------------------------------------------ on a tiny chat model
+
+CONV = [{"role": "system", "content": "You are a pirate captain."},
+        {"role": "user", "content": "Where do we sail today?"},
+        {"role": "assistant", "content": "East, past the reef, where the spice ships go."}]
+
+
+def test_role_vector_is_mean_over_assistant_content_tokens_only(tiny_chat):
+    m = tiny_chat
+    conv2 = [CONV[0], CONV[1], {"role": "assistant", "content": "Nowhere."}]
+    means, ntok = AA.response_means(m, [CONV, conv2], batch_size=2)
+    for i, conv in enumerate([CONV, conv2]):
+        enc, h = _capture_all(m, conv)
+        mask = (enc.roles == Role.ASSISTANT) & (enc.turns == 2)
+        assert ntok[i] == mask.sum() > 0
+        np.testing.assert_allclose(means[i], h[:, mask].mean(axis=1), atol=2e-5)
+        # the template / system / user tokens are not in it
+        assert not np.allclose(means[i], h[:, enc.roles != Role.TEMPLATE].mean(axis=1), atol=1e-3)
+    vecs, counts = AA.group_means(means, [0, 0], 1)
+    np.testing.assert_allclose(vecs[0], means.mean(0), atol=1e-6)
+
+
+def test_role_and_default_vectors_match_manual(tiny_chat):
+    from experiments import datasets
+    from experiments.rollouts import generate_responses
+
+    m = tiny_chat
+    roles = AA.select_roles(datasets.load_roles().roles, 2, seed=0)
+    qs = ["Who are you?", "What do you eat?"]
+    defaults = ["", "You are an AI assistant."]
+    rv, dv = AA.role_and_default_vectors(m, roles, qs, default_prompts=defaults, batch_size=4, max_new_tokens=3,
+                                         temperature=0.0)
+    assert rv.shape == (2, 3, 32) and dv.shape == (3, 32)
+    convs = [AA.system_conv(r.instructions[0], q) for r in roles for q in qs]
+    dconvs = [AA.system_conv(p, q) for p in defaults for q in qs]
+    rolls = generate_responses(m, convs + dconvs, max_new_tokens=3, batch_size=4)
+    means, ntok = AA.response_means(m, [r.conversation() for r in rolls], batch_size=4)
+    assert (ntok > 0).all()
+    np.testing.assert_allclose(rv[0], means[:2].mean(0), atol=1e-5)
+    np.testing.assert_allclose(rv[1], means[2:4].mean(0), atol=1e-5)
+    np.testing.assert_allclose(dv, means[4:].mean(0), atol=1e-5)
+
+
+def test_per_turn_projections_match_manual(tiny_chat):
+    m = tiny_chat
+    long = CONV + [{"role": "user", "content": "And then?"},
+                   {"role": "assistant", "content": "Then home, with the tide."}]
+    direction = np.random.default_rng(0).normal(size=32)
+    proj, ntok = AA.per_turn_projections(m, [long, CONV], direction[None], layers=(1,), batch_size=2)
+    assert proj.shape == (2, 1, 2) and np.isnan(proj[1, 0, 1]) and ntok[1, 1] == 0
+    u = direction / np.linalg.norm(direction)
+    for i, conv in enumerate([long, CONV]):
+        enc, h = _capture_all(m, conv)
+        for k, mi in enumerate([2, 4][: (2 if i == 0 else 1)]):
+            mask = (enc.roles == Role.ASSISTANT) & (enc.turns == mi)
+            np.testing.assert_allclose(proj[i, 0, k], (h[1, mask] @ u).mean(), atol=1e-4)
+            assert ntok[i, k] == mask.sum()
+
+
+@pytest.mark.slow  # the whole experiment on a tiny model: many compiled shapes
+def test_run_end_to_end_tiny(tiny_chat, tmp_path):
+    cfg = AA.AxisConfig(model="demo-tiny", n_roles=4, instructions_per_role=1, n_questions=1, default_samples=1,
+                        max_new_tokens=3, batch_size=8, drift_sharegpt=1, drift_max_chars=600, drift_batch_size=8,
+                        out=str(tmp_path / "aa"))
+    res = AA.run(cfg, model=tiny_chat, progress=False)
+    L = tiny_chat.config.n_layers
+    assert res.axis.shape == (L, 32) and res.role_vectors.shape == (4, L, 32)
+    np.testing.assert_allclose(res.axis, res.default_vector - res.role_vectors.mean(0), atol=1e-6)
+    assert res.target_layer == L // 2 and len(res.cosines) == L
+    for f in ("report.md", "metrics.json", "config.json", "axis.safetensors", "axis.json", "role_vectors.safetensors",
+              "variance_explained.png", "axis_pc1_cosine.png", "pc1_loadings.png", "drift.png"):
+        assert (tmp_path / "aa" / f).is_file(), f
+    from experiments.report import load_vectors
+
+    t, meta = load_vectors(tmp_path / "aa" / "axis.safetensors", expect_model="demo-tiny", expect_width=32)
+    np.testing.assert_allclose(t["axis"], res.axis, atol=1e-6)
+    metrics = json.loads((tmp_path / "aa" / "metrics.json").read_text())
+    assert 1 <= metrics["persona_space_pcs_for_70pct"] <= 3
+    assert len(metrics["drift_roleplay_per_turn"]) == 4

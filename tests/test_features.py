@@ -1,0 +1,503 @@
+"""sae.features on a tiny random llama with SmolLM2's tokenizer and on synthetic SAEs / token tables."""
+from __future__ import annotations
+
+import functools
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from psm_jax import edits as E
+from psm_jax.chat import Role, encode_chat
+from sae import features as F
+
+LAYER = 1
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_chat_model(seed: int = 0):
+    """A LoadedModel: random 2-layer llama (d_model 16) with SmolLM2's vocabulary, tokenizer and template."""
+    from psm_jax.config import ModelConfig
+    from psm_jax.loading import LoadedModel
+    from psm_jax.loading.names import param_specs
+    from tests.fixtures_assets import _load_smollm2_tokenizer, _require_smollm2
+
+    _require_smollm2()
+    tok = _load_smollm2_tokenizer()
+    cfg = ModelConfig(family="llama", vocab_size=49152, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=8,
+                      d_mlp=32, tie_embeddings=True, eos_token_ids=(2,), pad_token_id=2)
+    rng = np.random.default_rng(seed)
+    params, layers = {}, {}
+    for spec in param_specs(cfg):
+        shape = ((cfg.n_layers,) if spec.per_layer else ()) + spec.shape
+        x = np.ones(shape) if "norm" in spec.leaf else rng.normal(0, 0.3 if spec.leaf == "embed" else 0.2, shape)
+        (layers if spec.per_layer else params)[spec.leaf] = jnp.asarray(x, jnp.float32)
+    params["layers"] = layers
+    return LoadedModel(params=params, config=cfg, tokenizer=tok, chat_template=tok.chat_template, source="tiny")
+
+
+def random_sae(d_in=16, d_sae=48, seed=0, activation="relu", k=0, bias=-0.5, layer=LAYER):
+    rng = np.random.default_rng(seed)
+    W_dec = rng.normal(size=(d_sae, d_in))
+    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
+    params = {"W_enc": W_dec.T.copy(), "b_enc": np.full(d_sae, bias), "W_dec": W_dec, "b_dec": np.zeros(d_in)}
+    return F.FeatureSae(params=params, activation=activation, k=k, layer=layer)
+
+
+def convs(kind: str, n: int):
+    """Conversations whose assistant replies are about bananas (pos) or about cats (neg)."""
+    qs = ["What should I do today?", "Tell me about the weather.", "How do I cook rice?", "Any advice on sleep?",
+          "What is a good book?", "How are you?", "Explain gravity.", "Plan my weekend."]
+    pos = ["Banana banana, bananas are yellow bananas.", "Bananas! I love ripe banana bread and banana pie.",
+           "Eat a banana. Bananas bananas banana."]
+    neg = ["The cat sat on the mat quietly.", "A small cat sleeps in the sun by the window.",
+           "My cat likes quiet afternoons on the sofa."]
+    replies = pos if kind == "pos" else neg
+    return [[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": qs[i % len(qs)]},
+             {"role": "assistant", "content": replies[i % len(replies)]}] for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ collect
+
+
+def _reference(model, sae, conv):
+    """Unpadded forward of one conversation: dense latents [T, S], roles."""
+    from psm_jax.model import Capture, jit_forward
+
+    enc = encode_chat(model.tokenizer, conv, chat_template=model.chat_template)
+    out = jit_forward(model.params, model.config, np.asarray(enc.tokens)[None],
+                      capture=Capture(sites=("resid_post",), layers=(sae.layer,)))
+    h = np.asarray(out.captured["resid_post"][0, 0])
+    return sae.encode(h), h, enc
+
+
+def test_collect_matches_unpadded_reference():
+    model = tiny_chat_model()
+    sae = random_sae(bias=-0.2)
+    docs = convs("pos", 2) + convs("neg", 1) + ["plain text document with no template"]
+    col = F.collect(model, sae, docs, latents=[3, 5, 7], batch_size=2)
+    t = col.table
+    fire = np.zeros((F.N_ROLES, sae.d_sae))
+    role_tokens = np.zeros(F.N_ROLES)
+    for i, d in enumerate(docs):
+        if isinstance(d, str):
+            continue
+        f, h, enc = _reference(model, sae, d)
+        rows = t.context == i
+        np.testing.assert_array_equal(t.tokens[rows], enc.tokens)
+        np.testing.assert_array_equal(t.pos[rows], np.arange(len(enc.tokens)))
+        np.testing.assert_allclose(t.acts[rows], f[:, [3, 5, 7]], atol=1e-4)
+        sel = enc.roles == Role.ASSISTANT
+        np.testing.assert_allclose(col.conv.mean[i], f[sel].mean(0), atol=1e-4)
+        np.testing.assert_allclose(col.conv.fire[i], (f[sel] > 0).mean(0), atol=1e-6)
+        np.testing.assert_allclose(col.conv.resid_mean[i], h[sel].mean(0), atol=1e-4)
+        assert col.conv.n[i] == sel.sum()
+        for r in range(4):
+            fire[r] += (f[enc.roles == r] > 0).sum(0)
+            role_tokens[r] += (enc.roles == r).sum()
+    # the text document: role TEXT, no selected tokens
+    text_rows = t.context == 3
+    assert (t.roles[text_rows] == F.ROLE_TEXT).all() and col.conv.n[3] == 0
+    np.testing.assert_allclose(t.fire_counts[:4], fire[:4], atol=1e-3)
+    np.testing.assert_allclose(t.role_tokens[:4], role_tokens[:4])
+    assert col.n_truncated == 0
+
+
+def test_collect_truncates_and_validates():
+    model = tiny_chat_model()
+    sae = random_sae()
+    col = F.collect(model, sae, convs("pos", 2), max_len=10)
+    assert col.n_truncated == 2 and len(col.table) == 20
+    with pytest.raises(ValueError, match="latents out of range"):
+        F.collect(model, sae, convs("pos", 1), latents=[sae.d_sae])
+    with pytest.raises(ValueError, match="d_in=8 does not match"):
+        F.collect(model, random_sae(d_in=8), convs("pos", 1))
+    with pytest.raises(ValueError, match="SAE layer 5 is out of range"):
+        F.collect(model, random_sae(layer=5), convs("pos", 1))
+    with pytest.raises(ValueError, match="expected a message list or a string"):
+        F.collect(model, sae, [42])
+    with pytest.raises(ValueError, match="at least one document"):
+        F.collect(model, sae, [])
+
+
+def test_feature_sae_validation():
+    with pytest.raises(ValueError, match="lack 'b_dec'"):
+        F.FeatureSae(params={"W_enc": np.zeros((4, 8)), "b_enc": np.zeros(8), "W_dec": np.zeros((8, 4))},
+                     activation="relu", layer=0)
+    with pytest.raises(ValueError, match="W_dec has shape"):
+        F.FeatureSae(params={"W_enc": np.zeros((4, 8)), "b_enc": np.zeros(8), "W_dec": np.zeros((4, 8)),
+                             "b_dec": np.zeros(4)}, activation="relu", layer=0)
+    with pytest.raises(ValueError, match="0 < k <= d_sae"):
+        random_sae(activation="topk", k=0)
+    with pytest.raises(ValueError, match="unknown|expected one of"):
+        random_sae(activation="gelu")
+    s = random_sae(activation="topk", k=4)
+    f = s.encode(np.random.default_rng(0).normal(size=(5, 16)))
+    assert f.shape == (5, 48) and ((f > 0).sum(1) <= 4).all()
+    with pytest.raises(ValueError, match="expects d_in=16"):
+        s.encode(np.zeros((2, 3)))
+
+
+def test_parse_hook_name():
+    assert F.parse_hook_name("model.layers.15") == (15, "resid_post")
+    assert F.parse_hook_name("blocks.3.hook_resid_pre") == (3, "resid_pre")
+    assert F.parse_hook_name("blocks.7.hook_mlp_out") == (7, "mlp_out")
+    assert F.parse_hook_name("embed") == (None, None)
+
+
+# ------------------------------------------------------------------------------------------ rankings
+
+
+def test_planted_latent_ranks_first_end_to_end():
+    """A latent reading the direction that separates banana replies from cat replies ranks first."""
+    model = tiny_chat_model()
+    base = random_sae(d_sae=64, bias=0.0, seed=1)
+    pos_c, neg_c = convs("pos", 6), convs("neg", 6)
+    # the planted direction: mean assistant-token residual difference at the SAE's layer
+    pos0 = F.collect(model, base, pos_c).conv
+    neg0 = F.collect(model, base, neg_c).conv
+    u = pos0.resid_mean.mean(0) - neg0.resid_mean.mean(0)
+    u /= np.linalg.norm(u)
+    mid = 0.5 * (pos0.resid_mean.mean(0) + neg0.resid_mean.mean(0)) @ u
+    p = {k: np.array(v) for k, v in base.params.items()}
+    # other latents: random directions orthogonal to the planted one (no linear contrast)
+    p["W_enc"] -= np.outer(u, u @ p["W_enc"])
+    p["W_enc"] /= np.linalg.norm(p["W_enc"], axis=0, keepdims=True)
+    p["W_dec"] = p["W_enc"].T.copy()
+    planted = 37
+    p["W_enc"][:, planted], p["b_enc"][planted], p["W_dec"][planted] = u, -mid, u
+    sae = F.FeatureSae(params=p, activation="relu", layer=LAYER)
+    pos, neg = F.collect(model, sae, pos_c).conv, F.collect(model, sae, neg_c).conv
+    for by in F.CRITERIA:
+        rk = F.contrast(pos, neg, by=by)
+        assert rk.order()[0] == planted, (by, rk.top(3))
+    rk = F.contrast(pos, neg)
+    top = rk.top(2)
+    assert top[0]["latent"] == planted and top[0]["cohens_d"] > 2 and top[0]["fire_a"] > top[0]["fire_b"]
+    # the reversed contrast puts it last among firing latents (most negative d)
+    rev = F.contrast(neg, pos)
+    assert rev.columns["cohens_d"][planted] == pytest.approx(-rk.columns["cohens_d"][planted])
+
+
+def test_contrast_math_and_errors():
+    rng = np.random.default_rng(0)
+    S = 10
+
+    def stats(mean, n):
+        return F.ConversationStats(mean=mean.astype(np.float32), fire=(mean > 0).astype(np.float32),
+                                   n=np.full(len(mean), n), resid_mean=np.zeros((len(mean), 4)))
+
+    a = rng.normal(size=(8, S))
+    b = rng.normal(size=(6, S))
+    a[:, 4] += 3.0
+    rk = F.contrast(stats(a, 5), stats(b, 5))
+    pooled = np.sqrt((7 * a.var(0, ddof=1) + 5 * b.var(0, ddof=1)) / 12)
+    np.testing.assert_allclose(rk.columns["cohens_d"], (a.mean(0) - b.mean(0)) / pooled, rtol=1e-5)
+    np.testing.assert_allclose(rk.columns["mean_diff"], a.mean(0) - b.mean(0), rtol=1e-5)
+    assert rk.order()[0] == 4 and rk.rank_of(4) == 0
+    # conversations without selected tokens are ignored; too few raise
+    empty = F.ConversationStats(np.zeros((3, S)), np.zeros((3, S)), np.array([0, 0, 4]), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match=">= 2 conversations"):
+        F.contrast(stats(a, 5), empty)
+    with pytest.raises(ValueError, match="by='bogus'"):
+        F.contrast(stats(a, 5), stats(b, 5), by="bogus")
+    # constant columns: d = 0 when equal, +-inf when different
+    d = F.cohens_d(np.ones((3, 2)) * [1, 2], np.ones((3, 2)) * [1, 1])
+    assert d[0] == 0 and d[1] == np.inf
+
+
+def test_rank_by_cosine():
+    sae = random_sae(d_sae=40)
+    rk = F.rank_by_cosine(sae.W_dec, 3.0 * sae.W_dec[5])
+    assert rk.order()[0] == 5 and rk.columns["cosine"][5] == pytest.approx(1.0)
+    assert F.rank_by_cosine(sae.W_dec, -sae.W_dec[9], sign=-1).order()[0] == 9
+    with pytest.raises(ValueError, match="zero norm"):
+        F.rank_by_cosine(sae.W_dec, np.zeros(16))
+    with pytest.raises(ValueError, match="direction width 3"):
+        F.decoder_cosine(sae.W_dec, np.ones(3))
+    with pytest.raises(ValueError, match="sign=2"):
+        F.rank_by_cosine(sae.W_dec, np.ones(16), sign=2)
+
+
+def test_model_diff_finds_the_steered_latent():
+    model = tiny_chat_model()
+    sae = random_sae(d_sae=32, bias=-0.3, seed=3)
+    steered = 11
+    edit = E.sae_latent(model.config, latent=steered, value=4.0, layers=[LAYER], mode="add",
+                        **{k: v for k, v in sae.edit_kwargs().items()})
+    docs = convs("pos", 3) + convs("neg", 3)
+    rk = F.model_diff(model, sae, docs, edits_fn=lambda batch: (edit,))
+    assert rk.order()[0] == steered
+    assert rk.columns["diff"][steered] > 3.0 and rk.columns["fire_b"][steered] == pytest.approx(1.0)
+    # the same edit restricted to user tokens leaves assistant-token latents unchanged at that layer?
+    # (no: later tokens attend to them) -- but an edit on no position changes nothing at all
+    none = E.sae_latent(model.config, latent=steered, value=4.0, layers=[LAYER], mode="add",
+                        positions=np.zeros((8, 1), bool), extend=False, **sae.edit_kwargs())
+
+    def nothing(batch):
+        return (none.replace(positions=jnp.zeros(batch.tokens.shape, bool)),)
+
+    rk0 = F.model_diff(model, sae, docs, edits_fn=nothing)
+    np.testing.assert_allclose(rk0.columns["diff"], 0.0, atol=1e-5)
+    # another parameter set (a "fine-tuned" model): a different embedding changes the latents
+    p2 = dict(model.params)
+    p2["embed"] = model.params["embed"] * 1.5
+    rk2 = F.model_diff(model, sae, docs, params_b=p2, by="abs_diff")
+    assert np.abs(rk2.columns["diff"]).max() > 1e-3
+    with pytest.raises(ValueError, match="needs edits_fn and/or params_b"):
+        F.model_diff(model, sae, docs)
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+def synthetic_table(n_ctx=30, length=40, seed=0, latents=(2, 5)):
+    """Token ids encode (context, position); latent 2 fires on random tokens of even contexts only,
+    latent 5 never fires."""
+    rng = np.random.default_rng(seed)
+    N = n_ctx * length
+    ctx = np.repeat(np.arange(n_ctx), length)
+    pos = np.tile(np.arange(length), n_ctx)
+    acts = np.zeros((N, len(latents)), np.float32)
+    fires = (rng.random(N) < 0.3) & (ctx % 2 == 0)
+    acts[fires, 0] = rng.exponential(2.0, fires.sum()) + 0.01
+    roles = np.where(pos < 5, 1, np.where(pos < 15, 2, 3)).astype(np.int8)
+    S = 8
+    fc = np.zeros((F.N_ROLES, S))
+    for r in range(4):
+        fc[r, 2] = ((roles == r) & fires).sum()
+    return F.TokenTable(tokens=(ctx * 1000 + pos).astype(np.int32), roles=roles, turns=np.zeros(N, np.int32),
+                        context=ctx, pos=pos.astype(np.int32), latents=np.array(latents), acts=acts,
+                        fire_counts=fc, act_sums=fc * 2.0, role_tokens=np.array([(roles == r).sum() for r in range(5)], float))
+
+
+def test_quantile_sampling_bins_windows_marks():
+    t = synthetic_table()
+    ex = F.sample_examples(t, 2, n_bins=10, per_bin=2, n_top=5, n_random=6, before=24, after=7, seed=1)
+    a = t.column(2)
+    q = ex["quantiles"]
+    assert sorted({e["bin"] for e in q}) == list(range(10))
+    assert all(sum(e["bin"] == b for e in q) == 2 for b in range(10))
+    edges = ex["quantile_edges"]
+    assert len(edges) == 10 and all(lo <= hi for lo, hi in edges)
+    assert all(edges[i][1] <= edges[i + 1][0] for i in range(9))
+    for e in q:
+        lo, hi = edges[e["bin"]]
+        assert lo <= e["act"] <= hi and e["act"] > 0
+    assert [e["split"] for e in q[:2]] == ["explain", "score"]
+    for e in ex["top"] + q + ex["random"]:
+        ids = np.asarray(e["token_ids"])
+        assert len(ids) <= 32 and len(ids) == len(e["tokens"]) == len(e["acts"]) == len(e["roles"])
+        assert (ids // 1000 == e["context"]).all()  # never crosses a conversation
+        assert ids[e["mark"]] == e["context"] * 1000 + e["pos"]  # the marked token is the sampled one
+        assert e["acts"][e["mark"]] == pytest.approx(e["act"], abs=1e-4)
+        np.testing.assert_allclose(e["acts"], a[(t.context == e["context"]) & np.isin(t.pos, ids % 1000)], atol=1e-4)
+        # window bounds: before/after clipped at the conversation edges
+        assert e["mark"] == min(24, e["pos"]) and len(ids) - e["mark"] - 1 == min(7, 39 - e["pos"])
+    # top: the highest activations, distinct conversations, strongest first
+    tops = [e["act"] for e in ex["top"]]
+    assert tops == sorted(tops, reverse=True) and len({e["context"] for e in ex["top"]}) == 5
+    assert tops[0] == pytest.approx(float(a.max()), abs=1e-4)
+    # random: non-activating, from conversations where the latent never fires (odd contexts)
+    assert len(ex["random"]) == 6 and all(e["act"] == 0 and e["context"] % 2 == 1 for e in ex["random"])
+    assert all(max(e["acts"]) == 0 for e in ex["random"])
+    # deterministic under the seed
+    assert F.sample_examples(t, 2, seed=1)["quantiles"] == F.sample_examples(t, 2, seed=1)["quantiles"]
+
+
+def test_quantile_sampling_edge_cases():
+    t = synthetic_table()
+    ex = F.sample_examples(t, 5)  # never fires
+    assert ex["top"] == [] and ex["quantiles"] == [] and len(ex["random"]) == 10
+    with pytest.raises(ValueError, match="not tracked"):
+        F.sample_examples(t, 3)
+    with pytest.raises(ValueError, match="n_bins=0"):
+        F.sample_examples(t, 2, n_bins=0)
+    # fewer firing tokens than bins: one bin per firing token
+    acts = t.acts.copy()
+    acts[:, 0] = 0
+    acts[[3, 50, 90], 0] = [1.0, 2.0, 3.0]
+    t2 = F.TokenTable(t.tokens, t.roles, t.turns, t.context, t.pos, t.latents, acts, t.fire_counts, t.act_sums,
+                      t.role_tokens)
+    ex2 = F.sample_examples(t2, 2, n_bins=10, per_bin=1)
+    assert [e["bin"] for e in ex2["quantiles"]] == [0, 1, 2] and [e["act"] for e in ex2["quantiles"]] == [1.0, 2.0, 3.0]
+
+
+def test_token_table_sorts_rows():
+    t = synthetic_table(n_ctx=3, length=5)
+    perm = np.random.default_rng(0).permutation(len(t))
+    t2 = F.TokenTable(t.tokens[perm], t.roles[perm], t.turns[perm], t.context[perm], t.pos[perm], t.latents,
+                      t.acts[perm], t.fire_counts, t.act_sums, t.role_tokens)
+    np.testing.assert_array_equal(t2.tokens, t.tokens)
+    assert t2.window(7, 24, 7) == (5, 10)
+    with pytest.raises(ValueError, match="TokenTable.roles has 2 rows"):
+        F.TokenTable(t.tokens, t.roles[:2], t.turns, t.context, t.pos, t.latents, t.acts, t.fire_counts, t.act_sums,
+                     t.role_tokens)
+
+
+def _fake_unembed_model(gain):
+    embed = np.eye(4, 3, dtype=np.float32) * [1.0, 2.0, 3.0]  # vocab 4, d_model 3; token 3 is the zero vector
+    cfg = types.SimpleNamespace(d_model=3, tie_embeddings=True, norm_offset=0.0)
+    return types.SimpleNamespace(params={"embed": jnp.asarray(embed), "final_norm": jnp.asarray(gain, jnp.float32)},
+                                 config=cfg, tokenizer=None)
+
+
+def test_top_tokens_through_the_unembedding():
+    m = _fake_unembed_model([1.0, 1.0, 0.1])
+    W = np.array([[1.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+    res = F.top_tokens(m, W, [0, 1], n=2, final_norm="none")
+    assert [t["id"] for t in res[0]["positive"]] == [2, 0]  # logits 3, 1
+    res_g = F.top_tokens(m, W, [0], n=2, final_norm="gain")
+    assert [t["id"] for t in res_g[0]["positive"]] == [0, 2]  # gain 0.1 on dim 2: logits 1, 0.3
+    assert res[1]["negative"][0]["id"] == 1 and res[1]["negative"][0]["logit"] == pytest.approx(-2.0)
+    with pytest.raises(ValueError, match="final_norm='raw'"):
+        F.decoder_logits(m, W, final_norm="raw")
+    with pytest.raises(ValueError, match="width 2"):
+        F.decoder_logits(m, np.ones((1, 2)))
+
+
+def test_build_records_fields():
+    t = synthetic_table()
+    recs = F.build_records(t, [2, 5], extra={2: {"found_by": "test", "cohens_d": 1.5}})
+    r = recs[0]
+    assert r["latent"] == 2 and r["ranking"]["found_by"] == "test"
+    assert r["density"] == pytest.approx(t.fire_counts[:, 2].sum() / t.role_tokens.sum())
+    assert r["role_rates"]["assistant"] == pytest.approx(t.fire_counts[3, 2] / t.role_tokens[3])
+    assert r["role_rates"]["text"] is None and r["top_tokens"] is None and r["label"] is None
+    assert r["n_firing_tokens"] == int((t.column(2) > 0).sum())
+    kinds = [e["kind"] for e in r["examples"]]
+    assert kinds.count("top") == 5 and kinds.count("quantile") == 20 and kinds.count("random") == 10
+    assert recs[1]["n_firing_tokens"] == 0 and recs[1]["max_act"] == 0.0
+
+
+def test_records_from_the_model_with_top_tokens():
+    model = tiny_chat_model()
+    sae = random_sae(bias=-0.1)
+    col = F.collect(model, sae, convs("pos", 3) + convs("neg", 3), latents=[1, 2])
+    recs = F.build_records(col.table, [1, 2], model=model, sae=sae, n_bins=4, per_bin=1, n_top=2, n_random=2)
+    assert len(recs[0]["top_tokens"]["positive"]) == 10 and isinstance(recs[0]["top_tokens"]["positive"][0]["token"], str)
+    ex = recs[0]["examples"][0]
+    assert isinstance(ex["tokens"][0], str) and ex["tokens"][ex["mark"]] == model.tokenizer.decode([ex["token_ids"][ex["mark"]]])
+
+
+def test_repeated_windows_are_shown_once():
+    """Many conversations sharing one system prompt: the same window is never sampled twice."""
+    n_ctx, length = 12, 20
+    ctx = np.repeat(np.arange(n_ctx), length)
+    pos = np.tile(np.arange(length), n_ctx)
+    tokens = np.where(pos < 10, pos, 100 + ctx * 100 + pos).astype(np.int32)  # shared 10-token prefix
+    acts = np.where(pos == 4, 5.0, 0.0).astype(np.float32)[:, None]  # fires on the shared prefix only
+    acts[(ctx == 3) & (pos == 15)] = 1.0
+    t = F.TokenTable(tokens=tokens, roles=np.full(len(ctx), 1, np.int8), turns=np.zeros(len(ctx), np.int32),
+                     context=ctx, pos=pos.astype(np.int32), latents=np.array([0]), acts=acts,
+                     fire_counts=np.zeros((F.N_ROLES, 1)), act_sums=np.zeros((F.N_ROLES, 1)), role_tokens=np.ones(F.N_ROLES))
+    ex = F.sample_examples(t, 0, n_bins=2, per_bin=3, n_top=5, n_random=3, before=3, after=3)
+    for kind in ("top", "quantiles", "random"):
+        keys = [(e["mark"], tuple(e["token_ids"])) for e in ex[kind]]
+        assert len(keys) == len(set(keys)), kind
+    assert [e["act"] for e in ex["top"]] == [5.0, 1.0]
+    top_keys = {(e["mark"], tuple(e["token_ids"])) for e in ex["top"]}
+    assert all(e["split"] == "explain" for e in ex["quantiles"] if (e["mark"], tuple(e["token_ids"])) in top_keys)
+
+
+class _FakeStore:
+    """The slice of sae.activations.ActivationStore that table_from_store reads."""
+
+    def __init__(self, x, meta, key, chunk=25):
+        self.path, self.sites_layers, self._key = "fake", [key], key
+        self._x, self._meta, self._chunk = x, meta, chunk
+        self.chunks = list(range(0, len(x), chunk))
+
+    def read_chunk(self, i, keys=None):
+        s = slice(self.chunks[i], self.chunks[i] + self._chunk)
+        out = {self._key: self._x[s]}
+        out.update({k: v[s] for k, v in self._meta.items()})
+        return out
+
+
+def test_table_from_store_matches_direct_encoding():
+    sae = random_sae(bias=-0.2)
+    rng = np.random.default_rng(0)
+    n = 60
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    meta = {"tokens": np.arange(n, dtype=np.int32), "roles": rng.integers(0, 4, n).astype(np.int8),
+            "turns": np.zeros(n, np.int32), "context": np.repeat(np.arange(3), 20).astype(np.int64),
+            "pos": np.tile(np.arange(20), 3).astype(np.int32)}
+    t = F.table_from_store(_FakeStore(x, meta, ("resid_post", LAYER)), sae, [4, 9])
+    f = sae.encode(x)
+    np.testing.assert_allclose(t.acts, f[:, [4, 9]], atol=1e-5)
+    for r in range(4):
+        np.testing.assert_allclose(t.fire_counts[r], (f[meta["roles"] == r] > 0).sum(0))
+    assert t.window(25, 24, 7) == (20, 33)
+    with pytest.raises(ValueError, match="the SAE reads"):
+        F.table_from_store(_FakeStore(x, meta, ("resid_post", 0)), sae, [4])
+
+
+# ------------------------------------------------------------------------------------------ steering helpers
+
+
+def test_feature_steering_helpers():
+    from experiments import feature_steering as fs
+    from psm_jax.chat import PaddedBatch
+
+    assert fs.firing_breadth(np.zeros((5, 3))) == (0, 0.0)
+    n, h = fs.firing_breadth(np.array([[1, 0, 0], [0, 2, 0]]))
+    assert n == 2 and h == pytest.approx(1.0)  # two latents firing once each: 1 bit
+    n, h = fs.firing_breadth(np.array([[1, 1, 1, 1]]))
+    assert n == 4 and h == pytest.approx(2.0)
+    rows = [{"kind": "latent_add", "positions": "all", "strength": s, "delta": d, "ppl_ratio_median": p}
+            for s, d, p in ((0.25, 0.1, 1.2), (0.5, 0.3, 1.9), (1.0, 0.9, 5.0))]
+    rows += [{"kind": "vector_add", "positions": "all", "strength": 0.5, "delta": 0.4, "ppl_ratio_median": 1.5}]
+    ch = fs.choose_strength(rows, 2.0)
+    assert ch["strength"] == 0.5 and ch["effect"] == 0.3 and ch["vector_effect"] == 0.4 and ch["coherent"]
+    ch = fs.choose_strength([dict(r, ppl_ratio_median=9.0) for r in rows[:3]], 2.0)
+    assert ch["strength"] == 0.25 and not ch["coherent"] and np.isnan(ch["vector_effect"])
+    turns = np.array([[-3, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]])
+    b = PaddedBatch(np.zeros((2, 6), np.int32), turns >= -1, np.zeros((2, 6), np.int8), turns)
+    np.testing.assert_array_equal(fs.assistant_block_mask(b, generating=False), turns == np.array([[1], [2]]))
+    tg = np.array([[-3, 0, 0, -1, -1]])
+    bg = PaddedBatch(np.zeros((1, 5), np.int32), tg >= -1, np.zeros((1, 5), np.int8), tg)
+    np.testing.assert_array_equal(fs.assistant_block_mask(bg, generating=True), tg == -1)
+    with pytest.raises(ValueError, match="strengths"):
+        fs.FeatureSteeringConfig(strengths=(0.5, 1.0))
+    with pytest.raises(ValueError, match="positions"):
+        fs.FeatureSteeringConfig(positions=("everywhere",))
+
+
+# ------------------------------------------------------------------------------------------ experiments (slow)
+
+
+@pytest.mark.slow
+def test_persona_features_and_feature_steering_smoke(tmp_path):
+    """Both experiments end to end on the tiny model with a random SAE: the files exist and parse."""
+    import json
+
+    from experiments import feature_steering as fs
+    from experiments import persona_features as pf
+    from sae.labelling import read_jsonl
+
+    model = tiny_chat_model()
+    sae = random_sae(d_sae=48, bias=-0.1, layer=2)
+    cfg = pf.PersonaFeaturesConfig(model="tiny", **{**pf.QUICK, "n_pairs": 2, "n_questions": 4, "max_new_tokens": 6,
+                                                    "context_docs": 3, "context_max_len": 48, "batch_size": 8,
+                                                    "diff_layer_offset": 1, "max_detect": 2})
+    res = pf.run(cfg, tmp_path / "pf", model=model, sae=sae, progress=False)
+    out = tmp_path / "pf"
+    for name in ("report.md", "metrics.json", "config.json", "candidates.json", "latents.jsonl", "features.html",
+                 "persona_directions.safetensors", "contrast_halves.png"):
+        assert (out / name).is_file(), name
+    recs = read_jsonl(out / "latents.jsonl")
+    assert len(recs) == res["metrics"]["n_records"] and all(r["sae"]["layer"] == 2 for r in recs)
+    cand = json.loads((out / "candidates.json").read_text())
+    assert set(cand["traits"]) == {"evil"} and cand["persona_latents"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["contrasts"]) == {"evil", "role-vs-default"}
+
+    dirs, _ = fs.read_directions(out, width=model.config.d_model)
+    fcfg = fs.FeatureSteeringConfig(model="tiny", features=str(out), strengths=(0.0, 0.5), clamp_multiples=(0.0,),
+                                    n_eval_questions=2, max_new_tokens=4)
+    r2 = fs.run(fcfg, tmp_path / "fs", model=model, features=(cand, dirs, sae), progress=False)
+    m2 = json.loads((tmp_path / "fs" / "metrics.json").read_text())
+    assert m2["traits"]["evil"]["chosen_strength"] == 0.5 and (tmp_path / "fs" / "steering_curves.png").is_file()
+    assert r2["results"]["evil"]["rows"][0]["kind"] in ("latent_add", "vector_add")
