@@ -1,6 +1,7 @@
 """The packaged default model against transformers' own GGUF load of the same file."""
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from psm_jax.generate import extend, generate, prefill
@@ -24,6 +25,7 @@ def test_logits_match_transformers_gguf_load(smollm2_model, smollm2_hf):
     np.testing.assert_allclose(ours, ref, atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow  # about 40 s on a quiet 2-core machine; CI runs it in the bounded slow step
 def test_greedy_generation_matches_hf_generate(smollm2_model, smollm2_hf):
     m = smollm2_model
     for text in PROMPTS:
