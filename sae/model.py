@@ -22,6 +22,12 @@ and scaled by min(#dead / aux_k, 1). To keep its cost bounded the dead latents a
 
 Per-SAE hyper-parameters that may differ in a stacked run are passed as `hp` (a dict of traced scalars from
 `hyperparams(cfg)`); for TopK, `cfg.k` is then the largest k of the stack and ranks >= hp["k"] are masked.
+
+TopK training (`sparse_decode=True`, the default) runs through `_topk_core`: only the encoder matmul is dense; the
+top-k, the decode and the whole backward touch just the B*k active (token, latent) pairs, in the compiled CPU
+kernels of sae/cpu_kernels.py when they are available (else in XLA ops computing the same function), with the
+encoder in cache-sized token chunks on CPU. `sparse_decode=False` is the plain dense formulation (the reference the
+tests compare against).
 """
 from __future__ import annotations
 
@@ -289,8 +295,8 @@ def _scatter_rows(idx, coef, rows, n_rows):
 
 def encode_chunks(batch: int, d_sae: int) -> int:
     """How many token chunks the TopK encoder runs in: on CPU, chunks of ~2M pre-activations (8 MB) so that each
-    chunk's matmul output is selected by top_k while it is still in cache (about 25% faster at 4096 x 4608); one
-    chunk elsewhere (accelerators want the whole batch in one matmul)."""
+    chunk's matmul output is selected by top_k while it is still in cache; one chunk elsewhere (accelerators want
+    the whole batch in one matmul)."""
     if jax.default_backend() != "cpu":
         return 1
     n = max(1, batch // max(256, (1 << 21) // max(d_sae, 1)))
@@ -299,55 +305,75 @@ def encode_chunks(batch: int, d_sae: int) -> int:
     return n
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _topk_encode(x, b_dec, W_enc, b_enc, k, apply_b_dec, chunks=1):
-    """(vals, idx) = top_k((x - b_dec) @ W_enc + b_enc, k), computed in `chunks` token chunks; the backward
-    scatters the k gradients per token into W_enc / b_enc rows instead of a dense [B, d_sae] matmul."""
+KERNEL_IMPLS = ("xla", "ffi")
+
+
+def kernel_impl() -> str:
+    """"ffi" when the compiled CPU kernels (sae/cpu_kernels.py) are usable here, else "xla"."""
+    from sae import cpu_kernels
+    return "ffi" if cpu_kernels.available() else "xla"
+
+
+def _kernels(impl: str):
+    """(topk_bias, gather_sum, gather_dot, scatter2) of one implementation."""
+    if impl == "ffi":
+        from sae import cpu_kernels as K
+        return K.topk_bias, K.gather_sum, K.gather_dot, K.scatter2
+
+    def topk_bias(pre, bias, k):
+        return _top_k(pre + bias, k)
+
+    def scatter2(idx, c1, r1, c2, r2, n_rows):
+        s2 = jnp.zeros((n_rows,), c2.dtype).at[idx.reshape(-1)].add(c2.reshape(-1), mode="promise_in_bounds")
+        return _scatter_rows(idx, c1, r1, n_rows), _scatter_rows(idx, c2, r2, n_rows), s2
+
+    return topk_bias, _gather_sum, _gather_dot, scatter2
+
+
+def _topk_forward(x, b_dec, W_enc, b_enc, W_dec, k_dyn, k, apply_b_dec, chunks, impl):
+    topk_bias, gather_sum, _, _ = _kernels(impl)
     x_in = x - b_dec if apply_b_dec else x
     if chunks <= 1:
-        return _top_k(x_in @ W_enc + b_enc, k)
-    B, D = x_in.shape
-    vals, idx = lax.map(lambda xc: _top_k(xc @ W_enc + b_enc, k), x_in.reshape(chunks, B // chunks, D))
-    return vals.reshape(B, k), idx.reshape(B, k)
+        raw, idx = topk_bias(x_in @ W_enc, b_enc, k)
+    else:
+        B, D = x_in.shape
+        raw, idx = lax.map(lambda xc: topk_bias(xc @ W_enc, b_enc, k), x_in.reshape(chunks, B // chunks, D))
+        raw, idx = raw.reshape(B, k), idx.reshape(B, k)
+    vals = jnp.where(jnp.arange(k) < k_dyn, jax.nn.relu(raw), 0.0)
+    recon = gather_sum(idx, vals, W_dec) + b_dec
+    return (recon, vals, idx), x_in
 
 
-def _topk_encode_fwd(x, b_dec, W_enc, b_enc, k, apply_b_dec, chunks=1):
-    out = _topk_encode(x, b_dec, W_enc, b_enc, k, apply_b_dec, chunks)
-    return out, (x, b_dec, W_enc, out[1])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _topk_core(x, b_dec, W_enc, b_enc, W_dec, k_dyn, k, apply_b_dec, chunks, impl):
+    """The sparse TopK SAE: (recon, vals, idx) with vals = relu(top_k(pre))[:, :k_dyn] (ranks >= k_dyn zeroed),
+    recon = sum_j vals[:, j] W_dec[idx[:, j]] + b_dec, pre = (x - b_dec) @ W_enc + b_enc.
+
+    Only the encoder matmul is dense. The top-k (in cache-sized token chunks on CPU), the decode, and the whole
+    backward (d_vals by gathered dot products; dW_dec, dW_enc and db_enc by scatter-adding the k active rows of each
+    token) touch just the B*k active (token, latent) pairs. impl "ffi" runs those in the compiled CPU kernels,
+    "xla" in XLA ops; both compute the same function. x gets no gradient (it is data)."""
+    return _topk_forward(x, b_dec, W_enc, b_enc, W_dec, k_dyn, k, apply_b_dec, chunks, impl)[0]
 
 
-def _topk_encode_bwd(k, apply_b_dec, chunks, res, cts):
-    x, b_dec, W_enc, idx = res
-    d_vals = cts[0]
-    x_in = x - b_dec if apply_b_dec else x
-    S = W_enc.shape[1]
-    d_W_enc = _scatter_rows(idx, d_vals, x_in, S).T
-    d_b_enc = jnp.zeros((S,), d_vals.dtype).at[idx.reshape(-1)].add(d_vals.reshape(-1), mode="promise_in_bounds")
-    d_b_dec = -(W_enc @ d_b_enc) if apply_b_dec else jnp.zeros_like(b_dec)
-    return jnp.zeros_like(x), d_b_dec, d_W_enc, d_b_enc
+def _topk_core_fwd(x, b_dec, W_enc, b_enc, W_dec, k_dyn, k, apply_b_dec, chunks, impl):
+    out, x_in = _topk_forward(x, b_dec, W_enc, b_enc, W_dec, k_dyn, k, apply_b_dec, chunks, impl)
+    return out, (x_in, W_enc, W_dec, out[1], out[2], k_dyn)
 
 
-_topk_encode.defvjp(_topk_encode_fwd, _topk_encode_bwd)
+def _topk_core_bwd(k, apply_b_dec, chunks, impl, res, cts):
+    x_in, W_enc, W_dec, vals, idx, k_dyn = res
+    g, g_vals, _ = cts
+    _, _, gather_dot, scatter2 = _kernels(impl)
+    d_vals = gather_dot(idx, g, W_dec) + g_vals
+    d_raw = jnp.where(vals > 0, d_vals, 0.0)          # relu and the k_dyn mask
+    S = W_dec.shape[0]
+    dW_dec, dW_enc_t, db_enc = scatter2(idx, vals, g, d_raw, x_in, S)
+    db_dec = g.sum(0) - (W_enc @ db_enc if apply_b_dec else 0.0)
+    return (jnp.zeros_like(x_in), db_dec, dW_enc_t.T, db_enc, dW_dec, np.zeros(np.shape(k_dyn), jax.dtypes.float0))
 
 
-@jax.custom_vjp
-def _sparse_decode(vals, idx, W_dec):
-    """sum_j vals[b, j] * W_dec[idx[b, j]]  ([B, k], [B, k], [S, D] -> [B, D])."""
-    return _gather_sum(idx, vals, W_dec)
-
-
-def _sparse_decode_fwd(vals, idx, W_dec):
-    return _gather_sum(idx, vals, W_dec), (vals, idx, W_dec)
-
-
-def _sparse_decode_bwd(res, g):
-    vals, idx, W_dec = res
-    d_vals = _gather_dot(idx, g, W_dec)
-    d_W = _scatter_rows(idx, vals, g, W_dec.shape[0])
-    return d_vals, np.zeros(idx.shape, jax.dtypes.float0), d_W
-
-
-_sparse_decode.defvjp(_sparse_decode_fwd, _sparse_decode_bwd)
+_topk_core.defvjp(_topk_core_fwd, _topk_core_bwd)
 
 
 def _batch_threshold(acts: jax.Array, k_max: int, k_dyn: jax.Array) -> jax.Array:
@@ -411,12 +437,13 @@ def aux_pool_size(cfg: SaeConfig) -> int:
 
 def training_loss(params: Params, cfg: SaeConfig, x: jax.Array, hp: dict[str, jax.Array],
                   since_fired: jax.Array | None = None, step: jax.Array | int = 0, *, with_aux: bool = True,
-                  chunks: int | None = None):
+                  chunks: int | None = None, impl: str | None = None):
     """Scalar loss and an info dict for one SAE on a batch x [B, d_in].
 
     info: mse, sparsity (the l1 / l0 term before its coefficient), aux (AuxK term; 0 unless with_aux), l0 (mean
     latents > 0 per token), explained_variance (this batch, SAELens 'new'), fired [d_sae] bool, recon [B, d_in],
-    min_kept (batchtopk). chunks: TopK encoder token chunks (None: `encode_chunks`; 1 under a device mesh)."""
+    min_kept (batchtopk). TopK with sparse_decode: chunks = encoder token chunks (None: `encode_chunks`), impl =
+    "ffi" | "xla" kernels (None: `kernel_impl()`); a device mesh wants chunks=1, impl="xla"."""
     arch = cfg.architecture
     B = x.shape[0]
     info: dict[str, Any] = {}
@@ -428,15 +455,14 @@ def training_loss(params: Params, cfg: SaeConfig, x: jax.Array, hp: dict[str, ja
         if arch == "topk":
             if cfg.sparse_decode:
                 n_chunks = encode_chunks(B, cfg.d_sae) if chunks is None else chunks
-                vals, idx = _topk_encode(x, params["b_dec"], params["W_enc"], params["b_enc"], cfg.k,
-                                         cfg.apply_b_dec_to_input, n_chunks)
+                recon, vals, idx = _topk_core(x, params["b_dec"], params["W_enc"], params["b_enc"], params["W_dec"],
+                                              hp["k"], cfg.k, cfg.apply_b_dec_to_input, n_chunks,
+                                              kernel_impl() if impl is None else impl)
             else:
                 vals, idx = _top_k(_train_pre(params, cfg, x), cfg.k)
-            vals = jnp.where(jnp.arange(cfg.k) < hp["k"], jax.nn.relu(vals), 0.0)
-            if cfg.sparse_decode:
-                recon = _sparse_decode(vals, idx, params["W_dec"]) + params["b_dec"]
-            else:
-                recon = _scatter_last(jnp.zeros((B, cfg.d_sae), x.dtype), idx, vals) @ params["W_dec"] + params["b_dec"]
+                vals = jnp.where(jnp.arange(cfg.k) < hp["k"], jax.nn.relu(vals), 0.0)
+                recon = (_scatter_last(jnp.zeros((B, cfg.d_sae), x.dtype), idx, vals) @ params["W_dec"]
+                         + params["b_dec"])
             fired = jnp.zeros((cfg.d_sae,), bool).at[idx.reshape(-1)].max(vals.reshape(-1) > 0)
             l0 = (vals > 0).sum() / B
         else:
@@ -457,7 +483,10 @@ def training_loss(params: Params, cfg: SaeConfig, x: jax.Array, hp: dict[str, ja
         f = jax.nn.relu(_train_pre(params, cfg, x))
         recon = f @ params["W_dec"] + params["b_dec"]
         mse = jnp.sum((recon - x) ** 2) / B
-        sparsity = (f * jnp.linalg.norm(params["W_dec"], axis=-1)).sum() / B
+        W_dec = params["W_dec"]
+        if cfg.normalize_decoder:   # the norms' own gradient is parallel to the rows, which the step projects out
+            W_dec = lax.stop_gradient(W_dec)
+        sparsity = (f * jnp.linalg.norm(W_dec, axis=-1)).sum() / B
         loss = mse + warm * hp["l1_coef"] * sparsity
         fired = (f > 0).any(0)
         l0 = (f > 0).sum() / B

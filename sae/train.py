@@ -202,14 +202,14 @@ def _check_mesh(scfg: SaeConfig, mesh) -> None:
 # the step
 # ---------------------------------------------------------------------------------------------------
 
-def _sae_grads(scfg: SaeConfig, chunks, stacked, shared):
+def _sae_grads(scfg: SaeConfig, kernel_opts, stacked, shared):
     """Phase 1 for one SAE: loss, gradient (AuxK added only when this SAE has a dead latent; decoder-parallel
     component removed) and the metrics that do not depend on the update."""
     params, since, hp, x = stacked if len(stacked) == 4 else (*stacked, shared[0])
     step = shared[-1]
 
     def lossf(p):
-        return training_loss(p, scfg, x, hp, since, step, with_aux=False, chunks=chunks)
+        return training_loss(p, scfg, x, hp, since, step, with_aux=False, **kernel_opts)
 
     (loss, info), grads = jax.value_and_grad(lossf, has_aux=True)(params)
     aux = jnp.zeros((), jnp.float32)
@@ -288,7 +288,9 @@ def _map_stack(fn, n: int, stack: str, stacked: tuple, shared: tuple):
 
 
 def _make_step(scfg: SaeConfig, n: int, stack: str, mesh, shardings):
-    grads_fn = functools.partial(_sae_grads, scfg, None if mesh is None else 1)
+    # under a device mesh the TopK kernels stay XLA ops in one chunk (GSPMD partitions them); else auto
+    kernel_opts = {} if mesh is None else {"chunks": 1, "impl": "xla"}
+    grads_fn = functools.partial(_sae_grads, scfg, kernel_opts)
     apply_fn = functools.partial(_sae_apply, scfg)
 
     def step_fn(state, hp, x):

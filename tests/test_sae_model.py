@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from sae import model as M
+from sae import cpu_kernels, model as M
 from sae.config import SaeConfig, SaeConfigError, check_stackable, diff, sweep
 
 
@@ -116,20 +116,22 @@ def test_sparse_topk_path_matches_dense_autodiff(x, apply_b_dec):
     hp = dict(M.hyperparams(c), k=jnp.int32(3))        # a stacked sweep masks ranks >= its own k
     since = jnp.asarray(np.random.default_rng(2).integers(0, 2, 32).astype(np.int32))   # some latents dead
 
-    def loss(p, sparse, chunks=None):
-        return M.training_loss(p, c.replace(sparse_decode=sparse), x, hp, since, 0, chunks=chunks)
+    def loss(p, sparse, chunks=None, impl="xla"):
+        return M.training_loss(p, c.replace(sparse_decode=sparse), x, hp, since, 0, chunks=chunks, impl=impl)
 
-    vg = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+    vg = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2, 3))
     (l1, i1), g1 = vg(p, True)
     (l2, i2), g2 = vg(p, False)
-    (l3, _), g3 = vg(p, True, 4)                        # the chunked encoder (CPU fast path) is the same function
-    np.testing.assert_allclose(l3, l1, rtol=1e-6)
-    for name in g1:
-        np.testing.assert_allclose(g3[name], g1[name], rtol=1e-5, atol=1e-7, err_msg=name)
     assert float(i1["aux"]) > 0 and float(i1["l0"]) <= 3
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for name in g1:
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    variants = [(4, "xla")] + ([(1, "ffi"), (4, "ffi")] if cpu_kernels.available() else [])
+    for chunks, impl in variants:                     # chunked encoder / compiled CPU kernels: the same function
+        (l3, _), g3 = vg(p, True, chunks, impl)
+        np.testing.assert_allclose(l3, l1, rtol=1e-6)
+        for name in g1:
+            np.testing.assert_allclose(g3[name], g1[name], rtol=1e-5, atol=1e-6, err_msg=f"{name} {chunks} {impl}")
 
 
 def test_jumprelu_and_step_pseudo_gradients_hand_computed():

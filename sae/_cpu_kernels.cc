@@ -1,0 +1,272 @@
+// CPU kernels for the sparse parts of a TopK SAE training step, called from JAX through the XLA FFI.
+//
+// XLA's CPU top_k, gathers and scatter-adds run far below memory speed; these loops do the same work in one pass
+// each. Every kernel is deterministic: rows (or latents) are split across threads, and the accumulation order of each
+// output element does not depend on the number of threads.
+//
+//   psm_sae_topk_bias   (pre [B,S] f32, bias [S] f32) -> (vals [B,k] f32, idx [B,k] s32)
+//                       top k of pre + bias per row, sorted descending; ties keep the lower index first; NaN ranks
+//                       above everything (as XLA's top_k) so that it propagates
+//   psm_sae_gather_sum  (vals [B,k], idx [B,k], W [S,D]) -> out [B,D]        out[b] = sum_j vals[b,j] W[idx[b,j]]
+//   psm_sae_gather_dot  (g [B,D], idx [B,k], W [S,D]) -> out [B,k]           out[b,j] = <g[b], W[idx[b,j]]>
+//   psm_sae_scatter2    (idx [B,k], c1 [B,k], r1 [B,D], c2 [B,k], r2 [B,D]) -> (a1 [S,D], a2 [S,D], s2 [S])
+//                       a1[s] = sum_{idx[b,j]=s} c1[b,j] r1[b]; a2 likewise with c2, r2; s2[s] = sum c2[b,j]
+//                       (S is taken from a1's shape)
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+int NumThreads() {
+  if (const char* env = std::getenv("PSM_SAE_KERNEL_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// f(begin, end) over [0, n) split in contiguous ranges; small problems stay on the calling thread.
+template <typename F>
+void ParallelFor(int64_t n, int64_t min_per_thread, F f) {
+  int64_t nt = std::min<int64_t>(NumThreads(), std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread)));
+  if (nt <= 1) {
+    f(int64_t{0}, n);
+    return;
+  }
+  int64_t chunk = (n + nt - 1) / nt;
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < nt; ++t) {
+    int64_t b = t * chunk, e = std::min(n, b + chunk);
+    if (b < e) threads.emplace_back([=] { f(b, e); });
+  }
+  f(int64_t{0}, std::min(n, chunk));
+  for (auto& t : threads) t.join();
+}
+
+inline float Key(float x) { return std::isnan(x) ? std::numeric_limits<float>::infinity() : x; }
+
+}  // namespace
+
+static ffi::Error TopkBias(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> vals,
+                          ffi::ResultBuffer<ffi::S32> idx) {
+  auto pd = pre.dimensions();
+  auto vd = vals->dimensions();
+  if (pd.size() != 2 || vd.size() != 2 || bias.dimensions().size() != 1)
+    return ffi::Error::InvalidArgument("psm_sae_topk_bias: expected pre [B,S], bias [S], vals [B,k]");
+  const int64_t B = pd[0], S = pd[1], k = vd[1];
+  if (bias.dimensions()[0] != S || vd[0] != B || k < 1 || k > S)
+    return ffi::Error::InvalidArgument("psm_sae_topk_bias: shape mismatch");
+  const float* p = pre.typed_data();
+  const float* bs = bias.typed_data();
+  float* vo = vals->typed_data();
+  int32_t* io = idx->typed_data();
+  ParallelFor(B, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> tk(k), tv(k);
+    std::vector<int32_t> ti(k);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = p + r * S;
+      int64_t n = 0;  // sorted prefix of (key desc, index asc)
+      auto insert = [&](int64_t i, float v) {
+        float key = Key(v);
+        if (n == k && !(key > tk[k - 1])) return;
+        int64_t j = (n < k) ? n++ : k - 1;
+        while (j > 0 && tk[j - 1] < key) {
+          tk[j] = tk[j - 1];
+          tv[j] = tv[j - 1];
+          ti[j] = ti[j - 1];
+          --j;
+        }
+        tk[j] = key;
+        tv[j] = v;
+        ti[j] = static_cast<int32_t>(i);
+      };
+      int64_t i = 0;
+      for (; i < S && n < k; ++i) insert(i, row[i] + bs[i]);
+      constexpr int64_t kBlock = 16;
+      for (; i + kBlock <= S; i += kBlock) {
+        // vectorised screen: does any element of the block beat the current k-th value (or is NaN)?
+        const float thr = tk[k - 1];
+        int any = 0;
+#pragma omp simd reduction(| : any)
+        for (int64_t q = 0; q < kBlock; ++q) any |= !((row[i + q] + bs[i + q]) <= thr);
+        if (!any) continue;
+        for (int64_t q = 0; q < kBlock; ++q) insert(i + q, row[i + q] + bs[i + q]);
+      }
+      for (; i < S; ++i) insert(i, row[i] + bs[i]);
+      std::memcpy(vo + r * k, tv.data(), k * sizeof(float));
+      std::memcpy(io + r * k, ti.data(), k * sizeof(int32_t));
+    }
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error GatherSum(ffi::Buffer<ffi::F32> vals, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> W,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto vd = vals.dimensions();
+  auto wd = W.dimensions();
+  if (vd.size() != 2 || wd.size() != 2 || idx.dimensions().size() != 2)
+    return ffi::Error::InvalidArgument("psm_sae_gather_sum: expected vals [B,k], idx [B,k], W [S,D]");
+  const int64_t B = vd[0], k = vd[1], S = wd[0], D = wd[1];
+  const float* v = vals.typed_data();
+  const int32_t* ix = idx.typed_data();
+  const float* w = W.typed_data();
+  float* o = out->typed_data();
+  std::atomic<bool> bad{false};
+  ParallelFor(B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* ob = o + b * D;
+      std::fill(ob, ob + D, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t s = ix[b * k + j];
+        if (s < 0 || s >= S) {
+          bad.store(true, std::memory_order_relaxed);
+          continue;
+        }
+        const float c = v[b * k + j];
+        const float* ws = w + int64_t{s} * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) ob[d] += c * ws[d];
+      }
+    }
+  });
+  if (bad.load()) return ffi::Error::InvalidArgument("psm_sae_gather_sum: index out of range");
+  return ffi::Error::Success();
+}
+
+static ffi::Error GatherDot(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> W,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto gd = g.dimensions();
+  auto id = idx.dimensions();
+  auto wd = W.dimensions();
+  if (gd.size() != 2 || id.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("psm_sae_gather_dot: expected g [B,D], idx [B,k], W [S,D]");
+  const int64_t B = gd[0], D = gd[1], k = id[1], S = wd[0];
+  const float* gp = g.typed_data();
+  const int32_t* ix = idx.typed_data();
+  const float* w = W.typed_data();
+  float* o = out->typed_data();
+  std::atomic<bool> bad{false};
+  ParallelFor(B, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* gb = gp + b * D;
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t s = ix[b * k + j];
+        if (s < 0 || s >= S) {
+          bad.store(true, std::memory_order_relaxed);
+          o[b * k + j] = 0.0f;
+          continue;
+        }
+        const float* ws = w + int64_t{s} * D;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += gb[d] * ws[d];
+        o[b * k + j] = acc;
+      }
+    }
+  });
+  if (bad.load()) return ffi::Error::InvalidArgument("psm_sae_gather_dot: index out of range");
+  return ffi::Error::Success();
+}
+
+static ffi::Error Scatter2(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> c1, ffi::Buffer<ffi::F32> r1,
+                          ffi::Buffer<ffi::F32> c2, ffi::Buffer<ffi::F32> r2, ffi::ResultBuffer<ffi::F32> a1,
+                          ffi::ResultBuffer<ffi::F32> a2, ffi::ResultBuffer<ffi::F32> s2) {
+  auto id = idx.dimensions();
+  auto rd = r1.dimensions();
+  auto ad = a1->dimensions();
+  if (id.size() != 2 || rd.size() != 2 || ad.size() != 2)
+    return ffi::Error::InvalidArgument("psm_sae_scatter2: expected idx [B,k], rows [B,D], out [S,D]");
+  const int64_t B = id[0], k = id[1], D = rd[1], S = ad[0];
+  const int32_t* ix = idx.typed_data();
+  const float* c1p = c1.typed_data();
+  const float* c2p = c2.typed_data();
+  const float* r1p = r1.typed_data();
+  const float* r2p = r2.typed_data();
+  float* a1p = a1->typed_data();
+  float* a2p = a2->typed_data();
+  float* s2p = s2->typed_data();
+  // counting sort of the B*k entries by latent (stable: entry order within a latent)
+  std::vector<int64_t> start(S + 1, 0);
+  const int64_t n = B * k;
+  for (int64_t e = 0; e < n; ++e) {
+    const int32_t s = ix[e];
+    if (s < 0 || s >= S) return ffi::Error::InvalidArgument("psm_sae_scatter2: index out of range");
+    ++start[s + 1];
+  }
+  for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  std::vector<int32_t> order(n);
+  for (int64_t e = 0; e < n; ++e) order[fill[ix[e]]++] = static_cast<int32_t>(e);
+  ParallelFor(S, 64, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      float* o1 = a1p + s * D;
+      float* o2 = a2p + s * D;
+      std::fill(o1, o1 + D, 0.0f);
+      std::fill(o2, o2 + D, 0.0f);
+      float sum2 = 0.0f;
+      for (int64_t q = start[s]; q < start[s + 1]; ++q) {
+        const int64_t e = order[q];
+        const int64_t b = e / k;
+        const float x1 = c1p[e], x2 = c2p[e];
+        const float* p1 = r1p + b * D;
+        const float* p2 = r2p + b * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          o1[d] += x1 * p1[d];
+          o2[d] += x2 * p2[d];
+        }
+        sum2 += x2;
+      }
+      s2p[s] = sum2;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmSaeTopkBias, TopkBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmSaeGatherSum, GatherSum,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmSaeGatherDot, GatherDot,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmSaeScatter2, Scatter2,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
