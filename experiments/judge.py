@@ -314,14 +314,14 @@ class LocalJudge:
 
     def _encode(self, convs):
         """Left-padded tokens [B, T] (T a multiple of 16) of the chats with the generation prompt + answer prefix."""
-        from experiments.rollouts import PAD_MULTIPLE, _pad_id, encode_batch
+        from experiments.rollouts import PAD_MULTIPLE, pad_id, encode_batch
 
         encs, batch = encode_batch(self.model, convs, add_generation_prompt=True)
         if not len(self._prefix_ids):
             return batch.tokens, batch.attention_mask
         seqs = [np.concatenate([e.tokens, self._prefix_ids]) for e in encs]
         T = -(-max(len(x) for x in seqs) // PAD_MULTIPLE) * PAD_MULTIPLE
-        tokens = np.full((len(seqs), T), _pad_id(self.model), np.int32)
+        tokens = np.full((len(seqs), T), pad_id(self.model), np.int32)
         mask = np.zeros((len(seqs), T), bool)
         for i, x in enumerate(seqs):
             tokens[i, T - len(x):], mask[i, T - len(x):] = x, True

@@ -561,8 +561,9 @@ def _plots(report: Report, results, role_res):
         ax.set_ylabel("Cohen's d, validation half")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    report.figure("contrast_halves", fig, "Per-latent effect size (clipped to [-4, 4]) on the discovery questions vs "
-                  "new validation questions. Points above the diagonal band replicate.")
+    report.figure("contrast_halves", fig, "Per-latent Cohen's d (clipped to [-4, 4]) on the discovery questions vs "
+                  "the held-out validation questions; red: the top candidates by discovery d. A real effect replicates "
+                  "(large on both axes); selection noise regresses to 0 on the validation axis.")
 
 
 def _write_report(report: Report, cfg, sae, sae_info, results, role_res, records, by_latent, ctx, n_ctx_docs,

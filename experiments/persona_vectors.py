@@ -65,7 +65,7 @@ import numpy as np
 
 from experiments import rollouts
 from experiments.judge import COHERENCE_RUBRIC, make_judge
-from experiments.report import Report, _jsonable, atomic_write_bytes, load_vectors
+from experiments.report import Report, jsonable, atomic_write_bytes, load_vectors
 from psm_jax import edits as E
 from psm_jax.chat import Role
 from psm_jax.model import Capture, forward
@@ -785,7 +785,7 @@ reads the induced persona at all, layer by layer (plot below).
         lines += [{"trait": r["trait"], "kind": "steered", "layer": r["steering"]["layer"], **e}
                   for e in r["steered_examples"]]
     atomic_write_bytes(report.dir / "responses.jsonl",
-                       "".join(json.dumps(_jsonable(x)) + "\n" for x in lines).encode())
+                       "".join(json.dumps(jsonable(x)) + "\n" for x in lines).encode())
 
     # metrics
     report.metric("persona_steering_monotonic_traits", n_mono)

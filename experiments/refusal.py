@@ -109,8 +109,8 @@ class Prompts:
         return Prompts(self.tokens[idx], self.mask[idx], [self.texts[i] for i in idx])
 
 
-def _pad_id(model) -> int:
-    from experiments.rollouts import _pad_id as pad
+def pad_id(model) -> int:
+    from experiments.rollouts import pad_id as pad
 
     return pad(model)
 
@@ -137,7 +137,7 @@ def encode_prompts(model, instruction_sets: Sequence[Sequence[str]]) -> tuple[li
             raise ValueError("prompts end with different post-instruction template tokens; expected one template "
                              f"suffix for all (got {e.tokens[off].tolist()} vs {tail.tolist()})")
     length = max(len(e) for e in all_encs)
-    pad = _pad_id(model)
+    pad = pad_id(model)
     out = []
     for texts, encs in zip(instruction_sets, encs_per_set):
         if not encs:
@@ -386,7 +386,7 @@ def sharegpt_batch(model, n: int, max_tokens: int, min_assistant: int, seed: int
     if len(encs) < n:
         raise ValueError(f"only {len(encs)} ShareGPT conversations have >= {min_assistant} assistant tokens in the "
                          f"first {max_tokens}; expected {n}")
-    b = pad_batch(encs, _pad_id(model), side="left", length=max_tokens)
+    b = pad_batch(encs, pad_id(model), side="left", length=max_tokens)
     return b.tokens, b.attention_mask, b.roles == Role.ASSISTANT, corpus.report.summary()
 
 

@@ -32,13 +32,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _jsonable(x):
+def jsonable(x):
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(x).items()}
+        return {k: jsonable(v) for k, v in dataclasses.asdict(x).items()}
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer, np.bool_)):
         return x.item()
     if isinstance(x, np.ndarray):
@@ -53,7 +53,7 @@ def _jsonable(x):
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
 class Report:
@@ -82,7 +82,7 @@ class Report:
         self.section(heading, "\n".join(lines))
 
     def metric(self, name: str, value: Any) -> None:
-        self.metrics[name] = _jsonable(value)
+        self.metrics[name] = jsonable(value)
 
     def figure(self, name: str, fig, caption: str = "") -> str:
         """Save a matplotlib figure as PNG (atomically) and reference it from the report."""
@@ -101,7 +101,7 @@ class Report:
         """Vectors as safetensors with a JSON sidecar (model, layer(s), site, method...)."""
         from safetensors.numpy import save
 
-        meta = {k: json.dumps(_jsonable(v)) if not isinstance(v, str) else v for k, v in metadata.items()}
+        meta = {k: json.dumps(jsonable(v)) if not isinstance(v, str) else v for k, v in metadata.items()}
         data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=meta)
         atomic_write_bytes(self.dir / f"{name}.safetensors", data)
         atomic_write_json(self.dir / f"{name}.json", metadata)

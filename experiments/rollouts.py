@@ -24,7 +24,7 @@ EditsFn = Callable[[PaddedBatch], tuple]
 PAD_MULTIPLE = 16
 
 
-def _pad_id(model) -> int:
+def pad_id(model) -> int:
     tok = model.tokenizer
     for cand in (getattr(tok, "pad_token_id", None), model.config.pad_token_id, getattr(tok, "eos_token_id", None)):
         if cand is not None:
@@ -47,7 +47,7 @@ def encode_batch(model, conversations: Sequence[Sequence[dict]], add_generation_
                  multiple_of: int = PAD_MULTIPLE):
     encs = [encode_chat(model.tokenizer, conv, add_generation_prompt=add_generation_prompt,
                         chat_template=model.chat_template) for conv in conversations]
-    return encs, pad_batch(encs, _pad_id(model), side="left", multiple_of=multiple_of)
+    return encs, pad_batch(encs, pad_id(model), side="left", multiple_of=multiple_of)
 
 
 @dataclasses.dataclass

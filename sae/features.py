@@ -372,7 +372,7 @@ def _encode_docs(model, documents, max_len: int):
     return out, cut
 
 
-def _pad_id(model) -> int:
+def pad_id(model) -> int:
     tok = model.tokenizer
     for cand in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
                  getattr(tok, "eos_token_id", None)):
@@ -413,7 +413,7 @@ def collect(model, sae: FeatureSae, documents: Sequence, *, latents: Sequence[in
     encoded, n_cut = _encode_docs(model, documents, max_len)
     N = len(encoded)
     order = np.argsort([len(e[0]) for e in encoded], kind="stable")
-    pad = _pad_id(model)
+    pad = pad_id(model)
     S, D = sae.d_sae, config.d_model
     conv_mean = np.zeros((N, S), np.float32)
     conv_fire = np.zeros((N, S), np.float32)

@@ -303,7 +303,7 @@ def _eos_ids(model) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _pad_id(model) -> int:
+def pad_id(model) -> int:
     tok = model.tokenizer
     for cand in (getattr(tok, "pad_token_id", None), model.config.pad_token_id, getattr(tok, "eos_token_id", None)):
         if cand is not None:
@@ -324,7 +324,7 @@ def _batches(model, prompts: Sequence, batch_size: int, multiple_of: int = 32):
         chunk += [chunk[-1]] * (batch_size - n_real)
         encs = [encode_chat(model.tokenizer, _as_messages(p), add_generation_prompt=True,
                             chat_template=model.chat_template) for p in chunk]
-        yield n_real, pad_batch(encs, _pad_id(model), side="left", multiple_of=multiple_of)
+        yield n_real, pad_batch(encs, pad_id(model), side="left", multiple_of=multiple_of)
 
 
 def generate_replies(model, prompts: Sequence, *, max_new_tokens: int = 24, batch_size: int = 8) -> list[str]:
