@@ -99,6 +99,14 @@ class CappingConfig:
             raise ValueError(f"persona_answer={self.persona_answer!r}; expected a template with '{{role}}'")
 
 
+POSITIONS_NOTE = """
+With `positions="assistant"` the prompt (system, user and template tokens) is never capped, so the
+distribution of the *first* answer token, which is read at the last template token, is unchanged; only
+later answer tokens see capped states. The behavioural items are one-token answers ("Yes"/"No"), so
+their log-odds cannot move under assistant-only capping (identical columns are expected, not a bug);
+the multi-token identity answers and generated replies can.
+"""
+
 QUICK = dict(axis_file=None, axis_roles=4, axis_questions=2, n_threshold_questions=2, max_new_tokens=12,
              n_eval_roles=2, n_identity_probes=2, logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=2,
              roleplay_probes=("Who are you?",), n_ppl_conversations=2, ppl_max_chars=1200)
@@ -531,6 +539,8 @@ generous ("help" counts). No judge is used.
     rep.table("Headline (role-inducing system prompts)", head)
     if trait_rows:
         rep.table("Behavioural items (log P(trait choice) - log P(other), mean)", trait_rows)
+        if cfg.positions == "assistant":
+            rep.section("Note on assistant-only capping", POSITIONS_NOTE)
     rep.table("Long role-play conversations: identity log-odds after k scripted exchanges", rp_rows)
     rep.section("Role-play end-of-conversation identity answers",
                 f"Keyword rate without capping {rp_kw['plain']:.0%}, with capping {rp_kw['capped']:.0%} "
