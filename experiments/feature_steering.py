@@ -12,9 +12,10 @@ for the trait's best latent i:
          s = c * n_L for c in `strengths`, n_L the typical per-token residual norm at L (mean over the
          assistant tokens of the model's own answers);
 * clamp: encode, set f_i = m * max_act(i), decode, add back the reconstruction error (mode "clamp"),
-         for m in `clamp_multiples` (m = 0 ablates the latent); max_act from the features run;
+         for m in `clamp_multiples` (m = 0 ablates the latent; a TopK latent that does not fire is already 0, so
+         ablation changes only the tokens where it fires); max_act from the features run;
 * the persona vector at matched norm: h <- h + s * v / |v| with the same s (psm_jax.edits.add);
-* a random direction at matched norm (|s| = the largest strength) as a control.
+* a random direction at matched norm (every non-zero strength, all positions) as a control.
 
 Positions: "all" (every prompt and generated token) or "assistant": the answer only -- when scoring or
 reading a fixed answer, the last message's block (its "<|im_start|>assistant" header and content);
@@ -69,12 +70,13 @@ class FeatureSteeringConfig:
     features: str = "reports/persona_features"  # output folder of `psm features`
     sae: str | None = None  # override the SAE location recorded in candidates.json
     traits: tuple[str, ...] | None = None  # None: every trait in candidates.json
-    strengths: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)  # x typical residual norm
+    strengths: tuple[float, ...] = (-0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5)  # x typical residual norm
     clamp_multiples: tuple[float, ...] = (0.0, 2.0, 4.0)  # x the latent's max activation
     positions: tuple[str, ...] = POSITIONS
-    n_eval_questions: int = 8
+    n_eval_questions: int = 6
     max_new_tokens: int = 32
     generate_assistant_positions: bool = False  # also generate under assistant-only steering
+    generate_clamp: bool = False  # also generate under clamping (coherence, axis, breadth)
     max_ppl_ratio: float = 2.0
     batch_size: int = 16
     seed: int = 0
@@ -92,7 +94,7 @@ class FeatureSteeringConfig:
             raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio}; expected > 1")
 
 
-QUICK = dict(strengths=(-0.5, 0.0, 0.5), clamp_multiples=(0.0, 2.0), n_eval_questions=2, max_new_tokens=12)
+QUICK = dict(strengths=(-0.25, 0.0, 0.25), clamp_multiples=(0.0, 2.0), n_eval_questions=2, max_new_tokens=12)
 
 
 # ------------------------------------------------------------------------------------------- edits
@@ -298,8 +300,7 @@ def run(config: FeatureSteeringConfig, out_dir: str | Path = "runs/feature_steer
                 settings += [("latent_add", pos, s), ("vector_add", pos, s)]
             for m in cfg.clamp_multiples:
                 settings.append(("latent_clamp", pos, m))
-        smax = max(abs(s) for s in cfg.strengths)
-        settings += [("random_add", "all", -smax), ("random_add", "all", smax)]
+        settings += [("random_add", "all", s) for s in cfg.strengths if s != 0.0]
         baseline = trait_measure(model, items, batch_size=bs)
         base_gen = generation_measures(model, sae, prompts, base_resp, axis_unit=axis_unit,
                                        persona_latents=persona_latents, live_edits_fn=None, base_ppl=base_ppl,
@@ -318,7 +319,8 @@ def run(config: FeatureSteeringConfig, out_dir: str | Path = "runs/feature_steer
             else:
                 make = makers[kind](s, pos)
                 row["trait_measure"] = trait_measure(model, items, edits_fn_for(make, pos, generating=False), batch_size=bs)
-            do_gen = kind in ("latent_add", "vector_add", "latent_clamp") and (pos == "all" or cfg.generate_assistant_positions)
+            gen_kinds = ("latent_add", "vector_add") + (("latent_clamp",) if cfg.generate_clamp else ())
+            do_gen = kind in gen_kinds and (pos == "all" or cfg.generate_assistant_positions)
             if do_gen:
                 if noop:
                     row.update(base_gen)
@@ -358,10 +360,12 @@ def choose_strength(rows: Sequence[dict], max_ppl_ratio: float) -> dict:
     ok = [r for r in adds if np.isfinite(r.get("ppl_ratio_median", np.nan)) and r["ppl_ratio_median"] <= max_ppl_ratio]
     pick = ok[-1] if ok else adds[0]
     vec = [r for r in rows if r["kind"] == "vector_add" and r["positions"] == "all" and r["strength"] == pick["strength"]]
+    rnd = [r for r in rows if r["kind"] == "random_add" and r["positions"] == "all" and r["strength"] == pick["strength"]]
     return {"strength": pick["strength"], "effect": pick["delta"], "coherent": bool(ok),
             "ppl_ratio_median": pick.get("ppl_ratio_median"),
             "vector_effect": vec[0]["delta"] if vec else float("nan"),
-            "vector_ppl_ratio_median": vec[0].get("ppl_ratio_median") if vec else None}
+            "vector_ppl_ratio_median": vec[0].get("ppl_ratio_median") if vec else None,
+            "random_effect": rnd[0]["delta"] if rnd else float("nan")}
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -399,13 +403,16 @@ def _plots(report: Report, results: dict, cfg):
                 x, y = _series(rows, "random_add", "all", key)
                 if x:
                     ax.plot(x, y, "kx", label="random (all)")
+                ax.axhline(results[name]["baseline"], color="grey", lw=0.5)
             ax.axvline(0, color="k", lw=0.4)
             ax.set_title(f"{name}: {title}", fontsize=9)
             ax.set_xlabel("strength (x typical residual norm)")
         axes[i][0].legend(fontsize=7)
     fig.tight_layout()
     report.figure("steering_curves", fig, "Latent steering (add s * unit decoder row) vs the persona vector at matched "
-                  "norm, all positions and assistant tokens only; random direction at +-max strength as control.")
+                  "norm, all positions and assistant tokens only; a random direction at the same norms (all positions) "
+                  "as control. Coherence, axis projection and breadth are measured on greedy generations with "
+                  "all-position steering.")
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = results[name]["rows"]
@@ -444,9 +451,11 @@ the effects below are what it shows, null results included; the chosen strength 
                         "cos(W_dec, axis)": _f(r["decoder_cosine_with_axis"]),
                         "baseline": _f(r["baseline"]), "chosen s": ch["strength"],
                         "latent effect": _f(ch["effect"]), "vector effect": _f(ch["vector_effect"]),
+                        "random effect": _f(ch.get("random_effect")),
                         "ppl ratio latent/vector": f"{_f(ch['ppl_ratio_median'], '.2f')}/{_f(ch['vector_ppl_ratio_median'], '.2f')}"})
         per[name] = {"latent": r["latent"], "baseline": r["baseline"], "chosen_strength": ch["strength"],
                      "effect": ch["effect"], "vector_effect": ch["vector_effect"], "coherent": ch["coherent"],
+                     "random_effect": ch.get("random_effect"),
                      "ppl_ratio_median": ch["ppl_ratio_median"], "vector_ppl_ratio_median": ch["vector_ppl_ratio_median"],
                      "typical_norm": r["typical_norm"], "decoder_cosine_with_vector": r["decoder_cosine_with_vector"],
                      "decoder_cosine_with_axis": r["decoder_cosine_with_axis"], "n_items": r["n_items"],
@@ -492,7 +501,7 @@ def _record(result: dict, command: str) -> None:
         record("feature_steering_effect", m["effect"], "log-odds (trait measure change)", ref,
                target="> 0 and comparable to the persona vector", command=command, trait=name, latent=m["latent"],
                strength=m["chosen_strength"], vector_effect=m["vector_effect"], coherent=m["coherent"],
-               layer=result["metrics"]["layer"])
+               random_effect=m.get("random_effect"), layer=result["metrics"]["layer"])
 
 
 def build_config(args) -> FeatureSteeringConfig:
