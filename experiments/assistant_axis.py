@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.cli_common import config_or_none, rerun_command
 from psm_jax.chat import Role as TokRole
 from psm_jax.model import Capture, forward
 from psm_jax.reductions import components_for_variance, pca, per_turn_mean
@@ -284,7 +285,7 @@ def per_turn_projections(model, conversations, directions, *, layers, batch_size
     Returns (proj [N, len(layers), K], n_tokens [N, K]) with K = the most assistant turns in any
     conversation; turn k is the k-th assistant message; NaN (and 0 tokens) where a conversation has
     fewer assistant turns."""
-    from experiments.rollouts import encode_batch
+    from experiments.rollouts import encode_batch, static_batches
 
     layers = tuple(int(x) for x in layers)
     for layer in layers:
@@ -297,15 +298,7 @@ def per_turn_projections(model, conversations, directions, *, layers, batch_size
     K = max(1, max(len(a) for a in a_idx))
     proj = np.full((len(conversations), len(layers), K), np.nan)
     ntok = np.zeros((len(conversations), K), np.int64)
-    chunks = range(0, len(conversations), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=desc, unit="batch")
-    for start in chunks:
-        convs = list(conversations[start:start + batch_size])
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)
+    for start, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc=desc):
         _, batch = encode_batch(model, convs, add_generation_prompt=False, multiple_of=64)
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
         means, counts = _turn_projections(model.params, model.config, batch.tokens, batch.attention_mask,
@@ -377,10 +370,9 @@ class AxisResult:
 
 
 def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
-    import matplotlib
+    from experiments.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sp = res.space
     ratio = np.asarray(sp["explained_ratio"])
@@ -729,15 +721,11 @@ def config_from_args(args) -> AxisConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        cfg.check()
-    except ValueError as err:
-        print(f"psm assistant-axis: {err}", file=sys.stderr)
+    cfg = config_or_none("psm assistant-axis", lambda: config_from_args(args), check=True)
+    if cfg is None:
         return 2
-    cmd = ".venv/bin/python -m experiments.cli assistant-axis " + " ".join(
-        (argv if argv is not None else sys.argv[1:]))
-    res = run(cfg, progress=not args.no_progress, record_results=args.record, command=cmd.strip())
+    cmd = rerun_command("assistant-axis", argv)
+    res = run(cfg, progress=not args.no_progress, record_results=args.record, command=cmd)
     print(json.dumps({k: res.metrics[k] for k in ("n_roles", "target_layer", "persona_space_pcs_for_70pct",
                                                   "axis_pc1_cosine", "default_beyond_all_roles_on_pc1")}))
     print(f"report: {res.report_path}")

@@ -45,6 +45,7 @@ from psm_jax.reductions import percentile
 from experiments.assistant_axis import (DEFAULT_MODEL, SITE, per_turn_projections, role_and_default_vectors,
                                         axis_from_vectors, sample_questions, select_roles, sharegpt_conversations,
                                         system_conv, unit)
+from experiments.cli_common import config_or_none, rerun_command
 
 FORMS = ("floor", "ceiling")
 POSITIONS = ("all", "assistant")
@@ -195,20 +196,12 @@ def token_projections(model, conversations, axis, layers: Sequence[int], *, batc
                       last_turn_only: bool = True, progress: bool = False) -> list[np.ndarray]:
     """Projections <h_l, u_l> of every assistant content token (of the last message if last_turn_only),
     one 1-D array per layer in `layers`."""
-    from experiments.rollouts import encode_batch
+    from experiments.rollouts import encode_batch, static_batches
 
     layers = tuple(int(x) for x in layers)
     units = jnp.asarray(unit(np.asarray(axis)[list(layers)]), jnp.float32)
     vals = [[] for _ in layers]
-    chunks = range(0, len(conversations), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="threshold projections", unit="batch")
-    for start in chunks:
-        convs = list(conversations[start:start + batch_size])
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)
+    for _, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc="threshold projections"):
         _, batch = encode_batch(model, convs, add_generation_prompt=False)
         mask = batch.roles == TokRole.ASSISTANT
         if last_turn_only:
@@ -233,18 +226,10 @@ def _assistant_nll(params, config, tokens, attention_mask, target_mask, edits):
 
 def assistant_nll(model, conversations, *, batch_size: int = 4, edits_fn=None, progress: bool = False):
     """Summed NLL of every assistant content token (teacher-forced) and token counts, per conversation."""
-    from experiments.rollouts import encode_batch
+    from experiments.rollouts import encode_batch, static_batches
 
     nll, cnt = [], []
-    chunks = range(0, len(conversations), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="perplexity", unit="batch")
-    for start in chunks:
-        convs = list(conversations[start:start + batch_size])
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)
+    for _, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc="perplexity"):
         _, batch = encode_batch(model, convs, add_generation_prompt=False, multiple_of=64)
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
         a, b = _assistant_nll(model.params, model.config, batch.tokens, batch.attention_mask,
@@ -583,10 +568,9 @@ generous ("help" counts). No judge is used.
 
 
 def _plots(rep, m, proj_layers, layers, readout, rp_rows, d_plain, d_cap):
-    import matplotlib
+    from experiments.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if proj_layers:
         fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -680,14 +664,11 @@ def config_from_args(args) -> CappingConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        cfg.check()
-    except ValueError as err:
-        print(f"psm capping: {err}", file=sys.stderr)
+    cfg = config_or_none("psm capping", lambda: config_from_args(args), check=True)
+    if cfg is None:
         return 2
-    cmd = ".venv/bin/python -m experiments.cli capping " + " ".join(argv if argv is not None else sys.argv[1:])
-    m = run(cfg, progress=not args.no_progress, record_results=args.record, command=cmd.strip())
+    cmd = rerun_command("capping", argv)
+    m = run(cfg, progress=not args.no_progress, record_results=args.record, command=cmd)
     print(json.dumps({k: m.get(k) for k in ("capping_identity_gain", "capping_identity_keyword_gain",
                                             "capping_ppl_cost", "capping_projection_gain_readout")}))
     print(f"report: {m['report_path']}")

@@ -12,7 +12,6 @@ import sys
 
 COMMANDS = {
     "quickstart": "experiments.quickstart",
-    "demo": "experiments.demo",
     "persona-vectors": "experiments.persona_vectors",
     "assistant-axis": "experiments.assistant_axis",
     "capping": "experiments.capping",

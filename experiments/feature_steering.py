@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,9 @@ from typing import Sequence
 import numpy as np
 
 from experiments import rollouts
-from experiments.report import Report
+from experiments.cli_common import run_cli
+from experiments.report import Report, pyplot
+from experiments.report import fmt_num as _f
 from psm_jax import edits as E
 from psm_jax.chat import TURN_AFTER, Role, encode_chat
 from sae import features as F
@@ -371,21 +372,13 @@ def choose_strength(rows: Sequence[dict], max_ppl_ratio: float) -> dict:
 # ------------------------------------------------------------------------------------------- report
 
 
-def _f(x, f=".3f"):
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, f)
-
-
 def _series(rows, kind, pos, key):
     rs = sorted([r for r in rows if r["kind"] == kind and r["positions"] == pos and key in r], key=lambda r: r["strength"])
     return [r["strength"] for r in rs], [r[key] for r in rs]
 
 
 def _plots(report: Report, results: dict, cfg):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results)
     panels = [("trait_measure", "trait measure (log-odds)"), ("ppl_ratio_median", "perplexity ratio (median)"),
               ("axis_proj_text", "axis projection (text)"), ("breadth_distinct", "persona latents firing")]
@@ -504,6 +497,11 @@ def _record(result: dict, command: str) -> None:
                random_effect=m.get("random_effect"), layer=result["metrics"]["layer"])
 
 
+def _summary(result: dict) -> list[str]:
+    return [f"{name}: latent {m['latent']} s={m['chosen_strength']} effect {_f(m['effect'])} "
+            f"(persona vector {_f(m['vector_effect'])})" for name, m in result["metrics"]["traits"].items()]
+
+
 def build_config(args) -> FeatureSteeringConfig:
     kw = {"seed": args.seed, "model": args.model, "features": args.features}
     if args.quick:
@@ -537,20 +535,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--record", action="store_true", help="append feature_steering_effect to benchmarks/results.jsonl")
     args = p.parse_args(argv)
-    try:
-        cfg = build_config(args)
-    except ValueError as err:
-        print(f"psm feature-steering: {err}", file=sys.stderr)
-        return 2
-    result = run(cfg, args.out)
-    print(f"report: {result['report']}")
-    for name, m in result["metrics"]["traits"].items():
-        print(f"{name}: latent {m['latent']} s={m['chosen_strength']} effect {_f(m['effect'])} "
-              f"(persona vector {_f(m['vector_effect'])})")
-    if args.record:
-        argv_s = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
-        _record(result, ".venv/bin/python -m experiments.cli feature-steering " + argv_s if argv_s else DEFAULT_COMMAND)
-    return 0
+    return run_cli("psm feature-steering", "feature-steering", argv, args, build=lambda: build_config(args), run=run,
+                   summary=_summary, record=_record, default_command=DEFAULT_COMMAND)
 
 
 if __name__ == "__main__":

@@ -279,18 +279,13 @@ class LocalJudge:
         has children). A node is skipped when its prefix probability is below `prune_below` for every
         prompt of the batch.
         """
+        from experiments.rollouts import static_batches
+
         m, trie = self.model, self.trie
         ids = jnp.asarray(trie.ids)
         out = np.zeros((len(prompts), trie.max_value + 1))
-        chunks = range(0, len(prompts), self.batch_size)
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            chunks = tqdm(chunks, desc="judge", unit="batch")
-        for start in chunks:
-            convs = [[{"role": "user", "content": p}] for p in prompts[start:start + self.batch_size]]
-            n_real = len(convs)
-            convs += [convs[-1]] * (self.batch_size - n_real)
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        for start, convs, n_real in static_batches(chats, self.batch_size, progress=self.progress, desc="judge"):
             tokens, mask = self._encode(convs)
             first, cache0 = _prefill(m.params, m.config, jnp.asarray(tokens), jnp.asarray(mask), ids, extra=trie.K)
             dists = {(): np.asarray(first, np.float64)}
@@ -340,14 +335,12 @@ class LocalJudge:
     # -- small-integer rubric scores
     def rubric_score_prompts(self, prompts: Sequence[str], max_score: int = 3) -> list[int | None]:
         """Greedy reply (after `answer_prefix`, if any) parsed for its first integer."""
-        from experiments.rollouts import eos_ids
+        from experiments.rollouts import eos_ids, static_batches
         from psm_jax.generate import generate
 
         out = []
-        for start in range(0, len(prompts), self.batch_size):
-            convs = [[{"role": "user", "content": p}] for p in prompts[start:start + self.batch_size]]
-            n_real = len(convs)
-            convs += [convs[-1]] * (self.batch_size - n_real)
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        for _, convs, n_real in static_batches(chats, self.batch_size):
             tokens, mask = self._encode(convs)
             gen = generate(self.model.params, self.model.config, tokens, mask, max_new_tokens=6,
                            eos_ids=eos_ids(self.model))

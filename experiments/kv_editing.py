@@ -274,12 +274,9 @@ def capping_control(model, convs, u_all, cfg: KVEditConfig):
 
 
 def _write_report(cfg, rows, control, samples, seconds):
-    import matplotlib
+    from experiments.report import Report, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from experiments.report import Report
+    plt = pyplot()
 
     rep = Report(cfg.out, "KV-cache editing of a persisted persona", cfg)
     rep.section("Setup", f"""

@@ -53,7 +53,8 @@ import jax
 import numpy as np
 
 from experiments import rollouts
-from experiments.report import Report, atomic_write_json
+from experiments.cli_common import run_cli
+from experiments.report import Report, atomic_write_json, fmt_num, pyplot
 from psm_jax import edits as E
 from sae import features as F
 from sae import labelling as L
@@ -532,7 +533,7 @@ def run(config: PersonaFeaturesConfig, out_dir: str | Path = "runs/persona_featu
 
 
 def _f(x, f=".2f"):
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, f)
+    return fmt_num(x, f)
 
 
 def _example_line(ex: dict, n: int = 160) -> str:
@@ -541,11 +542,7 @@ def _example_line(ex: dict, n: int = 160) -> str:
 
 
 def _plots(report: Report, results, role_res):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     items = list(results.items()) + [("role vs default", role_res)]
     fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 3.8), squeeze=False)
     for ax, (name, res) in zip(axes[0], items):
@@ -695,6 +692,12 @@ def _record(result: dict, command: str) -> None:
                best_d_validation=m["best_d_validation"], layer=result["metrics"]["layer"])
 
 
+def _summary(result: dict) -> list[str]:
+    return [f"{name}: found {m['n_found']} (null {m['null_found']}), best latent {m['best_latent']} "
+            f"d val {_f(m['best_d_validation'])}, detection {_f(m['best_detection_balanced_accuracy'])}"
+            for name, m in result["metrics"]["contrasts"].items()]
+
+
 def build_config(args) -> PersonaFeaturesConfig:
     kw = {"seed": args.seed, "model": args.model}
     if args.quick:
@@ -738,20 +741,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-diff", action="store_true", help="skip the model-diffing step")
     p.add_argument("--record", action="store_true", help="append persona_latents_found to benchmarks/results.jsonl")
     args = p.parse_args(argv)
-    try:
-        cfg = build_config(args)
-    except ValueError as err:
-        print(f"psm features: {err}", file=sys.stderr)
-        return 2
-    result = run(cfg, args.out)
-    print(f"report: {result['report']}")
-    for name, m in result["metrics"]["contrasts"].items():
-        print(f"{name}: found {m['n_found']} (null {m['null_found']}), best latent {m['best_latent']} "
-              f"d val {_f(m['best_d_validation'])}, detection {_f(m['best_detection_balanced_accuracy'])}")
-    if args.record:
-        argv_s = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
-        _record(result, ".venv/bin/python -m experiments.cli features " + argv_s if argv_s else DEFAULT_COMMAND)
-    return 0
+    return run_cli("psm features", "features", argv, args, build=lambda: build_config(args), run=run,
+                   summary=_summary, record=_record, default_command=DEFAULT_COMMAND)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
 
         record("main_job_seconds", round(time.time() - t, 1), "s", f"psm quickstart --size {a.size}, all stages, "
                "fresh output folder, 2 CPU cores", "<= 900", command=".venv/bin/python -m experiments.cli quickstart "
-               + " ".join(argv or []))
+               + " ".join(sys.argv[1:] if argv is None else argv))
     return 0
 
 

@@ -446,15 +446,12 @@ def _split(texts: Sequence[str], rng: np.random.Generator) -> list[str]:
 def run(config: RefusalConfig, model=None) -> dict:
     """Run the whole pipeline and write the report folder `config.out`. `model`: a LoadedModel
     to use instead of loading `config.model` (tests)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import psm_jax
     from experiments import datasets
-    from experiments.report import Report
+    from experiments.report import Report, pyplot
     from psm_jax.weights import orthogonalize
+
+    plt = pyplot()
 
     t0 = time.time()
     seconds = {}

@@ -9,27 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from psm_jax.atomic import atomic_write_bytes  # also re-exported: experiment modules import it from here
 
 
 def jsonable(x):
@@ -54,6 +39,21 @@ def jsonable(x):
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (the one every report plots with)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fmt_num(x, f: str = ".3f") -> str:
+    """`format(x, f)`, or "n/a" for None and non-finite floats (for report text and console summaries)."""
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, f)
 
 
 class Report:

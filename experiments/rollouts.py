@@ -15,21 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_batch
+from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_batch, pad_id
 from psm_jax.generate import generate
 from psm_jax.model import Capture, forward
 from psm_jax.reductions import masked_mean
 
 EditsFn = Callable[[PaddedBatch], tuple]
 PAD_MULTIPLE = 16
-
-
-def pad_id(model) -> int:
-    tok = model.tokenizer
-    for cand in (getattr(tok, "pad_token_id", None), model.config.pad_token_id, getattr(tok, "eos_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0
 
 
 def eos_ids(model) -> tuple[int, ...]:
@@ -48,6 +40,22 @@ def encode_batch(model, conversations: Sequence[Sequence[dict]], add_generation_
     encs = [encode_chat(model.tokenizer, conv, add_generation_prompt=add_generation_prompt,
                         chat_template=model.chat_template) for conv in conversations]
     return encs, pad_batch(encs, pad_id(model), side="left", multiple_of=multiple_of)
+
+
+def static_batches(items: Sequence, batch_size: int, *, progress: bool = False, desc: str = "batch"):
+    """Yield (start, batch, n_real) over `items` in order: `batch` is a list of exactly `batch_size` items, the last
+    one padded by repeating its final item (a static batch shape for jitted code); the first `n_real` are real,
+    items[start:start + n_real]. `progress`: a tqdm bar over the batches, labelled `desc`."""
+    chunks = range(0, len(items), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=desc, unit="batch")
+    for start in chunks:
+        batch = list(items[start:start + batch_size])
+        n_real = len(batch)
+        batch += [batch[-1]] * (batch_size - n_real)
+        yield start, batch, n_real
 
 
 @dataclasses.dataclass
@@ -69,15 +77,7 @@ def generate_responses(model, conversations: Sequence[Sequence[dict]], *, max_ne
     out: list[Rollout] = []
     key = jax.random.key(0) if key is None else key
     eos = eos_ids(model)
-    chunks = range(0, len(conversations), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc="generate", unit="batch")
-    for start in chunks:
-        convs = list(conversations[start:start + batch_size])
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)  # keep the batch shape static
+    for start, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc="generate"):
         _, batch = encode_batch(model, convs, add_generation_prompt=True)
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
         key, sub = jax.random.split(key)
@@ -120,16 +120,8 @@ def activation_means(model, conversations: Sequence[Sequence[dict]], *, layers: 
     layers = tuple(range(model.config.n_layers)) if layers is None else tuple(int(x) for x in layers)
     for layer in layers:
         model.config.check_layer(layer)
-    chunks = range(0, len(conversations), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"activations {site}", unit="batch")
     res = {"response_mean": [], "prompt_mean": [], "last_prompt": [], "n_response": []}
-    for start in chunks:
-        convs = list(conversations[start:start + batch_size])
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)
+    for _, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc=f"activations {site}"):
         encs, batch = encode_batch(model, convs, add_generation_prompt=False)
         T = batch.tokens.shape[1]
         resp_mask = np.isin(batch.roles, roles_for_response)
@@ -169,11 +161,8 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected equal counts")
     out = []
-    for start in range(0, len(prompts), batch_size):
-        convs = [list(p) + [{"role": "assistant", "content": a}]
-                 for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)
+    scored = [list(p) + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+    for _, convs, n_real in static_batches(scored, batch_size):
         _, batch = encode_batch(model, convs, add_generation_prompt=False)
         last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
         answer_mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
@@ -181,6 +170,20 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
         lp = _answer_logprob(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edits)
         out.append(np.asarray(lp)[:n_real])
     return np.concatenate(out)
+
+
+def answer_token_counts(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str]) -> np.ndarray:
+    """Number of answer content tokens that `score_answers` sums over, per (prompt, answer): [N] int.
+
+    Divide `score_answers` by it for a per-token log-likelihood. Tokenization only (no forward pass)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected equal counts")
+    out = np.zeros(len(prompts), np.int64)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        conv = list(p) + [{"role": "assistant", "content": a}]
+        enc = encode_chat(model.tokenizer, conv, add_generation_prompt=False, chat_template=model.chat_template)
+        out[i] = int(np.sum((np.asarray(enc.roles) == Role.ASSISTANT) & (np.asarray(enc.turns) == len(conv) - 1)))
+    return out
 
 
 def assistant_positions(batch: PaddedBatch, include_generated: bool = True):

@@ -287,6 +287,17 @@ def pad_batch(
     return PaddedBatch(tokens, mask, roles, turns)
 
 
+def pad_id(model) -> int:
+    """The id to pad a LoadedModel's batches with: the tokenizer's pad token, else the config's, else the
+    tokenizer's EOS, else 0."""
+    tok = model.tokenizer
+    for cand in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
+                 getattr(tok, "eos_token_id", None)):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
 def post_instruction_positions(enc: ChatEncoding) -> np.ndarray:
     """Positions of the template tokens right after the last user content (e.g. `<|im_end|>\\n
     <|im_start|>assistant\\n`): where the model has read the request but not yet answered."""

@@ -553,27 +553,27 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
         return ActivationBatch(acts, **meta, context_end=cb.context_end)
 
     total = 0
+
+    def counted(ab: ActivationBatch) -> ActivationBatch:
+        nonlocal total
+        total += len(ab)
+        if bar is not None:
+            bar.update(len(ab))
+        return ab
+
     pending = None
     any_batch = False
     for cb in batches:
         any_batch = True
         out = step(params, cb.tokens, cb.attention_mask)  # dispatched asynchronously
         if pending is not None:
-            ab = finish(*pending)
-            total += len(ab)
-            if bar is not None:
-                bar.update(len(ab))
-            yield ab
+            yield counted(finish(*pending))
             if max_tokens is not None and total >= max_tokens:
                 pending = None
                 break
         pending = (out, cb)
     if pending is not None:
-        ab = finish(*pending)
-        total += len(ab)
-        if bar is not None:
-            bar.update(len(ab))
-        yield ab
+        yield counted(finish(*pending))
     if bar is not None:
         bar.close()
     if start_context == 0:
@@ -698,27 +698,18 @@ def stream_batches(model, documents, sites_layers, batch_size: int, *, buffer_si
 # On-disk store
 
 
+# psm_jax.atomic is imported lazily, like every psm_jax import here: `import sae.activations` stays free of jax.
+
 def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from psm_jax.atomic import fsync_dir
+
+    fsync_dir(path)
 
 
 def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    from psm_jax.atomic import atomic_write_json
+
+    atomic_write_json(path, obj, indent=1, sync_dir=True)
 
 
 def _sha256(path: Path) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -201,8 +200,7 @@ def write_browser(path, records: Sequence[Mapping], *, title: str = "SAE feature
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"browser path {str(path)!r} should end in .html")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_html(records, title=title, meta=meta), encoding="utf-8")
-    os.replace(tmp, path)
+    from psm_jax.atomic import atomic_write_text
+
+    atomic_write_text(path, render_html(records, title=title, meta=meta))
     return path

@@ -21,12 +21,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+
+from psm_jax.atomic import atomic_write_text  # also re-exported: sae.train and sae.cli use it from here
 
 RUN_FORMAT = "psm-sae-run/1"
 CONFIG_FILE = "config.json"
@@ -50,22 +51,6 @@ class RunConfigMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # small file helpers
 # ---------------------------------------------------------------------------------------------------
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, Mapping) and isinstance(b, Mapping):

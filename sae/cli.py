@@ -2,6 +2,7 @@
 
     psm sae train run.toml sae.k=64 train.max_steps=2000
     psm sae eval runs/l15 data.npy=acts_val.npy eval.max_batches=50
+    psm sae eval runs/l15 eval.lm_model=smollm2-135m-instruct eval.lm_docs=64
     psm sae export runs/l15 out/l15-topk export.hook_name=model.layers.15 export.model_name=SmolLM2-135M-Instruct
 
 Config file sections (all optional except what a command needs):
@@ -14,7 +15,24 @@ Config file sections (all optional except what a command needs):
              layers = [6, 15, 24] instead of layer: one SAE per layer in one run (sae.train.StoreStackSource)
     [train]  checkpoint_every, keep_checkpoints, log_every, max_steps, stack ("map" | "vmap"),
              mesh = [data, latent], progress = true, plot = true
-    [eval]   max_batches, dense_threshold, step (checkpoint step; default latest)
+    [eval]   max_batches, dense_threshold, step (checkpoint step; default latest), batch_size, progress = true
+             LM metrics (sae.metrics.evaluate_lm_on_corpus: ce_loss_recovered, delta_lm_loss, kl_score, ... per SAE,
+             the SAE spliced into the model at its site/layer through a psm_jax edit; printed and in eval.json):
+             lm = true (false skips them); lm_model = a psm_jax.load name/path (default: an SAE folder's
+             metadata.model_name, else the model of the activation store below; none -> skipped with a note);
+             lm_corpus = "sharegpt" (default) or a local JSON/JSONL/parquet file (sae.corpus.load_corpus);
+             lm_docs = 32, lm_shuffle = true, lm_seed = 0 (the permutation sae.corpus uses); lm_skip_docs = null:
+             the LAST lm_docs documents of that permutation (held out from any harvest that took a prefix of it, as
+             experiments/persona_features does with seed 0), or an int M: the lm_docs documents after the first M;
+             lm_exclude_store = an activation store dir (default data.store): documents whose ids that store was
+             harvested from (its docs.json) are left out. A run dir records only data.site/layer(s)/roles, not the
+             store or the documents, so pass lm_exclude_store or lm_skip_docs for a run trained on this corpus.
+             lm_context_len = 256, lm_batch_size = 4, lm_max_batches; lm_positions = "trained" (splice / ablate only
+             the tokens the default TokenFilter (with the run's data.roles) trains on: not the first token, not the
+             template's default system prompt) or "all" (every token, SAELens' convention); loss over every position.
+             Layer/site: eval.lm_layer / eval.lm_site, else [data] / the run's recorded data.layer(s)/site, else the
+             SAE folder's hook_name. Without npy/store in [data], reconstruction metrics use the LM documents'
+             activations (the token filter's kept tokens) instead.
     [export] hook_name, model_name, sae (index in a sweep, default all), format ("saelens" | "sparsify"),
              context_size, prepend_bos, dataset_path, model_class_name, neuronpedia_id, overwrite
              (a run dir's `eval` writes firing densities that `export` puts in sparsity.safetensors)
@@ -159,8 +177,9 @@ def cmd_train(conf: dict[str, Any]) -> dict:
     return out
 
 
-def _load_any(target: str, step: int | None):
-    """(params list, cfg list) from a run dir or any importable SAE folder/file."""
+def _load_any(target: str, step: int | None, *, with_metadata: bool = False):
+    """(params list, cfg list[, metadata]) from a run dir or any importable SAE folder/file; metadata is the
+    imported folder's (SAELens: model_name, hook_name, ...), {} for a run dir."""
     from sae.checkpoint import CONFIG_FILE
     from sae.interop import load_sae
     from sae.train import load_run
@@ -168,37 +187,224 @@ def _load_any(target: str, step: int | None):
     p = Path(target)
     if (p / CONFIG_FILE).exists() and (p / "checkpoints").exists():
         params, cfgs, _ = load_run(p, step)
-        return params, cfgs
+        return (params, cfgs, {}) if with_metadata else (params, cfgs)
     imp = load_sae(p)
-    return [imp.params], [imp.cfg]
+    return ([imp.params], [imp.cfg], dict(imp.metadata or {})) if with_metadata else ([imp.params], [imp.cfg])
 
 
-def cmd_eval(target: str, conf: dict[str, Any]) -> dict:
-    from sae.metrics import evaluate_reconstruction
+def _note(msg: str) -> None:
+    print(f"psm sae eval: {msg}", file=sys.stderr)
+
+
+def _resolvable_model(name) -> str | None:
+    """`name` (or its last path part, for hub-style ids) when psm_jax.load can open it here, else None."""
+    from psm_jax.loading import registry
+
+    if not name:
+        return None
+    name = str(name)
+    if Path(name).expanduser().exists():
+        return name
+    for cand in (name, name.rsplit("/", 1)[-1]):
+        if registry.lookup(cand) is not None:
+            return cand
+    return None
+
+
+def _store_manifest(path) -> dict:
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _lm_model_name(e: dict, meta: dict, store: str | None) -> tuple[str | None, str]:
+    """(model name/path, where it came from) for the LM metrics, or (None, why not)."""
+    if e.get("lm_model"):
+        return str(e["lm_model"]), "eval.lm_model"
+    got = _resolvable_model(meta.get("model_name"))
+    if got:
+        return got, "the SAE folder's metadata.model_name"
+    if store:
+        got = _resolvable_model((_store_manifest(store).get("model") or {}).get("source"))
+        if got:
+            return got, f"the model activation store {store} was harvested from"
+    why = (f"metadata.model_name={meta['model_name']!r} is not a model psm_jax.load can open here" if meta.get("model_name")
+           else "the run records no model")
+    return None, why
+
+
+def _sae_hooks(n: int, e: dict, data: dict, run_data: dict, meta: dict) -> list[tuple[str, int | None]]:
+    """(site, layer) each SAE reads: eval.lm_layer / eval.lm_site, else the [data] section / the run's recorded
+    data (layer, layers, site), else an SAE folder's hook_name (sae.features.parse_hook_name)."""
+    site = e.get("lm_site") or data.get("site") or run_data.get("site")
+    layers = e.get("lm_layer")
+    if layers is None:
+        layers = data.get("layers", data.get("layer", run_data.get("layers", run_data.get("layer"))))
+    if layers is None and meta.get("hook_name"):
+        from sae.features import parse_hook_name
+        h_layer, h_site = parse_hook_name(str(meta["hook_name"]))
+        layers, site = h_layer, site or h_site
+    if isinstance(layers, list):
+        if len(layers) != n:
+            raise CliError(f"{len(layers)} layer(s) {layers} for {n} SAEs; expected one per SAE")
+    else:
+        layers = [layers] * n
+    return [(str(site or "resid_post"), None if l is None else int(l)) for l in layers]
+
+
+def _lm_documents(e: dict, store: str | None) -> tuple[list, dict]:
+    """The held-out documents of the LM evaluation and a description of how they were picked."""
+    from sae.corpus import load_corpus
+
+    n = int(e.get("lm_docs", 32))
+    if n < 1:
+        raise CliError(f"eval.lm_docs={n}; expected >= 1")
+    skip = e.get("lm_skip_docs")
+    if skip is not None and int(skip) < 0:
+        raise CliError(f"eval.lm_skip_docs={skip}; expected >= 0 (or unset: the last eval.lm_docs documents)")
+    shuffle, seed = bool(e.get("lm_shuffle", True)), int(e.get("lm_seed", 0))
+    corpus = load_corpus(e.get("lm_corpus"), shuffle=shuffle, seed=seed)
+    excluded: set[str] = set()
+    if store:
+        from sae.activations import ActivationStore
+        excluded = set(ActivationStore(store).doc_ids())
+    order = list(range(len(corpus)))
+    if skip is None:                          # the tail of the permutation: held out from any prefix `take`
+        picked = [i for i in reversed(order) if corpus.ids[i] not in excluded][:n][::-1]
+    else:
+        picked = [i for i in order[int(skip):] if corpus.ids[i] not in excluded][:n]
+    n_excluded = sum(corpus.ids[i] in excluded for i in order)
+    info = {"corpus": corpus.report.source, "shuffled": shuffle, "seed": seed if shuffle else None,
+            "n_corpus_documents": len(corpus),
+            "selection": (f"the last {n}" if skip is None else f"the first {n} after skipping {int(skip)}")
+            + " documents of the " + ("shuffled " if shuffle else "") + "corpus"
+            + (f", leaving out the {n_excluded} whose ids store {store} was harvested from" if store else ""),
+            "exclude_store": store, "n_excluded": n_excluded, "n_documents": len(picked),
+            "doc_ids": [corpus.ids[i] for i in picked]}
+    if not picked:
+        raise CliError(f"no documents left for the LM evaluation: corpus {corpus.report.source} holds {len(corpus)} "
+                       f"documents after filtering, eval.lm_skip_docs={skip}, {n_excluded} excluded as training "
+                       f"documents of {store}")
+    return [corpus.documents[i] for i in picked], info
+
+
+def _lm_setup(conf: dict, cfgs: list, meta: dict, run_data: dict, model) -> dict | None:
+    """Model, hooks and token batches for the LM metrics; None (with a printed note) when they are skipped."""
+    e, data = conf.get("eval", {}), conf.get("data", {})
+    if not e.get("lm", True):
+        return None
+    store = e.get("lm_exclude_store", data.get("store"))
+    if model is None:
+        name, source = _lm_model_name(e, meta, store)
+        if name is None:
+            _note(f"LM metrics skipped: no eval.lm_model given and {source} "
+                  "(pass eval.lm_model=smollm2-135m-instruct, or eval.lm=false to silence this)")
+            return None
+        import psm_jax
+        try:
+            model = psm_jax.load(name)
+        except (ValueError, FileNotFoundError) as err:
+            raise CliError(f"eval.lm_model={name!r} ({source}) could not be loaded: {err}") from err
+        model_name = name
+    else:
+        model_name, source = str(getattr(model, "source", "model")), "the caller"
+    hooks = _sae_hooks(len(cfgs), e, data, run_data, meta)
+    mc = model.config
+    for i, (c, (site, layer)) in enumerate(zip(cfgs, hooks)):
+        if c.d_in != mc.d_model:
+            raise CliError(f"SAE {i} has d_in={c.d_in} but model {model_name!r} has d_model={mc.d_model} "
+                           "(was the SAE trained on another model or site?)")
+        if layer is None:
+            raise CliError(f"cannot tell which layer SAE {i} reads (the run records no data.layer and the SAE has no "
+                           "hook_name); pass eval.lm_layer=N (and eval.lm_site=...)")
+        if not 0 <= layer < mc.n_layers:
+            raise CliError(f"SAE {i} reads layer {layer} ({site}) but model {model_name!r} has n_layers={mc.n_layers} "
+                           f"(layers 0..{mc.n_layers - 1})")
+    from sae.metrics import LM_POSITIONS
+    positions = e.get("lm_positions", "trained")
+    if positions not in LM_POSITIONS:
+        raise CliError(f"eval.lm_positions={positions!r}; expected one of {LM_POSITIONS}")
+    docs, info = _lm_documents(e, store)
+    from sae.activations import TokenFilter
+    token_filter = TokenFilter(roles=run_data.get("roles") or data.get("roles"))
+    ctx, bs = int(e.get("lm_context_len", 256)), int(e.get("lm_batch_size", 4))
+    from sae.metrics import corpus_token_batches
+    batches = corpus_token_batches(model, docs, context_len=ctx, batch_size=bs, positions=positions,
+                                   token_filter=token_filter)
+    info = {"model": model_name, "model_from": source, **info, "context_len": ctx, "batch_size": bs,
+            "positions": positions, "token_filter": token_filter.to_dict(), "n_batches": len(batches)}
+    return {"model": model, "hooks": hooks, "docs": docs, "batches": batches, "info": info,
+            "token_filter": token_filter}
+
+
+def _corpus_activations(lm: dict, site: str, layer: int, cache: dict) -> list:
+    """Activations of the LM evaluation's documents at (site, layer), kept tokens of its token filter."""
+    if (site, layer) not in cache:
+        from sae.activations import harvest
+        info = lm["info"]
+        cache[(site, layer)] = [ab.acts[(site, layer)] for ab in
+                                harvest(lm["model"], lm["docs"], [(site, layer)], context_len=info["context_len"],
+                                        batch_size=info["batch_size"], token_filter=lm["token_filter"])
+                                if len(ab)]
+    return cache[(site, layer)]
+
+
+def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
+    """Reconstruction metrics (on [data] activations, else on the LM documents' activations) and LM metrics (SAE
+    spliced into the model) per SAE; `model` (a psm_jax LoadedModel) replaces loading eval.lm_model."""
+    from sae.metrics import evaluate_lm_on_corpus, evaluate_reconstruction
 
     e = conf.get("eval", {})
-    params, cfgs = _load_any(target, e.get("step"))
+    params, cfgs, meta = _load_any(target, e.get("step"), with_metadata=True)
     data = conf.get("data", {})
+    run_data = _run_data(target)
     layers = data.get("layers")
     if layers is not None and len(layers) != len(params):
         raise CliError(f"data.layers has {len(layers)} entries for {len(params)} SAEs")
+    has_data = "npy" in data or "store" in data
+    lm = _lm_setup(conf, cfgs, meta, run_data, model)
+    if not has_data and lm is None:
+        raise CliError("nothing to evaluate on: the [data] section needs `npy` (a [n_tokens, d_in] .npy file) or "
+                       "`store` (an activation store directory, with site and layer) for the reconstruction metrics, "
+                       "or give eval.lm_model=... for the LM metrics (reconstruction then runs on the LM documents)")
+    progress = bool(e.get("progress", True))
     reports = []
     is_run = (Path(target) / "checkpoints").exists()
+    acts_cache: dict = {}
     for i, (p, c) in enumerate(zip(params, cfgs)):
-        d_i = dict(data, shuffle=data.get("shuffle", False))
-        if layers is not None:                  # SAE i of a one-SAE-per-layer run reads its own layer
-            d_i.pop("layers")
-            d_i["layer"] = layers[i]
-        source = make_source(d_i, int(e.get("batch_size", 4096)), d_in=c.d_in, loop=False)
-        if getattr(source, "d_in", c.d_in) != c.d_in:
-            raise CliError(f"SAE {i} has d_in={c.d_in}; the evaluation activations have width {source.d_in}")
+        if has_data:
+            d_i = dict(data, shuffle=data.get("shuffle", False))
+            if layers is not None:              # SAE i of a one-SAE-per-layer run reads its own layer
+                d_i.pop("layers")
+                d_i["layer"] = layers[i]
+            source = make_source(d_i, int(e.get("batch_size", 4096)), d_in=c.d_in, loop=False)
+            if getattr(source, "d_in", c.d_in) != c.d_in:
+                raise CliError(f"SAE {i} has d_in={c.d_in}; the evaluation activations have width {source.d_in}")
+            recon_source = "data"
+        else:
+            site, layer = lm["hooks"][i]
+            source = _corpus_activations(lm, site, layer, acts_cache)
+            recon_source = f"lm documents ({site}.{layer}, kept tokens of the token filter)"
         m, stats = evaluate_reconstruction(p, c, source, max_batches=e.get("max_batches"),
                                            dense_threshold=float(e.get("dense_threshold", 0.1)))
-        reports.append({"sae": i, "config": c.to_dict(), "metrics": m})
+        rep = {"sae": i, "config": c.to_dict(), "metrics": m, "metrics_source": recon_source}
+        if lm is not None:
+            site, layer = lm["hooks"][i]
+            lm_m = evaluate_lm_on_corpus(lm["model"], p, c, layer=layer, site=site, batches=lm["batches"],
+                                         max_batches=e.get("lm_max_batches"), progress=progress)
+            rep.update(hook={"site": site, "layer": layer}, lm_metrics=lm_m)
+            _note(f"SAE {i} ({site}.{layer}): ce_loss_recovered={lm_m['ce_loss_recovered']:.4f} "
+                  f"delta_lm_loss={lm_m['delta_lm_loss']:.4f} nats kl_score={lm_m['kl_score']:.4f} "
+                  f"(ce_orig={lm_m['ce_orig']:.4f}, ce_sae={lm_m['ce_sae']:.4f}, "
+                  f"ce_zero_ablation={lm_m['ce_zero_ablation']:.4f}; {int(lm_m['n_positions'])} positions)")
+        reports.append(rep)
         if is_run:                              # picked up by `export` as SAELens' sparsity.safetensors
             import numpy as np
             np.save(Path(target) / f"eval_log10_density_{i}.npy", stats.log10_firing_density().astype("float32"))
     out = {"target": target, "saes": reports}
+    if lm is not None:
+        out["lm"] = lm["info"]
     if is_run:
         from sae.checkpoint import atomic_write_text
         atomic_write_text(Path(target) / "eval.json", json.dumps(out, indent=1))
@@ -261,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = sub.add_parser("train", help="train (or resume) SAEs from a config file")
     a.add_argument("config", nargs="?", help="TOML or JSON config (optional if everything is overridden)")
     a.add_argument("overrides", nargs="*", help="section.key=value")
-    b = sub.add_parser("eval", help="reconstruction metrics of a run dir or SAE folder on activations")
+    b = sub.add_parser("eval", help="reconstruction and LM (CE recovered, KL) metrics of a run dir or SAE folder")
     b.add_argument("target")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--config")

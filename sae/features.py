@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.chat import PaddedBatch, Role, encode_chat
+from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_id
 from psm_jax.edits import SAE_ACTIVATIONS, sae_encode
 from psm_jax.model import Capture, forward
 
@@ -370,15 +370,6 @@ def _encode_docs(model, documents, max_len: int):
             ids, roles, turns = ids[:max_len], roles[:max_len], turns[:max_len]
         out.append((ids, roles, turns))
     return out, cut
-
-
-def pad_id(model) -> int:
-    tok = model.tokenizer
-    for cand in (getattr(tok, "pad_token_id", None), getattr(model.config, "pad_token_id", None),
-                 getattr(tok, "eos_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0
 
 
 def collect(model, sae: FeatureSae, documents: Sequence, *, latents: Sequence[int] = (),

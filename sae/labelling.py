@@ -171,11 +171,10 @@ def write_jsonl(path, records: Sequence[Mapping], sae: Mapping | None = None) ->
         line = to_line(rec, sae)
         validate_record(line, f"record {i} (latent {line.get('latent')})")
         lines.append(json.dumps(line, ensure_ascii=False, allow_nan=False))
+    from psm_jax.atomic import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(l + "\n" for l in lines))
     return path
 
 
@@ -303,20 +302,12 @@ def _eos_ids(model) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def pad_id(model) -> int:
-    tok = model.tokenizer
-    for cand in (getattr(tok, "pad_token_id", None), model.config.pad_token_id, getattr(tok, "eos_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0
-
-
 def _as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def _batches(model, prompts: Sequence, batch_size: int, multiple_of: int = 32):
-    from psm_jax.chat import encode_chat, pad_batch
+    from psm_jax.chat import encode_chat, pad_batch, pad_id
 
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
@@ -584,9 +575,9 @@ def export_sae_with_labels(params: Mapping, cfg, out_dir, records: Sequence[Mapp
                                          "detection_auroc": det.get("auroc"), "density": r.get("density")}
     doc = {"schema_version": SCHEMA_VERSION, "model_name": model_name, "hook_name": hook_name, "d_sae": int(cfg.d_sae),
            "labels": labels}
-    tmp = Path(out) / ".labels.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(doc), indent=1))
-    os.replace(tmp, Path(out) / "labels.json")
+    from psm_jax.atomic import atomic_write_json
+
+    atomic_write_json(Path(out) / "labels.json", _jsonable(doc), indent=1)
     return Path(out)
 
 

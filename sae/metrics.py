@@ -22,6 +22,9 @@ Language-model side (model-agnostic: feed logits of three runs on the same token
 Use psm_jax: logits_sae from `forward(..., edits=(sae_splice(config, **to_edit_sae(p, c), layers=[L]),))` and
 logits_zero with a zero `patch` at the same site. `evaluate_lm(run, batches)` takes a callable
 run(tokens, mask, splice) -> logits with splice in (None, "zero", "sae").
+`evaluate_lm_on_corpus(model, sae_params, sae_cfg, documents, layer=L)` does it all for a psm_jax LoadedModel on chat
+documents (`corpus_token_batches`: the harvest's chat-templated contexts; positions="trained" splices / ablates
+only the tokens the default TokenFilter trains on, "all" every token).
 """
 from __future__ import annotations
 
@@ -205,13 +208,18 @@ def lm_metrics(tokens, logits_orig, logits_zero, logits_sae, mask=None) -> dict[
 
 def evaluate_lm(run: Callable[[Any, Any, str | None], Any], batches: Iterable[tuple[Any, Any]],
                 *, max_batches: int | None = None) -> dict[str, float]:
-    """run(tokens, mask, splice) -> logits [B, T, V] for splice in (None, "zero", "sae"); batches yield
-    (tokens [B, T], mask [B, T] or None). Returns `LMStats.result()` over all batches."""
+    """run(tokens, mask, splice[, positions]) -> logits [B, T, V] for splice in (None, "zero", "sae"); batches
+    yield (tokens [B, T], mask [B, T] or None) or (tokens, mask, positions): positions [B, T] bool restricts the
+    zero-ablation and the SAE splice to those tokens (e.g. the ones the SAE was trained on; SAELens calls this
+    excluding special tokens); the loss is still taken over every valid next-token position.
+    Returns `LMStats.result()` over all batches."""
     st = LMStats()
-    for i, (tokens, mask) in enumerate(batches):
+    for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        logits = [run(tokens, mask, s) for s in SPLICES]
+        tokens, mask = batch[0], batch[1]
+        extra = (batch[2],) if len(batch) > 2 else ()
+        logits = [run(tokens, mask, s, *extra) for s in SPLICES]
         st.update(tokens, *logits, mask=mask)
     return st.result()
 
@@ -228,23 +236,106 @@ def port_runner(model_params, model_config, sae_params: Params, sae_cfg: SaeConf
 
     if sae_cfg.d_in != model_config.d_model:
         raise ValueError(f"SAE d_in={sae_cfg.d_in} does not match the model's d_model={model_config.d_model}")
-    splice = E.sae_splice(model_config, layers=[layer], site=site, **to_edit_sae(sae_params, sae_cfg))
+    sae_kw = to_edit_sae(sae_params, sae_cfg)
+    splice = E.sae_splice(model_config, layers=[layer], site=site, **sae_kw)
 
-    def run(tokens, mask, which):
+    def run(tokens, mask, which, positions=None):
         tokens = jnp.asarray(tokens, jnp.int32)
         mask = None if mask is None else jnp.asarray(mask, bool)
+        if positions is not None and np.shape(positions) != tuple(tokens.shape):
+            raise ValueError(f"positions has shape {np.shape(positions)}; expected the tokens' {tuple(tokens.shape)}")
         if which is None:
             edits = ()
         elif which == "zero":
             zeros = jnp.zeros(tokens.shape + (model_config.d_model,), jnp.float32)
-            edits = (E.patch(model_config, zeros, layers=[layer], site=site),)
+            edits = (E.patch(model_config, zeros, layers=[layer], site=site, positions=positions),)
         elif which == "sae":
-            edits = (splice,)
+            edits = (splice if positions is None else
+                     E.sae_splice(model_config, layers=[layer], site=site, positions=positions, **sae_kw),)
         else:
             raise ValueError(f"splice={which!r}; expected one of {SPLICES}")
         return jit_forward(model_params, model_config, tokens, attention_mask=mask, edits=edits).logits
 
     return run
+
+
+def check_lm_fit(model_config, sae_cfg: SaeConfig, layer, site: str = "resid_post") -> None:
+    """ValueError naming both sides when an SAE cannot be spliced into a model at (site, layer)."""
+    from psm_jax.edits import EDITABLE_SITES
+
+    if sae_cfg.d_in != model_config.d_model:
+        raise ValueError(f"SAE d_in={sae_cfg.d_in} does not match the model's d_model={model_config.d_model}")
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < model_config.n_layers:
+        raise ValueError(f"SAE layer {layer!r} is out of range for a model with n_layers={model_config.n_layers} "
+                         f"(layers 0..{model_config.n_layers - 1})")
+    if site not in EDITABLE_SITES:
+        raise ValueError(f"SAE site {site!r} cannot be spliced; expected one of {EDITABLE_SITES}")
+
+
+LM_POSITIONS = ("trained", "all")
+
+
+def corpus_token_batches(model, documents: Sequence, *, context_len: int = 256, batch_size: int = 4,
+                         positions: str = "trained", token_filter=None) -> list[tuple]:
+    """Batches of chat documents (message lists) or strings for `evaluate_lm`, tokenised with the model's chat
+    template into the left-padded [batch_size, context_len] contexts `sae.activations.harvest` builds (truncate
+    mode: the first context_len tokens of each document; filler rows of the last batch hold no position).
+    positions="trained": (tokens, mask, keep) with keep the `token_filter` mask (default `TokenFilter()`: not the
+    first token, not BOS, not the template's default system prompt), so the zero-ablation and the SAE splice touch
+    only the kind of token the SAE was trained on; "all": (tokens, mask, mask), every real token edited (SAELens'
+    default; padding slots are never attended, so leaving them unedited changes nothing)."""
+    from sae.activations import TokenFilter, _special_ids, batch_contexts, default_encoder, encode_documents
+
+    if positions not in LM_POSITIONS:
+        raise ValueError(f"positions={positions!r}; expected one of {LM_POSITIONS}")
+    docs = list(getattr(documents, "documents", documents))
+    if not docs:
+        raise ValueError("no documents to evaluate on (the corpus is empty after filtering)")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(f"model {getattr(model, 'source', '?')!r} has no tokenizer; the LM evaluation needs one "
+                         "(load a GGUF file, a registered name, or an HF directory with tokenizer files)")
+    if not 2 <= context_len <= model.config.max_position:
+        raise ValueError(f"context_len={context_len}; expected 2 <= context_len <= the model's "
+                         f"max_position={model.config.max_position}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected >= 1")
+    special, bos, pad = _special_ids(tokenizer)
+    if bos is None:
+        bos = model.config.bos_token_id
+    rows = encode_documents(docs, context_len, default_encoder(tokenizer, getattr(model, "chat_template", None)))
+    out = []
+    for cb in batch_contexts(rows, batch_size, context_len, pad, token_filter or TokenFilter(), bos_id=bos,
+                             special_ids=special):
+        # "all" edits every real token through the same (tokens, mask, positions) form, so both share one compile
+        out.append((cb.tokens, cb.attention_mask, cb.keep if positions == "trained" else cb.attention_mask.copy()))
+    if not out:
+        raise ValueError(f"none of the {len(docs)} documents encodes to a token")
+    return out
+
+
+def evaluate_lm_on_corpus(model, sae_params: Params, sae_cfg: SaeConfig, documents: Sequence | None = None, *,
+                          layer: int, site: str = "resid_post", context_len: int = 256, batch_size: int = 4,
+                          positions: str = "trained", token_filter=None, max_batches: int | None = None,
+                          batches: Sequence[tuple] | None = None, progress: bool = False) -> dict[str, float]:
+    """CE-loss recovered, delta LM loss and KL score (`LMStats.result()` keys) of an SAE spliced into a psm_jax
+    `model` (a LoadedModel: params, config, tokenizer, chat_template) at (site, layer) through `port_runner`, on
+    chat `documents` tokenised by `corpus_token_batches` (positions / token_filter as there), or on pre-built
+    `batches` (to share one tokenisation between several SAEs). Loss and KL are over every valid next-token position."""
+    check_lm_fit(model.config, sae_cfg, layer, site)
+    if batches is None:
+        if documents is None:
+            raise ValueError("pass documents or batches")
+        batches = corpus_token_batches(model, documents, context_len=context_len, batch_size=batch_size,
+                                       positions=positions, token_filter=token_filter)
+    run = port_runner(model.params, model.config, sae_params, sae_cfg, layer=int(layer), site=site)
+    it: Iterable = batches
+    if progress:
+        from tqdm.auto import tqdm
+        n = len(batches) if hasattr(batches, "__len__") else None
+        it = tqdm(batches, total=n if max_batches is None or n is None else min(n, max_batches),
+                  desc=f"lm eval {site}.{layer}", unit="batch")
+    return evaluate_lm(run, it, max_batches=max_batches)
 
 
 # ---------------------------------------------------------------------------------------------------

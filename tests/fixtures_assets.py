@@ -38,6 +38,30 @@ def _load_smollm2_tokenizer():
     return load_gguf_tokenizer(_require_smollm2())
 
 
+@functools.lru_cache(maxsize=None)
+def random_smollm2_chat_model(n_layers: int, seed: int = 0):
+    """A LoadedModel: random llama (d_model 16, `n_layers` layers) with SmolLM2's vocabulary, tokenizer and chat
+    template; fast, its outputs are noise. Skips the test when the packaged SmolLM2 is missing."""
+    import jax.numpy as jnp
+
+    from psm_jax.config import ModelConfig
+    from psm_jax.loading import LoadedModel
+    from psm_jax.loading.names import param_specs
+
+    _require_smollm2()
+    tok = _load_smollm2_tokenizer()
+    cfg = ModelConfig(family="llama", vocab_size=49152, d_model=16, n_layers=n_layers, n_heads=2, n_kv_heads=1,
+                      head_dim=8, d_mlp=32, tie_embeddings=True, eos_token_ids=(2,), pad_token_id=2)
+    rng = np.random.default_rng(seed)
+    params, layers = {}, {}
+    for spec in param_specs(cfg):
+        shape = ((cfg.n_layers,) if spec.per_layer else ()) + spec.shape
+        x = np.ones(shape) if "norm" in spec.leaf else rng.normal(0, 0.3 if spec.leaf == "embed" else 0.2, shape)
+        (layers if spec.per_layer else params)[spec.leaf] = jnp.asarray(x, jnp.float32)
+    params["layers"] = layers
+    return LoadedModel(params=params, config=cfg, tokenizer=tok, chat_template=tok.chat_template, source="tiny")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """LoadedModel of SmolLM2-135M-Instruct (float32), loaded once per test session."""

@@ -319,20 +319,11 @@ from tests.fixtures_assets import smollm2_tokenizer  # noqa: E402,F401  (session
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
-    import torch
-    import transformers
-
     import psm_jax
+    from tests.tiny_models import save_chat_llama
 
     d = tmp_path_factory.mktemp("tiny_chat_llama")
-    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=512, tie_word_embeddings=True,
-                                   bos_token_id=smollm2_tokenizer.bos_token_id,
-                                   eos_token_id=smollm2_tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    smollm2_tokenizer.save_pretrained(d)
+    save_chat_llama(d, smollm2_tokenizer, n_layers=2, seed=0, max_position_embeddings=512, rescale=False)
     return psm_jax.load(d)
 
 

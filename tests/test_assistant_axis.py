@@ -11,24 +11,11 @@ from tests.fixtures_assets import smollm2_tokenizer  # noqa: F401  (session fixt
 
 @pytest.fixture(scope="module")
 def tiny_chat(tmp_path_factory, smollm2_tokenizer):  # noqa: F811
-    import torch
-    import transformers
-
     import psm_jax
+    from tests.tiny_models import save_chat_llama
 
     d = tmp_path_factory.mktemp("aa_tiny_chat")
-    cfg = transformers.LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=1024, tie_word_embeddings=True,
-                                   bos_token_id=smollm2_tokenizer.bos_token_id,
-                                   eos_token_id=smollm2_tokenizer.eos_token_id)
-    torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():  # larger random weights, so greedy answers are not all newlines
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-    model.save_pretrained(d)
-    smollm2_tokenizer.save_pretrained(d)
+    save_chat_llama(d, smollm2_tokenizer, n_layers=3, seed=1)
     return psm_jax.load(d)
 
 

@@ -1,7 +1,6 @@
 """sae.features on a tiny random llama with SmolLM2's tokenizer and on synthetic SAEs / token tables."""
 from __future__ import annotations
 
-import functools
 import types
 
 import jax.numpy as jnp
@@ -11,30 +10,14 @@ import pytest
 from psm_jax import edits as E
 from psm_jax.chat import Role, encode_chat
 from sae import features as F
+from tests.fixtures_assets import random_smollm2_chat_model
 
 LAYER = 1
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_chat_model(seed: int = 0):
-    """A LoadedModel: random 2-layer llama (d_model 16) with SmolLM2's vocabulary, tokenizer and template."""
-    from psm_jax.config import ModelConfig
-    from psm_jax.loading import LoadedModel
-    from psm_jax.loading.names import param_specs
-    from tests.fixtures_assets import _load_smollm2_tokenizer, _require_smollm2
-
-    _require_smollm2()
-    tok = _load_smollm2_tokenizer()
-    cfg = ModelConfig(family="llama", vocab_size=49152, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=8,
-                      d_mlp=32, tie_embeddings=True, eos_token_ids=(2,), pad_token_id=2)
-    rng = np.random.default_rng(seed)
-    params, layers = {}, {}
-    for spec in param_specs(cfg):
-        shape = ((cfg.n_layers,) if spec.per_layer else ()) + spec.shape
-        x = np.ones(shape) if "norm" in spec.leaf else rng.normal(0, 0.3 if spec.leaf == "embed" else 0.2, shape)
-        (layers if spec.per_layer else params)[spec.leaf] = jnp.asarray(x, jnp.float32)
-    params["layers"] = layers
-    return LoadedModel(params=params, config=cfg, tokenizer=tok, chat_template=tok.chat_template, source="tiny")
+    """A LoadedModel: random 3-layer llama (d_model 16) with SmolLM2's vocabulary, tokenizer and template."""
+    return random_smollm2_chat_model(n_layers=3, seed=seed)
 
 
 def random_sae(d_in=16, d_sae=48, seed=0, activation="relu", k=0, bias=-0.5, layer=LAYER):

@@ -78,3 +78,129 @@ def test_errors_are_one_line(setup, capsys):
     assert main(["train", f"run_dir={d / 'x'}", "sae.d_in=16"]) == 2
     assert "[data] section needs" in capsys.readouterr().err
     assert main(["export", str(d / "nowhere"), str(d / "o")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# LM metrics (SAE spliced into a tiny random model with SmolLM2's tokenizer and chat template)
+# ---------------------------------------------------------------------------------------------------
+
+def _lossless(d):
+    """A ReLU SAE with W_enc = [I, -I]: relu(x) - relu(-x) = x, so it reconstructs exactly."""
+    from sae.config import SaeConfig
+
+    eye = np.eye(d, dtype=np.float32)
+    cfg = SaeConfig(architecture="relu", d_in=d, d_sae=2 * d, apply_b_dec_to_input=False)
+    return {"W_enc": np.concatenate([eye, -eye], 1), "b_enc": np.zeros(2 * d, np.float32),
+            "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(d, np.float32)}, cfg
+
+
+@pytest.fixture(scope="module")
+def lm_setup(tmp_path_factory, tiny_chat_model):
+    from sae.interop import export_saelens
+
+    d = tmp_path_factory.mktemp("lm")
+    params, cfg = _lossless(tiny_chat_model.config.d_model)
+    export_saelens(params, cfg, d / "sae", hook_name="model.layers.1", model_name="tiny-not-registered")
+    docs = [{"id": f"doc{i}", "conversations": [{"from": "human", "value": f"Question {i}: what is {i} plus {i}?"},
+                                                 {"from": "gpt", "value": f"It is {2 * i}. " * (i + 1)}]}
+            for i in range(7)]
+    (d / "corpus.json").write_text(json.dumps(docs))
+    return d
+
+
+def _lm_conf(d, **kw):
+    return {"eval": {"lm_corpus": str(d / "corpus.json"), "lm_docs": 5, "lm_context_len": 40, "lm_batch_size": 2,
+                     "progress": False, **kw}}
+
+
+def test_eval_lm_metrics_lossless_sae(lm_setup, tiny_chat_model, capsys):
+    """A perfectly reconstructing SAE recovers all of the CE loss, under both position conventions."""
+    from sae.cli import cmd_eval
+    from sae.corpus import load_corpus
+
+    d = lm_setup
+    out = cmd_eval(str(d / "sae"), _lm_conf(d), model=tiny_chat_model)
+    rep = out["saes"][0]
+    lm = rep["lm_metrics"]
+    assert rep["hook"] == {"site": "resid_post", "layer": 1}          # from the SAELens hook_name
+    assert lm["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert lm["delta_lm_loss"] == pytest.approx(0.0, abs=1e-5) and lm["kl_score"] == pytest.approx(1.0, abs=1e-5)
+    assert lm["ce_zero_ablation"] != pytest.approx(lm["ce_orig"], abs=1e-3)   # the ablation does something
+    assert rep["metrics"]["explained_variance_saelens_new"] == pytest.approx(1.0, abs=1e-5)
+    assert "lm documents" in rep["metrics_source"]                     # no [data]: reconstruction on the LM docs
+    info = out["lm"]
+    assert info["n_documents"] == 5 and info["selection"].startswith("the last 5") and info["positions"] == "trained"
+    assert "ce_loss_recovered=1.0000" in capsys.readouterr().err
+    out_all = cmd_eval(str(d / "sae"), _lm_conf(d, lm_positions="all", lm_skip_docs=1, lm_docs=2), model=tiny_chat_model)
+    assert out_all["saes"][0]["lm_metrics"]["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    ids = load_corpus(d / "corpus.json", shuffle=True, seed=0).ids
+    assert info["doc_ids"] == ids[-5:] and out_all["lm"]["doc_ids"] == ids[1:3]
+
+
+def test_eval_lm_metrics_of_a_run_match_a_direct_computation(tmp_path, lm_setup, tiny_chat_model, capsys):
+    """A stacked run (two SAEs) on the model's width: eval.json holds each SAE's LM metrics, equal to
+    evaluate_lm(port_runner(...)) on the same batches; held-out documents skip the store's training ids."""
+    from sae.activations import STORE_FORMAT, STORE_VERSION
+    from sae.cli import cmd_eval
+    from sae.metrics import corpus_token_batches, evaluate_lm, port_runner
+    from sae.train import load_run
+
+    d = lm_setup
+    width = tiny_chat_model.config.d_model
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(size=(512, width)).astype(np.float32))
+    assert main(["train", f"run_dir={tmp_path / 'run'}", f"data.npy={tmp_path / 'acts.npy'}", "data.layer=2",
+                 "sae.architecture=relu", "sae.apply_b_dec_to_input=false", "sae.d_sae=64", "sae.batch_size=128",
+                 "sae.geometric_median_iters=2", "sweep.l1_coef=[1,2]",
+                 "train.max_steps=0", "train.progress=false", "train.plot=false"]) == 0
+    capsys.readouterr()
+    store = tmp_path / "store"                        # only what the exclusion reads: manifest + docs.json
+    store.mkdir()
+    (store / "manifest.json").write_text(json.dumps({"format": STORE_FORMAT, "version": STORE_VERSION}))
+    (store / "docs.json").write_text(json.dumps({"ids": ["doc5", "doc6"]}))
+    conf = _lm_conf(d, lm_docs=3, lm_shuffle=False, lm_exclude_store=str(store))
+    conf["data"] = {"npy": str(tmp_path / "acts.npy")}
+    conf["eval"]["batch_size"] = 128
+    out = cmd_eval(str(tmp_path / "run"), conf, model=tiny_chat_model)
+    assert out["lm"]["doc_ids"] == ["doc2", "doc3", "doc4"] and out["lm"]["n_excluded"] == 2
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert [r["hook"]["layer"] for r in saved["saes"]] == [2, 2]             # the run's recorded data.layer
+    assert all(r["metrics_source"] == "data" and r["metrics"]["n_tokens"] == 512 for r in saved["saes"])
+    params, cfgs, _ = load_run(tmp_path / "run")
+    docs = [json.loads((d / "corpus.json").read_text())[i]["conversations"] for i in (2, 3, 4)]
+    docs = [[{"role": {"human": "user", "gpt": "assistant"}[m["from"]], "content": m["value"]} for m in c] for c in docs]
+    batches = corpus_token_batches(tiny_chat_model, docs, context_len=40, batch_size=2)
+    for i in range(2):
+        direct = evaluate_lm(port_runner(tiny_chat_model.params, tiny_chat_model.config, params[i], cfgs[i], layer=2),
+                             batches)
+        for k in ("ce_orig", "ce_sae", "ce_zero_ablation", "ce_loss_recovered", "kl_score", "n_positions"):
+            assert saved["saes"][i]["lm_metrics"][k] == pytest.approx(direct[k], rel=1e-5, abs=1e-6)
+
+
+def test_eval_lm_errors(tmp_path, lm_setup, tiny_chat_model, capsys):
+    from sae.cli import CliError, cmd_eval
+    from sae.interop import export_saelens
+
+    d = lm_setup
+    params, cfg = _lossless(16)
+    export_saelens(params, cfg, tmp_path / "narrow", hook_name="model.layers.1", model_name="tiny")
+    with pytest.raises(CliError, match=r"SAE 0 has d_in=16 but model 'psm-tiny' has d_model=32"):
+        cmd_eval(str(tmp_path / "narrow"), _lm_conf(d), model=tiny_chat_model)
+    with pytest.raises(CliError, match=r"SAE 0 reads layer 3 \(resid_post\) but model 'psm-tiny' has n_layers=3"):
+        cmd_eval(str(d / "sae"), _lm_conf(d, lm_layer=3), model=tiny_chat_model)
+    with pytest.raises(CliError, match="no documents left for the LM evaluation.*lm_skip_docs=7"):
+        cmd_eval(str(d / "sae"), _lm_conf(d, lm_skip_docs=7), model=tiny_chat_model)
+    (tmp_path / "empty.json").write_text(json.dumps([{"conversations": [{"from": "bing", "value": "hi"}]}]))
+    with pytest.raises(ValueError, match="empty after filtering"):
+        cmd_eval(str(d / "sae"), _lm_conf(d, lm_corpus=str(tmp_path / "empty.json")), model=tiny_chat_model)
+    with pytest.raises(CliError, match="lm_positions='some'"):
+        cmd_eval(str(d / "sae"), _lm_conf(d, lm_positions="some"), model=tiny_chat_model)
+    # through the command line: no model recorded -> LM metrics skipped with a note; nothing else -> usage error
+    np.save(tmp_path / "acts.npy", np.zeros((64, 32), np.float32))
+    assert main(["eval", str(d / "sae"), f"data.npy={tmp_path / 'acts.npy'}", "eval.batch_size=64"]) == 0
+    captured = capsys.readouterr()
+    assert "LM metrics skipped" in captured.err and "tiny-not-registered" in captured.err
+    assert "lm_metrics" not in json.loads(captured.out)["saes"][0]
+    assert main(["eval", str(d / "sae")]) == 2
+    assert "nothing to evaluate on" in capsys.readouterr().err
+    assert main(["eval", str(d / "sae"), f"eval.lm_model={tmp_path / 'missing.gguf'}"]) == 2
+    assert "could not be loaded" in capsys.readouterr().err

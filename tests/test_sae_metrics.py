@@ -133,3 +133,35 @@ def test_port_runner_splices_through_psm_jax(tiny_hf):
     assert m0["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-5) and m0["kl_score"] == pytest.approx(0, abs=1e-5)
     with pytest.raises(ValueError, match="d_model"):
         port_runner(params, config, lossless, cfg.replace(d_in=d + 1, d_sae=2 * d), layer=1)
+
+
+def test_evaluate_lm_on_corpus_positions_and_errors(tiny_chat_model):
+    """positions="all" (the attention mask as the edit mask) equals editing every slot; "trained" leaves the
+    first token alone; misfits name the model's and the SAE's values."""
+    from sae.metrics import check_lm_fit, corpus_token_batches, evaluate_lm_on_corpus, port_runner
+
+    model = tiny_chat_model
+    d = model.config.d_model
+    cfg = SaeConfig(architecture="relu", d_in=d, d_sae=2 * d, apply_b_dec_to_input=False)
+    rng = np.random.default_rng(0)
+    sae = {"W_enc": rng.normal(size=(d, 2 * d)).astype(np.float32), "b_enc": np.zeros(2 * d, np.float32),
+           "W_dec": 0.1 * rng.normal(size=(2 * d, d)).astype(np.float32), "b_dec": np.zeros(d, np.float32)}
+    docs = [[{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i} " * (3 + i)}] for i in range(3)]
+    b_all = corpus_token_batches(model, docs, context_len=24, batch_size=2, positions="all")
+    b_tr = corpus_token_batches(model, docs, context_len=24, batch_size=2)
+    assert len(b_all) == 2 and all(len(b) == 3 for b in b_all)
+    assert all((k <= m).all() and (k.sum(1) < m.sum(1))[:1].all() for _, m, k in b_tr)
+    m_all = evaluate_lm_on_corpus(model, sae, cfg, layer=1, batches=b_all)
+    every_slot = evaluate_lm(port_runner(model.params, model.config, sae, cfg, layer=1), [(t, m) for t, m, _ in b_all])
+    for key in ("ce_sae", "ce_zero_ablation", "kl_sae", "n_positions"):
+        assert m_all[key] == pytest.approx(every_slot[key], rel=1e-5)
+    m_tr = evaluate_lm_on_corpus(model, sae, cfg, docs, layer=1, context_len=24, batch_size=2)
+    assert m_tr["ce_orig"] == pytest.approx(m_all["ce_orig"]) and m_tr["ce_sae"] != pytest.approx(m_all["ce_sae"])
+    with pytest.raises(ValueError, match=r"d_in=16 does not match the model's d_model=32"):
+        check_lm_fit(model.config, cfg.replace(d_in=16, d_sae=32), 1)
+    with pytest.raises(ValueError, match=r"SAE layer 3 is out of range for a model with n_layers=3"):
+        evaluate_lm_on_corpus(model, sae, cfg, docs, layer=3)
+    with pytest.raises(ValueError, match="empty after filtering"):
+        corpus_token_batches(model, [])
+    with pytest.raises(ValueError, match="positions='some'"):
+        corpus_token_batches(model, docs, positions="some")

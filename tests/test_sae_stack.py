@@ -1,21 +1,13 @@
 """sae.train: stacked SAEs (lax.map / vmap / per-SAE streams), in-process resume, activation normalisation."""
-import json
 
 import jax
 import numpy as np
 import pytest
 
-from sae.config import SaeConfig, sweep
+from sae.config import sweep
 from sae.synthetic import PlantedSource
 from sae.train import load_run, train
-
-D, F, B = 32, 64, 256
-BASE = SaeConfig(architecture="topk", d_in=D, d_sae=128, k=3, batch_size=B, lr=3e-3, warmup_steps=10,
-                 dead_tokens_threshold=B * 50, geometric_median_iters=10)
-
-
-def _log(run_dir):
-    return [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+from tests.test_sae_train import BASE, B, D, F, _log  # the same planted-feature setup
 
 
 def test_stacked_sweep_matches_separate_runs(tmp_path):

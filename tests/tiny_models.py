@@ -54,3 +54,24 @@ def save(name: str, directory) -> object:
     model = build(name)
     model.save_pretrained(directory)
     return model
+
+
+def save_chat_llama(directory, tokenizer, *, n_layers: int, seed: int, max_position_embeddings: int = 1024,
+                    rescale: bool = True) -> None:
+    """Save a random tiny llama (d_model 32) with `tokenizer`'s vocabulary, plus the tokenizer, into `directory`
+    (load it with psm_jax.load). `rescale`: redraw the weights larger than HF's init (norm weights 1 + 0.2 N(0, 1),
+    others 0.3 N(0, 1)), so greedy answers are not all newlines."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    if rescale:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
