@@ -40,6 +40,15 @@ Pipeline per trait (experiments.datasets.load_trait):
    the mean response activation of greedy responses to evaluation questions; Pearson r across the
    11 prompts.
 6. Cosine matrix across traits at a common layer (the most frequent chosen layer).
+6b. A second behavioural measure, "response likelihood" (`response_measure`; off with
+   response_measure=False): for the first `n_response_questions` evaluation questions and
+   `n_response_pairs` instruction pairs per question, the model's own greedy answers under the positive
+   and the negative system prompt (unsteered) are reference answers; m = mean over (question, pair) of
+   per-token log P(pos answer | question) - per-token log P(neg answer | question), scored without the
+   trait system prompt, steered at every position. Layer chosen by m on the even-indexed questions,
+   curve + random control on the odd-indexed ones; validity = m under the positive minus the negative
+   system prompts (a prompt never scores answers generated under its own instruction pair); monitoring r
+   = last-prompt projection vs m across the 11 system prompts.
 7. Data screening: for a dataset of (prompt, response) pairs, projection of the given response minus
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
@@ -65,7 +74,9 @@ import numpy as np
 
 from experiments import rollouts
 from experiments.judge import COHERENCE_RUBRIC, make_judge
-from experiments.report import Report, jsonable, atomic_write_bytes, load_vectors
+from experiments.cli_common import rerun_command
+from experiments.report import Report, jsonable, atomic_write_bytes, load_vectors, pyplot
+from experiments.report import fmt_num as _fmt
 from psm_jax import edits as E
 from psm_jax.chat import Role
 from psm_jax.model import Capture, forward
@@ -102,6 +113,11 @@ class PersonaVectorsConfig:
     n_steer_examples: int = 2  # evaluation questions shown steered
     steer_example_coefs: tuple[float, ...] = (-0.5, 0.0, 0.5)
     screening: bool = True
+    # second behavioural measure: contrastive likelihood of the model's own pos/neg-prompted answers (see module doc)
+    response_measure: bool = True
+    n_response_questions: int = 20  # evaluation questions (first n); split alternately into selection / held-out
+    n_response_pairs: int = 1  # instruction pairs per question; question q uses pairs (q + k) % 5, k < n
+    response_max_new_tokens: int = 32  # length of the greedy reference answers
     seed: int = 0
 
     def __post_init__(self):
@@ -119,6 +135,15 @@ class PersonaVectorsConfig:
             raise ValueError(f"coefficients={self.coefficients}; expected 0 and values of both signs")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}; expected >= 0")
+        if self.response_measure:
+            if int(self.n_response_questions) < 2:
+                raise ValueError(f"n_response_questions={self.n_response_questions}; expected >= 2 (a selection and a "
+                                 "held-out half)")
+            if not 1 <= int(self.n_response_pairs) <= 5:
+                raise ValueError(f"n_response_pairs={self.n_response_pairs}; expected 1 to 5 (a trait has 5 "
+                                 "instruction pairs)")
+            if int(self.response_max_new_tokens) < 1:
+                raise ValueError(f"response_max_new_tokens={self.response_max_new_tokens}; expected a positive integer")
 
 
 # ------------------------------------------------------------------------------ data
@@ -220,10 +245,7 @@ def typical_norms(model, conversations, *, batch_size: int = 16) -> np.ndarray:
     """Mean per-token residual norm at resid_post of every layer over the last assistant message's
     content tokens of `conversations` (the steering unit): [n_layers]."""
     total, count = np.zeros(model.config.n_layers), 0.0
-    for start in range(0, len(conversations), batch_size):
-        convs = list(conversations[start:start + batch_size])
-        n_real = len(convs)
-        convs += [convs[-1]] * (batch_size - n_real)
+    for _, convs, n_real in rollouts.static_batches(conversations, batch_size):
         _, batch = rollouts.encode_batch(model, convs, add_generation_prompt=False)
         last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
         mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
@@ -259,21 +281,99 @@ def behaviour_measure(model, items, *, system: str | None = None, vector=None, l
     return float(diff.mean()), diff
 
 
-def steering_sweep(model, items, directions, scales, layers: Sequence[int], coefs: Sequence[float], *,
-                   progress: bool = False) -> np.ndarray:
-    """Behavioural measure [len(layers), len(coefs)] when adding c * scales[L] * unit(directions[L]) at L."""
+def _sweep(measure, directions, scales, layers: Sequence[int], coefs: Sequence[float], *, progress: bool = False,
+           desc: str = "steering sweep") -> np.ndarray:
+    """measure(vector=, layer=, coef=) -> float on the grid layers x coefs, the vector at L being
+    scales[L] * unit(directions[L]): [len(layers), len(coefs)]."""
     out = np.zeros((len(layers), len(coefs)))
     grid = [(i, j) for i in range(len(layers)) for j in range(len(coefs))]
     if progress:
         from tqdm.auto import tqdm
 
-        grid = tqdm(grid, desc="steering sweep", unit="point")
+        grid = tqdm(grid, desc=desc, unit="point")
     for i, j in grid:
         L = int(layers[i])
         d = np.asarray(directions[L], np.float64)
         unit = d / (np.linalg.norm(d) + 1e-8)
-        out[i, j] = behaviour_measure(model, items, vector=unit * float(scales[L]), layer=L, coef=float(coefs[j]))[0]
+        out[i, j] = measure(vector=unit * float(scales[L]), layer=L, coef=float(coefs[j]))
     return out
+
+
+def steering_sweep(model, items, directions, scales, layers: Sequence[int], coefs: Sequence[float], *,
+                   progress: bool = False) -> np.ndarray:
+    """Behavioural measure [len(layers), len(coefs)] when adding c * scales[L] * unit(directions[L]) at L."""
+    return _sweep(lambda **kw: behaviour_measure(model, items, **kw)[0], directions, scales, layers, coefs,
+                  progress=progress)
+
+
+def _even_batch(n: int, max_batch: int) -> int:
+    """Smallest batch size that splits n items into as few batches as max_batch allows, with little padding."""
+    n_batches = -(-n // max(1, int(max_batch)))
+    return max(1, -(-n // n_batches))
+
+
+def response_measure(model, questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str], *,
+                     system: str | None = None, vector=None, layer: int | None = None, coef: float = 0.0,
+                     batch_size: int = 16) -> tuple[float, np.ndarray]:
+    """Contrastive response likelihood: per (question, pos answer, neg answer) triple,
+    log P(pos | q) / n_pos - log P(neg | q) / n_neg (per-token log-likelihoods of the answer content tokens,
+    `rollouts.score_answers` / `rollouts.answer_token_counts`), the scoring conversation being [system?] user q,
+    assistant answer; optionally with `coef * vector` added at resid_post of `layer` at every position.
+    Returns (mean over triples, per-triple values)."""
+    n = len(questions)
+    if n == 0:
+        raise ValueError("response_measure needs at least one question")
+    if len(pos_answers) != n or len(neg_answers) != n:
+        raise ValueError(f"{n} questions, {len(pos_answers)} positive and {len(neg_answers)} negative answers; "
+                         "expected equal counts")
+    head = [{"role": "system", "content": system}] if system else []
+    prompts = [head + [{"role": "user", "content": q}] for q in questions]
+    answers = list(pos_answers) + list(neg_answers)
+    counts = rollouts.answer_token_counts(model, prompts + prompts, answers)
+    if np.any(counts == 0):
+        bad = int(np.argmax(counts == 0))
+        raise ValueError(f"answer {answers[bad]!r} has no content tokens; expected non-empty answers")
+    edits_fn = None
+    if vector is not None:
+        edit = steering_edit(model, vector, layer, coef)
+        edits_fn = lambda batch: (edit,)  # noqa: E731
+    lp = rollouts.score_answers(model, prompts + prompts, answers, batch_size=_even_batch(2 * n, batch_size),
+                                edits_fn=edits_fn)
+    per_tok = lp / counts
+    diff = per_tok[:n] - per_tok[n:]
+    return float(diff.mean()), diff
+
+
+def response_sweep(model, questions, pos_answers, neg_answers, directions, scales, layers: Sequence[int],
+                   coefs: Sequence[float], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    """`response_measure` [len(layers), len(coefs)] when adding c * scales[L] * unit(directions[L]) at L."""
+    return _sweep(lambda **kw: response_measure(model, questions, pos_answers, neg_answers, batch_size=batch_size,
+                                                **kw)[0],
+                  directions, scales, layers, coefs, progress=progress, desc="response sweep")
+
+
+def response_slots(trait, n_questions: int, n_pairs: int) -> list[dict]:
+    """Reference-answer slots: for each of the first `n_questions` evaluation questions q, instruction pairs
+    (q + k) % n_instruction_pairs for k < n_pairs. Each slot gets a pos and a neg answer."""
+    n_total = len(trait.instruction_pairs)
+    if n_questions > len(trait.evaluation_questions):
+        raise ValueError(f"n_response_questions={n_questions}; trait {trait.name!r} has "
+                         f"{len(trait.evaluation_questions)} evaluation questions")
+    if n_pairs > n_total:
+        raise ValueError(f"n_response_pairs={n_pairs}; trait {trait.name!r} has {n_total} instruction pairs")
+    return [{"question_index": q, "question": trait.evaluation_questions[q], "pair": (q + k) % n_total}
+            for q in range(n_questions) for k in range(n_pairs)]
+
+
+def generate_reference_answers(model, trait, slots: list[dict], *, max_new_tokens: int, batch_size: int = 16,
+                               progress: bool = False) -> list[dict]:
+    """Greedy, unsteered answers under the slot's positive and negative system prompts: slots with 'pos', 'neg'."""
+    convs = [[{"role": "system", "content": trait_system_prompt(trait.name, pol, getattr(trait.instruction_pairs[s["pair"]], pol))},
+              {"role": "user", "content": s["question"]}] for pol in ("pos", "neg") for s in slots]
+    rolls = rollouts.generate_responses(model, convs, max_new_tokens=max_new_tokens, temperature=0.0,
+                                        batch_size=batch_size, progress=progress)
+    n = len(slots)
+    return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
 def monotonic(coefs: Sequence[float], values: Sequence[float]) -> dict[str, bool]:
@@ -519,6 +619,11 @@ def run_trait(model, trait, cfg: PersonaVectorsConfig, trait_index: int, judge, 
                                 for (k, i, _), q, r in zip([x for x in mon_systems for _ in mon_questions],
                                                            mon_questions * n_sys, mon_rolls)]
 
+    # 6b. the second behavioural measure: contrastive likelihood of the model's own pos/neg-prompted answers
+    if cfg.response_measure:
+        res["response"] = _response_block(model, trait, cfg, direction, scales, layers, coefs, rand, mon_acts,
+                                          mon_systems, n_q, progress=progress)
+
     # 7. screening (sanity check on the generated data)
     if cfg.screening:
         scr = {}
@@ -535,6 +640,70 @@ def run_trait(model, trait, cfg: PersonaVectorsConfig, trait_index: int, judge, 
     res["own_responses"] = list(zip(questions, own_responses))
     res["seconds"] = time.time() - t0
     return res
+
+
+def _response_block(model, trait, cfg: PersonaVectorsConfig, direction, scales, layers, coefs, rand, mon_acts,
+                    mon_systems, n_mon_questions: int, progress: bool = False) -> dict:
+    """Reference answers, layer selection (selection questions), steering curve + random control (held-out
+    questions), and the no-steering validity / monitoring per system prompt, for `response_measure`."""
+    slots = response_slots(trait, cfg.n_response_questions, cfg.n_response_pairs)
+    ref = generate_reference_answers(model, trait, slots, max_new_tokens=cfg.response_max_new_tokens,
+                                     batch_size=cfg.batch_size, progress=progress)
+    user = [[{"role": "user", "content": x["question"]}] for x in ref]
+    n_pos = rollouts.answer_token_counts(model, user, [x["pos"] for x in ref])
+    n_neg = rollouts.answer_token_counts(model, user, [x["neg"] for x in ref])
+    for x, a, b in zip(ref, n_pos, n_neg):
+        x.update(n_pos_tokens=int(a), n_neg_tokens=int(b), kept=bool(a > 0 and b > 0),
+                 half="selection" if x["question_index"] % 2 == 0 else "held-out")
+    sel = [x for x in ref if x["kept"] and x["half"] == "selection"]
+    held = [x for x in ref if x["kept"] and x["half"] == "held-out"]
+    if not sel or not held:
+        raise ValueError(f"trait {trait.name!r}: {len(sel)} selection and {len(held)} held-out reference-answer pairs "
+                         "with non-empty answers; expected at least one each (raise n_response_questions)")
+
+    def args(xs):
+        return [x["question"] for x in xs], [x["pos"] for x in xs], [x["neg"] for x in xs]
+
+    bs = cfg.batch_size
+    sw = response_sweep(model, *args(sel), direction, scales, layers, (-cfg.select_coef, cfg.select_coef),
+                        batch_size=bs, progress=progress)
+    effect = sw[:, 1] - sw[:, 0]
+    best = int(layers[int(np.argmax(effect))])
+    curve = response_sweep(model, *args(held), direction, scales, (best,), coefs, batch_size=bs, progress=progress)[0]
+    rand_dirs = np.zeros_like(direction)
+    rand_dirs[best] = rand
+    cmax = max(abs(c) for c in coefs)
+    control = response_sweep(model, *args(held), rand_dirs, scales, (best,), (-cmax, cmax), batch_size=bs)[0]
+
+    # validity and monitoring, no steering: under each system prompt, the held-out pairs whose answers were not
+    # generated under that prompt's instruction pair (the default prompt: all), so that a prompt does not score
+    # its own greedy output
+    m_sys, n_sys_used = [], []
+    for kind, i, system in mon_systems:
+        sub = [x for x in held if kind == "default" or x["pair"] != i]
+        n_sys_used.append(len(sub))
+        m_sys.append(response_measure(model, *args(sub), system=system, batch_size=bs)[0] if sub else float("nan"))
+    m_sys = np.asarray(m_sys)
+    kinds = np.asarray([k for k, _, _ in mon_systems])
+    n_sys = len(mon_systems)
+    p_last = project(mon_acts["last_prompt"][:, best], direction[best]).reshape(n_sys, n_mon_questions).mean(1)
+    p_resp = project(mon_acts["response_mean"][:, best], direction[best]).reshape(n_sys, n_mon_questions).mean(1)
+    ok = np.isfinite(m_sys)
+    r_last = pearson(p_last[ok], m_sys[ok]) if ok.sum() >= 3 else float("nan")
+    r_resp = pearson(p_resp[ok], m_sys[ok]) if ok.sum() >= 3 else float("nan")
+    pos_m, neg_m = m_sys[(kinds == "pos") & ok], m_sys[(kinds == "neg") & ok]
+    effect_sys = float(pos_m.mean() - neg_m.mean()) if len(pos_m) and len(neg_m) else float("nan")
+    return {
+        "layer": best, "coefs": list(coefs), "measure": curve, "monotonic": monotonic(coefs, curve),
+        "random_control": {"coefs": [-cmax, cmax], "measure": control},
+        "layer_sweep": {"layers": list(layers), "m_minus": sw[:, 0], "m_plus": sw[:, 1], "effect": effect,
+                        "chosen_layer": best, "select_coef": cfg.select_coef, "n_pairs": len(sel)},
+        "n_selection": len(sel), "n_held_out": len(held), "n_dropped": sum(not x["kept"] for x in ref),
+        "n_questions": cfg.n_response_questions, "n_pairs_per_question": cfg.n_response_pairs,
+        "unit_norm": float(scales[best]),
+        "system_measure": m_sys, "system_n_used": n_sys_used, "system_prompt_effect": effect_sys,
+        "proj_last_prompt": p_last, "proj_response": p_resp, "r_last_prompt": r_last, "r_response": r_resp,
+        "reference": ref}
 
 
 def run(config: PersonaVectorsConfig, out_dir: str | Path = "runs/persona_vectors", *, model=None,
@@ -564,23 +733,106 @@ def run(config: PersonaVectorsConfig, out_dir: str | Path = "runs/persona_vector
 # ------------------------------------------------------------------------------ report
 
 
-def _fmt(x, f=".3f"):
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, f)
-
-
 def _short(text: str, n: int = 220) -> str:
     text = " ".join(str(text).split()).replace("|", "/")
     return text if len(text) <= n else text[:n] + "..."
 
 
+def _line_figure(report: Report, fig, ax, name: str, caption: str, *, title: str, xlabel: str, ylabel: str,
+                 legend_fontsize: int = 8) -> None:
+    """Label a one-axes line plot, add its legend and save it into the report."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=legend_fontsize)
+    ax.set_title(title)
+    report.figure(name, fig, caption)
+
+
+def _response_trait_line(rs: dict) -> str:
+    ls = rs["layer_sweep"]
+    return (f"Response-likelihood measure: layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
+            "(effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"]))
+            + f"); held-out curve ({rs['n_held_out']} pairs): "
+            + ", ".join(f"c={c:+g}: {m:+.3f}" for c, m in zip(rs["coefs"], rs["measure"]))
+            + f"; monotonic for c<=0: {rs['monotonic']['neg']}, for c>=0: {rs['monotonic']['pos']}; random direction at "
+            f"c=+-{rs['random_control']['coefs'][1]:g}: "
+            + ", ".join(f"{m:+.3f}" for m in rs["random_control"]["measure"])
+            + f". Validity (no steering, pos minus neg system prompts): {_fmt(rs['system_prompt_effect'], '+.3f')}; "
+            f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}, "
+            f"r(response projection, measure) = {_fmt(rs['r_response'])}. Reference pairs with an empty answer "
+            f"(dropped): {rs['n_dropped']}.")
+
+
+def _write_response_section(report: Report, cfg: PersonaVectorsConfig, resp: list[dict], plt) -> None:
+    """The second behavioural measure: definition, per-trait table and steering curves."""
+    r0 = resp[0]["response"]
+    report.section("Response-likelihood measure", f"""
+A second behavioural measure, added because the items' own validity check is near 0 on this model (the items do
+not respond to the trait's system prompts), defined before its results were seen; the item measure above is
+unchanged. **Reference answers:** for each of the first {cfg.n_response_questions} *evaluation* questions (not the
+extraction ones) and {cfg.n_response_pairs} instruction pair(s) per question (question q uses pairs (q + k) mod 5),
+the model's own greedy answer ({cfg.response_max_new_tokens} new tokens, no steering) under the positive system
+prompt and under the negative one. **Measure:** m = mean over (question, pair) of
+log P(pos answer | question) / n_pos - log P(neg answer | question) / n_neg, i.e. the per-token log-likelihood
+difference over the answers' content tokens, scored in a conversation *without* the trait system prompt (the
+template's default system prompt, as for the items); steering adds c x typical norm x unit(vector) at resid_post
+of the layer at every position of the scoring forward. **Layer:** chosen by this measure on the selection half of
+the questions (even question indices; largest m(+{cfg.select_coef}) - m(-{cfg.select_coef}) over the same sweep
+layers), so it may differ from the items' layer; the curve, the random-direction control (the same random
+direction as for the items, at matched norm) and the monitoring are reported on the held-out half (odd indices:
+{r0['n_held_out']} pairs). **Validity:** m without steering under each positive system prompt minus under each
+negative one (means over the 5 each); under the prompt of instruction pair i only answers generated under *other*
+pairs are scored, so that a prompt never scores its own greedy output (which would make the check trivially
+positive). **Monitoring r:** across the 11 system prompts, the last-prompt-token projection (mean over the monitoring
+questions, at this measure's layer) vs m under that system prompt. Caveats: greedy answers of a 135M model are
+short and often repetitive, and the likelihood of an answer is not the same as the trait being expressed; a
+validity effect clearly > 0 is needed before the steering curve means anything.
+""")
+    rows = []
+    for r in resp:
+        rs = r["response"]
+        rows.append({"trait": r["trait"], "layer": rs["layer"], "m(c_min)": float(rs["measure"][0]),
+                     "m(0)": float(rs["measure"][rs["coefs"].index(0.0)]), "m(c_max)": float(rs["measure"][-1]),
+                     "monotonic c<=0": rs["monotonic"]["neg"], "monotonic c>=0": rs["monotonic"]["pos"],
+                     "random ctrl m(-max), m(+max)": f"{rs['random_control']['measure'][0]:.3f}, "
+                                                      f"{rs['random_control']['measure'][1]:.3f}",
+                     "validity: pos-neg system prompt effect": float(rs["system_prompt_effect"]),
+                     "r last-prompt": rs["r_last_prompt"], "r response": rs["r_response"],
+                     "held-out pairs": rs["n_held_out"]})
+    report.table("Response-likelihood measure: results per trait", rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in resp:
+        rs = r["response"]
+        ax.plot(rs["coefs"], rs["measure"], marker="o", label=f"{r['trait']} (L{rs['layer']})")
+        ax.plot(rs["random_control"]["coefs"], rs["random_control"]["measure"], ls=":", marker="x",
+                color=ax.lines[-1].get_color(), alpha=0.6)
+    ax.axvline(0, color="gray", lw=0.5)
+    _line_figure(report, fig, ax, "response_steering_curves",
+                 "Response-likelihood measure (per-token log-likelihood of the model's own positive-prompted answer "
+                 "minus the negative-prompted one, held-out questions) vs steering coefficient at its chosen layer; "
+                 "dotted: a random direction of the same length.",
+                 title="Steering: response-likelihood measure vs coefficient",
+                 xlabel="steering coefficient (x typical residual norm)",
+                 ylabel="per-token log P(pos answer) - log P(neg answer)")
+
+
 def _write_report(report: Report, cfg: PersonaVectorsConfig, model, results: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n_layers, d = model.config.n_layers, model.config.d_model
     n_mono = sum(r["steering"]["monotonic"]["both"] for r in results)
+    resp = [r for r in results if "response" in r]
+    n_mono_resp = sum(r["response"]["monotonic"]["both"] for r in resp)
+    if resp:
+        resp_summary = (f"**Response-likelihood measure** (a second behavioural measure, defined below): "
+                        f"**{n_mono_resp} of {len(resp)} traits** increase strictly with the coefficient on both "
+                        f"sides of 0 (same coefficients); its system-prompt validity effect: "
+                        + ", ".join(f"{r['trait']} {_fmt(r['response']['system_prompt_effect'], '+.3f')}" for r in resp)
+                        + ".")
+    else:
+        resp_summary = "The response-likelihood measure was not run (response_measure=False)."
+    resp_sizes = (f"; response-likelihood measure on {cfg.n_response_questions} evaluation questions x "
+                  f"{cfg.n_response_pairs} instruction pair(s), {cfg.response_max_new_tokens}-token greedy reference "
+                  "answers") if resp else ""
     report.section("Summary", f"""
 Model `{cfg.model}` ({n_layers} layers, d_model {d}); traits: {', '.join(r['trait'] for r in results)}.
 Vectors at site `resid_post` of every layer ({LAYER_INDEXING}).
@@ -589,15 +841,17 @@ Steering coefficients are in units of the typical residual norm at the steered l
 Behavioural measure = mean over two-choice items of log P(trait choice) - log P(other choice);
 the layer is chosen on half of the items and the curve is reported on the other half.
 
-**{n_mono} of {len(results)} traits** have a behavioural measure that increases strictly with the coefficient
+**Items: {n_mono} of {len(results)} traits** have a behavioural measure that increases strictly with the coefficient
 on both sides of 0 (c in {list(sorted(cfg.coefficients))}).
+
+{resp_summary}
 
 Caveats: SmolLM2-135M-Instruct is a weak model and a weak judge. Its 0-100 judge scores barely depend on
 the answer, so the judge filter is weak (see the per-trait tables; a fallback to all pairs is reported);
 claims rest on the behavioural log-prob measure. Sizes are small (CPU): {cfg.n_pairs} instruction pairs x
 {cfg.n_questions} extraction questions x {cfg.n_samples} sample(s) per polarity, {cfg.max_new_tokens} new tokens,
 {len(results[0]['steering']['coefs'])} coefficients on {results[0]['steering']['n_items']} held-out items,
-monitoring on 11 system prompts x {cfg.n_monitor_questions} evaluation questions.
+monitoring on 11 system prompts x {cfg.n_monitor_questions} evaluation questions{resp_sizes}.
 """)
     rows = []
     for r in results:
@@ -614,13 +868,13 @@ monitoring on 11 system prompts x {cfg.n_monitor_questions} evaluation questions
                                    + (" (fallback: all)" if r["filter"].get("fallback") else ""),
                      "seconds": round(r["seconds"])})
     report.table("Results per trait", rows)
-    report.section("Validity checks", """
+    report.section("Validity checks", f"""
 Two checks that do not depend on steering. *Items: pos-neg system prompt effect* is the behavioural measure
 averaged over the 5 positive system prompts minus its average over the 5 negative ones (no steering): if the
 items measure the trait as this model expresses it, it should be clearly positive; near 0 means the items do not
 respond to the persona the system prompts induce, so neither steering nor monitoring can be judged by them.
 *Projection separation d* is the effect size (pooled-sd units) between the last-prompt-token projections onto
-the vector under positive vs negative system prompts (4 evaluation questions each): it says whether the vector
+the vector under positive vs negative system prompts ({cfg.n_monitor_questions} evaluation questions each): it says whether the vector
 reads the induced persona at all, layer by layer (plot below).
 """)
     # steering curves
@@ -630,25 +884,25 @@ reads the induced persona at all, layer by layer (plot below).
         ax.plot(st["coefs"], st["measure"], marker="o", label=f"{r['trait']} (L{st['layer']})")
         ax.plot(st["random_control"]["coefs"], st["random_control"]["measure"], ls=":", marker="x",
                 color=ax.lines[-1].get_color(), alpha=0.6)
-    ax.set_xlabel("steering coefficient (x typical residual norm)")
-    ax.set_ylabel("log P(trait) - log P(other), held-out items")
     ax.axvline(0, color="gray", lw=0.5)
-    ax.legend(fontsize=8)
-    ax.set_title("Steering: behavioural measure vs coefficient (dotted: random direction)")
-    report.figure("steering_curves", fig, "Behavioural measure vs steering coefficient at the chosen layer; "
-                  "dotted: a random direction of the same length.")
+    _line_figure(report, fig, ax, "steering_curves", "Behavioural measure vs steering coefficient at the chosen layer; "
+                 "dotted: a random direction of the same length.",
+                 title="Steering: behavioural measure vs coefficient (dotted: random direction)",
+                 xlabel="steering coefficient (x typical residual norm)",
+                 ylabel="log P(trait) - log P(other), held-out items")
+
+    if resp:
+        _write_response_section(report, cfg, resp, plt)
 
     # layer sweep
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         ls = r["layer_sweep"]
         ax.plot(ls["layers"], ls["effect"], marker="o", label=r["trait"])
-    ax.set_xlabel("layer (resid_post)")
-    ax.set_ylabel(f"m(+{cfg.select_coef}) - m(-{cfg.select_coef}), selection items")
     ax.axhline(0, color="gray", lw=0.5)
-    ax.legend(fontsize=8)
-    ax.set_title("Layer selection by steering effect")
-    report.figure("layer_sweep", fig, "Steering effect per layer on the selection half of the items.")
+    _line_figure(report, fig, ax, "layer_sweep", "Steering effect per layer on the selection half of the items.",
+                 title="Layer selection by steering effect", xlabel="layer (resid_post)",
+                 ylabel=f"m(+{cfg.select_coef}) - m(-{cfg.select_coef}), selection items")
 
     # separation by layer
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -657,22 +911,18 @@ reads the induced persona at all, layer by layer (plot below).
         ax.plot(r["monitoring"]["separation_by_layer"]["response"], ls="--", color=ax.lines[-1].get_color(),
                 label=f"{r['trait']} response")
     ax.axhline(0, color="gray", lw=0.5)
-    ax.set_xlabel("layer (resid_post)")
-    ax.set_ylabel("d(pos vs neg system prompts)")
-    ax.legend(fontsize=7)
-    ax.set_title("Projection onto the layer's vector: pos vs neg system prompts")
-    report.figure("separation_by_layer", fig, "Effect size between projections under positive and negative system "
-                  "prompts, per layer (solid: last prompt token; dashed: response average).")
+    _line_figure(report, fig, ax, "separation_by_layer", "Effect size between projections under positive and negative "
+                 "system prompts, per layer (solid: last prompt token; dashed: response average).",
+                 title="Projection onto the layer's vector: pos vs neg system prompts", xlabel="layer (resid_post)",
+                 ylabel="d(pos vs neg system prompts)", legend_fontsize=7)
 
     # vector norms
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         ax.plot(r["vector_norm"]["response_avg"] / r["typical_norm"], label=r["trait"])
-    ax.set_xlabel("layer (resid_post)")
-    ax.set_ylabel("|v| / typical residual norm")
-    ax.legend(fontsize=8)
-    ax.set_title("Response-average persona vector norm per layer")
-    report.figure("vector_norms", fig, "Norm of the response-average vector relative to the typical residual norm.")
+    _line_figure(report, fig, ax, "vector_norms", "Norm of the response-average vector relative to the typical "
+                 "residual norm.", title="Response-average persona vector norm per layer",
+                 xlabel="layer (resid_post)", ylabel="|v| / typical residual norm")
 
     # monitoring
     fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
@@ -730,6 +980,7 @@ reads the induced persona at all, layer by layer (plot below).
                 f"{mon['separation_by_layer']['response'][st['layer']]:+.2f} (response); best layer for the last-prompt "
                 f"separation: L{int(np.nanargmax(mon['separation_by_layer']['last_prompt']))} "
                 f"(d = {np.nanmax(mon['separation_by_layer']['last_prompt']):+.2f}).",
+                *([_response_trait_line(r["response"])] if "response" in r else []),
                 f"Filter: {fi['n_pairs_kept']}/{fi['n_pairs_total']} pos/neg pairs kept"
                 + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "")
                 + ("" if fi["filter"] else " (filter off)") + "."]
@@ -747,10 +998,19 @@ reads the induced persona at all, layer by layer (plot below).
                         f"{st['layer']}): positive responses {s['pos']['mean']:+.3f} (sd {s['pos']['std']:.3f}, n {s['pos']['n']}), "
                         f"negative responses {s['neg']['mean']:+.3f} (sd {s['neg']['std']:.3f}, n {s['neg']['n']}).")
         report.section(f"Trait: {r['trait']}", "\n\n".join(body))
-        report.table(f"{r['trait']}: monitoring per system prompt", [
-            {"kind": s["kind"], "pair": s["index"], "behaviour": float(b), "proj last prompt": float(pl),
-             "proj response": float(pr)}
-            for s, b, pl, pr in zip(mon["systems"], mon["behaviour"], mon["proj_last_prompt"], mon["proj_response"])])
+        mon_rows = [{"kind": s["kind"], "pair": s["index"], "behaviour": float(b), "proj last prompt": float(pl),
+                     "proj response": float(pr)}
+                    for s, b, pl, pr in zip(mon["systems"], mon["behaviour"], mon["proj_last_prompt"], mon["proj_response"])]
+        if "response" in r:
+            rs = r["response"]
+            for row, m_, n_, pl in zip(mon_rows, rs["system_measure"], rs["system_n_used"], rs["proj_last_prompt"]):
+                row.update({"response m": float(m_), "response n": n_, f"proj last prompt L{rs['layer']}": float(pl)})
+        report.table(f"{r['trait']}: monitoring per system prompt", mon_rows)
+        if "response" in r:
+            report.table(f"{r['trait']}: reference answers (greedy, unsteered, first 2 held-out)", [
+                {"question": _short(x["question"], 70), "pair": x["pair"], "pos answer": _short(x["pos"], 140),
+                 "neg answer": _short(x["neg"], 140)}
+                for x in r["response"]["reference"] if x["kept"] and x["half"] == "held-out"][:2])
         report.table(f"{r['trait']}: steered generations (greedy, layer {st['layer']})", [
             {"coef": e["coef"], "question": _short(e["question"], 80), "response": _short(e["response"])}
             for e in r["steered_examples"]])
@@ -784,11 +1044,15 @@ reads the induced persona at all, layer by layer (plot below).
         lines += [{"trait": r["trait"], "kind": "monitor", **m} for m in r["monitor_responses"]]
         lines += [{"trait": r["trait"], "kind": "steered", "layer": r["steering"]["layer"], **e}
                   for e in r["steered_examples"]]
+        if "response" in r:
+            lines += [{"trait": r["trait"], "kind": "reference", **x} for x in r["response"]["reference"]]
     atomic_write_bytes(report.dir / "responses.jsonl",
                        "".join(json.dumps(jsonable(x)) + "\n" for x in lines).encode())
 
     # metrics
     report.metric("persona_steering_monotonic_traits", n_mono)
+    if resp:
+        report.metric("persona_steering_monotonic_traits_response", n_mono_resp)
     report.metric("n_traits", len(results))
     report.metric("cosine_layer", common)
     report.metric("cosine_matrix", {a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)})
@@ -804,6 +1068,8 @@ reads the induced persona at all, layer by layer (plot below).
             "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
             "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
             "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
+        if "response" in r:
+            per[r["trait"]]["response_measure"] = {k: v for k, v in r["response"].items() if k != "reference"}
     report.metric("traits", per)
 
 
@@ -816,26 +1082,39 @@ def _record(result: dict, command: str) -> None:
     m = result["metrics"]
     ref = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"
     record("persona_steering_monotonic_traits", m["persona_steering_monotonic_traits"], "traits",
-           ref, target=">= 3 of the traits run", command=command, n_traits=m["n_traits"])
+           ref, target=">= 3 of the traits run", command=command, n_traits=m["n_traits"], measure="items")
+    if "persona_steering_monotonic_traits_response" in m:
+        record("persona_steering_monotonic_traits", m["persona_steering_monotonic_traits_response"], "traits",
+               ref, target=">= 3 of the traits run", command=command, n_traits=m["n_traits"],
+               measure="response_likelihood")
     for name, t in m["traits"].items():
         record("persona_monitor_r", t["monitor_r_last_prompt"], "pearson r", ref, target="> 0 (paper 0.75-0.83)",
-               command=command, trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"])
+               command=command, trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"],
+               measure="items", system_prompt_effect=t["system_prompt_effect"])
+        if "response_measure" in t:
+            rm = t["response_measure"]
+            record("persona_monitor_r", rm["r_last_prompt"], "pearson r", ref, target="> 0 (paper 0.75-0.83)",
+                   command=command, trait=name, layer=rm["layer"], r_response=rm["r_response"],
+                   measure="response_likelihood", system_prompt_effect=rm["system_prompt_effect"])
 
 
 def build_config(args) -> PersonaVectorsConfig:
     kw = {"seed": args.seed, "model": args.model}
     if args.quick:
         kw.update(traits=("evil",), n_questions=2, n_pairs=5, max_new_tokens=32, monitor_max_new_tokens=24,
-                  n_monitor_questions=2, n_steer_examples=1, sweep_layers=None)
+                  n_monitor_questions=2, n_steer_examples=1, sweep_layers=None, n_response_questions=4,
+                  response_max_new_tokens=24)
     if args.traits:
         kw["traits"] = tuple(args.traits)
     for name in ("n_questions", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "judge", "temperature",
-                 "n_monitor_questions"):
+                 "n_monitor_questions", "n_response_questions", "n_response_pairs", "response_max_new_tokens"):
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
     if args.no_filter:
         kw["filter"] = False
+    if args.no_response_measure:
+        kw["response_measure"] = False
     if args.layers:
         kw["sweep_layers"] = tuple(args.layers)
     if args.coefficients:
@@ -843,7 +1122,7 @@ def build_config(args) -> PersonaVectorsConfig:
     return PersonaVectorsConfig(**kw)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="psm persona-vectors", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/persona_vectors", help="report folder")
     p.add_argument("--seed", type=int, default=0)
@@ -859,20 +1138,36 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--judge", choices=("local", "openai", "none"))
     p.add_argument("--no-filter", action="store_true", help="use every pos/neg pair (judging still runs unless --judge none)")
+    p.add_argument("--no-response-measure", dest="no_response_measure", action="store_true",
+                   help="skip the second behavioural measure (contrastive likelihood of the model's own answers)")
+    p.add_argument("--n-response-questions", dest="n_response_questions", type=int,
+                   help="evaluation questions for the response-likelihood measure")
+    p.add_argument("--n-response-pairs", dest="n_response_pairs", type=int,
+                   help="instruction pairs per question for the response-likelihood reference answers")
+    p.add_argument("--response-max-new-tokens", dest="response_max_new_tokens", type=int)
     p.add_argument("--layers", type=int, nargs="+", help="layers to sweep for selection")
     p.add_argument("--coefficients", type=float, nargs="+", help="steering coefficients (x typical residual norm)")
     p.add_argument("--record", action="store_true", help="append the headline figures to benchmarks/results.jsonl")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     cfg = build_config(args)
     result = run(cfg, args.out)
     m = result["metrics"]
     print(f"report: {result['report']}")
-    print(f"monotonic traits: {m['persona_steering_monotonic_traits']}/{m['n_traits']}; monitor r: "
+    print(f"monotonic traits (items): {m['persona_steering_monotonic_traits']}/{m['n_traits']}; monitor r: "
           + ", ".join(f"{k}={_fmt(v['monitor_r_last_prompt'], '.2f')}" for k, v in m["traits"].items()))
+    if "persona_steering_monotonic_traits_response" in m:
+        print(f"monotonic traits (response likelihood): {m['persona_steering_monotonic_traits_response']}/"
+              f"{m['n_traits']}; validity (pos-neg system prompt): "
+              + ", ".join(f"{k}={_fmt(v['response_measure']['system_prompt_effect'], '+.3f')}"
+                          for k, v in m["traits"].items())
+              + "; monitor r: " + ", ".join(f"{k}={_fmt(v['response_measure']['r_last_prompt'], '.2f')}"
+                                           for k, v in m["traits"].items()))
     if args.record:
-        argv_s = " ".join(sys.argv[1:]) if argv is None else " ".join(argv)
-        cmd = ".venv/bin/python -m experiments.cli persona-vectors " + argv_s if argv_s else DEFAULT_COMMAND
-        _record(result, cmd)
+        _record(result, rerun_command("persona-vectors", argv, DEFAULT_COMMAND))
     return 0
 
 
