@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from psm_jax.config import ModelConfig
@@ -58,22 +59,28 @@ def extend(params, config: ModelConfig, cache: KVCache, tokens, attention_mask=N
                    capture=capture, cache=cache, logits_positions="last")
 
 
-def _choose(logits, key, temperature, top_p, sample: bool, use_top_p: bool):
+def _choose(logits, key, temperature, top_p, sample: bool, use_top_p: bool, top_k: int | None = None):
+    """Next token: argmax, or a sample at `temperature` from the `top_k` most likely tokens (all when None) and,
+    with `use_top_p`, from the smallest head of those whose probability (renormalised over them) reaches top_p.
+    A small top_k also makes nucleus sampling cheap: only k logits are sorted instead of the vocabulary."""
     if not sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / temperature
-    if use_top_p:
-        sorted_logits, order = jax.lax.top_k(scaled, scaled.shape[-1])
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the most likely token
-        choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    if use_top_p or top_k is not None:
+        k = scaled.shape[-1] if top_k is None else min(int(top_k), scaled.shape[-1])
+        head, order = jax.lax.top_k(scaled, k)
+        if use_top_p:
+            probs = jax.nn.softmax(head, axis=-1)
+            keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the most likely token
+            head = jnp.where(keep, head, -jnp.inf)
+        choice = jax.random.categorical(key, head, axis=-1)
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
 def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_tokens: int, key=None,
            temperature=1.0, top_p=1.0, sample: bool = False, use_top_p: bool = False, edits: Sequence = (),
-           eos_ids: tuple[int, ...] = (), pad_id: int = 0) -> Generation:
+           eos_ids: tuple[int, ...] = (), pad_id: int = 0, top_k: int | None = None) -> Generation:
     """Decode up to `max_new_tokens` tokens continuing from `cache` whose next-token logits are
     `last_logits` [B, V]. The cache must have room for max_new_tokens - 1 more slots."""
     b = last_logits.shape[0]
@@ -82,7 +89,7 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def pick(logits, key, done):
-        tok = _choose(logits, key, temperature, top_p, sample, use_top_p)
+        tok = _choose(logits, key, temperature, top_p, sample, use_top_p, top_k)
         tok = jnp.where(done, pad_id, tok)
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
         return tok, jnp.where(done, 0.0, lp), done | jnp.isin(tok, eos)
@@ -114,25 +121,29 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
     return Generation(tokens=toks, logprobs=lps, finished=done, lengths=lengths, cache=cache)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample", "use_top_p", "eos_ids", "pad_id"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample", "use_top_p", "eos_ids", "pad_id",
+                                             "top_k"))
 def _generate(params, config, tokens, attention_mask, edits, key, temperature, top_p, *, max_new_tokens, sample,
-              use_top_p, eos_ids, pad_id):
+              use_top_p, eos_ids, pad_id, top_k=None):
     out = prefill(params, config, tokens, attention_mask, cache_size=tokens.shape[1] + max_new_tokens, edits=edits)
     return decode(params, config, out.cache, out.logits[:, -1], max_new_tokens=max_new_tokens, key=key,
                   temperature=temperature, top_p=top_p, sample=sample, use_top_p=use_top_p, edits=edits,
-                  eos_ids=eos_ids, pad_id=pad_id)
+                  eos_ids=eos_ids, pad_id=pad_id, top_k=top_k)
 
 
 def generate(params, config: ModelConfig, tokens, attention_mask=None, *, max_new_tokens: int = 32, key=None,
              temperature: float = 0.0, top_p: float = 1.0, edits: Sequence = (), eos_ids=None,
-             pad_id: int | None = None) -> Generation:
+             pad_id: int | None = None, top_k: int | None = None) -> Generation:
     """Greedy (temperature 0) or sampled generation for a left-padded batch; jitted as a whole.
 
     temperature/top_p are traced (a sweep does not recompile); whether to sample and whether to
-    apply top-p are decided from their Python values.
+    apply top-p are decided from their Python values. top_k (static) samples among the k most likely tokens
+    (then top-p among those, renormalised, as Hugging Face's warpers do).
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature}, top_p={top_p}; expected temperature >= 0 and 0 < top_p <= 1")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}; expected None or an int >= 1")
     sample = temperature > 0
     if sample and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key")
@@ -144,4 +155,4 @@ def generate(params, config: ModelConfig, tokens, attention_mask=None, *, max_ne
     key = jax.random.key(0) if key is None else key
     return _generate(params, config, tokens, mask, tuple(edits), key, jnp.float32(max(temperature, 1e-6)),
                      jnp.float32(top_p), max_new_tokens=max_new_tokens, sample=sample, use_top_p=top_p < 1.0,
-                     eos_ids=eos_ids, pad_id=int(pad_id))
+                     eos_ids=eos_ids, pad_id=int(pad_id), top_k=None if top_k is None else int(top_k))

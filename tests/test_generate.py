@@ -59,6 +59,29 @@ def test_sampling_is_reproducible_with_keys(model):
         generate(params, config, prompt, max_new_tokens=2, temperature=0.5)
 
 
+def test_top_k_sampling(model):
+    """top_k=1 is greedy; with top_k=k every first sampled token is among the k most likely; k >= vocab with top_p
+    is the same computation as plain top-p (same key, same tokens); bad k is refused."""
+    from psm_jax.generate import _choose
+
+    params, config, _ = model
+    prompt = np.arange(1, 6)[None].repeat(3, 0)
+    greedy = generate(params, config, prompt, max_new_tokens=6, eos_ids=())
+    one = generate(params, config, prompt, max_new_tokens=6, temperature=5.0, top_k=1, key=jax.random.key(0), eos_ids=())
+    np.testing.assert_array_equal(one.tokens, greedy.tokens)
+    logits = jax.random.normal(jax.random.key(1), (4, config.vocab_size)) * 3
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    for s in range(20):
+        tok = np.asarray(_choose(logits, jax.random.key(s), 2.0, 1.0, True, False, 3))
+        assert all(tok[i] in top3[i] for i in range(4))
+    a = _choose(logits, jax.random.key(7), 1.0, 0.8, True, True, None)
+    b = _choose(logits, jax.random.key(7), 1.0, 0.8, True, True, config.vocab_size + 10)
+    np.testing.assert_array_equal(a, b)
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            generate(params, config, prompt, max_new_tokens=2, temperature=1.0, top_k=bad, key=jax.random.key(0))
+
+
 def test_eos_stops_rows(model):
     params, config, _ = model
     prompt = np.arange(1, 6)[None]
