@@ -6,7 +6,7 @@ rows = {}
 for line in (Path(__file__).parent / "results.jsonl").read_text().splitlines():
     if line.strip():
         r = json.loads(line)
-        key = (r["metric"], r.get("trait") or r.get("mode") or "")
+        key = (r["metric"], ", ".join(str(r[q]) for q in ("trait", "mode", "measure", "criterion") if r.get(q)))
         rows[key] = r
 print("| metric | value | unit | target | reference | machine | date | command |")
 print("|---|---|---|---|---|---|---|---|")

@@ -376,8 +376,14 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
     return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
-def monotonic(coefs: Sequence[float], values: Sequence[float]) -> dict[str, bool]:
-    """Strictly increasing in c over c <= 0 ('neg') and over c >= 0 ('pos')."""
+MIN_MONOTONIC_RUN = 4  # issue #4: "moves monotonically ... over at least four values, both signs"
+
+
+def monotonic(coefs: Sequence[float], values: Sequence[float], min_run: int = MIN_MONOTONIC_RUN) -> dict:
+    """Strictly increasing in c over c <= 0 ('neg'), over c >= 0 ('pos'), over the whole sweep ('both': the strict
+    criterion), and 'run': over some run of >= min_run consecutive coefficients that contains negative and positive
+    ones (the issue's criterion; 'run_coefs' is the longest such run, [] when none). 'both' implies 'run' when the
+    sweep has >= min_run coefficients."""
     c, v = np.asarray(coefs, float), np.asarray(values, float)
     order = np.argsort(c)
     c, v = c[order], v[order]
@@ -385,7 +391,20 @@ def monotonic(coefs: Sequence[float], values: Sequence[float]) -> dict[str, bool
     res = {"neg": bool(len(neg) >= 2 and np.all(np.diff(neg) > 0)),
            "pos": bool(len(pos) >= 2 and np.all(np.diff(pos) > 0))}
     res["both"] = res["neg"] and res["pos"]
+    up = np.diff(v) > 0
+    best: list[float] = []
+    for i in range(len(c)):
+        for j in range(i + min_run - 1, len(c)):
+            if c[i] < 0 < c[j] and np.all(up[i:j]) and j - i + 1 > len(best):
+                best = [float(x) for x in c[i:j + 1]]
+    res["run"] = bool(best)
+    res["run_coefs"] = best
     return res
+
+
+def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
+    """Traits whose sweep meets `criterion` ("both": strict over the whole sweep; "run": the issue's >= 4 values)."""
+    return sum(bool(m.get(criterion, False)) for m in monotonics)
 
 
 def separation(pos, neg) -> float:
@@ -819,13 +838,19 @@ validity effect clearly > 0 is needed before the steering curve means anything.
 def _write_report(report: Report, cfg: PersonaVectorsConfig, model, results: list[dict]) -> None:
     plt = pyplot()
     n_layers, d = model.config.n_layers, model.config.d_model
-    n_mono = sum(r["steering"]["monotonic"]["both"] for r in results)
+    n_mono = count_monotonic([r["steering"]["monotonic"] for r in results], "both")
+    n_run = count_monotonic([r["steering"]["monotonic"] for r in results], "run")
     resp = [r for r in results if "response" in r]
-    n_mono_resp = sum(r["response"]["monotonic"]["both"] for r in resp)
+    n_mono_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "both")
+    n_run_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "run")
     if resp:
         resp_summary = (f"**Response-likelihood measure** (a second behavioural measure, defined below): "
                         f"**{n_mono_resp} of {len(resp)} traits** increase strictly with the coefficient on both "
-                        f"sides of 0 (same coefficients); its system-prompt validity effect: "
+                        f"sides of 0 (same coefficients); **{n_run_resp} of {len(resp)}** over at least "
+                        f"{MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs (the issue's criterion; "
+                        f"runs: " + ", ".join(f"{r['trait']} {r['response']['monotonic'].get('run_coefs') or 'none'}"
+                                              for r in resp)
+                        + "); its system-prompt validity effect: "
                         + ", ".join(f"{r['trait']} {_fmt(r['response']['system_prompt_effect'], '+.3f')}" for r in resp)
                         + ".")
     else:
@@ -842,7 +867,8 @@ Behavioural measure = mean over two-choice items of log P(trait choice) - log P(
 the layer is chosen on half of the items and the curve is reported on the other half.
 
 **Items: {n_mono} of {len(results)} traits** have a behavioural measure that increases strictly with the coefficient
-on both sides of 0 (c in {list(sorted(cfg.coefficients))}).
+on both sides of 0 (c in {list(sorted(cfg.coefficients))}); {n_run} of {len(results)} over at least {MIN_MONOTONIC_RUN}
+consecutive coefficients spanning both signs.
 
 {resp_summary}
 
@@ -1051,8 +1077,10 @@ reads the induced persona at all, layer by layer (plot below).
 
     # metrics
     report.metric("persona_steering_monotonic_traits", n_mono)
+    report.metric("persona_steering_monotonic_traits_run", n_run)
     if resp:
         report.metric("persona_steering_monotonic_traits_response", n_mono_resp)
+        report.metric("persona_steering_monotonic_traits_response_run", n_run_resp)
     report.metric("n_traits", len(results))
     report.metric("cosine_layer", common)
     report.metric("cosine_matrix", {a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)})
@@ -1081,12 +1109,15 @@ def _record(result: dict, command: str) -> None:
 
     m = result["metrics"]
     ref = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"
-    record("persona_steering_monotonic_traits", m["persona_steering_monotonic_traits"], "traits",
-           ref, target=">= 3 of the traits run", command=command, n_traits=m["n_traits"], measure="items")
-    if "persona_steering_monotonic_traits_response" in m:
-        record("persona_steering_monotonic_traits", m["persona_steering_monotonic_traits_response"], "traits",
-               ref, target=">= 3 of the traits run", command=command, n_traits=m["n_traits"],
-               measure="response_likelihood")
+    strict = "strictly increasing over the whole coefficient sweep"
+    run = f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs"
+    for measure, suffix in (("items", ""), ("response_likelihood", "_response")):
+        for crit, text, key in (("strict", strict, ""), ("run4", run, "_run")):
+            name = f"persona_steering_monotonic_traits{suffix}{key}"
+            if name in m:
+                record("persona_steering_monotonic_traits", m[name], "traits", ref, target=">= 3 of the traits run",
+                       command=command, n_traits=m["n_traits"], measure=measure, criterion=crit,
+                       criterion_text=text)
     for name, t in m["traits"].items():
         record("persona_monitor_r", t["monitor_r_last_prompt"], "pearson r", ref, target="> 0 (paper 0.75-0.83)",
                command=command, trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"],
