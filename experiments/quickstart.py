@@ -33,7 +33,8 @@ SIZES = {
                   drift_sharegpt=4, drift_max_chars=2500),
         persona_vectors=dict(traits=("evil",), n_pairs=3, n_questions=3, n_samples=1, max_new_tokens=32, judge="none",
                              filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=2,
-                             coefficients=(-1.0, -0.5, 0.0, 0.5, 1.0), screening=False),
+                             coefficients=(-1.0, -0.5, 0.0, 0.5, 1.0), screening=False, n_response_questions=8,
+                             response_max_new_tokens=24),
         capping=dict(n_threshold_questions=3, max_new_tokens=24, n_eval_roles=3, n_identity_probes=3,
                      logprob_probes=("Who are you?", "What are you?"), traits=("evil",), n_trait_items=8,
                      roleplay_probes=("Who are you?",), n_ppl_conversations=4, ppl_max_chars=2000),
@@ -51,7 +52,8 @@ SIZES = {
                   drift_sharegpt=2, drift_max_chars=1200),
         persona_vectors=dict(traits=("evil",), n_pairs=2, n_questions=2, n_samples=1, max_new_tokens=12, judge="none",
                              filter=False, sweep_layers=(15,), n_monitor_questions=1,
-                             coefficients=(-0.5, 0.0, 0.5), screening=False),
+                             coefficients=(-0.5, 0.0, 0.5), screening=False, n_response_questions=4,
+                             response_max_new_tokens=12),
         capping=dict(n_threshold_questions=2, max_new_tokens=12, n_eval_roles=2, n_identity_probes=2,
                      logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=4,
                      roleplay_probes=("Who are you?",), n_ppl_conversations=2, ppl_max_chars=1200),
@@ -119,25 +121,47 @@ def _run_stage(stage: str, cfg, out: Path, model):
 
 
 def _headlines(out: Path) -> list[dict]:
-    """A few numbers per stage, read back from each stage's metrics.json."""
-    wanted = {
-        "axis": ("persona_space_pcs_for_70pct", "axis_pc1_cosine", "target_layer"),
-        "persona_vectors": ("persona_steering_monotonic_traits", "persona_monitor_r", "selected_layers"),
-        "capping": ("capping_identity_gain", "capping_ppl_cost"),
-        "features": ("persona_latents_found",),
-        "feature_steering": ("feature_steering_effect",),
-        "kv_editing": ("kv_edit_identity_shift",),
-    }
+    """A few numbers per stage, read back from each stage's metrics.json (nested ones flattened to one row each)."""
+    def num(v):
+        return f"{v:.4g}" if isinstance(v, float) else json.dumps(v)[:120]
+
+    def per_stage(stage: str, m: dict):
+        if stage == "axis":
+            for k in ("persona_space_pcs_for_70pct", "axis_pc1_cosine", "target_layer"):
+                yield k, m.get(k)
+        elif stage == "persona_vectors":
+            for k in ("persona_steering_monotonic_traits", "persona_steering_monotonic_traits_run",
+                      "persona_steering_monotonic_traits_response", "persona_steering_monotonic_traits_response_run"):
+                yield k, m.get(k)
+            for name, tr in (m.get("traits") or {}).items():
+                yield f"persona_monitor_r ({name}, items)", tr.get("monitor_r_last_prompt")
+                if "response_measure" in tr:
+                    yield f"persona_monitor_r ({name}, response likelihood)", tr["response_measure"].get("r_last_prompt")
+        elif stage == "capping":
+            for k in ("capping_identity_gain", "capping_ppl_cost"):
+                yield k, m.get(k)
+        elif stage == "features":
+            for name, c in (m.get("contrasts") or {}).items():
+                yield f"persona_latents_found ({name}; shuffled-label null mean)", f"{c.get('n_found')} ({num(c.get('null_found_mean'))})"
+                yield f"best latent ({name}): index, detection balanced accuracy", \
+                    f"{c.get('best_latent')}, {num(c.get('best_detection_balanced_accuracy'))}"
+        elif stage == "feature_steering":
+            for name, tr in (m.get("traits") or {}).items():
+                yield f"feature_steering_effect ({name}; persona vector; random)", \
+                    f"{num(tr.get('effect'))} ({num(tr.get('vector_effect'))}; {num(tr.get('random_effect'))})"
+        elif stage == "kv_editing":
+            for mode, v in (m.get("kv_edit_identity_shift") or {}).items():
+                yield f"kv_edit_identity_shift ({mode}, s={v.get('strength')}, layers {v.get('layers')}, n={v.get('n')})", \
+                    v.get("logodds_shift")
+
     rows = []
-    for stage, keys in wanted.items():
+    for stage in STAGES:
         f = out / stage / "metrics.json"
         if not f.is_file():
             continue
         m = json.loads(f.read_text())
-        for k in keys:
-            if k in m:
-                v = m[k]
-                rows.append(dict(stage=stage, metric=k, value=json.dumps(v)[:300]))
+        rows += [dict(stage=stage, metric=k, value=v if isinstance(v, str) else num(v))
+                 for k, v in per_stage(stage, m) if v is not None]
     return rows
 
 
