@@ -767,6 +767,20 @@ def _line_figure(report: Report, fig, ax, name: str, caption: str, *, title: str
     report.figure(name, fig, caption)
 
 
+def _steering_figure(report: Report, results: Sequence[dict], key: str, name: str, caption: str, *, title: str,
+                     ylabel: str) -> None:
+    """Measure vs coefficient per trait at its chosen layer (results[i][key]), the random direction dotted."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for r in results:
+        st = r[key]
+        ax.plot(st["coefs"], st["measure"], marker="o", label=f"{r['trait']} (L{st['layer']})")
+        ax.plot(st["random_control"]["coefs"], st["random_control"]["measure"], ls=":", marker="x",
+                color=ax.lines[-1].get_color(), alpha=0.6)
+    ax.axvline(0, color="gray", lw=0.5)
+    _line_figure(report, fig, ax, name, caption, title=title, xlabel="steering coefficient (x typical residual norm)",
+                 ylabel=ylabel)
+
+
 def _response_trait_line(rs: dict) -> str:
     ls = rs["layer_sweep"]
     return (f"Response-likelihood measure: layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
@@ -819,20 +833,12 @@ validity effect clearly > 0 is needed before the steering curve means anything.
                      "r last-prompt": rs["r_last_prompt"], "r response": rs["r_response"],
                      "held-out pairs": rs["n_held_out"]})
     report.table("Response-likelihood measure: results per trait", rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in resp:
-        rs = r["response"]
-        ax.plot(rs["coefs"], rs["measure"], marker="o", label=f"{r['trait']} (L{rs['layer']})")
-        ax.plot(rs["random_control"]["coefs"], rs["random_control"]["measure"], ls=":", marker="x",
-                color=ax.lines[-1].get_color(), alpha=0.6)
-    ax.axvline(0, color="gray", lw=0.5)
-    _line_figure(report, fig, ax, "response_steering_curves",
-                 "Response-likelihood measure (per-token log-likelihood of the model's own positive-prompted answer "
-                 "minus the negative-prompted one, held-out questions) vs steering coefficient at its chosen layer; "
-                 "dotted: a random direction of the same length.",
-                 title="Steering: response-likelihood measure vs coefficient",
-                 xlabel="steering coefficient (x typical residual norm)",
-                 ylabel="per-token log P(pos answer) - log P(neg answer)")
+    _steering_figure(report, resp, "response", "response_steering_curves",
+                     "Response-likelihood measure (per-token log-likelihood of the model's own positive-prompted "
+                     "answer minus the negative-prompted one, held-out questions) vs steering coefficient at its "
+                     "chosen layer; dotted: a random direction of the same length.",
+                     title="Steering: response-likelihood measure vs coefficient",
+                     ylabel="per-token log P(pos answer) - log P(neg answer)")
 
 
 def _write_report(report: Report, cfg: PersonaVectorsConfig, model, results: list[dict]) -> None:
@@ -904,18 +910,10 @@ the vector under positive vs negative system prompts ({cfg.n_monitor_questions} 
 reads the induced persona at all, layer by layer (plot below).
 """)
     # steering curves
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        st = r["steering"]
-        ax.plot(st["coefs"], st["measure"], marker="o", label=f"{r['trait']} (L{st['layer']})")
-        ax.plot(st["random_control"]["coefs"], st["random_control"]["measure"], ls=":", marker="x",
-                color=ax.lines[-1].get_color(), alpha=0.6)
-    ax.axvline(0, color="gray", lw=0.5)
-    _line_figure(report, fig, ax, "steering_curves", "Behavioural measure vs steering coefficient at the chosen layer; "
-                 "dotted: a random direction of the same length.",
-                 title="Steering: behavioural measure vs coefficient (dotted: random direction)",
-                 xlabel="steering coefficient (x typical residual norm)",
-                 ylabel="log P(trait) - log P(other), held-out items")
+    _steering_figure(report, results, "steering", "steering_curves",
+                     "Behavioural measure vs steering coefficient at the chosen layer; dotted: a random direction of "
+                     "the same length.", title="Steering: behavioural measure vs coefficient (dotted: random direction)",
+                     ylabel="log P(trait) - log P(other), held-out items")
 
     if resp:
         _write_response_section(report, cfg, resp, plt)
