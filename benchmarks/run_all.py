@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["model_forward.py", "sae_step.py", "harvest.py", "harvest_train.py"]
+SCRIPTS = ["gemm.py", "model_forward.py", "sae_step.py", "harvest.py", "harvest_train.py"]
 
 if __name__ == "__main__":
     root = os.path.dirname(HERE)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     import psm_jax
     from benchmarks.record import record
-    from sae.activations import ActivationStore, StoreSource, harvest_to_store
+    from sae.activations import StoreSource, harvest_to_store
     from sae.config import SaeConfig
     from sae.corpus import load_sharegpt
     from sae.metrics import evaluate_lm_on_corpus, evaluate_reconstruction

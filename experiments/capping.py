@@ -309,7 +309,6 @@ def run(cfg: CappingConfig, model=None, progress: bool = True, record_results: b
     readout = (min(max(layers) + 1, L - 1) if cfg.readout_layer is None else int(cfg.readout_layer))
     mc.check_layer(readout)
     axis, axis_info = _load_axis(cfg, model)
-    u = unit(axis)
 
     # ---- thresholds from default rollouts
     defaults = datasets.load_default_prompts(cfg.model_display_name)
@@ -405,7 +404,7 @@ def run(cfg: CappingConfig, model=None, progress: bool = True, record_results: b
 
     # ---- long role-play conversations
     rp = datasets.load_conversations("roleplay")
-    rp_rows, rp_curve = [], {"plain": [], "capped": []}
+    rp_rows = []
     rp_prompts, rp_a, rp_b, rp_k = [], [], [], []
     for c in rp:
         msgs = c.as_dicts()

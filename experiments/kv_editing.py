@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import re
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ import numpy as np
 
 from psm_jax import edits as E
 from psm_jax.chat import Role, encode_chat
-from psm_jax.generate import decode, prefill, widen_edits
+from psm_jax.generate import decode, prefill
 from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward
 
@@ -142,7 +141,6 @@ def _readout(params, config, cache, tokens, mask, layer, u):
 def run(cfg: KVEditConfig, model=None):
     import psm_jax
     from experiments import datasets
-    from experiments.report import Report
     from experiments.rollouts import eos_ids
 
     t0 = time.time()
