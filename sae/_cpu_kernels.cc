@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <thread>
 #include <vector>
@@ -76,41 +77,86 @@ static ffi::Error TopkBias(ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias
   const float* bs = bias.typed_data();
   float* vo = vals->typed_data();
   int32_t* io = idx->typed_data();
+  // Per row: (1) one vectorised pass writes the keys (pre + bias) and the maxima of n_groups strided groups
+  // (group j = {j, j + n_groups, ...}, about kGroup elements each); (2) a bisection on the group maxima finds a
+  // threshold `thr` that at least k of them reach: the k-th largest key is >= thr, since those k maxima are k
+  // distinct elements; (3) the keys >= thr of the groups whose maximum reaches thr are collected and (4) partially
+  // sorted by (key desc, index asc). A row with a NaN takes a scalar path with NaN ranked as +inf.
+  constexpr int64_t kGroup = 16;
+  const int64_t n_groups = std::max<int64_t>(1, (S + kGroup - 1) / kGroup);
+  constexpr float kInf = std::numeric_limits<float>::infinity();
   ParallelFor(B, 64, [&](int64_t r0, int64_t r1) {
-    std::vector<float> tk(k), tv(k);
-    std::vector<int32_t> ti(k);
+    std::vector<float> key(S), gmax(n_groups);
+    std::vector<std::pair<float, int32_t>> cand;
+    cand.reserve(4 * k * kGroup);
+    const auto before = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    float* __restrict kp = key.data();
+    float* __restrict gp = gmax.data();
+    const float* __restrict bias_p = bs;
     for (int64_t r = r0; r < r1; ++r) {
-      const float* row = p + r * S;
-      int64_t n = 0;  // sorted prefix of (key desc, index asc)
-      auto insert = [&](int64_t i, float v) {
-        float key = Key(v);
-        if (n == k && !(key > tk[k - 1])) return;
-        int64_t j = (n < k) ? n++ : k - 1;
-        while (j > 0 && tk[j - 1] < key) {
-          tk[j] = tk[j - 1];
-          tv[j] = tv[j - 1];
-          ti[j] = ti[j - 1];
-          --j;
-        }
-        tk[j] = key;
-        tv[j] = v;
-        ti[j] = static_cast<int32_t>(i);
-      };
-      int64_t i = 0;
-      for (; i < S && n < k; ++i) insert(i, row[i] + bs[i]);
-      constexpr int64_t kBlock = 16;
-      for (; i + kBlock <= S; i += kBlock) {
-        // vectorised screen: does any element of the block beat the current k-th value (or is NaN)?
-        const float thr = tk[k - 1];
-        int any = 0;
-#pragma omp simd reduction(| : any)
-        for (int64_t q = 0; q < kBlock; ++q) any |= !((row[i + q] + bs[i + q]) <= thr);
-        if (!any) continue;
-        for (int64_t q = 0; q < kBlock; ++q) insert(i + q, row[i + q] + bs[i + q]);
+      const float* __restrict row = p + r * S;
+      int nan = 0;
+#pragma omp simd reduction(| : nan)
+      for (int64_t j = 0; j < n_groups; ++j) {
+        const float v = row[j] + bias_p[j];
+        kp[j] = v;
+        gp[j] = v;
+        nan |= (v != v);
       }
-      for (; i < S; ++i) insert(i, row[i] + bs[i]);
-      std::memcpy(vo + r * k, tv.data(), k * sizeof(float));
-      std::memcpy(io + r * k, ti.data(), k * sizeof(int32_t));
+      for (int64_t lo = n_groups; lo < S; lo += n_groups) {
+        const int64_t len = std::min(n_groups, S - lo);
+#pragma omp simd reduction(| : nan)
+        for (int64_t j = 0; j < len; ++j) {
+          const float v = row[lo + j] + bias_p[lo + j];
+          kp[lo + j] = v;
+          gp[j] = gp[j] > v ? gp[j] : v;
+          nan |= (v != v);
+        }
+      }
+      float thr = -kInf;
+      if (nan) {  // rare: exact keys with NaN -> +inf, every element a candidate
+        for (int64_t i = 0; i < S; ++i) kp[i] = Key(kp[i]);
+      } else if (n_groups > k) {
+        float lo = gp[0], hi = gp[0];
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+        for (int64_t j = 0; j < n_groups; ++j) {
+          lo = gp[j] < lo ? gp[j] : lo;
+          hi = gp[j] > hi ? gp[j] : hi;
+        }
+        thr = lo;  // invariant: at least k group maxima are >= thr
+        for (int it = 0; it < 24 && lo < hi; ++it) {
+          const float mid = lo + 0.5f * (hi - lo);
+          if (!(mid > lo && mid < hi)) break;  // no float strictly between (or infinities)
+          int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+          for (int64_t j = 0; j < n_groups; ++j) count += gp[j] >= mid;
+          if (count >= k) {
+            thr = lo = mid;
+            if (count <= 2 * k) break;
+          } else {
+            hi = mid;
+          }
+        }
+      }
+      cand.clear();
+      if (thr == -kInf) {
+        for (int64_t i = 0; i < S; ++i) cand.emplace_back(kp[i], static_cast<int32_t>(i));
+      } else {
+        for (int64_t j = 0; j < n_groups; ++j) {
+          if (!(gp[j] >= thr)) continue;
+          for (int64_t i = j; i < S; i += n_groups)
+            if (kp[i] >= thr) cand.emplace_back(kp[i], static_cast<int32_t>(i));
+        }
+      }
+      if (static_cast<int64_t>(cand.size()) > k) std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), before);
+      std::sort(cand.begin(), cand.begin() + k, before);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t i = cand[j].second;
+        vo[r * k + j] = row[i] + bs[i];
+        io[r * k + j] = i;
+      }
     }
   });
   return ffi::Error::Success();
@@ -224,8 +270,8 @@ static ffi::Error Scatter2(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> c1, 
         const int64_t e = order[q];
         const int64_t b = e / k;
         const float x1 = c1p[e], x2 = c2p[e];
-        const float* p1 = r1p + b * D;
-        const float* p2 = r2p + b * D;
+        const float* __restrict p1 = r1p + b * D;
+        const float* __restrict p2 = r2p + b * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           o1[d] += x1 * p1[d];
