@@ -2,6 +2,14 @@
 
     .venv/bin/python benchmarks/harvest_train.py                       # full run, appends to benchmarks/results.jsonl
     .venv/bin/python benchmarks/harvest_train.py --quick --no-record   # smoke test (4 training steps)
+    .venv/bin/python benchmarks/harvest_train.py --dtype bfloat16      # psm-jax's model in bf16 (AMX kernels)
+    .venv/bin/python benchmarks/harvest_train.py --dtype bfloat16 --saelens-dtype bfloat16   # both models bf16
+
+Model dtype: float32 on both sides by default. `--dtype bfloat16` runs psm-jax's model in bf16 (on a CPU with AMX its
+projections and attention run on psm_jax.native.amx's tile kernels); `--saelens-dtype bfloat16` builds SAELens'
+TransformerLens model in bf16 (torch's CPU bf16 kernels). Both SAEs stay float32. The line recorded against SAELens'
+float32 model is `harvest_train_vs_saelens_runner` (SAELens at its defaults, the issue's reference); against a bf16
+SAELens model, `harvest_train_vs_saelens_runner_saelens_bf16`. Each line names both dtypes.
 
 Input (identical on both sides): ShareGPT conversations (`sae.corpus.load_sharegpt`, shuffled with --seed) through
 the model's chat template (`sae.activations.default_encoder`), packed into full contexts of --context-len tokens
@@ -108,10 +116,11 @@ SAELENS_SCRIPT = textwrap.dedent("""
     # model: what sae_lens.load_model does (HookedTransformer.from_pretrained_no_processing), on a local directory
     t0 = time.perf_counter()
     d = cfg["hf_dir"]
-    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    mdtype = getattr(torch, cfg["model_dtype"])
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=mdtype).eval()
     tok = AutoTokenizer.from_pretrained(d)
-    tcfg = get_pretrained_model_config(d, device="cpu", default_prepend_bos=False, dtype=torch.float32)
-    sd = get_pretrained_state_dict(d, tcfg, hf, dtype=torch.float32)
+    tcfg = get_pretrained_model_config(d, device="cpu", default_prepend_bos=False, dtype=mdtype)
+    sd = get_pretrained_state_dict(d, tcfg, hf, dtype=mdtype)
     model = HookedTransformer(tcfg, tok, move_to_device=False)
     model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
                                       fold_value_biases=False, refactor_factored_attn_matrices=False)
@@ -129,7 +138,7 @@ SAELENS_SCRIPT = textwrap.dedent("""
                                         stop_at_layer=extract_stop_at_layer_from_tlens_hook_name(hook),
                                         prepend_bos=False)
     ref = np.load(cfg["ours_context0"])
-    tl = cache[hook][0].numpy()[cfg["skip_first"]:]
+    tl = cache[hook][0].float().numpy()[cfg["skip_first"]:]
     parity = {"max_abs_diff": float(np.abs(tl - ref).max()), "max_abs_activation": float(np.abs(ref).max()),
               "positions": int(len(ref))}
 
@@ -337,6 +346,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="4 training steps, 1 SAELens warm-up step (smoke test; never recorded)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="psm-jax's model dtype (the SAE is float32)")
+    ap.add_argument("--saelens-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="SAELens' model dtype (TransformerLens built in it; its SAE stays float32)")
     ap.add_argument("--no-saelens", action="store_true")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory (tokens, run dirs)")
@@ -350,6 +363,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--skip-first={args.skip_first}: expected 0 <= skip_first < --context-len")
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     import psm_jax
@@ -359,7 +373,7 @@ def main(argv=None) -> int:
     hf_dir, export_s = (None, 0.0) if args.no_saelens else hf_copy(args.model)
 
     t0 = time.perf_counter()
-    model = psm_jax.load(args.model)
+    model = psm_jax.load(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
     ours_load_s = time.perf_counter() - t0
     if not 0 <= args.layer < model.config.n_layers:
         raise ValueError(f"--layer={args.layer}: the model has layers 0..{model.config.n_layers - 1}")
@@ -396,7 +410,7 @@ def main(argv=None) -> int:
                     "batch": args.batch, "forward_batch": args.forward_batch, "context_len": args.context_len,
                     "buffer_batches": args.saelens_buffer_batches, "lr": args.lr, "seed": args.seed,
                     "threads": args.threads, "tokens_n": args.tokens, "skip_first": args.skip_first,
-                    "warmup_steps": args.saelens_warmup_steps}
+                    "warmup_steps": args.saelens_warmup_steps, "model_dtype": args.saelens_dtype}
             (tmp / "saelens.json").write_text(json.dumps(conf))
             res = subprocess.run([str(py), "-c", SAELENS_SCRIPT, str(tmp / "saelens.json")], capture_output=True,
                                  text=True, timeout=6 * 3600)
@@ -420,7 +434,8 @@ def main(argv=None) -> int:
 
     n = args.tokens
     out = {
-        "bench": "harvest_train", "model": args.model, "layer": args.layer, "tokens": n,
+        "bench": "harvest_train", "model": args.model, "model_dtype": args.dtype, "saelens_model_dtype": args.saelens_dtype,
+        "layer": args.layer, "tokens": n,
         "context_len": args.context_len, "contexts": n_ctx, "forward_batch": args.forward_batch,
         "skip_first": args.skip_first,
         "sae": {"architecture": "topk", "d_in": model.config.d_model, "d_sae": args.d_sae, "k": args.k,
@@ -469,17 +484,21 @@ def main(argv=None) -> int:
 def record_result(out: dict, record) -> dict:
     """Append the `harvest_train_vs_saelens_runner` line (`record` is benchmarks.record.record)."""
     o, s, n = out["psm_jax"], out["saelens"], out["tokens"]
+    dtype, sl_dtype = out.get("model_dtype", "float32"), out.get("saelens_model_dtype", "float32")
+    # the issue's figure is against SAELens at its defaults (float32 model); a bf16 SAELens model is its own line
+    metric = "harvest_train_vs_saelens_runner" + ("" if sl_dtype == "float32" else "_saelens_bf16")
+    cmd = ".venv/bin/python benchmarks/harvest_train.py" + ("" if dtype == "float32" else f" --dtype {dtype}") + (
+        "" if sl_dtype == "float32" else f" --saelens-dtype {sl_dtype}")
     return record(
-        "harvest_train_vs_saelens_runner", round(out["ratio"], 2), "x (tokens/s ratio)",
+        metric, round(out["ratio"], 2), "x (tokens/s ratio)",
         f"SAELens {s['sae_lens_version']} LanguageModelSAETrainingRunner (TransformerLens "
         f"{s['transformer_lens_version']}, torch {s['torch']}, {s['torch_threads']} threads) "
-        f"{s['tokens_per_s']:.0f} tok/s vs psm-jax StreamSource + sae.train {o['tokens_per_s']:.0f} tok/s "
-        f"(steady state; cold run incl. compile {o['e2e_tokens_per_s']:.0f} tok/s); {out['model']} "
+        f"{s['tokens_per_s']:.0f} tok/s (model {sl_dtype}) vs psm-jax StreamSource + sae.train {o['tokens_per_s']:.0f} "
+        f"tok/s (model {dtype}) (steady state; cold run incl. compile {o['e2e_tokens_per_s']:.0f} tok/s); {out['model']} "
         f"resid_post {out['layer']}, {n} ShareGPT tokens from {out['contexts']} contexts of {out['context_len']}, "
-        f"TopK {out['sae']['d_in']}->{out['sae']['d_sae']} k={out['sae']['k']}, batch {out['sae']['batch']}, fp32, "
+        f"TopK {out['sae']['d_in']}->{out['sae']['d_sae']} k={out['sae']['k']}, batch {out['sae']['batch']}, SAE fp32, "
         "same run",
-        ">= 3x", ".venv/bin/python benchmarks/harvest_train.py",
-        tokens=n, context_len=out["context_len"], skip_first=out["skip_first"],
+        ">= 3x" if sl_dtype == "float32" else None, cmd, model_dtype=dtype, saelens_model_dtype=sl_dtype, tokens=n, context_len=out["context_len"], skip_first=out["skip_first"],
         ours_tokens_per_s=round(o["tokens_per_s"], 1), saelens_tokens_per_s=round(s["tokens_per_s"], 1),
         ours_e2e_tokens_per_s=round(o["e2e_tokens_per_s"], 1), ratio_e2e=round(out["ratio_e2e"], 2),
         ratio_e2e_incl_load=round(out["ratio_e2e_incl_load"], 2), ours_seconds=round(o["seconds"], 2),

@@ -7,6 +7,7 @@ sliding layers).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax.config import RopeConfig
+from psm_jax.native import amx
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -66,8 +68,16 @@ def attention_bias(q_pos, k_pos, k_valid, window, is_sliding, dtype):
 def grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):
     """q [B,T,H,hd]; k, v [B,S,KV,hd]; bias [B,1,1,T,S] -> [B,T,H,hd].
 
-    Heads are grouped as [KV, H // KV] so K/V are never repeated in memory.
+    Heads are grouped as [KV, H // KV] so K/V are never repeated in memory. bf16 on an AMX CPU runs the fused
+    kernel of psm_jax.native.amx (same function; gradients through this XLA version).
     """
+    if amx.uses_attention_kernel(q, k, v, softcap):
+        return amx.attention(q, k, v, bias, scale,
+                             functools.partial(_xla_grouped_attention, scale=scale, softcap=softcap))
+    return _xla_grouped_attention(q, k, v, bias, scale=scale, softcap=softcap)
+
+
+def _xla_grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):
     b, t, h, hd = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, hd)

@@ -7,6 +7,8 @@ hidden_states[i + 1]` (HF's last entry additionally has the final norm applied; 
 `attn_out` / `mlp_out` are what is added to the residual stream (after Gemma's post-norms).
 `q`, `k` are post-RoPE (and post QK-norm), `q_prerope`/`k_prerope` before RoPE; shape
 [B, T, heads, head_dim]. Captured sites come back as [n_captured_layers, B, T, ...].
+Projections go through `psm_jax.native.amx.dense`: XLA's dot, except bf16 on an AMX CPU (a compiled tile kernel);
+layer weights may also come as raw bf16 bits (`amx.kernel_layout`, inference only: no weight gradients).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from flax import struct
 from psm_jax.attention import apply_rope, attention_bias, grouped_attention, rope_angles, rope_inv_freq
 from psm_jax.config import ModelConfig
 from psm_jax.edits import SITES, apply_edits
+from psm_jax.native.amx import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +99,8 @@ def _activation(config: ModelConfig, x):
 def project_kv(config: ModelConfig, lp: dict, x, cos, sin):
     """K (pre- and post-RoPE) and V [B, T, KV, hd] from the normed block input x."""
     b, t, _ = x.shape
-    k = x @ lp["wk"]
-    v = x @ lp["wv"]
+    k = dense(x, lp["wk"])
+    v = dense(x, lp["wv"])
     if config.qkv_bias:
         k, v = k + lp["bk"], v + lp["bv"]
     k = k.reshape(b, t, config.n_kv_heads, config.head_dim)
@@ -138,7 +141,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     h = site("resid_pre", h)
     x = site("attn_in", rms_norm(h, lp["attn_norm"], c.norm_eps, c.norm_offset))
     b, t, _ = x.shape
-    q = x @ lp["wq"]
+    q = dense(x, lp["wq"])
     if c.qkv_bias:
         q = q + lp["bq"]
     q = q.reshape(b, t, c.n_heads, c.head_dim)
@@ -162,7 +165,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     attn = grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias, scale=scale,
                              softcap=c.attn_logit_softcap)
-    o = attn.reshape(b, t, c.n_heads * c.head_dim) @ lp["wo"]
+    o = dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
     if c.o_bias:
         o = o + lp["bo"]
     if c.sandwich_norms:
@@ -171,10 +174,10 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     h = site("resid_mid", h + o)
 
     x = site("mlp_in", rms_norm(h, lp["mlp_norm"], c.norm_eps, c.norm_offset))
-    gate, up = x @ lp["w_gate"], x @ lp["w_up"]
+    gate, up = dense(x, lp["w_gate"]), dense(x, lp["w_up"])
     if c.mlp_bias:
         gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    m = (_activation(c, gate) * up) @ lp["w_down"]
+    m = dense(_activation(c, gate) * up, lp["w_down"])
     if c.mlp_bias:
         m = m + lp["b_down"]
     if c.sandwich_norms:
@@ -203,7 +206,7 @@ def unembed(params: dict, config: ModelConfig, h):
     """Final norm + output projection (+ Gemma's final soft-cap); float32 logits."""
     x = rms_norm(h, params["final_norm"], config.norm_eps, config.norm_offset)
     w = params["embed"].T if config.tie_embeddings else params["unembed"]
-    logits = (x @ w.astype(x.dtype)).astype(jnp.float32)
+    logits = dense(x, w.astype(x.dtype)).astype(jnp.float32)
     if config.final_logit_softcap is not None:
         logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
     return logits

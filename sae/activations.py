@@ -531,6 +531,8 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
         encode = default_encoder(tokenizer, getattr(model, "chat_template", None))
     if truncate_layers:
         params, config = truncated_model(params, config, max(l for _, l in pairs) + 1)
+    from psm_jax.native.amx import kernel_layout
+    params = dict(params, layers=kernel_layout(params["layers"]))  # bf16 on AMX: weights as kernel bits, once
     step = make_capture_step(config, pairs)
 
     rows = encode_documents(docs, context_len, encode, mode=mode, start_context=start_context)

@@ -2,10 +2,8 @@
 gather-dot and a two-output scatter-add (sae/_cpu_kernels.cc).
 
 The C++ source is compiled on first use with the system C++ compiler (`g++ -O3 -march=native`) against the
-headers jaxlib ships (`jax.ffi.include_dir()`), into an on-disk cache:
-    $PSM_SAE_KERNEL_CACHE, else $XDG_CACHE_HOME/psm-jax/sae-kernels, else ~/.cache/psm-jax/sae-kernels
-named by a hash of the source, the compiler command, the jaxlib version and the CPU's flags, written to a temporary
-name and renamed (atomic; concurrent processes are safe). Nothing else is cached.
+headers jaxlib ships (`jax.ffi.include_dir()`), into the on-disk cache of `psm_jax.native.build` (atomic, safe
+under concurrent processes; $PSM_KERNEL_CACHE overrides its place).
 
 `available()` is False (and the pure-XLA implementations in sae/model.py are used) when the backend is not CPU,
 when no compiler is found, when the build fails (a warning says why), or when PSM_SAE_CPU_KERNELS=0.
@@ -15,18 +13,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from psm_jax.native import build as native_build
 
 SOURCE = Path(__file__).with_name("_cpu_kernels.cc")
 TARGETS = {"psm_sae_topk_bias": "PsmSaeTopkBias", "psm_sae_gather_sum": "PsmSaeGatherSum",
@@ -36,56 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    if os.environ.get("PSM_SAE_KERNEL_CACHE"):
-        return Path(os.environ["PSM_SAE_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "psm-jax" / "sae-kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _compiler() -> str | None:
-    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if c and shutil.which(c):
-            return shutil.which(c)
-    return None
+    return native_build.cache_dir()
 
 
 def build(force: bool = False) -> Path:
     """Compile the kernels (or find them in the cache); returns the shared library's path."""
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ / c++ / clang++) on PATH")
-    include = jax.ffi.include_dir()
-    flags = ["-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-mprefer-vector-width=512")  # the gathers run ~15% faster with full-width AVX-512 loads
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cxx, *flags, jax.__version__, _cpu_flags()]).encode()).hexdigest()[:16]
-    out = cache_dir() / f"sae_cpu_kernels_{key}.so"
-    if out.exists() and not force:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *flags, f"-I{include}", str(SOURCE), "-o", tmp]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{' '.join(cmd)}\n{res.stderr[-3000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return native_build.build(SOURCE, "sae_cpu_kernels", force=force)
 
 
 @functools.lru_cache(maxsize=1)

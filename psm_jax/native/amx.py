@@ -1,0 +1,167 @@
+"""bf16 dense layers and attention on Intel AMX tiles (psm_jax/native/_amx_kernels.cc): the CPU bf16 fast path.
+
+`dense(x, w)` is what the model's projections call: `x @ w`, except that on a single-device CPU backend whose CPU has
+AMX, with bf16 x and w and every dimension a multiple of 32 (the rows are padded up to one), it runs the compiled
+kernel, about four times XLA's CPU GEMM. `attention(...)` likewise runs grouped-query attention (scores, f32
+softmax, value product) in one pass per (batch, KV head) when `uses_attention_kernel`. Gradients go through XLA
+(custom VJPs). Anything else, and every f32 computation, is the plain XLA path, so the f32 reference never changes.
+
+PSM_CPU_AMX=0 turns the kernel off. `available()` says whether it is in use here.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psm_jax.native import build as native_build
+
+SOURCE = Path(__file__).with_name("_amx_kernels.cc")
+TARGET = "psm_amx_matmul"
+ATTENTION_TARGET = "psm_amx_attention"
+MIN_ROWS = 64   # below this (decoding), the tile setup and weight repacking cost more than they save
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> bool:
+    if os.environ.get("PSM_CPU_AMX", "1") == "0":
+        return False
+    if "amx_bf16" not in native_build.cpu_flags():
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(native_build.build(SOURCE, "amx_kernels")))
+        if not lib.PsmAmxAvailable():
+            return False
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PsmAmxMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.PsmAmxAttention), platform="cpu")
+        return True
+    except Exception as e:  # no compiler, build error: the XLA dot serves
+        warnings.warn(f"AMX matmul kernel unavailable, using XLA's dot ({type(e).__name__}: {e})")
+        return False
+
+
+def available() -> bool:
+    """True when bf16 dense layers run on the AMX kernel in this process (CPU backend, one device, AMX CPU)."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1 and _load()
+
+
+def _bits(a: jax.Array) -> jax.Array:
+    return a if a.dtype == jnp.uint16 else jax.lax.bitcast_convert_type(a, jnp.uint16)
+
+
+def _bf16(a: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M,K] @ b [K,N] in bf16 on the AMX kernel; M, K, N multiples of 32 (not checked here: see `dense`).
+    Operands are bf16 or their raw bits (uint16, see `kernel_layout`); the result is bf16."""
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.uint16),
+                           vmap_method="sequential")(_bits(a), _bits(b))
+    return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+
+
+@jax.custom_vjp
+def _dense_amx(x2, w):
+    m = x2.shape[0]
+    pad = (-m) % 32
+    if pad:
+        x2 = jnp.pad(x2, ((0, pad), (0, 0)))
+    out = matmul(x2, w)
+    return out[:m] if pad else out
+
+
+def _dense_amx_fwd(x2, w):
+    return _dense_amx(x2, w), (x2, w)
+
+
+def _dense_amx_bwd(res, g):
+    x2, w = res
+    dw = x2.T @ g
+    if w.dtype == jnp.uint16:   # integer bits get no gradient (a float0 cotangent)
+        dw = np.zeros(w.shape, jax.dtypes.float0)
+    else:
+        dw = dw.astype(w.dtype)
+    return (g @ _bf16(w).T).astype(x2.dtype), dw
+
+
+_dense_amx.defvjp(_dense_amx_fwd, _dense_amx_bwd)
+
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def kernel_layout(layers: dict) -> dict:
+    """The stacked layer weights that `dense` will multiply on the kernel, as raw bf16 bits (uint16 of the same
+    shape); other leaves unchanged; identity where the kernel is not in use. For inference (harvesting applies it
+    once to its private copy of the weights): bf16 weights carried through XLA's CPU layer loop are upcast to f32 as
+    a whole and converted back per layer on every call. Integer leaves take no gradient, so do not
+    differentiate with respect to the result (jax.grad refuses integer inputs)."""
+    if not available() or jnp.bfloat16 not in {getattr(v, "dtype", None) for v in layers.values()}:
+        return layers
+    return {k: jax.lax.bitcast_convert_type(v, jnp.uint16) if k in PROJECTIONS and v.dtype == jnp.bfloat16 and
+            v.ndim == 3 and v.shape[1] % 32 == 0 and v.shape[2] % 32 == 0 else v for k, v in layers.items()}
+
+
+def uses_kernel(x: jax.Array, w: jax.Array) -> bool:
+    """Whether `dense(x, w)` takes the AMX kernel (decided at trace time from dtypes and static shapes)."""
+    if x.dtype != jnp.bfloat16 or w.dtype not in (jnp.bfloat16, jnp.uint16) or w.ndim != 2 \
+            or x.shape[-1] != w.shape[0]:
+        return False
+    rows = 1
+    for s in x.shape[:-1]:
+        rows *= s
+    return rows >= MIN_ROWS and w.shape[0] % 32 == 0 and w.shape[1] % 32 == 0 and available()
+
+
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, N]: the AMX kernel where `uses_kernel`, else XLA's dot (identical semantics, bf16 out)."""
+    if not uses_kernel(x, w):
+        return x @ _bf16(w)
+    lead = x.shape[:-1]
+    return _dense_amx(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[1])
+
+
+__all__ = ["attention", "available", "dense", "uses_attention_kernel", "kernel_layout", "matmul", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
+
+
+def uses_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, softcap) -> bool:
+    """q [B,T,H,d], k/v [B,S,KV,d] in bf16, no soft-cap, T % 16 == 0, S % 32 == 0, d % 32 == 0, on an AMX CPU."""
+    if softcap is not None or not (q.dtype == k.dtype == v.dtype == jnp.bfloat16) or q.ndim != 4 or k.ndim != 4:
+        return False
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    return (t % 16 == 0 and t >= 16 and s % 32 == 0 and d % 32 == 0 and kv >= 1 and h % kv == 0
+            and v.shape == k.shape and available())
+
+
+def attention(q, k, v, bias, scale: float, reference):
+    """Grouped-query attention on the AMX kernel: q [B,T,H,d], k/v [B,S,KV,d] bf16, bias broadcastable to
+    [B,T,S] (additive); bf16 out. `reference(q, k, v, bias)` is the XLA function it equals, used for gradients."""
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    bias3 = jnp.broadcast_to(bias.reshape(bias.shape[0], *bias.shape[-2:]), (b, t, s)).astype(jnp.float32)
+
+    @jax.custom_vjp
+    def run(q, k, v, bias3):
+        out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.uint16),
+                               vmap_method="sequential")(_bits(q), _bits(k), _bits(v), bias3,
+                                                         scale=np.float32(scale))
+        return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+
+    def fwd(q, k, v, bias3):
+        return run(q, k, v, bias3), (q, k, v, bias3)
+
+    def bwd(res, g):
+        q, k, v, bias3 = res
+        _, vjp = jax.vjp(lambda q, k, v, b3: reference(q, k, v, b3[:, None, None]), q, k, v, bias3)
+        return vjp(g)
+
+    run.defvjp(fwd, bwd)
+    return run(q, k, v, bias3)
