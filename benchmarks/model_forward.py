@@ -3,7 +3,8 @@
 Prints and records, each against a reference measured in the same run:
   forward_fp32_vs_hf        tokens/s of jitted fp32 forward (8 x 128) / HF torch fp32 forward
   capture_edit_overhead     time(forward capturing 5 residual sites at all layers + 3 edits) / time(plain)
-  forward_bf16_vs_fp32      time ratio of the bf16 path to fp32 (on CPU bf16 may be slower)
+  forward_bf16_vs_fp32      time ratio of the bf16 path to fp32 (XLA's CPU bf16 is slower; AMX kernels are faster)
+  forward_bf16_vs_hf_bf16   tokens/s of the bf16 forward / HF torch bf16 forward
   decode_b1_vs_hf, decode_b8_vs_hf   greedy decode tokens/s / HF generate tokens/s
   load_peak_rss_over_fp32_params     (peak RSS - RSS before load) / fp32 parameter bytes (subprocess)
 Usage: .venv/bin/python benchmarks/model_forward.py [--only forward,decode,load] [--reps N]
@@ -11,6 +12,7 @@ Usage: .venv/bin/python benchmarks/model_forward.py [--only forward,decode,load]
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import subprocess
 import sys
@@ -77,8 +79,18 @@ def bench_forward(m, hf, reps):
 
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), m.params)
     t_bf16 = best_time(lambda: jit_forward(p16, c, tokens).logits.block_until_ready(), reps)
+    from psm_jax.native import amx
+
+    kernels = "AMX kernels" if amx.available() else "XLA dots (no AMX kernels here)"
     record("forward_bf16_vs_fp32", round(t_bf16 / t_jax, 3), "x (time ratio, <1 = bf16 faster)",
-           f"fp32 {t_jax * 1e3:.0f} ms vs bf16 {t_bf16 * 1e3:.0f} ms, 8x128 tokens", None)
+           f"fp32 {t_jax * 1e3:.0f} ms vs bf16 {t_bf16 * 1e3:.0f} ms, 8x128 tokens, bf16 on {kernels}", None,
+           amx_kernels=amx.available())
+    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    with torch.no_grad():
+        t_hf16 = best_time(lambda: hf16(tt), reps)
+    record("forward_bf16_vs_hf_bf16", round(t_hf16 / t_bf16, 3), "x (tokens/s ratio)",
+           f"HF transformers torch bf16 forward 8x128 on the same machine: {n_tok / t_hf16:.0f} tok/s; psm-jax bf16 "
+           f"({kernels}) {n_tok / t_bf16:.0f} tok/s", None, amx_kernels=amx.available())
 
 
 def bench_decode(m, hf, new_tokens):

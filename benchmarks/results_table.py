@@ -6,7 +6,10 @@ rows = {}
 for line in (Path(__file__).parent / "results.jsonl").read_text().splitlines():
     if line.strip():
         r = json.loads(line)
-        key = (r["metric"], ", ".join(str(r[q]) for q in ("trait", "mode", "measure", "criterion") if r.get(q)))
+        sub = [str(r[q]) for q in ("trait", "mode", "measure", "criterion") if r.get(q)]
+        if r["metric"].startswith("harvest_train_vs_saelens_runner"):   # one row per model dtype
+            sub.append(f"psm-jax model {r.get('model_dtype', 'float32')}")
+        key = (r["metric"], ", ".join(sub))
         rows[key] = r
 print("| metric | value | unit | target | reference | machine | date | command |")
 print("|---|---|---|---|---|---|---|---|")

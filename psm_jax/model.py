@@ -205,8 +205,10 @@ def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
 def unembed(params: dict, config: ModelConfig, h):
     """Final norm + output projection (+ Gemma's final soft-cap); float32 logits."""
     x = rms_norm(h, params["final_norm"], config.norm_eps, config.norm_offset)
-    w = params["embed"].T if config.tie_embeddings else params["unembed"]
-    logits = dense(x, w.astype(x.dtype)).astype(jnp.float32)
+    if config.tie_embeddings:
+        logits = dense(x, params["embed"].astype(x.dtype), transpose_b=True).astype(jnp.float32)
+    else:
+        logits = dense(x, params["unembed"].astype(x.dtype)).astype(jnp.float32)
     if config.final_logit_softcap is not None:
         logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
     return logits

@@ -1064,9 +1064,13 @@ def _store_batch(cat: dict, keys) -> ActivationBatch:
 
 def _manifest_config(model, pairs, d, context_len, mode, token_filter, dtype, doc_ids, corpus_report):
     config = model.config
+    ident = {"source": str(getattr(model, "source", None)), "family": config.family,
+             "n_layers": config.n_layers, "d_model": config.d_model}
+    param_dtype = str(np.dtype(model.params["embed"].dtype))
+    if param_dtype != "float32":       # a bf16 harvest never resumes into (or mixes with) a float32 one
+        ident["param_dtype"] = param_dtype
     return {
-        "model": {"source": str(getattr(model, "source", None)), "family": config.family,
-                  "n_layers": config.n_layers, "d_model": config.d_model},
+        "model": ident,
         "sites_layers": [[s, l] for s, l in pairs],
         "sites": list(dict.fromkeys(s for s, _ in pairs)),
         "layers": sorted({l for _, l in pairs}),

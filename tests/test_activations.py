@@ -2,6 +2,8 @@
 import json
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -280,6 +282,11 @@ def test_store_resume_after_crash(tiny_model, tmp_path):
     # another config in the same directory is refused
     with pytest.raises(ActivationError, match="different context_len"):
         _harvest_store(tiny_model, tmp_path / "s", context_len=8)
+    # ... and so is the same model in another dtype (bf16 activations never mix with float32 ones)
+    bf16 = types.SimpleNamespace(**{**vars(tiny_model), "params": jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.bfloat16), tiny_model.params)})
+    with pytest.raises(ActivationError, match="different model.*bfloat16"):
+        _harvest_store(bf16, tmp_path / "s")
 
 
 def test_store_errors(tiny_model, tmp_path):

@@ -42,6 +42,12 @@ def test_dense_pads_rows_reshapes_and_differentiates():
     bits = jax.lax.bitcast_convert_type(w, jnp.uint16)       # kernel_layout's form gives the same numbers
     np.testing.assert_array_equal(_f32(jax.jit(amx.dense)(x, bits)), got)
 
+    # x @ w.T from w [N, K] (a tied unembedding) without a transposed copy; its gradient reaches w [N, K]
+    wt = jnp.asarray(w.T)
+    np.testing.assert_array_equal(_f32(jax.jit(lambda x, w: amx.dense(x, w, transpose_b=True))(x, wt)), got)
+    gt = jax.grad(lambda w: (amx.dense(x, w, transpose_b=True).astype(jnp.float32) ** 2).sum())(wt)
+    assert gt.shape == wt.shape
+
     def loss(x, w):
         return (amx.dense(x, w).astype(jnp.float32) ** 2).sum()
 
@@ -49,6 +55,7 @@ def test_dense_pads_rows_reshapes_and_differentiates():
     rx, rw = jax.grad(lambda x, w: ((x @ w).astype(jnp.float32) ** 2).sum(), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(_f32(gx), _f32(rx), rtol=0.05, atol=0.05 * np.abs(_f32(rx)).max())
     np.testing.assert_allclose(_f32(gw), _f32(rw), rtol=0.05, atol=0.05 * np.abs(_f32(rw)).max())
+    np.testing.assert_allclose(_f32(gt), _f32(rw).T, rtol=0.05, atol=0.05 * np.abs(_f32(rw)).max())
 
 
 def test_dense_is_xla_dot_outside_the_kernel_rules():

@@ -1,7 +1,7 @@
 // bf16 matrix multiply and attention on Intel AMX tiles, called from JAX through the XLA FFI. bf16 values travel as
 // their bit patterns (u16 buffers), so that XLA's CPU float normalisation leaves them alone.
 //
-//   psm_amx_matmul     (a [M,K], b [K,N]) -> c [M,N]           c = a @ b, products summed in f32
+//   psm_amx_matmul     (a [M,K], b [K,N]; attr transpose_b: b is [N,K]) -> c [M,N]   c = a @ b (a @ b^T), f32 sums
 //   psm_amx_attention  (q [B,T,H,d], k [B,S,KV,d], v [B,S,KV,d], bias [B,T,S] f32; attr scale) -> o [B,T,H,d]
 //                      grouped-query attention: head h reads K/V head h / (H / KV); softmax(scale q.k + bias) in f32,
 //                      probabilities rounded to bf16 for the value product (as the XLA path does)
@@ -82,13 +82,17 @@ void ConfigureTiles() {  // per thread: 8 tiles of 16 rows x 64 bytes
   _tile_loadconfig(&cfg);
 }
 
-// Columns [n0, n1) of b [K,N] into blocks [n16][K/32][16 k-pairs][16 columns][2].
-void PackB(const uint16_t* b, int64_t K, int64_t N, int64_t n0, int64_t n1, uint16_t* out) {
+// Columns [n0, n1) of b ([K,N], or [N,K] when b_t: a @ b^T) into blocks [n16][K/32][16 k-pairs][16 columns][2].
+void PackB(const uint16_t* b, bool b_t, int64_t K, int64_t N, int64_t n0, int64_t n1, uint16_t* out) {
   const int64_t kb = K / 32;
   for (int64_t n = n0; n < n1; n += 16) {
     uint16_t* blk_n = out + ((n - n0) / 16) * kb * 512;
     for (int64_t k = 0; k < K; k += 2) {
       uint16_t* dst = blk_n + (k / 32) * 512 + ((k % 32) / 2) * 32;
+      if (b_t) {  // row n of b holds column n: its k-pair is two adjacent words
+        for (int64_t j = 0; j < 16; ++j) std::memcpy(dst + 2 * j, b + (n + j) * K + k, 2 * sizeof(uint16_t));
+        continue;
+      }
       const uint16_t* r0 = b + k * N + n;
       const uint16_t* r1 = r0 + N;
       for (int64_t j = 0; j < 16; ++j) {
@@ -109,11 +113,11 @@ inline void StoreBf16(const float* acc, uint16_t* c, int64_t N) {
   }
 }
 
-void MatmulColumns(const uint16_t* a, const uint16_t* b, uint16_t* c, int64_t M, int64_t K, int64_t N, int64_t n0,
-                   int64_t n1) {
+void MatmulColumns(const uint16_t* a, const uint16_t* b, bool b_t, uint16_t* c, int64_t M, int64_t K, int64_t N,
+                   int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
   std::vector<uint16_t> packed((n1 - n0) * K);
-  PackB(b, K, N, n0, n1, packed.data());
+  PackB(b, b_t, K, N, n0, n1, packed.data());
   alignas(64) float acc[32 * 32];
   ConfigureTiles();
   const int64_t kb = K / 32;
@@ -259,12 +263,13 @@ extern "C" int PsmAmxAvailable() {
 #endif
 }
 
-static ffi::Error AmxMatmul(ffi::Buffer<ffi::U16> a, ffi::Buffer<ffi::U16> b, ffi::ResultBuffer<ffi::U16> c) {
+static ffi::Error AmxMatmul(ffi::Buffer<ffi::U16> a, ffi::Buffer<ffi::U16> b, ffi::ResultBuffer<ffi::U16> c,
+                            bool b_t) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[0])
-    return ffi::Error::InvalidArgument("psm_amx_matmul: expected a [M,K] and b [K,N]");
-  const int64_t M = ad[0], K = ad[1], N = bd[1];
+  if (ad.size() != 2 || bd.size() != 2 || ad[1] != bd[b_t ? 1 : 0])
+    return ffi::Error::InvalidArgument("psm_amx_matmul: expected a [M,K] and b [K,N] (or [N,K] with transpose_b)");
+  const int64_t M = ad[0], K = ad[1], N = bd[b_t ? 0 : 1];
   if (M % 32 || K % 32 || N % 32)
     return ffi::Error::InvalidArgument("psm_amx_matmul: M, K and N must be multiples of 32");
 #if PSM_HAVE_AMX
@@ -276,17 +281,23 @@ static ffi::Error AmxMatmul(ffi::Buffer<ffi::U16> a, ffi::Buffer<ffi::U16> b, ff
   const int64_t nt = std::min<int64_t>(NumThreads(), blocks);
   std::vector<std::thread> threads;
   for (int64_t t = 1; t < nt; ++t)
-    threads.emplace_back([=] { MatmulColumns(ap, bp, cp, M, K, N, (blocks * t / nt) * 32, (blocks * (t + 1) / nt) * 32); });
-  MatmulColumns(ap, bp, cp, M, K, N, 0, (blocks / nt) * 32);
+    threads.emplace_back([=] { MatmulColumns(ap, bp, b_t, cp, M, K, N, (blocks * t / nt) * 32,
+                                             (blocks * (t + 1) / nt) * 32); });
+  MatmulColumns(ap, bp, b_t, cp, M, K, N, 0, (blocks / nt) * 32);
   for (auto& th : threads) th.join();
   return ffi::Error::Success();
 #else
+  (void)b_t;
   return ffi::Error::Internal("psm_amx_matmul: compiled without AMX support");
 #endif
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmAmxMatmul, AmxMatmul,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::U16>>().Arg<ffi::Buffer<ffi::U16>>().Ret<ffi::Buffer<ffi::U16>>());
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::U16>>()
+                                  .Attr<bool>("transpose_b"));
 
 static ffi::Error AmxAttention(ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::U16> k, ffi::Buffer<ffi::U16> v,
                                ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::U16> o, float scale) {

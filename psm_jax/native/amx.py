@@ -59,36 +59,37 @@ def _bf16(a: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
-def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a [M,K] @ b [K,N] in bf16 on the AMX kernel; M, K, N multiples of 32 (not checked here: see `dense`).
-    Operands are bf16 or their raw bits (uint16, see `kernel_layout`); the result is bf16."""
-    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), jnp.uint16),
-                           vmap_method="sequential")(_bits(a), _bits(b))
+def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """a [M,K] @ b [K,N] (b [N,K] and a @ b.T with transpose_b) in bf16 on the AMX kernel; M, K, N multiples of 32
+    (not checked here: see `dense`). Operands are bf16 or their raw bits (uint16, see `kernel_layout`); bf16 out."""
+    n = b.shape[0] if transpose_b else b.shape[1]
+    out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.uint16),
+                           vmap_method="sequential")(_bits(a), _bits(b), transpose_b=transpose_b)
     return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
 
 
-@jax.custom_vjp
-def _dense_amx(x2, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_amx(x2, w, transpose_b):
     m = x2.shape[0]
     pad = (-m) % 32
     if pad:
         x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-    out = matmul(x2, w)
+    out = matmul(x2, w, transpose_b)
     return out[:m] if pad else out
 
 
-def _dense_amx_fwd(x2, w):
-    return _dense_amx(x2, w), (x2, w)
+def _dense_amx_fwd(x2, w, transpose_b):
+    return _dense_amx(x2, w, transpose_b), (x2, w)
 
 
-def _dense_amx_bwd(res, g):
+def _dense_amx_bwd(transpose_b, res, g):
     x2, w = res
-    dw = x2.T @ g
+    wf = _bf16(w)
     if w.dtype == jnp.uint16:   # integer bits get no gradient (a float0 cotangent)
         dw = np.zeros(w.shape, jax.dtypes.float0)
     else:
-        dw = dw.astype(w.dtype)
-    return (g @ _bf16(w).T).astype(x2.dtype), dw
+        dw = (g.T @ x2 if transpose_b else x2.T @ g).astype(w.dtype)
+    return (g @ (wf if transpose_b else wf.T)).astype(x2.dtype), dw
 
 
 _dense_amx.defvjp(_dense_amx_fwd, _dense_amx_bwd)
@@ -109,10 +110,11 @@ def kernel_layout(layers: dict) -> dict:
             v.ndim == 3 and v.shape[1] % 32 == 0 and v.shape[2] % 32 == 0 else v for k, v in layers.items()}
 
 
-def uses_kernel(x: jax.Array, w: jax.Array) -> bool:
+def uses_kernel(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> bool:
     """Whether `dense(x, w)` takes the AMX kernel (decided at trace time from dtypes and static shapes)."""
+    k_axis = 1 if transpose_b else 0
     if x.dtype != jnp.bfloat16 or w.dtype not in (jnp.bfloat16, jnp.uint16) or w.ndim != 2 \
-            or x.shape[-1] != w.shape[0]:
+            or x.shape[-1] != w.shape[k_axis]:
         return False
     rows = 1
     for s in x.shape[:-1]:
@@ -120,12 +122,14 @@ def uses_kernel(x: jax.Array, w: jax.Array) -> bool:
     return rows >= MIN_ROWS and w.shape[0] % 32 == 0 and w.shape[1] % 32 == 0 and available()
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., K] @ w [K, N]: the AMX kernel where `uses_kernel`, else XLA's dot (identical semantics, bf16 out)."""
-    if not uses_kernel(x, w):
-        return x @ _bf16(w)
+def dense(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> jax.Array:
+    """x [..., K] @ w [K, N] (w [N, K] and x @ w.T with transpose_b: a tied unembedding, with no transposed copy):
+    the AMX kernel where `uses_kernel`, else XLA's dot (identical semantics, bf16 out)."""
+    if not uses_kernel(x, w, transpose_b):
+        return x @ (_bf16(w).T if transpose_b else _bf16(w))
     lead = x.shape[:-1]
-    return _dense_amx(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[1])
+    n = w.shape[0] if transpose_b else w.shape[1]
+    return _dense_amx(x.reshape(-1, x.shape[-1]), w, transpose_b).reshape(*lead, n)
 
 
 __all__ = ["attention", "available", "dense", "uses_attention_kernel", "kernel_layout", "matmul", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
