@@ -24,6 +24,7 @@ from flax import struct
 from psm_jax.attention import apply_rope, attention_bias, grouped_attention, rope_angles, rope_inv_freq
 from psm_jax.config import ModelConfig
 from psm_jax.edits import SITES, apply_edits
+from psm_jax.native import amx
 from psm_jax.native.amx import dense
 
 
@@ -174,10 +175,14 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     h = site("resid_mid", h + o)
 
     x = site("mlp_in", rms_norm(h, lp["mlp_norm"], c.norm_eps, c.norm_offset))
-    gate, up = dense(x, lp["w_gate"]), dense(x, lp["w_up"])
-    if c.mlp_bias:
-        gate, up = gate + lp["b_gate"], up + lp["b_up"]
-    m = dense(_activation(c, gate) * up, lp["w_down"])
+    if c.activation == "silu" and not c.mlp_bias and amx.uses_gated_kernel(x, lp["w_gate"], lp["w_up"]):
+        hidden = amx.gated_silu(x, lp["w_gate"], lp["w_up"])      # one fused kernel (bf16 on AMX)
+    else:
+        gate, up = dense(x, lp["w_gate"]), dense(x, lp["w_up"])
+        if c.mlp_bias:
+            gate, up = gate + lp["b_gate"], up + lp["b_up"]
+        hidden = _activation(c, gate) * up
+    m = dense(hidden, lp["w_down"])
     if c.mlp_bias:
         m = m + lp["b_down"]
     if c.sandwich_norms:
@@ -259,14 +264,32 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     cache_v = None if cache is None else cache.v
 
     h = embed(params, config, tokens)
-    h, ys = jax.lax.scan(body, h, (params["layers"], layer_ids, sliding, cache_k, cache_v))
-
+    xs = (params["layers"], layer_ids, sliding, cache_k, cache_v)
+    idx = np.asarray(capture.layer_list(config)) if capture_sites else np.zeros((0,), int)
+    kept = sorted(set(idx.tolist()))
     captured = {}
-    if capture_sites:
-        idx = np.asarray(capture.layer_list(config))
+    if capture_sites and len(kept) < config.n_layers:
+        # A few layers: captures go into carried buffers (one slot per captured layer, plus a scratch slot that the
+        # other layers overwrite) instead of a stacked scan output for every layer that is then mostly dropped.
+        shapes = jax.eval_shape(lambda h_, x_: body(h_, x_)[1], h, jax.tree.map(lambda a: a[0], xs))
+        bufs = {s: jnp.zeros((len(kept) + 1,) + shapes[s].shape, shapes[s].dtype) for s in capture_sites}
+        slot_of = np.full(config.n_layers, len(kept), np.int32)
+        slot_of[kept] = np.arange(len(kept), dtype=np.int32)
+
+        def body_into_buffers(carry, xs_):
+            h_, bufs_ = carry
+            h_, out = body(h_, xs_[:-1])
+            bufs_ = {s: jax.lax.dynamic_update_index_in_dim(bufs_[s], out.pop(s), xs_[-1], 0) for s in capture_sites}
+            return (h_, bufs_), out
+
+        (h, bufs), ys = jax.lax.scan(body_into_buffers, (h, bufs), xs + (jnp.asarray(slot_of),))
+        pos = np.searchsorted(kept, idx)
         for s in capture_sites:
-            captured[s] = ys[s] if len(idx) == config.n_layers and (idx == np.arange(config.n_layers)).all() \
-                else ys[s][idx]
+            captured[s] = bufs[s][pos]
+    else:
+        h, ys = jax.lax.scan(body, h, xs)
+        for s in capture_sites:
+            captured[s] = ys[s] if (idx == np.arange(config.n_layers)).all() else ys[s][idx]
     new_cache = None
     if cache is not None:
         new_cache = KVCache(k=ys["cache_k"], v=ys["cache_v"], positions=new_positions, valid=new_valid,

@@ -73,6 +73,21 @@ def test_dense_is_xla_dot_outside_the_kernel_rules():
 
 
 @needs_amx
+def test_gated_silu_kernel_matches_f32_and_differentiates():
+    rng = np.random.default_rng(5)
+    x, wg, wu = _bf16(rng, (2, 40, 64)), _bf16(rng, (64, 96), 0.2), _bf16(rng, (64, 96), 0.2)
+    assert amx.uses_gated_kernel(x, wg, wu)
+    got = _f32(jax.jit(amx.gated_silu)(x, wg, wu))
+    ref32 = _f32(jax.nn.silu(_f32(x) @ _f32(wg)) * (_f32(x) @ _f32(wu)))
+    xla16 = _f32(amx._gated_reference(x, wg, wu))
+    assert np.abs(got - ref32).mean() <= np.abs(xla16 - ref32).mean()   # f32 epilogue: closer than XLA's bf16
+    np.testing.assert_allclose(got, ref32, rtol=2 ** -6, atol=0.02 * np.abs(ref32).max())
+    g = jax.grad(lambda w: (amx.gated_silu(x, w, wu).astype(jnp.float32) ** 2).sum())(wg)
+    g_ref = jax.grad(lambda w: (amx._gated_reference(x, w, wu).astype(jnp.float32) ** 2).sum())(wg)
+    np.testing.assert_allclose(_f32(g), _f32(g_ref), rtol=0.1, atol=0.05 * np.abs(_f32(g_ref)).max())
+
+
+@needs_amx
 def test_attention_matches_the_f32_reference_and_its_gradient_is_xlas():
     rng = np.random.default_rng(3)
     B, T, H, KV, d = 2, 48, 4, 2, 32

@@ -93,3 +93,10 @@ def test_capture_subset_of_layers(tiny_hf):
     part = jit_forward(params, config, tokens, capture=Capture(sites=("resid_post",), layers=(2, 0)))
     assert set(part.captured) == {"resid_post"}
     np.testing.assert_array_equal(part.captured["resid_post"], full.captured["resid_post"][jnp.array([2, 0])])
+    # a subset goes through carried buffers: any order, repeats, and several sites of different shapes
+    sites = ("resid_post", "q", "mlp_out")
+    every = jit_forward(params, config, tokens, capture=Capture(sites=sites))
+    some = jit_forward(params, config, tokens, capture=Capture(sites=sites, layers=(1, 1, 0)))
+    for s in sites:
+        np.testing.assert_array_equal(some.captured[s], every.captured[s][jnp.array([1, 1, 0])])
+    np.testing.assert_array_equal(some.logits, every.logits)

@@ -2,6 +2,7 @@
 // their bit patterns (u16 buffers), so that XLA's CPU float normalisation leaves them alone.
 //
 //   psm_amx_matmul     (a [M,K], b [K,N]; attr transpose_b: b is [N,K]) -> c [M,N]   c = a @ b (a @ b^T), f32 sums
+//   psm_amx_gated      (a [M,K], w_gate [K,N], w_up [K,N]) -> c [M,N]   c = silu(a @ w_gate) * (a @ w_up), f32 epilogue
 //   psm_amx_attention  (q [B,T,H,d], k [B,S,KV,d], v [B,S,KV,d], bias [B,T,S] f32; attr scale) -> o [B,T,H,d]
 //                      grouped-query attention: head h reads K/V head h / (H / KV); softmax(scale q.k + bias) in f32,
 //                      probabilities rounded to bf16 for the value product (as the XLA path does)
@@ -156,9 +157,9 @@ void MatmulColumns(const uint16_t* a, const uint16_t* b, bool b_t, uint16_t* c, 
   _tile_release();
 }
 
-// exp(x) for x <= 0 (softmax after the max shift): 2^n * p(r), |r| <= ln2/2, degree-6 polynomial (rel. err ~1e-7).
+// exp(x): 2^n * p(r), |r| <= ln2/2, degree-6 polynomial (rel. err ~1e-7); clamped to [-87, 88].
 inline __m512 Exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), x);
@@ -177,6 +178,58 @@ inline void RowToBf16(const float* src, uint16_t* dst, int64_t n) {  // n % 32 =
     const __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
     _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), reinterpret_cast<__m512i>(packed));
   }
+}
+
+// silu(a @ wg) * (a @ wu) for the columns [n0, n1) of this thread (the gated MLP of Llama-family models): both
+// products of a 32 x 16 block stay in tiles (4 accumulators), the epilogue applies silu and the product in f32.
+void GatedColumns(const uint16_t* a, const uint16_t* wg, const uint16_t* wu, uint16_t* c, int64_t M, int64_t K,
+                  int64_t N, int64_t n0, int64_t n1) {
+  if (n0 >= n1) return;
+  std::vector<uint16_t> pg((n1 - n0) * K), pu((n1 - n0) * K);
+  PackB(wg, false, K, N, n0, n1, pg.data());
+  PackB(wu, false, K, N, n0, n1, pu.data());
+  alignas(64) float g[32 * 16], u[32 * 16];
+  ConfigureTiles();
+  const int64_t kb = K / 32;
+  const int64_t panel = std::max<int64_t>(32, ((int64_t{1} << 19) / (K * 2)) / 32 * 32);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t p0 = 0; p0 < M; p0 += panel) {
+    const int64_t p1 = std::min(M, p0 + panel);
+    for (int64_t n = n0; n < n1; n += 16) {
+      const uint16_t* bg = pg.data() + ((n - n0) / 16) * kb * 512;
+      const uint16_t* bu = pu.data() + ((n - n0) / 16) * kb * 512;
+      for (int64_t m = p0; m < p1; m += 32) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const uint16_t* a0 = a + m * K;
+        const uint16_t* a1 = a0 + 16 * K;
+        for (int64_t q = 0; q < kb; ++q) {
+          _tile_loadd(4, a0 + q * 32, K * 2);
+          _tile_loadd(5, a1 + q * 32, K * 2);
+          _tile_loadd(6, bg + q * 512, 64);
+          _tile_loadd(7, bu + q * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, g, 64);
+        _tile_stored(1, g + 16 * 16, 64);
+        _tile_stored(2, u, 64);
+        _tile_stored(3, u + 16 * 16, 64);
+        for (int64_t r = 0; r < 32; ++r) {
+          const __m512 gv = _mm512_load_ps(g + r * 16);
+          const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, Exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+          const __m512 out = _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_load_ps(u + r * 16));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (m + r) * N + n),
+                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(out)));
+        }
+      }
+    }
+  }
+  _tile_release();
 }
 
 // One (batch, kv head): every query head of the group, every block of 16 query rows.
@@ -347,3 +400,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmAmxAttention, AmxAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::U16>>()
                                   .Attr<float>("scale"));
+
+static ffi::Error AmxGated(ffi::Buffer<ffi::U16> a, ffi::Buffer<ffi::U16> wg, ffi::Buffer<ffi::U16> wu,
+                           ffi::ResultBuffer<ffi::U16> c) {
+  auto ad = a.dimensions();
+  auto gd = wg.dimensions();
+  if (ad.size() != 2 || gd.size() != 2 || wu.dimensions().size() != 2 || ad[1] != gd[0] ||
+      wu.dimensions()[0] != gd[0] || wu.dimensions()[1] != gd[1])
+    return ffi::Error::InvalidArgument("psm_amx_gated: expected a [M,K], w_gate and w_up [K,N]");
+  const int64_t M = ad[0], K = ad[1], N = gd[1];
+  if (M % 32 || K % 32 || N % 16)
+    return ffi::Error::InvalidArgument("psm_amx_gated: M and K must be multiples of 32, N of 16");
+#if PSM_HAVE_AMX
+  if (!RequestTilePermission()) return ffi::Error::Internal("psm_amx_gated: the OS refused the AMX tile state");
+  const auto* ap = reinterpret_cast<const uint16_t*>(a.typed_data());
+  const auto* gp = reinterpret_cast<const uint16_t*>(wg.typed_data());
+  const auto* up = reinterpret_cast<const uint16_t*>(wu.typed_data());
+  auto* cp = reinterpret_cast<uint16_t*>(c->typed_data());
+  const int64_t blocks = N / 16;
+  const int64_t nt = std::min<int64_t>(NumThreads(), blocks);
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < nt; ++t)
+    threads.emplace_back([=] { GatedColumns(ap, gp, up, cp, M, K, N, (blocks * t / nt) * 16,
+                                            (blocks * (t + 1) / nt) * 16); });
+  GatedColumns(ap, gp, up, cp, M, K, N, 0, (blocks / nt) * 16);
+  for (auto& th : threads) th.join();
+  return ffi::Error::Success();
+#else
+  return ffi::Error::Internal("psm_amx_gated: compiled without AMX support");
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmAmxGated, AmxGated,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::U16>>());

@@ -25,6 +25,7 @@ from psm_jax.native import build as native_build
 SOURCE = Path(__file__).with_name("_amx_kernels.cc")
 TARGET = "psm_amx_matmul"
 ATTENTION_TARGET = "psm_amx_attention"
+GATED_TARGET = "psm_amx_gated"
 MIN_ROWS = 64   # below this (decoding), the tile setup and weight repacking cost more than they save
 
 
@@ -40,6 +41,7 @@ def _load() -> bool:
             return False
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PsmAmxMatmul), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.PsmAmxAttention), platform="cpu")
+        jax.ffi.register_ffi_target(GATED_TARGET, jax.ffi.pycapsule(lib.PsmAmxGated), platform="cpu")
         return True
     except Exception as e:  # no compiler, build error: the XLA dot serves
         warnings.warn(f"AMX matmul kernel unavailable, using XLA's dot ({type(e).__name__}: {e})")
@@ -104,7 +106,7 @@ def kernel_layout(layers: dict) -> dict:
     once to its private copy of the weights): bf16 weights carried through XLA's CPU layer loop are upcast to f32 as
     a whole and converted back per layer on every call. Integer leaves take no gradient, so do not
     differentiate with respect to the result (jax.grad refuses integer inputs)."""
-    if not available() or jnp.bfloat16 not in {getattr(v, "dtype", None) for v in layers.values()}:
+    if not available() or not any(getattr(v, "dtype", None) == jnp.bfloat16 for v in layers.values()):
         return layers
     return {k: jax.lax.bitcast_convert_type(v, jnp.uint16) if k in PROJECTIONS and v.dtype == jnp.bfloat16 and
             v.ndim == 3 and v.shape[1] % 32 == 0 and v.shape[2] % 32 == 0 else v for k, v in layers.items()}
@@ -132,7 +134,7 @@ def dense(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> jax.Array:
     return _dense_amx(x.reshape(-1, x.shape[-1]), w, transpose_b).reshape(*lead, n)
 
 
-__all__ = ["attention", "available", "dense", "uses_attention_kernel", "kernel_layout", "matmul", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
+__all__ = ["attention", "available", "dense", "gated_silu", "uses_gated_kernel", "uses_attention_kernel", "kernel_layout", "matmul", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
 
 
 def uses_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, softcap) -> bool:
@@ -169,3 +171,47 @@ def attention(q, k, v, bias, scale: float, reference):
 
     run.defvjp(fwd, bwd)
     return run(q, k, v, bias3)
+
+
+def uses_gated_kernel(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> bool:
+    """Whether `gated_silu(x, w_gate, w_up)` runs as one kernel (both products would run on the AMX kernel)."""
+    return w_gate.shape == w_up.shape and uses_kernel(x, w_gate) and uses_kernel(x, w_up)
+
+
+def _gated_reference(x, w_gate, w_up):
+    return jax.nn.silu(x @ _bf16(w_gate)) * (x @ _bf16(w_up))
+
+
+@jax.custom_vjp
+def _gated_amx(x2, w_gate, w_up):
+    m = x2.shape[0]
+    pad = (-m) % 32
+    xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
+    out = jax.ffi.ffi_call(GATED_TARGET, jax.ShapeDtypeStruct((xp.shape[0], w_gate.shape[1]), jnp.uint16),
+                           vmap_method="sequential")(_bits(xp), _bits(w_gate), _bits(w_up))
+    out = jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+    return out[:m] if pad else out
+
+
+def _gated_fwd(x2, w_gate, w_up):
+    return _gated_amx(x2, w_gate, w_up), (x2, w_gate, w_up)
+
+
+def _gated_bwd(res, g):
+    x2, w_gate, w_up = res
+    _, vjp = jax.vjp(_gated_reference, x2, _bf16(w_gate), _bf16(w_up))
+    dx, dg, du = vjp(g)
+    fix = lambda w, d: np.zeros(w.shape, jax.dtypes.float0) if w.dtype == jnp.uint16 else d  # noqa: E731
+    return dx, fix(w_gate, dg), fix(w_up, du)
+
+
+_gated_amx.defvjp(_gated_fwd, _gated_bwd)
+
+
+def gated_silu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """silu(x @ w_gate) * (x @ w_up), the gated MLP's hidden activation: one AMX kernel with an f32 epilogue where
+    `uses_gated_kernel`, else the XLA ops (gradients through XLA either way)."""
+    if not uses_gated_kernel(x, w_gate, w_up):
+        return _gated_reference(x, w_gate, w_up)
+    lead = x.shape[:-1]
+    return _gated_amx(x.reshape(-1, x.shape[-1]), w_gate, w_up).reshape(*lead, w_gate.shape[1])
