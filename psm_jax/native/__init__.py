@@ -1,6 +1,7 @@
 """Optional compiled CPU kernels, called from jitted JAX code through the XLA FFI.
 
 `build.py` compiles a C++ source on first use (system compiler, `-march=native`) into an on-disk cache; `amx.py`
-is a bf16 matrix multiply on Intel AMX tiles that the model's dense layers use on CPUs that have them. Everything
-here is optional: when a kernel cannot be built or the CPU lacks the instructions, the XLA op is used.
+runs bf16 matrix multiplies, the gated MLP and grouped-query attention on Intel AMX tiles, which the model uses on
+CPUs that have them. Everything here is optional: when a kernel cannot be built or the CPU lacks the instructions,
+the XLA op is used.
 """

@@ -114,21 +114,20 @@ inline void StoreBf16(const float* acc, uint16_t* c, int64_t N) {
   }
 }
 
-void MatmulColumns(const uint16_t* a, const uint16_t* b, bool b_t, uint16_t* c, int64_t M, int64_t K, int64_t N,
-                   int64_t n0, int64_t n1) {
-  if (n0 >= n1) return;
-  std::vector<uint16_t> packed((n1 - n0) * K);
-  PackB(b, b_t, K, N, n0, n1, packed.data());
+// The shared inner loop: rows of `a` in L2-sized panels against `pairs` pairs of packed 16-column blocks (b0, b1):
+// the tiles accumulate a[m:m+32] @ [b0 | b1] for each 32-row block, stored to acc [32][32] (columns 0-15 from b0,
+// 16-31 from b1) and handed to epilogue(acc, m, pair).
+template <typename BlockOf, typename Epilogue>
+void SweepBlockPairs(const uint16_t* a, int64_t M, int64_t K, int64_t pairs, BlockOf block_of, Epilogue epilogue) {
   alignas(64) float acc[32 * 32];
   ConfigureTiles();
   const int64_t kb = K / 32;
-  // a panel of rows stays in L2 while every column block of this thread passes over it
   const int64_t panel = std::max<int64_t>(32, ((int64_t{1} << 19) / (K * 2)) / 32 * 32);
   for (int64_t p0 = 0; p0 < M; p0 += panel) {
     const int64_t p1 = std::min(M, p0 + panel);
-    for (int64_t n = n0; n < n1; n += 32) {
-      const uint16_t* b0 = packed.data() + ((n - n0) / 16) * kb * 512;
-      const uint16_t* b1 = b0 + kb * 512;
+    for (int64_t j = 0; j < pairs; ++j) {
+      const uint16_t* b0 = block_of(j, 0);
+      const uint16_t* b1 = block_of(j, 1);
       for (int64_t m = p0; m < p1; m += 32) {
         _tile_zero(0);
         _tile_zero(1);
@@ -150,11 +149,22 @@ void MatmulColumns(const uint16_t* a, const uint16_t* b, bool b_t, uint16_t* c, 
         _tile_stored(1, acc + 16, 128);
         _tile_stored(2, acc + 16 * 32, 128);
         _tile_stored(3, acc + 16 * 32 + 16, 128);
-        StoreBf16(acc, c + m * N + n, N);
+        epilogue(acc, m, j);
       }
     }
   }
   _tile_release();
+}
+
+void MatmulColumns(const uint16_t* a, const uint16_t* b, bool b_t, uint16_t* c, int64_t M, int64_t K, int64_t N,
+                   int64_t n0, int64_t n1) {
+  if (n0 >= n1) return;
+  std::vector<uint16_t> packed((n1 - n0) * K);
+  PackB(b, b_t, K, N, n0, n1, packed.data());
+  const int64_t blk = (K / 32) * 512;
+  SweepBlockPairs(
+      a, M, K, (n1 - n0) / 32, [&](int64_t j, int half) { return packed.data() + (2 * j + half) * blk; },
+      [&](const float* acc, int64_t m, int64_t j) { StoreBf16(acc, c + m * N + n0 + 32 * j, N); });
 }
 
 // exp(x): 2^n * p(r), |r| <= ln2/2, degree-6 polynomial (rel. err ~1e-7); clamped to [-87, 88].
@@ -188,48 +198,19 @@ void GatedColumns(const uint16_t* a, const uint16_t* wg, const uint16_t* wu, uin
   std::vector<uint16_t> pg((n1 - n0) * K), pu((n1 - n0) * K);
   PackB(wg, false, K, N, n0, n1, pg.data());
   PackB(wu, false, K, N, n0, n1, pu.data());
-  alignas(64) float g[32 * 16], u[32 * 16];
-  ConfigureTiles();
-  const int64_t kb = K / 32;
-  const int64_t panel = std::max<int64_t>(32, ((int64_t{1} << 19) / (K * 2)) / 32 * 32);
+  const int64_t blk = (K / 32) * 512;
   const __m512 one = _mm512_set1_ps(1.0f);
-  for (int64_t p0 = 0; p0 < M; p0 += panel) {
-    const int64_t p1 = std::min(M, p0 + panel);
-    for (int64_t n = n0; n < n1; n += 16) {
-      const uint16_t* bg = pg.data() + ((n - n0) / 16) * kb * 512;
-      const uint16_t* bu = pu.data() + ((n - n0) / 16) * kb * 512;
-      for (int64_t m = p0; m < p1; m += 32) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        const uint16_t* a0 = a + m * K;
-        const uint16_t* a1 = a0 + 16 * K;
-        for (int64_t q = 0; q < kb; ++q) {
-          _tile_loadd(4, a0 + q * 32, K * 2);
-          _tile_loadd(5, a1 + q * 32, K * 2);
-          _tile_loadd(6, bg + q * 512, 64);
-          _tile_loadd(7, bu + q * 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 5, 6);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, g, 64);
-        _tile_stored(1, g + 16 * 16, 64);
-        _tile_stored(2, u, 64);
-        _tile_stored(3, u + 16 * 16, 64);
-        for (int64_t r = 0; r < 32; ++r) {
-          const __m512 gv = _mm512_load_ps(g + r * 16);
+  SweepBlockPairs(
+      a, M, K, (n1 - n0) / 16, [&](int64_t j, int half) { return (half ? pu : pg).data() + j * blk; },
+      [&](const float* acc, int64_t m, int64_t j) {
+        for (int64_t r = 0; r < 32; ++r) {  // row r: gate in columns 0-15, up in 16-31
+          const __m512 gv = _mm512_load_ps(acc + r * 32);
           const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, Exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-          const __m512 out = _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_load_ps(u + r * 16));
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (m + r) * N + n),
+          const __m512 out = _mm512_mul_ps(_mm512_mul_ps(gv, sig), _mm512_load_ps(acc + r * 32 + 16));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (m + r) * N + n0 + 16 * j),
                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(out)));
         }
-      }
-    }
-  }
-  _tile_release();
+      });
 }
 
 // One (batch, kv head): every query head of the group, every block of 16 query rows.
