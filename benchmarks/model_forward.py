@@ -147,7 +147,7 @@ def bench_load():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="forward,decode,load")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     only = set(args.only.split(","))

@@ -4,12 +4,14 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["gemm.py", "model_forward.py", "sae_step.py", "harvest.py", "harvest_train.py"]
+SCRIPTS = ["gemm.py", "model_forward.py", "sae_step.py", "harvest.py", "harvest_train.py",
+           "harvest_train.py --dtype bfloat16", "harvest_train.py --dtype bfloat16 --saelens-dtype bfloat16"]
 
 if __name__ == "__main__":
     root = os.path.dirname(HERE)
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
-        rc = subprocess.call([sys.executable, os.path.join("benchmarks", script)], cwd=root)
+        name, *args = script.split()
+        rc = subprocess.call([sys.executable, os.path.join("benchmarks", name), *args], cwd=root)
         if rc:
             sys.exit(rc)
