@@ -434,8 +434,8 @@ def main(argv=None) -> int:
 
     n = args.tokens
     out = {
-        "bench": "harvest_train", "model": args.model, "model_dtype": args.dtype, "saelens_model_dtype": args.saelens_dtype,
-        "layer": args.layer, "tokens": n,
+        "bench": "harvest_train", "model": args.model, "model_dtype": args.dtype,
+        "saelens_model_dtype": args.saelens_dtype, "layer": args.layer, "tokens": n,
         "context_len": args.context_len, "contexts": n_ctx, "forward_batch": args.forward_batch,
         "skip_first": args.skip_first,
         "sae": {"architecture": "topk", "d_in": model.config.d_model, "d_sae": args.d_sae, "k": args.k,
@@ -494,11 +494,13 @@ def record_result(out: dict, record) -> dict:
         f"SAELens {s['sae_lens_version']} LanguageModelSAETrainingRunner (TransformerLens "
         f"{s['transformer_lens_version']}, torch {s['torch']}, {s['torch_threads']} threads) "
         f"{s['tokens_per_s']:.0f} tok/s (model {sl_dtype}) vs psm-jax StreamSource + sae.train {o['tokens_per_s']:.0f} "
-        f"tok/s (model {dtype}) (steady state; cold run incl. compile {o['e2e_tokens_per_s']:.0f} tok/s); {out['model']} "
+        f"tok/s (model {dtype}) (steady state; cold run incl. compile {o['e2e_tokens_per_s']:.0f} tok/s); "
+        f"{out['model']} "
         f"resid_post {out['layer']}, {n} ShareGPT tokens from {out['contexts']} contexts of {out['context_len']}, "
         f"TopK {out['sae']['d_in']}->{out['sae']['d_sae']} k={out['sae']['k']}, batch {out['sae']['batch']}, SAE fp32, "
         "same run",
-        ">= 3x" if sl_dtype == "float32" else None, cmd, model_dtype=dtype, saelens_model_dtype=sl_dtype, tokens=n, context_len=out["context_len"], skip_first=out["skip_first"],
+        ">= 3x" if sl_dtype == "float32" else None, cmd, model_dtype=dtype, saelens_model_dtype=sl_dtype, tokens=n,
+        context_len=out["context_len"], skip_first=out["skip_first"],
         ours_tokens_per_s=round(o["tokens_per_s"], 1), saelens_tokens_per_s=round(s["tokens_per_s"], 1),
         ours_e2e_tokens_per_s=round(o["e2e_tokens_per_s"], 1), ratio_e2e=round(out["ratio_e2e"], 2),
         ratio_e2e_incl_load=round(out["ratio_e2e_incl_load"], 2), ours_seconds=round(o["seconds"], 2),

@@ -60,7 +60,8 @@ def test_dense_pads_rows_reshapes_and_differentiates():
 
 def test_dense_is_xla_dot_outside_the_kernel_rules():
     rng = np.random.default_rng(2)
-    x, w = jnp.asarray(rng.standard_normal((128, 64), np.float32)), jnp.asarray(rng.standard_normal((64, 32), np.float32))
+    x = jnp.asarray(rng.standard_normal((128, 64), np.float32))
+    w = jnp.asarray(rng.standard_normal((64, 32), np.float32))
     assert not amx.uses_kernel(x, w)                          # f32: the reference path never changes
     np.testing.assert_array_equal(np.asarray(amx.dense(x, w)), np.asarray(x @ w))
     xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)

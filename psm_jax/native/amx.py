@@ -47,7 +47,7 @@ def _load() -> bool:
         jax.ffi.register_ffi_target(GATED_TARGET, jax.ffi.pycapsule(lib.PsmAmxGated), platform="cpu")
         return True
     except Exception as e:  # no compiler, build error: the XLA dot serves
-        warnings.warn(f"AMX matmul kernel unavailable, using XLA's dot ({type(e).__name__}: {e})")
+        warnings.warn(f"AMX kernels unavailable, using XLA's ops ({type(e).__name__}: {e})")
         return False
 
 
@@ -137,7 +137,8 @@ def dense(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> jax.Array:
     return _dense_amx(x.reshape(-1, x.shape[-1]), w, transpose_b).reshape(*lead, n)
 
 
-__all__ = ["attention", "available", "dense", "gated_silu", "uses_gated_kernel", "uses_attention_kernel", "kernel_layout", "matmul", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
+__all__ = ["attention", "available", "dense", "gated_silu", "kernel_layout", "matmul", "uses_attention_kernel",
+           "uses_gated_kernel", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
 
 
 def uses_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, softcap) -> bool:
