@@ -13,7 +13,6 @@
 //                       a1[s] = sum_{idx[b,j]=s} c1[b,j] r1[b]; a2 likewise with c2, r2; s2[s] = sum c2[b,j]
 //                       (S is taken from a1's shape)
 
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,42 +22,16 @@
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "../psm_jax/native/cpu_threads.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-int NumThreads() {
-  if (const char* env = std::getenv("PSM_SAE_KERNEL_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// f(begin, end) over [0, n) split in contiguous ranges; small problems stay on the calling thread.
-template <typename F>
-void ParallelFor(int64_t n, int64_t min_per_thread, F f) {
-  int64_t nt = std::min<int64_t>(NumThreads(), std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread)));
-  if (nt <= 1) {
-    f(int64_t{0}, n);
-    return;
-  }
-  int64_t chunk = (n + nt - 1) / nt;
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < nt; ++t) {
-    int64_t b = t * chunk, e = std::min(n, b + chunk);
-    if (b < e) threads.emplace_back([=] { f(b, e); });
-  }
-  f(int64_t{0}, std::min(n, chunk));
-  for (auto& t : threads) t.join();
-}
+using psm::ParallelFor;
 
 inline float Key(float x) { return std::isnan(x) ? std::numeric_limits<float>::infinity() : x; }
 

@@ -7,7 +7,8 @@ under concurrent processes; $PSM_KERNEL_CACHE overrides its place).
 
 `available()` is False (and the pure-XLA implementations in sae/model.py are used) when the backend is not CPU,
 when no compiler is found, when the build fails (a warning says why), or when PSM_SAE_CPU_KERNELS=0.
-Threads: the affinity mask's CPU count, or PSM_SAE_KERNEL_THREADS. Every kernel is deterministic.
+Threads: the affinity mask's CPU count, or $PSM_KERNEL_THREADS (psm_jax/native/cpu_threads.h). Every kernel is
+deterministic.
 """
 from __future__ import annotations
 

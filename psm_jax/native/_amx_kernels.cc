@@ -16,7 +16,6 @@
 // and sweeps a's rows in panels that stay in L2. The f32 accumulators are rounded to bf16 (nearest even) on store.
 // Each output element is one f32 sum in k order, the same whatever the thread count (deterministic).
 
-#include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -26,10 +25,10 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "cpu_threads.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__)
 #define PSM_HAVE_AMX 1
@@ -42,15 +41,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-int NumThreads() {
-  if (const char* env = std::getenv("PSM_KERNEL_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return n;
-  }
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
+using psm::ParallelFor;
 
 #if PSM_HAVE_AMX
 
@@ -311,14 +302,7 @@ static ffi::Error AmxMatmul(ffi::Buffer<ffi::U16> a, ffi::Buffer<ffi::U16> b, ff
   const auto* ap = reinterpret_cast<const uint16_t*>(a.typed_data());
   const auto* bp = reinterpret_cast<const uint16_t*>(b.typed_data());
   auto* cp = reinterpret_cast<uint16_t*>(c->typed_data());
-  const int64_t blocks = N / 32;
-  const int64_t nt = std::min<int64_t>(NumThreads(), blocks);
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < nt; ++t)
-    threads.emplace_back([=] { MatmulColumns(ap, bp, b_t, cp, M, K, N, (blocks * t / nt) * 32,
-                                             (blocks * (t + 1) / nt) * 32); });
-  MatmulColumns(ap, bp, b_t, cp, M, K, N, 0, (blocks / nt) * 32);
-  for (auto& th : threads) th.join();
+  ParallelFor(N / 32, 1, [=](int64_t j0, int64_t j1) { MatmulColumns(ap, bp, b_t, cp, M, K, N, j0 * 32, j1 * 32); });
   return ffi::Error::Success();
 #else
   (void)b_t;
@@ -352,20 +336,14 @@ static ffi::Error AmxAttention(ffi::Buffer<ffi::U16> q, ffi::Buffer<ffi::U16> k,
   const auto* vp = reinterpret_cast<const uint16_t*>(v.typed_data());
   const float* bp = bias.typed_data();
   auto* op = reinterpret_cast<uint16_t*>(o->typed_data());
-  const int64_t tasks = B * KV;
-  const int64_t nt = std::min<int64_t>(NumThreads(), tasks);
-  auto work = [=](int64_t t0, int64_t t1) {
+  ParallelFor(B * KV, 1, [=](int64_t t0, int64_t t1) {
     std::vector<uint16_t> kpk(S * d), vpk(S * d), pr(16 * S);
     std::vector<float> sc(16 * S), ob(16 * d);
     ConfigureTiles();
     for (int64_t task = t0; task < t1; ++task)
       AttentionGroup(qp, kp, vp, bp, op, T, S, H, KV, d, scale, task / KV, task % KV, kpk, vpk, sc, pr, ob);
     _tile_release();
-  };
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < nt; ++t) threads.emplace_back(work, tasks * t / nt, tasks * (t + 1) / nt);
-  work(0, tasks / nt);
-  for (auto& th : threads) th.join();
+  });
   return ffi::Error::Success();
 #else
   (void)scale;
@@ -398,14 +376,7 @@ static ffi::Error AmxGated(ffi::Buffer<ffi::U16> a, ffi::Buffer<ffi::U16> wg, ff
   const auto* gp = reinterpret_cast<const uint16_t*>(wg.typed_data());
   const auto* up = reinterpret_cast<const uint16_t*>(wu.typed_data());
   auto* cp = reinterpret_cast<uint16_t*>(c->typed_data());
-  const int64_t blocks = N / 16;
-  const int64_t nt = std::min<int64_t>(NumThreads(), blocks);
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < nt; ++t)
-    threads.emplace_back([=] { GatedColumns(ap, gp, up, cp, M, K, N, (blocks * t / nt) * 16,
-                                            (blocks * (t + 1) / nt) * 16); });
-  GatedColumns(ap, gp, up, cp, M, K, N, 0, (blocks / nt) * 16);
-  for (auto& th : threads) th.join();
+  ParallelFor(N / 16, 1, [=](int64_t j0, int64_t j1) { GatedColumns(ap, gp, up, cp, M, K, N, j0 * 16, j1 * 16); });
   return ffi::Error::Success();
 #else
   return ffi::Error::Internal("psm_amx_gated: compiled without AMX support");

@@ -1,6 +1,7 @@
 """Compile a C++ XLA-FFI source into a shared library, cached on disk and safe under concurrent processes.
 
-The cache is $PSM_KERNEL_CACHE (or the older $PSM_SAE_KERNEL_CACHE), else $XDG_CACHE_HOME/psm-jax/kernels, else
+Sources include the shared headers of this folder (their text is part of the cache key). The cache is
+$PSM_KERNEL_CACHE (or the older $PSM_SAE_KERNEL_CACHE), else $XDG_CACHE_HOME/psm-jax/kernels, else
 ~/.cache/psm-jax/kernels. A library is named by a hash of its source, the compiler command, the jaxlib version and
 the CPU's flags (a cache shared across machines never hands a kernel to a CPU it was not compiled for), written to
 a temporary name and renamed into place (atomic).
@@ -14,6 +15,9 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+
+HEADERS = Path(__file__).parent   # shared headers (cpu_threads.h): part of every library's cache key
 
 
 def cache_dir() -> Path:
@@ -57,7 +61,7 @@ def build(source: Path, name: str, force: bool = False) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ / c++ / clang++) on PATH")
     flags = base_flags()
-    src = Path(source).read_bytes()
+    src = Path(source).read_bytes() + b"".join(h.read_bytes() for h in sorted(HEADERS.glob("*.h")))
     key = hashlib.sha256(src + " ".join([cxx, *flags, jax.__version__, cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir() / f"{name}_{key}.so"
     if out.exists() and not force:
