@@ -25,7 +25,6 @@ from psm_jax.attention import apply_rope, attention_bias, grouped_attention, rop
 from psm_jax.config import ModelConfig
 from psm_jax.edits import SITES, apply_edits
 from psm_jax.native import amx
-from psm_jax.native.amx import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +99,8 @@ def _activation(config: ModelConfig, x):
 def project_kv(config: ModelConfig, lp: dict, x, cos, sin):
     """K (pre- and post-RoPE) and V [B, T, KV, hd] from the normed block input x."""
     b, t, _ = x.shape
-    k = dense(x, lp["wk"])
-    v = dense(x, lp["wv"])
+    k = amx.dense(x, lp["wk"])
+    v = amx.dense(x, lp["wv"])
     if config.qkv_bias:
         k, v = k + lp["bk"], v + lp["bv"]
     k = k.reshape(b, t, config.n_kv_heads, config.head_dim)
@@ -142,7 +141,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     h = site("resid_pre", h)
     x = site("attn_in", rms_norm(h, lp["attn_norm"], c.norm_eps, c.norm_offset))
     b, t, _ = x.shape
-    q = dense(x, lp["wq"])
+    q = amx.dense(x, lp["wq"])
     if c.qkv_bias:
         q = q + lp["bq"]
     q = q.reshape(b, t, c.n_heads, c.head_dim)
@@ -166,7 +165,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     attn = grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias, scale=scale,
                              softcap=c.attn_logit_softcap)
-    o = dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
+    o = amx.dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
     if c.o_bias:
         o = o + lp["bo"]
     if c.sandwich_norms:
@@ -178,11 +177,11 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     if c.activation == "silu" and not c.mlp_bias and amx.uses_gated_kernel(x, lp["w_gate"], lp["w_up"]):
         hidden = amx.gated_silu(x, lp["w_gate"], lp["w_up"])      # one fused kernel (bf16 on AMX)
     else:
-        gate, up = dense(x, lp["w_gate"]), dense(x, lp["w_up"])
+        gate, up = amx.dense(x, lp["w_gate"]), amx.dense(x, lp["w_up"])
         if c.mlp_bias:
             gate, up = gate + lp["b_gate"], up + lp["b_up"]
         hidden = _activation(c, gate) * up
-    m = dense(hidden, lp["w_down"])
+    m = amx.dense(hidden, lp["w_down"])
     if c.mlp_bias:
         m = m + lp["b_down"]
     if c.sandwich_norms:
@@ -211,9 +210,9 @@ def unembed(params: dict, config: ModelConfig, h):
     """Final norm + output projection (+ Gemma's final soft-cap); float32 logits."""
     x = rms_norm(h, params["final_norm"], config.norm_eps, config.norm_offset)
     if config.tie_embeddings:
-        logits = dense(x, params["embed"].astype(x.dtype), transpose_b=True).astype(jnp.float32)
+        logits = amx.dense(x, params["embed"].astype(x.dtype), transpose_b=True).astype(jnp.float32)
     else:
-        logits = dense(x, params["unembed"].astype(x.dtype)).astype(jnp.float32)
+        logits = amx.dense(x, params["unembed"].astype(x.dtype)).astype(jnp.float32)
     if config.final_logit_softcap is not None:
         logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
     return logits

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -27,13 +26,6 @@ from psm_jax.native import build as native_build
 SOURCE = Path(__file__).with_name("_cpu_kernels.cc")
 TARGETS = {"psm_sae_topk_bias": "PsmSaeTopkBias", "psm_sae_gather_sum": "PsmSaeGatherSum",
            "psm_sae_gather_dot": "PsmSaeGatherDot", "psm_sae_scatter2": "PsmSaeScatter2"}
-
-log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return native_build.cache_dir()
-
 
 def build(force: bool = False) -> Path:
     """Compile the kernels (or find them in the cache); returns the shared library's path."""
@@ -91,4 +83,4 @@ def scatter2(idx, c1, r1, c2, r2, n_rows: int):
                  idx.astype(jnp.int32), c1, r1, c2, r2)
 
 
-__all__ = ["available", "build", "cache_dir", "topk_bias", "gather_sum", "gather_dot", "scatter2"]
+__all__ = ["available", "build", "topk_bias", "gather_sum", "gather_dot", "scatter2"]

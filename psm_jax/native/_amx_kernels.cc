@@ -1,5 +1,5 @@
-// bf16 matrix multiply and attention on Intel AMX tiles, called from JAX through the XLA FFI. bf16 values travel as
-// their bit patterns (u16 buffers), so that XLA's CPU float normalisation leaves them alone.
+// bf16 matrix multiply, gated MLP and attention on Intel AMX tiles, called from JAX through the XLA FFI. bf16
+// values travel as their bit patterns (u16 buffers), so that XLA's CPU float normalisation leaves them alone.
 //
 //   psm_amx_matmul     (a [M,K], b [K,N]; attr transpose_b: b is [N,K]) -> c [M,N]   c = a @ b (a @ b^T), f32 sums
 //   psm_amx_gated      (a [M,K], w_gate [K,N], w_up [K,N]) -> c [M,N]   c = silu(a @ w_gate) * (a @ w_up), f32 epilogue
@@ -8,7 +8,8 @@
 //                      probabilities rounded to bf16 for the value product (as the XLA path does)
 //
 // XLA's CPU dots run bf16 no faster than f32 (no AMX); the tile unit multiplies 16x32 by 32x16 bf16 blocks per
-// instruction: 2-3x XLA's f32 GEMM on the same cores (torch's oneDNN gets 3x more again: room to grow).
+// instruction: about 2.5x XLA's f32 GEMM on the same cores; torch's oneDNN gets 3.5x more again (room to grow;
+// benchmarks/gemm.py).
 // Requirements (checked, and by the Python caller before it chooses this path): M, K, N multiples of 32.
 //
 // Work split: each thread owns a contiguous range of 32-column blocks of c, repacks its columns of b once into the

@@ -3,8 +3,9 @@ fast path.
 
 `dense(x, w)` is what the model's projections call: `x @ w`, except that on a single-device CPU backend whose CPU has
 AMX, with bf16 x and w and every dimension a multiple of 32 (the rows are padded up to one), it runs the compiled
-kernel, 2-3x XLA's f32 GEMM (`gemm_bf16_amx_vs_xla_fp32`). `gated_silu` fuses the gated MLP's two products
-with silu(g) * u in f32; `attention(...)` runs grouped-query attention (scores, f32 softmax, value product) in one pass per (batch, KV head).
+kernel, about 2.5x XLA's f32 GEMM (`gemm_bf16_amx_vs_xla_fp32`). `gated_silu` fuses the gated MLP's two products
+with silu(g) * u in f32; `attention(...)` runs grouped-query attention (scores, f32 softmax, value product) in one
+pass per (batch, KV head).
 Gradients go through XLA (custom VJPs). Anything else, and every f32 computation, is the plain XLA path, so the f32
 reference never changes. The kernels' f32 accumulation makes them at least as close to an f32 computation as XLA's
 bf16 path (tests/test_amx_kernels.py).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import warnings
 from pathlib import Path
@@ -73,14 +75,23 @@ def matmul(a: jax.Array, b: jax.Array, transpose_b: bool = False) -> jax.Array:
     return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense_amx(x2, w, transpose_b):
+def _on_padded_rows(fn, x2: jax.Array) -> jax.Array:
+    """fn applied to x2 [M, K] with M padded up to a multiple of 32 (the kernels' row block); the M rows back."""
     m = x2.shape[0]
     pad = (-m) % 32
-    if pad:
-        x2 = jnp.pad(x2, ((0, pad), (0, 0)))
-    out = matmul(x2, w, transpose_b)
-    return out[:m] if pad else out
+    if not pad:
+        return fn(x2)
+    return fn(jnp.pad(x2, ((0, pad), (0, 0))))[:m]
+
+
+def _weight_cotangent(w: jax.Array, grad: jax.Array):
+    """The cotangent for a weight operand: `grad` in its dtype, or float0 for raw bits (integers take none)."""
+    return np.zeros(w.shape, jax.dtypes.float0) if w.dtype == jnp.uint16 else grad.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_amx(x2, w, transpose_b):
+    return _on_padded_rows(lambda x: matmul(x, w, transpose_b), x2)
 
 
 def _dense_amx_fwd(x2, w, transpose_b):
@@ -90,10 +101,7 @@ def _dense_amx_fwd(x2, w, transpose_b):
 def _dense_amx_bwd(transpose_b, res, g):
     x2, w = res
     wf = _bf16(w)
-    if w.dtype == jnp.uint16:   # integer bits get no gradient (a float0 cotangent)
-        dw = np.zeros(w.shape, jax.dtypes.float0)
-    else:
-        dw = (g.T @ x2 if transpose_b else x2.T @ g).astype(w.dtype)
+    dw = _weight_cotangent(w, g.T @ x2 if transpose_b else x2.T @ g)
     return (g @ (wf if transpose_b else wf.T)).astype(x2.dtype), dw
 
 
@@ -121,10 +129,7 @@ def uses_kernel(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> bool:
     if x.dtype != jnp.bfloat16 or w.dtype not in (jnp.bfloat16, jnp.uint16) or w.ndim != 2 \
             or x.shape[-1] != w.shape[k_axis]:
         return False
-    rows = 1
-    for s in x.shape[:-1]:
-        rows *= s
-    return rows >= MIN_ROWS and w.shape[0] % 32 == 0 and w.shape[1] % 32 == 0 and available()
+    return math.prod(x.shape[:-1]) >= MIN_ROWS and w.shape[0] % 32 == 0 and w.shape[1] % 32 == 0 and available()
 
 
 def dense(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> jax.Array:
@@ -135,10 +140,6 @@ def dense(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> jax.Array:
     lead = x.shape[:-1]
     n = w.shape[0] if transpose_b else w.shape[1]
     return _dense_amx(x.reshape(-1, x.shape[-1]), w, transpose_b).reshape(*lead, n)
-
-
-__all__ = ["attention", "available", "dense", "gated_silu", "kernel_layout", "matmul", "uses_attention_kernel",
-           "uses_gated_kernel", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
 
 
 def uses_attention_kernel(q: jax.Array, k: jax.Array, v: jax.Array, softcap) -> bool:
@@ -188,13 +189,12 @@ def _gated_reference(x, w_gate, w_up):
 
 @jax.custom_vjp
 def _gated_amx(x2, w_gate, w_up):
-    m = x2.shape[0]
-    pad = (-m) % 32
-    xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
-    out = jax.ffi.ffi_call(GATED_TARGET, jax.ShapeDtypeStruct((xp.shape[0], w_gate.shape[1]), jnp.uint16),
-                           vmap_method="sequential")(_bits(xp), _bits(w_gate), _bits(w_up))
-    out = jax.lax.bitcast_convert_type(out, jnp.bfloat16)
-    return out[:m] if pad else out
+    def run(x):
+        out = jax.ffi.ffi_call(GATED_TARGET, jax.ShapeDtypeStruct((x.shape[0], w_gate.shape[1]), jnp.uint16),
+                               vmap_method="sequential")(_bits(x), _bits(w_gate), _bits(w_up))
+        return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
+
+    return _on_padded_rows(run, x2)
 
 
 def _gated_fwd(x2, w_gate, w_up):
@@ -205,8 +205,7 @@ def _gated_bwd(res, g):
     x2, w_gate, w_up = res
     _, vjp = jax.vjp(_gated_reference, x2, _bf16(w_gate), _bf16(w_up))
     dx, dg, du = vjp(g)
-    fix = lambda w, d: np.zeros(w.shape, jax.dtypes.float0) if w.dtype == jnp.uint16 else d  # noqa: E731
-    return dx, fix(w_gate, dg), fix(w_up, du)
+    return dx, _weight_cotangent(w_gate, dg), _weight_cotangent(w_up, du)
 
 
 _gated_amx.defvjp(_gated_fwd, _gated_bwd)
@@ -219,3 +218,7 @@ def gated_silu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
         return _gated_reference(x, w_gate, w_up)
     lead = x.shape[:-1]
     return _gated_amx(x.reshape(-1, x.shape[-1]), w_gate, w_up).reshape(*lead, w_gate.shape[1])
+
+
+__all__ = ["attention", "available", "dense", "gated_silu", "kernel_layout", "matmul", "uses_attention_kernel",
+           "uses_gated_kernel", "uses_kernel", "MIN_ROWS", "PROJECTIONS"]
