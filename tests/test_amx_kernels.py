@@ -7,8 +7,11 @@ import pytest
 
 from psm_jax import attention as A
 from psm_jax.native import amx
+from psm_jax.native import build as native_build
 
 needs_amx = pytest.mark.skipif(not amx.available(), reason="no AMX on this CPU (or the kernel cannot build)")
+# On an AMX CPU with a C++ compiler the kernels must build: a skip there fails CI.
+pytestmark = [pytest.mark.ci_required] if native_build.compiler() and "amx_bf16" in native_build.cpu_flags() else []
 
 
 def _bf16(rng, shape, scale=1.0):

@@ -15,7 +15,8 @@ from sae.interop import (SaeFormatError, export_gemma_scope, export_saelens, exp
                          load_sae, load_saelens, load_sparsify)
 from sae.model import SaeShapeError
 
-SAELENS_PY = Path("/tmp/saelens-venv/bin/python")
+# SAELens' own environment (`make saelens-env`; $PSM_SAELENS_VENV, else .venv-saelens in the repo).
+SAELENS_PY = Path(os.environ.get("PSM_SAELENS_VENV", Path(__file__).resolve().parents[1] / ".venv-saelens")) / "bin" / "python"
 META = dict(hook_name="model.layers.3", model_name="tiny-llama", context_size=64, dataset_path="sharegpt")
 
 
@@ -154,7 +155,8 @@ def test_clear_errors(tmp_path):
         load_gemma_scope(tmp_path / "x.npz")
 
 
-@pytest.mark.skipif(not SAELENS_PY.exists(), reason="SAELens venv (/tmp/saelens-venv) not installed")
+@pytest.mark.ci_required
+@pytest.mark.skipif(not SAELENS_PY.exists(), reason=f"SAELens environment {SAELENS_PY} not installed (make saelens-env)")
 def test_saelens_itself_loads_the_exports(tmp_path):
     """SAELens' own SAE.load_from_disk reads every exported architecture and computes what we compute."""
     x = np.random.default_rng(2).standard_normal((5, 8)).astype(np.float32)
