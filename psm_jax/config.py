@@ -133,20 +133,61 @@ def _as_tuple(x) -> tuple[int, ...]:
     return tuple(x) if isinstance(x, (list, tuple)) else (int(x),)
 
 
+_REQUIRED_INT_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
+_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+
+
+def _positive_int(hf: Mapping[str, Any], key: str) -> int:
+    """hf[key] as an int >= 1; a float, bool, string or non-positive value is a malformed config."""
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config key {key}={value!r} ({type(value).__name__}); expected a positive int")
+    return value
+
+
+def check_hf_config(hf: Any) -> None:
+    """Refuse a config dict psm-jax cannot represent exactly, naming the key and what was expected.
+
+    Why up front: a quantized checkpoint or a string-valued size would otherwise surface later as
+    a shape mismatch on some tensor, far from its cause.
+    """
+    if not isinstance(hf, Mapping):
+        raise TypeError(f"a Hugging Face config must be a JSON object (dict); got {type(hf).__name__}")
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, Mapping) else quant
+        raise ValueError(f"quantized checkpoints are not supported (quantization_config.quant_method={method!r}); "
+                         "expected unquantized float weights (float32, float16 or bfloat16)")
+    if "model_type" not in hf:
+        raise ValueError(f"config has no 'model_type' key; expected one of {sorted(_MODEL_TYPES)}")
+    missing = [k for k in _REQUIRED_INT_KEYS if k not in hf]
+    if missing:
+        raise ValueError(f"config (model_type={hf['model_type']!r}) lacks required keys {missing}")
+    for key in _REQUIRED_INT_KEYS:
+        _positive_int(hf, key)
+    for key in _OPTIONAL_INT_KEYS:
+        if hf.get(key) is not None:
+            _positive_int(hf, key)
+    if hf.get("head_dim") is None and hf["hidden_size"] % hf["num_attention_heads"]:
+        raise ValueError(f"hidden_size={hf['hidden_size']} is not divisible by num_attention_heads="
+                         f"{hf['num_attention_heads']} and the config gives no head_dim")
+
+
 def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     """Translate a Hugging Face config dict into a ModelConfig (raises on unsupported features)."""
-    if "text_config" in hf and hf.get("model_type") in ("gemma3",):
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
-    model_type = hf.get("model_type")
-    if model_type not in _MODEL_TYPES:
+    if isinstance(hf, Mapping) and "text_config" in hf and hf.get("model_type") in ("gemma3",):
+        hf = {**hf["text_config"], "model_type": "gemma3_text",
+              **({"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {})}
+    if isinstance(hf, Mapping) and "model_type" in hf and hf["model_type"] not in _MODEL_TYPES:
         raise ValueError(
-            f"unsupported architecture model_type={model_type!r}; expected one of {sorted(_MODEL_TYPES)}"
+            f"unsupported architecture model_type={hf['model_type']!r}; expected one of {sorted(_MODEL_TYPES)}"
         )
-    family = _MODEL_TYPES[model_type]
-    d_model = int(hf["hidden_size"])
-    n_heads = int(hf["num_attention_heads"])
+    check_hf_config(hf)
+    family = _MODEL_TYPES[hf["model_type"]]
+    d_model = hf["hidden_size"]
+    n_heads = hf["num_attention_heads"]
     head_dim = int(hf.get("head_dim") or d_model // n_heads)
-    n_layers = int(hf["num_hidden_layers"])
+    n_layers = hf["num_hidden_layers"]
     gemma = family in ("gemma2", "gemma3")
 
     # RoPE: new-style `rope_parameters` (flat, or per layer type for Gemma 3) or legacy keys.

@@ -1,59 +1,163 @@
-"""Meshes and parameter/activation placement with named axes.
+"""Meshes, logical axes and one rules table that places parameters and activations on them.
 
-Two mesh axes: `data` (batch) and `model` (tensor parallel: attention heads' projection width,
-MLP width and vocabulary). Parameters get a PartitionSpec by their role; jit then propagates the
+Every Params leaf names its axes by logical names (`psm_jax.loading.names.LEAF_AXES`: layers,
+vocab, embed, heads, kv_heads, head_dim, mlp, norm; activations: batch, sequence). One table,
+`DEFAULT_RULES`, maps each logical name to mesh axes of a `(data, fsdp, tensor)` mesh:
+
+- `tensor`: tensor parallelism over attention heads, MLP width and vocabulary;
+- `fsdp`: parameters are also split over d_model (`embed`), and the batch is split over it too,
+  so each device stores 1/(fsdp*tensor) of the weights and XLA gathers them as layers need them;
+- `data`: pure data parallelism (the batch only; weights replicated).
+
+Pass `rules={...}` to override entries (merged over the defaults). jit then propagates the
 placement through the forward (GSPMD), so the same `forward` runs on 1 CPU or a pod slice.
-Multi-host: call `jax.distributed.initialize()` first; `make_mesh` then spans all processes' devices.
+Multi-process: call `jax.distributed.initialize()` first; `make_mesh` then spans all processes'
+devices, and `psm_jax.load(path, mesh=mesh)` reads each process's shards straight from disk.
 """
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# leaf -> spec of the per-layer (unstacked) array; the stacked layer axis is never sharded.
-_LAYER_RULES = {
-    "wq": P(None, "model"), "wk": P(None, "model"), "wv": P(None, "model"),
-    "bq": P("model"), "bk": P("model"), "bv": P("model"),
-    "wo": P("model", None),
-    "w_gate": P(None, "model"), "w_up": P(None, "model"), "w_down": P("model", None),
-    "b_gate": P("model"), "b_up": P("model"),
+from psm_jax.loading.names import leaf_axes, param_specs
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (not sharded).
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "sequence": None,
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
 }
-_TOP_RULES = {"embed": P("model", None), "unembed": P(None, "model")}
 
 
-def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
-    """A (data, model) mesh over `devices` (default: all); data defaults to n_devices // model."""
+def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1, devices=None, *, model: int | None = None
+              ) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all processes' devices).
+
+    `data` defaults to n_devices // (fsdp * tensor). `model` is accepted as another name for
+    `tensor` (tensor-parallel width).
+    """
+    if model is not None:
+        if tensor not in (1, model):
+            raise ValueError(f"model={model} and tensor={tensor} disagree; pass one of them")
+        tensor = model
     devices = list(jax.devices() if devices is None else devices)
+    for name, size in (("fsdp", fsdp), ("tensor", tensor)) + ((("data", data),) if data is not None else ()):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"mesh axis {name}={size!r}; expected a positive int")
     if data is None:
-        data = len(devices) // model
-    if data * model != len(devices):
-        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices; {len(devices)} available")
-    grid = np.asarray(devices).reshape(data, model)
-    return Mesh(grid, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        data = len(devices) // (fsdp * tensor)
+    if data < 1 or data * fsdp * tensor != len(devices):
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {data * fsdp * tensor} devices; "
+                         f"{len(devices)} available")
+    grid = np.asarray(devices).reshape(data, fsdp, tensor)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def _fits(spec: P, shape, mesh: Mesh) -> P:
-    """Drop a sharded axis whose size the mesh axis does not divide (e.g. 3 KV heads on 2 devices)."""
+def _as_axes(value, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise TypeError(f"rule {name!r}: {value!r}; expected a mesh axis name, a tuple of them, or None")
+
+
+def resolve_rules(mesh: Mesh, rules: Mapping | None = None) -> dict[str, tuple[str, ...]]:
+    """DEFAULT_RULES with `rules` merged over them, as tuples of mesh axes present in `mesh`.
+
+    A default that names an axis the mesh lacks is dropped (so a plain `(data, model)` mesh still
+    works); a user rule naming a missing axis, or an unknown logical name, is an error.
+    """
+    rules = dict(rules or {})
+    unknown = sorted(set(rules) - set(DEFAULT_RULES))
+    if unknown:
+        raise ValueError(f"unknown logical axes {unknown} in rules; expected names from {sorted(DEFAULT_RULES)}")
+    out = {}
+    for name, default in DEFAULT_RULES.items():
+        axes = _as_axes(rules.get(name, default), name)
+        if name in rules:
+            missing = [a for a in axes if a not in mesh.axis_names]
+            if missing:
+                raise ValueError(f"rule {name!r} -> {rules[name]!r} names mesh axes {missing} that the mesh "
+                                 f"does not have; mesh axes: {mesh.axis_names}")
+        out[name] = tuple(a for a in axes if a in mesh.axis_names)
+    return out
+
+
+def logical_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Mapping | None = None) -> P:
+    """PartitionSpec for an array whose dims carry logical names `axes`.
+
+    A mesh axis is used at most once per array (first dim wins) and only where it divides the dim
+    (e.g. 3 KV heads on 2 devices stay whole), so any rules table gives a valid placement.
+    """
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    table = resolve_rules(mesh, rules)
+    used: set[str] = set()
     dims = []
-    for size, name in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        dims.append(name if name is None or size % mesh.shape[name] == 0 else None)
+    for name, size in zip(axes, shape):
+        if name not in table:
+            raise ValueError(f"unknown logical axis {name!r}; expected one of {sorted(table)}")
+        chosen, prod = [], 1
+        for a in table[name]:
+            if a not in used and size % (prod * mesh.shape[a]) == 0:
+                chosen.append(a)
+                prod *= mesh.shape[a]
+        used.update(chosen)
+        dims.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     return P(*dims)
 
 
-def param_partition_specs(params: dict, mesh: Mesh) -> dict:
-    specs = {k: _fits(_TOP_RULES.get(k, P()), v.shape, mesh) for k, v in params.items() if k != "layers"}
-    specs["layers"] = {k: _fits(P(None, *_LAYER_RULES.get(k, P())), v.shape, mesh)
-                       for k, v in params["layers"].items()}
+def param_shardings(config, mesh: Mesh, rules: Mapping | None = None) -> dict:
+    """NamedSharding per Params leaf for `config` (same tree as the params), without any weights."""
+    out: dict = {"layers": {}}
+    for spec in param_specs(config):
+        sharding = NamedSharding(mesh, logical_spec(spec.axes, spec.stacked_shape(config.n_layers), mesh, rules))
+        (out["layers"] if spec.per_layer else out)[spec.leaf] = sharding
+    return out
+
+
+def param_partition_specs(params: dict, mesh: Mesh, rules: Mapping | None = None) -> dict:
+    """PartitionSpec per leaf of an existing Params tree (leaf names give the logical axes)."""
+    specs = {k: logical_spec(leaf_axes(k, False), v.shape, mesh, rules) for k, v in params.items() if k != "layers"}
+    specs["layers"] = {k: logical_spec(leaf_axes(k, True), v.shape, mesh, rules) for k, v in params["layers"].items()}
     return specs
 
 
-def shard_params(params: dict, mesh: Mesh) -> dict:
-    specs = param_partition_specs(params, mesh)
+def shard_params(params: dict, mesh: Mesh, rules: Mapping | None = None) -> dict:
+    """Place an in-memory Params tree on `mesh` (to load straight into shards, use `psm_jax.load(mesh=...)`)."""
+    specs = param_partition_specs(params, mesh, rules)
     return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
 
 
-def shard_batch(x, mesh: Mesh):
-    """Place an array with a leading batch axis on the `data` axis."""
-    spec = P("data", *([None] * (x.ndim - 1)))
-    return jax.device_put(x, NamedSharding(mesh, _fits(spec, x.shape, mesh)))
+def batch_sharding(shape: Sequence[int], mesh: Mesh, rules: Mapping | None = None) -> NamedSharding:
+    """Sharding of an activation-like array [batch, sequence, ...] (trailing dims whole)."""
+    axes = ("batch", "sequence")[: len(shape)]
+    spec = logical_spec(axes, tuple(shape)[: len(axes)], mesh, rules)
+    return NamedSharding(mesh, P(*spec, *([None] * (len(shape) - len(axes)))))
+
+
+def shard_batch(x, mesh: Mesh, rules: Mapping | None = None):
+    """Place an array with a leading batch axis by the `batch` (and `sequence`) rules.
+
+    Every process passes the same full array; in a multi-process run each keeps only its shards.
+    """
+    x = np.asarray(x) if not isinstance(x, jax.Array) else x
+    sharding = batch_sharding(x.shape, mesh, rules)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])

@@ -20,6 +20,8 @@ from psm_jax.loading import LoadedModel, load, registry
 from psm_jax.loading import gguf as G
 from psm_jax.loading.names import param_specs
 
+pytestmark = pytest.mark.parity  # compared with Hugging Face torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -309,3 +311,47 @@ def test_load_hf_directory(tiny_hf, smollm2_tokenizer, tmp_path):
     m = load(str(d))
     assert m.source == str(d) and m.tokenizer is not None
     assert m.chat_template == smollm2_tokenizer.chat_template
+
+
+# --------------------------------------------------------------------------- bad metadata
+
+
+def _metadata_only_gguf(path, drop: str):
+    """A llama GGUF with the usual hyperparameters minus the key `drop`, and just an embedding tensor."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    setters = {"llama.block_count": (w.add_block_count, 2), "llama.embedding_length": (w.add_embedding_length, 32),
+               "llama.feed_forward_length": (w.add_feed_forward_length, 64),
+               "llama.attention.head_count": (w.add_head_count, 4)}
+    for key, (setter, value) in setters.items():
+        if key != drop:
+            setter(value)
+    w.add_tensor("token_embd.weight", np.zeros((48, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("key", ["llama.block_count", "llama.embedding_length", "llama.feed_forward_length",
+                                 "llama.attention.head_count"])
+def test_missing_metadata_key_is_named(tmp_path, key):
+    path = tmp_path / "meta.gguf"
+    _metadata_only_gguf(path, drop=key)
+    with pytest.raises(ValueError, match=f"lacks the required key '{key}'"):
+        G.gguf_config(path)
+
+
+def test_yarn_rope_scaling_is_refused(tmp_path):
+    path = tmp_path / "yarn.gguf"
+    write_tiny_gguf(path, rope_scaling={"type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported; expected none, linear or llama3"):
+        load(path)
+
+
+def test_partial_rotary_is_refused(tmp_path):
+    path = tmp_path / "partial.gguf"
+    write_tiny_gguf(path, arch="qwen2", extra_kv={"qwen2.rope.dimension_count": 4})
+    with pytest.raises(ValueError, match=r"partial rotary.*dimension_count=4, head_dim=8"):
+        load(path)

@@ -25,6 +25,44 @@ from typing import Iterator, NamedTuple
 from psm_jax.config import ModelConfig
 
 
+# Logical axis names of every leaf's per-layer array; stacked leaves get "layers" in front. These
+# names are the only thing the sharding rules table (psm_jax.sharding.DEFAULT_RULES) refers to:
+#   vocab, embed (d_model), heads / kv_heads (the flattened heads*head_dim projection width),
+#   head_dim, mlp (d_mlp), norm (RMSNorm weights, kept whole by default), layers.
+LEAF_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("norm",),
+    "unembed": ("embed", "vocab"),
+    "attn_norm": ("norm",),
+    "wq": ("embed", "heads"),
+    "wk": ("embed", "kv_heads"),
+    "wv": ("embed", "kv_heads"),
+    "bq": ("heads",),
+    "bk": ("kv_heads",),
+    "bv": ("kv_heads",),
+    "wo": ("heads", "embed"),
+    "bo": ("embed",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "post_attn_norm": ("norm",),
+    "mlp_norm": ("norm",),
+    "post_mlp_norm": ("norm",),
+    "w_gate": ("embed", "mlp"),
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),
+    "b_gate": ("mlp",),
+    "b_up": ("mlp",),
+    "b_down": ("embed",),
+}
+
+
+def leaf_axes(leaf: str, per_layer: bool) -> tuple[str, ...]:
+    """Logical axes of a Params leaf as stored (with the stacked "layers" axis for per-layer leaves)."""
+    if leaf not in LEAF_AXES:
+        raise ValueError(f"unknown Params leaf {leaf!r}; expected one of {sorted(LEAF_AXES)}")
+    return (("layers",) if per_layer else ()) + LEAF_AXES[leaf]
+
+
 class TensorSpec(NamedTuple):
     """Where one stacked leaf comes from in an HF checkpoint."""
 
@@ -33,6 +71,23 @@ class TensorSpec(NamedTuple):
     shape: tuple[int, ...]  # per-layer shape in Params layout
     transpose: bool  # True for linear weights (torch [out, in] -> ours [in, out])
     per_layer: bool
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        """Per-layer shape as the HF checkpoint stores it."""
+        return tuple(reversed(self.shape)) if self.transpose else self.shape
+
+    def stacked_shape(self, n_layers: int) -> tuple[int, ...]:
+        """Shape of the Params leaf (with the layer axis for per-layer leaves)."""
+        return ((n_layers,) if self.per_layer else ()) + self.shape
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return leaf_axes(self.leaf, self.per_layer)
+
+    def hf_names(self, n_layers: int) -> list[str]:
+        """Checkpoint tensor names, in layer order, behind this leaf."""
+        return [self.hf_name.format(i=i) for i in range(n_layers)] if self.per_layer else [self.hf_name]
 
 
 def param_specs(config: ModelConfig) -> Iterator[TensorSpec]:
