@@ -101,7 +101,8 @@ def logical_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: M
     """PartitionSpec for an array whose dims carry logical names `axes`.
 
     A mesh axis is used at most once per array (first dim wins) and only where it divides the dim
-    (e.g. 3 KV heads on 2 devices stay whole), so any rules table gives a valid placement.
+    (e.g. 3 KV heads on 2 devices stay whole), so any rules table gives a valid placement; axes of
+    size 1 are left out. `mesh` may be a Mesh or an AbstractMesh.
     """
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
@@ -113,7 +114,7 @@ def logical_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: M
             raise ValueError(f"unknown logical axis {name!r}; expected one of {sorted(table)}")
         chosen, prod = [], 1
         for a in table[name]:
-            if a not in used and size % (prod * mesh.shape[a]) == 0:
+            if a not in used and mesh.shape[a] > 1 and size % (prod * mesh.shape[a]) == 0:
                 chosen.append(a)
                 prod *= mesh.shape[a]
         used.update(chosen)
