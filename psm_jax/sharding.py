@@ -16,6 +16,10 @@ devices, and `psm_jax.load(path, mesh=mesh)` reads each process's shards straigh
 """
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import time
 from typing import Mapping, Sequence
 
 import jax
@@ -162,3 +166,55 @@ def shard_batch(x, mesh: Mesh, rules: Mapping | None = None):
         return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+# --------------------------------------------------------------------------- several processes
+
+_LOCAL_ENV = ("JAX_COORDINATOR_ADDRESS", "PSM_NUM_PROCESSES", "PSM_PROCESS_ID")
+
+
+def init_distributed() -> None:
+    """Join a multi-process run; call before anything touches a JAX backend.
+
+    Processes started by `launch_local` find their coordinator, count and id in the environment;
+    anywhere else JAX's own cluster detection (SLURM, Open MPI, Cloud TPU VMs, Kubernetes) fills
+    them in, so the same script runs under `srun` or on every worker of a TPU slice unchanged.
+    """
+    if os.environ.get("PSM_PROCESS_ID") is not None:
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["PSM_NUM_PROCESSES"]),
+                                   int(os.environ["PSM_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: int, *, timeout: float,
+                 env: Mapping[str, str] | None = None, cwd=None) -> list[subprocess.CompletedProcess]:
+    """Run `argv` as `num_processes` local JAX processes with `devices_per_process` CPU devices each.
+
+    The processes form one JAX cluster through `init_distributed()` (gloo CPU collectives). All of
+    them are killed once `timeout` seconds have passed (a hung collective never blocks the
+    caller); a process killed that way reports returncode -9 and "timed out" in its stderr.
+    """
+    base = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in _LOCAL_ENV and k != "XLA_FLAGS"}
+    base.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process),
+                JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", PSM_NUM_PROCESSES=str(num_processes))
+    procs = [subprocess.Popen(list(argv), env={**base, "PSM_PROCESS_ID": str(i)}, cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(num_processes)]
+    deadline = time.monotonic() + timeout
+    results = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, err = p.communicate()
+            err += f"\ntimed out after {timeout} s"
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
