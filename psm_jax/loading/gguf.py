@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Mapping, NamedTuple
 import numpy as np
 
 from psm_jax.config import ModelConfig, from_hf_config
-from psm_jax.loading.names import GGUF_NAMES, param_specs
+from psm_jax.loading.names import GGUF_NAMES, aligned_empty, param_specs
 
 # llama.cpp architecture name -> HF model_type understood by from_hf_config.
 GGUF_ARCHITECTURES = {
@@ -330,14 +330,6 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return out.reshape(w.shape)
 
 
-def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 array whose data is 64-byte aligned, so jax on CPU can adopt it without a copy."""
-    n = int(np.prod(shape)) * 4
-    raw = np.empty(n + 64, np.uint8)
-    start = (-raw.ctypes.data) % 64
-    return raw[start:start + n].view(np.float32).reshape(shape)
-
-
 def _to_jax(buf: np.ndarray, dtype):
     """numpy -> jax. `device_put` of an aligned float32 buffer aliases it on CPU (no second copy)."""
     import jax
@@ -380,7 +372,7 @@ def load_gguf_params(header: GGUFHeader, config: ModelConfig, dtype=None) -> dic
             if template is None:
                 raise ValueError(f"no GGUF tensor name known for Params leaf {spec.leaf!r}")
             if spec.per_layer:
-                buf = _aligned_empty((config.n_layers,) + spec.shape)
+                buf = aligned_empty((config.n_layers,) + spec.shape)
                 for i in range(config.n_layers):
                     name = template.format(i=i)
                     w = convert(spec, name, f)
@@ -391,7 +383,7 @@ def load_gguf_params(header: GGUFHeader, config: ModelConfig, dtype=None) -> dic
                 name = template.format(i=0)
                 w = convert(spec, name, f)
                 _check_shape(name, spec, w)
-                buf = _aligned_empty(spec.shape)
+                buf = aligned_empty(spec.shape)
                 buf[...] = w
                 del w
             leaf = _to_jax(buf, dtype)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax.config import ModelConfig, from_hf_config
-from psm_jax.loading.names import TensorSpec, param_specs
+from psm_jax.loading.names import TensorSpec, aligned_empty, param_specs
 
 _READ_CHUNK = 8 << 20  # largest temporary one read allocates (bytes), beyond the output shard itself
 _MAX_LISTED = 8  # names quoted in an error before "... and N more"
@@ -204,15 +204,6 @@ def check_checkpoint(config: ModelConfig, ckpt: SafetensorsCheckpoint, *, ignore
             "expected only the tensors of a causal LM; pass ignore_unexpected=True to skip them")
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised array whose data is 64-byte aligned, so jax on CPU can adopt it without a copy."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(n + 64, np.uint8)
-    start = (-raw.ctypes.data) % 64
-    return raw[start:start + n].view(dtype).reshape(shape)
-
-
 def _check_finite(name: str, block: np.ndarray) -> None:
     bad = block.size - int(np.count_nonzero(np.isfinite(block)))
     if bad:
@@ -230,7 +221,7 @@ def read_shard(ckpt: SafetensorsCheckpoint, spec: TensorSpec, n_layers: int, ind
     layers = range(*index[0].indices(n_layers)) if spec.per_layer else [None]
     inner = index[1:] if spec.per_layer else index
     ranges = [s.indices(n) for s, n in zip(inner, spec.shape)]
-    out = _aligned_empty(((len(layers),) if spec.per_layer else ()) + tuple(b - a for a, b, _ in ranges), dtype)
+    out = aligned_empty(((len(layers),) if spec.per_layer else ()) + tuple(b - a for a, b, _ in ranges), dtype)
     hf_slices = [slice(a, b) for a, b, _ in ranges]
     if spec.transpose:
         hf_slices.reverse()  # ours [in, out] = theirs [out, in].T

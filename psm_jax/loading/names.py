@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Iterator, NamedTuple
 
+import numpy as np
+
 from psm_jax.config import ModelConfig
 
 
@@ -154,3 +156,16 @@ GGUF_NAMES = {
     "b_up": "blk.{i}.ffn_up.bias",
     "b_down": "blk.{i}.ffn_down.bias",
 }
+
+
+def aligned_empty(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """An uninitialised host buffer for one leaf (or shard), 64-byte aligned.
+
+    Why aligned: `jax.device_put` on CPU adopts such a buffer without copying it, so a loader that
+    fills leaves in these never holds a second copy of the weights.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64
+    return raw[start:start + n].view(dtype).reshape(shape)
