@@ -19,7 +19,7 @@ WORKER = textwrap.dedent("""
     import jax, numpy as np
     from jax.experimental import multihost_utils
     import psm_jax
-    from psm_jax.sharding import make_mesh
+    from psm_jax.sharding import make_mesh, shard_batch
     assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
     d, out = sys.argv[1], sys.argv[2]
     mesh = make_mesh(data=1, fsdp=4, tensor=2)  # process 0 owns fsdp rows 0-1, process 1 rows 2-3
@@ -30,6 +30,14 @@ WORKER = textwrap.dedent("""
     tokens = np.load(d + "/tokens.npy")  # the same host array in every process: replicated input
     logits = psm_jax.jit_forward(m.params, m.config, tokens).logits
     gen = psm_jax.generate(m.params, m.config, tokens[:, :6], max_new_tokens=5)
+    # a batch split over the fsdp axis across both processes (jit of `forward`: host-side id checks skipped)
+    batch = shard_batch(tokens, mesh)
+    assert not batch.is_fully_addressable
+    for s in batch.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(s.data), tokens[s.index])
+    sharded_logits = jax.jit(psm_jax.forward, static_argnames="config")(m.params, m.config, batch).logits
+    np.save(f"{out}/sharded_batch_logits{jax.process_index()}.npy",
+            multihost_utils.process_allgather(sharded_logits, tiled=True))
     logits = multihost_utils.process_allgather(logits, tiled=True)
     gen_tokens = multihost_utils.process_allgather(gen.tokens, tiled=True)
     pid = jax.process_index()
@@ -68,4 +76,5 @@ def test_two_processes_load_sharded_and_match_single_process(tiny_hf, tmp_path):
             assert rep["owned"][k] * 2 == rep["global"][k], rep
         logits = np.load(tmp_path / f"logits{rep['pid']}.npy")
         np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
+        np.testing.assert_allclose(np.load(tmp_path / f"sharded_batch_logits{rep['pid']}.npy"), ref_logits, atol=1e-4)
         np.testing.assert_array_equal(np.load(tmp_path / f"tokens{rep['pid']}.npy"), ref_tokens)

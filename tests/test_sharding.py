@@ -112,3 +112,12 @@ def test_bad_meshes_and_rules_are_named():
         resolve_rules(mesh, {"vocab": 3})
     with pytest.raises(ValueError, match=r"logical axes \('embed',\) do not match shape \(2, 3\)"):
         logical_spec(("embed",), (2, 3), mesh)
+
+
+def test_load_placement_arguments_are_checked(tmp_path):
+    from psm_jax.loading import load
+
+    with pytest.raises(TypeError, match=r"mesh=\(2, 4\); expected a jax.sharding.Mesh"):
+        load(tmp_path, mesh=(2, 4))
+    with pytest.raises(ValueError, match="rules=.*given without a mesh"):
+        load(tmp_path, rules={"embed": None})

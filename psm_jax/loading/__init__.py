@@ -62,6 +62,15 @@ def _load_gguf(path: Path, dtype, mesh=None, rules=None) -> LoadedModel:
     return LoadedModel(params, config, tokenizer, chat_template, str(path))
 
 
+def _check_placement(mesh, rules) -> None:
+    from jax.sharding import Mesh
+
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh={mesh!r}; expected a jax.sharding.Mesh (see psm_jax.sharding.make_mesh) or None")
+    if rules is not None and mesh is None:
+        raise ValueError(f"rules={rules!r} given without a mesh; pass mesh= as well (rules place params on a mesh)")
+
+
 def load(name_or_path: str | os.PathLike, dtype=None, *, mesh=None, rules=None,
          ignore_unexpected: bool = False) -> LoadedModel:
     """Load a model by registered name, HF directory or GGUF file (params in `dtype`, default float32).
@@ -74,6 +83,7 @@ def load(name_or_path: str | os.PathLike, dtype=None, *, mesh=None, rules=None,
     from psm_jax.loading import registry
 
     dtype = jnp.float32 if dtype is None else dtype
+    _check_placement(mesh, rules)
     if isinstance(name_or_path, str) and not _looks_like_path(name_or_path) and not Path(name_or_path).exists():
         if registry.lookup(name_or_path) is None:
             raise ValueError(
