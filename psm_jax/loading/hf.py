@@ -26,6 +26,7 @@ import numpy as np
 
 from psm_jax.config import ModelConfig, from_hf_config
 from psm_jax.loading.names import TensorSpec, aligned_empty, param_specs
+from psm_jax.sharding import param_shardings
 
 _READ_CHUNK = 8 << 20  # largest temporary one read allocates (bytes), beyond the output shard itself
 _MAX_LISTED = 8  # names quoted in an error before "... and N more"
@@ -237,8 +238,6 @@ def read_shard(ckpt: SafetensorsCheckpoint, spec: TensorSpec, n_layers: int, ind
 def load_hf_params(ckpt: SafetensorsCheckpoint, config: ModelConfig, dtype=jnp.float32, mesh=None,
                    rules: Mapping | None = None) -> dict:
     """The Params tree from a checked checkpoint: whole leaves on the default device, or sharded on `mesh`."""
-    from psm_jax.sharding import param_shardings
-
     shardings = None if mesh is None else param_shardings(config, mesh, rules)
     params: dict = {"layers": {}}
     for spec in param_specs(config):
