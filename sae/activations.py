@@ -29,8 +29,11 @@ Store layout (`ActivationStore`)::
                                doc_ids.npy, pos.npy, context.npy
 
 A chunk directory is built under a temporary name and renamed into place; only chunks listed in the
-manifest exist for readers. A harvest killed at any point resumes after the last listed chunk (a
-chunk directory without a manifest entry is deleted and rewritten).
+manifest exist for readers. A harvest killed at any point (even by SIGKILL: tests/test_kill_store.py)
+resumes after the last listed chunk (a chunk directory without a manifest entry is deleted and
+rewritten) and writes chunk files bit-identical to an uninterrupted harvest. The manifest records the
+size, crc32 and sha256 of every chunk file; readers check the crc32 the first time a store object
+loads a file (`verify`), so flipped bytes raise ChunkError instead of feeding garbage to training.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import os
 import shutil
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -66,6 +70,7 @@ META_DTYPES = {"roles": np.int8, "turns": np.int32, "tokens": np.int32, "doc_ids
 STORE_FORMAT = "psm-jax-activation-store"
 STORE_VERSION = 1
 STORE_DTYPES = ("float32", "float16")
+VERIFY_MODES = ("checksum", "sha256", "size", "none")
 
 
 class ActivationError(ValueError):
@@ -74,6 +79,10 @@ class ActivationError(ValueError):
 
 class ChunkError(ActivationError):
     """A store chunk is missing or corrupt (message names the file)."""
+
+
+class NonFiniteActivationError(ActivationError):
+    """The model produced NaN/inf activations at harvest (message names the hook point and the document)."""
 
 
 def role_id(r: int | str) -> int:
@@ -534,6 +543,7 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
     from psm_jax.native.amx import kernel_layout
     params = dict(params, layers=kernel_layout(params["layers"]))  # bf16 on AMX: weights as kernel bits, once
     step = make_capture_step(config, pairs)
+    doc_names = getattr(documents, "ids", None)
 
     rows = encode_documents(docs, context_len, encode, mode=mode, start_context=start_context)
     batches = batch_contexts(rows, batch_size, context_len, pad, token_filter, bos_id=bos, special_ids=special)
@@ -552,6 +562,7 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
         meta = dict(roles=cb.roles.reshape(-1)[flat], turns=cb.turns.reshape(-1)[flat],
                     tokens=cb.tokens.reshape(-1)[flat], doc_ids=cb.doc_ids.reshape(-1)[flat],
                     pos=cb.pos.reshape(-1)[flat], context=cb.context[rowi])
+        _check_finite(acts, meta, doc_names)
         return ActivationBatch(acts, **meta, context_end=cb.context_end)
 
     total = 0
@@ -584,6 +595,25 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
         if total == 0:
             raise ActivationError(f"the harvest kept no token: the token filter {token_filter} excludes every "
                                   "token of this corpus (empty corpus after filtering)")
+
+
+def _check_finite(acts: Mapping[tuple[str, int], np.ndarray], meta: Mapping[str, np.ndarray],
+                  doc_names: Sequence[str] | None) -> None:
+    """Raise NonFiniteActivationError when a kept activation is NaN/inf, naming every affected hook point (the
+    shallowest first) and the first affected document (its corpus index and id), context and position: caught
+    here, a broken model or edit never reaches the store or the trainer as a NaN loss."""
+    bad = [k for k in sorted(acts, key=lambda k: (k[1], k[0])) if not np.isfinite(acts[k]).all()]
+    if not bad:
+        return
+    rows = ~np.isfinite(acts[bad[0]]).all(axis=1)
+    first = int(np.flatnonzero(rows)[0])
+    d = int(meta["doc_ids"][first])
+    name = doc_names[d] if doc_names is not None and 0 <= d < len(doc_names) else str(d)
+    raise NonFiniteActivationError(
+        f"non-finite activations (NaN/inf) at hook point(s) {[site_key(*k) for k in bad]}: first at "
+        f"{site_key(*bad[0])} in document index {d} (id {name!r}), context {int(meta['context'][first])}, token "
+        f"position {int(meta['pos'][first])}; {int(rows.sum())} of {len(rows)} kept tokens of this batch affected. "
+        "The model's weights (or an edit) produce NaN/inf on this input.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,12 +744,56 @@ def _atomic_write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj, indent=1, sync_dir=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _kill_point(event: str) -> None:
+    from psm_jax.atomic import kill_point
+
+    kill_point(event)
+
+
+def _checksum(algo: str, data) -> str:
+    """"crc32" (8 hex digits, the cheap default check) or "sha256" of a bytes-like object."""
+    if algo == "crc32":
+        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    """The whole file as a writable uint8 array (one read, no zero-filled buffer)."""
+    buf = np.empty(path.stat().st_size, np.uint8)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        got = 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                raise ChunkError(f"{path}: file shrank while it was read ({got} of {len(buf)} bytes)")
+            got += n
+    return buf
+
+
+def _parse_npy(buf: np.ndarray) -> np.ndarray:
+    """The array of a .npy file held in `buf` (a view of its data when the header allows, else a copy)."""
+    import io
+
+    head = io.BytesIO(buf[:1 << 16].tobytes())
+    version = np.lib.format.read_magic(head)
+    if version not in ((1, 0), (2, 0)):
+        return np.load(io.BytesIO(buf.tobytes()), allow_pickle=False)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = reader(head)
+    if dtype.hasobject:
+        raise ValueError(f"object dtype {dtype} in an activation store file")
+    count = int(np.prod(shape, dtype=np.int64))
+    data = buf[head.tell():head.tell() + count * dtype.itemsize]
+    if len(data) != count * dtype.itemsize:
+        raise ValueError(f"{len(data)} data bytes for shape {shape} {dtype}")
+    return data.view(dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def _file_entry(path: Path) -> dict:
+    """Manifest entry of a written chunk file: size, crc32 and sha256 of its bytes."""
+    buf = _read_bytes(path)
+    return {"bytes": len(buf), "crc32": _checksum("crc32", buf), "sha256": _checksum("sha256", buf)}
 
 
 def _corpus_fingerprint(ids: Sequence[str]) -> str:
@@ -746,6 +820,7 @@ class ActivationStore:
             raise ActivationError(f"{mpath}: not a {STORE_FORMAT} manifest")
         if self.manifest.get("version") != STORE_VERSION:
             raise ActivationError(f"{mpath}: store version {self.manifest.get('version')}, expected {STORE_VERSION}")
+        self._checked: set[str] = set()  # files whose checksum this object verified (verify="checksum")
 
     # -- description
     @property
@@ -787,8 +862,8 @@ class ActivationStore:
         return self.path / "chunks" / chunk["name"] / name
 
     def read_chunk(self, i: int, keys: Sequence[tuple[str, int]] | None = None, meta: Sequence[str] = META_FIELDS,
-                   verify: str = "size") -> dict:
-        """Arrays of chunk i: {(site, layer): float32 [n, D], "roles": ..., ...}."""
+                   verify: str = "checksum") -> dict:
+        """Arrays of chunk i: {(site, layer): float32 [n, D], "roles": ..., ...}. `verify` as in `iter_batches`."""
         chunk = self.chunks[i]
         keys = self.sites_layers if keys is None else keys
         names = [(k, site_key(*k) + ".npy") for k in keys] + [(m, m + ".npy") for m in meta]
@@ -803,18 +878,30 @@ class ActivationStore:
         return out
 
     def _load(self, chunk: dict, fname: str, verify: str) -> np.ndarray:
+        if verify not in VERIFY_MODES:
+            raise ActivationError(f"verify={verify!r}; expected one of {VERIFY_MODES}")
         p = self._file(chunk, fname)
         info = chunk["files"].get(fname)
         if info is None:
             raise ChunkError(f"{p}: not listed in the manifest of {self.path}")
         if not p.is_file():
             raise ChunkError(f"{p}: chunk file is missing")
-        if verify in ("size", "sha256") and p.stat().st_size != info["bytes"]:
+        if verify != "none" and p.stat().st_size != info["bytes"]:
             raise ChunkError(f"{p}: size {p.stat().st_size} bytes, manifest says {info['bytes']} (corrupt chunk)")
-        if verify == "sha256" and _sha256(p) != info["sha256"]:
-            raise ChunkError(f"{p}: sha256 mismatch (corrupt chunk)")
+        algo = None
+        if verify == "sha256":
+            algo = "sha256"
+        elif verify == "checksum" and str(p) not in self._checked:
+            algo = "crc32" if "crc32" in info else "sha256"  # stores written before crc32 was recorded
+        buf = _read_bytes(p)
+        if algo is not None:
+            actual = _checksum(algo, buf)
+            if actual != info[algo]:
+                raise ChunkError(f"{p}: {algo} {actual}, manifest says {info[algo]} (corrupt chunk: the file has "
+                                 "the bytes of another write or flipped bytes; re-harvest it)")
+            self._checked.add(str(p))
         try:
-            return np.load(p, allow_pickle=False)
+            return _parse_npy(buf)
         except Exception as e:
             raise ChunkError(f"{p}: unreadable chunk file ({type(e).__name__}: {e})") from e
 
@@ -850,7 +937,7 @@ class ActivationStore:
     def iter_batches(self, keys: Sequence[tuple[str, int]], batch_size: int, seed: int = 0,
                      start_cursor: dict | None = None, *, epochs: int | None = None, window_chunks: int = 4,
                      roles: Sequence[int | str] | None = None, d_in: int | None = None, with_meta: bool = True,
-                     verify: str = "size", prefetch: bool = True) -> Iterator[tuple[ActivationBatch, dict]]:
+                     verify: str = "checksum", prefetch: bool = True) -> Iterator[tuple[ActivationBatch, dict]]:
         """Shuffled ActivationBatches holding every key in `keys` (aligned rows), with cursors.
 
         Order: per epoch e, chunks are permuted with default_rng([seed, e]); consecutive groups of
@@ -861,7 +948,9 @@ class ActivationStore:
         roles: keep only rows with these roles (applied before the permutation).
         epochs: None for an endless stream.
         prefetch: load the next window in a background thread while the current one is served.
-        verify: "size" (file sizes vs manifest, default), "sha256" (full hashes) or "none".
+        verify: "checksum" (default: sizes, plus the crc32 of each file the first time this store object
+            loads it: about a third of a read's cost, once), "sha256" (full hash on every load), "size"
+            (sizes only) or "none".
         """
         keys = [(s, int(l)) for s, l in keys]
         for s, l in keys:
@@ -897,8 +986,8 @@ class ActivationStore:
 
         if window_chunks < 1:
             raise ActivationError(f"window_chunks={window_chunks}; expected >= 1")
-        if verify not in ("size", "sha256", "none"):
-            raise ActivationError(f"verify={verify!r}; expected 'size', 'sha256' or 'none'")
+        if verify not in VERIFY_MODES:
+            raise ActivationError(f"verify={verify!r}; expected one of {VERIFY_MODES}")
 
         def schedule(e: int, w: int):
             """Windows in stream order from (e, w)."""
@@ -982,7 +1071,7 @@ class StoreSource:
 
     def __init__(self, store: "ActivationStore | str | os.PathLike", site: str, layer: int, batch_size: int, *,
                  seed: int = 0, epochs: int | None = None, roles: Sequence[int | str] | None = None,
-                 window_chunks: int = 4, d_in: int | None = None, verify: str = "size", prefetch: bool = True):
+                 window_chunks: int = 4, d_in: int | None = None, verify: str = "checksum", prefetch: bool = True):
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         self.store._check_key(site, layer, d_in)
         self.site, self.layer, self.batch_size, self.seed = site, int(layer), int(batch_size), int(seed)
@@ -1092,7 +1181,7 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
                      batch_size: int = 8, mode: str = "truncate", token_filter: TokenFilter = TokenFilter(),
                      chunk_tokens: int = 1 << 15, max_tokens: int | None = None, dtype: str = "float32",
                      encode: Callable[[Any], Encoded] | None = None, progress: bool = False,
-                     truncate_layers: bool = True, overwrite: bool = False, _crash_after_chunks: int | None = None) -> ActivationStore:
+                     truncate_layers: bool = True, overwrite: bool = False) -> ActivationStore:
     """Harvest into an on-disk store at `path`, resuming an unfinished store there.
 
     Chunks hold >= chunk_tokens kept tokens (whole forward batches; the last chunk may be smaller).
@@ -1100,6 +1189,9 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
     the manifest (raises otherwise) and restarts after the last chunk listed in the manifest.
     max_tokens: stop once the store holds at least this many tokens (a later call with a larger
     budget continues the same store). `overwrite=True` deletes an existing store first.
+    Crash points named for psm_jax.atomic.kill_point: "store_docs" (docs.json written, no manifest yet),
+    "chunk_file" (a chunk file written but not flushed), "chunk_renamed" (a chunk in place, not yet in
+    the manifest), "manifest_updated" (a chunk listed in the manifest).
     """
     path = Path(path)
     if dtype not in STORE_DTYPES:
@@ -1118,7 +1210,7 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
 
     mpath = path / "manifest.json"
     if overwrite and path.exists():
-        if path.is_dir() and (mpath.exists() or (path / "chunks").exists()):
+        if path.is_dir() and (mpath.exists() or (path / "chunks").exists() or _only_new_store_files(path)):
             shutil.rmtree(path)
         elif any(path.iterdir()) if path.is_dir() else True:
             raise ActivationError(f"refusing to overwrite {path}: it is not an activation store")
@@ -1132,13 +1224,17 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
             raise ActivationError(f"the store at {path} was harvested from a different corpus "
                                   "(document ids differ); use another directory or overwrite=True")
     else:
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and not _only_new_store_files(path):
             raise ActivationError(f"{path} exists, is not empty and has no manifest.json; refusing to write there")
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write_json(path / "docs.json", {"ids": doc_ids, "report": corpus_report})
+        _kill_point("store_docs")
         manifest = dict(format=STORE_FORMAT, version=STORE_VERSION, store_id=uuid.uuid4().hex, **cfg,
                         n_tokens=0, n_contexts=0, complete=False, chunks=[], created=time.time())
         _atomic_write_json(mpath, manifest)
+    for p in path.glob(".*.tmp"):  # temporary files of an atomic write that was killed
+        if p.is_file():
+            p.unlink()
     chunks_dir = path / "chunks"
     chunks_dir.mkdir(exist_ok=True)
     listed = {c["name"] for c in manifest["chunks"]}
@@ -1153,10 +1249,9 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
     remaining = None if max_tokens is None else max_tokens - manifest["n_tokens"]
     pending: list[ActivationBatch] = []
     pending_n = 0
-    written = 0
 
     def flush(final: bool):
-        nonlocal pending, pending_n, written, manifest
+        nonlocal pending, pending_n, manifest
         if not pending:
             return
         ab = ActivationBatch.concat(pending)
@@ -1171,27 +1266,27 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
             fp = tmp / fname
             with open(fp, "wb") as f:
                 np.save(f, arr, allow_pickle=False)
+                _kill_point("chunk_file")
                 f.flush()
                 os.fsync(f.fileno())
-            files[fname] = {"bytes": fp.stat().st_size, "sha256": _sha256(fp)}
+            files[fname] = _file_entry(fp)
         _fsync_dir(tmp)
         final_dir = chunks_dir / name
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.rename(tmp, final_dir)
         _fsync_dir(chunks_dir)
-        if _crash_after_chunks is not None and written >= _crash_after_chunks:
-            raise _SimulatedCrash(name)  # test hook: chunk on disk, manifest not updated
+        _kill_point("chunk_renamed")
         entry = {"name": name, "n_tokens": len(ab), "context_start": manifest["n_contexts"],
                  "context_end": int(ctx_end), "files": files}
         manifest = dict(manifest, chunks=manifest["chunks"] + [entry], n_tokens=manifest["n_tokens"] + len(ab),
                         n_contexts=int(ctx_end), updated=time.time())
         _atomic_write_json(mpath, manifest)
-        written += 1
+        _kill_point("manifest_updated")
         pending, pending_n = [], 0
 
     exhausted = True
-    for ab in harvest(model, docs, pairs, context_len=context_len, batch_size=batch_size, mode=mode,
+    for ab in harvest(model, documents, pairs, context_len=context_len, batch_size=batch_size, mode=mode,
                       token_filter=token_filter, start_context=start, encode=encode, progress=progress,
                       truncate_layers=truncate_layers):
         pending.append(ab)
@@ -1211,8 +1306,11 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
     return ActivationStore(path)
 
 
-class _SimulatedCrash(RuntimeError):
-    pass
+def _only_new_store_files(path: Path) -> bool:
+    """True for a folder holding nothing, or only what a harvest killed before its first manifest leaves
+    (docs.json, temporary files of atomic writes): a fresh store may be started there."""
+    return path.is_dir() and all(p.name == "docs.json" or (p.name.startswith(".") and p.name.endswith(".tmp"))
+                                 for p in path.iterdir())
 
 
 def _site_width(config, site: str) -> int:

@@ -9,7 +9,9 @@ Layout of a run directory:
 
 Guarantees:
   * writes are atomic: orbax finalises a checkpoint by renaming its temporary folder, config.json goes through a
-    temporary file + os.replace; a process killed mid-save leaves the previous checkpoint intact;
+    temporary file + os.replace; a process killed mid-save (even by SIGKILL after orbax wrote the temporary folder:
+    tests/test_kill_train.py) leaves the previous checkpoint intact, and the stale temporary folder is removed when
+    the run dir is opened again;
   * a run directory whose config.json differs from the requested config raises RunConfigMismatchError naming every
     differing field;
   * a checkpoint that cannot be read, or whose arrays do not hash to the digest stored with them, raises
@@ -163,7 +165,8 @@ class Checkpointer:
         self._ocp = ocp
         self.directory = Path(run_dir).absolute() / CHECKPOINT_DIR
         self.directory.mkdir(parents=True, exist_ok=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True)
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def steps(self) -> list[int]:

@@ -1,5 +1,6 @@
 """sae.activations: chat tokenisation with role/turn masks, harvest, shuffle buffer, on-disk store."""
 import json
+import shutil
 import types
 
 import jax
@@ -258,12 +259,22 @@ def test_store_round_trip_and_cursor(tiny_model, tmp_path):
 
 def test_store_resume_after_crash(tiny_model, tmp_path):
     ref = _harvest_store(tiny_model, tmp_path / "ref")
-    with pytest.raises(A._SimulatedCrash):
-        _harvest_store(tiny_model, tmp_path / "s", _crash_after_chunks=1)
+    _harvest_store(tiny_model, tmp_path / "s")
+    # what a crash after chunk 1 was renamed leaves: a manifest listing chunk 0 only, an unlisted chunk 1
+    # (here with garbage), a half-built chunk 2, a temporary manifest
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
-    assert len(man["chunks"]) == 1 and (tmp_path / "s" / "chunks" / "chunk_000001").is_dir()  # orphan chunk
+    first = man["chunks"][0]
+    man.update(chunks=[first], n_tokens=first["n_tokens"], n_contexts=first["context_end"], complete=False)
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
     (tmp_path / "s" / "chunks" / "chunk_000001" / "roles.npy").write_bytes(b"garbage")
+    for orphan in ("chunk_000002", ".tmp_chunk_000002_0123abcd"):
+        shutil.rmtree(tmp_path / "s" / "chunks" / orphan, ignore_errors=True)
+        (tmp_path / "s" / "chunks" / orphan).mkdir()
+        (tmp_path / "s" / "chunks" / orphan / "roles.npy").write_bytes(b"garbage")
+    (tmp_path / "s" / ".manifest.json.0123abcd.tmp").write_text("{")
     st = _harvest_store(tiny_model, tmp_path / "s")
+    assert not (tmp_path / "s" / ".manifest.json.0123abcd.tmp").exists()
+    assert not (tmp_path / "s" / "chunks" / ".tmp_chunk_000002_0123abcd").exists()
     assert st.complete and st.n_tokens == ref.n_tokens and len(st.chunks) == len(ref.chunks)
     for i in range(len(st.chunks)):
         a, b = st.read_chunk(i), ref.read_chunk(i)
@@ -395,3 +406,45 @@ def test_sources_follow_the_trainer_protocol(tiny_model, tmp_path):
     ss2 = A.StreamSource(tiny_model, DOCS, "resid_post", 1, 16, **kw)
     ss2.seek({"mode": "stream", "batches": 2})
     np.testing.assert_array_equal(a[2], next(ss2))
+
+
+def test_flipped_bytes_are_caught_by_the_default_read(tiny_model, tmp_path):
+    st = _harvest_store(tiny_model, tmp_path / "s")
+    f = tmp_path / "s" / "chunks" / "chunk_000001" / "resid_post.1.npy"
+    entry = st.chunks[1]["files"]["resid_post.1.npy"]
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01                                       # same size, one bit flipped in the data
+    f.write_bytes(bytes(raw))
+    st = ActivationStore(tmp_path / "s")
+    st.read_chunk(0)
+    with pytest.raises(ChunkError, match=rf"chunk_000001/resid_post.1.npy: crc32 [0-9a-f]{{8}}, manifest says "
+                                         rf"{entry['crc32']} \(corrupt chunk"):
+        st.read_chunk(1)
+    with pytest.raises(ChunkError, match=rf"sha256 [0-9a-f]{{64}}, manifest says {entry['sha256']}"):
+        st.verify()
+    with pytest.raises(ChunkError, match="crc32"):                   # the training stream checks it too
+        list(st.batches("resid_post", 1, 4, epochs=1))
+    assert st.read_chunk(1, verify="size")[("resid_post", 1)].shape == (st.chunks[1]["n_tokens"], 64)
+    # a store written before crc32 was recorded is checked against its sha256
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    for c in man["chunks"]:
+        for info in c["files"].values():
+            del info["crc32"]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ChunkError, match=rf"resid_post.1.npy: sha256 [0-9a-f]{{64}}, manifest says"):
+        ActivationStore(tmp_path / "s").read_chunk(1)
+
+
+def test_nan_activations_are_caught_at_harvest(tiny_model):
+    docs = types.SimpleNamespace(documents=DOCS, ids=[f"doc-{i}" for i in range(len(DOCS))])
+    k_tok = 10 + ord("k") % 200                                      # "k" occurs only in document 4
+    p = dict(tiny_model.params, embed=tiny_model.params["embed"].at[k_tok].set(jnp.nan))
+    bad_embed = types.SimpleNamespace(**{**vars(tiny_model), "params": p})
+    kw = dict(context_len=T, batch_size=4, encode=fake_encode)
+    with pytest.raises(A.NonFiniteActivationError, match=r"at mlp_out.0 in document index 4 \(id 'doc-4'\)"):
+        list(harvest(bad_embed, docs, PAIRS, **kw))
+    layers = dict(tiny_model.params["layers"], w_down=tiny_model.params["layers"]["w_down"].at[1].set(jnp.inf))
+    bad_layer = types.SimpleNamespace(**{**vars(tiny_model), "params": dict(tiny_model.params, layers=layers)})
+    with pytest.raises(A.NonFiniteActivationError,
+                       match=r"hook point\(s\) \['resid_post.1', 'q.2'\]: first at resid_post.1 in document index 0"):
+        list(harvest(bad_layer, docs, PAIRS, **kw))
