@@ -46,14 +46,13 @@ SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-4)
         np.testing.assert_allclose(np.asarray(out.captured["resid_post"]), np.asarray(ref.captured["resid_post"]),
                                    atol=1e-4)
-        gen = psm_jax.generate(sp, config, shard_batch(tokens[:, :6], mesh), max_new_tokens=5)
-        np.testing.assert_array_equal(np.asarray(gen.tokens), np.asarray(ref_gen.tokens))
+    gen = psm_jax.generate(sp, config, shard_batch(tokens[:, :6], mesh), max_new_tokens=5)  # fsdp x tensor
+    np.testing.assert_array_equal(np.asarray(gen.tokens), np.asarray(ref_gen.tokens))
     # in-memory params placed by the same rules, with an override: embed (d_model) kept whole
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sp = shard_params(params, mesh, rules={"embed": None})
     report["override_wq_spec"] = str(sp["layers"]["wq"].sharding.spec)
-    out = jit_forward(sp, config, shard_batch(tokens, mesh), edits=e, capture=cap)
-    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(sp["layers"]["wq"]), np.asarray(params["layers"]["wq"]))
     # GGUF: dequantized whole, then placed by the same rules
     write_tiny_gguf(d + "/t.gguf")
     whole = psm_jax.load(d + "/t.gguf")
