@@ -18,6 +18,7 @@ Standard library only, so that light modules can import it lazily without pullin
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -95,16 +96,19 @@ def _backup_of(path: Path) -> Path:
 
 
 def recover_dir(path: str | os.PathLike) -> None:
-    """Finish a `replace_dir` that was killed between its two renames: a leftover backup goes back into place when
-    the folder is missing, and is deleted when the new folder made it."""
+    """Clean up after a `replace_dir` that was killed: a backup left between the two renames goes back into place
+    when the folder is missing (and is deleted when the new folder made it); half-built temporary folders are
+    deleted. (One writer per folder at a time.)"""
     path = Path(path)
     backup = _backup_of(path)
-    if not backup.exists():
-        return
-    if path.exists():
-        shutil.rmtree(backup)
-    else:
-        os.replace(backup, path)
+    if backup.exists():
+        if path.exists():
+            shutil.rmtree(backup)
+        else:
+            os.replace(backup, path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
 
 
 @contextlib.contextmanager
@@ -128,8 +132,8 @@ def replace_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator
         if path.exists():
             backup = _backup_of(path)
             os.replace(path, backup)
-            kill_point("replace_dir")
             try:
+                kill_point("replace_dir")
                 os.replace(tmp, path)
             except BaseException:
                 os.replace(backup, path)

@@ -400,8 +400,7 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
                   f"ce_zero_ablation={lm_m['ce_zero_ablation']:.4f}; {int(lm_m['n_positions'])} positions)")
         reports.append(rep)
         if is_run:                              # picked up by `export` as SAELens' sparsity.safetensors
-            import numpy as np
-            np.save(Path(target) / f"eval_log10_density_{i}.npy", stats.log10_firing_density().astype("float32"))
+            _write_npy(Path(target) / f"eval_log10_density_{i}.npy", stats.log10_firing_density().astype("float32"))
     out = {"target": target, "saes": reports}
     if lm is not None:
         out["lm"] = lm["info"]
@@ -409,6 +408,19 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
         from sae.checkpoint import atomic_write_text
         atomic_write_text(Path(target) / "eval.json", json.dumps(out, indent=1))
     return out
+
+
+def _write_npy(path: Path, array) -> None:
+    """np.save, atomically: a failed or killed write leaves the previous file."""
+    import io
+
+    import numpy as np
+
+    from psm_jax.atomic import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _run_data(target: str) -> dict:

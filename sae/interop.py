@@ -3,7 +3,9 @@
 All importers return `ImportedSae(params, cfg, metadata, format)` with params in this package's layout
 (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec[, threshold]; float32 numpy) and an `SaeConfig`.
 
-SAELens v6 folder (`export_saelens`, written to a temporary sibling folder and renamed into place):
+SAELens v6 folder (`export_saelens`, written by psm_jax.atomic.replace_dir: a temporary sibling folder renamed into
+place; an overwritten folder survives any failure or kill, a backup left between the two renames is restored by the
+next export):
     cfg.json                 architecture (standard | topk | jumprelu), d_in, d_sae, dtype, device,
                              apply_b_dec_to_input, normalize_activations ("none"), reshape_activations ("none"),
                              topk: k, rescale_acts_by_decoder_norm; metadata: sae_lens_version, model_name, hook_name,
@@ -25,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -108,30 +108,6 @@ def _require(d: Mapping[str, Any], keys, path: Path, what: str) -> None:
         raise SaeFormatError(f"{path} lacks {missing} ({what}); has {sorted(d)[:20]}")
 
 
-def _atomic_dir(out_dir: Path, overwrite: bool):
-    """Context-free helper: returns a fresh temp dir next to out_dir and a commit function."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-    def commit():
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-
-    def abort():
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    return tmp, commit, abort
-
-
 # ---------------------------------------------------------------------------------------------------
 # SAELens v6
 # ---------------------------------------------------------------------------------------------------
@@ -203,17 +179,14 @@ def export_saelens(params: Mapping[str, Any], cfg: SaeConfig, out_dir: str | os.
         log10_density = np.asarray(log10_density, np.float32)
         if log10_density.shape != (cfg.d_sae,):
             raise SaeShapeError(f"log10_density has shape {log10_density.shape}, expected ({cfg.d_sae},)")
+    from psm_jax.atomic import replace_dir
+
     out_dir = Path(out_dir)
-    tmp, commit, abort = _atomic_dir(out_dir, overwrite)
-    try:
+    with replace_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / SAELENS_WEIGHTS))
         if log10_density is not None:
             save_file({"sparsity": np.ascontiguousarray(log10_density)}, str(tmp / SAELENS_SPARSITY))
         (tmp / SAELENS_CFG).write_text(json.dumps(config, indent=1))
-        commit()
-    except BaseException:
-        abort()
-        raise
     return out_dir
 
 
@@ -321,9 +294,10 @@ def export_sparsify(params: Mapping[str, Any], cfg: SaeConfig, out_dir: str | os
     if cfg.architecture != "topk" or not cfg.apply_b_dec_to_input:
         raise ValueError("sparsify holds TopK SAEs that subtract b_dec from the input")
     check_params(params, cfg)
+    from psm_jax.atomic import replace_dir
+
     out_dir = Path(out_dir)
-    tmp, commit, abort = _atomic_dir(out_dir, overwrite)
-    try:
+    with replace_dir(out_dir, overwrite=overwrite) as tmp:
         save_file({"encoder.weight": np.ascontiguousarray(np.asarray(params["W_enc"], np.float32).T),
                    "encoder.bias": np.asarray(params["b_enc"], np.float32),
                    "W_dec": np.asarray(params["W_dec"], np.float32),
@@ -332,10 +306,6 @@ def export_sparsify(params: Mapping[str, Any], cfg: SaeConfig, out_dir: str | os
             "activation": "topk", "expansion_factor": max(cfg.d_sae // cfg.d_in, 1), "normalize_decoder": True,
             "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": False, "skip_connection": False,
             "transcode": False, "d_in": cfg.d_in}))
-        commit()
-    except BaseException:
-        abort()
-        raise
     return out_dir
 
 
@@ -371,20 +341,16 @@ def export_gemma_scope(params: Mapping[str, Any], cfg: SaeConfig, out_file: str 
     if cfg.architecture not in ("jumprelu", "batchtopk") or cfg.apply_b_dec_to_input:
         raise ValueError("Gemma Scope holds JumpReLU SAEs with apply_b_dec_to_input=False")
     check_params(params, cfg)
+    import io
+
+    from psm_jax.atomic import atomic_write_bytes
+
     out_file = Path(out_file)
     if out_file.exists() and not overwrite:
         raise FileExistsError(f"{out_file} exists; pass overwrite=True to replace it")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_file.name}.", suffix=".npz", dir=out_file.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **{k: np.asarray(params[k], np.float32) for k in ("W_enc", "W_dec", "b_enc", "b_dec",
-                                                                        "threshold")})
-        os.replace(tmp, out_file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(params[k], np.float32) for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")})
+    atomic_write_bytes(out_file, buf.getvalue())
     return out_file
 
 

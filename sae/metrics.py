@@ -28,6 +28,7 @@ only the tokens the default TokenFilter trains on, "all" every token).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psm_jax.atomic import atomic_write_bytes
 from sae.config import SaeConfig
 from sae.model import Params, check_input, forward
 
@@ -383,7 +385,10 @@ def plot_training_curves(log_path: str | os.PathLike, out_png: str | os.PathLike
         axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    buf = io.BytesIO()                      # rendered in memory, then written atomically: no half-written image
+    try:
+        fig.savefig(buf, format=out_png.suffix.lstrip(".") or "png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
     return out_png

@@ -3,6 +3,7 @@ variable PSM_TEST_KILL_AT=<event>:<n> (psm_jax.atomic.kill_point) cuts short wit
 
     python -m tests.kill_worker harvest <model_dir> <store_dir> <json: harvest_to_store keywords>
     python -m tests.kill_worker train <run_dir> <json: {"cfgs": [...], "source": {...}, "train": {...}}>
+    python -m tests.kill_worker replace-dir <folder> <text>
 
 Training jobs add two kill events: "train_step" (after each completed step, from `on_step`) and "orbax_finalize"
 (inside Checkpointer.save, after orbax has written the step's temporary folder and before it renames it into
@@ -85,11 +86,21 @@ def run_train(run_dir: str, job: dict) -> None:
           **job.get("train", {}))
 
 
+def run_replace_dir(path: str, text: str) -> None:
+    """Replace the folder `path` by one holding file.txt = `text` (psm_jax.atomic.replace_dir)."""
+    from psm_jax.atomic import replace_dir
+
+    with replace_dir(path, overwrite=True) as tmp:
+        (tmp / "file.txt").write_text(text)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "harvest":
         run_harvest(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
     elif sys.argv[1] == "train":
         run_train(sys.argv[2], json.loads(sys.argv[3]))
+    elif sys.argv[1] == "replace-dir":
+        run_replace_dir(sys.argv[2], sys.argv[3])
     else:
-        raise SystemExit(f"unknown job {sys.argv[1]!r}; expected 'harvest' or 'train'")
+        raise SystemExit(f"unknown job {sys.argv[1]!r}; expected 'harvest', 'train' or 'replace-dir'")
     print("done", flush=True)
