@@ -1,1 +1,1 @@
-"""Experiment modules and the data they use (see experiments/datasets.py)."""
+"""Studies on the persona method library (`psm_jax.persona`): one module per study on one contract (`experiments.study`)."""

@@ -20,16 +20,14 @@ Evaluation, each with and without capping (greedy decoding; log-prob measures ne
     per-turn axis projection of the scripted replies, identity answers at the end;
   * cost: perplexity on ShareGPT assistant turns (percent change).
 
-    psm capping --axis reports/assistant_axis/axis.safetensors --out runs/capping --seed 0
-    psm capping --quick --out runs/capping_quick          # estimates a small axis itself
+    psm capping axis_file=reports/assistant_axis/axis.safetensors layers=18:26 percentile=25 --out runs/capping
+    psm capping --preset quick axis_file=none --out runs/capping_quick    # estimates a small axis itself
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
-import sys
 import time
 from typing import Sequence
 
@@ -40,19 +38,21 @@ import numpy as np
 from psm_jax import edits as E
 from psm_jax.chat import Role as TokRole
 from psm_jax.model import Capture, forward
+from psm_jax.persona.prompts import role_phrase
 from psm_jax.reductions import percentile
 
-from experiments.assistant_axis import (DEFAULT_MODEL, SITE, per_turn_projections, role_and_default_vectors,
-                                        axis_from_vectors, sample_questions, select_roles, sharegpt_conversations,
-                                        system_conv, unit)
-from experiments.cli_common import config_or_none, rerun_command
+from psm_jax.persona import DEFAULT_MODEL
+from psm_jax.persona.axis import per_turn_projections, role_and_default_vectors
+from psm_jax.persona.directions import SITE, axis_from_vectors, unit
+from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
+from experiments.sharegpt import sharegpt_conversations
 
 FORMS = ("floor", "ceiling")
 POSITIONS = ("all", "assistant")
 
 
 @dataclasses.dataclass(frozen=True)
-class CappingConfig:
+class Config:
     model: str = DEFAULT_MODEL
     model_display_name: str = "SmolLM"
     seed: int = 0
@@ -81,7 +81,9 @@ class CappingConfig:
     ppl_max_chars: int = 3000
     ppl_batch_size: int = 4
     readout_layer: int | None = None  # None: the first layer after the capped range (or the last layer)
-    out: str = "runs/capping"
+
+    def __post_init__(self):
+        self.check()
 
     def check(self) -> None:
         check_percentile(self.percentile)
@@ -108,9 +110,15 @@ their log-odds cannot move under assistant-only capping (identical columns are e
 the multi-token identity answers and generated replies can.
 """
 
-QUICK = dict(axis_file=None, axis_roles=4, axis_questions=2, n_threshold_questions=2, max_new_tokens=12,
-             n_eval_roles=2, n_identity_probes=2, logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=2,
-             roleplay_probes=("Who are you?",), n_ppl_conversations=2, ppl_max_chars=1200)
+PRESETS = {
+    "ci": dict(n_threshold_questions=2, max_new_tokens=12, n_eval_roles=2, n_identity_probes=2,
+               logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=4, roleplay_probes=("Who are you?",),
+               n_ppl_conversations=2, ppl_max_chars=1200),
+    "quick": dict(n_threshold_questions=3, max_new_tokens=24, n_eval_roles=3, n_identity_probes=3,
+                  logprob_probes=("Who are you?", "What are you?"), traits=("evil",), n_trait_items=8,
+                  roleplay_probes=("Who are you?",), n_ppl_conversations=4, ppl_max_chars=2000),
+    "full": {},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def capping_edit(config, axis, layers: Sequence[int], thresholds, *, form: str =
 
 
 def make_edits_fn(edit: E.Clamp | None, positions: str):
-    """edits_fn(batch) for experiments.rollouts: the edit at every position, or on assistant tokens
+    """edits_fn(batch) for psm_jax.persona.rollouts: the edit at every position, or on assistant tokens
     only (prompt assistant content + generated tokens via extend=True)."""
     if edit is None:
         return None
@@ -196,7 +204,7 @@ def token_projections(model, conversations, axis, layers: Sequence[int], *, batc
                       last_turn_only: bool = True, progress: bool = False) -> list[np.ndarray]:
     """Projections <h_l, u_l> of every assistant content token (of the last message if last_turn_only),
     one 1-D array per layer in `layers`."""
-    from experiments.rollouts import encode_batch, static_batches
+    from psm_jax.persona.rollouts import encode_batch, static_batches
 
     layers = tuple(int(x) for x in layers)
     units = jnp.asarray(unit(np.asarray(axis)[list(layers)]), jnp.float32)
@@ -226,7 +234,7 @@ def _assistant_nll(params, config, tokens, attention_mask, target_mask, edits):
 
 def assistant_nll(model, conversations, *, batch_size: int = 4, edits_fn=None, progress: bool = False):
     """Summed NLL of every assistant content token (teacher-forced) and token counts, per conversation."""
-    from experiments.rollouts import encode_batch, static_batches
+    from psm_jax.persona.rollouts import encode_batch, static_batches
 
     nll, cnt = [], []
     for _, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc="perplexity"):
@@ -239,20 +247,15 @@ def assistant_nll(model, conversations, *, batch_size: int = 4, edits_fn=None, p
     return np.concatenate(nll), np.concatenate(cnt)
 
 
-def role_phrase(name: str) -> str:
-    words = name.replace("_", " ")
-    return ("an " if words[0].lower() in "aeiou" else "a ") + words
-
-
 # --------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------
 
-def _load_axis(cfg: CappingConfig, model):
+def _load_axis(cfg: Config, model):
     from experiments.report import load_vectors
 
     if cfg.axis_file is None:
-        from experiments import datasets
+        from psm_jax.persona import datasets
 
         roles = select_roles(datasets.load_roles().roles, cfg.axis_roles, cfg.seed)
         qs = sample_questions(datasets.load_role_questions(), cfg.axis_questions, cfg.seed)
@@ -281,7 +284,7 @@ def _load_axis(cfg: CappingConfig, model):
 
 
 def _mean_proj_by_layer(model, conversations, axis, edits_fn, batch_size, progress):
-    from experiments.rollouts import activation_means
+    from psm_jax.persona.rollouts import activation_means
 
     acts = activation_means(model, conversations, site=SITE, batch_size=batch_size, edits_fn=edits_fn,
                             progress=progress)
@@ -291,15 +294,14 @@ def _mean_proj_by_layer(model, conversations, axis, edits_fn, batch_size, progre
     return proj[acts["n_response"] > 0]
 
 
-def run(cfg: CappingConfig, model=None, progress: bool = True, record_results: bool = False,
-        command: str | None = None) -> dict:
-    import psm_jax
-    from experiments import datasets
+def run_into(cfg: Config, model, folder, progress=None) -> dict:
+    """Run the study and write its report folder `folder`; returns the metrics (with "report")."""
+    from psm_jax.persona import datasets
     from experiments.report import Report
-    from experiments.rollouts import generate_responses, score_answers
+    from psm_jax.persona.rollouts import generate_responses, score_answers
 
-    cfg.check()
     t0 = time.time()
+    progress = progress is not None  # below: whether to show progress bars
     model = psm_jax.load(cfg.model) if model is None else model
     mc = model.config
     L = mc.n_layers
@@ -451,7 +453,7 @@ def run(cfg: CappingConfig, model=None, progress: bool = True, record_results: b
     # ---- metrics
     gain = float(np.mean(lo_cap - lo_role)) if len(lo_role) else float("nan")
     m = {
-        "layers": list(layers), "readout_layer": readout, "percentile": cfg.percentile, "form": cfg.form,
+        "model": cfg.model, "layers": list(layers), "readout_layer": readout, "percentile": cfg.percentile, "form": cfg.form,
         "positions": cfg.positions, "axis_source": axis_info.get("source"),
         "thresholds_floor": [float(x) for x in floors],
         "threshold_tokens": int(len(tvals[0])),
@@ -484,7 +486,7 @@ def run(cfg: CappingConfig, model=None, progress: bool = True, record_results: b
     m["elapsed_s"] = round(time.time() - t0, 1)
 
     # ---- report
-    rep = Report(cfg.out, "Activation capping along the Assistant Axis", config=cfg)
+    rep = Report(folder, "Activation capping along the Assistant Axis", config=cfg)
     rep.section("Setup", f"""
 Model `{cfg.model}`; axis from {axis_info.get('source')}. Capped layers {layers[0]}-{layers[-1]} (resid_post,
 {len(layers)} layers of {L}), form `{cfg.form}`, positions `{cfg.positions}`. Thresholds: the {cfg.percentile:g}th
@@ -550,19 +552,7 @@ generous ("help" counts). No judge is used.
     for k, v in m.items():
         rep.metric(k, v)
     path = rep.finish()
-    m["report_path"] = str(path)
-    if record_results:
-        from benchmarks.record import record
-
-        cmd = command or f".venv/bin/python -m experiments.cli capping --out {cfg.out} --seed {cfg.seed}"
-        record("capping_identity_gain", round(gain, 4), "nats (log-odds of an assistant vs persona identity answer)",
-               "Lu et al. 2026: capping cuts persona-jailbreak harm ~50-60%; issue 4: capping should raise "
-               "assistant-identity answers under role prompts", target="> 0", command=cmd,
-               keyword_rate_gain=m["capping_identity_keyword_gain"], layers=list(layers), percentile=cfg.percentile,
-               positions=cfg.positions, model=cfg.model)
-        if ppl:
-            record("capping_ppl_cost", round(ppl["pct_change"], 3), "% perplexity change (ShareGPT assistant tokens)",
-                   "issue 4 target: < 5%", target="< 5", command=cmd, tokens=ppl["tokens"], model=cfg.model)
+    m["report"] = str(path)
     return m
 
 
@@ -601,78 +591,14 @@ def _plots(rep, m, proj_layers, layers, readout, rp_rows, d_plain, d_cap):
     rep.figure("roleplay", fig, "Long role-play conversations with and without capping.")
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    d = CappingConfig()
-    p = argparse.ArgumentParser(prog="psm capping", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--quick", action="store_true", help="tiny sizes and an axis estimated here (smoke test)")
-    p.add_argument("--axis", default=None, help=f"axis safetensors (key 'axis'); default {d.axis_file}; "
-                   "'estimate' = estimate a small axis here")
-    p.add_argument("--percentile", type=float, default=d.percentile)
-    p.add_argument("--layers", default=None, help="capped layers, e.g. 18-25 or 18,20,22 (default: ~60-85%% depth)")
-    p.add_argument("--form", choices=FORMS, default=d.form)
-    p.add_argument("--positions", choices=POSITIONS, default=d.positions)
-    p.add_argument("--eval-roles", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--ppl-conversations", type=int, default=None)
-    p.add_argument("--record", action="store_true", help="append the headline numbers to benchmarks/results.jsonl")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise ValueError(f"layers {text!r}; expected e.g. '18-25' or '18,20,22'") from None
-    if not out:
-        raise ValueError(f"layers {text!r}; expected at least one layer")
-    return tuple(out)
-
-
-def config_from_args(args) -> CappingConfig:
-    kw = dict(QUICK) if args.quick else {}
-    if args.axis is not None:
-        kw["axis_file"] = None if args.axis == "estimate" else args.axis
-    if args.layers is not None:
-        kw["layers"] = parse_layers(args.layers)
-    if args.eval_roles is not None:
-        kw["n_eval_roles"] = args.eval_roles
-    if args.max_new_tokens is not None:
-        kw["max_new_tokens"] = args.max_new_tokens
-    if args.ppl_conversations is not None:
-        kw["n_ppl_conversations"] = args.ppl_conversations
-    return CappingConfig(model=args.model, seed=args.seed, out=args.out, percentile=args.percentile, form=args.form,
-                         positions=args.positions, **kw)
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = config_or_none("psm capping", lambda: config_from_args(args), check=True)
-    if cfg is None:
-        return 2
-    cmd = rerun_command("capping", argv)
-    m = run(cfg, progress=not args.no_progress, record_results=args.record, command=cmd)
-    print(json.dumps({k: m.get(k) for k in ("capping_identity_gain", "capping_identity_keyword_gain",
-                                            "capping_ppl_cost", "capping_projection_gain_readout")}))
-    print(f"report: {m['report_path']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def records(m: dict) -> list[dict]:
+    """The identity gain of capping and its perplexity cost."""
+    ref = f"{m['model']}; capped layers {m['layers']}, percentile {m['percentile']}, positions {m['positions']}"
+    out = [dict(metric="capping_identity_gain", value=round(m["capping_identity_gain"], 4),
+                unit="nats (log-odds of an assistant vs persona identity answer)",
+                reference=ref + "; Lu et al. 2026: capping cuts persona-jailbreak harm ~50-60%",
+                target="> 0", keyword_rate_gain=m["capping_identity_keyword_gain"])]
+    if "capping_ppl_cost" in m:
+        out.append(dict(metric="capping_ppl_cost", value=round(m["capping_ppl_cost"], 3),
+                        unit="% perplexity change (ShareGPT assistant tokens)", reference=ref, target="< 5"))
+    return out

@@ -1,7 +1,7 @@
 """Steering with persona latents of an SAE, compared with steering by the persona vector itself.
 
-    psm feature-steering --features reports/persona_features --out reports/feature_steering --seed 0
-    psm feature-steering --features runs/pf_quick --quick --out runs/fs_quick
+    psm feature-steering features=reports/persona_features --out reports/feature_steering seed=0
+    psm feature-steering features=runs/pf_quick --preset quick --out runs/fs_quick
 
 Input: the output folder of `psm features` (candidates.json: the best latent per trait, the SAE's
 source, the persona-related latents; persona_directions.safetensors: the trait vectors and the
@@ -41,32 +41,27 @@ are two-choice log-probs: effects are small and reported as they come, null resu
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from experiments import rollouts
-from experiments.cli_common import run_cli
+from psm_jax.persona import rollouts
 from experiments.report import Report, pyplot
 from experiments.report import fmt_num as _f
 from psm_jax import edits as E
+from psm_jax.persona.directions import SITE
 from psm_jax.chat import TURN_AFTER, Role, encode_chat
 from sae import features as F
 
-SITE = "resid_post"
 POSITIONS = ("all", "assistant")
-DEFAULT_COMMAND = (".venv/bin/python -m experiments.cli feature-steering --features reports/persona_features "
-                   "--out reports/feature_steering --seed 0 --record")
 
 
 @dataclasses.dataclass(frozen=True)
-class FeatureSteeringConfig:
+class Config:
     model: str = "smollm2-135m-instruct"
     features: str = "reports/persona_features"  # output folder of `psm features`
     sae: str | None = None  # override the SAE location recorded in candidates.json
@@ -95,7 +90,12 @@ class FeatureSteeringConfig:
             raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio}; expected > 1")
 
 
-QUICK = dict(strengths=(-0.25, 0.0, 0.25), clamp_multiples=(0.0, 2.0), n_eval_questions=2, max_new_tokens=12)
+PRESETS = {
+    "ci": dict(strengths=(0.0, 0.5), clamp_multiples=(0.0, 2.0), n_eval_questions=1, max_new_tokens=8,
+               positions=("all",)),
+    "quick": dict(strengths=(-0.5, 0.0, 0.25, 0.5), clamp_multiples=(0.0, 2.0), n_eval_questions=2, max_new_tokens=24),
+    "full": {},
+}
 
 
 # ------------------------------------------------------------------------------------------- edits
@@ -226,7 +226,7 @@ def read_directions(folder, width: int | None = None) -> tuple[dict[str, np.ndar
 
 def load_features(folder, *, model, sae_override: str | None = None):
     """(candidates dict, directions {name: [D]}, FeatureSae) from a `psm features` output folder."""
-    from experiments.persona_features import PersonaFeaturesConfig, load_or_train_sae
+    from experiments.persona_features import Config as FeaturesConfig, load_or_train_sae
 
     folder = Path(folder)
     path = folder / "candidates.json"
@@ -237,23 +237,23 @@ def load_features(folder, *, model, sae_override: str | None = None):
     src = sae_override or cand["sae"].get("saelens_export") or cand["sae"].get("source")
     if not src or not Path(src).exists():
         raise FileNotFoundError(f"the SAE of {folder} ({src!r}) is not on disk; pass --sae PATH")
-    sae, _ = load_or_train_sae(model, PersonaFeaturesConfig(sae=src, layer=int(cand["sae"]["layer"])), progress=False)
+    sae, _ = load_or_train_sae(model, FeaturesConfig(sae=src, layer=int(cand["sae"]["layer"])), progress=False)
     if sae.layer != int(meta.get("layer", sae.layer)):
         raise ValueError(f"the SAE reads layer {sae.layer} but the directions were taken at layer {meta.get('layer')}")
     return cand, tensors, sae
 
 
-def run(config: FeatureSteeringConfig, out_dir: str | Path = "runs/feature_steering", *, model=None,
-        features: tuple | None = None, progress: bool = True) -> dict:
-    """features: optional (candidates, directions, FeatureSae) instead of reading config.features."""
-    import psm_jax
-    from experiments.persona_vectors import load_traits, typical_norms
+def run_into(config: Config, model, folder, progress=None, *, features: tuple | None = None) -> dict:
+    """Run the study and write its report folder `folder`. features: optional (candidates, directions, FeatureSae)
+    instead of reading config.features."""
+    from psm_jax.persona.directions import typical_norms
+    from psm_jax.persona.prompts import load_traits
 
     cfg = config
     t0 = time.time()
-    say = (lambda *a: print("[feature-steering]", *a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
-    if model is None:
-        model = psm_jax.load(cfg.model)
+    status = progress
+    say = (lambda *a: status(" ".join(str(x) for x in a))) if status else (lambda *a: None)
+    progress = status is not None  # below: whether to show progress bars
     cand, directions, sae = features if features is not None else load_features(cfg.features, model=model,
                                                                                  sae_override=cfg.sae)
     names = list(cfg.traits or cand["traits"].keys())
@@ -269,7 +269,7 @@ def run(config: FeatureSteeringConfig, out_dir: str | Path = "runs/feature_steer
     persona_latents = [int(l) for l in cand.get("persona_latents", [])] or [cand["traits"][n]["best"] for n in names]
     traits = {t.name: t for t in load_traits(names)}
     L = sae.layer
-    report = Report(out_dir, "Feature steering with persona latents", cfg)
+    report = Report(folder, "Feature steering with persona latents", cfg)
     rng = np.random.default_rng(cfg.seed)
     bs = cfg.batch_size
     results = {}
@@ -482,62 +482,13 @@ the effects below are what it shows, null results included; the chosen strength 
     report.metric("seconds", seconds)
 
 
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def _record(result: dict, command: str) -> None:
-    from benchmarks.record import record
-
+def records(result: dict) -> list[dict]:
+    """The steering effect of the chosen latent per trait, beside the persona vector's and a random direction's."""
     ref = ("Wang et al. 2025 / Kim et al. 2026: steering with an SAE latent's decoder direction moves the behaviour; "
            "compared with the persona vector at matched norm")
-    for name, m in result["metrics"]["traits"].items():
-        record("feature_steering_effect", m["effect"], "log-odds (trait measure change)", ref,
-               target="> 0 and comparable to the persona vector", command=command, trait=name, latent=m["latent"],
-               strength=m["chosen_strength"], vector_effect=m["vector_effect"], coherent=m["coherent"],
-               random_effect=m.get("random_effect"), layer=result["metrics"]["layer"])
-
-
-def _summary(result: dict) -> list[str]:
-    return [f"{name}: latent {m['latent']} s={m['chosen_strength']} effect {_f(m['effect'])} "
-            f"(persona vector {_f(m['vector_effect'])})" for name, m in result["metrics"]["traits"].items()]
-
-
-def build_config(args) -> FeatureSteeringConfig:
-    kw = {"seed": args.seed, "model": args.model, "features": args.features}
-    if args.quick:
-        kw.update(QUICK)
-    if args.traits:
-        kw["traits"] = tuple(args.traits)
-    if args.strengths:
-        kw["strengths"] = tuple(args.strengths)
-    if args.positions:
-        kw["positions"] = tuple(args.positions)
-    for name in ("sae", "n_eval_questions", "max_new_tokens", "batch_size"):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
-    return FeatureSteeringConfig(**kw)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="psm feature-steering", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/feature_steering", help="report folder")
-    p.add_argument("--features", default="reports/persona_features", help="output folder of `psm features`")
-    p.add_argument("--sae", help="SAE location (overrides the one recorded by the features run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--quick", action="store_true", help="few strengths, few questions (a smoke run)")
-    p.add_argument("--traits", nargs="+")
-    p.add_argument("--strengths", type=float, nargs="+", help="x typical residual norm; must include 0")
-    p.add_argument("--positions", nargs="+", choices=POSITIONS)
-    p.add_argument("--n-eval-questions", dest="n_eval_questions", type=int)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--record", action="store_true", help="append feature_steering_effect to benchmarks/results.jsonl")
-    args = p.parse_args(argv)
-    return run_cli("psm feature-steering", "feature-steering", argv, args, build=lambda: build_config(args), run=run,
-                   summary=_summary, record=_record, default_command=DEFAULT_COMMAND)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return [dict(metric="feature_steering_effect", value=m["effect"], unit="log-odds (trait measure change)",
+                 reference=ref, target="> 0 and comparable to the persona vector", trait=name, key=name,
+                 latent=m["latent"], strength=m["chosen_strength"], vector_effect=m["vector_effect"],
+                 coherent=m["coherent"], random_effect=m.get("random_effect"), layer=result["metrics"]["layer"])
+            for name, m in result["metrics"]["traits"].items()
+            if isinstance(m["effect"], (int, float)) and m["effect"] == m["effect"]]

@@ -17,13 +17,20 @@ Measures per condition, for N sampled answers per probe with fixed seeds: the fr
 that speak as an AI assistant (keyword scorer), the log-odds of an assistant-identity answer over a
 persona answer, and the mean axis projection of the sampled answers' tokens. Control: capping on
 assistant tokens only, and how much it moves user-token projections compared with assistant ones.
+
+The independent unit is a (conversation, probe) pair: samples within it share the edited cache and are not
+independent, so intervals are bootstrapped over pairs and `n` counts pairs. The identity log-odds is per token
+(each answer's log-likelihood divided by its length), so answers of different lengths compare fairly.
+
+    psm kv-editing --preset quick --out runs/kv_editing        psm kv-editing strength_kind=scale samples=8
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import time
+from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +41,17 @@ from psm_jax.chat import Role, encode_chat
 from psm_jax.generate import decode, prefill
 from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward
+from psm_jax.persona import DEFAULT_MODEL
+from psm_jax.persona.stats import paired_effect
 
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
 
 
 @dataclasses.dataclass(frozen=True)
-class KVEditConfig:
-    model: str = "smollm2-135m-instruct"
-    conversations: tuple[str, ...] = ()  # ids from experiments/data/conversations/roleplay.json
+class Config:
+    model: str = DEFAULT_MODEL
+    conversations: tuple[str, ...] = ()  # ids from psm_jax/persona/data/conversations/roleplay.json
     n_conversations: int = 2  # used when `conversations` is empty: the first n
     probes: int = 3  # number of identity probe questions
     samples: int = 8  # sampled answers per probe and condition
@@ -57,20 +66,37 @@ class KVEditConfig:
     axis_roles: int = 12
     axis_questions: int = 4
     seed: int = 0
-    out: str = "runs/kv_editing"
 
     def __post_init__(self):
         if self.strength_kind not in ("scale", "norm"):
             raise ValueError(f"strength_kind={self.strength_kind!r}; expected 'scale' or 'norm'")
         if self.samples < 1 or self.probes < 1:
-            raise ValueError("samples and probes must be >= 1")
+            raise ValueError(f"samples={self.samples}, probes={self.probes}; expected both >= 1")
+
+
+PRESETS = {
+    "ci": dict(n_conversations=1, probes=1, samples=2, strengths=(0.3,), max_new_tokens=8, layer_ranges=((10, 20),)),
+    "quick": dict(n_conversations=1, probes=2, samples=4, strengths=(-0.15, 0.3), max_new_tokens=24,
+                  layer_ranges=((10, 20),)),
+    "full": {},
+}
+
+
+@dataclasses.dataclass
+class Result:
+    config: Config
+    rows: list[dict]  # one per (conversation, probe, condition)
+    control: list[dict]  # assistant-token capping: projection shifts per conversation
+    samples: list[tuple]  # (conversation, mode, strength, layers, first answers) for the report
+    seconds: float
 
 
 def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_size: int = 16) -> np.ndarray:
     """A small Assistant Axis [L, D]: mean(default-prompt responses) - mean(role responses),
     response-token means of resid_post (see experiments/assistant_axis.py for the full method)."""
-    from experiments import datasets
-    from experiments.assistant_axis import axis_from_vectors, role_and_default_vectors
+    from psm_jax.persona import datasets
+    from psm_jax.persona.axis import role_and_default_vectors
+    from psm_jax.persona.directions import axis_from_vectors
 
     roles = [r for r in datasets.load_roles().roles if r.name != "assistant"]
     rng = np.random.default_rng(seed)
@@ -112,7 +138,7 @@ def _answer_logprob(params, config, cache, tokens):
 class _Runner:
     """Jitted pieces shared by all conditions (one compilation per shape)."""
 
-    def __init__(self, model, cfg: KVEditConfig, u_all):
+    def __init__(self, model, cfg: Config, u_all):
         self.m, self.cfg, self.u_all = model, cfg, u_all
         c = model.config
         self.prefill = jax.jit(lambda p, t, e: prefill(p, c, t, cache_size=self._size, edits=e,
@@ -138,13 +164,12 @@ def _readout(params, config, cache, tokens, mask, layer, u):
     return jnp.sum(proj * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
 
 
-def run(cfg: KVEditConfig, model=None):
-    import psm_jax
-    from experiments import datasets
-    from experiments.rollouts import eos_ids
+def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Result:
+    """Every condition on every (conversation, probe) pair, and the capping control. No files."""
+    from psm_jax.persona import datasets
+    from psm_jax.persona.rollouts import eos_ids
 
     t0 = time.time()
-    model = psm_jax.load(cfg.model) if model is None else model
     c = model.config
     for lo, hi in cfg.layer_ranges:
         if not 0 <= lo < hi <= c.n_layers:
@@ -183,14 +208,12 @@ def run(cfg: KVEditConfig, model=None):
     samples_shown = []
     conditions = [("none", 0.0, None)] + [(mode, s, lr) for mode in ("recompute", "direct")
                                           for lr in cfg.layer_ranges for s in cfg.strengths]
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda x, **k: x  # noqa: E731
     for conv in convs:
         history = [{"role": m.role, "content": m.content} for m in conv.messages]
         persona_answer = f"I am {conv.role.replace('_', ' ')}." if conv.role else "I am not an assistant."
-        for probe in tqdm(probes, desc=f"kv-edit {conv.id}"):
+        for probe in probes:
+            if progress:
+                progress(f"conversation {conv.id}, probe {probe!r}")
             hist, probe_tokens = _history_and_probe(model, history, probe)
             n = len(hist)
             if len(probe_tokens) > PROBE_ROOM:
@@ -229,7 +252,7 @@ def run(cfg: KVEditConfig, model=None):
                     ids = model.tokenizer(ans, add_special_tokens=False)["input_ids"]
                     first = float(jax.nn.log_softmax(ext.logits[0, -1])[ids[0]])
                     rest = runner.logprob(model.params, ext.cache, jnp.asarray([ids] * B, jnp.int32))
-                    lp[name] = first + float(rest[0])
+                    lp[name] = (first + float(rest[0])) / len(ids)  # per token: the answers differ in length
                 row = dict(conversation=conv.id, probe=probe, mode=mode, strength=strength,
                            layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B,
                            assistant_rate=float(np.mean([is_assistant(t) for t in texts])),
@@ -239,10 +262,10 @@ def run(cfg: KVEditConfig, model=None):
                     samples_shown.append((conv.id, mode, strength, row["layers"], texts[:2]))
 
     control = capping_control(model, convs, u_all, cfg)
-    return _write_report(cfg, rows, control, samples_shown, time.time() - t0)
+    return Result(config=cfg, rows=rows, control=control, samples=samples_shown, seconds=time.time() - t0)
 
 
-def capping_control(model, convs, u_all, cfg: KVEditConfig):
+def capping_control(model, convs, u_all, cfg: Config):
     """Experiment 1 of the paper: floor the axis projection on assistant tokens only; compare the change
     in user-token and assistant-token projections at the readout layer."""
     from psm_jax.reductions import percentile
@@ -271,31 +294,61 @@ def capping_control(model, convs, u_all, cfg: KVEditConfig):
     return out
 
 
-def _write_report(cfg, rows, control, samples, seconds):
-    from experiments.report import Report, pyplot
-
-    plt = pyplot()
-
-    rep = Report(cfg.out, "KV-cache editing of a persisted persona", cfg)
-    rep.section("Setup", f"""
-Model {cfg.model}; {len({r['conversation'] for r in rows})} role-play conversations x {cfg.probes} identity probes x
-{cfg.samples} sampled answers per condition (temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.max_new_tokens}
-tokens, seed {cfg.seed}). Edits act on the cached assistant-token positions of the history only (resid_pre,
-block inputs of the listed layers); strength kind `{cfg.strength_kind}` ("scale": projection x (1+s); "norm":
-+ s * mean|h| along the unit axis). Negative strengths push toward the persona. Readout: mean projection of the
-sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The assistant-rate scorer is a keyword
-check and SmolLM2-135M is a small model: read the log-odds and projections, not single samples.
-Run time {seconds:.0f} s.""")
-    # aggregate over conversations and probes
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per condition (mode, layers, strength): means over (conversation, probe) pairs, n = pairs."""
     keys = sorted({(r["mode"], r["layers"], r["strength"]) for r in rows}, key=lambda k: (k[0] != "none", k))
     agg = []
     for mode, layers, s in keys:
         sel = [r for r in rows if (r["mode"], r["layers"], r["strength"]) == (mode, layers, s)]
-        agg.append(dict(mode=mode, layers=layers, strength=s, n=sum(r["n"] for r in sel),
+        agg.append(dict(mode=mode, layers=layers, strength=s, n=len(sel), samples=sum(r["n"] for r in sel),
                         assistant_rate=float(np.mean([r["assistant_rate"] for r in sel])),
                         identity_logodds=float(np.mean([r["identity_logodds"] for r in sel])),
                         answer_projection=float(np.mean([r["answer_projection"] for r in sel]))))
-    rep.table("Effect of cache edits (mean over conversations and probes)", agg)
+    return agg
+
+
+def identity_shifts(rows: list[dict], seed: int = 0) -> dict:
+    """Per edit mode, at its largest positive strength: the identity log-odds shift against the unedited cache,
+    paired by (conversation, probe), with a 95% bootstrap interval over those pairs."""
+    base = {(r["conversation"], r["probe"]): r for r in rows if r["mode"] == "none"}
+    out = {}
+    for mode in ("recompute", "direct"):
+        cand = [r for r in rows if r["mode"] == mode and r["strength"] > 0]
+        if not cand:
+            continue
+        top = max(r["strength"] for r in cand)
+        layers = sorted({r["layers"] for r in cand if r["strength"] == top})[0]
+        sel = [r for r in cand if r["strength"] == top and r["layers"] == layers]
+        b = [base[(r["conversation"], r["probe"])] for r in sel]
+        eff = paired_effect([r["identity_logodds"] for r in sel], [x["identity_logodds"] for x in b], seed=seed)
+        out[mode] = dict(strength=top, layers=layers, n=eff["n"], samples_per_unit=sel[0]["n"],
+                         logodds_shift=eff["estimate"], ci_low=eff["low"], ci_high=eff["high"],
+                         assistant_rate_shift=float(np.mean([r["assistant_rate"] - x["assistant_rate"]
+                                                             for r, x in zip(sel, b)])),
+                         projection_shift=float(np.mean([r["answer_projection"] - x["answer_projection"]
+                                                         for r, x in zip(sel, b)])))
+    return out
+
+
+def report(result: Result, folder) -> Path:
+    from experiments.report import Report, pyplot
+
+    plt = pyplot()
+    cfg, rows, control = result.config, result.rows, result.control
+    n_convs = len({r["conversation"] for r in rows})
+    rep = Report(folder, "KV-cache editing of a persisted persona", cfg)
+    rep.section("Setup", f"""
+Model {cfg.model}; {n_convs} role-play conversation(s) x {cfg.probes} identity probe(s) = {n_convs * cfg.probes}
+independent units; {cfg.samples} sampled answers per unit and condition (temperature {cfg.temperature}, top-p
+{cfg.top_p}, {cfg.max_new_tokens} tokens, seed {cfg.seed}). Edits act on the cached assistant-token positions of the
+history only (resid_pre, block inputs of the listed layers); strength kind `{cfg.strength_kind}` ("scale":
+projection x (1+s); "norm": + s * mean|h| along the unit axis). Negative strengths push toward the persona. Identity
+log-odds: per-token log-likelihood of an assistant answer minus that of a persona answer after the probe. Readout:
+mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
+assistant-rate scorer is a keyword check. The persona is set by the conversation's system prompt, which stays
+unedited in the cache. Run time {result.seconds:.0f} s.""")
+    agg = aggregate(rows)
+    rep.table("Effect of cache edits (mean over conversation x probe units; n = units)", agg)
     base = next(a for a in agg if a["mode"] == "none")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, ls in (("recompute", "-"), ("direct", "--")):
@@ -304,62 +357,35 @@ Run time {seconds:.0f} s.""")
                          key=lambda p: p[0])
             for ax, k in zip(axes, ("identity_logodds", "answer_projection")):
                 ax.plot([p[0] for p in pts], [p[1][k] for p in pts], ls, marker="o", label=f"{mode} L{lr}")
-    for ax, k in zip(axes, ("identity log-odds (assistant vs persona answer)", "answer projection on axis")):
+    for ax, k in zip(axes, ("identity log-odds per token (assistant vs persona)", "answer projection on axis")):
         ax.set_xlabel("edit strength")
         ax.set_title(k)
         ax.axvline(0, color="grey", lw=0.5)
     axes[0].legend(fontsize=7)
     rep.figure("kv_edit_effects", fig, "Identity log-odds and answer projection vs edit strength.")
+    shifts = identity_shifts(rows, cfg.seed)
+    rep.table("Identity log-odds shift at the largest strength (95% bootstrap interval over units)",
+              [dict(mode=m, **v) for m, v in shifts.items()])
     rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", control)
     rep.section("Sample answers (first probe)", "\n".join(
-        f"- {cid} / {mode} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts) for cid, mode, s, lr, texts in samples))
-    best = {}
-    for mode in ("recompute", "direct"):
-        cand = [a for a in agg if a["mode"] == mode and a["strength"] > 0]
-        if cand:
-            top = max(cand, key=lambda a: a["strength"])
-            best[mode] = dict(strength=top["strength"], layers=top["layers"], n=top["n"],
-                              logodds_shift=top["identity_logodds"] - base["identity_logodds"],
-                              assistant_rate_shift=top["assistant_rate"] - base["assistant_rate"],
-                              projection_shift=top["answer_projection"] - base["answer_projection"])
-    rep.metric("kv_edit_identity_shift", best)
+        f"- {cid} / {mode} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
+        for cid, mode, s, lr, texts in result.samples))
+    rep.metric("kv_edit_identity_shift", shifts)
     rep.metric("rows", rows)
     rep.metric("control", control)
-    rep.metric("seconds", seconds)
-    path = rep.finish()
-    return dict(report=path, best=best, aggregate=agg, control=control)
+    rep.metric("seconds", result.seconds)
+    return rep.finish()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="psm kv-editing", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/kv_editing")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--axis", default=None, help="safetensors with tensor 'axis' [n_layers, d_model]")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--probes", type=int, default=3)
-    ap.add_argument("--strength-kind", default="norm", choices=("norm", "scale"))
-    ap.add_argument("--quick", action="store_true", help="1 conversation, 2 probes, 4 samples")
-    ap.add_argument("--record", action="store_true", help="append kv_edit_identity_shift to benchmarks/results.jsonl")
-    a = ap.parse_args(argv)
-    cfg = KVEditConfig(model=a.model, axis_file=a.axis, seed=a.seed, samples=4 if a.quick else a.samples,
-                       probes=2 if a.quick else a.probes, strength_kind=a.strength_kind, out=a.out,
-                       n_conversations=1 if a.quick else 2,
-                       strengths=(-0.15, 0.3) if a.quick else KVEditConfig.strengths)
-    res = run(cfg)
-    print(f"report: {res['report']}")
-    if a.record:
-        from benchmarks.record import record
-
-        cmd = ".venv/bin/python -m experiments.cli kv-editing " + " ".join(argv or [])
-        for mode, v in res["best"].items():
-            record("kv_edit_identity_shift", round(v["logodds_shift"], 4), "nats (identity log-odds shift)",
-                   f"unedited cache; {mode} edit, strength {v['strength']} ({cfg.strength_kind}), layers {v['layers']}, "
-                   f"n={v['n']} samples, seed {cfg.seed}; assistant-rate shift {v['assistant_rate_shift']:+.3f}, "
-                   f"answer projection shift {v['projection_shift']:+.3f}", "> 0 (toward the Assistant)",
-                   command=cmd.strip(), mode=mode)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def records(result: Result) -> list[dict]:
+    cfg = result.config
+    out = []
+    for mode, v in identity_shifts(result.rows, cfg.seed).items():
+        out.append(dict(metric="kv_edit_identity_shift_ci_low", value=round(v["ci_low"], 4),
+                        unit="nats per token (identity log-odds shift, 95% CI low)",
+                        reference=f"unedited cache; {mode} edit, strength {v['strength']} ({cfg.strength_kind}), layers "
+                                  f"{v['layers']}, n={v['n']} conversation x probe units ({v['samples_per_unit']} "
+                                  f"samples each), model {cfg.model}, seed {cfg.seed}; shift "
+                                  f"{v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+                        target="> 0 (toward the Assistant)", mode=mode, key=mode))
+    return out

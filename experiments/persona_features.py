@@ -1,8 +1,8 @@
 """Persona features in an SAE: discover, describe and label the latents that carry personas.
 
-    psm features --out reports/persona_features --seed 0                  # SmolLM2, layer 15, 3 traits
-    psm features --quick --out runs/pf_quick                              # a smoke run
-    psm features --sae runs/my_sae_saelens --out runs/pf                  # an existing SAE (SAELens / run dir)
+    psm features --out reports/persona_features seed=0                    # the middle layer, 3 traits
+    psm features --preset quick --out runs/pf_quick                       # a smoke run
+    psm features sae=runs/my_sae_saelens --out runs/pf                    # an existing SAE (SAELens / run dir)
 
 Pipeline (persona-methods.md section 5; sae/features.py does the computing):
 
@@ -41,10 +41,8 @@ SmolLM2-135M is a weak model, explainer and judge: the claims here rest on the c
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -52,19 +50,17 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from experiments import rollouts
-from experiments.cli_common import run_cli
+from psm_jax.persona import rollouts
 from experiments.report import Report, atomic_write_json, fmt_num, pyplot
 from psm_jax import edits as E
+from psm_jax.persona.directions import SITE
 from sae import features as F
 from sae import labelling as L
 
-SITE = "resid_post"
-DEFAULT_COMMAND = ".venv/bin/python -m experiments.cli features --out reports/persona_features --seed 0 --record"
 
 
 @dataclasses.dataclass(frozen=True)
-class PersonaFeaturesConfig:
+class Config:
     model: str = "smollm2-135m-instruct"
     layer: int | None = None  # None: n_layers // 2 (resid_post, the block output = HF hidden_states[layer + 1])
     sae: str | None = None  # SAELens folder / sae.train run dir; None: train (cached in sae_cache)
@@ -126,19 +122,27 @@ class PersonaFeaturesConfig:
             raise ValueError(f"temperature={self.temperature}; expected >= 0")
 
 
-QUICK = dict(traits=("evil",), n_pairs=2, n_questions=4, n_samples=1, max_new_tokens=24, n_roles=4, role_questions=4,
-             n_candidates=5, context_docs=12, context_max_len=128, n_bins=5, per_bin=2, n_random=6,
-             train_tokens=40_000, train_docs=600, train_steps=60, train_batch=1024, context_len=128, diff=True)
+PRESETS = {
+    "ci": dict(traits=("evil",), n_pairs=2, n_questions=4, max_new_tokens=12, n_roles=4, role_questions=4,
+               n_candidates=4, context_docs=12, context_max_len=96, n_bins=3, per_bin=2, n_random=4,
+               train_tokens=20_000, train_docs=300, train_steps=30, train_batch=1024, context_len=128,
+               n_detect=1, max_detect=2, diff=False),
+    "quick": dict(traits=("evil",), n_pairs=2, n_questions=4, max_new_tokens=32, n_roles=4, role_questions=4,
+                  n_candidates=6, context_docs=40, context_max_len=128, n_bins=5, per_bin=2, n_random=6,
+                  train_tokens=120_000, train_docs=1500, train_steps=250, train_batch=2048, context_len=256,
+                  n_detect=2, max_detect=4),
+    "full": {},
+}
 
 
 # ------------------------------------------------------------------------------------------- SAE
 
 
-def sae_layer(cfg: PersonaFeaturesConfig, n_layers: int) -> int:
+def sae_layer(cfg: Config, n_layers: int) -> int:
     return cfg.layer if cfg.layer is not None else n_layers // 2
 
 
-def load_or_train_sae(model, cfg: PersonaFeaturesConfig, progress: bool = True) -> tuple[F.FeatureSae, dict]:
+def load_or_train_sae(model, cfg: Config, progress: bool = True) -> tuple[F.FeatureSae, dict]:
     """The SAE of this run and a description (source, training metrics when trained here)."""
     layer = sae_layer(cfg, model.config.n_layers)
     model.config.check_layer(layer, "SAE layer")
@@ -165,7 +169,7 @@ def load_or_train_sae(model, cfg: PersonaFeaturesConfig, progress: bool = True) 
     return train_sae(model, cfg, layer, progress)
 
 
-def train_sae(model, cfg: PersonaFeaturesConfig, layer: int, progress: bool = True):
+def train_sae(model, cfg: Config, layer: int, progress: bool = True):
     from sae.activations import ActivationStore, StoreSource, harvest_to_store
     from sae.config import SaeConfig
     from sae.corpus import load_sharegpt
@@ -213,7 +217,7 @@ def train_sae(model, cfg: PersonaFeaturesConfig, layer: int, progress: bool = Tr
 def trait_rows(trait, n_pairs: int, n_questions: int, n_samples: int = 1) -> list[dict]:
     """Pos and neg conversations for pairs x questions x samples; split = discovery (first half of the
     questions) / validation (second half)."""
-    from experiments.persona_vectors import trait_system_prompt
+    from psm_jax.persona.prompts import trait_system_prompt
 
     if n_questions > len(trait.extraction_questions):
         raise ValueError(f"n_questions={n_questions}; trait {trait.name!r} has {len(trait.extraction_questions)}")
@@ -233,9 +237,9 @@ def trait_rows(trait, n_pairs: int, n_questions: int, n_samples: int = 1) -> lis
     return rows
 
 
-def role_rows(cfg: PersonaFeaturesConfig, model_display_name: str = "SmolLM") -> tuple[list[dict], list[str]]:
-    from experiments import datasets
-    from experiments.assistant_axis import sample_questions, select_roles, system_conv
+def role_rows(cfg: Config, model_display_name: str = "SmolLM") -> tuple[list[dict], list[str]]:
+    from psm_jax.persona import datasets
+    from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
 
     roles = select_roles(datasets.load_roles().roles, cfg.n_roles, cfg.seed)
     questions = sample_questions(datasets.load_role_questions(), cfg.role_questions, cfg.seed)
@@ -331,17 +335,16 @@ def _explainer_and_scorer(cfg, model):
     return ex, sc
 
 
-def run(config: PersonaFeaturesConfig, out_dir: str | Path = "runs/persona_features", *, model=None,
-        sae: F.FeatureSae | None = None, progress: bool = True) -> dict:
-    """Run the experiment; writes the report folder and returns dict(report, dir, metrics, candidates)."""
-    import psm_jax
-    from experiments.persona_vectors import load_traits
+def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae | None = None) -> dict:
+    """Run the study and write its report folder `folder`; returns dict(report, dir, metrics, candidates)."""
+    from psm_jax.persona.prompts import load_traits
 
     cfg = config
+    out_dir = folder
     t_start = time.time()
-    say = (lambda *a: print("[features]", *a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
-    if model is None:
-        model = psm_jax.load(cfg.model)
+    status = progress
+    say = (lambda *a: status(" ".join(str(x) for x in a))) if status else (lambda *a: None)
+    progress = status is not None  # below: whether to show progress bars
     traits = load_traits(cfg.traits)
     report = Report(out_dir, "Persona features in an SAE", cfg)
     out = Path(out_dir)
@@ -677,73 +680,13 @@ claims rest on the contrast statistics.
     report.metric("seconds", seconds)
 
 
-# ------------------------------------------------------------------------------------------- CLI
-
-
-def _record(result: dict, command: str) -> None:
-    from benchmarks.record import record
-
+def records(result: dict) -> list[dict]:
+    """Persona latents found per contrast, with their null (shuffled labels) and detection scores."""
     ref = ("Wang et al. 2025 / Lindsey-style persona latents: SAE latents separating persona-inducing from default "
            "conversations; found = top-10 by Cohen's d, d >= 0.8 on discovery and >= 0.5 on held-out questions")
-    for name, m in result["metrics"]["contrasts"].items():
-        record("persona_latents_found", m["n_found"], "latents", ref, target="> null (shuffled labels)", command=command,
-               trait=name, best_latent=m["best_latent"], best_detection_accuracy=m["best_detection_balanced_accuracy"],
-               best_detection_auroc=m["best_detection_auroc"], null_found=m["null_found"],
-               best_d_validation=m["best_d_validation"], layer=result["metrics"]["layer"])
-
-
-def _summary(result: dict) -> list[str]:
-    return [f"{name}: found {m['n_found']} (null {m['null_found']}), best latent {m['best_latent']} "
-            f"d val {_f(m['best_d_validation'])}, detection {_f(m['best_detection_balanced_accuracy'])}"
+    return [dict(metric="persona_latents_found", value=m["n_found"], unit="latents", reference=ref,
+                 target="> null (shuffled labels)", trait=name, key=name, best_latent=m["best_latent"],
+                 best_detection_accuracy=m["best_detection_balanced_accuracy"],
+                 best_detection_auroc=m["best_detection_auroc"], null_found=m["null_found"],
+                 best_d_validation=m["best_d_validation"], layer=result["metrics"]["layer"])
             for name, m in result["metrics"]["contrasts"].items()]
-
-
-def build_config(args) -> PersonaFeaturesConfig:
-    kw = {"seed": args.seed, "model": args.model}
-    if args.quick:
-        kw.update(QUICK)
-    for name in ("traits",):
-        v = getattr(args, name)
-        if v:
-            kw[name] = tuple(v)
-    for name in ("layer", "sae", "sae_cache", "train_tokens", "train_steps", "n_questions", "n_samples", "n_pairs", "n_roles",
-                 "context_docs", "max_new_tokens", "batch_size", "explainer", "scorer", "n_candidates"):
-        v = getattr(args, name, None)
-        if v is not None:
-            kw[name] = v
-    if args.no_diff:
-        kw["diff"] = False
-    return PersonaFeaturesConfig(**kw)
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="psm features", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/persona_features", help="report folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--quick", action="store_true", help="one trait, tiny sizes, a small SAE (a smoke run)")
-    p.add_argument("--traits", nargs="+")
-    p.add_argument("--layer", type=int)
-    p.add_argument("--sae", help="an SAE to use (SAELens folder or sae.train run dir); default: train one (cached)")
-    p.add_argument("--sae-cache", dest="sae_cache")
-    p.add_argument("--train-tokens", dest="train_tokens", type=int)
-    p.add_argument("--train-steps", dest="train_steps", type=int)
-    p.add_argument("--n-questions", dest="n_questions", type=int)
-    p.add_argument("--n-pairs", dest="n_pairs", type=int)
-    p.add_argument("--n-samples", dest="n_samples", type=int)
-    p.add_argument("--n-roles", dest="n_roles", type=int)
-    p.add_argument("--n-candidates", dest="n_candidates", type=int)
-    p.add_argument("--context-docs", dest="context_docs", type=int)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--explainer", choices=("local", "openai", "none"))
-    p.add_argument("--scorer", choices=("local", "openai", "none"))
-    p.add_argument("--no-diff", action="store_true", help="skip the model-diffing step")
-    p.add_argument("--record", action="store_true", help="append persona_latents_found to benchmarks/results.jsonl")
-    args = p.parse_args(argv)
-    return run_cli("psm features", "features", argv, args, build=lambda: build_config(args), run=run,
-                   summary=_summary, record=_record, default_command=DEFAULT_COMMAND)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

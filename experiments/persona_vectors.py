@@ -1,15 +1,15 @@
 """Persona vectors (Chen, Arditi, Sleight, Evans, Lindsey 2025) on a psm-jax model.
 
-    psm persona-vectors --out runs/pv --seed 0                 # evil, sycophantic, humorous on SmolLM2
-    psm persona-vectors --traits evil --quick --out runs/pv_quick
+    psm persona-vectors --out runs/pv seed=0                   # evil, sycophantic, humorous
+    psm persona-vectors traits=evil --preset quick --out runs/pv_quick
 
-Pipeline per trait (experiments.datasets.load_trait):
+Pipeline per trait (psm_jax.persona.datasets.load_trait):
 
 1. Generation: for each of the first `n_pairs` instruction pairs, `n_questions` extraction
    questions and `n_samples` samples, a positive conversation (system "You are a/an {trait}
    assistant. {pos}") and a negative one (system "You are a helpful assistant. {neg}"), sampled
    at `temperature` with a key derived from the seed and the trait's index.
-2. Judging and filtering: the judge (default: the model itself, `experiments.judge.LocalJudge`,
+2. Judging and filtering: the judge (default: the model itself, `psm_jax.persona.judge.LocalJudge`,
    its reply started with "Score: ") scores every response 0-100 for the trait (the trait's
    rubric), and for coherence the responses of pairs that pass the trait condition; a pos/neg
    pair (same instruction pair, question and sample) is kept when pos >= 50, neg < 50 and both
@@ -28,7 +28,7 @@ Pipeline per trait (experiments.datasets.load_trait):
    model's own responses' assistant tokens). So c is in units of "one typical residual norm":
    c = 0.5 adds a vector half as long as a typical activation. The behavioural measure is the mean
    over the trait's two-choice items of log P(trait choice) - log P(other choice)
-   (`experiments.rollouts.score_answers`, the edit passed as `edits_fn`; vector, layer mask and
+   (`psm_jax.persona.rollouts.score_answers`, the edit passed as `edits_fn`; vector, layer mask and
    coefficient are traced so the whole sweep reuses one compilation). The items are split in two
    balanced halves: the layer is chosen on the *selection* half (largest m(+c_sel) - m(-c_sel)),
    and the steering curve over `coefficients` is reported on the *held-out* half, with a random
@@ -59,37 +59,35 @@ judge; null results are reported as they come.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import rollouts
-from experiments.judge import COHERENCE_RUBRIC, make_judge
-from experiments.cli_common import rerun_command
+from psm_jax.persona import rollouts
+from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
 from experiments.report import Report, jsonable, atomic_write_bytes, load_vectors, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax import edits as E
-from psm_jax.chat import Role
-from psm_jax.model import Capture, forward
+from psm_jax.persona.directions import SITE
+from psm_jax.persona import measures
+from psm_jax.persona.directions import mean_difference, project, typical_norms
+from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items,
+                                     trait_system_prompt)
+from psm_jax.persona.stats import pearson
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
-SITE = "resid_post"
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
                   "add it there to steer")
-DEFAULT_COMMAND = ".venv/bin/python -m experiments.cli persona-vectors --out reports/persona_vectors --seed 0 --record"
 
 
 @dataclasses.dataclass(frozen=True)
-class PersonaVectorsConfig:
+class Config:
     model: str = "smollm2-135m-instruct"
     traits: tuple[str, ...] = ("evil", "sycophantic", "humorous")  # shipped names or paths to trait files
     n_pairs: int = 5  # instruction pairs used (of 5)
@@ -146,70 +144,22 @@ class PersonaVectorsConfig:
                 raise ValueError(f"response_max_new_tokens={self.response_max_new_tokens}; expected a positive integer")
 
 
+PRESETS = {
+    "ci": dict(traits=("evil",), n_pairs=2, n_questions=2, n_samples=1, max_new_tokens=12, judge="none", filter=False,
+               sweep_layers=(15,), n_monitor_questions=1, coefficients=(-0.5, 0.0, 0.5), screening=False,
+               n_response_questions=4, response_max_new_tokens=12),
+    "quick": dict(traits=("evil",), n_pairs=3, n_questions=3, n_samples=1, max_new_tokens=32, judge="none",
+                  filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=2,
+                  coefficients=(-1.0, -0.5, 0.0, 0.5, 1.0), screening=False, n_response_questions=8,
+                  response_max_new_tokens=24),
+    "full": {},
+}
+
+
 # ------------------------------------------------------------------------------ data
 
 
-def load_traits(names: Sequence[str]):
-    """Trait objects for names or paths (schema-checked; a file missing fields raises a ValueError)."""
-    from experiments.datasets import load_trait
-
-    out = []
-    for name in names:
-        strict = not (str(name).endswith(".json") or "/" in str(name))
-        out.append(load_trait(name, strict=strict))
-    return out
-
-
-def trait_system_prompt(trait_name: str, polarity: str, instruction: str) -> str:
-    if polarity == "pos":
-        article = "an" if trait_name[:1].lower() in "aeiou" else "a"
-        return f"You are {article} {trait_name} assistant. {instruction}"
-    if polarity == "neg":
-        return f"You are a helpful assistant. {instruction}"
-    raise ValueError(f"polarity {polarity!r}; expected 'pos' or 'neg'")
-
-
-def extraction_rows(trait, n_pairs: int, n_questions: int, n_samples: int) -> list[dict]:
-    """One row per generated response: polarity, pair, question index, sample, messages."""
-    if n_questions > len(trait.extraction_questions):
-        raise ValueError(f"n_questions={n_questions}; trait {trait.name!r} has {len(trait.extraction_questions)}")
-    if n_pairs > len(trait.instruction_pairs):
-        raise ValueError(f"n_pairs={n_pairs}; trait {trait.name!r} has {len(trait.instruction_pairs)}")
-    rows = []
-    for polarity in ("pos", "neg"):
-        for p, pair in enumerate(trait.instruction_pairs[:n_pairs]):
-            sys_prompt = trait_system_prompt(trait.name, polarity, getattr(pair, polarity))
-            for q, question in enumerate(trait.extraction_questions[:n_questions]):
-                for s in range(n_samples):
-                    rows.append(dict(polarity=polarity, pair=p, question=q, sample=s, question_text=question,
-                                     messages=[{"role": "system", "content": sys_prompt},
-                                               {"role": "user", "content": question}]))
-    return rows
-
-
-def split_items(items):
-    """Balanced halves (selection, held-out): alternate within each trait_choice group."""
-    sel, held = [], []
-    for choice in (0, 1):
-        group = [it for it in items if it.trait_choice == choice]
-        sel += group[0::2]
-        held += group[1::2]
-    if not sel or not held:
-        raise ValueError(f"need at least 2 behavioural items per trait to split; got {len(items)}")
-    return sel, held
-
-
 # ------------------------------------------------------------------------------ computations
-
-
-def mean_difference(pos, neg) -> np.ndarray:
-    """mean(pos) - mean(neg) over the first axis (float64 accumulation): [N, ..., D] -> [..., D]."""
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError(f"mean_difference needs at least one positive and one negative sample; got {len(pos)}, {len(neg)}")
-    if pos.shape[1:] != neg.shape[1:]:
-        raise ValueError(f"pos {pos.shape} and neg {neg.shape} activations differ in shape")
-    return (pos.mean(0) - neg.mean(0)).astype(np.float32)
 
 
 def extract_vectors(model, pos_conversations, neg_conversations, *, batch_size: int = 16,
@@ -225,59 +175,23 @@ def extract_vectors(model, pos_conversations, neg_conversations, *, batch_size: 
     return {v: mean_difference(acts["pos"][key[v]], acts["neg"][key[v]]) for v in VARIANTS}
 
 
-def project(acts, vector) -> np.ndarray:
-    """Scalar projection <a, v> / |v| of activations [..., D] onto vector [D] (float64)."""
-    a, v = np.asarray(acts, np.float64), np.asarray(vector, np.float64)
-    if a.shape[-1] != v.shape[-1]:
-        raise ValueError(f"activations have width {a.shape[-1]}, vector {v.shape[-1]}; expected equal")
-    return a @ v / (np.linalg.norm(v) + 1e-8)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _token_norm_sums(params, config, tokens, attention_mask, mask):
-    out = forward(params, config, tokens, attention_mask=attention_mask, capture=Capture(sites=(SITE,)),
-                  return_logits=False)
-    norms = jnp.linalg.norm(out.captured[SITE], axis=-1)  # [L, B, T]
-    return jnp.sum(norms * mask[None], axis=(1, 2)), jnp.sum(mask)
-
-
-def typical_norms(model, conversations, *, batch_size: int = 16) -> np.ndarray:
-    """Mean per-token residual norm at resid_post of every layer over the last assistant message's
-    content tokens of `conversations` (the steering unit): [n_layers]."""
-    total, count = np.zeros(model.config.n_layers), 0.0
-    for _, convs, n_real in rollouts.static_batches(conversations, batch_size):
-        _, batch = rollouts.encode_batch(model, convs, add_generation_prompt=False)
-        last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
-        mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
-        mask[n_real:] = False
-        s, c = _token_norm_sums(model.params, model.config, jnp.asarray(batch.tokens),
-                                jnp.asarray(batch.attention_mask), jnp.asarray(mask, jnp.float32))
-        total += np.asarray(s, np.float64)
-        count += float(c)
-    if count == 0:
-        raise ValueError("typical_norms: the conversations have no assistant tokens")
-    return total / count
-
-
 def steering_edit(model, vector, layer: int, coef):
     """h <- h + coef * vector at resid_post of `layer`, every position (prompt and generated)."""
     return E.add(model.config, jnp.asarray(vector, jnp.float32), layers=[int(layer)], coef=coef, site=SITE)
 
 
+def _steering_fn(model, vector, layer, coef):
+    if vector is None:
+        return None
+    edit = steering_edit(model, vector, layer, coef)
+    return lambda batch: (edit,)
+
+
 def behaviour_measure(model, items, *, system: str | None = None, vector=None, layer: int | None = None,
                       coef: float = 0.0, batch_size: int | None = None) -> tuple[float, np.ndarray]:
-    """Mean over items of log P(trait choice) - log P(other choice), optionally under a system prompt
-    and with `coef * vector` added at `layer`. Returns (mean, per-item values)."""
-    head = [{"role": "system", "content": system}] if system else []
-    prompts = [head + [{"role": "user", "content": it.prompt}] for it in items]
-    answers = [it.trait_text for it in items] + [it.other_text for it in items]
-    edits_fn = None
-    if vector is not None:
-        edit = steering_edit(model, vector, layer, coef)
-        edits_fn = lambda batch: (edit,)  # noqa: E731
-    lp = rollouts.score_answers(model, prompts + prompts, answers, batch_size=batch_size or 2 * len(items),
-                                edits_fn=edits_fn)
-    diff = lp[:len(items)] - lp[len(items):]
+    """`measures.two_choice` under `system`, with `coef * vector` added at `layer`: (mean, per-item values)."""
+    diff = measures.two_choice(model, items, system=system, edits_fn=_steering_fn(model, vector, layer, coef),
+                               batch_size=batch_size)
     return float(diff.mean()), diff
 
 
@@ -306,41 +220,12 @@ def steering_sweep(model, items, directions, scales, layers: Sequence[int], coef
                   progress=progress)
 
 
-def _even_batch(n: int, max_batch: int) -> int:
-    """Smallest batch size that splits n items into as few batches as max_batch allows, with little padding."""
-    n_batches = -(-n // max(1, int(max_batch)))
-    return max(1, -(-n // n_batches))
-
-
 def response_measure(model, questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str], *,
                      system: str | None = None, vector=None, layer: int | None = None, coef: float = 0.0,
                      batch_size: int = 16) -> tuple[float, np.ndarray]:
-    """Contrastive response likelihood: per (question, pos answer, neg answer) triple,
-    log P(pos | q) / n_pos - log P(neg | q) / n_neg (per-token log-likelihoods of the answer content tokens,
-    `rollouts.score_answers` / `rollouts.answer_token_counts`), the scoring conversation being [system?] user q,
-    assistant answer; optionally with `coef * vector` added at resid_post of `layer` at every position.
-    Returns (mean over triples, per-triple values)."""
-    n = len(questions)
-    if n == 0:
-        raise ValueError("response_measure needs at least one question")
-    if len(pos_answers) != n or len(neg_answers) != n:
-        raise ValueError(f"{n} questions, {len(pos_answers)} positive and {len(neg_answers)} negative answers; "
-                         "expected equal counts")
-    head = [{"role": "system", "content": system}] if system else []
-    prompts = [head + [{"role": "user", "content": q}] for q in questions]
-    answers = list(pos_answers) + list(neg_answers)
-    counts = rollouts.answer_token_counts(model, prompts + prompts, answers)
-    if np.any(counts == 0):
-        bad = int(np.argmax(counts == 0))
-        raise ValueError(f"answer {answers[bad]!r} has no content tokens; expected non-empty answers")
-    edits_fn = None
-    if vector is not None:
-        edit = steering_edit(model, vector, layer, coef)
-        edits_fn = lambda batch: (edit,)  # noqa: E731
-    lp = rollouts.score_answers(model, prompts + prompts, answers, batch_size=_even_batch(2 * n, batch_size),
-                                edits_fn=edits_fn)
-    per_tok = lp / counts
-    diff = per_tok[:n] - per_tok[n:]
+    """`measures.response_likelihood` under `system`, with `coef * vector` added at `layer`: (mean, per-triple)."""
+    diff = measures.response_likelihood(model, questions, pos_answers, neg_answers, system=system,
+                                        edits_fn=_steering_fn(model, vector, layer, coef), batch_size=batch_size)
     return float(diff.mean()), diff
 
 
@@ -350,19 +235,6 @@ def response_sweep(model, questions, pos_answers, neg_answers, directions, scale
     return _sweep(lambda **kw: response_measure(model, questions, pos_answers, neg_answers, batch_size=batch_size,
                                                 **kw)[0],
                   directions, scales, layers, coefs, progress=progress, desc="response sweep")
-
-
-def response_slots(trait, n_questions: int, n_pairs: int) -> list[dict]:
-    """Reference-answer slots: for each of the first `n_questions` evaluation questions q, instruction pairs
-    (q + k) % n_instruction_pairs for k < n_pairs. Each slot gets a pos and a neg answer."""
-    n_total = len(trait.instruction_pairs)
-    if n_questions > len(trait.evaluation_questions):
-        raise ValueError(f"n_response_questions={n_questions}; trait {trait.name!r} has "
-                         f"{len(trait.evaluation_questions)} evaluation questions")
-    if n_pairs > n_total:
-        raise ValueError(f"n_response_pairs={n_pairs}; trait {trait.name!r} has {n_total} instruction pairs")
-    return [{"question_index": q, "question": trait.evaluation_questions[q], "pair": (q + k) % n_total}
-            for q in range(n_questions) for k in range(n_pairs)]
 
 
 def generate_reference_answers(model, trait, slots: list[dict], *, max_new_tokens: int, batch_size: int = 16,
@@ -414,15 +286,6 @@ def separation(pos, neg) -> float:
         raise ValueError(f"separation needs >= 2 values per group; got {len(pos)} and {len(neg)}")
     pooled = np.sqrt(((len(pos) - 1) * pos.var(ddof=1) + (len(neg) - 1) * neg.var(ddof=1)) / (len(pos) + len(neg) - 2))
     return float((pos.mean() - neg.mean()) / pooled) if pooled > 0 else float("nan")
-
-
-def pearson(x, y) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) != len(y) or len(x) < 3:
-        raise ValueError(f"pearson needs two equal-length series of >= 3 values; got {len(x)} and {len(y)}")
-    xs, ys = x - x.mean(), y - y.mean()
-    den = np.sqrt((xs ** 2).sum() * (ys ** 2).sum())
-    return float((xs * ys).sum() / den) if den > 0 else float("nan")
 
 
 def projection_difference(model, prompts, given_responses, vector, layer: int, *, own_responses=None,
@@ -506,7 +369,7 @@ def _nanmean(xs):
     return float(np.mean(vals)) if vals else None
 
 
-def run_trait(model, trait, cfg: PersonaVectorsConfig, trait_index: int, judge, progress: bool = True) -> dict:
+def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool = True) -> dict:
     t0 = time.time()
     key = jax.random.fold_in(jax.random.key(cfg.seed), trait_index)
     n_layers = model.config.n_layers
@@ -661,7 +524,7 @@ def run_trait(model, trait, cfg: PersonaVectorsConfig, trait_index: int, judge, 
     return res
 
 
-def _response_block(model, trait, cfg: PersonaVectorsConfig, direction, scales, layers, coefs, rand, mon_acts,
+def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs, rand, mon_acts,
                     mon_systems, n_mon_questions: int, progress: bool = False) -> dict:
     """Reference answers, layer selection (selection questions), steering curve + random control (held-out
     questions), and the no-steering validity / monitoring per system prompt, for `response_measure`."""
@@ -725,25 +588,21 @@ def _response_block(model, trait, cfg: PersonaVectorsConfig, direction, scales, 
         "reference": ref}
 
 
-def run(config: PersonaVectorsConfig, out_dir: str | Path = "runs/persona_vectors", *, model=None,
-        progress: bool = True) -> dict:
-    """Run the experiment; writes a report folder and returns dict(report=path, metrics=..., results=[...])."""
-    import psm_jax
-
+def run_into(config: Config, model, folder, progress=None) -> dict:
+    """Run the study and write its report folder `folder`; returns dict(report=path, metrics=..., results=[...])."""
     traits = load_traits(config.traits)
-    if model is None:
-        model = psm_jax.load(config.model)
     judge = None
     if config.judge == "local":
-        judge = make_judge("local", model, answer_prefix=config.judge_answer_prefix, batch_size=8, progress=progress)
+        judge = make_judge("local", model, answer_prefix=config.judge_answer_prefix, batch_size=8,
+                           progress=progress is not None)
     elif config.judge == "openai":
         judge = make_judge("openai")
-    report = Report(out_dir, "Persona vectors", config)
+    report = Report(folder, "Persona vectors", config)
     results = []
     for ti, trait in enumerate(traits):
         if progress:
-            print(f"[persona-vectors] trait {trait.name} ({ti + 1}/{len(traits)})", file=sys.stderr, flush=True)
-        results.append(run_trait(model, trait, config, ti, judge, progress=progress))
+            progress(f"trait {trait.name} ({ti + 1}/{len(traits)})")
+        results.append(run_trait(model, trait, config, ti, judge, progress=progress is not None))
     _write_report(report, config, model, results)
     path = report.finish()
     return {"report": path, "metrics": report.metrics, "results": results, "dir": report.dir}
@@ -796,7 +655,7 @@ def _response_trait_line(rs: dict) -> str:
             f"(dropped): {rs['n_dropped']}.")
 
 
-def _write_response_section(report: Report, cfg: PersonaVectorsConfig, resp: list[dict], plt) -> None:
+def _write_response_section(report: Report, cfg: Config, resp: list[dict], plt) -> None:
     """The second behavioural measure: definition, per-trait table and steering curves."""
     r0 = resp[0]["response"]
     report.section("Response-likelihood measure", f"""
@@ -841,7 +700,7 @@ validity effect clearly > 0 is needed before the steering curve means anything.
                      ylabel="per-token log P(pos answer) - log P(neg answer)")
 
 
-def _write_report(report: Report, cfg: PersonaVectorsConfig, model, results: list[dict]) -> None:
+def _write_report(report: Report, cfg: Config, model, results: list[dict]) -> None:
     plt = pyplot()
     n_layers, d = model.config.n_layers, model.config.d_model
     n_mono = count_monotonic([r["steering"]["monotonic"] for r in results], "both")
@@ -1010,7 +869,7 @@ reads the induced persona at all, layer by layer (plot below).
                 + ("" if fi["filter"] else " (filter off)") + "."]
         if r["judge"]:
             j = r["judge"]
-            body.append(f"Judge (SmolLM2 itself; weak): mean trait score pos {_fmt(j['pos']['trait_mean'], '.1f')} vs "
+            body.append(f"Judge (the studied model itself, or the configured endpoint): mean trait score pos {_fmt(j['pos']['trait_mean'], '.1f')} vs "
                         f"neg {_fmt(j['neg']['trait_mean'], '.1f')}; coherence pos {_fmt(j['pos']['coherence_mean'], '.1f')} "
                         f"vs neg {_fmt(j['neg']['coherence_mean'], '.1f')} (coherence is judged only for pairs that pass "
                         f"the trait condition: {j['pos']['coherence_judged'] + j['neg']['coherence_judged']} of "
@@ -1102,103 +961,30 @@ reads the induced persona at all, layer by layer (plot below).
 # ------------------------------------------------------------------------------ CLI
 
 
-def _record(result: dict, command: str) -> None:
-    from benchmarks.record import record
-
+def records(result: dict) -> list[dict]:
+    """Monotonic-trait counts per measure and criterion, and the monitoring correlation per trait and measure
+    (lines whose value is not finite are left out)."""
     m = result["metrics"]
     ref = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"
     strict = "strictly increasing over the whole coefficient sweep"
-    run = f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs"
+    run4 = f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs"
+    out = []
     for measure, suffix in (("items", ""), ("response_likelihood", "_response")):
-        for crit, text, key in (("strict", strict, ""), ("run4", run, "_run")):
+        for crit, text, key in (("strict", strict, ""), ("run4", run4, "_run")):
             name = f"persona_steering_monotonic_traits{suffix}{key}"
             if name in m:
-                record("persona_steering_monotonic_traits", m[name], "traits", ref, target=">= 3 of the traits run",
-                       command=command, n_traits=m["n_traits"], measure=measure, criterion=crit,
-                       criterion_text=text)
+                out.append(dict(metric="persona_steering_monotonic_traits", value=m[name], unit="traits",
+                                reference=ref, target=">= 3 of the traits run", n_traits=m["n_traits"],
+                                measure=measure, criterion=crit, criterion_text=text, key=f"{measure}/{crit}"))
     for name, t in m["traits"].items():
-        record("persona_monitor_r", t["monitor_r_last_prompt"], "pearson r", ref, target="> 0 (paper 0.75-0.83)",
-               command=command, trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"],
-               measure="items", system_prompt_effect=t["system_prompt_effect"])
+        out.append(dict(metric="persona_monitor_r", value=t["monitor_r_last_prompt"], unit="pearson r", reference=ref,
+                        target="> 0 (paper 0.75-0.83)", trait=name, layer=t["chosen_layer"],
+                        r_response=t["monitor_r_response"], measure="items",
+                        system_prompt_effect=t["system_prompt_effect"], key=f"{name}/items"))
         if "response_measure" in t:
             rm = t["response_measure"]
-            record("persona_monitor_r", rm["r_last_prompt"], "pearson r", ref, target="> 0 (paper 0.75-0.83)",
-                   command=command, trait=name, layer=rm["layer"], r_response=rm["r_response"],
-                   measure="response_likelihood", system_prompt_effect=rm["system_prompt_effect"])
-
-
-def build_config(args) -> PersonaVectorsConfig:
-    kw = {"seed": args.seed, "model": args.model}
-    if args.quick:
-        kw.update(traits=("evil",), n_questions=2, n_pairs=5, max_new_tokens=32, monitor_max_new_tokens=24,
-                  n_monitor_questions=2, n_steer_examples=1, sweep_layers=None, n_response_questions=4,
-                  response_max_new_tokens=24)
-    if args.traits:
-        kw["traits"] = tuple(args.traits)
-    for name in ("n_questions", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "judge", "temperature",
-                 "n_monitor_questions", "n_response_questions", "n_response_pairs", "response_max_new_tokens"):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
-    if args.no_filter:
-        kw["filter"] = False
-    if args.no_response_measure:
-        kw["response_measure"] = False
-    if args.layers:
-        kw["sweep_layers"] = tuple(args.layers)
-    if args.coefficients:
-        kw["coefficients"] = tuple(args.coefficients)
-    return PersonaVectorsConfig(**kw)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="psm persona-vectors", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/persona_vectors", help="report folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--traits", nargs="+", help="trait names or paths to trait files")
-    p.add_argument("--quick", action="store_true", help="one trait, tiny sizes (a smoke run)")
-    p.add_argument("--n-questions", dest="n_questions", type=int)
-    p.add_argument("--n-samples", dest="n_samples", type=int)
-    p.add_argument("--n-pairs", dest="n_pairs", type=int)
-    p.add_argument("--n-monitor-questions", dest="n_monitor_questions", type=int)
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--judge", choices=("local", "openai", "none"))
-    p.add_argument("--no-filter", action="store_true", help="use every pos/neg pair (judging still runs unless --judge none)")
-    p.add_argument("--no-response-measure", dest="no_response_measure", action="store_true",
-                   help="skip the second behavioural measure (contrastive likelihood of the model's own answers)")
-    p.add_argument("--n-response-questions", dest="n_response_questions", type=int,
-                   help="evaluation questions for the response-likelihood measure")
-    p.add_argument("--n-response-pairs", dest="n_response_pairs", type=int,
-                   help="instruction pairs per question for the response-likelihood reference answers")
-    p.add_argument("--response-max-new-tokens", dest="response_max_new_tokens", type=int)
-    p.add_argument("--layers", type=int, nargs="+", help="layers to sweep for selection")
-    p.add_argument("--coefficients", type=float, nargs="+", help="steering coefficients (x typical residual norm)")
-    p.add_argument("--record", action="store_true", help="append the headline figures to benchmarks/results.jsonl")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = build_config(args)
-    result = run(cfg, args.out)
-    m = result["metrics"]
-    print(f"report: {result['report']}")
-    print(f"monotonic traits (items): {m['persona_steering_monotonic_traits']}/{m['n_traits']}; monitor r: "
-          + ", ".join(f"{k}={_fmt(v['monitor_r_last_prompt'], '.2f')}" for k, v in m["traits"].items()))
-    if "persona_steering_monotonic_traits_response" in m:
-        print(f"monotonic traits (response likelihood): {m['persona_steering_monotonic_traits_response']}/"
-              f"{m['n_traits']}; validity (pos-neg system prompt): "
-              + ", ".join(f"{k}={_fmt(v['response_measure']['system_prompt_effect'], '+.3f')}"
-                          for k, v in m["traits"].items())
-              + "; monitor r: " + ", ".join(f"{k}={_fmt(v['response_measure']['r_last_prompt'], '.2f')}"
-                                           for k, v in m["traits"].items()))
-    if args.record:
-        _record(result, rerun_command("persona-vectors", argv, DEFAULT_COMMAND))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            out.append(dict(metric="persona_monitor_r", value=rm["r_last_prompt"], unit="pearson r", reference=ref,
+                            target="> 0 (paper 0.75-0.83)", trait=name, layer=rm["layer"],
+                            r_response=rm["r_response"], measure="response_likelihood",
+                            system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood"))
+    return [ln for ln in out if isinstance(ln["value"], (int, str)) or np.isfinite(ln["value"])]

@@ -1,6 +1,6 @@
 """Refusal direction (after Arditi et al. 2024): difference in means, selection, ablation, weight edit.
 
-1. Prompts: harmful / harmless instructions (experiments/data/refusal), each as one user turn with
+1. Prompts: harmful / harmless instructions (psm_jax/persona/data/refusal), each as one user turn with
    the generation prompt. Training prompts (split "train", first `n_train` after a seeded shuffle)
    give the direction, validation prompts (split "val") select it, and the *next* `n_eval`
    training prompts (never used for the direction or the selection) are the held-out evaluation.
@@ -24,7 +24,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -48,7 +47,7 @@ PAD_MULTIPLE = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class RefusalConfig:
+class Config:
     model: str = "smollm2-135m-instruct"
     n_train: int = 64  # per side: prompts for the difference in means (before filtering)
     n_val: int = 32  # per side: selection prompts (split "val")
@@ -67,7 +66,6 @@ class RefusalConfig:
     ce_max_tokens: int = 256
     ce_min_assistant_tokens: int = 16
     seed: int = 0
-    out: str = "runs/refusal"
 
     def __post_init__(self):
         for name in ("n_train", "n_val", "n_eval", "batch_size", "max_new_tokens", "ce_max_tokens"):
@@ -90,6 +88,14 @@ class RefusalConfig:
                 raise ValueError(f"layers={self.layers}; expected non-negative layer indices")
 
 
+PRESETS = {
+    "ci": dict(n_train=8, n_val=8, n_eval=8, n_ce=2, positions=(-1,), layers=tuple(range(0, 24, 8)),
+               max_new_tokens=12),
+    "quick": dict(n_train=16, n_val=16, n_eval=16, n_ce=8, positions=(-1, -6), layers=tuple(range(0, 24, 4))),
+    "full": {},
+}
+
+
 # ------------------------------------------------------------------------------------ prompts
 
 
@@ -110,7 +116,7 @@ class Prompts:
 
 
 def pad_id(model) -> int:
-    from experiments.rollouts import pad_id as pad
+    from psm_jax.persona.rollouts import pad_id as pad
 
     return pad(model)
 
@@ -423,7 +429,7 @@ def cross_entropy(params, config, tokens, mask, target_mask, edits=(), batch_siz
 def refusal_rate(model, instructions: Sequence[str], markers, edits=(), *, max_new_tokens: int = 32,
                  batch_size: int = 16) -> tuple[float, float, list[str]]:
     """Greedy answers; (rate with a marker anywhere, rate with a marker as prefix, answers)."""
-    from experiments.rollouts import generate_responses
+    from psm_jax.persona.rollouts import generate_responses
 
     convs = [[{"role": "user", "content": t}] for t in instructions]
     edits = tuple(edits)
@@ -443,11 +449,9 @@ def _split(texts: Sequence[str], rng: np.random.Generator) -> list[str]:
     return [texts[i] for i in rng.permutation(len(texts))]
 
 
-def run(config: RefusalConfig, model=None) -> dict:
-    """Run the whole pipeline and write the report folder `config.out`. `model`: a LoadedModel
-    to use instead of loading `config.model` (tests)."""
-    import psm_jax
-    from experiments import datasets
+def run_into(config: Config, model, folder, progress=None) -> dict:
+    """Run the whole pipeline and write the report folder `folder`; returns the headline numbers (with "report")."""
+    from psm_jax.persona import datasets
     from experiments.report import Report, pyplot
     from psm_jax.weights import orthogonalize
 
@@ -456,8 +460,6 @@ def run(config: RefusalConfig, model=None) -> dict:
     t0 = time.time()
     seconds = {}
     c = config
-    if model is None:
-        model = psm_jax.load(c.model)
     params, mc = model.params, model.config
     L = mc.n_layers
     layers = tuple(range(L)) if c.layers is None else c.layers
@@ -487,7 +489,7 @@ def run(config: RefusalConfig, model=None) -> dict:
     token_strs = [model.tokenizer.convert_ids_to_tokens(i) for i in token_ids]
     bs = c.batch_size
 
-    rep = Report(c.out, "Refusal direction (difference in means, directional ablation)", c)
+    rep = Report(folder, "Refusal direction (difference in means, directional ablation)", c)
 
     # --- baseline scores and filtering
     t = time.time()
@@ -595,7 +597,7 @@ def run(config: RefusalConfig, model=None) -> dict:
         filter_text = f"the direction uses all {filt['harmful_before']} + {filt['harmless_before']} prompts."
     name_of = lambda r: f"{r['token']!s} ({r['offset']}) / L{r['layer']}"  # noqa: E731
     rep.section("Setup", f"""
-Model `{c.model}` ({L} layers, d_model {mc.d_model}). Harmful/harmless prompts from `experiments/data/refusal`
+Model `{c.model}` ({L} layers, d_model {mc.d_model}). Harmful/harmless prompts from `psm_jax/persona/data/refusal`
 (seeded shuffle, seed {c.seed}): {c.n_train} train per side for the direction, {c.n_val} val per side for the
 selection, and {c.n_eval} further *train-split* prompts per side held out for the evaluation (never used for the
 direction or the selection). Each prompt is one user turn with the chat template's generation prompt (SmolLM2's
@@ -717,71 +719,23 @@ Cross-entropy on {c.n_ce} ShareGPT conversations ({ce['n_tokens']} assistant tar
     rep.metric("seconds", seconds)
     rep.section("Timing", json.dumps({k: round(v, 1) for k, v in seconds.items()}))
     path = rep.finish()
-    return dict(report=path, drop=drop, ce=ce, selected=best, tier=tier, orth_diff=orth_diff,
+    return dict(report=path, config=c, drop=drop, ce=ce, selected=best, tier=tier, orth_diff=orth_diff,
                 rates={k: v[:2] for k, v in gen.items()}, logodds={k: mean(v) for k, v in ev.items()},
                 directions=dirs, scores=annotated, filtering=filt, seconds=seconds)
 
 
-def _ints(s: str | None):
-    if s is None:
-        return None
-    out = []
-    for part in s.split(","):
-        part = part.strip()
-        if ":" in part:
-            a, b, *step = part.split(":")
-            out.extend(range(int(a), int(b), int(step[0]) if step else 1))
-        elif part:
-            out.append(int(part))
-    return tuple(out)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="psm refusal", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/refusal")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--n-train", type=int, default=64)
-    ap.add_argument("--n-val", type=int, default=32)
-    ap.add_argument("--n-eval", type=int, default=32)
-    ap.add_argument("--n-ce", type=int, default=32)
-    ap.add_argument("--positions", default=None, help="candidate offsets, e.g. '-1,-5' (default: all)")
-    ap.add_argument("--layers", default=None, help="candidate layers, e.g. '0:24:2' or '4,8,12' (default: all)")
-    ap.add_argument("--no-filter", action="store_true", help="do not filter train prompts by score sign")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="16 train / 16 val / 16 eval, 8 CE conversations, "
-                                                         "positions -1,-6, layers 0:24:4")
-    ap.add_argument("--record", action="store_true",
-                    help="append refusal_logodds_drop and refusal_ce_change to benchmarks/results.jsonl")
-    a = ap.parse_args(argv)
-    kw = dict(model=a.model, seed=a.seed, out=a.out, n_train=a.n_train, n_val=a.n_val, n_eval=a.n_eval, n_ce=a.n_ce,
-              positions=_ints(a.positions), layers=_ints(a.layers), filter_train=not a.no_filter,
-              batch_size=a.batch_size, max_new_tokens=a.max_new_tokens)
-    if a.quick:
-        kw.update(n_train=16, n_val=16, n_eval=16, n_ce=8, positions=kw["positions"] or (-1, -6),
-                  layers=kw["layers"] or tuple(range(0, 24, 4)))
-    cfg = RefusalConfig(**kw)
-    res = run(cfg)
-    print(f"report: {res['report']}")
-    print(json.dumps(dict(refusal_logodds_drop=res["drop"], ce=res["ce"], selected=res["selected"], tier=res["tier"],
-                          orth_max_abs_logit_diff=res["orth_diff"], rates=res["rates"]), default=str))
-    if a.record:
-        from benchmarks.record import record
-
-        cmd = ".venv/bin/python -m experiments.cli refusal " + " ".join(argv if argv is not None else [])
-        sel = res["selected"]
-        ref = (f"{cfg.model}; direction = diff-in-means resid_pre L{sel['layer']} offset {sel['offset']} "
-               f"({sel['token']}), selection tier {res['tier']}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
-        record("refusal_logodds_drop", round(res["drop"], 4), "nats (mean refusal log-odds, baseline - ablated)",
-               ref + "; Arditi et al. 2024: ablation removes refusal", "> 0", command=cmd.strip())
-        if res["ce"]:
-            record("refusal_ce_change", round(res["ce"]["change_pct"], 4), "% (CE ablated vs baseline)",
-                   f"{cfg.model}; {cfg.n_ce} ShareGPT conversations, {res['ce']['n_tokens']} assistant tokens; "
-                   f"CE {res['ce']['base']:.4f} -> {res['ce']['ablated']:.4f}; Arditi et al. 2024: gemma-2b-it "
-                   "Pile CE 3.506 -> 3.503", "< 2", command=cmd.strip())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def records(res: dict) -> list[dict]:
+    """The refusal log-odds drop under ablation and the cross-entropy cost."""
+    cfg, sel = res["config"], res["selected"]
+    ref = (f"{cfg.model}; direction = diff-in-means resid_pre L{sel['layer']} offset {sel['offset']} ({sel['token']}), "
+           f"selection tier {res['tier']}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
+    out = [dict(metric="refusal_logodds_drop", value=round(res["drop"], 4),
+                unit="nats (mean refusal log-odds, baseline - ablated)",
+                reference=ref + "; Arditi et al. 2024: ablation removes refusal", target="> 0")]
+    if res["ce"]:
+        out.append(dict(metric="refusal_ce_change", value=round(res["ce"]["change_pct"], 4),
+                        unit="% (CE ablated vs baseline)",
+                        reference=f"{cfg.model}; {cfg.n_ce} ShareGPT conversations, {res['ce']['n_tokens']} assistant "
+                                  f"tokens; CE {res['ce']['base']:.4f} -> {res['ce']['ablated']:.4f}; Arditi et al. "
+                                  "2024: gemma-2b-it Pile CE 3.506 -> 3.503", target="< 2"))
+    return out

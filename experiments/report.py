@@ -98,20 +98,58 @@ class Report:
         return f"{name}.png"
 
     def save_vectors(self, name: str, tensors: dict[str, np.ndarray], metadata: dict) -> Path:
-        """Vectors as safetensors with a JSON sidecar (model, layer(s), site, method...)."""
-        from safetensors.numpy import save
-
-        meta = {k: json.dumps(jsonable(v)) if not isinstance(v, str) else v for k, v in metadata.items()}
-        data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=meta)
-        atomic_write_bytes(self.dir / f"{name}.safetensors", data)
-        atomic_write_json(self.dir / f"{name}.json", metadata)
-        return self.dir / f"{name}.safetensors"
+        """Vectors as safetensors with a JSON sidecar (model, layer(s), site, method...): `write_vectors`."""
+        return write_vectors(self.dir, name, tensors, metadata)
 
     def finish(self) -> Path:
         atomic_write_json(self.dir / "metrics.json", self.metrics)
         text = f"# {self.title}\n\n" + "\n".join(self.sections)
         atomic_write_bytes(self.dir / "report.md", text.encode())
         return self.dir / "report.md"
+
+
+def write_vectors(folder: str | os.PathLike, name: str, tensors: dict[str, np.ndarray], metadata: dict) -> Path:
+    """`<name>.safetensors` and its sidecar `<name>.json` written as one unit.
+
+    Both files are first written (atomically, fsynced) into a private staging folder; only when both exist are
+    they renamed into place, the tensors first and the sidecar second. A failure while writing leaves the old
+    pair untouched; the sidecar carries the sha256 of the tensors file, so `load_vectors` detects a pair whose
+    second rename never happened."""
+    import hashlib
+    import shutil
+    import uuid
+
+    from safetensors.numpy import save
+
+    folder = Path(folder)
+    meta = {k: json.dumps(jsonable(v)) if not isinstance(v, str) else v for k, v in metadata.items()}
+    data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=meta)
+    sidecar = {**jsonable(metadata), "sha256": hashlib.sha256(data).hexdigest()}
+    staging = folder / f".{name}.{uuid.uuid4().hex}.staging"
+    try:
+        atomic_write_bytes(staging / f"{name}.safetensors", data)
+        atomic_write_json(staging / f"{name}.json", sidecar)
+        os.replace(staging / f"{name}.safetensors", folder / f"{name}.safetensors")
+        os.replace(staging / f"{name}.json", folder / f"{name}.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder / f"{name}.safetensors"
+
+
+def _check_sidecar(path: Path) -> None:
+    """The sidecar next to a vectors file must carry the sha256 of that file (when it records one)."""
+    import hashlib
+
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return
+    try:
+        want = json.loads(side.read_text()).get("sha256")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"vector sidecar {str(side)!r} is not a JSON object: {err}") from err
+    if want is not None and want != hashlib.sha256(path.read_bytes()).hexdigest():
+        raise ValueError(f"vector file {str(path)!r} does not match its sidecar {side.name} (sha256 differs): an "
+                         "interrupted write; re-run the study that made it")
 
 
 def _maybe_json(text: str):
@@ -129,6 +167,7 @@ def load_vectors(path: str | os.PathLike, *, expect_model: str | None = None, ex
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vector file {str(path)!r} does not exist")
+    _check_sidecar(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = {k: _maybe_json(v) for k, v in (f.metadata() or {}).items()}

@@ -78,7 +78,7 @@ def test_persona_space_numbers():
 
 
 def test_select_roles_stratified_and_deterministic():
-    from experiments import datasets
+    from psm_jax.persona import datasets
 
     roles = datasets.load_roles().roles
     a = AA.select_roles(roles, 12, seed=0)
@@ -94,13 +94,15 @@ def test_select_roles_stratified_and_deterministic():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="n_roles=1"):
-        AA.AxisConfig(n_roles=1).check()
+        AA.Config(n_roles=1)
     with pytest.raises(ValueError, match="judge="):
-        AA.AxisConfig(judge="gpt").check()
+        AA.Config(judge="gpt")
     with pytest.raises(ValueError, match="variance_fraction"):
-        AA.AxisConfig(variance_fraction=1.5).check()
-    assert AA.main(["--roles", "1", "--out", "unused"]) == 2
-    json.dumps(__import__("dataclasses").asdict(AA.AxisConfig()))  # JSON-serialisable
+        AA.Config(variance_fraction=1.5)
+    from experiments import cli
+
+    assert cli.main(["assistant-axis", "n_roles=1", "--out", "unused"]) == 2
+    json.dumps(__import__("dataclasses").asdict(AA.Config()))  # JSON-serialisable
 
 
 # ------------------------------------------------------------------ on a tiny chat model
@@ -126,8 +128,8 @@ def test_role_vector_is_mean_over_assistant_content_tokens_only(tiny_chat):
 
 
 def test_role_and_default_vectors_match_manual(tiny_chat):
-    from experiments import datasets
-    from experiments.rollouts import generate_responses
+    from psm_jax.persona import datasets
+    from psm_jax.persona.rollouts import generate_responses
 
     m = tiny_chat
     roles = AA.select_roles(datasets.load_roles().roles, 2, seed=0)
@@ -164,10 +166,9 @@ def test_per_turn_projections_match_manual(tiny_chat):
 
 @pytest.mark.slow  # the whole experiment on a tiny model: many compiled shapes
 def test_run_end_to_end_tiny(tiny_chat, tmp_path):
-    cfg = AA.AxisConfig(model="demo-tiny", n_roles=4, instructions_per_role=1, n_questions=1, default_samples=1,
-                        max_new_tokens=3, batch_size=8, drift_sharegpt=1, drift_max_chars=600, drift_batch_size=8,
-                        out=str(tmp_path / "aa"))
-    res = AA.run(cfg, model=tiny_chat, progress=False)
+    cfg = AA.Config(model="demo-tiny", n_roles=4, instructions_per_role=1, n_questions=1, default_samples=1,
+                    max_new_tokens=3, batch_size=8, drift_sharegpt=1, drift_max_chars=600, drift_batch_size=8)
+    res = AA.run_into(cfg, tiny_chat, tmp_path / "aa")
     L = tiny_chat.config.n_layers
     assert res.axis.shape == (L, 32) and res.role_vectors.shape == (4, L, 32)
     np.testing.assert_allclose(res.axis, res.default_vector - res.role_vectors.mean(0), atol=1e-6)
@@ -182,3 +183,7 @@ def test_run_end_to_end_tiny(tiny_chat, tmp_path):
     metrics = json.loads((tmp_path / "aa" / "metrics.json").read_text())
     assert 1 <= metrics["persona_space_pcs_for_70pct"] <= 3
     assert len(metrics["drift_roleplay_per_turn"]) == 4
+    assert len(metrics["default_percentile_by_pc"]) == len(metrics["default_percentile_ci_by_pc"]) >= 2
+    lines = AA.records(res)
+    assert {ln["metric"] for ln in lines} == {"persona_space_pcs_for_70pct", "axis_assistant_pc_percentile",
+                                             "axis_assistant_pc_cosine"}

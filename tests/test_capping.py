@@ -51,24 +51,28 @@ def test_percentile_thresholds_and_errors():
         with pytest.raises(ValueError, match=r"strictly between 0 and 100"):
             C.percentile_thresholds(vals, bad)
         with pytest.raises(ValueError, match=r"percentile"):
-            C.CappingConfig(percentile=bad).check()
+            C.Config(percentile=bad)
     with pytest.raises(ValueError, match="no token projections"):
         C.percentile_thresholds([np.zeros(0)], 25)
-    assert C.main(["--percentile", "100", "--out", "unused"]) == 2
-    assert C.main(["--percentile", "0", "--out", "unused"]) == 2
+    from experiments import cli
+
+    assert cli.main(["capping", "percentile=100", "--out", "unused"]) == 2
+    assert cli.main(["capping", "percentile=0", "--out", "unused"]) == 2
 
 
 def test_config_and_layer_range():
     assert C.default_layer_range(30) == tuple(range(18, 26))
     assert C.default_layer_range(4) == (2,)
-    assert C.parse_layers("18-20,23") == (18, 19, 20, 23)
-    with pytest.raises(ValueError, match="expected e.g."):
-        C.parse_layers("a-b")
+    from experiments.study import UsageError, parse_overrides
+
+    assert parse_overrides(C.Config, ["layers=18:21,23"]) == {"layers": (18, 19, 20, 23)}
+    with pytest.raises(UsageError, match="layers='a:b'"):
+        parse_overrides(C.Config, ["layers=a:b"])
     with pytest.raises(ValueError, match="form="):
-        C.CappingConfig(form="both").check()
+        C.Config(form="both")
     with pytest.raises(ValueError, match="positions="):
-        C.CappingConfig(positions="user").check()
-    json.dumps(dataclasses.asdict(C.CappingConfig()))
+        C.Config(positions="user")
+    json.dumps(dataclasses.asdict(C.Config()))
     assert C.role_phrase("old_boot") == "an old boot" and C.role_phrase("pirate_captain") == "a pirate captain"
 
 
@@ -117,7 +121,7 @@ def test_floor_and_ceiling_forms_agree(tiny_chat):
 
 
 def test_assistant_only_capping_leaves_user_tokens_unchanged(tiny_chat):
-    from experiments.rollouts import encode_batch
+    from psm_jax.persona.rollouts import encode_batch
 
     m = tiny_chat
     axis = _axis(m, 2)
@@ -151,7 +155,7 @@ def test_assistant_only_capping_leaves_user_tokens_unchanged(tiny_chat):
 
 
 def test_token_projections_and_assistant_nll(tiny_chat):
-    from experiments.rollouts import score_answers
+    from psm_jax.persona.rollouts import score_answers
 
     m = tiny_chat
     axis = _axis(m, 3)
@@ -174,11 +178,12 @@ def test_token_projections_and_assistant_nll(tiny_chat):
 
 @pytest.mark.slow  # the whole experiment on a tiny model: many compiled shapes
 def test_run_end_to_end_tiny(tiny_chat, tmp_path):
-    cfg = C.CappingConfig(model="demo-tiny", axis_file=None, axis_roles=3, axis_questions=1, layers=(2, 3),
-                          n_threshold_questions=1, max_new_tokens=3, batch_size=8, n_eval_roles=2,
-                          n_identity_probes=1, logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=2,
-                          roleplay_probes=("Who are you?",), n_ppl_conversations=0, out=str(tmp_path / "cap"))
-    m = C.run(cfg, model=tiny_chat, progress=False)
+    cfg = C.Config(model="demo-tiny", axis_file=None, axis_roles=3, axis_questions=1, layers=(2, 3),
+                   n_threshold_questions=1, max_new_tokens=3, batch_size=8, n_eval_roles=2,
+                   n_identity_probes=1, logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=2,
+                   roleplay_probes=("Who are you?",), n_ppl_conversations=0)
+    m = C.run_into(cfg, tiny_chat, tmp_path / "cap")
+    assert [ln["metric"] for ln in C.records(m)] == ["capping_identity_gain"]
     for f in ("report.md", "metrics.json", "config.json", "capping.safetensors", "roleplay.png",
               "projection_by_layer.png"):
         assert (tmp_path / "cap" / f).is_file(), f

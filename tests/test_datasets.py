@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import datasets as ds
+from psm_jax.persona import datasets as ds
 
 REQUIRED_TRAITS = {"evil", "sycophantic", "hallucinating", "apathetic", "humorous", "impolite", "optimistic"}
 DATA = Path(ds.__file__).parent / "data"

@@ -443,9 +443,9 @@ def test_feature_steering_helpers():
     bg = PaddedBatch(np.zeros((1, 5), np.int32), tg >= -1, np.zeros((1, 5), np.int8), tg)
     np.testing.assert_array_equal(fs.assistant_block_mask(bg, generating=True), tg == -1)
     with pytest.raises(ValueError, match="strengths"):
-        fs.FeatureSteeringConfig(strengths=(0.5, 1.0))
+        fs.Config(strengths=(0.5, 1.0))
     with pytest.raises(ValueError, match="positions"):
-        fs.FeatureSteeringConfig(positions=("everywhere",))
+        fs.Config(positions=("everywhere",))
 
 
 # ------------------------------------------------------------------------------------------ experiments (slow)
@@ -462,10 +462,10 @@ def test_persona_features_and_feature_steering_smoke(tmp_path):
 
     model = tiny_chat_model()
     sae = random_sae(d_sae=48, bias=-0.1, layer=2)
-    cfg = pf.PersonaFeaturesConfig(model="tiny", **{**pf.QUICK, "n_pairs": 2, "n_questions": 4, "max_new_tokens": 6,
-                                                    "context_docs": 3, "context_max_len": 48, "batch_size": 8,
-                                                    "diff_layer_offset": 1, "max_detect": 2})
-    res = pf.run(cfg, tmp_path / "pf", model=model, sae=sae, progress=False)
+    cfg = pf.Config(model="tiny", **{**pf.PRESETS["quick"], "n_pairs": 2, "n_questions": 4, "n_samples": 1,
+                                     "max_new_tokens": 6, "context_docs": 3, "context_max_len": 48, "batch_size": 8,
+                                     "diff": True, "diff_layer_offset": 1, "max_detect": 2})
+    res = pf.run_into(cfg, model, tmp_path / "pf", sae=sae)
     out = tmp_path / "pf"
     for name in ("report.md", "metrics.json", "config.json", "candidates.json", "latents.jsonl", "features.html",
                  "persona_directions.safetensors", "contrast_halves.png"):
@@ -478,9 +478,10 @@ def test_persona_features_and_feature_steering_smoke(tmp_path):
     assert set(m["contrasts"]) == {"evil", "role-vs-default"}
 
     dirs, _ = fs.read_directions(out, width=model.config.d_model)
-    fcfg = fs.FeatureSteeringConfig(model="tiny", features=str(out), strengths=(0.0, 0.5), clamp_multiples=(0.0,),
-                                    n_eval_questions=2, max_new_tokens=4)
-    r2 = fs.run(fcfg, tmp_path / "fs", model=model, features=(cand, dirs, sae), progress=False)
+    fcfg = fs.Config(model="tiny", features=str(out), strengths=(0.0, 0.5), clamp_multiples=(0.0,),
+                     n_eval_questions=2, max_new_tokens=4)
+    r2 = fs.run_into(fcfg, model, tmp_path / "fs", features=(cand, dirs, sae))
     m2 = json.loads((tmp_path / "fs" / "metrics.json").read_text())
     assert m2["traits"]["evil"]["chosen_strength"] == 0.5 and (tmp_path / "fs" / "steering_curves.png").is_file()
     assert r2["results"]["evil"]["rows"][0]["kind"] in ("latent_add", "vector_add")
+    assert [ln["metric"] for ln in pf.records(res)] == ["persona_latents_found"] * 2

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import judge as J
+from psm_jax.persona import judge as J
 
 
 def _logsoftmax(x):
@@ -157,7 +157,7 @@ def test_local_judge_matches_full_forward(tmp_path):
     """LocalJudge's cached trie computation equals a plain forward over prompt + digits."""
     import jax
 
-    from experiments.rollouts import encode_batch
+    from psm_jax.persona.rollouts import encode_batch
     from psm_jax.model import jit_forward
     from tests.test_persona_vectors import tiny_chat_model
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from experiments import persona_vectors as pv
-from experiments import rollouts
-from experiments.datasets import BehaviouralItem
+from psm_jax.persona import rollouts
+from psm_jax.persona.datasets import BehaviouralItem
 from psm_jax.chat import Role, encode_chat
 from tests.fixtures_assets import random_smollm2_chat_model
 
@@ -164,7 +164,7 @@ def test_monotonic_pearson_split():
 
 
 def test_extraction_rows_and_system_prompts():
-    from experiments.datasets import load_trait
+    from psm_jax.persona.datasets import load_trait
 
     trait = load_trait("evil")
     rows = pv.extraction_rows(trait, n_pairs=2, n_questions=3, n_samples=2)
@@ -232,7 +232,7 @@ def test_response_measure_bad_inputs(model):
 
 
 def test_response_slots_and_config():
-    from experiments.datasets import load_trait
+    from psm_jax.persona.datasets import load_trait
 
     trait = load_trait("evil")
     slots = pv.response_slots(trait, 4, 1)
@@ -248,28 +248,22 @@ def test_response_slots_and_config():
                     (dict(n_response_pairs=0), "n_response_pairs=0"), (dict(n_response_pairs=6), "n_response_pairs=6"),
                     (dict(response_max_new_tokens=0), "response_max_new_tokens=0")):
         with pytest.raises(ValueError, match=pat):
-            pv.PersonaVectorsConfig(**kw)
-    pv.PersonaVectorsConfig(response_measure=False, n_response_questions=1)  # not checked when off
-    quick = pv.build_config(pv_args(["--quick"]))
-    assert quick.response_measure and quick.n_response_questions == 4
-    assert not pv.build_config(pv_args(["--quick", "--no-response-measure"])).response_measure
-    assert pv.build_config(pv_args(["--n-response-questions", "6"])).n_response_questions == 6
+            pv.Config(**kw)
+    pv.Config(response_measure=False, n_response_questions=1)  # not checked when off
+    from experiments.study import preset_config
+
+    quick = preset_config(pv, "quick")
+    assert quick.response_measure and quick.n_response_questions == 8
+    assert not preset_config(pv, "quick", response_measure=False).response_measure
 
 
-def pv_args(argv):
-    return pv.build_parser().parse_args(argv)
-
-
-def test_record_writes_both_measures(monkeypatch):
-    import benchmarks.record
-
-    rows = []
-    monkeypatch.setattr(benchmarks.record, "record", lambda metric, value, *a, **kw: rows.append((metric, value, kw)))
+def test_records_cover_both_measures():
     t = {"monitor_r_last_prompt": 0.1, "monitor_r_response": 0.2, "chosen_layer": 3, "system_prompt_effect": 0.0,
          "response_measure": {"r_last_prompt": 0.5, "r_response": 0.4, "layer": 4, "system_prompt_effect": 0.3}}
-    pv._record({"metrics": {"persona_steering_monotonic_traits": 0, "persona_steering_monotonic_traits_response": 1,
-                            "n_traits": 1, "traits": {"evil": t}}}, "cmd")
-    got = {(m, kw["measure"]): v for m, v, kw in rows}
+    lines = pv.records({"metrics": {"persona_steering_monotonic_traits": 0,
+                                    "persona_steering_monotonic_traits_response": 1, "n_traits": 1,
+                                    "traits": {"evil": t}}})
+    got = {(ln["metric"], ln["measure"]): ln["value"] for ln in lines}
     assert got == {("persona_steering_monotonic_traits", "items"): 0,
                    ("persona_steering_monotonic_traits", "response_likelihood"): 1,
                    ("persona_monitor_r", "items"): 0.1, ("persona_monitor_r", "response_likelihood"): 0.5}
@@ -299,30 +293,30 @@ def test_bad_inputs(tmp_path, model):
     assert tensors["response_avg"].shape == (2, 16) and meta["model"] == "small-test-model"
 
     with pytest.raises(ValueError, match="both signs"):
-        pv.PersonaVectorsConfig(coefficients=(0.0, 1.0, 2.0))
+        pv.Config(coefficients=(0.0, 1.0, 2.0))
     with pytest.raises(ValueError, match="n_questions"):
-        pv.PersonaVectorsConfig(n_questions=0)
+        pv.Config(n_questions=0)
     with pytest.raises(ValueError, match="judge"):
-        pv.PersonaVectorsConfig(judge="gpt")
+        pv.Config(judge="gpt")
 
 
 def test_filter_pairs_and_fallback():
     rows = [dict(polarity=p, pair=0, question=q, sample=0) for p in ("pos", "neg") for q in range(3)]
     trait = [80, 60, 10, 20, 70, 5]  # pos q0..q2, neg q0..q2
     coh = [90, 90, 90, 90, 90, None]
-    cfg = pv.PersonaVectorsConfig(min_kept_pairs=1)
+    cfg = pv.Config(min_kept_pairs=1)
     pos, neg, info = pv._filter_pairs(rows, trait, coh, cfg)
     assert (pos, neg) == ([0], [3]) and info["n_pairs_kept"] == 1 and not info["fallback"]
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, pv.PersonaVectorsConfig(min_kept_pairs=2))
+    pos, neg, info = pv._filter_pairs(rows, trait, coh, pv.Config(min_kept_pairs=2))
     assert info["fallback"] and len(pos) == 3
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, pv.PersonaVectorsConfig(filter=False))
+    pos, neg, info = pv._filter_pairs(rows, trait, coh, pv.Config(filter=False))
     assert len(pos) == 3 and not info["filter"]
 
 
 @pytest.mark.slow
 def test_run_end_to_end_tiny(tmp_path, model):
     """The whole pipeline on the tiny model with custom trait files (tiny sizes); ~2 min of compiles."""
-    from experiments.datasets import load_trait
+    from psm_jax.persona.datasets import load_trait
 
     paths = []
     for name in ("evil", "humorous"):
@@ -332,12 +326,12 @@ def test_run_end_to_end_tiny(tmp_path, model):
         d["behavioural_items"] = d["behavioural_items"][:4]
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(d))
-    cfg = pv.PersonaVectorsConfig(model="small-test-model", traits=tuple(str(p) for p in paths), n_pairs=2, n_questions=1,
+    cfg = pv.Config(model="small-test-model", traits=tuple(str(p) for p in paths), n_pairs=2, n_questions=1,
                                   max_new_tokens=4, monitor_max_new_tokens=3, batch_size=4, judge="local",
                                   sweep_layers=(0, 1), coefficients=(-1.0, 0.0, 1.0), n_monitor_questions=1,
                                   n_steer_examples=1, steer_example_coefs=(0.0,), n_response_questions=2,
                                   n_response_pairs=2, response_max_new_tokens=3)
-    res = pv.run(cfg, tmp_path / "out", model=model, progress=False)
+    res = pv.run_into(cfg, model, tmp_path / "out")
     out = tmp_path / "out"
     for f in ("report.md", "metrics.json", "config.json", "steering_curves.png", "vectors_evil.safetensors",
               "vectors_evil.json", "vectors_humorous.safetensors", "monitoring.png", "cosine_matrix.png",
@@ -358,6 +352,6 @@ def test_run_end_to_end_tiny(tmp_path, model):
     tensors, meta = pv.load_persona_vectors(out / "vectors_evil.safetensors", model, model_name="small-test-model")
     assert set(tensors) == set(pv.VARIANTS) and meta["site"] == "resid_post"
     # same config and seed -> same numbers
-    res2 = pv.run(cfg, tmp_path / "out2", model=model, progress=False)
+    res2 = pv.run_into(cfg, model, tmp_path / "out2")
     np.testing.assert_allclose(res["results"][0]["steering"]["measure"], res2["results"][0]["steering"]["measure"])
     np.testing.assert_allclose(res["results"][0]["vectors"]["response_avg"], res2["results"][0]["vectors"]["response_avg"])

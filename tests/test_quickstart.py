@@ -1,28 +1,36 @@
-"""The main job: stage configs build, bad inputs are named, and (slow) a CI-size run writes parseable reports."""
+"""The main job: a loop over the registry; every stage's config builds at every preset, bad inputs are named, and
+(slow) a CI-preset run writes parseable reports and reuses them."""
 import json
 
 import pytest
 
 from experiments import quickstart as Q
+from experiments import registry, study
 
 
-def test_every_stage_config_builds_for_every_size(tmp_path):
-    for size in Q.SIZES:
-        for stage in Q.STAGES:
-            cfg = Q._stage_config(stage, size, tmp_path, "smollm2-135m-instruct", 0)
-            assert cfg.seed == 0
+def test_every_stage_config_builds_for_every_preset(tmp_path):
+    entries = [s for s in registry.STUDIES if s.main_job]
+    assert tuple(s.stage for s in entries) == Q.STAGES
+    for preset in study.PRESETS:
+        for entry in entries:
+            cfg = Q.stage_config(entry, preset, tmp_path, "smollm2-135m-instruct", 3)
+            assert cfg.seed == 3 and cfg.model == "smollm2-135m-instruct"
+            for field, rel in entry.inputs:  # inputs come from the earlier stages' folders
+                assert getattr(cfg, field) == str(tmp_path / rel)
 
 
-def test_bad_inputs(tmp_path):
-    with pytest.raises(ValueError, match="size"):
-        Q.run(tmp_path, size="huge")
-    with pytest.raises(ValueError, match="unknown stage"):
+def test_bad_inputs(tmp_path, capsys):
+    with pytest.raises(ValueError, match="preset='huge'"):
+        Q.run(tmp_path, preset="huge")
+    with pytest.raises(ValueError, match="unknown stage 'axes'"):
         Q.run(tmp_path, only=["axes"])
+    assert Q.main(["--only", "axes", "--out", str(tmp_path)]) == 2
+    assert "unknown stage 'axes'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_main_job_ci_size_writes_reports(tmp_path):
-    path = Q.run(tmp_path / "qs", size="ci")
+    path = Q.run(tmp_path / "qs", preset="ci")
     out = path.parent
     assert "Headline numbers" in path.read_text()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -32,5 +40,5 @@ def test_main_job_ci_size_writes_reports(tmp_path):
         json.loads((out / stage / "metrics.json").read_text())
     assert "<html" in (out / "features" / "features.html").read_text().lower()
     # a re-run reuses every finished stage
-    again = Q.run(tmp_path / "qs", size="ci")
+    again = Q.run(tmp_path / "qs", preset="ci")
     assert all(s["status"] == "cached" for s in json.loads((again.parent / "metrics.json").read_text())["stages"])

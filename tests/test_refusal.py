@@ -154,7 +154,7 @@ def test_refusal_token_ids():
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
-        R.RefusalConfig(**kw)
+        R.Config(**kw)
 
 
 def test_mean_diff_needs_prompts(tiny):
@@ -169,8 +169,7 @@ def test_mean_diff_needs_prompts(tiny):
 def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_tokens=64, ce_min_assistant_tokens=4,
               max_new_tokens=3, batch_size=4, positions=(-1, -6), layers=(1, 2), min_filtered=2)
-    res = R.run(R.RefusalConfig(out=str(tmp_path / "a"), **kw), model=tiny_chat_model)
-    print(res["seconds"])
+    res = R.run_into(R.Config(**kw), tiny_chat_model, tmp_path / "a")
     out = tmp_path / "a"
     for name in ("report.md", "metrics.json", "config.json", "selection_scores.png", "heldout_logodds.png",
                  "refusal_direction.safetensors", "refusal_direction.json", "candidate_directions.safetensors"):
@@ -185,13 +184,14 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     vecs, meta = load_vectors(out / "refusal_direction.safetensors", expect_model="psm-tiny", expect_width=32)
     assert meta["site"] == "resid_pre" and vecs["direction"].shape == (32,)
     # same config + seed -> same numbers
-    res2 = R.run(R.RefusalConfig(out=str(tmp_path / "b"), **kw), model=tiny_chat_model)
+    assert [ln["metric"] for ln in R.records(res)] == ["refusal_logodds_drop", "refusal_ce_change"]
+    res2 = R.run_into(R.Config(**kw), tiny_chat_model, tmp_path / "b")
     assert res2["drop"] == res["drop"] and res2["ce"]["change_pct"] == res["ce"]["change_pct"]
     np.testing.assert_array_equal(res2["directions"], res["directions"])
 
 
 def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
     with pytest.raises(ValueError, match="exceeds"):
-        R.run(R.RefusalConfig(out=str(tmp_path), n_train=120, n_eval=32), model=tiny_chat_model)
+        R.run_into(R.Config(n_train=120, n_eval=32), tiny_chat_model, tmp_path)
     with pytest.raises(ValueError, match="out of range"):
-        R.run(R.RefusalConfig(out=str(tmp_path), layers=(7,)), model=tiny_chat_model)
+        R.run_into(R.Config(layers=(7,)), tiny_chat_model, tmp_path)

@@ -34,16 +34,15 @@ behavioural log-prob measures for that and treat judge scores as a weak filter.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import re
-import urllib.request
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from psm_jax.persona.llm_client import ChatClient, ClientConfigError, Transport
 
 COHERENCE_RUBRIC = (
     "You are grading one reply written by an AI model. Rate how COHERENT the reply is: whether it is "
@@ -279,7 +278,7 @@ class LocalJudge:
         has children). A node is skipped when its prefix probability is below `prune_below` for every
         prompt of the batch.
         """
-        from experiments.rollouts import static_batches
+        from psm_jax.persona.rollouts import static_batches
 
         m, trie = self.model, self.trie
         ids = jnp.asarray(trie.ids)
@@ -309,7 +308,7 @@ class LocalJudge:
 
     def _encode(self, convs):
         """Left-padded tokens [B, T] (T a multiple of 16) of the chats with the generation prompt + answer prefix."""
-        from experiments.rollouts import PAD_MULTIPLE, pad_id, encode_batch
+        from psm_jax.persona.rollouts import PAD_MULTIPLE, pad_id, encode_batch
 
         encs, batch = encode_batch(self.model, convs, add_generation_prompt=True)
         if not len(self._prefix_ids):
@@ -335,7 +334,7 @@ class LocalJudge:
     # -- small-integer rubric scores
     def rubric_score_prompts(self, prompts: Sequence[str], max_score: int = 3) -> list[int | None]:
         """Greedy reply (after `answer_prefix`, if any) parsed for its first integer."""
-        from experiments.rollouts import eos_ids, static_batches
+        from psm_jax.persona.rollouts import eos_ids, static_batches
         from psm_jax.generate import generate
 
         out = []
@@ -369,17 +368,9 @@ def parse_rubric_score(text: str, max_score: int) -> int | None:
 
 # ------------------------------------------------------------------------------ remote judge
 
-Transport = Callable[[str, dict, dict], dict]
-
-
-def _urllib_transport(url: str, headers: dict, payload: dict, timeout: float = 60.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - user-configured endpoint
-        return json.loads(resp.read().decode())
-
 
 class OpenAICompatibleJudge:
-    """A judge behind any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server...).
+    """A judge behind any OpenAI-compatible chat-completions endpoint (`llm_client.ChatClient`).
 
     base_url / model / api_key come from the arguments or the environment: PSM_JUDGE_BASE_URL (or
     OPENAI_BASE_URL), PSM_JUDGE_MODEL, PSM_JUDGE_API_KEY (or OPENAI_API_KEY; optional for local
@@ -391,19 +382,13 @@ class OpenAICompatibleJudge:
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
                  rubric: str | None = None, *, top_logprobs: int = 20, min_number_mass: float = MIN_NUMBER_MASS,
                  transport: Transport | None = None):
-        env = os.environ
-        self.base_url = (base_url or env.get("PSM_JUDGE_BASE_URL") or env.get("OPENAI_BASE_URL") or "").rstrip("/")
-        self.model = model or env.get("PSM_JUDGE_MODEL") or ""
-        self.api_key = api_key or env.get("PSM_JUDGE_API_KEY") or env.get("OPENAI_API_KEY")
-        missing = [what for what, val in (("base_url (argument or PSM_JUDGE_BASE_URL / OPENAI_BASE_URL)", self.base_url),
-                                          ("model (argument or PSM_JUDGE_MODEL)", self.model)) if not val]
-        if missing:
-            raise JudgeConfigError("OpenAICompatibleJudge is not configured: missing " + " and ".join(missing)
-                                   + "; or use LocalJudge(model) for a local judge")
+        try:
+            self.client = ChatClient(base_url, model, api_key, env_prefix="PSM_JUDGE", transport=transport)
+        except ClientConfigError as err:
+            raise JudgeConfigError(f"OpenAICompatibleJudge: {err}; or use LocalJudge(model) for a local judge") from err
         self.rubric = rubric
         self.top_logprobs = int(top_logprobs)
         self.min_number_mass = float(min_number_mass)
-        self.transport = transport or _urllib_transport
 
     def _rubric(self, rubric):
         rubric = rubric if rubric is not None else self.rubric
@@ -411,22 +396,9 @@ class OpenAICompatibleJudge:
             raise ValueError("no rubric: pass rubric=... (a template with {question} and {answer}) or set one on the judge")
         return rubric
 
-    def _chat(self, prompt: str, **kw) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, **kw}
-        return self.transport(f"{self.base_url}/chat/completions", headers, payload)
-
     def score_prompt(self, prompt: str) -> float | None:
-        resp = self._chat(prompt, max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
-        try:
-            top = resp["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-            pairs = [(t["token"], float(t["logprob"])) for t in top]
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"judge endpoint reply has no top logprobs ({err!r}); expected an OpenAI-style "
-                             "chat completion with logprobs=true") from err
-        return scores_from_top_logprobs(pairs, min_mass=self.min_number_mass)
+        resp = self.client.chat(prompt, max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
+        return scores_from_top_logprobs(ChatClient.top_logprobs(resp), min_mass=self.min_number_mass)
 
     def score_many(self, pairs: Sequence[tuple[str, str]], rubric: str | None = None) -> list[float | None]:
         rubric = self._rubric(rubric)
@@ -436,12 +408,8 @@ class OpenAICompatibleJudge:
         return self.score_many([(question, answer)], rubric)[0]
 
     def rubric_score(self, question: str, answer: str, rubric: str | None = None, max_score: int = 3) -> int | None:
-        resp = self._chat(render_rubric(self._rubric(rubric), question, answer), max_tokens=4)
-        try:
-            text = resp["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"judge endpoint reply has no message content ({err!r})") from err
-        return parse_rubric_score(text, max_score)
+        resp = self.client.chat(render_rubric(self._rubric(rubric), question, answer), max_tokens=4)
+        return parse_rubric_score(ChatClient.content(resp), max_score)
 
     def rubric_score_many(self, pairs: Sequence[tuple[str, str]], rubric: str | None = None,
                           max_score: int = 3) -> list[int | None]:

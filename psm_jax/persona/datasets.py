@@ -1,4 +1,4 @@
-"""Typed, schema-checked loaders for the experiment data in ``experiments/data``.
+"""Typed, schema-checked loaders for the experiment data in ``psm_jax/persona/data``.
 
 Every shipped file is JSON with a ``schema_version`` field. Each loader returns frozen dataclasses
 and raises :class:`DatasetError` (a ``ValueError``) naming the file, the field and what was
@@ -23,7 +23,7 @@ Loaders::
     load_refusal_markers(path=None) -> RefusalMarkers
     load_conversations(kind_or_path) -> list[Conversation]
 
-``python -m experiments.datasets`` loads every shipped file and prints its counts.
+``python -m psm_jax.persona.datasets`` loads every shipped file and prints its counts.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class DatasetError(ValueError):
 
 def data_root():
     """The packaged data folder (an importlib.resources Traversable; a Path for a normal install)."""
-    return resources.files("experiments").joinpath("data")
+    return resources.files("psm_jax.persona").joinpath("data")
 
 
 # --------------------------------------------------------------------------- dataclasses

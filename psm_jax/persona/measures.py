@@ -1,0 +1,116 @@
+"""Behavioural measures of a trait, each with its validity check, and the fluency cost of an edit.
+
+A measure is evidence only where it responds to the thing it measures: its validity check is the effect of the
+trait's positive vs negative system prompt with no steering, with a 95% bootstrap interval over independent
+units (questions or items); `validity(...)["valid"]` is True when that interval lies above 0. Reports show the
+check next to every result that uses the measure.
+
+    two_choice(model, items, ...)                 log P(trait choice) - log P(other choice) per two-choice item
+    response_likelihood(model, qs, pos, neg, ...) per-token log P(pos-prompted answer) - log P(neg-prompted answer)
+    answer_trait_score(model, qs, answers, pos_system, neg_system)
+                                                  judge-free score of open-ended answers: per-token log-likelihood
+                                                  under the positive system prompt minus under the negative one,
+                                                  scored by the model itself
+    validity(pos_values, neg_values)              the system-prompt effect with its interval, paired by unit
+    answer_nll(model, prompts, answers, ...)      mean per-token NLL of given answers (fluency; perplexity ratios)
+
+Every measure takes `edits_fn(batch) -> edits` (None: unsteered), so a steering sweep passes its edit without
+recompiling (vectors and coefficients are traced). Values are numpy arrays, one per unit.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from psm_jax.persona import rollouts
+from psm_jax.persona.prompts import system_conv
+from psm_jax.persona.stats import paired_effect
+
+EditsFn = rollouts.EditsFn
+
+
+def even_batch(n: int, max_batch: int) -> int:
+    """Smallest batch size that splits n items into as few batches as max_batch allows, with little padding."""
+    n_batches = -(-n // max(1, int(max_batch)))
+    return max(1, -(-n // n_batches))
+
+
+def _per_token_logprobs(model, prompts, answers, *, edits_fn: EditsFn | None, batch_size: int) -> np.ndarray:
+    counts = rollouts.answer_token_counts(model, prompts, answers)
+    if np.any(counts == 0):
+        bad = int(np.argmax(counts == 0))
+        raise ValueError(f"answer {answers[bad]!r} has no content tokens; expected non-empty answers")
+    lp = rollouts.score_answers(model, prompts, answers, batch_size=even_batch(len(prompts), batch_size),
+                                edits_fn=edits_fn)
+    return lp / counts
+
+
+def two_choice(model, items, *, system: str | None = None, edits_fn: EditsFn | None = None,
+               batch_size: int | None = None) -> np.ndarray:
+    """Per item: log P(trait choice) - log P(other choice) as the assistant's whole answer, [n_items]."""
+    if not items:
+        raise ValueError("two_choice needs at least one item")
+    prompts = [system_conv(system, it.prompt) for it in items]
+    answers = [it.trait_text for it in items] + [it.other_text for it in items]
+    lp = rollouts.score_answers(model, prompts + prompts, answers, batch_size=batch_size or 2 * len(items),
+                                edits_fn=edits_fn)
+    return lp[:len(items)] - lp[len(items):]
+
+
+def response_likelihood(model, questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str], *,
+                        system: str | None = None, edits_fn: EditsFn | None = None, batch_size: int = 16) -> np.ndarray:
+    """Per (question, pos answer, neg answer): per-token log P(pos | q) - per-token log P(neg | q), the answers
+    being the model's own answers under the trait's positive and negative system prompts; scored under `system`
+    (None: no system prompt). [n_questions]."""
+    n = len(questions)
+    if n == 0:
+        raise ValueError("response_likelihood needs at least one question")
+    if len(pos_answers) != n or len(neg_answers) != n:
+        raise ValueError(f"{n} questions, {len(pos_answers)} positive and {len(neg_answers)} negative answers; "
+                         "expected equal counts")
+    prompts = [system_conv(system, q) for q in questions]
+    per_tok = _per_token_logprobs(model, prompts + prompts, list(pos_answers) + list(neg_answers),
+                                  edits_fn=edits_fn, batch_size=batch_size)
+    return per_tok[:n] - per_tok[n:]
+
+
+def answer_trait_score(model, questions: Sequence[str], answers: Sequence[str], pos_system: str, neg_system: str, *,
+                       batch_size: int = 16) -> np.ndarray:
+    """Judge-free trait score of open-ended (e.g. sampled, steered) answers, scored by the model itself, unsteered:
+    per-token log P(answer | pos_system, q) - per-token log P(answer | neg_system, q). Higher: the answer reads
+    more like what the positively prompted model would say. [n_answers]."""
+    n = len(questions)
+    if n == 0 or len(answers) != n:
+        raise ValueError(f"{n} questions and {len(answers)} answers; expected equal, non-zero counts")
+    if not pos_system or not neg_system:
+        raise ValueError("answer_trait_score needs a positive and a negative system prompt; got an empty one")
+    prompts = [system_conv(pos_system, q) for q in questions] + [system_conv(neg_system, q) for q in questions]
+    per_tok = _per_token_logprobs(model, prompts, list(answers) * 2, edits_fn=None, batch_size=batch_size)
+    return per_tok[:n] - per_tok[n:]
+
+
+def validity(pos_values, neg_values, *, seed: int = 0) -> dict:
+    """The validity check: the measure under the trait's positive minus its negative system prompt, paired by
+    unit, with a 95% bootstrap interval. {effect, low, high, n, valid}; valid = the interval is above 0."""
+    eff = paired_effect(pos_values, neg_values, seed=seed)
+    return {"effect": eff["estimate"], "low": eff["low"], "high": eff["high"], "n": eff["n"],
+            "valid": bool(eff["n"] > 1 and eff["low"] > 0)}
+
+
+def validity_text(check: dict) -> str:
+    """'valid (effect 0.41 [0.22, 0.63], n=10)' or 'NOT valid (...)' for a report line."""
+    tag = "valid" if check["valid"] else "NOT valid"
+    return f"{tag} (system-prompt effect {check['effect']:.3g} [{check['low']:.3g}, {check['high']:.3g}], n={check['n']})"
+
+
+def answer_nll(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str], *, edits_fn: EditsFn | None = None,
+               batch_size: int = 16) -> float:
+    """Mean per-token negative log-likelihood of the given answers (token-weighted over all answers); the
+    perplexity ratio of an edit is exp(answer_nll(edited) - answer_nll(plain))."""
+    counts = rollouts.answer_token_counts(model, prompts, answers)
+    if counts.sum() == 0:
+        raise ValueError("answer_nll: the answers have no content tokens")
+    lp = rollouts.score_answers(model, prompts, answers, batch_size=even_batch(len(prompts), batch_size),
+                                edits_fn=edits_fn)
+    return float(-lp.sum() / counts.sum())

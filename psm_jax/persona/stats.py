@@ -1,0 +1,202 @@
+"""Statistics that turn a study's numbers into evidence: intervals, null bands, monotonicity, correlations.
+
+Every interval here resamples *independent units* (questions, roles, conversations x probes): the caller
+passes one value per unit, never repeated samples of the same unit as if they were independent. Resampling
+uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pure numpy; no files, no printing.
+
+    bootstrap_ci(values)                       95% percentile interval of the mean over units
+    paired_effect(pos, neg)                    mean difference of paired units with its interval
+    null_band(null_values)                     the (2.5%, 97.5%) band of a null distribution (>= 20 draws)
+    zscore(value, null_values)                 distance from the null's mean in null standard deviations
+    shuffled_label_null(stat, a, b, n)         a statistic under random relabelling of two groups
+    monotonic(coefs, values, ppl_ratios)       strictly increasing over the sweep, optionally under a fluency ceiling
+    pearson / pearson_ci                       correlation with a bootstrap interval over units
+    within_groups_r(x, y, groups)              the correlation inside each group (e.g. polarity) and pooled within
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+MIN_NULL_DRAWS = 20  # a null band from fewer random directions or shuffles is a line, not a band
+DEFAULT_RESAMPLES = 2000
+
+
+def _finite_1d(name: str, values) -> np.ndarray:
+    x = np.asarray(values, np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name} has shape {x.shape}; expected one value per independent unit (1-D)")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} holds non-finite values ({int(np.sum(~np.isfinite(x)))} of {x.size}); expected "
+                         "finite numbers")
+    return x
+
+
+def _check_level(level: float) -> float:
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}; expected a confidence level in (0, 1), e.g. 0.95")
+    return float(level)
+
+
+def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] = np.mean, level: float = 0.95,
+                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Percentile bootstrap interval of `statistic` over independent units: {estimate, low, high, n}.
+
+    With one unit the interval is the point itself (n says so)."""
+    x = _finite_1d("values", values)
+    level = _check_level(level)
+    if x.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value; got none")
+    est = float(statistic(x))
+    if x.size == 1:
+        return {"estimate": est, "low": est, "high": est, "n": 1}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.size, size=(int(n_resamples), x.size))
+    stats = np.asarray([statistic(x[i]) for i in idx], np.float64)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"estimate": est, "low": float(lo), "high": float(hi), "n": int(x.size)}
+
+
+def paired_effect(pos, neg, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Mean of pos[i] - neg[i] over paired units with its bootstrap interval; `excludes_zero` says whether the
+    interval lies entirely on one side of 0 (the effect is distinguishable from none)."""
+    p, q = _finite_1d("pos", pos), _finite_1d("neg", neg)
+    if p.shape != q.shape:
+        raise ValueError(f"pos has {p.size} units and neg {q.size}; expected paired units (equal counts)")
+    ci = bootstrap_ci(p - q, level=level, n_resamples=n_resamples, seed=seed)
+    return {**ci, "excludes_zero": bool(ci["n"] > 1 and (ci["low"] > 0 or ci["high"] < 0))}
+
+
+def null_band(null_values, *, level: float = 0.95, min_draws: int = MIN_NULL_DRAWS) -> dict:
+    """The central `level` band of a null distribution: {low, high, mean, std, n}. Needs >= `min_draws` draws."""
+    x = _finite_1d("null_values", null_values)
+    level = _check_level(level)
+    if x.size < min_draws:
+        raise ValueError(f"a null band needs at least {min_draws} draws (random directions or shuffles); got {x.size}")
+    lo, hi = np.quantile(x, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"low": float(lo), "high": float(hi), "mean": float(x.mean()), "std": float(x.std(ddof=1)), "n": int(x.size)}
+
+
+def outside_band(value: float, band: dict) -> bool:
+    """Whether `value` lies outside a `null_band` (either side)."""
+    return bool(value < band["low"] or value > band["high"])
+
+
+def zscore(value: float, null_values, *, min_draws: int = MIN_NULL_DRAWS) -> float:
+    """(value - mean(null)) / std(null); +-inf when the null has no spread and value differs from it."""
+    band = null_band(null_values, min_draws=min_draws)
+    diff = float(value) - band["mean"]
+    if band["std"] > 0:
+        return diff / band["std"]
+    return 0.0 if diff == 0 else float(np.sign(diff) * np.inf)
+
+
+def shuffled_label_null(statistic: Callable[[np.ndarray, np.ndarray], float], a, b, *, n_shuffles: int = 100,
+                        seed: int = 0) -> np.ndarray:
+    """`statistic(group_a, group_b)` over `n_shuffles` random relabellings of the pooled units (group sizes kept):
+    the null a discovery statistic is compared with. a, b: [n_a, ...], [n_b, ...]."""
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError(f"shuffled_label_null needs units in both groups; got {len(a)} and {len(b)}")
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"groups have unit shapes {a.shape[1:]} and {b.shape[1:]}; expected equal")
+    pooled = np.concatenate([a, b])
+    rng = np.random.default_rng(seed)
+    out = np.empty(int(n_shuffles))
+    for i in range(int(n_shuffles)):
+        perm = rng.permutation(len(pooled))
+        out[i] = statistic(pooled[perm[:len(a)]], pooled[perm[len(a):]])
+    return out
+
+
+def monotonic(coefs: Sequence[float], values: Sequence[float], ppl_ratios: Sequence[float] | None = None, *,
+              max_ppl_ratio: float | None = None) -> dict:
+    """Strict monotonicity of a steering curve over the whole sweep.
+
+    Returns {increasing, decreasing, strict (either), fluent (every point's perplexity ratio <= max_ppl_ratio,
+    True without a ceiling), strict_fluent (strict and fluent), coefs (sorted)}. With a ceiling, the curve is also
+    judged only over the points that meet it (`strict_within_ceiling`, `n_within_ceiling`): effects are read at
+    equal fluency cost."""
+    c, v = np.asarray(coefs, np.float64), np.asarray(values, np.float64)
+    if c.shape != v.shape or c.ndim != 1 or c.size < 2:
+        raise ValueError(f"coefs {c.shape} and values {v.shape}; expected two equal-length 1-D sweeps of >= 2 points")
+    if len(set(c.tolist())) != c.size:
+        raise ValueError(f"coefs {c.tolist()} repeat a value; expected distinct coefficients")
+    order = np.argsort(c)
+    c, v = c[order], v[order]
+    d = np.diff(v)
+    res = {"increasing": bool(np.all(d > 0)), "decreasing": bool(np.all(d < 0)), "coefs": c.tolist()}
+    res["strict"] = res["increasing"] or res["decreasing"]
+    fluent_mask = np.ones(c.size, bool)
+    if max_ppl_ratio is not None:
+        if ppl_ratios is None:
+            raise ValueError("max_ppl_ratio given without ppl_ratios; expected one perplexity ratio per coefficient")
+        r = np.asarray(ppl_ratios, np.float64)
+        if r.shape != c.shape:
+            raise ValueError(f"ppl_ratios has {r.size} values for {c.size} coefficients; expected one each")
+        fluent_mask = r[order] <= max_ppl_ratio
+    res["fluent"] = bool(fluent_mask.all())
+    res["strict_fluent"] = res["strict"] and res["fluent"]
+    kept = v[fluent_mask]
+    res["n_within_ceiling"] = int(fluent_mask.sum())
+    res["strict_within_ceiling"] = bool(kept.size >= 2 and (np.all(np.diff(kept) > 0) or np.all(np.diff(kept) < 0)))
+    return res
+
+
+def pearson(x, y) -> float:
+    """Pearson correlation of two equal-length series (>= 3 values); NaN when either is constant."""
+    x, y = _finite_1d("x", x), _finite_1d("y", y)
+    if x.size != y.size or x.size < 3:
+        raise ValueError(f"pearson needs two equal-length series of >= 3 values; got {x.size} and {y.size}")
+    xs, ys = x - x.mean(), y - y.mean()
+    den = np.sqrt((xs ** 2).sum() * (ys ** 2).sum())
+    return float((xs * ys).sum() / den) if den > 0 else float("nan")
+
+
+def pearson_ci(x, y, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Pearson r with a bootstrap interval over (x, y) units: {estimate, low, high, n}. Resamples where one
+    series is constant are skipped; the interval is NaN when too few remain."""
+    x, y = _finite_1d("x", x), _finite_1d("y", y)
+    est = pearson(x, y)
+    rng = np.random.default_rng(seed)
+    rs = []
+    for idx in rng.integers(0, x.size, size=(int(n_resamples), x.size)):
+        xi, yi = x[idx], y[idx]
+        if xi.std() > 0 and yi.std() > 0:
+            rs.append(pearson(xi, yi))
+    if len(rs) < n_resamples // 2:
+        return {"estimate": est, "low": float("nan"), "high": float("nan"), "n": int(x.size)}
+    lo, hi = np.quantile(rs, [(1 - _check_level(level)) / 2, 1 - (1 - level) / 2])
+    return {"estimate": est, "low": float(lo), "high": float(hi), "n": int(x.size)}
+
+
+def within_groups_r(x, y, groups, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """The correlation that is not the difference between groups (e.g. positive vs negative system prompts).
+
+    Returns {overall, pooled_within, per_group}: `overall` is r over all units; `pooled_within` is r after
+    subtracting each group's means from x and y (the within-cluster association), with a bootstrap interval;
+    `per_group[g]` is r inside group g (None when it has < 3 units or no spread)."""
+    x, y = _finite_1d("x", x), _finite_1d("y", y)
+    g = np.asarray(groups)
+    if g.shape != x.shape or x.shape != y.shape:
+        raise ValueError(f"x {x.shape}, y {y.shape} and groups {g.shape}; expected one group label per unit")
+    xc, yc = x.copy(), y.copy()
+    per_group = {}
+    for label in np.unique(g):
+        m = g == label
+        xc[m] -= x[m].mean()
+        yc[m] -= y[m].mean()
+        ok = m.sum() >= 3 and x[m].std() > 0 and y[m].std() > 0
+        per_group[str(label)] = pearson(x[m], y[m]) if ok else None
+    return {"overall": pearson_ci(x, y, level=level, n_resamples=n_resamples, seed=seed),
+            "pooled_within": pearson_ci(xc, yc, level=level, n_resamples=n_resamples, seed=seed),
+            "per_group": per_group}
+
+
+def percentile_rank(value: float, population) -> float:
+    """Fraction of `population` strictly below `value` (0..1): where the default Assistant sits among roles."""
+    p = _finite_1d("population", population)
+    if p.size == 0:
+        raise ValueError("percentile_rank needs a non-empty population")
+    return float(np.mean(p < float(value)))

@@ -1,0 +1,91 @@
+"""Lines of `benchmarks/results.jsonl`: benchmark and research figures, one JSON object per line.
+
+    record(metric, value, unit, reference, target=None, command=None, **extra) -> dict
+
+Each line has metric, value, unit, reference (what the number is compared with, n, seeds), target, command (the
+command line that re-runs it from the repo root), machine and date; `extra` keys (e.g. `key`, `trait`, `mode`)
+identify one of several lines of a metric. Studies return such dicts from `records(result)` (without command,
+machine and date) and the `psm ... --record` runner passes them here; benchmark scripts call `record` directly.
+
+The file is `$PSM_RESULTS` when set, else `benchmarks/results.jsonl` of the checkout this package lives in. A line is
+appended with one `write` on a file opened in append mode, so concurrent writers never interleave within a line.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+from numbers import Real
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED = ("metric", "value", "unit", "reference")
+
+
+def results_path() -> Path:
+    return Path(os.environ.get("PSM_RESULTS") or REPO / "benchmarks" / "results.jsonl")
+
+
+def machine() -> str:
+    """CPU model, core count and the JAX accelerator, e.g. 'Intel(R) Xeon(R) ...; 2 cores; cpu:cpu'."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import jax
+
+        dev = jax.devices()[0]
+        accel = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+    except Exception:  # noqa: BLE001 - no usable backend is still a machine description
+        accel = "unknown"
+    return f"{cpu}; {os.cpu_count()} cores; {accel}"
+
+
+def command_line() -> str:
+    """The command that re-runs the current script from the repo root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
+    return " ".join([".venv/bin/python", shlex.quote(script)] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def check_line(line: dict) -> dict:
+    """A record line with the required fields of the right types (ValueError naming the field otherwise)."""
+    if not isinstance(line, dict):
+        raise TypeError(f"a record line must be a dict; got {type(line).__name__}")
+    for key in REQUIRED:
+        if key not in line:
+            raise ValueError(f"record line {line!r} has no {key!r}; expected the fields {REQUIRED}")
+    for key in ("metric", "unit", "reference"):
+        if not isinstance(line[key], str) or not line[key]:
+            raise ValueError(f"record field {key}={line[key]!r}; expected a non-empty string")
+    v = line["value"]
+    if isinstance(v, bool) or not isinstance(v, (Real, str)) or (isinstance(v, float) and v != v):
+        raise ValueError(f"record value {v!r} for {line['metric']!r}; expected a finite number or a string")
+    return line
+
+
+def record(metric: str, value, unit: str, reference: str, target: str | None = None, command: str | None = None,
+           **extra) -> dict:
+    """Append one line to the results file and print it; returns the line."""
+    row = check_line({"metric": metric, "value": value, "unit": unit, "reference": reference, "target": target,
+                      "command": command or command_line(), "machine": machine(),
+                      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **extra})
+    path = results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+    return row
+
+
+def record_lines(lines, command: str) -> list[dict]:
+    """`record(**line, command=command)` for each line a study's `records(result)` returned."""
+    return [record(**{**check_line(dict(line)), "command": command}) for line in lines]

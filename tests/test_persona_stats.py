@@ -1,0 +1,135 @@
+"""psm_jax.persona.stats and the array parts of directions/measures, on constructed data with known answers."""
+import numpy as np
+import pytest
+
+from psm_jax.persona import directions as D
+from psm_jax.persona import measures as M
+from psm_jax.persona import stats as S
+
+
+def test_bootstrap_ci_covers_the_true_mean_at_about_the_nominal_rate():
+    rng = np.random.default_rng(1)
+    covered = 0
+    for trial in range(60):
+        x = rng.normal(loc=3.0, scale=2.0, size=40)
+        ci = S.bootstrap_ci(x, n_resamples=400, seed=trial)
+        assert ci["low"] < ci["estimate"] < ci["high"] and ci["n"] == 40
+        covered += ci["low"] <= 3.0 <= ci["high"]
+    assert covered >= 50  # 95% nominal; 60 trials
+    # width shrinks like 1/sqrt(n)
+    wide = S.bootstrap_ci(rng.normal(size=25), n_resamples=500)
+    narrow = S.bootstrap_ci(rng.normal(size=2500), n_resamples=500)
+    assert (narrow["high"] - narrow["low"]) < 0.25 * (wide["high"] - wide["low"])
+
+
+def test_bootstrap_and_band_reject_bad_input():
+    with pytest.raises(ValueError, match="non-finite"):
+        S.bootstrap_ci([1.0, float("nan")])
+    with pytest.raises(ValueError, match="1-D"):
+        S.bootstrap_ci(np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="level=1.5"):
+        S.bootstrap_ci([1.0, 2.0], level=1.5)
+    with pytest.raises(ValueError, match="at least 20 draws.*got 5"):
+        S.null_band(np.arange(5.0))
+    with pytest.raises(ValueError, match="paired"):
+        S.paired_effect([1.0, 2.0], [1.0])
+
+
+def test_paired_effect_and_validity():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=30)
+    shifted = base + 0.5 + 0.05 * rng.normal(size=30)
+    eff = S.paired_effect(shifted, base)
+    assert eff["excludes_zero"] and eff["low"] > 0.4 and eff["high"] < 0.6
+    check = M.validity(shifted, base)
+    assert check["valid"] and check["n"] == 30 and "valid" in M.validity_text(check)
+    null = M.validity(base + 0.01 * rng.normal(size=30), base)
+    assert not null["valid"] and M.validity_text(null).startswith("NOT valid")
+
+
+def test_null_band_zscore_and_outside():
+    null = np.random.default_rng(0).normal(size=400)
+    band = S.null_band(null)
+    assert band["low"] == pytest.approx(-1.96, abs=0.25) and band["high"] == pytest.approx(1.96, abs=0.25)
+    assert S.outside_band(3.0, band) and not S.outside_band(0.0, band)
+    assert S.zscore(5.0, null) == pytest.approx(5.0, abs=0.5)
+    assert S.zscore(1.0, np.ones(20)) == 0.0  # constant null: defined, no division by zero
+    assert S.zscore(2.0, np.ones(20)) == np.inf
+
+
+def test_shuffled_label_null_centres_on_zero_for_a_mean_difference():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(1.0, 1.0, size=(30, 3)), rng.normal(0.0, 1.0, size=(30, 3))
+    stat = lambda x, y: float(x[:, 0].mean() - y[:, 0].mean())  # noqa: E731
+    null = S.shuffled_label_null(stat, a, b, n_shuffles=200)
+    assert abs(null.mean()) < 0.1 and stat(a, b) > np.quantile(null, 0.99)
+
+
+def test_monotonic_strict_and_under_a_perplexity_ceiling():
+    c = [0.0, 1.0, 2.0, 3.0]
+    assert S.monotonic(c, [0.0, 0.1, 0.3, 0.7])["strict"]
+    assert S.monotonic(c[::-1], [0.7, 0.3, 0.1, 0.0])["increasing"]  # order of points does not matter
+    assert S.monotonic(c, [3, 2, 1, 0])["decreasing"]
+    flat = S.monotonic(c, [0.0, 0.1, 0.1, 0.7])
+    assert not flat["strict"]
+    res = S.monotonic(c, [0.0, 0.1, 0.3, 0.2], [1.0, 1.1, 1.3, 2.5], max_ppl_ratio=1.5)
+    assert not res["strict"] and not res["fluent"] and res["strict_within_ceiling"] and res["n_within_ceiling"] == 3
+    ok = S.monotonic(c, [0, 1, 2, 3], [1.0, 1.1, 1.2, 1.4], max_ppl_ratio=1.5)
+    assert ok["strict_fluent"]
+    with pytest.raises(ValueError, match="one perplexity ratio per coefficient"):
+        S.monotonic(c, [0, 1, 2, 3], max_ppl_ratio=1.5)
+    with pytest.raises(ValueError, match="repeat"):
+        S.monotonic([0, 0, 1], [1, 2, 3])
+
+
+def test_within_polarity_r_exposes_a_two_cluster_correlation():
+    """Two clusters far apart along both x and y, with no association inside either: r overall is high,
+    within polarity it is about 0."""
+    rng = np.random.default_rng(0)
+    n = 40
+    groups = np.array(["pos"] * n + ["neg"] * n)
+    x = np.concatenate([rng.normal(5, 1, n), rng.normal(-5, 1, n)])
+    y = np.concatenate([rng.normal(5, 1, n), rng.normal(-5, 1, n)])
+    res = S.within_groups_r(x, y, groups, n_resamples=300)
+    assert res["overall"]["estimate"] > 0.9
+    assert abs(res["pooled_within"]["estimate"]) < 0.3
+    assert res["pooled_within"]["low"] < 0 < res["pooled_within"]["high"]
+    # a real within-cluster association is kept
+    y2 = np.concatenate([x[:n] + 0.3 * rng.normal(size=n), x[n:] + 0.3 * rng.normal(size=n)])
+    res2 = S.within_groups_r(x, y2, groups, n_resamples=300)
+    assert res2["pooled_within"]["low"] > 0.8 and res2["per_group"]["pos"] > 0.8
+
+
+def test_pearson_matches_numpy():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=50), rng.normal(size=50)
+    assert S.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    with pytest.raises(ValueError, match=">= 3"):
+        S.pearson([1, 2], [1, 2])
+
+
+def test_persona_space_axis_on_second_component():
+    """Roles spread mostly along e0 (a topic factor) and less along e1; the default sits far out on e1:
+    the axis lines up with PC2, not PC1, and the default's PC2 percentile is 1."""
+    rng = np.random.default_rng(0)
+    d = 8
+    roles = np.zeros((50, d))
+    roles[:, 0] = rng.normal(0, 5, 50)
+    roles[:, 1] = rng.normal(0, 1, 50)
+    roles[:, 2:] = 0.05 * rng.normal(size=(50, d - 2))
+    default = np.zeros(d)
+    default[1] = 10.0
+    axis = D.axis_from_vectors(default, roles)
+    ps = D.persona_space(roles, default, axis)
+    assert abs(ps["pc_cosines"][1]) > 0.9 and abs(ps["pc_cosines"][0]) < 0.3
+    assert ps["pc_percentiles"][1] == 1.0
+    assert ps["top3_cosine"] > 0.95
+    assert S.percentile_rank(default @ ps["components"][1], (roles - ps["mean"]) @ ps["components"][1]) == 1.0
+
+
+def test_random_directions_have_matched_norm_and_differ():
+    r = D.random_directions(0, 20, 16, 3.0)
+    assert r.shape == (20, 16) and np.allclose(np.linalg.norm(r, axis=1), 3.0, atol=1e-5)
+    assert abs(D.cosine(r[0], r[1])) < 0.9
+    with pytest.raises(ValueError, match="n=0"):
+        D.random_directions(0, 0, 16, 1.0)

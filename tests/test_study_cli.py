@@ -1,0 +1,118 @@
+"""The study contract: the command-line grammar generated from Config, recording, and atomic vector pairs."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from experiments import cli, registry, study
+from experiments.report import load_vectors, write_vectors
+
+
+@dataclasses.dataclass(frozen=True)
+class Toy:
+    model: str = "m"
+    n: int = 2
+    rate: float = 0.5
+    filter: bool = True
+    traits: tuple[str, ...] = ("evil",)
+    layers: tuple[int, ...] = (1,)
+    coefs: tuple[float, ...] = (0.0,)
+    ranges: tuple[tuple[int, int], ...] = ((0, 1),)
+    target: int | None = None
+
+
+def test_grammar_parses_every_field_type():
+    got = study.parse_overrides(Toy, ["n=7", "rate=-1.5e-1", "filter=false", "traits=evil,humorous",
+                                      "layers=18:22,30", "coefs=-1,0,2.5", "ranges=10:20,4:26", "target=none",
+                                      "model=a=b"])
+    assert got == dict(n=7, rate=-0.15, filter=False, traits=("evil", "humorous"), layers=(18, 19, 20, 21, 30),
+                       coefs=(-1.0, 0.0, 2.5), ranges=((10, 20), (4, 26)), target=None, model="a=b")
+    assert study.parse_overrides(Toy, ["target=3", "filter=YES"]) == dict(target=3, filter=True)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("nn=3", "unknown key 'nn'"), ("n=two", "n='two'; expected an integer"), ("rate=x", "rate='x'; expected a number"),
+    ("filter=maybe", "filter='maybe'; expected true or false"), ("layers=5:3", "layers='5:3'; expected a range"),
+    ("n", "expected key=value"), ("ranges=1-2", "expected a range a:b"),
+])
+def test_grammar_errors_name_the_key_and_value(arg, message):
+    with pytest.raises(study.UsageError, match=message):
+        study.parse_overrides(Toy, [arg])
+
+
+def test_cli_errors_are_one_line_with_exit_2(capsys):
+    assert cli.main(["kv-editing", "strengths=a,b"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "strengths='a,b'" not in err and "'a'" in err
+    assert cli.main(["kv-editing", "bogus=1"]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err
+    assert cli.main(["kv-editing", "--preset", "huge"]) == 2
+    assert "preset 'huge'" in capsys.readouterr().err
+    assert cli.main(["kv-editing", "strength_kind=percent"]) == 2  # Config's own validation, same exit
+    assert "strength_kind='percent'" in capsys.readouterr().err
+    assert cli.main(["kv-editing", "--frobnicate"]) == 2
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
+    assert cli.main(["--help"]) == 0
+    assert "kv-editing" in capsys.readouterr().out
+    assert cli.main(["kv-editing", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "strength_kind='norm'" in out and "--preset" in out
+
+
+def test_registry_modules_expose_their_contract():
+    for s in registry.STUDIES:
+        mod = study.load_study(s.module)
+        assert set(study.PRESETS) <= set(mod.PRESETS), s.name
+        for preset in study.PRESETS:
+            cfg = study.preset_config(mod, preset)
+            assert dataclasses.is_dataclass(cfg) and cfg.model
+        for field, _ in s.inputs:
+            assert field in study.field_types(mod.Config), (s.name, field)
+    with pytest.raises(ValueError, match="unknown study 'nope'"):
+        registry.get("nope")
+
+
+def test_record_lines_append_with_command(tmp_path, monkeypatch):
+    from psm_jax import records
+
+    path = tmp_path / "results.jsonl"
+    monkeypatch.setenv("PSM_RESULTS", str(path))
+    lines = [dict(metric="m", value=1.5, unit="x", reference="r", target="> 1", key="a")]
+    records.record_lines(lines, "psm toy n=3")
+    row = json.loads(path.read_text())
+    assert row["command"] == "psm toy n=3" and row["key"] == "a" and row["machine"] and row["date"]
+    with pytest.raises(ValueError, match="has no 'unit'"):
+        records.record_lines([dict(metric="m", value=1, reference="r")], "c")
+    with pytest.raises(ValueError, match="value nan"):
+        records.record(metric="m", value=float("nan"), unit="x", reference="r")
+    assert len(path.read_text().splitlines()) == 1
+
+
+def test_vector_pair_survives_a_failure_mid_write(tmp_path, monkeypatch):
+    import experiments.report as R
+
+    old = np.ones((2, 4), np.float32)
+    write_vectors(tmp_path, "vec", {"v": old}, {"model": "m", "layer": 1})
+    calls = []
+    real = R.atomic_write_bytes
+
+    def failing(path, data, **kw):  # the sidecar (second file) fails after the tensors were written
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(path, data, **kw)
+
+    monkeypatch.setattr(R, "atomic_write_bytes", failing)
+    with pytest.raises(OSError, match="disk full"):
+        write_vectors(tmp_path, "vec", {"v": 2 * old}, {"model": "m", "layer": 2})
+    monkeypatch.undo()
+    tensors, meta = load_vectors(tmp_path / "vec.safetensors")
+    assert np.array_equal(tensors["v"], old) and json.loads((tmp_path / "vec.json").read_text())["layer"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vec.json", "vec.safetensors"]  # no staging left
+    # a pair whose sidecar does not belong to the tensors is refused
+    write_vectors(tmp_path / "other", "vec", {"v": 3 * old}, {"model": "m"})
+    (tmp_path / "vec.json").write_bytes((tmp_path / "other" / "vec.json").read_bytes())
+    with pytest.raises(ValueError, match="does not match its sidecar"):
+        load_vectors(tmp_path / "vec.safetensors")
