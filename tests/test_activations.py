@@ -417,19 +417,19 @@ def test_flipped_bytes_are_caught_by_the_default_read(tiny_model, tmp_path):
     f.write_bytes(bytes(raw))
     st = ActivationStore(tmp_path / "s")
     st.read_chunk(0)
-    with pytest.raises(ChunkError, match=rf"chunk_000001/resid_post.1.npy: crc32 [0-9a-f]{{8}}, manifest says "
-                                         rf"{entry['crc32']} \(corrupt chunk"):
+    with pytest.raises(ChunkError, match=rf"chunk_000001/resid_post.1.npy: xxh3_64 [0-9a-f]{{16}}, manifest says "
+                                         rf"{entry['xxh3_64']} \(corrupt chunk"):
         st.read_chunk(1)
     with pytest.raises(ChunkError, match=rf"sha256 [0-9a-f]{{64}}, manifest says {entry['sha256']}"):
         st.verify()
-    with pytest.raises(ChunkError, match="crc32"):                   # the training stream checks it too
+    with pytest.raises(ChunkError, match="xxh3_64"):                 # the training stream checks it too
         list(st.batches("resid_post", 1, 4, epochs=1))
     assert st.read_chunk(1, verify="size")[("resid_post", 1)].shape == (st.chunks[1]["n_tokens"], 64)
-    # a store written before crc32 was recorded is checked against its sha256
+    # a store written before xxh3_64 was recorded is checked against its sha256
     man = json.loads((tmp_path / "s" / "manifest.json").read_text())
     for c in man["chunks"]:
         for info in c["files"].values():
-            del info["crc32"]
+            del info["xxh3_64"]
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(ChunkError, match=rf"resid_post.1.npy: sha256 [0-9a-f]{{64}}, manifest says"):
         ActivationStore(tmp_path / "s").read_chunk(1)
@@ -448,3 +448,36 @@ def test_nan_activations_are_caught_at_harvest(tiny_model):
     with pytest.raises(A.NonFiniteActivationError,
                        match=r"hook point\(s\) \['resid_post.1', 'q.2'\]: first at resid_post.1 in document index 0"):
         list(harvest(bad_layer, docs, PAIRS, **kw))
+
+
+def test_store_folder_and_manifest_errors(tiny_model, tmp_path):
+    st = _harvest_store(tiny_model, tmp_path / "s")
+    mpath = tmp_path / "s" / "manifest.json"
+    good = mpath.read_text()
+    with pytest.raises(ActivationError, match=r"verify='md5'; expected one of \('checksum', 'sha256'"):
+        st.read_chunk(0, verify="md5")
+    # a chunk file whose bytes match the manifest but are not a .npy file
+    f = tmp_path / "s" / "chunks" / "chunk_000000" / "roles.npy"
+    f.write_bytes(b"not an npy file")
+    man = json.loads(good)
+    man["chunks"][0]["files"]["roles.npy"].update(bytes=15, xxh3_64=A._checksum("xxh3_64", b"not an npy file"))
+    mpath.write_text(json.dumps(man))
+    with pytest.raises(ChunkError, match=r"chunk_000000/roles.npy: unreadable chunk file"):
+        ActivationStore(tmp_path / "s").read_chunk(0)
+    mpath.write_text(good[:-20])
+    with pytest.raises(ChunkError, match=r"manifest.json: corrupt manifest"):
+        ActivationStore(tmp_path / "s")
+    mpath.write_text(json.dumps(dict(json.loads(good), format="something-else")))
+    with pytest.raises(ActivationError, match="not a psm-jax-activation-store manifest"):
+        ActivationStore(tmp_path / "s")
+    mpath.write_text(json.dumps(dict(json.loads(good), version=99)))
+    with pytest.raises(ActivationError, match="store version 99, expected 1"):
+        ActivationStore(tmp_path / "s")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ActivationError, match=r"other exists, is not empty and has no manifest.json"):
+        _harvest_store(tiny_model, other)
+    with pytest.raises(ActivationError, match=r"refusing to overwrite .*other: it is not an activation store"):
+        _harvest_store(tiny_model, other, overwrite=True)
+    assert (other / "notes.txt").read_text() == "mine"

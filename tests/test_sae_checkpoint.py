@@ -124,6 +124,9 @@ def test_run_config_rules(tmp_path):
     (tmp_path / "s" / "checkpoints" / "3").mkdir(parents=True)
     with pytest.raises(CheckpointCorruptError, match="no config.json"):
         ensure_run_config(tmp_path / "s", conf)
+    (tmp_path / "r" / "config.json").write_text('{"format": "psm-sae-run/1", "saes": [')
+    with pytest.raises(CheckpointCorruptError, match=r"r/config.json is unreadable"):
+        ensure_run_config(tmp_path / "r", conf)
 
 
 def test_digest_detects_any_change():
