@@ -24,9 +24,9 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    system prompt included) and "prompt_last" (the token before the response, i.e. the last token of
    the generation prompt). Unnormalised; saved as safetensors + JSON metadata.
 4. Steering and layer selection: h <- h + c * s_L * v_L / |v_L| at resid_post of layer L at every
-   position, where s_L is the typical residual norm at layer L (mean per-token norm over the
-   model's own responses' assistant tokens). So c is in units of "one typical residual norm":
-   c = 0.5 adds a vector half as long as a typical activation. The behavioural measure is the mean
+   position. With coef_unit "vector" (the default, the papers' unit) s_L = |v_L|, so c = 1 adds the raw
+   persona vector; with "residual", s_L is the typical residual norm at layer L (mean per-token norm over
+   the model's own responses' assistant tokens). The behavioural measure is the mean
    over the trait's two-choice items of log P(trait choice) - log P(other choice)
    (`psm_jax.persona.rollouts.score_answers`, the edit passed as `edits_fn`; vector, layer mask and
    coefficient are traced so the whole sweep reuses one compilation). The items are split in two
@@ -79,7 +79,8 @@ from psm_jax.persona import measures
 from psm_jax.persona.directions import mean_difference, project, typical_norms
 from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items,
                                      trait_system_prompt)
-from psm_jax.persona.stats import pearson
+from psm_jax.persona.directions import random_directions
+from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, pearson, within_groups_r
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -104,12 +105,14 @@ class Config:
     coherence_threshold: float = 50.0
     min_kept_pairs: int = 4  # fewer kept pairs -> use all pairs (reported)
     sweep_layers: tuple[int, ...] | None = None  # None: 5 layers from 20% to 80% depth
-    select_coef: float = 0.5  # layer selection: m(+c) - m(-c) on the selection items
-    coefficients: tuple[float, ...] = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)  # units: typical residual norm
+    coef_unit: str = "vector"  # "vector": c = 1 adds the raw persona vector; "residual": a typical residual norm
+    select_coef: float = 2.0  # layer selection: m(+c) - m(-c) on the selection items
+    coefficients: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+    n_random: int = 20  # random directions at the steered vector's norm (the null band needs >= 20)
     n_monitor_questions: int = 4  # evaluation questions per system prompt for monitoring
     monitor_max_new_tokens: int = 32
     n_steer_examples: int = 2  # evaluation questions shown steered
-    steer_example_coefs: tuple[float, ...] = (-0.5, 0.0, 0.5)
+    steer_example_coefs: tuple[float, ...] = (-2.0, 0.0, 2.0)
     screening: bool = True
     # second behavioural measure: contrastive likelihood of the model's own pos/neg-prompted answers (see module doc)
     response_measure: bool = True
@@ -126,6 +129,10 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
         if self.n_pairs > 5:
             raise ValueError(f"n_pairs={self.n_pairs}; a trait has 5 instruction pairs")
+        if self.coef_unit not in ("vector", "residual"):
+            raise ValueError(f"coef_unit={self.coef_unit!r}; expected 'vector' or 'residual'")
+        if self.n_random < 1:
+            raise ValueError(f"n_random={self.n_random}; expected >= 1 random direction")
         if self.judge not in ("local", "openai", "none"):
             raise ValueError(f"judge={self.judge!r}; expected 'local', 'openai' or 'none'")
         if 0.0 not in self.coefficients or not any(c < 0 for c in self.coefficients) \
@@ -146,12 +153,12 @@ class Config:
 
 PRESETS = {
     "ci": dict(traits=("evil",), n_pairs=2, n_questions=2, n_samples=1, max_new_tokens=12, judge="none", filter=False,
-               sweep_layers=(15,), n_monitor_questions=1, coefficients=(-0.5, 0.0, 0.5), screening=False,
-               n_response_questions=4, response_max_new_tokens=12),
+               sweep_layers=(15,), n_monitor_questions=1, coefficients=(-2.0, 0.0, 2.0), screening=False,
+               n_response_questions=4, response_max_new_tokens=12, n_random=2),
     "quick": dict(traits=("evil",), n_pairs=3, n_questions=3, n_samples=1, max_new_tokens=32, judge="none",
                   filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=2,
-                  coefficients=(-1.0, -0.5, 0.0, 0.5, 1.0), screening=False, n_response_questions=8,
-                  response_max_new_tokens=24),
+                  coefficients=(-3.0, -1.5, 0.0, 1.5, 3.0), screening=False, n_response_questions=8,
+                  response_max_new_tokens=24, n_random=20),
     "full": {},
 }
 
@@ -433,9 +440,11 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     vecs = extract_vectors(model, [conv(i) for i in pos_idx], [conv(i) for i in neg_idx], batch_size=cfg.batch_size,
                            progress=progress)
     own_convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(own_prompts, own_responses)]
-    scales = typical_norms(model, own_convs, batch_size=cfg.batch_size)
+    typical = typical_norms(model, own_convs, batch_size=cfg.batch_size)
     res["vector_norm"] = {v: np.linalg.norm(vecs[v], axis=-1) for v in VARIANTS}
-    res["typical_norm"] = scales
+    res["typical_norm"] = typical
+    # the steering unit per layer: c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L] itself
+    scales = res["vector_norm"]["response_avg"] if cfg.coef_unit == "vector" else typical
 
     # 4. layer selection (selection items) and steering curve (held-out items)
     sel_items, held_items = split_items(trait.behavioural_items)
@@ -451,16 +460,15 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
                           "chosen_layer": best, "select_coef": cfg.select_coef, "n_items": len(sel_items)}
     coefs = tuple(sorted(cfg.coefficients))
     curve = steering_sweep(model, held_items, direction, scales, (best,), coefs, progress=progress)[0]
-    rng = np.random.default_rng(cfg.seed * 1000 + trait_index)
-    rand = rng.standard_normal(model.config.d_model)
-    rand_dirs = np.zeros_like(direction)
-    rand_dirs[best] = rand
+    rand = random_directions(cfg.seed * 1000 + trait_index, cfg.n_random, model.config.d_model, 1.0)
     cmax = max(abs(c) for c in coefs)
-    control = steering_sweep(model, held_items, rand_dirs, scales, (best,), (-cmax, cmax))[0]
+    control = random_band(lambda d: steering_sweep(model, held_items, d, scales, (best,), (-cmax, cmax))[0],
+                          direction, best, rand)
     res["steering"] = {"layer": best, "coefs": list(coefs), "measure": curve, "n_items": len(held_items),
-                       "monotonic": monotonic(coefs, curve), "random_control": {"coefs": [-cmax, cmax], "measure": control},
-                       "unit_norm": float(scales[best]),
-                       "raw_vector_norm_in_units": float(np.linalg.norm(direction[best]) / scales[best])}
+                       "monotonic": monotonic(coefs, curve), "random_control": {**control, "coefs": [-cmax, cmax]},
+                       "unit_norm": float(scales[best]), "coef_unit": cfg.coef_unit,
+                       "raw_vector_norm_in_units": float(np.linalg.norm(direction[best]) / scales[best]),
+                       "raw_vector_over_typical_norm": float(np.linalg.norm(direction[best]) / typical[best])}
 
     # steered generations
     ex_q = list(trait.evaluation_questions[:cfg.n_steer_examples])
@@ -524,6 +532,32 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     return res
 
 
+def random_band(sweep_at, direction, layer: int, unit_dirs) -> dict:
+    """The random-direction control: `sweep_at(directions)` -> measure at (-cmax, +cmax) for each random unit
+    direction in place of the persona vector at `layer` (the sweep rescales each to the same steering norm).
+    Returns per-direction effects m(+c) - m(-c) and, with >= 20 directions, their 95% null band."""
+    effects, ends = [], []
+    for u in np.asarray(unit_dirs):
+        d = np.zeros_like(direction)
+        d[layer] = u
+        m = sweep_at(d)
+        ends.append([float(m[0]), float(m[1])])
+        effects.append(float(m[1] - m[0]))
+    band = null_band(effects) if len(effects) >= MIN_NULL_DRAWS else None
+    return {"n": len(effects), "effects": effects, "ends": ends, "band": band,
+            "measure": np.mean(np.asarray(ends), axis=0)}
+
+
+def _unit_validity(per_unit: np.ndarray, kinds: np.ndarray, seed: int) -> dict | None:
+    """Validity of the response-likelihood measure: per held-out unit, its mean under the positive system prompts
+    minus its mean under the negative ones (each prompt skipping the units made with its own pair), with a 95%
+    bootstrap interval over units. None when no unit has both."""
+    pos = np.nanmean(np.where((kinds == "pos")[:, None], per_unit, np.nan), axis=0)
+    neg = np.nanmean(np.where((kinds == "neg")[:, None], per_unit, np.nan), axis=0)
+    ok = np.isfinite(pos) & np.isfinite(neg)
+    return measures.validity(pos[ok], neg[ok], seed=seed) if ok.any() else None
+
+
 def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs, rand, mon_acts,
                     mon_systems, n_mon_questions: int, progress: bool = False) -> dict:
     """Reference answers, layer selection (selection questions), steering curve + random control (held-out
@@ -552,21 +586,25 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs,
     effect = sw[:, 1] - sw[:, 0]
     best = int(layers[int(np.argmax(effect))])
     curve = response_sweep(model, *args(held), direction, scales, (best,), coefs, batch_size=bs, progress=progress)[0]
-    rand_dirs = np.zeros_like(direction)
-    rand_dirs[best] = rand
     cmax = max(abs(c) for c in coefs)
-    control = response_sweep(model, *args(held), rand_dirs, scales, (best,), (-cmax, cmax), batch_size=bs)[0]
+    control = random_band(lambda d: response_sweep(model, *args(held), d, scales, (best,), (-cmax, cmax),
+                                                   batch_size=bs)[0], direction, best, rand)
 
     # validity and monitoring, no steering: under each system prompt, the held-out pairs whose answers were not
     # generated under that prompt's instruction pair (the default prompt: all), so that a prompt does not score
     # its own greedy output
     m_sys, n_sys_used = [], []
-    for kind, i, system in mon_systems:
-        sub = [x for x in held if kind == "default" or x["pair"] != i]
-        n_sys_used.append(len(sub))
-        m_sys.append(response_measure(model, *args(sub), system=system, batch_size=bs)[0] if sub else float("nan"))
+    per_unit = np.full((len(mon_systems), len(held)), np.nan)  # [system prompt, held-out unit]
+    for s_i, (kind, i, system) in enumerate(mon_systems):
+        use = [j for j, x in enumerate(held) if kind == "default" or x["pair"] != i]
+        n_sys_used.append(len(use))
+        if use:
+            _, vals = response_measure(model, *args([held[j] for j in use]), system=system, batch_size=bs)
+            per_unit[s_i, use] = vals
+        m_sys.append(float(np.mean(per_unit[s_i, use])) if use else float("nan"))
     m_sys = np.asarray(m_sys)
     kinds = np.asarray([k for k, _, _ in mon_systems])
+    validity_check = _unit_validity(per_unit, kinds, cfg.seed)
     n_sys = len(mon_systems)
     p_last = project(mon_acts["last_prompt"][:, best], direction[best]).reshape(n_sys, n_mon_questions).mean(1)
     p_resp = project(mon_acts["response_mean"][:, best], direction[best]).reshape(n_sys, n_mon_questions).mean(1)
@@ -575,15 +613,18 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs,
     r_resp = pearson(p_resp[ok], m_sys[ok]) if ok.sum() >= 3 else float("nan")
     pos_m, neg_m = m_sys[(kinds == "pos") & ok], m_sys[(kinds == "neg") & ok]
     effect_sys = float(pos_m.mean() - neg_m.mean()) if len(pos_m) and len(neg_m) else float("nan")
+    within = (within_groups_r(p_last[ok], m_sys[ok], kinds[ok], seed=cfg.seed, n_resamples=500)
+              if ok.sum() >= 3 else None)
     return {
         "layer": best, "coefs": list(coefs), "measure": curve, "monotonic": monotonic(coefs, curve),
-        "random_control": {"coefs": [-cmax, cmax], "measure": control},
+        "random_control": {**control, "coefs": [-cmax, cmax]},
         "layer_sweep": {"layers": list(layers), "m_minus": sw[:, 0], "m_plus": sw[:, 1], "effect": effect,
                         "chosen_layer": best, "select_coef": cfg.select_coef, "n_pairs": len(sel)},
         "n_selection": len(sel), "n_held_out": len(held), "n_dropped": sum(not x["kept"] for x in ref),
         "n_questions": cfg.n_response_questions, "n_pairs_per_question": cfg.n_response_pairs,
-        "unit_norm": float(scales[best]),
+        "unit_norm": float(scales[best]), "coef_unit": cfg.coef_unit,
         "system_measure": m_sys, "system_n_used": n_sys_used, "system_prompt_effect": effect_sys,
+        "validity": validity_check, "monitor_within_polarity": within,
         "proj_last_prompt": p_last, "proj_response": p_resp, "r_last_prompt": r_last, "r_response": r_resp,
         "reference": ref}
 
@@ -636,8 +677,10 @@ def _steering_figure(report: Report, results: Sequence[dict], key: str, name: st
         ax.plot(st["random_control"]["coefs"], st["random_control"]["measure"], ls=":", marker="x",
                 color=ax.lines[-1].get_color(), alpha=0.6)
     ax.axvline(0, color="gray", lw=0.5)
-    _line_figure(report, fig, ax, name, caption, title=title, xlabel="steering coefficient (x typical residual norm)",
-                 ylabel=ylabel)
+    unit = results[0][key].get("coef_unit", "vector") if results else "vector"
+    xlabel = "steering coefficient (x raw persona vector)" if unit == "vector" else \
+        "steering coefficient (x typical residual norm)"
+    _line_figure(report, fig, ax, name, caption, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def _response_trait_line(rs: dict) -> str:
@@ -649,10 +692,36 @@ def _response_trait_line(rs: dict) -> str:
             + f"; monotonic for c<=0: {rs['monotonic']['neg']}, for c>=0: {rs['monotonic']['pos']}; random direction at "
             f"c=+-{rs['random_control']['coefs'][1]:g}: "
             + ", ".join(f"{m:+.3f}" for m in rs["random_control"]["measure"])
-            + f". Validity (no steering, pos minus neg system prompts): {_fmt(rs['system_prompt_effect'], '+.3f')}; "
-            f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}, "
+            + f"{_band_text(rs['random_control'])}. Validity (no steering, pos minus neg system prompts, per held-out "
+            f"unit): {measures.validity_text(rs['validity']) if rs.get('validity') else 'n/a'}; "
+            f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
+            f"{_within_text(rs.get('monitor_within_polarity'))}, "
             f"r(response projection, measure) = {_fmt(rs['r_response'])}. Reference pairs with an empty answer "
             f"(dropped): {rs['n_dropped']}.")
+
+
+def _unit_words(cfg: Config) -> str:
+    return ("|vector| (c = 1 adds the raw persona vector)" if cfg.coef_unit == "vector"
+            else "the typical residual norm (mean per-token |h| over the model's own responses)")
+
+
+def _band_text(control: dict) -> str:
+    """The random-direction band (>= 20 directions) or, with fewer, how many directions the control has."""
+    if control.get("band"):
+        b = control["band"]
+        return (f" (effect m(+c) - m(-c) of {control['n']} random directions at the same norm: 95% band "
+                f"[{b['low']:+.3f}, {b['high']:+.3f}])")
+    return f" (mean of {control.get('n', 1)} random direction(s); fewer than 20: no null band)"
+
+
+def _within_text(w: dict | None) -> str:
+    """r within polarity (the association not explained by positive vs negative prompts), with its interval."""
+    if not w:
+        return ""
+    o, p = w["overall"], w["pooled_within"]
+    return (f" (overall {_fmt(o['estimate'], '.2f')} [{_fmt(o['low'], '.2f')}, {_fmt(o['high'], '.2f')}], within "
+            f"polarity {_fmt(p['estimate'], '.2f')} [{_fmt(p['low'], '.2f')}, {_fmt(p['high'], '.2f')}], "
+            f"n={o['n']} prompts)")
 
 
 def _write_response_section(report: Report, cfg: Config, resp: list[dict], plt) -> None:
@@ -667,7 +736,7 @@ the model's own greedy answer ({cfg.response_max_new_tokens} new tokens, no stee
 prompt and under the negative one. **Measure:** m = mean over (question, pair) of
 log P(pos answer | question) / n_pos - log P(neg answer | question) / n_neg, i.e. the per-token log-likelihood
 difference over the answers' content tokens, scored in a conversation *without* the trait system prompt (the
-template's default system prompt, as for the items); steering adds c x typical norm x unit(vector) at resid_post
+template's default system prompt, as for the items); steering adds c x unit(vector) x ({_unit_words(cfg)}) at resid_post
 of the layer at every position of the scoring forward. **Layer:** chosen by this measure on the selection half of
 the questions (even question indices; largest m(+{cfg.select_coef}) - m(-{cfg.select_coef}) over the same sweep
 layers), so it may differ from the items' layer; the curve, the random-direction control (the same random
@@ -726,8 +795,7 @@ def _write_report(report: Report, cfg: Config, model, results: list[dict]) -> No
     report.section("Summary", f"""
 Model `{cfg.model}` ({n_layers} layers, d_model {d}); traits: {', '.join(r['trait'] for r in results)}.
 Vectors at site `resid_post` of every layer ({LAYER_INDEXING}).
-Steering coefficients are in units of the typical residual norm at the steered layer
-(mean per-token |h| over the model's own responses): c = 1 adds a vector as long as a typical activation.
+Steering coefficients are in units of {_unit_words(cfg)} at the steered layer.
 Behavioural measure = mean over two-choice items of log P(trait choice) - log P(other choice);
 the layer is chosen on half of the items and the curve is reported on the other half.
 
@@ -912,7 +980,7 @@ reads the induced persona at all, layer by layer (plot below).
                 "trait": r["trait"], "chosen_layer": st["layer"], "d_model": d, "n_pos": len(r["rows"]) // 2,
                 "n_pairs_used": fi["n_pairs_kept"] if fi["filter"] and not fi.get("fallback") else fi["n_pairs_total"],
                 "filtered": bool(fi["filter"] and not fi.get("fallback")),
-                "typical_norm": r["typical_norm"], "steering_unit": "coef x typical_norm[layer] x unit(vector[layer])"}
+                "typical_norm": r["typical_norm"], "steering_unit": f"coef x unit(vector[layer]) x {_unit_words(cfg)}"}
         report.save_vectors(f"vectors_{r['trait']}", r["vectors"], meta)
 
     # every generated text, for auditing
@@ -987,4 +1055,13 @@ def records(result: dict) -> list[dict]:
                             target="> 0 (paper 0.75-0.83)", trait=name, layer=rm["layer"],
                             r_response=rm["r_response"], measure="response_likelihood",
                             system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood"))
+            w, v = rm.get("monitor_within_polarity"), rm.get("validity")
+            if w:
+                pw = w["pooled_within"]
+                out.append(dict(metric="persona_monitor_within_r", value=pw["estimate"], unit="pearson r",
+                                reference=f"{ref}; within polarity (positive / negative / default prompts' means "
+                                          f"removed), 95% CI [{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts; "
+                                          f"overall r {w['overall']['estimate']:.3f}",
+                                target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
+                                validity=v, key=name))
     return [ln for ln in out if isinstance(ln["value"], (int, str)) or np.isfinite(ln["value"])]

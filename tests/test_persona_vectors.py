@@ -330,7 +330,7 @@ def test_run_end_to_end_tiny(tmp_path, model):
                                   max_new_tokens=4, monitor_max_new_tokens=3, batch_size=4, judge="local",
                                   sweep_layers=(0, 1), coefficients=(-1.0, 0.0, 1.0), n_monitor_questions=1,
                                   n_steer_examples=1, steer_example_coefs=(0.0,), n_response_questions=2,
-                                  n_response_pairs=2, response_max_new_tokens=3)
+                                  n_response_pairs=2, response_max_new_tokens=3, n_random=2)
     res = pv.run_into(cfg, model, tmp_path / "out")
     out = tmp_path / "out"
     for f in ("report.md", "metrics.json", "config.json", "steering_curves.png", "vectors_evil.safetensors",
@@ -345,6 +345,8 @@ def test_run_end_to_end_tiny(tmp_path, model):
     rm = m["traits"]["evil"]["response_measure"]
     assert rm["layer"] in (0, 1) and len(rm["measure"]) == 3 and len(rm["system_measure"]) == 11
     assert rm["n_held_out"] + rm["n_selection"] + rm["n_dropped"] == 4
+    assert rm["random_control"]["n"] == 2 and rm["random_control"]["band"] is None  # < 20 directions: no band
+    assert rm["validity"] is None or set(rm["validity"]) >= {"effect", "low", "high", "n", "valid"}
     assert 0 <= m["persona_steering_monotonic_traits_response"] <= 2
     text = (out / "report.md").read_text()
     assert "## Response-likelihood measure: results per trait" in text and "Items: " in text
@@ -355,3 +357,26 @@ def test_run_end_to_end_tiny(tmp_path, model):
     res2 = pv.run_into(cfg, model, tmp_path / "out2")
     np.testing.assert_allclose(res["results"][0]["steering"]["measure"], res2["results"][0]["steering"]["measure"])
     np.testing.assert_allclose(res["results"][0]["vectors"]["response_avg"], res2["results"][0]["vectors"]["response_avg"])
+
+
+def test_random_band_and_unit_validity():
+    """The random control rescales nothing itself: each unit direction goes in at the steered layer only; >= 20
+    directions give a band. Validity pairs each unit's positive-prompt mean with its negative-prompt mean."""
+    direction = np.zeros((3, 4))
+    seen = []
+
+    def sweep_at(d):
+        seen.append(d.copy())
+        return np.array([-1.0, 1.0]) * d[1, 0]
+
+    units = np.eye(4)[[0, 1]].repeat(10, axis=0) * np.linspace(0.5, 1.5, 20)[:, None]
+    ctl = pv.random_band(sweep_at, direction, 1, units)
+    assert ctl["n"] == 20 and ctl["band"]["high"] <= 3.0 + 1e-9 and ctl["band"]["low"] >= 0.0
+    assert all(np.count_nonzero(d[[0, 2]]) == 0 for d in seen)  # only layer 1 carries the direction
+    assert pv.random_band(sweep_at, direction, 1, units[:3])["band"] is None
+    kinds = np.array(["pos", "pos", "neg", "neg", "default"])
+    per_unit = np.array([[1.0, 2.0, np.nan], [1.2, np.nan, 3.0], [0.0, 0.5, 1.0], [0.2, 0.7, np.nan],
+                         [9.0, 9.0, 9.0]])
+    v = pv._unit_validity(per_unit, kinds, seed=0)
+    assert v["n"] == 3 and v["effect"] == pytest.approx(np.mean([1.1 - 0.1, 2.0 - 0.6, 3.0 - 1.0]))
+    assert v["valid"] and v["low"] > 0
