@@ -751,7 +751,8 @@ def _kill_point(event: str) -> None:
 
 
 def _checksum(algo: str, data) -> str:
-    """Hex digest of a bytes-like object: "xxh3_64" (the cheap default check, ~8 GB/s) or "sha256" (the audit)."""
+    """Hex digest of a bytes-like object: "xxh3_64" (the cheap default check; benchmarks/store_verify.py measures
+    it) or "sha256" (the full audit of `verify()`)."""
     if algo == "xxh3_64":
         import xxhash
 

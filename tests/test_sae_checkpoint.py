@@ -44,6 +44,7 @@ def _child(tmp_path, run_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow  # the default run covers SIGKILL mid-run and mid-save in tests/test_kill_train.py
 def test_sigkill_mid_training_then_resume_is_bit_identical(tmp_path):
     ref = _child(tmp_path, tmp_path / "ref")
     killed = _child(tmp_path, tmp_path / "killed")
