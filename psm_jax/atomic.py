@@ -35,7 +35,9 @@ def kill_point(event: str) -> None:
     """SIGKILL this process the n-th time `event` is reached when PSM_TEST_KILL_AT=<event>:<n> (tests only).
 
     Events: "atomic_replace" (a temporary file written and fsynced, not yet renamed over its target),
-    "replace_dir" (between the two renames of `replace_dir`), and those of sae.activations.harvest_to_store ("store_docs", "chunk_file", "chunk_renamed", "manifest_updated")."""
+    "replace_dir" (between the two renames of `replace_dir`), those of sae.activations.harvest_to_store
+    ("store_docs", "chunk_file", "chunk_renamed", "manifest_updated") and those the test worker
+    tests/kill_worker.py adds around training ("train_step", "orbax_finalize")."""
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
@@ -115,7 +117,8 @@ def recover_dir(path: str | os.PathLike) -> None:
 def replace_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling folder; when the block ends normally it becomes `path` (replacing an existing
     folder only with overwrite=True, else FileExistsError); when it raises, the temporary folder is removed and
-    `path` is untouched. Readers see the old folder or the new one, never a mix."""
+    `path` is untouched. Readers see the old folder or the new one (or, between the two renames, none), never a
+    mix of both."""
     path = Path(path)
     recover_dir(path)
     if path.exists() and not overwrite:
