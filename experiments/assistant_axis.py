@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -163,7 +164,13 @@ class AxisResult:
     space: dict
     cosines: np.ndarray  # [L]
     metrics: dict
-    report_path: str | None = None
+    d_model: int = 0
+    n_questions: int = 0  # extraction questions per role instruction (the default prompts get the same)
+    n_default_prompts: int = 0
+    assistant_vector: np.ndarray | None = None  # the held-out "assistant" role's vector [L, D]
+    drift: dict = dataclasses.field(default_factory=dict)  # conversation set -> (projections, token counts)
+    drift_rows: list = dataclasses.field(default_factory=list)
+    examples: list = dataclasses.field(default_factory=list)
 
 
 def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
@@ -243,17 +250,21 @@ def _assistant_check(m: dict) -> str:
             f"the default vector and {m['mean_role_axis_projection']:.2f} for the mean role vector.")
 
 
+def _interval(intervals, k: int) -> str:
+    """'[low, high]' of the k-th interval, 'n/a' where none was computed (fewer roles than components)."""
+    return f"[{intervals[k][0]:.2f}, {intervals[k][1]:.2f}]" if intervals and k < len(intervals) else "n/a"
+
+
 def drift_ref(res: AxisResult) -> dict:
     u = unit(res.axis[res.target_layer])
     return {"default": float(res.default_vector[res.target_layer] @ u),
             "roles": float(np.nanmean(res.role_vectors[:, res.target_layer], axis=0) @ u)}
 
 
-def run_into(cfg: Config, model, folder, progress=None) -> AxisResult:
-    """Run the study, write its report folder `folder`, and return the vectors and numbers (`progress`: a callable
-    for status lines, or None; when given, progress bars are shown too)."""
+def run(cfg: Config, model, progress=None) -> AxisResult:
+    """Role and default vectors, the axis, persona space with intervals, drift (`progress`: a callable for status
+    lines, or None; when given, progress bars are shown too). No files."""
     from psm_jax.persona import datasets
-    from experiments.report import Report
     from psm_jax.persona.rollouts import generate_responses
 
     t0 = time.time()
@@ -378,24 +389,44 @@ def run_into(cfg: Config, model, folder, progress=None) -> AxisResult:
     m["elapsed_s"] = round(time.time() - t0, 1)
     res.metrics = m
 
-    # ---- report
+    examples = []
+    for g in sorted(set(groups.tolist()))[:4]:
+        i = int(np.flatnonzero(groups == g)[0])
+        examples.append({"role": role_objs[g].name, "question": convs[i][-1]["content"],
+                         "response": rolls[i].response.replace("\n", " ")[:160]})
+    i = n
+    examples.append({"role": "(default)", "question": dconvs[0][-1]["content"],
+                     "response": rolls[i].response.replace("\n", " ")[:160]})
+    res.d_model, res.n_questions, res.n_default_prompts = model.config.d_model, len(role_q), len(defaults)
+    res.assistant_vector, res.drift, res.drift_rows, res.examples = assistant_vec, drift, drift_rows, examples
+    return res
+
+
+def report(res: AxisResult, folder) -> Path:
+    from experiments.report import Report
+
+    cfg, m, space = res.config, res.metrics, res.space
+    L, target, cosines = m["n_layers"], res.target_layer, res.cosines
+    axis, role_vecs, default_vec, assistant_vec = res.axis, res.role_vectors, res.default_vector, res.assistant_vector
+    drift, drift_rows, ref = res.drift, res.drift_rows, drift_ref(res)
+    role_proj = role_vecs[:, target] @ unit(axis[target])
     rep = Report(folder, "Assistant Axis and persona space", config=cfg)
     rep.section("Setup", f"""
-Model `{cfg.model}` ({L} layers, d_model {model.config.d_model}); site `{SITE}` (block output), every layer.
-{len(kept_roles)} roles (stratified over categories, seed {cfg.seed}) x {cfg.instructions_per_role} system
-instruction(s) x {len(role_q)} extraction questions; default vector from {len(defaults)} default prompts x
-the same questions x {cfg.default_samples} sample(s) ({int(dkeep.sum())} responses). Sampling: temperature {cfg.temperature}, top_p
+Model `{cfg.model}` ({L} layers, d_model {res.d_model}); site `{SITE}` (block output), every layer.
+{m["n_roles"]} roles (stratified over categories, seed {cfg.seed}) x {cfg.instructions_per_role} system
+instruction(s) x {res.n_questions} extraction questions; default vector from {res.n_default_prompts} default prompts x
+the same questions x {cfg.default_samples} sample(s) ({m['n_default_responses']} responses). Sampling: temperature {cfg.temperature}, top_p
 {cfg.top_p}, {cfg.max_new_tokens} new tokens (mean {m['mean_response_tokens']:.1f} assistant tokens per response;
 {m['finished_fraction']:.0%} ended with EOS). Role vector = mean over the role's responses of the mean
 activation over assistant content tokens; axis = default - mean(role vectors). Target layer {target}
 (middle). Judge filtering: {cfg.judge} {'(off: every non-empty response counts)' if cfg.judge == 'none' else f'(kept score >= {cfg.judge_min_score})'}.
-Dropped roles: {dropped or 'none'}. Wall time {m['elapsed_s']:.0f} s on CPU.
+Dropped roles: {m['dropped_roles'] or 'none'}. Wall time {m['elapsed_s']:.0f} s on CPU.
 
 Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512 tokens, judge-filtered):
-{len(kept_roles)} roles x {cfg.instructions_per_role} x {len(role_q)}, {cfg.max_new_tokens} tokens.
+{m["n_roles"]} roles x {cfg.instructions_per_role} x {res.n_questions}, {cfg.max_new_tokens} tokens.
 """)
     rep.table("Persona space (target layer)", [{
-        "layer": target, "roles": len(kept_roles), f"PCs for {cfg.variance_fraction:.0%}": int(space["n_pcs"]),
+        "layer": target, "roles": m["n_roles"], f"PCs for {cfg.variance_fraction:.0%}": int(space["n_pcs"]),
         "PC1 var": float(space["explained_ratio"][0]), "PC2 var": float(space["explained_ratio"][1])
         if len(space["explained_ratio"]) > 1 else float("nan"),
         "|cos(axis, PC1)|": float(space["axis_pc1_cosine"]),
@@ -405,9 +436,7 @@ Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512
     ci = m.get("default_percentile_ci_by_pc"), m.get("axis_abs_cosine_ci_by_pc")
     rep.table("Which component carries the Assistant (target layer; 95% bootstrap intervals over roles)", [
         {"PC": f"PC{k + 1}", "variance": float(space["explained_ratio"][k]), "cos(axis, PC)": cos,
-         "|cos| 95% CI": f"[{ci[1][k][0]:.2f}, {ci[1][k][1]:.2f}]" if ci[1] else "n/a",
-         "roles below the default": pct,
-         "percentile 95% CI": f"[{ci[0][k][0]:.2f}, {ci[0][k][1]:.2f}]" if ci[0] else "n/a"}
+         "|cos| 95% CI": _interval(ci[1], k), "roles below the default": pct, "percentile 95% CI": _interval(ci[0], k)}
         for k, (cos, pct) in enumerate(zip(space["pc_cosines"], space["pc_percentiles"]))])
     best = int(np.argmax(np.abs(space["pc_cosines"][:3])))
     rep.section("Where the axis lies", f"""
@@ -417,7 +446,7 @@ axis among the top 3 is PC{best + 1} (cos {space['pc_cosines'][best]:.3f}); the 
     rep.section("Reading", f"""
 Paper (Gemma 2 27B / Qwen 3 32B / Llama 3.3 70B): 4 / 8 / 19 PCs for 70% of the variance, axis-PC1 cosine
 > 0.71, the Assistant at one extreme of PC1. Here: {space['n_pcs']} PCs for {cfg.variance_fraction:.0%} with
-{len(kept_roles)} roles (at most {len(kept_roles) - 1} non-trivial PCs), |cos(axis, PC1)| = {space['axis_pc1_cosine']:.3f}
+{m["n_roles"]} roles (at most {m["n_roles"] - 1} non-trivial PCs), |cos(axis, PC1)| = {space['axis_pc1_cosine']:.3f}
 at layer {target} (largest over layers: {m['axis_pc1_cosine_max']:.3f} at layer {m['axis_pc1_cosine_argmax_layer']}); the default Assistant's PC1 score is {'beyond every role' if space['default_beyond_all_roles'] else f"above {space['default_fraction_roles_below']:.0%} of the roles"}.
 On the axis itself, {m['roles_below_default_on_axis']:.0%} of the role vectors project below the default
 vector (true by construction on average, informative per role).{_assistant_check(m)}
@@ -443,9 +472,9 @@ vector (true by construction on average, informative per role).{_assistant_check
                          "mean axis projection": m["assistant_role_axis_projection"]})
     rep.table("By category", cat_rows)
     rep.table("Axis-PC1 cosine and PCs for the variance fraction, by layer",
-              [{"layer": l, "|cos|": float(cosines[l]), "PCs": n_pcs_by_layer[l],
+              [{"layer": l, "|cos|": float(cosines[l]), "PCs": m["pcs_for_fraction_by_layer"][l],
                 "|axis|": m["axis_norm_by_layer"][l]} for l in range(0, L, max(1, L // 10))] +
-              ([{"layer": L - 1, "|cos|": float(cosines[-1]), "PCs": n_pcs_by_layer[-1],
+              ([{"layer": L - 1, "|cos|": float(cosines[-1]), "PCs": m["pcs_for_fraction_by_layer"][-1],
                  "|axis|": m["axis_norm_by_layer"][-1]}] if (L - 1) % max(1, L // 10) else []))
     if drift_rows:
         rep.table("Multi-turn drift (projection on the unit axis, target layer)", drift_rows)
@@ -456,18 +485,10 @@ its own axis turn by turn. The paper's finding to compare with: therapy-like and
 drift away from the Assistant over turns while coding/writing conversations stay put; role-play text should
 sit below neutral text.
 """)
-    ex = []
-    for g in sorted(set(groups.tolist()))[:4]:
-        i = int(np.flatnonzero(groups == g)[0])
-        ex.append({"role": role_objs[g].name, "question": convs[i][-1]["content"],
-                   "response": rolls[i].response.replace("\n", " ")[:160]})
-    i = n
-    ex.append({"role": "(default)", "question": dconvs[0][-1]["content"],
-               "response": rolls[i].response.replace("\n", " ")[:160]})
-    rep.table("Example responses", ex)
-    meta = {"model": cfg.model, "site": SITE, "layers": "all", "n_layers": L, "d_model": model.config.d_model,
+    rep.table("Example responses", res.examples)
+    meta = {"model": cfg.model, "site": SITE, "layers": "all", "n_layers": L, "d_model": res.d_model,
             "target_layer": target, "method": "assistant_axis: mean(default response means) - mean(role vectors)",
-            "normalised": False, "n_roles": len(kept_roles), "seed": cfg.seed}
+            "normalised": False, "n_roles": m["n_roles"], "seed": cfg.seed}
     rep.save_vectors("axis", {"axis": axis}, meta)
     rep.save_vectors("role_vectors", {"role_vectors": role_vecs, "default_vector": default_vec,
                                       **({} if assistant_vec is None else {"assistant_role_vector": assistant_vec})},
@@ -475,8 +496,7 @@ sit below neutral text.
                       "role_names": res.role_names, "role_categories": res.role_categories})
     for key, val in m.items():
         rep.metric(key, val)
-    res.report_path = str(rep.finish())
-    return res
+    return rep.finish()
 
 
 def records(res: AxisResult) -> list[dict]:
