@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -449,13 +450,48 @@ def _split(texts: Sequence[str], rng: np.random.Generator) -> list[str]:
     return [texts[i] for i in rng.permutation(len(texts))]
 
 
-def run_into(config: Config, model, folder, progress=None) -> dict:
-    """Run the whole pipeline and write the report folder `folder`; returns the headline numbers (with "report")."""
+@dataclasses.dataclass
+class Result:
+    """Everything the report shows: the candidates and their scores, the selected direction, the held-out
+    evaluation (`ev`: log-odds per condition; `gen`: refusal rates and answers), the CE check, timings."""
+
+    config: Config
+    n_layers: int
+    d_model: int
+    layers: tuple
+    offsets: list
+    pos_names: list
+    token_ids: list
+    token_strs: list
+    markers: object
+    candidates: list
+    cand_pos: list
+    dirs: np.ndarray
+    annotated: list
+    best: dict
+    tier: str
+    fallback_used: bool
+    filt: dict
+    harmful_val_base: float
+    harmless_val_base: float
+    direction: np.ndarray
+    unit: np.ndarray
+    e_harm: Prompts
+    e_safe: Prompts
+    ev: dict
+    gen: dict
+    drop: float
+    orth_diff: float
+    orth_scores: np.ndarray
+    ce: dict
+    seconds: dict
+
+
+def run(config: Config, model, progress=None) -> Result:
+    """The whole pipeline: directions, selection, held-out evaluation, the CE check. No files."""
     from psm_jax.persona import datasets
-    from experiments.report import Report, pyplot
     from psm_jax.weights import orthogonalize
 
-    plt = pyplot()
 
     t0 = time.time()
     seconds = {}
@@ -489,7 +525,6 @@ def run_into(config: Config, model, folder, progress=None) -> dict:
     token_strs = [model.tokenizer.convert_ids_to_tokens(i) for i in token_ids]
     bs = c.batch_size
 
-    rep = Report(folder, "Refusal direction (difference in means, directional ablation)", c)
 
     # --- baseline scores and filtering
     t = time.time()
@@ -581,6 +616,27 @@ def run_into(config: Config, model, folder, progress=None) -> dict:
     seconds["ce"] = time.time() - t
     seconds["total"] = time.time() - t0
 
+    return Result(config=c, n_layers=L, d_model=mc.d_model, layers=layers, offsets=offsets, pos_names=pos_names,
+                  token_ids=token_ids, token_strs=token_strs, markers=markers, candidates=candidates,
+                  cand_pos=cand_pos, dirs=dirs, annotated=annotated, best=best, tier=tier,
+                  fallback_used=fallback_used, filt=filt, harmful_val_base=harmful_val_base,
+                  harmless_val_base=harmless_val_base, direction=direction, unit=unit, e_harm=e_harm, e_safe=e_safe,
+                  ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds)
+
+
+def report(res: Result, folder) -> Path:
+    from experiments.report import Report, pyplot
+
+    plt = pyplot()
+    c, L = res.config, res.n_layers
+    best, tier, fallback_used, annotated = res.best, res.tier, res.fallback_used, res.annotated
+    layers, offsets, pos_names, candidates, cand_pos = res.layers, res.offsets, res.pos_names, res.candidates, res.cand_pos
+    token_ids, token_strs, markers = res.token_ids, res.token_strs, res.markers
+    filt, harmful_val_base, harmless_val_base = res.filt, res.harmful_val_base, res.harmless_val_base
+    dirs, direction, unit, drop = res.dirs, res.direction, res.unit, res.drop
+    e_harm, e_safe, ev, gen = res.e_harm, res.e_safe, res.ev, res.gen
+    orth_diff, orth_scores, ce, seconds = res.orth_diff, res.orth_scores, res.ce, res.seconds
+    rep = Report(folder, "Refusal direction (difference in means, directional ablation)", c)
     # --- report
     fallback_text = ("" if not fallback_used else
                      " (no candidate passed the strict rules; the pre-declared relaxations, in order: "
@@ -597,7 +653,7 @@ def run_into(config: Config, model, folder, progress=None) -> dict:
         filter_text = f"the direction uses all {filt['harmful_before']} + {filt['harmless_before']} prompts."
     name_of = lambda r: f"{r['token']!s} ({r['offset']}) / L{r['layer']}"  # noqa: E731
     rep.section("Setup", f"""
-Model `{c.model}` ({L} layers, d_model {mc.d_model}). Harmful/harmless prompts from `psm_jax/persona/data/refusal`
+Model `{c.model}` ({L} layers, d_model {res.d_model}). Harmful/harmless prompts from `psm_jax/persona/data/refusal`
 (seeded shuffle, seed {c.seed}): {c.n_train} train per side for the direction, {c.n_val} val per side for the
 selection, and {c.n_eval} further *train-split* prompts per side held out for the evaluation (never used for the
 direction or the selection). Each prompt is one user turn with the chat template's generation prompt (SmolLM2's
@@ -617,10 +673,7 @@ Selection: drop layer >= {c.max_layer_frac} * {L}, KL > {c.kl_threshold}, induce
 lowest bypass wins. Unsteered val means: harmful {harmful_val_base:.3f}, harmless {harmless_val_base:.3f}.
 Selection tier used: **{tier}**{fallback_text}
 """)
-    rep.section("Caveat", "SmolLM2-135M-Instruct is a small, weak model: it refuses rarely and inconsistently, and "
-                "its first token 'I' also starts many non-refusals, so the log-odds score is a noisy proxy. "
-                "Claims rest on the log-prob measures; the substring refusal rate is a coarse check. "
-                "No judge model is used.")
+    rep.section("Baseline refusal", _baseline_text(gen["harmful_base"][0], gen["harmless_induced"][0]))
     rep.table("Selected direction", [dict(position=name_of(best), layer=best["layer"], bypass=best["bypass"],
                                           induce=best["induce"], kl=best["kl"], norm=best["norm"],
                                           tier=tier)])
@@ -698,7 +751,7 @@ Cross-entropy on {c.n_ce} ShareGPT conversations ({ce['n_tokens']} assistant tar
 
     rep.save_vectors("refusal_direction", {"direction": direction, "unit": unit},
                      dict(model=c.model, layer=best["layer"], site="resid_pre", method="diff-in-means",
-                          position_offset=best["offset"], position_token=best["token"], d_model=mc.d_model))
+                          position_offset=best["offset"], position_token=best["token"], d_model=res.d_model))
     rep.save_vectors("candidate_directions", {"mean_diff": dirs},
                      dict(model=c.model, site="resid_pre", method="diff-in-means", layers="all",
                           position_offsets=offsets.tolist(), position_tokens=pos_names,
@@ -718,24 +771,31 @@ Cross-entropy on {c.n_ce} ShareGPT conversations ({ce['n_tokens']} assistant tar
     rep.metric("refusal_token_ids", token_ids)
     rep.metric("seconds", seconds)
     rep.section("Timing", json.dumps({k: round(v, 1) for k, v in seconds.items()}))
-    path = rep.finish()
-    return dict(report=path, config=c, drop=drop, ce=ce, selected=best, tier=tier, orth_diff=orth_diff,
-                rates={k: v[:2] for k, v in gen.items()}, logodds={k: mean(v) for k, v in ev.items()},
-                directions=dirs, scores=annotated, filtering=filt, seconds=seconds)
+    return rep.finish()
 
 
-def records(res: dict) -> list[dict]:
+def _baseline_text(harmful_rate: float, induced_rate: float) -> str:
+    """What the ablation result can mean given how often the model refuses harmful prompts unedited."""
+    text = (f"The unedited model refuses {harmful_rate:.0%} of the held-out harmful prompts (substring check, no "
+            f"judge); adding the direction to harmless prompts (the induce condition) gives {induced_rate:.0%}. ")
+    if harmful_rate < 0.2:
+        return text + ("It barely refuses at baseline, so the ablation result is a capability null (there is little "
+                       "refusal to remove), not a replication of the paper's bypass.")
+    return text + "The log-odds drop under ablation below is read against that baseline."
+
+
+def records(res: Result) -> list[dict]:
     """The refusal log-odds drop under ablation and the cross-entropy cost."""
-    cfg, sel = res["config"], res["selected"]
+    cfg, sel = res.config, res.best
     ref = (f"{cfg.model}; direction = diff-in-means resid_pre L{sel['layer']} offset {sel['offset']} ({sel['token']}), "
-           f"selection tier {res['tier']}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
-    out = [dict(metric="refusal_logodds_drop", value=round(res["drop"], 4),
+           f"selection tier {res.tier}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
+    out = [dict(metric="refusal_logodds_drop", value=round(res.drop, 4),
                 unit="nats (mean refusal log-odds, baseline - ablated)",
                 reference=ref + "; Arditi et al. 2024: ablation removes refusal", target="> 0")]
-    if res["ce"]:
-        out.append(dict(metric="refusal_ce_change", value=round(res["ce"]["change_pct"], 4),
+    if res.ce:
+        out.append(dict(metric="refusal_ce_change", value=round(res.ce["change_pct"], 4),
                         unit="% (CE ablated vs baseline)",
-                        reference=f"{cfg.model}; {cfg.n_ce} ShareGPT conversations, {res['ce']['n_tokens']} assistant "
-                                  f"tokens; CE {res['ce']['base']:.4f} -> {res['ce']['ablated']:.4f}; Arditi et al. "
+                        reference=f"{cfg.model}; {cfg.n_ce} ShareGPT conversations, {res.ce['n_tokens']} assistant "
+                                  f"tokens; CE {res.ce['base']:.4f} -> {res.ce['ablated']:.4f}; Arditi et al. "
                                   "2024: gemma-2b-it Pile CE 3.506 -> 3.503", target="< 2"))
     return out

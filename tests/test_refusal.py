@@ -169,7 +169,9 @@ def test_mean_diff_needs_prompts(tiny):
 def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_tokens=64, ce_min_assistant_tokens=4,
               max_new_tokens=3, batch_size=4, positions=(-1, -6), layers=(1, 2), min_filtered=2)
-    res = R.run_into(R.Config(**kw), tiny_chat_model, tmp_path / "a")
+    from experiments.study import execute
+
+    res = execute(R, R.Config(**kw), folder=tmp_path / "a", model=tiny_chat_model)["result"]
     out = tmp_path / "a"
     for name in ("report.md", "metrics.json", "config.json", "selection_scores.png", "heldout_logodds.png",
                  "refusal_direction.safetensors", "refusal_direction.json", "candidate_directions.safetensors"):
@@ -178,20 +180,21 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert np.isfinite(m["refusal_logodds_drop"]) and np.isfinite(m["refusal_ce_change"])
     assert len(m["candidates"]) == 4 and m["selected"]["tier"] in R.FALLBACK_TIERS
     assert m["orthogonalized_max_abs_logit_diff"] < 1e-4
-    assert res["directions"].shape == (6, 3, 32)  # every post-instruction position x every layer
+    assert res.dirs.shape == (6, 3, 32)  # every post-instruction position x every layer
     from experiments.report import load_vectors
 
     vecs, meta = load_vectors(out / "refusal_direction.safetensors", expect_model="psm-tiny", expect_width=32)
     assert meta["site"] == "resid_pre" and vecs["direction"].shape == (32,)
     # same config + seed -> same numbers
     assert [ln["metric"] for ln in R.records(res)] == ["refusal_logodds_drop", "refusal_ce_change"]
-    res2 = R.run_into(R.Config(**kw), tiny_chat_model, tmp_path / "b")
-    assert res2["drop"] == res["drop"] and res2["ce"]["change_pct"] == res["ce"]["change_pct"]
-    np.testing.assert_array_equal(res2["directions"], res["directions"])
+    res2 = R.run(R.Config(**kw), tiny_chat_model)
+    assert res2.drop == res.drop and res2.ce["change_pct"] == res.ce["change_pct"]
+    np.testing.assert_array_equal(res2.dirs, res.dirs)
+    assert "refuses" in (out / "report.md").read_text()  # the baseline-refusal reading
 
 
 def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
     with pytest.raises(ValueError, match="exceeds"):
-        R.run_into(R.Config(n_train=120, n_eval=32), tiny_chat_model, tmp_path)
+        R.run(R.Config(n_train=120, n_eval=32), tiny_chat_model)
     with pytest.raises(ValueError, match="out of range"):
-        R.run_into(R.Config(layers=(7,)), tiny_chat_model, tmp_path)
+        R.run(R.Config(layers=(7,)), tiny_chat_model)
