@@ -29,7 +29,8 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -294,15 +295,48 @@ def _mean_proj_by_layer(model, conversations, axis, edits_fn, batch_size, progre
     return proj[acts["n_response"] > 0]
 
 
-def run_into(cfg: Config, model, folder, progress=None) -> dict:
-    """Run the study and write its report folder `folder`; returns the metrics (with "report")."""
+@dataclasses.dataclass
+class Result:
+    """What the report shows (named as in `run`): thresholds, the evaluation under role prompts with and without
+    capping, the role-play conversations, the perplexity cost, and the metrics `m`."""
+
+    config: Config
+    L: Any
+    axis: Any
+    axis_info: Any
+    d_cap: Any
+    d_plain: Any
+    end_cap: Any
+    end_convs: Any
+    end_plain: Any
+    eval_roles: Any
+    floors: Any
+    frac_below: Any
+    gain: Any
+    gen_out: Any
+    gen_probes: Any
+    kw_rate: Any
+    layers: Any
+    m: Any
+    ppl: Any
+    probes: Any
+    proj_layers: Any
+    readout: Any
+    role_gen: Any
+    rp: Any
+    rp_kw: Any
+    rp_rows: Any
+    tconvs: Any
+    trait_rows: Any
+
+
+def run(cfg: Config, model, progress=None) -> Result:
+    """Thresholds, capped vs uncapped evaluation, role-play drift and the perplexity cost. No files."""
     from psm_jax.persona import datasets
-    from experiments.report import Report
     from psm_jax.persona.rollouts import generate_responses, score_answers
 
     t0 = time.time()
     progress = progress is not None  # below: whether to show progress bars
-    model = psm_jax.load(cfg.model) if model is None else model
     mc = model.config
     L = mc.n_layers
     layers = default_layer_range(L) if cfg.layers is None else tuple(int(x) for x in cfg.layers)
@@ -485,7 +519,24 @@ def run_into(cfg: Config, model, folder, progress=None) -> dict:
         m["capping_ppl_cost"] = ppl["pct_change"]
     m["elapsed_s"] = round(time.time() - t0, 1)
 
-    # ---- report
+    return Result(config=cfg, L=L, axis=axis, axis_info=axis_info, d_cap=d_cap, d_plain=d_plain, end_cap=end_cap,
+                  end_convs=end_convs, end_plain=end_plain, eval_roles=eval_roles, floors=floors,
+                  frac_below=frac_below, gain=gain, gen_out=gen_out, gen_probes=gen_probes, kw_rate=kw_rate,
+                  layers=layers, m=m, ppl=ppl, probes=probes, proj_layers=proj_layers, readout=readout,
+                  role_gen=role_gen, rp=rp, rp_kw=rp_kw, rp_rows=rp_rows, tconvs=tconvs, trait_rows=trait_rows)
+
+
+def report(res: Result, folder) -> Path:
+    from experiments.report import Report
+
+    cfg = res.config
+    L, axis, axis_info, d_cap, d_plain = res.L, res.axis, res.axis_info, res.d_cap, res.d_plain
+    end_cap, end_convs, end_plain = res.end_cap, res.end_convs, res.end_plain
+    eval_roles, floors = res.eval_roles, res.floors
+    frac_below, gain, gen_out, gen_probes, kw_rate = res.frac_below, res.gain, res.gen_out, res.gen_probes, res.kw_rate
+    layers, m, ppl, probes, proj_layers = res.layers, res.m, res.ppl, res.probes, res.proj_layers
+    readout, role_gen, rp, rp_kw, rp_rows = res.readout, res.role_gen, res.rp, res.rp_kw, res.rp_rows
+    tconvs, trait_rows = res.tconvs, res.trait_rows
     rep = Report(folder, "Activation capping along the Assistant Axis", config=cfg)
     rep.section("Setup", f"""
 Model `{cfg.model}`; axis from {axis_info.get('source')}. Capped layers {layers[0]}-{layers[-1]} (resid_post,
@@ -551,9 +602,7 @@ generous ("help" counts). No judge is used.
                                   "floors": [float(x) for x in floors], "axis_source": axis_info.get("source")}})
     for k, v in m.items():
         rep.metric(k, v)
-    path = rep.finish()
-    m["report"] = str(path)
-    return m
+    return rep.finish()
 
 
 def _plots(rep, m, proj_layers, layers, readout, rp_rows, d_plain, d_cap):
@@ -591,8 +640,9 @@ def _plots(rep, m, proj_layers, layers, readout, rp_rows, d_plain, d_cap):
     rep.figure("roleplay", fig, "Long role-play conversations with and without capping.")
 
 
-def records(m: dict) -> list[dict]:
+def records(res: Result) -> list[dict]:
     """The identity gain of capping and its perplexity cost."""
+    m = res.m
     ref = f"{m['model']}; capped layers {m['layers']}, percentile {m['percentile']}, positions {m['positions']}"
     out = [dict(metric="capping_identity_gain", value=round(m["capping_identity_gain"], 4),
                 unit="nats (log-odds of an assistant vs persona identity answer)",

@@ -182,8 +182,11 @@ def test_run_end_to_end_tiny(tiny_chat, tmp_path):
                    n_threshold_questions=1, max_new_tokens=3, batch_size=8, n_eval_roles=2,
                    n_identity_probes=1, logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=2,
                    roleplay_probes=("Who are you?",), n_ppl_conversations=0)
-    m = C.run_into(cfg, tiny_chat, tmp_path / "cap")
-    assert [ln["metric"] for ln in C.records(m)] == ["capping_identity_gain"]
+    from experiments.study import execute
+
+    res = execute(C, cfg, folder=tmp_path / "cap", model=tiny_chat)
+    assert [ln["metric"] for ln in res["records"]] == ["capping_identity_gain"]
+    m = res["result"].m
     for f in ("report.md", "metrics.json", "config.json", "capping.safetensors", "roleplay.png",
               "projection_by_layer.png"):
         assert (tmp_path / "cap" / f).is_file(), f
