@@ -1,4 +1,4 @@
-"""Activation capping along the Assistant Axis (after Lu et al. 2026), evaluated on SmolLM2.
+"""Activation capping along the Assistant Axis (after Lu et al. 2026).
 
 Thresholds: tau_l = the `percentile`-th percentile (default 25th) of <h_l, u_l> over the assistant
 content tokens of default-prompt rollouts, for each layer l in a range (default about 60-85% depth),
@@ -546,7 +546,7 @@ percentile of the axis projection over {m['threshold_tokens']} assistant tokens 
 the axis where possible) with instruction #{cfg.eval_instruction}: {', '.join(m['eval_roles'])}. Readout layer {readout}
 (first layer after the capped range). Wall time {m['elapsed_s']:.0f} s on CPU.
 
-SmolLM2-135M-Instruct is a small, weak model; the identity log-odds compare two fixed short answers
+The identity log-odds compare two fixed short answers
 ("{cfg.assistant_answer}" vs "{cfg.persona_answer}"), which is a behavioural measure without a judge; the
 keyword scorer counts answers that mention any assistant marker ({', '.join(probes.assistant_markers)}), which is
 generous ("help" counts). No judge is used.

@@ -431,8 +431,8 @@ own greedy answers), so s = 0.5 adds a vector half as long as a typical activati
 Trait measure: mean log P(trait choice) - log P(other choice) over the trait's {next(iter(results.values()))['n_items'] if results else 0}
 two-choice items, no system prompt. Generation: greedy, {cfg.max_new_tokens} new tokens, {cfg.n_eval_questions}
 evaluation questions per trait (all-position settings{' and assistant-only' if cfg.generate_assistant_positions else ''}).
-Breadth: over {len(persona_latents)} persona-related latents from the features run. SmolLM2-135M is a small model:
-the effects below are what it shows, null results included; the chosen strength is picked by coherence
+Breadth: over {len(persona_latents)} persona-related latents from the features run. The effects below are what
+`{cfg.model}` shows, null results included; the chosen strength is picked by coherence
 (median perplexity ratio <= {cfg.max_ppl_ratio}), not by the trait measure.
 """)
     per = {}

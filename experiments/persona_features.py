@@ -580,8 +580,8 @@ A latent is **found** when it is in the top {cfg.n_candidates} by discovery Cohe
 null. Unit of analysis: one conversation's mean latent activation over its assistant tokens.
 Context corpus for the records: {n_ctx_docs} ShareGPT conversations (a slice disjoint from the SAE's training
 slice) + {n_gen} generated conversations, {len(ctx.table)} tokens.
-SmolLM2-135M is a weak model and a weak explainer/judge: labels and detection scores below are what it produced;
-claims rest on the contrast statistics.
+Labels and detection scores below are what the configured explainer ({cfg.explainer}) and scorer ({cfg.scorer})
+produced; claims rest on the contrast statistics.
 """)
     if sae_info.get("trained_here"):
         ev = sae_info.get("eval_on_training_store", {})

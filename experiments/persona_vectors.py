@@ -745,8 +745,8 @@ direction as for the items, at matched norm) and the monitoring are reported on 
 negative one (means over the 5 each); under the prompt of instruction pair i only answers generated under *other*
 pairs are scored, so that a prompt never scores its own greedy output (which would make the check trivially
 positive). **Monitoring r:** across the 11 system prompts, the last-prompt-token projection (mean over the monitoring
-questions, at this measure's layer) vs m under that system prompt. Caveats: greedy answers of a 135M model are
-short and often repetitive, and the likelihood of an answer is not the same as the trait being expressed; a
+questions, at this measure's layer) vs m under that system prompt. Caveats: greedy answers of
+{cfg.response_max_new_tokens} tokens are short, and the likelihood of an answer is not the same as the trait being expressed; a
 validity effect clearly > 0 is needed before the steering curve means anything.
 """)
     rows = []
@@ -805,9 +805,8 @@ consecutive coefficients spanning both signs.
 
 {resp_summary}
 
-Caveats: SmolLM2-135M-Instruct is a weak model and a weak judge. Its 0-100 judge scores barely depend on
-the answer, so the judge filter is weak (see the per-trait tables; a fallback to all pairs is reported);
-claims rest on the behavioural log-prob measure. Sizes are small (CPU): {cfg.n_pairs} instruction pairs x
+Judge: `{cfg.judge}`; the per-trait tables show how many pairs its filter kept (a fallback to all pairs is
+reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes are small (CPU): {cfg.n_pairs} instruction pairs x
 {cfg.n_questions} extraction questions x {cfg.n_samples} sample(s) per polarity, {cfg.max_new_tokens} new tokens,
 {len(results[0]['steering']['coefs'])} coefficients on {results[0]['steering']['n_items']} held-out items,
 monitoring on 11 system prompts x {cfg.n_monitor_questions} evaluation questions{resp_sizes}.

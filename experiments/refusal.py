@@ -656,8 +656,8 @@ def report(res: Result, folder) -> Path:
 Model `{c.model}` ({L} layers, d_model {res.d_model}). Harmful/harmless prompts from `psm_jax/persona/data/refusal`
 (seeded shuffle, seed {c.seed}): {c.n_train} train per side for the direction, {c.n_val} val per side for the
 selection, and {c.n_eval} further *train-split* prompts per side held out for the evaluation (never used for the
-direction or the selection). Each prompt is one user turn with the chat template's generation prompt (SmolLM2's
-template inserts its default system prompt).
+direction or the selection). Each prompt is one user turn with the chat template's generation prompt (a template with
+a default system prompt inserts it).
 
 Refusal score = log P(S) - log(1 - P(S)) at the last prompt position, S = first tokens of the score markers
 {list(markers.score_tokens)} with and without a leading space: ids {token_ids} = {token_strs}.
