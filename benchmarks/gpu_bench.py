@@ -43,7 +43,8 @@ Top-k selection, the input gradient (x is data: none), AuxK (off: no latent is d
 renormalisation (O(D*S) elementwise, < 0.1% of the total at B = 4096) are not counted. MFU = FLOPs per step /
 step time / peak. The step is timed as `ours_step` builds it, but on batches placed on the device beforehand and
 with 20 steps dispatched back to back and one block at the end (per-step blocking would time the host round trip,
-not the device); best of 3 rounds. `SaeConfig` has no compute-dtype field, so the step runs in fp32 with TF32
+not the device); best of 3 rounds; `step_ms_host_batch` in the line is the `ours_step` way (a host batch per step,
+blocked on each). `SaeConfig` has no compute-dtype field, so the step runs in fp32 with TF32
 matrix products allowed (`jax.default_matmul_precision("tensorfloat32")`) on GPUs, and MFU is taken against the
 device's dense TF32 peak; the line also gives the fraction of the bf16 peak (`mfu_vs_bf16_peak`), which is what the
 >= 40% target is stated in. On TPUs fp32 dots at default precision run as one bf16 pass: the bf16 peak is used.
@@ -59,10 +60,10 @@ the packages it needs. To carry them (README of the device tool), in the repo ro
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \\
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \\
         sae-lens==6.54.12 transformer-lens==3.9.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \\
-        babe==0.0.7 py2store==0.1.24 graze==0.1.46 dol==0.3.100 config2py==0.1.76 i2==0.1.91 \\
+        babe==0.0.7 graze==0.1.46 dol==0.3.100 config2py==0.1.76 i2==0.1.91 \\
         importlib-resources==7.1.0 nltk==3.10.4 defusedxml==0.7.1 plotly==7.1.0 plotly-express==0.4.1 \\
         python-dotenv==1.2.4 simple-parsing==0.1.9 docstring-parser==0.18.0 tenacity==9.2.1 beartype==0.23.1 \\
-        better-abc==0.0.3 fancy-einsum==0.0.3 transformers-stream-generator==0.0.5 typeguard==4.6.1 \\
+        better-abc==0.0.3 fancy-einsum==0.0.3 typeguard==4.6.1 \\
         wandb==0.31.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \\
         platformdirs==4.14.9 sniffio==1.3.1 distro==1.9.0 tzdata==2026.6 truststore==0.10.5 \\
         googleapis-common-protos==1.76.0 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 \\
@@ -70,10 +71,11 @@ the packages it needs. To carry them (README of the device tool), in the repo ro
         opentelemetry-exporter-otlp-proto-http==1.45.2 opentelemetry-semantic-conventions==0.66b2 \\
         opentelemetry-exporter-http-transport==0.66b2 opentelemetry-exporter-otlp-common==0.66b2 \\
         httpx2==2.16.2 httpcore2==2.16.2 cwevals==0.0.1b1
+    python3 -m pip wheel --no-deps -w .whl py2store==0.1.24 transformers-stream-generator==0.0.5   # sdist only
 
 (the versions of the SAELens venv `benchmarks/sae_step.py` builds; the list is sae-lens' dependency closure less
-the packages the device image already has; if pip finds no wheel for one, add `--platform manylinux_2_N_x86_64`
-for N = 24, 31, 34, 35). On the device, with `carry: [".whl"]`:
+the packages the device image already has; checked on 2026-12-02: 47 wheels, 41 MB, which leaves room for the
+repository under the 64 MiB a call carries). On the device, with `carry: [".whl"]`:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
         .whl/*.whl && export PYTHONPATH=/tmp/site:. || exit; python3 benchmarks/gpu_bench.py --out $OUT
@@ -97,6 +99,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -171,9 +174,9 @@ class Bench:
     command: str
     torch_device: str | None        # None: torch cannot run on this accelerator (TPU): HF comparisons are skipped
     hf_dir: Path
-    hf: object = None               # the HF fp32 model on torch_device
-    params: dict = None
-    config: object = None
+    hf: Any = None                  # the HF fp32 model on torch_device (built by build_model)
+    params: dict | None = None      # psm-jax fp32 params and config of the same weights
+    config: Any = None
     peak_flops: float | None = None
 
     def emit(self, metric: str, value, unit: str, reference: str, target: str | None, **extra) -> dict:
@@ -363,8 +366,10 @@ def device_peak(device_kind: str) -> tuple[str, float, float | None] | None:
     return None
 
 
-def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds: int) -> float:
-    """Best-of-rounds seconds per jitted TopK step (steps dispatched back to back on device-resident batches)."""
+def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds: int) -> tuple[float, float]:
+    """Seconds per jitted TopK step: (best of `rounds` rounds of `steps` steps dispatched back to back on
+    device-resident batches, median over `steps` steps each given a host numpy batch and blocked on, the way
+    benchmarks/sae_step.py's `ours_step` times it)."""
     import jax
     import numpy as np
 
@@ -374,12 +379,13 @@ def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds:
     cfg = SaeConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, batch_size=batch, lr=2e-4, warmup_steps=0,
                     decay="none", grad_clip_norm=1.0)
     rng = np.random.default_rng(0)
-    data = [jax.device_put(rng.standard_normal((batch, d_in), dtype=np.float32)) for _ in range(4)]
+    host = [rng.standard_normal((batch, d_in), dtype=np.float32) for _ in range(4)]
+    data = [jax.device_put(x) for x in host]
     state = jax.jit(lambda sample: init_state([cfg], sample))(data[0])   # one program, not op-by-op
     hp = stacked_hyperparams([cfg])
     step = build_step(static_config([cfg]), 1)
     for i in range(2):                                    # compile + warm-up
-        state, _ = step(state, hp, data[i])
+        state, m = step(state, hp, data[i])
     jax.block_until_ready(state)
     best = math.inf
     for _ in range(rounds):
@@ -388,9 +394,16 @@ def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds:
             state, m = step(state, hp, data[i % 4])
         jax.block_until_ready((state, m))
         best = min(best, (time.perf_counter() - t0) / steps)
-    if not np.isfinite(float(m["loss"][0])):
-        raise FloatingPointError(f"the SAE step at d_sae={d_sae} produced loss {float(m['loss'][0])}")
-    return best
+    blocked = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, hp, host[i % 4])
+        jax.block_until_ready(state)
+        blocked.append(time.perf_counter() - t0)
+    loss = float(m["loss"][0])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the SAE step at d_sae={d_sae} produced loss {loss}; expected a finite loss")
+    return best, float(np.median(blocked))
 
 
 def section_sae_mfu(b: Bench) -> None:
@@ -402,13 +415,14 @@ def section_sae_mfu(b: Bench) -> None:
     precision = "tensorfloat32" if gpu else None        # None: the platform's default (one bf16 pass on TPUs)
     for d_in, d_sae, k, batch in b.sizes.sae_shapes:
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            t = time_sae_step(d_in, d_sae, k, batch, b.sizes.sae_steps, b.sizes.sae_rounds)
+            t, t_host = time_sae_step(d_in, d_sae, k, batch, b.sizes.sae_steps, b.sizes.sae_rounds)
         flops = sae_step_flops(batch, d_in, d_sae, k)
         achieved = flops / t
         shape = (f"TopK {d_in}->{d_sae} k={k}, batch {batch}, fp32 params"
                  f"{' with TF32 matrix products (SaeConfig has no compute dtype)' if gpu else ''}, "
                  f"{flops / 1e9:.1f} GFLOP/step (4BDS + 6BkD), {t * 1e3:.3f} ms/step, {achieved / 1e12:.1f} TFLOP/s")
-        extra = dict(mode=f"d_sae {d_sae}", step_ms=round(t * 1e3, 4), flops_per_step=flops,
+        extra = dict(mode=f"d_sae {d_sae}", step_ms=round(t * 1e3, 4), step_ms_host_batch=round(t_host * 1e3, 4),
+                     flops_per_step=flops,
                      achieved_tflops=round(achieved / 1e12, 2), matmul_precision=precision or "default")
         if b.peak_flops:
             peak, peak_name, bf16 = b.peak_flops, f"--peak-flops {b.peak_flops:.4g}", None
@@ -470,8 +484,9 @@ def ours_harvest_train(b: Bench, tokens, run_dir: Path) -> float:
 def section_harvest_train(b: Bench) -> None:
     s = b.sizes
     n_ctx = math.ceil(s.ht_tokens / (s.ht_context - 1))
-    # SAELens keeps half its mixing buffer and reads whole forward batches: extra contexts so it never wraps
-    tokens = random_contexts(b, n_ctx + math.ceil(s.ht_saelens_buffer_batches / 2) + 2 * s.ht_forward_batch)
+    # SAELens fills a mixing buffer of buffer_batches forward batches and keeps half of it: extra contexts so that
+    # it never wraps around the dataset
+    tokens = random_contexts(b, n_ctx + (s.ht_saelens_buffer_batches // 2 + 2) * s.ht_forward_batch)
     tmp = Path(tempfile.mkdtemp(prefix="psm-gpu-ht-"))
     try:
         cold = ours_harvest_train(b, tokens[:n_ctx], tmp / "cold")
@@ -526,11 +541,11 @@ def saelens_harvest_train(hf_dir: Path, tokens, n_ctx: int, s: Sizes, device: st
                           TopKTrainingSAEConfig)
     from transformer_lens import HookedTransformer
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    tok = word_tokenizer(hf.config.vocab_size)
-    tok.save_pretrained(str(hf_dir))
+    word_tokenizer(hf.config.vocab_size).save_pretrained(str(hf_dir))
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))          # TransformerLens reloads it by its path
     tcfg = get_pretrained_model_config(str(hf_dir), device=device, default_prepend_bos=False, dtype=torch.float32)
     model = HookedTransformer(tcfg, tok, move_to_device=False)
     model.load_and_process_state_dict(get_pretrained_state_dict(str(hf_dir), tcfg, hf, dtype=torch.float32),
