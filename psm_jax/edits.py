@@ -28,30 +28,79 @@ from psm_jax.config import ModelConfig
 EDITABLE_SITES = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 CAPTURE_ONLY_SITES = ("q_prerope", "k_prerope", "q", "k", "v")
 SITES = EDITABLE_SITES + CAPTURE_ONLY_SITES
-SAE_ACTIVATIONS = ("relu", "topk", "jumprelu")
 
 
 # --------------------------------------------------------------------------------------------
-# SAE helpers (SAELens semantics: f = act((x - b_dec) W_enc + b_enc); x_hat = f W_dec + b_dec)
+# SAE maths (SAELens semantics: f = act((x - b_dec) W_enc + b_enc); x_hat = f W_dec + b_dec).
+# The one definition of each inference activation: sae/ (training, metrics, feature analysis)
+# runs its SAEs through these, and an SAE whose encoder is not of this form passes its own
+# `encode(sae, x) -> f` callable as `activation`.
 # --------------------------------------------------------------------------------------------
 
-def sae_encode(sae: dict, x: jax.Array, activation: str, k: int = 0, apply_b_dec_to_input: bool = True):
+def _relu(sae: dict, pre: jax.Array, k: int) -> jax.Array:
+    return jax.nn.relu(pre)
+
+
+def _topk(sae: dict, pre: jax.Array, k: int) -> jax.Array:
+    """relu of the k largest pre-activations of each token, zeros elsewhere."""
+    vals, idx = jax.lax.top_k(pre, k)
+    return jnp.put_along_axis(jnp.zeros_like(pre), idx, jax.nn.relu(vals), axis=-1, inplace=False)
+
+
+def _jumprelu(sae: dict, pre: jax.Array, k: int) -> jax.Array:
+    return jnp.where(pre > sae["threshold"], pre, 0.0)
+
+
+SAE_ACTIVATION_FNS = {"relu": _relu, "topk": _topk, "jumprelu": _jumprelu}
+SAE_ACTIVATIONS = tuple(SAE_ACTIVATION_FNS)
+SAE_PARAM_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def sae_activate(sae: dict, pre: jax.Array, activation: str, k: int = 0) -> jax.Array:
+    """Latents from pre-activations with a named activation (relu | topk | jumprelu)."""
+    if activation not in SAE_ACTIVATION_FNS:
+        raise ValueError(f"unknown SAE activation {activation!r}; expected one of {SAE_ACTIVATIONS}")
+    return SAE_ACTIVATION_FNS[activation](sae, pre, k)
+
+
+def sae_encode(sae: dict, x: jax.Array, activation, k: int = 0, apply_b_dec_to_input: bool = True):
+    """Dense latents [..., d_sae]; `activation` is a name in SAE_ACTIVATIONS or an `encode(sae, x)` callable."""
+    if callable(activation):
+        return activation(sae, x)
     x_in = x - sae["b_dec"] if apply_b_dec_to_input else x
-    pre = x_in @ sae["W_enc"] + sae["b_enc"]
-    if activation == "relu":
-        return jax.nn.relu(pre)
-    if activation == "jumprelu":
-        return jnp.where(pre > sae["threshold"], pre, 0.0)
-    if activation == "topk":
-        vals, idx = jax.lax.top_k(pre, k)
-        out = jnp.zeros_like(pre)
-        out = jnp.put_along_axis(out, idx, jax.nn.relu(vals), axis=-1, inplace=False)
-        return out
-    raise ValueError(f"unknown SAE activation {activation!r}; expected one of {SAE_ACTIVATIONS}")
+    return sae_activate(sae, x_in @ sae["W_enc"] + sae["b_enc"], activation, k)
 
 
 def sae_decode(sae: dict, f: jax.Array) -> jax.Array:
     return f @ sae["W_dec"] + sae["b_dec"]
+
+
+def check_sae(sae, activation, k: int, d_in: int | None = None) -> int:
+    """Validate SAE params for an edit or an analysis and return d_sae: the SAELens tensors with consistent
+    shapes, a known activation (or a callable encoder), k for topk, a threshold for jumprelu."""
+    for key in SAE_PARAM_KEYS:
+        if key not in sae:
+            raise ValueError(f"SAE params lack {key!r} (have {sorted(sae)}); expected W_enc, b_enc, W_dec, b_dec "
+                             "(+ threshold)")
+    if np.ndim(sae["W_enc"]) != 2:
+        raise ValueError(f"SAE W_enc has shape {tuple(np.shape(sae['W_enc']))}; expected [d_in, d_sae]")
+    width, d_sae = np.shape(sae["W_enc"])
+    want = {"b_enc": (d_sae,), "W_dec": (d_sae, width), "b_dec": (width,)}
+    for key, shape in want.items():
+        if tuple(np.shape(sae[key])) != shape:
+            raise ValueError(f"SAE param {key} has shape {tuple(np.shape(sae[key]))}; expected {shape} "
+                             f"(W_enc is {(width, d_sae)})")
+    if d_in is not None and width != d_in:
+        raise ValueError(f"SAE d_in={width} does not match the model's d_model={d_in}")
+    if callable(activation):
+        return d_sae
+    if activation not in SAE_ACTIVATIONS:
+        raise ValueError(f"SAE activation {activation!r}; expected one of {SAE_ACTIVATIONS} or an encode callable")
+    if activation == "topk" and not 0 < k <= d_sae:
+        raise ValueError(f"topk SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
+    if activation == "jumprelu" and "threshold" not in sae:
+        raise ValueError("jumprelu SAE params lack 'threshold'")
+    return d_sae
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +223,7 @@ class SaeSplice(_Edit):
 
     sae: dict = None
     site: str = struct.field(pytree_node=False, default="resid_post")
-    activation: str = struct.field(pytree_node=False, default="topk")
+    activation: Any = struct.field(pytree_node=False, default="topk")   # a SAE_ACTIVATIONS name or encode(sae, x)
     k: int = struct.field(pytree_node=False, default=0)
     apply_b_dec_to_input: bool = struct.field(pytree_node=False, default=True)
     extend: bool = struct.field(pytree_node=False, default=True)
@@ -195,7 +244,7 @@ class SaeLatent(_Edit):
     value: jax.Array = None
     site: str = struct.field(pytree_node=False, default="resid_post")
     mode: str = struct.field(pytree_node=False, default="add")
-    activation: str = struct.field(pytree_node=False, default="topk")
+    activation: Any = struct.field(pytree_node=False, default="topk")   # a SAE_ACTIVATIONS name or encode(sae, x)
     k: int = struct.field(pytree_node=False, default=0)
     apply_b_dec_to_input: bool = struct.field(pytree_node=False, default=True)
     normalize: bool = struct.field(pytree_node=False, default=False)
@@ -369,26 +418,10 @@ def mean_ablate(config, mean, *, layers, site="resid_post", positions=None, exte
                       mean=_vector(config, "mean", mean), site=site, extend=extend)
 
 
-def _check_sae(config, sae: dict, activation: str, k: int):
-    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        if key not in sae:
-            raise ValueError(f"SAE params lack {key!r}; expected W_enc, b_enc, W_dec, b_dec (+ threshold)")
-    d_in, d_sae = sae["W_enc"].shape
-    if d_in != config.d_model:
-        raise ValueError(f"SAE d_in={d_in} does not match the model's d_model={config.d_model}")
-    if activation not in SAE_ACTIVATIONS:
-        raise ValueError(f"SAE activation {activation!r}; expected one of {SAE_ACTIVATIONS}")
-    if activation == "topk" and not 0 < k <= d_sae:
-        raise ValueError(f"topk SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
-    if activation == "jumprelu" and "threshold" not in sae:
-        raise ValueError("jumprelu SAE params lack 'threshold'")
-    return d_sae
-
-
 def sae_splice(config, sae, *, layers, activation="topk", k=0, site="resid_post", positions=None,
                apply_b_dec_to_input=True) -> SaeSplice:
     _check_site(site)
-    _check_sae(config, sae, activation, k)
+    check_sae(sae, activation, k, config.d_model)
     return SaeSplice(layers=layer_mask(config, layers), positions=_positions(positions), sae=sae, site=site,
                      activation=activation, k=k, apply_b_dec_to_input=apply_b_dec_to_input)
 
@@ -396,7 +429,7 @@ def sae_splice(config, sae, *, layers, activation="topk", k=0, site="resid_post"
 def sae_latent(config, sae, latent, value, *, layers, mode="add", activation="topk", k=0, site="resid_post",
                positions=None, normalize=False, apply_b_dec_to_input=True, extend=True) -> SaeLatent:
     _check_site(site)
-    d_sae = _check_sae(config, sae, activation, k)
+    d_sae = check_sae(sae, activation, k, config.d_model)
     if mode not in ("add", "clamp"):
         raise ValueError(f"mode={mode!r}; expected 'add' or 'clamp'")
     if isinstance(latent, (int, np.integer)) and not 0 <= latent < d_sae:

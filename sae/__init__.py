@@ -1,6 +1,8 @@
 """Sparse autoencoders on activations of psm_jax models: train, checkpoint, evaluate, import/export.
 
-Modules: config (SaeConfig), model (params + encode/decode/loss), train (jitted stacked training, sources),
+Modules: config (SaeConfig), archs (one module per architecture + registry: training forward, inference
+activation, export mapping), model (params + architecture-independent encode/decode/loss), train (jitted stacked
+training, sources),
 checkpoint (orbax run dirs), metrics (field-standard metrics), interop (SAELens / sparsify / Gemma Scope),
 cli (`psm sae ...`), synthetic (planted-feature data), activations / corpus (harvesting, activation stores).
 Heavy imports happen in the submodules; `from sae import SaeConfig, load_sae` works lazily.

@@ -17,7 +17,8 @@ import json
 import math
 from typing import Any, Mapping, Sequence
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+from sae.archs import registry
+
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DECAYS = ("none", "linear", "cosine")
 NORMALIZATIONS = ("none", "expected_average_only_in")
@@ -31,7 +32,7 @@ class SaeConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class SaeConfig:
     # --- architecture -------------------------------------------------------------------------
-    architecture: str = "topk"          # relu | topk | batchtopk | jumprelu
+    architecture: str = "topk"          # a name in sae.archs.registry: relu | topk | batchtopk | jumprelu | ...
     d_in: int = 576
     d_sae: int = 4608
     k: int = 32                         # topk / batchtopk: latents kept per token (batchtopk: on average)
@@ -72,12 +73,12 @@ class SaeConfig:
         def bad(field, why):
             raise SaeConfigError(f"SaeConfig.{field}={getattr(self, field)!r}: {why}")
 
-        if self.architecture not in ARCHITECTURES:
-            bad("architecture", f"expected one of {ARCHITECTURES}")
+        if self.architecture not in registry.names():
+            bad("architecture", f"expected one of {registry.names()}")
         for f in ("d_in", "d_sae", "batch_size", "geometric_median_iters"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 bad(f, "expected a positive int")
-        if self.architecture in ("topk", "batchtopk"):
+        if registry.get(self.architecture).uses_k:
             if not isinstance(self.k, int) or not 0 < self.k <= self.d_sae:
                 bad("k", f"expected 0 < k <= d_sae={self.d_sae}")
         if self.aux_k is not None and not 0 < self.aux_k <= self.d_sae:
@@ -118,11 +119,11 @@ class SaeConfig:
 
     @property
     def uses_aux(self) -> bool:
-        return self.architecture in ("topk", "batchtopk") and self.aux_coef > 0
+        return registry.get(self.architecture).dead_latent_loss is not None and self.aux_coef > 0
 
     @property
     def has_threshold(self) -> bool:
-        return self.architecture in ("jumprelu", "batchtopk")
+        return registry.get(self.architecture).threshold is not None
 
     def replace(self, **kw) -> "SaeConfig":
         return dataclasses.replace(self, **kw)

@@ -5,7 +5,7 @@ The C++ source is compiled on first use with the system C++ compiler (`g++ -O3 -
 headers jaxlib ships (`jax.ffi.include_dir()`), into the on-disk cache of `psm_jax.native.build` (atomic, safe
 under concurrent processes; $PSM_KERNEL_CACHE overrides its place).
 
-`available()` is False (and the pure-XLA implementations in sae/model.py are used) when the backend is not CPU,
+`available()` is False (and the pure-XLA implementations in sae/archs/topk.py are used) when the backend is not CPU,
 when no compiler is found, when the build fails (a warning says why), or when PSM_SAE_CPU_KERNELS=0.
 Threads: the affinity mask's CPU count, or $PSM_KERNEL_THREADS (psm_jax/native/cpu_threads.h). Every kernel is
 deterministic.

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_id
-from psm_jax.edits import SAE_ACTIVATIONS, sae_encode
+from psm_jax.edits import check_sae, sae_encode
 from psm_jax.model import Capture, forward
 
 # Role slots of the per-role statistics: psm_jax.chat.Role values plus TEXT (plain-text documents,
@@ -86,7 +86,7 @@ class FeatureSae:
     (f = act((x - b_dec * apply_b_dec_to_input) W_enc + b_enc); x_hat = f W_dec + b_dec)."""
 
     params: Mapping[str, Any]
-    activation: str  # relu | topk | jumprelu (psm_jax.edits semantics)
+    activation: str  # a psm_jax.edits.SAE_ACTIVATIONS name (the architecture's inference activation)
     layer: int
     k: int = 0
     site: str = "resid_post"
@@ -94,21 +94,7 @@ class FeatureSae:
     name: str = ""
 
     def __post_init__(self):
-        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            if key not in self.params:
-                raise ValueError(f"SAE params lack {key!r}; expected W_enc, b_enc, W_dec, b_dec (+ threshold)")
-        d_in, d_sae = np.shape(self.params["W_enc"])
-        want = {"b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-        for key, shape in want.items():
-            if tuple(np.shape(self.params[key])) != shape:
-                raise ValueError(f"SAE param {key} has shape {tuple(np.shape(self.params[key]))}; expected {shape} "
-                                 f"(W_enc is {(d_in, d_sae)})")
-        if self.activation not in SAE_ACTIVATIONS:
-            raise ValueError(f"SAE activation {self.activation!r}; expected one of {SAE_ACTIVATIONS}")
-        if self.activation == "topk" and not 0 < int(self.k) <= d_sae:
-            raise ValueError(f"topk SAE needs 0 < k <= d_sae={d_sae}, got k={self.k}")
-        if self.activation == "jumprelu" and "threshold" not in self.params:
-            raise ValueError("jumprelu SAE params lack 'threshold'")
+        check_sae(self.params, self.activation, int(self.k))
         if not isinstance(self.layer, (int, np.integer)) or self.layer < 0:
             raise ValueError(f"layer={self.layer!r}; expected a non-negative int")
         arrays = {k: jnp.asarray(v, jnp.float32) for k, v in self.params.items()

@@ -14,8 +14,9 @@ next export):
                              plus psm_sae_config (this package's full SaeConfig, for an exact round trip)
     sae_weights.safetensors  W_enc, b_enc, W_dec, b_dec[, threshold] (float32)
     sparsity.safetensors     optional: "sparsity" = log10 firing density [d_sae]
-Architectures map relu -> standard, topk -> topk, jumprelu -> jumprelu, batchtopk -> jumprelu (its running
-threshold; SAELens runs it as JumpReLU).
+Architectures map through each one's `saelens_name` in sae.archs.registry: relu -> standard, topk -> topk,
+jumprelu -> jumprelu, batchtopk -> jumprelu (its running threshold; SAELens runs it as JumpReLU),
+matryoshka_topk -> topk; psm_sae_config keeps our name for the round trip.
 
 sparsify (EleutherAI): cfg.json (d_in, k, num_latents or expansion_factor, activation, transcode, skip_connection)
 + sae.safetensors (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec): TopK on
@@ -32,6 +33,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from sae.archs import registry
 from sae.config import SaeConfig, SaeConfigError
 from sae.model import SaeShapeError, check_params
 
@@ -41,10 +43,6 @@ SAELENS_SPARSITY = "sparsity.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 GEMMA_SCOPE_FILE = "params.npz"
 SAELENS_FORMAT_VERSION = "6.0.0"
-
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-
 
 class SaeFormatError(ValueError):
     """A file that exists but is not a readable SAE of the expected format (the message names the file)."""
@@ -134,14 +132,14 @@ def saelens_config(cfg: SaeConfig, *, hook_name: str, model_name: str, hook_head
                    exclude_special_tokens: bool | list[int] = False, neuronpedia_id: str | None = None,
                    extra_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The cfg.json dict of a SAELens v6 folder for an SAE trained with `cfg`."""
-    arch = _TO_SAELENS[cfg.architecture]
+    spec = registry.get(cfg.architecture)
+    arch = spec.saelens_name
     out: dict[str, Any] = {
         "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input), "normalize_activations": "none",
         "reshape_activations": "none",
     }
-    if arch == "topk":
-        out.update(k=int(cfg.k), rescale_acts_by_decoder_norm=False)
+    out.update(spec.saelens_fields(cfg))
     meta = {
         "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
         "model_name": model_name, "hook_name": hook_name, "hook_head_index": hook_head_index,
@@ -204,9 +202,9 @@ def load_saelens(path: str | os.PathLike) -> ImportedSae:
     if arch is None:
         raise SaeFormatError(f"{cfg_path} has no 'architecture' (pre-6.0 SAELens config, sae_lens_version="
                              f"{version!r}); re-save it with SAELens >= 6")
-    if arch not in _FROM_SAELENS:
+    if arch not in registry.saelens_names():
         raise SaeFormatError(f"{cfg_path}: SAELens architecture {arch!r} is not supported; "
-                             f"supported: {sorted(_FROM_SAELENS)}")
+                             f"supported: {sorted(registry.saelens_names())}")
     if d.get("normalize_activations", "none") not in ("none", None):
         raise SaeFormatError(f"{cfg_path}: normalize_activations={d['normalize_activations']!r} needs a runtime "
                              "scaling this importer does not apply; fold it into the weights first")
@@ -216,25 +214,26 @@ def load_saelens(path: str | os.PathLike) -> ImportedSae:
         raise SaeFormatError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported; fold the decoder "
                              "norms into the weights first")
     w = _read_safetensors(path / SAELENS_WEIGHTS, "SAELens weights")
-    keys = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if arch == "jumprelu" else [])
+    keys = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if registry.from_saelens(arch).threshold else [])
     _require(w, keys, path / SAELENS_WEIGHTS, f"{arch} SAE tensors")
     params = {k: _f32(k, w[k], path / SAELENS_WEIGHTS) for k in keys}
     ours = meta.get("psm_sae_config")
     d_in, d_sae = int(d["d_in"]), int(d["d_sae"])
     if ours:
         cfg = SaeConfig.from_dict(ours)
-        if (cfg.d_in, cfg.d_sae, _TO_SAELENS[cfg.architecture]) != (d_in, d_sae, arch):
+        if (cfg.d_in, cfg.d_sae, registry.get(cfg.architecture).saelens_name) != (d_in, d_sae, arch):
             raise SaeFormatError(f"{cfg_path}: metadata.psm_sae_config disagrees with the SAELens fields "
                                  f"(d_in/d_sae/architecture {cfg.d_in}/{cfg.d_sae}/{cfg.architecture} vs "
                                  f"{d_in}/{d_sae}/{arch})")
     else:
-        k = int(d.get("k", 1)) if arch == "topk" else 1
+        spec = registry.from_saelens(arch)
+        k = int(d.get("k", 1)) if spec.uses_k else 1
         try:
-            cfg = SaeConfig(architecture=_FROM_SAELENS[arch], d_in=d_in, d_sae=d_sae, k=max(1, min(k, d_sae)),
+            cfg = SaeConfig(architecture=spec.name, d_in=d_in, d_sae=d_sae, k=max(1, min(k, d_sae)),
                             apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)))
         except SaeConfigError as e:
             raise SaeFormatError(f"{cfg_path}: {e}") from e
-        if arch == "topk" and k != cfg.k:
+        if spec.uses_k and k != cfg.k:
             raise SaeFormatError(f"{cfg_path}: k={k} is not in (0, d_sae={d_sae}]")
     _check_shapes(params, cfg, path / SAELENS_WEIGHTS)
     sp = path / SAELENS_SPARSITY
@@ -291,7 +290,7 @@ def export_sparsify(params: Mapping[str, Any], cfg: SaeConfig, out_dir: str | os
     """Write a TopK SAE as a sparsify folder (for tools that read that format)."""
     from safetensors.numpy import save_file
 
-    if cfg.architecture != "topk" or not cfg.apply_b_dec_to_input:
+    if registry.get(cfg.architecture).edit_activation != "topk" or not cfg.apply_b_dec_to_input:
         raise ValueError("sparsify holds TopK SAEs that subtract b_dec from the input")
     check_params(params, cfg)
     from psm_jax.atomic import replace_dir
@@ -338,7 +337,7 @@ def load_gemma_scope(path: str | os.PathLike) -> ImportedSae:
 def export_gemma_scope(params: Mapping[str, Any], cfg: SaeConfig, out_file: str | os.PathLike, *,
                        overwrite: bool = False) -> Path:
     """Write a JumpReLU SAE (no b_dec on the input) as a Gemma Scope params.npz (atomic rename)."""
-    if cfg.architecture not in ("jumprelu", "batchtopk") or cfg.apply_b_dec_to_input:
+    if registry.get(cfg.architecture).edit_activation != "jumprelu" or cfg.apply_b_dec_to_input:
         raise ValueError("Gemma Scope holds JumpReLU SAEs with apply_b_dec_to_input=False")
     check_params(params, cfg)
     import io

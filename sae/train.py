@@ -50,7 +50,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sae import checkpoint as ckpt_mod
 from sae.config import SWEEPABLE, SaeConfig, check_stackable
-from sae.model import (Params, SaeShapeError, aux_loss, fold_activation_scale, hyperparams, init_params,
+from sae.archs import registry
+from sae.model import (Params, SaeShapeError, after_update, fold_activation_scale, hyperparams, init_params,
                        normalize_decoder, project_decoder_grad, training_loss)
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,10 @@ def _sae_grads(scfg: SaeConfig, kernel_opts, stacked, shared):
     aux = jnp.zeros((), jnp.float32)
     if scfg.uses_aux:
         recon = info["recon"]
+        dead_latent_loss = registry.get(scfg.architecture).dead_latent_loss
 
         def add_aux(g):
-            a, ga = jax.value_and_grad(lambda p: aux_loss(p, scfg, hp, x, recon, since))(params)
+            a, ga = jax.value_and_grad(lambda p: dead_latent_loss(p, scfg, hp, x, recon, since))(params)
             return a, jax.tree_util.tree_map(lambda u, v: u + hp["aux_coef"] * v, g, ga)
 
         aux, grads = lax.cond(jnp.any(since >= hp["dead_tokens_threshold"]), add_aux, lambda g: (aux, g), grads)
@@ -246,11 +248,7 @@ def _sae_apply(scfg: SaeConfig, stacked, shared):
     new = {k: params[k] - lr * updates[k] for k in params}
     if scfg.normalize_decoder:
         new["W_dec"] = normalize_decoder(new["W_dec"])
-    if scfg.architecture == "jumprelu":
-        new["threshold"] = jnp.maximum(new["threshold"], 0.0)
-    elif scfg.architecture == "batchtopk":
-        r, t, m = hp["threshold_ema_rate"], params["threshold"], extra["min_kept"]
-        new["threshold"] = jnp.where(m > 0, (1.0 - r) * t + r * m, t)
+    new = after_update(new, params, scfg, hp, extra)
     since = jnp.where(extra["fired"], 0, jnp.minimum(since + batch, SINCE_CAP))
     return new, opt, since, {"lr": lr, "dead_fraction": (since >= hp["dead_tokens_threshold"]).mean()}
 

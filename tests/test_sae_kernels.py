@@ -11,7 +11,7 @@ import pytest
 
 from psm_jax.native import build as native_build
 from sae import cpu_kernels as K
-from sae import model as M
+from sae.archs import topk as T
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_kernels = pytest.mark.skipif(not K.available(), reason="CPU kernels unavailable (no compiler?)")
@@ -43,11 +43,11 @@ def test_gather_and_scatter_kernels_match_xla():
     W = jnp.asarray(rng.standard_normal((S, D)).astype(np.float32))
     g = jnp.asarray(rng.standard_normal((B, D)).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((B, D)).astype(np.float32))
-    np.testing.assert_allclose(K.gather_sum(idx, vals, W), M._gather_sum(idx, vals, W), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(K.gather_dot(idx, g, W), M._gather_dot(idx, g, W), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(K.gather_sum(idx, vals, W), T._gather_sum(idx, vals, W), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(K.gather_dot(idx, g, W), T._gather_dot(idx, g, W), rtol=1e-5, atol=1e-5)
     a1, a2, s2 = K.scatter2(idx, vals, g, 2 * vals, x, S)
-    np.testing.assert_allclose(a1, M._scatter_rows(idx, vals, g, S), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(a2, M._scatter_rows(idx, 2 * vals, x, S), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a1, T._scatter_rows(idx, vals, g, S), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a2, T._scatter_rows(idx, 2 * vals, x, S), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(s2, np.bincount(np.asarray(idx).ravel(), np.asarray(2 * vals).ravel(), S),
                                rtol=1e-5, atol=1e-5)
     # deterministic: the same bits on every call
@@ -58,16 +58,16 @@ def test_gather_and_scatter_kernels_match_xla():
 
 
 def test_falls_back_when_the_kernels_cannot_build(tmp_path):
-    code = ("import warnings, jax\nfrom sae import cpu_kernels, model\n"
+    code = ("import warnings, jax\nfrom sae import cpu_kernels\nfrom sae.archs import topk\n"
             "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always')\n"
             "    ok = cpu_kernels.available()\n"
-            "print(ok, model.kernel_impl(), any('unavailable' in str(x.message) for x in w))\n")
+            "print(ok, topk.kernel_impl(), any('unavailable' in str(x.message) for x in w))\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", CXX="/nonexistent/c++", PATH="/nonexistent",
                PSM_SAE_KERNEL_CACHE=str(tmp_path / "cache"))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split() == ["False", "xla", "True"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", PSM_SAE_CPU_KERNELS="0")
-    res = subprocess.run([sys.executable, "-c", "from sae import model; print(model.kernel_impl())"],
+    res = subprocess.run([sys.executable, "-c", "from sae.archs import topk; print(topk.kernel_impl())"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.stdout.strip() == "xla"

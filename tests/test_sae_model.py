@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from sae import cpu_kernels, model as M
+from sae.archs import batchtopk, jumprelu
 from sae.config import SaeConfig, SaeConfigError, check_stackable, diff, sweep
 
 
@@ -139,13 +140,13 @@ def test_jumprelu_and_step_pseudo_gradients_hand_computed():
     bw = jnp.asarray(0.5)
     pre = jnp.asarray([[0.9, 2.3], [1.2, 1.7], [3.0, 2.1]])    # |pre - thr| < 0.25: (0,0) (1,0)? no: 0.2 yes; (2,1)
     inside = np.abs(np.asarray(pre) - np.asarray(thr)) < 0.25
-    g_thr = jax.grad(lambda t: M._jumprelu(pre, t, bw).sum())(thr)
+    g_thr = jax.grad(lambda t: jumprelu._jumprelu(pre, t, bw).sum())(thr)
     np.testing.assert_allclose(g_thr, -(np.asarray(thr) / 0.5) * inside.sum(0), rtol=1e-6)
-    g_thr0 = jax.grad(lambda t: M._step(pre, t, bw).sum())(thr)
+    g_thr0 = jax.grad(lambda t: jumprelu._step(pre, t, bw).sum())(thr)
     np.testing.assert_allclose(g_thr0, -(1 / 0.5) * inside.sum(0), rtol=1e-6)
-    g_pre = jax.grad(lambda p: M._jumprelu(p, thr, bw).sum())(pre)
+    g_pre = jax.grad(lambda p: jumprelu._jumprelu(p, thr, bw).sum())(pre)
     np.testing.assert_array_equal(g_pre, (np.asarray(pre) > np.asarray(thr)).astype(np.float32))
-    assert float(jnp.abs(jax.grad(lambda p: M._step(p, thr, bw).sum())(pre)).sum()) == 0.0
+    assert float(jnp.abs(jax.grad(lambda p: jumprelu._step(p, thr, bw).sum())(pre)).sum()) == 0.0
 
 
 def test_relu_l1_is_weighted_by_decoder_norms(x):
@@ -173,7 +174,7 @@ def test_batch_threshold_is_exact_including_fallback():
     acts[3] += 5.0                                     # one row holds far more than 2k of the batch's top set
     for k in (2, 4):
         want = np.sort(acts.reshape(-1))[::-1][k * 8 - 1]
-        got = M._batch_threshold(jnp.asarray(acts), 4, jnp.int32(k))
+        got = batchtopk.batch_threshold(jnp.asarray(acts), 4, jnp.int32(k))
         assert float(got) == float(want)
 
 
