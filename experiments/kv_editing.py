@@ -42,8 +42,15 @@ from psm_jax.generate import decode, prefill
 from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward
 from psm_jax.persona import DEFAULT_MODEL
+from psm_jax.persona.directions import unit
 from psm_jax.persona.stats import paired_effect
 
+PERSONA_SOURCE = {
+    "conversation": "The persona is established by the conversation only: its role-play system prompt is left out, "
+                    "so the persona lives in the in-character assistant turns that the edit acts on.",
+    "system": "The persona is set by the conversation's system prompt, which stays unedited in the cache.",
+}
+CONTROLS = ("control_user", "control_random")  # same edit on user-token positions; a random direction
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
 
@@ -65,11 +72,16 @@ class Config:
     axis_file: str | None = None  # safetensors with key "axis" [n_layers, d_model]; None = estimate
     axis_roles: int = 12
     axis_questions: int = 4
+    persona_source: str = "conversation"  # "conversation": the role-play's system prompt is left out, so the persona
+    # lives in the assistant turns only (the paper's condition); "system": it stays in the cache, unedited
+    controls: bool = True  # direct edits at the largest strength on user tokens, and along a random direction
     seed: int = 0
 
     def __post_init__(self):
         if self.strength_kind not in ("scale", "norm"):
             raise ValueError(f"strength_kind={self.strength_kind!r}; expected 'scale' or 'norm'")
+        if self.persona_source not in ("conversation", "system"):
+            raise ValueError(f"persona_source={self.persona_source!r}; expected 'conversation' or 'system'")
         if self.samples < 1 or self.probes < 1:
             raise ValueError(f"samples={self.samples}, probes={self.probes}; expected both >= 1")
 
@@ -208,8 +220,12 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
     samples_shown = []
     conditions = [("none", 0.0, None)] + [(mode, s, lr) for mode in ("recompute", "direct")
                                           for lr in cfg.layer_ranges for s in cfg.strengths]
+    if cfg.controls and max(cfg.strengths) > 0:  # the largest positive edit, where the hypothesis says it cannot act
+        conditions += [(ctl, max(cfg.strengths), cfg.layer_ranges[0]) for ctl in CONTROLS]
+    u_random = np.asarray(unit(np.random.default_rng(cfg.seed + 1).normal(size=u_all.shape)), np.float32)
     for conv in convs:
-        history = [{"role": m.role, "content": m.content} for m in conv.messages]
+        history = [{"role": m.role, "content": m.content} for m in conv.messages
+                   if m.role != "system" or cfg.persona_source == "system"]
         persona_answer = f"I am {conv.role.replace('_', ' ')}." if conv.role else "I am not an assistant."
         for probe in probes:
             if progress:
@@ -224,6 +240,8 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
             hist_tokens = jnp.asarray(np.repeat(hist.tokens[None], B, 0))
             asst = np.zeros((B, size), bool)
             asst[:, :n] = (hist.roles == Role.ASSISTANT)[None]
+            user = np.zeros((B, size), bool)
+            user[:, :n] = (hist.roles == Role.USER)[None]
             base = runner.prefill(model.params, hist_tokens, ())
             resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
             h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, hist.roles == Role.ASSISTANT])
@@ -233,7 +251,9 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
                     cache = base.cache
                 else:
                     layers = list(range(*lr))
-                    edit = _edit(cfg, model, cfg.strength_kind, strength, layers, asst, u_all, mean_norms)
+                    positions = user if mode == "control_user" else asst
+                    direction = u_random if mode == "control_random" else u_all
+                    edit = _edit(cfg, model, cfg.strength_kind, strength, layers, positions, direction, mean_norms)
                     if mode == "recompute":
                         cache = runner.prefill(model.params, hist_tokens, (edit,)).cache
                     else:
@@ -307,6 +327,21 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return agg
 
 
+def control_shifts(rows: list[dict], seed: int = 0) -> dict:
+    """Per control condition: the identity log-odds shift against the unedited cache, paired by (conversation,
+    probe), with a 95% bootstrap interval; a control that works has an interval containing 0."""
+    base = {(r["conversation"], r["probe"]): r for r in rows if r["mode"] == "none"}
+    out = {}
+    for ctl in CONTROLS:
+        sel = [r for r in rows if r["mode"] == ctl]
+        if sel:
+            eff = paired_effect([r["identity_logodds"] for r in sel],
+                                [base[(r["conversation"], r["probe"])]["identity_logodds"] for r in sel], seed=seed)
+            out[ctl] = dict(strength=sel[0]["strength"], layers=sel[0]["layers"], n=eff["n"],
+                            logodds_shift=eff["estimate"], ci_low=eff["low"], ci_high=eff["high"])
+    return out
+
+
 def identity_shifts(rows: list[dict], seed: int = 0) -> dict:
     """Per edit mode, at its largest positive strength: the identity log-odds shift against the unedited cache,
     paired by (conversation, probe), with a 95% bootstrap interval over those pairs."""
@@ -345,8 +380,7 @@ history only (resid_pre, block inputs of the listed layers); strength kind `{cfg
 projection x (1+s); "norm": + s * mean|h| along the unit axis). Negative strengths push toward the persona. Identity
 log-odds: per-token log-likelihood of an assistant answer minus that of a persona answer after the probe. Readout:
 mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
-assistant-rate scorer is a keyword check. The persona is set by the conversation's system prompt, which stays
-unedited in the cache. Run time {result.seconds:.0f} s.""")
+assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s.""")
     agg = aggregate(rows)
     rep.table("Effect of cache edits (mean over conversation x probe units; n = units)", agg)
     base = next(a for a in agg if a["mode"] == "none")
@@ -366,11 +400,17 @@ unedited in the cache. Run time {result.seconds:.0f} s.""")
     shifts = identity_shifts(rows, cfg.seed)
     rep.table("Identity log-odds shift at the largest strength (95% bootstrap interval over units)",
               [dict(mode=m, **v) for m, v in shifts.items()])
+    controls = control_shifts(rows, cfg.seed)
+    if controls:
+        rep.table("Control edits: the same direct edit on user-token positions, and along a random direction "
+                  "(identity log-odds shift, 95% interval over units; expected to contain 0)",
+                  [dict(control=k, **v) for k, v in controls.items()])
     rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", control)
     rep.section("Sample answers (first probe)", "\n".join(
         f"- {cid} / {mode} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
         for cid, mode, s, lr, texts in result.samples))
     rep.metric("kv_edit_identity_shift", shifts)
+    rep.metric("kv_edit_control_shift", controls)
     rep.metric("rows", rows)
     rep.metric("control", control)
     rep.metric("seconds", result.seconds)
@@ -388,4 +428,11 @@ def records(result: Result) -> list[dict]:
                                   f"samples each), model {cfg.model}, seed {cfg.seed}; shift "
                                   f"{v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
                         target="> 0 (toward the Assistant)", mode=mode, key=mode))
+    for ctl, v in control_shifts(result.rows, cfg.seed).items():
+        out.append(dict(metric="kv_edit_control_shift_ci", value=f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+                        unit="nats per token (identity log-odds shift, 95% CI)",
+                        reference=f"unedited cache; {ctl}: direct edit, strength {v['strength']} ({cfg.strength_kind}), "
+                                  f"layers {v['layers']}, n={v['n']} conversation x probe units, model {cfg.model}, "
+                                  f"seed {cfg.seed}; shift {v['logodds_shift']:+.4f}",
+                        target="contains 0", control=ctl, key=ctl, ci_low=v["ci_low"], ci_high=v["ci_high"]))
     return out
