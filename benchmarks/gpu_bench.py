@@ -26,8 +26,9 @@ Sections (`--only`, comma-separated; all by default):
   sae_mfu        `gpu_sae_step_mfu` (one line per d_sae, `mode` names it): model-FLOP utilisation of the jitted
                  TopK SAE training step (`sae.train.build_step` / `init_state` / `stacked_hyperparams` /
                  `static_config`, as `benchmarks/sae_step.py`'s `ours_step` builds it).
-  harvest_train  `gpu_harvest_train_tokens_per_s`: psm-jax `StreamSource` (harvest of resid_post 15 -> shuffle
-                 buffer) into `sae.train.train`, steady state (a second run in the process; compile excluded);
+  harvest_train  `gpu_harvest_train_tokens_per_s`: psm-jax `sae.data.sources.StreamSource` (harvest of
+                 resid_post 15 -> shuffle buffer) into `sae.train.train`, steady state (a second run in the
+                 process; compile excluded);
                  `gpu_harvest_train_vs_saelens`: the same tokens through SAELens' `LanguageModelSAETrainingRunner`
                  on the same GPU, only when `sae_lens` is importable (otherwise the script says why and records
                  no line for it).
@@ -366,6 +367,20 @@ def device_peak(device_kind: str) -> tuple[str, float, float | None] | None:
     return None
 
 
+def mfu_peak(device_kind: str, platform: str, override: float | None = None) -> tuple[float, str, float | None] | None:
+    """(peak FLOP/s the SAE step's MFU divides by, its description, the bf16 peak or None), or None when unknown.
+    GPUs run the fp32 step with TF32 matrix products: their TF32 peak; TPUs one bf16 pass: their bf16 peak."""
+    if override:
+        return override, f"--peak-flops {override:.4g}", None
+    known = device_peak(device_kind)
+    if known is None:
+        return None
+    name, bf16, tf32 = known
+    if platform == "gpu" and tf32:
+        return tf32, f"{name} dense TF32 {tf32:.4g}", bf16
+    return bf16, f"{name} dense bf16 {bf16:.4g}", bf16
+
+
 def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds: int) -> tuple[float, float]:
     """Seconds per jitted TopK step: (best of `rounds` rounds of `steps` steps dispatched back to back on
     device-resident batches, median over `steps` steps each given a host numpy batch and blocked on, the way
@@ -410,8 +425,11 @@ def section_sae_mfu(b: Bench) -> None:
     import jax
 
     dev = jax.devices()[0]
-    known = device_peak(dev.device_kind)
     gpu = dev.platform == "gpu"
+    peak = mfu_peak(dev.device_kind, dev.platform, b.peak_flops)
+    if peak is None:
+        print(f"sae_mfu: no peak FLOP/s known for device kind {dev.device_kind!r} (PEAKS; or pass --peak-flops): "
+              "recording achieved TFLOP/s, no MFU", flush=True)
     precision = "tensorfloat32" if gpu else None        # None: the platform's default (one bf16 pass on TPUs)
     for d_in, d_sae, k, batch in b.sizes.sae_shapes:
         with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
@@ -422,24 +440,17 @@ def section_sae_mfu(b: Bench) -> None:
                  f"{' with TF32 matrix products (SaeConfig has no compute dtype)' if gpu else ''}, "
                  f"{flops / 1e9:.1f} GFLOP/step (4BDS + 6BkD), {t * 1e3:.3f} ms/step, {achieved / 1e12:.1f} TFLOP/s")
         extra = dict(mode=f"d_sae {d_sae}", step_ms=round(t * 1e3, 4), step_ms_host_batch=round(t_host * 1e3, 4),
-                     flops_per_step=flops,
-                     achieved_tflops=round(achieved / 1e12, 2), matmul_precision=precision or "default")
-        if b.peak_flops:
-            peak, peak_name, bf16 = b.peak_flops, f"--peak-flops {b.peak_flops:.4g}", None
-        elif known:
-            name, bf16, tf32 = known
-            peak, peak_name = (tf32, f"{name} dense TF32 {tf32:.4g}") if gpu and tf32 else (
-                bf16, f"{name} dense bf16 {bf16:.4g}")
-        else:
-            print(f"sae_mfu: no peak FLOP/s known for device kind {dev.device_kind!r} (PEAKS; or pass "
-                  "--peak-flops): recording achieved TFLOP/s, no MFU", flush=True)
+                     flops_per_step=flops, achieved_tflops=round(achieved / 1e12, 2),
+                     matmul_precision=precision or "default")
+        if peak is None:
             b.emit("gpu_sae_step_tflops", round(achieved / 1e12, 4), "TFLOP/s", shape, None, **extra)
             continue
+        peak_flops, peak_name, bf16 = peak
         if bf16:
             extra["mfu_vs_bf16_peak"] = round(achieved / bf16, 4)
-        b.emit("gpu_sae_step_mfu", round(achieved / peak, 4), "fraction of peak FLOP/s",
+        b.emit("gpu_sae_step_mfu", round(achieved / peak_flops, 4), "fraction of peak FLOP/s",
                f"{shape}; peak used: {peak_name} FLOP/s", ">= 0.40 (bf16, H100/H200-class)",
-               peak_flops=peak, peak=peak_name, **extra)
+               peak_flops=peak_flops, peak=peak_name, **extra)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -459,7 +470,8 @@ def ours_harvest_train(b: Bench, tokens, run_dir: Path) -> float:
 
     import numpy as np
 
-    from sae.activations import ROLE_TEXT, Encoded, StreamSource, TokenFilter
+    from sae.data.contexts import Encoded, ROLE_TEXT, TokenFilter
+    from sae.data.sources import StreamSource
     from sae.config import SaeConfig
     from sae.train import train
 

@@ -27,7 +27,8 @@ RUNNER = ("import runpy, sys\n"
 def test_smoke_run_writes_complete_lines_without_saelens(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PSM_RESULTS=str(tmp_path / "not_here.jsonl"))
     res = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT / "benchmarks" / "gpu_bench.py"), "--smoke",
-                          "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path), "--peak-flops", "1e12"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / gpu_bench.RESULTS_FILE).read_text().splitlines()]
     printed = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
@@ -37,14 +38,16 @@ def test_smoke_run_writes_complete_lines_without_saelens(tmp_path):
         assert all(f in line for f in FIELDS), line
         check_line(line)
         assert line["smoke"] is True and line["reference"].startswith("SMOKE")
-        assert line["command"].startswith("PYTHONPATH=. python3 benchmarks/gpu_bench.py --smoke")
+        assert line["command"].startswith("PYTHONPATH=. python3 benchmarks/gpu_bench.py --smoke --peak-flops 1e+12")
     metrics = {x["metric"] for x in lines}
     assert metrics == {"gpu_forward_parity_max_abs", "gpu_forward_fp32_vs_hf_2x16", "gpu_forward_bf16_vs_hf_2x16",
                        "gpu_capture_edit_overhead", "gpu_decode_b1_vs_hf", "gpu_decode_b2_vs_hf",
-                       "gpu_sae_step_tflops", "gpu_harvest_train_tokens_per_s"}
+                       "gpu_sae_step_mfu", "gpu_harvest_train_tokens_per_s"}
     parity = next(x for x in lines if x["metric"] == "gpu_forward_parity_max_abs")
     assert parity["value"] < 1e-4                       # psm-jax vs HF torch on the same random weights
     assert all(x["value"] > 0 for x in lines if x["metric"] != "gpu_forward_parity_max_abs")
+    mfu = next(x for x in lines if x["metric"] == "gpu_sae_step_mfu")
+    assert mfu["value"] == pytest.approx(mfu["flops_per_step"] / (mfu["step_ms"] * 1e-3) / 1e12, rel=1e-2, abs=1e-4)
     assert "sae_lens is not importable" in res.stdout
 
 
@@ -54,6 +57,15 @@ def test_only_picks_sections_and_refuses_unknown_ones():
         gpu_bench.parse_sections("forward,bogus")
     with pytest.raises(ValueError, match="--peak-flops=-1"):
         gpu_bench.main(["--out", "/nonexistent-never-created", "--peak-flops", "-1"])
+
+
+def test_mfu_peak_follows_the_precision_the_step_runs_in():
+    peak, name, bf16 = gpu_bench.mfu_peak("NVIDIA H200", "gpu")
+    assert (peak, bf16) == (494.7e12, 989e12) and "TF32" in name       # fp32 step with TF32 matrix products
+    peak, name, bf16 = gpu_bench.mfu_peak("TPU v4", "tpu")
+    assert peak == bf16 == 275e12 and "bf16" in name                     # one bf16 pass per fp32 dot
+    assert gpu_bench.mfu_peak("NVIDIA H200", "gpu", 5e14)[:2] == (5e14, "--peak-flops 5e+14")
+    assert gpu_bench.mfu_peak("cpu", "cpu") is None
 
 
 def test_peak_table_matches_device_kinds():
