@@ -1,8 +1,10 @@
 """Accelerator benchmarks: psm-jax against Hugging Face torch and SAELens on the same GPU (or TPU).
 
-Run on the device machine (one H200: about 5 minutes including compilation, well inside 8):
+Run on the device machine, from the repo root (device tool: `run` with timeout_s=600; sized for about 5 minutes on
+one H200 including compilation, estimated from the timings of the earlier H200 run of these forward and decode
+benchmarks, where HF `generate` took most of a minute; not yet run in this form):
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_bench.py --out $OUT
+    set -o pipefail; PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_bench.py --out $OUT 2>&1 | tee $OUT/log
     PYTHONPATH=. python3 benchmarks/gpu_bench.py --out $OUT --only sae_mfu,decode    # some sections
     .venv/bin/python benchmarks/gpu_bench.py --smoke --out /tmp/smoke      # every section, tiny sizes, CPU
 
