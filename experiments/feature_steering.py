@@ -53,7 +53,9 @@ from psm_jax.persona import rollouts
 from experiments.report import Report, pyplot
 from experiments.report import fmt_num as _f
 from psm_jax import edits as E
+from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE
+from psm_jax.persona.prompts import trait_system_prompt
 from psm_jax.chat import TURN_AFTER, Role, encode_chat
 from sae import features as F
 
@@ -173,7 +175,10 @@ def firing_breadth(acts: np.ndarray) -> tuple[int, float]:
 
 
 def generation_measures(model, sae, prompts, responses, *, axis_unit, persona_latents, live_edits_fn,
-                        base_ppl: np.ndarray | None, batch_size: int) -> dict:
+                        base_ppl: np.ndarray | None, batch_size: int, trait_systems: tuple[str, str] | None = None) -> dict:
+    """Fluency (perplexity), axis projection, persona-latent breadth and, with `trait_systems` (positive, negative
+    system prompt), the judge-free trait score of the answers (`measures.answer_trait_score`, mean over non-empty
+    answers)."""
     convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
     ppl = perplexities(model, prompts, responses, batch_size=batch_size)
     text = rollouts.activation_means(model, convs, layers=(sae.layer,), site=SITE, batch_size=batch_size)
@@ -193,6 +198,12 @@ def generation_measures(model, sae, prompts, responses, *, axis_unit, persona_la
            "empty_fraction": float(np.mean(~ok)), "axis_proj_text": proj(text), "axis_proj_live": proj(live),
            "breadth_distinct": n_distinct, "breadth_entropy_bits": entropy, "n_answers": len(prompts),
            "n_response_tokens": int(sel.sum())}
+    if trait_systems is not None:
+        keep = [i for i, r in enumerate(responses) if r]
+        scores = measures.answer_trait_score(model, [prompts[i][-1]["content"] for i in keep],
+                                             [responses[i] for i in keep], *trait_systems,
+                                             batch_size=batch_size) if keep else np.zeros(0)
+        out["trait_score"] = float(np.mean(scores)) if len(scores) else float("nan")
     if base_ppl is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
             out["ppl_ratio_median"] = float(np.nanmedian(ppl / base_ppl)) if np.isfinite(ppl / base_ppl).any() else float("nan")
@@ -303,9 +314,11 @@ def run_into(config: Config, model, folder, progress=None, *, features: tuple | 
                 settings.append(("latent_clamp", pos, m))
         settings += [("random_add", "all", s) for s in cfg.strengths if s != 0.0]
         baseline = trait_measure(model, items, batch_size=bs)
+        pair0 = trait.instruction_pairs[0]
+        systems = tuple(trait_system_prompt(trait.name, pol, getattr(pair0, pol)) for pol in ("pos", "neg"))
         base_gen = generation_measures(model, sae, prompts, base_resp, axis_unit=axis_unit,
                                        persona_latents=persona_latents, live_edits_fn=None, base_ppl=base_ppl,
-                                       batch_size=bs)
+                                       batch_size=bs, trait_systems=systems)
         rows = []
         it = settings
         if progress:
@@ -334,7 +347,7 @@ def run_into(config: Config, model, folder, progress=None, *, features: tuple | 
                     row.update(generation_measures(model, sae, prompts, resp, axis_unit=axis_unit,
                                                    persona_latents=persona_latents,
                                                    live_edits_fn=edits_fn_for(make, pos, generating=False),
-                                                   base_ppl=base_ppl, batch_size=bs))
+                                                   base_ppl=base_ppl, batch_size=bs, trait_systems=systems))
                     row["responses"] = resp
             row["delta"] = row["trait_measure"] - baseline
             rows.append(row)
@@ -380,7 +393,8 @@ def _series(rows, kind, pos, key):
 def _plots(report: Report, results: dict, cfg):
     plt = pyplot()
     names = list(results)
-    panels = [("trait_measure", "trait measure (log-odds)"), ("ppl_ratio_median", "perplexity ratio (median)"),
+    panels = [("trait_measure", "trait measure (log-odds)"), ("trait_score", "judge-free trait score (answers)"),
+              ("ppl_ratio_median", "perplexity ratio (median)"),
               ("axis_proj_text", "axis projection (text)"), ("breadth_distinct", "persona latents firing")]
     fig, axes = plt.subplots(len(names), len(panels), figsize=(4 * len(panels), 3.2 * len(names)), squeeze=False)
     for i, name in enumerate(names):
@@ -461,6 +475,7 @@ Breadth: over {len(persona_latents)} persona-related latents from the features r
             tab.append({"kind": row["kind"], "positions": row["positions"], "s": row["strength"],
                         "trait": _f(row["trait_measure"]), "delta": _f(row["delta"]),
                         "ppl ratio": _f(row.get("ppl_ratio_median"), ".2f"), "empty": _f(row.get("empty_fraction"), ".2f"),
+                        "trait score (judge-free)": _f(row.get("trait_score"), "+.3f"),
                         "axis (text)": _f(row.get("axis_proj_text"), ".2f"), "axis (live)": _f(row.get("axis_proj_live"), ".2f"),
                         "breadth n/H": (f"{row['breadth_distinct']}/{_f(row['breadth_entropy_bits'], '.2f')}"
                                         if "breadth_distinct" in row else "")})

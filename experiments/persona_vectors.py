@@ -480,6 +480,14 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
                                           max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=len(ex_q),
                                           edits_fn=lambda b, e=edit: (e,))
         examples += [{"coef": float(c), "question": q, "response": o.response} for q, o in zip(ex_q, out)]
+    pair0 = trait.instruction_pairs[0]
+    pos_sys, neg_sys = (trait_system_prompt(trait.name, pol, getattr(pair0, pol)) for pol in ("pos", "neg"))
+    scorable = [e for e in examples if e["response"]]
+    if scorable:  # the judge-free score of each steered answer, by the unsteered model itself
+        scores = measures.answer_trait_score(model, [e["question"] for e in scorable], [e["response"] for e in scorable],
+                                             pos_sys, neg_sys, batch_size=cfg.batch_size)
+        for e, sc in zip(scorable, scores):
+            e["trait_score"] = float(sc)
     res["steered_examples"] = examples
 
     # 5. monitoring
@@ -961,8 +969,11 @@ reads the induced persona at all, layer by layer (plot below).
                 {"question": _short(x["question"], 70), "pair": x["pair"], "pos answer": _short(x["pos"], 140),
                  "neg answer": _short(x["neg"], 140)}
                 for x in r["response"]["reference"] if x["kept"] and x["half"] == "held-out"][:2])
-        report.table(f"{r['trait']}: steered generations (greedy, layer {st['layer']})", [
-            {"coef": e["coef"], "question": _short(e["question"], 80), "response": _short(e["response"])}
+        report.table(f"{r['trait']}: steered generations (greedy, layer {st['layer']}; judge-free trait score = "
+                     "per-token log-likelihood of the answer under the trait's first positive minus negative system "
+                     "prompt, scored by the unsteered model)", [
+            {"coef": e["coef"], "question": _short(e["question"], 80), "response": _short(e["response"]),
+             "trait score (judge-free)": _fmt(e.get("trait_score"), "+.3f")}
             for e in r["steered_examples"]])
         ex = []
         for pol in ("pos", "neg"):

@@ -380,3 +380,33 @@ def test_random_band_and_unit_validity():
     v = pv._unit_validity(per_unit, kinds, seed=0)
     assert v["n"] == 3 and v["effect"] == pytest.approx(np.mean([1.1 - 0.1, 2.0 - 0.6, 3.0 - 1.0]))
     assert v["valid"] and v["low"] > 0
+
+
+def test_answer_trait_score_matches_unpadded_forward(model):
+    """The judge-free score equals per-token log-likelihoods from single unpadded forwards (no batching, no
+    padding), positive system prompt minus negative."""
+    import jax
+
+    from psm_jax.chat import Role, encode_chat
+    from psm_jax.model import forward
+    from psm_jax.persona import measures
+
+    pos_sys, neg_sys = "You are an evil assistant.", "You are a helpful assistant."
+
+    def per_token(system, q, a):
+        conv = [{"role": "system", "content": system}, {"role": "user", "content": q},
+                {"role": "assistant", "content": a}]
+        enc = encode_chat(model.tokenizer, conv, chat_template=model.chat_template)
+        logits = forward(model.params, model.config, np.asarray(enc.tokens)[None]).logits[0]
+        lp = np.asarray(jax.nn.log_softmax(logits[:-1].astype(np.float32), -1))
+        tok = np.asarray(enc.tokens)[1:]
+        mask = (np.asarray(enc.roles) == Role.ASSISTANT)[1:] & (np.asarray(enc.turns) == 2)[1:]
+        return float(lp[np.arange(len(tok)), tok][mask].sum() / mask.sum())
+
+    got = measures.answer_trait_score(model, RQ, RPOS, pos_sys, neg_sys, batch_size=2)
+    want = [per_token(pos_sys, q, a) - per_token(neg_sys, q, a) for q, a in zip(RQ, RPOS)]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(ValueError, match="2 answers"):
+        measures.answer_trait_score(model, RQ, RPOS[:2], pos_sys, neg_sys)
+    with pytest.raises(ValueError, match="empty one"):
+        measures.answer_trait_score(model, RQ, RPOS, "", neg_sys)
