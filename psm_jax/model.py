@@ -118,9 +118,15 @@ def _rope_tables(config: ModelConfig, positions):
     return glob, rope_angles(jnp.asarray(rope_inv_freq(config.rope_local, config.head_dim)), positions)
 
 
-def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_context, h, layer_in):
-    """One decoder block. Returns (h, per-layer outputs: captures and new K/V)."""
-    lp, layer, is_sliding, cache_k, cache_v = layer_in
+def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx, carry, layer_in):
+    """One decoder block. carry = (h, cache_k, cache_v) (the caches are None without a KV cache).
+
+    With a cache, this layer's new K/V are written into the carried [L, B, S, KV, hd] arrays at
+    [layer, :, write_at] (an in-place update of T slots) and attention reads the layer's slots back.
+    Returns (carry, per-layer outputs: the captured sites).
+    """
+    h, cache_k, cache_v = carry
+    lp, layer, is_sliding = layer_in
     c = config
     out = {}
 
@@ -154,14 +160,16 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
     site("k", k)
     site("v", v)
 
-    q_pos, k_pos, k_valid, write_at = kv_context
+    global_bias, local_bias, write_at = attn_ctx
     if cache_k is None:
         keys, values = k, v
     else:
-        keys = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), write_at, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), write_at, axis=1)
-        out["cache_k"], out["cache_v"] = keys, values
-    bias = attention_bias(q_pos, k_pos, k_valid, c.sliding_window, is_sliding, x.dtype)
+        at = (layer, 0, write_at, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
+        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+    bias = global_bias if local_bias is None else jnp.where(is_sliding, local_bias, global_bias)
     scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     attn = grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias, scale=scale,
                              softcap=c.attn_logit_softcap)
@@ -188,21 +196,61 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, kv_conte
         m = rms_norm(m, lp["post_mlp_norm"], c.norm_eps, c.norm_offset)
     m = site("mlp_out", m)
     h = site("resid_post", h + m)
-    return h, out
+    return (h, cache_k, cache_v), out
+
+
+def is_concrete(x) -> bool:
+    """True when x holds values (not a jit/vmap tracer): host-side checks run only then."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_token_ids(config: ModelConfig, tokens, what: str = "tokens") -> None:
+    """Raise if integer token ids (concrete, any shape) fall outside [0, vocab_size); tracers are not checked."""
+    if not is_concrete(tokens) or np.size(tokens) == 0:
+        return
+    arr = np.asarray(tokens)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} contain id {bad}; expected ids in [0, {config.vocab_size}) (vocab_size)")
 
 
 def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, seq]")
+    """Shapes and dtypes always; token ids, cache room and positions where the values are concrete."""
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, seq] with batch, seq >= 1")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens have dtype {tokens.dtype}; expected an integer dtype (token ids)")
     if attention_mask is not None and attention_mask.shape != tokens.shape:
         raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {tokens.shape}")
-    width = tokens.shape[1] if cache is None else cache.size
+    check_token_ids(config, tokens)
+    b, t = tokens.shape
+    if cache is None:
+        if t > config.max_position:
+            raise ValueError(f"sequence length {t} exceeds the model's max_position={config.max_position}; "
+                             "expected at most max_position tokens")
+    else:
+        if cache.k.shape[1] != b:
+            raise ValueError(f"tokens have batch {b} but the KV cache has batch {cache.k.shape[1]}; expected equal")
+        if is_concrete(cache.length) and int(cache.length) + t > cache.size:
+            raise ValueError(f"writing {t} tokens at slot {int(cache.length)} overflows the KV cache of "
+                             f"{cache.size} slots; expected cache.length + T <= cache.size")
+        if is_concrete(cache.next_position) and int(jnp.max(cache.next_position)) + t > config.max_position:
+            raise ValueError(f"{t} tokens starting at position {int(jnp.max(cache.next_position))} exceed the model's "
+                             f"max_position={config.max_position}; expected positions < max_position")
+    check_edits(config, edits, b, t if cache is None else cache.size)
+
+
+def check_edits(config: ModelConfig, edits, batch: int, width: int) -> None:
+    """Each edit is an edits.* object whose layer mask is [n_layers] and position mask [batch, width]."""
     for e in edits:
+        if not hasattr(e, "transform") or not hasattr(e, "layers"):
+            raise TypeError(f"edit {e!r} is not an edit; expected psm_jax.edits objects (edits.add, edits.clamp, ...)")
         if e.layers.shape != (config.n_layers,):
             raise ValueError(f"edit layer mask has shape {e.layers.shape}; expected ({config.n_layers},)")
-        if e.positions is not None and (e.positions.shape[0] != tokens.shape[0] or e.positions.shape[1] != width):
+        if e.positions is not None and tuple(e.positions.shape) != (batch, width):
             raise ValueError(
-                f"edit positions mask has shape {tuple(e.positions.shape)}; expected ({tokens.shape[0]}, {width})"
+                f"edit positions mask has shape {tuple(e.positions.shape)}; expected ({batch}, {width})"
                 " (batch, sequence length or cache size)")
 
 
@@ -235,8 +283,15 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     attention mask (left padding gets no positions), as HF's `generate` computes them.
     `logits_positions`: None for all positions, or "last" for the last slot only (saves the
     vocab projection during prefill).
+
+    Inputs are checked where their values are concrete (outside jit): token ids in [0, vocab_size),
+    T <= config.max_position (padded width), and with a cache cache.length + T <= cache.size and
+    positions below max_position. Under jit (traced tokens or cache) these are the caller's contract:
+    an out-of-range id gathers a clamped embedding row, and a write past the cache end is clamped by
+    `dynamic_update_slice` onto the last slots.
     """
     edits = tuple(edits)
+    tokens = jnp.asarray(tokens) if isinstance(tokens, (list, tuple)) else tokens
     _check_inputs(config, tokens, attention_mask, edits, cache)
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -247,51 +302,57 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     slot_index = write_at + jnp.arange(t, dtype=jnp.int32)
 
     if cache is None:
-        kv_context = (positions, positions, mask, write_at)
+        k_pos, k_valid = positions, mask
         new_positions = new_valid = None
     else:
         new_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, write_at, axis=1)
         new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, write_at, axis=1)
-        kv_context = (positions, new_positions, new_valid, write_at)
+        k_pos, k_valid = new_positions, new_valid
 
+    h = embed(params, config, tokens)
+    # Masks and RoPE angles are the same at every layer: built once here, selected per layer in the scan.
+    global_bias = attention_bias(positions, k_pos, k_valid, None, False, h.dtype)
+    local_bias = None
+    if config.sliding_window is not None and any(config.layer_is_sliding):
+        local_bias = attention_bias(positions, k_pos, k_valid, config.sliding_window, True, h.dtype)
     rope = _rope_tables(config, positions)
     capture_sites = tuple(capture.sites)
     sliding = jnp.asarray(np.array(config.layer_is_sliding, bool))
     layer_ids = jnp.arange(config.n_layers, dtype=jnp.int32)
-    body = functools.partial(_block, config, edits, capture_sites, slot_index, rope, kv_context)
-    cache_k = None if cache is None else cache.k
-    cache_v = None if cache is None else cache.v
+    body = functools.partial(_block, config, edits, capture_sites, slot_index, rope,
+                             (global_bias, local_bias, write_at))
+    carry = (h, None if cache is None else cache.k, None if cache is None else cache.v)
 
-    h = embed(params, config, tokens)
-    xs = (params["layers"], layer_ids, sliding, cache_k, cache_v)
+    xs = (params["layers"], layer_ids, sliding)
     idx = np.asarray(capture.layer_list(config)) if capture_sites else np.zeros((0,), int)
     kept = sorted(set(idx.tolist()))
     captured = {}
     if capture_sites and len(kept) < config.n_layers:
         # A few layers: captures go into carried buffers (one slot per captured layer, plus a scratch slot that the
         # other layers overwrite) instead of a stacked scan output for every layer that is then mostly dropped.
-        shapes = jax.eval_shape(lambda h_, x_: body(h_, x_)[1], h, jax.tree.map(lambda a: a[0], xs))
+        shapes = jax.eval_shape(lambda c_, x_: body(c_, x_)[1], carry, jax.tree.map(lambda a: a[0], xs))
         bufs = {s: jnp.zeros((len(kept) + 1,) + shapes[s].shape, shapes[s].dtype) for s in capture_sites}
         slot_of = np.full(config.n_layers, len(kept), np.int32)
         slot_of[kept] = np.arange(len(kept), dtype=np.int32)
 
-        def body_into_buffers(carry, xs_):
-            h_, bufs_ = carry
-            h_, out = body(h_, xs_[:-1])
+        def body_into_buffers(state, xs_):
+            carry_, bufs_ = state
+            carry_, out = body(carry_, xs_[:-1])
             bufs_ = {s: jax.lax.dynamic_update_index_in_dim(bufs_[s], out.pop(s), xs_[-1], 0) for s in capture_sites}
-            return (h_, bufs_), out
+            return (carry_, bufs_), out
 
-        (h, bufs), ys = jax.lax.scan(body_into_buffers, (h, bufs), xs + (jnp.asarray(slot_of),))
+        (carry, bufs), _ = jax.lax.scan(body_into_buffers, (carry, bufs), xs + (jnp.asarray(slot_of),))
         pos = np.searchsorted(kept, idx)
         for s in capture_sites:
             captured[s] = bufs[s][pos]
     else:
-        h, ys = jax.lax.scan(body, h, xs)
+        carry, ys = jax.lax.scan(body, carry, xs)
         for s in capture_sites:
             captured[s] = ys[s] if (idx == np.arange(config.n_layers)).all() else ys[s][idx]
+    h, new_k, new_v = carry
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=ys["cache_k"], v=ys["cache_v"], positions=new_positions, valid=new_valid,
+        new_cache = KVCache(k=new_k, v=new_v, positions=new_positions, valid=new_valid,
                             length=cache.length + t, next_position=jnp.max(positions, axis=1) + 1)
     logits = None
     if return_logits:
@@ -299,4 +360,12 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     return ForwardOutput(logits=logits, captured=captured, cache=new_cache)
 
 
-jit_forward = jax.jit(forward, static_argnames=("config", "capture", "return_logits", "logits_positions"))
+_jit_forward = jax.jit(forward, static_argnames=("config", "capture", "return_logits", "logits_positions"))
+
+
+def jit_forward(params: dict, config: ModelConfig, tokens, **kwargs) -> ForwardOutput:
+    """`forward` compiled (config, capture, return_logits, logits_positions static), with the value checks
+    (token ids, cache room) run on the concrete inputs first."""
+    tokens = jnp.asarray(tokens)
+    _check_inputs(config, tokens, kwargs.get("attention_mask"), tuple(kwargs.get("edits", ())), kwargs.get("cache"))
+    return _jit_forward(params, config, tokens, **kwargs)

@@ -1,0 +1,110 @@
+"""Batched decoding on the packaged SmolLM2 (fp32): what a decode step costs against a forward and against HF.
+
+Records, each against a reference measured in the same run:
+  decode_b64_vs_forward  decode tokens/s at batch 64 (the while loop only, after a prefill of 128 tokens; 31 steps for
+                         32 new tokens) / tokens/s of one jitted forward over 64 x 160 tokens (logits at every position,
+                         as each decode step computes them): a decode step should cost about what its tokens cost in a
+                         forward (target >= 0.5)
+  decode_b32_vs_hf       psm-jax greedy `generate` tokens/s at batch 32 / HF torch `generate` (greedy, same model in
+                         fp32, same 128-token prompts and 32 new tokens, prefill included on both sides) (target >= 3)
+Prompts are random token ids (seeded) and no EOS stops a row, so every row decodes the full budget.
+Usage: .venv/bin/python benchmarks/decode.py [--reps N] [--no-record]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.record import record  # noqa: E402
+
+PROMPT, NEW = 128, 32
+
+
+def best_time(fn, reps: int) -> float:
+    """Best wall time of `reps` calls after one warm-up (compilation) call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def prompts(vocab: int, batch: int) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, PROMPT)), jnp.int32)
+
+
+def bench_vs_forward(m, reps: int, do_record: bool) -> None:
+    from psm_jax.generate import decode, prefill
+    from psm_jax.model import jit_forward
+
+    c, batch = m.config, 64
+    tokens = prompts(c.vocab_size, batch)
+    full = jnp.asarray(np.random.default_rng(1).integers(0, c.vocab_size, (batch, PROMPT + NEW)), jnp.int32)
+    t_fwd = best_time(lambda: jit_forward(m.params, c, full).logits.block_until_ready(), reps)
+    pre = jax.jit(lambda p, t: prefill(p, c, t, cache_size=PROMPT + NEW))(m.params, tokens)
+    step = jax.jit(lambda p, cache, logits: decode(p, c, cache, logits, max_new_tokens=NEW, eos_ids=()))
+    t_dec = best_time(lambda: step(m.params, pre.cache, pre.logits[:, -1]).tokens.block_until_ready(), reps)
+    fwd_tps, dec_tps = full.size / t_fwd, batch * (NEW - 1) / t_dec
+    line = ("decode_b64_vs_forward", round(dec_tps / fwd_tps, 3), "x (tokens/s ratio)",
+            f"decode batch 64, prompt {PROMPT}, {NEW} new tokens ({NEW - 1} cached steps): {dec_tps:.1f} tok/s; "
+            f"jitted forward 64 x {PROMPT + NEW} tokens (all logits): {fwd_tps:.1f} tok/s", ">= 0.5")
+    emit(line, do_record)
+
+
+def bench_vs_hf(m, reps: int, do_record: bool) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from psm_jax.generate import generate
+    from psm_jax.loading import registry
+
+    torch.set_num_threads(os.cpu_count())
+    path = registry.resolve("smollm2-135m-instruct")
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32").eval()
+    batch = 32
+    tokens = prompts(m.config.vocab_size, batch)
+    t_jax = best_time(lambda: generate(m.params, m.config, tokens, max_new_tokens=NEW,
+                                       eos_ids=()).tokens.block_until_ready(), reps)
+    tt = torch.tensor(np.asarray(tokens))
+    with torch.no_grad():
+        t_hf = best_time(lambda: hf.generate(tt, attention_mask=torch.ones_like(tt), max_new_tokens=NEW,
+                                             min_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                             pad_token_id=0), max(1, reps - 1))
+    jax_tps, hf_tps = batch * NEW / t_jax, batch * NEW / t_hf
+    line = ("decode_b32_vs_hf", round(jax_tps / hf_tps, 3), "x (tokens/s ratio)",
+            f"HF transformers torch fp32 greedy generate batch {batch}, prompt {PROMPT}, {NEW} new tokens: "
+            f"{hf_tps:.1f} tok/s; psm-jax generate {jax_tps:.1f} tok/s (prefill included in both)", ">= 3")
+    emit(line, do_record)
+
+
+def emit(line: tuple, do_record: bool) -> None:
+    if do_record:
+        record(*line)
+    else:
+        print(line)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-record", action="store_true", help="print the lines instead of appending them")
+    args = ap.parse_args()
+    import psm_jax
+
+    m = psm_jax.load("smollm2-135m-instruct")
+    bench_vs_forward(m, args.reps, not args.no_record)
+    bench_vs_hf(m, args.reps, not args.no_record)
+
+
+if __name__ == "__main__":
+    main()
