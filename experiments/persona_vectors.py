@@ -63,6 +63,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -637,8 +638,58 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs,
         "reference": ref}
 
 
-def run_into(config: Config, model, folder, progress=None) -> dict:
-    """Run the study and write its report folder `folder`; returns dict(report=path, metrics=..., results=[...])."""
+@dataclasses.dataclass
+class Result:
+    config: Config
+    results: list[dict]  # one per trait (`run_trait`)
+    n_layers: int
+    d_model: int
+    metrics: dict  # the headline numbers (`summary_metrics`)
+
+
+def cosine_matrix(results: list[dict]) -> tuple[int, list[str], np.ndarray]:
+    """Cosines between the traits' response_avg vectors at the layer chosen most often: (layer, names, [T, T])."""
+    chosen = [r["steering"]["layer"] for r in results]
+    common = max(sorted(set(chosen)), key=chosen.count)
+    V = np.stack([r["vectors"]["response_avg"][common] for r in results]).astype(np.float64)
+    Vn = V / (np.linalg.norm(V, axis=1, keepdims=True) + 1e-8)
+    return common, [r["trait"] for r in results], Vn @ Vn.T
+
+
+def summary_metrics(results: list[dict]) -> dict:
+    """Monotonic-trait counts per measure and criterion, the cosine matrix, and per trait its steering, monitoring
+    and validity numbers (what metrics.json and the records carry)."""
+    resp = [r for r in results if "response" in r]
+    common, names, cos = cosine_matrix(results)
+    m = {"persona_steering_monotonic_traits": count_monotonic([r["steering"]["monotonic"] for r in results], "both"),
+         "persona_steering_monotonic_traits_run": count_monotonic([r["steering"]["monotonic"] for r in results], "run")}
+    if resp:
+        m["persona_steering_monotonic_traits_response"] = count_monotonic([r["response"]["monotonic"] for r in resp],
+                                                                          "both")
+        m["persona_steering_monotonic_traits_response_run"] = count_monotonic(
+            [r["response"]["monotonic"] for r in resp], "run")
+    m.update(n_traits=len(results), cosine_layer=common,
+             cosine_matrix={a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)})
+    per = {}
+    for r in results:
+        st, mon = r["steering"], r["monitoring"]
+        per[r["trait"]] = {
+            "chosen_layer": st["layer"], "coefs": st["coefs"], "measure": st["measure"], "monotonic": st["monotonic"],
+            "random_control": st["random_control"], "unit_norm": st["unit_norm"],
+            "raw_vector_norm_in_units": st["raw_vector_norm_in_units"],
+            "layer_sweep": r["layer_sweep"], "monitor_r_last_prompt": mon["r_last_prompt"],
+            "monitor_r_response": mon["r_response"], "monitor_behaviour": mon["behaviour"],
+            "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
+            "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
+            "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
+        if "response" in r:
+            per[r["trait"]]["response_measure"] = {k: v for k, v in r["response"].items() if k != "reference"}
+    m["traits"] = per
+    return m
+
+
+def run(config: Config, model, progress=None) -> Result:
+    """Every trait: vectors, layer selection, steering curves with controls, monitoring, validity. No files."""
     traits = load_traits(config.traits)
     judge = None
     if config.judge == "local":
@@ -646,15 +697,21 @@ def run_into(config: Config, model, folder, progress=None) -> dict:
                            progress=progress is not None)
     elif config.judge == "openai":
         judge = make_judge("openai")
-    report = Report(folder, "Persona vectors", config)
     results = []
     for ti, trait in enumerate(traits):
         if progress:
             progress(f"trait {trait.name} ({ti + 1}/{len(traits)})")
         results.append(run_trait(model, trait, config, ti, judge, progress=progress is not None))
-    _write_report(report, config, model, results)
-    path = report.finish()
-    return {"report": path, "metrics": report.metrics, "results": results, "dir": report.dir}
+    return Result(config=config, results=results, n_layers=model.config.n_layers, d_model=model.config.d_model,
+                  metrics=summary_metrics(results))
+
+
+def report(result: Result, folder) -> Path:
+    rep = Report(folder, "Persona vectors", result.config)
+    _write_report(rep, result)
+    for key, value in result.metrics.items():
+        rep.metric(key, value)
+    return rep.finish()
 
 
 # ------------------------------------------------------------------------------ report
@@ -777,9 +834,9 @@ validity effect clearly > 0 is needed before the steering curve means anything.
                      ylabel="per-token log P(pos answer) - log P(neg answer)")
 
 
-def _write_report(report: Report, cfg: Config, model, results: list[dict]) -> None:
+def _write_report(report: Report, result: Result) -> None:
     plt = pyplot()
-    n_layers, d = model.config.n_layers, model.config.d_model
+    cfg, results, n_layers, d = result.config, result.results, result.n_layers, result.d_model
     n_mono = count_monotonic([r["steering"]["monotonic"] for r in results], "both")
     n_run = count_monotonic([r["steering"]["monotonic"] for r in results], "run")
     resp = [r for r in results if "response" in r]
@@ -899,12 +956,7 @@ reads the induced persona at all, layer by layer (plot below).
                   "(mean over evaluation questions) vs the behavioural measure under that system prompt.")
 
     # cosine matrix at the common layer
-    chosen = [r["steering"]["layer"] for r in results]
-    common = max(sorted(set(chosen)), key=chosen.count)
-    names = [r["trait"] for r in results]
-    V = np.stack([r["vectors"]["response_avg"][common] for r in results]).astype(np.float64)
-    Vn = V / (np.linalg.norm(V, axis=1, keepdims=True) + 1e-8)
-    cos = Vn @ Vn.T
+    common, names, cos = cosine_matrix(results)
     if len(results) > 1:
         fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
         im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
@@ -1010,39 +1062,15 @@ reads the induced persona at all, layer by layer (plot below).
     atomic_write_bytes(report.dir / "responses.jsonl",
                        "".join(json.dumps(jsonable(x)) + "\n" for x in lines).encode())
 
-    # metrics
-    report.metric("persona_steering_monotonic_traits", n_mono)
-    report.metric("persona_steering_monotonic_traits_run", n_run)
-    if resp:
-        report.metric("persona_steering_monotonic_traits_response", n_mono_resp)
-        report.metric("persona_steering_monotonic_traits_response_run", n_run_resp)
-    report.metric("n_traits", len(results))
-    report.metric("cosine_layer", common)
-    report.metric("cosine_matrix", {a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)})
-    per = {}
-    for r in results:
-        st, mon = r["steering"], r["monitoring"]
-        per[r["trait"]] = {
-            "chosen_layer": st["layer"], "coefs": st["coefs"], "measure": st["measure"], "monotonic": st["monotonic"],
-            "random_control": st["random_control"], "unit_norm": st["unit_norm"],
-            "raw_vector_norm_in_units": st["raw_vector_norm_in_units"],
-            "layer_sweep": r["layer_sweep"], "monitor_r_last_prompt": mon["r_last_prompt"],
-            "monitor_r_response": mon["r_response"], "monitor_behaviour": mon["behaviour"],
-            "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
-            "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
-            "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
-        if "response" in r:
-            per[r["trait"]]["response_measure"] = {k: v for k, v in r["response"].items() if k != "reference"}
-    report.metric("traits", per)
 
 
 # ------------------------------------------------------------------------------ CLI
 
 
-def records(result: dict) -> list[dict]:
+def records(result: Result) -> list[dict]:
     """Monotonic-trait counts per measure and criterion, and the monitoring correlation per trait and measure
     (lines whose value is not finite are left out)."""
-    m = result["metrics"]
+    m = result.metrics
     ref = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"
     strict = "strictly increasing over the whole coefficient sweep"
     run4 = f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs"

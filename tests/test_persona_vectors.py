@@ -260,9 +260,9 @@ def test_response_slots_and_config():
 def test_records_cover_both_measures():
     t = {"monitor_r_last_prompt": 0.1, "monitor_r_response": 0.2, "chosen_layer": 3, "system_prompt_effect": 0.0,
          "response_measure": {"r_last_prompt": 0.5, "r_response": 0.4, "layer": 4, "system_prompt_effect": 0.3}}
-    lines = pv.records({"metrics": {"persona_steering_monotonic_traits": 0,
-                                    "persona_steering_monotonic_traits_response": 1, "n_traits": 1,
-                                    "traits": {"evil": t}}})
+    metrics = {"persona_steering_monotonic_traits": 0, "persona_steering_monotonic_traits_response": 1,
+               "n_traits": 1, "traits": {"evil": t}}
+    lines = pv.records(pv.Result(config=pv.Config(), results=[], n_layers=2, d_model=16, metrics=metrics))
     got = {(ln["metric"], ln["measure"]): ln["value"] for ln in lines}
     assert got == {("persona_steering_monotonic_traits", "items"): 0,
                    ("persona_steering_monotonic_traits", "response_likelihood"): 1,
@@ -331,7 +331,9 @@ def test_run_end_to_end_tiny(tmp_path, model):
                                   sweep_layers=(0, 1), coefficients=(-1.0, 0.0, 1.0), n_monitor_questions=1,
                                   n_steer_examples=1, steer_example_coefs=(0.0,), n_response_questions=2,
                                   n_response_pairs=2, response_max_new_tokens=3, n_random=2)
-    res = pv.run_into(cfg, model, tmp_path / "out")
+    from experiments.study import execute
+
+    res = execute(pv, cfg, folder=tmp_path / "out", model=model)["result"]
     out = tmp_path / "out"
     for f in ("report.md", "metrics.json", "config.json", "steering_curves.png", "vectors_evil.safetensors",
               "vectors_evil.json", "vectors_humorous.safetensors", "monitoring.png", "cosine_matrix.png",
@@ -354,9 +356,9 @@ def test_run_end_to_end_tiny(tmp_path, model):
     tensors, meta = pv.load_persona_vectors(out / "vectors_evil.safetensors", model, model_name="small-test-model")
     assert set(tensors) == set(pv.VARIANTS) and meta["site"] == "resid_post"
     # same config and seed -> same numbers
-    res2 = pv.run_into(cfg, model, tmp_path / "out2")
-    np.testing.assert_allclose(res["results"][0]["steering"]["measure"], res2["results"][0]["steering"]["measure"])
-    np.testing.assert_allclose(res["results"][0]["vectors"]["response_avg"], res2["results"][0]["vectors"]["response_avg"])
+    res2 = pv.run(cfg, model)
+    np.testing.assert_allclose(res.results[0]["steering"]["measure"], res2.results[0]["steering"]["measure"])
+    np.testing.assert_allclose(res.results[0]["vectors"]["response_avg"], res2.results[0]["vectors"]["response_avg"])
 
 
 def test_random_band_and_unit_validity():
