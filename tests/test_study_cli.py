@@ -70,6 +70,8 @@ def test_registry_modules_expose_their_contract():
             assert dataclasses.is_dataclass(cfg) and cfg.model
         for field, _ in s.inputs:
             assert field in study.field_types(mod.Config), (s.name, field)
+    pure = {s.name for s in registry.STUDIES if study.is_pure(s.module)}
+    assert {"assistant-axis", "persona-vectors", "capping", "kv-editing", "refusal"} <= pure
     with pytest.raises(ValueError, match="unknown study 'nope'"):
         registry.get("nope")
 
