@@ -87,5 +87,7 @@ def record(metric: str, value, unit: str, reference: str, target: str | None = N
 
 
 def record_lines(lines, command: str) -> list[dict]:
-    """`record(**line, command=command)` for each line a study's `records(result)` returned."""
-    return [record(**{**check_line(dict(line)), "command": command}) for line in lines]
+    """`record(**line, command=command)` for each line a study's `records(result)` returned; every line is checked
+    before the first is written, so a bad line leaves the file unchanged."""
+    checked = [check_line(dict(line)) for line in lines]
+    return [record(**{**line, "command": command}) for line in checked]

@@ -85,8 +85,8 @@ def test_record_lines_append_with_command(tmp_path, monkeypatch):
     records.record_lines(lines, "psm toy n=3")
     row = json.loads(path.read_text())
     assert row["command"] == "psm toy n=3" and row["key"] == "a" and row["machine"] and row["date"]
-    with pytest.raises(ValueError, match="has no 'unit'"):
-        records.record_lines([dict(metric="m", value=1, reference="r")], "c")
+    with pytest.raises(ValueError, match="has no 'unit'"):  # checked before anything is written
+        records.record_lines(lines + [dict(metric="m", value=1, reference="r")], "c")
     with pytest.raises(ValueError, match="value nan"):
         records.record(metric="m", value=float("nan"), unit="x", reference="r")
     assert len(path.read_text().splitlines()) == 1
