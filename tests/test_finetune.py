@@ -58,6 +58,7 @@ def test_fresh_adapter_leaves_the_model_unchanged(tiny):
     assert not np.array_equal(np.asarray(other["wq"]["a"]), np.asarray(adapters["wq"]["a"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parity
 def test_lora_merge_matches_peft(tiny_hf):
     """Scale alpha/sqrt(r) (rsLoRA), per-layer selection and targets as PEFT applies them, on a tiny llama."""
@@ -212,6 +213,7 @@ def test_kl_and_steering_terms_match_direct_computations(tiny, data):
     np.testing.assert_allclose(float(terms["steer"]), 2.0 * (shift ** 2)[batch["attention_mask"]].mean(), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_batch(tiny, data):
     base = FinetuneConfig(lora=LoraConfig(rank=4, alpha=8.0), batch_size=4, optimizer=OptimizerConfig(1e-2))
     batch = {k: jnp.asarray(v) for k, v in _batch(data).items()}

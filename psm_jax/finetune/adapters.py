@@ -8,9 +8,13 @@ PEFT's kaiming-uniform bound 1/sqrt(d_in).
 
 Why merge instead of a per-token path: `apply_adapters` computes `W + s * A @ B` per stacked
 layer, 2·in·r·out FLOPs per weight, whereas computing `x W + s (x A) B` for T tokens costs an extra
-2·T·r·(in + out). Merging is cheaper once T > in·out / (in + out) — about 420 tokens for
-SmolLM2-135M's MLP (576 x 1536) — and a training step sees thousands of tokens. It also keeps one
-forward for inference, training and export: the export merges with the same function (in fp32).
+2·T·r·(in + out). In the forward, merging is cheaper once T > in·out / (in + out) — about 420
+tokens for SmolLM2-135M's MLP (576 x 1536) — and a training step sees thousands of tokens. It also
+keeps one forward for inference, training and export (the export merges with `merge_weight`, in
+fp32), with no hook inside the projections. The price is in the backward: the gradient reaches A
+and B through the full weight cotangent x^T dy (2·T·in·out per weight, as in full fine-tuning),
+which a per-token path would skip; for SmolLM2 with all seven targets that is about 30% more
+FLOPs per step than forward + activation backward alone.
 
 Per-layer selection is a static mask folded into the scale: unselected layers get a zero delta
 (and zero gradients), which keeps the stacked shapes that the scan needs.

@@ -74,7 +74,8 @@ class ChatDataset:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len={seq_len!r}; expected an int >= 2")
         if isinstance(conversations, (str, os.PathLike)):
-            conversations = read_chat_jsonl(conversations)
+            raise TypeError(f"conversations={conversations!r} is a path; expected lists of messages "
+                            "(use ChatDataset.from_jsonl for a JSONL file)")
         if not conversations:
             raise ValueError("no conversations; expected at least one list of messages")
         encs = []

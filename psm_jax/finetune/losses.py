@@ -36,9 +36,10 @@ def assistant_targets(roles, attention_mask):
 
 def next_token_nll(logits, tokens, target_mask):
     """Sum over counted positions t of -log p(tokens[t+1] | ..t). logits float [B, T, V]."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(target_mask[:, :-1], picked, 0.0))
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked  # no [B, T, V] log-probabilities kept
+    return jnp.sum(jnp.where(target_mask[:, :-1], nll, 0.0))
 
 
 def kl_to_reference(logits, ref_logits, mask):

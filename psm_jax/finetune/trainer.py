@@ -40,7 +40,7 @@ from psm_jax.finetune import adapters as lora_lib
 from psm_jax.finetune.checkpoint import Checkpointer, ensure_run_config
 from psm_jax.finetune.data import ChatDataset, Cursor, next_batch
 from psm_jax.finetune.losses import assistant_targets, kl_to_reference, next_token_nll, projection_shift
-from psm_jax.model import Capture, forward
+from psm_jax.model import Capture, check_edits, forward
 
 SCHEDULES = ("constant", "cosine", "linear")
 METHODS = ("lora", "full")
@@ -260,12 +260,9 @@ class FinetuneResult(NamedTuple):
     log: list  # one dict per step run in this call: step and float metrics
 
 
-def _check_extras(config: ModelConfig, ft: FinetuneConfig, edits, ref_data, direction) -> None:
+def _check_extras(config: ModelConfig, ft: FinetuneConfig, data: ChatDataset, edits, ref_data, direction) -> None:
+    check_edits(config, edits, ft.batch_size // ft.grad_accum, data.seq_len)
     for e in edits:
-        if not hasattr(e, "transform") or not hasattr(e, "layers"):
-            raise TypeError(f"edit {e!r:.80} is not an edit; expected psm_jax.edits objects (edits.add, ...)")
-        if e.layers.shape != (config.n_layers,):
-            raise ValueError(f"edit layer mask has shape {e.layers.shape}; expected ({config.n_layers},)")
         if e.positions is not None:
             raise ValueError("training edits must have positions=None (every token); choose tokens by role with "
                              f"FinetuneConfig.edit_roles instead of a fixed mask of shape {tuple(e.positions.shape)}")
@@ -300,17 +297,16 @@ def finetune(params: Mapping, config: ModelConfig, ft: FinetuneConfig, data: Cha
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r}; expected a positive int")
     edits = tuple(edits)
-    _check_extras(config, ft, edits, ref_data, direction)
+    _check_extras(config, ft, data, edits, ref_data, direction)
     optimizer = make_optimizer(ft.optimizer)
     state = init_state(params, config, ft, key, optimizer)
     frozen = dict(params)
     extras = {"edits": edits, "direction": None if direction is None else jnp.asarray(direction, jnp.float32)}
-    place = lambda x: x  # noqa: E731
-    if mesh is not None:
+    place = jnp.asarray
+    if mesh is not None:  # data parallel: weights and optimizer state replicated, the batch split
         from psm_jax.sharding import shard_batch
 
-        replicated = NamedSharding(mesh, P())
-        state, frozen, extras = jax.device_put((state, frozen, extras), replicated)
+        state, frozen, extras = jax.device_put((state, frozen, extras), NamedSharding(mesh, P()))
         place = functools.partial(shard_batch, mesh=mesh)
     cursor = ref_cursor = Cursor()
     ckpt = None
