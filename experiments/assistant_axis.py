@@ -49,7 +49,7 @@ from psm_jax.persona.axis import per_turn_projections, response_means, role_and_
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import SITE
 from psm_jax.persona.directions import (axis_from_vectors, axis_pc1_cosines, group_means, persona_space,  # noqa: F401
-                                        persona_space_intervals,
+                                        MIN_BOOTSTRAP_ROLES, persona_space_intervals,
                                         unit)
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv  # noqa: F401
 from experiments.sharegpt import sharegpt_conversations
@@ -338,7 +338,7 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
                                                desc=f"drift {kind}")
 
     space_ci = (persona_space_intervals(role_vecs[:, target], default_vec[target], axis[target], seed=cfg.seed)
-                if len(role_vecs) >= 3 else None)
+                if len(role_vecs) >= MIN_BOOTSTRAP_ROLES else None)
     res = AxisResult(cfg, [r.name for r in kept_roles], [r.category for r in kept_roles], role_vecs, default_vec,
                      axis, target, space, cosines, {})
 
@@ -442,7 +442,8 @@ Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512
     rep.section("Where the axis lies", f"""
 |axis| in the span of the top 3 PCs: {space['top3_cosine']:.3f} of its length. The component most aligned with the
 axis among the top 3 is PC{best + 1} (cos {space['pc_cosines'][best]:.3f}); the default Assistant lies above
-{space['pc_percentiles'][best]:.0%} of the roles on it.""")
+{space['pc_percentiles'][best]:.0%} of the roles on it.{'' if ci[0] else
+f" No bootstrap intervals: fewer than {MIN_BOOTSTRAP_ROLES} roles."}""")
     rep.section("Reading", f"""
 Paper (Gemma 2 27B / Qwen 3 32B / Llama 3.3 70B): 4 / 8 / 19 PCs for 70% of the variance, axis-PC1 cosine
 > 0.71, the Assistant at one extreme of PC1. Here: {space['n_pcs']} PCs for {cfg.variance_fraction:.0%} with

@@ -133,3 +133,21 @@ def test_random_directions_have_matched_norm_and_differ():
     assert abs(D.cosine(r[0], r[1])) < 0.9
     with pytest.raises(ValueError, match="n=0"):
         D.random_directions(0, 0, 16, 1.0)
+
+
+def test_persona_space_intervals_cover_the_estimate_and_need_enough_roles():
+    rng = np.random.default_rng(1)
+    roles = np.zeros((30, 6))
+    roles[:, 0] = rng.normal(0, 5, 30)
+    roles[:, 1] = rng.normal(0, 1, 30)
+    roles[:, 2:] = 0.1 * rng.normal(size=(30, 4))
+    default = np.zeros(6)
+    default[1] = 6.0
+    ps = D.persona_space(roles, default, D.axis_from_vectors(default, roles))
+    ci = D.persona_space_intervals(roles, default, D.axis_from_vectors(default, roles), n_resamples=100)
+    lo, hi = ci["pc_abs_cosine_ci"][1]
+    assert lo <= abs(ps["pc_cosines"][1]) <= hi and lo > 0.8
+    assert ci["pc_percentile_ci"][1][0] > 0.9 and len(ci["pc_percentile_ci"]) == 5
+    with pytest.raises(ValueError, match="needs >= 8 roles; got 4"):
+        D.persona_space_intervals(roles[:4], default, default)
+    assert len(D.persona_space(roles[:4], default, default)["pc_cosines"]) == 3  # 4 roles span 3 directions

@@ -18,7 +18,8 @@ from psm_jax.model import Capture, forward
 from psm_jax.reductions import components_for_variance, pca
 
 SITE = "resid_post"
-N_AXIS_PCS = 5  # persona-space components compared with the axis (the structure need not sit on PC1)
+N_AXIS_PCS = 5
+MIN_BOOTSTRAP_ROLES = 8  # below this a bootstrap over roles mostly redraws the same few role sets  # persona-space components compared with the axis (the structure need not sit on PC1)
 
 
 def unit(v, eps: float = 1e-8) -> np.ndarray:
@@ -104,7 +105,7 @@ def persona_space(role_vecs_l, default_l, axis_l, fraction: float = 0.7, n_pcs: 
     centred = np.asarray(role_vecs_l, np.float64) - mean
     d = np.asarray(default_l, np.float64) - mean
     ax = np.asarray(axis_l, np.float64)
-    k = min(int(n_pcs), comps.shape[0])
+    k = min(int(n_pcs), comps.shape[0], len(centred) - 1)  # R centred vectors span at most R - 1 directions
     cosines, percentiles = [], []
     for i in range(k):
         if d @ comps[i] < 0:
@@ -136,26 +137,28 @@ def persona_space(role_vecs_l, default_l, axis_l, fraction: float = 0.7, n_pcs: 
 def persona_space_intervals(role_vecs_l, default_l, axis_l, *, n_resamples: int = 200, seed: int = 0,
                             n_pcs: int = N_AXIS_PCS, level: float = 0.95) -> dict:
     """Bootstrap over roles (the independent units) of `persona_space`: per PC k, the interval of the default's
-    percentile (`pc_percentile_ci`) and of |cos(axis, PC_k)| (`pc_abs_cosine_ci`), each [(low, high), ...].
-    Resamples with fewer distinct roles than PCs are redrawn; the axis is recomputed from each resample."""
+    percentile (`pc_percentile_ci`) and of |cos(axis, PC_k)| (`pc_abs_cosine_ci`), each [(low, high), ...]. A
+    resample with d distinct roles resolves d - 1 components; the others count as missing for it. The axis is
+    recomputed from each resample. Needs >= MIN_BOOTSTRAP_ROLES roles (fewer give a degenerate interval)."""
     roles = np.asarray(role_vecs_l, np.float64)
-    if len(roles) < 3:
-        raise ValueError(f"persona_space_intervals needs >= 3 roles; got {len(roles)}")
+    if len(roles) < MIN_BOOTSTRAP_ROLES:
+        raise ValueError(f"persona_space_intervals needs >= {MIN_BOOTSTRAP_ROLES} roles; got {len(roles)}")
     default = np.asarray(default_l, np.float64)
     k = min(int(n_pcs), len(roles) - 1)
     rng = np.random.default_rng(seed)
-    pcts, coss = [], []
-    while len(pcts) < n_resamples:
+    pcts, coss = np.full((n_resamples, k), np.nan), np.full((n_resamples, k), np.nan)
+    for b in range(n_resamples):
         idx = rng.integers(0, len(roles), len(roles))
-        if len(set(idx.tolist())) <= k:
+        kb = min(k, len(set(idx.tolist())) - 1)
+        if kb < 1:
             continue
         sub = roles[idx]
-        ps = persona_space(sub, default, axis_from_vectors(default, sub), n_pcs=k)
-        pcts.append(ps["pc_percentiles"][:k])
-        coss.append(np.abs(ps["pc_cosines"][:k]))
+        ps = persona_space(sub, default, axis_from_vectors(default, sub), n_pcs=kb)
+        pcts[b, :kb] = ps["pc_percentiles"][:kb]
+        coss[b, :kb] = np.abs(ps["pc_cosines"][:kb])
     lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
-    pq = np.quantile(np.asarray(pcts), [lo, hi], axis=0)
-    cq = np.quantile(np.asarray(coss), [lo, hi], axis=0)
+    pq = np.nanquantile(pcts, [lo, hi], axis=0)
+    cq = np.nanquantile(coss, [lo, hi], axis=0)
     return {"pc_percentile_ci": [(float(a), float(b)) for a, b in pq.T],
             "pc_abs_cosine_ci": [(float(a), float(b)) for a, b in cq.T], "n_roles": len(roles)}
 
