@@ -39,8 +39,10 @@ def main(argv=None):
     import numpy as np
 
     import psm_jax
-    from sae.activations import TokenFilter, harvest, harvest_to_store
-    from sae.corpus import load_sharegpt
+    from sae.data.contexts import TokenFilter
+    from sae.data.harvest import harvest
+    from sae.data.store import harvest_to_store
+    from sae.data.corpus import load_sharegpt
 
     t0 = time.perf_counter()
     model = psm_jax.load(args.model)

@@ -11,8 +11,8 @@ TransformerLens model in bf16 (torch's CPU bf16 kernels). Both SAEs stay float32
 float32 model is `harvest_train_vs_saelens_runner` (SAELens at its defaults, the issue's reference); against a bf16
 SAELens model, `harvest_train_vs_saelens_runner_saelens_bf16`. Each line names both dtypes.
 
-Input (identical on both sides): ShareGPT conversations (`sae.corpus.load_sharegpt`, shuffled with --seed) through
-the model's chat template (`sae.activations.default_encoder`), packed into full contexts of --context-len tokens
+Input (identical on both sides): ShareGPT conversations (`sae.data.corpus.load_sharegpt`, shuffled with --seed) through
+the model's chat template (`sae.data.contexts.default_encoder`), packed into full contexts of --context-len tokens
 (`encode_documents(mode="pack")`), tokenised before any timing and saved as .npy in a temporary directory. SAELens
 gets the same token ids as a pre-tokenised `datasets.Dataset` (`input_ids` column) passed as `override_dataset`.
 Both sides drop the first --skip-first positions of every context (psm-jax `TokenFilter(skip_first=1)`, SAELens
@@ -34,7 +34,7 @@ decay), gradient clipping at 1.0 (SAELens always clips at 1.0; psm-jax is config
 wandb, no intermediate checkpoints. At the end psm-jax writes its final checkpoint (`sae.train.train` always does)
 and SAELens its final SAE (`output_path`); both are inside the timed region.
 
-  * psm-jax: `sae.activations.StreamSource` (harvest -> ShuffleBuffer of --buffer rows -> batches, no disk) into
+  * psm-jax: `sae.data.sources.StreamSource` (harvest -> ShuffleBuffer of --buffer rows -> batches, no disk) into
     `sae.train.train`, in this process, JAX's default threads. Timed twice: a cold run (includes XLA compilation of
     the capture forward, the SAE init and the training step) and a warm run in the same process (compiled programs
     cached); the warm run is the steady-state figure, cold - warm is the compile cost.
@@ -226,8 +226,8 @@ def pretokenize(model, n_ctx: int, context_len: int, seed: int):
     """n_ctx full contexts of packed ShareGPT chat tokens (tokens, roles, turns arrays [n_ctx, context_len])."""
     import numpy as np
 
-    from sae.activations import default_encoder, encode_documents
-    from sae.corpus import load_sharegpt
+    from sae.data.contexts import default_encoder, encode_documents
+    from sae.data.corpus import load_sharegpt
 
     corpus = load_sharegpt(shuffle=True, seed=seed)
     enc = default_encoder(model.tokenizer, getattr(model, "chat_template", None))
@@ -266,7 +266,8 @@ class _Timed:
 
 
 def run_ours(model, tokens, roles, turns, args, run_dir: Path) -> dict:
-    from sae.activations import Encoded, StreamSource, TokenFilter
+    from sae.data.contexts import Encoded, TokenFilter
+    from sae.data.sources import StreamSource
     from sae.config import SaeConfig
     from sae.train import train
 
@@ -296,7 +297,8 @@ def eval_activations(model, tokens, roles, turns, args, n_contexts: int):
     rows for the parity check, all rows without outlier-norm tokens for the reconstruction check)."""
     import numpy as np
 
-    from sae.activations import ActivationBatch, Encoded, TokenFilter, harvest
+    from sae.data.contexts import Encoded, TokenFilter
+    from sae.data.harvest import ActivationBatch, harvest
 
     everything = TokenFilter(exclude_bos=False, exclude_default_system=False, skip_first=args.skip_first)
     ab = ActivationBatch.concat(list(harvest(

@@ -57,9 +57,10 @@ def main(argv=None) -> int:
 
     import psm_jax
     from benchmarks.record import record
-    from sae.activations import StoreSource, harvest_to_store
+    from sae.data.sources import StoreSource
+    from sae.data.store import harvest_to_store
     from sae.config import SaeConfig
-    from sae.corpus import load_sharegpt
+    from sae.data.corpus import load_sharegpt
     from sae.metrics import evaluate_lm_on_corpus, evaluate_reconstruction
     from sae.train import train
 

@@ -1,4 +1,4 @@
-"""Cost of checking activation-store chunks while reading them (sae.activations.ActivationStore, `verify`).
+"""Cost of checking activation-store chunks while reading them (sae.data.store.ActivationStore, `verify`).
 
     python benchmarks/store_verify.py                 # one real-size chunk file: 32768 tokens x 576 (SmolLM2) float32
     python benchmarks/store_verify.py --record        # also append the figures to benchmarks/results.jsonl
@@ -27,7 +27,7 @@ def write_store(folder: Path, n_tokens: int, d: int) -> None:
     import numpy as np
 
     from psm_jax.atomic import atomic_write_json
-    from sae import activations as A
+    from sae.data import store as A
 
     chunk = folder / "chunks" / "chunk_000000"
     chunk.mkdir(parents=True)
@@ -41,7 +41,7 @@ def write_store(folder: Path, n_tokens: int, d: int) -> None:
 
 
 def time_reads(folder: Path, verify: str, repeats: int) -> float:
-    from sae.activations import ActivationStore
+    from sae.data.store import ActivationStore
 
     times = []
     for _ in range(repeats):

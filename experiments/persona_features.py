@@ -55,7 +55,7 @@ from experiments.report import Report, atomic_write_json, fmt_num, pyplot
 from psm_jax import edits as E
 from psm_jax.persona.directions import SITE
 from sae import features as F
-from sae import labelling as L
+from sae.features import label as L
 
 
 
@@ -170,9 +170,10 @@ def load_or_train_sae(model, cfg: Config, progress: bool = True) -> tuple[F.Feat
 
 
 def train_sae(model, cfg: Config, layer: int, progress: bool = True):
-    from sae.activations import ActivationStore, StoreSource, harvest_to_store
+    from sae.data.sources import StoreSource
+    from sae.data.store import ActivationStore, harvest_to_store
     from sae.config import SaeConfig
-    from sae.corpus import load_sharegpt
+    from sae.data.corpus import load_sharegpt
     from sae.metrics import evaluate_reconstruction
     from sae.train import train
 
@@ -439,7 +440,7 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
                            "overlap_top20_with_contrast": len(set(order[:20]) & set(res["ranking_full"].order()[:20]))}
 
     # 6. records over the context corpus
-    from sae.corpus import load_sharegpt
+    from sae.data.corpus import load_sharegpt
 
     extra: dict[int, dict] = {}
 
@@ -485,7 +486,7 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
     sae_meta = {"model": cfg.model, **sae.describe(), "context_corpus": f"{len(ctx_docs)} ShareGPT + {len(all_convs)} generated",
                 "context_tokens": len(ctx.table)}
     L.write_jsonl(out / "latents.jsonl", records, sae=sae_meta)
-    from sae.browser import write_browser
+    from sae.features.browser import write_browser
 
     write_browser(out / "features.html", [L.to_line(r, sae_meta) for r in records],
                   title=f"Persona latents: {cfg.model} layer {layer} ({sae.d_sae} latents)",

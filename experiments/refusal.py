@@ -375,7 +375,7 @@ def sharegpt_batch(model, n: int, max_tokens: int, min_assistant: int, seed: int
     assistant target tokens: (tokens, mask, target_mask) [n, max_tokens], and the corpus summary."""
     import dataclasses as dc
 
-    from sae.corpus import load_sharegpt
+    from sae.data.corpus import load_sharegpt
 
     corpus = load_sharegpt(shuffle=True, seed=seed, take=max(4 * n, n + 16), max_turns=4)
     encs = []

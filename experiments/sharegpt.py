@@ -4,7 +4,7 @@ from __future__ import annotations
 
 def sharegpt_conversations(n: int, seed: int, max_messages: int, max_chars: int, min_assistant_turns: int = 2):
     """`n` seeded ShareGPT conversations with >= `min_assistant_turns` assistant turns (after truncation)."""
-    from sae.corpus import load_sharegpt
+    from sae.data.corpus import load_sharegpt
 
     corpus = load_sharegpt(shuffle=True, seed=seed, take=max(8 * n, 50), max_turns=max_messages, max_chars=max_chars)
     out = []

@@ -1,15 +1,17 @@
 """Sparse autoencoders on activations of psm_jax models: train, checkpoint, evaluate, import/export.
 
-Modules: config (SaeConfig), archs (one module per architecture + registry: training forward, inference
-activation, export mapping), model (params + architecture-independent encode/decode/loss), train (jitted stacked
-training, sources),
-checkpoint (orbax run dirs), metrics (field-standard metrics), interop (SAELens / sparsify / Gemma Scope),
-cli (`psm sae ...`), synthetic (planted-feature data), activations / corpus (harvesting, activation stores).
+Three jobs, three places:
+  core          config (SaeConfig), archs/ (one module per architecture + registry: training forward, inference
+                activation, export mapping), model (params + architecture-independent encode/decode/loss), train
+                (jitted stacked training), checkpoint (orbax run dirs), metrics (field-standard metrics), interop
+                (SAELens / sparsify / Gemma Scope), cli (`psm sae ...`), synthetic (planted-feature data)
+  sae.data      corpus, contexts (tokenisation, token filters), harvest, store (activation stores), sources
+  sae.features  collect, rank, examples, label, browser (feature analysis on a trained SAE)
 Heavy imports happen in the submodules; `from sae import SaeConfig, load_sae` works lazily.
 
 Quick start (Python):
     from sae.config import SaeConfig, sweep
-    from sae.train import train, ArraySource            # or sae.activations.StoreSource(store, site, layer, bs)
+    from sae.train import train, ArraySource            # or sae.data.sources.StoreSource(store, site, layer, bs)
     from sae.metrics import evaluate_reconstruction, evaluate_lm, port_runner
     from sae.interop import export_saelens, hf_hook_name
     from sae.model import to_edit_sae
@@ -22,7 +24,8 @@ Quick start (Python):
                    model_name="HuggingFaceTB/SmolLM2-135M-Instruct", log10_density=stats.log10_firing_density())
     edit = psm_jax.edits.sae_splice(model.config, **to_edit_sae(res.params[0], cfg), layers=[15])
 
-Command line: `psm sae train CONFIG key=value ...`, `psm sae eval RUN_DIR data.npy=...`,
+Command line: `psm sae train CONFIG key=value ...` (data.model + data.hooks=resid_post:3,6,9: one harvest pass, one
+SAE per hook point), `psm sae eval RUN_DIR data.npy=...`,
 `psm sae export RUN_DIR OUT_DIR export.model_name=...` (sae/cli.py).
 """
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """`psm sae train | eval | export`: config file (TOML or JSON) plus `section.key=value` overrides.
 
     psm sae train run.toml sae.k=64 train.max_steps=2000
+    psm sae train run_dir=runs/smol data.model=smollm2-135m-instruct data.corpus=sharegpt \
+        data.hooks=resid_post:3,6,9,12,15,18 data.tokens=200000 sae.d_sae=4608 sae.k=32
     psm sae eval runs/l15 data.npy=acts_val.npy eval.max_batches=50
     psm sae eval runs/l15 eval.lm_model=smollm2-135m-instruct eval.lm_docs=64
     psm sae export runs/l15 out/l15-topk export.hook_name=model.layers.15 export.model_name=SmolLM2-135M-Instruct
@@ -11,8 +13,13 @@ Config file sections (all optional except what a command needs):
     [sweep]  lists of sweepable values, one SAE per position: k = [16, 32, 64]
     [data]   npy = "acts.npy"                       a [n_tokens, d_in] array (memory-mapped), or
              store = "acts/", site = "resid_post", layer = 15, roles = ["assistant"]   an ActivationStore
-             (sae.activations.StoreSource: exact cursors); seed = 0, shuffle = true, epochs = null;
-             layers = [6, 15, 24] instead of layer: one SAE per layer in one run (sae.train.StoreStackSource)
+             (sae.data.sources.StoreSource: exact cursors); seed = 0, shuffle = true, epochs = null;
+             layers = [6, 15, 24] instead of layer: one SAE per layer in one run (sae.train.StoreStackSource);
+             or model = "smollm2-135m-instruct", hooks = "resid_post:3,6,9" (sites x layers; groups joined by ";"),
+             corpus = "sharegpt" (or a local file), tokens = 200000, context_len = 256, mode, roles, take,
+             forward_batch_size, buffer_size: one harvest pass feeds one SAE per hook point, stacked in one run
+             (sae.data.StreamStackSource; no disk, resuming replays the harvest); each hook point gets a SAELens
+             folder <run_dir>/saes/<site>.<layer> with its metrics.json
     [train]  checkpoint_every, keep_checkpoints, log_every, max_steps, stack ("map" | "vmap"),
              mesh = [data, latent], progress = true, plot = true
     [eval]   max_batches, dense_threshold, step (checkpoint step; default latest), batch_size, progress = true
@@ -20,8 +27,8 @@ Config file sections (all optional except what a command needs):
              the SAE spliced into the model at its site/layer through a psm_jax edit; printed and in eval.json):
              lm = true (false skips them); lm_model = a psm_jax.load name/path (default: an SAE folder's
              metadata.model_name, else the model of the activation store below; none -> skipped with a note);
-             lm_corpus = "sharegpt" (default) or a local JSON/JSONL/parquet file (sae.corpus.load_corpus);
-             lm_docs = 32, lm_shuffle = true, lm_seed = 0 (the permutation sae.corpus uses); lm_skip_docs = null:
+             lm_corpus = "sharegpt" (default) or a local JSON/JSONL/parquet file (sae.data.corpus.load_corpus);
+             lm_docs = 32, lm_shuffle = true, lm_seed = 0 (the permutation sae.data.corpus uses); lm_skip_docs = null:
              the LAST lm_docs documents of that permutation (held out from any harvest that took a prefix of it, as
              experiments/persona_features does with seed 0), or an int M: the lm_docs documents after the first M;
              lm_exclude_store = an activation store dir (default data.store): documents whose ids that store was
@@ -96,8 +103,9 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
     return conf
 
 
-def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = None, loop: bool = True):
-    """An activation source from the [data] section (see module doc)."""
+def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = None, loop: bool = True, model=None):
+    """An activation source from the [data] section (see module doc); `model`: an already loaded model for
+    data.model (else psm_jax.load(data.model))."""
     from sae.train import ArraySource
 
     if "npy" in data:
@@ -105,9 +113,9 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
                            seed=int(data.get("seed", 0)), loop=loop)
     if "store" in data:
         try:
-            from sae.activations import StoreSource
+            from sae.data.sources import StoreSource
         except ImportError as e:  # pragma: no cover - the store module ships with the package
-            raise CliError(f"data.store needs sae.activations.StoreSource ({e})") from e
+            raise CliError(f"data.store needs sae.data.sources.StoreSource ({e})") from e
         if "site" not in data or ("layer" not in data and "layers" not in data):
             raise CliError("data.store needs data.site and data.layer (or data.layers, one SAE per layer)")
         if "layers" in data:
@@ -117,8 +125,67 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
                                     roles=data.get("roles"))
         return StoreSource(data["store"], data["site"], int(data["layer"]), batch_size, seed=int(data.get("seed", 0)),
                            epochs=data.get("epochs") if loop else 1, roles=data.get("roles"), d_in=d_in)
-    raise CliError("the [data] section needs `npy` (a [n_tokens, d_in] .npy file) or `store` (an activation store "
-                   "directory, with site and layer)")
+    if "model" in data or "hooks" in data:
+        return _stream_source(data, batch_size, model)
+    raise CliError("the [data] section needs `npy` (a [n_tokens, d_in] .npy file), `store` (an activation store "
+                   "directory, with site and layer) or `model` and `hooks` (harvest while training)")
+
+
+def parse_hooks(spec) -> list[tuple[str, int]]:
+    """Hook points from "resid_post:3,6,9" (sites x layers; several groups joined by ";", e.g.
+    "resid_post:3,6;mlp_out:6"), a list of such strings, or a list of [site, layer] pairs."""
+    groups = spec.split(";") if isinstance(spec, str) else list(spec)
+    hooks: list[tuple[str, int]] = []
+    for g in groups:
+        if isinstance(g, (list, tuple)) and len(g) == 2:
+            site, layers = str(g[0]), [g[1]]
+        elif isinstance(g, str) and g.count(":") == 1:
+            site, rest = g.split(":")
+            layers = [x for x in rest.split(",") if x.strip()]
+        else:
+            raise CliError(f"data.hooks entry {g!r}; expected 'site:layer,layer,...' or [site, layer]")
+        try:
+            hooks += [(site.strip(), int(layer)) for layer in layers]
+        except ValueError as e:
+            raise CliError(f"data.hooks entry {g!r}: layers must be ints ({e})") from e
+    if not hooks:
+        raise CliError(f"data.hooks={spec!r} names no hook point; expected e.g. 'resid_post:3,6,9'")
+    if len(set(hooks)) != len(hooks):
+        raise CliError(f"data.hooks={spec!r} repeats a hook point")
+    return hooks
+
+
+def _stream_source(data: dict[str, Any], batch_size: int, model=None):
+    """One harvest pass of data.model over data.corpus feeding one SAE per hook point (sae.data.StreamStackSource)."""
+    import psm_jax
+    from sae.data.contexts import TokenFilter
+    from sae.data.corpus import load_corpus
+    from sae.data.sources import StreamStackSource
+
+    if ("model" not in data and model is None) or "hooks" not in data:
+        raise CliError("harvesting while training needs data.model (a psm_jax.load name or path) and data.hooks "
+                       "(e.g. resid_post:3,6,9)")
+    hooks = parse_hooks(data["hooks"])
+    if model is None:
+        model = psm_jax.load(str(data["model"]))
+    for site, layer in hooks:
+        try:
+            model.config.check_layer(layer)
+        except ValueError as e:
+            raise CliError(f"data.hooks: {e}") from e
+    corpus = load_corpus(data.get("corpus"), shuffle=bool(data.get("shuffle", True)), seed=int(data.get("seed", 0)),
+                         take=data.get("take"))
+    roles = data.get("roles")
+    kw = dict(context_len=int(data.get("context_len", 256)), mode=data.get("mode", "truncate"),
+              forward_batch_size=int(data.get("forward_batch_size", 8)),
+              buffer_size=int(data.get("buffer_size", 1 << 16)), seed=int(data.get("seed", 0)))
+    if roles is not None:
+        kw["token_filter"] = TokenFilter(roles=tuple(roles))
+    if data.get("tokens") is not None:
+        kw["max_tokens"] = int(data["tokens"])
+    source = StreamStackSource(model, corpus, hooks, batch_size, **kw)
+    source.model, source.hooks = model, hooks
+    return source
 
 
 def _sae_configs(conf: dict[str, Any], d_in: int | None):
@@ -135,12 +202,13 @@ def _sae_configs(conf: dict[str, Any], d_in: int | None):
         cfgs = sweep(base, **conf.get("sweep", {}))
     except SaeConfigError as e:
         raise CliError(str(e)) from e
-    layers = conf.get("data", {}).get("layers")
-    if layers is not None:                      # one SAE per layer, each on its own stream
+    data = conf.get("data", {})
+    layers = parse_hooks(data["hooks"]) if "hooks" in data else data.get("layers")
+    if layers is not None:                      # one SAE per layer (hook point), each on its own stream
         if len(cfgs) == 1:
             cfgs = cfgs * len(layers)
         elif len(cfgs) != len(layers):
-            raise CliError(f"data.layers has {len(layers)} entries but the sweep makes {len(cfgs)} SAEs")
+            raise CliError(f"data.layers (or hooks) has {len(layers)} entries but the sweep makes {len(cfgs)} SAEs")
     return cfgs
 
 
@@ -148,7 +216,8 @@ def _sae_configs(conf: dict[str, Any], d_in: int | None):
 # commands
 # ---------------------------------------------------------------------------------------------------
 
-def cmd_train(conf: dict[str, Any]) -> dict:
+def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
+    """Train (or resume) the SAEs of a config; `model`: a loaded model standing in for data.model."""
     from sae.metrics import plot_training_curves
     from sae.train import LOG_FILE, make_mesh, train
 
@@ -157,7 +226,7 @@ def cmd_train(conf: dict[str, Any]) -> dict:
         raise CliError("run_dir is not set (in the config file or as run_dir=...)")
     data = conf.get("data", {})
     batch_size = int(conf.get("sae", {}).get("batch_size", 4096))
-    source = make_source(data, batch_size, d_in=conf.get("sae", {}).get("d_in"))
+    source = make_source(data, batch_size, d_in=conf.get("sae", {}).get("d_in"), model=model)
     d_in = getattr(source, "d_in", None)
     cfgs = _sae_configs(conf, int(d_in) if d_in is not None else None)
     t = dict(conf.get("train", {}))
@@ -165,15 +234,43 @@ def cmd_train(conf: dict[str, Any]) -> dict:
     if t.get("mesh"):
         dp, lp = (int(v) for v in t["mesh"])
         mesh = make_mesh(dp, lp)
+    recorded = ("site", "layer", "layers", "roles", "model", "corpus", "hooks", "tokens", "context_len", "mode",
+                "take", "seed")
     res = train(cfgs, source, run_dir, max_steps=t.get("max_steps"),
                 checkpoint_every=int(t.get("checkpoint_every", 1000)),
                 keep_checkpoints=int(t.get("keep_checkpoints", 2)), log_every=int(t.get("log_every", 1)),
                 mesh=mesh, progress=bool(t.get("progress", True)), stack=t.get("stack", "map"),
-                extra_config={"data": {k: v for k, v in data.items() if k in ("site", "layer", "layers", "roles")}})
+                extra_config={"data": {k: v for k, v in data.items() if k in recorded}})
     out = {"run_dir": str(res.run_dir), "step": res.step, "tokens": res.tokens, "stopped": res.stopped,
            "last_metrics": res.last_metrics}
+    hooks = getattr(source, "hooks", None)
+    if hooks is not None:
+        out["hooks"] = _export_hooks(res, hooks, source.model, data, conf.get("export", {}))
     if t.get("plot", True) and (Path(run_dir) / LOG_FILE).exists():
         out["curves"] = str(plot_training_curves(Path(run_dir) / LOG_FILE, Path(run_dir) / "curves.png"))
+    return out
+
+
+def _export_hooks(res, hooks, model, data: dict, export: dict) -> list[dict]:
+    """Per hook point of a many-hook run: its SAELens folder (<run_dir>/saes/<site>.<layer>, hook_name of the HF
+    module) and its final training metrics (also in <run_dir>/saes/<site>.<layer>/metrics.json)."""
+    from psm_jax.atomic import atomic_write_json
+    from sae.interop import export_saelens, hf_hook_name
+
+    model_name = export.get("model_name") or str(data.get("model") or getattr(model, "source", None))
+    out = []
+    for i, (site, layer) in enumerate(hooks):
+        folder = Path(res.run_dir) / "saes" / f"{site}.{layer}"
+        try:
+            hook_name = hf_hook_name(site, layer)
+        except ValueError:
+            hook_name = f"blocks.{layer}.hook_{site}"
+        export_saelens(res.params[i], res.cfgs[i], folder, hook_name=hook_name, model_name=model_name,
+                       context_size=int(data.get("context_len", 256)), dataset_path=str(data.get("corpus", "sharegpt")),
+                       overwrite=True, extra_metadata={"site": site, "layer": layer, "training_step": res.step})
+        entry = {"site": site, "layer": layer, "export": str(folder), "metrics": res.last_metrics[i]}
+        atomic_write_json(folder / "metrics.json", entry)
+        out.append(entry)
     return out
 
 
@@ -255,7 +352,7 @@ def _sae_hooks(n: int, e: dict, data: dict, run_data: dict, meta: dict) -> list[
 
 def _lm_documents(e: dict, store: str | None) -> tuple[list, dict]:
     """The held-out documents of the LM evaluation and a description of how they were picked."""
-    from sae.corpus import load_corpus
+    from sae.data.corpus import load_corpus
 
     n = int(e.get("lm_docs", 32))
     if n < 1:
@@ -267,7 +364,7 @@ def _lm_documents(e: dict, store: str | None) -> tuple[list, dict]:
     corpus = load_corpus(e.get("lm_corpus"), shuffle=shuffle, seed=seed)
     excluded: set[str] = set()
     if store:
-        from sae.activations import ActivationStore
+        from sae.data.store import ActivationStore
         excluded = set(ActivationStore(store).doc_ids())
     order = list(range(len(corpus)))
     if skip is None:                          # the tail of the permutation: held out from any prefix `take`
@@ -326,7 +423,7 @@ def _lm_setup(conf: dict, cfgs: list, meta: dict, run_data: dict, model) -> dict
     if positions not in LM_POSITIONS:
         raise CliError(f"eval.lm_positions={positions!r}; expected one of {LM_POSITIONS}")
     docs, info = _lm_documents(e, store)
-    from sae.activations import TokenFilter
+    from sae.data.contexts import TokenFilter
     token_filter = TokenFilter(roles=run_data.get("roles") or data.get("roles"))
     ctx, bs = int(e.get("lm_context_len", 256)), int(e.get("lm_batch_size", 4))
     from sae.metrics import corpus_token_batches
@@ -341,7 +438,7 @@ def _lm_setup(conf: dict, cfgs: list, meta: dict, run_data: dict, model) -> dict
 def _corpus_activations(lm: dict, site: str, layer: int, cache: dict) -> list:
     """Activations of the LM evaluation's documents at (site, layer), kept tokens of its token filter."""
     if (site, layer) not in cache:
-        from sae.activations import harvest
+        from sae.data.harvest import harvest
         info = lm["info"]
         cache[(site, layer)] = [ab.acts[(site, layer)] for ab in
                                 harvest(lm["model"], lm["docs"], [(site, layer)], context_len=info["context_len"],

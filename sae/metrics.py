@@ -280,13 +280,14 @@ LM_POSITIONS = ("trained", "all")
 def corpus_token_batches(model, documents: Sequence, *, context_len: int = 256, batch_size: int = 4,
                          positions: str = "trained", token_filter=None) -> list[tuple]:
     """Batches of chat documents (message lists) or strings for `evaluate_lm`, tokenised with the model's chat
-    template into the left-padded [batch_size, context_len] contexts `sae.activations.harvest` builds (truncate
+    template into the left-padded [batch_size, context_len] contexts `sae.data.harvest.harvest` builds (truncate
     mode: the first context_len tokens of each document; filler rows of the last batch hold no position).
     positions="trained": (tokens, mask, keep) with keep the `token_filter` mask (default `TokenFilter()`: not the
     first token, not BOS, not the template's default system prompt), so the zero-ablation and the SAE splice touch
     only the kind of token the SAE was trained on; "all": (tokens, mask, mask), every real token edited (SAELens'
     default; padding slots are never attended, so leaving them unedited changes nothing)."""
-    from sae.activations import TokenFilter, _special_ids, batch_contexts, default_encoder, encode_documents
+    from sae.data.contexts import TokenFilter, batch_contexts, default_encoder, encode_documents
+    from sae.data.harvest import _special_ids
 
     if positions not in LM_POSITIONS:
         raise ValueError(f"positions={positions!r}; expected one of {LM_POSITIONS}")

@@ -379,13 +379,13 @@ class ArraySource:
 
 
 class StoreStackSource:
-    """[n_keys, batch_size, d] batches of several (site, layer) keys of one `sae.activations.ActivationStore`, rows
+    """[n_keys, batch_size, d] batches of several (site, layer) keys of one `sae.data.store.ActivationStore`, rows
     aligned (the same tokens for every key): one SAE per layer (or site) trained in one run, each on its own
-    stream. JSON `cursor` and exact `seek`, like `sae.activations.StoreSource`."""
+    stream. JSON `cursor` and exact `seek`, like `sae.data.sources.StoreSource`."""
 
     def __init__(self, store, keys: Sequence[tuple[str, int]], batch_size: int, *, seed: int = 0,
                  epochs: int | None = None, roles: Sequence[int | str] | None = None, window_chunks: int = 4):
-        from sae.activations import ActivationStore
+        from sae.data.store import ActivationStore
 
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         self.keys = [(str(s), int(l)) for s, l in keys]
@@ -563,7 +563,8 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=target, initial=host_step, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=None if target is None else target * scfg.batch_size, initial=host_step * scfg.batch_size,
+                   unit="tok", unit_scale=True, dynamic_ncols=True)
     t_last, tok_last = time.perf_counter(), host_step * scfg.batch_size
 
     def handle(rec_step, m):
@@ -588,9 +589,9 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
                     f.write(json.dumps({"step": rec_step, "sae": i, "tokens": tokens, **lm,
                                         "tokens_per_s": tps, "time": time.time()}) + "\n")
         if bar is not None:
-            bar.n = rec_step
+            bar.n = tokens
             lm = last_metrics[0]
-            bar.set_postfix(tokens=f"{tokens:.3g}", tok_s=f"{tps:.3g}", loss=f"{lm['loss']:.4g}",
+            bar.set_postfix(step=rec_step, tok_s=f"{tps:.3g}", loss=f"{lm['loss']:.4g}",
                             L0=f"{lm['l0']:.1f}", dead=f"{lm['dead_fraction']:.3f}", refresh=False)
             bar.refresh()
         if on_step is not None:

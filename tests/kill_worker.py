@@ -41,7 +41,7 @@ def tiny_model(model_dir: str):
 
 def harvest_options(**kw) -> dict:
     """harvest_to_store keywords shared by the worker and the test's reference harvest."""
-    from sae.activations import TokenFilter
+    from sae.data.contexts import TokenFilter
     from tests.test_activations import T, fake_encode
 
     return dict(context_len=T, batch_size=2, chunk_tokens=40, encode=fake_encode,
@@ -49,7 +49,7 @@ def harvest_options(**kw) -> dict:
 
 
 def run_harvest(model_dir: str, store: str, options: dict) -> None:
-    from sae.activations import harvest_to_store
+    from sae.data.store import harvest_to_store
 
     harvest_to_store(tiny_model(model_dir), CORPUS, store, PAIRS, **harvest_options(**options))
 
@@ -59,7 +59,7 @@ def make_source(spec: dict):
     spec = dict(spec)
     kind = spec.pop("kind")
     if kind == "store":
-        from sae.activations import StoreSource
+        from sae.data.sources import StoreSource
 
         return StoreSource(spec.pop("path"), spec.pop("site"), spec.pop("layer"), spec.pop("batch_size"), **spec)
     from sae.synthetic import PlantedSource

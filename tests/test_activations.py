@@ -1,4 +1,4 @@
-"""sae.activations: chat tokenisation with role/turn masks, harvest, shuffle buffer, on-disk store."""
+"""sae.data: chat tokenisation with role/turn masks, harvest, shuffle buffer, on-disk store."""
 import json
 import shutil
 import types
@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sae import activations as A
-from sae.activations import (ActivationError, ActivationStore, ChunkError, TokenFilter, batch_contexts,
-                             encode_documents, harvest, harvest_to_store, stream_batches)
+from sae import data as A
+from sae.data import store as S
+from sae.data.contexts import ActivationError, TokenFilter, batch_contexts, encode_documents
+from sae.data.harvest import harvest, stream_batches
+from sae.data.store import ActivationStore, ChunkError, harvest_to_store
 
 T = 16  # context length of every test here
 BOS, EOT, PAD = 1, 2, 0
@@ -347,7 +349,7 @@ def tiny_chat_model(tmp_path_factory, smollm2_tokenizer):
 
 def test_harvest_sharegpt_with_chat_template(tiny_chat_model):
     from psm_jax.model import Capture, jit_forward
-    from sae.corpus import load_sharegpt
+    from sae.data.corpus import load_sharegpt
 
     m = tiny_chat_model
     assert m.tokenizer is not None and m.chat_template
@@ -460,7 +462,7 @@ def test_store_folder_and_manifest_errors(tiny_model, tmp_path):
     f = tmp_path / "s" / "chunks" / "chunk_000000" / "roles.npy"
     f.write_bytes(b"not an npy file")
     man = json.loads(good)
-    man["chunks"][0]["files"]["roles.npy"].update(bytes=15, xxh3_64=A._checksum("xxh3_64", b"not an npy file"))
+    man["chunks"][0]["files"]["roles.npy"].update(bytes=15, xxh3_64=S._checksum("xxh3_64", b"not an npy file"))
     mpath.write_text(json.dumps(man))
     with pytest.raises(ChunkError, match=r"chunk_000000/roles.npy: unreadable chunk file"):
         ActivationStore(tmp_path / "s").read_chunk(0)

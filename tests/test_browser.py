@@ -13,8 +13,8 @@ import subprocess
 import pytest
 
 from sae import features as F
-from sae import labelling as L
-from sae.browser import render_html, write_browser
+from sae.features import label as L
+from sae.features.browser import render_html, write_browser
 from tests.test_features import synthetic_table
 
 pytestmark = [pytest.mark.browser, pytest.mark.ci_required]

@@ -1,9 +1,9 @@
-"""sae.corpus: the packaged ShareGPT dump (truncated as published) and local JSON/JSONL/parquet files."""
+"""sae.data.corpus: the packaged ShareGPT dump (truncated as published) and local JSON/JSONL/parquet files."""
 import json
 
 import pytest
 
-from sae.corpus import CorpusError, iter_json_array, load_corpus, load_sharegpt, sharegpt_path
+from sae.data.corpus import CorpusError, iter_json_array, load_corpus, load_sharegpt, sharegpt_path
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_truncated_json_array(tmp_path):
     c = load_corpus(p)
     assert c.report.records_complete == 1 and c.report.dropped_truncated == 0
     # a complete file parses fully; small read blocks exercise the incremental reader
-    from sae.corpus import _ArrayStream
+    from sae.data.corpus import _ArrayStream
 
     p.write_text(text)
     s = _ArrayStream(p, block=7)

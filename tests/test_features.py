@@ -385,7 +385,7 @@ def test_repeated_windows_are_shown_once():
 
 
 class _FakeStore:
-    """The slice of sae.activations.ActivationStore that table_from_store reads."""
+    """The slice of sae.data.store.ActivationStore that table_from_store reads."""
 
     def __init__(self, x, meta, key, chunk=25):
         self.path, self.sites_layers, self._key = "fake", [key], key
@@ -458,7 +458,7 @@ def test_persona_features_and_feature_steering_smoke(tmp_path):
 
     from experiments import feature_steering as fs
     from experiments import persona_features as pf
-    from sae.labelling import read_jsonl
+    from sae.features.label import read_jsonl
 
     model = tiny_chat_model()
     sae = random_sae(d_sae=48, bias=-0.1, layer=2)

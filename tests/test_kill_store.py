@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from psm_jax.atomic import KILL_ENV
-from sae.activations import harvest_to_store
+from sae.data.store import harvest_to_store
 from tests.kill_worker import CORPUS, PAIRS, harvest_options, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from sae.activations import StoreSource, harvest_to_store
+from sae.data.sources import StoreSource
+from sae.data.store import harvest_to_store
 from sae.checkpoint import flatten_state
 from sae.config import SaeConfig
 from sae.train import train

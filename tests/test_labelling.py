@@ -1,4 +1,4 @@
-"""sae.labelling: JSONL schema round trip, detection-scoring math, explainers (local tiny model and a
+"""sae.features.label: JSONL schema round trip, detection-scoring math, explainers (local tiny model and a
 fake OpenAI-compatible transport: no network), SAELens export with labels."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sae import features as F
-from sae import labelling as L
+from sae.features import label as L
 from tests.test_features import convs, random_sae, synthetic_table, tiny_chat_model
 
 

@@ -116,7 +116,7 @@ def _lm_conf(d, **kw):
 def test_eval_lm_metrics_lossless_sae(lm_setup, tiny_chat_model, capsys):
     """A perfectly reconstructing SAE recovers all of the CE loss, under both position conventions."""
     from sae.cli import cmd_eval
-    from sae.corpus import load_corpus
+    from sae.data.corpus import load_corpus
 
     d = lm_setup
     out = cmd_eval(str(d / "sae"), _lm_conf(d), model=tiny_chat_model)
@@ -140,7 +140,7 @@ def test_eval_lm_metrics_lossless_sae(lm_setup, tiny_chat_model, capsys):
 def test_eval_lm_metrics_of_a_run_match_a_direct_computation(tmp_path, lm_setup, tiny_chat_model, capsys):
     """A stacked run (two SAEs) on the model's width: eval.json holds each SAE's LM metrics, equal to
     evaluate_lm(port_runner(...)) on the same batches; held-out documents skip the store's training ids."""
-    from sae.activations import STORE_FORMAT, STORE_VERSION
+    from sae.data.store import STORE_FORMAT, STORE_VERSION
     from sae.cli import cmd_eval
     from sae.metrics import corpus_token_batches, evaluate_lm, port_runner
     from sae.train import load_run
@@ -204,3 +204,33 @@ def test_eval_lm_errors(tmp_path, lm_setup, tiny_chat_model, capsys):
     assert "nothing to evaluate on" in capsys.readouterr().err
     assert main(["eval", str(d / "sae"), f"eval.lm_model={tmp_path / 'missing.gguf'}"]) == 2
     assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_train_many_hooks_from_one_harvest_pass(tmp_path, lm_setup, tiny_chat_model, capsys):
+    """`psm sae train data.model=... data.hooks=resid_post:1,2`: one streamed harvest feeds one SAE per hook point;
+    each gets a SAELens folder with its hook name and metrics, and equals the SAE a single-hook job trains."""
+    from sae.cli import CliError, cmd_train, parse_hooks
+
+    def conf(run, hooks):
+        return load_config(None, [f"run_dir={tmp_path / run}", "data.model=psm-tiny",
+                                  f"data.corpus={lm_setup / 'corpus.json'}", f"data.hooks={hooks}",
+                                  "data.context_len=32", "data.mode=split", "data.buffer_size=64",
+                                  "sae.d_sae=64", "sae.k=4", "sae.batch_size=32", "sae.geometric_median_iters=2",
+                                  "train.max_steps=3", "train.progress=false", "train.plot=false"])
+
+    out = cmd_train(conf("many", "resid_post:1,2"), model=tiny_chat_model)
+    assert out["step"] == 3 and [(h["site"], h["layer"]) for h in out["hooks"]] == [("resid_post", 1), ("resid_post", 2)]
+    one = cmd_train(conf("one", "resid_post:2"), model=tiny_chat_model)
+    many2, one2 = load_sae(out["hooks"][1]["export"]), load_sae(one["hooks"][0]["export"])
+    assert many2.metadata["hook_name"] == "model.layers.2" and many2.metadata["model_name"] == "psm-tiny"
+    assert load_sae(out["hooks"][0]["export"]).metadata["hook_name"] == "model.layers.1"
+    for k in many2.params:
+        np.testing.assert_allclose(many2.params[k], one2.params[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    saved = json.loads((tmp_path / "many" / "saes" / "resid_post.1" / "metrics.json").read_text())
+    assert saved["metrics"]["l0"] == pytest.approx(out["last_metrics"][0]["l0"])
+    assert parse_hooks("resid_post:3,6;mlp_out:4") == [("resid_post", 3), ("resid_post", 6), ("mlp_out", 4)]
+    for bad, match in (("resid_post", "site:layer"), ("resid_post:a", "ints"), ("resid_post:1,1", "repeats")):
+        with pytest.raises(CliError, match=match):
+            parse_hooks(bad)
+    with pytest.raises(CliError, match="layer"):
+        cmd_train(conf("bad", "resid_post:7"), model=tiny_chat_model)

@@ -1,11 +1,11 @@
-"""Training from the activation store of sae.activations (harvested from a tiny random Llama)."""
+"""Training from the activation store of sae.data (harvested from a tiny random Llama)."""
 import json
 import types
 
 import numpy as np
 import pytest
 
-from sae import activations as A
+from sae import data as A
 from sae.cli import main
 from sae.train import StoreStackSource, train
 from sae.config import SaeConfig

@@ -1,10 +1,10 @@
 """A static HTML feature browser: one self-contained page per run (inline CSS, JS and data; no server,
 no network), opened straight from disk.
 
-    from sae.browser import write_browser
+    from sae.features.browser import write_browser
     write_browser("runs/pf/features.html", records, title="Persona latents", meta={"model": ..., "layer": 15})
 
-The page lists every latent record (the JSONL schema of sae.labelling): label, firing density, mean /
+The page lists every latent record (the JSONL schema of sae.features.label): label, firing density, mean /
 max activation, detection score, per-role firing rates (bars), ranking info, the decoder direction's
 top positive / negative tokens, and the contexts (top activations, quantile samples per bin, random
 non-activating windows) with token-level highlighting (background opacity = activation / the
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sae.labelling import _jsonable
+from sae.features.label import _jsonable
 
 _CSS = r"""
 :root { --fg:#1d1d1f; --muted:#6b6b70; --line:#e3e3e8; --accent:#d35400; --bg:#fafafa; }
@@ -161,7 +161,7 @@ _JS = r"""
 
 
 def render_html(records: Sequence[Mapping], *, title: str = "SAE feature browser", meta: Mapping | None = None) -> str:
-    """The whole page as a string (records in the sae.labelling JSONL schema)."""
+    """The whole page as a string (records in the sae.features.label JSONL schema)."""
     payload = {"records": _jsonable([dict(r) for r in records]), "meta": _jsonable(dict(meta or {}))}
     data = json.dumps(payload, ensure_ascii=False, allow_nan=False)
     # keep the JSON inert inside <script>: no "</script>" or "<!--" can close or confuse it
