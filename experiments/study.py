@@ -10,11 +10,11 @@ A study is a module with
     records(result) -> list[dict]               lines for benchmarks/results.jsonl (psm_jax.records fields
                                                 without command, machine and date)
 
-A study whose computation and report writing are not yet separated exposes `run_into(config, model, folder,
-progress) -> result` (computes and writes its report folder; `result` has the report path under "report" or as
-`.report_path`) in place of run/report; everything else is the same. `execute(module, config, folder=...)` runs
-either end to end (loads the model named by `config.model`, runs,
-reports, and with `record=True` appends the records). The command line is generated from `Config`:
+A study that writes files while it computes (the SAE studies: a trained-SAE cache, the feature browser, exports)
+exposes `run_into(config, model, folder, progress) -> dict` instead of run/report: it writes its report folder and
+returns its numbers with the report path under "report". `execute(module, config, folder=...)` runs either kind
+end to end (loads the model named by `config.model` unless given, runs, reports, and with `record=True` appends
+the records). The command line is generated from `Config`:
 
     psm <study> [key=value ...] [--preset ci|quick|full] [--out DIR] [--record] [--quiet]
 
@@ -169,7 +169,7 @@ def execute(module, config, *, folder: str | Path, model=None, progress=None, re
     t0 = time.time()
     if hasattr(mod, "run_into"):
         result = mod.run_into(config, model, Path(folder), progress)
-        path = result["report"] if isinstance(result, dict) else result.report_path
+        path = result["report"]
     else:
         result = mod.run(config, model, progress)
         path = mod.report(result, Path(folder))
