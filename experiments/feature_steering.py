@@ -59,6 +59,8 @@ from psm_jax.persona.prompts import trait_system_prompt
 from psm_jax.chat import TURN_AFTER, Role, encode_chat
 from sae import features as F
 
+from experiments.sae_source import load_feature_sae
+
 POSITIONS = ("all", "assistant")
 
 
@@ -237,7 +239,6 @@ def read_directions(folder, width: int | None = None) -> tuple[dict[str, np.ndar
 
 def load_features(folder, *, model, sae_override: str | None = None):
     """(candidates dict, directions {name: [D]}, FeatureSae) from a `psm features` output folder."""
-    from experiments.persona_features import Config as FeaturesConfig, load_or_train_sae
 
     folder = Path(folder)
     path = folder / "candidates.json"
@@ -248,7 +249,9 @@ def load_features(folder, *, model, sae_override: str | None = None):
     src = sae_override or cand["sae"].get("saelens_export") or cand["sae"].get("source")
     if not src or not Path(src).exists():
         raise FileNotFoundError(f"the SAE of {folder} ({src!r}) is not on disk; pass --sae PATH")
-    sae, _ = load_or_train_sae(model, FeaturesConfig(sae=src, layer=int(cand["sae"]["layer"])), progress=False)
+    layer = int(cand["sae"]["layer"])
+    model.config.check_layer(layer, "SAE layer")
+    sae, _ = load_feature_sae(src, layer, default_layer=layer)
     if sae.layer != int(meta.get("layer", sae.layer)):
         raise ValueError(f"the SAE reads layer {sae.layer} but the directions were taken at layer {meta.get('layer')}")
     return cand, tensors, sae

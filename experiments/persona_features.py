@@ -57,6 +57,8 @@ from psm_jax.persona.directions import SITE
 from sae import features as F
 from sae.features import label as L
 
+from experiments.sae_source import load_feature_sae
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,25 +149,7 @@ def load_or_train_sae(model, cfg: Config, progress: bool = True) -> tuple[F.Feat
     layer = sae_layer(cfg, model.config.n_layers)
     model.config.check_layer(layer, "SAE layer")
     if cfg.sae:
-        path = Path(cfg.sae)
-        if not path.exists():
-            raise FileNotFoundError(f"--sae {str(path)!r} does not exist; expected a SAELens folder or an sae.train run dir")
-        if (path / "sae_weights.safetensors").exists() or (path / "sae.safetensors").exists() or path.suffix == ".npz":
-            from sae.interop import load_sae
-
-            fs = F.FeatureSae.load(path, layer=cfg.layer)
-            imp = load_sae(path)
-            return fs, {"source": str(path), "format": imp.format, "trained_here": False,
-                        "sae_cfg": imp.cfg.to_dict(), "params": imp.params, "scfg": imp.cfg}
-        from sae.train import load_run
-
-        params, cfgs, meta = load_run(path)
-        run_cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
-        run_layer = ((run_cfg.get("extra") or {}).get("data") or {}).get("layer")
-        fs = F.FeatureSae.from_trained(params[0], cfgs[0], layer=cfg.layer if cfg.layer is not None else (run_layer or layer),
-                                       name=str(path))
-        return fs, {"source": str(path), "format": "run_dir", "trained_here": False, "sae_cfg": cfgs[0].to_dict(),
-                    "params": params[0], "scfg": cfgs[0]}
+        return load_feature_sae(cfg.sae, cfg.layer, default_layer=layer)
     return train_sae(model, cfg, layer, progress)
 
 
