@@ -21,6 +21,7 @@ import numpy as np
 from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_id
 from psm_jax.edits import check_sae, sae_encode
 from psm_jax.model import Capture, forward
+from sae.data.harvest import truncated_model
 
 # Role slots of the per-role statistics: psm_jax.chat.Role values plus TEXT (plain-text documents,
 # as in sae.data.contexts.ROLE_TEXT).
@@ -244,16 +245,14 @@ _TRUNC_CACHE: dict = {}
 
 
 def _truncated(params, config, n_layers: int):
-    """The model cut after `n_layers` layers (a sliced copy, cached for the last params object)."""
+    """The model cut after `n_layers` layers (sae.data.harvest.truncated_model), cached for the last params
+    object so that repeated calls on one model do not slice it again."""
     if n_layers >= config.n_layers:
         return params, config
     hit = _TRUNC_CACHE.get("entry")
     if hit is not None and hit[0] is params and hit[1] == n_layers:
         return hit[2], hit[3]
-    cfg = dataclasses.replace(config, n_layers=n_layers,
-                              sliding_layers=tuple(config.sliding_layers[:n_layers]) if getattr(config, "sliding_layers", None) else ())
-    p = dict(params)
-    p["layers"] = jax.tree_util.tree_map(lambda x: x[:n_layers], params["layers"])
+    p, cfg = truncated_model(params, config, n_layers)
     _TRUNC_CACHE["entry"] = (params, n_layers, p, cfg)
     return p, cfg
 
