@@ -165,12 +165,13 @@ def init_state(params: Mapping, config: ModelConfig, ft: FinetuneConfig, key: ja
 
 
 def materialize(trainable, frozen: Mapping, config: ModelConfig, ft: FinetuneConfig) -> dict:
-    """The params the forward runs with: trainable put into the frozen params, cast to the compute dtype."""
+    """The params the forward runs with: trainable put into the frozen params, cast to the compute dtype
+    (adapted weights go from their float32 merge straight to it, so bf16 frozen weights round once)."""
+    dtype = COMPUTE_DTYPES[ft.compute_dtype]
     if ft.method == "lora":
-        params = lora_lib.apply_adapters(frozen, trainable, config, ft.lora)
+        params = lora_lib.apply_adapters(frozen, trainable, config, ft.lora, dtype)
     else:
         params = lora_lib.overlay(frozen, trainable)
-    dtype = COMPUTE_DTYPES[ft.compute_dtype]
     return jax.tree.map(lambda x: x.astype(dtype), params)
 
 
