@@ -18,8 +18,9 @@ Config file sections (all optional except what a command needs):
              or model = "smollm2-135m-instruct", hooks = "resid_post:3,6,9" (sites x layers; groups joined by ";"),
              corpus = "sharegpt" (or a local file), tokens = 200000, context_len = 256, mode, roles, take,
              forward_batch_size, buffer_size: one harvest pass feeds one SAE per hook point, stacked in one run
-             (sae.data.StreamStackSource; no disk, resuming replays the harvest); each hook point gets a SAELens
-             folder <run_dir>/saes/<site>.<layer> with its metrics.json
+             (sae.data.StreamStackSource; no disk, resuming replays the harvest; with store = "acts/" the pass
+             fills that activation store first, resumable after a kill, and training reads it); each hook point
+             gets a SAELens folder <run_dir>/saes/<site>.<layer> with its metrics.json
     [train]  checkpoint_every, keep_checkpoints, log_every, max_steps, stack ("map" | "vmap"),
              mesh = [data, latent], progress = true, plot = true
     [eval]   max_batches, dense_threshold, step (checkpoint step; default latest), batch_size, progress = true
@@ -108,6 +109,8 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
     data.model (else psm_jax.load(data.model))."""
     from sae.train import ArraySource
 
+    if "hooks" in data:
+        return _harvest_source(data, batch_size, model)
     if "npy" in data:
         return ArraySource(data["npy"], batch_size, shuffle=bool(data.get("shuffle", True)),
                            seed=int(data.get("seed", 0)), loop=loop)
@@ -125,8 +128,8 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
                                     roles=data.get("roles"))
         return StoreSource(data["store"], data["site"], int(data["layer"]), batch_size, seed=int(data.get("seed", 0)),
                            epochs=data.get("epochs") if loop else 1, roles=data.get("roles"), d_in=d_in)
-    if "model" in data or "hooks" in data:
-        return _stream_source(data, batch_size, model)
+    if "model" in data:
+        return _harvest_source(data, batch_size, model)
     raise CliError("the [data] section needs `npy` (a [n_tokens, d_in] .npy file), `store` (an activation store "
                    "directory, with site and layer) or `model` and `hooks` (harvest while training)")
 
@@ -155,15 +158,16 @@ def parse_hooks(spec) -> list[tuple[str, int]]:
     return hooks
 
 
-def _stream_source(data: dict[str, Any], batch_size: int, model=None):
-    """One harvest pass of data.model over data.corpus feeding one SAE per hook point (sae.data.StreamStackSource)."""
+def _harvest_source(data: dict[str, Any], batch_size: int, model=None):
+    """One harvest pass of data.model over data.corpus feeding one SAE per hook point: streamed
+    (sae.data.StreamStackSource), or with data.store through a resumable activation store (harvested there first,
+    a killed harvest continuing where it stopped; then sae.train.StoreStackSource)."""
     import psm_jax
     from sae.data.contexts import TokenFilter
     from sae.data.corpus import load_corpus
-    from sae.data.sources import StreamStackSource
 
     if ("model" not in data and model is None) or "hooks" not in data:
-        raise CliError("harvesting while training needs data.model (a psm_jax.load name or path) and data.hooks "
+        raise CliError("harvesting for SAE training needs data.model (a psm_jax.load name or path) and data.hooks "
                        "(e.g. resid_post:3,6,9)")
     hooks = parse_hooks(data["hooks"])
     if model is None:
@@ -176,14 +180,25 @@ def _stream_source(data: dict[str, Any], batch_size: int, model=None):
     corpus = load_corpus(data.get("corpus"), shuffle=bool(data.get("shuffle", True)), seed=int(data.get("seed", 0)),
                          take=data.get("take"))
     roles = data.get("roles")
-    kw = dict(context_len=int(data.get("context_len", 256)), mode=data.get("mode", "truncate"),
-              forward_batch_size=int(data.get("forward_batch_size", 8)),
-              buffer_size=int(data.get("buffer_size", 1 << 16)), seed=int(data.get("seed", 0)))
+    kw: dict[str, Any] = dict(context_len=int(data.get("context_len", 256)), mode=data.get("mode", "truncate"))
     if roles is not None:
         kw["token_filter"] = TokenFilter(roles=tuple(roles))
     if data.get("tokens") is not None:
         kw["max_tokens"] = int(data["tokens"])
-    source = StreamStackSource(model, corpus, hooks, batch_size, **kw)
+    forward_batch = int(data.get("forward_batch_size", 8))
+    if "store" in data:
+        from sae.data.store import harvest_to_store
+        from sae.train import StoreStackSource
+
+        harvest_to_store(model, corpus, data["store"], hooks, batch_size=forward_batch, **kw)
+        source = StoreStackSource(data["store"], hooks, batch_size, seed=int(data.get("seed", 0)),
+                                  epochs=data.get("epochs"))
+    else:
+        from sae.data.sources import StreamStackSource
+
+        source = StreamStackSource(model, corpus, hooks, batch_size, forward_batch_size=forward_batch,
+                                   buffer_size=int(data.get("buffer_size", 1 << 16)), seed=int(data.get("seed", 0)),
+                                   **kw)
     source.model, source.hooks = model, hooks
     return source
 
@@ -234,8 +249,9 @@ def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
     if t.get("mesh"):
         dp, lp = (int(v) for v in t["mesh"])
         mesh = make_mesh(dp, lp)
-    recorded = ("site", "layer", "layers", "roles", "model", "corpus", "hooks", "tokens", "context_len", "mode",
-                "take", "seed")
+    recorded = ("site", "layer", "layers", "roles")
+    if "hooks" in data:                          # what the harvest that feeds a many-hook run depends on
+        recorded += ("model", "corpus", "hooks", "tokens", "context_len", "mode", "take", "seed", "store")
     res = train(cfgs, source, run_dir, max_steps=t.get("max_steps"),
                 checkpoint_every=int(t.get("checkpoint_every", 1000)),
                 keep_checkpoints=int(t.get("keep_checkpoints", 2)), log_every=int(t.get("log_every", 1)),

@@ -234,3 +234,10 @@ def test_train_many_hooks_from_one_harvest_pass(tmp_path, lm_setup, tiny_chat_mo
             parse_hooks(bad)
     with pytest.raises(CliError, match="layer"):
         cmd_train(conf("bad", "resid_post:7"), model=tiny_chat_model)
+    # through an activation store (resumable harvest): the same hook points, exported the same way
+    stored = conf("stored", "resid_post:1,2")
+    stored["data"]["store"] = str(tmp_path / "acts")
+    out_s = cmd_train(stored, model=tiny_chat_model)
+    from sae.data.store import ActivationStore
+    assert ActivationStore(tmp_path / "acts").sites_layers == [("resid_post", 1), ("resid_post", 2)]
+    assert [load_sae(h["export"]).metadata["hook_name"] for h in out_s["hooks"]] == ["model.layers.1", "model.layers.2"]
