@@ -1,6 +1,11 @@
 """The forward pass: embed -> lax.scan(block) -> final norm -> unembed, with sites, edits, capture
 and an optional KV cache.
 
+The cache's stacked K/V [L, B, S, KV, hd] are carried through the layer scan: each layer writes its new
+slots with one `dynamic_update_slice` at [layer, :, cache.length], which XLA performs in place (also
+inside generate's decode loop), so a decode step writes one slot per layer rather than a fresh cache.
+Attention masks and RoPE angles are built once per forward, outside the scan.
+
 Sites are defined here, once (see `SITES` in edits.py). Mapping to Hugging Face
 `output_hidden_states`: `resid_pre[i] == hidden_states[i]` and `resid_post[i] ==
 hidden_states[i + 1]` (HF's last entry additionally has the final norm applied; ours does not).
