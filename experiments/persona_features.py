@@ -7,7 +7,7 @@
 Pipeline (persona-methods.md section 5; sae/features.py does the computing):
 
 1. SAE: loaded (`--sae`: a SAELens folder or an sae.train run dir) or trained here with the SAE
-   trainer (sae.train) on a ShareGPT harvest (sae.activations.harvest_to_store) of resid_post at the
+   trainer (sae.train) on a ShareGPT harvest (sae.data.store.harvest_to_store) of resid_post at the
    middle layer (TopK, d_sae 4608, k 32 by default); both the harvest and the run are cached under
    `sae_cache` and resumed, so re-runs reuse them.
 2. Trait contrast: for every trait, conversations under the positive ("You are an evil assistant.

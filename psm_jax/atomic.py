@@ -35,7 +35,7 @@ def kill_point(event: str) -> None:
     """SIGKILL this process the n-th time `event` is reached when PSM_TEST_KILL_AT=<event>:<n> (tests only).
 
     Events: "atomic_replace" (a temporary file written and fsynced, not yet renamed over its target),
-    "replace_dir" (between the two renames of `replace_dir`), those of sae.activations.harvest_to_store
+    "replace_dir" (between the two renames of `replace_dir`), those of sae.data.store.harvest_to_store
     ("store_docs", "chunk_file", "chunk_renamed", "manifest_updated") and those the test worker
     tests/kill_worker.py adds around training ("train_step", "orbax_finalize")."""
     spec = os.environ.get(KILL_ENV)
