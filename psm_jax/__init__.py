@@ -7,11 +7,11 @@
 """
 from psm_jax import edits
 from psm_jax.config import ModelConfig, from_hf_config
-from psm_jax.generate import Generation, decode, extend, generate, prefill
+from psm_jax.generate import Generation, Monitor, decode, extend, generate, prefill
 from psm_jax.loading import LoadedModel, load
 from psm_jax.model import Capture, ForwardOutput, KVCache, forward, jit_forward
 
 __all__ = [
-    "Capture", "ForwardOutput", "Generation", "KVCache", "LoadedModel", "ModelConfig", "decode", "edits",
+    "Capture", "ForwardOutput", "Generation", "KVCache", "LoadedModel", "ModelConfig", "Monitor", "decode", "edits",
     "extend", "forward", "from_hf_config", "generate", "jit_forward", "load", "prefill",
 ]
