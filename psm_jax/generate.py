@@ -29,7 +29,7 @@ from flax import struct
 
 from psm_jax.config import ModelConfig
 from psm_jax.edits import EDITABLE_SITES
-from psm_jax.model import (Capture, ForwardOutput, KVCache, check_edits, check_token_ids, forward, init_cache,
+from psm_jax.model import (Capture, ForwardOutput, KVCache, check_edits, check_tokens, forward, init_cache,
                            is_concrete)
 
 
@@ -107,8 +107,7 @@ def prefill(params, config: ModelConfig, tokens, attention_mask=None, *, cache_s
             capture: Capture = Capture(), cache_dtype=None) -> ForwardOutput:
     """Forward over the prompt, writing a fresh cache of `cache_size` slots; logits of the last slot."""
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or 0 in tokens.shape:
-        raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, seq] with batch, seq >= 1")
+    check_tokens(config, tokens)
     b, t = tokens.shape
     cache_size = _check_count("cache_size", cache_size, 1)
     if cache_size < t:
@@ -270,11 +269,7 @@ def generate(params, config: ModelConfig, tokens, attention_mask=None, *, max_ne
     if sample and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit PRNG key")
     tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or 0 in tokens.shape:
-        raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, seq] with batch, seq >= 1")
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"tokens have dtype {tokens.dtype}; expected an integer dtype (token ids)")
-    check_token_ids(config, tokens)
+    check_tokens(config, tokens)
     if tokens.shape[1] + max_new_tokens > config.max_position:
         raise ValueError(f"prompt length {tokens.shape[1]} + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"max_position={config.max_position}; expected at most max_position positions")

@@ -220,15 +220,20 @@ def check_token_ids(config: ModelConfig, tokens, what: str = "tokens") -> None:
         raise ValueError(f"{what} contain id {bad}; expected ids in [0, {config.vocab_size}) (vocab_size)")
 
 
-def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
-    """Shapes and dtypes always; token ids, cache room and positions where the values are concrete."""
+def check_tokens(config: ModelConfig, tokens) -> None:
+    """tokens are a non-empty integer [batch, seq] array; their ids are checked where concrete."""
     if tokens.ndim != 2 or 0 in tokens.shape:
         raise ValueError(f"tokens have shape {tokens.shape}; expected [batch, seq] with batch, seq >= 1")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise TypeError(f"tokens have dtype {tokens.dtype}; expected an integer dtype (token ids)")
+    check_token_ids(config, tokens)
+
+
+def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
+    """Shapes and dtypes always; token ids, cache room and positions where the values are concrete."""
+    check_tokens(config, tokens)
     if attention_mask is not None and attention_mask.shape != tokens.shape:
         raise ValueError(f"attention_mask has shape {attention_mask.shape}; expected {tokens.shape}")
-    check_token_ids(config, tokens)
     b, t = tokens.shape
     if cache is None:
         if t > config.max_position:
