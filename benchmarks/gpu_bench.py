@@ -272,7 +272,6 @@ def section_parity(b: Bench) -> None:
 def section_forward(b: Bench) -> None:
     import copy
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch

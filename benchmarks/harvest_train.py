@@ -8,7 +8,7 @@
 Model dtype: float32 on both sides by default. `--dtype bfloat16` runs psm-jax's model in bf16 (on a CPU with AMX its
 projections and attention run on psm_jax.native.amx's tile kernels); `--saelens-dtype bfloat16` builds SAELens'
 TransformerLens model in bf16 (torch's CPU bf16 kernels). Both SAEs stay float32. The line recorded against SAELens'
-float32 model is `harvest_train_vs_saelens_runner` (SAELens at its defaults, the issue's reference); against a bf16
+float32 model is `harvest_train_vs_saelens_runner` (SAELens at its defaults, the usual reference); against a bf16
 SAELens model, `harvest_train_vs_saelens_runner_saelens_bf16`. Each line names both dtypes.
 
 Input (identical on both sides): ShareGPT conversations (`sae.data.corpus.load_sharegpt`, shuffled with --seed) through
@@ -487,7 +487,7 @@ def record_result(out: dict, record) -> dict:
     """Append the `harvest_train_vs_saelens_runner` line (`record` is benchmarks.record.record)."""
     o, s, n = out["psm_jax"], out["saelens"], out["tokens"]
     dtype, sl_dtype = out.get("model_dtype", "float32"), out.get("saelens_model_dtype", "float32")
-    # the issue's figure is against SAELens at its defaults (float32 model); a bf16 SAELens model is its own line
+    # the headline figure is against SAELens at its defaults (float32 model); a bf16 SAELens model is its own line
     metric = "harvest_train_vs_saelens_runner" + ("" if sl_dtype == "float32" else "_saelens_bf16")
     cmd = ".venv/bin/python benchmarks/harvest_train.py" + ("" if dtype == "float32" else f" --dtype {dtype}") + (
         "" if sl_dtype == "float32" else f" --saelens-dtype {sl_dtype}")

@@ -34,17 +34,12 @@ CPU); no judge filtering by default.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
-from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.chat import Role as TokRole
-from psm_jax.model import Capture, forward
 from psm_jax.persona.axis import per_turn_projections, response_means, role_and_default_vectors  # noqa: F401
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import SITE
@@ -53,7 +48,7 @@ from psm_jax.persona.directions import (axis_from_vectors, axis_pc1_cosines, gro
                                         unit)
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv  # noqa: F401
 from experiments.sharegpt import sharegpt_conversations
-from psm_jax.reductions import components_for_variance, pca, per_turn_mean
+from psm_jax.reductions import components_for_variance, pca
 
 
 

@@ -42,7 +42,6 @@ SmolLM2-135M is a weak model, explainer and judge: the claims here rest on the c
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence

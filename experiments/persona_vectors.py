@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -256,13 +255,13 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
     return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
-MIN_MONOTONIC_RUN = 4  # issue #4: "moves monotonically ... over at least four values, both signs"
+MIN_MONOTONIC_RUN = 4  # the lenient criterion: increasing over >= 4 consecutive coefficients of both signs
 
 
 def monotonic(coefs: Sequence[float], values: Sequence[float], min_run: int = MIN_MONOTONIC_RUN) -> dict:
     """Strictly increasing in c over c <= 0 ('neg'), over c >= 0 ('pos'), over the whole sweep ('both': the strict
     criterion), and 'run': over some run of >= min_run consecutive coefficients that contains negative and positive
-    ones (the issue's criterion; 'run_coefs' is the longest such run, [] when none). 'both' implies 'run' when the
+    ones (the lenient criterion; 'run_coefs' is the longest such run, [] when none). 'both' implies 'run' when the
     sweep has >= min_run coefficients."""
     c, v = np.asarray(coefs, float), np.asarray(values, float)
     order = np.argsort(c)
@@ -283,7 +282,7 @@ def monotonic(coefs: Sequence[float], values: Sequence[float], min_run: int = MI
 
 
 def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
-    """Traits whose sweep meets `criterion` ("both": strict over the whole sweep; "run": the issue's >= 4 values)."""
+    """Traits whose sweep meets `criterion` ("both": strict over the whole sweep; "run": >= 4 consecutive values of both signs)."""
     return sum(bool(m.get(criterion, False)) for m in monotonics)
 
 
@@ -846,7 +845,7 @@ def _write_report(report: Report, result: Result) -> None:
         resp_summary = (f"**Response-likelihood measure** (a second behavioural measure, defined below): "
                         f"**{n_mono_resp} of {len(resp)} traits** increase strictly with the coefficient on both "
                         f"sides of 0 (same coefficients); **{n_run_resp} of {len(resp)}** over at least "
-                        f"{MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs (the issue's criterion; "
+                        f"{MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs (the lenient criterion; "
                         f"runs: " + ", ".join(f"{r['trait']} {r['response']['monotonic'].get('run_coefs') or 'none'}"
                                               for r in resp)
                         + "); its system-prompt validity effect: "

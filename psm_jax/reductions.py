@@ -2,7 +2,6 @@
 projections, cosines, PCA and percentiles. Pure jnp functions over arrays with a token axis."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -5,7 +5,6 @@ under CI=true that skip fails the run (`ci_required`). These tests run in the de
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess

@@ -142,7 +142,7 @@ def test_monotonic_pearson_split():
     assert (m["neg"], m["pos"], m["both"]) == (True, False, False)
     assert m["run"] and m["run_coefs"] == [-1.0, -0.5, 0.0, 0.5]  # four values, both signs
     assert pv.monotonic(list(reversed(c)), [4, 3, 2, 1, 0])["both"]
-    # the criterion: >= 4 consecutive coefficients with both signs; a turn at c = -1 is allowed
+    # the lenient criterion: >= 4 consecutive coefficients with both signs; a turn at c = -1 is allowed
     c7 = [-1, -0.5, -0.25, 0, 0.25, 0.5, 1]
     m = pv.monotonic(c7, [-0.49, -0.70, -0.60, -0.2, 0.18, 0.47, 0.75])
     assert not m["both"] and m["run"] and m["run_coefs"] == [-0.5, -0.25, 0.0, 0.25, 0.5, 1.0]

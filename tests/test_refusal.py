@@ -8,9 +8,7 @@ import pytest
 
 from experiments import refusal as R
 from psm_jax import edits as E
-from psm_jax.config import ModelConfig
 from psm_jax.loading.hf import load_hf_dir
-from psm_jax.loading.names import param_specs
 from psm_jax.logits import kl_divergence, token_set_log_odds
 from psm_jax.model import Capture, jit_forward
 

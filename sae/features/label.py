@@ -50,13 +50,13 @@ too weak a reader for this; the interface is there so a strong remote model can 
 from __future__ import annotations
 
 import json
-import os
 import re
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from psm_jax.persona.llm_client import ChatClient, Transport
 
 SCHEMA_VERSION = 1
 ROLE_KEYS = ("template", "system", "user", "assistant", "text")
@@ -421,49 +421,13 @@ class LocalDetectionScorer:
 
 # ------------------------------------------------------------------------------------------- remote model
 
-Transport = Callable[[str, dict, dict], dict]
-
-
-def _urllib_transport(url: str, headers: dict, payload: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - user-configured endpoint
-        return json.loads(resp.read().decode())
-
-
-class OpenAICompatibleClient:
-    """Chat completions against any OpenAI-compatible endpoint (OpenAI, vLLM, llama.cpp server...).
-
-    base_url / model / api_key from the arguments or PSM_LABEL_BASE_URL (or OPENAI_BASE_URL),
-    PSM_LABEL_MODEL, PSM_LABEL_API_KEY (or OPENAI_API_KEY, optional for local servers).
-    `transport(url, headers, payload) -> dict` can be replaced (tests, proxies).
-    """
+class OpenAICompatibleClient(ChatClient):
+    """The labelling endpoint: psm_jax.persona.llm_client.ChatClient configured from PSM_LABEL_BASE_URL (or
+    OPENAI_BASE_URL), PSM_LABEL_MODEL and PSM_LABEL_API_KEY (or OPENAI_API_KEY) unless given as arguments."""
 
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None, *,
                  transport: Transport | None = None):
-        env = os.environ
-        self.base_url = (base_url or env.get("PSM_LABEL_BASE_URL") or env.get("OPENAI_BASE_URL") or "").rstrip("/")
-        self.model = model or env.get("PSM_LABEL_MODEL") or ""
-        self.api_key = api_key or env.get("PSM_LABEL_API_KEY") or env.get("OPENAI_API_KEY")
-        missing = [w for w, v in (("base_url (argument or PSM_LABEL_BASE_URL / OPENAI_BASE_URL)", self.base_url),
-                                  ("model (argument or PSM_LABEL_MODEL)", self.model)) if not v]
-        if missing:
-            raise ValueError("the remote labelling model is not configured: missing " + " and ".join(missing))
-        self.transport = transport or _urllib_transport
-
-    def chat(self, prompt: str, **kw) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, **kw}
-        return self.transport(f"{self.base_url}/chat/completions", headers, payload)
-
-    @staticmethod
-    def content(resp: Mapping) -> str:
-        try:
-            return str(resp["choices"][0]["message"]["content"] or "")
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"endpoint reply has no message content ({err!r}); expected an OpenAI-style chat "
-                             "completion") from err
+        super().__init__(base_url, model, api_key, env_prefix="PSM_LABEL", transport=transport)
 
 
 class OpenAICompatibleExplainer(OpenAICompatibleClient):
