@@ -11,6 +11,8 @@ from psm_jax.kvcache import edit_cache_direct, kv_from_residual, read_kv, recomp
 from psm_jax.loading.hf import load_hf_dir
 from psm_jax.model import Capture, jit_forward
 
+pytestmark = pytest.mark.parity  # compared with Hugging Face torch
+
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def model(request, tiny_hf):

@@ -9,6 +9,8 @@ from psm_jax.loading.hf import load_hf_dir
 from psm_jax.model import Capture, jit_forward
 from tests.tiny_models import VARIANTS
 
+pytestmark = pytest.mark.parity  # compared with Hugging Face torch
+
 SEQ = 20  # longer than the sliding windows (8) of the windowed variants
 SITES = ("resid_pre", "attn_in", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post", "q_prerope", "v")
 TOL = 1e-4

@@ -7,6 +7,8 @@ import torch
 from psm_jax.generate import extend, generate, prefill
 from psm_jax.model import jit_forward
 
+pytestmark = pytest.mark.parity  # compared with Hugging Face torch
+
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Give me two tips for sleeping well."]
 
 
