@@ -150,10 +150,12 @@ def test_wrong_shape_and_dtype_are_named(tiny_hf, tmp_path):
 
 
 def _save_multifile(model, directory, dtype="float32"):
+    """Save a copy of the session's shared torch model (casting it in place would round the shared weights)."""
+    import copy
+
     import torch
 
-    model.to(getattr(torch, dtype)).save_pretrained(directory, max_shard_size="40KB")
-    model.to(torch.float32)
+    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(directory, max_shard_size="40KB")
     assert (directory / "model.safetensors.index.json").is_file()
     return directory
 
