@@ -213,8 +213,12 @@ def check_token_ids(config: ModelConfig, tokens, what: str = "tokens") -> None:
     """Raise if integer token ids (concrete, any shape) fall outside [0, vocab_size); tracers are not checked."""
     if not is_concrete(tokens) or np.size(tokens) == 0:
         return
-    arr = np.asarray(tokens)
-    lo, hi = int(arr.min()), int(arr.max())
+    # An array spread over several processes is checked shard by shard: each process sees only its own part.
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        parts = [np.asarray(s.data) for s in tokens.addressable_shards]
+    else:
+        parts = [np.asarray(tokens)]
+    lo, hi = min(int(p.min()) for p in parts), max(int(p.max()) for p in parts)
     if lo < 0 or hi >= config.vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{what} contain id {bad}; expected ids in [0, {config.vocab_size}) (vocab_size)")
