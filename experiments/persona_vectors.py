@@ -80,7 +80,7 @@ from psm_jax.persona.directions import mean_difference, project, typical_norms
 from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items,
                                      trait_system_prompt)
 from psm_jax.persona.directions import random_directions
-from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, pearson, within_groups_r
+from psm_jax.persona.stats import MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, monotonic, null_band, pearson, within_groups_r
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -255,34 +255,9 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
     return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
-MIN_MONOTONIC_RUN = 4  # the lenient criterion: increasing over >= 4 consecutive coefficients of both signs
-
-
-def monotonic(coefs: Sequence[float], values: Sequence[float], min_run: int = MIN_MONOTONIC_RUN) -> dict:
-    """Strictly increasing in c over c <= 0 ('neg'), over c >= 0 ('pos'), over the whole sweep ('both': the strict
-    criterion), and 'run': over some run of >= min_run consecutive coefficients that contains negative and positive
-    ones (the lenient criterion; 'run_coefs' is the longest such run, [] when none). 'both' implies 'run' when the
-    sweep has >= min_run coefficients."""
-    c, v = np.asarray(coefs, float), np.asarray(values, float)
-    order = np.argsort(c)
-    c, v = c[order], v[order]
-    neg, pos = v[c <= 0], v[c >= 0]
-    res = {"neg": bool(len(neg) >= 2 and np.all(np.diff(neg) > 0)),
-           "pos": bool(len(pos) >= 2 and np.all(np.diff(pos) > 0))}
-    res["both"] = res["neg"] and res["pos"]
-    up = np.diff(v) > 0
-    best: list[float] = []
-    for i in range(len(c)):
-        for j in range(i + min_run - 1, len(c)):
-            if c[i] < 0 < c[j] and np.all(up[i:j]) and j - i + 1 > len(best):
-                best = [float(x) for x in c[i:j + 1]]
-    res["run"] = bool(best)
-    res["run_coefs"] = best
-    return res
-
-
 def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
-    """Traits whose sweep meets `criterion` ("both": strict over the whole sweep; "run": >= 4 consecutive values of both signs)."""
+    """Traits whose sweep (psm_jax.persona.stats.monotonic) meets `criterion` ("increasing": strictly over the
+    whole sweep; "run": the lenient criterion)."""
     return sum(bool(m.get(criterion, False)) for m in monotonics)
 
 
@@ -660,11 +635,12 @@ def summary_metrics(results: list[dict]) -> dict:
     and validity numbers (what metrics.json and the records carry)."""
     resp = [r for r in results if "response" in r]
     common, names, cos = cosine_matrix(results)
-    m = {"persona_steering_monotonic_traits": count_monotonic([r["steering"]["monotonic"] for r in results], "both"),
-         "persona_steering_monotonic_traits_run": count_monotonic([r["steering"]["monotonic"] for r in results], "run")}
+    steering = [r["steering"]["monotonic"] for r in results]
+    m = {"persona_steering_monotonic_traits": count_monotonic(steering, "increasing"),
+         "persona_steering_monotonic_traits_run": count_monotonic(steering, "run")}
     if resp:
         m["persona_steering_monotonic_traits_response"] = count_monotonic([r["response"]["monotonic"] for r in resp],
-                                                                          "both")
+                                                                          "increasing")
         m["persona_steering_monotonic_traits_response_run"] = count_monotonic(
             [r["response"]["monotonic"] for r in resp], "run")
     m.update(n_traits=len(results), cosine_layer=common,
@@ -836,10 +812,10 @@ validity effect clearly > 0 is needed before the steering curve means anything.
 def _write_report(report: Report, result: Result) -> None:
     plt = pyplot()
     cfg, results, n_layers, d = result.config, result.results, result.n_layers, result.d_model
-    n_mono = count_monotonic([r["steering"]["monotonic"] for r in results], "both")
+    n_mono = count_monotonic([r["steering"]["monotonic"] for r in results], "increasing")
     n_run = count_monotonic([r["steering"]["monotonic"] for r in results], "run")
     resp = [r for r in results if "response" in r]
-    n_mono_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "both")
+    n_mono_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "increasing")
     n_run_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "run")
     if resp:
         resp_summary = (f"**Response-likelihood measure** (a second behavioural measure, defined below): "

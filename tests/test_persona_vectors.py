@@ -8,6 +8,7 @@ import pytest
 
 from experiments import persona_vectors as pv
 from psm_jax.persona import rollouts
+from psm_jax.persona import stats as S
 from psm_jax.persona.datasets import BehaviouralItem
 from psm_jax.chat import Role, encode_chat
 from tests.fixtures_assets import random_smollm2_chat_model
@@ -136,19 +137,20 @@ def test_behaviour_measure_is_logprob_difference(model):
 
 def test_monotonic_pearson_split():
     c = [-1, -0.5, 0, 0.5, 1]
-    assert pv.monotonic(c, [0, 1, 2, 3, 4]) == {"neg": True, "pos": True, "both": True, "run": True,
-                                                  "run_coefs": [-1.0, -0.5, 0.0, 0.5, 1.0]}
-    m = pv.monotonic(c, [0, 1, 2, 3, 2.5])
-    assert (m["neg"], m["pos"], m["both"]) == (True, False, False)
+    m = S.monotonic(c, [0, 1, 2, 3, 4])
+    assert (m["neg"], m["pos"], m["increasing"], m["run"]) == (True, True, True, True)
+    assert m["run_coefs"] == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    m = S.monotonic(c, [0, 1, 2, 3, 2.5])
+    assert (m["neg"], m["pos"], m["increasing"]) == (True, False, False)
     assert m["run"] and m["run_coefs"] == [-1.0, -0.5, 0.0, 0.5]  # four values, both signs
-    assert pv.monotonic(list(reversed(c)), [4, 3, 2, 1, 0])["both"]
+    assert S.monotonic(list(reversed(c)), [4, 3, 2, 1, 0])["increasing"]
     # the lenient criterion: >= 4 consecutive coefficients with both signs; a turn at c = -1 is allowed
     c7 = [-1, -0.5, -0.25, 0, 0.25, 0.5, 1]
-    m = pv.monotonic(c7, [-0.49, -0.70, -0.60, -0.2, 0.18, 0.47, 0.75])
-    assert not m["both"] and m["run"] and m["run_coefs"] == [-0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
-    assert not pv.monotonic(c7, [0, 1, 2, 3, 2, 1, 0])["run"]  # the only increasing run is [-1, 0]: no positive c
-    assert not pv.monotonic([0, 0.5, 1, 2], [0, 1, 2, 3])["run"]  # no negative coefficient
-    assert pv.count_monotonic([m, {"run": False}, {"both": True}], "run") == 1
+    m = S.monotonic(c7, [-0.49, -0.70, -0.60, -0.2, 0.18, 0.47, 0.75])
+    assert not m["increasing"] and m["run"] and m["run_coefs"] == [-0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
+    assert not S.monotonic(c7, [0, 1, 2, 3, 2, 1, 0])["run"]  # the only increasing run is [-1, 0]: no positive c
+    assert not S.monotonic([0, 0.5, 1, 2], [0, 1, 2, 3])["run"]  # no negative coefficient
+    assert pv.count_monotonic([m, {"run": False}, {"increasing": True}], "run") == 1
     assert pv.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert pv.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="equal-length"):

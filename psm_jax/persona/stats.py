@@ -110,14 +110,19 @@ def shuffled_label_null(statistic: Callable[[np.ndarray, np.ndarray], float], a,
     return out
 
 
+MIN_MONOTONIC_RUN = 4  # the lenient criterion: increasing over >= 4 consecutive coefficients of both signs
+
+
 def monotonic(coefs: Sequence[float], values: Sequence[float], ppl_ratios: Sequence[float] | None = None, *,
-              max_ppl_ratio: float | None = None) -> dict:
-    """Strict monotonicity of a steering curve over the whole sweep.
+              max_ppl_ratio: float | None = None, min_run: int = MIN_MONOTONIC_RUN) -> dict:
+    """Monotonicity of a steering curve, by the strict and the lenient criterion.
 
     Returns {increasing, decreasing, strict (either), fluent (every point's perplexity ratio <= max_ppl_ratio,
     True without a ceiling), strict_fluent (strict and fluent), coefs (sorted)}. With a ceiling, the curve is also
     judged only over the points that meet it (`strict_within_ceiling`, `n_within_ceiling`): effects are read at
-    equal fluency cost."""
+    equal fluency cost. Half sweeps: `neg` / `pos`, strictly increasing over c <= 0 / c >= 0. The lenient
+    criterion: `run`, increasing over some >= min_run consecutive coefficients that include negative and positive
+    ones (`run_coefs`, the longest such run; [] when none)."""
     c, v = np.asarray(coefs, np.float64), np.asarray(values, np.float64)
     if c.shape != v.shape or c.ndim != 1 or c.size < 2:
         raise ValueError(f"coefs {c.shape} and values {v.shape}; expected two equal-length 1-D sweeps of >= 2 points")
@@ -141,7 +146,23 @@ def monotonic(coefs: Sequence[float], values: Sequence[float], ppl_ratios: Seque
     kept = v[fluent_mask]
     res["n_within_ceiling"] = int(fluent_mask.sum())
     res["strict_within_ceiling"] = bool(kept.size >= 2 and (np.all(np.diff(kept) > 0) or np.all(np.diff(kept) < 0)))
+    neg, pos = v[c <= 0], v[c >= 0]
+    res["neg"] = bool(neg.size >= 2 and np.all(np.diff(neg) > 0))
+    res["pos"] = bool(pos.size >= 2 and np.all(np.diff(pos) > 0))
+    res["run_coefs"] = _longest_increasing_run(c, d > 0, min_run)
+    res["run"] = bool(res["run_coefs"])
     return res
+
+
+def _longest_increasing_run(c: np.ndarray, up: np.ndarray, min_run: int) -> list[float]:
+    """The longest run of >= min_run sorted coefficients c[i..j] with c[i] < 0 < c[j] over which the curve rises
+    (`up[k]`: it rises from point k to k + 1)."""
+    best: list[float] = []
+    for i in range(c.size):
+        for j in range(i + min_run - 1, c.size):
+            if c[i] < 0 < c[j] and np.all(up[i:j]) and j - i + 1 > len(best):
+                best = [float(x) for x in c[i:j + 1]]
+    return best
 
 
 def pearson(x, y) -> float:
