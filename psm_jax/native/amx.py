@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psm_jax.lowrank import is_lowrank
 from psm_jax.native import build as native_build
 
 SOURCE = Path(__file__).with_name("_amx_kernels.cc")
@@ -119,7 +120,7 @@ def kernel_layout(layers: dict) -> dict:
     differentiate with respect to the result (jax.grad refuses integer inputs)."""
     if not available() or not any(getattr(v, "dtype", None) == jnp.bfloat16 for v in layers.values()):
         return layers
-    return {k: jax.lax.bitcast_convert_type(v, jnp.uint16) if k in PROJECTIONS and v.dtype == jnp.bfloat16 and
+    return {k: jax.lax.bitcast_convert_type(v, jnp.uint16) if k in PROJECTIONS and not is_lowrank(v) and v.dtype == jnp.bfloat16 and
             v.ndim == 3 and v.shape[1] % 32 == 0 and v.shape[2] % 32 == 0 else v for k, v in layers.items()}
 
 
@@ -134,7 +135,10 @@ def uses_kernel(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> bool:
 
 def dense(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> jax.Array:
     """x [..., K] @ w [K, N] (w [N, K] and x @ w.T with transpose_b: a tied unembedding, with no transposed copy):
-    the AMX kernel where `uses_kernel`, else XLA's dot (identical semantics, bf16 out)."""
+    the AMX kernel where `uses_kernel`, else XLA's dot (identical semantics, bf16 out). A `psm_jax.lowrank.LowRank`
+    weight adds its factored update to the full-rank product."""
+    if is_lowrank(w):
+        return w.apply(x, dense)
     if not uses_kernel(x, w, transpose_b):
         return x @ (_bf16(w).T if transpose_b else _bf16(w))
     lead = x.shape[:-1]
@@ -180,6 +184,8 @@ def attention(q, k, v, bias, scale: float, reference):
 
 def uses_gated_kernel(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> bool:
     """Whether `gated_silu(x, w_gate, w_up)` runs as one kernel (both products would run on the AMX kernel)."""
+    if is_lowrank(w_gate) or is_lowrank(w_up):
+        return False
     return w_gate.shape == w_up.shape and uses_kernel(x, w_gate) and uses_kernel(x, w_up)
 
 
