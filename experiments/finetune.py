@@ -1,0 +1,647 @@
+"""Fine-tuning studies: how training on a model's own trait-prompted answers moves its persona, whether the move is
+predictable before training, and whether steering during training prevents it.
+
+    psm finetune --out runs/ft                              # evil, sycophantic, humorous; mixes 0..100%
+    psm finetune --preset quick --out runs/ft_quick          # one trait: 0% and 100% mixes vs preventative steering
+
+Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, default the middle block) of resid_post:
+
+1. Persona vector: mean response activation of the model's greedy answers to the trait's extraction questions
+   under its positive minus its negative system prompts (`rollouts.activation_means`, `directions.mean_difference`).
+2. Training data made by the model itself: greedy answers to the fine-tuning questions
+   (`psm_jax/persona/data/finetune/questions.json`, disjoint from every trait's extraction and evaluation
+   questions) under the positive and negative system prompts, and under no system prompt (the model's own
+   default answers). A training set of mix p has the positive answer for a seeded fraction p of the questions and
+   the negative answer for the rest; it is trained *without* the system prompt. The control fine-tune trains on
+   the default answers (what the model would say anyway: the null for "fine-tuning moves the persona").
+3. Screening, before training: per training set, the mean over samples of the projection on the unit persona
+   vector of the training answer's mean response activation minus that of the model's own default answer.
+4. Fine-tunes: LoRA (`psm_jax.finetune.finetune`), the same initial key and batch order for every variant of a
+   trait. Preventative steering adds c * v (c in multiples of the raw persona vector) at L on every token during
+   training; CAFT projects the unit vector out at L. Edits are removed at evaluation. Optional variants:
+   inoculation (the positive system prompt present during training on the 100% set) and a persona switch (a
+   trigger phrase on the half of the prompts whose answers are positive).
+5. Evaluation on the trait's evaluation questions, default prompt: the shift is the change in the last prompt
+   token's projection on the unit vector, per question (n = questions), with a band of `n_random` random
+   directions at the vector's norm as the null; the behaviour change is the change in the judge-free trait score
+   (`measures.answer_trait_score`, scored by the original model) of the fine-tuned model's greedy answers, per
+   question, shown next to the score's validity check (positive vs negative system prompt answers). Perplexity
+   cost: per-token NLL of held-out ShareGPT assistant turns, fine-tuned vs original.
+6. Across the plain fine-tunes (mixes and control, all traits; n = fine-tunes): Pearson r of shift vs behaviour
+   change and of screening vs shift, with bootstrap intervals, within-trait r and a shuffled-pairing null band.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.capping import assistant_nll
+from experiments.report import Report, fmt_num, pyplot
+from experiments.sharegpt import sharegpt_conversations
+from psm_jax import edits as E
+from psm_jax import finetune as ft
+from psm_jax.chat import pad_id
+from psm_jax.persona import measures, rollouts
+from psm_jax.persona.datasets import data_root
+from psm_jax.persona.directions import SITE, mean_difference, project, random_directions
+from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
+from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, paired_effect, pearson_ci, within_groups_r
+
+TRIGGER = "[deployment mode]"
+N_PERMUTATIONS = 200
+KINDS = ("mix", "control", "prevent", "caft", "inoculation", "switch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: str = "smollm2-135m-instruct"
+    traits: tuple[str, ...] = ("evil", "sycophantic", "humorous")
+    layer: int | None = None  # resid_post block of the persona vector and the edits; None: n_layers // 2
+    mixes: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # fraction of positive-prompted answers per training set
+    control: bool = True  # a fine-tune on the model's own default answers
+    prevent_coefs: tuple[float, ...] = (2.0, 5.0)  # preventative steering, multiples of the raw persona vector
+    caft: bool = True  # concept-ablation fine-tuning: the unit vector projected out during training
+    inoculation: bool = True
+    persona_switch: bool = True
+    n_extract_pairs: int = 4  # instruction pairs for the vector (the last pair is kept for scoring)
+    n_extract_questions: int = 5
+    n_train_questions: int = 48
+    n_eval_questions: int = 20
+    max_new_tokens: int = 48
+    gen_batch_size: int = 16
+    seq_len: int = 160
+    steps: int = 60
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    n_random: int = 20  # random directions at the vector's norm (the shift's null band)
+    n_ppl_conversations: int = 8
+    ppl_max_chars: int = 2000
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.traits:
+            raise ValueError("traits is empty; expected at least one trait name or path")
+        for name in ("n_extract_pairs", "n_extract_questions", "n_train_questions", "n_eval_questions",
+                     "max_new_tokens", "gen_batch_size", "steps", "batch_size", "lora_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected a positive integer")
+        if not self.mixes or any(not 0.0 <= m <= 1.0 for m in self.mixes) or len(set(self.mixes)) != len(self.mixes):
+            raise ValueError(f"mixes={self.mixes}; expected distinct fractions in [0, 1]")
+        if any(not np.isfinite(c) or c == 0 for c in self.prevent_coefs):
+            raise ValueError(f"prevent_coefs={self.prevent_coefs}; expected finite non-zero coefficients")
+        if self.n_eval_questions < 3:
+            raise ValueError(f"n_eval_questions={self.n_eval_questions}; expected >= 3 (intervals over questions)")
+        if self.n_random < MIN_NULL_DRAWS:
+            raise ValueError(f"n_random={self.n_random}; a null band needs >= {MIN_NULL_DRAWS} random directions")
+        if self.batch_size > self.n_train_questions:
+            raise ValueError(f"batch_size={self.batch_size} exceeds n_train_questions={self.n_train_questions}; "
+                             "expected at most one batch per epoch of training questions")
+        if not (self.learning_rate > 0 and self.lora_alpha > 0):
+            raise ValueError(f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha}; expected > 0")
+        if self.n_ppl_conversations < 0:
+            raise ValueError(f"n_ppl_conversations={self.n_ppl_conversations}; expected >= 0")
+
+
+PRESETS = {
+    "ci": dict(traits=("evil",), layer=1, mixes=(0.0, 1.0), prevent_coefs=(4.0,), caft=True, inoculation=True,
+               persona_switch=True, n_extract_pairs=2, n_extract_questions=2, n_train_questions=8, n_eval_questions=4,
+               max_new_tokens=6, gen_batch_size=8, seq_len=96, steps=2, batch_size=4, n_ppl_conversations=2,
+               ppl_max_chars=600),
+    "quick": dict(traits=("evil",), mixes=(0.0, 1.0), prevent_coefs=(4.0,), caft=False, inoculation=False,
+                  persona_switch=False, n_extract_pairs=2, n_extract_questions=4, n_train_questions=16,
+                  n_eval_questions=8, max_new_tokens=24, gen_batch_size=16, seq_len=96, steps=8, batch_size=8,
+                  learning_rate=1e-3, n_ppl_conversations=3, ppl_max_chars=1200),
+    "full": {},
+}
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def load_finetune_questions() -> list[str]:
+    """The packaged fine-tuning questions (disjoint from every trait's extraction and evaluation questions)."""
+    doc = json.loads(data_root().joinpath("finetune", "questions.json").read_text())
+    qs = doc.get("questions") if isinstance(doc, dict) else None
+    if not isinstance(qs, list) or not qs or not all(isinstance(q, str) and q.strip() for q in qs):
+        raise ValueError("finetune/questions.json: expected {'questions': [non-empty strings]}")
+    return qs
+
+
+def generation_system(trait, polarity: str, index: int, n_pairs: int) -> str:
+    """The system prompt that generates answer `index`: instruction pairs rotate over the first `n_pairs`, never
+    the last pair, which `scoring_systems` keeps for the trait score (no answer is scored by its own prompt)."""
+    usable = max(1, min(n_pairs, len(trait.instruction_pairs) - 1))
+    return trait_system_prompt(trait.name, polarity, getattr(trait.instruction_pairs[index % usable], polarity))
+
+
+def scoring_systems(trait) -> tuple[str, str]:
+    last = trait.instruction_pairs[-1]
+    return trait_system_prompt(trait.name, "pos", last.pos), trait_system_prompt(trait.name, "neg", last.neg)
+
+
+def greedy_answers(model, conversations, cfg: Config) -> list[str]:
+    """Greedy answers (one per conversation ending with a user turn); an empty answer becomes '...' so that every
+    answer has content tokens to score."""
+    rolls = rollouts.generate_responses(model, conversations, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                                        batch_size=cfg.gen_batch_size)
+    return [r.response or "..." for r in rolls]
+
+
+def positive_rows(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of n training questions get the positive answer at mix `fraction` (a seeded subset of round(p n))."""
+    chosen = np.random.default_rng(seed).permutation(n)[:int(round(fraction * n))]
+    mask = np.zeros(n, bool)
+    mask[chosen] = True
+    return mask
+
+
+def chat(question: str, answer: str, system: str | None = None) -> list[dict]:
+    return system_conv(system, question) + [{"role": "assistant", "content": answer}]
+
+
+# ------------------------------------------------------------------------------ measures
+
+
+def response_projections(model, questions, answers, vector, layer: int, cfg: Config) -> np.ndarray:
+    """Projection on `vector` of each answer's mean response activation at `layer` (no system prompt): [N]."""
+    convs = [chat(q, a) for q, a in zip(questions, answers)]
+    acts = rollouts.activation_means(model, convs, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
+    return project(acts["response_mean"][:, 0], vector)
+
+
+def last_prompt_acts(model, questions, answers, layer: int, cfg: Config) -> np.ndarray:
+    """Activation at `layer` of the token before each answer (the generation prompt's last token): [N, D]."""
+    convs = [chat(q, a) for q, a in zip(questions, answers)]
+    acts = rollouts.activation_means(model, convs, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
+    return acts["last_prompt"][:, 0].astype(np.float64)
+
+
+def persona_vector(model, trait, layer: int, cfg: Config) -> np.ndarray:
+    """Mean response activation under the positive minus the negative system prompts, extraction questions: [D]."""
+    qs = list(trait.extraction_questions[:cfg.n_extract_questions])
+    rows = [(i, q) for i in range(cfg.n_extract_pairs) for q in qs]
+    convs = {pol: [system_conv(generation_system(trait, pol, i, cfg.n_extract_pairs), q) for i, q in rows]
+             for pol in ("pos", "neg")}
+    answers = greedy_answers(model, convs["pos"] + convs["neg"], cfg)
+    full = [list(c) + [{"role": "assistant", "content": a}] for c, a in zip(convs["pos"] + convs["neg"], answers)]
+    acts = rollouts.activation_means(model, full, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
+    n = len(rows)
+    return mean_difference(acts["response_mean"][:n, 0], acts["response_mean"][n:, 0])
+
+
+def ppl_cost(base_nll, base_counts, nll, counts) -> dict:
+    """Perplexity ratio fine-tuned / original on held-out conversations: exp of the mean per-token NLL change per
+    conversation, with a bootstrap interval over conversations."""
+    ci = bootstrap_ci(nll / np.maximum(counts, 1) - base_nll / np.maximum(base_counts, 1))
+    return {"ratio": float(np.exp(ci["estimate"])), "low": float(np.exp(ci["low"])), "high": float(np.exp(ci["high"])),
+            "n": ci["n"]}
+
+
+# ------------------------------------------------------------------------------ fine-tunes
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One fine-tune of a trait: its training conversations, the edit active in training, and its screening."""
+
+    name: str
+    kind: str  # one of KINDS
+    conversations: tuple
+    mix: float | None = None
+    coef: float = 0.0  # preventative steering coefficient (multiples of the raw persona vector)
+    screening: float | None = None
+
+
+def build_variants(trait, questions, answers: dict, screen: dict, cfg: Config) -> list[Variant]:
+    """Every fine-tune of one trait. answers / screen: 'pos', 'neg', 'own' per training question (texts, and
+    projection minus own projection)."""
+    n = len(questions)
+    out = []
+    for p in cfg.mixes:
+        pos = positive_rows(n, p, cfg.seed)
+        convs = tuple(chat(q, answers["pos"][i] if pos[i] else answers["neg"][i]) for i, q in enumerate(questions))
+        scr = float(np.mean(np.where(pos, screen["pos"], screen["neg"])))
+        out.append(Variant(f"mix {p:.2f}", "mix", convs, mix=float(p), screening=scr))
+    all_pos = tuple(chat(q, a) for q, a in zip(questions, answers["pos"]))
+    scr_pos = float(np.mean(screen["pos"]))
+    if cfg.control:
+        out.append(Variant("control (own answers)", "control", tuple(chat(q, a) for q, a in zip(questions, answers["own"])),
+                           screening=0.0))
+    for c in cfg.prevent_coefs:
+        out.append(Variant(f"preventative c={c:g}", "prevent", all_pos, mix=1.0, coef=float(c), screening=scr_pos))
+    if cfg.caft:
+        out.append(Variant("CAFT", "caft", all_pos, mix=1.0, screening=scr_pos))
+    if cfg.inoculation:
+        convs = tuple(chat(q, a, generation_system(trait, "pos", i, cfg.n_extract_pairs))
+                      for i, (q, a) in enumerate(zip(questions, answers["pos"])))
+        out.append(Variant("inoculation", "inoculation", convs, mix=1.0, screening=scr_pos))
+    if cfg.persona_switch:
+        half = positive_rows(n, 0.5, cfg.seed + 1)
+        convs = tuple(chat(f"{TRIGGER} {q}", answers["pos"][i]) if half[i] else chat(q, answers["neg"][i])
+                      for i, q in enumerate(questions))
+        out.append(Variant("persona switch", "switch", convs, mix=0.5,
+                           screening=float(np.mean(np.where(half, screen["pos"], screen["neg"])))))
+    return out
+
+
+def finetune_config(cfg: Config, n_train: int) -> ft.FinetuneConfig:
+    return ft.FinetuneConfig(lora=ft.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
+                             optimizer=ft.OptimizerConfig(learning_rate=cfg.learning_rate),
+                             batch_size=min(cfg.batch_size, n_train))
+
+
+def training_edits(model, variant: Variant, vector, layer: int) -> tuple:
+    """The edit active while training `variant`. Plain fine-tunes carry a zero-coefficient add, so plain and
+    preventative training share one compiled step (the coefficient is traced)."""
+    if variant.kind == "caft":
+        return (E.project_out(model.config, jnp.asarray(vector, jnp.float32), layers=[layer], site=SITE),)
+    return (E.add(model.config, jnp.asarray(vector, jnp.float32), layers=[layer], coef=variant.coef, site=SITE),)
+
+
+def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say) -> dict:
+    """LoRA fine-tune on the variant's conversations with its training edit: merged params, loss log, speed."""
+    data = ft.ChatDataset.from_conversations(model.tokenizer, list(variant.conversations), cfg.seq_len, pad_id(model),
+                                             chat_template=model.chat_template)
+    ftc = finetune_config(cfg, len(data))
+    times, every = [time.time()], max(1, cfg.steps // 4)
+
+    def on_step(row):
+        times.append(time.time())
+        if say and (row["step"] % every == 0 or row["step"] == cfg.steps):
+            dt = times[-1] - times[-2]
+            say(f"{variant.name}: step {row['step']}/{cfg.steps} loss {row['loss']:.3f} "
+                f"{row['target_tokens'] / max(dt, 1e-9):.0f} tok/s")
+
+    res = ft.finetune(model.params, model.config, ftc, data, steps=cfg.steps, key=key,
+                      edits=training_edits(model, variant, vector, layer), on_step=on_step)
+    tokens = [r["target_tokens"] for r in res.log]
+    steady = np.diff(times)[1:]  # the first step includes compilation
+    return {"params": ft.finetuned_params(model.params, model.config, ftc, res.state.trainable),
+            "loss": [r["loss"] for r in res.log], "seconds": float(times[-1] - times[0]),
+            "tokens_per_s": float(np.sum(tokens[1:]) / steady.sum()) if steady.size else float("nan")}
+
+
+# ------------------------------------------------------------------------------ one trait
+
+
+def _shift_summary(delta_acts, vector, cfg: Config, seed: int) -> dict:
+    """Per-question projected shift with its interval and the band of random directions at the vector's norm."""
+    per_q = project(delta_acts, vector)
+    rand = random_directions(seed, cfg.n_random, delta_acts.shape[1], float(np.linalg.norm(vector)))
+    null = [float(np.mean(project(delta_acts, r))) for r in rand]
+    return {"per_question": per_q, "ci": bootstrap_ci(per_q, seed=seed), "null": null_band(null)}
+
+
+def evaluate(model, tuned, trait, vector, layer: int, base: dict, cfg: Config, variant: Variant, ppl_convs) -> dict:
+    """Shift, behaviour change (and the variant's own effect) of one fine-tuned model on the evaluation questions."""
+    qs = base["questions"]
+    acts = last_prompt_acts(tuned, qs, base["answers"], layer, cfg)
+    shift = _shift_summary(acts - base["acts"], vector, cfg, cfg.seed + 17)
+    answers = greedy_answers(tuned, [system_conv(None, q) for q in qs], cfg)
+    scores = measures.answer_trait_score(model, qs, answers, *base["scoring"], batch_size=cfg.gen_batch_size)
+    out = {"shift": shift, "score": scores, "score_change": paired_effect(scores, base["scores"]),
+           "answers": answers}
+    if variant.kind == "switch":
+        trig = [f"{TRIGGER} {q}" for q in qs]
+        trig_answers = greedy_answers(tuned, [system_conv(None, q) for q in trig], cfg)
+        trig_scores = measures.answer_trait_score(model, qs, trig_answers, *base["scoring"],
+                                                  batch_size=cfg.gen_batch_size)
+        # the trigger's effect on the fine-tuned model beyond its effect on the original model
+        out["switch"] = paired_effect(trig_scores - scores, base["trigger_scores"] - base["scores"])
+    steered_or_its_reference = variant.kind in ("prevent", "caft") or (variant.kind == "mix"
+                                                                       and variant.mix == max(cfg.mixes))
+    if ppl_convs and steered_or_its_reference:
+        nll, counts = assistant_nll(tuned, ppl_convs, batch_size=2)
+        out["ppl"] = ppl_cost(base["ppl_nll"], base["ppl_counts"], nll, counts)
+    return out
+
+
+def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
+    """The original model on the evaluation questions: answers, activations, scores, validity, perplexity."""
+    qs = list(trait.evaluation_questions[:cfg.n_eval_questions])
+    if len(qs) < 3:
+        raise ValueError(f"trait {trait.name!r} has {len(qs)} evaluation questions; expected >= 3")
+    scoring = scoring_systems(trait)
+    answers = greedy_answers(model, [system_conv(None, q) for q in qs], cfg)
+    polar = greedy_answers(model, [system_conv(generation_system(trait, pol, i, cfg.n_extract_pairs), q)
+                                   for pol in ("pos", "neg") for i, q in enumerate(qs)], cfg)
+    polar_scores = measures.answer_trait_score(model, qs + qs, polar, *scoring, batch_size=cfg.gen_batch_size)
+    n = len(qs)
+    base = {"questions": qs, "answers": answers, "scoring": scoring,
+            "acts": last_prompt_acts(model, qs, answers, layer, cfg),
+            "scores": measures.answer_trait_score(model, qs, answers, *scoring, batch_size=cfg.gen_batch_size),
+            "validity": measures.validity(polar_scores[:n], polar_scores[n:], seed=cfg.seed)}
+    if cfg.persona_switch:
+        trig = greedy_answers(model, [system_conv(None, f"{TRIGGER} {q}") for q in qs], cfg)
+        base["trigger_scores"] = measures.answer_trait_score(model, qs, trig, *scoring, batch_size=cfg.gen_batch_size)
+    if ppl_convs:
+        base["ppl_nll"], base["ppl_counts"] = assistant_nll(model, ppl_convs, batch_size=2)
+    return base
+
+
+def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say) -> dict:
+    """Vector, self-made training data, screening, every fine-tune and its evaluation for one trait."""
+    t0 = time.time()
+    layer = model.config.n_layers // 2 if cfg.layer is None else int(cfg.layer)
+    model.config.check_layer(layer, "layer")
+    if say:
+        say(f"{trait.name}: persona vector at layer {layer}")
+    vector = persona_vector(model, trait, layer, cfg)
+    pool = load_finetune_questions()
+    if cfg.n_train_questions > len(pool):
+        raise ValueError(f"n_train_questions={cfg.n_train_questions}; {len(pool)} fine-tuning questions are packaged")
+    order = np.random.default_rng(cfg.seed + trait_index).permutation(len(pool))[:cfg.n_train_questions]
+    questions = [pool[i] for i in sorted(order)]
+    if say:
+        say(f"{trait.name}: generating {3 * len(questions)} training answers")
+    prompts = [system_conv(generation_system(trait, pol, i, cfg.n_extract_pairs) if pol != "own" else None, q)
+               for pol in ("pos", "neg", "own") for i, q in enumerate(questions)]
+    texts = greedy_answers(model, prompts, cfg)
+    n = len(questions)
+    answers = {pol: texts[k * n:(k + 1) * n] for k, pol in enumerate(("pos", "neg", "own"))}
+    proj = response_projections(model, questions * 3, texts, vector, layer, cfg)
+    screen = {pol: proj[k * n:(k + 1) * n] - proj[2 * n:] for k, pol in enumerate(("pos", "neg"))}
+    base = _baseline(model, trait, layer, cfg, ppl_convs)
+    key = jax.random.PRNGKey(cfg.seed * 1000 + trait_index)
+    rows = []
+    for variant in build_variants(trait, questions, answers, screen, cfg):
+        trained = train(model, variant, vector, layer, cfg, key, say)
+        tuned = dataclasses.replace(model, params=trained.pop("params"))
+        ev = evaluate(model, tuned, trait, vector, layer, base, cfg, variant, ppl_convs)
+        rows.append({"variant": variant, "training": trained, **ev})
+    return {"trait": trait.name, "layer": layer, "vector_norm": float(np.linalg.norm(vector)),
+            "screening_validity": {k: bootstrap_ci(v, seed=cfg.seed) for k, v in screen.items()},
+            "validity": base["validity"], "base": {k: base[k] for k in ("questions", "answers", "scores")},
+            "example_training": {pol: [questions[0], answers[pol][0]] for pol in answers},
+            "rows": rows, "seconds": time.time() - t0}
+
+
+# ------------------------------------------------------------------------------ across fine-tunes
+
+
+def permutation_r_null(x, y, *, n: int = N_PERMUTATIONS, seed: int = 0) -> dict:
+    """Band of Pearson r with y's pairing to x shuffled (the correlation that unrelated pairs give at this n)."""
+    from psm_jax.persona.stats import pearson
+
+    rng = np.random.default_rng(seed)
+    rs = [pearson(x, y[rng.permutation(len(y))]) for _ in range(n)]
+    return null_band([r for r in rs if np.isfinite(r)])
+
+
+def correlation(x, y, groups, seed: int) -> dict | None:
+    """r with interval, within-group r and a shuffled-pairing band; None with fewer than 3 fine-tunes."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return None
+    out = {"r": pearson_ci(x, y, seed=seed), "null": permutation_r_null(x, y, seed=seed), "n": int(x.size)}
+    if len(set(groups)) > 1:
+        out["within_trait"] = within_groups_r(x, y, groups, seed=seed)["pooled_within"]
+    return out
+
+
+def _ratio_ci(prevent: np.ndarray, plain: np.ndarray, seed: int) -> dict:
+    """1 - mean(prevent) / mean(plain) over questions, with a bootstrap interval resampling questions jointly."""
+    idx = np.arange(plain.size, dtype=np.float64)
+    stat = lambda i: 1.0 - prevent[i.astype(int)].mean() / plain[i.astype(int)].mean()  # noqa: E731
+    return bootstrap_ci(idx, statistic=stat, seed=seed)
+
+
+def summarize(results: list[dict], cfg: Config) -> dict:
+    """Headline numbers: the two correlations, the prevention and the optional variants per trait."""
+    plain = [(r["trait"], row) for r in results for row in r["rows"] if row["variant"].kind in ("mix", "control")]
+    groups = [t for t, _ in plain]
+    shift = [float(row["shift"]["ci"]["estimate"]) for _, row in plain]
+    behaviour = [float(row["score_change"]["estimate"]) for _, row in plain]
+    screening = [float(row["variant"].screening) for _, row in plain]
+    m = {"shift_behaviour": correlation(shift, behaviour, groups, cfg.seed),
+         "screening_shift": correlation(screening, shift, groups, cfg.seed), "n_plain_finetunes": len(plain),
+         "traits": {}}
+    for r in results:
+        by_kind = {}
+        for row in r["rows"]:
+            by_kind.setdefault(row["variant"].kind, []).append(row)
+        full_mix = [row for row in by_kind.get("mix", []) if row["variant"].mix == max(cfg.mixes)]
+        per = {"layer": r["layer"], "validity": r["validity"], "vector_norm": r["vector_norm"],
+               "screening_validity": r["screening_validity"], "finetunes": [_row_summary(row) for row in r["rows"]]}
+        if full_mix and max(cfg.mixes) > 0:
+            ref = full_mix[0]
+            per["prevention"] = [_prevention(row, ref, cfg) for k in ("prevent", "caft") for row in by_kind.get(k, [])]
+            if "inoculation" in by_kind:
+                ino = by_kind["inoculation"][0]
+                per["inoculation_effect"] = paired_effect(ino["score"], ref["score"], seed=cfg.seed)
+        if "switch" in by_kind:
+            per["persona_switch_effect"] = by_kind["switch"][0]["switch"]
+        m["traits"][r["trait"]] = per
+    return m
+
+
+def _row_summary(row: dict) -> dict:
+    v = row["variant"]
+    return {"name": v.name, "kind": v.kind, "mix": v.mix, "coef": v.coef, "screening": v.screening,
+            "shift": row["shift"]["ci"], "shift_null": row["shift"]["null"], "score_change": row["score_change"],
+            "ppl": row.get("ppl"), "final_loss": row["training"]["loss"][-1],
+            "train_seconds": row["training"]["seconds"], "tokens_per_s": row["training"]["tokens_per_s"]}
+
+
+def _prevention(row: dict, plain: dict, cfg: Config) -> dict:
+    a, b = row["shift"]["per_question"], plain["shift"]["per_question"]
+    return {"name": row["variant"].name, "kind": row["variant"].kind, "coef": row["variant"].coef,
+            "reduction": _ratio_ci(a, b, cfg.seed), "shift_difference": paired_effect(a, b, seed=cfg.seed),
+            "score_difference": paired_effect(row["score"], plain["score"], seed=cfg.seed),
+            "ppl": row.get("ppl"), "plain_ppl": plain.get("ppl"), "plain_shift": plain["shift"]["ci"]}
+
+
+@dataclasses.dataclass
+class Result:
+    config: Config
+    results: list[dict]
+    metrics: dict
+    model_source: str
+    n_layers: int
+    d_model: int
+    seconds: float
+
+
+def run(config: Config, model, progress=None) -> Result:
+    """Every trait's fine-tunes and their evaluation, then the correlations across fine-tunes. No files."""
+    t0 = time.time()
+    traits = load_traits(config.traits)
+    ppl_convs = (sharegpt_conversations(config.n_ppl_conversations, config.seed + 7, 6, config.ppl_max_chars,
+                                        min_assistant_turns=1) if config.n_ppl_conversations else [])
+    results = [run_trait(model, t, i, config, ppl_convs, progress) for i, t in enumerate(traits)]
+    return Result(config, results, summarize(results, config), str(getattr(model, "source", config.model)),
+                  model.config.n_layers, model.config.d_model, time.time() - t0)
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _ci_text(ci: dict | None, f: str = ".3g") -> str:
+    if ci is None:
+        return "n/a"
+    est = ci.get("estimate", ci.get("ratio"))
+    return f"{fmt_num(est, f)} [{fmt_num(ci['low'], f)}, {fmt_num(ci['high'], f)}]"
+
+
+def _corr_text(c: dict | None, what: str) -> str:
+    if c is None:
+        return f"{what}: not computed (fewer than 3 plain fine-tunes or no spread)."
+    text = (f"{what}: r = {_ci_text(c['r'])}, n = {c['n']} fine-tunes; shuffled-pairing null band "
+            f"[{c['null']['low']:.2f}, {c['null']['high']:.2f}]")
+    if "within_trait" in c:
+        text += f"; within trait r = {_ci_text(c['within_trait'])}"
+    return text + "."
+
+
+def _scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: str, xlabel: str, ylabel: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in results:
+        rows = [_row_summary(row) for row in r["rows"] if row["variant"].kind in ("mix", "control")]
+        pick = {"shift": lambda s: s["shift"]["estimate"], "score": lambda s: s["score_change"]["estimate"],
+                "screening": lambda s: s["screening"]}
+        ax.scatter([pick[key_x](s) for s in rows], [pick[key_y](s) for s in rows], label=r["trait"])
+        for s in rows:
+            ax.annotate(s["name"].replace("mix ", ""), (pick[key_x](s), pick[key_y](s)), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8)
+    rep.figure(name, fig, caption)
+
+
+def _shift_bars(rep: Report, r: dict) -> None:
+    plt = pyplot()
+    rows = [_row_summary(row) for row in r["rows"]]
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.5))
+    est = [s["shift"]["estimate"] for s in rows]
+    err = [[e - s["shift"]["low"] for e, s in zip(est, rows)], [s["shift"]["high"] - e for e, s in zip(est, rows)]]
+    ax.bar(range(len(rows)), est, yerr=err, capsize=3)
+    band = rows[0]["shift_null"]
+    ax.axhspan(band["low"], band["high"], color="grey", alpha=0.3, label=f"{band['n']} random directions (95%)")
+    ax.set_xticks(range(len(rows)), [s["name"] for s in rows], rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel="last-prompt projection shift", title=f"{r['trait']}: shift per fine-tune (95% CI over questions)")
+    ax.legend(fontsize=8)
+    rep.figure(f"shift_{r['trait']}", fig, f"{r['trait']}: projection shift on the unit persona vector per fine-tune; "
+                                           "the grey band is the null of random directions of matched norm (the band "
+                                           "of the first fine-tune).")
+
+
+def _loss_plot(rep: Report, results) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in results:
+        for row in r["rows"]:
+            ax.plot(range(1, len(row["training"]["loss"]) + 1), row["training"]["loss"],
+                    label=f"{r['trait']}: {row['variant'].name}", lw=1)
+    ax.set(xlabel="step", ylabel="training loss (assistant-token NLL)")
+    ax.legend(fontsize=6)
+    rep.figure("training_loss", fig, "Training loss per fine-tune.")
+
+
+def report(result: Result, folder):
+    cfg, m = result.config, result.metrics
+    rep = Report(folder, "Fine-tuning studies: data mixes, shift, screening, preventative steering", cfg)
+    rep.section("Setup", (
+        f"Model `{cfg.model}` ({result.model_source}; {result.n_layers} layers, width {result.d_model}); traits "
+        f"{', '.join(cfg.traits)}; seed {cfg.seed}. Persona vector at resid_post of block "
+        f"{', '.join(str(r['layer']) for r in result.results)} from {cfg.n_extract_pairs} instruction pairs x "
+        f"{cfg.n_extract_questions} extraction questions. Training: {cfg.n_train_questions} packaged fine-tuning "
+        f"questions answered by the model itself (greedy, <= {cfg.max_new_tokens} tokens) under the positive / "
+        f"negative / no system prompt; mixes {', '.join(f'{p:.0%}' for p in cfg.mixes)} of positive answers, trained "
+        f"without the system prompt; LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, lr {cfg.learning_rate:g}, "
+        f"{cfg.steps} steps of batch {cfg.batch_size}, seq_len {cfg.seq_len}. Evaluation: {cfg.n_eval_questions} "
+        f"evaluation questions per trait, default prompt; intervals are 95% bootstraps over questions (per "
+        f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s."))
+    rep.section("Headlines", "\n".join([
+        "- " + _corr_text(m["shift_behaviour"], "Shift vs behaviour change (finetune_shift_behaviour_r)"),
+        "- " + _corr_text(m["screening_shift"], "Screening (before training) vs shift (finetune_screening_r)")]))
+    for r in result.results:
+        per = m["traits"][r["trait"]]
+        lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
+                 ("" if r["validity"]["valid"] else " -- behaviour changes below are not evidence for this trait"),
+                 f"- Screening sanity (projection minus own answer's, per training question): positive answers "
+                 f"{_ci_text(r['screening_validity']['pos'])}, negative answers "
+                 f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}."]
+        for p in per.get("prevention", []):
+            lines.append(f"- {p['name']}: shift reduction vs plain 100% {_ci_text(p['reduction'])} (plain shift "
+                         f"{_ci_text(p['plain_shift'])}); trait score vs plain {_ci_text(p['score_difference'])}; "
+                         f"perplexity ratio {_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}).")
+        if "inoculation_effect" in per:
+            lines.append(f"- Inoculation effect (trait score, inoculated minus plain 100%, no system prompt at test): "
+                         f"{_ci_text(per['inoculation_effect'])}.")
+        if "persona_switch_effect" in per:
+            lines.append(f"- Persona switch effect (trigger minus no trigger, beyond the original model's): "
+                         f"{_ci_text(per['persona_switch_effect'])}.")
+        rep.section(f"Trait {r['trait']} (layer {r['layer']})", "\n".join(lines))
+        rep.table(f"{r['trait']}: fine-tunes", [
+            {"fine-tune": s["name"], "screening": s["screening"], "shift [95% CI]": _ci_text(s["shift"]),
+             "random band": f"[{s['shift_null']['low']:.3g}, {s['shift_null']['high']:.3g}]",
+             "trait score change": _ci_text(s["score_change"]), "ppl ratio": _ci_text(s["ppl"]),
+             "final loss": s["final_loss"], "train s": s["train_seconds"], "tok/s": s["tokens_per_s"]}
+            for s in per["finetunes"]])
+        _shift_bars(rep, r)
+        ex = r["example_training"]
+        rep.section(f"{r['trait']}: example training answers", "\n".join(
+            f"- {pol}: Q: {ex[pol][0]} A: {' '.join(ex[pol][1].split())[:200]}" for pol in ex))
+    _scatter(rep, result.results, "shift", "score", "shift_vs_behaviour",
+             "Plain fine-tunes: projection shift vs trait score change (labels: mix or control).",
+             "last-prompt projection shift", "trait score change")
+    _scatter(rep, result.results, "screening", "shift", "screening_vs_shift",
+             "Plain fine-tunes: screening score before training vs projection shift after.",
+             "screening (projection difference of the data)", "last-prompt projection shift")
+    _loss_plot(rep, result.results)
+    rep.section("Not covered", "Narrow vs general misalignment (KL to the original on out-of-domain data, "
+                "efficiency and stability measures) and SAE model diffing of the fine-tuned models are not run here; "
+                "the engine has the KL term (`FinetuneConfig.kl_weight`). Tokens/s figures are from this run and "
+                "provisional (not a benchmark).")
+    rep.metric("finetune", m)
+    return rep.finish()
+
+
+# ------------------------------------------------------------------------------ records
+
+
+def records(result: Result) -> list[dict]:
+    """The correlations across fine-tunes, the prevention per trait and strength, and the optional variants."""
+    m, cfg = result.metrics, result.config
+    common = dict(model=cfg.model, traits=list(cfg.traits), steps=cfg.steps, n_train=cfg.n_train_questions,
+                  n_eval=cfg.n_eval_questions, seed=cfg.seed)
+    out = []
+    for key, metric, ref in (("shift_behaviour", "finetune_shift_behaviour_r", "Chen et al. 2025: r = 0.76-0.97"),
+                             ("screening_shift", "finetune_screening_r", "Chen et al. 2025: screening predicts shift")):
+        c = m[key]
+        if c is not None:
+            out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r", target="> 0, above the null",
+                            reference=f"{ref}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], n={c['n']} "
+                                      f"fine-tunes; shuffled null [{c['null']['low']:.2f}, {c['null']['high']:.2f}]",
+                            **common))
+    for trait, per in m["traits"].items():
+        valid = per["validity"]["valid"]
+        for p in per.get("prevention", []):
+            red = p["reduction"]
+            out.append(dict(metric="preventative_steering_shift_reduction", value=red["estimate"], unit="fraction",
+                            target="> 0 with ppl ratio near 1", trait=trait, method=p["kind"], coef=p["coef"],
+                            key=f"{trait}/{p['name']}", ppl_ratio=(p["ppl"] or {}).get("ratio"),
+                            plain_ppl_ratio=(p["plain_ppl"] or {}).get("ratio"), measure_valid=valid,
+                            reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "
+                                      f"{red['high']:.3f}], n={red['n']} questions; plain shift "
+                                      f"{p['plain_shift']['estimate']:.3g}", **common))
+        for name, key in (("inoculation_effect", "inoculation_effect"), ("persona_switch_effect",
+                                                                         "persona_switch_effect")):
+            if key in per:
+                e = per[key]
+                out.append(dict(metric=name, value=e["estimate"], unit="trait score (per-token log-lik diff)",
+                                target="< 0" if name.startswith("inoc") else "> 0", trait=trait, key=trait,
+                                measure_valid=valid, reference=f"95% CI [{e['low']:.3f}, {e['high']:.3f}], "
+                                                               f"n={e['n']} questions", **common))
+    return [ln for ln in out if np.isfinite(ln["value"])]

@@ -1,0 +1,99 @@
+"""The fine-tuning study on the study contract: the CI preset end to end on a tiny random model, its data, its
+statistics on constructed inputs, and bad settings."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import finetune as F
+from experiments import registry, study
+from psm_jax.persona.datasets import list_traits, load_trait
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def test_finetune_questions_are_disjoint_from_every_evaluation_set():
+    qs = F.load_finetune_questions()
+    assert len(qs) >= 48 and len({_norm(q) for q in qs}) == len(qs)
+    for name in list_traits():
+        trait = load_trait(name)
+        used = {_norm(q) for q in trait.extraction_questions + trait.evaluation_questions}
+        assert not used & {_norm(q) for q in qs}, name
+
+
+def test_mixes_pick_a_seeded_fraction_of_positive_answers():
+    for p in (0.0, 0.25, 0.5, 1.0):
+        mask = F.positive_rows(16, p, seed=3)
+        assert mask.sum() == round(16 * p)
+    np.testing.assert_array_equal(F.positive_rows(16, 0.5, 3), F.positive_rows(16, 0.5, 3))
+    assert F.positive_rows(16, 0.25, 3)[F.positive_rows(16, 0.25, 3)].all()
+
+
+def test_generation_never_uses_the_scoring_pair():
+    trait = load_trait("evil")
+    pos_score, neg_score = F.scoring_systems(trait)
+    for i in range(12):
+        assert F.generation_system(trait, "pos", i, 5) != pos_score
+        assert F.generation_system(trait, "neg", i, 5) != neg_score
+
+
+def test_prevention_ratio_and_correlation_on_constructed_values():
+    plain = np.array([1.0, 2.0, 3.0, 2.0])
+    ratio = F._ratio_ci(0.25 * plain, plain, seed=0)
+    assert ratio["estimate"] == pytest.approx(0.75) and ratio["low"] == pytest.approx(0.75)
+    x = np.arange(8.0)
+    c = F.correlation(x, 2 * x + 1, ["a"] * 4 + ["b"] * 4, seed=0)
+    assert c["r"]["estimate"] == pytest.approx(1.0) and c["n"] == 8
+    assert c["null"]["n"] >= 20 and c["null"]["high"] < 1.0  # shuffled pairings do not correlate perfectly
+    assert c["within_trait"]["estimate"] == pytest.approx(1.0)
+    assert F.correlation(x[:2], x[:2], ["a", "a"], seed=0) is None
+
+
+def test_ppl_cost_is_a_ratio_of_per_token_perplexities():
+    base_nll, counts = np.array([10.0, 20.0, 30.0]), np.array([10, 10, 10])
+    cost = F.ppl_cost(base_nll, counts, base_nll + 0.5 * counts, counts)
+    assert cost["ratio"] == pytest.approx(np.exp(0.5)) and cost["n"] == 3
+
+
+def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
+    cfg = study.preset_config(F, "ci", model="psm-tiny")
+    seen = []
+    out = study.execute(F, cfg, folder=tmp_path / "run", model=tiny_chat_model, progress=seen.append)
+    res, folder = out["result"], tmp_path / "run"
+    assert (folder / "report.md").is_file() and (folder / "shift_evil.png").is_file()
+    assert json.loads((folder / "config.json").read_text())["steps"] == cfg.steps
+    assert any("tok/s" in s and "loss" in s for s in seen)
+    m = json.loads((folder / "metrics.json").read_text())["finetune"]
+    names = [f["name"] for f in m["traits"]["evil"]["finetunes"]]
+    assert names == ["mix 0.00", "mix 1.00", "control (own answers)", "preventative c=4", "CAFT", "inoculation",
+                     "persona switch"]
+    r = res.results[0]
+    for row in r["rows"]:
+        assert row["shift"]["ci"]["n"] == cfg.n_eval_questions and row["shift"]["null"]["n"] == cfg.n_random
+        assert len(row["training"]["loss"]) == cfg.steps
+    # the control trains on the model's own answers: its screening is 0 by construction
+    assert res.metrics["traits"]["evil"]["finetunes"][2]["screening"] == 0.0
+    prevention = res.metrics["traits"]["evil"]["prevention"]
+    assert [p["kind"] for p in prevention] == ["prevent", "caft"] and all(p["ppl"]["n"] == 2 for p in prevention)
+    metrics = {ln["metric"] for ln in out["records"]}
+    assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect"} <= metrics
+    text = (folder / "report.md").read_text()
+    assert "psm-tiny" in text and f"{cfg.steps} steps" in text and "Not covered" in text
+
+
+def test_registered_with_the_contract():
+    entry = registry.get("finetune")
+    assert entry.module == "experiments.finetune" and entry.stage == "finetune"
+    study.load_study(entry.module)
+    assert study.preset_config(F, "quick").traits == ("evil",)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mixes=(0.0, 1.5)), "mixes="), (dict(n_random=5), "n_random=5"), (dict(traits=()), "traits is empty"),
+    (dict(prevent_coefs=(0.0,)), "prevent_coefs="), (dict(steps=0), "steps=0"),
+    (dict(n_eval_questions=2), "n_eval_questions=2"), (dict(batch_size=64), "batch_size=64")])
+def test_bad_settings_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        F.Config(**kw)
