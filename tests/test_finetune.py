@@ -192,7 +192,7 @@ def test_kl_and_steering_terms_match_direct_computations(tiny, data):
     loss_fn = jax.jit(batch_loss, static_argnums=(2, 3))
     fresh = init_state(tiny.params, tiny.config, ft, jax.random.PRNGKey(0)).trainable
     _, terms = loss_fn(fresh, tiny.params, tiny.config, ft, batch, extras)
-    assert float(terms["kl"]) == 0.0 and float(terms["steer"]) == 0.0
+    assert abs(float(terms["kl"])) < 1e-6 and abs(float(terms["steer"])) < 1e-6  # float rounding only
     adapters = _perturbed(fresh)
     _, terms = loss_fn(adapters, tiny.params, tiny.config, ft, batch, extras)
     merged = apply_adapters(tiny.params, adapters, tiny.config, ft.lora)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax.config import ModelConfig
+from psm_jax.lowrank import LowRank
 
 # Short projection names (PEFT's q_proj ... down_proj) -> Params leaves.
 PROJECTIONS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
@@ -47,13 +48,16 @@ def _leaf_name(target: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank r, alpha, targets (short names or leaves), layers (None = all), rslora: scale alpha/sqrt(r)."""
+    """rank r, alpha, targets (short names or leaves), layers (None = all), rslora: scale alpha/sqrt(r).
+    factored: training applies `x @ W + s * (x @ A) @ B` (`factored_params`) instead of merging A @ B into W
+    (`apply_adapters`); the same function, but the backward never forms a gradient of W's size."""
 
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     layers: tuple[int, ...] | None = None
     rslora: bool = False
+    factored: bool = True
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -130,6 +134,17 @@ def apply_adapters(params: Mapping, adapters: Mapping, config: ModelConfig, lora
     for leaf, ab in adapters.items():
         w = layers[leaf]
         layers[leaf] = merge_weight(w, ab["a"], ab["b"], scales).astype(w.dtype if dtype is None else dtype)
+    return {**params, "layers": layers}
+
+
+def factored_params(params: Mapping, adapters: Mapping, config: ModelConfig, lora: LoraConfig) -> dict:
+    """params whose adapted stacked leaves are `LowRank(W, A, B, s_l)`: what training runs. The port's
+    projections apply them as `x @ W + s_l * (x @ A) @ B`, so the gradient reaching A and B never passes
+    through a merged [d_in, d_out] matrix (`apply_adapters` merges, for inference and export)."""
+    scales = jnp.asarray(lora.layer_scales(config))
+    layers = dict(params["layers"])
+    for leaf, ab in adapters.items():
+        layers[leaf] = LowRank(layers[leaf], ab["a"], ab["b"], scales)
     return {**params, "layers": layers}
 
 

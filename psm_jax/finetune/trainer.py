@@ -165,10 +165,12 @@ def init_state(params: Mapping, config: ModelConfig, ft: FinetuneConfig, key: ja
 
 
 def materialize(trainable, frozen: Mapping, config: ModelConfig, ft: FinetuneConfig) -> dict:
-    """The params the forward runs with: trainable put into the frozen params, cast to the compute dtype
-    (adapted weights go from their float32 merge straight to it, so bf16 frozen weights round once)."""
+    """The params the forward runs with: trainable put into the frozen params (LoRA factored, or merged in
+    float32 and cast straight to the compute dtype, so bf16 frozen weights round once), cast to the compute dtype."""
     dtype = COMPUTE_DTYPES[ft.compute_dtype]
-    if ft.method == "lora":
+    if ft.method == "lora" and ft.lora.factored:
+        params = lora_lib.factored_params(frozen, trainable, config, ft.lora)
+    elif ft.method == "lora":
         params = lora_lib.apply_adapters(frozen, trainable, config, ft.lora, dtype)
     else:
         params = lora_lib.overlay(frozen, trainable)
