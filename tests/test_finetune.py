@@ -14,6 +14,7 @@ from psm_jax.chat import Role
 from psm_jax.finetune import (ChatDataset, Cursor, FinetuneConfig, LoraConfig, OptimizerConfig, apply_adapters,
                               batch_loss, finetune, finetuned_params, init_adapters, init_state, make_optimizer,
                               make_train_step, next_batch, read_chat_jsonl)
+from psm_jax.finetune.trainer import cached_train_step
 from psm_jax.finetune.losses import assistant_targets
 from psm_jax.model import Capture, forward, jit_forward
 from psm_jax.weights import fold_add, orthogonalize
@@ -159,6 +160,20 @@ def test_edits_act_in_training_but_are_not_in_the_trained_model(tiny, data):
     loss_edit, _ = jax.jit(batch_loss, static_argnums=(2, 3))(trainable, tiny.params, tiny.config, ft, batch,
                                                               {"edits": (edit,), "direction": None})
     np.testing.assert_allclose(_direct_nll(np.asarray(with_edit), batch), float(loss_edit), rtol=1e-5)
+
+
+def test_fine_tunes_of_one_config_share_one_compiled_step(tiny, data):
+    """Steering strengths are traced: a sweep of fine-tunes compiles the step once, and a zero coefficient trains
+    exactly like no edit."""
+    ft = FinetuneConfig(lora=LoraConfig(rank=3, alpha=6.0), batch_size=4, optimizer=OptimizerConfig(learning_rate=1e-2))
+    vector = np.random.default_rng(1).normal(size=16).astype(np.float32)
+    step = cached_train_step(tiny.config, ft)
+    before = step._cache_size()
+    losses = [finetune(tiny.params, tiny.config, ft, data, steps=2, key=jax.random.PRNGKey(0),
+                       edits=[E.add(tiny.config, vector, layers=[1], coef=c)]).log[-1]["loss"] for c in (0.0, 3.0)]
+    assert step._cache_size() == before + 1 and losses[0] != losses[1]
+    plain = finetune(tiny.params, tiny.config, ft, data, steps=2, key=jax.random.PRNGKey(0)).log[-1]["loss"]
+    assert plain == pytest.approx(losses[0], rel=1e-6)
 
 
 def _direct_nll(logits, batch):

@@ -258,6 +258,14 @@ def make_train_step(config: ModelConfig, ft: FinetuneConfig, optimizer: optax.Gr
     return jax.jit(functools.partial(_train_step, config=config, ft=ft, optimizer=optimizer), donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=8)
+def cached_train_step(config: ModelConfig, ft: FinetuneConfig) -> Callable:
+    """`make_train_step` with the optimizer of `ft`, one per (model config, fine-tune config): a study that runs
+    many fine-tunes of one model (data mixes, steering strengths) compiles the step once, the edits' vectors
+    and coefficients being traced inputs."""
+    return make_train_step(config, ft, make_optimizer(ft.optimizer))
+
+
 class FinetuneResult(NamedTuple):
     state: TrainState
     log: list  # one dict per step run in this call: step and float metrics
@@ -319,7 +327,7 @@ def finetune(params: Mapping, config: ModelConfig, ft: FinetuneConfig, data: Cha
         if ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)
             cursor, ref_cursor = Cursor(*meta["cursor"]), Cursor(*meta["ref_cursor"])
-    step_fn = make_train_step(config, ft, optimizer)
+    step_fn = cached_train_step(config, ft)
     log = []
     for step in range(int(state.step), steps):
         batch, cursor = next_batch(data, state.data_key, cursor, ft.batch_size)
