@@ -55,7 +55,7 @@ def test_traits_shipped_and_complete():
         for it in items:
             assert len(it.prompt.split()) < 60, it.prompt
             assert len(it.choices) == 2 and it.choices[0] != it.choices[1]
-            assert all(len(c.split()) <= 3 for c in it.choices)
+            assert abs(len(it.choices[0].split()) - len(it.choices[1].split())) <= ds.MAX_WORD_GAP, it.choices
             assert it.trait_text == it.choices[it.trait_choice]
             assert it.other_text == it.choices[1 - it.trait_choice]
         # balanced within each answer format too, so a Yes- or A-bias cancels
@@ -327,3 +327,82 @@ def test_conversation_bad_order(tmp_path):
         ds.load_conversations(_write(tmp_path, "c.json", d))
     with pytest.raises(ValueError, match="unknown conversation kind"):
         ds.load_conversations("chitchat")
+
+
+# --------------------------------------------------------------------------- item validity, jailbreaks, QA
+
+
+def test_trait_validity_block_parsed_and_checked(tmp_path, evil):
+    evil["behavioural_validity"] = [{"model": "m1", "effect": 0.3, "low": 0.1, "high": 0.5, "n": 24, "valid": True},
+                                    {"model": "m2", "effect": 0.01, "low": -0.1, "high": 0.1, "n": 24,
+                                     "valid": False}]
+    t = ds.load_trait(_write(tmp_path, "v.json", evil))
+    assert t.items_are_evidence("m1") and not t.items_are_evidence("m2") and not t.items_are_evidence("m3")
+    assert t.items_validity("m2").effect == 0.01 and t.items_validity("m3") is None
+    bad = copy.deepcopy(evil)
+    bad["behavioural_validity"][1]["valid"] = True  # interval crosses 0
+    with pytest.raises(ValueError, match=r"behavioural_validity\[1\]\.valid.*false when the interval"):
+        ds.load_trait(_write(tmp_path, "b1.json", bad))
+    bad = copy.deepcopy(evil)
+    del bad["behavioural_validity"][0]["high"]
+    with pytest.raises(ValueError, match=r"behavioural_validity\[0\]\.high' is missing"):
+        ds.load_trait(_write(tmp_path, "b2.json", bad))
+    bad = copy.deepcopy(evil)
+    bad["behavioural_validity"][0]["effect"] = "big"
+    with pytest.raises(ValueError, match=r"behavioural_validity\[0\]\.effect.*a number, got 'big'"):
+        ds.load_trait(_write(tmp_path, "b3.json", bad))
+
+
+def test_trait_items_of_unmatched_length_rejected(tmp_path, evil):
+    evil["behavioural_items"][2]["choices"] = ["I help.", "I laugh at them loudly and then walk far away."]
+    with pytest.raises(ValueError, match=r"behavioural_items\[2\]\.choices.*matched length.*got 2 and 10 words"):
+        ds.load_trait(_write(tmp_path, "u.json", evil))
+
+
+def test_shipped_jailbreaks_and_qa():
+    jb = ds.load_persona_jailbreaks()
+    assert len(jb) >= 24 and len({p.id for p in jb}) == len(jb)
+    assert {p.framing for p in jb} == {"system", "user"}
+    for p in jb:
+        msgs = p.persona_messages()
+        assert msgs[-1]["role"] == "user" and p.request in msgs[-1]["content"]
+        assert p.setup in (msgs[0]["content"])
+        assert p.default_messages() == [{"role": "user", "content": p.request}]
+    qa = ds.load_qa()
+    assert len(qa) >= 40 and {it.answer for it in qa} == {0, 1, 2, 3}
+    assert all(len(it.options) == 4 and len(set(it.options)) == 4 for it in qa)
+    assert "A) " in qa[0].prompt() and qa[0].question in qa[0].prompt()
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda d: d["items"][3].pop("decline"), r"items\[3\]\.decline' is missing"),
+    (lambda d: d["items"][0].update(framing="assistant"), r"items\[0\]\.framing.*'system', 'user'.*'assistant'"),
+    (lambda d: d["items"][1].update(setup="You are a pirate."), r"items\[1\]\.setup.*names the persona"),
+    (lambda d: d["items"][2].update(persona_identity="I am a helpful assistant."),
+     r"items\[2\]\.persona_identity.*naming"),
+    (lambda d: d["items"][4].update(comply="Sure, " + "very " * 12 + "gladly."), r"items\[4\]\.decline.*within 3 words"),
+    (lambda d: d["items"][5].update(id=d["items"][0]["id"]), r"items\[5\]\.id.*unique"),
+    (lambda d: d.update(items=d["items"][:5]), r"'items'.*at least 24"),
+])
+def test_jailbreak_loader_rejects_malformed(tmp_path, edit, pattern):
+    d = _raw("jailbreak", "persona_jailbreaks.json")
+    edit(d)
+    with pytest.raises(ValueError, match=pattern):
+        ds.load_persona_jailbreaks(_write(tmp_path, "jb.json", d))
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda d: d["items"][0]["options"].pop(), r"items\[0\]\.options.*exactly 4 options, got 3"),
+    (lambda d: d["items"][1].update(answer=4), r"items\[1\]\.answer.*0\.\.3, got 4"),
+    (lambda d: d["items"][2].update(answer=True), r"items\[2\]\.answer.*got True"),
+    (lambda d: d["items"][3].update(question=d["items"][0]["question"]), r"items\[3\]\.question.*repeats items\[0\]"),
+    (lambda d: d["items"][0]["options"].__setitem__(1, d["items"][0]["options"][0]), r"items\[0\]\.options\[1\].*dupl"),
+    (lambda d: [it.update(answer=0) for it in d["items"]], r"'items'.*every option position.*none at \[1, 2, 3\]"),
+])
+def test_qa_loader_rejects_malformed(tmp_path, edit, pattern):
+    d = _raw("capability", "qa.json")
+    edit(d)
+    with pytest.raises(ValueError, match=pattern):
+        ds.load_qa(_write(tmp_path, "qa.json", d))
+    assert len(ds.load_qa(_write(tmp_path, "small.json", {"schema_version": 1, "items": d["items"][4:6]}),
+                          strict=False)) == 2

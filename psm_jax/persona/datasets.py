@@ -22,6 +22,12 @@ Loaders::
     load_refusal(split=None, harmful_path=None, harmless_path=None) -> RefusalSet
     load_refusal_markers(path=None) -> RefusalMarkers
     load_conversations(kind_or_path) -> list[Conversation]
+    load_persona_jailbreaks(path=None) -> tuple[JailbreakPrompt, ...]
+    load_qa(path=None) -> tuple[QAItem, ...]
+
+A trait file may carry ``behavioural_validity``: one entry per model on which the two-choice items' validity check
+ran (``benchmarks/trait_items_validity.py`` writes it). ``Trait.items_are_evidence(model)`` is True only where that
+check passed; a study must not use the items as evidence elsewhere.
 
 ``python -m psm_jax.persona.datasets`` loads every shipped file and prints its counts.
 """
@@ -39,9 +45,11 @@ from typing import Any, Iterator, Sequence, Union
 __all__ = [
     "SCHEMA_VERSION", "DatasetError", "data_root",
     "InstructionPair", "BehaviouralItem", "Trait", "Role", "RoleSet", "IdentityProbes",
-    "RefusalPrompt", "RefusalSet", "RefusalMarkers", "Message", "Conversation",
+    "RefusalPrompt", "RefusalSet", "RefusalMarkers", "Message", "Conversation", "ItemValidity",
+    "JailbreakPrompt", "QAItem",
     "list_traits", "load_trait", "load_roles", "load_default_prompts", "load_role_questions",
     "load_identity_probes", "load_refusal", "load_refusal_markers", "load_conversations",
+    "load_persona_jailbreaks", "load_qa",
 ]
 
 SCHEMA_VERSION = 1
@@ -59,6 +67,11 @@ REFUSAL_SPLITS = {"train": 128, "val": 32}
 MIN_CONVERSATIONS = 6
 MIN_EXCHANGES = 3
 CONVERSATION_KINDS = ("roleplay", "neutral")
+MIN_JAILBREAKS = 24
+JAILBREAK_FRAMINGS = ("system", "user")
+MAX_WORD_GAP = 3  # paired answers (two-choice items, jailbreak answers) differ by at most this many words
+MIN_QA_ITEMS = 40
+QA_OPTIONS = 4
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -103,6 +116,18 @@ class BehaviouralItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class ItemValidity:
+    """The two-choice items' validity check on one model: positive minus negative system-prompt effect (nats per
+    token) with its 95% interval over n items; valid when the interval lies above 0."""
+    model: str
+    effect: float
+    low: float
+    high: float
+    n: int
+    valid: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Trait:
     name: str
     description: str
@@ -113,6 +138,17 @@ class Trait:
     behavioural_items: tuple[BehaviouralItem, ...]
     schema_version: int
     source: str
+    behavioural_validity: tuple[ItemValidity, ...] = ()
+
+    def items_validity(self, model: str) -> ItemValidity | None:
+        """The stored validity check of the two-choice items on `model` (None: never checked there)."""
+        return next((v for v in self.behavioural_validity if v.model == model), None)
+
+    def items_are_evidence(self, model: str) -> bool:
+        """True only when the items' validity check passed on `model`; otherwise (failed, or never run there) the
+        two-choice measure is retired for this trait on that model and results from it are not evidence."""
+        check = self.items_validity(model)
+        return check is not None and check.valid
 
     def judge_prompt(self, question: str, answer: str) -> str:
         """The rubric with the question and answer filled in."""
@@ -264,6 +300,47 @@ class Conversation:
     def as_dicts(self) -> list[dict[str, str]]:
         """Messages in the ``[{"role": ..., "content": ...}]`` form chat templates take."""
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+@dataclasses.dataclass(frozen=True)
+class JailbreakPrompt:
+    """A persona set-up (a system prompt, or a preamble of the user turn) plus a mild request, with two pairs of
+    length-matched answers: identity (the Assistant's self-description vs the persona's) and opening (a compliant
+    vs a declining first sentence)."""
+    id: str
+    persona: str
+    framing: str  # "system" | "user"
+    setup: str
+    request: str
+    assistant_identity: str
+    persona_identity: str
+    comply: str
+    decline: str
+
+    def persona_messages(self) -> list[dict[str, str]]:
+        """The jailbreak conversation: [system: setup, user: request] or [user: setup + request]."""
+        if self.framing == "system":
+            return [{"role": "system", "content": self.setup}, {"role": "user", "content": self.request}]
+        return [{"role": "user", "content": f"{self.setup}\n\n{self.request}"}]
+
+    def default_messages(self) -> list[dict[str, str]]:
+        """The same request under the Assistant's default prompt (no persona set-up)."""
+        return [{"role": "user", "content": self.request}]
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItem:
+    """A four-option multiple-choice question; `answer` indexes `options`."""
+    question: str
+    options: tuple[str, ...]
+    answer: int
+    category: str | None
+
+    def prompt(self) -> str:
+        """The question with its options listed, as the user turn."""
+        letters = "ABCDEFGH"
+        listed = "\n".join(f"{letters[i]}) {o}" for i, o in enumerate(self.options))
+        return f"{self.question}\n{listed}\nAnswer with the correct option."
 
 
 # --------------------------------------------------------------------------- helpers
@@ -475,6 +552,11 @@ def _parse_trait(data: Any, source: str, *, strict: bool, expect_name: str | Non
             c.fail(f"{ctx}.trait_choice", f"an index in range 0..{len(choices) - 1}", repr(tc))
         items.append(BehaviouralItem(prompt=prompt, choices=(choices[0], choices[1]), trait_choice=tc))
     if strict:
+        for i, it in enumerate(items):
+            gap = abs(_words(it.choices[0]) - _words(it.choices[1]))
+            if gap > MAX_WORD_GAP:
+                c.fail(f"behavioural_items[{i}].choices", f"two answers of matched length (within {MAX_WORD_GAP} "
+                       "words)", f"{_words(it.choices[0])} and {_words(it.choices[1])} words")
         n1 = sum(it.trait_choice for it in items)
         n0 = len(items) - n1
         if abs(n0 - n1) > 1:
@@ -483,7 +565,40 @@ def _parse_trait(data: Any, source: str, *, strict: bool, expect_name: str | Non
 
     return Trait(name=name, description=description, instruction_pairs=tuple(pairs),
                  extraction_questions=extraction, evaluation_questions=evaluation, judge_rubric=rubric,
-                 behavioural_items=tuple(items), schema_version=version, source=source)
+                 behavioural_items=tuple(items), schema_version=version, source=source,
+                 behavioural_validity=_parse_item_validity(c, d))
+
+
+def _parse_item_validity(c: "_Checker", d: dict) -> tuple[ItemValidity, ...]:
+    if d.get("behavioural_validity") is None:
+        return ()
+    out, seen = [], set()
+    for i, v in enumerate(c.array(d, "behavioural_validity", what="validity checks (one per model)")):
+        ctx = f"behavioural_validity[{i}]"
+        if not isinstance(v, dict):
+            c.fail(ctx, "an object with model, effect, low, high, n, valid", _typename(v))
+        model = c.string(v, "model", ctx)
+        if model in seen:
+            c.fail(f"{ctx}.model", "one check per model", f"a second check for {model!r}")
+        seen.add(model)
+        nums = {}
+        for key in ("effect", "low", "high"):
+            x = c.field(v, key, ctx)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or x != x:
+                c.fail(f"{ctx}.{key}", "a number", repr(x))
+            nums[key] = float(x)
+        if not nums["low"] <= nums["effect"] <= nums["high"]:
+            c.fail(ctx, "low <= effect <= high", f"{nums['low']}, {nums['effect']}, {nums['high']}")
+        n = c.field(v, "n", ctx)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            c.fail(f"{ctx}.n", "a positive integer (items)", repr(n))
+        valid = c.field(v, "valid", ctx)
+        if not isinstance(valid, bool):
+            c.fail(f"{ctx}.valid", "true or false", repr(valid))
+        if valid and not (n > 1 and nums["low"] > 0):
+            c.fail(f"{ctx}.valid", "false when the interval does not lie above 0", "true")
+        out.append(ItemValidity(model=model, n=n, valid=valid, **nums))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- roles
@@ -683,6 +798,86 @@ def load_conversations(kind_or_path: PathLike, *, strict: bool = True) -> list[C
     return out
 
 
+# --------------------------------------------------------------------------- persona jailbreaks
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def load_persona_jailbreaks(path: PathLike | None = None, *, strict: bool = True) -> tuple[JailbreakPrompt, ...]:
+    """Persona-jailbreak prompts (jailbreak/persona_jailbreaks.json, or ``path``). Each names its persona in its
+    set-up and in-role identity answer; paired answers differ by at most MAX_WORD_GAP words."""
+    src = _src(path, "jailbreak", "persona_jailbreaks.json")
+    c = _Checker(str(src))
+    d = c.top(_read_json(src))
+    c.version(d)
+    raw = c.array(d, "items", min_len=MIN_JAILBREAKS if strict else 1, what="jailbreak prompts")
+    out, seen = [], set()
+    fields = ("id", "persona", "framing", "setup", "request", "assistant_identity", "persona_identity", "comply",
+              "decline")
+    for i, it in enumerate(raw):
+        ctx = f"items[{i}]"
+        if not isinstance(it, dict):
+            c.fail(ctx, "an object with " + ", ".join(fields), _typename(it))
+        v = {k: c.string(it, k, ctx) for k in fields}
+        if v["id"] in seen:
+            c.fail(f"{ctx}.id", "a unique id", repr(v["id"]))
+        seen.add(v["id"])
+        if v["framing"] not in JAILBREAK_FRAMINGS:
+            c.fail(f"{ctx}.framing", f"one of {list(JAILBREAK_FRAMINGS)}", repr(v["framing"]))
+        name = v["persona"].casefold()
+        if name not in v["setup"].casefold():
+            c.fail(f"{ctx}.setup", f"a set-up that names the persona {v['persona']!r}", repr(v["setup"]))
+        if name.split()[-1] not in v["persona_identity"].casefold():
+            c.fail(f"{ctx}.persona_identity", f"an in-role self-description naming {v['persona']!r}",
+                   repr(v["persona_identity"]))
+        for a, b in (("assistant_identity", "persona_identity"), ("comply", "decline")):
+            if _norm_text(v[a]) == _norm_text(v[b]):
+                c.fail(f"{ctx}.{b}", f"an answer different from {a}", repr(v[b]))
+            if abs(_words(v[a]) - _words(v[b])) > MAX_WORD_GAP:
+                c.fail(f"{ctx}.{b}", f"an answer within {MAX_WORD_GAP} words of {a} ({_words(v[a])} words)",
+                       f"{_words(v[b])} words")
+        out.append(JailbreakPrompt(**v))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- capability QA
+
+
+def load_qa(path: PathLike | None = None, *, strict: bool = True) -> tuple[QAItem, ...]:
+    """Held-out multiple-choice questions (capability/qa.json, or ``path``): QA_OPTIONS distinct options each,
+    `answer` in range, no repeated question; strict also needs MIN_QA_ITEMS items with every answer position
+    used."""
+    src = _src(path, "capability", "qa.json")
+    c = _Checker(str(src))
+    d = c.top(_read_json(src))
+    c.version(d)
+    raw = c.array(d, "items", min_len=MIN_QA_ITEMS if strict else 1, what="questions")
+    out, seen = [], {}
+    for i, it in enumerate(raw):
+        ctx = f"items[{i}]"
+        if not isinstance(it, dict):
+            c.fail(ctx, "an object with question, options, answer", _typename(it))
+        q = c.string(it, "question", ctx)
+        key = _norm_text(q)
+        if key in seen:
+            c.fail(f"{ctx}.question", f"no duplicates, but it repeats items[{seen[key]}]", repr(q))
+        seen[key] = i
+        options = c.strings(it, "options", ctx)
+        if len(options) != QA_OPTIONS:
+            c.fail(f"{ctx}.options", f"exactly {QA_OPTIONS} options", f"{len(options)}")
+        ans = c.field(it, "answer", ctx)
+        if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < QA_OPTIONS:
+            c.fail(f"{ctx}.answer", f"an index in range 0..{QA_OPTIONS - 1}", repr(ans))
+        out.append(QAItem(question=q, options=options, answer=ans, category=c.opt_string(it, "category", ctx)))
+    if strict:
+        unused = sorted(set(range(QA_OPTIONS)) - {it.answer for it in out})
+        if unused:
+            c.fail("items", "correct answers at every option position", f"none at {unused}")
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -705,6 +900,8 @@ def _summary() -> str:
     lines.append(f"refusal markers: {len(load_refusal_markers().refusal_prefixes)} prefixes")
     for k in CONVERSATION_KINDS:
         lines.append(f"conversations {k}: {len(load_conversations(k))}")
+    lines.append(f"persona jailbreaks: {len(load_persona_jailbreaks())}")
+    lines.append(f"capability QA: {len(load_qa())}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,10 @@ trait's positive vs negative system prompt with no steering, with a 95% bootstra
 units (questions or items); `validity(...)["valid"]` is True when that interval lies above 0. Reports show the
 check next to every result that uses the measure.
 
-    two_choice(model, items, ...)                 log P(trait choice) - log P(other choice) per two-choice item
+    two_choice(model, items, ...)                 per-token log P(trait answer) - per-token log P(other answer) per
+                                                  two-choice item (first-person answers of matched length)
+    choice_scores(model, prompts, options, ...)   per-token log P(option) for every option of every prompt [n, k]
+    multiple_choice(model, items, ...)            likelihood choice and correctness on multiple-choice questions
     response_likelihood(model, qs, pos, neg, ...) per-token log P(pos-prompted answer) - log P(neg-prompted answer)
     answer_trait_score(model, qs, answers, pos_system, neg_system)
                                                   judge-free score of open-ended answers: per-token log-likelihood
@@ -48,14 +51,45 @@ def _per_token_logprobs(model, prompts, answers, *, edits_fn: EditsFn | None, ba
 
 def two_choice(model, items, *, system: str | None = None, edits_fn: EditsFn | None = None,
                batch_size: int | None = None) -> np.ndarray:
-    """Per item: log P(trait choice) - log P(other choice) as the assistant's whole answer, [n_items]."""
+    """Per item: per-token log P(trait answer) - per-token log P(other answer), each the assistant's whole
+    answer, [n_items]. Per token, so a longer answer is not penalised for its length; the shipped items pair
+    first-person sentences of matched form (see data/traits/README.md)."""
     if not items:
         raise ValueError("two_choice needs at least one item")
-    prompts = [system_conv(system, it.prompt) for it in items]
-    answers = [it.trait_text for it in items] + [it.other_text for it in items]
-    lp = rollouts.score_answers(model, prompts + prompts, answers, batch_size=batch_size or 2 * len(items),
-                                edits_fn=edits_fn)
-    return lp[:len(items)] - lp[len(items):]
+    scores = choice_scores(model, [system_conv(system, it.prompt) for it in items],
+                           [(it.trait_text, it.other_text) for it in items], edits_fn=edits_fn,
+                           batch_size=batch_size or 2 * len(items))
+    return scores[:, 0] - scores[:, 1]
+
+
+def choice_scores(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]], *,
+                  edits_fn: EditsFn | None = None, batch_size: int = 16) -> np.ndarray:
+    """Per-token log P(option | prompt) as the assistant's answer, for every option of every prompt: [n, k]
+    (every prompt has the same number k of options)."""
+    n = len(prompts)
+    if n == 0 or len(options) != n:
+        raise ValueError(f"{n} prompts and {len(options)} option lists; expected equal, non-zero counts")
+    k = len(options[0])
+    if k < 2 or any(len(o) != k for o in options):
+        raise ValueError(f"option counts {sorted({len(o) for o in options})}; expected the same count >= 2 for "
+                         "every prompt")
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    flat_answers = [a for opts in options for a in opts]
+    return _per_token_logprobs(model, flat_prompts, flat_answers, edits_fn=edits_fn,
+                               batch_size=batch_size).reshape(n, k)
+
+
+def multiple_choice(model, items, *, edits_fn: EditsFn | None = None, batch_size: int = 16) -> dict:
+    """Multiple-choice questions (`datasets.QAItem`) answered by likelihood: the option with the highest per-token
+    log-likelihood as the assistant's answer to the question (options listed in the prompt) is the model's
+    choice. {scores [n, k], choice [n], correct [n] bool, chance}."""
+    if not items:
+        raise ValueError("multiple_choice needs at least one item")
+    scores = choice_scores(model, [system_conv(None, it.prompt()) for it in items], [it.options for it in items],
+                           edits_fn=edits_fn, batch_size=batch_size)
+    choice = np.argmax(scores, axis=1)
+    return {"scores": scores, "choice": choice, "correct": choice == np.asarray([it.answer for it in items]),
+            "chance": float(np.mean([1.0 / len(it.options) for it in items]))}
 
 
 def response_likelihood(model, questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str], *,
