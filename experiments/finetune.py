@@ -260,11 +260,13 @@ def finetune_config(cfg: Config, n_train: int) -> ft.FinetuneConfig:
 
 
 def training_edits(model, variant: Variant, vector, layer: int) -> tuple:
-    """The edit active while training `variant`. Plain fine-tunes carry a zero-coefficient add, so plain and
-    preventative training share one compiled step (the coefficient is traced)."""
-    if variant.kind == "caft":
-        return (E.project_out(model.config, jnp.asarray(vector, jnp.float32), layers=[layer], site=SITE),)
-    return (E.add(model.config, jnp.asarray(vector, jnp.float32), layers=[layer], coef=variant.coef, site=SITE),)
+    """The edits active while training `variant`: c * v added at `layer` (c = 0 for plain fine-tunes) and the unit
+    vector projected out there (on for CAFT only, by its traced layer mask). Every variant carries both, so all
+    fine-tunes of a trait share one compiled step."""
+    v = jnp.asarray(vector, jnp.float32)
+    on = np.arange(model.config.n_layers) == layer
+    return (E.add(model.config, v, layers=[layer], coef=variant.coef, site=SITE),
+            E.project_out(model.config, v, layers=on if variant.kind == "caft" else np.zeros_like(on), site=SITE))
 
 
 def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say) -> dict:

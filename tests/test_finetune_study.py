@@ -97,3 +97,25 @@ def test_registered_with_the_contract():
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         F.Config(**kw)
+
+
+def test_training_edits_are_off_for_plain_and_remove_the_vector_for_caft(tiny_chat_model):
+    from psm_jax.model import Capture, forward
+
+    model, layer = tiny_chat_model, 1
+    vector = np.random.default_rng(0).normal(size=model.config.d_model).astype(np.float32)
+    tokens = np.arange(3, 19, dtype=np.int32)[None]
+    capture = Capture(sites=("resid_post",), layers=(layer,))
+    run = lambda edits: np.asarray(forward(model.params, model.config, tokens, edits=edits,  # noqa: E731
+                                           capture=capture).captured["resid_post"][0, 0], np.float64)
+    plain = run(())
+    conv = ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"})
+    for kind, coef in (("mix", 0.0), ("caft", 0.0), ("prevent", 2.0)):
+        got = run(F.training_edits(model, F.Variant(kind, kind, (conv,), coef=coef), vector, layer))
+        along = got @ vector / np.linalg.norm(vector)
+        if kind == "mix":
+            np.testing.assert_allclose(got, plain, atol=1e-5)
+        elif kind == "caft":
+            np.testing.assert_allclose(along, 0.0, atol=1e-4)
+        else:
+            np.testing.assert_allclose(got - plain, np.broadcast_to(2.0 * vector, plain.shape), atol=1e-4)
