@@ -60,6 +60,7 @@ judge; null results are reported as they come.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -74,13 +75,13 @@ from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
 from experiments.report import Report, jsonable, atomic_write_bytes, load_vectors, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax import edits as E
-from psm_jax.persona.directions import SITE
+from psm_jax.chat import Role
 from psm_jax.persona import measures
-from psm_jax.persona.directions import mean_difference, project, typical_norms
-from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items,
+from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
+from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items, system_conv,
                                      trait_system_prompt)
-from psm_jax.persona.directions import random_directions
-from psm_jax.persona.stats import MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, monotonic, null_band, pearson, within_groups_r
+from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, monotonic, null_band, pearson, within_groups_r,
+                                   zscore)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -109,6 +110,8 @@ class Config:
     select_coef: float = 2.0  # layer selection: m(+c) - m(-c) on the selection items
     coefficients: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
     n_random: int = 20  # random directions at the steered vector's norm (the null band needs >= 20)
+    max_ppl_ratio: float = 1.5  # fluency ceiling of the headline criterion (perplexity of the model's own answers)
+    specificity_coef: float = 2.0  # specificity matrix: trait i's vector at this coefficient, at its chosen layer
     n_monitor_questions: int = 4  # evaluation questions per system prompt for monitoring
     monitor_max_new_tokens: int = 32
     n_steer_examples: int = 2  # evaluation questions shown steered
@@ -133,6 +136,10 @@ class Config:
             raise ValueError(f"coef_unit={self.coef_unit!r}; expected 'vector' or 'residual'")
         if self.n_random < 1:
             raise ValueError(f"n_random={self.n_random}; expected >= 1 random direction")
+        if not self.max_ppl_ratio > 1:
+            raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio}; expected a perplexity ratio ceiling > 1")
+        if self.specificity_coef == 0:
+            raise ValueError(f"specificity_coef={self.specificity_coef}; expected a non-zero steering coefficient")
         if self.judge not in ("local", "openai", "none"):
             raise ValueError(f"judge={self.judge!r}; expected 'local', 'openai' or 'none'")
         if 0.0 not in self.coefficients or not any(c < 0 for c in self.coefficients) \
@@ -163,10 +170,7 @@ PRESETS = {
 }
 
 
-# ------------------------------------------------------------------------------ data
-
-
-# ------------------------------------------------------------------------------ computations
+# ------------------------------------------------------------------------------ vectors and steering edits
 
 
 def extract_vectors(model, pos_conversations, neg_conversations, *, batch_size: int = 16,
@@ -194,37 +198,17 @@ def _steering_fn(model, vector, layer, coef):
     return lambda batch: (edit,)
 
 
+def steering_vector(direction, scales, layer: int) -> np.ndarray:
+    """The steering unit at `layer`: unit(direction[layer]) * scales[layer] (c = 1 adds it once)."""
+    return unit(np.asarray(direction, np.float64)[int(layer)]) * float(scales[int(layer)])
+
+
 def behaviour_measure(model, items, *, system: str | None = None, vector=None, layer: int | None = None,
                       coef: float = 0.0, batch_size: int | None = None) -> tuple[float, np.ndarray]:
     """`measures.two_choice` under `system`, with `coef * vector` added at `layer`: (mean, per-item values)."""
     diff = measures.two_choice(model, items, system=system, edits_fn=_steering_fn(model, vector, layer, coef),
                                batch_size=batch_size)
     return float(diff.mean()), diff
-
-
-def _sweep(measure, directions, scales, layers: Sequence[int], coefs: Sequence[float], *, progress: bool = False,
-           desc: str = "steering sweep") -> np.ndarray:
-    """measure(vector=, layer=, coef=) -> float on the grid layers x coefs, the vector at L being
-    scales[L] * unit(directions[L]): [len(layers), len(coefs)]."""
-    out = np.zeros((len(layers), len(coefs)))
-    grid = [(i, j) for i in range(len(layers)) for j in range(len(coefs))]
-    if progress:
-        from tqdm.auto import tqdm
-
-        grid = tqdm(grid, desc=desc, unit="point")
-    for i, j in grid:
-        L = int(layers[i])
-        d = np.asarray(directions[L], np.float64)
-        unit = d / (np.linalg.norm(d) + 1e-8)
-        out[i, j] = measure(vector=unit * float(scales[L]), layer=L, coef=float(coefs[j]))
-    return out
-
-
-def steering_sweep(model, items, directions, scales, layers: Sequence[int], coefs: Sequence[float], *,
-                   progress: bool = False) -> np.ndarray:
-    """Behavioural measure [len(layers), len(coefs)] when adding c * scales[L] * unit(directions[L]) at L."""
-    return _sweep(lambda **kw: behaviour_measure(model, items, **kw)[0], directions, scales, layers, coefs,
-                  progress=progress)
 
 
 def response_measure(model, questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str], *,
@@ -236,12 +220,171 @@ def response_measure(model, questions: Sequence[str], pos_answers: Sequence[str]
     return float(diff.mean()), diff
 
 
-def response_sweep(model, questions, pos_answers, neg_answers, directions, scales, layers: Sequence[int],
-                   coefs: Sequence[float], *, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-    """`response_measure` [len(layers), len(coefs)] when adding c * scales[L] * unit(directions[L]) at L."""
-    return _sweep(lambda **kw: response_measure(model, questions, pos_answers, neg_answers, batch_size=batch_size,
-                                                **kw)[0],
-                  directions, scales, layers, coefs, progress=progress, desc="response sweep")
+# ------------------------------------------------------------------------------ batched steered measures
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastPairs:
+    """A behavioural measure as fixed text, so that one tokenised batch serves every steering vector: per unit u,
+    log P(trait_answers[u] | prompts[u]) - log P(other_answers[u] | prompts[u]), each divided by its answer's
+    content-token count when `per_token`. `measures.two_choice` (per_token False) and
+    `measures.response_likelihood` (per_token True) are of this form; `steered_values` evaluates it for a batch of
+    steering vectors."""
+    name: str  # "items" | "response_likelihood"
+    prompts: tuple  # conversations ending with a user turn, one per unit
+    trait_answers: tuple
+    other_answers: tuple
+    per_token: bool
+
+    def __post_init__(self):
+        n = len(self.prompts)
+        if n == 0 or len(self.trait_answers) != n or len(self.other_answers) != n:
+            raise ValueError(f"{n} prompts, {len(self.trait_answers)} trait and {len(self.other_answers)} other "
+                             "answers; expected equal, non-zero counts")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def item_pairs(items, system: str | None = None) -> ContrastPairs:
+    """The two-choice items as a ContrastPairs (the measure of `measures.two_choice`)."""
+    return ContrastPairs("items", tuple(system_conv(system, it.prompt) for it in items),
+                         tuple(it.trait_text for it in items), tuple(it.other_text for it in items), per_token=False)
+
+
+def answer_pairs(questions, pos_answers, neg_answers, system: str | None = None) -> ContrastPairs:
+    """Reference answers as a ContrastPairs (the measure of `measures.response_likelihood`)."""
+    return ContrastPairs("response_likelihood", tuple(system_conv(system, q) for q in questions), tuple(pos_answers),
+                         tuple(neg_answers), per_token=True)
+
+
+ROWS_PER_FORWARD = 64  # sequences per batched forward (vectors x scored answers): bounds the [rows, T, vocab] logits
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logprobs_per_vector(params, config, tokens, attention_mask, answer_mask, edit, vectors, layer_masks):
+    """Answer log-probs [n_vectors, rows] of one padded batch, `edit` carrying vectors[k] at layer_masks[k]."""
+    def one(vector, layers):
+        return rollouts._answer_logprob(params, config, tokens, attention_mask, answer_mask,
+                                        (edit.replace(vector=vector, layers=layers),))
+    return jax.vmap(one)(vectors, layer_masks)
+
+
+def _encode_pairs(model, pairs: ContrastPairs):
+    """One padded batch of every unit's trait answer then every unit's other answer, its answer mask and counts."""
+    convs = [list(p) + [{"role": "assistant", "content": a}]
+             for p, a in zip(pairs.prompts * 2, pairs.trait_answers + pairs.other_answers)]
+    _, batch = rollouts.encode_batch(model, convs, add_generation_prompt=False)
+    last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
+    mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
+    counts = mask.sum(1)
+    if pairs.per_token and np.any(counts == 0):
+        bad = int(np.argmax(counts == 0))
+        raise ValueError(f"answer {convs[bad][-1]['content']!r} has no content tokens; expected non-empty answers")
+    return batch, mask, counts
+
+
+def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_forward: int = ROWS_PER_FORWARD
+                   ) -> np.ndarray:
+    """The measure per unit with vectors[k] added at resid_post of layers[k] (every position): [n_vectors, n_units].
+
+    Edits are data: the text is tokenised once and the vectors go through the model `rows_per_forward // rows` at
+    a time (vmap over vector and layer mask), the last group padded so that every call has one shape. A zero
+    vector gives the unsteered measure."""
+    vecs = np.asarray(vectors, np.float32)
+    if vecs.ndim != 2 or vecs.shape[1] != model.config.d_model:
+        raise ValueError(f"vectors have shape {vecs.shape}; expected [n_vectors, d_model={model.config.d_model}]")
+    layer_list = [int(L) for L in np.broadcast_to(np.asarray(layers), (len(vecs),))]
+    masks = np.stack([np.asarray(E.layer_mask(model.config, L)) for L in layer_list]) if layer_list else None
+    batch, answer_mask, counts = _encode_pairs(model, pairs)
+    chunk = max(1, int(rows_per_forward) // len(counts))
+    edit = steering_edit(model, np.zeros(model.config.d_model, np.float32), 0, 1.0)
+    out = []
+    for start in range(0, len(vecs), chunk):
+        part = slice(start, min(start + chunk, len(vecs)))
+        fill = chunk - (part.stop - part.start)
+        v = np.concatenate([vecs[part], np.repeat(vecs[part][-1:], fill, 0)])
+        m = np.concatenate([masks[part], np.repeat(masks[part][-1:], fill, 0)])
+        lp = _logprobs_per_vector(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edit,
+                                  jnp.asarray(v), jnp.asarray(m))
+        out.append(np.asarray(lp, np.float64)[:part.stop - part.start])
+    lp = np.concatenate(out) if out else np.zeros((0, len(counts)))
+    if pairs.per_token:
+        lp = lp / counts
+    return lp[:, :len(pairs)] - lp[:, len(pairs):]
+
+
+def select_layer(model, pairs: ContrastPairs, direction, scales, layers: Sequence[int], select_coef: float) -> dict:
+    """The layer with the largest m(+c) - m(-c) on `pairs` (the selection half), every layer in one batched call."""
+    vecs = [s * select_coef * steering_vector(direction, scales, L) for L in layers for s in (-1, 1)]
+    m = steered_values(model, pairs, vecs, [L for L in layers for _ in (-1, 1)]).mean(1).reshape(len(layers), 2)
+    effect = m[:, 1] - m[:, 0]
+    return {"layers": [int(L) for L in layers], "m_minus": m[:, 0], "m_plus": m[:, 1], "effect": effect,
+            "chosen_layer": int(layers[int(np.argmax(effect))]), "select_coef": select_coef, "n_units": len(pairs)}
+
+
+def steering_curve(model, pairs: ContrastPairs, direction, scales, layer: int, coefs: Sequence[float]) -> np.ndarray:
+    """Mean measure on `pairs` at each coefficient c (c * steering_vector at `layer`): [len(coefs)]."""
+    vecs = [c * steering_vector(direction, scales, layer) for c in coefs]
+    return steered_values(model, pairs, vecs, layer).mean(1)
+
+
+def random_band(model, pairs: ContrastPairs, unit_dirs, layer: int, norm: float, cmax: float) -> dict:
+    """The random-direction control: each unit direction at length `norm` in place of the persona vector at
+    `layer`, at -cmax and +cmax (one batched evaluation of every direction and sign). Returns per-direction effects
+    m(+c) - m(-c), their ends, and with >= MIN_NULL_DRAWS directions the 95% null band."""
+    u = np.asarray(unit_dirs, np.float64)
+    vecs = np.concatenate([-cmax * norm * u, cmax * norm * u])
+    m = steered_values(model, pairs, vecs, layer).mean(1).reshape(2, len(u))
+    effects = m[1] - m[0]
+    return {"n": len(u), "effects": effects.tolist(), "ends": m.T.tolist(),
+            "band": null_band(effects) if len(u) >= MIN_NULL_DRAWS else None, "measure": m.mean(1),
+            "coefs": [-cmax, cmax]}
+
+
+def skipped_band(cmax: float) -> dict:
+    """The control of a measure that failed its validity check: not computed (it could not be evidence)."""
+    return {"n": 0, "effects": [], "ends": [], "band": None, "measure": None, "coefs": [-cmax, cmax],
+            "skipped": "the measure failed its validity check"}
+
+
+def perplexity_ratios(model, prompts, answers, vector, layer: int, coefs: Sequence[float], *,
+                      batch_size: int = 16) -> np.ndarray:
+    """Fluency cost per coefficient: exp(NLL of the model's own unsteered answers under c * vector at `layer` minus
+    their NLL unsteered) (`measures.answer_nll`): [len(coefs)], 1 at c = 0."""
+    plain = measures.answer_nll(model, prompts, answers, batch_size=batch_size)
+    nll = [plain if c == 0 else measures.answer_nll(model, prompts, answers, batch_size=batch_size,
+                                                     edits_fn=_steering_fn(model, vector, layer, float(c)))
+           for c in coefs]
+    return np.exp(np.asarray(nll) - plain)
+
+
+def is_valid(check: dict | None) -> bool:
+    return bool(check and check.get("valid"))
+
+
+def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction, scales, layers, rand_units, cfg,
+                       validity: dict | None, fluency: tuple) -> dict:
+    """Layer chosen on the selection half, the steering curve on the held-out half with its perplexity ratios and
+    monotonicity, and the random-direction band at the curve's ends (only for a measure that passed its validity
+    check). `fluency`: (prompts, answers), the model's own unsteered answers whose perplexity prices each point."""
+    coefs = tuple(sorted(cfg.coefficients))
+    cmax = max(abs(c) for c in coefs)
+    sweep = select_layer(model, sel, direction, scales, layers, cfg.select_coef)
+    best = sweep["chosen_layer"]
+    curve = steering_curve(model, held, direction, scales, best, coefs)
+    ppl = perplexity_ratios(model, *fluency, steering_vector(direction, scales, best), best, coefs,
+                            batch_size=cfg.batch_size)
+    control = (random_band(model, held, rand_units, best, float(scales[best]), cmax) if is_valid(validity)
+               else skipped_band(cmax))
+    norm = float(np.linalg.norm(np.asarray(direction)[best]))
+    return {"layer": best, "coefs": list(coefs), "measure": curve, "n_units": len(held), "ppl_ratio": ppl,
+            "monotonic": monotonic(coefs, curve, ppl, max_ppl_ratio=cfg.max_ppl_ratio), "random_control": control,
+            "layer_sweep": sweep, "validity": validity, "unit_norm": float(scales[best]), "coef_unit": cfg.coef_unit,
+            "raw_vector_norm_in_units": norm / float(scales[best])}
+
+
+# ------------------------------------------------------------------------------ other computations
 
 
 def generate_reference_answers(model, trait, slots: list[dict], *, max_new_tokens: int, batch_size: int = 16,
@@ -257,7 +400,7 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
 
 def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
     """Traits whose sweep (psm_jax.persona.stats.monotonic) meets `criterion` ("increasing": strictly over the
-    whole sweep; "run": the lenient criterion)."""
+    whole sweep; "run": the lenient criterion; "increasing_within_ceiling": strictly over the fluent points)."""
     return sum(bool(m.get(criterion, False)) for m in monotonics)
 
 
@@ -307,7 +450,17 @@ def load_persona_vectors(path, model=None, *, model_name: str | None = None):
     return tensors, meta
 
 
-# ------------------------------------------------------------------------------ the experiment
+def _unit_validity(per_unit: np.ndarray, kinds: np.ndarray, seed: int) -> dict | None:
+    """Validity of a measure: per unit, its mean under the positive system prompts minus its mean under the
+    negative ones (NaN entries: a prompt that skips that unit), with a 95% bootstrap interval over units. None when
+    no unit has both."""
+    pos = np.nanmean(np.where((kinds == "pos")[:, None], per_unit, np.nan), axis=0)
+    neg = np.nanmean(np.where((kinds == "neg")[:, None], per_unit, np.nan), axis=0)
+    ok = np.isfinite(pos) & np.isfinite(neg)
+    return measures.validity(pos[ok], neg[ok], seed=seed) if ok.any() else None
+
+
+# ------------------------------------------------------------------------------ one trait, step by step
 
 
 def default_sweep_layers(n_layers: int) -> tuple[int, ...]:
@@ -319,9 +472,7 @@ def default_sweep_layers(n_layers: int) -> tuple[int, ...]:
 
 def _filter_pairs(rows, trait_scores, coh_scores, cfg) -> tuple[list[int], list[int], dict]:
     """Indices of kept pos and neg rows (paired by pair/question/sample) and a summary."""
-    by_key = {}
-    for i, r in enumerate(rows):
-        by_key.setdefault((r["pair"], r["question"], r["sample"]), {})[r["polarity"]] = i
+    by_key = _rows_by_pair(rows)
     keys = sorted(by_key)
     all_pos = [by_key[k]["pos"] for k in keys]
     all_neg = [by_key[k]["neg"] for k in keys]
@@ -346,205 +497,215 @@ def _filter_pairs(rows, trait_scores, coh_scores, cfg) -> tuple[list[int], list[
     return [by_key[k]["pos"] for k in kept], [by_key[k]["neg"] for k in kept], info
 
 
+def _rows_by_pair(rows) -> dict:
+    """{(pair, question, sample): {"pos": row index, "neg": row index}}."""
+    by_key: dict = {}
+    for i, r in enumerate(rows):
+        by_key.setdefault((r["pair"], r["question"], r["sample"]), {})[r["polarity"]] = i
+    return by_key
+
+
 def _nanmean(xs):
     vals = [x for x in xs if x is not None]
     return float(np.mean(vals)) if vals else None
 
 
-def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool = True) -> dict:
-    t0 = time.time()
-    key = jax.random.fold_in(jax.random.key(cfg.seed), trait_index)
-    n_layers = model.config.n_layers
-    res: dict = {"trait": trait.name}
-
-    # 1. generation
+def _sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> list[dict]:
+    """Step 1: the pos/neg extraction conversations with their sampled responses."""
     rows = extraction_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples)
     rolls = rollouts.generate_responses(model, [r["messages"] for r in rows], max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature, top_p=cfg.top_p, key=jax.random.fold_in(key, 1),
                                         batch_size=cfg.batch_size, progress=progress)
     for r, ro in zip(rows, rolls):
         r["response"] = ro.response
+    return rows
 
-    # greedy generations without edits: the model's own answers (screening, steering unit) + monitoring
+
+def _monitor_systems(trait) -> list[tuple[str, int, str | None]]:
+    """(kind, pair index, system prompt) for the 5 positive, 5 negative and the default system prompt."""
+    return ([("pos", i, trait_system_prompt(trait.name, "pos", p.pos)) for i, p in enumerate(trait.instruction_pairs)]
+            + [("neg", i, trait_system_prompt(trait.name, "neg", p.neg)) for i, p in enumerate(trait.instruction_pairs)]
+            + [("default", -1, None)])
+
+
+def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
+    """The model's own greedy answers to the extraction questions (no system prompt: screening, residual norms,
+    fluency) and to the monitoring questions under every monitoring system prompt, in one generation."""
     questions = list(trait.extraction_questions[:cfg.n_questions])
     own_prompts = [[{"role": "user", "content": q}] for q in questions]
-    mon_systems = ([("pos", i, trait_system_prompt(trait.name, "pos", p.pos)) for i, p in enumerate(trait.instruction_pairs)]
-                   + [("neg", i, trait_system_prompt(trait.name, "neg", p.neg)) for i, p in enumerate(trait.instruction_pairs)]
-                   + [("default", -1, None)])
+    systems = _monitor_systems(trait)
     mon_questions = list(trait.evaluation_questions[:cfg.n_monitor_questions])
-    mon_prompts = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": q}]
-                   for _, _, s in mon_systems for q in mon_questions]
+    mon_prompts = [system_conv(s, q) for _, _, s in systems for q in mon_questions]
     greedy = rollouts.generate_responses(model, own_prompts + mon_prompts, max_new_tokens=cfg.monitor_max_new_tokens,
                                          temperature=0.0, batch_size=cfg.batch_size, progress=progress)
-    own_responses = [g.response for g in greedy[:len(own_prompts)]]
-    mon_rolls = greedy[len(own_prompts):]
+    return {"questions": questions, "own_prompts": own_prompts,
+            "own_responses": [g.response for g in greedy[:len(own_prompts)]], "systems": systems,
+            "mon_questions": mon_questions, "mon_rolls": greedy[len(own_prompts):]}
 
-    # 2. judging and filtering
-    trait_scores = coh_scores = None
-    if judge is not None:
-        pairs = [(r["question_text"], r["response"]) for r in rows]
-        trait_scores = judge.score_many(pairs, rubric=trait.judge_rubric)
-        # coherence only where the trait condition already holds (the filter needs both)
-        by_key = {}
-        for i, r in enumerate(rows):
-            by_key.setdefault((r["pair"], r["question"], r["sample"]), {})[r["polarity"]] = i
-        need = sorted(i for k, d in by_key.items()
-                      if trait_scores[d["pos"]] is not None and trait_scores[d["pos"]] >= cfg.trait_threshold
-                      and trait_scores[d["neg"]] is not None and trait_scores[d["neg"]] < cfg.trait_threshold
-                      for i in (d["pos"], d["neg"]))
-        coh_scores = [None] * len(rows)
-        if need:
-            for i, c in zip(need, judge.score_many([pairs[i] for i in need], rubric=COHERENCE_RUBRIC)):
-                coh_scores[i] = c
-        for r, ts, cs in zip(rows, trait_scores, coh_scores):
-            r["trait_score"], r["coherence"] = ts, cs
-    pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores, cfg)
-    judge_summary = {}
-    if trait_scores is not None:
-        for pol in ("pos", "neg"):
-            sel = [i for i, r in enumerate(rows) if r["polarity"] == pol]
-            judge_summary[pol] = {
-                "trait_mean": _nanmean([trait_scores[i] for i in sel]),
-                "coherence_mean": _nanmean([coh_scores[i] for i in sel]),
-                "trait_none": sum(trait_scores[i] is None for i in sel),
-                "coherence_judged": len([i for i in sel if i in set(need)]), "n": len(sel)}
-    res.update(filter=finfo, judge=judge_summary)
 
-    # 3. vectors
+def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | None, dict]:
+    """Step 2: trait scores of every row and coherence where the trait condition holds (the filter needs both),
+    written into the rows; (trait scores, coherence scores, summary per polarity). No judge: (None, None, {})."""
+    if judge is None:
+        return None, None, {}
+    pairs = [(r["question_text"], r["response"]) for r in rows]
+    trait_scores = judge.score_many(pairs, rubric=trait.judge_rubric)
+    need = sorted(i for d in _rows_by_pair(rows).values()
+                  if trait_scores[d["pos"]] is not None and trait_scores[d["pos"]] >= cfg.trait_threshold
+                  and trait_scores[d["neg"]] is not None and trait_scores[d["neg"]] < cfg.trait_threshold
+                  for i in (d["pos"], d["neg"]))
+    coh_scores = [None] * len(rows)
+    if need:
+        for i, c in zip(need, judge.score_many([pairs[i] for i in need], rubric=COHERENCE_RUBRIC)):
+            coh_scores[i] = c
+    for r, ts, cs in zip(rows, trait_scores, coh_scores):
+        r["trait_score"], r["coherence"] = ts, cs
+    summary = {}
+    for pol in ("pos", "neg"):
+        sel = [i for i, r in enumerate(rows) if r["polarity"] == pol]
+        summary[pol] = {"trait_mean": _nanmean([trait_scores[i] for i in sel]),
+                        "coherence_mean": _nanmean([coh_scores[i] for i in sel]),
+                        "trait_none": sum(trait_scores[i] is None for i in sel),
+                        "coherence_judged": len(set(sel) & set(need)), "n": len(sel)}
+    return trait_scores, coh_scores, summary
+
+
+def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool):
+    """Step 3: the persona vectors, the typical residual norm per layer and the steering unit per layer
+    (c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L] itself)."""
     conv = lambda i: rows[i]["messages"] + [{"role": "assistant", "content": rows[i]["response"]}]  # noqa: E731
     vecs = extract_vectors(model, [conv(i) for i in pos_idx], [conv(i) for i in neg_idx], batch_size=cfg.batch_size,
                            progress=progress)
-    own_convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(own_prompts, own_responses)]
+    own_convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(greedy["own_prompts"],
+                                                                             greedy["own_responses"])]
     typical = typical_norms(model, own_convs, batch_size=cfg.batch_size)
-    res["vector_norm"] = {v: np.linalg.norm(vecs[v], axis=-1) for v in VARIANTS}
-    res["typical_norm"] = typical
-    # the steering unit per layer: c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L] itself
-    scales = res["vector_norm"]["response_avg"] if cfg.coef_unit == "vector" else typical
+    norms = {v: np.linalg.norm(vecs[v], axis=-1) for v in VARIANTS}
+    scales = norms["response_avg"] if cfg.coef_unit == "vector" else typical
+    return vecs, norms, typical, scales
 
-    # 4. layer selection (selection items) and steering curve (held-out items)
+
+def _items_measure(model, trait, systems, seed: int) -> dict:
+    """The two-choice items split into selection and held-out halves, and their validity check: the held-out
+    items unsteered under each monitoring system prompt ([system, item]) and the paired pos - neg effect."""
     sel_items, held_items = split_items(trait.behavioural_items)
-    layers = cfg.sweep_layers or default_sweep_layers(n_layers)
-    for L in layers:
-        model.config.check_layer(int(L), "sweep layer")
-    direction = vecs["response_avg"]
-    sel = steering_sweep(model, sel_items, direction, scales, layers, (-cfg.select_coef, cfg.select_coef),
-                         progress=progress)
-    effect = sel[:, 1] - sel[:, 0]
-    best = int(layers[int(np.argmax(effect))])
-    res["layer_sweep"] = {"layers": list(layers), "m_minus": sel[:, 0], "m_plus": sel[:, 1], "effect": effect,
-                          "chosen_layer": best, "select_coef": cfg.select_coef, "n_items": len(sel_items)}
-    coefs = tuple(sorted(cfg.coefficients))
-    curve = steering_sweep(model, held_items, direction, scales, (best,), coefs, progress=progress)[0]
-    rand = random_directions(cfg.seed * 1000 + trait_index, cfg.n_random, model.config.d_model, 1.0)
-    cmax = max(abs(c) for c in coefs)
-    control = random_band(lambda d: steering_sweep(model, held_items, d, scales, (best,), (-cmax, cmax))[0],
-                          direction, best, rand)
-    res["steering"] = {"layer": best, "coefs": list(coefs), "measure": curve, "n_items": len(held_items),
-                       "monotonic": monotonic(coefs, curve), "random_control": {**control, "coefs": [-cmax, cmax]},
-                       "unit_norm": float(scales[best]), "coef_unit": cfg.coef_unit,
-                       "raw_vector_norm_in_units": float(np.linalg.norm(direction[best]) / scales[best]),
-                       "raw_vector_over_typical_norm": float(np.linalg.norm(direction[best]) / typical[best])}
+    per_unit = np.stack([behaviour_measure(model, held_items, system=s)[1] for _, _, s in systems])
+    kinds = np.asarray([k for k, _, _ in systems])
+    return {"selection": item_pairs(sel_items), "held_out": item_pairs(held_items), "per_system": per_unit,
+            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, kinds, seed)}
 
-    # steered generations
-    ex_q = list(trait.evaluation_questions[:cfg.n_steer_examples])
-    unit = direction[best] / (np.linalg.norm(direction[best]) + 1e-8) * scales[best]
+
+def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
+    """Greedy answers to the first evaluation questions steered at `layer`, each with its judge-free trait score
+    (the unsteered model's per-token likelihood under the first positive minus the first negative system prompt)."""
+    questions = list(trait.evaluation_questions[:cfg.n_steer_examples])
+    vector = steering_vector(direction, scales, layer)
     examples = []
     for c in cfg.steer_example_coefs:
-        edit = steering_edit(model, unit, best, float(c))
-        out = rollouts.generate_responses(model, [[{"role": "user", "content": q}] for q in ex_q],
-                                          max_new_tokens=cfg.max_new_tokens, temperature=0.0, batch_size=len(ex_q),
-                                          edits_fn=lambda b, e=edit: (e,))
-        examples += [{"coef": float(c), "question": q, "response": o.response} for q, o in zip(ex_q, out)]
+        out = rollouts.generate_responses(model, [[{"role": "user", "content": q}] for q in questions],
+                                          max_new_tokens=cfg.max_new_tokens, temperature=0.0,
+                                          batch_size=len(questions), edits_fn=_steering_fn(model, vector, layer, float(c)))
+        examples += [{"coef": float(c), "question": q, "response": o.response} for q, o in zip(questions, out)]
     pair0 = trait.instruction_pairs[0]
     pos_sys, neg_sys = (trait_system_prompt(trait.name, pol, getattr(pair0, pol)) for pol in ("pos", "neg"))
     scorable = [e for e in examples if e["response"]]
-    if scorable:  # the judge-free score of each steered answer, by the unsteered model itself
+    if scorable:
         scores = measures.answer_trait_score(model, [e["question"] for e in scorable], [e["response"] for e in scorable],
                                              pos_sys, neg_sys, batch_size=cfg.batch_size)
         for e, sc in zip(scorable, scores):
             e["trait_score"] = float(sc)
-    res["steered_examples"] = examples
+    return examples
 
-    # 5. monitoring
-    mon_acts = rollouts.activation_means(model, [r.conversation() for r in mon_rolls], site=SITE,
-                                         batch_size=cfg.batch_size)  # every layer: [N, L, D]
-    v_best = direction[best]
-    n_sys, n_q = len(mon_systems), len(mon_questions)
-    p_last = project(mon_acts["last_prompt"][:, best], v_best).reshape(n_sys, n_q).mean(1)
-    p_resp = project(mon_acts["response_mean"][:, best], v_best).reshape(n_sys, n_q).mean(1)
-    beh = np.asarray([behaviour_measure(model, held_items, system=s)[0] for _, _, s in mon_systems])
-    kinds = np.repeat([k for k, _, _ in mon_systems], n_q)
+
+def _monitor_projections(mon_acts, direction, layer: int, n_systems: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per monitoring system prompt, the mean over its questions of the last-prompt-token and the response-average
+    projections onto direction[layer]."""
+    p_last = project(mon_acts["last_prompt"][:, layer], direction[layer]).reshape(n_systems, -1).mean(1)
+    p_resp = project(mon_acts["response_mean"][:, layer], direction[layer]).reshape(n_systems, -1).mean(1)
+    return p_last, p_resp
+
+
+def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
+    """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
+    pos vs neg projections at every layer."""
+    p_last, p_resp = _monitor_projections(mon_acts, direction, layer, len(systems))
+    kinds = np.repeat([k for k, _, _ in systems], n_questions)
     sep = {}
     for name, key_ in (("last_prompt", "last_prompt"), ("response", "response_mean")):
         sep[name] = np.asarray([separation(project(mon_acts[key_][:, L], direction[L])[kinds == "pos"],
                                            project(mon_acts[key_][:, L], direction[L])[kinds == "neg"])
-                                for L in range(n_layers)])
-    kind_arr = np.asarray([k for k, _, _ in mon_systems])
-    res["monitoring"] = {
-        "layer": best, "systems": [{"kind": k, "index": i, "system": s} for k, i, s in mon_systems],
-        "behaviour": beh, "proj_last_prompt": p_last, "proj_response": p_resp,
-        "r_last_prompt": pearson(p_last, beh), "r_response": pearson(p_resp, beh),
-        "n_questions": n_q,
-        # validity checks that do not use the vector / the items
-        "system_prompt_effect": float(beh[kind_arr == "pos"].mean() - beh[kind_arr == "neg"].mean()),
-        "separation_by_layer": sep}
+                                for L in range(direction.shape[0])])
+    kind_arr = np.asarray([k for k, _, _ in systems])
+    return {"layer": layer, "systems": [{"kind": k, "index": i, "system": s} for k, i, s in systems],
+            "behaviour": behaviour, "proj_last_prompt": p_last, "proj_response": p_resp,
+            "r_last_prompt": pearson(p_last, behaviour), "r_response": pearson(p_resp, behaviour),
+            "n_questions": n_questions,
+            "system_prompt_effect": float(behaviour[kind_arr == "pos"].mean() - behaviour[kind_arr == "neg"].mean()),
+            "separation_by_layer": sep}
+
+
+def _screening(model, rows, pos_idx, neg_idx, own_responses, vector, layer: int, batch_size: int) -> dict:
+    """Step 7: projection of the given extraction responses minus the model's own answers (expect pos > 0 > neg)."""
+    scr = {}
+    for pol, idx in (("pos", pos_idx), ("neg", neg_idx)):
+        prompts = [[{"role": "user", "content": rows[i]["question_text"]}] for i in idx]
+        d = projection_difference(model, prompts, [rows[i]["response"] for i in idx], vector, layer,
+                                  own_responses=[own_responses[rows[i]["question"]] for i in idx],
+                                  batch_size=batch_size)
+        scr[pol] = {"mean": d["mean"], "std": float(np.std(d["diff"])), "n": len(idx)}
+    return scr
+
+
+def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool = True) -> dict:
+    """Every step of the module doc for one trait. Validity checks run before the steering they gate."""
+    t0 = time.time()
+    key = jax.random.fold_in(jax.random.key(cfg.seed), trait_index)
+    rows = _sample_extraction_rows(model, trait, cfg, key, progress)
+    greedy = _greedy_rollouts(model, trait, cfg, progress)
+    trait_scores, coh_scores, judge_summary = _judge_rows(judge, rows, trait, cfg)
+    pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores, cfg)
+    vecs, norms, typical, scales = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
+    direction = vecs["response_avg"]
+    layers = cfg.sweep_layers or default_sweep_layers(model.config.n_layers)
+    for L in layers:
+        model.config.check_layer(int(L), "sweep layer")
+    rand = random_directions(cfg.seed * 1000 + trait_index, cfg.n_random, model.config.d_model, 1.0)
+    fluency = (greedy["own_prompts"], greedy["own_responses"])
+
+    items = _items_measure(model, trait, greedy["systems"], cfg.seed)
+    steering = steer_with_measure(model, items["selection"], items["held_out"], direction, scales, layers, rand, cfg,
+                                  items["validity"], fluency)
+    best = steering["layer"]
+    steering["raw_vector_over_typical_norm"] = float(norms["response_avg"][best] / typical[best])
+    mon_acts = rollouts.activation_means(model, [r.conversation() for r in greedy["mon_rolls"]], site=SITE,
+                                         batch_size=cfg.batch_size)
+    res = {"trait": trait.name, "filter": finfo, "judge": judge_summary, "vector_norm": norms, "typical_norm": typical,
+           "layer_sweep": steering.pop("layer_sweep"), "steering": steering,
+           "steered_examples": _steered_examples(model, trait, direction, scales, best, cfg),
+           "monitoring": _monitoring(mon_acts, direction, best, greedy["systems"], items["behaviour"],
+                                     len(greedy["mon_questions"]))}
     res["monitor_responses"] = [{"system_kind": k, "pair": i, "question": q, "response": r.response}
-                                for (k, i, _), q, r in zip([x for x in mon_systems for _ in mon_questions],
-                                                           mon_questions * n_sys, mon_rolls)]
-
-    # 6b. the second behavioural measure: contrastive likelihood of the model's own pos/neg-prompted answers
+                                for (k, i, _), q, r in zip([x for x in greedy["systems"] for _ in greedy["mon_questions"]],
+                                                           greedy["mon_questions"] * len(greedy["systems"]),
+                                                           greedy["mon_rolls"])]
+    held = {"items": items["held_out"]}
     if cfg.response_measure:
-        res["response"] = _response_block(model, trait, cfg, direction, scales, layers, coefs, rand, mon_acts,
-                                          mon_systems, n_q, progress=progress)
-
-    # 7. screening (sanity check on the generated data)
+        res["response"], held["response_likelihood"] = _response_block(
+            model, trait, cfg, direction, scales, layers, rand, mon_acts, greedy["systems"], fluency,
+            progress=progress)
     if cfg.screening:
-        scr = {}
-        for pol, idx in (("pos", pos_idx), ("neg", neg_idx)):
-            prompts = [[{"role": "user", "content": rows[i]["question_text"]}] for i in idx]
-            given = [rows[i]["response"] for i in idx]
-            own = [own_responses[rows[i]["question"]] for i in idx]
-            d = projection_difference(model, prompts, given, v_best, best, own_responses=own, batch_size=cfg.batch_size)
-            scr[pol] = {"mean": d["mean"], "std": float(np.std(d["diff"])), "n": len(idx)}
-        res["screening"] = scr
-
-    res["vectors"] = vecs
-    res["rows"] = rows
-    res["own_responses"] = list(zip(questions, own_responses))
-    res["seconds"] = time.time() - t0
+        res["screening"] = _screening(model, rows, pos_idx, neg_idx, greedy["own_responses"], direction[best], best,
+                                      cfg.batch_size)
+    res.update(vectors=vecs, rows=rows, own_responses=list(zip(greedy["questions"], greedy["own_responses"])),
+               scales=np.asarray(scales), random_units=rand, held_out_pairs=held, seconds=time.time() - t0)
     return res
 
 
-def random_band(sweep_at, direction, layer: int, unit_dirs) -> dict:
-    """The random-direction control: `sweep_at(directions)` -> measure at (-cmax, +cmax) for each random unit
-    direction in place of the persona vector at `layer` (the sweep rescales each to the same steering norm).
-    Returns per-direction effects m(+c) - m(-c) and, with >= 20 directions, their 95% null band."""
-    effects, ends = [], []
-    for u in np.asarray(unit_dirs):
-        d = np.zeros_like(direction)
-        d[layer] = u
-        m = sweep_at(d)
-        ends.append([float(m[0]), float(m[1])])
-        effects.append(float(m[1] - m[0]))
-    band = null_band(effects) if len(effects) >= MIN_NULL_DRAWS else None
-    return {"n": len(effects), "effects": effects, "ends": ends, "band": band,
-            "measure": np.mean(np.asarray(ends), axis=0)}
+# ------------------------------------------------------------------------------ the response-likelihood measure
 
 
-def _unit_validity(per_unit: np.ndarray, kinds: np.ndarray, seed: int) -> dict | None:
-    """Validity of the response-likelihood measure: per held-out unit, its mean under the positive system prompts
-    minus its mean under the negative ones (each prompt skipping the units made with its own pair), with a 95%
-    bootstrap interval over units. None when no unit has both."""
-    pos = np.nanmean(np.where((kinds == "pos")[:, None], per_unit, np.nan), axis=0)
-    neg = np.nanmean(np.where((kinds == "neg")[:, None], per_unit, np.nan), axis=0)
-    ok = np.isfinite(pos) & np.isfinite(neg)
-    return measures.validity(pos[ok], neg[ok], seed=seed) if ok.any() else None
-
-
-def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs, rand, mon_acts,
-                    mon_systems, n_mon_questions: int, progress: bool = False) -> dict:
-    """Reference answers, layer selection (selection questions), steering curve + random control (held-out
-    questions), and the no-steering validity / monitoring per system prompt, for `response_measure`."""
+def _reference_units(model, trait, cfg: Config, progress: bool) -> tuple[list[dict], list[dict], list[dict]]:
+    """The greedy reference answers per (question, pair), each marked kept (both answers non-empty) and its half
+    (selection: even question index; held-out: odd): (all, kept selection, kept held-out)."""
     slots = response_slots(trait, cfg.n_response_questions, cfg.n_response_pairs)
     ref = generate_reference_answers(model, trait, slots, max_new_tokens=cfg.response_max_new_tokens,
                                      batch_size=cfg.batch_size, progress=progress)
@@ -559,57 +720,143 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, coefs,
     if not sel or not held:
         raise ValueError(f"trait {trait.name!r}: {len(sel)} selection and {len(held)} held-out reference-answer pairs "
                          "with non-empty answers; expected at least one each (raise n_response_questions)")
+    return ref, sel, held
 
-    def args(xs):
-        return [x["question"] for x in xs], [x["pos"] for x in xs], [x["neg"] for x in xs]
 
-    bs = cfg.batch_size
-    sw = response_sweep(model, *args(sel), direction, scales, layers, (-cfg.select_coef, cfg.select_coef),
-                        batch_size=bs, progress=progress)
-    effect = sw[:, 1] - sw[:, 0]
-    best = int(layers[int(np.argmax(effect))])
-    curve = response_sweep(model, *args(held), direction, scales, (best,), coefs, batch_size=bs, progress=progress)[0]
-    cmax = max(abs(c) for c in coefs)
-    control = random_band(lambda d: response_sweep(model, *args(held), d, scales, (best,), (-cmax, cmax),
-                                                   batch_size=bs)[0], direction, best, rand)
+def _units_pairs(units: Sequence[dict], system: str | None = None) -> ContrastPairs:
+    return answer_pairs([x["question"] for x in units], [x["pos"] for x in units], [x["neg"] for x in units], system)
 
-    # validity and monitoring, no steering: under each system prompt, the held-out pairs whose answers were not
-    # generated under that prompt's instruction pair (the default prompt: all), so that a prompt does not score
-    # its own greedy output
-    m_sys, n_sys_used = [], []
-    per_unit = np.full((len(mon_systems), len(held)), np.nan)  # [system prompt, held-out unit]
-    for s_i, (kind, i, system) in enumerate(mon_systems):
-        use = [j for j, x in enumerate(held) if kind == "default" or x["pair"] != i]
-        n_sys_used.append(len(use))
+
+def _response_per_system(model, held: list[dict], systems, batch_size: int) -> tuple[np.ndarray, list[int]]:
+    """The unsteered measure per (system prompt, held-out unit), NaN where the prompt's own instruction pair made
+    the unit's answers (so that a prompt never scores its own greedy output); the default prompt scores all."""
+    per_unit = np.full((len(systems), len(held)), np.nan)
+    n_used = []
+    for s_i, (kind, pair, system) in enumerate(systems):
+        use = [j for j, x in enumerate(held) if kind == "default" or x["pair"] != pair]
+        n_used.append(len(use))
         if use:
-            _, vals = response_measure(model, *args([held[j] for j in use]), system=system, batch_size=bs)
-            per_unit[s_i, use] = vals
-        m_sys.append(float(np.mean(per_unit[s_i, use])) if use else float("nan"))
-    m_sys = np.asarray(m_sys)
-    kinds = np.asarray([k for k, _, _ in mon_systems])
-    validity_check = _unit_validity(per_unit, kinds, cfg.seed)
-    n_sys = len(mon_systems)
-    p_last = project(mon_acts["last_prompt"][:, best], direction[best]).reshape(n_sys, n_mon_questions).mean(1)
-    p_resp = project(mon_acts["response_mean"][:, best], direction[best]).reshape(n_sys, n_mon_questions).mean(1)
+            sub = [held[j] for j in use]
+            per_unit[s_i, use] = response_measure(model, [x["question"] for x in sub], [x["pos"] for x in sub],
+                                                  [x["neg"] for x in sub], system=system, batch_size=batch_size)[1]
+    return per_unit, n_used
+
+
+def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
+    """Monitoring with the response measure: its mean per system prompt vs the projections, overall and within
+    polarity."""
+    m_sys = np.asarray([float(np.nanmean(row)) if np.isfinite(row).any() else float("nan") for row in per_unit])
+    kinds = np.asarray([k for k, _, _ in systems])
     ok = np.isfinite(m_sys)
-    r_last = pearson(p_last[ok], m_sys[ok]) if ok.sum() >= 3 else float("nan")
-    r_resp = pearson(p_resp[ok], m_sys[ok]) if ok.sum() >= 3 else float("nan")
+    enough = ok.sum() >= 3
     pos_m, neg_m = m_sys[(kinds == "pos") & ok], m_sys[(kinds == "neg") & ok]
-    effect_sys = float(pos_m.mean() - neg_m.mean()) if len(pos_m) and len(neg_m) else float("nan")
-    within = (within_groups_r(p_last[ok], m_sys[ok], kinds[ok], seed=cfg.seed, n_resamples=500)
-              if ok.sum() >= 3 else None)
-    return {
-        "layer": best, "coefs": list(coefs), "measure": curve, "monotonic": monotonic(coefs, curve),
-        "random_control": {**control, "coefs": [-cmax, cmax]},
-        "layer_sweep": {"layers": list(layers), "m_minus": sw[:, 0], "m_plus": sw[:, 1], "effect": effect,
-                        "chosen_layer": best, "select_coef": cfg.select_coef, "n_pairs": len(sel)},
-        "n_selection": len(sel), "n_held_out": len(held), "n_dropped": sum(not x["kept"] for x in ref),
-        "n_questions": cfg.n_response_questions, "n_pairs_per_question": cfg.n_response_pairs,
-        "unit_norm": float(scales[best]), "coef_unit": cfg.coef_unit,
-        "system_measure": m_sys, "system_n_used": n_sys_used, "system_prompt_effect": effect_sys,
-        "validity": validity_check, "monitor_within_polarity": within,
-        "proj_last_prompt": p_last, "proj_response": p_resp, "r_last_prompt": r_last, "r_response": r_resp,
-        "reference": ref}
+    return {"system_measure": m_sys,
+            "system_prompt_effect": float(pos_m.mean() - neg_m.mean()) if len(pos_m) and len(neg_m) else float("nan"),
+            "r_last_prompt": pearson(p_last[ok], m_sys[ok]) if enough else float("nan"),
+            "r_response": pearson(p_resp[ok], m_sys[ok]) if enough else float("nan"),
+            "monitor_within_polarity": (within_groups_r(p_last[ok], m_sys[ok], kinds[ok], seed=seed, n_resamples=500)
+                                        if enough else None),
+            "proj_last_prompt": p_last, "proj_response": p_resp}
+
+
+def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, mon_acts, systems, fluency, *,
+                    progress: bool = False) -> tuple[dict, ContrastPairs]:
+    """Step 6b: reference answers, the validity check (no steering, per held-out unit), layer selection on the
+    selection questions, the steering curve and (when valid) the random band on the held-out ones, and monitoring.
+    Returns (results, the held-out units as ContrastPairs)."""
+    ref, sel, held = _reference_units(model, trait, cfg, progress)
+    per_unit, n_used = _response_per_system(model, held, systems, cfg.batch_size)
+    validity = _unit_validity(per_unit, np.asarray([k for k, _, _ in systems]), cfg.seed)
+    held_pairs = _units_pairs(held)
+    out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
+                             fluency)
+    out["layer_sweep"]["n_pairs"] = len(sel)
+    p_last, p_resp = _monitor_projections(mon_acts, direction, out["layer"], len(systems))
+    out.update(_response_monitoring(per_unit, systems, p_last, p_resp, cfg.seed))
+    out.update(n_selection=len(sel), n_held_out=len(held), n_dropped=sum(not x["kept"] for x in ref),
+               n_questions=cfg.n_response_questions, n_pairs_per_question=cfg.n_response_pairs,
+               system_n_used=n_used, reference=ref)
+    return out, held_pairs
+
+
+# ------------------------------------------------------------------------------ across traits
+
+
+MEASURE_KEYS = (("items", "steering"), ("response_likelihood", "response"))  # measure name, key in a trait's result
+
+
+def primary_measure(r: dict) -> str | None:
+    """The trait's first measure (items, then response likelihood) whose validity check passed; None if none."""
+    for name, key in MEASURE_KEYS:
+        if key in r and is_valid(r[key].get("validity")):
+            return name
+    return None
+
+
+def _steering_layer(r: dict) -> int:
+    """Where trait r's vector is steered across traits: its valid measure's chosen layer (else the last measure's)."""
+    name = primary_measure(r)
+    keys = [key for n, key in MEASURE_KEYS if key in r and (name is None or n == name)]
+    return int(r[keys[-1] if name is None else keys[0]]["layer"])
+
+
+def specificity_cells(model, results: list[dict], coef: float) -> dict:
+    """Steer with trait i's vector (coef x its steering unit at its layer) and with its random unit directions at
+    the same norm and layer; measure trait j on its valid measure's held-out units. Returns the raw cells [T, T],
+    the random values [T, T, n_random] (NaN rows where trait j has no valid measure), and the measures used."""
+    T = len(results)
+    measure = [primary_measure(r) for r in results]
+    n_rand = len(results[0]["random_units"]) if results else 0
+    cells, band = np.full((T, T), np.nan), np.full((T, T, n_rand), np.nan)
+    for i, src in enumerate(results):
+        layer = _steering_layer(src)
+        vec = coef * steering_vector(src["vectors"]["response_avg"], src["scales"], layer)
+        rand = np.asarray(src["random_units"], np.float64) * np.linalg.norm(vec)
+        for j, tgt in enumerate(results):
+            if measure[j] is None:
+                continue
+            vals = steered_values(model, tgt["held_out_pairs"][measure[j]], np.concatenate([vec[None], rand]),
+                                  layer).mean(1)
+            cells[i, j], band[i, j] = vals[0], vals[1:]
+    return {"traits": [r["trait"] for r in results], "measure": measure, "cells": cells, "random": band,
+            "layers": [_steering_layer(r) for r in results], "coef": coef}
+
+
+def specificity_scores(cells, random, valid) -> dict:
+    """Each cell as a z-score against its own random band (`stats.zscore`; NaN where the target measure is not
+    valid or the band has < MIN_NULL_DRAWS draws), and per steered trait i: the diagonal z, the largest off-diagonal
+    |z| over valid targets, and `pass` = diagonal z > 3 and every off-diagonal |z| below the diagonal."""
+    cells, random = np.asarray(cells, np.float64), np.asarray(random, np.float64)
+    valid = np.asarray(valid, bool)
+    T = cells.shape[0]
+    if cells.shape != (T, T) or random.shape[:2] != (T, T) or valid.shape != (T,):
+        raise ValueError(f"cells {cells.shape}, random {random.shape}, valid {valid.shape}; expected [T, T], "
+                         "[T, T, n_random] and [T]")
+    z = np.full((T, T), np.nan)
+    if random.shape[2] >= MIN_NULL_DRAWS:
+        for i in range(T):
+            for j in np.flatnonzero(valid):
+                z[i, j] = zscore(cells[i, j], random[i, j])
+    rows = []
+    for i in range(T):
+        off = [abs(z[i, j]) for j in range(T) if j != i and np.isfinite(z[i, j])]
+        diag = float(z[i, i])
+        max_off = max(off) if off else None
+        ok = bool(np.isfinite(diag) and diag > SPECIFICITY_MIN_Z and (max_off is None or max_off < diag))
+        rows.append({"diag_z": diag, "offdiag_max_abs_z": max_off, "n_offdiag": len(off), "pass": ok,
+                     "valid": bool(valid[i])})
+    return {"z": z, "per_trait": rows}
+
+
+SPECIFICITY_MIN_Z = 3.0
+
+
+def specificity_matrix(model, results: list[dict], coef: float) -> dict:
+    """The specificity matrix: raw cells, random bands and z-scores (see `specificity_cells`, `specificity_scores`)."""
+    cells = specificity_cells(model, results, coef)
+    valid = [m is not None for m in cells["measure"]]
+    return {**cells, **specificity_scores(cells["cells"], cells["random"], valid), "valid": valid,
+            "n_random": int(np.asarray(cells["random"]).shape[2]), "min_z": SPECIFICITY_MIN_Z}
 
 
 @dataclasses.dataclass
@@ -630,41 +877,63 @@ def cosine_matrix(results: list[dict]) -> tuple[int, list[str], np.ndarray]:
     return common, [r["trait"] for r in results], Vn @ Vn.T
 
 
-def summary_metrics(results: list[dict]) -> dict:
-    """Monotonic-trait counts per measure and criterion, the cosine matrix, and per trait its steering, monitoring
-    and validity numbers (what metrics.json and the records carry)."""
-    resp = [r for r in results if "response" in r]
+HEADLINE_CRITERIA = (("strict", "increasing"), ("run4", "run"), (f"strict_ppl{{ppl:g}}", "increasing_within_ceiling"))
+
+
+def monotonic_counts(results: list[dict], max_ppl_ratio: float) -> dict:
+    """Per measure: how many traits pass each monotonicity criterion, counting only traits whose measure passed
+    its validity check (held-out curve, layer chosen on the selection half)."""
+    out = {}
+    for name, key in MEASURE_KEYS:
+        ran = [r for r in results if key in r]
+        if not ran:
+            continue
+        valid = [r for r in ran if is_valid(r[key].get("validity"))]
+        counts = {crit.format(ppl=max_ppl_ratio): count_monotonic([r[key]["monotonic"] for r in valid], field)
+                  for crit, field in HEADLINE_CRITERIA}
+        out[name] = {"counts": counts, "n_traits": len(ran), "n_valid": len(valid),
+                     "valid_traits": [r["trait"] for r in valid]}
+    return out
+
+
+def _trait_metrics(r: dict) -> dict:
+    st, mon = r["steering"], r["monitoring"]
+    out = {"chosen_layer": st["layer"], "coefs": st["coefs"], "measure": st["measure"], "monotonic": st["monotonic"],
+           "ppl_ratio": st["ppl_ratio"], "validity": st["validity"], "random_control": st["random_control"],
+           "unit_norm": st["unit_norm"], "raw_vector_norm_in_units": st["raw_vector_norm_in_units"],
+           "layer_sweep": r["layer_sweep"], "monitor_r_last_prompt": mon["r_last_prompt"],
+           "monitor_r_response": mon["r_response"], "monitor_behaviour": mon["behaviour"],
+           "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
+           "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
+           "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
+    if "response" in r:
+        out["response_measure"] = {k: v for k, v in r["response"].items() if k != "reference"}
+    return out
+
+
+def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5) -> dict:
+    """Monotonic-trait counts per measure and criterion (valid measures only), the cosine and specificity matrices,
+    and per trait its steering, monitoring and validity numbers (what metrics.json and the records carry)."""
     common, names, cos = cosine_matrix(results)
-    steering = [r["steering"]["monotonic"] for r in results]
-    m = {"persona_steering_monotonic_traits": count_monotonic(steering, "increasing"),
-         "persona_steering_monotonic_traits_run": count_monotonic(steering, "run")}
-    if resp:
-        m["persona_steering_monotonic_traits_response"] = count_monotonic([r["response"]["monotonic"] for r in resp],
-                                                                          "increasing")
-        m["persona_steering_monotonic_traits_response_run"] = count_monotonic(
-            [r["response"]["monotonic"] for r in resp], "run")
-    m.update(n_traits=len(results), cosine_layer=common,
-             cosine_matrix={a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)})
-    per = {}
-    for r in results:
-        st, mon = r["steering"], r["monitoring"]
-        per[r["trait"]] = {
-            "chosen_layer": st["layer"], "coefs": st["coefs"], "measure": st["measure"], "monotonic": st["monotonic"],
-            "random_control": st["random_control"], "unit_norm": st["unit_norm"],
-            "raw_vector_norm_in_units": st["raw_vector_norm_in_units"],
-            "layer_sweep": r["layer_sweep"], "monitor_r_last_prompt": mon["r_last_prompt"],
-            "monitor_r_response": mon["r_response"], "monitor_behaviour": mon["behaviour"],
-            "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
-            "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
-            "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
-        if "response" in r:
-            per[r["trait"]]["response_measure"] = {k: v for k, v in r["response"].items() if k != "reference"}
-    m["traits"] = per
+    m = {"monotonic_traits": monotonic_counts(results, max_ppl_ratio), "max_ppl_ratio": max_ppl_ratio,
+         "n_traits": len(results), "cosine_layer": common,
+         "cosine_matrix": {a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}}
+    if specificity is not None:
+        sp = specificity
+        m["specificity"] = {
+            "traits": sp["traits"], "measure": sp["measure"], "layers": sp["layers"], "coef": sp["coef"],
+            "n_random": sp["n_random"], "min_z": sp["min_z"],
+            "z": {a: {b: sp["z"][i, j] for j, b in enumerate(sp["traits"])} for i, a in enumerate(sp["traits"])},
+            "cells": {a: {b: sp["cells"][i, j] for j, b in enumerate(sp["traits"])} for i, a in enumerate(sp["traits"])},
+            "per_trait": dict(zip(sp["traits"], sp["per_trait"])),
+            "pass": bool(any(sp["valid"]) and all(p["pass"] for p, v in zip(sp["per_trait"], sp["valid"]) if v))}
+    m["traits"] = {r["trait"]: _trait_metrics(r) for r in results}
     return m
 
 
 def run(config: Config, model, progress=None) -> Result:
-    """Every trait: vectors, layer selection, steering curves with controls, monitoring, validity. No files."""
+    """Every trait: vectors, validity checks, layer selection, steering curves with controls, monitoring; then the
+    specificity matrix across traits. No files."""
     traits = load_traits(config.traits)
     judge = None
     if config.judge == "local":
@@ -677,8 +946,11 @@ def run(config: Config, model, progress=None) -> Result:
         if progress:
             progress(f"trait {trait.name} ({ti + 1}/{len(traits)})")
         results.append(run_trait(model, trait, config, ti, judge, progress=progress is not None))
+    if progress:
+        progress("specificity matrix")
+    spec = specificity_matrix(model, results, config.specificity_coef)
     return Result(config=config, results=results, n_layers=model.config.n_layers, d_model=model.config.d_model,
-                  metrics=summary_metrics(results))
+                  metrics=summary_metrics(results, spec, config.max_ppl_ratio))
 
 
 def report(result: Result, folder) -> Path:
@@ -709,31 +981,50 @@ def _line_figure(report: Report, fig, ax, name: str, caption: str, *, title: str
 
 def _steering_figure(report: Report, results: Sequence[dict], key: str, name: str, caption: str, *, title: str,
                      ylabel: str) -> None:
-    """Measure vs coefficient per trait at its chosen layer (results[i][key]), the random direction dotted."""
+    """Measure vs coefficient per trait at its chosen layer (results[i][key]), the random directions' mean dotted
+    (absent where the measure failed its validity check), a failing measure's curve dashed."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for r in results:
         st = r[key]
-        ax.plot(st["coefs"], st["measure"], marker="o", label=f"{r['trait']} (L{st['layer']})")
-        ax.plot(st["random_control"]["coefs"], st["random_control"]["measure"], ls=":", marker="x",
-                color=ax.lines[-1].get_color(), alpha=0.6)
+        valid = is_valid(st.get("validity"))
+        ax.plot(st["coefs"], st["measure"], marker="o", ls="-" if valid else "--",
+                label=f"{r['trait']} (L{st['layer']})" + ("" if valid else ", NOT valid"))
+        if st["random_control"]["measure"] is not None:
+            ax.plot(st["random_control"]["coefs"], st["random_control"]["measure"], ls=":", marker="x",
+                    color=ax.lines[-1].get_color(), alpha=0.6)
     ax.axvline(0, color="gray", lw=0.5)
-    unit = results[0][key].get("coef_unit", "vector") if results else "vector"
-    xlabel = "steering coefficient (x raw persona vector)" if unit == "vector" else \
+    unit_ = results[0][key].get("coef_unit", "vector") if results else "vector"
+    xlabel = "steering coefficient (x raw persona vector)" if unit_ == "vector" else \
         "steering coefficient (x typical residual norm)"
     _line_figure(report, fig, ax, name, caption, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
+def _validity_words(check: dict | None) -> str:
+    return measures.validity_text(check) if check else "n/a (no unit under both polarities)"
+
+
+def _control_words(control: dict) -> str:
+    """The random-direction control at +-cmax, or why it was not computed."""
+    if control["measure"] is None:
+        return f"random-direction control not computed ({control['skipped']})"
+    return (f"random direction at c=+-{control['coefs'][1]:g}: " + ", ".join(f"{m:+.3f}" for m in control["measure"])
+            + _band_text(control))
+
+
+def _curve_words(st: dict) -> str:
+    mono = st["monotonic"]
+    return (", ".join(f"c={c:+g}: {m:+.3f} (ppl x{p:.2f})" for c, m, p in zip(st["coefs"], st["measure"],
+                                                                           st["ppl_ratio"]))
+            + f"; increasing over the sweep: {mono['increasing']}, over the points within the perplexity ceiling: "
+              f"{mono['increasing_within_ceiling']}; monotonic for c<=0: {mono['neg']}, for c>=0: {mono['pos']}")
+
+
 def _response_trait_line(rs: dict) -> str:
     ls = rs["layer_sweep"]
-    return (f"Response-likelihood measure: layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
+    return (f"Response-likelihood measure: validity (no steering, pos minus neg system prompts, per held-out unit): "
+            f"{_validity_words(rs.get('validity'))}. Layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
             "(effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"]))
-            + f"); held-out curve ({rs['n_held_out']} pairs): "
-            + ", ".join(f"c={c:+g}: {m:+.3f}" for c, m in zip(rs["coefs"], rs["measure"]))
-            + f"; monotonic for c<=0: {rs['monotonic']['neg']}, for c>=0: {rs['monotonic']['pos']}; random direction at "
-            f"c=+-{rs['random_control']['coefs'][1]:g}: "
-            + ", ".join(f"{m:+.3f}" for m in rs["random_control"]["measure"])
-            + f"{_band_text(rs['random_control'])}. Validity (no steering, pos minus neg system prompts, per held-out "
-            f"unit): {measures.validity_text(rs['validity']) if rs.get('validity') else 'n/a'}; "
+            + f"); held-out curve ({rs['n_held_out']} pairs): {_curve_words(rs)}; {_control_words(rs['random_control'])}. "
             f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
             f"{_within_text(rs.get('monitor_within_polarity'))}, "
             f"r(response projection, measure) = {_fmt(rs['r_response'])}. Reference pairs with an empty answer "
@@ -751,7 +1042,7 @@ def _band_text(control: dict) -> str:
         b = control["band"]
         return (f" (effect m(+c) - m(-c) of {control['n']} random directions at the same norm: 95% band "
                 f"[{b['low']:+.3f}, {b['high']:+.3f}])")
-    return f" (mean of {control.get('n', 1)} random direction(s); fewer than 20: no null band)"
+    return f" (mean of {control.get('n', 1)} random direction(s); fewer than {MIN_NULL_DRAWS}: no null band)"
 
 
 def _within_text(w: dict | None) -> str:
@@ -764,127 +1055,168 @@ def _within_text(w: dict | None) -> str:
             f"n={o['n']} prompts)")
 
 
-def _write_response_section(report: Report, cfg: Config, resp: list[dict], plt) -> None:
+def _control_cell(control: dict) -> str:
+    if control["measure"] is None:
+        return "not computed (measure not valid)"
+    return f"{control['measure'][0]:.3f}, {control['measure'][1]:.3f}"
+
+
+def _curve_row(r: dict, st: dict) -> dict:
+    """The summary-table columns shared by both measures."""
+    return {"trait": r["trait"], "validity": "valid" if is_valid(st.get("validity")) else "NOT valid",
+            "layer": st["layer"], "m(c_min)": float(st["measure"][0]),
+            "m(0)": float(st["measure"][st["coefs"].index(0.0)]), "m(c_max)": float(st["measure"][-1]),
+            "increasing": st["monotonic"]["increasing"],
+            "increasing within ppl ceiling": st["monotonic"]["increasing_within_ceiling"],
+            "random ctrl m(-max), m(+max)": _control_cell(st["random_control"])}
+
+
+def _write_response_section(report: Report, cfg: Config, resp: list[dict]) -> None:
     """The second behavioural measure: definition, per-trait table and steering curves."""
     r0 = resp[0]["response"]
     report.section("Response-likelihood measure", f"""
-A second behavioural measure, added because the items' own validity check is near 0 on this model (the items do
-not respond to the trait's system prompts), defined before its results were seen; the item measure above is
-unchanged. **Reference answers:** for each of the first {cfg.n_response_questions} *evaluation* questions (not the
-extraction ones) and {cfg.n_response_pairs} instruction pair(s) per question (question q uses pairs (q + k) mod 5),
-the model's own greedy answer ({cfg.response_max_new_tokens} new tokens, no steering) under the positive system
-prompt and under the negative one. **Measure:** m = mean over (question, pair) of
-log P(pos answer | question) / n_pos - log P(neg answer | question) / n_neg, i.e. the per-token log-likelihood
-difference over the answers' content tokens, scored in a conversation *without* the trait system prompt (the
-template's default system prompt, as for the items); steering adds c x unit(vector) x ({_unit_words(cfg)}) at resid_post
-of the layer at every position of the scoring forward. **Layer:** chosen by this measure on the selection half of
-the questions (even question indices; largest m(+{cfg.select_coef}) - m(-{cfg.select_coef}) over the same sweep
-layers), so it may differ from the items' layer; the curve, the random-direction control (the same random
-direction as for the items, at matched norm) and the monitoring are reported on the held-out half (odd indices:
-{r0['n_held_out']} pairs). **Validity:** m without steering under each positive system prompt minus under each
-negative one (means over the 5 each); under the prompt of instruction pair i only answers generated under *other*
-pairs are scored, so that a prompt never scores its own greedy output (which would make the check trivially
-positive). **Monitoring r:** across the 11 system prompts, the last-prompt-token projection (mean over the monitoring
-questions, at this measure's layer) vs m under that system prompt. Caveats: greedy answers of
-{cfg.response_max_new_tokens} tokens are short, and the likelihood of an answer is not the same as the trait being expressed; a
-validity effect clearly > 0 is needed before the steering curve means anything.
+A second behavioural measure, used because the items' validity check can fail on a small model (the items then
+do not respond to the trait's system prompts). **Reference answers:** for each of the first
+{cfg.n_response_questions} *evaluation* questions (not the extraction ones) and {cfg.n_response_pairs} instruction
+pair(s) per question (question q uses pairs (q + k) mod 5), the model's own greedy answer
+({cfg.response_max_new_tokens} new tokens, no steering) under the positive system prompt and under the negative one.
+**Measure:** m = mean over (question, pair) of log P(pos answer | question) / n_pos - log P(neg answer | question) /
+n_neg, i.e. the per-token log-likelihood difference over the answers' content tokens, scored in a conversation
+*without* the trait system prompt; steering adds c x unit(vector) x ({_unit_words(cfg)}) at resid_post of the layer
+at every position of the scoring forward. **Layer:** chosen by this measure on the selection half of the questions
+(even question indices; largest m(+{cfg.select_coef}) - m(-{cfg.select_coef}) over the same sweep layers), so it may
+differ from the items' layer; the curve, the random-direction band (the same random directions as for the items,
+at matched norm) and the monitoring are reported on the held-out half (odd indices: {r0['n_held_out']} pairs).
+**Validity:** m without steering under each positive system prompt minus under each negative one, per held-out
+unit, with a 95% bootstrap interval over units; under the prompt of instruction pair i only answers generated under
+*other* pairs are scored, so that a prompt never scores its own greedy output. **Monitoring r:** across the 11
+system prompts, the last-prompt-token projection (mean over the monitoring questions, at this measure's layer) vs m
+under that system prompt. Caveat: the likelihood of an answer is not the same as the trait being expressed.
 """)
     rows = []
     for r in resp:
         rs = r["response"]
-        rows.append({"trait": r["trait"], "layer": rs["layer"], "m(c_min)": float(rs["measure"][0]),
-                     "m(0)": float(rs["measure"][rs["coefs"].index(0.0)]), "m(c_max)": float(rs["measure"][-1]),
-                     "monotonic c<=0": rs["monotonic"]["neg"], "monotonic c>=0": rs["monotonic"]["pos"],
-                     "random ctrl m(-max), m(+max)": f"{rs['random_control']['measure'][0]:.3f}, "
-                                                      f"{rs['random_control']['measure'][1]:.3f}",
-                     "validity: pos-neg system prompt effect": float(rs["system_prompt_effect"]),
+        rows.append({**_curve_row(r, rs), "validity effect": _validity_words(rs.get("validity")),
                      "r last-prompt": rs["r_last_prompt"], "r response": rs["r_response"],
                      "held-out pairs": rs["n_held_out"]})
     report.table("Response-likelihood measure: results per trait", rows)
     _steering_figure(report, resp, "response", "response_steering_curves",
                      "Response-likelihood measure (per-token log-likelihood of the model's own positive-prompted "
                      "answer minus the negative-prompted one, held-out questions) vs steering coefficient at its "
-                     "chosen layer; dotted: a random direction of the same length.",
+                     "chosen layer; dotted: the mean of the random directions of the same length (valid measures "
+                     "only); dashed: a measure that failed its validity check.",
                      title="Steering: response-likelihood measure vs coefficient",
                      ylabel="per-token log P(pos answer) - log P(neg answer)")
 
 
-def _write_report(report: Report, result: Result) -> None:
-    plt = pyplot()
-    cfg, results, n_layers, d = result.config, result.results, result.n_layers, result.d_model
-    n_mono = count_monotonic([r["steering"]["monotonic"] for r in results], "increasing")
-    n_run = count_monotonic([r["steering"]["monotonic"] for r in results], "run")
-    resp = [r for r in results if "response" in r]
-    n_mono_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "increasing")
-    n_run_resp = count_monotonic([r["response"]["monotonic"] for r in resp], "run")
-    if resp:
-        resp_summary = (f"**Response-likelihood measure** (a second behavioural measure, defined below): "
-                        f"**{n_mono_resp} of {len(resp)} traits** increase strictly with the coefficient on both "
-                        f"sides of 0 (same coefficients); **{n_run_resp} of {len(resp)}** over at least "
-                        f"{MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs (the lenient criterion; "
-                        f"runs: " + ", ".join(f"{r['trait']} {r['response']['monotonic'].get('run_coefs') or 'none'}"
-                                              for r in resp)
-                        + "); its system-prompt validity effect: "
-                        + ", ".join(f"{r['trait']} {_fmt(r['response']['system_prompt_effect'], '+.3f')}" for r in resp)
-                        + ".")
-    else:
-        resp_summary = "The response-likelihood measure was not run (response_measure=False)."
+def _headline_text(m: dict) -> str:
+    """The monotonic-trait counts of every measure, valid measures only."""
+    lines = []
+    for name, h in m["monotonic_traits"].items():
+        c = h["counts"]
+        strict_ppl = next(k for k in c if k.startswith("strict_ppl"))
+        lines.append(f"- **{name}**: validity check passed for {h['n_valid']} of {h['n_traits']} traits "
+                     f"({', '.join(h['valid_traits']) or 'none'}); of those, **{c[strict_ppl]}** increase strictly "
+                     f"over the held-out curve's points whose perplexity ratio is <= {m['max_ppl_ratio']:g} "
+                     f"(`{strict_ppl}`), {c['strict']} over the whole sweep (`strict`), {c['run4']} over >= "
+                     f"{MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs (`run4`).")
+    return "\n".join(lines)
+
+
+def _write_summary(report: Report, result: Result) -> None:
+    cfg, results, m = result.config, result.results, result.metrics
     resp_sizes = (f"; response-likelihood measure on {cfg.n_response_questions} evaluation questions x "
                   f"{cfg.n_response_pairs} instruction pair(s), {cfg.response_max_new_tokens}-token greedy reference "
-                  "answers") if resp else ""
+                  "answers") if any("response" in r for r in results) else ""
     report.section("Summary", f"""
-Model `{cfg.model}` ({n_layers} layers, d_model {d}); traits: {', '.join(r['trait'] for r in results)}.
+Model `{cfg.model}` ({result.n_layers} layers, d_model {result.d_model}); traits: {', '.join(r['trait'] for r in results)}.
 Vectors at site `resid_post` of every layer ({LAYER_INDEXING}).
 Steering coefficients are in units of {_unit_words(cfg)} at the steered layer.
-Behavioural measure = mean over two-choice items of log P(trait choice) - log P(other choice);
-the layer is chosen on half of the items and the curve is reported on the other half.
+Every measure is used as evidence only where its validity check passes (its effect under the trait's positive minus
+negative system prompts, no steering, 95% interval over held-out units above 0); a failing measure's numbers are
+shown marked NOT valid and no random band is computed for it. The layer is chosen on the selection half of a
+measure's units and the curve is reported on the held-out half; each point's fluency cost is the perplexity ratio
+of the model's own unsteered answers under the edit.
 
-**Items: {n_mono} of {len(results)} traits** have a behavioural measure that increases strictly with the coefficient
-on both sides of 0 (c in {list(sorted(cfg.coefficients))}); {n_run} of {len(results)} over at least {MIN_MONOTONIC_RUN}
-consecutive coefficients spanning both signs.
+Steering is monotonic for (counts over traits whose measure is valid):
+{_headline_text(m)}
 
-{resp_summary}
-
-Judge: `{cfg.judge}`; the per-trait tables show how many pairs its filter kept (a fallback to all pairs is
-reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes are small (CPU): {cfg.n_pairs} instruction pairs x
-{cfg.n_questions} extraction questions x {cfg.n_samples} sample(s) per polarity, {cfg.max_new_tokens} new tokens,
-{len(results[0]['steering']['coefs'])} coefficients on {results[0]['steering']['n_items']} held-out items,
-monitoring on 11 system prompts x {cfg.n_monitor_questions} evaluation questions{resp_sizes}.
+Judge: `{cfg.judge}`; the per-trait sections show how many pairs its filter kept (a fallback to all pairs is
+reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes: {cfg.n_pairs}
+instruction pairs x {cfg.n_questions} extraction questions x {cfg.n_samples} sample(s) per polarity,
+{cfg.max_new_tokens} new tokens, coefficients {list(sorted(cfg.coefficients))}, {results[0]['steering']['n_units']}
+held-out items, {cfg.n_random} random directions, monitoring on 11 system prompts x {cfg.n_monitor_questions}
+evaluation questions{resp_sizes}; seed {cfg.seed}.
 """)
+
+
+def _write_items_section(report: Report, cfg: Config, results: list[dict]) -> None:
     rows = []
     for r in results:
         st, mon = r["steering"], r["monitoring"]
-        rows.append({"trait": r["trait"], "layer": st["layer"], "m(c_min)": float(st["measure"][0]),
-                     "m(0)": float(st["measure"][st["coefs"].index(0.0)]), "m(c_max)": float(st["measure"][-1]),
-                     "monotonic c<=0": st["monotonic"]["neg"], "monotonic c>=0": st["monotonic"]["pos"],
-                     "random ctrl m(-max), m(+max)": f"{st['random_control']['measure'][0]:.3f}, "
-                                                      f"{st['random_control']['measure'][1]:.3f}",
+        rows.append({**_curve_row(r, st), "validity effect": _validity_words(st.get("validity")),
                      "r last-prompt": mon["r_last_prompt"], "r response": mon["r_response"],
-                     "items: pos-neg system prompt effect": mon["system_prompt_effect"],
                      "proj separation d (last prompt, chosen L)": float(mon["separation_by_layer"]["last_prompt"][st["layer"]]),
                      "pairs kept": f"{r['filter']['n_pairs_kept']}/{r['filter']['n_pairs_total']}"
                                    + (" (fallback: all)" if r["filter"].get("fallback") else ""),
                      "seconds": round(r["seconds"])})
-    report.table("Results per trait", rows)
+    report.table("Two-choice items: results per trait", rows)
     report.section("Validity checks", f"""
-Two checks that do not depend on steering. *Items: pos-neg system prompt effect* is the behavioural measure
-averaged over the 5 positive system prompts minus its average over the 5 negative ones (no steering): if the
-items measure the trait as this model expresses it, it should be clearly positive; near 0 means the items do not
-respond to the persona the system prompts induce, so neither steering nor monitoring can be judged by them.
-*Projection separation d* is the effect size (pooled-sd units) between the last-prompt-token projections onto
-the vector under positive vs negative system prompts ({cfg.n_monitor_questions} evaluation questions each): it says whether the vector
-reads the induced persona at all, layer by layer (plot below).
+*Items validity*: the two-choice measure (mean over items of log P(trait choice) - log P(other choice)) on the
+held-out items, under each of the 5 positive system prompts minus each of the 5 negative ones (no steering), paired
+by item with a 95% bootstrap interval: if the items measure the trait as this model expresses it, the interval lies
+above 0. *Projection separation d* is the effect size (pooled-sd units) between the last-prompt-token projections onto
+the vector under positive vs negative system prompts ({cfg.n_monitor_questions} evaluation questions each): it says
+whether the vector reads the induced persona at all, layer by layer (plot below).
 """)
-    # steering curves
     _steering_figure(report, results, "steering", "steering_curves",
-                     "Behavioural measure vs steering coefficient at the chosen layer; dotted: a random direction of "
-                     "the same length.", title="Steering: behavioural measure vs coefficient (dotted: random direction)",
+                     "Two-choice measure vs steering coefficient at the chosen layer; dotted: the mean of the random "
+                     "directions of the same length (valid measures only); dashed: a measure that failed its "
+                     "validity check.", title="Steering: two-choice items vs coefficient",
                      ylabel="log P(trait) - log P(other), held-out items")
 
-    if resp:
-        _write_response_section(report, cfg, resp, plt)
 
-    # layer sweep
+def _write_specificity_section(report: Report, result: Result) -> None:
+    """The specificity matrix as a heat map of z-scores, failing measures' columns marked."""
+    sp = result.metrics.get("specificity")
+    if not sp:
+        return
+    names = sp["traits"]
+    z = np.asarray([[np.nan if sp["z"][a][b] is None else sp["z"][a][b] for b in names] for a in names], np.float64)
+    fig, ax = pyplot().subplots(figsize=(1.3 * len(names) + 2.5, 1.2 * len(names) + 1.8))
+    lim = max(3.0, float(np.nanmax(np.abs(z)))) if np.isfinite(z).any() else 3.0
+    im = ax.imshow(np.ma.masked_invalid(z), vmin=-lim, vmax=lim, cmap="RdBu_r")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, "not valid" if sp["measure"][j] is None else ("no band" if not np.isfinite(z[i, j])
+                                                                          else f"{z[i, j]:+.1f}"),
+                    ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(names)), [f"{b}\n({sp['measure'][j] or 'no valid measure'})" for j, b in enumerate(names)],
+                  fontsize=7)
+    ax.set_yticks(range(len(names)), [f"{a} L{L}" for a, L in zip(names, sp["layers"])])
+    ax.set_xlabel("measured trait (its valid measure)")
+    ax.set_ylabel("steered vector (its layer)")
+    fig.colorbar(im, label="z vs random directions")
+    ax.set_title(f"Steering specificity: z at c = {sp['coef']:+g}")
+    report.figure("specificity_matrix", fig, "Cell (i, j): trait j's measure (held-out units) when steering with "
+                  f"trait i's vector at c = {sp['coef']:+g}, as a z-score against {sp['n_random']} random directions "
+                  "of the same norm at the same layer on the same measure.")
+    report.section("Specificity", f"""
+Each cell steers with trait i's vector at its layer (the layer its valid measure chose) and coefficient
+{sp['coef']:+g}, and measures trait j with trait j's valid measure on its held-out units; z = (cell - mean of the
+random directions) / their sd (`psm_jax.persona.stats.zscore`), the random directions ({sp['n_random']}) having the
+steering vector's norm and layer. A column whose trait has no valid measure is marked and not used. Pass, per
+steered trait: diagonal z > {sp['min_z']:g} and every off-diagonal |z| below it. Overall pass: {sp['pass']}.
+""")
+    report.table("Specificity per steered trait", [
+        {"trait": a, "measure": sp["measure"][i] or "none valid", "layer": sp["layers"][i],
+         "diagonal z": _fmt(p["diag_z"], "+.2f"), "max off-diagonal |z|": _fmt(p["offdiag_max_abs_z"], ".2f"),
+         "off-diagonal cells": p["n_offdiag"], "pass": p["pass"]} for i, (a, p) in enumerate(sp["per_trait"].items())])
+
+
+def _write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> None:
+    """Layer selection effect, projection separation and vector norms per layer."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         ls = r["layer_sweep"]
@@ -893,8 +1225,6 @@ reads the induced persona at all, layer by layer (plot below).
     _line_figure(report, fig, ax, "layer_sweep", "Steering effect per layer on the selection half of the items.",
                  title="Layer selection by steering effect", xlabel="layer (resid_post)",
                  ylabel=f"m(+{cfg.select_coef}) - m(-{cfg.select_coef}), selection items")
-
-    # separation by layer
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         ax.plot(r["monitoring"]["separation_by_layer"]["last_prompt"], marker=".", label=f"{r['trait']} last prompt")
@@ -905,8 +1235,6 @@ reads the induced persona at all, layer by layer (plot below).
                  "system prompts, per layer (solid: last prompt token; dashed: response average).",
                  title="Projection onto the layer's vector: pos vs neg system prompts", xlabel="layer (resid_post)",
                  ylabel="d(pos vs neg system prompts)", legend_fontsize=7)
-
-    # vector norms
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in results:
         ax.plot(r["vector_norm"]["response_avg"] / r["typical_norm"], label=r["trait"])
@@ -914,8 +1242,9 @@ reads the induced persona at all, layer by layer (plot below).
                  "residual norm.", title="Response-average persona vector norm per layer",
                  xlabel="layer (resid_post)", ylabel="|v| / typical residual norm")
 
-    # monitoring
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
+
+def _write_monitoring_figure(report: Report, results: list[dict]) -> None:
+    fig, axes = pyplot().subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
     colours = {"pos": "tab:red", "neg": "tab:blue", "default": "black"}
     for ax, r in zip(axes[0], results):
         mon = r["monitoring"]
@@ -924,16 +1253,17 @@ reads the induced persona at all, layer by layer (plot below).
             ax.scatter(np.asarray(mon["proj_last_prompt"])[idx], np.asarray(mon["behaviour"])[idx], c=colours[k], label=k)
         ax.set_title(f"{r['trait']} L{mon['layer']}: r = {_fmt(mon['r_last_prompt'], '.2f')}")
         ax.set_xlabel("last-prompt-token projection")
-        ax.set_ylabel("behavioural measure")
+        ax.set_ylabel("two-choice measure")
         ax.legend(fontsize=7)
     fig.tight_layout()
     report.figure("monitoring", fig, "Per system prompt: projection of the last prompt token onto the vector "
-                  "(mean over evaluation questions) vs the behavioural measure under that system prompt.")
+                  "(mean over evaluation questions) vs the two-choice measure under that system prompt.")
 
-    # cosine matrix at the common layer
+
+def _write_cosine_matrix(report: Report, results: list[dict]) -> None:
     common, names, cos = cosine_matrix(results)
     if len(results) > 1:
-        fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+        fig, ax = pyplot().subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
         im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_xticks(range(len(names)), names, rotation=45)
         ax.set_yticks(range(len(names)), names)
@@ -946,81 +1276,88 @@ reads the induced persona at all, layer by layer (plot below).
     report.table(f"Cosine matrix at layer {common}", [{"trait": a, **{b: float(cos[i, j]) for j, b in enumerate(names)}}
                                                      for i, a in enumerate(names)])
 
-    # per-trait details
-    for r in results:
-        st, mon, ls, fi = r["steering"], r["monitoring"], r["layer_sweep"], r["filter"]
-        body = [f"Chosen layer {st['layer']} (selection effect per layer: "
-                + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"])) + ").",
-                f"Typical residual norm at L{st['layer']}: {st['unit_norm']:.2f}; raw vector norm = "
-                f"{st['raw_vector_norm_in_units']:.3f} units.",
-                "Steering curve (held-out items): " + ", ".join(f"c={c:+g}: {m:+.3f}" for c, m in zip(st["coefs"], st["measure"]))
-                + f"; monotonic for c<=0: {st['monotonic']['neg']}, for c>=0: {st['monotonic']['pos']}.",
-                f"Random direction control at c=+-{st['random_control']['coefs'][1]:g}: "
-                + ", ".join(f"{m:+.3f}" for m in st["random_control"]["measure"]) + ".",
-                f"Monitoring (layer {mon['layer']}, 11 system prompts): r(last-prompt projection, behaviour) = "
-                f"{_fmt(mon['r_last_prompt'])}, r(response projection, behaviour) = {_fmt(mon['r_response'])}. "
-                f"Validity: behavioural items under positive minus negative system prompts = "
-                f"{mon['system_prompt_effect']:+.3f}; projection separation d at L{st['layer']} = "
-                f"{mon['separation_by_layer']['last_prompt'][st['layer']]:+.2f} (last prompt), "
-                f"{mon['separation_by_layer']['response'][st['layer']]:+.2f} (response); best layer for the last-prompt "
-                f"separation: L{int(np.nanargmax(mon['separation_by_layer']['last_prompt']))} "
-                f"(d = {np.nanmax(mon['separation_by_layer']['last_prompt']):+.2f}).",
-                *([_response_trait_line(r["response"])] if "response" in r else []),
-                f"Filter: {fi['n_pairs_kept']}/{fi['n_pairs_total']} pos/neg pairs kept"
-                + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "")
-                + ("" if fi["filter"] else " (filter off)") + "."]
-        if r["judge"]:
-            j = r["judge"]
-            body.append(f"Judge (the studied model itself, or the configured endpoint): mean trait score pos {_fmt(j['pos']['trait_mean'], '.1f')} vs "
-                        f"neg {_fmt(j['neg']['trait_mean'], '.1f')}; coherence pos {_fmt(j['pos']['coherence_mean'], '.1f')} "
-                        f"vs neg {_fmt(j['neg']['coherence_mean'], '.1f')} (coherence is judged only for pairs that pass "
-                        f"the trait condition: {j['pos']['coherence_judged'] + j['neg']['coherence_judged']} of "
-                        f"{j['pos']['n'] + j['neg']['n']} responses); no-number (None) trait scores: "
-                        f"{j['pos']['trait_none'] + j['neg']['trait_none']}.")
-        if "screening" in r:
-            s = r["screening"]
-            body.append(f"Data screening (projection of the given response minus the model's own greedy response, layer "
-                        f"{st['layer']}): positive responses {s['pos']['mean']:+.3f} (sd {s['pos']['std']:.3f}, n {s['pos']['n']}), "
-                        f"negative responses {s['neg']['mean']:+.3f} (sd {s['neg']['std']:.3f}, n {s['neg']['n']}).")
-        report.section(f"Trait: {r['trait']}", "\n\n".join(body))
-        mon_rows = [{"kind": s["kind"], "pair": s["index"], "behaviour": float(b), "proj last prompt": float(pl),
-                     "proj response": float(pr)}
-                    for s, b, pl, pr in zip(mon["systems"], mon["behaviour"], mon["proj_last_prompt"], mon["proj_response"])]
-        if "response" in r:
-            rs = r["response"]
-            for row, m_, n_, pl in zip(mon_rows, rs["system_measure"], rs["system_n_used"], rs["proj_last_prompt"]):
-                row.update({"response m": float(m_), "response n": n_, f"proj last prompt L{rs['layer']}": float(pl)})
-        report.table(f"{r['trait']}: monitoring per system prompt", mon_rows)
-        if "response" in r:
-            report.table(f"{r['trait']}: reference answers (greedy, unsteered, first 2 held-out)", [
-                {"question": _short(x["question"], 70), "pair": x["pair"], "pos answer": _short(x["pos"], 140),
-                 "neg answer": _short(x["neg"], 140)}
-                for x in r["response"]["reference"] if x["kept"] and x["half"] == "held-out"][:2])
-        report.table(f"{r['trait']}: steered generations (greedy, layer {st['layer']}; judge-free trait score = "
-                     "per-token log-likelihood of the answer under the trait's first positive minus negative system "
-                     "prompt, scored by the unsteered model)", [
-            {"coef": e["coef"], "question": _short(e["question"], 80), "response": _short(e["response"]),
-             "trait score (judge-free)": _fmt(e.get("trait_score"), "+.3f")}
-            for e in r["steered_examples"]])
-        ex = []
-        for pol in ("pos", "neg"):
-            for row in [x for x in r["rows"] if x["polarity"] == pol][:2]:
-                ex.append({"polarity": pol, "system": _short(row["messages"][0]["content"], 90),
-                           "question": _short(row["question_text"], 70), "response": _short(row["response"], 160),
-                           "trait score": _fmt(row.get("trait_score"), ".1f"), "coherence": _fmt(row.get("coherence"), ".1f")})
-        report.table(f"{r['trait']}: sample extraction responses", ex)
 
-        meta = {"model": cfg.model, "site": SITE, "layers": list(range(n_layers)), "layer_indexing": LAYER_INDEXING,
-                "method": "mean difference, positive minus negative, of per-response mean activations "
-                          "(response_avg: assistant content tokens; prompt_avg: prompt content tokens incl. system; "
-                          "prompt_last: the token before the response); unnormalised",
-                "trait": r["trait"], "chosen_layer": st["layer"], "d_model": d, "n_pos": len(r["rows"]) // 2,
-                "n_pairs_used": fi["n_pairs_kept"] if fi["filter"] and not fi.get("fallback") else fi["n_pairs_total"],
-                "filtered": bool(fi["filter"] and not fi.get("fallback")),
-                "typical_norm": r["typical_norm"], "steering_unit": f"coef x unit(vector[layer]) x {_unit_words(cfg)}"}
-        report.save_vectors(f"vectors_{r['trait']}", r["vectors"], meta)
+def _trait_body(r: dict) -> list[str]:
+    """The paragraphs of one trait's section: items, response measure, monitoring, filter, judge, screening."""
+    st, mon, ls, fi = r["steering"], r["monitoring"], r["layer_sweep"], r["filter"]
+    body = [f"Two-choice items: validity {_validity_words(st.get('validity'))}. Chosen layer {st['layer']} (selection "
+            "effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"])) + ").",
+            f"Typical residual norm at L{st['layer']}: {r['typical_norm'][st['layer']]:.2f}; raw vector norm = "
+            f"{st['raw_vector_norm_in_units']:.3f} steering units.",
+            f"Steering curve (held-out items): {_curve_words(st)}; {_control_words(st['random_control'])}.",
+            f"Monitoring (layer {mon['layer']}, 11 system prompts): r(last-prompt projection, items) = "
+            f"{_fmt(mon['r_last_prompt'])}, r(response projection, items) = {_fmt(mon['r_response'])}; projection "
+            f"separation d at L{st['layer']} = {mon['separation_by_layer']['last_prompt'][st['layer']]:+.2f} (last "
+            f"prompt), {mon['separation_by_layer']['response'][st['layer']]:+.2f} (response); best layer for the "
+            f"last-prompt separation: L{int(np.nanargmax(mon['separation_by_layer']['last_prompt']))} "
+            f"(d = {np.nanmax(mon['separation_by_layer']['last_prompt']):+.2f}).",
+            *([_response_trait_line(r["response"])] if "response" in r else []),
+            f"Filter: {fi['n_pairs_kept']}/{fi['n_pairs_total']} pos/neg pairs kept"
+            + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "")
+            + ("" if fi["filter"] else " (filter off)") + "."]
+    if r["judge"]:
+        j = r["judge"]
+        body.append(f"Judge (the studied model itself, or the configured endpoint): mean trait score pos "
+                    f"{_fmt(j['pos']['trait_mean'], '.1f')} vs neg {_fmt(j['neg']['trait_mean'], '.1f')}; coherence pos "
+                    f"{_fmt(j['pos']['coherence_mean'], '.1f')} vs neg {_fmt(j['neg']['coherence_mean'], '.1f')} "
+                    f"(coherence is judged only for pairs that pass the trait condition: "
+                    f"{j['pos']['coherence_judged'] + j['neg']['coherence_judged']} of {j['pos']['n'] + j['neg']['n']} "
+                    f"responses); no-number (None) trait scores: {j['pos']['trait_none'] + j['neg']['trait_none']}.")
+    if "screening" in r:
+        s = r["screening"]
+        body.append(f"Data screening (projection of the given response minus the model's own greedy response, layer "
+                    f"{st['layer']}): positive responses {s['pos']['mean']:+.3f} (sd {s['pos']['std']:.3f}, n "
+                    f"{s['pos']['n']}), negative responses {s['neg']['mean']:+.3f} (sd {s['neg']['std']:.3f}, n "
+                    f"{s['neg']['n']}).")
+    return body
 
-    # every generated text, for auditing
+
+def _write_trait_tables(report: Report, r: dict) -> None:
+    """Monitoring per system prompt, reference answers, steered generations and sample extraction responses."""
+    mon, st = r["monitoring"], r["steering"]
+    mon_rows = [{"kind": s["kind"], "pair": s["index"], "items m": float(b), "proj last prompt": float(pl),
+                 "proj response": float(pr)}
+                for s, b, pl, pr in zip(mon["systems"], mon["behaviour"], mon["proj_last_prompt"], mon["proj_response"])]
+    if "response" in r:
+        rs = r["response"]
+        for row, m_, n_, pl in zip(mon_rows, rs["system_measure"], rs["system_n_used"], rs["proj_last_prompt"]):
+            row.update({"response m": float(m_), "response n": n_, f"proj last prompt L{rs['layer']}": float(pl)})
+    report.table(f"{r['trait']}: monitoring per system prompt", mon_rows)
+    if "response" in r:
+        report.table(f"{r['trait']}: reference answers (greedy, unsteered, first 2 held-out)", [
+            {"question": _short(x["question"], 70), "pair": x["pair"], "pos answer": _short(x["pos"], 140),
+             "neg answer": _short(x["neg"], 140)}
+            for x in r["response"]["reference"] if x["kept"] and x["half"] == "held-out"][:2])
+    report.table(f"{r['trait']}: steered generations (greedy, layer {st['layer']}; judge-free trait score = "
+                 "per-token log-likelihood of the answer under the trait's first positive minus negative system "
+                 "prompt, scored by the unsteered model)", [
+        {"coef": e["coef"], "question": _short(e["question"], 80), "response": _short(e["response"]),
+         "trait score (judge-free)": _fmt(e.get("trait_score"), "+.3f")}
+        for e in r["steered_examples"]])
+    ex = []
+    for pol in ("pos", "neg"):
+        for row in [x for x in r["rows"] if x["polarity"] == pol][:2]:
+            ex.append({"polarity": pol, "system": _short(row["messages"][0]["content"], 90),
+                       "question": _short(row["question_text"], 70), "response": _short(row["response"], 160),
+                       "trait score": _fmt(row.get("trait_score"), ".1f"), "coherence": _fmt(row.get("coherence"), ".1f")})
+    report.table(f"{r['trait']}: sample extraction responses", ex)
+
+
+def _save_trait_vectors(report: Report, result: Result, r: dict) -> None:
+    cfg, st, fi = result.config, r["steering"], r["filter"]
+    meta = {"model": cfg.model, "site": SITE, "layers": list(range(result.n_layers)), "layer_indexing": LAYER_INDEXING,
+            "method": "mean difference, positive minus negative, of per-response mean activations "
+                      "(response_avg: assistant content tokens; prompt_avg: prompt content tokens incl. system; "
+                      "prompt_last: the token before the response); unnormalised",
+            "trait": r["trait"], "chosen_layer": st["layer"], "d_model": result.d_model, "n_pos": len(r["rows"]) // 2,
+            "n_pairs_used": fi["n_pairs_kept"] if fi["filter"] and not fi.get("fallback") else fi["n_pairs_total"],
+            "filtered": bool(fi["filter"] and not fi.get("fallback")),
+            "typical_norm": r["typical_norm"], "steering_unit": f"coef x unit(vector[layer]) x {_unit_words(cfg)}"}
+    report.save_vectors(f"vectors_{r['trait']}", r["vectors"], meta)
+
+
+def _write_responses(report: Report, results: list[dict]) -> None:
+    """Every generated text, for auditing."""
     lines = []
     for r in results:
         for row in r["rows"]:
@@ -1038,43 +1375,95 @@ reads the induced persona at all, layer by layer (plot below).
                        "".join(json.dumps(jsonable(x)) + "\n" for x in lines).encode())
 
 
+def _write_report(report: Report, result: Result) -> None:
+    cfg, results = result.config, result.results
+    _write_summary(report, result)
+    _write_items_section(report, cfg, results)
+    resp = [r for r in results if "response" in r]
+    if resp:
+        _write_response_section(report, cfg, resp)
+    _write_specificity_section(report, result)
+    _write_layer_figures(report, cfg, results)
+    _write_monitoring_figure(report, results)
+    _write_cosine_matrix(report, results)
+    for r in results:
+        report.section(f"Trait: {r['trait']}", "\n\n".join(_trait_body(r)))
+        _write_trait_tables(report, r)
+        _save_trait_vectors(report, result, r)
+    _write_responses(report, results)
+
 
 # ------------------------------------------------------------------------------ CLI
 
+REFERENCE = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"
+CRITERION_TEXT = {"strict": "strictly increasing over the whole coefficient sweep",
+                  "run4": f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs",
+                  "strict_ppl": "strictly increasing over the coefficients whose perplexity ratio (the model's own "
+                                "answers, steered vs not) is <= {ppl:g}, >= 3 of them spanning both signs"}
+
+
+def _monotonic_records(m: dict) -> list[dict]:
+    out = []
+    for measure, h in m.get("monotonic_traits", {}).items():
+        for crit, value in h["counts"].items():
+            text = CRITERION_TEXT["strict_ppl" if crit.startswith("strict_ppl") else crit]
+            out.append(dict(metric="persona_steering_monotonic_traits", value=value, unit="traits", reference=REFERENCE,
+                            target="= the traits run", n_traits=h["n_traits"], n_valid=h["n_valid"],
+                            valid_traits=h["valid_traits"], measure=measure, criterion=crit,
+                            criterion_text=text.format(ppl=m.get("max_ppl_ratio", 1.5)) + "; counts only traits "
+                            "whose measure passed its validity check; held-out half, layer chosen on the selection "
+                            "half", key=f"{measure}/{crit}"))
+    return out
+
+
+def _monitor_records(name: str, t: dict) -> list[dict]:
+    out = [dict(metric="persona_monitor_r", value=t["monitor_r_last_prompt"], unit="pearson r", reference=REFERENCE,
+                target="> 0 (paper 0.75-0.83)", trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"],
+                measure="items", validity=t.get("validity"), system_prompt_effect=t["system_prompt_effect"],
+                key=f"{name}/items")]
+    rm = t.get("response_measure")
+    if rm:
+        out.append(dict(metric="persona_monitor_r", value=rm["r_last_prompt"], unit="pearson r", reference=REFERENCE,
+                        target="> 0 (paper 0.75-0.83)", trait=name, layer=rm["layer"], r_response=rm["r_response"],
+                        measure="response_likelihood", validity=rm.get("validity"),
+                        system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood"))
+        w = rm.get("monitor_within_polarity")
+        if w:
+            pw = w["pooled_within"]
+            out.append(dict(metric="persona_monitor_within_r", value=pw["estimate"], unit="pearson r",
+                            reference=f"{REFERENCE}; within polarity (positive / negative / default prompts' means "
+                                      f"removed), 95% CI [{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts; "
+                                      f"overall r {w['overall']['estimate']:.3f}",
+                            target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
+                            validity=rm.get("validity"), key=name))
+    return out
+
+
+def _specificity_records(sp: dict | None) -> list[dict]:
+    """One line per steered trait whose own measure is valid: its diagonal z, the largest off-diagonal |z|, pass."""
+    if not sp:
+        return []
+    out = []
+    for i, (name, p) in enumerate(sp["per_trait"].items()):
+        if not p["valid"]:
+            continue
+        out.append(dict(metric="steering_specificity_diag_z", value=p["diag_z"], unit="z (random directions)",
+                        reference="Chen et al. 2025 (persona vectors): a trait's vector moves its own trait; here "
+                                  f"against {sp['n_random']} random directions at matched norm and layer",
+                        target=f"> {sp['min_z']:g} with every off-diagonal |z| below it", trait=name,
+                        measure=sp["measure"][i], layer=sp["layers"][i], coef=sp["coef"],
+                        offdiag_max_abs_z=p["offdiag_max_abs_z"], n_offdiag=p["n_offdiag"], passed=p["pass"],
+                        matrix_pass=sp["pass"], n_random=sp["n_random"], key=name))
+    return out
+
 
 def records(result: Result) -> list[dict]:
-    """Monotonic-trait counts per measure and criterion, and the monitoring correlation per trait and measure
-    (lines whose value is not finite are left out)."""
+    """Monotonic-trait counts per measure and criterion (valid measures only), the monitoring correlation per trait
+    and measure, and the specificity diagonal per trait (lines whose value is not finite are left out)."""
     m = result.metrics
-    ref = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"
-    strict = "strictly increasing over the whole coefficient sweep"
-    run4 = f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs"
-    out = []
-    for measure, suffix in (("items", ""), ("response_likelihood", "_response")):
-        for crit, text, key in (("strict", strict, ""), ("run4", run4, "_run")):
-            name = f"persona_steering_monotonic_traits{suffix}{key}"
-            if name in m:
-                out.append(dict(metric="persona_steering_monotonic_traits", value=m[name], unit="traits",
-                                reference=ref, target=">= 3 of the traits run", n_traits=m["n_traits"],
-                                measure=measure, criterion=crit, criterion_text=text, key=f"{measure}/{crit}"))
+    out = _monotonic_records(m)
     for name, t in m["traits"].items():
-        out.append(dict(metric="persona_monitor_r", value=t["monitor_r_last_prompt"], unit="pearson r", reference=ref,
-                        target="> 0 (paper 0.75-0.83)", trait=name, layer=t["chosen_layer"],
-                        r_response=t["monitor_r_response"], measure="items",
-                        system_prompt_effect=t["system_prompt_effect"], key=f"{name}/items"))
-        if "response_measure" in t:
-            rm = t["response_measure"]
-            out.append(dict(metric="persona_monitor_r", value=rm["r_last_prompt"], unit="pearson r", reference=ref,
-                            target="> 0 (paper 0.75-0.83)", trait=name, layer=rm["layer"],
-                            r_response=rm["r_response"], measure="response_likelihood",
-                            system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood"))
-            w, v = rm.get("monitor_within_polarity"), rm.get("validity")
-            if w:
-                pw = w["pooled_within"]
-                out.append(dict(metric="persona_monitor_within_r", value=pw["estimate"], unit="pearson r",
-                                reference=f"{ref}; within polarity (positive / negative / default prompts' means "
-                                          f"removed), 95% CI [{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts; "
-                                          f"overall r {w['overall']['estimate']:.3f}",
-                                target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
-                                validity=v, key=name))
-    return [ln for ln in out if isinstance(ln["value"], (int, str)) or np.isfinite(ln["value"])]
+        out += _monitor_records(name, t)
+    out += _specificity_records(m.get("specificity"))
+    return [ln for ln in out if isinstance(ln["value"], (int, str)) or
+            (ln["value"] is not None and np.isfinite(ln["value"]))]

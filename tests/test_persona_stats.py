@@ -76,6 +76,13 @@ def test_monotonic_strict_and_under_a_perplexity_ceiling():
     assert not res["strict"] and not res["fluent"] and res["strict_within_ceiling"] and res["n_within_ceiling"] == 3
     ok = S.monotonic(c, [0, 1, 2, 3], [1.0, 1.1, 1.2, 1.4], max_ppl_ratio=1.5)
     assert ok["strict_fluent"]
+    # the headline criterion: increasing over the fluent points only, which must span both signs
+    sweep = [-2, -1, 0, 1, 2]
+    capped = S.monotonic(sweep, [0, 1, 2, 3, 1], [1.2, 1.0, 1.0, 1.1, 3.0], max_ppl_ratio=1.5)
+    assert capped["increasing_within_ceiling"] and not capped["increasing"]
+    assert not S.monotonic(sweep, [0, 1, 2, 3, 4], [3.0, 3.0, 1.0, 1.1, 1.2], max_ppl_ratio=1.5)[
+        "increasing_within_ceiling"]  # the fluent points lie on one side of 0
+    assert not S.monotonic(sweep, [0, 1, 2, 1.5, 4], [1.0] * 5, max_ppl_ratio=1.5)["increasing_within_ceiling"]
     with pytest.raises(ValueError, match="one perplexity ratio per coefficient"):
         S.monotonic(c, [0, 1, 2, 3], max_ppl_ratio=1.5)
     with pytest.raises(ValueError, match="repeat"):

@@ -120,7 +120,8 @@ def monotonic(coefs: Sequence[float], values: Sequence[float], ppl_ratios: Seque
     Returns {increasing, decreasing, strict (either), fluent (every point's perplexity ratio <= max_ppl_ratio,
     True without a ceiling), strict_fluent (strict and fluent), coefs (sorted)}. With a ceiling, the curve is also
     judged only over the points that meet it (`strict_within_ceiling`, `n_within_ceiling`): effects are read at
-    equal fluency cost. Half sweeps: `neg` / `pos`, strictly increasing over c <= 0 / c >= 0. The lenient
+    equal fluency cost; `increasing_within_ceiling` is the headline criterion: strictly increasing over those points,
+    with >= 3 of them spanning both signs (without a ceiling: `increasing` over a sweep of both signs). Half sweeps: `neg` / `pos`, strictly increasing over c <= 0 / c >= 0. The lenient
     criterion: `run`, increasing over some >= min_run consecutive coefficients that include negative and positive
     ones (`run_coefs`, the longest such run; [] when none)."""
     c, v = np.asarray(coefs, np.float64), np.asarray(values, np.float64)
@@ -146,6 +147,9 @@ def monotonic(coefs: Sequence[float], values: Sequence[float], ppl_ratios: Seque
     kept = v[fluent_mask]
     res["n_within_ceiling"] = int(fluent_mask.sum())
     res["strict_within_ceiling"] = bool(kept.size >= 2 and (np.all(np.diff(kept) > 0) or np.all(np.diff(kept) < 0)))
+    kept_c = c[fluent_mask]
+    res["increasing_within_ceiling"] = bool(kept.size >= 3 and np.all(np.diff(kept) > 0) and kept_c.min() < 0
+                                            < kept_c.max())
     neg, pos = v[c <= 0], v[c >= 0]
     res["neg"] = bool(neg.size >= 2 and np.all(np.diff(neg) > 0))
     res["pos"] = bool(pos.size >= 2 and np.all(np.diff(pos) > 0))
