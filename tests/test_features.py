@@ -417,44 +417,147 @@ def test_table_from_store_matches_direct_encoding():
         F.table_from_store(_FakeStore(x, meta, ("resid_post", 0)), sae, [4])
 
 
-# ------------------------------------------------------------------------------------------ steering helpers
+# ------------------------------------------------------------------------------------------ feature steering
 
 
-def test_feature_steering_helpers():
+def test_row_add_edit_matches_one_add_per_row():
+    """One forward with a vector per batch row equals one forward per row with that row's `E.add`."""
     from experiments import feature_steering as fs
-    from psm_jax.chat import PaddedBatch
+    from psm_jax.model import jit_forward
 
-    assert fs.firing_breadth(np.zeros((5, 3))) == (0, 0.0)
-    n, h = fs.firing_breadth(np.array([[1, 0, 0], [0, 2, 0]]))
-    assert n == 2 and h == pytest.approx(1.0)  # two latents firing once each: 1 bit
-    n, h = fs.firing_breadth(np.array([[1, 1, 1, 1]]))
-    assert n == 4 and h == pytest.approx(2.0)
-    rows = [{"kind": "latent_add", "positions": "all", "strength": s, "delta": d, "ppl_ratio_median": p}
-            for s, d, p in ((0.25, 0.1, 1.2), (0.5, 0.3, 1.9), (1.0, 0.9, 5.0))]
-    rows += [{"kind": "vector_add", "positions": "all", "strength": 0.5, "delta": 0.4, "ppl_ratio_median": 1.5}]
-    ch = fs.choose_strength(rows, 2.0)
-    assert ch["strength"] == 0.5 and ch["effect"] == 0.3 and ch["vector_effect"] == 0.4 and ch["coherent"]
-    ch = fs.choose_strength([dict(r, ppl_ratio_median=9.0) for r in rows[:3]], 2.0)
-    assert ch["strength"] == 0.25 and not ch["coherent"] and np.isnan(ch["vector_effect"])
-    turns = np.array([[-3, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]])
-    b = PaddedBatch(np.zeros((2, 6), np.int32), turns >= -1, np.zeros((2, 6), np.int8), turns)
-    np.testing.assert_array_equal(fs.assistant_block_mask(b, generating=False), turns == np.array([[1], [2]]))
-    tg = np.array([[-3, 0, 0, -1, -1]])
-    bg = PaddedBatch(np.zeros((1, 5), np.int32), tg >= -1, np.zeros((1, 5), np.int8), tg)
-    np.testing.assert_array_equal(fs.assistant_block_mask(bg, generating=True), tg == -1)
-    with pytest.raises(ValueError, match="strengths"):
-        fs.Config(strengths=(0.5, 1.0))
-    with pytest.raises(ValueError, match="positions"):
-        fs.Config(positions=("everywhere",))
+    model = tiny_chat_model()
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 1000, size=(3, 7)).astype(np.int32)
+    vecs = rng.normal(size=(3, cfg.d_model)).astype(np.float32) * 3
+    vecs[1] = 0.0  # a zero row is the unsteered model
+    batched = np.asarray(jit_forward(model.params, cfg, tokens, edits=(fs.row_add_edit(cfg, LAYER, vecs),)).logits)
+    for b in range(3):
+        one = jit_forward(model.params, cfg, tokens[b:b + 1], edits=(E.add(cfg, vecs[b], layers=[LAYER]),)).logits
+        np.testing.assert_allclose(batched[b], np.asarray(one)[0], atol=1e-4)
+    plain = np.asarray(jit_forward(model.params, cfg, tokens[1:2]).logits)[0]
+    np.testing.assert_allclose(batched[1], plain, atol=1e-4)
+    assert np.abs(batched[0] - np.asarray(jit_forward(model.params, cfg, tokens[:1]).logits)[0]).max() > 1e-3
+    with pytest.raises(ValueError, match="expected \\[batch, d_model=16\\]"):
+        fs.row_add_edit(cfg, LAYER, vecs[0])
 
 
-# ------------------------------------------------------------------------------------------ experiments (slow)
+def test_choose_strength_band_and_z_on_a_planted_null():
+    from experiments import feature_steering as fs
+
+    ch = fs.common_strength([0.25, 0.5, 1.0], [[1.1, 1.4, 3.0], [1.0, 1.2, 1.3]], 1.5)  # latent, vector
+    assert ch == {"strength": 0.5, "ppl_ratios": [1.4, 1.2], "within_ceiling": True}
+    ch = fs.common_strength([1.0, 0.5], [[1.4, 1.2], [2.0, 1.6]], 1.5)
+    assert ch["strength"] == 0.5 and not ch["within_ceiling"]
+    with pytest.raises(ValueError, match="ratios have 1 columns for 2 strengths"):
+        fs.common_strength([0.5, 1.0], [[1.0]], 1.5)
+    null = np.random.default_rng(1).normal(0.0, 0.1, size=24)  # planted: random directions do nothing
+    band, z = fs.band_z(0.5, null)  # ... and the latent moves the score by 0.5
+    assert band["n"] == 24 and band["low"] < 0 < band["high"] and band["high"] < 0.5
+    assert z == pytest.approx((0.5 - null.mean()) / null.std(ddof=1)) and z > 3
+    _, z_in = fs.band_z(float(null.mean()), null)
+    assert abs(z_in) < 1e-9
+    null_nan = np.concatenate([null[:19], [np.nan] * 5])  # fewer than 20 finite draws: no band
+    assert fs.band_z(0.5, null_nan)[0] is None and np.isnan(fs.band_z(0.5, null_nan)[1])
+    eff = fs.paired_unit_effect(np.array([1.0, np.nan, 3.0]), np.array([0.0, 1.0, 1.0]), seed=0)
+    assert eff["n"] == 2 and eff["estimate"] == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="n_random=5; expected >= 20"):
+        fs.Config(n_random=5)
+    with pytest.raises(ValueError, match="strengths=\\(0.0, 0.5\\)"):
+        fs.Config(strengths=(0.0, 0.5))
+
+
+def _steering_inputs(model):
+    sae = random_sae(d_sae=48, bias=-0.1, layer=LAYER)
+    cand = {"sae": {"layer": LAYER}, "traits": {"evil": {"best": 3, "candidates": [3, 7], "max_act": 1.5}}}
+    dirs = {"evil": np.random.default_rng(2).normal(size=model.config.d_model).astype(np.float32)}
+    return cand, dirs, sae
+
+
+def _fixed_ppl_docs(n, seed, max_chars):
+    prompts = [[{"role": "user", "content": q}] for q in ("How do I cook rice?", "Explain gravity.")][:n]
+    return prompts, ["Rinse the rice, then simmer it.", "Masses attract each other."][:n]
+
+
+def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
+    """The ci-size study on the tiny model: `run` writes nothing (read-only working directory), the random band has
+    n_random draws, the evidence gate follows the measure's validity, `report` writes the folder and the records
+    carry their fields."""
+    import json
+    import os
+
+    from experiments import feature_steering as fs
+
+    model = tiny_chat_model()
+    monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)  # the ShareGPT slice, without loading the corpus
+    cfg = fs.Config(model="tiny", **fs.PRESETS["ci"])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.chdir(ro)
+    os.chmod(ro, 0o555)
+    try:
+        res = fs.run(cfg, model, features=_steering_inputs(model))
+    finally:
+        os.chmod(ro, 0o755)
+    assert list(ro.iterdir()) == []
+    r = res.traits["evil"]
+    best = r["edits"][r["best"]]
+    assert r["best"] == "latent 3" and set(r["edits"]) == {"latent 3", "persona vector"}
+    assert len(r["random_effects"]) == cfg.n_random and best["band"]["n"] >= 20 and best["strength"] == 0.5
+    assert np.isfinite(best["z"]) and best["effect"]["n"] >= 1 and r["validity"]["n"] <= cfg.n_questions
+    assert "z" not in r["two_choice"] or r["two_choice"]["validity"]["valid"]  # no band for an invalid measure
+    for valid in (False, True):
+        r["validity"]["valid"] = valid
+        (line,) = fs.records(res)
+        assert line["evidence"] is valid and line["measure_valid"] is valid
+    for k in ("metric", "value", "unit", "reference", "target", "key", "effect", "effect_low", "effect_high", "n",
+              "vector_z", "measure", "n_random"):
+        assert k in line, k
+    assert line["metric"] == "feature_steering_effect_z" and line["key"] == "evil" and line["value"] == best["z"]
+    assert line["effect_low"] <= line["effect"] <= line["effect_high"] and line["n_random"] == cfg.n_random
+    r["validity"]["valid"] = False
+    path = fs.report(res, tmp_path / "fs")
+    text = path.read_text()
+    assert "no (measure NOT valid)" in text and "NOT valid (system-prompt effect" in text
+    m = json.loads((tmp_path / "fs" / "metrics.json").read_text())
+    assert m["traits"]["evil"]["evidence"] is False and (tmp_path / "fs" / "steering_band.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------ persona features
+
+
+def test_persona_features_sae_step_and_units(tmp_path):
+    """`prepare` leaves a config that names an SAE alone; `run` without an SAE names the missing step; the unit-level
+    effect averages inside a question and intervals over questions; the cosine band is the random directions'."""
+    from experiments import persona_features as pf
+
+    model = tiny_chat_model()
+    cfg = pf.Config(model="tiny", sae=str(tmp_path / "given"))
+    assert pf.prepare(cfg, model) is cfg
+    with pytest.raises(ValueError, match="sae=None: no SAE to read; run `prepare"):
+        pf.load_sae(model, pf.Config(model="tiny"))
+    with pytest.raises(ValueError, match="n_shuffles=5; expected >= 20"):
+        pf.Config(n_shuffles=5)
+    mean = np.zeros((8, 4))
+    mean[:, 2] = [3, 1, 0, 0, 5, 3, 1, 1]  # question 0: pos 3, 1 -> 2; neg 0; question 1: pos 4, neg 1
+    rows = [{"group": g, "question": q, "split": "validation"} for q in (0, 1) for g in ("pos", "pos", "neg", "neg")]
+    stats = F.ConversationStats(mean, mean > 0, np.ones(8, int), np.zeros((8, 3)))
+    eff = pf.unit_effect(stats, rows, 2, "pos", "neg", split="validation", seed=0)
+    assert eff["n"] == 2 and eff["n_conversations"] == 8 and eff["estimate"] == pytest.approx(2.5)
+    assert (eff["low"], eff["high"]) == (pytest.approx(2.0), pytest.approx(3.0))
+    W = np.eye(4, 6)
+    v = np.array([1.0, 0, 0, 0, 0, 0])
+    cb = pf.cosine_band(W, v, [0, 1], n_random=200, seed=0)
+    assert cb["cosines"] == {0: pytest.approx(1.0), 1: pytest.approx(0.0)} and cb["outside"] == 1
+    assert cb["band"]["low"] < 0 < cb["band"]["high"] and cb["z"][0] > 2
 
 
 @pytest.mark.slow
-def test_persona_features_and_feature_steering_smoke(tmp_path):
-    """Both experiments end to end on the tiny model with a random SAE: the files exist and parse."""
+def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monkeypatch):
+    """Both studies end to end on the tiny model with a random SAE: `run` writes nothing, `report` writes the
+    folder (browser, candidates, directions) that feature steering reads."""
     import json
+    import os
 
     from experiments import feature_steering as fs
     from experiments import persona_features as pf
@@ -464,24 +567,33 @@ def test_persona_features_and_feature_steering_smoke(tmp_path):
     sae = random_sae(d_sae=48, bias=-0.1, layer=2)
     cfg = pf.Config(model="tiny", **{**pf.PRESETS["quick"], "n_pairs": 2, "n_questions": 4, "n_samples": 1,
                                      "max_new_tokens": 6, "context_docs": 3, "context_max_len": 48, "batch_size": 8,
-                                     "diff": True, "diff_layer_offset": 1, "max_detect": 2})
-    res = pf.run_into(cfg, model, tmp_path / "pf", sae=sae)
+                                     "diff": True, "diff_layer_offset": 1, "max_detect": 2,
+                                     "sae_cache": str(tmp_path / "cache")})
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.chdir(ro)
+    os.chmod(ro, 0o555)
+    try:
+        res = pf.run(cfg, model, sae=sae)
+    finally:
+        os.chmod(ro, 0o755)
+    assert list(ro.iterdir()) == [] and not (tmp_path / "cache").exists()
     out = tmp_path / "pf"
+    pf.report(res, out)
     for name in ("report.md", "metrics.json", "config.json", "candidates.json", "latents.jsonl", "features.html",
                  "persona_directions.safetensors", "contrast_halves.png"):
         assert (out / name).is_file(), name
     recs = read_jsonl(out / "latents.jsonl")
-    assert len(recs) == res["metrics"]["n_records"] and all(r["sae"]["layer"] == 2 for r in recs)
+    assert len(recs) == len(res.latent_records) and all(r["sae"]["layer"] == 2 for r in recs)
     cand = json.loads((out / "candidates.json").read_text())
     assert set(cand["traits"]) == {"evil"} and cand["persona_latents"]
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["contrasts"]) == {"evil", "role-vs-default"}
+    lines = pf.records(res)
+    assert [ln["metric"] for ln in lines] == ["persona_latents_found"] * 2
+    assert all(ln["n_unit"] == "validation questions" and ln["null_band_high"] is not None for ln in lines)
 
+    monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)
     dirs, _ = fs.read_directions(out, width=model.config.d_model)
-    fcfg = fs.Config(model="tiny", features=str(out), strengths=(0.0, 0.5), clamp_multiples=(0.0,),
-                     n_eval_questions=2, max_new_tokens=4)
-    r2 = fs.run_into(fcfg, model, tmp_path / "fs", features=(cand, dirs, sae))
-    m2 = json.loads((tmp_path / "fs" / "metrics.json").read_text())
-    assert m2["traits"]["evil"]["chosen_strength"] == 0.5 and (tmp_path / "fs" / "steering_curves.png").is_file()
-    assert r2["results"]["evil"]["rows"][0]["kind"] in ("latent_add", "vector_add")
-    assert [ln["metric"] for ln in pf.records(res)] == ["persona_latents_found"] * 2
+    r2 = fs.run(fs.Config(model="tiny", features=str(out), **fs.PRESETS["ci"]), model, features=(cand, dirs, sae))
+    assert r2.traits["evil"]["latents"][0] == cand["traits"]["evil"]["best"]

@@ -70,10 +70,50 @@ def test_registry_modules_expose_their_contract():
             assert dataclasses.is_dataclass(cfg) and cfg.model
         for field, _ in s.inputs:
             assert field in study.field_types(mod.Config), (s.name, field)
-    pure = {s.name for s in registry.STUDIES if study.is_pure(s.module)}
-    assert {"assistant-axis", "persona-vectors", "capping", "kv-editing", "refusal"} <= pure
+        assert not hasattr(mod, "run_into"), s.name  # compute in run, write in report
     with pytest.raises(ValueError, match="unknown study 'nope'"):
         registry.get("nope")
+
+
+def _toy_study(calls: list, with_prepare: bool):
+    import types
+
+    mod = types.ModuleType("toy_study")
+    mod.Config, mod.PRESETS = Toy, {"ci": {}, "quick": {}, "full": {}}
+
+    def prepare(config, model, progress):
+        calls.append(("prepare", config.n))
+        return dataclasses.replace(config, n=config.n + 1)
+
+    def run(config, model, progress):
+        calls.append(("run", config.n))
+        return {"n": config.n}
+
+    def report(result, folder):
+        calls.append(("report", result["n"]))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.md").write_text("ok")
+        return folder / "report.md"
+
+    mod.run, mod.report = run, report
+    mod.records = lambda result: [{"metric": "toy", "value": result["n"]}]
+    if with_prepare:
+        mod.prepare = prepare
+    return mod
+
+
+def test_execute_prepares_runs_then_reports(tmp_path):
+    calls: list = []
+    res = study.execute(_toy_study(calls, True), Toy(n=2), folder=tmp_path / "r", model=object())
+    assert calls == [("prepare", 2), ("run", 3), ("report", 3)]  # run sees the prepared config
+    assert res["report"] == tmp_path / "r" / "report.md" and res["records"] == [{"metric": "toy", "value": 3}]
+    calls.clear()
+    study.execute(_toy_study(calls, False), Toy(n=2), folder=tmp_path / "s", model=object())
+    assert calls == [("run", 2), ("report", 2)]
+    broken = _toy_study([], False)
+    del broken.report
+    with pytest.raises(TypeError, match=r"lacks \['report'\]"):
+        study.load_study(broken)
 
 
 def test_record_lines_append_with_command(tmp_path, monkeypatch):
