@@ -192,3 +192,66 @@ def test_run_end_to_end_tiny(tiny_chat, tmp_path):
     lines = AA.records(res)
     assert {ln["metric"] for ln in lines} == {"persona_space_pcs_for_70pct", "axis_assistant_pc_percentile",
                                              "axis_assistant_pc_cosine"}
+    # the adherence filter ran, with its validity check, and the report says what it dropped
+    assert metrics["adherence"] == "likelihood" and metrics["adherence_scored"] >= 1
+    assert set(metrics["adherence_validity"]) >= {"effect", "low", "high", "n", "valid"}
+    assert "Adherence filter (judge-free likelihood" in (tmp_path / "aa" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ adherence filter and the carrying component
+
+def test_adherence_scores_match_manual_likelihoods(tiny_chat):
+    from psm_jax.model import jit_forward
+    from psm_jax.persona.axis import adherence_scores
+
+    m = tiny_chat
+    systems = ["You are a pirate captain.", "You are a cat."]
+    questions = ["Where do we sail?", "What do you eat?"]
+    answers = ["East, past the reef.", ""]
+    got = adherence_scores(m, systems, questions, answers, "You are a helpful AI assistant.", batch_size=2)
+
+    def per_token_lp(system, q, a):
+        conv = AA.system_conv(system, q) + [{"role": "assistant", "content": a}]
+        enc = encode_chat(m.tokenizer, conv, chat_template=m.chat_template)
+        logits = np.asarray(jit_forward(m.params, m.config, enc.tokens[None]).logits[0], np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        mask = (enc.roles == Role.ASSISTANT) & (enc.turns == len(conv) - 1)
+        idx = np.flatnonzero(mask)
+        return np.mean([logp[i - 1, enc.tokens[i]] for i in idx])
+
+    expect = per_token_lp(systems[0], questions[0], answers[0]) - per_token_lp(
+        "You are a helpful AI assistant.", questions[0], answers[0])
+    np.testing.assert_allclose(got[0], expect, atol=1e-4)
+    assert np.isnan(got[1])  # an empty answer has nothing to score
+    with pytest.raises(ValueError, match="2 systems, 1 questions and 2 answers"):
+        adherence_scores(m, systems, questions[:1], answers, "You are an AI assistant.")
+
+
+def test_space_summary_names_the_carrying_component():
+    rng = np.random.default_rng(0)
+    D, R = 6, 30
+    e = np.eye(D)
+    # roles spread mostly along e0 (PC1), then e1 (PC2); the default Assistant sits far out along e1 only
+    roles = (3.0 * rng.normal(size=R))[:, None] * e[0] + (1.0 * rng.normal(size=R))[:, None] * e[1] \
+        + 0.05 * rng.normal(size=(R, D))
+    default = 6.0 * e[1]
+    s = AA._space_summary(roles, default, 0.7, seed=0)
+    assert s["carrier"] == 1 and s["percentile"] == 1.0 and abs(s["cosine"]) > 0.9 and s["target_met"]
+    lo, hi = s["percentile_ci"]
+    assert lo <= s["percentile"] <= hi
+    c = {k: v for k, v in s.items() if k not in ("space", "ci")}
+    text = AA.carrier_text("All roles", dict(c, pc="PC2"))
+    assert "PC2 carries the Assistant" in text and "met." in text and "not met" not in text
+    # the default inside the role cloud: the target fails, and the text says which number falls short
+    s2 = AA._space_summary(roles, roles.mean(0) + 0.1 * e[1], 0.7, seed=0)
+    c2 = {k: v for k, v in s2.items() if k not in ("space", "ci")}
+    text2 = AA.carrier_text("All roles", dict(c2, pc=f"PC{s2['carrier'] + 1}"))
+    assert not s2["target_met"] and "Target not met: the default is above only" in text2
+
+
+def test_adherence_config_errors():
+    with pytest.raises(ValueError, match="adherence='judge'"):
+        AA.Config(adherence="judge")
+    with pytest.raises(ValueError, match="adherence_check_roles=1"):
+        AA.Config(adherence_check_roles=1)

@@ -99,3 +99,32 @@ def per_turn_projections(model, conversations, directions, *, layers, batch_size
                     proj[start + i, :, k] = means[i, mi]
                     ntok[start + i, k] = int(counts[i, mi])
     return proj, ntok
+
+
+def adherence_scores(model, systems, questions, answers, assistant_system: str, *, batch_size: int = 32):
+    """Judge-free role adherence of each answer, scored by the model itself: per-token log P(answer | systems[i],
+    q) - per-token log P(answer | assistant_system, q). Positive: the answer reads more like the role than like the
+    Assistant. Empty answers (no content tokens) get NaN. [N] float64.
+
+    The per-item role instruction is what lets every role's answers go through one set of static batches (a small
+    model judges a 0-3 rubric poorly; its own likelihoods need no judge)."""
+    from psm_jax.persona.rollouts import answer_token_counts, score_answers
+
+    n = len(answers)
+    if len(systems) != n or len(questions) != n:
+        raise ValueError(f"{len(systems)} systems, {len(questions)} questions and {n} answers; expected equal counts")
+    if not assistant_system:
+        raise ValueError("adherence_scores needs a non-empty assistant_system prompt; got an empty one")
+    out = np.full(n, np.nan)
+    idx = [i for i, a in enumerate(answers) if a.strip()]
+    if not idx:
+        return out
+    prompts = ([system_conv(systems[i], questions[i]) for i in idx]
+               + [system_conv(assistant_system, questions[i]) for i in idx])
+    texts = [answers[i] for i in idx] * 2
+    counts = answer_token_counts(model, prompts, texts)
+    lp = score_answers(model, prompts, texts, batch_size=batch_size) / np.maximum(counts, 1)
+    scores = lp[:len(idx)] - lp[len(idx):]
+    scores[counts[:len(idx)] == 0] = np.nan
+    out[idx] = scores
+    return out
