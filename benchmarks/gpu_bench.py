@@ -25,7 +25,7 @@ Sections (`--only`, comma-separated; all by default):
                  captured at every layer with three edits active, over the plain forward (8x128).
   decode         `gpu_decode_b{1,8}_vs_hf`: greedy decoding of 128 new tokens after a 32-token prompt, fp32,
                  psm-jax `generate` vs HF `generate` (`min_new_tokens` forces all 128 on the HF side too).
-  sae_mfu        `gpu_sae_step_mfu` (one line per d_sae, `mode` names it): model-FLOP utilisation of the jitted
+  sae_mfu        `gpu_sae_step_mfu` (one line per d_sae and compute dtype, `mode` names both): model-FLOP utilisation of the jitted
                  TopK SAE training step (`sae.train.build_step` / `init_state` / `stacked_hyperparams` /
                  `static_config`, as `benchmarks/sae_step.py`'s `ours_step` builds it).
   harvest_train  `gpu_harvest_train_tokens_per_s`: psm-jax `sae.data.sources.StreamSource` (harvest of
@@ -47,10 +47,12 @@ renormalisation (O(D*S) elementwise, < 0.1% of the total at B = 4096) are not co
 step time / peak. The step is timed as `ours_step` builds it, but on batches placed on the device beforehand and
 with 20 steps dispatched back to back and one block at the end (per-step blocking would time the host round trip,
 not the device); best of 3 rounds; `step_ms_host_batch` in the line is the `ours_step` way (a host batch per step,
-blocked on each). `SaeConfig` has no compute-dtype field, so the step runs in fp32 with TF32
-matrix products allowed (`jax.default_matmul_precision("tensorfloat32")`) on GPUs, and MFU is taken against the
-device's dense TF32 peak; the line also gives the fraction of the bf16 peak (`mfu_vs_bf16_peak`), which is what the
->= 40% target is stated in. On TPUs fp32 dots at default precision run as one bf16 pass: the bf16 peak is used.
+blocked on each). Two lines per shape: the fp32 step (`SaeConfig.compute_dtype="float32"`) with TF32 matrix
+products allowed (`jax.default_matmul_precision("tensorfloat32")`) on GPUs, MFU taken against the device's dense
+TF32 peak, and the bf16 step (`compute_dtype="bfloat16"`: bf16 casts of params and batch inside the step, fp32
+master weights and Adam), MFU against the dense bf16 peak. Every line also gives the fraction of the bf16 peak
+(`mfu_vs_bf16_peak`), which is what the >= 40% target is stated in. On TPUs fp32 dots at default precision run as
+one bf16 pass: the bf16 peak is used.
 Peaks (dense, no sparsity; `PEAKS`): H100/H200 SXM 989e12 bf16 / 494.7e12 TF32, H100 PCIe 756e12 / 378e12,
 A100 312e12 / 156e12, TPU v4 275e12, v5e 197e12, v5p 459e12 bf16. An unknown device gets no MFU line but
 `gpu_sae_step_tflops` (achieved TFLOP/s), unless `--peak-flops` names its peak.
@@ -368,21 +370,24 @@ def device_peak(device_kind: str) -> tuple[str, float, float | None] | None:
     return None
 
 
-def mfu_peak(device_kind: str, platform: str, override: float | None = None) -> tuple[float, str, float | None] | None:
+def mfu_peak(device_kind: str, platform: str, override: float | None = None, compute_dtype: str = "float32"
+             ) -> tuple[float, str, float | None] | None:
     """(peak FLOP/s the SAE step's MFU divides by, its description, the bf16 peak or None), or None when unknown.
-    GPUs run the fp32 step with TF32 matrix products: their TF32 peak; TPUs one bf16 pass: their bf16 peak."""
+    GPUs run the fp32 step with TF32 matrix products: their TF32 peak; TPUs one bf16 pass, and a bf16 step
+    anywhere: the bf16 peak."""
     if override:
         return override, f"--peak-flops {override:.4g}", None
     known = device_peak(device_kind)
     if known is None:
         return None
     name, bf16, tf32 = known
-    if platform == "gpu" and tf32:
+    if platform == "gpu" and tf32 and compute_dtype == "float32":
         return tf32, f"{name} dense TF32 {tf32:.4g}", bf16
     return bf16, f"{name} dense bf16 {bf16:.4g}", bf16
 
 
-def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds: int) -> tuple[float, float]:
+def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds: int,
+                  compute_dtype: str = "float32") -> tuple[float, float]:
     """Seconds per jitted TopK step: (best of `rounds` rounds of `steps` steps dispatched back to back on
     device-resident batches, median over `steps` steps each given a host numpy batch and blocked on, the way
     benchmarks/sae_step.py's `ours_step` times it)."""
@@ -393,7 +398,7 @@ def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds:
     from sae.train import build_step, init_state, stacked_hyperparams, static_config
 
     cfg = SaeConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, batch_size=batch, lr=2e-4, warmup_steps=0,
-                    decay="none", grad_clip_norm=1.0)
+                    decay="none", grad_clip_norm=1.0, compute_dtype=compute_dtype)
     rng = np.random.default_rng(0)
     host = [rng.standard_normal((batch, d_in), dtype=np.float32) for _ in range(4)]
     data = [jax.device_put(x) for x in host]
@@ -427,31 +432,43 @@ def section_sae_mfu(b: Bench) -> None:
 
     dev = jax.devices()[0]
     gpu = dev.platform == "gpu"
-    peak = mfu_peak(dev.device_kind, dev.platform, b.peak_flops)
-    if peak is None:
+    if mfu_peak(dev.device_kind, dev.platform, b.peak_flops) is None:
         print(f"sae_mfu: no peak FLOP/s known for device kind {dev.device_kind!r} (PEAKS; or pass --peak-flops): "
               "recording achieved TFLOP/s, no MFU", flush=True)
-    precision = "tensorfloat32" if gpu else None        # None: the platform's default (one bf16 pass on TPUs)
     for d_in, d_sae, k, batch in b.sizes.sae_shapes:
-        with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-            t, t_host = time_sae_step(d_in, d_sae, k, batch, b.sizes.sae_steps, b.sizes.sae_rounds)
-        flops = sae_step_flops(batch, d_in, d_sae, k)
-        achieved = flops / t
-        shape = (f"TopK {d_in}->{d_sae} k={k}, batch {batch}, fp32 params"
-                 f"{' with TF32 matrix products (SaeConfig has no compute dtype)' if gpu else ''}, "
-                 f"{flops / 1e9:.1f} GFLOP/step (4BDS + 6BkD), {t * 1e3:.3f} ms/step, {achieved / 1e12:.1f} TFLOP/s")
-        extra = dict(mode=f"d_sae {d_sae}", step_ms=round(t * 1e3, 4), step_ms_host_batch=round(t_host * 1e3, 4),
-                     flops_per_step=flops, achieved_tflops=round(achieved / 1e12, 2),
-                     matmul_precision=precision or "default")
-        if peak is None:
-            b.emit("gpu_sae_step_tflops", round(achieved / 1e12, 4), "TFLOP/s", shape, None, **extra)
-            continue
-        peak_flops, peak_name, bf16 = peak
-        if bf16:
-            extra["mfu_vs_bf16_peak"] = round(achieved / bf16, 4)
-        b.emit("gpu_sae_step_mfu", round(achieved / peak_flops, 4), "fraction of peak FLOP/s",
-               f"{shape}; peak used: {peak_name} FLOP/s", ">= 0.40 (bf16, H100/H200-class)",
-               peak_flops=peak_flops, peak=peak_name, **extra)
+        for compute_dtype in ("float32", "bfloat16"):
+            sae_mfu_line(b, gpu, compute_dtype, d_in, d_sae, k, batch)
+
+
+def sae_mfu_line(b: Bench, gpu: bool, compute_dtype: str, d_in: int, d_sae: int, k: int, batch: int) -> None:
+    """One gpu_sae_step_mfu (or gpu_sae_step_tflops) line: the TopK step of one shape in one compute dtype."""
+    import jax
+
+    dev = jax.devices()[0]
+    peak = mfu_peak(dev.device_kind, dev.platform, b.peak_flops, compute_dtype)
+    bf16_step = compute_dtype == "bfloat16"
+    # fp32 on GPUs: TF32 matrix products; None: the platform's default (one bf16 pass on TPUs)
+    precision = "tensorfloat32" if gpu and not bf16_step else None
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        t, t_host = time_sae_step(d_in, d_sae, k, batch, b.sizes.sae_steps, b.sizes.sae_rounds, compute_dtype)
+    flops = sae_step_flops(batch, d_in, d_sae, k)
+    achieved = flops / t
+    how = ("bf16 compute (compute_dtype=bfloat16), fp32 master params" if bf16_step else
+           f"fp32 params{' with TF32 matrix products' if gpu else ''}")
+    shape = (f"TopK {d_in}->{d_sae} k={k}, batch {batch}, {how}, "
+             f"{flops / 1e9:.1f} GFLOP/step (4BDS + 6BkD), {t * 1e3:.3f} ms/step, {achieved / 1e12:.1f} TFLOP/s")
+    extra = dict(mode=f"d_sae {d_sae}{' bf16' if bf16_step else ''}", compute_dtype=compute_dtype,
+                 step_ms=round(t * 1e3, 4), step_ms_host_batch=round(t_host * 1e3, 4), flops_per_step=flops,
+                 achieved_tflops=round(achieved / 1e12, 2), matmul_precision=precision or "default")
+    if peak is None:
+        b.emit("gpu_sae_step_tflops", round(achieved / 1e12, 4), "TFLOP/s", shape, None, **extra)
+        return
+    peak_flops, peak_name, bf16 = peak
+    if bf16:
+        extra["mfu_vs_bf16_peak"] = round(achieved / bf16, 4)
+    b.emit("gpu_sae_step_mfu", round(achieved / peak_flops, 4), "fraction of peak FLOP/s",
+           f"{shape}; peak used: {peak_name} FLOP/s", ">= 0.40 (bf16, H100/H200-class)",
+           peak_flops=peak_flops, peak=peak_name, **extra)
 
 
 # ------------------------------------------------------------------------------------------------------------

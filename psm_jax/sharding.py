@@ -143,9 +143,10 @@ def param_partition_specs(params: dict, mesh: Mesh, rules: Mapping | None = None
 
 
 def shard_params(params: dict, mesh: Mesh, rules: Mapping | None = None) -> dict:
-    """Place an in-memory Params tree on `mesh` (to load straight into shards, use `psm_jax.load(mesh=...)`)."""
+    """Place an in-memory Params tree on `mesh` (to load straight into shards, use `psm_jax.load(mesh=...)`).
+    Multi-process: every process passes the same params and keeps its shards."""
     specs = param_partition_specs(params, mesh, rules)
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: put_global(x, NamedSharding(mesh, s)), params, specs)
 
 
 def batch_sharding(shape: Sequence[int], mesh: Mesh, rules: Mapping | None = None) -> NamedSharding:
@@ -161,11 +162,28 @@ def shard_batch(x, mesh: Mesh, rules: Mapping | None = None):
     Every process passes the same full array; in a multi-process run each keeps only its shards.
     """
     x = np.asarray(x) if not isinstance(x, jax.Array) else x
-    sharding = batch_sharding(x.shape, mesh, rules)
-    if jax.process_count() == 1:
+    return put_global(x, batch_sharding(x.shape, mesh, rules))
+
+
+def put_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`x` placed on `sharding`. When the sharding spans processes every process passes the same whole value and
+    each keeps only its own shards (taken from that host copy; nothing crosses processes)."""
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def host_array(x) -> np.ndarray:
+    """The whole value of an array on this host, also of one that spans processes: a replicated one is read from a
+    local copy, a sharded one gathered (a collective: every process must call it, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 # --------------------------------------------------------------------------- several processes
@@ -194,27 +212,59 @@ def free_port() -> int:
 
 
 def launch_local(argv: Sequence[str], num_processes: int, devices_per_process: int, *, timeout: float,
-                 env: Mapping[str, str] | None = None, cwd=None) -> list[subprocess.CompletedProcess]:
+                 env: Mapping[str, str] | None = None, cwd=None, peer_exit_grace: float = 20.0
+                 ) -> list[subprocess.CompletedProcess]:
     """Run `argv` as `num_processes` local JAX processes with `devices_per_process` CPU devices each.
 
-    The processes form one JAX cluster through `init_distributed()` (gloo CPU collectives). All of
-    them are killed once `timeout` seconds have passed (a hung collective never blocks the
-    caller); a process killed that way reports returncode -9 and "timed out" in its stderr.
+    The processes form one JAX cluster through `init_distributed()` (gloo CPU collectives). A process that waits
+    on a collective of a dead peer never returns, so once any process has exited with a non-zero status the
+    others get `peer_exit_grace` seconds to finish and are then killed, and all of them are killed once `timeout`
+    seconds have passed: the caller never blocks on a hung collective. A process killed that way reports
+    returncode -9 and says why ("timed out" / "killed: process i exited with status s") at the end of its stderr.
     """
+    import tempfile
+
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes={num_processes!r}; expected a positive int")
     base = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in _LOCAL_ENV and k != "XLA_FLAGS"}
     base.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices_per_process),
                 JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}", PSM_NUM_PROCESSES=str(num_processes))
-    procs = [subprocess.Popen(list(argv), env={**base, "PSM_PROCESS_ID": str(i)}, cwd=cwd, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(num_processes)]
-    deadline = time.monotonic() + timeout
-    results = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            out, err = p.communicate()
-            err += f"\ntimed out after {timeout} s"
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    with tempfile.TemporaryDirectory(prefix="psm-launch-") as tmp:
+        # output goes to files, not pipes: a process blocked on a full pipe would look like a hung collective
+        files = [(open(f"{tmp}/{i}.out", "w+"), open(f"{tmp}/{i}.err", "w+")) for i in range(num_processes)]
+        procs = [subprocess.Popen(list(argv), env={**base, "PSM_PROCESS_ID": str(i)}, cwd=cwd, text=True,
+                                  stdout=out, stderr=err) for i, (out, err) in enumerate(files)]
+        why = _wait_all(procs, time.monotonic() + timeout, timeout, peer_exit_grace)
+        results = []
+        for p, (out, err), reason in zip(procs, files, why):
+            out.seek(0)
+            err.seek(0)
+            text_err = err.read() + (f"\n{reason}" if reason else "")
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), text_err))
+            out.close()
+            err.close()
     return results
+
+
+def _wait_all(procs: list[subprocess.Popen], deadline: float, timeout: float, grace: float) -> list[str]:
+    """Poll until every process has exited; kill the rest at `deadline` or `grace` s after a peer failed.
+    Returns, per process, why it was killed ("" when it exited by itself)."""
+    why = [""] * len(procs)
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        if failed and failed_at is None:
+            failed_at = now
+        reason = (f"timed out after {timeout} s" if now >= deadline else
+                  f"killed: process {failed[0][0]} exited with status {failed[0][1]} {grace} s earlier"
+                  if failed_at is not None and now - failed_at >= grace else None)
+        if reason is not None:
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+                    why[i] = reason
+            break
+        time.sleep(0.05)
+    return why

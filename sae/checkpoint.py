@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from psm_jax.atomic import atomic_write_text  # also re-exported: sae.train and sae.cli use it from here
+from psm_jax.sharding import host_array
 
 RUN_FORMAT = "psm-sae-run/1"
 CONFIG_FILE = "config.json"
@@ -83,6 +84,17 @@ def run_config_dict(cfg_dicts: Sequence[Mapping[str, Any]], extra: Mapping[str, 
     return json.loads(json.dumps(out))      # normalise tuples etc. the way they will read back
 
 
+def _with_field_defaults(conf: Mapping[str, Any]) -> Any:
+    """A stored run config with the SaeConfig fields added since it was written filled in at their defaults (the
+    behaviour that run had), so a newer version resumes it."""
+    from sae.config import SaeConfig
+
+    if not isinstance(conf, Mapping) or not isinstance(conf.get("saes"), list):
+        return conf
+    defaults = json.loads(json.dumps(SaeConfig().to_dict()))
+    return dict(conf, saes=[{**defaults, **c} if isinstance(c, Mapping) else c for c in conf["saes"]])
+
+
 def ensure_run_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> bool:
     """Write config.json into a new run dir, or check an existing one. Returns True when the dir already held this
     config (a resume). Raises RunConfigMismatchError naming the differing fields otherwise."""
@@ -93,7 +105,7 @@ def ensure_run_config(run_dir: str | os.PathLike, config: Mapping[str, Any]) -> 
             old = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointCorruptError(f"{path} is unreadable ({e}); fix or remove it, or use another run dir")
-        diffs = _flat_diff(old, config)
+        diffs = _flat_diff(_with_field_defaults(old), config)
         if diffs:
             raise RunConfigMismatchError(
                 f"run dir {run_dir} holds a run with another config; differing field(s): " + "; ".join(diffs)
@@ -144,7 +156,7 @@ def state_digest(flat: Mapping[str, Any]) -> str:
     """sha256 over names, dtypes, shapes and bytes of every array (order-independent of insertion)."""
     h = hashlib.sha256()
     for name in sorted(flat):
-        a = np.asarray(jax.device_get(flat[name]))
+        a = host_array(flat[name])
         h.update(name.encode())
         h.update(str(a.dtype).encode())
         h.update(str(a.shape).encode())
@@ -185,6 +197,9 @@ class Checkpointer:
                                                           meta=ocp.args.JsonSave(meta)), force=True)
         self._mgr.wait_until_finished()
 
+    def delete(self, step: int) -> None:
+        self._mgr.delete(int(step))
+
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore into the structure (and shardings) of `template` (a state pytree of arrays). Verifies the digest."""
         ocp = self._ocp
@@ -223,3 +238,107 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# one checkpoint folder per SAE of a stacked run
+# ---------------------------------------------------------------------------------------------------
+
+SAE_DIRS_KEY = "sae_dirs"                  # config.json of a run with one checkpoint folder per SAE
+STACKED_KEYS = ("params", "opt", "since_fired", "key")   # state entries with a leading stack axis
+
+
+def sae_slice(state: Mapping[str, Any], i: int) -> dict:
+    """SAE i of a stacked state, as the state of a stack of one (host arrays): its stack-axis entries at i:i+1,
+    the shared scalars (step, activation scale, bad step) as they are."""
+    def take(a):
+        return host_array(a)[i:i + 1]
+
+    return {k: jax.tree_util.tree_map(take, v) if k in STACKED_KEYS else jax.tree_util.tree_map(host_array, v)
+            for k, v in state.items()}
+
+
+def stack_slices(slices: Sequence[Mapping[str, Any]]) -> dict:
+    """The inverse of `sae_slice` over every SAE: stack-axis entries concatenated, shared ones from the first."""
+    out = {}
+    for k, v in slices[0].items():
+        if k in STACKED_KEYS:
+            out[k] = jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]),
+                                            *(s[k] for s in slices))
+        else:
+            out[k] = jax.tree_util.tree_map(np.asarray, v)
+    return out
+
+
+def ensure_sae_dirs(run_dir: str | os.PathLike, names: Sequence[str], cfg_dicts: Sequence[Mapping[str, Any]]
+                    ) -> None:
+    """config.json of each SAE's own folder run_dir/<name> (a run dir of that SAE alone: `sae.train.load_run`
+    reads it), checked like the run's own."""
+    for name, cfg in zip(names, cfg_dicts):
+        ensure_run_config(Path(run_dir) / name, run_config_dict([cfg]))
+
+
+def check_layout(run_dir: str | os.PathLike, names: Sequence[str] | None) -> None:
+    """A run dir written with one stacked checkpoint folder (run_dir/checkpoints) cannot continue with one folder
+    per SAE, nor the other way round: raise CheckpointError naming both layouts."""
+    run_dir = Path(run_dir)
+    stacked = run_dir / CHECKPOINT_DIR
+    if names and stacked.exists() and any(stacked.iterdir()):
+        raise CheckpointError(
+            f"{run_dir} holds a stacked run in the single-folder layout ({stacked}/<step>: every SAE in one "
+            f"checkpoint); this run asks for one checkpoint folder per SAE ({run_dir}/<name>/{CHECKPOINT_DIR}, names "
+            f"{list(names)}). Its SAEs still load with sae.train.load_run({str(run_dir)!r}); continue it without "
+            "per-SAE names (sae.train.train(..., sae_names=None)) or train into a new run dir.")
+
+
+class PerSaeCheckpointer:
+    """Checkpoints of a stacked run as one orbax folder per SAE, run_dir/<name>/checkpoints/<step> (e.g. one per
+    hook point): each folder is the run of its SAE alone, loadable by itself, and the stack restores exactly from
+    the slices. A step counts only once every SAE's folder has committed it (a kill between two folders' saves
+    resumes from the previous common step, which `keep` >= 2 leaves in place). Same interface as Checkpointer."""
+
+    def __init__(self, run_dir: str | os.PathLike, names: Sequence[str], keep: int = 2):
+        if keep < 2:
+            raise ValueError(f"keep={keep}; one folder per SAE needs keep >= 2 (the previous common step)")
+        self.names = list(names)
+        self.parts = [Checkpointer(Path(run_dir) / name, keep=keep) for name in self.names]
+        self.directory = Path(run_dir).absolute() / f"<{'|'.join(self.names)}>" / CHECKPOINT_DIR
+
+    def steps(self) -> list[int]:
+        return sorted(set.intersection(*(set(p.steps()) for p in self.parts)))
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
+        for i, (name, part) in enumerate(zip(self.names, self.parts)):
+            if step in part.steps():           # committed before a kill stopped the other folders' saves
+                part.delete(step)
+            part.save(step, sae_slice(state, i), dict(meta, sae_index=i, sae_name=name, configs=meta["configs"][i:i + 1]
+                                                      if "configs" in meta else None))
+
+    def restore(self, template: Any, step: int | None = None) -> tuple[dict, dict]:
+        """(stacked state as host arrays, meta of the first SAE's folder) at `step` (default: the latest common)."""
+        steps = self.steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no step committed by every SAE folder in {self.directory}")
+            step = steps[-1]
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in every folder of {self.directory} (common steps "
+                                  f"{steps})")
+        slices, metas = [], []
+        for i, part in enumerate(self.parts):
+            sub = jax.tree_util.tree_map(lambda a: a[i:i + 1], {k: template[k] for k in STACKED_KEYS})
+            sub.update({k: v for k, v in template.items() if k not in STACKED_KEYS})
+            restored, meta = part.restore(sub, step=step)
+            slices.append(restored)
+            metas.append(meta)
+        meta = dict(metas[0])
+        meta["configs"] = [c for m in metas for c in (m.get("configs") or [])]
+        return stack_slices(slices), meta
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.close()

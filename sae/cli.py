@@ -20,7 +20,8 @@ Config file sections (all optional except what a command needs):
              forward_batch_size, buffer_size: one harvest pass feeds one SAE per hook point, stacked in one run
              (sae.data.StreamStackSource; no disk, resuming replays the harvest; with store = "acts/" the pass
              fills that activation store first, resumable after a kill, and training reads it); each hook point
-             gets a SAELens folder <run_dir>/saes/<site>.<layer> with its metrics.json
+             gets a SAELens folder <run_dir>/saes/<site>.<layer> with its metrics.json, and its checkpoints in
+             <run_dir>/<site>.<layer>/checkpoints (a run dir of that SAE alone; the stacked run resumes from them)
     [train]  checkpoint_every, keep_checkpoints, log_every, max_steps, stack ("map" | "vmap"),
              mesh = [data, latent], progress = true, plot = true
     [eval]   max_batches, dense_threshold, step (checkpoint step; default latest), batch_size, progress = true
@@ -233,6 +234,7 @@ def _sae_configs(conf: dict[str, Any], d_in: int | None):
 
 def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
     """Train (or resume) the SAEs of a config; `model`: a loaded model standing in for data.model."""
+    from sae.data.harvest import site_key
     from sae.metrics import plot_training_curves
     from sae.train import LOG_FILE, make_mesh, train
 
@@ -252,11 +254,13 @@ def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
     recorded = ("site", "layer", "layers", "roles")
     if "hooks" in data:                          # what the harvest that feeds a many-hook run depends on
         recorded += ("model", "corpus", "hooks", "tokens", "context_len", "mode", "take", "seed", "store")
+    # a many-hook run checkpoints each hook point's SAE in its own run dir, <run_dir>/<site>.<layer>
+    sae_names = [site_key(site, layer) for site, layer in parse_hooks(data["hooks"])] if "hooks" in data else None
     res = train(cfgs, source, run_dir, max_steps=t.get("max_steps"),
                 checkpoint_every=int(t.get("checkpoint_every", 1000)),
                 keep_checkpoints=int(t.get("keep_checkpoints", 2)), log_every=int(t.get("log_every", 1)),
                 mesh=mesh, progress=bool(t.get("progress", True)), stack=t.get("stack", "map"),
-                extra_config={"data": {k: v for k, v in data.items() if k in recorded}})
+                extra_config={"data": {k: v for k, v in data.items() if k in recorded}}, sae_names=sae_names)
     out = {"run_dir": str(res.run_dir), "step": res.step, "tokens": res.tokens, "stopped": res.stopped,
            "last_metrics": res.last_metrics}
     hooks = getattr(source, "hooks", None)

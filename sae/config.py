@@ -7,7 +7,8 @@ Fields fall in two groups:
     jumprelu_init_threshold) that may differ between the SAEs of one run: they become per-SAE traced
     values (TopK uses `lax.top_k` with the largest k and masks ranks >= its own k).
 
-Everything is fp32. The config serialises to JSON (`to_dict` / `from_dict`); `diff(a, b)` names the
+Parameters, optimiser state and the loss are fp32; `compute_dtype="bfloat16"` runs the step's matrix products on
+bf16 casts of the parameters and inputs (fp32 master weights, fp32 gradients and Adam). The config serialises to JSON (`to_dict` / `from_dict`); `diff(a, b)` names the
 fields that differ, which is what a run directory holding another config reports.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sae.archs import registry
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DECAYS = ("none", "linear", "cosine")
 NORMALIZATIONS = ("none", "expected_average_only_in")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 SWEEPABLE = ("k", "l1_coef", "l0_coef", "seed", "lr", "aux_coef", "jumprelu_bandwidth", "jumprelu_init_threshold")
 
 
@@ -68,6 +70,7 @@ class SaeConfig:
     seed: int = 0
     # --- speed ----------------------------------------------------------------------------------
     sparse_decode: bool = True          # topk: decode with gathered decoder rows instead of a dense matmul
+    compute_dtype: str = "float32"      # float32 | bfloat16: dtype of the step's forward/backward (params stay fp32)
 
     def __post_init__(self):
         def bad(field, why):
@@ -75,6 +78,8 @@ class SaeConfig:
 
         if self.architecture not in registry.names():
             bad("architecture", f"expected one of {registry.names()}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            bad("compute_dtype", f"expected one of {COMPUTE_DTYPES}")
         for f in ("d_in", "d_sae", "batch_size", "geometric_median_iters"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 bad(f, "expected a positive int")

@@ -48,6 +48,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from psm_jax.sharding import host_array
 from sae import checkpoint as ckpt_mod
 from sae.config import SWEEPABLE, SaeConfig, check_stackable
 from sae.archs import registry
@@ -152,7 +153,7 @@ def _init_fn(scfg: SaeConfig):
 
 
 def unstack_params(params: Params, n: int) -> list[dict[str, np.ndarray]]:
-    host = jax.device_get(params)
+    host = {k: host_array(v) for k, v in params.items()}
     return [{k: np.asarray(v[i]) for k, v in host.items()} for i in range(n)]
 
 
@@ -197,29 +198,103 @@ def _check_mesh(scfg: SaeConfig, mesh) -> None:
         raise ValueError(f"batch_size={scfg.batch_size} is not divisible by the mesh's data axis ({nd})")
     if scfg.d_sae % nl:
         raise ValueError(f"d_sae={scfg.d_sae} is not divisible by the mesh's latent axis ({nl})")
+    if spans_processes(mesh):
+        _check_process_blocks(mesh)
+
+
+def spans_processes(mesh) -> bool:
+    """True when `mesh` holds devices of other processes (a multi-process data-parallel run)."""
+    return mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def _check_process_blocks(mesh) -> None:
+    """In a multi-process run each process feeds its own rows of every global batch: process p's devices must be
+    exactly the p-th block of mesh.shape["data"] / process_count rows of the data axis (what `make_mesh` builds
+    from jax.devices(), which lists the processes' devices in process order)."""
+    nproc, nd = jax.process_count(), mesh.shape["data"]
+    if nd % nproc:
+        raise ValueError(f"the mesh's data axis ({nd}) is not divisible by the process count ({nproc}); each "
+                         "process feeds an equal share of every batch")
+    block = nd // nproc
+    for row, devs in enumerate(np.asarray(mesh.devices).reshape(nd, -1)):
+        owners = {d.process_index for d in devs}
+        if owners != {row // block}:
+            raise ValueError(f"data row {row} of the mesh holds devices of processes {sorted(owners)}, expected only "
+                             f"process {row // block}: build the mesh with sae.train.make_mesh over jax.devices()")
+
+
+def _gather_rows(x: np.ndarray) -> np.ndarray:
+    """Every process's rows of one batch ([..., rows, d]), concatenated in process order: the global batch."""
+    from jax.experimental import multihost_utils
+
+    return np.concatenate(list(np.asarray(multihost_utils.process_allgather(x, tiled=False))), axis=-2)
+
+
+def _gather_json(obj: Any) -> list:
+    """A JSON-able value of every process, as a list indexed by process (e.g. each process's data cursor)."""
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32), tiled=False)).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:raw.size] = raw
+    parts = np.asarray(multihost_utils.process_allgather(buf, tiled=False))
+    return [json.loads(bytes(parts[i, :int(sizes[i])]).decode()) for i in range(len(sizes))]
+
+
+def _put_global(tree: Any, shardings: Any) -> Any:
+    """Place host values that every process holds in full onto shardings that span processes."""
+    from psm_jax.sharding import put_global
+
+    return jax.tree_util.tree_map(put_global, tree, shardings)
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the step
 # ---------------------------------------------------------------------------------------------------
 
+def _in_compute_dtype(scfg: SaeConfig, tree):
+    """The step's view of fp32 parameters / inputs: cast to cfg.compute_dtype (a no-op for float32). The cast sits
+    inside the differentiated function, so gradients arrive in fp32 for the fp32 master weights."""
+    dtype = jnp.dtype(scfg.compute_dtype)
+    return tree if dtype == jnp.float32 else jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
+
+
+def _as_f32(tree):
+    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                                  tree)
+
+
 def _sae_grads(scfg: SaeConfig, kernel_opts, stacked, shared):
     """Phase 1 for one SAE: loss, gradient (AuxK added only when this SAE has a dead latent; decoder-parallel
-    component removed) and the metrics that do not depend on the update."""
+    component removed) and the metrics that do not depend on the update. Under a bf16 compute dtype the forward and
+    backward run on bf16 casts; the loss (jnp.sum accumulates bf16 in fp32), metrics and gradients come back fp32."""
     params, since, hp, x = stacked if len(stacked) == 4 else (*stacked, shared[0])
     step = shared[-1]
+    xc = _in_compute_dtype(scfg, x)
 
     def lossf(p):
-        return training_loss(p, scfg, x, hp, since, step, with_aux=False, **kernel_opts)
+        loss, info = training_loss(_in_compute_dtype(scfg, p), scfg, xc, hp, since, step, with_aux=False,
+                                   **kernel_opts)
+        return loss.astype(jnp.float32), _as_f32(info)
 
     (loss, info), grads = jax.value_and_grad(lossf, has_aux=True)(params)
     aux = jnp.zeros((), jnp.float32)
     if scfg.uses_aux:
-        recon = info["recon"]
+        recon = _in_compute_dtype(scfg, info["recon"])
         dead_latent_loss = registry.get(scfg.architecture).dead_latent_loss
 
+        def aux_loss(p):
+            return dead_latent_loss(_in_compute_dtype(scfg, p), scfg, hp, xc, recon, since).astype(jnp.float32)
+
         def add_aux(g):
-            a, ga = jax.value_and_grad(lambda p: dead_latent_loss(p, scfg, hp, x, recon, since))(params)
+            a, ga = jax.value_and_grad(aux_loss)(params)
             return a, jax.tree_util.tree_map(lambda u, v: u + hp["aux_coef"] * v, g, ga)
 
         aux, grads = lax.cond(jnp.any(since >= hp["dead_tokens_threshold"]), add_aux, lambda g: (aux, g), grads)
@@ -286,8 +361,11 @@ def _map_stack(fn, n: int, stack: str, stacked: tuple, shared: tuple):
 
 
 def _make_step(scfg: SaeConfig, n: int, stack: str, mesh, shardings):
-    # under a device mesh the TopK kernels stay XLA ops in one chunk (GSPMD partitions them); else auto
+    # under a device mesh the TopK kernels stay XLA ops in one chunk (GSPMD partitions them); the compiled CPU
+    # kernels are fp32, so a bf16 step uses the XLA ones; else auto
     kernel_opts = {} if mesh is None else {"chunks": 1, "impl": "xla"}
+    if scfg.compute_dtype != "float32":
+        kernel_opts = dict(kernel_opts, impl="xla")
     grads_fn = functools.partial(_sae_grads, scfg, kernel_opts)
     apply_fn = functools.partial(_sae_apply, scfg)
 
@@ -468,15 +546,17 @@ def _truncate_log(path: Path, step: int) -> None:
     ckpt_mod.atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
-def _to_batch(x, scfg: SaeConfig, n: int) -> np.ndarray | None:
-    """[B, d_in] (one stream for every SAE) or [n, B, d_in] (one stream per SAE); None for a short batch."""
+def _to_batch(x, scfg: SaeConfig, n: int, rows: int | None = None) -> np.ndarray | None:
+    """[rows, d_in] (one stream for every SAE) or [n, rows, d_in] (one stream per SAE); None for a short batch.
+    rows: batch_size, or this process's share of it in a multi-process run."""
+    rows = scfg.batch_size if rows is None else rows
     x = np.asarray(x, np.float32)
     ok = (x.ndim == 2 or (x.ndim == 3 and x.shape[0] == n)) and x.shape[-1] == scfg.d_in
     if not ok:
-        raise SaeShapeError(f"activation batch has shape {x.shape}; the SAE expects [batch_size={scfg.batch_size}, "
-                            f"d_in={scfg.d_in}] (or [n_saes={n}, batch_size, d_in]); does d_in match the "
+        raise SaeShapeError(f"activation batch has shape {x.shape}; the SAE expects [{rows} rows, "
+                            f"d_in={scfg.d_in}] (or [n_saes={n}, {rows} rows, d_in]); does d_in match the "
                             "harvested site?")
-    if x.shape[-2] != scfg.batch_size:
+    if x.shape[-2] != rows:
         return None
     return x
 
@@ -485,32 +565,74 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
           max_steps: int | None = None, checkpoint_every: int = 1000, keep_checkpoints: int = 2, log_every: int = 1,
           mesh: jax.sharding.Mesh | None = None, progress: bool = False, resume_step: int | None = None,
           extra_config: Mapping[str, Any] | None = None, stack: str = "map",
-          on_step: Callable[[int, list[dict]], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, list[dict]], None] | None = None,
+          sae_names: Sequence[str] | None = None) -> TrainResult:
     """Train one SAE or a stack of SAEs (same structure, different sweepable fields) on `batches`.
 
     Stops at cfg.total_steps, at `max_steps` (total completed steps, counting resumed ones) or when the data ends,
     and always writes a final checkpoint. Pointed at a run dir with checkpoints of the same config it resumes
-    exactly (params, optimiser, dead counters, PRNG, data cursor); another config raises RunConfigMismatchError."""
+    exactly (params, optimiser, dead counters, PRNG, data cursor); another config raises RunConfigMismatchError.
+
+    Several processes (`psm_jax.sharding.init_distributed`, a `mesh` over every process's devices): each process
+    calls `train` with its own source yielding its rows of every batch (batch_size / process_count of them, e.g.
+    from its share of the documents: `sae.data.harvest.process_share`); the global batch is the processes' rows in
+    process order, sharded on the data axis without leaving their host. Checkpoints are written by all processes
+    together into one run dir (shared file system) with every process's data cursor; the log is process 0's.
+
+    sae_names (one folder name per SAE, e.g. "resid_post.3" per hook point): each SAE's checkpoints go to its own
+    run dir run_dir/<name> (config.json + checkpoints/<step>), loadable alone with `load_run(run_dir/<name>)`;
+    the stacked run resumes exactly from them. Default: one stacked folder, run_dir/checkpoints."""
     cfgs = [cfg] if isinstance(cfg, SaeConfig) else list(cfg)
     scfg = static_config(cfgs)
     _check_mesh(scfg, mesh)
     n = len(cfgs)
+    multi = spans_processes(mesh)
+    pid, nproc = (jax.process_index(), jax.process_count()) if multi else (0, 1)
+    local_rows = scfg.batch_size // nproc
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resumed = ckpt_mod.ensure_run_config(run_dir, ckpt_mod.run_config_dict([c.to_dict() for c in cfgs],
-                                                                           extra_config))
-    checkpointer = ckpt_mod.Checkpointer(run_dir, keep=keep_checkpoints)
+    names = _check_sae_names(sae_names, n)
+    run_config = ckpt_mod.run_config_dict([c.to_dict() for c in cfgs], extra_config)
+    if names:
+        run_config[ckpt_mod.SAE_DIRS_KEY] = names
+    ckpt_mod.check_layout(run_dir, names)
+
+    def write_configs():
+        was_there = ckpt_mod.ensure_run_config(run_dir, run_config)
+        if names:
+            ckpt_mod.ensure_sae_dirs(run_dir, names, run_config["saes"])
+        return was_there
+
+    if pid == 0:
+        resumed = write_configs()
+    if multi:                                  # process 0 writes config.json; the others then check it
+        _barrier("sae-run-config")
+        if pid != 0:
+            resumed = write_configs()
+    checkpointer = (ckpt_mod.PerSaeCheckpointer(run_dir, names, keep=keep_checkpoints) if names else
+                    ckpt_mod.Checkpointer(run_dir, keep=keep_checkpoints))
     log_path = run_dir / LOG_FILE
+    writes_log = pid == 0
     hp = stacked_hyperparams(cfgs)
     source = batches
     data_sharding = None if mesh is None else {2: NamedSharding(mesh, P("data", None)),
                                                  3: NamedSharding(mesh, P(None, "data", None))}
+    if multi:
+        hp = _put_global(hp, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), hp))
 
     def place(state):
         if mesh is None:
             return state, None
         sh = state_shardings(state, mesh)
-        return jax.device_put(state, sh), sh
+        return (_put_global(state, sh) if multi else jax.device_put(state, sh)), sh
+
+    def to_device(x):
+        if data_sharding is None:
+            return x
+        if multi:
+            global_shape = x.shape[:-2] + (scfg.batch_size, x.shape[-1])
+            return jax.make_array_from_process_local_data(data_sharding[x.ndim], x, global_shape)
+        return jax.device_put(x, data_sharding[x.ndim])
 
     latest = checkpointer.latest_step() if resumed else None
     if resume_step is not None and latest is None:
@@ -521,10 +643,14 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
         template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((scfg.batch_size, scfg.d_in),
                                                                                       jnp.float32))
         template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
-        template, shardings = place(template)
-        state, meta = checkpointer.restore(template, step=resume_step)
+        if names:                              # restored on the host from each SAE's folder, then placed
+            state, meta = checkpointer.restore(template, step=resume_step)
+            state, shardings = place(jax.tree_util.tree_map(jnp.asarray, state) if mesh is None else state)
+        else:
+            template, shardings = place(template)
+            state, meta = checkpointer.restore(template, step=resume_step)
         consumed = int(meta.get("batches_consumed", meta["step"]))
-        cursor = meta.get("cursor")
+        cursor = _own_cursor(meta, pid, nproc, checkpointer.directory)
         if cursor is not None and set_cursor(source, cursor):
             it = iter(source)
         else:
@@ -533,7 +659,8 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
                 log.warning("data source has no cursor/seek: skipping %d batches to resume", consumed)
             for _ in range(consumed):
                 next(it)
-        _truncate_log(log_path, int(meta["step"]))
+        if writes_log:
+            _truncate_log(log_path, int(meta["step"]))
         log.info("resumed %s at step %d", run_dir, int(meta["step"]))
     else:
         it = iter(source)
@@ -541,19 +668,22 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
             first = next(it)
         except StopIteration:
             raise ValueError("the activation source yielded no batch") from None
-        first = _to_batch(first, scfg, n)
+        first = _to_batch(first, scfg, n, local_rows)
         if first is None:
-            raise ValueError(f"the first activation batch does not hold batch_size={scfg.batch_size} rows")
+            raise ValueError(f"the first activation batch does not hold {local_rows} rows (batch_size="
+                             f"{scfg.batch_size} over {nproc} process(es))")
         consumed = 1
-        scale = activation_scale(scfg, first)
-        state = _init_fn(scfg)(first, jnp.float32(scale),
+        whole = _gather_rows(first) if multi else first   # b_dec and the scale come from the global batch
+        scale = activation_scale(scfg, whole)
+        state = _init_fn(scfg)(whole, jnp.float32(scale),
                                jnp.asarray([c.seed for c in cfgs], jnp.uint32),
                                jnp.asarray([c.jumprelu_init_threshold for c in cfgs], jnp.float32))
         state, shardings = place(state)
-        _truncate_log(log_path, 0)
+        if writes_log:
+            _truncate_log(log_path, 0)
 
     step_fn = build_step(scfg, n, stack=stack, mesh=mesh, shardings=shardings)
-    host_step = int(jax.device_get(state["step"]))
+    host_step = int(host_array(state["step"]))
     total_steps = cfgs[0].total_steps
     targets = [s for s in (total_steps, max_steps) if s is not None]
     target = min(targets) if targets else None
@@ -569,7 +699,7 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
 
     def handle(rec_step, m):
         nonlocal last_metrics, t_last, tok_last
-        m = jax.device_get(m)
+        m = jax.tree_util.tree_map(host_array, m)
         if not bool(np.all(m["ok"])):
             bad = [i for i in range(n) if not bool(m["ok"][i])]
             c = cursors.get(rec_step)
@@ -582,7 +712,7 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
         tokens = rec_step * scfg.batch_size
         tps = (tokens - tok_last) / max(now - t_last, 1e-9)
         last_metrics = [{k: float(v[i]) for k, v in m.items() if k != "ok"} for i in range(n)]
-        if log_every and (rec_step % log_every == 0 or rec_step == target):
+        if writes_log and log_every and (rec_step % log_every == 0 or rec_step == target):
             t_last, tok_last = now, tokens
             with open(log_path, "a") as f:
                 for i, lm in enumerate(last_metrics):
@@ -599,7 +729,8 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
 
     def save(at_step):
         cursor = cursors[at_step] if at_step in cursors else get_cursor(source)
-        meta = {"cursor": cursor,
+        place_cursor = {"process_cursors": _gather_json(cursor), "processes": nproc} if multi else {"cursor": cursor}
+        meta = {**place_cursor,
                 "batches_consumed": consumed, "tokens": at_step * scfg.batch_size,
                 "configs": [c.to_dict() for c in cfgs], "time": time.time()}
         checkpointer.save(at_step, state, meta)
@@ -614,14 +745,13 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
                     raw = next(it)
                 except StopIteration:
                     break
-                x = _to_batch(raw, scfg, n)
+                x = _to_batch(raw, scfg, n, local_rows)
                 if x is None:
-                    log.warning("stopping: a batch of %d rows (batch_size=%d)", np.shape(raw)[-2], scfg.batch_size)
+                    log.warning("stopping: a batch of %d rows (expected %d)", np.shape(raw)[-2], local_rows)
                     break
                 consumed += 1
             cursors[host_step + 1] = get_cursor(source)
-            xd = jax.device_put(x, data_sharding[x.ndim]) if data_sharding is not None else x
-            state, m = step_fn(state, hp, xd)
+            state, m = step_fn(state, hp, to_device(x))
             host_step += 1
             if pending is not None:
                 handle(*pending)
@@ -642,25 +772,54 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
         if bar is not None:
             bar.close()
         checkpointer.close()
-    scale = float(jax.device_get(state["act_scale"]))
+    scale = float(host_array(state["act_scale"]))
     params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], n), cfgs)]
     params = [{k: np.asarray(v) for k, v in p.items()} for p in params]
     return TrainResult(params=params, cfgs=cfgs, step=host_step, tokens=host_step * scfg.batch_size,
                        stopped=stopped, run_dir=run_dir, last_metrics=last_metrics, state=state)
 
 
+def _check_sae_names(names, n: int) -> list[str] | None:
+    if names is None:
+        return None
+    names = list(names)
+    if len(names) != n or len(set(names)) != n:
+        raise ValueError(f"sae_names={names!r}; expected {n} distinct folder names, one per SAE")
+    for name in names:
+        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or name in (
+                ckpt_mod.CHECKPOINT_DIR, "saes"):
+            raise ValueError(f"sae_names entry {name!r}; expected a plain folder name (not {ckpt_mod.CHECKPOINT_DIR!r}"
+                             " or 'saes')")
+    return names
+
+
+def _own_cursor(meta: Mapping[str, Any], pid: int, nproc: int, where) -> Any:
+    """This process's data cursor from a checkpoint's meta; a checkpoint of another process count is an error."""
+    saved = int(meta.get("processes", 1))
+    if saved != nproc:
+        raise ckpt_mod.CheckpointError(
+            f"checkpoint step {meta.get('step')} in {where} was written by {saved} process(es), each with its own "
+            f"data cursor; this run has {nproc}. Resume with {saved} process(es), or start a new run dir.")
+    return meta["process_cursors"][pid] if nproc > 1 else meta.get("cursor")
+
+
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[list[dict[str, np.ndarray]],
                                                                           list[SaeConfig], dict]:
-    """(params per SAE with the activation scale folded in, configs, checkpoint meta) of a run dir's checkpoint."""
+    """(params per SAE with the activation scale folded in, configs, checkpoint meta) of a run dir's checkpoint.
+
+    A run with one folder per SAE (`train(..., sae_names=...)`) loads whole from its run dir (the latest step every
+    folder committed), or one SAE alone from its folder run_dir/<name>."""
     run_dir = Path(run_dir)
     path = run_dir / ckpt_mod.CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not an SAE run dir (no {ckpt_mod.CONFIG_FILE})")
-    cfgs = [SaeConfig.from_dict(d) for d in json.loads(path.read_text())["saes"]]
+    conf = json.loads(path.read_text())
+    cfgs = [SaeConfig.from_dict(d) for d in conf["saes"]]
     scfg = static_config(cfgs)
     template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((8, scfg.d_in), jnp.float32))
     template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
-    checkpointer = ckpt_mod.Checkpointer(run_dir)
+    names = conf.get(ckpt_mod.SAE_DIRS_KEY)
+    checkpointer = ckpt_mod.PerSaeCheckpointer(run_dir, names) if names else ckpt_mod.Checkpointer(run_dir)
     try:
         state, meta = checkpointer.restore(template, step=step)
     finally:

@@ -38,16 +38,18 @@ def log_steps(run_dir) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def kill_then_resume(tmp_path, jax_cache, cfgs, source: dict, kills: list[str], checkpoint_every: int):
+def kill_then_resume(tmp_path, jax_cache, cfgs, source: dict, kills: list[str], checkpoint_every: int, **train_kw):
     """Run the job in subprocesses killed at each point of `kills` in turn, then resume in this process; returns
-    (resumed result, reference result of an uninterrupted run here)."""
+    (resumed result, reference result of an uninterrupted run here, in one checkpoint folder). `train_kw` go to
+    the killed and the resumed runs."""
     run = tmp_path / "killed"
-    job = {"cfgs": [c.to_dict() for c in cfgs], "source": source, "train": {"checkpoint_every": checkpoint_every}}
+    job = {"cfgs": [c.to_dict() for c in cfgs], "source": source,
+           "train": {"checkpoint_every": checkpoint_every, **train_kw}}
     for kill in kills:
         assert_killed(run_worker(["train", run, json.dumps(job)], kill, jax_cache))
         yield run
     ref = train(cfgs, make_source(source), tmp_path / "ref", checkpoint_every=checkpoint_every)
-    got = train(cfgs, make_source(source), run, checkpoint_every=checkpoint_every)
+    got = train(cfgs, make_source(source), run, checkpoint_every=checkpoint_every, **train_kw)
     yield got, ref
 
 
@@ -85,3 +87,20 @@ def test_training_from_a_store_killed_mid_save_and_mid_run_resumes_exactly(tiny_
     assert got.step == ref.step == 12 and len(got.params) == 2
     assert_same_state(got.state, ref.state)
     assert log_steps(run) == [s for s in range(1, 13) for _ in range(2)]
+
+
+def test_kill_between_the_hook_folders_of_one_checkpoint_resumes_from_the_common_step(jax_cache, tmp_path):
+    """One checkpoint folder per SAE (per hook point): killed after the first folder committed step 8 and inside
+    the second folder's save of it, the run resumes from step 4 (the last step both committed) exactly."""
+    base = SaeConfig(architecture="topk", d_in=16, d_sae=64, k=3, batch_size=128, lr=3e-3, total_steps=12,
+                     dead_tokens_threshold=128 * 3, geometric_median_iters=3)
+    names = ["resid_post.1", "resid_post.2"]
+    runs = kill_then_resume(tmp_path, jax_cache, [base, base.replace(k=5, seed=1)], PLANTED, ["orbax_finalize:4"],
+                            checkpoint_every=4, sae_names=names)
+    run = next(runs)
+    first, second = (sorted(p.name for p in (run / n / "checkpoints").iterdir()) for n in names)
+    assert first == ["4", "8"] and second[0] == "4" and second[1].startswith("8.orbax-checkpoint-tmp"), (first, second)
+    got, ref = next(runs)
+    assert got.step == ref.step == 12
+    assert_same_state(got.state, ref.state)
+    assert [sorted(p.name for p in (run / n / "checkpoints").iterdir()) for n in names] == [["12", "8"]] * 2

@@ -136,3 +136,35 @@ def test_digest_detects_any_change():
     assert state_digest(a) == state_digest(b)
     b["x"][3] = np.nextafter(b["x"][3], np.float32(10))
     assert state_digest(a) != state_digest(b)
+
+
+def test_one_checkpoint_folder_per_sae_resumes_exactly_and_loads_alone(tmp_path):
+    """sae_names: each SAE of a stacked run checkpoints into its own run dir (loadable alone); a run stopped at
+    step 6 and continued ends in the state of an uninterrupted stacked run with one checkpoint folder."""
+    from sae.checkpoint import CheckpointError, flatten_state
+
+    cfgs = [CFG.replace(total_steps=10), CFG.replace(total_steps=10, k=5, seed=1)]
+    names = ["resid_post.3", "resid_post.6"]
+    ref = train(cfgs, PlantedSource(16, 32, 128, seed=2), tmp_path / "ref", checkpoint_every=4)
+    run = tmp_path / "run"
+    train(cfgs, PlantedSource(16, 32, 128, seed=2), run, checkpoint_every=4, max_steps=6, sae_names=names)
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == names          # no run/checkpoints
+    assert sorted(p.name for p in (run / names[0] / "checkpoints").iterdir()) == ["4", "6"]
+    got = train(cfgs, PlantedSource(16, 32, 128, seed=2), run, checkpoint_every=4, sae_names=names)
+    assert got.step == ref.step == 10
+    a, b = flatten_state(got.state), flatten_state(ref.state)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+    alone, alone_cfgs, meta = load_run(run / names[1])
+    assert alone_cfgs == [cfgs[1]] and meta["step"] == 10 and meta["sae_name"] == names[1]
+    both, _, _ = load_run(run)
+    for k in got.params[1]:
+        np.testing.assert_array_equal(alone[0][k], got.params[1][k], err_msg=k)
+        np.testing.assert_array_equal(both[0][k], got.params[0][k], err_msg=k)
+    # a run dir in the single-folder layout keeps loading, and refuses to continue with per-SAE folders
+    assert load_run(tmp_path / "ref")[2]["step"] == 10
+    with pytest.raises(CheckpointError, match=r"single-folder layout .*ref/checkpoints"):
+        train(cfgs, PlantedSource(16, 32, 128, seed=2), tmp_path / "ref", sae_names=names)
+    with pytest.raises(ValueError, match=r"sae_names=\['a'\]; expected 2 distinct"):
+        train(cfgs, PlantedSource(16, 32, 128, seed=2), tmp_path / "bad", sae_names=["a"])

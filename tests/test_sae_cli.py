@@ -226,6 +226,14 @@ def test_train_many_hooks_from_one_harvest_pass(tmp_path, lm_setup, tiny_chat_mo
     assert load_sae(out["hooks"][0]["export"]).metadata["hook_name"] == "model.layers.1"
     for k in many2.params:
         np.testing.assert_allclose(many2.params[k], one2.params[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    # each hook point's SAE has its own checkpoint folder, a run dir of that SAE alone
+    from sae.train import load_run
+    assert not (tmp_path / "many" / "checkpoints").exists()
+    both, cfgs, _ = load_run(tmp_path / "many")
+    alone, alone_cfgs, meta = load_run(tmp_path / "many" / "resid_post.2")
+    assert len(both) == 2 and len(alone) == 1 and meta["step"] == 3 and alone_cfgs[0] == cfgs[1]
+    for k in alone[0]:
+        np.testing.assert_array_equal(alone[0][k], both[1][k], err_msg=k)
     saved = json.loads((tmp_path / "many" / "saes" / "resid_post.1" / "metrics.json").read_text())
     assert saved["metrics"]["l0"] == pytest.approx(out["last_metrics"][0]["l0"])
     assert parse_hooks("resid_post:3,6;mlp_out:4") == [("resid_post", 3), ("resid_post", 6), ("mlp_out", 4)]

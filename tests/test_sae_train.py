@@ -113,3 +113,24 @@ def test_array_source_cursor_is_exact():
     for i in range(9, 20):
         np.testing.assert_array_equal(next(c), seq[i])
     assert a.cursor["epoch"] == 1
+
+
+def test_bf16_compute_matches_fp32_loss_with_fp32_master_weights(tmp_path):
+    """compute_dtype="bfloat16": the step runs on bf16 casts, while params, Adam moments and metrics stay fp32; on
+    planted activations its loss over the last 20 of 200 steps is within 5% of the fp32 run's (bf16 keeps 8
+    mantissa bits: ~0.4% relative error per value; observed on this CPU: 1.2%)."""
+    cfg = BASE.replace(total_steps=200)
+    fp32 = train(cfg, PlantedSource(D, F, B, active=3, seed=4), tmp_path / "fp32", checkpoint_every=0)
+    bf16 = train(cfg.replace(compute_dtype="bfloat16"), PlantedSource(D, F, B, active=3, seed=4), tmp_path / "bf16",
+                 checkpoint_every=0)
+    import jax
+
+    for leaf in (bf16.state["params"], bf16.state["opt"]):
+        assert {str(a.dtype) for a in jax.tree_util.tree_leaves(leaf) if a.dtype.kind == "f"} == {"float32"}
+    loss = {name: np.mean([r["loss"] for r in _log(tmp_path / name)[-20:]]) for name in ("fp32", "bf16")}
+    first = np.mean([r["loss"] for r in _log(tmp_path / "fp32")[:5]])
+    assert loss["fp32"] < 0.5 * first, (loss, first)         # it trained
+    assert abs(loss["bf16"] - loss["fp32"]) <= 0.05 * loss["fp32"], loss
+    assert not np.array_equal(bf16.params[0]["W_enc"], fp32.params[0]["W_enc"])   # bf16 really ran
+    with pytest.raises(ValueError, match=r"compute_dtype='float16': expected one of \('float32', 'bfloat16'\)"):
+        cfg.replace(compute_dtype="float16")

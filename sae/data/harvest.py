@@ -196,6 +196,26 @@ def _documents(documents) -> list:
     return docs
 
 
+def process_share(documents, index: int | None = None, count: int | None = None) -> list:
+    """The documents this process harvests in a multi-process run: those whose corpus index is `index` modulo
+    `count` (default: this JAX process and the process count). Deterministic, disjoint, and together the whole
+    corpus, so every process harvests its own share and feeds its rows of each global batch to `sae.train.train`."""
+    if index is None or count is None:
+        import jax
+
+        index = jax.process_index() if index is None else index
+        count = jax.process_count() if count is None else count
+    for name, value in (("index", index), ("count", count)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"process_share {name}={value!r}; expected an int")
+    if not 0 <= index < count:
+        raise ValueError(f"process_share index={index} with count={count}; expected 0 <= index < count")
+    docs = list(_documents(documents))
+    if len(docs) < count:
+        raise ActivationError(f"{len(docs)} document(s) cannot be shared among {count} processes")
+    return docs[index::count]
+
+
 def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_size: int = 8,
             mode: str = "truncate", token_filter: TokenFilter = TokenFilter(), start_context: int = 0,
             truncate_layers: bool = True, encode: Callable[[Any], Encoded] | None = None,
