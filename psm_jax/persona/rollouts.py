@@ -4,6 +4,10 @@ activation means, and log-prob scoring of fixed answers (behavioural measures wi
 Every function takes a `LoadedModel` and plain message lists; batching pads to a multiple of 16
 tokens so a handful of compiled shapes serve a whole experiment. `edits_fn(batch)` lets a caller
 build position-dependent edits (e.g. assistant tokens only) from each padded batch.
+
+`activation_means` and `score_answers` take `mesh=` (a `psm_jax.sharding.make_mesh` mesh, the model's params
+placed on it: `psm_jax.load(..., mesh=mesh)` or `shard_params`): each batch is split over the mesh's batch axes,
+across processes too (every process runs the same call on the same conversations and gets every result).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_batch, pad_id
 from psm_jax.generate import generate
 from psm_jax.model import Capture, forward
 from psm_jax.reductions import masked_mean
+from psm_jax.sharding import host_array, shard_batch
 
 EditsFn = Callable[[PaddedBatch], tuple]
 PAD_MULTIPLE = 16
@@ -40,6 +45,11 @@ def encode_batch(model, conversations: Sequence[Sequence[dict]], add_generation_
     encs = [encode_chat(model.tokenizer, conv, add_generation_prompt=add_generation_prompt,
                         chat_template=model.chat_template) for conv in conversations]
     return encs, pad_batch(encs, pad_id(model), side="left", multiple_of=multiple_of)
+
+
+def _on_mesh(mesh, arrays: tuple) -> tuple:
+    """The batch's host arrays split over the mesh's batch axes (unchanged without a mesh)."""
+    return arrays if mesh is None else tuple(shard_batch(np.asarray(a), mesh) for a in arrays)
 
 
 def static_batches(items: Sequence, batch_size: int, *, progress: bool = False, desc: str = "batch"):
@@ -108,7 +118,7 @@ def _reduce(params, config, tokens, attention_mask, response_mask, prompt_mask, 
 def activation_means(model, conversations: Sequence[Sequence[dict]], *, layers: Sequence[int] | None = None,
                      site: str = "resid_post", batch_size: int = 8, edits_fn: EditsFn | None = None,
                      roles_for_response: tuple[int, ...] = (Role.ASSISTANT,), last_turn_only: bool = True,
-                     progress: bool = False) -> dict[str, np.ndarray]:
+                     progress: bool = False, mesh=None) -> dict[str, np.ndarray]:
     """Per-conversation activations at `site` for each layer, reduced three ways:
 
     response_mean  mean over assistant *content* tokens (of the last message if last_turn_only,
@@ -116,6 +126,8 @@ def activation_means(model, conversations: Sequence[Sequence[dict]], *, layers: 
     prompt_mean    mean over every content token before the response      [N, n_layers, D]
     last_prompt    the token just before the response content begins      [N, n_layers, D]
     n_response     response token counts [N]
+
+    mesh: split each batch over the mesh's batch axes (module docstring).
     """
     layers = tuple(range(model.config.n_layers)) if layers is None else tuple(int(x) for x in layers)
     for layer in layers:
@@ -134,9 +146,9 @@ def activation_means(model, conversations: Sequence[Sequence[dict]], *, layers: 
         prompt_mask = content & (positions < first_resp[:, None])
         last_prompt = np.clip(first_resp - 1, 0, T - 1).astype(np.int32)
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
-        r, p, l_ = _reduce(model.params, model.config, batch.tokens, batch.attention_mask, resp_mask, prompt_mask,
-                           last_prompt, edits, site=site, layers=layers)
-        r, p, l_ = jax.device_get((r, p, l_))
+        inputs = _on_mesh(mesh, (batch.tokens, batch.attention_mask, resp_mask, prompt_mask, last_prompt))
+        r, p, l_ = (host_array(a) for a in _reduce(model.params, model.config, *inputs, edits, site=site,
+                                                   layers=layers))
         res["response_mean"].append(r[:n_real])
         res["prompt_mean"].append(p[:n_real])
         res["last_prompt"].append(l_[:n_real])
@@ -153,10 +165,11 @@ def _answer_logprob(params, config, tokens, attention_mask, answer_mask, edits):
 
 
 def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str], *, batch_size: int = 16,
-                  edits_fn: EditsFn | None = None) -> np.ndarray:
+                  edits_fn: EditsFn | None = None, mesh=None) -> np.ndarray:
     """log P(answer | prompt) summed over the answer's content tokens, answering as the assistant.
 
     prompts[i] is a conversation ending with a user message; answers[i] the assistant reply to score.
+    mesh: split each batch over the mesh's batch axes (module docstring).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected equal counts")
@@ -167,8 +180,9 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
         last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
         answer_mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
-        lp = _answer_logprob(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edits)
-        out.append(np.asarray(lp)[:n_real])
+        inputs = _on_mesh(mesh, (batch.tokens, batch.attention_mask, answer_mask))
+        lp = _answer_logprob(model.params, model.config, *inputs, edits)
+        out.append(host_array(lp)[:n_real])
     return np.concatenate(out)
 
 
