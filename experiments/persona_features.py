@@ -143,7 +143,7 @@ PRESETS = {
     "quick": dict(traits=("evil",), n_pairs=2, n_questions=4, max_new_tokens=32, n_roles=4, role_questions=4,
                   n_candidates=6, context_docs=40, context_max_len=128, n_bins=5, per_bin=2, n_random=6,
                   train_tokens=120_000, train_docs=1500, train_steps=250, train_batch=2048, context_len=256,
-                  n_detect=2, max_detect=4),
+                  n_detect=1, max_detect=2),
     "full": {},
 }
 

@@ -597,3 +597,19 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     dirs, _ = fs.read_directions(out, width=model.config.d_model)
     r2 = fs.run(fs.Config(model="tiny", features=str(out), **fs.PRESETS["ci"]), model, features=(cand, dirs, sae))
     assert r2.traits["evil"]["latents"][0] == cand["traits"]["evil"]["best"]
+
+
+@pytest.mark.slow
+def test_persona_features_prepare_trains_once_into_the_cache(tmp_path):
+    """`prepare` trains the SAE under sae_cache and points the config at it; `load_sae` reads it with its training
+    facts; a second `prepare` reuses the cache."""
+    from experiments import persona_features as pf
+
+    model = tiny_chat_model()
+    cfg = pf.Config(model="tiny", sae_cache=str(tmp_path / "cache"), train_tokens=2000, train_docs=20, train_steps=5,
+                    train_batch=256, d_sae=32, k=4, context_len=64)
+    prepared = pf.prepare(cfg, model)
+    assert prepared.sae == str(pf.sae_run_dir(cfg, 1)) and prepared.layer == 1
+    sae, info = pf.load_sae(model, prepared)
+    assert sae.layer == 1 and sae.d_sae == 32 and info["trained_here"] and info["steps"] == 5
+    assert pf.prepare(cfg, model) == prepared
