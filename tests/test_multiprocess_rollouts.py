@@ -47,7 +47,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # a 2-process launch (~30 s of CPU): the default run's multi-process share is tests/test_multiprocess*.py
+@pytest.mark.slow  # a 2-process launch (~30 s of CPU)
 def test_batches_split_across_processes_give_the_single_process_numbers(tmp_path):
     ref = measure(tiny_model())
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -13,8 +13,9 @@ from psm_jax.atomic import KILL_ENV
 from tests.test_kill_store import jax_cache  # noqa: F401  (fixture)
 
 
-def cache_env(jax_cache) -> dict:
-    return {"JAX_COMPILATION_CACHE_DIR": str(jax_cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+def cache_env(cache_dir) -> dict:
+    """Environment of the workers: one persistent XLA compilation cache for every launch of the session."""
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
