@@ -27,13 +27,19 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    position. With coef_unit "vector" (the default, the papers' unit) s_L = |v_L|, so c = 1 adds the raw
    persona vector; with "residual", s_L is the typical residual norm at layer L (mean per-token norm over
    the model's own responses' assistant tokens). The behavioural measure is the mean
-   over the trait's two-choice items of log P(trait choice) - log P(other choice)
-   (`psm_jax.persona.rollouts.score_answers`, the edit passed as `edits_fn`; vector, layer mask and
-   coefficient are traced so the whole sweep reuses one compilation). The items are split in two
-   balanced halves: the layer is chosen on the *selection* half (largest m(+c_sel) - m(-c_sel)),
-   and the steering curve over `coefficients` is reported on the *held-out* half, with a random
-   direction of the same length as a control. Monotonicity is checked separately for c <= 0 and
-   c >= 0 (strictly increasing).
+   over the trait's two-choice items of log P(trait choice) - log P(other choice). Its validity check runs
+   first: the held-out items under each of the 5 positive minus the 5 negative system prompts (no
+   steering), paired by item, 95% bootstrap interval (`measures.validity`). The items are split in two
+   balanced halves: the layer is chosen on the *selection* half (largest m(+c_sel) - m(-c_sel)), and the
+   steering curve over `coefficients` is reported on the *held-out* half, each point with its perplexity
+   ratio (the model's own unsteered answers scored steered vs not). Only a measure that passes its
+   validity check gets the control: `n_random` random directions at the steered vector's norm (a 95%
+   band of their m(+cmax) - m(-cmax)). Measures are evaluated as data (`ContrastPairs`): the text is
+   tokenised once and a batch of steering vectors (coefficients, layers, random directions) goes through
+   vmapped forwards (`steered_values`). Monotonicity (`psm_jax.persona.stats.monotonic`): `strict` over
+   the sweep, `run4` (the lenient run), and the headline `strict_ppl1.5`: strictly increasing over the
+   points whose perplexity ratio is <= max_ppl_ratio, >= 3 of them spanning both signs. The headline
+   counts only traits whose measure passed its validity check.
 5. Monitoring: for the 5 positive and 5 negative system prompts and the model's default (11
    prompts of varying trait strength), the behavioural measure (held-out items, no steering) vs
    the projection onto the unit vector at the chosen layer of (a) the last prompt token and (b)
@@ -45,14 +51,19 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    `n_response_pairs` instruction pairs per question, the model's own greedy answers under the positive
    and the negative system prompt (unsteered) are reference answers; m = mean over (question, pair) of
    per-token log P(pos answer | question) - per-token log P(neg answer | question), scored without the
-   trait system prompt, steered at every position. Layer chosen by m on the even-indexed questions,
-   curve + random control on the odd-indexed ones; validity = m under the positive minus the negative
-   system prompts (a prompt never scores answers generated under its own instruction pair); monitoring r
-   = last-prompt projection vs m across the 11 system prompts.
+   trait system prompt, steered at every position. Validity = m under the positive minus the negative
+   system prompts per held-out unit (a prompt never scores answers generated under its own instruction
+   pair); layer chosen by m on the even-indexed questions, curve (+ the random band when valid) on the
+   odd-indexed ones; monitoring r = last-prompt projection vs m across the 11 system prompts.
 7. Data screening: for a dataset of (prompt, response) pairs, projection of the given response minus
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
    < 0).
+8. Specificity matrix: cell (i, j) steers with trait i's vector at c = `specificity_coef` at its layer (the
+   layer its valid measure chose) and measures trait j with j's valid measure (items first, then response
+   likelihood) on its held-out units, as a z-score against the same measure under trait i's random
+   directions at the same norm and layer (`stats.zscore`). Pass per trait: diagonal z > 3 and every
+   off-diagonal |z| below it; a trait without a valid measure is marked, not used.
 
 SmolLM2-135M-Instruct is small: claims rest on the behavioural log-prob measure, never on the
 judge; null results are reported as they come.
@@ -877,7 +888,7 @@ def cosine_matrix(results: list[dict]) -> tuple[int, list[str], np.ndarray]:
     return common, [r["trait"] for r in results], Vn @ Vn.T
 
 
-HEADLINE_CRITERIA = (("strict", "increasing"), ("run4", "run"), (f"strict_ppl{{ppl:g}}", "increasing_within_ceiling"))
+HEADLINE_CRITERIA = (("strict", "increasing"), ("run4", "run"), ("strict_ppl{ppl:g}", "increasing_within_ceiling"))
 
 
 def monotonic_counts(results: list[dict], max_ppl_ratio: float) -> dict:
@@ -1408,7 +1419,7 @@ def _monotonic_records(m: dict) -> list[dict]:
         for crit, value in h["counts"].items():
             text = CRITERION_TEXT["strict_ppl" if crit.startswith("strict_ppl") else crit]
             out.append(dict(metric="persona_steering_monotonic_traits", value=value, unit="traits", reference=REFERENCE,
-                            target="= the traits run", n_traits=h["n_traits"], n_valid=h["n_valid"],
+                            target=">= 3 of the traits run", n_traits=h["n_traits"], n_valid=h["n_valid"],
                             valid_traits=h["valid_traits"], measure=measure, criterion=crit,
                             criterion_text=text.format(ppl=m.get("max_ppl_ratio", 1.5)) + "; counts only traits "
                             "whose measure passed its validity check; held-out half, layer chosen on the selection "
