@@ -42,7 +42,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.report import Report, pyplot
+from experiments.report import Report, jsonable, pyplot
 from experiments.report import fmt_num as _f
 from experiments.sae_source import load_feature_sae
 from psm_jax import edits as E
@@ -62,7 +62,7 @@ class Config:
     sae: str | None = None  # override the SAE location recorded in candidates.json
     traits: tuple[str, ...] | None = None  # None: every trait in candidates.json
     n_latents: int = 3  # top persona latents steered: the features run's best, then its other candidates
-    strengths: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # x typical residual norm, candidates for the ppl match
+    strengths: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8)  # x typical residual norm, candidates for the ppl match
     max_ppl_ratio: float = 1.5
     n_random: int = 24  # random directions in the null band (>= 20)
     clamp_multiples: tuple[float, ...] = (0.0, 4.0)  # x the latent's max activation (0 ablates it); () for none
@@ -90,7 +90,7 @@ class Config:
 PRESETS = {
     "ci": dict(n_latents=1, strengths=(0.5,), n_random=20, clamp_multiples=(), n_questions=2, max_new_tokens=6,
                n_ppl_docs=2, ppl_max_chars=200, batch_size=16),
-    "quick": dict(n_latents=2, strengths=(0.25, 0.5, 1.0), n_random=20, clamp_multiples=(4.0,), n_questions=6,
+    "quick": dict(n_latents=2, strengths=(0.05, 0.1, 0.2, 0.4), n_random=20, clamp_multiples=(4.0,), n_questions=6,
                   max_new_tokens=20, n_ppl_docs=4, ppl_max_chars=400, batch_size=48),
     "full": {},
 }
@@ -297,7 +297,8 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
     names = list(named)
     pick = common_strength(strengths, ratios[[names.index(best), names.index("persona vector")]], cfg.max_ppl_ratio)
     s_star = pick["strength"]
-    say(f"{trait.name}: strength {s_star} x typical norm (within the ceiling: {pick['within_ceiling']})")
+    say(f"{trait.name}: strength {s_star} x typical norm (within the ceiling: {pick['within_ceiling']}); perplexity "
+        f"ratios over {strengths}: " + "; ".join(f"{n} {np.round(r, 2).tolist()}" for n, r in zip(names, ratios)))
 
     # 2. one batched generation: unsteered, each direction and the band at s_star, and the validity answers (no
     # steering) under the positive / negative prompts of another instruction pair; then the clamp answers
@@ -540,4 +541,4 @@ def records(result: Result) -> list[dict]:
                         n_random=int(np.isfinite(r["random_effects"]).sum()),
                         vector_z=float(vec["z"]), vector_effect=vec["effect"]["estimate"], layer=result.layer,
                         model=result.config.model))
-    return out
+    return [jsonable(line) for line in out]  # NaN -> None: strict JSON lines

@@ -56,7 +56,7 @@ import jax
 import numpy as np
 
 from psm_jax.persona import rollouts
-from experiments.report import Report, atomic_write_json, fmt_num, pyplot
+from experiments.report import Report, atomic_write_json, fmt_num, jsonable, pyplot
 from psm_jax import edits as E
 from psm_jax.persona.directions import SITE, random_directions, unit
 from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, outside_band, paired_effect, zscore
@@ -841,4 +841,4 @@ def records(result: Result) -> list[dict]:
                         best_decoder_cosine_z=m.get("best_decoder_cosine_z"),
                         best_detection_accuracy=m["best_detection_balanced_accuracy"],
                         best_detection_auroc=m["best_detection_auroc"], layer=result.sae.layer, model=cfg.model))
-    return out
+    return [jsonable(line) for line in out]  # NaN -> None: strict JSON lines
