@@ -27,8 +27,8 @@ Evaluation, each with and without capping (greedy decoding; log-prob measures ne
   * cost: perplexity on ShareGPT assistant turns (percent change) and accuracy on held-out four-option questions
     (data/capability/qa.json, answered by likelihood; paired bootstrap of the change; chance 25%).
 
-Trait two-choice items are used only on a model where their validity check passed
-(`Trait.items_are_evidence`); the check is re-run here on the items used and shown next to them.
+Trait two-choice items count as evidence only where their validity check, re-run here on the items used, passes;
+the table shows it next to the stored per-model check (`Trait.items_are_evidence`, benchmarks/trait_items_validity.py).
 
     psm capping axis_file=reports/assistant_axis/axis.safetensors layers=18:26 percentile=25 --out runs/capping
     psm capping --preset quick axis_file=none --out runs/capping_quick    # estimates a small axis itself
@@ -573,6 +573,7 @@ def run(cfg: Config, model, progress=None) -> Result:
             trait_dist["role"].append(np.abs(d_role - d0))
             trait_dist["role+cap"].append(np.abs(d_cap - d0))
         trait_rows.append({"trait": t, "items": len(items), "validity": measures.validity_text(check),
+                           "stored check passed": trait.items_are_evidence(cfg.model),
                            "evidence": bool(check["valid"]), "default": d0, "role prompts": float(d_role.mean()),
                            "role prompts + capping": float(d_cap.mean()),
                            "|role - default|": float(np.mean(np.abs(d_role - d0))),
@@ -767,7 +768,8 @@ generous ("help" counts). No judge is used.
         ex.append({"role": rp[i // max(1, len(cfg.roleplay_probes))].id + " (role-play, end)",
                    "probe": end_convs[i][-1]["content"], "no cap": end_plain[i].response.replace("\n", " ")[:120],
                    "capped": end_cap[i].response.replace("\n", " ")[:120]})
-    rep.table("Examples (greedy)", ex)
+    if ex:
+        rep.table("Examples (greedy)", ex)
     # (strings are kept out of the top level where they could look like JSON to load_vectors)
     rep.save_vectors("capping", {"axis": axis},
                      {"model": cfg.model, "site": SITE, "layers": list(layers),
