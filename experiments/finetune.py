@@ -303,7 +303,7 @@ def _shift_summary(delta_acts, vector, cfg: Config, seed: int) -> dict:
     return {"per_question": per_q, "ci": bootstrap_ci(per_q, seed=seed), "null": null_band(null)}
 
 
-def evaluate(model, tuned, trait, vector, layer: int, base: dict, cfg: Config, variant: Variant, ppl_convs) -> dict:
+def evaluate(model, tuned, vector, layer: int, base: dict, cfg: Config, variant: Variant, ppl_convs) -> dict:
     """Shift, behaviour change (and the variant's own effect) of one fine-tuned model on the evaluation questions."""
     qs = base["questions"]
     acts = last_prompt_acts(tuned, qs, base["answers"], layer, cfg)
@@ -378,7 +378,7 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say) -> di
     for variant in build_variants(trait, questions, answers, screen, cfg):
         trained = train(model, variant, vector, layer, cfg, key, say)
         tuned = dataclasses.replace(model, params=trained.pop("params"))
-        ev = evaluate(model, tuned, trait, vector, layer, base, cfg, variant, ppl_convs)
+        ev = evaluate(model, tuned, vector, layer, base, cfg, variant, ppl_convs)
         rows.append({"variant": variant, "training": trained, **ev})
     return {"trait": trait.name, "layer": layer, "vector_norm": float(np.linalg.norm(vector)),
             "screening_validity": {k: bootstrap_ci(v, seed=cfg.seed) for k, v in screen.items()},
