@@ -1,26 +1,29 @@
 """KV-cache editing of a persisted persona (after Beckmann & Butlin 2026).
 
-A conversation establishes a non-Assistant persona. Before a probe question ("Who are you?" and
-other identity probes) is appended, the cached states at the *assistant-token* positions of the
-history are pushed along the Assistant Axis over a layer range, in two ways:
+A conversation establishes a non-Assistant persona through its assistant turns only (the role-play system
+prompt is left out of the cache): either the packaged scripted replies or the model's own replies, sampled turn
+by turn under that system prompt. Before a probe question ("Who are you?" and other identity probes) is
+appended, the cached states at the *assistant-token* positions of the history are pushed along the Assistant
+Axis over a layer range, in two modes:
   recompute  re-run the prefill with a resid_pre edit masked to those positions (later layers'
              K/V change as a consequence), keep the cache, decode unedited;
   direct     rebuild K/V only at the chosen layers from the edited resid_pre, re-applying RoPE
              at the stored positions.
-Strength is given two ways ("15%" is ambiguous): `norm` (default) adds s * mean|h| along the unit
-axis (mean over the edited positions): s > 0 always moves toward the Assistant pole; `scale`
-multiplies the projection onto the unit axis by (1 + s), which moves *away from zero* and so
-toward the Assistant only where the projection is already positive. Negative strengths are the
-converse control (toward the persona).
+Strength is given two ways ("15%" is ambiguous), `strength_kind=both` runs each: `norm` adds s * mean|h| along
+the unit axis (mean over the edited positions): s > 0 always moves toward the Assistant pole; `scale`
+multiplies the projection onto the unit axis by (1 + s), which moves *away from zero* and so toward the
+Assistant only where the projection is already positive. Negative strengths push toward the persona.
 
-Measures per condition, for N sampled answers per probe with fixed seeds: the fraction of answers
-that speak as an AI assistant (keyword scorer), the log-odds of an assistant-identity answer over a
-persona answer, and the mean axis projection of the sampled answers' tokens. Control: capping on
-assistant tokens only, and how much it moves user-token projections compared with assistant ones.
+Measures per condition, for N sampled answers per probe with fixed seeds: the fraction of answers that speak as
+an AI assistant (keyword scorer), the per-token identity log-odds of an assistant answer over a persona answer
+(each answer's log-likelihood divided by its length, so answers of different lengths compare fairly), and the
+mean axis projection of the sampled answers' tokens. Controls at the largest strength: the same edit on the
+user-token positions, and a band of random directions at the axis edit's per-layer displacement (matched norm;
+log-odds only, one compiled body mapped over the directions); capping on assistant tokens only, and how much it
+moves user-token projections compared with assistant ones.
 
-The independent unit is a (conversation, probe) pair: samples within it share the edited cache and are not
-independent, so intervals are bootstrapped over pairs and `n` counts pairs. The identity log-odds is per token
-(each answer's log-likelihood divided by its length), so answers of different lengths compare fairly.
+The independent unit is a (conversation, probe) pair: samples within it share the edited cache, and the histories
+of one conversation share its persona and user turns, so intervals are bootstrapped over pairs and `n` counts them.
 
     psm kv-editing --preset quick --out runs/kv_editing        psm kv-editing strength_kind=scale samples=8
 """
@@ -43,15 +46,21 @@ from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import unit
-from psm_jax.persona.stats import paired_effect
+from psm_jax.persona.stats import bootstrap_ci, null_band, outside_band
 
 PERSONA_SOURCE = {
     "conversation": "The persona is established by the conversation only: its role-play system prompt is left out, "
                     "so the persona lives in the in-character assistant turns that the edit acts on.",
     "system": "The persona is set by the conversation's system prompt, which stays unedited in the cache.",
 }
-CONTROLS = ("control_user", "control_random")  # same edit on user-token positions; a random direction
+HISTORIES = {
+    "scripted": "the packaged role-play replies",
+    "generated": "the model's own replies, sampled turn by turn under the role-play system prompt (then left out)",
+}
+KINDS = {"norm": ("norm",), "scale": ("scale",), "both": ("norm", "scale")}
+CONTROLS = ("control_user", "control_random")  # same edit on user-token positions; random directions (a band)
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
+ANSWER_ROOM = 32  # cache slots reserved for a scored identity answer
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
 
 
@@ -59,48 +68,57 @@ ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
 class Config:
     model: str = DEFAULT_MODEL
     conversations: tuple[str, ...] = ()  # ids from psm_jax/persona/data/conversations/roleplay.json
-    n_conversations: int = 2  # used when `conversations` is empty: the first n
+    n_conversations: int = 3  # used when `conversations` is empty: the first n
     probes: int = 3  # number of identity probe questions
-    samples: int = 8  # sampled answers per probe and condition
+    samples: int = 6  # sampled answers per probe and condition
     max_new_tokens: int = 32
     temperature: float = 0.8
     top_p: float = 0.95
     strengths: tuple[float, ...] = (-0.15, 0.15, 0.3)
-    strength_kind: str = "norm"  # norm | scale
-    layer_ranges: tuple[tuple[int, int], ...] = ((10, 20), (4, 26))  # [start, end) block inputs
+    strength_kind: str = "norm"  # norm | scale | both (each strength applied in each kind)
+    layer_ranges: tuple[tuple[int, int], ...] = ((10, 20),)  # [start, end) block inputs
     readout_layer: int = 15  # resid_post layer of the axis projection readout
     axis_file: str | None = None  # safetensors with key "axis" [n_layers, d_model]; None = estimate
     axis_roles: int = 12
     axis_questions: int = 4
     persona_source: str = "conversation"  # "conversation": the role-play's system prompt is left out, so the persona
     # lives in the assistant turns only (the paper's condition); "system": it stays in the cache, unedited
-    controls: bool = True  # direct edits at the largest strength on user tokens, and along a random direction
+    histories: tuple[str, ...] = ("scripted", "generated")  # where the in-character assistant turns come from
+    history_tokens: int = 64  # new tokens per generated assistant turn
+    controls: bool = True  # at the largest strength: the edit on user tokens, and a band of random directions
+    n_random: int = 20  # random directions (matched norm) in the control band; identity log-odds only
     seed: int = 0
 
     def __post_init__(self):
-        if self.strength_kind not in ("scale", "norm"):
-            raise ValueError(f"strength_kind={self.strength_kind!r}; expected 'scale' or 'norm'")
+        if self.strength_kind not in KINDS:
+            raise ValueError(f"strength_kind={self.strength_kind!r}; expected 'norm', 'scale' or 'both'")
         if self.persona_source not in ("conversation", "system"):
             raise ValueError(f"persona_source={self.persona_source!r}; expected 'conversation' or 'system'")
         if self.samples < 1 or self.probes < 1:
             raise ValueError(f"samples={self.samples}, probes={self.probes}; expected both >= 1")
+        bad = [h for h in self.histories if h not in HISTORIES]
+        if bad or not self.histories:
+            raise ValueError(f"histories={self.histories!r}; expected a non-empty subset of {tuple(HISTORIES)}")
+        if self.history_tokens < 1 or self.n_random < 2:
+            raise ValueError(f"history_tokens={self.history_tokens}, n_random={self.n_random}; expected >= 1 and >= 2")
 
 
 PRESETS = {
-    "ci": dict(n_conversations=1, probes=1, samples=2, strengths=(0.3,), max_new_tokens=8, layer_ranges=((10, 20),)),
+    "ci": dict(n_conversations=1, probes=1, samples=2, strengths=(0.3,), max_new_tokens=8, histories=("scripted",)),
     "quick": dict(n_conversations=1, probes=2, samples=4, strengths=(-0.15, 0.3), max_new_tokens=24,
-                  layer_ranges=((10, 20),)),
-    "full": {},
+                  histories=("scripted",)),
+    "full": dict(strength_kind="both"),
 }
 
 
 @dataclasses.dataclass
 class Result:
     config: Config
-    rows: list[dict]  # one per (conversation, probe, condition)
+    rows: list[dict]  # one per (conversation, history, probe, condition)
     control: list[dict]  # assistant-token capping: projection shifts per conversation
-    samples: list[tuple]  # (conversation, mode, strength, layers, first answers) for the report
+    samples: list[tuple]  # (conversation, history, mode, kind, strength, layers, first answers) for the report
     seconds: float
+    histories: dict = dataclasses.field(default_factory=dict)  # "conversation/history" -> assistant turns shown
 
 
 def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_size: int = 16) -> np.ndarray:
@@ -119,6 +137,25 @@ def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_si
     return axis_from_vectors(default_vec, role_vecs).astype(np.float32)
 
 
+def generated_history(model, conv, cfg: Config, key) -> list[dict]:
+    """The conversation's user turns with the model's own in-character replies: each assistant turn is sampled
+    under the role-play system prompt and the history so far (so the persona persists in the model's own words).
+    The system prompt is kept in the returned messages; `run` drops it when the persona comes from the
+    conversation only."""
+    from psm_jax.persona.rollouts import generate_responses
+
+    msgs = [{"role": m.role, "content": m.content} for m in conv.messages if m.role == "system"]
+    for m in conv.messages:
+        if m.role != "user":
+            continue
+        msgs.append({"role": "user", "content": m.content})
+        key, sub = jax.random.split(key)
+        roll = generate_responses(model, [msgs], max_new_tokens=cfg.history_tokens, temperature=cfg.temperature,
+                                  top_p=1.0, key=sub, batch_size=1)[0]
+        msgs.append({"role": "assistant", "content": roll.response or "..."})
+    return msgs
+
+
 def _history_and_probe(model, history: list[dict], probe: str):
     """Tokens of history (cache prefix) and of the probe turn + generation prompt, checked to be a
     prefix split of the full rendering."""
@@ -132,19 +169,38 @@ def _history_and_probe(model, history: list[dict], probe: str):
     return hist, full.tokens[n:]
 
 
-def _edit(config, model, kind: str, strength: float, layers, positions, u, mean_norms):
+def _edit(model, kind: str, strength: float, layers, positions, u, scale_l):
+    """The cache edit: `norm` adds strength * scale_l[l] along the unit direction (scale_l: mean |h| per layer);
+    `scale` multiplies the projection onto it by (1 + strength)."""
     if kind == "scale":
         return E.scale_projection(model.config, u, 1.0 + strength, layers=layers, site="resid_pre",
                                   positions=positions, extend=False)
-    coef = jnp.asarray(strength * mean_norms, jnp.float32)  # per layer
+    coef = jnp.asarray(strength * scale_l, jnp.float32)  # per layer
     return E.add(model.config, u, layers=layers, coef=coef, site="resid_pre", positions=positions, extend=False)
 
 
-def _answer_logprob(params, config, cache, tokens):
-    """Sum log p(tokens[1:]) continuing `cache` (tokens[0] is scored from the cache's last logits)."""
+def _per_token_logprob(params, config, cache, probe, answer):
+    """Mean log p(answer token) after the probe turn, continuing `cache`: [B]. probe [B, P], answer [B, A]."""
+    tokens = jnp.concatenate([probe, answer], axis=1)
     out = forward(params, config, tokens, cache=cache)
-    lp = jax.nn.log_softmax(out.logits[:, :-1], -1)
-    return jnp.sum(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0], axis=-1)
+    P, A = probe.shape[1], answer.shape[1]
+    lp = jax.nn.log_softmax(out.logits[:, P - 1:P + A - 1].astype(jnp.float32), -1)
+    return jnp.take_along_axis(lp, answer[..., None], -1)[..., 0].mean(-1)
+
+
+def _identity_logodds(params, config, cache, probe, assistant, persona):
+    """Per-token log-odds of the assistant identity answer over the persona answer after the probe: [B]."""
+    return (_per_token_logprob(params, config, cache, probe, assistant)
+            - _per_token_logprob(params, config, cache, probe, persona))
+
+
+def _band_logodds(params, config, cache, resid, probe, assistant, persona, edit, vectors):
+    """Identity log-odds after the direct edit `edit` with its vector replaced by each of `vectors` [n, L, D]
+    (one compiled body mapped over the directions, in batches): [n, B]."""
+    def one(v):
+        edited = edit_cache_direct(params, config, cache, resid, edit.replace(vector=v))
+        return _identity_logodds(params, config, edited, probe, assistant, persona)
+    return jax.lax.map(one, vectors, batch_size=10)
 
 
 class _Runner:
@@ -161,8 +217,9 @@ class _Runner:
             top_p=cfg.top_p, sample=True, use_top_p=cfg.top_p < 1.0, eos_ids=self.eos, pad_id=self.pad))
         self.readout = jax.jit(lambda p, cache, t, mask: _readout(p, c, cache, t, mask, cfg.readout_layer,
                                                                   u_all[cfg.readout_layer]))
-        self.logprob = jax.jit(lambda p, cache, t: _answer_logprob(p, c, cache, t))
+        self.logodds = jax.jit(lambda p, cache, t, a, b: _identity_logodds(p, c, cache, t, a, b))
         self.direct = jax.jit(lambda p, cache, resid, e: edit_cache_direct(p, c, cache, resid, e))
+        self.band = jax.jit(lambda p, cache, resid, t, a, b, e, v: _band_logodds(p, c, cache, resid, t, a, b, e, v))
 
     def set_sizes(self, size, eos, pad):
         self._size, self.eos, self.pad = size, eos, pad
@@ -176,8 +233,25 @@ def _readout(params, config, cache, tokens, mask, layer, u):
     return jnp.sum(proj * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
 
 
+def _conditions(cfg: Config) -> list[tuple]:
+    """(mode, kind, strength, layer range) for every condition; "none" is the unedited cache."""
+    kinds = KINDS[cfg.strength_kind]
+    out = [("none", "-", 0.0, None)] + [(mode, kind, s, lr) for kind in kinds for mode in ("recompute", "direct")
+                                        for lr in cfg.layer_ranges for s in cfg.strengths]
+    if cfg.controls and max(cfg.strengths) > 0:  # the largest positive edit, where the hypothesis says it cannot act
+        out += [(ctl, kind, max(cfg.strengths), cfg.layer_ranges[0]) for kind in kinds for ctl in CONTROLS]
+    return out
+
+
+def _answer_ids(model, text: str) -> np.ndarray:
+    ids = np.asarray(model.tokenizer(text, add_special_tokens=False)["input_ids"], np.int32)
+    if not 0 < len(ids) <= ANSWER_ROOM:
+        raise ValueError(f"identity answer {text!r} takes {len(ids)} tokens; expected 1..{ANSWER_ROOM}")
+    return ids
+
+
 def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Result:
-    """Every condition on every (conversation, probe) pair, and the capping control. No files."""
+    """Every condition on every (conversation, history, probe), and the capping control. No files."""
     from psm_jax.persona import datasets
     from psm_jax.persona.rollouts import eos_ids
 
@@ -216,73 +290,104 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
 
     runner = _Runner(model, cfg, jnp.asarray(u_all))
     eos, pad = eos_ids(model), (model.config.pad_token_id or 0)
-    rows, key = [], jax.random.key(cfg.seed)
-    samples_shown = []
-    conditions = [("none", 0.0, None)] + [(mode, s, lr) for mode in ("recompute", "direct")
-                                          for lr in cfg.layer_ranges for s in cfg.strengths]
-    if cfg.controls and max(cfg.strengths) > 0:  # the largest positive edit, where the hypothesis says it cannot act
-        conditions += [(ctl, max(cfg.strengths), cfg.layer_ranges[0]) for ctl in CONTROLS]
-    u_random = np.asarray(unit(np.random.default_rng(cfg.seed + 1).normal(size=u_all.shape)), np.float32)
-    for conv in convs:
-        history = [{"role": m.role, "content": m.content} for m in conv.messages
-                   if m.role != "system" or cfg.persona_source == "system"]
-        persona_answer = f"I am {conv.role.replace('_', ' ')}." if conv.role else "I am not an assistant."
-        for probe in probes:
-            if progress:
-                progress(f"conversation {conv.id}, probe {probe!r}")
-            hist, probe_tokens = _history_and_probe(model, history, probe)
+    rows, samples_shown, shown_histories = [], [], {}
+    conditions = _conditions(cfg)
+    rng = np.random.default_rng(cfg.seed + 1)
+    u_random = np.asarray(unit(rng.normal(size=(cfg.n_random,) + u_all.shape)), np.float32)  # [n, L, D]
+    assistant_ids = _answer_ids(model, ASSISTANT_ANSWER)
+    B = cfg.samples
+    for ci, conv in enumerate(convs):
+        persona_ids = _answer_ids(model, f"I am {conv.role.replace('_', ' ')}." if conv.role
+                                  else "I am not an assistant.")
+        for history_kind in cfg.histories:
+            msgs = (conv.as_dicts() if history_kind == "scripted" else
+                    generated_history(model, conv, cfg, jax.random.fold_in(jax.random.key(cfg.seed), ci)))
+            history = [m for m in msgs if m["role"] != "system" or cfg.persona_source == "system"]
+            if history_kind == "generated":
+                shown_histories[f"{conv.id}/generated"] = [m["content"] for m in history if m["role"] == "assistant"]
+            hist, _ = _history_and_probe(model, history, probes[0])
             n = len(hist)
-            if len(probe_tokens) > PROBE_ROOM:
-                raise ValueError(f"probe {probe!r} takes {len(probe_tokens)} tokens; at most {PROBE_ROOM} fit")
-            size = n + PROBE_ROOM + cfg.max_new_tokens  # a function of n only: jitted shapes stay consistent
+            size = n + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of n only: shapes consistent
             runner.set_sizes(size, eos, pad)
-            B = cfg.samples
-            hist_tokens = jnp.asarray(np.repeat(hist.tokens[None], B, 0))
-            asst = np.zeros((B, size), bool)
-            asst[:, :n] = (hist.roles == Role.ASSISTANT)[None]
-            user = np.zeros((B, size), bool)
-            user[:, :n] = (hist.roles == Role.USER)[None]
-            base = runner.prefill(model.params, hist_tokens, ())
-            resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
-            h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, hist.roles == Role.ASSISTANT])
-            mean_norms = np.linalg.norm(h_asst, axis=-1).mean(axis=1)  # [L]
-            for mode, strength, lr in conditions:
-                if mode == "none":
-                    cache = base.cache
-                else:
-                    layers = list(range(*lr))
-                    positions = user if mode == "control_user" else asst
-                    direction = u_random if mode == "control_random" else u_all
-                    edit = _edit(cfg, model, cfg.strength_kind, strength, layers, positions, direction, mean_norms)
-                    if mode == "recompute":
-                        cache = runner.prefill(model.params, hist_tokens, (edit,)).cache
-                    else:
-                        cache = runner.direct(model.params, base.cache, resid, edit)
+            caches, band = _history_caches(model, cfg, runner, hist, size, conditions, u_all, u_random)
+            for probe in probes:
+                if progress:
+                    progress(f"conversation {conv.id} ({history_kind}), probe {probe!r}")
+                _, probe_tokens = _history_and_probe(model, history, probe)
+                if len(probe_tokens) > PROBE_ROOM:
+                    raise ValueError(f"probe {probe!r} takes {len(probe_tokens)} tokens; at most {PROBE_ROOM} fit")
                 probe_b = jnp.asarray(np.repeat(probe_tokens[None], B, 0))
-                ext = runner.extend(model.params, cache, probe_b)
-                key, sub = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), len(rows)))
-                gen = runner.decode(model.params, ext.cache, ext.logits[:, -1], sub)
-                toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
-                texts = [model.tokenizer.decode(toks[i, :lengths[i] - int(done[i])], skip_special_tokens=True)
-                         for i in range(B)]
-                valid = np.arange(cfg.max_new_tokens)[None] < (lengths - done)[:, None]
-                proj = np.asarray(runner.readout(model.params, ext.cache, jnp.asarray(toks), jnp.asarray(valid)))
-                lp = {}
-                for name, ans in (("assistant", ASSISTANT_ANSWER), ("persona", persona_answer)):
-                    ids = model.tokenizer(ans, add_special_tokens=False)["input_ids"]
-                    first = float(jax.nn.log_softmax(ext.logits[0, -1])[ids[0]])
-                    rest = runner.logprob(model.params, ext.cache, jnp.asarray([ids] * B, jnp.int32))
-                    lp[name] = (first + float(rest[0])) / len(ids)  # per token: the answers differ in length
-                row = dict(conversation=conv.id, probe=probe, mode=mode, strength=strength,
-                           layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B,
-                           assistant_rate=float(np.mean([is_assistant(t) for t in texts])),
-                           identity_logodds=lp["assistant"] - lp["persona"], answer_projection=float(proj.mean()))
-                rows.append(row)
-                if probe == probes[0] and (mode == "none" or strength == max(cfg.strengths)):
-                    samples_shown.append((conv.id, mode, strength, row["layers"], texts[:2]))
+                ans = [jnp.asarray(np.repeat(a[None], B, 0)) for a in (assistant_ids, persona_ids)]
+                for cond in conditions:
+                    mode, kind, strength, lr = cond
+                    row = dict(conversation=conv.id, history=history_kind, probe=probe, mode=mode, kind=kind,
+                               strength=strength, layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B)
+                    if mode == "control_random":
+                        cache1, resid1, edit1 = band[kind]
+                        lo = runner.band(model.params, cache1, resid1, jnp.asarray(probe_tokens[None]),
+                                         jnp.asarray(assistant_ids[None]), jnp.asarray(persona_ids[None]), edit1,
+                                         jnp.asarray(u_random))
+                        per_dir = np.asarray(lo)[:, 0]
+                        rows.append(dict(row, n=0, assistant_rate=float("nan"), answer_projection=float("nan"),
+                                         identity_logodds=float(per_dir.mean()),
+                                         band_logodds=[float(x) for x in per_dir]))
+                        continue
+                    cache = caches[cond]
+                    ext = runner.extend(model.params, cache, probe_b)
+                    sub = jax.random.fold_in(jax.random.key(cfg.seed), len(rows))
+                    gen = runner.decode(model.params, ext.cache, ext.logits[:, -1], sub)
+                    toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
+                    texts = [model.tokenizer.decode(toks[i, :lengths[i] - int(done[i])], skip_special_tokens=True)
+                             for i in range(B)]
+                    valid = np.arange(toks.shape[1])[None] < (lengths - done)[:, None]
+                    proj = np.asarray(runner.readout(model.params, ext.cache, jnp.asarray(toks), jnp.asarray(valid)))
+                    logodds = float(runner.logodds(model.params, cache, probe_b, *ans)[0])
+                    row.update(assistant_rate=float(np.mean([is_assistant(t) for t in texts])),
+                               identity_logodds=logodds, answer_projection=float(proj.mean()))
+                    rows.append(row)
+                    if probe == probes[0] and (mode == "none" or strength == max(cfg.strengths)):
+                        samples_shown.append((conv.id, history_kind, mode, kind, strength, row["layers"], texts[:2]))
 
     control = capping_control(model, convs, u_all, cfg)
-    return Result(config=cfg, rows=rows, control=control, samples=samples_shown, seconds=time.time() - t0)
+    return Result(config=cfg, rows=rows, control=control, samples=samples_shown, seconds=time.time() - t0,
+                  histories=shown_histories)
+
+
+def _history_caches(model, cfg: Config, runner: _Runner, hist, size: int, conditions, u_all, u_random):
+    """The edited cache of every decoded condition for one history (the probe is appended later), and per kind
+    the B=1 cache, block inputs and template edit of the random-direction band."""
+    B, n = cfg.samples, len(hist)
+    hist_tokens = jnp.asarray(np.repeat(hist.tokens[None], B, 0))
+    asst = np.zeros((B, size), bool)
+    asst[:, :n] = (hist.roles == Role.ASSISTANT)[None]
+    user = np.zeros((B, size), bool)
+    user[:, :n] = (hist.roles == Role.USER)[None]
+    base = runner.prefill(model.params, hist_tokens, ())
+    resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
+    h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, hist.roles == Role.ASSISTANT], np.float64)  # [L, n_a, D]
+    mean_norm = np.linalg.norm(h_asst, axis=-1).mean(axis=1)  # [L]
+    mean_abs_proj = np.abs(np.einsum("lnd,ld->ln", h_asst, u_all)).mean(axis=1)  # [L]
+    caches, band = {}, {}
+    for cond in conditions:
+        mode, kind, strength, lr = cond
+        if mode == "none":
+            caches[cond] = base.cache
+            continue
+        layers = list(range(*lr))
+        if mode == "control_random":  # matched norm: the axis edit's mean displacement per layer, along r
+            disp = mean_norm if kind == "norm" else mean_abs_proj
+            edit1 = E.add(model.config, u_random[0], layers=layers, coef=jnp.asarray(strength * disp, jnp.float32),
+                          site="resid_pre", positions=asst[:1], extend=False)
+            b1 = runner.prefill(model.params, hist_tokens[:1], ())
+            band[kind] = (b1.cache, resid[:, :1], edit1)
+            continue
+        positions = user if mode == "control_user" else asst
+        edit = _edit(model, kind, strength, layers, positions, u_all, mean_norm)
+        if mode == "recompute":
+            caches[cond] = runner.prefill(model.params, hist_tokens, (edit,)).cache
+        else:
+            caches[cond] = runner.direct(model.params, base.cache, resid, edit)
+    return caches, band
 
 
 def capping_control(model, convs, u_all, cfg: Config):
@@ -314,55 +419,126 @@ def capping_control(model, convs, u_all, cfg: Config):
     return out
 
 
+def _nanmean(values) -> float:
+    x = np.asarray(values, np.float64)
+    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Per condition (mode, layers, strength): means over (conversation, probe) pairs, n = pairs."""
-    keys = sorted({(r["mode"], r["layers"], r["strength"]) for r in rows}, key=lambda k: (k[0] != "none", k))
+    """Per condition (mode, kind, layers, strength): means over rows; n = (conversation, probe) units (the
+    histories of one conversation share its persona and user turns, so they are not separate units)."""
+    keys = sorted({(r["mode"], r["kind"], r["layers"], r["strength"]) for r in rows},
+                  key=lambda k: (k[0] != "none", k[0] in CONTROLS, k))
     agg = []
-    for mode, layers, s in keys:
-        sel = [r for r in rows if (r["mode"], r["layers"], r["strength"]) == (mode, layers, s)]
-        agg.append(dict(mode=mode, layers=layers, strength=s, n=len(sel), samples=sum(r["n"] for r in sel),
-                        assistant_rate=float(np.mean([r["assistant_rate"] for r in sel])),
-                        identity_logodds=float(np.mean([r["identity_logodds"] for r in sel])),
-                        answer_projection=float(np.mean([r["answer_projection"] for r in sel]))))
+    for mode, kind, layers, s in keys:
+        sel = [r for r in rows if (r["mode"], r["kind"], r["layers"], r["strength"]) == (mode, kind, layers, s)]
+        agg.append(dict(mode=mode, kind=kind, layers=layers, strength=s,
+                        n=len({(r["conversation"], r["probe"]) for r in sel}), samples=sum(r["n"] for r in sel),
+                        assistant_rate=_nanmean([r["assistant_rate"] for r in sel]),
+                        identity_logodds=_nanmean([r["identity_logodds"] for r in sel]),
+                        answer_projection=_nanmean([r["answer_projection"] for r in sel])))
     return agg
 
 
-def control_shifts(rows: list[dict], seed: int = 0) -> dict:
-    """Per control condition: the identity log-odds shift against the unedited cache, paired by (conversation,
-    probe), with a 95% bootstrap interval; a control that works has an interval containing 0."""
-    base = {(r["conversation"], r["probe"]): r for r in rows if r["mode"] == "none"}
-    out = {}
-    for ctl in CONTROLS:
-        sel = [r for r in rows if r["mode"] == ctl]
-        if sel:
-            eff = paired_effect([r["identity_logodds"] for r in sel],
-                                [base[(r["conversation"], r["probe"])]["identity_logodds"] for r in sel], seed=seed)
-            out[ctl] = dict(strength=sel[0]["strength"], layers=sel[0]["layers"], n=eff["n"],
-                            logodds_shift=eff["estimate"], ci_low=eff["low"], ci_high=eff["high"])
-    return out
+def _unit_shifts(rows: list[dict], sel: list[dict], field: str = "identity_logodds") -> dict:
+    """Per (conversation, probe) unit: the mean over its histories of `field` in `sel` minus the unedited cache's."""
+    base = {(r["conversation"], r["history"], r["probe"]): r[field] for r in rows if r["mode"] == "none"}
+    per_unit: dict = {}
+    for r in sel:
+        per_unit.setdefault((r["conversation"], r["probe"]), []).append(
+            r[field] - base[(r["conversation"], r["history"], r["probe"])])
+    return {k: float(np.mean(v)) for k, v in per_unit.items()}
 
 
-def identity_shifts(rows: list[dict], seed: int = 0) -> dict:
-    """Per edit mode, at its largest positive strength: the identity log-odds shift against the unedited cache,
-    paired by (conversation, probe), with a 95% bootstrap interval over those pairs."""
-    base = {(r["conversation"], r["probe"]): r for r in rows if r["mode"] == "none"}
+def _shift(rows: list[dict], sel: list[dict], seed: int) -> dict:
+    """The identity log-odds shift of `sel` against the unedited cache, 95% bootstrap interval over units."""
+    ci = bootstrap_ci(list(_unit_shifts(rows, sel).values()), seed=seed)
+    return dict(n=ci["n"], logodds_shift=ci["estimate"], ci_low=ci["low"], ci_high=ci["high"])
+
+
+def _only(rows: list[dict], history: str | None) -> list[dict]:
+    return rows if history is None else [r for r in rows if r["history"] == history]
+
+
+def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
+    """Per edit mode and strength kind ("mode/kind"), at the largest positive strength (first layer range): the
+    identity log-odds shift against the unedited cache, with a 95% bootstrap interval over (conversation, probe)
+    units (`history`: only that history kind; None: their mean within a unit)."""
+    rows = _only(rows, history)
     out = {}
     for mode in ("recompute", "direct"):
-        cand = [r for r in rows if r["mode"] == mode and r["strength"] > 0]
-        if not cand:
-            continue
-        top = max(r["strength"] for r in cand)
-        layers = sorted({r["layers"] for r in cand if r["strength"] == top})[0]
-        sel = [r for r in cand if r["strength"] == top and r["layers"] == layers]
-        b = [base[(r["conversation"], r["probe"])] for r in sel]
-        eff = paired_effect([r["identity_logodds"] for r in sel], [x["identity_logodds"] for x in b], seed=seed)
-        out[mode] = dict(strength=top, layers=layers, n=eff["n"], samples_per_unit=sel[0]["n"],
-                         logodds_shift=eff["estimate"], ci_low=eff["low"], ci_high=eff["high"],
-                         assistant_rate_shift=float(np.mean([r["assistant_rate"] - x["assistant_rate"]
-                                                             for r, x in zip(sel, b)])),
-                         projection_shift=float(np.mean([r["answer_projection"] - x["answer_projection"]
-                                                         for r, x in zip(sel, b)])))
+        for kind in sorted({r["kind"] for r in rows if r["mode"] == mode}, key=lambda k: k != "norm"):
+            cand = [r for r in rows if r["mode"] == mode and r["kind"] == kind and r["strength"] > 0]
+            if not cand:
+                continue
+            top = max(r["strength"] for r in cand)
+            layers = sorted({r["layers"] for r in cand if r["strength"] == top})[0]
+            sel = [r for r in cand if r["strength"] == top and r["layers"] == layers]
+            out[f"{mode}/{kind}"] = dict(
+                mode=mode, kind=kind, strength=top, layers=layers, samples_per_unit=sel[0]["n"],
+                **_shift(rows, sel, seed),
+                assistant_rate_shift=float(np.mean(list(_unit_shifts(rows, sel, "assistant_rate").values()))),
+                projection_shift=float(np.mean(list(_unit_shifts(rows, sel, "answer_projection").values()))))
     return out
+
+
+def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
+    """Per control and kind ("control/kind"): the identity log-odds shift against the unedited cache, 95% bootstrap
+    interval over units; a control that works has an interval containing 0. For the random directions also the
+    null band: the central 95% of the per-direction mean shifts, and whether the direct axis edit of the same
+    kind, strength and layers lies outside it."""
+    rows = _only(rows, history)
+    out = {}
+    for ctl in CONTROLS:
+        for kind in sorted({r["kind"] for r in rows if r["mode"] == ctl}, key=lambda k: k != "norm"):
+            sel = [r for r in rows if r["mode"] == ctl and r["kind"] == kind]
+            v = dict(control=ctl, kind=kind, strength=sel[0]["strength"], layers=sel[0]["layers"],
+                     **_shift(rows, sel, seed))
+            if ctl == "control_random":
+                per_dir = np.asarray([r["band_logodds"] for r in sel])  # [rows, directions]
+                base = {(r["conversation"], r["history"], r["probe"]): r["identity_logodds"]
+                        for r in rows if r["mode"] == "none"}
+                b = np.asarray([base[(r["conversation"], r["history"], r["probe"])] for r in sel])
+                band = null_band((per_dir - b[:, None]).mean(axis=0))
+                axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
+                             and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
+                axis_shift = float(np.mean(list(_unit_shifts(rows, axis_edit).values()))) if axis_edit else None
+                v.update(band_low=band["low"], band_high=band["high"], n_directions=band["n"],
+                         direct_axis_shift=axis_shift,
+                         axis_outside_band=None if axis_shift is None else outside_band(axis_shift, band))
+            out[f"{ctl}/{kind}"] = v
+    return out
+
+
+def _target_text(shifts: dict, controls: dict) -> str:
+    """The targets read from the numbers: each axis edit's interval above 0, each control's containing 0; where
+    one is not met, which number says why."""
+    lines = []
+    for key, v in shifts.items():
+        ok = v["ci_low"] > 0
+        why = "" if ok else (" The interval reaches below 0: " + (
+            "the mean shift is itself <= 0, so this edit does not move the identity toward the Assistant here."
+            if v["logodds_shift"] <= 0 else
+            f"the mean shift is positive but {v['n']} units do not pin it down."))
+        lines.append(f"- {key} (strength {v['strength']}, layers {v['layers']}): shift {v['logodds_shift']:+.3f} "
+                     f"[{v['ci_low']:+.3f}, {v['ci_high']:+.3f}], n={v['n']}: target (interval above 0) "
+                     f"{'met' if ok else 'not met'}.{why}")
+    for key, v in controls.items():
+        ok = v["ci_low"] <= 0 <= v["ci_high"]
+        why = ""
+        if not ok:
+            why = (" Editing user-token positions moves the identity too: the effect is not specific to the "
+                   "assistant turns." if v["control"] == "control_user" else
+                   " A random direction at matched norm moves it too: part of the edit's effect is generic "
+                   "perturbation.")
+        band = ""
+        if "band_low" in v and v.get("direct_axis_shift") is not None:
+            band = (f" Band of {v['n_directions']} random directions: [{v['band_low']:+.3f}, {v['band_high']:+.3f}]; "
+                    f"the direct axis edit ({v['direct_axis_shift']:+.3f}) lies "
+                    f"{'outside' if v['axis_outside_band'] else 'inside'} it.")
+        lines.append(f"- {key}: shift {v['logodds_shift']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}], n={v['n']}: "
+                     f"target (interval contains 0) {'met' if ok else 'not met'}.{why}{band}")
+    return "\n".join(lines)
 
 
 def report(result: Result, folder) -> Path:
@@ -371,68 +547,86 @@ def report(result: Result, folder) -> Path:
     plt = pyplot()
     cfg, rows, control = result.config, result.rows, result.control
     n_convs = len({r["conversation"] for r in rows})
+    histories = sorted({r["history"] for r in rows})
     rep = Report(folder, "KV-cache editing of a persisted persona", cfg)
     rep.section("Setup", f"""
 Model {cfg.model}; {n_convs} role-play conversation(s) x {cfg.probes} identity probe(s) = {n_convs * cfg.probes}
-independent units; {cfg.samples} sampled answers per unit and condition (temperature {cfg.temperature}, top-p
-{cfg.top_p}, {cfg.max_new_tokens} tokens, seed {cfg.seed}). Edits act on the cached assistant-token positions of the
-history only (resid_pre, block inputs of the listed layers); strength kind `{cfg.strength_kind}` ("scale":
+independent units, each with {len(histories)} history kind(s) ({'; '.join(f'{h}: {HISTORIES[h]}' for h in histories)});
+the histories of a unit are averaged before the bootstrap, and the {cfg.samples} sampled answers per unit and condition
+(temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.max_new_tokens} tokens, seed {cfg.seed}) share one edited cache,
+so they are not independent either. Edits act on the cached assistant-token positions of the
+history only (resid_pre, block inputs of the listed layers), in two modes (recompute: re-run the prefill with the edit;
+direct: rebuild K/V at the edited layers only) and strength kind(s) {', '.join(KINDS[cfg.strength_kind])} ("scale":
 projection x (1+s); "norm": + s * mean|h| along the unit axis). Negative strengths push toward the persona. Identity
-log-odds: per-token log-likelihood of an assistant answer minus that of a persona answer after the probe. Readout:
-mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
+log-odds: per-token log-likelihood of an assistant answer minus that of a persona answer after the probe (length
+matched: each answer's mean over its tokens). Controls at the largest strength: the same direct edit on the user-token
+positions, and {cfg.n_random} random directions with the axis edit's mean displacement per layer (matched norm).
+Readout: mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
 assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s.""")
     agg = aggregate(rows)
-    rep.table("Effect of cache edits (mean over conversation x probe units; n = units)", agg)
+    rep.table("Effect of cache edits (mean over rows; n = conversation x probe units)", agg)
     base = next(a for a in agg if a["mode"] == "none")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, ls in (("recompute", "-"), ("direct", "--")):
-        for lr in sorted({a["layers"] for a in agg if a["mode"] == mode}):
-            pts = sorted([(0.0, base)] + [(a["strength"], a) for a in agg if a["mode"] == mode and a["layers"] == lr],
-                         key=lambda p: p[0])
+        for kind, lr in sorted({(a["kind"], a["layers"]) for a in agg if a["mode"] == mode}):
+            pts = sorted([(0.0, base)] + [(a["strength"], a) for a in agg if a["mode"] == mode and a["kind"] == kind
+                                          and a["layers"] == lr], key=lambda p: p[0])
             for ax, k in zip(axes, ("identity_logodds", "answer_projection")):
-                ax.plot([p[0] for p in pts], [p[1][k] for p in pts], ls, marker="o", label=f"{mode} L{lr}")
+                ax.plot([p[0] for p in pts], [p[1][k] for p in pts], ls, marker="o", label=f"{mode} {kind} L{lr}")
     for ax, k in zip(axes, ("identity log-odds per token (assistant vs persona)", "answer projection on axis")):
         ax.set_xlabel("edit strength")
         ax.set_title(k)
         ax.axvline(0, color="grey", lw=0.5)
     axes[0].legend(fontsize=7)
     rep.figure("kv_edit_effects", fig, "Identity log-odds and answer projection vs edit strength.")
-    shifts = identity_shifts(rows, cfg.seed)
+    shifts, controls = identity_shifts(rows, cfg.seed), control_shifts(rows, cfg.seed)
     rep.table("Identity log-odds shift at the largest strength (95% bootstrap interval over units)",
-              [dict(mode=m, **v) for m, v in shifts.items()])
-    controls = control_shifts(rows, cfg.seed)
+              list(shifts.values()))
     if controls:
-        rep.table("Control edits: the same direct edit on user-token positions, and along a random direction "
-                  "(identity log-odds shift, 95% interval over units; expected to contain 0)",
-                  [dict(control=k, **v) for k, v in controls.items()])
+        rep.table("Control edits at the largest strength (identity log-odds shift, 95% interval over units; expected "
+                  "to contain 0)", list(controls.values()))
+    rep.section("Targets", _target_text(shifts, controls))
+    if len(histories) > 1:
+        rep.table("By history kind (largest strength; 95% interval over units)",
+                  [dict(history=h, **v) for h in histories
+                   for v in list(identity_shifts(rows, cfg.seed, h).values())
+                   + list(control_shifts(rows, cfg.seed, h).values())])
     rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", control)
     rep.section("Sample answers (first probe)", "\n".join(
-        f"- {cid} / {mode} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
-        for cid, mode, s, lr, texts in result.samples))
+        f"- {cid} ({h}) / {mode} {kind} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
+        for cid, h, mode, kind, s, lr, texts in result.samples))
+    if result.histories:
+        rep.section("Generated histories (the model's own in-character turns, first 160 characters each)", "\n".join(
+            f"- {k}: " + " | ".join(repr(t[:160]) for t in turns) for k, turns in result.histories.items()))
     rep.metric("kv_edit_identity_shift", shifts)
     rep.metric("kv_edit_control_shift", controls)
     rep.metric("rows", rows)
     rep.metric("control", control)
+    rep.metric("generated_histories", result.histories)
     rep.metric("seconds", result.seconds)
     return rep.finish()
 
 
 def records(result: Result) -> list[dict]:
+    """Per (mode, kind) the identity shift's interval low; per (control, kind) the control's interval."""
     cfg = result.config
     out = []
-    for mode, v in identity_shifts(result.rows, cfg.seed).items():
+    for key, v in identity_shifts(result.rows, cfg.seed).items():
         out.append(dict(metric="kv_edit_identity_shift_ci_low", value=round(v["ci_low"], 4),
                         unit="nats per token (identity log-odds shift, 95% CI low)",
-                        reference=f"unedited cache; {mode} edit, strength {v['strength']} ({cfg.strength_kind}), layers "
+                        reference=f"unedited cache; {v['mode']} edit, strength {v['strength']} ({v['kind']}), layers "
                                   f"{v['layers']}, n={v['n']} conversation x probe units ({v['samples_per_unit']} "
-                                  f"samples each), model {cfg.model}, seed {cfg.seed}; shift "
-                                  f"{v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
-                        target="> 0 (toward the Assistant)", mode=mode, key=mode))
-    for ctl, v in control_shifts(result.rows, cfg.seed).items():
+                                  f"samples each; histories {','.join(cfg.histories)}), model {cfg.model}, seed "
+                                  f"{cfg.seed}; shift {v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+                        target="> 0 (toward the Assistant)", mode=v["mode"], kind=v["kind"], key=key))
+    for key, v in control_shifts(result.rows, cfg.seed).items():
+        band = (f"; band of {v['n_directions']} directions [{v['band_low']:+.4f}, {v['band_high']:+.4f}]"
+                if "band_low" in v else "")
         out.append(dict(metric="kv_edit_control_shift_ci", value=f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
                         unit="nats per token (identity log-odds shift, 95% CI)",
-                        reference=f"unedited cache; {ctl}: direct edit, strength {v['strength']} ({cfg.strength_kind}), "
+                        reference=f"unedited cache; {v['control']}: direct edit, strength {v['strength']} ({v['kind']}), "
                                   f"layers {v['layers']}, n={v['n']} conversation x probe units, model {cfg.model}, "
-                                  f"seed {cfg.seed}; shift {v['logodds_shift']:+.4f}",
-                        target="contains 0", control=ctl, key=ctl, ci_low=v["ci_low"], ci_high=v["ci_high"]))
+                                  f"seed {cfg.seed}; shift {v['logodds_shift']:+.4f}{band}",
+                        target="contains 0", control=v["control"], kind=v["kind"], key=key, ci_low=v["ci_low"],
+                        ci_high=v["ci_high"]))
     return out

@@ -1,6 +1,7 @@
 """The KV-cache editing study end to end on a tiny random model with SmolLM2's chat template (study contract)."""
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,27 +15,69 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     axis = np.random.default_rng(0).normal(size=(c.n_layers, c.d_model)).astype(np.float32)
     write_vectors(tmp_path / "axis", "axis", {"axis": axis}, {"model": "psm-tiny"})
     cfg = K.Config(model="psm-tiny", n_conversations=1, probes=2, samples=2, max_new_tokens=4,
-                   strengths=(0.5,), layer_ranges=((0, 2),), readout_layer=1,
+                   strengths=(0.5,), layer_ranges=((0, 2),), readout_layer=1, strength_kind="both",
+                   histories=("scripted", "generated"), history_tokens=3,
                    axis_file=str(tmp_path / "axis" / "axis.safetensors"))
     out = execute(K, cfg, folder=tmp_path / "run", model=tiny_chat_model)
     res = out["result"]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "kv_edit_effects.png").is_file()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "kv_edit_effects.png").is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["samples"] == 2
     assert {r["mode"] for r in m["rows"]} == {"none", "recompute", "direct", "control_user", "control_random"}
+    assert {r["history"] for r in m["rows"]} == {"scripted", "generated"}
+    assert {(r["mode"], r["kind"]) for r in m["rows"] if r["mode"] == "direct"} == {("direct", "norm"),
+                                                                                   ("direct", "scale")}
+    # the generated history holds the model's own turns, not the scripted replies
+    (turns,) = res.histories.values()
+    assert turns and all(isinstance(t, str) for t in turns)
     shifts = m["kv_edit_identity_shift"]
-    assert set(shifts) == {"recompute", "direct"}
-    for v in shifts.values():  # n counts (conversation, probe) units, not samples
+    assert set(shifts) == {"recompute/norm", "recompute/scale", "direct/norm", "direct/scale"}
+    for v in shifts.values():  # n counts (conversation, probe) units: not samples, not histories
         assert v["n"] == 2 and v["samples_per_unit"] == 2
         assert v["ci_low"] <= v["logodds_shift"] <= v["ci_high"]
-    assert set(m["kv_edit_control_shift"]) == {"control_user", "control_random"}
+    controls = m["kv_edit_control_shift"]
+    assert set(controls) == {"control_user/norm", "control_user/scale", "control_random/norm", "control_random/scale"}
+    rnd = controls["control_random/norm"]
+    assert rnd["n_directions"] == cfg.n_random and rnd["band_low"] <= rnd["band_high"]
+    assert isinstance(rnd["axis_outside_band"], bool)
+    band_rows = [r for r in m["rows"] if r["mode"] == "control_random"]
+    assert all(len(r["band_logodds"]) == cfg.n_random and len(set(r["band_logodds"])) > 1 for r in band_rows)
     lines = out["records"]
-    assert [ln["metric"] for ln in lines] == ["kv_edit_identity_shift_ci_low"] * 2 + ["kv_edit_control_shift_ci"] * 2
-    assert [ln.get("mode", ln.get("control")) for ln in lines] == ["recompute", "direct", "control_user",
-                                                                   "control_random"]
+    assert [ln["metric"] for ln in lines] == ["kv_edit_identity_shift_ci_low"] * 4 + ["kv_edit_control_shift_ci"] * 4
+    assert [ln["key"] for ln in lines] == list(shifts) + list(controls)
     assert all("n=2" in ln["reference"] for ln in lines)
-    assert "established by the conversation only" in (tmp_path / "run" / "report.md").read_text()
+    assert "established by the conversation only" in report and "## Targets" in report
+    assert "By history kind" in report
     assert res.control[0]["assistant_shift"] > 0  # the floor raises assistant-token projections
+
+
+def test_band_matches_single_direct_edits(tiny_chat_model):
+    """The mapped random-direction band gives the same log-odds as one direct edit per direction."""
+    from psm_jax import edits as E
+    from psm_jax.chat import Role
+    from psm_jax.generate import prefill
+    from psm_jax.kvcache import edit_cache_direct
+    from psm_jax.model import Capture
+    from psm_jax.persona import datasets
+
+    m, c = tiny_chat_model, tiny_chat_model.config
+    conv = datasets.load_conversations("roleplay")[0]
+    hist, probe = K._history_and_probe(m, conv.as_dicts()[1:], "Who are you?")
+    n, size = len(hist), len(hist) + K.PROBE_ROOM + K.ANSWER_ROOM
+    base = prefill(m.params, c, jnp.asarray(hist.tokens[None]), cache_size=size, capture=Capture(sites=("resid_pre",)))
+    resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
+    asst = np.zeros((1, size), bool)
+    asst[0, :n] = hist.roles == Role.ASSISTANT
+    dirs = np.asarray(np.random.default_rng(0).normal(size=(3, c.n_layers, c.d_model)), np.float32)
+    edit = E.add(c, dirs[0], layers=[0, 1], coef=2.0, site="resid_pre", positions=asst, extend=False)
+    a, b = (jnp.asarray(K._answer_ids(m, t)[None]) for t in (K.ASSISTANT_ANSWER, "I am a pirate."))
+    p = jnp.asarray(probe[None])
+    band = np.asarray(K._band_logodds(m.params, c, base.cache, resid, p, a, b, edit, jnp.asarray(dirs)))
+    for i in range(3):
+        cache = edit_cache_direct(m.params, c, base.cache, resid, edit.replace(vector=jnp.asarray(dirs[i])))
+        np.testing.assert_allclose(band[i], K._identity_logodds(m.params, c, cache, p, a, b), atol=1e-4)
+    assert abs(band[0, 0] - band[1, 0]) > 1e-6  # the directions differ, and so do their effects
 
 
 @pytest.mark.slow  # a second full run (every jitted piece compiles again)
@@ -48,18 +91,23 @@ def test_kv_editing_is_deterministic(tiny_chat_model, tmp_path):
 
 
 def test_identity_shift_interval_over_units():
-    rows = [dict(conversation="c", probe=p, mode=m, strength=s, layers=lr, n=4, assistant_rate=0.0,
-                 identity_logodds=v, answer_projection=0.0)
+    rows = [dict(conversation="c", history=h, probe=p, mode=m, kind=k, strength=s, layers=lr, n=4,
+                 assistant_rate=0.0, identity_logodds=v + (0.2 if h == "generated" else 0.0), answer_projection=0.0)
+            for h in ("scripted", "generated")
             for p, (b, e) in enumerate([(0.0, 1.0), (0.5, 1.4), (-0.2, 0.9)])
-            for m, s, lr, v in (("none", 0.0, "-", b), ("direct", 0.3, "0-1", e))]
-    shift = K.identity_shifts(rows)["direct"]
+            for m, k, s, lr, v in (("none", "-", 0.0, "-", b), ("direct", "norm", 0.3, "0-1", e))]
+    shift = K.identity_shifts(rows)["direct/norm"]
+    # three (conversation, probe) units; each unit's two histories are averaged, not counted twice
     assert shift["n"] == 3 and shift["logodds_shift"] == pytest.approx(np.mean([1.0, 0.9, 1.1]))
     assert 0.85 <= shift["ci_low"] <= shift["ci_high"] <= 1.15
+    assert K.identity_shifts(rows, history="generated")["direct/norm"]["n"] == 3
 
 
 def test_kv_editing_bad_inputs(tiny_chat_model, tmp_path):
     with pytest.raises(ValueError, match="strength_kind"):
         K.Config(strength_kind="percent")
+    with pytest.raises(ValueError, match="histories=\\('typed',\\)"):
+        K.Config(histories=("typed",))
     with pytest.raises(ValueError, match="persona_source='prompt'"):
         K.Config(persona_source="prompt")
     with pytest.raises(ValueError, match="layer range"):
