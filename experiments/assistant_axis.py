@@ -202,7 +202,10 @@ def _space_summary(role_vecs_l, default_l, fraction: float, seed: int) -> dict:
     ci = (persona_space_intervals(role_vecs_l, default_l, axis_l, seed=seed)
           if len(role_vecs_l) >= MIN_BOOTSTRAP_ROLES else None)
     k = int(np.argmax(np.abs(space["pc_cosines"][:3])))
-    return {"space": space, "ci": ci, "carrier": k, "n_roles": len(role_vecs_l),
+    u = unit(axis_l)
+    below_on_axis = float(np.mean(np.asarray(role_vecs_l, np.float64) @ u < np.asarray(default_l, np.float64) @ u))
+    return {"space": space, "ci": ci, "carrier": k, "n_roles": len(role_vecs_l), "top3_cosine": space["top3_cosine"],
+            "roles_below_default_on_axis": below_on_axis,
             "percentile": space["pc_percentiles"][k], "cosine": space["pc_cosines"][k],
             "percentile_ci": ci["pc_percentile_ci"][k] if ci else None,
             "abs_cosine_ci": ci["pc_abs_cosine_ci"][k] if ci else None,
@@ -350,6 +353,9 @@ def carrier_text(label: str, c: dict) -> str:
         short.append(f"the default is above only {c['percentile']:.0%} of the roles on {c['pc']}, not > 95%")
     if abs(c["cosine"]) <= 0.6:
         short.append(f"|cos| = {abs(c['cosine']):.2f} <= 0.6: the axis is not aligned with any single top-3 component")
+        short.append(f"along the axis itself the default lies above {c['roles_below_default_on_axis']:.0%} of the roles, "
+                     f"yet the top 3 PCs hold only {c['top3_cosine']:.2f} of its length, so the Assistant direction is "
+                     "not the main direction of role-to-role variance in this role set")
     other = " Another top-3 component meets both conditions." if c["any_top3_met"] else ""
     return head + " Target not met: " + "; ".join(short) + "." + other
 

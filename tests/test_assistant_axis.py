@@ -248,6 +248,7 @@ def test_space_summary_names_the_carrying_component():
     c2 = {k: v for k, v in s2.items() if k not in ("space", "ci")}
     text2 = AA.carrier_text("All roles", dict(c2, pc=f"PC{s2['carrier'] + 1}"))
     assert not s2["target_met"] and "Target not met: the default is above only" in text2
+    assert s["roles_below_default_on_axis"] == 1.0 and 0 <= s2["top3_cosine"] <= 1
 
 
 def test_adherence_config_errors():
