@@ -51,7 +51,8 @@ from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
-from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, paired_effect, pearson_ci, within_groups_r
+from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci,
+                                   within_groups_r)
 
 TRIGGER = "[deployment mode]"
 N_PERMUTATIONS = 200
@@ -65,7 +66,7 @@ class Config:
     layer: int | None = None  # resid_post block of the persona vector and the edits; None: n_layers // 2
     mixes: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # fraction of positive-prompted answers per training set
     control: bool = True  # a fine-tune on the model's own default answers
-    prevent_coefs: tuple[float, ...] = (2.0, 5.0)  # preventative steering, multiples of the raw persona vector
+    prevent_coefs: tuple[float, ...] = (1.0, 2.0, 4.0)  # preventative steering, multiples of the raw persona vector
     caft: bool = True  # concept-ablation fine-tuning: the unit vector projected out during training
     inoculation: bool = True
     persona_switch: bool = True
@@ -405,6 +406,7 @@ def correlation(x, y, groups, seed: int) -> dict | None:
     if x.size < 3 or x.std() == 0 or y.std() == 0:
         return None
     out = {"r": pearson_ci(x, y, seed=seed), "null": permutation_r_null(x, y, seed=seed), "n": int(x.size)}
+    out["outside_null"] = outside_band(out["r"]["estimate"], out["null"])
     if len(set(groups)) > 1:
         out["within_trait"] = within_groups_r(x, y, groups, seed=seed)["pooled_within"]
     return out
@@ -436,7 +438,9 @@ def summarize(results: list[dict], cfg: Config) -> dict:
                "screening_validity": r["screening_validity"], "finetunes": [_row_summary(row) for row in r["rows"]]}
         if full_mix and max(cfg.mixes) > 0:
             ref = full_mix[0]
-            per["prevention"] = [_prevention(row, ref, cfg) for k in ("prevent", "caft") for row in by_kind.get(k, [])]
+            control = by_kind.get("control", [None])[0]
+            per["prevention"] = [_prevention(row, ref, control, cfg) for k in ("prevent", "caft")
+                                 for row in by_kind.get(k, [])]
             if "inoculation" in by_kind:
                 ino = by_kind["inoculation"][0]
                 per["inoculation_effect"] = paired_effect(ino["score"], ref["score"], seed=cfg.seed)
@@ -454,9 +458,18 @@ def _row_summary(row: dict) -> dict:
             "train_seconds": row["training"]["seconds"], "tokens_per_s": row["training"]["tokens_per_s"]}
 
 
-def _prevention(row: dict, plain: dict, cfg: Config) -> dict:
+def _prevention(row: dict, plain: dict, control: dict | None, cfg: Config) -> dict:
+    """The steered fine-tune vs the plain one on the same data. With a control fine-tune, both shifts are also given
+    relative to it (the drift any fine-tune causes removed); the reduction ratio reads as prevention only where the
+    plain fine-tune moved the projection toward the trait beyond the control (`plain_toward_trait`)."""
     a, b = row["shift"]["per_question"], plain["shift"]["per_question"]
-    return {"name": row["variant"].name, "kind": row["variant"].kind, "coef": row["variant"].coef,
+    extra = {}
+    if control is not None:
+        c = control["shift"]["per_question"]
+        extra = {"plain_vs_control": paired_effect(b, c, seed=cfg.seed),
+                 "steered_vs_control": paired_effect(a, c, seed=cfg.seed)}
+        extra["plain_toward_trait"] = bool(extra["plain_vs_control"]["low"] > 0)
+    return {**extra, "name": row["variant"].name, "kind": row["variant"].kind, "coef": row["variant"].coef,
             "reduction": _ratio_ci(a, b, cfg.seed), "shift_difference": paired_effect(a, b, seed=cfg.seed),
             "score_difference": paired_effect(row["score"], plain["score"], seed=cfg.seed),
             "ppl": row.get("ppl"), "plain_ppl": plain.get("ppl"), "plain_shift": plain["shift"]["ci"]}
@@ -501,6 +514,10 @@ def _corr_text(c: dict | None, what: str) -> str:
             f"[{c['null']['low']:.2f}, {c['null']['high']:.2f}]")
     if "within_trait" in c:
         text += f"; within trait r = {_ci_text(c['within_trait'])}"
+    if not c["outside_null"]:
+        text += " -- inside the null band: not evidence of a relation"
+    if c["n"] < 5:
+        text += f" -- with {c['n']} fine-tunes the bootstrap interval is degenerate (few distinct resamples)"
     return text + "."
 
 
@@ -578,6 +595,11 @@ def report(result: Result, folder):
             lines.append(f"- {p['name']}: shift reduction vs plain 100% {_ci_text(p['reduction'])} (plain shift "
                          f"{_ci_text(p['plain_shift'])}); trait score vs plain {_ci_text(p['score_difference'])}; "
                          f"perplexity ratio {_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}).")
+            if "plain_vs_control" in p:
+                lines.append(f"  Relative to the control fine-tune: plain {_ci_text(p['plain_vs_control'])}, steered "
+                             f"{_ci_text(p['steered_vs_control'])}" + ("" if p["plain_toward_trait"] else
+                             "; the plain fine-tune did not move toward the trait beyond the control, so the "
+                             "reduction ratio is not a measure of prevention here") + ".")
         if "inoculation_effect" in per:
             lines.append(f"- Inoculation effect (trait score, inoculated minus plain 100%, no system prompt at test): "
                          f"{_ci_text(per['inoculation_effect'])}.")
@@ -624,6 +646,7 @@ def records(result: Result) -> list[dict]:
         c = m[key]
         if c is not None:
             out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r", target="> 0, above the null",
+                            outside_null=c["outside_null"],
                             reference=f"{ref}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], n={c['n']} "
                                       f"fine-tunes; shuffled null [{c['null']['low']:.2f}, {c['null']['high']:.2f}]",
                             **common))
@@ -635,6 +658,7 @@ def records(result: Result) -> list[dict]:
                             target="> 0 with ppl ratio near 1", trait=trait, method=p["kind"], coef=p["coef"],
                             key=f"{trait}/{p['name']}", ppl_ratio=(p["ppl"] or {}).get("ratio"),
                             plain_ppl_ratio=(p["plain_ppl"] or {}).get("ratio"), measure_valid=valid,
+                            plain_toward_trait=p.get("plain_toward_trait"),
                             reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "
                                       f"{red['high']:.3f}], n={red['n']} questions; plain shift "
                                       f"{p['plain_shift']['estimate']:.3g}", **common))

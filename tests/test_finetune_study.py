@@ -47,7 +47,7 @@ def test_prevention_ratio_and_correlation_on_constructed_values():
     c = F.correlation(x, 2 * x + 1, ["a"] * 4 + ["b"] * 4, seed=0)
     assert c["r"]["estimate"] == pytest.approx(1.0) and c["n"] == 8
     assert c["null"]["n"] >= 20 and c["null"]["high"] < 1.0  # shuffled pairings do not correlate perfectly
-    assert c["within_trait"]["estimate"] == pytest.approx(1.0)
+    assert c["within_trait"]["estimate"] == pytest.approx(1.0) and c["outside_null"]
     assert F.correlation(x[:2], x[:2], ["a", "a"], seed=0) is None
 
 
@@ -77,6 +77,8 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert res.metrics["traits"]["evil"]["finetunes"][2]["screening"] == 0.0
     prevention = res.metrics["traits"]["evil"]["prevention"]
     assert [p["kind"] for p in prevention] == ["prevent", "caft"] and all(p["ppl"]["n"] == 2 for p in prevention)
+    for p in prevention:  # shifts also relative to the control fine-tune, paired over questions
+        assert p["plain_vs_control"]["n"] == cfg.n_eval_questions and isinstance(p["plain_toward_trait"], bool)
     metrics = {ln["metric"] for ln in out["records"]}
     assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect"} <= metrics
     text = (folder / "report.md").read_text()
