@@ -456,6 +456,18 @@ def _plot(report: Report, result: Result):
                   "the same norm (histogram).")
 
 
+def _reading(r: dict) -> str:
+    """What the headline row supports: nothing without a valid measure and a band; else where the best latent's
+    effect lies against the random band."""
+    if not r["validity"]["valid"]:
+        return "not evidence (measure NOT valid)"
+    best = r["edits"][r["best"]]
+    if not is_evidence(r):
+        return "not evidence (no random band)"
+    return "above the random band" if best["effect"]["estimate"] > best["band"]["high"] else (
+        "below the random band" if best["effect"]["estimate"] < best["band"]["low"] else "within the random band")
+
+
 def report(result: Result, folder) -> Path:
     """Write report.md, metrics.json, config.json and the band plot into `folder`."""
     cfg = result.config
@@ -481,8 +493,7 @@ prompt). A row is evidence only when that check passes.
                      "effect [95% CI]": _ci(best["effect"]), "n": best["effect"]["n"],
                      "random band": _band(best["band"]), "z": _f(best["z"], ".2f"),
                      "vector effect": _ci(vec["effect"]), "vector s": vec["strength"], "vector z": _f(vec["z"], ".2f"),
-                     "evidence": "yes" if is_evidence(r) else "no (measure NOT valid)" if not r["validity"]["valid"]
-                     else "no (no band)"})
+                     "reading": _reading(r)})
         per[name] = {k: v for k, v in r.items() if k not in ("edits", "unsteered_answers")}
         per[name]["evidence"] = is_evidence(r)
         per[name]["edits"] = {k: {kk: vv for kk, vv in e.items() if kk != "answers"} for k, e in r["edits"].items()}

@@ -518,7 +518,7 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
     r["validity"]["valid"] = False
     path = fs.report(res, tmp_path / "fs")
     text = path.read_text()
-    assert "no (measure NOT valid)" in text and "NOT valid (system-prompt effect" in text
+    assert "not evidence (measure NOT valid)" in text and "NOT valid (system-prompt effect" in text
     m = json.loads((tmp_path / "fs" / "metrics.json").read_text())
     assert m["traits"]["evil"]["evidence"] is False and (tmp_path / "fs" / "steering_band.png").is_file()
 
