@@ -367,7 +367,9 @@ def qa_cost(model, items, cap_fn, *, batch_size: int, seed: int) -> dict:
     plain = measures.multiple_choice(model, items, batch_size=batch_size)
     capped = measures.multiple_choice(model, items, edits_fn=cap_fn, batch_size=batch_size)
     a0, a1 = plain["correct"].astype(np.float64), capped["correct"].astype(np.float64)
-    return {"n": len(items), "chance": plain["chance"], "accuracy": bootstrap_ci(a0, seed=seed),
+    acc = bootstrap_ci(a0, seed=seed)
+    # the measure's validity check: without capping the model must beat chance, or a change in accuracy says nothing
+    return {"n": len(items), "chance": plain["chance"], "accuracy": acc, "valid": bool(acc["low"] > plain["chance"]),
             "accuracy_capped": bootstrap_ci(a1, seed=seed), "change": paired_effect(a1, a0, seed=seed),
             "changed_answers": int(np.sum(plain["choice"] != capped["choice"]))}
 
@@ -837,7 +839,9 @@ def _jailbreak_plot(rep, jb) -> None:
 
 def _qa_section(rep, qa) -> None:
     a0, a1, ch = qa["accuracy"], qa["accuracy_capped"], qa["change"]
-    rep.table(f"Capability: held-out multiple-choice questions ({qa['n']} items, likelihood choice)", [
+    verdict = "valid: accuracy above chance without capping" if qa.get("valid") else \
+        "NOT valid: accuracy without capping is not above chance, so its change is not evidence of a cost"
+    rep.table(f"Capability: held-out multiple-choice questions ({qa['n']} items, likelihood choice; {verdict})", [
         {"condition": "no capping", "accuracy [95% CI]": _interval(a0, ".2f"), "chance": qa["chance"]},
         {"condition": "capping", "accuracy [95% CI]": _interval(a1, ".2f"), "chance": qa["chance"]},
         {"condition": "change (paired)", "accuracy [95% CI]": _interval(ch, "+.3f"),
@@ -917,5 +921,6 @@ def records(res: Result) -> list[dict]:
                                   f"bootstrap over items; chance {qa['chance']:.2f}",
                         target="ci_low > -0.05", ci_low=round(ch["low"], 4), ci_high=round(ch["high"], 4),
                         accuracy=round(qa["accuracy"]["estimate"], 4),
-                        accuracy_capped=round(qa["accuracy_capped"]["estimate"], 4), chance=qa["chance"]))
+                        accuracy_capped=round(qa["accuracy_capped"]["estimate"], 4), chance=qa["chance"],
+                        valid=bool(qa.get("valid", False))))
     return out

@@ -284,3 +284,4 @@ def test_records_carry_intervals_and_band():
     assert "capping_jailbreak_compliance_shift" in lines
     qa = lines["capping_qa_accuracy_cost"]
     assert (qa["value"], qa["ci_low"], qa["ci_high"], qa["chance"]) == (-0.05, -0.12, 0.0, 0.25)
+    assert qa["valid"] is False  # no validity verdict in the result: not evidence
