@@ -588,7 +588,8 @@ assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} R
     rep.section("Targets", _target_text(shifts, controls))
     if len(histories) > 1:
         rep.table("By history kind (largest strength; 95% interval over units)",
-                  [dict(history=h, **v) for h in histories
+                  [dict(history=h, condition=v.get("control", v.get("mode")),
+                        **{k: x for k, x in v.items() if k not in ("mode", "control")}) for h in histories
                    for v in list(identity_shifts(rows, cfg.seed, h).values())
                    + list(control_shifts(rows, cfg.seed, h).values())])
     rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", control)

@@ -48,7 +48,7 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert [ln["key"] for ln in lines] == list(shifts) + list(controls)
     assert all("n=2" in ln["reference"] for ln in lines)
     assert "established by the conversation only" in report and "## Targets" in report
-    assert "By history kind" in report
+    assert "By history kind" in report and "| scripted | control_random |" in report
     assert res.control[0]["assistant_shift"] > 0  # the floor raises assistant-token projections
 
 
