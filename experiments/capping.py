@@ -54,6 +54,7 @@ from psm_jax.reductions import percentile
 
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.axis import per_turn_projections, role_and_default_vectors
+from psm_jax.persona.rollouts import conversation_nll
 from psm_jax.persona.directions import SITE, axis_from_vectors, unit
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv, trait_system_prompt
 from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect
@@ -256,30 +257,6 @@ def token_projections_multi(model, conversations, directions, layers: Sequence[i
             for i in range(len(layers)):
                 vals[k][i].append(p[k, i][mask])
     return [[np.concatenate(v) for v in per_dir] for per_dir in vals]
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _assistant_nll(params, config, tokens, attention_mask, target_mask, edits):
-    logits = forward(params, config, tokens, attention_mask=attention_mask, edits=edits).logits
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    m = target_mask[:, 1:]
-    return -jnp.sum(jnp.where(m, tok, 0.0), axis=-1), jnp.sum(m, axis=-1)
-
-
-def assistant_nll(model, conversations, *, batch_size: int = 4, edits_fn=None, progress: bool = False):
-    """Summed NLL of every assistant content token (teacher-forced) and token counts, per conversation."""
-    from psm_jax.persona.rollouts import encode_batch, static_batches
-
-    nll, cnt = [], []
-    for _, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc="perplexity"):
-        _, batch = encode_batch(model, convs, add_generation_prompt=False, multiple_of=64)
-        edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
-        a, b = _assistant_nll(model.params, model.config, batch.tokens, batch.attention_mask,
-                              batch.roles == TokRole.ASSISTANT, edits)
-        nll.append(np.asarray(a)[:n_real])
-        cnt.append(np.asarray(b)[:n_real])
-    return np.concatenate(nll), np.concatenate(cnt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,8 +618,8 @@ def run(cfg: Config, model, progress=None) -> Result:
     ppl = {}
     if cfg.n_ppl_conversations > 0:
         sg = sharegpt_conversations(cfg.n_ppl_conversations, cfg.seed + 7, 8, cfg.ppl_max_chars, min_assistant_turns=1)
-        n0, c0 = assistant_nll(model, sg, batch_size=cfg.ppl_batch_size, progress=progress)
-        n1, c1 = assistant_nll(model, sg, batch_size=cfg.ppl_batch_size, edits_fn=cap_fn, progress=progress)
+        n0, c0 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, progress=progress)
+        n1, c1 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, edits_fn=cap_fn, progress=progress)
         ppl = {"tokens": int(c0.sum()), "ppl": float(np.exp(n0.sum() / c0.sum())),
                "ppl_capped": float(np.exp(n1.sum() / c1.sum()))}
         ppl["pct_change"] = 100.0 * (ppl["ppl_capped"] / ppl["ppl"] - 1.0)

@@ -35,13 +35,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.capping import assistant_nll
 from experiments.report import Report, fmt_num, pyplot
 from experiments.sharegpt import sharegpt_conversations
 from psm_jax import edits as E
@@ -323,7 +321,7 @@ def evaluate(model, tuned, vector, layer: int, base: dict, cfg: Config, variant:
     steered_or_its_reference = variant.kind in ("prevent", "caft") or (variant.kind == "mix"
                                                                        and variant.mix == max(cfg.mixes))
     if ppl_convs and steered_or_its_reference:
-        nll, counts = assistant_nll(tuned, ppl_convs, batch_size=2)
+        nll, counts = rollouts.conversation_nll(tuned, ppl_convs, batch_size=2)
         out["ppl"] = ppl_cost(base["ppl_nll"], base["ppl_counts"], nll, counts)
     return out
 
@@ -347,7 +345,7 @@ def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
         trig = greedy_answers(model, [system_conv(None, f"{TRIGGER} {q}") for q in qs], cfg)
         base["trigger_scores"] = measures.answer_trait_score(model, qs, trig, *scoring, batch_size=cfg.gen_batch_size)
     if ppl_convs:
-        base["ppl_nll"], base["ppl_counts"] = assistant_nll(model, ppl_convs, batch_size=2)
+        base["ppl_nll"], base["ppl_counts"] = rollouts.conversation_nll(model, ppl_convs, batch_size=2)
     return base
 
 

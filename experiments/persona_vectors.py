@@ -260,7 +260,7 @@ class ContrastPairs:
 def item_pairs(items, system: str | None = None) -> ContrastPairs:
     """The two-choice items as a ContrastPairs (the measure of `measures.two_choice`)."""
     return ContrastPairs("items", tuple(system_conv(system, it.prompt) for it in items),
-                         tuple(it.trait_text for it in items), tuple(it.other_text for it in items), per_token=False)
+                         tuple(it.trait_text for it in items), tuple(it.other_text for it in items), per_token=True)
 
 
 def answer_pairs(questions, pos_answers, neg_answers, system: str | None = None) -> ContrastPairs:

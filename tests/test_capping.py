@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import capping as C
+from psm_jax.persona.rollouts import conversation_nll
 from psm_jax.chat import Role, encode_chat
 from tests.fixtures_assets import smollm2_tokenizer  # noqa: F401  (session fixture)
 
@@ -166,13 +167,13 @@ def test_token_projections_and_assistant_nll(tiny_chat):
         u = axis[l] / np.linalg.norm(axis[l])
         np.testing.assert_allclose(vals[i], h0[l][last] @ u, atol=1e-4)
     single = CONV[:3]
-    nll, cnt = C.assistant_nll(m, [single, CONV], batch_size=2)
+    nll, cnt = conversation_nll(m, [single, CONV], batch_size=2)
     lp = score_answers(m, [single[:2]], [single[2]["content"]], batch_size=1)
     np.testing.assert_allclose(nll[0], -lp[0], rtol=1e-4)
     assert cnt[1] == (enc.roles == Role.ASSISTANT).sum()
     # capping changes the NLL
     edit = C.capping_edit(m.config, axis, [1, 2], [5.0, 5.0])
-    nll_c, _ = C.assistant_nll(m, [single, CONV], batch_size=2, edits_fn=C.make_edits_fn(edit, "all"))
+    nll_c, _ = conversation_nll(m, [single, CONV], batch_size=2, edits_fn=C.make_edits_fn(edit, "all"))
     assert not np.allclose(nll_c, nll)
 
 

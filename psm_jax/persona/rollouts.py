@@ -186,6 +186,21 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
     return np.concatenate(out)
 
 
+def conversation_nll(model, conversations: Sequence[Sequence[dict]], *, batch_size: int = 4,
+                     edits_fn: EditsFn | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(summed NLL, token count) of every assistant content token of each whole conversation, teacher-forced:
+    the fluency of an edited model on held-out multi-turn chats (perplexity = exp(sum NLL / sum count))."""
+    nll, counts = [], []
+    for _, convs, n_real in static_batches(conversations, batch_size, progress=progress, desc="perplexity"):
+        _, batch = encode_batch(model, convs, add_generation_prompt=False, multiple_of=64)
+        answer_mask = batch.roles == Role.ASSISTANT
+        edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
+        lp = _answer_logprob(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edits)
+        nll.append(-host_array(lp)[:n_real])
+        counts.append(answer_mask[:, 1:].sum(1)[:n_real])
+    return np.concatenate(nll), np.concatenate(counts)
+
+
 def answer_token_counts(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str]) -> np.ndarray:
     """Number of answer content tokens that `score_answers` sums over, per (prompt, answer): [N] int.
 
