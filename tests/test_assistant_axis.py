@@ -166,7 +166,7 @@ def test_per_turn_projections_match_manual(tiny_chat):
 
 @pytest.mark.slow  # the whole experiment on a tiny model: many compiled shapes
 def test_run_end_to_end_tiny(tiny_chat, tmp_path):
-    cfg = AA.Config(model="demo-tiny", n_roles=4, instructions_per_role=1, n_questions=1, default_samples=1,
+    cfg = AA.Config(model="demo-tiny", n_roles=4, instructions_per_role=1, n_questions=1, default_samples=1, min_responses=1,
                     max_new_tokens=3, batch_size=8, drift_sharegpt=1, drift_max_chars=600, drift_batch_size=8)
     from experiments.study import execute
 
