@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -491,7 +492,7 @@ def run(config: Config, model, progress=None) -> Result:
     ppl_convs = (sharegpt_conversations(config.n_ppl_conversations, config.seed + 7, 6, config.ppl_max_chars,
                                         min_assistant_turns=1) if config.n_ppl_conversations else [])
     results = [run_trait(model, t, i, config, ppl_convs, progress) for i, t in enumerate(traits)]
-    return Result(config, results, summarize(results, config), str(getattr(model, "source", config.model)),
+    return Result(config, results, summarize(results, config), Path(str(getattr(model, "source", config.model))).name,
                   model.config.n_layers, model.config.d_model, time.time() - t0)
 
 

@@ -434,7 +434,7 @@ def _check_opts(leading_assistant, max_turns, max_chars):
 
 def load_sharegpt(path: str | os.PathLike | None = None, **kw) -> Corpus:
     """The packaged ShareGPT V3 corpus (or a ShareGPT-format JSON array at `path`)."""
-    return load_corpus(path if path is not None else sharegpt_path(), **kw)
+    return load_corpus(path if path is not None else "sharegpt", **kw)
 
 
 def load_corpus(
