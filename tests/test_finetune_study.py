@@ -57,6 +57,7 @@ def test_ppl_cost_is_a_ratio_of_per_token_perplexities():
     assert cost["ratio"] == pytest.approx(np.exp(0.5)) and cost["n"] == 3
 
 
+@pytest.mark.slow  # every fine-tune variant of the ci preset, trained and evaluated
 def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     cfg = study.preset_config(F, "ci", model="psm-tiny")
     seen = []

@@ -24,6 +24,7 @@ RUNNER = ("import runpy, sys\n"
           "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
+@pytest.mark.slow  # every benchmark section at smoke size, in a subprocess
 def test_smoke_run_writes_complete_lines_without_saelens(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PSM_RESULTS=str(tmp_path / "not_here.jsonl"))
     res = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT / "benchmarks" / "gpu_bench.py"), "--smoke",

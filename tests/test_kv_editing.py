@@ -10,6 +10,7 @@ from experiments.report import write_vectors
 from experiments.study import execute
 
 
+@pytest.mark.slow  # the whole study twice over histories, strengths and modes
 def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     c = tiny_chat_model.config
     axis = np.random.default_rng(0).normal(size=(c.n_layers, c.d_model)).astype(np.float32)
@@ -52,6 +53,7 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert res.control[0]["assistant_shift"] > 0  # the floor raises assistant-token projections
 
 
+@pytest.mark.slow  # 20 directions, each also as its own direct edit
 def test_band_matches_single_direct_edits(tiny_chat_model):
     """The mapped random-direction band gives the same log-odds as one direct edit per direction."""
     from psm_jax import edits as E

@@ -27,6 +27,7 @@ def cluster(tiny_hf, jax_cache, tmp_path_factory):
     return model_dir, work, mp.compare(model_dir, work, env=cache_env(jax_cache))
 
 
+@pytest.mark.slow  # two process launches plus a single-process reference run
 def test_split_harvest_trains_the_single_process_parameters(cluster):
     _, work, result = cluster
     assert set(result) == {"single", "stack"}
