@@ -22,12 +22,7 @@ attention without a copy) with the layers unrolled over weights unstacked once b
 copies neither weights nor K/V; and it decodes in segments whose attention spans only the slots that can be
 filled (`generate.segment_widths`). The price: the step compiles unrolled (30 blocks), and the loop holds a
 second copy of the layer weights.
-decode_b32_vs_hf >= 3 is out of reach in fp32 on this 2-core CPU: the run is ~1.1 TFLOP (a 32 x 128 prefill at
-~212 MFLOP/token plus 31 x 32 steps at ~269 MFLOP/token), which HF does in ~7.2 s idle (~157 GFLOP/s); 3x would
-need ~470 GFLOP/s, above the two cores' fp32 FMA peak, and the prefill alone (~0.87 TFLOP) is a forward where
-psm-jax is at ~0.8x HF (`forward_fp32_vs_hf`). bf16 weights (AMX kernels for prefill rows; XLA below 64 rows)
-took ~0.67x the CPU time of fp32 in a loaded run, with greedy tokens that differ from fp32's.
-Usage: .venv/bin/python benchmarks/decode.py [--reps N] [--no-record] [--note TEXT]
+Usage: .venv/bin/python benchmarks/decode.py [--reps N] [--no-record]
 """
 from __future__ import annotations
 
@@ -65,7 +60,7 @@ def prompts(vocab: int, batch: int) -> jax.Array:
     return jnp.asarray(np.random.default_rng(0).integers(0, vocab, (batch, PROMPT)), jnp.int32)
 
 
-def bench_vs_forward(m, reps: int, do_record: bool, note: str | None = None) -> None:
+def bench_vs_forward(m, reps: int, do_record: bool) -> None:
     from psm_jax.generate import decode, prefill
     from psm_jax.model import jit_forward
 
@@ -82,10 +77,10 @@ def bench_vs_forward(m, reps: int, do_record: bool, note: str | None = None) -> 
             f"decode batch 64, prompt {PROMPT}, {NEW} new tokens ({NEW - 1} cached steps): {dec_tps:.1f} tok/s; "
             f"jitted forward 64 x {PROMPT + NEW} tokens (all logits): {fwd_tps:.1f} tok/s; "
             f"ratio of tokens per CPU-second {cpu_ratio:.3f}", ">= 0.5")
-    emit(line, do_record, note)
+    emit(line, do_record)
 
 
-def bench_vs_hf(m, reps: int, do_record: bool, note: str | None = None) -> None:
+def bench_vs_hf(m, reps: int, do_record: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -108,29 +103,26 @@ def bench_vs_hf(m, reps: int, do_record: bool, note: str | None = None) -> None:
     line = ("decode_b32_vs_hf", round(jax_tps / hf_tps, 3), "x (tokens/s ratio)",
             f"HF transformers torch fp32 greedy generate batch {batch}, prompt {PROMPT}, {NEW} new tokens: "
             f"{hf_tps:.1f} tok/s; psm-jax generate {jax_tps:.1f} tok/s (prefill included in both)", ">= 3")
-    emit(line, do_record, note)
+    emit(line, do_record)
 
 
-def emit(line: tuple, do_record: bool, note: str | None = None) -> None:
-    """Record the line (with `note`, e.g. the machine's load, as an extra field) or print it."""
-    extra = {} if note is None else {"note": note}
+def emit(line: tuple, do_record: bool) -> None:
     if do_record:
-        record(*line, **extra)
+        record(*line)
     else:
-        print(line, extra)
+        print(line)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-record", action="store_true", help="print the lines instead of appending them")
-    ap.add_argument("--note", help="recorded with each line, e.g. the load average of a shared machine")
     args = ap.parse_args()
     import psm_jax
 
     m = psm_jax.load("smollm2-135m-instruct")
-    bench_vs_forward(m, args.reps, not args.no_record, args.note)
-    bench_vs_hf(m, args.reps, not args.no_record, args.note)
+    bench_vs_forward(m, args.reps, not args.no_record)
+    bench_vs_hf(m, args.reps, not args.no_record)
 
 
 if __name__ == "__main__":
