@@ -8,20 +8,6 @@ Records, each against a reference measured in the same run:
   decode_b32_vs_hf       psm-jax greedy `generate` tokens/s at batch 32 / HF torch `generate` (greedy, same model in
                          fp32, same 128-token prompts and 32 new tokens, prefill included on both sides) (target >= 3)
 Prompts are random token ids (seeded) and no EOS stops a row, so every row decodes the full budget.
-
-Where a decode step's time went (optimised HLO of the batch-32 loop, cache 160; timings on the shared machine):
-- the loop is one jitted `lax.while_loop` (no host round trips); per step the unembed is ~20% of the FLOPs and the
-  sampling (argmax, log-softmax over the vocabulary) is small; the cache update was already in place;
-- the layer scan dynamic-sliced every layer's weights out of the stacked [L, ...] arrays into a fresh buffer before
-  each dot (XLA's CPU dot takes no sliced operand): ~425 MB of fp32 copied per step, more than the dots read;
-- each layer's K and V were sliced out of the carried [L, B, S, KV, hd] cache and transposed to [B, KV, S, hd]
-  for the score and value products: 2 x 30 x B x S x 192 x 4 bytes per step (236 MB at batch 32, S 160).
-  A step at batch 32 cost ~2.4x a cache-less one-token forward of the same rows.
-Now the loop runs on a `LayerCache` (one [B, KV, S, hd] buffer per layer, written in place, read by the
-attention without a copy) with the layers unrolled over weights unstacked once before the loop, so a step
-copies neither weights nor K/V; and it decodes in segments whose attention spans only the slots that can be
-filled (`generate.segment_widths`). The price: the step compiles unrolled (30 blocks), and the loop holds a
-second copy of the layer weights.
 Usage: .venv/bin/python benchmarks/decode.py [--reps N] [--no-record]
 """
 from __future__ import annotations

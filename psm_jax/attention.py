@@ -65,36 +65,26 @@ def attention_bias(q_pos, k_pos, k_valid, window, is_sliding, dtype):
     return jnp.where(allowed, 0.0, neg).astype(dtype)[:, None, None, :, :]
 
 
-KV_LAYOUTS = ("bskd", "bksd")
+def grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):
+    """q [B,T,H,hd]; k, v [B,S,KV,hd]; bias [B,1,1,T,S] -> [B,T,H,hd].
 
-
-def grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None, kv_layout: str = "bskd"):
-    """q [B,T,H,hd]; k, v [B,S,KV,hd] (kv_layout "bskd") or [B,KV,S,hd] ("bksd"); bias [B,1,1,T,S] -> [B,T,H,hd].
-
-    Heads are grouped as [KV, H // KV] so K/V are never repeated in memory. The "bksd" layout is the decode cache's:
-    each (row, KV head) block of keys is contiguous, so the score and value products read the cache without a
-    transposed copy. bf16 on an AMX CPU runs the fused kernel of psm_jax.native.amx (same function; gradients
-    through this XLA version).
+    Heads are grouped as [KV, H // KV] so K/V are never repeated in memory. bf16 on an AMX CPU runs the fused
+    kernel of psm_jax.native.amx (same function; gradients through this XLA version).
     """
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout={kv_layout!r}; expected one of {KV_LAYOUTS}")
-    if kv_layout == "bksd" and amx.uses_attention_kernel(q, k.swapaxes(1, 2), v.swapaxes(1, 2), softcap):
-        k, v, kv_layout = k.swapaxes(1, 2), v.swapaxes(1, 2), "bskd"
-    if kv_layout == "bskd" and amx.uses_attention_kernel(q, k, v, softcap):
+    if amx.uses_attention_kernel(q, k, v, softcap):
         return amx.attention(q, k, v, bias, scale,
                              functools.partial(_xla_grouped_attention, scale=scale, softcap=softcap))
-    return _xla_grouped_attention(q, k, v, bias, scale=scale, softcap=softcap, kv_layout=kv_layout)
+    return _xla_grouped_attention(q, k, v, bias, scale=scale, softcap=softcap)
 
 
-def _xla_grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None, kv_layout: str = "bskd"):
+def _xla_grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):
     b, t, h, hd = q.shape
-    kv = k.shape[2] if kv_layout == "bskd" else k.shape[1]
-    keys = "bskd" if kv_layout == "bskd" else "bksd"
+    kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum(f"btkgd,{keys}->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     scores = scores + bias
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)

@@ -3,8 +3,8 @@
 `generate` = `prefill` (one forward over the padded prompt writing the cache) + `decode` (a
 `lax.while_loop` of single-token forwards that stops when every row has emitted an EOS or the
 budget is spent). Shapes are static (cache size = prompt + max_new_tokens), so one compilation
-serves every prompt of the same padded length. Each step writes its token's K/V into per-layer cache
-buffers in place (model.LayerCache), in segments whose attention spans grow with the text (`segment_widths`). Edits whose position masks cover
+serves every prompt of the same padded length. Each step writes its token's K/V into the cache in
+place (the cache is carried through the layer scan and the loop). Edits whose position masks cover
 only the prompt are widened to the cache size once, before the loop; `extend` on each edit says whether
 generated tokens are edited.
 
@@ -29,10 +29,8 @@ from flax import struct
 
 from psm_jax.config import ModelConfig
 from psm_jax.edits import EDITABLE_SITES
-from psm_jax.model import (Capture, ForwardOutput, KVCache, check_edits, check_tokens, forward, from_layer_cache,
-                           init_cache, is_concrete, to_layer_cache, unstack_layers, widen_layer_cache)
-
-SEGMENT_SLOTS = 64  # the first decode segment's span is rounded up to this; each later one doubles it
+from psm_jax.model import (Capture, ForwardOutput, KVCache, check_edits, check_tokens, forward, init_cache,
+                           is_concrete)
 
 
 @struct.dataclass
@@ -148,28 +146,10 @@ def _choose(logits, key, temperature, top_p, sample: bool, use_top_p: bool, top_
     return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
 
-def segment_widths(filled: int | None, max_new_tokens: int, size: int, slots: int | None = None) -> tuple:
-    """Attention spans (static slot counts) of the decode segments after `filled` cache slots are written.
-
-    Step j (1 <= j < max_new_tokens) writes slot filled + j - 1 and attends to the slots before it and itself, so
-    the first segment spans filled + 1 slots rounded up to `slots`, each next one twice the last, the last one
-    the slots the budget can fill (at most `size`). Unknown `filled` (a traced cache length): one span, `size`.
-    """
-    if filled is None:
-        return (size,)
-    slots = SEGMENT_SLOTS if slots is None else slots
-    last = max(1, min(size, filled + max_new_tokens - 1))
-    widths, width = [], -(-(filled + 1) // slots) * slots
-    while not widths or widths[-1] < last:
-        widths.append(min(width, last))
-        width *= 2
-    return tuple(widths)
-
-
 def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_tokens: int, key=None,
            temperature=1.0, top_p=1.0, sample: bool = False, use_top_p: bool = False, edits: Sequence = (),
            eos_ids: tuple[int, ...] = (), pad_id: int = 0, top_k: int | None = None, monitor: Monitor | None = None,
-           first_monitored=None, filled: int | None = None) -> Generation:
+           first_monitored=None) -> Generation:
     """Decode up to `max_new_tokens` tokens continuing from `cache` whose next-token logits are `last_logits` [B, V].
 
     Token j >= 1 is chosen after writing token j - 1 into the cache, so the cache needs max_new_tokens - 1 free
@@ -177,12 +157,6 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
     full, so a short cache yields fewer tokens (`lengths`, `finished` say so) and never overwrites slots.
     With a `monitor`, `first_monitored` [B, n_layers, n_dirs] is the projection at the position that produced
     `last_logits` (generate passes the prefill's; zeros when omitted).
-
-    The loop runs on a LayerCache (per-layer K/V buffers, layers unrolled; see model.LayerCache) in segments
-    (`segment_widths`): each is one `lax.while_loop` whose attention spans a static number of slots, so early steps
-    do not attend over empty ones. `filled`, the number of cache slots already written when known statically
-    (generate passes the prompt length; a concrete cache.length serves too), sets the segments; without it the
-    loop is one segment over the whole cache.
     """
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 1)
     if is_concrete(cache.length) and int(cache.length) + max_new_tokens - 1 > cache.size:
@@ -213,8 +187,6 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
         first = jnp.zeros(shape[:1] + shape[2:], jnp.float32) if first_monitored is None else first_monitored
         mon = jnp.zeros(shape, jnp.float32).at[:, 0].set(first.astype(jnp.float32))
 
-    layers = unstack_layers(params)
-
     def cond(state):
         i, _, _, done, _, cache, _, _ = state
         return (i < max_new_tokens) & ~jnp.all(done) & (cache.length < cache.size)
@@ -222,7 +194,7 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
     def body(state):
         i, toks, lps, done, lengths, cache, key, mon = state
         prev = jax.lax.dynamic_slice_in_dim(toks, i - 1, 1, axis=1)
-        out = forward(params, config, prev, edits=edits, cache=cache, capture=capture, layers=layers)
+        out = forward(params, config, prev, edits=edits, cache=cache, capture=capture)
         key, sub = jax.random.split(key)
         tok, lp, new_done = pick(out.logits[:, -1], sub, done)
         toks = jax.lax.dynamic_update_slice_in_dim(toks, tok[:, None], i, axis=1)
@@ -233,17 +205,9 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
         lengths = lengths + (~done).astype(jnp.int32)
         return i + 1, toks, lps, new_done, lengths, out.cache, key, mon
 
-    if filled is None and is_concrete(cache.length):
-        filled = int(cache.length)
-    widths = segment_widths(filled, max_new_tokens, cache.size)
-    state = (jnp.ones((), jnp.int32), toks, lps, done, lengths, to_layer_cache(cache, widths[0]), key, mon)
-    for n, width in enumerate(widths):
-        if n:
-            state = state[:5] + (widen_layer_cache(state[5], width),) + state[6:]
-        state = jax.lax.while_loop(cond, body, state)
-    _, toks, lps, done, lengths, layer_cache, _, mon = state
-    return Generation(tokens=toks, logprobs=lps, finished=done, lengths=lengths,
-                      cache=from_layer_cache(layer_cache, cache), monitored=mon)
+    state = (jnp.ones((), jnp.int32), toks, lps, done, lengths, cache, key, mon)
+    _, toks, lps, done, lengths, cache, _, mon = jax.lax.while_loop(cond, body, state)
+    return Generation(tokens=toks, logprobs=lps, finished=done, lengths=lengths, cache=cache, monitored=mon)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample", "use_top_p", "eos_ids", "pad_id",
@@ -256,8 +220,7 @@ def _generate(params, config, tokens, attention_mask, edits, key, temperature, t
     first = None if monitor is None else monitor.project(out.captured, -1)
     return decode(params, config, out.cache, out.logits[:, -1], max_new_tokens=max_new_tokens, key=key,
                   temperature=temperature, top_p=top_p, sample=sample, use_top_p=use_top_p, edits=edits,
-                  eos_ids=eos_ids, pad_id=pad_id, top_k=top_k, monitor=monitor, first_monitored=first,
-                  filled=tokens.shape[1])
+                  eos_ids=eos_ids, pad_id=pad_id, top_k=top_k, monitor=monitor, first_monitored=first)
 
 
 def _check_real(name: str, value) -> float:

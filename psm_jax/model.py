@@ -2,10 +2,9 @@
 and an optional KV cache.
 
 The cache's stacked K/V [L, B, S, KV, hd] are carried through the layer scan: each layer writes its new
-slots with one `dynamic_update_slice` at [layer, :, cache.length], which XLA performs in place.
-Generate's decode loop instead runs on a `LayerCache` (per-layer [B, KV, S, hd] buffers) with the layers
-unrolled, so that a step copies neither a layer's weights nor its K/V (see LayerCache).
-Attention masks and RoPE angles are built once per forward, outside the layers.
+slots with one `dynamic_update_slice` at [layer, :, cache.length], which XLA performs in place (also
+inside generate's decode loop), so a decode step writes one slot per layer rather than a fresh cache.
+Attention masks and RoPE angles are built once per forward, outside the scan.
 
 Sites are defined here, once (see `SITES` in edits.py). Mapping to Hugging Face
 `output_hidden_states`: `resid_pre[i] == hidden_states[i]` and `resid_post[i] ==
@@ -80,62 +79,6 @@ def init_cache(config: ModelConfig, batch: int, size: int, dtype=jnp.float32) ->
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), positions=jnp.zeros((batch, size), jnp.int32),
                    valid=jnp.zeros((batch, size), bool), length=jnp.zeros((), jnp.int32),
                    next_position=jnp.zeros((batch,), jnp.int32))
-
-
-@struct.dataclass
-class LayerCache:
-    """The decode loop's cache: one K and one V buffer per layer, [B, KV, W, hd], over the first W slots.
-
-    A decode step runs the layers unrolled over these buffers, so no step copies a layer's weights or K/V out
-    of stacked arrays (a scan over layers would: dynamic slices feeding a dot are materialised on the CPU) and the
-    attention reads each (row, KV head) block contiguously. W may be less than the KVCache's size: decoding goes
-    in segments whose attention spans only the slots that can be filled (`widen_layer_cache` between them).
-    `full_size` is the KVCache's slot count, the width of edit position masks.
-    """
-
-    k: tuple
-    v: tuple
-    positions: jax.Array
-    valid: jax.Array
-    length: jax.Array
-    next_position: jax.Array
-    full_size: int = struct.field(pytree_node=False, default=0)
-
-    @property
-    def size(self) -> int:
-        return self.k[0].shape[2]
-
-
-def to_layer_cache(cache: KVCache, width: int) -> LayerCache:
-    """The first `width` slots of a stacked KVCache as per-layer [B, KV, width, hd] buffers (one copy)."""
-    k, v = (tuple(jnp.swapaxes(a[i, :, :width], 1, 2) for i in range(a.shape[0])) for a in (cache.k, cache.v))
-    return LayerCache(k=k, v=v, positions=cache.positions[:, :width], valid=cache.valid[:, :width],
-                      length=cache.length, next_position=cache.next_position, full_size=cache.size)
-
-
-def widen_layer_cache(cache: LayerCache, width: int) -> LayerCache:
-    """The same cache over `width` >= cache.size slots (the new slots empty and invalid)."""
-    pad = width - cache.size
-    grow = functools.partial(jnp.pad, pad_width=((0, 0), (0, 0), (0, pad), (0, 0)))
-    return cache.replace(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
-                         positions=jnp.pad(cache.positions, ((0, 0), (0, pad))),
-                         valid=jnp.pad(cache.valid, ((0, 0), (0, pad))))
-
-
-def from_layer_cache(layer_cache: LayerCache, cache: KVCache) -> KVCache:
-    """`cache` with its first layer_cache.size slots replaced by the per-layer buffers' contents."""
-    width = layer_cache.size
-    k, v = (jnp.swapaxes(jnp.stack(a), 2, 3).astype(cache.k.dtype) for a in (layer_cache.k, layer_cache.v))
-    return KVCache(k=cache.k.at[:, :, :width].set(k), v=cache.v.at[:, :, :width].set(v),
-                   positions=cache.positions.at[:, :width].set(layer_cache.positions),
-                   valid=cache.valid.at[:, :width].set(layer_cache.valid), length=layer_cache.length,
-                   next_position=layer_cache.next_position)
-
-
-def unstack_layers(params: dict) -> tuple:
-    """params["layers"] ([L, ...] leaves) as a tuple of per-layer dicts: the unrolled decode step's weights."""
-    n = jax.tree.leaves(params["layers"])[0].shape[0]
-    return tuple(jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n))
 
 
 @struct.dataclass
@@ -223,14 +166,8 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
     site("v", v)
 
     global_bias, local_bias, write_at = attn_ctx
-    kv_layout = "bskd"
     if cache_k is None:
         keys, values = k, v
-    elif cache_k.ndim == 4:  # this layer's own [B, KV, S, hd] buffers (LayerCache): written and read in place
-        at = (0, 0, write_at, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype), at)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype), at)
-        keys, values, kv_layout = cache_k, cache_v, "bksd"
     else:
         at = (layer, 0, write_at, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
@@ -240,7 +177,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
     bias = global_bias if local_bias is None else jnp.where(is_sliding, local_bias, global_bias)
     scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     attn = grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias, scale=scale,
-                             softcap=c.attn_logit_softcap, kv_layout=kv_layout)
+                             softcap=c.attn_logit_softcap)
     o = amx.dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
     if c.o_bias:
         o = o + lp["bo"]
@@ -307,17 +244,15 @@ def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
             raise ValueError(f"sequence length {t} exceeds the model's max_position={config.max_position}; "
                              "expected at most max_position tokens")
     else:
-        if cache.positions.shape[0] != b:
-            raise ValueError(f"tokens have batch {b} but the KV cache has batch {cache.positions.shape[0]}; "
-                             "expected equal")
+        if cache.k.shape[1] != b:
+            raise ValueError(f"tokens have batch {b} but the KV cache has batch {cache.k.shape[1]}; expected equal")
         if is_concrete(cache.length) and int(cache.length) + t > cache.size:
             raise ValueError(f"writing {t} tokens at slot {int(cache.length)} overflows the KV cache of "
                              f"{cache.size} slots; expected cache.length + T <= cache.size")
         if is_concrete(cache.next_position) and int(jnp.max(cache.next_position)) + t > config.max_position:
             raise ValueError(f"{t} tokens starting at position {int(jnp.max(cache.next_position))} exceed the model's "
                              f"max_position={config.max_position}; expected positions < max_position")
-    width = t if cache is None else cache.full_size if isinstance(cache, LayerCache) else cache.size
-    check_edits(config, edits, b, width)
+    check_edits(config, edits, b, t if cache is None else cache.size)
 
 
 def check_edits(config: ModelConfig, edits, batch: int, width: int) -> None:
@@ -352,28 +287,16 @@ def embed(params: dict, config: ModelConfig, tokens):
     return h
 
 
-def _unrolled_layers(config: ModelConfig, layers: tuple, body, h, cache: LayerCache, capture: Capture):
-    """The blocks one after another over per-layer weights and K/V buffers (a decode step's layer loop)."""
-    ks, vs, outs = list(cache.k), list(cache.v), []
-    for layer, lp in enumerate(layers):
-        (h, ks[layer], vs[layer]), out = body((h, ks[layer], vs[layer]), (lp, layer, config.layer_is_sliding[layer]))
-        outs.append(out)
-    captured = {s: jnp.stack([outs[i][s] for i in capture.layer_list(config)]) for s in capture.sites}
-    return h, tuple(ks), tuple(vs), captured
-
-
 def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, edits: Sequence = (),
-            capture: Capture = Capture(), cache: KVCache | LayerCache | None = None, return_logits: bool = True,
-            logits_positions=None, layers: tuple | None = None) -> ForwardOutput:
+            capture: Capture = Capture(), cache: KVCache | None = None, return_logits: bool = True,
+            logits_positions=None) -> ForwardOutput:
     """Run the model on tokens [B, T].
 
     Without a cache, keys are the tokens themselves; with one, the tokens are written at slots
     [cache.length, cache.length + T) and attend to every valid slot. Positions follow the
     attention mask (left padding gets no positions), as HF's `generate` computes them.
     `logits_positions`: None for all positions, or "last" for the last slot only (saves the
-    vocab projection during prefill). With a LayerCache (the decode loop's) the layers run unrolled over
-    `layers`, the per-layer weights (`unstack_layers(params)`, made once outside the loop; unstacked here when
-    omitted), and the cache comes back as a LayerCache.
+    vocab projection during prefill).
 
     Inputs are checked where their values are concrete (outside jit): token ids in [0, vocab_size),
     T <= config.max_position (padded width), and with a cache cache.length + T <= cache.size and
@@ -412,15 +335,6 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     layer_ids = jnp.arange(config.n_layers, dtype=jnp.int32)
     body = functools.partial(_block, config, edits, capture_sites, slot_index, rope,
                              (global_bias, local_bias, write_at))
-    if isinstance(cache, LayerCache):
-        layers = unstack_layers(params) if layers is None else layers
-        h, new_k, new_v, captured = _unrolled_layers(config, layers, body, h, cache, capture)
-        logits = None
-        if return_logits:
-            logits = unembed(params, config, h[:, -1:] if logits_positions == "last" else h)
-        new_cache = cache.replace(k=new_k, v=new_v, positions=new_positions, valid=new_valid, length=cache.length + t,
-                                  next_position=jnp.max(positions, axis=1) + 1)
-        return ForwardOutput(logits=logits, captured=captured, cache=new_cache)
     carry = (h, None if cache is None else cache.k, None if cache is None else cache.v)
 
     xs = (params["layers"], layer_ids, sliding)

@@ -1,7 +1,4 @@
 """Decoding from the KV cache: per-step monitors against a capture forward, and the cache-room contract."""
-import functools
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,44 +85,3 @@ def test_decode_checks_cache_room_and_stops_when_full_under_jit(llama):
     assert int(short.cache.length) == 8 and not bool(jnp.any(short.finished))
     np.testing.assert_array_equal(np.asarray(short.tokens[:, :4]), np.asarray(roomy.tokens[:, :4]))
     np.testing.assert_allclose(np.asarray(short.cache.k), np.asarray(roomy.cache.k[:, :, :8]), atol=1e-5)
-
-
-def test_segment_widths():
-    """Spans start at the prompt rounded up to the segment size, double, and end at the slots the budget fills."""
-    from psm_jax.generate import segment_widths
-
-    assert segment_widths(5, 20, 30, slots=8) == (8, 16, 24)       # budget ends before the cache does
-    assert segment_widths(8, 40, 40, slots=8) == (16, 32, 40)      # prompt exactly on a boundary: next span
-    assert segment_widths(7, 2, 30, slots=8) == (8,)               # one step, inside the first span
-    assert segment_widths(30, 5, 30, slots=8) == (30,)             # full cache: one span of the whole cache
-    assert segment_widths(None, 20, 30, slots=8) == (30,)          # traced cache length: one span
-
-
-@pytest.mark.parametrize("prompt_len", [7, 8, 9])
-def test_segmented_decoding_equals_one_segment(llama, monkeypatch, prompt_len):
-    """Decoding in segments of 4 slots (a prompt just before, on and after a boundary, 14 new tokens crossing
-    several, a left-padded row, an edit on generated tokens and a monitor) gives the tokens, log-probs,
-    monitored projections and cache of the one-segment loop (traced cache length)."""
-    G = importlib.import_module("psm_jax.generate")  # the package exports a function of the same name
-
-    params, config = llama
-    rng = np.random.default_rng(prompt_len)
-    prompt = jnp.asarray(rng.integers(0, config.vocab_size, (2, prompt_len)), jnp.int32)
-    mask = jnp.asarray(np.arange(prompt_len)[None] >= np.array([[0], [2]]))
-    size, new = prompt_len + 13, 14                                   # the last step fills the cache
-    edit = E.add(config, rng.normal(size=config.d_model).astype(np.float32), layers=[1], coef=3.0,
-                 positions=np.zeros((2, prompt_len), bool))
-    mon = Monitor(directions=jnp.asarray(rng.normal(size=(2, config.d_model)), jnp.float32), layers=(0, 2))
-    pre = prefill(params, config, prompt, mask, cache_size=size, edits=[edit])
-    run = functools.partial(decode, params, config, max_new_tokens=new, eos_ids=(), edits=[edit], monitor=mon)
-    monkeypatch.setattr(G, "SEGMENT_SLOTS", 4)
-    assert len(G.segment_widths(prompt_len, new, size)) >= 2
-    segmented = run(pre.cache, pre.logits[:, -1])                      # concrete cache length: segments
-    single = jax.jit(lambda c, lg: run(c, lg))(pre.cache, pre.logits[:, -1])
-    np.testing.assert_array_equal(np.asarray(segmented.tokens), np.asarray(single.tokens))
-    np.testing.assert_array_equal(np.asarray(segmented.lengths), [new, new])
-    np.testing.assert_allclose(np.asarray(segmented.logprobs), np.asarray(single.logprobs), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(segmented.monitored), np.asarray(single.monitored), atol=1e-4)
-    assert int(segmented.cache.length) == size
-    np.testing.assert_allclose(np.asarray(segmented.cache.k), np.asarray(single.cache.k), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(segmented.cache.valid), np.asarray(single.cache.valid))
