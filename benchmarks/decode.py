@@ -8,6 +8,14 @@ Records, each against a reference measured in the same run:
   decode_b32_vs_hf       psm-jax greedy `generate` tokens/s at batch 32 / HF torch `generate` (greedy, same model in
                          fp32, same 128-token prompts and 32 new tokens, prefill included on both sides) (target >= 3)
 Prompts are random token ids (seeded) and no EOS stops a row, so every row decodes the full budget.
+
+Where a step's time goes (compiled decode loop, batch 32, cache 160): the layer scan copies each layer's weights out
+of the stacked arrays before its matmuls (the CPU backend does not feed a slice to a dot; about 425 MB of fp32 per
+step) and each layer's K/V slice (about 236 MB at batch 32). A variant that unstacked the weights once and ran
+unrolled layers over per-layer K/V buffers, in segments of growing attention span, removed those copies but was no
+faster on an idle 2-core machine (decode_b64_vs_forward 0.394 vs 0.42) while holding every weight twice, so the
+scan stays. decode_b32_vs_hf counts the prefill (a 32 x 128 forward is most of its FLOPs), where psm-jax runs at
+about HF's speed in fp32 (`forward_fp32_vs_hf`): 3x needs a faster forward, not a cheaper step.
 Usage: .venv/bin/python benchmarks/decode.py [--reps N] [--no-record]
 """
 from __future__ import annotations
