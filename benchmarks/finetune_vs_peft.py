@@ -8,7 +8,8 @@ Both sides train the same model, SmolLM2-135M-Instruct (the packaged GGUF, dequa
 alpha 2*rank, on all seven projections (q, k, v, o, gate, up, down) of every layer, AdamW (lr 1e-4, no weight
 decay, no clipping), fp32, on the same batch of --batch x --seq token ids (random ids; every position is a
 training target on both sides: psm-jax marks every token as the assistant's, peft gets labels = input ids).
-  * psm-jax: `psm_jax.finetune.make_train_step` (adapters merged into the weights inside the jitted step, forward,
+  * psm-jax: `psm_jax.finetune.make_train_step` (adapters applied factored, x @ W + s (x @ A) @ B, inside the jitted
+    step; --merged merges A @ B into W instead; forward,
     backward, AdamW), one call per step, blocked on; JAX's default CPU threads.
   * peft: `peft.get_peft_model` (LoRA dropout 0), model.train(), loss.backward(), torch.optim.AdamW.step(),
     zero_grad; torch's default threads, transformers' default (sdpa) attention.
@@ -59,7 +60,8 @@ def run_jax(args) -> dict:
     model = psm_jax.load("smollm2-135m-instruct")
     params, config = model.params, model.config
     rss_loaded = _peak_rss_bytes()
-    ft = FinetuneConfig(lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank), batch_size=args.batch,
+    ft = FinetuneConfig(lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, factored=not args.merged),
+                        batch_size=args.batch,
                         optimizer=OptimizerConfig(learning_rate=1e-4, max_grad_norm=None))
     optimizer = make_optimizer(ft.optimizer)
     state = init_state(params, config, ft, jax.random.PRNGKey(0), optimizer)
@@ -124,7 +126,7 @@ def run_peft(args) -> dict:
 
 def _side(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", name, "--rank", str(args.rank), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--steps", str(args.steps)]
+           "--seq", str(args.seq), "--steps", str(args.steps)] + (["--merged"] if args.merged else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -142,6 +144,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--merged", action="store_true", help="psm-jax merges A @ B into W in the step (default: factored)")
     ap.add_argument("--quick", action="store_true", help="batch 2 x 32 tokens, 2 steps (smoke test)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
