@@ -2,7 +2,9 @@
 
     psm quickstart [--preset quick|ci|full] [--out DIR] [--only axis,kv_editing] [--force] [--record]
     psm <study> [key=value ...] [--preset ci|quick|full] [--out DIR] [--record]    (psm <study> --help: the keys)
-    psm sae train|eval|export ...
+    psm sae train|eval|export [CONFIG|TARGET ...] [section.key=value ...]           (psm sae <cmd> --help: the keys)
+
+Every `key=value` is read by one grammar (psm_jax.cli_values), typed by the config field the key names.
 """
 from __future__ import annotations
 

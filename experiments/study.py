@@ -22,29 +22,24 @@ given, prepares, runs, reports, and with `record=True` appends the records). The
 
     psm <study> [key=value ...] [--preset ci|quick|full] [--out DIR] [--record] [--quiet]
 
-Values: ints, floats, strings; bools as true/false (also 1/0, yes/no); `none` for optional fields; tuples as
-comma lists (`traits=evil,humorous`); an int tuple also takes a half-open range `a:b` (`layers=18:26` is 18..25);
-a tuple of int pairs takes comma-separated ranges (`layer_ranges=10:20,4:26`). An unknown key or a bad value is
-one line naming it on stderr and exit status 2.
+Values follow the one grammar of `psm_jax.cli_values` (shared with `psm sae`): ints, floats, strings; bools as
+true/false; `none` for optional fields; tuples as comma lists (`traits=evil,humorous`); an int tuple also takes a
+half-open range `a:b` (`layers=18:26` is 18..25); a tuple of int pairs takes comma-separated ranges
+(`layer_ranges=10:20,4:26`). An unknown key or a bad value is one line naming it on stderr and exit status 2.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 import time
 import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
+
+from psm_jax.cli_values import UsageError, field_types, key_lines, parse_overrides, parse_value  # noqa: F401
 
 PRESETS = ("ci", "quick", "full")
 RERUN_PREFIX = ".venv/bin/python -m experiments.cli"
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-class UsageError(ValueError):
-    """A command line that does not fit the grammar (exit status 2)."""
 
 
 def load_study(module: str | types.ModuleType) -> types.ModuleType:
@@ -63,88 +58,6 @@ def preset_config(module, preset: str = "full", **overrides):
     if preset not in mod.PRESETS:
         raise UsageError(f"preset {preset!r}; expected one of {', '.join(mod.PRESETS)}")
     return mod.Config(**{**mod.PRESETS[preset], **overrides})
-
-
-# ------------------------------------------------------------------------------------------- value grammar
-
-
-def _parse_scalar(kind, text: str, key: str):
-    if kind is bool:
-        low = text.strip().lower()
-        if low in TRUE:
-            return True
-        if low in FALSE:
-            return False
-        raise UsageError(f"{key}={text!r}; expected true or false")
-    if kind is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise UsageError(f"{key}={text!r}; expected an integer") from None
-    if kind is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise UsageError(f"{key}={text!r}; expected a number") from None
-    if kind is str:
-        return text
-    raise UsageError(f"{key}: fields of type {kind} cannot be set from the command line")
-
-
-def _int_range(text: str, key: str) -> tuple[int, int]:
-    a, _, b = text.partition(":")
-    try:
-        lo, hi = int(a), int(b)
-    except ValueError:
-        raise UsageError(f"{key}={text!r}; expected a range a:b of integers") from None
-    if hi <= lo:
-        raise UsageError(f"{key}={text!r}; expected a range a:b with b > a (half-open)")
-    return lo, hi
-
-
-def parse_value(annotation, text: str, key: str):
-    """`text` as a value of the field type `annotation` (the grammar in the module doc)."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        if text.strip().lower() == "none" and len(inner) < len(args):
-            return None
-        if len(inner) != 1:
-            raise UsageError(f"{key}: fields of type {annotation} cannot be set from the command line")
-        return parse_value(inner[0], text, key)
-    if origin is tuple:
-        item = args[0] if args else str
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if typing.get_origin(item) is tuple:  # tuple[tuple[int, int], ...]: ranges
-            return tuple(_int_range(p, key) for p in parts)
-        out: list = []
-        for p in parts:
-            if item is int and ":" in p:
-                lo, hi = _int_range(p, key)
-                out.extend(range(lo, hi))
-            else:
-                out.append(_parse_scalar(item, p, key))
-        return tuple(out)
-    return _parse_scalar(annotation, text, key)
-
-
-def field_types(config_cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(config_cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
-
-
-def parse_overrides(config_cls, pairs: Sequence[str]) -> dict[str, Any]:
-    """key=value strings -> typed field values for `config_cls` (UsageError naming an unknown key or bad value)."""
-    types_ = field_types(config_cls)
-    out = {}
-    for pair in pairs:
-        key, eq, text = pair.partition("=")
-        if not eq or not key:
-            raise UsageError(f"argument {pair!r}; expected key=value")
-        if key not in types_:
-            raise UsageError(f"unknown key {key!r}; expected one of {', '.join(types_)}")
-        out[key] = parse_value(types_[key], text, key)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -180,9 +93,7 @@ def execute(module, config, *, folder: str | Path, model=None, progress=None, re
 def usage(name: str, config_cls, doc: str | None) -> str:
     head = (doc or "").strip().split("\n\n")[0]
     lines = [f"usage: psm {name} [key=value ...] [--preset {'|'.join(PRESETS)}] [--out DIR] [--record] [--quiet]",
-             "", head, "", "keys (default):"]
-    for f in dataclasses.fields(config_cls):
-        lines.append(f"  {f.name}={f.default!r}")
+             "", head, "", "keys (default):", *key_lines(config_cls)]
     return "\n".join(lines)
 
 

@@ -45,21 +45,31 @@ Config file sections (all optional except what a command needs):
     [export] hook_name, model_name, sae (index in a sweep, default all), format ("saelens" | "sparsify"),
              context_size, prepend_bos, dataset_path, model_class_name, neuronpedia_id, overwrite
              (a run dir's `eval` writes firing densities that `export` puts in sparsity.safetensors)
-Overrides are parsed as JSON when they parse (numbers, true/false, null, lists), else taken as strings.
+Override values follow the one grammar of the `psm` command line (psm_jax.cli_values), typed by the field each
+key names: the SaeConfig fields for [sae], the sections' dataclasses below for [data], [train], [eval], [export];
+ints, floats, strings, true/false, `none`, comma lists for tuples (`data.roles=assistant`, `sweep.k=16,32,64`,
+`train.mesh=1,1`), `a:b` half-open int ranges (`data.layers=3:6` is 3, 4, 5). An unknown section or key, or a value
+its field's type rejects, is one line naming it on stderr and exit status 2; `psm sae <command> --help` lists every
+key with its default. Config files keep their TOML/JSON types; their keys are checked against the same fields.
 Pointing `train` at a run dir with checkpoints of the same config resumes it; another config is an error.
 `main(argv)` returns a process exit code.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
+from psm_jax.cli_values import UsageError, field_defaults, field_types, key_lines, parse_value, split_pair
+from sae.config import SWEEPABLE, SaeConfig
+
 SECTIONS = ("sae", "sweep", "data", "train", "eval", "export")
+TOP_LEVEL = ("run_dir",)
 
 
 class CliError(ValueError):
@@ -67,18 +77,157 @@ class CliError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
+# the config sections' fields: types for the value grammar, defaults for the commands and --help
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """[data]: where the activations come from (one of npy, store, or model + hooks)."""
+    npy: str | None = None                # a [n_tokens, d_in] .npy file
+    store: str | None = None              # an activation store directory (with site and layer/layers)
+    site: str | None = None
+    layer: int | None = None
+    layers: tuple[int, ...] | None = None  # one SAE per layer
+    roles: tuple[str, ...] | None = None
+    seed: int = 0
+    shuffle: bool | None = None           # None: true when training, false when evaluating
+    epochs: int | None = None
+    model: str | None = None              # harvest while training: a psm_jax.load name or path ...
+    hooks: str | None = None              # ... and its hook points, "resid_post:3,6,9" (groups joined by ";")
+    corpus: str | None = None             # None: the packaged ShareGPT dump, else a local file
+    tokens: int | None = None
+    context_len: int = 256
+    mode: str = "truncate"
+    take: str | None = None               # documents of the corpus: an int n (the first n) or "a:b"
+    forward_batch_size: int = 8
+    buffer_size: int = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """[train]: the training loop."""
+    max_steps: int | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    stack: str = "map"                    # map | vmap
+    mesh: tuple[int, ...] | None = None   # data, latent
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """[eval]: reconstruction metrics and the LM metrics (the SAE spliced into the model)."""
+    max_batches: int | None = None
+    dense_threshold: float = 0.1
+    step: int | None = None               # checkpoint step; None: the latest
+    batch_size: int = 4096
+    progress: bool = True
+    lm: bool = True
+    lm_model: str | None = None           # None: the SAE folder's metadata.model_name, else the store's model
+    lm_corpus: str | None = None          # None: the packaged ShareGPT dump
+    lm_docs: int = 32
+    lm_shuffle: bool = True
+    lm_seed: int = 0
+    lm_skip_docs: int | None = None       # None: the last lm_docs documents of the permutation
+    lm_exclude_store: str | None = None   # None: data.store
+    lm_context_len: int = 256
+    lm_batch_size: int = 4
+    lm_max_batches: int | None = None
+    lm_positions: str = "trained"         # trained | all
+    lm_layer: tuple[int, ...] | None = None  # one layer for every SAE, or one per SAE
+    lm_site: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """[export]: the SAELens (or sparsify) folder written by `export` (and by a many-hook `train`)."""
+    format: str = "saelens"               # saelens | sparsify
+    sae: int | None = None                # index in a sweep; None: all
+    step: int | None = None               # checkpoint step; None: the latest
+    overwrite: bool = False
+    hook_name: str | None = None          # None: from the run's data.site/layer
+    model_name: str | None = None
+    hook_head_index: int | None = None
+    context_size: int | None = None
+    prepend_bos: bool | None = None
+    dataset_path: str | None = None
+    model_class_name: str | None = None
+    neuronpedia_id: str | None = None
+
+
+SCHEMAS = {"sae": SaeConfig, "data": DataSection, "train": TrainSection, "eval": EvalSection, "export": ExportSection}
+COMMAND_SECTIONS = {"train": ("sae", "sweep", "data", "train", "export"), "eval": ("data", "eval"),
+                    "export": ("export",)}
+
+
+def _sweep_types() -> dict[str, Any]:
+    """[sweep]: per sweepable SaeConfig field, a tuple of that field's (non-None) type, one value per SAE."""
+    out = {}
+    for name, kind in field_types(SaeConfig).items():
+        if name in SWEEPABLE:
+            inner = [a for a in getattr(kind, "__args__", (kind,)) if a is not type(None)]
+            out[name] = tuple[inner[0], ...]
+    return out
+
+
+def section_types(section: str) -> dict[str, Any]:
+    """Field name -> type of one config section."""
+    return _sweep_types() if section == "sweep" else field_types(SCHEMAS[section])
+
+
+def default(schema, key: str):
+    """The default of one section field (the one definition the commands read)."""
+    return field_defaults(schema)[key]
+
+
+def _opt(d: dict, schema, key: str):
+    """d[key], else that field's default."""
+    return d.get(key, default(schema, key))
+
+
+def _shuffle(data: dict, training: bool) -> bool:
+    """data.shuffle, whose default (None) is true when training and false when evaluating."""
+    value = data.get("shuffle")
+    return training if value is None else bool(value)
+
+
+def _key_type(key: str):
+    """The field type of an override key (`run_dir` or `section.field`), or UsageError naming it."""
+    if key in TOP_LEVEL:
+        return str
+    section, dot, name = key.partition(".")
+    if not dot or section not in SECTIONS:
+        raise UsageError(f"unknown key {key!r}; expected run_dir or section.key with section one of "
+                         f"{', '.join(SECTIONS)}")
+    types_ = section_types(section)
+    if name not in types_:
+        raise UsageError(f"unknown key {key!r}; expected one of {', '.join(f'{section}.{k}' for k in types_)}")
+    return types_[name]
+
+
+def check_keys(conf: dict[str, Any], where: str = "config") -> None:
+    """Every section and key of a loaded config is a known field (a typo is an error, not silently unused)."""
+    for key, value in conf.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise CliError(f"{where}: {key} must be a section (a table), got {value!r}")
+            known = section_types(key)
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise CliError(f"{where}: unknown key(s) {', '.join(f'{key}.{k}' for k in unknown)}; expected "
+                               f"one of {', '.join(known)}")
+        elif key not in TOP_LEVEL:
+            raise CliError(f"{where}: unknown key or section {key!r}; expected run_dir or one of {SECTIONS}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # config loading
 # ---------------------------------------------------------------------------------------------------
 
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a TOML/JSON config and apply `a.b=value` overrides."""
+    """Read a TOML/JSON config and apply `section.key=value` overrides (values typed by their field)."""
     conf: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -88,20 +237,16 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
             conf = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
         except (ValueError, tomllib.TOMLDecodeError) as e:
             raise CliError(f"config file {p} could not be parsed: {e}") from e
+        check_keys(conf, f"config file {p}")
     for ov in overrides:
-        if "=" not in ov:
-            raise CliError(f"override {ov!r} is not key=value")
-        key, val = ov.split("=", 1)
-        parts = key.strip().split(".")
-        d = conf
-        for part in parts[:-1]:
-            d = d.setdefault(part, {})
-            if not isinstance(d, dict):
-                raise CliError(f"override {ov!r}: {part!r} is not a section")
-        d[parts[-1]] = parse_value(val)
-    unknown = [k for k, v in conf.items() if isinstance(v, dict) and k not in SECTIONS]
-    if unknown:
-        raise CliError(f"unknown config section(s) {unknown}; known: {SECTIONS}")
+        key, text = split_pair(ov)
+        key = key.strip()
+        value = parse_value(_key_type(key), text, key)
+        if "." in key:
+            section, name = key.split(".", 1)
+            conf.setdefault(section, {})[name] = value
+        else:
+            conf[key] = value
     return conf
 
 
@@ -113,8 +258,8 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
     if "hooks" in data:
         return _harvest_source(data, batch_size, model)
     if "npy" in data:
-        return ArraySource(data["npy"], batch_size, shuffle=bool(data.get("shuffle", True)),
-                           seed=int(data.get("seed", 0)), loop=loop)
+        return ArraySource(data["npy"], batch_size, shuffle=_shuffle(data, True),
+                           seed=int(_opt(data, DataSection, "seed")), loop=loop)
     if "store" in data:
         try:
             from sae.data.sources import StoreSource
@@ -125,9 +270,10 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
         if "layers" in data:
             from sae.train import StoreStackSource
             return StoreStackSource(data["store"], [(data["site"], int(l)) for l in data["layers"]], batch_size,
-                                    seed=int(data.get("seed", 0)), epochs=data.get("epochs") if loop else 1,
+                                    seed=int(_opt(data, DataSection, "seed")), epochs=data.get("epochs") if loop else 1,
                                     roles=data.get("roles"))
-        return StoreSource(data["store"], data["site"], int(data["layer"]), batch_size, seed=int(data.get("seed", 0)),
+        return StoreSource(data["store"], data["site"], int(data["layer"]), batch_size,
+                           seed=int(_opt(data, DataSection, "seed")),
                            epochs=data.get("epochs") if loop else 1, roles=data.get("roles"), d_in=d_in)
     if "model" in data:
         return _harvest_source(data, batch_size, model)
@@ -178,27 +324,32 @@ def _harvest_source(data: dict[str, Any], batch_size: int, model=None):
             model.config.check_layer(layer)
         except ValueError as e:
             raise CliError(f"data.hooks: {e}") from e
-    corpus = load_corpus(data.get("corpus"), shuffle=bool(data.get("shuffle", True)), seed=int(data.get("seed", 0)),
-                         take=data.get("take"))
+    take = data.get("take")
+    if isinstance(take, str) and take.strip().isdigit():     # data.take=N from the command line: the first N
+        take = int(take)
+    corpus = load_corpus(data.get("corpus"), shuffle=_shuffle(data, True), seed=int(_opt(data, DataSection, "seed")),
+                         take=take)
     roles = data.get("roles")
-    kw: dict[str, Any] = dict(context_len=int(data.get("context_len", 256)), mode=data.get("mode", "truncate"))
+    kw: dict[str, Any] = dict(context_len=int(_opt(data, DataSection, "context_len")),
+                              mode=_opt(data, DataSection, "mode"))
     if roles is not None:
         kw["token_filter"] = TokenFilter(roles=tuple(roles))
     if data.get("tokens") is not None:
         kw["max_tokens"] = int(data["tokens"])
-    forward_batch = int(data.get("forward_batch_size", 8))
+    forward_batch = int(_opt(data, DataSection, "forward_batch_size"))
     if "store" in data:
         from sae.data.store import harvest_to_store
         from sae.train import StoreStackSource
 
         harvest_to_store(model, corpus, data["store"], hooks, batch_size=forward_batch, **kw)
-        source = StoreStackSource(data["store"], hooks, batch_size, seed=int(data.get("seed", 0)),
+        source = StoreStackSource(data["store"], hooks, batch_size, seed=int(_opt(data, DataSection, "seed")),
                                   epochs=data.get("epochs"))
     else:
         from sae.data.sources import StreamStackSource
 
         source = StreamStackSource(model, corpus, hooks, batch_size, forward_batch_size=forward_batch,
-                                   buffer_size=int(data.get("buffer_size", 1 << 16)), seed=int(data.get("seed", 0)),
+                                   buffer_size=int(_opt(data, DataSection, "buffer_size")),
+                                   seed=int(_opt(data, DataSection, "seed")),
                                    **kw)
     source.model, source.hooks = model, hooks
     return source
@@ -242,7 +393,7 @@ def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
     if not run_dir:
         raise CliError("run_dir is not set (in the config file or as run_dir=...)")
     data = conf.get("data", {})
-    batch_size = int(conf.get("sae", {}).get("batch_size", 4096))
+    batch_size = int(_opt(conf.get("sae", {}), SaeConfig, "batch_size"))
     source = make_source(data, batch_size, d_in=conf.get("sae", {}).get("d_in"), model=model)
     d_in = getattr(source, "d_in", None)
     cfgs = _sae_configs(conf, int(d_in) if d_in is not None else None)
@@ -257,16 +408,17 @@ def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
     # a many-hook run checkpoints each hook point's SAE in its own run dir, <run_dir>/<site>.<layer>
     sae_names = [site_key(site, layer) for site, layer in parse_hooks(data["hooks"])] if "hooks" in data else None
     res = train(cfgs, source, run_dir, max_steps=t.get("max_steps"),
-                checkpoint_every=int(t.get("checkpoint_every", 1000)),
-                keep_checkpoints=int(t.get("keep_checkpoints", 2)), log_every=int(t.get("log_every", 1)),
-                mesh=mesh, progress=bool(t.get("progress", True)), stack=t.get("stack", "map"),
+                checkpoint_every=int(_opt(t, TrainSection, "checkpoint_every")),
+                keep_checkpoints=int(_opt(t, TrainSection, "keep_checkpoints")),
+                log_every=int(_opt(t, TrainSection, "log_every")),
+                mesh=mesh, progress=bool(_opt(t, TrainSection, "progress")), stack=_opt(t, TrainSection, "stack"),
                 extra_config={"data": {k: v for k, v in data.items() if k in recorded}}, sae_names=sae_names)
     out = {"run_dir": str(res.run_dir), "step": res.step, "tokens": res.tokens, "stopped": res.stopped,
            "last_metrics": res.last_metrics}
     hooks = getattr(source, "hooks", None)
     if hooks is not None:
         out["hooks"] = _export_hooks(res, hooks, source.model, data, conf.get("export", {}))
-    if t.get("plot", True) and (Path(run_dir) / LOG_FILE).exists():
+    if _opt(t, TrainSection, "plot") and (Path(run_dir) / LOG_FILE).exists():
         out["curves"] = str(plot_training_curves(Path(run_dir) / LOG_FILE, Path(run_dir) / "curves.png"))
     return out
 
@@ -286,7 +438,8 @@ def _export_hooks(res, hooks, model, data: dict, export: dict) -> list[dict]:
         except ValueError:
             hook_name = f"blocks.{layer}.hook_{site}"
         export_saelens(res.params[i], res.cfgs[i], folder, hook_name=hook_name, model_name=model_name,
-                       context_size=int(data.get("context_len", 256)), dataset_path=str(data.get("corpus", "sharegpt")),
+                       context_size=int(_opt(data, DataSection, "context_len")),
+                       dataset_path=str(data.get("corpus") or "sharegpt"),
                        overwrite=True, extra_metadata={"site": site, "layer": layer, "training_step": res.step})
         entry = {"site": site, "layer": layer, "export": str(folder), "metrics": res.last_metrics[i]}
         atomic_write_json(folder / "metrics.json", entry)
@@ -362,7 +515,9 @@ def _sae_hooks(n: int, e: dict, data: dict, run_data: dict, meta: dict) -> list[
         from sae.features import parse_hook_name
         h_layer, h_site = parse_hook_name(str(meta["hook_name"]))
         layers, site = h_layer, site or h_site
-    if isinstance(layers, list):
+    if isinstance(layers, (list, tuple)) and len(layers) == 1:
+        layers = layers[0]
+    if isinstance(layers, (list, tuple)):
         if len(layers) != n:
             raise CliError(f"{len(layers)} layer(s) {layers} for {n} SAEs; expected one per SAE")
     else:
@@ -374,13 +529,13 @@ def _lm_documents(e: dict, store: str | None) -> tuple[list, dict]:
     """The held-out documents of the LM evaluation and a description of how they were picked."""
     from sae.data.corpus import load_corpus
 
-    n = int(e.get("lm_docs", 32))
+    n = int(_opt(e, EvalSection, "lm_docs"))
     if n < 1:
         raise CliError(f"eval.lm_docs={n}; expected >= 1")
     skip = e.get("lm_skip_docs")
     if skip is not None and int(skip) < 0:
         raise CliError(f"eval.lm_skip_docs={skip}; expected >= 0 (or unset: the last eval.lm_docs documents)")
-    shuffle, seed = bool(e.get("lm_shuffle", True)), int(e.get("lm_seed", 0))
+    shuffle, seed = bool(_opt(e, EvalSection, "lm_shuffle")), int(_opt(e, EvalSection, "lm_seed"))
     corpus = load_corpus(e.get("lm_corpus"), shuffle=shuffle, seed=seed)
     excluded: set[str] = set()
     if store:
@@ -409,7 +564,7 @@ def _lm_documents(e: dict, store: str | None) -> tuple[list, dict]:
 def _lm_setup(conf: dict, cfgs: list, meta: dict, run_data: dict, model) -> dict | None:
     """Model, hooks and token batches for the LM metrics; None (with a printed note) when they are skipped."""
     e, data = conf.get("eval", {}), conf.get("data", {})
-    if not e.get("lm", True):
+    if not _opt(e, EvalSection, "lm"):
         return None
     store = e.get("lm_exclude_store", data.get("store"))
     if model is None:
@@ -439,13 +594,13 @@ def _lm_setup(conf: dict, cfgs: list, meta: dict, run_data: dict, model) -> dict
             raise CliError(f"SAE {i} reads layer {layer} ({site}) but model {model_name!r} has n_layers={mc.n_layers} "
                            f"(layers 0..{mc.n_layers - 1})")
     from sae.metrics import LM_POSITIONS
-    positions = e.get("lm_positions", "trained")
+    positions = _opt(e, EvalSection, "lm_positions")
     if positions not in LM_POSITIONS:
         raise CliError(f"eval.lm_positions={positions!r}; expected one of {LM_POSITIONS}")
     docs, info = _lm_documents(e, store)
     from sae.data.contexts import TokenFilter
     token_filter = TokenFilter(roles=run_data.get("roles") or data.get("roles"))
-    ctx, bs = int(e.get("lm_context_len", 256)), int(e.get("lm_batch_size", 4))
+    ctx, bs = int(_opt(e, EvalSection, "lm_context_len")), int(_opt(e, EvalSection, "lm_batch_size"))
     from sae.metrics import corpus_token_batches
     batches = corpus_token_batches(model, docs, context_len=ctx, batch_size=bs, positions=positions,
                                    token_filter=token_filter)
@@ -485,17 +640,17 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
         raise CliError("nothing to evaluate on: the [data] section needs `npy` (a [n_tokens, d_in] .npy file) or "
                        "`store` (an activation store directory, with site and layer) for the reconstruction metrics, "
                        "or give eval.lm_model=... for the LM metrics (reconstruction then runs on the LM documents)")
-    progress = bool(e.get("progress", True))
+    progress = bool(_opt(e, EvalSection, "progress"))
     reports = []
     is_run = (Path(target) / "checkpoints").exists()
     acts_cache: dict = {}
     for i, (p, c) in enumerate(zip(params, cfgs)):
         if has_data:
-            d_i = dict(data, shuffle=data.get("shuffle", False))
+            d_i = dict(data, shuffle=_shuffle(data, False))
             if layers is not None:              # SAE i of a one-SAE-per-layer run reads its own layer
                 d_i.pop("layers")
                 d_i["layer"] = layers[i]
-            source = make_source(d_i, int(e.get("batch_size", 4096)), d_in=c.d_in, loop=False)
+            source = make_source(d_i, int(_opt(e, EvalSection, "batch_size")), d_in=c.d_in, loop=False)
             if getattr(source, "d_in", c.d_in) != c.d_in:
                 raise CliError(f"SAE {i} has d_in={c.d_in}; the evaluation activations have width {source.d_in}")
             recon_source = "data"
@@ -504,7 +659,7 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
             source = _corpus_activations(lm, site, layer, acts_cache)
             recon_source = f"lm documents ({site}.{layer}, kept tokens of the token filter)"
         m, stats = evaluate_reconstruction(p, c, source, max_batches=e.get("max_batches"),
-                                           dense_threshold=float(e.get("dense_threshold", 0.1)))
+                                           dense_threshold=float(_opt(e, EvalSection, "dense_threshold")))
         rep = {"sae": i, "config": c.to_dict(), "metrics": m, "metrics_source": recon_source}
         if lm is not None:
             site, layer = lm["hooks"][i]
@@ -558,9 +713,9 @@ def cmd_export(target: str, out_dir: str, conf: dict[str, Any]) -> dict:
     x = dict(conf.get("export", {}))
     params, cfgs = _load_any(target, x.pop("step", None))
     run_data = _run_data(target)
-    fmt = x.pop("format", "saelens")
+    fmt = x.pop("format", default(ExportSection, "format"))
     which = x.pop("sae", None)
-    overwrite = bool(x.pop("overwrite", False))
+    overwrite = bool(x.pop("overwrite", default(ExportSection, "overwrite")))
     idx = range(len(params)) if which is None else [int(which)]
     written = []
     for i in idx:
@@ -589,35 +744,83 @@ def cmd_export(target: str, out_dir: str, conf: dict[str, Any]) -> dict:
     return {"written": written}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="psm sae", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("train", help="train (or resume) SAEs from a config file")
-    a.add_argument("config", nargs="?", help="TOML or JSON config (optional if everything is overridden)")
-    a.add_argument("overrides", nargs="*", help="section.key=value")
-    b = sub.add_parser("eval", help="reconstruction and LM (CE recovered, KL) metrics of a run dir or SAE folder")
-    b.add_argument("target")
-    b.add_argument("overrides", nargs="*")
-    b.add_argument("--config")
-    c = sub.add_parser("export", help="write a run's SAE(s) as a SAELens (or sparsify) folder")
-    c.add_argument("target")
-    c.add_argument("out_dir")
-    c.add_argument("overrides", nargs="*")
-    c.add_argument("--config")
-    args = ap.parse_args(argv)
-    try:
-        if args.command == "train":
-            cfg_path, overrides = args.config, list(args.overrides)
-            if cfg_path is not None and "=" in cfg_path and not Path(cfg_path).exists():
-                cfg_path, overrides = None, [cfg_path] + overrides
-            out = cmd_train(load_config(cfg_path, overrides))
-        elif args.command == "eval":
-            out = cmd_eval(args.target, load_config(args.config, args.overrides))
+USAGE = {"train": ("psm sae train [CONFIG] [section.key=value ...]",
+                   "train (or resume) SAEs from a config file and/or overrides", ()),
+         "eval": ("psm sae eval TARGET [section.key=value ...] [--config FILE]",
+                  "reconstruction and LM (CE recovered, KL) metrics of a run dir or SAE folder", ("target",)),
+         "export": ("psm sae export TARGET OUT_DIR [section.key=value ...] [--config FILE]",
+                    "write a run's SAE(s) as a SAELens (or sparsify) folder", ("target", "out_dir"))}
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def help_text(command: str) -> str:
+    """`psm sae <command> --help`: the usage line and every key the command reads, with its default."""
+    line, what, _ = USAGE[command]
+    lines = [f"usage: {line}", "", what, "", "keys (default):"]
+    if command == "train":
+        lines.append("  run_dir (required)")
+    for section in COMMAND_SECTIONS[command]:
+        if section == "sweep":
+            lines.append(f"  sweep.<{'|'.join(SWEEPABLE)}>: comma list, one value per SAE (e.g. sweep.k=16,32,64)")
         else:
-            out = cmd_export(args.target, args.out_dir, load_config(args.config, args.overrides))
+            lines += key_lines(SCHEMAS[section], prefix=f"{section}.")
+    return "\n".join(lines)
+
+
+def parse_args(command: str, args: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
+    """(positionals, config file, overrides) of one command; an argument `key=value` is an override unless, for
+    `train`, it is an existing config file's path."""
+    positionals, overrides, config = [], [], None
+    it = iter(args)
+    for a in it:
+        if a == "--config":
+            config = next(it, None)
+            if config is None:
+                raise UsageError("--config needs a file")
+        elif a.startswith("-"):
+            raise UsageError(f"unknown option {a!r}; expected --config FILE, --help or section.key=value")
+        elif OVERRIDE.match(a) and not (command == "train" and not positionals and Path(a).exists()):
+            overrides.append(a)
+        else:
+            positionals.append(a)
+    names = USAGE[command][2]
+    if command == "train":
+        if len(positionals) > 1 or (positionals and config):
+            raise UsageError(f"unexpected argument {positionals[-1]!r}; expected one config file and key=value")
+        config = positionals[0] if positionals else config
+    elif len(positionals) != len(names):
+        raise UsageError(f"expected {' '.join(n.upper() for n in names)} then section.key=value, got "
+                         f"{len(positionals)} positional argument(s) {positionals}")
+    return positionals, config, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("commands:", ", ".join(USAGE), "(psm sae <command> --help: its keys)")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in USAGE:
+        print(f"psm sae: unknown command {command!r}; expected one of {', '.join(USAGE)}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in rest):
+        print(help_text(command))
+        return 0
+    try:
+        positionals, config, overrides = parse_args(command, rest)
+        conf = load_config(config, overrides)
+        if command == "train":
+            out = cmd_train(conf)
+        elif command == "eval":
+            out = cmd_eval(positionals[0], conf)
+        else:
+            out = cmd_export(positionals[0], positionals[1], conf)
+    except UsageError as e:
+        print(f"psm sae {command}: {e}", file=sys.stderr)
+        return 2
     except (CliError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError) as e:
-        print(f"psm sae {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"psm sae {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=1, default=str))
     return 0

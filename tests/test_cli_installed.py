@@ -1,5 +1,6 @@
 """The installed `psm` console script (the README's command line), run as a subprocess of the environment's own
 entry point: help, one small real job, and a bad command giving a one-line error with exit status 2."""
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,22 @@ def test_bad_arguments_give_one_line_errors(tmp_path, args):
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
     assert res.stderr.strip() and len(res.stderr.strip().splitlines()) <= 2, res.stderr
+
+
+def test_sae_values_follow_the_study_grammar_through_the_installed_script(tmp_path):
+    """`psm sae` reads values per field type like the studies: a bad int names key and value in one line (status
+    2), `--help` lists the keys with their defaults, and a comma-list sweep trains one SAE per value."""
+    res = run_psm("sae", "train", "sae.k=notanumber", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == "psm sae train: sae.k='notanumber'; expected an integer"
+    res = run_psm("sae", "train", "--help", cwd=tmp_path)
+    assert res.returncode == 0 and "sae.k=32" in res.stdout and "train.max_steps=None" in res.stdout
+    from sae.synthetic import PlantedSource
+
+    np.save(tmp_path / "acts.npy", next(PlantedSource(16, 32, 512, seed=0)))
+    res = run_psm("sae", "train", f"run_dir={tmp_path / 'run'}", f"data.npy={tmp_path / 'acts.npy'}", "sae.d_sae=32",
+                  "sweep.k=2,4", "sae.batch_size=128", "train.max_steps=2", "train.progress=false", "train.plot=no",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saes = json.loads((tmp_path / "run" / "config.json").read_text())["saes"]
+    assert [c["k"] for c in saes] == [2, 4]
+

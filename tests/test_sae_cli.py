@@ -36,9 +36,49 @@ def setup(tmp_path_factory):
     return d
 
 
-def test_overrides_parse():
-    conf = load_config(None, ["sae.k=7", "sweep.seed=[0,1]", "run_dir=x", "data.npy=a b.npy", "train.mesh=[1,1]"])
-    assert conf["sae"]["k"] == 7 and conf["sweep"]["seed"] == [0, 1] and conf["data"]["npy"] == "a b.npy"
+def test_overrides_parse_per_field_type():
+    """The studies' grammar, typed by the field each key names: a value that JSON would read as a number stays a
+    string in a str field, lists are comma lists, int tuples take a:b ranges, optional fields take none."""
+    conf = load_config(None, ["sae.k=7", "sweep.seed=0,1", "run_dir=x", "data.npy=a b.npy", "train.mesh=1,1",
+                              "sae.lr=3e-4", "sae.aux_k=none", "data.layers=3:6,9", "data.roles=assistant",
+                              "data.corpus=123", "train.progress=no", "sweep.lr=1e-3,2e-3", "export.model_name=7"])
+    assert conf == {"sae": {"k": 7, "lr": 3e-4, "aux_k": None}, "sweep": {"seed": (0, 1), "lr": (1e-3, 2e-3)},
+                    "run_dir": "x", "data": {"npy": "a b.npy", "layers": (3, 4, 5, 9), "roles": ("assistant",),
+                                             "corpus": "123"},
+                    "train": {"mesh": (1, 1), "progress": False}, "export": {"model_name": "7"}}
+    assert type(conf["sae"]["k"]) is int and type(conf["sae"]["lr"]) is float
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("sae.k=seven", "sae.k='seven'; expected an integer"), ("sae.lr=fast", "sae.lr='fast'; expected a number"),
+    ("train.plot=maybe", "train.plot='maybe'; expected true or false"), ("sae.kk=3", "unknown key 'sae.kk'"),
+    ("bogus.k=3", "unknown key 'bogus.k'"), ("data.layers=5:3", "data.layers='5:3'; expected a range"),
+    ("sweep.d_sae=1,2", "unknown key 'sweep.d_sae'"), ("rundir=x", "unknown key 'rundir'"),
+])
+def test_bad_override_is_one_line_naming_it_with_status_2(arg, message, capsys):
+    from psm_jax.cli_values import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        load_config(None, [arg])
+    assert main(["train", arg]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("psm sae train: ") and message.split(";")[0] in err
+
+
+def test_config_file_keys_are_checked_and_help_lists_the_keys(setup, tmp_path, capsys):
+    (tmp_path / "typo.toml").write_text("run_dir = 'r'\n[train]\nmax_step = 3\n")
+    assert main(["train", str(tmp_path / "typo.toml")]) == 2
+    assert "unknown key(s) train.max_step" in capsys.readouterr().err
+    assert main(["eval", "a", "b"]) == 2 and "expected TARGET" in capsys.readouterr().err
+    assert main(["export", str(setup / "run"), "--bogus"]) == 2 and "unknown option '--bogus'" in capsys.readouterr().err
+    for command, keys in (("train", ["run_dir", "sae.k=32", "data.context_len=256", "train.checkpoint_every=1000",
+                                     "sweep.<k|"]),
+                          ("eval", ["eval.lm_docs=32", "eval.lm_positions='trained'", "data.npy=None"]),
+                          ("export", ["export.format='saelens'", "export.overwrite=False"])):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: psm sae {command}") and all(k in out for k in keys), (command, out)
+    assert "eval.lm_docs" not in out
 
 
 def test_train_resume_eval_export(setup, capsys):
@@ -150,7 +190,7 @@ def test_eval_lm_metrics_of_a_run_match_a_direct_computation(tmp_path, lm_setup,
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).normal(size=(512, width)).astype(np.float32))
     assert main(["train", f"run_dir={tmp_path / 'run'}", f"data.npy={tmp_path / 'acts.npy'}", "data.layer=2",
                  "sae.architecture=relu", "sae.apply_b_dec_to_input=false", "sae.d_sae=64", "sae.batch_size=128",
-                 "sae.geometric_median_iters=2", "sweep.l1_coef=[1,2]",
+                 "sae.geometric_median_iters=2", "sweep.l1_coef=1,2",
                  "train.max_steps=0", "train.progress=false", "train.plot=false"]) == 0
     capsys.readouterr()
     store = tmp_path / "store"                        # only what the exclusion reads: manifest + docs.json
