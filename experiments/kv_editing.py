@@ -22,6 +22,10 @@ user-token positions, and a band of random directions at the axis edit's per-lay
 log-odds only, one compiled body mapped over the directions); capping on assistant tokens only, and how much it
 moves user-token projections compared with assistant ones.
 
+Shapes: histories are left-padded (and probes left-padded, identity answers right-padded) with masked slots to a
+few bucket lengths (`bucket`), so one compiled function serves every conversation and probe of a bucket; masked
+slots get no position and are never attended to, so the numbers equal the unpadded computation's.
+
 The independent unit is a (conversation, probe) pair: samples within it share the edited cache, and the histories
 of one conversation share its persona and user turns, so intervals are bootstrapped over pairs and `n` counts them.
 
@@ -62,6 +66,30 @@ CONTROLS = ("control_user", "control_random")  # same edit on user-token positio
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
 ANSWER_ROOM = 32  # cache slots reserved for a scored identity answer
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
+BUCKET_BASE = 16  # bucket lengths: 16, 24, 32, 48, 64, 96, ... (each at most 1.5x the previous)
+
+
+def bucket(n: int) -> int:
+    """The padded length of a sequence of n tokens: the smallest of 16, 24, 32, 48, 64, 96, ... that holds it."""
+    b = BUCKET_BASE
+    while True:
+        for length in (b, b * 3 // 2):
+            if length >= n:
+                return length
+        b *= 2
+
+
+def left_pad(tokens: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) left-padded to `length`: positions follow the mask, so the real tokens keep theirs."""
+    off = length - len(tokens)
+    return (np.concatenate([np.full(off, pad, np.int32), np.asarray(tokens, np.int32)]),
+            np.arange(length) >= off)
+
+
+def right_pad(tokens: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) right-padded to `length` (for scored answers: the mask drops the tail from the mean)."""
+    n = len(tokens)
+    return np.concatenate([np.asarray(tokens, np.int32), np.full(length - n, pad, np.int32)]), np.arange(length) < n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,47 +207,63 @@ def _edit(model, kind: str, strength: float, layers, positions, u, scale_l):
     return E.add(model.config, u, layers=layers, coef=coef, site="resid_pre", positions=positions, extend=False)
 
 
-def _per_token_logprob(params, config, cache, probe, answer):
-    """Mean log p(answer token) after the probe turn, continuing `cache`: [B]. probe [B, P], answer [B, A]."""
+def _ones(x):
+    return jnp.ones(x.shape, bool)
+
+
+def _per_token_logprob(params, config, cache, probe, answer, probe_mask=None, answer_mask=None):
+    """Mean log p(answer token) after the probe turn, continuing `cache`: [B]. probe [B, P] (left-padded where
+    probe_mask is false), answer [B, A] (right-padded where answer_mask is false; the mean is over its real
+    tokens)."""
+    probe_mask = _ones(probe) if probe_mask is None else probe_mask
+    answer_mask = _ones(answer) if answer_mask is None else answer_mask
     tokens = jnp.concatenate([probe, answer], axis=1)
-    out = forward(params, config, tokens, cache=cache)
+    out = forward(params, config, tokens, attention_mask=jnp.concatenate([probe_mask, answer_mask], axis=1),
+                  cache=cache)
     P, A = probe.shape[1], answer.shape[1]
     lp = jax.nn.log_softmax(out.logits[:, P - 1:P + A - 1].astype(jnp.float32), -1)
-    return jnp.take_along_axis(lp, answer[..., None], -1)[..., 0].mean(-1)
+    tok = jnp.take_along_axis(lp, answer[..., None], -1)[..., 0]
+    m = answer_mask.astype(jnp.float32)
+    return jnp.sum(tok * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
 
 
-def _identity_logodds(params, config, cache, probe, assistant, persona):
-    """Per-token log-odds of the assistant identity answer over the persona answer after the probe: [B]."""
-    return (_per_token_logprob(params, config, cache, probe, assistant)
-            - _per_token_logprob(params, config, cache, probe, persona))
+def _identity_logodds(params, config, cache, probe, assistant, persona, masks=(None, None, None)):
+    """Per-token log-odds of the assistant identity answer over the persona answer after the probe: [B].
+    masks: (probe, assistant, persona) masks of padded inputs (None: unpadded)."""
+    pm, am, bm = masks
+    return (_per_token_logprob(params, config, cache, probe, assistant, pm, am)
+            - _per_token_logprob(params, config, cache, probe, persona, pm, bm))
 
 
-def _band_logodds(params, config, cache, resid, probe, assistant, persona, edit, vectors):
+def _band_logodds(params, config, cache, resid, probe, assistant, persona, edit, vectors, masks=(None, None, None)):
     """Identity log-odds after the direct edit `edit` with its vector replaced by each of `vectors` [n, L, D]
     (one compiled body mapped over the directions, in batches): [n, B]."""
     def one(v):
         edited = edit_cache_direct(params, config, cache, resid, edit.replace(vector=v))
-        return _identity_logodds(params, config, edited, probe, assistant, persona)
+        return _identity_logodds(params, config, edited, probe, assistant, persona, masks)
     return jax.lax.map(one, vectors, batch_size=10)
 
 
 class _Runner:
-    """Jitted pieces shared by all conditions (one compilation per shape)."""
+    """Jitted pieces shared by all conditions: one compilation per bucket of padded shapes (the cache size is a
+    function of the history's bucket, so a shape fixes it)."""
 
     def __init__(self, model, cfg: Config, u_all):
         self.m, self.cfg, self.u_all = model, cfg, u_all
         c = model.config
-        self.prefill = jax.jit(lambda p, t, e: prefill(p, c, t, cache_size=self._size, edits=e,
-                                                       capture=Capture(sites=("resid_pre",))))
-        self.extend = jax.jit(lambda p, cache, t: forward(p, c, t, cache=cache, logits_positions="last"))
+        self.prefill = jax.jit(lambda p, t, mask, e: prefill(p, c, t, mask, cache_size=self._size, edits=e,
+                                                             capture=Capture(sites=("resid_pre",))))
+        self.extend = jax.jit(lambda p, cache, t, mask: forward(p, c, t, attention_mask=mask, cache=cache,
+                                                                logits_positions="last"))
         self.decode = jax.jit(lambda p, cache, logits, key: decode(
             p, c, cache, logits, max_new_tokens=cfg.max_new_tokens, key=key, temperature=cfg.temperature,
             top_p=cfg.top_p, sample=True, use_top_p=cfg.top_p < 1.0, eos_ids=self.eos, pad_id=self.pad))
         self.readout = jax.jit(lambda p, cache, t, mask: _readout(p, c, cache, t, mask, cfg.readout_layer,
                                                                   u_all[cfg.readout_layer]))
-        self.logodds = jax.jit(lambda p, cache, t, a, b: _identity_logodds(p, c, cache, t, a, b))
+        self.logodds = jax.jit(lambda p, cache, t, a, b, masks: _identity_logodds(p, c, cache, t, a, b, masks))
         self.direct = jax.jit(lambda p, cache, resid, e: edit_cache_direct(p, c, cache, resid, e))
-        self.band = jax.jit(lambda p, cache, resid, t, a, b, e, v: _band_logodds(p, c, cache, resid, t, a, b, e, v))
+        self.band = jax.jit(lambda p, cache, resid, t, a, b, e, v, masks: _band_logodds(p, c, cache, resid, t, a, b,
+                                                                                        e, v, masks))
 
     def set_sizes(self, size, eos, pad):
         self._size, self.eos, self.pad = size, eos, pad
@@ -306,34 +350,38 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
             if history_kind == "generated":
                 shown_histories[f"{conv.id}/generated"] = [m["content"] for m in history if m["role"] == "assistant"]
             hist, _ = _history_and_probe(model, history, probes[0])
-            n = len(hist)
-            size = n + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of n only: shapes consistent
+            n_pad = bucket(len(hist))
+            size = n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of the bucket only
             runner.set_sizes(size, eos, pad)
-            caches, band = _history_caches(model, cfg, runner, hist, size, conditions, u_all, u_random)
+            caches, band = _history_caches(model, cfg, runner, hist, n_pad, size, conditions, u_all, u_random, pad)
+            answers = [right_pad(a, bucket(len(a)), pad) for a in (assistant_ids, persona_ids)]
             for probe in probes:
                 if progress:
                     progress(f"conversation {conv.id} ({history_kind}), probe {probe!r}")
                 _, probe_tokens = _history_and_probe(model, history, probe)
                 if len(probe_tokens) > PROBE_ROOM:
                     raise ValueError(f"probe {probe!r} takes {len(probe_tokens)} tokens; at most {PROBE_ROOM} fit")
-                probe_b = jnp.asarray(np.repeat(probe_tokens[None], B, 0))
-                ans = [jnp.asarray(np.repeat(a[None], B, 0)) for a in (assistant_ids, persona_ids)]
+                probe_p, probe_m = left_pad(probe_tokens, bucket(len(probe_tokens)), pad)
+                rep_b = lambda x: jnp.asarray(np.repeat(x[None], B, 0))  # noqa: E731
+                probe_b, probe_mb = rep_b(probe_p), rep_b(probe_m)
+                ans = [rep_b(t) for t, _ in answers]
+                masks_b = (probe_mb, *(rep_b(m) for _, m in answers))
+                masks_1 = tuple(x[:1] for x in masks_b)
                 for cond in conditions:
                     mode, kind, strength, lr = cond
                     row = dict(conversation=conv.id, history=history_kind, probe=probe, mode=mode, kind=kind,
                                strength=strength, layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B)
                     if mode == "control_random":
                         cache1, resid1, edit1 = band[kind]
-                        lo = runner.band(model.params, cache1, resid1, jnp.asarray(probe_tokens[None]),
-                                         jnp.asarray(assistant_ids[None]), jnp.asarray(persona_ids[None]), edit1,
-                                         jnp.asarray(u_random))
+                        lo = runner.band(model.params, cache1, resid1, probe_b[:1], ans[0][:1], ans[1][:1], edit1,
+                                         jnp.asarray(u_random), masks_1)
                         per_dir = np.asarray(lo)[:, 0]
                         rows.append(dict(row, n=0, assistant_rate=float("nan"), answer_projection=float("nan"),
                                          identity_logodds=float(per_dir.mean()),
                                          band_logodds=[float(x) for x in per_dir]))
                         continue
                     cache = caches[cond]
-                    ext = runner.extend(model.params, cache, probe_b)
+                    ext = runner.extend(model.params, cache, probe_b, probe_mb)
                     sub = jax.random.fold_in(jax.random.key(cfg.seed), len(rows))
                     gen = runner.decode(model.params, ext.cache, ext.logits[:, -1], sub)
                     toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
@@ -341,7 +389,7 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
                              for i in range(B)]
                     valid = np.arange(toks.shape[1])[None] < (lengths - done)[:, None]
                     proj = np.asarray(runner.readout(model.params, ext.cache, jnp.asarray(toks), jnp.asarray(valid)))
-                    logodds = float(runner.logodds(model.params, cache, probe_b, *ans)[0])
+                    logodds = float(runner.logodds(model.params, cache, probe_b, *ans, masks_b)[0])
                     row.update(assistant_rate=float(np.mean([is_assistant(t) for t in texts])),
                                identity_logodds=logodds, answer_projection=float(proj.mean()))
                     rows.append(row)
@@ -353,18 +401,21 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
                   histories=shown_histories)
 
 
-def _history_caches(model, cfg: Config, runner: _Runner, hist, size: int, conditions, u_all, u_random):
-    """The edited cache of every decoded condition for one history (the probe is appended later), and per kind
-    the B=1 cache, block inputs and template edit of the random-direction band."""
-    B, n = cfg.samples, len(hist)
-    hist_tokens = jnp.asarray(np.repeat(hist.tokens[None], B, 0))
+def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size: int, conditions, u_all, u_random,
+                    pad: int):
+    """The edited cache of every decoded condition for one history, left-padded to n_pad slots (the probe is
+    appended later), and per kind the B=1 cache, block inputs and template edit of the random-direction band."""
+    B = cfg.samples
+    tokens, mask = left_pad(hist.tokens, n_pad, pad)
+    roles = np.concatenate([np.full(n_pad - len(hist), -1), np.asarray(hist.roles)])
+    hist_tokens, hist_mask = jnp.asarray(np.repeat(tokens[None], B, 0)), jnp.asarray(np.repeat(mask[None], B, 0))
     asst = np.zeros((B, size), bool)
-    asst[:, :n] = (hist.roles == Role.ASSISTANT)[None]
+    asst[:, :n_pad] = (roles == Role.ASSISTANT)[None]
     user = np.zeros((B, size), bool)
-    user[:, :n] = (hist.roles == Role.USER)[None]
-    base = runner.prefill(model.params, hist_tokens, ())
-    resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
-    h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, hist.roles == Role.ASSISTANT], np.float64)  # [L, n_a, D]
+    user[:, :n_pad] = (roles == Role.USER)[None]
+    base = runner.prefill(model.params, hist_tokens, hist_mask, ())
+    resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n_pad), (0, 0)))
+    h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, roles == Role.ASSISTANT], np.float64)  # [L, n_a, D]
     mean_norm = np.linalg.norm(h_asst, axis=-1).mean(axis=1)  # [L]
     mean_abs_proj = np.abs(np.einsum("lnd,ld->ln", h_asst, u_all)).mean(axis=1)  # [L]
     caches, band = {}, {}
@@ -378,13 +429,13 @@ def _history_caches(model, cfg: Config, runner: _Runner, hist, size: int, condit
             disp = mean_norm if kind == "norm" else mean_abs_proj
             edit1 = E.add(model.config, u_random[0], layers=layers, coef=jnp.asarray(strength * disp, jnp.float32),
                           site="resid_pre", positions=asst[:1], extend=False)
-            b1 = runner.prefill(model.params, hist_tokens[:1], ())
+            b1 = runner.prefill(model.params, hist_tokens[:1], hist_mask[:1], ())
             band[kind] = (b1.cache, resid[:, :1], edit1)
             continue
         positions = user if mode == "control_user" else asst
         edit = _edit(model, kind, strength, layers, positions, u_all, mean_norm)
         if mode == "recompute":
-            caches[cond] = runner.prefill(model.params, hist_tokens, (edit,)).cache
+            caches[cond] = runner.prefill(model.params, hist_tokens, hist_mask, (edit,)).cache
         else:
             caches[cond] = runner.direct(model.params, base.cache, resid, edit)
     return caches, band

@@ -115,3 +115,88 @@ def test_kv_editing_bad_inputs(tiny_chat_model, tmp_path):
         K.Config(persona_source="prompt")
     with pytest.raises(ValueError, match="layer range"):
         K.run(K.Config(layer_ranges=((5, 99),)), tiny_chat_model)
+
+
+def test_buckets_and_pads():
+    assert [K.bucket(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 97, 129, 325, 388)] == \
+        [16, 16, 24, 24, 32, 48, 64, 96, 128, 192, 384, 512]
+    toks, mask = K.left_pad(np.array([5, 6, 7]), 5, 0)
+    assert toks.tolist() == [0, 0, 5, 6, 7] and mask.tolist() == [False, False, True, True, True]
+    toks, mask = K.right_pad(np.array([5, 6]), 4, 1)
+    assert toks.tolist() == [5, 6, 1, 1] and mask.tolist() == [True, True, False, False]
+
+
+def test_padded_cache_and_logodds_equal_the_unpadded_ones(tiny_chat_model):
+    """A left-padded history, left-padded probe and right-padded answers give the unpadded identity log-odds, also
+    after a recompute edit and a direct edit on the assistant positions (masked slots are never attended to)."""
+    from psm_jax import edits as E
+    from psm_jax.chat import Role
+    from psm_jax.generate import prefill
+    from psm_jax.kvcache import edit_cache_direct
+    from psm_jax.model import Capture
+    from psm_jax.persona import datasets
+
+    m, c = tiny_chat_model, tiny_chat_model.config
+    conv = datasets.load_conversations("roleplay")[1]
+    hist, probe = K._history_and_probe(m, conv.as_dicts()[1:], "Who are you?")
+    answers = [K._answer_ids(m, t) for t in (K.ASSISTANT_ANSWER, "I am a dragon.")]
+    u = np.random.default_rng(1).normal(size=(c.n_layers, c.d_model)).astype(np.float32)
+
+    def logodds(n_pad, p_pad, a_pads, mode):
+        size = n_pad + K.PROBE_ROOM + K.ANSWER_ROOM
+        toks, mask = K.left_pad(hist.tokens, n_pad, 0)
+        asst = np.zeros((1, size), bool)
+        asst[0, n_pad - len(hist):n_pad] = hist.roles == Role.ASSISTANT
+        edit = E.add(c, u, layers=[0, 1], coef=3.0, site="resid_pre", positions=asst, extend=False)
+        base = prefill(m.params, c, jnp.asarray(toks[None]), jnp.asarray(mask[None]), cache_size=size,
+                       edits=(edit,) if mode == "recompute" else (), capture=Capture(sites=("resid_pre",)))
+        cache = base.cache
+        if mode == "direct":
+            resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n_pad), (0, 0)))
+            cache = edit_cache_direct(m.params, c, cache, resid, edit)
+        pt, pm = K.left_pad(probe, p_pad, 0)
+        (at, am), (bt, bm) = (K.right_pad(a, n, 0) for a, n in zip(answers, a_pads))
+        return float(K._identity_logodds(m.params, c, cache, *(jnp.asarray(x[None]) for x in (pt, at, bt)),
+                                         masks=tuple(jnp.asarray(x[None]) for x in (pm, am, bm)))[0])
+
+    exact = [len(hist), len(probe), [len(a) for a in answers]]
+    padded = [K.bucket(len(hist)) + 7, K.bucket(len(probe)) + 3, [K.bucket(len(a)) for a in answers]]
+    assert padded[0] > exact[0] and padded[1] > exact[1]
+    for mode in ("none", "recompute", "direct"):
+        want, got = logodds(*exact, mode), logodds(*padded, mode)
+        assert got == pytest.approx(want, abs=2e-5), mode
+    assert logodds(*exact, "direct") != pytest.approx(logodds(*exact, "none"), abs=1e-3)  # the edit does something
+
+
+@pytest.mark.slow  # the study twice, padded and unpadded
+def test_padded_run_equals_unpadded_with_fewer_compiles(tiny_chat_model, tmp_path, monkeypatch):
+    """The whole study with bucketed shapes gives the unpadded numbers; two histories of one bucket share each
+    compiled function, where the unpadded path compiles once per history length."""
+    c = tiny_chat_model.config
+    axis = np.random.default_rng(0).normal(size=(c.n_layers, c.d_model)).astype(np.float32)
+    write_vectors(tmp_path, "axis", {"axis": axis}, {"model": "psm-tiny"})
+    cfg = K.Config(model="psm-tiny", conversations=("dragon", "ghost"), probes=2, samples=2, max_new_tokens=4,
+                   strengths=(0.5,), layer_ranges=((0, 2),), readout_layer=1, histories=("scripted",), n_random=3,
+                   axis_file=str(tmp_path / "axis.safetensors"))
+    made = []
+
+    class Spy(K._Runner):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(K, "_Runner", Spy)
+    padded = K.run(cfg, tiny_chat_model).rows
+    monkeypatch.setattr(K, "bucket", lambda n: n)
+    exact = K.run(cfg, tiny_chat_model).rows
+    assert len(padded) == len(exact) > 0
+    for p, e in zip(padded, exact):
+        assert (p["conversation"], p["probe"], p["mode"], p["kind"]) == (e["conversation"], e["probe"], e["mode"],
+                                                                         e["kind"])
+        assert p["identity_logodds"] == pytest.approx(e["identity_logodds"], abs=2e-5)
+        if p["mode"] == "control_random":
+            np.testing.assert_allclose(p["band_logodds"], e["band_logodds"], atol=2e-5)
+        else:
+            assert p["answer_projection"] == pytest.approx(e["answer_projection"], abs=1e-3)
+    for name in ("decode", "extend", "direct"):
+        assert getattr(made[0], name)._cache_size() == 1 < getattr(made[1], name)._cache_size(), name
