@@ -1,8 +1,10 @@
 """Fine-tuning studies: how training on a model's own trait-prompted answers moves its persona, whether the move is
-predictable before training, and whether steering during training prevents it.
+predictable before training, whether steering during training prevents it, how far a narrow fine-tune's change
+spreads and which SAE latents it moves.
 
-    psm finetune --out runs/ft                              # evil, sycophantic, humorous; mixes 0..100%
-    psm finetune --preset quick --out runs/ft_quick          # one trait: 0% and 100% mixes vs preventative steering
+    psm finetune --out runs/ft                              # evil, sycophantic, humorous; mixes 0..100%; studies 5, 8
+    psm finetune --preset quick --out runs/ft_quick          # the main job's stage: one trait, plain 100% vs
+                                                             # preventative steering, with the control fine-tune
 
 Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, default the middle block) of resid_post:
 
@@ -29,6 +31,10 @@ Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, defa
    cost: per-token NLL of held-out ShareGPT assistant turns, fine-tuned vs original.
 6. Across the plain fine-tunes (mixes and control, all traits; n = fine-tunes): Pearson r of shift vs behaviour
    change and of screening vs shift, with bootstrap intervals, within-trait r and a shuffled-pairing null band.
+7. On the first trait's plain 100% fine-tune (`experiments.finetune_spread`, which documents both): narrow vs general
+   (the same set trained with a KL penalty toward the original model at each `kl_weights`; the spread of the trait
+   score change out of domain, beyond the control fine-tune) and model diffing (the SAE latents the fine-tune
+   moves against those the system-prompt contrast moves).
 """
 from __future__ import annotations
 
@@ -84,6 +90,23 @@ class Config:
     n_random: int = 20  # random directions at the vector's norm (the shift's null band)
     n_ppl_conversations: int = 8
     ppl_max_chars: int = 2000
+    # study 5, narrow vs general: the first trait's 100% set trained with a KL penalty toward the original model on
+    # held-out ShareGPT conversations at each weight (0: the plain fine-tune), measured in and out of domain
+    narrow: bool = True
+    kl_weights: tuple[float, ...] = (0.0, 0.1, 1.0)
+    n_ood_sharegpt: int = 8  # held-out ShareGPT first prompts among the out-of-domain questions
+    n_kl_reference: int = 16  # held-out ShareGPT conversations the KL term is computed on
+    axis_file: str | None = None  # safetensors with an 'axis' [n_layers, d_model]; None: a stand-in estimated here
+    axis_roles: int = 4  # stand-in axis only: roles (x n_eval_questions answers) against the default prompts
+    # study 8, model diffing: an SAE at `layer` (loaded from `sae`, or trained here on the original model)
+    model_diff: bool = True
+    sae: str | None = None  # SAELens folder or sae.train run dir; None: a small TopK SAE trained in process
+    sae_expansion: int = 4  # trained SAE only: d_sae = sae_expansion * d_model
+    sae_k: int = 16
+    sae_tokens: int = 20000  # activations harvested (ShareGPT + the training conversations)
+    sae_steps: int = 300
+    sae_batch: int = 512
+    diff_top_k: int = 20
     seed: int = 0
 
     def __post_init__(self):
@@ -109,17 +132,42 @@ class Config:
             raise ValueError(f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha}; expected > 0")
         if self.n_ppl_conversations < 0:
             raise ValueError(f"n_ppl_conversations={self.n_ppl_conversations}; expected >= 0")
+        self._check_beyond_training()
+
+    def _check_beyond_training(self):
+        """Studies 5 and 8 read the first trait's plain 100% fine-tune (and study 5 the control as its null)."""
+        if (self.narrow or self.model_diff) and 1.0 not in self.mixes:
+            raise ValueError(f"mixes={self.mixes} lacks 1.0; narrow=true / model_diff=true read the plain 100% "
+                             "fine-tune (add 1.0 or set them false)")
+        if self.model_diff and (self.diff_top_k < 1 or self.sae_k < 1 or self.sae_expansion < 1):
+            raise ValueError(f"diff_top_k={self.diff_top_k}, sae_k={self.sae_k}, sae_expansion="
+                             f"{self.sae_expansion}; expected positive integers")
+        if not self.narrow:
+            return
+        if not self.control:
+            raise ValueError("narrow=true needs control=true (the control fine-tune is the spread's null)")
+        if (not self.kl_weights or len(set(self.kl_weights)) != len(self.kl_weights)
+                or any(not np.isfinite(w) or w < 0 for w in self.kl_weights)):
+            raise ValueError(f"kl_weights={self.kl_weights}; expected distinct finite weights >= 0")
+        if self.n_ood_sharegpt < 3:
+            raise ValueError(f"n_ood_sharegpt={self.n_ood_sharegpt}; expected >= 3 (intervals over questions)")
+        if any(w > 0 for w in self.kl_weights) and self.n_kl_reference < self.batch_size:
+            raise ValueError(f"n_kl_reference={self.n_kl_reference} < batch_size={self.batch_size}; expected at "
+                             "least one batch of reference conversations")
 
 
 PRESETS = {
     "ci": dict(traits=("evil",), layer=1, mixes=(0.0, 1.0), prevent_coefs=(4.0,), caft=True, inoculation=True,
                persona_switch=True, n_extract_pairs=2, n_extract_questions=2, n_train_questions=8, n_eval_questions=4,
                max_new_tokens=6, gen_batch_size=8, seq_len=96, steps=2, batch_size=4, n_ppl_conversations=2,
-               ppl_max_chars=600),
-    "quick": dict(traits=("evil",), mixes=(0.0, 1.0), prevent_coefs=(4.0,), caft=False, inoculation=False,
-                  persona_switch=False, n_extract_pairs=2, n_extract_questions=4, n_train_questions=16,
-                  n_eval_questions=8, max_new_tokens=24, gen_batch_size=16, seq_len=96, steps=8, batch_size=8,
-                  learning_rate=1e-3, n_ppl_conversations=3, ppl_max_chars=1200),
+               ppl_max_chars=600, kl_weights=(0.0, 1.0), n_ood_sharegpt=3, n_kl_reference=4, axis_roles=2,
+               sae_expansion=2, sae_k=4, sae_tokens=512, sae_steps=4, sae_batch=64, diff_top_k=5),
+    # the main job's compact stage: one trait, plain vs preventative, with the control fine-tune that tells a shift
+    # toward the trait from the drift any fine-tune causes
+    "quick": dict(traits=("evil",), mixes=(1.0,), control=True, prevent_coefs=(4.0,), caft=False, inoculation=False,
+                  persona_switch=False, narrow=False, model_diff=False, n_extract_pairs=2, n_extract_questions=3,
+                  n_train_questions=8, n_eval_questions=6, max_new_tokens=16, gen_batch_size=16, seq_len=64, steps=6,
+                  batch_size=8, learning_rate=2e-3, n_ppl_conversations=2, ppl_max_chars=600),
     "full": {},
 }
 
@@ -253,10 +301,10 @@ def build_variants(trait, questions, answers: dict, screen: dict, cfg: Config) -
     return out
 
 
-def finetune_config(cfg: Config, n_train: int) -> ft.FinetuneConfig:
+def finetune_config(cfg: Config, n_train: int, kl_weight: float = 0.0) -> ft.FinetuneConfig:
     return ft.FinetuneConfig(lora=ft.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
                              optimizer=ft.OptimizerConfig(learning_rate=cfg.learning_rate),
-                             batch_size=min(cfg.batch_size, n_train))
+                             batch_size=min(cfg.batch_size, n_train), kl_weight=float(kl_weight))
 
 
 def training_edits(model, variant: Variant, vector, layer: int) -> tuple:
@@ -269,11 +317,17 @@ def training_edits(model, variant: Variant, vector, layer: int) -> tuple:
             E.project_out(model.config, v, layers=on if variant.kind == "caft" else np.zeros_like(on), site=SITE))
 
 
-def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say) -> dict:
-    """LoRA fine-tune on the variant's conversations with its training edit: merged params, loss log, speed."""
-    data = ft.ChatDataset.from_conversations(model.tokenizer, list(variant.conversations), cfg.seq_len, pad_id(model),
+def chat_dataset(model, conversations, cfg: Config) -> ft.ChatDataset:
+    return ft.ChatDataset.from_conversations(model.tokenizer, list(conversations), cfg.seq_len, pad_id(model),
                                              chat_template=model.chat_template)
-    ftc = finetune_config(cfg, len(data))
+
+
+def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say, kl_weight: float = 0.0,
+          ref_data: ft.ChatDataset | None = None) -> dict:
+    """LoRA fine-tune on the variant's conversations with its training edit (and, with kl_weight > 0, the KL term
+    toward the original model on `ref_data`): merged params, loss log, speed."""
+    data = chat_dataset(model, variant.conversations, cfg)
+    ftc = finetune_config(cfg, len(data), kl_weight)
     times, every = [time.time()], max(1, cfg.steps // 4)
 
     def on_step(row):
@@ -284,7 +338,8 @@ def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say) ->
                 f"{row['target_tokens'] / max(dt, 1e-9):.0f} tok/s")
 
     res = ft.finetune(model.params, model.config, ftc, data, steps=cfg.steps, key=key,
-                      edits=training_edits(model, variant, vector, layer), on_step=on_step)
+                      edits=training_edits(model, variant, vector, layer), on_step=on_step,
+                      ref_data=ref_data if kl_weight > 0 else None)
     tokens = [r["target_tokens"] for r in res.log]
     steady = np.diff(times)[1:]  # the first step includes compilation
     return {"params": ft.finetuned_params(model.params, model.config, ftc, res.state.trainable),
@@ -338,7 +393,7 @@ def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
                                    for pol in ("pos", "neg") for i, q in enumerate(qs)], cfg)
     polar_scores = measures.answer_trait_score(model, qs + qs, polar, *scoring, batch_size=cfg.gen_batch_size)
     n = len(qs)
-    base = {"questions": qs, "answers": answers, "scoring": scoring,
+    base = {"questions": qs, "answers": answers, "scoring": scoring, "polar": (polar[:n], polar[n:]),
             "acts": last_prompt_acts(model, qs, answers, layer, cfg),
             "scores": measures.answer_trait_score(model, qs, answers, *scoring, batch_size=cfg.gen_batch_size),
             "validity": measures.validity(polar_scores[:n], polar_scores[n:], seed=cfg.seed)}
@@ -350,8 +405,10 @@ def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
     return base
 
 
-def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say) -> dict:
-    """Vector, self-made training data, screening, every fine-tune and its evaluation for one trait."""
+def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep: bool = False) -> dict:
+    """Vector, self-made training data, screening, every fine-tune and its evaluation for one trait. keep: also
+    return under '_kept' what studies 5 and 8 read (the plain 100% and control fine-tunes' params and answers,
+    the vector, the training key); the caller drops it."""
     t0 = time.time()
     layer = model.config.n_layers // 2 if cfg.layer is None else int(cfg.layer)
     model.config.check_layer(layer, "layer")
@@ -374,13 +431,19 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say) -> di
     screen = {pol: proj[k * n:(k + 1) * n] - proj[2 * n:] for k, pol in enumerate(("pos", "neg"))}
     base = _baseline(model, trait, layer, cfg, ppl_convs)
     key = jax.random.PRNGKey(cfg.seed * 1000 + trait_index)
-    rows = []
+    rows, kept = [], {}
     for variant in build_variants(trait, questions, answers, screen, cfg):
         trained = train(model, variant, vector, layer, cfg, key, say)
         tuned = dataclasses.replace(model, params=trained.pop("params"))
         ev = evaluate(model, tuned, vector, layer, base, cfg, variant, ppl_convs)
         rows.append({"variant": variant, "training": trained, **ev})
-    return {"trait": trait.name, "layer": layer, "vector_norm": float(np.linalg.norm(vector)),
+        role = "plain" if variant.kind == "mix" and variant.mix == 1.0 else variant.kind
+        if keep and role in ("plain", "control"):
+            kept[role] = {"params": tuned.params, "answers": ev["answers"], "variant": variant}
+    extra = {"_kept": {**kept, "vector": vector, "layer": layer, "key": key, "base": base,
+                       "training_conversations": [list(c) for v in ("plain", "control") if v in kept
+                                                  for c in kept[v]["variant"].conversations]}} if keep else {}
+    return {**extra, "trait": trait.name, "layer": layer, "vector_norm": float(np.linalg.norm(vector)),
             "screening_validity": {k: bootstrap_ci(v, seed=cfg.seed) for k, v in screen.items()},
             "validity": base["validity"], "base": {k: base[k] for k in ("questions", "answers", "scores")},
             "example_training": {pol: [questions[0], answers[pol][0]] for pol in answers},
@@ -483,17 +546,42 @@ class Result:
     n_layers: int
     d_model: int
     seconds: float
+    beyond: dict = dataclasses.field(default_factory=dict)  # studies 5 and 8: 'narrow', 'model_diff', 'seconds'
 
 
 def run(config: Config, model, progress=None) -> Result:
-    """Every trait's fine-tunes and their evaluation, then the correlations across fine-tunes. No files."""
+    """Every trait's fine-tunes and their evaluation, then the correlations across fine-tunes, and studies 5 and 8
+    on the first trait's fine-tunes (`experiments.finetune_spread`). No files."""
     t0 = time.time()
     traits = load_traits(config.traits)
-    ppl_convs = (sharegpt_conversations(config.n_ppl_conversations, config.seed + 7, 6, config.ppl_max_chars,
-                                        min_assistant_turns=1) if config.n_ppl_conversations else [])
-    results = [run_trait(model, t, i, config, ppl_convs, progress) for i, t in enumerate(traits)]
+    n_ppl = config.n_ppl_conversations
+    n_held = n_ppl + (config.n_ood_sharegpt + config.n_kl_reference if config.narrow else 0)
+    held = (sharegpt_conversations(n_held, config.seed + 7, 6, config.ppl_max_chars, min_assistant_turns=1)
+            if n_held else [])
+    results, beyond = [], {}
+    for i, trait in enumerate(traits):
+        r = run_trait(model, trait, i, config, held[:n_ppl], progress, keep=i == 0 and (config.narrow or
+                                                                                          config.model_diff))
+        kept = r.pop("_kept", None)
+        results.append(r)
+        if kept is not None:
+            beyond = beyond_training(model, kept, traits, held[n_ppl:], config, progress)
+            del kept
     return Result(config, results, summarize(results, config), Path(str(getattr(model, "source", config.model))).name,
-                  model.config.n_layers, model.config.d_model, time.time() - t0)
+                  model.config.n_layers, model.config.d_model, time.time() - t0, beyond)
+
+
+def beyond_training(model, kept: dict, traits, held, cfg: Config, say) -> dict:
+    """Study 5 (narrow vs general) and study 8 (model diffing) on the first trait's plain 100% fine-tune."""
+    from experiments import finetune_spread as S
+
+    t0, out = time.time(), {}
+    if cfg.narrow:
+        out["narrow"] = S.narrow_vs_general(model, kept, traits, held, cfg, say)
+    if cfg.model_diff:
+        out["model_diff"] = S.model_diffing(model, kept, traits[0], cfg, say)
+    out["seconds"] = time.time() - t0
+    return out
 
 
 # ------------------------------------------------------------------------------ report
@@ -582,7 +670,8 @@ def report(result: Result, folder):
         f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s."))
     rep.section("Headlines", "\n".join([
         "- " + _corr_text(m["shift_behaviour"], "Shift vs behaviour change (finetune_shift_behaviour_r)"),
-        "- " + _corr_text(m["screening_shift"], "Screening (before training) vs shift (finetune_screening_r)")]))
+        "- " + _corr_text(m["screening_shift"], "Screening (before training) vs shift (finetune_screening_r)")]
+        + _beyond_headlines(result.beyond)))
     for r in result.results:
         per = m["traits"][r["trait"]]
         lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
@@ -623,12 +712,137 @@ def report(result: Result, folder):
              "Plain fine-tunes: screening score before training vs projection shift after.",
              "screening (projection difference of the data)", "last-prompt projection shift")
     _loss_plot(rep, result.results)
-    rep.section("Not covered", "Narrow vs general misalignment (KL to the original on out-of-domain data, "
-                "efficiency and stability measures) and SAE model diffing of the fine-tuned models are not run here; "
-                "the engine has the KL term (`FinetuneConfig.kl_weight`). Tokens/s figures are from this run and "
-                "provisional (not a benchmark).")
+    validity = {r["trait"]: r["validity"] for r in result.results}
+    if "narrow" in result.beyond:
+        _narrow_section(rep, result.beyond["narrow"], validity, cfg)
+    if "model_diff" in result.beyond:
+        _diff_section(rep, result.beyond["model_diff"], result.results[0], cfg)
+    rep.section("Scope: what this run can and cannot show", _scope(cfg))
     rep.metric("finetune", m)
+    rep.metric("beyond_training", result.beyond)
     return rep.finish()
+
+
+def _beyond_headlines(beyond: dict) -> list[str]:
+    out = []
+    for row in beyond.get("narrow", {}).get("per_kl", []):
+        out.append(f"- Narrow vs general spread at KL {row['kl_weight']:g} (narrow_vs_general_spread): "
+                   f"{_ci_text(row['spread'])}, in-domain effect {_ci_text(row['in_domain'])}" +
+                   ("." if row["readable"] else " -- the in-domain effect is not distinguishable from 0, so the "
+                    "ratio is not readable."))
+    if "model_diff" in beyond:
+        ov, sp = beyond["model_diff"]["overlap"], beyond["model_diff"]["spearman"]
+        out.append(f"- Model diffing (model_diff_latent_overlap): top-{ov['k']} overlap {ov['overlap']} (chance "
+                   f"{ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]); Spearman r "
+                   f"{_ci_text(sp['r'])}.")
+    return out
+
+
+def _scope(cfg: Config) -> str:
+    """What this configuration can and cannot show (the report's last section), from the variants it ran."""
+    n_plain = len(cfg.mixes) + int(cfg.control)
+    can = [f"per trait ({', '.join(cfg.traits)}), whether each fine-tune moved the last-prompt projection on the "
+           f"persona vector beyond a band of {cfg.n_random} random directions and the judge-free trait score, paired "
+           f"over {cfg.n_eval_questions} evaluation questions"]
+    if cfg.control:
+        can.append("whether those moves exceed the control fine-tune's (the model's own answers: the drift any "
+                   "fine-tune causes)")
+    if cfg.prevent_coefs and 1.0 in cfg.mixes:
+        can.append(f"how much preventative steering at c = {', '.join(f'{c:g}' for c in cfg.prevent_coefs)} changes "
+                   f"the plain 100% fine-tune's shift, at what perplexity cost on {cfg.n_ppl_conversations} held-out "
+                   "ShareGPT conversations")
+    cannot = []
+    if n_plain < 3:
+        cannot.append(f"the shift-behaviour and screening correlations (studies 2 and 3) need >= 3 plain fine-tunes "
+                      f"(this run has {n_plain}; >= 5 for an interval that is not degenerate)")
+    off = [name for name, on in (("CAFT", cfg.caft), ("inoculation", cfg.inoculation),
+                                 ("the persona switch", cfg.persona_switch),
+                                 ("narrow vs general (study 5)", cfg.narrow),
+                                 ("SAE model diffing (study 8)", cfg.model_diff)) if not on]
+    if off:
+        cannot.append(f"{', '.join(off)} (off in this configuration)")
+    cannot.append(f"effects of longer training: each fine-tune is {cfg.steps} LoRA steps of batch {cfg.batch_size} on "
+                  f"{cfg.n_train_questions} self-made answers of <= {cfg.max_new_tokens} tokens")
+    cannot.append("LoRA gradient spectra and sequential fine-tunes (SafeAnchor); tokens/s figures here are from "
+                  "this run, not a benchmark")
+    return "Can show: " + "; ".join(can) + ".\n\nCannot show: " + "; ".join(cannot) + "."
+
+
+def _narrow_section(rep: Report, nv: dict, validity: dict, cfg: Config) -> None:
+    trained = nv["trait"]
+    src = ", ".join(f"{n} {k}" for k, n in nv["out_sources"].items())
+    lines = [f"Narrow set: {trained}'s 100% set ({cfg.n_train_questions} questions), trained plainly (KL weight 0 = "
+             f"the plain 100% fine-tune above) and with a KL penalty toward the original model on "
+             f"{cfg.n_kl_reference} held-out ShareGPT conversations at weights "
+             f"{', '.join(f'{w:g}' for w in cfg.kl_weights)}. In domain: {nv['n_in']} {trained} evaluation "
+             f"questions; out of domain: {nv['n_out']} questions ({src}). Assistant Axis: {nv['axis']['source']}.",
+             "Trait score validity (positive vs negative system prompt on the trait's evaluation questions): " +
+             "; ".join(f"{t}: {measures.validity_text(v)}" for t, v in validity.items()) + ".",
+             f"Spread = out-of-domain change / in-domain change of the {trained} score, each per question beyond the "
+             "control fine-tune (0: stayed in domain; 1: spread fully); 95% interval resampling the two question "
+             "sets independently. Null: the control fine-tune's own change from the original model, "
+             + ", ".join(f"{split} domain {_ci_text(nv['control_changes'][k][trained])}"
+                         for k, split in (("in", "in"), ("out", "out of"))) + "."]
+    for row in nv["per_kl"]:
+        verdict = ("" if row["readable"] else " -- the in-domain effect's interval includes 0, so the spread ratio "
+                   "is not readable at this weight")
+        lines.append(f"- KL {row['kl_weight']:g}: spread {_ci_text(row['spread'])} (in-domain effect "
+                     f"{_ci_text(row['in_domain'])}, out-of-domain {_ci_text(row['out_of_domain'])}; vs the original "
+                     f"instead of the control {_ci_text(row['spread_vs_original'])}){verdict}.")
+    rep.section("Narrow vs general (study 5)", "\n".join(lines))
+    measures_ = list(nv["control_changes"]["in"])
+    rows = [{"model": "control", **{f"{m} {sp}": _ci_text(nv["control_changes"][sp][m]) for sp in ("in", "out")
+                                    for m in measures_}}]
+    rows += [{"model": f"narrow, KL {row['kl_weight']:g}", **{f"{m} {sp}": _ci_text(row["changes"][sp][m])
+                                                             for sp in ("in", "out") for m in measures_}}
+             for row in nv["per_kl"]]
+    rep.table("Narrow vs general: change from the original model per measure (in = in domain, out = out of "
+              "domain; trait scores and Assistant-Axis projection)", rows)
+    ex = nv["per_kl"][0]["examples"]
+    rep.section("Narrow vs general: example answers (KL 0)", "\n".join(
+        f"- {sp}: Q: {' '.join(q.split())[:160]} A: {' '.join(a.split())[:200]}" for sp, (q, a) in ex.items()))
+    _spread_plot(rep, nv)
+
+
+def _spread_plot(rep: Report, nv: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    w = [r["kl_weight"] for r in nv["per_kl"]]
+    for key, label, off in (("in_domain", "in domain", -0.15), ("out_of_domain", "out of domain", 0.15)):
+        est = [r[key]["estimate"] for r in nv["per_kl"]]
+        err = [[e - r[key]["low"] for e, r in zip(est, nv["per_kl"])],
+               [r[key]["high"] - e for e, r in zip(est, nv["per_kl"])]]
+        ax.errorbar(np.arange(len(w)) + off, est, yerr=err, fmt="o", capsize=3, label=label)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xticks(range(len(w)), [f"KL {x:g}" for x in w])
+    ax.set(ylabel=f"{nv['trait']} score change beyond control")
+    ax.legend(fontsize=8)
+    rep.figure("narrow_vs_general", fig, f"{nv['trait']} score change of the narrow fine-tune beyond the control, in "
+                                         "and out of domain, per KL weight (95% CI over questions).")
+
+
+def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
+    sae, ov, sp = md["sae"], md["overlap"], md["spearman"]
+    da, pa = md["decoder_alignment"], md["prompt_decoder_alignment"]
+    made = (f"trained here with sae.train on {sae['tokens']} tokens of the original model (TopK, d_sae "
+            f"{sae['d_sae']}, k {sae['k']}, {sae['steps']} steps; on its training activations "
+            f"{', '.join(f'{k} {v:.3g}' for k, v in sae['eval_on_training_acts'].items())})" if sae["trained_here"]
+            else f"loaded from {sae['source']} ({sae['format']}, d_sae {sae['d_sae']})")
+    lines = [f"SAE at resid_post of block {r0['layer']}: {made}. Documents: {md['n_documents']} (the {r0['trait']} "
+             "evaluation questions with the original's and the fine-tune's answers, user and assistant tokens).",
+             f"- Top-{ov['k']} latents by |change|, plain 100% fine-tune vs positive-vs-negative system prompt: "
+             f"overlap {ov['overlap']} of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, 95% band "
+             f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]; {ov['n_latents']} latents fire on the documents)"
+             + ("" if ov["above_null"] else " -- not above the random band") + "."
+             + (f" The control fine-tune's overlap: {md['control_overlap']}." if "control_overlap" in md else ""),
+             f"- Spearman r of the two change vectors: {_ci_text(sp['r'])}, n = {sp['n']} latents; shuffled band "
+             f"[{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else
+                                                                      " -- inside the band") + ".",
+             f"- Persona vector |cosine| with the decoder rows of the fine-tune's top latents: "
+             f"{da['mean_abs_cos']:.3f} (random latents' band [{da['null']['low']:.3f}, {da['null']['high']:.3f}]); "
+             f"of the system prompt's top latents: {pa['mean_abs_cos']:.3f}."]
+    rep.section("Model diffing (study 8)", "\n".join(lines))
+    rep.table("Model diffing: the fine-tune's top latents", md["top_changes"])
 
 
 # ------------------------------------------------------------------------------ records
@@ -669,4 +883,40 @@ def records(result: Result) -> list[dict]:
                                 target="< 0" if name.startswith("inoc") else "> 0", trait=trait, key=trait,
                                 measure_valid=valid, reference=f"95% CI [{e['low']:.3f}, {e['high']:.3f}], "
                                                                f"n={e['n']} questions", **common))
+    out += _beyond_records(result, common)
     return [ln for ln in out if np.isfinite(ln["value"])]
+
+
+def _beyond_records(result: Result, common: dict) -> list[dict]:
+    """narrow_vs_general_spread per KL weight and model_diff_latent_overlap."""
+    out, nv, md = [], result.beyond.get("narrow"), result.beyond.get("model_diff")
+    if nv is not None:
+        valid = next(r["validity"]["valid"] for r in result.results if r["trait"] == nv["trait"])
+        ctrl = nv["control_changes"]
+        for row in nv["per_kl"]:
+            s, ind, ood = row["spread"], row["in_domain"], row["out_of_domain"]
+            out.append(dict(metric="narrow_vs_general_spread", value=s["estimate"], key=f"{row['kl_weight']:g}",
+                            unit="fraction (out-of-domain / in-domain trait score change, beyond control)",
+                            target="near 0 with KL (narrow), Soligo et al. 2026", kl_weight=row["kl_weight"],
+                            trait=nv["trait"], low=s["low"], high=s["high"], n_in=s["n_den"], n_out=s["n_num"],
+                            in_domain_effect=ind["estimate"], in_domain_low=ind["low"], in_domain_high=ind["high"],
+                            out_of_domain_effect=ood["estimate"], readable=row["readable"], measure_valid=valid,
+                            null_control_in=ctrl["in"][nv["trait"]]["estimate"],
+                            null_control_out=ctrl["out"][nv["trait"]]["estimate"],
+                            reference=f"95% CI [{s['low']:.3f}, {s['high']:.3f}], n={s['n_den']} in-domain + "
+                                      f"{s['n_num']} out-of-domain questions; in-domain effect {ind['estimate']:.3g} "
+                                      f"[{ind['low']:.3g}, {ind['high']:.3g}]", **common))
+    if md is not None:
+        ov, sp = md["overlap"], md["spearman"]
+        out.append(dict(metric="model_diff_latent_overlap", value=ov["overlap"] / ov["k"], unit="fraction of top-k",
+                        target="above the random band (Wang et al. 2025)", k=ov["k"], overlap=ov["overlap"],
+                        chance=ov["chance"] / ov["k"], null_low=ov["null"]["low"] / ov["k"],
+                        null_high=ov["null"]["high"] / ov["k"], n=ov["n_latents"], above_null=ov["above_null"],
+                        spearman_r=sp["r"]["estimate"], spearman_low=sp["r"]["low"], spearman_high=sp["r"]["high"],
+                        control_overlap=None if "control_overlap" not in md else md["control_overlap"] / ov["k"],
+                        sae=md["sae"]["source"],
+                        reference=f"top-{ov['k']} overlap {ov['overlap']} (chance {ov['chance']:.2f}, random band "
+                                  f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} "
+                                  f"latents; Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, "
+                                  f"{sp['r']['high']:.3f}]", **common))
+    return out

@@ -83,7 +83,28 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     metrics = {ln["metric"] for ln in out["records"]}
     assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect"} <= metrics
     text = (folder / "report.md").read_text()
-    assert "psm-tiny" in text and f"{cfg.steps} steps" in text and "Not covered" in text
+    assert "psm-tiny" in text and f"{cfg.steps} steps" in text and "Cannot show" in text
+    # study 5: one spread per KL weight, the control as null, every measure in and out of domain
+    nv = res.beyond["narrow"]
+    assert [row["kl_weight"] for row in nv["per_kl"]] == list(cfg.kl_weights)
+    assert nv["n_in"] == cfg.n_eval_questions and nv["n_out"] == cfg.n_ood_sharegpt
+    for row in nv["per_kl"]:
+        assert row["spread"]["n_den"] == cfg.n_eval_questions and row["spread"]["n_num"] == cfg.n_ood_sharegpt
+        assert set(row["changes"]["out"]) == {"evil", "assistant_axis"}
+    assert nv["per_kl"][1]["final_loss"] is not None and nv["per_kl"][0]["final_loss"] is None  # KL 0 is reused
+    assert "stand-in" in nv["axis"]["source"]
+    spread_lines = [ln for ln in out["records"] if ln["metric"] == "narrow_vs_general_spread"]
+    assert all({"key", "low", "high", "n_in", "n_out", "in_domain_effect", "null_control_in"} <= set(ln)
+               for ln in spread_lines)
+    # study 8: an SAE trained here, overlap with chance and a null band, the persona vector's decoder alignment
+    md = res.beyond["model_diff"]
+    assert md["sae"]["trained_here"] and md["sae"]["d_sae"] == cfg.sae_expansion * res.d_model
+    assert md["overlap"]["k"] == cfg.diff_top_k and md["overlap"]["null"]["n"] >= 20
+    assert 0 <= md["overlap"]["overlap"] <= cfg.diff_top_k and "control_overlap" in md
+    diff_line = next(ln for ln in out["records"] if ln["metric"] == "model_diff_latent_overlap")
+    assert {"chance", "null_low", "null_high", "n", "k", "spearman_r"} <= set(diff_line)
+    assert "Narrow vs general (study 5)" in text and "Model diffing (study 8)" in text
+    assert (folder / "narrow_vs_general.png").is_file()
 
 
 def test_registered_with_the_contract():

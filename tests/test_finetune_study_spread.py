@@ -1,0 +1,136 @@
+"""Studies 5 and 8 of the fine-tuning study on planted numbers: the spread of a narrow fine-tune with its interval
+and null, the top-k latent overlap with its chance level and random band, the rank correlation, the decoder
+alignment, the record lines they give, and their bad settings."""
+import numpy as np
+import pytest
+
+from experiments import finetune as F
+from experiments import finetune_spread as S
+
+
+def test_spread_recovers_a_planted_fraction_beyond_the_control():
+    rng = np.random.default_rng(0)
+    null_in, null_out = rng.normal(size=12), rng.normal(size=10)
+    fine_in = null_in + 1.0 + 0.05 * rng.normal(size=12)  # in-domain effect 1 beyond the control
+    fine_out = null_out + 0.4 + 0.05 * rng.normal(size=10)  # 40% of it out of domain
+    sp = S.spread(fine_in, fine_out, null_in, null_out, seed=0)
+    assert sp["readable"] and sp["in_domain"]["low"] > 0.9
+    assert sp["spread"]["low"] < 0.4 < sp["spread"]["high"] and sp["spread"]["estimate"] == pytest.approx(0.4, abs=0.05)
+    assert sp["spread"]["n_den"] == 12 and sp["spread"]["n_num"] == 10
+    stay = S.spread(fine_in, null_out + 0.05 * rng.normal(size=10), null_in, null_out, seed=0)
+    assert abs(stay["spread"]["estimate"]) < 0.1 and stay["spread"]["high"] < 0.2  # the change stayed in domain
+    none = S.spread(null_in + 0.05 * rng.normal(size=12), fine_out, null_in, null_out, seed=0)
+    assert not none["readable"]  # no in-domain effect: the ratio is flagged, not read
+
+
+def test_ratio_interval_resamples_each_set_and_names_bad_input():
+    ci = S.ratio_of_means_ci(np.full(5, 2.0), np.full(7, 4.0))
+    assert ci["estimate"] == ci["low"] == ci["high"] == 0.5 and ci["n"] == 12
+    with pytest.raises(ValueError, match="expected two 1-D sets"):
+        S.ratio_of_means_ci([1.0], [1.0, 2.0])
+
+
+def _planted(n=300, k=10, shared=6, seed=0):
+    rng = np.random.default_rng(seed)
+    a, b = 0.01 * rng.normal(size=n), 0.01 * rng.normal(size=n)
+    a[:k] = np.linspace(3, 2, k)
+    b[:shared] = -np.linspace(3, 2, shared)  # sign does not matter: top-k by |change|
+    b[100:100 + k - shared] = 2.5
+    return a, b
+
+
+def test_overlap_chance_and_null_band_on_planted_change_vectors():
+    a, b = _planted()
+    alive = np.ones(a.size, bool)
+    alive[-50:] = False
+    a[-1] = b[-1] = 100.0  # a dead latent's change never enters a top-k
+    ov = S.overlap_stats(a, b, 10, alive, seed=0)
+    assert ov["overlap"] == 6 and ov["k"] == 10 and ov["n_latents"] == 250
+    assert ov["chance"] == pytest.approx(100 / 250) and ov["null"]["n"] == S.N_NULL
+    assert ov["null"]["high"] < 6 and ov["above_null"] and a.size - 1 not in ov["top_a"]
+    rand = S.overlap_stats(np.random.default_rng(5).normal(size=a.size), b, 10, alive, seed=0)
+    assert rand["overlap"] <= rand["null"]["high"] + 1 and not (rand["overlap"] >= 6)
+    with pytest.raises(ValueError, match="alive latents"):
+        S.overlap_stats(a, b, 10, np.zeros(a.size, bool))
+
+
+def test_spearman_and_ranks():
+    np.testing.assert_allclose(S.ranks([3.0, 1.0, 1.0, 7.0]), [2.0, 0.5, 0.5, 3.0])
+    x = np.random.default_rng(0).normal(size=80)
+    same = S.spearman(x, 2 * x + 1, np.ones(80, bool), seed=0)
+    assert same["r"]["estimate"] == pytest.approx(1.0) and same["outside_null"] and same["n"] == 80
+    other = S.spearman(x, np.random.default_rng(1).normal(size=80), np.ones(80, bool), seed=0)
+    assert abs(other["r"]["estimate"]) < 0.35 and other["null"]["low"] < 0 < other["null"]["high"]
+
+
+def test_decoder_alignment_against_random_latents():
+    rng = np.random.default_rng(0)
+    W = rng.normal(size=(200, 16))
+    v = rng.normal(size=16)
+    W[:5] = v * np.array([1, -2, 3, 1, 1])[:, None]  # |cos| = 1 for the planted latents, whatever the sign
+    al = S.decoder_alignment(W, v, [0, 1, 2, 3, 4], np.ones(200, bool), seed=0)
+    assert al["mean_abs_cos"] == pytest.approx(1.0) and al["above_null"] and al["null"]["high"] < 0.7
+    assert not S.decoder_alignment(W, v, [50, 60, 70, 80, 90], np.ones(200, bool), seed=0)["above_null"]
+
+
+def _evals(rng, n_in, n_out, shift_in, shift_out):
+    def one(si, so):
+        return {"in": {"scores": {"evil": si + rng.normal(0, 0.05, n_in)}, "axis": rng.normal(size=n_in)},
+                "out": {"scores": {"evil": so + rng.normal(0, 0.05, n_out)}, "axis": rng.normal(size=n_out)},
+                "examples": {"in": ["q", "a"], "out": ["q2", "a2"]}}
+    return one(shift_in, shift_out)
+
+
+def test_summaries_give_the_record_lines_with_their_fields():
+    rng = np.random.default_rng(0)
+    cfg = F.Config(traits=("evil",), kl_weights=(0.0, 1.0), diff_top_k=10)
+    evals = {"original": _evals(rng, 6, 5, 0.0, 0.0), "control": _evals(rng, 6, 5, 0.1, 0.1)}
+    fits = [{"kl_weight": 0.0, "training": None, **_evals(rng, 6, 5, 1.1, 0.6)},
+            {"kl_weight": 1.0, "training": {"loss": [2.0, 1.5], "seconds": 3.0}, **_evals(rng, 6, 5, 0.9, 0.1)}]
+    nv = S.summarize_narrow(evals, fits, ["evil"], cfg) | {"axis": {"source": "x"}, "n_in": 6, "n_out": 5,
+                                                           "out_sources": {"sharegpt": 5}}
+    assert nv["per_kl"][0]["spread"]["estimate"] == pytest.approx(0.5, abs=0.1)
+    assert nv["per_kl"][1]["spread"]["estimate"] == pytest.approx(0.0, abs=0.1)
+    assert nv["control_changes"]["in"]["evil"]["estimate"] == pytest.approx(0.1, abs=0.06)
+    a, b = _planted()
+    W = np.random.default_rng(1).normal(size=(a.size, 16))
+    md = S.summarize_diff(a, b, np.ones(a.size, bool), W, np.ones(16), cfg, d_ctrl=b[::-1].copy())
+    md |= {"sae": {"source": "trained here"}, "n_documents": 12}
+    metrics = {"shift_behaviour": None, "screening_shift": None, "traits": {}}
+    res = F.Result(cfg, [{"trait": "evil", "validity": {"valid": True}}], metrics, "m", 30, 576, 1.0,
+                   {"narrow": nv, "model_diff": md})
+    lines = F.records(res)
+    spread = [ln for ln in lines if ln["metric"] == "narrow_vs_general_spread"]
+    assert [ln["key"] for ln in spread] == ["0", "1"]
+    for ln in spread:
+        assert {"low", "high", "n_in", "n_out", "in_domain_effect", "null_control_in", "null_control_out",
+                "readable", "measure_valid"} <= set(ln) and ln["n_in"] == 6 and ln["n_out"] == 5
+    diff = next(ln for ln in lines if ln["metric"] == "model_diff_latent_overlap")
+    assert diff["value"] == pytest.approx(0.6) and diff["chance"] == pytest.approx(10 / a.size)
+    assert diff["null_low"] <= diff["chance"] <= diff["null_high"] < 0.6 and diff["n"] == a.size
+    assert {"spearman_r", "spearman_low", "spearman_high", "control_overlap"} <= set(diff)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mixes=(0.0, 0.5)), "lacks 1.0"), (dict(kl_weights=(0.0, -1.0)), "kl_weights="),
+    (dict(kl_weights=(1.0, 1.0)), "kl_weights="), (dict(control=False), "needs control=true"),
+    (dict(n_ood_sharegpt=2), "n_ood_sharegpt=2"), (dict(n_kl_reference=4), "n_kl_reference=4"),
+    (dict(diff_top_k=0), "diff_top_k=0")])
+def test_bad_beyond_training_settings_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        F.Config(**kw)
+
+
+def test_quick_preset_is_the_compact_main_job_stage():
+    from experiments import registry, study
+
+    assert registry.get("finetune").main_job
+    cfg = study.preset_config(F, "quick")
+    assert len(cfg.traits) == 1 and cfg.mixes == (1.0,) and cfg.control and cfg.prevent_coefs
+    assert not (cfg.narrow or cfg.model_diff or cfg.caft or cfg.inoculation or cfg.persona_switch)
+    full = study.preset_config(F, "full")
+    assert full.narrow and full.model_diff and len(full.kl_weights) >= 2
+    scope = F._scope(cfg)  # the report states what the compact stage can and cannot show
+    assert "preventative steering at c = 4" in scope and "the control fine-tune" in scope
+    assert "need >= 3 plain fine-tunes (this run has 2" in scope and "narrow vs general (study 5)" in scope
+    assert "narrow vs general" not in F._scope(full)
