@@ -17,13 +17,44 @@ Each side runs in its own subprocess (so that each peak RSS, ru_maxrss, is its o
 compilation; torch's lazy initialisation) then --steps timed steps; a side's figure is its median step time.
 The sides alternate for --rounds rounds and each side keeps its best round (the machine's cores are shared).
 
+    .venv/bin/python benchmarks/finetune_vs_peft.py --ab [--layers 6] --rounds 3 --steps 1   # old vs new step, printed
+
+`--ab` times, in one process and alternating, the LoRA step with the low-rank term's backward left to autodiff
+(the previous path) against the default (`psm_jax.lowrank.low_rank_product`'s own backward), and the forward +
+loss alone; `--layers N` keeps the first N blocks (same per-layer shapes, quicker). Nothing is recorded.
+
+Where the step's time goes (8 x 256 tokens, r=16 on all seven projections, fp32; process CPU seconds, taken
+while other jobs shared the two cores, so proportions rather than speeds):
+  * before: forward with logits 5.9 s, forward + loss 6.5 s, value_and_grad 27.1 s: the backward cost 3.2x the
+    forward. The loss head (final norm, 49152-wide tied unembedding, log-softmax NLL) is 1.6 s forward and
+    2.4 s forward + backward, under a tenth of the step; the trunk is 5.3 s forward and 24.4 s with its
+    gradient. XLA's op profile (`jax.profiler`, --xla_cpu_enable_xprof_traceme) of the trunk's gradient put
+    34% of it in loop fusions that write each [tokens, d_out] cotangent transposed for autodiff's A/B gradient
+    dots (strided stores through an elementwise fusion reading per-layer slices of the stacked residuals), 45%
+    in the dots themselves; no frozen-weight gradient and no rematerialisation is formed.
+  * after (`low_rank_product`: the same products with only the [tokens, r] factors transposed): those copies
+    are gone and the trunk gradient takes 45% less thread time (4-layer profile: 11.5 s -> 6.3 s). What
+    remains: projection dots 49% (in that profile the activation gradients g @ W^T ran about 1.4x slower
+    than the forward's x @ W of the same size), attention 27% (score and probability dots, softmax and its
+    gradient, layout copies; the [B, KV, G, T, T] probabilities of every layer are kept for the backward),
+    the scan's stacked residuals 16% (zero-initialised, written and read back per layer), elementwise work 8%.
+  * the floor: a step is at least about 2.0x the forward's FLOPs (activation gradients of every projection and
+    of the unembedding, twice the attention dots; about 1.19 TFLOP for 2048 tokens). XLA's fp32 forward runs
+    at about 100 GFLOP/s per core here and torch's whole peft step at about 225 GFLOP/s on the two cores
+    (idle: 384 tokens/s), so 1.5x peft (576 tokens/s, 340 GFLOP/s) is beyond fp32 dots on this CPU unless
+    work is cut: logits only at target positions (none here: every position is a target), causal attention
+    blocks skipped, or bf16 (a different dtype from the reference side).
+
 Recorded: `finetune_tokens_per_s_vs_peft` = psm-jax tokens/s over peft tokens/s (target >= 1.5) and
 `finetune_peak_rss_over_params` = psm-jax's peak RSS over the float32 params' bytes (peft's beside it).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,27 +78,55 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_jax(args) -> dict:
-    import jax
+def _jax_setup(args):
+    """SmolLM2, the LoRA fine-tune config and the benchmark's batch, as `run_jax` trains them."""
     import jax.numpy as jnp
-    import numpy as np
 
     import psm_jax
     from psm_jax.chat import Role
-    from psm_jax.finetune import FinetuneConfig, LoraConfig, OptimizerConfig, init_state, make_optimizer, \
-        make_train_step
+    from psm_jax.finetune import FinetuneConfig, LoraConfig, OptimizerConfig
 
     model = psm_jax.load("smollm2-135m-instruct")
-    params, config = model.params, model.config
-    rss_loaded = _peak_rss_bytes()
+    if args.layers:  # the first --layers blocks only (a quicker A/B of the same per-layer shapes)
+        import jax
+
+        model.config.check_layer(args.layers - 1, "--layers")
+        config = dataclasses.replace(model.config, n_layers=args.layers)
+        layers = jax.tree.map(lambda w: w[:args.layers], model.params["layers"])
+        model = dataclasses.replace(model, params={**model.params, "layers": layers}, config=config)
     ft = FinetuneConfig(lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank, factored=not args.merged),
                         batch_size=args.batch,
                         optimizer=OptimizerConfig(learning_rate=1e-4, max_grad_norm=None))
-    optimizer = make_optimizer(ft.optimizer)
-    state = init_state(params, config, ft, jax.random.PRNGKey(0), optimizer)
-    tokens = _tokens(args.batch, args.seq, config.vocab_size)
+    tokens = _tokens(args.batch, args.seq, model.config.vocab_size)
     batch = {"tokens": jnp.asarray(tokens), "attention_mask": jnp.ones(tokens.shape, bool),
              "roles": jnp.full(tokens.shape, int(Role.ASSISTANT), jnp.int8)}
+    return model, ft, batch
+
+
+@contextlib.contextmanager
+def _autodiff_low_rank():
+    """Trace LoRA's low-rank term with plain autodiff (`LowRank.apply_autodiff`) instead of its own backward."""
+    from psm_jax.lowrank import LowRank
+
+    saved = LowRank.apply
+    LowRank.apply = LowRank.apply_autodiff
+    try:
+        yield
+    finally:
+        LowRank.apply = saved
+
+
+def run_jax(args) -> dict:
+    import jax
+    import numpy as np
+
+    from psm_jax.finetune import init_state, make_optimizer, make_train_step
+
+    model, ft, batch = _jax_setup(args)
+    params, config = model.params, model.config
+    rss_loaded = _peak_rss_bytes()
+    optimizer = make_optimizer(ft.optimizer)
+    state = init_state(params, config, ft, jax.random.PRNGKey(0), optimizer)
     step = make_train_step(config, ft, optimizer)
     extras = {"edits": (), "direction": None}
     t0 = time.perf_counter()
@@ -124,6 +183,61 @@ def run_peft(args) -> dict:
             "peft": peft.__version__}
 
 
+def run_ab(args) -> None:
+    """Old vs new LoRA step in one process, alternating, same shapes: the low-rank term's backward left to
+    autodiff ("autodiff") vs `psm_jax.lowrank.low_rank_product`'s own ("default"), plus the forward + loss
+    alone. Per round and path: the median wall and process CPU time of --steps steps. Printed, never recorded
+    (run it idle for figures; under load the CPU times compare better than the wall times)."""
+    import jax
+
+    from psm_jax.finetune import batch_loss, init_state, make_optimizer, make_train_step
+
+    model, ft, batch = _jax_setup(args)
+    params, config = model.params, model.config
+    optimizer = make_optimizer(ft.optimizer)
+    extras = {"edits": (), "direction": None}
+    paths, states, first = {}, {}, {}
+    for name in ("autodiff", "default"):
+        states[name] = init_state(params, config, ft, jax.random.PRNGKey(0), optimizer)
+        paths[name] = make_train_step(config, ft, optimizer)
+        t0 = time.perf_counter()
+        with _autodiff_low_rank() if name == "autodiff" else contextlib.nullcontext():
+            states[name], metrics = paths[name](states[name], params, batch, extras)  # traced and compiled here
+            jax.block_until_ready(states[name])
+        first[name] = (time.perf_counter() - t0, float(metrics["loss"]))
+    forward_loss = jax.jit(lambda tr: batch_loss(tr, params, config, ft, batch, extras)[0])
+    jax.block_until_ready(forward_loss(states["default"].trainable))
+    print("first step (compile): " + ", ".join(f"{k} {v[0]:.1f} s loss {v[1]:.6f}" for k, v in first.items()))
+    rows = {"autodiff": [], "default": [], "forward+loss": []}
+    for _ in range(args.rounds):
+        for name in rows:
+            walls, cpus = [], []
+            for _ in range(args.steps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                if name == "forward+loss":
+                    jax.block_until_ready(forward_loss(states["default"].trainable))
+                else:
+                    states[name], metrics = paths[name](states[name], params, batch, extras)
+                    jax.block_until_ready(states[name])
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+            rows[name].append((statistics.median(walls), statistics.median(cpus)))
+            print(f"  {name:13s} wall {rows[name][-1][0]:7.2f} s  cpu {rows[name][-1][1]:7.2f} s  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+    tokens = args.batch * args.seq
+    best = {k: (min(w for w, _ in v), min(c for _, c in v)) for k, v in rows.items()}
+    for k, (w, c) in best.items():
+        print(f"{k:13s} best wall {w:7.2f} s ({tokens / w:6.0f} tokens/s)  best cpu {c:7.2f} s "
+              f"({tokens / c:6.0f} tokens per CPU-s)")
+    ratio_w = [a[0] / d[0] for a, d in zip(rows["autodiff"], rows["default"])]
+    ratio_c = [a[1] / d[1] for a, d in zip(rows["autodiff"], rows["default"])]
+    print(f"default over autodiff, tokens/s per round: wall {[round(r, 2) for r in ratio_w]}, "
+          f"cpu {[round(r, 2) for r in ratio_c]}")
+    trained = {k: jax.tree.leaves(s.trainable) for k, s in states.items()}
+    diff = max(float(abs(x - y).max()) for x, y in zip(trained["autodiff"], trained["default"]))
+    print(f"max |adapter difference| after {1 + args.rounds * args.steps} steps each: {diff:.2e}")
+
+
 def _side(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", name, "--rank", str(args.rank), "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps)] + (["--merged"] if args.merged else [])
@@ -147,9 +261,21 @@ def main():
     ap.add_argument("--merged", action="store_true", help="psm-jax merges A @ B into W in the step (default: factored)")
     ap.add_argument("--quick", action="store_true", help="batch 2 x 32 tokens, 2 steps (smoke test)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="with --ab: keep only the model's first LAYERS blocks (0: all)")
+    ap.add_argument("--ab", action="store_true",
+                    help="psm-jax only: the LoRA step with autodiff's low-rank backward vs the default, one process")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq, args.steps = 2, 32, 2
+    if args.layers and not args.ab:
+        raise SystemExit(f"--layers {args.layers} is for --ab runs only; the side-by-side benchmark uses the "
+                         "whole model")
+    if args.ab and args.merged:
+        raise SystemExit("--ab compares the factored LoRA backward of two paths; --merged has no low-rank term")
+    if args.ab:
+        run_ab(args)
+        return
     if args.side:
         out = run_jax(args) if args.side == "jax" else run_peft(args)
         print("RESULT " + json.dumps(out), flush=True)

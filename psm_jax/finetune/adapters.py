@@ -1,4 +1,4 @@
-"""LoRA adapters as a pytree beside the frozen params, merged into the weights inside the jitted loss.
+"""LoRA adapters as a pytree beside the frozen params, applied factored (or merged) inside the jitted loss.
 
 Shape: `{leaf: {"a": [L, d_in, r], "b": [L, r, d_out]}}` for leaves among wq, wk, wv, wo, w_gate,
 w_up, w_down, stacked on the layer axis like the params they adapt, so the forward's `lax.scan`
@@ -6,15 +6,13 @@ over layers is untouched and only the adapter subtree is differentiated. B start
 convention: a fresh adapter leaves the model unchanged); A is drawn from an explicit PRNG key with
 PEFT's kaiming-uniform bound 1/sqrt(d_in).
 
-Why merge instead of a per-token path: `apply_adapters` computes `W + s * A @ B` per stacked
-layer, 2·in·r·out FLOPs per weight, whereas computing `x W + s (x A) B` for T tokens costs an extra
-2·T·r·(in + out). In the forward, merging is cheaper once T > in·out / (in + out) — about 420
-tokens for SmolLM2-135M's MLP (576 x 1536) — and a training step sees thousands of tokens. It also
-keeps one forward for inference, training and export (the export merges with `merge_weight`, in
-fp32), with no hook inside the projections. The price is in the backward: the gradient reaches A
-and B through the full weight cotangent x^T dy (2·T·in·out per weight, as in full fine-tuning),
-which a per-token path would skip; for SmolLM2 with all seven targets that is about 30% more
-FLOPs per step than forward + activation backward alone.
+Training applies them factored by default (`LoraConfig.factored`, `factored_params`): each adapted
+projection computes `x W + s (x A) B` (`psm_jax.lowrank.LowRank`), whose backward costs 2·T·r·(in + out)
+per weight on top of the frozen weight's activation gradient, and never forms a gradient of W's size.
+`apply_adapters` merges `W + s A B` instead (2·in·r·out FLOPs per weight in the forward, but the
+gradient then reaches A and B through the full weight cotangent x^T dy, 2·T·in·out per weight, as in
+full fine-tuning); inference and export use the merged weights (`merge_weight`, in fp32), so one
+forward serves inference, training and export.
 
 Per-layer selection is a static mask folded into the scale: unselected layers get a zero delta
 (and zero gradients), which keeps the stacked shapes that the scan needs.
