@@ -33,7 +33,8 @@ while other jobs shared the two cores, so proportions rather than speeds):
     dots (strided stores through an elementwise fusion reading per-layer slices of the stacked residuals), 45%
     in the dots themselves; no frozen-weight gradient and no rematerialisation is formed.
   * after (`low_rank_product`: the same products with only the [tokens, r] factors transposed): those copies
-    are gone and the trunk gradient takes 45% less thread time (4-layer profile: 11.5 s -> 6.3 s). What
+    are gone and the trunk gradient takes 45% less thread time (4-layer profile: 11.5 s -> 6.3 s); `--ab` on the
+    whole model (2 rounds): 26.6 -> 17.5 CPU s a step (1.52x; wall 1.54-1.56x), forward + loss 6.5 s. What
     remains: projection dots 49% (in that profile the activation gradients g @ W^T ran about 1.4x slower
     than the forward's x @ W of the same size), attention 27% (score and probability dots, softmax and its
     gradient, layout copies; the [B, KV, G, T, T] probabilities of every layer are kept for the backward),
