@@ -214,6 +214,40 @@ def _space_summary(role_vecs_l, default_l, fraction: float, seed: int) -> dict:
                                      zip(space["pc_percentiles"][:3], space["pc_cosines"][:3])))}
 
 
+def split_half(means_l, groups, keep, question_ids, n_groups: int, default_l, fraction: float, seed: int) -> dict:
+    """Role vectors at one layer from two disjoint halves of the questions (even vs odd question index).
+
+    `reliability`: the correlation of the two halves' mean-centred role vectors (flattened over roles and width),
+    Spearman-Brown corrected to the full question set: the share of the role-to-role spread that is not sampling
+    noise. `halves`: the carrier summary of each half (half the responses per role), which shows how much the
+    persona-space result moves with the number of responses per role. Roles with no kept response in a half are
+    left out of both halves."""
+    q = np.asarray(question_ids)
+    halves = [group_means(means_l, groups, n_groups, keep=np.asarray(keep) & (q % 2 == h)) for h in (0, 1)]
+    ok = (halves[0][1] > 0) & (halves[1][1] > 0)
+    if ok.sum() < 3:
+        return {"n_roles": int(ok.sum()), "reliability": None, "half_correlation": None, "halves": []}
+    a, b = (h[0][ok] - h[0][ok].mean(axis=0) for h in halves)
+    r = float(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1])
+    summ = [_space_summary(h[0][ok], default_l, fraction, seed) for h in halves]
+    return {"n_roles": int(ok.sum()), "half_correlation": r, "reliability": 2 * r / (1 + r) if r > -1 else None,
+            "halves": [{"pc": f"PC{s['carrier'] + 1}", "percentile": s["percentile"], "cosine": s["cosine"],
+                        "target_met": s["target_met"]} for s in summ]}
+
+
+def carrier_by_layer(role_vecs, default_vec, fraction: float, seed: int, layers) -> list[dict]:
+    """The carrier summary (no intervals) at each of `layers`: where along depth the Assistant separates."""
+    out = []
+    for layer in layers:
+        axis_l = axis_from_vectors(default_vec[layer], role_vecs[:, layer])
+        sp = persona_space(role_vecs[:, layer], default_vec[layer], axis_l, fraction)
+        k = int(np.argmax(np.abs(sp["pc_cosines"][:3])))
+        out.append({"layer": int(layer), "pc": f"PC{k + 1}", "percentile": sp["pc_percentiles"][k],
+                    "cosine": sp["pc_cosines"][k], "top3_cosine": sp["top3_cosine"],
+                    "target_met": bool(sp["pc_percentiles"][k] > 0.95 and abs(sp["pc_cosines"][k]) > 0.6)})
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------
@@ -307,6 +341,27 @@ def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
                    "Per-turn mean assistant-token projection on the unit Assistant Axis (mean ± s.e.m.).")
 
 
+def _diagnostic_sections(rep, m: dict, target: int) -> None:
+    """Why the target is or is not met: sampling noise in the role vectors (split-half) and depth (by layer)."""
+    sh = m.get("split_half")
+    if sh and sh["reliability"] is not None:
+        halves = "; ".join(f"half {i + 1}: {h['pc']}, above {h['percentile']:.0%} of roles, |cos| "
+                           f"{abs(h['cosine']):.2f}" for i, h in enumerate(sh["halves"]))
+        rep.section("Sampling noise in the role vectors (split-half over questions)", f"""
+Role vectors rebuilt from the even-indexed and from the odd-indexed questions ({sh['n_roles']} roles, layer
+{target}): the two halves' mean-centred role vectors correlate at r = {sh['half_correlation']:.2f}, a split-half
+reliability (Spearman-Brown) of {sh['reliability']:.2f} for the full question set; the rest of the role-to-role
+spread is sampling noise, which spreads the roles along every component and pulls the default Assistant toward
+the middle of them. With half the responses per role the carrier is: {halves}.
+""")
+    rows = m.get("carrier_by_layer") or []
+    if rows:
+        rep.table("The carrying component by layer (no intervals; the target layer is the headline)", [
+            {"layer": r["layer"], "carrier": r["pc"], "roles below the default": r["percentile"],
+             "|cos(axis, PC)|": abs(r["cosine"]), "|axis| in top-3 span": r["top3_cosine"],
+             "target met": "yes" if r["target_met"] else "no"} for r in rows])
+
+
 def _assistant_check(m: dict) -> str:
     if "assistant_role_axis_projection" not in m:
         return ""
@@ -385,13 +440,14 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
     defaults = datasets.load_default_prompts(cfg.model_display_name)
 
     role_objs = list(roles) + ([roleset["assistant"]] if cfg.include_assistant_role and "assistant" in roleset else [])
-    convs, groups = [], []
+    convs, groups, qids = [], [], []
     for g, role in enumerate(role_objs):
         instrs = role.instructions[:cfg.instructions_per_role]
         for instr in instrs:
-            for q in role_q:
+            for qi, q in enumerate(role_q):
                 convs.append(system_conv(instr, q))
                 groups.append(g)
+                qids.append(qi)
     dconvs = [system_conv(p, q) for p in defaults for q in role_q for _ in range(cfg.default_samples)]
     groups = np.asarray(groups)
     rolls = generate_responses(model, convs + dconvs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -454,6 +510,13 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
         subsets["human"] = _space_summary(role_vecs[human][:, target], default_vec[target], cfg.variance_fraction,
                                           cfg.seed)
     space_ci = subsets["all"]["ci"]
+    role_ids = np.flatnonzero(ok)
+    sel = np.isin(groups, role_ids)
+    remap = {int(g): i for i, g in enumerate(role_ids)}
+    halves = (split_half(means[:n][sel][:, target], [remap[int(g)] for g in groups[sel]], keep[sel],
+                         np.asarray(qids)[sel], len(role_ids), default_vec[target], cfg.variance_fraction, cfg.seed)
+              if len(role_q) >= 2 else None)
+    by_layer = carrier_by_layer(role_vecs, default_vec, cfg.variance_fraction, cfg.seed, range(L))
     res = AxisResult(cfg, [r.name for r in kept_roles], [r.category for r in kept_roles], role_vecs, default_vec,
                      axis, target, space, cosines, {})
 
@@ -505,6 +568,9 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
                 m[f"{name}_percentile_ci_by_pc"] = sub["ci"]["pc_percentile_ci"]
                 m[f"{name}_abs_cosine_ci_by_pc"] = sub["ci"]["pc_abs_cosine_ci"]
     m["human_roles"] = [kept_roles[i].name for i in human]
+    m["carrier_by_layer"] = by_layer
+    if halves is not None:
+        m["split_half"] = halves
     drift_rows = []
     for name, (proj, nt) in drift.items():
         p = proj[:, 0]
@@ -584,6 +650,7 @@ Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512
             {"PC": f"PC{k + 1}", "cos(axis, PC)": cos, "|cos| 95% CI": _interval(hci[1], k),
              "roles below the default": pct, "percentile 95% CI": _interval(hci[0], k)}
             for k, (cos, pct) in enumerate(zip(m["human_cosine_by_pc"], m["human_percentile_by_pc"]))])
+    _diagnostic_sections(rep, m, target)
     rep.section("Reading", f"""
 Paper (Gemma 2 27B / Qwen 3 32B / Llama 3.3 70B): 4 / 8 / 19 PCs for 70% of the variance, axis-PC1 cosine
 > 0.71, the Assistant at one extreme of PC1. Here: {space['n_pcs']} PCs for {cfg.variance_fraction:.0%} with

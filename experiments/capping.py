@@ -25,7 +25,9 @@ Evaluation, each with and without capping (greedy decoding; log-prob measures ne
     paired over prompts, 95% bootstrap) is set against a band of caps along >= 20 random directions at the same
     percentile thresholds;
   * cost: perplexity on ShareGPT assistant turns (percent change) and accuracy on held-out four-option questions
-    (data/capability/qa.json, answered by likelihood; paired bootstrap of the change; chance 25%).
+    (data/capability/qa.json, answered by likelihood in the cloze form, `measures.multiple_choice`; paired
+    bootstrap of the change; chance 25%). The accuracy change counts as a capability cost only where the
+    uncapped accuracy's 95% interval lies above chance on the model (`qa["valid"]`; flagged otherwise).
 
 Trait two-choice items count as evidence only where their validity check, re-run here on the items used, passes;
 the table shows it next to the stored per-model check (`Trait.items_are_evidence`, benchmarks/trait_items_validity.py).
@@ -818,6 +820,12 @@ def _qa_section(rep, qa) -> None:
     a0, a1, ch = qa["accuracy"], qa["accuracy_capped"], qa["change"]
     verdict = "valid: accuracy above chance without capping" if qa.get("valid") else \
         "NOT valid: accuracy without capping is not above chance, so its change is not evidence of a cost"
+    rep.section("Capability check against chance", f"""
+Each of the {qa['n']} held-out questions is the user turn on its own; each of its options is scored as the
+assistant's whole answer by its total log-likelihood, and the most likely option is the model's choice (cloze form;
+options are not listed in the prompt). Chance-level check, without capping: accuracy {_interval(a0, ".2f")} (95%
+bootstrap over questions) against chance {qa['chance']:.2f}: {verdict}.
+""")
     rep.table(f"Capability: held-out multiple-choice questions ({qa['n']} items, likelihood choice; {verdict})", [
         {"condition": "no capping", "accuracy [95% CI]": _interval(a0, ".2f"), "chance": qa["chance"]},
         {"condition": "capping", "accuracy [95% CI]": _interval(a1, ".2f"), "chance": qa["chance"]},
@@ -894,10 +902,11 @@ def records(res: Result) -> list[dict]:
         ch = qa["change"]
         out.append(dict(metric="capping_qa_accuracy_cost", value=round(ch["estimate"], 4),
                         unit="accuracy change (capped - plain), fraction of items",
-                        reference=f"{ref}; {qa['n']} held-out 4-option questions, likelihood choice, paired "
+                        reference=f"{ref}; {qa['n']} held-out 4-option questions, cloze likelihood choice, paired "
                                   f"bootstrap over items; chance {qa['chance']:.2f}",
                         target="ci_low > -0.05", ci_low=round(ch["low"], 4), ci_high=round(ch["high"], 4),
                         accuracy=round(qa["accuracy"]["estimate"], 4),
+                        accuracy_ci=[round(qa["accuracy"]["low"], 4), round(qa["accuracy"]["high"], 4)],
                         accuracy_capped=round(qa["accuracy_capped"]["estimate"], 4), chance=qa["chance"],
                         valid=bool(qa.get("valid", False))))
     return out

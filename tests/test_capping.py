@@ -219,7 +219,7 @@ def test_qa_scorer_picks_the_planted_option(tiny_chat):
     from psm_jax.persona.datasets import QAItem
 
     m = tiny_chat
-    options = ("banana", "window", "purple", "seven")
+    options = ("apple", "window", "purple", "seven")  # one token each: total scores compare like for like
     items = [QAItem("Which word?", options, 2, None), QAItem("Pick one word.", options, 0, None)]
     for planted in range(4):
         out = measures.multiple_choice(m, items, edits_fn=_plant(m, options[planted]), batch_size=8)
@@ -227,6 +227,29 @@ def test_qa_scorer_picks_the_planted_option(tiny_chat):
         assert (out["choice"] == planted).all(), (planted, out["scores"])
         np.testing.assert_array_equal(out["correct"], [planted == 2, planted == 0])
     assert out["chance"] == 0.25
+
+
+def test_qa_cost_flags_a_set_the_model_fails(tiny_chat, monkeypatch):
+    """The accuracy change is evidence only where the uncapped accuracy beats chance: a model planted to pick the
+    right option passes the check, one planted to pick a wrong option has the set flagged as not valid."""
+    from psm_jax.persona import measures
+    from psm_jax.persona.datasets import QAItem
+
+    m = tiny_chat
+    words = ("apple", "window", "purple", "seven")
+    items = [QAItem(f"Question {i}?", words, 2, None) for i in range(12)]
+    plain = measures.multiple_choice
+
+    def run_planted(word):  # the planted edit stands in for the model in both conditions
+        monkeypatch.setattr(measures, "multiple_choice",
+                            lambda model, its, edits_fn=None, batch_size=16: plain(model, its, edits_fn=_plant(m, word),
+                                                                                   batch_size=batch_size))
+        return C.qa_cost(m, items, None, batch_size=16, seed=0)
+
+    passed, failed = run_planted(words[2]), run_planted(words[0])
+    assert passed["valid"] and passed["accuracy"]["low"] > passed["chance"] == 0.25
+    assert not failed["valid"] and failed["accuracy"]["estimate"] == 0.0
+    assert failed["n"] == 12 and failed["changed_answers"] == 0
 
 
 def test_jailbreak_measures_sign_on_planted_answers(tiny_chat):
@@ -274,7 +297,8 @@ def test_records_carry_intervals_and_band():
          "jailbreak": {"n_prompts": 26, "n_random_caps": 20,
                        **{k: {"shift": shift, "band": band, "outside_band": True, "validity": validity}
                           for k in C.JAILBREAK_MEASURES}},
-         "qa": {"n": 48, "chance": 0.25, "accuracy": {"estimate": 0.6}, "accuracy_capped": {"estimate": 0.55},
+         "qa": {"n": 48, "chance": 0.25, "accuracy": {"estimate": 0.6, "low": 0.45, "high": 0.74},
+                "accuracy_capped": {"estimate": 0.55},
                 "change": {"estimate": -0.05, "low": -0.12, "high": 0.0, "n": 48}}}
     res = C.Result(**{f.name: None for f in dataclasses.fields(C.Result)})
     res.m = m
@@ -285,4 +309,5 @@ def test_records_carry_intervals_and_band():
     assert "capping_jailbreak_compliance_shift" in lines
     qa = lines["capping_qa_accuracy_cost"]
     assert (qa["value"], qa["ci_low"], qa["ci_high"], qa["chance"]) == (-0.05, -0.12, 0.0, 0.25)
+    assert qa["accuracy_ci"] == [0.45, 0.74]
     assert qa["valid"] is False  # no validity verdict in the result: not evidence

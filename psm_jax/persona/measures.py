@@ -7,8 +7,10 @@ check next to every result that uses the measure.
 
     two_choice(model, items, ...)                 per-token log P(trait answer) - per-token log P(other answer) per
                                                   two-choice item (first-person answers of matched length)
-    choice_scores(model, prompts, options, ...)   per-token log P(option) for every option of every prompt [n, k]
+    choice_scores(model, prompts, options, ...)   per-token (or total) log P(option) for every option of every
+                                                  prompt [n, k]
     multiple_choice(model, items, ...)            likelihood choice and correctness on multiple-choice questions
+                                                  (cloze form: the question alone, each option's total log P)
     response_likelihood(model, qs, pos, neg, ...) per-token log P(pos-prompted answer) - log P(neg-prompted answer)
     answer_trait_score(model, qs, answers, pos_system, neg_system)
                                                   judge-free score of open-ended answers: per-token log-likelihood
@@ -39,14 +41,16 @@ def even_batch(n: int, max_batch: int) -> int:
     return max(1, -(-n // n_batches))
 
 
-def _per_token_logprobs(model, prompts, answers, *, edits_fn: EditsFn | None, batch_size: int) -> np.ndarray:
+def _per_token_logprobs(model, prompts, answers, *, edits_fn: EditsFn | None, batch_size: int,
+                        per_token: bool = True) -> np.ndarray:
+    """log P(answer | prompt) as the assistant's reply, divided by its content-token count when `per_token`."""
     counts = rollouts.answer_token_counts(model, prompts, answers)
     if np.any(counts == 0):
         bad = int(np.argmax(counts == 0))
         raise ValueError(f"answer {answers[bad]!r} has no content tokens; expected non-empty answers")
     lp = rollouts.score_answers(model, prompts, answers, batch_size=even_batch(len(prompts), batch_size),
                                 edits_fn=edits_fn)
-    return lp / counts
+    return lp / counts if per_token else lp
 
 
 def two_choice(model, items, *, system: str | None = None, edits_fn: EditsFn | None = None,
@@ -63,9 +67,9 @@ def two_choice(model, items, *, system: str | None = None, edits_fn: EditsFn | N
 
 
 def choice_scores(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]], *,
-                  edits_fn: EditsFn | None = None, batch_size: int = 16) -> np.ndarray:
-    """Per-token log P(option | prompt) as the assistant's answer, for every option of every prompt: [n, k]
-    (every prompt has the same number k of options)."""
+                  edits_fn: EditsFn | None = None, batch_size: int = 16, per_token: bool = True) -> np.ndarray:
+    """Per-token (`per_token`, default) or total log P(option | prompt) as the assistant's answer, for every option
+    of every prompt: [n, k] (every prompt has the same number k of options)."""
     n = len(prompts)
     if n == 0 or len(options) != n:
         raise ValueError(f"{n} prompts and {len(options)} option lists; expected equal, non-zero counts")
@@ -75,18 +79,23 @@ def choice_scores(model, prompts: Sequence[Sequence[dict]], options: Sequence[Se
                          "every prompt")
     flat_prompts = [p for p in prompts for _ in range(k)]
     flat_answers = [a for opts in options for a in opts]
-    return _per_token_logprobs(model, flat_prompts, flat_answers, edits_fn=edits_fn,
-                               batch_size=batch_size).reshape(n, k)
+    return _per_token_logprobs(model, flat_prompts, flat_answers, edits_fn=edits_fn, batch_size=batch_size,
+                               per_token=per_token).reshape(n, k)
 
 
 def multiple_choice(model, items, *, edits_fn: EditsFn | None = None, batch_size: int = 16) -> dict:
-    """Multiple-choice questions (`datasets.QAItem`) answered by likelihood: the option with the highest per-token
-    log-likelihood as the assistant's answer to the question (options listed in the prompt) is the model's
-    choice. {scores [n, k], choice [n], correct [n] bool, chance}."""
+    """Multiple-choice questions (`datasets.QAItem`) answered by likelihood in the cloze form: the question alone
+    is the user turn and the option with the highest total log-likelihood as the assistant's whole answer is the
+    model's choice. {scores [n, k], choice [n], correct [n] bool, chance}.
+
+    Cloze, not listed: with the options listed in the prompt (answering with the option or its letter) a small
+    model leans on an early option and scores near chance (SmolLM2-135M-Instruct on the shipped questions: 23-27%
+    listed, 82% cloze); total, not per token: a per-token mean favours multi-token options whose later tokens are
+    near-certain (68%). Callers check accuracy against `chance` before reading a change in it."""
     if not items:
         raise ValueError("multiple_choice needs at least one item")
-    scores = choice_scores(model, [system_conv(None, it.prompt()) for it in items], [it.options for it in items],
-                           edits_fn=edits_fn, batch_size=batch_size)
+    scores = choice_scores(model, [system_conv(None, it.question) for it in items], [it.options for it in items],
+                           edits_fn=edits_fn, batch_size=batch_size, per_token=False)
     choice = np.argmax(scores, axis=1)
     return {"scores": scores, "choice": choice, "correct": choice == np.asarray([it.answer for it in items]),
             "chance": float(np.mean([1.0 / len(it.options) for it in items]))}
