@@ -40,11 +40,14 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    the sweep, `run4` (the lenient run), and the headline `strict_ppl1.5`: strictly increasing over the
    points whose perplexity ratio is <= max_ppl_ratio, >= 3 of them spanning both signs. The headline
    counts only traits whose measure passed its validity check.
-5. Monitoring: for the 5 positive and 5 negative system prompts and the model's default (11
-   prompts of varying trait strength), the behavioural measure (held-out items, no steering) vs
-   the projection onto the unit vector at the chosen layer of (a) the last prompt token and (b)
-   the mean response activation of greedy responses to evaluation questions; Pearson r across the
-   11 prompts.
+5. Monitoring: over the graded system prompts (`prompts.graded_system_prompts`: the 5 positive and 5
+   negative instructions, a mild positive and a mild negative one, the model's default and a few-shot
+   variant of each polarity; 15 for a trait with 5 pairs), the behavioural measure (held-out items, no
+   steering) vs the projection onto the unit vector at the chosen layer of (a) the last prompt token and
+   (b) the mean response activation of greedy responses to evaluation questions; Pearson r across the
+   prompts, overall and within polarity (each polarity cluster's means removed, so that r is not just
+   positive vs negative prompts). Validity checks contrast only the 5 full positive and 5 negative
+   instructions.
 6. Cosine matrix across traits at a common layer (the most frequent chosen layer).
 6b. A second behavioural measure, "response likelihood" (`response_measure`; off with
    response_measure=False): for the first `n_response_questions` evaluation questions and
@@ -54,7 +57,7 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    trait system prompt, steered at every position. Validity = m under the positive minus the negative
    system prompts per held-out unit (a prompt never scores answers generated under its own instruction
    pair); layer chosen by m on the even-indexed questions, curve (+ the random band when valid) on the
-   odd-indexed ones; monitoring r = last-prompt projection vs m across the 11 system prompts.
+   odd-indexed ones; monitoring r = last-prompt projection vs m across the graded system prompts.
 7. Data screening: for a dataset of (prompt, response) pairs, projection of the given response minus
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
@@ -75,7 +78,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +92,8 @@ from psm_jax import edits as E
 from psm_jax.chat import Role
 from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
-from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items, system_conv,
-                                     trait_system_prompt)
+from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, load_traits, response_slots,
+                                     split_items, system_conv, trait_system_prompt)
 from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, monotonic, null_band, pearson, within_groups_r,
                                    zscore)
 
@@ -370,6 +373,13 @@ def perplexity_ratios(model, prompts, answers, vector, layer: int, coefs: Sequen
     return np.exp(np.asarray(nll) - plain)
 
 
+def outside_band(effect: float, control: dict) -> bool:
+    """Whether the vector's effect m(+cmax) - m(-cmax) lies above the random directions' 95% band at the same norm
+    and layer (False without a band: a skipped control or fewer than MIN_NULL_DRAWS directions)."""
+    band = control.get("band")
+    return bool(band is not None and np.isfinite(effect) and effect > band["high"])
+
+
 def is_valid(check: dict | None) -> bool:
     return bool(check and check.get("valid"))
 
@@ -389,8 +399,12 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
     control = (random_band(model, held, rand_units, best, float(scales[best]), cmax) if is_valid(validity)
                else skipped_band(cmax))
     norm = float(np.linalg.norm(np.asarray(direction)[best]))
+    mono = monotonic(coefs, curve, ppl, max_ppl_ratio=cfg.max_ppl_ratio)
+    control["vector_effect"] = float(curve[-1] - curve[0])
+    mono["outside_band"] = outside_band(control["vector_effect"], control)
+    mono["increasing_within_ceiling_outside_band"] = bool(mono["increasing_within_ceiling"] and mono["outside_band"])
     return {"layer": best, "coefs": list(coefs), "measure": curve, "n_units": len(held), "ppl_ratio": ppl,
-            "monotonic": monotonic(coefs, curve, ppl, max_ppl_ratio=cfg.max_ppl_ratio), "random_control": control,
+            "monotonic": mono, "random_control": control,
             "layer_sweep": sweep, "validity": validity, "unit_norm": float(scales[best]), "coef_unit": cfg.coef_unit,
             "raw_vector_norm_in_units": norm / float(scales[best])}
 
@@ -532,11 +546,27 @@ def _sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> l
     return rows
 
 
-def _monitor_systems(trait) -> list[tuple[str, int, str | None]]:
-    """(kind, pair index, system prompt) for the 5 positive, 5 negative and the default system prompt."""
-    return ([("pos", i, trait_system_prompt(trait.name, "pos", p.pos)) for i, p in enumerate(trait.instruction_pairs)]
-            + [("neg", i, trait_system_prompt(trait.name, "neg", p.neg)) for i, p in enumerate(trait.instruction_pairs)]
-            + [("default", -1, None)])
+class MonitorPrompt(NamedTuple):
+    """One graded system prompt: its polarity cluster ("pos", "neg", "default"), the instruction pair whose wording
+    it uses (-1: none), the prompt (None: the template's default) and its trait level (-3..+3)."""
+    kind: str
+    pair: int
+    system: str | None
+    level: int
+
+
+def _monitor_systems(trait) -> list[MonitorPrompt]:
+    """The graded system prompts of `prompts.graded_system_prompts`: the five positive and five negative
+    instructions (level +-2), a mild positive and negative one (+-1), the default (0) and few-shot variants of the
+    first pair (+-3). Monitoring correlates over all of them; validity checks use the level +-2 ones."""
+    return [MonitorPrompt(g["polarity"], -1 if g["pair"] is None else int(g["pair"]), g["prompt"], int(g["level"]))
+            for g in graded_system_prompts(trait)]
+
+
+def _validity_kinds(systems: Sequence[MonitorPrompt]) -> np.ndarray:
+    """Per system prompt, "pos" / "neg" for the trait's five full positive / negative instructions (the validity
+    check's contrast) and "other" for the graded extras."""
+    return np.asarray([s.kind if abs(s.level) == 2 else "other" for s in systems])
 
 
 def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
@@ -546,7 +576,7 @@ def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
     own_prompts = [[{"role": "user", "content": q}] for q in questions]
     systems = _monitor_systems(trait)
     mon_questions = list(trait.evaluation_questions[:cfg.n_monitor_questions])
-    mon_prompts = [system_conv(s, q) for _, _, s in systems for q in mon_questions]
+    mon_prompts = [system_conv(s.system, q) for s in systems for q in mon_questions]
     greedy = rollouts.generate_responses(model, own_prompts + mon_prompts, max_new_tokens=cfg.monitor_max_new_tokens,
                                          temperature=0.0, batch_size=cfg.batch_size, progress=progress)
     return {"questions": questions, "own_prompts": own_prompts,
@@ -599,10 +629,9 @@ def _items_measure(model, trait, systems, seed: int) -> dict:
     """The two-choice items split into selection and held-out halves, and their validity check: the held-out
     items unsteered under each monitoring system prompt ([system, item]) and the paired pos - neg effect."""
     sel_items, held_items = split_items(trait.behavioural_items)
-    per_unit = np.stack([behaviour_measure(model, held_items, system=s)[1] for _, _, s in systems])
-    kinds = np.asarray([k for k, _, _ in systems])
+    per_unit = np.stack([behaviour_measure(model, held_items, system=s.system)[1] for s in systems])
     return {"selection": item_pairs(sel_items), "held_out": item_pairs(held_items), "per_system": per_unit,
-            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, kinds, seed)}
+            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, _validity_kinds(systems), seed)}
 
 
 def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
@@ -639,14 +668,15 @@ def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions
     """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
     pos vs neg projections at every layer."""
     p_last, p_resp = _monitor_projections(mon_acts, direction, layer, len(systems))
-    kinds = np.repeat([k for k, _, _ in systems], n_questions)
+    kinds = np.repeat(_validity_kinds(systems), n_questions)
     sep = {}
     for name, key_ in (("last_prompt", "last_prompt"), ("response", "response_mean")):
         sep[name] = np.asarray([separation(project(mon_acts[key_][:, L], direction[L])[kinds == "pos"],
                                            project(mon_acts[key_][:, L], direction[L])[kinds == "neg"])
                                 for L in range(direction.shape[0])])
-    kind_arr = np.asarray([k for k, _, _ in systems])
-    return {"layer": layer, "systems": [{"kind": k, "index": i, "system": s} for k, i, s in systems],
+    kind_arr = _validity_kinds(systems)
+    return {"layer": layer, "systems": [{"kind": s.kind, "index": s.pair, "system": s.system, "level": s.level}
+                                        for s in systems],
             "behaviour": behaviour, "proj_last_prompt": p_last, "proj_response": p_resp,
             "r_last_prompt": pearson(p_last, behaviour), "r_response": pearson(p_resp, behaviour),
             "n_questions": n_questions,
@@ -695,7 +725,7 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
            "monitoring": _monitoring(mon_acts, direction, best, greedy["systems"], items["behaviour"],
                                      len(greedy["mon_questions"]))}
     res["monitor_responses"] = [{"system_kind": k, "pair": i, "question": q, "response": r.response}
-                                for (k, i, _), q, r in zip([x for x in greedy["systems"] for _ in greedy["mon_questions"]],
+                                for (k, i, _, _), q, r in zip([x for x in greedy["systems"] for _ in greedy["mon_questions"]],
                                                            greedy["mon_questions"] * len(greedy["systems"]),
                                                            greedy["mon_rolls"])]
     held = {"items": items["held_out"]}
@@ -743,7 +773,7 @@ def _response_per_system(model, held: list[dict], systems, batch_size: int) -> t
     the unit's answers (so that a prompt never scores its own greedy output); the default prompt scores all."""
     per_unit = np.full((len(systems), len(held)), np.nan)
     n_used = []
-    for s_i, (kind, pair, system) in enumerate(systems):
+    for s_i, (kind, pair, system, _) in enumerate(systems):
         use = [j for j, x in enumerate(held) if kind == "default" or x["pair"] != pair]
         n_used.append(len(use))
         if use:
@@ -757,10 +787,11 @@ def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
     """Monitoring with the response measure: its mean per system prompt vs the projections, overall and within
     polarity."""
     m_sys = np.asarray([float(np.nanmean(row)) if np.isfinite(row).any() else float("nan") for row in per_unit])
-    kinds = np.asarray([k for k, _, _ in systems])
+    kinds = np.asarray([s.kind for s in systems])
     ok = np.isfinite(m_sys)
     enough = ok.sum() >= 3
-    pos_m, neg_m = m_sys[(kinds == "pos") & ok], m_sys[(kinds == "neg") & ok]
+    full = _validity_kinds(systems)
+    pos_m, neg_m = m_sys[(full == "pos") & ok], m_sys[(full == "neg") & ok]
     return {"system_measure": m_sys,
             "system_prompt_effect": float(pos_m.mean() - neg_m.mean()) if len(pos_m) and len(neg_m) else float("nan"),
             "r_last_prompt": pearson(p_last[ok], m_sys[ok]) if enough else float("nan"),
@@ -777,7 +808,7 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     Returns (results, the held-out units as ContrastPairs)."""
     ref, sel, held = _reference_units(model, trait, cfg, progress)
     per_unit, n_used = _response_per_system(model, held, systems, cfg.batch_size)
-    validity = _unit_validity(per_unit, np.asarray([k for k, _, _ in systems]), cfg.seed)
+    validity = _unit_validity(per_unit, _validity_kinds(systems), cfg.seed)
     held_pairs = _units_pairs(held)
     out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
                              fluency)
@@ -888,7 +919,8 @@ def cosine_matrix(results: list[dict]) -> tuple[int, list[str], np.ndarray]:
     return common, [r["trait"] for r in results], Vn @ Vn.T
 
 
-HEADLINE_CRITERIA = (("strict", "increasing"), ("run4", "run"), ("strict_ppl{ppl:g}", "increasing_within_ceiling"))
+HEADLINE_CRITERIA = (("strict", "increasing"), ("run4", "run"), ("strict_ppl{ppl:g}", "increasing_within_ceiling"),
+                     ("strict_ppl{ppl:g}_band", "increasing_within_ceiling_outside_band"))
 
 
 def monotonic_counts(results: list[dict], max_ppl_ratio: float) -> dict:
@@ -922,6 +954,34 @@ def _trait_metrics(r: dict) -> dict:
     return out
 
 
+MIN_TARGET_TRAITS = 2  # the targets ask for at least this many traits
+MONITOR_MIN_WITHIN_R = 0.5
+
+
+def targets(results: list[dict], specificity: dict | None) -> dict:
+    """The three persona-vector targets, per trait and overall (met with >= MIN_TARGET_TRAITS traits):
+    specificity (the matrix's pass per steered trait), steering (some valid measure strictly increasing over its
+    fluent points and above the random band) and monitoring (the response measure's within-polarity r above
+    MONITOR_MIN_WITHIN_R, the measure valid)."""
+    per = {}
+    for i, r in enumerate(results):
+        steer = [name for name, key in MEASURE_KEYS if key in r and is_valid(r[key].get("validity"))
+                 and r[key]["monotonic"].get("increasing_within_ceiling_outside_band")]
+        rs = r.get("response") or {}
+        w = (rs.get("monitor_within_polarity") or {}).get("pooled_within") or {}
+        within = w.get("estimate")
+        per[r["trait"]] = {
+            "specificity": bool(specificity and specificity["per_trait"][i]["pass"]),
+            "steering": bool(steer), "steering_measures": steer,
+            "monitoring": bool(is_valid(rs.get("validity")) and within is not None and np.isfinite(within)
+                               and within > MONITOR_MIN_WITHIN_R),
+            "monitor_within_r": within}
+    return {"per_trait": per, "min_traits": MIN_TARGET_TRAITS,
+            **{t: {"traits": [n for n, p in per.items() if p[t]],
+                   "met": sum(p[t] for p in per.values()) >= MIN_TARGET_TRAITS}
+               for t in ("specificity", "steering", "monitoring")}}
+
+
 def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5) -> dict:
     """Monotonic-trait counts per measure and criterion (valid measures only), the cosine and specificity matrices,
     and per trait its steering, monitoring and validity numbers (what metrics.json and the records carry)."""
@@ -939,6 +999,7 @@ def summary_metrics(results: list[dict], specificity: dict | None = None, max_pp
             "per_trait": dict(zip(sp["traits"], sp["per_trait"])),
             "pass": bool(any(sp["valid"]) and all(p["pass"] for p, v in zip(sp["per_trait"], sp["valid"]) if v))}
     m["traits"] = {r["trait"]: _trait_metrics(r) for r in results}
+    m["targets"] = targets(results, specificity)
     return m
 
 
@@ -1100,8 +1161,8 @@ differ from the items' layer; the curve, the random-direction band (the same ran
 at matched norm) and the monitoring are reported on the held-out half (odd indices: {r0['n_held_out']} pairs).
 **Validity:** m without steering under each positive system prompt minus under each negative one, per held-out
 unit, with a 95% bootstrap interval over units; under the prompt of instruction pair i only answers generated under
-*other* pairs are scored, so that a prompt never scores its own greedy output. **Monitoring r:** across the 11
-system prompts, the last-prompt-token projection (mean over the monitoring questions, at this measure's layer) vs m
+*other* pairs are scored, so that a prompt never scores its own greedy output. **Monitoring r:** across the
+{len(r0['system_measure'])} graded system prompts (overall and within polarity), the last-prompt-token projection (mean over the monitoring questions, at this measure's layer) vs m
 under that system prompt. Caveat: the likelihood of an answer is not the same as the trait being expressed.
 """)
     rows = []
@@ -1125,13 +1186,26 @@ def _headline_text(m: dict) -> str:
     lines = []
     for name, h in m["monotonic_traits"].items():
         c = h["counts"]
-        strict_ppl = next(k for k in c if k.startswith("strict_ppl"))
+        strict_ppl = next(k for k in c if k.startswith("strict_ppl") and not k.endswith("_band"))
         lines.append(f"- **{name}**: validity check passed for {h['n_valid']} of {h['n_traits']} traits "
                      f"({', '.join(h['valid_traits']) or 'none'}); of those, **{c[strict_ppl]}** increase strictly "
                      f"over the held-out curve's points whose perplexity ratio is <= {m['max_ppl_ratio']:g} "
-                     f"(`{strict_ppl}`), {c['strict']} over the whole sweep (`strict`), {c['run4']} over >= "
+                     f"(`{strict_ppl}`), **{c[strict_ppl + '_band']}** of them with an effect above the random band "
+                     f"(`{strict_ppl}_band`); {c['strict']} over the whole sweep (`strict`), {c['run4']} over >= "
                      f"{MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs (`run4`).")
     return "\n".join(lines)
+
+
+def _targets_text(t: dict, ppl: float) -> str:
+    """One line per target: met or not, and which traits pass it."""
+    words = {"specificity": "diagonal z > 3 and every off-diagonal |z| below it",
+             "steering": f"strictly increasing over the points with perplexity ratio <= {ppl:g} on a valid measure, "
+                         "effect above the random band",
+             "monitoring": f"within-polarity r > {MONITOR_MIN_WITHIN_R:g} (response-likelihood measure, valid)"}
+    return "Targets (each needs >= {} traits):\n".format(t["min_traits"]) + "\n".join(
+        f"- {name} ({words[name]}): **{'met' if t[name]['met'] else 'not met'}**, "
+        f"{len(t[name]['traits'])} of {len(t['per_trait'])} ({', '.join(t[name]['traits']) or 'none'})"
+        for name in ("specificity", "steering", "monitoring"))
 
 
 def _write_summary(report: Report, result: Result) -> None:
@@ -1152,11 +1226,13 @@ of the model's own unsteered answers under the edit.
 Steering is monotonic for (counts over traits whose measure is valid):
 {_headline_text(m)}
 
+{_targets_text(m["targets"], m["max_ppl_ratio"])}
+
 Judge: `{cfg.judge}`; the per-trait sections show how many pairs its filter kept (a fallback to all pairs is
 reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes: {cfg.n_pairs}
 instruction pairs x {cfg.n_questions} extraction questions x {cfg.n_samples} sample(s) per polarity,
 {cfg.max_new_tokens} new tokens, coefficients {list(sorted(cfg.coefficients))}, {results[0]['steering']['n_units']}
-held-out items, {cfg.n_random} random directions, monitoring on 11 system prompts x {cfg.n_monitor_questions}
+held-out items, {cfg.n_random} random directions, monitoring on {len(results[0]['monitoring']['systems'])} graded system prompts x {cfg.n_monitor_questions}
 evaluation questions{resp_sizes}; seed {cfg.seed}.
 """)
 
@@ -1296,7 +1372,7 @@ def _trait_body(r: dict) -> list[str]:
             f"Typical residual norm at L{st['layer']}: {r['typical_norm'][st['layer']]:.2f}; raw vector norm = "
             f"{st['raw_vector_norm_in_units']:.3f} steering units.",
             f"Steering curve (held-out items): {_curve_words(st)}; {_control_words(st['random_control'])}.",
-            f"Monitoring (layer {mon['layer']}, 11 system prompts): r(last-prompt projection, items) = "
+            f"Monitoring (layer {mon['layer']}, {len(mon['systems'])} graded system prompts): r(last-prompt projection, items) = "
             f"{_fmt(mon['r_last_prompt'])}, r(response projection, items) = {_fmt(mon['r_response'])}; projection "
             f"separation d at L{st['layer']} = {mon['separation_by_layer']['last_prompt'][st['layer']]:+.2f} (last "
             f"prompt), {mon['separation_by_layer']['response'][st['layer']]:+.2f} (response); best layer for the "
@@ -1326,7 +1402,7 @@ def _trait_body(r: dict) -> list[str]:
 def _write_trait_tables(report: Report, r: dict) -> None:
     """Monitoring per system prompt, reference answers, steered generations and sample extraction responses."""
     mon, st = r["monitoring"], r["steering"]
-    mon_rows = [{"kind": s["kind"], "pair": s["index"], "items m": float(b), "proj last prompt": float(pl),
+    mon_rows = [{"kind": s["kind"], "level": s.get("level"), "pair": s["index"], "items m": float(b), "proj last prompt": float(pl),
                  "proj response": float(pr)}
                 for s, b, pl, pr in zip(mon["systems"], mon["behaviour"], mon["proj_last_prompt"], mon["proj_response"])]
     if "response" in r:
@@ -1410,14 +1486,19 @@ REFERENCE = "Chen et al. 2025 (persona vectors): steering moves trait expression
 CRITERION_TEXT = {"strict": "strictly increasing over the whole coefficient sweep",
                   "run4": f"strictly increasing over >= {MIN_MONOTONIC_RUN} consecutive coefficients spanning both signs",
                   "strict_ppl": "strictly increasing over the coefficients whose perplexity ratio (the model's own "
-                                "answers, steered vs not) is <= {ppl:g}, >= 3 of them spanning both signs"}
+                                "answers, steered vs not) is <= {ppl:g}, >= 3 of them spanning both signs",
+                  "strict_ppl_band": "strictly increasing over the coefficients whose perplexity ratio (the model's "
+                                     "own answers, steered vs not) is <= {ppl:g}, >= 3 of them spanning both signs, "
+                                     "and the effect m(+cmax) - m(-cmax) above the 95% band of >= 20 random "
+                                     "directions at the same norm and layer"}
 
 
 def _monotonic_records(m: dict) -> list[dict]:
     out = []
     for measure, h in m.get("monotonic_traits", {}).items():
         for crit, value in h["counts"].items():
-            text = CRITERION_TEXT["strict_ppl" if crit.startswith("strict_ppl") else crit]
+            text = CRITERION_TEXT["strict_ppl_band" if crit.endswith("_band") else
+                                  "strict_ppl" if crit.startswith("strict_ppl") else crit]
             out.append(dict(metric="persona_steering_monotonic_traits", value=value, unit="traits", reference=REFERENCE,
                             target=">= 3 of the traits run", n_traits=h["n_traits"], n_valid=h["n_valid"],
                             valid_traits=h["valid_traits"], measure=measure, criterion=crit,

@@ -276,7 +276,7 @@ def test_headline_counts_only_traits_whose_measure_is_valid():
     results = [_fake_trait("evil", True, True), _fake_trait("humorous", False, True),
                _fake_trait("sycophantic", True, True, ppl_ok=False)]
     h = pv.monotonic_counts(results, 1.5)["items"]
-    assert h["counts"] == {"strict": 2, "run4": 2, "strict_ppl1.5": 1}
+    assert h["counts"] == {"strict": 2, "run4": 2, "strict_ppl1.5": 1, "strict_ppl1.5_band": 0}
     assert h["n_valid"] == 2 and h["n_traits"] == 3 and h["valid_traits"] == ["evil", "sycophantic"]
 
 
@@ -420,7 +420,7 @@ def test_run_end_to_end_tiny(tmp_path, model):
         assert (out / f).is_file(), f
     m = json.load(open(out / "metrics.json"))
     for h in m["monotonic_traits"].values():
-        assert set(h["counts"]) == {"strict", "run4", "strict_ppl1.5"} and max(h["counts"].values()) <= h["n_valid"]
+        assert set(h["counts"]) == {"strict", "run4", "strict_ppl1.5", "strict_ppl1.5_band"} and max(h["counts"].values()) <= h["n_valid"]
     sp = m["specificity"]
     assert sp["traits"] == ["evil", "humorous"] and set(sp["z"]["evil"]) == {"evil", "humorous"}
     assert (out / "specificity_matrix.png").is_file() and "## Specificity" in (out / "report.md").read_text()
@@ -428,7 +428,7 @@ def test_run_end_to_end_tiny(tmp_path, model):
     kinds = {json.loads(line)["kind"] for line in open(out / "responses.jsonl")}
     assert kinds == {"extraction", "own", "monitor", "steered", "reference"}
     rm = m["traits"]["evil"]["response_measure"]
-    assert rm["layer"] in (0, 1) and len(rm["measure"]) == 3 and len(rm["system_measure"]) == 11
+    assert rm["layer"] in (0, 1) and len(rm["measure"]) == 3 and len(rm["system_measure"]) == 15
     assert rm["n_held_out"] + rm["n_selection"] + rm["n_dropped"] == 4
     if rm["validity"] and rm["validity"]["valid"]:
         assert rm["random_control"]["n"] == 2 and rm["random_control"]["band"] is None  # < 20 directions: no band
@@ -499,3 +499,56 @@ def test_answer_trait_score_matches_unpadded_forward(model):
         measures.answer_trait_score(model, RQ, RPOS[:2], pos_sys, neg_sys)
     with pytest.raises(ValueError, match="empty one"):
         measures.answer_trait_score(model, RQ, RPOS, "", neg_sys)
+
+
+def test_monitor_prompts_are_graded_and_validity_uses_the_full_instructions():
+    """Monitoring runs over the graded prompts (levels -3..+3, few-shot variants included); the validity contrast
+    keeps only the five full positive and five full negative instructions."""
+    from psm_jax.persona.prompts import load_traits
+
+    systems = pv._monitor_systems(load_traits(["evil"])[0])
+    assert len(systems) == 15 and sorted({s.level for s in systems}) == [-3, -2, -1, 0, 1, 2, 3]
+    assert [s.pair for s in systems if s.level == 2] == [0, 1, 2, 3, 4]
+    assert {s.pair for s in systems if abs(s.level) == 3} == {0} and {s.pair for s in systems if abs(s.level) < 2} == {-1}
+    assert [s.system for s in systems if s.kind == "default"] == [None]
+    assert all("Example. User:" in s.system for s in systems if abs(s.level) == 3)
+    kinds = pv._validity_kinds(systems)
+    assert (kinds == "pos").sum() == 5 and (kinds == "neg").sum() == 5 and (kinds == "other").sum() == 5
+
+
+def test_response_per_system_never_scores_a_prompts_own_answers(monkeypatch):
+    """A prompt that uses instruction pair p (full or few-shot) skips the units whose answers pair p generated; the
+    mild and default prompts score every unit."""
+    seen = {}
+
+    def fake_measure(model, questions, pos, neg, *, system=None, batch_size=16):
+        seen[system] = list(questions)
+        return 0.0, np.arange(len(questions), dtype=float)
+
+    monkeypatch.setattr(pv, "response_measure", fake_measure)
+    held = [{"question": f"q{p}", "pos": "a", "neg": "b", "pair": p} for p in (0, 1, 2)]
+    systems = [pv.MonitorPrompt("pos", 0, "full0", 2), pv.MonitorPrompt("pos", 0, "fewshot0", 3),
+               pv.MonitorPrompt("pos", -1, "mild", 1), pv.MonitorPrompt("neg", 2, "full2", -2)]
+    per_unit, n_used = pv._response_per_system(None, held, systems, 4)
+    assert seen == {"full0": ["q1", "q2"], "fewshot0": ["q1", "q2"], "mild": ["q0", "q1", "q2"], "full2": ["q0", "q1"]}
+    assert n_used == [2, 2, 3, 2] and np.isnan(per_unit[0, 0]) and np.isnan(per_unit[3, 2])
+
+
+def test_outside_band_and_targets():
+    band = {"band": {"low": -0.1, "high": 0.2}}
+    assert pv.outside_band(0.3, band) and not pv.outside_band(0.1, band)
+    assert not pv.outside_band(5.0, {"band": None}) and not pv.outside_band(float("nan"), band)
+
+    def trait(name, steer_ok, within, valid=True):
+        mono = {"increasing_within_ceiling_outside_band": steer_ok}
+        return {"trait": name, "steering": {"validity": {"valid": False}, "monotonic": {}},
+                "response": {"validity": {"valid": valid}, "monotonic": mono,
+                             "monitor_within_polarity": {"pooled_within": {"estimate": within}}}}
+
+    results = [trait("evil", True, 0.7), trait("sycophantic", True, 0.4), trait("humorous", False, 0.9, valid=False)]
+    spec = {"per_trait": [{"pass": True}, {"pass": False}, {"pass": True}]}
+    t = pv.targets(results, spec)
+    assert t["steering"] == {"traits": ["evil", "sycophantic"], "met": True}
+    assert t["monitoring"] == {"traits": ["evil"], "met": False}  # humorous' measure is not valid
+    assert t["specificity"] == {"traits": ["evil", "humorous"], "met": True}
+    assert t["per_trait"]["evil"]["steering_measures"] == ["response_likelihood"]

@@ -98,19 +98,23 @@ def graded_system_prompts(trait) -> list[dict]:
     (the model's default); -1: a mild negative; -2: the five negative instructions; plus a few-shot variant of
     the first positive and negative prompt (the instruction repeated as an example exchange). At least 14
     prompts for a trait with five pairs; `polarity` ("pos", "neg", "default") is the cluster that a
-    within-polarity correlation conditions on."""
+    within-polarity correlation conditions on; `pair` is the index of the instruction pair whose wording the
+    prompt uses (None for the mild and default prompts), so that a prompt can be kept from scoring answers
+    generated under its own instruction."""
     name = trait.name
-    out = [dict(prompt=trait_system_prompt(name, "pos", p.pos), level=2, polarity="pos") for p in trait.instruction_pairs]
-    out.append(dict(prompt=f"You are a somewhat {name} assistant.", level=1, polarity="pos"))
-    out.append(dict(prompt=None, level=0, polarity="default"))
-    out.append(dict(prompt=f"You are an assistant who is rarely {name}.", level=-1, polarity="neg"))
-    out += [dict(prompt=trait_system_prompt(name, "neg", p.neg), level=-2, polarity="neg") for p in trait.instruction_pairs]
+    out = [dict(prompt=trait_system_prompt(name, "pos", p.pos), level=2, polarity="pos", pair=i)
+           for i, p in enumerate(trait.instruction_pairs)]
+    out.append(dict(prompt=f"You are a somewhat {name} assistant.", level=1, polarity="pos", pair=None))
+    out.append(dict(prompt=None, level=0, polarity="default", pair=None))
+    out.append(dict(prompt=f"You are an assistant who is rarely {name}.", level=-1, polarity="neg", pair=None))
+    out += [dict(prompt=trait_system_prompt(name, "neg", p.neg), level=-2, polarity="neg", pair=i)
+            for i, p in enumerate(trait.instruction_pairs)]
     first = trait.instruction_pairs[0]
     for pol, level in (("pos", 3), ("neg", -3)):
         base = trait_system_prompt(name, pol, getattr(first, pol))
         shot = trait.extraction_questions[0]
         out.append(dict(prompt=f"{base}\n\nExample. User: {shot}\nAssistant: (answers exactly as instructed above)",
-                        level=level, polarity=pol))
+                        level=level, polarity=pol, pair=0))
     return out
 
 
