@@ -43,32 +43,14 @@ from psm_jax.chat import Role
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import SITE, axis_from_vectors, project, unit
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
-from psm_jax.persona.stats import (DEFAULT_RESAMPLES, bootstrap_ci, null_band, outside_band, paired_effect,
-                                   pearson_ci)
+from psm_jax.persona.stats import (bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci, ranks,
+                                   ratio_of_means_ci)
 
 N_NULL = 200  # random latent sets per null band
 OOD_PROMPT_CHARS = 400  # held-out ShareGPT first prompts are cut to this length
 
 
 # ------------------------------------------------------------------------------ statistics (pure)
-
-
-def ratio_of_means_ci(num, den, *, n_resamples: int = DEFAULT_RESAMPLES, level: float = 0.95, seed: int = 0) -> dict:
-    """mean(num) / mean(den) for two independent sets of units (e.g. out-of-domain and in-domain questions), with a
-    percentile bootstrap that resamples each set on its own. {estimate, low, high, n_num, n_den, n}."""
-    a, b = np.asarray(num, np.float64), np.asarray(den, np.float64)
-    if a.ndim != 1 or b.ndim != 1 or a.size < 2 or b.size < 2:
-        raise ValueError(f"num {a.shape} and den {b.shape}; expected two 1-D sets of >= 2 units")
-    rng = np.random.default_rng(seed)
-    ra = a[rng.integers(0, a.size, (n_resamples, a.size))].mean(1)
-    rb = b[rng.integers(0, b.size, (n_resamples, b.size))].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = ra / rb
-    ratios = ratios[np.isfinite(ratios)]
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2]) if ratios.size else (np.nan, np.nan)
-    est = float(a.mean() / b.mean()) if b.mean() != 0 else float("nan")
-    return {"estimate": est, "low": float(lo), "high": float(hi), "n_num": int(a.size), "n_den": int(b.size),
-            "n": int(a.size + b.size)}
 
 
 def spread(fine_in, fine_out, null_in, null_out, *, seed: int = 0) -> dict:
@@ -104,13 +86,6 @@ def overlap_stats(change_a, change_b, k: int, alive, *, n_null: int = N_NULL, se
     return {"overlap": overlap, "fraction": overlap / k, "chance": k * k / n_alive, "null": band, "k": k,
             "n_latents": n_alive, "above_null": bool(overlap > band["high"]), "top_a": ta.tolist(),
             "top_b": tb.tolist()}
-
-
-def ranks(x) -> np.ndarray:
-    """0-based ranks of x, ties sharing their mean rank."""
-    _, inv, counts = np.unique(np.asarray(x, np.float64), return_inverse=True, return_counts=True)
-    starts = np.cumsum(counts) - counts
-    return (starts + (counts - 1) / 2.0)[inv]
 
 
 def spearman(change_a, change_b, alive, *, seed: int = 0) -> dict:

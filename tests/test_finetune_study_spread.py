@@ -6,6 +6,7 @@ import pytest
 
 from experiments import finetune as F
 from experiments import finetune_spread as S
+from psm_jax.persona import stats
 
 
 def test_spread_recovers_a_planted_fraction_beyond_the_control():
@@ -24,10 +25,10 @@ def test_spread_recovers_a_planted_fraction_beyond_the_control():
 
 
 def test_ratio_interval_resamples_each_set_and_names_bad_input():
-    ci = S.ratio_of_means_ci(np.full(5, 2.0), np.full(7, 4.0))
+    ci = stats.ratio_of_means_ci(np.full(5, 2.0), np.full(7, 4.0))
     assert ci["estimate"] == ci["low"] == ci["high"] == 0.5 and ci["n"] == 12
     with pytest.raises(ValueError, match="expected two 1-D sets"):
-        S.ratio_of_means_ci([1.0], [1.0, 2.0])
+        stats.ratio_of_means_ci([1.0], [1.0, 2.0])
 
 
 def _planted(n=300, k=10, shared=6, seed=0):
@@ -55,7 +56,7 @@ def test_overlap_chance_and_null_band_on_planted_change_vectors():
 
 
 def test_spearman_and_ranks():
-    np.testing.assert_allclose(S.ranks([3.0, 1.0, 1.0, 7.0]), [2.0, 0.5, 0.5, 3.0])
+    np.testing.assert_allclose(stats.ranks([3.0, 1.0, 1.0, 7.0]), [2.0, 0.5, 0.5, 3.0])
     x = np.random.default_rng(0).normal(size=80)
     same = S.spearman(x, 2 * x + 1, np.ones(80, bool), seed=0)
     assert same["r"]["estimate"] == pytest.approx(1.0) and same["outside_null"] and same["n"] == 80

@@ -196,6 +196,31 @@ def pearson_ci(x, y, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLE
     return {"estimate": est, "low": float(lo), "high": float(hi), "n": int(x.size)}
 
 
+def ratio_of_means_ci(num, den, *, n_resamples: int = DEFAULT_RESAMPLES, level: float = 0.95, seed: int = 0) -> dict:
+    """mean(num) / mean(den) for two independent sets of units (e.g. out-of-domain and in-domain questions), with a
+    percentile bootstrap that resamples each set on its own. {estimate, low, high, n_num, n_den, n}."""
+    a, b = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    if a.ndim != 1 or b.ndim != 1 or a.size < 2 or b.size < 2:
+        raise ValueError(f"num {a.shape} and den {b.shape}; expected two 1-D sets of >= 2 units")
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, a.size, (n_resamples, a.size))].mean(1)
+    rb = b[rng.integers(0, b.size, (n_resamples, b.size))].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = ra / rb
+    ratios = ratios[np.isfinite(ratios)]
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, 1 - (1 - level) / 2]) if ratios.size else (np.nan, np.nan)
+    est = float(a.mean() / b.mean()) if b.mean() != 0 else float("nan")
+    return {"estimate": est, "low": float(lo), "high": float(hi), "n_num": int(a.size), "n_den": int(b.size),
+            "n": int(a.size + b.size)}
+
+
+def ranks(x) -> np.ndarray:
+    """0-based ranks of x, ties sharing their mean rank."""
+    _, inv, counts = np.unique(np.asarray(x, np.float64), return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts - 1) / 2.0)[inv]
+
+
 def within_groups_r(x, y, groups, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """The correlation that is not the difference between groups (e.g. positive vs negative system prompts).
 
