@@ -42,3 +42,28 @@ def test_main_job_ci_size_writes_reports(tmp_path):
     # a re-run reuses every finished stage
     again = Q.run(tmp_path / "qs", preset="ci")
     assert all(s["status"] == "cached" for s in json.loads((again.parent / "metrics.json").read_text())["stages"])
+
+
+def test_record_appends_only_main_job_seconds(tmp_path, monkeypatch):
+    """`psm quickstart --record` writes one line, main_job_seconds with every stage's seconds in its reference; the
+    stages run without recording (their quick-preset lines stay in the main job's report)."""
+    import psm_jax
+
+    calls = []
+
+    def fake_execute(module, cfg, *, folder, model, progress, record, command):
+        calls.append(record)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"seconds": 2.0, "records": [{"metric": "stage_figure", "value": 1.0, "unit": "x", "reference": "r"}]}
+
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("PSM_RESULTS", str(results))
+    monkeypatch.setattr(psm_jax, "load", lambda name: object())
+    monkeypatch.setattr(study, "execute", fake_execute)
+    assert Q.main(["--out", str(tmp_path / "qs"), "--only", "axis,kv_editing", "--record"]) == 0
+    assert calls == [False, False]
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [ln["metric"] for ln in lines] == ["main_job_seconds"]
+    assert "axis 2 s" in lines[0]["reference"] and "kv_editing 2 s" in lines[0]["reference"]
+    assert lines[0]["command"].endswith("quickstart --out " + str(tmp_path / "qs") + " --only axis,kv_editing --record")
+    assert "stage_figure" in (tmp_path / "qs" / "report.md").read_text()
