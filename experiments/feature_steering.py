@@ -90,7 +90,9 @@ class Config:
 PRESETS = {
     "ci": dict(n_latents=1, strengths=(0.5,), n_random=20, clamp_multiples=(), n_questions=2, max_new_tokens=6,
                n_ppl_docs=2, ppl_max_chars=200, batch_size=16),
-    "quick": dict(n_latents=2, strengths=(0.05, 0.1, 0.2, 0.4), n_random=20, clamp_multiples=(4.0,), n_questions=6,
+    # the main job: the features run's best latent per trait (the headline), the persona vector and the 20-direction
+    # band; the clamp (a secondary edit) and the other candidates are in `full`
+    "quick": dict(n_latents=1, strengths=(0.1, 0.2, 0.4), n_random=20, clamp_multiples=(), n_questions=6,
                   max_new_tokens=20, n_ppl_docs=4, ppl_max_chars=400, batch_size=48),
     "full": {},
 }
