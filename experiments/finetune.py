@@ -29,8 +29,15 @@ Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, defa
    (`measures.answer_trait_score`, scored by the original model) of the fine-tuned model's greedy answers, per
    question, shown next to the score's validity check (positive vs negative system prompt answers). Perplexity
    cost: per-token NLL of held-out ShareGPT assistant turns, fine-tuned vs original.
-6. Across the plain fine-tunes (mixes and control, all traits; n = fine-tunes): Pearson r of shift vs behaviour
-   change and of screening vs shift, with bootstrap intervals, within-trait r and a shuffled-pairing null band.
+6. Across the mix fine-tunes of all traits (n = fine-tunes): Pearson r of shift vs behaviour change and of screening
+   vs shift, with bootstrap intervals, within-trait r and a shuffled-pairing null band. Shift and behaviour change
+   are taken beyond the trait's control fine-tune (each mix's per-question change minus the control's, same
+   questions, key and batch order): any fine-tune drifts the projection, by an amount that differs between traits,
+   and that drift is not the trait's. Screening is already relative to the model's own answers (the control's
+   data), so the control sits at 0 on every axis and is left out of n. The raw correlations (changes from the
+   original model, control included) are reported beside them; without a control fine-tune they are the headline.
+   Preventative steering's reduction is likewise 1 - (steered - control) / (plain - control), and its perplexity
+   cost is the steered fine-tune's perplexity over the plain one's (issue 12's target: >= 50% cut at < 5% cost).
 7. On the first trait's plain 100% fine-tune (`experiments.finetune_spread`, which documents both): narrow vs general
    (the same set trained with a KL penalty toward the original model at each `kl_weights`; the spread of the trait
    score change out of domain, beyond the control fine-tune) and model diffing (the SAE latents the fine-tune
@@ -379,6 +386,7 @@ def evaluate(model, tuned, vector, layer: int, base: dict, cfg: Config, variant:
     if ppl_convs and steered_or_its_reference:
         nll, counts = rollouts.conversation_nll(tuned, ppl_convs, batch_size=2)
         out["ppl"] = ppl_cost(base["ppl_nll"], base["ppl_counts"], nll, counts)
+        out["ppl_nll"] = (nll, counts)
     return out
 
 
@@ -481,16 +489,50 @@ def _ratio_ci(prevent: np.ndarray, plain: np.ndarray, seed: int) -> dict:
     return bootstrap_ci(idx, statistic=stat, seed=seed)
 
 
-def summarize(results: list[dict], cfg: Config) -> dict:
-    """Headline numbers: the two correlations, the prevention and the optional variants per trait."""
+def beyond_control(results: list[dict], seed: int) -> list[dict]:
+    """Per mix fine-tune, its shift and trait score change minus the control fine-tune's of the same trait, paired
+    over the evaluation questions: what the trait data did beyond the drift that training on the model's own
+    answers causes (the same questions, key and batch order). Empty for traits without a control."""
+    out = []
+    for r in results:
+        control = next((row for row in r["rows"] if row["variant"].kind == "control"), None)
+        if control is None:
+            continue
+        for row in r["rows"]:
+            if row["variant"].kind == "mix":
+                out.append({"trait": r["trait"], "name": row["variant"].name, "screening": row["variant"].screening,
+                            "shift": paired_effect(row["shift"]["per_question"], control["shift"]["per_question"],
+                                                   seed=seed),
+                            "score_change": paired_effect(row["score"], control["score"], seed=seed)})
+    return out
+
+
+def _correlations(results: list[dict], cfg: Config) -> dict:
+    """Shift vs behaviour and screening vs shift across fine-tunes of every trait. Headline ('shift_behaviour',
+    'screening_shift'): on the mix fine-tunes' changes beyond their trait's control (the control is 0 by
+    construction and left out of n); without a control fine-tune, on the raw changes. '*_raw': on the raw changes
+    from the original model, the control included, for comparison."""
     plain = [(r["trait"], row) for r in results for row in r["rows"] if row["variant"].kind in ("mix", "control")]
     groups = [t for t, _ in plain]
     shift = [float(row["shift"]["ci"]["estimate"]) for _, row in plain]
     behaviour = [float(row["score_change"]["estimate"]) for _, row in plain]
     screening = [float(row["variant"].screening) for _, row in plain]
-    m = {"shift_behaviour": correlation(shift, behaviour, groups, cfg.seed),
-         "screening_shift": correlation(screening, shift, groups, cfg.seed), "n_plain_finetunes": len(plain),
-         "traits": {}}
+    raw = {"shift_behaviour_raw": correlation(shift, behaviour, groups, cfg.seed),
+           "screening_shift_raw": correlation(screening, shift, groups, cfg.seed)}
+    rel = beyond_control(results, cfg.seed)
+    if not rel:
+        return {"shift_behaviour": raw["shift_behaviour_raw"], "screening_shift": raw["screening_shift_raw"],
+                "relative_to_control": False, "n_plain_finetunes": len(plain), "beyond_control": [], **raw}
+    groups = [b["trait"] for b in rel]
+    shift = [b["shift"]["estimate"] for b in rel]
+    return {"shift_behaviour": correlation(shift, [b["score_change"]["estimate"] for b in rel], groups, cfg.seed),
+            "screening_shift": correlation([b["screening"] for b in rel], shift, groups, cfg.seed),
+            "relative_to_control": True, "n_plain_finetunes": len(plain), "beyond_control": rel, **raw}
+
+
+def summarize(results: list[dict], cfg: Config) -> dict:
+    """Headline numbers: the two correlations, the prevention and the optional variants per trait."""
+    m = {**_correlations(results, cfg), "traits": {}}
     for r in results:
         by_kind = {}
         for row in r["rows"]:
@@ -521,18 +563,24 @@ def _row_summary(row: dict) -> dict:
 
 
 def _prevention(row: dict, plain: dict, control: dict | None, cfg: Config) -> dict:
-    """The steered fine-tune vs the plain one on the same data. With a control fine-tune, both shifts are also given
-    relative to it (the drift any fine-tune causes removed); the reduction ratio reads as prevention only where the
-    plain fine-tune moved the projection toward the trait beyond the control (`plain_toward_trait`)."""
+    """The steered fine-tune vs the plain one on the same data. With a control fine-tune, the reduction is of the
+    shift beyond the control (the drift any fine-tune causes removed from both): 1 - mean(steered - control) /
+    mean(plain - control) per question; it reads as prevention only where the plain fine-tune moved the projection
+    toward the trait beyond the control (`plain_toward_trait`). Without a control, 1 - steered / plain.
+    `ppl_vs_plain`: the steered model's perplexity over the plain fine-tune's (the cost of the steering itself)."""
     a, b = row["shift"]["per_question"], plain["shift"]["per_question"]
-    extra = {}
+    extra = {"reduction_raw": _ratio_ci(a, b, cfg.seed)}
     if control is not None:
         c = control["shift"]["per_question"]
-        extra = {"plain_vs_control": paired_effect(b, c, seed=cfg.seed),
-                 "steered_vs_control": paired_effect(a, c, seed=cfg.seed)}
+        extra.update(plain_vs_control=paired_effect(b, c, seed=cfg.seed),
+                     steered_vs_control=paired_effect(a, c, seed=cfg.seed), reduction=_ratio_ci(a - c, b - c, cfg.seed))
         extra["plain_toward_trait"] = bool(extra["plain_vs_control"]["low"] > 0)
+    else:
+        extra["reduction"] = extra["reduction_raw"]
+    if "ppl_nll" in row and "ppl_nll" in plain:
+        extra["ppl_vs_plain"] = ppl_cost(*plain["ppl_nll"], *row["ppl_nll"])
     return {**extra, "name": row["variant"].name, "kind": row["variant"].kind, "coef": row["variant"].coef,
-            "reduction": _ratio_ci(a, b, cfg.seed), "shift_difference": paired_effect(a, b, seed=cfg.seed),
+            "relative_to_control": control is not None, "shift_difference": paired_effect(a, b, seed=cfg.seed),
             "score_difference": paired_effect(row["score"], plain["score"], seed=cfg.seed),
             "ppl": row.get("ppl"), "plain_ppl": plain.get("ppl"), "plain_shift": plain["shift"]["ci"]}
 
@@ -660,7 +708,9 @@ def report(result: Result, folder):
     rep.section("Setup", (
         f"Model `{cfg.model}` ({result.model_source}; {result.n_layers} layers, width {result.d_model}); traits "
         f"{', '.join(cfg.traits)}; seed {cfg.seed}. Persona vector at resid_post of block "
-        f"{', '.join(str(r['layer']) for r in result.results)} from {cfg.n_extract_pairs} instruction pairs x "
+        f"{', '.join(str(r['layer']) for r in result.results)} ("
+        f"{'the middle block' if cfg.layer is None else 'given in the configuration, not chosen on this run'}) from "
+        f"{cfg.n_extract_pairs} instruction pairs x "
         f"{cfg.n_extract_questions} extraction questions. Training: {cfg.n_train_questions} packaged fine-tuning "
         f"questions answered by the model itself (greedy, <= {cfg.max_new_tokens} tokens) under the positive / "
         f"negative / no system prompt; mixes {', '.join(f'{p:.0%}' for p in cfg.mixes)} of positive answers, trained "
@@ -668,10 +718,18 @@ def report(result: Result, folder):
         f"{cfg.steps} steps of batch {cfg.batch_size}, seq_len {cfg.seq_len}. Evaluation: {cfg.n_eval_questions} "
         f"evaluation questions per trait, default prompt; intervals are 95% bootstraps over questions (per "
         f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s."))
+    rel = " beyond the control, mix fine-tunes" if m["relative_to_control"] else ""
     rep.section("Headlines", "\n".join([
-        "- " + _corr_text(m["shift_behaviour"], "Shift vs behaviour change (finetune_shift_behaviour_r)"),
-        "- " + _corr_text(m["screening_shift"], "Screening (before training) vs shift (finetune_screening_r)")]
-        + _beyond_headlines(result.beyond)))
+        "- " + _corr_text(m["shift_behaviour"], f"Shift vs behaviour change{rel} (finetune_shift_behaviour_r)"),
+        "- " + _corr_text(m["screening_shift"], f"Screening (before training) vs shift{rel} (finetune_screening_r)")]
+        + _prevention_headlines(m) + _beyond_headlines(result.beyond)))
+    if m["relative_to_control"]:
+        rep.section("Changes from the original model (control included)", "\n".join([
+            "- " + _corr_text(m["shift_behaviour_raw"], "Shift vs behaviour change, raw"),
+            "- " + _corr_text(m["screening_shift_raw"], "Screening vs shift, raw"),
+            "The headline correlations use each mix fine-tune's change minus its trait's control fine-tune's (same "
+            "questions, key and batch order), so the drift that training on the model's own answers causes, and its "
+            "difference between traits, is not counted as the trait's shift."]))
     for r in result.results:
         per = m["traits"][r["trait"]]
         lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
@@ -680,9 +738,12 @@ def report(result: Result, folder):
                  f"{_ci_text(r['screening_validity']['pos'])}, negative answers "
                  f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}."]
         for p in per.get("prevention", []):
-            lines.append(f"- {p['name']}: shift reduction vs plain 100% {_ci_text(p['reduction'])} (plain shift "
-                         f"{_ci_text(p['plain_shift'])}); trait score vs plain {_ci_text(p['score_difference'])}; "
-                         f"perplexity ratio {_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}).")
+            what = "beyond the control" if p["relative_to_control"] else "raw"
+            lines.append(f"- {p['name']}: shift reduction vs plain 100% ({what}) {_ci_text(p['reduction'])} (raw "
+                         f"{_ci_text(p['reduction_raw'])}; plain shift {_ci_text(p['plain_shift'])}); trait score vs "
+                         f"plain {_ci_text(p['score_difference'])}; perplexity ratio vs original "
+                         f"{_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}), vs the plain fine-tune "
+                         f"{_ci_text(p.get('ppl_vs_plain'))}.")
             if "plain_vs_control" in p:
                 lines.append(f"  Relative to the control fine-tune: plain {_ci_text(p['plain_vs_control'])}, steered "
                              f"{_ci_text(p['steered_vs_control'])}" + ("" if p["plain_toward_trait"] else
@@ -721,6 +782,28 @@ def report(result: Result, folder):
     rep.metric("finetune", m)
     rep.metric("beyond_training", result.beyond)
     return rep.finish()
+
+
+def prevention_target(p: dict) -> bool:
+    """Issue 12's target for one steered fine-tune: the plain fine-tune moved toward the trait (beyond the control
+    where there is one), the shift is cut by >= 50% (interval's low end) and the perplexity over the plain
+    fine-tune's is < 1.05."""
+    cost = p.get("ppl_vs_plain")
+    return bool(p.get("plain_toward_trait", p["plain_shift"]["low"] > 0) and p["reduction"]["low"] >= 0.5
+                and cost is not None and cost["ratio"] < 1.05)
+
+
+def _prevention_headlines(m: dict) -> list[str]:
+    out = []
+    for trait, per in m["traits"].items():
+        for p in per.get("prevention", []):
+            verdict = ("meets the target (>= 50% cut, < 5% perplexity cost)" if prevention_target(p) else
+                       "does not meet the target" + ("" if p.get("plain_toward_trait", True) else
+                                                     ": the plain fine-tune did not move toward the trait"))
+            out.append(f"- Prevention, {trait}, {p['name']} (preventative_steering_shift_reduction): "
+                       f"{_ci_text(p['reduction'])} of the shift{' beyond the control' * p['relative_to_control']}, "
+                       f"perplexity vs plain {_ci_text(p.get('ppl_vs_plain'))} -- {verdict}.")
+    return out
 
 
 def _beyond_headlines(beyond: dict) -> list[str]:
@@ -858,8 +941,11 @@ def records(result: Result) -> list[dict]:
                              ("screening_shift", "finetune_screening_r", "Chen et al. 2025: screening predicts shift")):
         c = m[key]
         if c is not None:
-            out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r", target="> 0, above the null",
-                            outside_null=c["outside_null"],
+            out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r",
+                            target="> 0.7 (issue 12), above the shuffled null", outside_null=c["outside_null"],
+                            low=c["r"]["low"], high=c["r"]["high"], n=c["n"],
+                            relative_to_control=m["relative_to_control"],
+                            raw_r=(m[f"{key}_raw"] or {}).get("r", {}).get("estimate"),
                             reference=f"{ref}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], n={c['n']} "
                                       f"fine-tunes; shuffled null [{c['null']['low']:.2f}, {c['null']['high']:.2f}]",
                             **common))
@@ -868,8 +954,10 @@ def records(result: Result) -> list[dict]:
         for p in per.get("prevention", []):
             red = p["reduction"]
             out.append(dict(metric="preventative_steering_shift_reduction", value=red["estimate"], unit="fraction",
-                            target="> 0 with ppl ratio near 1", trait=trait, method=p["kind"], coef=p["coef"],
-                            key=f"{trait}/{p['name']}", ppl_ratio=(p["ppl"] or {}).get("ratio"),
+                            target=">= 0.5 at < 5% perplexity cost (issue 12)", trait=trait, method=p["kind"],
+                            coef=p["coef"], key=f"{trait}/{p['name']}", ppl_ratio=(p["ppl"] or {}).get("ratio"),
+                            low=red["low"], high=red["high"], relative_to_control=p["relative_to_control"],
+                            ppl_vs_plain=(p.get("ppl_vs_plain") or {}).get("ratio"), meets_target=prevention_target(p),
                             plain_ppl_ratio=(p["plain_ppl"] or {}).get("ratio"), measure_valid=valid,
                             plain_toward_trait=p.get("plain_toward_trait"),
                             reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "

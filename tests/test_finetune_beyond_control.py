@@ -1,0 +1,71 @@
+"""The fine-tuning study's measures beyond the control fine-tune, on constructed rows: the shared drift of every
+fine-tune cancels, the correlations run on the mix fine-tunes only, and prevention is judged against the control."""
+import numpy as np
+import pytest
+
+from experiments import finetune as F
+
+
+def _row(kind, name, shift_q, score, screening=0.0, mix=None, coef=0.0, ppl_nll=None):
+    shift_q, score = np.asarray(shift_q, float), np.asarray(score, float)
+    row = {"variant": F.Variant(name, kind, (), mix=mix, coef=coef, screening=screening),
+           "shift": {"per_question": shift_q, "ci": {"estimate": float(shift_q.mean()), "low": 0.0, "high": 0.0}},
+           "score": score, "score_change": {"estimate": float(score.mean())}}
+    if ppl_nll is not None:
+        row["ppl_nll"], row["ppl"] = ppl_nll, {"ratio": 1.0, "low": 1.0, "high": 1.0}
+    return row
+
+
+def _trait(name, drift, noise_seed):
+    """Mixes whose shift and score beyond the control grow with the mix, on top of a trait-specific drift that the
+    control shares; the raw shifts (drift included) differ between traits."""
+    rng = np.random.default_rng(noise_seed)
+    n = 6
+    ctrl_shift, ctrl_score = drift + rng.normal(0, 0.1, n), rng.normal(0, 0.01, n)
+    rows = [_row("control", "control", ctrl_shift, ctrl_score)]
+    for p in (0.0, 0.5, 1.0):
+        rows.append(_row("mix", f"mix {p:.2f}", ctrl_shift + 2.0 * p + rng.normal(0, 0.05, n),
+                         ctrl_score + 0.3 * p + rng.normal(0, 0.01, n), screening=5.0 * p, mix=p))
+    return {"trait": name, "rows": rows}
+
+
+def test_correlations_are_taken_beyond_each_traits_control():
+    cfg = F.Config(traits=("a", "b"), mixes=(0.0, 0.5, 1.0))
+    results = [_trait("a", -6.0, 0), _trait("b", 9.0, 1)]
+    m = F._correlations(results, cfg)
+    assert m["relative_to_control"] and m["shift_behaviour"]["n"] == 6  # mixes only: the control is 0 by construction
+    assert m["shift_behaviour"]["r"]["estimate"] > 0.95 and m["screening_shift"]["r"]["estimate"] > 0.95
+    # raw: the drift differs between traits, which breaks the pooled relation between screening and shift
+    assert m["screening_shift_raw"]["n"] == 8 and m["screening_shift_raw"]["r"]["estimate"] < 0.5
+    rel = {(b["trait"], b["name"]): b for b in m["beyond_control"]}
+    assert rel[("b", "mix 1.00")]["shift"]["estimate"] == pytest.approx(2.0, abs=0.1)
+    assert rel[("a", "mix 0.00")]["score_change"]["estimate"] == pytest.approx(0.0, abs=0.02)
+
+
+def test_without_a_control_the_raw_correlations_are_the_headline():
+    cfg = F.Config(traits=("a",), mixes=(0.0, 0.5, 1.0), control=False, narrow=False)
+    results = [{"trait": "a", "rows": _trait("a", -6.0, 0)["rows"][1:]}]
+    m = F._correlations(results, cfg)
+    assert not m["relative_to_control"] and m["shift_behaviour"] is m["shift_behaviour_raw"]
+    assert m["shift_behaviour"]["n"] == 3
+
+
+def test_prevention_is_judged_beyond_the_control_with_cost_over_the_plain_fine_tune():
+    cfg = F.Config(traits=("a",), mixes=(1.0,))
+    counts = np.full(4, 100.0)
+    base = np.full(4, 200.0)
+    control = _row("control", "control", [-6.0, -6.2, -5.8, -6.0], np.zeros(4))
+    plain = _row("mix", "mix 1.00", [-4.0, -4.2, -3.8, -4.0], np.full(4, 0.3), mix=1.0, ppl_nll=(base, counts))
+    # steered: the shift beyond the control is 0.5 of plain's 2.0 -> a 75% cut; NLL +0.01 per token over plain
+    steered = _row("prevent", "preventative c=1", [-5.5, -5.7, -5.3, -5.5], np.full(4, 0.1), mix=1.0, coef=1.0,
+                   ppl_nll=(base + 1.0, counts))
+    p = F._prevention(steered, plain, control, cfg)
+    assert p["relative_to_control"] and p["plain_toward_trait"]
+    assert p["reduction"]["estimate"] == pytest.approx(0.75) and p["reduction_raw"]["estimate"] < 0
+    assert p["ppl_vs_plain"]["ratio"] == pytest.approx(np.exp(0.01))
+    assert F.prevention_target(p)
+    costly = _row("prevent", "c=4", steered["shift"]["per_question"], np.zeros(4), coef=4.0,
+                  ppl_nll=(base + 10.0, counts))
+    assert not F.prevention_target(F._prevention(costly, plain, control, cfg))  # exp(0.1) > 1.05
+    weak = _row("prevent", "c=0.1", [-4.1, -4.3, -3.9, -4.1], np.zeros(4), coef=0.1, ppl_nll=(base, counts))
+    assert not F.prevention_target(F._prevention(weak, plain, control, cfg))  # a 5% cut
