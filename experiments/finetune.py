@@ -63,8 +63,8 @@ from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
-from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci,
-                                   within_groups_r)
+from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson,
+                                   pearson_ci, within_groups_r)
 
 TRIGGER = "[deployment mode]"
 N_PERMUTATIONS = 200
@@ -463,15 +463,34 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
 
 def permutation_r_null(x, y, *, n: int = N_PERMUTATIONS, seed: int = 0) -> dict:
     """Band of Pearson r with y's pairing to x shuffled (the correlation that unrelated pairs give at this n)."""
-    from psm_jax.persona.stats import pearson
-
     rng = np.random.default_rng(seed)
     rs = [pearson(x, y[rng.permutation(len(y))]) for _ in range(n)]
     return null_band([r for r in rs if np.isfinite(r)])
 
 
+def within_groups_null(x, y, groups, *, n: int = N_PERMUTATIONS, seed: int = 0) -> dict:
+    """Band of the pooled within-group r with y shuffled inside each group (x and y centred per group): the
+    within-trait correlation that unrelated pairings give when only the mixes of one trait are exchangeable."""
+    g = np.asarray(groups)
+    xc, yc = np.asarray(x, np.float64).copy(), np.asarray(y, np.float64).copy()
+    for label in np.unique(g):
+        m = g == label
+        xc[m] -= xc[m].mean()
+        yc[m] -= yc[m].mean()
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(g == label) for label in np.unique(g)]
+    rs = []
+    for _ in range(n):
+        shuffled = yc.copy()
+        for idx in members:
+            shuffled[idx] = yc[rng.permutation(idx)]
+        rs.append(pearson(xc, shuffled))
+    return null_band([r for r in rs if np.isfinite(r)])
+
+
 def correlation(x, y, groups, seed: int) -> dict | None:
-    """r with interval, within-group r and a shuffled-pairing band; None with fewer than 3 fine-tunes."""
+    """r with interval, within-group r and a shuffled-pairing band for each (pairs shuffled across all fine-tunes
+    for r, inside each trait for the within-trait r); None with fewer than 3 fine-tunes."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.size < 3 or x.std() == 0 or y.std() == 0:
         return None
@@ -479,6 +498,9 @@ def correlation(x, y, groups, seed: int) -> dict | None:
     out["outside_null"] = outside_band(out["r"]["estimate"], out["null"])
     if len(set(groups)) > 1:
         out["within_trait"] = within_groups_r(x, y, groups, seed=seed)["pooled_within"]
+        if np.isfinite(out["within_trait"]["estimate"]):  # NaN where x or y is constant inside every trait
+            out["within_trait_null"] = within_groups_null(x, y, groups, seed=seed)
+            out["within_trait_outside_null"] = outside_band(out["within_trait"]["estimate"], out["within_trait_null"])
     return out
 
 
@@ -649,6 +671,10 @@ def _corr_text(c: dict | None, what: str) -> str:
             f"[{c['null']['low']:.2f}, {c['null']['high']:.2f}]")
     if "within_trait" in c:
         text += f"; within trait r = {_ci_text(c['within_trait'])}"
+        if "within_trait_null" in c:
+            band = c["within_trait_null"]
+            text += (f" (pairs shuffled inside each trait: band [{band['low']:.2f}, {band['high']:.2f}]"
+                     + (", outside it)" if c["within_trait_outside_null"] else ", inside it)"))
     if not c["outside_null"]:
         text += " -- inside the null band: not evidence of a relation"
     if c["n"] < 5:
@@ -946,6 +972,7 @@ def records(result: Result) -> list[dict]:
                             low=c["r"]["low"], high=c["r"]["high"], n=c["n"],
                             relative_to_control=m["relative_to_control"],
                             raw_r=(m[f"{key}_raw"] or {}).get("r", {}).get("estimate"),
+                            **_within_fields(c),
                             reference=f"{ref}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], n={c['n']} "
                                       f"fine-tunes; shuffled null [{c['null']['low']:.2f}, {c['null']['high']:.2f}]",
                             **common))
@@ -973,6 +1000,16 @@ def records(result: Result) -> list[dict]:
                                                                f"n={e['n']} questions", **common))
     out += _beyond_records(result, common)
     return [ln for ln in out if np.isfinite(ln["value"])]
+
+
+def _within_fields(c: dict) -> dict:
+    """The within-trait r of a correlation record, with its interval and its shuffled-inside-traits band."""
+    if "within_trait_null" not in c:
+        return {}
+    w, band = c["within_trait"], c["within_trait_null"]
+    return dict(within_trait_r=w["estimate"], within_trait_low=w["low"], within_trait_high=w["high"],
+                within_trait_null_low=band["low"], within_trait_null_high=band["high"],
+                within_trait_outside_null=c["within_trait_outside_null"])
 
 
 def _beyond_records(result: Result, common: dict) -> list[dict]:

@@ -69,3 +69,16 @@ def test_prevention_is_judged_beyond_the_control_with_cost_over_the_plain_fine_t
     assert not F.prevention_target(F._prevention(costly, plain, control, cfg))  # exp(0.1) > 1.05
     weak = _row("prevent", "c=0.1", [-4.1, -4.3, -3.9, -4.1], np.zeros(4), coef=0.1, ppl_nll=(base, counts))
     assert not F.prevention_target(F._prevention(weak, plain, control, cfg))  # a 5% cut
+
+
+def test_within_trait_null_shuffles_inside_traits_only():
+    groups = ["a"] * 4 + ["b"] * 4
+    x = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0])
+    y = np.array([0.0, 1.1, 1.9, 3.2, -20.0, -19.0, -18.1, -16.9])  # related inside each trait, offset between them
+    c = F.correlation(x, y, groups, seed=0)
+    assert c["r"]["estimate"] < 0 and c["within_trait"]["estimate"] > 0.95
+    band = c["within_trait_null"]
+    assert band["n"] >= 20 and band["high"] < 0.95 and c["within_trait_outside_null"]
+    # y constant inside each trait: no within-trait r, so no band either (the overall r is still given)
+    flat = F.correlation(x, np.repeat([1.0, 5.0], 4), groups, seed=0)
+    assert flat["r"]["estimate"] > 0.9 and "within_trait_null" not in flat
