@@ -62,10 +62,11 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
    < 0).
-8. Specificity matrix: cell (i, j) steers with trait i's vector at c = `specificity_coef` at its layer (the
+8. Specificity matrix: cell (i, j) steers with trait i's vector at c = +-`specificity_coef` at its layer (the
    layer its valid measure chose) and measures trait j with j's valid measure (items first, then response
-   likelihood) on its held-out units, as a z-score against the same measure under trait i's random
-   directions at the same norm and layer (`stats.zscore`). Pass per trait: diagonal z > 3 and every
+   likelihood) on its held-out units; the cell is the symmetric effect m(+c) - m(-c) (the steering band's
+   statistic: it cancels the shift that any perturbation of that norm causes whatever its sign), as a z-score
+   against the same effect of trait i's random directions at the same norm and layer (`stats.zscore`). Pass per trait: diagonal z > 3 and every
    off-diagonal |z| below it; a trait without a valid measure is marked, not used.
 
 SmolLM2-135M-Instruct is small: claims rest on the behavioural log-prob measure, never on the
@@ -176,10 +177,12 @@ PRESETS = {
     "ci": dict(traits=("evil",), n_pairs=2, n_questions=2, n_samples=1, max_new_tokens=12, judge="none", filter=False,
                sweep_layers=(15,), n_monitor_questions=1, coefficients=(-2.0, 0.0, 2.0), screening=False,
                n_response_questions=4, response_max_new_tokens=12, n_random=2),
+    # quick: every generation is one static batch of 18 (3 pairs x 3 questions x 2 polarities; 3 own answers + 15
+    # graded prompts x 1 question; 8 questions x 2 reference answers), so no batch is padded twice over
     "quick": dict(traits=("evil",), n_pairs=3, n_questions=3, n_samples=1, max_new_tokens=32, judge="none",
-                  filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=2,
-                  coefficients=(-3.0, -1.5, 0.0, 1.5, 3.0), screening=False, n_response_questions=8,
-                  response_max_new_tokens=24, n_random=20),
+                  filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=1, monitor_max_new_tokens=24,
+                  batch_size=18, coefficients=(-3.0, -1.5, 0.0, 1.5, 3.0), screening=False, n_response_questions=8,
+                  response_max_new_tokens=24, n_random=20, n_steer_examples=1, steer_example_coefs=(-2.0, 2.0)),
     "full": {},
 }
 
@@ -842,10 +845,24 @@ def _steering_layer(r: dict) -> int:
     return int(r[keys[-1] if name is None else keys[0]]["layer"])
 
 
+def symmetric_effects(model, pairs: ContrastPairs, vectors, layer: int) -> np.ndarray:
+    """The steering effect m(+v) - m(-v) of each vector at `layer` on `pairs` (mean over units): [n_vectors].
+
+    The antisymmetric contrast keeps the odd-order part of the measure's response to a vector and cancels its
+    even-order part, the response that any perturbation of that norm causes whatever its sign (a generic
+    "perturbed model" shift, e.g. random directions at 3x the persona vector's norm all raise the humorous items'
+    measure by about 0.3). It is the statistic of the steering curve's random band (`random_band`)."""
+    vecs = np.asarray(vectors, np.float64)
+    vals = steered_values(model, pairs, np.concatenate([vecs, -vecs]), layer).mean(1)
+    return vals[:len(vecs)] - vals[len(vecs):]
+
+
 def specificity_cells(model, results: list[dict], coef: float) -> dict:
     """Steer with trait i's vector (coef x its steering unit at its layer) and with its random unit directions at
-    the same norm and layer; measure trait j on its valid measure's held-out units. Returns the raw cells [T, T],
-    the random values [T, T, n_random] (NaN rows where trait j has no valid measure), and the measures used."""
+    the same norm and layer; measure trait j on its valid measure's held-out units. Each value is the symmetric
+    steering effect m(+coef) - m(-coef) (`symmetric_effects`), so that a cell reads what the vector does along its
+    sign, not the shift that any perturbation of its norm causes. Returns the cells [T, T], the random directions'
+    effects [T, T, n_random] (NaN rows where trait j has no valid measure), and the measures used."""
     T = len(results)
     measure = [primary_measure(r) for r in results]
     n_rand = len(results[0]["random_units"]) if results else 0
@@ -857,9 +874,9 @@ def specificity_cells(model, results: list[dict], coef: float) -> dict:
         for j, tgt in enumerate(results):
             if measure[j] is None:
                 continue
-            vals = steered_values(model, tgt["held_out_pairs"][measure[j]], np.concatenate([vec[None], rand]),
-                                  layer).mean(1)
-            cells[i, j], band[i, j] = vals[0], vals[1:]
+            effects = symmetric_effects(model, tgt["held_out_pairs"][measure[j]], np.concatenate([vec[None], rand]),
+                                        layer)
+            cells[i, j], band[i, j] = effects[0], effects[1:]
     return {"traits": [r["trait"] for r in results], "measure": measure, "cells": cells, "random": band,
             "layers": [_steering_layer(r) for r in results], "coef": coef}
 
@@ -1284,15 +1301,18 @@ def _write_specificity_section(report: Report, result: Result) -> None:
     ax.set_xlabel("measured trait (its valid measure)")
     ax.set_ylabel("steered vector (its layer)")
     fig.colorbar(im, label="z vs random directions")
-    ax.set_title(f"Steering specificity: z at c = {sp['coef']:+g}")
-    report.figure("specificity_matrix", fig, "Cell (i, j): trait j's measure (held-out units) when steering with "
-                  f"trait i's vector at c = {sp['coef']:+g}, as a z-score against {sp['n_random']} random directions "
-                  "of the same norm at the same layer on the same measure.")
+    ax.set_title(f"Steering specificity: z of m(+c) - m(-c), c = {abs(sp['coef']):g}")
+    report.figure("specificity_matrix", fig, "Cell (i, j): the effect m(+c) - m(-c) on trait j's measure (held-out "
+                  f"units) of steering with trait i's vector at c = +-{abs(sp['coef']):g}, as a z-score against "
+                  f"{sp['n_random']} random directions of the same norm at the same layer on the same measure.")
     report.section("Specificity", f"""
-Each cell steers with trait i's vector at its layer (the layer its valid measure chose) and coefficient
-{sp['coef']:+g}, and measures trait j with trait j's valid measure on its held-out units; z = (cell - mean of the
-random directions) / their sd (`psm_jax.persona.stats.zscore`), the random directions ({sp['n_random']}) having the
-steering vector's norm and layer. A column whose trait has no valid measure is marked and not used. Pass, per
+Each cell steers with trait i's vector at its layer (the layer its valid measure chose) at coefficients
++-{abs(sp['coef']):g}, and measures trait j with trait j's valid measure on its held-out units; the cell is the
+symmetric effect m(+c) - m(-c), the statistic of the steering curves' random band: it keeps what the vector does
+along its sign and cancels the shift that any perturbation of that norm causes whatever its sign (random
+directions at matched norm move some measures by themselves). z = (cell - mean of the random directions' effects)
+/ their sd (`psm_jax.persona.stats.zscore`), the random directions ({sp['n_random']}) having the steering vector's
+norm and layer. A column whose trait has no valid measure is marked and not used. Pass, per
 steered trait: diagonal z > {sp['min_z']:g} and every off-diagonal |z| below it. Overall pass: {sp['pass']}.
 """)
     report.table("Specificity per steered trait", [

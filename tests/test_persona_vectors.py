@@ -305,6 +305,17 @@ def test_records_carry_the_named_fields():
     assert mon["items"]["validity"] == {"valid": False} and mon["response_likelihood"]["value"] == 0.5
 
 
+def test_symmetric_effects_cancel_a_sign_blind_shift(model):
+    """m(+v) - m(-v): zero for the zero vector, antisymmetric in v, and equal to the two one-sided measures' gap."""
+    pairs = pv.item_pairs(ITEMS)
+    v = np.random.default_rng(5).normal(size=(2, model.config.d_model)) * 3.0
+    eff = pv.symmetric_effects(model, pairs, np.concatenate([v, -v, np.zeros((1, model.config.d_model))]), 1)
+    np.testing.assert_allclose(eff[:2], -eff[2:4], atol=1e-5)
+    assert eff[4] == pytest.approx(0.0, abs=1e-6) and np.all(np.abs(eff[:2]) > 1e-4)
+    one_sided = pv.steered_values(model, pairs, np.concatenate([v[:1], -v[:1]]), 1).mean(1)
+    assert eff[0] == pytest.approx(one_sided[0] - one_sided[1], abs=1e-5)
+
+
 def test_specificity_z_against_a_planted_band():
     """Each cell is a z-score against its own random band; a column whose measure is not valid stays NaN and is
     not counted; pass needs diagonal z > 3 and every off-diagonal |z| below it."""
@@ -328,7 +339,8 @@ def test_specificity_z_against_a_planted_band():
 
 
 def test_specificity_cells_skip_targets_without_a_valid_measure(model):
-    """Trait j's column uses its valid measure's held-out units; a trait with no valid measure gets NaN cells."""
+    """Trait j's column uses its valid measure's held-out units; a trait with no valid measure gets NaN cells; a cell
+    and each random value are the symmetric effect m(+c) - m(-c)."""
     rng = np.random.default_rng(3)
 
     def trait(name, valid):
@@ -342,8 +354,13 @@ def test_specificity_cells_skip_targets_without_a_valid_measure(model):
     assert np.isfinite(sp["cells"][:, 0]).all() and np.isnan(sp["cells"][:, 1]).all()
     src = results[1]
     vec = 2.0 * pv.steering_vector(src["vectors"]["response_avg"], src["scales"], 1)
-    want = pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
-    assert sp["cells"][1, 0] == pytest.approx(want, abs=1e-5)
+    want = (pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
+            - pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=-1.0)[0])
+    assert sp["cells"][1, 0] == pytest.approx(want, abs=1e-5)  # the symmetric effect m(+c) - m(-c)
+    rand = src["random_units"][3] * np.linalg.norm(vec)
+    want_rand = (pv.behaviour_measure(model, ITEMS, vector=rand, layer=1, coef=1.0)[0]
+                 - pv.behaviour_measure(model, ITEMS, vector=rand, layer=1, coef=-1.0)[0])
+    assert sp["random"][1, 0, 3] == pytest.approx(want_rand, abs=1e-5)
     assert np.isfinite(sp["z"][:, 0]).all() and np.isnan(sp["per_trait"][1]["diag_z"])
     assert sp["per_trait"][0]["n_offdiag"] == 0 and sp["per_trait"][1]["n_offdiag"] == 1
 
