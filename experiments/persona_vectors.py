@@ -126,7 +126,7 @@ class Config:
     coefficients: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
     n_random: int = 20  # random directions at the steered vector's norm (the null band needs >= 20)
     max_ppl_ratio: float = 1.5  # fluency ceiling of the headline criterion (perplexity of the model's own answers)
-    specificity_coef: float = 2.0  # specificity matrix: trait i's vector at this coefficient, at its chosen layer
+    specificity_coef: float = 2.0  # specificity matrix: m(+c) - m(-c) of trait i's vector at its chosen layer
     n_monitor_questions: int = 4  # evaluation questions per system prompt for monitoring
     monitor_max_new_tokens: int = 32
     n_steer_examples: int = 2  # evaluation questions shown steered
@@ -850,8 +850,8 @@ def symmetric_effects(model, pairs: ContrastPairs, vectors, layer: int) -> np.nd
 
     The antisymmetric contrast keeps the odd-order part of the measure's response to a vector and cancels its
     even-order part, the response that any perturbation of that norm causes whatever its sign (a generic
-    "perturbed model" shift, e.g. random directions at 3x the persona vector's norm all raise the humorous items'
-    measure by about 0.3). It is the statistic of the steering curve's random band (`random_band`)."""
+    "perturbed model" shift that random directions at matched norm show too). It is the statistic of the steering
+    curve's random band (`random_band`)."""
     vecs = np.asarray(vectors, np.float64)
     vals = steered_values(model, pairs, np.concatenate([vecs, -vecs]), layer).mean(1)
     return vals[:len(vecs)] - vals[len(vecs):]
