@@ -67,7 +67,9 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    likelihood) on its held-out units; the cell is the symmetric effect m(+c) - m(-c) (the steering band's
    statistic: it cancels the shift that any perturbation of that norm causes whatever its sign), as a z-score
    against the same effect of trait i's random directions at the same norm and layer (`stats.zscore`). Pass per trait: diagonal z > 3 and every
-   off-diagonal |z| below it; a trait without a valid measure is marked, not used.
+   off-diagonal |z| below it; a trait without a valid measure is marked, not used. A run of one trait has no
+   off-diagonal cell, and its diagonal is the steering effect that step 4's random band already tests, so the
+   matrix is computed only for two or more traits.
 
 SmolLM2-135M-Instruct is small: claims rest on the behavioural log-prob measure, never on the
 judge; null results are reported as they come.
@@ -857,6 +859,9 @@ def symmetric_effects(model, pairs: ContrastPairs, vectors, layer: int) -> np.nd
     return vals[:len(vecs)] - vals[len(vecs):]
 
 
+MIN_SPECIFICITY_TRAITS = 2  # specificity compares a trait's effect with its effect on the others
+
+
 def specificity_cells(model, results: list[dict], coef: float) -> dict:
     """Steer with trait i's vector (coef x its steering unit at its layer) and with its random unit directions at
     the same norm and layer; measure trait j on its valid measure's held-out units. Each value is the symmetric
@@ -1035,9 +1040,11 @@ def run(config: Config, model, progress=None) -> Result:
         if progress:
             progress(f"trait {trait.name} ({ti + 1}/{len(traits)})")
         results.append(run_trait(model, trait, config, ti, judge, progress=progress is not None))
-    if progress:
-        progress("specificity matrix")
-    spec = specificity_matrix(model, results, config.specificity_coef)
+    spec = None
+    if len(results) >= MIN_SPECIFICITY_TRAITS:
+        if progress:
+            progress("specificity matrix")
+        spec = specificity_matrix(model, results, config.specificity_coef)
     return Result(config=config, results=results, n_layers=model.config.n_layers, d_model=model.config.d_model,
                   metrics=summary_metrics(results, spec, config.max_ppl_ratio))
 
@@ -1284,6 +1291,8 @@ def _write_specificity_section(report: Report, result: Result) -> None:
     """The specificity matrix as a heat map of z-scores, failing measures' columns marked."""
     sp = result.metrics.get("specificity")
     if not sp:
+        report.section("Specificity", f"Not computed: the run has {len(result.results)} trait(s) and the matrix needs "
+                       f"at least {MIN_SPECIFICITY_TRAITS} (a trait's effect is compared with its effect on the others).")
         return
     names = sp["traits"]
     z = np.asarray([[np.nan if sp["z"][a][b] is None else sp["z"][a][b] for b in names] for a in names], np.float64)

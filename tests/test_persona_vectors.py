@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -569,3 +570,15 @@ def test_outside_band_and_targets():
     assert t["monitoring"] == {"traits": ["evil"], "met": False}  # humorous' measure is not valid
     assert t["specificity"] == {"traits": ["evil", "humorous"], "met": True}
     assert t["per_trait"]["evil"]["steering_measures"] == ["response_likelihood"]
+
+
+def test_specificity_matrix_needs_two_traits(monkeypatch):
+    """One trait has no off-diagonal cell: run skips the matrix (its cost) and passes None on; two traits build it."""
+    calls, seen = [], []
+    monkeypatch.setattr(pv, "run_trait", lambda model, trait, cfg, ti, judge, progress: {"trait": trait.name})
+    monkeypatch.setattr(pv, "specificity_matrix", lambda model, results, coef: calls.append(len(results)) or "matrix")
+    monkeypatch.setattr(pv, "summary_metrics", lambda results, spec, ppl: seen.append(spec) or {})
+    model = types.SimpleNamespace(config=types.SimpleNamespace(n_layers=2, d_model=4))
+    pv.run(pv.Config(traits=("evil",), judge="none"), model)
+    pv.run(pv.Config(traits=("evil", "humorous"), judge="none"), model)
+    assert calls == [2] and seen == [None, "matrix"]
