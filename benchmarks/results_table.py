@@ -6,7 +6,10 @@ rows = {}
 for line in (Path(__file__).parent / "results.jsonl").read_text().splitlines():
     if line.strip():
         r = json.loads(line)
-        sub = [str(r[q]) for q in ("trait", "mode", "measure", "criterion") if r.get(q)]
+        sub = []
+        for q in ("key", "trait", "mode", "measure", "criterion"):  # what tells apart the lines of one metric
+            if r.get(q) not in (None, "") and str(r[q]) not in sub:
+                sub.append(str(r[q]))
         if r["metric"].startswith("harvest_train_vs_saelens_runner"):   # one row per model dtype
             sub.append(f"psm-jax model {r.get('model_dtype', 'float32')}")
         key = (r["metric"], ", ".join(sub))
