@@ -105,6 +105,9 @@ LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block
                   "add it there to steer")
 
 
+MEASURE_KEYS = (("items", "steering"), ("response_likelihood", "response"))  # measure name, key in a trait's result
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = "smollm2-135m-instruct"
@@ -127,6 +130,7 @@ class Config:
     select_coef: float = 2.0  # layer selection: m(+c) - m(-c) on the selection items
     coefficients: tuple[float, ...] = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
     n_random: int = 20  # random directions at the steered vector's norm (the null band needs >= 20)
+    band_measures: tuple[str, ...] = ("items", "response_likelihood")  # measures whose curve gets the random band
     max_ppl_ratio: float = 1.5  # fluency ceiling of the headline criterion (perplexity of the model's own answers)
     specificity_coef: float = 2.0  # specificity matrix: m(+c) - m(-c) of trait i's vector at its chosen layer
     n_monitor_questions: int = 4  # evaluation questions per system prompt for monitoring
@@ -153,6 +157,10 @@ class Config:
             raise ValueError(f"coef_unit={self.coef_unit!r}; expected 'vector' or 'residual'")
         if self.n_random < 1:
             raise ValueError(f"n_random={self.n_random}; expected >= 1 random direction")
+        unknown = set(self.band_measures) - {name for name, _ in MEASURE_KEYS}
+        if unknown:
+            raise ValueError(f"band_measures={self.band_measures}; {sorted(unknown)} not among "
+                             f"{[name for name, _ in MEASURE_KEYS]}")
         if not self.max_ppl_ratio > 1:
             raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio}; expected a perplexity ratio ceiling > 1")
         if self.specificity_coef == 0:
@@ -184,7 +192,8 @@ PRESETS = {
     "quick": dict(traits=("evil",), n_pairs=3, n_questions=3, n_samples=1, max_new_tokens=32, judge="none",
                   filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=1, monitor_max_new_tokens=24,
                   batch_size=18, coefficients=(-3.0, -1.5, 0.0, 1.5, 3.0), screening=False, n_response_questions=8,
-                  response_max_new_tokens=24, n_random=20, n_steer_examples=1, steer_example_coefs=(-2.0, 2.0)),
+                  response_max_new_tokens=24, n_random=20, n_steer_examples=1, steer_example_coefs=(-2.0, 2.0),
+                  band_measures=("response_likelihood",)),
     "full": {},
 }
 
@@ -361,10 +370,25 @@ def random_band(model, pairs: ContrastPairs, unit_dirs, layer: int, norm: float,
             "coefs": [-cmax, cmax]}
 
 
-def skipped_band(cmax: float) -> dict:
-    """The control of a measure that failed its validity check: not computed (it could not be evidence)."""
+BAND_SKIPPED_INVALID = "the measure failed its validity check"
+BAND_SKIPPED_BY_CONFIG = "the measure is not in band_measures"
+
+
+def skipped_band(cmax: float, reason: str = BAND_SKIPPED_INVALID) -> dict:
+    """The control of a measure that is not tested against random directions: one that failed its validity check
+    (it could not be evidence) or one left out of `band_measures` to save time (its curve is then descriptive)."""
     return {"n": 0, "effects": [], "ends": [], "band": None, "measure": None, "coefs": [-cmax, cmax],
-            "skipped": "the measure failed its validity check"}
+            "skipped": reason}
+
+
+def band_or_skip(model, held: ContrastPairs, rand_units, layer: int, norm: float, cmax: float, cfg,
+                 validity: dict | None) -> dict:
+    """The random band of a valid measure named in `cfg.band_measures`; otherwise a skipped control saying why."""
+    if not is_valid(validity):
+        return skipped_band(cmax)
+    if held.name not in cfg.band_measures:
+        return skipped_band(cmax, BAND_SKIPPED_BY_CONFIG)
+    return random_band(model, held, rand_units, layer, norm, cmax)
 
 
 def perplexity_ratios(model, prompts, answers, vector, layer: int, coefs: Sequence[float], *,
@@ -401,8 +425,7 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
     curve = steering_curve(model, held, direction, scales, best, coefs)
     ppl = perplexity_ratios(model, *fluency, steering_vector(direction, scales, best), best, coefs,
                             batch_size=cfg.batch_size)
-    control = (random_band(model, held, rand_units, best, float(scales[best]), cmax) if is_valid(validity)
-               else skipped_band(cmax))
+    control = band_or_skip(model, held, rand_units, best, float(scales[best]), cmax, cfg, validity)
     norm = float(np.linalg.norm(np.asarray(direction)[best]))
     mono = monotonic(coefs, curve, ppl, max_ppl_ratio=cfg.max_ppl_ratio)
     control["vector_effect"] = float(curve[-1] - curve[0])
@@ -829,7 +852,6 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
 # ------------------------------------------------------------------------------ across traits
 
 
-MEASURE_KEYS = (("items", "steering"), ("response_likelihood", "response"))  # measure name, key in a trait's result
 
 
 def primary_measure(r: dict) -> str | None:

@@ -480,6 +480,23 @@ def test_random_band_is_the_per_direction_loop(model):
     assert pv.skipped_band(3.0)["measure"] is None
 
 
+def test_band_measures_gate_the_random_band(model):
+    """A valid measure outside `band_measures` gets no band (and says why) and cannot count as above the band; an
+    invalid one is skipped for its validity whatever the config; a name that is not a measure is rejected."""
+    units = pv.random_directions(1, 20, 16, 1.0)
+    items, valid = pv.item_pairs(ITEMS), {"valid": True}
+    only_response = pv.Config(band_measures=("response_likelihood",))
+    skipped = pv.band_or_skip(model, items, units, 1, 2.0, 3.0, only_response, valid)
+    assert skipped["band"] is None and skipped["skipped"] == pv.BAND_SKIPPED_BY_CONFIG
+    assert not pv.outside_band(10.0, skipped)
+    assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), {"valid": False})["skipped"] \
+        == pv.BAND_SKIPPED_INVALID
+    assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), valid)["band"]["n"] == 20
+    assert pv.PRESETS["quick"]["band_measures"] == ("response_likelihood",)
+    with pytest.raises(ValueError, match="band_measures"):
+        pv.Config(band_measures=("judge",))
+
+
 def test_unit_validity_pairs_units():
     kinds = np.array(["pos", "pos", "neg", "neg", "default"])
     per_unit = np.array([[1.0, 2.0, np.nan], [1.2, np.nan, 3.0], [0.0, 0.5, 1.0], [0.2, 0.7, np.nan],
