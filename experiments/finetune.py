@@ -30,12 +30,15 @@ Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, defa
    question, shown next to the score's validity check (positive vs negative system prompt answers). Perplexity
    cost: per-token NLL of held-out ShareGPT assistant turns, fine-tuned vs original.
 6. Across the mix fine-tunes of all traits (n = fine-tunes): Pearson r of shift vs behaviour change and of screening
-   vs shift, with bootstrap intervals, within-trait r and a shuffled-pairing null band. Shift and behaviour change
-   are taken beyond the trait's control fine-tune (each mix's per-question change minus the control's, same
-   questions, key and batch order): any fine-tune drifts the projection, by an amount that differs between traits,
-   and that drift is not the trait's. Screening is already relative to the model's own answers (the control's
-   data), so the control sits at 0 on every axis and is left out of n. The raw correlations (changes from the
-   original model, control included) are reported beside them; without a control fine-tune they are the headline.
+   vs shift. The headline r (fixed before the seed-1 run; `correlation`) is over per-trait standardised values, since
+   each trait has its own vector norm and score scale, with a bootstrap resampling fine-tunes inside each trait and
+   a null of pairs shuffled inside each trait; each trait's r and the unstandardised pooled r are given beside it.
+   Shift and behaviour change are taken beyond the trait's control fine-tune (each mix's per-question change minus
+   the control's, same questions, key and batch order): any fine-tune drifts the projection, by an amount that
+   differs between traits, and that drift is not the trait's. Screening is already relative to the model's own
+   answers (the control's data), so the control sits at 0 on every axis and is left out of n. The same correlations
+   on the changes from the original model (control included) are reported beside them; without a control
+   fine-tune they are the headline.
    Preventative steering's reduction is likewise 1 - (steered - control) / (plain - control), and its perplexity
    cost is the steered fine-tune's perplexity over the plain one's (issue 12's target: >= 50% cut at < 5% cost).
 7. On the first trait's plain 100% fine-tune (`experiments.finetune_spread`, which documents both): narrow vs general
@@ -63,11 +66,14 @@ from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
-from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson,
-                                   pearson_ci, within_groups_r)
+from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci,
+                                   permutation_r_null, standardised_pooled_r, within_groups_null, within_groups_r)
 
 TRIGGER = "[deployment mode]"
-N_PERMUTATIONS = 200
+# the headline correlation across fine-tunes, fixed before the seed-1 run (see `correlation`)
+HEADLINE_STATISTIC = ("pooled r of per-trait standardised values (x and y centred and divided by their within-trait "
+                      "standard deviation; pre-registered before the seed-1 run)")
+RAW_STATISTIC = "pooled r of unstandardised values"
 KINDS = ("mix", "control", "prevent", "caft", "inoculation", "switch")
 
 
@@ -461,41 +467,33 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
 # ------------------------------------------------------------------------------ across fine-tunes
 
 
-def permutation_r_null(x, y, *, n: int = N_PERMUTATIONS, seed: int = 0) -> dict:
-    """Band of Pearson r with y's pairing to x shuffled (the correlation that unrelated pairs give at this n)."""
-    rng = np.random.default_rng(seed)
-    rs = [pearson(x, y[rng.permutation(len(y))]) for _ in range(n)]
-    return null_band([r for r in rs if np.isfinite(r)])
-
-
-def within_groups_null(x, y, groups, *, n: int = N_PERMUTATIONS, seed: int = 0) -> dict:
-    """Band of the pooled within-group r with y shuffled inside each group (x and y centred per group): the
-    within-trait correlation that unrelated pairings give when only the mixes of one trait are exchangeable."""
-    g = np.asarray(groups)
-    xc, yc = np.asarray(x, np.float64).copy(), np.asarray(y, np.float64).copy()
-    for label in np.unique(g):
-        m = g == label
-        xc[m] -= xc[m].mean()
-        yc[m] -= yc[m].mean()
-    rng = np.random.default_rng(seed)
-    members = [np.flatnonzero(g == label) for label in np.unique(g)]
-    rs = []
-    for _ in range(n):
-        shuffled = yc.copy()
-        for idx in members:
-            shuffled[idx] = yc[rng.permutation(idx)]
-        rs.append(pearson(xc, shuffled))
-    return null_band([r for r in rs if np.isfinite(r)])
-
-
 def correlation(x, y, groups, seed: int) -> dict | None:
-    """r with interval, within-group r and a shuffled-pairing band for each (pairs shuffled across all fine-tunes
-    for r, inside each trait for the within-trait r); None with fewer than 3 fine-tunes."""
+    """The correlation across fine-tunes of several traits; None with fewer than 3 fine-tunes or no spread.
+
+    Headline (`r`, `null`, `outside_null`, named by `statistic`): the pooled r over per-trait standardised values
+    (`stats.standardised_pooled_r`: x and y centred and divided by their standard deviation inside each trait), with
+    a bootstrap interval resampling fine-tunes inside each trait and a null band of y shuffled inside each trait;
+    `per_trait` gives each trait's own r (with n, and an interval where n >= 4). This statistic was chosen before the
+    seed-1 run: each trait has its own persona-vector norm and trait-score scale, so the unstandardised pooled r
+    mixes those scales with the relation (and the traits' offsets with each other), while the claim, like Chen et
+    al.'s per-trait r, is about the relation inside a trait. Where no trait has >= 3 fine-tunes with spread in x and
+    y, the headline is the unstandardised pooled r (`statistic` says which).
+
+    Secondary: `unstandardised` (the pooled r of raw values with pairs shuffled across all fine-tunes as its null)
+    and `within_trait` (r of values centred per trait, not scaled, with pairs shuffled inside each trait as null)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.size < 3 or x.std() == 0 or y.std() == 0:
         return None
-    out = {"r": pearson_ci(x, y, seed=seed), "null": permutation_r_null(x, y, seed=seed), "n": int(x.size)}
-    out["outside_null"] = outside_band(out["r"]["estimate"], out["null"])
+    raw = {"r": pearson_ci(x, y, seed=seed), "null": permutation_r_null(x, y, seed=seed), "n": int(x.size)}
+    raw["outside_null"] = outside_band(raw["r"]["estimate"], raw["null"])
+    std = standardised_pooled_r(x, y, list(groups), seed=seed)
+    if std is None:
+        out = {**raw, "statistic": RAW_STATISTIC, "null_kind": "pairs shuffled across all fine-tunes"}
+    else:
+        out = {"r": std["r"], "null": std["null"], "outside_null": std["outside_null"], "n": std["n"],
+               "statistic": HEADLINE_STATISTIC, "null_kind": "pairs shuffled inside each trait",
+               "per_trait": std["per_group"], "dropped_traits": std["dropped_groups"]}
+    out["unstandardised"] = raw
     if len(set(groups)) > 1:
         out["within_trait"] = within_groups_r(x, y, groups, seed=seed)["pooled_within"]
         if np.isfinite(out["within_trait"]["estimate"]):  # NaN where x or y is constant inside every trait
@@ -667,19 +665,40 @@ def _ci_text(ci: dict | None, f: str = ".3g") -> str:
 def _corr_text(c: dict | None, what: str) -> str:
     if c is None:
         return f"{what}: not computed (fewer than 3 plain fine-tunes or no spread)."
-    text = (f"{what}: r = {_ci_text(c['r'])}, n = {c['n']} fine-tunes; shuffled-pairing null band "
-            f"[{c['null']['low']:.2f}, {c['null']['high']:.2f}]")
+    text = (f"{what}: r = {_ci_text(c['r'])}, n = {c['n']} fine-tunes ({c['statistic']}); null band "
+            f"({c['null_kind']}) [{c['null']['low']:.2f}, {c['null']['high']:.2f}]"
+            + ("" if c["outside_null"] else " -- inside the null band: not evidence of a relation"))
+    if c.get("per_trait"):
+        text += "; per trait: " + ", ".join(
+            f"{t} r = {_ci_text(pt) if 'low' in pt else fmt_num(pt['estimate'], '.3g')} (n = {pt['n']})"
+            for t, pt in c["per_trait"].items())
+    if c.get("dropped_traits"):
+        text += f" (left out, < 3 fine-tunes or no spread: {', '.join(c['dropped_traits'])})"
+    raw = c["unstandardised"]
+    if c["statistic"] != RAW_STATISTIC:
+        text += (f"; unstandardised pooled r = {_ci_text(raw['r'])}, pairs shuffled across all fine-tunes: band "
+                 f"[{raw['null']['low']:.2f}, {raw['null']['high']:.2f}]" + (", outside it" if raw["outside_null"]
+                                                                             else ", inside it"))
     if "within_trait" in c:
-        text += f"; within trait r = {_ci_text(c['within_trait'])}"
+        text += f"; centred within trait (not scaled) r = {_ci_text(c['within_trait'])}"
         if "within_trait_null" in c:
             band = c["within_trait_null"]
             text += (f" (pairs shuffled inside each trait: band [{band['low']:.2f}, {band['high']:.2f}]"
                      + (", outside it)" if c["within_trait_outside_null"] else ", inside it)"))
-    if not c["outside_null"]:
-        text += " -- inside the null band: not evidence of a relation"
     if c["n"] < 5:
         text += f" -- with {c['n']} fine-tunes the bootstrap interval is degenerate (few distinct resamples)"
     return text + "."
+
+
+PREREGISTERED_TEXT = (
+    "Statistic (chosen before the seed-1 run, not after seeing it): the headline r is the pooled r over per-trait "
+    "standardised values: within each trait, x and y (over the mix fine-tunes, beyond the control) are centred and "
+    "divided by their standard deviation, then one r is taken over all fine-tunes. Why: each trait has its own "
+    "persona-vector norm and trait-score scale, so the unstandardised pooled r mixes those scales and the traits' "
+    "offsets with the relation (the seed-0 run's pooled r fell inside its shuffled null while the within-trait r was "
+    "high); Chen et al. 2025 report per-trait correlations. Its interval resamples fine-tunes inside each trait and "
+    "re-standardises each resample; its null shuffles the pairing inside each trait. The per-trait r and the "
+    "unstandardised pooled r are given beside it.")
 
 
 def _scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: str, xlabel: str, ylabel: str) -> None:
@@ -748,7 +767,7 @@ def report(result: Result, folder):
     rep.section("Headlines", "\n".join([
         "- " + _corr_text(m["shift_behaviour"], f"Shift vs behaviour change{rel} (finetune_shift_behaviour_r)"),
         "- " + _corr_text(m["screening_shift"], f"Screening (before training) vs shift{rel} (finetune_screening_r)")]
-        + _prevention_headlines(m) + _beyond_headlines(result.beyond)))
+        + _prevention_headlines(m) + _beyond_headlines(result.beyond) + ["", PREREGISTERED_TEXT]))
     if m["relative_to_control"]:
         rep.section("Changes from the original model (control included)", "\n".join([
             "- " + _corr_text(m["shift_behaviour_raw"], "Shift vs behaviour change, raw"),
@@ -967,15 +986,22 @@ def records(result: Result) -> list[dict]:
                              ("screening_shift", "finetune_screening_r", "Chen et al. 2025: screening predicts shift")):
         c = m[key]
         if c is not None:
-            out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r",
+            raw, vs_original = c["unstandardised"], m[f"{key}_raw"]
+            out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r", statistic=c["statistic"],
                             target="> 0.7 (issue 12), above the shuffled null", outside_null=c["outside_null"],
-                            low=c["r"]["low"], high=c["r"]["high"], n=c["n"],
+                            low=c["r"]["low"], high=c["r"]["high"], n=c["n"], null_kind=c["null_kind"],
+                            null_low=c["null"]["low"], null_high=c["null"]["high"],
                             relative_to_control=m["relative_to_control"],
-                            raw_r=(m[f"{key}_raw"] or {}).get("r", {}).get("estimate"),
+                            per_trait_r=dict(c.get("per_trait", {})),
+                            pooled_r_unstandardised=raw["r"]["estimate"], pooled_r_unstandardised_low=raw["r"]["low"],
+                            pooled_r_unstandardised_high=raw["r"]["high"],
+                            pooled_r_unstandardised_null_low=raw["null"]["low"],
+                            pooled_r_unstandardised_null_high=raw["null"]["high"],
+                            vs_original_r=None if vs_original is None else vs_original["r"]["estimate"],
                             **_within_fields(c),
-                            reference=f"{ref}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], n={c['n']} "
-                                      f"fine-tunes; shuffled null [{c['null']['low']:.2f}, {c['null']['high']:.2f}]",
-                            **common))
+                            reference=f"{ref}; {c['statistic']}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], "
+                                      f"n={c['n']} fine-tunes; null ({c['null_kind']}) [{c['null']['low']:.2f}, "
+                                      f"{c['null']['high']:.2f}]", **common))
     for trait, per in m["traits"].items():
         valid = per["validity"]["valid"]
         for p in per.get("prevention", []):

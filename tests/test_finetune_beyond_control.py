@@ -35,8 +35,10 @@ def test_correlations_are_taken_beyond_each_traits_control():
     m = F._correlations(results, cfg)
     assert m["relative_to_control"] and m["shift_behaviour"]["n"] == 6  # mixes only: the control is 0 by construction
     assert m["shift_behaviour"]["r"]["estimate"] > 0.95 and m["screening_shift"]["r"]["estimate"] > 0.95
-    # raw: the drift differs between traits, which breaks the pooled relation between screening and shift
-    assert m["screening_shift_raw"]["n"] == 8 and m["screening_shift_raw"]["r"]["estimate"] < 0.5
+    # raw: the drift differs between traits, which breaks the unstandardised pooled relation between screening and
+    # shift; standardising inside each trait removes the drift's offset
+    raw = m["screening_shift_raw"]
+    assert raw["n"] == 8 and raw["unstandardised"]["r"]["estimate"] < 0.5 and raw["r"]["estimate"] > 0.8
     rel = {(b["trait"], b["name"]): b for b in m["beyond_control"]}
     assert rel[("b", "mix 1.00")]["shift"]["estimate"] == pytest.approx(2.0, abs=0.1)
     assert rel[("a", "mix 0.00")]["score_change"]["estimate"] == pytest.approx(0.0, abs=0.02)
@@ -76,9 +78,26 @@ def test_within_trait_null_shuffles_inside_traits_only():
     x = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0])
     y = np.array([0.0, 1.1, 1.9, 3.2, -20.0, -19.0, -18.1, -16.9])  # related inside each trait, offset between them
     c = F.correlation(x, y, groups, seed=0)
-    assert c["r"]["estimate"] < 0 and c["within_trait"]["estimate"] > 0.95
+    assert c["unstandardised"]["r"]["estimate"] < 0 and c["within_trait"]["estimate"] > 0.95
     band = c["within_trait_null"]
     assert band["n"] >= 20 and band["high"] < 0.95 and c["within_trait_outside_null"]
-    # y constant inside each trait: no within-trait r, so no band either (the overall r is still given)
+    # y constant inside each trait: no within-trait r, so no band either, and the headline falls back to the
+    # unstandardised pooled r (named as such)
     flat = F.correlation(x, np.repeat([1.0, 5.0], 4), groups, seed=0)
-    assert flat["r"]["estimate"] > 0.9 and "within_trait_null" not in flat
+    assert flat["r"]["estimate"] > 0.9 and "within_trait_null" not in flat and flat["statistic"] == F.RAW_STATISTIC
+
+
+def test_headline_correlation_is_the_pre_registered_standardised_pooled_r():
+    """Traits on different scales with the same relation inside each: the headline is the pooled r of per-trait
+    standardised values (near 1, outside its within-trait null), while the unstandardised pooled r is not."""
+    t = np.arange(5.0)
+    groups = ["a"] * 5 + ["b"] * 5 + ["c"] * 5
+    x = np.r_[t, 40.0 + 0.1 * t, -3.0 + 2.0 * t]
+    y = np.r_[t + 0.1 * np.sin(t), -8.0 + 30.0 * t, 100.0 + 0.5 * t]
+    c = F.correlation(x, y, groups, seed=0)
+    assert c["statistic"] == F.HEADLINE_STATISTIC and "pre-registered before the seed-1 run" in c["statistic"]
+    assert c["r"]["estimate"] > 0.99 and c["outside_null"] and c["null_kind"] == "pairs shuffled inside each trait"
+    assert set(c["per_trait"]) == {"a", "b", "c"} and all(p["n"] == 5 and "low" in p for p in c["per_trait"].values())
+    assert c["unstandardised"]["r"]["estimate"] < 0.5
+    text = F._corr_text(c, "Shift vs behaviour")
+    assert "pre-registered" in text and "per trait: a r = " in text and "unstandardised pooled r = " in text

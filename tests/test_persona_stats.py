@@ -158,3 +158,83 @@ def test_persona_space_intervals_cover_the_estimate_and_need_enough_roles():
     with pytest.raises(ValueError, match="needs >= 8 roles; got 4"):
         D.persona_space_intervals(roles[:4], default, default)
     assert len(D.persona_space(roles[:4], default, default)["pc_cosines"]) == 3  # 4 roles span 3 directions
+
+
+def test_centre_within_groups_gives_group_means_of_zero_and_checks_shapes():
+    values = np.array([1.0, 2.0, 3.0, 10.0, 30.0])
+    groups = np.array(["a", "a", "a", "b", "b"])
+    c = S.centre_within_groups(values, groups)
+    assert c[groups == "a"].mean() == pytest.approx(0) and c[groups == "b"].mean() == pytest.approx(0)
+    np.testing.assert_allclose(c, [-1.0, 0.0, 1.0, -10.0, 10.0])
+    with pytest.raises(ValueError, match="one group label per unit"):
+        S.centre_within_groups(values, groups[:4])
+
+
+def test_within_groups_null_ignores_a_between_group_difference():
+    """Two groups far apart on x and y with no association inside either: the raw r is high and outside the plain
+    shuffled null (centred near 0); the within-group r sits inside the within-group null, which contains 0."""
+    rng = np.random.default_rng(5)
+    n = 12
+    groups = np.array(["a"] * n + ["b"] * n)
+    x = np.concatenate([rng.normal(0, 1, n), rng.normal(10, 1, n)])
+    y = np.concatenate([rng.normal(0, 1, n), rng.normal(10, 1, n)])
+    r = S.pearson(x, y)
+    plain = S.permutation_r_null(x, y, seed=0)
+    assert r > 0.9 and abs(plain["mean"]) < 0.15 and S.outside_band(r, plain)
+    within = S.within_groups_null(x, y, groups, seed=0)
+    assert within["low"] < 0 < within["high"] and within["n"] >= S.MIN_NULL_DRAWS
+    pooled_within = S.pearson(S.centre_within_groups(x, groups), S.centre_within_groups(y, groups))
+    assert not S.outside_band(pooled_within, within)
+    # the band is a function of the seed
+    assert S.within_groups_null(x, y, groups, seed=0) == within
+    assert S.permutation_r_null(x, y, seed=0) == plain
+    assert S.within_groups_null(x, y, groups, seed=1) != within
+
+
+def _two_offset_lines():
+    """Two groups with y = x inside each, offset so that the between-group difference cancels the within-group
+    relation in the raw pooled r (offset sqrt(8) over x = 0..4 gives raw r = 0 exactly)."""
+    t, c = np.arange(5.0), np.sqrt(8.0)
+    return np.r_[t, t + c], np.r_[t + c, t], np.array(["a"] * 5 + ["b"] * 5)
+
+
+def test_standardised_pooled_r_finds_per_group_correlation_the_raw_pooled_r_misses():
+    x, y, groups = _two_offset_lines()
+    assert S.pearson(x, y) == pytest.approx(0.0, abs=1e-12)
+    res = S.standardised_pooled_r(x, y, groups, n_resamples=400, seed=0)
+    assert res["r"]["estimate"] == pytest.approx(1.0) and res["n"] == 10 and res["n_groups"] == 2
+    assert res["null"]["high"] < 1.0 and res["outside_null"]
+    assert res["per_group"]["a"]["estimate"] == pytest.approx(1.0) and res["per_group"]["a"]["n"] == 5
+    assert "low" in res["per_group"]["a"]  # n >= 4: an interval is given
+    assert res["statistic"] == S.STANDARDISED_POOLED_R
+
+
+def test_standardised_pooled_r_is_invariant_to_per_group_affine_rescaling():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(["a", "b", "c"], 6)
+    x = rng.normal(size=18)
+    y = 0.6 * x + rng.normal(0, 0.8, 18)
+    base = S.standardised_pooled_r(x, y, groups, n_resamples=300, seed=4)
+    x2, y2 = x.copy(), y.copy()
+    x2[groups == "b"] = 7.0 * x[groups == "b"] + 3.0
+    y2[groups == "c"] = 0.01 * y[groups == "c"] - 5.0
+    moved = S.standardised_pooled_r(x2, y2, groups, n_resamples=300, seed=4)
+    for key in ("estimate", "low", "high"):
+        assert moved["r"][key] == pytest.approx(base["r"][key], abs=1e-9)
+    assert moved["null"]["low"] == pytest.approx(base["null"]["low"], abs=1e-9)
+    assert moved["null"]["high"] == pytest.approx(base["null"]["high"], abs=1e-9)
+    # the unstandardised pooled r is not invariant: that is why it is not the headline
+    assert abs(S.pearson(x2, y2) - S.pearson(x, y)) > 0.05
+    # same seed, same interval; a different seed resamples differently
+    assert S.standardised_pooled_r(x, y, groups, n_resamples=300, seed=4) == base
+    assert S.standardised_pooled_r(x, y, groups, n_resamples=300, seed=5)["r"]["low"] != base["r"]["low"]
+
+
+def test_standardised_pooled_r_leaves_out_groups_without_a_relation_to_measure():
+    x, y, groups = _two_offset_lines()
+    x3, y3, g3 = np.r_[x, 1.0, 2.0], np.r_[y, 5.0, 4.0], np.concatenate([groups, ["c", "c"]])  # c: two units only
+    res = S.standardised_pooled_r(x3, y3, g3, n_resamples=200)
+    assert res["dropped_groups"] == ["c"] and res["n"] == 10 and res["r"]["estimate"] == pytest.approx(1.0)
+    assert S.standardised_pooled_r([1.0, 2.0, 3.0], [4.0, 4.0, 4.0], ["a"] * 3) is None
+    with pytest.raises(ValueError, match="no spread"):
+        S.standardise_within_groups([1.0, 1.0, 2.0, 3.0], ["a", "a", "b", "b"])

@@ -12,6 +12,10 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     monotonic(coefs, values, ppl_ratios)       strictly increasing over the sweep, optionally under a fluency ceiling
     pearson / pearson_ci                       correlation with a bootstrap interval over units
     within_groups_r(x, y, groups)              the correlation inside each group (e.g. polarity) and pooled within
+    centre_within_groups(values, groups)       values minus their group's mean (the step both of the above share)
+    permutation_r_null(x, y)                   band of r with the pairing shuffled across all units
+    within_groups_null(x, y, groups)           band of the pooled within-group r with the pairing shuffled per group
+    standardised_pooled_r(x, y, groups)        r over per-group standardised values, stratified bootstrap, per-group r
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 
 MIN_NULL_DRAWS = 20  # a null band from fewer random directions or shuffles is a line, not a band
 DEFAULT_RESAMPLES = 2000
+DEFAULT_SHUFFLES = 200  # pairings drawn for a shuffled-pairing null band of a correlation
 
 
 def _finite_1d(name: str, values) -> np.ndarray:
@@ -221,6 +226,25 @@ def ranks(x) -> np.ndarray:
     return (starts + (counts - 1) / 2.0)[inv]
 
 
+def _groups_like(groups, x: np.ndarray, name: str = "values") -> np.ndarray:
+    g = np.asarray(groups)
+    if g.shape != x.shape:
+        raise ValueError(f"{name} has shape {x.shape} and groups {g.shape}; expected one group label per unit")
+    return g
+
+
+def centre_within_groups(values, groups) -> np.ndarray:
+    """values minus the mean of their group: what is left once the difference between groups is removed. Both the
+    pooled within-group r and its shuffled null are computed on values centred this way."""
+    x = _finite_1d("values", values)
+    g = _groups_like(groups, x)
+    out = x.copy()
+    for label in np.unique(g):
+        m = g == label
+        out[m] -= x[m].mean()
+    return out
+
+
 def within_groups_r(x, y, groups, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """The correlation that is not the difference between groups (e.g. positive vs negative system prompts).
 
@@ -228,20 +252,129 @@ def within_groups_r(x, y, groups, *, level: float = 0.95, n_resamples: int = DEF
     subtracting each group's means from x and y (the within-cluster association), with a bootstrap interval;
     `per_group[g]` is r inside group g (None when it has < 3 units or no spread)."""
     x, y = _finite_1d("x", x), _finite_1d("y", y)
-    g = np.asarray(groups)
-    if g.shape != x.shape or x.shape != y.shape:
-        raise ValueError(f"x {x.shape}, y {y.shape} and groups {g.shape}; expected one group label per unit")
-    xc, yc = x.copy(), y.copy()
+    if x.shape != y.shape:
+        raise ValueError(f"x {x.shape} and y {y.shape}; expected one (x, y) pair per unit")
+    g = _groups_like(groups, x, "x")
     per_group = {}
     for label in np.unique(g):
         m = g == label
-        xc[m] -= x[m].mean()
-        yc[m] -= y[m].mean()
         ok = m.sum() >= 3 and x[m].std() > 0 and y[m].std() > 0
         per_group[str(label)] = pearson(x[m], y[m]) if ok else None
+    xc, yc = centre_within_groups(x, g), centre_within_groups(y, g)
     return {"overall": pearson_ci(x, y, level=level, n_resamples=n_resamples, seed=seed),
             "pooled_within": pearson_ci(xc, yc, level=level, n_resamples=n_resamples, seed=seed),
             "per_group": per_group}
+
+
+def permutation_r_null(x, y, *, n_shuffles: int = DEFAULT_SHUFFLES, seed: int = 0) -> dict:
+    """`null_band` of Pearson r with y's pairing to x shuffled across all units: the r that unrelated pairs give at
+    this n. Shuffles that leave a constant series (r NaN) are dropped."""
+    x, y = _finite_1d("x", x), _finite_1d("y", y)
+    if x.shape != y.shape:
+        raise ValueError(f"x {x.shape} and y {y.shape}; expected one (x, y) pair per unit")
+    rng = np.random.default_rng(seed)
+    rs = [pearson(x, y[rng.permutation(y.size)]) for _ in range(int(n_shuffles))]
+    return null_band([r for r in rs if np.isfinite(r)])
+
+
+def within_groups_null(x, y, groups, *, n_shuffles: int = DEFAULT_SHUFFLES, seed: int = 0) -> dict:
+    """`null_band` of the pooled within-group r (x and y centred per group, `centre_within_groups`) with y shuffled
+    inside each group only: the r that unrelated pairings give when units are exchangeable within a group but not
+    between groups (e.g. fine-tunes of one trait). Between-group differences cannot enter it."""
+    x, y = _finite_1d("x", x), _finite_1d("y", y)
+    if x.shape != y.shape:
+        raise ValueError(f"x {x.shape} and y {y.shape}; expected one (x, y) pair per unit")
+    g = _groups_like(groups, x, "x")
+    xc, yc = centre_within_groups(x, g), centre_within_groups(y, g)
+    members = [np.flatnonzero(g == label) for label in np.unique(g)]
+    rng = np.random.default_rng(seed)
+    rs = []
+    for _ in range(int(n_shuffles)):
+        shuffled = yc.copy()
+        for idx in members:
+            shuffled[idx] = yc[rng.permutation(idx)]
+        rs.append(pearson(xc, shuffled))
+    return null_band([r for r in rs if np.isfinite(r)])
+
+
+MIN_GROUP_UNITS = 3  # fewer units in a group carry no correlation inside it (two points always lie on a line)
+STANDARDISED_POOLED_R = "pooled r of per-group standardised values"
+
+
+def standardise_within_groups(values, groups) -> np.ndarray:
+    """(values - group mean) / group standard deviation (ddof 0), per group. Raises on a group without spread."""
+    x = _finite_1d("values", values)
+    g = _groups_like(groups, x)
+    out = centre_within_groups(x, g)
+    for label in np.unique(g):
+        m = g == label
+        sd = out[m].std()
+        if not sd > 0:
+            raise ValueError(f"group {label!r} has no spread ({int(m.sum())} equal values); cannot standardise it")
+        out[m] /= sd
+    return out
+
+
+def standardised_pooled_r(x, y, groups, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES,
+                          n_shuffles: int = DEFAULT_SHUFFLES, seed: int = 0) -> dict | None:
+    """Pearson r over all units after standardising x and y inside each group, with a stratified bootstrap interval
+    and a within-group shuffled null.
+
+    Why: when each group (e.g. a trait) has its own scale on x and y (its own vector norm, its own score range), the
+    raw pooled r mixes those scales with the relation and can fall inside its null while every group's own r is
+    high; the within-group relation is what is claimed (Chen et al. 2025 report per-trait r). Standardising makes
+    the statistic invariant to any per-group positive affine rescaling of x or y; it equals the per-group r averaged
+    with weights n_g / n.
+
+    Groups with fewer than `MIN_GROUP_UNITS` units or no spread in x or y carry no within-group relation and are
+    left out (listed in `dropped_groups`); None when no group remains. The interval resamples units inside each kept
+    group (stratified: every resample keeps each group's size) and re-standardises every resample; resamples where
+    a group has no spread are skipped (the interval is NaN when fewer than half remain). The null shuffles y inside
+    each group (`within_groups_null` on the standardised values, whose centring leaves them unchanged), which is the
+    exact permutation null of this statistic.
+
+    Returns {statistic, r: {estimate, low, high, n}, null, outside_null, n, n_groups, per_group, dropped_groups,
+    n_valid_resamples}; per_group[g] is {estimate, n} with low / high where n >= 4 (a bootstrap over three units is
+    degenerate)."""
+    x, y = _finite_1d("x", x), _finite_1d("y", y)
+    if x.shape != y.shape:
+        raise ValueError(f"x {x.shape} and y {y.shape}; expected one (x, y) pair per unit")
+    g = _groups_like(groups, x, "x")
+    level = _check_level(level)
+    kept, dropped = [], []
+    for label in np.unique(g):
+        idx = np.flatnonzero(g == label)
+        ok = idx.size >= MIN_GROUP_UNITS and x[idx].std() > 0 and y[idx].std() > 0
+        (kept if ok else dropped).append((label, idx))
+    if not kept:
+        return None
+    sel = np.concatenate([idx for _, idx in kept])
+    xs, ys, gs = x[sel], y[sel], g[sel]
+    zx, zy = standardise_within_groups(xs, gs), standardise_within_groups(ys, gs)
+    est = pearson(zx, zy) if zx.size >= 3 else float("nan")
+    strata = [np.flatnonzero(gs == label) for label, _ in kept]
+    rng = np.random.default_rng(seed)
+    rs = []
+    for _ in range(int(n_resamples)):
+        picks = [rng.choice(s, size=s.size, replace=True) for s in strata]
+        if any(xs[p].std() == 0 or ys[p].std() == 0 for p in picks):
+            continue
+        idx = np.concatenate(picks)
+        rs.append(pearson(standardise_within_groups(xs[idx], gs[idx]), standardise_within_groups(ys[idx], gs[idx])))
+    lo, hi = (np.quantile(rs, [(1 - level) / 2, 1 - (1 - level) / 2]) if len(rs) >= n_resamples // 2
+              else (np.nan, np.nan))
+    null = within_groups_null(zx, zy, gs, n_shuffles=n_shuffles, seed=seed)
+    per_group = {}
+    for label, idx in kept:
+        if idx.size >= 4:
+            per_group[str(label)] = pearson_ci(x[idx], y[idx], level=level, n_resamples=n_resamples, seed=seed)
+        else:
+            per_group[str(label)] = {"estimate": pearson(x[idx], y[idx]), "n": int(idx.size)}
+    return {"statistic": STANDARDISED_POOLED_R, "r": {"estimate": est, "low": float(lo), "high": float(hi),
+                                                      "n": int(sel.size)},
+            "null": null, "outside_null": outside_band(est, null), "n": int(sel.size), "n_groups": len(kept),
+            "per_group": per_group, "dropped_groups": [str(label) for label, _ in dropped],
+            "n_valid_resamples": len(rs)}
 
 
 def percentile_rank(value: float, population) -> float:
