@@ -71,6 +71,7 @@ class Config:
     n_ppl_docs: int = 8  # held-out ShareGPT conversations for the perplexity ratio
     ppl_max_chars: int = 600
     batch_size: int = 32
+    two_choice: bool = True  # the two-choice items as a secondary measure (their validity, effects and band)
     seed: int = 0
 
     def __post_init__(self):
@@ -91,9 +92,10 @@ PRESETS = {
     "ci": dict(n_latents=1, strengths=(0.5,), n_random=20, clamp_multiples=(), n_questions=2, max_new_tokens=6,
                n_ppl_docs=2, ppl_max_chars=200, batch_size=16),
     # the main job: the features run's best latent per trait (the headline), the persona vector and the 20-direction
-    # band; the clamp (a secondary edit) and the other candidates are in `full`
+    # band; the clamp (a secondary edit), the two-choice items (a secondary measure whose band costs one forward over
+    # every item per random direction) and the other candidates are in `full`
     "quick": dict(n_latents=1, strengths=(0.1, 0.2, 0.4), n_random=20, clamp_multiples=(), n_questions=6,
-                  max_new_tokens=20, n_ppl_docs=4, ppl_max_chars=400, batch_size=48),
+                  max_new_tokens=20, n_ppl_docs=4, ppl_max_chars=400, batch_size=48, two_choice=False),
     "full": {},
 }
 
@@ -354,8 +356,9 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
                           "effect": paired_unit_effect(scores[k_valid + 2 + j], base, cfg.seed)})
 
     # 5. two-choice items: their validity on this model; a band only where the check passes
-    two_choice = two_choice_block(model, trait, {n: named[n] * s_star * norm for n in (best, "persona vector")},
-                                  layer=L, valid_sys=valid_sys, band_vectors=rand_units * s_star * norm, cfg=cfg)
+    two_choice = (two_choice_block(model, trait, {n: named[n] * s_star * norm for n in (best, "persona vector")},
+                                   layer=L, valid_sys=valid_sys, band_vectors=rand_units * s_star * norm, cfg=cfg)
+                  if cfg.two_choice else None)
     return {"latents": latents, "best": best, "strength": s_star, "within_ceiling": pick["within_ceiling"],
             "questions": questions, "systems": {"score": score_sys, "validity": valid_sys}, "validity": validity,
             "edits": edits, "random_effects": rand_effects.tolist(), "band_ppl_ratio_median": float(np.median(band_ppl)),
@@ -470,6 +473,26 @@ def _reading(r: dict) -> str:
         "below the random band" if best["effect"]["estimate"] < best["band"]["low"] else "within the random band")
 
 
+def _two_choice_section(rep, name: str, tc: dict | None) -> None:
+    """The two-choice items: their validity check and, where it passes, each edit's change and the best latent's z;
+    or that they did not run (`two_choice=False`)."""
+    if tc is None:
+        rep.section(f"{name}: two-choice items", "Not run at this size (`two_choice=False`); the judge-free measure "
+                    "above is the evidence.")
+        return
+    st = tc["stored_validity"]
+    stored = (f"; stored check for {st['model']}: {'valid' if st['valid'] else 'NOT valid'} (effect "
+              f"{st['effect']:.3g} [{st['low']:.3g}, {st['high']:.3g}], n={st['n']})" if st else "")
+    if tc["edits"]:
+        rep.table(f"{name}: two-choice items, {measures.validity_text(tc['validity'])}{stored}; unsteered "
+                  f"{_f(tc['unsteered'], '+.3f')}; best latent's z against the random band {_f(tc.get('z'), '.2f')}",
+                  [{"edit": k, "change [95% CI]": _ci(e), "n items": e["n"]} for k, e in tc["edits"].items()])
+    else:
+        rep.section(f"{name}: two-choice items", f"{measures.validity_text(tc['validity'])}{stored} over "
+                    f"{tc['n_items']} items: the check fails on this model, so the items are not used to measure "
+                    "steering here (not evidence either way).")
+
+
 def report(result: Result, folder) -> Path:
     """Write report.md, metrics.json, config.json and the band plot into `folder`."""
     cfg = result.config
@@ -511,18 +534,7 @@ prompt). A row is evidence only when that check passes.
                  "n": c["effect"]["n"], "empty answers": "", "z": "", "cos(W_dec, vector)": ""} for c in r["clamp"]]
         rep.table(f"{name}: every edit at s={r['strength']} (ppl ratios over the grid {list(cfg.strengths)} in "
                   f"metrics.json; the random directions' median ratio {_f(r['band_ppl_ratio_median'], '.2f')})", tab)
-        tc = r["two_choice"]
-        st = tc["stored_validity"]
-        stored = (f"; stored check for {st['model']}: {'valid' if st['valid'] else 'NOT valid'} (effect "
-                  f"{st['effect']:.3g} [{st['low']:.3g}, {st['high']:.3g}], n={st['n']})" if st else "")
-        if tc["edits"]:
-            rep.table(f"{name}: two-choice items, {measures.validity_text(tc['validity'])}{stored}; unsteered "
-                      f"{_f(tc['unsteered'], '+.3f')}; best latent's z against the random band {_f(tc.get('z'), '.2f')}",
-                      [{"edit": k, "change [95% CI]": _ci(e), "n items": e["n"]} for k, e in tc["edits"].items()])
-        else:
-            rep.section(f"{name}: two-choice items", f"{measures.validity_text(tc['validity'])}{stored} over "
-                        f"{tc['n_items']} items: the check fails on this model, so the items are not used to measure "
-                        "steering here (not evidence either way).")
+        _two_choice_section(rep, name, r["two_choice"])
         ex = [f"- unsteered: {r['unsteered_answers'][0][:200]!r}"]
         ex += [f"- {k} (s={e['strength']}): {e['answers'][0][:200]!r}" for k, e in r["edits"].items()]
         rep.section(f"{name}: answers to \"{r['questions'][0]}\"", "\n".join(ex))

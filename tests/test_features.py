@@ -521,6 +521,24 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
     assert "not evidence (measure NOT valid)" in text and "NOT valid (system-prompt effect" in text
     m = json.loads((tmp_path / "fs" / "metrics.json").read_text())
     assert m["traits"]["evil"]["evidence"] is False and (tmp_path / "fs" / "steering_band.png").is_file()
+    r["two_choice"] = None
+    assert "Not run at this size (`two_choice=False`)" in fs.report(res, tmp_path / "fs2").read_text()
+
+
+def test_feature_steering_skips_the_two_choice_items_when_asked(monkeypatch):
+    """two_choice=False (the quick preset) never evaluates the secondary items measure."""
+    from experiments import feature_steering as fs
+
+    model = tiny_chat_model()
+    monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the two-choice block ran with two_choice=False")
+
+    monkeypatch.setattr(fs, "two_choice_block", must_not_run)
+    res = fs.run(fs.Config(model="tiny", **{**fs.PRESETS["ci"], "two_choice": False}), model,
+                 features=_steering_inputs(model))
+    assert res.traits["evil"]["two_choice"] is None and fs.PRESETS["quick"]["two_choice"] is False
 
 
 # ------------------------------------------------------------------------------------------ persona features
