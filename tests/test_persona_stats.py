@@ -238,3 +238,16 @@ def test_standardised_pooled_r_leaves_out_groups_without_a_relation_to_measure()
     assert S.standardised_pooled_r([1.0, 2.0, 3.0], [4.0, 4.0, 4.0], ["a"] * 3) is None
     with pytest.raises(ValueError, match="no spread"):
         S.standardise_within_groups([1.0, 1.0, 2.0, 3.0], ["a", "a", "b", "b"])
+
+
+def test_standardised_pooled_r_skips_resamples_of_one_repeated_float():
+    """A resample that draws one unit n times has no spread, even where float rounding makes its std() about 1e-17
+    (copies of 0.1): such resamples are skipped, not standardised."""
+    assert np.full(6, 0.1).std() > 0 and S.centre_within_groups(np.full(6, 0.1), ["a"] * 6).std() == 0
+    x = np.array([0.1, 0.2, 0.4, 0.1, 0.3, 0.5] * 2)
+    y = np.array([0.7, 0.1, 2.2, 0.7, 1.5, 3.0] * 2)
+    groups = np.repeat(["a", "b"], 6)
+    res = S.standardised_pooled_r(x, y, groups, n_resamples=4000, seed=0)
+    assert 0 < res["n_valid_resamples"] < 4000 and np.isfinite(res["r"]["low"])
+    with pytest.raises(ValueError, match="no spread"):
+        S.standardise_within_groups(np.r_[np.full(3, 0.1), 1.0, 2.0, 3.0], ["a"] * 3 + ["b"] * 3)

@@ -38,6 +38,12 @@ def _finite_1d(name: str, values) -> np.ndarray:
     return x
 
 
+def _has_spread(values: np.ndarray) -> bool:
+    """Whether two of the values differ. Exact, unlike std() > 0: the std of copies of one float such as 0.1 is
+    about 1e-17, not 0, while the std of the same copies centred is 0."""
+    return bool(values.size and values.max() > values.min())
+
+
 def _check_level(level: float) -> float:
     if not 0 < level < 1:
         raise ValueError(f"level={level}; expected a confidence level in (0, 1), e.g. 0.95")
@@ -193,7 +199,7 @@ def pearson_ci(x, y, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLE
     rs = []
     for idx in rng.integers(0, x.size, size=(int(n_resamples), x.size)):
         xi, yi = x[idx], y[idx]
-        if xi.std() > 0 and yi.std() > 0:
+        if _has_spread(xi) and _has_spread(yi):
             rs.append(pearson(xi, yi))
     if len(rs) < n_resamples // 2:
         return {"estimate": est, "low": float("nan"), "high": float("nan"), "n": int(x.size)}
@@ -258,7 +264,7 @@ def within_groups_r(x, y, groups, *, level: float = 0.95, n_resamples: int = DEF
     per_group = {}
     for label in np.unique(g):
         m = g == label
-        ok = m.sum() >= 3 and x[m].std() > 0 and y[m].std() > 0
+        ok = m.sum() >= 3 and _has_spread(x[m]) and _has_spread(y[m])
         per_group[str(label)] = pearson(x[m], y[m]) if ok else None
     xc, yc = centre_within_groups(x, g), centre_within_groups(y, g)
     return {"overall": pearson_ci(x, y, level=level, n_resamples=n_resamples, seed=seed),
@@ -309,7 +315,7 @@ def standardise_within_groups(values, groups) -> np.ndarray:
     for label in np.unique(g):
         m = g == label
         sd = out[m].std()
-        if not sd > 0:
+        if not (_has_spread(x[m]) and sd > 0):
             raise ValueError(f"group {label!r} has no spread ({int(m.sum())} equal values); cannot standardise it")
         out[m] /= sd
     return out
@@ -344,7 +350,7 @@ def standardised_pooled_r(x, y, groups, *, level: float = 0.95, n_resamples: int
     kept, dropped = [], []
     for label in np.unique(g):
         idx = np.flatnonzero(g == label)
-        ok = idx.size >= MIN_GROUP_UNITS and x[idx].std() > 0 and y[idx].std() > 0
+        ok = idx.size >= MIN_GROUP_UNITS and _has_spread(x[idx]) and _has_spread(y[idx])
         (kept if ok else dropped).append((label, idx))
     if not kept:
         return None
@@ -357,7 +363,7 @@ def standardised_pooled_r(x, y, groups, *, level: float = 0.95, n_resamples: int
     rs = []
     for _ in range(int(n_resamples)):
         picks = [rng.choice(s, size=s.size, replace=True) for s in strata]
-        if any(xs[p].std() == 0 or ys[p].std() == 0 for p in picks):
+        if not all(_has_spread(xs[p]) and _has_spread(ys[p]) for p in picks):
             continue
         idx = np.concatenate(picks)
         rs.append(pearson(standardise_within_groups(xs[idx], gs[idx]), standardise_within_groups(ys[idx], gs[idx])))
