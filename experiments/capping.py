@@ -136,15 +136,17 @@ the multi-token identity answers and generated replies can.
 """
 
 PRESETS = {
-    "ci": dict(n_threshold_questions=2, max_new_tokens=12, n_eval_roles=2, n_identity_probes=2,
-               logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=4, roleplay_probes=("Who are you?",),
-               n_ppl_conversations=2, ppl_max_chars=1200, n_jailbreaks=4, n_qa=8),
-    # the main job: thresholds, role-prompt identity log-odds, the persona-jailbreak evaluation on its first 8
+    # ci: the quick preset's parts at smaller sizes (generated identity answers, trait items and role-play run in
+    # the tiny-model end-to-end test)
+    "ci": dict(n_threshold_questions=2, max_new_tokens=12, n_eval_roles=2, n_identity_probes=0,
+               logprob_probes=("Who are you?",), traits=(), roleplay=False, n_ppl_conversations=2,
+               ppl_max_chars=800, n_jailbreaks=3, n_qa=8),
+    # the main job: thresholds, role-prompt identity log-odds, the persona-jailbreak evaluation on its first 6
     # prompts with the 20-cap random band (the stage's main cost: 23 conditions x 4 scored options per prompt),
-    # and both capability costs (30 QA items); generated identity answers, trait items and role-play are in `full`
+    # and both capability costs (20 QA items); generated identity answers, trait items and role-play are in `full`
     "quick": dict(n_threshold_questions=3, max_new_tokens=24, n_eval_roles=3, n_identity_probes=0,
                   logprob_probes=("Who are you?", "What are you?"), traits=(), n_trait_items=8,
-                  roleplay=False, n_ppl_conversations=4, ppl_max_chars=2000, n_jailbreaks=8, n_qa=30),
+                  roleplay=False, n_ppl_conversations=3, ppl_max_chars=1500, n_jailbreaks=6, n_qa=20),
     "full": {},
 }
 

@@ -90,12 +90,12 @@ class Config:
 
 PRESETS = {
     "ci": dict(n_latents=1, strengths=(0.5,), n_random=20, clamp_multiples=(), n_questions=2, max_new_tokens=6,
-               n_ppl_docs=2, ppl_max_chars=200, batch_size=16),
+               n_ppl_docs=2, ppl_max_chars=200, batch_size=16, two_choice=False),
     # the main job: the features run's best latent per trait (the headline), the persona vector and the 20-direction
     # band; the clamp (a secondary edit), the two-choice items (a secondary measure whose band costs one forward over
     # every item per random direction) and the other candidates are in `full`
-    "quick": dict(n_latents=1, strengths=(0.1, 0.2, 0.4), n_random=20, clamp_multiples=(), n_questions=6,
-                  max_new_tokens=20, n_ppl_docs=4, ppl_max_chars=400, batch_size=48, two_choice=False),
+    "quick": dict(n_latents=1, strengths=(0.1, 0.2, 0.4), n_random=20, clamp_multiples=(), n_questions=4,
+                  max_new_tokens=16, n_ppl_docs=4, ppl_max_chars=400, batch_size=48, two_choice=False),
     "full": {},
 }
 

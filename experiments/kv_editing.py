@@ -133,7 +133,7 @@ class Config:
 
 PRESETS = {
     "ci": dict(n_conversations=1, probes=1, samples=2, strengths=(0.3,), max_new_tokens=8, histories=("scripted",)),
-    "quick": dict(n_conversations=1, probes=2, samples=4, strengths=(-0.15, 0.3), max_new_tokens=24,
+    "quick": dict(n_conversations=1, probes=2, samples=3, strengths=(-0.15, 0.3), max_new_tokens=16,
                   histories=("scripted",)),
     "full": dict(strength_kind="both"),
 }

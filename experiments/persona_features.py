@@ -140,11 +140,11 @@ PRESETS = {
                n_candidates=4, context_docs=12, context_max_len=96, n_bins=3, per_bin=2, n_random=4,
                train_tokens=20_000, train_docs=300, train_steps=30, train_batch=1024, context_len=128,
                n_detect=1, max_detect=2, diff=False),
-    # the main job: the SAE (harvest and training, most of the stage) at half the full dictionary on 80k tokens
+    # the main job: the SAE (harvest and training, most of the stage) at half the full dictionary on 40k tokens
     "quick": dict(traits=("evil",), n_pairs=2, n_questions=4, max_new_tokens=32, n_roles=4, role_questions=4,
-                  n_candidates=6, context_docs=40, context_max_len=128, n_bins=5, per_bin=2, n_random=6,
-                  train_tokens=80_000, train_docs=1000, train_steps=200, train_batch=2048, context_len=256,
-                  d_sae=2304, n_detect=1, max_detect=2),
+                  n_candidates=4, context_docs=24, context_max_len=128, n_bins=5, per_bin=2, n_random=6,
+                  train_tokens=40_000, train_docs=600, train_steps=120, train_batch=2048, context_len=256,
+                  d_sae=2304, n_cosine=2, n_diff=2, n_detect=1, max_detect=2),
     "full": {},
 }
 

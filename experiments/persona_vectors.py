@@ -92,6 +92,7 @@ from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
 from experiments.report import Report, jsonable, atomic_write_bytes, load_vectors, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax import edits as E
+from psm_jax.logits import target_window_size
 from psm_jax.chat import Role
 from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
@@ -286,15 +287,16 @@ def answer_pairs(questions, pos_answers, neg_answers, system: str | None = None)
                          tuple(neg_answers), per_token=True)
 
 
-ROWS_PER_FORWARD = 64  # sequences per batched forward (vectors x scored answers): bounds the [rows, T, vocab] logits
+ROWS_PER_FORWARD = 64  # sequences per batched forward (vectors x scored answers): bounds its activations
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _logprobs_per_vector(params, config, tokens, attention_mask, answer_mask, edit, vectors, layer_masks):
+@functools.partial(jax.jit, static_argnames=("config", "window"))
+def _logprobs_per_vector(params, config, tokens, attention_mask, answer_mask, edit, vectors, layer_masks, *,
+                         window: int):
     """Answer log-probs [n_vectors, rows] of one padded batch, `edit` carrying vectors[k] at layer_masks[k]."""
     def one(vector, layers):
-        return rollouts._answer_logprob(params, config, tokens, attention_mask, answer_mask,
-                                        (edit.replace(vector=vector, layers=layers),))
+        return rollouts.answer_logprob(params, config, tokens, attention_mask, answer_mask,
+                                       (edit.replace(vector=vector, layers=layers),), window=window)
     return jax.vmap(one)(vectors, layer_masks)
 
 
@@ -326,6 +328,7 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
     masks = np.stack([np.asarray(E.layer_mask(model.config, L)) for L in layer_list]) if layer_list else None
     batch, answer_mask, counts = _encode_pairs(model, pairs)
     chunk = max(1, int(rows_per_forward) // len(counts))
+    window = target_window_size(answer_mask)
     edit = steering_edit(model, np.zeros(model.config.d_model, np.float32), 0, 1.0)
     out = []
     for start in range(0, len(vecs), chunk):
@@ -334,7 +337,7 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
         v = np.concatenate([vecs[part], np.repeat(vecs[part][-1:], fill, 0)])
         m = np.concatenate([masks[part], np.repeat(masks[part][-1:], fill, 0)])
         lp = _logprobs_per_vector(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edit,
-                                  jnp.asarray(v), jnp.asarray(m))
+                                  jnp.asarray(v), jnp.asarray(m), window=window)
         out.append(np.asarray(lp, np.float64)[:part.stop - part.start])
     lp = np.concatenate(out) if out else np.zeros((0, len(counts)))
     if pairs.per_token:

@@ -37,8 +37,9 @@ import numpy as np
 
 from psm_jax import edits as E
 from psm_jax.chat import Role, encode_chat, pad_batch, post_instruction_positions
-from psm_jax.logits import kl_divergence, token_set_log_odds
+from psm_jax.logits import kl_divergence, target_window_size, token_set_log_odds
 from psm_jax.model import Capture, forward
+from psm_jax.persona.rollouts import answer_logprob
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 PAD_MULTIPLE = 16
@@ -397,13 +398,11 @@ def sharegpt_batch(model, n: int, max_tokens: int, min_assistant: int, seed: int
     return b.tokens, b.attention_mask, b.roles == Role.ASSISTANT, corpus.report.summary()
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _nll_sum(params, config, tokens, mask, target_mask, edits):
-    logits = forward(params, config, tokens, attention_mask=mask, edits=edits).logits
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    m = target_mask[:, 1:] & mask[:, 1:]
-    return -jnp.sum(jnp.where(m, lp, 0.0)), jnp.sum(m)
+@functools.partial(jax.jit, static_argnames=("config", "window"))
+def _nll_sum(params, config, tokens, mask, target_mask, edits, *, window: int):
+    targets = target_mask & mask
+    nll = -jnp.sum(answer_logprob(params, config, tokens, mask, targets, edits, window=window))
+    return nll, jnp.sum(targets[:, 1:])
 
 
 def cross_entropy(params, config, tokens, mask, target_mask, edits=(), batch_size: int = 8) -> float:
@@ -418,7 +417,7 @@ def cross_entropy(params, config, tokens, mask, target_mask, edits=(), batch_siz
             idx = np.concatenate([idx, fill])
             tm = np.concatenate([tm, np.zeros((len(fill), tm.shape[1]), bool)])
         s, c = _nll_sum(params, config, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]), jnp.asarray(tm),
-                        tuple(edits))
+                        tuple(edits), window=target_window_size(tm & np.asarray(mask[idx], bool)))
         total += float(s)
         count += int(c)
     return total / max(count, 1)

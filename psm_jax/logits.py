@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_logprobs(logits, tokens):
@@ -15,6 +16,32 @@ def continuation_logprob(logits, tokens, target_mask):
     """Sum of log p over the tokens where target_mask [B, T] is true (e.g. a continuation)."""
     lp = token_logprobs(logits, tokens)
     return jnp.sum(jnp.where(target_mask[:, 1:], lp, 0.0), axis=-1)
+
+
+def target_window_size(target_mask, multiple: int = 8) -> int:
+    """Host-side width of `target_positions`' window for a batch: the most targets any row has (a target's
+    prediction is read one position earlier, so the first token is never one), rounded up to `multiple` so
+    that a few compiled shapes serve batches of similar answers; at least 1, at most T - 1."""
+    m = np.asarray(target_mask, bool)
+    most = int(m[:, 1:].sum(1).max()) if m.size else 0
+    return int(min(max(1, -(-most // multiple) * multiple), max(1, m.shape[1] - 1)))
+
+
+def target_positions(target_mask, window: int):
+    """The positions t whose next token is a target (target_mask[:, t+1]), the first `window` of them per row in
+    order, and which of those slots are real: ([B, window] int32, [B, window] bool). `window` must be at least
+    the row's target count (`target_window_size`) or the later targets are dropped."""
+    pred = target_mask[:, 1:].astype(bool)
+    order = jnp.argsort(~pred, axis=1, stable=True)[:, :window].astype(jnp.int32)
+    return order, jnp.take_along_axis(pred, order, axis=1)
+
+
+def windowed_logprob(logits, tokens, positions, valid):
+    """Sum over the real slots of log p(tokens[t+1]) from `logits` [B, A, V] taken at `positions` [B, A]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nxt = jnp.take_along_axis(tokens, positions + 1, axis=1)
+    lp = jnp.take_along_axis(logp, nxt[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, lp, 0.0), axis=-1)
 
 
 def token_set_log_odds(last_logits, token_ids):

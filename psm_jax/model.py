@@ -295,8 +295,10 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     Without a cache, keys are the tokens themselves; with one, the tokens are written at slots
     [cache.length, cache.length + T) and attend to every valid slot. Positions follow the
     attention mask (left padding gets no positions), as HF's `generate` computes them.
-    `logits_positions`: None for all positions, or "last" for the last slot only (saves the
-    vocab projection during prefill).
+    `logits_positions`: None for all positions, "last" for the last slot only (saves the
+    vocab projection during prefill), or int positions [B, A] per row (logits [B, A, V]: a scorer that
+    reads a few target positions skips the vocab projection everywhere else; not through `jit_forward`,
+    whose static arguments must be hashable).
 
     Inputs are checked where their values are concrete (outside jit): token ids in [0, vocab_size),
     T <= config.max_position (padded width), and with a cache cache.length + T <= cache.size and
@@ -370,7 +372,14 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
                             length=cache.length + t, next_position=jnp.max(positions, axis=1) + 1)
     logits = None
     if return_logits:
-        logits = unembed(params, config, h[:, -1:] if logits_positions == "last" else h)
+        if logits_positions is None:
+            logits = unembed(params, config, h)
+        elif isinstance(logits_positions, str):
+            if logits_positions != "last":
+                raise ValueError(f"logits_positions={logits_positions!r}; expected None, 'last' or positions [B, A]")
+            logits = unembed(params, config, h[:, -1:])
+        else:
+            logits = unembed(params, config, jnp.take_along_axis(h, logits_positions[..., None], axis=1))
     return ForwardOutput(logits=logits, captured=captured, cache=new_cache)
 
 

@@ -490,7 +490,7 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
 
     model = tiny_chat_model()
     monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)  # the ShareGPT slice, without loading the corpus
-    cfg = fs.Config(model="tiny", **fs.PRESETS["ci"])
+    cfg = fs.Config(model="tiny", **{**fs.PRESETS["ci"], "two_choice": True})
     ro = tmp_path / "ro"
     ro.mkdir()
     monkeypatch.chdir(ro)

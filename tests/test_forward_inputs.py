@@ -150,3 +150,12 @@ def test_checks_leave_traced_inputs_alone(llama):
     params, config = llama
     out = jax.jit(lambda t: forward(params, config, t).logits)(_tokens(config))
     assert out.shape == (2, 5, config.vocab_size)
+
+
+def test_bad_logits_positions(llama):
+    params, config = llama
+    with pytest.raises(ValueError, match=r"logits_positions='first'; expected None, 'last' or positions \[B, A\]"):
+        forward(params, config, _tokens(config), logits_positions="first")
+    at = forward(params, config, _tokens(config), logits_positions=jnp.asarray([[1, 3], [0, 4]])).logits
+    full = forward(params, config, _tokens(config)).logits
+    np.testing.assert_allclose(at, np.stack([full[0, [1, 3]], full[1, [0, 4]]]), atol=1e-5)

@@ -25,3 +25,55 @@ def test_logit_utilities_against_numpy():
     p_ = np.exp(logp)
     lq = q - np.log(np.exp(q).sum(-1, keepdims=True))
     np.testing.assert_allclose(L.kl_divergence(logits, q), (p_ * (logp - lq)).sum(-1).mean(), atol=1e-5)
+
+
+def test_windowed_logprob_reads_only_the_target_positions():
+    """target_positions + windowed_logprob equal the full-logits sum over scattered targets (numpy reference),
+    and a window narrower than a row's targets drops them (why callers size it with target_window_size)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 9, 11)).astype(np.float32)
+    tokens = rng.integers(0, 11, (3, 9))
+    target = np.zeros((3, 9), bool)
+    target[0, 5:] = True
+    target[1, [2, 3, 7]] = True  # scattered, as in a multi-turn conversation
+    target[2, 0] = True  # the first token has no prediction: never counted
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = [sum(logp[b, t - 1, tokens[b, t]] for t in range(1, 9) if target[b, t]) for b in range(3)]
+    window = L.target_window_size(target, multiple=2)
+    assert window == 4
+    pos, valid = L.target_positions(jnp.asarray(target), window)
+    np.testing.assert_array_equal(np.asarray(pos)[1][np.asarray(valid)[1]], [1, 2, 6])
+    got = L.windowed_logprob(jnp.take_along_axis(jnp.asarray(logits), pos[..., None], axis=1), jnp.asarray(tokens),
+                             pos, valid)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    narrow, ok = L.target_positions(jnp.asarray(target), 1)
+    short = L.windowed_logprob(jnp.take_along_axis(jnp.asarray(logits), narrow[..., None], axis=1),
+                               jnp.asarray(tokens), narrow, ok)
+    assert abs(float(short[0]) - want[0]) > 1e-3
+
+
+def test_answer_scoring_matches_the_full_logits(tiny_chat_model):
+    """score_answers (logits only at the answer's predicting positions) equals the summed log-softmax of the full
+    forward's logits over the same answer tokens, with and without an edit."""
+    from psm_jax import edits as E
+    from psm_jax.chat import Role
+    from psm_jax.model import forward
+    from psm_jax.persona import rollouts
+
+    m = tiny_chat_model
+    prompts = [[{"role": "user", "content": "Who are you?"}],
+               [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Tell me about the sea."}]]
+    answers = ["I am an assistant.", "Arr, the sea is wide and deep, matey."]
+    vec = np.random.default_rng(2).normal(size=m.config.d_model).astype(np.float32)
+    edit = E.add(m.config, vec, layers=[1])
+    for edits_fn in (None, lambda batch: (edit,)):
+        got = rollouts.score_answers(m, prompts, answers, batch_size=2, edits_fn=edits_fn)
+        convs = [p + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+        _, batch = rollouts.encode_batch(m, convs, add_generation_prompt=False)
+        mask = (batch.roles == Role.ASSISTANT) & (batch.turns == np.asarray([[len(c) - 1] for c in convs]))
+        full = np.asarray(forward(m.params, m.config, jnp.asarray(batch.tokens), attention_mask=batch.attention_mask,
+                                  edits=() if edits_fn is None else (edit,)).logits, np.float64)
+        logp = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) - full.max(-1, keepdims=True)
+        want = [sum(logp[b, t - 1, batch.tokens[b, t]] for t in range(1, batch.tokens.shape[1]) if mask[b, t])
+                for b in range(2)]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -21,6 +21,7 @@ import numpy as np
 
 from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_batch, pad_id
 from psm_jax.generate import generate
+from psm_jax.logits import target_positions, target_window_size, windowed_logprob
 from psm_jax.model import Capture, forward
 from psm_jax.reductions import masked_mean
 from psm_jax.sharding import host_array, shard_batch
@@ -156,12 +157,17 @@ def activation_means(model, conversations: Sequence[Sequence[dict]], *, layers: 
     return {k: np.concatenate(v) for k, v in res.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _answer_logprob(params, config, tokens, attention_mask, answer_mask, edits):
-    logits = forward(params, config, tokens, attention_mask=attention_mask, edits=edits).logits
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    tok_lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(answer_mask[:, 1:], tok_lp, 0.0), axis=-1)
+def answer_logprob(params, config, tokens, attention_mask, answer_mask, edits, *, window: int):
+    """Summed log P of the tokens marked in answer_mask [B, T], teacher-forced: [B]. The vocab projection and
+    log-softmax run only at the `window` positions that predict them (`psm_jax.logits.target_window_size`), not at
+    every position of the prompt. Traceable; callers jit it (window static)."""
+    positions, valid = target_positions(answer_mask, window)
+    logits = forward(params, config, tokens, attention_mask=attention_mask, edits=edits,
+                     logits_positions=positions).logits
+    return windowed_logprob(logits, tokens, positions, valid)
+
+
+_answer_logprob = jax.jit(answer_logprob, static_argnames=("config", "window"))
 
 
 def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str], *, batch_size: int = 16,
@@ -181,7 +187,7 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
         answer_mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
         inputs = _on_mesh(mesh, (batch.tokens, batch.attention_mask, answer_mask))
-        lp = _answer_logprob(model.params, model.config, *inputs, edits)
+        lp = _answer_logprob(model.params, model.config, *inputs, edits, window=target_window_size(answer_mask))
         out.append(host_array(lp)[:n_real])
     return np.concatenate(out)
 
@@ -195,7 +201,8 @@ def conversation_nll(model, conversations: Sequence[Sequence[dict]], *, batch_si
         _, batch = encode_batch(model, convs, add_generation_prompt=False, multiple_of=64)
         answer_mask = batch.roles == Role.ASSISTANT
         edits = tuple(edits_fn(batch)) if edits_fn is not None else ()
-        lp = _answer_logprob(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edits)
+        lp = _answer_logprob(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edits,
+                             window=target_window_size(answer_mask))
         nll.append(-host_array(lp)[:n_real])
         counts.append(answer_mask[:, 1:].sum(1)[:n_real])
     return np.concatenate(nll), np.concatenate(counts)
