@@ -7,6 +7,9 @@ Records, against references measured in the same run on the same padded batches:
                          formulation); the reference line also gives psm-jax with logits at every position
                          (`full_logits_scores` below), so the gain of reading logits only where answer tokens are
                          predicted is visible beside the comparison with torch.
+  option_scoring_vs_hf   psm-jax `rollouts.score_options` (each item's prompt run once, its two answers continued
+                         from the prompt's KV cache) answers/s / the same HF reference; `options_over_pairs` is its
+                         gain over `score_answers` on the same answers.
 Workload: the evil trait's 24 two-choice items, each option scored as the assistant's answer under the first
 SYSTEMS graded monitoring system prompts (persona vectors' monitoring workload; 240 scored answers), batches of 24. The three
 scorers must agree within 1e-3 nats per answer or nothing is recorded.
@@ -96,7 +99,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from psm_jax.loading import registry
-    from psm_jax.persona.rollouts import score_answers
+    from psm_jax.persona.rollouts import score_answers, score_options
 
     torch.set_num_threads(os.cpu_count())
     m = psm_jax.load("smollm2-135m-instruct")
@@ -105,6 +108,8 @@ def main():
     prompts, answers = workload()
     batches = encoded_batches(m, prompts, answers)
     got = {"window": lambda: score_answers(m, prompts, answers, batch_size=BATCH),
+           "options": lambda: score_options(m, prompts[::2], list(zip(answers[::2], answers[1::2])),
+                                            batch_size=BATCH // 2).reshape(-1),
            "full": lambda: full_logits_scores(m, batches), "hf": lambda: hf_scores(hf, batches)}
     values = {}
 
@@ -112,7 +117,7 @@ def main():
         return lambda: values.__setitem__(name, fn())
 
     secs = {k: best_time(keeping(k, f), args.reps) for k, f in got.items()}  # one warm-up call each, then timed
-    for k in ("full", "hf"):
+    for k in ("options", "full", "hf"):
         worst = float(np.max(np.abs(values[k] - values["window"])))
         if worst > 1e-3:
             raise SystemExit(f"scorers disagree: {k} vs window max |diff| {worst:.2e} nats; expected <= 1e-3")
@@ -124,10 +129,18 @@ def main():
                            f"{rate['full']:.1f} answers/s; {n} answers (evil items x {SYSTEMS} graded system prompts), "
                            f"batch {BATCH}, best of {args.reps}"),
                 target=">= 1.0", window_over_full=round(rate["window"] / rate["full"], 3))
-    if args.no_record:
-        print(line)
-    else:
-        record(**line)
+    options = dict(metric="option_scoring_vs_hf", value=round(rate["options"] / rate["hf"], 3),
+                   unit="x (answers/s ratio)",
+                   reference=(f"HF transformers torch fp32 (logits at every position, every answer with its prompt) "
+                              f"{rate['hf']:.1f} answers/s; psm-jax score_options {rate['options']:.1f} answers/s "
+                              f"(each prompt once, both answers from its KV cache); {n} answers as above, "
+                              f"{BATCH // 2} prompts per forward, best of {args.reps}"),
+                   target=">= 1.0", options_over_pairs=round(rate["options"] / rate["window"], 3))
+    for ln in (line, options):
+        if args.no_record:
+            print(ln)
+        else:
+            record(**ln)
 
 
 if __name__ == "__main__":

@@ -456,7 +456,7 @@ class Result:
 def run(cfg: Config, model, progress=None) -> Result:
     """Thresholds, capped vs uncapped evaluation, role-play drift and the perplexity cost. No files."""
     from psm_jax.persona import datasets, measures
-    from psm_jax.persona.rollouts import generate_responses, score_answers
+    from psm_jax.persona.rollouts import generate_responses
 
     t0 = time.time()
     progress = progress is not None  # below: whether to show progress bars
@@ -531,9 +531,9 @@ def run(cfg: Config, model, progress=None) -> Result:
     def logodds(prompts, a, b, fn):
         if not prompts:
             return np.zeros(0)
-        sa = score_answers(model, prompts, a, batch_size=cfg.batch_size, edits_fn=fn)
-        sb = score_answers(model, prompts, b, batch_size=cfg.batch_size, edits_fn=fn)
-        return sa - sb
+        s = measures.choice_scores(model, prompts, list(zip(a, b)), edits_fn=fn, batch_size=cfg.batch_size,
+                                   per_token=False)
+        return s[:, 0] - s[:, 1]
 
     lo_role = logodds(lp_prompts, lp_asst, lp_pers, None)
     lo_cap = logodds(lp_prompts, lp_asst, lp_pers, cap_fn)

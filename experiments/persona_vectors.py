@@ -290,28 +290,37 @@ def answer_pairs(questions, pos_answers, neg_answers, system: str | None = None)
 ROWS_PER_FORWARD = 64  # sequences per batched forward (vectors x scored answers): bounds its activations
 
 
-@functools.partial(jax.jit, static_argnames=("config", "window"))
-def _logprobs_per_vector(params, config, tokens, attention_mask, answer_mask, edit, vectors, layer_masks, *,
-                         window: int):
-    """Answer log-probs [n_vectors, rows] of one padded batch, `edit` carrying vectors[k] at layer_masks[k]."""
+@functools.partial(jax.jit, static_argnames=("config", "window", "shared"))
+def _logprobs_per_vector(params, config, arrays, edit, vectors, layer_masks, *, window: int, shared: bool):
+    """Answer log-probs [n_vectors, n_units, 2] (trait answer, other answer) of one batch, `edit` carrying
+    vectors[k] at layer_masks[k]. `shared`: `arrays` are an `OptionBatch`'s (each prompt runs once, both answers
+    from its cache); else one padded batch of every unit's trait answer then its other answer."""
     def one(vector, layers):
-        return rollouts.answer_logprob(params, config, tokens, attention_mask, answer_mask,
-                                       (edit.replace(vector=vector, layers=layers),), window=window)
+        steer = (edit.replace(vector=vector, layers=layers),)
+        if shared:
+            return rollouts.option_logprob(params, config, *arrays, jax.tree.map(lambda x: jnp.stack([x, x]), steer),
+                                           window=window)
+        return rollouts.answer_logprob(params, config, *arrays, steer, window=window).reshape(2, -1).T
     return jax.vmap(one)(vectors, layer_masks)
 
 
-def _encode_pairs(model, pairs: ContrastPairs):
-    """One padded batch of every unit's trait answer then every unit's other answer, its answer mask and counts."""
+def _encode_pairs(model, pairs: ContrastPairs) -> tuple[tuple, int, bool, np.ndarray]:
+    """The units' (prompt, trait answer, other answer) as `_logprobs_per_vector` takes them: (arrays, window,
+    shared, content-token counts [n_units, 2]). Shared-prompt layout unless a prompt tokenises differently
+    before its two answers."""
+    options = list(zip(pairs.trait_answers, pairs.other_answers))
+    batch = rollouts.option_batch(model, pairs.prompts, options)
+    counts = batch.answer_mask.sum(2).T
+    if pairs.per_token and np.any(counts == 0):
+        unit, which = np.argwhere(counts == 0)[0]
+        raise ValueError(f"answer {options[unit][which]!r} has no content tokens; expected non-empty answers")
+    if batch.shared:
+        return batch.arrays, batch.window, True, counts
     convs = [list(p) + [{"role": "assistant", "content": a}]
              for p, a in zip(pairs.prompts * 2, pairs.trait_answers + pairs.other_answers)]
-    _, batch = rollouts.encode_batch(model, convs, add_generation_prompt=False)
-    last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
-    mask = (batch.roles == Role.ASSISTANT) & (batch.turns == last_turn)
-    counts = mask.sum(1)
-    if pairs.per_token and np.any(counts == 0):
-        bad = int(np.argmax(counts == 0))
-        raise ValueError(f"answer {convs[bad][-1]['content']!r} has no content tokens; expected non-empty answers")
-    return batch, mask, counts
+    _, flat = rollouts.encode_batch(model, convs, add_generation_prompt=False)
+    mask = (flat.roles == Role.ASSISTANT) & (flat.turns == np.asarray([len(c) - 1 for c in convs])[:, None])
+    return (flat.tokens, flat.attention_mask, mask), target_window_size(mask), False, counts
 
 
 def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_forward: int = ROWS_PER_FORWARD
@@ -319,16 +328,16 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
     """The measure per unit with vectors[k] added at resid_post of layers[k] (every position): [n_vectors, n_units].
 
     Edits are data: the text is tokenised once and the vectors go through the model `rows_per_forward // rows` at
-    a time (vmap over vector and layer mask), the last group padded so that every call has one shape. A zero
-    vector gives the unsteered measure."""
+    a time (vmap over vector and layer mask), the last group padded so that every call has one shape; each prompt
+    runs once and both its answers continue from its KV cache (`rollouts.option_logprob`). A zero vector gives
+    the unsteered measure."""
     vecs = np.asarray(vectors, np.float32)
     if vecs.ndim != 2 or vecs.shape[1] != model.config.d_model:
         raise ValueError(f"vectors have shape {vecs.shape}; expected [n_vectors, d_model={model.config.d_model}]")
     layer_list = [int(L) for L in np.broadcast_to(np.asarray(layers), (len(vecs),))]
     masks = np.stack([np.asarray(E.layer_mask(model.config, L)) for L in layer_list]) if layer_list else None
-    batch, answer_mask, counts = _encode_pairs(model, pairs)
-    chunk = max(1, int(rows_per_forward) // len(counts))
-    window = target_window_size(answer_mask)
+    arrays, window, shared, counts = _encode_pairs(model, pairs)
+    chunk = max(1, int(rows_per_forward) // counts.size)
     edit = steering_edit(model, np.zeros(model.config.d_model, np.float32), 0, 1.0)
     out = []
     for start in range(0, len(vecs), chunk):
@@ -336,13 +345,13 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
         fill = chunk - (part.stop - part.start)
         v = np.concatenate([vecs[part], np.repeat(vecs[part][-1:], fill, 0)])
         m = np.concatenate([masks[part], np.repeat(masks[part][-1:], fill, 0)])
-        lp = _logprobs_per_vector(model.params, model.config, batch.tokens, batch.attention_mask, answer_mask, edit,
-                                  jnp.asarray(v), jnp.asarray(m), window=window)
+        lp = _logprobs_per_vector(model.params, model.config, arrays, edit, jnp.asarray(v), jnp.asarray(m),
+                                  window=window, shared=shared)
         out.append(np.asarray(lp, np.float64)[:part.stop - part.start])
-    lp = np.concatenate(out) if out else np.zeros((0, len(counts)))
+    lp = np.concatenate(out) if out else np.zeros((0,) + counts.shape)
     if pairs.per_token:
         lp = lp / counts
-    return lp[:, :len(pairs)] - lp[:, len(pairs):]
+    return lp[..., 0] - lp[..., 1]
 
 
 def select_layer(model, pairs: ContrastPairs, direction, scales, layers: Sequence[int], select_coef: float) -> dict:

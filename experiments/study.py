@@ -64,9 +64,12 @@ def preset_config(module, preset: str = "full", **overrides):
 
 
 def progress_printer(name: str, quiet: bool = False) -> Callable[[str], None] | None:
+    """A progress callback printing each message to stderr with the seconds since the printer was made, so a
+    slow step of a study shows in its log."""
     if quiet:
         return None
-    return lambda msg: print(f"[{name}] {msg}", file=sys.stderr, flush=True)
+    start = time.time()
+    return lambda msg: print(f"[{name} {time.time() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def execute(module, config, *, folder: str | Path, model=None, progress=None, record: bool = False,

@@ -1,4 +1,3 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +76,54 @@ def test_answer_scoring_matches_the_full_logits(tiny_chat_model):
         want = [sum(logp[b, t - 1, batch.tokens[b, t]] for t in range(1, batch.tokens.shape[1]) if mask[b, t])
                 for b in range(2)]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_option_scoring_from_a_shared_prompt_cache_matches_pair_scoring(tiny_chat_model, monkeypatch):
+    """score_options (each prompt prefilled once, its options continued from the cache) equals score_answers on
+    every (prompt, option) pair: unedited, with an edit everywhere, on assistant tokens only (an edit that covers
+    the option but not the prompt), a clamp, per-row vectors, and an edit that differs between options on the
+    prompt (scored pair by pair)."""
+    from psm_jax import edits as E
+    from psm_jax.persona import rollouts
+
+    m = tiny_chat_model
+    prompts = [[{"role": "user", "content": "Who are you?"}],
+               [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Tell me about the sea."}],
+               [{"role": "user", "content": "Hi"}]]
+    options = [("I am an assistant.", "A pirate, arr.", "No."),
+               ("Arr, the sea is wide and deep, matey, and full of fish.", "I cannot help.", "Water."),
+               ("Hello! How can I help you today?", "Ahoy.", "Go away, landlubber, I have a ship to sail.")]
+    rng = np.random.default_rng(3)
+    vec = rng.normal(size=m.config.d_model).astype(np.float32)
+    rows = rng.normal(size=(3, m.config.d_model)).astype(np.float32)
+    everywhere = E.add(m.config, vec, layers=[1])
+    clamp = E.clamp(m.config, vec, layers=[0, 2], floor=-0.5, ceiling=0.5)
+    fns = {"none": None,
+           "everywhere": lambda batch: (everywhere,),
+           "assistant": lambda batch: (E.add(m.config, vec, layers=[2], coef=2.0,
+                                             positions=rollouts.assistant_positions(batch)),),
+           "clamp": lambda batch: (clamp,),
+           "rows": lambda batch: (E.add(m.config, rows[:batch.tokens.shape[0]], layers=[1]),),
+           "per_option": lambda batch: (E.add(m.config, vec, layers=[1], coef=float(batch.attention_mask.sum())),)}
+    shared_calls = []
+    real = rollouts._option_logprob
+    monkeypatch.setattr(rollouts, "_option_logprob", lambda *a, **k: shared_calls.append(1) or real(*a, **k))
+    for name, fn in fns.items():
+        before = len(shared_calls)
+        got = rollouts.score_options(m, prompts, options, batch_size=3, edits_fn=fn)
+        assert len(shared_calls) - before == (0 if name == "per_option" else 1), name
+        want = np.stack([rollouts.score_answers(m, prompts, [o[j] for o in options], batch_size=3, edits_fn=fn)
+                         for j in range(3)], axis=1)
+        if name == "per_option":
+            want = rollouts.score_answers(m, [p for p in prompts for _ in range(3)], [a for o in options for a in o],
+                                          batch_size=9, edits_fn=fn).reshape(3, 3)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4, err_msg=name)
+    assert np.ptp(got) > 1.0
+
+
+def test_option_scoring_rejects_ragged_options(tiny_chat_model):
+    from psm_jax.persona import rollouts
+
+    p = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValueError, match="option counts"):
+        rollouts.score_options(tiny_chat_model, [p, p], [("a", "b"), ("a",)])

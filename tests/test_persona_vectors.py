@@ -131,6 +131,21 @@ def test_batched_steering_equals_the_per_vector_loop(model):
                                    atol=1e-5)
     with pytest.raises(ValueError, match="d_model=16"):
         pv.steered_values(model, pv.item_pairs(ITEMS), np.zeros((2, 8)), 0)
+
+
+def test_steering_without_a_shared_prompt_layout_gives_the_same_values(model, monkeypatch):
+    """Where a prompt tokenises differently before its two answers, every (prompt, answer) is its own row; the
+    values equal the shared-prompt layout's."""
+    import dataclasses
+
+    from psm_jax.persona import rollouts
+
+    rng = np.random.default_rng(1)
+    vecs = rng.normal(size=(3, 16)) * 3
+    shared = pv.steered_values(model, pv.item_pairs(ITEMS), vecs, 1)
+    real = rollouts.option_batch
+    monkeypatch.setattr(rollouts, "option_batch", lambda *a: dataclasses.replace(real(*a), shared=False))
+    np.testing.assert_allclose(pv.steered_values(model, pv.item_pairs(ITEMS), vecs, 1), shared, atol=1e-5)
     with pytest.raises(ValueError, match="equal, non-zero counts"):
         pv.answer_pairs(RQ, RPOS[:1], RNEG)
 

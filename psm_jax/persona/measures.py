@@ -41,13 +41,19 @@ def even_batch(n: int, max_batch: int) -> int:
     return max(1, -(-n // n_batches))
 
 
-def _per_token_logprobs(model, prompts, answers, *, edits_fn: EditsFn | None, batch_size: int,
-                        per_token: bool = True) -> np.ndarray:
-    """log P(answer | prompt) as the assistant's reply, divided by its content-token count when `per_token`."""
+def _content_counts(model, prompts, answers) -> np.ndarray:
+    """Each answer's content-token count [N]; raises on an answer with none (a per-token score would divide by 0)."""
     counts = rollouts.answer_token_counts(model, prompts, answers)
     if np.any(counts == 0):
         bad = int(np.argmax(counts == 0))
         raise ValueError(f"answer {answers[bad]!r} has no content tokens; expected non-empty answers")
+    return counts
+
+
+def _per_token_logprobs(model, prompts, answers, *, edits_fn: EditsFn | None, batch_size: int,
+                        per_token: bool = True) -> np.ndarray:
+    """log P(answer | prompt) as the assistant's reply, divided by its content-token count when `per_token`."""
+    counts = _content_counts(model, prompts, answers)
     lp = rollouts.score_answers(model, prompts, answers, batch_size=even_batch(len(prompts), batch_size),
                                 edits_fn=edits_fn)
     return lp / counts if per_token else lp
@@ -69,18 +75,13 @@ def two_choice(model, items, *, system: str | None = None, edits_fn: EditsFn | N
 def choice_scores(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]], *,
                   edits_fn: EditsFn | None = None, batch_size: int = 16, per_token: bool = True) -> np.ndarray:
     """Per-token (`per_token`, default) or total log P(option | prompt) as the assistant's answer, for every option
-    of every prompt: [n, k] (every prompt has the same number k of options)."""
-    n = len(prompts)
-    if n == 0 or len(options) != n:
-        raise ValueError(f"{n} prompts and {len(options)} option lists; expected equal, non-zero counts")
-    k = len(options[0])
-    if k < 2 or any(len(o) != k for o in options):
-        raise ValueError(f"option counts {sorted({len(o) for o in options})}; expected the same count >= 2 for "
-                         "every prompt")
+    of every prompt: [n, k] (every prompt has the same number k of options). Each prompt runs once and its options
+    continue from its KV cache (`rollouts.score_options`); `batch_size` prompts per forward pass."""
+    n, k = len(prompts), rollouts.option_count(prompts, options, minimum=2)
     flat_prompts = [p for p in prompts for _ in range(k)]
-    flat_answers = [a for opts in options for a in opts]
-    return _per_token_logprobs(model, flat_prompts, flat_answers, edits_fn=edits_fn, batch_size=batch_size,
-                               per_token=per_token).reshape(n, k)
+    counts = _content_counts(model, flat_prompts, [a for opts in options for a in opts]).reshape(n, k)
+    lp = rollouts.score_options(model, prompts, options, batch_size=even_batch(n, batch_size), edits_fn=edits_fn)
+    return lp / counts if per_token else lp
 
 
 def multiple_choice(model, items, *, edits_fn: EditsFn | None = None, batch_size: int = 16) -> dict:

@@ -5,6 +5,9 @@ Every function takes a `LoadedModel` and plain message lists; batching pads to a
 tokens so a handful of compiled shapes serve a whole experiment. `edits_fn(batch)` lets a caller
 build position-dependent edits (e.g. assistant tokens only) from each padded batch.
 
+`score_options` scores several answers to one prompt from one pass over the prompt: the prompt writes a KV cache
+and each answer continues from it (`option_logprob`, on an `OptionBatch` layout).
+
 `activation_means` and `score_answers` take `mesh=` (a `psm_jax.sharding.make_mesh` mesh, the model's params
 placed on it: `psm_jax.load(..., mesh=mesh)` or `shard_params`): each batch is split over the mesh's batch axes,
 across processes too (every process runs the same call on the same conversations and gets every result).
@@ -19,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_batch, pad_id
-from psm_jax.generate import generate
+from psm_jax.chat import ROLE_PAD, TURN_PAD, PaddedBatch, Role, encode_chat, pad_batch, pad_id
+from psm_jax.generate import generate, prefill
 from psm_jax.logits import target_positions, target_window_size, windowed_logprob
 from psm_jax.model import Capture, forward
 from psm_jax.reductions import masked_mean
@@ -189,6 +192,168 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
         inputs = _on_mesh(mesh, (batch.tokens, batch.attention_mask, answer_mask))
         lp = _answer_logprob(model.params, model.config, *inputs, edits, window=target_window_size(answer_mask))
         out.append(host_array(lp)[:n_real])
+    return np.concatenate(out)
+
+
+def option_logprob(params, config, prompt_tokens, prompt_mask, option_tokens, option_mask, answer_mask, edits, *,
+                   window: int):
+    """Summed log P of the answer tokens of k options [k, B, Ta] continuing one prompt each [B, Tp]: [B, k].
+
+    The prompt runs once, writing a KV cache of Tp + Ta slots; each option then runs from that cache (a scan over
+    options, so one compilation serves any k). The first answer token is predicted by the prompt's last slot,
+    the rest inside the option's own chunk. `edits` are stacked over options (leading axis k); the prompt runs
+    with option 0's, which must edit the prompt's slots as every other option's do (`OptionBatch.edits` checks).
+    Traceable; callers jit it (window static)."""
+    size = prompt_tokens.shape[1] + option_tokens.shape[2]
+    pre = prefill(params, config, prompt_tokens, prompt_mask, cache_size=size,
+                  edits=jax.tree.map(lambda x: x[0], edits))
+    last_logp = jax.nn.log_softmax(pre.logits[:, -1].astype(jnp.float32), axis=-1)
+
+    def one_option(_, xs):
+        tokens, mask, answers, option_edits = xs
+        positions, valid = target_positions(answers, window)
+        logits = forward(params, config, tokens, attention_mask=mask, edits=option_edits, cache=pre.cache,
+                         logits_positions=positions).logits
+        first = jnp.take_along_axis(last_logp, tokens[:, :1], axis=1)[:, 0]
+        return None, windowed_logprob(logits, tokens, positions, valid) + jnp.where(answers[:, 0], first, 0.0)
+
+    _, lp = jax.lax.scan(one_option, None, (option_tokens, option_mask, answer_mask, edits))
+    return lp.T
+
+
+_option_logprob = jax.jit(option_logprob, static_argnames=("config", "window"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionBatch:
+    """B prompts with k options each, laid out for `option_logprob`: every row is
+    [left padding | prompt | option | right padding], the prompt ending at slot Tp - 1 in every row.
+
+    `layouts[j]` is option j's rows as a PaddedBatch of Tp + Ta slots (what an `edits_fn` sees); `shared` is False
+    when a prompt's tokens differ between its options (a tokenizer merging across the answer boundary), and then
+    the options must be scored pair by pair."""
+    layouts: tuple[PaddedBatch, ...]
+    answer_mask: np.ndarray  # bool [k, B, Ta]
+    prompt_width: int
+    shared: bool
+
+    @property
+    def arrays(self) -> tuple:
+        """(prompt_tokens [B, Tp], prompt_mask, option_tokens [k, B, Ta], option_mask, answer_mask [k, B, Ta])."""
+        first, tp = self.layouts[0], self.prompt_width
+        option = lambda a: np.stack([getattr(b, a)[:, tp:] for b in self.layouts])  # noqa: E731
+        return (first.tokens[:, :tp], first.attention_mask[:, :tp], option("tokens"), option("attention_mask"),
+                self.answer_mask)
+
+    @property
+    def window(self) -> int:
+        return target_window_size(self.answer_mask.reshape(-1, self.answer_mask.shape[-1]))
+
+    def edits(self, edits_fn: EditsFn | None):
+        """`edits_fn` of each option's layout stacked over options, or None where they edit a prompt's slots
+        differently between options (such a batch is scored pair by pair); () without `edits_fn`."""
+        if edits_fn is None:
+            return ()
+        per_option = [tuple(edits_fn(b)) for b in self.layouts]
+        if not all(_same_prompt_edits(per_option[0], e, self.prompt_width) for e in per_option[1:]):
+            return None
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *per_option)
+
+
+def _answer_start(enc, last_turn: int) -> int:
+    """Index of the first answer content token of an encoded conversation (its last message, the assistant's)."""
+    answer = (np.asarray(enc.roles) == Role.ASSISTANT) & (np.asarray(enc.turns) == last_turn)
+    if not answer.any():
+        raise ValueError(f"conversation of {last_turn + 1} messages has no assistant content in its last message; "
+                         "expected a non-empty answer")
+    return int(np.argmax(answer))
+
+
+def _layout(encs, starts, prompt_width: int, option_width: int, pad: int) -> PaddedBatch:
+    """Rows [left padding | prompt | option | right padding] of prompt_width + option_width slots."""
+    rows, width = len(encs), prompt_width + option_width
+    out = PaddedBatch(np.full((rows, width), pad, np.int32), np.zeros((rows, width), bool),
+                      np.full((rows, width), ROLE_PAD, np.int8), np.full((rows, width), TURN_PAD, np.int32))
+    for r, (enc, s) in enumerate(zip(encs, starts)):
+        n = len(enc)
+        for dst, src in zip(out, (enc.tokens, np.ones(n, bool), enc.roles, enc.turns)):
+            dst[r, prompt_width - s:prompt_width + n - s] = np.asarray(src)
+    return out
+
+
+def option_batch(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]]) -> OptionBatch:
+    """Encode every (prompt, option) conversation and lay the batch out for `option_logprob`."""
+    k = len(options[0])
+    convs = [[list(p) + [{"role": "assistant", "content": o[j]}] for p, o in zip(prompts, options)]
+             for j in range(k)]
+    encs = [[encode_chat(model.tokenizer, c, add_generation_prompt=False, chat_template=model.chat_template)
+             for c in row] for row in convs]
+    starts = [[_answer_start(e, len(c) - 1) for e, c in zip(er, cr)] for er, cr in zip(encs, convs)]
+    shared = all(starts[j][r] == starts[0][r] and np.array_equal(encs[j][r].tokens[:starts[0][r]],
+                                                                 encs[0][r].tokens[:starts[0][r]])
+                 for j in range(k) for r in range(len(prompts)))
+    round_up = lambda n: -(-n // PAD_MULTIPLE) * PAD_MULTIPLE  # noqa: E731
+    tp = round_up(max(starts[0]))
+    ta = round_up(max(len(e) - s for er, sr in zip(encs, starts) for e, s in zip(er, sr)))
+    layouts = tuple(_layout(encs[j], starts[j], tp, ta, pad_id(model)) for j in range(k))
+    last_turn = np.asarray([len(c) - 1 for c in convs[0]])[:, None]
+    answers = np.stack([(b.roles == Role.ASSISTANT) & (b.turns == last_turn) for b in layouts])[:, :, tp:]
+    return OptionBatch(layouts, answers, tp, shared)
+
+
+def _same_prompt_edits(first: tuple, other: tuple, prompt_width: int) -> bool:
+    """True when `other` equals `first` except in position-mask slots after the prompt."""
+    if jax.tree.structure(other) != jax.tree.structure(first):
+        return False
+    for e0, e1 in zip(first, other):
+        for f in dataclasses.fields(e0):
+            a, b = getattr(e0, f.name), getattr(e1, f.name)
+            if not isinstance(a, (np.ndarray, jax.Array)):
+                if a != b:
+                    return False
+                continue
+            a, b = np.asarray(a), np.asarray(b)
+            if f.name == "positions":
+                a, b = a[:, :prompt_width], b[:, :prompt_width]
+            if not np.array_equal(a, b):
+                return False
+    return True
+
+
+def option_count(prompts: Sequence, options: Sequence[Sequence[str]], minimum: int = 1) -> int:
+    """The number k of options every prompt has; raises unless there is one option list per prompt, each of the
+    same length k >= `minimum`."""
+    n = len(prompts)
+    if n == 0 or len(options) != n:
+        raise ValueError(f"{n} prompts and {len(options)} option lists; expected equal, non-zero counts")
+    k = len(options[0])
+    if k < minimum or any(len(o) != k for o in options):
+        raise ValueError(f"option counts {sorted({len(o) for o in options})}; expected the same count >= {minimum} "
+                         "for every prompt")
+    return k
+
+
+def score_options(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]], *,
+                  batch_size: int = 16, edits_fn: EditsFn | None = None) -> np.ndarray:
+    """log P(option | prompt) summed over the option's content tokens as the assistant's reply, for every option
+    of every prompt: [n, k], equal to `score_answers` on each (prompt, option) pair.
+
+    Each prompt runs once and its k options continue from its KV cache (`option_logprob`), instead of k full
+    passes over the prompt. `edits_fn` sees each option's rows as `OptionBatch` lays them out; a batch whose
+    edits differ between options on the prompt's slots, or whose prompt tokens do (`OptionBatch.shared`), is
+    scored pair by pair. `batch_size`: prompts per forward pass."""
+    k = option_count(prompts, options)
+    out = []
+    for _, chunk, n_real in static_batches(list(zip(prompts, options)), batch_size):
+        ps, os_ = [p for p, _ in chunk], [o for _, o in chunk]
+        batch = option_batch(model, ps, os_)
+        edits = batch.edits(edits_fn) if batch.shared else None
+        if edits is None:
+            lp = score_answers(model, [p for p in ps for _ in range(k)], [a for o in os_ for a in o],
+                               batch_size=len(chunk) * k, edits_fn=edits_fn).reshape(len(chunk), k)
+        else:
+            lp = host_array(_option_logprob(model.params, model.config, *batch.arrays, edits, window=batch.window))
+        out.append(lp[:n_real])
     return np.concatenate(out)
 
 
