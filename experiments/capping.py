@@ -272,11 +272,17 @@ def jailbreak_measures(model, messages, prompts, *, edits_fn=None, batch_size: i
     """Per prompt, with each prompt's conversation `messages[i]`: identity = per-token log P(assistant
     self-description) - log P(in-role one); compliance = per-token log P(compliant opening) - log P(declining
     one). {"identity": [n], "compliance": [n]}."""
+    return jailbreak_measures_band(model, messages, prompts, [edits_fn], batch_size=batch_size)[0]
+
+
+def jailbreak_measures_band(model, messages, prompts, edits_fns, *, batch_size: int = 16) -> list[dict]:
+    """`jailbreak_measures` under each edit set of a band (the cap and its random controls), the layers below
+    every set's edits run once."""
     from psm_jax.persona import measures
 
     options = [(p.assistant_identity, p.persona_identity, p.comply, p.decline) for p in prompts]
-    s = measures.choice_scores(model, messages, options, edits_fn=edits_fn, batch_size=batch_size)
-    return {"identity": s[:, 0] - s[:, 1], "compliance": s[:, 2] - s[:, 3]}
+    band = measures.choice_scores_band(model, messages, options, edits_fns, batch_size=batch_size)
+    return [{"identity": s[:, 0] - s[:, 1], "compliance": s[:, 2] - s[:, 3]} for s in band]
 
 
 JAILBREAK_MEASURES = ("identity", "compliance")
@@ -334,9 +340,8 @@ def run_jailbreaks(model, prompts, cap_fn, random_fns, *, batch_size: int, seed:
     persona_msgs = [p.persona_messages() for p in prompts]
     default = jailbreak_measures(model, [p.default_messages() for p in prompts], prompts, batch_size=batch_size)
     persona = jailbreak_measures(model, persona_msgs, prompts, batch_size=batch_size)
-    capped = jailbreak_measures(model, persona_msgs, prompts, edits_fn=cap_fn, batch_size=batch_size)
-    randoms = [jailbreak_measures(model, persona_msgs, prompts, edits_fn=fn, batch_size=batch_size)
-               for fn in random_fns]
+    capped, *randoms = jailbreak_measures_band(model, persona_msgs, prompts, [cap_fn, *random_fns],
+                                               batch_size=batch_size)
     return {"ids": [p.id for p in prompts], "default": default, "persona": persona, "capped": capped,
             "summary": jailbreak_summary(default, persona, capped, randoms, seed=seed), "n_random": len(randoms)}
 

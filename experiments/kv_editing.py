@@ -47,7 +47,7 @@ from psm_jax import edits as E
 from psm_jax.chat import Role, encode_chat
 from psm_jax.generate import decode, prefill
 from psm_jax.kvcache import edit_cache_direct
-from psm_jax.model import Capture, forward
+from psm_jax.model import Capture, forward, jit_forward
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import unit
 from psm_jax.persona.stats import bootstrap_ci, null_band, outside_band
@@ -448,22 +448,30 @@ def capping_control(model, convs, u_all, cfg: Config):
 
     c = model.config
     layer = cfg.readout_layer
+    cap = Capture(sites=("resid_post",), layers=(layer,))
+    pad = model.config.pad_token_id or 0
     out = []
     for conv in convs:
         enc = encode_chat(model.tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages],
                           chat_template=model.chat_template)
-        tokens = jnp.asarray(enc.tokens[None])
-        cap = Capture(sites=("resid_post",), layers=(layer,))
-        base = forward(model.params, c, tokens, capture=cap).captured["resid_post"][0, 0] @ u_all[layer]
+        n_pad = bucket(len(enc))  # left padding to a bucket: one compilation serves conversations of similar length
+        tokens, mask = (jnp.asarray(x[None]) for x in left_pad(enc.tokens, n_pad, pad))
+        real = slice(n_pad - len(enc), n_pad)
+
+        def projections(edits=()):
+            out_ = jit_forward(model.params, c, tokens, attention_mask=mask, edits=edits, capture=cap)
+            return np.asarray(out_.captured["resid_post"][0, 0])[real] @ u_all[layer]
+
+        base = projections()
         asst = enc.roles == Role.ASSISTANT
         user = enc.roles == Role.USER
-        tau = float(percentile(np.asarray(base)[asst], 75))  # a floor that binds on most assistant tokens
+        tau = float(percentile(base[asst], 75))  # a floor that binds on most assistant tokens
         lo, hi = cfg.layer_ranges[0]
-        edit = E.clamp(c, u_all, layers=list(range(lo, min(hi, layer + 1))), floor=tau,
-                       positions=asst[None], site="resid_post")
-        capped = forward(model.params, c, tokens, edits=(edit,), capture=cap).captured["resid_post"][0, 0] \
-            @ u_all[layer]
-        d = np.asarray(capped - base)
+        positions = np.zeros((1, n_pad), bool)
+        positions[0, real] = asst
+        edit = E.clamp(c, u_all, layers=list(range(lo, min(hi, layer + 1))), floor=tau, positions=positions,
+                       site="resid_post")
+        d = projections((edit,)) - base
         out.append(dict(conversation=conv.id, tau=tau, assistant_shift=float(d[asst].mean()),
                         user_shift=float(d[user].mean()), user_abs_shift=float(np.abs(d[user]).mean()),
                         user_tokens=int(user.sum()), assistant_tokens=int(asst.sum())))

@@ -290,16 +290,20 @@ def answer_pairs(questions, pos_answers, neg_answers, system: str | None = None)
 ROWS_PER_FORWARD = 64  # sequences per batched forward (vectors x scored answers): bounds its activations
 
 
-@functools.partial(jax.jit, static_argnames=("config", "window", "shared"))
-def _logprobs_per_vector(params, config, arrays, edit, vectors, layer_masks, *, window: int, shared: bool):
+@functools.partial(jax.jit, static_argnames=("config", "window", "shared", "split"))
+def _logprobs_per_vector(params, config, arrays, edit, vectors, layer_masks, *, window: int, shared: bool,
+                         split: int = 0):
     """Answer log-probs [n_vectors, n_units, 2] (trait answer, other answer) of one batch, `edit` carrying
     vectors[k] at layer_masks[k]. `shared`: `arrays` are an `OptionBatch`'s (each prompt runs once, both answers
-    from its cache); else one padded batch of every unit's trait answer then its other answer."""
+    from its cache; with `split` > 0, every mask at or above it, the layers below run once for all vectors);
+    else one padded batch of every unit's trait answer then its other answer."""
+    prefix = rollouts.option_prefix(params, config, *arrays[:4], split=split) if shared and split else None
+
     def one(vector, layers):
         steer = (edit.replace(vector=vector, layers=layers),)
         if shared:
             return rollouts.option_logprob(params, config, *arrays, jax.tree.map(lambda x: jnp.stack([x, x]), steer),
-                                           window=window)
+                                           window=window, prefix=prefix)
         return rollouts.answer_logprob(params, config, *arrays, steer, window=window).reshape(2, -1).T
     return jax.vmap(one)(vectors, layer_masks)
 
@@ -329,8 +333,9 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
 
     Edits are data: the text is tokenised once and the vectors go through the model `rows_per_forward // rows` at
     a time (vmap over vector and layer mask), the last group padded so that every call has one shape; each prompt
-    runs once and both its answers continue from its KV cache (`rollouts.option_logprob`). A zero vector gives
-    the unsteered measure."""
+    runs once and both its answers continue from its KV cache (`rollouts.option_logprob`), and the layers below
+    the lowest steered one run once for every vector (`rollouts.option_prefix`). A zero vector gives the
+    unsteered measure."""
     vecs = np.asarray(vectors, np.float32)
     if vecs.ndim != 2 or vecs.shape[1] != model.config.d_model:
         raise ValueError(f"vectors have shape {vecs.shape}; expected [n_vectors, d_model={model.config.d_model}]")
@@ -338,6 +343,7 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
     masks = np.stack([np.asarray(E.layer_mask(model.config, L)) for L in layer_list]) if layer_list else None
     arrays, window, shared, counts = _encode_pairs(model, pairs)
     chunk = max(1, int(rows_per_forward) // counts.size)
+    split = min(layer_list, default=0)  # the layers below every vector's run once per batch
     edit = steering_edit(model, np.zeros(model.config.d_model, np.float32), 0, 1.0)
     out = []
     for start in range(0, len(vecs), chunk):
@@ -346,7 +352,7 @@ def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_for
         v = np.concatenate([vecs[part], np.repeat(vecs[part][-1:], fill, 0)])
         m = np.concatenate([masks[part], np.repeat(masks[part][-1:], fill, 0)])
         lp = _logprobs_per_vector(model.params, model.config, arrays, edit, jnp.asarray(v), jnp.asarray(m),
-                                  window=window, shared=shared)
+                                  window=window, shared=shared, split=split)
         out.append(np.asarray(lp, np.float64)[:part.stop - part.start])
     lp = np.concatenate(out) if out else np.zeros((0,) + counts.shape)
     if pairs.per_token:

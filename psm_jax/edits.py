@@ -282,6 +282,14 @@ def apply_edits(edits: Sequence[_Edit], site: str, layer: jax.Array, h: jax.Arra
 # Constructors with eager validation
 # --------------------------------------------------------------------------------------------
 
+def lowest_layer(config: ModelConfig, edits: Sequence) -> int:
+    """The lowest layer any of `edits` acts at (concrete layer masks, with any leading axes); n_layers without
+    edits. The layers below it are the unedited model's, which a band of edit sets can share."""
+    n = config.n_layers
+    acted = [np.asarray(e.layers).reshape(-1, n).any(0) for e in edits]
+    return min([int(np.argmax(m)) for m in acted if m.any()], default=n)
+
+
 def layer_mask(config: ModelConfig, layers) -> jax.Array:
     """Bool [n_layers] from an int, a list of ints, 'all', or a bool mask."""
     if isinstance(layers, str):

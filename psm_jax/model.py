@@ -86,6 +86,7 @@ class ForwardOutput:
     logits: jax.Array
     captured: dict
     cache: Any = None
+    residual: Any = None  # [B, T, D] after the last layer run, when a forward stops before the model's last layer
 
 
 def rms_norm(x, weight, eps: float, offset: float):
@@ -255,6 +256,34 @@ def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
     check_edits(config, edits, b, t if cache is None else cache.size)
 
 
+def check_layer_range(config: ModelConfig, start_layer, stop_layer, residual, tokens, edits, capture) -> tuple:
+    """(start, stop) of a forward over layers [start, stop): a residual [B, T, D] is the input exactly when
+    start > 0, and edits (concrete masks) and captures lie inside the range, since those outside it would never
+    run."""
+    n = config.n_layers
+    start, stop = start_layer, n if stop_layer is None else stop_layer
+    for name, v in (("start_layer", start), ("stop_layer", stop)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{name}={v!r}; expected an int")
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"layer range [{start}, {stop}); expected 0 <= start_layer < stop_layer <= n_layers={n}")
+    if (residual is None) != (start == 0):
+        raise ValueError(f"start_layer={start} with residual={'None' if residual is None else 'an array'}; a forward "
+                         "from layer 0 embeds the tokens, one from a later layer takes the residual stream entering it")
+    if residual is not None and tuple(residual.shape) != tuple(tokens.shape) + (config.d_model,):
+        want = tuple(tokens.shape) + (config.d_model,)
+        raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {want} (tokens' [B, T] and d_model)")
+    for e in edits:
+        if is_concrete(e.layers) and np.asarray(e.layers)[np.r_[0:start, stop:n]].any():
+            bad = [int(i) for i in np.flatnonzero(np.asarray(e.layers)) if not start <= i < stop]
+            raise ValueError(f"an edit acts at layers {bad}, outside the forward's layers [{start}, {stop})")
+    if capture.sites:
+        outside = [i for i in capture.layer_list(config) if not start <= i < stop]
+        if outside:
+            raise ValueError(f"capture layers {outside} lie outside the forward's layers [{start}, {stop})")
+    return int(start), int(stop)
+
+
 def check_edits(config: ModelConfig, edits, batch: int, width: int) -> None:
     """Each edit is an edits.* object whose layer mask is [n_layers] and position mask [batch, width]."""
     for e in edits:
@@ -289,7 +318,8 @@ def embed(params: dict, config: ModelConfig, tokens):
 
 def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, edits: Sequence = (),
             capture: Capture = Capture(), cache: KVCache | None = None, return_logits: bool = True,
-            logits_positions=None) -> ForwardOutput:
+            logits_positions=None, start_layer: int = 0, stop_layer: int | None = None,
+            residual=None) -> ForwardOutput:
     """Run the model on tokens [B, T].
 
     Without a cache, keys are the tokens themselves; with one, the tokens are written at slots
@@ -300,6 +330,12 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     reads a few target positions skips the vocab projection everywhere else; not through `jit_forward`,
     whose static arguments must be hashable).
 
+    `start_layer` / `stop_layer` (static) run only layers [start, stop): from a later layer the input is
+    `residual` [B, T, D], the stream entering `start_layer` (tokens still give the shape and, with the mask, the
+    positions); stopping early returns that stream in `ForwardOutput.residual` and no logits. A cache is
+    indexed by absolute layer, so two forwards over complementary ranges fill one cache: a band of edits that
+    all act at or above some layer can share one run of the layers below it.
+
     Inputs are checked where their values are concrete (outside jit): token ids in [0, vocab_size),
     T <= config.max_position (padded width), and with a cache cache.length + T <= cache.size and
     positions below max_position. Under jit (traced tokens or cache) these are the caller's contract:
@@ -309,6 +345,7 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     edits = tuple(edits)
     tokens = jnp.asarray(tokens) if isinstance(tokens, (list, tuple)) else tokens
     _check_inputs(config, tokens, attention_mask, edits, cache)
+    start, stop = check_layer_range(config, start_layer, stop_layer, residual, tokens, edits, capture)
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     start_pos = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_position
@@ -325,7 +362,7 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
         new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, write_at, axis=1)
         k_pos, k_valid = new_positions, new_valid
 
-    h = embed(params, config, tokens)
+    h = embed(params, config, tokens) if start == 0 else residual
     # Masks and RoPE angles are the same at every layer: built once here, selected per layer in the scan.
     global_bias = attention_bias(positions, k_pos, k_valid, None, False, h.dtype)
     local_bias = None
@@ -333,22 +370,26 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
         local_bias = attention_bias(positions, k_pos, k_valid, config.sliding_window, True, h.dtype)
     rope = _rope_tables(config, positions)
     capture_sites = tuple(capture.sites)
-    sliding = jnp.asarray(np.array(config.layer_is_sliding, bool))
-    layer_ids = jnp.arange(config.n_layers, dtype=jnp.int32)
+    n_run = stop - start
+    sliding = jnp.asarray(np.array(config.layer_is_sliding[start:stop], bool))
+    layer_ids = jnp.arange(start, stop, dtype=jnp.int32)
     body = functools.partial(_block, config, edits, capture_sites, slot_index, rope,
                              (global_bias, local_bias, write_at))
     carry = (h, None if cache is None else cache.k, None if cache is None else cache.v)
 
-    xs = (params["layers"], layer_ids, sliding)
-    idx = np.asarray(capture.layer_list(config)) if capture_sites else np.zeros((0,), int)
+    layer_params = params["layers"]
+    if n_run < config.n_layers:
+        layer_params = jax.tree.map(lambda a: a[start:stop], layer_params)
+    xs = (layer_params, layer_ids, sliding)
+    idx = np.asarray(capture.layer_list(config)) - start if capture_sites else np.zeros((0,), int)
     kept = sorted(set(idx.tolist()))
     captured = {}
-    if capture_sites and len(kept) < config.n_layers:
+    if capture_sites and len(kept) < n_run:
         # A few layers: captures go into carried buffers (one slot per captured layer, plus a scratch slot that the
         # other layers overwrite) instead of a stacked scan output for every layer that is then mostly dropped.
         shapes = jax.eval_shape(lambda c_, x_: body(c_, x_)[1], carry, jax.tree.map(lambda a: a[0], xs))
         bufs = {s: jnp.zeros((len(kept) + 1,) + shapes[s].shape, shapes[s].dtype) for s in capture_sites}
-        slot_of = np.full(config.n_layers, len(kept), np.int32)
+        slot_of = np.full(n_run, len(kept), np.int32)
         slot_of[kept] = np.arange(len(kept), dtype=np.int32)
 
         def body_into_buffers(state, xs_):
@@ -364,13 +405,15 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     else:
         carry, ys = jax.lax.scan(body, carry, xs)
         for s in capture_sites:
-            captured[s] = ys[s] if (idx == np.arange(config.n_layers)).all() else ys[s][idx]
+            captured[s] = ys[s] if (idx == np.arange(n_run)).all() else ys[s][idx]
     h, new_k, new_v = carry
     new_cache = None
     if cache is not None:
         new_cache = KVCache(k=new_k, v=new_v, positions=new_positions, valid=new_valid,
                             length=cache.length + t, next_position=jnp.max(positions, axis=1) + 1)
     logits = None
+    if stop < config.n_layers:
+        return ForwardOutput(logits=None, captured=captured, cache=new_cache, residual=h)
     if return_logits:
         if logits_positions is None:
             logits = unembed(params, config, h)
@@ -383,12 +426,16 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     return ForwardOutput(logits=logits, captured=captured, cache=new_cache)
 
 
-_jit_forward = jax.jit(forward, static_argnames=("config", "capture", "return_logits", "logits_positions"))
+_jit_forward = jax.jit(forward, static_argnames=("config", "capture", "return_logits", "logits_positions",
+                                                 "start_layer", "stop_layer"))
 
 
 def jit_forward(params: dict, config: ModelConfig, tokens, **kwargs) -> ForwardOutput:
-    """`forward` compiled (config, capture, return_logits, logits_positions static), with the value checks
-    (token ids, cache room) run on the concrete inputs first."""
+    """`forward` compiled (config, capture, return_logits, logits_positions and the layer range static), with the
+    value checks (token ids, cache room, edits inside the layer range) run on the concrete inputs first."""
     tokens = jnp.asarray(tokens)
-    _check_inputs(config, tokens, kwargs.get("attention_mask"), tuple(kwargs.get("edits", ())), kwargs.get("cache"))
+    edits = tuple(kwargs.get("edits", ()))
+    _check_inputs(config, tokens, kwargs.get("attention_mask"), edits, kwargs.get("cache"))
+    check_layer_range(config, kwargs.get("start_layer", 0), kwargs.get("stop_layer"), kwargs.get("residual"), tokens,
+                      edits, kwargs.get("capture", Capture()))
     return _jit_forward(params, config, tokens, **kwargs)

@@ -121,6 +121,54 @@ def test_option_scoring_from_a_shared_prompt_cache_matches_pair_scoring(tiny_cha
     assert np.ptp(got) > 1.0
 
 
+def test_a_band_of_upper_layer_edits_shares_the_layers_below(tiny_chat_model, monkeypatch):
+    """score_options_band runs the layers below the lowest edited one once per batch (`option_prefix`) and
+    equals pair-by-pair score_answers under every edit set of the band, the unedited model included."""
+    from psm_jax import edits as E
+    from psm_jax.persona import rollouts
+
+    m = tiny_chat_model
+    prompts = [[{"role": "user", "content": "Who are you?"}],
+               [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Tell me about the sea."}],
+               [{"role": "user", "content": "Hi"}]]
+    options = [("I am an assistant.", "A pirate, arr."), ("Arr, the sea is wide.", "I cannot help."),
+               ("Hello! How can I help?", "Ahoy.")]
+    rng = np.random.default_rng(5)
+    vec = 3.0 * rng.normal(size=m.config.d_model).astype(np.float32)
+    fns = [None,
+           lambda batch: (E.add(m.config, vec, layers=[1]),),
+           lambda batch: (E.clamp(m.config, vec, layers=[1, 2], floor=-0.5, ceiling=0.5),),
+           lambda batch: (E.add(m.config, -vec, layers=[2], positions=rollouts.assistant_positions(batch)),)]
+    splits = []
+    real = rollouts._option_prefix
+    monkeypatch.setattr(rollouts, "_option_prefix", lambda *a, **k: splits.append(k["split"]) or real(*a, **k))
+    got = rollouts.score_options_band(m, prompts, options, fns, batch_size=2)
+    assert splits == [1, 1]  # two batches, each running layer 0 once for the four edit sets
+    for fn, lp in zip(fns, got):
+        want = np.stack([rollouts.score_answers(m, prompts, [o[j] for o in options], batch_size=3, edits_fn=fn)
+                         for j in range(2)], axis=1)
+        np.testing.assert_allclose(lp, want, rtol=1e-5, atol=2e-4)
+    assert np.abs(got[1:] - got[0]).max() > 0.1  # the edits change the scores
+
+
+def test_an_empty_option_scores_zero_beside_its_siblings(tiny_chat_model, monkeypatch):
+    """An empty answer has no tokens to score: 0 in the shared layout as pair by pair, its siblings unchanged; a
+    prompt whose options are all empty scores 0 throughout."""
+    from psm_jax.persona import rollouts
+
+    m = tiny_chat_model
+    prompts = [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "Hi"}]]
+    options = [("", "A pirate, arr."), ("", "")]
+    shared_calls = []
+    real = rollouts._option_logprob
+    monkeypatch.setattr(rollouts, "_option_logprob", lambda *a, **k: shared_calls.append(1) or real(*a, **k))
+    got = rollouts.score_options(m, prompts, options, batch_size=2)
+    assert shared_calls, "the shared-prompt path did not run"
+    want = np.stack([rollouts.score_answers(m, prompts, [o[j] for o in options], batch_size=2) for j in range(2)], 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
+    assert got[0, 0] == 0 and got[1].tolist() == [0, 0] and got[0, 1] < -1.0
+
+
 def test_option_scoring_rejects_ragged_options(tiny_chat_model):
     from psm_jax.persona import rollouts
 

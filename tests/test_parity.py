@@ -102,3 +102,62 @@ def test_capture_subset_of_layers(tiny_hf):
     for s in sites:
         np.testing.assert_array_equal(some.captured[s], every.captured[s][jnp.array([1, 1, 0])])
     np.testing.assert_array_equal(some.logits, every.logits)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_forward_over_a_layer_range_continues_the_residual_stream(tiny_hf, name):
+    """Layers [0, a) then [a, L) from the returned residual: the residual equals transformers' hidden_states[a],
+    the logits its logits, with and without a KV cache that the two ranges fill together; captures inside the
+    range come back at their absolute layers."""
+    from psm_jax.generate import prefill
+
+    directory, model = tiny_hf(name)
+    params, config = load_hf_dir(directory)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, config.vocab_size, (2, SEQ)).astype(np.int32)
+    mask = np.ones((2, SEQ), bool)
+    mask[1, :4] = False
+    logits_ref, ref = _reference(model, tokens, mask)
+    t, m = jnp.asarray(tokens), jnp.asarray(mask)
+    a = config.n_layers - 1
+    low = jit_forward(params, config, t, attention_mask=m, stop_layer=a)
+    assert low.logits is None
+    np.testing.assert_allclose(np.asarray(low.residual)[mask], ref["resid_pre"][a][mask], atol=TOL, rtol=1e-5)
+    high = jit_forward(params, config, t, attention_mask=m, start_layer=a, residual=low.residual,
+                       capture=Capture(sites=("resid_pre",), layers=(a,)))
+    np.testing.assert_allclose(np.asarray(high.logits)[mask], logits_ref[mask], atol=TOL, rtol=1e-5)
+    np.testing.assert_array_equal(high.captured["resid_pre"][0], low.residual)
+
+    whole = prefill(params, config, t, m, cache_size=SEQ + 4)
+    from psm_jax.model import forward, init_cache
+
+    empty = init_cache(config, 2, SEQ + 4, whole.cache.k.dtype)
+    first = forward(params, config, t, attention_mask=m, cache=empty, stop_layer=a)
+    # the upper range writes the same slots: it starts from the lower range's K/V with the empty cache's bookkeeping
+    second = forward(params, config, t, attention_mask=m, start_layer=a, residual=first.residual,
+                     cache=empty.replace(k=first.cache.k, v=first.cache.v), logits_positions="last")
+    np.testing.assert_allclose(second.logits, whole.logits, atol=TOL, rtol=1e-5)
+    np.testing.assert_allclose(second.cache.k, whole.cache.k, atol=TOL, rtol=1e-5)
+    np.testing.assert_array_equal(second.cache.length, whole.cache.length)
+
+
+def test_layer_range_bad_inputs(tiny_hf):
+    from psm_jax import edits as E
+
+    directory, _ = tiny_hf("llama")
+    params, config = load_hf_dir(directory)
+    t = jnp.zeros((1, 4), jnp.int32)
+    h = jnp.zeros((1, 4, config.d_model))
+    with pytest.raises(ValueError, match=r"layer range \[2, 2\); expected 0 <= start_layer < stop_layer"):
+        jit_forward(params, config, t, start_layer=2, stop_layer=2, residual=h)
+    with pytest.raises(ValueError, match="start_layer=1 with residual=None"):
+        jit_forward(params, config, t, start_layer=1)
+    with pytest.raises(ValueError, match="start_layer=0 with residual=an array"):
+        jit_forward(params, config, t, residual=h)
+    with pytest.raises(ValueError, match=r"residual has shape \(1, 3, 64\); expected \(1, 4, 64\)"):
+        jit_forward(params, config, t, start_layer=1, residual=h[:, :3])
+    with pytest.raises(ValueError, match=r"an edit acts at layers \[0\], outside the forward's layers \[1, 3\)"):
+        jit_forward(params, config, t, start_layer=1, residual=h,
+                    edits=(E.add(config, np.ones(config.d_model), layers=[0, 2]),))
+    with pytest.raises(ValueError, match=r"capture layers \[2\] lie outside the forward's layers \[0, 2\)"):
+        jit_forward(params, config, t, stop_layer=2, capture=Capture(sites=("resid_post",), layers=(2,)))

@@ -77,10 +77,18 @@ def choice_scores(model, prompts: Sequence[Sequence[dict]], options: Sequence[Se
     """Per-token (`per_token`, default) or total log P(option | prompt) as the assistant's answer, for every option
     of every prompt: [n, k] (every prompt has the same number k of options). Each prompt runs once and its options
     continue from its KV cache (`rollouts.score_options`); `batch_size` prompts per forward pass."""
+    return choice_scores_band(model, prompts, options, [edits_fn], batch_size=batch_size, per_token=per_token)[0]
+
+
+def choice_scores_band(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]],
+                       edits_fns: Sequence[EditsFn | None], *, batch_size: int = 16, per_token: bool = True
+                       ) -> np.ndarray:
+    """`choice_scores` under each edit set of a band: [n_sets, n, k]; the layers below every set's edits run once
+    (`rollouts.score_options_band`)."""
     n, k = len(prompts), rollouts.option_count(prompts, options, minimum=2)
     flat_prompts = [p for p in prompts for _ in range(k)]
     counts = _content_counts(model, flat_prompts, [a for opts in options for a in opts]).reshape(n, k)
-    lp = rollouts.score_options(model, prompts, options, batch_size=even_batch(n, batch_size), edits_fn=edits_fn)
+    lp = rollouts.score_options_band(model, prompts, options, edits_fns, batch_size=even_batch(n, batch_size))
     return lp / counts if per_token else lp
 
 

@@ -21,11 +21,13 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
+from psm_jax import edits as E
 from psm_jax.chat import ROLE_PAD, TURN_PAD, PaddedBatch, Role, encode_chat, pad_batch, pad_id
 from psm_jax.generate import generate, prefill
 from psm_jax.logits import target_positions, target_window_size, windowed_logprob
-from psm_jax.model import Capture, forward
+from psm_jax.model import Capture, KVCache, forward, init_cache
 from psm_jax.reductions import masked_mean
 from psm_jax.sharding import host_array, shard_batch
 
@@ -195,29 +197,67 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
     return np.concatenate(out)
 
 
+@struct.dataclass
+class OptionPrefix:
+    """The layers below `split` run once over an option batch, for a band of edit sets that all act at or above
+    `split` (the rest of the stack then runs once per edit set): the residual stream entering layer `split` at the
+    prompt [B, Tp, D] and at each option [k, B, Ta, D], and a cache holding those layers' K/V of the prompt with
+    the bookkeeping of an empty cache, for the upper layers to write the prompt's slots again."""
+    prompt_residual: jax.Array
+    option_residual: jax.Array
+    cache: KVCache
+    split: int = struct.field(pytree_node=False)
+
+
+def option_prefix(params, config, prompt_tokens, prompt_mask, option_tokens, option_mask, *, split: int
+                  ) -> OptionPrefix:
+    """Layers [0, split) of `option_logprob`'s passes, unedited. Traceable."""
+    empty = init_cache(config, prompt_tokens.shape[0], prompt_tokens.shape[1] + option_tokens.shape[2],
+                       params["embed"].dtype)
+    low = forward(params, config, prompt_tokens, attention_mask=prompt_mask, cache=empty, stop_layer=split)
+
+    def one_option(_, xs):
+        tokens, mask = xs
+        return None, forward(params, config, tokens, attention_mask=mask, cache=low.cache, stop_layer=split).residual
+
+    _, option_residual = jax.lax.scan(one_option, None, (option_tokens, option_mask))
+    return OptionPrefix(low.residual, option_residual, empty.replace(k=low.cache.k, v=low.cache.v), split)
+
+
+_option_prefix = jax.jit(option_prefix, static_argnames=("config", "split"))
+
+
 def option_logprob(params, config, prompt_tokens, prompt_mask, option_tokens, option_mask, answer_mask, edits, *,
-                   window: int):
+                   window: int, prefix: OptionPrefix | None = None):
     """Summed log P of the answer tokens of k options [k, B, Ta] continuing one prompt each [B, Tp]: [B, k].
 
     The prompt runs once, writing a KV cache of Tp + Ta slots; each option then runs from that cache (a scan over
     options, so one compilation serves any k). The first answer token is predicted by the prompt's last slot,
     the rest inside the option's own chunk. `edits` are stacked over options (leading axis k); the prompt runs
     with option 0's, which must edit the prompt's slots as every other option's do (`OptionBatch.edits` checks).
-    Traceable; callers jit it (window static)."""
+    With a `prefix` (`option_prefix` of the same arrays) only layers from `prefix.split` up run here; the edits
+    must act there only. Traceable; callers jit it (window static)."""
     size = prompt_tokens.shape[1] + option_tokens.shape[2]
-    pre = prefill(params, config, prompt_tokens, prompt_mask, cache_size=size,
-                  edits=jax.tree.map(lambda x: x[0], edits))
+    prompt_edits = jax.tree.map(lambda x: x[0], edits)
+    if prefix is None:
+        pre = prefill(params, config, prompt_tokens, prompt_mask, cache_size=size, edits=prompt_edits)
+        upper, option_residual = {}, None
+    else:
+        upper = dict(start_layer=prefix.split)
+        pre = forward(params, config, prompt_tokens, attention_mask=prompt_mask, edits=prompt_edits,
+                      cache=prefix.cache, residual=prefix.prompt_residual, logits_positions="last", **upper)
+        option_residual = prefix.option_residual
     last_logp = jax.nn.log_softmax(pre.logits[:, -1].astype(jnp.float32), axis=-1)
 
     def one_option(_, xs):
-        tokens, mask, answers, option_edits = xs
+        tokens, mask, answers, option_edits, residual = xs
         positions, valid = target_positions(answers, window)
         logits = forward(params, config, tokens, attention_mask=mask, edits=option_edits, cache=pre.cache,
-                         logits_positions=positions).logits
+                         logits_positions=positions, residual=residual, **upper).logits
         first = jnp.take_along_axis(last_logp, tokens[:, :1], axis=1)[:, 0]
         return None, windowed_logprob(logits, tokens, positions, valid) + jnp.where(answers[:, 0], first, 0.0)
 
-    _, lp = jax.lax.scan(one_option, None, (option_tokens, option_mask, answer_mask, edits))
+    _, lp = jax.lax.scan(one_option, None, (option_tokens, option_mask, answer_mask, edits, option_residual))
     return lp.T
 
 
@@ -260,13 +300,18 @@ class OptionBatch:
         return jax.tree.map(lambda *xs: jnp.stack(xs), *per_option)
 
 
-def _answer_start(enc, last_turn: int) -> int:
-    """Index of the first answer content token of an encoded conversation (its last message, the assistant's)."""
+def _answer_start(enc, last_turn: int) -> int | None:
+    """Index of the first answer content token of an encoded conversation (its last message, the assistant's);
+    None when that message has no content tokens."""
     answer = (np.asarray(enc.roles) == Role.ASSISTANT) & (np.asarray(enc.turns) == last_turn)
-    if not answer.any():
-        raise ValueError(f"conversation of {last_turn + 1} messages has no assistant content in its last message; "
-                         "expected a non-empty answer")
-    return int(np.argmax(answer))
+    return int(np.argmax(answer)) if answer.any() else None
+
+
+def _row_starts(row_starts: list, row_encs: list) -> list[int]:
+    """One prompt's answer starts across its options, an empty option taking a sibling's start (its option slots
+    then hold no answer token and score 0); all options empty: the whole encoding is prompt."""
+    known = [s for s in row_starts if s is not None]
+    return [s if s is not None else (known[0] if known else len(e)) for s, e in zip(row_starts, row_encs)]
 
 
 def _layout(encs, starts, prompt_width: int, option_width: int, pad: int) -> PaddedBatch:
@@ -288,13 +333,15 @@ def option_batch(model, prompts: Sequence[Sequence[dict]], options: Sequence[Seq
              for j in range(k)]
     encs = [[encode_chat(model.tokenizer, c, add_generation_prompt=False, chat_template=model.chat_template)
              for c in row] for row in convs]
-    starts = [[_answer_start(e, len(c) - 1) for e, c in zip(er, cr)] for er, cr in zip(encs, convs)]
+    by_row = [_row_starts([_answer_start(encs[j][r], len(convs[j][r]) - 1) for j in range(k)],
+                          [encs[j][r] for j in range(k)]) for r in range(len(prompts))]
+    starts = [[by_row[r][j] for r in range(len(prompts))] for j in range(k)]
     shared = all(starts[j][r] == starts[0][r] and np.array_equal(encs[j][r].tokens[:starts[0][r]],
                                                                  encs[0][r].tokens[:starts[0][r]])
                  for j in range(k) for r in range(len(prompts)))
     round_up = lambda n: -(-n // PAD_MULTIPLE) * PAD_MULTIPLE  # noqa: E731
     tp = round_up(max(starts[0]))
-    ta = round_up(max(len(e) - s for er, sr in zip(encs, starts) for e, s in zip(er, sr)))
+    ta = round_up(max(1, max(len(e) - s for er, sr in zip(encs, starts) for e, s in zip(er, sr))))
     layouts = tuple(_layout(encs[j], starts[j], tp, ta, pad_id(model)) for j in range(k))
     last_turn = np.asarray([len(c) - 1 for c in convs[0]])[:, None]
     answers = np.stack([(b.roles == Role.ASSISTANT) & (b.turns == last_turn) for b in layouts])[:, :, tp:]
@@ -342,19 +389,38 @@ def score_options(model, prompts: Sequence[Sequence[dict]], options: Sequence[Se
     passes over the prompt. `edits_fn` sees each option's rows as `OptionBatch` lays them out; a batch whose
     edits differ between options on the prompt's slots, or whose prompt tokens do (`OptionBatch.shared`), is
     scored pair by pair. `batch_size`: prompts per forward pass."""
+    return score_options_band(model, prompts, options, [edits_fn], batch_size=batch_size)[0]
+
+
+def score_options_band(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]],
+                       edits_fns: Sequence[EditsFn | None], *, batch_size: int = 16) -> np.ndarray:
+    """`score_options` under each of several edit sets: [n_sets, n, k]. The layers below the lowest one that any
+    set edits run once per batch (`option_prefix`), so a band of edits at upper layers (random caps, a sweep of
+    vectors at one layer) costs only the layers it changes."""
     k = option_count(prompts, options)
+    fns = list(edits_fns)
+    if not fns:
+        raise ValueError("edits_fns is empty; expected at least one edit set (None for the unedited model)")
+    params, config = model.params, model.config
     out = []
     for _, chunk, n_real in static_batches(list(zip(prompts, options)), batch_size):
         ps, os_ = [p for p, _ in chunk], [o for _, o in chunk]
         batch = option_batch(model, ps, os_)
-        edits = batch.edits(edits_fn) if batch.shared else None
-        if edits is None:
-            lp = score_answers(model, [p for p in ps for _ in range(k)], [a for o in os_ for a in o],
-                               batch_size=len(chunk) * k, edits_fn=edits_fn).reshape(len(chunk), k)
-        else:
-            lp = host_array(_option_logprob(model.params, model.config, *batch.arrays, edits, window=batch.window))
-        out.append(lp[:n_real])
-    return np.concatenate(out)
+        edits = [batch.edits(fn) if batch.shared else None for fn in fns]
+        split = min((E.lowest_layer(config, e) for e in edits if e is not None), default=0)
+        prefix = (_option_prefix(params, config, *batch.arrays[:4], split=split)
+                  if len(fns) > 1 and 0 < split < config.n_layers else None)
+        rows = []
+        for fn, e in zip(fns, edits):
+            if e is None:
+                lp = score_answers(model, [p for p in ps for _ in range(k)], [a for o in os_ for a in o],
+                                   batch_size=len(chunk) * k, edits_fn=fn).reshape(len(chunk), k)
+            else:
+                lp = host_array(_option_logprob(params, config, *batch.arrays, e, window=batch.window,
+                                                prefix=prefix))
+            rows.append(lp[:n_real])
+        out.append(np.stack(rows))
+    return np.concatenate(out, axis=1)
 
 
 def conversation_nll(model, conversations: Sequence[Sequence[dict]], *, batch_size: int = 4,
