@@ -273,11 +273,12 @@ def check_layer_range(config: ModelConfig, start_layer, stop_layer, residual, to
     if residual is not None and tuple(residual.shape) != tuple(tokens.shape) + (config.d_model,):
         want = tuple(tokens.shape) + (config.d_model,)
         raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {want} (tokens' [B, T] and d_model)")
-    for e in edits:
+    whole = (start, stop) == (0, n)  # the default: nothing can lie outside, and nothing is read back to the host
+    for e in () if whole else edits:
         if is_concrete(e.layers) and np.asarray(e.layers)[np.r_[0:start, stop:n]].any():
             bad = [int(i) for i in np.flatnonzero(np.asarray(e.layers)) if not start <= i < stop]
             raise ValueError(f"an edit acts at layers {bad}, outside the forward's layers [{start}, {stop})")
-    if capture.sites:
+    if capture.sites and not whole:
         outside = [i for i in capture.layer_list(config) if not start <= i < stop]
         if outside:
             raise ValueError(f"capture layers {outside} lie outside the forward's layers [{start}, {stop})")
