@@ -167,6 +167,12 @@ def test_an_empty_option_scores_zero_beside_its_siblings(tiny_chat_model, monkey
     want = np.stack([rollouts.score_answers(m, prompts, [o[j] for o in options], batch_size=2) for j in range(2)], 1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
     assert got[0, 0] == 0 and got[1].tolist() == [0, 0] and got[0, 1] < -1.0
+    from psm_jax.persona import measures
+
+    np.testing.assert_allclose(measures.choice_scores(m, prompts, options, batch_size=2, per_token=False), got,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="has no content tokens"):
+        measures.choice_scores(m, prompts, options, batch_size=2)
 
 
 def test_option_scoring_rejects_ragged_options(tiny_chat_model):

@@ -86,10 +86,11 @@ def choice_scores_band(model, prompts: Sequence[Sequence[dict]], options: Sequen
     """`choice_scores` under each edit set of a band: [n_sets, n, k]; the layers below every set's edits run once
     (`rollouts.score_options_band`)."""
     n, k = len(prompts), rollouts.option_count(prompts, options, minimum=2)
-    flat_prompts = [p for p in prompts for _ in range(k)]
-    counts = _content_counts(model, flat_prompts, [a for opts in options for a in opts]).reshape(n, k)
     lp = rollouts.score_options_band(model, prompts, options, edits_fns, batch_size=even_batch(n, batch_size))
-    return lp / counts if per_token else lp
+    if not per_token:  # totals: an empty answer scores 0
+        return lp
+    flat_prompts = [p for p in prompts for _ in range(k)]
+    return lp / _content_counts(model, flat_prompts, [a for opts in options for a in opts]).reshape(n, k)
 
 
 def multiple_choice(model, items, *, edits_fn: EditsFn | None = None, batch_size: int = 16) -> dict:
