@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax.config import RopeConfig
-from psm_jax.native import amx
+from psm_jax.native import amx, decode
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -69,12 +69,27 @@ def grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):
     """q [B,T,H,hd]; k, v [B,S,KV,hd]; bias [B,1,1,T,S] -> [B,T,H,hd].
 
     Heads are grouped as [KV, H // KV] so K/V are never repeated in memory. bf16 on an AMX CPU runs the fused
-    kernel of psm_jax.native.amx (same function; gradients through this XLA version).
+    kernel of psm_jax.native.amx; f32 decoding (a few query tokens) on a CPU runs psm_jax.native.decode's kernel,
+    which reads the cache in place. Both compute this function and take their gradients through its XLA version.
     """
+    reference = functools.partial(_xla_grouped_attention, scale=scale, softcap=softcap)
     if amx.uses_attention_kernel(q, k, v, softcap):
-        return amx.attention(q, k, v, bias, scale,
-                             functools.partial(_xla_grouped_attention, scale=scale, softcap=softcap))
-    return _xla_grouped_attention(q, k, v, bias, scale=scale, softcap=softcap)
+        return amx.attention(q, k, v, bias, scale, reference)
+    if decode.uses_kernel(q, k, v):
+        return decode.attention(q, k, v, bias, scale=scale, softcap=softcap, reference=reference)
+    return reference(q, k, v, bias)
+
+
+def cached_attention(q, cache_k, cache_v, layer, bias, *, scale: float, softcap: float | None):
+    """grouped_attention over layer `layer` (traced) of a stacked KV cache [L,B,S,KV,hd]. f32 decoding on a CPU
+    reads the stack in place on psm_jax.native.decode's kernel; otherwise the layer's K/V are sliced out."""
+    if decode.uses_kernel(q, cache_k, cache_v):
+        reference = functools.partial(_xla_grouped_attention, scale=scale, softcap=softcap)
+        return decode.attention(q, cache_k, cache_v, bias, scale=scale, softcap=softcap, reference=reference,
+                                layer=layer)
+    keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False).astype(q.dtype)
+    values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False).astype(q.dtype)
+    return grouped_attention(q, keys, values, bias, scale=scale, softcap=softcap)
 
 
 def _xla_grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from psm_jax.attention import apply_rope, attention_bias, grouped_attention, rope_angles, rope_inv_freq
+from psm_jax.attention import apply_rope, attention_bias, cached_attention, grouped_attention, rope_angles, rope_inv_freq
 from psm_jax.config import ModelConfig
 from psm_jax.edits import SITES, apply_edits
 from psm_jax.native import amx
@@ -167,18 +167,15 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
     site("v", v)
 
     global_bias, local_bias, write_at = attn_ctx
+    bias = global_bias if local_bias is None else jnp.where(is_sliding, local_bias, global_bias)
+    scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     if cache_k is None:
-        keys, values = k, v
+        attn = grouped_attention(q, k, v, bias, scale=scale, softcap=c.attn_logit_softcap)
     else:
         at = (layer, 0, write_at, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
-        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-        values = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
-    bias = global_bias if local_bias is None else jnp.where(is_sliding, local_bias, global_bias)
-    scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
-    attn = grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), bias, scale=scale,
-                             softcap=c.attn_logit_softcap)
+        attn = cached_attention(q, cache_k, cache_v, layer, bias, scale=scale, softcap=c.attn_logit_softcap)
     o = amx.dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
     if c.o_bias:
         o = o + lp["bo"]

@@ -1,0 +1,103 @@
+"""psm_jax.native.decode (the f32 decoding-attention kernel) against XLA's grouped attention, and the model's
+decoding through it against decoding through XLA."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from psm_jax import attention as A
+from psm_jax.generate import generate
+from psm_jax.loading.hf import load_hf_dir
+from psm_jax.native import build as native_build
+from psm_jax.native import decode
+
+needs_kernel = pytest.mark.skipif(not decode.available(), reason="decode kernel unavailable (no compiler?)")
+# Where a C++ compiler exists the kernel must build: a skip there fails CI.
+pytestmark = [pytest.mark.ci_required] if native_build.compiler() else []
+
+
+def _case(seed, b=3, t=1, h=6, kv=2, d=32, s=24, window=None):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, s, kv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, s, kv, d)), jnp.float32)
+    lengths = np.array([s, s - 7, 5])[:b]
+    q_pos = jnp.asarray(lengths[:, None] - t + np.arange(t)[None, :])
+    k_pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    valid = np.arange(s)[None, :] < lengths[:, None]
+    valid[1, :4] = False                                   # left padding
+    bias = A.attention_bias(q_pos, k_pos, jnp.asarray(valid), window, jnp.asarray(window is not None), jnp.float32)
+    return q, k, v, bias
+
+
+def _both(q, k, v, bias, softcap):
+    ref = A._xla_grouped_attention(q, k, v, bias, scale=0.2, softcap=softcap)
+    got = jax.jit(functools.partial(A.grouped_attention, scale=0.2, softcap=softcap))(q, k, v, bias)
+    return np.asarray(ref), np.asarray(got)
+
+
+@needs_kernel
+@pytest.mark.parametrize("t,window,softcap", [(1, None, None), (3, None, None), (1, 6, None), (2, None, 5.0)])
+def test_kernel_matches_xla_attention(t, window, softcap):
+    q, k, v, bias = _case(t, t=t, window=window)
+    assert decode.uses_kernel(q, k, v)
+    ref, got = _both(q, k, v, bias, softcap)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_row_with_no_visible_slot_gets_the_mean_of_v_as_in_xla():
+    q, k, v, bias = _case(0)
+    bias = bias.at[2].set(jnp.finfo(jnp.float32).min)
+    ref, got = _both(q, k, v, bias, None)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2, 0, 0], np.asarray(v[2, :, 0].mean(0)), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_gradients_go_through_xla():
+    q, k, v, bias = _case(1)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return (fn(q, k, v, bias, scale=0.2, softcap=None) * w).sum()
+
+    got = jax.grad(functools.partial(loss, A.grouped_attention), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(functools.partial(loss, A._xla_grouped_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_longer_blocks_and_other_dtypes_keep_xla():
+    q, k, v, _ = _case(0, t=decode.MAX_QUERY_TOKENS + 1)
+    assert not decode.uses_kernel(q, k, v)
+    q1, k1, v1, _ = _case(0)
+    assert not decode.uses_kernel(q1.astype(jnp.bfloat16), k1.astype(jnp.bfloat16), v1.astype(jnp.bfloat16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_generation_through_the_kernel_equals_generation_through_xla(family, tiny_hf, monkeypatch):
+    """Greedy tokens and their log-probabilities from the decoding loop (which takes the kernel: asserted on the
+    compiled program) equal those of the same loop on XLA's attention; gemma3 adds sliding windows and soft-capping
+    is off in both."""
+    directory, _ = tiny_hf(family)
+    params, config = load_hf_dir(directory)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (3, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None, :] >= np.array([[0], [2], [5]]))
+
+    def run():
+        jax.clear_caches()
+        out = generate(params, config, tokens, mask, max_new_tokens=12, eos_ids=(), pad_id=0)
+        return np.asarray(out.tokens), np.asarray(out.logprobs)
+
+    lowered = jax.jit(lambda p, t, m: generate(p, config, t, m, max_new_tokens=12, eos_ids=(), pad_id=0).tokens)
+    assert decode.TARGET in lowered.lower(params, tokens, mask).as_text()
+    with_kernel = run()
+    monkeypatch.setattr(decode, "uses_kernel", lambda *a: False)
+    with_xla = run()
+    np.testing.assert_array_equal(with_kernel[0], with_xla[0])
+    np.testing.assert_allclose(with_kernel[1], with_xla[1], atol=1e-5)
