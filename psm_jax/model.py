@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from psm_jax.attention import apply_rope, attention_bias, cached_attention, grouped_attention, rope_angles, rope_inv_freq
+from psm_jax.attention import (apply_rope, attention_bias, cached_attention, grouped_attention, rope_angles,
+                               rope_inv_freq)
 from psm_jax.config import ModelConfig
 from psm_jax.edits import SITES, apply_edits
 from psm_jax.native import amx
@@ -128,7 +129,8 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
     """One decoder block. carry = (h, cache_k, cache_v) (the caches are None without a KV cache).
 
     With a cache, this layer's new K/V are written into the carried [L, B, S, KV, hd] arrays at
-    [layer, :, write_at] (an in-place update of T slots) and attention reads the layer's slots back.
+    [layer, :, write_at] (an in-place update of T slots) and attention reads the layer's slots back
+    (`cached_attention`: in place on the f32 CPU decoding kernel).
     Returns (carry, per-layer outputs: the captured sites).
     """
     h, cache_k, cache_v = carry

@@ -70,6 +70,27 @@ def test_gradients_go_through_xla():
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
+def test_a_layer_of_a_stacked_cache_is_read_where_it_lies():
+    """cached_attention at a traced layer of [L,B,S,KV,d] equals XLA's attention on that layer's slice, and its
+    gradient reaches that layer of the cache only."""
+    q, k, v, bias = _case(3)
+    rng = np.random.default_rng(4)
+    stack_k = jnp.stack([jnp.asarray(rng.standard_normal(k.shape), jnp.float32), k, 2 * k])
+    stack_v = jnp.stack([v, jnp.asarray(rng.standard_normal(v.shape), jnp.float32), -v])
+    assert decode.uses_kernel(q, stack_k, stack_v)
+    for layer in range(3):
+        got = jax.jit(functools.partial(A.cached_attention, scale=0.2, softcap=None))(
+            q, stack_k, stack_v, jnp.int32(layer), bias)
+        ref = A._xla_grouped_attention(q, stack_k[layer], stack_v[layer], bias, scale=0.2, softcap=None)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda ck: A.cached_attention(q, ck, stack_v, jnp.int32(1), bias, scale=0.2,
+                                                  softcap=None).sum())(stack_k)
+    ref = jax.grad(lambda kk: A._xla_grouped_attention(q, kk, stack_v[1], bias, scale=0.2, softcap=None).sum())(k)
+    np.testing.assert_allclose(grad[1], ref, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(grad[0])) and not np.any(np.asarray(grad[2]))
+
+
 def test_longer_blocks_and_other_dtypes_keep_xla():
     q, k, v, _ = _case(0, t=decode.MAX_QUERY_TOKENS + 1)
     assert not decode.uses_kernel(q, k, v)

@@ -83,8 +83,7 @@ def attention(q, k, v, bias, *, scale: float, softcap: float | None, reference, 
         return (*vjp(g), np.zeros((), jax.dtypes.float0))
 
     run.defvjp(fwd, bwd)
-    out = run(q, k, v, bias3, layer)
-    return out
+    return run(q, k, v, bias3, layer)
 
 
 __all__ = ["attention", "available", "uses_kernel", "MAX_QUERY_TOKENS"]
