@@ -27,6 +27,7 @@ import numpy as np
 
 from psm_jax.lowrank import is_lowrank
 from psm_jax.native import build as native_build
+from psm_jax.native.wrappers import kernel_bias, with_reference_gradient
 
 SOURCE = Path(__file__).with_name("_amx_kernels.cc")
 TARGET = "psm_amx_matmul"
@@ -120,8 +121,11 @@ def kernel_layout(layers: dict) -> dict:
     differentiate with respect to the result (jax.grad refuses integer inputs)."""
     if not available() or not any(getattr(v, "dtype", None) == jnp.bfloat16 for v in layers.values()):
         return layers
-    return {k: jax.lax.bitcast_convert_type(v, jnp.uint16) if k in PROJECTIONS and not is_lowrank(v) and v.dtype == jnp.bfloat16 and
-            v.ndim == 3 and v.shape[1] % 32 == 0 and v.shape[2] % 32 == 0 else v for k, v in layers.items()}
+    def on_kernel(name, w):
+        return (name in PROJECTIONS and not is_lowrank(w) and w.dtype == jnp.bfloat16 and w.ndim == 3
+                and w.shape[1] % 32 == 0 and w.shape[2] % 32 == 0)
+
+    return {k: jax.lax.bitcast_convert_type(v, jnp.uint16) if on_kernel(k, v) else v for k, v in layers.items()}
 
 
 def uses_kernel(x: jax.Array, w: jax.Array, transpose_b: bool = False) -> bool:
@@ -161,25 +165,18 @@ def attention(q, k, v, bias, scale: float, reference):
     [B,T,S] (additive); bf16 out. `reference(q, k, v, bias)` is the XLA function it equals, used for gradients."""
     b, t = q.shape[:2]
     s = k.shape[1]
-    bias3 = jnp.broadcast_to(bias.reshape(bias.shape[0], *bias.shape[-2:]), (b, t, s)).astype(jnp.float32)
+    bias3 = kernel_bias(bias, b, t, s)
 
-    @jax.custom_vjp
-    def run(q, k, v, bias3):
+    def kernel(q, k, v, bias3):
         out = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.uint16),
                                vmap_method="sequential")(_bits(q), _bits(k), _bits(v), bias3,
                                                          scale=np.float32(scale))
         return jax.lax.bitcast_convert_type(out, jnp.bfloat16)
 
-    def fwd(q, k, v, bias3):
-        return run(q, k, v, bias3), (q, k, v, bias3)
+    def on_xla(q, k, v, bias3):
+        return reference(q, k, v, bias3[:, None, None])
 
-    def bwd(res, g):
-        q, k, v, bias3 = res
-        _, vjp = jax.vjp(lambda q, k, v, b3: reference(q, k, v, b3[:, None, None]), q, k, v, bias3)
-        return vjp(g)
-
-    run.defvjp(fwd, bwd)
-    return run(q, k, v, bias3)
+    return with_reference_gradient(kernel, on_xla)(q, k, v, bias3)
 
 
 def uses_gated_kernel(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> bool:
@@ -193,8 +190,7 @@ def _gated_reference(x, w_gate, w_up):
     return jax.nn.silu(x @ _bf16(w_gate)) * (x @ _bf16(w_up))
 
 
-@jax.custom_vjp
-def _gated_amx(x2, w_gate, w_up):
+def _gated_kernel(x2, w_gate, w_up):
     def run(x):
         out = jax.ffi.ffi_call(GATED_TARGET, jax.ShapeDtypeStruct((x.shape[0], w_gate.shape[1]), jnp.uint16),
                                vmap_method="sequential")(_bits(x), _bits(w_gate), _bits(w_up))
@@ -203,18 +199,7 @@ def _gated_amx(x2, w_gate, w_up):
     return _on_padded_rows(run, x2)
 
 
-def _gated_fwd(x2, w_gate, w_up):
-    return _gated_amx(x2, w_gate, w_up), (x2, w_gate, w_up)
-
-
-def _gated_bwd(res, g):
-    x2, w_gate, w_up = res
-    _, vjp = jax.vjp(_gated_reference, x2, _bf16(w_gate), _bf16(w_up))
-    dx, dg, du = vjp(g)
-    return dx, _weight_cotangent(w_gate, dg), _weight_cotangent(w_up, du)
-
-
-_gated_amx.defvjp(_gated_fwd, _gated_bwd)
+_gated_amx = with_reference_gradient(_gated_kernel, _gated_reference)
 
 
 def gated_silu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:

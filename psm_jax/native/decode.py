@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax.native import build as native_build
+from psm_jax.native.wrappers import kernel_bias, with_reference_gradient
 
 SOURCE = Path(__file__).with_name("_decode_attention.cc")
 TARGET = "psm_decode_attention"
@@ -63,27 +64,17 @@ def attention(q, k, v, bias, *, scale: float, softcap: float | None, reference, 
     layer = jnp.asarray(layer, jnp.int32)
     b, t = q.shape[:2]
     s = k.shape[2]
-    bias3 = jnp.broadcast_to(bias.reshape(bias.shape[0], *bias.shape[-2:]), (b, t, s)).astype(jnp.float32)
+    bias3 = kernel_bias(bias, b, t, s)
 
     def sliced(q, k, v, bias3, layer):
         at = lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)  # noqa: E731
         return reference(q, at(k), at(v), bias3[:, None, None])
 
-    @jax.custom_vjp
-    def run(q, k, v, bias3, layer):
+    def kernel(q, k, v, bias3, layer):
         return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")(
             q, k, v, bias3, layer, scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
 
-    def fwd(q, k, v, bias3, layer):
-        return run(q, k, v, bias3, layer), (q, k, v, bias3, layer)
-
-    def bwd(res, g):
-        q, k, v, bias3, layer = res
-        _, vjp = jax.vjp(lambda q, k, v, b3: sliced(q, k, v, b3, layer), q, k, v, bias3)
-        return (*vjp(g), np.zeros((), jax.dtypes.float0))
-
-    run.defvjp(fwd, bwd)
-    return run(q, k, v, bias3, layer)
+    return with_reference_gradient(kernel, sliced)(q, k, v, bias3, layer)
 
 
 __all__ = ["attention", "available", "uses_kernel", "MAX_QUERY_TOKENS"]
