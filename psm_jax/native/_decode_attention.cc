@@ -8,7 +8,7 @@
 //
 // Why: when decoding, T is 1 and XLA's CPU code lays each layer's cached K and V out again for its batched dots on
 // every step, then runs those dots at a few GFLOP/s; reading the cache where it lies is bound by memory bandwidth
-// instead. Each (batch, KV head, query token) task reads its K and V rows once for the whole head group, and skips
+// instead. Each (batch, query token) task reads each slot's K and V rows (all KV heads, contiguous) once, and skips
 // the slots its bias masks (a cache is mostly empty early in a generation).
 //
 // A slot is masked when its bias is below -1e37 (the model writes the dtype's minimum there). A query row with no
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -36,6 +37,26 @@ inline float Dot(const float* a, const float* b, int64_t d) {
   return acc;
 }
 
+// exp(x) for x <= 0 (softmax after subtracting the row's maximum) in plain arithmetic that the compiler vectorises:
+// x = n ln2 + r with |r| <= ln2/2, exp(r) from a degree-7 polynomial, 2^n from the float's exponent bits. Relative
+// error about 1e-7; below -87.3 (where exp underflows float) it returns 0.
+inline float ExpNonPositive(float x) {
+  const float clamped = std::max(x, -87.3f);
+  const float n = std::floor(clamped * 1.44269504f + 0.5f);
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.3f ? 0.f : p * two_n;
+}
+
 inline void Axpy(float a, const float* x, float* y, int64_t d) {
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) y[j] += a * x[j];
@@ -45,44 +66,50 @@ struct Shapes {
   int64_t B, T, H, d, S, KV;
 };
 
-// One (batch b, KV head kvh, query token t): the G = H / KV query heads that share the KV head.
+// One (batch b, query token t): every query head. A slot's K (and later V) row holds all KV heads side by side
+// ([KV, d], contiguous), so each row is read once, in order, by one task.
 void Task(const float* q, const float* k, const float* v, const float* bias, float* o, const Shapes& n, float scale,
-          float softcap, int64_t b, int64_t kvh, int64_t t, std::vector<float>& scores, std::vector<int32_t>& slots) {
-  const int64_t G = n.H / n.KV, d = n.d, S = n.S;
+          float softcap, int64_t b, int64_t t, std::vector<float>& scores, std::vector<int32_t>& slots) {
+  const int64_t H = n.H, G = n.H / n.KV, d = n.d, S = n.S, row = n.KV * n.d;
   const float* bias_row = bias + (b * n.T + t) * S;
-  const float* q0 = q + ((b * n.T + t) * n.H + kvh * G) * d;
-  float* o0 = o + ((b * n.T + t) * n.H + kvh * G) * d;
+  const float* q0 = q + (b * n.T + t) * H * d;
+  float* o0 = o + (b * n.T + t) * H * d;
   slots.clear();
   for (int64_t s = 0; s < S; ++s)
     if (bias_row[s] >= kMaskedBelow) slots.push_back(static_cast<int32_t>(s));
-  std::fill(o0, o0 + G * d, 0.f);
+  std::fill(o0, o0 + H * d, 0.f);
   if (slots.empty()) {  // XLA: all scores equal the minimum -> uniform weights over every slot
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t g = 0; g < G; ++g) Axpy(1.f / S, v + ((b * S + s) * n.KV + kvh) * d, o0 + g * d, d);
+      for (int64_t h = 0; h < H; ++h) Axpy(1.f / S, v + (b * S + s) * row + (h / G) * d, o0 + h * d, d);
     return;
   }
   const int64_t m = static_cast<int64_t>(slots.size());
-  scores.resize(G * m);
+  scores.resize(H * m);
   for (int64_t i = 0; i < m; ++i) {
     const int64_t s = slots[i];
-    const float* ks = k + ((b * S + s) * n.KV + kvh) * d;
-    for (int64_t g = 0; g < G; ++g) {
-      float x = Dot(q0 + g * d, ks, d) * scale;
+    const float* ks = k + (b * S + s) * row;
+    for (int64_t h = 0; h < H; ++h) {
+      float x = Dot(q0 + h * d, ks + (h / G) * d, d) * scale;
       if (softcap > 0.f) x = std::tanh(x / softcap) * softcap;
-      scores[g * m + i] = x + bias_row[s];
+      scores[h * m + i] = x + bias_row[s];
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores.data() + g * m;
-    const float mx = *std::max_element(sg, sg + m);
+  for (int64_t h = 0; h < H; ++h) {
+    float* sh = scores.data() + h * m;
+    const float mx = *std::max_element(sh, sh + m);
     float total = 0.f;
-    for (int64_t i = 0; i < m; ++i) total += (sg[i] = std::exp(sg[i] - mx));
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < m; ++i) {
+      sh[i] = ExpNonPositive(sh[i] - mx);
+      total += sh[i];
+    }
     const float inv = 1.f / total;
-    for (int64_t i = 0; i < m; ++i) sg[i] *= inv;
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) sh[i] *= inv;
   }
   for (int64_t i = 0; i < m; ++i) {
-    const float* vs = v + ((b * S + slots[i]) * n.KV + kvh) * d;
-    for (int64_t g = 0; g < G; ++g) Axpy(scores[g * m + i], vs, o0 + g * d, d);
+    const float* vs = v + (b * S + slots[i]) * row;
+    for (int64_t h = 0; h < H; ++h) Axpy(scores[h * m + i], vs + (h / G) * d, o0 + h * d, d);
   }
 }
 
@@ -111,14 +138,12 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
   const float* vp = v.typed_data() + l * per_layer;
   const float* bp = bias.typed_data();
   float* op = o->typed_data();
-  psm::ParallelFor(n.B * n.KV * n.T, 4, [=](int64_t t0, int64_t t1) {
+  psm::ParallelFor(n.B * n.T, 2, [=](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     std::vector<int32_t> slots;
     slots.reserve(n.S);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t t = task % n.T, kvh = (task / n.T) % n.KV, b = task / (n.T * n.KV);
-      Task(qp, kp, vp, bp, op, n, scale, softcap, b, kvh, t, scores, slots);
-    }
+    for (int64_t task = t0; task < t1; ++task) Task(qp, kp, vp, bp, op, n, scale, softcap, task / n.T, task % n.T,
+                                                    scores, slots);
   });
   return ffi::Error::Success();
 }
