@@ -30,7 +30,7 @@ model finds it more likely under its role instruction than under an assistant pr
 passes its validity check on the model. The result is given for the whole role set and for the human archetypes
 (`human_categories`), each with its own axis and PCA.
 
-    psm assistant-axis --out runs/assistant_axis seed=0             # 54 roles, 128-token answers
+    psm assistant-axis --out runs/assistant_axis seed=0             # 54 roles x 24 questions, 128-token answers
     psm assistant-axis --preset quick --out runs/aa_quick           # a few roles, for smoke tests
     psm assistant-axis n_roles=none --out runs/aa_full              # every role
 """
@@ -66,8 +66,11 @@ class Config:
     seed: int = 0
     n_roles: int | None = 54  # 6 per category; None = every role; "assistant" is never one of them
     instructions_per_role: int = 1
-    n_questions: int = 6
-    default_samples: int = 2  # sampled responses per (default prompt, question); same questions as the roles
+    # Extraction questions per role: a role vector averages this many sampled answers, and at 6 questions the
+    # split-half reliability of the role-to-role spread is under 0.5 on the default model (noise spreads the
+    # roles along every component); 24 brings the Spearman-Brown prediction to about 0.75.
+    n_questions: int = 24
+    default_samples: int = 1  # sampled responses per (default prompt, question); same questions as the roles
     include_assistant_role: bool = True  # also compute the "assistant" role's vector (a reference point)
     max_new_tokens: int = 128
     temperature: float = 0.7
@@ -459,7 +462,7 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
     keep = ntok[:n] > 0
     adherence = {}
     if cfg.adherence == "likelihood":
-        nq, ds = len(role_q), cfg.default_samples
+        ds = cfg.default_samples
         by_q = {q: rolls[n + qi * ds].response for qi, q in enumerate(role_q)}  # first default prompt, first sample
         akeep, adherence = _adherence(model, cfg, convs, groups, rolls[:n], len(role_objs), by_q)
         keep &= akeep
