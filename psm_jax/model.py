@@ -172,7 +172,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
     bias = global_bias if local_bias is None else jnp.where(is_sliding, local_bias, global_bias)
     scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     if cache_k is None:
-        attn = grouped_attention(q, k, v, bias, scale=scale, softcap=c.attn_logit_softcap)
+        attn = grouped_attention(q, k, v, bias, scale=scale, softcap=c.attn_logit_softcap, causal=True)
     else:
         at = (layer, 0, write_at, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
