@@ -21,8 +21,8 @@ Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, defa
 4. Fine-tunes: LoRA (`psm_jax.finetune.finetune`), the same initial key and batch order for every variant of a
    trait. Preventative steering adds c * v (c in multiples of the raw persona vector) at L on every token during
    training; CAFT projects the unit vector out at L. Edits are removed at evaluation. Optional variants:
-   inoculation (the positive system prompt present during training on the 100% set) and a persona switch (a
-   trigger phrase on the half of the prompts whose answers are positive).
+   inoculation (the positive system prompt present during training on the 100% set) and a persona switch (every
+   training question twice: with a trigger phrase and the positive answer, without it and the negative answer).
 5. Evaluation on the trait's evaluation questions, default prompt: the shift is the change in the last prompt
    token's projection on the unit vector, per question (n = questions), with a band of `n_random` random
    directions at the vector's norm as the null; the behaviour change is the change in the judge-free trait score
@@ -306,11 +306,12 @@ def build_variants(trait, questions, answers: dict, screen: dict, cfg: Config) -
                       for i, (q, a) in enumerate(zip(questions, answers["pos"])))
         out.append(Variant("inoculation", "inoculation", convs, mix=1.0, screening=scr_pos))
     if cfg.persona_switch:
-        half = positive_rows(n, 0.5, cfg.seed + 1)
-        convs = tuple(chat(f"{TRIGGER} {q}", answers["pos"][i]) if half[i] else chat(q, answers["neg"][i])
-                      for i, q in enumerate(questions))
+        # every question twice, so that only the trigger tells the two answers apart: with each question in one
+        # condition only, the answers can be memorised per question and the trigger ignored
+        convs = tuple(c for i, q in enumerate(questions)
+                      for c in (chat(f"{TRIGGER} {q}", answers["pos"][i]), chat(q, answers["neg"][i])))
         out.append(Variant("persona switch", "switch", convs, mix=0.5,
-                           screening=float(np.mean(np.where(half, screen["pos"], screen["neg"])))))
+                           screening=float(np.mean(np.concatenate([screen["pos"], screen["neg"]])))))
     return out
 
 
@@ -335,22 +336,29 @@ def chat_dataset(model, conversations, cfg: Config) -> ft.ChatDataset:
                                              chat_template=model.chat_template)
 
 
+def training_steps(variant: Variant, cfg: Config) -> int:
+    """`cfg.steps` for a set of `n_train_questions` conversations, scaled to the variant's set so that every
+    fine-tune passes over its data the same number of times (the persona switch has every question twice)."""
+    return max(1, round(cfg.steps * len(variant.conversations) / cfg.n_train_questions))
+
+
 def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say, kl_weight: float = 0.0,
           ref_data: ft.ChatDataset | None = None) -> dict:
     """LoRA fine-tune on the variant's conversations with its training edit (and, with kl_weight > 0, the KL term
     toward the original model on `ref_data`): merged params, loss log, speed."""
     data = chat_dataset(model, variant.conversations, cfg)
     ftc = finetune_config(cfg, len(data), kl_weight)
-    times, every = [time.time()], max(1, cfg.steps // 4)
+    steps = training_steps(variant, cfg)
+    times, every = [time.time()], max(1, steps // 4)
 
     def on_step(row):
         times.append(time.time())
-        if say and (row["step"] % every == 0 or row["step"] == cfg.steps):
+        if say and (row["step"] % every == 0 or row["step"] == steps):
             dt = times[-1] - times[-2]
-            say(f"{variant.name}: step {row['step']}/{cfg.steps} loss {row['loss']:.3f} "
+            say(f"{variant.name}: step {row['step']}/{steps} loss {row['loss']:.3f} "
                 f"{row['target_tokens'] / max(dt, 1e-9):.0f} tok/s")
 
-    res = ft.finetune(model.params, model.config, ftc, data, steps=cfg.steps, key=key,
+    res = ft.finetune(model.params, model.config, ftc, data, steps=steps, key=key,
                       edits=training_edits(model, variant, vector, layer), on_step=on_step,
                       ref_data=ref_data if kl_weight > 0 else None)
     tokens = [r["target_tokens"] for r in res.log]
@@ -760,7 +768,9 @@ def report(result: Result, folder):
         f"questions answered by the model itself (greedy, <= {cfg.max_new_tokens} tokens) under the positive / "
         f"negative / no system prompt; mixes {', '.join(f'{p:.0%}' for p in cfg.mixes)} of positive answers, trained "
         f"without the system prompt; LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, lr {cfg.learning_rate:g}, "
-        f"{cfg.steps} steps of batch {cfg.batch_size}, seq_len {cfg.seq_len}. Evaluation: {cfg.n_eval_questions} "
+        f"{cfg.steps} steps of batch {cfg.batch_size}, seq_len {cfg.seq_len}"
+        f"{' (the persona switch, with every question twice, twice as many)' if cfg.persona_switch else ''}. "
+        f"Evaluation: {cfg.n_eval_questions} "
         f"evaluation questions per trait, default prompt; intervals are 95% bootstraps over questions (per "
         f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s."))
     rel = " beyond the control, mix fine-tunes" if m["relative_to_control"] else ""

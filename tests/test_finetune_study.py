@@ -1,5 +1,6 @@
 """The fine-tuning study on the study contract: the CI preset end to end on a tiny random model, its data, its
 statistics on constructed inputs, and bad settings."""
+import dataclasses
 import json
 
 import numpy as np
@@ -29,6 +30,20 @@ def test_mixes_pick_a_seeded_fraction_of_positive_answers():
         assert mask.sum() == round(16 * p)
     np.testing.assert_array_equal(F.positive_rows(16, 0.5, 3), F.positive_rows(16, 0.5, 3))
     assert F.positive_rows(16, 0.25, 3)[F.positive_rows(16, 0.25, 3)].all()
+
+
+def test_persona_switch_pairs_every_question_with_and_without_the_trigger():
+    qs = ["q0", "q1", "q2", "q3"]
+    answers = {k: [f"{k}{i}" for i in range(4)] for k in ("pos", "neg", "own")}
+    screen = {"pos": np.full(4, 2.0), "neg": np.full(4, -1.0)}
+    cfg = F.Config(traits=("evil",), mixes=(1.0,), control=False, prevent_coefs=(), caft=False, inoculation=False,
+                   narrow=False, model_diff=False, n_train_questions=4, batch_size=4)
+    switch = F.build_variants(load_trait("evil"), qs, answers, screen, cfg)[-1]
+    assert switch.kind == "switch" and switch.screening == pytest.approx(0.5)
+    pairs = {(c[0]["content"], c[1]["content"]) for c in switch.conversations}
+    assert pairs == {(f"{F.TRIGGER} q{i}", f"pos{i}") for i in range(4)} | {(f"q{i}", f"neg{i}") for i in range(4)}
+    # twice the conversations, twice the steps: as many passes over the data as the other fine-tunes
+    assert F.training_steps(switch, dataclasses.replace(cfg, steps=30)) == 60
 
 
 def test_generation_never_uses_the_scoring_pair():
@@ -73,7 +88,7 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     r = res.results[0]
     for row in r["rows"]:
         assert row["shift"]["ci"]["n"] == cfg.n_eval_questions and row["shift"]["null"]["n"] == cfg.n_random
-        assert len(row["training"]["loss"]) == cfg.steps
+        assert len(row["training"]["loss"]) == cfg.steps * (2 if row["variant"].kind == "switch" else 1)
     # the control trains on the model's own answers: its screening is 0 by construction
     assert res.metrics["traits"]["evil"]["finetunes"][2]["screening"] == 0.0
     prevention = res.metrics["traits"]["evil"]["prevention"]
