@@ -66,7 +66,7 @@ class Config:
     max_ppl_ratio: float = 1.5
     n_random: int = 24  # random directions in the null band (>= 20)
     clamp_multiples: tuple[float, ...] = (0.0, 4.0)  # x the latent's max activation (0 ablates it); () for none
-    n_questions: int = 10  # evaluation questions: the independent units
+    n_questions: int = 20  # evaluation questions (every packaged one): the independent units
     max_new_tokens: int = 32
     n_ppl_docs: int = 8  # held-out ShareGPT conversations for the perplexity ratio
     ppl_max_chars: int = 600
