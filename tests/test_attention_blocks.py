@@ -16,18 +16,18 @@ def test_causal_query_blocks_cover_the_rows(t):
     assert len(blocks) == 1 or min(hi - lo for lo, hi in blocks) >= A.MIN_QUERY_BLOCK // 2
 
 
-def _inputs(t, window=None):
+def _inputs(t, window=None, dtype=jnp.float32):
     b, h, kv, hd = 3, 6, 2, 16
     keys = jax.random.split(jax.random.PRNGKey(t), 4)
-    q = jax.random.normal(keys[0], (b, t, h, hd))
-    k = jax.random.normal(keys[1], (b, t, kv, hd))
-    v = jax.random.normal(keys[2], (b, t, kv, hd))
+    q = jax.random.normal(keys[0], (b, t, h, hd), dtype)
+    k = jax.random.normal(keys[1], (b, t, kv, hd), dtype)
+    v = jax.random.normal(keys[2], (b, t, kv, hd), dtype)
     mask = np.ones((b, t), bool)
     mask[1, t - 37:] = False        # right padding
-    mask[2, :29] = False            # left padding
+    mask[2, :90] = False            # left padding longer than a block: its first rows see no key in their block
     mask = jnp.asarray(mask)
     pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    bias = A.attention_bias(pos, pos, mask, window, jnp.asarray(window is not None), jnp.float32)
+    bias = A.attention_bias(pos, pos, mask, window, jnp.asarray(window is not None), dtype)  # as the forward builds it
     return q, k, v, bias, mask, keys[3]
 
 
@@ -38,6 +38,7 @@ def test_blocked_equals_full_on_valid_rows(t, window):
     blocked = A.grouped_attention(q, k, v, bias, scale=0.25, softcap=None, causal=True)
     valid = np.asarray(mask)
     np.testing.assert_allclose(np.asarray(blocked)[valid], np.asarray(full)[valid], rtol=1e-5, atol=1e-6)
+    assert np.isfinite(np.asarray(blocked)).all()  # padding rows are unspecified but never NaN or inf
 
     g = jax.random.normal(gkey, q.shape) * mask[:, :, None, None]  # cotangents on output rows only
 
@@ -55,3 +56,9 @@ def test_causal_needs_the_queries_own_keys():
     kv = jnp.zeros((1, 120, 1, 8))
     with pytest.raises(ValueError, match="120 keys for 100 queries"):
         A.grouped_attention(q, kv, kv, jnp.zeros((1, 1, 1, 100, 120)), scale=1.0, softcap=None, causal=True)
+
+
+def test_blocked_bf16_padding_rows_stay_finite():
+    q, k, v, bias, mask, _ = _inputs(256, dtype=jnp.bfloat16)
+    out = np.asarray(A.grouped_attention(q, k, v, bias, scale=0.25, softcap=None, causal=True).astype(jnp.float32))
+    assert np.isfinite(out).all()  # a NaN on a padding row would reach every row through the next layer's keys
