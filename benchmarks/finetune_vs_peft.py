@@ -46,9 +46,9 @@ while other jobs shared the two cores, so proportions rather than speeds):
     work is cut: logits only at target positions (none here: every position is a target), causal attention
     blocks skipped, or bf16 (a different dtype from the reference side).
   * causal query blocks (`psm_jax.attention.causal_query_blocks`: without a cache, 4 blocks of 64 queries at
-    T = 256, each attending only the keys up to its end) cut attention's forward + backward to about 0.6x; on the
-    whole step, alternating in one process on an AMD Zen 5 (3 rounds of 2 steps), 7.14 -> 6.70 s best and
-    8.10 -> 7.39 s median (6-9%).
+    T = 256, each attending only the keys up to its end): `benchmarks/attention_blocks.py` records attention's
+    forward + backward and this step, blocked over unblocked, alternating in one process (AMD Zen 5: 0.70x and
+    0.93x).
 
 Recorded: `finetune_tokens_per_s_vs_peft` = psm-jax tokens/s over peft tokens/s (target >= 1.5) and
 `finetune_peak_rss_over_params` = psm-jax's peak RSS over the float32 params' bytes (peft's beside it).
