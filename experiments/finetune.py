@@ -295,8 +295,8 @@ def build_variants(trait, questions, answers: dict, screen: dict, cfg: Config) -
     all_pos = tuple(chat(q, a) for q, a in zip(questions, answers["pos"]))
     scr_pos = float(np.mean(screen["pos"]))
     if cfg.control:
-        out.append(Variant("control (own answers)", "control", tuple(chat(q, a) for q, a in zip(questions, answers["own"])),
-                           screening=0.0))
+        own = tuple(chat(q, a) for q, a in zip(questions, answers["own"]))
+        out.append(Variant("control (own answers)", "control", own, screening=0.0))
     for c in cfg.prevent_coefs:
         out.append(Variant(f"preventative c={c:g}", "prevent", all_pos, mix=1.0, coef=float(c), screening=scr_pos))
     if cfg.caft:
@@ -873,6 +873,11 @@ def _beyond_headlines(beyond: dict) -> list[str]:
         out.append(f"- Model diffing (model_diff_latent_overlap): top-{ov['k']} overlap {ov['overlap']} (chance "
                    f"{ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]); Spearman r "
                    f"{_ci_text(sp['r'])}.")
+        if "beyond_control" in beyond["model_diff"]:
+            bc = beyond["model_diff"]["beyond_control"]
+            out.append(f"- Model diffing beyond the control fine-tune: top-{bc['overlap']['k']} overlap "
+                       f"{bc['overlap']['overlap']} (random band [{bc['overlap']['null']['low']:.0f}, "
+                       f"{bc['overlap']['null']['high']:.0f}]); Spearman r {_ci_text(bc['spearman']['r'])}.")
     return out
 
 
@@ -959,6 +964,19 @@ def _spread_plot(rep: Report, nv: dict) -> None:
                                          "and out of domain, per KL weight (95% CI over questions).")
 
 
+def _beyond_control_lines(md: dict) -> list[str]:
+    """The overlap and rank correlation of the fine-tune's change beyond the control fine-tune's."""
+    if "beyond_control" not in md:
+        return []
+    ov, sp = md["beyond_control"]["overlap"], md["beyond_control"]["spearman"]
+    return [f"- Beyond the control (the fine-tune's change minus the control fine-tune's, which removes the drift of "
+            f"training on the model's own answers): top-{ov['k']} overlap {ov['overlap']} (random band "
+            f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}])" + ("" if ov["above_null"] else
+                                                                       " -- not above the random band")
+            + f"; Spearman r {_ci_text(sp['r'])}, shuffled band [{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]"
+            + ("" if sp["outside_null"] else " -- inside the band") + "."]
+
+
 def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
     sae, ov, sp = md["sae"], md["overlap"], md["spearman"]
     da, pa = md["decoder_alignment"], md["prompt_decoder_alignment"]
@@ -976,6 +994,7 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
              f"- Spearman r of the two change vectors: {_ci_text(sp['r'])}, n = {sp['n']} latents; shuffled band "
              f"[{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else
                                                                       " -- inside the band") + ".",
+             *_beyond_control_lines(md),
              f"- Persona vector |cosine| with the decoder rows of the fine-tune's top latents: "
              f"{da['mean_abs_cos']:.3f} (random latents' band [{da['null']['low']:.3f}, {da['null']['high']:.3f}]); "
              f"of the system prompt's top latents: {pa['mean_abs_cos']:.3f}."]
@@ -1068,16 +1087,30 @@ def _beyond_records(result: Result, common: dict) -> list[dict]:
                                       f"{s['n_num']} out-of-domain questions; in-domain effect {ind['estimate']:.3g} "
                                       f"[{ind['low']:.3g}, {ind['high']:.3g}]", **common))
     if md is not None:
-        ov, sp = md["overlap"], md["spearman"]
-        out.append(dict(metric="model_diff_latent_overlap", value=ov["overlap"] / ov["k"], unit="fraction of top-k",
-                        target="above the random band (Wang et al. 2025)", k=ov["k"], overlap=ov["overlap"],
-                        chance=ov["chance"] / ov["k"], null_low=ov["null"]["low"] / ov["k"],
-                        null_high=ov["null"]["high"] / ov["k"], n=ov["n_latents"], above_null=ov["above_null"],
-                        spearman_r=sp["r"]["estimate"], spearman_low=sp["r"]["low"], spearman_high=sp["r"]["high"],
-                        control_overlap=None if "control_overlap" not in md else md["control_overlap"] / ov["k"],
-                        sae=md["sae"]["source"],
-                        reference=f"top-{ov['k']} overlap {ov['overlap']} (chance {ov['chance']:.2f}, random band "
-                                  f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} "
-                                  f"latents; Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, "
-                                  f"{sp['r']['high']:.3f}]", **common))
+        out.append(_overlap_record(md["overlap"], md["spearman"], md, common,
+                                   control_overlap=md.get("control_overlap")))
+        if "beyond_control" in md:
+            out.append(_overlap_record(md["beyond_control"]["overlap"], md["beyond_control"]["spearman"], md, common,
+                                       key="beyond_control", what="the fine-tune's latent change beyond the control "
+                                       "fine-tune's; "))
     return out
+
+
+def _overlap_record(ov: dict, sp: dict, md: dict, common: dict, *, key: str | None = None, what: str = "",
+                    control_overlap: int | None = None) -> dict:
+    """A model_diff_latent_overlap line: the top-k overlap with its chance and random band, and the Spearman r."""
+    line = dict(metric="model_diff_latent_overlap", value=ov["overlap"] / ov["k"], unit="fraction of top-k",
+                target="above the random band (Wang et al. 2025)", k=ov["k"], overlap=ov["overlap"],
+                chance=ov["chance"] / ov["k"], null_low=ov["null"]["low"] / ov["k"],
+                null_high=ov["null"]["high"] / ov["k"], n=ov["n_latents"], above_null=ov["above_null"],
+                spearman_r=sp["r"]["estimate"], spearman_low=sp["r"]["low"], spearman_high=sp["r"]["high"],
+                spearman_outside_null=sp["outside_null"], sae=md["sae"]["source"],
+                reference=f"{what}top-{ov['k']} overlap {ov['overlap']} (chance {ov['chance']:.2f}, random band "
+                          f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} latents; "
+                          f"Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, {sp['r']['high']:.3f}]",
+                **common)
+    if control_overlap is not None:
+        line["control_overlap"] = control_overlap / ov["k"]
+    if key is not None:
+        line["key"] = key
+    return line

@@ -325,7 +325,9 @@ def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
 
 def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None) -> dict:
     """Top-k overlap with its chance level and null band, Spearman r, and the persona vector's decoder alignment
-    of the fine-tune's top latents; the control fine-tune's overlap beside it."""
+    of the fine-tune's top latents. With the control fine-tune's changes: its own overlap, and the comparison
+    repeated on the fine-tune's change beyond the control's, which removes the drift that any fine-tune on the
+    model's own answers causes, so that what is left is specific to the trait data."""
     ov = overlap_stats(d_ft, d_sp, cfg.diff_top_k, alive, seed=cfg.seed)
     out = {"overlap": ov, "spearman": spearman(d_ft, d_sp, alive, seed=cfg.seed),
            "decoder_alignment": decoder_alignment(W_dec, vector, ov["top_a"], alive, seed=cfg.seed),
@@ -334,4 +336,7 @@ def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None) -> dict:
                            for j in ov["top_a"][:10]]}
     if d_ctrl is not None:
         out["control_overlap"] = overlap_stats(d_ctrl, d_sp, cfg.diff_top_k, alive, seed=cfg.seed)["overlap"]
+        beyond = np.asarray(d_ft, np.float64) - np.asarray(d_ctrl, np.float64)
+        out["beyond_control"] = {"overlap": overlap_stats(beyond, d_sp, cfg.diff_top_k, alive, seed=cfg.seed),
+                                 "spearman": spearman(beyond, d_sp, alive, seed=cfg.seed)}
     return out

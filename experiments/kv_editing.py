@@ -50,7 +50,7 @@ from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward, jit_forward
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import unit
-from psm_jax.persona.stats import bootstrap_ci, null_band, outside_band
+from psm_jax.persona.stats import bootstrap_ci, null_band, outside_band, paired_effect
 
 PERSONA_SOURCE = {
     "conversation": "The persona is established by the conversation only: its role-play system prompt is left out, "
@@ -350,6 +350,8 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
             if history_kind == "generated":
                 shown_histories[f"{conv.id}/generated"] = [m["content"] for m in history if m["role"] == "assistant"]
             hist, _ = _history_and_probe(model, history, probes[0])
+            edited = dict(assistant_tokens=int(np.sum(np.asarray(hist.roles) == Role.ASSISTANT)),
+                          user_tokens=int(np.sum(np.asarray(hist.roles) == Role.USER)))
             n_pad = bucket(len(hist))
             size = n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of the bucket only
             runner.set_sizes(size, eos, pad)
@@ -370,7 +372,7 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
                 for cond in conditions:
                     mode, kind, strength, lr = cond
                     row = dict(conversation=conv.id, history=history_kind, probe=probe, mode=mode, kind=kind,
-                               strength=strength, layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B)
+                               strength=strength, layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B, **edited)
                     if mode == "control_random":
                         cache1, resid1, edit1 = band[kind]
                         lo = runner.band(model.params, cache1, resid1, probe_b[:1], ans[0][:1], ans[1][:1], edit1,
@@ -541,11 +543,24 @@ def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None)
     return out
 
 
+def _axis_over_user(rows: list[dict], user_rows: list[dict], axis_rows: list[dict], seed: int) -> dict:
+    """Paired over units: the direct axis edit's shift on assistant tokens minus the same edit's on user tokens,
+    with the mean edited-token counts of each (the edit is per position, so more positions move the cache more)."""
+    on_user, on_asst = _unit_shifts(rows, user_rows), _unit_shifts(rows, axis_rows)
+    units = sorted(set(on_user) & set(on_asst))
+    d = paired_effect([on_asst[u] for u in units], [on_user[u] for u in units], seed=seed)
+    tokens = {k: float(np.mean([r[k] for r in user_rows])) if all(k in r for r in user_rows) else None
+              for k in ("assistant_tokens", "user_tokens")}
+    return dict(axis_minus_control=d["estimate"], axis_minus_control_low=d["low"],
+                axis_minus_control_high=d["high"], **tokens)
+
+
 def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
     """Per control and kind ("control/kind"): the identity log-odds shift against the unedited cache, 95% bootstrap
-    interval over units; a control that works has an interval containing 0. For the random directions also the
-    null band: the central 95% of the per-direction mean shifts, and whether the direct axis edit of the same
-    kind, strength and layers lies outside it."""
+    interval over units; a control that works has an interval containing 0. For the user-token control also the
+    paired difference from the direct axis edit on assistant tokens (how much more the assistant turns carry). For
+    the random directions the null band: the central 95% of the per-direction mean shifts, and whether the direct
+    axis edit of the same kind, strength and layers lies outside it."""
     rows = _only(rows, history)
     out = {}
     for ctl in CONTROLS:
@@ -553,14 +568,16 @@ def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) 
             sel = [r for r in rows if r["mode"] == ctl and r["kind"] == kind]
             v = dict(control=ctl, kind=kind, strength=sel[0]["strength"], layers=sel[0]["layers"],
                      **_shift(rows, sel, seed))
+            axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
+                         and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
+            if ctl == "control_user" and axis_edit:
+                v.update(_axis_over_user(rows, sel, axis_edit, seed))
             if ctl == "control_random":
                 per_dir = np.asarray([r["band_logodds"] for r in sel])  # [rows, directions]
                 base = {(r["conversation"], r["history"], r["probe"]): r["identity_logodds"]
                         for r in rows if r["mode"] == "none"}
                 b = np.asarray([base[(r["conversation"], r["history"], r["probe"])] for r in sel])
                 band = null_band((per_dir - b[:, None]).mean(axis=0))
-                axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
-                             and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
                 axis_shift = float(np.mean(list(_unit_shifts(rows, axis_edit).values()))) if axis_edit else None
                 v.update(band_low=band["low"], band_high=band["high"], n_directions=band["n"],
                          direct_axis_shift=axis_shift,
@@ -590,6 +607,15 @@ def _target_text(shifts: dict, controls: dict) -> str:
                    "assistant turns." if v["control"] == "control_user" else
                    " A random direction at matched norm moves it too: part of the edit's effect is generic "
                    "perturbation.")
+        if "axis_minus_control" in v:
+            counts = ("" if v["user_tokens"] is None else
+                      f" (per history {v['assistant_tokens']:.0f} assistant and {v['user_tokens']:.0f} user tokens "
+                      "edited)")
+            above = v["axis_minus_control_low"] > 0
+            why += (f" The same edit on the assistant turns moves it by {v['axis_minus_control']:+.3f} "
+                    f"[{v['axis_minus_control_low']:+.3f}, {v['axis_minus_control_high']:+.3f}] more, paired over "
+                    f"units{counts}: the assistant turns "
+                    f"{'carry more of the identity than the user turns' if above else 'are not shown to carry more'}.")
         band = ""
         if "band_low" in v and v.get("direct_axis_shift") is not None:
             band = (f" Band of {v['n_directions']} random directions: [{v['band_low']:+.3f}, {v['band_high']:+.3f}]; "
@@ -677,16 +703,29 @@ def records(result: Result) -> list[dict]:
                         reference=f"unedited cache; {v['mode']} edit, strength {v['strength']} ({v['kind']}), layers "
                                   f"{v['layers']}, n={v['n']} conversation x probe units ({v['samples_per_unit']} "
                                   f"samples each; histories {','.join(cfg.histories)}), model {cfg.model}, seed "
-                                  f"{cfg.seed}; shift {v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
+                                  f"{cfg.seed}; shift {v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, "
+                                  f"{v['ci_high']:+.4f}]",
                         target="> 0 (toward the Assistant)", mode=v["mode"], kind=v["kind"], key=key))
     for key, v in control_shifts(result.rows, cfg.seed).items():
         band = (f"; band of {v['n_directions']} directions [{v['band_low']:+.4f}, {v['band_high']:+.4f}]"
                 if "band_low" in v else "")
         out.append(dict(metric="kv_edit_control_shift_ci", value=f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
                         unit="nats per token (identity log-odds shift, 95% CI)",
-                        reference=f"unedited cache; {v['control']}: direct edit, strength {v['strength']} ({v['kind']}), "
-                                  f"layers {v['layers']}, n={v['n']} conversation x probe units, model {cfg.model}, "
+                        reference=f"unedited cache; {v['control']}: direct edit, strength {v['strength']} "
+                                  f"({v['kind']}), layers {v['layers']}, n={v['n']} conversation x probe units, model {cfg.model}, "
                                   f"seed {cfg.seed}; shift {v['logodds_shift']:+.4f}{band}",
                         target="contains 0", control=v["control"], kind=v["kind"], key=key, ci_low=v["ci_low"],
                         ci_high=v["ci_high"]))
+        if "axis_minus_control" in v:
+            out.append(dict(
+                metric="kv_edit_assistant_minus_user_shift", value=round(v["axis_minus_control"], 4),
+                unit="nats per token (identity log-odds shift, paired difference)",
+                reference=f"the direct edit ({v['kind']}, strength {v['strength']}, layers {v['layers']}) on assistant-"
+                          f"token positions minus the same edit on user-token positions, paired over n={v['n']} "
+                          f"conversation x probe units; 95% CI [{v['axis_minus_control_low']:+.4f}, "
+                          f"{v['axis_minus_control_high']:+.4f}]; edited tokens per history: assistant "
+                          f"{v['assistant_tokens']}, user {v['user_tokens']}; model {cfg.model}, seed {cfg.seed}",
+                target="interval above 0 (the persona is carried by the assistant turns)", kind=v["kind"],
+                key=f"assistant_minus_user/{v['kind']}", ci_low=v["axis_minus_control_low"],
+                ci_high=v["axis_minus_control_high"]))
     return out

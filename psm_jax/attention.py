@@ -127,7 +127,9 @@ def _xla_grouped_attention(q, k, v, bias, *, scale: float, softcap: float | None
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
-    scores = scores + bias
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+    # the mask is added in f32: in float16, a negative score plus the dtype's minimum overflows to -inf, and a
+    # row with every key masked would give NaN
+    scores = scores.astype(jnp.float32) + bias.astype(jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, hd)

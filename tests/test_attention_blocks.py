@@ -58,7 +58,21 @@ def test_causal_needs_the_queries_own_keys():
         A.grouped_attention(q, kv, kv, jnp.zeros((1, 1, 1, 100, 120)), scale=1.0, softcap=None, causal=True)
 
 
-def test_blocked_bf16_padding_rows_stay_finite():
-    q, k, v, bias, mask, _ = _inputs(256, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_blocked_half_precision_padding_rows_stay_finite(dtype):
+    """In float16 a score below about -16 plus the dtype's minimum overflows to -inf unless the mask is added in
+    f32; keys opposed to the queries make every score -36."""
+    q, k, v, bias, mask, _ = _inputs(256, dtype=dtype)
+    q, k = jnp.full_like(q, 3.0), jnp.full_like(k, -3.0)
     out = np.asarray(A.grouped_attention(q, k, v, bias, scale=0.25, softcap=None, causal=True).astype(jnp.float32))
     assert np.isfinite(out).all()  # a NaN on a padding row would reach every row through the next layer's keys
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = A._xla_grouped_attention(*f32, A.attention_bias(*_positions(mask), mask, None, jnp.asarray(False),
+                                                          jnp.float32), scale=0.25, softcap=None)
+    valid = np.asarray(mask)
+    np.testing.assert_allclose(out[valid], np.asarray(ref)[valid], atol=0.05)
+
+
+def _positions(mask):
+    pos = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    return pos, pos

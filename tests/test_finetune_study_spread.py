@@ -112,6 +112,30 @@ def test_summaries_give_the_record_lines_with_their_fields():
     assert {"spearman_r", "spearman_low", "spearman_high", "control_overlap"} <= set(diff)
 
 
+def test_model_diff_beyond_the_control_removes_the_drift_of_any_fine_tune():
+    """Generic drift (latents every fine-tune moves, more than the trait does) fills the plain top-k and hides the
+    trait latents; subtracting the control fine-tune's change brings them back."""
+    a, b = _planted()
+    rng = np.random.default_rng(2)
+    drift = np.zeros(a.size)
+    drift[200:210] = 5.0
+    d_ft, d_ctrl = a + drift, drift + 0.01 * rng.normal(size=a.size)
+    cfg = F.Config(traits=("evil",), diff_top_k=10)
+    W = rng.normal(size=(a.size, 16))
+    md = S.summarize_diff(d_ft, b, np.ones(a.size, bool), W, np.ones(16), cfg, d_ctrl=d_ctrl)
+    assert md["overlap"]["overlap"] == 0 and md["control_overlap"] == 0
+    bc = md["beyond_control"]
+    assert bc["overlap"]["overlap"] == 6 and bc["overlap"]["above_null"]
+    assert bc["spearman"]["r"]["estimate"] > md["spearman"]["r"]["estimate"]
+    md |= {"sae": {"source": "trained here"}, "n_documents": 12}
+    res = F.Result(cfg, [], {"shift_behaviour": None, "screening_shift": None, "traits": {}}, "m", 30, 576, 1.0,
+                   {"model_diff": md})
+    plain, beyond = [ln for ln in F.records(res) if ln["metric"] == "model_diff_latent_overlap"]
+    assert "key" not in plain and plain["value"] == 0 and plain["control_overlap"] == 0
+    assert beyond["key"] == "beyond_control" and beyond["value"] == pytest.approx(0.6)
+    assert beyond["reference"].startswith("the fine-tune's latent change beyond the control")
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(mixes=(0.0, 0.5)), "lacks 1.0"), (dict(kl_weights=(0.0, -1.0)), "kl_weights="),
     (dict(kl_weights=(1.0, 1.0)), "kl_weights="), (dict(control=False), "needs control=true"),

@@ -45,8 +45,14 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     band_rows = [r for r in m["rows"] if r["mode"] == "control_random"]
     assert all(len(r["band_logodds"]) == cfg.n_random and len(set(r["band_logodds"])) > 1 for r in band_rows)
     lines = out["records"]
-    assert [ln["metric"] for ln in lines] == ["kv_edit_identity_shift_ci_low"] * 4 + ["kv_edit_control_shift_ci"] * 4
-    assert [ln["key"] for ln in lines] == list(shifts) + list(controls)
+    assert [ln["metric"] for ln in lines] == (["kv_edit_identity_shift_ci_low"] * 4 + ["kv_edit_control_shift_ci",
+                                               "kv_edit_assistant_minus_user_shift"] * 2
+                                              + ["kv_edit_control_shift_ci"] * 2)
+    assert [ln["key"] for ln in lines if ln["metric"] != "kv_edit_assistant_minus_user_shift"] == \
+        list(shifts) + list(controls)
+    user = controls["control_user/norm"]
+    assert user["axis_minus_control"] == pytest.approx(shifts["direct/norm"]["logodds_shift"] - user["logodds_shift"])
+    assert user["assistant_tokens"] > 0 and user["user_tokens"] > 0
     assert all("n=2" in ln["reference"] for ln in lines)
     assert "established by the conversation only" in report and "## Targets" in report
     assert "By history kind" in report and "| scripted | control_random |" in report
@@ -104,6 +110,25 @@ def test_identity_shift_interval_over_units():
     assert shift["n"] == 3 and shift["logodds_shift"] == pytest.approx(np.mean([1.0, 0.9, 1.1]))
     assert 0.85 <= shift["ci_low"] <= shift["ci_high"] <= 1.15
     assert K.identity_shifts(rows, history="generated")["direct/norm"]["n"] == 3
+
+
+def test_user_token_control_paired_with_the_assistant_edit():
+    """The user-token control carries the paired difference from the same edit on assistant tokens, per unit."""
+    units = [(0.0, 1.0, 0.3), (0.5, 1.4, 0.6), (-0.2, 0.9, 0.3)]  # (unedited, assistant edit, user edit)
+    rows = [dict(conversation="c", history="scripted", probe=p, mode=m, kind="norm", strength=s, layers=lr, n=4,
+                 assistant_rate=0.0, identity_logodds=v, answer_projection=0.0, assistant_tokens=40, user_tokens=12)
+            for p, (b, a, u) in enumerate(units)
+            for m, s, lr, v in (("none", 0.0, "-", b), ("direct", 0.3, "0-1", a), ("control_user", 0.3, "0-1", u))]
+    user = K.control_shifts(rows)["control_user/norm"]
+    assert user["logodds_shift"] == pytest.approx(np.mean([0.3, 0.1, 0.5]))
+    assert user["axis_minus_control"] == pytest.approx(np.mean([0.7, 0.8, 0.6]))
+    assert 0.55 <= user["axis_minus_control_low"] <= user["axis_minus_control"] <= user["axis_minus_control_high"]
+    assert (user["assistant_tokens"], user["user_tokens"]) == (40, 12)
+    cfg = K.Config(n_conversations=1, probes=3, samples=4, strengths=(0.3,), layer_ranges=((0, 2),))
+    result = K.Result(config=cfg, rows=rows, control=[], samples=[], seconds=0.0)
+    (line,) = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_assistant_minus_user_shift"]
+    assert line["value"] == pytest.approx(user["axis_minus_control"], abs=1e-4) and line["ci_low"] > 0.5
+    assert "assistant 40.0, user 12.0" in line["reference"]
 
 
 def test_kv_editing_bad_inputs(tiny_chat_model, tmp_path):
