@@ -82,7 +82,9 @@ class Config:
     k: int = 32
     traits: tuple[str, ...] = ("evil", "sycophantic", "humorous")
     n_pairs: int = 5
-    n_questions: int = 10  # extraction questions; first half discovery, second half validation
+    # extraction questions; first half discovery, second half validation. The validation questions are the
+    # headline's independent units: every packaged question, so that the interval rests on 10 of them
+    n_questions: int = 20
     n_samples: int = 2  # sampled responses per (pair, question, polarity)
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -676,11 +678,30 @@ def _ci(e: dict, f: str = "+.3f") -> str:
     return f"{_f(e['estimate'], f)} [{_f(e['low'], f)}, {_f(e['high'], f)}]"
 
 
+def latent_specificity(d_validation: dict, best: dict, traits: Sequence[str], d_replicate: float) -> dict:
+    """Per contrast: its best latent's validation d on every trait contrast but its own, the traits where that d
+    also reaches `d_replicate` (the latent is shared with them), and for a trait contrast whether its own d is above
+    every other trait's (trait-specific; None for a contrast that is not a trait). A latent that separates every
+    persona prompt from the default is a persona-prompt latent, not a latent of one trait."""
+    out = {}
+    for name, latent in best.items():
+        others = {t: float(d_validation[t][latent]) for t in traits if t != name}
+        own = float(d_validation[name][latent])
+        out[name] = {"d_validation_other_traits": others,
+                     "shared_with": [t for t, d in others.items() if d >= d_replicate],
+                     "specific": (all(own > d for d in others.values()) if name in traits else None)}
+    return out
+
+
 def summary(result: Result) -> dict:
     """Per contrast (each trait, then role-vs-default): the headline numbers of metrics.json and the record lines."""
     by_latent = {r["latent"]: r for r in result.latent_records}
+    contrasts = list(result.results.items()) + [("role-vs-default", result.roles)]
+    spec = latent_specificity({name: res["d_validation"] for name, res in contrasts},
+                              {name: best_latent(res) for name, res in contrasts}, list(result.results),
+                              result.config.d_replicate)
     out = {}
-    for name, res in list(result.results.items()) + [("role-vs-default", result.roles)]:
+    for name, res in contrasts:
         best = best_latent(res)
         rec = by_latent.get(best, {})
         det = rec.get("detection") or {}
@@ -691,7 +712,9 @@ def summary(result: Result) -> dict:
              "best_effect_validation": val, "best_effect_discovery": res["best_effect"]["discovery"],
              "best_detection_balanced_accuracy": det.get("balanced_accuracy"),
              "best_detection_auroc": det.get("auroc"), "best_label": rec.get("label"),
-             "halves_correlation": res["halves_correlation"], "n_conversations": res["n"]}
+             "halves_correlation": res["halves_correlation"], "n_conversations": res["n"],
+             "best_d_validation_other_traits": spec[name]["d_validation_other_traits"],
+             "best_shared_with": spec[name]["shared_with"], "best_specific": spec[name]["specific"]}
         if name in result.results:
             cb = res["cosine_band"]
             m.update(vector_norm=res["vector_norm"], typical_norm=res["typical_norm"],
@@ -704,6 +727,26 @@ def summary(result: Result) -> dict:
                 m["diff_rank_of_best"] = res["diff"]["rank_of_candidates"].get(best)
         out[name] = m
     return out
+
+
+def _specificity_text(per_trait: dict, d_replicate: float) -> str:
+    """Which best latents are shared between contrasts, read from the numbers."""
+    by_latent: dict = {}
+    for name, m in per_trait.items():
+        by_latent.setdefault(m["best_latent"], []).append(name)
+    lines = [f"A trait's best latent is trait-specific when its validation d on its own trait is above its d on every "
+             f"other trait; it is shared with a trait where that d also reaches {d_replicate}."]
+    for latent, names in by_latent.items():
+        shared = sorted({t for n in names for t in per_trait[n]["best_shared_with"]} - set(names))
+        if len(names) > 1:
+            lines.append(f"- Latent {latent} is the best latent of {', '.join(names)}: one latent for several contrasts "
+                         "separates a persona prompt from the default, not one trait from the others.")
+        elif shared:
+            lines.append(f"- Latent {latent} ({names[0]}) also separates {', '.join(shared)} (validation d >= "
+                         f"{d_replicate}).")
+        else:
+            lines.append(f"- Latent {latent} ({names[0]}) separates no other trait (validation d < {d_replicate}).")
+    return "\n".join(lines)
 
 
 def _write_report(report: Report, cfg, sae, sae_info, results, role_res, records, by_latent, context_tokens, n_ctx_docs,
@@ -763,8 +806,12 @@ produced; claims rest on the contrast statistics.
                      "r(halves)": _f(res["halves_correlation"]), "best latent": best,
                      "d disc": _f(float(res["d_discovery"][best])), "d val": _f(float(res["d_validation"][best])),
                      "label": rec.get("label") or "", "detection bal. acc.": _f(det.get("balanced_accuracy")),
-                     "AUROC": _f(det.get("auroc"))})
+                     "AUROC": _f(det.get("auroc")),
+                     "d val on the other traits": ", ".join(
+                         f"{t} {d:.2f}" for t, d in per_trait[name]["best_d_validation_other_traits"].items()),
+                     "trait-specific": {True: "yes", False: "no", None: ""}[per_trait[name]["best_specific"]]})
     report.table("Found latents per contrast", rows)
+    report.section("Specificity of the best latents", _specificity_text(per_trait, cfg.d_replicate))
     for name, res in list(results.items()) + [("role-vs-default", role_res)]:
         tab = []
         for c in res["candidates"]:
@@ -838,7 +885,10 @@ def records(result: Result) -> list[dict]:
                         null_found=m["null_found"], best_latent=m["best_latent"],
                         best_effect=val["estimate"], best_effect_low=val["low"], best_effect_high=val["high"],
                         n=val["n"], n_unit="validation questions", n_conversations=val["n_conversations"],
-                        best_d_validation=m["best_d_validation"], best_decoder_cosine=m.get("best_decoder_cosine"),
+                        best_d_validation=m["best_d_validation"], best_specific=m["best_specific"],
+                        best_shared_with=m["best_shared_with"],
+                        best_d_validation_other_traits=m["best_d_validation_other_traits"],
+                        best_decoder_cosine=m.get("best_decoder_cosine"),
                         best_decoder_cosine_z=m.get("best_decoder_cosine_z"),
                         best_detection_accuracy=m["best_detection_balanced_accuracy"],
                         best_detection_auroc=m["best_detection_auroc"], layer=result.sae.layer, model=cfg.model))

@@ -610,11 +610,36 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     lines = pf.records(res)
     assert [ln["metric"] for ln in lines] == ["persona_latents_found"] * 2
     assert all(ln["n_unit"] == "validation questions" and ln["null_band_high"] is not None for ln in lines)
+    assert lines[0]["best_specific"] is True  # one trait: nothing else to separate
+    assert lines[1]["best_specific"] is None and set(lines[1]["best_d_validation_other_traits"]) == {"evil"}
+    assert "## Specificity of the best latents" in (out / "report.md").read_text()
 
     monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)
     dirs, _ = fs.read_directions(out, width=model.config.d_model)
     r2 = fs.run(fs.Config(model="tiny", features=str(out), **fs.PRESETS["ci"]), model, features=(cand, dirs, sae))
     assert r2.traits["evil"]["latents"][0] == cand["traits"]["evil"]["best"]
+
+
+def test_latent_specificity_names_latents_shared_between_traits():
+    from experiments import persona_features as pf
+
+    d = {"evil": np.array([0.9, 0.1, 0.6]), "humorous": np.array([0.2, 1.0, 0.7]),
+         "sycophantic": np.array([0.1, 0.2, 0.8]), "role-vs-default": np.array([0.0, 0.3, 1.2])}
+    best = {"evil": 0, "humorous": 1, "sycophantic": 2, "role-vs-default": 2}
+    spec = pf.latent_specificity(d, best, ["evil", "humorous", "sycophantic"], d_replicate=0.5)
+    assert spec["evil"] == {"d_validation_other_traits": {"humorous": 0.2, "sycophantic": 0.1}, "shared_with": [],
+                            "specific": True}
+    assert spec["humorous"]["specific"] and spec["humorous"]["shared_with"] == []
+    # latent 2 fires for sycophantic (0.8) but also for evil (0.6) and humorous (0.7): shared, still the top
+    assert spec["sycophantic"]["shared_with"] == ["evil", "humorous"] and spec["sycophantic"]["specific"]
+    assert spec["role-vs-default"]["specific"] is None
+    assert spec["role-vs-default"]["shared_with"] == ["evil", "humorous", "sycophantic"]
+    per = {n: {"best_latent": best[n], "best_shared_with": spec[n]["shared_with"]} for n in best}
+    text = pf._specificity_text(per, 0.5)
+    assert "Latent 2 is the best latent of sycophantic, role-vs-default" in text
+    assert "Latent 0 (evil) separates no other trait" in text
+    d["evil"][1] = 1.1  # now latent 1 separates evil better than humorous: not humorous-specific
+    assert pf.latent_specificity(d, best, ["evil", "humorous", "sycophantic"], 0.5)["humorous"]["specific"] is False
 
 
 @pytest.mark.slow
