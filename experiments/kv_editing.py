@@ -63,6 +63,9 @@ HISTORIES = {
 }
 KINDS = {"norm": ("norm",), "scale": ("scale",), "both": ("norm", "scale")}
 CONTROLS = ("control_user", "control_random")  # same edit on user-token positions; random directions (a band)
+# the direct edit on a seeded subset of the assistant-token positions as large as the user-token ones: the user-token
+# control's comparison at an equal number of edited positions
+MATCHED = "direct_matched"
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
 ANSWER_ROOM = 32  # cache slots reserved for a scored identity answer
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
@@ -283,7 +286,8 @@ def _conditions(cfg: Config) -> list[tuple]:
     out = [("none", "-", 0.0, None)] + [(mode, kind, s, lr) for kind in kinds for mode in ("recompute", "direct")
                                         for lr in cfg.layer_ranges for s in cfg.strengths]
     if cfg.controls and max(cfg.strengths) > 0:  # the largest positive edit, where the hypothesis says it cannot act
-        out += [(ctl, kind, max(cfg.strengths), cfg.layer_ranges[0]) for kind in kinds for ctl in CONTROLS]
+        out += [(ctl, kind, max(cfg.strengths), cfg.layer_ranges[0]) for kind in kinds
+                for ctl in CONTROLS + (MATCHED,)]
     return out
 
 
@@ -355,7 +359,8 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
             n_pad = bucket(len(hist))
             size = n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of the bucket only
             runner.set_sizes(size, eos, pad)
-            caches, band = _history_caches(model, cfg, runner, hist, n_pad, size, conditions, u_all, u_random, pad)
+            caches, band = _history_caches(model, cfg, runner, hist, n_pad, size, conditions, u_all, u_random, pad,
+                                           np.random.default_rng((cfg.seed, ci)))
             answers = [right_pad(a, bucket(len(a)), pad) for a in (assistant_ids, persona_ids)]
             for probe in probes:
                 if progress:
@@ -403,10 +408,19 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
                   histories=shown_histories)
 
 
+def matched_positions(assistant: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded subset of min(n, count) of the True positions of `assistant` [S], spread over all assistant turns."""
+    idx = np.flatnonzero(assistant)
+    out = np.zeros_like(assistant, dtype=bool)
+    out[rng.choice(idx, size=min(int(n), idx.size), replace=False)] = True
+    return out
+
+
 def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size: int, conditions, u_all, u_random,
-                    pad: int):
+                    pad: int, rng: np.random.Generator):
     """The edited cache of every decoded condition for one history, left-padded to n_pad slots (the probe is
-    appended later), and per kind the B=1 cache, block inputs and template edit of the random-direction band."""
+    appended later), and per kind the B=1 cache, block inputs and template edit of the random-direction band.
+    `rng` draws the token-matched subset of assistant positions."""
     B = cfg.samples
     tokens, mask = left_pad(hist.tokens, n_pad, pad)
     roles = np.concatenate([np.full(n_pad - len(hist), -1), np.asarray(hist.roles)])
@@ -415,6 +429,8 @@ def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size:
     asst[:, :n_pad] = (roles == Role.ASSISTANT)[None]
     user = np.zeros((B, size), bool)
     user[:, :n_pad] = (roles == Role.USER)[None]
+    matched = np.zeros((B, size), bool)
+    matched[:, :n_pad] = matched_positions(roles == Role.ASSISTANT, int((roles == Role.USER).sum()), rng)[None]
     base = runner.prefill(model.params, hist_tokens, hist_mask, ())
     resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n_pad), (0, 0)))
     h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, roles == Role.ASSISTANT], np.float64)  # [L, n_a, D]
@@ -434,7 +450,7 @@ def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size:
             b1 = runner.prefill(model.params, hist_tokens[:1], hist_mask[:1], ())
             band[kind] = (b1.cache, resid[:, :1], edit1)
             continue
-        positions = user if mode == "control_user" else asst
+        positions = {"control_user": user, MATCHED: matched}.get(mode, asst)
         edit = _edit(model, kind, strength, layers, positions, u_all, mean_norm)
         if mode == "recompute":
             caches[cond] = runner.prefill(model.params, hist_tokens, hist_mask, (edit,)).cache
@@ -543,16 +559,28 @@ def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None)
     return out
 
 
-def _axis_over_user(rows: list[dict], user_rows: list[dict], axis_rows: list[dict], seed: int) -> dict:
-    """Paired over units: the direct axis edit's shift on assistant tokens minus the same edit's on user tokens,
-    with the mean edited-token counts of each (the edit is per position, so more positions move the cache more)."""
+def _minus_user(rows: list[dict], user_rows: list[dict], axis_rows: list[dict], seed: int) -> dict:
+    """Paired over units: the shift of an axis edit on assistant tokens minus the same edit's on user tokens."""
     on_user, on_asst = _unit_shifts(rows, user_rows), _unit_shifts(rows, axis_rows)
     units = sorted(set(on_user) & set(on_asst))
     d = paired_effect([on_asst[u] for u in units], [on_user[u] for u in units], seed=seed)
+    return dict(estimate=d["estimate"], low=d["low"], high=d["high"], n=d["n"])
+
+
+def _assistant_vs_user(rows: list[dict], user_rows: list[dict], seed: int) -> dict:
+    """The user-token control against the same edit on assistant tokens, paired over units: on every assistant
+    token ("all_tokens"), and on a seeded subset as large as the user turns ("matched_tokens"; the edit acts per
+    position, so more edited positions move the cache more), with the mean edited-token counts per history."""
+    ref = user_rows[0]
+    same = lambda r: (r["kind"], r["strength"], r["layers"]) == (ref["kind"], ref["strength"], ref["layers"])  # noqa: E731
+    out = {}
+    for name, mode in (("all_tokens", "direct"), ("matched_tokens", MATCHED)):
+        axis_rows = [r for r in rows if r["mode"] == mode and same(r)]
+        if axis_rows:
+            out[name] = _minus_user(rows, user_rows, axis_rows, seed)
     tokens = {k: float(np.mean([r[k] for r in user_rows])) if all(k in r for r in user_rows) else None
               for k in ("assistant_tokens", "user_tokens")}
-    return dict(axis_minus_control=d["estimate"], axis_minus_control_low=d["low"],
-                axis_minus_control_high=d["high"], **tokens)
+    return dict(assistant_minus_user=out, **tokens) if out else {}
 
 
 def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
@@ -568,22 +596,56 @@ def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) 
             sel = [r for r in rows if r["mode"] == ctl and r["kind"] == kind]
             v = dict(control=ctl, kind=kind, strength=sel[0]["strength"], layers=sel[0]["layers"],
                      **_shift(rows, sel, seed))
-            axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
-                         and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
-            if ctl == "control_user" and axis_edit:
-                v.update(_axis_over_user(rows, sel, axis_edit, seed))
+            if ctl == "control_user":
+                v.update(_assistant_vs_user(rows, sel, seed))
             if ctl == "control_random":
                 per_dir = np.asarray([r["band_logodds"] for r in sel])  # [rows, directions]
                 base = {(r["conversation"], r["history"], r["probe"]): r["identity_logodds"]
                         for r in rows if r["mode"] == "none"}
                 b = np.asarray([base[(r["conversation"], r["history"], r["probe"])] for r in sel])
                 band = null_band((per_dir - b[:, None]).mean(axis=0))
+                axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
+                             and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
                 axis_shift = float(np.mean(list(_unit_shifts(rows, axis_edit).values()))) if axis_edit else None
                 v.update(band_low=band["low"], band_high=band["high"], n_directions=band["n"],
                          direct_axis_shift=axis_shift,
                          axis_outside_band=None if axis_shift is None else outside_band(axis_shift, band))
             out[f"{ctl}/{kind}"] = v
     return out
+
+
+ASSISTANT_TOKENS = {"all_tokens": "on every assistant token",
+                    "matched_tokens": "on as many assistant tokens as there are user tokens (a seeded subset)"}
+
+
+def _assistant_vs_user_text(v: dict) -> str:
+    """The user-token control's paired comparisons with the assistant-token edits, read from the numbers."""
+    counts = ("" if v["user_tokens"] is None else
+              f" Per history {v['assistant_tokens']:.0f} assistant and {v['user_tokens']:.0f} user tokens.")
+    parts = []
+    for name, d in v["assistant_minus_user"].items():
+        parts.append(f" The same edit {ASSISTANT_TOKENS[name]} minus on the user tokens: {d['estimate']:+.3f} "
+                     f"[{d['low']:+.3f}, {d['high']:+.3f}], paired over units"
+                     + (" (above 0)." if d["low"] > 0 else " (not above 0)."))
+    matched = v["assistant_minus_user"].get("matched_tokens")
+    verdict = ("" if matched is None else
+               " At an equal number of edited positions the assistant turns carry more of the identity than the user "
+               "turns." if matched["low"] > 0 else
+               " At an equal number of edited positions the assistant turns are not shown to carry more of the "
+               "identity than the user turns.")
+    return counts + "".join(parts) + verdict
+
+
+def _assistant_vs_user_record(v: dict, name: str, d: dict, cfg: Config) -> dict:
+    return dict(metric="kv_edit_assistant_minus_user_shift", value=round(d["estimate"], 4),
+                unit="nats per token (identity log-odds shift, paired difference)",
+                reference=f"the direct edit ({v['kind']}, strength {v['strength']}, layers {v['layers']}) "
+                          f"{ASSISTANT_TOKENS[name]} minus the same edit on the user tokens, paired over n={d['n']} "
+                          f"conversation x probe units; 95% CI [{d['low']:+.4f}, {d['high']:+.4f}]; tokens per "
+                          f"history: assistant {v['assistant_tokens']}, user {v['user_tokens']}; model {cfg.model}, "
+                          f"seed {cfg.seed}",
+                target="interval above 0 (the persona is carried by the assistant turns)", kind=v["kind"],
+                key=f"{name}/{v['kind']}", ci_low=d["low"], ci_high=d["high"], n=d["n"])
 
 
 def _target_text(shifts: dict, controls: dict) -> str:
@@ -607,15 +669,8 @@ def _target_text(shifts: dict, controls: dict) -> str:
                    "assistant turns." if v["control"] == "control_user" else
                    " A random direction at matched norm moves it too: part of the edit's effect is generic "
                    "perturbation.")
-        if "axis_minus_control" in v:
-            counts = ("" if v["user_tokens"] is None else
-                      f" (per history {v['assistant_tokens']:.0f} assistant and {v['user_tokens']:.0f} user tokens "
-                      "edited)")
-            above = v["axis_minus_control_low"] > 0
-            why += (f" The same edit on the assistant turns moves it by {v['axis_minus_control']:+.3f} "
-                    f"[{v['axis_minus_control_low']:+.3f}, {v['axis_minus_control_high']:+.3f}] more, paired over "
-                    f"units{counts}: the assistant turns "
-                    f"{'carry more of the identity than the user turns' if above else 'are not shown to carry more'}.")
+        if v.get("assistant_minus_user"):
+            why += _assistant_vs_user_text(v)
         band = ""
         if "band_low" in v and v.get("direct_axis_shift") is not None:
             band = (f" Band of {v['n_directions']} random directions: [{v['band_low']:+.3f}, {v['band_high']:+.3f}]; "
@@ -645,7 +700,10 @@ direct: rebuild K/V at the edited layers only) and strength kind(s) {', '.join(K
 projection x (1+s); "norm": + s * mean|h| along the unit axis). Negative strengths push toward the persona. Identity
 log-odds: per-token log-likelihood of an assistant answer minus that of a persona answer after the probe (length
 matched: each answer's mean over its tokens). Controls at the largest strength: the same direct edit on the user-token
-positions, and {cfg.n_random} random directions with the axis edit's mean displacement per layer (matched norm).
+positions, compared (paired over units) with the edit on every assistant token and on a seeded subset of as many
+assistant tokens as there are user tokens ("{MATCHED}": the edit acts per position, so the two controls touch
+equally many positions); and {cfg.n_random} random directions with the axis edit's mean displacement per layer
+(matched norm).
 Readout: mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
 assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s.""")
     agg = aggregate(rows)
@@ -712,20 +770,10 @@ def records(result: Result) -> list[dict]:
         out.append(dict(metric="kv_edit_control_shift_ci", value=f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
                         unit="nats per token (identity log-odds shift, 95% CI)",
                         reference=f"unedited cache; {v['control']}: direct edit, strength {v['strength']} "
-                                  f"({v['kind']}), layers {v['layers']}, n={v['n']} conversation x probe units, model {cfg.model}, "
-                                  f"seed {cfg.seed}; shift {v['logodds_shift']:+.4f}{band}",
+                                  f"({v['kind']}), layers {v['layers']}, n={v['n']} conversation x probe units, "
+                                  f"model {cfg.model}, seed {cfg.seed}; shift {v['logodds_shift']:+.4f}{band}",
                         target="contains 0", control=v["control"], kind=v["kind"], key=key, ci_low=v["ci_low"],
                         ci_high=v["ci_high"]))
-        if "axis_minus_control" in v:
-            out.append(dict(
-                metric="kv_edit_assistant_minus_user_shift", value=round(v["axis_minus_control"], 4),
-                unit="nats per token (identity log-odds shift, paired difference)",
-                reference=f"the direct edit ({v['kind']}, strength {v['strength']}, layers {v['layers']}) on assistant-"
-                          f"token positions minus the same edit on user-token positions, paired over n={v['n']} "
-                          f"conversation x probe units; 95% CI [{v['axis_minus_control_low']:+.4f}, "
-                          f"{v['axis_minus_control_high']:+.4f}]; edited tokens per history: assistant "
-                          f"{v['assistant_tokens']}, user {v['user_tokens']}; model {cfg.model}, seed {cfg.seed}",
-                target="interval above 0 (the persona is carried by the assistant turns)", kind=v["kind"],
-                key=f"assistant_minus_user/{v['kind']}", ci_low=v["axis_minus_control_low"],
-                ci_high=v["axis_minus_control_high"]))
+        for name, d in v.get("assistant_minus_user", {}).items():
+            out.append(_assistant_vs_user_record(v, name, d, cfg))
     return out

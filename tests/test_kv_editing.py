@@ -25,7 +25,8 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "kv_edit_effects.png").is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["samples"] == 2
-    assert {r["mode"] for r in m["rows"]} == {"none", "recompute", "direct", "control_user", "control_random"}
+    assert {r["mode"] for r in m["rows"]} == {"none", "recompute", "direct", "control_user", "control_random",
+                                             K.MATCHED}
     assert {r["history"] for r in m["rows"]} == {"scripted", "generated"}
     assert {(r["mode"], r["kind"]) for r in m["rows"] if r["mode"] == "direct"} == {("direct", "norm"),
                                                                                    ("direct", "scale")}
@@ -45,14 +46,18 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     band_rows = [r for r in m["rows"] if r["mode"] == "control_random"]
     assert all(len(r["band_logodds"]) == cfg.n_random and len(set(r["band_logodds"])) > 1 for r in band_rows)
     lines = out["records"]
-    assert [ln["metric"] for ln in lines] == (["kv_edit_identity_shift_ci_low"] * 4 + ["kv_edit_control_shift_ci",
-                                               "kv_edit_assistant_minus_user_shift"] * 2
+    user_lines = ["kv_edit_control_shift_ci"] + ["kv_edit_assistant_minus_user_shift"] * 2
+    assert [ln["metric"] for ln in lines] == (["kv_edit_identity_shift_ci_low"] * 4 + user_lines * 2
                                               + ["kv_edit_control_shift_ci"] * 2)
     assert [ln["key"] for ln in lines if ln["metric"] != "kv_edit_assistant_minus_user_shift"] == \
         list(shifts) + list(controls)
     user = controls["control_user/norm"]
-    assert user["axis_minus_control"] == pytest.approx(shifts["direct/norm"]["logodds_shift"] - user["logodds_shift"])
-    assert user["assistant_tokens"] > 0 and user["user_tokens"] > 0
+    pairs = user["assistant_minus_user"]
+    assert pairs["all_tokens"]["estimate"] == pytest.approx(shifts["direct/norm"]["logodds_shift"]
+                                                            - user["logodds_shift"])
+    matched = [r for r in m["rows"] if r["mode"] == K.MATCHED and r["kind"] == "norm"]
+    assert len(matched) == 2 * 2  # (scripted, generated) x 2 probes
+    assert user["assistant_tokens"] > user["user_tokens"] > 0
     assert all("n=2" in ln["reference"] for ln in lines)
     assert "established by the conversation only" in report and "## Targets" in report
     assert "By history kind" in report and "| scripted | control_random |" in report
@@ -112,23 +117,39 @@ def test_identity_shift_interval_over_units():
     assert K.identity_shifts(rows, history="generated")["direct/norm"]["n"] == 3
 
 
-def test_user_token_control_paired_with_the_assistant_edit():
-    """The user-token control carries the paired difference from the same edit on assistant tokens, per unit."""
-    units = [(0.0, 1.0, 0.3), (0.5, 1.4, 0.6), (-0.2, 0.9, 0.3)]  # (unedited, assistant edit, user edit)
+def test_user_token_control_paired_with_the_assistant_edits():
+    """The user-token control carries its paired differences from the same edit on every assistant token and on as
+    many assistant tokens as there are user tokens, per unit."""
+    units = [(0.0, 1.0, 0.2, 0.3), (0.5, 1.4, 0.5, 0.6), (-0.2, 0.9, 0.0, 0.3)]  # unedited, all, matched, user
     rows = [dict(conversation="c", history="scripted", probe=p, mode=m, kind="norm", strength=s, layers=lr, n=4,
                  assistant_rate=0.0, identity_logodds=v, answer_projection=0.0, assistant_tokens=40, user_tokens=12)
-            for p, (b, a, u) in enumerate(units)
-            for m, s, lr, v in (("none", 0.0, "-", b), ("direct", 0.3, "0-1", a), ("control_user", 0.3, "0-1", u))]
+            for p, (b, a, t, u) in enumerate(units)
+            for m, s, lr, v in (("none", 0.0, "-", b), ("direct", 0.3, "0-1", a), (K.MATCHED, 0.3, "0-1", t),
+                                ("control_user", 0.3, "0-1", u))]
     user = K.control_shifts(rows)["control_user/norm"]
     assert user["logodds_shift"] == pytest.approx(np.mean([0.3, 0.1, 0.5]))
-    assert user["axis_minus_control"] == pytest.approx(np.mean([0.7, 0.8, 0.6]))
-    assert 0.55 <= user["axis_minus_control_low"] <= user["axis_minus_control"] <= user["axis_minus_control_high"]
+    pairs = user["assistant_minus_user"]
+    assert pairs["all_tokens"]["estimate"] == pytest.approx(np.mean([0.7, 0.8, 0.6]))
+    assert pairs["all_tokens"]["low"] > 0.55
+    assert pairs["matched_tokens"]["estimate"] == pytest.approx(np.mean([-0.1, -0.1, -0.3]))
+    assert pairs["matched_tokens"]["high"] < 0
     assert (user["assistant_tokens"], user["user_tokens"]) == (40, 12)
+    assert "assistant turns are not shown to carry more" in K._target_text({}, {"control_user/norm": user})
     cfg = K.Config(n_conversations=1, probes=3, samples=4, strengths=(0.3,), layer_ranges=((0, 2),))
     result = K.Result(config=cfg, rows=rows, control=[], samples=[], seconds=0.0)
-    (line,) = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_assistant_minus_user_shift"]
-    assert line["value"] == pytest.approx(user["axis_minus_control"], abs=1e-4) and line["ci_low"] > 0.5
-    assert "assistant 40.0, user 12.0" in line["reference"]
+    lines = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_assistant_minus_user_shift"]
+    assert [ln["key"] for ln in lines] == ["all_tokens/norm", "matched_tokens/norm"]
+    assert lines[1]["value"] == pytest.approx(pairs["matched_tokens"]["estimate"], abs=1e-4) and lines[1]["n"] == 3
+    assert "assistant 40.0, user 12.0" in lines[0]["reference"]
+
+
+def test_matched_positions_are_a_seeded_subset_of_the_assistant_tokens():
+    assistant = np.zeros(40, bool)
+    assistant[5:15] = assistant[25:35] = True
+    picked = K.matched_positions(assistant, 6, np.random.default_rng(0))
+    assert picked.sum() == 6 and not (picked & ~assistant).any()
+    assert (picked == K.matched_positions(assistant, 6, np.random.default_rng(0))).all()
+    assert K.matched_positions(assistant, 50, np.random.default_rng(0)).sum() == 20  # at most every assistant token
 
 
 def test_kv_editing_bad_inputs(tiny_chat_model, tmp_path):
