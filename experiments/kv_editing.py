@@ -585,10 +585,11 @@ def _assistant_vs_user(rows: list[dict], user_rows: list[dict], seed: int) -> di
 
 def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
     """Per control and kind ("control/kind"): the identity log-odds shift against the unedited cache, 95% bootstrap
-    interval over units; a control that works has an interval containing 0. For the user-token control also the
-    paired difference from the direct axis edit on assistant tokens (how much more the assistant turns carry). For
-    the random directions the null band: the central 95% of the per-direction mean shifts, and whether the direct
-    axis edit of the same kind, strength and layers lies outside it."""
+    interval over units; a control that works has an interval containing 0. For the user-token control also its
+    paired differences from the direct axis edit on every assistant token and on as many assistant tokens as there
+    are user tokens (`_assistant_vs_user`). For the random directions the null band: the central 95% of the
+    per-direction mean shifts, and whether the direct axis edit of the same kind, strength and layers lies outside
+    it."""
     rows = _only(rows, history)
     out = {}
     for ctl in CONTROLS:
@@ -701,9 +702,9 @@ projection x (1+s); "norm": + s * mean|h| along the unit axis). Negative strengt
 log-odds: per-token log-likelihood of an assistant answer minus that of a persona answer after the probe (length
 matched: each answer's mean over its tokens). Controls at the largest strength: the same direct edit on the user-token
 positions, compared (paired over units) with the edit on every assistant token and on a seeded subset of as many
-assistant tokens as there are user tokens ("{MATCHED}": the edit acts per position, so the two controls touch
-equally many positions); and {cfg.n_random} random directions with the axis edit's mean displacement per layer
-(matched norm).
+assistant tokens as there are user tokens ("{MATCHED}": the edit acts per position, so this comparison edits
+equally many positions on both sides); and {cfg.n_random} random directions with the axis edit's mean displacement
+per layer (matched norm).
 Readout: mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
 assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s.""")
     agg = aggregate(rows)

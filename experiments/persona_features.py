@@ -739,13 +739,16 @@ def _specificity_text(per_trait: dict, d_replicate: float) -> str:
     for latent, names in by_latent.items():
         shared = sorted({t for n in names for t in per_trait[n]["best_shared_with"]} - set(names))
         if len(names) > 1:
-            lines.append(f"- Latent {latent} is the best latent of {', '.join(names)}: one latent for several contrasts "
-                         "separates a persona prompt from the default, not one trait from the others.")
-        elif shared:
-            lines.append(f"- Latent {latent} ({names[0]}) also separates {', '.join(shared)} (validation d >= "
-                         f"{d_replicate}).")
-        else:
-            lines.append(f"- Latent {latent} ({names[0]}) separates no other trait (validation d < {d_replicate}).")
+            lines.append(f"- Latent {latent} is the best latent of {', '.join(names)}: one latent for several "
+                         "contrasts separates what their prompts share (a persona against the default), not one "
+                         "trait from the others.")
+            continue
+        head = f"- Latent {latent} ({names[0]})"
+        line = (f"{head} also separates {', '.join(shared)} (validation d >= {d_replicate})." if shared else
+                f"{head} separates no other trait (validation d < {d_replicate}).")
+        if per_trait[names[0]]["best_specific"] is False:
+            line += f" Its validation d on another trait is above its own: it is not specific to {names[0]}."
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -634,12 +634,17 @@ def test_latent_specificity_names_latents_shared_between_traits():
     assert spec["sycophantic"]["shared_with"] == ["evil", "humorous"] and spec["sycophantic"]["specific"]
     assert spec["role-vs-default"]["specific"] is None
     assert spec["role-vs-default"]["shared_with"] == ["evil", "humorous", "sycophantic"]
-    per = {n: {"best_latent": best[n], "best_shared_with": spec[n]["shared_with"]} for n in best}
+    per = {n: {"best_latent": best[n], "best_shared_with": spec[n]["shared_with"],
+               "best_specific": spec[n]["specific"]} for n in best}
     text = pf._specificity_text(per, 0.5)
     assert "Latent 2 is the best latent of sycophantic, role-vs-default" in text
-    assert "Latent 0 (evil) separates no other trait" in text
+    assert "Latent 0 (evil) separates no other trait" in text and "not specific" not in text
     d["evil"][1] = 1.1  # now latent 1 separates evil better than humorous: not humorous-specific
-    assert pf.latent_specificity(d, best, ["evil", "humorous", "sycophantic"], 0.5)["humorous"]["specific"] is False
+    spec = pf.latent_specificity(d, best, ["evil", "humorous", "sycophantic"], 0.5)
+    assert spec["humorous"]["specific"] is False and spec["humorous"]["shared_with"] == ["evil"]
+    per["humorous"].update(best_shared_with=["evil"], best_specific=False)
+    assert ("Latent 1 (humorous) also separates evil (validation d >= 0.5). Its validation d on another trait is above "
+            "its own: it is not specific to humorous.") in pf._specificity_text(per, 0.5)
 
 
 @pytest.mark.slow
