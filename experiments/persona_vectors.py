@@ -57,7 +57,9 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    trait system prompt, steered at every position. Validity = m under the positive minus the negative
    system prompts per held-out unit (a prompt never scores answers generated under its own instruction
    pair); layer chosen by m on the even-indexed questions, curve (+ the random band when valid) on the
-   odd-indexed ones; monitoring r = last-prompt projection vs m across the graded system prompts.
+   odd-indexed ones; monitoring r = last-prompt projection vs m across the graded system prompts, at the
+   layer that steering chose. Its within-polarity r is compared with the band of m shuffled among the prompts
+   of one polarity; the same r at every layer is a descriptive curve, never the layer choice.
 7. Data screening: for a dataset of (prompt, response) pairs, projection of the given response minus
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
@@ -98,8 +100,8 @@ from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, load_traits, response_slots,
                                      split_items, system_conv, trait_system_prompt)
-from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, monotonic, null_band, pearson, within_groups_r,
-                                   zscore)
+from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, monotonic, null_band,
+                                   pearson, within_groups_null, within_groups_r, zscore)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -134,7 +136,7 @@ class Config:
     band_measures: tuple[str, ...] = ("items", "response_likelihood")  # measures whose curve gets the random band
     max_ppl_ratio: float = 1.5  # fluency ceiling of the headline criterion (perplexity of the model's own answers)
     specificity_coef: float = 2.0  # specificity matrix: m(+c) - m(-c) of trait i's vector at its chosen layer
-    n_monitor_questions: int = 4  # evaluation questions per system prompt for monitoring
+    n_monitor_questions: int = 10  # evaluation questions per system prompt for monitoring
     monitor_max_new_tokens: int = 32
     n_steer_examples: int = 2  # evaluation questions shown steered
     steer_example_coefs: tuple[float, ...] = (-2.0, 0.0, 2.0)
@@ -829,10 +831,29 @@ def _response_per_system(model, held: list[dict], systems, batch_size: int) -> t
     return per_unit, n_used
 
 
+def _system_measure(per_unit) -> np.ndarray:
+    """The response measure's mean per system prompt over its finite units (NaN where it has none)."""
+    return np.asarray([float(np.nanmean(row)) if np.isfinite(row).any() else float("nan") for row in per_unit])
+
+
+def _within_r_by_layer(mon_acts, direction, m_sys, kinds) -> np.ndarray | None:
+    """Pooled within-polarity r of the last-prompt projection (mean per system prompt) with the measure, at every
+    layer: a descriptive curve (None with fewer than 3 prompts measured). The headline stays at the layer fixed
+    before monitoring, since choosing the layer by this curve would select on the data it reports."""
+    ok = np.isfinite(m_sys)
+    if ok.sum() < 3:
+        return None
+    out = []
+    for layer in range(direction.shape[0]):
+        p = _monitor_projections(mon_acts, direction, layer, len(m_sys))[0][ok]
+        out.append(pearson(centre_within_groups(p, kinds[ok]), centre_within_groups(m_sys[ok], kinds[ok])))
+    return np.asarray(out)
+
+
 def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
     """Monitoring with the response measure: its mean per system prompt vs the projections, overall and within
-    polarity."""
-    m_sys = np.asarray([float(np.nanmean(row)) if np.isfinite(row).any() else float("nan") for row in per_unit])
+    polarity; the within-polarity r beside its null (the measure shuffled across prompts of one polarity)."""
+    m_sys = _system_measure(per_unit)
     kinds = np.asarray([s.kind for s in systems])
     ok = np.isfinite(m_sys)
     enough = ok.sum() >= 3
@@ -844,6 +865,7 @@ def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
             "r_response": pearson(p_resp[ok], m_sys[ok]) if enough else float("nan"),
             "monitor_within_polarity": (within_groups_r(p_last[ok], m_sys[ok], kinds[ok], seed=seed, n_resamples=500)
                                         if enough else None),
+            "monitor_within_null": within_groups_null(p_last[ok], m_sys[ok], kinds[ok], seed=seed) if enough else None,
             "proj_last_prompt": p_last, "proj_response": p_resp}
 
 
@@ -861,6 +883,8 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     out["layer_sweep"]["n_pairs"] = len(sel)
     p_last, p_resp = _monitor_projections(mon_acts, direction, out["layer"], len(systems))
     out.update(_response_monitoring(per_unit, systems, p_last, p_resp, cfg.seed))
+    out["within_r_by_layer"] = _within_r_by_layer(mon_acts, direction, out["system_measure"],
+                                                  np.asarray([s.kind for s in systems]))
     out.update(n_selection=len(sel), n_held_out=len(held), n_dropped=sum(not x["kept"] for x in ref),
                n_questions=cfg.n_response_questions, n_pairs_per_question=cfg.n_response_pairs,
                system_n_used=n_used, reference=ref)
@@ -1162,7 +1186,7 @@ def _response_trait_line(rs: dict) -> str:
             "(effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"]))
             + f"); held-out curve ({rs['n_held_out']} pairs): {_curve_words(rs)}; {_control_words(rs['random_control'])}. "
             f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
-            f"{_within_text(rs.get('monitor_within_polarity'))}, "
+            f"{_within_text(rs.get('monitor_within_polarity'), rs.get('monitor_within_null'))}, "
             f"r(response projection, measure) = {_fmt(rs['r_response'])}. Reference pairs with an empty answer "
             f"(dropped): {rs['n_dropped']}.")
 
@@ -1181,13 +1205,16 @@ def _band_text(control: dict) -> str:
     return f" (mean of {control.get('n', 1)} random direction(s); fewer than {MIN_NULL_DRAWS}: no null band)"
 
 
-def _within_text(w: dict | None) -> str:
-    """r within polarity (the association not explained by positive vs negative prompts), with its interval."""
+def _within_text(w: dict | None, null: dict | None = None) -> str:
+    """r within polarity (the association not explained by positive vs negative prompts), with its interval and the
+    band of the measure shuffled within polarity."""
     if not w:
         return ""
     o, p = w["overall"], w["pooled_within"]
+    band = (f", shuffled within polarity: 95% band [{_fmt(null['low'], '.2f')}, {_fmt(null['high'], '.2f')}]"
+            if null else "")
     return (f" (overall {_fmt(o['estimate'], '.2f')} [{_fmt(o['low'], '.2f')}, {_fmt(o['high'], '.2f')}], within "
-            f"polarity {_fmt(p['estimate'], '.2f')} [{_fmt(p['low'], '.2f')}, {_fmt(p['high'], '.2f')}], "
+            f"polarity {_fmt(p['estimate'], '.2f')} [{_fmt(p['low'], '.2f')}, {_fmt(p['high'], '.2f')}]{band}, "
             f"n={o['n']} prompts)")
 
 
@@ -1227,7 +1254,10 @@ at matched norm) and the monitoring are reported on the held-out half (odd indic
 unit, with a 95% bootstrap interval over units; under the prompt of instruction pair i only answers generated under
 *other* pairs are scored, so that a prompt never scores its own greedy output. **Monitoring r:** across the
 {len(r0['system_measure'])} graded system prompts (overall and within polarity), the last-prompt-token projection (mean over the monitoring questions, at this measure's layer) vs m
-under that system prompt. Caveat: the likelihood of an answer is not the same as the trait being expressed.
+under that system prompt; the within-polarity r beside the 95% band of r with m shuffled among the prompts of
+one polarity (its null), and, as a descriptive curve, the within-polarity r at every layer (the headline layer is
+the one steering chose, fixed before monitoring). Caveat: the likelihood of an answer is not the same as the trait
+being expressed.
 """)
     rows = []
     for r in resp:
@@ -1399,21 +1429,58 @@ def _write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> No
                  xlabel="layer (resid_post)", ylabel="|v| / typical residual norm")
 
 
+def _monitor_panels(r: dict) -> list[tuple[str, dict]]:
+    """The monitoring scatters of one trait: (measure label, {layer, proj, measure, kinds, title r}) for the items
+    and, when it ran, the response-likelihood measure (the monitoring headline)."""
+    mon = r["monitoring"]
+    kinds = [s["kind"] for s in mon["systems"]]
+    panels = [("two-choice measure", {"layer": mon["layer"], "proj": mon["proj_last_prompt"], "measure": mon["behaviour"],
+                                      "kinds": kinds, "r": f"r = {_fmt(mon['r_last_prompt'], '.2f')}"})]
+    rs = r.get("response")
+    if rs:
+        w = (rs.get("monitor_within_polarity") or {}).get("pooled_within") or {}
+        panels.append(("response-likelihood measure",
+                       {"layer": rs["layer"], "proj": rs["proj_last_prompt"], "measure": rs["system_measure"],
+                        "kinds": kinds, "r": f"r = {_fmt(rs['r_last_prompt'], '.2f')}, within "
+                                              f"{_fmt(w.get('estimate'), '.2f')}"}))
+    return panels
+
+
 def _write_monitoring_figure(report: Report, results: list[dict]) -> None:
-    fig, axes = pyplot().subplots(1, len(results), figsize=(4 * len(results), 3.6), squeeze=False)
+    panels = [_monitor_panels(r) for r in results]
+    n_rows = max(len(p) for p in panels)
+    fig, axes = pyplot().subplots(n_rows, len(results), figsize=(4 * len(results), 3.6 * n_rows), squeeze=False)
     colours = {"pos": "tab:red", "neg": "tab:blue", "default": "black"}
-    for ax, r in zip(axes[0], results):
-        mon = r["monitoring"]
-        for k in colours:
-            idx = [i for i, s in enumerate(mon["systems"]) if s["kind"] == k]
-            ax.scatter(np.asarray(mon["proj_last_prompt"])[idx], np.asarray(mon["behaviour"])[idx], c=colours[k], label=k)
-        ax.set_title(f"{r['trait']} L{mon['layer']}: r = {_fmt(mon['r_last_prompt'], '.2f')}")
-        ax.set_xlabel("last-prompt-token projection")
-        ax.set_ylabel("two-choice measure")
-        ax.legend(fontsize=7)
+    for col, (r, trait_panels) in enumerate(zip(results, panels)):
+        for row in range(n_rows):
+            ax = axes[row][col]
+            if row >= len(trait_panels):
+                ax.set_axis_off()
+                continue
+            label, p = trait_panels[row]
+            for k in colours:
+                idx = [i for i, kind in enumerate(p["kinds"]) if kind == k]
+                ax.scatter(np.asarray(p["proj"])[idx], np.asarray(p["measure"])[idx], c=colours[k], label=k)
+            ax.set_title(f"{r['trait']} L{p['layer']}: {p['r']}", fontsize=9)
+            ax.set_xlabel("last-prompt-token projection")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     report.figure("monitoring", fig, "Per system prompt: projection of the last prompt token onto the vector "
-                  "(mean over evaluation questions) vs the two-choice measure under that system prompt.")
+                  "(mean over evaluation questions) vs the measure under that system prompt (top: two-choice items; "
+                  "bottom, where it ran: the response-likelihood measure, whose within-polarity r is the headline).")
+    curves = [(r["trait"], r["response"]) for r in results
+              if r.get("response") and r["response"].get("within_r_by_layer") is not None]
+    if curves:
+        fig, ax = pyplot().subplots(figsize=(6, 4))
+        for name, rs in curves:
+            ax.plot(rs["within_r_by_layer"], marker=".", label=name)
+            ax.axvline(rs["layer"], color=ax.lines[-1].get_color(), ls=":", lw=1)
+        ax.axhline(MONITOR_MIN_WITHIN_R, color="gray", ls="--", lw=0.8)
+        _line_figure(report, fig, ax, "monitoring_by_layer", "Within-polarity r of the last-prompt projection with "
+                     "the response-likelihood measure, per layer (descriptive; dotted: the layer of the headline, "
+                     "fixed by steering before monitoring; dashed: the target).", title="Monitoring r by layer",
+                     xlabel="layer (resid_post)", ylabel="r within polarity")
 
 
 def _write_cosine_matrix(report: Report, results: list[dict]) -> None:
@@ -1590,13 +1657,15 @@ def _monitor_records(name: str, t: dict) -> list[dict]:
                         system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood"))
         w = rm.get("monitor_within_polarity")
         if w:
-            pw = w["pooled_within"]
+            pw, null = w["pooled_within"], rm.get("monitor_within_null")
+            band = (f"; measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] "
+                    f"({null['n']} shuffles)" if null else "")
             out.append(dict(metric="persona_monitor_within_r", value=pw["estimate"], unit="pearson r",
                             reference=f"{REFERENCE}; within polarity (positive / negative / default prompts' means "
                                       f"removed), 95% CI [{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts; "
-                                      f"overall r {w['overall']['estimate']:.3f}",
+                                      f"overall r {w['overall']['estimate']:.3f}{band}",
                             target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
-                            validity=rm.get("validity"), key=name))
+                            validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name))
     return out
 
 

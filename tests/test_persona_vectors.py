@@ -463,6 +463,8 @@ def test_run_end_to_end_tiny(tmp_path, model):
     rm = m["traits"]["evil"]["response_measure"]
     assert rm["layer"] in (0, 1) and len(rm["measure"]) == 3 and len(rm["system_measure"]) == 15
     assert rm["n_held_out"] + rm["n_selection"] + rm["n_dropped"] == 4
+    assert len(rm["within_r_by_layer"]) == model.config.n_layers and (out / "monitoring_by_layer.png").is_file()
+    assert rm["monitor_within_null"]["n"] >= 20 and "shuffled within polarity" in (out / "report.md").read_text()
     if rm["validity"] and rm["validity"]["valid"]:
         assert rm["random_control"]["n"] == 2 and rm["random_control"]["band"] is None  # < 20 directions: no band
     else:
@@ -614,3 +616,45 @@ def test_specificity_matrix_needs_two_traits(monkeypatch):
     pv.run(pv.Config(traits=("evil",), judge="none"), model)
     pv.run(pv.Config(traits=("evil", "humorous"), judge="none"), model)
     assert calls == [2] and seen == [None, "matrix"]
+
+
+def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
+    """A measure planted on layer 2's within-polarity projection: the per-layer curve peaks there (checked against a
+    direct numpy computation at every layer), the headline r lies above its within-polarity shuffled band, and the
+    record carries the interval and the band."""
+    rng = np.random.default_rng(0)
+    systems = [pv.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(7)]
+    systems.append(pv.MonitorPrompt("default", -1, None, 0))
+    n_sys, n_q, n_layers, d = len(systems), 3, 4, 8
+    acts = rng.normal(size=(n_sys * n_q, n_layers, d))
+    direction = rng.normal(size=(n_layers, d))
+    mon_acts = {"last_prompt": acts, "response_mean": acts}
+    unit_dir = direction[2] / np.linalg.norm(direction[2])
+    p2 = (acts[:, 2] @ unit_dir).reshape(n_sys, n_q).mean(1)
+    kinds = np.asarray([s.kind for s in systems])
+    offsets = np.where(kinds == "pos", 5.0, np.where(kinds == "neg", -5.0, 0.0))
+    m_sys = p2 + offsets + 0.05 * rng.normal(size=n_sys)
+    per_unit = np.stack([np.full(4, m) for m in m_sys])
+    curve = pv._within_r_by_layer(mon_acts, direction, m_sys, kinds)
+    for layer in range(n_layers):
+        u = direction[layer] / np.linalg.norm(direction[layer])
+        p = (acts[:, layer] @ u).reshape(n_sys, n_q).mean(1)
+        pc, mc = p.copy(), m_sys.copy()
+        for g in np.unique(kinds):
+            pc[kinds == g] -= p[kinds == g].mean()
+            mc[kinds == g] -= m_sys[kinds == g].mean()
+        assert curve[layer] == pytest.approx(np.corrcoef(pc, mc)[0, 1], abs=1e-9)
+    assert int(np.argmax(curve)) == 2 and curve[2] > 0.95
+    p_last, p_resp = pv._monitor_projections(mon_acts, direction, 2, n_sys)
+    mon = pv._response_monitoring(per_unit, systems, p_last, p_resp, seed=0)
+    within, null = mon["monitor_within_polarity"]["pooled_within"], mon["monitor_within_null"]
+    assert within["estimate"] == pytest.approx(curve[2]) and within["estimate"] > null["high"] > null["low"]
+    assert null["n"] >= 20 and abs(null["mean"]) < 0.2
+    rm = {"r_last_prompt": mon["r_last_prompt"], "r_response": mon["r_response"], "layer": 2,
+          "system_prompt_effect": 1.0, "validity": {"valid": True}, **mon}
+    t = {"monitor_r_last_prompt": 0.1, "monitor_r_response": 0.2, "chosen_layer": 2, "system_prompt_effect": 0.0,
+         "validity": {"valid": True}, "response_measure": rm}
+    line, = pv._monitor_records("evil", t)[2:]
+    assert line["metric"] == "persona_monitor_within_r" and line["null_band"] == null
+    assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
+    assert pv._within_r_by_layer(mon_acts, direction, np.full(n_sys, np.nan), kinds) is None
