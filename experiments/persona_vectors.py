@@ -1434,8 +1434,9 @@ def _monitor_panels(r: dict) -> list[tuple[str, dict]]:
     and, when it ran, the response-likelihood measure (the monitoring headline)."""
     mon = r["monitoring"]
     kinds = [s["kind"] for s in mon["systems"]]
-    panels = [("two-choice measure", {"layer": mon["layer"], "proj": mon["proj_last_prompt"], "measure": mon["behaviour"],
-                                      "kinds": kinds, "r": f"r = {_fmt(mon['r_last_prompt'], '.2f')}"})]
+    panels = [("two-choice measure", {"layer": mon["layer"], "proj": mon["proj_last_prompt"],
+                                      "measure": mon["behaviour"], "kinds": kinds,
+                                      "r": f"r = {_fmt(mon['r_last_prompt'], '.2f')}"})]
     rs = r.get("response")
     if rs:
         w = (rs.get("monitor_within_polarity") or {}).get("pooled_within") or {}
