@@ -9,7 +9,8 @@ layer, n_L the typical per-token residual norm at L (held-out ShareGPT assistant
 
 * latent add: h <- h + s * n_L * W_dec[i] / |W_dec[i]| at resid_post of L, every position (what
   `psm_jax.edits.sae_latent` computes in mode "add" with `normalize`), for the top `n_latents` persona latents (the
-  features run's best first: picked before steering, so its z is not selected on the outcome);
+  features run's best first: picked before steering, so its z is not selected on the outcome), from the features
+  run's contrast ranking or, with `ranking=specific`, its trait-specific ranking;
 * the persona vector: h <- h + s * n_L * v / |v|;
 * random directions: `n_random` Gaussian unit directions at the same norm s * n_L: the null band;
 * clamp (secondary): encode, set f_i = m * max_act(i), decode, add back the reconstruction error.
@@ -55,6 +56,9 @@ from sae import features as F
 MEASURE = "judge-free answer score (per-token log P(answer | positive prompt) - log P(answer | negative prompt))"
 
 
+RANKINGS = ("contrast", "specific")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = "smollm2-135m-instruct"
@@ -62,6 +66,7 @@ class Config:
     sae: str | None = None  # override the SAE location recorded in candidates.json
     traits: tuple[str, ...] | None = None  # None: every trait in candidates.json
     n_latents: int = 3  # top persona latents steered: the features run's best, then its other candidates
+    ranking: str = "contrast"  # the features run's ranking: "contrast" (d of pos vs neg) or "specific" (its margin)
     strengths: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8)  # x typical residual norm, candidates for the ppl match
     max_ppl_ratio: float = 1.5
     n_random: int = 24  # random directions in the null band (>= 20)
@@ -84,6 +89,8 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)}; expected a positive integer")
         if self.n_questions < 2:
             raise ValueError(f"n_questions={self.n_questions}; expected >= 2 (an interval over questions)")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking={self.ranking!r}; expected one of {RANKINGS}")
         if not self.max_ppl_ratio > 1:
             raise ValueError(f"max_ppl_ratio={self.max_ppl_ratio}; expected > 1")
 
@@ -265,6 +272,17 @@ def load_features(folder, *, model, sae_override: str | None = None):
     return cand, tensors, sae
 
 
+def ranked_info(info: dict, ranking: str, trait: str) -> dict:
+    """A trait's entry of candidates.json under `ranking`: the contrast ranking (the entry itself) or its
+    trait-specific ranking (the entry's "specific" part: best, candidates, max_act)."""
+    if ranking == "contrast":
+        return info
+    if "specific" not in info:
+        raise ValueError(f"ranking={ranking!r}, but the features run has no trait-specific ranking for {trait!r} "
+                         "(it needs at least two traits)")
+    return info["specific"]
+
+
 def top_latents(info: dict, n: int) -> list[int]:
     """The trait's best latent, then its other candidates in rank order, `n` at most."""
     out = [int(info["best"])]
@@ -422,8 +440,9 @@ def run(config: Config, model, progress=None, *, features: tuple | None = None) 
     rand_units = random_directions(cfg.seed * 1000 + 17, cfg.n_random, model.config.d_model, 1.0)
     results = {}
     for name in names:
-        results[name] = steer_trait(model, sae, traits[name], cand["traits"][name], directions[name], cfg=cfg,
-                                    norm=norm, ppl=ppl, rand_units=rand_units, progress=progress)
+        info = ranked_info(cand["traits"][name], cfg.ranking, name)
+        results[name] = steer_trait(model, sae, traits[name], info, directions[name], cfg=cfg, norm=norm, ppl=ppl,
+                                    rand_units=rand_units, progress=progress)
         r = results[name]
         say(f"{name}: best latent z {_f(r['edits'][r['best']]['z'], '.2f')}, vector z "
             f"{_f(r['edits']['persona vector']['z'], '.2f')}, measure {'valid' if r['validity']['valid'] else 'NOT valid'}")
@@ -493,6 +512,10 @@ def _two_choice_section(rep, name: str, tc: dict | None) -> None:
                     "steering here (not evidence either way).")
 
 
+_RANKING_WORDS = {"contrast": "latents ranked by Cohen's d of the trait's positive vs negative prompts",
+                  "specific": "latents ranked by their margin over the other traits (the trait-specific ranking)"}
+
+
 def report(result: Result, folder) -> Path:
     """Write report.md, metrics.json, config.json and the band plot into `folder`."""
     cfg = result.config
@@ -500,7 +523,8 @@ def report(result: Result, folder) -> Path:
     first = next(iter(result.traits.values()))
     rep.section("Setup", f"""
 Model `{cfg.model}`; SAE on `{result.sae.get('site')}` of layer {result.layer} ({result.sae.get('d_sae')} latents);
-features run `{cfg.features}`. Strength unit: the typical per-token residual norm at layer {result.layer} on
+features run `{cfg.features}`, its {_RANKING_WORDS[cfg.ranking]}.
+Strength unit: the typical per-token residual norm at layer {result.layer} on
 {result.n_ppl_docs} held-out ShareGPT assistant answers ({_f(result.typical_norm, '.2f')}). Every direction (top
 {cfg.n_latents} persona latents' unit decoder rows, the persona vector) is steered at one strength per trait: the
 largest of {list(cfg.strengths)} at which both the best latent's and the persona vector's perplexity ratio on those
@@ -557,7 +581,9 @@ def records(result: Result) -> list[dict]:
         if not np.isfinite(best["z"]):
             continue
         out.append(dict(metric="feature_steering_effect_z", value=float(best["z"]), unit="z (random band)",
-                        reference=ref, target="> 1.96 with a valid measure", key=name, trait=name,
+                        reference=ref, target="> 1.96 with a valid measure", trait=name,
+                        key=name if result.config.ranking == "contrast" else f"{name}/{result.config.ranking}",
+                        ranking=result.config.ranking,
                         measure="judge-free answer score", measure_valid=bool(r["validity"]["valid"]),
                         validity_effect=r["validity"]["effect"], evidence=is_evidence(r),
                         latent=r["latents"][0], strength=best["strength"], ppl_ratio=best["ppl_ratio"],

@@ -22,6 +22,11 @@ Pipeline (persona-methods.md section 5; sae/features.py does the computing):
    same rule is applied with the pos/neg labels shuffled (seeded) in both halves, `n_shuffles` times
    (a band). The headline interval is over independent units: per validation question, the best
    latent's mean activation under the positive minus the negative prompts.
+2b. Trait-specific latents (with two or more traits): the same halves, but latents ranked by their margin, the
+   trait's own discovery d minus the largest other trait's d; found when the margin is positive on both halves,
+   own d passes both thresholds and the latent is in the top `n_candidates` by margin. The null shuffles this
+   trait's labels (the shuffles of step 2) while the other traits keep theirs. The plain ranking finds what every
+   persona prompt shares; this one asks for what one trait does not share with the others.
 3. Role contrast: role-play system prompts (sampled roles) vs the default prompts (the Assistant),
    with the same split and rule ("role latents": more active when the model plays a role).
 4. Directions: the persona vector of each trait at the SAE's layer (mean response activation pos -
@@ -316,9 +321,10 @@ def split_contrast(stats: F.ConversationStats, rows: Sequence[dict], a: str, b: 
             "n": {s: {g: len(idx(g, s)) for g in (a, b)} for s in ("discovery", "validation")}}
 
 
-def shuffled_null(stats: F.ConversationStats, rows: Sequence[dict], a: str, b: str, *, seed: int, n_rep: int,
-                  **kw) -> list[int]:
-    """n_found with the a/b labels permuted within each split (the rule's false-positive count)."""
+def shuffled_contrasts(stats: F.ConversationStats, rows: Sequence[dict], a: str, b: str, *, seed: int, n_rep: int,
+                       **kw) -> list[dict]:
+    """`split_contrast` with the a/b labels permuted within each split, `n_rep` times (seeded): the null of every
+    rule that reads the contrast."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_rep):
@@ -328,7 +334,63 @@ def shuffled_null(stats: F.ConversationStats, rows: Sequence[dict], a: str, b: s
             groups = [rows[i]["group"] for i in ids]
             for i, g in zip(ids, rng.permutation(groups)):
                 shuffled[i]["group"] = str(g)
-        out.append(split_contrast(stats, shuffled, a, b, **kw)["n_found"])
+        out.append(split_contrast(stats, shuffled, a, b, **kw))
+    return out
+
+
+def _finite_or(x, fill: float) -> np.ndarray:
+    return np.where(np.isfinite(x), x, fill)
+
+
+def specific_contrast(d_discovery: dict, d_validation: dict, trait: str, *, n_candidates: int, d_discover: float,
+                      d_replicate: float) -> dict:
+    """Latents ranked by how much more they separate `trait`'s positive from negative prompts than any other
+    trait's (the margin: own Cohen's d minus the largest other d, on the discovery halves). A latent is a found
+    *trait-specific* latent when it is among the top `n_candidates` by that margin, with own discovery d >=
+    `d_discover` and a positive discovery margin, and on the validation halves own d >= `d_replicate` and above
+    every other trait's d. The plain ranking finds what the trait's prompts share with every persona prompt; this
+    one asks for what they do not share. d arrays: trait -> [d_sae] (one contrast per trait, on its own rows)."""
+    others = [t for t in d_discovery if t != trait]
+    if not others:
+        raise ValueError(f"trait-specific latents need at least two traits; got only {trait!r}")
+    own_disc = _finite_or(d_discovery[trait], -np.inf)
+    own_val = _finite_or(d_validation[trait], -np.inf)
+    other_disc = np.max([_finite_or(d_discovery[t], -np.inf) for t in others], axis=0)
+    other_val = np.max([_finite_or(d_validation[t], -np.inf) for t in others], axis=0)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a latent that fires for no trait, ranked last
+        margin_disc = _finite_or(own_disc - other_disc, -np.inf)
+        margin_val = _finite_or(own_val - other_val, -np.inf)
+    top = np.argsort(-margin_disc, kind="stable")[:n_candidates]
+    found = [int(lat) for lat in top if own_disc[lat] >= d_discover and margin_disc[lat] > 0
+             and own_val[lat] >= d_replicate and margin_val[lat] > 0]
+    cands = [{"latent": int(lat), "rank": rank, "margin_discovery": float(margin_disc[lat]),
+              "margin_validation": float(margin_val[lat]), "d_discovery": float(d_discovery[trait][lat]),
+              "d_validation": float(d_validation[trait][lat]),
+              "d_validation_other_traits": {t: float(d_validation[t][lat]) for t in others},
+              "found": int(lat) in found}
+             for rank, lat in enumerate(top)]
+    return {"candidates": cands, "found": found, "n_found": len(found),
+            "best": int(found[0] if found else top[0])}
+
+
+def specific_blocks(results: dict, cfg: Config) -> dict:
+    """`specific_contrast` for every trait, with its null: the same rule with this trait's labels shuffled (the
+    shuffles of `contrast_block`) while the other traits keep theirs; and the best latent's unit-level effect on
+    the validation questions. Empty with fewer than two traits."""
+    if len(results) < 2:
+        return {}
+    kw = dict(n_candidates=cfg.n_candidates, d_discover=cfg.d_discover, d_replicate=cfg.d_replicate)
+    d_disc = {t: res["d_discovery"] for t, res in results.items()}
+    d_val = {t: res["d_validation"] for t, res in results.items()}
+    out = {}
+    for t, res in results.items():
+        spec = specific_contrast(d_disc, d_val, t, **kw)
+        spec["null_found"] = [specific_contrast({**d_disc, t: sh["d_discovery"]}, {**d_val, t: sh["d_validation"]},
+                                                t, **kw)["n_found"] for sh in res["shuffled"]]
+        spec["null_band"] = null_band(spec["null_found"])
+        spec["best_effect_validation"] = unit_effect(res["stats"], res["rows"], spec["best"], "pos", "neg",
+                                                     split="validation", seed=cfg.seed)
+        out[t] = spec
     return out
 
 
@@ -393,12 +455,14 @@ def cosine_band(W_dec, vector, latents: Sequence[int], *, n_random: int, seed: i
 
 
 def contrast_block(stats, rows, a: str, b: str, *, cfg: Config, seed: int) -> dict:
-    """`split_contrast` with its shuffled-label null (>= 20 shuffles: a band) and the best latent's unit-level
-    effect on both halves."""
+    """`split_contrast` with its shuffled-label null (>= 20 shuffles: a band; their d arrays are kept for the
+    trait-specific null) and the best latent's unit-level effect on both halves."""
     kw = dict(n_candidates=cfg.n_candidates, d_discover=cfg.d_discover, d_replicate=cfg.d_replicate)
     res = split_contrast(stats, rows, a, b, **kw)
-    res["null_found"] = shuffled_null(stats, rows, a, b, seed=seed, n_rep=cfg.n_shuffles, **kw)
+    shuffled = shuffled_contrasts(stats, rows, a, b, seed=seed, n_rep=cfg.n_shuffles, **kw)
+    res["null_found"] = [c["n_found"] for c in shuffled]
     res["null_band"] = null_band(res["null_found"])
+    res["shuffled"] = [{"d_discovery": c["d_discovery"], "d_validation": c["d_validation"]} for c in shuffled]
     best = best_latent(res)
     res["best_effect"] = {split: unit_effect(stats, rows, best, a, b, split=split, seed=cfg.seed)
                           for split in ("discovery", "validation")}
@@ -416,6 +480,7 @@ class Result:
     sae: F.FeatureSae
     sae_info: dict  # source, format, training facts; params / scfg for the SAELens export
     results: dict  # trait -> contrast results
+    specific: dict  # trait -> trait-specific ranking (`specific_blocks`; empty with one trait)
     roles: dict  # role-vs-default contrast results
     directions: dict  # name -> [D] (persona vectors, assistant_axis)
     latent_records: list  # sae.features.label records of the candidate latents (labels, examples, detection)
@@ -464,11 +529,16 @@ def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None
         directions[trait.name] = v
         res["vector_norm"] = float(np.linalg.norm(v))
         res["typical_norm"] = typical_norm(stats)
-        res["rows"] = rows
+        res["rows"], res["stats"] = rows, stats
         results[trait.name] = res
         all_convs += [r["conversation"] for r in rows]
         say(f"trait {trait.name}: found {res['n_found']} (shuffled-label null band {res['null_band']['low']:g}.."
             f"{res['null_band']['high']:g})")
+
+    specific = specific_blocks(results, cfg)
+    for name, spec in specific.items():
+        say(f"trait {name}: trait-specific latents found {spec['n_found']} (null band {spec['null_band']['low']:g}.."
+            f"{spec['null_band']['high']:g})")
 
     # 3. roles vs default
     say("roles vs default: generating")
@@ -526,13 +596,14 @@ def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None
                            "overlap_top20_with_contrast": len(set(order[:20]) & set(res["ranking_full"].order()[:20]))}
 
     # 6. records over the context corpus
-    records, ctx, n_ctx_docs = latent_records(model, sae, cfg, results, role_res, all_convs, say, progress)
-    return Result(config=cfg, sae=sae, sae_info=sae_info, results=results, roles=role_res, directions=directions,
-                  latent_records=records, density=ctx.table.density(), n_context_docs=n_ctx_docs,
+    records, ctx, n_ctx_docs = latent_records(model, sae, cfg, results, specific, role_res, all_convs, say, progress)
+    return Result(config=cfg, sae=sae, sae_info=sae_info, results=results, specific=specific, roles=role_res,
+                  directions=directions, latent_records=records, density=ctx.table.density(), n_context_docs=n_ctx_docs,
                   n_generated=len(all_convs), context_tokens=len(ctx.table), seconds=time.time() - t_start)
 
 
-def latent_records(model, sae, cfg: Config, results: dict, role_res: dict, all_convs: list, say, progress):
+def latent_records(model, sae, cfg: Config, results: dict, specific: dict, role_res: dict, all_convs: list, say,
+                   progress):
     """Records (density, per-role rates, contexts, top tokens, labels, detection) of every candidate latent over
     the context corpus: a ShareGPT slice disjoint from the SAE's training slice plus the generated conversations.
     Returns (records, the collected context, the number of ShareGPT documents)."""
@@ -551,6 +622,10 @@ def latent_records(model, sae, cfg: Config, results: dict, role_res: dict, all_c
             note(c["latent"], f"{name}: decoder cosine", round(c["cosine"], 3))
         for c in (res.get("diff") or {}).get("top", []):
             note(c["latent"], f"{name}: diff increase", round(c["diff"], 3))
+    for name, spec in specific.items():
+        for c in spec["candidates"]:
+            note(c["latent"], f"{name}: margin over the other traits disc/val",
+                 f"{c['margin_discovery']:.2f}/{c['margin_validation']:.2f}{' found' if c['found'] else ''}")
     for c in role_res["candidates"]:
         note(c["latent"], "role-vs-default: d disc/val",
              f"{c['d_discovery']:.2f}/{c['d_validation']:.2f}{' found' if c['found'] else ''}")
@@ -583,8 +658,9 @@ def latent_records(model, sae, cfg: Config, results: dict, role_res: dict, all_c
 
 
 def candidates(result: Result, export_dir) -> dict:
-    """candidates.json, what feature steering reads: the SAE's source, the best latent per trait and its candidates,
-    the role latents and every persona-related latent."""
+    """candidates.json, what feature steering reads: the SAE's source, the best latent per trait and its candidates
+    (under "specific": the same for the trait-specific ranking), the role latents and every persona-related
+    latent."""
     by_latent = {r["latent"]: r for r in result.latent_records}
     out = {"sae": {**result.sae.describe(), "source": result.sae_info.get("source"),
                    "saelens_export": str(export_dir) if export_dir else None}, "traits": {}, "roles": {}}
@@ -595,11 +671,17 @@ def candidates(result: Result, export_dir) -> dict:
             "candidates": [c["latent"] for c in res["candidates"]],
             "typical_norm": res["typical_norm"], "max_act": by_latent[best]["max_act"],
             "label": by_latent[best]["label"]}
+        spec = result.specific.get(name)
+        if spec:
+            out["traits"][name]["specific"] = {
+                "best": spec["best"], "best_is_found": bool(spec["found"]), "found": spec["found"],
+                "candidates": [c["latent"] for c in spec["candidates"]],
+                "max_act": by_latent[spec["best"]]["max_act"], "label": by_latent[spec["best"]]["label"]}
     role_res = result.roles
     out["roles"] = {"best": best_latent(role_res), "found": role_res["found"],
                     "candidates": [c["latent"] for c in role_res["candidates"]]}
-    out["persona_latents"] = sorted({c["latent"] for res in list(result.results.values()) + [role_res]
-                                     for c in res["candidates"]})
+    out["persona_latents"] = sorted({c["latent"] for res in [*result.results.values(), *result.specific.values(),
+                                                             role_res] for c in res["candidates"]})
     return out
 
 
@@ -725,8 +807,20 @@ def summary(result: Result) -> dict:
             if res.get("diff"):
                 m["diff_overlap_top20"] = res["diff"]["overlap_top20_with_contrast"]
                 m["diff_rank_of_best"] = res["diff"]["rank_of_candidates"].get(best)
+        if name in result.specific:
+            m["specific"] = _specific_summary(result.specific[name])
         out[name] = m
     return out
+
+
+def _specific_summary(spec: dict) -> dict:
+    """The trait-specific ranking's headline: found count against its shuffled band, and its best latent."""
+    best = next(c for c in spec["candidates"] if c["latent"] == spec["best"])
+    return {"n_found": spec["n_found"], "found": spec["found"], "null_found": spec["null_found"],
+            "null_band": spec["null_band"], "best_latent": spec["best"], "best_is_found": bool(spec["found"]),
+            "best_d_validation": best["d_validation"], "best_margin_validation": best["margin_validation"],
+            "best_d_validation_other_traits": best["d_validation_other_traits"],
+            "best_effect_validation": spec["best_effect_validation"]}
 
 
 def _specificity_text(per_trait: dict, d_replicate: float) -> str:
@@ -815,6 +909,7 @@ produced; claims rest on the contrast statistics.
                      "trait-specific": {True: "yes", False: "no", None: ""}[per_trait[name]["best_specific"]]})
     report.table("Found latents per contrast", rows)
     report.section("Specificity of the best latents", _specificity_text(per_trait, cfg.d_replicate))
+    _write_specific_section(report, cfg, per_trait)
     for name, res in list(results.items()) + [("role-vs-default", role_res)]:
         tab = []
         for c in res["candidates"]:
@@ -873,6 +968,36 @@ produced; claims rest on the contrast statistics.
     report.metric("seconds", seconds)
 
 
+def _write_specific_section(report: Report, cfg, per_trait: dict) -> None:
+    """The trait-specific ranking: per trait, found latents against the shuffled band and the best latent's
+    validation d on its own trait and the others."""
+    rows = []
+    for name, m in per_trait.items():
+        sp = m.get("specific")
+        if not sp:
+            continue
+        nb, val = sp["null_band"], sp["best_effect_validation"]
+        rows.append({"trait": name, "found": sp["n_found"],
+                     "null found, 95% band": f"[{nb['low']:g}, {nb['high']:g}] (n={nb['n']})",
+                     "best latent": sp["best_latent"] if sp["best_is_found"] else f"{sp['best_latent']} (not found)",
+                     "d val (own)": _f(sp["best_d_validation"]),
+                     "d val on the other traits": ", ".join(f"{t} {_f(d)}" for t, d in
+                                                            sp["best_d_validation_other_traits"].items()),
+                     "margin val": _f(sp["best_margin_validation"], "+.2f"),
+                     "activation diff, validation [95% CI]": _ci(val, "+.3g")})
+    if not rows:
+        return
+    report.section("Trait-specific latents", f"""
+The ranking above finds what a trait's positive prompts share with every persona prompt. Here latents are ranked
+by their **margin**: Cohen's d of the trait's own positive vs negative conversations minus the largest d of any
+other trait, on the discovery halves. A latent is a found trait-specific latent when it is in the top
+{cfg.n_candidates} by that margin, with own discovery d >= {cfg.d_discover} and a positive discovery margin, and on
+the validation halves own d >= {cfg.d_replicate} and above every other trait's d. The null band applies the same
+rule with this trait's pos/neg labels shuffled ({cfg.n_shuffles} shuffles) while the other traits keep theirs.
+""")
+    report.table("Trait-specific latents per trait, against the shuffled band", rows)
+
+
 def records(result: Result) -> list[dict]:
     """Persona latents found per contrast against the shuffled-label band, with the best latent's activation
     difference over independent units (validation questions) and its interval."""
@@ -895,4 +1020,18 @@ def records(result: Result) -> list[dict]:
                         best_decoder_cosine_z=m.get("best_decoder_cosine_z"),
                         best_detection_accuracy=m["best_detection_balanced_accuracy"],
                         best_detection_auroc=m["best_detection_auroc"], layer=result.sae.layer, model=cfg.model))
+        sp = m.get("specific")
+        if sp:
+            val = sp["best_effect_validation"]
+            out.append(dict(metric="persona_specific_latents_found", value=sp["n_found"], unit="latents",
+                            reference=f"{ref}; ranked instead by the margin of the trait's d over every other "
+                                      "trait's d, and found only where that margin is positive on both halves",
+                            target="> the shuffled-label band", trait=name, key=name,
+                            null_band_low=sp["null_band"]["low"], null_band_high=sp["null_band"]["high"],
+                            null_found=sp["null_found"], best_latent=sp["best_latent"],
+                            best_is_found=sp["best_is_found"], best_d_validation=sp["best_d_validation"],
+                            best_margin_validation=sp["best_margin_validation"],
+                            best_d_validation_other_traits=sp["best_d_validation_other_traits"],
+                            best_effect=val["estimate"], best_effect_low=val["low"], best_effect_high=val["high"],
+                            n=val["n"], n_unit="validation questions", layer=result.sae.layer, model=cfg.model))
     return [jsonable(line) for line in out]  # NaN -> None: strict JSON lines

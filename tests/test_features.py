@@ -583,7 +583,8 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
 
     model = tiny_chat_model()
     sae = random_sae(d_sae=48, bias=-0.1, layer=2)
-    cfg = pf.Config(model="tiny", **{**pf.PRESETS["quick"], "n_pairs": 2, "n_questions": 4, "n_samples": 1,
+    cfg = pf.Config(model="tiny", **{**pf.PRESETS["quick"], "traits": ("evil", "humorous"), "n_pairs": 2,
+                                     "n_questions": 4, "n_samples": 1,
                                      "max_new_tokens": 6, "context_docs": 3, "context_max_len": 48, "batch_size": 8,
                                      "diff": True, "diff_layer_offset": 1, "max_detect": 2,
                                      "sae_cache": str(tmp_path / "cache")})
@@ -604,20 +605,31 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     recs = read_jsonl(out / "latents.jsonl")
     assert len(recs) == len(res.latent_records) and all(r["sae"]["layer"] == 2 for r in recs)
     cand = json.loads((out / "candidates.json").read_text())
-    assert set(cand["traits"]) == {"evil"} and cand["persona_latents"]
+    assert set(cand["traits"]) == {"evil", "humorous"} and cand["persona_latents"]
+    spec = cand["traits"]["evil"]["specific"]
+    assert spec["best"] in spec["candidates"] and set(spec["candidates"]) <= set(cand["persona_latents"])
     m = json.loads((out / "metrics.json").read_text())
-    assert set(m["contrasts"]) == {"evil", "role-vs-default"}
+    assert set(m["contrasts"]) == {"evil", "humorous", "role-vs-default"}
+    assert m["contrasts"]["evil"]["specific"]["best_latent"] == spec["best"]
     lines = pf.records(res)
-    assert [ln["metric"] for ln in lines] == ["persona_latents_found"] * 2
+    assert [ln["metric"] for ln in lines] == ["persona_latents_found", "persona_specific_latents_found"] * 2 + [
+        "persona_latents_found"]
     assert all(ln["n_unit"] == "validation questions" and ln["null_band_high"] is not None for ln in lines)
-    assert lines[0]["best_specific"] is True  # one trait: nothing else to separate
-    assert lines[1]["best_specific"] is None and set(lines[1]["best_d_validation_other_traits"]) == {"evil"}
-    assert "## Specificity of the best latents" in (out / "report.md").read_text()
+    assert set(lines[-1]["best_d_validation_other_traits"]) == {"evil", "humorous"}
+    assert lines[1]["best_latent"] == spec["best"] and set(lines[1]["best_d_validation_other_traits"]) == {"humorous"}
+    text = (out / "report.md").read_text()
+    assert "## Specificity of the best latents" in text and "## Trait-specific latents" in text
 
     monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)
     dirs, _ = fs.read_directions(out, width=model.config.d_model)
-    r2 = fs.run(fs.Config(model="tiny", features=str(out), **fs.PRESETS["ci"]), model, features=(cand, dirs, sae))
+    r2 = fs.run(fs.Config(model="tiny", features=str(out), traits=("evil",), **fs.PRESETS["ci"]), model,
+                features=(cand, dirs, sae))
     assert r2.traits["evil"]["latents"][0] == cand["traits"]["evil"]["best"]
+    r3 = fs.run(fs.Config(model="tiny", features=str(out), traits=("evil",), ranking="specific", **fs.PRESETS["ci"]),
+                model, features=(cand, dirs, sae))
+    assert r3.traits["evil"]["latents"][0] == spec["best"]
+    (line,) = fs.records(r3)
+    assert line["key"] == "evil/specific" and line["ranking"] == "specific"
 
 
 def test_latent_specificity_names_latents_shared_between_traits():
@@ -661,3 +673,61 @@ def test_persona_features_prepare_trains_once_into_the_cache(tmp_path):
     sae, info = pf.load_sae(model, prepared)
     assert sae.layer == 1 and sae.d_sae == 32 and info["trained_here"] and info["steps"] == 5
     assert pf.prepare(cfg, model) == prepared
+
+
+def test_trait_specific_ranking_finds_the_latent_a_trait_does_not_share():
+    """Planted d arrays: latent 0 separates every trait's prompts (a persona-prompt latent), latent 1 only evil's,
+    latent 3 evil's too weakly, latent 4 only humorous's, latent 2 never fires. The margin ranking finds latent 1 for
+    evil and 4 for humorous, and none of them for sycophantic; with evil's labels shuffled nothing is found."""
+    from experiments import persona_features as pf
+
+    nan = float("nan")
+    d_disc = {"evil": np.array([1.5, 1.0, nan, 0.5, 0.1]), "humorous": np.array([1.4, 0.1, nan, 0.0, 1.2]),
+              "sycophantic": np.array([1.3, 0.1, nan, 0.0, 0.2])}
+    d_val = {"evil": np.array([1.0, 0.8, nan, 0.6, 0.0]), "humorous": np.array([1.2, 0.2, nan, 0.0, 0.9]),
+             "sycophantic": np.array([1.1, 0.2, nan, 0.0, 0.1])}
+    kw = dict(n_candidates=3, d_discover=0.8, d_replicate=0.5)
+    evil = pf.specific_contrast(d_disc, d_val, "evil", **kw)
+    assert [c["latent"] for c in evil["candidates"]] == [1, 3, 0]
+    assert evil["found"] == [1] and evil["best"] == 1
+    assert evil["candidates"][0]["margin_discovery"] == pytest.approx(0.9)
+    assert evil["candidates"][0]["margin_validation"] == pytest.approx(0.6)
+    assert evil["candidates"][2]["margin_validation"] == pytest.approx(-0.2)  # latent 0: shared, not found
+    assert pf.specific_contrast(d_disc, d_val, "humorous", **kw)["found"] == [4]
+    syc = pf.specific_contrast(d_disc, d_val, "sycophantic", **kw)
+    assert syc["found"] == [] and syc["best"] == syc["candidates"][0]["latent"]
+    with pytest.raises(ValueError, match="at least two traits"):
+        pf.specific_contrast({"evil": d_disc["evil"]}, {"evil": d_val["evil"]}, "evil", **kw)
+
+    rng = np.random.default_rng(0)
+    mean = np.zeros((8, 5))
+    mean[:, 1] = [3, 1, 0, 0, 5, 3, 1, 1]
+    rows = [{"group": g, "question": q, "split": "validation"} for q in (0, 1) for g in ("pos", "pos", "neg", "neg")]
+    stats = F.ConversationStats(mean, mean > 0, np.ones(8, int), np.zeros((8, 3)))
+    results = {t: {"d_discovery": d_disc[t], "d_validation": d_val[t], "stats": stats, "rows": rows,
+                   "shuffled": [{"d_discovery": rng.normal(0, 0.1, 5), "d_validation": rng.normal(0, 0.1, 5)}
+                                for _ in range(20)]} for t in d_disc}
+    blocks = pf.specific_blocks(results, pf.Config(n_candidates=3))
+    assert blocks["evil"]["found"] == [1] and blocks["evil"]["null_found"] == [0] * 20
+    assert blocks["evil"]["null_band"]["high"] == 0
+    assert blocks["evil"]["best_effect_validation"]["estimate"] == pytest.approx(2.5)  # latent 1's unit effect
+    assert pf.specific_blocks({"evil": results["evil"]}, pf.Config()) == {}
+    summary = pf._specific_summary(blocks["humorous"])
+    assert summary["best_latent"] == 4 and summary["best_is_found"]
+    assert summary["best_d_validation_other_traits"] == {"evil": 0.0, "sycophantic": pytest.approx(0.1)}
+
+
+def test_feature_steering_reads_the_ranking_it_is_given():
+    """ranking=contrast steers the features run's contrast ranking, ranking=specific its trait-specific ranking;
+    a run without one names what is missing; an unknown ranking is refused."""
+    from experiments import feature_steering as fs
+
+    info = {"best": 7, "candidates": [7, 3, 5], "max_act": 2.0,
+            "specific": {"best": 11, "candidates": [11, 7], "max_act": 4.0}}
+    assert fs.top_latents(fs.ranked_info(info, "contrast", "evil"), 2) == [7, 3]
+    spec = fs.ranked_info(info, "specific", "evil")
+    assert fs.top_latents(spec, 3) == [11, 7] and spec["max_act"] == 4.0
+    with pytest.raises(ValueError, match="no trait-specific ranking for 'evil'"):
+        fs.ranked_info({"best": 7, "candidates": [7]}, "specific", "evil")
+    with pytest.raises(ValueError, match="ranking='margin'; expected one of"):
+        fs.Config(ranking="margin")
