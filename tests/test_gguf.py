@@ -61,19 +61,13 @@ def test_default_model_loads(smollm2):
     assert m.tokenizer is not None and m.tokenizer.chat_template == m.chat_template
 
 
-def test_default_model_equals_transformers_gguf_loader(smollm2):
+def test_default_model_equals_transformers_gguf_loader(smollm2, smollm2_hf):
     """Every tensor equals transformers' own GGUF dequantization (incl. Q/K un-permutation)."""
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
     from psm_jax.config import from_hf_config
 
-    path = Path(smollm2.source)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    hf = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    hf = {k: v.detach().numpy() for k, v in smollm2_hf.state_dict().items()}
     # transformers marks a GGUF load with quantization_config (gguf) although its weights are dequantized floats
-    hf_config = from_hf_config({k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
-    del model
+    hf_config = from_hf_config({k: v for k, v in smollm2_hf.config.to_dict().items() if k != "quantization_config"})
     _assert_matches_hf(smollm2.params, smollm2.config, hf, atol=1e-6)
     # transformers keeps eps as the float32 value 9.9999997e-06; we round it back to HF's 1e-05.
     assert hf_config.norm_eps == pytest.approx(smollm2.config.norm_eps, rel=1e-6)
