@@ -172,6 +172,7 @@ def test_buckets_and_pads():
     assert toks.tolist() == [5, 6, 1, 1] and mask.tolist() == [True, True, False, False]
 
 
+@pytest.mark.slow  # 15-20 s of compiles; CI runs it in the bounded slow step
 def test_padded_cache_and_logodds_equal_the_unpadded_ones(tiny_chat_model):
     """A left-padded history, left-padded probe and right-padded answers give the unpadded identity log-odds, also
     after a recompute edit and a direct edit on the assistant positions (masked slots are never attended to)."""

@@ -78,6 +78,7 @@ def test_answer_scoring_matches_the_full_logits(tiny_chat_model):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # 15-20 s of compiles; CI runs it in the bounded slow step
 def test_option_scoring_from_a_shared_prompt_cache_matches_pair_scoring(tiny_chat_model, monkeypatch):
     """score_options (each prompt prefilled once, its options continued from the cache) equals score_answers on
     every (prompt, option) pair: unedited, with an edit everywhere, on assistant tokens only (an edit that covers
