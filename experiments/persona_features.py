@@ -52,6 +52,7 @@ SmolLM2-135M is a weak model, explainer and judge: the claims here rest on the c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -163,9 +164,26 @@ def sae_layer(cfg: Config, n_layers: int) -> int:
     return cfg.layer if cfg.layer is not None else n_layers // 2
 
 
+HARVEST_FIELDS = ("model", "train_tokens", "train_docs", "context_len", "seed")
+TRAINING_FIELDS = HARVEST_FIELDS + ("d_sae", "k", "train_steps", "train_batch")
+
+
+def _cache_key(cfg: Config, layer: int, fields: Sequence[str]) -> str:
+    """A short hash of the config fields that determine a cached artefact, so that a changed field (another model,
+    more tokens) never finds a stale one."""
+    blob = json.dumps({"layer": layer, **{f: getattr(cfg, f) for f in fields}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def sae_store_dir(cfg: Config, layer: int) -> Path:
+    """Where `train_sae` harvests (and finds again) the ShareGPT activations of this config."""
+    return Path(cfg.sae_cache) / f"acts_L{layer}_{cfg.train_tokens}_{_cache_key(cfg, layer, HARVEST_FIELDS)}"
+
+
 def sae_run_dir(cfg: Config, layer: int) -> Path:
     """Where `prepare` trains (and finds again) the SAE of this config."""
-    return Path(cfg.sae_cache) / f"run_L{layer}_S{cfg.d_sae}_k{cfg.k}_steps{cfg.train_steps}_seed{cfg.seed}"
+    return Path(cfg.sae_cache) / (f"run_L{layer}_S{cfg.d_sae}_k{cfg.k}_steps{cfg.train_steps}_seed{cfg.seed}_"
+                                  f"{_cache_key(cfg, layer, TRAINING_FIELDS)}")
 
 
 def prepare(config: Config, model, progress=None) -> Config:
@@ -208,8 +226,7 @@ def train_sae(model, cfg: Config, layer: int, progress: bool = True) -> Path:
     from sae.metrics import evaluate_reconstruction
     from sae.train import train
 
-    cache = Path(cfg.sae_cache)
-    store_dir = cache / f"acts_L{layer}_{cfg.train_tokens}"
+    store_dir = sae_store_dir(cfg, layer)
     run_dir = sae_run_dir(cfg, layer)
     facts = Path(str(run_dir) + ".info.json")
     if facts.is_file() and (run_dir / "config.json").is_file():
@@ -688,7 +705,7 @@ def candidates(result: Result, export_dir) -> dict:
 def report(result: Result, folder) -> Path:
     """Write the report folder: report.md, metrics.json, config.json, plots, latents.jsonl, features.html (the
     static browser), candidates.json and persona_directions.safetensors; with `export_sae`, the SAE in SAELens
-    format with its labels under `sae_cache` (next to the trained SAE, so later runs reuse one labelled copy)."""
+    format with its labels under `sae_cache` (named after the SAE it exports, next to the trained SAE)."""
     from sae.features.browser import write_browser
 
     cfg, sae = result.config, result.sae
@@ -704,7 +721,7 @@ def report(result: Result, folder) -> Path:
                         "context tokens": result.context_tokens})
     export_dir = None
     if cfg.export_sae and result.sae_info.get("params") is not None:
-        export_dir = Path(cfg.sae_cache) / f"saelens_L{sae.layer}_labelled"
+        export_dir = Path(cfg.sae_cache) / f"saelens_{Path(str(cfg.sae).rstrip('/')).name}_labelled"
         L.export_sae_with_labels(result.sae_info["params"], result.sae_info["scfg"], export_dir, result.latent_records,
                                  hook_name=f"model.layers.{sae.layer}", model_name=cfg.model,
                                  log10_density=np.log10(np.maximum(result.density, 1e-10)), overwrite=True,

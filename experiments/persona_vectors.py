@@ -59,7 +59,10 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    pair); layer chosen by m on the even-indexed questions, curve (+ the random band when valid) on the
    odd-indexed ones; monitoring r = last-prompt projection vs m across the graded system prompts, at the
    layer that steering chose. Its within-polarity r is compared with the band of m shuffled among the prompts
-   of one polarity; the same r at every layer is a descriptive curve, never the layer choice.
+   of one polarity; the same r at every layer is a descriptive curve, never the layer choice. A second
+   monitoring layer is fixed on the extraction data alone (`crossfit_separation`): the layer where the
+   last prompt token's projection best separates positive from negative extraction rows, cross-fitted
+   over question halves; its within-polarity r is reported beside the steering layer's.
 7. Data screening: for a dataset of (prompt, response) pairs, projection of the given response minus
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
@@ -210,9 +213,19 @@ def extract_vectors(model, pos_conversations, neg_conversations, *, batch_size: 
 
     Conversations end with the assistant response whose tokens are averaged.
     """
-    acts = {}
-    for name, convs in (("pos", pos_conversations), ("neg", neg_conversations)):
-        acts[name] = rollouts.activation_means(model, convs, site=SITE, batch_size=batch_size, progress=progress)
+    return vectors_from_activations(extraction_activations(model, pos_conversations, neg_conversations,
+                                                          batch_size=batch_size, progress=progress))
+
+
+def extraction_activations(model, pos_conversations, neg_conversations, *, batch_size: int = 16,
+                           progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """{"pos", "neg"}: `rollouts.activation_means` of each polarity's conversations at resid_post of every layer."""
+    return {name: rollouts.activation_means(model, convs, site=SITE, batch_size=batch_size, progress=progress)
+            for name, convs in (("pos", pos_conversations), ("neg", neg_conversations))}
+
+
+def vectors_from_activations(acts: dict) -> dict[str, np.ndarray]:
+    """The mean-difference vector of each variant from `extraction_activations`' output."""
     key = {"response_avg": "response_mean", "prompt_avg": "prompt_mean", "prompt_last": "last_prompt"}
     return {v: mean_difference(acts["pos"][key[v]], acts["neg"][key[v]]) for v in VARIANTS}
 
@@ -486,6 +499,32 @@ def separation(pos, neg) -> float:
     return float((pos.mean() - neg.mean()) / pooled) if pooled > 0 else float("nan")
 
 
+def crossfit_separation(acts: dict, pos_questions, neg_questions) -> np.ndarray | None:
+    """Per layer, how well the last prompt token's projection onto the response-average vector separates the
+    positive from the negative extraction rows, cross-fitted so that no row scores a vector it helped to make: the
+    rows split by question parity, the vector from one half's rows, the separation (d) of the other half's
+    projections, averaged over the two directions. [n_layers], or None when a half has fewer than 2 rows of a
+    polarity. This is the monitoring layer rule: it reads only extraction data, never a monitoring prompt or a
+    behavioural measure."""
+    pos_q, neg_q = np.asarray(pos_questions) % 2, np.asarray(neg_questions) % 2
+    if min(np.sum(pos_q == f) for f in (0, 1)) < 2 or min(np.sum(neg_q == f) for f in (0, 1)) < 2:
+        return None
+    folds = []
+    for f in (0, 1):
+        vec = mean_difference(acts["pos"]["response_mean"][pos_q != f], acts["neg"]["response_mean"][neg_q != f])
+        pos_probe, neg_probe = acts["pos"]["last_prompt"][pos_q == f], acts["neg"]["last_prompt"][neg_q == f]
+        folds.append([separation(project(pos_probe[:, L], vec[L]), project(neg_probe[:, L], vec[L]))
+                      for L in range(vec.shape[0])])
+    return np.mean(np.asarray(folds), axis=0)
+
+
+def rule_layer(separations) -> int | None:
+    """The layer of largest cross-fitted separation (None without a finite one)."""
+    if separations is None or not np.isfinite(separations).any():
+        return None
+    return int(np.nanargmax(separations))
+
+
 def projection_difference(model, prompts, given_responses, vector, layer: int, *, own_responses=None,
                           max_new_tokens: int = 48, batch_size: int = 16) -> dict:
     """Data screening: per sample, projection onto `vector` (at resid_post of `layer`, mean over the
@@ -660,17 +699,20 @@ def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | No
 
 
 def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool):
-    """Step 3: the persona vectors, the typical residual norm per layer and the steering unit per layer
-    (c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L] itself)."""
+    """Step 3: the persona vectors, the typical residual norm per layer, the steering unit per layer
+    (c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L] itself) and the monitoring layer rule's
+    cross-fitted separation per layer (`crossfit_separation`)."""
     conv = lambda i: rows[i]["messages"] + [{"role": "assistant", "content": rows[i]["response"]}]  # noqa: E731
-    vecs = extract_vectors(model, [conv(i) for i in pos_idx], [conv(i) for i in neg_idx], batch_size=cfg.batch_size,
-                           progress=progress)
+    acts = extraction_activations(model, [conv(i) for i in pos_idx], [conv(i) for i in neg_idx],
+                                  batch_size=cfg.batch_size, progress=progress)
+    vecs = vectors_from_activations(acts)
+    rule_sep = crossfit_separation(acts, [rows[i]["question"] for i in pos_idx], [rows[i]["question"] for i in neg_idx])
     own_convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(greedy["own_prompts"],
                                                                              greedy["own_responses"])]
     typical = typical_norms(model, own_convs, batch_size=cfg.batch_size)
     norms = {v: np.linalg.norm(vecs[v], axis=-1) for v in VARIANTS}
     scales = norms["response_avg"] if cfg.coef_unit == "vector" else typical
-    return vecs, norms, typical, scales
+    return vecs, norms, typical, scales, rule_sep
 
 
 def _items_measure(model, trait, systems, seed: int) -> dict:
@@ -752,7 +794,8 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     greedy = _greedy_rollouts(model, trait, cfg, progress)
     trait_scores, coh_scores, judge_summary = _judge_rows(judge, rows, trait, cfg)
     pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores, cfg)
-    vecs, norms, typical, scales = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
+    vecs, norms, typical, scales, rule_sep = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg,
+                                                                 progress)
     direction = vecs["response_avg"]
     layers = cfg.sweep_layers or default_sweep_layers(model.config.n_layers)
     for L in layers:
@@ -779,7 +822,7 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     held = {"items": items["held_out"]}
     if cfg.response_measure:
         res["response"], held["response_likelihood"] = _response_block(
-            model, trait, cfg, direction, scales, layers, rand, mon_acts, greedy["systems"], fluency,
+            model, trait, cfg, direction, scales, layers, rand, mon_acts, greedy["systems"], fluency, rule_sep,
             progress=progress)
     if cfg.screening:
         res["screening"] = _screening(model, rows, pos_idx, neg_idx, greedy["own_responses"], direction[best], best,
@@ -869,11 +912,24 @@ def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
             "proj_last_prompt": p_last, "proj_response": p_resp}
 
 
-def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, mon_acts, systems, fluency, *,
-                    progress: bool = False) -> tuple[dict, ContrastPairs]:
+def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> dict | None:
+    """Monitoring at the layer the extraction-data rule fixes (`crossfit_separation`, `rule_layer`): the same
+    statistics as at the steering layer. None when the rule has no layer."""
+    layer = rule_layer(separations)
+    if layer is None:
+        return None
+    mon = _response_monitoring(per_unit, systems, *_monitor_projections(mon_acts, direction, layer, len(systems)),
+                               seed)
+    keep = ("r_last_prompt", "r_response", "monitor_within_polarity", "monitor_within_null", "proj_last_prompt")
+    return {"layer": layer, "separation": np.asarray(separations), **{k: mon[k] for k in keep}}
+
+
+def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, mon_acts, systems, fluency,
+                    rule_separations, *, progress: bool = False) -> tuple[dict, ContrastPairs]:
     """Step 6b: reference answers, the validity check (no steering, per held-out unit), layer selection on the
-    selection questions, the steering curve and (when valid) the random band on the held-out ones, and monitoring.
-    Returns (results, the held-out units as ContrastPairs)."""
+    selection questions, the steering curve and (when valid) the random band on the held-out ones, and monitoring
+    at the steering layer and at the layer of the extraction-data rule. Returns (results, the held-out units as
+    ContrastPairs)."""
     ref, sel, held = _reference_units(model, trait, cfg, progress)
     per_unit, n_used = _response_per_system(model, held, systems, cfg.batch_size)
     validity = _unit_validity(per_unit, _validity_kinds(systems), cfg.seed)
@@ -885,6 +941,7 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     out.update(_response_monitoring(per_unit, systems, p_last, p_resp, cfg.seed))
     out["within_r_by_layer"] = _within_r_by_layer(mon_acts, direction, out["system_measure"],
                                                   np.asarray([s.kind for s in systems]))
+    out["rule_monitoring"] = _rule_monitoring(per_unit, systems, mon_acts, direction, rule_separations, cfg.seed)
     out.update(n_selection=len(sel), n_held_out=len(held), n_dropped=sum(not x["kept"] for x in ref),
                n_questions=cfg.n_response_questions, n_pairs_per_question=cfg.n_response_pairs,
                system_n_used=n_used, reference=ref)
@@ -1187,8 +1244,18 @@ def _response_trait_line(rs: dict) -> str:
             + f"); held-out curve ({rs['n_held_out']} pairs): {_curve_words(rs)}; {_control_words(rs['random_control'])}. "
             f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
             f"{_within_text(rs.get('monitor_within_polarity'), rs.get('monitor_within_null'))}, "
-            f"r(response projection, measure) = {_fmt(rs['r_response'])}. Reference pairs with an empty answer "
-            f"(dropped): {rs['n_dropped']}.")
+            f"r(response projection, measure) = {_fmt(rs['r_response'])}.{_rule_words(rs.get('rule_monitoring'))} "
+            f"Reference pairs with an empty answer (dropped): {rs['n_dropped']}.")
+
+
+def _rule_words(rule: dict | None) -> str:
+    """Monitoring at the layer of the extraction-data rule, or why there is none."""
+    if rule is None:
+        return " The extraction-data layer rule had too few rows per half to fix a layer."
+    within = _within_text(rule["monitor_within_polarity"], rule["monitor_within_null"])
+    return (f" At the layer fixed by the extraction-data rule (L{rule['layer']}, cross-fitted separation d = "
+            f"{_fmt(rule['separation'][rule['layer']], '.2f')}): r(last-prompt projection, measure) = "
+            f"{_fmt(rule['r_last_prompt'])}{within}.")
 
 
 def _unit_words(cfg: Config) -> str:
@@ -1256,8 +1323,12 @@ unit, with a 95% bootstrap interval over units; under the prompt of instruction 
 {len(r0['system_measure'])} graded system prompts (overall and within polarity), the last-prompt-token projection (mean over the monitoring questions, at this measure's layer) vs m
 under that system prompt; the within-polarity r beside the 95% band of r with m shuffled among the prompts of
 one polarity (its null), and, as a descriptive curve, the within-polarity r at every layer (the headline layer is
-the one steering chose, fixed before monitoring). Caveat: the likelihood of an answer is not the same as the trait
-being expressed.
+the one steering chose, fixed before monitoring). **Monitoring layer rule:** a second layer fixed on the extraction
+data alone, before monitoring: the layer where the last prompt token's projection onto the response-average vector
+best separates the positive from the negative extraction rows, cross-fitted (the rows split by question parity;
+the vector from one half, the separation d of the other half's projections, averaged over both directions). It
+reads no monitoring prompt and no behavioural measure, so the r at that layer is not chosen by the data it
+reports. Caveat: the likelihood of an answer is not the same as the trait being expressed.
 """)
     rows = []
     for r in resp:
@@ -1477,10 +1548,15 @@ def _write_monitoring_figure(report: Report, results: list[dict]) -> None:
         for name, rs in curves:
             ax.plot(rs["within_r_by_layer"], marker=".", label=name)
             ax.axvline(rs["layer"], color=ax.lines[-1].get_color(), ls=":", lw=1)
+            rule = rs.get("rule_monitoring")
+            if rule is not None:
+                ax.plot([rule["layer"]], [rs["within_r_by_layer"][rule["layer"]]], marker="*", ms=12,
+                        color=ax.lines[-1].get_color(), ls="none")
         ax.axhline(MONITOR_MIN_WITHIN_R, color="gray", ls="--", lw=0.8)
         _line_figure(report, fig, ax, "monitoring_by_layer", "Within-polarity r of the last-prompt projection with "
                      "the response-likelihood measure, per layer (descriptive; dotted: the layer of the headline, "
-                     "fixed by steering before monitoring; dashed: the target).", title="Monitoring r by layer",
+                     "fixed by steering before monitoring; star: the layer of the extraction-data rule; dashed: the "
+                     "target).", title="Monitoring r by layer",
                      xlabel="layer (resid_post)", ylabel="r within polarity")
 
 
@@ -1667,7 +1743,26 @@ def _monitor_records(name: str, t: dict) -> list[dict]:
                                       f"overall r {w['overall']['estimate']:.3f}{band}",
                             target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
                             validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name))
+        out += _rule_monitor_records(name, rm)
     return out
+
+
+def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
+    """The within-polarity r at the layer of the extraction-data rule, with its interval and null band."""
+    rule = rm.get("rule_monitoring")
+    w = (rule or {}).get("monitor_within_polarity")
+    if not w:
+        return []
+    pw, null = w["pooled_within"], rule["monitor_within_null"]
+    band = (f"; measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] ({null['n']} "
+            "shuffles)" if null else "")
+    return [dict(metric="persona_monitor_within_r_rule_layer", value=pw["estimate"], unit="pearson r",
+                 reference=f"{REFERENCE}; within polarity at the layer of largest cross-fitted pos/neg separation of "
+                           f"the extraction rows' last-prompt projections (fixed without monitoring data), 95% CI "
+                           f"[{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts{band}",
+                 target="> 0.5", trait=name, layer=rule["layer"], steering_layer=rm["layer"],
+                 rule_separation=float(rule["separation"][rule["layer"]]), measure="response_likelihood",
+                 validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name)]
 
 
 def _specificity_records(sp: dict | None) -> list[dict]:

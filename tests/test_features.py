@@ -1,6 +1,7 @@
 """sae.features on a tiny random llama with SmolLM2's tokenizer and on synthetic SAEs / token tables."""
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import jax.numpy as jnp
@@ -657,6 +658,23 @@ def test_latent_specificity_names_latents_shared_between_traits():
     per["humorous"].update(best_shared_with=["evil"], best_specific=False)
     assert ("Latent 1 (humorous) also separates evil (validation d >= 0.5). Its validation d on another trait is above "
             "its own: it is not specific to humorous.") in pf._specificity_text(per, 0.5)
+
+
+def test_sae_cache_dirs_change_with_every_field_that_shapes_the_sae():
+    """Another model, token budget or width never finds the cached harvest or SAE of a different config; the same
+    config always does."""
+    from experiments import persona_features as pf
+
+    cfg = pf.Config(sae_cache="cache")
+    assert pf.sae_run_dir(cfg, 15) == pf.sae_run_dir(pf.Config(sae_cache="cache"), 15)
+    assert pf.sae_store_dir(cfg, 15) == pf.sae_store_dir(dataclasses.replace(cfg, d_sae=9216), 15)
+    for change in (dict(model="other"), dict(train_tokens=1_000_000), dict(context_len=128), dict(seed=1)):
+        other = dataclasses.replace(cfg, **change)
+        assert pf.sae_store_dir(other, 15) != pf.sae_store_dir(cfg, 15), change
+        assert pf.sae_run_dir(other, 15) != pf.sae_run_dir(cfg, 15), change
+    for change in (dict(d_sae=9216), dict(k=64), dict(train_batch=2048)):
+        assert pf.sae_run_dir(dataclasses.replace(cfg, **change), 15) != pf.sae_run_dir(cfg, 15), change
+    assert pf.sae_run_dir(cfg, 14) != pf.sae_run_dir(cfg, 15)
 
 
 @pytest.mark.slow

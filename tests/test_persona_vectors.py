@@ -465,6 +465,7 @@ def test_run_end_to_end_tiny(tmp_path, model):
     assert rm["n_held_out"] + rm["n_selection"] + rm["n_dropped"] == 4
     assert len(rm["within_r_by_layer"]) == model.config.n_layers and (out / "monitoring_by_layer.png").is_file()
     assert rm["monitor_within_null"]["n"] >= 20 and "shuffled within polarity" in (out / "report.md").read_text()
+    assert rm["rule_monitoring"] is None and "too few rows per half" in (out / "report.md").read_text()  # 1 question
     if rm["validity"] and rm["validity"]["valid"]:
         assert rm["random_control"]["n"] == 2 and rm["random_control"]["band"] is None  # < 20 directions: no band
     else:
@@ -658,3 +659,47 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
     assert line["metric"] == "persona_monitor_within_r" and line["null_band"] == null
     assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
     assert pv._within_r_by_layer(mon_acts, direction, np.full(n_sys, np.nan), kinds) is None
+
+
+def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
+    """Layer 1 carries a pos/neg shift on both the response average and the last prompt token: the rule's separation
+    matches a direct numpy cross-fit (vector from one question half, pooled-sd d on the other, averaged), peaks at
+    layer 1, and monitoring plus its record run at that layer; with one question there is no second half."""
+    rng = np.random.default_rng(1)
+    n, n_layers, d = 12, 3, 6
+    shift = np.zeros((n_layers, d))
+    shift[1, 0] = 3.0
+    acts = {k: {"response_mean": rng.normal(size=(n, n_layers, d)) + sign * shift,
+                "last_prompt": rng.normal(size=(n, n_layers, d)) + sign * shift}
+            for k, sign in (("pos", 1.0), ("neg", -1.0))}
+    questions = np.arange(n) % 4
+    sep = pv.crossfit_separation(acts, questions, questions)
+    for layer in range(n_layers):
+        ds = []
+        for f in (0, 1):
+            fit, probe = questions % 2 != f, questions % 2 == f
+            v = acts["pos"]["response_mean"][fit, layer].mean(0) - acts["neg"]["response_mean"][fit, layer].mean(0)
+            v /= np.linalg.norm(v)
+            a, b = acts["pos"]["last_prompt"][probe, layer] @ v, acts["neg"]["last_prompt"][probe, layer] @ v
+            pooled = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)  # equal group sizes
+            ds.append((a.mean() - b.mean()) / pooled)
+        assert sep[layer] == pytest.approx(np.mean(ds), rel=1e-6)
+    assert pv.rule_layer(sep) == 1 and sep[1] > 2
+    assert pv.crossfit_separation(acts, np.zeros(n, int), np.zeros(n, int)) is None
+    assert pv.rule_layer(None) is None and pv.rule_layer(np.full(3, np.nan)) is None
+
+    systems = [pv.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(5)]
+    mon_acts = {"last_prompt": rng.normal(size=(10, n_layers, d)), "response_mean": rng.normal(size=(10, n_layers, d))}
+    direction = rng.normal(size=(n_layers, d))
+    p_rule = pv._monitor_projections(mon_acts, direction, 1, 10)[0]
+    per_unit = (p_rule + rng.normal(scale=0.1, size=10))[:, None] * np.ones((1, 3))
+    rule = pv._rule_monitoring(per_unit, systems, mon_acts, direction, sep, seed=0)
+    assert rule["layer"] == 1 and rule["monitor_within_polarity"]["pooled_within"]["estimate"] > 0.9
+    np.testing.assert_allclose(rule["proj_last_prompt"], p_rule)
+    assert pv._rule_monitoring(per_unit, systems, mon_acts, direction, None, seed=0) is None
+    line, = pv._rule_monitor_records("evil", {"layer": 2, "validity": {"valid": True}, "rule_monitoring": rule})
+    assert line["metric"] == "persona_monitor_within_r_rule_layer"
+    assert line["layer"] == 1 and line["steering_layer"] == 2
+    assert line["value"] == rule["monitor_within_polarity"]["pooled_within"]["estimate"]
+    assert line["rule_separation"] == pytest.approx(sep[1]) and line["null_band"] == rule["monitor_within_null"]
+    assert "cross-fitted" in pv._rule_words(rule) and "too few rows" in pv._rule_words(None)
