@@ -31,7 +31,7 @@ def _inputs(t, window=None, dtype=jnp.float32):
     return q, k, v, bias, mask, keys[3]
 
 
-@pytest.mark.parametrize("t,window", [(200, None), (256, 50)])  # blocks of 50 rows; of 64 with a sliding window
+@pytest.mark.parametrize("t,window", [(200, None), pytest.param(256, 50, marks=pytest.mark.slow)])  # blocks of 50 rows; of 64 with a sliding window
 def test_blocked_equals_full_on_valid_rows(t, window):
     q, k, v, bias, mask, gkey = _inputs(t, window)
     full = A._xla_grouped_attention(q, k, v, bias, scale=0.25, softcap=None)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -49,6 +50,7 @@ def _steps(stdout: str) -> list[int]:
     return [json.loads(line)["step"] for line in stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     ref = _job(tmp_path / "ref", tmp_path / "ref.npz")
     killed = _job(tmp_path / "run", tmp_path / "run.npz", kill_at="finetune_step:3")

@@ -66,6 +66,7 @@ def test_kill_inside_checkpoint_save_resumes_exactly(arch, jax_cache, tmp_path):
     assert log_steps(run) == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_training_from_a_store_killed_mid_save_and_mid_run_resumes_exactly(tiny_hf, jax_cache, tmp_path):
     """A stacked two-SAE run (two k values) on a StoreSource: killed inside the second checkpoint save, resumed,
     killed again between checkpoints, resumed to the end."""
@@ -89,6 +90,7 @@ def test_training_from_a_store_killed_mid_save_and_mid_run_resumes_exactly(tiny_
     assert log_steps(run) == [s for s in range(1, 13) for _ in range(2)]
 
 
+@pytest.mark.slow
 def test_kill_between_the_hook_folders_of_one_checkpoint_resumes_from_the_common_step(jax_cache, tmp_path):
     """One checkpoint folder per SAE (per hook point): killed after the first folder committed step 8 and inside
     the second folder's save of it, the run resumes from step 4 (the last step both committed) exactly."""
