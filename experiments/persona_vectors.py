@@ -62,7 +62,10 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    of one polarity; the same r at every layer is a descriptive curve, never the layer choice. A second
    monitoring layer is fixed on the extraction data alone (`crossfit_separation`): the layer where the
    last prompt token's projection best separates positive from negative extraction rows, cross-fitted
-   over question halves; its within-polarity r is reported beside the steering layer's.
+   over question halves; its within-polarity r is reported beside the steering layer's. A blind test of
+   both layers (`holdout_monitoring`): the trait's held-out graded prompts (`monitor_holdout`, levels
+   -3..3, never used for any choice) are run through the same monitoring; the target `monitoring_holdout`
+   reads it at the extraction-data layer.
 7. Data screening: for a dataset of (prompt, response) pairs, projection of the given response minus
    projection of the model's own (greedy) response to the same prompt (`projection_difference`);
    the report shows it for the positive and negative responses as a sanity check (expect > 0 and
@@ -101,8 +104,8 @@ from psm_jax.logits import target_window_size
 from psm_jax.chat import Role
 from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
-from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, load_traits, response_slots,
-                                     split_items, system_conv, trait_system_prompt)
+from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
+                                     response_slots, split_items, system_conv, trait_system_prompt)
 from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, monotonic, null_band,
                                    pearson, within_groups_null, within_groups_r, zscore)
 
@@ -149,6 +152,7 @@ class Config:
     n_response_questions: int = 20  # evaluation questions (first n); split alternately into selection / held-out
     n_response_pairs: int = 1  # instruction pairs per question; question q uses pairs (q + k) % 5, k < n
     response_max_new_tokens: int = 32  # length of the greedy reference answers
+    holdout_monitoring: bool = True  # monitoring also on the trait's held-out graded prompts (`monitor_holdout`)
     seed: int = 0
 
     def __post_init__(self):
@@ -192,14 +196,14 @@ class Config:
 PRESETS = {
     "ci": dict(traits=("evil",), n_pairs=2, n_questions=2, n_samples=1, max_new_tokens=12, judge="none", filter=False,
                sweep_layers=(15,), n_monitor_questions=1, coefficients=(-2.0, 0.0, 2.0), screening=False,
-               n_response_questions=4, response_max_new_tokens=12, n_random=2),
+               n_response_questions=4, response_max_new_tokens=12, n_random=2, holdout_monitoring=False),
     # quick: every generation is one static batch of 18 (3 pairs x 3 questions x 2 polarities; 3 own answers + 15
     # graded prompts x 1 question; 8 questions x 2 reference answers), so no batch is padded twice over
     "quick": dict(traits=("evil",), n_pairs=3, n_questions=3, n_samples=1, max_new_tokens=32, judge="none",
                   filter=False, sweep_layers=(9, 15, 21), n_monitor_questions=1, monitor_max_new_tokens=24,
                   batch_size=18, coefficients=(-3.0, -1.5, 0.0, 1.5, 3.0), screening=False, n_response_questions=8,
                   response_max_new_tokens=24, n_random=20, n_steer_examples=1, steer_example_coefs=(-2.0, 2.0),
-                  band_measures=("response_likelihood",)),
+                  band_measures=("response_likelihood",), holdout_monitoring=False),
     "full": {},
 }
 
@@ -924,6 +928,37 @@ def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: 
     return {"layer": layer, "separation": np.asarray(separations), **{k: mon[k] for k in keep}}
 
 
+def _holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, layers: dict, *,
+                        progress: bool = False) -> dict | None:
+    """Monitoring on the trait's held-out graded prompts (`monitor_holdout`), at layers fixed before any of them was
+    run ({name: layer}; None skips a name): greedy answers to the monitoring questions under each prompt, the
+    response measure per prompt on every held-out unit, the same statistics as the main monitoring, and a check
+    that the prompts grade the measure (r of the prompts' stated level with it, overall and within polarity).
+    None when the trait has no such prompts."""
+    systems = [MonitorPrompt(g["polarity"], -1, g["prompt"], int(g["level"])) for g in holdout_system_prompts(trait)]
+    if not systems:
+        return None
+    questions = list(trait.evaluation_questions[:cfg.n_monitor_questions])
+    rolls = rollouts.generate_responses(model, [system_conv(s.system, q) for s in systems for q in questions],
+                                        max_new_tokens=cfg.monitor_max_new_tokens, temperature=0.0,
+                                        batch_size=cfg.batch_size, progress=progress)
+    acts = rollouts.activation_means(model, [r.conversation() for r in rolls], site=SITE, batch_size=cfg.batch_size)
+    per_unit, _ = _response_per_system(model, held, systems, cfg.batch_size)
+    m_sys = _system_measure(per_unit)
+    kinds, levels = np.asarray([s.kind for s in systems]), np.asarray([s.level for s in systems], float)
+    out = {"systems": [{"kind": s.kind, "level": s.level, "system": s.system} for s in systems],
+           "system_measure": m_sys, "n_questions": len(questions),
+           "level_check": within_groups_r(levels, m_sys, kinds, seed=cfg.seed, n_resamples=500),
+           "within_r_by_layer": _within_r_by_layer(acts, direction, m_sys, kinds)}
+    keep = ("r_last_prompt", "monitor_within_polarity", "monitor_within_null", "proj_last_prompt")
+    for name, layer in layers.items():
+        if layer is not None:
+            mon = _response_monitoring(per_unit, systems, *_monitor_projections(acts, direction, layer, len(systems)),
+                                       cfg.seed)
+            out[name] = {"layer": int(layer), **{k: mon[k] for k in keep}}
+    return out
+
+
 def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, mon_acts, systems, fluency,
                     rule_separations, *, progress: bool = False) -> tuple[dict, ContrastPairs]:
     """Step 6b: reference answers, the validity check (no steering, per held-out unit), layer selection on the
@@ -942,6 +977,10 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     out["within_r_by_layer"] = _within_r_by_layer(mon_acts, direction, out["system_measure"],
                                                   np.asarray([s.kind for s in systems]))
     out["rule_monitoring"] = _rule_monitoring(per_unit, systems, mon_acts, direction, rule_separations, cfg.seed)
+    if cfg.holdout_monitoring:
+        out["holdout_monitoring"] = _holdout_monitoring(
+            model, trait, cfg, held, direction, {"steering": out["layer"], "rule": rule_layer(rule_separations)},
+            progress=progress)
     out.update(n_selection=len(sel), n_held_out=len(held), n_dropped=sum(not x["kept"] for x in ref),
                n_questions=cfg.n_response_questions, n_pairs_per_question=cfg.n_response_pairs,
                system_n_used=n_used, reference=ref)
@@ -1118,11 +1157,25 @@ def targets(results: list[dict], specificity: dict | None) -> dict:
             "steering": bool(steer), "steering_measures": steer,
             "monitoring": bool(is_valid(rs.get("validity")) and within is not None and np.isfinite(within)
                                and within > MONITOR_MIN_WITHIN_R),
-            "monitor_within_r": within}
+            "monitor_within_r": within, **_holdout_target(rs)}
     return {"per_trait": per, "min_traits": MIN_TARGET_TRAITS,
             **{t: {"traits": [n for n, p in per.items() if p[t]],
                    "met": sum(p[t] for p in per.values()) >= MIN_TARGET_TRAITS}
-               for t in ("specificity", "steering", "monitoring")}}
+               for t in TARGET_NAMES}}
+
+
+TARGET_NAMES = ("specificity", "steering", "monitoring", "monitoring_holdout")
+
+
+def _holdout_target(rs: dict) -> dict:
+    """The blind monitoring test: on the held-out graded prompts, at the layer of the extraction-data rule, the
+    within-polarity r above MONITOR_MIN_WITHIN_R and above its null band's upper edge, the measure valid."""
+    rule = (rs.get("holdout_monitoring") or {}).get("rule") or {}
+    w = (rule.get("monitor_within_polarity") or {}).get("pooled_within") or {}
+    r, null = w.get("estimate"), rule.get("monitor_within_null")
+    ok = (is_valid(rs.get("validity")) and r is not None and np.isfinite(r) and r > MONITOR_MIN_WITHIN_R
+          and null is not None and r > null["high"])
+    return {"monitoring_holdout": bool(ok), "monitor_holdout_r": r}
 
 
 def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5) -> dict:
@@ -1244,8 +1297,26 @@ def _response_trait_line(rs: dict) -> str:
             + f"); held-out curve ({rs['n_held_out']} pairs): {_curve_words(rs)}; {_control_words(rs['random_control'])}. "
             f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
             f"{_within_text(rs.get('monitor_within_polarity'), rs.get('monitor_within_null'))}, "
-            f"r(response projection, measure) = {_fmt(rs['r_response'])}.{_rule_words(rs.get('rule_monitoring'))} "
+            f"r(response projection, measure) = {_fmt(rs['r_response'])}.{_rule_words(rs.get('rule_monitoring'))}"
+            f"{_holdout_words(rs.get('holdout_monitoring'))} "
             f"Reference pairs with an empty answer (dropped): {rs['n_dropped']}.")
+
+
+def _holdout_words(hold: dict | None) -> str:
+    """Monitoring on the held-out graded prompts, at each layer it ran, after the prompts' own grading check."""
+    if not hold:
+        return ""
+    lc = hold["level_check"]
+    pw = lc["pooled_within"]
+    parts = [f" Held-out graded prompts ({len(hold['systems'])}, never used for a choice): r(stated level, measure) "
+             f"= {_fmt(lc['overall']['estimate'], '.2f')}, within polarity {_fmt(pw['estimate'], '.2f')} "
+             f"[{_fmt(pw['low'], '.2f')}, {_fmt(pw['high'], '.2f')}]"]
+    for name, words in (("steering", "the steering layer"), ("rule", "the extraction-data layer")):
+        if hold.get(name):
+            h = hold[name]
+            parts.append(f"at {words} L{h['layer']}: r(last-prompt projection, measure) = {_fmt(h['r_last_prompt'])}"
+                         f"{_within_text(h['monitor_within_polarity'], h['monitor_within_null'])}")
+    return "; ".join(parts) + "."
 
 
 def _rule_words(rule: dict | None) -> str:
@@ -1366,11 +1437,13 @@ def _targets_text(t: dict, ppl: float) -> str:
     words = {"specificity": "diagonal z > 3 and every off-diagonal |z| below it",
              "steering": f"strictly increasing over the points with perplexity ratio <= {ppl:g} on a valid measure, "
                          "effect above the random band",
-             "monitoring": f"within-polarity r > {MONITOR_MIN_WITHIN_R:g} (response-likelihood measure, valid)"}
+             "monitoring": f"within-polarity r > {MONITOR_MIN_WITHIN_R:g} (response-likelihood measure, valid)",
+             "monitoring_holdout": f"on the held-out graded prompts at the extraction-data layer, within-polarity "
+                                   f"r > {MONITOR_MIN_WITHIN_R:g} and above its shuffled band"}
     return "Targets (each needs >= {} traits):\n".format(t["min_traits"]) + "\n".join(
         f"- {name} ({words[name]}): **{'met' if t[name]['met'] else 'not met'}**, "
         f"{len(t[name]['traits'])} of {len(t['per_trait'])} ({', '.join(t[name]['traits']) or 'none'})"
-        for name in ("specificity", "steering", "monitoring"))
+        for name in TARGET_NAMES)
 
 
 def _write_summary(report: Report, result: Result) -> None:
@@ -1743,7 +1816,29 @@ def _monitor_records(name: str, t: dict) -> list[dict]:
                                       f"overall r {w['overall']['estimate']:.3f}{band}",
                             target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
                             validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name))
-        out += _rule_monitor_records(name, rm)
+        out += _rule_monitor_records(name, rm) + _holdout_monitor_records(name, rm)
+    return out
+
+
+def _holdout_monitor_records(name: str, rm: dict) -> list[dict]:
+    """The within-polarity r on the held-out graded prompts at each layer it ran (key <trait>/<steering|rule>)."""
+    hold = rm.get("holdout_monitoring") or {}
+    out = []
+    for layer_name in ("steering", "rule"):
+        w = (hold.get(layer_name) or {}).get("monitor_within_polarity")
+        if not w:
+            continue
+        h, pw, lc = hold[layer_name], w["pooled_within"], hold["level_check"]["pooled_within"]
+        null = h["monitor_within_null"]
+        band = f"; null band [{null['low']:.3f}, {null['high']:.3f}]" if null else ""
+        out.append(dict(metric="persona_monitor_within_r_holdout", value=pw["estimate"], unit="pearson r",
+                        reference=f"{REFERENCE}; within polarity on {len(hold['systems'])} held-out graded system "
+                                  f"prompts, layer fixed before they ran ({layer_name}), 95% CI [{pw['low']:.3f}, "
+                                  f"{pw['high']:.3f}]{band}; stated level vs measure within polarity "
+                                  f"{lc['estimate']:.3f}",
+                        target="> 0.5 and above the null band", trait=name, layer=h["layer"], layer_rule=layer_name,
+                        measure="response_likelihood", validity=rm.get("validity"), ci=[pw["low"], pw["high"]],
+                        null_band=null, level_check_within=lc["estimate"], key=f"{name}/{layer_name}"))
     return out
 
 

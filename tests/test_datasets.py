@@ -407,3 +407,30 @@ def test_qa_loader_rejects_malformed(tmp_path, edit, pattern):
         ds.load_qa(_write(tmp_path, "qa.json", d))
     assert len(ds.load_qa(_write(tmp_path, "small.json", {"schema_version": 1, "items": d["items"][4:6]}),
                           strict=False)) == 2
+
+
+def test_monitor_holdout_prompts_ship_graded_and_bad_ones_fail(tmp_path, evil):
+    """The three default traits ship 14 held-out graded prompts (levels +-1..3, 7 per polarity, none repeating an
+    instruction pair or another trait's prompt); a level of 0 or beyond +-3, or a repeated prompt, fails by name."""
+    from psm_jax.persona.prompts import holdout_system_prompts
+
+    seen = set()
+    for name in ("evil", "sycophantic", "humorous"):
+        trait = ds.load_trait(name)
+        held = holdout_system_prompts(trait)
+        assert len(held) == 14 and sorted({g["level"] for g in held}) == [-3, -2, -1, 1, 2, 3]
+        assert sum(g["polarity"] == "pos" for g in held) == 7 and all(g["pair"] is None for g in held)
+        assert all((g["level"] > 0) == (g["polarity"] == "pos") for g in held)
+        pairs = {x for p in trait.instruction_pairs for x in (p.pos, p.neg)}
+        assert not {g["prompt"] for g in held} & (pairs | seen)
+        seen |= {g["prompt"] for g in held}
+    assert ds.load_trait("apathetic").monitor_holdout == ()
+    for i, (bad, match) in enumerate(((0, r"monitor_holdout\[1\]\.level.*non-zero.*got 0"),
+                                      (4, r"monitor_holdout\[1\]\.level.*-3 to 3.*got 4"))):
+        d = copy.deepcopy(evil)
+        d["monitor_holdout"][1]["level"] = bad
+        with pytest.raises(ValueError, match=match):
+            ds.load_trait(_write(tmp_path, f"l{i}.json", d))
+    evil["monitor_holdout"][1]["prompt"] = evil["monitor_holdout"][0]["prompt"]
+    with pytest.raises(ValueError, match=r"monitor_holdout.*distinct prompts"):
+        ds.load_trait(_write(tmp_path, "r.json", evil))

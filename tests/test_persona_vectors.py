@@ -466,6 +466,11 @@ def test_run_end_to_end_tiny(tmp_path, model):
     assert len(rm["within_r_by_layer"]) == model.config.n_layers and (out / "monitoring_by_layer.png").is_file()
     assert rm["monitor_within_null"]["n"] >= 20 and "shuffled within polarity" in (out / "report.md").read_text()
     assert rm["rule_monitoring"] is None and "too few rows per half" in (out / "report.md").read_text()  # 1 question
+    hold = rm["holdout_monitoring"]  # the trait files carry evil's held-out graded prompts; no rule layer here
+    assert len(hold["systems"]) == 14 and hold["steering"]["layer"] == rm["layer"] and "rule" not in hold
+    assert "Held-out graded prompts (14" in (out / "report.md").read_text()
+    holdout_keys = {ln["key"] for ln in pv.records(res) if ln["metric"] == "persona_monitor_within_r_holdout"}
+    assert "evil/steering" in holdout_keys
     if rm["validity"] and rm["validity"]["valid"]:
         assert rm["random_control"]["n"] == 2 and rm["random_control"]["band"] is None  # < 20 directions: no band
     else:
@@ -703,3 +708,66 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
     assert line["value"] == rule["monitor_within_polarity"]["pooled_within"]["estimate"]
     assert line["rule_separation"] == pytest.approx(sep[1]) and line["null_band"] == rule["monitor_within_null"]
     assert "cross-fitted" in pv._rule_words(rule) and "too few rows" in pv._rule_words(None)
+
+
+def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch):
+    """The held-out graded prompts: one greedy answer per (prompt, question) with the prompt as system message, every
+    held-out unit scored under every prompt (they use no instruction pair), the statistics at each named layer (a
+    measure planted on layer 1's projection gives r near 1 there), the stated-level check against numpy, and the
+    blind target and records read from them."""
+    from psm_jax.persona.datasets import load_trait
+    from psm_jax.persona.prompts import holdout_system_prompts
+
+    trait = load_trait("evil")
+    held_prompts = holdout_system_prompts(trait)
+    n_sys, n_q, n_layers, d = len(held_prompts), 2, 3, 4
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(n_sys * n_q, n_layers, d))
+    direction = rng.normal(size=(n_layers, d))
+    p1 = pv._monitor_projections({"last_prompt": acts, "response_mean": acts}, direction, 1, n_sys)[0]
+    index = {g["prompt"]: i for i, g in enumerate(held_prompts)}
+    generated, scored = [], []
+
+    def fake_generate(model, convs, **kw):
+        generated.extend(convs)
+        return [types.SimpleNamespace(conversation=lambda c=c: list(c) + [{"role": "assistant", "content": "x"}])
+                for c in convs]
+
+    def fake_measure(model, questions, pos, neg, *, system=None, batch_size=16):
+        scored.append((system, len(questions)))
+        return 0.0, np.full(len(questions), 0.05 * held_prompts[index[system]]["level"] + p1[index[system]])
+
+    monkeypatch.setattr(pv.rollouts, "generate_responses", fake_generate)
+    monkeypatch.setattr(pv.rollouts, "activation_means",
+                        lambda model, convs, **kw: {"last_prompt": acts, "response_mean": acts})
+    monkeypatch.setattr(pv, "response_measure", fake_measure)
+    held = [{"question": f"q{i}", "pos": "a", "neg": "b", "pair": i} for i in range(3)]
+    cfg = pv.Config(traits=("evil",), judge="none", n_monitor_questions=n_q)
+    hold = pv._holdout_monitoring(None, trait, cfg, held, direction, {"steering": 0, "rule": 1, "skipped": None})
+
+    assert [c[0]["content"] for c in generated] == [g["prompt"] for g in held_prompts for _ in range(n_q)]
+    assert [c[1]["content"] for c in generated[:n_q]] == list(trait.evaluation_questions[:n_q])
+    assert scored == [(g["prompt"], 3) for g in held_prompts]
+    assert set(hold) >= {"steering", "rule"} and "skipped" not in hold and hold["rule"]["layer"] == 1
+    assert hold["rule"]["monitor_within_polarity"]["pooled_within"]["estimate"] > 0.9
+    levels = np.asarray([g["level"] for g in held_prompts], float)
+    m = 0.05 * levels + p1
+    pos = levels > 0
+    lc, mc = levels.copy(), m.copy()
+    for g in (pos, ~pos):
+        lc[g] -= levels[g].mean()
+        mc[g] -= m[g].mean()
+    assert hold["level_check"]["pooled_within"]["estimate"] == pytest.approx(np.corrcoef(lc, mc)[0, 1])
+    assert len(hold["within_r_by_layer"]) == n_layers
+
+    rs = {"validity": {"valid": True}, "holdout_monitoring": hold}
+    r_rule = hold["rule"]["monitor_within_polarity"]["pooled_within"]["estimate"]
+    expect = r_rule > pv.MONITOR_MIN_WITHIN_R and r_rule > hold["rule"]["monitor_within_null"]["high"]
+    assert pv._holdout_target(rs) == {"monitoring_holdout": expect, "monitor_holdout_r": r_rule}
+    assert pv._holdout_target({**rs, "validity": {"valid": False}})["monitoring_holdout"] is False
+    assert pv._holdout_target({})["monitoring_holdout"] is False
+    lines = pv._holdout_monitor_records("evil", rs)
+    assert [ln["key"] for ln in lines] == ["evil/steering", "evil/rule"] and lines[1]["value"] == r_rule
+    assert all(ln["metric"] == "persona_monitor_within_r_holdout" for ln in lines)
+    assert "Held-out graded prompts (14" in pv._holdout_words(hold) and pv._holdout_words(None) == ""
+    assert pv._holdout_monitoring(None, load_trait("apathetic"), cfg, held, direction, {"rule": 1}) is None

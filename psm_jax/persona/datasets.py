@@ -96,6 +96,13 @@ class InstructionPair:
 
 
 @dataclasses.dataclass(frozen=True)
+class GradedPrompt:
+    """A system prompt of a stated trait level (-3 strongly against the trait .. +3 strongly for it, never 0)."""
+    prompt: str
+    level: int
+
+
+@dataclasses.dataclass(frozen=True)
 class BehaviouralItem:
     """A two-choice item; the trait measure is log P(trait choice) - log P(other choice)."""
     prompt: str
@@ -139,6 +146,9 @@ class Trait:
     schema_version: int
     source: str
     behavioural_validity: tuple[ItemValidity, ...] = ()
+    # graded system prompts kept apart from the instruction pairs, for a monitoring test on prompts no layer or
+    # analysis choice has seen
+    monitor_holdout: tuple[GradedPrompt, ...] = ()
 
     def items_validity(self, model: str) -> ItemValidity | None:
         """The stored validity check of the two-choice items on `model` (None: never checked there)."""
@@ -566,7 +576,24 @@ def _parse_trait(data: Any, source: str, *, strict: bool, expect_name: str | Non
     return Trait(name=name, description=description, instruction_pairs=tuple(pairs),
                  extraction_questions=extraction, evaluation_questions=evaluation, judge_rubric=rubric,
                  behavioural_items=tuple(items), schema_version=version, source=source,
-                 behavioural_validity=_parse_item_validity(c, d))
+                 behavioural_validity=_parse_item_validity(c, d), monitor_holdout=_parse_graded_prompts(c, d))
+
+
+def _parse_graded_prompts(c: "_Checker", d: dict) -> tuple[GradedPrompt, ...]:
+    if d.get("monitor_holdout") is None:
+        return ()
+    out = []
+    for i, g in enumerate(c.array(d, "monitor_holdout", what="graded system prompts")):
+        ctx = f"monitor_holdout[{i}]"
+        if not isinstance(g, dict):
+            c.fail(ctx, "an object with prompt and level", _typename(g))
+        level = c.field(g, "level", ctx)
+        if not isinstance(level, int) or isinstance(level, bool) or level == 0 or abs(level) > 3:
+            c.fail(f"{ctx}.level", "a non-zero integer from -3 to 3", repr(level))
+        out.append(GradedPrompt(prompt=c.string(g, "prompt", ctx), level=level))
+    if len({g.prompt for g in out}) < len(out):
+        c.fail("monitor_holdout", "distinct prompts", "a repeated prompt")
+    return tuple(out)
 
 
 def _parse_item_validity(c: "_Checker", d: dict) -> tuple[ItemValidity, ...]:

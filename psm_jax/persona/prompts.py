@@ -118,6 +118,13 @@ def graded_system_prompts(trait) -> list[dict]:
     return out
 
 
+def holdout_system_prompts(trait) -> list[dict]:
+    """The trait's `monitor_holdout` prompts in the form of `graded_system_prompts` (polarity from the level's sign;
+    no instruction pair, so every reference answer is scored under them); empty when the trait has none."""
+    return [dict(prompt=g.prompt, level=g.level, polarity="pos" if g.level > 0 else "neg", pair=None)
+            for g in trait.monitor_holdout]
+
+
 def select_roles(roles, n: int | None, seed: int) -> list:
     """`n` roles (all if None), never "assistant", stratified over categories (seeded round-robin), file order."""
     pool = [r for r in roles if r.name != "assistant"]
