@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import persona_vectors as pv
+from experiments import persona_vectors_report as pvr
 from psm_jax.persona import rollouts
 from psm_jax.persona import stats as S
 from psm_jax.persona.datasets import BehaviouralItem
@@ -707,7 +708,7 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
     assert line["layer"] == 1 and line["steering_layer"] == 2
     assert line["value"] == rule["monitor_within_polarity"]["pooled_within"]["estimate"]
     assert line["rule_separation"] == pytest.approx(sep[1]) and line["null_band"] == rule["monitor_within_null"]
-    assert "cross-fitted" in pv._rule_words(rule) and "too few rows" in pv._rule_words(None)
+    assert "cross-fitted" in pvr._rule_words(rule) and "too few rows" in pvr._rule_words(None)
 
 
 def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch):
@@ -769,5 +770,5 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     lines = pv._holdout_monitor_records("evil", rs)
     assert [ln["key"] for ln in lines] == ["evil/steering", "evil/rule"] and lines[1]["value"] == r_rule
     assert all(ln["metric"] == "persona_monitor_within_r_holdout" for ln in lines)
-    assert "Held-out graded prompts (14" in pv._holdout_words(hold) and pv._holdout_words(None) == ""
+    assert "Held-out graded prompts (14" in pvr._holdout_words(hold) and pvr._holdout_words(None) == ""
     assert pv._holdout_monitoring(None, load_trait("apathetic"), cfg, held, direction, {"rule": 1}) is None
