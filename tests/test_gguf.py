@@ -99,6 +99,7 @@ _RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_peak_rss_of_a_load_stays_near_the_param_bytes(smollm2):
     """The loader holds the final fp32 params plus small per-layer temporaries, not 2x."""
     import json

@@ -122,6 +122,7 @@ def test_option_scoring_from_a_shared_prompt_cache_matches_pair_scoring(tiny_cha
     assert np.ptp(got) > 1.0
 
 
+@pytest.mark.slow
 def test_a_band_of_upper_layer_edits_shares_the_layers_below(tiny_chat_model, monkeypatch):
     """score_options_band runs the layers below the lowest edited one once per batch (`option_prefix`) and
     equals pair-by-pair score_answers under every edit set of the band, the unedited model included."""

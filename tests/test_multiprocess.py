@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from psm_jax.sharding import launch_local
 
@@ -48,6 +49,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_load_sharded_and_match_single_process(tiny_hf, tmp_path):
     import psm_jax
     from psm_jax.loading.hf import load_hf_dir
