@@ -104,8 +104,8 @@ from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
-from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, monotonic, null_band,
-                                   pearson, within_groups_null, within_groups_r, zscore)
+from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, cohens_d, monotonic,
+                                   null_band, pearson, within_groups_null, within_groups_r, zscore)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -492,15 +492,6 @@ def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
     return sum(bool(m.get(criterion, False)) for m in monotonics)
 
 
-def separation(pos, neg) -> float:
-    """Effect size (mean(pos) - mean(neg)) / pooled standard deviation."""
-    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
-    if len(pos) < 2 or len(neg) < 2:
-        raise ValueError(f"separation needs >= 2 values per group; got {len(pos)} and {len(neg)}")
-    pooled = np.sqrt(((len(pos) - 1) * pos.var(ddof=1) + (len(neg) - 1) * neg.var(ddof=1)) / (len(pos) + len(neg) - 2))
-    return float((pos.mean() - neg.mean()) / pooled) if pooled > 0 else float("nan")
-
-
 def crossfit_separation(acts: dict, pos_questions, neg_questions) -> np.ndarray | None:
     """Per layer, how well the last prompt token's projection onto the response-average vector separates the
     positive from the negative extraction rows, cross-fitted so that no row scores a vector it helped to make: the
@@ -515,7 +506,7 @@ def crossfit_separation(acts: dict, pos_questions, neg_questions) -> np.ndarray 
     for f in (0, 1):
         vec = mean_difference(acts["pos"]["response_mean"][pos_q != f], acts["neg"]["response_mean"][neg_q != f])
         pos_probe, neg_probe = acts["pos"]["last_prompt"][pos_q == f], acts["neg"]["last_prompt"][neg_q == f]
-        folds.append([separation(project(pos_probe[:, L], vec[L]), project(neg_probe[:, L], vec[L]))
+        folds.append([float(cohens_d(project(pos_probe[:, L], vec[L]), project(neg_probe[:, L], vec[L])))
                       for L in range(vec.shape[0])])
     return np.mean(np.asarray(folds), axis=0)
 
@@ -763,8 +754,8 @@ def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions
     kinds = np.repeat(_validity_kinds(systems), n_questions)
     sep = {}
     for name, key_ in (("last_prompt", "last_prompt"), ("response", "response_mean")):
-        sep[name] = np.asarray([separation(project(mon_acts[key_][:, L], direction[L])[kinds == "pos"],
-                                           project(mon_acts[key_][:, L], direction[L])[kinds == "neg"])
+        sep[name] = np.asarray([float(cohens_d(project(mon_acts[key_][:, L], direction[L])[kinds == "pos"],
+                                               project(mon_acts[key_][:, L], direction[L])[kinds == "neg"]))
                                 for L in range(direction.shape[0])])
     kind_arr = _validity_kinds(systems)
     return {"layer": layer, "systems": [{"kind": s.kind, "index": s.pair, "system": s.system, "level": s.level}

@@ -251,3 +251,17 @@ def test_standardised_pooled_r_skips_resamples_of_one_repeated_float():
     assert 0 < res["n_valid_resamples"] < 4000 and np.isfinite(res["r"]["low"])
     with pytest.raises(ValueError, match="no spread"):
         S.standardise_within_groups(np.r_[np.full(3, 0.1), 1.0, 2.0, 3.0], ["a"] * 3 + ["b"] * 3)
+
+
+def test_cohens_d_of_two_groups_against_the_textbook_formula():
+    import statistics
+
+    pos, neg = [3.0, 5.0, 4.0, 6.5], [1.0, 2.0, 0.0]
+    pooled = ((3 * statistics.variance(pos) + 2 * statistics.variance(neg)) / 5) ** 0.5
+    expected = (statistics.mean(pos) - statistics.mean(neg)) / pooled
+    assert float(S.cohens_d(pos, neg)) == pytest.approx(expected)
+    assert float(S.cohens_d(neg, pos)) == pytest.approx(-expected)
+    cols = S.cohens_d(np.stack([pos[:3], pos[:3]], 1), np.stack([neg, neg], 1))
+    assert cols.shape == (2,) and cols[0] == pytest.approx(3.0)  # pooled sd 1
+    with pytest.raises(ValueError, match="at least 2 values"):
+        S.cohens_d([1.0], [1.0, 2.0])

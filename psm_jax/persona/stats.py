@@ -16,6 +16,7 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     permutation_r_null(x, y)                   band of r with the pairing shuffled across all units
     within_groups_null(x, y, groups)           band of the pooled within-group r with the pairing shuffled per group
     standardised_pooled_r(x, y, groups)        r over per-group standardised values, stratified bootstrap, per-group r
+    cohens_d(a, b)                             effect size of two groups (per column), pooled sd
 """
 from __future__ import annotations
 
@@ -389,3 +390,18 @@ def percentile_rank(value: float, population) -> float:
     if p.size == 0:
         raise ValueError("percentile_rank needs a non-empty population")
     return float(np.mean(p < float(value)))
+
+
+def cohens_d(a, b) -> np.ndarray:
+    """Cohen's d of two groups: (mean_a - mean_b) / pooled sd (ddof=1), per column of a [n_a, ...] vs b [n_b, ...]
+    (a 0-d array for 1-D groups). 0 where both groups are constant and equal, +-inf where constant but different,
+    so that ranking many columns (SAE latents) puts a perfect separation first and a dead column in the middle."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        raise ValueError(f"Cohen's d needs at least 2 values per group; got {na} and {nb}")
+    diff = a.mean(0) - b.mean(0)
+    pooled = np.sqrt(((na - 1) * a.var(0, ddof=1) + (nb - 1) * b.var(0, ddof=1)) / (na + nb - 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pooled > 1e-12, diff / np.maximum(pooled, 1e-12),
+                        np.where(np.abs(diff) > 1e-12, np.sign(diff) * np.inf, 0.0))

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from psm_jax.chat import Role
+from psm_jax.persona.stats import cohens_d
 from sae.features.collect import ConversationStats, FeatureSae, collect
 
 CRITERIA = ("cohens_d", "mean_diff", "fire_diff")
@@ -56,20 +57,6 @@ class LatentRanking:
 
     def rank_of(self, latent: int) -> int:
         return int(np.flatnonzero(self.order() == int(latent))[0])
-
-
-def cohens_d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cohen's d per column of a [n_a, S] vs b [n_b, S]: (mean_a - mean_b) / pooled sd (ddof=1).
-    0 where both groups are constant and equal; +-inf where constant but different."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    na, nb = len(a), len(b)
-    if na < 2 or nb < 2:
-        raise ValueError(f"Cohen's d needs at least 2 samples per group; got {na} and {nb}")
-    diff = a.mean(0) - b.mean(0)
-    pooled = np.sqrt(((na - 1) * a.var(0, ddof=1) + (nb - 1) * b.var(0, ddof=1)) / (na + nb - 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(pooled > 1e-12, diff / np.maximum(pooled, 1e-12), np.where(np.abs(diff) > 1e-12, np.sign(diff) * np.inf, 0.0))
-    return d
 
 
 def contrast(a: ConversationStats, b: ConversationStats, *, by: str = "cohens_d") -> LatentRanking:
