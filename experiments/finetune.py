@@ -429,8 +429,8 @@ def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
 
 def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep: bool = False) -> dict:
     """Vector, self-made training data, screening, every fine-tune and its evaluation for one trait. keep: also
-    return under '_kept' what studies 5 and 8 read (the plain 100% and control fine-tunes' params and answers,
-    the vector, the training key); the caller drops it."""
+    return under '_kept' what studies 5 and 8 read (the plain 100%, control and, where run, 0% ('opposite')
+    fine-tunes' params and answers, the vector, the training key); the caller drops it."""
     t0 = time.time()
     layer = model.config.n_layers // 2 if cfg.layer is None else int(cfg.layer)
     model.config.check_layer(layer, "layer")
@@ -459,8 +459,8 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
         tuned = dataclasses.replace(model, params=trained.pop("params"))
         ev = evaluate(model, tuned, vector, layer, base, cfg, variant, ppl_convs)
         rows.append({"variant": variant, "training": trained, **ev})
-        role = "plain" if variant.kind == "mix" and variant.mix == 1.0 else variant.kind
-        if keep and role in ("plain", "control"):
+        role = {1.0: "plain", 0.0: "opposite"}.get(variant.mix, "mix") if variant.kind == "mix" else variant.kind
+        if keep and role in ("plain", "control", "opposite"):
             kept[role] = {"params": tuned.params, "answers": ev["answers"], "variant": variant}
     extra = {"_kept": {**kept, "vector": vector, "layer": layer, "key": key, "base": base,
                        "training_conversations": [list(c) for v in ("plain", "control") if v in kept
@@ -873,11 +873,12 @@ def _beyond_headlines(beyond: dict) -> list[str]:
         out.append(f"- Model diffing (model_diff_latent_overlap): top-{ov['k']} overlap {ov['overlap']} (chance "
                    f"{ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]); Spearman r "
                    f"{_ci_text(sp['r'])}.")
-        if "beyond_control" in beyond["model_diff"]:
-            bc = beyond["model_diff"]["beyond_control"]
-            out.append(f"- Model diffing beyond the control fine-tune: top-{bc['overlap']['k']} overlap "
-                       f"{bc['overlap']['overlap']} (random band [{bc['overlap']['null']['low']:.0f}, "
-                       f"{bc['overlap']['null']['high']:.0f}]); Spearman r {_ci_text(bc['spearman']['r'])}.")
+        for key, what in DIFF_COMPARISONS.items():
+            if key in beyond["model_diff"]:
+                bc = beyond["model_diff"][key]
+                out.append(f"- Model diffing on {what}: top-{bc['overlap']['k']} overlap "
+                           f"{bc['overlap']['overlap']} (random band [{bc['overlap']['null']['low']:.0f}, "
+                           f"{bc['overlap']['null']['high']:.0f}]); Spearman r {_ci_text(bc['spearman']['r'])}.")
     return out
 
 
@@ -964,17 +965,26 @@ def _spread_plot(rep: Report, nv: dict) -> None:
                                          "and out of domain, per KL weight (95% CI over questions).")
 
 
-def _beyond_control_lines(md: dict) -> list[str]:
-    """The overlap and rank correlation of the fine-tune's change beyond the control fine-tune's."""
-    if "beyond_control" not in md:
-        return []
-    ov, sp = md["beyond_control"]["overlap"], md["beyond_control"]["spearman"]
-    return [f"- Beyond the control (the fine-tune's change minus the control fine-tune's, which removes the drift of "
-            f"training on the model's own answers): top-{ov['k']} overlap {ov['overlap']} (random band "
-            f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}])" + ("" if ov["above_null"] else
-                                                                       " -- not above the random band")
-            + f"; Spearman r {_ci_text(sp['r'])}, shuffled band [{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]"
-            + ("" if sp["outside_null"] else " -- inside the band") + "."]
+DIFF_COMPARISONS = {  # summarize_diff's key -> what its change vector is (report and record wording)
+    "beyond_control": "the fine-tune's latent change beyond the control fine-tune's",
+    "polarity": "the 100% fine-tune's latent change minus the 0% (opposite) fine-tune's",
+}
+
+
+def _comparison_lines(md: dict) -> list[str]:
+    """The overlap and rank correlation of each further change vector: beyond the control (the drift of training
+    on the model's own answers removed) and the polarity contrast (100% minus 0% fine-tune)."""
+    lines = []
+    for key, what in DIFF_COMPARISONS.items():
+        if key not in md:
+            continue
+        ov, sp = md[key]["overlap"], md[key]["spearman"]
+        lines.append(f"- {what[0].upper()}{what[1:]}: top-{ov['k']} overlap {ov['overlap']} (random band "
+                     f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}])"
+                     + ("" if ov["above_null"] else " -- not above the random band")
+                     + f"; Spearman r {_ci_text(sp['r'])}, shuffled band [{sp['null']['low']:.2f}, "
+                       f"{sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else " -- inside the band") + ".")
+    return lines
 
 
 def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
@@ -994,7 +1004,7 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
              f"- Spearman r of the two change vectors: {_ci_text(sp['r'])}, n = {sp['n']} latents; shuffled band "
              f"[{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else
                                                                       " -- inside the band") + ".",
-             *_beyond_control_lines(md),
+             *_comparison_lines(md),
              f"- Persona vector |cosine| with the decoder rows of the fine-tune's top latents: "
              f"{da['mean_abs_cos']:.3f} (random latents' band [{da['null']['low']:.3f}, {da['null']['high']:.3f}]); "
              f"of the system prompt's top latents: {pa['mean_abs_cos']:.3f}."]
@@ -1089,10 +1099,10 @@ def _beyond_records(result: Result, common: dict) -> list[dict]:
     if md is not None:
         out.append(_overlap_record(md["overlap"], md["spearman"], md, common,
                                    control_overlap=md.get("control_overlap")))
-        if "beyond_control" in md:
-            out.append(_overlap_record(md["beyond_control"]["overlap"], md["beyond_control"]["spearman"], md, common,
-                                       key="beyond_control", what="the fine-tune's latent change beyond the control "
-                                       "fine-tune's; "))
+        for key, what in DIFF_COMPARISONS.items():
+            if key in md:
+                out.append(_overlap_record(md[key]["overlap"], md[key]["spearman"], md, common, key=key,
+                                           what=f"{what}; "))
     return out
 
 

@@ -29,7 +29,11 @@ minus negative system prompt on the original model, over the same questions with
 k^2/S expected by chance and the band of random k-latent sets, S = the latents that fire on any document), by
 the Spearman rank correlation (bootstrap over latents, shuffled-pairing band), and by the persona vector's
 |cosine| with the top fine-tune latents' decoder rows against that of random latents. The control fine-tune's
-top-k overlap with (b) is shown beside it (a fine-tune that adds no trait).
+top-k overlap with (b) is shown beside it (a fine-tune that adds no trait), and the comparison is repeated on the
+fine-tune's change beyond the control's. Where the study also ran the 0% mix (the negative-prompted answers, the
+trait's opposite), the comparison is repeated once more on the polarity contrast of fine-tuning: the 100% fine-tune's
+change minus the 0% fine-tune's. Both are fine-tunes of the same length on answers to the same questions, so the
+generic drift of training cancels, and what is left is the fine-tuning counterpart of (b), positive minus negative.
 """
 from __future__ import annotations
 
@@ -311,7 +315,8 @@ def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
     roles = (Role.USER, Role.ASSISTANT)
     kw = dict(select_roles=roles, batch_size=cfg.gen_batch_size)
     diff = model_diff(model, fs, docs, params_b=kept["plain"]["params"], **kw)
-    ctrl = model_diff(model, fs, docs, params_b=kept["control"]["params"], **kw) if "control" in kept else None
+    ctrl, opposite = (model_diff(model, fs, docs, params_b=kept[role]["params"], **kw) if role in kept else None
+                      for role in ("control", "opposite"))
     pos_sys, neg_sys = F.scoring_systems(trait)
     pos_docs = [system_conv(pos_sys, q) + [{"role": "assistant", "content": a}] for q, a in zip(qs, base["polar"][0])]
     neg_docs = [system_conv(neg_sys, q) + [{"role": "assistant", "content": a}] for q, a in zip(qs, base["polar"][1])]
@@ -320,14 +325,24 @@ def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
     alive = ((diff.columns["fire_a"] + diff.columns["fire_b"] + prompt.columns["fire_a"] + prompt.columns["fire_b"])
              > 0)
     return summarize_diff(d_ft, d_sp, alive, np.asarray(fs.W_dec), kept["vector"], cfg,
-                          None if ctrl is None else ctrl.columns["diff"]) | {"sae": sae_info, "n_documents": len(docs)}
+                          d_ctrl=None if ctrl is None else ctrl.columns["diff"],
+                          d_opposite=None if opposite is None else opposite.columns["diff"]) | {
+        "sae": sae_info, "n_documents": len(docs)}
 
 
-def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None) -> dict:
+def _compare(d, d_sp, alive, cfg) -> dict:
+    """Top-k overlap (chance, random band) and Spearman r (shuffled band) of two change vectors over latents."""
+    return {"overlap": overlap_stats(d, d_sp, cfg.diff_top_k, alive, seed=cfg.seed),
+            "spearman": spearman(d, d_sp, alive, seed=cfg.seed)}
+
+
+def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None, d_opposite=None) -> dict:
     """Top-k overlap with its chance level and null band, Spearman r, and the persona vector's decoder alignment
     of the fine-tune's top latents. With the control fine-tune's changes: its own overlap, and the comparison
     repeated on the fine-tune's change beyond the control's, which removes the drift that any fine-tune on the
-    model's own answers causes, so that what is left is specific to the trait data."""
+    model's own answers causes, so that what is left is specific to the trait data. With the opposite (0% mix)
+    fine-tune's changes: the comparison on the 100% minus the 0% fine-tune's change ('polarity'), the contrast
+    of two trait-polar training sets that matches the system prompts' positive-minus-negative contrast."""
     ov = overlap_stats(d_ft, d_sp, cfg.diff_top_k, alive, seed=cfg.seed)
     out = {"overlap": ov, "spearman": spearman(d_ft, d_sp, alive, seed=cfg.seed),
            "decoder_alignment": decoder_alignment(W_dec, vector, ov["top_a"], alive, seed=cfg.seed),
@@ -336,7 +351,9 @@ def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None) -> dict:
                            for j in ov["top_a"][:10]]}
     if d_ctrl is not None:
         out["control_overlap"] = overlap_stats(d_ctrl, d_sp, cfg.diff_top_k, alive, seed=cfg.seed)["overlap"]
-        beyond = np.asarray(d_ft, np.float64) - np.asarray(d_ctrl, np.float64)
-        out["beyond_control"] = {"overlap": overlap_stats(beyond, d_sp, cfg.diff_top_k, alive, seed=cfg.seed),
-                                 "spearman": spearman(beyond, d_sp, alive, seed=cfg.seed)}
+        out["beyond_control"] = _compare(np.asarray(d_ft, np.float64) - np.asarray(d_ctrl, np.float64), d_sp, alive,
+                                         cfg)
+    if d_opposite is not None:
+        out["polarity"] = _compare(np.asarray(d_ft, np.float64) - np.asarray(d_opposite, np.float64), d_sp, alive,
+                                   cfg)
     return out

@@ -119,9 +119,10 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     diff_line = next(ln for ln in out["records"] if ln["metric"] == "model_diff_latent_overlap")
     assert {"chance", "null_low", "null_high", "n", "k", "spearman_r"} <= set(diff_line)
     assert [ln.get("key") for ln in out["records"] if ln["metric"] == "model_diff_latent_overlap"] == \
-        [None, "beyond_control"]
+        [None, "beyond_control", "polarity"]
+    assert set(md["polarity"]) == {"overlap", "spearman"} and md["polarity"]["overlap"]["k"] == cfg.diff_top_k
     assert "Narrow vs general (study 5)" in text and "Model diffing (study 8)" in text
-    assert "Beyond the control" in text
+    assert "beyond the control fine-tune's: top-" in text and "(opposite) fine-tune's: top-" in text
     assert (folder / "narrow_vs_general.png").is_file()
 
 

@@ -136,6 +136,29 @@ def test_model_diff_beyond_the_control_removes_the_drift_of_any_fine_tune():
     assert beyond["reference"].startswith("the fine-tune's latent change beyond the control")
 
 
+def test_model_diff_polarity_contrast_cancels_what_both_trait_polar_fine_tunes_share():
+    """The 100% and the 0% fine-tunes share a drift and an opposite-signed trait change; their difference keeps
+    only the trait part, which the system prompts' contrast shares, and is recorded under its own key."""
+    a, b = _planted()
+    rng = np.random.default_rng(3)
+    drift = np.zeros(a.size)
+    drift[200:210] = 5.0
+    d_ft, d_opposite = drift + 0.5 * a, drift - 0.5 * a + 0.01 * rng.normal(size=a.size)
+    cfg = F.Config(traits=("evil",), diff_top_k=10)
+    W = rng.normal(size=(a.size, 16))
+    md = S.summarize_diff(d_ft, b, np.ones(a.size, bool), W, np.ones(16), cfg, d_opposite=d_opposite)
+    assert md["overlap"]["overlap"] == 0 and "beyond_control" not in md
+    pol = md["polarity"]
+    assert pol["overlap"]["overlap"] == 6 and pol["overlap"]["above_null"]
+    assert abs(pol["spearman"]["r"]["estimate"]) > abs(md["spearman"]["r"]["estimate"])  # b has negative entries
+    md |= {"sae": {"source": "trained here"}, "n_documents": 12}
+    res = F.Result(cfg, [], {"shift_behaviour": None, "screening_shift": None, "traits": {}}, "m", 30, 576, 1.0,
+                   {"model_diff": md})
+    plain, polar = [ln for ln in F.records(res) if ln["metric"] == "model_diff_latent_overlap"]
+    assert polar["key"] == "polarity" and polar["value"] == pytest.approx(0.6)
+    assert polar["reference"].startswith("the 100% fine-tune's latent change minus the 0% (opposite)")
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(mixes=(0.0, 0.5)), "lacks 1.0"), (dict(kl_weights=(0.0, -1.0)), "kl_weights="),
     (dict(kl_weights=(1.0, 1.0)), "kl_weights="), (dict(control=False), "needs control=true"),
