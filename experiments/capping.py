@@ -183,6 +183,14 @@ def percentile_thresholds(values_per_layer: Sequence[np.ndarray], q: float) -> n
     return np.asarray(out)
 
 
+def _form_thresholds(values_per_layer: Sequence[np.ndarray], q: float, form: str) -> np.ndarray:
+    """Thresholds in the edit's own form: floors at the q-th percentile of the unit-axis projections, or ceilings at
+    the (100 - q)-th percentile of their negation (the same cap, see `capping_edit`)."""
+    if form == "floor":
+        return percentile_thresholds(values_per_layer, q)
+    return percentile_thresholds([-v for v in values_per_layer], 100.0 - q)
+
+
 def capping_edit(config, axis, layers: Sequence[int], thresholds, *, form: str = "floor", positions=None,
                  site: str = SITE) -> E.Clamp:
     """The capping edit over `layers` with one threshold per capped layer.
@@ -326,11 +334,7 @@ def random_cap_edits(model, axis, layers, threshold_convs, percentile_q: float, 
     vals = token_projections_multi(model, threshold_convs, dirs, layers, batch_size=batch_size)
     out = []
     for d, v in zip(dirs, vals):
-        if form == "floor":
-            thr = percentile_thresholds(v, percentile_q)
-        else:
-            thr = percentile_thresholds([-x for x in v], 100.0 - percentile_q)
-        out.append(capping_edit(mc, d, layers, thr, form=form))
+        out.append(capping_edit(mc, d, layers, _form_thresholds(v, percentile_q, form), form=form))
     return out
 
 
@@ -458,23 +462,51 @@ class Result:
     qa: Any = None  # qa_cost(...) or {}
 
 
-def run(cfg: Config, model, progress=None) -> Result:
-    """Thresholds, capped vs uncapped evaluation, role-play drift and the perplexity cost. No files."""
-    from psm_jax.persona import datasets, measures
-    from psm_jax.persona.rollouts import generate_responses
+@dataclasses.dataclass(frozen=True)
+class _Thresholds:
+    """The threshold rollouts and the cap's thresholds taken from them (`Result` keeps tconvs, floors, frac_below)."""
 
-    t0 = time.time()
-    progress = progress is not None  # below: whether to show progress bars
-    mc = model.config
-    L = mc.n_layers
-    layers = default_layer_range(L) if cfg.layers is None else tuple(int(x) for x in cfg.layers)
+    convs: list  # default-prompt conversations (system prompt + question)
+    rollouts: list  # their sampled answers
+    values: list  # per capped layer: the answers' assistant-token projections on the unit axis
+    thresholds: np.ndarray  # in the edit's form (`Config.form`)
+    floors: np.ndarray  # the same cap as floors on the unit axis
+    frac_below: list  # per capped layer: the fraction of default tokens below its floor
+
+
+@dataclasses.dataclass(frozen=True)
+class _RolePlay:
+    """The role-play step's outputs; the defaults stand for the step not run (`Config.roleplay` off)."""
+
+    conversations: list = dataclasses.field(default_factory=list)
+    rows: list = dataclasses.field(default_factory=list)  # identity log-odds by scripted exchanges before the probe
+    keyword_rate: dict = dataclasses.field(default_factory=dict)  # end-of-conversation answers, plain and capped
+    end_convs: list = dataclasses.field(default_factory=list)
+    end_plain: list = dataclasses.field(default_factory=list)
+    end_cap: list = dataclasses.field(default_factory=list)
+    drift_plain: Any = None  # per_turn_projections at the readout layer, without and with capping
+    drift_capped: Any = None
+    logodds_plain: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    logodds_capped: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+
+
+def _capped_layers(cfg: Config, mc) -> tuple[tuple[int, ...], int]:
+    """The capped layers (default: about 60-85% depth) and the readout layer after them, checked against the model
+    before any work starts."""
+    layers = default_layer_range(mc.n_layers) if cfg.layers is None else tuple(int(x) for x in cfg.layers)
     for layer in layers:
         mc.check_layer(layer)
-    readout = (min(max(layers) + 1, L - 1) if cfg.readout_layer is None else int(cfg.readout_layer))
+    readout = (min(max(layers) + 1, mc.n_layers - 1) if cfg.readout_layer is None else int(cfg.readout_layer))
     mc.check_layer(readout)
-    axis, axis_info = _load_axis(cfg, model)
+    return layers, readout
 
-    # ---- thresholds from default rollouts
+
+def _threshold_step(cfg: Config, model, axis, layers, progress: bool) -> _Thresholds:
+    """The cap's thresholds come from the model's own default-prompt rollouts, so a floor marks where ordinary
+    Assistant answers already sit on the axis."""
+    from psm_jax.persona import datasets
+    from psm_jax.persona.rollouts import generate_responses
+
     defaults = datasets.load_default_prompts(cfg.model_display_name)
     all_q = datasets.load_role_questions()
     tq = sample_questions(all_q, cfg.n_threshold_questions, cfg.seed + 17)
@@ -484,45 +516,71 @@ def run(cfg: Config, model, progress=None) -> Result:
                                 batch_size=cfg.batch_size, progress=progress)
     tvals = token_projections(model, [r.conversation() for r in trolls], axis, layers, batch_size=cfg.batch_size,
                               progress=progress)
-    if cfg.form == "floor":
-        thresholds = percentile_thresholds(tvals, cfg.percentile)
-    else:
-        thresholds = percentile_thresholds([-v for v in tvals], 100.0 - cfg.percentile)
+    thresholds = _form_thresholds(tvals, cfg.percentile, cfg.form)
     floors = thresholds if cfg.form == "floor" else -thresholds
-    edit = capping_edit(mc, axis, layers, thresholds, form=cfg.form)
-    cap_fn = make_edits_fn(edit, cfg.positions)
     frac_below = [float(np.mean(v < f)) for v, f in zip(tvals, floors)]
+    return _Thresholds(tconvs, trolls, tvals, thresholds, floors, frac_below)
 
-    # ---- role-inducing system prompts
+
+def _eval_roles(cfg: Config, axis_info: dict) -> tuple[list, list[str]]:
+    """Held-out roles (not among the axis's own where possible) with their held-out instruction, so the evaluation
+    does not reuse the prompts the axis was built from."""
+    from psm_jax.persona import datasets
+
     roleset = datasets.load_roles()
     axis_roles = set(axis_info.get("roles") or [])
     pool = [r for r in roleset.roles if r.name not in axis_roles and r.name != "assistant"] or \
         [r for r in roleset.roles if r.name != "assistant"]
     eval_roles = select_roles(pool, cfg.n_eval_roles, cfg.seed + 100)
     instr = [r.instructions[min(cfg.eval_instruction, len(r.instructions) - 1)] for r in eval_roles]
-    probes = datasets.load_identity_probes()
-    gen_probes = list(probes.questions[:cfg.n_identity_probes])
+    return eval_roles, instr
+
+
+def _identity_answers(cfg: Config, model, instr, gen_probes, cap_fn, progress: bool) -> tuple[list, dict]:
+    """Greedy identity answers under the default prompt, the role prompts and the role prompts with capping: the
+    generated-text view of whether capping keeps the Assistant's identity. ({} without probes.)"""
+    from psm_jax.persona.rollouts import generate_responses
 
     role_gen = [system_conv(s, q) for s in instr for q in gen_probes]
     default_gen = [system_conv(None, q) for q in gen_probes]
-    gen_out = {}
-    if gen_probes:
-        plain = generate_responses(model, default_gen + role_gen, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=cfg.batch_size, progress=progress)
-        capped = generate_responses(model, role_gen, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                    edits_fn=cap_fn, progress=progress)
-        gen_out = {"default": plain[:len(default_gen)], "role": plain[len(default_gen):], "role+cap": capped}
-    kw_rate = {k: float(np.mean([probes.is_assistant_answer(r.response) for r in v])) for k, v in gen_out.items()}
-    proj_layers = {}
-    if gen_probes:
-        proj_layers["default"] = _mean_proj_by_layer(model, [r.conversation() for r in gen_out["default"]], axis, None,
-                                                     cfg.batch_size, progress)
-        proj_layers["role"] = _mean_proj_by_layer(model, [r.conversation() for r in gen_out["role"]], axis, None,
-                                                  cfg.batch_size, progress)
-        proj_layers["role+cap"] = _mean_proj_by_layer(model, [r.conversation() for r in gen_out["role+cap"]], axis,
-                                                      cap_fn, cfg.batch_size, progress)
+    if not gen_probes:
+        return role_gen, {}
+    plain = generate_responses(model, default_gen + role_gen, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.batch_size, progress=progress)
+    capped = generate_responses(model, role_gen, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                edits_fn=cap_fn, progress=progress)
+    return role_gen, {"default": plain[:len(default_gen)], "role": plain[len(default_gen):], "role+cap": capped}
 
-    # identity log-odds under role prompts
+
+def _keyword_rate(probes, rollouts) -> float:
+    """The fraction of answers the keyword scorer reads as the Assistant's (no judge)."""
+    return float(np.mean([probes.is_assistant_answer(r.response) for r in rollouts]))
+
+
+def _projections_by_layer(cfg: Config, model, axis, gen_out: dict, cap_fn, progress: bool) -> dict:
+    """The identity answers' axis projection at every layer per condition: where along the depth capping moves the
+    answers, and whether the shift holds past the capped range."""
+    if not gen_out:
+        return {}
+    return {k: _mean_proj_by_layer(model, [r.conversation() for r in gen_out[k]], axis, fn, cfg.batch_size, progress)
+            for k, fn in (("default", None), ("role", None), ("role+cap", cap_fn))}
+
+
+def _logodds(model, prompts, a, b, edits_fn, batch_size: int) -> np.ndarray:
+    """Per prompt, total log P(a) - log P(b) as the assistant's answer: the judge-free identity measure shared by the
+    role prompts and the role-play conversations."""
+    from psm_jax.persona import measures
+
+    if not prompts:
+        return np.zeros(0)
+    s = measures.choice_scores(model, prompts, list(zip(a, b)), edits_fn=edits_fn, batch_size=batch_size,
+                               per_token=False)
+    return s[:, 0] - s[:, 1]
+
+
+def _identity_logodds(cfg: Config, model, probes, eval_roles, instr, cap_fn):
+    """Identity log-odds (assistant vs persona answer) under the role prompts without and with capping, and under the
+    default prompt as the reference: (default, role, role + capping)."""
     for q in cfg.logprob_probes:
         if q not in probes.questions:
             raise ValueError(f"logprob probe {q!r} is not among the identity probes in {probes.source}")
@@ -532,20 +590,18 @@ def run(cfg: Config, model, progress=None) -> Result:
             lp_prompts.append(system_conv(s, q))
             lp_asst.append(cfg.assistant_answer)
             lp_pers.append(cfg.persona_answer.format(role=role_phrase(r.name)))
-
-    def logodds(prompts, a, b, fn):
-        if not prompts:
-            return np.zeros(0)
-        s = measures.choice_scores(model, prompts, list(zip(a, b)), edits_fn=fn, batch_size=cfg.batch_size,
-                                   per_token=False)
-        return s[:, 0] - s[:, 1]
-
-    lo_role = logodds(lp_prompts, lp_asst, lp_pers, None)
-    lo_cap = logodds(lp_prompts, lp_asst, lp_pers, cap_fn)
+    lo_role = _logodds(model, lp_prompts, lp_asst, lp_pers, None, cfg.batch_size)
+    lo_cap = _logodds(model, lp_prompts, lp_asst, lp_pers, cap_fn, cfg.batch_size)
     dflt_prompts = [system_conv(None, q) for _ in eval_roles for q in cfg.logprob_probes]
-    lo_default = logodds(dflt_prompts, lp_asst, lp_pers, None)  # same persona answers, no role prompt
+    lo_default = _logodds(model, dflt_prompts, lp_asst, lp_pers, None, cfg.batch_size)  # same answers, no role prompt
+    return lo_default, lo_role, lo_cap
 
-    # behavioural items: used as evidence only where their validity check passes on this model (run here)
+
+def _trait_behaviour(cfg: Config, model, instr, cap_fn) -> tuple[list[dict], dict]:
+    """Trait two-choice items under the role prompts without and with capping, against the default prompt. Items are
+    used as evidence only where their validity check passes on this model (run here)."""
+    from psm_jax.persona import datasets, measures
+
     trait_rows, trait_dist = [], {"role": [], "role+cap": []}
     for t in cfg.traits:
         trait = datasets.load_trait(t)
@@ -567,95 +623,128 @@ def run(cfg: Config, model, progress=None) -> Result:
                            "role prompts + capping": float(d_cap.mean()),
                            "|role - default|": float(np.mean(np.abs(d_role - d0))),
                            "|capped - default|": float(np.mean(np.abs(d_cap - d0)))})
+    return trait_rows, trait_dist
 
-    # ---- long role-play conversations
-    rp, rp_rows, rp_kw, end_convs, end_plain, end_cap = [], [], {}, [], [], []
-    d_plain = d_cap = None
-    rp_plain = rp_cap = np.zeros(0)
-    if cfg.roleplay:
-        rp = datasets.load_conversations("roleplay")
-        rp_prompts, rp_a, rp_b, rp_k = [], [], [], []
-        for c in rp:
-            msgs = c.as_dicts()
-            persona = cfg.persona_answer.format(role=role_phrase(c.role or c.id))
-            sys_n = 1 if msgs and msgs[0]["role"] == "system" else 0
-            for k in range(c.n_exchanges + 1):
-                hist = msgs[:sys_n + 2 * k]
-                for q in cfg.roleplay_probes:
-                    rp_prompts.append(hist + [{"role": "user", "content": q}])
-                    rp_a.append(cfg.assistant_answer)
-                    rp_b.append(persona)
-                    rp_k.append(k)
-        rp_k = np.asarray(rp_k)
-        rp_plain = logodds(rp_prompts, rp_a, rp_b, None)
-        rp_cap = logodds(rp_prompts, rp_a, rp_b, cap_fn)
-        ks = sorted(set(rp_k.tolist()))
-        for k in ks:
-            rp_rows.append({"exchanges before probe": k, "log-odds (no cap)": float(rp_plain[rp_k == k].mean()),
-                            "log-odds (capped)": float(rp_cap[rp_k == k].mean()),
-                            "gain": float((rp_cap - rp_plain)[rp_k == k].mean())})
-        rp_full = [c.as_dicts() for c in rp]
-        d_plain, _ = per_turn_projections(model, rp_full, axis[[readout]], layers=(readout,), batch_size=4,
-                                          progress=progress, desc="role-play drift")
-        d_cap, _ = per_turn_projections(model, rp_full, axis[[readout]], layers=(readout,), batch_size=4,
-                                        edits_fn=cap_fn, progress=progress, desc="role-play drift (capped)")
-        end_convs = [c.as_dicts() + [{"role": "user", "content": q}] for c in rp for q in cfg.roleplay_probes]
-        end_plain = generate_responses(model, end_convs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                       progress=progress)
-        end_cap = generate_responses(model, end_convs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                     edits_fn=cap_fn, progress=progress)
-        rp_kw = {"plain": float(np.mean([probes.is_assistant_answer(r.response) for r in end_plain])),
-                 "capped": float(np.mean([probes.is_assistant_answer(r.response) for r in end_cap]))}
 
-    # ---- persona jailbreaks, with the random-direction control
-    jb = {}
+def _roleplay_logodds(cfg: Config, model, rp, cap_fn) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """Identity log-odds after k = 0..n scripted exchanges of each role-play conversation, without and with capping:
+    whether the persona takes over as the conversation goes on. (rows by k, plain, capped)."""
+    rp_prompts, rp_a, rp_b, rp_k = [], [], [], []
+    for c in rp:
+        msgs = c.as_dicts()
+        persona = cfg.persona_answer.format(role=role_phrase(c.role or c.id))
+        sys_n = 1 if msgs and msgs[0]["role"] == "system" else 0
+        for k in range(c.n_exchanges + 1):
+            hist = msgs[:sys_n + 2 * k]
+            for q in cfg.roleplay_probes:
+                rp_prompts.append(hist + [{"role": "user", "content": q}])
+                rp_a.append(cfg.assistant_answer)
+                rp_b.append(persona)
+                rp_k.append(k)
+    rp_k = np.asarray(rp_k)
+    rp_plain = _logodds(model, rp_prompts, rp_a, rp_b, None, cfg.batch_size)
+    rp_cap = _logodds(model, rp_prompts, rp_a, rp_b, cap_fn, cfg.batch_size)
+    rp_rows = []
+    for k in sorted(set(rp_k.tolist())):
+        rp_rows.append({"exchanges before probe": k, "log-odds (no cap)": float(rp_plain[rp_k == k].mean()),
+                        "log-odds (capped)": float(rp_cap[rp_k == k].mean()),
+                        "gain": float((rp_cap - rp_plain)[rp_k == k].mean())})
+    return rp_rows, rp_plain, rp_cap
+
+
+def _roleplay(cfg: Config, model, axis, readout: int, probes, cap_fn, progress: bool) -> _RolePlay:
+    """Long scripted role-play conversations without and with capping: identity log-odds by exchange, the drift of
+    the scripted replies along the axis, and identity answers at the end."""
+    from psm_jax.persona import datasets
+    from psm_jax.persona.rollouts import generate_responses
+
+    rp = datasets.load_conversations("roleplay")
+    rp_rows, rp_plain, rp_cap = _roleplay_logodds(cfg, model, rp, cap_fn)
+    rp_full = [c.as_dicts() for c in rp]
+    d_plain, _ = per_turn_projections(model, rp_full, axis[[readout]], layers=(readout,), batch_size=4,
+                                      progress=progress, desc="role-play drift")
+    d_cap, _ = per_turn_projections(model, rp_full, axis[[readout]], layers=(readout,), batch_size=4,
+                                    edits_fn=cap_fn, progress=progress, desc="role-play drift (capped)")
+    end_convs = [c.as_dicts() + [{"role": "user", "content": q}] for c in rp for q in cfg.roleplay_probes]
+    end_plain = generate_responses(model, end_convs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                   progress=progress)
+    end_cap = generate_responses(model, end_convs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                 edits_fn=cap_fn, progress=progress)
+    rp_kw = {"plain": _keyword_rate(probes, end_plain), "capped": _keyword_rate(probes, end_cap)}
+    return _RolePlay(rp, rp_rows, rp_kw, end_convs, end_plain, end_cap, d_plain, d_cap, rp_plain, rp_cap)
+
+
+def _jailbreak_step(cfg: Config, model, axis, layers, trolls, cap_fn) -> dict:
+    """The persona-jailbreak evaluation with its control: random-direction caps thresholded on the same rollouts, so
+    a shift counts only where the axis cap beats an arbitrary cap at matched thresholds. ({} when skipped.)"""
+    from psm_jax.persona import datasets
+
     jprompts = datasets.load_persona_jailbreaks()
     jprompts = jprompts if cfg.n_jailbreaks is None else jprompts[:cfg.n_jailbreaks]
-    if jprompts:
-        rand = random_cap_edits(model, axis, layers, [r.conversation() for r in trolls], cfg.percentile,
-                                cfg.n_random_caps, seed=cfg.seed + 31, form=cfg.form, batch_size=cfg.batch_size)
-        jb = run_jailbreaks(model, jprompts, cap_fn, [make_edits_fn(e, cfg.positions) for e in rand],
-                            batch_size=cfg.batch_size, seed=cfg.seed)
+    if not jprompts:
+        return {}
+    rand = random_cap_edits(model, axis, layers, [r.conversation() for r in trolls], cfg.percentile,
+                            cfg.n_random_caps, seed=cfg.seed + 31, form=cfg.form, batch_size=cfg.batch_size)
+    return run_jailbreaks(model, jprompts, cap_fn, [make_edits_fn(e, cfg.positions) for e in rand],
+                          batch_size=cfg.batch_size, seed=cfg.seed)
 
-    # ---- cost: held-out multiple-choice questions
-    qa = {}
+
+def _qa_step(cfg: Config, model, cap_fn) -> dict:
+    """A capability cost of capping: held-out multiple-choice accuracy (`qa_cost`). ({} when skipped.)"""
+    from psm_jax.persona import datasets
+
     qa_items = datasets.load_qa()
     qa_items = qa_items if cfg.n_qa is None else qa_items[:cfg.n_qa]
-    if qa_items:
-        qa = qa_cost(model, qa_items, cap_fn, batch_size=cfg.batch_size, seed=cfg.seed)
+    if not qa_items:
+        return {}
+    return qa_cost(model, qa_items, cap_fn, batch_size=cfg.batch_size, seed=cfg.seed)
 
-    # ---- cost: perplexity on ShareGPT assistant turns
-    ppl = {}
-    if cfg.n_ppl_conversations > 0:
-        sg = sharegpt_conversations(cfg.n_ppl_conversations, cfg.seed + 7, 8, cfg.ppl_max_chars, min_assistant_turns=1)
-        n0, c0 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, progress=progress)
-        n1, c1 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, edits_fn=cap_fn, progress=progress)
-        ppl = {"tokens": int(c0.sum()), "ppl": float(np.exp(n0.sum() / c0.sum())),
-               "ppl_capped": float(np.exp(n1.sum() / c1.sum()))}
-        ppl["pct_change"] = 100.0 * (ppl["ppl_capped"] / ppl["ppl"] - 1.0)
 
-    # ---- metrics
-    gain = float(np.mean(lo_cap - lo_role)) if len(lo_role) else float("nan")
+def _perplexity_cost(cfg: Config, model, cap_fn, progress: bool) -> dict:
+    """A capability cost of capping: perplexity on ShareGPT assistant turns without and with it, and the percent
+    change. ({} when skipped.)"""
+    if cfg.n_ppl_conversations <= 0:
+        return {}
+    sg = sharegpt_conversations(cfg.n_ppl_conversations, cfg.seed + 7, 8, cfg.ppl_max_chars, min_assistant_turns=1)
+    n0, c0 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, progress=progress)
+    n1, c1 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, edits_fn=cap_fn, progress=progress)
+    ppl = {"tokens": int(c0.sum()), "ppl": float(np.exp(n0.sum() / c0.sum())),
+           "ppl_capped": float(np.exp(n1.sum() / c1.sum()))}
+    ppl["pct_change"] = 100.0 * (ppl["ppl_capped"] / ppl["ppl"] - 1.0)
+    return ppl
+
+
+def _mean_or_none(x) -> float | None:
+    """A measure's mean for the metrics, None where there was nothing to score."""
+    return float(np.mean(x)) if len(x) else None
+
+
+def _metrics(cfg: Config, *, layers, readout: int, axis_info: dict, th: _Thresholds, eval_roles, identity,
+             kw_rate: dict, proj_layers: dict, rpl: _RolePlay, traits, jb: dict, qa: dict, ppl: dict) -> dict:
+    """The metrics `m` (metrics.json, records) from every step's outputs; `identity` = `_identity_logodds(...)`,
+    `traits` = `_trait_behaviour(...)`. Parts skipped by the config leave their keys out."""
+    lo_default, lo_role, lo_cap = identity
+    trait_rows, trait_dist = traits
     m = {
-        "model": cfg.model, "layers": list(layers), "readout_layer": readout, "percentile": cfg.percentile, "form": cfg.form,
-        "positions": cfg.positions, "axis_source": axis_info.get("source"),
-        "thresholds_floor": [float(x) for x in floors],
-        "threshold_tokens": int(len(tvals[0])),
-        "default_tokens_below_floor": frac_below,
+        "model": cfg.model, "layers": list(layers), "readout_layer": readout, "percentile": cfg.percentile,
+        "form": cfg.form, "positions": cfg.positions, "axis_source": axis_info.get("source"),
+        "thresholds_floor": [float(x) for x in th.floors],
+        "threshold_tokens": int(len(th.values[0])),
+        "default_tokens_below_floor": th.frac_below,
         "eval_roles": [r.name for r in eval_roles],
-        "capping_identity_gain": gain,
-        "identity_logodds_default": float(np.mean(lo_default)) if len(lo_default) else None,
-        "identity_logodds_role": float(np.mean(lo_role)) if len(lo_role) else None,
-        "identity_logodds_role_capped": float(np.mean(lo_cap)) if len(lo_cap) else None,
+        "capping_identity_gain": float(np.mean(lo_cap - lo_role)) if len(lo_role) else float("nan"),
+        "identity_logodds_default": _mean_or_none(lo_default),
+        "identity_logodds_role": _mean_or_none(lo_role),
+        "identity_logodds_role_capped": _mean_or_none(lo_cap),
         "identity_logodds_gain_positive_fraction": float(np.mean(lo_cap > lo_role)) if len(lo_role) else None,
         "identity_keyword_rate": kw_rate,
         "capping_identity_keyword_gain": (kw_rate["role+cap"] - kw_rate["role"]) if kw_rate else None,
     }
     if cfg.roleplay:
-        m.update({"roleplay_logodds_gain": float(np.mean(rp_cap - rp_plain)), "roleplay_logodds_by_k": rp_rows,
-                  "roleplay_end_keyword_rate": rp_kw,
-                  "roleplay_drift_plain": [float(x) for x in np.nanmean(d_plain[:, 0], axis=0)],
-                  "roleplay_drift_capped": [float(x) for x in np.nanmean(d_cap[:, 0], axis=0)]})
+        m.update({"roleplay_logodds_gain": float(np.mean(rpl.logodds_capped - rpl.logodds_plain)),
+                  "roleplay_logodds_by_k": rpl.rows, "roleplay_end_keyword_rate": rpl.keyword_rate,
+                  "roleplay_drift_plain": [float(x) for x in np.nanmean(rpl.drift_plain[:, 0], axis=0)],
+                  "roleplay_drift_capped": [float(x) for x in np.nanmean(rpl.drift_capped[:, 0], axis=0)]})
     if jb:
         m["jailbreak"] = {"n_prompts": len(jb["ids"]), "n_random_caps": jb["n_random"], **jb["summary"]}
     if qa:
@@ -673,28 +762,92 @@ def run(cfg: Config, model, progress=None) -> Result:
     if ppl:
         m["ppl"] = ppl
         m["capping_ppl_cost"] = ppl["pct_change"]
+    return m
+
+
+def run(cfg: Config, model, progress=None) -> Result:
+    """Thresholds, capped vs uncapped evaluation, role-play drift and the perplexity cost. No files."""
+    from psm_jax.persona import datasets
+
+    t0 = time.time()
+    progress = progress is not None  # below: whether to show progress bars
+    mc = model.config
+    layers, readout = _capped_layers(cfg, mc)
+    axis, axis_info = _load_axis(cfg, model)
+
+    # ---- thresholds from default rollouts, and the cap
+    th = _threshold_step(cfg, model, axis, layers, progress)
+    cap_fn = make_edits_fn(capping_edit(mc, axis, layers, th.thresholds, form=cfg.form), cfg.positions)
+
+    # ---- role-inducing system prompts
+    eval_roles, instr = _eval_roles(cfg, axis_info)
+    probes = datasets.load_identity_probes()
+    gen_probes = list(probes.questions[:cfg.n_identity_probes])
+    role_gen, gen_out = _identity_answers(cfg, model, instr, gen_probes, cap_fn, progress)
+    kw_rate = {k: _keyword_rate(probes, v) for k, v in gen_out.items()}
+    proj_layers = _projections_by_layer(cfg, model, axis, gen_out, cap_fn, progress)
+    identity = _identity_logodds(cfg, model, probes, eval_roles, instr, cap_fn)
+    trait_rows, trait_dist = _trait_behaviour(cfg, model, instr, cap_fn)
+
+    # ---- long role-play conversations, persona jailbreaks, capability costs
+    rpl = _roleplay(cfg, model, axis, readout, probes, cap_fn, progress) if cfg.roleplay else _RolePlay()
+    jb = _jailbreak_step(cfg, model, axis, layers, th.rollouts, cap_fn)
+    qa = _qa_step(cfg, model, cap_fn)
+    ppl = _perplexity_cost(cfg, model, cap_fn, progress)
+
+    m = _metrics(cfg, layers=layers, readout=readout, axis_info=axis_info, th=th, eval_roles=eval_roles,
+                 identity=identity, kw_rate=kw_rate, proj_layers=proj_layers, rpl=rpl,
+                 traits=(trait_rows, trait_dist), jb=jb, qa=qa, ppl=ppl)
     m["elapsed_s"] = round(time.time() - t0, 1)
 
-    return Result(config=cfg, L=L, axis=axis, axis_info=axis_info, d_cap=d_cap, d_plain=d_plain, end_cap=end_cap,
-                  end_convs=end_convs, end_plain=end_plain, eval_roles=eval_roles, floors=floors,
-                  frac_below=frac_below, gain=gain, gen_out=gen_out, gen_probes=gen_probes, kw_rate=kw_rate,
+    return Result(config=cfg, L=mc.n_layers, axis=axis, axis_info=axis_info, d_cap=rpl.drift_capped,
+                  d_plain=rpl.drift_plain, end_cap=rpl.end_cap, end_convs=rpl.end_convs, end_plain=rpl.end_plain,
+                  eval_roles=eval_roles, floors=th.floors, frac_below=th.frac_below,
+                  gain=m["capping_identity_gain"], gen_out=gen_out, gen_probes=gen_probes, kw_rate=kw_rate,
                   layers=layers, m=m, ppl=ppl, probes=probes, proj_layers=proj_layers, readout=readout,
-                  role_gen=role_gen, rp=rp, rp_kw=rp_kw, rp_rows=rp_rows, tconvs=tconvs, trait_rows=trait_rows,
-                  jb=jb, qa=qa)
+                  role_gen=role_gen, rp=rpl.conversations, rp_kw=rpl.keyword_rate, rp_rows=rpl.rows,
+                  tconvs=th.convs, trait_rows=trait_rows, jb=jb, qa=qa)
 
 
 def report(res: Result, folder) -> Path:
+    """report.md with its tables and plots, the axis with the capping settings (capping.safetensors), the metrics."""
     from experiments.report import Report
 
-    cfg = res.config
-    L, axis, axis_info, d_cap, d_plain = res.L, res.axis, res.axis_info, res.d_cap, res.d_plain
-    end_cap, end_convs, end_plain = res.end_cap, res.end_convs, res.end_plain
-    eval_roles, floors = res.eval_roles, res.floors
-    frac_below, gain, gen_out, gen_probes, kw_rate = res.frac_below, res.gain, res.gen_out, res.gen_probes, res.kw_rate
-    layers, m, ppl, probes, proj_layers = res.layers, res.m, res.ppl, res.probes, res.proj_layers
-    readout, role_gen, rp, rp_kw, rp_rows = res.readout, res.role_gen, res.rp, res.rp_kw, res.rp_rows
-    tconvs, trait_rows = res.tconvs, res.trait_rows
+    cfg, m = res.config, res.m
     rep = Report(folder, "Activation capping along the Assistant Axis", config=cfg)
+    _setup_section(rep, res)
+    rep.table("Thresholds (floors on the unit-axis projection)", [
+        {"layer": layer, "floor": float(f), "default tokens below": f"{fb:.0%}"}
+        for layer, f, fb in zip(res.layers, res.floors, res.frac_below)])
+    rep.table("Headline (role-inducing system prompts)", _headline_rows(res))
+    if res.jb:
+        _jailbreak_sections(rep, cfg, res.jb, m)
+    if res.qa:
+        _qa_section(rep, res.qa)
+    if res.trait_rows:
+        rep.table("Behavioural items (per-token log P(trait answer) - log P(other), mean; evidence only where the "
+                  "validity check run here passes)", res.trait_rows)
+        if cfg.positions == "assistant":
+            rep.section("Note on assistant-only capping", POSITIONS_NOTE)
+    if cfg.roleplay:
+        rep.table("Long role-play conversations: identity log-odds after k scripted exchanges", res.rp_rows)
+        rep.section("Role-play end-of-conversation identity answers",
+                    f"Keyword rate without capping {res.rp_kw['plain']:.0%}, with capping {res.rp_kw['capped']:.0%} "
+                    f"({len(res.end_convs)} greedy answers).")
+    _plots(rep, m, res.proj_layers, res.layers, res.readout, res.rp_rows, res.d_plain, res.d_cap)
+    ex = _example_rows(res)
+    if ex:
+        rep.table("Examples (greedy)", ex)
+    _save_axis(rep, res)
+    for k, v in m.items():
+        rep.metric(k, v)
+    return rep.finish()
+
+
+def _setup_section(rep, res: Result) -> None:
+    """What was capped and how, and what the measures mean, ahead of any number."""
+    cfg, L, axis_info, tconvs, eval_roles = res.config, res.L, res.axis_info, res.tconvs, res.eval_roles
+    layers, m, probes, readout = res.layers, res.m, res.probes, res.readout
     rep.section("Setup", f"""
 Model `{cfg.model}`; axis from {axis_info.get('source')}. Capped layers {layers[0]}-{layers[-1]} (resid_post,
 {len(layers)} layers of {L}), form `{cfg.form}`, positions `{cfg.positions}`. Thresholds: the {cfg.percentile:g}th
@@ -708,9 +861,13 @@ The identity log-odds compare two fixed short answers
 keyword scorer counts answers that mention any assistant marker ({', '.join(probes.assistant_markers)}), which is
 generous ("help" counts). No judge is used.
 """)
-    rep.table("Thresholds (floors on the unit-axis projection)", [
-        {"layer": l, "floor": float(f), "default tokens below": f"{fb:.0%}"}
-        for l, f, fb in zip(layers, floors, frac_below)])
+
+
+def _headline_rows(res: Result) -> list[dict]:
+    """One row per identity measure under role prompts (default, role, role + capping, gain) and the perplexity
+    cost: the table the study is read by."""
+    m, gain, kw_rate, proj_layers, ppl = res.m, res.gain, res.kw_rate, res.proj_layers, res.ppl
+    layers, readout = res.layers, res.readout
     head = [{"measure": "identity log-odds (assistant - persona answer), role prompts", "default prompt":
              m["identity_logodds_default"], "role": m["identity_logodds_role"], "role + capping":
              m["identity_logodds_role_capped"], "gain": gain}]
@@ -731,22 +888,15 @@ generous ("help" counts). No judge is used.
     if ppl:
         head.append({"measure": "ShareGPT assistant-token perplexity", "default prompt": ppl["ppl"], "role": "",
                      "role + capping": ppl["ppl_capped"], "gain": f"{ppl['pct_change']:+.2f}% (cost)"})
-    rep.table("Headline (role-inducing system prompts)", head)
-    if res.jb:
-        _jailbreak_sections(rep, cfg, res.jb, m)
-    if res.qa:
-        _qa_section(rep, res.qa)
-    if trait_rows:
-        rep.table("Behavioural items (per-token log P(trait answer) - log P(other), mean; evidence only where the "
-                  "validity check run here passes)", trait_rows)
-        if cfg.positions == "assistant":
-            rep.section("Note on assistant-only capping", POSITIONS_NOTE)
-    if cfg.roleplay:
-        rep.table("Long role-play conversations: identity log-odds after k scripted exchanges", rp_rows)
-        rep.section("Role-play end-of-conversation identity answers",
-                    f"Keyword rate without capping {rp_kw['plain']:.0%}, with capping {rp_kw['capped']:.0%} "
-                    f"({len(end_convs)} greedy answers).")
-    _plots(rep, m, proj_layers, layers, readout, rp_rows, d_plain, d_cap)
+    return head
+
+
+def _example_rows(res: Result) -> list[dict]:
+    """Greedy answers without and with capping (the first probe of each role and of each role-play conversation), so
+    the numbers can be read against text."""
+    cfg, eval_roles, rp = res.config, res.eval_roles, res.rp
+    gen_out, gen_probes, role_gen = res.gen_out, res.gen_probes, res.role_gen
+    end_convs, end_plain, end_cap = res.end_convs, res.end_plain, res.end_cap
     ex = []
     if gen_out:
         for i in range(0, len(role_gen), max(1, len(gen_probes))):
@@ -757,17 +907,19 @@ generous ("help" counts). No judge is used.
         ex.append({"role": rp[i // max(1, len(cfg.roleplay_probes))].id + " (role-play, end)",
                    "probe": end_convs[i][-1]["content"], "no cap": end_plain[i].response.replace("\n", " ")[:120],
                    "capped": end_cap[i].response.replace("\n", " ")[:120]})
-    if ex:
-        rep.table("Examples (greedy)", ex)
+    return ex
+
+
+def _save_axis(rep, res: Result) -> None:
+    """The axis with the capping settings and floors, so the cap can be re-applied without re-running the study."""
+    cfg = res.config
     # (strings are kept out of the top level where they could look like JSON to load_vectors)
-    rep.save_vectors("capping", {"axis": axis},
-                     {"model": cfg.model, "site": SITE, "layers": list(layers),
+    rep.save_vectors("capping", {"axis": res.axis},
+                     {"model": cfg.model, "site": SITE, "layers": list(res.layers),
                       "method": "activation capping: floor on <h, axis/|axis|> per capped layer",
                       "capping": {"form": cfg.form, "positions": cfg.positions, "percentile": cfg.percentile,
-                                  "floors": [float(x) for x in floors], "axis_source": axis_info.get("source")}})
-    for k, v in m.items():
-        rep.metric(k, v)
-    return rep.finish()
+                                  "floors": [float(x) for x in res.floors],
+                                  "axis_source": res.axis_info.get("source")}})
 
 
 def _interval(e: dict, f: str = ".3f") -> str:

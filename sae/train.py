@@ -582,16 +582,95 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
     sae_names (one folder name per SAE, e.g. "resid_post.3" per hook point): each SAE's checkpoints go to its own
     run dir run_dir/<name> (config.json + checkpoints/<step>), loadable alone with `load_run(run_dir/<name>)`;
     the stacked run resumes exactly from them. Default: one stacked folder, run_dir/checkpoints."""
+    run, resumed = _open_run(cfg, batches, run_dir, mesh, sae_names, extra_config, keep_checkpoints)
+    hp = _run_hyperparams(run)
+    state, shardings, it, first, consumed = _initial_state(run, resume_step, resumed)
+    step_fn = build_step(run.scfg, run.n, stack=stack, mesh=mesh, shardings=shardings)
+    host_step = int(host_array(state["step"]))
+    prog = _open_progress(run, host_step, max_steps, log_every, progress, on_step)
+    stopped = "data_exhausted"
+    pending = None                             # (step, metrics) of the last step, read once the next one is queued
+    try:
+        while prog.target is None or host_step < prog.target:
+            if first is not None:
+                x, first = first, None
+            else:
+                x = _next_batch(run, it)
+                if x is None:
+                    break
+                consumed += 1
+            prog.cursors[host_step + 1] = get_cursor(run.source)
+            state, m = step_fn(state, hp, _to_device(run, x))
+            host_step += 1
+            if pending is not None:
+                _record_step(run, prog, *pending)
+            pending = (host_step, m)
+            if checkpoint_every and host_step % checkpoint_every == 0:
+                _record_step(run, prog, *pending)
+                pending = None
+                _save_checkpoint(run, prog, state, host_step, consumed)
+            prog.cursors.pop(host_step - 2, None)
+        else:
+            total_steps = run.cfgs[0].total_steps
+            stopped = "total_steps" if total_steps is not None and host_step >= total_steps else "max_steps"
+        if pending is not None:
+            _record_step(run, prog, *pending)
+        if run.checkpointer.latest_step() != host_step:
+            _save_checkpoint(run, prog, state, host_step, consumed)
+    finally:
+        if prog.bar is not None:
+            prog.bar.close()
+        run.checkpointer.close()
+    return _result(run, state, host_step, stopped, prog.last_metrics)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What every step of one `train` call shares: the stacked configs, this process's place in the run, the data
+    source, and the run dir with its checkpointer."""
+    cfgs: list[SaeConfig]
+    scfg: SaeConfig
+    n: int
+    source: Any
+    run_dir: Path
+    mesh: jax.sharding.Mesh | None
+    multi: bool
+    pid: int
+    nproc: int
+    local_rows: int                            # this process's rows of every batch
+    names: list[str] | None
+    checkpointer: Any
+    log_path: Path
+    writes_log: bool
+    data_sharding: dict[int, NamedSharding] | None   # per batch rank: [rows, d_in] or [n, rows, d_in]
+
+
+def _open_run(cfg, batches, run_dir, mesh, sae_names, extra_config, keep_checkpoints) -> tuple[_Run, bool]:
+    """Checks the configs against the mesh and the run dir before any work is done; returns the run and whether the
+    run dir already held it (written by `_write_run_config`)."""
     cfgs = [cfg] if isinstance(cfg, SaeConfig) else list(cfg)
     scfg = static_config(cfgs)
     _check_mesh(scfg, mesh)
     n = len(cfgs)
     multi = spans_processes(mesh)
     pid, nproc = (jax.process_index(), jax.process_count()) if multi else (0, 1)
-    local_rows = scfg.batch_size // nproc
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = _check_sae_names(sae_names, n)
+    resumed = _write_run_config(run_dir, cfgs, names, extra_config, pid, multi)
+    checkpointer = (ckpt_mod.PerSaeCheckpointer(run_dir, names, keep=keep_checkpoints) if names else
+                    ckpt_mod.Checkpointer(run_dir, keep=keep_checkpoints))
+    data_sharding = None if mesh is None else {2: NamedSharding(mesh, P("data", None)),
+                                                 3: NamedSharding(mesh, P(None, "data", None))}
+    run = _Run(cfgs=cfgs, scfg=scfg, n=n, source=batches, run_dir=run_dir, mesh=mesh, multi=multi, pid=pid,
+               nproc=nproc, local_rows=scfg.batch_size // nproc, names=names, checkpointer=checkpointer,
+               log_path=run_dir / LOG_FILE, writes_log=pid == 0, data_sharding=data_sharding)
+    return run, resumed
+
+
+def _write_run_config(run_dir: Path, cfgs, names, extra_config, pid: int, multi: bool) -> bool:
+    """Writes config.json (and each SAE's folder) or checks it against this run's, so one run dir never holds two
+    configs; True when it was already there. Process 0 writes first, the others then check."""
     run_config = ckpt_mod.run_config_dict([c.to_dict() for c in cfgs], extra_config)
     if names:
         run_config[ckpt_mod.SAE_DIRS_KEY] = names
@@ -605,178 +684,189 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
 
     if pid == 0:
         resumed = write_configs()
-    if multi:                                  # process 0 writes config.json; the others then check it
+    if multi:
         _barrier("sae-run-config")
         if pid != 0:
             resumed = write_configs()
-    checkpointer = (ckpt_mod.PerSaeCheckpointer(run_dir, names, keep=keep_checkpoints) if names else
-                    ckpt_mod.Checkpointer(run_dir, keep=keep_checkpoints))
-    log_path = run_dir / LOG_FILE
-    writes_log = pid == 0
-    hp = stacked_hyperparams(cfgs)
-    source = batches
-    data_sharding = None if mesh is None else {2: NamedSharding(mesh, P("data", None)),
-                                                 3: NamedSharding(mesh, P(None, "data", None))}
-    if multi:
-        hp = _put_global(hp, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), hp))
+    return resumed
 
-    def place(state):
-        if mesh is None:
-            return state, None
-        sh = state_shardings(state, mesh)
-        return (_put_global(state, sh) if multi else jax.device_put(state, sh)), sh
 
-    def to_device(x):
-        if data_sharding is None:
-            return x
-        if multi:
-            global_shape = x.shape[:-2] + (scfg.batch_size, x.shape[-1])
-            return jax.make_array_from_process_local_data(data_sharding[x.ndim], x, global_shape)
-        return jax.device_put(x, data_sharding[x.ndim])
+def _run_hyperparams(run: _Run) -> dict[str, jax.Array]:
+    """The traced hyperparameters of the stack, replicated on every process's devices when the mesh spans them."""
+    hp = stacked_hyperparams(run.cfgs)
+    if run.multi:
+        hp = _put_global(hp, jax.tree_util.tree_map(lambda _: NamedSharding(run.mesh, P()), hp))
+    return hp
 
-    latest = checkpointer.latest_step() if resumed else None
+
+def _place(run: _Run, state):
+    """(state laid out on the mesh, its shardings), which the step is compiled for; (state, None) without a mesh."""
+    if run.mesh is None:
+        return state, None
+    sh = state_shardings(state, run.mesh)
+    return (_put_global(state, sh) if run.multi else jax.device_put(state, sh)), sh
+
+
+def _initial_state(run: _Run, resume_step: int | None, resumed: bool):
+    """(state, shardings, batch iterator, first batch or None, batches consumed): a run dir with a checkpoint
+    resumes from it, any other starts fresh."""
+    latest = run.checkpointer.latest_step() if resumed else None
     if resume_step is not None and latest is None:
-        raise ckpt_mod.CheckpointError(f"resume_step={resume_step} asked for, but {run_dir} has no checkpoint")
-    first = None
-    consumed = 0
-    if latest is not None:
-        template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((scfg.batch_size, scfg.d_in),
-                                                                                      jnp.float32))
-        template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
-        if names:                              # restored on the host from each SAE's folder, then placed
-            state, meta = checkpointer.restore(template, step=resume_step)
-            state, shardings = place(jax.tree_util.tree_map(jnp.asarray, state) if mesh is None else state)
-        else:
-            template, shardings = place(template)
-            state, meta = checkpointer.restore(template, step=resume_step)
-        consumed = int(meta.get("batches_consumed", meta["step"]))
-        cursor = _own_cursor(meta, pid, nproc, checkpointer.directory)
-        if cursor is not None and set_cursor(source, cursor):
-            it = iter(source)
-        else:
-            it = iter(source)
-            if consumed:
-                log.warning("data source has no cursor/seek: skipping %d batches to resume", consumed)
-            for _ in range(consumed):
-                next(it)
-        if writes_log:
-            _truncate_log(log_path, int(meta["step"]))
-        log.info("resumed %s at step %d", run_dir, int(meta["step"]))
-    else:
-        it = iter(source)
-        try:
-            first = next(it)
-        except StopIteration:
-            raise ValueError("the activation source yielded no batch") from None
-        first = _to_batch(first, scfg, n, local_rows)
-        if first is None:
-            raise ValueError(f"the first activation batch does not hold {local_rows} rows (batch_size="
-                             f"{scfg.batch_size} over {nproc} process(es))")
-        consumed = 1
-        whole = _gather_rows(first) if multi else first   # b_dec and the scale come from the global batch
-        scale = activation_scale(scfg, whole)
-        state = _init_fn(scfg)(whole, jnp.float32(scale),
-                               jnp.asarray([c.seed for c in cfgs], jnp.uint32),
-                               jnp.asarray([c.jumprelu_init_threshold for c in cfgs], jnp.float32))
-        state, shardings = place(state)
-        if writes_log:
-            _truncate_log(log_path, 0)
+        raise ckpt_mod.CheckpointError(f"resume_step={resume_step} asked for, but {run.run_dir} has no checkpoint")
+    return _resume(run, resume_step) if latest is not None else _start(run)
 
-    step_fn = build_step(scfg, n, stack=stack, mesh=mesh, shardings=shardings)
-    host_step = int(host_array(state["step"]))
-    total_steps = cfgs[0].total_steps
+
+def _resume(run: _Run, resume_step: int | None):
+    """Restores a checkpoint and moves the data source past the batches it had consumed, so the run goes on exactly
+    as one that never stopped; the log loses the steps after the checkpoint."""
+    scfg = run.scfg
+    template = jax.eval_shape(lambda s: init_state(run.cfgs, s), jax.ShapeDtypeStruct((scfg.batch_size, scfg.d_in),
+                                                                                      jnp.float32))
+    template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
+    if run.names:                              # restored on the host from each SAE's folder, then placed
+        state, meta = run.checkpointer.restore(template, step=resume_step)
+        state, shardings = _place(run, jax.tree_util.tree_map(jnp.asarray, state) if run.mesh is None else state)
+    else:
+        template, shardings = _place(run, template)
+        state, meta = run.checkpointer.restore(template, step=resume_step)
+    consumed = int(meta.get("batches_consumed", meta["step"]))
+    cursor = _own_cursor(meta, run.pid, run.nproc, run.checkpointer.directory)
+    seeked = cursor is not None and set_cursor(run.source, cursor)
+    it = iter(run.source)
+    if not seeked:
+        if consumed:
+            log.warning("data source has no cursor/seek: skipping %d batches to resume", consumed)
+        for _ in range(consumed):
+            next(it)
+    if run.writes_log:
+        _truncate_log(run.log_path, int(meta["step"]))
+    log.info("resumed %s at step %d", run.run_dir, int(meta["step"]))
+    return state, shardings, it, None, consumed
+
+
+def _start(run: _Run):
+    """A fresh state initialised from the first batch (b_dec and the activation scale come from it); that batch is
+    returned too, as the first step's."""
+    it = iter(run.source)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("the activation source yielded no batch") from None
+    first = _to_batch(first, run.scfg, run.n, run.local_rows)
+    if first is None:
+        raise ValueError(f"the first activation batch does not hold {run.local_rows} rows (batch_size="
+                         f"{run.scfg.batch_size} over {run.nproc} process(es))")
+    whole = _gather_rows(first) if run.multi else first   # b_dec and the scale come from the global batch
+    scale = activation_scale(run.scfg, whole)
+    state = _init_fn(run.scfg)(whole, jnp.float32(scale),
+                               jnp.asarray([c.seed for c in run.cfgs], jnp.uint32),
+                               jnp.asarray([c.jumprelu_init_threshold for c in run.cfgs], jnp.float32))
+    state, shardings = _place(run, state)
+    if run.writes_log:
+        _truncate_log(run.log_path, 0)
+    return state, shardings, it, first, 1
+
+
+@dataclasses.dataclass
+class _Progress:
+    """The loop's host-side bookkeeping between steps: where to stop, the data cursor after each recent step (for
+    checkpoints and error messages), the last metrics, the throughput clock and the progress bar."""
+    target: int | None                         # total_steps or max_steps, whichever comes first
+    log_every: int
+    on_step: Callable[[int, list[dict]], None] | None
+    bar: Any
+    t_last: float
+    tok_last: int
+    last_metrics: list[dict] = dataclasses.field(default_factory=list)
+    cursors: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+
+def _open_progress(run: _Run, host_step: int, max_steps, log_every, progress, on_step) -> _Progress:
+    """Fixes where the loop stops and starts its clock (and bar) at the step it starts from."""
+    total_steps = run.cfgs[0].total_steps
     targets = [s for s in (total_steps, max_steps) if s is not None]
     target = min(targets) if targets else None
-    stopped = "data_exhausted"
-    last_metrics: list[dict] = []
-    cursors: dict[int, Any] = {}
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=None if target is None else target * scfg.batch_size, initial=host_step * scfg.batch_size,
-                   unit="tok", unit_scale=True, dynamic_ncols=True)
-    t_last, tok_last = time.perf_counter(), host_step * scfg.batch_size
+        bar = tqdm(total=None if target is None else target * run.scfg.batch_size,
+                   initial=host_step * run.scfg.batch_size, unit="tok", unit_scale=True, dynamic_ncols=True)
+    return _Progress(target=target, log_every=log_every, on_step=on_step, bar=bar, t_last=time.perf_counter(),
+                     tok_last=host_step * run.scfg.batch_size)
 
-    def handle(rec_step, m):
-        nonlocal last_metrics, t_last, tok_last
-        m = jax.tree_util.tree_map(host_array, m)
-        if not bool(np.all(m["ok"])):
-            bad = [i for i in range(n) if not bool(m["ok"][i])]
-            c = cursors.get(rec_step)
-            last = checkpointer.latest_step()
-            raise NanLossError(
-                f"non-finite loss or gradient at step {rec_step - 1} (batch index {rec_step - 1} of this run's "
-                f"stream, data cursor after it {c!r}) in SAE(s) {bad}; training stopped without applying it. "
-                f"Last good checkpoint: step {last} in {checkpointer.directory}")
-        now = time.perf_counter()
-        tokens = rec_step * scfg.batch_size
-        tps = (tokens - tok_last) / max(now - t_last, 1e-9)
-        last_metrics = [{k: float(v[i]) for k, v in m.items() if k != "ok"} for i in range(n)]
-        if writes_log and log_every and (rec_step % log_every == 0 or rec_step == target):
-            t_last, tok_last = now, tokens
-            with open(log_path, "a") as f:
-                for i, lm in enumerate(last_metrics):
-                    f.write(json.dumps({"step": rec_step, "sae": i, "tokens": tokens, **lm,
-                                        "tokens_per_s": tps, "time": time.time()}) + "\n")
-        if bar is not None:
-            bar.n = tokens
-            lm = last_metrics[0]
-            bar.set_postfix(step=rec_step, tok_s=f"{tps:.3g}", loss=f"{lm['loss']:.4g}",
-                            L0=f"{lm['l0']:.1f}", dead=f"{lm['dead_fraction']:.3f}", refresh=False)
-            bar.refresh()
-        if on_step is not None:
-            on_step(rec_step, last_metrics)
 
-    def save(at_step):
-        cursor = cursors[at_step] if at_step in cursors else get_cursor(source)
-        place_cursor = {"process_cursors": _gather_json(cursor), "processes": nproc} if multi else {"cursor": cursor}
-        meta = {**place_cursor,
-                "batches_consumed": consumed, "tokens": at_step * scfg.batch_size,
-                "configs": [c.to_dict() for c in cfgs], "time": time.time()}
-        checkpointer.save(at_step, state, meta)
-
-    pending = None
+def _next_batch(run: _Run, it) -> np.ndarray | None:
+    """The next full batch of the source, or None where the data ends (a short last batch ends it too)."""
     try:
-        while target is None or host_step < target:
-            if first is not None:
-                x, first = first, None
-            else:
-                try:
-                    raw = next(it)
-                except StopIteration:
-                    break
-                x = _to_batch(raw, scfg, n, local_rows)
-                if x is None:
-                    log.warning("stopping: a batch of %d rows (expected %d)", np.shape(raw)[-2], local_rows)
-                    break
-                consumed += 1
-            cursors[host_step + 1] = get_cursor(source)
-            state, m = step_fn(state, hp, to_device(x))
-            host_step += 1
-            if pending is not None:
-                handle(*pending)
-            pending = (host_step, m)
-            if checkpoint_every and host_step % checkpoint_every == 0:
-                handle(*pending)
-                pending = None
-                save(host_step)
-            cursors.pop(host_step - 2, None)
-        else:
-            stopped = "total_steps" if total_steps is not None and host_step >= total_steps else "max_steps"
-        if pending is not None:
-            handle(*pending)
-            pending = None
-        if checkpointer.latest_step() != host_step:
-            save(host_step)
-    finally:
-        if bar is not None:
-            bar.close()
-        checkpointer.close()
+        raw = next(it)
+    except StopIteration:
+        return None
+    x = _to_batch(raw, run.scfg, run.n, run.local_rows)
+    if x is None:
+        log.warning("stopping: a batch of %d rows (expected %d)", np.shape(raw)[-2], run.local_rows)
+    return x
+
+
+def _to_device(run: _Run, x):
+    """A host batch sharded on the mesh's data axis; in a multi-process run x is this process's rows of it."""
+    if run.data_sharding is None:
+        return x
+    if run.multi:
+        global_shape = x.shape[:-2] + (run.scfg.batch_size, x.shape[-1])
+        return jax.make_array_from_process_local_data(run.data_sharding[x.ndim], x, global_shape)
+    return jax.device_put(x, run.data_sharding[x.ndim])
+
+
+def _record_step(run: _Run, prog: _Progress, rec_step: int, m) -> None:
+    """Reads one step's metrics on the host (a step late, so the device is not waited on): stops the run at a
+    non-finite step, then logs, moves the bar and calls on_step."""
+    m = jax.tree_util.tree_map(host_array, m)
+    if not bool(np.all(m["ok"])):
+        bad = [i for i in range(run.n) if not bool(m["ok"][i])]
+        c = prog.cursors.get(rec_step)
+        last = run.checkpointer.latest_step()
+        raise NanLossError(
+            f"non-finite loss or gradient at step {rec_step - 1} (batch index {rec_step - 1} of this run's "
+            f"stream, data cursor after it {c!r}) in SAE(s) {bad}; training stopped without applying it. "
+            f"Last good checkpoint: step {last} in {run.checkpointer.directory}")
+    now = time.perf_counter()
+    tokens = rec_step * run.scfg.batch_size
+    tps = (tokens - prog.tok_last) / max(now - prog.t_last, 1e-9)
+    prog.last_metrics = [{k: float(v[i]) for k, v in m.items() if k != "ok"} for i in range(run.n)]
+    if run.writes_log and prog.log_every and (rec_step % prog.log_every == 0 or rec_step == prog.target):
+        prog.t_last, prog.tok_last = now, tokens
+        with open(run.log_path, "a") as f:
+            for i, lm in enumerate(prog.last_metrics):
+                f.write(json.dumps({"step": rec_step, "sae": i, "tokens": tokens, **lm,
+                                    "tokens_per_s": tps, "time": time.time()}) + "\n")
+    if prog.bar is not None:
+        prog.bar.n = tokens
+        lm = prog.last_metrics[0]
+        prog.bar.set_postfix(step=rec_step, tok_s=f"{tps:.3g}", loss=f"{lm['loss']:.4g}",
+                             L0=f"{lm['l0']:.1f}", dead=f"{lm['dead_fraction']:.3f}", refresh=False)
+        prog.bar.refresh()
+    if prog.on_step is not None:
+        prog.on_step(rec_step, prog.last_metrics)
+
+
+def _save_checkpoint(run: _Run, prog: _Progress, state, at_step: int, consumed: int) -> None:
+    """Checkpoints the state with the data cursor after step at_step (every process's), which exact resume needs."""
+    cursor = prog.cursors[at_step] if at_step in prog.cursors else get_cursor(run.source)
+    place_cursor = ({"process_cursors": _gather_json(cursor), "processes": run.nproc} if run.multi else
+                    {"cursor": cursor})
+    meta = {**place_cursor,
+            "batches_consumed": consumed, "tokens": at_step * run.scfg.batch_size,
+            "configs": [c.to_dict() for c in run.cfgs], "time": time.time()}
+    run.checkpointer.save(at_step, state, meta)
+
+
+def _result(run: _Run, state, host_step: int, stopped: str, last_metrics: list[dict]) -> TrainResult:
+    """The run's outcome, each SAE's params with the activation scale folded in so they run on raw activations."""
     scale = float(host_array(state["act_scale"]))
-    params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], n), cfgs)]
+    params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], run.n), run.cfgs)]
     params = [{k: np.asarray(v) for k, v in p.items()} for p in params]
-    return TrainResult(params=params, cfgs=cfgs, step=host_step, tokens=host_step * scfg.batch_size,
-                       stopped=stopped, run_dir=run_dir, last_metrics=last_metrics, state=state)
+    return TrainResult(params=params, cfgs=run.cfgs, step=host_step, tokens=host_step * run.scfg.batch_size,
+                       stopped=stopped, run_dir=run.run_dir, last_metrics=last_metrics, state=state)
 
 
 def _check_sae_names(names, n: int) -> list[str] | None:
