@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -424,112 +425,132 @@ def drift_ref(res: AxisResult) -> dict:
             "roles": float(np.nanmean(res.role_vectors[:, res.target_layer], axis=0) @ u)}
 
 
-def run(cfg: Config, model, progress=None) -> AxisResult:
-    """Role and default vectors, the axis, persona space with intervals, drift (`progress`: a callable for status
-    lines, or None; when given, progress bars are shown too). No files."""
-    from psm_jax.persona import datasets
-    from psm_jax.persona.rollouts import generate_responses
+class _Prompts(NamedTuple):
+    """What is sampled: every (role instruction, question) conversation and the default prompts' conversations."""
+    roleset: Any
+    roles: list  # the sampled roles (never "assistant")
+    role_objs: list  # roles, plus the "assistant" role as a reference point when configured
+    questions: list[str]
+    defaults: list[str]
+    convs: list  # role conversations, grouped by role_objs index in `groups`, question index in `qids`
+    groups: np.ndarray
+    qids: np.ndarray
+    dconvs: list  # default-prompt conversations, in (prompt, question, sample) order
 
-    t0 = time.time()
-    progress = progress is not None  # below: whether to show progress bars
-    L = model.config.n_layers
-    target = L // 2 if cfg.target_layer is None else int(cfg.target_layer)
-    model.config.check_layer(target)
+
+def _prompts(cfg: Config) -> _Prompts:
+    """The roles, questions and conversations of the run (the default prompts get the roles' questions)."""
+    from psm_jax.persona import datasets
 
     roleset = datasets.load_roles()
     roles = select_roles(roleset.roles, cfg.n_roles, cfg.seed)
-    all_q = datasets.load_role_questions()
-    role_q = sample_questions(all_q, cfg.n_questions, cfg.seed)  # the default prompts get the same questions
+    questions = sample_questions(datasets.load_role_questions(), cfg.n_questions, cfg.seed)
     defaults = datasets.load_default_prompts(cfg.model_display_name)
-
     role_objs = list(roles) + ([roleset["assistant"]] if cfg.include_assistant_role and "assistant" in roleset else [])
     convs, groups, qids = [], [], []
     for g, role in enumerate(role_objs):
-        instrs = role.instructions[:cfg.instructions_per_role]
-        for instr in instrs:
-            for qi, q in enumerate(role_q):
+        for instr in role.instructions[:cfg.instructions_per_role]:
+            for qi, q in enumerate(questions):
                 convs.append(system_conv(instr, q))
                 groups.append(g)
                 qids.append(qi)
-    dconvs = [system_conv(p, q) for p in defaults for q in role_q for _ in range(cfg.default_samples)]
-    groups = np.asarray(groups)
-    rolls = generate_responses(model, convs + dconvs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_p=cfg.top_p, key=jax.random.key(cfg.seed), batch_size=cfg.batch_size,
-                               progress=progress)
-    means, ntok = response_means(model, [r.conversation() for r in rolls], batch_size=cfg.batch_size,
-                                 progress=progress)
-    n = len(convs)
+    dconvs = [system_conv(p, q) for p in defaults for q in questions for _ in range(cfg.default_samples)]
+    return _Prompts(roleset, roles, role_objs, questions, defaults, convs, np.asarray(groups), np.asarray(qids),
+                    dconvs)
+
+
+def _response_filter(model, cfg: Config, pr: _Prompts, rolls, ntok, bars: bool):
+    """Which role responses count: non-empty, then the adherence filter and the judge where configured.
+    Returns (keep [n role responses], adherence summary, judge scores or None)."""
+    n = len(pr.convs)
     keep = ntok[:n] > 0
     adherence = {}
     if cfg.adherence == "likelihood":
         ds = cfg.default_samples
-        by_q = {q: rolls[n + qi * ds].response for qi, q in enumerate(role_q)}  # first default prompt, first sample
-        akeep, adherence = _adherence(model, cfg, convs, groups, rolls[:n], len(role_objs), by_q)
+        by_q = {q: rolls[n + qi * ds].response for qi, q in enumerate(pr.questions)}  # first prompt, first sample
+        akeep, adherence = _adherence(model, cfg, pr.convs, pr.groups, rolls[:n], len(pr.role_objs), by_q)
         keep &= akeep
     judge_scores = None
     if cfg.judge != "none":
-        jkeep, judge_scores = _judge_keep(model, cfg, roleset, role_objs, convs, list(groups), rolls[:n], progress)
+        jkeep, judge_scores = _judge_keep(model, cfg, pr.roleset, pr.role_objs, pr.convs, list(pr.groups), rolls[:n],
+                                          bars)
         keep &= jkeep
-    vecs, counts = group_means(means[:n], groups, len(role_objs), keep=keep)
+    return keep, adherence, judge_scores
+
+
+class _Vectors(NamedTuple):
+    """Role vectors of the roles with enough kept responses, the default and assistant-role vectors [L, D]."""
+    role_vecs: np.ndarray  # [kept roles, L, D]
+    kept_roles: list
+    ok: np.ndarray  # [sampled roles] bool: kept
+    default_vec: np.ndarray
+    default_kept: np.ndarray  # [default responses] bool: non-empty
+    assistant_vec: np.ndarray | None
+
+
+def _vectors(cfg: Config, pr: _Prompts, means, ntok, keep) -> _Vectors:
+    """Mean response activation per role (dropping roles under `min_responses`) and over the default prompts."""
+    n = len(pr.convs)
+    vecs, counts = group_means(means[:n], pr.groups, len(pr.role_objs), keep=keep)
     dkeep = ntok[n:] > 0
     if not dkeep.any():
         raise ValueError("every default-prompt response was empty; cannot form the default vector")
-    default_vec = means[n:][dkeep].mean(axis=0)
-
-    n_roles = len(roles)
+    n_roles = len(pr.roles)
     ok = counts[:n_roles] >= cfg.min_responses
-    dropped = [r.name for r, o in zip(roles, ok) if not o]
-    role_vecs = vecs[:n_roles][ok]
-    kept_roles = [r for r, o in zip(roles, ok) if o]
+    kept_roles = [r for r, o in zip(pr.roles, ok) if o]
     if len(kept_roles) < 2:
         raise ValueError(f"only {len(kept_roles)} roles kept {cfg.min_responses}+ responses; expected >= 2 for PCA")
-    assistant_vec = vecs[n_roles] if len(role_objs) > n_roles and counts[n_roles] > 0 else None
+    assistant_vec = vecs[n_roles] if len(pr.role_objs) > n_roles and counts[n_roles] > 0 else None
+    return _Vectors(vecs[:n_roles][ok], kept_roles, ok, means[n:][dkeep].mean(axis=0), dkeep, assistant_vec)
 
-    axis = axis_from_vectors(default_vec, role_vecs)
-    space = persona_space(role_vecs[:, target], default_vec[target], axis[target], cfg.variance_fraction)
-    if assistant_vec is not None:
-        space["assistant_role_score"] = float((assistant_vec[target] - space["mean"]) @ space["pc1"])
-    cosines = axis_pc1_cosines(role_vecs, axis)
-    n_pcs_by_layer = [components_for_variance(pca(role_vecs[:, l])["explained_ratio"], cfg.variance_fraction)
-                      for l in range(L)]
 
-    # ---- drift
+def _drift(model, cfg: Config, axis_t, target: int, bars: bool) -> dict:
+    """Per-turn projections on the unit axis over ShareGPT and the scripted role-play / neutral conversations."""
+    from psm_jax.persona import datasets
+
     drift = {}
     if cfg.drift_sharegpt > 0:
         sg = sharegpt_conversations(cfg.drift_sharegpt, cfg.seed, cfg.drift_max_messages, cfg.drift_max_chars)
-        drift["ShareGPT"] = per_turn_projections(model, sg, axis[target][None], layers=(target,),
-                                                 batch_size=cfg.drift_batch_size, progress=progress,
+        drift["ShareGPT"] = per_turn_projections(model, sg, axis_t[None], layers=(target,),
+                                                 batch_size=cfg.drift_batch_size, progress=bars,
                                                  desc="drift ShareGPT")
     if cfg.drift_roleplay:
         for kind in ("roleplay", "neutral"):
             cv = [c.as_dicts() for c in datasets.load_conversations(kind)]
-            drift[kind] = per_turn_projections(model, cv, axis[target][None], layers=(target,),
-                                               batch_size=cfg.drift_batch_size, progress=progress,
-                                               desc=f"drift {kind}")
+            drift[kind] = per_turn_projections(model, cv, axis_t[None], layers=(target,),
+                                               batch_size=cfg.drift_batch_size, progress=bars, desc=f"drift {kind}")
+    return drift
 
-    human = [i for i, r in enumerate(kept_roles) if r.category in cfg.human_categories]
-    subsets = {"all": _space_summary(role_vecs[:, target], default_vec[target], cfg.variance_fraction, cfg.seed)}
+
+def _subsets(cfg: Config, vv: _Vectors, target: int) -> tuple[dict, list[int]]:
+    """Persona space with intervals for the whole role set and, with 3+ roles, the human archetypes."""
+    human = [i for i, r in enumerate(vv.kept_roles) if r.category in cfg.human_categories]
+    subsets = {"all": _space_summary(vv.role_vecs[:, target], vv.default_vec[target], cfg.variance_fraction,
+                                     cfg.seed)}
     if len(human) >= 3:
-        subsets["human"] = _space_summary(role_vecs[human][:, target], default_vec[target], cfg.variance_fraction,
-                                          cfg.seed)
-    space_ci = subsets["all"]["ci"]
-    role_ids = np.flatnonzero(ok)
-    sel = np.isin(groups, role_ids)
-    remap = {int(g): i for i, g in enumerate(role_ids)}
-    halves = (split_half(means[:n][sel][:, target], [remap[int(g)] for g in groups[sel]], keep[sel],
-                         np.asarray(qids)[sel], len(role_ids), default_vec[target], cfg.variance_fraction, cfg.seed)
-              if len(role_q) >= 2 else None)
-    by_layer = carrier_by_layer(role_vecs, default_vec, cfg.variance_fraction, cfg.seed, range(L))
-    res = AxisResult(cfg, [r.name for r in kept_roles], [r.category for r in kept_roles], role_vecs, default_vec,
-                     axis, target, space, cosines, {})
+        subsets["human"] = _space_summary(vv.role_vecs[human][:, target], vv.default_vec[target],
+                                          cfg.variance_fraction, cfg.seed)
+    return subsets, human
 
-    # ---- metrics
-    u_t = unit(axis[target])
-    role_proj = role_vecs[:, target] @ u_t
+
+def _split_half(cfg: Config, pr: _Prompts, vv: _Vectors, means, keep, target: int) -> dict | None:
+    """Reliability of the role-to-role spread: role vectors from even vs odd questions (None under 2 questions)."""
+    if len(pr.questions) < 2:
+        return None
+    n = len(pr.convs)
+    role_ids = np.flatnonzero(vv.ok)
+    sel = np.isin(pr.groups, role_ids)
+    remap = {int(g): i for i, g in enumerate(role_ids)}
+    return split_half(means[:n][sel][:, target], [remap[int(g)] for g in pr.groups[sel]], keep[sel], pr.qids[sel],
+                      len(role_ids), vv.default_vec[target], cfg.variance_fraction, cfg.seed)
+
+
+def _space_metrics(res: AxisResult, vv: _Vectors, cosines, n_pcs_by_layer, space_ci) -> dict:
+    """The whole role set's persona-space figures: PCs for the variance fraction, cosines and percentiles per PC."""
+    space, axis = res.space, res.axis
+    u_t = unit(axis[res.target_layer])
     ref = drift_ref(res)
     m = {
-        "n_roles": len(kept_roles), "n_role_responses": int(keep.sum()), "n_default_responses": int(dkeep.sum()),
-        "dropped_roles": dropped, "target_layer": target, "n_layers": L,
         "persona_space_pcs_for_70pct": int(space["n_pcs"]),
         "explained_ratio": [float(x) for x in space["explained_ratio"]],
         "pc1_explained": float(space["explained_ratio"][0]),
@@ -547,18 +568,17 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
             "axis_abs_cosine_ci_by_pc": space_ci["pc_abs_cosine_ci"]} if space_ci else {}),
         "axis_norm_by_layer": [float(x) for x in np.linalg.norm(axis, axis=-1)],
         "default_axis_projection": ref["default"], "mean_role_axis_projection": ref["roles"],
-        "roles_below_default_on_axis": float(np.mean(role_proj < ref["default"])),
-        "mean_response_tokens": float(ntok[ntok > 0].mean()),
-        "finished_fraction": float(np.mean([r.finished for r in rolls])),
+        "roles_below_default_on_axis": float(np.mean(vv.role_vecs[:, res.target_layer] @ u_t < ref["default"])),
     }
     if "assistant_role_score" in space:
         m["assistant_role_pc1_score"] = space["assistant_role_score"]
-        m["assistant_role_axis_projection"] = float(assistant_vec[target] @ u_t)
-    if judge_scores is not None:
-        m["judge_kept_fraction"] = float(keep.mean())
-    m["adherence"] = cfg.adherence
-    m.update({k: v for k, v in adherence.items() if k != "adherence_scores"})
-    m["n_role_responses_generated"] = n
+        m["assistant_role_axis_projection"] = float(vv.assistant_vec[res.target_layer] @ u_t)
+    return m
+
+
+def _subset_metrics(subsets: dict) -> dict:
+    """Per role set: which PC carries the Assistant, and (beyond the whole set) its own percentiles and cosines."""
+    m = {}
     for name, sub in subsets.items():
         m[f"carrier_{name}"] = {k: v for k, v in sub.items() if k not in ("space", "ci")}
         m[f"carrier_{name}"]["pc"] = f"PC{sub['carrier'] + 1}"
@@ -570,34 +590,93 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
             if sub["ci"]:
                 m[f"{name}_percentile_ci_by_pc"] = sub["ci"]["pc_percentile_ci"]
                 m[f"{name}_abs_cosine_ci_by_pc"] = sub["ci"]["pc_abs_cosine_ci"]
-    m["human_roles"] = [kept_roles[i].name for i in human]
-    m["carrier_by_layer"] = by_layer
-    if halves is not None:
-        m["split_half"] = halves
-    drift_rows = []
-    for name, (proj, nt) in drift.items():
+    return m
+
+
+def _drift_metrics(drift: dict) -> tuple[dict, list[dict]]:
+    """Per conversation set: the mean projection per turn, its n, and last-minus-first turn (metrics, table rows)."""
+    m, rows = {}, []
+    for name, (proj, _) in drift.items():
         p = proj[:, 0]
         per_turn = np.nanmean(p, axis=0)
         m[f"drift_{name}_per_turn"] = [None if np.isnan(x) else float(x) for x in per_turn]
         m[f"drift_{name}_n_per_turn"] = [int(x) for x in np.sum(~np.isnan(p), axis=0)]
         first, last = p[:, 0], np.asarray([row[~np.isnan(row)][-1] for row in p])
         m[f"drift_{name}_last_minus_first"] = float(np.mean(last - first))
-        drift_rows.append({"conversations": name, "n": p.shape[0], "turn 1": float(np.nanmean(first)),
-                           "last turn": float(np.mean(last)), "last - first (mean)": float(np.mean(last - first)),
-                           "turns (max)": p.shape[1]})
+        rows.append({"conversations": name, "n": p.shape[0], "turn 1": float(np.nanmean(first)),
+                     "last turn": float(np.mean(last)), "last - first (mean)": float(np.mean(last - first)),
+                     "turns (max)": p.shape[1]})
+    return m, rows
+
+
+def _examples(pr: _Prompts, rolls) -> list[dict]:
+    """A few sampled answers for the report: the first response of four roles and of the default prompts."""
+    examples = []
+    for g in sorted(set(pr.groups.tolist()))[:4]:
+        i = int(np.flatnonzero(pr.groups == g)[0])
+        examples.append({"role": pr.role_objs[g].name, "question": pr.convs[i][-1]["content"],
+                         "response": rolls[i].response.replace("\n", " ")[:160]})
+    examples.append({"role": "(default)", "question": pr.dconvs[0][-1]["content"],
+                     "response": rolls[len(pr.convs)].response.replace("\n", " ")[:160]})
+    return examples
+
+
+def run(cfg: Config, model, progress=None) -> AxisResult:
+    """Role and default vectors, the axis, persona space with intervals, drift (`progress`: a callable for status
+    lines, or None; when given, progress bars are shown too). No files."""
+    from psm_jax.persona.rollouts import generate_responses
+
+    t0 = time.time()
+    bars = progress is not None
+    L = model.config.n_layers
+    target = L // 2 if cfg.target_layer is None else int(cfg.target_layer)
+    model.config.check_layer(target)
+
+    pr = _prompts(cfg)
+    rolls = generate_responses(model, pr.convs + pr.dconvs, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, key=jax.random.key(cfg.seed),
+                               batch_size=cfg.batch_size, progress=bars)
+    means, ntok = response_means(model, [r.conversation() for r in rolls], batch_size=cfg.batch_size, progress=bars)
+    keep, adherence, judge_scores = _response_filter(model, cfg, pr, rolls, ntok, bars)
+    vv = _vectors(cfg, pr, means, ntok, keep)
+
+    axis = axis_from_vectors(vv.default_vec, vv.role_vecs)
+    space = persona_space(vv.role_vecs[:, target], vv.default_vec[target], axis[target], cfg.variance_fraction)
+    if vv.assistant_vec is not None:
+        space["assistant_role_score"] = float((vv.assistant_vec[target] - space["mean"]) @ space["pc1"])
+    cosines = axis_pc1_cosines(vv.role_vecs, axis)
+    n_pcs_by_layer = [components_for_variance(pca(vv.role_vecs[:, layer])["explained_ratio"], cfg.variance_fraction)
+                      for layer in range(L)]
+    drift = _drift(model, cfg, axis[target], target, bars)
+    subsets, human = _subsets(cfg, vv, target)
+    halves = _split_half(cfg, pr, vv, means, keep, target)
+    res = AxisResult(cfg, [r.name for r in vv.kept_roles], [r.category for r in vv.kept_roles], vv.role_vecs,
+                     vv.default_vec, axis, target, space, cosines, {})
+
+    n = len(pr.convs)
+    m = {"n_roles": len(vv.kept_roles), "n_role_responses": int(keep.sum()),
+         "n_default_responses": int(vv.default_kept.sum()),
+         "dropped_roles": [r.name for r, o in zip(pr.roles, vv.ok) if not o], "target_layer": target, "n_layers": L,
+         **_space_metrics(res, vv, cosines, n_pcs_by_layer, subsets["all"]["ci"]),
+         "mean_response_tokens": float(ntok[ntok > 0].mean()),
+         "finished_fraction": float(np.mean([r.finished for r in rolls]))}
+    if judge_scores is not None:
+        m["judge_kept_fraction"] = float(keep.mean())
+    m["adherence"] = cfg.adherence
+    m.update({k: v for k, v in adherence.items() if k != "adherence_scores"})
+    m["n_role_responses_generated"] = n
+    m.update(_subset_metrics(subsets))
+    m["human_roles"] = [vv.kept_roles[i].name for i in human]
+    m["carrier_by_layer"] = carrier_by_layer(vv.role_vecs, vv.default_vec, cfg.variance_fraction, cfg.seed, range(L))
+    if halves is not None:
+        m["split_half"] = halves
+    drift_m, drift_rows = _drift_metrics(drift)
+    m.update(drift_m)
     m["elapsed_s"] = round(time.time() - t0, 1)
     res.metrics = m
-
-    examples = []
-    for g in sorted(set(groups.tolist()))[:4]:
-        i = int(np.flatnonzero(groups == g)[0])
-        examples.append({"role": role_objs[g].name, "question": convs[i][-1]["content"],
-                         "response": rolls[i].response.replace("\n", " ")[:160]})
-    i = n
-    examples.append({"role": "(default)", "question": dconvs[0][-1]["content"],
-                     "response": rolls[i].response.replace("\n", " ")[:160]})
-    res.d_model, res.n_questions, res.n_default_prompts = model.config.d_model, len(role_q), len(defaults)
-    res.assistant_vector, res.drift, res.drift_rows, res.examples = assistant_vec, drift, drift_rows, examples
+    res.d_model, res.n_questions, res.n_default_prompts = model.config.d_model, len(pr.questions), len(pr.defaults)
+    res.assistant_vector, res.drift, res.drift_rows, res.examples = vv.assistant_vec, drift, drift_rows, _examples(
+        pr, rolls)
     return res
 
 
