@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -172,13 +173,27 @@ def refusal_token_ids(tokenizer, score_tokens: Sequence[str]) -> list[int]:
     return sorted(set(ids))
 
 
-def batches(prompts: Prompts, batch_size: int):
-    """(tokens, mask, n_real) of fixed batch size; the last batch is filled with copies of its last row."""
-    n = len(prompts)
+def _padded_rows(n: int, batch_size: int):
+    """(row indices, n_real) per batch of exactly `batch_size` rows, the last batch filled with copies of its last
+    row: one static shape for the compiled functions."""
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n))
-        idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
-        yield jnp.asarray(prompts.tokens[idx]), jnp.asarray(prompts.mask[idx]), min(batch_size, n - start)
+        yield np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]), len(idx)
+
+
+def _progress_bar(items, show: bool, **tqdm_kw):
+    """`items` wrapped in a tqdm bar when `show`, so tqdm is imported only when a bar is shown."""
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, **tqdm_kw)
+
+
+def batches(prompts: Prompts, batch_size: int):
+    """(tokens, mask, n_real) of fixed batch size; the last batch is filled with copies of its last row."""
+    for idx, n_real in _padded_rows(len(prompts), batch_size):
+        yield jnp.asarray(prompts.tokens[idx]), jnp.asarray(prompts.mask[idx]), n_real
 
 
 # ------------------------------------------------------------------------------------ compiled pieces
@@ -259,11 +274,8 @@ def mean_diff_directions(params, config, harmful: Prompts, harmless: Prompts, of
     means = []
     for prompts in (harmful, harmless):
         total = np.zeros((len(offsets), config.n_layers, config.d_model), np.float64)
-        it = batches(prompts, batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(it, total=-(-len(prompts) // batch_size), desc="resid_pre means", unit="batch")
+        it = _progress_bar(batches(prompts, batch_size), progress, total=-(-len(prompts) // batch_size),
+                           desc="resid_pre means", unit="batch")
         for tok, mask, n in it:
             h = np.asarray(_capture_resid_pre(params, config, tok, mask, offsets))[:, :n]  # [L, n, P, D]
             total += h.astype(np.float64).sum(axis=1).transpose(1, 0, 2)
@@ -281,13 +293,8 @@ def evaluate_candidates(params, config, directions: np.ndarray, candidates: Sequ
     """
     base_harmless = last_logits(params, config, harmless_val, condition_edits(config), batch_size)
     rows = []
-    it = candidates
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(candidates, desc="candidates", unit="cand")
     scale = max(1.0, float(np.max(np.abs(directions)))) if np.size(directions) else 1.0
-    for p, layer in it:
+    for p, layer in _progress_bar(candidates, progress, desc="candidates", unit="cand"):
         vec = np.asarray(directions[p, layer], np.float32)
         norm = float(np.linalg.norm(vec))
         if not np.isfinite(norm) or norm <= 1e-6 * scale:
@@ -408,14 +415,10 @@ def _nll_sum(params, config, tokens, mask, target_mask, edits, *, window: int):
 def cross_entropy(params, config, tokens, mask, target_mask, edits=(), batch_size: int = 8) -> float:
     """Token-weighted mean next-token CE (nats) over the target tokens."""
     total, count = 0.0, 0
-    n = tokens.shape[0]
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        tm = target_mask[idx]
-        if len(idx) < batch_size:  # fill rows count nothing
-            fill = np.full(batch_size - len(idx), idx[-1])
-            idx = np.concatenate([idx, fill])
-            tm = np.concatenate([tm, np.zeros((len(fill), tm.shape[1]), bool)])
+    for idx, n_real in _padded_rows(tokens.shape[0], batch_size):
+        tm = target_mask[idx[:n_real]]
+        if n_real < batch_size:  # fill rows count nothing
+            tm = np.concatenate([tm, np.zeros((batch_size - n_real, tm.shape[1]), bool)])
         s, c = _nll_sum(params, config, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]), jnp.asarray(tm),
                         tuple(edits), window=target_window_size(tm & np.asarray(mask[idx], bool)))
         total += float(s)
@@ -486,139 +489,169 @@ class Result:
     seconds: dict
 
 
-def run(config: Config, model, progress=None) -> Result:
-    """The whole pipeline: directions, selection, held-out evaluation, the CE check. No files."""
-    from psm_jax.persona import datasets
-    from psm_jax.weights import orthogonalize
-
-
-    t0 = time.time()
-    seconds = {}
-    c = config
-    params, mc = model.params, model.config
-    L = mc.n_layers
-    layers = tuple(range(L)) if c.layers is None else c.layers
+def _candidate_layers(cfg: Config, mc) -> tuple:
+    """The candidate layers (default: every layer), checked against the model before any work starts."""
+    layers = tuple(range(mc.n_layers)) if cfg.layers is None else cfg.layers
     for layer in layers:
         mc.check_layer(layer, "candidate layer")
-    base = condition_edits(mc)  # every edit switched off: the same compiled functions as the edited runs
+    return layers
 
-    rng = np.random.default_rng(c.seed)
-    train, val = datasets.load_refusal("train"), datasets.load_refusal("val")
-    markers = datasets.load_refusal_markers()
+
+def _split_texts(cfg: Config, train, val) -> list[list[str]]:
+    """Harmful and harmless texts of the train, val and held-out sets, from seeded shuffles: the held-out prompts
+    are train-split prompts after the first n_train, so they neither give nor select the direction."""
+    rng = np.random.default_rng(cfg.seed)
     harm_train, safe_train = _split(train.harmful_texts, rng), _split(train.harmless_texts, rng)
     harm_val, safe_val = _split(val.harmful_texts, rng), _split(val.harmless_texts, rng)
-    need = c.n_train + c.n_eval
+    need = cfg.n_train + cfg.n_eval
     if len(harm_train) < need or len(safe_train) < need:
         raise ValueError(f"n_train + n_eval = {need} exceeds the training prompts ({len(harm_train)} harmful, "
                          f"{len(safe_train)} harmless)")
-    if len(harm_val) < c.n_val or len(safe_val) < c.n_val:
-        raise ValueError(f"n_val = {c.n_val} exceeds the validation prompts ({len(harm_val)}, {len(safe_val)})")
-    sets = [harm_train[:c.n_train], safe_train[:c.n_train], harm_val[:c.n_val], safe_val[:c.n_val],
-            harm_train[c.n_train:need], safe_train[c.n_train:need]]
-    (p_harm, p_safe, v_harm, v_safe, e_harm, e_safe), offsets, pos_names = encode_prompts(model, sets)
-    if c.positions is not None:
-        bad = [p for p in c.positions if p not in offsets.tolist()]
+    if len(harm_val) < cfg.n_val or len(safe_val) < cfg.n_val:
+        raise ValueError(f"n_val = {cfg.n_val} exceeds the validation prompts ({len(harm_val)}, {len(safe_val)})")
+    return [harm_train[:cfg.n_train], safe_train[:cfg.n_train], harm_val[:cfg.n_val], safe_val[:cfg.n_val],
+            harm_train[cfg.n_train:need], safe_train[cfg.n_train:need]]
+
+
+def _candidates(cfg: Config, offsets: np.ndarray, layers) -> tuple[list[int], list[tuple[int, int]]]:
+    """The candidate offsets and their (position index, layer) pairs; configured positions must be
+    post-instruction offsets of this chat template."""
+    if cfg.positions is not None:
+        bad = [p for p in cfg.positions if p not in offsets.tolist()]
         if bad:
             raise ValueError(f"positions {bad} are not post-instruction offsets; expected some of {offsets.tolist()}")
-    token_ids = refusal_token_ids(model.tokenizer, markers.score_tokens)
-    token_strs = [model.tokenizer.convert_ids_to_tokens(i) for i in token_ids]
-    bs = c.batch_size
+    pos_index = {int(o): i for i, o in enumerate(offsets.tolist())}
+    cand_pos = offsets.tolist() if cfg.positions is None else list(cfg.positions)
+    return cand_pos, [(pos_index[p], layer) for p in cand_pos for layer in layers]
 
 
-    # --- baseline scores and filtering
-    t = time.time()
-    s_harm = refusal_scores(params, mc, p_harm, token_ids, base, bs)
-    s_safe = refusal_scores(params, mc, p_safe, token_ids, base, bs)
-    filt = {"harmful_before": len(p_harm), "harmless_before": len(p_safe)}
-    keep_h, keep_s = np.arange(len(p_harm)), np.arange(len(p_safe))
-    if c.filter_train:
+def _sign_filter(cfg: Config, s_harm: np.ndarray, s_safe: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Indices of the train prompts kept for the difference in means (with `filter_train`: the ones the model
+    already scores on their side's sign) and the counts the report shows."""
+    filt = {"harmful_before": len(s_harm), "harmless_before": len(s_safe)}
+    keep_h, keep_s = np.arange(len(s_harm)), np.arange(len(s_safe))
+    if cfg.filter_train:
         kh, ks = np.flatnonzero(s_harm > 0), np.flatnonzero(s_safe < 0)
         filt["harmful_passing"], filt["harmless_passing"] = len(kh), len(ks)
-        filt["harmful_unfiltered_fallback"] = bool(len(kh) < c.min_filtered)
-        filt["harmless_unfiltered_fallback"] = bool(len(ks) < c.min_filtered)
-        keep_h = kh if len(kh) >= c.min_filtered else keep_h
-        keep_s = ks if len(ks) >= c.min_filtered else keep_s
+        filt["harmful_unfiltered_fallback"] = bool(len(kh) < cfg.min_filtered)
+        filt["harmless_unfiltered_fallback"] = bool(len(ks) < cfg.min_filtered)
+        keep_h = kh if len(kh) >= cfg.min_filtered else keep_h
+        keep_s = ks if len(ks) >= cfg.min_filtered else keep_s
     filt["harmful_after"], filt["harmless_after"] = len(keep_h), len(keep_s)
-    seconds["baseline_scores"] = time.time() - t
+    return keep_h, keep_s, filt
 
-    # --- candidate directions
-    t = time.time()
-    dirs = mean_diff_directions(params, mc, p_harm.subset(keep_h), p_safe.subset(keep_s), offsets, bs, progress=True)
-    seconds["mean_diff"] = time.time() - t
-    pos_index = {int(o): i for i, o in enumerate(offsets.tolist())}
-    cand_pos = offsets.tolist() if c.positions is None else list(c.positions)
-    candidates = [(pos_index[p], layer) for p in cand_pos for layer in layers]
 
-    # --- selection
-    t = time.time()
-    scores = evaluate_candidates(params, mc, dirs, candidates, v_harm, v_safe, token_ids, bs, progress=True)
-    for s in scores:
-        s["offset"] = int(offsets[s["position"]])
-        s["token"] = pos_names[s["position"]]
-    harmless_val_base = float(refusal_scores(params, mc, v_safe, token_ids, base, bs).mean())
-    harmful_val_base = float(refusal_scores(params, mc, v_harm, token_ids, base, bs).mean())
+def _select(cfg: Config, scores: list[dict], offsets: np.ndarray, pos_names: list, n_layers: int,
+            harmless_baseline: float) -> tuple[dict, list[dict], str]:
+    """The candidate scores labelled with their offset and template token, then the selection rules with the
+    pre-declared fallback; a run where no candidate passes stops here."""
+    labelled = [dict(s, offset=int(offsets[s["position"]]), token=pos_names[s["position"]]) for s in scores]
     best, annotated, tier = select_with_fallback(
-        scores, L, harmless_baseline=harmless_val_base, max_layer_frac=c.max_layer_frac,
-        kl_threshold=c.kl_threshold, induce_threshold=c.induce_threshold, fallback=c.fallback)
+        labelled, n_layers, harmless_baseline=harmless_baseline, max_layer_frac=cfg.max_layer_frac,
+        kl_threshold=cfg.kl_threshold, induce_threshold=cfg.induce_threshold, fallback=cfg.fallback)
     if best is None:
         raise RuntimeError("no candidate direction passes the selection filters (see the scores); "
                            "widen the candidates or enable the fallback")
-    fallback_used = tier != "strict"
-    seconds["selection"] = time.time() - t
+    return best, annotated, tier
+
+
+def _selected_direction(dirs: np.ndarray, best: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The winning difference in means (float64) and its unit vector: the raw one is added, the unit one ablated."""
     direction = np.asarray(dirs[best["position"], best["layer"]], np.float64)
-    unit = direction / np.linalg.norm(direction)
-    abl = condition_edits(mc, unit=unit, ablate=True)
-    ind = condition_edits(mc, vector=direction, induce_layer=best["layer"])
+    return direction, direction / np.linalg.norm(direction)
 
-    # --- held-out evaluation: log-odds
-    t = time.time()
-    ev = {}
-    ev["harmful_base"] = refusal_scores(params, mc, e_harm, token_ids, base, bs)
-    ev["harmful_ablated"] = refusal_scores(params, mc, e_harm, token_ids, abl, bs)
-    ev["harmless_base"] = refusal_scores(params, mc, e_safe, token_ids, base, bs)
-    ev["harmless_induced"] = refusal_scores(params, mc, e_safe, token_ids, ind, bs)
-    drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
 
-    # --- weight orthogonalisation vs runtime ablation
+def _conditions(harmful: Prompts, harmless: Prompts, base, ablate, induce) -> dict[str, tuple[Prompts, tuple]]:
+    """The held-out conditions as (prompts, edits), in report order: one list for the log-odds and the
+    generations."""
+    return {"harmful_base": (harmful, base), "harmful_ablated": (harmful, ablate),
+            "harmless_base": (harmless, base), "harmless_induced": (harmless, induce)}
+
+
+def _orthogonalized_check(params, mc, unit: np.ndarray, prompts: Prompts, ablate, token_ids,
+                          batch_size: int) -> tuple[float, np.ndarray]:
+    """Max |logit difference| between runtime ablation and orthogonalised weights (the weight edit must match the
+    runtime edit), and the refusal scores with the orthogonalised weights."""
+    from psm_jax.weights import orthogonalize
+
     p_orth, c_orth = orthogonalize(params, mc, unit)
-    lg_runtime = last_logits(params, mc, e_harm, abl, bs)
-    lg_orth = last_logits(p_orth, c_orth, e_harm, (), bs)
+    lg_runtime = last_logits(params, mc, prompts, ablate, batch_size)
+    lg_orth = last_logits(p_orth, c_orth, prompts, (), batch_size)
     orth_diff = float(np.max(np.abs(lg_runtime - lg_orth)))
-    orth_scores = refusal_scores(p_orth, c_orth, e_harm, token_ids, logits=lg_orth)
-    del p_orth
-    seconds["logodds_eval"] = time.time() - t
+    return orth_diff, refusal_scores(p_orth, c_orth, prompts, token_ids, logits=lg_orth)
 
-    # --- refusal rate by generation
-    t = time.time()
-    gen = {}
-    gen["harmful_base"] = refusal_rate(model, e_harm.texts, markers, base, max_new_tokens=c.max_new_tokens,
-                                       batch_size=bs)
-    gen["harmful_ablated"] = refusal_rate(model, e_harm.texts, markers, abl, max_new_tokens=c.max_new_tokens,
-                                          batch_size=bs)
-    gen["harmless_base"] = refusal_rate(model, e_safe.texts, markers, base, max_new_tokens=c.max_new_tokens,
-                                        batch_size=bs)
-    gen["harmless_induced"] = refusal_rate(model, e_safe.texts, markers, ind, max_new_tokens=c.max_new_tokens,
-                                           batch_size=bs)
-    seconds["generation"] = time.time() - t
 
-    # --- CE on ShareGPT
+def _ce_check(model, cfg: Config, base, ablate) -> dict:
+    """Cross-entropy on ShareGPT assistant tokens without and with the ablation: what the edit costs on ordinary
+    chat ({} when n_ce = 0)."""
+    if cfg.n_ce <= 0:
+        return {}
+    params, mc, bs = model.params, model.config, max(1, cfg.batch_size // 2)
+    toks, mask, tmask, corpus_summary = sharegpt_batch(model, cfg.n_ce, cfg.ce_max_tokens,
+                                                       cfg.ce_min_assistant_tokens, cfg.seed)
+    ce = {"base": cross_entropy(params, mc, toks, mask, tmask, base, batch_size=bs)}
+    ce["ablated"] = cross_entropy(params, mc, toks, mask, tmask, ablate, batch_size=bs)
+    ce["change_pct"] = 100.0 * (ce["ablated"] - ce["base"]) / ce["base"]
+    ce["n_tokens"] = int(tmask[:, 1:].sum())
+    ce["corpus"] = corpus_summary
+    return ce
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, name: str):
+    """Records the wall-clock seconds of the block under `name` (the report's timing line)."""
     t = time.time()
-    ce = {}
-    if c.n_ce > 0:
-        toks, mask, tmask, corpus_summary = sharegpt_batch(model, c.n_ce, c.ce_max_tokens, c.ce_min_assistant_tokens,
-                                                           c.seed)
-        ce["base"] = cross_entropy(params, mc, toks, mask, tmask, base, batch_size=max(1, bs // 2))
-        ce["ablated"] = cross_entropy(params, mc, toks, mask, tmask, abl, batch_size=max(1, bs // 2))
-        ce["change_pct"] = 100.0 * (ce["ablated"] - ce["base"]) / ce["base"]
-        ce["n_tokens"] = int(tmask[:, 1:].sum())
-        ce["corpus"] = corpus_summary
-    seconds["ce"] = time.time() - t
+    yield
+    seconds[name] = time.time() - t
+
+
+def run(config: Config, model, progress=None) -> Result:
+    """The whole pipeline: directions, selection, held-out evaluation, the CE check. No files."""
+    from psm_jax.persona import datasets
+
+    t0, seconds, cfg = time.time(), {}, config
+    params, mc, bs = model.params, model.config, config.batch_size
+    layers = _candidate_layers(cfg, mc)
+    base = condition_edits(mc)  # every edit switched off: the same compiled functions as the edited runs
+    train, val = datasets.load_refusal("train"), datasets.load_refusal("val")
+    markers = datasets.load_refusal_markers()
+    prompt_sets, offsets, pos_names = encode_prompts(model, _split_texts(cfg, train, val))
+    p_harm, p_safe, v_harm, v_safe, e_harm, e_safe = prompt_sets
+    cand_pos, candidates = _candidates(cfg, offsets, layers)
+    token_ids = refusal_token_ids(model.tokenizer, markers.score_tokens)
+    token_strs = [model.tokenizer.convert_ids_to_tokens(i) for i in token_ids]
+
+    with _timed(seconds, "baseline_scores"):
+        keep_h, keep_s, filt = _sign_filter(cfg, refusal_scores(params, mc, p_harm, token_ids, base, bs),
+                                            refusal_scores(params, mc, p_safe, token_ids, base, bs))
+    with _timed(seconds, "mean_diff"):
+        dirs = mean_diff_directions(params, mc, p_harm.subset(keep_h), p_safe.subset(keep_s), offsets, bs,
+                                    progress=True)
+    with _timed(seconds, "selection"):
+        scores = evaluate_candidates(params, mc, dirs, candidates, v_harm, v_safe, token_ids, bs, progress=True)
+        harmless_val_base = float(refusal_scores(params, mc, v_safe, token_ids, base, bs).mean())
+        harmful_val_base = float(refusal_scores(params, mc, v_harm, token_ids, base, bs).mean())
+        best, annotated, tier = _select(cfg, scores, offsets, pos_names, mc.n_layers, harmless_val_base)
+    direction, unit = _selected_direction(dirs, best)
+    abl = condition_edits(mc, unit=unit, ablate=True)
+    conditions = _conditions(e_harm, e_safe, base, abl,
+                             condition_edits(mc, vector=direction, induce_layer=best["layer"]))
+
+    with _timed(seconds, "logodds_eval"):
+        ev = {k: refusal_scores(params, mc, p, token_ids, edits, bs) for k, (p, edits) in conditions.items()}
+        drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
+        orth_diff, orth_scores = _orthogonalized_check(params, mc, unit, e_harm, abl, token_ids, bs)
+    with _timed(seconds, "generation"):
+        gen = {k: refusal_rate(model, p.texts, markers, edits, max_new_tokens=cfg.max_new_tokens, batch_size=bs)
+               for k, (p, edits) in conditions.items()}
+    with _timed(seconds, "ce"):
+        ce = _ce_check(model, cfg, base, abl)
     seconds["total"] = time.time() - t0
 
-    return Result(config=c, n_layers=L, d_model=mc.d_model, layers=layers, offsets=offsets, pos_names=pos_names,
-                  token_ids=token_ids, token_strs=token_strs, markers=markers, candidates=candidates,
-                  cand_pos=cand_pos, dirs=dirs, annotated=annotated, best=best, tier=tier,
-                  fallback_used=fallback_used, filt=filt, harmful_val_base=harmful_val_base,
+    return Result(config=cfg, n_layers=mc.n_layers, d_model=mc.d_model, layers=layers, offsets=offsets,
+                  pos_names=pos_names, token_ids=token_ids, token_strs=token_strs, markers=markers,
+                  candidates=candidates, cand_pos=cand_pos, dirs=dirs, annotated=annotated, best=best, tier=tier,
+                  fallback_used=tier != "strict", filt=filt, harmful_val_base=harmful_val_base,
                   harmless_val_base=harmless_val_base, direction=direction, unit=unit, e_harm=e_harm, e_safe=e_safe,
                   ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds)
 
@@ -627,31 +660,69 @@ def report(res: Result, folder) -> Path:
     from experiments.report import Report, pyplot
 
     plt = pyplot()
+    cfg, best = res.config, res.best
+    rep = Report(folder, "Refusal direction (difference in means, directional ablation)", cfg)
+    rep.section("Setup", _setup_text(res))
+    rep.section("Baseline refusal", _baseline_text(res.gen["harmful_base"][0], res.gen["harmless_induced"][0]))
+    rep.table("Selected direction", [dict(position=_candidate_name(best), layer=best["layer"], bypass=best["bypass"],
+                                          induce=best["induce"], kl=best["kl"], norm=best["norm"], tier=res.tier)])
+    rep.table("Candidates, lowest bypass first (top 15)",
+              [dict(candidate=_candidate_name(r), bypass=r["bypass"], induce=r["induce"], kl=r["kl"], kept=r["kept"],
+                    dropped_for=r["reason"]) for r in sorted(res.annotated, key=lambda r: r["bypass"])[:15]])
+    rep.table(f"Held-out evaluation ({cfg.n_eval} prompts per side)", _heldout_rows(res))
+    rep.section("Ablation effect", _ablation_text(res))
+    rep.section("Example answers (greedy)", _examples_text(res))
+    rep.figure("selection_scores", _selection_figure(plt, res),
+               "Selection scores per (position, layer); blank = not evaluated; red star = selected; dashed line = "
+               "layer cut.")
+    rep.figure("heldout_logodds", _logodds_figure(plt, res.ev),
+               "Held-out refusal log-odds before/after ablation and with the direction added.")
+    rep.figure("direction_norms", _norms_figure(plt, res), "Norm of the difference in means per layer and position.")
+    rep.save_vectors("refusal_direction", {"direction": res.direction, "unit": res.unit},
+                     dict(model=cfg.model, layer=best["layer"], site="resid_pre", method="diff-in-means",
+                          position_offset=best["offset"], position_token=best["token"], d_model=res.d_model))
+    rep.save_vectors("candidate_directions", {"mean_diff": res.dirs},
+                     dict(model=cfg.model, site="resid_pre", method="diff-in-means", layers="all",
+                          position_offsets=res.offsets.tolist(), position_tokens=res.pos_names,
+                          shape="position x layer x d_model"))
+    for name, value in _metrics(res).items():
+        rep.metric(name, value)
+    rep.section("Timing", json.dumps({k: round(v, 1) for k, v in res.seconds.items()}))
+    return rep.finish()
+
+
+def _mean(x) -> float:
+    """The mean as a plain float, for report text, tables and metrics.json."""
+    return float(np.mean(x))
+
+
+def _candidate_name(row: dict) -> str:
+    """How the report names a candidate: template token (offset) / layer."""
+    return f"{row['token']!s} ({row['offset']}) / L{row['layer']}"
+
+
+def _filter_text(cfg: Config, filt: dict) -> str:
+    """How many train prompts passed the score-sign filter and how many each side's direction uses."""
+    if not cfg.filter_train:
+        return f"the direction uses all {filt['harmful_before']} + {filt['harmless_before']} prompts."
+    harmful_kind = "unfiltered" if filt["harmful_unfiltered_fallback"] else "filtered"
+    harmless_kind = "unfiltered" if filt["harmless_unfiltered_fallback"] else "filtered"
+    return (f"{filt['harmful_passing']} of {filt['harmful_before']} harmful prompts score > 0 and "
+            f"{filt['harmless_passing']} of {filt['harmless_before']} harmless prompts score < 0. A side "
+            f"with fewer than {cfg.min_filtered} passing prompts stays unfiltered: the direction uses "
+            f"{filt['harmful_after']} harmful ({harmful_kind}) and {filt['harmless_after']} harmless "
+            f"({harmless_kind}) prompts.")
+
+
+def _setup_text(res: Result) -> str:
+    """The report's Setup section: the prompts, the refusal score and rate, the filtering, the candidates and the
+    selection rules, so the numbers below can be read without the code."""
     c, L = res.config, res.n_layers
-    best, tier, fallback_used, annotated = res.best, res.tier, res.fallback_used, res.annotated
-    layers, offsets, pos_names, candidates, cand_pos = res.layers, res.offsets, res.pos_names, res.candidates, res.cand_pos
-    token_ids, token_strs, markers = res.token_ids, res.token_strs, res.markers
-    filt, harmful_val_base, harmless_val_base = res.filt, res.harmful_val_base, res.harmless_val_base
-    dirs, direction, unit, drop = res.dirs, res.direction, res.unit, res.drop
-    e_harm, e_safe, ev, gen = res.e_harm, res.e_safe, res.ev, res.gen
-    orth_diff, orth_scores, ce, seconds = res.orth_diff, res.orth_scores, res.ce, res.seconds
-    rep = Report(folder, "Refusal direction (difference in means, directional ablation)", c)
-    # --- report
-    fallback_text = ("" if not fallback_used else
+    fallback_text = ("" if not res.fallback_used else
                      " (no candidate passed the strict rules; the pre-declared relaxations, in order: "
                      "induce >= unsteered harmless mean, then KL rule only, then layer rule only; "
                      "see `select_with_fallback`).")
-    if c.filter_train:
-        filter_text = (f"{filt['harmful_passing']} of {filt['harmful_before']} harmful prompts score > 0 and "
-                       f"{filt['harmless_passing']} of {filt['harmless_before']} harmless prompts score < 0. A side "
-                       f"with fewer than {c.min_filtered} passing prompts stays unfiltered: the direction uses "
-                       f"{filt['harmful_after']} harmful ({'unfiltered' if filt['harmful_unfiltered_fallback'] else 'filtered'}) "
-                       f"and {filt['harmless_after']} harmless "
-                       f"({'unfiltered' if filt['harmless_unfiltered_fallback'] else 'filtered'}) prompts.")
-    else:
-        filter_text = f"the direction uses all {filt['harmful_before']} + {filt['harmless_before']} prompts."
-    name_of = lambda r: f"{r['token']!s} ({r['offset']}) / L{r['layer']}"  # noqa: E731
-    rep.section("Setup", f"""
+    return f"""
 Model `{c.model}` ({L} layers, d_model {res.d_model}). Harmful/harmless prompts from `psm_jax/persona/data/refusal`
 (seeded shuffle, seed {c.seed}): {c.n_train} train per side for the direction, {c.n_val} val per side for the
 selection, and {c.n_eval} further *train-split* prompts per side held out for the evaluation (never used for the
@@ -659,118 +730,120 @@ direction or the selection). Each prompt is one user turn with the chat template
 a default system prompt inserts it).
 
 Refusal score = log P(S) - log(1 - P(S)) at the last prompt position, S = first tokens of the score markers
-{list(markers.score_tokens)} with and without a leading space: ids {token_ids} = {token_strs}.
+{list(res.markers.score_tokens)} with and without a leading space: ids {res.token_ids} = {res.token_strs}.
 Refusal rate = fraction of greedy answers ({c.max_new_tokens} new tokens) containing any refusal marker
 (substring check; a prefix-only variant is reported alongside).
 
-Filtering of train prompts by score sign: {'on' if c.filter_train else 'off'}; {filter_text}
+Filtering of train prompts by score sign: {'on' if c.filter_train else 'off'}; {_filter_text(c, res.filt)}
 
-Post-instruction positions (offsets from the prompt end): {dict(zip(offsets.tolist(), pos_names))}.
-Candidates evaluated: positions {cand_pos} x layers {list(layers)} = {len(candidates)} candidates
-(difference in means is computed and saved for all {len(offsets)} positions x {L} layers).
+Post-instruction positions (offsets from the prompt end): {dict(zip(res.offsets.tolist(), res.pos_names))}.
+Candidates evaluated: positions {res.cand_pos} x layers {list(res.layers)} = {len(res.candidates)} candidates
+(difference in means is computed and saved for all {len(res.offsets)} positions x {L} layers).
 Selection: drop layer >= {c.max_layer_frac} * {L}, KL > {c.kl_threshold}, induce < {c.induce_threshold};
-lowest bypass wins. Unsteered val means: harmful {harmful_val_base:.3f}, harmless {harmless_val_base:.3f}.
-Selection tier used: **{tier}**{fallback_text}
-""")
-    rep.section("Baseline refusal", _baseline_text(gen["harmful_base"][0], gen["harmless_induced"][0]))
-    rep.table("Selected direction", [dict(position=name_of(best), layer=best["layer"], bypass=best["bypass"],
-                                          induce=best["induce"], kl=best["kl"], norm=best["norm"],
-                                          tier=tier)])
-    top = sorted(annotated, key=lambda r: r["bypass"])[:15]
-    rep.table("Candidates, lowest bypass first (top 15)",
-              [dict(candidate=name_of(r), bypass=r["bypass"], induce=r["induce"], kl=r["kl"], kept=r["kept"],
-                    dropped_for=r["reason"]) for r in top])
-    mean = lambda x: float(np.mean(x))  # noqa: E731
-    rows = [
-        dict(prompts="harmful held-out", condition="baseline", refusal_logodds=mean(ev["harmful_base"]),
-             refusal_rate=gen["harmful_base"][0], prefix_rate=gen["harmful_base"][1]),
-        dict(prompts="harmful held-out", condition="ablated", refusal_logodds=mean(ev["harmful_ablated"]),
-             refusal_rate=gen["harmful_ablated"][0], prefix_rate=gen["harmful_ablated"][1]),
-        dict(prompts="harmless held-out", condition="baseline", refusal_logodds=mean(ev["harmless_base"]),
-             refusal_rate=gen["harmless_base"][0], prefix_rate=gen["harmless_base"][1]),
-        dict(prompts="harmless held-out", condition=f"+1x direction at L{best['layer']}",
-             refusal_logodds=mean(ev["harmless_induced"]), refusal_rate=gen["harmless_induced"][0],
-             prefix_rate=gen["harmless_induced"][1]),
-    ]
-    rep.table(f"Held-out evaluation ({c.n_eval} prompts per side)", rows)
+lowest bypass wins. Unsteered val means: harmful {res.harmful_val_base:.3f}, harmless {res.harmless_val_base:.3f}.
+Selection tier used: **{res.tier}**{fallback_text}
+"""
+
+
+def _heldout_rows(res: Result) -> list[dict]:
+    """One table row per held-out condition: mean refusal log-odds and both refusal rates."""
+    labels = {"harmful_base": ("harmful held-out", "baseline"), "harmful_ablated": ("harmful held-out", "ablated"),
+              "harmless_base": ("harmless held-out", "baseline"),
+              "harmless_induced": ("harmless held-out", f"+1x direction at L{res.best['layer']}")}
+    return [dict(prompts=prompts, condition=condition, refusal_logodds=_mean(res.ev[k]), refusal_rate=res.gen[k][0],
+                 prefix_rate=res.gen[k][1]) for k, (prompts, condition) in labels.items()]
+
+
+def _ablation_text(res: Result) -> str:
+    """The report's Ablation effect section: the log-odds drop, the weight-edit check and the CE cost."""
+    c, ev, ce = res.config, res.ev, res.ce
     frac_lower = float(np.mean(ev["harmful_ablated"] < ev["harmful_base"]))
-    rep.section("Ablation effect", f"""
-Mean refusal log-odds drop on held-out harmful prompts: **{drop:.3f} nats**
-({mean(ev['harmful_base']):.3f} -> {mean(ev['harmful_ablated']):.3f}); lower for {frac_lower:.0%} of the prompts.
+    return f"""
+Mean refusal log-odds drop on held-out harmful prompts: **{res.drop:.3f} nats**
+({_mean(ev['harmful_base']):.3f} -> {_mean(ev['harmful_ablated']):.3f}); lower for {frac_lower:.0%} of the prompts.
 Weight orthogonalisation (embedding, o_proj, down_proj; untied unembedding) vs runtime ablation:
-max |logit difference| at the last position over {len(e_harm)} prompts = {orth_diff:.3g};
-refusal log-odds with orthogonalised weights {mean(orth_scores):.3f}.
+max |logit difference| at the last position over {len(res.e_harm)} prompts = {res.orth_diff:.3g};
+refusal log-odds with orthogonalised weights {_mean(res.orth_scores):.3f}.
 """ + (f"""
 Cross-entropy on {c.n_ce} ShareGPT conversations ({ce['n_tokens']} assistant target tokens, first
 {c.ce_max_tokens} tokens of each, seed {c.seed}): {ce['base']:.4f} -> {ce['ablated']:.4f} nats
 (**{ce['change_pct']:+.2f}%**). Corpus: {ce['corpus']}.
-""" if ce else ""))
-    ex = []
-    for i in range(min(6, len(e_harm))):
-        ex.append(f"- **{e_harm.texts[i]}**\n  - baseline: {gen['harmful_base'][2][i]!r}\n"
-                  f"  - ablated: {gen['harmful_ablated'][2][i]!r}")
-    for i in range(min(4, len(e_safe))):
-        ex.append(f"- **{e_safe.texts[i]}**\n  - baseline: {gen['harmless_base'][2][i]!r}\n"
-                  f"  - +direction: {gen['harmless_induced'][2][i]!r}")
-    rep.section("Example answers (greedy)", "\n".join(ex))
+""" if ce else "")
 
-    # figures: score grids and held-out distributions
+
+def _answer_pairs(prompts: Prompts, n: int, base: list[str], edited: list[str], label: str) -> list[str]:
+    """Markdown items for the first `n` prompts: the baseline answer next to the answer under one edit."""
+    return [f"- **{prompts.texts[i]}**\n  - baseline: {base[i]!r}\n  - {label}: {edited[i]!r}"
+            for i in range(min(n, len(prompts)))]
+
+
+def _examples_text(res: Result) -> str:
+    """Greedy answers to a few held-out prompts, so the rates can be checked against the text itself."""
+    gen = res.gen
+    return "\n".join(_answer_pairs(res.e_harm, 6, gen["harmful_base"][2], gen["harmful_ablated"][2], "ablated")
+                     + _answer_pairs(res.e_safe, 4, gen["harmless_base"][2], gen["harmless_induced"][2], "+direction"))
+
+
+def _selection_figure(plt, res: Result):
+    """Bypass, induce and KL per (position, layer) with the winner starred and the layer cut dashed: where the
+    selection rules found the direction."""
+    offsets, pos_names, L, best = res.offsets, res.pos_names, res.n_layers, res.best
+    titles = {"bypass": " (harmful val, ablated)", "induce": " (harmless val, +direction)",
+              "kl": " (harmless val, ablated vs base, last position)"}
     P = len(offsets)
-    grids = {k: np.full((P, L), np.nan) for k in ("bypass", "induce", "kl")}
-    for r in annotated:
+    grids = {k: np.full((P, L), np.nan) for k in titles}
+    for r in res.annotated:
         for k in grids:
             grids[k][r["position"], r["layer"]] = r[k]
     fig, axes = plt.subplots(3, 1, figsize=(10, 7.5), sharex=True)
     for ax, k in zip(axes, grids):
         im = ax.imshow(grids[k], aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_yticks(range(P), [f"{o} {n!r}" for o, n in zip(offsets.tolist(), pos_names)], fontsize=7)
-        ax.set_title(k + (" (harmful val, ablated)" if k == "bypass" else " (harmless val, +direction)"
-                          if k == "induce" else " (harmless val, ablated vs base, last position)"), fontsize=9)
+        ax.set_title(k + titles[k], fontsize=9)
         fig.colorbar(im, ax=ax)
         ax.plot([best["layer"]], [best["position"]], "r*", ms=12)
-        ax.axvline(c.max_layer_frac * L - 0.5, color="w", lw=1, ls="--")
+        ax.axvline(res.config.max_layer_frac * L - 0.5, color="w", lw=1, ls="--")
     axes[-1].set_xlabel("layer (resid_pre)")
-    rep.figure("selection_scores", fig, "Selection scores per (position, layer); blank = not evaluated; "
-                                        "red star = selected; dashed line = layer cut.")
+    return fig
+
+
+def _logodds_figure(plt, ev: dict):
+    """Histograms of the held-out refusal log-odds per condition: the ablation's effect prompt by prompt."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bins = np.linspace(min(min(v.min() for v in ev.values()), -8), max(max(v.max() for v in ev.values()), 2), 40)
     for k, v in ev.items():
         ax.hist(v, bins=bins, alpha=0.5, label=f"{k} (mean {v.mean():.2f})")
     ax.set_xlabel("refusal log-odds (last prompt position)")
     ax.legend(fontsize=7)
-    rep.figure("heldout_logodds", fig, "Held-out refusal log-odds before/after ablation and with the direction added.")
+    return fig
+
+
+def _norms_figure(plt, res: Result):
+    """The norm of the difference in means per layer, one line per candidate position."""
     fig, ax = plt.subplots(figsize=(7, 3))
-    for p in sorted({r["position"] for r in annotated}):
-        rs = sorted([r for r in annotated if r["position"] == p], key=lambda r: r["layer"])
-        ax.plot([r["layer"] for r in rs], [r["norm"] for r in rs], marker=".", label=f"{offsets[p]} {pos_names[p]!r}")
+    for p in sorted({r["position"] for r in res.annotated}):
+        rs = sorted([r for r in res.annotated if r["position"] == p], key=lambda r: r["layer"])
+        ax.plot([r["layer"] for r in rs], [r["norm"] for r in rs], marker=".",
+                label=f"{res.offsets[p]} {res.pos_names[p]!r}")
     ax.set_xlabel("layer")
     ax.set_ylabel("|mean diff|")
     ax.legend(fontsize=7)
-    rep.figure("direction_norms", fig, "Norm of the difference in means per layer and position.")
+    return fig
 
-    rep.save_vectors("refusal_direction", {"direction": direction, "unit": unit},
-                     dict(model=c.model, layer=best["layer"], site="resid_pre", method="diff-in-means",
-                          position_offset=best["offset"], position_token=best["token"], d_model=res.d_model))
-    rep.save_vectors("candidate_directions", {"mean_diff": dirs},
-                     dict(model=c.model, site="resid_pre", method="diff-in-means", layers="all",
-                          position_offsets=offsets.tolist(), position_tokens=pos_names,
-                          shape="position x layer x d_model"))
-    rep.metric("refusal_logodds_drop", drop)
-    rep.metric("refusal_ce_change", ce.get("change_pct"))
-    rep.metric("ce", ce)
-    rep.metric("selected", dict(best, tier=tier))
-    rep.metric("val_baseline_logodds", dict(harmful=harmful_val_base, harmless=harmless_val_base))
-    rep.metric("candidates", annotated)
-    rep.metric("filtering", filt)
-    rep.metric("heldout_logodds", {k: dict(mean=mean(v), values=v) for k, v in ev.items()})
-    rep.metric("heldout_refusal_rate", {k: dict(substring=v[0], prefix=v[1]) for k, v in gen.items()})
-    rep.metric("answers", {k: v[2] for k, v in gen.items()})
-    rep.metric("orthogonalized_max_abs_logit_diff", orth_diff)
-    rep.metric("orthogonalized_logodds_mean", mean(orth_scores))
-    rep.metric("refusal_token_ids", token_ids)
-    rep.metric("seconds", seconds)
-    rep.section("Timing", json.dumps({k: round(v, 1) for k, v in seconds.items()}))
-    return rep.finish()
+
+def _metrics(res: Result) -> dict:
+    """metrics.json, in file order: the headline numbers first, then the selection, the evaluation, timings."""
+    ev, gen, ce = res.ev, res.gen, res.ce
+    return {"refusal_logodds_drop": res.drop, "refusal_ce_change": ce.get("change_pct"), "ce": ce,
+            "selected": dict(res.best, tier=res.tier),
+            "val_baseline_logodds": dict(harmful=res.harmful_val_base, harmless=res.harmless_val_base),
+            "candidates": res.annotated, "filtering": res.filt,
+            "heldout_logodds": {k: dict(mean=_mean(v), values=v) for k, v in ev.items()},
+            "heldout_refusal_rate": {k: dict(substring=v[0], prefix=v[1]) for k, v in gen.items()},
+            "answers": {k: v[2] for k, v in gen.items()},
+            "orthogonalized_max_abs_logit_diff": res.orth_diff,
+            "orthogonalized_logodds_mean": _mean(res.orth_scores),
+            "refusal_token_ids": res.token_ids, "seconds": res.seconds}
 
 
 def _baseline_text(harmful_rate: float, induced_rate: float) -> str:
