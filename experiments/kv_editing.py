@@ -37,7 +37,7 @@ import dataclasses
 import re
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,7 @@ from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward, jit_forward
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import unit
-from psm_jax.persona.stats import bootstrap_ci, null_band, outside_band, paired_effect
+from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect
 
 PERSONA_SOURCE = {
     "conversation": "The persona is established by the conversation only: its role-play system prompt is left out, "
@@ -130,8 +130,11 @@ class Config:
         bad = [h for h in self.histories if h not in HISTORIES]
         if bad or not self.histories:
             raise ValueError(f"histories={self.histories!r}; expected a non-empty subset of {tuple(HISTORIES)}")
-        if self.history_tokens < 1 or self.n_random < 2:
-            raise ValueError(f"history_tokens={self.history_tokens}, n_random={self.n_random}; expected >= 1 and >= 2")
+        if self.history_tokens < 1:
+            raise ValueError(f"history_tokens={self.history_tokens}; expected >= 1")
+        if self.n_random < MIN_NULL_DRAWS:
+            raise ValueError(f"n_random={self.n_random}; expected >= {MIN_NULL_DRAWS} (the control band's random "
+                             "directions)")
 
 
 PRESETS = {
@@ -171,8 +174,8 @@ def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_si
 def generated_history(model, conv, cfg: Config, key) -> list[dict]:
     """The conversation's user turns with the model's own in-character replies: each assistant turn is sampled
     under the role-play system prompt and the history so far (so the persona persists in the model's own words).
-    The system prompt is kept in the returned messages; `run` drops it when the persona comes from the
-    conversation only."""
+    The system prompt is kept in the returned messages; `_history_messages` drops it when the persona comes from
+    the conversation only."""
     from psm_jax.persona.rollouts import generate_responses
 
     msgs = [{"role": m.role, "content": m.content} for m in conv.messages if m.role == "system"]
@@ -214,6 +217,13 @@ def _ones(x):
     return jnp.ones(x.shape, bool)
 
 
+def _masked_mean(x, mask):
+    """Mean of x [B, T] over the positions where mask is true (float32 weights; 0 where none is), so padded
+    slots do not count."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+
+
 def _per_token_logprob(params, config, cache, probe, answer, probe_mask=None, answer_mask=None):
     """Mean log p(answer token) after the probe turn, continuing `cache`: [B]. probe [B, P] (left-padded where
     probe_mask is false), answer [B, A] (right-padded where answer_mask is false; the mean is over its real
@@ -226,8 +236,7 @@ def _per_token_logprob(params, config, cache, probe, answer, probe_mask=None, an
     P, A = probe.shape[1], answer.shape[1]
     lp = jax.nn.log_softmax(out.logits[:, P - 1:P + A - 1].astype(jnp.float32), -1)
     tok = jnp.take_along_axis(lp, answer[..., None], -1)[..., 0]
-    m = answer_mask.astype(jnp.float32)
-    return jnp.sum(tok * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+    return _masked_mean(tok, answer_mask)
 
 
 def _identity_logodds(params, config, cache, probe, assistant, persona, masks=(None, None, None)):
@@ -275,9 +284,7 @@ class _Runner:
 def _readout(params, config, cache, tokens, mask, layer, u):
     out = forward(params, config, tokens, attention_mask=mask, cache=cache,
                   capture=Capture(sites=("resid_post",), layers=(layer,)), return_logits=False)
-    proj = out.captured["resid_post"][0] @ u
-    m = mask.astype(jnp.float32)
-    return jnp.sum(proj * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
+    return _masked_mean(out.captured["resid_post"][0] @ u, mask)
 
 
 def _conditions(cfg: Config) -> list[tuple]:
@@ -298,17 +305,18 @@ def _answer_ids(model, text: str) -> np.ndarray:
     return ids
 
 
-def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Result:
-    """Every condition on every (conversation, history, probe), and the capping control. No files."""
-    from psm_jax.persona import datasets
-    from psm_jax.persona.rollouts import eos_ids
-
-    t0 = time.time()
-    c = model.config
+def _check_layers(cfg: Config, config) -> None:
+    """Fail before any model work when a layer range or the readout layer does not fit the model."""
     for lo, hi in cfg.layer_ranges:
-        if not 0 <= lo < hi <= c.n_layers:
-            raise ValueError(f"layer range ({lo}, {hi}) is invalid; expected 0 <= start < end <= {c.n_layers}")
-    c.check_layer(cfg.readout_layer, "readout_layer")
+        if not 0 <= lo < hi <= config.n_layers:
+            raise ValueError(f"layer range ({lo}, {hi}) is invalid; expected 0 <= start < end <= {config.n_layers}")
+    config.check_layer(cfg.readout_layer, "readout_layer")
+
+
+def _unit_axis(cfg: Config, model) -> np.ndarray:
+    """The Assistant Axis [L, D] from `axis_file` (or estimated here), unit length per layer: every edit, band
+    direction and readout is taken along it."""
+    c = model.config
     if cfg.axis_file:
         from experiments.report import load_vectors
 
@@ -320,88 +328,181 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
         axis = estimate_axis(model, cfg.axis_roles, cfg.axis_questions, cfg.seed)
     if axis.shape != (c.n_layers, c.d_model):
         raise ValueError(f"axis has shape {axis.shape}; expected ({c.n_layers}, {c.d_model})")
-    u_all = axis / np.linalg.norm(axis, axis=-1, keepdims=True)
+    return axis / np.linalg.norm(axis, axis=-1, keepdims=True)
+
+
+def _select_conversations(cfg: Config) -> list:
+    """The role-play conversations named in `conversations` (in that order), else the first `n_conversations`."""
+    from psm_jax.persona import datasets
 
     convs = datasets.load_conversations("roleplay")
-    if cfg.conversations:
-        by_id = {cv.id: cv for cv in convs}
-        missing = [i for i in cfg.conversations if i not in by_id]
-        if missing:
-            raise ValueError(f"unknown conversation ids {missing}; expected some of {sorted(by_id)}")
-        convs = [by_id[i] for i in cfg.conversations]
-    else:
-        convs = convs[:cfg.n_conversations]
-    probes_all = datasets.load_identity_probes()
-    probes = list(probes_all.questions[:cfg.probes])
-    markers = [re.compile(rf"\b{re.escape(mk)}\b", re.I) for mk in probes_all.assistant_markers]
-    is_assistant = lambda text: any(p.search(text) for p in markers)  # noqa: E731
+    if not cfg.conversations:
+        return convs[:cfg.n_conversations]
+    by_id = {cv.id: cv for cv in convs}
+    missing = [i for i in cfg.conversations if i not in by_id]
+    if missing:
+        raise ValueError(f"unknown conversation ids {missing}; expected some of {sorted(by_id)}")
+    return [by_id[i] for i in cfg.conversations]
 
-    runner = _Runner(model, cfg, jnp.asarray(u_all))
-    eos, pad = eos_ids(model), (model.config.pad_token_id or 0)
-    rows, samples_shown, shown_histories = [], [], {}
-    conditions = _conditions(cfg)
+
+def _probes_and_scorer(cfg: Config) -> tuple[list[str], Callable[[str], bool]]:
+    """The first `probes` identity questions, and the keyword scorer: does an answer name an assistant marker."""
+    from psm_jax.persona import datasets
+
+    probes_all = datasets.load_identity_probes()
+    markers = [re.compile(rf"\b{re.escape(mk)}\b", re.I) for mk in probes_all.assistant_markers]
+    return list(probes_all.questions[:cfg.probes]), lambda text: any(p.search(text) for p in markers)
+
+
+def _random_directions(cfg: Config, shape: tuple) -> np.ndarray:
+    """The `n_random` unit directions [n, L, D] of the random-direction control band, seeded apart from sampling."""
     rng = np.random.default_rng(cfg.seed + 1)
-    u_random = np.asarray(unit(rng.normal(size=(cfg.n_random,) + u_all.shape)), np.float32)  # [n, L, D]
-    assistant_ids = _answer_ids(model, ASSISTANT_ANSWER)
-    B = cfg.samples
+    return np.asarray(unit(rng.normal(size=(cfg.n_random,) + shape)), np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Study:
+    """What every (conversation, history, probe) of one run shares."""
+    cfg: Config
+    model: object
+    runner: _Runner
+    probes: list[str]
+    is_assistant: Callable[[str], bool]  # the keyword scorer of a sampled answer
+    eos: tuple
+    pad: int
+    conditions: list[tuple]
+    u_all: np.ndarray  # the unit axis [L, D]
+    u_random: np.ndarray  # the control band's directions [n, L, D]
+    assistant_ids: np.ndarray  # tokens of the assistant identity answer
+
+
+def _study(cfg: Config, model, u_all: np.ndarray) -> _Study:
+    """The jitted runner, conditions, probes, scorer, control directions and assistant answer, built once per run."""
+    from psm_jax.persona.rollouts import eos_ids
+
+    probes, is_assistant = _probes_and_scorer(cfg)
+    return _Study(cfg=cfg, model=model, runner=_Runner(model, cfg, jnp.asarray(u_all)), probes=probes,
+                  is_assistant=is_assistant, eos=eos_ids(model), pad=model.config.pad_token_id or 0,
+                  conditions=_conditions(cfg), u_all=u_all, u_random=_random_directions(cfg, u_all.shape),
+                  assistant_ids=_answer_ids(model, ASSISTANT_ANSWER))
+
+
+def _history_messages(model, conv, cfg: Config, ci: int, history_kind: str) -> list[dict]:
+    """The messages cached before the probe: scripted or generated assistant turns, with the system prompt only when
+    the persona comes from it."""
+    msgs = (conv.as_dicts() if history_kind == "scripted" else
+            generated_history(model, conv, cfg, jax.random.fold_in(jax.random.key(cfg.seed), ci)))
+    return [m for m in msgs if m["role"] != "system" or cfg.persona_source == "system"]
+
+
+def _token_counts(hist) -> dict:
+    """Assistant and user tokens in a history: how many positions the axis edit and the user-token control edit."""
+    roles = np.asarray(hist.roles)
+    return dict(assistant_tokens=int(np.sum(roles == Role.ASSISTANT)), user_tokens=int(np.sum(roles == Role.USER)))
+
+
+def _repeat(x: np.ndarray, n: int) -> jax.Array:
+    """x as n identical batch rows (one per sampled answer), on the device."""
+    return jnp.asarray(np.repeat(x[None], n, 0))
+
+
+class _ProbeInputs(NamedTuple):
+    """One probe turn and the two identity answers as batched model inputs (identical rows, one per sample)."""
+    tokens: jax.Array  # the probe turn [B, P], left-padded
+    mask: jax.Array  # [B, P]
+    answers: list  # the assistant and persona answers [B, A], right-padded
+    masks: tuple  # (probe, assistant answer, persona answer) masks
+
+
+def _probe_inputs(model, history: list[dict], probe: str, answers: list[tuple], pad: int, n: int) -> _ProbeInputs:
+    """The probe turn after `history`, padded to its bucket, and the padded answers, each repeated n times."""
+    _, probe_tokens = _history_and_probe(model, history, probe)
+    if len(probe_tokens) > PROBE_ROOM:
+        raise ValueError(f"probe {probe!r} takes {len(probe_tokens)} tokens; at most {PROBE_ROOM} fit")
+    probe_p, probe_m = left_pad(probe_tokens, bucket(len(probe_tokens)), pad)
+    tokens, mask = _repeat(probe_p, n), _repeat(probe_m, n)
+    return _ProbeInputs(tokens, mask, [_repeat(t, n) for t, _ in answers],
+                        (mask, *(_repeat(m, n) for _, m in answers)))
+
+
+def _band_row(st: _Study, band: tuple, inputs: _ProbeInputs, row: dict) -> dict:
+    """The random-direction control on one probe: identity log-odds after the direct edit along each direction (one
+    batch row; nothing is sampled, so the rates are NaN and the row's log-odds is the mean over directions)."""
+    cache1, resid1, edit1 = band
+    lo = st.runner.band(st.model.params, cache1, resid1, inputs.tokens[:1], inputs.answers[0][:1],
+                        inputs.answers[1][:1], edit1, jnp.asarray(st.u_random), tuple(x[:1] for x in inputs.masks))
+    per_dir = np.asarray(lo)[:, 0]
+    return dict(row, n=0, assistant_rate=float("nan"), answer_projection=float("nan"),
+                identity_logodds=float(per_dir.mean()), band_logodds=[float(x) for x in per_dir])
+
+
+def _sampled_row(st: _Study, cache, inputs: _ProbeInputs, key, row: dict) -> tuple[dict, list[str]]:
+    """A decoded condition on one probe: answers sampled from `cache` with `key` (their assistant rate and mean axis
+    projection) and the identity log-odds on the cache; also the answer texts."""
+    params, runner = st.model.params, st.runner
+    ext = runner.extend(params, cache, inputs.tokens, inputs.mask)
+    gen = runner.decode(params, ext.cache, ext.logits[:, -1], key)
+    toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
+    texts = [st.model.tokenizer.decode(toks[i, :lengths[i] - int(done[i])], skip_special_tokens=True)
+             for i in range(len(toks))]
+    valid = np.arange(toks.shape[1])[None] < (lengths - done)[:, None]
+    proj = np.asarray(runner.readout(params, ext.cache, jnp.asarray(toks), jnp.asarray(valid)))
+    logodds = float(runner.logodds(params, cache, inputs.tokens, *inputs.answers, inputs.masks)[0])
+    return dict(row, assistant_rate=float(np.mean([st.is_assistant(t) for t in texts])), identity_logodds=logodds,
+                answer_projection=float(proj.mean())), texts
+
+
+def _history_rows(st: _Study, conv, ci: int, history_kind: str, history: list[dict], persona_ids: np.ndarray,
+                  first: int, progress) -> tuple[list[dict], list[tuple]]:
+    """Every probe under every condition for one history, whose edited caches are built once; sampling keys fold in
+    each row's index in the whole run (`first` rows came before). Also the first probe's sample answers to show."""
+    cfg, model = st.cfg, st.model
+    hist, _ = _history_and_probe(model, history, st.probes[0])
+    counts = _token_counts(hist)
+    n_pad = bucket(len(hist))
+    size = n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of the bucket only
+    st.runner.set_sizes(size, st.eos, st.pad)
+    caches, band = _history_caches(model, cfg, st.runner, hist, n_pad, size, st.conditions, st.u_all, st.u_random,
+                                   st.pad, np.random.default_rng((cfg.seed, ci)))
+    answers = [right_pad(a, bucket(len(a)), st.pad) for a in (st.assistant_ids, persona_ids)]
+    rows, shown = [], []
+    for probe in st.probes:
+        if progress:
+            progress(f"conversation {conv.id} ({history_kind}), probe {probe!r}")
+        inputs = _probe_inputs(model, history, probe, answers, st.pad, cfg.samples)
+        for cond in st.conditions:
+            mode, kind, strength, lr = cond
+            row = dict(conversation=conv.id, history=history_kind, probe=probe, mode=mode, kind=kind,
+                       strength=strength, layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=cfg.samples, **counts)
+            if mode == "control_random":
+                rows.append(_band_row(st, band[kind], inputs, row))
+                continue
+            key = jax.random.fold_in(jax.random.key(cfg.seed), first + len(rows))
+            row, texts = _sampled_row(st, caches[cond], inputs, key, row)
+            rows.append(row)
+            if probe == st.probes[0] and (mode == "none" or strength == max(cfg.strengths)):
+                shown.append((conv.id, history_kind, mode, kind, strength, row["layers"], texts[:2]))
+    return rows, shown
+
+
+def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Result:
+    """Every condition on every (conversation, history, probe), and the capping control. No files."""
+    t0 = time.time()
+    _check_layers(cfg, model.config)
+    u_all = _unit_axis(cfg, model)
+    convs = _select_conversations(cfg)
+    st = _study(cfg, model, u_all)
+    rows, samples_shown, shown_histories = [], [], {}
     for ci, conv in enumerate(convs):
         persona_ids = _answer_ids(model, f"I am {conv.role.replace('_', ' ')}." if conv.role
                                   else "I am not an assistant.")
         for history_kind in cfg.histories:
-            msgs = (conv.as_dicts() if history_kind == "scripted" else
-                    generated_history(model, conv, cfg, jax.random.fold_in(jax.random.key(cfg.seed), ci)))
-            history = [m for m in msgs if m["role"] != "system" or cfg.persona_source == "system"]
+            history = _history_messages(model, conv, cfg, ci, history_kind)
             if history_kind == "generated":
                 shown_histories[f"{conv.id}/generated"] = [m["content"] for m in history if m["role"] == "assistant"]
-            hist, _ = _history_and_probe(model, history, probes[0])
-            edited = dict(assistant_tokens=int(np.sum(np.asarray(hist.roles) == Role.ASSISTANT)),
-                          user_tokens=int(np.sum(np.asarray(hist.roles) == Role.USER)))
-            n_pad = bucket(len(hist))
-            size = n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of the bucket only
-            runner.set_sizes(size, eos, pad)
-            caches, band = _history_caches(model, cfg, runner, hist, n_pad, size, conditions, u_all, u_random, pad,
-                                           np.random.default_rng((cfg.seed, ci)))
-            answers = [right_pad(a, bucket(len(a)), pad) for a in (assistant_ids, persona_ids)]
-            for probe in probes:
-                if progress:
-                    progress(f"conversation {conv.id} ({history_kind}), probe {probe!r}")
-                _, probe_tokens = _history_and_probe(model, history, probe)
-                if len(probe_tokens) > PROBE_ROOM:
-                    raise ValueError(f"probe {probe!r} takes {len(probe_tokens)} tokens; at most {PROBE_ROOM} fit")
-                probe_p, probe_m = left_pad(probe_tokens, bucket(len(probe_tokens)), pad)
-                rep_b = lambda x: jnp.asarray(np.repeat(x[None], B, 0))  # noqa: E731
-                probe_b, probe_mb = rep_b(probe_p), rep_b(probe_m)
-                ans = [rep_b(t) for t, _ in answers]
-                masks_b = (probe_mb, *(rep_b(m) for _, m in answers))
-                masks_1 = tuple(x[:1] for x in masks_b)
-                for cond in conditions:
-                    mode, kind, strength, lr = cond
-                    row = dict(conversation=conv.id, history=history_kind, probe=probe, mode=mode, kind=kind,
-                               strength=strength, layers=f"{lr[0]}-{lr[1] - 1}" if lr else "-", n=B, **edited)
-                    if mode == "control_random":
-                        cache1, resid1, edit1 = band[kind]
-                        lo = runner.band(model.params, cache1, resid1, probe_b[:1], ans[0][:1], ans[1][:1], edit1,
-                                         jnp.asarray(u_random), masks_1)
-                        per_dir = np.asarray(lo)[:, 0]
-                        rows.append(dict(row, n=0, assistant_rate=float("nan"), answer_projection=float("nan"),
-                                         identity_logodds=float(per_dir.mean()),
-                                         band_logodds=[float(x) for x in per_dir]))
-                        continue
-                    cache = caches[cond]
-                    ext = runner.extend(model.params, cache, probe_b, probe_mb)
-                    sub = jax.random.fold_in(jax.random.key(cfg.seed), len(rows))
-                    gen = runner.decode(model.params, ext.cache, ext.logits[:, -1], sub)
-                    toks, lengths, done = jax.device_get((gen.tokens, gen.lengths, gen.finished))
-                    texts = [model.tokenizer.decode(toks[i, :lengths[i] - int(done[i])], skip_special_tokens=True)
-                             for i in range(B)]
-                    valid = np.arange(toks.shape[1])[None] < (lengths - done)[:, None]
-                    proj = np.asarray(runner.readout(model.params, ext.cache, jnp.asarray(toks), jnp.asarray(valid)))
-                    logodds = float(runner.logodds(model.params, cache, probe_b, *ans, masks_b)[0])
-                    row.update(assistant_rate=float(np.mean([is_assistant(t) for t in texts])),
-                               identity_logodds=logodds, answer_projection=float(proj.mean()))
-                    rows.append(row)
-                    if probe == probes[0] and (mode == "none" or strength == max(cfg.strengths)):
-                        samples_shown.append((conv.id, history_kind, mode, kind, strength, row["layers"], texts[:2]))
+            new_rows, shown = _history_rows(st, conv, ci, history_kind, history, persona_ids, len(rows), progress)
+            rows += new_rows
+            samples_shown += shown
 
     control = capping_control(model, convs, u_all, cfg)
     return Result(config=cfg, rows=rows, control=control, samples=samples_shown, seconds=time.time() - t0,
@@ -416,6 +517,14 @@ def matched_positions(assistant: np.ndarray, n: int, rng: np.random.Generator) -
     return out
 
 
+def _slots(positions: np.ndarray, rows: int, size: int) -> np.ndarray:
+    """A [rows, size] cache-slot mask: `positions` [n_pad] over the history's slots, False over the room left for
+    the probe and the answers."""
+    out = np.zeros((rows, size), bool)
+    out[:, :len(positions)] = positions[None]
+    return out
+
+
 def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size: int, conditions, u_all, u_random,
                     pad: int, rng: np.random.Generator):
     """The edited cache of every decoded condition for one history, left-padded to n_pad slots (the probe is
@@ -424,16 +533,13 @@ def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size:
     B = cfg.samples
     tokens, mask = left_pad(hist.tokens, n_pad, pad)
     roles = np.concatenate([np.full(n_pad - len(hist), -1), np.asarray(hist.roles)])
-    hist_tokens, hist_mask = jnp.asarray(np.repeat(tokens[None], B, 0)), jnp.asarray(np.repeat(mask[None], B, 0))
-    asst = np.zeros((B, size), bool)
-    asst[:, :n_pad] = (roles == Role.ASSISTANT)[None]
-    user = np.zeros((B, size), bool)
-    user[:, :n_pad] = (roles == Role.USER)[None]
-    matched = np.zeros((B, size), bool)
-    matched[:, :n_pad] = matched_positions(roles == Role.ASSISTANT, int((roles == Role.USER).sum()), rng)[None]
+    is_asst, is_user = roles == Role.ASSISTANT, roles == Role.USER
+    hist_tokens, hist_mask = _repeat(tokens, B), _repeat(mask, B)
+    asst, user = _slots(is_asst, B, size), _slots(is_user, B, size)
+    matched = _slots(matched_positions(is_asst, int(is_user.sum()), rng), B, size)
     base = runner.prefill(model.params, hist_tokens, hist_mask, ())
     resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n_pad), (0, 0)))
-    h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, roles == Role.ASSISTANT], np.float64)  # [L, n_a, D]
+    h_asst = np.asarray(base.captured["resid_pre"][:, 0][:, is_asst], np.float64)  # [L, n_a, D]
     mean_norm = np.linalg.norm(h_asst, axis=-1).mean(axis=1)  # [L]
     mean_abs_proj = np.abs(np.einsum("lnd,ld->ln", h_asst, u_all)).mean(axis=1)  # [L]
     caches, band = {}, {}
@@ -517,14 +623,33 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return agg
 
 
+def _cell(r: dict) -> tuple:
+    """The (conversation, history, probe) a row was measured on: where it meets its unedited baseline."""
+    return r["conversation"], r["history"], r["probe"]
+
+
+def _unedited(rows: list[dict], field: str = "identity_logodds") -> dict:
+    """`field` of the unedited cache per (conversation, history, probe): the baseline every shift is taken from."""
+    return {_cell(r): r[field] for r in rows if r["mode"] == "none"}
+
+
+def _kinds(rows: list[dict], mode: str) -> list[str]:
+    """The strength kinds that `mode` was run with, norm first (the order of the report's keys)."""
+    return sorted({r["kind"] for r in rows if r["mode"] == mode}, key=lambda k: k != "norm")
+
+
 def _unit_shifts(rows: list[dict], sel: list[dict], field: str = "identity_logodds") -> dict:
     """Per (conversation, probe) unit: the mean over its histories of `field` in `sel` minus the unedited cache's."""
-    base = {(r["conversation"], r["history"], r["probe"]): r[field] for r in rows if r["mode"] == "none"}
+    base = _unedited(rows, field)
     per_unit: dict = {}
     for r in sel:
-        per_unit.setdefault((r["conversation"], r["probe"]), []).append(
-            r[field] - base[(r["conversation"], r["history"], r["probe"])])
+        per_unit.setdefault((r["conversation"], r["probe"]), []).append(r[field] - base[_cell(r)])
     return {k: float(np.mean(v)) for k, v in per_unit.items()}
+
+
+def _mean_shift(rows: list[dict], sel: list[dict], field: str = "identity_logodds") -> float:
+    """The mean over units of `_unit_shifts`: a point estimate without an interval."""
+    return float(np.mean(list(_unit_shifts(rows, sel, field).values())))
 
 
 def _shift(rows: list[dict], sel: list[dict], seed: int) -> dict:
@@ -544,7 +669,7 @@ def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None)
     rows = _only(rows, history)
     out = {}
     for mode in ("recompute", "direct"):
-        for kind in sorted({r["kind"] for r in rows if r["mode"] == mode}, key=lambda k: k != "norm"):
+        for kind in _kinds(rows, mode):
             cand = [r for r in rows if r["mode"] == mode and r["kind"] == kind and r["strength"] > 0]
             if not cand:
                 continue
@@ -554,8 +679,8 @@ def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None)
             out[f"{mode}/{kind}"] = dict(
                 mode=mode, kind=kind, strength=top, layers=layers, samples_per_unit=sel[0]["n"],
                 **_shift(rows, sel, seed),
-                assistant_rate_shift=float(np.mean(list(_unit_shifts(rows, sel, "assistant_rate").values()))),
-                projection_shift=float(np.mean(list(_unit_shifts(rows, sel, "answer_projection").values()))))
+                assistant_rate_shift=_mean_shift(rows, sel, "assistant_rate"),
+                projection_shift=_mean_shift(rows, sel, "answer_projection"))
     return out
 
 
@@ -593,7 +718,7 @@ def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) 
     rows = _only(rows, history)
     out = {}
     for ctl in CONTROLS:
-        for kind in sorted({r["kind"] for r in rows if r["mode"] == ctl}, key=lambda k: k != "norm"):
+        for kind in _kinds(rows, ctl):
             sel = [r for r in rows if r["mode"] == ctl and r["kind"] == kind]
             v = dict(control=ctl, kind=kind, strength=sel[0]["strength"], layers=sel[0]["layers"],
                      **_shift(rows, sel, seed))
@@ -601,13 +726,12 @@ def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) 
                 v.update(_assistant_vs_user(rows, sel, seed))
             if ctl == "control_random":
                 per_dir = np.asarray([r["band_logodds"] for r in sel])  # [rows, directions]
-                base = {(r["conversation"], r["history"], r["probe"]): r["identity_logodds"]
-                        for r in rows if r["mode"] == "none"}
-                b = np.asarray([base[(r["conversation"], r["history"], r["probe"])] for r in sel])
+                base = _unedited(rows)
+                b = np.asarray([base[_cell(r)] for r in sel])
                 band = null_band((per_dir - b[:, None]).mean(axis=0))
                 axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
                              and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
-                axis_shift = float(np.mean(list(_unit_shifts(rows, axis_edit).values()))) if axis_edit else None
+                axis_shift = _mean_shift(rows, axis_edit) if axis_edit else None
                 v.update(band_low=band["low"], band_high=band["high"], n_directions=band["n"],
                          direct_axis_shift=axis_shift,
                          axis_outside_band=None if axis_shift is None else outside_band(axis_shift, band))
@@ -682,15 +806,10 @@ def _target_text(shifts: dict, controls: dict) -> str:
     return "\n".join(lines)
 
 
-def report(result: Result, folder) -> Path:
-    from experiments.report import Report, pyplot
-
-    plt = pyplot()
-    cfg, rows, control = result.config, result.rows, result.control
-    n_convs = len({r["conversation"] for r in rows})
-    histories = sorted({r["history"] for r in rows})
-    rep = Report(folder, "KV-cache editing of a persisted persona", cfg)
-    rep.section("Setup", f"""
+def _setup_text(result: Result, histories: list[str]) -> str:
+    """The Setup section: units, sampling, edit modes and strength kinds, controls and readout of this run."""
+    cfg, n_convs = result.config, len({r["conversation"] for r in result.rows})
+    return f"""
 Model {cfg.model}; {n_convs} role-play conversation(s) x {cfg.probes} identity probe(s) = {n_convs * cfg.probes}
 independent units, each with {len(histories)} history kind(s) ({'; '.join(f'{h}: {HISTORIES[h]}' for h in histories)});
 the histories of a unit are averaged before the bootstrap, and the {cfg.samples} sampled answers per unit and condition
@@ -706,9 +825,12 @@ assistant tokens as there are user tokens ("{MATCHED}": the edit acts per positi
 equally many positions on both sides); and {cfg.n_random} random directions with the axis edit's mean displacement
 per layer (matched norm).
 Readout: mean projection of the sampled answer tokens on the unit axis at resid_post[{cfg.readout_layer}]. The
-assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s.""")
-    agg = aggregate(rows)
-    rep.table("Effect of cache edits (mean over rows; n = conversation x probe units)", agg)
+assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s."""
+
+
+def _effects_figure(plt, agg: list[dict]):
+    """Identity log-odds and answer projection against strength: one line per mode, kind and layer range, each
+    starting from the unedited cache at strength 0."""
     base = next(a for a in agg if a["mode"] == "none")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for mode, ls in (("recompute", "-"), ("direct", "--")):
@@ -722,7 +844,39 @@ assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} R
         ax.set_title(k)
         ax.axvline(0, color="grey", lw=0.5)
     axes[0].legend(fontsize=7)
-    rep.figure("kv_edit_effects", fig, "Identity log-odds and answer projection vs edit strength.")
+    return fig
+
+
+def _by_history(rows: list[dict], seed: int, histories: list[str]) -> list[dict]:
+    """The axis edits' and the controls' shifts per history kind, one table row each (condition: mode or control)."""
+    return [dict(history=h, condition=v.get("control", v.get("mode")),
+                 **{k: x for k, x in v.items() if k not in ("mode", "control")}) for h in histories
+            for v in list(identity_shifts(rows, seed, h).values()) + list(control_shifts(rows, seed, h).values())]
+
+
+def _samples_text(samples: list[tuple]) -> str:
+    """The first sampled answers per shown condition, one line each, clipped to 120 characters."""
+    return "\n".join(f"- {cid} ({h}) / {mode} {kind} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
+                     for cid, h, mode, kind, s, lr, texts in samples)
+
+
+def _histories_text(histories: dict) -> str:
+    """The generated assistant turns per conversation, one line each, clipped to 160 characters per turn."""
+    return "\n".join(f"- {k}: " + " | ".join(repr(t[:160]) for t in turns) for k, turns in histories.items())
+
+
+def report(result: Result, folder) -> Path:
+    from experiments.report import Report, pyplot
+
+    plt = pyplot()
+    cfg, rows = result.config, result.rows
+    histories = sorted({r["history"] for r in rows})
+    rep = Report(folder, "KV-cache editing of a persisted persona", cfg)
+    rep.section("Setup", _setup_text(result, histories))
+    agg = aggregate(rows)
+    rep.table("Effect of cache edits (mean over rows; n = conversation x probe units)", agg)
+    rep.figure("kv_edit_effects", _effects_figure(plt, agg),
+               "Identity log-odds and answer projection vs edit strength.")
     shifts, controls = identity_shifts(rows, cfg.seed), control_shifts(rows, cfg.seed)
     rep.table("Identity log-odds shift at the largest strength (95% bootstrap interval over units)",
               list(shifts.values()))
@@ -731,24 +885,16 @@ assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} R
                   "to contain 0)", list(controls.values()))
     rep.section("Targets", _target_text(shifts, controls))
     if len(histories) > 1:
-        rep.table("By history kind (largest strength; 95% interval over units)",
-                  [dict(history=h, condition=v.get("control", v.get("mode")),
-                        **{k: x for k, x in v.items() if k not in ("mode", "control")}) for h in histories
-                   for v in list(identity_shifts(rows, cfg.seed, h).values())
-                   + list(control_shifts(rows, cfg.seed, h).values())])
-    rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", control)
-    rep.section("Sample answers (first probe)", "\n".join(
-        f"- {cid} ({h}) / {mode} {kind} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
-        for cid, h, mode, kind, s, lr, texts in result.samples))
+        rep.table("By history kind (largest strength; 95% interval over units)", _by_history(rows, cfg.seed, histories))
+    rep.table("Control: capping on assistant tokens only (projection shift at the readout layer)", result.control)
+    rep.section("Sample answers (first probe)", _samples_text(result.samples))
     if result.histories:
-        rep.section("Generated histories (the model's own in-character turns, first 160 characters each)", "\n".join(
-            f"- {k}: " + " | ".join(repr(t[:160]) for t in turns) for k, turns in result.histories.items()))
-    rep.metric("kv_edit_identity_shift", shifts)
-    rep.metric("kv_edit_control_shift", controls)
-    rep.metric("rows", rows)
-    rep.metric("control", control)
-    rep.metric("generated_histories", result.histories)
-    rep.metric("seconds", result.seconds)
+        rep.section("Generated histories (the model's own in-character turns, first 160 characters each)",
+                    _histories_text(result.histories))
+    for name, value in (("kv_edit_identity_shift", shifts), ("kv_edit_control_shift", controls), ("rows", rows),
+                        ("control", result.control), ("generated_histories", result.histories),
+                        ("seconds", result.seconds)):
+        rep.metric(name, value)
     return rep.finish()
 
 

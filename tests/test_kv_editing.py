@@ -159,6 +159,8 @@ def test_kv_editing_bad_inputs(tiny_chat_model, tmp_path):
         K.Config(histories=("typed",))
     with pytest.raises(ValueError, match="persona_source='prompt'"):
         K.Config(persona_source="prompt")
+    with pytest.raises(ValueError, match="n_random=3; expected >= 20"):
+        K.Config(n_random=3)
     with pytest.raises(ValueError, match="layer range"):
         K.run(K.Config(layer_ranges=((5, 99),)), tiny_chat_model)
 
@@ -223,7 +225,7 @@ def test_padded_run_equals_unpadded_with_fewer_compiles(tiny_chat_model, tmp_pat
     axis = np.random.default_rng(0).normal(size=(c.n_layers, c.d_model)).astype(np.float32)
     write_vectors(tmp_path, "axis", {"axis": axis}, {"model": "psm-tiny"})
     cfg = K.Config(model="psm-tiny", conversations=("dragon", "ghost"), probes=2, samples=2, max_new_tokens=4,
-                   strengths=(0.5,), layer_ranges=((0, 2),), readout_layer=1, histories=("scripted",), n_random=3,
+                   strengths=(0.5,), layer_ranges=((0, 2),), readout_layer=1, histories=("scripted",), n_random=20,
                    axis_file=str(tmp_path / "axis.safetensors"))
     made = []
 
