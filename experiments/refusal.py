@@ -606,10 +606,11 @@ def _timed(seconds: dict, name: str):
 
 
 def run(config: Config, model, progress=None) -> Result:
-    """The whole pipeline: directions, selection, held-out evaluation, the CE check. No files."""
+    """The whole pipeline: directions, selection, held-out evaluation, the CE check (`progress`: a callable for
+    status lines, or None; when given, progress bars are shown too). No files."""
     from psm_jax.persona import datasets
 
-    t0, seconds, cfg = time.time(), {}, config
+    t0, seconds, cfg, bars = time.time(), {}, config, progress is not None
     params, mc, bs = model.params, model.config, config.batch_size
     layers = _candidate_layers(cfg, mc)
     base = condition_edits(mc)  # every edit switched off: the same compiled functions as the edited runs
@@ -626,9 +627,9 @@ def run(config: Config, model, progress=None) -> Result:
                                             refusal_scores(params, mc, p_safe, token_ids, base, bs))
     with _timed(seconds, "mean_diff"):
         dirs = mean_diff_directions(params, mc, p_harm.subset(keep_h), p_safe.subset(keep_s), offsets, bs,
-                                    progress=True)
+                                    progress=bars)
     with _timed(seconds, "selection"):
-        scores = evaluate_candidates(params, mc, dirs, candidates, v_harm, v_safe, token_ids, bs, progress=True)
+        scores = evaluate_candidates(params, mc, dirs, candidates, v_harm, v_safe, token_ids, bs, progress=bars)
         harmless_val_base = float(refusal_scores(params, mc, v_safe, token_ids, base, bs).mean())
         harmful_val_base = float(refusal_scores(params, mc, v_harm, token_ids, base, bs).mean())
         best, annotated, tier = _select(cfg, scores, offsets, pos_names, mc.n_layers, harmless_val_base)
