@@ -720,9 +720,7 @@ def _resume(run: _Run, resume_step: int | None):
     """Restores a checkpoint and moves the data source past the batches it had consumed, so the run goes on exactly
     as one that never stopped; the log loses the steps after the checkpoint."""
     scfg = run.scfg
-    template = jax.eval_shape(lambda s: init_state(run.cfgs, s), jax.ShapeDtypeStruct((scfg.batch_size, scfg.d_in),
-                                                                                      jnp.float32))
-    template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
+    template = _zero_state(run.cfgs, scfg.batch_size)
     if run.names:                              # restored on the host from each SAE's folder, then placed
         state, meta = run.checkpointer.restore(template, step=resume_step)
         state, shardings = _place(run, jax.tree_util.tree_map(jnp.asarray, state) if run.mesh is None else state)
@@ -862,11 +860,9 @@ def _save_checkpoint(run: _Run, prog: _Progress, state, at_step: int, consumed: 
 
 def _result(run: _Run, state, host_step: int, stopped: str, last_metrics: list[dict]) -> TrainResult:
     """The run's outcome, each SAE's params with the activation scale folded in so they run on raw activations."""
-    scale = float(host_array(state["act_scale"]))
-    params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], run.n), run.cfgs)]
-    params = [{k: np.asarray(v) for k, v in p.items()} for p in params]
-    return TrainResult(params=params, cfgs=run.cfgs, step=host_step, tokens=host_step * run.scfg.batch_size,
-                       stopped=stopped, run_dir=run.run_dir, last_metrics=last_metrics, state=state)
+    return TrainResult(params=_folded_params(state, run.cfgs), cfgs=run.cfgs, step=host_step,
+                       tokens=host_step * run.scfg.batch_size, stopped=stopped, run_dir=run.run_dir,
+                       last_metrics=last_metrics, state=state)
 
 
 def _check_sae_names(names, n: int) -> list[str] | None:
@@ -905,15 +901,25 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[list[
         raise FileNotFoundError(f"{run_dir} is not an SAE run dir (no {ckpt_mod.CONFIG_FILE})")
     conf = json.loads(path.read_text())
     cfgs = [SaeConfig.from_dict(d) for d in conf["saes"]]
-    scfg = static_config(cfgs)
-    template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((8, scfg.d_in), jnp.float32))
-    template = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
+    template = _zero_state(cfgs, 8)
     names = conf.get(ckpt_mod.SAE_DIRS_KEY)
     checkpointer = ckpt_mod.PerSaeCheckpointer(run_dir, names) if names else ckpt_mod.Checkpointer(run_dir)
     try:
         state, meta = checkpointer.restore(template, step=step)
     finally:
         checkpointer.close()
-    scale = float(state["act_scale"])
-    params = [fold_activation_scale(p, c, scale) for p, c in zip(unstack_params(state["params"], len(cfgs)), cfgs)]
-    return [{k: np.asarray(v) for k, v in p.items()} for p in params], cfgs, meta
+    return _folded_params(state, cfgs), cfgs, meta
+
+
+def _zero_state(cfgs: Sequence[SaeConfig], rows: int):
+    """A zero-filled state of the stack's shapes: the template a checkpoint is restored into."""
+    d_in = static_config(cfgs).d_in
+    template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((rows, d_in), jnp.float32))
+    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
+
+
+def _folded_params(state, cfgs: Sequence[SaeConfig]) -> list[dict[str, np.ndarray]]:
+    """Each SAE's params as host arrays, with the activation scale folded in so they run on raw activations."""
+    scale = float(host_array(state["act_scale"]))
+    params = unstack_params(state["params"], len(cfgs))
+    return [{k: np.asarray(v) for k, v in fold_activation_scale(p, c, scale).items()} for p, c in zip(params, cfgs)]
