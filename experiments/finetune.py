@@ -868,17 +868,14 @@ def _beyond_headlines(beyond: dict) -> list[str]:
                    f"{_ci_text(row['spread'])}, in-domain effect {_ci_text(row['in_domain'])}" +
                    ("." if row["readable"] else " -- the in-domain effect is not distinguishable from 0, so the "
                     "ratio is not readable."))
-    if "model_diff" in beyond:
-        ov, sp = beyond["model_diff"]["overlap"], beyond["model_diff"]["spearman"]
-        out.append(f"- Model diffing (model_diff_latent_overlap): top-{ov['k']} overlap {ov['overlap']} (chance "
-                   f"{ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]); Spearman r "
-                   f"{_ci_text(sp['r'])}.")
-        for key, what in DIFF_COMPARISONS.items():
-            if key in beyond["model_diff"]:
-                bc = beyond["model_diff"][key]
-                out.append(f"- Model diffing on {what}: top-{bc['overlap']['k']} overlap "
-                           f"{bc['overlap']['overlap']} (random band [{bc['overlap']['null']['low']:.0f}, "
-                           f"{bc['overlap']['null']['high']:.0f}]); Spearman r {_ci_text(bc['spearman']['r'])}.")
+    md = beyond.get("model_diff")
+    if md is not None:
+        for what, comparison in [("", md)] + [(f" on {w}", md[k]) for k, w in DIFF_COMPARISONS.items() if k in md]:
+            ov, sp = comparison["overlap"], comparison["spearman"]
+            out.append(f"- Model diffing{what} (model_diff_latent_overlap): top-{ov['k']} overlap "
+                       f"{_overlap_text(ov)} (chance {ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, "
+                       f"{ov['null']['high']:.0f}]); Spearman r {_ci_text(sp['r'])}; intervals over "
+                       f"{sp['r']['n']} questions.")
     return out
 
 
@@ -979,12 +976,18 @@ def _comparison_lines(md: dict) -> list[str]:
         if key not in md:
             continue
         ov, sp = md[key]["overlap"], md[key]["spearman"]
-        lines.append(f"- {what[0].upper()}{what[1:]}: top-{ov['k']} overlap {ov['overlap']} (random band "
+        lines.append(f"- {what[0].upper()}{what[1:]}: top-{ov['k']} overlap {_overlap_text(ov)} (random band "
                      f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}])"
                      + ("" if ov["above_null"] else " -- not above the random band")
                      + f"; Spearman r {_ci_text(sp['r'])}, shuffled band [{sp['null']['low']:.2f}, "
                        f"{sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else " -- inside the band") + ".")
     return lines
+
+
+def _overlap_text(ov: dict) -> str:
+    """The top-k overlap with its interval over questions."""
+    iv = ov["interval"]
+    return f"{ov['overlap']} [{iv['low']:.0f}, {iv['high']:.0f}]"
 
 
 def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
@@ -995,13 +998,16 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
             f"{', '.join(f'{k} {v:.3g}' for k, v in sae['eval_on_training_acts'].items())})" if sae["trained_here"]
             else f"loaded from {sae['source']} ({sae['format']}, d_sae {sae['d_sae']})")
     lines = [f"SAE at resid_post of block {r0['layer']}: {made}. Documents: {md['n_documents']} (the {r0['trait']} "
-             "evaluation questions with the original's and the fine-tune's answers, user and assistant tokens).",
+             "evaluation questions with the original's and the fine-tune's answers, user and assistant tokens). "
+             f"Intervals: 95% leave-one-question-out jackknife over the {sp['r']['n']} questions, both change "
+             "vectors recomputed without each question in turn.",
              f"- Top-{ov['k']} latents by |change|, plain 100% fine-tune vs positive-vs-negative system prompt: "
-             f"overlap {ov['overlap']} of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, 95% band "
-             f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]; {ov['n_latents']} latents fire on the documents)"
+             f"overlap {_overlap_text(ov)} of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, "
+             f"95% band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]; {ov['n_latents']} latents fire on the "
+             "documents)"
              + ("" if ov["above_null"] else " -- not above the random band") + "."
              + (f" The control fine-tune's overlap: {md['control_overlap']}." if "control_overlap" in md else ""),
-             f"- Spearman r of the two change vectors: {_ci_text(sp['r'])}, n = {sp['n']} latents; shuffled band "
+             f"- Spearman r of the two change vectors: {_ci_text(sp['r'])}, over {sp['n']} latents; shuffled band "
              f"[{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else
                                                                       " -- inside the band") + ".",
              *_comparison_lines(md),
@@ -1114,10 +1120,12 @@ def _overlap_record(ov: dict, sp: dict, md: dict, common: dict, *, key: str | No
                 chance=ov["chance"] / ov["k"], null_low=ov["null"]["low"] / ov["k"],
                 null_high=ov["null"]["high"] / ov["k"], n=ov["n_latents"], above_null=ov["above_null"],
                 spearman_r=sp["r"]["estimate"], spearman_low=sp["r"]["low"], spearman_high=sp["r"]["high"],
-                spearman_outside_null=sp["outside_null"], sae=md["sae"]["source"],
-                reference=f"{what}top-{ov['k']} overlap {ov['overlap']} (chance {ov['chance']:.2f}, random band "
+                spearman_outside_null=sp["outside_null"], sae=md["sae"]["source"], trait=md["trait"],
+                overlap_low=ov["interval"]["low"], overlap_high=ov["interval"]["high"], n_questions=sp["r"]["n"],
+                reference=f"{what}top-{ov['k']} overlap {_overlap_text(ov)} (chance {ov['chance']:.2f}, random band "
                           f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} latents; "
-                          f"Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, {sp['r']['high']:.3f}]",
+                          f"Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, {sp['r']['high']:.3f}]; "
+                          f"intervals over {sp['r']['n']} questions",
                 **common)
     if control_overlap is not None:
         line["control_overlap"] = control_overlap / ov["k"]

@@ -23,11 +23,12 @@ The null is the control fine-tune's own change from the original model, in and o
 Study 8. An SAE at the study's layer: loaded (`sae=`), or a small TopK SAE trained here with `sae.train` on the
 original model's activations over the training conversations and ShareGPT. Two change vectors over latents:
 (a) the plain 100% fine-tune minus the original, mean latent activation over the evaluation questions and both
-models' answers, teacher-forced, user and assistant tokens (`sae.features.model_diff`); (b) the trait's positive
-minus negative system prompt on the original model, over the same questions with each prompt's own answers
-(`sae.features.contrast`, mean_diff). They are compared by the overlap of their top-k latents by |change| (against
-k^2/S expected by chance and the band of random k-latent sets, S = the latents that fire on any document), by
-the Spearman rank correlation (bootstrap over latents, shuffled-pairing band), and by the persona vector's
+models' answers, teacher-forced, user and assistant tokens (`sae.features.collect`); (b) the trait's positive
+minus negative system prompt on the original model, over the same questions with each prompt's own answers. Both
+are kept per question, the independent unit. They are compared by the overlap of their top-k latents by |change|
+(against k^2/S expected by chance and the band of random k-latent sets, S = the latents that fire on any
+document), by the Spearman rank correlation (shuffled-pairing band), each with a jackknife interval over
+questions (both vectors recomputed without each question in turn), and by the persona vector's
 |cosine| with the top fine-tune latents' decoder rows against that of random latents. The control fine-tune's
 top-k overlap with (b) is shown beside it (a fine-tune that adds no trait), and the comparison is repeated on the
 fine-tune's change beyond the control's. Where the study also ran the 0% mix (the negative-prompted answers, the
@@ -47,8 +48,8 @@ from psm_jax.chat import Role
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import SITE, axis_from_vectors, project, unit
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
-from psm_jax.persona.stats import (bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci, ranks,
-                                   ratio_of_means_ci)
+from psm_jax.persona.stats import (bootstrap_ci, jackknife_ci, null_band, outside_band, paired_effect, pearson,
+                                   ranks, ratio_of_means_ci)
 
 N_NULL = 200  # random latent sets per null band
 OOD_PROMPT_CHARS = 400  # held-out ShareGPT first prompts are cut to this length
@@ -93,16 +94,44 @@ def overlap_stats(change_a, change_b, k: int, alive, *, n_null: int = N_NULL, se
 
 
 def spearman(change_a, change_b, alive, *, seed: int = 0) -> dict:
-    """Spearman rank correlation of two change vectors over the alive latents, with a bootstrap interval over
-    latents and a shuffled-pairing band."""
+    """Spearman rank correlation of two change vectors over the alive latents, with a shuffled-pairing band. Its
+    interval comes from `question_intervals`: latents are not independent units, questions are."""
     alive = np.asarray(alive, bool)
     ra, rb = ranks(np.asarray(change_a)[alive]), ranks(np.asarray(change_b)[alive])
     if ra.size < 3 or ra.std() == 0 or rb.std() == 0:
         raise ValueError(f"spearman over {ra.size} latents with rank spreads {ra.std():.3g}, {rb.std():.3g}; "
                          "expected >= 3 latents and two non-constant change vectors")
-    r = pearson_ci(ra, rb, seed=seed)
+    r = pearson(ra, rb)
     band = F.permutation_r_null(ra, rb, seed=seed)
-    return {"r": r, "null": band, "n": int(alive.sum()), "outside_null": outside_band(r["estimate"], band)}
+    return {"r": {"estimate": r}, "null": band, "n": int(alive.sum()), "outside_null": outside_band(r, band)}
+
+
+def question_intervals(change_q, prompt_q, k: int, alive, *, level: float = 0.95) -> dict:
+    """Intervals of the top-k overlap and of the Spearman r over the evaluation questions, the independent units:
+    leave-one-question-out jackknife (`stats.jackknife_ci`), both change vectors recomputed without each question
+    in turn, clipped to each statistic's range. change_q, prompt_q: [Q, S] per-question latent changes."""
+    change_q, prompt_q = _per_question("change_q", change_q), _per_question("prompt_q", prompt_q)
+    if change_q.shape != prompt_q.shape:
+        raise ValueError(f"change_q {change_q.shape} and prompt_q {prompt_q.shape}; expected the same [Q, S]")
+    alive = np.asarray(alive, bool)
+    k = int(min(k, alive.sum()))
+
+    def overlap_and_r(questions):
+        a, b = change_q[questions].mean(0), prompt_q[questions].mean(0)
+        return (np.intersect1d(top_k(a, k, alive), top_k(b, k, alive)).size,
+                pearson(ranks(a[alive]), ranks(b[alive])))
+
+    ci = jackknife_ci(overlap_and_r, change_q.shape[0], level=level)
+    (ov_low, r_low), (ov_high, r_high) = ci["low"], ci["high"]
+    return {"overlap": {"low": float(max(ov_low, 0.0)), "high": float(min(ov_high, k))},
+            "r": {"low": float(max(r_low, -1.0)), "high": float(min(r_high, 1.0))}, "n": ci["n"], "method": "jackknife"}
+
+
+def _per_question(name: str, values) -> np.ndarray:
+    x = np.asarray(values, np.float64)
+    if x.ndim != 2 or x.shape[0] < 2 or not np.isfinite(x).all():
+        raise ValueError(f"{name} has shape {x.shape}; expected finite [questions >= 2, latents]")
+    return x
 
 
 def decoder_alignment(W_dec, vector, latents, alive, *, n_null: int = N_NULL, seed: int = 0) -> dict:
@@ -300,7 +329,7 @@ def feature_sae(model, documents, layer: int, cfg, say=None):
 def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
     """Study 8 on the first trait (see the module doc)."""
     from sae.data.corpus import load_sharegpt
-    from sae.features import collect, contrast, model_diff
+    from sae.features import collect
 
     layer, base = kept["layer"], kept["base"]
     qs = list(base["questions"])
@@ -312,48 +341,66 @@ def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
         say("model diffing: latent changes of the fine-tune and of the system-prompt contrast")
     docs = [F.chat(q, a) for q, a in zip(qs, base["answers"])] + [F.chat(q, a) for q, a in
                                                                   zip(qs, kept["plain"]["answers"])]
-    roles = (Role.USER, Role.ASSISTANT)
-    kw = dict(select_roles=roles, batch_size=cfg.gen_batch_size)
-    diff = model_diff(model, fs, docs, params_b=kept["plain"]["params"], **kw)
-    ctrl, opposite = (model_diff(model, fs, docs, params_b=kept[role]["params"], **kw) if role in kept else None
-                      for role in ("control", "opposite"))
+    kw = dict(select_roles=(Role.USER, Role.ASSISTANT), batch_size=cfg.gen_batch_size)
+    original = collect(model, fs, docs, **kw).conv
+    tuned = {role: collect(model, fs, docs, params=kept[role]["params"], **kw).conv
+             for role in ("plain", "control", "opposite") if role in kept}
     pos_sys, neg_sys = F.scoring_systems(trait)
-    pos_docs = [system_conv(pos_sys, q) + [{"role": "assistant", "content": a}] for q, a in zip(qs, base["polar"][0])]
-    neg_docs = [system_conv(neg_sys, q) + [{"role": "assistant", "content": a}] for q, a in zip(qs, base["polar"][1])]
-    prompt = contrast(collect(model, fs, pos_docs, **kw).conv, collect(model, fs, neg_docs, **kw).conv, by="mean_diff")
-    d_ft, d_sp = diff.columns["diff"], prompt.columns["mean_diff"]
-    alive = ((diff.columns["fire_a"] + diff.columns["fire_b"] + prompt.columns["fire_a"] + prompt.columns["fire_b"])
-             > 0)
-    return summarize_diff(d_ft, d_sp, alive, np.asarray(fs.W_dec), kept["vector"], cfg,
-                          d_ctrl=None if ctrl is None else ctrl.columns["diff"],
-                          d_opposite=None if opposite is None else opposite.columns["diff"]) | {
-        "sae": sae_info, "n_documents": len(docs)}
+    pos = collect(model, fs, [system_conv(pos_sys, q) + [{"role": "assistant", "content": a}]
+                              for q, a in zip(qs, base["polar"][0])], **kw).conv
+    neg = collect(model, fs, [system_conv(neg_sys, q) + [{"role": "assistant", "content": a}]
+                              for q, a in zip(qs, base["polar"][1])], **kw).conv
+    changes = {role: question_changes(stats, original, len(qs)) for role, stats in tuned.items()}
+    alive = (original.fire.sum(0) + tuned["plain"].fire.sum(0) + pos.fire.sum(0) + neg.fire.sum(0)) > 0
+    return summarize_diff(changes["plain"], question_changes(pos, neg, len(qs)), alive, np.asarray(fs.W_dec),
+                          kept["vector"], cfg, d_ctrl=changes.get("control"), d_opposite=changes.get("opposite")) | {
+        "sae": sae_info, "n_documents": len(docs), "trait": trait.name}
 
 
-def _compare(d, d_sp, alive, cfg) -> dict:
-    """Top-k overlap (chance, random band) and Spearman r (shuffled band) of two change vectors over latents."""
-    return {"overlap": overlap_stats(d, d_sp, cfg.diff_top_k, alive, seed=cfg.seed),
-            "spearman": spearman(d, d_sp, alive, seed=cfg.seed)}
+def question_changes(b, a, n_questions: int) -> np.ndarray:
+    """[Q, S] mean latent activation under b minus under a per question (`ConversationStats` of the same documents,
+    or of paired documents), averaged over the question's documents: document i belongs to question i % Q. The
+    mean over questions is then the change over all documents, and questions can be resampled as units."""
+    if len(a) != len(b) or len(a) % n_questions:
+        raise ValueError(f"{len(b)} and {len(a)} documents for {n_questions} questions; expected equal counts, a "
+                         "multiple of the questions")
+    empty = int(((a.n == 0) | (b.n == 0)).sum())
+    if empty:
+        raise ValueError(f"{empty} documents have no selected tokens; expected every document to have some")
+    diff = b.mean.astype(np.float64) - a.mean.astype(np.float64)
+    return diff.reshape(-1, n_questions, diff.shape[1]).mean(0)
+
+
+def _compare(d_q, sp_q, alive, cfg) -> dict:
+    """Top-k overlap (chance, random band) and Spearman r (shuffled band) of the mean change vectors over latents,
+    each with its interval over questions."""
+    d, sp = d_q.mean(0), sp_q.mean(0)
+    ov, rank = overlap_stats(d, sp, cfg.diff_top_k, alive, seed=cfg.seed), spearman(d, sp, alive, seed=cfg.seed)
+    ci = question_intervals(d_q, sp_q, cfg.diff_top_k, alive)
+    ov["interval"] = ci["overlap"] | {"n": ci["n"]}
+    rank["r"] |= ci["r"] | {"n": ci["n"]}
+    return {"overlap": ov, "spearman": rank}
 
 
 def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None, d_opposite=None) -> dict:
-    """Top-k overlap with its chance level and null band, Spearman r, and the persona vector's decoder alignment
-    of the fine-tune's top latents. With the control fine-tune's changes: its own overlap, and the comparison
-    repeated on the fine-tune's change beyond the control's, which removes the drift that any fine-tune on the
-    model's own answers causes, so that what is left is specific to the trait data. With the opposite (0% mix)
-    fine-tune's changes: the comparison on the 100% minus the 0% fine-tune's change ('polarity'), the contrast
-    of two trait-polar training sets that matches the system prompts' positive-minus-negative contrast."""
-    ov = overlap_stats(d_ft, d_sp, cfg.diff_top_k, alive, seed=cfg.seed)
-    out = {"overlap": ov, "spearman": spearman(d_ft, d_sp, alive, seed=cfg.seed),
-           "decoder_alignment": decoder_alignment(W_dec, vector, ov["top_a"], alive, seed=cfg.seed),
-           "prompt_decoder_alignment": decoder_alignment(W_dec, vector, ov["top_b"], alive, seed=cfg.seed),
-           "top_changes": [{"latent": int(j), "finetune_change": float(d_ft[j]), "prompt_change": float(d_sp[j])}
-                           for j in ov["top_a"][:10]]}
+    """Per-question latent changes [Q, S] in; the top-k overlap with its chance level and null band, Spearman r,
+    both with intervals over questions, and the persona vector's decoder alignment of the fine-tune's top latents.
+    With the control fine-tune's changes: its own overlap, and the comparison repeated on the fine-tune's change
+    beyond the control's, which removes the drift that any fine-tune on the model's own answers causes, so that
+    what is left is specific to the trait data. With the opposite (0% mix) fine-tune's changes: the comparison on
+    the 100% minus the 0% fine-tune's change ('polarity'), the contrast of two trait-polar training sets that
+    matches the system prompts' positive-minus-negative contrast."""
+    d_ft, d_sp = _per_question("d_ft", d_ft), _per_question("d_sp", d_sp)
+    out = _compare(d_ft, d_sp, alive, cfg)
+    ov, ft, sp = out["overlap"], d_ft.mean(0), d_sp.mean(0)
+    out |= {"decoder_alignment": decoder_alignment(W_dec, vector, ov["top_a"], alive, seed=cfg.seed),
+            "prompt_decoder_alignment": decoder_alignment(W_dec, vector, ov["top_b"], alive, seed=cfg.seed),
+            "top_changes": [{"latent": int(j), "finetune_change": float(ft[j]), "prompt_change": float(sp[j])}
+                            for j in ov["top_a"][:10]]}
     if d_ctrl is not None:
-        out["control_overlap"] = overlap_stats(d_ctrl, d_sp, cfg.diff_top_k, alive, seed=cfg.seed)["overlap"]
-        out["beyond_control"] = _compare(np.asarray(d_ft, np.float64) - np.asarray(d_ctrl, np.float64), d_sp, alive,
-                                         cfg)
+        d_ctrl = _per_question("d_ctrl", d_ctrl)
+        out["control_overlap"] = overlap_stats(d_ctrl.mean(0), sp, cfg.diff_top_k, alive, seed=cfg.seed)["overlap"]
+        out["beyond_control"] = _compare(d_ft - d_ctrl, d_sp, alive, cfg)
     if d_opposite is not None:
-        out["polarity"] = _compare(np.asarray(d_ft, np.float64) - np.asarray(d_opposite, np.float64), d_sp, alive,
-                                   cfg)
+        out["polarity"] = _compare(d_ft - _per_question("d_opposite", d_opposite), d_sp, alive, cfg)
     return out

@@ -121,6 +121,13 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert [ln.get("key") for ln in out["records"] if ln["metric"] == "model_diff_latent_overlap"] == \
         [None, "beyond_control", "polarity"]
     assert set(md["polarity"]) == {"overlap", "spearman"} and md["polarity"]["overlap"]["k"] == cfg.diff_top_k
+    for comparison in (md, md["beyond_control"], md["polarity"]):  # intervals over questions, not latents
+        ov, r = comparison["overlap"], comparison["spearman"]["r"]
+        assert ov["interval"]["n"] == r["n"] == cfg.n_eval_questions
+        assert ov["interval"]["low"] <= ov["overlap"] <= ov["interval"]["high"]
+        assert r["low"] <= r["estimate"] <= r["high"]
+    assert diff_line["n_questions"] == cfg.n_eval_questions and diff_line["trait"] == "evil"
+    assert f"intervals over {cfg.n_eval_questions} questions" in text
     assert "Narrow vs general (study 5)" in text and "Model diffing (study 8)" in text
     assert "beyond the control fine-tune's: top-" in text and "(opposite) fine-tune's: top-" in text
     assert (folder / "narrow_vs_general.png").is_file()

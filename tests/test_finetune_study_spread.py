@@ -40,6 +40,11 @@ def _planted(n=300, k=10, shared=6, seed=0):
     return a, b
 
 
+def _per_question(change, n_questions=6, noise=0.001, seed=0):
+    """[Q, S] per-question changes whose mean over questions is about `change`."""
+    return change + noise * np.random.default_rng(seed).normal(size=(n_questions, change.size))
+
+
 def test_overlap_chance_and_null_band_on_planted_change_vectors():
     a, b = _planted()
     alive = np.ones(a.size, bool)
@@ -62,6 +67,52 @@ def test_spearman_and_ranks():
     assert same["r"]["estimate"] == pytest.approx(1.0) and same["outside_null"] and same["n"] == 80
     other = S.spearman(x, np.random.default_rng(1).normal(size=80), np.ones(80, bool), seed=0)
     assert abs(other["r"]["estimate"]) < 0.35 and other["null"]["low"] < 0 < other["null"]["high"]
+
+
+def test_question_intervals_resample_questions_not_latents():
+    """A rank agreement every question shares has an interval clear of 0 around its estimate; an agreement carried
+    by one question out of ten has an interval reaching down to 0, because leaving that question out loses it.
+    Resampling the 300 latents instead would call both precise."""
+    rng = np.random.default_rng(0)
+    n_q, n_lat = 10, 300
+    prompt = rng.normal(size=n_lat)
+    prompt_q = prompt + rng.normal(size=(n_q, n_lat))
+    alive = np.ones(n_lat, bool)
+    shared = 0.5 * prompt + rng.normal(size=(n_q, n_lat))
+    one = rng.normal(size=(n_q, n_lat))
+    one[0] += 5 * prompt
+    for change_q in (shared, one):
+        ci = S.question_intervals(change_q, prompt_q, 10, alive)
+        r = S.spearman(change_q.mean(0), prompt_q.mean(0), alive)["r"]["estimate"]
+        assert ci["n"] == n_q and ci["r"]["low"] <= r <= ci["r"]["high"] and r > 0.3
+        assert ci["overlap"]["low"] <= S.overlap_stats(change_q.mean(0), prompt_q.mean(0), 10, alive)["overlap"]
+    assert S.question_intervals(shared, prompt_q, 10, alive)["r"]["low"] > 0.3
+    assert S.question_intervals(one, prompt_q, 10, alive)["r"]["low"] < 0.15
+    same = np.tile(prompt, (n_q, 1))  # every question alike: nothing to resample
+    ci = S.question_intervals(same, same, 10, alive)
+    assert ci["r"]["low"] == ci["r"]["high"] == pytest.approx(1.0) and ci["overlap"] == {"low": 10.0, "high": 10.0}
+    with pytest.raises(ValueError, match=r"expected finite \[questions >= 2, latents\]"):
+        S.question_intervals(prompt, prompt_q, 10, alive)
+    with pytest.raises(ValueError, match="expected the same"):
+        S.question_intervals(shared[:, :-1], prompt_q, 10, alive)
+
+
+def test_question_changes_average_each_questions_documents():
+    from sae.features.collect import ConversationStats
+
+    def stats(mean, n=None):
+        n = np.ones(len(mean), int) if n is None else np.asarray(n)
+        return ConversationStats(np.asarray(mean, np.float32), np.zeros_like(mean), n, np.zeros((len(mean), 2)))
+
+    a = np.arange(12, dtype=float).reshape(6, 2)  # 6 documents of 3 questions: question i % 3
+    b = a + np.array([[1, 0], [2, 0], [3, 0], [5, 1], [6, 1], [7, 1]])
+    got = S.question_changes(stats(b), stats(a), 3)
+    np.testing.assert_allclose(got, [[3, 0.5], [4, 0.5], [5, 0.5]])
+    np.testing.assert_allclose(got.mean(0), (b - a).mean(0))
+    with pytest.raises(ValueError, match="1 documents have no selected tokens"):
+        S.question_changes(stats(b, [1, 1, 0, 1, 1, 1]), stats(a), 3)
+    with pytest.raises(ValueError, match="6 and 6 documents for 4 questions"):
+        S.question_changes(stats(b), stats(a), 4)
 
 
 def test_decoder_alignment_against_random_latents():
@@ -95,8 +146,9 @@ def test_summaries_give_the_record_lines_with_their_fields():
     assert nv["control_changes"]["in"]["evil"]["estimate"] == pytest.approx(0.1, abs=0.06)
     a, b = _planted()
     W = np.random.default_rng(1).normal(size=(a.size, 16))
-    md = S.summarize_diff(a, b, np.ones(a.size, bool), W, np.ones(16), cfg, d_ctrl=b[::-1].copy())
-    md |= {"sae": {"source": "trained here"}, "n_documents": 12}
+    md = S.summarize_diff(_per_question(a), _per_question(b, seed=1), np.ones(a.size, bool), W, np.ones(16), cfg,
+                          d_ctrl=_per_question(b[::-1], seed=2))
+    md |= {"sae": {"source": "trained here"}, "n_documents": 12, "trait": "evil"}
     metrics = {"shift_behaviour": None, "screening_shift": None, "traits": {}}
     res = F.Result(cfg, [{"trait": "evil", "validity": {"valid": True}}], metrics, "m", 30, 576, 1.0,
                    {"narrow": nv, "model_diff": md})
@@ -110,6 +162,7 @@ def test_summaries_give_the_record_lines_with_their_fields():
     assert diff["value"] == pytest.approx(0.6) and diff["chance"] == pytest.approx(10 / a.size)
     assert diff["null_low"] <= diff["chance"] <= diff["null_high"] < 0.6 and diff["n"] == a.size
     assert {"spearman_r", "spearman_low", "spearman_high", "control_overlap"} <= set(diff)
+    assert diff["trait"] == "evil" and diff["n_questions"] == 6 and diff["overlap_low"] <= 6 <= diff["overlap_high"]
 
 
 def test_model_diff_beyond_the_control_removes_the_drift_of_any_fine_tune():
@@ -122,12 +175,13 @@ def test_model_diff_beyond_the_control_removes_the_drift_of_any_fine_tune():
     d_ft, d_ctrl = a + drift, drift + 0.01 * rng.normal(size=a.size)
     cfg = F.Config(traits=("evil",), diff_top_k=10)
     W = rng.normal(size=(a.size, 16))
-    md = S.summarize_diff(d_ft, b, np.ones(a.size, bool), W, np.ones(16), cfg, d_ctrl=d_ctrl)
+    md = S.summarize_diff(_per_question(d_ft), _per_question(b, seed=1), np.ones(a.size, bool), W, np.ones(16), cfg,
+                          d_ctrl=_per_question(d_ctrl, seed=2))
     assert md["overlap"]["overlap"] == 0 and md["control_overlap"] == 0
     bc = md["beyond_control"]
     assert bc["overlap"]["overlap"] == 6 and bc["overlap"]["above_null"]
     assert bc["spearman"]["r"]["estimate"] > md["spearman"]["r"]["estimate"]
-    md |= {"sae": {"source": "trained here"}, "n_documents": 12}
+    md |= {"sae": {"source": "trained here"}, "n_documents": 12, "trait": "evil"}
     res = F.Result(cfg, [], {"shift_behaviour": None, "screening_shift": None, "traits": {}}, "m", 30, 576, 1.0,
                    {"model_diff": md})
     plain, beyond = [ln for ln in F.records(res) if ln["metric"] == "model_diff_latent_overlap"]
@@ -146,12 +200,13 @@ def test_model_diff_polarity_contrast_cancels_what_both_trait_polar_fine_tunes_s
     d_ft, d_opposite = drift + 0.5 * a, drift - 0.5 * a + 0.01 * rng.normal(size=a.size)
     cfg = F.Config(traits=("evil",), diff_top_k=10)
     W = rng.normal(size=(a.size, 16))
-    md = S.summarize_diff(d_ft, b, np.ones(a.size, bool), W, np.ones(16), cfg, d_opposite=d_opposite)
+    md = S.summarize_diff(_per_question(d_ft), _per_question(b, seed=1), np.ones(a.size, bool), W, np.ones(16), cfg,
+                          d_opposite=_per_question(d_opposite, seed=2))
     assert md["overlap"]["overlap"] == 0 and "beyond_control" not in md
     pol = md["polarity"]
     assert pol["overlap"]["overlap"] == 6 and pol["overlap"]["above_null"]
     assert abs(pol["spearman"]["r"]["estimate"]) > abs(md["spearman"]["r"]["estimate"])  # b has negative entries
-    md |= {"sae": {"source": "trained here"}, "n_documents": 12}
+    md |= {"sae": {"source": "trained here"}, "n_documents": 12, "trait": "evil"}
     res = F.Result(cfg, [], {"shift_behaviour": None, "screening_shift": None, "traits": {}}, "m", 30, 576, 1.0,
                    {"model_diff": md})
     plain, polar = [ln for ln in F.records(res) if ln["metric"] == "model_diff_latent_overlap"]

@@ -35,6 +35,20 @@ def test_bootstrap_and_band_reject_bad_input():
         S.paired_effect([1.0, 2.0], [1.0])
 
 
+def test_jackknife_of_a_mean_is_the_textbook_standard_error():
+    """For the mean, the jackknife's standard error is exactly sd / sqrt(n) (ddof 1); for several statistics at
+    once each gets its own; one unit too few is refused."""
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=25)
+    ci = S.jackknife_ci(lambda idx: [x[idx].mean(), 2 * x[idx].mean() + 1], x.size)
+    se = x.std(ddof=1) / np.sqrt(x.size)
+    np.testing.assert_allclose(ci["se"], [se, 2 * se], rtol=1e-10)
+    np.testing.assert_allclose(ci["estimate"], [x.mean(), 2 * x.mean() + 1])
+    np.testing.assert_allclose(ci["low"][0], x.mean() - 1.959963985 * se, rtol=1e-8)
+    assert ci["n"] == 25 and ci["high"][1] > ci["estimate"][1]
+    with pytest.raises(ValueError, match="needs >= 2 units; got 1"):
+        S.jackknife_ci(lambda idx: [0.0], 1)
+
+
 def test_paired_effect_and_validity():
     rng = np.random.default_rng(0)
     base = rng.normal(size=30)
