@@ -513,110 +513,118 @@ def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None
     The SAE comes from `sae` or from config.sae (`prepare` fills it when the SAE is trained here)."""
     from psm_jax.persona.prompts import load_traits
 
-    cfg = config
-    t_start = time.time()
-    status = progress
-    say = status or (lambda msg: None)
-    progress = status is not None  # below: whether to show progress bars
-    traits = load_traits(cfg.traits)
-
-    # 1. SAE
+    cfg, t_start = config, time.time()
+    say = progress or (lambda msg: None)
+    bars = progress is not None
     sae_info: dict = {"source": "given", "trained_here": False, "sae_cfg": None}
     if sae is None:
         sae, sae_info = load_sae(model, cfg)
-    layer = sae.layer
-    model.config.check_layer(layer, "SAE layer")
+    model.config.check_layer(sae.layer, "SAE layer")
     say(f"SAE {sae.describe()}")
     key = jax.random.key(cfg.seed)
-
-    # 2. traits
-    results: dict = {}
-    directions: dict[str, np.ndarray] = {}
-    all_convs: list = []
-    for ti, trait in enumerate(traits):
-        say(f"trait {trait.name}: generating")
-        rows = _generate(model, trait_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples), cfg,
-                         jax.random.fold_in(key, 1 + ti), progress)
-        stats = F.collect(model, sae, [r["conversation"] for r in rows], batch_size=cfg.batch_size // 2 or 1,
-                          last_turn_only=True, progress=progress).conv
-        res = contrast_block(stats, rows, "pos", "neg", cfg=cfg, seed=cfg.seed * 100 + ti)
-        pos = stats.resid_mean[[i for i, r in enumerate(rows) if r["group"] == "pos" and stats.n[i] > 0]]
-        neg = stats.resid_mean[[i for i, r in enumerate(rows) if r["group"] == "neg" and stats.n[i] > 0]]
-        v = pos.mean(0) - neg.mean(0)
-        directions[trait.name] = v
-        res["vector_norm"] = float(np.linalg.norm(v))
-        res["typical_norm"] = typical_norm(stats)
-        res["rows"], res["stats"] = rows, stats
-        results[trait.name] = res
-        all_convs += [r["conversation"] for r in rows]
-        say(f"trait {trait.name}: found {res['n_found']} (shuffled-label null band {res['null_band']['low']:g}.."
-            f"{res['null_band']['high']:g})")
-
+    results = _trait_contrasts(model, sae, load_traits(cfg.traits), cfg, key, say, bars)
     specific = specific_blocks(results, cfg)
     for name, spec in specific.items():
         say(f"trait {name}: trait-specific latents found {spec['n_found']} (null band {spec['null_band']['low']:g}.."
             f"{spec['null_band']['high']:g})")
-
-    # 3. roles vs default
-    say("roles vs default: generating")
-    rrows, role_names = role_rows(cfg)
-    rrows = _generate(model, rrows, cfg, jax.random.fold_in(key, 999), progress)
-    rstats = F.collect(model, sae, [r["conversation"] for r in rrows], batch_size=cfg.batch_size // 2 or 1,
-                       last_turn_only=True, progress=progress).conv
-    role_res = contrast_block(rstats, rrows, "role", "default", cfg=cfg, seed=cfg.seed * 100 + 99)
-    role_res["roles"] = role_names
-    dmean = rstats.resid_mean[[i for i, r in enumerate(rrows) if r["group"] == "default" and rstats.n[i] > 0]].mean(0)
-    rmean = rstats.resid_mean[[i for i, r in enumerate(rrows) if r["group"] == "role" and rstats.n[i] > 0]].mean(0)
-    role_res["n_default_prompts"] = len({r["messages"][0]["content"] if r["messages"][0]["role"] == "system" else ""
-                                         for r in rrows if r["group"] == "default"})
-    axis = dmean - rmean
-    directions["assistant_axis"] = axis
-    all_convs += [r["conversation"] for r in rrows]
-    say(f"roles: found {role_res['n_found']} (null {role_res['null_found']})")
-
-    # 4. decoder cosines, against random directions
-    W = sae.W_dec
-    cos = {name: F.decoder_cosine(W, v) for name, v in directions.items()}
-    for ti, (name, res) in enumerate(results.items()):
-        rk = F.rank_by_cosine(W, directions[name])
-        res["cosine_top"] = rk.top(cfg.n_cosine)
-        top_contrast = [c["latent"] for c in res["candidates"]]
-        res["cosine_of_candidates"] = {c: float(cos[name][c]) for c in top_contrast}
-        res["cosine_band"] = cosine_band(W, directions[name], top_contrast, n_random=cfg.n_random_directions,
-                                         seed=cfg.seed * 100 + ti)
-        res["cosine_rank_of_best"] = rk.rank_of(top_contrast[0]) if top_contrast else None
-        n_cmp = max(cfg.n_candidates, 20)
-        res["overlap_contrast_cosine_top"] = len(set(res["ranking_full"].order()[:n_cmp]) & set(rk.order()[:n_cmp]))
-        res["overlap_n"] = n_cmp
-    role_res["cosine_top_toward_roles"] = F.rank_by_cosine(W, axis, sign=-1).top(cfg.n_cosine)
-    role_res["cosine_top_toward_assistant"] = F.rank_by_cosine(W, axis, sign=1).top(cfg.n_cosine)
-
-    # 5. model diffing: the persona vector added at an earlier layer, read at the SAE's layer
-    if cfg.diff and layer - cfg.diff_layer_offset >= 0:
-        Ld = layer - cfg.diff_layer_offset
+    role_res, rrows, axis = _role_contrast(model, sae, cfg, key, say, bars)
+    directions = {name: res["vector"] for name, res in results.items()} | {"assistant_axis": axis}
+    _decoder_cosines(sae.W_dec, results, role_res, directions, cfg)
+    if cfg.diff and sae.layer - cfg.diff_layer_offset >= 0:
         neutral = [r["conversation"] for r in rrows if r["group"] == "default"]
-        for ti, (name, res) in enumerate(results.items()):
-            say(f"model diffing: {name} vector at layer {Ld}")
-            rows = res["rows"]
-            acts = rollouts.activation_means(model, [r["conversation"] for r in rows], layers=(Ld,), site=SITE,
-                                             batch_size=cfg.batch_size)
-            g = np.asarray([r["group"] for r in rows])
-            vL = acts["response_mean"][g == "pos", 0].mean(0) - acts["response_mean"][g == "neg", 0].mean(0)
-            scale = float(np.mean(np.linalg.norm(acts["response_mean"][:, 0], axis=-1)))
-            edit = E.add(model.config, unit(vL) * scale, layers=[Ld], coef=cfg.diff_coef, site=SITE)
-            rk = F.model_diff(model, sae, neutral, edits_fn=lambda b, e=edit: (e,), batch_size=cfg.batch_size // 2 or 1)
-            cand = [c["latent"] for c in res["candidates"]]
-            order = rk.order()
-            res["diff"] = {"layer": Ld, "coef": cfg.diff_coef, "unit_norm": scale, "n_prompts": len(neutral),
-                           "top": rk.top(cfg.n_diff),
-                           "rank_of_candidates": {c: int(np.flatnonzero(order == c)[0]) for c in cand},
-                           "overlap_top20_with_contrast": len(set(order[:20]) & set(res["ranking_full"].order()[:20]))}
-
-    # 6. records over the context corpus
-    records, ctx, n_ctx_docs = latent_records(model, sae, cfg, results, specific, role_res, all_convs, say, progress)
+        _steered_diffs(model, sae, results, neutral, cfg, say)
+    all_convs = [r["conversation"] for res in results.values() for r in res["rows"]] + [r["conversation"]
+                                                                                        for r in rrows]
+    records, ctx, n_ctx_docs = latent_records(model, sae, cfg, results, specific, role_res, all_convs, say, bars)
     return Result(config=cfg, sae=sae, sae_info=sae_info, results=results, specific=specific, roles=role_res,
                   directions=directions, latent_records=records, density=ctx.table.density(), n_context_docs=n_ctx_docs,
                   n_generated=len(all_convs), context_tokens=len(ctx.table), seconds=time.time() - t_start)
+
+
+def _group_mean(stats, rows, group: str) -> np.ndarray:
+    """Mean residual of the rows of one group that have selected tokens."""
+    return stats.resid_mean[[i for i, r in enumerate(rows) if r["group"] == group and stats.n[i] > 0]].mean(0)
+
+
+def _collect_last_turns(model, sae, rows, cfg: Config, bars: bool):
+    return F.collect(model, sae, [r["conversation"] for r in rows], batch_size=cfg.batch_size // 2 or 1,
+                     last_turn_only=True, progress=bars).conv
+
+
+def _trait_contrasts(model, sae, traits, cfg: Config, key, say, bars: bool) -> dict:
+    """Per trait: answers under its positive and negative system prompts, the latent contrast with its shuffled-
+    label null, and the persona vector at the SAE's layer (positive minus negative mean residual, `vector`)."""
+    results: dict = {}
+    for ti, trait in enumerate(traits):
+        say(f"trait {trait.name}: generating")
+        rows = _generate(model, trait_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples), cfg,
+                         jax.random.fold_in(key, 1 + ti), bars)
+        stats = _collect_last_turns(model, sae, rows, cfg, bars)
+        res = contrast_block(stats, rows, "pos", "neg", cfg=cfg, seed=cfg.seed * 100 + ti)
+        v = _group_mean(stats, rows, "pos") - _group_mean(stats, rows, "neg")
+        res |= {"vector": v, "vector_norm": float(np.linalg.norm(v)), "typical_norm": typical_norm(stats),
+                "rows": rows, "stats": stats}
+        results[trait.name] = res
+        say(f"trait {trait.name}: found {res['n_found']} (shuffled-label null band {res['null_band']['low']:g}.."
+            f"{res['null_band']['high']:g})")
+    return results
+
+
+def _role_contrast(model, sae, cfg: Config, key, say, bars: bool) -> tuple[dict, list, np.ndarray]:
+    """Role-played answers against the default Assistant's: the latent contrast, its rows, and the Assistant axis
+    at the SAE's layer (default minus role mean residual)."""
+    say("roles vs default: generating")
+    rrows, role_names = role_rows(cfg)
+    rrows = _generate(model, rrows, cfg, jax.random.fold_in(key, 999), bars)
+    rstats = _collect_last_turns(model, sae, rrows, cfg, bars)
+    role_res = contrast_block(rstats, rrows, "role", "default", cfg=cfg, seed=cfg.seed * 100 + 99)
+    role_res["roles"] = role_names
+    role_res["n_default_prompts"] = len({r["messages"][0]["content"] if r["messages"][0]["role"] == "system" else ""
+                                         for r in rrows if r["group"] == "default"})
+    say(f"roles: found {role_res['n_found']} (null {role_res['null_found']})")
+    return role_res, rrows, _group_mean(rstats, rrows, "default") - _group_mean(rstats, rrows, "role")
+
+
+def _decoder_cosines(W, results: dict, role_res: dict, directions: dict, cfg: Config) -> None:
+    """Per trait (in place): the latents whose decoder rows point along its vector, the contrast candidates'
+    cosines against random directions, and the overlap of the contrast's and the cosine's top latents."""
+    for ti, (name, res) in enumerate(results.items()):
+        rk = F.rank_by_cosine(W, directions[name])
+        cos = F.decoder_cosine(W, directions[name])
+        top_contrast = [c["latent"] for c in res["candidates"]]
+        n_cmp = max(cfg.n_candidates, 20)
+        res |= {"cosine_top": rk.top(cfg.n_cosine),
+                "cosine_of_candidates": {c: float(cos[c]) for c in top_contrast},
+                "cosine_band": cosine_band(W, directions[name], top_contrast, n_random=cfg.n_random_directions,
+                                           seed=cfg.seed * 100 + ti),
+                "cosine_rank_of_best": rk.rank_of(top_contrast[0]) if top_contrast else None,
+                "overlap_contrast_cosine_top": len(set(res["ranking_full"].order()[:n_cmp]) & set(rk.order()[:n_cmp])),
+                "overlap_n": n_cmp}
+    role_res["cosine_top_toward_roles"] = F.rank_by_cosine(W, directions["assistant_axis"], sign=-1).top(cfg.n_cosine)
+    role_res["cosine_top_toward_assistant"] = F.rank_by_cosine(W, directions["assistant_axis"], sign=1).top(
+        cfg.n_cosine)
+
+
+def _steered_diffs(model, sae, results: dict, neutral: list, cfg: Config, say) -> None:
+    """Per trait (in place, `diff`): model diffing with the persona vector added `diff_layer_offset` layers before
+    the SAE's layer on neutral (default-prompt) conversations; where the contrast's candidates rank."""
+    layer = sae.layer - cfg.diff_layer_offset
+    for name, res in results.items():
+        say(f"model diffing: {name} vector at layer {layer}")
+        rows = res["rows"]
+        acts = rollouts.activation_means(model, [r["conversation"] for r in rows], layers=(layer,), site=SITE,
+                                         batch_size=cfg.batch_size)
+        g = np.asarray([r["group"] for r in rows])
+        v = acts["response_mean"][g == "pos", 0].mean(0) - acts["response_mean"][g == "neg", 0].mean(0)
+        scale = float(np.mean(np.linalg.norm(acts["response_mean"][:, 0], axis=-1)))
+        edit = E.add(model.config, unit(v) * scale, layers=[layer], coef=cfg.diff_coef, site=SITE)
+        rk = F.model_diff(model, sae, neutral, edits_fn=lambda b, e=edit: (e,), batch_size=cfg.batch_size // 2 or 1)
+        order = rk.order()
+        res["diff"] = {"layer": layer, "coef": cfg.diff_coef, "unit_norm": scale, "n_prompts": len(neutral),
+                       "top": rk.top(cfg.n_diff),
+                       "rank_of_candidates": {c["latent"]: int(np.flatnonzero(order == c["latent"])[0])
+                                              for c in res["candidates"]},
+                       "overlap_top20_with_contrast": len(set(order[:20]) & set(res["ranking_full"].order()[:20]))}
 
 
 def latent_records(model, sae, cfg: Config, results: dict, specific: dict, role_res: dict, all_convs: list, say,
