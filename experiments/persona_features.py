@@ -741,9 +741,7 @@ def report(result: Result, folder) -> Path:
                                 "default - role means", "layer_indexing": "resid_post of block `layer` = HF hidden_states[layer+1]"})
     sae_info = {k: v for k, v in result.sae_info.items() if k not in ("params", "scfg")}
     by_latent = {r["latent"]: r for r in result.latent_records}
-    _write_report(rep, cfg, sae, sae_info, result.results, result.roles, result.latent_records, by_latent,
-                  result.context_tokens, result.n_context_docs, result.n_generated, export_dir, result.seconds,
-                  summary(result))
+    _write_report(rep, result, sae_info, by_latent, export_dir, summary(result))
     return rep.finish()
 
 
@@ -871,9 +869,42 @@ def _specificity_text(per_trait: dict, d_replicate: float) -> str:
     return "\n".join(lines)
 
 
-def _write_report(report: Report, cfg, sae, sae_info, results, role_res, records, by_latent, context_tokens, n_ctx_docs,
-                  n_gen, export_dir, seconds, per_trait):
-    report.section("Setup", f"""
+def _write_report(report: Report, result: Result, sae_info: dict, by_latent: dict, export_dir, per_trait: dict):
+    cfg, sae = result.config, result.sae
+    contrasts = list(result.results.items()) + [("role-vs-default", result.roles)]
+    report.section("Setup", _setup_text(result, sae_info))
+    if sae_info.get("trained_here"):
+        report.section("SAE training", _training_text(cfg, sae, sae_info))
+    report.table("Headline: the best latent per contrast over independent units, against its nulls",
+                 [_headline_row(name, m) for name, m in per_trait.items()])
+    report.table("Found latents per contrast", [_found_row(name, res, by_latent, per_trait, cfg)
+                                                for name, res in contrasts])
+    report.section("Specificity of the best latents", _specificity_text(per_trait, cfg.d_replicate))
+    _write_specific_section(report, cfg, per_trait)
+    for name, res in contrasts:
+        report.table(f"Candidates: {name}", [_candidate_row(c, res, by_latent) for c in res["candidates"]])
+        report.section(f"Notes: {name}", _trait_notes(res) if name in result.results else _role_notes(result.roles))
+    _plots(report, result.results, result.roles)
+    report.section("Top contexts of the best latent per contrast (activating tokens in << >>)",
+                   _top_contexts(contrasts, by_latent))
+    report.section("Files", "latents.jsonl (one latent per line, schema in sae/labelling.py), features.html "
+                   "(open from disk), candidates.json (input of feature-steering), persona_directions.safetensors."
+                   + (f" SAE with labels (SAELens v6): {export_dir}" if export_dir else ""))
+    report.metric("layer", sae.layer)
+    report.metric("d_sae", sae.d_sae)
+    report.metric("contrasts", per_trait)
+    report.metric("n_records", len(result.latent_records))
+    dets = [r["detection"]["balanced_accuracy"] for r in result.latent_records if r.get("detection")]
+    report.metric("detection_balanced_accuracy_mean", float(np.mean(dets)) if dets else None)
+    report.metric("sae", {k: v for k, v in sae_info.items() if k != "sae_cfg"})
+    report.metric("seconds", result.seconds)
+
+
+def _setup_text(result: Result, sae_info: dict) -> str:
+    """What ran: model, SAE, traits and sizes, the found rule and its null, the context corpus."""
+    cfg, sae, results, role_res = result.config, result.sae, result.results, result.roles
+    n_ctx_docs, n_gen, context_tokens = result.n_context_docs, result.n_generated, result.context_tokens
+    return f"""
 Model `{cfg.model}`; SAE on `{sae.site}` of layer {sae.layer} (block output = HF hidden_states[{sae.layer + 1}]),
 {sae.d_sae} latents, activation {sae.activation}{f' (k={sae.k})' if sae.k else ''}; source: {sae_info.get('source')}.
 Traits: {', '.join(results)}; {cfg.n_pairs} instruction pairs x {cfg.n_questions} extraction questions x
@@ -890,107 +921,98 @@ Context corpus for the records: {n_ctx_docs} ShareGPT conversations (a slice dis
 slice) + {n_gen} generated conversations, {context_tokens} tokens.
 Labels and detection scores below are what the configured explainer ({cfg.explainer}) and scorer ({cfg.scorer})
 produced; claims rest on the contrast statistics.
-""")
-    if sae_info.get("trained_here"):
-        ev = sae_info.get("eval_on_training_store", {})
-        reused = sae_info.get("reused_cache") or {}
-        report.section("SAE training", f"Trained with sae.train (TopK, d_sae {cfg.d_sae}, k {cfg.k}, batch {cfg.train_batch}, "
-                       f"Adam, warm-up then linear decay) on {sae_info.get('store_tokens')} harvested ShareGPT tokens "
-                       f"(resid_post {sae.layer}, contexts of {cfg.context_len} tokens), {sae_info.get('steps')} steps "
-                       f"(stopped: {sae_info.get('stopped')}); harvest {_f(sae_info.get('harvest_seconds'), '.0f')} s, "
-                       f"training {_f(sae_info.get('train_seconds'), '.0f')} s when it was trained"
-                       + (" (the harvest store and the run dir were reused from an earlier invocation)"
-                          if reused.get("store") and reused.get("run") else "")
-                       + ". Reconstruction on 8 batches of the training store (in-sample): "
-                       + ", ".join(f"{k} {_f(v, '.3f')}" for k, v in ev.items()) + ".")
-    head = []
-    for name, m in per_trait.items():
-        val = m["best_effect_validation"]
-        nb = m["null_band"]
-        head.append({"contrast": name, "best latent": m["best_latent"],
-                     "activation diff, validation [95% CI]": _ci(val, "+.3g"),
-                     "n questions (conversations)": f"{val['n']} ({val['n_conversations']})",
-                     "found": m["n_found"], "null found, 95% band": f"[{nb['low']:g}, {nb['high']:g}] (n={nb['n']})",
-                     "cos(W_dec, vector) / z": (f"{_f(m.get('best_decoder_cosine'), '+.3f')} / "
-                                                f"{_f(m.get('best_decoder_cosine_z'), '.1f')}" if "cosine_band" in m else ""),
-                     "random cosine band": (f"[{m['cosine_band']['low']:+.3f}, {m['cosine_band']['high']:+.3f}]"
-                                            if "cosine_band" in m else ""),
-                     "candidates outside it": (f"{m['candidates_outside_cosine_band']}/{m['n_candidates']}"
-                                               if "cosine_band" in m else "")})
-    report.table("Headline: the best latent per contrast over independent units, against its nulls", head)
-    rows = []
-    for name, res in list(results.items()) + [("role-vs-default", role_res)]:
-        best = best_latent(res)
-        rec = by_latent.get(best, {})
-        det = rec.get("detection") or {}
-        rows.append({"contrast": name, "found": res["n_found"],
-                     f"null found ({cfg.n_shuffles} shuffles)": str(res["null_found"]),
-                     "r(halves)": _f(res["halves_correlation"]), "best latent": best,
-                     "d disc": _f(float(res["d_discovery"][best])), "d val": _f(float(res["d_validation"][best])),
-                     "label": rec.get("label") or "", "detection bal. acc.": _f(det.get("balanced_accuracy")),
-                     "AUROC": _f(det.get("auroc")),
-                     "d val on the other traits": ", ".join(
-                         f"{t} {d:.2f}" for t, d in per_trait[name]["best_d_validation_other_traits"].items()),
-                     "trait-specific": {True: "yes", False: "no", None: ""}[per_trait[name]["best_specific"]]})
-    report.table("Found latents per contrast", rows)
-    report.section("Specificity of the best latents", _specificity_text(per_trait, cfg.d_replicate))
-    _write_specific_section(report, cfg, per_trait)
-    for name, res in list(results.items()) + [("role-vs-default", role_res)]:
-        tab = []
-        for c in res["candidates"]:
-            rec = by_latent.get(c["latent"], {})
-            det = rec.get("detection") or {}
-            rr = rec.get("role_rates") or {}
-            tab.append({"latent": c["latent"], "d disc": _f(c["d_discovery"]), "d val": _f(c["d_validation"]),
-                        "found": "yes" if c["found"] else "", "fire a/b": f"{_f(c['fire_a'], '.3f')}/{_f(c['fire_b'], '.3f')}",
-                        "cos(vector)": _f(res.get("cosine_of_candidates", {}).get(c["latent"]), ".3f"),
-                        "density": _f(rec.get("density"), ".4f"),
-                        "rate sys/user/asst": "/".join(_f(rr.get(k), ".3f") for k in ("system", "user", "assistant")),
-                        "label": rec.get("label") or "", "det. BA": _f(det.get("balanced_accuracy"))})
-        extra = ""
-        if name in results:
-            res_ = results[name]
-            extra = (f"Persona vector norm {_f(res_['vector_norm'])} (typical residual norm {_f(res_['typical_norm'])}). "
-                     f"Top decoder-cosine latents: " + ", ".join(f"{c['latent']} ({_f(c['cosine'], '.3f')})"
-                                                                for c in res_["cosine_top"])
-                     + f"; the best contrast latent ranks {res_['cosine_rank_of_best']} by cosine; overlap of the "
-                       f"top {res_['overlap_n']} by contrast and by cosine: {res_['overlap_contrast_cosine_top']}.")
-            if res_.get("diff"):
-                dd = res_["diff"]
-                extra += (f" Model diffing (vector x {dd['coef']} typical norm added at layer {dd['layer']}, "
-                          f"{dd['n_prompts']} neutral conversations): top latents "
-                          + ", ".join(f"{c['latent']} (+{_f(c['diff'], '.3f')})" for c in dd["top"])
-                          + f"; overlap with the contrast top 20: {dd['overlap_top20_with_contrast']}.")
-        else:
-            extra = ("Roles: " + ", ".join(role_res.get("roles", [])) + ". Decoder cosine toward the role end of the "
-                     "axis: " + ", ".join(f"{c['latent']} ({_f(c['cosine'], '.3f')})" for c in role_res["cosine_top_toward_roles"]))
-        report.table(f"Candidates: {name}", tab)
-        report.section(f"Notes: {name}", extra)
-    _plots(report, results, role_res)
-    # contexts of the best latents
+"""
+
+
+def _training_text(cfg, sae, sae_info: dict) -> str:
+    ev = sae_info.get("eval_on_training_store", {})
+    reused = sae_info.get("reused_cache") or {}
+    return (f"Trained with sae.train (TopK, d_sae {cfg.d_sae}, k {cfg.k}, batch {cfg.train_batch}, "
+            f"Adam, warm-up then linear decay) on {sae_info.get('store_tokens')} harvested ShareGPT tokens "
+            f"(resid_post {sae.layer}, contexts of {cfg.context_len} tokens), {sae_info.get('steps')} steps "
+            f"(stopped: {sae_info.get('stopped')}); harvest {_f(sae_info.get('harvest_seconds'), '.0f')} s, "
+            f"training {_f(sae_info.get('train_seconds'), '.0f')} s when it was trained"
+            + (" (the harvest store and the run dir were reused from an earlier invocation)"
+               if reused.get("store") and reused.get("run") else "")
+            + ". Reconstruction on 8 batches of the training store (in-sample): "
+            + ", ".join(f"{k} {_f(v, '.3f')}" for k, v in ev.items()) + ".")
+
+
+def _headline_row(name: str, m: dict) -> dict:
+    val, nb, has_band = m["best_effect_validation"], m["null_band"], "cosine_band" in m
+    return {"contrast": name, "best latent": m["best_latent"],
+            "activation diff, validation [95% CI]": _ci(val, "+.3g"),
+            "n questions (conversations)": f"{val['n']} ({val['n_conversations']})",
+            "found": m["n_found"], "null found, 95% band": f"[{nb['low']:g}, {nb['high']:g}] (n={nb['n']})",
+            "cos(W_dec, vector) / z": (f"{_f(m.get('best_decoder_cosine'), '+.3f')} / "
+                                       f"{_f(m.get('best_decoder_cosine_z'), '.1f')}" if has_band else ""),
+            "random cosine band": (f"[{m['cosine_band']['low']:+.3f}, {m['cosine_band']['high']:+.3f}]"
+                                   if has_band else ""),
+            "candidates outside it": f"{m['candidates_outside_cosine_band']}/{m['n_candidates']}" if has_band else ""}
+
+
+def _found_row(name: str, res: dict, by_latent: dict, per_trait: dict, cfg) -> dict:
+    best = best_latent(res)
+    rec = by_latent.get(best, {})
+    det = rec.get("detection") or {}
+    return {"contrast": name, "found": res["n_found"],
+            f"null found ({cfg.n_shuffles} shuffles)": str(res["null_found"]), "r(halves)": _f(res["halves_correlation"]), "best latent": best,
+            "d disc": _f(float(res["d_discovery"][best])), "d val": _f(float(res["d_validation"][best])),
+            "label": rec.get("label") or "", "detection bal. acc.": _f(det.get("balanced_accuracy")),
+            "AUROC": _f(det.get("auroc")),
+            "d val on the other traits": ", ".join(
+                f"{t} {d:.2f}" for t, d in per_trait[name]["best_d_validation_other_traits"].items()),
+            "trait-specific": {True: "yes", False: "no", None: ""}[per_trait[name]["best_specific"]]}
+
+
+def _candidate_row(c: dict, res: dict, by_latent: dict) -> dict:
+    rec = by_latent.get(c["latent"], {})
+    det = rec.get("detection") or {}
+    rr = rec.get("role_rates") or {}
+    return {"latent": c["latent"], "d disc": _f(c["d_discovery"]), "d val": _f(c["d_validation"]),
+            "found": "yes" if c["found"] else "", "fire a/b": f"{_f(c['fire_a'], '.3f')}/{_f(c['fire_b'], '.3f')}",
+            "cos(vector)": _f(res.get("cosine_of_candidates", {}).get(c["latent"]), ".3f"),
+            "density": _f(rec.get("density"), ".4f"),
+            "rate sys/user/asst": "/".join(_f(rr.get(k), ".3f") for k in ("system", "user", "assistant")),
+            "label": rec.get("label") or "", "det. BA": _f(det.get("balanced_accuracy"))}
+
+
+def _trait_notes(res: dict) -> str:
+    """The persona vector's norm, its top decoder-cosine latents and, where it ran, the steered model diffing."""
+    text = (f"Persona vector norm {_f(res['vector_norm'])} (typical residual norm {_f(res['typical_norm'])}). "
+            f"Top decoder-cosine latents: " + ", ".join(f"{c['latent']} ({_f(c['cosine'], '.3f')})"
+                                                       for c in res["cosine_top"])
+            + f"; the best contrast latent ranks {res['cosine_rank_of_best']} by cosine; overlap of the "
+              f"top {res['overlap_n']} by contrast and by cosine: {res['overlap_contrast_cosine_top']}.")
+    if res.get("diff"):
+        dd = res["diff"]
+        text += (f" Model diffing (vector x {dd['coef']} typical norm added at layer {dd['layer']}, "
+                 f"{dd['n_prompts']} neutral conversations): top latents "
+                 + ", ".join(f"{c['latent']} (+{_f(c['diff'], '.3f')})" for c in dd["top"])
+                 + f"; overlap with the contrast top 20: {dd['overlap_top20_with_contrast']}.")
+    return text
+
+
+def _role_notes(role_res: dict) -> str:
+    return ("Roles: " + ", ".join(role_res.get("roles", [])) + ". Decoder cosine toward the role end of the axis: "
+            + ", ".join(f"{c['latent']} ({_f(c['cosine'], '.3f')})" for c in role_res["cosine_top_toward_roles"]))
+
+
+def _top_contexts(contrasts: list, by_latent: dict) -> str:
+    """The best latent of each contrast: its label, density, promoted tokens and top activating contexts."""
     lines = []
-    for name, res in list(results.items()) + [("role-vs-default", role_res)]:
+    for name, res in contrasts:
         best = best_latent(res)
         rec = by_latent.get(best)
         if rec is None:
             continue
+        promotes = ", ".join(repr(t["token"]) for t in (rec["top_tokens"] or {}).get("positive", [])[:6])
         lines.append(f"**{name}: latent {best}** (label: {rec.get('label')!r}; density {_f(rec['density'], '.4f')}; "
-                     f"decoder promotes: {', '.join(repr(t['token']) for t in (rec['top_tokens'] or {}).get('positive', [])[:6])})\n")
+                     f"decoder promotes: {promotes})\n")
         for ex in [e for e in rec["examples"] if e["kind"] == "top"][:3]:
             lines.append(f"- act {_f(ex['act'])}: {_example_line(ex)}")
         lines.append("")
-    report.section("Top contexts of the best latent per contrast (activating tokens in << >>)", "\n".join(lines))
-    report.section("Files", "latents.jsonl (one latent per line, schema in sae/labelling.py), features.html "
-                   "(open from disk), candidates.json (input of feature-steering), persona_directions.safetensors."
-                   + (f" SAE with labels (SAELens v6): {export_dir}" if export_dir else ""))
-    report.metric("layer", sae.layer)
-    report.metric("d_sae", sae.d_sae)
-    report.metric("contrasts", per_trait)
-    report.metric("n_records", len(records))
-    dets = [r["detection"]["balanced_accuracy"] for r in records if r.get("detection")]
-    report.metric("detection_balanced_accuracy_mean", float(np.mean(dets)) if dets else None)
-    report.metric("sae", {k: v for k, v in sae_info.items() if k != "sae_cfg"})
-    report.metric("seconds", seconds)
+    return "\n".join(lines)
 
 
 def _write_specific_section(report: Report, cfg, per_trait: dict) -> None:
