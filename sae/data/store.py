@@ -433,7 +433,7 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
         raise ActivationError(f"dtype={dtype!r}; expected one of {STORE_DTYPES}")
     if chunk_tokens < 1:
         raise ActivationError(f"chunk_tokens={chunk_tokens}; expected >= 1")
-    params, config, tokenizer = _model_parts(model)
+    _, config, _ = _model_parts(model)
     pairs = _normalize_sites_layers(sites_layers, config.n_layers)
     corpus_report = getattr(getattr(documents, "report", None), "to_dict", lambda: None)()
     docs = _documents(documents)
@@ -442,7 +442,24 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
     doc_ids = list(getattr(documents, "ids", None) or [str(i) for i in range(len(docs))])
     d = {site_key(s, l): _site_width(config, s) for s, l in pairs}
     cfg = _manifest_config(model, pairs, d, context_len, mode, token_filter, dtype, doc_ids, corpus_report)
+    manifest = _open_store(path, cfg, doc_ids, corpus_report, overwrite)
+    _remove_orphans(path, manifest)
+    if manifest["complete"] or (max_tokens is not None and manifest["n_tokens"] >= max_tokens):
+        return ActivationStore(path)
+    batches = harvest(model, documents, pairs, context_len=context_len, batch_size=batch_size, mode=mode,
+                      token_filter=token_filter, start_context=manifest["n_contexts"], encode=encode,
+                      progress=progress, truncate_layers=truncate_layers)
+    manifest = _write_chunks(path, manifest, batches, chunk_tokens=chunk_tokens, max_tokens=max_tokens, dtype=dtype)
+    if manifest["n_tokens"] == 0:
+        raise ActivationError("the harvest kept no token (empty corpus after filtering, or a token filter "
+                              f"that excludes everything: {token_filter})")
+    return ActivationStore(path)
 
+
+def _open_store(path: Path, cfg: dict, doc_ids: list, corpus_report, overwrite: bool) -> dict:
+    """The manifest of the store at `path`: an existing one, checked against this harvest's settings and corpus,
+    or a new empty store (docs.json, then the manifest). `overwrite` first deletes an existing store, and only a
+    store: any other non-empty folder is refused."""
     mpath = path / "manifest.json"
     if overwrite and path.exists():
         if path.is_dir() and (mpath.exists() or (path / "chunks").exists() or _only_new_store_files(path)):
@@ -458,87 +475,90 @@ def harvest_to_store(model, documents, path: str | os.PathLike, sites_layers, *,
         if manifest["corpus"]["fingerprint"] != cfg["corpus"]["fingerprint"]:
             raise ActivationError(f"the store at {path} was harvested from a different corpus "
                                   "(document ids differ); use another directory or overwrite=True")
-    else:
-        if path.exists() and not _only_new_store_files(path):
-            raise ActivationError(f"{path} exists, is not empty and has no manifest.json; refusing to write there")
-        path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(path / "docs.json", {"ids": doc_ids, "report": corpus_report})
-        _kill_point("store_docs")
-        manifest = dict(format=STORE_FORMAT, version=STORE_VERSION, store_id=uuid.uuid4().hex, **cfg,
-                        n_tokens=0, n_contexts=0, complete=False, chunks=[], created=time.time())
-        _atomic_write_json(mpath, manifest)
-    for p in path.glob(".*.tmp"):  # temporary files of an atomic write that was killed
+        return manifest
+    if path.exists() and not _only_new_store_files(path):
+        raise ActivationError(f"{path} exists, is not empty and has no manifest.json; refusing to write there")
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_write_json(path / "docs.json", {"ids": doc_ids, "report": corpus_report})
+    _kill_point("store_docs")
+    manifest = dict(format=STORE_FORMAT, version=STORE_VERSION, store_id=uuid.uuid4().hex, **cfg,
+                    n_tokens=0, n_contexts=0, complete=False, chunks=[], created=time.time())
+    _atomic_write_json(mpath, manifest)
+    return manifest
+
+
+def _remove_orphans(path: Path, manifest: dict) -> None:
+    """Delete what a killed harvest left behind: temporary files of an atomic write, temporary chunk folders and
+    chunks the manifest does not list."""
+    for p in path.glob(".*.tmp"):
         if p.is_file():
             p.unlink()
     chunks_dir = path / "chunks"
     chunks_dir.mkdir(exist_ok=True)
     listed = {c["name"] for c in manifest["chunks"]}
-    for p in chunks_dir.iterdir():  # orphans of a crash: temp dirs and unlisted chunks
+    for p in chunks_dir.iterdir():
         if p.name not in listed:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-    budget_done = max_tokens is not None and manifest["n_tokens"] >= max_tokens
-    if manifest["complete"] or budget_done:
-        return ActivationStore(path)
-    start = manifest["n_contexts"]
-    remaining = None if max_tokens is None else max_tokens - manifest["n_tokens"]
+
+def _write_chunks(path: Path, manifest: dict, batches, *, chunk_tokens: int, max_tokens: int | None,
+                  dtype: str) -> dict:
+    """Write the harvested batches as chunks of >= chunk_tokens tokens (whole batches; the last may be smaller) and
+    return the final manifest. The store is marked complete when the corpus runs out, not when max_tokens stops
+    the harvest (a later call with a larger budget continues it)."""
     pending: list[ActivationBatch] = []
-    pending_n = 0
-
-    def flush(final: bool):
-        nonlocal pending, pending_n, manifest
-        if not pending:
-            return
-        ab = ActivationBatch.concat(pending)
-        ctx_end = max(b.context_end for b in pending)
-        name = f"chunk_{len(manifest['chunks']):06d}"
-        tmp = chunks_dir / f".tmp_{name}_{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        files = {}
-        arrays = {site_key(*k) + ".npy": v.astype(dtype) for k, v in ab.acts.items()}
-        arrays.update({f + ".npy": getattr(ab, f).astype(META_DTYPES[f]) for f in META_FIELDS})
-        for fname, arr in arrays.items():
-            fp = tmp / fname
-            with open(fp, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-                _kill_point("chunk_file")
-                f.flush()
-                os.fsync(f.fileno())
-            files[fname] = _file_entry(fp)
-        _fsync_dir(tmp)
-        final_dir = chunks_dir / name
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.rename(tmp, final_dir)
-        _fsync_dir(chunks_dir)
-        _kill_point("chunk_renamed")
-        entry = {"name": name, "n_tokens": len(ab), "context_start": manifest["n_contexts"],
-                 "context_end": int(ctx_end), "files": files}
-        manifest = dict(manifest, chunks=manifest["chunks"] + [entry], n_tokens=manifest["n_tokens"] + len(ab),
-                        n_contexts=int(ctx_end), updated=time.time())
-        _atomic_write_json(mpath, manifest)
-        _kill_point("manifest_updated")
-        pending, pending_n = [], 0
-
-    exhausted = True
-    for ab in harvest(model, documents, pairs, context_len=context_len, batch_size=batch_size, mode=mode,
-                      token_filter=token_filter, start_context=start, encode=encode, progress=progress,
-                      truncate_layers=truncate_layers):
+    n_pending, exhausted = 0, True
+    for ab in batches:
         pending.append(ab)
-        pending_n += len(ab)
-        if pending_n >= chunk_tokens:
-            flush(False)
-        if remaining is not None and manifest["n_tokens"] + pending_n >= max_tokens:
+        n_pending += len(ab)
+        if n_pending >= chunk_tokens:
+            manifest, pending, n_pending = _write_chunk(path, manifest, pending, dtype), [], 0
+        if max_tokens is not None and manifest["n_tokens"] + n_pending >= max_tokens:
             exhausted = False
             break
-    flush(True)
+    if pending:
+        manifest = _write_chunk(path, manifest, pending, dtype)
     if exhausted:
         manifest = dict(manifest, complete=True, updated=time.time())
-        _atomic_write_json(mpath, manifest)
-    if manifest["n_tokens"] == 0:
-        raise ActivationError("the harvest kept no token (empty corpus after filtering, or a token filter "
-                              f"that excludes everything: {token_filter})")
-    return ActivationStore(path)
+        _atomic_write_json(path / "manifest.json", manifest)
+    return manifest
+
+
+def _write_chunk(path: Path, manifest: dict, pending: list, dtype: str) -> dict:
+    """One chunk, crash-safe: its arrays written and fsynced in a temporary folder, renamed into place, then listed
+    in a new manifest (written atomically), which is returned. A kill before the manifest update leaves an
+    unlisted chunk that `_remove_orphans` deletes on resume."""
+    chunks_dir = path / "chunks"
+    ab = ActivationBatch.concat(pending)
+    ctx_end = max(b.context_end for b in pending)
+    name = f"chunk_{len(manifest['chunks']):06d}"
+    tmp = chunks_dir / f".tmp_{name}_{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    arrays = {site_key(*k) + ".npy": v.astype(dtype) for k, v in ab.acts.items()}
+    arrays.update({f + ".npy": getattr(ab, f).astype(META_DTYPES[f]) for f in META_FIELDS})
+    files = {}
+    for fname, arr in arrays.items():
+        fp = tmp / fname
+        with open(fp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+            _kill_point("chunk_file")
+            f.flush()
+            os.fsync(f.fileno())
+        files[fname] = _file_entry(fp)
+    _fsync_dir(tmp)
+    final_dir = chunks_dir / name
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.rename(tmp, final_dir)
+    _fsync_dir(chunks_dir)
+    _kill_point("chunk_renamed")
+    entry = {"name": name, "n_tokens": len(ab), "context_start": manifest["n_contexts"],
+             "context_end": int(ctx_end), "files": files}
+    manifest = dict(manifest, chunks=manifest["chunks"] + [entry], n_tokens=manifest["n_tokens"] + len(ab),
+                    n_contexts=int(ctx_end), updated=time.time())
+    _atomic_write_json(path / "manifest.json", manifest)
+    _kill_point("manifest_updated")
+    return manifest
 
 
 def _only_new_store_files(path: Path) -> bool:
