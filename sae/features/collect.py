@@ -323,88 +323,108 @@ def collect(model, sae: FeatureSae, documents: Sequence, *, latents: Sequence[in
     params: another parameter set of the same architecture (e.g. a fine-tuned model).
     Conversations longer than `max_len` tokens are cut (counted in `n_truncated`).
     """
-    if batch_size < 1 or max_len < 2:
-        raise ValueError(f"batch_size={batch_size}, max_len={max_len}; expected batch_size >= 1 and max_len >= 2")
-    if len(documents) == 0:
-        raise ValueError("collect needs at least one document")
-    config = model.config
-    config.check_layer(sae.layer, "SAE layer")
-    if sae.d_in != config.d_model:
-        raise ValueError(f"SAE d_in={sae.d_in} does not match the model's d_model={config.d_model}")
-    latents = np.asarray(list(latents), np.int64).reshape(-1)
-    if latents.size and (latents.min() < 0 or latents.max() >= sae.d_sae):
-        raise ValueError(f"latents out of range: expected ints in [0, {sae.d_sae - 1}], got {latents.tolist()}")
-    sel_roles = np.asarray(list(select_roles), np.int8)
-    p_full = model.params if params is None else params
-    p, cfg = _truncated(p_full, config, sae.layer + 1)
-
+    latents = _check_collect(model, sae, documents, latents, batch_size, max_len)
+    p, cfg = _truncated(model.params if params is None else params, model.config, sae.layer + 1)
     encoded, n_cut = _encode_docs(model, documents, max_len)
-    N = len(encoded)
     order = np.argsort([len(e[0]) for e in encoded], kind="stable")
-    pad = pad_id(model)
-    S, D = sae.d_sae, config.d_model
-    conv_mean = np.zeros((N, S), np.float32)
-    conv_fire = np.zeros((N, S), np.float32)
-    conv_n = np.zeros(N, np.int64)
-    conv_resid = np.zeros((N, D), np.float32)
-    fire_counts = np.zeros((N_ROLES, S))
-    act_sums = np.zeros((N_ROLES, S))
-    role_tokens = np.zeros(N_ROLES)
-    per_doc_acts: list = [None] * N
-
-    chunks = range(0, N, batch_size)
+    sel_roles, pad = np.asarray(list(select_roles), np.int8), pad_id(model)
+    totals = _Totals.zeros(len(encoded), sae.d_sae, model.config.d_model)
+    chunks = range(0, len(encoded), batch_size)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc=f"SAE latents L{sae.layer}", unit="batch")
     for start in chunks:
         idx = order[start:start + batch_size]
-        n_real = len(idx)
-        T = max(len(encoded[i][0]) for i in idx)
-        T = -(-T // pad_multiple) * pad_multiple
-        B = batch_size
-        tokens = np.full((B, T), pad, np.int32)
-        mask = np.zeros((B, T), bool)
-        roles = np.full((B, T), -1, np.int8)
-        turns = np.full((B, T), -3, np.int32)
-        select = np.zeros((B, T), bool)
-        for b, i in enumerate(idx):
-            ids, r, t = encoded[i]
-            n = len(ids)
-            tokens[b, T - n:], mask[b, T - n:], roles[b, T - n:], turns[b, T - n:] = ids, True, r, t
-            s = np.isin(r, sel_roles)
-            if last_turn_only and s.any():
-                last = t[s].max()
-                s &= t == last
-            select[b, T - n:] = s
-        for b in range(n_real, B):  # filler rows: one attended token, nothing counted
-            mask[b, T - 1] = True
-        roles_dev = roles.copy()
-        roles_dev[n_real:] = -1
-        edits = ()
-        if edits_fn is not None:
-            edits = _cut_edits(tuple(edits_fn(PaddedBatch(tokens, mask, roles, turns))), cfg.n_layers)
-        out = _encode_batch(p, sae.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(roles_dev),
-                            jnp.asarray(select), jnp.asarray(latents), edits, config=cfg, site=sae.site,
-                            layer=sae.layer, activation=sae.activation, k=sae.k, apply_b_dec=sae.apply_b_dec_to_input)
-        tracked, rf, rs, rt, cm, cf, cn, cr = jax.device_get(out)
-        fire_counts += rf
-        act_sums += rs
-        role_tokens += rt
-        for b, i in enumerate(idx):
-            n = len(encoded[i][0])
-            per_doc_acts[i] = np.asarray(tracked[b, T - n:], np.float32)
-            conv_mean[i], conv_fire[i], conv_n[i], conv_resid[i] = cm[b], cf[b], int(cn[b]), cr[b]
+        batch, select = _padded_batch([encoded[i] for i in idx], batch_size, pad_multiple, pad, sel_roles,
+                                      last_turn_only)
+        edits = () if edits_fn is None else _cut_edits(tuple(edits_fn(batch)), cfg.n_layers)
+        out = _encode_batch(p, sae.params, *(jnp.asarray(x) for x in (batch.tokens, batch.attention_mask,
+                                                                        batch.roles, select, latents)),
+                            edits, config=cfg, site=sae.site, layer=sae.layer, activation=sae.activation, k=sae.k,
+                            apply_b_dec=sae.apply_b_dec_to_input)
+        totals.add(idx, [len(encoded[i][0]) for i in idx], batch.tokens.shape[1], jax.device_get(out))
+    return Collected(table=totals.table(encoded, latents), conv=totals.conv(), n_truncated=n_cut)
 
-    lens = [len(e[0]) for e in encoded]
-    table = TokenTable(
-        tokens=np.concatenate([e[0] for e in encoded]), roles=np.concatenate([e[1] for e in encoded]),
-        turns=np.concatenate([e[2] for e in encoded]),
-        context=np.repeat(np.arange(N, dtype=np.int64), lens),
-        pos=np.concatenate([np.arange(n, dtype=np.int32) for n in lens]),
-        latents=latents, acts=np.concatenate(per_doc_acts) if N else np.zeros((0, len(latents)), np.float32),
-        fire_counts=fire_counts, act_sums=act_sums, role_tokens=role_tokens)
-    return Collected(table=table, conv=ConversationStats(conv_mean, conv_fire, conv_n, conv_resid), n_truncated=n_cut)
+
+def _check_collect(model, sae: FeatureSae, documents, latents, batch_size: int, max_len: int) -> np.ndarray:
+    """Refuse settings `collect` cannot honour; the tracked latents as an int array."""
+    if batch_size < 1 or max_len < 2:
+        raise ValueError(f"batch_size={batch_size}, max_len={max_len}; expected batch_size >= 1 and max_len >= 2")
+    if len(documents) == 0:
+        raise ValueError("collect needs at least one document")
+    model.config.check_layer(sae.layer, "SAE layer")
+    if sae.d_in != model.config.d_model:
+        raise ValueError(f"SAE d_in={sae.d_in} does not match the model's d_model={model.config.d_model}")
+    latents = np.asarray(list(latents), np.int64).reshape(-1)
+    if latents.size and (latents.min() < 0 or latents.max() >= sae.d_sae):
+        raise ValueError(f"latents out of range: expected ints in [0, {sae.d_sae - 1}], got {latents.tolist()}")
+    return latents
+
+
+def _padded_batch(docs: list, batch_size: int, pad_multiple: int, pad: int, sel_roles: np.ndarray,
+                  last_turn_only: bool) -> tuple[PaddedBatch, np.ndarray]:
+    """Left-padded [batch_size, T] arrays of encoded documents (T rounded up to pad_multiple, so few shapes
+    compile) and the selected-token mask. Filler rows past the documents attend one token and count nothing."""
+    T = -(-max(len(ids) for ids, _, _ in docs) // pad_multiple) * pad_multiple
+    tokens = np.full((batch_size, T), pad, np.int32)
+    mask = np.zeros((batch_size, T), bool)
+    roles = np.full((batch_size, T), -1, np.int8)
+    turns = np.full((batch_size, T), -3, np.int32)
+    select = np.zeros((batch_size, T), bool)
+    for b, (ids, r, t) in enumerate(docs):
+        n = len(ids)
+        tokens[b, T - n:], mask[b, T - n:], roles[b, T - n:], turns[b, T - n:] = ids, True, r, t
+        s = np.isin(r, sel_roles)
+        if last_turn_only and s.any():
+            s &= t == t[s].max()
+        select[b, T - n:] = s
+    mask[len(docs):, T - 1] = True
+    return PaddedBatch(tokens, mask, roles, turns), select
+
+
+@dataclasses.dataclass
+class _Totals:
+    """What `collect` accumulates over batches: per-role firing counts and activation sums, per-conversation
+    stats, and each document's tracked-latent activations."""
+
+    fire_counts: np.ndarray
+    act_sums: np.ndarray
+    role_tokens: np.ndarray
+    conv_mean: np.ndarray
+    conv_fire: np.ndarray
+    conv_n: np.ndarray
+    conv_resid: np.ndarray
+    per_doc_acts: list
+
+    @classmethod
+    def zeros(cls, n_docs: int, d_sae: int, d_model: int) -> "_Totals":
+        return cls(np.zeros((N_ROLES, d_sae)), np.zeros((N_ROLES, d_sae)), np.zeros(N_ROLES),
+                   np.zeros((n_docs, d_sae), np.float32), np.zeros((n_docs, d_sae), np.float32),
+                   np.zeros(n_docs, np.int64), np.zeros((n_docs, d_model), np.float32), [None] * n_docs)
+
+    def add(self, idx, lengths: list, T: int, out) -> None:
+        """One batch's `_encode_batch` outputs (on the host) for the documents `idx` of those lengths."""
+        tracked, rf, rs, rt, cm, cf, cn, cr = out
+        self.fire_counts += rf
+        self.act_sums += rs
+        self.role_tokens += rt
+        for b, (i, n) in enumerate(zip(idx, lengths)):
+            self.per_doc_acts[i] = np.asarray(tracked[b, T - n:], np.float32)
+            self.conv_mean[i], self.conv_fire[i], self.conv_n[i], self.conv_resid[i] = cm[b], cf[b], int(cn[b]), cr[b]
+
+    def conv(self) -> ConversationStats:
+        return ConversationStats(self.conv_mean, self.conv_fire, self.conv_n, self.conv_resid)
+
+    def table(self, encoded: list, latents: np.ndarray) -> TokenTable:
+        lens = [len(e[0]) for e in encoded]
+        return TokenTable(
+            tokens=np.concatenate([e[0] for e in encoded]), roles=np.concatenate([e[1] for e in encoded]),
+            turns=np.concatenate([e[2] for e in encoded]),
+            context=np.repeat(np.arange(len(encoded), dtype=np.int64), lens),
+            pos=np.concatenate([np.arange(n, dtype=np.int32) for n in lens]), latents=latents,
+            acts=np.concatenate(self.per_doc_acts) if encoded else np.zeros((0, len(latents)), np.float32),
+            fire_counts=self.fire_counts, act_sums=self.act_sums, role_tokens=self.role_tokens)
 
 
 def table_from_store(store, sae: FeatureSae, latents: Sequence[int], *, max_tokens: int | None = None,
