@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -348,82 +348,93 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     start, stop = check_layer_range(config, start_layer, stop_layer, residual, tokens, edits, capture)
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-    start_pos = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_position
-    positions = start_pos[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
-    positions = jnp.maximum(positions, 0)
-    write_at = jnp.zeros((), jnp.int32) if cache is None else cache.length
-    slot_index = write_at + jnp.arange(t, dtype=jnp.int32)
-
-    if cache is None:
-        k_pos, k_valid = positions, mask
-        new_positions = new_valid = None
-    else:
-        new_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, write_at, axis=1)
-        new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, write_at, axis=1)
-        k_pos, k_valid = new_positions, new_valid
-
+    slots = _Slots.of(mask, cache)
     h = embed(params, config, tokens) if start == 0 else residual
     # Masks and RoPE angles are the same at every layer: built once here, selected per layer in the scan.
-    global_bias = attention_bias(positions, k_pos, k_valid, None, False, h.dtype)
+    global_bias = attention_bias(slots.positions, slots.k_pos, slots.k_valid, None, False, h.dtype)
     local_bias = None
     if config.sliding_window is not None and any(config.layer_is_sliding):
-        local_bias = attention_bias(positions, k_pos, k_valid, config.sliding_window, True, h.dtype)
-    rope = _rope_tables(config, positions)
-    capture_sites = tuple(capture.sites)
-    n_run = stop - start
-    sliding = jnp.asarray(np.array(config.layer_is_sliding[start:stop], bool))
-    layer_ids = jnp.arange(start, stop, dtype=jnp.int32)
-    body = functools.partial(_block, config, edits, capture_sites, slot_index, rope,
-                             (global_bias, local_bias, write_at))
-    carry = (h, None if cache is None else cache.k, None if cache is None else cache.v)
-
+        local_bias = attention_bias(slots.positions, slots.k_pos, slots.k_valid, config.sliding_window, True, h.dtype)
+    slot_index = slots.write_at + jnp.arange(t, dtype=jnp.int32)
+    body = functools.partial(_block, config, edits, tuple(capture.sites), slot_index,
+                             _rope_tables(config, slots.positions), (global_bias, local_bias, slots.write_at))
     layer_params = params["layers"]
-    if n_run < config.n_layers:
+    if stop - start < config.n_layers:
         layer_params = jax.tree.map(lambda a: a[start:stop], layer_params)
-    xs = (layer_params, layer_ids, sliding)
-    idx = np.asarray(capture.layer_list(config)) - start if capture_sites else np.zeros((0,), int)
-    kept = sorted(set(idx.tolist()))
-    captured = {}
-    if capture_sites and len(kept) < n_run:
-        # A few layers: captures go into carried buffers (one slot per captured layer, plus a scratch slot that the
-        # other layers overwrite) instead of a stacked scan output for every layer that is then mostly dropped.
-        shapes = jax.eval_shape(lambda c_, x_: body(c_, x_)[1], carry, jax.tree.map(lambda a: a[0], xs))
-        bufs = {s: jnp.zeros((len(kept) + 1,) + shapes[s].shape, shapes[s].dtype) for s in capture_sites}
-        slot_of = np.full(n_run, len(kept), np.int32)
-        slot_of[kept] = np.arange(len(kept), dtype=np.int32)
-
-        def body_into_buffers(state, xs_):
-            carry_, bufs_ = state
-            carry_, out = body(carry_, xs_[:-1])
-            bufs_ = {s: jax.lax.dynamic_update_index_in_dim(bufs_[s], out.pop(s), xs_[-1], 0) for s in capture_sites}
-            return (carry_, bufs_), out
-
-        (carry, bufs), _ = jax.lax.scan(body_into_buffers, (carry, bufs), xs + (jnp.asarray(slot_of),))
-        pos = np.searchsorted(kept, idx)
-        for s in capture_sites:
-            captured[s] = bufs[s][pos]
-    else:
-        carry, ys = jax.lax.scan(body, carry, xs)
-        for s in capture_sites:
-            captured[s] = ys[s] if (idx == np.arange(n_run)).all() else ys[s][idx]
-    h, new_k, new_v = carry
+    xs = (layer_params, jnp.arange(start, stop, dtype=jnp.int32),
+          jnp.asarray(np.array(config.layer_is_sliding[start:stop], bool)))
+    carry = (h, None if cache is None else cache.k, None if cache is None else cache.v)
+    (h, new_k, new_v), captured = _scan_layers(body, carry, xs, capture, config, start, stop - start)
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=new_k, v=new_v, positions=new_positions, valid=new_valid,
-                            length=cache.length + t, next_position=jnp.max(positions, axis=1) + 1)
-    logits = None
+        new_cache = KVCache(k=new_k, v=new_v, positions=slots.cache_positions, valid=slots.cache_valid,
+                            length=cache.length + t, next_position=jnp.max(slots.positions, axis=1) + 1)
     if stop < config.n_layers:
         return ForwardOutput(logits=None, captured=captured, cache=new_cache, residual=h)
-    if return_logits:
-        if logits_positions is None:
-            logits = unembed(params, config, h)
-        elif isinstance(logits_positions, str):
-            if logits_positions != "last":
-                raise ValueError(f"logits_positions={logits_positions!r}; expected None, 'last' or positions [B, A]")
-            logits = unembed(params, config, h[:, -1:])
-        else:
-            logits = unembed(params, config, jnp.take_along_axis(h, logits_positions[..., None], axis=1))
+    logits = _logits(params, config, h, logits_positions) if return_logits else None
     return ForwardOutput(logits=logits, captured=captured, cache=new_cache)
+
+
+class _Slots(NamedTuple):
+    """Where the tokens sit: their RoPE positions [B, T] (following the mask, so left padding gets none, as HF's
+    `generate` computes them), the first cache slot they are written at, and the keys' positions and validity
+    (the tokens themselves without a cache; every cache slot, these tokens written in, with one)."""
+
+    positions: jax.Array
+    write_at: jax.Array
+    k_pos: jax.Array
+    k_valid: jax.Array
+    cache_positions: jax.Array | None
+    cache_valid: jax.Array | None
+
+    @classmethod
+    def of(cls, mask, cache: KVCache | None) -> "_Slots":
+        b = mask.shape[0]
+        start_pos = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_position
+        positions = jnp.maximum(start_pos[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        if cache is None:
+            return cls(positions, jnp.zeros((), jnp.int32), positions, mask, None, None)
+        new_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
+        new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, cache.length, axis=1)
+        return cls(positions, cache.length, new_positions, new_valid, new_positions, new_valid)
+
+
+def _scan_layers(body, carry, xs, capture: Capture, config: ModelConfig, start: int, n_run: int):
+    """`lax.scan` of the block over the layers run; returns the final carry and the captured sites, each stacked
+    over the captured layers [L_captured, ...] in `capture.layer_list` order."""
+    capture_sites = tuple(capture.sites)
+    idx = np.asarray(capture.layer_list(config)) - start if capture_sites else np.zeros((0,), int)
+    kept = sorted(set(idx.tolist()))
+    if not (capture_sites and len(kept) < n_run):
+        carry, ys = jax.lax.scan(body, carry, xs)
+        return carry, {s: ys[s] if (idx == np.arange(n_run)).all() else ys[s][idx] for s in capture_sites}
+    # A few layers: captures go into carried buffers (one slot per captured layer, plus a scratch slot that the
+    # other layers overwrite) instead of a stacked scan output for every layer that is then mostly dropped.
+    shapes = jax.eval_shape(lambda c_, x_: body(c_, x_)[1], carry, jax.tree.map(lambda a: a[0], xs))
+    bufs = {s: jnp.zeros((len(kept) + 1,) + shapes[s].shape, shapes[s].dtype) for s in capture_sites}
+    slot_of = np.full(n_run, len(kept), np.int32)
+    slot_of[kept] = np.arange(len(kept), dtype=np.int32)
+
+    def body_into_buffers(state, xs_):
+        carry_, bufs_ = state
+        carry_, out = body(carry_, xs_[:-1])
+        bufs_ = {s: jax.lax.dynamic_update_index_in_dim(bufs_[s], out.pop(s), xs_[-1], 0) for s in capture_sites}
+        return (carry_, bufs_), out
+
+    (carry, bufs), _ = jax.lax.scan(body_into_buffers, (carry, bufs), xs + (jnp.asarray(slot_of),))
+    pos = np.searchsorted(kept, idx)
+    return carry, {s: bufs[s][pos] for s in capture_sites}
+
+
+def _logits(params, config: ModelConfig, h, logits_positions):
+    """Logits at every position (None), the last slot only ("last") or the given positions [B, A]."""
+    if logits_positions is None:
+        return unembed(params, config, h)
+    if isinstance(logits_positions, str):
+        if logits_positions != "last":
+            raise ValueError(f"logits_positions={logits_positions!r}; expected None, 'last' or positions [B, A]")
+        return unembed(params, config, h[:, -1:])
+    return unembed(params, config, jnp.take_along_axis(h, logits_positions[..., None], axis=1))
 
 
 _jit_forward = jax.jit(forward, static_argnames=("config", "capture", "return_logits", "logits_positions",
