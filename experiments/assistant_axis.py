@@ -683,13 +683,36 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
 def report(res: AxisResult, folder) -> Path:
     from experiments.report import Report
 
-    cfg, m, space = res.config, res.metrics, res.space
-    L, target, cosines = m["n_layers"], res.target_layer, res.cosines
-    axis, role_vecs, default_vec, assistant_vec = res.axis, res.role_vectors, res.default_vector, res.assistant_vector
-    drift, drift_rows, ref = res.drift, res.drift_rows, drift_ref(res)
-    role_proj = role_vecs[:, target] @ unit(axis[target])
+    cfg, m = res.config, res.metrics
     rep = Report(folder, "Assistant Axis and persona space", config=cfg)
-    rep.section("Setup", f"""
+    rep.section("Setup", _setup_text(res))
+    _component_sections(rep, res)
+    _diagnostic_sections(rep, m, res.target_layer)
+    rep.section("Reading", _reading_text(res))
+    _plots(rep, res, res.drift, m["n_layers"])
+    rep.table("PC1 loadings: top and bottom roles", _loading_rows(res))
+    rep.table("By category", _category_rows(res))
+    rep.table("Axis-PC1 cosine and PCs for the variance fraction, by layer", _layer_rows(res))
+    if res.drift_rows:
+        rep.table("Multi-turn drift (projection on the unit axis, target layer)", res.drift_rows)
+        rep.section("Drift notes", f"""
+All conversations are teacher-forced: the assistant text is ShareGPT's (ChatGPT) or the scripted role-play
+and neutral replies, not `{cfg.model}`'s own generations, so the curves measure where the model places that text
+on its own axis turn by turn. The paper's finding to compare with: therapy-like and philosophical conversations
+drift away from the Assistant over turns while coding/writing conversations stay put; role-play text should
+sit below neutral text.
+""")
+    rep.table("Example responses", res.examples)
+    _save_vectors(rep, res)
+    for key, val in m.items():
+        rep.metric(key, val)
+    return rep.finish()
+
+
+def _setup_text(res: AxisResult) -> str:
+    """What ran: model, roles, questions, sampling, the vectors' definition, filtering, against the paper's sizes."""
+    cfg, m, target, L = res.config, res.metrics, res.target_layer, res.metrics["n_layers"]
+    return f"""
 Model `{cfg.model}` ({L} layers, d_model {res.d_model}); site `{SITE}` (block output), every layer.
 {m["n_roles"]} roles (stratified over categories, seed {cfg.seed}) x {cfg.instructions_per_role} system
 instruction(s) x {res.n_questions} extraction questions; default vector from {res.n_default_prompts} default prompts x
@@ -703,7 +726,13 @@ Dropped roles: {m['dropped_roles'] or 'none'}. Wall time {m['elapsed_s']:.0f} s 
 
 Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512 tokens, judge-filtered):
 {m["n_roles"]} roles x {cfg.instructions_per_role} x {res.n_questions}, {cfg.max_new_tokens} tokens.
-""")
+"""
+
+
+def _component_sections(rep, res: AxisResult) -> None:
+    """The persona space at the target layer, which PC carries the Assistant (all roles and the human
+    archetypes, with bootstrap intervals over roles), against the target."""
+    cfg, m, space, target = res.config, res.metrics, res.space, res.target_layer
     rep.table("Persona space (target layer)", [{
         "layer": target, "roles": m["n_roles"], f"PCs for {cfg.variance_fraction:.0%}": int(space["n_pcs"]),
         "PC1 var": float(space["explained_ratio"][0]), "PC2 var": float(space["explained_ratio"][1])
@@ -732,16 +761,23 @@ Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512
             {"PC": f"PC{k + 1}", "cos(axis, PC)": cos, "|cos| 95% CI": _interval(hci[1], k),
              "roles below the default": pct, "percentile 95% CI": _interval(hci[0], k)}
             for k, (cos, pct) in enumerate(zip(m["human_cosine_by_pc"], m["human_percentile_by_pc"]))])
-    _diagnostic_sections(rep, m, target)
-    rep.section("Reading", f"""
+
+
+def _reading_text(res: AxisResult) -> str:
+    cfg, m, space, target = res.config, res.metrics, res.space, res.target_layer
+    return f"""
 Paper (Gemma 2 27B / Qwen 3 32B / Llama 3.3 70B): 4 / 8 / 19 PCs for 70% of the variance, axis-PC1 cosine
 > 0.71, the Assistant at one extreme of PC1. Here: {space['n_pcs']} PCs for {cfg.variance_fraction:.0%} with
 {m["n_roles"]} roles (at most {m["n_roles"] - 1} non-trivial PCs), |cos(axis, PC1)| = {space['axis_pc1_cosine']:.3f}
 at layer {target} (largest over layers: {m['axis_pc1_cosine_max']:.3f} at layer {m['axis_pc1_cosine_argmax_layer']}); the default Assistant's PC1 score is {'beyond every role' if space['default_beyond_all_roles'] else f"above {space['default_fraction_roles_below']:.0%} of the roles"}.
 On the axis itself, {m['roles_below_default_on_axis']:.0%} of the role vectors project below the default
 vector (true by construction on average, informative per role).{_assistant_check(m)}
-""")
-    _plots(rep, res, drift, L)
+"""
+
+
+def _loading_rows(res: AxisResult) -> list[dict]:
+    """The most and least Assistant-like roles by PC1 score, side by side."""
+    space = res.space
     order = np.argsort(space["scores"])
     k = min(8, len(order) // 2)
     rows = []
@@ -749,7 +785,13 @@ vector (true by construction on average, informative per role).{_assistant_check
         lo, hi = order[i], order[-1 - i]
         rows.append({"rank": i + 1, "most Assistant-like (top)": f"{res.role_names[hi]} ({space['scores'][hi]:.2f})",
                      "least (bottom)": f"{res.role_names[lo]} ({space['scores'][lo]:.2f})"})
-    rep.table("PC1 loadings: top and bottom roles", rows)
+    return rows
+
+
+def _category_rows(res: AxisResult) -> list[dict]:
+    """Mean PC1 score and axis projection per role category, the default Assistant and the 'assistant' role."""
+    m, space, target = res.metrics, res.space, res.target_layer
+    role_proj, ref = res.role_vectors[:, target] @ unit(res.axis[target]), drift_ref(res)
     cat_rows = []
     for c in sorted(set(res.role_categories)):
         idx = [i for i, rc in enumerate(res.role_categories) if rc == c]
@@ -760,33 +802,30 @@ vector (true by construction on average, informative per role).{_assistant_check
     if "assistant_role_score" in space:
         cat_rows.append({"category": "('assistant' role)", "roles": 1, "mean PC1 score": space["assistant_role_score"],
                          "mean axis projection": m["assistant_role_axis_projection"]})
-    rep.table("By category", cat_rows)
-    rep.table("Axis-PC1 cosine and PCs for the variance fraction, by layer",
-              [{"layer": l, "|cos|": float(cosines[l]), "PCs": m["pcs_for_fraction_by_layer"][l],
-                "|axis|": m["axis_norm_by_layer"][l]} for l in range(0, L, max(1, L // 10))] +
-              ([{"layer": L - 1, "|cos|": float(cosines[-1]), "PCs": m["pcs_for_fraction_by_layer"][-1],
-                 "|axis|": m["axis_norm_by_layer"][-1]}] if (L - 1) % max(1, L // 10) else []))
-    if drift_rows:
-        rep.table("Multi-turn drift (projection on the unit axis, target layer)", drift_rows)
-        rep.section("Drift notes", f"""
-All conversations are teacher-forced: the assistant text is ShareGPT's (ChatGPT) or the scripted role-play
-and neutral replies, not `{cfg.model}`'s own generations, so the curves measure where the model places that text
-on its own axis turn by turn. The paper's finding to compare with: therapy-like and philosophical conversations
-drift away from the Assistant over turns while coding/writing conversations stay put; role-play text should
-sit below neutral text.
-""")
-    rep.table("Example responses", res.examples)
-    meta = {"model": cfg.model, "site": SITE, "layers": "all", "n_layers": L, "d_model": res.d_model,
-            "target_layer": target, "method": "assistant_axis: mean(default response means) - mean(role vectors)",
+    return cat_rows
+
+
+def _layer_rows(res: AxisResult) -> list[dict]:
+    """About ten layers (and the last): |cos(axis, PC1)|, PCs for the variance fraction, |axis|."""
+    m, cosines, L = res.metrics, res.cosines, res.metrics["n_layers"]
+    return ([{"layer": l, "|cos|": float(cosines[l]), "PCs": m["pcs_for_fraction_by_layer"][l],
+              "|axis|": m["axis_norm_by_layer"][l]} for l in range(0, L, max(1, L // 10))] +
+            ([{"layer": L - 1, "|cos|": float(cosines[-1]), "PCs": m["pcs_for_fraction_by_layer"][-1],
+               "|axis|": m["axis_norm_by_layer"][-1]}] if (L - 1) % max(1, L // 10) else []))
+
+
+def _save_vectors(rep, res: AxisResult) -> None:
+    """axis.safetensors (every layer) and role_vectors.safetensors, with what they are in their metadata."""
+    cfg, m = res.config, res.metrics
+    meta = {"model": cfg.model, "site": SITE, "layers": "all", "n_layers": m["n_layers"], "d_model": res.d_model,
+            "target_layer": res.target_layer, "method": "assistant_axis: mean(default response means) - mean(role vectors)",
             "normalised": False, "n_roles": m["n_roles"], "seed": cfg.seed}
-    rep.save_vectors("axis", {"axis": axis}, meta)
-    rep.save_vectors("role_vectors", {"role_vectors": role_vecs, "default_vector": default_vec,
-                                      **({} if assistant_vec is None else {"assistant_role_vector": assistant_vec})},
+    rep.save_vectors("axis", {"axis": res.axis}, meta)
+    assistant = {} if res.assistant_vector is None else {"assistant_role_vector": res.assistant_vector}
+    rep.save_vectors("role_vectors", {"role_vectors": res.role_vectors, "default_vector": res.default_vector,
+                                      **assistant},
                      {**meta, "method": "role vectors: mean over responses of assistant-content-token means",
                       "role_names": res.role_names, "role_categories": res.role_categories})
-    for key, val in m.items():
-        rep.metric(key, val)
-    return rep.finish()
 
 
 def records(res: AxisResult) -> list[dict]:
