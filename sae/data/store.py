@@ -16,6 +16,7 @@ hash, from the xxhash package `datasets` depends on) the first time a store obje
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -286,66 +287,31 @@ class ActivationStore:
                     raise ActivationError(f"cursor does not match this stream: {k}={start_cursor.get(k)!r}, "
                                           f"expected {v!r}")
             epoch, window, offset = (int(start_cursor[k]) for k in ("epoch", "window", "offset"))
-        n_chunks = len(self.chunks)
-        n_windows = -(-n_chunks // window_chunks)
-        meta = META_FIELDS if with_meta else (("roles",) if role_sel is not None else ())
-
-        def load_window(e: int, w: int) -> dict:
-            order = np.random.default_rng([seed, e]).permutation(n_chunks)
-            ids = order[w * window_chunks:(w + 1) * window_chunks]
-            parts = [self.read_chunk(int(i), keys, meta, verify) for i in ids]
-            data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            if role_sel is not None:
-                sel = np.isin(data["roles"], role_sel)
-                data = {k: v[sel] for k, v in data.items()}
-            n = len(data[keys[0]])
-            perm = np.random.default_rng([seed, e, w]).permutation(n)
-            return {k: v[perm] for k, v in data.items()}
-
         if window_chunks < 1:
             raise ActivationError(f"window_chunks={window_chunks}; expected >= 1")
         if verify not in VERIFY_MODES:
             raise ActivationError(f"verify={verify!r}; expected one of {VERIFY_MODES}")
-
-        def schedule(e: int, w: int):
-            """Windows in stream order from (e, w)."""
-            if w >= n_windows:
-                e, w = e + 1, 0
-            while epochs is None or e < epochs:
-                yield e, w
-                w += 1
-                if w >= n_windows:
-                    e, w = e + 1, 0
-
-        pool = None
-        if prefetch:
-            from concurrent.futures import ThreadPoolExecutor
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-prefetch")
-        ahead: dict = {}
-        order = schedule(epoch, window)
-
-        def get_window(e: int, w: int) -> dict:
-            if pool is None:
-                return load_window(e, w)
-            while (e, w) not in ahead:
-                nxt = next(order, None)
-                if nxt is None:
-                    return load_window(e, w)
-                ahead[nxt] = pool.submit(load_window, *nxt)
-            fut = ahead.pop((e, w))
-            nxt = next(order, None)  # queue one window ahead
-            if nxt is not None:
-                ahead[nxt] = pool.submit(load_window, *nxt)
-            return fut.result()
-
+        n_windows = -(-len(self.chunks) // window_chunks)
+        meta = META_FIELDS if with_meta else (("roles",) if role_sel is not None else ())
+        load = functools.partial(self._load_window, keys, meta, verify, role_sel, seed, window_chunks)
+        windows = _WindowSource(load, _window_schedule(epoch, window, n_windows, epochs), prefetch)
         try:
-            yield from self._serve(get_window, keys, ident, batch_size, epochs, n_windows, epoch, window, offset,
+            yield from self._serve(windows.get, keys, ident, batch_size, epochs, n_windows, epoch, window, offset,
                                    role_sel)
         finally:
-            if pool is not None:
-                for f in ahead.values():
-                    f.cancel()
-                pool.shutdown(wait=True)
+            windows.close()
+
+    def _load_window(self, keys, meta, verify: str, role_sel, seed: int, window_chunks: int, e: int, w: int) -> dict:
+        """Window w of epoch e: its chunks (epoch e's chunk permutation), rows of the selected roles, permuted."""
+        order = np.random.default_rng([seed, e]).permutation(len(self.chunks))
+        ids = order[w * window_chunks:(w + 1) * window_chunks]
+        parts = [self.read_chunk(int(i), keys, meta, verify) for i in ids]
+        data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        if role_sel is not None:
+            sel = np.isin(data["roles"], role_sel)
+            data = {k: v[sel] for k, v in data.items()}
+        perm = np.random.default_rng([seed, e, w]).permutation(len(data[keys[0]]))
+        return {k: v[perm] for k, v in data.items()}
 
     def _serve(self, get_window, keys, ident, batch_size, epochs, n_windows, epoch, window, offset, role_sel):
         while epochs is None or epoch < epochs:
@@ -559,6 +525,50 @@ def _write_chunk(path: Path, manifest: dict, pending: list, dtype: str) -> dict:
     _atomic_write_json(path / "manifest.json", manifest)
     _kill_point("manifest_updated")
     return manifest
+
+
+def _window_schedule(e: int, w: int, n_windows: int, epochs: int | None):
+    """(epoch, window) pairs in stream order from (e, w); endless when epochs is None."""
+    if w >= n_windows:
+        e, w = e + 1, 0
+    while epochs is None or e < epochs:
+        yield e, w
+        w += 1
+        if w >= n_windows:
+            e, w = e + 1, 0
+
+
+class _WindowSource:
+    """Windows by (epoch, window). With prefetch, one background thread loads the next window of the schedule
+    while the current one is served; `close` cancels what is queued and joins the thread."""
+
+    def __init__(self, load: Callable[[int, int], dict], schedule, prefetch: bool):
+        self.load, self.order, self.ahead = load, schedule, {}
+        self.pool = None
+        if prefetch:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-prefetch")
+
+    def get(self, e: int, w: int) -> dict:
+        if self.pool is None:
+            return self.load(e, w)
+        while (e, w) not in self.ahead:
+            nxt = next(self.order, None)
+            if nxt is None:
+                return self.load(e, w)
+            self.ahead[nxt] = self.pool.submit(self.load, *nxt)
+        fut = self.ahead.pop((e, w))
+        nxt = next(self.order, None)  # queue one window ahead
+        if nxt is not None:
+            self.ahead[nxt] = self.pool.submit(self.load, *nxt)
+        return fut.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.ahead.values():
+                f.cancel()
+            self.pool.shutdown(wait=True)
 
 
 def _only_new_store_files(path: Path) -> bool:
