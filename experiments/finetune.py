@@ -758,21 +758,7 @@ def _loss_plot(rep: Report, results) -> None:
 def report(result: Result, folder):
     cfg, m = result.config, result.metrics
     rep = Report(folder, "Fine-tuning studies: data mixes, shift, screening, preventative steering", cfg)
-    rep.section("Setup", (
-        f"Model `{cfg.model}` ({result.model_source}; {result.n_layers} layers, width {result.d_model}); traits "
-        f"{', '.join(cfg.traits)}; seed {cfg.seed}. Persona vector at resid_post of block "
-        f"{', '.join(str(r['layer']) for r in result.results)} ("
-        f"{'the middle block' if cfg.layer is None else 'given in the configuration, not chosen on this run'}) from "
-        f"{cfg.n_extract_pairs} instruction pairs x "
-        f"{cfg.n_extract_questions} extraction questions. Training: {cfg.n_train_questions} packaged fine-tuning "
-        f"questions answered by the model itself (greedy, <= {cfg.max_new_tokens} tokens) under the positive / "
-        f"negative / no system prompt; mixes {', '.join(f'{p:.0%}' for p in cfg.mixes)} of positive answers, trained "
-        f"without the system prompt; LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, lr {cfg.learning_rate:g}, "
-        f"{cfg.steps} steps of batch {cfg.batch_size}, seq_len {cfg.seq_len}"
-        f"{' (the persona switch, with every question twice, twice as many)' if cfg.persona_switch else ''}. "
-        f"Evaluation: {cfg.n_eval_questions} "
-        f"evaluation questions per trait, default prompt; intervals are 95% bootstraps over questions (per "
-        f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s."))
+    rep.section("Setup", _setup_text(result))
     rel = " beyond the control, mix fine-tunes" if m["relative_to_control"] else ""
     rep.section("Headlines", "\n".join([
         "- " + _corr_text(m["shift_behaviour"], f"Shift vs behaviour change{rel} (finetune_shift_behaviour_r)"),
@@ -787,36 +773,8 @@ def report(result: Result, folder):
             "difference between traits, is not counted as the trait's shift."]))
     for r in result.results:
         per = m["traits"][r["trait"]]
-        lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
-                 ("" if r["validity"]["valid"] else " -- behaviour changes below are not evidence for this trait"),
-                 f"- Screening sanity (projection minus own answer's, per training question): positive answers "
-                 f"{_ci_text(r['screening_validity']['pos'])}, negative answers "
-                 f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}."]
-        for p in per.get("prevention", []):
-            what = "beyond the control" if p["relative_to_control"] else "raw"
-            lines.append(f"- {p['name']}: shift reduction vs plain 100% ({what}) {_ci_text(p['reduction'])} (raw "
-                         f"{_ci_text(p['reduction_raw'])}; plain shift {_ci_text(p['plain_shift'])}); trait score vs "
-                         f"plain {_ci_text(p['score_difference'])}; perplexity ratio vs original "
-                         f"{_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}), vs the plain fine-tune "
-                         f"{_ci_text(p.get('ppl_vs_plain'))}.")
-            if "plain_vs_control" in p:
-                lines.append(f"  Relative to the control fine-tune: plain {_ci_text(p['plain_vs_control'])}, steered "
-                             f"{_ci_text(p['steered_vs_control'])}" + ("" if p["plain_toward_trait"] else
-                             "; the plain fine-tune did not move toward the trait beyond the control, so the "
-                             "reduction ratio is not a measure of prevention here") + ".")
-        if "inoculation_effect" in per:
-            lines.append(f"- Inoculation effect (trait score, inoculated minus plain 100%, no system prompt at test): "
-                         f"{_ci_text(per['inoculation_effect'])}.")
-        if "persona_switch_effect" in per:
-            lines.append(f"- Persona switch effect (trigger minus no trigger, beyond the original model's): "
-                         f"{_ci_text(per['persona_switch_effect'])}.")
-        rep.section(f"Trait {r['trait']} (layer {r['layer']})", "\n".join(lines))
-        rep.table(f"{r['trait']}: fine-tunes", [
-            {"fine-tune": s["name"], "screening": s["screening"], "shift [95% CI]": _ci_text(s["shift"]),
-             "random band": f"[{s['shift_null']['low']:.3g}, {s['shift_null']['high']:.3g}]",
-             "trait score change": _ci_text(s["score_change"]), "ppl ratio": _ci_text(s["ppl"]),
-             "final loss": s["final_loss"], "train s": s["train_seconds"], "tok/s": s["tokens_per_s"]}
-            for s in per["finetunes"]])
+        rep.section(f"Trait {r['trait']} (layer {r['layer']})", "\n".join(_trait_lines(r, per)))
+        rep.table(f"{r['trait']}: fine-tunes", [_finetune_row(s) for s in per["finetunes"]])
         _shift_bars(rep, r)
         ex = r["example_training"]
         rep.section(f"{r['trait']}: example training answers", "\n".join(
@@ -837,6 +795,60 @@ def report(result: Result, folder):
     rep.metric("finetune", m)
     rep.metric("beyond_training", result.beyond)
     return rep.finish()
+
+
+def _setup_text(result: Result) -> str:
+    """What ran: model, traits, the persona vector's layer, the training data and LoRA settings, the evaluation."""
+    cfg = result.config
+    layer_from = "the middle block" if cfg.layer is None else "given in the configuration, not chosen on this run"
+    switch = " (the persona switch, with every question twice, twice as many)" if cfg.persona_switch else ""
+    return (f"Model `{cfg.model}` ({result.model_source}; {result.n_layers} layers, width {result.d_model}); traits "
+            f"{', '.join(cfg.traits)}; seed {cfg.seed}. Persona vector at resid_post of block "
+            f"{', '.join(str(r['layer']) for r in result.results)} ({layer_from}) from "
+            f"{cfg.n_extract_pairs} instruction pairs x "
+            f"{cfg.n_extract_questions} extraction questions. Training: {cfg.n_train_questions} packaged fine-tuning "
+            f"questions answered by the model itself (greedy, <= {cfg.max_new_tokens} tokens) under the positive / "
+            f"negative / no system prompt; mixes {', '.join(f'{p:.0%}' for p in cfg.mixes)} of positive answers, "
+            f"trained without the system prompt; LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g}, lr "
+            f"{cfg.learning_rate:g}, {cfg.steps} steps of batch {cfg.batch_size}, seq_len {cfg.seq_len}{switch}. "
+            f"Evaluation: {cfg.n_eval_questions} "
+            f"evaluation questions per trait, default prompt; intervals are 95% bootstraps over questions (per "
+            f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s.")
+
+
+def _trait_lines(r: dict, per: dict) -> list[str]:
+    """One trait's validity and screening checks, each steered fine-tune's prevention, inoculation and the switch."""
+    lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
+             ("" if r["validity"]["valid"] else " -- behaviour changes below are not evidence for this trait"),
+             f"- Screening sanity (projection minus own answer's, per training question): positive answers "
+             f"{_ci_text(r['screening_validity']['pos'])}, negative answers "
+             f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}."]
+    for p in per.get("prevention", []):
+        what = "beyond the control" if p["relative_to_control"] else "raw"
+        lines.append(f"- {p['name']}: shift reduction vs plain 100% ({what}) {_ci_text(p['reduction'])} (raw "
+                     f"{_ci_text(p['reduction_raw'])}; plain shift {_ci_text(p['plain_shift'])}); trait score vs "
+                     f"plain {_ci_text(p['score_difference'])}; perplexity ratio vs original "
+                     f"{_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}), vs the plain fine-tune "
+                     f"{_ci_text(p.get('ppl_vs_plain'))}.")
+        if "plain_vs_control" in p:
+            lines.append(f"  Relative to the control fine-tune: plain {_ci_text(p['plain_vs_control'])}, steered "
+                         f"{_ci_text(p['steered_vs_control'])}" + ("" if p["plain_toward_trait"] else
+                         "; the plain fine-tune did not move toward the trait beyond the control, so the "
+                         "reduction ratio is not a measure of prevention here") + ".")
+    if "inoculation_effect" in per:
+        lines.append(f"- Inoculation effect (trait score, inoculated minus plain 100%, no system prompt at test): "
+                     f"{_ci_text(per['inoculation_effect'])}.")
+    if "persona_switch_effect" in per:
+        lines.append(f"- Persona switch effect (trigger minus no trigger, beyond the original model's): "
+                     f"{_ci_text(per['persona_switch_effect'])}.")
+    return lines
+
+
+def _finetune_row(s: dict) -> dict:
+    return {"fine-tune": s["name"], "screening": s["screening"], "shift [95% CI]": _ci_text(s["shift"]),
+            "random band": f"[{s['shift_null']['low']:.3g}, {s['shift_null']['high']:.3g}]",
+            "trait score change": _ci_text(s["score_change"]), "ppl ratio": _ci_text(s["ppl"]),
+            "final loss": s["final_loss"], "train s": s["train_seconds"], "tok/s": s["tokens_per_s"]}
 
 
 def prevention_target(p: dict) -> bool:
