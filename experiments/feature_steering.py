@@ -305,52 +305,31 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
                 rand_units: np.ndarray, progress=None) -> dict:
     """Everything `run` computes for one trait (see the module doc)."""
     say = progress or (lambda msg: None)
-    L, D, bs = sae.layer, model.config.d_model, cfg.batch_size
     latents = top_latents(info, cfg.n_latents)
     named = {f"latent {i}": unit(np.asarray(sae.W_dec[i], np.float64)) for i in latents}
     named["persona vector"] = unit(np.asarray(vector, np.float64))
     best = f"latent {latents[0]}"
     strengths = sorted(cfg.strengths)
-
-    # 1. perplexity cost over the strength grid; the strength where the best latent and the vector both stay
-    # within the ceiling; the random band's cost at that norm
+    # 1. the perplexity cost over the strength grid, and the strength where the best latent and the vector both stay
+    # within the ceiling
     grid = np.stack([u * s * norm for u in named.values() for s in strengths])
-    ratios = ppl_ratios(model, L, *ppl, grid, bs).reshape(len(named), len(strengths))
+    ratios = ppl_ratios(model, sae.layer, *ppl, grid, cfg.batch_size).reshape(len(named), len(strengths))
     names = list(named)
     pick = common_strength(strengths, ratios[[names.index(best), names.index("persona vector")]], cfg.max_ppl_ratio)
     s_star = pick["strength"]
     say(f"{trait.name}: strength {s_star} x typical norm (within the ceiling: {pick['within_ceiling']}); perplexity "
         f"ratios over {strengths}: " + "; ".join(f"{n} {np.round(r, 2).tolist()}" for n, r in zip(names, ratios)))
-
-    # 2. one batched generation: unsteered, each direction and the band at s_star, and the validity answers (no
-    # steering) under the positive / negative prompts of another instruction pair; then the clamp answers
+    # 2. answers and their trait scores: unsteered, each direction and the band at s_star, the validity prompts, the
+    # clamps
     questions = list(trait.evaluation_questions[:cfg.n_questions])
-    user = [[{"role": "user", "content": q}] for q in questions]
     score_sys, valid_sys = trait_systems(trait)
-    plan = [np.zeros(D)] + [u * s_star * norm for u in named.values()] + [r * s_star * norm for r in rand_units]
-    convs = user * len(plan) + [system_conv(sy, q) for sy in valid_sys for q in questions]
-    vecs = np.concatenate([np.repeat(np.stack(plan), len(questions), axis=0), np.zeros((2 * len(questions), D))])
-    say(f"{trait.name}: generating {len(convs)} answers ({len(plan) - 1} edits x {len(questions)} questions)")
-    rolls = per_row_steered(lambda chunk, ef, b: rollouts.generate_responses(model, chunk, batch_size=b, edits_fn=ef,
-                                                                              max_new_tokens=cfg.max_new_tokens),
-                            convs, vecs, model=model, layer=L, batch_size=bs)
     max_act = float(info.get("max_act") or 1.0)
-    for m in cfg.clamp_multiples:
-        edit = clamp_edit(model, sae, latents[0], m * max_act)
-        rolls += rollouts.generate_responses(model, user, max_new_tokens=cfg.max_new_tokens,
-                                             batch_size=measures.even_batch(len(user), bs),
-                                             edits_fn=lambda batch, e=edit: (e,))
-    answers = [r.response for r in rolls]
-    n_sets = len(answers) // len(questions)
-    scores = score_answers_by_unit(model, questions * n_sets, answers, score_sys, bs).reshape(n_sets, len(questions))
-    answers_by = np.asarray(answers, dtype=object).reshape(n_sets, len(questions))
-    base = scores[0]
-    k_valid = len(plan)
-    pos_v, neg_v = scores[k_valid], scores[k_valid + 1]
-    ok = np.isfinite(pos_v) & np.isfinite(neg_v)
-    validity = (measures.validity(pos_v[ok], neg_v[ok], seed=cfg.seed) if ok.any() else
-                {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "valid": False})
-
+    plan = [np.zeros(model.config.d_model)] + [u * s_star * norm for u in named.values()] + [
+        r * s_star * norm for r in rand_units]
+    scores, answers_by = _steered_scores(model, sae, trait.name, questions, plan, valid_sys, score_sys,
+                                         [m * max_act for m in cfg.clamp_multiples], latents[0], cfg, say)
+    base, k_valid = scores[0], len(plan)
+    validity = _validity(scores[k_valid], scores[k_valid + 1], cfg.seed)
     # 3. effects, the band and z per direction
     rand_rows = scores[1 + len(named):k_valid]
     rand_effects = np.asarray([np.nanmean(r - base) if np.isfinite(r - base).any() else np.nan for r in rand_rows])
@@ -361,28 +340,65 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
         edits[name] = {"strength": s_star, "ppl_ratio": float(ratios[k - 1][strengths.index(s_star)]),
                        "ppl_ratios": ratios[k - 1].tolist(), "effect": eff, "band": band, "z": z,
                        "answers": list(answers_by[k]), "empty": int(np.sum(~np.isfinite(scores[k])))}
-    band_ppl = ppl_ratios(model, L, *ppl, rand_units[:4] * s_star * norm, bs)
-
-    # 4. clamp (secondary): the best latent set to m x its max activation
-    clamp = []
-    if cfg.clamp_multiples:
-        nll0 = measures.answer_nll(model, *ppl, batch_size=bs)
-        for j, m in enumerate(cfg.clamp_multiples):
-            edit = clamp_edit(model, sae, latents[0], m * max_act)
-            nll = measures.answer_nll(model, *ppl, edits_fn=lambda batch, e=edit: (e,), batch_size=bs)
-            clamp.append({"multiple": float(m), "value": m * max_act, "ppl_ratio": float(np.exp(nll - nll0)),
-                          "effect": paired_unit_effect(scores[k_valid + 2 + j], base, cfg.seed)})
-
-    # 5. two-choice items: their validity on this model; a band only where the check passes
+    band_ppl = ppl_ratios(model, sae.layer, *ppl, rand_units[:4] * s_star * norm, cfg.batch_size)
+    # 4. clamp (secondary): the best latent set to m x its max activation; 5. two-choice items, a band only where
+    # their validity check passes
+    clamp = _clamp_effects(model, sae, latents[0], max_act, scores[k_valid + 2:], base, ppl, cfg)
     two_choice = (two_choice_block(model, trait, {n: named[n] * s_star * norm for n in (best, "persona vector")},
-                                   layer=L, valid_sys=valid_sys, band_vectors=rand_units * s_star * norm, cfg=cfg)
-                  if cfg.two_choice else None)
+                                   layer=sae.layer, valid_sys=valid_sys, band_vectors=rand_units * s_star * norm,
+                                   cfg=cfg) if cfg.two_choice else None)
     return {"latents": latents, "best": best, "strength": s_star, "within_ceiling": pick["within_ceiling"],
             "questions": questions, "systems": {"score": score_sys, "validity": valid_sys}, "validity": validity,
             "edits": edits, "random_effects": rand_effects.tolist(), "band_ppl_ratio_median": float(np.median(band_ppl)),
             "unsteered_answers": list(answers_by[0]), "clamp": clamp, "two_choice": two_choice, "max_act": max_act,
             "decoder_cosine_with_vector": {f"latent {i}": float(F.decoder_cosine(sae.W_dec[[i]], vector)[0])
                                            for i in latents}}
+
+
+def _steered_scores(model, sae, trait_name: str, questions: list, plan: list, valid_sys, score_sys,
+                    clamp_values: list, latent: int, cfg: Config, say) -> tuple[np.ndarray, np.ndarray]:
+    """Trait scores [sets, questions] and answers of one batched generation: each steering vector of `plan`
+    added at the SAE's layer (row by row), then the validity prompts' answers (no steering, positive and negative
+    prompts of another instruction pair), then one set per clamp value of `latent`."""
+    D, bs = model.config.d_model, cfg.batch_size
+    user = [[{"role": "user", "content": q}] for q in questions]
+    convs = user * len(plan) + [system_conv(sy, q) for sy in valid_sys for q in questions]
+    vecs = np.concatenate([np.repeat(np.stack(plan), len(questions), axis=0), np.zeros((2 * len(questions), D))])
+    say(f"{trait_name}: generating {len(convs)} answers ({len(plan) - 1} edits x {len(questions)} questions)")
+    rolls = per_row_steered(lambda chunk, ef, b: rollouts.generate_responses(model, chunk, batch_size=b, edits_fn=ef,
+                                                                              max_new_tokens=cfg.max_new_tokens),
+                            convs, vecs, model=model, layer=sae.layer, batch_size=bs)
+    for value in clamp_values:
+        edit = clamp_edit(model, sae, latent, value)
+        rolls += rollouts.generate_responses(model, user, max_new_tokens=cfg.max_new_tokens,
+                                             batch_size=measures.even_batch(len(user), bs),
+                                             edits_fn=lambda batch, e=edit: (e,))
+    answers = [r.response for r in rolls]
+    n_sets = len(answers) // len(questions)
+    scores = score_answers_by_unit(model, questions * n_sets, answers, score_sys, bs).reshape(n_sets, len(questions))
+    return scores, np.asarray(answers, dtype=object).reshape(n_sets, len(questions))
+
+
+def _validity(pos, neg, seed: int) -> dict:
+    """The trait score's validity check on the questions where both prompts' answers were scored."""
+    ok = np.isfinite(pos) & np.isfinite(neg)
+    if not ok.any():
+        return {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "valid": False}
+    return measures.validity(pos[ok], neg[ok], seed=seed)
+
+
+def _clamp_effects(model, sae, latent: int, max_act: float, clamp_scores, base, ppl: tuple, cfg: Config) -> list:
+    """Per clamp multiple m: `latent` set to m x its max activation, its perplexity ratio and trait-score effect."""
+    if not cfg.clamp_multiples:
+        return []
+    bs, clamp = cfg.batch_size, []
+    nll0 = measures.answer_nll(model, *ppl, batch_size=bs)
+    for j, m in enumerate(cfg.clamp_multiples):
+        edit = clamp_edit(model, sae, latent, m * max_act)
+        nll = measures.answer_nll(model, *ppl, edits_fn=lambda batch, e=edit: (e,), batch_size=bs)
+        clamp.append({"multiple": float(m), "value": m * max_act, "ppl_ratio": float(np.exp(nll - nll0)),
+                      "effect": paired_unit_effect(clamp_scores[j], base, cfg.seed)})
+    return clamp
 
 
 def is_evidence(trait_result: dict) -> bool:
