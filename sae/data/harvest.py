@@ -7,6 +7,7 @@ a shuffle buffer mixes them across contexts for streamed training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -234,8 +235,6 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
     A batch may hold no kept token (e.g. assistant-only filter on user-only contexts); it is still
     yielded so that `context_end` advances.
     """
-    import jax
-
     params, config, tokenizer = _model_parts(model)
     pairs = _normalize_sites_layers(sites_layers, config.n_layers)
     if context_len > config.max_position:
@@ -255,50 +254,26 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
     from psm_jax.native.amx import kernel_layout
     params = dict(params, layers=kernel_layout(params["layers"]))  # bf16 on AMX: weights as kernel bits, once
     step = make_capture_step(config, pairs)
-    doc_names = getattr(documents, "ids", None)
-
     rows = encode_documents(docs, context_len, encode, mode=mode, start_context=start_context)
     batches = batch_contexts(rows, batch_size, context_len, pad, token_filter, bos_id=bos, special_ids=special)
     if prefetch:
         batches = _background(batches, prefetch)
+    finish = functools.partial(_kept_batch, pairs=pairs, context_len=context_len,
+                               doc_names=getattr(documents, "ids", None))
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(unit="tok", desc="harvest")
-
-    def finish(out, cb: ContextBatch) -> ActivationBatch:
-        host = jax.device_get(out)  # one transfer for every (site, layer)
-        flat = np.flatnonzero(cb.keep.reshape(-1))
-        acts = {p: np.asarray(h)[flat] for p, h in zip(pairs, host)}
-        rowi = flat // context_len
-        meta = dict(roles=cb.roles.reshape(-1)[flat], turns=cb.turns.reshape(-1)[flat],
-                    tokens=cb.tokens.reshape(-1)[flat], doc_ids=cb.doc_ids.reshape(-1)[flat],
-                    pos=cb.pos.reshape(-1)[flat], context=cb.context[rowi])
-        _check_finite(acts, meta, doc_names)
-        return ActivationBatch(acts, **meta, context_end=cb.context_end)
-
-    total = 0
-
-    def counted(ab: ActivationBatch) -> ActivationBatch:
-        nonlocal total
+    total, any_batch = 0, False
+    for out, cb in _one_behind(batches, step, params):
+        any_batch = True
+        ab = finish(out, cb)
         total += len(ab)
         if bar is not None:
             bar.update(len(ab))
-        return ab
-
-    pending = None
-    any_batch = False
-    for cb in batches:
-        any_batch = True
-        out = step(params, cb.tokens, cb.attention_mask)  # dispatched asynchronously
-        if pending is not None:
-            yield counted(finish(*pending))
-            if max_tokens is not None and total >= max_tokens:
-                pending = None
-                break
-        pending = (out, cb)
-    if pending is not None:
-        yield counted(finish(*pending))
+        yield ab
+        if max_tokens is not None and total >= max_tokens:
+            break
     if bar is not None:
         bar.close()
     if start_context == 0:
@@ -307,6 +282,34 @@ def harvest(model, documents, sites_layers, *, context_len: int = 256, batch_siz
         if total == 0:
             raise ActivationError(f"the harvest kept no token: the token filter {token_filter} excludes every "
                                   "token of this corpus (empty corpus after filtering)")
+
+
+def _one_behind(batches, step, params):
+    """(forward output, batch) pairs, each yielded once the next batch's forward is dispatched, so that the host
+    reads one batch back while the device runs the next."""
+    pending = None
+    for cb in batches:
+        out = step(params, cb.tokens, cb.attention_mask)
+        if pending is not None:
+            yield pending
+        pending = (out, cb)
+    if pending is not None:
+        yield pending
+
+
+def _kept_batch(out, cb: ContextBatch, *, pairs, context_len: int, doc_names) -> ActivationBatch:
+    """The kept tokens of one forward batch: every (site, layer) in one device-to-host transfer, with their
+    metadata; non-finite activations are refused (`_check_finite`)."""
+    import jax
+
+    host = jax.device_get(out)
+    flat = np.flatnonzero(cb.keep.reshape(-1))
+    acts = {p: np.asarray(h)[flat] for p, h in zip(pairs, host)}
+    meta = dict(roles=cb.roles.reshape(-1)[flat], turns=cb.turns.reshape(-1)[flat],
+                tokens=cb.tokens.reshape(-1)[flat], doc_ids=cb.doc_ids.reshape(-1)[flat],
+                pos=cb.pos.reshape(-1)[flat], context=cb.context[flat // context_len])
+    _check_finite(acts, meta, doc_names)
+    return ActivationBatch(acts, **meta, context_end=cb.context_end)
 
 
 def _check_finite(acts: Mapping[tuple[str, int], np.ndarray], meta: Mapping[str, np.ndarray],
