@@ -50,7 +50,8 @@ while other jobs shared the two cores, so proportions rather than speeds):
     forward + backward and this step, blocked over unblocked, alternating in one process (AMD Zen 5: 0.70x and
     0.93x).
 
-Recorded: `finetune_tokens_per_s_vs_peft` = psm-jax tokens/s over peft tokens/s (target >= 1.5) and
+Recorded: `finetune_tokens_per_s_vs_peft` = psm-jax tokens/s over peft tokens/s (target >= 1.5; each round's own ratio
+in `round_ratios`) and
 `finetune_peak_rss_over_params` = psm-jax's peak RSS over the float32 params' bytes (peft's beside it).
 """
 from __future__ import annotations
@@ -286,11 +287,15 @@ def main():
         print("RESULT " + json.dumps(out), flush=True)
         return
     best: dict = {}
+    round_ratios = []  # peft step time over psm-jax step time, per alternating round: the spread behind the best
     for _ in range(args.rounds):
+        steps = {}
         for name in ("jax", "peft"):
             r = _side(name, args)
+            steps[name] = r["step_s"]
             if name not in best or r["step_s"] < best[name]["step_s"]:
                 best[name] = r
+        round_ratios.append(round(steps["peft"] / steps["jax"], 3))
     tokens = args.batch * args.seq
     jx, pf = best["jax"], best["peft"]
     jax_tps, peft_tps = tokens / jx["step_s"], tokens / pf["step_s"]
@@ -301,7 +306,7 @@ def main():
              f"{args.batch} x {args.seq} tokens, AdamW, median of {args.steps} steps, best of {args.rounds} round(s)")
     print(f"psm-jax {jax_tps:.0f} tokens/s (first step {jx['first_step_s']:.1f} s), peft {peft_tps:.0f} tokens/s "
           f"(first step {pf['first_step_s']:.1f} s): ratio {ratio}; peak RSS / params: psm-jax {rss_ratio}, "
-          f"peft {peft_rss_ratio}")
+          f"peft {peft_rss_ratio}; per round {round_ratios}")
     if args.no_record:
         return
     from benchmarks.record import record
@@ -310,7 +315,8 @@ def main():
            f"transformers + peft {pf['peft']} (torch CPU, {pf['torch_threads']} threads) {peft_tps:.0f} tokens/s vs "
            f"psm-jax {jax_tps:.0f} tokens/s; {setup}", target=">= 1.5",
            jax_tokens_per_s=round(jax_tps, 1), peft_tokens_per_s=round(peft_tps, 1),
-           jax_first_step_s=round(jx["first_step_s"], 1), peft_first_step_s=round(pf["first_step_s"], 1))
+           jax_first_step_s=round(jx["first_step_s"], 1), peft_first_step_s=round(pf["first_step_s"], 1),
+           round_ratios=round_ratios)
     record("finetune_peak_rss_over_params", rss_ratio, "x (peak RSS / fp32 param bytes)",
            f"psm-jax peak RSS {jx['peak_rss'] / 2**30:.2f} GiB vs peft {pf['peak_rss'] / 2**30:.2f} GiB "
            f"({peft_rss_ratio}x its params); {setup}", target=None,
