@@ -997,9 +997,10 @@ def _comparison_lines(md: dict) -> list[str]:
 
 
 def _overlap_text(ov: dict) -> str:
-    """The top-k overlap with its interval over questions."""
+    """The top-k overlap with its interval over questions and its range when one question is left out."""
     iv = ov["interval"]
-    return f"{ov['overlap']} [{iv['low']:.0f}, {iv['high']:.0f}]"
+    return (f"{ov['overlap']} [{iv['low']:.0f}, {iv['high']:.0f}] (one question left out: "
+            f"{iv['left_out_min']}-{iv['left_out_max']})")
 
 
 def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
@@ -1014,7 +1015,7 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
              f"Intervals: 95% leave-one-question-out jackknife over the {sp['r']['n']} questions, both change "
              "vectors recomputed without each question in turn.",
              f"- Top-{ov['k']} latents by |change|, plain 100% fine-tune vs positive-vs-negative system prompt: "
-             f"overlap {_overlap_text(ov)} of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, "
+             f"overlap {_overlap_text(ov)}, of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, "
              f"95% band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]; {ov['n_latents']} latents fire on the "
              "documents)"
              + ("" if ov["above_null"] else " -- not above the random band") + "."
@@ -1134,6 +1135,8 @@ def _overlap_record(ov: dict, sp: dict, md: dict, common: dict, *, key: str | No
                 spearman_r=sp["r"]["estimate"], spearman_low=sp["r"]["low"], spearman_high=sp["r"]["high"],
                 spearman_outside_null=sp["outside_null"], sae=md["sae"]["source"], trait=md["trait"],
                 overlap_low=ov["interval"]["low"], overlap_high=ov["interval"]["high"], n_questions=sp["r"]["n"],
+                overlap_left_out_min=ov["interval"]["left_out_min"],
+                overlap_left_out_max=ov["interval"]["left_out_max"],
                 reference=f"{what}top-{ov['k']} overlap {_overlap_text(ov)} (chance {ov['chance']:.2f}, random band "
                           f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} latents; "
                           f"Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, {sp['r']['high']:.3f}]; "

@@ -123,7 +123,9 @@ def question_intervals(change_q, prompt_q, k: int, alive, *, level: float = 0.95
 
     ci = jackknife_ci(overlap_and_r, change_q.shape[0], level=level)
     (ov_low, r_low), (ov_high, r_high) = ci["low"], ci["high"]
-    return {"overlap": {"low": float(max(ov_low, 0.0)), "high": float(min(ov_high, k))},
+    left_out = ci["left_out"][:, 0]
+    return {"overlap": {"low": float(max(ov_low, 0.0)), "high": float(min(ov_high, k)),
+                        "left_out_min": int(left_out.min()), "left_out_max": int(left_out.max())},
             "r": {"low": float(max(r_low, -1.0)), "high": float(min(r_high, 1.0))}, "n": ci["n"], "method": "jackknife"}
 
 

@@ -87,10 +87,14 @@ def test_question_intervals_resample_questions_not_latents():
         assert ci["n"] == n_q and ci["r"]["low"] <= r <= ci["r"]["high"] and r > 0.3
         assert ci["overlap"]["low"] <= S.overlap_stats(change_q.mean(0), prompt_q.mean(0), 10, alive)["overlap"]
     assert S.question_intervals(shared, prompt_q, 10, alive)["r"]["low"] > 0.3
-    assert S.question_intervals(one, prompt_q, 10, alive)["r"]["low"] < 0.15
+    carried = S.question_intervals(one, prompt_q, 10, alive)
+    assert carried["r"]["low"] < 0.15
+    full = S.overlap_stats(one.mean(0), prompt_q.mean(0), 10, alive)["overlap"]
+    assert carried["overlap"]["left_out_min"] < full <= carried["overlap"]["left_out_max"]  # question 0 carries it
     same = np.tile(prompt, (n_q, 1))  # every question alike: nothing to resample
     ci = S.question_intervals(same, same, 10, alive)
-    assert ci["r"]["low"] == ci["r"]["high"] == pytest.approx(1.0) and ci["overlap"] == {"low": 10.0, "high": 10.0}
+    assert ci["r"]["low"] == ci["r"]["high"] == pytest.approx(1.0)
+    assert ci["overlap"] == {"low": 10.0, "high": 10.0, "left_out_min": 10, "left_out_max": 10}
     with pytest.raises(ValueError, match=r"expected finite \[questions >= 2, latents\]"):
         S.question_intervals(prompt, prompt_q, 10, alive)
     with pytest.raises(ValueError, match="expected the same"):

@@ -45,6 +45,7 @@ def test_jackknife_of_a_mean_is_the_textbook_standard_error():
     np.testing.assert_allclose(ci["estimate"], [x.mean(), 2 * x.mean() + 1])
     np.testing.assert_allclose(ci["low"][0], x.mean() - 1.959963985 * se, rtol=1e-8)
     assert ci["n"] == 25 and ci["high"][1] > ci["estimate"][1]
+    np.testing.assert_allclose(ci["left_out"][3, 0], np.delete(x, 3).mean())  # row i: unit i left out
     with pytest.raises(ValueError, match="needs >= 2 units; got 1"):
         S.jackknife_ci(lambda idx: [0.0], 1)
 

@@ -74,8 +74,9 @@ def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] = np.mean, 
 
 def jackknife_ci(statistic: Callable[[np.ndarray], Sequence[float]], n_units: int, *, level: float = 0.95) -> dict:
     """Leave-one-unit-out jackknife interval of one or more statistics of a sample of `n_units` independent units:
-    `statistic(indices)` computes them from the units at `indices`. Returns {estimate, se, low, high, n}, each
-    value an array over the statistics: estimate +- z * se, se^2 = (n-1)/n * sum_i (stat_-i - mean_-i)^2.
+    `statistic(indices)` computes them from the units at `indices`. Returns {estimate, se, low, high, n, left_out},
+    each value an array over the statistics: estimate +- z * se, se^2 = (n-1)/n * sum_i (stat_-i - mean_-i)^2;
+    left_out [n, statistics] holds each leave-one-out value (which units a statistic leans on).
 
     Why not a bootstrap: for a statistic of per-unit means whose value depends on their noise (a correlation or
     a top-k overlap of two mean vectors), a resample with replacement averages fewer distinct units, and the
@@ -87,7 +88,8 @@ def jackknife_ci(statistic: Callable[[np.ndarray], Sequence[float]], n_units: in
     left_out = np.asarray([statistic(np.delete(units, i)) for i in units], np.float64)
     se = np.sqrt((n_units - 1) / n_units * ((left_out - left_out.mean(0)) ** 2).sum(0))
     z = NormalDist().inv_cdf(0.5 + _check_level(level) / 2)
-    return {"estimate": est, "se": se, "low": est - z * se, "high": est + z * se, "n": int(n_units)}
+    return {"estimate": est, "se": se, "low": est - z * se, "high": est + z * se, "n": int(n_units),
+            "left_out": left_out}
 
 
 def paired_effect(pos, neg, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
