@@ -109,7 +109,11 @@ def spearman(change_a, change_b, alive, *, seed: int = 0) -> dict:
 def question_intervals(change_q, prompt_q, k: int, alive, *, level: float = 0.95) -> dict:
     """Intervals of the top-k overlap and of the Spearman r over the evaluation questions, the independent units:
     leave-one-question-out jackknife (`stats.jackknife_ci`), both change vectors recomputed without each question
-    in turn, clipped to each statistic's range. change_q, prompt_q: [Q, S] per-question latent changes."""
+    in turn, clipped to each statistic's range. change_q, prompt_q: [Q, S] per-question latent changes.
+
+    The jackknife suits the r, a smooth statistic. For the overlap, a count that moves in steps of 1, it scales
+    each leave-one-out step by Q - 1 and gives a wide interval; the leave-one-out range beside it
+    (`left_out_min` / `left_out_max`) says directly whether single questions carry the overlap."""
     change_q, prompt_q = _per_question("change_q", change_q), _per_question("prompt_q", prompt_q)
     if change_q.shape != prompt_q.shape:
         raise ValueError(f"change_q {change_q.shape} and prompt_q {prompt_q.shape}; expected the same [Q, S]")
