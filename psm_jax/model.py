@@ -367,7 +367,7 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     (h, new_k, new_v), captured = _scan_layers(body, carry, xs, capture, config, start, stop - start)
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(k=new_k, v=new_v, positions=slots.cache_positions, valid=slots.cache_valid,
+        new_cache = KVCache(k=new_k, v=new_v, positions=slots.k_pos, valid=slots.k_valid,
                             length=cache.length + t, next_position=jnp.max(slots.positions, axis=1) + 1)
     if stop < config.n_layers:
         return ForwardOutput(logits=None, captured=captured, cache=new_cache, residual=h)
@@ -378,14 +378,13 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
 class _Slots(NamedTuple):
     """Where the tokens sit: their RoPE positions [B, T] (following the mask, so left padding gets none, as HF's
     `generate` computes them), the first cache slot they are written at, and the keys' positions and validity
-    (the tokens themselves without a cache; every cache slot, these tokens written in, with one)."""
+    (the tokens themselves without a cache; with one, every cache slot with these tokens written in: the new
+    cache's positions and validity)."""
 
     positions: jax.Array
     write_at: jax.Array
     k_pos: jax.Array
     k_valid: jax.Array
-    cache_positions: jax.Array | None
-    cache_valid: jax.Array | None
 
     @classmethod
     def of(cls, mask, cache: KVCache | None) -> "_Slots":
@@ -393,10 +392,10 @@ class _Slots(NamedTuple):
         start_pos = jnp.zeros((b,), jnp.int32) if cache is None else cache.next_position
         positions = jnp.maximum(start_pos[:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         if cache is None:
-            return cls(positions, jnp.zeros((), jnp.int32), positions, mask, None, None)
+            return cls(positions, jnp.zeros((), jnp.int32), positions, mask)
         new_positions = jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.length, axis=1)
         new_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask, cache.length, axis=1)
-        return cls(positions, cache.length, new_positions, new_valid, new_positions, new_valid)
+        return cls(positions, cache.length, new_positions, new_valid)
 
 
 def _scan_layers(body, carry, xs, capture: Capture, config: ModelConfig, start: int, n_run: int):
