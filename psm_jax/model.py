@@ -87,7 +87,7 @@ class ForwardOutput:
     logits: jax.Array
     captured: dict
     cache: Any = None
-    residual: Any = None  # [B, T, D] after the last layer run, when a forward stops before the model's last layer
+    residual: Any = None  # [B, T, D] after the last layer run, when a forward stops early or returns no logits
 
 
 def rms_norm(x, weight, eps: float, offset: float):
@@ -332,9 +332,10 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
 
     `start_layer` / `stop_layer` (static) run only layers [start, stop): from a later layer the input is
     `residual` [B, T, D], the stream entering `start_layer` (tokens still give the shape and, with the mask, the
-    positions); stopping early returns that stream in `ForwardOutput.residual` and no logits. A cache is
-    indexed by absolute layer, so two forwards over complementary ranges fill one cache: a band of edits that
-    all act at or above some layer can share one run of the layers below it.
+    positions); stopping early returns that stream in `ForwardOutput.residual` and no logits, as does
+    `return_logits=False` (the stream after the last layer, before the final norm: a fused loss head's input).
+    A cache is indexed by absolute layer, so two forwards over complementary ranges fill one cache: a band of
+    edits that all act at or above some layer can share one run of the layers below it.
 
     Inputs are checked where their values are concrete (outside jit): token ids in [0, vocab_size),
     T <= config.max_position (padded width), and with a cache cache.length + T <= cache.size and
@@ -369,10 +370,9 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     if cache is not None:
         new_cache = KVCache(k=new_k, v=new_v, positions=slots.k_pos, valid=slots.k_valid,
                             length=cache.length + t, next_position=jnp.max(slots.positions, axis=1) + 1)
-    if stop < config.n_layers:
+    if stop < config.n_layers or not return_logits:
         return ForwardOutput(logits=None, captured=captured, cache=new_cache, residual=h)
-    logits = _logits(params, config, h, logits_positions) if return_logits else None
-    return ForwardOutput(logits=logits, captured=captured, cache=new_cache)
+    return ForwardOutput(logits=_logits(params, config, h, logits_positions), captured=captured, cache=new_cache)
 
 
 class _Slots(NamedTuple):

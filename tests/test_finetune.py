@@ -15,8 +15,8 @@ from psm_jax.finetune import (ChatDataset, Cursor, FinetuneConfig, LoraConfig, O
                               batch_loss, finetune, finetuned_params, init_adapters, init_state, make_optimizer,
                               make_train_step, next_batch, read_chat_jsonl)
 from psm_jax.finetune.trainer import cached_train_step
-from psm_jax.finetune.losses import assistant_targets
-from psm_jax.model import Capture, forward, jit_forward
+from psm_jax.finetune.losses import assistant_targets, next_token_nll, next_token_nll_from_hidden
+from psm_jax.model import Capture, forward, jit_forward, unembed
 from psm_jax.weights import fold_add, orthogonalize
 from tests.fixtures_assets import random_smollm2_chat_model
 
@@ -226,6 +226,75 @@ def test_kl_and_steering_terms_match_direct_computations(tiny, data):
                                 capture=cap).captured["resid_post"][0], np.float64)
     shift = (h - h0) @ (direction / np.linalg.norm(direction))
     np.testing.assert_allclose(float(terms["steer"]), 2.0 * (shift ** 2)[batch["attention_mask"]].mean(), rtol=1e-4)
+
+
+def _untied_softcapped(model):
+    """The tiny model with its own output matrix (the tied one, perturbed) and Gemma's final soft-cap."""
+    unembed_w = model.params["embed"].T + 0.1 * jax.random.normal(jax.random.PRNGKey(5), model.params["embed"].T.shape)
+    config = dataclasses.replace(model.config, tie_embeddings=False, final_logit_softcap=3.0)
+    return {**model.params, "unembed": unembed_w}, config
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied_softcap", "bf16"])
+def test_fused_head_matches_the_loss_on_full_logits(tiny, variant):
+    """Value and gradients (hidden states, final norm) of the chunked head against autodiff through [B, T, V]
+    logits, with chunk sizes that do and do not divide B * T and one larger than it."""
+    params, config = (tiny.params, tiny.config) if variant != "untied_softcap" else _untied_softcapped(tiny)
+    dtype = jnp.bfloat16 if variant == "bf16" else jnp.float32
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    h = (3.0 * jax.random.normal(jax.random.PRNGKey(0), (3, 11, config.d_model))).astype(dtype)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 11), 0, config.vocab_size)
+    mask = jax.random.bernoulli(jax.random.PRNGKey(2), 0.7, (3, 11))
+
+    def full(h, norm):
+        return next_token_nll(unembed({**params, "final_norm": norm}, config, h), tokens, mask)
+
+    want, want_grads = jax.value_and_grad(full, argnums=(0, 1))(h, params["final_norm"])
+    tol = {"rtol": 2e-2, "atol": 2e-2} if variant == "bf16" else {"rtol": 1e-5, "atol": 1e-6}
+    for chunk in (4, 33, 1000):
+        def fused(h, norm):
+            return next_token_nll_from_hidden({**params, "final_norm": norm}, config, h, tokens, mask, chunk=chunk)
+
+        got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, params["final_norm"])
+        np.testing.assert_allclose(float(got), float(want), rtol=tol["rtol"] / 10)
+        for g, w in zip(got_grads, want_grads):
+            assert g.dtype == w.dtype
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **tol)
+    with pytest.raises(ValueError, match="chunk=0"):
+        next_token_nll_from_hidden(params, config, h, tokens, mask, chunk=0)
+
+
+def test_training_the_embedding_keeps_the_unembedding_gradient(tiny, data):
+    """Full fine-tuning of a tied embedding takes the loss through full logits: a token that is never input
+    still gets a gradient through the output projection (the fused head would give it none)."""
+    ft = FinetuneConfig(method="full", full_leaves=("embed",), batch_size=4)
+    batch = {k: jnp.asarray(v) for k, v in _batch(data).items()}
+    trainable = init_state(tiny.params, tiny.config, ft, jax.random.PRNGKey(0)).trainable
+    grads = jax.grad(lambda t: batch_loss(t, tiny.params, tiny.config, ft, batch, {"edits": (), "direction": None})[0])(
+        trainable)
+    unseen = np.setdiff1d(np.arange(tiny.config.vocab_size), np.asarray(batch["tokens"]))
+    assert unseen.size and float(jnp.max(jnp.abs(grads["embed"][unseen]))) > 0
+
+
+def test_lora_loss_and_gradient_match_the_merged_model_logits(tiny, data):
+    """The LoRA step's NLL (fused head) and its adapter gradient against the merged model's full logits."""
+    ft = FinetuneConfig(lora=LoraConfig(rank=4, alpha=8.0), batch_size=4)
+    batch = {k: jnp.asarray(v) for k, v in _batch(data).items()}
+    adapters = _perturbed(init_state(tiny.params, tiny.config, ft, jax.random.PRNGKey(0)).trainable)
+    extras = {"edits": (), "direction": None}
+    (loss, _), grads = jax.jit(jax.value_and_grad(batch_loss, has_aux=True), static_argnums=(2, 3))(
+        adapters, tiny.params, tiny.config, ft, batch, extras)
+    targets = assistant_targets(batch["roles"], batch["attention_mask"])
+
+    def on_full_logits(adapters):
+        merged = apply_adapters(tiny.params, adapters, tiny.config, ft.lora)
+        logits = forward(merged, tiny.config, batch["tokens"], attention_mask=batch["attention_mask"]).logits
+        return next_token_nll(logits, batch["tokens"], targets) / jnp.sum(targets)
+
+    want, want_grads = jax.value_and_grad(on_full_logits)(adapters)
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6),
+                 grads, want_grads)
 
 
 @pytest.mark.slow

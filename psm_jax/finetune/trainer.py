@@ -9,7 +9,8 @@ exactly as at inference, and are never part of what is trained or saved. `Finetu
 restricts the edits to tokens of the given chat roles (the same role masks as at inference), rebuilt
 per batch because the role layout changes from batch to batch.
 
-Loss = next-token NLL on assistant tokens + kl_weight * KL(policy || frozen original) on a
+Loss = next-token NLL on assistant tokens (through the fused vocabulary head of `losses.next_token_nll_from_hidden`
+whenever the unembedding is not trained) + kl_weight * KL(policy || frozen original) on a
 reference batch + steer_weight * squared projection shift along a direction. Each term is summed
 per micro-batch and divided by its count over the whole batch (known before the step), so
 `grad_accum` micro-batches (a `lax.scan`) and data parallelism over a mesh reproduce the gradient
@@ -39,7 +40,8 @@ from psm_jax.edits import EDITABLE_SITES
 from psm_jax.finetune import adapters as lora_lib
 from psm_jax.finetune.checkpoint import Checkpointer, ensure_run_config
 from psm_jax.finetune.data import ChatDataset, Cursor, next_batch
-from psm_jax.finetune.losses import assistant_targets, kl_to_reference, next_token_nll, projection_shift
+from psm_jax.finetune.losses import (assistant_targets, kl_to_reference, next_token_nll, next_token_nll_from_hidden,
+                                    projection_shift)
 from psm_jax.model import Capture, check_edits, forward
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -199,6 +201,15 @@ def _term_names(ft: FinetuneConfig) -> tuple[str, ...]:
     return ("nll",) + (("kl",) if ft.kl_weight > 0 else ()) + (("steer",) if ft.steer_weight > 0 else ())
 
 
+def _unembedding_frozen(ft: FinetuneConfig, config: ModelConfig) -> bool:
+    """Whether training leaves the vocabulary projection's weight as it is, so the NLL can take the fused head
+    (`next_token_nll_from_hidden`, no [B, T, V] logits) instead of full logits."""
+    if ft.method == "lora":
+        return True
+    head = "embed" if config.tie_embeddings else "unembed"
+    return ft.full_leaves is not None and head not in ft.full_leaves
+
+
 def _micro_loss(trainable, frozen, config: ModelConfig, ft: FinetuneConfig, batch, extras, denoms):
     """Weighted loss terms of one micro-batch (each a sum divided by its whole-batch count)."""
     params = materialize(trainable, frozen, config, ft)
@@ -209,8 +220,12 @@ def _micro_loss(trainable, frozen, config: ModelConfig, ft: FinetuneConfig, batc
         edits = tuple(e.replace(positions=where) for e in edits)
     steer = ft.steer_weight > 0
     capture = Capture(sites=(ft.steer_site,), layers=(ft.steer_layer,)) if steer else Capture()
-    out = forward(params, config, tokens, attention_mask=mask, edits=edits, capture=capture)
-    terms = {"nll": next_token_nll(out.logits, tokens, assistant_targets(roles, mask)) / denoms["nll"]}
+    fused = _unembedding_frozen(ft, config)
+    out = forward(params, config, tokens, attention_mask=mask, edits=edits, capture=capture, return_logits=not fused)
+    targets = assistant_targets(roles, mask)
+    nll = (next_token_nll_from_hidden(params, config, out.residual, tokens, targets) if fused
+           else next_token_nll(out.logits, tokens, targets))
+    terms = {"nll": nll / denoms["nll"]}
     if ft.kl_weight > 0 or steer:
         reference = jax.lax.stop_gradient(jax.tree.map(lambda x: x.astype(COMPUTE_DTYPES[ft.compute_dtype]),
                                                        dict(frozen)))
