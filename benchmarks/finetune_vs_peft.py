@@ -50,6 +50,18 @@ while other jobs shared the two cores, so proportions rather than speeds):
     forward + backward and this step, blocked over unblocked, alternating in one process (AMD Zen 5: 0.70x and
     0.93x).
 
+  * the fused vocabulary head (`psm_jax.finetune.losses.next_token_nll_from_hidden`): the NLL is formed a chunk of
+    128 positions at a time, its hidden-state gradient in the same pass, so the step keeps no [B, T, V] logits,
+    probabilities or their cotangent (400 MB each here). A `perf` profile of the step before it had a large
+    share of the samples in the kernel, zero-filling the pages of the step's temporary buffer: XLA's CPU runtime
+    allocates that buffer (several GB at this size) afresh for every call, from a worker thread, so glibc maps it
+    with mmap and every page faults in again. A smaller buffer is fewer faults; the recorded lines of 2026-12-05
+    show the step and its peak RSS before and after.
+  * `--glibc-tunables` runs both sides with GLIBC_TUNABLES set so that freed memory is kept and reused (one
+    malloc arena, no mmap, no trimming; `KEEP_FREED_MEMORY`): both frameworks then skip most of those page
+    faults. Its lines carry `key: glibc_tunables`: the like-for-like ratio under that allocator setting, beside
+    the default one (each framework as it runs out of the box).
+
 Recorded: `finetune_tokens_per_s_vs_peft` = psm-jax tokens/s over peft tokens/s (target >= 1.5; each round's own ratio
 in `round_ratios`) and
 `finetune_peak_rss_over_params` = psm-jax's peak RSS over the float32 params' bytes (peft's beside it).
@@ -72,6 +84,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 TARGETS_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KEEP_FREED_MEMORY = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 def _tokens(batch: int, seq: int, vocab: int):
@@ -247,7 +260,8 @@ def run_ab(args) -> None:
 def _side(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", name, "--rank", str(args.rank), "--batch", str(args.batch),
            "--seq", str(args.seq), "--steps", str(args.steps)] + (["--merged"] if args.merged else [])
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "GLIBC_TUNABLES": KEEP_FREED_MEMORY} if args.glibc_tunables else None
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"{name} side failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -266,6 +280,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--merged", action="store_true", help="psm-jax merges A @ B into W in the step (default: factored)")
     ap.add_argument("--quick", action="store_true", help="batch 2 x 32 tokens, 2 steps (smoke test)")
+    ap.add_argument("--glibc-tunables", action="store_true",
+                    help=f"run both sides with GLIBC_TUNABLES={KEEP_FREED_MEMORY} (freed memory kept and reused)")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--layers", type=int, default=0,
                     help="with --ab: keep only the model's first LAYERS blocks (0: all)")
@@ -277,6 +293,9 @@ def main():
     if args.layers and not args.ab:
         raise SystemExit(f"--layers {args.layers} is for --ab runs only; the side-by-side benchmark uses the "
                          "whole model")
+    if args.glibc_tunables and (args.ab or args.side):
+        raise SystemExit("--glibc-tunables sets the allocator of the two sides' processes; it has no effect with "
+                         "--ab or --side (set GLIBC_TUNABLES before starting the process instead)")
     if args.ab and args.merged:
         raise SystemExit("--ab compares the factored LoRA backward of two paths; --merged has no low-rank term")
     if args.ab:
@@ -311,15 +330,18 @@ def main():
         return
     from benchmarks.record import record
 
+    variant = {"key": "glibc_tunables", "malloc": KEEP_FREED_MEMORY} if args.glibc_tunables else {}
+    if args.glibc_tunables:
+        setup += f"; both sides with GLIBC_TUNABLES={KEEP_FREED_MEMORY}"
     record("finetune_tokens_per_s_vs_peft", ratio, "x (tokens/s ratio)",
            f"transformers + peft {pf['peft']} (torch CPU, {pf['torch_threads']} threads) {peft_tps:.0f} tokens/s vs "
-           f"psm-jax {jax_tps:.0f} tokens/s; {setup}", target=">= 1.5",
+           f"psm-jax {jax_tps:.0f} tokens/s; {setup}", target=">= 1.5", **variant,
            jax_tokens_per_s=round(jax_tps, 1), peft_tokens_per_s=round(peft_tps, 1),
            jax_first_step_s=round(jx["first_step_s"], 1), peft_first_step_s=round(pf["first_step_s"], 1),
            round_ratios=round_ratios)
     record("finetune_peak_rss_over_params", rss_ratio, "x (peak RSS / fp32 param bytes)",
            f"psm-jax peak RSS {jx['peak_rss'] / 2**30:.2f} GiB vs peft {pf['peak_rss'] / 2**30:.2f} GiB "
-           f"({peft_rss_ratio}x its params); {setup}", target=None,
+           f"({peft_rss_ratio}x its params); {setup}", target=None, **variant,
            jax_peak_rss_gib=round(jx["peak_rss"] / 2**30, 2), peft_peak_rss_gib=round(pf["peak_rss"] / 2**30, 2),
            peft_rss_over_params=peft_rss_ratio)
 
