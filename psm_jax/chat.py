@@ -256,8 +256,8 @@ def pad_batch(
     length: int | None = None,
     multiple_of: int = 1,
 ) -> PaddedBatch:
-    """Stack encodings into a batch. Left padding keeps every sequence's last token at T-1,
-    which is what generation and "last token" readouts want.
+    """Stack encodings (`ChatEncoding`s, or anything with tokens / roles / turns arrays) into a batch. Left padding
+    keeps every sequence's last token at T-1, which is what generation and "last token" readouts want.
 
     `length` fixes T (an error if a sequence is longer); `multiple_of` rounds T up so that
     fewer distinct shapes reach a jitted forward.
@@ -266,7 +266,7 @@ def pad_batch(
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if not encodings:
         raise ValueError("pad_batch needs at least one encoding")
-    longest = max(len(e) for e in encodings)
+    longest = max(len(e.tokens) for e in encodings)
     T = longest if length is None else int(length)
     if T < longest:
         raise ValueError(f"length={T} is shorter than the longest sequence ({longest} tokens)")
@@ -278,7 +278,7 @@ def pad_batch(
     roles = np.full((B, T), ROLE_PAD, np.int8)
     turns = np.full((B, T), TURN_PAD, np.int32)
     for b, e in enumerate(encodings):
-        n = len(e)
+        n = len(e.tokens)
         sl = slice(T - n, T) if side == "left" else slice(0, n)
         tokens[b, sl] = e.tokens
         mask[b, sl] = True

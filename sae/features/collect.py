@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.chat import PaddedBatch, Role, encode_chat, pad_id
+from psm_jax.chat import ROLE_PAD, TURN_PAD, PaddedBatch, Role, encode_chat, pad_batch, pad_id
 from psm_jax.edits import check_sae, sae_encode
 from psm_jax.model import Capture, forward
 from sae.data.harvest import truncated_model
@@ -282,8 +282,16 @@ def _encode_batch(params, sae, tokens, mask, roles, select, latents, edits, *, c
     return tracked, role_fire, role_sum, role_1h.sum((0, 1)), conv_mean, conv_fire, n, conv_resid
 
 
+class _Doc(NamedTuple):
+    """One encoded document: the fields `chat.pad_batch` stacks."""
+
+    tokens: np.ndarray
+    roles: np.ndarray
+    turns: np.ndarray
+
+
 def _encode_docs(model, documents, max_len: int):
-    """Each document -> (tokens, roles, turns), cut to max_len tokens; and how many were cut."""
+    """Each document -> a `_Doc` (tokens, roles, turns), cut to max_len tokens; and how many were cut."""
     tok = model.tokenizer
     out, cut = [], 0
     for i, doc in enumerate(documents):
@@ -305,7 +313,7 @@ def _encode_docs(model, documents, max_len: int):
         if len(ids) > max_len:
             cut += 1
             ids, roles, turns = ids[:max_len], roles[:max_len], turns[:max_len]
-        out.append((ids, roles, turns))
+        out.append(_Doc(ids, roles, turns))
     return out, cut
 
 
@@ -364,23 +372,16 @@ def _check_collect(model, sae: FeatureSae, documents, latents, batch_size: int, 
 
 def _padded_batch(docs: list, batch_size: int, pad_multiple: int, pad: int, sel_roles: np.ndarray,
                   last_turn_only: bool) -> tuple[PaddedBatch, np.ndarray]:
-    """Left-padded [batch_size, T] arrays of encoded documents (T rounded up to pad_multiple, so few shapes
-    compile) and the selected-token mask. Filler rows past the documents attend one token and count nothing."""
-    T = -(-max(len(ids) for ids, _, _ in docs) // pad_multiple) * pad_multiple
-    tokens = np.full((batch_size, T), pad, np.int32)
-    mask = np.zeros((batch_size, T), bool)
-    roles = np.full((batch_size, T), -1, np.int8)
-    turns = np.full((batch_size, T), -3, np.int32)
-    select = np.zeros((batch_size, T), bool)
-    for b, (ids, r, t) in enumerate(docs):
-        n = len(ids)
-        tokens[b, T - n:], mask[b, T - n:], roles[b, T - n:], turns[b, T - n:] = ids, True, r, t
-        s = np.isin(r, sel_roles)
-        if last_turn_only and s.any():
-            s &= t == t[s].max()
-        select[b, T - n:] = s
-    mask[len(docs):, T - 1] = True
-    return PaddedBatch(tokens, mask, roles, turns), select
+    """Left-padded [batch_size, T] arrays of encoded documents (`chat.pad_batch`, T rounded up to pad_multiple so
+    few shapes compile) and the selected-token mask. Filler rows past the documents attend one pad token and
+    count nothing."""
+    filler = _Doc(np.full(1, pad, np.int32), np.full(1, ROLE_PAD, np.int8), np.full(1, TURN_PAD, np.int32))
+    batch = pad_batch(list(docs) + [filler] * (batch_size - len(docs)), pad, multiple_of=pad_multiple)
+    select = np.isin(batch.roles, sel_roles) & batch.attention_mask
+    if last_turn_only:
+        last = np.where(select, batch.turns, np.iinfo(np.int32).min).max(axis=1, keepdims=True)
+        select &= batch.turns == last
+    return batch, select
 
 
 @dataclasses.dataclass
