@@ -125,43 +125,61 @@ def _rope_tables(config: ModelConfig, positions):
     return glob, rope_angles(jnp.asarray(rope_inv_freq(config.rope_local, config.head_dim)), positions)
 
 
+_READ_ONLY_SITES = ("q", "k", "v", "q_prerope", "k_prerope")  # captured, never edited
+
+
+def _site(edits, capture_sites, layer, slot_index, out: dict, name: str, value):
+    """A named activation site: the edits acting there applied (not at the attention's read-only q / k / v sites),
+    then the value recorded in `out` when `name` is captured."""
+    if name not in _READ_ONLY_SITES:
+        value = apply_edits(edits, name, layer, value, slot_index)
+    if name in capture_sites:
+        out[name] = value
+    return value
+
+
 def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx, carry, layer_in):
     """One decoder block. carry = (h, cache_k, cache_v) (the caches are None without a KV cache).
 
-    With a cache, this layer's new K/V are written into the carried [L, B, S, KV, hd] arrays at
-    [layer, :, write_at] (an in-place update of T slots) and attention reads the layer's slots back
-    (`cached_attention`: in place on the f32 CPU decoding kernel).
     Returns (carry, per-layer outputs: the captured sites).
     """
     h, cache_k, cache_v = carry
     lp, layer, is_sliding = layer_in
     c = config
     out = {}
+    site = functools.partial(_site, edits, capture_sites, layer, slot_index, out)
+    h = site("resid_pre", h)
+    x = site("attn_in", rms_norm(h, lp["attn_norm"], c.norm_eps, c.norm_offset))
+    o, cache_k, cache_v = _attention(c, lp, x, layer, is_sliding, rope, attn_ctx, cache_k, cache_v, site)
+    h = site("resid_mid", h + site("attn_out", o))
+    x = site("mlp_in", rms_norm(h, lp["mlp_norm"], c.norm_eps, c.norm_offset))
+    h = site("resid_post", h + site("mlp_out", _mlp(c, lp, x)))
+    return (h, cache_k, cache_v), out
 
-    def site(name, value):
-        if name in ("q", "k", "v", "q_prerope", "k_prerope"):
-            if name in capture_sites:
-                out[name] = value
-            return value
-        value = apply_edits(edits, name, layer, value, slot_index)
-        if name in capture_sites:
-            out[name] = value
-        return value
 
+def project_q(config: ModelConfig, lp: dict, x):
+    """Q before RoPE [B, T, H, hd] from the normed block input x."""
+    b, t, _ = x.shape
+    q = amx.dense(x, lp["wq"])
+    if config.qkv_bias:
+        q = q + lp["bq"]
+    q = q.reshape(b, t, config.n_heads, config.head_dim)
+    if config.qk_norm:
+        q = rms_norm(q, lp["q_norm"], config.norm_eps, config.norm_offset)
+    return q
+
+
+def _attention(config: ModelConfig, lp: dict, x, layer, is_sliding, rope, attn_ctx, cache_k, cache_v, site):
+    """The attention sublayer's output (before the residual add) and the caches.
+
+    With a cache, this layer's new K/V are written into the carried [L, B, S, KV, hd] arrays at
+    [layer, :, write_at] (an in-place update of T slots) and attention reads the layer's slots back
+    (`cached_attention`: in place on the f32 CPU decoding kernel)."""
+    c = config
     (gcos, gsin), (lcos, lsin) = rope
     cos = jnp.where(is_sliding, lcos, gcos)
     sin = jnp.where(is_sliding, lsin, gsin)
-
-    h = site("resid_pre", h)
-    x = site("attn_in", rms_norm(h, lp["attn_norm"], c.norm_eps, c.norm_offset))
-    b, t, _ = x.shape
-    q = amx.dense(x, lp["wq"])
-    if c.qkv_bias:
-        q = q + lp["bq"]
-    q = q.reshape(b, t, c.n_heads, c.head_dim)
-    if c.qk_norm:
-        q = rms_norm(q, lp["q_norm"], c.norm_eps, c.norm_offset)
-    site("q_prerope", q)
+    q = site("q_prerope", project_q(c, lp, x))
     q = site("q", apply_rope(q, cos, sin))
     k_pre, k, v = project_kv(c, lp, x, cos, sin)
     site("k_prerope", k_pre)
@@ -178,15 +196,18 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
         attn = cached_attention(q, cache_k, cache_v, layer, bias, scale=scale, softcap=c.attn_logit_softcap)
+    b, t = x.shape[:2]
     o = amx.dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
     if c.o_bias:
         o = o + lp["bo"]
     if c.sandwich_norms:
         o = rms_norm(o, lp["post_attn_norm"], c.norm_eps, c.norm_offset)
-    o = site("attn_out", o)
-    h = site("resid_mid", h + o)
+    return o, cache_k, cache_v
 
-    x = site("mlp_in", rms_norm(h, lp["mlp_norm"], c.norm_eps, c.norm_offset))
+
+def _mlp(config: ModelConfig, lp: dict, x):
+    """The MLP sublayer's output (before the residual add) from its normed input x."""
+    c = config
     if c.activation == "silu" and not c.mlp_bias and amx.uses_gated_kernel(x, lp["w_gate"], lp["w_up"]):
         hidden = amx.gated_silu(x, lp["w_gate"], lp["w_up"])      # one fused kernel (bf16 on AMX)
     else:
@@ -199,9 +220,7 @@ def _block(config: ModelConfig, edits, capture_sites, slot_index, rope, attn_ctx
         m = m + lp["b_down"]
     if c.sandwich_norms:
         m = rms_norm(m, lp["post_mlp_norm"], c.norm_eps, c.norm_offset)
-    m = site("mlp_out", m)
-    h = site("resid_post", h + m)
-    return (h, cache_k, cache_v), out
+    return m
 
 
 def is_concrete(x) -> bool:
