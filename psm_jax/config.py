@@ -173,44 +173,40 @@ def check_hf_config(hf: Any) -> None:
                          f"{hf['num_attention_heads']} and the config gives no head_dim")
 
 
-def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
-    """Translate a Hugging Face config dict into a ModelConfig (raises on unsupported features)."""
+def _text_config(hf):
+    """A multimodal Gemma 3 config's text part (keeping its quantization_config, which check_hf_config refuses)."""
     if isinstance(hf, Mapping) and "text_config" in hf and hf.get("model_type") in ("gemma3",):
-        hf = {**hf["text_config"], "model_type": "gemma3_text",
-              **({"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {})}
-    if isinstance(hf, Mapping) and "model_type" in hf and hf["model_type"] not in _MODEL_TYPES:
-        raise ValueError(
-            f"unsupported architecture model_type={hf['model_type']!r}; expected one of {sorted(_MODEL_TYPES)}"
-        )
-    check_hf_config(hf)
-    family = _MODEL_TYPES[hf["model_type"]]
-    d_model = hf["hidden_size"]
-    n_heads = hf["num_attention_heads"]
-    head_dim = int(hf.get("head_dim") or d_model // n_heads)
-    n_layers = hf["num_hidden_layers"]
-    gemma = family in ("gemma2", "gemma3")
+        return {**hf["text_config"], "model_type": "gemma3_text",
+                **({"quantization_config": hf["quantization_config"]} if "quantization_config" in hf else {})}
+    return hf
 
-    # RoPE: new-style `rope_parameters` (flat, or per layer type for Gemma 3) or legacy keys.
+
+def _hf_rope(hf: Mapping[str, Any], family: str) -> tuple[RopeConfig, RopeConfig | None]:
+    """(global, local) RoPE from new-style `rope_parameters` (flat, or per layer type for Gemma 3) or legacy keys;
+    local is None where every layer uses the global one."""
     rp = hf.get("rope_parameters")
     default_theta = float(hf.get("rope_theta", 1_000_000.0 if family == "gemma3" else 10000.0))
-    rope_local = None
+    local_theta = float(hf.get("rope_local_base_freq", 10000.0))
     if isinstance(rp, Mapping) and "full_attention" in rp:
-        rope = _rope_from(rp["full_attention"], default_theta)
-        rope_local = _rope_from(rp.get("sliding_attention"), float(hf.get("rope_local_base_freq", 10000.0)))
-    else:
-        legacy = dict(hf.get("rope_scaling") or {})
-        legacy.setdefault("rope_theta", default_theta)
-        rope = _rope_from(rp if isinstance(rp, Mapping) else legacy, default_theta)
-        if family == "gemma3":
-            rope_local = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10000.0)))
+        return _rope_from(rp["full_attention"], default_theta), _rope_from(rp.get("sliding_attention"), local_theta)
+    legacy = dict(hf.get("rope_scaling") or {})
+    legacy.setdefault("rope_theta", default_theta)
+    rope = _rope_from(rp if isinstance(rp, Mapping) else legacy, default_theta)
+    return rope, RopeConfig(theta=local_theta) if family == "gemma3" else None
 
+
+def _hf_sliding_layers(hf: Mapping[str, Any], family: str, n_layers: int) -> tuple[tuple[bool, ...], int | None]:
+    """(which layers use sliding-window attention, the window), or ((), None) without a window: `layer_types`
+    where the config lists them, else each family's fixed pattern."""
     layer_types = hf.get("layer_types")
     window = hf.get("sliding_window")
     if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
+    if not window:
+        return (), None
     if layer_types:
         sliding = tuple(t == "sliding_attention" for t in layer_types)
-    elif family == "mistral" and window:
+    elif family == "mistral":
         sliding = (True,) * n_layers
     elif family == "gemma2":
         sliding = tuple(i % 2 == 0 for i in range(n_layers))
@@ -219,16 +215,36 @@ def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         sliding = tuple(bool((i + 1) % pattern) for i in range(n_layers))
     else:
         sliding = ()
-    if not window:
-        sliding, window = (), None
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("use_bidirectional_attention=True is not supported; expected a causal decoder")
+    return sliding, window
 
+
+def _hf_activation(hf: Mapping[str, Any]) -> str:
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
     act = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}.get(act)
     if act is None:
         raise ValueError(f"unsupported activation {hf.get('hidden_act')!r}; expected silu or gelu_pytorch_tanh")
+    return act
 
+
+def from_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
+    """Translate a Hugging Face config dict into a ModelConfig (raises on unsupported features)."""
+    hf = _text_config(hf)
+    if isinstance(hf, Mapping) and "model_type" in hf and hf["model_type"] not in _MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture model_type={hf['model_type']!r}; expected one of {sorted(_MODEL_TYPES)}"
+        )
+    check_hf_config(hf)
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention=True is not supported; expected a causal decoder")
+    family = _MODEL_TYPES[hf["model_type"]]
+    d_model = hf["hidden_size"]
+    n_heads = hf["num_attention_heads"]
+    head_dim = int(hf.get("head_dim") or d_model // n_heads)
+    n_layers = hf["num_hidden_layers"]
+    gemma = family in ("gemma2", "gemma3")
+    rope, rope_local = _hf_rope(hf, family)
+    sliding, window = _hf_sliding_layers(hf, family, n_layers)
+    act = _hf_activation(hf)
     return ModelConfig(
         family=family,
         vocab_size=int(hf["vocab_size"]),
