@@ -201,22 +201,13 @@ def hf_config_from_gguf(header: GGUFHeader) -> dict:
     a = arch
     if "token_embd.weight" not in tensors:
         raise ValueError("GGUF file has no token_embd.weight tensor")
-    vocab = int(tensors["token_embd.weight"].shape[0])  # [vocab, d_model]
     d_model = int(_req(md, f"{a}.embedding_length"))
     n_layers = int(_req(md, f"{a}.block_count"))
-    n_heads = _uniform_int(_req(md, f"{a}.attention.head_count"), f"{a}.attention.head_count")
-    n_kv = _uniform_int(md.get(f"{a}.attention.head_count_kv", n_heads), f"{a}.attention.head_count_kv")
-    head_dim = int(md.get(f"{a}.attention.key_length") or d_model // n_heads)
-    value_dim = md.get(f"{a}.attention.value_length")
-    if value_dim is not None and int(value_dim) != head_dim:
-        raise ValueError(f"GGUF key_length {head_dim} != value_length {value_dim}; not supported")
-    rot = md.get(f"{a}.rope.dimension_count")
-    if rot is not None and int(rot) != head_dim:
-        raise ValueError(f"partial rotary embeddings (rope.dimension_count={rot}, head_dim={head_dim}) are not supported")
+    n_heads, n_kv, head_dim = _gguf_heads(md, a, d_model)
     theta = _f32(md.get(f"{a}.rope.freq_base", 10000.0))
     hf: dict[str, Any] = {
         "model_type": GGUF_ARCHITECTURES[arch],
-        "vocab_size": vocab,
+        "vocab_size": int(tensors["token_embd.weight"].shape[0]),  # [vocab, d_model]
         "hidden_size": d_model,
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
@@ -231,40 +222,64 @@ def hf_config_from_gguf(header: GGUFHeader) -> dict:
         "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
         "pad_token_id": md.get("tokenizer.ggml.padding_token_id"),
+        "eos_token_id": _gguf_eos(md),
     }
-    eos = [md.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
-    eos = list(dict.fromkeys(int(e) for e in eos if e is not None))
-    hf["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
     scaling = _rope_scaling(header, a, theta, head_dim)
     if scaling:
         hf["rope_scaling"] = scaling
-
     window = md.get(f"{a}.attention.sliding_window")
     if arch in _GEMMA:
-        hf["hidden_activation"] = "gelu_pytorch_tanh"
-        hf["sliding_window"] = int(window) if window else None
-        hf["attn_logit_softcapping"] = md.get(f"{a}.attn_logit_softcapping")
-        hf["final_logit_softcapping"] = md.get(f"{a}.final_logit_softcapping")
-        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
-            if hf[k] is not None:
-                hf[k] = _f32(hf[k])
-        scale = md.get(f"{a}.attention.scale")
-        if scale:
-            hf["query_pre_attn_scalar"] = _f32(1.0 / float(scale) ** 2)
-        else:
-            # llama.cpp hard-codes this: the 27B models scale queries by (d_model / n_heads) ** -0.5.
-            big = (arch == "gemma2" and n_layers == 46) or (arch == "gemma3" and n_layers == 62)
-            hf["query_pre_attn_scalar"] = d_model // n_heads if big else head_dim
-        if arch == "gemma3":
-            hf["rope_local_base_freq"] = _f32(md.get(f"{a}.rope.freq_base_swa", 10000.0))
-            pattern = md.get(f"{a}.attention.sliding_window_pattern")
-            if isinstance(pattern, (list, tuple)):
-                hf["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
-            elif pattern is not None:
-                hf["sliding_window_pattern"] = int(pattern)
+        hf.update(_gemma_fields(md, a, window, n_heads, n_layers, head_dim, d_model))
     elif window:
         raise ValueError(f"GGUF {arch} file declares sliding_window={window}; psm-jax only supports it for Gemma")
     return hf
+
+
+def _gguf_heads(md: dict, a: str, d_model: int) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim), refusing what the port does not run: per-layer head counts,
+    values of another width than keys, partial rotary embeddings."""
+    n_heads = _uniform_int(_req(md, f"{a}.attention.head_count"), f"{a}.attention.head_count")
+    n_kv = _uniform_int(md.get(f"{a}.attention.head_count_kv", n_heads), f"{a}.attention.head_count_kv")
+    head_dim = int(md.get(f"{a}.attention.key_length") or d_model // n_heads)
+    value_dim = md.get(f"{a}.attention.value_length")
+    if value_dim is not None and int(value_dim) != head_dim:
+        raise ValueError(f"GGUF key_length {head_dim} != value_length {value_dim}; not supported")
+    rot = md.get(f"{a}.rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        raise ValueError(f"partial rotary embeddings (rope.dimension_count={rot}, head_dim={head_dim}) "
+                         "are not supported")
+    return n_heads, n_kv, head_dim
+
+
+def _gguf_eos(md: dict):
+    """The end-of-sequence id, or the list of them (EOS, end-of-turn, end-of-message, without repeats), or None."""
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    eos = list(dict.fromkeys(int(md[k]) for k in keys if md.get(k) is not None))
+    return eos[0] if len(eos) == 1 else (eos or None)
+
+
+def _gemma_fields(md: dict, a: str, window, n_heads: int, n_layers: int, head_dim: int, d_model: int) -> dict:
+    """The Gemma 2 / 3 settings of the HF config: activation, sliding window and its layer pattern, soft-caps,
+    query scale, local RoPE base."""
+    out: dict[str, Any] = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": int(window) if window else None}
+    for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+        cap = md.get(f"{a}.{k}")
+        out[k] = None if cap is None else _f32(cap)
+    scale = md.get(f"{a}.attention.scale")
+    if scale:
+        out["query_pre_attn_scalar"] = _f32(1.0 / float(scale) ** 2)
+    else:
+        # llama.cpp hard-codes this: the 27B models scale queries by (d_model / n_heads) ** -0.5.
+        big = (a == "gemma2" and n_layers == 46) or (a == "gemma3" and n_layers == 62)
+        out["query_pre_attn_scalar"] = d_model // n_heads if big else head_dim
+    if a == "gemma3":
+        out["rope_local_base_freq"] = _f32(md.get(f"{a}.rope.freq_base_swa", 10000.0))
+        pattern = md.get(f"{a}.attention.sliding_window_pattern")
+        if isinstance(pattern, (list, tuple)):
+            out["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+        elif pattern is not None:
+            out["sliding_window_pattern"] = int(pattern)
+    return out
 
 
 def gguf_config(path: str | os.PathLike) -> ModelConfig:
