@@ -468,6 +468,27 @@ def load_corpus(
                    dict(speaker_map) if speaker_map is not None else dict(DEFAULT_SPEAKER_MAP), field)
     options = dict(leading_assistant=leading_assistant, max_turns=max_turns, max_chars=max_chars,
                    dedupe_ids=dedupe_ids, field=field, speaker_map=dict(opt.speaker_map))
+    path, label = _resolve_source(source)
+    files = _data_files(path)
+    fmt = _detect_format(files)
+    rep = CorpusReport(source=label or str(path), format=fmt, options=options)
+    docs, ids = [], []
+    raw_ids: set[str] = set()
+    for rec, stem, k in _records(files, fmt, path, rep):
+        rep.records_complete += 1
+        rid = _record_id(rec, stem, k)
+        if rid in raw_ids:
+            rep.duplicate_ids += 1
+        raw_ids.add(rid)
+        d = _convert_record(rec, rep, opt)
+        if d is not None:
+            docs.append(d)
+            ids.append(rid)
+    return _finish(docs, ids, rep, dedupe_ids=dedupe_ids, shuffle=shuffle, seed=seed, take=take)
+
+
+def _resolve_source(source) -> tuple[Path, str | None]:
+    """The corpus path and, for the packaged ShareGPT dump, the label its report names it by."""
     label = None
     if source is None or (isinstance(source, str) and source.lower() == "sharegpt"):
         source = sharegpt_path()
@@ -475,44 +496,24 @@ def load_corpus(
     if isinstance(source, str) and not os.path.exists(source):
         raise CorpusError(f"corpus {source!r} is not a local file or directory (hub ids are not accepted; "
                           "download the data and pass its path)")
-    path = Path(source)
-    files = _data_files(path)
-    fmt = _detect_format(files)
-    rep = CorpusReport(source=label or str(path), format=fmt, options=options)
-    docs, ids = [], []
-    raw_ids: set[str] = set()
+    return Path(source), label
 
-    def count_id(rec, stem, k):
-        rid = _record_id(rec, stem, k)
-        if rid in raw_ids:
-            rep.duplicate_ids += 1
-        raw_ids.add(rid)
-        return rid
 
-    if fmt in ("json-array", "sharegpt-json-array"):
-        for f in files:
-            it, stream = iter_json_array(f)
-            stem = f.name
-            for k, rec in enumerate(it):
-                rep.records_complete += 1
-                rid = count_id(rec, stem, k)
-                d = _convert_record(rec, rep, opt)
-                if d is not None:
-                    docs.append(d)
-                    ids.append(rid)
-            rep.dropped_truncated += stream.truncated
-            rep.truncated_tail_chars += stream.tail_chars
-        if files and files[0].name == SHAREGPT_FILENAME:
-            rep.format = "sharegpt-json-array"
-    else:
+def _records(files: list[Path], fmt: str, path: Path, rep: CorpusReport):
+    """Each raw record with the stem and index its fallback id is made from. JSON arrays are stream-parsed file by
+    file (a truncated tail is counted in `rep`); other formats are read through `datasets`."""
+    if fmt not in ("json-array", "sharegpt-json-array"):
         for k, rec in enumerate(_iter_datasets(files, fmt)):
-            rep.records_complete += 1
-            rid = count_id(rec, path.name, k)
-            d = _convert_record(rec, rep, opt)
-            if d is not None:
-                docs.append(d)
-                ids.append(rid)
-    return _finish(docs, ids, rep, dedupe_ids=dedupe_ids, shuffle=shuffle, seed=seed, take=take)
+            yield rec, path.name, k
+        return
+    for f in files:
+        it, stream = iter_json_array(f)
+        for k, rec in enumerate(it):
+            yield rec, f.name, k
+        rep.dropped_truncated += stream.truncated
+        rep.truncated_tail_chars += stream.tail_chars
+    if files and files[0].name == SHAREGPT_FILENAME:
+        rep.format = "sharegpt-json-array"
 
 
 def _record_id(rec, stem: str, k: int) -> str:
