@@ -997,10 +997,13 @@ def _comparison_lines(md: dict) -> list[str]:
 
 
 def _overlap_text(ov: dict) -> str:
-    """The top-k overlap with its interval over questions and its range when one question is left out."""
+    """The top-k overlap with its interval over questions and its range when one question is left out, and whether
+    that range stays above the random band (no single question carries the agreement)."""
     iv = ov["interval"]
+    held = ("always above the random band" if iv["left_out_min"] > ov["null"]["high"]
+            else "down into the random band")
     return (f"{ov['overlap']} [{iv['low']:.0f}, {iv['high']:.0f}] (one question left out: "
-            f"{iv['left_out_min']}-{iv['left_out_max']})")
+            f"{iv['left_out_min']}-{iv['left_out_max']}, {held})")
 
 
 def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:

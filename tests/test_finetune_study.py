@@ -129,6 +129,7 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert diff_line["n_questions"] == cfg.n_eval_questions and diff_line["trait"] == "evil"
     assert 0 <= diff_line["overlap_left_out_min"] <= diff_line["overlap_left_out_max"] <= cfg.diff_top_k
     assert "one question left out: " in text
+    assert "always above the random band)" in text or "down into the random band)" in text
     assert f"intervals over {cfg.n_eval_questions} questions" in text
     assert "Narrow vs general (study 5)" in text and "Model diffing (study 8)" in text
     assert "beyond the control fine-tune's: top-" in text and "(opposite) fine-tune's: top-" in text
