@@ -60,7 +60,9 @@ while other jobs shared the two cores, so proportions rather than speeds):
   * `--glibc-tunables` runs both sides with GLIBC_TUNABLES set so that freed memory is kept and reused (one
     malloc arena, no mmap, no trimming; `KEEP_FREED_MEMORY`): both frameworks then skip most of those page
     faults. Its lines carry `key: glibc_tunables`: the like-for-like ratio under that allocator setting, beside
-    the default one (each framework as it runs out of the box).
+    the default one (each framework as it runs out of the box). The price is memory: one arena that never returns
+    memory to the system can fragment, so a process's peak RSS may rise well above the default's; the RSS line
+    keeps every round's peak (`jax_round_peak_rss_gib`, `peft_round_peak_rss_gib`).
 
 Recorded: `finetune_tokens_per_s_vs_peft` = psm-jax tokens/s over peft tokens/s (target >= 1.5; each round's own ratio
 in `round_ratios`) and
@@ -307,11 +309,13 @@ def main():
         return
     best: dict = {}
     round_ratios = []  # peft step time over psm-jax step time, per alternating round: the spread behind the best
+    round_rss = {"jax": [], "peft": []}  # each round's peak RSS (GiB): the best round's alone can hide a bad one
     for _ in range(args.rounds):
         steps = {}
         for name in ("jax", "peft"):
             r = _side(name, args)
             steps[name] = r["step_s"]
+            round_rss[name].append(round(r["peak_rss"] / 2**30, 2))
             if name not in best or r["step_s"] < best[name]["step_s"]:
                 best[name] = r
         round_ratios.append(round(steps["peft"] / steps["jax"], 3))
@@ -343,7 +347,8 @@ def main():
            f"psm-jax peak RSS {jx['peak_rss'] / 2**30:.2f} GiB vs peft {pf['peak_rss'] / 2**30:.2f} GiB "
            f"({peft_rss_ratio}x its params); {setup}", target=None, **variant,
            jax_peak_rss_gib=round(jx["peak_rss"] / 2**30, 2), peft_peak_rss_gib=round(pf["peak_rss"] / 2**30, 2),
-           peft_rss_over_params=peft_rss_ratio)
+           peft_rss_over_params=peft_rss_ratio, jax_round_peak_rss_gib=round_rss["jax"],
+           peft_round_peak_rss_gib=round_rss["peft"])
 
 
 if __name__ == "__main__":
