@@ -319,10 +319,18 @@ def check_edits(config: ModelConfig, edits, batch: int, width: int) -> None:
 def unembed(params: dict, config: ModelConfig, h):
     """Final norm + output projection (+ Gemma's final soft-cap); float32 logits."""
     x = rms_norm(h, params["final_norm"], config.norm_eps, config.norm_offset)
-    if config.tie_embeddings:
-        logits = amx.dense(x, params["embed"].astype(x.dtype), transpose_b=True).astype(jnp.float32)
-    else:
-        logits = amx.dense(x, params["unembed"].astype(x.dtype)).astype(jnp.float32)
+    return vocab_logits(x, unembedding(params, config), config)
+
+
+def unembedding(params: dict, config: ModelConfig):
+    """The output projection's weight: the embedding [V, D] when tied, else the unembedding [D, V]."""
+    return params["embed"] if config.tie_embeddings else params["unembed"]
+
+
+def vocab_logits(x, weight, config: ModelConfig):
+    """float32 logits of final-normed hidden states x [..., D] through `unembedding`'s weight, soft-capped where the
+    family caps them (Gemma)."""
+    logits = amx.dense(x, weight.astype(x.dtype), transpose_b=config.tie_embeddings).astype(jnp.float32)
     if config.final_logit_softcap is not None:
         logits = jnp.tanh(logits / config.final_logit_softcap) * config.final_logit_softcap
     return logits

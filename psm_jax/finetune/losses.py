@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from psm_jax.chat import Role
 from psm_jax.config import ModelConfig
-from psm_jax.model import rms_norm
+from psm_jax.model import rms_norm, unembedding, vocab_logits
 
 
 def assistant_targets(roles, attention_mask):
@@ -58,15 +58,15 @@ def next_token_nll_from_hidden(params, config: ModelConfig, h, tokens, target_ma
     normed hidden states in the same pass (the loss is a plain sum, so the upstream cotangent is one scalar). A
     training step then writes and reads no vocabulary-wide array beyond one chunk's: with a 49,152-token
     vocabulary at 8 x 256 tokens each such array would be 400 MB in float32, and on a CPU every byte of a step's
-    temporaries is page-faulted in afresh. The default chunk (128 positions: a 25 MB float32 block) was the
-    fastest of 64-1024 for SmolLM2-135M on a 2-core AMD Zen 5. The unembedding weight is taken under
+    temporaries is page-faulted in afresh. The default chunk, 128 positions, keeps one chunk's float32 logits
+    (25 MB at that vocabulary) near a CPU's last-level cache. The unembedding weight is taken under
     stop_gradient: use this path only where it is frozen (LoRA; full fine-tuning that leaves it out). The final
     norm's weight gets its gradient."""
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk={chunk!r}; expected a positive int")
     x = rms_norm(h, params["final_norm"], config.norm_eps, config.norm_offset)
     b, t, d = x.shape
-    weight = jax.lax.stop_gradient(params["embed"] if config.tie_embeddings else params["unembed"])
+    weight = jax.lax.stop_gradient(unembedding(params, config))
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).reshape(-1)
     counted = jnp.asarray(target_mask).at[:, -1].set(False).reshape(-1).astype(jnp.float32)
     n = b * t
@@ -75,13 +75,7 @@ def next_token_nll_from_hidden(params, config: ModelConfig, h, tokens, target_ma
     x = jnp.pad(x.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, size, d)
     targets = jnp.pad(targets, (0, pad)).reshape(-1, size)
     counted = jnp.pad(counted, (0, pad)).reshape(-1, size)
-    return _fused_nll(x, weight, targets, counted, config.tie_embeddings, config.final_logit_softcap)
-
-
-def _chunk_logits(x, weight, tied: bool, softcap):
-    """float32 logits [C, V] of normed hidden states x [C, D] (weight [V, D] tied, else [D, V])."""
-    z = jnp.dot(x, weight.astype(x.dtype).T if tied else weight.astype(x.dtype)).astype(jnp.float32)
-    return z if softcap is None else jnp.tanh(z / softcap) * softcap
+    return _fused_nll(x, weight, targets, counted, config)
 
 
 def _chunk_nll(z, targets, counted):
@@ -90,34 +84,36 @@ def _chunk_nll(z, targets, counted):
     return lse, jnp.sum(counted * (lse - picked))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_nll(x, weight, targets, counted, tied: bool, softcap):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_nll(x, weight, targets, counted, config: ModelConfig):
     """Sum over chunks [N/C, C, D] of the counted positions' NLL (see `next_token_nll_from_hidden`)."""
     def body(total, chunk):
         xc, tc, cc = chunk
-        return total + _chunk_nll(_chunk_logits(xc, weight, tied, softcap), tc, cc)[1], None
+        return total + _chunk_nll(vocab_logits(xc, weight, config), tc, cc)[1], None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (x, targets, counted))[0]
 
 
-def _fused_nll_fwd(x, weight, targets, counted, tied, softcap):
+def _fused_nll_fwd(x, weight, targets, counted, config: ModelConfig):
+    softcap = config.final_logit_softcap
+
     def body(total, chunk):
         xc, tc, cc = chunk
-        z = _chunk_logits(xc, weight, tied, softcap)
+        z = vocab_logits(xc, weight, config)
         lse, nll = _chunk_nll(z, tc, cc)
         dz = jnp.exp(z - lse[:, None]) * cc[:, None]
         dz = dz.at[jnp.arange(tc.shape[0]), tc].add(-cc)
         if softcap is not None:
             dz = dz * (1.0 - jnp.square(z / softcap))
-        dz = dz.astype(xc.dtype)
-        dx = jnp.dot(dz, weight.astype(xc.dtype) if tied else weight.astype(xc.dtype).T)
+        w = weight.astype(xc.dtype)
+        dx = jnp.dot(dz.astype(xc.dtype), w if config.tie_embeddings else w.T)
         return total + nll, dx
 
     total, dx = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x, targets, counted))
     return total, (dx, weight)
 
 
-def _fused_nll_bwd(tied, softcap, residuals, g):
+def _fused_nll_bwd(config, residuals, g):
     dx, weight = residuals
     return (g * dx).astype(dx.dtype), jnp.zeros_like(weight), None, None
 
