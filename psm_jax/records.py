@@ -21,6 +21,8 @@ import sys
 from numbers import Real
 from pathlib import Path
 
+from psm_jax.native.build import cpu_flags
+
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED = ("metric", "value", "unit", "reference")
 
@@ -30,7 +32,11 @@ def results_path() -> Path:
 
 
 def machine() -> str:
-    """CPU model, core count and the JAX accelerator, e.g. 'Intel(R) Xeon(R) ...; 2 cores; cpu:cpu'."""
+    """CPU model, its widest vector instructions, core count and the JAX accelerator, e.g.
+    'AMD EPYC (avx2); 2 cores; cpu:cpu'.
+
+    Cloud machines often report only a family name ('AMD EPYC'), behind which CPUs with and without AVX-512 run the
+    same code at very different speeds; the instruction set keeps their ratios apart."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -40,6 +46,9 @@ def machine() -> str:
                     break
     except OSError:
         pass
+    isa = vector_isa(cpu_flags().split())
+    if isa:
+        cpu = f"{cpu} ({isa})"
     try:
         import jax
 
@@ -48,6 +57,19 @@ def machine() -> str:
     except Exception:  # noqa: BLE001 - no usable backend is still a machine description
         accel = "unknown"
     return f"{cpu}; {os.cpu_count()} cores; {accel}"
+
+
+def vector_isa(flags: list[str]) -> str:
+    """The widest x86 vector extensions among /proc/cpuinfo `flags`: 'avx512+bf16+amx', 'avx512', 'avx2', ... or
+    '' where none is listed (other architectures)."""
+    have = set(flags)
+    if "avx512f" in have:
+        extras = [name for flag, name in (("avx512_bf16", "bf16"), ("amx_tile", "amx")) if flag in have]
+        return "+".join(["avx512", *extras])
+    for flag in ("avx2", "avx", "sse4_2"):
+        if flag in have:
+            return flag
+    return ""
 
 
 def command_line() -> str:

@@ -132,6 +132,18 @@ def test_record_lines_append_with_command(tmp_path, monkeypatch):
     assert len(path.read_text().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flags, isa", [
+    ("fpu sse4_2 avx avx2 fma", "avx2"),
+    ("avx2 avx512f avx512bw", "avx512"),
+    ("avx2 avx512f avx512_bf16 amx_tile amx_bf16", "avx512+bf16+amx"),
+    ("fp asimd sve", ""),
+])
+def test_machine_names_the_vector_instructions(flags, isa):
+    from psm_jax.records import vector_isa
+
+    assert vector_isa(flags.split()) == isa
+
+
 def test_vector_pair_survives_a_failure_mid_write(tmp_path, monkeypatch):
     import experiments.report as R
 
