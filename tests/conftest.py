@@ -15,6 +15,21 @@ def _under_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def pytest_configure(config):
+    """The default run compiles with XLA's CPU backend optimisations off: its models are tiny, so its time is mostly
+    compilation (about 15% of the suite's wall time is saved). Runs that select the `slow` real-model checks keep the
+    optimising compiler, as does anyone who sets PSM_TEST_XLA_OPTIMIZE=1 or their own backend level in XLA_FLAGS.
+    Set before any test touches JAX: XLA reads the flags when its backend starts."""
+    selects_slow = "slow" in (config.option.markexpr or "") and "not slow" not in config.option.markexpr
+    flags = os.environ.get("XLA_FLAGS", "")
+    if selects_slow or os.environ.get("PSM_TEST_XLA_OPTIMIZE") == "1" or "xla_backend_optimization_level" in flags:
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} {FAST_COMPILE_FLAGS}".strip()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true a skipped test marked `ci_required` is a failure: CI installs what those checks need, so a
