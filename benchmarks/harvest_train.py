@@ -326,7 +326,7 @@ def ours_fvu(params: dict, args, d_in: int, x) -> float:
     return fvu(forward(params, cfg, x).recon, x)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--layer", type=int, default=15)
@@ -363,69 +363,54 @@ def main(argv=None) -> int:
         raise ValueError(f"--tokens={args.tokens}: expected a positive multiple of --batch={args.batch}")
     if not 0 <= args.skip_first < args.context_len:
         raise ValueError(f"--skip-first={args.skip_first}: expected 0 <= skip_first < --context-len")
+    return args
 
-    import jax
-    import jax.numpy as jnp
+
+def run_saelens(py, hf_dir: Path, tmp: Path, ctx0, ev, d_in: int, args) -> dict:
+    """SAELens' training runner on the saved tokens in its own venv; its RESULT json (timings, losses, FVU, parity)."""
     import numpy as np
 
-    import psm_jax
+    np.save(tmp / "ours_context0.npy", ctx0)
+    np.save(tmp / "eval_acts.npy", ev)
+    conf = {"hf_dir": str(hf_dir), "tokens": str(tmp / "tokens.npy"),
+            "ours_context0": str(tmp / "ours_context0.npy"),
+            "eval_acts": str(tmp / "eval_acts.npy"), "out_dir": str(tmp / "saelens"),
+            "layer": args.layer, "d_in": d_in, "d_sae": args.d_sae, "k": args.k,
+            "batch": args.batch, "forward_batch": args.forward_batch, "context_len": args.context_len,
+            "buffer_batches": args.saelens_buffer_batches, "lr": args.lr, "seed": args.seed,
+            "threads": args.threads, "tokens_n": args.tokens, "skip_first": args.skip_first,
+            "warmup_steps": args.saelens_warmup_steps, "model_dtype": args.saelens_dtype}
+    (tmp / "saelens.json").write_text(json.dumps(conf))
+    res = subprocess.run([str(py), "-c", SAELENS_SCRIPT, str(tmp / "saelens.json")], capture_output=True,
+                         text=True, timeout=6 * 3600)
+    if res.returncode != 0 or "RESULT" not in res.stdout:
+        raise RuntimeError(f"SAELens run failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    sl = json.loads(res.stdout.split("RESULT", 1)[1])
+    m = sl["main"]
+    print(f"[SAELens] {m['seconds']:.1f} s, {args.tokens / m['seconds']:.0f} tok/s, loss "
+          f"{m['losses'][0]:.4g} -> {m['losses'][-1]:.4g}, {m['forward_tokens']} tokens through the model; "
+          f"FVU {m['fvu_before']:.3f} -> {m['fvu_after']:.3f}; model load {sl['load_s']:.1f} s; "
+          f"layer parity max |diff| {sl['parity']['max_abs_diff']:.2e}",
+          flush=True)
+    return sl
 
-    load_avg_start = os.getloadavg()
-    py = None if args.no_saelens else ensure_saelens_venv()
-    hf_dir, export_s = (None, 0.0) if args.no_saelens else hf_copy(args.model)
 
-    t0 = time.perf_counter()
-    model = psm_jax.load(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
-    ours_load_s = time.perf_counter() - t0
-    if not 0 <= args.layer < model.config.n_layers:
-        raise ValueError(f"--layer={args.layer}: the model has layers 0..{model.config.n_layers - 1}")
+def run_both(model, tokens, roles, turns, n_ctx: int, py, hf_dir, args) -> tuple[dict, dict, dict | None]:
+    """psm-jax cold, SAELens (when `py`), psm-jax warm, in that order (slow load drift hits both sides); each
+    psm-jax run with its trained SAE's FVU on fixed activations. The token files live in a temporary directory."""
+    import numpy as np
 
-    n_ctx = math.ceil(args.tokens / (args.context_len - args.skip_first))
-    # SAELens keeps half its mixing buffer and reads whole forward batches: give it enough contexts not to wrap
-    extra = math.ceil(args.saelens_buffer_batches / 2) + 2 * args.forward_batch
-    t0 = time.perf_counter()
-    tokens, roles, turns = pretokenize(model, n_ctx + extra, args.context_len, args.seed)
-    tokenize_s = time.perf_counter() - t0
     tmp = Path(tempfile.mkdtemp(prefix="psm-harvest-train-"))
     try:
         np.save(tmp / "tokens.npy", tokens)
-        print(f"{n_ctx} contexts x {args.context_len} tokens ({args.context_len - args.skip_first} trained on) -> "
-              f"{args.tokens} training tokens "
-              f"(+{extra} contexts for SAELens' buffer); tokenised in {tokenize_s:.1f} s; tmp {tmp}", flush=True)
         t_ours, r_ours, u_ours = tokens[:n_ctx], roles[:n_ctx], turns[:n_ctx]
-
+        d_in = model.config.d_model
         cold = run_ours(model, t_ours, r_ours, u_ours, args, tmp / "ours_cold")
         print(f"[psm-jax cold] {cold['seconds']:.1f} s, {args.tokens / cold['seconds']:.0f} tok/s, "
               f"loss {cold['losses'][0]:.4g} -> {cold['losses'][-1]:.4g}", flush=True)
-
         ctx0, ev = eval_activations(model, t_ours, r_ours, u_ours, args, min(n_ctx, 2 * args.forward_batch))
-        d_in = model.config.d_model
         cold["fvu_after"] = ours_fvu(cold.pop("params"), args, d_in, ev)
-        sl = None
-        if py is not None:
-            np.save(tmp / "ours_context0.npy", ctx0)
-            np.save(tmp / "eval_acts.npy", ev)
-            conf = {"hf_dir": str(hf_dir), "tokens": str(tmp / "tokens.npy"),
-                    "ours_context0": str(tmp / "ours_context0.npy"),
-                    "eval_acts": str(tmp / "eval_acts.npy"), "out_dir": str(tmp / "saelens"),
-                    "layer": args.layer, "d_in": model.config.d_model, "d_sae": args.d_sae, "k": args.k,
-                    "batch": args.batch, "forward_batch": args.forward_batch, "context_len": args.context_len,
-                    "buffer_batches": args.saelens_buffer_batches, "lr": args.lr, "seed": args.seed,
-                    "threads": args.threads, "tokens_n": args.tokens, "skip_first": args.skip_first,
-                    "warmup_steps": args.saelens_warmup_steps, "model_dtype": args.saelens_dtype}
-            (tmp / "saelens.json").write_text(json.dumps(conf))
-            res = subprocess.run([str(py), "-c", SAELENS_SCRIPT, str(tmp / "saelens.json")], capture_output=True,
-                                 text=True, timeout=6 * 3600)
-            if res.returncode != 0 or "RESULT" not in res.stdout:
-                raise RuntimeError(f"SAELens run failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
-            sl = json.loads(res.stdout.split("RESULT", 1)[1])
-            m = sl["main"]
-            print(f"[SAELens] {m['seconds']:.1f} s, {args.tokens / m['seconds']:.0f} tok/s, loss "
-                  f"{m['losses'][0]:.4g} -> {m['losses'][-1]:.4g}, {m['forward_tokens']} tokens through the model; "
-                  f"FVU {m['fvu_before']:.3f} -> {m['fvu_after']:.3f}; model load {sl['load_s']:.1f} s; "
-                  f"layer parity max |diff| {sl['parity']['max_abs_diff']:.2e}",
-                  flush=True)
-
+        sl = None if py is None else run_saelens(py, hf_dir, tmp, ctx0, ev, d_in, args)
         warm = run_ours(model, t_ours, r_ours, u_ours, args, tmp / "ours_warm")
         warm["fvu_after"] = ours_fvu(warm.pop("params"), args, d_in, ev)
         print(f"[psm-jax warm] {warm['seconds']:.1f} s, {args.tokens / warm['seconds']:.0f} tok/s, "
@@ -433,6 +418,12 @@ def main(argv=None) -> int:
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+    return cold, warm, sl
+
+
+def summarise(cold: dict, warm: dict, sl: dict | None, n_ctx: int, d_in: int, args, **timings) -> dict:
+    """The run's JSON summary: both sides' speeds, losses and FVU, and the ratios when SAELens ran."""
+    import jax
 
     n = args.tokens
     out = {
@@ -440,15 +431,15 @@ def main(argv=None) -> int:
         "saelens_model_dtype": args.saelens_dtype, "layer": args.layer, "tokens": n,
         "context_len": args.context_len, "contexts": n_ctx, "forward_batch": args.forward_batch,
         "skip_first": args.skip_first,
-        "sae": {"architecture": "topk", "d_in": model.config.d_model, "d_sae": args.d_sae, "k": args.k,
+        "sae": {"architecture": "topk", "d_in": d_in, "d_sae": args.d_sae, "k": args.k,
                 "batch": args.batch, "lr": args.lr, "steps": n // args.batch},
         "psm_jax": {
             "tokens_per_s": n / warm["seconds"], "seconds": warm["seconds"],
             "e2e_tokens_per_s": n / cold["seconds"], "e2e_seconds": cold["seconds"],
             "compile_s": cold["seconds"] - warm["seconds"],
             "first_batch_s_cold": cold["first_batch_s"], "first_batch_s_warm": warm["first_batch_s"],
-            "final_checkpoint_s": warm["last_step_to_end_s"], "load_s": ours_load_s,
-            "e2e_incl_load_tokens_per_s": n / (cold["seconds"] + ours_load_s),
+            "final_checkpoint_s": warm["last_step_to_end_s"], "load_s": timings["load_s"],
+            "e2e_incl_load_tokens_per_s": n / (cold["seconds"] + timings["load_s"]),
             "forward_tokens": n_ctx * args.context_len, "buffer_rows": args.buffer,
             "fvu_after": warm["fvu_after"], "fvu_after_cold": cold["fvu_after"],
             "losses_cold": cold["losses"], "losses_warm": warm["losses"],
@@ -471,8 +462,39 @@ def main(argv=None) -> int:
         out["ratio_e2e"] = out["psm_jax"]["e2e_tokens_per_s"] / out["saelens"]["tokens_per_s"]
         out["ratio_e2e_incl_load"] = (out["psm_jax"]["e2e_incl_load_tokens_per_s"]
                                       / out["saelens"]["e2e_incl_load_tokens_per_s"])
-    out.update(hf_export_s=export_s, tokenize_s=tokenize_s, load_avg_start=load_avg_start,
-               load_avg_end=os.getloadavg(), cpu_cores=os.cpu_count())
+    out.update(hf_export_s=timings["export_s"], tokenize_s=timings["tokenize_s"],
+               load_avg_start=timings["load_avg_start"], load_avg_end=os.getloadavg(), cpu_cores=os.cpu_count())
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax.numpy as jnp
+
+    import psm_jax
+
+    load_avg_start = os.getloadavg()
+    py = None if args.no_saelens else ensure_saelens_venv()
+    hf_dir, export_s = (None, 0.0) if args.no_saelens else hf_copy(args.model)
+
+    t0 = time.perf_counter()
+    model = psm_jax.load(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else None)
+    load_s = time.perf_counter() - t0
+    if not 0 <= args.layer < model.config.n_layers:
+        raise ValueError(f"--layer={args.layer}: the model has layers 0..{model.config.n_layers - 1}")
+
+    n_ctx = math.ceil(args.tokens / (args.context_len - args.skip_first))
+    # SAELens keeps half its mixing buffer and reads whole forward batches: give it enough contexts not to wrap
+    extra = math.ceil(args.saelens_buffer_batches / 2) + 2 * args.forward_batch
+    t0 = time.perf_counter()
+    tokens, roles, turns = pretokenize(model, n_ctx + extra, args.context_len, args.seed)
+    tokenize_s = time.perf_counter() - t0
+    print(f"{n_ctx} contexts x {args.context_len} tokens ({args.context_len - args.skip_first} trained on) -> "
+          f"{args.tokens} training tokens (+{extra} contexts for SAELens' buffer); tokenised in {tokenize_s:.1f} s",
+          flush=True)
+    cold, warm, sl = run_both(model, tokens, roles, turns, n_ctx, py, hf_dir, args)
+    out = summarise(cold, warm, sl, n_ctx, model.config.d_model, args, load_s=load_s, export_s=export_s,
+                    tokenize_s=tokenize_s, load_avg_start=load_avg_start)
     print(json.dumps(out), flush=True)
 
     if args.no_record or args.quick or sl is None:

@@ -185,54 +185,69 @@ def encode_documents(documents: Iterable, context_len: int, encode: Callable[[An
         raise ActivationError(f"mode={mode!r}; expected one of {MODES}")
     if context_len < 2:
         raise ActivationError(f"context_len={context_len}; expected >= 2")
-    T = context_len
-    idx = 0  # next global context index ("truncate": the document index)
-    pack_buf: list[tuple[np.ndarray, ...]] = []
-    pack_len = 0
+    if mode == "truncate":
+        yield from _truncated_rows(documents, context_len, encode, start_context, doc_index_offset, chars_per_token)
+        return
+    encoded = (_arrays(encode(doc), d + doc_index_offset) for d, doc in enumerate(documents))
+    rows = _split_rows if mode == "split" else _packed_rows
+    yield from rows((a for a in encoded if a is not None), context_len, start_context)
+
+
+def _arrays(enc: Encoded, doc_id: int) -> tuple[np.ndarray, ...] | None:
+    """(tokens, roles, turns, doc ids) of one encoded document; None when it has no tokens."""
+    n = len(enc.tokens)
+    if not (len(enc.roles) == n and len(enc.turns) == n):
+        raise ActivationError(f"encoder returned mismatched lengths for document {doc_id}")
+    if n == 0:
+        return None
+    return (np.asarray(enc.tokens, np.int32), np.asarray(enc.roles, np.int8), np.asarray(enc.turns, np.int32),
+            np.full(n, doc_id, np.int32))
+
+
+def _truncated_rows(documents, T: int, encode, start_context: int, doc_index_offset: int,
+                    chars_per_token: int) -> Iterator[ContextRow]:
+    """One row per document (its first T tokens), indexed by the document: resuming skips tokenisation."""
     for d, doc in enumerate(documents):
-        doc_id = d + doc_index_offset
-        if mode == "truncate":
-            idx = d
-            if d < start_context:  # resume: no need to tokenise skipped documents
-                continue
-            cut, was_cut = _truncate_chars(doc, T * chars_per_token)
-            enc = encode(cut)
-            if was_cut and len(enc.tokens) < T + 16:
-                enc = encode(doc)
-        else:
-            enc = encode(doc)
-        n = len(enc.tokens)
-        if not (len(enc.roles) == n and len(enc.turns) == n):
-            raise ActivationError(f"encoder returned mismatched lengths for document {doc_id}")
-        if n == 0:
+        if d < start_context:
             continue
-        dids = np.full(n, doc_id, np.int32)
-        parts = (np.asarray(enc.tokens, np.int32), np.asarray(enc.roles, np.int8),
-                 np.asarray(enc.turns, np.int32), dids)
-        if mode == "truncate":
-            yield ContextRow(idx, *(a[:T] for a in parts))
-        elif mode == "split":
-            for s in range(0, n, T):
-                if idx >= start_context:
-                    yield ContextRow(idx, *(a[s:s + T] for a in parts))
-                idx += 1
-        else:  # pack
-            pack_buf.append(parts)
-            pack_len += n
-            if pack_len >= T:
-                cat = [np.concatenate([p[k] for p in pack_buf]) for k in range(4)]
-                full = pack_len // T
-                for w in range(full):
-                    if idx >= start_context:
-                        yield ContextRow(idx, *(c[w * T:(w + 1) * T] for c in cat))
-                    idx += 1
-                rest = tuple(c[full * T:] for c in cat)
-                pack_len = len(rest[0])
-                pack_buf = [rest] if pack_len else []
-    if mode == "pack" and pack_len:
-        cat = [np.concatenate([p[k] for p in pack_buf]) for k in range(4)]
-        if idx >= start_context:
-            yield ContextRow(idx, *cat)
+        cut, was_cut = _truncate_chars(doc, T * chars_per_token)
+        enc = encode(cut)
+        if was_cut and len(enc.tokens) < T + 16:
+            enc = encode(doc)
+        arrays = _arrays(enc, d + doc_index_offset)
+        if arrays is not None:
+            yield ContextRow(d, *(a[:T] for a in arrays))
+
+
+def _split_rows(encoded: Iterable[tuple], T: int, start_context: int) -> Iterator[ContextRow]:
+    """Each document cut into consecutive rows of T tokens (its last row shorter)."""
+    idx = 0
+    for arrays in encoded:
+        for s in range(0, len(arrays[0]), T):
+            if idx >= start_context:
+                yield ContextRow(idx, *(a[s:s + T] for a in arrays))
+            idx += 1
+
+
+def _packed_rows(encoded: Iterable[tuple], T: int, start_context: int) -> Iterator[ContextRow]:
+    """Documents concatenated and cut into full rows of T tokens; the remainder is the last, shorter row."""
+    idx, pending, n_pending = 0, [], 0
+    for arrays in encoded:
+        pending.append(arrays)
+        n_pending += len(arrays[0])
+        if n_pending < T:
+            continue
+        joined = [np.concatenate([p[k] for p in pending]) for k in range(4)]
+        full = n_pending // T
+        for w in range(full):
+            if idx >= start_context:
+                yield ContextRow(idx, *(c[w * T:(w + 1) * T] for c in joined))
+            idx += 1
+        rest = tuple(c[full * T:] for c in joined)
+        n_pending = len(rest[0])
+        pending = [rest] if n_pending else []
+    if n_pending and idx >= start_context:
+        yield ContextRow(idx, *(np.concatenate([p[k] for p in pending]) for k in range(4)))
 
 
 @dataclasses.dataclass

@@ -147,6 +147,45 @@ _SKIP = re.compile(r"[\s,]*")
 _WS = re.compile(r"\s*")
 
 
+class _Buffer:
+    """The decoded text of a binary file read `block` bytes at a time, and a read position in it."""
+
+    def __init__(self, f, path: Path, block: int):
+        self.f, self.path, self.block = f, path, block
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+        self.text, self.pos, self.eof = "", 0, False
+
+    def more(self) -> bool:
+        """Append the next block (dropping the text before `pos`); False once the file is exhausted."""
+        if self.eof:
+            return False
+        raw = self.f.read(self.block)
+        try:
+            text = self.decoder.decode(raw, final=not raw)
+        except UnicodeDecodeError as e:
+            if raw:
+                raise CorpusError(f"{self.path}: not valid UTF-8 ({e})") from e
+            text = ""  # a multi-byte character cut by a truncation: nothing more to read
+        self.eof = not raw
+        self.text = self.text[self.pos:] + text
+        self.pos = 0
+        return True
+
+    def skip(self, pattern: re.Pattern) -> bool:
+        """Move past `pattern` (reading more as needed); False at the end of the file."""
+        while True:
+            self.pos = pattern.match(self.text, self.pos).end()
+            if self.pos < len(self.text):
+                return True
+            if not self.more():
+                return False
+
+    def advance(self, end: int) -> None:
+        self.pos = end
+        if self.pos > (1 << 24):
+            self.text, self.pos = self.text[self.pos:], 0
+
+
 class _ArrayStream:
     """Iterate over the elements of a top-level JSON array in a (possibly truncated) file.
 
@@ -163,71 +202,38 @@ class _ArrayStream:
         self.closed = False  # saw the closing bracket
 
     def __iter__(self) -> Iterator[Any]:
-        dec = json.JSONDecoder()
-        ud = codecs.getincrementaldecoder("utf-8")(errors="strict")
-        buf, pos, eof = "", 0, False
+        decoder = json.JSONDecoder()
         with open(self.path, "rb") as f:
-
-            def more() -> bool:
-                nonlocal buf, pos, eof
-                if eof:
-                    return False
-                raw = f.read(self.block)
-                try:
-                    text = ud.decode(raw, final=not raw)
-                except UnicodeDecodeError as e:
-                    if not raw:  # a multi-byte character cut by the truncation: nothing more to read
-                        text = ""
-                    else:
-                        raise CorpusError(f"{self.path}: not valid UTF-8 ({e})") from e
-                if not raw:
-                    eof = True
-                buf = buf[pos:] + text
-                pos = 0
-                return True
-
-            # opening bracket
-            while True:
-                m = _WS.match(buf, pos)
-                pos = m.end()
-                if pos < len(buf) or not more():
-                    break
-            if pos >= len(buf) or buf[pos] != "[":
+            buf = _Buffer(f, self.path, self.block)
+            if not buf.skip(_WS) or buf.text[buf.pos] != "[":
                 raise CorpusError(f"{self.path}: expected a JSON array (first character is "
-                                  f"{buf[pos:pos + 1]!r})")
-            pos += 1
-            while True:
-                pos = _SKIP.match(buf, pos).end()
-                if pos >= len(buf):
-                    if more():
-                        continue
-                    # EOF exactly between elements: truncated without a partial element
-                    return
-                if buf[pos] == "]":
+                                  f"{buf.text[buf.pos:buf.pos + 1]!r})")
+            buf.pos += 1
+            while buf.skip(_SKIP):  # at EOF exactly between elements: truncated without a partial element
+                if buf.text[buf.pos] == "]":
                     self.closed = True
                     return
                 try:
-                    obj, end = dec.raw_decode(buf, pos)
+                    obj, end = decoder.raw_decode(buf.text, buf.pos)
                 except json.JSONDecodeError as e:
-                    if more():
+                    if buf.more():
                         continue
-                    rest = buf[pos:]
-                    if not _is_truncated_tail(rest):
-                        raise CorpusError(
-                            f"{self.path}: malformed JSON element at character offset {e.pos} of the "
-                            f"unread tail ({e.msg}); the element is closed, so this is corruption, not a truncation"
-                        ) from e
-                    self.truncated += 1
-                    self.tail_chars = len(rest)
+                    self._end_in_partial_element(buf.text[buf.pos:], e)
                     return
-                if end >= len(buf) and not eof:
-                    # a number or literal could continue in the next block: re-read to be sure
-                    if more():
-                        continue
+                if end >= len(buf.text) and buf.more():  # a number or literal could continue in the next block
+                    continue
                 yield obj
-                pos = end
-                if pos > (1 << 24):
-                    buf, pos = buf[pos:], 0
+                buf.advance(end)
+
+    def _end_in_partial_element(self, rest: str, error: json.JSONDecodeError) -> None:
+        """Count a truncated last element, or raise when `rest` is a closed (so corrupt) element."""
+        if not _is_truncated_tail(rest):
+            raise CorpusError(
+                f"{self.path}: malformed JSON element at character offset {error.pos} of the "
+                f"unread tail ({error.msg}); the element is closed, so this is corruption, not a truncation"
+            ) from error
+        self.truncated += 1
+        self.tail_chars = len(rest)
 
 
 _TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|["\[\]{}]')

@@ -21,7 +21,7 @@ too (the raw direct-logit attribution of the row). A final logit soft-cap is mon
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -119,54 +119,68 @@ def sample_examples(table: TokenTable, latent: int, *, n_bins: int = 10, per_bin
     if n_bins < 1 or per_bin < 0 or n_top < 0 or n_random < 0 or before < 0 or after < 0:
         raise ValueError(f"n_bins={n_bins}, per_bin={per_bin}, n_top={n_top}, n_random={n_random}, before={before}, "
                          f"after={after}; expected n_bins >= 1 and the rest >= 0")
-    text = text or TokenText()
     rng = np.random.default_rng([seed, int(latent)])
     a = table.column(latent)
     active = np.flatnonzero(a > 0)
-    sorted_active = active[np.argsort(a[active], kind="stable")]
-    out: dict[str, Any] = {"top": [], "quantiles": [], "random": [], "quantile_edges": []}
-    mk = functools.partial(make_example, table, latent, before=before, after=after, text=text)
+    by_activation = active[np.argsort(a[active], kind="stable")]
+    mk = functools.partial(make_example, table, latent, before=before, after=after, text=text or TokenText())
 
-    def wkey(r: int) -> tuple:
+    def window_key(r: int) -> tuple:
         st, en = table.window(r, before, after)
         return (r - st,) + tuple(table.tokens[st:en].tolist())
 
-    seen_windows: set = set()
-    seen_ctx: set = set()
-    for r in sorted_active[::-1]:
-        if len(out["top"]) >= n_top:
+    top, top_windows = _top_rows(table, by_activation, n_top, window_key)
+    quantiles, edges = _quantile_rows(rng, table, by_activation, a, n_bins, per_bin, window_key)
+    random_rows = _pick_distinct(rng, _non_firing_pool(table, a, active), table.context, n_random, set(), window_key,
+                                 set())
+    # a window already shown as a top example is never held out for scoring
+    return {"top": [mk(r, kind="top", bin=None, split="explain") for r in top],
+            "quantiles": [mk(r, kind="quantile", bin=b,
+                             split="explain" if j % 2 == 0 or window_key(r) in top_windows else "score")
+                          for r, b, j in quantiles],
+            "random": [mk(r, kind="random", bin=None, split="score") for r in random_rows],
+            "quantile_edges": edges}
+
+
+def _top_rows(table: TokenTable, by_activation: np.ndarray, n_top: int, window_key) -> tuple[list[int], set]:
+    """The n_top strongest rows from distinct contexts with distinct windows, and those windows' keys."""
+    rows: list[int] = []
+    windows: set = set()
+    contexts: set = set()
+    for r in by_activation[::-1]:
+        if len(rows) >= n_top:
             break
-        c = int(table.context[r])
-        if c in seen_ctx:
+        c, k = int(table.context[r]), window_key(int(r))
+        if c in contexts or k in windows:
             continue
-        k = wkey(int(r))
-        if k in seen_windows:
-            continue
-        seen_ctx.add(c)
-        seen_windows.add(k)
-        out["top"].append(mk(int(r), kind="top", bin=None, split="explain"))
+        contexts.add(c)
+        windows.add(k)
+        rows.append(int(r))
+    return rows, windows
 
-    if len(sorted_active):
-        bins = np.array_split(sorted_active, min(n_bins, len(sorted_active)))
-        used: set = set()
-        seen_q: set = set()
-        for b, rows in enumerate(bins):
-            out["quantile_edges"].append([float(a[rows[0]]), float(a[rows[-1]])])
-            for j, r in enumerate(_pick_distinct(rng, rows, table.context, per_bin, used, wkey, seen_q)):
-                used.add(int(table.context[r]))
-                # a window already shown as a top example is never held out for scoring
-                split = "explain" if j % 2 == 0 or wkey(r) in seen_windows else "score"
-                out["quantiles"].append(mk(r, kind="quantile", bin=b, split=split))
 
+def _quantile_rows(rng, table: TokenTable, by_activation: np.ndarray, a: np.ndarray, n_bins: int, per_bin: int,
+                   window_key) -> tuple[list[tuple[int, int, int]], list[list[float]]]:
+    """(row, bin, index within the bin) sampled from equal-count activation bins, and each bin's [min, max]."""
+    if not len(by_activation):
+        return [], []
+    picked, edges, used, seen = [], [], set(), set()
+    for b, rows in enumerate(np.array_split(by_activation, min(n_bins, len(by_activation)))):
+        edges.append([float(a[rows[0]]), float(a[rows[-1]])])
+        for j, r in enumerate(_pick_distinct(rng, rows, table.context, per_bin, used, window_key, seen)):
+            used.add(int(table.context[r]))
+            picked.append((r, b, j))
+    return picked, edges
+
+
+def _non_firing_pool(table: TokenTable, a: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Rows where the latent is 0, from contexts where it never fires when there are any (else any such row)."""
     zero = a <= 0
     fires_in = np.zeros(int(table.context.max()) + 1 if len(table) else 0, bool)
     if len(active):
         fires_in[table.context[active]] = True
     clean = np.flatnonzero(zero & ~fires_in[table.context]) if len(table) else np.zeros(0, np.int64)
-    pool = clean if len(clean) else np.flatnonzero(zero)
-    for r in _pick_distinct(rng, pool, table.context, n_random, set(), wkey, set()):
-        out["random"].append(mk(r, kind="random", bin=None, split="score"))
-    return out
+    return clean if len(clean) else np.flatnonzero(zero)
 
 
 def _unembed_matrix(model) -> np.ndarray:
