@@ -115,7 +115,7 @@ def prefill(params, config: ModelConfig, tokens, attention_mask=None, *, cache_s
     dtype = cache_dtype or params["embed"].dtype
     cache = init_cache(config, b, cache_size, dtype)
     return forward(params, config, tokens, attention_mask=attention_mask, edits=widen_edits(edits, cache_size),
-                   capture=capture, cache=cache, logits_positions="last")
+                   capture=capture, cache=cache, logits_positions="last", empty_cache=True)
 
 
 def extend(params, config: ModelConfig, cache: KVCache, tokens, attention_mask=None, *, edits: Sequence = (),

@@ -174,7 +174,9 @@ def _attention(config: ModelConfig, lp: dict, x, layer, is_sliding, rope, attn_c
 
     With a cache, this layer's new K/V are written into the carried [L, B, S, KV, hd] arrays at
     [layer, :, write_at] (an in-place update of T slots) and attention reads the layer's slots back
-    (`cached_attention`: in place on the f32 CPU decoding kernel)."""
+    (`cached_attention`: in place on the f32 CPU decoding kernel). When the cache held nothing before these tokens
+    (`empty_cache`, a prefill), its other slots are all masked, so attention reads only the new K/V (as stored in
+    the cache's dtype) and skips the keys after each query block, as without a cache."""
     c = config
     (gcos, gsin), (lcos, lsin) = rope
     cos = jnp.where(is_sliding, lcos, gcos)
@@ -186,7 +188,7 @@ def _attention(config: ModelConfig, lp: dict, x, layer, is_sliding, rope, attn_c
     site("k", k)
     site("v", v)
 
-    global_bias, local_bias, write_at = attn_ctx
+    global_bias, local_bias, write_at, empty_cache = attn_ctx
     bias = global_bias if local_bias is None else jnp.where(is_sliding, local_bias, global_bias)
     scale = c.query_scale if c.query_scale is not None else c.head_dim ** -0.5
     if cache_k is None:
@@ -195,7 +197,11 @@ def _attention(config: ModelConfig, lp: dict, x, layer, is_sliding, rope, attn_c
         at = (layer, 0, write_at, 0, 0)
         cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
         cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
-        attn = cached_attention(q, cache_k, cache_v, layer, bias, scale=scale, softcap=c.attn_logit_softcap)
+        if empty_cache:
+            k, v = k.astype(cache_k.dtype).astype(q.dtype), v.astype(cache_v.dtype).astype(q.dtype)
+            attn = grouped_attention(q, k, v, bias, scale=scale, softcap=c.attn_logit_softcap, causal=True)
+        else:
+            attn = cached_attention(q, cache_k, cache_v, layer, bias, scale=scale, softcap=c.attn_logit_softcap)
     b, t = x.shape[:2]
     o = amx.dense(attn.reshape(b, t, c.n_heads * c.head_dim), lp["wo"])
     if c.o_bias:
@@ -274,6 +280,15 @@ def _check_inputs(config: ModelConfig, tokens, attention_mask, edits, cache):
     check_edits(config, edits, b, t if cache is None else cache.size)
 
 
+def _check_empty_cache(cache: KVCache | None, empty_cache: bool) -> None:
+    if not empty_cache:
+        return
+    if cache is None:
+        raise ValueError("empty_cache=True without a cache; expected a KVCache of length 0")
+    if is_concrete(cache.length) and int(cache.length) != 0:
+        raise ValueError(f"empty_cache=True but the cache holds {int(cache.length)} tokens; expected length 0")
+
+
 def check_layer_range(config: ModelConfig, start_layer, stop_layer, residual, tokens, edits, capture) -> tuple:
     """(start, stop) of a forward over layers [start, stop): a residual [B, T, D] is the input exactly when
     start > 0, and edits (concrete masks) and captures lie inside the range, since those outside it would never
@@ -346,7 +361,7 @@ def embed(params: dict, config: ModelConfig, tokens):
 def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, edits: Sequence = (),
             capture: Capture = Capture(), cache: KVCache | None = None, return_logits: bool = True,
             logits_positions=None, start_layer: int = 0, stop_layer: int | None = None,
-            residual=None) -> ForwardOutput:
+            residual=None, empty_cache: bool = False) -> ForwardOutput:
     """Run the model on tokens [B, T].
 
     Without a cache, keys are the tokens themselves; with one, the tokens are written at slots
@@ -364,6 +379,10 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     A cache is indexed by absolute layer, so two forwards over complementary ranges fill one cache: a band of
     edits that all act at or above some layer can share one run of the layers below it.
 
+    `empty_cache=True` (static) is the caller's promise that `cache` holds nothing yet (length 0, as `prefill`
+    makes it): the tokens attend among themselves only, skipping the empty slots that the mask would discard. The
+    promise is checked where the length is concrete.
+
     Inputs are checked where their values are concrete (outside jit): token ids in [0, vocab_size),
     T <= config.max_position (padded width), and with a cache cache.length + T <= cache.size and
     positions below max_position. Under jit (traced tokens or cache) these are the caller's contract:
@@ -373,19 +392,23 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     edits = tuple(edits)
     tokens = jnp.asarray(tokens) if isinstance(tokens, (list, tuple)) else tokens
     _check_inputs(config, tokens, attention_mask, edits, cache)
+    _check_empty_cache(cache, empty_cache)
     start, stop = check_layer_range(config, start_layer, stop_layer, residual, tokens, edits, capture)
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     slots = _Slots.of(mask, cache)
     h = embed(params, config, tokens) if start == 0 else residual
     # Masks and RoPE angles are the same at every layer: built once here, selected per layer in the scan.
-    global_bias = attention_bias(slots.positions, slots.k_pos, slots.k_valid, None, False, h.dtype)
+    keys = slice(0, t) if empty_cache else slice(None)     # an empty cache's new keys sit at slots [0, T)
+    k_pos, k_valid = slots.k_pos[:, keys], slots.k_valid[:, keys]
+    global_bias = attention_bias(slots.positions, k_pos, k_valid, None, False, h.dtype)
     local_bias = None
     if config.sliding_window is not None and any(config.layer_is_sliding):
-        local_bias = attention_bias(slots.positions, slots.k_pos, slots.k_valid, config.sliding_window, True, h.dtype)
+        local_bias = attention_bias(slots.positions, k_pos, k_valid, config.sliding_window, True, h.dtype)
     slot_index = slots.write_at + jnp.arange(t, dtype=jnp.int32)
     body = functools.partial(_block, config, edits, tuple(capture.sites), slot_index,
-                             _rope_tables(config, slots.positions), (global_bias, local_bias, slots.write_at))
+                             _rope_tables(config, slots.positions),
+                             (global_bias, local_bias, slots.write_at, empty_cache))
     layer_params = params["layers"]
     if stop - start < config.n_layers:
         layer_params = jax.tree.map(lambda a: a[start:stop], layer_params)

@@ -38,6 +38,31 @@ def test_incremental_decoding_equals_full_recompute(model):
         np.testing.assert_allclose(step.logits[:, -1], full[:, t], atol=1e-4)
 
 
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_prefill_attends_only_to_the_new_keys_as_the_whole_cache_would(model, cache_dtype):
+    """prefill skips the empty slots (`empty_cache`); reading every slot of the fresh cache, as a later extend does,
+    gives the same logits and cache (left padding; gemma3's sliding window of 8 within the 12-token prompt; a bf16
+    cache is attended as stored)."""
+    from psm_jax.model import forward, init_cache
+
+    params, config, _ = model
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (2, 12)), jnp.int32)
+    mask = jnp.asarray(np.arange(12)[None] >= np.array([[0], [3]]))
+    fast = prefill(params, config, tokens, mask, cache_size=20, cache_dtype=cache_dtype)
+    every_slot = forward(params, config, tokens, attention_mask=mask, cache=init_cache(config, 2, 20, cache_dtype),
+                         logits_positions="last")
+    tol = 1e-5 if cache_dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(fast.logits, every_slot.logits, atol=tol * 10)
+    valid = np.asarray(fast.cache.valid)
+    for a, b in ((fast.cache.k, every_slot.cache.k), (fast.cache.v, every_slot.cache.v)):
+        np.testing.assert_allclose(np.asarray(a, np.float32)[:, valid], np.asarray(b, np.float32)[:, valid], atol=tol)
+    np.testing.assert_array_equal(fast.cache.positions, every_slot.cache.positions)
+    with pytest.raises(ValueError, match="holds 12 tokens"):
+        forward(params, config, tokens[:, :1], cache=fast.cache, empty_cache=True)
+    with pytest.raises(ValueError, match="without a cache"):
+        forward(params, config, tokens, empty_cache=True)
+
+
 def test_greedy_generation_matches_hf(model):
     params, config, torch_model = model
     rng = np.random.default_rng(1)

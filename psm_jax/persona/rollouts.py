@@ -214,7 +214,8 @@ def option_prefix(params, config, prompt_tokens, prompt_mask, option_tokens, opt
     """Layers [0, split) of `option_logprob`'s passes, unedited. Traceable."""
     empty = init_cache(config, prompt_tokens.shape[0], prompt_tokens.shape[1] + option_tokens.shape[2],
                        params["embed"].dtype)
-    low = forward(params, config, prompt_tokens, attention_mask=prompt_mask, cache=empty, stop_layer=split)
+    low = forward(params, config, prompt_tokens, attention_mask=prompt_mask, cache=empty, stop_layer=split,
+                  empty_cache=True)
 
     def one_option(_, xs):
         tokens, mask = xs
@@ -245,7 +246,8 @@ def option_logprob(params, config, prompt_tokens, prompt_mask, option_tokens, op
     else:
         upper = dict(start_layer=prefix.split)
         pre = forward(params, config, prompt_tokens, attention_mask=prompt_mask, edits=prompt_edits,
-                      cache=prefix.cache, residual=prefix.prompt_residual, logits_positions="last", **upper)
+                      cache=prefix.cache, residual=prefix.prompt_residual, logits_positions="last", empty_cache=True,
+                      **upper)
         option_residual = prefix.option_residual
     last_logp = jax.nn.log_softmax(pre.logits[:, -1].astype(jnp.float32), axis=-1)
 
