@@ -20,7 +20,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 def pytest_configure(config):
     """The default run compiles with XLA's CPU backend optimisations off: its models are tiny, so its time is mostly
-    compilation (about 15% of the suite's wall time is saved). Runs that select the `slow` real-model checks keep the
+    compilation. Runs that select the `slow` real-model checks keep the
     optimising compiler, as does anyone who sets PSM_TEST_XLA_OPTIMIZE=1 or their own backend level in XLA_FLAGS.
     Set before any test touches JAX: XLA reads the flags when its backend starts."""
     selects_slow = "slow" in (config.option.markexpr or "") and "not slow" not in config.option.markexpr
