@@ -77,7 +77,10 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    against the same effect of trait i's random directions at the same norm and layer (`stats.zscore`). Pass per trait: diagonal z > 3 and every
    off-diagonal |z| below it; a trait without a valid measure is marked, not used. A run of one trait has no
    off-diagonal cell, and its diagonal is the steering effect that step 4's random band already tests, so the
-   matrix is computed only for two or more traits.
+   matrix is computed only for two or more traits. A secondary matrix steers with each vector's trait-specific
+   part instead (`trait_specific_matrix`: the component orthogonal to the other traits' vectors at its layer, at
+   the whole vector's norm, against the same random band): it asks whether cross-trait effects travel on the
+   vectors' shared part. The targets are scored on the whole vectors.
 
 SmolLM2-135M-Instruct is small: claims rest on the behavioural log-prob measure, never on the
 judge; null results are reported as they come.
@@ -101,7 +104,8 @@ from psm_jax import edits as E
 from psm_jax.logits import target_window_size
 from psm_jax.chat import Role
 from psm_jax.persona import measures
-from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, typical_norms, unit
+from psm_jax.persona.directions import (SITE, mean_difference, orthogonal_component, project, random_directions,
+                                        typical_norms, unit)
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
 from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, cohens_d, monotonic,
@@ -1072,6 +1076,41 @@ def specificity_matrix(model, results: list[dict], coef: float) -> dict:
             "n_random": int(np.asarray(cells["random"]).shape[2]), "min_z": SPECIFICITY_MIN_Z}
 
 
+def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.ndarray | None, float]:
+    """Trait i's steering vector without the part it shares with the other traits' vectors: the component of its
+    response-average direction at its steering layer orthogonal to the other traits' response-average directions at
+    that layer (`directions.orthogonal_component`), rescaled to the whole vector's norm (coef steering units), so
+    that it meets the same random band. Returns (vector or None where nothing is left, the fraction of the
+    direction's length the component keeps)."""
+    layer = _steering_layer(results[i])
+    own = np.asarray(results[i]["vectors"]["response_avg"], np.float64)[layer]
+    others = [np.asarray(r["vectors"]["response_avg"], np.float64)[layer] for j, r in enumerate(results) if j != i]
+    part = orthogonal_component(own, np.stack(others) if others else np.zeros((0, own.shape[0])))
+    kept = float(np.linalg.norm(part) / max(np.linalg.norm(own), 1e-30))
+    if kept < 1e-6:
+        return None, kept
+    whole = coef * steering_vector(results[i]["vectors"]["response_avg"], results[i]["scales"], layer)
+    return unit(part) * np.linalg.norm(whole), kept
+
+
+def trait_specific_matrix(model, results: list[dict], whole: dict) -> dict:
+    """The specificity matrix of each vector's trait-specific part (`trait_specific_vector`), scored against the
+    whole-vector matrix's random bands: the same random units at the same norm and layer, so the steered vector is
+    the only thing that differs between the two matrices. `whole` is `specificity_matrix`'s output."""
+    T = len(results)
+    cells, kept = np.full((T, T), np.nan), []
+    for i in range(T):
+        vec, k = trait_specific_vector(results, i, whole["coef"])
+        kept.append(k)
+        for j, tgt in enumerate(results):
+            if vec is not None and whole["measure"][j] is not None:
+                pairs = tgt["held_out_pairs"][whole["measure"][j]]
+                cells[i, j] = symmetric_effects(model, pairs, vec[None], whole["layers"][i])[0]
+    shared = {k: whole[k] for k in ("traits", "measure", "layers", "coef", "random", "valid", "n_random", "min_z")}
+    return {**shared, "cells": cells, **specificity_scores(cells, whole["random"], whole["valid"]),
+            "kept_fraction": kept}
+
+
 @dataclasses.dataclass
 class Result:
     config: Config
@@ -1167,22 +1206,32 @@ def _holdout_target(rs: dict) -> dict:
     return {"monitoring_holdout": bool(ok), "monitor_holdout_r": r}
 
 
-def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5) -> dict:
-    """Monotonic-trait counts per measure and criterion (valid measures only), the cosine and specificity matrices,
-    and per trait its steering, monitoring and validity numbers (what metrics.json and the records carry)."""
+def _specificity_metrics(sp: dict) -> dict:
+    """A specificity matrix (`specificity_matrix` or `trait_specific_matrix`) as metrics.json holds it: cells and z
+    keyed by steered then measured trait, per-trait rows, and the overall pass over traits with a valid measure."""
+    names = sp["traits"]
+    by_name = lambda a: {a_: {b: a[i, j] for j, b in enumerate(names)} for i, a_ in enumerate(names)}  # noqa: E731
+    return {"traits": names, "measure": sp["measure"], "layers": sp["layers"], "coef": sp["coef"],
+            "n_random": sp["n_random"], "min_z": sp["min_z"], "z": by_name(sp["z"]), "cells": by_name(sp["cells"]),
+            "per_trait": dict(zip(names, sp["per_trait"])),
+            "pass": bool(any(sp["valid"]) and all(p["pass"] for p, v in zip(sp["per_trait"], sp["valid"]) if v))}
+
+
+def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5,
+                    trait_specific: dict | None = None) -> dict:
+    """Monotonic-trait counts per measure and criterion (valid measures only), the cosine and specificity matrices
+    (the whole vectors', and their trait-specific parts' as a secondary analysis), and per trait its steering,
+    monitoring and validity numbers (what metrics.json and the records carry)."""
     common, names, cos = cosine_matrix(results)
     m = {"monotonic_traits": monotonic_counts(results, max_ppl_ratio), "max_ppl_ratio": max_ppl_ratio,
          "n_traits": len(results), "cosine_layer": common,
          "cosine_matrix": {a: {b: float(cos[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)}}
     if specificity is not None:
-        sp = specificity
-        m["specificity"] = {
-            "traits": sp["traits"], "measure": sp["measure"], "layers": sp["layers"], "coef": sp["coef"],
-            "n_random": sp["n_random"], "min_z": sp["min_z"],
-            "z": {a: {b: sp["z"][i, j] for j, b in enumerate(sp["traits"])} for i, a in enumerate(sp["traits"])},
-            "cells": {a: {b: sp["cells"][i, j] for j, b in enumerate(sp["traits"])} for i, a in enumerate(sp["traits"])},
-            "per_trait": dict(zip(sp["traits"], sp["per_trait"])),
-            "pass": bool(any(sp["valid"]) and all(p["pass"] for p, v in zip(sp["per_trait"], sp["valid"]) if v))}
+        m["specificity"] = _specificity_metrics(specificity)
+    if trait_specific is not None:
+        m["specificity_trait_specific"] = {**_specificity_metrics(trait_specific),
+                                           "kept_fraction": dict(zip(trait_specific["traits"],
+                                                                     trait_specific["kept_fraction"]))}
     m["traits"] = {r["trait"]: _trait_metrics(r) for r in results}
     m["targets"] = targets(results, specificity)
     return m
@@ -1203,13 +1252,14 @@ def run(config: Config, model, progress=None) -> Result:
         if progress:
             progress(f"trait {trait.name} ({ti + 1}/{len(traits)})")
         results.append(run_trait(model, trait, config, ti, judge, progress=progress is not None))
-    spec = None
+    spec = specific = None
     if len(results) >= MIN_SPECIFICITY_TRAITS:
         if progress:
             progress("specificity matrix")
         spec = specificity_matrix(model, results, config.specificity_coef)
+        specific = trait_specific_matrix(model, results, spec)
     return Result(config=config, results=results, n_layers=model.config.n_layers, d_model=model.config.d_model,
-                  metrics=summary_metrics(results, spec, config.max_ppl_ratio))
+                  metrics=summary_metrics(results, spec, config.max_ppl_ratio, specific))
 
 
 def report(result: Result, folder) -> Path:
@@ -1314,21 +1364,30 @@ def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
                  validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name)]
 
 
-def _specificity_records(sp: dict | None) -> list[dict]:
-    """One line per steered trait whose own measure is valid: its diagonal z, the largest off-diagonal |z|, pass."""
+def _specificity_records(sp: dict | None, component: str = "whole") -> list[dict]:
+    """One line per steered trait whose own measure is valid: its diagonal z, the largest off-diagonal |z|, pass.
+    `component` "trait_specific" marks the secondary matrix of the vectors' trait-specific parts (key
+    `<trait>/trait_specific`, with the fraction of the vector's length the part keeps)."""
     if not sp:
         return []
     out = []
     for i, (name, p) in enumerate(sp["per_trait"].items()):
         if not p["valid"]:
             continue
-        out.append(dict(metric="steering_specificity_diag_z", value=p["diag_z"], unit="z (random directions)",
-                        reference="Chen et al. 2025 (persona vectors): a trait's vector moves its own trait; here "
-                                  f"against {sp['n_random']} random directions at matched norm and layer",
-                        target=f"> {sp['min_z']:g} with every off-diagonal |z| below it", trait=name,
-                        measure=sp["measure"][i], layer=sp["layers"][i], coef=sp["coef"],
-                        offdiag_max_abs_z=p["offdiag_max_abs_z"], n_offdiag=p["n_offdiag"], passed=p["pass"],
-                        matrix_pass=sp["pass"], n_random=sp["n_random"], key=name))
+        line = dict(metric="steering_specificity_diag_z", value=p["diag_z"], unit="z (random directions)",
+                    reference="Chen et al. 2025 (persona vectors): a trait's vector moves its own trait; here "
+                              f"against {sp['n_random']} random directions at matched norm and layer",
+                    target=f"> {sp['min_z']:g} with every off-diagonal |z| below it", trait=name,
+                    measure=sp["measure"][i], layer=sp["layers"][i], coef=sp["coef"],
+                    offdiag_max_abs_z=p["offdiag_max_abs_z"], n_offdiag=p["n_offdiag"], passed=p["pass"],
+                    matrix_pass=sp["pass"], n_random=sp["n_random"], key=name, component=component)
+        if component == "trait_specific":
+            line.update(key=f"{name}/trait_specific", analysis="secondary",
+                        kept_fraction=sp["kept_fraction"][name],
+                        reference="Chen et al. 2025 (persona vectors), secondary analysis: the part of a trait's "
+                                  "vector orthogonal to the other traits' vectors at its layer, at the whole "
+                                  f"vector's norm, against {sp['n_random']} random directions at that norm and layer")
+        out.append(line)
     return out
 
 
@@ -1340,5 +1399,6 @@ def records(result: Result) -> list[dict]:
     for name, t in m["traits"].items():
         out += _monitor_records(name, t)
     out += _specificity_records(m.get("specificity"))
+    out += _specificity_records(m.get("specificity_trait_specific"), "trait_specific")
     return [ln for ln in out if isinstance(ln["value"], (int, str)) or
             (ln["value"] is not None and np.isfinite(ln["value"]))]

@@ -9,8 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments.persona_vectors import (LAYER_INDEXING, MIN_SPECIFICITY_TRAITS, MONITOR_MIN_WITHIN_R, TARGET_NAMES,
-                                         Config, Result, cosine_matrix, is_valid)
+from experiments.persona_vectors import (LAYER_INDEXING, MIN_SPECIFICITY_TRAITS, MIN_TARGET_TRAITS,
+                                         MONITOR_MIN_WITHIN_R, TARGET_NAMES, Config, Result, cosine_matrix, is_valid)
 from experiments.report import Report, atomic_write_bytes, jsonable, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona import measures
@@ -335,6 +335,45 @@ steered trait: diagonal z > {sp['min_z']:g} and every off-diagonal |z| below it.
         {"trait": a, "measure": sp["measure"][i] or "none valid", "layer": sp["layers"][i],
          "diagonal z": _fmt(p["diag_z"], "+.2f"), "max off-diagonal |z|": _fmt(p["offdiag_max_abs_z"], ".2f"),
          "off-diagonal cells": p["n_offdiag"], "pass": p["pass"]} for i, (a, p) in enumerate(sp["per_trait"].items())])
+    _write_trait_specific_table(report, result.metrics.get("specificity_trait_specific"), sp)
+
+
+def _trait_specific_reading(ts: dict) -> str:
+    """The secondary analysis' reading, fixed before its first run: the whole vectors' cross-trait effects travel
+    on their shared part when at least MIN_TARGET_TRAITS traits pass on their trait-specific parts."""
+    passed = [a for a, p in ts["per_trait"].items() if p["valid"] and p["pass"]]
+    n_valid = sum(p["valid"] for p in ts["per_trait"].values())
+    if not any(p["valid"] and np.isfinite(p["diag_z"]) for p in ts["per_trait"].values()):
+        return (f"No trait-specific part was scored: the random band needs >= {MIN_NULL_DRAWS} directions (this run "
+                f"has {ts['n_random']}) and a valid measure (here {n_valid} of {len(ts['per_trait'])} traits).")
+    head = f"{len(passed)} of {n_valid} traits with a valid measure pass on their trait-specific part " \
+           f"({', '.join(passed) or 'none'})"
+    if len(passed) >= MIN_TARGET_TRAITS:
+        return (f"{head}: the whole vectors' cross-trait effects travel on the part the vectors share, and the part "
+                "unique to each passing trait is specific to it.")
+    return f"{head}: even the part unique to each trait's vector is not specific on this model at this norm."
+
+
+def _write_trait_specific_table(report: Report, ts: dict | None, whole: dict) -> None:
+    """The secondary matrix of the vectors' trait-specific parts beside the whole vectors' diagonal."""
+    if not ts:
+        return
+    rows = []
+    for i, (a, p) in enumerate(ts["per_trait"].items()):
+        rows.append({"trait": a, "measure": ts["measure"][i] or "none valid", "layer": ts["layers"][i],
+                     "length kept": _fmt(ts["kept_fraction"][a], ".2f"), "diagonal z": _fmt(p["diag_z"], "+.2f"),
+                     "max off-diagonal |z|": _fmt(p["offdiag_max_abs_z"], ".2f"), "pass": p["pass"],
+                     "whole vector's diagonal z": _fmt(whole["per_trait"][a]["diag_z"], "+.2f"),
+                     "z on the other traits": ", ".join(f"{b} {_fmt(ts['z'][a][b], '+.2f')}"
+                                                         for b in ts["traits"] if b != a)})
+    report.table("Specificity of the trait-specific parts (secondary analysis)", rows)
+    report.section("Reading the trait-specific parts", f"""
+Each row steers with the part of trait i's vector orthogonal to the other traits' vectors at the same layer ("length
+kept": its length as a fraction of the vector's), rescaled to the whole vector's norm, and is scored against the
+same {ts['n_random']} random directions as the whole-vector matrix, with the same pass rule. The targets are scored
+on the whole vectors; this matrix asks whether their cross-trait effects travel on the part they share.
+{_trait_specific_reading(ts)}
+""")
 
 
 def _write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> None:

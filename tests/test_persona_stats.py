@@ -157,6 +157,25 @@ def test_random_directions_have_matched_norm_and_differ():
         D.random_directions(0, 0, 16, 1.0)
 
 
+def test_orthogonal_component_recovers_a_planted_part():
+    """v = (a mix of the others) + w with w orthogonal to them: the component is w, also when the others repeat a
+    direction (a rank-deficient basis); no others leave v as it is; bad shapes are named."""
+    rng = np.random.default_rng(4)
+    others = rng.normal(size=(2, 8))
+    q, _ = np.linalg.qr(others.T)
+    w = rng.normal(size=8)
+    w -= q @ (q.T @ w)
+    v = 1.5 * others[0] - 0.7 * others[1] + w
+    np.testing.assert_allclose(D.orthogonal_component(v, others), w, atol=1e-10)
+    np.testing.assert_allclose(D.orthogonal_component(v, np.concatenate([others, 2 * others[:1]])), w, atol=1e-10)
+    np.testing.assert_allclose(D.orthogonal_component(v, np.zeros((0, 8))), v)
+    assert np.linalg.norm(D.orthogonal_component(others[0], others)) < 1e-10
+    with pytest.raises(ValueError, match=r"expected \[k, D=8\]"):
+        D.orthogonal_component(v, rng.normal(size=(2, 7)))
+    with pytest.raises(ValueError, match="NaN"):
+        D.orthogonal_component(v, np.full((1, 8), np.nan))
+
+
 def test_persona_space_intervals_cover_the_estimate_and_need_enough_roles():
     rng = np.random.default_rng(1)
     roles = np.zeros((30, 6))

@@ -306,15 +306,21 @@ def test_records_carry_the_named_fields():
             "pass": True}
     metrics = {"monotonic_traits": {"response_likelihood": {"counts": counts, "n_traits": 2, "n_valid": 1,
                                                             "valid_traits": ["evil"]}},
-               "max_ppl_ratio": 1.5, "n_traits": 2, "traits": {"evil": t}, "specificity": spec}
+               "max_ppl_ratio": 1.5, "n_traits": 2, "traits": {"evil": t}, "specificity": spec,
+               "specificity_trait_specific": {**spec, "kept_fraction": {"evil": 0.9, "humorous": 0.8},
+                                              "per_trait": {**spec["per_trait"],
+                                                            "evil": {**spec["per_trait"]["evil"], "diag_z": 2.5}}}}
     lines = pv.records(pv.Result(config=pv.Config(), results=[], n_layers=2, d_model=16, metrics=metrics))
     head = {ln["criterion"]: ln for ln in lines if ln["metric"] == "persona_steering_monotonic_traits"}
     assert head["strict_ppl1.5"]["value"] == 1 and head["strict_ppl1.5"]["measure"] == "response_likelihood"
     assert head["strict_ppl1.5"]["n_valid"] == 1 and "1.5" in head["strict_ppl1.5"]["criterion_text"]
     spec_lines = [ln for ln in lines if ln["metric"] == "steering_specificity_diag_z"]
-    assert len(spec_lines) == 1  # the trait without a valid measure has no line
-    sl = spec_lines[0]
+    assert len(spec_lines) == 2  # the trait without a valid measure has no line in either matrix
+    sl, ts = spec_lines
     assert (sl["key"], sl["value"], sl["offdiag_max_abs_z"], sl["passed"]) == ("evil", 4.2, 1.1, True)
+    assert (ts["key"], ts["value"], ts["kept_fraction"], ts["analysis"]) == ("evil/trait_specific", 2.5, 0.9,
+                                                                             "secondary")
+    assert sl["component"] == "whole" and ts["component"] == "trait_specific"
     mon = {ln["measure"]: ln for ln in lines if ln["metric"] == "persona_monitor_r"}
     assert mon["items"]["validity"] == {"valid": False} and mon["response_likelihood"]["value"] == 0.5
 
@@ -377,6 +383,62 @@ def test_specificity_cells_skip_targets_without_a_valid_measure(model):
     assert sp["random"][1, 0, 3] == pytest.approx(want_rand, abs=1e-5)
     assert np.isfinite(sp["z"][:, 0]).all() and np.isnan(sp["per_trait"][1]["diag_z"])
     assert sp["per_trait"][0]["n_offdiag"] == 0 and sp["per_trait"][1]["n_offdiag"] == 1
+
+
+def _specificity_trait(name, response_avg, scales=(1.0, 2.0)):
+    return {"trait": name, "steering": {"validity": {"valid": True}, "layer": 1},
+            "vectors": {"response_avg": np.asarray(response_avg)}, "scales": np.asarray(scales),
+            "random_units": pv.random_directions(0, 20, 16, 1.0), "held_out_pairs": {"items": pv.item_pairs(ITEMS)}}
+
+
+def test_trait_specific_part_is_orthogonal_to_the_other_traits_at_the_whole_norm(model):
+    """The part of trait i's vector at its layer that the other traits' vectors do not span, at the whole vector's
+    norm; each cell is that vector's symmetric effect, scored against the whole matrix's own random band."""
+    rng = np.random.default_rng(7)
+    shared = rng.normal(size=16)
+    vecs = [np.stack([rng.normal(size=16), shared + 0.8 * rng.normal(size=16)]) for _ in range(3)]
+    results = [_specificity_trait(n, v) for n, v in zip(("evil", "humorous", "sycophantic"), vecs)]
+    whole = pv.specificity_matrix(model, results, 2.0)
+    ts = pv.trait_specific_matrix(model, results, whole)
+    vec, kept = pv.trait_specific_vector(results, 0, 2.0)
+    others = np.stack([vecs[1][1], vecs[2][1]])
+    np.testing.assert_allclose(others @ vec, 0.0, atol=1e-9)
+    assert np.linalg.norm(vec) == pytest.approx(2.0 * 2.0)  # coef 2 x the layer's scale 2
+    q, _ = np.linalg.qr(others.T)
+    part = vecs[0][1] - q @ (q.T @ vecs[0][1])
+    assert kept == pytest.approx(np.linalg.norm(part) / np.linalg.norm(vecs[0][1]))
+    assert 0.2 < kept < 0.95 and ts["kept_fraction"][0] == kept
+    want = (pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
+            - pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=-1.0)[0])
+    assert ts["cells"][0, 2] == pytest.approx(want, abs=1e-5)
+    assert np.array_equal(ts["random"], whole["random"]) and not np.allclose(ts["cells"], whole["cells"])
+    assert ts["z"][0, 2] == pytest.approx(S.zscore(ts["cells"][0, 2], whole["random"][0, 2]))
+
+
+def test_trait_specific_matrix_equals_the_whole_one_for_orthogonal_vectors(model):
+    """Vectors already orthogonal to each other at the steered layer have nothing shared to remove."""
+    basis = np.linalg.qr(np.random.default_rng(8).normal(size=(16, 2)))[0].T * 3.0
+    results = [_specificity_trait(n, np.stack([np.ones(16), b])) for n, b in zip(("evil", "humorous"), basis)]
+    whole = pv.specificity_matrix(model, results, 2.0)
+    ts = pv.trait_specific_matrix(model, results, whole)
+    np.testing.assert_allclose(ts["cells"], whole["cells"], atol=1e-5)
+    np.testing.assert_allclose(ts["kept_fraction"], [1.0, 1.0], atol=1e-9)
+    same = [_specificity_trait(n, np.stack([np.ones(16), basis[0]])) for n in ("evil", "humorous")]
+    none_left = pv.trait_specific_matrix(model, same, pv.specificity_matrix(model, same, 2.0))
+    assert np.isnan(none_left["cells"]).all() and none_left["kept_fraction"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert not any(p["pass"] for p in none_left["per_trait"])
+
+
+def test_trait_specific_reading_follows_the_rule_fixed_before_the_run():
+    def rows(*passes, z=4.0):
+        return {"per_trait": {f"t{i}": {"valid": v, "pass": p, "diag_z": z} for i, (v, p) in enumerate(passes)},
+                "n_random": 20}
+
+    assert pvr._trait_specific_reading(rows((True, True), (True, True), (True, False))).startswith(
+        "2 of 3 traits with a valid measure pass on their trait-specific part (t0, t1): the whole vectors' cross-trait")
+    text = pvr._trait_specific_reading(rows((True, True), (False, True), (True, False)))
+    assert text.startswith("1 of 2 traits") and "(t0)" in text and "not specific on this model" in text
+    assert pvr._trait_specific_reading(rows((True, False), z=float("nan"))).startswith("No trait-specific part was")
 
 
 def test_bad_inputs(tmp_path, model):
@@ -455,6 +517,9 @@ def test_run_end_to_end_tiny(tmp_path, model):
     sp = m["specificity"]
     assert sp["traits"] == ["evil", "humorous"] and set(sp["z"]["evil"]) == {"evil", "humorous"}
     assert (out / "specificity_matrix.png").is_file() and "## Specificity" in (out / "report.md").read_text()
+    ts = m["specificity_trait_specific"]
+    assert set(ts["kept_fraction"]) == {"evil", "humorous"} and 0 < ts["kept_fraction"]["evil"] <= 1
+    assert "## Specificity of the trait-specific parts (secondary analysis)" in (out / "report.md").read_text()
     assert len(m["traits"]["evil"]["separation_by_layer"]["last_prompt"]) == model.config.n_layers
     kinds = {json.loads(line)["kind"] for line in open(out / "responses.jsonl")}
     assert kinds == {"extraction", "own", "monitor", "steered", "reference"}
@@ -611,15 +676,17 @@ def test_outside_band_and_targets():
 
 
 def test_specificity_matrix_needs_two_traits(monkeypatch):
-    """One trait has no off-diagonal cell: run skips the matrix (its cost) and passes None on; two traits build it."""
+    """One trait has no off-diagonal cell: run skips both matrices (their cost) and passes None on; two traits build
+    the whole vectors' matrix and, from it, their trait-specific parts'."""
     calls, seen = [], []
     monkeypatch.setattr(pv, "run_trait", lambda model, trait, cfg, ti, judge, progress: {"trait": trait.name})
     monkeypatch.setattr(pv, "specificity_matrix", lambda model, results, coef: calls.append(len(results)) or "matrix")
-    monkeypatch.setattr(pv, "summary_metrics", lambda results, spec, ppl: seen.append(spec) or {})
+    monkeypatch.setattr(pv, "trait_specific_matrix", lambda model, results, whole: f"parts of {whole}")
+    monkeypatch.setattr(pv, "summary_metrics", lambda results, spec, ppl, parts: seen.append((spec, parts)) or {})
     model = types.SimpleNamespace(config=types.SimpleNamespace(n_layers=2, d_model=4))
     pv.run(pv.Config(traits=("evil",), judge="none"), model)
     pv.run(pv.Config(traits=("evil", "humorous"), judge="none"), model)
-    assert calls == [2] and seen == [None, "matrix"]
+    assert calls == [2] and seen == [(None, None), ("matrix", "parts of matrix")]
 
 
 def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():

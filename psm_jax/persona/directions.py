@@ -51,6 +51,22 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
+def orthogonal_component(vector, others) -> np.ndarray:
+    """The part of `vector` [D] orthogonal to the span of `others` [k, D] (float64): what the other directions do
+    not share with it. Least squares handles dependent or repeated `others`; k = 0 returns the vector itself."""
+    v, basis = np.asarray(vector, np.float64), np.asarray(others, np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"vector has shape {v.shape}; expected [D]")
+    if basis.size == 0:
+        return v
+    if basis.ndim != 2 or basis.shape[1] != v.shape[0]:
+        raise ValueError(f"others have shape {basis.shape}; expected [k, D={v.shape[0]}]")
+    if not (np.all(np.isfinite(v)) and np.all(np.isfinite(basis))):
+        raise ValueError("vector or others contain NaN or inf; expected finite values")
+    coef, *_ = np.linalg.lstsq(basis.T, v, rcond=None)
+    return v - basis.T @ coef
+
+
 def random_directions(key_seed: int, n: int, width: int, norm: float) -> np.ndarray:
     """`n` Gaussian directions of length `norm` each (the matched-norm control band): [n, width] float32."""
     if n < 1 or width < 1:
