@@ -278,10 +278,18 @@ class AxisResult:
 
 
 def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
+    """The report's figures: persona space's variance, the axis-PC1 cosine by layer, role loadings, drift."""
     from experiments.report import pyplot
 
     plt = pyplot()
+    _variance_figure(rep, plt, res)
+    _pc1_cosine_figure(rep, plt, res, n_layers)
+    _loadings_figure(rep, plt, res)
+    if drift:
+        _drift_figure(rep, plt, res, drift)
 
+
+def _variance_figure(rep, plt, res: AxisResult) -> None:
     sp = res.space
     ratio = np.asarray(sp["explained_ratio"])
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -297,6 +305,8 @@ def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
     ax.legend(fontsize=8)
     rep.figure("variance_explained", fig, "Variance explained by the PCs of the mean-centred role vectors.")
 
+
+def _pc1_cosine_figure(rep, plt, res: AxisResult, n_layers: int) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(np.arange(n_layers), res.cosines, "o-", ms=3)
     ax.axvline(res.target_layer, ls=":", color="gray")
@@ -306,6 +316,10 @@ def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
     ax.set_title("Assistant Axis vs PC1 of persona space")
     rep.figure("axis_pc1_cosine", fig, "Cosine between the Assistant Axis and PC1 at every layer.")
 
+
+def _loadings_figure(rep, plt, res: AxisResult) -> None:
+    """Every role's PC1 score as a bar coloured by its category, with the default Assistant's projection."""
+    sp = res.space
     scores = np.asarray(sp["scores"])
     order = np.argsort(scores)
     cats = sorted(set(res.role_categories))
@@ -324,25 +338,25 @@ def _plots(rep, res: AxisResult, drift: dict, n_layers: int):
     ax.set_title(f"PC1 loadings, layer {res.target_layer}")
     rep.figure("pc1_loadings", fig, "Role scores on PC1; dashed line: the default Assistant's projection.")
 
-    if drift:
-        fig, ax = plt.subplots(figsize=(6.5, 3.8))
-        for name, (proj, _) in drift.items():
-            p = proj[:, 0, :]
-            K = p.shape[1]
-            mean = np.nanmean(p, axis=0)
-            cnt = np.sum(~np.isnan(p), axis=0)
-            sem = np.nanstd(p, axis=0) / np.sqrt(np.maximum(cnt, 1))
-            x = np.arange(1, K + 1)
-            ax.plot(x, mean, "o-", ms=3, label=f"{name} (n={p.shape[0]})")
-            ax.fill_between(x, mean - sem, mean + sem, alpha=0.2)
-        ax.axhline(drift_ref(res)["default"], color="k", ls="--", lw=1, label="default vector")
-        ax.axhline(drift_ref(res)["roles"], color="gray", ls=":", lw=1, label="mean role vector")
-        ax.set_xlabel("assistant turn")
-        ax.set_ylabel(f"projection on unit axis (layer {res.target_layer})")
-        ax.set_title("Multi-turn drift (teacher-forced)")
-        ax.legend(fontsize=7)
-        rep.figure("drift", fig,
-                   "Per-turn mean assistant-token projection on the unit Assistant Axis (mean ± s.e.m.).")
+
+def _drift_figure(rep, plt, res: AxisResult, drift: dict) -> None:
+    """Per assistant turn, each drift condition's mean projection on the unit axis with its s.e.m. band."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, (proj, _) in drift.items():
+        p = proj[:, 0, :]
+        mean = np.nanmean(p, axis=0)
+        cnt = np.sum(~np.isnan(p), axis=0)
+        sem = np.nanstd(p, axis=0) / np.sqrt(np.maximum(cnt, 1))
+        x = np.arange(1, p.shape[1] + 1)
+        ax.plot(x, mean, "o-", ms=3, label=f"{name} (n={p.shape[0]})")
+        ax.fill_between(x, mean - sem, mean + sem, alpha=0.2)
+    ax.axhline(drift_ref(res)["default"], color="k", ls="--", lw=1, label="default vector")
+    ax.axhline(drift_ref(res)["roles"], color="gray", ls=":", lw=1, label="mean role vector")
+    ax.set_xlabel("assistant turn")
+    ax.set_ylabel(f"projection on unit axis (layer {res.target_layer})")
+    ax.set_title("Multi-turn drift (teacher-forced)")
+    ax.legend(fontsize=7)
+    rep.figure("drift", fig, "Per-turn mean assistant-token projection on the unit Assistant Axis (mean ± s.e.m.).")
 
 
 def _diagnostic_sections(rep, m: dict, target: int) -> None:
