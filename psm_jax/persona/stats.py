@@ -370,26 +370,14 @@ def standardised_pooled_r(x, y, groups, *, level: float = 0.95, n_resamples: int
         raise ValueError(f"x {x.shape} and y {y.shape}; expected one (x, y) pair per unit")
     g = _groups_like(groups, x, "x")
     level = _check_level(level)
-    kept, dropped = [], []
-    for label in np.unique(g):
-        idx = np.flatnonzero(g == label)
-        ok = idx.size >= MIN_GROUP_UNITS and _has_spread(x[idx]) and _has_spread(y[idx])
-        (kept if ok else dropped).append((label, idx))
+    kept, dropped = _groups_with_a_relation(x, y, g)
     if not kept:
         return None
     sel = np.concatenate([idx for _, idx in kept])
     xs, ys, gs = x[sel], y[sel], g[sel]
     zx, zy = standardise_within_groups(xs, gs), standardise_within_groups(ys, gs)
     est = pearson(zx, zy) if zx.size >= 3 else float("nan")
-    strata = [np.flatnonzero(gs == label) for label, _ in kept]
-    rng = np.random.default_rng(seed)
-    rs = []
-    for _ in range(int(n_resamples)):
-        picks = [rng.choice(s, size=s.size, replace=True) for s in strata]
-        if not all(_has_spread(xs[p]) and _has_spread(ys[p]) for p in picks):
-            continue
-        idx = np.concatenate(picks)
-        rs.append(pearson(standardise_within_groups(xs[idx], gs[idx]), standardise_within_groups(ys[idx], gs[idx])))
+    rs = _stratified_standardised_rs(xs, ys, gs, [label for label, _ in kept], n_resamples, seed)
     lo, hi = (np.quantile(rs, [(1 - level) / 2, 1 - (1 - level) / 2]) if len(rs) >= n_resamples // 2
               else (np.nan, np.nan))
     null = within_groups_null(zx, zy, gs, n_shuffles=n_shuffles, seed=seed)
@@ -404,6 +392,32 @@ def standardised_pooled_r(x, y, groups, *, level: float = 0.95, n_resamples: int
             "null": null, "outside_null": outside_band(est, null), "n": int(sel.size), "n_groups": len(kept),
             "per_group": per_group, "dropped_groups": [str(label) for label, _ in dropped],
             "n_valid_resamples": len(rs)}
+
+
+def _groups_with_a_relation(x, y, g) -> tuple[list, list]:
+    """(kept, dropped) lists of (label, unit indices): a group is kept with >= MIN_GROUP_UNITS units and spread in
+    both x and y, the least that a within-group correlation needs."""
+    kept, dropped = [], []
+    for label in np.unique(g):
+        idx = np.flatnonzero(g == label)
+        ok = idx.size >= MIN_GROUP_UNITS and _has_spread(x[idx]) and _has_spread(y[idx])
+        (kept if ok else dropped).append((label, idx))
+    return kept, dropped
+
+
+def _stratified_standardised_rs(xs, ys, gs, labels, n_resamples: int, seed: int) -> list[float]:
+    """The standardised pooled r of each stratified bootstrap resample (units redrawn inside each group, every group
+    keeping its size), skipping resamples where a group has no spread left to standardise."""
+    strata = [np.flatnonzero(gs == label) for label in labels]
+    rng = np.random.default_rng(seed)
+    rs = []
+    for _ in range(int(n_resamples)):
+        picks = [rng.choice(s, size=s.size, replace=True) for s in strata]
+        if not all(_has_spread(xs[p]) and _has_spread(ys[p]) for p in picks):
+            continue
+        idx = np.concatenate(picks)
+        rs.append(pearson(standardise_within_groups(xs[idx], gs[idx]), standardise_within_groups(ys[idx], gs[idx])))
+    return rs
 
 
 def percentile_rank(value: float, population) -> float:
