@@ -523,7 +523,18 @@ def _parse_trait(data: Any, source: str, *, strict: bool, expect_name: str | Non
     if expect_name is not None and name != expect_name:
         c.fail("trait", f"{expect_name!r} (the file name)", repr(name))
     description = c.string(d, "description")
+    pairs = _parse_instruction_pairs(c, d, strict)
+    extraction, evaluation = _parse_questions(c, d, strict)
+    rubric = c.string(d, "judge_rubric")
+    c.template(rubric, "judge_rubric", ("question", "answer"))
+    items = _parse_behavioural_items(c, d, strict)
+    return Trait(name=name, description=description, instruction_pairs=pairs,
+                 extraction_questions=extraction, evaluation_questions=evaluation, judge_rubric=rubric,
+                 behavioural_items=items, schema_version=version, source=source,
+                 behavioural_validity=_parse_item_validity(c, d), monitor_holdout=_parse_graded_prompts(c, d))
 
+
+def _parse_instruction_pairs(c: "_Checker", d: dict, strict: bool) -> tuple[InstructionPair, ...]:
     raw_pairs = c.array(d, "instruction_pairs", min_len=TRAIT_PAIRS if strict else 1, what="{pos, neg} pairs")
     pairs = []
     for i, p in enumerate(raw_pairs):
@@ -531,7 +542,12 @@ def _parse_trait(data: Any, source: str, *, strict: bool, expect_name: str | Non
         if not isinstance(p, dict):
             c.fail(ctx, "an object with 'pos' and 'neg'", _typename(p))
         pairs.append(InstructionPair(pos=c.string(p, "pos", ctx), neg=c.string(p, "neg", ctx)))
+    return tuple(pairs)
 
+
+def _parse_questions(c: "_Checker", d: dict, strict: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(extraction, evaluation) questions; an evaluation question that repeats an extraction one (up to case and
+    spacing) would score the vector on its own training data, so it is refused."""
     n_q = TRAIT_QUESTIONS if strict else 1
     extraction = c.strings(d, "extraction_questions", min_len=n_q)
     evaluation = c.strings(d, "evaluation_questions", min_len=n_q)
@@ -540,43 +556,46 @@ def _parse_trait(data: Any, source: str, *, strict: bool, expect_name: str | Non
     if overlap:
         c.fail("evaluation_questions", "questions disjoint from extraction_questions",
                f"{len(overlap)} overlapping: {overlap[:3]!r}")
+    return extraction, evaluation
 
-    rubric = c.string(d, "judge_rubric")
-    c.template(rubric, "judge_rubric", ("question", "answer"))
 
+def _parse_behavioural_items(c: "_Checker", d: dict, strict: bool) -> tuple[BehaviouralItem, ...]:
     raw_items = c.array(d, "behavioural_items", min_len=TRAIT_BEHAVIOURAL_ITEMS if strict else 1,
                         what="behavioural items")
-    items = []
-    for i, it in enumerate(raw_items):
-        ctx = f"behavioural_items[{i}]"
-        if not isinstance(it, dict):
-            c.fail(ctx, "an object with prompt, choices, trait_choice", _typename(it))
-        prompt = c.string(it, "prompt", ctx)
-        choices = c.strings(it, "choices", ctx)
-        if len(choices) != 2:
-            c.fail(f"{ctx}.choices", "exactly 2 choices", f"{len(choices)}")
-        tc = c.field(it, "trait_choice", ctx)
-        if not isinstance(tc, int) or isinstance(tc, bool):
-            c.fail(f"{ctx}.trait_choice", "an integer index into choices (0 or 1)", _typename(tc))
-        if not 0 <= tc < len(choices):
-            c.fail(f"{ctx}.trait_choice", f"an index in range 0..{len(choices) - 1}", repr(tc))
-        items.append(BehaviouralItem(prompt=prompt, choices=(choices[0], choices[1]), trait_choice=tc))
+    items = tuple(_parse_behavioural_item(c, it, f"behavioural_items[{i}]") for i, it in enumerate(raw_items))
     if strict:
-        for i, it in enumerate(items):
-            gap = abs(_words(it.choices[0]) - _words(it.choices[1]))
-            if gap > MAX_WORD_GAP:
-                c.fail(f"behavioural_items[{i}].choices", f"two answers of matched length (within {MAX_WORD_GAP} "
-                       "words)", f"{_words(it.choices[0])} and {_words(it.choices[1])} words")
-        n1 = sum(it.trait_choice for it in items)
-        n0 = len(items) - n1
-        if abs(n0 - n1) > 1:
-            c.fail("behavioural_items", "trait_choice balanced between index 0 and 1 (counts differ by at most 1)",
-                   f"{n0} at index 0 and {n1} at index 1")
+        _check_items_matched(c, items)
+    return items
 
-    return Trait(name=name, description=description, instruction_pairs=tuple(pairs),
-                 extraction_questions=extraction, evaluation_questions=evaluation, judge_rubric=rubric,
-                 behavioural_items=tuple(items), schema_version=version, source=source,
-                 behavioural_validity=_parse_item_validity(c, d), monitor_holdout=_parse_graded_prompts(c, d))
+
+def _parse_behavioural_item(c: "_Checker", it: Any, ctx: str) -> BehaviouralItem:
+    if not isinstance(it, dict):
+        c.fail(ctx, "an object with prompt, choices, trait_choice", _typename(it))
+    prompt = c.string(it, "prompt", ctx)
+    choices = c.strings(it, "choices", ctx)
+    if len(choices) != 2:
+        c.fail(f"{ctx}.choices", "exactly 2 choices", f"{len(choices)}")
+    tc = c.field(it, "trait_choice", ctx)
+    if not isinstance(tc, int) or isinstance(tc, bool):
+        c.fail(f"{ctx}.trait_choice", "an integer index into choices (0 or 1)", _typename(tc))
+    if not 0 <= tc < len(choices):
+        c.fail(f"{ctx}.trait_choice", f"an index in range 0..{len(choices) - 1}", repr(tc))
+    return BehaviouralItem(prompt=prompt, choices=(choices[0], choices[1]), trait_choice=tc)
+
+
+def _check_items_matched(c: "_Checker", items: Sequence[BehaviouralItem]) -> None:
+    """The shipped items' two answers have matched lengths and the trait answer's index is balanced, so that
+    neither answer length nor answer position can stand in for the trait."""
+    for i, it in enumerate(items):
+        gap = abs(_words(it.choices[0]) - _words(it.choices[1]))
+        if gap > MAX_WORD_GAP:
+            c.fail(f"behavioural_items[{i}].choices", f"two answers of matched length (within {MAX_WORD_GAP} "
+                   "words)", f"{_words(it.choices[0])} and {_words(it.choices[1])} words")
+    n1 = sum(it.trait_choice for it in items)
+    n0 = len(items) - n1
+    if abs(n0 - n1) > 1:
+        c.fail("behavioural_items", "trait_choice balanced between index 0 and 1 (counts differ by at most 1)",
+               f"{n0} at index 0 and {n1} at index 1")
 
 
 def _parse_graded_prompts(c: "_Checker", d: dict) -> tuple[GradedPrompt, ...]:
