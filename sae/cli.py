@@ -625,7 +625,7 @@ def _corpus_activations(lm: dict, site: str, layer: int, cache: dict) -> list:
 def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
     """Reconstruction metrics (on [data] activations, else on the LM documents' activations) and LM metrics (SAE
     spliced into the model) per SAE; `model` (a psm_jax LoadedModel) replaces loading eval.lm_model."""
-    from sae.metrics import evaluate_lm_on_corpus, evaluate_reconstruction
+    from sae.metrics import evaluate_reconstruction
 
     e = conf.get("eval", {})
     params, cfgs, meta = _load_any(target, e.get("step"), with_metadata=True)
@@ -646,14 +646,7 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
     acts_cache: dict = {}
     for i, (p, c) in enumerate(zip(params, cfgs)):
         if has_data:
-            d_i = dict(data, shuffle=_shuffle(data, False))
-            if layers is not None:              # SAE i of a one-SAE-per-layer run reads its own layer
-                d_i.pop("layers")
-                d_i["layer"] = layers[i]
-            source = make_source(d_i, int(_opt(e, EvalSection, "batch_size")), d_in=c.d_in, loop=False)
-            if getattr(source, "d_in", c.d_in) != c.d_in:
-                raise CliError(f"SAE {i} has d_in={c.d_in}; the evaluation activations have width {source.d_in}")
-            recon_source = "data"
+            source, recon_source = _eval_data_source(data, layers, i, c, int(_opt(e, EvalSection, "batch_size"))), "data"
         else:
             site, layer = lm["hooks"][i]
             source = _corpus_activations(lm, site, layer, acts_cache)
@@ -662,14 +655,7 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
                                            dense_threshold=float(_opt(e, EvalSection, "dense_threshold")))
         rep = {"sae": i, "config": c.to_dict(), "metrics": m, "metrics_source": recon_source}
         if lm is not None:
-            site, layer = lm["hooks"][i]
-            lm_m = evaluate_lm_on_corpus(lm["model"], p, c, layer=layer, site=site, batches=lm["batches"],
-                                         max_batches=e.get("lm_max_batches"), progress=progress)
-            rep.update(hook={"site": site, "layer": layer}, lm_metrics=lm_m)
-            _note(f"SAE {i} ({site}.{layer}): ce_loss_recovered={lm_m['ce_loss_recovered']:.4f} "
-                  f"delta_lm_loss={lm_m['delta_lm_loss']:.4f} nats kl_score={lm_m['kl_score']:.4f} "
-                  f"(ce_orig={lm_m['ce_orig']:.4f}, ce_sae={lm_m['ce_sae']:.4f}, "
-                  f"ce_zero_ablation={lm_m['ce_zero_ablation']:.4f}; {int(lm_m['n_positions'])} positions)")
+            rep.update(_eval_lm_splice(lm, i, p, c, e.get("lm_max_batches"), progress))
         reports.append(rep)
         if is_run:                              # picked up by `export` as SAELens' sparsity.safetensors
             _write_npy(Path(target) / f"eval_log10_density_{i}.npy", stats.log10_firing_density().astype("float32"))
@@ -680,6 +666,33 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
         from sae.checkpoint import atomic_write_text
         atomic_write_text(Path(target) / "eval.json", json.dumps(out, indent=1))
     return out
+
+
+def _eval_data_source(data: dict, layers, i: int, c, batch_size: int):
+    """SAE i's evaluation activations from the [data] section, unshuffled; SAE i of a one-SAE-per-layer run reads
+    its own layer."""
+    d_i = dict(data, shuffle=_shuffle(data, False))
+    if layers is not None:
+        d_i.pop("layers")
+        d_i["layer"] = layers[i]
+    source = make_source(d_i, batch_size, d_in=c.d_in, loop=False)
+    if getattr(source, "d_in", c.d_in) != c.d_in:
+        raise CliError(f"SAE {i} has d_in={c.d_in}; the evaluation activations have width {source.d_in}")
+    return source
+
+
+def _eval_lm_splice(lm: dict, i: int, p, c, max_batches, progress: bool) -> dict:
+    """The LM metrics of SAE i spliced into the model at its hook point, noted on stderr: {hook, lm_metrics}."""
+    from sae.metrics import evaluate_lm_on_corpus
+
+    site, layer = lm["hooks"][i]
+    lm_m = evaluate_lm_on_corpus(lm["model"], p, c, layer=layer, site=site, batches=lm["batches"],
+                                 max_batches=max_batches, progress=progress)
+    _note(f"SAE {i} ({site}.{layer}): ce_loss_recovered={lm_m['ce_loss_recovered']:.4f} "
+          f"delta_lm_loss={lm_m['delta_lm_loss']:.4f} nats kl_score={lm_m['kl_score']:.4f} "
+          f"(ce_orig={lm_m['ce_orig']:.4f}, ce_sae={lm_m['ce_sae']:.4f}, "
+          f"ce_zero_ablation={lm_m['ce_zero_ablation']:.4f}; {int(lm_m['n_positions'])} positions)")
+    return {"hook": {"site": site, "layer": layer}, "lm_metrics": lm_m}
 
 
 def _write_npy(path: Path, array) -> None:
