@@ -646,7 +646,8 @@ def cmd_eval(target: str, conf: dict[str, Any], *, model=None) -> dict:
     acts_cache: dict = {}
     for i, (p, c) in enumerate(zip(params, cfgs)):
         if has_data:
-            source, recon_source = _eval_data_source(data, layers, i, c, int(_opt(e, EvalSection, "batch_size"))), "data"
+            source = _eval_data_source(data, layers, i, c, int(_opt(e, EvalSection, "batch_size")))
+            recon_source = "data"
         else:
             site, layer = lm["hooks"][i]
             source = _corpus_activations(lm, site, layer, acts_cache)
