@@ -67,28 +67,39 @@ def run(out: str | Path = "runs/quickstart", preset: str = "quick", only=None, f
     for entry in registry.STUDIES:
         if entry.stage not in stages:
             continue
-        cfg = stage_config(entry, preset, out, model_name, seed)
-        cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-        folder = out / entry.stage
-        marker = folder / ".stage.json"
-        if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == cfg_dict:
-            print(f"[quickstart] {entry.stage}: cached ({folder})", flush=True)
-            saved = json.loads(marker.read_text())
-            timings.append(dict(stage=entry.stage, seconds=0.0, status="cached"))
-            headlines += [_headline(entry, ln) for ln in saved.get("records", [])]
-            continue
-        if folder.exists():
-            shutil.rmtree(folder)  # a stale or half-finished stage is redone from scratch
-        print(f"[quickstart] {entry.stage}: running", flush=True)
-        res = study.execute(entry.module, cfg, folder=folder, model=model,
-                            progress=study.progress_printer(entry.stage), record=False,
-                            command=f"{study.RERUN_PREFIX} {entry.name} --preset {preset} --out {folder}")
-        lines = json.loads(json.dumps(res["records"], default=str))
-        atomic_write_json(marker, {"config": cfg_dict, "seconds": res["seconds"], "records": lines})
-        timings.append(dict(stage=entry.stage, seconds=round(res["seconds"], 1), status="ran"))
+        timing, lines = _run_stage(entry, stage_config(entry, preset, out, model_name, seed), out / entry.stage,
+                                   model, preset, force)
+        timings.append(timing)
         headlines += [_headline(entry, ln) for ln in lines]
-        print(f"[quickstart] {entry.stage}: done in {res['seconds']:.0f} s", flush=True)
+    total = time.time() - t0
+    path = _write_main_report(out, preset, stages, seed, model_name, timings, headlines, total)
+    print(f"[quickstart] report: {path.resolve()} ({total:.0f} s)", flush=True)
+    return path
 
+
+def _run_stage(entry, cfg, folder: Path, model, preset: str, force: bool) -> tuple[dict, list[dict]]:
+    """Run one study into `folder`, or reuse it where its marker holds the same config (unless `force`): (timing,
+    its record lines). A stale or half-finished stage folder is removed and redone from scratch."""
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    marker = folder / ".stage.json"
+    if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == cfg_dict:
+        print(f"[quickstart] {entry.stage}: cached ({folder})", flush=True)
+        saved = json.loads(marker.read_text())
+        return dict(stage=entry.stage, seconds=0.0, status="cached"), saved.get("records", [])
+    if folder.exists():
+        shutil.rmtree(folder)
+    print(f"[quickstart] {entry.stage}: running", flush=True)
+    res = study.execute(entry.module, cfg, folder=folder, model=model, progress=study.progress_printer(entry.stage),
+                        record=False, command=f"{study.RERUN_PREFIX} {entry.name} --preset {preset} --out {folder}")
+    lines = json.loads(json.dumps(res["records"], default=str))
+    atomic_write_json(marker, {"config": cfg_dict, "seconds": res["seconds"], "records": lines})
+    print(f"[quickstart] {entry.stage}: done in {res['seconds']:.0f} s", flush=True)
+    return dict(stage=entry.stage, seconds=round(res["seconds"], 1), status="ran"), lines
+
+
+def _write_main_report(out: Path, preset: str, stages, seed: int, model_name: str, timings: list[dict],
+                       headlines: list[dict], total: float) -> Path:
+    """The main job's report.md: what ran, each stage's time and report, every headline line, two plots a stage."""
     rep = Report(out, f"psm-jax main job on {model_name}", {"preset": preset, "stages": stages, "seed": seed,
                                                              "model": model_name})
     rep.section("What ran", f"Each study ran at its `{preset}` preset on `{model_name}` (seed {seed}); its own report "
@@ -101,12 +112,9 @@ def run(out: str | Path = "runs/quickstart", preset: str = "quick", only=None, f
     for stage in stages:
         figs += [f"![{stage}: {p.stem}]({stage}/{p.name})" for p in sorted((out / stage).glob("*.png"))[:2]]
     rep.section("Selected plots", "\n\n".join(figs))
-    total = time.time() - t0
     rep.metric("seconds", total)
     rep.metric("stages", timings)
-    path = rep.finish()
-    print(f"[quickstart] report: {path.resolve()} ({total:.0f} s)", flush=True)
-    return path
+    return rep.finish()
 
 
 def record_main_job(seconds: float, report_path: Path, preset: str, only, argv) -> dict:
