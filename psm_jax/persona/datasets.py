@@ -815,33 +815,44 @@ def load_conversations(kind_or_path: PathLike, *, strict: bool = True) -> list[C
             c.fail(f"{ctx}.id", "a unique id", repr(cid))
         seen.add(cid)
         role = c.opt_string(conv, "role", ctx)
-        raw_msgs = c.array(conv, "messages", ctx, min_len=2, what="messages")
-        msgs = []
-        for j, m in enumerate(raw_msgs):
-            mctx = f"{ctx}.messages[{j}]"
-            if not isinstance(m, dict):
-                c.fail(mctx, "an object with role and content", _typename(m))
-            r = c.string(m, "role", mctx)
-            if r not in ("system", "user", "assistant"):
-                c.fail(f"{mctx}.role", "'system', 'user' or 'assistant'", repr(r))
-            msgs.append(Message(role=r, content=c.string(m, "content", mctx)))
-        body = msgs[1:] if msgs[0].role == "system" else msgs
-        for j, m in enumerate(body):
-            want = "user" if j % 2 == 0 else "assistant"
-            if m.role != want:
-                pos = j + (len(msgs) - len(body))
-                c.fail(f"{ctx}.messages[{pos}].role",
-                       f"{want!r} (an optional system message first, then alternating user/assistant)", repr(m.role))
-        if not body or body[-1].role != "assistant":
-            c.fail(f"{ctx}.messages", "a conversation ending with an assistant message", "it does not")
-        n_ex = len(body) // 2
-        if strict and n_ex < MIN_EXCHANGES:
-            c.fail(f"{ctx}.messages", f"at least {MIN_EXCHANGES} user/assistant exchanges", f"{n_ex}")
-        if file_kind == "roleplay" and msgs[0].role != "system":
-            c.fail(f"{ctx}.messages[0]", "a system message establishing the persona (kind 'roleplay')",
-                   repr(msgs[0].role))
+        msgs = _parse_messages(c, conv, ctx)
+        _check_turns(c, msgs, ctx, strict=strict, roleplay=file_kind == "roleplay")
         out.append(Conversation(id=cid, role=role, messages=tuple(msgs)))
     return out
+
+
+def _parse_messages(c: "_Checker", conv: dict, ctx: str) -> list[Message]:
+    raw_msgs = c.array(conv, "messages", ctx, min_len=2, what="messages")
+    msgs = []
+    for j, m in enumerate(raw_msgs):
+        mctx = f"{ctx}.messages[{j}]"
+        if not isinstance(m, dict):
+            c.fail(mctx, "an object with role and content", _typename(m))
+        r = c.string(m, "role", mctx)
+        if r not in ("system", "user", "assistant"):
+            c.fail(f"{mctx}.role", "'system', 'user' or 'assistant'", repr(r))
+        msgs.append(Message(role=r, content=c.string(m, "content", mctx)))
+    return msgs
+
+
+def _check_turns(c: "_Checker", msgs: list[Message], ctx: str, *, strict: bool, roleplay: bool) -> None:
+    """An optional system message, then user/assistant turns alternating and ending with the assistant's; strict
+    files need MIN_EXCHANGES exchanges, and a roleplay conversation a system message that sets up the persona."""
+    body = msgs[1:] if msgs[0].role == "system" else msgs
+    for j, m in enumerate(body):
+        want = "user" if j % 2 == 0 else "assistant"
+        if m.role != want:
+            pos = j + (len(msgs) - len(body))
+            c.fail(f"{ctx}.messages[{pos}].role",
+                   f"{want!r} (an optional system message first, then alternating user/assistant)", repr(m.role))
+    if not body or body[-1].role != "assistant":
+        c.fail(f"{ctx}.messages", "a conversation ending with an assistant message", "it does not")
+    n_ex = len(body) // 2
+    if strict and n_ex < MIN_EXCHANGES:
+        c.fail(f"{ctx}.messages", f"at least {MIN_EXCHANGES} user/assistant exchanges", f"{n_ex}")
+    if roleplay and msgs[0].role != "system":
+        c.fail(f"{ctx}.messages[0]", "a system message establishing the persona (kind 'roleplay')",
+               repr(msgs[0].role))
 
 
 # --------------------------------------------------------------------------- persona jailbreaks
