@@ -161,6 +161,17 @@ def fold_add(params: dict, config: ModelConfig, vector, *, layers, site: str = "
     Equivalent to `edits.add(config, vector, layers=layers, coef=coef, site=site)`.
     Returns (new_params, new_config).
     """
+    _check_foldable(config, site)
+    targets = _fold_targets(config, vector, coef, layers, site)
+    out, cfg = dict(params), config
+    for leaf in sorted({t[0] for t in targets} - {"embed"}):
+        out, cfg = _ensure_bias(out, cfg, leaf, add_missing_bias)
+    if any(t[0] == "embed" for t in targets):
+        out, cfg = _untie(out, cfg, untie, "adding a vector to every embedding row")
+    return _add_to_targets(out, cfg, targets), cfg
+
+
+def _check_foldable(config: ModelConfig, site: str) -> None:
     if site not in FOLDABLE_SITES:
         raise ValueError(f"site={site!r} cannot be folded into a bias; expected one of {FOLDABLE_SITES}")
     if config.sandwich_norms and site in ("attn_out", "mlp_out", "resid_mid", "resid_post", "resid_pre"):
@@ -168,6 +179,12 @@ def fold_add(params: dict, config: ModelConfig, vector, *, layers, site: str = "
         raise ValueError(
             "folding an add into a bias is not equivalent for models with post-attention/post-MLP norms "
             "(config.sandwich_norms=True): the bias is applied before the norm. Use edits.add at runtime instead.")
+
+
+def _fold_targets(config: ModelConfig, vector, coef, layers, site: str) -> list[tuple[str, int, np.ndarray]]:
+    """(leaf, row, delta) per edited layer: the bias row whose output is `site` of that layer (attn_out / resid_mid:
+    the attention output bias; mlp_out / resid_post: the down-projection bias; resid_pre of layer l: layer l-1's
+    down-projection bias, or the embedding for layer 0), with delta = coef[l] * vector[l] in float64."""
     vec = np.asarray(vector, np.float64)
     D, L = config.d_model, config.n_layers
     if vec.shape not in ((D,), (L, D)):
@@ -177,39 +194,33 @@ def fold_add(params: dict, config: ModelConfig, vector, *, layers, site: str = "
         raise ValueError(f"coef has shape {c.shape}; expected a scalar or ({L},)")
     if not (np.all(np.isfinite(vec)) and np.all(np.isfinite(c))):
         raise ValueError("vector or coef contains NaN or inf; expected finite values")
-    layer_ids = _layer_list(config, layers)
-
-    def delta(layer: int) -> np.ndarray:
-        v = vec[layer] if vec.ndim == 2 else vec
-        k = c[layer] if c.ndim == 1 else c
-        return k * v
-
-    # target (leaf, index) for each layer
     targets = []
-    for layer in layer_ids:
+    for layer in _layer_list(config, layers):
+        d = (c[layer] if c.ndim == 1 else c) * (vec[layer] if vec.ndim == 2 else vec)
         if site in ("attn_out", "resid_mid"):
-            targets.append(("bo", layer, delta(layer)))
+            targets.append(("bo", layer, d))
         elif site in ("mlp_out", "resid_post"):
-            targets.append(("b_down", layer, delta(layer)))
+            targets.append(("b_down", layer, d))
         elif layer > 0:  # resid_pre[l] == resid_post[l-1]
-            targets.append(("b_down", layer - 1, delta(layer)))
+            targets.append(("b_down", layer - 1, d))
         else:
-            targets.append(("embed", 0, delta(layer)))
+            targets.append(("embed", 0, d))
+    return targets
 
-    out, cfg = dict(params), config
-    for leaf in sorted({t[0] for t in targets} - {"embed"}):
-        out, cfg = _ensure_bias(out, cfg, leaf, add_missing_bias)
-    if any(t[0] == "embed" for t in targets):
-        out, cfg = _untie(out, cfg, untie, "adding a vector to every embedding row")
+
+def _add_to_targets(params: dict, config: ModelConfig, targets) -> dict:
+    """Add each delta to its bias row (or to every embedding row, divided by the embedding scale), in float32 or
+    wider, cast back to the leaf's dtype."""
+    out = dict(params)
     layers_out = dict(out["layers"])
     for leaf, idx, d in targets:
         if leaf == "embed":
             e = out["embed"]
-            add = jnp.asarray(d / cfg.embed_scale, jnp.promote_types(e.dtype, jnp.float32))
+            add = jnp.asarray(d / config.embed_scale, jnp.promote_types(e.dtype, jnp.float32))
             out["embed"] = (e.astype(add.dtype) + add).astype(e.dtype)
         else:
             b = layers_out[leaf]
             row = b[idx].astype(jnp.promote_types(b.dtype, jnp.float32)) + jnp.asarray(d, jnp.float32)
             layers_out[leaf] = b.at[idx].set(row.astype(b.dtype))
     out["layers"] = layers_out
-    return out, cfg
+    return out
