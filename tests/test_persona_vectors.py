@@ -180,7 +180,6 @@ def test_monotonic_pearson_split():
     assert pv.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="equal-length"):
         pv.pearson([1, 2], [1, 2])
-    pos, neg = np.array([3.0, 5.0, 4.0]), np.array([1.0, 2.0, 0.0])
     items = [BehaviouralItem(f"q{i}", ("a", "b"), i % 2) for i in range(8)]
     sel, held = pv.split_items(items)
     assert len(sel) == len(held) == 4 and sum(i.trait_choice for i in sel) == 2
