@@ -358,6 +358,18 @@ def embed(params: dict, config: ModelConfig, tokens):
     return h
 
 
+def _attention_biases(config: ModelConfig, slots: "_Slots", t: int, empty_cache: bool, dtype):
+    """(global, sliding-window or None) additive attention biases [B, 1, 1, T, keys], shared by every layer. With
+    `empty_cache` the keys are the new tokens' slots [0, T) only, where an empty cache writes them."""
+    keys = slice(0, t) if empty_cache else slice(None)
+    k_pos, k_valid = slots.k_pos[:, keys], slots.k_valid[:, keys]
+    global_bias = attention_bias(slots.positions, k_pos, k_valid, None, False, dtype)
+    local_bias = None
+    if config.sliding_window is not None and any(config.layer_is_sliding):
+        local_bias = attention_bias(slots.positions, k_pos, k_valid, config.sliding_window, True, dtype)
+    return global_bias, local_bias
+
+
 def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, edits: Sequence = (),
             capture: Capture = Capture(), cache: KVCache | None = None, return_logits: bool = True,
             logits_positions=None, start_layer: int = 0, stop_layer: int | None = None,
@@ -399,12 +411,7 @@ def forward(params: dict, config: ModelConfig, tokens, *, attention_mask=None, e
     slots = _Slots.of(mask, cache)
     h = embed(params, config, tokens) if start == 0 else residual
     # Masks and RoPE angles are the same at every layer: built once here, selected per layer in the scan.
-    keys = slice(0, t) if empty_cache else slice(None)     # an empty cache's new keys sit at slots [0, T)
-    k_pos, k_valid = slots.k_pos[:, keys], slots.k_valid[:, keys]
-    global_bias = attention_bias(slots.positions, k_pos, k_valid, None, False, h.dtype)
-    local_bias = None
-    if config.sliding_window is not None and any(config.layer_is_sliding):
-        local_bias = attention_bias(slots.positions, k_pos, k_valid, config.sliding_window, True, h.dtype)
+    global_bias, local_bias = _attention_biases(config, slots, t, empty_cache, h.dtype)
     slot_index = slots.write_at + jnp.arange(t, dtype=jnp.int32)
     body = functools.partial(_block, config, edits, tuple(capture.sites), slot_index,
                              _rope_tables(config, slots.positions),
