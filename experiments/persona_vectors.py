@@ -1210,7 +1210,10 @@ def _specificity_metrics(sp: dict) -> dict:
     """A specificity matrix (`specificity_matrix` or `trait_specific_matrix`) as metrics.json holds it: cells and z
     keyed by steered then measured trait, per-trait rows, and the overall pass over traits with a valid measure."""
     names = sp["traits"]
-    by_name = lambda a: {a_: {b: a[i, j] for j, b in enumerate(names)} for i, a_ in enumerate(names)}  # noqa: E731
+
+    def by_name(matrix):
+        return {a: {b: matrix[i, j] for j, b in enumerate(names)} for i, a in enumerate(names)}
+
     return {"traits": names, "measure": sp["measure"], "layers": sp["layers"], "coef": sp["coef"],
             "n_random": sp["n_random"], "min_z": sp["min_z"], "z": by_name(sp["z"]), "cells": by_name(sp["cells"]),
             "per_trait": dict(zip(names, sp["per_trait"])),
