@@ -3,7 +3,8 @@ preset, on one model, each into a subfolder of one report folder.
 
 A study that reads an earlier one's output gets its path from the registry's `inputs` (the Assistant Axis for
 capping and KV editing, the persona features for feature steering). Re-runs reuse finished stages: a stage is
-skipped when its folder holds `.stage.json` with the same config. The top-level report.md links every stage
+skipped when its folder holds `.stage.json` with the same config; `--force` redoes every stage and clears the
+caches a study keeps for itself (`registry.Study.caches`: the features stage's trained SAE). The top-level report.md links every stage
 report and collects each study's record lines (the headline numbers with their references). `--record` appends
 only `main_job_seconds` to the results file: the studies' lines at the main job's small preset stay in its report,
 so they never stand in for a study's own larger run.
@@ -79,7 +80,8 @@ def run(out: str | Path = "runs/quickstart", preset: str = "quick", only=None, f
 
 def _run_stage(entry, cfg, folder: Path, model, preset: str, force: bool) -> tuple[dict, list[dict]]:
     """Run one study into `folder`, or reuse it where its marker holds the same config (unless `force`): (timing,
-    its record lines). A stale or half-finished stage folder is removed and redone from scratch."""
+    its record lines). A stale or half-finished stage folder is removed and redone from scratch; `force` also
+    clears the study's own caches (`registry.Study.caches`), so that a forced run does all of its work."""
     cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     marker = folder / ".stage.json"
     if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == cfg_dict:
@@ -88,6 +90,11 @@ def _run_stage(entry, cfg, folder: Path, model, preset: str, force: bool) -> tup
         return dict(stage=entry.stage, seconds=0.0, status="cached"), saved.get("records", [])
     if folder.exists():
         shutil.rmtree(folder)
+    for field in entry.caches if force else ():
+        cache = Path(getattr(cfg, field))
+        if cache.exists():
+            print(f"[quickstart] {entry.stage}: clearing its cache {cache}", flush=True)
+            shutil.rmtree(cache)
     print(f"[quickstart] {entry.stage}: running", flush=True)
     res = study.execute(entry.module, cfg, folder=folder, model=model, progress=study.progress_printer(entry.stage),
                         record=False, command=f"{study.RERUN_PREFIX} {entry.name} --preset {preset} --out {folder}")
@@ -117,8 +124,9 @@ def _write_main_report(out: Path, preset: str, stages, seed: int, model_name: st
     return rep.finish()
 
 
-def record_main_job(seconds: float, report_path: Path, preset: str, only, argv) -> dict:
-    """Append `main_job_seconds`, its reference naming the preset, the stages with their own seconds and the cores."""
+def record_main_job(seconds: float, report_path: Path, preset: str, only, argv, *, force: bool = False) -> dict:
+    """Append `main_job_seconds`, its reference naming the preset, the stages with their own seconds, the cores and
+    whether the run was forced (every stage and its caches redone: what a fresh machine runs)."""
     import os
 
     from psm_jax.records import record
@@ -127,8 +135,8 @@ def record_main_job(seconds: float, report_path: Path, preset: str, only, argv) 
     times = ", ".join(f"{s['stage']} {s['seconds']:.0f} s" + (" (cached)" if s["status"] == "cached" else "")
                       for s in stages)
     return record("main_job_seconds", round(seconds, 1), "s",
-                  f"psm quickstart --preset {preset}, {only or 'all stages'} on {os.cpu_count()} CPU cores; "
-                  f"stages: {times}", "<= 900",
+                  f"psm quickstart --preset {preset}, {only or 'all stages'} on {os.cpu_count()} CPU cores"
+                  f"{', forced (stages and their caches redone)' if force else ''}; stages: {times}", "<= 900",
                   command=f"{study.RERUN_PREFIX} quickstart " + " ".join(argv if argv is not None else sys.argv[1:]))
 
 
@@ -137,7 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/quickstart")
     ap.add_argument("--preset", default="quick", choices=study.PRESETS)
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(STAGES)}")
-    ap.add_argument("--force", action="store_true", help="re-run stages even when cached")
+    ap.add_argument("--force", action="store_true",
+                    help="re-run stages even when cached, clearing their own caches (e.g. the features stage's SAE)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--record", action="store_true",
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
     t = time.time()
     path = run(a.out, a.preset, a.only.split(",") if a.only else None, a.force, model_name=a.model, seed=a.seed)
     if a.record:
-        record_main_job(time.time() - t, path, a.preset, a.only, argv)
+        record_main_job(time.time() - t, path, a.preset, a.only, argv, force=a.force)
     return 0
 
 

@@ -1,7 +1,8 @@
 """The studies `psm` knows, in the order `psm quickstart` runs them.
 
 Each entry names the command, the module and the inputs it takes from an earlier study's folder in the main job
-(`inputs`: config field -> path relative to the main job's output folder). Every module follows the study contract
+(`inputs`: config field -> path relative to the main job's output folder; `caches`: those of its inputs that the
+study itself fills and reuses, such as a trained SAE, which `psm quickstart --force` clears). Every module follows the study contract
 (`experiments.study`); `main_job` marks the studies `psm quickstart` runs.
 """
 from __future__ import annotations
@@ -16,13 +17,15 @@ class Study:
     stage: str  # subfolder of the main job's output
     main_job: bool = True
     inputs: tuple[tuple[str, str], ...] = ()  # (config field, path under the main job's folder)
+    caches: tuple[str, ...] = ()  # input fields that are the study's own reusable caches (`--force` clears them)
 
 
 STUDIES = (
     Study("assistant-axis", "experiments.assistant_axis", "axis"),
     Study("persona-vectors", "experiments.persona_vectors", "persona_vectors"),
     Study("capping", "experiments.capping", "capping", inputs=(("axis_file", "axis/axis.safetensors"),)),
-    Study("features", "experiments.persona_features", "features", inputs=(("sae_cache", "features_sae"),)),
+    Study("features", "experiments.persona_features", "features", inputs=(("sae_cache", "features_sae"),),
+          caches=("sae_cache",)),
     Study("feature-steering", "experiments.feature_steering", "feature_steering",
           inputs=(("features", "features"),)),
     Study("kv-editing", "experiments.kv_editing", "kv_editing", inputs=(("axis_file", "axis/axis.safetensors"),)),

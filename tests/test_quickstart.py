@@ -1,6 +1,7 @@
 """The main job: a loop over the registry; every stage's config builds at every preset, bad inputs are named, and
 (slow) a CI-preset run writes parseable reports and reuses them."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,34 @@ def test_record_appends_only_main_job_seconds(tmp_path, monkeypatch):
     assert "axis 2 s" in lines[0]["reference"] and "kv_editing 2 s" in lines[0]["reference"]
     assert lines[0]["command"].endswith("quickstart --out " + str(tmp_path / "qs") + " --only axis,kv_editing --record")
     assert "stage_figure" in (tmp_path / "qs" / "report.md").read_text()
+
+
+def test_force_clears_a_stage_cache_and_a_plain_rerun_keeps_it(tmp_path, monkeypatch):
+    """`--force` removes the features stage's SAE cache before the stage runs (a forced run does all its work, as
+    on a fresh machine), and says so in the record; a rerun without it leaves the cache in place."""
+    import psm_jax
+
+    seen = []
+
+    def fake_execute(module, cfg, *, folder, model, progress, record, command):
+        if module.endswith("persona_features"):
+            cache = Path(cfg.sae_cache)
+            seen.append(sorted(p.name for p in cache.iterdir()) if cache.exists() else None)
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / "trained_sae").write_text("x")
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"seconds": 1.0, "records": []}
+
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("PSM_RESULTS", str(results))
+    monkeypatch.setattr(psm_jax, "load", lambda name: object())
+    monkeypatch.setattr(study, "execute", fake_execute)
+    out = tmp_path / "qs"
+    args = ["--out", str(out), "--only", "features"]
+    assert Q.main(args) == 0 and seen == [None]
+    (out / "features" / ".stage.json").unlink()  # a stage left unfinished: redone, its cache kept
+    assert Q.main(args) == 0 and seen[-1] == ["trained_sae"]
+    assert Q.main(args + ["--force", "--record"]) == 0 and seen[-1] is None
+    assert (out / "features_sae" / "trained_sae").is_file()
+    line = json.loads(results.read_text().splitlines()[-1])
+    assert "forced (stages and their caches redone)" in line["reference"]
