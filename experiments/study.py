@@ -85,12 +85,19 @@ def execute(module, config, *, folder: str | Path, model=None, progress=None, re
         config = mod.prepare(config, model, progress)
     result = mod.run(config, model, progress)
     path = mod.report(result, Path(folder))
-    lines = list(mod.records(result))
+    lines = with_seed(mod.records(result), config)
     if record:
         from psm_jax.records import record_lines
 
         record_lines(lines, command or f"{RERUN_PREFIX} {mod.__name__.rsplit('.', 1)[-1]}")
     return {"result": result, "report": Path(path), "records": lines, "seconds": time.time() - t0}
+
+
+def with_seed(lines, config) -> list[dict]:
+    """Each record line with the `seed` of the config that ran (a line that names its own seed keeps it), so runs
+    that differ only in their seed stay apart in the results file and in its latest-values table."""
+    seed = getattr(config, "seed", None)
+    return [dict(ln) if seed is None or "seed" in ln else {**ln, "seed": seed} for ln in lines]
 
 
 def usage(name: str, config_cls, doc: str | None) -> str:

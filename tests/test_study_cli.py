@@ -116,6 +116,22 @@ def test_execute_prepares_runs_then_reports(tmp_path):
         study.load_study(broken)
 
 
+def test_execute_stamps_the_configs_seed_on_lines_that_lack_one(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class Seeded:
+        model: str = "m"
+        n: int = 2
+        seed: int = 3
+
+    mod = _toy_study([], False)
+    mod.Config = Seeded
+    mod.records = lambda result: [{"metric": "a", "value": 1}, {"metric": "b", "value": 2, "seed": 7}]
+    res = study.execute(mod, Seeded(), folder=tmp_path / "r", model=object())
+    assert res["records"] == [{"metric": "a", "value": 1, "seed": 3}, {"metric": "b", "value": 2, "seed": 7}]
+    unseeded = study.execute(_toy_study([], False), Toy(n=2), folder=tmp_path / "s", model=object())
+    assert unseeded["records"] == [{"metric": "toy", "value": 2}]
+
+
 def test_record_lines_append_with_command(tmp_path, monkeypatch):
     from psm_jax import records
 
