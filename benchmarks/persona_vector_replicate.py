@@ -1,0 +1,95 @@
+"""How far two runs of `psm persona-vectors` that differ in their seed agree on the vectors themselves.
+
+    .venv/bin/python benchmarks/persona_vector_replicate.py reports/persona_vectors_full reports/persona_vectors_seed1
+
+For each trait in both runs: the cosine between the two runs' response-average vectors at the trait's steering layer
+in the first run (its `specificity.layers` entry, else its chosen layer), beside the largest cosine, at that layer
+and within either run, between the trait's vector and another trait's. A vector is *stable across seeds* when its
+seed cosine exceeds that largest cross-trait cosine: the sampling noise of extraction then moves it less than the
+distance to a different trait. Two random unit vectors of width d have cosine within +-1.96/sqrt(d) 95% of the time;
+that band is stated in each line's reference. With --record one line per trait, `persona_vector_seed_cosine`, goes
+to benchmarks/results.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+COMMAND = ".venv/bin/python benchmarks/persona_vector_replicate.py"
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _run(folder: Path) -> tuple[dict, dict]:
+    """(metrics.json, {trait: response_avg vectors [n_layers, d]}) of one persona-vectors report folder."""
+    from experiments.report import load_vectors
+
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{str(metrics_path)!r} does not exist; expected a persona-vectors report folder")
+    metrics = json.loads(metrics_path.read_text())
+    vectors = {name: load_vectors(folder / f"vectors_{name}.safetensors")[0]["response_avg"]
+               for name in metrics["traits"]}
+    return metrics, vectors
+
+
+def steering_layers(metrics: dict) -> dict[str, int]:
+    """Each trait's steering layer in a run: the specificity matrix's layer, else the chosen layer."""
+    spec = metrics.get("specificity") or {}
+    if spec.get("traits"):
+        return dict(zip(spec["traits"], (int(x) for x in spec["layers"])))
+    return {name: int(t["chosen_layer"]) for name, t in metrics["traits"].items()}
+
+
+def compare(first: Path, second: Path) -> list[dict]:
+    """Per trait present in both runs: its layer, seed cosine, largest cross-trait cosine and whether it is stable."""
+    metrics_a, vecs_a = _run(first)
+    _, vecs_b = _run(second)
+    layers = steering_layers(metrics_a)
+    out = []
+    for name in [t for t in vecs_a if t in vecs_b]:
+        layer = layers[name]
+        seed_cos = cosine(vecs_a[name][layer], vecs_b[name][layer])
+        cross = [cosine(vecs[name][layer], vecs[other][layer])
+                 for vecs in (vecs_a, vecs_b) for other in vecs if other != name]
+        largest = max(cross, default=float("nan"))
+        out.append(dict(trait=name, layer=layer, seed_cosine=seed_cos, largest_cross_trait_cosine=largest,
+                        width=int(vecs_a[name].shape[1]), stable=bool(cross) and seed_cos > largest))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("first", type=Path, help="report folder of the reference run (its layers are used)")
+    ap.add_argument("second", type=Path, help="report folder of the replicate run")
+    ap.add_argument("--record", action="store_true", help="append one line per trait to benchmarks/results.jsonl")
+    args = ap.parse_args(argv)
+    rows = compare(args.first, args.second)
+    if not rows:
+        raise SystemExit(f"no trait is in both {str(args.first)!r} and {str(args.second)!r}")
+    for r in rows:
+        print(json.dumps(r))
+        if args.record:
+            from psm_jax.records import record
+
+            band = 1.96 / np.sqrt(r["width"])
+            record("persona_vector_seed_cosine", round(r["seed_cosine"], 4), "cosine",
+                   f"response-average vectors of {args.first} and {args.second} at layer {r['layer']}; largest "
+                   f"cross-trait cosine {r['largest_cross_trait_cosine']:.3f}; random unit pairs +-{band:.3f} (95%)",
+                   target="> largest cross-trait cosine",
+                   command=f"{COMMAND} {args.first} {args.second} --record", trait=r["trait"], layer=r["layer"],
+                   stable=r["stable"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Tools over recorded results: the latest-values table of benchmarks/RESULTS.md and the seed-replicate comparison."""
+import json
+
+from benchmarks.results_table import latest_rows, row_key
+
+
+def _line(**fields):
+    return {"metric": "m", "value": 1.0, "date": "2026-12-06", **fields}
+
+
+def test_a_nonzero_seed_gets_its_own_row_and_seed_zero_shares_the_unseeded_one():
+    assert row_key(_line(key="evil")) == ("m", "evil")
+    assert row_key(_line(key="evil", seed=0)) == ("m", "evil")
+    assert row_key(_line(key="evil", seed=1)) == ("m", "evil, seed 1")
+    assert row_key(_line(trait="evil", key="evil", measure="items")) == ("m", "evil, items")
+
+
+def test_the_latest_line_of_each_row_wins():
+    lines = [_line(key="a", value=1.0), _line(key="a", value=2.0, seed=1), _line(key="a", value=3.0, seed=0)]
+    rows = latest_rows("\n".join(json.dumps(ln) for ln in lines) + "\n\n")
+    assert {k: r["value"] for k, r in rows.items()} == {("m", "a"): 3.0, ("m", "a, seed 1"): 2.0}
+
+
+def _report(folder, vectors: dict, layers: dict):
+    from experiments.report import write_vectors
+
+    folder.mkdir()
+    metrics = {"traits": {t: {"chosen_layer": 0} for t in vectors},
+               "specificity": {"traits": list(layers), "layers": list(layers.values())}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    for name, v in vectors.items():
+        write_vectors(folder, f"vectors_{name}", {"response_avg": v}, {"model": "m"})
+
+
+def test_seed_cosine_against_a_numpy_reference_and_the_stability_rule(tmp_path):
+    import numpy as np
+
+    from benchmarks.persona_vector_replicate import compare
+
+    rng = np.random.default_rng(0)
+    a = {t: rng.normal(size=(3, 16)).astype(np.float32) for t in ("evil", "humorous")}
+    b = {"evil": a["evil"] + 0.1 * rng.normal(size=(3, 16)).astype(np.float32),   # a close replicate
+         "humorous": rng.normal(size=(3, 16)).astype(np.float32)}                  # an unrelated one
+    _report(tmp_path / "a", a, {"evil": 2, "humorous": 1})
+    _report(tmp_path / "b", b, {"evil": 0, "humorous": 0})
+    rows = {r["trait"]: r for r in compare(tmp_path / "a", tmp_path / "b")}
+    x, y = a["evil"][2].astype(np.float64), b["evil"][2].astype(np.float64)
+    assert rows["evil"]["layer"] == 2 and rows["humorous"]["layer"] == 1  # the first run's layers
+    assert np.isclose(rows["evil"]["seed_cosine"], x @ y / np.sqrt((x @ x) * (y @ y)))
+    cross = [np.dot(p[1], q[1]) / np.linalg.norm(p[1]) / np.linalg.norm(q[1])
+             for p, q in ((a["humorous"], a["evil"]), (b["humorous"], b["evil"]))]
+    assert np.isclose(rows["humorous"]["largest_cross_trait_cosine"], max(cross), atol=1e-6)
+    assert rows["evil"]["stable"] and rows["evil"]["seed_cosine"] > 0.9
+    assert rows["humorous"]["stable"] == (rows["humorous"]["seed_cosine"] > max(cross))
