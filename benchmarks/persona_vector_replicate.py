@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/persona_vector_replicate.py reports/persona_vectors_full reports/persona_vectors_seed1
 
 For each trait in both runs: the cosine between the two runs' response-average vectors at the trait's steering layer
-in the first run (its `specificity.layers` entry, else its chosen layer), beside the largest cosine, at that layer
-and within either run, between the trait's vector and another trait's. A vector is *stable across seeds* when its
+in the first run (its `specificity.layers` entry, else its chosen layer; `--layers-from` takes them from another
+run), beside the largest cosine, at that layer and within either run, between the trait's vector and another
+trait's. A vector is *stable across seeds* when its
 seed cosine exceeds that largest cross-trait cosine: the sampling noise of extraction then moves it less than the
 distance to a different trait. Two random unit vectors of width d have cosine within +-1.96/sqrt(d) 95% of the time;
 that band is stated in each line's reference. With --record one line per trait, `persona_vector_seed_cosine`, goes
@@ -22,11 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 COMMAND = ".venv/bin/python benchmarks/persona_vector_replicate.py"
-
-
-def cosine(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _run(folder: Path) -> tuple[dict, dict]:
@@ -50,11 +46,14 @@ def steering_layers(metrics: dict) -> dict[str, int]:
     return {name: int(t["chosen_layer"]) for name, t in metrics["traits"].items()}
 
 
-def compare(first: Path, second: Path) -> list[dict]:
-    """Per trait present in both runs: its layer, seed cosine, largest cross-trait cosine and whether it is stable."""
+def compare(first: Path, second: Path, layers_from: Path | None = None) -> list[dict]:
+    """Per trait present in both runs: its layer, seed cosine, largest cross-trait cosine and whether it is stable.
+    The layers are the first run's steering layers, or those of the run in `layers_from`."""
+    from psm_jax.persona.directions import cosine
+
     metrics_a, vecs_a = _run(first)
     _, vecs_b = _run(second)
-    layers = steering_layers(metrics_a)
+    layers = steering_layers(metrics_a if layers_from is None else _run(layers_from)[0])
     out = []
     for name in [t for t in vecs_a if t in vecs_b]:
         layer = layers[name]
@@ -71,9 +70,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("first", type=Path, help="report folder of the reference run (its layers are used)")
     ap.add_argument("second", type=Path, help="report folder of the replicate run")
+    ap.add_argument("--layers-from", type=Path, help="report folder whose steering layers are used (default: first)")
     ap.add_argument("--record", action="store_true", help="append one line per trait to benchmarks/results.jsonl")
     args = ap.parse_args(argv)
-    rows = compare(args.first, args.second)
+    rows = compare(args.first, args.second, args.layers_from)
     if not rows:
         raise SystemExit(f"no trait is in both {str(args.first)!r} and {str(args.second)!r}")
     for r in rows:
@@ -86,7 +86,9 @@ def main(argv=None) -> int:
                    f"response-average vectors of {args.first} and {args.second} at layer {r['layer']}; largest "
                    f"cross-trait cosine {r['largest_cross_trait_cosine']:.3f}; random unit pairs +-{band:.3f} (95%)",
                    target="> largest cross-trait cosine",
-                   command=f"{COMMAND} {args.first} {args.second} --record", trait=r["trait"], layer=r["layer"],
+                   command=f"{COMMAND} {args.first} {args.second}"
+                           + (f" --layers-from {args.layers_from}" if args.layers_from else "") + " --record",
+                   trait=r["trait"], layer=r["layer"],
                    stable=r["stable"])
     return 0
 

@@ -104,8 +104,8 @@ from psm_jax import edits as E
 from psm_jax.logits import target_window_size
 from psm_jax.chat import Role
 from psm_jax.persona import measures
-from psm_jax.persona.directions import (SITE, mean_difference, orthogonal_component, project, random_directions,
-                                        typical_norms, unit)
+from psm_jax.persona.directions import (SITE, cosine, mean_difference, orthogonal_component, project,
+                                        random_directions, split_half_cosine, typical_norms, unit)
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
 from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, cohens_d, monotonic,
@@ -695,21 +695,34 @@ def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | No
     return trait_scores, coh_scores, summary
 
 
-def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool):
-    """Step 3: the persona vectors, the typical residual norm per layer, the steering unit per layer
-    (c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L] itself) and the monitoring layer rule's
-    cross-fitted separation per layer (`crossfit_separation`)."""
+class Extraction(NamedTuple):
+    """Step 3's outputs: the persona vectors per variant [n_layers, D], their norms, the typical residual norm per
+    layer, the steering unit per layer (c * scales[L] * unit(v[L]); with coef_unit "vector", c = 1 adds v[L]
+    itself), the monitoring layer rule's cross-fitted separation per layer (`crossfit_separation`) and the
+    response-average vector's split-half reliability per layer (`directions.split_half_cosine` over questions)."""
+    vectors: dict
+    norms: dict
+    typical: np.ndarray
+    scales: np.ndarray
+    rule_separation: np.ndarray | None
+    reliability: dict | None
+
+
+def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool) -> Extraction:
+    """Step 3 (`Extraction`)."""
     conv = lambda i: rows[i]["messages"] + [{"role": "assistant", "content": rows[i]["response"]}]  # noqa: E731
     acts = extraction_activations(model, [conv(i) for i in pos_idx], [conv(i) for i in neg_idx],
                                   batch_size=cfg.batch_size, progress=progress)
     vecs = vectors_from_activations(acts)
-    rule_sep = crossfit_separation(acts, [rows[i]["question"] for i in pos_idx], [rows[i]["question"] for i in neg_idx])
+    pos_q, neg_q = [rows[i]["question"] for i in pos_idx], [rows[i]["question"] for i in neg_idx]
+    reliability = split_half_cosine(acts["pos"]["response_mean"], acts["neg"]["response_mean"], pos_q, neg_q,
+                                    seed=cfg.seed)
     own_convs = [p + [{"role": "assistant", "content": r}] for p, r in zip(greedy["own_prompts"],
                                                                              greedy["own_responses"])]
     typical = typical_norms(model, own_convs, batch_size=cfg.batch_size)
     norms = {v: np.linalg.norm(vecs[v], axis=-1) for v in VARIANTS}
     scales = norms["response_avg"] if cfg.coef_unit == "vector" else typical
-    return vecs, norms, typical, scales, rule_sep
+    return Extraction(vecs, norms, typical, scales, crossfit_separation(acts, pos_q, neg_q), reliability)
 
 
 def _items_measure(model, trait, systems, seed: int) -> dict:
@@ -791,8 +804,8 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     greedy = _greedy_rollouts(model, trait, cfg, progress)
     trait_scores, coh_scores, judge_summary = _judge_rows(judge, rows, trait, cfg)
     pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores, cfg)
-    vecs, norms, typical, scales, rule_sep = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg,
-                                                                 progress)
+    ex = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
+    vecs, norms, typical, scales, rule_sep = ex.vectors, ex.norms, ex.typical, ex.scales, ex.rule_separation
     direction = vecs["response_avg"]
     layers = cfg.sweep_layers or default_sweep_layers(model.config.n_layers)
     for L in layers:
@@ -825,7 +838,8 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
         res["screening"] = _screening(model, rows, pos_idx, neg_idx, greedy["own_responses"], direction[best], best,
                                       cfg.batch_size)
     res.update(vectors=vecs, rows=rows, own_responses=list(zip(greedy["questions"], greedy["own_responses"])),
-               scales=np.asarray(scales), random_units=rand, held_out_pairs=held, seconds=time.time() - t0)
+               scales=np.asarray(scales), random_units=rand, held_out_pairs=held, reliability=ex.reliability,
+               seconds=time.time() - t0)
     return res
 
 
@@ -1220,6 +1234,30 @@ def _specificity_metrics(sp: dict) -> dict:
             "pass": bool(any(sp["valid"]) and all(p["pass"] for p, v in zip(sp["per_trait"], sp["valid"]) if v))}
 
 
+def reliability_metrics(results: list[dict]) -> dict:
+    """Per trait, its vector's split-half reliability (`directions.split_half_cosine` over extraction questions) at
+    its steering layer, beside the largest cosine at that layer between its vector and another trait's. A vector
+    whose predicted replicate cosine is below that largest cross-trait cosine is closer to another trait's vector
+    than to a rerun of itself at the same extraction size (`stable` False; None with a single trait)."""
+    out = {}
+    for r in results:
+        rel = r.get("reliability")
+        if rel is None:
+            continue
+        layer = _steering_layer(r)
+        vec = r["vectors"]["response_avg"][layer]
+        cross = [cosine(vec, other["vectors"]["response_avg"][layer]) for other in results if other is not r]
+        largest = max(cross) if cross else None
+        predicted = float(rel["predicted"][layer])
+        out[r["trait"]] = {"layer": layer, "half": float(rel["half"][layer]), "predicted": predicted,
+                           "low": float(rel["low"][layer]), "high": float(rel["high"][layer]),
+                           "n_questions": rel["n_groups"], "n_splits": rel["n_splits"],
+                           "largest_cross_trait_cosine": largest,
+                           "stable": None if largest is None else bool(predicted > largest),
+                           "predicted_by_layer": [float(x) for x in rel["predicted"]]}
+    return out
+
+
 def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5,
                     trait_specific: dict | None = None) -> dict:
     """Monotonic-trait counts per measure and criterion (valid measures only), the cosine and specificity matrices
@@ -1236,6 +1274,7 @@ def summary_metrics(results: list[dict], specificity: dict | None = None, max_pp
                                            "kept_fraction": dict(zip(trait_specific["traits"],
                                                                      trait_specific["kept_fraction"]))}
     m["traits"] = {r["trait"]: _trait_metrics(r) for r in results}
+    m["vector_reliability"] = reliability_metrics(results)
     m["targets"] = targets(results, specificity)
     return m
 
@@ -1394,14 +1433,32 @@ def _specificity_records(sp: dict | None, component: str = "whole") -> list[dict
     return out
 
 
+def _reliability_records(rel: dict | None) -> list[dict]:
+    """One line per trait: its vector's predicted replicate cosine at its steering layer (`reliability_metrics`)."""
+    out = []
+    for name, x in (rel or {}).items():
+        cross = x["largest_cross_trait_cosine"]
+        out.append(dict(metric="persona_vector_split_half_cosine", value=x["predicted"], unit="cosine",
+                        reference=f"split halves of {x['n_questions']} extraction questions ({x['n_splits']} random "
+                                  f"splits), stepped up to the full size (Spearman-Brown): the expected cosine of "
+                                  f"a rerun's vector; half cosine {x['half']:.3f}, 95% of splits [{x['low']:.3f}, "
+                                  f"{x['high']:.3f}]" + ("" if cross is None else
+                                                          f"; largest cross-trait cosine {cross:.3f}"),
+                        target="> largest cross-trait cosine", trait=name, key=name, layer=x["layer"],
+                        n_questions=x["n_questions"], largest_cross_trait_cosine=cross, stable=x["stable"]))
+    return out
+
+
 def records(result: Result) -> list[dict]:
     """Monotonic-trait counts per measure and criterion (valid measures only), the monitoring correlation per trait
-    and measure, and the specificity diagonal per trait (lines whose value is not finite are left out)."""
+    and measure, the specificity diagonal per trait and each vector's split-half reliability (lines whose value is
+    not finite are left out)."""
     m = result.metrics
     out = _monotonic_records(m)
     for name, t in m["traits"].items():
         out += _monitor_records(name, t)
     out += _specificity_records(m.get("specificity"))
     out += _specificity_records(m.get("specificity_trait_specific"), "trait_specific")
+    out += _reliability_records(m.get("vector_reliability"))
     return [ln for ln in out if isinstance(ln["value"], (int, str)) or
             (ln["value"] is not None and np.isfinite(ln["value"]))]

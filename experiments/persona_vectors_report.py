@@ -376,6 +376,52 @@ on the whole vectors; this matrix asks whether their cross-trait effects travel 
 """)
 
 
+def _reliability_reading(rel: dict) -> str:
+    """How many vectors are closer to a rerun of themselves than to another trait's vector, and what follows."""
+    judged = {name: x for name, x in rel.items() if x["stable"] is not None}
+    if not judged:
+        return "With a single trait there is no other trait's vector to compare with."
+    stable = [name for name, x in judged.items() if x["stable"]]
+    text = f"{len(stable)} of {len(judged)} vectors are stable by this rule" + (f" ({', '.join(stable)})." if stable
+                                                                                  else ".")
+    if len(stable) < len(judged):
+        text += (" An unstable vector is closer to another trait's vector than to a rerun of itself: at this "
+                 "extraction size its cell-level results (specificity, monitoring at its layer) depend on the "
+                 "sample drawn, and a rerun with another seed can move them.")
+    return text
+
+
+def _write_reliability_section(report: Report, cfg: Config, rel: dict | None) -> None:
+    """Each vector's split-half reliability at its steering layer, its reading and the per-layer figure."""
+    if not rel:
+        return
+    rows = [{"trait": name, "layer": x["layer"], "questions": x["n_questions"], "half cosine": _fmt(x["half"], ".3f"),
+             "predicted rerun cosine": f"{_fmt(x['predicted'], '.3f')} [{_fmt(x['low'], '.3f')}, "
+                                       f"{_fmt(x['high'], '.3f')}]",
+             "largest cross-trait cosine": _fmt(x["largest_cross_trait_cosine"], ".3f"),
+             "stable": "n/a" if x["stable"] is None else x["stable"]}
+            for name, x in rel.items()]
+    report.table("Vector reliability", rows)
+    first = next(iter(rel.values()))
+    report.section("Reading the reliability", f"""
+The extraction questions are the independent units ({cfg.n_pairs} instruction pairs x {cfg.n_samples} sample(s) share
+each question). They are split at random into halves ({first['n_splits']} splits, seed {cfg.seed}); each half gives a
+vector, and the cosine of the two ("half cosine") is stepped up to the full size (Spearman-Brown, 2c / (1 + c)): the
+cosine that a rerun with a fresh sample of the same size is expected to share with this vector. Brackets: 2.5% and
+97.5% over the splits. The halves hold different questions, so the prediction also counts the questions' own
+spread as noise. A vector is called stable when its predicted rerun cosine exceeds its largest cosine with another
+trait's vector at the same layer. {_reliability_reading(rel)}
+""")
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for name, x in rel.items():
+        ax.plot(x["predicted_by_layer"], marker=".", label=name)
+        ax.plot([x["layer"]], [x["predicted"]], marker="o", color=ax.lines[-1].get_color())
+    ax.axhline(0, color="gray", lw=0.5)
+    _line_figure(report, fig, ax, "vector_reliability", "Predicted rerun cosine of each response-average vector per "
+                 "layer (split halves of the extraction questions, stepped up); the dot marks the steering layer.",
+                 title="Vector reliability per layer", xlabel="layer (resid_post)", ylabel="predicted rerun cosine")
+
+
 def _write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> None:
     """Layer selection effect, projection separation and vector norms per layer."""
     plt = pyplot()
@@ -588,6 +634,7 @@ def _write_report(report: Report, result: Result) -> None:
     if resp:
         _write_response_section(report, cfg, resp)
     _write_specificity_section(report, result)
+    _write_reliability_section(report, cfg, result.metrics.get("vector_reliability"))
     _write_layer_figures(report, cfg, results)
     _write_monitoring_figure(report, results)
     _write_cosine_matrix(report, results)

@@ -176,6 +176,50 @@ def test_orthogonal_component_recovers_a_planted_part():
         D.orthogonal_component(v, np.full((1, 8), np.nan))
 
 
+def _noisy_rows(rng, truth, n_groups: int, per_group: int, noise: float):
+    """Positive rows truth + noise and negative rows noise, `per_group` of each per group: [N, D] twice, groups."""
+    groups = np.repeat(np.arange(n_groups), per_group)
+    pos = truth + noise * rng.normal(size=(len(groups), truth.shape[-1]))
+    neg = noise * rng.normal(size=(len(groups), truth.shape[-1]))
+    return pos, neg, groups
+
+
+def test_split_half_cosine_of_two_groups_is_the_cosine_of_their_two_directions():
+    rng = np.random.default_rng(0)
+    pos, neg, groups = _noisy_rows(rng, rng.normal(size=12), 2, 3, 1.0)
+    a = pos[groups == 0].mean(0) - neg[groups == 0].mean(0)
+    b = pos[groups == 1].mean(0) - neg[groups == 1].mean(0)
+    c = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    got = D.split_half_cosine(pos, neg, groups, groups, n_splits=3)
+    assert np.isclose(got["half"], c) and np.isclose(got["predicted"], 2 * c / (1 + abs(c)))
+    assert got["n_groups"] == 2 and np.isclose(got["low"], got["high"])
+    layered = D.split_half_cosine(np.stack([pos, -pos], 1), np.stack([neg, -neg], 1), groups, groups, n_splits=3)
+    np.testing.assert_allclose(layered["half"], [c, c])     # one cosine per leading index
+
+
+def test_split_half_prediction_matches_the_cosine_of_independent_full_size_replicates():
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=64) * 0.25
+    replicate = []
+    for _ in range(200):
+        (p1, n1, g), (p2, n2, _) = (_noisy_rows(rng, truth, 20, 1, 1.0) for _ in range(2))
+        replicate.append(D.cosine(p1.mean(0) - n1.mean(0), p2.mean(0) - n2.mean(0)))
+    predicted = np.mean([D.split_half_cosine(*_noisy_rows(rng, truth, 20, 1, 1.0)[:2], g, g, seed=s)["predicted"]
+                         for s in range(200)])
+    assert 0.2 < np.mean(replicate) < 0.9                    # a noisy regime, where the step-up matters
+    assert abs(predicted - np.mean(replicate)) < 0.05
+
+
+def test_split_half_cosine_needs_two_groups_with_both_polarities_and_matching_groups():
+    pos, neg = np.ones((4, 3)), np.zeros((4, 3))
+    assert D.split_half_cosine(pos, neg, [0, 0, 1, 1], [0, 0, 2, 2]) is None   # only group 0 has both
+    assert D.split_half_cosine(pos, neg, [0, 0, 1, 1], [0, 0, 1, 1])["predicted"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one group per row"):
+        D.split_half_cosine(pos, neg, [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="n_splits=0"):
+        D.split_half_cosine(pos, neg, [0, 0, 1, 1], [0, 0, 1, 1], n_splits=0)
+
+
 def test_persona_space_intervals_cover_the_estimate_and_need_enough_roles():
     rng = np.random.default_rng(1)
     roles = np.zeros((30, 6))

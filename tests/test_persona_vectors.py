@@ -428,6 +428,44 @@ def test_trait_specific_matrix_equals_the_whole_one_for_orthogonal_vectors(model
     assert not any(p["pass"] for p in none_left["per_trait"])
 
 
+def _reliable_trait(name, vectors, predicted):
+    n_layers = len(vectors)
+    return {"trait": name, "steering": {"validity": {"valid": True}, "layer": 1},
+            "vectors": {"response_avg": np.asarray(vectors, np.float64)},
+            "reliability": {"half": np.full(n_layers, 0.5), "predicted": np.asarray(predicted, np.float64),
+                            "low": np.full(n_layers, 0.1), "high": np.full(n_layers, 0.9), "n_groups": 4,
+                            "n_splits": 50}}
+
+
+def test_reliability_compares_the_predicted_rerun_cosine_with_the_nearest_other_trait(tmp_path):
+    from experiments.report import Report
+
+    rng = np.random.default_rng(0)
+    a, b, c = rng.normal(size=(3, 2, 16))
+    results = [_reliable_trait("evil", a, [0.0, 0.95]), _reliable_trait("humorous", b, [0.9, 0.05]),
+               _reliable_trait("sycophantic", c, [0.0, 0.6])]
+    rel = pv.reliability_metrics(results)
+    cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)  # noqa: E731
+    assert rel["evil"]["layer"] == 1 and rel["evil"]["predicted"] == 0.95   # read at the steering layer
+    assert rel["evil"]["largest_cross_trait_cosine"] == pytest.approx(max(cos(a[1], b[1]), cos(a[1], c[1])))
+    assert rel["evil"]["stable"]
+    assert rel["humorous"]["stable"] == (0.05 > max(cos(b[1], a[1]), cos(b[1], c[1])))
+    lines = pv._reliability_records(rel)
+    assert [(ln["key"], ln["value"], ln["stable"]) for ln in lines] == [
+        ("evil", 0.95, True), ("humorous", 0.05, rel["humorous"]["stable"]),
+        ("sycophantic", 0.6, rel["sycophantic"]["stable"])]
+    assert lines[0]["metric"] == "persona_vector_split_half_cosine"
+    assert "4 extraction questions" in lines[0]["reference"]
+    rep = Report(tmp_path, "t")
+    pvr._write_reliability_section(rep, pv.Config(), rel)
+    text = "\n".join(rep.sections)
+    n_stable = sum(x["stable"] for x in rel.values())
+    assert f"{n_stable} of 3 vectors are stable" in text and (tmp_path / "vector_reliability.png").is_file()
+    alone = pv.reliability_metrics(results[:1])
+    assert alone["evil"]["stable"] is None and "single trait" in pvr._reliability_reading(alone)
+    assert pv.reliability_metrics([{**results[0], "reliability": None}]) == {}
+
+
 def test_trait_specific_reading_follows_the_rule_fixed_before_the_run():
     def rows(*passes, z=4.0):
         return {"per_trait": {f"t{i}": {"valid": v, "pass": p, "diag_z": z} for i, (v, p) in enumerate(passes)},

@@ -52,3 +52,5 @@ def test_seed_cosine_against_a_numpy_reference_and_the_stability_rule(tmp_path):
     assert np.isclose(rows["humorous"]["largest_cross_trait_cosine"], max(cross), atol=1e-6)
     assert rows["evil"]["stable"] and rows["evil"]["seed_cosine"] > 0.9
     assert rows["humorous"]["stable"] == (rows["humorous"]["seed_cosine"] > max(cross))
+    from_b = {r["trait"]: r["layer"] for r in compare(tmp_path / "a", tmp_path / "b", layers_from=tmp_path / "b")}
+    assert from_b == {"evil": 0, "humorous": 0}

@@ -67,6 +67,45 @@ def orthogonal_component(vector, others) -> np.ndarray:
     return v - basis.T @ coef
 
 
+def split_half_cosine(pos, neg, pos_groups, neg_groups, *, n_splits: int = 50, seed: int = 0) -> dict | None:
+    """How reproducible a mean-difference direction is from its own data. The groups (its independent units, e.g.
+    extraction questions) are split at random into two halves, a direction is made from each half's rows, and the
+    two directions' cosine is taken at every leading index (e.g. per layer), over `n_splits` random splits.
+
+    If each estimate is the true direction plus noise whose squared norm shrinks as 1/n, the cosine c of two
+    half-size estimates relates to the expected cosine of two independent full-size ones by the Spearman-Brown
+    step-up 2c / (1 + c): the `predicted` cosine, what a fresh sample of the same size would share with this
+    direction (2c / (1 + |c|), so that c <= 0 stays in [-1, 0]). The halves hold different groups, so the prediction
+    counts the groups' own spread as noise too. Groups lacking either polarity are left out.
+
+    pos [N, ..., D], neg [M, ..., D] with their groups [N], [M]. Returns dict(half, predicted: the means over
+    splits [...]; low, high: 2.5% and 97.5% of `predicted` over splits; n_groups, n_splits), or None with fewer
+    than 2 usable groups."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    pos_groups, neg_groups = np.asarray(pos_groups), np.asarray(neg_groups)
+    if pos_groups.shape != pos.shape[:1] or neg_groups.shape != neg.shape[:1]:
+        raise ValueError(f"groups {pos_groups.shape} / {neg_groups.shape} do not match rows {pos.shape[:1]} / "
+                         f"{neg.shape[:1]}; expected one group per row")
+    if n_splits < 1:
+        raise ValueError(f"n_splits={n_splits}; expected >= 1")
+    groups = np.intersect1d(pos_groups, neg_groups)
+    if len(groups) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    half = []
+    for _ in range(n_splits):
+        first = rng.permutation(groups)[:len(groups) // 2]
+        a = mean_difference(pos[np.isin(pos_groups, first)], neg[np.isin(neg_groups, first)])
+        b = mean_difference(pos[~np.isin(pos_groups, first) & np.isin(pos_groups, groups)],
+                            neg[~np.isin(neg_groups, first) & np.isin(neg_groups, groups)])
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        half.append(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12))
+    half = np.asarray(half)
+    stepped = 2 * half / (1 + np.abs(half))
+    return {"half": half.mean(0), "predicted": stepped.mean(0), "low": np.percentile(stepped, 2.5, axis=0),
+            "high": np.percentile(stepped, 97.5, axis=0), "n_groups": int(len(groups)), "n_splits": int(n_splits)}
+
+
 def random_directions(key_seed: int, n: int, width: int, norm: float) -> np.ndarray:
     """`n` Gaussian directions of length `norm` each (the matched-norm control band): [n, width] float32."""
     if n < 1 or width < 1:
