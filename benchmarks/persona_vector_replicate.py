@@ -5,11 +5,14 @@
 For each trait in both runs: the cosine between the two runs' response-average vectors at the trait's steering layer
 in the first run (its `specificity.layers` entry, else its chosen layer; `--layers-from` takes them from another
 run), beside the largest cosine, at that layer and within either run, between the trait's vector and another
-trait's. A vector is *stable across seeds* when its
-seed cosine exceeds that largest cross-trait cosine: the sampling noise of extraction then moves it less than the
-distance to a different trait. Two random unit vectors of width d have cosine within +-1.96/sqrt(d) 95% of the time;
-that band is stated in each line's reference. With --record one line per trait, `persona_vector_seed_cosine`, goes
-to benchmarks/results.jsonl.
+trait's. A vector is *stable across seeds* when its seed cosine exceeds that largest cross-trait cosine: the
+sampling noise of extraction then moves it less than the distance to a different trait.
+
+Each line also carries both runs' own split-half predictions of that cosine (`predicted_first`,
+`predicted_second`; `persona_vectors.reliability_metrics`) where the runs made them, and is keyed by trait and
+extraction size (instruction pairs x questions x samples). Two random unit vectors of width d have cosine within
++-1.96/sqrt(d) 95% of the time; that band is stated in each line's reference. With --record one line per trait,
+`persona_vector_seed_cosine`, goes to benchmarks/results.jsonl.
 """
 from __future__ import annotations
 
@@ -38,6 +41,18 @@ def _run(folder: Path) -> tuple[dict, dict]:
     return metrics, vectors
 
 
+def _predicted(metrics: dict, trait: str, layer: int) -> float | None:
+    """The run's own split-half prediction of a rerun's cosine at `layer` (None for a run made without it)."""
+    rel = (metrics.get("vector_reliability") or {}).get(trait)
+    return None if rel is None else float(rel["predicted_by_layer"][layer])
+
+
+def extraction_size(folder: Path) -> str:
+    """"<pairs>x<questions>x<samples>" of a run's config.json: how many answer pairs made each vector."""
+    cfg = json.loads((folder / "config.json").read_text())
+    return f"{cfg['n_pairs']}x{cfg['n_questions']}x{cfg['n_samples']}"
+
+
 def steering_layers(metrics: dict) -> dict[str, int]:
     """Each trait's steering layer in a run: the specificity matrix's layer, else the chosen layer."""
     spec = metrics.get("specificity") or {}
@@ -52,7 +67,7 @@ def compare(first: Path, second: Path, layers_from: Path | None = None) -> list[
     from psm_jax.persona.directions import cosine
 
     metrics_a, vecs_a = _run(first)
-    _, vecs_b = _run(second)
+    metrics_b, vecs_b = _run(second)
     layers = steering_layers(metrics_a if layers_from is None else _run(layers_from)[0])
     out = []
     for name in [t for t in vecs_a if t in vecs_b]:
@@ -62,7 +77,9 @@ def compare(first: Path, second: Path, layers_from: Path | None = None) -> list[
                  for vecs in (vecs_a, vecs_b) for other in vecs if other != name]
         largest = max(cross, default=float("nan"))
         out.append(dict(trait=name, layer=layer, seed_cosine=seed_cos, largest_cross_trait_cosine=largest,
-                        width=int(vecs_a[name].shape[1]), stable=bool(cross) and seed_cos > largest))
+                        width=int(vecs_a[name].shape[1]), stable=bool(cross) and seed_cos > largest,
+                        predicted_first=_predicted(metrics_a, name, layer),
+                        predicted_second=_predicted(metrics_b, name, layer)))
     return out
 
 
@@ -76,6 +93,7 @@ def main(argv=None) -> int:
     rows = compare(args.first, args.second, args.layers_from)
     if not rows:
         raise SystemExit(f"no trait is in both {str(args.first)!r} and {str(args.second)!r}")
+    size = extraction_size(args.first)
     for r in rows:
         print(json.dumps(r))
         if args.record:
@@ -88,8 +106,8 @@ def main(argv=None) -> int:
                    target="> largest cross-trait cosine",
                    command=f"{COMMAND} {args.first} {args.second}"
                            + (f" --layers-from {args.layers_from}" if args.layers_from else "") + " --record",
-                   trait=r["trait"], layer=r["layer"],
-                   stable=r["stable"])
+                   trait=r["trait"], key=f"{r['trait']}/{size}", extraction=size, layer=r["layer"],
+                   stable=r["stable"], predicted_first=r["predicted_first"], predicted_second=r["predicted_second"])
     return 0
 
 

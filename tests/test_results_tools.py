@@ -26,7 +26,9 @@ def _report(folder, vectors: dict, layers: dict):
 
     folder.mkdir()
     metrics = {"traits": {t: {"chosen_layer": 0} for t in vectors},
-               "specificity": {"traits": list(layers), "layers": list(layers.values())}}
+               "specificity": {"traits": list(layers), "layers": list(layers.values())},
+               "vector_reliability": {t: {"predicted_by_layer": [0.1, 0.2, 0.3]} for t in vectors}}
+    (folder / "config.json").write_text(json.dumps({"n_pairs": 5, "n_questions": 4, "n_samples": 1}))
     (folder / "metrics.json").write_text(json.dumps(metrics))
     for name, v in vectors.items():
         write_vectors(folder, f"vectors_{name}", {"response_avg": v}, {"model": "m"})
@@ -46,6 +48,7 @@ def test_seed_cosine_against_a_numpy_reference_and_the_stability_rule(tmp_path):
     rows = {r["trait"]: r for r in compare(tmp_path / "a", tmp_path / "b")}
     x, y = a["evil"][2].astype(np.float64), b["evil"][2].astype(np.float64)
     assert rows["evil"]["layer"] == 2 and rows["humorous"]["layer"] == 1  # the first run's layers
+    assert (rows["evil"]["predicted_first"], rows["humorous"]["predicted_second"]) == (0.3, 0.2)
     assert np.isclose(rows["evil"]["seed_cosine"], x @ y / np.sqrt((x @ x) * (y @ y)))
     cross = [np.dot(p[1], q[1]) / np.linalg.norm(p[1]) / np.linalg.norm(q[1])
              for p, q in ((a["humorous"], a["evil"]), (b["humorous"], b["evil"]))]
@@ -54,3 +57,21 @@ def test_seed_cosine_against_a_numpy_reference_and_the_stability_rule(tmp_path):
     assert rows["humorous"]["stable"] == (rows["humorous"]["seed_cosine"] > max(cross))
     from_b = {r["trait"]: r["layer"] for r in compare(tmp_path / "a", tmp_path / "b", layers_from=tmp_path / "b")}
     assert from_b == {"evil": 0, "humorous": 0}
+
+
+def test_replicate_records_are_keyed_by_trait_and_extraction_size(tmp_path, monkeypatch):
+    import numpy as np
+
+    from benchmarks import persona_vector_replicate as rep
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        _report(tmp_path / name, {t: rng.normal(size=(3, 8)).astype(np.float32) for t in ("evil", "humorous")},
+                {"evil": 1, "humorous": 2})
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("PSM_RESULTS", str(results))
+    rep.main([str(tmp_path / "a"), str(tmp_path / "b"), "--record"])
+    lines = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [(x["key"], x["extraction"], x["layer"]) for x in lines] == [("evil/5x4x1", "5x4x1", 1),
+                                                                        ("humorous/5x4x1", "5x4x1", 2)]
+    assert lines[0]["command"].endswith(f"{tmp_path / 'a'} {tmp_path / 'b'} --record")
