@@ -124,7 +124,7 @@ class Config:
     model: str = "smollm2-135m-instruct"
     traits: tuple[str, ...] = ("evil", "sycophantic", "humorous")  # shipped names or paths to trait files
     n_pairs: int = 5  # instruction pairs used (of 5)
-    n_questions: int = 4  # extraction questions used (of 20)
+    n_questions: int = 20  # extraction questions used (of 20); the questions are the units of the vectors' reliability
     n_samples: int = 1  # samples per (pair, question, polarity)
     max_new_tokens: int = 48
     temperature: float = 1.0

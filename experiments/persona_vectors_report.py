@@ -4,6 +4,7 @@ that the study module holds the computation and this one the words and pictures.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -403,6 +404,10 @@ def _write_reliability_section(report: Report, cfg: Config, rel: dict | None) ->
             for name, x in rel.items()]
     report.table("Vector reliability", rows)
     first = next(iter(rel.values()))
+    n, distinct = first["n_questions"], math.comb(first["n_questions"], first["n_questions"] // 2)
+    distinct //= 2 if n % 2 == 0 else 1
+    few = (f" {n} questions allow only {distinct} distinct split(s), so the prediction is itself a rough estimate."
+           if distinct < first["n_splits"] else "")
     report.section("Reading the reliability", f"""
 The extraction questions are the independent units ({cfg.n_pairs} instruction pairs x {cfg.n_samples} sample(s) share
 each question). They are split at random into halves ({first['n_splits']} splits, seed {cfg.seed}); each half gives a
@@ -410,7 +415,7 @@ vector, and the cosine of the two ("half cosine") is stepped up to the full size
 cosine that a rerun with a fresh sample of the same size is expected to share with this vector. Brackets: 2.5% and
 97.5% over the splits. The halves hold different questions, so the prediction also counts the questions' own
 spread as noise. A vector is called stable when its predicted rerun cosine exceeds its largest cosine with another
-trait's vector at the same layer. {_reliability_reading(rel)}
+trait's vector at the same layer.{few} {_reliability_reading(rel)}
 """)
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for name, x in rel.items():

@@ -461,6 +461,7 @@ def test_reliability_compares_the_predicted_rerun_cosine_with_the_nearest_other_
     text = "\n".join(rep.sections)
     n_stable = sum(x["stable"] for x in rel.values())
     assert f"{n_stable} of 3 vectors are stable" in text and (tmp_path / "vector_reliability.png").is_file()
+    assert "4 questions allow only 3 distinct split(s)" in text
     alone = pv.reliability_metrics(results[:1])
     assert alone["evil"]["stable"] is None and "single trait" in pvr._reliability_reading(alone)
     assert pv.reliability_metrics([{**results[0], "reliability": None}]) == {}
