@@ -28,14 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 COMMAND = ".venv/bin/python benchmarks/persona_vector_replicate.py"
 
 
+def _metrics(folder: Path) -> dict:
+    """metrics.json of one persona-vectors report folder."""
+    metrics_path = folder / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{str(metrics_path)!r} does not exist; expected a persona-vectors report folder")
+    return json.loads(metrics_path.read_text())
+
+
 def _run(folder: Path) -> tuple[dict, dict]:
     """(metrics.json, {trait: response_avg vectors [n_layers, d]}) of one persona-vectors report folder."""
     from experiments.report import load_vectors
 
-    metrics_path = folder / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{str(metrics_path)!r} does not exist; expected a persona-vectors report folder")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = _metrics(folder)
     vectors = {name: load_vectors(folder / f"vectors_{name}.safetensors")[0]["response_avg"]
                for name in metrics["traits"]}
     return metrics, vectors
@@ -68,7 +73,7 @@ def compare(first: Path, second: Path, layers_from: Path | None = None) -> list[
 
     metrics_a, vecs_a = _run(first)
     metrics_b, vecs_b = _run(second)
-    layers = steering_layers(metrics_a if layers_from is None else _run(layers_from)[0])
+    layers = steering_layers(metrics_a if layers_from is None else _metrics(layers_from))
     out = []
     for name in [t for t in vecs_a if t in vecs_b]:
         layer = layers[name]
