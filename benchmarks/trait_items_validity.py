@@ -29,7 +29,7 @@ COMMAND = ".venv/bin/python benchmarks/trait_items_validity.py"
 DEFAULT_TRAITS = ("evil", "sycophantic", "humorous")
 
 
-def trait_validity(model, trait, *, seed: int = 0) -> dict:
+def trait_validity(model, trait) -> dict:
     """The item-level validity check of one trait over all its instruction pairs (see the module docstring)."""
     import numpy as np
 
@@ -43,7 +43,7 @@ def trait_validity(model, trait, *, seed: int = 0) -> dict:
             system = trait_system_prompt(trait.name, pol, getattr(pair, pol))
             per_pair[pol].append(measures.two_choice(model, items, system=system, batch_size=16))
     pos, neg = (np.mean(per_pair[p], axis=0) for p in ("pos", "neg"))
-    check = measures.validity(pos, neg, seed=seed)
+    check = measures.validity(pos, neg)
     return {**check, "mean_pos": float(pos.mean()), "mean_neg": float(neg.mean()),
             "pairs": len(trait.instruction_pairs)}
 
@@ -52,7 +52,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--traits", nargs="+", default=list(DEFAULT_TRAITS), help="shipped trait names or trait files")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-record", action="store_true", help="do not append lines to benchmarks/results.jsonl")
     ap.add_argument("--no-write", action="store_true", help="do not store the result in the trait files")
     args = ap.parse_args(argv)
@@ -66,12 +65,12 @@ def main(argv=None) -> int:
     for name in args.traits:
         t0 = time.time()
         trait = datasets.load_trait(name)
-        res = trait_validity(model, trait, seed=args.seed)
+        res = trait_validity(model, trait)
         print(f"{trait.name}: {measures.validity_text(res)}; mean under pos {res['mean_pos']:+.3f}, "
               f"under neg {res['mean_neg']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
         block = {"model": args.model, "effect": round(res["effect"], 4), "low": round(res["low"], 4),
                  "high": round(res["high"], 4), "n": res["n"], "valid": res["valid"], "pairs": res["pairs"],
-                 "seed": args.seed, "command": COMMAND}
+                 "command": COMMAND}
         if not args.no_write:
             src = Path(trait.source)
             data = json.loads(src.read_text())

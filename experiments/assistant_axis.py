@@ -186,7 +186,7 @@ def _adherence(model, cfg: Config, convs, groups, rolls, n_role_objs: int, defau
     pos = [np.nanmean(role_s[groups == g]) for g in check]
     neg = [np.nanmean(def_s[d_g == g]) if (d_g == g).any() else np.nan for g in check]
     ok = [i for i in range(len(check)) if np.isfinite(pos[i]) and np.isfinite(neg[i])]
-    check_res = validity([pos[i] for i in ok], [neg[i] for i in ok], seed=cfg.seed) if len(ok) >= 2 else \
+    check_res = validity([pos[i] for i in ok], [neg[i] for i in ok]) if len(ok) >= 2 else \
         {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": len(ok), "valid": False}
     keep = np.isfinite(role_s)
     if check_res["valid"]:

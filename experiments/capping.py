@@ -308,7 +308,7 @@ def jailbreak_summary(default: dict, persona: dict, capped: dict, random_caps: S
     out = {}
     for k in JAILBREAK_MEASURES:
         sign = JAILBREAK_PERSONA_SIGN[k]
-        check = measures.validity(sign * persona[k], sign * default[k], seed=seed)
+        check = measures.validity(sign * persona[k], sign * default[k])
         shift = paired_effect(capped[k], persona[k], seed=seed)
         row = {"default": float(np.mean(default[k])), "persona": float(np.mean(persona[k])),
                "persona_capped": float(np.mean(capped[k])), "validity": check, "shift": shift}
@@ -365,7 +365,7 @@ def qa_cost(model, items, cap_fn, *, batch_size: int, seed: int) -> dict:
             "changed_answers": int(np.sum(plain["choice"] != capped["choice"]))}
 
 
-def trait_items_check(model, trait, items, *, batch_size: int, seed: int) -> dict:
+def trait_items_check(model, trait, items, *, batch_size: int) -> dict:
     """The two-choice items' validity at study time on this model (first instruction pair, positive vs negative
     system prompt, over the items used), with the stored check's verdict for the model."""
     from psm_jax.persona import measures
@@ -375,7 +375,7 @@ def trait_items_check(model, trait, items, *, batch_size: int, seed: int) -> dic
                               batch_size=batch_size)
     neg = measures.two_choice(model, items, system=trait_system_prompt(trait.name, "neg", pair.neg),
                               batch_size=batch_size)
-    return measures.validity(pos, neg, seed=seed)
+    return measures.validity(pos, neg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -608,7 +608,7 @@ def _trait_behaviour(cfg: Config, model, instr, cap_fn) -> tuple[list[dict], dic
         items = trait.behavioural_items[:cfg.n_trait_items]
         if not items:
             continue
-        check = trait_items_check(model, trait, items, batch_size=cfg.batch_size, seed=cfg.seed)
+        check = trait_items_check(model, trait, items, batch_size=cfg.batch_size)
         d0 = float(measures.two_choice(model, items, batch_size=cfg.batch_size).mean())
         d_role = np.asarray([measures.two_choice(model, items, system=s, batch_size=cfg.batch_size).mean()
                              for s in instr])

@@ -329,7 +329,7 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
     scores, answers_by = _steered_scores(model, sae, trait.name, questions, plan, valid_sys, score_sys,
                                          [m * max_act for m in cfg.clamp_multiples], latents[0], cfg, say)
     base, k_valid = scores[0], len(plan)
-    validity = _validity(scores[k_valid], scores[k_valid + 1], cfg.seed)
+    validity = _validity(scores[k_valid], scores[k_valid + 1])
     # 3. effects, the band and z per direction
     rand_rows = scores[1 + len(named):k_valid]
     rand_effects = np.asarray([np.nanmean(r - base) if np.isfinite(r - base).any() else np.nan for r in rand_rows])
@@ -379,12 +379,12 @@ def _steered_scores(model, sae, trait_name: str, questions: list, plan: list, va
     return scores, np.asarray(answers, dtype=object).reshape(n_sets, len(questions))
 
 
-def _validity(pos, neg, seed: int) -> dict:
+def _validity(pos, neg) -> dict:
     """The trait score's validity check on the questions where both prompts' answers were scored."""
     ok = np.isfinite(pos) & np.isfinite(neg)
     if not ok.any():
         return {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "valid": False}
-    return measures.validity(pos[ok], neg[ok], seed=seed)
+    return measures.validity(pos[ok], neg[ok])
 
 
 def _clamp_effects(model, sae, latent: int, max_act: float, clamp_scores, base, ppl: tuple, cfg: Config) -> list:
@@ -417,7 +417,7 @@ def two_choice_block(model, trait, steer: dict, *, layer: int, valid_sys, band_v
     zero = const_edits_fn(model.config, layer, np.zeros(model.config.d_model))
     tc = lambda system=None, edits_fn=zero: measures.two_choice(model, items, system=system, edits_fn=edits_fn,  # noqa: E731
                                                                batch_size=cfg.batch_size)
-    check = measures.validity(tc(valid_sys[0]), tc(valid_sys[1]), seed=cfg.seed)
+    check = measures.validity(tc(valid_sys[0]), tc(valid_sys[1]))
     stored = trait.items_validity(cfg.model) if hasattr(trait, "items_validity") else None
     base = tc()
     out = {"validity": check, "stored_validity": dataclasses.asdict(stored) if stored is not None else None,

@@ -418,7 +418,7 @@ def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
     base = {"questions": qs, "answers": answers, "scoring": scoring, "polar": (polar[:n], polar[n:]),
             "acts": last_prompt_acts(model, qs, answers, layer, cfg),
             "scores": measures.answer_trait_score(model, qs, answers, *scoring, batch_size=cfg.gen_batch_size),
-            "validity": measures.validity(polar_scores[:n], polar_scores[n:], seed=cfg.seed)}
+            "validity": measures.validity(polar_scores[:n], polar_scores[n:])}
     if cfg.persona_switch:
         trig = greedy_answers(model, [system_conv(None, f"{TRIGGER} {q}") for q in qs], cfg)
         base["trigger_scores"] = measures.answer_trait_score(model, qs, trig, *scoring, batch_size=cfg.gen_batch_size)

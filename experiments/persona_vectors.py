@@ -13,10 +13,13 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    its reply started with "Score: ") scores every response 0-100 for the trait (the trait's
    rubric), and for coherence the responses of pairs that pass the trait condition; a pos/neg
    pair (same instruction pair, question and sample) is kept when pos >= 50, neg < 50 and both
-   coherence >= 50. SmolLM2-135M is a weak judge, so this filter is weak (its scores barely
-   depend on the answer): if it keeps fewer than `min_kept_pairs` pairs the run falls back to all
-   pairs and says so; `--no-filter` skips the filter (judging still runs for the report unless
-   `--judge none`).
+   coherence >= 50. The judge is a measure like any other, so it has a validity check: its trait
+   score of the positive answers minus the negative ones, per extraction question (the independent
+   unit), with a 95% interval. The filter runs only where that check passes; a judge that cannot tell
+   the two apart (SmolLM2-135M judging itself) would keep pairs by chance and build the vector from
+   fewer of them. If the filter keeps fewer than `min_kept_pairs` pairs the run falls back to all
+   pairs and says so; `filter=false` skips the filter (judging still runs for the report unless
+   `judge=none`).
 3. Vectors: at every layer, site resid_post (vector[i] is added to / read from the output of block
    i, i.e. HF hidden_states[i+1]), mean over the kept positive responses minus mean over the kept
    negative ones of each response's mean activation over its assistant content tokens
@@ -559,14 +562,14 @@ def load_persona_vectors(path, model=None, *, model_name: str | None = None):
     return tensors, meta
 
 
-def _unit_validity(per_unit: np.ndarray, kinds: np.ndarray, seed: int) -> dict | None:
+def _unit_validity(per_unit: np.ndarray, kinds: np.ndarray) -> dict | None:
     """Validity of a measure: per unit, its mean under the positive system prompts minus its mean under the
     negative ones (NaN entries: a prompt that skips that unit), with a 95% bootstrap interval over units. None when
     no unit has both."""
     pos = np.nanmean(np.where((kinds == "pos")[:, None], per_unit, np.nan), axis=0)
     neg = np.nanmean(np.where((kinds == "neg")[:, None], per_unit, np.nan), axis=0)
     ok = np.isfinite(pos) & np.isfinite(neg)
-    return measures.validity(pos[ok], neg[ok], seed=seed) if ok.any() else None
+    return measures.validity(pos[ok], neg[ok]) if ok.any() else None
 
 
 # ------------------------------------------------------------------------------ one trait, step by step
@@ -579,13 +582,15 @@ def default_sweep_layers(n_layers: int) -> tuple[int, ...]:
     return layers or (n_layers // 2,)
 
 
-def _filter_pairs(rows, trait_scores, coh_scores, cfg) -> tuple[list[int], list[int], dict]:
-    """Indices of kept pos and neg rows (paired by pair/question/sample) and a summary."""
+def _filter_pairs(rows, trait_scores, coh_scores, judge_valid: bool, cfg) -> tuple[list[int], list[int], dict]:
+    """Indices of kept pos and neg rows (paired by pair/question/sample) and a summary. The filter applies only
+    with a judge whose validity check passed (`judge_valid`)."""
     by_key = _rows_by_pair(rows)
     keys = sorted(by_key)
     all_pos = [by_key[k]["pos"] for k in keys]
     all_neg = [by_key[k]["neg"] for k in keys]
-    info = {"n_pairs_total": len(keys), "filter": cfg.filter and trait_scores is not None}
+    judged = cfg.filter and trait_scores is not None
+    info = {"n_pairs_total": len(keys), "filter": judged and judge_valid, "judge_not_valid": judged and not judge_valid}
     if not info["filter"]:
         info.update(n_pairs_kept=len(keys), fallback=False)
         return all_pos, all_neg, info
@@ -604,6 +609,19 @@ def _filter_pairs(rows, trait_scores, coh_scores, cfg) -> tuple[list[int], list[
         return all_pos, all_neg, info
     info["fallback"] = False
     return [by_key[k]["pos"] for k in kept], [by_key[k]["neg"] for k in kept], info
+
+
+def judge_validity(rows, trait_scores) -> dict:
+    """The judge's validity check: per extraction question, its mean trait score of the positive answers minus
+    that of the negative ones (rows it could not score are left out), with a 95% interval over questions."""
+    per_q: dict = {}
+    for r, s in zip(rows, trait_scores):
+        if s is not None:
+            per_q.setdefault(r["question"], {"pos": [], "neg": []})[r["polarity"]].append(float(s))
+    both = [d for _, d in sorted(per_q.items()) if d["pos"] and d["neg"]]
+    if len(both) < 2:
+        return {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": len(both), "valid": False}
+    return measures.validity([np.mean(d["pos"]) for d in both], [np.mean(d["neg"]) for d in both])
 
 
 def _rows_by_pair(rows) -> dict:
@@ -669,13 +687,15 @@ def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
 
 
 def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | None, dict]:
-    """Step 2: trait scores of every row and coherence where the trait condition holds (the filter needs both),
-    written into the rows; (trait scores, coherence scores, summary per polarity). No judge: (None, None, {})."""
+    """Step 2: trait scores of every row, the judge's validity check, and coherence where the trait condition holds
+    (only when the filter will run: it needs both), written into the rows; (trait scores, coherence scores, summary
+    per polarity and the check under "validity"). No judge: (None, None, {})."""
     if judge is None:
         return None, None, {}
     pairs = [(r["question_text"], r["response"]) for r in rows]
     trait_scores = judge.score_many(pairs, rubric=trait.judge_rubric)
-    need = sorted(i for d in _rows_by_pair(rows).values()
+    check = judge_validity(rows, trait_scores)
+    need = [] if not (cfg.filter and check["valid"]) else sorted(i for d in _rows_by_pair(rows).values()
                   if trait_scores[d["pos"]] is not None and trait_scores[d["pos"]] >= cfg.trait_threshold
                   and trait_scores[d["neg"]] is not None and trait_scores[d["neg"]] < cfg.trait_threshold
                   for i in (d["pos"], d["neg"]))
@@ -692,6 +712,7 @@ def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | No
                         "coherence_mean": _nanmean([coh_scores[i] for i in sel]),
                         "trait_none": sum(trait_scores[i] is None for i in sel),
                         "coherence_judged": len(set(sel) & set(need)), "n": len(sel)}
+    summary["validity"] = check
     return trait_scores, coh_scores, summary
 
 
@@ -725,13 +746,13 @@ def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config
     return Extraction(vecs, norms, typical, scales, crossfit_separation(acts, pos_q, neg_q), reliability)
 
 
-def _items_measure(model, trait, systems, seed: int) -> dict:
+def _items_measure(model, trait, systems) -> dict:
     """The two-choice items split into selection and held-out halves, and their validity check: the held-out
     items unsteered under each monitoring system prompt ([system, item]) and the paired pos - neg effect."""
     sel_items, held_items = split_items(trait.behavioural_items)
     per_unit = np.stack([behaviour_measure(model, held_items, system=s.system)[1] for s in systems])
     return {"selection": item_pairs(sel_items), "held_out": item_pairs(held_items), "per_system": per_unit,
-            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, _validity_kinds(systems), seed)}
+            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, _validity_kinds(systems))}
 
 
 def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
@@ -803,7 +824,8 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     rows = _sample_extraction_rows(model, trait, cfg, key, progress)
     greedy = _greedy_rollouts(model, trait, cfg, progress)
     trait_scores, coh_scores, judge_summary = _judge_rows(judge, rows, trait, cfg)
-    pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores, cfg)
+    pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores,
+                                            bool(judge_summary.get("validity", {}).get("valid")), cfg)
     ex = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
     vecs, norms, typical, scales, rule_sep = ex.vectors, ex.norms, ex.typical, ex.scales, ex.rule_separation
     direction = vecs["response_avg"]
@@ -813,7 +835,7 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     rand = random_directions(cfg.seed * 1000 + trait_index, cfg.n_random, model.config.d_model, 1.0)
     fluency = (greedy["own_prompts"], greedy["own_responses"])
 
-    items = _items_measure(model, trait, greedy["systems"], cfg.seed)
+    items = _items_measure(model, trait, greedy["systems"])
     steering = steer_with_measure(model, items["selection"], items["held_out"], direction, scales, layers, rand, cfg,
                                   items["validity"], fluency)
     best = steering["layer"]
@@ -974,7 +996,7 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     ContrastPairs)."""
     ref, sel, held = _reference_units(model, trait, cfg, progress)
     per_unit, n_used = _response_per_system(model, held, systems, cfg.batch_size)
-    validity = _unit_validity(per_unit, _validity_kinds(systems), cfg.seed)
+    validity = _unit_validity(per_unit, _validity_kinds(systems))
     held_pairs = _units_pairs(held)
     out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
                              fluency)

@@ -260,8 +260,8 @@ Steering is monotonic for (counts over traits whose measure is valid):
 
 {_targets_text(m["targets"], m["max_ppl_ratio"])}
 
-Judge: `{cfg.judge}`; the per-trait sections show how many pairs its filter kept (a fallback to all pairs is
-reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes: {cfg.n_pairs}
+Judge: `{cfg.judge}`; its filter runs only where its own validity check passes, and the per-trait sections show
+that check and how many pairs the filter kept (a fallback to all pairs is reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes: {cfg.n_pairs}
 instruction pairs x {cfg.n_questions} extraction questions x {cfg.n_samples} sample(s) per polarity,
 {cfg.max_new_tokens} new tokens, coefficients {list(sorted(cfg.coefficients))}, {results[0]['steering']['n_units']}
 held-out items, {cfg.n_random} random directions, monitoring on {len(results[0]['monitoring']['systems'])} graded system prompts x {cfg.n_monitor_questions}
@@ -277,7 +277,8 @@ def _write_items_section(report: Report, cfg: Config, results: list[dict]) -> No
                      "r last-prompt": mon["r_last_prompt"], "r response": mon["r_response"],
                      "proj separation d (last prompt, chosen L)": float(mon["separation_by_layer"]["last_prompt"][st["layer"]]),
                      "pairs kept": f"{r['filter']['n_pairs_kept']}/{r['filter']['n_pairs_total']}"
-                                   + (" (fallback: all)" if r["filter"].get("fallback") else ""),
+                                   + (" (fallback: all)" if r["filter"].get("fallback") else "")
+                                   + (" (judge not valid: all)" if r["filter"].get("judge_not_valid") else ""),
                      "seconds": round(r["seconds"])})
     report.table("Two-choice items: results per trait", rows)
     report.section("Validity checks", f"""
@@ -533,6 +534,17 @@ def _write_cosine_matrix(report: Report, results: list[dict]) -> None:
                                                      for i, a in enumerate(names)])
 
 
+def _filter_words(fi: dict) -> str:
+    """One sentence on the judge's filter: off, not run because the judge failed its check, or what it kept."""
+    if fi.get("judge_not_valid"):
+        return (f"Filter: not applied, because the judge failed its validity check; all {fi['n_pairs_total']} pos/neg "
+                "pairs were used.")
+    if not fi["filter"]:
+        return f"Filter: off; all {fi['n_pairs_total']} pos/neg pairs were used."
+    return (f"Filter: {fi['n_pairs_kept']}/{fi['n_pairs_total']} pos/neg pairs kept"
+            + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "") + ".")
+
+
 def _trait_body(r: dict) -> list[str]:
     """The paragraphs of one trait's section: items, response measure, monitoring, filter, judge, screening."""
     st, mon, ls, fi = r["steering"], r["monitoring"], r["layer_sweep"], r["filter"]
@@ -548,9 +560,7 @@ def _trait_body(r: dict) -> list[str]:
             f"last-prompt separation: L{int(np.nanargmax(mon['separation_by_layer']['last_prompt']))} "
             f"(d = {np.nanmax(mon['separation_by_layer']['last_prompt']):+.2f}).",
             *([_response_trait_line(r["response"])] if "response" in r else []),
-            f"Filter: {fi['n_pairs_kept']}/{fi['n_pairs_total']} pos/neg pairs kept"
-            + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "")
-            + ("" if fi["filter"] else " (filter off)") + "."]
+            _filter_words(fi)]
     if r["judge"]:
         j = r["judge"]
         body.append(f"Judge (the studied model itself, or the configured endpoint): mean trait score pos "
@@ -558,7 +568,9 @@ def _trait_body(r: dict) -> list[str]:
                     f"{_fmt(j['pos']['coherence_mean'], '.1f')} vs neg {_fmt(j['neg']['coherence_mean'], '.1f')} "
                     f"(coherence is judged only for pairs that pass the trait condition: "
                     f"{j['pos']['coherence_judged'] + j['neg']['coherence_judged']} of {j['pos']['n'] + j['neg']['n']} "
-                    f"responses); no-number (None) trait scores: {j['pos']['trait_none'] + j['neg']['trait_none']}.")
+                    f"responses); no-number (None) trait scores: {j['pos']['trait_none'] + j['neg']['trait_none']}."
+                    + (f" Judge validity (trait score, positive minus negative answers, per extraction question): "
+                       f"{_validity_words(j['validity'])}." if j.get("validity") else ""))
     if "screening" in r:
         s = r["screening"]
         body.append(f"Data screening (projection of the given response minus the model's own greedy response, layer "

@@ -62,6 +62,20 @@ def test_paired_effect_and_validity():
     assert not null["valid"] and M.validity_text(null).startswith("NOT valid")
 
 
+def test_validity_verdict_does_not_depend_on_a_resampling_key():
+    """The check resamples with a fixed key and enough draws that another key moves the interval's ends by a small
+    fraction of the standard error: a measure on its validity line gets one verdict, not one per run seed."""
+    rng = np.random.default_rng(3)
+    diff = rng.normal(size=24)
+    diff += 2.0 * diff.std() / np.sqrt(24) - diff.mean()  # interval's low end about 0.04 standard errors above 0
+    check = M.validity(diff, np.zeros(24))
+    se = diff.std(ddof=1) / np.sqrt(24)
+    for key in range(1, 6):
+        other = S.paired_effect(diff, np.zeros(24), n_resamples=M.VALIDITY_RESAMPLES, seed=key)
+        assert abs(other["low"] - check["low"]) < 0.1 * se and abs(other["high"] - check["high"]) < 0.1 * se
+    assert M.validity(diff, np.zeros(24)) == check
+
+
 def test_null_band_zscore_and_outside():
     null = np.random.default_rng(0).normal(size=400)
     band = S.null_band(null)

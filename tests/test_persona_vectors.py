@@ -515,12 +515,35 @@ def test_filter_pairs_and_fallback():
     trait = [80, 60, 10, 20, 70, 5]  # pos q0..q2, neg q0..q2
     coh = [90, 90, 90, 90, 90, None]
     cfg = pv.Config(min_kept_pairs=1)
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, cfg)
+    pos, neg, info = pv._filter_pairs(rows, trait, coh, True, cfg)
     assert (pos, neg) == ([0], [3]) and info["n_pairs_kept"] == 1 and not info["fallback"]
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, pv.Config(min_kept_pairs=2))
+    pos, neg, info = pv._filter_pairs(rows, trait, coh, True, pv.Config(min_kept_pairs=2))
     assert info["fallback"] and len(pos) == 3
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, pv.Config(filter=False))
-    assert len(pos) == 3 and not info["filter"]
+    pos, neg, info = pv._filter_pairs(rows, trait, coh, True, pv.Config(filter=False))
+    assert len(pos) == 3 and not info["filter"] and not info["judge_not_valid"]
+    pos, neg, info = pv._filter_pairs(rows, trait, coh, False, cfg)
+    assert len(pos) == 3 and not info["filter"] and info["judge_not_valid"]
+    assert "failed its validity check" in pvr._filter_words(info)
+    assert "1/3 pos/neg pairs kept." in pvr._filter_words(pv._filter_pairs(rows, trait, coh, True, cfg)[2])
+
+
+def test_judge_validity_over_questions():
+    """Per question: mean pos score minus mean neg score over pairs; unscored rows are left out; the interval is
+    over questions (numpy reference: the paired mean of the per-question means)."""
+    rows = [dict(polarity=p, pair=k, question=q, sample=0) for p in ("pos", "neg") for k in range(2) for q in range(4)]
+    rng = np.random.default_rng(0)
+    pos = 60 + rng.normal(size=8) * 3
+    neg = 30 + rng.normal(size=8) * 3
+    scores = list(pos) + list(neg)
+    scores[0] = None  # pos, pair 0, question 0: unscored
+    check = pv.judge_validity(rows, scores)
+    pos_q = [pos[4]] + [(pos[q] + pos[4 + q]) / 2 for q in range(1, 4)]
+    neg_q = [(neg[q] + neg[4 + q]) / 2 for q in range(4)]
+    np.testing.assert_allclose(check["effect"], np.mean(np.subtract(pos_q, neg_q)), rtol=1e-12)
+    assert check["n"] == 4 and check["valid"]
+    flat = pv.judge_validity(rows, [25.0 + (i % 3) for i in range(8)] + [25.0 + (i % 3) for i in range(8)])
+    assert flat["effect"] == 0 and not flat["valid"]
+    assert not pv.judge_validity(rows[:1] + rows[8:9], [50.0, 40.0])["valid"]
 
 
 @pytest.mark.slow
@@ -625,7 +648,7 @@ def test_unit_validity_pairs_units():
     kinds = np.array(["pos", "pos", "neg", "neg", "default"])
     per_unit = np.array([[1.0, 2.0, np.nan], [1.2, np.nan, 3.0], [0.0, 0.5, 1.0], [0.2, 0.7, np.nan],
                          [9.0, 9.0, 9.0]])
-    v = pv._unit_validity(per_unit, kinds, seed=0)
+    v = pv._unit_validity(per_unit, kinds)
     assert v["n"] == 3 and v["effect"] == pytest.approx(np.mean([1.1 - 0.1, 2.0 - 0.6, 3.0 - 1.0]))
     assert v["valid"] and v["low"] > 0
 

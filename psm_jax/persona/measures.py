@@ -143,10 +143,17 @@ def answer_trait_score(model, questions: Sequence[str], answers: Sequence[str], 
     return per_tok[:n] - per_tok[n:]
 
 
-def validity(pos_values, neg_values, *, seed: int = 0) -> dict:
+VALIDITY_RESAMPLES = 10000  # the interval's ends then carry a resampling error of about 0.03 standard errors
+VALIDITY_KEY = 0  # one fixed resampling key: the verdict is a property of the measure and the model, not the run
+
+
+def validity(pos_values, neg_values) -> dict:
     """The validity check: the measure under the trait's positive minus its negative system prompt, paired by
-    unit, with a 95% bootstrap interval. {effect, low, high, n, valid}; valid = the interval is above 0."""
-    eff = paired_effect(pos_values, neg_values, seed=seed)
+    unit, with a 95% bootstrap interval. {effect, low, high, n, valid}; valid = the interval is above 0.
+
+    The resampling key is fixed and not the run's seed: a measure whose interval ends near 0 would otherwise be
+    valid under one study seed and not under another although the measure and the model are the same."""
+    eff = paired_effect(pos_values, neg_values, n_resamples=VALIDITY_RESAMPLES, seed=VALIDITY_KEY)
     return {"effect": eff["estimate"], "low": eff["low"], "high": eff["high"], "n": eff["n"],
             "valid": bool(eff["n"] > 1 and eff["low"] > 0)}
 
