@@ -64,7 +64,7 @@ from psm_jax import finetune as ft
 from psm_jax.chat import pad_id
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
-from psm_jax.persona.directions import SITE, mean_difference, project, random_directions
+from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, split_half_cosine
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
 from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci,
                                    permutation_r_null, standardised_pooled_r, within_groups_null, within_groups_r)
@@ -246,8 +246,10 @@ def last_prompt_acts(model, questions, answers, layer: int, cfg: Config) -> np.n
     return acts["last_prompt"][:, 0].astype(np.float64)
 
 
-def persona_vector(model, trait, layer: int, cfg: Config) -> np.ndarray:
-    """Mean response activation under the positive minus the negative system prompts, extraction questions: [D]."""
+def extraction_activations(model, trait, layer: int, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean response activation at `layer` of the greedy answers under each positive and each negative system
+    prompt, over the first `n_extract_questions` extraction questions: (pos [N, D], neg [N, D], question index of
+    each row [N]); row k of pos and of neg share instruction pair and question."""
     qs = list(trait.extraction_questions[:cfg.n_extract_questions])
     rows = [(i, q) for i in range(cfg.n_extract_pairs) for q in qs]
     convs = {pol: [system_conv(generation_system(trait, pol, i, cfg.n_extract_pairs), q) for i, q in rows]
@@ -256,7 +258,19 @@ def persona_vector(model, trait, layer: int, cfg: Config) -> np.ndarray:
     full = [list(c) + [{"role": "assistant", "content": a}] for c, a in zip(convs["pos"] + convs["neg"], answers)]
     acts = rollouts.activation_means(model, full, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
     n = len(rows)
-    return mean_difference(acts["response_mean"][:n, 0], acts["response_mean"][n:, 0])
+    question = np.tile(np.arange(len(qs)), cfg.n_extract_pairs)  # rows run over pairs, then questions
+    return acts["response_mean"][:n, 0], acts["response_mean"][n:, 0], question
+
+
+def persona_vector(model, trait, layer: int, cfg: Config) -> tuple[np.ndarray, dict | None]:
+    """Mean response activation under the positive minus the negative system prompts over the extraction questions
+    ([D]), and its split-half reliability over those questions (`directions.split_half_cosine`: the cosine a
+    vector from other questions of the same number is expected to share with it; None with one question)."""
+    pos, neg, question = extraction_activations(model, trait, layer, cfg)
+    rel = split_half_cosine(pos, neg, question, question, seed=cfg.seed)
+    if rel is not None:
+        rel = {k: float(v) if isinstance(v, np.ndarray) else v for k, v in rel.items()}
+    return mean_difference(pos, neg), rel
 
 
 def ppl_cost(base_nll, base_counts, nll, counts) -> dict:
@@ -436,7 +450,7 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
     model.config.check_layer(layer, "layer")
     if say:
         say(f"{trait.name}: persona vector at layer {layer}")
-    vector = persona_vector(model, trait, layer, cfg)
+    vector, reliability = persona_vector(model, trait, layer, cfg)
     pool = load_finetune_questions()
     if cfg.n_train_questions > len(pool):
         raise ValueError(f"n_train_questions={cfg.n_train_questions}; {len(pool)} fine-tuning questions are packaged")
@@ -466,6 +480,7 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
                        "training_conversations": [list(c) for v in ("plain", "control") if v in kept
                                                   for c in kept[v]["variant"].conversations]}} if keep else {}
     return {**extra, "trait": trait.name, "layer": layer, "vector_norm": float(np.linalg.norm(vector)),
+            "vector_reliability": reliability,
             "screening_validity": {k: bootstrap_ci(v, seed=cfg.seed) for k, v in screen.items()},
             "validity": base["validity"], "base": {k: base[k] for k in ("questions", "answers", "scores")},
             "example_training": {pol: [questions[0], answers[pol][0]] for pol in answers},
@@ -567,6 +582,7 @@ def summarize(results: list[dict], cfg: Config) -> dict:
             by_kind.setdefault(row["variant"].kind, []).append(row)
         full_mix = [row for row in by_kind.get("mix", []) if row["variant"].mix == max(cfg.mixes)]
         per = {"layer": r["layer"], "validity": r["validity"], "vector_norm": r["vector_norm"],
+               "vector_reliability": r.get("vector_reliability"),
                "screening_validity": r["screening_validity"], "finetunes": [_row_summary(row) for row in r["rows"]]}
         if full_mix and max(cfg.mixes) > 0:
             ref = full_mix[0]
@@ -816,13 +832,27 @@ def _setup_text(result: Result) -> str:
             f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s.")
 
 
+def reliability_text(rel: dict | None) -> str:
+    """The persona vector's split-half reliability in one sentence, with a warning when the questions allow fewer
+    distinct splits than were drawn."""
+    if rel is None:
+        return "Persona vector reliability: not measured (one extraction question)."
+    few = (f"; {rel['n_groups']} questions allow only {rel['distinct_splits']} distinct split(s), so this is a rough "
+           "estimate" if rel["distinct_splits"] < rel["n_splits"] else "")
+    return (f"Persona vector reliability (split halves of {rel['n_groups']} extraction questions, stepped up to the "
+            f"full size): a vector from other questions is expected to share cosine {rel['predicted']:.2f} "
+            f"[{rel['low']:.2f}, {rel['high']:.2f}] with this one{few}. The shifts below are measured along this "
+            "vector, so they are only as reproducible as it is.")
+
+
 def _trait_lines(r: dict, per: dict) -> list[str]:
     """One trait's validity and screening checks, each steered fine-tune's prevention, inoculation and the switch."""
     lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
              ("" if r["validity"]["valid"] else " -- behaviour changes below are not evidence for this trait"),
              f"- Screening sanity (projection minus own answer's, per training question): positive answers "
              f"{_ci_text(r['screening_validity']['pos'])}, negative answers "
-             f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}."]
+             f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}.",
+             f"- {reliability_text(r.get('vector_reliability'))}"]
     for p in per.get("prevention", []):
         what = "beyond the control" if p["relative_to_control"] else "raw"
         lines.append(f"- {p['name']}: shift reduction vs plain 100% ({what}) {_ci_text(p['reduction'])} (raw "
@@ -1064,6 +1094,15 @@ def records(result: Result) -> list[dict]:
                                       f"n={c['n']} fine-tunes; null ({c['null_kind']}) [{c['null']['low']:.2f}, "
                                       f"{c['null']['high']:.2f}]", **common))
     for trait, per in m["traits"].items():
+        rel = per.get("vector_reliability")
+        if rel is not None:
+            out.append(dict(metric="finetune_vector_split_half_cosine", value=rel["predicted"], unit="cosine",
+                            low=rel["low"], high=rel["high"], n_questions=rel["n_groups"],
+                            distinct_splits=rel["distinct_splits"], key=trait, trait=trait, layer=per["layer"],
+                            reference=f"split halves of {rel['n_groups']} extraction questions x "
+                                      f"{cfg.n_extract_pairs} instruction pairs, greedy answers, stepped up to the "
+                                      "full size (Spearman-Brown); 2.5-97.5% over splits",
+                            target="reported beside the shifts measured along the vector", **common))
         valid = per["validity"]["valid"]
         for p in per.get("prevention", []):
             red = p["reduction"]

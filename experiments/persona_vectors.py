@@ -1274,6 +1274,7 @@ def reliability_metrics(results: list[dict]) -> dict:
         out[r["trait"]] = {"layer": layer, "half": float(rel["half"][layer]), "predicted": predicted,
                            "low": float(rel["low"][layer]), "high": float(rel["high"][layer]),
                            "n_questions": rel["n_groups"], "n_splits": rel["n_splits"],
+                           "distinct_splits": rel["distinct_splits"],
                            "largest_cross_trait_cosine": largest,
                            "stable": None if largest is None else bool(predicted > largest),
                            "predicted_by_layer": [float(x) for x in rel["predicted"]]}

@@ -4,7 +4,6 @@ that the study module holds the computation and this one the words and pictures.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -405,8 +404,7 @@ def _write_reliability_section(report: Report, cfg: Config, rel: dict | None) ->
             for name, x in rel.items()]
     report.table("Vector reliability", rows)
     first = next(iter(rel.values()))
-    n, distinct = first["n_questions"], math.comb(first["n_questions"], first["n_questions"] // 2)
-    distinct //= 2 if n % 2 == 0 else 1
+    n, distinct = first["n_questions"], first["distinct_splits"]
     few = (f" {n} questions allow only {distinct} distinct split(s), so the prediction is itself a rough estimate."
            if distinct < first["n_splits"] else "")
     report.section("Reading the reliability", f"""

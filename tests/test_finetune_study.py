@@ -72,6 +72,32 @@ def test_ppl_cost_is_a_ratio_of_per_token_perplexities():
     assert cost["ratio"] == pytest.approx(np.exp(0.5)) and cost["n"] == 3
 
 
+def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(monkeypatch):
+    """Each question's positive answers sit along their own axis (e_q), the negative ones at 0, the same for every
+    instruction pair. Split by question, the two halves' directions are orthogonal (predicted 0); split by pair,
+    they would be identical (1)."""
+    cfg = F.Config(n_extract_pairs=3, n_extract_questions=4)
+    trait = load_trait("evil")
+    monkeypatch.setattr(F, "greedy_answers", lambda model, prompts, cfg: ["a"] * len(prompts))
+
+    def activation_means(model, convs, **kw):
+        n = len(convs) // 2
+        qs = list(trait.extraction_questions[:cfg.n_extract_questions])
+        pos = np.zeros((n, 1, 8))
+        for row, conv in enumerate(convs[:n]):
+            pos[row, 0, qs.index(conv[-2]["content"])] = 1.0
+        return {"response_mean": np.concatenate([pos, np.zeros_like(pos)])}
+
+    monkeypatch.setattr(F.rollouts, "activation_means", activation_means)
+    vector, rel = F.persona_vector(None, trait, 0, cfg)
+    np.testing.assert_allclose(vector, [0.25] * 4 + [0.0] * 4)
+    assert rel["n_groups"] == 4 and rel["distinct_splits"] == 3
+    assert rel["predicted"] == pytest.approx(0.0, abs=1e-9) and rel["high"] == pytest.approx(0.0, abs=1e-9)
+    assert "4 questions allow only 3 distinct split(s)" in F.reliability_text(rel)
+    assert F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=1))[1] is None
+    assert "not measured" in F.reliability_text(None)
+
+
 @pytest.mark.slow  # every fine-tune variant of the ci preset, trained and evaluated
 def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     cfg = study.preset_config(F, "ci", model="psm-tiny")
@@ -96,9 +122,13 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     for p in prevention:  # shifts also relative to the control fine-tune, paired over questions
         assert p["plain_vs_control"]["n"] == cfg.n_eval_questions and isinstance(p["plain_toward_trait"], bool)
     metrics = {ln["metric"] for ln in out["records"]}
-    assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect"} <= metrics
+    assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect",
+            "finetune_vector_split_half_cosine"} <= metrics
+    rel_line = next(ln for ln in out["records"] if ln["metric"] == "finetune_vector_split_half_cosine")
+    assert rel_line["n_questions"] == cfg.n_extract_questions and rel_line["low"] <= rel_line["high"]
     text = (folder / "report.md").read_text()
     assert "psm-tiny" in text and f"{cfg.steps} steps" in text and "Cannot show" in text
+    assert f"Persona vector reliability (split halves of {cfg.n_extract_questions} extraction questions" in text
     # study 5: one spread per KL weight, the control as null, every measure in and out of domain
     nv = res.beyond["narrow"]
     assert [row["kl_weight"] for row in nv["per_kl"]] == list(cfg.kl_weights)

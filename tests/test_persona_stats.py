@@ -224,6 +224,17 @@ def test_split_half_prediction_matches_the_cosine_of_independent_full_size_repli
     assert abs(predicted - np.mean(replicate)) < 0.05
 
 
+def test_distinct_half_splits_counts_the_unordered_splits():
+    """Enumerated: the sets of two halves {first, rest} over every choice of n // 2 units, mirror images merged."""
+    import itertools
+
+    for n in range(2, 9):
+        units = set(range(n))
+        splits = {frozenset([frozenset(c), frozenset(units - set(c))]) for c in itertools.combinations(units, n // 2)}
+        assert D.distinct_half_splits(n) == len(splits), n
+    assert D.split_half_cosine(*[np.ones((4, 3))] * 2, [0, 0, 1, 1], [0, 0, 1, 1])["distinct_splits"] == 1
+
+
 def test_split_half_cosine_needs_two_groups_with_both_polarities_and_matching_groups():
     pos, neg = np.ones((4, 3)), np.zeros((4, 3))
     assert D.split_half_cosine(pos, neg, [0, 0, 1, 1], [0, 0, 2, 2]) is None   # only group 0 has both

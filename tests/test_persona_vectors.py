@@ -434,7 +434,7 @@ def _reliable_trait(name, vectors, predicted):
             "vectors": {"response_avg": np.asarray(vectors, np.float64)},
             "reliability": {"half": np.full(n_layers, 0.5), "predicted": np.asarray(predicted, np.float64),
                             "low": np.full(n_layers, 0.1), "high": np.full(n_layers, 0.9), "n_groups": 4,
-                            "n_splits": 50}}
+                            "n_splits": 50, "distinct_splits": 3}}
 
 
 def test_reliability_compares_the_predicted_rerun_cosine_with_the_nearest_other_trait(tmp_path):

@@ -75,3 +75,38 @@ def test_replicate_records_are_keyed_by_trait_and_extraction_size(tmp_path, monk
     assert [(x["key"], x["extraction"], x["layer"]) for x in lines] == [("evil/5x4x1", "5x4x1", 1),
                                                                         ("humorous/5x4x1", "5x4x1", 2)]
     assert lines[0]["command"].endswith(f"{tmp_path / 'a'} {tmp_path / 'b'} --record")
+
+
+def test_finetune_vector_blocks_compare_disjoint_questions():
+    """Blocks of consecutive question indices: the measured cosines are those of the blocks' own mean differences
+    (numpy reference), and a block whose questions point along distinct axes is predicted and measured apart."""
+    import itertools
+
+    import numpy as np
+    import pytest
+
+    from benchmarks.finetune_vector_reliability import block_comparison, largest_cross_trait
+
+    rng = np.random.default_rng(0)
+    question = np.tile(np.arange(8), 3)  # 3 instruction pairs x 8 questions
+    truth = np.zeros(12)
+    truth[0] = 1.0
+    pos = truth + 0.3 * rng.normal(size=(24, 12))
+    neg = 0.3 * rng.normal(size=(24, 12))
+    got = block_comparison(pos, neg, question, 4)
+    vecs = [pos[question // 4 == b].mean(0) - neg[question // 4 == b].mean(0) for b in range(2)]
+    want = vecs[0] @ vecs[1] / np.linalg.norm(vecs[0]) / np.linalg.norm(vecs[1])
+    assert got["n_blocks"] == 2 and got["measured"] == pytest.approx(want) == got["measured_min"]
+    assert 0 < got["predicted"] <= 1 and got["predicted_all"] > got["predicted"] - 0.2
+    np.testing.assert_allclose(got["vector_all"], pos.mean(0) - neg.mean(0))
+    apart = np.eye(12)[question]  # every question its own axis: nothing shared between blocks
+    spread = block_comparison(apart, np.zeros_like(apart), question, 2)
+    assert spread["n_blocks"] == 4 and spread["measured"] == pytest.approx(0.0, abs=1e-12)
+    assert spread["predicted"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="block=5"):
+        block_comparison(pos, neg, question, 5)
+    results = {"a": {"vector_all": np.array([1.0, 0.0])}, "b": {"vector_all": np.array([1.0, 1.0])},
+               "c": {"vector_all": np.array([0.0, -1.0])}}
+    cross = largest_cross_trait(results)
+    assert cross["a"] == pytest.approx(2 ** -0.5) and cross["c"] == pytest.approx(0.0)
+    assert list(itertools.islice(largest_cross_trait({"a": results["a"]}).values(), 1)) == [None]

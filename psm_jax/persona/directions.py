@@ -7,6 +7,7 @@ Layer indexing: a vector stack [n_layers, D] at site resid_post has vector[i] at
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -79,8 +80,9 @@ def split_half_cosine(pos, neg, pos_groups, neg_groups, *, n_splits: int = 50, s
     counts the groups' own spread as noise too. Groups lacking either polarity are left out.
 
     pos [N, ..., D], neg [M, ..., D] with their groups [N], [M]. Returns dict(half, predicted: the means over
-    splits [...]; low, high: 2.5% and 97.5% of `predicted` over splits; n_groups, n_splits), or None with fewer
-    than 2 usable groups."""
+    splits [...]; low, high: 2.5% and 97.5% of `predicted` over splits; n_groups, n_splits; distinct_splits: how
+    many different half splits the groups allow, so that a caller can say when the splits repeat), or None with
+    fewer than 2 usable groups."""
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     pos_groups, neg_groups = np.asarray(pos_groups), np.asarray(neg_groups)
     if pos_groups.shape != pos.shape[:1] or neg_groups.shape != neg.shape[:1]:
@@ -103,7 +105,15 @@ def split_half_cosine(pos, neg, pos_groups, neg_groups, *, n_splits: int = 50, s
     half = np.asarray(half)
     stepped = 2 * half / (1 + np.abs(half))
     return {"half": half.mean(0), "predicted": stepped.mean(0), "low": np.percentile(stepped, 2.5, axis=0),
-            "high": np.percentile(stepped, 97.5, axis=0), "n_groups": int(len(groups)), "n_splits": int(n_splits)}
+            "high": np.percentile(stepped, 97.5, axis=0), "n_groups": int(len(groups)), "n_splits": int(n_splits),
+            "distinct_splits": distinct_half_splits(len(groups))}
+
+
+def distinct_half_splits(n_groups: int) -> int:
+    """How many different ways `n_groups` units split into a half of n // 2 and the rest (an even split and its
+    mirror image count once)."""
+    count = math.comb(n_groups, n_groups // 2)
+    return count // 2 if n_groups % 2 == 0 else count
 
 
 def random_directions(key_seed: int, n: int, width: int, norm: float) -> np.ndarray:
