@@ -5,8 +5,9 @@
 The fine-tuning study makes each trait's vector from greedy answers to its first `n_extract_questions` extraction
 questions (`experiments.finetune.persona_vector`) and reports the vector's split-half reliability: the cosine a
 vector from *other* questions of the same number is expected to share with it. This script measures that cosine
-directly. It extracts from all of a trait's extraction questions once, cuts them into disjoint blocks of `--block`
-questions (the study's default size), and takes the cosine between every two blocks' vectors. Beside it: the
+directly for a vector made from `--block` questions (default 5, the study's extraction size before it was found
+too small this way). It extracts from all of a trait's extraction questions once, cuts them into disjoint blocks of
+`--block` questions, and takes the cosine between every two blocks' vectors. Beside it: the
 split-half prediction made inside each block (what the study would report), the prediction for a vector from all
 the questions, and the largest cosine between that all-question vector and another trait's.
 
@@ -61,8 +62,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--traits", nargs="+", default=["evil", "sycophantic", "humorous"])
-    ap.add_argument("--block", type=int, default=None, help="questions per block (default: the study's "
-                                                             "n_extract_questions)")
+    ap.add_argument("--block", type=int, default=5, help="questions per block")
     ap.add_argument("--record", action="store_true", help="append one line per trait to benchmarks/results.jsonl")
     args = ap.parse_args(argv)
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     model = psm_jax.load(args.model)
     base = F.Config(model=args.model)
-    block = args.block or base.n_extract_questions
+    block = args.block
     layer = model.config.n_layers // 2 if base.layer is None else base.layer
     results = {}
     for name in args.traits:
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                              f"instruction pairs; mean over pairs of {r['n_blocks']} disjoint blocks of {block} "
                              "extraction questions (not independent: one model, the same pairs)",
                    target="near the split-half prediction (the study's reliability is calibrated)",
-                   command=COMMAND + ("" if args.block is None else f" --block {args.block}"),
+                   command=COMMAND + ("" if args.block == 5 else f" --block {args.block}"),
                    key=f"{name}/{base.n_extract_pairs}x{block}", trait=name, layer=layer,
                    measured_min=round(r["measured_min"], 4), measured_max=round(r["measured_max"], 4),
                    predicted=round(r["predicted"], 4), predicted_all=round(r["predicted_all"], 4),

@@ -9,7 +9,9 @@ spreads and which SAE latents it moves.
 Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, default the middle block) of resid_post:
 
 1. Persona vector: mean response activation of the model's greedy answers to the trait's extraction questions
-   under its positive minus its negative system prompts (`rollouts.activation_means`, `directions.mean_difference`).
+   under its positive minus its negative system prompts (`rollouts.activation_means`, `directions.mean_difference`),
+   with its split-half reliability over the questions (the cosine a vector from other questions is expected to
+   share with it; every shift below is measured along this vector).
 2. Training data made by the model itself: greedy answers to the fine-tuning questions
    (`psm_jax/persona/data/finetune/questions.json`, disjoint from every trait's extraction and evaluation
    questions) under the positive and negative system prompts, and under no system prompt (the model's own
@@ -89,7 +91,7 @@ class Config:
     inoculation: bool = True
     persona_switch: bool = True
     n_extract_pairs: int = 4  # instruction pairs for the vector (the last pair is kept for scoring)
-    n_extract_questions: int = 5
+    n_extract_questions: int = 20  # the questions are the vector's independent units; 5 gave unstable vectors
     n_train_questions: int = 48
     n_eval_questions: int = 20
     max_new_tokens: int = 48
@@ -110,7 +112,8 @@ class Config:
     n_ood_sharegpt: int = 8  # held-out ShareGPT first prompts among the out-of-domain questions
     n_kl_reference: int = 16  # held-out ShareGPT conversations the KL term is computed on
     axis_file: str | None = None  # safetensors with an 'axis' [n_layers, d_model]; None: a stand-in estimated here
-    axis_roles: int = 4  # stand-in axis only: roles (x n_eval_questions answers) against the default prompts
+    axis_roles: int = 4  # stand-in axis only: roles (x axis_questions answers) against the default prompts
+    axis_questions: int = 5  # stand-in axis only: role questions answered under each role and the default prompt
     # study 8, model diffing: an SAE at `layer` (loaded from `sae`, or trained here on the original model)
     model_diff: bool = True
     sae: str | None = None  # SAELens folder or sae.train run dir; None: a small TopK SAE trained in process
@@ -126,7 +129,8 @@ class Config:
         if not self.traits:
             raise ValueError("traits is empty; expected at least one trait name or path")
         for name in ("n_extract_pairs", "n_extract_questions", "n_train_questions", "n_eval_questions",
-                     "max_new_tokens", "gen_batch_size", "steps", "batch_size", "lora_rank"):
+                     "max_new_tokens", "gen_batch_size", "steps", "batch_size", "lora_rank", "axis_roles",
+                     "axis_questions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected a positive integer")
@@ -174,6 +178,7 @@ PRESETS = {
                persona_switch=True, n_extract_pairs=2, n_extract_questions=2, n_train_questions=8, n_eval_questions=4,
                max_new_tokens=6, gen_batch_size=8, seq_len=96, steps=2, batch_size=4, n_ppl_conversations=2,
                ppl_max_chars=600, kl_weights=(0.0, 1.0), n_ood_sharegpt=3, n_kl_reference=4, axis_roles=2,
+               axis_questions=2,
                sae_expansion=2, sae_k=4, sae_tokens=512, sae_steps=4, sae_batch=64, diff_top_k=5),
     # the main job's compact stage: one trait, plain vs preventative, with the control fine-tune that tells a shift
     # toward the trait from the drift any fine-tune causes
@@ -250,6 +255,9 @@ def extraction_activations(model, trait, layer: int, cfg: Config) -> tuple[np.nd
     """Mean response activation at `layer` of the greedy answers under each positive and each negative system
     prompt, over the first `n_extract_questions` extraction questions: (pos [N, D], neg [N, D], question index of
     each row [N]); row k of pos and of neg share instruction pair and question."""
+    if cfg.n_extract_questions > len(trait.extraction_questions):
+        raise ValueError(f"n_extract_questions={cfg.n_extract_questions}; trait {trait.name!r} has "
+                         f"{len(trait.extraction_questions)} extraction questions")
     qs = list(trait.extraction_questions[:cfg.n_extract_questions])
     rows = [(i, q) for i in range(cfg.n_extract_pairs) for q in qs]
     convs = {pol: [system_conv(generation_system(trait, pol, i, cfg.n_extract_pairs), q) for i, q in rows]

@@ -188,7 +188,7 @@ def assistant_axis(model, cfg, layer: int) -> tuple[np.ndarray, dict]:
     from psm_jax.persona.axis import role_and_default_vectors
 
     roles = select_roles(datasets.load_roles().roles, cfg.axis_roles, cfg.seed)
-    qs = sample_questions(datasets.load_role_questions(), cfg.n_extract_questions, cfg.seed)
+    qs = sample_questions(datasets.load_role_questions(), cfg.axis_questions, cfg.seed)
     role_vecs, default_vec = role_and_default_vectors(model, roles, qs, batch_size=cfg.gen_batch_size,
                                                       max_new_tokens=cfg.max_new_tokens, temperature=0.0,
                                                       seed=cfg.seed)

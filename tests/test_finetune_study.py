@@ -96,6 +96,8 @@ def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(m
     assert "4 questions allow only 3 distinct split(s)" in F.reliability_text(rel)
     assert F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=1))[1] is None
     assert "not measured" in F.reliability_text(None)
+    with pytest.raises(ValueError, match="n_extract_questions=21"):
+        F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=21))
 
 
 @pytest.mark.slow  # every fine-tune variant of the ci preset, trained and evaluated
