@@ -382,8 +382,6 @@ def _steered_scores(model, sae, trait_name: str, questions: list, plan: list, va
 def _validity(pos, neg) -> dict:
     """The trait score's validity check on the questions where both prompts' answers were scored."""
     ok = np.isfinite(pos) & np.isfinite(neg)
-    if not ok.any():
-        return {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "valid": False}
     return measures.validity(pos[ok], neg[ok])
 
 

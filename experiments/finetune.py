@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.report import Report, fmt_num, pyplot
+from experiments.report import Report, few_splits_text, fmt_num, pyplot
 from experiments.sharegpt import sharegpt_conversations
 from psm_jax import edits as E
 from psm_jax import finetune as ft
@@ -845,12 +845,11 @@ def reliability_text(rel: dict | None) -> str:
     distinct splits than were drawn."""
     if rel is None:
         return "Persona vector reliability: not measured (one extraction question)."
-    few = (f"; {rel['n_groups']} questions allow only {rel['distinct_splits']} distinct split(s), so this is a rough "
-           "estimate" if rel["distinct_splits"] < rel["n_splits"] else "")
+    few = few_splits_text(rel["n_groups"], rel["distinct_splits"], rel["n_splits"])
     return (f"Persona vector reliability (split halves of {rel['n_groups']} extraction questions, stepped up to the "
             f"full size): a vector from other questions is expected to share cosine {rel['predicted']:.2f} "
-            f"[{rel['low']:.2f}, {rel['high']:.2f}] with this one{few}. The shifts below are measured along this "
-            "vector, so they are only as reproducible as it is.")
+            f"[{rel['low']:.2f}, {rel['high']:.2f}] with this one." + (f" {few}" if few else "") +
+            " The shifts below are measured along this vector, so they are only as reproducible as it is.")
 
 
 def _trait_lines(r: dict, per: dict) -> list[str]:

@@ -619,8 +619,6 @@ def judge_validity(rows, trait_scores) -> dict:
         if s is not None:
             per_q.setdefault(r["question"], {"pos": [], "neg": []})[r["polarity"]].append(float(s))
     both = [d for _, d in sorted(per_q.items()) if d["pos"] and d["neg"]]
-    if len(both) < 2:
-        return {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": len(both), "valid": False}
     return measures.validity([np.mean(d["pos"]) for d in both], [np.mean(d["neg"]) for d in both])
 
 
@@ -695,10 +693,10 @@ def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | No
     pairs = [(r["question_text"], r["response"]) for r in rows]
     trait_scores = judge.score_many(pairs, rubric=trait.judge_rubric)
     check = judge_validity(rows, trait_scores)
-    need = [] if not (cfg.filter and check["valid"]) else sorted(i for d in _rows_by_pair(rows).values()
-                  if trait_scores[d["pos"]] is not None and trait_scores[d["pos"]] >= cfg.trait_threshold
-                  and trait_scores[d["neg"]] is not None and trait_scores[d["neg"]] < cfg.trait_threshold
-                  for i in (d["pos"], d["neg"]))
+    trait_ok = [d for d in _rows_by_pair(rows).values()
+                if trait_scores[d["pos"]] is not None and trait_scores[d["pos"]] >= cfg.trait_threshold
+                and trait_scores[d["neg"]] is not None and trait_scores[d["neg"]] < cfg.trait_threshold]
+    need = sorted(i for d in trait_ok for i in (d["pos"], d["neg"])) if cfg.filter and check["valid"] else []
     coh_scores = [None] * len(rows)
     if need:
         for i, c in zip(need, judge.score_many([pairs[i] for i in need], rubric=COHERENCE_RUBRIC)):

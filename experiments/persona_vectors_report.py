@@ -11,7 +11,7 @@ import numpy as np
 
 from experiments.persona_vectors import (LAYER_INDEXING, MIN_SPECIFICITY_TRAITS, MIN_TARGET_TRAITS,
                                          MONITOR_MIN_WITHIN_R, TARGET_NAMES, Config, Result, cosine_matrix, is_valid)
-from experiments.report import Report, atomic_write_bytes, jsonable, pyplot
+from experiments.report import Report, atomic_write_bytes, few_splits_text, jsonable, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE
@@ -404,9 +404,8 @@ def _write_reliability_section(report: Report, cfg: Config, rel: dict | None) ->
             for name, x in rel.items()]
     report.table("Vector reliability", rows)
     first = next(iter(rel.values()))
-    n, distinct = first["n_questions"], first["distinct_splits"]
-    few = (f" {n} questions allow only {distinct} distinct split(s), so the prediction is itself a rough estimate."
-           if distinct < first["n_splits"] else "")
+    few = few_splits_text(first["n_questions"], first["distinct_splits"], first["n_splits"])
+    few = f" {few}" if few else ""
     report.section("Reading the reliability", f"""
 The extraction questions are the independent units ({cfg.n_pairs} instruction pairs x {cfg.n_samples} sample(s) share
 each question). They are split at random into halves ({first['n_splits']} splits, seed {cfg.seed}); each half gives a

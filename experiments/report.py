@@ -51,6 +51,15 @@ def pyplot():
     return plt
 
 
+def few_splits_text(n_groups: int, distinct_splits: int, n_splits: int) -> str:
+    """A sentence for a split-half reliability drawn from few units: empty when the units allow at least as many
+    distinct half splits as were drawn (`directions.split_half_cosine`)."""
+    if distinct_splits >= n_splits:
+        return ""
+    return (f"{n_groups} questions allow only {distinct_splits} distinct split(s), so the prediction is itself a rough "
+            "estimate.")
+
+
 def fmt_num(x, f: str = ".3f") -> str:
     """`format(x, f)`, or "n/a" for None and non-finite floats (for report text and console summaries)."""
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, f)

@@ -60,6 +60,8 @@ def test_paired_effect_and_validity():
     assert check["valid"] and check["n"] == 30 and "valid" in M.validity_text(check)
     null = M.validity(base + 0.01 * rng.normal(size=30), base)
     assert not null["valid"] and M.validity_text(null).startswith("NOT valid")
+    empty = M.validity([], [])
+    assert empty["n"] == 0 and not empty["valid"] and np.isnan(empty["effect"])
 
 
 def test_validity_verdict_does_not_depend_on_a_resampling_key():

@@ -152,7 +152,10 @@ def validity(pos_values, neg_values) -> dict:
     unit, with a 95% bootstrap interval. {effect, low, high, n, valid}; valid = the interval is above 0.
 
     The resampling key is fixed and not the run's seed: a measure whose interval ends near 0 would otherwise be
-    valid under one study seed and not under another although the measure and the model are the same."""
+    valid under one study seed and not under another although the measure and the model are the same. With no
+    units the check is not valid and its numbers are NaN."""
+    if len(pos_values) == 0 and len(neg_values) == 0:
+        return {"effect": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "valid": False}
     eff = paired_effect(pos_values, neg_values, n_resamples=VALIDITY_RESAMPLES, seed=VALIDITY_KEY)
     return {"effect": eff["estimate"], "low": eff["low"], "high": eff["high"], "n": eff["n"],
             "valid": bool(eff["n"] > 1 and eff["low"] > 0)}
