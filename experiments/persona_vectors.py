@@ -111,8 +111,9 @@ from psm_jax.persona.directions import (SITE, cosine, mean_difference, orthogona
                                         random_directions, split_half_cosine, typical_norms, unit)
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
-from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, centre_within_groups, cohens_d, monotonic,
-                                   null_band, pearson, within_groups_null, within_groups_r, zscore)
+from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, attenuation_ceiling, centre_within_groups,
+                                   cohens_d, monotonic, null_band, pearson, within_groups_null, within_groups_r,
+                                   within_groups_reliability, zscore)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -775,12 +776,17 @@ def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) 
     return examples
 
 
+def _question_projections(mon_acts, direction, layer: int, n_systems: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per (monitoring system prompt, question) [n_systems, n_questions], the last-prompt-token and the
+    response-average projections onto direction[layer]."""
+    return tuple(project(mon_acts[key][:, layer], direction[layer]).reshape(n_systems, -1)
+                 for key in ("last_prompt", "response_mean"))
+
+
 def _monitor_projections(mon_acts, direction, layer: int, n_systems: int) -> tuple[np.ndarray, np.ndarray]:
     """Per monitoring system prompt, the mean over its questions of the last-prompt-token and the response-average
     projections onto direction[layer]."""
-    p_last = project(mon_acts["last_prompt"][:, layer], direction[layer]).reshape(n_systems, -1).mean(1)
-    p_resp = project(mon_acts["response_mean"][:, layer], direction[layer]).reshape(n_systems, -1).mean(1)
-    return p_last, p_resp
+    return tuple(q.mean(1) for q in _question_projections(mon_acts, direction, layer, n_systems))
 
 
 def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
@@ -924,10 +930,13 @@ def _within_r_by_layer(mon_acts, direction, m_sys, kinds) -> np.ndarray | None:
     return np.asarray(out)
 
 
-def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
-    """Monitoring with the response measure: its mean per system prompt vs the projections, overall and within
-    polarity; the within-polarity r beside its null (the measure shuffled across prompts of one polarity)."""
+def _response_monitoring(per_unit, systems, q_last, q_resp, seed: int) -> dict:
+    """Monitoring with the response measure: its mean per system prompt vs the projections (per prompt and
+    question, `_question_projections`; averaged over questions), overall and within polarity; the within-polarity r
+    beside its null (the measure shuffled across prompts of one polarity) and beside the r that the two series'
+    own noise allows (`_within_reliability`)."""
     m_sys = _system_measure(per_unit)
+    p_last, p_resp = q_last.mean(1), q_resp.mean(1)
     kinds = np.asarray([s.kind for s in systems])
     ok = np.isfinite(m_sys)
     enough = ok.sum() >= 3
@@ -940,7 +949,21 @@ def _response_monitoring(per_unit, systems, p_last, p_resp, seed: int) -> dict:
             "monitor_within_polarity": (within_groups_r(p_last[ok], m_sys[ok], kinds[ok], seed=seed, n_resamples=500)
                                         if enough else None),
             "monitor_within_null": within_groups_null(p_last[ok], m_sys[ok], kinds[ok], seed=seed) if enough else None,
+            "within_reliability": _within_reliability(per_unit, q_last, kinds, seed),
             "proj_last_prompt": p_last, "proj_response": p_resp}
+
+
+def _within_reliability(per_unit, q_last, kinds, seed: int) -> dict | None:
+    """Within polarity, the split-half reliability of the measure's per-prompt means (over held-out units) and of
+    the last-prompt projection's (over monitoring questions), and the within-polarity r that their noise leaves
+    reachable (`attenuation_ceiling`): a low r under a low ceiling says the prompts of one polarity hardly differ
+    beyond noise, not that the projection misses what differs. None when either has too few units or prompts."""
+    measure = within_groups_reliability(per_unit, kinds, seed=seed)
+    projection = within_groups_reliability(q_last, kinds, seed=seed)
+    if measure is None or projection is None:
+        return None
+    return {"measure": measure, "projection": projection,
+            "ceiling": attenuation_ceiling(measure["reliability"], projection["reliability"])}
 
 
 def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> dict | None:
@@ -949,9 +972,10 @@ def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: 
     layer = rule_layer(separations)
     if layer is None:
         return None
-    mon = _response_monitoring(per_unit, systems, *_monitor_projections(mon_acts, direction, layer, len(systems)),
+    mon = _response_monitoring(per_unit, systems, *_question_projections(mon_acts, direction, layer, len(systems)),
                                seed)
-    keep = ("r_last_prompt", "r_response", "monitor_within_polarity", "monitor_within_null", "proj_last_prompt")
+    keep = ("r_last_prompt", "r_response", "monitor_within_polarity", "monitor_within_null", "within_reliability",
+            "proj_last_prompt")
     return {"layer": layer, "separation": np.asarray(separations), **{k: mon[k] for k in keep}}
 
 
@@ -977,13 +1001,30 @@ def _holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, 
            "system_measure": m_sys, "n_questions": len(questions),
            "level_check": within_groups_r(levels, m_sys, kinds, seed=cfg.seed, n_resamples=500),
            "within_r_by_layer": _within_r_by_layer(acts, direction, m_sys, kinds)}
-    keep = ("r_last_prompt", "monitor_within_polarity", "monitor_within_null", "proj_last_prompt")
+    keep = ("r_last_prompt", "monitor_within_polarity", "monitor_within_null", "within_reliability", "proj_last_prompt")
     for name, layer in layers.items():
         if layer is not None:
-            mon = _response_monitoring(per_unit, systems, *_monitor_projections(acts, direction, layer, len(systems)),
-                                       cfg.seed)
+            projections = _question_projections(acts, direction, layer, len(systems))
+            mon = _response_monitoring(per_unit, systems, *projections, cfg.seed)
             out[name] = {"layer": int(layer), **{k: mon[k] for k in keep}}
     return out
+
+
+def monitoring_from_vectors(model, trait, cfg: Config, direction, layers: dict[str, int], *,
+                            progress: bool = False) -> dict:
+    """The main monitoring with the response measure ({name: layer} -> `_response_monitoring`'s result) for a saved
+    direction [n_layers, d]: the greedy answers, held-out reference units and per-prompt measure are those that
+    `run_trait` computes (all greedy, so the same for the same config and model), so a finished report can be
+    re-analysed without sampling its vectors again."""
+    greedy = _greedy_rollouts(model, trait, cfg, progress)
+    systems = greedy["systems"]
+    mon_acts = rollouts.activation_means(model, [r.conversation() for r in greedy["mon_rolls"]], site=SITE,
+                                         batch_size=cfg.batch_size)
+    held = _reference_units(model, trait, cfg, progress)[2]
+    per_unit, _ = _response_per_system(model, held, systems, cfg.batch_size)
+    return {name: _response_monitoring(per_unit, systems,
+                                       *_question_projections(mon_acts, direction, layer, len(systems)), cfg.seed)
+            for name, layer in layers.items()}
 
 
 def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, mon_acts, systems, fluency,
@@ -999,8 +1040,8 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
                              fluency)
     out["layer_sweep"]["n_pairs"] = len(sel)
-    p_last, p_resp = _monitor_projections(mon_acts, direction, out["layer"], len(systems))
-    out.update(_response_monitoring(per_unit, systems, p_last, p_resp, cfg.seed))
+    out.update(_response_monitoring(per_unit, systems,
+                                    *_question_projections(mon_acts, direction, out["layer"], len(systems)), cfg.seed))
     out["within_r_by_layer"] = _within_r_by_layer(mon_acts, direction, out["system_measure"],
                                                   np.asarray([s.kind for s in systems]))
     out["rule_monitoring"] = _rule_monitoring(per_unit, systems, mon_acts, direction, rule_separations, cfg.seed)
@@ -1382,7 +1423,8 @@ def _monitor_records(name: str, t: dict) -> list[dict]:
                                       f"removed), 95% CI [{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts; "
                                       f"overall r {w['overall']['estimate']:.3f}{band}",
                             target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
-                            validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name))
+                            validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name,
+                            **ceiling_fields(rm)))
         out += _rule_monitor_records(name, rm) + _holdout_monitor_records(name, rm)
     return out
 
@@ -1405,7 +1447,8 @@ def _holdout_monitor_records(name: str, rm: dict) -> list[dict]:
                                   f"{lc['estimate']:.3f}",
                         target="> 0.5 and above the null band", trait=name, layer=h["layer"], layer_rule=layer_name,
                         measure="response_likelihood", validity=rm.get("validity"), ci=[pw["low"], pw["high"]],
-                        null_band=null, level_check_within=lc["estimate"], key=f"{name}/{layer_name}"))
+                        null_band=null, level_check_within=lc["estimate"], key=f"{name}/{layer_name}",
+                        **ceiling_fields(h)))
     return out
 
 
@@ -1424,7 +1467,18 @@ def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
                            f"[{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts{band}",
                  target="> 0.5", trait=name, layer=rule["layer"], steering_layer=rm["layer"],
                  rule_separation=float(rule["separation"][rule["layer"]]), measure="response_likelihood",
-                 validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name)]
+                 validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name,
+                 **ceiling_fields(rule))]
+
+
+def ceiling_fields(mon: dict) -> dict:
+    """Record fields for one monitoring result's noise ceiling (`_within_reliability`); none where it was not
+    computed."""
+    rel = mon.get("within_reliability")
+    if not rel:
+        return {}
+    return {"within_ceiling": rel["ceiling"], "measure_reliability": rel["measure"]["reliability"],
+            "projection_reliability": rel["projection"]["reliability"]}
 
 
 def _specificity_records(sp: dict | None, component: str = "whole") -> list[dict]:

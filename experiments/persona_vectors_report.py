@@ -89,7 +89,7 @@ def _response_trait_line(rs: dict) -> str:
             "(effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"]))
             + f"); held-out curve ({rs['n_held_out']} pairs): {_curve_words(rs)}; {_control_words(rs['random_control'])}. "
             f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
-            f"{_within_text(rs.get('monitor_within_polarity'), rs.get('monitor_within_null'))}, "
+            f"{_within_text(rs)}, "
             f"r(response projection, measure) = {_fmt(rs['r_response'])}.{_rule_words(rs.get('rule_monitoring'))}"
             f"{_holdout_words(rs.get('holdout_monitoring'))} "
             f"Reference pairs with an empty answer (dropped): {rs['n_dropped']}.")
@@ -108,7 +108,7 @@ def _holdout_words(hold: dict | None) -> str:
         if hold.get(name):
             h = hold[name]
             parts.append(f"at {words} L{h['layer']}: r(last-prompt projection, measure) = {_fmt(h['r_last_prompt'])}"
-                         f"{_within_text(h['monitor_within_polarity'], h['monitor_within_null'])}")
+                         f"{_within_text(h)}")
     return "; ".join(parts) + "."
 
 
@@ -116,7 +116,7 @@ def _rule_words(rule: dict | None) -> str:
     """Monitoring at the layer of the extraction-data rule, or why there is none."""
     if rule is None:
         return " The extraction-data layer rule had too few rows per half to fix a layer."
-    within = _within_text(rule["monitor_within_polarity"], rule["monitor_within_null"])
+    within = _within_text(rule)
     return (f" At the layer fixed by the extraction-data rule (L{rule['layer']}, cross-fitted separation d = "
             f"{_fmt(rule['separation'][rule['layer']], '.2f')}): r(last-prompt projection, measure) = "
             f"{_fmt(rule['r_last_prompt'])}{within}.")
@@ -136,17 +136,30 @@ def _band_text(control: dict) -> str:
     return f" (mean of {control.get('n', 1)} random direction(s); fewer than {MIN_NULL_DRAWS}: no null band)"
 
 
-def _within_text(w: dict | None, null: dict | None = None) -> str:
-    """r within polarity (the association not explained by positive vs negative prompts), with its interval and the
-    band of the measure shuffled within polarity."""
+def _within_text(mon: dict) -> str:
+    """r within polarity (the association not explained by positive vs negative prompts) of one monitoring result,
+    with its interval, the band of the measure shuffled within polarity and the ceiling the series' noise sets."""
+    w, null = mon.get("monitor_within_polarity"), mon.get("monitor_within_null")
     if not w:
         return ""
     o, p = w["overall"], w["pooled_within"]
     band = (f", shuffled within polarity: 95% band [{_fmt(null['low'], '.2f')}, {_fmt(null['high'], '.2f')}]"
             if null else "")
     return (f" (overall {_fmt(o['estimate'], '.2f')} [{_fmt(o['low'], '.2f')}, {_fmt(o['high'], '.2f')}], within "
-            f"polarity {_fmt(p['estimate'], '.2f')} [{_fmt(p['low'], '.2f')}, {_fmt(p['high'], '.2f')}]{band}, "
-            f"n={o['n']} prompts)")
+            f"polarity {_fmt(p['estimate'], '.2f')} [{_fmt(p['low'], '.2f')}, {_fmt(p['high'], '.2f')}]{band}"
+            f"{_ceiling_text(mon.get('within_reliability'))}, n={o['n']} prompts)")
+
+
+def _ceiling_text(rel: dict | None) -> str:
+    """The within-polarity reliabilities of the measure and the projection, and the r their noise leaves
+    reachable."""
+    if not rel:
+        return ""
+    m, p = rel["measure"], rel["projection"]
+    return (f"; within-polarity split-half reliability of the measure {_fmt(m['reliability'], '.2f')} "
+            f"({_fmt(m['low'], '.2f')} to {_fmt(m['high'], '.2f')} over random splits) and of the projection "
+            f"{_fmt(p['reliability'], '.2f')} ({_fmt(p['low'], '.2f')} to {_fmt(p['high'], '.2f')}), so an r above "
+            f"about {_fmt(rel['ceiling'], '.2f')} is not expected even of a perfect monitor")
 
 
 def _control_cell(control: dict) -> str:
@@ -187,7 +200,14 @@ unit, with a 95% bootstrap interval over units; under the prompt of instruction 
 {len(r0['system_measure'])} graded system prompts (overall and within polarity), the last-prompt-token projection (mean over the monitoring questions, at this measure's layer) vs m
 under that system prompt; the within-polarity r beside the 95% band of r with m shuffled among the prompts of
 one polarity (its null), and, as a descriptive curve, the within-polarity r at every layer (the headline layer is
-the one steering chose, fixed before monitoring). **Monitoring layer rule:** a second layer fixed on the extraction
+the one steering chose, fixed before monitoring). **Ceiling:** how far the prompts of one polarity differ beyond
+noise, per series: the split-half reliability of m's per-prompt means (held-out units split at random into halves)
+and of the projection's (monitoring questions split likewise), both after removing each polarity's mean and stepped
+up to the full size; their geometric mean is the within-polarity r that a monitor tracking m perfectly would be
+expected to show (Spearman's attenuation), so an r near a low ceiling is not evidence against the vector. The
+ranges beside each reliability are over random splits of the same data, not intervals over prompts; with a handful
+of prompts per polarity a reliability is itself a rough estimate.
+**Monitoring layer rule:** a second layer fixed on the extraction
 data alone, before monitoring: the layer where the last prompt token's projection onto the response-average vector
 best separates the positive from the negative extraction rows, cross-fitted (the rows split by question parity;
 the vector from one half, the separation d of the other half's projections, averaged over both directions). It

@@ -370,3 +370,52 @@ def test_cohens_d_of_two_groups_against_the_textbook_formula():
     assert cols.shape == (2,) and cols[0] == pytest.approx(3.0)  # pooled sd 1
     with pytest.raises(ValueError, match="at least 2 values"):
         S.cohens_d([1.0], [1.0, 2.0])
+
+
+def _rows_of_units(true_rows, noise_sd, n_units, rng):
+    """[rows, units]: each row's true value plus independent unit noise."""
+    return true_rows[:, None] + rng.normal(0, noise_sd, (true_rows.size, n_units))
+
+
+def test_within_groups_reliability_matches_classical_test_theory_and_ignores_group_means():
+    rng = np.random.default_rng(3)
+    n_rows, n_units = 600, 20
+    true_rows = rng.normal(0, 1, n_rows)
+    groups = np.repeat(["pos", "neg"], n_rows // 2)
+    values = _rows_of_units(true_rows, np.sqrt(n_units), n_units, rng)  # noise of a row's mean: variance 1
+    res = S.within_groups_reliability(values, groups, n_splits=100, seed=0)
+    assert res["reliability"] == pytest.approx(0.5, abs=0.07)  # var(true) / (var(true) + var(noise of the mean))
+    assert res["low"] <= res["reliability"] <= res["high"] and res["n_units"] == n_units
+    shifted = values + np.where(groups == "pos", 50.0, -50.0)[:, None]  # a between-group difference only
+    assert S.within_groups_reliability(shifted, groups, n_splits=100, seed=0)["reliability"] == pytest.approx(
+        res["reliability"], abs=1e-9)
+    pooled = S.within_groups_reliability(shifted, np.zeros(n_rows, int), n_splits=100, seed=0)
+    assert pooled["reliability"] > 0.99  # the same rows with the groups' difference left in look perfectly reliable
+
+
+def test_within_groups_reliability_skips_missing_units_and_rejects_bad_shapes():
+    rng = np.random.default_rng(4)
+    values = _rows_of_units(rng.normal(0, 1, 12), 0.1, 6, rng)
+    values[0, :] = np.nan  # a row never measured
+    values[1, :3] = np.nan  # a row measured on half its units
+    res = S.within_groups_reliability(values, np.repeat([0, 1], 6), n_splits=50, seed=0)
+    assert res["reliability"] > 0.95 and res["n_splits"] >= 1
+    assert S.within_groups_reliability(values[:, :1], np.repeat([0, 1], 6)) is None
+    with pytest.raises(ValueError, match="one group label per row"):
+        S.within_groups_reliability(values, [0, 1])
+    with pytest.raises(ValueError, match=r"\[rows, units\]"):
+        S.within_groups_reliability(values[0], np.repeat([0, 1], 6))
+
+
+def test_attenuation_ceiling_predicts_the_r_of_two_noisy_measures_of_one_quantity():
+    rng = np.random.default_rng(5)
+    n_rows, n_units = 3000, 10
+    true_rows = rng.normal(0, 1, n_rows)
+    groups = np.zeros(n_rows, int)
+    x = _rows_of_units(true_rows, np.sqrt(n_units * 1.0), n_units, rng)  # reliability 0.5
+    y = _rows_of_units(true_rows, np.sqrt(n_units * 0.25), n_units, rng)  # reliability 0.8
+    ceiling = S.attenuation_ceiling(S.within_groups_reliability(x, groups, n_splits=40)["reliability"],
+                                    S.within_groups_reliability(y, groups, n_splits=40)["reliability"])
+    assert ceiling == pytest.approx(np.sqrt(0.4), abs=0.05)
+    assert S.pearson(x.mean(1), y.mean(1)) == pytest.approx(ceiling, abs=0.05)
+    assert S.attenuation_ceiling(0.64, 0.25) == pytest.approx(0.4) and S.attenuation_ceiling(-0.2, 0.9) == 0.0

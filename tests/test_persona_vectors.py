@@ -608,6 +608,13 @@ def test_run_end_to_end_tiny(tmp_path, model):
     assert (out / "response_steering_curves.png").is_file()
     tensors, meta = pv.load_persona_vectors(out / "vectors_evil.safetensors", model, model_name="small-test-model")
     assert set(tensors) == set(pv.VARIANTS) and meta["site"] == "resid_post"
+    from psm_jax.persona.prompts import load_traits
+
+    rebuilt = pv.monitoring_from_vectors(model, load_traits(cfg.traits[:1])[0], cfg, tensors["response_avg"],
+                                         {"steering": rm["layer"]})["steering"]  # from the saved vectors
+    np.testing.assert_allclose(rebuilt["system_measure"], rm["system_measure"], rtol=1e-6)
+    np.testing.assert_allclose(rebuilt["proj_last_prompt"], rm["proj_last_prompt"], rtol=1e-5)
+    assert rebuilt["r_last_prompt"] == pytest.approx(rm["r_last_prompt"], abs=1e-6)
     # same config and seed -> same numbers
     res2 = pv.run(cfg, model)
     np.testing.assert_allclose(res.results[0]["steering"]["measure"], res2.results[0]["steering"]["measure"])
@@ -777,8 +784,7 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
             mc[kinds == g] -= m_sys[kinds == g].mean()
         assert curve[layer] == pytest.approx(np.corrcoef(pc, mc)[0, 1], abs=1e-9)
     assert int(np.argmax(curve)) == 2 and curve[2] > 0.95
-    p_last, p_resp = pv._monitor_projections(mon_acts, direction, 2, n_sys)
-    mon = pv._response_monitoring(per_unit, systems, p_last, p_resp, seed=0)
+    mon = pv._response_monitoring(per_unit, systems, *pv._question_projections(mon_acts, direction, 2, n_sys), seed=0)
     within, null = mon["monitor_within_polarity"]["pooled_within"], mon["monitor_within_null"]
     assert within["estimate"] == pytest.approx(curve[2]) and within["estimate"] > null["high"] > null["low"]
     assert null["n"] >= 20 and abs(null["mean"]) < 0.2
@@ -790,6 +796,30 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
     assert line["metric"] == "persona_monitor_within_r" and line["null_band"] == null
     assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
     assert pv._within_r_by_layer(mon_acts, direction, np.full(n_sys, np.nan), kinds) is None
+
+
+def test_monitoring_ceiling_reads_the_noise_of_each_series_within_polarity():
+    """The ceiling of the within-polarity r comes from each series' own units: per-prompt measures that repeat
+    exactly across held-out units are perfectly reliable; projections that differ between prompts only by question
+    noise are not, and the ceiling falls with them; a planted prompt effect on the projections raises it. The
+    report and the record carry it."""
+    rng = np.random.default_rng(6)
+    systems = [pv.MonitorPrompt(k, 0, f"{k}{i}", 2) for k in ("pos", "neg") for i in range(40)]
+    n_sys, n_q = len(systems), 10
+    prompt_effect = rng.normal(size=n_sys)
+    per_unit = np.repeat(prompt_effect[:, None], 6, axis=1)
+    noise_only = rng.normal(size=(n_sys, n_q))
+    planted = prompt_effect[:, None] + 0.1 * rng.normal(size=(n_sys, n_q))
+    low = pv._response_monitoring(per_unit, systems, noise_only, noise_only, seed=0)["within_reliability"]
+    high = pv._response_monitoring(per_unit, systems, planted, planted, seed=0)["within_reliability"]
+    assert low["measure"]["reliability"] == pytest.approx(1.0) and low["measure"]["n_units"] == 6
+    assert low["projection"]["n_units"] == n_q and low["ceiling"] < 0.5
+    assert high["projection"]["reliability"] > 0.95 and high["ceiling"] > 0.95
+    assert high["ceiling"] == pytest.approx(np.sqrt(high["projection"]["reliability"]))
+    text = pvr._ceiling_text(low)
+    assert f"about {low['ceiling']:.2f} is not expected" in text and pvr._ceiling_text(None) == ""
+    assert pv.ceiling_fields({"within_reliability": high})["within_ceiling"] == high["ceiling"]
+    assert pv.ceiling_fields({}) == {}
 
 
 def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():

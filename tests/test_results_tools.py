@@ -110,3 +110,22 @@ def test_finetune_vector_blocks_compare_disjoint_questions():
     cross = largest_cross_trait(results)
     assert cross["a"] == pytest.approx(2 ** -0.5) and cross["c"] == pytest.approx(0.0)
     assert list(itertools.islice(largest_cross_trait({"a": results["a"]}).values(), 1)) == [None]
+
+
+def test_monitoring_ceiling_reads_the_run_layers_and_refuses_a_rebuild_that_differs():
+    import pytest
+
+    from benchmarks.monitoring_ceiling import check_rebuild, monitoring_layers, reported_within_r
+
+    within = {"monitor_within_polarity": {"pooled_within": {"estimate": 0.25}}}
+    tm = {"response_measure": {"layer": 14, **within,
+                               "rule_monitoring": {"layer": 28, "monitor_within_polarity": {"pooled_within":
+                                                                                           {"estimate": 0.7}}}}}
+    assert monitoring_layers(tm) == {"steering": 14, "rule": 28}
+    assert reported_within_r(tm, "steering") == 0.25 and reported_within_r(tm, "rule") == 0.7
+    assert monitoring_layers({"response_measure": {"layer": 3, "rule_monitoring": None}}) == {"steering": 3}
+    with pytest.raises(ValueError, match="response_measure=true"):
+        monitoring_layers({"response_measure": None})
+    check_rebuild("evil", "steering", 0.25 + 1e-9, 0.25)
+    with pytest.raises(RuntimeError, match="differs from the report"):
+        check_rebuild("evil", "steering", 0.26, 0.25)

@@ -17,6 +17,8 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     permutation_r_null(x, y)                   band of r with the pairing shuffled across all units
     within_groups_null(x, y, groups)           band of the pooled within-group r with the pairing shuffled per group
     standardised_pooled_r(x, y, groups)        r over per-group standardised values, stratified bootstrap, per-group r
+    within_groups_reliability(values, groups)  split-half reliability of per-row means once group means are removed
+    attenuation_ceiling(rel_x, rel_y)          the largest r two measures of these reliabilities can show
     cohens_d(a, b)                             effect size of two groups (per column), pooled sd
 """
 from __future__ import annotations
@@ -324,6 +326,63 @@ def within_groups_null(x, y, groups, *, n_shuffles: int = DEFAULT_SHUFFLES, seed
             shuffled[idx] = yc[rng.permutation(idx)]
         rs.append(pearson(xc, shuffled))
     return null_band([r for r in rs if np.isfinite(r)])
+
+
+def within_groups_reliability(values, groups, *, n_splits: int = 200, seed: int = 0) -> dict | None:
+    """How reproducible the differences between rows' means are once each group's mean is removed: the ceiling that
+    noise puts on a within-group correlation of those means with anything else.
+
+    values [R, U]: R rows (e.g. system prompts), each the mean over U units (e.g. questions); NaN marks a unit not
+    measured for that row. groups [R]. The units are split at random into two halves; each half gives every row's
+    mean over its finite units, centred within groups (`centre_within_groups`); the two halves' r across rows is
+    stepped up to the full size by Spearman-Brown, 2r / (1 + |r|). Rows lacking a unit in either half are left out
+    of that split. Returns dict(half, reliability: means over splits; low, high: 2.5% and 97.5% of the stepped-up
+    value over splits; n_rows, n_units, n_splits), or None with fewer than 2 units or 3 usable rows."""
+    x = np.asarray(values, np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"values has shape {x.shape}; expected [rows, units]")
+    g = np.asarray(groups)
+    if g.shape != x.shape[:1]:
+        raise ValueError(f"groups has shape {g.shape} for {x.shape[0]} rows; expected one group label per row")
+    if n_splits < 1:
+        raise ValueError(f"n_splits={n_splits}; expected >= 1")
+    n_units = x.shape[1]
+    if n_units < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    half = []
+    for _ in range(n_splits):
+        first = np.zeros(n_units, bool)
+        first[rng.permutation(n_units)[:n_units // 2]] = True
+        a, b = (_row_means(x[:, cols]) for cols in (first, ~first))
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() < 3:
+            continue
+        r = pearson(centre_within_groups(a[ok], g[ok]), centre_within_groups(b[ok], g[ok]))
+        if np.isfinite(r):
+            half.append(r)
+    if not half:
+        return None
+    half = np.asarray(half)
+    stepped = 2 * half / (1 + np.abs(half))
+    return {"half": float(half.mean()), "reliability": float(stepped.mean()),
+            "low": float(np.percentile(stepped, 2.5)), "high": float(np.percentile(stepped, 97.5)),
+            "n_rows": int(x.shape[0]), "n_units": int(n_units), "n_splits": int(len(half))}
+
+
+def _row_means(x: np.ndarray) -> np.ndarray:
+    """Mean of each row over its finite entries; NaN for a row with none."""
+    finite = np.isfinite(x)
+    counts = finite.sum(1)
+    sums = np.where(finite, x, 0.0).sum(1)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def attenuation_ceiling(rel_x: float, rel_y: float) -> float:
+    """The largest correlation two measures with these reliabilities are expected to show even if what they
+    measure were perfectly correlated (Spearman's attenuation: observed r = true r x sqrt(rel_x x rel_y)). A
+    negative reliability counts as 0."""
+    return float(np.sqrt(max(float(rel_x), 0.0) * max(float(rel_y), 0.0)))
 
 
 MIN_GROUP_UNITS = 3  # fewer units in a group carry no correlation inside it (two points always lie on a line)
