@@ -62,7 +62,9 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    pair); layer chosen by m on the even-indexed questions, curve (+ the random band when valid) on the
    odd-indexed ones; monitoring r = last-prompt projection vs m across the graded system prompts, at the
    layer that steering chose. Its within-polarity r is compared with the band of m shuffled among the prompts
-   of one polarity; the same r at every layer is a descriptive curve, never the layer choice. A second
+   of one polarity and with the ceiling that both series' noise sets (`_within_reliability`: split-half
+   reliability within polarity of m over held-out units and of the projection over questions); the same r
+   at every layer is a descriptive curve, never the layer choice. A second
    monitoring layer is fixed on the extraction data alone (`crossfit_separation`): the layer where the
    last prompt token's projection best separates positive from negative extraction rows, cross-fitted
    over question halves; its within-polarity r is reported beside the steering layer's. A blind test of
