@@ -129,3 +129,22 @@ def test_monitoring_ceiling_reads_the_run_layers_and_refuses_a_rebuild_that_diff
     check_rebuild("evil", "steering", 0.25 + 1e-9, 0.25)
     with pytest.raises(RuntimeError, match="differs from the report"):
         check_rebuild("evil", "steering", 0.26, 0.25)
+
+
+def test_judge_validity_reads_one_traits_extraction_answers_grouped_by_question():
+    import pytest
+
+    from benchmarks.judge_validity import extraction_rows
+    from experiments.persona_vectors import judge_validity
+
+    lines = [{"trait": "evil", "kind": "extraction", "polarity": pol, "question": f"q{q}", "response": f"{pol}{q}{k}"}
+             for q in range(4) for pol in ("pos", "neg") for k in range(2)]
+    lines += [{"trait": "humorous", "kind": "extraction", "polarity": "pos", "question": "q0", "response": "x"},
+              {"trait": "evil", "kind": "own", "question": "q0", "response": "y"}]
+    rows = extraction_rows(lines, "evil")
+    assert len(rows) == 16 and {r["question"] for r in rows} == {"q0", "q1", "q2", "q3"}
+    scores = [80.0 + q if r["polarity"] == "pos" else 20.0 for q, r in ((int(r["question"][1]), r) for r in rows)]
+    check = judge_validity(rows, scores)
+    assert check["n"] == 4 and check["effect"] == pytest.approx(61.5) and check["valid"]
+    with pytest.raises(ValueError, match="no extraction answers of trait 'sycophantic'"):
+        extraction_rows(lines, "sycophantic")
