@@ -51,6 +51,7 @@ from psm_jax.persona.directions import (axis_from_vectors, axis_pc1_cosines, gro
                                         MIN_BOOTSTRAP_ROLES, persona_space_intervals,
                                         unit)
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv  # noqa: F401
+from psm_jax.persona.stats import spearman_brown
 from experiments.sharegpt import sharegpt_conversations
 from psm_jax.reductions import components_for_variance, pca
 
@@ -234,7 +235,7 @@ def split_half(means_l, groups, keep, question_ids, n_groups: int, default_l, fr
     a, b = (h[0][ok] - h[0][ok].mean(axis=0) for h in halves)
     r = float(np.corrcoef(a.reshape(-1), b.reshape(-1))[0, 1])
     summ = [_space_summary(h[0][ok], default_l, fraction, seed) for h in halves]
-    return {"n_roles": int(ok.sum()), "half_correlation": r, "reliability": 2 * r / (1 + r) if r > -1 else None,
+    return {"n_roles": int(ok.sum()), "half_correlation": r, "reliability": float(spearman_brown(r)),
             "halves": [{"pc": f"PC{s['carrier'] + 1}", "percentile": s["percentile"], "cosine": s["cosine"],
                         "target_met": s["target_met"]} for s in summ]}
 

@@ -419,3 +419,8 @@ def test_attenuation_ceiling_predicts_the_r_of_two_noisy_measures_of_one_quantit
     assert ceiling == pytest.approx(np.sqrt(0.4), abs=0.05)
     assert S.pearson(x.mean(1), y.mean(1)) == pytest.approx(ceiling, abs=0.05)
     assert S.attenuation_ceiling(0.64, 0.25) == pytest.approx(0.4) and S.attenuation_ceiling(-0.2, 0.9) == 0.0
+
+
+def test_spearman_brown_steps_a_half_size_agreement_up_and_mirrors_below_zero():
+    np.testing.assert_allclose(S.spearman_brown([0.5, 0.0, 1.0, -0.5]), [2 / 3, 0.0, 1.0, -2 / 3])
+    assert float(S.spearman_brown(0.25)) == pytest.approx(0.4)  # 2 x 0.25 / 1.25

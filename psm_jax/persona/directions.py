@@ -16,6 +16,7 @@ import numpy as np
 
 from psm_jax.chat import Role
 from psm_jax.model import Capture, forward
+from psm_jax.persona.stats import spearman_brown
 from psm_jax.reductions import components_for_variance, pca
 
 SITE = "resid_post"
@@ -103,7 +104,7 @@ def split_half_cosine(pos, neg, pos_groups, neg_groups, *, n_splits: int = 50, s
         a, b = a.astype(np.float64), b.astype(np.float64)
         half.append(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12))
     half = np.asarray(half)
-    stepped = 2 * half / (1 + np.abs(half))
+    stepped = spearman_brown(half)
     return {"half": half.mean(0), "predicted": stepped.mean(0), "low": np.percentile(stepped, 2.5, axis=0),
             "high": np.percentile(stepped, 97.5, axis=0), "n_groups": int(len(groups)), "n_splits": int(n_splits),
             "distinct_splits": distinct_half_splits(len(groups))}

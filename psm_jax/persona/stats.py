@@ -17,6 +17,7 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     permutation_r_null(x, y)                   band of r with the pairing shuffled across all units
     within_groups_null(x, y, groups)           band of the pooled within-group r with the pairing shuffled per group
     standardised_pooled_r(x, y, groups)        r over per-group standardised values, stratified bootstrap, per-group r
+    spearman_brown(half_r)                     a half-size agreement stepped up to the full size
     within_groups_reliability(values, groups)  split-half reliability of per-row means once group means are removed
     attenuation_ceiling(rel_x, rel_y)          the largest r two measures of these reliabilities can show
     cohens_d(a, b)                             effect size of two groups (per column), pooled sd
@@ -328,6 +329,13 @@ def within_groups_null(x, y, groups, *, n_shuffles: int = DEFAULT_SHUFFLES, seed
     return null_band([r for r in rs if np.isfinite(r)])
 
 
+def spearman_brown(half_r):
+    """The agreement of two full-size samples predicted from that of two half-size ones (Spearman-Brown),
+    2r / (1 + |r|): the usual 2r / (1 + r) for r >= 0, mirrored for r < 0 so that the result stays in [-1, 1]."""
+    r = np.asarray(half_r, np.float64)
+    return 2 * r / (1 + np.abs(r))
+
+
 def within_groups_reliability(values, groups, *, n_splits: int = 200, seed: int = 0) -> dict | None:
     """How reproducible the differences between rows' means are once each group's mean is removed: the ceiling that
     noise puts on a within-group correlation of those means with anything else.
@@ -364,7 +372,7 @@ def within_groups_reliability(values, groups, *, n_splits: int = 200, seed: int 
     if not half:
         return None
     half = np.asarray(half)
-    stepped = 2 * half / (1 + np.abs(half))
+    stepped = spearman_brown(half)
     return {"half": float(half.mean()), "reliability": float(stepped.mean()),
             "low": float(np.percentile(stepped, 2.5)), "high": float(np.percentile(stepped, 97.5)),
             "n_rows": int(x.shape[0]), "n_units": int(n_units), "n_splits": int(len(half))}
