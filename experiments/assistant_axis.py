@@ -49,7 +49,7 @@ from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.directions import SITE
 from psm_jax.persona.directions import (axis_from_vectors, axis_pc1_cosines, group_means, persona_space,  # noqa: F401
                                         MIN_BOOTSTRAP_ROLES, persona_space_intervals,
-                                        unit)
+                                        random_cosine_band, unit)
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv  # noqa: F401
 from psm_jax.persona.stats import spearman_brown
 from experiments.sharegpt import sharegpt_conversations
@@ -844,18 +844,21 @@ def _save_vectors(rep, res: AxisResult) -> None:
 
 
 def records(res: AxisResult) -> list[dict]:
-    """Headline lines: PCs for 70% variance, and per top PC the default Assistant's percentile and the axis cosine."""
+    """Headline lines: PCs for 70% variance, and per top PC the default Assistant's percentile and the axis cosine,
+    each with its interval over roles and its null."""
     m, cfg = res.metrics, res.config
     ref = f"{cfg.model}; {m['n_roles']} roles, layer {m['target_layer']}, seed {cfg.seed}"
     out = [dict(metric="persona_space_pcs_for_70pct", value=int(m["persona_space_pcs_for_70pct"]), unit="PCs",
                 reference=ref + "; Lu et al. 2026: 4 / 8 / 19 (Gemma 2 27B / Qwen 3 32B / Llama 3.3 70B; 275 roles)",
-                target=None, n_roles=m["n_roles"], layer=m["target_layer"], model=cfg.model)]
+                target=None, n_roles=m["n_roles"], layer=m["target_layer"], model=cfg.model,
+                null="none: descriptive (compared with the papers' counts)")]
     sets = [("all", "", m["default_percentile_by_pc"], m["axis_cosine_by_pc"],
              m.get("default_percentile_ci_by_pc"), m.get("axis_abs_cosine_ci_by_pc"), m["n_roles"])]
     if "human_percentile_by_pc" in m:
         sets.append(("human", "human/", m["human_percentile_by_pc"], m["human_cosine_by_pc"],
                      m.get("human_percentile_ci_by_pc"), m.get("human_abs_cosine_ci_by_pc"),
                      m["carrier_human"]["n_roles"]))
+    cos_null = random_cosine_band(res.d_model, seed=cfg.seed)
     for role_set, prefix, pcts, coss, pct_ci, cos_ci, n in sets:
         carrier = m[f"carrier_{role_set}"]["pc"]
         for k, (pct, cos) in enumerate(zip(pcts, coss)):
@@ -863,9 +866,13 @@ def records(res: AxisResult) -> list[dict]:
             extra = dict(pc=pc, key=prefix + pc, role_set=role_set, n_roles=n, carrier=pc == carrier)
             out.append(dict(metric="axis_assistant_pc_percentile", value=round(pct, 4), unit="fraction of roles below",
                             reference=ref + f"; role set {role_set} ({n} roles)", target="> 0.95 on one of the top-3 PCs",
+                            null="the default exchangeable with the roles: percentile uniform, above 0.95 in 5% of "
+                                 "draws",
                             **extra, **({"ci": [round(x, 4) for x in pct_ci[k]]} if pct_ci and k < len(pct_ci) else {})))
             out.append(dict(metric="axis_assistant_pc_cosine", value=round(cos, 4), unit="cosine",
                             reference=ref + f"; role set {role_set} ({n} roles)",
                             target="|cos| > 0.6 for that PC (Lu et al. 2026: > 0.71 with PC1)",
-                            **extra, **({"abs_ci": [round(x, 4) for x in cos_ci[k]]} if cos_ci and k < len(cos_ci) else {})))
+                            null=f"random directions in {res.d_model} dimensions: |cos| below {cos_null:.3f} in 95%",
+                            **extra, **({"ci": [round(x, 4) for x in cos_ci[k]], "ci_of": "|cos|"}
+                                        if cos_ci and k < len(cos_ci) else {})))
     return out

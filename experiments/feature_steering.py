@@ -605,5 +605,18 @@ def records(result: Result) -> list[dict]:
                         effect_high=best["effect"]["high"], n=int(best["effect"]["n"]),
                         n_random=int(np.isfinite(r["random_effects"]).sum()),
                         vector_z=float(vec["z"]), vector_effect=vec["effect"]["estimate"], layer=result.layer,
-                        model=result.config.model))
+                        model=result.config.model, ci=[best["effect"]["low"], best["effect"]["high"]],
+                        ci_of=f"the latent's effect (score change), n = {int(best['effect']['n'])} questions",
+                        null=_random_null_text(r["random_effects"])))
     return [jsonable(line) for line in out]  # NaN -> None: strict JSON lines
+
+
+def _random_null_text(effects) -> str:
+    """The random directions' band of effects, the reference of the z."""
+    finite = np.asarray(effects, float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < MIN_NULL_DRAWS:
+        return f"none: {finite.size} random directions, fewer than a band needs ({MIN_NULL_DRAWS})"
+    band = null_band(finite)
+    return (f"{finite.size} random directions at matched norm and strength: effects' 95% band "
+            f"[{band['low']:+.3g}, {band['high']:+.3g}] (z = 0 is their mean)")

@@ -1096,7 +1096,8 @@ def records(result: Result) -> list[dict]:
                             pooled_r_unstandardised_null_low=raw["null"]["low"],
                             pooled_r_unstandardised_null_high=raw["null"]["high"],
                             vs_original_r=None if vs_original is None else vs_original["r"]["estimate"],
-                            **_within_fields(c),
+                            **_within_fields(c), ci=[c["r"]["low"], c["r"]["high"]],
+                            null=f"{c['null_kind']}: 95% band [{c['null']['low']:+.2f}, {c['null']['high']:+.2f}]",
                             reference=f"{ref}; {c['statistic']}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], "
                                       f"n={c['n']} fine-tunes; null ({c['null_kind']}) [{c['null']['low']:.2f}, "
                                       f"{c['null']['high']:.2f}]", **common))
@@ -1109,7 +1110,8 @@ def records(result: Result) -> list[dict]:
                             reference=f"split halves of {rel['n_groups']} extraction questions x "
                                       f"{cfg.n_extract_pairs} instruction pairs, greedy answers, stepped up to the "
                                       "full size (Spearman-Brown); 2.5-97.5% over splits",
-                            target="reported beside the shifts measured along the vector", **common))
+                            target="reported beside the shifts measured along the vector",
+                            null="none: a reliability, read beside the shifts", **common))
         valid = per["validity"]["valid"]
         for p in per.get("prevention", []):
             red = p["reduction"]
@@ -1119,7 +1121,8 @@ def records(result: Result) -> list[dict]:
                             low=red["low"], high=red["high"], relative_to_control=p["relative_to_control"],
                             ppl_vs_plain=(p.get("ppl_vs_plain") or {}).get("ratio"), meets_target=prevention_target(p),
                             plain_ppl_ratio=(p["plain_ppl"] or {}).get("ratio"), measure_valid=valid,
-                            plain_toward_trait=p.get("plain_toward_trait"),
+                            plain_toward_trait=p.get("plain_toward_trait"), ci=[red["low"], red["high"]],
+                            null="0: no reduction of the plain fine-tune's shift beyond the control",
                             reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "
                                       f"{red['high']:.3f}], n={red['n']} questions; plain shift "
                                       f"{p['plain_shift']['estimate']:.3g}", **common))
@@ -1130,7 +1133,8 @@ def records(result: Result) -> list[dict]:
                 out.append(dict(metric=name, value=e["estimate"], unit="trait score (per-token log-lik diff)",
                                 target="< 0" if name.startswith("inoc") else "> 0", trait=trait, key=trait,
                                 measure_valid=valid, reference=f"95% CI [{e['low']:.3f}, {e['high']:.3f}], "
-                                                               f"n={e['n']} questions", **common))
+                                                               f"n={e['n']} questions", ci=[e["low"], e["high"]],
+                                null="0: no difference from the plain fine-tune", **common))
     out += _beyond_records(result, common)
     return [ln for ln in out if np.isfinite(ln["value"])]
 
@@ -1160,7 +1164,10 @@ def _beyond_records(result: Result, common: dict) -> list[dict]:
                             in_domain_effect=ind["estimate"], in_domain_low=ind["low"], in_domain_high=ind["high"],
                             out_of_domain_effect=ood["estimate"], readable=row["readable"], measure_valid=valid,
                             null_control_in=ctrl["in"][nv["trait"]]["estimate"],
-                            null_control_out=ctrl["out"][nv["trait"]]["estimate"],
+                            null_control_out=ctrl["out"][nv["trait"]]["estimate"], ci=[s["low"], s["high"]],
+                            null=f"the control fine-tune's trait score change: in-domain "
+                                 f"{ctrl['in'][nv['trait']]['estimate']:+.3g}, out-of-domain "
+                                 f"{ctrl['out'][nv['trait']]['estimate']:+.3g} (the spread is taken beyond it)",
                             reference=f"95% CI [{s['low']:.3f}, {s['high']:.3f}], n={s['n_den']} in-domain + "
                                       f"{s['n_num']} out-of-domain questions; in-domain effect {ind['estimate']:.3g} "
                                       f"[{ind['low']:.3g}, {ind['high']:.3g}]", **common))
@@ -1186,6 +1193,9 @@ def _overlap_record(ov: dict, sp: dict, md: dict, common: dict, *, key: str | No
                 overlap_low=ov["interval"]["low"], overlap_high=ov["interval"]["high"], n_questions=sp["r"]["n"],
                 overlap_left_out_min=ov["interval"]["left_out_min"],
                 overlap_left_out_max=ov["interval"]["left_out_max"],
+                ci=[ov["interval"]["low"] / ov["k"], ov["interval"]["high"] / ov["k"]],
+                null=f"random top-{ov['k']} sets among {ov['n_latents']} latents: 95% band "
+                     f"[{ov['null']['low'] / ov['k']:.3g}, {ov['null']['high'] / ov['k']:.3g}]",
                 reference=f"{what}top-{ov['k']} overlap {_overlap_text(ov)} (chance {ov['chance']:.2f}, random band "
                           f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} latents; "
                           f"Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, {sp['r']['high']:.3f}]; "

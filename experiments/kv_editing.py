@@ -761,6 +761,17 @@ def _assistant_vs_user_text(v: dict) -> str:
     return counts + "".join(parts) + verdict
 
 
+def _edit_null_text(shift: dict, controls: dict) -> str:
+    """What an axis edit's shift is compared with: 0, and the band of random directions edited the same way."""
+    bands = [c for c in controls.values() if c["kind"] == shift["kind"] and "band_low" in c]
+    text = "0 (no shift)"
+    if bands:
+        c = bands[0]
+        text += (f"; {c['n_directions']} random directions at matched norm ({shift['kind']}, direct edit): 95% band "
+                 f"[{c['band_low']:+.3f}, {c['band_high']:+.3f}]")
+    return text
+
+
 def _assistant_vs_user_record(v: dict, name: str, d: dict, cfg: Config) -> dict:
     return dict(metric="kv_edit_assistant_minus_user_shift", value=round(d["estimate"], 4),
                 unit="nats per token (identity log-odds shift, paired difference)",
@@ -770,7 +781,8 @@ def _assistant_vs_user_record(v: dict, name: str, d: dict, cfg: Config) -> dict:
                           f"history: assistant {v['assistant_tokens']}, user {v['user_tokens']}; model {cfg.model}, "
                           f"seed {cfg.seed}",
                 target="interval above 0 (the persona is carried by the assistant turns)", kind=v["kind"],
-                key=f"{name}/{v['kind']}", ci_low=d["low"], ci_high=d["high"], n=d["n"])
+                key=f"{name}/{v['kind']}", ci_low=d["low"], ci_high=d["high"], n=d["n"], ci=[d["low"], d["high"]],
+                null="0: assistant and user tokens carry the identity alike")
 
 
 def _target_text(shifts: dict, controls: dict) -> str:
@@ -902,6 +914,7 @@ def records(result: Result) -> list[dict]:
     """Per (mode, kind) the identity shift's interval low; per (control, kind) the control's interval."""
     cfg = result.config
     out = []
+    controls = control_shifts(result.rows, cfg.seed)
     for key, v in identity_shifts(result.rows, cfg.seed).items():
         out.append(dict(metric="kv_edit_identity_shift_ci_low", value=round(v["ci_low"], 4),
                         unit="nats per token (identity log-odds shift, 95% CI low)",
@@ -910,8 +923,9 @@ def records(result: Result) -> list[dict]:
                                   f"samples each; histories {','.join(cfg.histories)}), model {cfg.model}, seed "
                                   f"{cfg.seed}; shift {v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, "
                                   f"{v['ci_high']:+.4f}]",
-                        target="> 0 (toward the Assistant)", mode=v["mode"], kind=v["kind"], key=key))
-    for key, v in control_shifts(result.rows, cfg.seed).items():
+                        target="> 0 (toward the Assistant)", mode=v["mode"], kind=v["kind"], key=key,
+                        ci=[v["ci_low"], v["ci_high"]], ci_of="the shift", null=_edit_null_text(v, controls)))
+    for key, v in controls.items():
         band = (f"; band of {v['n_directions']} directions [{v['band_low']:+.4f}, {v['band_high']:+.4f}]"
                 if "band_low" in v else "")
         out.append(dict(metric="kv_edit_control_shift_ci", value=f"[{v['ci_low']:+.4f}, {v['ci_high']:+.4f}]",
@@ -920,7 +934,10 @@ def records(result: Result) -> list[dict]:
                                   f"({v['kind']}), layers {v['layers']}, n={v['n']} conversation x probe units, "
                                   f"model {cfg.model}, seed {cfg.seed}; shift {v['logodds_shift']:+.4f}{band}",
                         target="contains 0", control=v["control"], kind=v["kind"], key=key, ci_low=v["ci_low"],
-                        ci_high=v["ci_high"]))
+                        ci_high=v["ci_high"], ci=[v["ci_low"], v["ci_high"]], ci_of="the control's shift",
+                        null="0: a control edit should not move the identity"
+                             + (f"; random directions' band [{v['band_low']:+.3f}, {v['band_high']:+.3f}]"
+                                if "band_low" in v else "")))
         for name, d in v.get("assistant_minus_user", {}).items():
             out.append(_assistant_vs_user_record(v, name, d, cfg))
     return out

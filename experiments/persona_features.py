@@ -1066,7 +1066,8 @@ def records(result: Result) -> list[dict]:
                         best_decoder_cosine=m.get("best_decoder_cosine"),
                         best_decoder_cosine_z=m.get("best_decoder_cosine_z"),
                         best_detection_accuracy=m["best_detection_balanced_accuracy"],
-                        best_detection_auroc=m["best_detection_auroc"], layer=result.sae.layer, model=cfg.model))
+                        best_detection_auroc=m["best_detection_auroc"], layer=result.sae.layer, model=cfg.model,
+                        **_found_evidence(m, val)))
         sp = m.get("specific")
         if sp:
             val = sp["best_effect_validation"]
@@ -1080,5 +1081,18 @@ def records(result: Result) -> list[dict]:
                             best_margin_validation=sp["best_margin_validation"],
                             best_d_validation_other_traits=sp["best_d_validation_other_traits"],
                             best_effect=val["estimate"], best_effect_low=val["low"], best_effect_high=val["high"],
-                            n=val["n"], n_unit="validation questions", layer=result.sae.layer, model=cfg.model))
+                            n=val["n"], n_unit="validation questions", layer=result.sae.layer, model=cfg.model,
+                            **_found_evidence(sp, val)))
     return [jsonable(line) for line in out]  # NaN -> None: strict JSON lines
+
+
+def _found_evidence(m: dict, val: dict) -> dict:
+    """A count's evidence fields: the shuffled-label band of the count, and the interval of the best latent's
+    activation difference (the count itself has no interval)."""
+    band = m["null_band"]
+    out = {"null": f"pos/neg labels shuffled ({len(m['null_found'])} shuffles): 95% band "
+                   f"[{band['low']:g}, {band['high']:g}] latents"}
+    if all(np.isfinite(x) for x in (val["low"], val["high"])):
+        out.update(ci=[float(val["low"]), float(val["high"])],
+                   ci_of=f"the best latent's activation difference, n = {val['n']} validation questions")
+    return out

@@ -94,6 +94,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -114,7 +115,8 @@ from psm_jax.persona.directions import (SITE, cosine, mean_difference, orthogona
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
 from psm_jax.persona.stats import (MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, attenuation_ceiling, centre_within_groups,
-                                   cohens_d, monotonic, null_band, pearson, within_groups_null, within_groups_r,
+                                   cohens_d, monotonic, null_band, pearson, pearson_ci, within_groups_null,
+                                   within_groups_r,
                                    within_groups_reliability, zscore)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
@@ -1396,39 +1398,64 @@ def _monotonic_records(m: dict) -> list[dict]:
             text = CRITERION_TEXT["strict_ppl_band" if crit.endswith("_band") else
                                   "strict_ppl" if crit.startswith("strict_ppl") else crit]
             out.append(dict(metric="persona_steering_monotonic_traits", value=value, unit="traits", reference=REFERENCE,
-                            target=">= 3 of the traits run", n_traits=h["n_traits"], n_valid=h["n_valid"],
+                            target=f">= {math.ceil(2 * h['n_traits'] / 3)} of the {h['n_traits']} traits run (two thirds)",
+                            n_traits=h["n_traits"], n_valid=h["n_valid"],
                             valid_traits=h["valid_traits"], measure=measure, criterion=crit,
+                            null=("each trait's effect m(+cmax) - m(-cmax) above the 95% band of its >= 20 random "
+                                  "directions at matched norm" if crit.endswith("_band") else
+                                  "none: a count of curves (the _band criterion adds the random-direction null)"),
                             criterion_text=text.format(ppl=m.get("max_ppl_ratio", 1.5)) + "; counts only traits "
                             "whose measure passed its validity check; held-out half, layer chosen on the selection "
                             "half", key=f"{measure}/{crit}"))
     return out
 
 
+OVERALL_R_NULL = ("none: r across both polarities is mostly the gap between their clusters; the within-polarity "
+                  "line carries the shuffled null")
+
+
+def _null_band_text(null: dict | None, what: str = "measure shuffled within polarity") -> str:
+    return f"{what}: 95% band [{null['low']:.3f}, {null['high']:.3f}] ({null['n']} shuffles)" if null else "none"
+
+
+def _items_monitor_ci(t: dict) -> dict:
+    """The items' overall r's interval over prompts, where the per-prompt values were kept."""
+    x, y = t.get("monitor_proj_last_prompt"), t.get("monitor_behaviour")
+    if x is None or y is None or len(x) < 3:
+        return {}
+    ci = pearson_ci(x, y)
+    return {"ci": [ci["low"], ci["high"]]} if np.isfinite([ci["low"], ci["high"]]).all() else {}
+
+
 def _monitor_records(name: str, t: dict) -> list[dict]:
     out = [dict(metric="persona_monitor_r", value=t["monitor_r_last_prompt"], unit="pearson r", reference=REFERENCE,
                 target="> 0 (paper 0.75-0.83)", trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"],
                 measure="items", validity=t.get("validity"), system_prompt_effect=t["system_prompt_effect"],
-                key=f"{name}/items")]
+                key=f"{name}/items", null=OVERALL_R_NULL, **_items_monitor_ci(t))]
     rm = t.get("response_measure")
     if rm:
         out.append(dict(metric="persona_monitor_r", value=rm["r_last_prompt"], unit="pearson r", reference=REFERENCE,
                         target="> 0 (paper 0.75-0.83)", trait=name, layer=rm["layer"], r_response=rm["r_response"],
                         measure="response_likelihood", validity=rm.get("validity"),
-                        system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood"))
+                        system_prompt_effect=rm["system_prompt_effect"], key=f"{name}/response_likelihood",
+                        null=OVERALL_R_NULL, **_overall_ci(rm.get("monitor_within_polarity"))))
         w = rm.get("monitor_within_polarity")
         if w:
             pw, null = w["pooled_within"], rm.get("monitor_within_null")
-            band = (f"; measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] "
-                    f"({null['n']} shuffles)" if null else "")
+            band = f"; {_null_band_text(null)}" if null else ""
             out.append(dict(metric="persona_monitor_within_r", value=pw["estimate"], unit="pearson r",
                             reference=f"{REFERENCE}; within polarity (positive / negative / default prompts' means "
                                       f"removed), 95% CI [{pw['low']:.3f}, {pw['high']:.3f}], n={pw['n']} prompts; "
                                       f"overall r {w['overall']['estimate']:.3f}{band}",
                             target="> 0.5", trait=name, layer=rm["layer"], measure="response_likelihood",
                             validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name,
-                            **ceiling_fields(rm)))
+                            null=_null_band_text(null), **ceiling_fields(rm)))
         out += _rule_monitor_records(name, rm) + _holdout_monitor_records(name, rm)
     return out
+
+
+def _overall_ci(w: dict | None) -> dict:
+    return {"ci": [w["overall"]["low"], w["overall"]["high"]]} if w else {}
 
 
 def _holdout_monitor_records(name: str, rm: dict) -> list[dict]:
@@ -1450,6 +1477,7 @@ def _holdout_monitor_records(name: str, rm: dict) -> list[dict]:
                         target="> 0.5 and above the null band", trait=name, layer=h["layer"], layer_rule=layer_name,
                         measure="response_likelihood", validity=rm.get("validity"), ci=[pw["low"], pw["high"]],
                         null_band=null, level_check_within=lc["estimate"], key=f"{name}/{layer_name}",
+                        null=_null_band_text(null),
                         **ceiling_fields(h)))
     return out
 
@@ -1461,8 +1489,7 @@ def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
     if not w:
         return []
     pw, null = w["pooled_within"], rule["monitor_within_null"]
-    band = (f"; measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] ({null['n']} "
-            "shuffles)" if null else "")
+    band = f"; {_null_band_text(null)}" if null else ""
     return [dict(metric="persona_monitor_within_r_rule_layer", value=pw["estimate"], unit="pearson r",
                  reference=f"{REFERENCE}; within polarity at the layer of largest cross-fitted pos/neg separation of "
                            f"the extraction rows' last-prompt projections (fixed without monitoring data), 95% CI "
@@ -1470,7 +1497,7 @@ def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
                  target="> 0.5", trait=name, layer=rule["layer"], steering_layer=rm["layer"],
                  rule_separation=float(rule["separation"][rule["layer"]]), measure="response_likelihood",
                  validity=rm.get("validity"), ci=[pw["low"], pw["high"]], null_band=null, key=name,
-                 **ceiling_fields(rule))]
+                 null=_null_band_text(null), **ceiling_fields(rule))]
 
 
 def ceiling_fields(mon: dict) -> dict:
@@ -1499,7 +1526,8 @@ def _specificity_records(sp: dict | None, component: str = "whole") -> list[dict
                     target=f"> {sp['min_z']:g} with every off-diagonal |z| below it", trait=name,
                     measure=sp["measure"][i], layer=sp["layers"][i], coef=sp["coef"],
                     offdiag_max_abs_z=p["offdiag_max_abs_z"], n_offdiag=p["n_offdiag"], passed=p["pass"],
-                    matrix_pass=sp["pass"], n_random=sp["n_random"], key=name, component=component)
+                    matrix_pass=sp["pass"], n_random=sp["n_random"], key=name, component=component,
+                    null=f"{sp['n_random']} random directions at matched norm and layer (z = 0 is their mean)")
         if component == "trait_specific":
             line.update(key=f"{name}/trait_specific", analysis="secondary",
                         kept_fraction=sp["kept_fraction"][name],
@@ -1522,7 +1550,8 @@ def _reliability_records(rel: dict | None) -> list[dict]:
                                   f"{x['high']:.3f}]" + ("" if cross is None else
                                                           f"; largest cross-trait cosine {cross:.3f}"),
                         target="> largest cross-trait cosine", trait=name, key=name, layer=x["layer"],
-                        n_questions=x["n_questions"], largest_cross_trait_cosine=cross, stable=x["stable"]))
+                        n_questions=x["n_questions"], largest_cross_trait_cosine=cross, stable=x["stable"],
+                        null="none" if cross is None else f"largest cross-trait cosine {cross:.3f}"))
     return out
 
 

@@ -5,8 +5,8 @@ A study that reads an earlier one's output gets its path from the registry's `in
 capping and KV editing, the persona features for feature steering). Re-runs reuse finished stages: a stage is
 skipped when its folder holds `.stage.json` with the same config; `--force` redoes every stage and clears the
 caches a study keeps for itself (`registry.Study.caches`: the features stage's trained SAE). The top-level
-report.md links every stage report and collects each study's record lines (the headline numbers with their
-references). `--record` appends only `main_job_seconds` to the results file: the studies' lines at the main job's
+report.md links every stage report and collects each study's record lines: the headline numbers, each with its
+95% interval and the null it is compared with (`psm_jax.records.evidence`). `--record` appends only `main_job_seconds` to the results file: the studies' lines at the main job's
 small preset stay in its report, so they never stand in for a study's own larger run.
 
     psm quickstart [--preset quick|ci|full] [--out runs/quickstart] [--only axis,kv_editing] [--force] [--record]
@@ -24,6 +24,7 @@ from pathlib import Path
 from experiments import registry, study
 from experiments.report import Report, atomic_write_json
 from psm_jax.persona import DEFAULT_MODEL
+from psm_jax.records import evidence
 
 STAGES = tuple(s.stage for s in registry.STUDIES if s.main_job)
 
@@ -48,8 +49,10 @@ def _headline(entry: registry.Study, line: dict) -> dict:
     extra = ", ".join(f"{k}={line[k]}" for k in ("key", "trait", "mode", "pc", "measure") if k in line and
                       not (k == "key" and any(line.get(j) == line["key"] for j in ("trait", "mode", "pc"))))
     value = line["value"]
+    cells = evidence(line)
     return dict(stage=entry.stage, metric=line["metric"] + (f" ({extra})" if extra else ""),
-                value=f"{value:.4g}" if isinstance(value, float) else str(value), target=line.get("target") or "")
+                value=f"{value:.4g}" if isinstance(value, float) else str(value),
+                **{"95% CI": cells["interval"], "null": cells["null"]}, target=line.get("target") or "")
 
 
 def run(out: str | Path = "runs/quickstart", preset: str = "quick", only=None, force: bool = False,

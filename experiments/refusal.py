@@ -41,6 +41,7 @@ from psm_jax.chat import Role, encode_chat, pad_batch, post_instruction_position
 from psm_jax.logits import kl_divergence, target_window_size, token_set_log_odds
 from psm_jax.model import Capture, forward
 from psm_jax.persona.rollouts import answer_logprob
+from psm_jax.persona.stats import bootstrap_ci
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 PAD_MULTIPLE = 16
@@ -857,18 +858,34 @@ def _baseline_text(harmful_rate: float, induced_rate: float) -> str:
     return text + "The log-odds drop under ablation below is read against that baseline."
 
 
+def _prompt_ci(diff: np.ndarray, seed: int) -> dict:
+    """A 95% bootstrap interval over held-out prompts (the independent units) of a per-prompt difference."""
+    ci = bootstrap_ci(np.asarray(diff, np.float64), seed=seed)
+    return {"ci": [round(ci["low"], 4), round(ci["high"], 4)], "n": ci["n"]}
+
+
 def records(res: Result) -> list[dict]:
-    """The refusal log-odds drop under ablation and the cross-entropy cost."""
+    """The refusal log-odds drop under ablation (and its rise on harmless prompts when the direction is added), each
+    with its interval over prompts, and the cross-entropy cost."""
     cfg, sel = res.config, res.best
     ref = (f"{cfg.model}; direction = diff-in-means resid_pre L{sel['layer']} offset {sel['offset']} ({sel['token']}), "
            f"selection tier {res.tier}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
+    no_null = "0; no random-direction control in this study"
     out = [dict(metric="refusal_logodds_drop", value=round(res.drop, 4),
                 unit="nats (mean refusal log-odds, baseline - ablated)",
-                reference=ref + "; Arditi et al. 2024: ablation removes refusal", target="> 0")]
+                reference=ref + "; Arditi et al. 2024: ablation removes refusal", target="> 0", null=no_null,
+                **_prompt_ci(res.ev["harmful_base"] - res.ev["harmful_ablated"], cfg.seed)),
+           dict(metric="refusal_induce_rise", value=round(float(np.mean(res.ev["harmless_induced"]
+                                                                      - res.ev["harmless_base"])), 4),
+                unit="nats (mean refusal log-odds, induced - baseline, harmless prompts)",
+                reference=ref.replace("harmful prompts", "harmful and harmless prompts")
+                + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0", null=no_null,
+                **_prompt_ci(res.ev["harmless_induced"] - res.ev["harmless_base"], cfg.seed))]
     if res.ce:
         out.append(dict(metric="refusal_ce_change", value=round(res.ce["change_pct"], 4),
                         unit="% (CE ablated vs baseline)",
                         reference=f"{cfg.model}; {cfg.n_ce} ShareGPT conversations, {res.ce['n_tokens']} assistant "
                                   f"tokens; CE {res.ce['base']:.4f} -> {res.ce['ablated']:.4f}; Arditi et al. "
-                                  "2024: gemma-2b-it Pile CE 3.506 -> 3.503", target="< 2"))
+                                  "2024: gemma-2b-it Pile CE 3.506 -> 3.503", target="< 2",
+                        null="none: a cost, read against its target"))
     return out

@@ -85,7 +85,10 @@ class Report:
             self.section(heading, "(no rows)")
             return
         cols = list(rows[0])
-        fmt = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
+
+        def fmt(v) -> str:  # a "|" inside a cell (e.g. |cos|) would end the cell: escape it
+            return (format(v, floatfmt) if isinstance(v, float) else str(v)).replace("|", "\\|")
+
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
         self.section(heading, "\n".join(lines))

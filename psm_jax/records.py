@@ -7,6 +7,14 @@ command line that re-runs it from the repo root), machine and date; `extra` keys
 identify one of several lines of a metric. Studies return such dicts from `records(result)` (without command,
 machine and date) and the `psm ... --record` runner passes them here; benchmark scripts call `record` directly.
 
+A research line states its evidence in two optional fields that every study fills the same way, so that one table
+(`evidence`) can show any study's headline with its interval and its null:
+    ci       [low, high]: the 95% interval of `value`, or of the quantity `ci_of` names where the value is derived
+             from it (a z, an interval's end, a count)
+    ci_of    what `ci` is an interval of, when not of `value` itself
+    null     the null the value is compared with and its band, in words ("20 random directions at matched norm:
+             [-0.02, +0.03]"), or why there is none ("none: descriptive")
+
 The file is `$PSM_RESULTS` when set, else `benchmarks/results.jsonl` of the checkout this package lives in. A line is
 appended with one `write` on a file opened in append mode, so concurrent writers never interleave within a line.
 """
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -91,7 +100,37 @@ def check_line(line: dict) -> dict:
     v = line["value"]
     if isinstance(v, bool) or not isinstance(v, (Real, str)) or (isinstance(v, float) and v != v):
         raise ValueError(f"record value {v!r} for {line['metric']!r}; expected a finite number or a string")
+    _check_evidence(line)
     return line
+
+
+def _check_evidence(line: dict) -> None:
+    ci = line.get("ci")
+    if ci is not None:
+        ok = (isinstance(ci, (list, tuple)) and len(ci) == 2
+              and all(isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) for x in ci)
+              and ci[0] <= ci[1])
+        if not ok:
+            raise ValueError(f"record field ci={ci!r} for {line['metric']!r}; expected [low, high], finite, low <= high")
+    for key in ("null", "ci_of"):
+        if key in line and line[key] is not None and (not isinstance(line[key], str) or not line[key].strip()):
+            raise ValueError(f"record field {key}={line[key]!r} for {line['metric']!r}; expected a non-empty string")
+
+
+def interval_text(low: float, high: float) -> str:
+    """`[low, high]` with 3 significant digits, signed when the interval reaches below 0."""
+    f = "+.3g" if min(low, high) < 0 else ".3g"
+    return f"[{low:{f}}, {high:{f}}]"
+
+
+def evidence(line: dict) -> dict[str, str]:
+    """The interval and null cells of a research line for a headline table: {"interval", "null"}; "n/a" where the
+    line states none (a benchmark line, or a line written before the fields existed)."""
+    ci = line.get("ci")
+    interval = "n/a"
+    if ci is not None:
+        interval = interval_text(*ci) + (f" ({line['ci_of']})" if line.get("ci_of") else "")
+    return {"interval": interval, "null": line.get("null") or "n/a"}
 
 
 def record(metric: str, value, unit: str, reference: str, target: str | None = None, command: str | None = None,

@@ -6,6 +6,7 @@ import pytest
 
 from experiments import assistant_axis as AA
 from psm_jax.chat import Role, encode_chat
+from psm_jax.persona.directions import random_cosine_band
 from tests.fixtures_assets import smollm2_tokenizer  # noqa: F401  (session fixture)
 
 
@@ -193,6 +194,9 @@ def test_run_end_to_end_tiny(tiny_chat, tmp_path):
     lines = AA.records(res)
     assert {ln["metric"] for ln in lines} == {"persona_space_pcs_for_70pct", "axis_assistant_pc_percentile",
                                              "axis_assistant_pc_cosine"}
+    assert all(ln["null"] for ln in lines)
+    cos_null = next(ln["null"] for ln in lines if ln["metric"] == "axis_assistant_pc_cosine")
+    assert cos_null == f"random directions in 32 dimensions: |cos| below {random_cosine_band(32, seed=0):.3f} in 95%"
     # the adherence filter ran, with its validity check, and the report says what it dropped
     assert metrics["adherence"] == "likelihood" and metrics["adherence_scored"] >= 1
     assert set(metrics["adherence_validity"]) >= {"effect", "low", "high", "n", "valid"}

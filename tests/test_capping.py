@@ -182,13 +182,20 @@ def test_run_end_to_end_tiny(tiny_chat, tmp_path):
     cfg = C.Config(model="demo-tiny", axis_file=None, axis_roles=3, axis_questions=1, layers=(2, 3),
                    n_threshold_questions=1, max_new_tokens=3, batch_size=8, n_eval_roles=2,
                    n_identity_probes=1, logprob_probes=("Who are you?",), traits=("evil",), n_trait_items=2,
-                   roleplay_probes=("Who are you?",), n_ppl_conversations=0, n_jailbreaks=3, n_qa=4)
+                   roleplay_probes=("Who are you?",), n_ppl_conversations=3, ppl_max_chars=300, n_jailbreaks=3,
+                   n_qa=4)
     from experiments.study import execute
 
     res = execute(C, cfg, folder=tmp_path / "cap", model=tiny_chat)
-    assert [ln["metric"] for ln in res["records"]] == ["capping_identity_gain", "capping_jailbreak_identity_shift",
-                                                       "capping_jailbreak_compliance_shift", "capping_qa_accuracy_cost"]
+    lines = res["records"]
+    assert [ln["metric"] for ln in lines] == ["capping_identity_gain", "capping_jailbreak_identity_shift",
+                                              "capping_jailbreak_compliance_shift", "capping_ppl_cost",
+                                              "capping_qa_accuracy_cost"]
     m = res["result"].m
+    # every headline carries its interval over the independent units (roles, prompts, conversations) and its null
+    for ln in lines:
+        assert ln["ci"][0] <= ln["value"] <= ln["ci"][1] and ln["null"], ln["metric"]
+    assert m["capping_identity_gain_n_roles"] == 2 and m["ppl"]["n_conversations"] == 3
     for f in ("report.md", "metrics.json", "config.json", "capping.safetensors", "roleplay.png",
               "projection_by_layer.png", "jailbreak_shift.png"):
         assert (tmp_path / "cap" / f).is_file(), f
@@ -311,3 +318,15 @@ def test_records_carry_intervals_and_band():
     assert (qa["value"], qa["ci_low"], qa["ci_high"], qa["chance"]) == (-0.05, -0.12, 0.0, 0.25)
     assert qa["accuracy_ci"] == [0.45, 0.74]
     assert qa["valid"] is False  # no validity verdict in the result: not evidence
+    assert jb["ci"] == [0.2, 0.6] and jb["null"] == "20 random-direction caps: 95% band [-0.050, +0.040]"
+    assert qa["ci"] == [-0.12, 0.0] and all(ln["null"] for ln in lines.values())
+    assert "ci" not in lines["capping_identity_gain"]  # no per-role gains in this result
+
+
+def test_identity_gain_interval_counts_roles_not_probes():
+    gain = np.array([1.0, 1.2, 0.0, 0.2, 2.0, 2.2])  # 3 roles x 2 probes
+    out = C._identity_gain_ci(gain, 2, seed=0)
+    assert out["capping_identity_gain_n_roles"] == 3
+    low, high = out["capping_identity_gain_ci"]
+    assert 0.1 <= low <= 1.1 <= high <= 2.1  # role means 1.1, 0.1, 2.1 bound every resample's mean
+    assert C._identity_gain_ci(gain[:2], 2, seed=0) == {}  # one role: no interval

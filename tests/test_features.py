@@ -516,6 +516,8 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
         assert k in line, k
     assert line["metric"] == "feature_steering_effect_z" and line["key"] == "evil" and line["value"] == best["z"]
     assert line["effect_low"] <= line["effect"] <= line["effect_high"] and line["n_random"] == cfg.n_random
+    assert line["ci"] == [line["effect_low"], line["effect_high"]] and "questions" in line["ci_of"]
+    assert line["null"].startswith(f"{cfg.n_random} random directions") or line["null"].startswith("none: ")
     r["validity"]["valid"] = False
     path = fs.report(res, tmp_path / "fs")
     text = path.read_text()
@@ -616,6 +618,8 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     assert [ln["metric"] for ln in lines] == ["persona_latents_found", "persona_specific_latents_found"] * 2 + [
         "persona_latents_found"]
     assert all(ln["n_unit"] == "validation questions" and ln["null_band_high"] is not None for ln in lines)
+    assert all(ln["null"].startswith("pos/neg labels shuffled") for ln in lines)
+    assert all(ln["ci"][0] <= ln["best_effect"] <= ln["ci"][1] for ln in lines if "ci" in ln)
     assert set(lines[-1]["best_d_validation_other_traits"]) == {"evil", "humorous"}
     assert lines[1]["best_latent"] == spec["best"] and set(lines[1]["best_d_validation_other_traits"]) == {"humorous"}
     text = (out / "report.md").read_text()

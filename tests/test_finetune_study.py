@@ -126,6 +126,10 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     metrics = {ln["metric"] for ln in out["records"]}
     assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect",
             "finetune_vector_split_half_cosine"} <= metrics
+    from psm_jax.records import check_line
+
+    for ln in out["records"]:  # each line names its null, and its interval (where it has one) is well formed
+        assert check_line(dict(ln))["null"], ln["metric"]
     rel_line = next(ln for ln in out["records"] if ln["metric"] == "finetune_vector_split_half_cosine")
     assert rel_line["n_questions"] == cfg.n_extract_questions and rel_line["low"] <= rel_line["high"]
     text = (folder / "report.md").read_text()

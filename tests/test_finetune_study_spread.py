@@ -167,6 +167,8 @@ def test_summaries_give_the_record_lines_with_their_fields():
     assert diff["null_low"] <= diff["chance"] <= diff["null_high"] < 0.6 and diff["n"] == a.size
     assert {"spearman_r", "spearman_low", "spearman_high", "control_overlap"} <= set(diff)
     assert diff["trait"] == "evil" and diff["n_questions"] == 6 and diff["overlap_low"] <= 6 <= diff["overlap_high"]
+    assert diff["ci"] == [diff["overlap_low"] / 10, diff["overlap_high"] / 10] and "random top-10" in diff["null"]
+    assert all(ln["ci"] == [ln["low"], ln["high"]] and "control fine-tune" in ln["null"] for ln in spread)
 
 
 def test_model_diff_beyond_the_control_removes_the_drift_of_any_fine_tune():

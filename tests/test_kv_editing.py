@@ -141,6 +141,9 @@ def test_user_token_control_paired_with_the_assistant_edits():
     assert [ln["key"] for ln in lines] == ["all_tokens/norm", "matched_tokens/norm"]
     assert lines[1]["value"] == pytest.approx(pairs["matched_tokens"]["estimate"], abs=1e-4) and lines[1]["n"] == 3
     assert "assistant 40.0, user 12.0" in lines[0]["reference"]
+    assert lines[1]["ci"] == [pairs["matched_tokens"]["low"], pairs["matched_tokens"]["high"]]
+    control, = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_control_shift_ci"]
+    assert control["ci"] == [user["ci_low"], user["ci_high"]] and control["null"].startswith("0: a control edit")
 
 
 def test_matched_positions_are_a_seeded_subset_of_the_assistant_tokens():

@@ -165,6 +165,20 @@ def test_persona_space_axis_on_second_component():
     assert S.percentile_rank(default @ ps["components"][1], (roles - ps["mean"]) @ ps["components"][1]) == 1.0
 
 
+def test_random_cosine_band_matches_the_large_width_limit():
+    """cos(random unit vector, fixed vector) in d dimensions is about N(0, 1/d): |cos| has its 95% point near
+    1.96 / sqrt(d). Brute force against a different fixed vector than the function's own."""
+    d = 576
+    band = D.random_cosine_band(d, n=20000, seed=1)
+    assert band == pytest.approx(1.96 / np.sqrt(d), rel=0.05)
+    fixed = D.unit(np.random.default_rng(9).normal(size=d))
+    brute = np.abs(D.unit(np.random.default_rng(3).normal(size=(20000, d))) @ fixed)
+    assert band == pytest.approx(np.quantile(brute, 0.95), rel=0.05)
+    assert D.random_cosine_band(8, seed=0) > D.random_cosine_band(512, seed=0)
+    with pytest.raises(ValueError, match="level=1.5"):
+        D.random_cosine_band(8, level=1.5)
+
+
 def test_random_directions_have_matched_norm_and_differ():
     r = D.random_directions(0, 20, 16, 3.0)
     assert r.shape == (20, 16) and np.allclose(np.linalg.norm(r, axis=1), 3.0, atol=1e-5)

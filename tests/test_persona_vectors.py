@@ -322,6 +322,13 @@ def test_records_carry_the_named_fields():
     assert sl["component"] == "whole" and ts["component"] == "trait_specific"
     mon = {ln["measure"]: ln for ln in lines if ln["metric"] == "persona_monitor_r"}
     assert mon["items"]["validity"] == {"valid": False} and mon["response_likelihood"]["value"] == 0.5
+    assert "ci" not in mon["items"]  # no per-prompt values kept: no interval rather than a made-up one
+    assert all(ln["null"] for ln in lines)
+    assert head["strict_ppl1.5"]["target"] == ">= 2 of the 2 traits run (two thirds)"
+    assert head["strict_ppl1.5"]["null"].startswith("none")
+    band_line, = pv._monotonic_records({"monotonic_traits": {"items": {
+        "counts": {"strict_ppl1.5_band": 1}, "n_traits": 3, "n_valid": 2, "valid_traits": ["evil", "humorous"]}}})
+    assert "random directions" in band_line["null"] and band_line["target"] == ">= 2 of the 3 traits run (two thirds)"
 
 
 def test_symmetric_effects_cancel_a_sign_blind_shift(model):
@@ -795,6 +802,8 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
     line, = pv._monitor_records("evil", t)[2:]
     assert line["metric"] == "persona_monitor_within_r" and line["null_band"] == null
     assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
+    assert line["null"] == (f"measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] "
+                            f"({null['n']} shuffles)")
     assert pv._within_r_by_layer(mon_acts, direction, np.full(n_sys, np.nan), kinds) is None
 
 

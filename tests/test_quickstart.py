@@ -33,7 +33,10 @@ def test_bad_inputs(tmp_path, capsys):
 def test_main_job_ci_size_writes_reports(tmp_path):
     path = Q.run(tmp_path / "qs", preset="ci")
     out = path.parent
-    assert "Headline numbers" in path.read_text()
+    assert "| stage | metric | value | 95% CI | null | target |" in path.read_text()
+    for stage in Q.STAGES:  # every headline states the null it is compared with (or why there is none)
+        for line in json.loads((out / stage / ".stage.json").read_text())["records"]:
+            assert line.get("null"), (stage, line["metric"])
     metrics = json.loads((out / "metrics.json").read_text())
     assert [s["stage"] for s in metrics["stages"]] == list(Q.STAGES)
     for stage in Q.STAGES:

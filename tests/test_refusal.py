@@ -184,7 +184,12 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     vecs, meta = load_vectors(out / "refusal_direction.safetensors", expect_model="psm-tiny", expect_width=32)
     assert meta["site"] == "resid_pre" and vecs["direction"].shape == (32,)
     # same config + seed -> same numbers
-    assert [ln["metric"] for ln in R.records(res)] == ["refusal_logodds_drop", "refusal_ce_change"]
+    lines = R.records(res)
+    assert [ln["metric"] for ln in lines] == ["refusal_logodds_drop", "refusal_induce_rise", "refusal_ce_change"]
+    drop = res.ev["harmful_base"] - res.ev["harmful_ablated"]
+    assert lines[0]["ci"][0] <= np.mean(drop) <= lines[0]["ci"][1] and lines[0]["n"] == len(drop)
+    assert lines[1]["value"] == pytest.approx(np.mean(res.ev["harmless_induced"] - res.ev["harmless_base"]), abs=1e-4)
+    assert all(ln["null"] for ln in lines)
     res2 = R.run(R.Config(**kw), tiny_chat_model)
     assert res2.drop == res.drop and res2.ce["change_pct"] == res.ce["change_pct"]
     np.testing.assert_array_equal(res2.dirs, res.dirs)

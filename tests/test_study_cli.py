@@ -148,6 +148,37 @@ def test_record_lines_append_with_command(tmp_path, monkeypatch):
     assert len(path.read_text().splitlines()) == 1
 
 
+def test_evidence_fields_are_checked_and_tabled():
+    """A line's `ci` must be a finite [low, high] and its `null` a sentence; the headline cells read them, with
+    "n/a" where a line states neither."""
+    from psm_jax.records import check_line, evidence
+
+    base = dict(metric="m", value=0.4, unit="r", reference="ref")
+    for bad, match in (([0.5, 0.1], "low <= high"), ([0.1], "low <= high"), ([0.1, float("nan")], "finite"),
+                       ("[0.1, 0.5]", "expected \\[low, high\\]")):
+        with pytest.raises(ValueError, match=match):
+            check_line({**base, "ci": bad})
+    with pytest.raises(ValueError, match="null=''"):
+        check_line({**base, "null": ""})
+    with pytest.raises(ValueError, match="ci_of=3"):
+        check_line({**base, "ci_of": 3})
+    line = check_line({**base, "ci": [-0.05, 0.71], "ci_of": "the shift", "null": "shuffled: [-0.5, 0.5]"})
+    assert evidence(line) == {"interval": "[-0.05, +0.71] (the shift)", "null": "shuffled: [-0.5, 0.5]"}
+    assert evidence({**base, "ci": [0.1234, 0.5678]})["interval"] == "[0.123, 0.568]"
+    assert evidence(base) == {"interval": "n/a", "null": "n/a"}
+
+
+def test_main_job_table_shows_each_headline_with_interval_and_null():
+    from experiments import quickstart as Q
+    from experiments import registry
+
+    entry = next(s for s in registry.STUDIES if s.main_job)
+    row = Q._headline(entry, dict(metric="m", value=0.51234, unit="r", reference="ref", target="> 0.5", key="evil",
+                                  trait="evil", ci=[0.2, 0.8], null="shuffled within polarity: [-0.4, 0.4]"))
+    assert row == {"stage": entry.stage, "metric": "m (trait=evil)", "value": "0.5123", "95% CI": "[0.2, 0.8]",
+                   "null": "shuffled within polarity: [-0.4, 0.4]", "target": "> 0.5"}
+
+
 @pytest.mark.parametrize("flags, isa", [
     ("fpu sse4_2 avx avx2 fma", "avx2"),
     ("avx2 avx512f avx512bw", "avx512"),
@@ -186,3 +217,15 @@ def test_vector_pair_survives_a_failure_mid_write(tmp_path, monkeypatch):
     (tmp_path / "vec.json").write_bytes((tmp_path / "other" / "vec.json").read_bytes())
     with pytest.raises(ValueError, match="does not match its sidecar"):
         load_vectors(tmp_path / "vec.safetensors")
+
+
+def test_report_table_escapes_pipes_inside_cells(tmp_path):
+    import re
+
+    from experiments.report import Report
+
+    rep = Report(tmp_path, "t")
+    rep.table("T", [dict(metric="axis_assistant_pc_cosine", target="|cos| > 0.6", value=0.5)])
+    row = rep.sections[-1].splitlines()[-1]
+    assert row == "| axis_assistant_pc_cosine | \\|cos\\| > 0.6 | 0.5 |"
+    assert len(re.findall(r"(?<!\\)\|", row)) == 4  # three cells: four unescaped separators

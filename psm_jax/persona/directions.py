@@ -125,6 +125,16 @@ def random_directions(key_seed: int, n: int, width: int, norm: float) -> np.ndar
     return (unit(r) * float(norm)).astype(np.float32)
 
 
+def random_cosine_band(width: int, *, n: int = 1000, level: float = 0.95, seed: int = 0) -> float:
+    """The `level` quantile of |cos| between a fixed direction and `n` random directions in `width` dimensions: the
+    null band of a cosine with a fixed vector (isotropy makes it the same for every fixed vector; about 1.96 /
+    sqrt(width) for large widths)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level={level}; expected a fraction in (0, 1)")
+    r = random_directions(seed, n, width, 1.0)
+    return float(np.quantile(np.abs(r[:, 0]), level))
+
+
 def group_means(means: np.ndarray, groups: Sequence[int], n_groups: int, keep=None):
     """Mean of per-response vectors `means` [N, ...] within each group id in [0, n_groups).
 
