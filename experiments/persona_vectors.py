@@ -1551,7 +1551,8 @@ def _reliability_records(rel: dict | None) -> list[dict]:
                                                           f"; largest cross-trait cosine {cross:.3f}"),
                         target="> largest cross-trait cosine", trait=name, key=name, layer=x["layer"],
                         n_questions=x["n_questions"], largest_cross_trait_cosine=cross, stable=x["stable"],
-                        null="none" if cross is None else f"largest cross-trait cosine {cross:.3f}"))
+                        null="none: one trait, no cross-trait cosine" if cross is None
+                        else f"largest cross-trait cosine {cross:.3f}"))
     return out
 
 

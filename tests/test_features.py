@@ -480,6 +480,7 @@ def _fixed_ppl_docs(n, seed, max_chars):
     return prompts, ["Rinse the rice, then simmer it.", "Masses attract each other."][:n]
 
 
+@pytest.mark.slow  # the whole feature-steering study on a tiny model
 def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
     """The ci-size study on the tiny model: `run` writes nothing (read-only working directory), the random band has
     n_random draws, the evidence gate follows the measure's validity, `report` writes the folder and the records

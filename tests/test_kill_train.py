@@ -53,7 +53,7 @@ def kill_then_resume(tmp_path, jax_cache, cfgs, source: dict, kills: list[str], 
     yield got, ref
 
 
-@pytest.mark.parametrize("arch", list(SINGLE))
+@pytest.mark.parametrize("arch", ["jumprelu", pytest.param("batchtopk", marks=pytest.mark.slow)])
 def test_kill_inside_checkpoint_save_resumes_exactly(arch, jax_cache, tmp_path):
     runs = kill_then_resume(tmp_path, jax_cache, [SINGLE[arch]], PLANTED, ["orbax_finalize:2"], checkpoint_every=4)
     run = next(runs)

@@ -164,6 +164,7 @@ def test_mean_diff_needs_prompts(tiny):
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow  # the whole study on a tiny model: every candidate, condition and generation compiled
 def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_tokens=64, ce_min_assistant_tokens=4,
               max_new_tokens=3, batch_size=4, positions=(-1, -6), layers=(1, 2), min_filtered=2)
