@@ -1398,7 +1398,8 @@ def _monotonic_records(m: dict) -> list[dict]:
             text = CRITERION_TEXT["strict_ppl_band" if crit.endswith("_band") else
                                   "strict_ppl" if crit.startswith("strict_ppl") else crit]
             out.append(dict(metric="persona_steering_monotonic_traits", value=value, unit="traits", reference=REFERENCE,
-                            target=f">= {math.ceil(2 * h['n_traits'] / 3)} of the {h['n_traits']} traits run (two thirds)",
+                            target=f">= {math.ceil(2 * h['n_traits'] / 3)} of the {h['n_traits']} traits run "
+                                   "(two thirds)",
                             n_traits=h["n_traits"], n_valid=h["n_valid"],
                             valid_traits=h["valid_traits"], measure=measure, criterion=crit,
                             null=("each trait's effect m(+cmax) - m(-cmax) above the 95% band of its >= 20 random "

@@ -6,8 +6,9 @@ capping and KV editing, the persona features for feature steering). Re-runs reus
 skipped when its folder holds `.stage.json` with the same config; `--force` redoes every stage and clears the
 caches a study keeps for itself (`registry.Study.caches`: the features stage's trained SAE). The top-level
 report.md links every stage report and collects each study's record lines: the headline numbers, each with its
-95% interval and the null it is compared with (`psm_jax.records.evidence`). `--record` appends only `main_job_seconds` to the results file: the studies' lines at the main job's
-small preset stay in its report, so they never stand in for a study's own larger run.
+95% interval and the null it is compared with (`psm_jax.records.evidence`). `--record` appends only
+`main_job_seconds` to the results file: the studies' lines at the main job's small preset stay in its report, so
+they never stand in for a study's own larger run.
 
     psm quickstart [--preset quick|ci|full] [--out runs/quickstart] [--only axis,kv_editing] [--force] [--record]
 """

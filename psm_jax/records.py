@@ -7,7 +7,7 @@ command line that re-runs it from the repo root), machine and date; `extra` keys
 identify one of several lines of a metric. Studies return such dicts from `records(result)` (without command,
 machine and date) and the `psm ... --record` runner passes them here; benchmark scripts call `record` directly.
 
-A research line states its evidence in two optional fields that every study fills the same way, so that one table
+A research line states its evidence in optional fields that every study fills the same way, so that one table
 (`evidence`) can show any study's headline with its interval and its null:
     ci       [low, high]: the 95% interval of `value`, or of the quantity `ci_of` names where the value is derived
              from it (a z, an interval's end, a count)
@@ -111,7 +111,8 @@ def _check_evidence(line: dict) -> None:
               and all(isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(x) for x in ci)
               and ci[0] <= ci[1])
         if not ok:
-            raise ValueError(f"record field ci={ci!r} for {line['metric']!r}; expected [low, high], finite, low <= high")
+            raise ValueError(f"record field ci={ci!r} for {line['metric']!r}; expected [low, high], finite, "
+                             "low <= high")
     for key in ("null", "ci_of"):
         if key in line and line[key] is not None and (not isinstance(line[key], str) or not line[key].strip()):
             raise ValueError(f"record field {key}={line[key]!r} for {line['metric']!r}; expected a non-empty string")
