@@ -20,7 +20,9 @@
 5. Evaluation on the held-out prompts: refusal log-odds and refusal rate (greedy generation, a
    refusal marker found anywhere in the answer) before and after ablation (and with the direction
    added on harmless prompts); cross-entropy on ShareGPT assistant tokens with and without the
-   ablation; the max |logit difference| between runtime ablation and orthogonalised weights.
+   ablation; the max |logit difference| between runtime ablation and orthogonalised weights. The drop's
+   null: the same ablation along each of `n_random` random unit directions (its 95% band); every
+   headline's interval is a bootstrap over the held-out prompts.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from psm_jax.chat import Role, encode_chat, pad_batch, post_instruction_position
 from psm_jax.logits import kl_divergence, target_window_size, token_set_log_odds
 from psm_jax.model import Capture, forward
 from psm_jax.persona.rollouts import answer_logprob
-from psm_jax.persona.stats import bootstrap_ci
+from psm_jax.persona.directions import random_directions
+from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 PAD_MULTIPLE = 16
@@ -69,12 +72,15 @@ class Config:
     n_ce: int = 32  # ShareGPT conversations for the CE check
     ce_max_tokens: int = 256
     ce_min_assistant_tokens: int = 16
+    n_random: int = 20  # random unit directions ablated like the selected one: the drop's null band (0: none)
     seed: int = 0
 
     def __post_init__(self):
         for name in ("n_train", "n_val", "n_eval", "batch_size", "max_new_tokens", "ce_max_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected an int >= 1")
+        if self.n_random != 0 and self.n_random < MIN_NULL_DRAWS:
+            raise ValueError(f"n_random={self.n_random}; expected 0 (no null band) or >= {MIN_NULL_DRAWS}")
         if self.n_ce < 0 or self.min_filtered < 1:
             raise ValueError(f"n_ce={self.n_ce}, min_filtered={self.min_filtered}; "
                              "expected n_ce >= 0, min_filtered >= 1")
@@ -488,6 +494,7 @@ class Result:
     orth_scores: np.ndarray
     ce: dict
     seconds: dict
+    random_drops: np.ndarray | None = None  # the drop when each of n_random random unit directions is ablated
 
 
 def _candidate_layers(cfg: Config, mc) -> tuple:
@@ -560,6 +567,27 @@ def _selected_direction(dirs: np.ndarray, best: dict) -> tuple[np.ndarray, np.nd
     """The winning difference in means (float64) and its unit vector: the raw one is added, the unit one ablated."""
     direction = np.asarray(dirs[best["position"], best["layer"]], np.float64)
     return direction, direction / np.linalg.norm(direction)
+
+
+def _random_ablation_drops(params, mc, prompts: Prompts, token_ids, base_scores: np.ndarray,
+                           cfg: Config) -> np.ndarray | None:
+    """The mean refusal log-odds drop when a random unit direction is ablated instead of the selected one, for each
+    of `cfg.n_random` directions: the null the drop is read against (what removing any one direction costs). The
+    directions are traced, so every one runs through the same compiled forward."""
+    if cfg.n_random == 0:
+        return None
+    dirs = random_directions(cfg.seed + 1, cfg.n_random, mc.d_model, 1.0)
+    return np.array([float(base_scores.mean() - refusal_scores(params, mc, prompts, token_ids,
+                                                               condition_edits(mc, unit=d, ablate=True),
+                                                               cfg.batch_size).mean()) for d in dirs])
+
+
+def _drop_null(res: Result) -> str:
+    if res.random_drops is None:
+        return "0; no random-direction ablations in this run (n_random=0)"
+    band = null_band(res.random_drops)
+    return (f"{len(res.random_drops)} random unit directions ablated the same way: 95% band "
+            f"[{band['low']:+.3f}, {band['high']:+.3f}]")
 
 
 def _conditions(harmful: Prompts, harmless: Prompts, base, ablate, induce) -> dict[str, tuple[Prompts, tuple]]:
@@ -642,6 +670,7 @@ def run(config: Config, model, progress=None) -> Result:
     with _timed(seconds, "logodds_eval"):
         ev = {k: refusal_scores(params, mc, p, token_ids, edits, bs) for k, (p, edits) in conditions.items()}
         drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
+        random_drops = _random_ablation_drops(params, mc, e_harm, token_ids, ev["harmful_base"], cfg)
         orth_diff, orth_scores = _orthogonalized_check(params, mc, unit, e_harm, abl, token_ids, bs)
     with _timed(seconds, "generation"):
         gen = {k: refusal_rate(model, p.texts, markers, edits, max_new_tokens=cfg.max_new_tokens, batch_size=bs)
@@ -655,7 +684,8 @@ def run(config: Config, model, progress=None) -> Result:
                   candidates=candidates, cand_pos=cand_pos, dirs=dirs, annotated=annotated, best=best, tier=tier,
                   fallback_used=tier != "strict", filt=filt, harmful_val_base=harmful_val_base,
                   harmless_val_base=harmless_val_base, direction=direction, unit=unit, e_harm=e_harm, e_safe=e_safe,
-                  ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds)
+                  ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds,
+                  random_drops=random_drops)
 
 
 def report(res: Result, folder) -> Path:
@@ -763,6 +793,7 @@ def _ablation_text(res: Result) -> str:
     return f"""
 Mean refusal log-odds drop on held-out harmful prompts: **{res.drop:.3f} nats**
 ({_mean(ev['harmful_base']):.3f} -> {_mean(ev['harmful_ablated']):.3f}); lower for {frac_lower:.0%} of the prompts.
+Null: {_drop_null(res)}.
 Weight orthogonalisation (embedding, o_proj, down_proj; untied unembedding) vs runtime ablation:
 max |logit difference| at the last position over {len(res.e_harm)} prompts = {res.orth_diff:.3g};
 refusal log-odds with orthogonalised weights {_mean(res.orth_scores):.3f}.
@@ -837,6 +868,7 @@ def _metrics(res: Result) -> dict:
     """metrics.json, in file order: the headline numbers first, then the selection, the evaluation, timings."""
     ev, gen, ce = res.ev, res.gen, res.ce
     return {"refusal_logodds_drop": res.drop, "refusal_ce_change": ce.get("change_pct"), "ce": ce,
+            "random_ablation_drops": None if res.random_drops is None else [float(x) for x in res.random_drops],
             "selected": dict(res.best, tier=res.tier),
             "val_baseline_logodds": dict(harmful=res.harmful_val_base, harmless=res.harmless_val_base),
             "candidates": res.annotated, "filtering": res.filt,
@@ -870,16 +902,19 @@ def records(res: Result) -> list[dict]:
     cfg, sel = res.config, res.best
     ref = (f"{cfg.model}; direction = diff-in-means resid_pre L{sel['layer']} offset {sel['offset']} ({sel['token']}), "
            f"selection tier {res.tier}; {cfg.n_eval} held-out harmful prompts, seed {cfg.seed}")
-    no_null = "0; no random-direction control in this study"
     out = [dict(metric="refusal_logodds_drop", value=round(res.drop, 4),
                 unit="nats (mean refusal log-odds, baseline - ablated)",
-                reference=ref + "; Arditi et al. 2024: ablation removes refusal", target="> 0", null=no_null,
+                reference=ref + "; Arditi et al. 2024: ablation removes refusal",
+                target="> 0 and above the random band",
+                null=_drop_null(res), **({} if res.random_drops is None else
+                                         {"random_drops": [round(float(x), 4) for x in res.random_drops]}),
                 **_prompt_ci(res.ev["harmful_base"] - res.ev["harmful_ablated"], cfg.seed)),
            dict(metric="refusal_induce_rise", value=round(float(np.mean(res.ev["harmless_induced"]
                                                                       - res.ev["harmless_base"])), 4),
                 unit="nats (mean refusal log-odds, induced - baseline, harmless prompts)",
                 reference=ref.replace("harmful prompts", "harmful and harmless prompts")
-                + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0", null=no_null,
+                + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0",
+                null="0; no random-direction control for the induce condition",
                 **_prompt_ci(res.ev["harmless_induced"] - res.ev["harmless_base"], cfg.seed))]
     if res.ce:
         out.append(dict(metric="refusal_ce_change", value=round(res.ce["change_pct"], 4),

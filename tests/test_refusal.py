@@ -149,6 +149,7 @@ def test_refusal_token_ids():
 @pytest.mark.parametrize("kw,match", [
     (dict(n_train=0), "n_train"), (dict(max_layer_frac=1.5), "max_layer_frac"), (dict(kl_threshold=0.0), "kl"),
     (dict(positions=(1,)), "negative"), (dict(layers=(-1,)), "layer"), (dict(n_ce=-1), "n_ce"),
+    (dict(n_random=5), "n_random=5"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -191,8 +192,12 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert lines[0]["ci"][0] <= np.mean(drop) <= lines[0]["ci"][1] and lines[0]["n"] == len(drop)
     assert lines[1]["value"] == pytest.approx(np.mean(res.ev["harmless_induced"] - res.ev["harmless_base"]), abs=1e-4)
     assert all(ln["null"] for ln in lines)
+    assert len(res.random_drops) == R.Config().n_random and np.isfinite(res.random_drops).all()
+    assert lines[0]["null"].startswith("20 random unit directions ablated the same way: 95% band [")
+    assert lines[0]["random_drops"] == [round(float(x), 4) for x in res.random_drops]
     res2 = R.run(R.Config(**kw), tiny_chat_model)
     assert res2.drop == res.drop and res2.ce["change_pct"] == res.ce["change_pct"]
+    np.testing.assert_array_equal(res2.random_drops, res.random_drops)
     np.testing.assert_array_equal(res2.dirs, res.dirs)
     assert "refuses" in (out / "report.md").read_text()  # the baseline-refusal reading
 
