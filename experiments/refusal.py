@@ -20,8 +20,9 @@
 5. Evaluation on the held-out prompts: refusal log-odds and refusal rate (greedy generation, a
    refusal marker found anywhere in the answer) before and after ablation (and with the direction
    added on harmless prompts); cross-entropy on ShareGPT assistant tokens with and without the
-   ablation; the max |logit difference| between runtime ablation and orthogonalised weights. The drop's
-   null: the same ablation along each of `n_random` random unit directions (its 95% band); every
+   ablation; the max |logit difference| between runtime ablation and orthogonalised weights. The nulls:
+   the same ablation along each of `n_random` random unit directions (the drop's 95% band), and each
+   of those directions at the selected direction's norm added like it (the induce rise's band); every
    headline's interval is a bootstrap over the held-out prompts.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ class Config:
     n_ce: int = 32  # ShareGPT conversations for the CE check
     ce_max_tokens: int = 256
     ce_min_assistant_tokens: int = 16
-    n_random: int = 20  # random unit directions ablated like the selected one: the drop's null band (0: none)
+    n_random: int = 20  # random directions ablated / added like the selected one: the nulls' bands (0: none)
     seed: int = 0
 
     def __post_init__(self):
@@ -495,6 +496,7 @@ class Result:
     ce: dict
     seconds: dict
     random_drops: np.ndarray | None = None  # the drop when each of n_random random unit directions is ablated
+    random_rises: np.ndarray | None = None  # the induce rise when each is added at the direction's norm instead
 
 
 def _candidate_layers(cfg: Config, mc) -> tuple:
@@ -569,25 +571,39 @@ def _selected_direction(dirs: np.ndarray, best: dict) -> tuple[np.ndarray, np.nd
     return direction, direction / np.linalg.norm(direction)
 
 
-def _random_ablation_drops(params, mc, prompts: Prompts, token_ids, base_scores: np.ndarray,
-                           cfg: Config) -> np.ndarray | None:
-    """The mean refusal log-odds drop when a random unit direction is ablated instead of the selected one, for each
-    of `cfg.n_random` directions: the null the drop is read against (what removing any one direction costs). The
-    directions are traced, so every one runs through the same compiled forward."""
+def _random_nulls(params, mc, harmful: Prompts, harmless: Prompts, token_ids, ev: dict, norm: float, layer: int,
+                  cfg: Config) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The nulls of both headlines, for each of `cfg.n_random` random unit directions: the mean refusal log-odds
+    drop on harmful prompts when it is ablated instead of the selected direction (what removing any one direction
+    costs), and the mean rise on harmless prompts when it is added at the selected direction's norm and layer (what
+    any push of that size does). The directions are traced, so every one runs through the same compiled forwards."""
     if cfg.n_random == 0:
-        return None
-    dirs = random_directions(cfg.seed + 1, cfg.n_random, mc.d_model, 1.0)
-    return np.array([float(base_scores.mean() - refusal_scores(params, mc, prompts, token_ids,
-                                                               condition_edits(mc, unit=d, ablate=True),
-                                                               cfg.batch_size).mean()) for d in dirs])
+        return None, None
+    units = random_directions(cfg.seed + 1, cfg.n_random, mc.d_model, 1.0)
+
+    def mean_score(prompts, edits):
+        return float(refusal_scores(params, mc, prompts, token_ids, edits, cfg.batch_size).mean())
+
+    drops = [ev["harmful_base"].mean() - mean_score(harmful, condition_edits(mc, unit=u, ablate=True)) for u in units]
+    rises = [mean_score(harmless, condition_edits(mc, vector=norm * u, induce_layer=layer)) - ev["harmless_base"].mean()
+             for u in units]
+    return np.array(drops, np.float64), np.array(rises, np.float64)
+
+
+def _band_null(draws: np.ndarray | None, how: str) -> str:
+    """The null text of a headline read against random directions: the band of `draws`, or why there is none."""
+    if draws is None:
+        return "0; no random-direction control in this run (n_random=0)"
+    band = null_band(draws)
+    return f"{len(draws)} random directions {how}: 95% band [{band['low']:+.3f}, {band['high']:+.3f}]"
 
 
 def _drop_null(res: Result) -> str:
-    if res.random_drops is None:
-        return "0; no random-direction ablations in this run (n_random=0)"
-    band = null_band(res.random_drops)
-    return (f"{len(res.random_drops)} random unit directions ablated the same way: 95% band "
-            f"[{band['low']:+.3f}, {band['high']:+.3f}]")
+    return _band_null(res.random_drops, "(unit norm) ablated the same way")
+
+
+def _rise_null(res: Result) -> str:
+    return _band_null(res.random_rises, f"at the direction's norm added at L{res.best['layer']}")
 
 
 def _conditions(harmful: Prompts, harmless: Prompts, base, ablate, induce) -> dict[str, tuple[Prompts, tuple]]:
@@ -670,7 +686,8 @@ def run(config: Config, model, progress=None) -> Result:
     with _timed(seconds, "logodds_eval"):
         ev = {k: refusal_scores(params, mc, p, token_ids, edits, bs) for k, (p, edits) in conditions.items()}
         drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
-        random_drops = _random_ablation_drops(params, mc, e_harm, token_ids, ev["harmful_base"], cfg)
+        random_drops, random_rises = _random_nulls(params, mc, e_harm, e_safe, token_ids, ev,
+                                                   float(np.linalg.norm(direction)), best["layer"], cfg)
         orth_diff, orth_scores = _orthogonalized_check(params, mc, unit, e_harm, abl, token_ids, bs)
     with _timed(seconds, "generation"):
         gen = {k: refusal_rate(model, p.texts, markers, edits, max_new_tokens=cfg.max_new_tokens, batch_size=bs)
@@ -685,7 +702,7 @@ def run(config: Config, model, progress=None) -> Result:
                   fallback_used=tier != "strict", filt=filt, harmful_val_base=harmful_val_base,
                   harmless_val_base=harmless_val_base, direction=direction, unit=unit, e_harm=e_harm, e_safe=e_safe,
                   ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds,
-                  random_drops=random_drops)
+                  random_drops=random_drops, random_rises=random_rises)
 
 
 def report(res: Result, folder) -> Path:
@@ -794,6 +811,8 @@ def _ablation_text(res: Result) -> str:
 Mean refusal log-odds drop on held-out harmful prompts: **{res.drop:.3f} nats**
 ({_mean(ev['harmful_base']):.3f} -> {_mean(ev['harmful_ablated']):.3f}); lower for {frac_lower:.0%} of the prompts.
 Null: {_drop_null(res)}.
+Adding the direction to the held-out harmless prompts raises their refusal log-odds by
+**{_mean(ev['harmless_induced'] - ev['harmless_base']):.3f} nats**; null: {_rise_null(res)}.
 Weight orthogonalisation (embedding, o_proj, down_proj; untied unembedding) vs runtime ablation:
 max |logit difference| at the last position over {len(res.e_harm)} prompts = {res.orth_diff:.3g};
 refusal log-odds with orthogonalised weights {_mean(res.orth_scores):.3f}.
@@ -869,6 +888,7 @@ def _metrics(res: Result) -> dict:
     ev, gen, ce = res.ev, res.gen, res.ce
     return {"refusal_logodds_drop": res.drop, "refusal_ce_change": ce.get("change_pct"), "ce": ce,
             "random_ablation_drops": None if res.random_drops is None else [float(x) for x in res.random_drops],
+            "random_induce_rises": None if res.random_rises is None else [float(x) for x in res.random_rises],
             "selected": dict(res.best, tier=res.tier),
             "val_baseline_logodds": dict(harmful=res.harmful_val_base, harmless=res.harmless_val_base),
             "candidates": res.annotated, "filtering": res.filt,
@@ -913,8 +933,9 @@ def records(res: Result) -> list[dict]:
                                                                       - res.ev["harmless_base"])), 4),
                 unit="nats (mean refusal log-odds, induced - baseline, harmless prompts)",
                 reference=ref.replace("harmful prompts", "harmful and harmless prompts")
-                + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0",
-                null="0; no random-direction control for the induce condition",
+                + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0 and above the random band",
+                null=_rise_null(res), **({} if res.random_rises is None else
+                                         {"random_rises": [round(float(x), 4) for x in res.random_rises]}),
                 **_prompt_ci(res.ev["harmless_induced"] - res.ev["harmless_base"], cfg.seed))]
     if res.ce:
         out.append(dict(metric="refusal_ce_change", value=round(res.ce["change_pct"], 4),

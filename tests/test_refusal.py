@@ -193,11 +193,24 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert lines[1]["value"] == pytest.approx(np.mean(res.ev["harmless_induced"] - res.ev["harmless_base"]), abs=1e-4)
     assert all(ln["null"] for ln in lines)
     assert len(res.random_drops) == R.Config().n_random and np.isfinite(res.random_drops).all()
-    assert lines[0]["null"].startswith("20 random unit directions ablated the same way: 95% band [")
+    assert lines[0]["null"].startswith("20 random directions (unit norm) ablated the same way: 95% band [")
     assert lines[0]["random_drops"] == [round(float(x), 4) for x in res.random_drops]
+    assert len(res.random_rises) == R.Config().n_random and np.isfinite(res.random_rises).all()
+    assert lines[1]["null"].startswith(f"20 random directions at the direction's norm added at L{res.best['layer']}")
+    assert lines[1]["random_rises"] == [round(float(x), 4) for x in res.random_rises]
+    # the null adds each random direction the way the induce condition adds the selected one: one draw by hand
+    from psm_jax.persona.directions import random_directions
+
+    u = random_directions(res.config.seed + 1, res.config.n_random, res.d_model, 1.0)[0]
+    edits = R.condition_edits(tiny_chat_model.config, vector=np.linalg.norm(res.direction) * u,
+                              induce_layer=res.best["layer"])
+    by_hand = R.refusal_scores(tiny_chat_model.params, tiny_chat_model.config, res.e_safe, res.token_ids, edits,
+                               res.config.batch_size).mean() - res.ev["harmless_base"].mean()
+    assert res.random_rises[0] == pytest.approx(by_hand, abs=1e-5)
     res2 = R.run(R.Config(**kw), tiny_chat_model)
     assert res2.drop == res.drop and res2.ce["change_pct"] == res.ce["change_pct"]
     np.testing.assert_array_equal(res2.random_drops, res.random_drops)
+    np.testing.assert_array_equal(res2.random_rises, res.random_rises)
     np.testing.assert_array_equal(res2.dirs, res.dirs)
     assert "refuses" in (out / "report.md").read_text()  # the baseline-refusal reading
 
