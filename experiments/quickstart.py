@@ -102,10 +102,20 @@ def _run_stage(entry, cfg, folder: Path, model, preset: str, force: bool) -> tup
     print(f"[quickstart] {entry.stage}: running", flush=True)
     res = study.execute(entry.module, cfg, folder=folder, model=model, progress=study.progress_printer(entry.stage),
                         record=False, command=f"{study.RERUN_PREFIX} {entry.name} --preset {preset} --out {folder}")
+    _release_compiled_code()
     lines = json.loads(json.dumps(res["records"], default=str))
     atomic_write_json(marker, {"config": cfg_dict, "seconds": res["seconds"], "records": lines})
     print(f"[quickstart] {entry.stage}: done in {res['seconds']:.0f} s", flush=True)
     return dict(stage=entry.stage, seconds=round(res["seconds"], 1), status="ran"), lines
+
+
+def _release_compiled_code() -> None:
+    """Drops the finished stage's compiled executables. Later stages compile their own functions, and every live
+    XLA CPU executable keeps a few memory mappings: one process running every stage at a large preset would
+    otherwise approach the kernel's per-process mapping limit (vm.max_map_count), past which compilation fails."""
+    import jax
+
+    jax.clear_caches()
 
 
 def _write_main_report(out: Path, preset: str, stages, seed: int, model_name: str, timings: list[dict],

@@ -42,6 +42,18 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"ci_required test was skipped under CI=true: {reason}"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_code():
+    """Drops JAX's compiled executables after each test module. Every live XLA CPU executable keeps a few memory
+    mappings, and one process running the whole suite would otherwise pass the kernel's per-process limit
+    (vm.max_map_count, 65530 by default), after which compilation aborts or segfaults. Modules rarely share compiled
+    functions, so little is compiled twice."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _parity_precision(request):
     """Tests marked `parity` compare numbers with a reference implementation: run them at float32 matmul

@@ -73,6 +73,29 @@ def test_record_appends_only_main_job_seconds(tmp_path, monkeypatch):
     assert "stage_figure" in (tmp_path / "qs" / "report.md").read_text()
 
 
+def test_each_stage_releases_its_compiled_code(tmp_path, monkeypatch):
+    """A finished stage's compiled executables are dropped before the next stage runs, so one process running every
+    stage does not accumulate them (each holds memory mappings, which the kernel limits per process)."""
+    import jax
+    import jax.numpy as jnp
+
+    import psm_jax
+
+    step = jax.jit(lambda x: x + 1)
+    sizes = []
+
+    def fake_execute(module, cfg, *, folder, model, progress, record, command):
+        sizes.append(step._cache_size())
+        step(jnp.ones(3))
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"seconds": 1.0, "records": []}
+
+    monkeypatch.setattr(psm_jax, "load", lambda name: object())
+    monkeypatch.setattr(study, "execute", fake_execute)
+    Q.run(tmp_path / "qs", only=["axis", "kv_editing"])
+    assert sizes == [0, 0] and step._cache_size() == 0
+
+
 def test_force_clears_a_stage_cache_and_a_plain_rerun_keeps_it(tmp_path, monkeypatch):
     """`--force` removes the features stage's SAE cache before the stage runs (a forced run does all its work, as
     on a fresh machine), and says so in the record; a rerun without it leaves the cache in place."""
