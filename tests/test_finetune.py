@@ -80,8 +80,8 @@ def test_lora_merge_matches_peft(tiny_hf):
         for leaf, name in hf_names.items():
             for layer in (0, 2):
                 mod = modules[f"base_model.model.model.layers.{layer}.{name}"]
-                mod.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(adapters[leaf]["a"][layer]).T))
-                mod.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(adapters[leaf]["b"][layer]).T))
+                mod.lora_A["default"].weight.copy_(torch.tensor(np.asarray(adapters[leaf]["a"][layer]).T))
+                mod.lora_B["default"].weight.copy_(torch.tensor(np.asarray(adapters[leaf]["b"][layer]).T))
         tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 10)).astype(np.int32)
         want = peft_model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     merged = apply_adapters(model.params, adapters, model.config, lora)
