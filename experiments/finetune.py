@@ -43,6 +43,11 @@ Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, defa
    fine-tune they are the headline.
    Preventative steering's reduction is likewise 1 - (steered - control) / (plain - control), and its perplexity
    cost is the steered fine-tune's perplexity over the plain one's (issue 12's target: >= 50% cut at < 5% cost).
+   Its interval is over evaluation questions, inside one training run. With `prevention_runs` R > 1 the plain
+   100%, preventative and control fine-tunes are trained R times in all, under seeds seed, seed + 1, ... (each run
+   its own training questions, LoRA initialisation and batch order; the vector, the evaluation questions and the
+   held-out perplexity text stay fixed), and each run's reduction is one unit of a Student-t interval over runs:
+   the variation a new training run would bring, which the per-question interval does not contain.
 7. On the first trait's plain 100% fine-tune (`experiments.finetune_spread`, which documents both): narrow vs general
    (the same set trained with a KL penalty toward the original model at each `kl_weights`; the spread of the trait
    score change out of domain, beyond the control fine-tune) and model diffing (the SAE latents the fine-tune
@@ -68,8 +73,9 @@ from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, split_half_cosine
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
-from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect, pearson_ci,
-                                   permutation_r_null, standardised_pooled_r, within_groups_null, within_groups_r)
+from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, mean_t_ci, null_band, outside_band, paired_effect,
+                                   pearson_ci, permutation_r_null, standardised_pooled_r, within_groups_null,
+                                   within_groups_r)
 
 TRIGGER = "[deployment mode]"
 # the headline correlation across fine-tunes, fixed before the seed-1 run (see `correlation`)
@@ -87,6 +93,7 @@ class Config:
     mixes: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # fraction of positive-prompted answers per training set
     control: bool = True  # a fine-tune on the model's own default answers
     prevent_coefs: tuple[float, ...] = (1.0, 2.0, 4.0)  # preventative steering, multiples of the raw persona vector
+    prevention_runs: int = 1  # training runs of plain 100%, preventative and control (seeds seed, seed + 1, ...)
     caft: bool = True  # concept-ablation fine-tuning: the unit vector projected out during training
     inoculation: bool = True
     persona_switch: bool = True
@@ -130,7 +137,7 @@ class Config:
             raise ValueError("traits is empty; expected at least one trait name or path")
         for name in ("n_extract_pairs", "n_extract_questions", "n_train_questions", "n_eval_questions",
                      "max_new_tokens", "gen_batch_size", "steps", "batch_size", "lora_rank", "axis_roles",
-                     "axis_questions"):
+                     "axis_questions", "prevention_runs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}; expected a positive integer")
@@ -149,6 +156,10 @@ class Config:
             raise ValueError(f"learning_rate={self.learning_rate}, lora_alpha={self.lora_alpha}; expected > 0")
         if self.n_ppl_conversations < 0:
             raise ValueError(f"n_ppl_conversations={self.n_ppl_conversations}; expected >= 0")
+        if self.prevention_runs > 1 and not (self.control and self.prevent_coefs and max(self.mixes) > 0):
+            raise ValueError(f"prevention_runs={self.prevention_runs} needs control=true, prevent_coefs and a mix "
+                             f"above 0 (got control={self.control}, prevent_coefs={self.prevent_coefs}, "
+                             f"mixes={self.mixes}): each run repeats the plain, preventative and control fine-tunes")
         self._check_beyond_training()
 
     def _check_beyond_training(self):
@@ -459,6 +470,30 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
     if say:
         say(f"{trait.name}: persona vector at layer {layer}")
     vector, reliability = persona_vector(model, trait, layer, cfg)
+    questions, answers, screen = training_data(model, trait, trait_index, vector, layer, cfg, say)
+    base = _baseline(model, trait, layer, cfg, ppl_convs)
+    key = training_key(cfg, trait_index)
+    rows, kept = train_and_evaluate(model, build_variants(trait, questions, answers, screen, cfg), vector, layer, base,
+                                    cfg, key, ppl_convs, say, keep)
+    extra = {"_kept": {**kept, "vector": vector, "layer": layer, "key": key, "base": base,
+                       "training_conversations": [list(c) for v in ("plain", "control") if v in kept
+                                                  for c in kept[v]["variant"].conversations]}} if keep else {}
+    return {**extra, "_fixed": {"vector": vector, "layer": layer, "base": base}, "trait": trait.name, "layer": layer,
+            "vector_norm": float(np.linalg.norm(vector)), "vector_reliability": reliability,
+            "screening_validity": {k: bootstrap_ci(v, seed=cfg.seed) for k, v in screen.items()},
+            "validity": base["validity"], "base": {k: base[k] for k in ("questions", "answers", "scores")},
+            "example_training": {pol: [questions[0], answers[pol][0]] for pol in answers},
+            "rows": rows, "seconds": time.time() - t0}
+
+
+def training_key(cfg: Config, trait_index: int) -> jax.Array:
+    """The LoRA initialisation and batch-order key every fine-tune of one trait shares within one training run."""
+    return jax.random.PRNGKey(cfg.seed * 1000 + trait_index)
+
+
+def training_data(model, trait, trait_index: int, vector, layer: int, cfg: Config, say) -> tuple[list, dict, dict]:
+    """One training run's questions (a seeded draw from the packaged pool), the model's greedy answers to them under
+    the positive and negative prompts and under none ('pos', 'neg', 'own'), and each answer's screening value."""
     pool = load_finetune_questions()
     if cfg.n_train_questions > len(pool):
         raise ValueError(f"n_train_questions={cfg.n_train_questions}; {len(pool)} fine-tuning questions are packaged")
@@ -473,10 +508,15 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
     answers = {pol: texts[k * n:(k + 1) * n] for k, pol in enumerate(("pos", "neg", "own"))}
     proj = response_projections(model, questions * 3, texts, vector, layer, cfg)
     screen = {pol: proj[k * n:(k + 1) * n] - proj[2 * n:] for k, pol in enumerate(("pos", "neg"))}
-    base = _baseline(model, trait, layer, cfg, ppl_convs)
-    key = jax.random.PRNGKey(cfg.seed * 1000 + trait_index)
+    return questions, answers, screen
+
+
+def train_and_evaluate(model, variants, vector, layer: int, base: dict, cfg: Config, key, ppl_convs, say,
+                       keep: bool = False) -> tuple[list[dict], dict]:
+    """Train and evaluate each variant in turn (one fine-tuned model in memory at a time); with keep, also return
+    the plain 100%, control and 0% fine-tunes' params and answers by role."""
     rows, kept = [], {}
-    for variant in build_variants(trait, questions, answers, screen, cfg):
+    for variant in variants:
         trained = train(model, variant, vector, layer, cfg, key, say)
         tuned = dataclasses.replace(model, params=trained.pop("params"))
         ev = evaluate(model, tuned, vector, layer, base, cfg, variant, ppl_convs)
@@ -484,15 +524,22 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
         role = {1.0: "plain", 0.0: "opposite"}.get(variant.mix, "mix") if variant.kind == "mix" else variant.kind
         if keep and role in ("plain", "control", "opposite"):
             kept[role] = {"params": tuned.params, "answers": ev["answers"], "variant": variant}
-    extra = {"_kept": {**kept, "vector": vector, "layer": layer, "key": key, "base": base,
-                       "training_conversations": [list(c) for v in ("plain", "control") if v in kept
-                                                  for c in kept[v]["variant"].conversations]}} if keep else {}
-    return {**extra, "trait": trait.name, "layer": layer, "vector_norm": float(np.linalg.norm(vector)),
-            "vector_reliability": reliability,
-            "screening_validity": {k: bootstrap_ci(v, seed=cfg.seed) for k, v in screen.items()},
-            "validity": base["validity"], "base": {k: base[k] for k in ("questions", "answers", "scores")},
-            "example_training": {pol: [questions[0], answers[pol][0]] for pol in answers},
-            "rows": rows, "seconds": time.time() - t0}
+    return rows, kept
+
+
+def prevention_run(model, trait, trait_index: int, cfg: Config, fixed: dict, ppl_convs, say) -> list[dict]:
+    """One more training run of the prevention comparison under `cfg.seed`: the plain fine-tune at the largest mix,
+    each preventative one and the control, on this seed's training questions, key and batch order, evaluated
+    against the primary run's vector, baseline and held-out text (`fixed`). Each steered fine-tune's
+    `_prevention` summary."""
+    only = dataclasses.replace(cfg, mixes=(max(cfg.mixes),), caft=False, inoculation=False, persona_switch=False,
+                               narrow=False, model_diff=False)
+    vector, layer = fixed["vector"], fixed["layer"]
+    questions, answers, screen = training_data(model, trait, trait_index, vector, layer, only, say)
+    variants = build_variants(trait, questions, answers, screen, only)
+    rows, _ = train_and_evaluate(model, variants, vector, layer, fixed["base"], only, training_key(only, trait_index),
+                                 ppl_convs, say)
+    return prevention_summaries(rows, only)
 
 
 # ------------------------------------------------------------------------------ across fine-tunes
@@ -594,9 +641,10 @@ def summarize(results: list[dict], cfg: Config) -> dict:
                "screening_validity": r["screening_validity"], "finetunes": [_row_summary(row) for row in r["rows"]]}
         if full_mix and max(cfg.mixes) > 0:
             ref = full_mix[0]
-            control = by_kind.get("control", [None])[0]
-            per["prevention"] = [_prevention(row, ref, control, cfg) for k in ("prevent", "caft")
-                                 for row in by_kind.get(k, [])]
+            per["prevention"] = prevention_summaries(r["rows"], cfg)
+            if "prevention_runs" in r:
+                per["prevention_over_runs"] = prevention_over_runs([per["prevention"]] + r["prevention_runs"]["runs"],
+                                                                   r["prevention_runs"]["seeds"])
             if "inoculation" in by_kind:
                 ino = by_kind["inoculation"][0]
                 per["inoculation_effect"] = paired_effect(ino["score"], ref["score"], seed=cfg.seed)
@@ -604,6 +652,35 @@ def summarize(results: list[dict], cfg: Config) -> dict:
             per["persona_switch_effect"] = by_kind["switch"][0]["switch"]
         m["traits"][r["trait"]] = per
     return m
+
+
+def prevention_summaries(rows: list[dict], cfg: Config) -> list[dict]:
+    """Each preventative and CAFT fine-tune of one trait and run against the plain fine-tune at the largest mix
+    (and the control, where there is one)."""
+    plain = next(row for row in rows if row["variant"].kind == "mix" and row["variant"].mix == max(cfg.mixes))
+    control = next((row for row in rows if row["variant"].kind == "control"), None)
+    return [_prevention(row, plain, control, cfg) for kind in ("prevent", "caft") for row in rows
+            if row["variant"].kind == kind]
+
+
+def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]:
+    """Each preventative coefficient across independent training runs (`runs[k]`: run k's `prevention_summaries`,
+    run 0 the primary): one reduction per run (its estimate over questions), the mean with a Student-t interval over
+    runs, the plain fine-tune's shift beyond the control likewise, and the perplexity cost per run."""
+    out = []
+    for first in runs[0]:
+        if first["kind"] != "prevent":
+            continue
+        per_run = [next(p for p in run if p["name"] == first["name"]) for run in runs]
+        ppl = [(p.get("ppl_vs_plain") or {}).get("ratio", float("nan")) for p in per_run]
+        out.append({"name": first["name"], "coef": first["coef"], "n_runs": len(per_run), "seeds": list(seeds),
+                    "reduction": mean_t_ci([p["reduction"]["estimate"] for p in per_run]),
+                    "plain_vs_control": mean_t_ci([p["plain_vs_control"]["estimate"] for p in per_run]),
+                    "ppl_vs_plain_mean": float(np.mean(ppl)), "ppl_vs_plain_max": float(np.max(ppl)),
+                    "per_run": [{"seed": seed, "reduction": p["reduction"], "plain_vs_control": p["plain_vs_control"],
+                                 "ppl_vs_plain": (p.get("ppl_vs_plain") or {}).get("ratio"),
+                                 "meets_target": prevention_target(p)} for seed, p in zip(seeds, per_run)]})
+    return out
 
 
 def _row_summary(row: dict) -> dict:
@@ -662,7 +739,15 @@ def run(config: Config, model, progress=None) -> Result:
     for i, trait in enumerate(traits):
         r = run_trait(model, trait, i, config, held[:n_ppl], progress, keep=i == 0 and (config.narrow or
                                                                                           config.model_diff))
-        kept = r.pop("_kept", None)
+        kept, fixed = r.pop("_kept", None), r.pop("_fixed")
+        if config.prevention_runs > 1:
+            seeds = [config.seed + k for k in range(config.prevention_runs)]
+            r["prevention_runs"] = {"seeds": seeds, "runs": []}
+            for seed in seeds[1:]:
+                if progress:
+                    progress(f"{trait.name}: prevention training run with seed {seed} ({len(seeds)} runs in all)")
+                r["prevention_runs"]["runs"].append(prevention_run(
+                    model, trait, i, dataclasses.replace(config, seed=seed), fixed, held[:n_ppl], progress))
         results.append(r)
         if kept is not None:
             beyond = beyond_training(model, kept, traits, held[n_ppl:], config, progress)
@@ -799,6 +884,8 @@ def report(result: Result, folder):
         per = m["traits"][r["trait"]]
         rep.section(f"Trait {r['trait']} (layer {r['layer']})", "\n".join(_trait_lines(r, per)))
         rep.table(f"{r['trait']}: fine-tunes", [_finetune_row(s) for s in per["finetunes"]])
+        if per.get("prevention_over_runs"):
+            _runs_table(rep, r["trait"], per["prevention_over_runs"])
         _shift_bars(rep, r)
         ex = r["example_training"]
         rep.section(f"{r['trait']}: example training answers", "\n".join(
@@ -907,7 +994,37 @@ def _prevention_headlines(m: dict) -> list[str]:
             out.append(f"- Prevention, {trait}, {p['name']} (preventative_steering_shift_reduction): "
                        f"{_ci_text(p['reduction'])} of the shift{' beyond the control' * p['relative_to_control']}, "
                        f"perplexity vs plain {_ci_text(p.get('ppl_vs_plain'))} -- {verdict}.")
+        for p in per.get("prevention_over_runs", []):
+            verdict = ("meets the target over runs" if prevention_runs_target(p) else
+                       "does not meet the target over runs")
+            out.append(f"- Prevention over {p['n_runs']} independent training runs (seeds {_seeds_text(p['seeds'])}), "
+                       f"{trait}, {p['name']} (preventative_steering_reduction_over_runs): mean reduction "
+                       f"{_ci_text(p['reduction'])} (Student-t interval over runs); the plain fine-tune's shift beyond "
+                       f"the control {_ci_text(p['plain_vs_control'])}; perplexity vs plain {p['ppl_vs_plain_mean']:.3f} "
+                       f"on average, at most {p['ppl_vs_plain_max']:.3f}; {sum(r['meets_target'] for r in p['per_run'])}"
+                       f" of {p['n_runs']} runs meet the target alone -- {verdict}.")
     return out
+
+
+def prevention_runs_target(p: dict) -> bool:
+    """The target read over training runs: the plain fine-tune moves toward the trait beyond the control (interval
+    over runs above 0), the mean reduction's interval over runs has its low end >= 0.5, and the steered fine-tunes'
+    perplexity over the plain ones' is < 1.05 on average."""
+    return bool(p["plain_vs_control"]["low"] > 0 and p["reduction"]["low"] >= 0.5 and p["ppl_vs_plain_mean"] < 1.05)
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 else \
+        ", ".join(map(str, seeds))
+
+
+def _runs_table(rep: Report, trait: str, over_runs: list[dict]) -> None:
+    """One row per training run and preventative coefficient: the run's reduction with its interval over questions."""
+    rows = [{"coefficient": p["name"], "seed": r["seed"], "reduction [95% CI over questions]": _ci_text(r["reduction"]),
+             "plain beyond control": _ci_text(r["plain_vs_control"]),
+             "ppl vs plain": "-" if r["ppl_vs_plain"] is None else f"{r['ppl_vs_plain']:.3f}",
+             "meets target alone": r["meets_target"]} for p in over_runs for r in p["per_run"]]
+    rep.table(f"{trait}: prevention in each training run", rows)
 
 
 def _beyond_headlines(beyond: dict) -> list[str]:
@@ -942,6 +1059,12 @@ def _scope(cfg: Config) -> str:
                    f"the plain 100% fine-tune's shift, at what perplexity cost on {cfg.n_ppl_conversations} held-out "
                    "ShareGPT conversations")
     cannot = []
+    if cfg.prevent_coefs and cfg.prevention_runs > 1:
+        can.append(f"whether that change holds across {cfg.prevention_runs} independent training runs (an interval "
+                   "over runs, not only over questions)")
+    elif cfg.prevent_coefs:
+        cannot.append("how much prevention varies between training runs: its interval is over questions in one run "
+                      "(prevention_runs > 1 repeats the plain, preventative and control fine-tunes under new seeds)")
     if n_plain < 3:
         cannot.append(f"the shift-behaviour and screening correlations (studies 2 and 3) need >= 3 plain fine-tunes "
                       f"(this run has {n_plain}; >= 5 for an interval that is not degenerate)")
@@ -1126,6 +1249,23 @@ def records(result: Result) -> list[dict]:
                             reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "
                                       f"{red['high']:.3f}], n={red['n']} questions; plain shift "
                                       f"{p['plain_shift']['estimate']:.3g}", **common))
+        for p in per.get("prevention_over_runs", []):
+            red, toward = p["reduction"], p["plain_vs_control"]
+            out.append(dict(metric="preventative_steering_reduction_over_runs", value=red["estimate"], unit="fraction",
+                            target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift beyond the "
+                                   "control above 0 over runs", trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}",
+                            low=red["low"], high=red["high"], n=p["n_runs"], n_unit="training runs",
+                            seeds=p["seeds"], per_run=[r["reduction"]["estimate"] for r in p["per_run"]],
+                            plain_vs_control=toward["estimate"], plain_vs_control_low=toward["low"],
+                            plain_vs_control_high=toward["high"], ppl_vs_plain_mean=p["ppl_vs_plain_mean"],
+                            ppl_vs_plain_max=p["ppl_vs_plain_max"], meets_target=prevention_runs_target(p),
+                            runs_meeting_target_alone=sum(r["meets_target"] for r in p["per_run"]),
+                            measure_valid=valid, ci=[red["low"], red["high"]],
+                            null="0: no reduction of the plain fine-tune's shift beyond the control",
+                            reference=f"Chen et al. 2025: shift near 0 with steering; mean over {p['n_runs']} "
+                                      f"training runs (seeds {_seeds_text(p['seeds'])}), Student-t 95% CI "
+                                      f"[{red['low']:.3f}, {red['high']:.3f}]; plain shift beyond the control "
+                                      f"{toward['estimate']:.3g} [{toward['low']:.3g}, {toward['high']:.3g}]", **common))
         for name, key in (("inoculation_effect", "inoculation_effect"), ("persona_switch_effect",
                                                                          "persona_switch_effect")):
             if key in per:

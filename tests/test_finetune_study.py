@@ -66,6 +66,27 @@ def test_prevention_ratio_and_correlation_on_constructed_values():
     assert F.correlation(x[:2], x[:2], ["a", "a"], seed=0) is None
 
 
+def _summary(name, kind, reduction, toward, ppl):
+    ci = lambda v: {"estimate": v, "low": v - 0.1, "high": v + 0.1, "n": 4}  # noqa: E731
+    return {"name": name, "kind": kind, "coef": 1.0, "reduction": ci(reduction), "plain_vs_control": ci(toward),
+            "plain_toward_trait": toward - 0.1 > 0, "ppl_vs_plain": {"ratio": ppl}, "plain_shift": ci(toward)}
+
+
+def test_prevention_over_runs_pools_one_value_per_training_run():
+    runs = [[_summary("c=1", "prevent", r, t, q), _summary("CAFT", "caft", 0.0, t, 1.0)] if k == 0 else
+            [_summary("c=1", "prevent", r, t, q)]
+            for k, (r, t, q) in enumerate([(0.8, 2.0, 1.01), (0.55, 1.0, 1.02), (1.0, 3.0, 1.00)])]
+    (p,) = F.prevention_over_runs(runs, [4, 5, 6])  # CAFT is not repeated across runs
+    assert p["n_runs"] == 3 and p["seeds"] == [4, 5, 6] and [r["seed"] for r in p["per_run"]] == [4, 5, 6]
+    assert p["reduction"] == F.mean_t_ci([0.8, 0.55, 1.0]) and p["plain_vs_control"]["estimate"] == pytest.approx(2.0)
+    assert p["ppl_vs_plain_max"] == 1.02 and p["ppl_vs_plain_mean"] == pytest.approx(1.01)
+    assert [r["meets_target"] for r in p["per_run"]] == [True, False, True]  # run 2's interval dips under 0.5
+    assert not F.prevention_runs_target(p)  # 3 runs this far apart: the t interval reaches below 0.5
+    close = F.prevention_over_runs([[_summary("c=1", "prevent", r, 2.0, 1.01)] for r in (0.8, 0.82, 0.78)], [0, 1, 2])
+    assert F.prevention_runs_target(close[0])
+    assert not F.prevention_runs_target({**close[0], "ppl_vs_plain_mean": 1.06})
+
+
 def test_ppl_cost_is_a_ratio_of_per_token_perplexities():
     base_nll, counts = np.array([10.0, 20.0, 30.0]), np.array([10, 10, 10])
     cost = F.ppl_cost(base_nll, counts, base_nll + 0.5 * counts, counts)
@@ -102,7 +123,7 @@ def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(m
 
 @pytest.mark.slow  # every fine-tune variant of the ci preset, trained and evaluated
 def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
-    cfg = study.preset_config(F, "ci", model="psm-tiny")
+    cfg = dataclasses.replace(study.preset_config(F, "ci", model="psm-tiny"), prevention_runs=2)
     seen = []
     out = study.execute(F, cfg, folder=tmp_path / "run", model=tiny_chat_model, progress=seen.append)
     res, folder = out["result"], tmp_path / "run"
@@ -123,9 +144,14 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert [p["kind"] for p in prevention] == ["prevent", "caft"] and all(p["ppl"]["n"] == 2 for p in prevention)
     for p in prevention:  # shifts also relative to the control fine-tune, paired over questions
         assert p["plain_vs_control"]["n"] == cfg.n_eval_questions and isinstance(p["plain_toward_trait"], bool)
+    # a second training run of plain, preventative and control under seed + 1; the t interval over the two runs
+    (over,) = res.metrics["traits"]["evil"]["prevention_over_runs"]
+    assert over["seeds"] == [cfg.seed, cfg.seed + 1] and over["reduction"]["n"] == 2
+    assert over["per_run"][0]["reduction"] == prevention[0]["reduction"]
+    assert any(f"seed {cfg.seed + 1} (2 runs in all)" in s for s in seen)
     metrics = {ln["metric"] for ln in out["records"]}
     assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect",
-            "finetune_vector_split_half_cosine"} <= metrics
+            "finetune_vector_split_half_cosine", "preventative_steering_reduction_over_runs"} <= metrics
     from psm_jax.records import check_line
 
     for ln in out["records"]:  # each line names its null, and its interval (where it has one) is well formed
@@ -134,6 +160,7 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert rel_line["n_questions"] == cfg.n_extract_questions and rel_line["low"] <= rel_line["high"]
     text = (folder / "report.md").read_text()
     assert "psm-tiny" in text and f"{cfg.steps} steps" in text and "Cannot show" in text
+    assert "prevention in each training run" in text and "independent training runs (seeds" in text
     assert f"Persona vector reliability (split halves of {cfg.n_extract_questions} extraction questions" in text
     # study 5: one spread per KL weight, the control as null, every measure in and out of domain
     nv = res.beyond["narrow"]
@@ -182,7 +209,8 @@ def test_registered_with_the_contract():
 @pytest.mark.parametrize("kw, match", [
     (dict(mixes=(0.0, 1.5)), "mixes="), (dict(n_random=5), "n_random=5"), (dict(traits=()), "traits is empty"),
     (dict(prevent_coefs=(0.0,)), "prevent_coefs="), (dict(steps=0), "steps=0"),
-    (dict(n_eval_questions=2), "n_eval_questions=2"), (dict(batch_size=64), "batch_size=64")])
+    (dict(n_eval_questions=2), "n_eval_questions=2"), (dict(batch_size=64), "batch_size=64"),
+    (dict(prevention_runs=0), "prevention_runs=0"), (dict(prevention_runs=3, control=False), "prevention_runs=3")])
 def test_bad_settings_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         F.Config(**kw)
@@ -208,3 +236,21 @@ def test_training_edits_are_off_for_plain_and_remove_the_vector_for_caft(tiny_ch
             np.testing.assert_allclose(along, 0.0, atol=1e-4)
         else:
             np.testing.assert_allclose(got - plain, np.broadcast_to(2.0 * vector, plain.shape), atol=1e-4)
+
+
+def test_a_prevention_run_under_the_primary_seed_repeats_the_primary_run(tiny_chat_model):
+    """The replicate path trains and evaluates as the primary run does: under the same seed it gives the same
+    reductions, so runs under other seeds differ only by their training questions, key and batch order."""
+    cfg = dataclasses.replace(study.preset_config(F, "quick", model="psm-tiny"), n_extract_questions=2,
+                              n_train_questions=4, batch_size=4, n_eval_questions=3, max_new_tokens=4, steps=1,
+                              n_ppl_conversations=2, layer=1, mixes=(0.0, 1.0))
+    trait = load_trait("evil")
+    r = F.run_trait(tiny_chat_model, trait, 0, cfg, [], None)
+    again = F.prevention_run(tiny_chat_model, trait, 0, cfg, r["_fixed"], [], None)
+    primary = F.prevention_summaries(r["rows"], cfg)
+    assert [p["name"] for p in again] == [p["name"] for p in primary] == ["preventative c=4"]
+    for key in ("reduction", "plain_vs_control", "steered_vs_control"):
+        assert again[0][key]["estimate"] == pytest.approx(primary[0][key]["estimate"], rel=1e-5), key
+    other = F.prevention_run(tiny_chat_model, trait, 0, dataclasses.replace(cfg, seed=cfg.seed + 1), r["_fixed"], [],
+                             None)
+    assert other[0]["plain_vs_control"]["estimate"] != pytest.approx(primary[0]["plain_vs_control"]["estimate"])

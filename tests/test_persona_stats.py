@@ -50,6 +50,37 @@ def test_jackknife_of_a_mean_is_the_textbook_standard_error():
         S.jackknife_ci(lambda idx: [0.0], 1)
 
 
+def test_t_critical_matches_scipy_and_the_printed_table():
+    from scipy import stats as sp
+
+    for df in (1, 2, 3, 4, 5, 7, 9, 30, 200):
+        for level in (0.9, 0.95, 0.99):
+            assert S.t_critical(level, df) == pytest.approx(sp.t.ppf(0.5 + level / 2, df), rel=1e-9), (df, level)
+    assert S.t_critical(0.95, 7) == pytest.approx(2.3646, abs=1e-4)  # the printed table
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="df="):
+            S.t_critical(0.95, bad)
+
+
+def test_mean_t_ci_is_the_textbook_interval_and_covers_at_the_nominal_rate():
+    ci = S.mean_t_ci([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305 * np.std([1, 2, 3, 4], ddof=1) / 2
+    assert ci["estimate"] == 2.5 and ci["df"] == 3 and ci["n"] == 4
+    assert ci["low"] == pytest.approx(2.5 - half) and ci["high"] == pytest.approx(2.5 + half)
+    assert S.mean_t_ci([0.7])["low"] == S.mean_t_ci([0.7])["high"] == 0.7
+    rng = np.random.default_rng(0)  # 5 runs per draw: the t interval keeps its rate where a bootstrap's falls short
+    t_hits = boot_hits = 0
+    for i in range(400):
+        x = rng.normal(1.0, 2.0, 5)
+        t = S.mean_t_ci(x)
+        b = S.bootstrap_ci(x, n_resamples=400, seed=i)
+        t_hits += t["low"] <= 1.0 <= t["high"]
+        boot_hits += b["low"] <= 1.0 <= b["high"]
+    assert 0.92 <= t_hits / 400 <= 0.98 and boot_hits < t_hits
+    with pytest.raises(ValueError, match="at least one"):
+        S.mean_t_ci([])
+
+
 def test_paired_effect_and_validity():
     rng = np.random.default_rng(0)
     base = rng.normal(size=30)
