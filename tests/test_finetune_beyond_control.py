@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import finetune as F
+from experiments import finetune_report as FR
 
 
 def _row(kind, name, shift_q, score, screening=0.0, mix=None, coef=0.0, ppl_nll=None):
@@ -99,5 +100,5 @@ def test_headline_correlation_is_the_pre_registered_standardised_pooled_r():
     assert c["r"]["estimate"] > 0.99 and c["outside_null"] and c["null_kind"] == "pairs shuffled inside each trait"
     assert set(c["per_trait"]) == {"a", "b", "c"} and all(p["n"] == 5 and "low" in p for p in c["per_trait"].values())
     assert c["unstandardised"]["r"]["estimate"] < 0.5
-    text = F._corr_text(c, "Shift vs behaviour")
+    text = FR._corr_text(c, "Shift vs behaviour")
     assert "pre-registered" in text and "per trait: a r = " in text and "unstandardised pooled r = " in text

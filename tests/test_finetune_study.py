@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import finetune as F
+from experiments import finetune_report as FR
 from experiments import registry, study
 from psm_jax.persona.datasets import list_traits, load_trait
 
@@ -114,9 +115,9 @@ def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(m
     np.testing.assert_allclose(vector, [0.25] * 4 + [0.0] * 4)
     assert rel["n_groups"] == 4 and rel["distinct_splits"] == 3
     assert rel["predicted"] == pytest.approx(0.0, abs=1e-9) and rel["high"] == pytest.approx(0.0, abs=1e-9)
-    assert "4 questions allow only 3 distinct split(s)" in F.reliability_text(rel)
+    assert "4 questions allow only 3 distinct split(s)" in FR.reliability_text(rel)
     assert F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=1))[1] is None
-    assert "not measured" in F.reliability_text(None)
+    assert "not measured" in FR.reliability_text(None)
     with pytest.raises(ValueError, match="n_extract_questions=21"):
         F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=21))
 
