@@ -29,6 +29,7 @@ from flax import struct
 
 from psm_jax.config import ModelConfig
 from psm_jax.edits import EDITABLE_SITES
+from psm_jax.logits import argmax_last, categorical_last
 from psm_jax.model import (Capture, ForwardOutput, KVCache, check_edits, check_tokens, forward, init_cache,
                            is_concrete)
 
@@ -132,7 +133,7 @@ def _choose(logits, key, temperature, top_p, sample: bool, use_top_p: bool, top_
     with `use_top_p`, from the smallest head of those whose probability (renormalised over them) reaches top_p.
     A small top_k also makes nucleus sampling cheap: only k logits are sorted instead of the vocabulary."""
     if not sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax_last(logits)
     scaled = logits / temperature
     if use_top_p or top_k is not None:
         k = scaled.shape[-1] if top_k is None else min(int(top_k), scaled.shape[-1])
@@ -141,9 +142,9 @@ def _choose(logits, key, temperature, top_p, sample: bool, use_top_p: bool, top_
             probs = jax.nn.softmax(head, axis=-1)
             keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the most likely token
             head = jnp.where(keep, head, -jnp.inf)
-        choice = jax.random.categorical(key, head, axis=-1)
+        choice = categorical_last(key, head)
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return categorical_last(key, scaled)
 
 
 def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_tokens: int, key=None,

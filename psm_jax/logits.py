@@ -1,4 +1,4 @@
-"""Logit utilities: continuation log-probs, token-set log-odds, KL between runs."""
+"""Logit utilities: continuation log-probs, token-set log-odds, KL between runs, the argmax over a vocabulary."""
 from __future__ import annotations
 
 import jax
@@ -68,3 +68,22 @@ def cross_entropy(logits, tokens, mask=None):
     lp = token_logprobs(logits, tokens)
     m = jnp.ones_like(lp) if mask is None else mask[:, 1:].astype(jnp.float32)
     return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def argmax_last(x) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` as int32 (the first index of the maximum; a NaN counts as the maximum), computed as
+    plain reductions (any NaN, max, then the smallest index holding it). XLA's CPU backend runs argmax's paired
+    (value, index) reduce serially: over a 49k-token vocabulary at batch 64 that took about 7 ms of a 107 ms decode
+    step on a 2-core machine, the plain reductions about 0.7 ms."""
+    nan = jnp.isnan(x)
+    has_nan = jnp.any(nan, axis=-1, keepdims=True)
+    hit = jnp.where(has_nan, nan, x == jnp.max(x, axis=-1, keepdims=True))
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
+def categorical_last(key, logits) -> jax.Array:
+    """A sample of `jax.random.categorical(key, logits)` over the last axis (the same draw: Gumbel noise from the
+    same key, then the argmax) through `argmax_last`."""
+    return argmax_last(jax.random.gumbel(key, logits.shape, logits.dtype) + logits)
+

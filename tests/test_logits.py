@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,3 +184,26 @@ def test_option_scoring_rejects_ragged_options(tiny_chat_model):
     p = [{"role": "user", "content": "Hi"}]
     with pytest.raises(ValueError, match="option counts"):
         rollouts.score_options(tiny_chat_model, [p, p], [("a", "b"), ("a",)])
+
+
+def test_argmax_last_is_jnp_argmax_with_ties_nans_and_infinities():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [10, 500]] = 9.0  # a tie: the first index wins
+    x[2, [700, 30]] = np.nan  # a NaN counts as the maximum: the first NaN wins
+    x[3] = -np.inf
+    x[4, 999] = np.inf
+    x[5, :] = 0.0
+    for a in (x, x.astype(jnp.bfloat16)):
+        got = jax.jit(L.argmax_last)(jnp.asarray(a))
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), np.argmax(np.asarray(a, np.float32), axis=-1))
+    assert list(np.asarray(L.argmax_last(jnp.asarray(x)))[1:]) == [10, 30, 0, 999, 0]
+
+
+def test_categorical_last_draws_what_jax_random_categorical_draws():
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((8, 300)).astype(np.float32)) * 3
+    for seed in range(5):
+        key = jax.random.key(seed)
+        np.testing.assert_array_equal(np.asarray(L.categorical_last(key, logits)),
+                                      np.asarray(jax.random.categorical(key, logits, axis=-1)))
