@@ -11,17 +11,19 @@ Records, each against a reference measured in the same run:
                          ratio could be with a decode that cost nothing)
 Prompts are random token ids (seeded) and no EOS stops a row, so every row decodes the full budget.
 
-Where a step's time goes (compiled decode loop, batch 32, cache 160): the layer scan copies each layer's weights out
-of the stacked arrays before its matmuls (the CPU backend does not feed a slice to a dot; about 425 MB of fp32 per
-step) and each layer's K/V slice (about 236 MB at batch 32). A variant that unstacked the weights once and ran
-unrolled layers over per-layer K/V buffers, in segments of growing attention span, removed those copies but was no
-faster on an idle 2-core machine (decode_b64_vs_forward 0.394 vs 0.42) while holding every weight twice, so the
-scan stays. decode_b32_vs_hf counts the prefill (a 32 x 128 forward is most of its FLOPs). Each side's prefill is
-timed alone beside it: on the 2-core AMD EPYC, psm-jax's takes about 3.2 s of its 4.9 s run and HF's whole run takes
-about 10.7 s, so even a decode that cost nothing would stop near 3.3x; 3x needs a faster forward, not a cheaper step.
-The prefill attends among the prompt's own keys (the fresh cache's other slots are all masked), which
-`prefill_new_keys_over_all_slots` measures. On a 2-core AMD EPYC with AVX2 only, XLA's fp32 GEMM runs at torch's
-speed (`gemm_fp32_jax_vs_torch` 0.96), HF's prefill is no slower than psm-jax's, and the ratio is far lower.
+Where a step's time goes (XLA's per-thunk trace, `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true` with
+`jax.profiler.trace`; compiled decode loop, batch 64, cache 160, a 2-core AVX-512 AMD EPYC): about 55 ms in the
+layers' matmuls, 12 ms in the vocabulary projection, 23 ms in the attention kernel (it reads the whole 472 MB fp32
+cache at about 20 GB/s: memory bandwidth bounds it; a bf16 cache halves it), 14 ms in copies of each layer's
+weights out of the stacked arrays (the CPU backend does not feed a dynamic slice to a dot), and before
+`logits.argmax_last` 7 ms in XLA's serial argmax over the vocabulary. Per-layer weight buffers remove the copies
+but the dots then read colder weights: measured twice (an AVX2 and an AVX-512 machine), the step gained 0-8% while
+holding every weight twice, so the scan stays. decode_b32_vs_hf counts the prefill (a 32 x 128 forward is most of
+its FLOPs); each side's prefill is timed alone beside it, and HF's whole run over psm-jax's prefill is the most the
+ratio could be with a decode that cost nothing (about 3.4-3.8x on the AVX-512 EPYC, 1.6-2.2x on an AVX2 one, where
+XLA's fp32 GEMM runs at torch's speed, `gemm_fp32_jax_vs_torch` 0.96, and HF's prefill is no slower than
+psm-jax's). The prefill attends among the prompt's own keys (the fresh cache's other slots are all masked), which
+`prefill_new_keys_over_all_slots` measures.
 
   decode_kernel_over_xla  the decode loop's tokens/s with f32 attention on psm_jax.native.decode's kernel / the same
                           loop on XLA's grouped attention, batch 16, 32 new tokens after prompts of 128 and 480 tokens

@@ -33,6 +33,9 @@ def _corr_text(c: dict | None, what: str) -> str:
     if c.get("dropped_traits"):
         text += f" (left out, < 3 fine-tunes or no spread: {', '.join(c['dropped_traits'])})"
     raw = c["unstandardised"]
+    if c["statistic"] == RAW_STATISTIC and "within_trait" in c:
+        text += (" -- no trait has 3 fine-tunes of its own, so this compares the traits with each other, not the "
+                 "relation inside a trait (not recorded)")
     if c["statistic"] != RAW_STATISTIC:
         text += (f"; unstandardised pooled r = {_ci_text(raw['r'])}, pairs shuffled across all fine-tunes: band "
                  f"[{raw['null']['low']:.2f}, {raw['null']['high']:.2f}]" + (", outside it" if raw["outside_null"]
@@ -428,7 +431,11 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
 
 
 def result_records(result: Result) -> list[dict]:
-    """The correlations across fine-tunes, the prevention per trait and strength, and the optional variants."""
+    """The correlations across fine-tunes, the prevention per trait and strength, and the optional variants.
+
+    A correlation over fine-tunes of several traits where no trait has 3 of its own (`RAW_STATISTIC`, e.g. one mix
+    per trait) compares the traits with each other, not the relation inside a trait that the claim is about: the
+    report shows it with that caveat, and no line is recorded."""
     m, cfg = result.metrics, result.config
     common = dict(model=cfg.model, traits=list(cfg.traits), steps=cfg.steps, n_train=cfg.n_train_questions,
                   n_eval=cfg.n_eval_questions, seed=cfg.seed)
@@ -436,7 +443,7 @@ def result_records(result: Result) -> list[dict]:
     for key, metric, ref in (("shift_behaviour", "finetune_shift_behaviour_r", "Chen et al. 2025: r = 0.76-0.97"),
                              ("screening_shift", "finetune_screening_r", "Chen et al. 2025: screening predicts shift")):
         c = m[key]
-        if c is not None:
+        if c is not None and not (c["statistic"] == RAW_STATISTIC and len(set(cfg.traits)) > 1):
             raw, vs_original = c["unstandardised"], m[f"{key}_raw"]
             out.append(dict(metric=metric, value=c["r"]["estimate"], unit="pearson r", statistic=c["statistic"],
                             target="> 0.7 (issue 12), above the shuffled null", outside_null=c["outside_null"],

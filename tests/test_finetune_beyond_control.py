@@ -1,5 +1,7 @@
 """The fine-tuning study's measures beyond the control fine-tune, on constructed rows: the shared drift of every
 fine-tune cancels, the correlations run on the mix fine-tunes only, and prevention is judged against the control."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,20 @@ def test_headline_correlation_is_the_pre_registered_standardised_pooled_r():
     assert c["unstandardised"]["r"]["estimate"] < 0.5
     text = FR._corr_text(c, "Shift vs behaviour")
     assert "pre-registered" in text and "per trait: a r = " in text and "unstandardised pooled r = " in text
+
+
+def test_a_correlation_between_traits_only_is_reported_with_its_caveat_and_not_recorded():
+    """One fine-tune per trait: the pooled r compares the traits, so the report says so and no line is written."""
+    groups = ["a", "a", "b", "b", "c", "c"]
+    c = F.correlation([0.0, 1.0, 5.0, 6.0, 2.0, 3.0], [1.0, 0.5, 4.0, 3.0, 2.0, 2.5], groups, seed=0)
+    assert c["statistic"] == F.RAW_STATISTIC and "within_trait" in c
+    assert "compares the traits with each other" in FR._corr_text(c, "Shift vs behaviour")
+    cfg = F.Config(traits=("evil", "humorous", "sycophantic"), mixes=(1.0,), caft=False, inoculation=False,
+                   persona_switch=False, narrow=False, model_diff=False)
+    metrics = {"shift_behaviour": c, "screening_shift": c, "shift_behaviour_raw": None, "screening_shift_raw": None,
+               "relative_to_control": True, "traits": {}}
+    result = F.Result(cfg, [], metrics, "psm-tiny", 2, 8, 0.0)
+    assert FR.result_records(result) == []
+    one_trait = F.Result(dataclasses.replace(cfg, traits=("evil",)), [], metrics, "psm-tiny", 2, 8, 0.0)
+    assert {ln["metric"] for ln in FR.result_records(one_trait)} == {"finetune_shift_behaviour_r",
+                                                                     "finetune_screening_r"}
