@@ -72,9 +72,9 @@ from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, split_half_cosine
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
-from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, mean_t_ci, null_band, outside_band, paired_effect,
-                                   pearson_ci, permutation_r_null, standardised_pooled_r, within_groups_null,
-                                   within_groups_r)
+from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, jackknife_ci, mean_t_ci, null_band, outside_band,
+                                   paired_effect, pearson_ci, permutation_r_null, standardised_pooled_r,
+                                   within_groups_null, within_groups_r)
 
 TRIGGER = "[deployment mode]"
 # the headline correlation across fine-tunes, fixed before the seed-1 run (see `correlation`)
@@ -672,14 +672,31 @@ def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]
             continue
         per_run = [next(p for p in run if p["name"] == first["name"]) for run in runs]
         ppl = [(p.get("ppl_vs_plain") or {}).get("ratio", float("nan")) for p in per_run]
+        plain = [p["plain_vs_control"]["estimate"] for p in per_run]
         out.append({"name": first["name"], "coef": first["coef"], "n_runs": len(per_run), "seeds": list(seeds),
                     "reduction": mean_t_ci([p["reduction"]["estimate"] for p in per_run]),
-                    "plain_vs_control": mean_t_ci([p["plain_vs_control"]["estimate"] for p in per_run]),
+                    "pooled_reduction": pooled_reduction([p["steered_vs_control"]["estimate"] for p in per_run],
+                                                         plain),
+                    "plain_vs_control": mean_t_ci(plain),
                     "ppl_vs_plain_mean": float(np.mean(ppl)), "ppl_vs_plain_max": float(np.max(ppl)),
                     "per_run": [{"seed": seed, "reduction": p["reduction"], "plain_vs_control": p["plain_vs_control"],
+                                 "steered_vs_control": p["steered_vs_control"],
                                  "ppl_vs_plain": (p.get("ppl_vs_plain") or {}).get("ratio"),
                                  "meets_target": prevention_target(p)} for seed, p in zip(seeds, per_run)]})
     return out
+
+
+def pooled_reduction(steered, plain) -> dict:
+    """1 - mean(steered) / mean(plain) over training runs (each run's shift beyond the control, per-question means)
+    with a leave-one-run-out jackknife interval at Student-t critical values: a ratio of means, which a run whose
+    plain fine-tune barely moves (a denominator near 0) cannot send to any value, unlike a mean of per-run ratios."""
+    s, p = np.asarray(steered, np.float64), np.asarray(plain, np.float64)
+    est = float(1.0 - s.mean() / p.mean())
+    if s.size < 2:
+        return {"estimate": est, "low": est, "high": est, "n": int(s.size)}
+    ci = jackknife_ci(lambda idx: [1.0 - s[idx].mean() / p[idx].mean()], s.size, student_t=True)
+    return {"estimate": est, "low": float(ci["low"][0]), "high": float(ci["high"][0]), "n": int(s.size),
+            "se": float(ci["se"][0])}
 
 
 def row_summary(row: dict) -> dict:
@@ -719,6 +736,13 @@ def prevention_target(p: dict) -> bool:
     cost = p.get("ppl_vs_plain")
     return bool(p.get("plain_toward_trait", p["plain_shift"]["low"] > 0) and p["reduction"]["low"] >= 0.5
                 and cost is not None and cost["ratio"] < 1.05)
+
+
+def prevention_pooled_target(p: dict) -> bool:
+    """`prevention_runs_target` read on the ratio of means over runs (`pooled_reduction`) instead of the mean of
+    per-run ratios."""
+    return bool(p["plain_vs_control"]["low"] > 0 and p["pooled_reduction"]["low"] >= 0.5
+                and p["ppl_vs_plain_mean"] < 1.05)
 
 
 def prevention_runs_target(p: dict) -> bool:

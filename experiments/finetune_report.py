@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.finetune import (RAW_STATISTIC, Config, Result, prevention_runs_target, prevention_target,
-                                  row_summary)
+from experiments.finetune import (RAW_STATISTIC, Config, Result, prevention_pooled_target, prevention_runs_target,
+                                  prevention_target, row_summary)
 from experiments.report import Report, few_splits_text, fmt_num, pyplot
 from psm_jax.persona import measures
 
@@ -234,13 +234,16 @@ def _prevention_headlines(m: dict) -> list[str]:
         for p in per.get("prevention_over_runs", []):
             verdict = ("meets the target over runs" if prevention_runs_target(p) else
                        "does not meet the target over runs")
+            pooled = ("meets it" if prevention_pooled_target(p) else "does not meet it")
             out.append(f"- Prevention over {p['n_runs']} independent training runs (seeds {_seeds_text(p['seeds'])}), "
                        f"{trait}, {p['name']} (preventative_steering_reduction_over_runs): mean reduction "
                        f"{_ci_text(p['reduction'])} (Student-t interval over runs); the plain fine-tune's shift beyond "
                        f"the control {_ci_text(p['plain_vs_control'])}; perplexity vs plain "
                        f"{p['ppl_vs_plain_mean']:.3f} on average, at most {p['ppl_vs_plain_max']:.3f}; "
                        f"{sum(r['meets_target'] for r in p['per_run'])} of {p['n_runs']} runs meet the target alone "
-                       f"-- {verdict}.")
+                       f"-- {verdict}. The ratio of means over runs (preventative_steering_pooled_reduction_over_runs: "
+                       f"1 - mean steered / mean plain shift beyond the control, leave-one-run-out jackknife at "
+                       f"Student-t values) is {_ci_text(p['pooled_reduction'])} and {pooled}.")
     return out
 
 
@@ -504,6 +507,20 @@ def result_records(result: Result) -> list[dict]:
                                       f"[{red['low']:.3f}, {red['high']:.3f}]; plain shift beyond the control "
                                       f"{toward['estimate']:.3g} [{toward['low']:.3g}, {toward['high']:.3g}]",
                             **common))
+            pooled = p["pooled_reduction"]
+            out.append(dict(metric="preventative_steering_pooled_reduction_over_runs", value=pooled["estimate"],
+                            unit="fraction", target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift "
+                                                     "beyond the control above 0 over runs",
+                            trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}", low=pooled["low"],
+                            high=pooled["high"], n=p["n_runs"], n_unit="training runs", seeds=p["seeds"],
+                            meets_target=prevention_pooled_target(p), measure_valid=valid,
+                            ci=[pooled["low"], pooled["high"]],
+                            statistic="1 - mean(steered - control) / mean(plain - control) over runs; leave-one-run-"
+                                      "out jackknife interval at Student-t critical values",
+                            null="0: no reduction of the plain fine-tune's shift beyond the control",
+                            reference=f"Chen et al. 2025: shift near 0 with steering; ratio of means over "
+                                      f"{p['n_runs']} training runs (seeds {_seeds_text(p['seeds'])}), jackknife-t "
+                                      f"95% CI [{pooled['low']:.3f}, {pooled['high']:.3f}]", **common))
         for name, key in (("inoculation_effect", "inoculation_effect"), ("persona_switch_effect",
                                                                          "persona_switch_effect")):
             if key in per:

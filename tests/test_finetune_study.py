@@ -70,6 +70,7 @@ def test_prevention_ratio_and_correlation_on_constructed_values():
 def _summary(name, kind, reduction, toward, ppl):
     ci = lambda v: {"estimate": v, "low": v - 0.1, "high": v + 0.1, "n": 4}  # noqa: E731
     return {"name": name, "kind": kind, "coef": 1.0, "reduction": ci(reduction), "plain_vs_control": ci(toward),
+            "steered_vs_control": ci((1 - reduction) * toward),
             "plain_toward_trait": toward - 0.1 > 0, "ppl_vs_plain": {"ratio": ppl}, "plain_shift": ci(toward)}
 
 
@@ -83,6 +84,18 @@ def test_prevention_over_runs_pools_one_value_per_training_run():
     assert p["ppl_vs_plain_max"] == 1.02 and p["ppl_vs_plain_mean"] == pytest.approx(1.01)
     assert [r["meets_target"] for r in p["per_run"]] == [True, False, True]  # run 2's interval dips under 0.5
     assert not F.prevention_runs_target(p)  # 3 runs this far apart: the t interval reaches below 0.5
+    # the ratio of means: 1 - mean(steered beyond control) / mean(plain beyond control) over runs
+    steered = [(1 - r) * t for r, t in ((0.8, 2.0), (0.55, 1.0), (1.0, 3.0))]
+    assert p["pooled_reduction"]["estimate"] == pytest.approx(1 - np.mean(steered) / 2.0)
+    assert p["pooled_reduction"]["n"] == 3 and p["pooled_reduction"]["low"] < p["pooled_reduction"]["estimate"]
+    # one run whose plain fine-tune moved away from the trait: the mean of ratios collapses, the ratio of means not
+    flip = [[_summary("c=1", "prevent", r, t, 1.0)] for r, t in ((0.8, 2.0), (0.85, 2.2), (0.75, 1.8), (0.8, 2.1),
+                                                                 (-6.0, -0.1))]
+    (q,) = F.prevention_over_runs(flip, list(range(5)))
+    assert not F.prevention_runs_target(q) and q["reduction"]["low"] < 0
+    assert q["pooled_reduction"]["estimate"] == pytest.approx(
+        1 - np.mean([(1 - r) * t for r, t in ((0.8, 2.0), (0.85, 2.2), (0.75, 1.8), (0.8, 2.1), (-6.0, -0.1))])
+        / np.mean([2.0, 2.2, 1.8, 2.1, -0.1]))
     close = F.prevention_over_runs([[_summary("c=1", "prevent", r, 2.0, 1.01)] for r in (0.8, 0.82, 0.78)], [0, 1, 2])
     assert F.prevention_runs_target(close[0])
     assert not F.prevention_runs_target({**close[0], "ppl_vs_plain_mean": 1.06})
@@ -152,7 +165,8 @@ def test_finetune_ci_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert any(f"seed {cfg.seed + 1} (2 runs in all)" in s for s in seen)
     metrics = {ln["metric"] for ln in out["records"]}
     assert {"preventative_steering_shift_reduction", "inoculation_effect", "persona_switch_effect",
-            "finetune_vector_split_half_cosine", "preventative_steering_reduction_over_runs"} <= metrics
+            "finetune_vector_split_half_cosine", "preventative_steering_reduction_over_runs",
+            "preventative_steering_pooled_reduction_over_runs"} <= metrics
     from psm_jax.records import check_line
 
     for ln in out["records"]:  # each line names its null, and its interval (where it has one) is well formed

@@ -81,6 +81,14 @@ def test_mean_t_ci_is_the_textbook_interval_and_covers_at_the_nominal_rate():
         S.mean_t_ci([])
 
 
+def test_jackknife_with_student_t_of_a_mean_is_the_t_interval():
+    x = np.array([0.3, 1.9, 1.1, 2.4, 0.8, 1.5])
+    jk = S.jackknife_ci(lambda idx: [x[idx].mean()], x.size, student_t=True)
+    t = S.mean_t_ci(x)
+    assert jk["low"][0] == pytest.approx(t["low"]) and jk["high"][0] == pytest.approx(t["high"])
+    assert S.jackknife_ci(lambda idx: [x[idx].mean()], x.size)["low"][0] > t["low"]  # z is narrower
+
+
 def test_paired_effect_and_validity():
     rng = np.random.default_rng(0)
     base = rng.normal(size=30)

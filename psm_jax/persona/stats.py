@@ -6,7 +6,7 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
 
     bootstrap_ci(values)                       95% percentile interval of the mean over units
     mean_t_ci(values)                          Student-t interval of the mean over a few units (training runs)
-    jackknife_ci(statistic, n_units)           leave-one-unit-out interval of statistics of per-unit means
+    jackknife_ci(statistic, n_units)           leave-one-unit-out interval of statistics of per-unit means (z or t)
     paired_effect(pos, neg)                    mean difference of paired units with its interval
     null_band(null_values)                     the (2.5%, 97.5%) band of a null distribution (>= 20 draws)
     zscore(value, null_values)                 distance from the null's mean in null standard deviations
@@ -126,11 +126,13 @@ def mean_t_ci(values, *, level: float = 0.95) -> dict:
     return {"estimate": est, "low": est - half, "high": est + half, "n": int(x.size), "se": se, "df": int(x.size - 1)}
 
 
-def jackknife_ci(statistic: Callable[[np.ndarray], Sequence[float]], n_units: int, *, level: float = 0.95) -> dict:
+def jackknife_ci(statistic: Callable[[np.ndarray], Sequence[float]], n_units: int, *, level: float = 0.95,
+                 student_t: bool = False) -> dict:
     """Leave-one-unit-out jackknife interval of one or more statistics of a sample of `n_units` independent units:
     `statistic(indices)` computes them from the units at `indices`. Returns {estimate, se, low, high, n, left_out},
     each value an array over the statistics: estimate +- z * se, se^2 = (n-1)/n * sum_i (stat_-i - mean_-i)^2;
-    left_out [n, statistics] holds each leave-one-out value (which units a statistic leans on).
+    left_out [n, statistics] holds each leave-one-out value (which units a statistic leans on). With `student_t`
+    the critical value is Student's t with n - 1 degrees of freedom instead of z (a few units: training runs).
 
     Why not a bootstrap: for a statistic of per-unit means whose value depends on their noise (a correlation or
     a top-k overlap of two mean vectors), a resample with replacement averages fewer distinct units, and the
@@ -141,7 +143,7 @@ def jackknife_ci(statistic: Callable[[np.ndarray], Sequence[float]], n_units: in
     est = np.asarray(statistic(units), np.float64)
     left_out = np.asarray([statistic(np.delete(units, i)) for i in units], np.float64)
     se = np.sqrt((n_units - 1) / n_units * ((left_out - left_out.mean(0)) ** 2).sum(0))
-    z = NormalDist().inv_cdf(0.5 + _check_level(level) / 2)
+    z = t_critical(level, n_units - 1) if student_t else NormalDist().inv_cdf(0.5 + _check_level(level) / 2)
     return {"estimate": est, "se": se, "low": est - z * se, "high": est + z * se, "n": int(n_units),
             "left_out": left_out}
 
