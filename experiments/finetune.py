@@ -46,8 +46,10 @@ Per trait (`psm_jax.persona.datasets.load_trait`), at one layer L (`layer`, defa
    Its interval is over evaluation questions, inside one training run. With `prevention_runs` R > 1 the plain
    100%, preventative and control fine-tunes are trained R times in all, under seeds seed, seed + 1, ... (each run
    its own training questions, LoRA initialisation and batch order; the vector, the evaluation questions and the
-   held-out perplexity text stay fixed), and each run's reduction is one unit of a Student-t interval over runs:
-   the variation a new training run would bring, which the per-question interval does not contain.
+   held-out perplexity text stay fixed), and each run is one unit of an interval over runs (the variation a new
+   training run would bring, which the per-question interval does not contain): the mean of the per-run reductions
+   with a Student-t interval, and the ratio of means (1 - mean steered / mean plain shift beyond the control) with
+   a leave-one-run-out jackknife at t values, which a run whose plain fine-tune barely moves cannot throw.
 7. On the first trait's plain 100% fine-tune (`experiments.finetune_spread`, which documents both): narrow vs general
    (the same set trained with a KL penalty toward the original model at each `kl_weights`; the spread of the trait
    score change out of domain, beyond the control fine-tune) and model diffing (the SAE latents the fine-tune
@@ -665,7 +667,8 @@ def prevention_summaries(rows: list[dict], cfg: Config) -> list[dict]:
 def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]:
     """Each preventative coefficient across independent training runs (`runs[k]`: run k's `prevention_summaries`,
     run 0 the primary): one reduction per run (its estimate over questions), the mean with a Student-t interval over
-    runs, the plain fine-tune's shift beyond the control likewise, and the perplexity cost per run."""
+    runs, the ratio of means (`pooled_reduction`), the plain fine-tune's shift beyond the control with its t
+    interval, and the perplexity cost per run."""
     out = []
     for first in runs[0]:
         if first["kind"] != "prevent":
