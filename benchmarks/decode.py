@@ -32,7 +32,9 @@ psm-jax's). The prefill attends among the prompt's own keys (the fresh cache's o
   prefill_new_keys_over_all_slots  a prefill (batch 32, 128 tokens, 160-slot cache) attending among the prompt's
                           own keys over the same forward reading every slot of the fresh cache, alternating in one
                           process
-Usage: .venv/bin/python benchmarks/decode.py [--parts forward,hf,prefill,kernel] [--reps N] [--no-record]
+  decode_argmax_last_speedup  the batch-64 decode loop's step time choosing tokens with jnp.argmax over the same
+                          loop with logits.argmax_last (alternating in one process), with each reduction alone
+Usage: .venv/bin/python benchmarks/decode.py [--parts forward,hf,prefill,kernel,argmax] [--reps N] [--no-record]
 """
 from __future__ import annotations
 
@@ -198,6 +200,46 @@ def bench_kernel(m, reps: int, do_record: bool) -> None:
     emit(line, do_record, ratio_160_slots=round(ratio[128], 3))
 
 
+def bench_argmax(m, reps: int, do_record: bool) -> None:
+    """The decode loop (batch 64) choosing tokens with `logits.argmax_last` vs with `jnp.argmax`, alternating in one
+    process, and the two reductions alone over [64, vocab] logits."""
+    import importlib
+
+    from psm_jax.logits import argmax_last
+
+    gen = importlib.import_module("psm_jax.generate")
+    c, batch = m.config, 64
+    tokens = prompts(c.vocab_size, batch)
+    pre = jax.jit(lambda p, t: gen.prefill(p, c, t, cache_size=PROMPT + NEW))(m.params, tokens)
+    choices = {"jnp.argmax": lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), "argmax_last": argmax_last}
+    loops, alone = {}, {}
+    try:
+        for name, choose in choices.items():
+            gen.argmax_last = choose  # decode traces its token choice through this module attribute
+            loops[name] = jax.jit(lambda p, cache, logits: gen.decode(p, c, cache, logits, max_new_tokens=NEW,
+                                                                      eos_ids=()).tokens)
+            loops[name](m.params, pre.cache, pre.logits[:, -1]).block_until_ready()
+    finally:
+        gen.argmax_last = argmax_last
+    logits = pre.logits[:, -1]
+    steps = {name: [] for name in choices}
+    for _ in range(max(reps, 3)):
+        for name, loop in loops.items():
+            steps[name].append(best_time(lambda: loop(m.params, pre.cache, logits).block_until_ready(), 1)[0])
+    for name, choose in choices.items():
+        f = jax.jit(choose)
+        alone[name] = best_time(lambda: f(logits).block_until_ready(), 20)[0]
+    old, new = (min(steps[n]) / (NEW - 1) for n in choices)
+    line = ("decode_argmax_last_speedup", round(old / new, 3), "x (decode step time ratio)",
+            f"decode batch {batch}, prompt {PROMPT}, {NEW} new tokens, tokens chosen by jnp.argmax: "
+            f"{old * 1e3:.1f} ms/step; by logits.argmax_last: {new * 1e3:.1f} ms/step (alternating, best of "
+            f"{max(reps, 3)}); the reduction alone over [{batch}, {c.vocab_size}] logits: jnp.argmax "
+            f"{alone['jnp.argmax'] * 1e3:.2f} ms, argmax_last {alone['argmax_last'] * 1e3:.2f} ms", "> 1")
+    emit(line, do_record, step_ms_jnp_argmax=round(old * 1e3, 2), step_ms_argmax_last=round(new * 1e3, 2),
+         reduce_ms_jnp_argmax=round(alone["jnp.argmax"] * 1e3, 3),
+         reduce_ms_argmax_last=round(alone["argmax_last"] * 1e3, 3))
+
+
 def emit(line: tuple, do_record: bool, **extra) -> None:
     if do_record:
         record(*line, **extra)
@@ -208,14 +250,15 @@ def emit(line: tuple, do_record: bool, **extra) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="forward,hf,prefill,kernel",
-                    help="comma-separated: forward, hf, prefill, kernel")
+                    help="comma-separated: forward, hf, prefill, kernel, argmax")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-record", action="store_true", help="print the lines instead of appending them")
     args = ap.parse_args()
     import psm_jax
 
     m = psm_jax.load("smollm2-135m-instruct")
-    parts = {"forward": bench_vs_forward, "hf": bench_vs_hf, "prefill": bench_prefill, "kernel": bench_kernel}
+    parts = {"forward": bench_vs_forward, "hf": bench_vs_hf, "prefill": bench_prefill, "kernel": bench_kernel,
+             "argmax": bench_argmax}
     for name in args.parts.split(","):
         if name not in parts:
             raise SystemExit(f"--parts names {name!r}; expected some of {sorted(parts)}")
