@@ -73,8 +73,8 @@ def cross_entropy(logits, tokens, mask=None):
 def argmax_last(x) -> jax.Array:
     """`jnp.argmax(x, axis=-1)` as int32 (the first index of the maximum; a NaN counts as the maximum), computed as
     plain reductions (any NaN, max, then the smallest index holding it). XLA's CPU backend runs argmax's paired
-    (value, index) reduce serially: over a 49k-token vocabulary at batch 64 that took about 7 ms of a 107 ms decode
-    step on a 2-core machine, the plain reductions about 0.7 ms."""
+    (value, index) reduce serially, several times slower over a 49k-token vocabulary than these; `benchmarks/
+    decode.py --parts argmax` measures both, alone and inside the decode loop."""
     nan = jnp.isnan(x)
     has_nan = jnp.any(nan, axis=-1, keepdims=True)
     hit = jnp.where(has_nan, nan, x == jnp.max(x, axis=-1, keepdims=True))
