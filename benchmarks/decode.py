@@ -7,8 +7,9 @@ Records, each against a reference measured in the same run:
                          forward (target >= 0.5)
   decode_b32_vs_hf       psm-jax greedy `generate` tokens/s at batch 32 / HF torch `generate` (greedy, same model in
                          fp32, same 128-token prompts and 32 new tokens, prefill included on both sides) (target >= 3);
-                         beside it, each side's prefill alone and HF's whole run over psm-jax's prefill (the most the
-                         ratio could be with a decode that cost nothing)
+                         beside it, each side's prefill alone and two bounds on the ratio: HF's whole run over
+                         psm-jax's prefill (a decode that cost nothing), and over the prefill plus one read of every
+                         weight per decode step at the machine's measured read rate (a decode bound by memory)
 Prompts are random token ids (seeded) and no EOS stops a row, so every row decodes the full budget.
 
 Where a step's time goes (XLA's per-thunk trace, `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true` with
@@ -34,7 +35,11 @@ psm-jax's). The prefill attends among the prompt's own keys (the fresh cache's o
                           process
   decode_argmax_last_speedup  the batch-64 decode loop's step time choosing tokens with jnp.argmax over the same
                           loop with logits.argmax_last (alternating in one process), with each reduction alone
-Usage: .venv/bin/python benchmarks/decode.py [--parts forward,hf,prefill,kernel,argmax] [--reps N] [--no-record]
+  decode_bf16_cache_speedup  the batch-64 decode loop's step time over an f32 KV cache / over a bf16 cache of the
+                          same f32 model (alternating in one process), with both caches' sizes and the share of
+                          greedy tokens the bf16 cache leaves unchanged
+Usage: .venv/bin/python benchmarks/decode.py [--parts forward,hf,prefill,kernel,argmax,cache] [--reps N]
+       [--no-record]
 """
 from __future__ import annotations
 
@@ -114,13 +119,31 @@ def bench_vs_hf(m, reps: int, do_record: bool) -> None:
     pre_jax, pre_hf = prefill_times(m, hf, tokens, reps)
     jax_tps, hf_tps = batch * NEW / t_jax, batch * NEW / t_hf
     cap = t_hf / pre_jax
+    bandwidth = read_bandwidth(reps)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(m.params))
+    floor = (NEW - 1) * weight_bytes / bandwidth
+    cap_bw = t_hf / (pre_jax + floor)
     line = ("decode_b32_vs_hf", round(jax_tps / hf_tps, 3), "x (tokens/s ratio)",
             f"HF transformers torch fp32 greedy generate batch {batch}, prompt {PROMPT}, {NEW} new tokens: "
             f"{hf_tps:.1f} tok/s ({t_hf:.2f} s); psm-jax generate {jax_tps:.1f} tok/s ({t_jax:.2f} s; prefill included "
             f"in both). Prefill alone: psm-jax {pre_jax:.2f} s, HF {pre_hf:.2f} s, so a decode costing nothing would "
-            f"give at most {cap:.2f}x", ">= 3")
+            f"give at most {cap:.2f}x; a decode that only read the {weight_bytes / 2 ** 20:.0f} MiB of weights once "
+            f"per step at the measured {bandwidth / 1e9:.1f} GB/s ({floor:.2f} s for {NEW - 1} steps) at most "
+            f"{cap_bw:.2f}x", ">= 3")
     emit(line, do_record, jax_prefill_s=round(pre_jax, 3), hf_prefill_s=round(pre_hf, 3),
-         ratio_cap_free_decode=round(cap, 3))
+         ratio_cap_free_decode=round(cap, 3), read_gb_per_s=round(bandwidth / 1e9, 2),
+         decode_weight_read_floor_s=round(floor, 3), ratio_cap_weight_reads=round(cap_bw, 3))
+
+
+def read_bandwidth(reps: int) -> float:
+    """Bytes/s at which this machine reads a large f32 matrix through XLA's dot: a [16384, 8192] (512 MiB) matrix
+    times a vector, as a decode step reads each weight matrix for a few rows of activations (best of runs). Every
+    decode step reads all the weights, so their bytes over this rate bound a step's time from below."""
+    x = jnp.ones((16384, 8192), jnp.float32)
+    v = jnp.ones((8192,), jnp.float32)
+    matvec = jax.jit(jnp.dot)
+    t, _ = best_time(lambda: matvec(x, v).block_until_ready(), max(reps, 3))
+    return x.nbytes / t
 
 
 def prefill_times(m, hf, tokens, reps: int) -> tuple[float, float]:
@@ -240,6 +263,35 @@ def bench_argmax(m, reps: int, do_record: bool) -> None:
          reduce_ms_argmax_last=round(alone["argmax_last"] * 1e3, 3))
 
 
+def bench_cache_dtype(m, reps: int, do_record: bool) -> None:
+    """The decode loop (batch 64) over an f32 cache vs a bf16 cache of the same f32 model, alternating in one process,
+    with each cache's bytes and how many greedy tokens the bf16 cache leaves unchanged."""
+    from psm_jax.generate import decode, prefill
+
+    c, batch = m.config, 64
+    tokens = prompts(c.vocab_size, batch)
+    step = jax.jit(lambda p, cache, logits: decode(p, c, cache, logits, max_new_tokens=NEW, eos_ids=()).tokens)
+    runs = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        pre = jax.jit(lambda p, t: prefill(p, c, t, cache_size=PROMPT + NEW, cache_dtype=dtype))(m.params, tokens)
+        runs[dtype] = (pre, np.asarray(step(m.params, pre.cache, pre.logits[:, -1])))
+    times = {dtype: [] for dtype in runs}
+    for _ in range(max(reps, 3)):
+        for dtype, (pre, _) in runs.items():
+            run = lambda: step(m.params, pre.cache, pre.logits[:, -1]).block_until_ready()  # noqa: E731
+            times[dtype].append(best_time(run, 1)[0])
+    f32, bf16 = (min(times[d]) / (NEW - 1) for d in runs)
+    nbytes = {d: 2 * pre.cache.k.nbytes / 2 ** 20 for d, (pre, _) in runs.items()}
+    same = float(np.mean(runs[jnp.float32][1] == runs[jnp.bfloat16][1]))
+    line = ("decode_bf16_cache_speedup", round(f32 / bf16, 3), "x (decode step time ratio)",
+            f"decode batch {batch}, prompt {PROMPT}, {NEW} new tokens, f32 model: f32 cache ({nbytes[jnp.float32]:.0f} "
+            f"MiB K+V) {f32 * 1e3:.1f} ms/step, bf16 cache ({nbytes[jnp.bfloat16]:.0f} MiB) {bf16 * 1e3:.1f} ms/step "
+            f"(alternating, best of {max(reps, 3)}); greedy tokens equal to the f32 cache's: {same:.1%} of "
+            f"{batch} x {NEW} (random-token prompts)", ">= 1 (half the cache memory at no speed cost)")
+    emit(line, do_record, cache_mib_f32=round(nbytes[jnp.float32], 1), cache_mib_bf16=round(nbytes[jnp.bfloat16], 1),
+         step_ms_f32=round(f32 * 1e3, 2), step_ms_bf16=round(bf16 * 1e3, 2), greedy_tokens_equal=round(same, 4))
+
+
 def emit(line: tuple, do_record: bool, **extra) -> None:
     if do_record:
         record(*line, **extra)
@@ -250,7 +302,7 @@ def emit(line: tuple, do_record: bool, **extra) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="forward,hf,prefill,kernel",
-                    help="comma-separated: forward, hf, prefill, kernel, argmax")
+                    help="comma-separated: forward, hf, prefill, kernel, argmax, cache")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-record", action="store_true", help="print the lines instead of appending them")
     args = ap.parse_args()
@@ -258,7 +310,7 @@ def main():
 
     m = psm_jax.load("smollm2-135m-instruct")
     parts = {"forward": bench_vs_forward, "hf": bench_vs_hf, "prefill": bench_prefill, "kernel": bench_kernel,
-             "argmax": bench_argmax}
+             "argmax": bench_argmax, "cache": bench_cache_dtype}
     for name in args.parts.split(","):
         if name not in parts:
             raise SystemExit(f"--parts names {name!r}; expected some of {sorted(parts)}")

@@ -109,8 +109,9 @@ def causal_query_blocks(t: int) -> tuple[tuple[int, int], ...]:
 
 
 def cached_attention(q, cache_k, cache_v, layer, bias, *, scale: float, softcap: float | None):
-    """grouped_attention over layer `layer` (traced) of a stacked KV cache [L,B,S,KV,hd]. f32 decoding on a CPU
-    reads the stack in place on psm_jax.native.decode's kernel; otherwise the layer's K/V are sliced out."""
+    """grouped_attention over layer `layer` (traced) of a stacked KV cache [L,B,S,KV,hd], read in q's dtype. f32
+    decoding on a CPU reads an f32 or bf16 stack in place on psm_jax.native.decode's kernel; otherwise the layer's
+    K/V are sliced out."""
     if decode.uses_kernel(q, cache_k, cache_v):
         reference = functools.partial(_xla_grouped_attention, scale=scale, softcap=softcap)
         return decode.attention(q, cache_k, cache_v, bias, scale=scale, softcap=softcap, reference=reference,

@@ -104,17 +104,32 @@ def _check_count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_cache_dtype(cache_dtype, params) -> jnp.dtype:
+    """The KV cache's dtype: `cache_dtype` (a floating dtype), or the embedding's dtype when None."""
+    if cache_dtype is None:
+        return jnp.dtype(params["embed"].dtype)
+    try:
+        dtype = jnp.dtype(cache_dtype)
+    except TypeError:
+        raise TypeError(f"cache_dtype={cache_dtype!r}; expected a floating dtype such as jnp.bfloat16") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"cache_dtype={dtype}; expected a floating dtype (float32, bfloat16, float16)")
+    return dtype
+
+
 def prefill(params, config: ModelConfig, tokens, attention_mask=None, *, cache_size: int, edits: Sequence = (),
             capture: Capture = Capture(), cache_dtype=None) -> ForwardOutput:
-    """Forward over the prompt, writing a fresh cache of `cache_size` slots; logits of the last slot."""
+    """Forward over the prompt, writing a fresh cache of `cache_size` slots; logits of the last slot.
+
+    The cache holds K/V in `cache_dtype` (default: the weights' dtype). A bf16 cache of an f32 model halves its
+    memory; attention reads it widened to f32, so only the stored K/V are rounded."""
     tokens = jnp.asarray(tokens)
     check_tokens(config, tokens)
     b, t = tokens.shape
     cache_size = _check_count("cache_size", cache_size, 1)
     if cache_size < t:
         raise ValueError(f"cache_size={cache_size} is smaller than the prompt length {t}; expected cache_size >= {t}")
-    dtype = cache_dtype or params["embed"].dtype
-    cache = init_cache(config, b, cache_size, dtype)
+    cache = init_cache(config, b, cache_size, check_cache_dtype(cache_dtype, params))
     return forward(params, config, tokens, attention_mask=attention_mask, edits=widen_edits(edits, cache_size),
                    capture=capture, cache=cache, logits_positions="last", empty_cache=True)
 
@@ -212,12 +227,12 @@ def decode(params, config: ModelConfig, cache: KVCache, last_logits, *, max_new_
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sample", "use_top_p", "eos_ids", "pad_id",
-                                             "top_k"))
+                                             "top_k", "cache_dtype"))
 def _generate(params, config, tokens, attention_mask, edits, key, temperature, top_p, monitor, *, max_new_tokens,
-              sample, use_top_p, eos_ids, pad_id, top_k=None):
+              sample, use_top_p, eos_ids, pad_id, top_k=None, cache_dtype=None):
     capture = Capture() if monitor is None else monitor.capture()
     out = prefill(params, config, tokens, attention_mask, cache_size=tokens.shape[1] + max_new_tokens, edits=edits,
-                  capture=capture)
+                  capture=capture, cache_dtype=cache_dtype)
     first = None if monitor is None else monitor.project(out.captured, -1)
     return decode(params, config, out.cache, out.logits[:, -1], max_new_tokens=max_new_tokens, key=key,
                   temperature=temperature, top_p=top_p, sample=sample, use_top_p=use_top_p, edits=edits,
@@ -249,13 +264,15 @@ def _token_ids(config: ModelConfig, name: str, ids) -> tuple[int, ...]:
 
 def generate(params, config: ModelConfig, tokens, attention_mask=None, *, max_new_tokens: int = 32, key=None,
              temperature: float = 0.0, top_p: float = 1.0, edits: Sequence = (), eos_ids=None,
-             pad_id: int | None = None, top_k: int | None = None, monitors: Monitor | None = None) -> Generation:
+             pad_id: int | None = None, top_k: int | None = None, monitors: Monitor | None = None,
+             cache_dtype=None) -> Generation:
     """Greedy (temperature 0) or sampled generation for a left-padded batch; jitted as a whole.
 
     temperature/top_p are traced (a sweep does not recompile); whether to sample and whether to
     apply top-p are decided from their Python values. top_k (static) samples among the k most likely tokens
     (then top-p among those, renormalised, as Hugging Face's warpers do). `monitors` (a Monitor) fills
-    `Generation.monitored` (see the module doc). Inputs are validated here: temperature a finite real >= 0,
+    `Generation.monitored` (see the module doc). `cache_dtype` (static) is the KV cache's dtype (see `prefill`):
+    jnp.bfloat16 halves the cache of an f32 model. Inputs are validated here: temperature a finite real >= 0,
     0 < top_p <= 1, max_new_tokens an int >= 1, prompt + max_new_tokens <= config.max_position, token ids,
     eos_ids and pad_id in [0, vocab_size).
     """
@@ -287,4 +304,4 @@ def generate(params, config: ModelConfig, tokens, attention_mask=None, *, max_ne
     return _generate(params, config, tokens, mask, tuple(edits), key, jnp.float32(max(temperature, 1e-6)),
                      jnp.float32(top_p), monitor, max_new_tokens=max_new_tokens, sample=sample,
                      use_top_p=top_p < 1.0, eos_ids=eos_ids, pad_id=pad_id,
-                     top_k=None if top_k is None else int(top_k))
+                     top_k=None if top_k is None else int(top_k), cache_dtype=check_cache_dtype(cache_dtype, params))

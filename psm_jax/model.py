@@ -169,6 +169,18 @@ def project_q(config: ModelConfig, lp: dict, x):
     return q
 
 
+def _write_cache(cache, x, at):
+    """`cache` with x [B, T, KV, hd] written in place at `at` (layer, 0, slot, 0, 0), in the cache's dtype.
+
+    A 16-bit float cache is updated through its raw bits: XLA's CPU backend computes a 16-bit float
+    dynamic-update-slice in f32, converting the whole cache there and back at every write."""
+    x = x.astype(cache.dtype)[None]
+    if cache.dtype.itemsize != 2 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return jax.lax.dynamic_update_slice(cache, x, at)
+    bits = jax.lax.bitcast_convert_type
+    return bits(jax.lax.dynamic_update_slice(bits(cache, jnp.uint16), bits(x, jnp.uint16), at), cache.dtype)
+
+
 def _attention(config: ModelConfig, lp: dict, x, layer, is_sliding, rope, attn_ctx, cache_k, cache_v, site):
     """The attention sublayer's output (before the residual add) and the caches.
 
@@ -195,8 +207,7 @@ def _attention(config: ModelConfig, lp: dict, x, layer, is_sliding, rope, attn_c
         attn = grouped_attention(q, k, v, bias, scale=scale, softcap=c.attn_logit_softcap, causal=True)
     else:
         at = (layer, 0, write_at, 0, 0)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
+        cache_k, cache_v = _write_cache(cache_k, k, at), _write_cache(cache_v, v, at)
         if empty_cache:
             k, v = k.astype(cache_k.dtype).astype(q.dtype), v.astype(cache_v.dtype).astype(q.dtype)
             attn = grouped_attention(q, k, v, bias, scale=scale, softcap=c.attn_logit_softcap, causal=True)

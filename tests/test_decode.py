@@ -85,3 +85,18 @@ def test_decode_checks_cache_room_and_stops_when_full_under_jit(llama):
     assert int(short.cache.length) == 8 and not bool(jnp.any(short.finished))
     np.testing.assert_array_equal(np.asarray(short.tokens[:, :4]), np.asarray(roomy.tokens[:, :4]))
     np.testing.assert_allclose(np.asarray(short.cache.k), np.asarray(roomy.cache.k[:, :, :8]), atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16])
+def test_a_decode_step_writes_its_slot_without_converting_the_cache(llama, cache_dtype):
+    """The compiled decoding loop never converts a whole cache-shaped array: each step writes its token's K/V into
+    the cache in its own dtype. (XLA's CPU backend would otherwise update a bf16 cache in f32, converting all of it
+    at every layer of every step.)"""
+    params, config = llama
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 6)), jnp.int32)
+    pre = prefill(params, config, tokens, cache_size=10, cache_dtype=cache_dtype)
+    step = jax.jit(lambda p, cache, logits: decode(p, config, cache, logits, max_new_tokens=4, eos_ids=()).tokens)
+    hlo = step.lower(params, pre.cache, pre.logits[:, -1]).compile().as_text()
+    shape = ",".join(str(n) for n in pre.cache.k.shape)
+    converts = [line for line in hlo.splitlines() if f"[{shape}]" in line and " convert(" in line]
+    assert not converts, converts[:2]

@@ -74,6 +74,55 @@ def test_greedy_generation_matches_hf(model):
     np.testing.assert_array_equal(np.asarray(gen.tokens[0]), ref)
 
 
+def _hf_greedy_with_bf16_cache(torch_model, prompt, steps: int):
+    """The torch reference of a bf16 KV cache: HF's fp32 model whose cache stores every K/V rounded to bf16 (after
+    RoPE, as psm-jax stores them) and hands them back widened; greedy tokens and their log-probabilities."""
+    from transformers import DynamicCache
+
+    class RoundingCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            def rounded(x):
+                return x.to(torch.bfloat16).to(torch.float32)
+            return super().update(rounded(key_states), rounded(value_states), layer_idx, *args, **kwargs)
+
+    cache = RoundingCache(config=torch_model.config)
+    ids, tokens, logprobs = torch.tensor(prompt), [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = torch_model(ids, cache=cache, use_cache=True).logits[:, -1].float()
+            tok = logits.argmax(-1)
+            tokens.append(tok.numpy())
+            logprobs.append(torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0].numpy())
+            ids = tok[:, None]
+    return np.stack(tokens, 1), np.stack(logprobs, 1)
+
+
+def test_bf16_cache_generation_matches_hf_with_a_rounding_cache(model):
+    """generate(cache_dtype=bf16) on an f32 model equals HF's fp32 model whose cache rounds K/V to bf16: the same
+    greedy tokens and log-probabilities. The first layer's cached K/V of the prompt (which no cache read precedes)
+    are the f32 run's rounded to bf16."""
+    params, config, torch_model = model
+    prompt = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9))
+    ref_tokens, ref_logprobs = _hf_greedy_with_bf16_cache(torch_model, prompt, 10)
+    gen = generate(params, config, prompt, max_new_tokens=10, eos_ids=(), cache_dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(gen.tokens), ref_tokens)
+    np.testing.assert_allclose(np.asarray(gen.logprobs), ref_logprobs, atol=1e-4)
+    assert gen.cache.k.dtype == jnp.bfloat16 and gen.cache.v.dtype == jnp.bfloat16
+    f32 = generate(params, config, prompt, max_new_tokens=10, eos_ids=())
+    assert f32.cache.k.dtype == jnp.float32
+    for got, full in ((gen.cache.k, f32.cache.k), (gen.cache.v, f32.cache.v)):
+        np.testing.assert_array_equal(np.asarray(got[0, :, :9]), np.asarray(full[0, :, :9].astype(jnp.bfloat16)))
+
+
+def test_cache_dtype_must_be_a_floating_dtype(model):
+    params, config, _ = model
+    prompt = np.arange(1, 6)[None]
+    with pytest.raises(ValueError, match="cache_dtype=int32; expected a floating dtype"):
+        generate(params, config, prompt, max_new_tokens=2, cache_dtype=jnp.int32)
+    with pytest.raises(TypeError, match="cache_dtype='fast'"):
+        prefill(params, config, prompt, cache_size=8, cache_dtype="fast")
+
+
 def test_sampling_is_reproducible_with_keys(model):
     params, config, _ = model
     prompt = np.arange(1, 6)[None].repeat(2, 0)

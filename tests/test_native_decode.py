@@ -1,5 +1,5 @@
-"""psm_jax.native.decode (the f32 decoding-attention kernel) against XLA's grouped attention, and the model's
-decoding through it against decoding through XLA."""
+"""psm_jax.native.decode (the decoding-attention kernel over an f32 or bf16 cache) against XLA's grouped attention,
+and the model's decoding through it against decoding through XLA."""
 import functools
 
 import jax
@@ -91,19 +91,45 @@ def test_a_layer_of_a_stacked_cache_is_read_where_it_lies():
     assert not np.any(np.asarray(grad[0])) and not np.any(np.asarray(grad[2]))
 
 
+@needs_kernel
+def test_a_bf16_cache_is_read_as_xla_reads_it_widened():
+    """On a bf16 stack the kernel equals XLA's attention on that layer widened to f32 (the rounding is the
+    cache's, none is added), and the gradient with respect to q is XLA's."""
+    q, k, v, bias = _case(5)
+    rng = np.random.default_rng(6)
+    stack_k = jnp.stack([k, jnp.asarray(rng.standard_normal(k.shape), jnp.float32)]).astype(jnp.bfloat16)
+    stack_v = jnp.stack([jnp.asarray(rng.standard_normal(v.shape), jnp.float32), v]).astype(jnp.bfloat16)
+    assert decode.uses_kernel(q, stack_k, stack_v)
+    for layer in range(2):
+        widened_k, widened_v = stack_k[layer].astype(jnp.float32), stack_v[layer].astype(jnp.float32)
+        got = jax.jit(functools.partial(A.cached_attention, scale=0.2, softcap=None))(
+            q, stack_k, stack_v, jnp.int32(layer), bias)
+        ref = A._xla_grouped_attention(q, widened_k, widened_v, bias, scale=0.2, softcap=None)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda q: A.cached_attention(q, stack_k, stack_v, jnp.int32(1), bias, scale=0.2,
+                                                 softcap=None).sum())(q)
+    ref = jax.grad(lambda q: A._xla_grouped_attention(q, stack_k[1].astype(jnp.float32), stack_v[1].astype(
+        jnp.float32), bias, scale=0.2, softcap=None).sum())(q)
+    np.testing.assert_allclose(grad, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_longer_blocks_and_other_dtypes_keep_xla():
     q, k, v, _ = _case(0, t=decode.MAX_QUERY_TOKENS + 1)
     assert not decode.uses_kernel(q, k, v)
     q1, k1, v1, _ = _case(0)
     assert not decode.uses_kernel(q1.astype(jnp.bfloat16), k1.astype(jnp.bfloat16), v1.astype(jnp.bfloat16))
+    assert not decode.uses_kernel(q1, k1.astype(jnp.bfloat16), v1)                # K and V in different dtypes
+    assert not decode.uses_kernel(q1, k1.astype(jnp.float16), v1.astype(jnp.float16))
 
 
 @needs_kernel
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_generation_through_the_kernel_equals_generation_through_xla(family, tiny_hf, monkeypatch):
+@pytest.mark.parametrize("family,cache_dtype", [("llama", jnp.float32), ("gemma3", jnp.float32),
+                                               ("llama", jnp.bfloat16)])
+def test_generation_through_the_kernel_equals_generation_through_xla(family, cache_dtype, tiny_hf, monkeypatch):
     """Greedy tokens and their log-probabilities from the decoding loop (which takes the kernel: asserted on the
-    compiled program) equal those of the same loop on XLA's attention; gemma3 adds sliding windows and soft-capping
-    is off in both."""
+    compiled program) equal those of the same loop on XLA's attention, with an f32 or a bf16 cache; gemma3 adds
+    sliding windows and soft-capping is off in both."""
     directory, _ = tiny_hf(family)
     params, config = load_hf_dir(directory)
     rng = np.random.default_rng(0)
@@ -112,10 +138,11 @@ def test_generation_through_the_kernel_equals_generation_through_xla(family, tin
 
     def run():
         jax.clear_caches()
-        out = generate(params, config, tokens, mask, max_new_tokens=12, eos_ids=(), pad_id=0)
+        out = generate(params, config, tokens, mask, max_new_tokens=12, eos_ids=(), pad_id=0, cache_dtype=cache_dtype)
         return np.asarray(out.tokens), np.asarray(out.logprobs)
 
-    lowered = jax.jit(lambda p, t, m: generate(p, config, t, m, max_new_tokens=12, eos_ids=(), pad_id=0).tokens)
+    lowered = jax.jit(lambda p, t, m: generate(p, config, t, m, max_new_tokens=12, eos_ids=(), pad_id=0,
+                                               cache_dtype=cache_dtype).tokens)
     assert decode.TARGET in lowered.lower(params, tokens, mask).as_text()
     with_kernel = run()
     monkeypatch.setattr(decode, "uses_kernel", lambda *a: False)

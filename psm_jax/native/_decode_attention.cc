@@ -1,7 +1,7 @@
 // Grouped-query attention for a few query tokens over a KV cache, in f32, called from JAX through the XLA FFI.
 //
-//   psm_decode_attention (q [B,T,H,d], k [L,B,S,KV,d], v [L,B,S,KV,d], bias [B,T,S], all f32, layer s32 [];
-//                         attrs scale, softcap) -> o [B,T,H,d] f32
+//   psm_decode_attention (q [B,T,H,d] f32, k [L,B,S,KV,d], v [L,B,S,KV,d] both f32 or both bf16, bias [B,T,S] f32,
+//                         layer s32 []; attrs scale, softcap) -> o [B,T,H,d] f32
 //   attention over layer `layer` of the stacked K/V (a whole KV cache, read where it lies: no per-layer slice is
 //   copied); head h reads K/V head h / (H / KV); o = softmax(cap(scale q.k) + bias) v, cap(x) = softcap tanh(x /
 //   softcap) when softcap > 0.
@@ -10,6 +10,9 @@
 // every step, then runs those dots at a few GFLOP/s; reading the cache where it lies is bound by memory bandwidth
 // instead. Each (batch, query token) task reads each slot's K and V rows (all KV heads, contiguous) once, and skips
 // the slots its bias masks (a cache is mostly empty early in a generation).
+//
+// A bf16 cache holds half the bytes, and the loop is bound by reading them; each element is widened to f32 as it is
+// read (bf16 is the high half of an f32), so the arithmetic is the f32 path's on the rounded values.
 //
 // A slot is masked when its bias is below -1e37 (the model writes the dtype's minimum there). A query row with no
 // unmasked slot gets what XLA's softmax gives it: every score equals the minimum, so the mean of all of V.
@@ -29,6 +32,24 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr float kMaskedBelow = -1e37f;
+
+// A cached element as f32: an f32 itself, or a bf16 given as its raw bits.
+inline float Widen(float x) { return x; }
+inline float Widen(uint16_t bits) {
+  const uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &word, sizeof x);
+  return x;
+}
+
+// A slot's row (all KV heads) as f32: an f32 row itself, or a bf16 row widened once into `buf`, so that the heads
+// sharing a KV head do not widen it again.
+inline const float* RowAsFloat(const float* row, int64_t, float*) { return row; }
+inline const float* RowAsFloat(const uint16_t* row, int64_t n, float* buf) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) buf[j] = Widen(row[j]);
+  return buf;
+}
 
 inline float Dot(const float* a, const float* b, int64_t d) {
   float acc = 0.f;
@@ -68,9 +89,12 @@ struct Shapes {
 
 // One (batch b, query token t): every query head. A slot's K (and later V) row holds all KV heads side by side
 // ([KV, d], contiguous), so each row is read once, in order, by one task.
-void Task(const float* q, const float* k, const float* v, const float* bias, float* o, const Shapes& n, float scale,
-          float softcap, int64_t b, int64_t t, std::vector<float>& scores, std::vector<int32_t>& slots) {
+template <typename Elem>
+void Task(const float* q, const Elem* k, const Elem* v, const float* bias, float* o, const Shapes& n, float scale,
+          float softcap, int64_t b, int64_t t, std::vector<float>& scores, std::vector<int32_t>& slots,
+          std::vector<float>& widened) {
   const int64_t H = n.H, G = n.H / n.KV, d = n.d, S = n.S, row = n.KV * n.d;
+  widened.resize(row);
   const float* bias_row = bias + (b * n.T + t) * S;
   const float* q0 = q + (b * n.T + t) * H * d;
   float* o0 = o + (b * n.T + t) * H * d;
@@ -79,15 +103,17 @@ void Task(const float* q, const float* k, const float* v, const float* bias, flo
     if (bias_row[s] >= kMaskedBelow) slots.push_back(static_cast<int32_t>(s));
   std::fill(o0, o0 + H * d, 0.f);
   if (slots.empty()) {  // XLA: all scores equal the minimum -> uniform weights over every slot
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t h = 0; h < H; ++h) Axpy(1.f / S, v + (b * S + s) * row + (h / G) * d, o0 + h * d, d);
+    for (int64_t s = 0; s < S; ++s) {
+      const float* vs = RowAsFloat(v + (b * S + s) * row, row, widened.data());
+      for (int64_t h = 0; h < H; ++h) Axpy(1.f / S, vs + (h / G) * d, o0 + h * d, d);
+    }
     return;
   }
   const int64_t m = static_cast<int64_t>(slots.size());
   scores.resize(H * m);
   for (int64_t i = 0; i < m; ++i) {
     const int64_t s = slots[i];
-    const float* ks = k + (b * S + s) * row;
+    const float* ks = RowAsFloat(k + (b * S + s) * row, row, widened.data());
     for (int64_t h = 0; h < H; ++h) {
       float x = Dot(q0 + h * d, ks + (h / G) * d, d) * scale;
       if (softcap > 0.f) x = std::tanh(x / softcap) * softcap;
@@ -108,14 +134,31 @@ void Task(const float* q, const float* k, const float* v, const float* bias, flo
     for (int64_t i = 0; i < m; ++i) sh[i] *= inv;
   }
   for (int64_t i = 0; i < m; ++i) {
-    const float* vs = v + (b * S + slots[i]) * row;
+    const float* vs = RowAsFloat(v + (b * S + slots[i]) * row, row, widened.data());
     for (int64_t h = 0; h < H; ++h) Axpy(scores[h * m + i], vs + (h / G) * d, o0 + h * d, d);
   }
 }
 
+// Every (batch, query token) task over layer `l` of the stacked K/V, split across the CPU's threads.
+template <typename Elem>
+void Run(const float* q, const Elem* k, const Elem* v, const float* bias, float* o, const Shapes& n, int64_t l,
+         float scale, float softcap) {
+  const int64_t per_layer = n.B * n.S * n.KV * n.d;
+  const Elem* kl = k + l * per_layer;
+  const Elem* vl = v + l * per_layer;
+  psm::ParallelFor(n.B * n.T, 2, [=](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    std::vector<float> widened;
+    std::vector<int32_t> slots;
+    slots.reserve(n.S);
+    for (int64_t task = t0; task < t1; ++task)
+      Task(q, kl, vl, bias, o, n, scale, softcap, task / n.T, task % n.T, scores, slots, widened);
+  });
+}
+
 }  // namespace
 
-static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::S32> layer,
                                   ffi::ResultBuffer<ffi::F32> o, float scale, float softcap) {
   auto qd = q.dimensions();
@@ -125,6 +168,9 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
   if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || bd.size() != 3 || layer.element_count() != 1)
     return ffi::Error::InvalidArgument(
         "psm_decode_attention: expected q [B,T,H,d], k, v [L,B,S,KV,d], bias [B,T,S] and a scalar layer");
+  const ffi::DataType kv_type = k.element_type();
+  if (v.element_type() != kv_type || (kv_type != ffi::DataType::F32 && kv_type != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("psm_decode_attention: expected k and v both f32 or both bf16");
   const Shapes n{qd[0], qd[1], qd[2], qd[3], kd[2], kd[3]};
   for (int i = 0; i < 5; ++i)
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("psm_decode_attention: k and v differ in shape");
@@ -132,27 +178,20 @@ static ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32>
     return ffi::Error::InvalidArgument("psm_decode_attention: shape mismatch");
   const int64_t l = layer.typed_data()[0];
   if (l < 0 || l >= kd[0]) return ffi::Error::InvalidArgument("psm_decode_attention: layer outside the stack");
-  const int64_t per_layer = n.B * n.S * n.KV * n.d;
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data() + l * per_layer;
-  const float* vp = v.typed_data() + l * per_layer;
-  const float* bp = bias.typed_data();
-  float* op = o->typed_data();
-  psm::ParallelFor(n.B * n.T, 2, [=](int64_t t0, int64_t t1) {
-    std::vector<float> scores;
-    std::vector<int32_t> slots;
-    slots.reserve(n.S);
-    for (int64_t task = t0; task < t1; ++task) Task(qp, kp, vp, bp, op, n, scale, softcap, task / n.T, task % n.T,
-                                                    scores, slots);
-  });
+  if (kv_type == ffi::DataType::F32)
+    Run(q.typed_data(), k.typed_data<float>(), v.typed_data<float>(), bias.typed_data(), o->typed_data(), n, l,
+        scale, softcap);
+  else
+    Run(q.typed_data(), k.reinterpret_data<uint16_t>(), v.reinterpret_data<uint16_t>(), bias.typed_data(),
+        o->typed_data(), n, l, scale, softcap);
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PsmDecodeAttention, DecodeAttention,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
