@@ -16,17 +16,19 @@ Prompts are random token ids (seeded) and no EOS stops a row, so every row decod
 
 Where a step's time goes (XLA's per-thunk trace, `XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true` with
 `jax.profiler.trace`; compiled decode loop, batch 64, cache 160, a 2-core AVX-512 AMD EPYC): about 55 ms in the
-layers' matmuls, 12 ms in the vocabulary projection, 23 ms in the attention kernel (it reads the whole 472 MB fp32
-cache at about 20 GB/s: memory bandwidth bounds it; a bf16 cache halves it), 14 ms in copies of each layer's
-weights out of the stacked arrays (the CPU backend does not feed a dynamic slice to a dot), and before
-`logits.argmax_last` 7 ms in XLA's serial argmax over the vocabulary. Per-layer weight buffers remove the copies
-but the dots then read colder weights: measured twice (an AVX2 and an AVX-512 machine), the step gained 0-8% while
-holding every weight twice, so the scan stays. decode_b32_vs_hf counts the prefill (a 32 x 128 forward is most of
-its FLOPs); each side's prefill is timed alone beside it, and HF's whole run over psm-jax's prefill is the most the
-ratio could be with a decode that cost nothing (about 3.4-3.8x on the AVX-512 EPYC, 1.6-2.2x on an AVX2 one, where
-XLA's fp32 GEMM runs at torch's speed, `gemm_fp32_jax_vs_torch` 0.96, and HF's prefill is no slower than
-psm-jax's). The prefill attends among the prompt's own keys (the fresh cache's other slots are all masked), which
-`prefill_new_keys_over_all_slots` measures.
+layers' matmuls, 12 ms in the vocabulary projection, 23 ms in the attention kernel (a bf16 cache, half the 472 MB it
+reads, leaves the step's time unchanged, `decode_bf16_cache_speedup`: the kernel is not bound by reading the cache),
+14 ms in copies of each layer's weights out of the stacked arrays (the CPU backend does not feed a dynamic slice to a
+dot), and before `logits.argmax_last` 7 ms in XLA's serial argmax over the vocabulary. Per-layer weight buffers remove
+the copies but the dots then read colder weights: measured twice (an AVX2 and an AVX-512 machine), the step gained
+0-8% while holding every weight twice, so the scan stays. decode_b32_vs_hf counts the prefill (a 32 x 128 forward is
+most of its FLOPs); each side's prefill is timed alone beside it, and HF's whole run over psm-jax's prefill is the
+most the ratio could be with a decode that cost nothing (about 3.4-3.8x on the AVX-512 EPYC, 1.6-2.2x on an AVX2 one,
+where XLA's fp32 GEMM runs at torch's speed, `gemm_fp32_jax_vs_torch` 0.96, and HF's prefill is no slower than
+psm-jax's). A decode step's matmuls at batch 32 cannot run more efficiently than the prefill's at 4,096 rows, so HF's
+run over the prefill plus the decode's matmul FLOPs at the prefill's rate bounds the ratio tighter
+(`ratio_cap_prefill_flop_rate` on the line; under 3 on the AVX-512 EPYC). The prefill attends among the prompt's own
+keys (the fresh cache's other slots are all masked), which `prefill_new_keys_over_all_slots` measures.
 
   decode_kernel_over_xla  the decode loop's tokens/s with f32 attention on psm_jax.native.decode's kernel / the same
                           loop on XLA's grouped attention, batch 16, 32 new tokens after prompts of 128 and 480 tokens
