@@ -7,12 +7,13 @@
 //   softcap) when softcap > 0.
 //
 // Why: when decoding, T is 1 and XLA's CPU code lays each layer's cached K and V out again for its batched dots on
-// every step, then runs those dots at a few GFLOP/s; reading the cache where it lies is bound by memory bandwidth
-// instead. Each (batch, query token) task reads each slot's K and V rows (all KV heads, contiguous) once, and skips
+// every step, then runs those dots at a few GFLOP/s; this kernel reads the cache where it lies. Each (batch, query
+// token) task reads each slot's K and V rows (all KV heads, contiguous) once, and skips
 // the slots its bias masks (a cache is mostly empty early in a generation).
 //
-// A bf16 cache holds half the bytes, and the loop is bound by reading them; each element is widened to f32 as it is
-// read (bf16 is the high half of an f32), so the arithmetic is the f32 path's on the rounded values.
+// A bf16 cache holds half the bytes; each slot's row is widened to f32 as it is read (bf16 is the high half of an
+// f32), so the arithmetic is the f32 path's on the rounded values. Reading half the bytes does not make a step
+// faster on a 2-core EPYC (`decode_bf16_cache_speedup`): the loop is not bound by reading the cache there.
 //
 // A slot is masked when its bias is below -1e37 (the model writes the dtype's minimum there). A query row with no
 // unmasked slot gets what XLA's softmax gives it: every score equals the minimum, so the mean of all of V.
