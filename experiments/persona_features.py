@@ -81,6 +81,9 @@ class Config:
     sae_cache: str = "runs/persona_features_sae"
     train_tokens: int = 250_000
     train_docs: int = 4000  # ShareGPT conversations offered to the harvest (it stops at train_tokens)
+    # fraction of those conversations that open with a role-play system prompt (`training_role_prompts`); 0 keeps
+    # ShareGPT as it is
+    train_role_prompts: float = 0.0
     train_steps: int = 600
     train_batch: int = 4096
     context_len: int = 256
@@ -141,6 +144,8 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)}; expected >= {MIN_NULL_DRAWS} (a null band)")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature}; expected >= 0")
+        if not 0.0 <= self.train_role_prompts <= 1.0:
+            raise ValueError(f"train_role_prompts={self.train_role_prompts}; expected a fraction in [0, 1]")
 
 
 PRESETS = {
@@ -164,7 +169,7 @@ def sae_layer(cfg: Config, n_layers: int) -> int:
     return cfg.layer if cfg.layer is not None else n_layers // 2
 
 
-HARVEST_FIELDS = ("model", "train_tokens", "train_docs", "context_len", "seed")
+HARVEST_FIELDS = ("model", "train_tokens", "train_docs", "train_role_prompts", "context_len", "seed")
 TRAINING_FIELDS = HARVEST_FIELDS + ("d_sae", "k", "train_steps", "train_batch")
 
 
@@ -220,7 +225,6 @@ def load_sae(model, cfg: Config) -> tuple[F.FeatureSae, dict]:
 def train_sae(model, cfg: Config, layer: int, progress: bool = True) -> Path:
     """Harvest (resumable store) and train (resumable run dir) under cfg.sae_cache; returns the run dir."""
     from sae.config import SaeConfig
-    from sae.data.corpus import load_sharegpt
     from sae.data.sources import StoreSource
     from sae.data.store import ActivationStore, harvest_to_store
     from sae.metrics import evaluate_reconstruction
@@ -239,7 +243,7 @@ def train_sae(model, cfg: Config, layer: int, progress: bool = True) -> Path:
         if not store.complete and store.n_tokens < cfg.train_tokens:
             store = None
     if store is None:
-        corpus = load_sharegpt(shuffle=True, seed=cfg.seed, take=cfg.train_docs)
+        corpus = training_corpus(cfg)
         store = harvest_to_store(model, corpus, store_dir, [(SITE, layer)], context_len=cfg.context_len, batch_size=8,
                                  max_tokens=cfg.train_tokens, progress=progress)
     harvest_s = time.time() - t0
@@ -255,10 +259,35 @@ def train_sae(model, cfg: Config, layer: int, progress: bool = True) -> Path:
     metrics, _ = evaluate_reconstruction(res.params[0], scfg, ev_src, max_batches=8)
     atomic_write_json(facts, {"store": str(store_dir), "store_tokens": store.n_tokens, "steps": res.step,
                               "stopped": res.stopped, "harvest_seconds": harvest_s, "train_seconds": train_s,
+                              "role_prompts": {"fraction": cfg.train_role_prompts,
+                                               "n_prompts": len(training_role_prompts(cfg))},
                               "reused_cache": cached,
                               "eval_on_training_store": {k: float(v) for k, v in metrics.items()
                                                          if isinstance(v, (int, float))}})
     return run_dir
+
+
+def training_role_prompts(cfg: Config) -> list[str]:
+    """The system prompts mixed into the SAE's training conversations: every instruction of every packaged role
+    except the default assistant and the roles the role contrast samples, so that no prompt the study discovers
+    latents with was seen in training."""
+    from psm_jax.persona import datasets
+    from psm_jax.persona.prompts import select_roles
+
+    roles = datasets.load_roles().roles
+    contrast = {r.name for r in select_roles(roles, cfg.n_roles, cfg.seed)}
+    return [instr for r in roles if r.name != "assistant" and r.name not in contrast for instr in r.instructions]
+
+
+def training_corpus(cfg: Config):
+    """The SAE's training conversations: `train_docs` shuffled ShareGPT conversations, a `train_role_prompts`
+    fraction of them under a role-play system prompt."""
+    from sae.data.corpus import load_sharegpt, with_system_prompts
+
+    corpus = load_sharegpt(shuffle=True, seed=cfg.seed, take=cfg.train_docs)
+    if cfg.train_role_prompts == 0:
+        return corpus
+    return with_system_prompts(corpus, training_role_prompts(cfg), cfg.train_role_prompts, seed=cfg.seed)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -929,13 +958,22 @@ def _training_text(cfg, sae, sae_info: dict) -> str:
     reused = sae_info.get("reused_cache") or {}
     return (f"Trained with sae.train (TopK, d_sae {cfg.d_sae}, k {cfg.k}, batch {cfg.train_batch}, "
             f"Adam, warm-up then linear decay) on {sae_info.get('store_tokens')} harvested ShareGPT tokens "
-            f"(resid_post {sae.layer}, contexts of {cfg.context_len} tokens), {sae_info.get('steps')} steps "
+            f"(resid_post {sae.layer}, contexts of {cfg.context_len} tokens"
+            + _role_mix_text(sae_info.get("role_prompts"))
+            + f"), {sae_info.get('steps')} steps "
             f"(stopped: {sae_info.get('stopped')}); harvest {_f(sae_info.get('harvest_seconds'), '.0f')} s, "
             f"training {_f(sae_info.get('train_seconds'), '.0f')} s when it was trained"
             + (" (the harvest store and the run dir were reused from an earlier invocation)"
                if reused.get("store") and reused.get("run") else "")
             + ". Reconstruction on 8 batches of the training store (in-sample): "
             + ", ".join(f"{k} {_f(v, '.3f')}" for k, v in ev.items()) + ".")
+
+
+def _role_mix_text(mix: dict | None) -> str:
+    if not mix or not mix.get("fraction"):
+        return ""
+    return (f"; {mix['fraction']:.0%} of the conversations under a role-play system prompt, drawn from "
+            f"{mix['n_prompts']} prompts of roles outside the role contrast")
 
 
 def _headline_row(name: str, m: dict) -> dict:

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from sae.data.corpus import CorpusError, iter_json_array, load_corpus, load_sharegpt, sharegpt_path
+from sae.data.corpus import (Corpus, CorpusError, CorpusReport, iter_json_array, load_corpus, load_sharegpt,
+                             sharegpt_path, with_system_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,38 @@ def test_errors(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(CorpusError, match="unsupported extension"):
         load_corpus(tmp_path / "x.txt")
+
+
+def _chats(n):
+    docs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(n)]
+    docs[0] = [{"role": "system", "content": "old system"}] + docs[0]
+    return Corpus(docs, [str(i) for i in range(n)], CorpusReport(source="t", format="json-array", kept=n))
+
+
+def test_with_system_prompts_replaces_or_adds_a_system_message_on_a_seeded_fraction():
+    base = _chats(400)
+    mixed = with_system_prompts(base, ["be a pirate", "be a cat"], 0.3, seed=1)
+    opened = [i for i, d in enumerate(mixed) if d[0]["role"] == "system" and d[0]["content"] != "old system"]
+    assert mixed.report.options["system_prompts"] == {"fraction": 0.3, "n_prompts": 2, "seed": 1,
+                                                       "applied": len(opened)}
+    assert 90 <= len(opened) <= 150 and {mixed[i][0]["content"] for i in opened} == {"be a pirate", "be a cat"}
+    for i, (d, old) in enumerate(zip(mixed, base)):
+        body = [m for m in old if m["role"] != "system"]
+        assert d == ([d[0]] + body if i in opened else old)  # one system message at most; the turns unchanged
+    assert mixed.ids == base.ids and base.report.options == {}
+    again = with_system_prompts(base, ["be a pirate", "be a cat"], 0.3, seed=1)
+    assert again.documents == mixed.documents
+    assert with_system_prompts(base, ["be a pirate", "be a cat"], 0.3, seed=2).documents != mixed.documents
+    assert with_system_prompts(base, ["x"], 0.0, seed=1).documents == base.documents
+    assert all(d[0] == {"role": "system", "content": "x"} for d in with_system_prompts(base, ["x"], 1.0, seed=1))
+
+
+def test_with_system_prompts_errors():
+    base = _chats(3)
+    with pytest.raises(CorpusError, match="fraction=1.5"):
+        with_system_prompts(base, ["x"], 1.5, seed=0)
+    with pytest.raises(CorpusError, match="at least one non-empty system prompt"):
+        with_system_prompts(base, [" "], 0.5, seed=0)
+    text = Corpus(["plain text"], ["0"], CorpusReport(source="t", format="json-array"))
+    with pytest.raises(CorpusError, match="plain text"):
+        with_system_prompts(text, ["x"], 0.5, seed=0)

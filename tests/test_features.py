@@ -673,13 +673,39 @@ def test_sae_cache_dirs_change_with_every_field_that_shapes_the_sae():
     cfg = pf.Config(sae_cache="cache")
     assert pf.sae_run_dir(cfg, 15) == pf.sae_run_dir(pf.Config(sae_cache="cache"), 15)
     assert pf.sae_store_dir(cfg, 15) == pf.sae_store_dir(dataclasses.replace(cfg, d_sae=9216), 15)
-    for change in (dict(model="other"), dict(train_tokens=1_000_000), dict(context_len=128), dict(seed=1)):
+    for change in (dict(model="other"), dict(train_tokens=1_000_000), dict(context_len=128), dict(seed=1),
+                   dict(train_role_prompts=0.5)):
         other = dataclasses.replace(cfg, **change)
         assert pf.sae_store_dir(other, 15) != pf.sae_store_dir(cfg, 15), change
         assert pf.sae_run_dir(other, 15) != pf.sae_run_dir(cfg, 15), change
     for change in (dict(d_sae=9216), dict(k=64), dict(train_batch=2048)):
         assert pf.sae_run_dir(dataclasses.replace(cfg, **change), 15) != pf.sae_run_dir(cfg, 15), change
     assert pf.sae_run_dir(cfg, 14) != pf.sae_run_dir(cfg, 15)
+
+
+def test_sae_training_role_prompts_leave_out_the_role_contrast_and_the_assistant():
+    """The role-play prompts mixed into the SAE's training data never include a prompt of a role the study's role
+    contrast uses, nor the default assistant's; every other role's instructions are there."""
+    from experiments import persona_features as pf
+    from psm_jax.persona import datasets
+    from psm_jax.persona.prompts import select_roles
+
+    cfg = pf.Config(n_roles=8, seed=3)
+    roles = datasets.load_roles().roles
+    contrast = {r.name for r in select_roles(roles, 8, 3)}
+    prompts = set(pf.training_role_prompts(cfg))
+    for r in roles:
+        inside = {i in prompts for i in r.instructions}
+        assert inside == {r.name != "assistant" and r.name not in contrast}, r.name
+    corpus = pf.training_corpus(dataclasses.replace(cfg, train_docs=400, train_role_prompts=0.25))
+    mix = corpus.report.options["system_prompts"]
+    assert mix["fraction"] == 0.25 and mix["n_prompts"] == len(pf.training_role_prompts(cfg))
+    opened = [d[0]["content"] for d in corpus if d[0]["role"] == "system"]
+    assert len(opened) == mix["applied"] and 60 <= len(opened) <= 140 and set(opened) <= prompts
+    assert pf._role_mix_text(mix | {"n_prompts": 600}).startswith("; 25% of the conversations under a role-play")
+    assert "system_prompts" not in pf.training_corpus(dataclasses.replace(cfg, train_docs=50)).report.options
+    with pytest.raises(ValueError, match="train_role_prompts=1.5"):
+        pf.Config(train_role_prompts=1.5)
 
 
 @pytest.mark.slow

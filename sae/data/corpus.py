@@ -429,6 +429,32 @@ def _finish(docs: list, ids: list[str], rep: CorpusReport, *, dedupe_ids: bool, 
     return Corpus(keep_docs, keep_ids, rep)
 
 
+def with_system_prompts(corpus: Corpus, prompts, fraction: float, seed: int) -> Corpus:
+    """A copy of `corpus` in which a seeded `fraction` of the conversations open with a system prompt drawn
+    (uniformly, with replacement) from `prompts`, replacing any system message they had.
+
+    Chat corpora are nearly all default-assistant conversations, so an SAE trained on them sees the residual
+    stream under almost no other persona; this mixes persona contexts into its training data. The rest of each
+    conversation is unchanged. The report's `options["system_prompts"]` says what was done."""
+    prompts = [str(p) for p in prompts]
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise CorpusError(f"fraction={fraction!r}; expected a number in [0, 1]")
+    if fraction > 0 and (not prompts or not all(p.strip() for p in prompts)):
+        raise CorpusError(f"prompts={prompts!r}; expected at least one non-empty system prompt")
+    if any(isinstance(d, str) for d in corpus.documents):
+        raise CorpusError("with_system_prompts needs chat documents (message lists); this corpus holds plain text")
+    rng = np.random.default_rng(seed)
+    chosen = rng.random(len(corpus)) < fraction
+    picks = rng.integers(0, max(len(prompts), 1), size=len(corpus))
+    docs = [[{"role": "system", "content": prompts[picks[i]]}] + [m for m in d if m["role"] != "system"]
+            if chosen[i] else d for i, d in enumerate(corpus.documents)]
+    report = dataclasses.replace(corpus.report, options={
+        **corpus.report.options,
+        "system_prompts": {"fraction": float(fraction), "n_prompts": len(prompts), "seed": seed,
+                           "applied": int(chosen.sum())}})
+    return Corpus(docs, list(corpus.ids), report)
+
+
 def _check_opts(leading_assistant, max_turns, max_chars):
     if leading_assistant not in LEADING_ASSISTANT_MODES:
         raise CorpusError(f"leading_assistant={leading_assistant!r}; expected one of {LEADING_ASSISTANT_MODES}")
