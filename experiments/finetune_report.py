@@ -434,14 +434,27 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
 
 
 def result_records(result: Result) -> list[dict]:
-    """The correlations across fine-tunes, the prevention per trait and strength, and the optional variants.
+    """The correlations across fine-tunes, the prevention per trait and strength, and the optional variants."""
+    m, cfg = result.metrics, result.config
+    common = dict(model=cfg.model, traits=list(cfg.traits), steps=cfg.steps, n_train=cfg.n_train_questions,
+                  n_eval=cfg.n_eval_questions, seed=cfg.seed)
+    out = _correlation_records(m, cfg, common)
+    for trait, per in m["traits"].items():
+        valid = per["validity"]["valid"]
+        out += _reliability_records(trait, per, cfg, common)
+        out += _prevention_records(trait, per, valid, common)
+        out += _prevention_over_runs_records(trait, per, valid, common)
+        out += _effect_records(trait, per, valid, common)
+    out += _beyond_records(result, common)
+    return [ln for ln in out if np.isfinite(ln["value"])]
+
+
+def _correlation_records(m: dict, cfg, common: dict) -> list[dict]:
+    """The shift-behaviour and screening correlations across fine-tunes.
 
     A correlation over fine-tunes of several traits where no trait has 3 of its own (`RAW_STATISTIC`, e.g. one mix
     per trait) compares the traits with each other, not the relation inside a trait that the claim is about: the
     report shows it with that caveat, and no line is recorded."""
-    m, cfg = result.metrics, result.config
-    common = dict(model=cfg.model, traits=list(cfg.traits), steps=cfg.steps, n_train=cfg.n_train_questions,
-                  n_eval=cfg.n_eval_questions, seed=cfg.seed)
     out = []
     for key, metric, ref in (("shift_behaviour", "finetune_shift_behaviour_r", "Chen et al. 2025: r = 0.76-0.97"),
                              ("screening_shift", "finetune_screening_r", "Chen et al. 2025: screening predicts shift")):
@@ -464,74 +477,93 @@ def result_records(result: Result) -> list[dict]:
                             reference=f"{ref}; {c['statistic']}; 95% CI [{c['r']['low']:.3f}, {c['r']['high']:.3f}], "
                                       f"n={c['n']} fine-tunes; null ({c['null_kind']}) [{c['null']['low']:.2f}, "
                                       f"{c['null']['high']:.2f}]", **common))
-    for trait, per in m["traits"].items():
-        rel = per.get("vector_reliability")
-        if rel is not None:
-            out.append(dict(metric="finetune_vector_split_half_cosine", value=rel["predicted"], unit="cosine",
-                            low=rel["low"], high=rel["high"], n_questions=rel["n_groups"],
-                            distinct_splits=rel["distinct_splits"], key=trait, trait=trait, layer=per["layer"],
-                            reference=f"split halves of {rel['n_groups']} extraction questions x "
-                                      f"{cfg.n_extract_pairs} instruction pairs, greedy answers, stepped up to the "
-                                      "full size (Spearman-Brown); 2.5-97.5% over splits",
-                            target="reported beside the shifts measured along the vector",
-                            null="none: a reliability, read beside the shifts", **common))
-        valid = per["validity"]["valid"]
-        for p in per.get("prevention", []):
-            red = p["reduction"]
-            out.append(dict(metric="preventative_steering_shift_reduction", value=red["estimate"], unit="fraction",
-                            target=">= 0.5 at < 5% perplexity cost (issue 12)", trait=trait, method=p["kind"],
-                            coef=p["coef"], key=f"{trait}/{p['name']}", ppl_ratio=(p["ppl"] or {}).get("ratio"),
-                            low=red["low"], high=red["high"], relative_to_control=p["relative_to_control"],
-                            ppl_vs_plain=(p.get("ppl_vs_plain") or {}).get("ratio"), meets_target=prevention_target(p),
-                            plain_ppl_ratio=(p["plain_ppl"] or {}).get("ratio"), measure_valid=valid,
-                            plain_toward_trait=p.get("plain_toward_trait"), ci=[red["low"], red["high"]],
-                            null="0: no reduction of the plain fine-tune's shift beyond the control",
-                            reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "
-                                      f"{red['high']:.3f}], n={red['n']} questions; plain shift "
-                                      f"{p['plain_shift']['estimate']:.3g}", **common))
-        for p in per.get("prevention_over_runs", []):
-            red, toward = p["reduction"], p["plain_vs_control"]
-            out.append(dict(metric="preventative_steering_reduction_over_runs", value=red["estimate"], unit="fraction",
-                            target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift beyond the "
-                                   "control above 0 over runs", trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}",
-                            low=red["low"], high=red["high"], n=p["n_runs"], n_unit="training runs",
-                            seeds=p["seeds"], per_run=[r["reduction"]["estimate"] for r in p["per_run"]],
-                            plain_vs_control=toward["estimate"], plain_vs_control_low=toward["low"],
-                            plain_vs_control_high=toward["high"], ppl_vs_plain_mean=p["ppl_vs_plain_mean"],
-                            ppl_vs_plain_max=p["ppl_vs_plain_max"], meets_target=prevention_runs_target(p),
-                            runs_meeting_target_alone=sum(r["meets_target"] for r in p["per_run"]),
-                            measure_valid=valid, ci=[red["low"], red["high"]],
-                            null="0: no reduction of the plain fine-tune's shift beyond the control",
-                            reference=f"Chen et al. 2025: shift near 0 with steering; mean over {p['n_runs']} "
-                                      f"training runs (seeds {_seeds_text(p['seeds'])}), Student-t 95% CI "
-                                      f"[{red['low']:.3f}, {red['high']:.3f}]; plain shift beyond the control "
-                                      f"{toward['estimate']:.3g} [{toward['low']:.3g}, {toward['high']:.3g}]",
-                            **common))
-            pooled = p["pooled_reduction"]
-            out.append(dict(metric="preventative_steering_pooled_reduction_over_runs", value=pooled["estimate"],
-                            unit="fraction", target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift "
-                                                     "beyond the control above 0 over runs",
-                            trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}", low=pooled["low"],
-                            high=pooled["high"], n=p["n_runs"], n_unit="training runs", seeds=p["seeds"],
-                            meets_target=prevention_pooled_target(p), measure_valid=valid,
-                            ci=[pooled["low"], pooled["high"]],
-                            statistic="1 - mean(steered - control) / mean(plain - control) over runs; leave-one-run-"
-                                      "out jackknife interval at Student-t critical values",
-                            null="0: no reduction of the plain fine-tune's shift beyond the control",
-                            reference=f"Chen et al. 2025: shift near 0 with steering; ratio of means over "
-                                      f"{p['n_runs']} training runs (seeds {_seeds_text(p['seeds'])}), jackknife-t "
-                                      f"95% CI [{pooled['low']:.3f}, {pooled['high']:.3f}]", **common))
-        for name, key in (("inoculation_effect", "inoculation_effect"), ("persona_switch_effect",
-                                                                         "persona_switch_effect")):
-            if key in per:
-                e = per[key]
-                out.append(dict(metric=name, value=e["estimate"], unit="trait score (per-token log-lik diff)",
-                                target="< 0" if name.startswith("inoc") else "> 0", trait=trait, key=trait,
-                                measure_valid=valid, reference=f"95% CI [{e['low']:.3f}, {e['high']:.3f}], "
-                                                               f"n={e['n']} questions", ci=[e["low"], e["high"]],
-                                null="0: no difference from the plain fine-tune", **common))
-    out += _beyond_records(result, common)
-    return [ln for ln in out if np.isfinite(ln["value"])]
+    return out
+
+
+def _reliability_records(trait: str, per: dict, cfg, common: dict) -> list[dict]:
+    """The split-half cosine of the trait's fine-tuning vector, where the run measured it."""
+    rel = per.get("vector_reliability")
+    if rel is None:
+        return []
+    return [dict(metric="finetune_vector_split_half_cosine", value=rel["predicted"], unit="cosine",
+                 low=rel["low"], high=rel["high"], n_questions=rel["n_groups"],
+                 distinct_splits=rel["distinct_splits"], key=trait, trait=trait, layer=per["layer"],
+                 reference=f"split halves of {rel['n_groups']} extraction questions x "
+                           f"{cfg.n_extract_pairs} instruction pairs, greedy answers, stepped up to the "
+                           "full size (Spearman-Brown); 2.5-97.5% over splits",
+                 target="reported beside the shifts measured along the vector",
+                 null="none: a reliability, read beside the shifts", **common)]
+
+
+def _prevention_records(trait: str, per: dict, valid: bool, common: dict) -> list[dict]:
+    """Preventative steering's shift reduction per method and strength, over questions of one training run."""
+    out = []
+    for p in per.get("prevention", []):
+        red = p["reduction"]
+        out.append(dict(metric="preventative_steering_shift_reduction", value=red["estimate"], unit="fraction",
+                        target=">= 0.5 at < 5% perplexity cost (issue 12)", trait=trait, method=p["kind"],
+                        coef=p["coef"], key=f"{trait}/{p['name']}", ppl_ratio=(p["ppl"] or {}).get("ratio"),
+                        low=red["low"], high=red["high"], relative_to_control=p["relative_to_control"],
+                        ppl_vs_plain=(p.get("ppl_vs_plain") or {}).get("ratio"), meets_target=prevention_target(p),
+                        plain_ppl_ratio=(p["plain_ppl"] or {}).get("ratio"), measure_valid=valid,
+                        plain_toward_trait=p.get("plain_toward_trait"), ci=[red["low"], red["high"]],
+                        null="0: no reduction of the plain fine-tune's shift beyond the control",
+                        reference=f"Chen et al. 2025: shift near 0 with steering; 95% CI [{red['low']:.3f}, "
+                                  f"{red['high']:.3f}], n={red['n']} questions; plain shift "
+                                  f"{p['plain_shift']['estimate']:.3g}", **common))
+    return out
+
+
+def _prevention_over_runs_records(trait: str, per: dict, valid: bool, common: dict) -> list[dict]:
+    """Preventative steering over independent training runs: the mean of per-run reductions and the ratio of means."""
+    out = []
+    for p in per.get("prevention_over_runs", []):
+        red, toward = p["reduction"], p["plain_vs_control"]
+        out.append(dict(metric="preventative_steering_reduction_over_runs", value=red["estimate"], unit="fraction",
+                        target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift beyond the "
+                               "control above 0 over runs", trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}",
+                        low=red["low"], high=red["high"], n=p["n_runs"], n_unit="training runs",
+                        seeds=p["seeds"], per_run=[r["reduction"]["estimate"] for r in p["per_run"]],
+                        plain_vs_control=toward["estimate"], plain_vs_control_low=toward["low"],
+                        plain_vs_control_high=toward["high"], ppl_vs_plain_mean=p["ppl_vs_plain_mean"],
+                        ppl_vs_plain_max=p["ppl_vs_plain_max"], meets_target=prevention_runs_target(p),
+                        runs_meeting_target_alone=sum(r["meets_target"] for r in p["per_run"]),
+                        measure_valid=valid, ci=[red["low"], red["high"]],
+                        null="0: no reduction of the plain fine-tune's shift beyond the control",
+                        reference=f"Chen et al. 2025: shift near 0 with steering; mean over {p['n_runs']} "
+                                  f"training runs (seeds {_seeds_text(p['seeds'])}), Student-t 95% CI "
+                                  f"[{red['low']:.3f}, {red['high']:.3f}]; plain shift beyond the control "
+                                  f"{toward['estimate']:.3g} [{toward['low']:.3g}, {toward['high']:.3g}]",
+                        **common))
+        pooled = p["pooled_reduction"]
+        out.append(dict(metric="preventative_steering_pooled_reduction_over_runs", value=pooled["estimate"],
+                        unit="fraction", target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift "
+                                                 "beyond the control above 0 over runs",
+                        trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}", low=pooled["low"],
+                        high=pooled["high"], n=p["n_runs"], n_unit="training runs", seeds=p["seeds"],
+                        meets_target=prevention_pooled_target(p), measure_valid=valid,
+                        ci=[pooled["low"], pooled["high"]],
+                        statistic="1 - mean(steered - control) / mean(plain - control) over runs; leave-one-run-"
+                                  "out jackknife interval at Student-t critical values",
+                        null="0: no reduction of the plain fine-tune's shift beyond the control",
+                        reference=f"Chen et al. 2025: shift near 0 with steering; ratio of means over "
+                                  f"{p['n_runs']} training runs (seeds {_seeds_text(p['seeds'])}), jackknife-t "
+                                  f"95% CI [{pooled['low']:.3f}, {pooled['high']:.3f}]", **common))
+    return out
+
+
+def _effect_records(trait: str, per: dict, valid: bool, common: dict) -> list[dict]:
+    """Inoculation's and the persona switch's effect on the trait score, where the run has them."""
+    out = []
+    for name in ("inoculation_effect", "persona_switch_effect"):
+        if name in per:
+            e = per[name]
+            out.append(dict(metric=name, value=e["estimate"], unit="trait score (per-token log-lik diff)",
+                            target="< 0" if name.startswith("inoc") else "> 0", trait=trait, key=trait,
+                            measure_valid=valid, reference=f"95% CI [{e['low']:.3f}, {e['high']:.3f}], "
+                                                           f"n={e['n']} questions", ci=[e["low"], e["high"]],
+                            null="0: no difference from the plain fine-tune", **common))
+    return out
 
 
 def _within_fields(c: dict) -> dict:
