@@ -518,37 +518,30 @@ def _prevention_over_runs_records(trait: str, per: dict, valid: bool, common: di
     """Preventative steering over independent training runs: the mean of per-run reductions and the ratio of means."""
     out = []
     for p in per.get("prevention_over_runs", []):
-        red, toward = p["reduction"], p["plain_vs_control"]
-        out.append(dict(metric="preventative_steering_reduction_over_runs", value=red["estimate"], unit="fraction",
-                        target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift beyond the "
-                               "control above 0 over runs", trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}",
-                        low=red["low"], high=red["high"], n=p["n_runs"], n_unit="training runs",
-                        seeds=p["seeds"], per_run=[r["reduction"]["estimate"] for r in p["per_run"]],
+        red, toward, pooled = p["reduction"], p["plain_vs_control"], p["pooled_reduction"]
+        shared = dict(unit="fraction", trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}", n=p["n_runs"],
+                      n_unit="training runs", seeds=p["seeds"], measure_valid=valid,
+                      target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift beyond the control "
+                             "above 0 over runs",
+                      null="0: no reduction of the plain fine-tune's shift beyond the control", **common)
+        runs = f"{p['n_runs']} training runs (seeds {_seeds_text(p['seeds'])})"
+        out.append(dict(shared, metric="preventative_steering_reduction_over_runs", value=red["estimate"],
+                        low=red["low"], high=red["high"], ci=[red["low"], red["high"]],
+                        per_run=[r["reduction"]["estimate"] for r in p["per_run"]],
                         plain_vs_control=toward["estimate"], plain_vs_control_low=toward["low"],
                         plain_vs_control_high=toward["high"], ppl_vs_plain_mean=p["ppl_vs_plain_mean"],
                         ppl_vs_plain_max=p["ppl_vs_plain_max"], meets_target=prevention_runs_target(p),
                         runs_meeting_target_alone=sum(r["meets_target"] for r in p["per_run"]),
-                        measure_valid=valid, ci=[red["low"], red["high"]],
-                        null="0: no reduction of the plain fine-tune's shift beyond the control",
-                        reference=f"Chen et al. 2025: shift near 0 with steering; mean over {p['n_runs']} "
-                                  f"training runs (seeds {_seeds_text(p['seeds'])}), Student-t 95% CI "
+                        reference=f"Chen et al. 2025: shift near 0 with steering; mean over {runs}, Student-t 95% CI "
                                   f"[{red['low']:.3f}, {red['high']:.3f}]; plain shift beyond the control "
-                                  f"{toward['estimate']:.3g} [{toward['low']:.3g}, {toward['high']:.3g}]",
-                        **common))
-        pooled = p["pooled_reduction"]
-        out.append(dict(metric="preventative_steering_pooled_reduction_over_runs", value=pooled["estimate"],
-                        unit="fraction", target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift "
-                                                 "beyond the control above 0 over runs",
-                        trait=trait, coef=p["coef"], key=f"{trait}/{p['name']}", low=pooled["low"],
-                        high=pooled["high"], n=p["n_runs"], n_unit="training runs", seeds=p["seeds"],
-                        meets_target=prevention_pooled_target(p), measure_valid=valid,
-                        ci=[pooled["low"], pooled["high"]],
+                                  f"{toward['estimate']:.3g} [{toward['low']:.3g}, {toward['high']:.3g}]"))
+        out.append(dict(shared, metric="preventative_steering_pooled_reduction_over_runs", value=pooled["estimate"],
+                        low=pooled["low"], high=pooled["high"], ci=[pooled["low"], pooled["high"]],
+                        meets_target=prevention_pooled_target(p),
                         statistic="1 - mean(steered - control) / mean(plain - control) over runs; leave-one-run-"
                                   "out jackknife interval at Student-t critical values",
-                        null="0: no reduction of the plain fine-tune's shift beyond the control",
-                        reference=f"Chen et al. 2025: shift near 0 with steering; ratio of means over "
-                                  f"{p['n_runs']} training runs (seeds {_seeds_text(p['seeds'])}), jackknife-t "
-                                  f"95% CI [{pooled['low']:.3f}, {pooled['high']:.3f}]", **common))
+                        reference=f"Chen et al. 2025: shift near 0 with steering; ratio of means over {runs}, "
+                                  f"jackknife-t 95% CI [{pooled['low']:.3f}, {pooled['high']:.3f}]"))
     return out
 
 
