@@ -17,6 +17,9 @@ Config file sections (all optional except what a command needs):
              layers = [6, 15, 24] instead of layer: one SAE per layer in one run (sae.train.StoreStackSource);
              or model = "smollm2-135m-instruct", hooks = "resid_post:3,6,9" (sites x layers; groups joined by ";"),
              corpus = "sharegpt" (or a local file), tokens = 200000, context_len = 256, mode, roles, take,
+             system_prompts = "roles" (every packaged role-play instruction) or a file (a JSON list of strings, or
+             one prompt per line) with system_prompt_fraction = 0.5: that seeded fraction of the conversations opens
+             with one of them (sae.data.corpus.with_system_prompts: persona contexts in the training data),
              forward_batch_size, buffer_size: one harvest pass feeds one SAE per hook point, stacked in one run
              (sae.data.StreamStackSource; no disk, resuming replays the harvest; with store = "acts/" the pass
              fills that activation store first, resumable after a kill, and training reads it); each hook point
@@ -99,6 +102,8 @@ class DataSection:
     context_len: int = 256
     mode: str = "truncate"
     take: str | None = None               # documents of the corpus: an int n (the first n) or "a:b"
+    system_prompts: str | None = None     # "roles" (the packaged role-play instructions) or a file of prompts ...
+    system_prompt_fraction: float = 0.0   # ... opening this fraction of the conversations
     forward_batch_size: int = 8
     buffer_size: int = 1 << 16
 
@@ -305,6 +310,32 @@ def parse_hooks(spec) -> list[tuple[str, int]]:
     return hooks
 
 
+def system_prompt_list(source: str) -> list[str]:
+    """data.system_prompts: "roles" for every instruction of the packaged role set but the default assistant's
+    (`psm_jax.persona.datasets.load_roles`), else a file (`sae.data.corpus.load_system_prompts`)."""
+    from sae.data.corpus import load_system_prompts
+
+    if source == "roles":
+        from psm_jax.persona.datasets import load_roles
+
+        return [i for r in load_roles().roles if r.name != "assistant" for i in r.instructions]
+    return load_system_prompts(source)
+
+
+def _with_system_prompts(corpus, data: dict[str, Any]):
+    """The corpus with data.system_prompt_fraction of its conversations under data.system_prompts."""
+    from sae.data.corpus import with_system_prompts
+
+    fraction = float(_opt(data, DataSection, "system_prompt_fraction"))
+    if fraction == 0:
+        return corpus
+    if data.get("system_prompts") is None:
+        raise CliError(f"data.system_prompt_fraction={fraction} needs data.system_prompts (\"roles\" or a file of "
+                       "prompts)")
+    return with_system_prompts(corpus, system_prompt_list(str(data["system_prompts"])), fraction,
+                               seed=int(_opt(data, DataSection, "seed")))
+
+
 def _harvest_source(data: dict[str, Any], batch_size: int, model=None):
     """One harvest pass of data.model over data.corpus feeding one SAE per hook point: streamed
     (sae.data.StreamStackSource), or with data.store through a resumable activation store (harvested there first,
@@ -329,6 +360,7 @@ def _harvest_source(data: dict[str, Any], batch_size: int, model=None):
         take = int(take)
     corpus = load_corpus(data.get("corpus"), shuffle=_shuffle(data, True), seed=int(_opt(data, DataSection, "seed")),
                          take=take)
+    corpus = _with_system_prompts(corpus, data)
     roles = data.get("roles")
     kw: dict[str, Any] = dict(context_len=int(_opt(data, DataSection, "context_len")),
                               mode=_opt(data, DataSection, "mode"))
@@ -404,7 +436,8 @@ def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
         mesh = make_mesh(dp, lp)
     recorded = ("site", "layer", "layers", "roles")
     if "hooks" in data:                          # what the harvest that feeds a many-hook run depends on
-        recorded += ("model", "corpus", "hooks", "tokens", "context_len", "mode", "take", "seed", "store")
+        recorded += ("model", "corpus", "hooks", "tokens", "context_len", "mode", "take", "seed", "store",
+                     "system_prompts", "system_prompt_fraction")
     # a many-hook run checkpoints each hook point's SAE in its own run dir, <run_dir>/<site>.<layer>
     sae_names = [site_key(site, layer) for site, layer in parse_hooks(data["hooks"])] if "hooks" in data else None
     res = train(cfgs, source, run_dir, max_steps=t.get("max_steps"),

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from sae.data.corpus import (Corpus, CorpusError, CorpusReport, iter_json_array, load_corpus, load_sharegpt,
-                             sharegpt_path, with_system_prompts)
+                             load_system_prompts, sharegpt_path, with_system_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +189,16 @@ def test_with_system_prompts_errors():
     text = Corpus(["plain text"], ["0"], CorpusReport(source="t", format="json-array"))
     with pytest.raises(CorpusError, match="plain text"):
         with_system_prompts(text, ["x"], 0.5, seed=0)
+
+
+def test_load_system_prompts_from_json_or_lines(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(["You are a pirate.", " ", "You are a cat."]))
+    (tmp_path / "p.txt").write_text("You are a pirate.\n\nYou are a cat.\n")
+    assert load_system_prompts(tmp_path / "p.json") == load_system_prompts(tmp_path / "p.txt") == \
+        ["You are a pirate.", "You are a cat."]
+    (tmp_path / "bad.json").write_text(json.dumps({"a": 1}))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for name, match in (("bad.json", "expected a JSON list of strings"), ("empty.txt", "holds no system prompt"),
+                        ("missing.txt", "does not exist")):
+        with pytest.raises(CorpusError, match=match):
+            load_system_prompts(tmp_path / name)

@@ -289,3 +289,40 @@ def test_train_many_hooks_from_one_harvest_pass(tmp_path, lm_setup, tiny_chat_mo
     from sae.data.store import ActivationStore
     assert ActivationStore(tmp_path / "acts").sites_layers == [("resid_post", 1), ("resid_post", 2)]
     assert [load_sae(h["export"]).metadata["hook_name"] for h in out_s["hooks"]] == ["model.layers.1", "model.layers.2"]
+
+
+def test_train_harvests_conversations_under_the_given_system_prompts(tmp_path, lm_setup, tiny_chat_model):
+    """data.system_prompts with data.system_prompt_fraction=1: every conversation the harvest reads opens with one of
+    the prompts (more tokens stored than without), and the run records both keys; a fraction without prompts, or a
+    missing prompts file, is an error naming it."""
+    from sae.cli import cmd_train, system_prompt_list
+    from sae.data.store import ActivationStore
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("You are a lighthouse keeper on a stormy coast.\n\nYou are a grumpy old wizard.\n")
+
+    def conf(run, *extra):
+        return load_config(None, [f"run_dir={tmp_path / run}", "data.model=psm-tiny",
+                                  f"data.store={tmp_path / run}_acts",
+                                  f"data.corpus={lm_setup / 'corpus.json'}", "data.hooks=resid_post:1",
+                                  "data.context_len=64", "sae.d_sae=32", "sae.k=4", "sae.batch_size=16",
+                                  "sae.geometric_median_iters=2", "train.max_steps=1", "train.progress=false",
+                                  "train.plot=false", *extra])
+
+    cmd_train(conf("plain"), model=tiny_chat_model)
+    cmd_train(conf("mixed", f"data.system_prompts={prompts}", "data.system_prompt_fraction=1"), model=tiny_chat_model)
+    n_plain = ActivationStore(tmp_path / "plain_acts").n_tokens
+    n_mixed = ActivationStore(tmp_path / "mixed_acts").n_tokens
+    assert n_mixed > n_plain + 7 * 8  # seven conversations, each with a system prompt of at least 8 tokens
+    recorded = json.loads((tmp_path / "mixed" / "config.json").read_text())["extra"]["data"]
+    assert recorded["system_prompts"] == str(prompts) and recorded["system_prompt_fraction"] == 1.0
+    roles = system_prompt_list("roles")
+    from psm_jax.persona.datasets import load_roles
+    assert len(roles) > 100 and set(load_roles().roles[0].instructions).isdisjoint(roles)  # not the assistant's
+    from sae.cli import CliError
+    from sae.data.corpus import CorpusError
+    with pytest.raises(CliError, match="data.system_prompt_fraction=0.5 needs data.system_prompts"):
+        cmd_train(conf("bad", "data.system_prompt_fraction=0.5"), model=tiny_chat_model)
+    with pytest.raises(CorpusError, match="none.txt' does not exist"):
+        cmd_train(conf("bad", f"data.system_prompts={tmp_path / 'none.txt'}", "data.system_prompt_fraction=0.5"),
+                  model=tiny_chat_model)

@@ -455,6 +455,26 @@ def with_system_prompts(corpus: Corpus, prompts, fraction: float, seed: int) -> 
     return Corpus(docs, list(corpus.ids), report)
 
 
+def load_system_prompts(path: str | os.PathLike) -> list[str]:
+    """System prompts from a local file, for `with_system_prompts`: a JSON list of strings, or one prompt per
+    non-empty line of a text file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"system prompts file {str(path)!r} does not exist; expected a JSON list of strings or a "
+                          "text file with one prompt per line")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise CorpusError(f"{str(path)!r} holds {type(prompts).__name__}; expected a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise CorpusError(f"{str(path)!r} holds no system prompt")
+    return prompts
+
+
 def _check_opts(leading_assistant, max_turns, max_chars):
     if leading_assistant not in LEADING_ASSISTANT_MODES:
         raise CorpusError(f"leading_assistant={leading_assistant!r}; expected one of {LEADING_ASSISTANT_MODES}")
