@@ -327,7 +327,7 @@ def test_records_carry_the_named_fields():
     assert all(ln["null"] for ln in lines)
     assert head["strict_ppl1.5"]["target"] == ">= 2 of the 2 traits run (two thirds)"
     assert head["strict_ppl1.5"]["null"].startswith("none")
-    band_line, = pv._monotonic_records({"monotonic_traits": {"items": {
+    band_line, = pvr._monotonic_records({"monotonic_traits": {"items": {
         "counts": {"strict_ppl1.5_band": 1}, "n_traits": 3, "n_valid": 2, "valid_traits": ["evil", "humorous"]}}})
     assert "random directions" in band_line["null"] and band_line["target"] == ">= 2 of the 3 traits run (two thirds)"
 
@@ -458,7 +458,7 @@ def test_reliability_compares_the_predicted_rerun_cosine_with_the_nearest_other_
     assert rel["evil"]["largest_cross_trait_cosine"] == pytest.approx(max(cos(a[1], b[1]), cos(a[1], c[1])))
     assert rel["evil"]["stable"]
     assert rel["humorous"]["stable"] == (0.05 > max(cos(b[1], a[1]), cos(b[1], c[1])))
-    lines = pv._reliability_records(rel)
+    lines = pvr._reliability_records(rel)
     assert [(ln["key"], ln["value"], ln["stable"]) for ln in lines] == [
         ("evil", 0.95, True), ("humorous", 0.05, rel["humorous"]["stable"]),
         ("sycophantic", 0.6, rel["sycophantic"]["stable"])]
@@ -800,7 +800,7 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
           "system_prompt_effect": 1.0, "validity": {"valid": True}, **mon}
     t = {"monitor_r_last_prompt": 0.1, "monitor_r_response": 0.2, "chosen_layer": 2, "system_prompt_effect": 0.0,
          "validity": {"valid": True}, "response_measure": rm}
-    line, = pv._monitor_records("evil", t)[2:]
+    line, = pvr._monitor_records("evil", t)[2:]
     assert line["metric"] == "persona_monitor_within_r" and line["null_band"] == null
     assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
     assert line["null"] == (f"measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] "
@@ -828,8 +828,8 @@ def test_monitoring_ceiling_reads_the_noise_of_each_series_within_polarity():
     assert high["ceiling"] == pytest.approx(np.sqrt(high["projection"]["reliability"]))
     text = pvr._ceiling_text(low)
     assert f"about {low['ceiling']:.2f} is not expected" in text and pvr._ceiling_text(None) == ""
-    assert pv.ceiling_fields({"within_reliability": high})["within_ceiling"] == high["ceiling"]
-    assert pv.ceiling_fields({}) == {}
+    assert pvr.ceiling_fields({"within_reliability": high})["within_ceiling"] == high["ceiling"]
+    assert pvr.ceiling_fields({}) == {}
 
 
 def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
@@ -868,7 +868,7 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
     assert rule["layer"] == 1 and rule["monitor_within_polarity"]["pooled_within"]["estimate"] > 0.9
     np.testing.assert_allclose(rule["proj_last_prompt"], p_rule)
     assert pv._rule_monitoring(per_unit, systems, mon_acts, direction, None, seed=0) is None
-    line, = pv._rule_monitor_records("evil", {"layer": 2, "validity": {"valid": True}, "rule_monitoring": rule})
+    line, = pvr._rule_monitor_records("evil", {"layer": 2, "validity": {"valid": True}, "rule_monitoring": rule})
     assert line["metric"] == "persona_monitor_within_r_rule_layer"
     assert line["layer"] == 1 and line["steering_layer"] == 2
     assert line["value"] == rule["monitor_within_polarity"]["pooled_within"]["estimate"]
@@ -932,7 +932,7 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     assert pv._holdout_target(rs) == {"monitoring_holdout": expect, "monitor_holdout_r": r_rule}
     assert pv._holdout_target({**rs, "validity": {"valid": False}})["monitoring_holdout"] is False
     assert pv._holdout_target({})["monitoring_holdout"] is False
-    lines = pv._holdout_monitor_records("evil", rs)
+    lines = pvr._holdout_monitor_records("evil", rs)
     assert [ln["key"] for ln in lines] == ["evil/steering", "evil/rule"] and lines[1]["value"] == r_rule
     assert all(ln["metric"] == "persona_monitor_within_r_holdout" for ln in lines)
     assert "Held-out graded prompts (14" in pvr._holdout_words(hold) and pvr._holdout_words(None) == ""
