@@ -37,7 +37,7 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    steering curve over `coefficients` is reported on the *held-out* half, each point with its perplexity
    ratio (the model's own unsteered answers scored steered vs not). Only a measure that passes its
    validity check gets the control: `n_random` random directions at the steered vector's norm (a 95%
-   band of their m(+cmax) - m(-cmax)). Measures are evaluated as data (`ContrastPairs`): the text is
+   band of their m(+cmax) - m(-cmax)). Measures are evaluated as data (`psm_jax.persona.steering`): the text is
    tokenised once and a batch of steering vectors (coefficients, layers, random directions) goes through
    vmapped forwards (`steered_values`). Monotonicity (`psm_jax.persona.stats.monotonic`): `strict` over
    the sweep, `run4` (the lenient run), and the headline `strict_ppl1.5`: strictly increasing over the
@@ -93,29 +93,25 @@ judge; null results are reported as they come.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from psm_jax.persona import rollouts
-from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
 from experiments.report import load_vectors
-from psm_jax import edits as E
-from psm_jax.logits import target_window_size
-from psm_jax.chat import Role
-from psm_jax.persona import measures
+from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import (SITE, cosine, mean_difference, orthogonal_component, project,
                                         random_directions, split_half_cosine, typical_norms, unit)
+from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
 from psm_jax.persona.stats import (MIN_NULL_DRAWS, attenuation_ceiling, centre_within_groups, cohens_d, monotonic,
-                                   null_band, pearson, within_groups_null, within_groups_r, within_groups_reliability,
-                                   zscore)
+                                   pearson, within_groups_null, within_groups_r, within_groups_reliability, zscore)
+from psm_jax.persona.steering import (ContrastPairs, answer_pairs, behaviour_measure, item_pairs, outside_band,
+                                      perplexity_ratios, random_band, response_measure, select_layer, steered_values,
+                                      steering_curve, steering_fn, steering_vector)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -242,179 +238,6 @@ def vectors_from_activations(acts: dict) -> dict[str, np.ndarray]:
     return {v: mean_difference(acts["pos"][key[v]], acts["neg"][key[v]]) for v in VARIANTS}
 
 
-def steering_edit(model, vector, layer: int, coef):
-    """h <- h + coef * vector at resid_post of `layer`, every position (prompt and generated)."""
-    return E.add(model.config, jnp.asarray(vector, jnp.float32), layers=[int(layer)], coef=coef, site=SITE)
-
-
-def _steering_fn(model, vector, layer, coef):
-    if vector is None:
-        return None
-    edit = steering_edit(model, vector, layer, coef)
-    return lambda batch: (edit,)
-
-
-def steering_vector(direction, scales, layer: int) -> np.ndarray:
-    """The steering unit at `layer`: unit(direction[layer]) * scales[layer] (c = 1 adds it once)."""
-    return unit(np.asarray(direction, np.float64)[int(layer)]) * float(scales[int(layer)])
-
-
-def behaviour_measure(model, items, *, system: str | None = None, vector=None, layer: int | None = None,
-                      coef: float = 0.0, batch_size: int | None = None) -> tuple[float, np.ndarray]:
-    """`measures.two_choice` under `system`, with `coef * vector` added at `layer`: (mean, per-item values)."""
-    diff = measures.two_choice(model, items, system=system, edits_fn=_steering_fn(model, vector, layer, coef),
-                               batch_size=batch_size)
-    return float(diff.mean()), diff
-
-
-def response_measure(model, questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str], *,
-                     system: str | None = None, vector=None, layer: int | None = None, coef: float = 0.0,
-                     batch_size: int = 16) -> tuple[float, np.ndarray]:
-    """`measures.response_likelihood` under `system`, with `coef * vector` added at `layer`: (mean, per-triple)."""
-    diff = measures.response_likelihood(model, questions, pos_answers, neg_answers, system=system,
-                                        edits_fn=_steering_fn(model, vector, layer, coef), batch_size=batch_size)
-    return float(diff.mean()), diff
-
-
-# ------------------------------------------------------------------------------ batched steered measures
-
-
-@dataclasses.dataclass(frozen=True)
-class ContrastPairs:
-    """A behavioural measure as fixed text, so that one tokenised batch serves every steering vector: per unit u,
-    log P(trait_answers[u] | prompts[u]) - log P(other_answers[u] | prompts[u]), each divided by its answer's
-    content-token count when `per_token`. `measures.two_choice` (per_token False) and
-    `measures.response_likelihood` (per_token True) are of this form; `steered_values` evaluates it for a batch of
-    steering vectors."""
-    name: str  # "items" | "response_likelihood"
-    prompts: tuple  # conversations ending with a user turn, one per unit
-    trait_answers: tuple
-    other_answers: tuple
-    per_token: bool
-
-    def __post_init__(self):
-        n = len(self.prompts)
-        if n == 0 or len(self.trait_answers) != n or len(self.other_answers) != n:
-            raise ValueError(f"{n} prompts, {len(self.trait_answers)} trait and {len(self.other_answers)} other "
-                             "answers; expected equal, non-zero counts")
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-def item_pairs(items, system: str | None = None) -> ContrastPairs:
-    """The two-choice items as a ContrastPairs (the measure of `measures.two_choice`)."""
-    return ContrastPairs("items", tuple(system_conv(system, it.prompt) for it in items),
-                         tuple(it.trait_text for it in items), tuple(it.other_text for it in items), per_token=True)
-
-
-def answer_pairs(questions, pos_answers, neg_answers, system: str | None = None) -> ContrastPairs:
-    """Reference answers as a ContrastPairs (the measure of `measures.response_likelihood`)."""
-    return ContrastPairs("response_likelihood", tuple(system_conv(system, q) for q in questions), tuple(pos_answers),
-                         tuple(neg_answers), per_token=True)
-
-
-ROWS_PER_FORWARD = 64  # sequences per batched forward (vectors x scored answers): bounds its activations
-
-
-@functools.partial(jax.jit, static_argnames=("config", "window", "shared", "split"))
-def _logprobs_per_vector(params, config, arrays, edit, vectors, layer_masks, *, window: int, shared: bool,
-                         split: int = 0):
-    """Answer log-probs [n_vectors, n_units, 2] (trait answer, other answer) of one batch, `edit` carrying
-    vectors[k] at layer_masks[k]. `shared`: `arrays` are an `OptionBatch`'s (each prompt runs once, both answers
-    from its cache; with `split` > 0, every mask at or above it, the layers below run once for all vectors);
-    else one padded batch of every unit's trait answer then its other answer."""
-    prefix = rollouts.option_prefix(params, config, *arrays[:4], split=split) if shared and split else None
-
-    def one(vector, layers):
-        steer = (edit.replace(vector=vector, layers=layers),)
-        if shared:
-            return rollouts.option_logprob(params, config, *arrays, jax.tree.map(lambda x: jnp.stack([x, x]), steer),
-                                           window=window, prefix=prefix)
-        return rollouts.answer_logprob(params, config, *arrays, steer, window=window).reshape(2, -1).T
-    return jax.vmap(one)(vectors, layer_masks)
-
-
-def _encode_pairs(model, pairs: ContrastPairs) -> tuple[tuple, int, bool, np.ndarray]:
-    """The units' (prompt, trait answer, other answer) as `_logprobs_per_vector` takes them: (arrays, window,
-    shared, content-token counts [n_units, 2]). Shared-prompt layout unless a prompt tokenises differently
-    before its two answers."""
-    options = list(zip(pairs.trait_answers, pairs.other_answers))
-    batch = rollouts.option_batch(model, pairs.prompts, options)
-    counts = batch.answer_mask.sum(2).T
-    if pairs.per_token and np.any(counts == 0):
-        unit, which = np.argwhere(counts == 0)[0]
-        raise ValueError(f"answer {options[unit][which]!r} has no content tokens; expected non-empty answers")
-    if batch.shared:
-        return batch.arrays, batch.window, True, counts
-    convs = [list(p) + [{"role": "assistant", "content": a}]
-             for p, a in zip(pairs.prompts * 2, pairs.trait_answers + pairs.other_answers)]
-    _, flat = rollouts.encode_batch(model, convs, add_generation_prompt=False)
-    mask = (flat.roles == Role.ASSISTANT) & (flat.turns == np.asarray([len(c) - 1 for c in convs])[:, None])
-    return (flat.tokens, flat.attention_mask, mask), target_window_size(mask), False, counts
-
-
-def steered_values(model, pairs: ContrastPairs, vectors, layers, *, rows_per_forward: int = ROWS_PER_FORWARD
-                   ) -> np.ndarray:
-    """The measure per unit with vectors[k] added at resid_post of layers[k] (every position): [n_vectors, n_units].
-
-    Edits are data: the text is tokenised once and the vectors go through the model `rows_per_forward // rows` at
-    a time (vmap over vector and layer mask), the last group padded so that every call has one shape; each prompt
-    runs once and both its answers continue from its KV cache (`rollouts.option_logprob`), and the layers below
-    the lowest steered one run once for every vector (`rollouts.option_prefix`). A zero vector gives the
-    unsteered measure."""
-    vecs = np.asarray(vectors, np.float32)
-    if vecs.ndim != 2 or vecs.shape[1] != model.config.d_model:
-        raise ValueError(f"vectors have shape {vecs.shape}; expected [n_vectors, d_model={model.config.d_model}]")
-    layer_list = [int(L) for L in np.broadcast_to(np.asarray(layers), (len(vecs),))]
-    masks = np.stack([np.asarray(E.layer_mask(model.config, L)) for L in layer_list]) if layer_list else None
-    arrays, window, shared, counts = _encode_pairs(model, pairs)
-    chunk = max(1, int(rows_per_forward) // counts.size)
-    split = min(layer_list, default=0)  # the layers below every vector's run once per batch
-    edit = steering_edit(model, np.zeros(model.config.d_model, np.float32), 0, 1.0)
-    out = []
-    for start in range(0, len(vecs), chunk):
-        part = slice(start, min(start + chunk, len(vecs)))
-        fill = chunk - (part.stop - part.start)
-        v = np.concatenate([vecs[part], np.repeat(vecs[part][-1:], fill, 0)])
-        m = np.concatenate([masks[part], np.repeat(masks[part][-1:], fill, 0)])
-        lp = _logprobs_per_vector(model.params, model.config, arrays, edit, jnp.asarray(v), jnp.asarray(m),
-                                  window=window, shared=shared, split=split)
-        out.append(np.asarray(lp, np.float64)[:part.stop - part.start])
-    lp = np.concatenate(out) if out else np.zeros((0,) + counts.shape)
-    if pairs.per_token:
-        lp = lp / counts
-    return lp[..., 0] - lp[..., 1]
-
-
-def select_layer(model, pairs: ContrastPairs, direction, scales, layers: Sequence[int], select_coef: float) -> dict:
-    """The layer with the largest m(+c) - m(-c) on `pairs` (the selection half), every layer in one batched call."""
-    vecs = [s * select_coef * steering_vector(direction, scales, L) for L in layers for s in (-1, 1)]
-    m = steered_values(model, pairs, vecs, [L for L in layers for _ in (-1, 1)]).mean(1).reshape(len(layers), 2)
-    effect = m[:, 1] - m[:, 0]
-    return {"layers": [int(L) for L in layers], "m_minus": m[:, 0], "m_plus": m[:, 1], "effect": effect,
-            "chosen_layer": int(layers[int(np.argmax(effect))]), "select_coef": select_coef, "n_units": len(pairs)}
-
-
-def steering_curve(model, pairs: ContrastPairs, direction, scales, layer: int, coefs: Sequence[float]) -> np.ndarray:
-    """Mean measure on `pairs` at each coefficient c (c * steering_vector at `layer`): [len(coefs)]."""
-    vecs = [c * steering_vector(direction, scales, layer) for c in coefs]
-    return steered_values(model, pairs, vecs, layer).mean(1)
-
-
-def random_band(model, pairs: ContrastPairs, unit_dirs, layer: int, norm: float, cmax: float) -> dict:
-    """The random-direction control: each unit direction at length `norm` in place of the persona vector at
-    `layer`, at -cmax and +cmax (one batched evaluation of every direction and sign). Returns per-direction effects
-    m(+c) - m(-c), their ends, and with >= MIN_NULL_DRAWS directions the 95% null band."""
-    u = np.asarray(unit_dirs, np.float64)
-    vecs = np.concatenate([-cmax * norm * u, cmax * norm * u])
-    m = steered_values(model, pairs, vecs, layer).mean(1).reshape(2, len(u))
-    effects = m[1] - m[0]
-    return {"n": len(u), "effects": effects.tolist(), "ends": m.T.tolist(),
-            "band": null_band(effects) if len(u) >= MIN_NULL_DRAWS else None, "measure": m.mean(1),
-            "coefs": [-cmax, cmax]}
-
-
 BAND_SKIPPED_INVALID = "the measure failed its validity check"
 BAND_SKIPPED_BY_CONFIG = "the measure is not in band_measures"
 
@@ -434,24 +257,6 @@ def band_or_skip(model, held: ContrastPairs, rand_units, layer: int, norm: float
     if held.name not in cfg.band_measures:
         return skipped_band(cmax, BAND_SKIPPED_BY_CONFIG)
     return random_band(model, held, rand_units, layer, norm, cmax)
-
-
-def perplexity_ratios(model, prompts, answers, vector, layer: int, coefs: Sequence[float], *,
-                      batch_size: int = 16) -> np.ndarray:
-    """Fluency cost per coefficient: exp(NLL of the model's own unsteered answers under c * vector at `layer` minus
-    their NLL unsteered) (`measures.answer_nll`): [len(coefs)], 1 at c = 0."""
-    plain = measures.answer_nll(model, prompts, answers, batch_size=batch_size)
-    nll = [plain if c == 0 else measures.answer_nll(model, prompts, answers, batch_size=batch_size,
-                                                     edits_fn=_steering_fn(model, vector, layer, float(c)))
-           for c in coefs]
-    return np.exp(np.asarray(nll) - plain)
-
-
-def outside_band(effect: float, control: dict) -> bool:
-    """Whether the vector's effect m(+cmax) - m(-cmax) lies above the random directions' 95% band at the same norm
-    and layer (False without a band: a skipped control or fewer than MIN_NULL_DRAWS directions)."""
-    band = control.get("band")
-    return bool(band is not None and np.isfinite(effect) and effect > band["high"])
 
 
 def is_valid(check: dict | None) -> bool:
@@ -765,7 +570,7 @@ def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) 
     for c in cfg.steer_example_coefs:
         out = rollouts.generate_responses(model, [[{"role": "user", "content": q}] for q in questions],
                                           max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                                          batch_size=len(questions), edits_fn=_steering_fn(model, vector, layer, float(c)))
+                                          batch_size=len(questions), edits_fn=steering_fn(model, vector, layer, float(c)))
         examples += [{"coef": float(c), "question": q, "response": o.response} for q, o in zip(questions, out)]
     pair0 = trait.instruction_pairs[0]
     pos_sys, neg_sys = (trait_system_prompt(trait.name, pol, getattr(pair0, pol)) for pol in ("pos", "neg"))
