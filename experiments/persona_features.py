@@ -272,11 +272,10 @@ def training_role_prompts(cfg: Config) -> list[str]:
     except the default assistant and the roles the role contrast samples, so that no prompt the study discovers
     latents with was seen in training."""
     from psm_jax.persona import datasets
-    from psm_jax.persona.prompts import select_roles
+    from psm_jax.persona.prompts import role_play_prompts, select_roles
 
     roles = datasets.load_roles().roles
-    contrast = {r.name for r in select_roles(roles, cfg.n_roles, cfg.seed)}
-    return [instr for r in roles if r.name != "assistant" and r.name not in contrast for instr in r.instructions]
+    return role_play_prompts(roles, exclude=[r.name for r in select_roles(roles, cfg.n_roles, cfg.seed)])
 
 
 def training_corpus(cfg: Config):

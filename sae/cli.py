@@ -312,13 +312,14 @@ def parse_hooks(spec) -> list[tuple[str, int]]:
 
 def system_prompt_list(source: str) -> list[str]:
     """data.system_prompts: "roles" for every instruction of the packaged role set but the default assistant's
-    (`psm_jax.persona.datasets.load_roles`), else a file (`sae.data.corpus.load_system_prompts`)."""
+    (`psm_jax.persona.prompts.role_play_prompts`), else a file (`sae.data.corpus.load_system_prompts`)."""
     from sae.data.corpus import load_system_prompts
 
     if source == "roles":
         from psm_jax.persona.datasets import load_roles
+        from psm_jax.persona.prompts import role_play_prompts
 
-        return [i for r in load_roles().roles if r.name != "assistant" for i in r.instructions]
+        return role_play_prompts(load_roles().roles)
     return load_system_prompts(source)
 
 

@@ -6,7 +6,7 @@ The shipped data (traits, roles, questions, conversations, refusal sets) and the
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -123,6 +123,13 @@ def holdout_system_prompts(trait) -> list[dict]:
     no instruction pair, so every reference answer is scored under them); empty when the trait has none."""
     return [dict(prompt=g.prompt, level=g.level, polarity="pos" if g.level > 0 else "neg", pair=None)
             for g in trait.monitor_holdout]
+
+
+def role_play_prompts(roles, exclude: Collection[str] = ()) -> list[str]:
+    """Every instruction of every role but the default assistant's and those named in `exclude`, in file order:
+    role-play system prompts (e.g. to put an SAE's training conversations in persona contexts)."""
+    skip = {"assistant", *exclude}
+    return [instr for r in roles if r.name not in skip for instr in r.instructions]
 
 
 def select_roles(roles, n: int | None, seed: int) -> list:
