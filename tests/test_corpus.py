@@ -184,8 +184,10 @@ def test_with_system_prompts_errors():
     base = _chats(3)
     with pytest.raises(CorpusError, match="fraction=1.5"):
         with_system_prompts(base, ["x"], 1.5, seed=0)
-    with pytest.raises(CorpusError, match="at least one non-empty system prompt"):
+    with pytest.raises(CorpusError, match="1 system prompt.s. given, 1 of them empty"):
         with_system_prompts(base, [" "], 0.5, seed=0)
+    with pytest.raises(CorpusError, match="0 system prompt.s. given"):
+        with_system_prompts(base, [], 0.5, seed=0)
     text = Corpus(["plain text"], ["0"], CorpusReport(source="t", format="json-array"))
     with pytest.raises(CorpusError, match="plain text"):
         with_system_prompts(text, ["x"], 0.5, seed=0)
@@ -198,7 +200,9 @@ def test_load_system_prompts_from_json_or_lines(tmp_path):
         ["You are a pirate.", "You are a cat."]
     (tmp_path / "bad.json").write_text(json.dumps({"a": 1}))
     (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "broken.json").write_text('["You are a pirate.", ')
     for name, match in (("bad.json", "expected a JSON list of strings"), ("empty.txt", "holds no system prompt"),
+                        ("broken.json", "is not valid JSON"),
                         ("missing.txt", "does not exist")):
         with pytest.raises(CorpusError, match=match):
             load_system_prompts(tmp_path / name)

@@ -439,8 +439,10 @@ def with_system_prompts(corpus: Corpus, prompts, fraction: float, seed: int) -> 
     prompts = [str(p) for p in prompts]
     if not 0.0 <= float(fraction) <= 1.0:
         raise CorpusError(f"fraction={fraction!r}; expected a number in [0, 1]")
-    if fraction > 0 and (not prompts or not all(p.strip() for p in prompts)):
-        raise CorpusError(f"prompts={prompts!r}; expected at least one non-empty system prompt")
+    empty = sum(not p.strip() for p in prompts)
+    if fraction > 0 and (not prompts or empty):
+        raise CorpusError(f"{len(prompts)} system prompt(s) given, {empty} of them empty; expected at least one "
+                          "non-empty system prompt and no empty one")
     if any(isinstance(d, str) for d in corpus.documents):
         raise CorpusError("with_system_prompts needs chat documents (message lists); this corpus holds plain text")
     rng = np.random.default_rng(seed)
@@ -464,7 +466,10 @@ def load_system_prompts(path: str | os.PathLike) -> list[str]:
                           "text file with one prompt per line")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        prompts = json.loads(text)
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CorpusError(f"{str(path)!r} is not valid JSON ({err}); expected a JSON list of strings") from err
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise CorpusError(f"{str(path)!r} holds {type(prompts).__name__}; expected a JSON list of strings")
     else:
