@@ -57,6 +57,11 @@ PERSONA_SOURCE = {
                     "so the persona lives in the in-character assistant turns that the edit acts on.",
     "system": "The persona is set by the conversation's system prompt, which stays unedited in the cache.",
 }
+CONVERSATION_SETS = {
+    "roleplay": "the packaged scripted role-play conversations",
+    "roles": "open role-play conversations built from the packaged role archetypes (the role's first instruction as "
+             "system prompt, user turns drawn from the role questions; only generated histories)",
+}
 HISTORIES = {
     "scripted": "the packaged role-play replies",
     "generated": "the model's own replies, sampled turn by turn under the role-play system prompt (then left out)",
@@ -98,8 +103,10 @@ def right_pad(tokens: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = DEFAULT_MODEL
-    conversations: tuple[str, ...] = ()  # ids from psm_jax/persona/data/conversations/roleplay.json
-    n_conversations: int = 3  # used when `conversations` is empty: the first n
+    conversation_set: str = "roleplay"  # "roleplay" | "roles" (CONVERSATION_SETS)
+    conversations: tuple[str, ...] = ()  # ids of the set: roleplay.json conversations, or role names for "roles"
+    n_conversations: int = 3  # used when `conversations` is empty: the first n (roleplay), n stratified roles (roles)
+    role_turns: int = 4  # user turns of an open role conversation (the scripted ones have 4)
     probes: int = 3  # number of identity probe questions
     samples: int = 6  # sampled answers per probe and condition
     max_new_tokens: int = 32
@@ -127,6 +134,13 @@ class Config:
             raise ValueError(f"persona_source={self.persona_source!r}; expected 'conversation' or 'system'")
         if self.samples < 1 or self.probes < 1:
             raise ValueError(f"samples={self.samples}, probes={self.probes}; expected both >= 1")
+        if self.conversation_set not in CONVERSATION_SETS:
+            raise ValueError(f"conversation_set={self.conversation_set!r}; expected one of {tuple(CONVERSATION_SETS)}")
+        if self.conversation_set == "roles" and "scripted" in self.histories:
+            raise ValueError(f"histories={self.histories!r} with conversation_set='roles'; expected ('generated',): "
+                             "open role conversations have no scripted assistant turns")
+        if self.n_conversations < 1 or self.role_turns < 1:
+            raise ValueError(f"n_conversations={self.n_conversations}, role_turns={self.role_turns}; expected >= 1")
         bad = [h for h in self.histories if h not in HISTORIES]
         if bad or not self.histories:
             raise ValueError(f"histories={self.histories!r}; expected a non-empty subset of {tuple(HISTORIES)}")
@@ -174,7 +188,7 @@ def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_si
 def generated_history(model, conv, cfg: Config, key) -> list[dict]:
     """The conversation's user turns with the model's own in-character replies: each assistant turn is sampled
     under the role-play system prompt and the history so far (so the persona persists in the model's own words).
-    The system prompt is kept in the returned messages; `_history_messages` drops it when the persona comes from
+    The system prompt is kept in the returned messages; `_cached_messages` drops it when the persona comes from
     the conversation only."""
     from psm_jax.persona.rollouts import generate_responses
 
@@ -332,9 +346,14 @@ def _unit_axis(cfg: Config, model) -> np.ndarray:
 
 
 def _select_conversations(cfg: Config) -> list:
-    """The role-play conversations named in `conversations` (in that order), else the first `n_conversations`."""
+    """The role-play conversations named in `conversations` (in that order), else the first `n_conversations`; for
+    the "roles" set, open conversations of those roles, else of `n_conversations` stratified ones."""
     from psm_jax.persona import datasets
+    from psm_jax.persona.prompts import open_role_conversations
 
+    if cfg.conversation_set == "roles":
+        return open_role_conversations(datasets.load_roles(), datasets.load_role_questions(), cfg.n_conversations,
+                                       cfg.role_turns, cfg.seed, names=cfg.conversations)
     convs = datasets.load_conversations("roleplay")
     if not cfg.conversations:
         return convs[:cfg.n_conversations]
@@ -387,12 +406,15 @@ def _study(cfg: Config, model, u_all: np.ndarray) -> _Study:
                   assistant_ids=_answer_ids(model, ASSISTANT_ANSWER))
 
 
-def _history_messages(model, conv, cfg: Config, ci: int, history_kind: str) -> list[dict]:
-    """The messages cached before the probe: scripted or generated assistant turns, with the system prompt only when
-    the persona comes from it."""
-    msgs = (conv.as_dicts() if history_kind == "scripted" else
+def _full_history(model, conv, cfg: Config, ci: int, history_kind: str) -> list[dict]:
+    """The conversation with scripted or generated assistant turns, system prompt included."""
+    return (conv.as_dicts() if history_kind == "scripted" else
             generated_history(model, conv, cfg, jax.random.fold_in(jax.random.key(cfg.seed), ci)))
-    return [m for m in msgs if m["role"] != "system" or cfg.persona_source == "system"]
+
+
+def _cached_messages(full: list[dict], cfg: Config) -> list[dict]:
+    """The messages cached before the probe: the system prompt only when the persona comes from it."""
+    return [m for m in full if m["role"] != "system" or cfg.persona_source == "system"]
 
 
 def _token_counts(hist) -> dict:
@@ -492,19 +514,23 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
     u_all = _unit_axis(cfg, model)
     convs = _select_conversations(cfg)
     st = _study(cfg, model, u_all)
-    rows, samples_shown, shown_histories = [], [], {}
+    rows, samples_shown, shown_histories, capped = [], [], {}, []
     for ci, conv in enumerate(convs):
         persona_ids = _answer_ids(model, f"I am {conv.role.replace('_', ' ')}." if conv.role
                                   else "I am not an assistant.")
+        fulls = {}
         for history_kind in cfg.histories:
-            history = _history_messages(model, conv, cfg, ci, history_kind)
+            fulls[history_kind] = full = _full_history(model, conv, cfg, ci, history_kind)
             if history_kind == "generated":
-                shown_histories[f"{conv.id}/generated"] = [m["content"] for m in history if m["role"] == "assistant"]
-            new_rows, shown = _history_rows(st, conv, ci, history_kind, history, persona_ids, len(rows), progress)
+                shown_histories[f"{conv.id}/generated"] = [m["content"] for m in full if m["role"] == "assistant"]
+            new_rows, shown = _history_rows(st, conv, ci, history_kind, _cached_messages(full, cfg), persona_ids,
+                                            len(rows), progress)
             rows += new_rows
             samples_shown += shown
+        has_script = any(m.role == "assistant" for m in conv.messages)
+        capped.append((conv.id, conv.as_dicts() if has_script else fulls["generated"]))
 
-    control = capping_control(model, convs, u_all, cfg)
+    control = capping_control(model, capped, u_all, cfg)
     return Result(config=cfg, rows=rows, control=control, samples=samples_shown, seconds=time.time() - t0,
                   histories=shown_histories)
 
@@ -565,9 +591,10 @@ def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size:
     return caches, band
 
 
-def capping_control(model, convs, u_all, cfg: Config):
+def capping_control(model, conversations: list[tuple[str, list[dict]]], u_all, cfg: Config):
     """Experiment 1 of the paper: floor the axis projection on assistant tokens only; compare the change
-    in user-token and assistant-token projections at the readout layer."""
+    in user-token and assistant-token projections at the readout layer. `conversations` are (id, messages) pairs,
+    system prompt and assistant turns included."""
     from psm_jax.reductions import percentile
 
     c = model.config
@@ -575,9 +602,8 @@ def capping_control(model, convs, u_all, cfg: Config):
     cap = Capture(sites=("resid_post",), layers=(layer,))
     pad = model.config.pad_token_id or 0
     out = []
-    for conv in convs:
-        enc = encode_chat(model.tokenizer, [{"role": m.role, "content": m.content} for m in conv.messages],
-                          chat_template=model.chat_template)
+    for conv_id, messages in conversations:
+        enc = encode_chat(model.tokenizer, messages, chat_template=model.chat_template)
         n_pad = bucket(len(enc))  # left padding to a bucket: one compilation serves conversations of similar length
         tokens, mask = (jnp.asarray(x[None]) for x in left_pad(enc.tokens, n_pad, pad))
         real = slice(n_pad - len(enc), n_pad)
@@ -596,7 +622,7 @@ def capping_control(model, convs, u_all, cfg: Config):
         edit = E.clamp(c, u_all, layers=list(range(lo, min(hi, layer + 1))), floor=tau, positions=positions,
                        site="resid_post")
         d = projections((edit,)) - base
-        out.append(dict(conversation=conv.id, tau=tau, assistant_shift=float(d[asst].mean()),
+        out.append(dict(conversation=conv_id, tau=tau, assistant_shift=float(d[asst].mean()),
                         user_shift=float(d[user].mean()), user_abs_shift=float(np.abs(d[user]).mean()),
                         user_tokens=int(user.sum()), assistant_tokens=int(asst.sum())))
     return out
@@ -821,9 +847,11 @@ def _target_text(shifts: dict, controls: dict) -> str:
 def _setup_text(result: Result, histories: list[str]) -> str:
     """The Setup section: units, sampling, edit modes and strength kinds, controls and readout of this run."""
     cfg, n_convs = result.config, len({r["conversation"] for r in result.rows})
+    opened = (f"; each role's conversation has {cfg.role_turns} user turn(s) drawn from the role questions (seed "
+              f"{cfg.seed})" if cfg.conversation_set == "roles" else "")
     return f"""
-Model {cfg.model}; {n_convs} role-play conversation(s) x {cfg.probes} identity probe(s) = {n_convs * cfg.probes}
-independent units, each with {len(histories)} history kind(s) ({'; '.join(f'{h}: {HISTORIES[h]}' for h in histories)});
+Model {cfg.model}; {n_convs} role-play conversation(s) ({CONVERSATION_SETS[cfg.conversation_set]}{opened}) x
+{cfg.probes} identity probe(s) = {n_convs * cfg.probes} independent units, each with {len(histories)} history kind(s) ({'; '.join(f'{h}: {HISTORIES[h]}' for h in histories)});
 the histories of a unit are averaged before the bootstrap, and the {cfg.samples} sampled answers per unit and condition
 (temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.max_new_tokens} tokens, seed {cfg.seed}) share one edited cache,
 so they are not independent either. Edits act on the cached assistant-token positions of the

@@ -261,3 +261,45 @@ def test_padded_run_equals_unpadded_with_fewer_compiles(tiny_chat_model, tmp_pat
     assert len(differ) <= sampled // 8, f"{len(differ)} of {sampled} sampled rows differ: {differ}"
     for name in ("decode", "extend", "direct"):
         assert getattr(made[0], name)._cache_size() == 1 < getattr(made[1], name)._cache_size(), name
+
+
+def test_open_role_conversations_draw_roles_and_questions():
+    from psm_jax.persona import datasets
+    from psm_jax.persona.prompts import open_role_conversations, select_roles
+
+    roles, questions = datasets.load_roles(), datasets.load_role_questions()
+    convs = open_role_conversations(roles, questions, 12, 4, seed=3)
+    assert [cv.id for cv in convs] == [r.name for r in select_roles(roles, 12, 3)]
+    assert convs == open_role_conversations(roles, questions, 12, 4, seed=3)  # seeded
+    by_name = {r.name: r for r in roles}
+    for cv in convs:
+        assert cv.role == cv.id and cv.system == by_name[cv.id].instructions[0]
+        users = [m.content for m in cv.messages[1:]]
+        assert [m.role for m in cv.messages[1:]] == ["user"] * 4 and len(set(users)) == 4
+        assert set(users) <= set(questions)
+    assert len({tuple(m.content for m in cv.messages[1:]) for cv in convs}) > 1  # drawn per role, not one list
+    named = open_role_conversations(roles, questions, None, 2, seed=0, names=("dragon", "librarian"))
+    assert [cv.id for cv in named] == ["dragon", "librarian"]
+    with pytest.raises(ValueError, match=r"unknown role names \['assistant'\]"):
+        open_role_conversations(roles, questions, None, 2, seed=0, names=("assistant",))
+    with pytest.raises(ValueError, match="turns=0; expected 1.."):
+        open_role_conversations(roles, questions, 2, 0, seed=0)
+
+
+def test_kv_editing_on_open_role_conversations(tiny_chat_model):
+    """Open role conversations run end to end with generated histories: one unit per (role, probe), the capping
+    control on the generated turns; scripted histories are refused for them."""
+    with pytest.raises(ValueError, match="histories=\\('scripted', 'generated'\\) with conversation_set='roles'"):
+        K.Config(conversation_set="roles")
+    with pytest.raises(ValueError, match="conversation_set='chats'"):
+        K.Config(conversation_set="chats")
+    cfg = K.Config(model="psm-tiny", conversation_set="roles", conversations=("dragon", "librarian"), role_turns=2,
+                   probes=1, samples=2, max_new_tokens=2, strengths=(0.5,), layer_ranges=((0, 2),), readout_layer=1,
+                   histories=("generated",), history_tokens=3, controls=False, axis_roles=2, axis_questions=1)
+    res = K.run(cfg, tiny_chat_model)
+    assert {r["conversation"] for r in res.rows} == {"dragon", "librarian"}
+    assert {r["history"] for r in res.rows} == {"generated"}
+    assert set(res.histories) == {"dragon/generated", "librarian/generated"}
+    assert all(len(turns) == 2 for turns in res.histories.values())
+    assert [r["conversation"] for r in res.control] == ["dragon", "librarian"]
+    assert all(r["assistant_tokens"] > 0 and r["user_tokens"] > 0 for r in res.control)

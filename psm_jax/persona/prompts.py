@@ -132,6 +132,32 @@ def role_play_prompts(roles, exclude: Collection[str] = ()) -> list[str]:
     return [instr for r in roles if r.name not in skip for instr in r.instructions]
 
 
+def open_role_conversations(roles, questions: Sequence[str], n: int | None, turns: int, seed: int,
+                            names: Sequence[str] = ()) -> list:
+    """Role-play conversations with no assistant turns yet, for a study to fill with the model's own in-character
+    replies: per role, its first instruction as the system prompt and `turns` user questions drawn without
+    replacement (seeded per role) from `questions`. The roles are those named in `names` (in that order), else `n`
+    of them by `select_roles`. Each is a `datasets.Conversation` whose `role` is the role's name."""
+    from psm_jax.persona.datasets import Conversation, Message
+
+    if turns < 1 or turns > len(questions):
+        raise ValueError(f"turns={turns}; expected 1..{len(questions)} (the number of questions)")
+    if names:
+        by_name = {r.name: r for r in roles if r.name != "assistant"}
+        missing = [x for x in names if x not in by_name]
+        if missing:
+            raise ValueError(f"unknown role names {missing}; expected packaged roles other than 'assistant'")
+        picked = [by_name[x] for x in names]
+    else:
+        picked = select_roles(roles, n, seed)
+    out = []
+    for i, role in enumerate(picked):
+        drawn = np.random.default_rng((seed, i)).choice(len(questions), size=turns, replace=False)
+        msgs = (Message("system", role.instructions[0]),) + tuple(Message("user", questions[int(q)]) for q in drawn)
+        out.append(Conversation(id=role.name, role=role.name, messages=msgs))
+    return out
+
+
 def select_roles(roles, n: int | None, seed: int) -> list:
     """`n` roles (all if None), never "assistant", stratified over categories (seeded round-robin), file order."""
     pool = [r for r in roles if r.name != "assistant"]
