@@ -15,8 +15,9 @@ layer, n_L the typical per-token residual norm at L (held-out ShareGPT assistant
 * random directions: `n_random` Gaussian unit directions at the same norm s * n_L: the null band;
 * clamp (secondary): encode, set f_i = m * max_act(i), decode, add back the reconstruction error.
 
-All add edits are rows of one batched forward: each row of a batch carries its own vector (`row_add_edit`), so the
-unsteered answers, the latents, the persona vector and the random band are generated and scored together.
+All add edits are rows of one batched forward: each row of a batch carries its own vector
+(`psm_jax.persona.steering.row_add_edit`), so the unsteered answers, the latents, the persona vector and the random
+band are generated and scored together.
 
 Matched norm and perplexity cost: per trait, one strength s, the largest of `strengths` at which both the best
 latent's and the persona vector's perplexity ratio (steered / unsteered, on held-out ShareGPT assistant tokens) is
@@ -40,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.report import Report, jsonable, pyplot
@@ -48,9 +48,10 @@ from experiments.report import fmt_num as _f
 from experiments.sae_source import load_feature_sae
 from psm_jax import edits as E
 from psm_jax.persona import measures, rollouts
-from psm_jax.persona.directions import SITE, random_directions, typical_norms, unit
+from psm_jax.persona.directions import random_directions, typical_norms, unit
 from psm_jax.persona.prompts import system_conv, trait_system_prompt
 from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, paired_effect, zscore
+from psm_jax.persona.steering import const_edits_fn, per_row_steered, perplexity_ratios
 from sae import features as F
 
 MEASURE = "judge-free answer score (per-token log P(answer | positive prompt) - log P(answer | negative prompt))"
@@ -121,31 +122,6 @@ class Result:
 # ------------------------------------------------------------------------------------------- edits
 
 
-def row_add_edit(config, layer: int, vectors) -> E.Add:
-    """h <- h + vectors[b] at resid_post of `layer` for batch row b (vectors [B, D]): one forward steers every row
-    with its own direction (a zero row is the unsteered model)."""
-    v = np.asarray(vectors, np.float32)
-    if v.ndim != 2 or v.shape[1] != config.d_model:
-        raise ValueError(f"vectors have shape {v.shape}; expected [batch, d_model={config.d_model}]")
-    return E.Add(layers=E.layer_mask(config, [layer]), positions=None, vector=jnp.asarray(v[:, None, :]),
-                 coef=jnp.asarray(1.0, jnp.float32), site=SITE, extend=True)
-
-
-def per_row_steered(call, items: Sequence, vectors: np.ndarray, *, model, layer: int, batch_size: int) -> list:
-    """`call(chunk, edits_fn, batch_size)` over chunks of `items`, item i steered by vectors[i] (rows padded like
-    `rollouts.static_batches` pads its last batch); the chunks' outputs concatenated."""
-    if len(items) != len(vectors):
-        raise ValueError(f"{len(items)} items and {len(vectors)} vectors; expected one vector per item")
-    bs = measures.even_batch(len(items), batch_size)
-    out: list = []
-    for start in range(0, len(items), bs):
-        vec = np.asarray(vectors[start:start + bs], np.float32)
-        vec = np.concatenate([vec, np.repeat(vec[-1:], bs - len(vec), axis=0)])
-        edit = row_add_edit(model.config, layer, vec)
-        out.extend(call(list(items[start:start + bs]), lambda batch, e=edit: (e,), bs))
-    return out
-
-
 def clamp_edit(model, sae: F.FeatureSae, latent: int, value: float) -> E.SaeLatent:
     """Encode, set latent `latent` to `value`, decode, add back the reconstruction error (every position)."""
     return E.sae_latent(model.config, latent=int(latent), value=float(value), layers=[sae.layer], mode="clamp",
@@ -163,24 +139,6 @@ def ppl_docs(n: int, seed: int, max_chars: int) -> tuple[list, list]:
     return [c[:-1] for c in convs], [c[-1]["content"] for c in convs]
 
 
-def ppl_ratios(model, layer: int, prompts, answers, vectors: np.ndarray, batch_size: int) -> np.ndarray:
-    """Perplexity ratio (steered / unsteered) of the held-out answers for each steering vector [K, D]: [K]. The
-    ratio is exp(mean NLL steered - mean NLL unsteered), token-weighted over the answers."""
-    n, k = len(prompts), len(vectors)
-    counts = rollouts.answer_token_counts(model, prompts, answers).astype(np.float64)
-    if counts.sum() == 0:
-        raise ValueError("the held-out ShareGPT answers have no content tokens")
-    rows = np.concatenate([np.zeros((1, model.config.d_model), np.float32), np.asarray(vectors, np.float32)])
-    vec = np.repeat(rows, n, axis=0)
-    items = [(p, a) for _ in range(k + 1) for p, a in zip(prompts, answers)]
-    lp = per_row_steered(lambda chunk, ef, bs: rollouts.score_answers(model, [p for p, _ in chunk],
-                                                                      [a for _, a in chunk], batch_size=bs,
-                                                                      edits_fn=ef),
-                         items, vec, model=model, layer=layer, batch_size=batch_size)
-    nll = -np.asarray(lp).reshape(k + 1, n).sum(1) / counts.sum()
-    return np.exp(nll[1:] - nll[0])
-
-
 def common_strength(strengths: Sequence[float], ratios: np.ndarray, max_ratio: float) -> dict:
     """The largest strength at which every compared direction's perplexity ratio (rows of `ratios` [K, S], columns
     in the order of `strengths`) is <= max_ratio; else the smallest strength, with `within_ceiling` False."""
@@ -190,13 +148,6 @@ def common_strength(strengths: Sequence[float], ratios: np.ndarray, max_ratio: f
     ok = np.flatnonzero(np.all(np.isfinite(r) & (r <= max_ratio), axis=0))
     i = int(ok[np.argmax(s[ok])]) if ok.size else int(np.argmin(s))
     return {"strength": float(s[i]), "ppl_ratios": r[:, i].tolist(), "within_ceiling": bool(ok.size)}
-
-
-def const_edits_fn(config, layer: int, vector) -> rollouts.EditsFn:
-    """edits_fn adding one vector to every row, with the same edit structure as `per_row_steered` (one compiled
-    forward serves both)."""
-    v = np.asarray(vector, np.float32)[None]
-    return lambda batch: (row_add_edit(config, layer, np.repeat(v, batch.tokens.shape[0], axis=0)),)
 
 
 def score_answers_by_unit(model, questions: Sequence[str], answers: Sequence[str], systems: tuple[str, str],
@@ -313,7 +264,7 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
     # 1. the perplexity cost over the strength grid, and the strength where the best latent and the vector both stay
     # within the ceiling
     grid = np.stack([u * s * norm for u in named.values() for s in strengths])
-    ratios = ppl_ratios(model, sae.layer, *ppl, grid, cfg.batch_size).reshape(len(named), len(strengths))
+    ratios = perplexity_ratios(model, *ppl, grid, sae.layer, batch_size=cfg.batch_size).reshape(len(named), len(strengths))
     names = list(named)
     pick = common_strength(strengths, ratios[[names.index(best), names.index("persona vector")]], cfg.max_ppl_ratio)
     s_star = pick["strength"]
@@ -340,7 +291,8 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
         edits[name] = {"strength": s_star, "ppl_ratio": float(ratios[k - 1][strengths.index(s_star)]),
                        "ppl_ratios": ratios[k - 1].tolist(), "effect": eff, "band": band, "z": z,
                        "answers": list(answers_by[k]), "empty": int(np.sum(~np.isfinite(scores[k])))}
-    band_ppl = ppl_ratios(model, sae.layer, *ppl, rand_units[:4] * s_star * norm, cfg.batch_size)
+    band_ppl = perplexity_ratios(model, *ppl, rand_units[:4] * s_star * norm, sae.layer,
+                                 batch_size=cfg.batch_size)
     # 4. clamp (secondary): the best latent set to m x its max activation; 5. two-choice items, a band only where
     # their validity check passes
     clamp = _clamp_effects(model, sae, latents[0], max_act, scores[k_valid + 2:], base, ppl, cfg)

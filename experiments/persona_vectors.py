@@ -273,7 +273,7 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
     sweep = select_layer(model, sel, direction, scales, layers, cfg.select_coef)
     best = sweep["chosen_layer"]
     curve = steering_curve(model, held, direction, scales, best, coefs)
-    ppl = perplexity_ratios(model, *fluency, steering_vector(direction, scales, best), best, coefs,
+    ppl = perplexity_ratios(model, *fluency, [c * steering_vector(direction, scales, best) for c in coefs], best,
                             batch_size=cfg.batch_size)
     control = band_or_skip(model, held, rand_units, best, float(scales[best]), cmax, cfg, validity)
     norm = float(np.linalg.norm(np.asarray(direction)[best]))

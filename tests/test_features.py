@@ -423,8 +423,8 @@ def test_table_from_store_matches_direct_encoding():
 
 def test_row_add_edit_matches_one_add_per_row():
     """One forward with a vector per batch row equals one forward per row with that row's `E.add`."""
-    from experiments import feature_steering as fs
     from psm_jax.model import jit_forward
+    from psm_jax.persona.steering import row_add_edit
 
     model = tiny_chat_model()
     cfg = model.config
@@ -432,7 +432,7 @@ def test_row_add_edit_matches_one_add_per_row():
     tokens = rng.integers(0, 1000, size=(3, 7)).astype(np.int32)
     vecs = rng.normal(size=(3, cfg.d_model)).astype(np.float32) * 3
     vecs[1] = 0.0  # a zero row is the unsteered model
-    batched = np.asarray(jit_forward(model.params, cfg, tokens, edits=(fs.row_add_edit(cfg, LAYER, vecs),)).logits)
+    batched = np.asarray(jit_forward(model.params, cfg, tokens, edits=(row_add_edit(cfg, LAYER, vecs),)).logits)
     for b in range(3):
         one = jit_forward(model.params, cfg, tokens[b:b + 1], edits=(E.add(cfg, vecs[b], layers=[LAYER]),)).logits
         np.testing.assert_allclose(batched[b], np.asarray(one)[0], atol=1e-4)
@@ -440,7 +440,7 @@ def test_row_add_edit_matches_one_add_per_row():
     np.testing.assert_allclose(batched[1], plain, atol=1e-4)
     assert np.abs(batched[0] - np.asarray(jit_forward(model.params, cfg, tokens[:1]).logits)[0]).max() > 1e-3
     with pytest.raises(ValueError, match="expected \\[batch, d_model=16\\]"):
-        fs.row_add_edit(cfg, LAYER, vecs[0])
+        row_add_edit(cfg, LAYER, vecs[0])
 
 
 def test_choose_strength_band_and_z_on_a_planted_null():

@@ -110,3 +110,21 @@ def test_random_band_is_the_per_direction_loop(model):
     np.testing.assert_allclose(ctl["effects"], np.diff(loop, axis=1)[:, 0], atol=1e-5)
     assert ctl["n"] == 20 and ctl["band"]["n"] == 20 and ctl["coefs"] == [-3.0, 3.0]
     assert St.random_band(model, St.item_pairs(ITEMS), units[:3], 1, norm=2.0, cmax=3.0)["band"] is None
+
+
+def test_perplexity_ratios_equal_the_per_vector_nll(model):
+    """Every (vector, answer) pair as one batch row gives the ratio that `measures.answer_nll` gives with the vector
+    added to a whole batch; a zero vector is 1 exactly; a mis-shaped vector is refused."""
+    from psm_jax.persona import measures
+
+    prompts = [[{"role": "user", "content": q}] for q in RQ]
+    v = np.random.default_rng(1).normal(size=16) * 4
+    got = St.perplexity_ratios(model, prompts, RPOS, [0 * v, v, -2 * v], 1, batch_size=4)
+    plain = measures.answer_nll(model, prompts, RPOS, batch_size=4)
+    want = [np.exp(measures.answer_nll(model, prompts, RPOS, batch_size=4,
+                                       edits_fn=St.steering_fn(model, v, 1, c)) - plain) for c in (1.0, -2.0)]
+    assert got[0] == 1.0
+    np.testing.assert_allclose(got[1:], want, rtol=1e-5)
+    assert abs(got[1] - 1) > 1e-3 and abs(got[2] - got[1]) > 1e-3  # the steering moves the answers' likelihood
+    with pytest.raises(ValueError, match="d_model=16"):
+        St.perplexity_ratios(model, prompts, RPOS, v, 1)

@@ -1,6 +1,7 @@
 """Steering along a direction and reading a behavioural measure under it: the edit, the per-vector measures, and
-the batched path that evaluates one tokenised text under many steering vectors at once (layer selection,
-coefficient sweeps, the random-direction band, the perplexity cost of each coefficient).
+the batched paths over many steering vectors: one tokenised text under many vectors at once (layer selection,
+coefficient sweeps, the random-direction band), and a batch whose rows each carry their own vector (the perplexity
+cost of each vector; steered generation).
 
 Coefficients are in units of `scales[layer]` (`steering_vector`), so a sweep reads the same at every layer. A
 steering vector is added at resid_post of one layer, at every position. Pure functions over a model and arrays."""
@@ -199,15 +200,61 @@ def random_band(model, pairs: ContrastPairs, unit_dirs, layer: int, norm: float,
 
 
 
-def perplexity_ratios(model, prompts, answers, vector, layer: int, coefs: Sequence[float], *,
-                      batch_size: int = 16) -> np.ndarray:
-    """Fluency cost per coefficient: exp(NLL of the model's own unsteered answers under c * vector at `layer` minus
-    their NLL unsteered) (`measures.answer_nll`): [len(coefs)], 1 at c = 0."""
-    plain = measures.answer_nll(model, prompts, answers, batch_size=batch_size)
-    nll = [plain if c == 0 else measures.answer_nll(model, prompts, answers, batch_size=batch_size,
-                                                     edits_fn=steering_fn(model, vector, layer, float(c)))
-           for c in coefs]
-    return np.exp(np.asarray(nll) - plain)
+def row_add_edit(config, layer: int, vectors) -> E.Add:
+    """h <- h + vectors[b] at resid_post of `layer` for batch row b (vectors [B, D]): one forward steers every row
+    with its own direction (a zero row is the unsteered model)."""
+    v = np.asarray(vectors, np.float32)
+    if v.ndim != 2 or v.shape[1] != config.d_model:
+        raise ValueError(f"vectors have shape {v.shape}; expected [batch, d_model={config.d_model}]")
+    return E.Add(layers=E.layer_mask(config, [layer]), positions=None, vector=jnp.asarray(v[:, None, :]),
+                 coef=jnp.asarray(1.0, jnp.float32), site=SITE, extend=True)
+
+
+def const_edits_fn(config, layer: int, vector) -> rollouts.EditsFn:
+    """edits_fn adding one vector to every row, with the same edit structure as `per_row_steered` (one compiled
+    forward serves both)."""
+    v = np.asarray(vector, np.float32)[None]
+    return lambda batch: (row_add_edit(config, layer, np.repeat(v, batch.tokens.shape[0], axis=0)),)
+
+
+def per_row_steered(call, items: Sequence, vectors: np.ndarray, *, model, layer: int, batch_size: int) -> list:
+    """`call(chunk, edits_fn, batch_size)` over chunks of `items`, item i steered by vectors[i] (rows padded like
+    `rollouts.static_batches` pads its last batch); the chunks' outputs concatenated."""
+    if len(items) != len(vectors):
+        raise ValueError(f"{len(items)} items and {len(vectors)} vectors; expected one vector per item")
+    bs = measures.even_batch(len(items), batch_size)
+    out: list = []
+    for start in range(0, len(items), bs):
+        vec = np.asarray(vectors[start:start + bs], np.float32)
+        vec = np.concatenate([vec, np.repeat(vec[-1:], bs - len(vec), axis=0)])
+        edit = row_add_edit(model.config, layer, vec)
+        out.extend(call(list(items[start:start + bs]), lambda batch, e=edit: (e,), bs))
+    return out
+
+
+def perplexity_ratios(model, prompts, answers, vectors, layer: int, *, batch_size: int = 16) -> np.ndarray:
+    """The fluency cost of each steering vector [K, D] at `layer`: exp(mean NLL of `answers` steered minus unsteered),
+    token-weighted over the answers (`prompts` end with the user turn each answer replies to): [K]. Every (vector,
+    answer) pair is one row of a batched forward (`per_row_steered`); a zero vector is the unsteered model, whose
+    ratio is 1 by definition and is not recomputed."""
+    vecs = np.asarray(vectors, np.float32)
+    if vecs.ndim != 2 or vecs.shape[1] != model.config.d_model:
+        raise ValueError(f"vectors have shape {vecs.shape}; expected [n_vectors, d_model={model.config.d_model}]")
+    counts = rollouts.answer_token_counts(model, prompts, answers).astype(np.float64)
+    if counts.sum() == 0:
+        raise ValueError("perplexity_ratios: the answers have no content tokens")
+    steered = np.flatnonzero(np.any(vecs != 0, axis=1))
+    rows = np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs[steered]])
+    n = len(prompts)
+    items = [(p, a) for _ in range(len(rows)) for p, a in zip(prompts, answers)]
+    lp = per_row_steered(lambda chunk, ef, bs: rollouts.score_answers(model, [p for p, _ in chunk],
+                                                                      [a for _, a in chunk], batch_size=bs,
+                                                                      edits_fn=ef),
+                         items, np.repeat(rows, n, axis=0), model=model, layer=layer, batch_size=batch_size)
+    nll = -np.asarray(lp, np.float64).reshape(len(rows), n).sum(1) / counts.sum()
+    out = np.ones(len(vecs))
+    out[steered] = np.exp(nll[1:] - nll[0])
+    return out
 
 
 def outside_band(effect: float, control: dict) -> bool:
