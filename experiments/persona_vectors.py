@@ -102,16 +102,17 @@ import numpy as np
 
 from experiments.report import load_vectors
 from psm_jax.persona import measures, rollouts
-from psm_jax.persona.directions import (SITE, cosine, mean_difference, orthogonal_component, project,
-                                        random_directions, split_half_cosine, typical_norms, unit)
+from psm_jax.persona.directions import (SITE, cosine, mean_difference, project, random_directions, split_half_cosine,
+                                        typical_norms)
 from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
 from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
                                      response_slots, split_items, system_conv, trait_system_prompt)
-from psm_jax.persona.stats import (MIN_NULL_DRAWS, attenuation_ceiling, centre_within_groups, cohens_d, monotonic,
-                                   pearson, within_groups_null, within_groups_r, within_groups_reliability, zscore)
+from psm_jax.persona.specificity import MIN_Z, cross_effects, specific_part, specificity_scores, symmetric_effects
+from psm_jax.persona.stats import (attenuation_ceiling, centre_within_groups, cohens_d, monotonic, pearson,
+                                   within_groups_null, within_groups_r, within_groups_reliability)
 from psm_jax.persona.steering import (ContrastPairs, answer_pairs, behaviour_measure, item_pairs, outside_band,
-                                      perplexity_ratios, random_band, response_measure, select_layer, steered_values,
-                                      steering_curve, steering_fn, steering_vector)
+                                      perplexity_ratios, random_band, response_measure, select_layer, steering_curve,
+                                      steering_fn, steering_vector)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
 LAYER_INDEXING = ("vector[i] lives at resid_post of block i (the output of block i) = HF hidden_states[i+1]; "
@@ -882,97 +883,47 @@ def _steering_layer(r: dict) -> int:
     return int(r[keys[-1] if name is None else keys[0]]["layer"])
 
 
-def symmetric_effects(model, pairs: ContrastPairs, vectors, layer: int) -> np.ndarray:
-    """The steering effect m(+v) - m(-v) of each vector at `layer` on `pairs` (mean over units): [n_vectors].
-
-    The antisymmetric contrast keeps the odd-order part of the measure's response to a vector and cancels its
-    even-order part, the response that any perturbation of that norm causes whatever its sign (a generic
-    "perturbed model" shift that random directions at matched norm show too). It is the statistic of the steering
-    curve's random band (`random_band`)."""
-    vecs = np.asarray(vectors, np.float64)
-    vals = steered_values(model, pairs, np.concatenate([vecs, -vecs]), layer).mean(1)
-    return vals[:len(vecs)] - vals[len(vecs):]
-
-
 MIN_SPECIFICITY_TRAITS = 2  # specificity compares a trait's effect with its effect on the others
 
 
+def _steering_vector_of(r: dict, coef: float) -> np.ndarray:
+    """Trait r's vector as it is steered across traits: coef steering units of its response-average direction at
+    `_steering_layer`."""
+    return coef * steering_vector(r["vectors"]["response_avg"], r["scales"], _steering_layer(r))
+
+
 def specificity_cells(model, results: list[dict], coef: float) -> dict:
-    """Steer with trait i's vector (coef x its steering unit at its layer) and with its random unit directions at
-    the same norm and layer; measure trait j on its valid measure's held-out units. Each value is the symmetric
-    steering effect m(+coef) - m(-coef) (`symmetric_effects`), so that a cell reads what the vector does along its
-    sign, not the shift that any perturbation of its norm causes. Returns the cells [T, T], the random directions'
-    effects [T, T, n_random] (NaN rows where trait j has no valid measure), and the measures used."""
-    T = len(results)
+    """Steer with trait i's vector (`_steering_vector_of`) and with its random unit directions at the same norm and
+    layer; measure trait j on its valid measure's held-out units (`specificity.cross_effects`: symmetric effects
+    m(+coef) - m(-coef)). Returns the cells [T, T], the random directions' effects [T, T, n_random] (NaN rows where
+    trait j has no valid measure), and the measures used."""
     measure = [primary_measure(r) for r in results]
-    n_rand = len(results[0]["random_units"]) if results else 0
-    cells, band = np.full((T, T), np.nan), np.full((T, T, n_rand), np.nan)
-    for i, src in enumerate(results):
-        layer = _steering_layer(src)
-        vec = coef * steering_vector(src["vectors"]["response_avg"], src["scales"], layer)
-        rand = np.asarray(src["random_units"], np.float64) * np.linalg.norm(vec)
-        for j, tgt in enumerate(results):
-            if measure[j] is None:
-                continue
-            effects = symmetric_effects(model, tgt["held_out_pairs"][measure[j]], np.concatenate([vec[None], rand]),
-                                        layer)
-            cells[i, j], band[i, j] = effects[0], effects[1:]
+    layers = [_steering_layer(r) for r in results]
+    targets = [r["held_out_pairs"][m] if m is not None else None for r, m in zip(results, measure)]
+    cells, band = cross_effects(model, [_steering_vector_of(r, coef) for r in results], layers,
+                                [r["random_units"] for r in results], targets)
     return {"traits": [r["trait"] for r in results], "measure": measure, "cells": cells, "random": band,
-            "layers": [_steering_layer(r) for r in results], "coef": coef}
-
-
-def specificity_scores(cells, random, valid) -> dict:
-    """Each cell as a z-score against its own random band (`stats.zscore`; NaN where the target measure is not
-    valid or the band has < MIN_NULL_DRAWS draws), and per steered trait i: the diagonal z, the largest off-diagonal
-    |z| over valid targets, and `pass` = diagonal z > 3 and every off-diagonal |z| below the diagonal."""
-    cells, random = np.asarray(cells, np.float64), np.asarray(random, np.float64)
-    valid = np.asarray(valid, bool)
-    T = cells.shape[0]
-    if cells.shape != (T, T) or random.shape[:2] != (T, T) or valid.shape != (T,):
-        raise ValueError(f"cells {cells.shape}, random {random.shape}, valid {valid.shape}; expected [T, T], "
-                         "[T, T, n_random] and [T]")
-    z = np.full((T, T), np.nan)
-    if random.shape[2] >= MIN_NULL_DRAWS:
-        for i in range(T):
-            for j in np.flatnonzero(valid):
-                z[i, j] = zscore(cells[i, j], random[i, j])
-    rows = []
-    for i in range(T):
-        off = [abs(z[i, j]) for j in range(T) if j != i and np.isfinite(z[i, j])]
-        diag = float(z[i, i])
-        max_off = max(off) if off else None
-        ok = bool(np.isfinite(diag) and diag > SPECIFICITY_MIN_Z and (max_off is None or max_off < diag))
-        rows.append({"diag_z": diag, "offdiag_max_abs_z": max_off, "n_offdiag": len(off), "pass": ok,
-                     "valid": bool(valid[i])})
-    return {"z": z, "per_trait": rows}
-
-
-SPECIFICITY_MIN_Z = 3.0
+            "layers": layers, "coef": coef}
 
 
 def specificity_matrix(model, results: list[dict], coef: float) -> dict:
-    """The specificity matrix: raw cells, random bands and z-scores (see `specificity_cells`, `specificity_scores`)."""
+    """The specificity matrix: raw cells, random bands and z-scores (see `specificity_cells`,
+    `specificity.specificity_scores`)."""
     cells = specificity_cells(model, results, coef)
     valid = [m is not None for m in cells["measure"]]
     return {**cells, **specificity_scores(cells["cells"], cells["random"], valid), "valid": valid,
-            "n_random": int(np.asarray(cells["random"]).shape[2]), "min_z": SPECIFICITY_MIN_Z}
+            "n_random": int(np.asarray(cells["random"]).shape[2]), "min_z": MIN_Z}
 
 
 def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.ndarray | None, float]:
     """Trait i's steering vector without the part it shares with the other traits' vectors: the component of its
     response-average direction at its steering layer orthogonal to the other traits' response-average directions at
-    that layer (`directions.orthogonal_component`), rescaled to the whole vector's norm (coef steering units), so
-    that it meets the same random band. Returns (vector or None where nothing is left, the fraction of the
-    direction's length the component keeps)."""
+    that layer, at the whole vector's norm (`specificity.specific_part`). Returns (vector or None where nothing is
+    left, the fraction of the direction's length the component keeps)."""
     layer = _steering_layer(results[i])
     own = np.asarray(results[i]["vectors"]["response_avg"], np.float64)[layer]
     others = [np.asarray(r["vectors"]["response_avg"], np.float64)[layer] for j, r in enumerate(results) if j != i]
-    part = orthogonal_component(own, np.stack(others) if others else np.zeros((0, own.shape[0])))
-    kept = float(np.linalg.norm(part) / max(np.linalg.norm(own), 1e-30))
-    if kept < 1e-6:
-        return None, kept
-    whole = coef * steering_vector(results[i]["vectors"]["response_avg"], results[i]["scales"], layer)
-    return unit(part) * np.linalg.norm(whole), kept
+    return specific_part(own, others, float(np.linalg.norm(_steering_vector_of(results[i], coef))))
 
 
 def trait_specific_matrix(model, results: list[dict], whole: dict) -> dict:

@@ -243,39 +243,6 @@ def test_records_carry_the_named_fields():
     assert "random directions" in band_line["null"] and band_line["target"] == ">= 2 of the 3 traits run (two thirds)"
 
 
-def test_symmetric_effects_cancel_a_sign_blind_shift(model):
-    """m(+v) - m(-v): zero for the zero vector, antisymmetric in v, and equal to the two one-sided measures' gap."""
-    pairs = pv.item_pairs(ITEMS)
-    v = np.random.default_rng(5).normal(size=(2, model.config.d_model)) * 3.0
-    eff = pv.symmetric_effects(model, pairs, np.concatenate([v, -v, np.zeros((1, model.config.d_model))]), 1)
-    np.testing.assert_allclose(eff[:2], -eff[2:4], atol=1e-5)
-    assert eff[4] == pytest.approx(0.0, abs=1e-6) and np.all(np.abs(eff[:2]) > 1e-4)
-    one_sided = pv.steered_values(model, pairs, np.concatenate([v[:1], -v[:1]]), 1).mean(1)
-    assert eff[0] == pytest.approx(one_sided[0] - one_sided[1], abs=1e-5)
-
-
-def test_specificity_z_against_a_planted_band():
-    """Each cell is a z-score against its own random band; a column whose measure is not valid stays NaN and is
-    not counted; pass needs diagonal z > 3 and every off-diagonal |z| below it."""
-    rng = np.random.default_rng(0)
-    band = rng.normal(size=(3, 3, 20))
-    band = (band - band.mean(-1, keepdims=True)) / band.std(-1, ddof=1, keepdims=True) * 0.5 + 1.0  # mean 1, sd 0.5
-    cells = np.array([[4.0, 1.5, 9.0], [1.0, 1.25, 0.0], [0.0, 0.0, 3.0]])
-    out = pv.specificity_scores(cells, band, [True, True, False])
-    np.testing.assert_allclose(out["z"][:, :2], [[6.0, 1.0], [0.0, 0.5], [-2.0, -2.0]], atol=1e-9)
-    assert np.isnan(out["z"][:, 2]).all()
-    p = out["per_trait"]
-    assert p[0]["pass"] and p[0]["diag_z"] == pytest.approx(6.0) and p[0]["offdiag_max_abs_z"] == pytest.approx(1.0)
-    assert not p[1]["pass"]  # diagonal z 0.5 <= 3
-    assert p[2]["n_offdiag"] == 2 and not p[2]["pass"] and not p[2]["valid"]
-    dominated = pv.specificity_scores([[4.0, 9.0], [0.0, 4.0]], band[:2, :2], [True, True])["per_trait"][0]
-    assert dominated["diag_z"] > 3 and not dominated["pass"]  # an off-target effect larger than the target's
-    few = pv.specificity_scores(cells, band[..., :5], [True, True, True])
-    assert np.isnan(few["z"]).all() and not any(x["pass"] for x in few["per_trait"])
-    with pytest.raises(ValueError, match="expected"):
-        pv.specificity_scores(cells, band[:2], [True, True, True])
-
-
 def test_specificity_cells_skip_targets_without_a_valid_measure(model):
     """Trait j's column uses its valid measure's held-out units; a trait with no valid measure gets NaN cells; a cell
     and each random value are the symmetric effect m(+c) - m(-c)."""
