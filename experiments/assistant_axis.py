@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -87,6 +87,7 @@ class Config:
     adherence_min: float = 0.0  # keep responses with adherence score > this (nats per token, role vs Assistant)
     adherence_check_roles: int = 16  # roles whose responses are compared with default answers (the validity check)
     human_categories: tuple[str, ...] = ("profession", "social", "emotional")  # the human-archetype subset
+    role_categories: tuple[str, ...] = ()  # the role set: roles of these categories only (empty: every category)
     drift_sharegpt: int = 12  # ShareGPT conversations for the drift curve (0 = skip)
     drift_max_messages: int = 12
     drift_max_chars: int = 4000
@@ -453,12 +454,23 @@ class _Prompts(NamedTuple):
     dconvs: list  # default-prompt conversations, in (prompt, question, sample) order
 
 
+def _role_pool(roleset, categories: Sequence[str]) -> list:
+    """The roles of `categories` (every role when empty), in file order; an unknown category is an error."""
+    if not categories:
+        return list(roleset.roles)
+    known = sorted({r.category for r in roleset.roles} - {"assistant"})
+    unknown = [c for c in categories if c not in known]
+    if unknown:
+        raise ValueError(f"role_categories={tuple(categories)!r}: unknown {unknown}; expected some of {known}")
+    return [r for r in roleset.roles if r.category in categories]
+
+
 def _prompts(cfg: Config) -> _Prompts:
     """The roles, questions and conversations of the run (the default prompts get the roles' questions)."""
     from psm_jax.persona import datasets
 
     roleset = datasets.load_roles()
-    roles = select_roles(roleset.roles, cfg.n_roles, cfg.seed)
+    roles = select_roles(_role_pool(roleset, cfg.role_categories), cfg.n_roles, cfg.seed)
     questions = sample_questions(datasets.load_role_questions(), cfg.n_questions, cfg.seed)
     defaults = datasets.load_default_prompts(cfg.model_display_name)
     role_objs = list(roles) + ([roleset["assistant"]] if cfg.include_assistant_role and "assistant" in roleset else [])
@@ -744,6 +756,11 @@ Sample size against the paper's (275 roles x 5 instructions x 240 questions, 512
 """
 
 
+def _role_set_label(cfg: Config) -> str:
+    """How the report names the run's whole role set."""
+    return "All roles" if not cfg.role_categories else f"All roles of {', '.join(cfg.role_categories)}"
+
+
 def _component_sections(rep, res: AxisResult) -> None:
     """The persona space at the target layer, which PC carries the Assistant (all roles and the human
     archetypes, with bootstrap intervals over roles), against the target."""
@@ -767,7 +784,7 @@ def _component_sections(rep, res: AxisResult) -> None:
     rep.section("The Assistant's component against the target", f"""
 |axis| in the span of the top 3 PCs: {space['top3_cosine']:.3f} of its length.
 
-- {carrier_text("All roles", m["carrier_all"])}
+- {carrier_text(_role_set_label(cfg), m["carrier_all"])}
 - {human_txt}
 {'' if ci[0] else f"No bootstrap intervals for the whole set: fewer than {MIN_BOOTSTRAP_ROLES} roles."}""")
     if "human_percentile_by_pc" in m:
@@ -848,19 +865,22 @@ def records(res: AxisResult) -> list[dict]:
     each with its interval over roles and its null."""
     m, cfg = res.metrics, res.config
     ref = f"{cfg.model}; {m['n_roles']} roles, layer {m['target_layer']}, seed {cfg.seed}"
+    restricted = "+".join(cfg.role_categories)  # a run over some categories keys its lines by them
     out = [dict(metric="persona_space_pcs_for_70pct", value=int(m["persona_space_pcs_for_70pct"]), unit="PCs",
                 reference=ref + "; Lu et al. 2026: 4 / 8 / 19 (Gemma 2 27B / Qwen 3 32B / Llama 3.3 70B; 275 roles)",
                 target=None, n_roles=m["n_roles"], layer=m["target_layer"], model=cfg.model,
-                null="none: descriptive (compared with the papers' counts)")]
-    sets = [("all", "", m["default_percentile_by_pc"], m["axis_cosine_by_pc"],
-             m.get("default_percentile_ci_by_pc"), m.get("axis_abs_cosine_ci_by_pc"), m["n_roles"])]
-    if "human_percentile_by_pc" in m:
-        sets.append(("human", "human/", m["human_percentile_by_pc"], m["human_cosine_by_pc"],
+                null="none: descriptive (compared with the papers' counts)",
+                **({"key": restricted, "role_set": restricted} if restricted else {}))]
+    sets = [("all", restricted or "all", f"{restricted}/" if restricted else "", m["default_percentile_by_pc"],
+             m["axis_cosine_by_pc"], m.get("default_percentile_ci_by_pc"), m.get("axis_abs_cosine_ci_by_pc"),
+             m["n_roles"])]
+    if "human_percentile_by_pc" in m and not restricted:
+        sets.append(("human", "human", "human/", m["human_percentile_by_pc"], m["human_cosine_by_pc"],
                      m.get("human_percentile_ci_by_pc"), m.get("human_abs_cosine_ci_by_pc"),
                      m["carrier_human"]["n_roles"]))
     cos_null = random_cosine_band(res.d_model, seed=cfg.seed)
-    for role_set, prefix, pcts, coss, pct_ci, cos_ci, n in sets:
-        carrier = m[f"carrier_{role_set}"]["pc"]
+    for analysis, role_set, prefix, pcts, coss, pct_ci, cos_ci, n in sets:
+        carrier = m[f"carrier_{analysis}"]["pc"]
         for k, (pct, cos) in enumerate(zip(pcts, coss)):
             pc = f"PC{k + 1}"
             extra = dict(pc=pc, key=prefix + pc, role_set=role_set, n_roles=n, carrier=pc == carrier)

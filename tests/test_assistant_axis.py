@@ -1,4 +1,5 @@
 """Assistant Axis computations on tiny inputs and a tiny random chat model (SmolLM2 tokenizer)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -91,6 +92,18 @@ def test_select_roles_stratified_and_deterministic():
     q = AA.sample_questions(datasets.load_role_questions(), 5, seed=3)
     assert q == AA.sample_questions(datasets.load_role_questions(), 5, seed=3) and len(set(q)) == 5
     assert AA.system_conv("", "hi") == [{"role": "user", "content": "hi"}]
+
+
+def test_role_pool_keeps_the_named_categories():
+    from psm_jax.persona import datasets
+
+    roleset = datasets.load_roles()
+    pool = AA._role_pool(roleset, ("mythic", "animal"))
+    assert pool and {r.category for r in pool} == {"mythic", "animal"}
+    assert [r.name for r in pool] == [r.name for r in roleset.roles if r.category in ("mythic", "animal")]
+    assert AA._role_pool(roleset, ()) == list(roleset.roles)
+    with pytest.raises(ValueError, match=r"role_categories=\('mythic', 'elves'\): unknown \['elves'\]"):
+        AA._role_pool(roleset, ("mythic", "elves"))
 
 
 def test_config_errors():
@@ -195,6 +208,11 @@ def test_run_end_to_end_tiny(tiny_chat, tmp_path):
     assert {ln["metric"] for ln in lines} == {"persona_space_pcs_for_70pct", "axis_assistant_pc_percentile",
                                              "axis_assistant_pc_cosine"}
     assert all(ln["null"] for ln in lines)
+    restricted = AA.records(dataclasses.replace(res, config=dataclasses.replace(cfg, role_categories=("mythic",
+                                                                                                         "animal"))))
+    assert [ln["key"] for ln in restricted[:3]] == ["mythic+animal", "mythic+animal/PC1", "mythic+animal/PC1"]
+    assert all(ln["key"].startswith("mythic+animal") and ln.get("role_set") == "mythic+animal" for ln in restricted)
+    assert len(restricted) == 1 + 2 * (R - 1)  # the whole set only: a restricted run's human subset is not recorded
     cos_null = next(ln["null"] for ln in lines if ln["metric"] == "axis_assistant_pc_cosine")
     assert cos_null == f"random directions in 32 dimensions: |cos| below {random_cosine_band(32, seed=0):.3f} in 95%"
     # the adherence filter ran, with its validity check, and the report says what it dropped
