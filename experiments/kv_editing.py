@@ -17,7 +17,10 @@ Assistant only where the projection is already positive. Negative strengths push
 Measures per condition, for N sampled answers per probe with fixed seeds: the fraction of answers that speak as
 an AI assistant (keyword scorer), the per-token identity log-odds of an assistant answer over a persona answer
 (each answer's log-likelihood divided by its length, so answers of different lengths compare fairly), and the
-mean axis projection of the sampled answers' tokens. Controls at the largest strength: the same edit on the
+mean axis projection of the sampled answers' tokens. The identity log-odds carries a validity check: unedited, it
+must read higher (more Assistant) after the same user turns answered by the model as its default Assistant than
+after the persona history (`identity_validity`, paired over units); its shifts are evidence only where it passes.
+Controls at the largest strength: the same edit on the
 user-token positions, and a band of random directions at the axis edit's per-layer displacement (matched norm;
 log-odds only, one compiled body mapped over the directions); capping on assistant tokens only, and how much it
 moves user-token projections compared with assistant ones.
@@ -74,6 +77,7 @@ MATCHED = "direct_matched"
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
 ANSWER_ROOM = 32  # cache slots reserved for a scored identity answer
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
+REFERENCE_STREAM = 1  # folded into a conversation's key for its Assistant reference history (its own samples)
 BUCKET_BASE = 16  # bucket lengths: 16, 24, 32, 48, 64, 96, ... (each at most 1.5x the previous)
 
 
@@ -167,6 +171,10 @@ class Result:
     samples: list[tuple]  # (conversation, history, mode, kind, strength, layers, first answers) for the report
     seconds: float
     histories: dict = dataclasses.field(default_factory=dict)  # "conversation/history" -> assistant turns shown
+    # the identity measure's validity reference: per (conversation, probe), the unedited log-odds after the same user
+    # turns answered by the model as its default Assistant (`_reference_rows`)
+    reference: list = dataclasses.field(default_factory=list)
+    reference_histories: dict = dataclasses.field(default_factory=dict)  # conversation -> the Assistant's turns
 
 
 def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_size: int = 16) -> np.ndarray:
@@ -507,6 +515,31 @@ def _history_rows(st: _Study, conv, ci: int, history_kind: str, history: list[di
     return rows, shown
 
 
+def _reference_rows(st: _Study, conv, ci: int, persona_ids: np.ndarray) -> tuple[list[dict], list[dict]]:
+    """The validity reference of the identity measure for one conversation: its user turns answered by the model with
+    no role prompt (its default Assistant, sampled like a generated history on a key of its own), and per probe the
+    unedited identity log-odds after that history. A valid measure reads a higher (more Assistant) value here than
+    after the persona history. Returns (one row per probe, the reference history)."""
+    from psm_jax.persona.datasets import Conversation
+
+    cfg, model = st.cfg, st.model
+    users = Conversation(conv.id, conv.role, tuple(m for m in conv.messages if m.role == "user"))
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), ci), REFERENCE_STREAM)
+    history = generated_history(model, users, cfg, key)
+    hist, _ = _history_and_probe(model, history, st.probes[0])
+    n_pad = bucket(len(hist))
+    st.runner.set_sizes(n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM), st.eos, st.pad)
+    tokens, mask = left_pad(hist.tokens, n_pad, st.pad)
+    cache = st.runner.prefill(model.params, _repeat(tokens, cfg.samples), _repeat(mask, cfg.samples), ()).cache
+    answers = [right_pad(a, bucket(len(a)), st.pad) for a in (st.assistant_ids, persona_ids)]
+    rows = []
+    for probe in st.probes:
+        inputs = _probe_inputs(model, history, probe, answers, st.pad, cfg.samples)
+        logodds = st.runner.logodds(model.params, cache, inputs.tokens, *inputs.answers, inputs.masks)
+        rows.append(dict(conversation=conv.id, probe=probe, identity_logodds=float(logodds[0])))
+    return rows, history
+
+
 def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Result:
     """Every condition on every (conversation, history, probe), and the capping control. No files."""
     t0 = time.time()
@@ -514,10 +547,15 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
     u_all = _unit_axis(cfg, model)
     convs = _select_conversations(cfg)
     st = _study(cfg, model, u_all)
-    rows, samples_shown, shown_histories, capped = [], [], {}, []
+    rows, samples_shown, shown_histories, capped, reference, reference_histories = [], [], {}, [], [], {}
     for ci, conv in enumerate(convs):
         persona_ids = _answer_ids(model, f"I am {conv.role.replace('_', ' ')}." if conv.role
                                   else "I am not an assistant.")
+        if progress:
+            progress(f"conversation {conv.id}: the Assistant's own replies (the identity measure's validity reference)")
+        ref_rows, ref_history = _reference_rows(st, conv, ci, persona_ids)
+        reference += ref_rows
+        reference_histories[conv.id] = [m["content"] for m in ref_history if m["role"] == "assistant"]
         fulls = {}
         for history_kind in cfg.histories:
             fulls[history_kind] = full = _full_history(model, conv, cfg, ci, history_kind)
@@ -532,7 +570,7 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
 
     control = capping_control(model, capped, u_all, cfg)
     return Result(config=cfg, rows=rows, control=control, samples=samples_shown, seconds=time.time() - t0,
-                  histories=shown_histories)
+                  histories=shown_histories, reference=reference, reference_histories=reference_histories)
 
 
 def matched_positions(assistant: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -710,6 +748,39 @@ def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None)
     return out
 
 
+def identity_validity(rows: list[dict], reference: list[dict], seed: int = 0) -> dict | None:
+    """The identity measure's validity check, paired over (conversation, probe) units: the unedited log-odds after
+    the Assistant's own replies (`reference`) minus after the persona history (the mean over its history kinds),
+    with a 95% bootstrap interval. Valid when the interval lies above 0: the measure reads the persona that the
+    history carries, so its shifts under an edit can be read as moving that persona. None without reference rows."""
+    base: dict = {}
+    for r in rows:
+        if r["mode"] == "none":
+            base.setdefault((r["conversation"], r["probe"]), []).append(r["identity_logodds"])
+    ref = {(r["conversation"], r["probe"]): r["identity_logodds"] for r in reference}
+    units = [u for u in ref if u in base]
+    if not units:
+        return None
+    persona = [float(np.mean(base[u])) for u in units]
+    d = paired_effect([ref[u] for u in units], persona, seed=seed)
+    return dict(effect=d["estimate"], low=d["low"], high=d["high"], n=d["n"], valid=bool(d["low"] > 0),
+                assistant_history_logodds=float(np.mean([ref[u] for u in units])),
+                persona_history_logodds=float(np.mean(persona)))
+
+
+def _validity_text(v: dict | None) -> str:
+    if v is None:
+        return "No validity reference was run."
+    verdict = ("valid: the measure reads the persona the history carries, so the shifts below can be read as moving "
+               "it" if v["valid"] else
+               "NOT valid: the measure does not tell the persona history from the Assistant's own, so the shifts "
+               "below are not evidence about the persona")
+    return (f"Unedited identity log-odds after the conversation's user turns answered by the model as its default "
+            f"Assistant ({v['assistant_history_logodds']:+.3f} per token) minus after the persona history "
+            f"({v['persona_history_logodds']:+.3f}): {v['effect']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}], paired "
+            f"over n={v['n']} conversation x probe units: {verdict}.")
+
+
 def _minus_user(rows: list[dict], user_rows: list[dict], axis_rows: list[dict], seed: int) -> dict:
     """Paired over units: the shift of an axis edit on assistant tokens minus the same edit's on user tokens."""
     on_user, on_asst = _unit_shifts(rows, user_rows), _unit_shifts(rows, axis_rows)
@@ -809,6 +880,19 @@ def _assistant_vs_user_record(v: dict, name: str, d: dict, cfg: Config) -> dict:
                 target="interval above 0 (the persona is carried by the assistant turns)", kind=v["kind"],
                 key=f"{name}/{v['kind']}", ci_low=d["low"], ci_high=d["high"], n=d["n"], ci=[d["low"], d["high"]],
                 null="0: assistant and user tokens carry the identity alike")
+
+
+def _validity_record(v: dict, cfg: Config) -> dict:
+    return dict(metric="kv_edit_identity_validity", value=round(v["effect"], 4),
+                unit="nats per token (unedited identity log-odds: Assistant history minus persona history)",
+                reference=f"the conversations' user turns answered by the model as its default Assistant vs the "
+                          f"persona histories ({','.join(cfg.histories)}; {cfg.conversation_set} set), paired over "
+                          f"n={v['n']} conversation x probe units; {v['assistant_history_logodds']:+.4f} vs "
+                          f"{v['persona_history_logodds']:+.4f}; model {cfg.model}, seed {cfg.seed}",
+                target="interval above 0 (the measure reads the persona the history carries)", valid=v["valid"],
+                key=cfg.conversation_set,
+                n=v["n"], ci=[v["low"], v["high"]], ci_of="the paired difference",
+                null="0: the measure does not tell the persona history from the Assistant's own")
 
 
 def _target_text(shifts: dict, controls: dict) -> str:
@@ -918,6 +1002,8 @@ def report(result: Result, folder) -> Path:
     rep.figure("kv_edit_effects", _effects_figure(plt, agg),
                "Identity log-odds and answer projection vs edit strength.")
     shifts, controls = identity_shifts(rows, cfg.seed), control_shifts(rows, cfg.seed)
+    validity = identity_validity(rows, result.reference, cfg.seed)
+    rep.section("Validity of the identity measure", _validity_text(validity))
     rep.table("Identity log-odds shift at the largest strength (95% bootstrap interval over units)",
               list(shifts.values()))
     if controls:
@@ -931,17 +1017,25 @@ def report(result: Result, folder) -> Path:
     if result.histories:
         rep.section("Generated histories (the model's own in-character turns, first 160 characters each)",
                     _histories_text(result.histories))
-    for name, value in (("kv_edit_identity_shift", shifts), ("kv_edit_control_shift", controls), ("rows", rows),
+    if result.reference_histories:
+        rep.section("The Assistant's own replies (the validity reference, first 160 characters each)",
+                    _histories_text(result.reference_histories))
+    for name, value in (("kv_edit_identity_shift", shifts), ("kv_edit_control_shift", controls),
+                        ("identity_validity", validity), ("rows", rows), ("reference", result.reference),
                         ("control", result.control), ("generated_histories", result.histories),
-                        ("seconds", result.seconds)):
+                        ("reference_histories", result.reference_histories), ("seconds", result.seconds)):
         rep.metric(name, value)
     return rep.finish()
 
 
 def records(result: Result) -> list[dict]:
-    """Per (mode, kind) the identity shift's interval low; per (control, kind) the control's interval."""
+    """The identity measure's validity check; per (mode, kind) the identity shift's interval low (with whether the
+    measure passed its check); per (control, kind) the control's interval."""
     cfg = result.config
     out = []
+    validity = identity_validity(result.rows, result.reference, cfg.seed)
+    if validity is not None:
+        out.append(_validity_record(validity, cfg))
     controls = control_shifts(result.rows, cfg.seed)
     for key, v in identity_shifts(result.rows, cfg.seed).items():
         out.append(dict(metric="kv_edit_identity_shift_ci_low", value=round(v["ci_low"], 4),
@@ -952,6 +1046,7 @@ def records(result: Result) -> list[dict]:
                                   f"{cfg.seed}; shift {v['logodds_shift']:+.4f} [{v['ci_low']:+.4f}, "
                                   f"{v['ci_high']:+.4f}]",
                         target="> 0 (toward the Assistant)", mode=v["mode"], kind=v["kind"], key=key,
+                        measure_valid=None if validity is None else validity["valid"],
                         ci=[v["ci_low"], v["ci_high"]], ci_of="the shift", null=_edit_null_text(v, controls)))
     for key, v in controls.items():
         band = (f"; band of {v['n_directions']} directions [{v['band_low']:+.4f}, {v['band_high']:+.4f}]"

@@ -47,10 +47,14 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert all(len(r["band_logodds"]) == cfg.n_random and len(set(r["band_logodds"])) > 1 for r in band_rows)
     lines = out["records"]
     user_lines = ["kv_edit_control_shift_ci"] + ["kv_edit_assistant_minus_user_shift"] * 2
-    assert [ln["metric"] for ln in lines] == (["kv_edit_identity_shift_ci_low"] * 4 + user_lines * 2
-                                              + ["kv_edit_control_shift_ci"] * 2)
-    assert [ln["key"] for ln in lines if ln["metric"] != "kv_edit_assistant_minus_user_shift"] == \
+    assert [ln["metric"] for ln in lines] == (["kv_edit_identity_validity"] + ["kv_edit_identity_shift_ci_low"] * 4
+                                              + user_lines * 2 + ["kv_edit_control_shift_ci"] * 2)
+    assert [ln["key"] for ln in lines[1:] if ln["metric"] != "kv_edit_assistant_minus_user_shift"] == \
         list(shifts) + list(controls)
+    validity = m["identity_validity"]
+    assert lines[0]["valid"] == validity["valid"] and lines[0]["n"] == 2 and lines[0]["key"] == "roleplay"
+    assert all(ln["measure_valid"] == validity["valid"] for ln in lines if ln["metric"].endswith("shift_ci_low"))
+    assert "Validity of the identity measure" in report and len(m["reference"]) == 2
     user = controls["control_user/norm"]
     pairs = user["assistant_minus_user"]
     assert pairs["all_tokens"]["estimate"] == pytest.approx(shifts["direct/norm"]["logodds_shift"]
@@ -303,3 +307,32 @@ def test_kv_editing_on_open_role_conversations(tiny_chat_model):
     assert all(len(turns) == 2 for turns in res.histories.values())
     assert [r["conversation"] for r in res.control] == ["dragon", "librarian"]
     assert all(r["assistant_tokens"] > 0 and r["user_tokens"] > 0 for r in res.control)
+    # the validity reference: the same user turns answered as the default Assistant, one row per (role, probe)
+    assert [(r["conversation"], r["probe"]) for r in res.reference] == [(c, res.rows[0]["probe"])
+                                                                         for c in ("dragon", "librarian")]
+    assert set(res.reference_histories) == {"dragon", "librarian"}
+    assert res.reference_histories["dragon"] != res.histories["dragon/generated"]
+    v = K.identity_validity(res.rows, res.reference)
+    base = {r["conversation"]: r["identity_logodds"] for r in res.rows if r["mode"] == "none"}
+    want = np.mean([r["identity_logodds"] - base[r["conversation"]] for r in res.reference])
+    assert v["n"] == 2 and v["effect"] == pytest.approx(want)
+
+
+def test_identity_validity_on_planted_rows():
+    """Paired over (conversation, probe) units, the persona side averaged over its history kinds; valid only when
+    the interval lies above 0; no reference, no check."""
+    rows, reference = [], []
+    rng = np.random.default_rng(0)
+    for c in range(6):
+        for p in ("Who are you?", "What are you?"):
+            persona = rng.normal()
+            rows += [dict(conversation=f"c{c}", probe=p, history=h, mode="none", identity_logodds=persona + d)
+                     for h, d in (("scripted", -0.1), ("generated", 0.1))]
+            rows.append(dict(conversation=f"c{c}", probe=p, history="scripted", mode="direct", identity_logodds=9.0))
+            reference.append(dict(conversation=f"c{c}", probe=p, identity_logodds=persona + 1.0 + 0.05 * rng.normal()))
+    v = K.identity_validity(rows, reference, seed=0)
+    assert v["n"] == 12 and v["effect"] == pytest.approx(1.0, abs=0.05) and v["valid"]
+    flat = [dict(r, identity_logodds=r["identity_logodds"] - 1.0) for r in reference]
+    assert not K.identity_validity(rows, flat, seed=0)["valid"]
+    assert K.identity_validity(rows, [], seed=0) is None
+    assert "NOT valid" in K._validity_text(K.identity_validity(rows, flat, seed=0))
