@@ -264,7 +264,8 @@ def steer_trait(model, sae: F.FeatureSae, trait, info: dict, vector, *, cfg: Con
     # 1. the perplexity cost over the strength grid, and the strength where the best latent and the vector both stay
     # within the ceiling
     grid = np.stack([u * s * norm for u in named.values() for s in strengths])
-    ratios = perplexity_ratios(model, *ppl, grid, sae.layer, batch_size=cfg.batch_size).reshape(len(named), len(strengths))
+    ratios = perplexity_ratios(model, *ppl, grid, sae.layer, batch_size=cfg.batch_size)
+    ratios = ratios.reshape(len(named), len(strengths))
     names = list(named)
     pick = common_strength(strengths, ratios[[names.index(best), names.index("persona vector")]], cfg.max_ppl_ratio)
     s_star = pick["strength"]

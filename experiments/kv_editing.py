@@ -935,7 +935,8 @@ def _setup_text(result: Result, histories: list[str]) -> str:
               f"{cfg.seed})" if cfg.conversation_set == "roles" else "")
     return f"""
 Model {cfg.model}; {n_convs} role-play conversation(s) ({CONVERSATION_SETS[cfg.conversation_set]}{opened}) x
-{cfg.probes} identity probe(s) = {n_convs * cfg.probes} independent units, each with {len(histories)} history kind(s) ({'; '.join(f'{h}: {HISTORIES[h]}' for h in histories)});
+{cfg.probes} identity probe(s) = {n_convs * cfg.probes} independent units, each with {len(histories)} history kind(s)
+({'; '.join(f'{h}: {HISTORIES[h]}' for h in histories)});
 the histories of a unit are averaged before the bootstrap, and the {cfg.samples} sampled answers per unit and condition
 (temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.max_new_tokens} tokens, seed {cfg.seed}) share one edited cache,
 so they are not independent either. Edits act on the cached assistant-token positions of the
