@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import kv_editing as K
+from experiments import kv_editing_report as KR
 from experiments.report import write_vectors
 from experiments.study import execute
 
@@ -138,7 +139,7 @@ def test_user_token_control_paired_with_the_assistant_edits():
     assert pairs["matched_tokens"]["estimate"] == pytest.approx(np.mean([-0.1, -0.1, -0.3]))
     assert pairs["matched_tokens"]["high"] < 0
     assert (user["assistant_tokens"], user["user_tokens"]) == (40, 12)
-    assert "assistant turns are not shown to carry more" in K._target_text({}, {"control_user/norm": user})
+    assert "assistant turns are not shown to carry more" in KR._target_text({}, {"control_user/norm": user})
     cfg = K.Config(n_conversations=1, probes=3, samples=4, strengths=(0.3,), layer_ranges=((0, 2),))
     result = K.Result(config=cfg, rows=rows, control=[], samples=[], seconds=0.0)
     lines = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_assistant_minus_user_shift"]
@@ -335,4 +336,4 @@ def test_identity_validity_on_planted_rows():
     flat = [dict(r, identity_logodds=r["identity_logodds"] - 1.0) for r in reference]
     assert not K.identity_validity(rows, flat, seed=0)["valid"]
     assert K.identity_validity(rows, [], seed=0) is None
-    assert "NOT valid" in K._validity_text(K.identity_validity(rows, flat, seed=0))
+    assert "NOT valid" in KR._validity_text(K.identity_validity(rows, flat, seed=0))
