@@ -482,6 +482,17 @@ def _sampled_row(st: _Study, cache, inputs: _ProbeInputs, key, row: dict) -> tup
                 answer_projection=float(proj.mean())), texts
 
 
+def _cache_size(cfg: Config, n_pad: int) -> int:
+    """Cache slots for a history padded to n_pad, a probe turn and an answer: a function of the bucket only, so one
+    compilation serves every history of a bucket."""
+    return n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)
+
+
+def _padded_answers(st: _Study, persona_ids: np.ndarray) -> list[tuple]:
+    """The assistant and persona identity answers, each right-padded to its bucket (tokens, mask)."""
+    return [right_pad(a, bucket(len(a)), st.pad) for a in (st.assistant_ids, persona_ids)]
+
+
 def _history_rows(st: _Study, conv, ci: int, history_kind: str, history: list[dict], persona_ids: np.ndarray,
                   first: int, progress) -> tuple[list[dict], list[tuple]]:
     """Every probe under every condition for one history, whose edited caches are built once; sampling keys fold in
@@ -490,11 +501,11 @@ def _history_rows(st: _Study, conv, ci: int, history_kind: str, history: list[di
     hist, _ = _history_and_probe(model, history, st.probes[0])
     counts = _token_counts(hist)
     n_pad = bucket(len(hist))
-    size = n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM)  # a function of the bucket only
+    size = _cache_size(cfg, n_pad)
     st.runner.set_sizes(size, st.eos, st.pad)
     caches, band = _history_caches(model, cfg, st.runner, hist, n_pad, size, st.conditions, st.u_all, st.u_random,
                                    st.pad, np.random.default_rng((cfg.seed, ci)))
-    answers = [right_pad(a, bucket(len(a)), st.pad) for a in (st.assistant_ids, persona_ids)]
+    answers = _padded_answers(st, persona_ids)
     rows, shown = [], []
     for probe in st.probes:
         if progress:
@@ -528,10 +539,10 @@ def _reference_rows(st: _Study, conv, ci: int, persona_ids: np.ndarray) -> tuple
     history = generated_history(model, users, cfg, key)
     hist, _ = _history_and_probe(model, history, st.probes[0])
     n_pad = bucket(len(hist))
-    st.runner.set_sizes(n_pad + PROBE_ROOM + max(cfg.max_new_tokens, ANSWER_ROOM), st.eos, st.pad)
+    st.runner.set_sizes(_cache_size(cfg, n_pad), st.eos, st.pad)
     tokens, mask = left_pad(hist.tokens, n_pad, st.pad)
     cache = st.runner.prefill(model.params, _repeat(tokens, cfg.samples), _repeat(mask, cfg.samples), ()).cache
-    answers = [right_pad(a, bucket(len(a)), st.pad) for a in (st.assistant_ids, persona_ids)]
+    answers = _padded_answers(st, persona_ids)
     rows = []
     for probe in st.probes:
         inputs = _probe_inputs(model, history, probe, answers, st.pad, cfg.samples)
