@@ -126,5 +126,6 @@ def test_perplexity_ratios_equal_the_per_vector_nll(model):
     assert got[0] == 1.0
     np.testing.assert_allclose(got[1:], want, rtol=1e-5)
     assert abs(got[1] - 1) > 1e-3 and abs(got[2] - got[1]) > 1e-3  # the steering moves the answers' likelihood
+    assert St.perplexity_ratios(model, prompts, RPOS, np.zeros((2, 16)), 1).tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="d_model=16"):
         St.perplexity_ratios(model, prompts, RPOS, v, 1)

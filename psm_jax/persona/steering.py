@@ -244,6 +244,9 @@ def perplexity_ratios(model, prompts, answers, vectors, layer: int, *, batch_siz
     if counts.sum() == 0:
         raise ValueError("perplexity_ratios: the answers have no content tokens")
     steered = np.flatnonzero(np.any(vecs != 0, axis=1))
+    out = np.ones(len(vecs))
+    if steered.size == 0:
+        return out
     rows = np.concatenate([np.zeros((1, vecs.shape[1]), np.float32), vecs[steered]])
     n = len(prompts)
     items = [(p, a) for _ in range(len(rows)) for p, a in zip(prompts, answers)]
@@ -252,7 +255,6 @@ def perplexity_ratios(model, prompts, answers, vectors, layer: int, *, batch_siz
                                                                       edits_fn=ef),
                          items, np.repeat(rows, n, axis=0), model=model, layer=layer, batch_size=batch_size)
     nll = -np.asarray(lp, np.float64).reshape(len(rows), n).sum(1) / counts.sum()
-    out = np.ones(len(vecs))
     out[steered] = np.exp(nll[1:] - nll[0])
     return out
 
