@@ -62,7 +62,7 @@ Pipeline per trait (psm_jax.persona.datasets.load_trait):
    pair); layer chosen by m on the even-indexed questions, curve (+ the random band when valid) on the
    odd-indexed ones; monitoring r = last-prompt projection vs m across the graded system prompts, at the
    layer that steering chose. Its within-polarity r is compared with the band of m shuffled among the prompts
-   of one polarity and with the ceiling that both series' noise sets (`_within_reliability`: split-half
+   of one polarity and with the ceiling that both series' noise sets (`monitoring.within_reliability`: split-half
    reliability within polarity of m over held-out units and of the projection over questions); the same r
    at every layer is a descriptive curve, never the layer choice. A second
    monitoring layer is fixed on the extraction data alone (`crossfit_separation`): the layer where the
@@ -101,17 +101,16 @@ import jax
 import numpy as np
 
 from experiments.report import load_vectors
-from psm_jax.persona import measures, rollouts
+from psm_jax.persona import measures, monitoring, rollouts
 from psm_jax.persona.directions import (SITE, cosine, mean_difference, project, random_directions, split_half_cosine,
                                         typical_norms)
 from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
-from psm_jax.persona.prompts import (extraction_rows, graded_system_prompts, holdout_system_prompts, load_traits,
-                                     response_slots, split_items, system_conv, trait_system_prompt)
+from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items, system_conv,
+                                     trait_system_prompt)
 from psm_jax.persona.specificity import MIN_Z, cross_effects, specific_part, specificity_scores, symmetric_effects
-from psm_jax.persona.stats import (attenuation_ceiling, centre_within_groups, cohens_d, monotonic, pearson,
-                                   within_groups_null, within_groups_r, within_groups_reliability)
+from psm_jax.persona.stats import cohens_d, monotonic, pearson, within_groups_r
 from psm_jax.persona.steering import (ContrastPairs, answer_pairs, behaviour_measure, item_pairs, outside_band,
-                                      perplexity_ratios, random_band, response_measure, select_layer, steering_curve,
+                                      perplexity_ratios, random_band, select_layer, steering_curve,
                                       steering_fn, steering_vector)
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
@@ -455,35 +454,12 @@ def _sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> l
     return rows
 
 
-class MonitorPrompt(NamedTuple):
-    """One graded system prompt: its polarity cluster ("pos", "neg", "default"), the instruction pair whose wording
-    it uses (-1: none), the prompt (None: the template's default) and its trait level (-3..+3)."""
-    kind: str
-    pair: int
-    system: str | None
-    level: int
-
-
-def _monitor_systems(trait) -> list[MonitorPrompt]:
-    """The graded system prompts of `prompts.graded_system_prompts`: the five positive and five negative
-    instructions (level +-2), a mild positive and negative one (+-1), the default (0) and few-shot variants of the
-    first pair (+-3). Monitoring correlates over all of them; validity checks use the level +-2 ones."""
-    return [MonitorPrompt(g["polarity"], -1 if g["pair"] is None else int(g["pair"]), g["prompt"], int(g["level"]))
-            for g in graded_system_prompts(trait)]
-
-
-def _validity_kinds(systems: Sequence[MonitorPrompt]) -> np.ndarray:
-    """Per system prompt, "pos" / "neg" for the trait's five full positive / negative instructions (the validity
-    check's contrast) and "other" for the graded extras."""
-    return np.asarray([s.kind if abs(s.level) == 2 else "other" for s in systems])
-
-
 def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
     """The model's own greedy answers to the extraction questions (no system prompt: screening, residual norms,
     fluency) and to the monitoring questions under every monitoring system prompt, in one generation."""
     questions = list(trait.extraction_questions[:cfg.n_questions])
     own_prompts = [[{"role": "user", "content": q}] for q in questions]
-    systems = _monitor_systems(trait)
+    systems = monitoring.graded_prompts(trait)
     mon_questions = list(trait.evaluation_questions[:cfg.n_monitor_questions])
     mon_prompts = [system_conv(s.system, q) for s in systems for q in mon_questions]
     greedy = rollouts.generate_responses(model, own_prompts + mon_prompts, max_new_tokens=cfg.monitor_max_new_tokens,
@@ -559,7 +535,7 @@ def _items_measure(model, trait, systems) -> dict:
     sel_items, held_items = split_items(trait.behavioural_items)
     per_unit = np.stack([behaviour_measure(model, held_items, system=s.system)[1] for s in systems])
     return {"selection": item_pairs(sel_items), "held_out": item_pairs(held_items), "per_system": per_unit,
-            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, _validity_kinds(systems))}
+            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, monitoring.validity_kinds(systems))}
 
 
 def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
@@ -584,30 +560,17 @@ def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) 
     return examples
 
 
-def _question_projections(mon_acts, direction, layer: int, n_systems: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per (monitoring system prompt, question) [n_systems, n_questions], the last-prompt-token and the
-    response-average projections onto direction[layer]."""
-    return tuple(project(mon_acts[key][:, layer], direction[layer]).reshape(n_systems, -1)
-                 for key in ("last_prompt", "response_mean"))
-
-
-def _monitor_projections(mon_acts, direction, layer: int, n_systems: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per monitoring system prompt, the mean over its questions of the last-prompt-token and the response-average
-    projections onto direction[layer]."""
-    return tuple(q.mean(1) for q in _question_projections(mon_acts, direction, layer, n_systems))
-
-
 def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
     """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
     pos vs neg projections at every layer."""
-    p_last, p_resp = _monitor_projections(mon_acts, direction, layer, len(systems))
-    kinds = np.repeat(_validity_kinds(systems), n_questions)
+    p_last, p_resp = monitoring.prompt_projections(mon_acts, direction, layer, len(systems))
+    kinds = np.repeat(monitoring.validity_kinds(systems), n_questions)
     sep = {}
     for name, key_ in (("last_prompt", "last_prompt"), ("response", "response_mean")):
         sep[name] = np.asarray([float(cohens_d(project(mon_acts[key_][:, L], direction[L])[kinds == "pos"],
                                                project(mon_acts[key_][:, L], direction[L])[kinds == "neg"]))
                                 for L in range(direction.shape[0])])
-    kind_arr = _validity_kinds(systems)
+    kind_arr = monitoring.validity_kinds(systems)
     return {"layer": layer, "systems": [{"kind": s.kind, "index": s.pair, "system": s.system, "level": s.level}
                                         for s in systems],
             "behaviour": behaviour, "proj_last_prompt": p_last, "proj_response": p_resp,
@@ -704,84 +667,13 @@ def _units_pairs(units: Sequence[dict], system: str | None = None) -> ContrastPa
     return answer_pairs([x["question"] for x in units], [x["pos"] for x in units], [x["neg"] for x in units], system)
 
 
-def _response_per_system(model, held: list[dict], systems, batch_size: int) -> tuple[np.ndarray, list[int]]:
-    """The unsteered measure per (system prompt, held-out unit), NaN where the prompt's own instruction pair made
-    the unit's answers (so that a prompt never scores its own greedy output); the default prompt scores all."""
-    per_unit = np.full((len(systems), len(held)), np.nan)
-    n_used = []
-    for s_i, (kind, pair, system, _) in enumerate(systems):
-        use = [j for j, x in enumerate(held) if kind == "default" or x["pair"] != pair]
-        n_used.append(len(use))
-        if use:
-            sub = [held[j] for j in use]
-            per_unit[s_i, use] = response_measure(model, [x["question"] for x in sub], [x["pos"] for x in sub],
-                                                  [x["neg"] for x in sub], system=system, batch_size=batch_size)[1]
-    return per_unit, n_used
-
-
-def _system_measure(per_unit) -> np.ndarray:
-    """The response measure's mean per system prompt over its finite units (NaN where it has none)."""
-    return np.asarray([float(np.nanmean(row)) if np.isfinite(row).any() else float("nan") for row in per_unit])
-
-
-def _within_r_by_layer(mon_acts, direction, m_sys, kinds) -> np.ndarray | None:
-    """Pooled within-polarity r of the last-prompt projection (mean per system prompt) with the measure, at every
-    layer: a descriptive curve (None with fewer than 3 prompts measured). The headline stays at the layer fixed
-    before monitoring, since choosing the layer by this curve would select on the data it reports."""
-    ok = np.isfinite(m_sys)
-    if ok.sum() < 3:
-        return None
-    out = []
-    for layer in range(direction.shape[0]):
-        p = _monitor_projections(mon_acts, direction, layer, len(m_sys))[0][ok]
-        out.append(pearson(centre_within_groups(p, kinds[ok]), centre_within_groups(m_sys[ok], kinds[ok])))
-    return np.asarray(out)
-
-
-def _response_monitoring(per_unit, systems, q_last, q_resp, seed: int) -> dict:
-    """Monitoring with the response measure: its mean per system prompt vs the projections (per prompt and
-    question, `_question_projections`; averaged over questions), overall and within polarity; the within-polarity r
-    beside its null (the measure shuffled across prompts of one polarity) and beside the r that the two series'
-    own noise allows (`_within_reliability`)."""
-    m_sys = _system_measure(per_unit)
-    p_last, p_resp = q_last.mean(1), q_resp.mean(1)
-    kinds = np.asarray([s.kind for s in systems])
-    ok = np.isfinite(m_sys)
-    enough = ok.sum() >= 3
-    full = _validity_kinds(systems)
-    pos_m, neg_m = m_sys[(full == "pos") & ok], m_sys[(full == "neg") & ok]
-    return {"system_measure": m_sys,
-            "system_prompt_effect": float(pos_m.mean() - neg_m.mean()) if len(pos_m) and len(neg_m) else float("nan"),
-            "r_last_prompt": pearson(p_last[ok], m_sys[ok]) if enough else float("nan"),
-            "r_response": pearson(p_resp[ok], m_sys[ok]) if enough else float("nan"),
-            "monitor_within_polarity": (within_groups_r(p_last[ok], m_sys[ok], kinds[ok], seed=seed, n_resamples=500)
-                                        if enough else None),
-            "monitor_within_null": within_groups_null(p_last[ok], m_sys[ok], kinds[ok], seed=seed) if enough else None,
-            "within_reliability": _within_reliability(per_unit, q_last, kinds, seed),
-            "proj_last_prompt": p_last, "proj_response": p_resp}
-
-
-def _within_reliability(per_unit, q_last, kinds, seed: int) -> dict | None:
-    """Within polarity, the split-half reliability of the measure's per-prompt means (over held-out units) and of
-    the last-prompt projection's (over monitoring questions), and the within-polarity r that their noise leaves
-    reachable (`attenuation_ceiling`): a low r under a low ceiling says the prompts of one polarity hardly differ
-    beyond noise, not that the projection misses what differs. None when either has too few units or prompts."""
-    measure = within_groups_reliability(per_unit, kinds, seed=seed)
-    projection = within_groups_reliability(q_last, kinds, seed=seed)
-    if measure is None or projection is None:
-        return None
-    return {"measure": measure, "projection": projection,
-            "ceiling": attenuation_ceiling(measure["reliability"], projection["reliability"])}
-
-
 def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> dict | None:
     """Monitoring at the layer the extraction-data rule fixes (`crossfit_separation`, `rule_layer`): the same
     statistics as at the steering layer. None when the rule has no layer."""
     layer = rule_layer(separations)
     if layer is None:
         return None
-    mon = _response_monitoring(per_unit, systems, *_question_projections(mon_acts, direction, layer, len(systems)),
-                               seed)
+    mon = monitoring.monitor_at_layer(per_unit, systems, mon_acts, direction, layer, seed)
     keep = ("r_last_prompt", "r_response", "monitor_within_polarity", "monitor_within_null", "within_reliability",
             "proj_last_prompt")
     return {"layer": layer, "separation": np.asarray(separations), **{k: mon[k] for k in keep}}
@@ -794,7 +686,7 @@ def _holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, 
     response measure per prompt on every held-out unit, the same statistics as the main monitoring, and a check
     that the prompts grade the measure (r of the prompts' stated level with it, overall and within polarity).
     None when the trait has no such prompts."""
-    systems = [MonitorPrompt(g["polarity"], -1, g["prompt"], int(g["level"])) for g in holdout_system_prompts(trait)]
+    systems = monitoring.holdout_prompts(trait)
     if not systems:
         return None
     questions = list(trait.evaluation_questions[:cfg.n_monitor_questions])
@@ -802,25 +694,25 @@ def _holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, 
                                         max_new_tokens=cfg.monitor_max_new_tokens, temperature=0.0,
                                         batch_size=cfg.batch_size, progress=progress)
     acts = rollouts.activation_means(model, [r.conversation() for r in rolls], site=SITE, batch_size=cfg.batch_size)
-    per_unit, _ = _response_per_system(model, held, systems, cfg.batch_size)
-    m_sys = _system_measure(per_unit)
-    kinds, levels = np.asarray([s.kind for s in systems]), np.asarray([s.level for s in systems], float)
+    per_unit, _ = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
+    m_sys = monitoring.prompt_means(per_unit)
+    kinds, levels = monitoring.polarity_kinds(systems), np.asarray([s.level for s in systems], float)
     out = {"systems": [{"kind": s.kind, "level": s.level, "system": s.system} for s in systems],
            "system_measure": m_sys, "n_questions": len(questions),
-           "level_check": within_groups_r(levels, m_sys, kinds, seed=cfg.seed, n_resamples=500),
-           "within_r_by_layer": _within_r_by_layer(acts, direction, m_sys, kinds)}
+           "level_check": within_groups_r(levels, m_sys, kinds, seed=cfg.seed,
+                                          n_resamples=monitoring.WITHIN_RESAMPLES),
+           "within_r_by_layer": monitoring.within_r_by_layer(acts, direction, m_sys, kinds)}
     keep = ("r_last_prompt", "monitor_within_polarity", "monitor_within_null", "within_reliability", "proj_last_prompt")
     for name, layer in layers.items():
         if layer is not None:
-            projections = _question_projections(acts, direction, layer, len(systems))
-            mon = _response_monitoring(per_unit, systems, *projections, cfg.seed)
+            mon = monitoring.monitor_at_layer(per_unit, systems, acts, direction, layer, cfg.seed)
             out[name] = {"layer": int(layer), **{k: mon[k] for k in keep}}
     return out
 
 
 def monitoring_from_vectors(model, trait, cfg: Config, direction, layers: dict[str, int], *,
                             progress: bool = False) -> dict:
-    """The main monitoring with the response measure ({name: layer} -> `_response_monitoring`'s result) for a saved
+    """The main monitoring with the response measure ({name: layer} -> `monitoring.monitor_statistics`) for a saved
     direction [n_layers, d]: the greedy answers, held-out reference units and per-prompt measure are those that
     `run_trait` computes (all greedy, so the same for the same config and model), so a finished report can be
     re-analysed without sampling its vectors again."""
@@ -829,9 +721,8 @@ def monitoring_from_vectors(model, trait, cfg: Config, direction, layers: dict[s
     mon_acts = rollouts.activation_means(model, [r.conversation() for r in greedy["mon_rolls"]], site=SITE,
                                          batch_size=cfg.batch_size)
     held = _reference_units(model, trait, cfg, progress)[2]
-    per_unit, _ = _response_per_system(model, held, systems, cfg.batch_size)
-    return {name: _response_monitoring(per_unit, systems,
-                                       *_question_projections(mon_acts, direction, layer, len(systems)), cfg.seed)
+    per_unit, _ = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
+    return {name: monitoring.monitor_at_layer(per_unit, systems, mon_acts, direction, layer, cfg.seed)
             for name, layer in layers.items()}
 
 
@@ -842,16 +733,15 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     at the steering layer and at the layer of the extraction-data rule. Returns (results, the held-out units as
     ContrastPairs)."""
     ref, sel, held = _reference_units(model, trait, cfg, progress)
-    per_unit, n_used = _response_per_system(model, held, systems, cfg.batch_size)
-    validity = _unit_validity(per_unit, _validity_kinds(systems))
+    per_unit, n_used = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
+    validity = _unit_validity(per_unit, monitoring.validity_kinds(systems))
     held_pairs = _units_pairs(held)
     out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
                              fluency)
     out["layer_sweep"]["n_pairs"] = len(sel)
-    out.update(_response_monitoring(per_unit, systems,
-                                    *_question_projections(mon_acts, direction, out["layer"], len(systems)), cfg.seed))
-    out["within_r_by_layer"] = _within_r_by_layer(mon_acts, direction, out["system_measure"],
-                                                  np.asarray([s.kind for s in systems]))
+    out.update(monitoring.monitor_at_layer(per_unit, systems, mon_acts, direction, out["layer"], cfg.seed))
+    out["within_r_by_layer"] = monitoring.within_r_by_layer(mon_acts, direction, out["system_measure"],
+                                                            monitoring.polarity_kinds(systems))
     out["rule_monitoring"] = _rule_monitoring(per_unit, systems, mon_acts, direction, rule_separations, cfg.seed)
     if cfg.holdout_monitoring:
         out["holdout_monitoring"] = _holdout_monitoring(

@@ -804,7 +804,7 @@ def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
 
 
 def ceiling_fields(mon: dict) -> dict:
-    """Record fields for one monitoring result's noise ceiling (`_within_reliability`); none where it was not
+    """Record fields for one monitoring result's noise ceiling (`monitoring.within_reliability`); none where it was not
     computed."""
     rel = mon.get("within_reliability")
     if not rel:

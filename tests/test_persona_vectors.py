@@ -9,7 +9,7 @@ import pytest
 
 from experiments import persona_vectors as pv
 from experiments import persona_vectors_report as pvr
-from psm_jax.persona import rollouts
+from psm_jax.persona import monitoring, rollouts, steering
 from psm_jax.persona import stats as S
 from psm_jax.persona.datasets import BehaviouralItem
 from psm_jax.chat import Role, encode_chat
@@ -159,11 +159,11 @@ def test_answer_token_counts_match_the_scored_mask(model):
 
 def test_response_measure_bad_inputs(model):
     with pytest.raises(ValueError, match="equal counts"):
-        pv.response_measure(model, RQ, RPOS[:2], RNEG)
+        steering.response_measure(model, RQ, RPOS[:2], RNEG)
     with pytest.raises(ValueError, match="at least one question"):
-        pv.response_measure(model, (), (), ())
+        steering.response_measure(model, (), (), ())
     with pytest.raises(ValueError, match="no content tokens"):
-        pv.response_measure(model, RQ[:1], ("",), RNEG[:1])
+        steering.response_measure(model, RQ[:1], ("",), RNEG[:1])
 
 
 def test_response_slots_and_config():
@@ -564,39 +564,6 @@ def test_answer_trait_score_matches_unpadded_forward(model):
         measures.answer_trait_score(model, RQ, RPOS, "", neg_sys)
 
 
-def test_monitor_prompts_are_graded_and_validity_uses_the_full_instructions():
-    """Monitoring runs over the graded prompts (levels -3..+3, few-shot variants included); the validity contrast
-    keeps only the five full positive and five full negative instructions."""
-    from psm_jax.persona.prompts import load_traits
-
-    systems = pv._monitor_systems(load_traits(["evil"])[0])
-    assert len(systems) == 15 and sorted({s.level for s in systems}) == [-3, -2, -1, 0, 1, 2, 3]
-    assert [s.pair for s in systems if s.level == 2] == [0, 1, 2, 3, 4]
-    assert {s.pair for s in systems if abs(s.level) == 3} == {0} and {s.pair for s in systems if abs(s.level) < 2} == {-1}
-    assert [s.system for s in systems if s.kind == "default"] == [None]
-    assert all("Example. User:" in s.system for s in systems if abs(s.level) == 3)
-    kinds = pv._validity_kinds(systems)
-    assert (kinds == "pos").sum() == 5 and (kinds == "neg").sum() == 5 and (kinds == "other").sum() == 5
-
-
-def test_response_per_system_never_scores_a_prompts_own_answers(monkeypatch):
-    """A prompt that uses instruction pair p (full or few-shot) skips the units whose answers pair p generated; the
-    mild and default prompts score every unit."""
-    seen = {}
-
-    def fake_measure(model, questions, pos, neg, *, system=None, batch_size=16):
-        seen[system] = list(questions)
-        return 0.0, np.arange(len(questions), dtype=float)
-
-    monkeypatch.setattr(pv, "response_measure", fake_measure)
-    held = [{"question": f"q{p}", "pos": "a", "neg": "b", "pair": p} for p in (0, 1, 2)]
-    systems = [pv.MonitorPrompt("pos", 0, "full0", 2), pv.MonitorPrompt("pos", 0, "fewshot0", 3),
-               pv.MonitorPrompt("pos", -1, "mild", 1), pv.MonitorPrompt("neg", 2, "full2", -2)]
-    per_unit, n_used = pv._response_per_system(None, held, systems, 4)
-    assert seen == {"full0": ["q1", "q2"], "fewshot0": ["q1", "q2"], "mild": ["q0", "q1", "q2"], "full2": ["q0", "q1"]}
-    assert n_used == [2, 2, 3, 2] and np.isnan(per_unit[0, 0]) and np.isnan(per_unit[3, 2])
-
-
 def test_outside_band_and_targets():
     band = {"band": {"low": -0.1, "high": 0.2}}
     assert pv.outside_band(0.3, band) and not pv.outside_band(0.1, band)
@@ -636,8 +603,8 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
     direct numpy computation at every layer), the headline r lies above its within-polarity shuffled band, and the
     record carries the interval and the band."""
     rng = np.random.default_rng(0)
-    systems = [pv.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(7)]
-    systems.append(pv.MonitorPrompt("default", -1, None, 0))
+    systems = [monitoring.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(7)]
+    systems.append(monitoring.MonitorPrompt("default", -1, None, 0))
     n_sys, n_q, n_layers, d = len(systems), 3, 4, 8
     acts = rng.normal(size=(n_sys * n_q, n_layers, d))
     direction = rng.normal(size=(n_layers, d))
@@ -648,7 +615,7 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
     offsets = np.where(kinds == "pos", 5.0, np.where(kinds == "neg", -5.0, 0.0))
     m_sys = p2 + offsets + 0.05 * rng.normal(size=n_sys)
     per_unit = np.stack([np.full(4, m) for m in m_sys])
-    curve = pv._within_r_by_layer(mon_acts, direction, m_sys, kinds)
+    curve = monitoring.within_r_by_layer(mon_acts, direction, m_sys, kinds)
     for layer in range(n_layers):
         u = direction[layer] / np.linalg.norm(direction[layer])
         p = (acts[:, layer] @ u).reshape(n_sys, n_q).mean(1)
@@ -658,7 +625,7 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
             mc[kinds == g] -= m_sys[kinds == g].mean()
         assert curve[layer] == pytest.approx(np.corrcoef(pc, mc)[0, 1], abs=1e-9)
     assert int(np.argmax(curve)) == 2 and curve[2] > 0.95
-    mon = pv._response_monitoring(per_unit, systems, *pv._question_projections(mon_acts, direction, 2, n_sys), seed=0)
+    mon = monitoring.monitor_statistics(per_unit, systems, *monitoring.question_projections(mon_acts, direction, 2, n_sys), seed=0)
     within, null = mon["monitor_within_polarity"]["pooled_within"], mon["monitor_within_null"]
     assert within["estimate"] == pytest.approx(curve[2]) and within["estimate"] > null["high"] > null["low"]
     assert null["n"] >= 20 and abs(null["mean"]) < 0.2
@@ -671,7 +638,7 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
     assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
     assert line["null"] == (f"measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] "
                             f"({null['n']} shuffles)")
-    assert pv._within_r_by_layer(mon_acts, direction, np.full(n_sys, np.nan), kinds) is None
+    assert monitoring.within_r_by_layer(mon_acts, direction, np.full(n_sys, np.nan), kinds) is None
 
 
 def test_monitoring_ceiling_reads_the_noise_of_each_series_within_polarity():
@@ -680,14 +647,14 @@ def test_monitoring_ceiling_reads_the_noise_of_each_series_within_polarity():
     noise are not, and the ceiling falls with them; a planted prompt effect on the projections raises it. The
     report and the record carry it."""
     rng = np.random.default_rng(6)
-    systems = [pv.MonitorPrompt(k, 0, f"{k}{i}", 2) for k in ("pos", "neg") for i in range(40)]
+    systems = [monitoring.MonitorPrompt(k, 0, f"{k}{i}", 2) for k in ("pos", "neg") for i in range(40)]
     n_sys, n_q = len(systems), 10
     prompt_effect = rng.normal(size=n_sys)
     per_unit = np.repeat(prompt_effect[:, None], 6, axis=1)
     noise_only = rng.normal(size=(n_sys, n_q))
     planted = prompt_effect[:, None] + 0.1 * rng.normal(size=(n_sys, n_q))
-    low = pv._response_monitoring(per_unit, systems, noise_only, noise_only, seed=0)["within_reliability"]
-    high = pv._response_monitoring(per_unit, systems, planted, planted, seed=0)["within_reliability"]
+    low = monitoring.monitor_statistics(per_unit, systems, noise_only, noise_only, seed=0)["within_reliability"]
+    high = monitoring.monitor_statistics(per_unit, systems, planted, planted, seed=0)["within_reliability"]
     assert low["measure"]["reliability"] == pytest.approx(1.0) and low["measure"]["n_units"] == 6
     assert low["projection"]["n_units"] == n_q and low["ceiling"] < 0.5
     assert high["projection"]["reliability"] > 0.95 and high["ceiling"] > 0.95
@@ -725,10 +692,10 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
     assert pv.crossfit_separation(acts, np.zeros(n, int), np.zeros(n, int)) is None
     assert pv.rule_layer(None) is None and pv.rule_layer(np.full(3, np.nan)) is None
 
-    systems = [pv.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(5)]
+    systems = [monitoring.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(5)]
     mon_acts = {"last_prompt": rng.normal(size=(10, n_layers, d)), "response_mean": rng.normal(size=(10, n_layers, d))}
     direction = rng.normal(size=(n_layers, d))
-    p_rule = pv._monitor_projections(mon_acts, direction, 1, 10)[0]
+    p_rule = monitoring.prompt_projections(mon_acts, direction, 1, 10)[0]
     per_unit = (p_rule + rng.normal(scale=0.1, size=10))[:, None] * np.ones((1, 3))
     rule = pv._rule_monitoring(per_unit, systems, mon_acts, direction, sep, seed=0)
     assert rule["layer"] == 1 and rule["monitor_within_polarity"]["pooled_within"]["estimate"] > 0.9
@@ -756,7 +723,7 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     rng = np.random.default_rng(2)
     acts = rng.normal(size=(n_sys * n_q, n_layers, d))
     direction = rng.normal(size=(n_layers, d))
-    p1 = pv._monitor_projections({"last_prompt": acts, "response_mean": acts}, direction, 1, n_sys)[0]
+    p1 = monitoring.prompt_projections({"last_prompt": acts, "response_mean": acts}, direction, 1, n_sys)[0]
     index = {g["prompt"]: i for i, g in enumerate(held_prompts)}
     generated, scored = [], []
 
@@ -772,7 +739,7 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     monkeypatch.setattr(pv.rollouts, "generate_responses", fake_generate)
     monkeypatch.setattr(pv.rollouts, "activation_means",
                         lambda model, convs, **kw: {"last_prompt": acts, "response_mean": acts})
-    monkeypatch.setattr(pv, "response_measure", fake_measure)
+    monkeypatch.setattr(monitoring, "response_measure", fake_measure)
     held = [{"question": f"q{i}", "pos": "a", "neg": "b", "pair": i} for i in range(3)]
     cfg = pv.Config(traits=("evil",), judge="none", n_monitor_questions=n_q)
     hold = pv._holdout_monitoring(None, trait, cfg, held, direction, {"steering": 0, "rule": 1, "skipped": None})
