@@ -127,3 +127,16 @@ def tiny_chat_model():
         val = 1.0 + 0.1 * rng.normal(size=shape) if "norm" in spec.leaf else 0.2 * rng.normal(size=shape)
         (params["layers"] if spec.per_layer else params)[spec.leaf] = jnp.asarray(val, jnp.float32)
     return LoadedModel(params, config, tok, tok.chat_template, "psm-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_4layers(tmp_path_factory, smollm2_tokenizer):  # noqa: F811
+    """A random 4-layer llama saved as an HF folder with SmolLM2's tokenizer and chat template, loaded by
+    `psm_jax.load` (so loading is on the path too); room for a capped layer range inside the stack."""
+    import psm_jax
+    from tests.tiny_models import save_chat_llama
+
+    folder = tmp_path_factory.mktemp("tiny_chat_4layers")
+    save_chat_llama(folder, smollm2_tokenizer, n_layers=4, seed=2)
+    return psm_jax.load(folder)
+

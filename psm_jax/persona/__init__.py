@@ -9,6 +9,7 @@
     steering     steering edits, batched sweeps over many vectors, the random-direction band, perplexity cost
     specificity  steer with direction i, read measure j, each cell against random directions at the same norm
     monitoring   a direction's projection against a measure over graded prompts, within polarity, with its null
+    capping      activation capping: percentile thresholds, the cap as an edit, random caps at matched thresholds
     stats        bootstrap intervals, null bands, z-scores, shuffled labels, monotonicity, correlations
     judge        0-100 and rubric judges (local model or an OpenAI-compatible endpoint via llm_client)
 

@@ -9,6 +9,8 @@ check next to every result that uses the measure.
                                                   two-choice item (first-person answers of matched length)
     choice_scores(model, prompts, options, ...)   per-token (or total) log P(option) for every option of every
                                                   prompt [n, k]
+    jailbreak(model, messages, prompts, ...)      persona-jailbreak identity and compliance per prompt (paired
+                                                  answers of matched length)
     multiple_choice(model, items, ...)            likelihood choice and correctness on multiple-choice questions
                                                   (cloze form: the question alone, each option's total log P)
     response_likelihood(model, qs, pos, neg, ...) per-token log P(pos-prompted answer) - log P(neg-prompted answer)
@@ -91,6 +93,28 @@ def choice_scores_band(model, prompts: Sequence[Sequence[dict]], options: Sequen
         return lp
     flat_prompts = [p for p in prompts for _ in range(k)]
     return lp / _content_counts(model, flat_prompts, [a for opts in options for a in opts]).reshape(n, k)
+
+
+JAILBREAK_MEASURES = ("identity", "compliance")
+# each jailbreak measure's validity check: the direction the persona prompt should move it from the default prompt
+JAILBREAK_PERSONA_SIGN = {"identity": -1.0, "compliance": +1.0}
+
+
+def jailbreak(model, messages: Sequence[Sequence[dict]], prompts, *, edits_fn: EditsFn | None = None,
+              batch_size: int = 16) -> dict:
+    """Persona-jailbreak measures per prompt (`datasets.load_jailbreaks`), each read as the reply to `messages[i]`:
+    identity = per-token log P(the Assistant's self-description) - log P(the persona's); compliance = per-token
+    log P(a compliant opening) - log P(a declining one). {"identity": [n], "compliance": [n]}."""
+    return jailbreak_band(model, messages, prompts, [edits_fn], batch_size=batch_size)[0]
+
+
+def jailbreak_band(model, messages: Sequence[Sequence[dict]], prompts, edits_fns: Sequence[EditsFn | None], *,
+                   batch_size: int = 16) -> list[dict]:
+    """`jailbreak` under each edit set of a band (e.g. a cap and its random controls); the layers below every set's
+    edits run once."""
+    options = [(p.assistant_identity, p.persona_identity, p.comply, p.decline) for p in prompts]
+    band = choice_scores_band(model, messages, options, edits_fns, batch_size=batch_size)
+    return [{"identity": s[:, 0] - s[:, 1], "compliance": s[:, 2] - s[:, 3]} for s in band]
 
 
 def multiple_choice(model, items, *, edits_fn: EditsFn | None = None, batch_size: int = 16) -> dict:
