@@ -640,6 +640,7 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
 
 def test_latent_specificity_names_latents_shared_between_traits():
     from experiments import persona_features as pf
+    from experiments import persona_features_report as pfr
 
     d = {"evil": np.array([0.9, 0.1, 0.6]), "humorous": np.array([0.2, 1.0, 0.7]),
          "sycophantic": np.array([0.1, 0.2, 0.8]), "role-vs-default": np.array([0.0, 0.3, 1.2])}
@@ -654,7 +655,7 @@ def test_latent_specificity_names_latents_shared_between_traits():
     assert spec["role-vs-default"]["shared_with"] == ["evil", "humorous", "sycophantic"]
     per = {n: {"best_latent": best[n], "best_shared_with": spec[n]["shared_with"],
                "best_specific": spec[n]["specific"]} for n in best}
-    text = pf._specificity_text(per, 0.5)
+    text = pfr._specificity_text(per, 0.5)
     assert "Latent 2 is the best latent of sycophantic, role-vs-default" in text
     assert "Latent 0 (evil) separates no other trait" in text and "not specific" not in text
     d["evil"][1] = 1.1  # now latent 1 separates evil better than humorous: not humorous-specific
@@ -662,7 +663,7 @@ def test_latent_specificity_names_latents_shared_between_traits():
     assert spec["humorous"]["specific"] is False and spec["humorous"]["shared_with"] == ["evil"]
     per["humorous"].update(best_shared_with=["evil"], best_specific=False)
     assert ("Latent 1 (humorous) also separates evil (validation d >= 0.5). Its validation d on another trait is above "
-            "its own: it is not specific to humorous.") in pf._specificity_text(per, 0.5)
+            "its own: it is not specific to humorous.") in pfr._specificity_text(per, 0.5)
 
 
 def test_sae_cache_dirs_change_with_every_field_that_shapes_the_sae():
@@ -687,6 +688,7 @@ def test_sae_training_role_prompts_leave_out_the_role_contrast_and_the_assistant
     """The role-play prompts mixed into the SAE's training data never include a prompt of a role the study's role
     contrast uses, nor the default assistant's; every other role's instructions are there."""
     from experiments import persona_features as pf
+    from experiments import persona_features_report as pfr
     from psm_jax.persona import datasets
     from psm_jax.persona.prompts import select_roles
 
@@ -702,7 +704,7 @@ def test_sae_training_role_prompts_leave_out_the_role_contrast_and_the_assistant
     assert mix["fraction"] == 0.25 and mix["n_prompts"] == len(pf.training_role_prompts(cfg))
     opened = [d[0]["content"] for d in corpus if d[0]["role"] == "system"]
     assert len(opened) == mix["applied"] and 60 <= len(opened) <= 140 and set(opened) <= prompts
-    assert pf._role_mix_text(mix | {"n_prompts": 600}).startswith("; 25% of the conversations under a role-play")
+    assert pfr._role_mix_text(mix | {"n_prompts": 600}).startswith("; 25% of the conversations under a role-play")
     assert "system_prompts" not in pf.training_corpus(dataclasses.replace(cfg, train_docs=50)).report.options
     with pytest.raises(ValueError, match="train_role_prompts=1.5"):
         pf.Config(train_role_prompts=1.5)
