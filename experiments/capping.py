@@ -36,13 +36,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
 from experiments.sharegpt import sharegpt_conversations
+from experiments.study import written_by
 from psm_jax.persona import DEFAULT_MODEL, measures
 from psm_jax.persona.axis import per_turn_projections, role_and_default_vectors
 from psm_jax.persona.capping import (FORMS, POSITIONS, capping_edit, check_percentile, default_layer_range,
@@ -639,16 +639,4 @@ def run(cfg: Config, model, progress=None) -> Result:
                   tconvs=th.convs, trait_rows=trait_rows, jb=jb, qa=qa)
 
 
-def report(res: Result, folder) -> Path:
-    """Write the report folder (report.md, plots, capping.safetensors, metrics.json, config.json); the writing lives
-    in `experiments.capping_report`."""
-    from experiments.capping_report import write_report
-
-    return write_report(res, folder)
-
-
-def records(res: Result) -> list[dict]:
-    """The lines for benchmarks/results.jsonl (`experiments.capping_report.result_records`)."""
-    from experiments.capping_report import result_records
-
-    return result_records(res)
+report, records = written_by("experiments.capping_report")

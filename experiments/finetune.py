@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.sharegpt import sharegpt_conversations
+from experiments.study import written_by
 from psm_jax import edits as E
 from psm_jax import finetune as ft
 from psm_jax.chat import pad_id
@@ -813,16 +814,4 @@ def beyond_training(model, kept: dict, traits, held, cfg: Config, say) -> dict:
 # ------------------------------------------------------------------------------ report and records
 
 
-def report(result: Result, folder) -> Path:
-    """Write the report folder (report.md, plots, metrics.json, config.json); the words and pictures live in
-    `experiments.finetune_report`."""
-    from experiments.finetune_report import write_report
-
-    return write_report(result, folder)
-
-
-def records(result: Result) -> list[dict]:
-    """The lines for benchmarks/results.jsonl (`experiments.finetune_report.result_records`)."""
-    from experiments.finetune_report import result_records
-
-    return result_records(result)
+report, records = written_by("experiments.finetune_report")

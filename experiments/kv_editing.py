@@ -39,13 +39,13 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.study import written_by
 from psm_jax import edits as E
 from psm_jax.chat import Role, encode_chat
 from psm_jax.generate import decode, prefill
@@ -834,16 +834,4 @@ def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) 
     return out
 
 
-def report(result: Result, folder) -> Path:
-    """Write the report folder (report.md, metrics.json, config.json, the figure); the writing lives in
-    `experiments.kv_editing_report`."""
-    from experiments.kv_editing_report import write_report
-
-    return write_report(result, folder)
-
-
-def records(result: Result) -> list[dict]:
-    """The lines for benchmarks/results.jsonl (`experiments.kv_editing_report.result_records`)."""
-    from experiments.kv_editing_report import result_records
-
-    return result_records(result)
+report, records = written_by("experiments.kv_editing_report")

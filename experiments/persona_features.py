@@ -63,6 +63,7 @@ import numpy as np
 
 from experiments.report import atomic_write_json
 from experiments.sae_source import load_feature_sae
+from experiments.study import written_by
 from psm_jax import edits as E
 from psm_jax.persona import rollouts
 from psm_jax.persona.directions import SITE, random_directions, unit
@@ -799,17 +800,4 @@ def _specific_summary(spec: dict) -> dict:
             "best_effect_validation": spec["best_effect_validation"]}
 
 
-def report(result: Result, folder) -> Path:
-    """Write the report folder: report.md, metrics.json, config.json, plots, latents.jsonl, features.html (the
-    static browser), candidates.json and persona_directions.safetensors; with `export_sae`, the SAE in SAELens
-    format with its labels under `sae_cache`. The writing lives in `experiments.persona_features_report`."""
-    from experiments.persona_features_report import write_report
-
-    return write_report(result, folder)
-
-
-def records(result: Result) -> list[dict]:
-    """The lines for benchmarks/results.jsonl (`experiments.persona_features_report.result_records`)."""
-    from experiments.persona_features_report import result_records
-
-    return result_records(result)
+report, records = written_by("experiments.persona_features_report")

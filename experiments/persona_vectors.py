@@ -94,13 +94,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from experiments.report import load_vectors
+from experiments.study import written_by
 from psm_jax.persona import measures, monitoring, rollouts
 from psm_jax.persona.directions import (SITE, cosine, mean_difference, project, random_directions, split_half_cosine,
                                         typical_norms)
@@ -1014,16 +1014,4 @@ def run(config: Config, model, progress=None) -> Result:
                   metrics=summary_metrics(results, spec, config.max_ppl_ratio, specific))
 
 
-def report(result: Result, folder) -> Path:
-    """Write the report folder (report.md, metrics.json, config.json, figures, vectors, responses.jsonl); the
-    writing lives in `experiments.persona_vectors_report`."""
-    from experiments.persona_vectors_report import write_report
-
-    return write_report(result, folder)
-
-
-def records(result: Result) -> list[dict]:
-    """The lines for benchmarks/results.jsonl (`experiments.persona_vectors_report.result_records`)."""
-    from experiments.persona_vectors_report import result_records
-
-    return result_records(result)
+report, records = written_by("experiments.persona_vectors_report")
