@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from psm_jax import edits as E
-from psm_jax.chat import Role, encode_chat, pad_batch, post_instruction_positions
+from psm_jax.chat import Role, encode_chat, pad_batch, pad_id, post_instruction_positions
 from psm_jax.logits import kl_divergence, target_window_size, token_set_log_odds
 from psm_jax.model import Capture, forward
-from psm_jax.persona.rollouts import answer_logprob
+from psm_jax.persona.rollouts import answer_logprob, static_batches
 from psm_jax.persona.directions import random_directions
 from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band
 
@@ -126,12 +126,6 @@ class Prompts:
         return Prompts(self.tokens[idx], self.mask[idx], [self.texts[i] for i in idx])
 
 
-def pad_id(model) -> int:
-    from psm_jax.persona.rollouts import pad_id as pad
-
-    return pad(model)
-
-
 def encode_prompts(model, instruction_sets: Sequence[Sequence[str]]) -> tuple[list[Prompts], np.ndarray, list[str]]:
     """Encode every instruction as [user] + generation prompt; pad all sets to one length.
 
@@ -181,14 +175,6 @@ def refusal_token_ids(tokenizer, score_tokens: Sequence[str]) -> list[int]:
     return sorted(set(ids))
 
 
-def _padded_rows(n: int, batch_size: int):
-    """(row indices, n_real) per batch of exactly `batch_size` rows, the last batch filled with copies of its last
-    row: one static shape for the compiled functions."""
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n))
-        yield np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]), len(idx)
-
-
 def _progress_bar(items, show: bool, **tqdm_kw):
     """`items` wrapped in a tqdm bar when `show`, so tqdm is imported only when a bar is shown."""
     if not show:
@@ -198,9 +184,10 @@ def _progress_bar(items, show: bool, **tqdm_kw):
     return tqdm(items, **tqdm_kw)
 
 
-def batches(prompts: Prompts, batch_size: int):
-    """(tokens, mask, n_real) of fixed batch size; the last batch is filled with copies of its last row."""
-    for idx, n_real in _padded_rows(len(prompts), batch_size):
+def batches(prompts: Prompts, batch_size: int, *, progress: bool = False, desc: str = "batch"):
+    """(tokens, mask, n_real) of fixed batch size (`rollouts.static_batches`: the last batch is filled with copies
+    of its last row, one static shape for the compiled functions)."""
+    for _, idx, n_real in static_batches(np.arange(len(prompts)), batch_size, progress=progress, desc=desc):
         yield jnp.asarray(prompts.tokens[idx]), jnp.asarray(prompts.mask[idx]), n_real
 
 
@@ -282,9 +269,7 @@ def mean_diff_directions(params, config, harmful: Prompts, harmless: Prompts, of
     means = []
     for prompts in (harmful, harmless):
         total = np.zeros((len(offsets), config.n_layers, config.d_model), np.float64)
-        it = _progress_bar(batches(prompts, batch_size), progress, total=-(-len(prompts) // batch_size),
-                           desc="resid_pre means", unit="batch")
-        for tok, mask, n in it:
+        for tok, mask, n in batches(prompts, batch_size, progress=progress, desc="resid_pre means"):
             h = np.asarray(_capture_resid_pre(params, config, tok, mask, offsets))[:, :n]  # [L, n, P, D]
             total += h.astype(np.float64).sum(axis=1).transpose(1, 0, 2)
         means.append(total / len(prompts))
@@ -423,7 +408,8 @@ def _nll_sum(params, config, tokens, mask, target_mask, edits, *, window: int):
 def cross_entropy(params, config, tokens, mask, target_mask, edits=(), batch_size: int = 8) -> float:
     """Token-weighted mean next-token CE (nats) over the target tokens."""
     total, count = 0.0, 0
-    for idx, n_real in _padded_rows(tokens.shape[0], batch_size):
+    for _, idx, n_real in static_batches(np.arange(tokens.shape[0]), batch_size):
+        idx = np.asarray(idx)
         tm = target_mask[idx[:n_real]]
         if n_real < batch_size:  # fill rows count nothing
             tm = np.concatenate([tm, np.zeros((batch_size - n_real, tm.shape[1]), bool)])

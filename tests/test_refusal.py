@@ -220,3 +220,20 @@ def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
         R.run(R.Config(n_train=120, n_eval=32), tiny_chat_model)
     with pytest.raises(ValueError, match="out of range"):
         R.run(R.Config(layers=(7,)), tiny_chat_model)
+
+
+def test_cross_entropy_matches_numpy_over_a_partial_last_batch(tiny):
+    """The token-weighted next-token CE over target tokens equals numpy's from full-sequence logits; the copies that
+    fill the last batch add nothing."""
+    params, config, harm, _ = tiny
+    rng = np.random.default_rng(4)
+    targets = harm.mask & (rng.random(harm.mask.shape) < 0.6)
+    got = R.cross_entropy(params, config, harm.tokens, harm.mask, targets, batch_size=2)  # 5 rows: 2 + 2 + 1
+    logits = np.asarray(jit_forward(params, config, jnp.asarray(harm.tokens),
+                                    attention_mask=jnp.asarray(harm.mask)).logits, np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp[:, :-1], harm.tokens[:, 1:, None].astype(np.int64), -1)[..., 0]
+    scored = targets[:, 1:] & harm.mask[:, 1:]
+    assert scored.sum() > 5
+    np.testing.assert_allclose(got, nll[scored].mean(), rtol=1e-4)
