@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from experiments import assistant_axis as AA
+from experiments import assistant_axis_report as AAR
 from psm_jax.chat import Role, encode_chat
-from psm_jax.persona.directions import random_cosine_band
+from psm_jax.persona.axis import per_turn_projections, response_means, role_and_default_vectors
+from psm_jax.persona.directions import (axis_from_vectors, axis_pc1_cosines, group_means, persona_space,
+                                        random_cosine_band)
+from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
 from tests.fixtures_assets import smollm2_tokenizer  # noqa: F401  (session fixture)
 
 
@@ -35,19 +39,19 @@ def test_group_means_and_axis_formula():
     means = np.arange(5 * 2 * 3, dtype=float).reshape(5, 2, 3)
     groups = [0, 1, 0, 1, 2]
     keep = [True, True, True, False, True]
-    vecs, counts = AA.group_means(means, groups, 4, keep=keep)
+    vecs, counts = group_means(means, groups, 4, keep=keep)
     np.testing.assert_array_equal(counts, [2, 1, 1, 0])
     np.testing.assert_allclose(vecs[0], (means[0] + means[2]) / 2)
     np.testing.assert_allclose(vecs[1], means[1])
     np.testing.assert_allclose(vecs[2], means[4])
     assert np.isnan(vecs[3]).all()
     default = np.ones((2, 3))
-    axis = AA.axis_from_vectors(default, vecs[:3])
+    axis = axis_from_vectors(default, vecs[:3])
     np.testing.assert_allclose(axis, default - (vecs[0] + vecs[1] + vecs[2]) / 3)
     with pytest.raises(ValueError, match="one per response"):
-        AA.group_means(means, [0, 1], 2)
+        group_means(means, [0, 1], 2)
     with pytest.raises(ValueError, match="expected"):
-        AA.axis_from_vectors(np.ones(3), np.ones((2, 4)))
+        axis_from_vectors(np.ones(3), np.ones((2, 4)))
 
 
 def test_persona_space_numbers():
@@ -57,8 +61,8 @@ def test_persona_space_numbers():
     b = np.array([0.4, -0.5, 0.3, -0.2, 0.1, -0.1])
     roles = a[:, None] * e0 + b[:, None] * e1 + 1e-3 * rng.normal(size=(6, 4)) + 5 * e2
     default = -8.0 * e0 + 0.3 * e1 + 5 * e2  # far out along -e0: the Assistant sits at one extreme
-    axis = AA.axis_from_vectors(default, roles)
-    sp = AA.persona_space(roles, default, axis, fraction=0.7)
+    axis = axis_from_vectors(default, roles)
+    sp = persona_space(roles, default, axis, fraction=0.7)
     centred = roles - roles.mean(0)
     var = np.linalg.svd(centred, compute_uv=False) ** 2
     np.testing.assert_allclose(sp["explained_ratio"], var / var.sum(), rtol=1e-9)
@@ -74,7 +78,7 @@ def test_persona_space_numbers():
     # per layer: layer 0 as above, layer 1 an axis orthogonal to the role spread
     rv = np.stack([roles, roles], axis=1)
     ax = np.stack([axis, np.eye(4)[3]])
-    cos = AA.axis_pc1_cosines(rv, ax)
+    cos = axis_pc1_cosines(rv, ax)
     np.testing.assert_allclose(cos[0], abs(expect_cos), atol=1e-9)
     assert cos[1] < 0.01
 
@@ -83,15 +87,15 @@ def test_select_roles_stratified_and_deterministic():
     from psm_jax.persona import datasets
 
     roles = datasets.load_roles().roles
-    a = AA.select_roles(roles, 12, seed=0)
-    b = AA.select_roles(roles, 12, seed=0)
+    a = select_roles(roles, 12, seed=0)
+    b = select_roles(roles, 12, seed=0)
     assert [r.name for r in a] == [r.name for r in b] and len(a) == 12
     assert "assistant" not in [r.name for r in a]
     assert len({r.category for r in a}) >= 8  # spread over the categories
-    assert len(AA.select_roles(roles, None, 0)) == len(roles) - 1
-    q = AA.sample_questions(datasets.load_role_questions(), 5, seed=3)
-    assert q == AA.sample_questions(datasets.load_role_questions(), 5, seed=3) and len(set(q)) == 5
-    assert AA.system_conv("", "hi") == [{"role": "user", "content": "hi"}]
+    assert len(select_roles(roles, None, 0)) == len(roles) - 1
+    q = sample_questions(datasets.load_role_questions(), 5, seed=3)
+    assert q == sample_questions(datasets.load_role_questions(), 5, seed=3) and len(set(q)) == 5
+    assert system_conv("", "hi") == [{"role": "user", "content": "hi"}]
 
 
 def test_role_pool_keeps_the_named_categories():
@@ -129,7 +133,7 @@ CONV = [{"role": "system", "content": "You are a pirate captain."},
 def test_role_vector_is_mean_over_assistant_content_tokens_only(tiny_chat):
     m = tiny_chat
     conv2 = [CONV[0], CONV[1], {"role": "assistant", "content": "Nowhere."}]
-    means, ntok = AA.response_means(m, [CONV, conv2], batch_size=2)
+    means, ntok = response_means(m, [CONV, conv2], batch_size=2)
     for i, conv in enumerate([CONV, conv2]):
         enc, h = _capture_all(m, conv)
         mask = (enc.roles == Role.ASSISTANT) & (enc.turns == 2)
@@ -137,7 +141,7 @@ def test_role_vector_is_mean_over_assistant_content_tokens_only(tiny_chat):
         np.testing.assert_allclose(means[i], h[:, mask].mean(axis=1), atol=2e-5)
         # the template / system / user tokens are not in it
         assert not np.allclose(means[i], h[:, enc.roles != Role.TEMPLATE].mean(axis=1), atol=1e-3)
-    vecs, counts = AA.group_means(means, [0, 0], 1)
+    vecs, counts = group_means(means, [0, 0], 1)
     np.testing.assert_allclose(vecs[0], means.mean(0), atol=1e-6)
 
 
@@ -146,16 +150,16 @@ def test_role_and_default_vectors_match_manual(tiny_chat):
     from psm_jax.persona.rollouts import generate_responses
 
     m = tiny_chat
-    roles = AA.select_roles(datasets.load_roles().roles, 2, seed=0)
+    roles = select_roles(datasets.load_roles().roles, 2, seed=0)
     qs = ["Who are you?", "What do you eat?"]
     defaults = ["", "You are an AI assistant."]
-    rv, dv = AA.role_and_default_vectors(m, roles, qs, default_prompts=defaults, batch_size=4, max_new_tokens=3,
+    rv, dv = role_and_default_vectors(m, roles, qs, default_prompts=defaults, batch_size=4, max_new_tokens=3,
                                          temperature=0.0)
     assert rv.shape == (2, 3, 32) and dv.shape == (3, 32)
-    convs = [AA.system_conv(r.instructions[0], q) for r in roles for q in qs]
-    dconvs = [AA.system_conv(p, q) for p in defaults for q in qs]
+    convs = [system_conv(r.instructions[0], q) for r in roles for q in qs]
+    dconvs = [system_conv(p, q) for p in defaults for q in qs]
     rolls = generate_responses(m, convs + dconvs, max_new_tokens=3, batch_size=4)
-    means, ntok = AA.response_means(m, [r.conversation() for r in rolls], batch_size=4)
+    means, ntok = response_means(m, [r.conversation() for r in rolls], batch_size=4)
     assert (ntok > 0).all()
     np.testing.assert_allclose(rv[0], means[:2].mean(0), atol=1e-5)
     np.testing.assert_allclose(rv[1], means[2:4].mean(0), atol=1e-5)
@@ -167,7 +171,7 @@ def test_per_turn_projections_match_manual(tiny_chat):
     long = CONV + [{"role": "user", "content": "And then?"},
                    {"role": "assistant", "content": "Then home, with the tide."}]
     direction = np.random.default_rng(0).normal(size=32)
-    proj, ntok = AA.per_turn_projections(m, [long, CONV], direction[None], layers=(1,), batch_size=2)
+    proj, ntok = per_turn_projections(m, [long, CONV], direction[None], layers=(1,), batch_size=2)
     assert proj.shape == (2, 1, 2) and np.isnan(proj[1, 0, 1]) and ntok[1, 1] == 0
     u = direction / np.linalg.norm(direction)
     for i, conv in enumerate([long, CONV]):
@@ -237,7 +241,7 @@ def test_adherence_scores_match_manual_likelihoods(tiny_chat):
     got = adherence_scores(m, systems, questions, answers, "You are a helpful AI assistant.", batch_size=2)
 
     def per_token_lp(system, q, a):
-        conv = AA.system_conv(system, q) + [{"role": "assistant", "content": a}]
+        conv = system_conv(system, q) + [{"role": "assistant", "content": a}]
         enc = encode_chat(m.tokenizer, conv, chat_template=m.chat_template)
         logits = np.asarray(jit_forward(m.params, m.config, enc.tokens[None]).logits[0], np.float64)
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
@@ -267,12 +271,12 @@ def test_space_summary_names_the_carrying_component():
     lo, hi = s["percentile_ci"]
     assert lo <= s["percentile"] <= hi
     c = {k: v for k, v in s.items() if k not in ("space", "ci")}
-    text = AA.carrier_text("All roles", dict(c, pc="PC2"))
+    text = AAR.carrier_text("All roles", dict(c, pc="PC2"))
     assert "PC2 carries the Assistant" in text and "met." in text and "not met" not in text
     # the default inside the role cloud: the target fails, and the text says which number falls short
     s2 = AA._space_summary(roles, roles.mean(0) + 0.1 * e[1], 0.7, seed=0)
     c2 = {k: v for k, v in s2.items() if k not in ("space", "ci")}
-    text2 = AA.carrier_text("All roles", dict(c2, pc=f"PC{s2['carrier'] + 1}"))
+    text2 = AAR.carrier_text("All roles", dict(c2, pc=f"PC{s2['carrier'] + 1}"))
     assert not s2["target_met"] and "Target not met: the default is above only" in text2
     assert s["roles_below_default_on_axis"] == 1.0 and 0 <= s2["top3_cosine"] <= 1
 
