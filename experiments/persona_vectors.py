@@ -564,13 +564,15 @@ def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions
     """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
     pos vs neg projections at every layer."""
     p_last, p_resp = monitoring.prompt_projections(mon_acts, direction, layer, len(systems))
-    kinds = np.repeat(monitoring.validity_kinds(systems), n_questions)
-    sep = {}
-    for name, key_ in (("last_prompt", "last_prompt"), ("response", "response_mean")):
-        sep[name] = np.asarray([float(cohens_d(project(mon_acts[key_][:, L], direction[L])[kinds == "pos"],
-                                               project(mon_acts[key_][:, L], direction[L])[kinds == "neg"]))
-                                for L in range(direction.shape[0])])
     kind_arr = monitoring.validity_kinds(systems)
+    row_kinds = np.repeat(kind_arr, n_questions)
+
+    def separation(key: str, L: int) -> float:
+        proj = project(mon_acts[key][:, L], direction[L])
+        return float(cohens_d(proj[row_kinds == "pos"], proj[row_kinds == "neg"]))
+
+    sep = {name: np.asarray([separation(key, L) for L in range(direction.shape[0])])
+           for name, key in (("last_prompt", "last_prompt"), ("response", "response_mean"))}
     return {"layer": layer, "systems": [{"kind": s.kind, "index": s.pair, "system": s.system, "level": s.level}
                                         for s in systems],
             "behaviour": behaviour, "proj_last_prompt": p_last, "proj_response": p_resp,
