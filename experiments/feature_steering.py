@@ -45,7 +45,7 @@ import numpy as np
 
 from experiments.report import Report, jsonable, pyplot
 from experiments.report import fmt_num as _f
-from experiments.sae_source import load_feature_sae
+from experiments.sae_source import line_key, load_feature_sae
 from psm_jax import edits as E
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import random_directions, typical_norms, unit
@@ -117,6 +117,7 @@ class Result:
     n_ppl_docs: int
     traits: dict  # name -> `steer_trait` output
     seconds: float
+    default_layer: int  # the SAE studies' default layer on this model (n_layers // 2): record keys name any other
 
 
 # ------------------------------------------------------------------------------------------- edits
@@ -414,7 +415,7 @@ def run(config: Config, model, progress=None, *, features: tuple | None = None) 
         say(f"{name}: best latent z {_f(r['edits'][r['best']]['z'], '.2f')}, vector z "
             f"{_f(r['edits']['persona vector']['z'], '.2f')}, measure {'valid' if r['validity']['valid'] else 'NOT valid'}")
     return Result(config=cfg, layer=sae.layer, sae=sae.describe(), typical_norm=norm, n_ppl_docs=len(ppl[0]),
-                  traits=results, seconds=time.time() - t0)
+                  traits=results, seconds=time.time() - t0, default_layer=model.config.n_layers // 2)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -549,7 +550,8 @@ def records(result: Result) -> list[dict]:
             continue
         out.append(dict(metric="feature_steering_effect_z", value=float(best["z"]), unit="z (random band)",
                         reference=ref, target="> 1.96 with a valid measure", trait=name,
-                        key=name if result.config.ranking == "contrast" else f"{name}/{result.config.ranking}",
+                        key=line_key(name if result.config.ranking == "contrast" else f"{name}/{result.config.ranking}",
+                                     result.layer, result.default_layer),
                         ranking=result.config.ranking,
                         measure="judge-free answer score", measure_valid=bool(r["validity"]["valid"]),
                         validity_effect=r["validity"]["effect"], evidence=is_evidence(r),

@@ -533,6 +533,7 @@ class Result:
     n_generated: int
     context_tokens: int
     seconds: float
+    default_layer: int  # the study's default SAE layer on this model (n_layers // 2): record keys name any other
 
 
 def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None) -> Result:
@@ -565,7 +566,8 @@ def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None
     records, ctx, n_ctx_docs = latent_records(model, sae, cfg, results, specific, role_res, all_convs, say, bars)
     return Result(config=cfg, sae=sae, sae_info=sae_info, results=results, specific=specific, roles=role_res,
                   directions=directions, latent_records=records, density=ctx.table.density(), n_context_docs=n_ctx_docs,
-                  n_generated=len(all_convs), context_tokens=len(ctx.table), seconds=time.time() - t_start)
+                  n_generated=len(all_convs), context_tokens=len(ctx.table), seconds=time.time() - t_start,
+                  default_layer=sae_layer(dataclasses.replace(cfg, layer=None), model.config.n_layers))
 
 
 def _group_mean(stats, rows, group: str) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 
 from experiments.persona_features import Result, best_latent, candidates, summary
 from experiments.report import Report, atomic_write_json, fmt_num, jsonable, pyplot
+from experiments.sae_source import line_key
 from psm_jax.persona.directions import SITE
 from sae.features import label as L
 from sae.features.browser import write_browser
@@ -298,9 +299,10 @@ def result_records(result: Result) -> list[dict]:
            f"{cfg.d_replicate} on held-out questions")
     out = []
     for name, m in summary(result).items():
+        key = line_key(name, result.sae.layer, result.default_layer)
         val = m["best_effect_validation"]
         out.append(dict(metric="persona_latents_found", value=m["n_found"], unit="latents", reference=ref,
-                        target="> the shuffled-label band", trait=name, key=name, null_band_high=m["null_band"]["high"],
+                        target="> the shuffled-label band", trait=name, key=key, null_band_high=m["null_band"]["high"],
                         null_found=m["null_found"], best_latent=m["best_latent"],
                         best_effect=val["estimate"], best_effect_low=val["low"], best_effect_high=val["high"],
                         n=val["n"], n_unit="validation questions", n_conversations=val["n_conversations"],
@@ -318,7 +320,7 @@ def result_records(result: Result) -> list[dict]:
             out.append(dict(metric="persona_specific_latents_found", value=sp["n_found"], unit="latents",
                             reference=f"{ref}; ranked instead by the margin of the trait's d over every other "
                                       "trait's d, and found only where that margin is positive on both halves",
-                            target="> the shuffled-label band", trait=name, key=name,
+                            target="> the shuffled-label band", trait=name, key=key,
                             null_band_low=sp["null_band"]["low"], null_band_high=sp["null_band"]["high"],
                             null_found=sp["null_found"], best_latent=sp["best_latent"],
                             best_is_found=sp["best_is_found"], best_d_validation=sp["best_d_validation"],

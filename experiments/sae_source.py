@@ -30,3 +30,10 @@ def load_feature_sae(path, layer: int | None, *, default_layer: int) -> tuple[F.
                                    name=str(path))
     return fs, {"source": str(path), "format": "run_dir", "trained_here": False, "sae_cfg": cfgs[0].to_dict(),
                 "params": params[0], "scfg": cfgs[0]}
+
+
+def line_key(name: str, layer: int, default_layer: int) -> str:
+    """A record line's key for a result read from an SAE at `layer`: the name alone at the studies' default layer
+    (the rows earlier runs filled), `<name>/L<layer>` at any other, so that a run at another layer gets rows of its
+    own in the results table instead of replacing the default layer's."""
+    return name if int(layer) == int(default_layer) else f"{name}/L{int(layer)}"

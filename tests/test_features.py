@@ -516,6 +516,8 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
               "vector_z", "measure", "n_random"):
         assert k in line, k
     assert line["metric"] == "feature_steering_effect_z" and line["key"] == "evil" and line["value"] == best["z"]
+    assert res.layer == res.default_layer  # a run at another layer keys its rows by that layer
+    assert fs.records(dataclasses.replace(res, layer=res.layer + 1))[0]["key"] == f"evil/L{res.layer + 1}"
     assert line["effect_low"] <= line["effect"] <= line["effect_high"] and line["n_random"] == cfg.n_random
     assert line["ci"] == [line["effect_low"], line["effect_high"]] and "questions" in line["ci_of"]
     assert line["null"].startswith(f"{cfg.n_random} random directions") or line["null"].startswith("none: ")
@@ -619,6 +621,8 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     assert [ln["metric"] for ln in lines] == ["persona_latents_found", "persona_specific_latents_found"] * 2 + [
         "persona_latents_found"]
     assert all(ln["n_unit"] == "validation questions" and ln["null_band_high"] is not None for ln in lines)
+    assert res.default_layer == 1  # the tiny model's middle layer; this SAE reads layer 2, so its rows say so
+    assert [ln["key"] for ln in lines] == ["evil/L2", "evil/L2", "humorous/L2", "humorous/L2", "role-vs-default/L2"]
     assert all(ln["null"].startswith("pos/neg labels shuffled") for ln in lines)
     assert all(ln["ci"][0] <= ln["best_effect"] <= ln["ci"][1] for ln in lines if "ci" in ln)
     assert set(lines[-1]["best_d_validation_other_traits"]) == {"evil", "humorous"}
@@ -635,7 +639,7 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
                 model, features=(cand, dirs, sae))
     assert r3.traits["evil"]["latents"][0] == spec["best"]
     (line,) = fs.records(r3)
-    assert line["key"] == "evil/specific" and line["ranking"] == "specific"
+    assert line["key"] == "evil/specific/L2" and line["ranking"] == "specific"
 
 
 def test_latent_specificity_names_latents_shared_between_traits():

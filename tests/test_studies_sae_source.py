@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from experiments.sae_source import load_feature_sae
+from experiments.sae_source import line_key, load_feature_sae
 from sae.config import SaeConfig
 from sae.interop import export_saelens
 from tests.test_sae_interop import META, _params
@@ -17,3 +17,8 @@ def test_load_feature_sae_from_a_saelens_folder(tmp_path):
     np.testing.assert_allclose(np.asarray(fs.W_dec), np.asarray(params["W_dec"]), rtol=1e-6)
     with pytest.raises(FileNotFoundError, match="sae='.*nope' does not exist"):
         load_feature_sae(tmp_path / "nope", None, default_layer=1)
+
+
+def test_line_key_names_a_layer_other_than_the_default():
+    assert line_key("evil", 15, 15) == "evil" and line_key("evil/specific", 15, 15) == "evil/specific"
+    assert line_key("evil", 18, 15) == "evil/L18" and line_key("evil/specific", 12, 15) == "evil/specific/L12"
