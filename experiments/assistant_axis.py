@@ -389,11 +389,12 @@ def _drift(model, cfg: Config, axis_t, target: int, bars: bool) -> dict:
 
 
 def _subsets(cfg: Config, vv: _Vectors, target: int) -> tuple[dict, list[int]]:
-    """Persona space with intervals for the whole role set and, with 3+ roles, the human archetypes."""
+    """Persona space with intervals for the whole role set and, with 3+ roles that are not the whole set, the human
+    archetypes."""
     human = [i for i, r in enumerate(vv.kept_roles) if r.category in cfg.human_categories]
     subsets = {"all": _space_summary(vv.role_vecs[:, target], vv.default_vec[target], cfg.variance_fraction,
                                      cfg.seed)}
-    if len(human) >= 3:
+    if 3 <= len(human) < len(vv.kept_roles):
         subsets["human"] = _space_summary(vv.role_vecs[human][:, target], vv.default_vec[target],
                                           cfg.variance_fraction, cfg.seed)
     return subsets, human

@@ -237,9 +237,11 @@ def _component_sections(rep, res: AxisResult) -> None:
         {"PC": f"PC{k + 1}", "variance": float(space["explained_ratio"][k]), "cos(axis, PC)": cos,
          "|cos| 95% CI": _interval(ci[1], k), "roles below the default": pct, "percentile 95% CI": _interval(ci[0], k)}
         for k, (cos, pct) in enumerate(zip(space["pc_cosines"], space["pc_percentiles"]))])
+    n_human = len(m.get("human_roles", []))
     human_txt = (carrier_text("Human archetypes (" + ", ".join(cfg.human_categories) + "; own axis and PCA)",
                               m["carrier_human"]) if "carrier_human" in m else
-                 f"Human archetypes: fewer than 3 kept roles in {', '.join(cfg.human_categories)}; not analysed.")
+                 "Human archetypes: every kept role is one, so the line above is theirs." if n_human == m["n_roles"]
+                 else f"Human archetypes: fewer than 3 kept roles in {', '.join(cfg.human_categories)}; not analysed.")
     rep.section("The Assistant's component against the target", f"""
 |axis| in the span of the top 3 PCs: {space['top3_cosine']:.3f} of its length.
 

@@ -321,3 +321,22 @@ def test_carrier_by_layer_finds_the_layer_where_the_assistant_separates():
     rows = AA.carrier_by_layer(roles, default, 0.7, 0, range(L))
     assert [r["layer"] for r in rows] == [0, 1, 2]
     assert rows[2]["percentile"] == 1.0 and not rows[0]["target_met"] and not rows[1]["target_met"]
+
+
+def test_the_human_subset_is_analysed_only_when_it_is_a_proper_subset():
+    """A run over human archetypes only has no separate human subset (it would repeat the whole set); a mixed run has
+    one, with its own PCA over exactly the human roles."""
+    import types
+
+    rng = np.random.default_rng(0)
+    cats = ["profession"] * 5 + ["mythic"] * 5
+    roles = [types.SimpleNamespace(name=f"r{i}", category=c) for i, c in enumerate(cats)]
+    vecs = rng.normal(size=(10, 2, 6))
+    cfg = AA.Config(n_roles=None)
+    mixed = AA._Vectors(vecs, roles, np.ones(10, bool), rng.normal(size=(2, 6)), np.ones(3, bool), None)
+    subsets, human = AA._subsets(cfg, mixed, 1)
+    assert set(subsets) == {"all", "human"} and human == [0, 1, 2, 3, 4]
+    assert subsets["human"]["n_roles"] == 5 and subsets["all"]["n_roles"] == 10
+    only_human = mixed._replace(role_vecs=vecs[:5], kept_roles=roles[:5])
+    subsets, human = AA._subsets(cfg, only_human, 1)
+    assert set(subsets) == {"all"} and human == [0, 1, 2, 3, 4]
