@@ -45,7 +45,7 @@ import numpy as np
 
 from experiments.report import Report, jsonable, pyplot
 from experiments.report import fmt_num as _f
-from experiments.sae_source import line_key, load_feature_sae
+from experiments.sae_source import default_sae_layer, line_key, load_feature_sae
 from psm_jax import edits as E
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import random_directions, typical_norms, unit
@@ -415,7 +415,7 @@ def run(config: Config, model, progress=None, *, features: tuple | None = None) 
         say(f"{name}: best latent z {_f(r['edits'][r['best']]['z'], '.2f')}, vector z "
             f"{_f(r['edits']['persona vector']['z'], '.2f')}, measure {'valid' if r['validity']['valid'] else 'NOT valid'}")
     return Result(config=cfg, layer=sae.layer, sae=sae.describe(), typical_norm=norm, n_ppl_docs=len(ppl[0]),
-                  traits=results, seconds=time.time() - t0, default_layer=model.config.n_layers // 2)
+                  traits=results, seconds=time.time() - t0, default_layer=default_sae_layer(model.config.n_layers))
 
 
 # ------------------------------------------------------------------------------------------- report

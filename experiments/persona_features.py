@@ -62,7 +62,7 @@ import jax
 import numpy as np
 
 from experiments.report import atomic_write_json
-from experiments.sae_source import load_feature_sae
+from experiments.sae_source import default_sae_layer, load_feature_sae
 from experiments.study import written_by
 from psm_jax import edits as E
 from psm_jax.persona import rollouts
@@ -165,7 +165,7 @@ PRESETS = {
 
 
 def sae_layer(cfg: Config, n_layers: int) -> int:
-    return cfg.layer if cfg.layer is not None else n_layers // 2
+    return cfg.layer if cfg.layer is not None else default_sae_layer(n_layers)
 
 
 HARVEST_FIELDS = ("model", "train_tokens", "train_docs", "train_role_prompts", "context_len", "seed")
@@ -567,7 +567,7 @@ def run(config: Config, model, progress=None, *, sae: F.FeatureSae | None = None
     return Result(config=cfg, sae=sae, sae_info=sae_info, results=results, specific=specific, roles=role_res,
                   directions=directions, latent_records=records, density=ctx.table.density(), n_context_docs=n_ctx_docs,
                   n_generated=len(all_convs), context_tokens=len(ctx.table), seconds=time.time() - t_start,
-                  default_layer=sae_layer(dataclasses.replace(cfg, layer=None), model.config.n_layers))
+                  default_layer=default_sae_layer(model.config.n_layers))
 
 
 def _group_mean(stats, rows, group: str) -> np.ndarray:

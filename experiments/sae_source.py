@@ -32,6 +32,11 @@ def load_feature_sae(path, layer: int | None, *, default_layer: int) -> tuple[F.
                 "params": params[0], "scfg": cfgs[0]}
 
 
+def default_sae_layer(n_layers: int) -> int:
+    """The residual layer the SAE studies read unless told otherwise: the middle of the stack."""
+    return n_layers // 2
+
+
 def line_key(name: str, layer: int, default_layer: int) -> str:
     """A record line's key for a result read from an SAE at `layer`: the name alone at the studies' default layer
     (the rows earlier runs filled), `<name>/L<layer>` at any other, so that a run at another layer gets rows of its
