@@ -49,7 +49,6 @@ from psm_jax.persona.capping import (FORMS, POSITIONS, capping_edit, check_perce
                                      form_thresholds, make_edits_fn, random_cap_edits, token_projections)
 from psm_jax.persona.directions import SITE, axis_from_vectors, unit
 from psm_jax.persona.prompts import role_phrase, sample_questions, select_roles, system_conv, trait_system_prompt
-from psm_jax.persona.rollouts import conversation_nll
 from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect
 
 
@@ -517,20 +516,12 @@ def _perplexity_cost(cfg: Config, model, cap_fn, progress: bool) -> dict:
     if cfg.n_ppl_conversations <= 0:
         return {}
     sg = sharegpt_conversations(cfg.n_ppl_conversations, cfg.seed + 7, 8, cfg.ppl_max_chars, min_assistant_turns=1)
-    n0, c0 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, progress=progress)
-    n1, c1 = conversation_nll(model, sg, batch_size=cfg.ppl_batch_size, edits_fn=cap_fn, progress=progress)
-    ppl = {"tokens": int(c0.sum()), "ppl": float(np.exp(n0.sum() / c0.sum())),
-           "ppl_capped": float(np.exp(n1.sum() / c1.sum()))}
-    ppl["pct_change"] = 100.0 * (ppl["ppl_capped"] / ppl["ppl"] - 1.0)
-    if len(sg) > 1:  # conversations are the units: resample them, keeping each one's tokens paired
-
-        def pct(idx):
-            idx = idx.astype(int)
-            return 100.0 * (np.exp(n1[idx].sum() / c1[idx].sum() - n0[idx].sum() / c0[idx].sum()) - 1.0)
-
-        ci = bootstrap_ci(np.arange(len(sg), dtype=float), statistic=pct, seed=cfg.seed)
-        ppl["pct_change_ci"] = [ci["low"], ci["high"]]
-    ppl["n_conversations"] = len(sg)
+    cost = measures.chat_fluency_cost(model, sg, cap_fn, batch_size=cfg.ppl_batch_size, seed=cfg.seed,
+                                      progress=progress)
+    ppl = {"tokens": cost["tokens"], "ppl": cost["ppl"], "ppl_capped": cost["ppl_edited"],
+           "pct_change": cost["ppl_pct_change"], "n_conversations": cost["n_conversations"]}
+    if "ppl_pct_change_ci" in cost:
+        ppl["pct_change_ci"] = cost["ppl_pct_change_ci"]
     return ppl
 
 

@@ -52,6 +52,7 @@ from psm_jax.generate import decode, prefill
 from psm_jax.kvcache import edit_cache_direct
 from psm_jax.model import Capture, forward, jit_forward
 from psm_jax.persona import DEFAULT_MODEL
+from psm_jax.persona.capping import capping_edit
 from psm_jax.persona.directions import unit
 from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect
 
@@ -668,8 +669,8 @@ def capping_control(model, conversations: list[tuple[str, list[dict]]], u_all, c
         lo, hi = cfg.layer_ranges[0]
         positions = np.zeros((1, n_pad), bool)
         positions[0, real] = asst
-        edit = E.clamp(c, u_all, layers=list(range(lo, min(hi, layer + 1))), floor=tau, positions=positions,
-                       site="resid_post")
+        capped = list(range(lo, min(hi, layer + 1)))
+        edit = capping_edit(c, u_all, capped, [tau] * len(capped), positions=positions)
         d = projections((edit,)) - base
         out.append(dict(conversation=conv_id, tau=tau, assistant_shift=float(d[asst].mean()),
                         user_shift=float(d[user].mean()), user_abs_shift=float(np.abs(d[user]).mean()),

@@ -11,6 +11,7 @@ from psm_jax import edits as E
 from psm_jax.loading.hf import load_hf_dir
 from psm_jax.logits import kl_divergence, token_set_log_odds
 from psm_jax.model import Capture, jit_forward
+from psm_jax.persona import refusal as RL
 
 TOKEN_IDS = [3, 7, 11]
 
@@ -22,7 +23,7 @@ def _prompts(rng, n, T, vocab, min_len=4):
         length = int(rng.integers(min_len, T + 1))
         tokens[i, T - length:] = rng.integers(0, vocab, length)
         mask[i, T - length:] = True
-    return R.Prompts(tokens, mask, [f"p{i}" for i in range(n)])
+    return RL.Prompts(tokens, mask, [f"p{i}" for i in range(n)])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def tiny(tiny_hf):
 def test_mean_diff_equals_numpy(tiny):
     params, config, harm, safe = tiny
     offsets = np.array([-3, -2, -1])
-    got = R.mean_diff_directions(params, config, harm, safe, offsets, batch_size=3)  # fill rows in both sets
+    got = RL.mean_diff_directions(params, config, harm, safe, offsets, batch_size=3)  # fill rows in both sets
     assert got.dtype == np.float64 and got.shape == (3, config.n_layers, config.d_model)
 
     def means(p):
@@ -51,15 +52,15 @@ def test_mean_diff_equals_numpy(tiny):
 def test_candidate_scores_match_direct_and_do_not_recompile(tiny):
     params, config, harm, safe = tiny
     dirs = np.random.default_rng(1).normal(size=(2, config.n_layers, config.d_model))
-    R.evaluate_candidates(params, config, dirs, [(0, 1)], harm, safe, TOKEN_IDS, batch_size=4)
-    size = R._last_logits._cache_size()
+    RL.evaluate_candidates(params, config, dirs, [(0, 1)], harm, safe, TOKEN_IDS, batch_size=4)
+    size = RL._last_logits._cache_size()
     cands = [(0, 0), (1, 2), (1, 1)]
-    rows = R.evaluate_candidates(params, config, dirs, cands, harm, safe, TOKEN_IDS, batch_size=4)
-    assert R._last_logits._cache_size() == size  # directions and layer masks are traced
+    rows = RL.evaluate_candidates(params, config, dirs, cands, harm, safe, TOKEN_IDS, batch_size=4)
+    assert RL._last_logits._cache_size() == size  # directions and layer masks are traced
     assert [(r["position"], r["layer"]) for r in rows] == cands
 
     def last(p, edits=()):  # the same compiled forward, fed with edits built independently here
-        return R._last_logits(params, config, jnp.asarray(p.tokens), jnp.asarray(p.mask), tuple(edits))
+        return RL._last_logits(params, config, jnp.asarray(p.tokens), jnp.asarray(p.mask), tuple(edits))
 
     p, layer = cands[1]
     v = dirs[p, layer].astype(np.float32)
@@ -75,7 +76,7 @@ def test_candidate_scores_match_direct_and_do_not_recompile(tiny):
     induce = float(jnp.mean(token_set_log_odds(last(safe, ind), jnp.asarray(TOKEN_IDS))))
     kl = float(kl_divergence(last(safe), last(safe, abl)))
     # switched-off condition edits are bit-identical to no edits
-    np.testing.assert_array_equal(np.asarray(last(safe)), np.asarray(last(safe, R.condition_edits(config))))
+    np.testing.assert_array_equal(np.asarray(last(safe)), np.asarray(last(safe, RL.condition_edits(config))))
     assert rows[1]["bypass"] == pytest.approx(bypass, abs=1e-4)
     assert rows[1]["induce"] == pytest.approx(induce, abs=1e-4)
     assert rows[1]["kl"] == pytest.approx(kl, rel=1e-3, abs=1e-6)
@@ -86,9 +87,9 @@ def test_zero_direction_is_skipped(tiny):
     params, config, harm, safe = tiny
     dirs = np.random.default_rng(2).normal(size=(1, config.n_layers, config.d_model))
     dirs[0, 0] = 0.0
-    rows = R.evaluate_candidates(params, config, dirs, [(0, 0)], harm, safe, TOKEN_IDS, batch_size=4)
+    rows = RL.evaluate_candidates(params, config, dirs, [(0, 0)], harm, safe, TOKEN_IDS, batch_size=4)
     assert np.isnan(rows[0]["bypass"])
-    best, ann = R.select_direction(rows, config.n_layers)
+    best, ann = RL.select_direction(rows, config.n_layers)
     assert best is None and "zero direction" in ann[0]["reason"]
 
 
@@ -107,29 +108,29 @@ def test_selection_rules_on_synthetic_scores():
         _row(5, -4.0, 2.0, 0.0),  # passes, worse bypass
         _row(1, float("nan"), 1.0, 0.0),  # NaN
     ]
-    best, ann = R.select_direction(rows, n_layers, max_layer_frac=0.8, kl_threshold=0.1, induce_threshold=0.0)
+    best, ann = RL.select_direction(rows, n_layers, max_layer_frac=0.8, kl_threshold=0.1, induce_threshold=0.0)
     assert (best["layer"], best["bypass"]) == (4, -5.0)
     assert [r["kept"] for r in ann] == [False, False, False, False, True, True, False]
     assert "layer" in ann[0]["reason"] and "layer" in ann[1]["reason"]
     assert "KL" in ann[2]["reason"] and "induce" in ann[3]["reason"]
-    best, _ = R.select_direction(rows[:4], n_layers)
+    best, _ = RL.select_direction(rows[:4], n_layers)
     assert best is None
     with pytest.raises(ValueError, match="lacks"):
-        R.select_direction([dict(layer=1, bypass=0.0, kl=0.0)], n_layers)
+        RL.select_direction([dict(layer=1, bypass=0.0, kl=0.0)], n_layers)
 
 
 def test_selection_fallback_tiers():
     n = 10
     rows = [_row(2, -3.0, -2.0, 0.05), _row(3, -4.0, -1.0, 0.05), _row(4, -9.0, 0.5, 0.9), _row(9, -20.0, 1, 0)]
-    best, _, tier = R.select_with_fallback(rows, n, harmless_baseline=-1.5)
+    best, _, tier = RL.select_with_fallback(rows, n, harmless_baseline=-1.5)
     assert tier == "induce_above_baseline" and best["layer"] == 3
-    best, _, tier = R.select_with_fallback(rows, n, harmless_baseline=0.0)
+    best, _, tier = RL.select_with_fallback(rows, n, harmless_baseline=0.0)
     assert tier == "kl_only" and best["layer"] == 3
-    best, _, tier = R.select_with_fallback(rows[2:], n, harmless_baseline=0.0)
+    best, _, tier = RL.select_with_fallback(rows[2:], n, harmless_baseline=0.0)
     assert tier == "layer_only" and best["layer"] == 4
-    best, _, tier = R.select_with_fallback(rows, n, harmless_baseline=0.0, fallback=False)
+    best, _, tier = RL.select_with_fallback(rows, n, harmless_baseline=0.0, fallback=False)
     assert best is None and tier is None
-    best, _, tier = R.select_with_fallback(rows + [_row(5, -1.0, 0.1, 0.0)], n, harmless_baseline=0.0)
+    best, _, tier = RL.select_with_fallback(rows + [_row(5, -1.0, 0.1, 0.0)], n, harmless_baseline=0.0)
     assert tier == "strict" and best["layer"] == 5
 
 
@@ -139,11 +140,11 @@ class _FakeTok:
 
 
 def test_refusal_token_ids():
-    assert R.refusal_token_ids(_FakeTok(), ["I", "Sorry", "As"]) == [5, 6, 7, 9]
+    assert RL.refusal_token_ids(_FakeTok(), ["I", "Sorry", "As"]) == [5, 6, 7, 9]
     with pytest.raises(ValueError, match="non-empty"):
-        R.refusal_token_ids(_FakeTok(), ["I", " "])
+        RL.refusal_token_ids(_FakeTok(), ["I", " "])
     with pytest.raises(ValueError, match="no token ids"):
-        R.refusal_token_ids(_FakeTok(), ["zzz"])
+        RL.refusal_token_ids(_FakeTok(), ["zzz"])
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -159,7 +160,7 @@ def test_config_errors(kw, match):
 def test_mean_diff_needs_prompts(tiny):
     params, config, harm, _ = tiny
     with pytest.raises(ValueError, match="at least one"):
-        R.mean_diff_directions(params, config, harm, harm.subset([]), [-1])
+        RL.mean_diff_directions(params, config, harm, harm.subset([]), [-1])
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -167,7 +168,7 @@ def test_mean_diff_needs_prompts(tiny):
 
 @pytest.mark.slow  # the whole study on a tiny model: every candidate, condition and generation compiled
 def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
-    kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_tokens=64, ce_min_assistant_tokens=4,
+    kw = dict(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=2, ce_max_chars=300,
               max_new_tokens=3, batch_size=4, positions=(-1, -6), layers=(1, 2), min_filtered=2)
     from experiments.study import execute
 
@@ -178,7 +179,7 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
         assert (out / name).is_file(), name
     m = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(m["refusal_logodds_drop"]) and np.isfinite(m["refusal_ce_change"])
-    assert len(m["candidates"]) == 4 and m["selected"]["tier"] in R.FALLBACK_TIERS
+    assert len(m["candidates"]) == 4 and m["selected"]["tier"] in RL.FALLBACK_TIERS
     assert m["orthogonalized_max_abs_logit_diff"] < 1e-4
     assert res.dirs.shape == (6, 3, 32)  # every post-instruction position x every layer
     from experiments.report import load_vectors
@@ -190,6 +191,7 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert [ln["metric"] for ln in lines] == ["refusal_logodds_drop", "refusal_induce_rise", "refusal_ce_change"]
     drop = res.ev["harmful_base"] - res.ev["harmful_ablated"]
     assert lines[0]["ci"][0] <= np.mean(drop) <= lines[0]["ci"][1] and lines[0]["n"] == len(drop)
+    assert lines[2]["n"] == 2 and lines[2]["ci"][0] <= lines[2]["value"] <= lines[2]["ci"][1]
     assert lines[1]["value"] == pytest.approx(np.mean(res.ev["harmless_induced"] - res.ev["harmless_base"]), abs=1e-4)
     assert all(ln["null"] for ln in lines)
     assert len(res.random_drops) == R.Config().n_random and np.isfinite(res.random_drops).all()
@@ -202,13 +204,13 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     from psm_jax.persona.directions import random_directions
 
     u = random_directions(res.config.seed + 1, res.config.n_random, res.d_model, 1.0)[0]
-    edits = R.condition_edits(tiny_chat_model.config, vector=np.linalg.norm(res.direction) * u,
+    edits = RL.condition_edits(tiny_chat_model.config, vector=np.linalg.norm(res.direction) * u,
                               induce_layer=res.best["layer"])
-    by_hand = R.refusal_scores(tiny_chat_model.params, tiny_chat_model.config, res.e_safe, res.token_ids, edits,
+    by_hand = RL.refusal_scores(tiny_chat_model.params, tiny_chat_model.config, res.e_safe, res.token_ids, edits,
                                res.config.batch_size).mean() - res.ev["harmless_base"].mean()
     assert res.random_rises[0] == pytest.approx(by_hand, abs=1e-5)
     res2 = R.run(R.Config(**kw), tiny_chat_model)
-    assert res2.drop == res.drop and res2.ce["change_pct"] == res.ce["change_pct"]
+    assert res2.drop == res.drop and res2.ce == res.ce
     np.testing.assert_array_equal(res2.random_drops, res.random_drops)
     np.testing.assert_array_equal(res2.random_rises, res.random_rises)
     np.testing.assert_array_equal(res2.dirs, res.dirs)
@@ -220,20 +222,3 @@ def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
         R.run(R.Config(n_train=120, n_eval=32), tiny_chat_model)
     with pytest.raises(ValueError, match="out of range"):
         R.run(R.Config(layers=(7,)), tiny_chat_model)
-
-
-def test_cross_entropy_matches_numpy_over_a_partial_last_batch(tiny):
-    """The token-weighted next-token CE over target tokens equals numpy's from full-sequence logits; the copies that
-    fill the last batch add nothing."""
-    params, config, harm, _ = tiny
-    rng = np.random.default_rng(4)
-    targets = harm.mask & (rng.random(harm.mask.shape) < 0.6)
-    got = R.cross_entropy(params, config, harm.tokens, harm.mask, targets, batch_size=2)  # 5 rows: 2 + 2 + 1
-    logits = np.asarray(jit_forward(params, config, jnp.asarray(harm.tokens),
-                                    attention_mask=jnp.asarray(harm.mask)).logits, np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    nll = -np.take_along_axis(logp[:, :-1], harm.tokens[:, 1:, None].astype(np.int64), -1)[..., 0]
-    scored = targets[:, 1:] & harm.mask[:, 1:]
-    assert scored.sum() > 5
-    np.testing.assert_allclose(got, nll[scored].mean(), rtol=1e-4)

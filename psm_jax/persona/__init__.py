@@ -5,11 +5,13 @@
     rollouts     batched chat generation, response-token activation means, log-prob scoring of given answers
     directions   mean differences, the Assistant Axis, persona space, typical norms, projections
     axis         the Assistant Axis on a model: role and default vectors from sampled answers, per-turn projections
-    measures     behavioural measures of a trait, each with its validity check; fluency (answer NLL)
+    measures     behavioural measures of a trait, each with its validity check; fluency (answer NLL, an edit's
+                 cost on held-out chats)
     steering     steering edits, batched sweeps over many vectors, the random-direction band, perplexity cost
     specificity  steer with direction i, read measure j, each cell against random directions at the same norm
     monitoring   a direction's projection against a measure over graded prompts, within polarity, with its null
     capping      activation capping: percentile thresholds, the cap as an edit, random caps at matched thresholds
+    refusal      refusal directions: difference-in-means candidates, selection rules, ablation and induction edits
     stats        bootstrap intervals, null bands, z-scores, shuffled labels, monotonicity, correlations
     judge        0-100 and rubric judges (local model or an OpenAI-compatible endpoint via llm_client)
 

@@ -20,6 +20,10 @@ check next to every result that uses the measure.
                                                   scored by the model itself
     validity(pos_values, neg_values)              the system-prompt effect with its interval, paired by unit
     answer_nll(model, prompts, answers, ...)      mean per-token NLL of given answers (fluency; perplexity ratios)
+    chat_fluency_cost(model, conversations, edits_fn)
+                                                  an edit's cost on held-out chats: cross-entropy and perplexity of
+                                                  the assistant tokens without and with it, percent changes with
+                                                  intervals over conversations
 
 Every measure takes `edits_fn(batch) -> edits` (None: unsteered), so a steering sweep passes its edit without
 recompiling (vectors and coefficients are traced). Values are numpy arrays, one per unit.
@@ -32,7 +36,7 @@ import numpy as np
 
 from psm_jax.persona import rollouts
 from psm_jax.persona.prompts import system_conv
-from psm_jax.persona.stats import paired_effect
+from psm_jax.persona.stats import bootstrap_ci, paired_effect
 
 EditsFn = rollouts.EditsFn
 
@@ -201,3 +205,42 @@ def answer_nll(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str],
     lp = rollouts.score_answers(model, prompts, answers, batch_size=even_batch(len(prompts), batch_size),
                                 edits_fn=edits_fn)
     return float(-lp.sum() / counts.sum())
+
+
+def chat_fluency_cost(model, conversations: Sequence[Sequence[dict]], edits_fn: EditsFn, *, batch_size: int = 4,
+                      seed: int = 0, progress: bool = False) -> dict:
+    """What an edit costs on ordinary chat: the token-weighted cross-entropy (nats) of every assistant token of the
+    whole held-out `conversations`, teacher-forced without and with `edits_fn`, and the perplexity.
+
+    Returns {n_conversations, tokens, ce, ce_edited, ce_pct_change, ppl, ppl_edited, ppl_pct_change} plus, with two
+    or more conversations, `ce_pct_change_ci` and `ppl_pct_change_ci`: 95% bootstrap intervals with the
+    conversations as the units (each resampled conversation keeps its tokens, paired across the two conditions)."""
+    if not conversations:
+        raise ValueError("chat_fluency_cost: no conversations; expected at least one")
+    n0, c0 = rollouts.conversation_nll(model, conversations, batch_size=batch_size, progress=progress)
+    n1, c1 = rollouts.conversation_nll(model, conversations, batch_size=batch_size, edits_fn=edits_fn,
+                                       progress=progress)
+    if c0.sum() == 0:
+        raise ValueError("chat_fluency_cost: the conversations have no assistant tokens")
+
+    def ces(idx):
+        return n0[idx].sum() / c0[idx].sum(), n1[idx].sum() / c1[idx].sum()
+
+    def ce_pct(idx):
+        base, edited = ces(idx.astype(int))
+        return 100.0 * (edited / base - 1.0)
+
+    def ppl_pct(idx):
+        base, edited = ces(idx.astype(int))
+        return 100.0 * (np.exp(edited - base) - 1.0)
+
+    every = np.arange(len(conversations))
+    base, edited = ces(every)
+    out = {"n_conversations": len(conversations), "tokens": int(c0.sum()), "ce": float(base),
+           "ce_edited": float(edited), "ce_pct_change": float(ce_pct(every)), "ppl": float(np.exp(base)), "ppl_edited": float(np.exp(edited)),
+           "ppl_pct_change": float(ppl_pct(every))}
+    if len(conversations) > 1:
+        for name, statistic in (("ce_pct_change_ci", ce_pct), ("ppl_pct_change_ci", ppl_pct)):
+            ci = bootstrap_ci(every.astype(float), statistic=statistic, seed=seed)
+            out[name] = [ci["low"], ci["high"]]
+    return out
