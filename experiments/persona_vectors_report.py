@@ -10,10 +10,11 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments.persona_vectors import (LAYER_INDEXING, MIN_SPECIFICITY_TRAITS, MIN_TARGET_TRAITS,
+from experiments.persona_vectors import (MIN_SPECIFICITY_TRAITS, MIN_TARGET_TRAITS,
                                          MONITOR_MIN_WITHIN_R, TARGET_NAMES, Config, Result, cosine_matrix, is_valid)
 from experiments.report import Report, atomic_write_bytes, few_splits_text, jsonable, pyplot
 from experiments.report import fmt_num as _fmt
+from psm_jax.persona.extraction import LAYER_INDEXING
 from psm_jax.persona import measures
 from psm_jax.persona.directions import SITE
 from psm_jax.persona.stats import MIN_MONOTONIC_RUN, MIN_NULL_DRAWS, pearson_ci

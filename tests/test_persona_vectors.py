@@ -9,6 +9,9 @@ import pytest
 
 from experiments import persona_vectors as pv
 from experiments import persona_vectors_report as pvr
+from psm_jax.persona import directions as D
+from psm_jax.persona import extraction as PE
+from psm_jax.persona import prompts as P
 from psm_jax.persona import monitoring, rollouts, steering
 from psm_jax.persona import stats as S
 from psm_jax.persona.datasets import BehaviouralItem
@@ -61,9 +64,9 @@ NEG = [[{"role": "system", "content": "You are a helpful assistant. Be kind."},
 
 
 def test_mean_difference_per_layer_matches_numpy_on_captured_activations(model):
-    vecs = pv.extract_vectors(model, POS, NEG, batch_size=4)
+    vecs = PE.extract_vectors(model, POS, NEG, batch_size=4)
     ref = {"pos": [_reference_means(model, c) for c in POS], "neg": [_reference_means(model, c) for c in NEG]}
-    for k, name in enumerate(pv.VARIANTS):
+    for k, name in enumerate(PE.VARIANTS):
         expect = np.mean([r[k] for r in ref["pos"]], 0) - np.mean([r[k] for r in ref["neg"]], 0)
         assert vecs[name].shape == (model.config.n_layers, model.config.d_model)
         np.testing.assert_allclose(vecs[name], expect, atol=1e-5, err_msg=name)
@@ -71,34 +74,34 @@ def test_mean_difference_per_layer_matches_numpy_on_captured_activations(model):
 
 def test_mean_difference_errors():
     with pytest.raises(ValueError, match="at least one"):
-        pv.mean_difference(np.zeros((0, 2, 3)), np.zeros((1, 2, 3)))
+        D.mean_difference(np.zeros((0, 2, 3)), np.zeros((1, 2, 3)))
     with pytest.raises(ValueError, match="differ in shape"):
-        pv.mean_difference(np.zeros((1, 2, 3)), np.zeros((1, 2, 4)))
+        D.mean_difference(np.zeros((1, 2, 3)), np.zeros((1, 2, 4)))
 
 
 def test_projection_and_screening_difference(model):
     rng = np.random.default_rng(1)
     a, v = rng.normal(size=(5, 16)), rng.normal(size=16)
-    np.testing.assert_allclose(pv.project(a, v), a @ v / np.linalg.norm(v), rtol=1e-7)
+    np.testing.assert_allclose(D.project(a, v), a @ v / np.linalg.norm(v), rtol=1e-7)
     with pytest.raises(ValueError, match="width"):
-        pv.project(a, rng.normal(size=8))
+        D.project(a, rng.normal(size=8))
 
     prompts = [c[:-1] for c in POS]
     given = [c[-1]["content"] for c in POS]
     own = ["I would hand it in.", "Kindly."]
     layer = 1
-    res = pv.projection_difference(model, prompts, given, v, layer, own_responses=own, batch_size=4)
-    ref_given = [pv.project(_reference_means(model, c)[0][layer], v) for c in POS]
-    ref_own = [pv.project(_reference_means(model, p + [{"role": "assistant", "content": o}])[0][layer], v)
+    res = PE.projection_difference(model, prompts, given, v, layer, own_responses=own, batch_size=4)
+    ref_given = [D.project(_reference_means(model, c)[0][layer], v) for c in POS]
+    ref_own = [D.project(_reference_means(model, p + [{"role": "assistant", "content": o}])[0][layer], v)
                for p, o in zip(prompts, own)]
     np.testing.assert_allclose(res["diff"], np.subtract(ref_given, ref_own), atol=1e-4)
     assert res["mean"] == pytest.approx(float(np.mean(np.subtract(ref_given, ref_own))), abs=1e-4)
     with pytest.raises(ValueError, match="equal counts"):
-        pv.projection_difference(model, prompts, given[:1], v, layer, own_responses=own)
+        PE.projection_difference(model, prompts, given[:1], v, layer, own_responses=own)
 
 
 def test_typical_norms_match_numpy(model):
-    norms = pv.typical_norms(model, NEG, batch_size=2)
+    norms = D.typical_norms(model, NEG, batch_size=2)
     per_tok = []
     for c in NEG:
         h, roles, turns = _captured(model, c)
@@ -123,12 +126,12 @@ def test_monotonic_pearson_split():
     assert not S.monotonic(c7, [0, 1, 2, 3, 2, 1, 0])["run"]  # the only increasing run is [-1, 0]: no positive c
     assert not S.monotonic([0, 0.5, 1, 2], [0, 1, 2, 3])["run"]  # no negative coefficient
     assert pv.count_monotonic([m, {"run": False}, {"increasing": True}], "run") == 1
-    assert pv.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
-    assert pv.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert S.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert S.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="equal-length"):
-        pv.pearson([1, 2], [1, 2])
+        S.pearson([1, 2], [1, 2])
     items = [BehaviouralItem(f"q{i}", ("a", "b"), i % 2) for i in range(8)]
-    sel, held = pv.split_items(items)
+    sel, held = P.split_items(items)
     assert len(sel) == len(held) == 4 and sum(i.trait_choice for i in sel) == 2
     assert not set(sel) & set(held)
 
@@ -137,13 +140,13 @@ def test_extraction_rows_and_system_prompts():
     from psm_jax.persona.datasets import load_trait
 
     trait = load_trait("evil")
-    rows = pv.extraction_rows(trait, n_pairs=2, n_questions=3, n_samples=2)
+    rows = P.extraction_rows(trait, n_pairs=2, n_questions=3, n_samples=2)
     assert len(rows) == 2 * 2 * 3 * 2
     pos = [r for r in rows if r["polarity"] == "pos"]
     assert pos[0]["messages"][0]["content"].startswith("You are an evil assistant. ")
     assert rows[-1]["messages"][0]["content"].startswith("You are a helpful assistant. ")
     with pytest.raises(ValueError, match="n_questions"):
-        pv.extraction_rows(trait, 1, 99, 1)
+        P.extraction_rows(trait, 1, 99, 1)
 
 
 def test_answer_token_counts_match_the_scored_mask(model):
@@ -170,15 +173,15 @@ def test_response_slots_and_config():
     from psm_jax.persona.datasets import load_trait
 
     trait = load_trait("evil")
-    slots = pv.response_slots(trait, 4, 1)
+    slots = P.response_slots(trait, 4, 1)
     assert [(s["question_index"], s["pair"]) for s in slots] == [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert slots[0]["question"] == trait.evaluation_questions[0]
-    slots = pv.response_slots(trait, 5, 2)
+    slots = P.response_slots(trait, 5, 2)
     assert [s["pair"] for s in slots if s["question_index"] == 4] == [4, 0]
     with pytest.raises(ValueError, match="n_response_questions=99"):
-        pv.response_slots(trait, 99, 1)
+        P.response_slots(trait, 99, 1)
     with pytest.raises(ValueError, match="n_response_pairs=6"):
-        pv.response_slots(trait, 2, 6)
+        P.response_slots(trait, 2, 6)
     for kw, pat in ((dict(n_response_questions=1), "n_response_questions=1"),
                     (dict(n_response_pairs=0), "n_response_pairs=0"), (dict(n_response_pairs=6), "n_response_pairs=6"),
                     (dict(response_max_new_tokens=0), "response_max_new_tokens=0")):
@@ -251,20 +254,20 @@ def test_specificity_cells_skip_targets_without_a_valid_measure(model):
     def trait(name, valid):
         return {"trait": name, "steering": {"validity": {"valid": valid}, "layer": 1},
                 "vectors": {"response_avg": rng.normal(size=(2, 16))}, "scales": np.array([1.0, 2.0]),
-                "random_units": pv.random_directions(0, 20, 16, 1.0), "held_out_pairs": {"items": pv.item_pairs(ITEMS)}}
+                "random_units": D.random_directions(0, 20, 16, 1.0), "held_out_pairs": {"items": steering.item_pairs(ITEMS)}}
 
     results = [trait("evil", True), trait("humorous", False)]
     sp = pv.specificity_matrix(model, results, 2.0)
     assert sp["measure"] == ["items", None] and sp["valid"] == [True, False]
     assert np.isfinite(sp["cells"][:, 0]).all() and np.isnan(sp["cells"][:, 1]).all()
     src = results[1]
-    vec = 2.0 * pv.steering_vector(src["vectors"]["response_avg"], src["scales"], 1)
-    want = (pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
-            - pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=-1.0)[0])
+    vec = 2.0 * steering.steering_vector(src["vectors"]["response_avg"], src["scales"], 1)
+    want = (steering.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
+            - steering.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=-1.0)[0])
     assert sp["cells"][1, 0] == pytest.approx(want, abs=1e-5)  # the symmetric effect m(+c) - m(-c)
     rand = src["random_units"][3] * np.linalg.norm(vec)
-    want_rand = (pv.behaviour_measure(model, ITEMS, vector=rand, layer=1, coef=1.0)[0]
-                 - pv.behaviour_measure(model, ITEMS, vector=rand, layer=1, coef=-1.0)[0])
+    want_rand = (steering.behaviour_measure(model, ITEMS, vector=rand, layer=1, coef=1.0)[0]
+                 - steering.behaviour_measure(model, ITEMS, vector=rand, layer=1, coef=-1.0)[0])
     assert sp["random"][1, 0, 3] == pytest.approx(want_rand, abs=1e-5)
     assert np.isfinite(sp["z"][:, 0]).all() and np.isnan(sp["per_trait"][1]["diag_z"])
     assert sp["per_trait"][0]["n_offdiag"] == 0 and sp["per_trait"][1]["n_offdiag"] == 1
@@ -273,7 +276,7 @@ def test_specificity_cells_skip_targets_without_a_valid_measure(model):
 def _specificity_trait(name, response_avg, scales=(1.0, 2.0)):
     return {"trait": name, "steering": {"validity": {"valid": True}, "layer": 1},
             "vectors": {"response_avg": np.asarray(response_avg)}, "scales": np.asarray(scales),
-            "random_units": pv.random_directions(0, 20, 16, 1.0), "held_out_pairs": {"items": pv.item_pairs(ITEMS)}}
+            "random_units": D.random_directions(0, 20, 16, 1.0), "held_out_pairs": {"items": steering.item_pairs(ITEMS)}}
 
 
 def test_trait_specific_part_is_orthogonal_to_the_other_traits_at_the_whole_norm(model):
@@ -293,8 +296,8 @@ def test_trait_specific_part_is_orthogonal_to_the_other_traits_at_the_whole_norm
     part = vecs[0][1] - q @ (q.T @ vecs[0][1])
     assert kept == pytest.approx(np.linalg.norm(part) / np.linalg.norm(vecs[0][1]))
     assert 0.2 < kept < 0.95 and ts["kept_fraction"][0] == kept
-    want = (pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
-            - pv.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=-1.0)[0])
+    want = (steering.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=1.0)[0]
+            - steering.behaviour_measure(model, ITEMS, vector=vec, layer=1, coef=-1.0)[0])
     assert ts["cells"][0, 2] == pytest.approx(want, abs=1e-5)
     assert np.array_equal(ts["random"], whole["random"]) and not np.allclose(ts["cells"], whole["cells"])
     assert ts["z"][0, 2] == pytest.approx(S.zscore(ts["cells"][0, 2], whole["random"][0, 2]))
@@ -369,9 +372,9 @@ def test_bad_inputs(tmp_path, model):
     bad = tmp_path / "bad_trait.json"
     bad.write_text(json.dumps({"schema_version": 1, "trait": "bad", "description": "missing the rest"}))
     with pytest.raises(ValueError, match="instruction_pairs"):
-        pv.load_traits([str(bad)])
+        P.load_traits([str(bad)])
     with pytest.raises(ValueError, match="unknown trait"):
-        pv.load_traits(["no_such_trait"])
+        P.load_traits(["no_such_trait"])
 
     from experiments.report import Report
 
@@ -493,7 +496,7 @@ def test_run_end_to_end_tiny(tmp_path, model):
     assert "## Response-likelihood measure: results per trait" in text and "Two-choice items: " in text
     assert (out / "response_steering_curves.png").is_file()
     tensors, meta = pv.load_persona_vectors(out / "vectors_evil.safetensors", model, model_name="small-test-model")
-    assert set(tensors) == set(pv.VARIANTS) and meta["site"] == "resid_post"
+    assert set(tensors) == set(PE.VARIANTS) and meta["site"] == "resid_post"
     from psm_jax.persona.prompts import load_traits
 
     rebuilt = pv.monitoring_from_vectors(model, load_traits(cfg.traits[:1])[0], cfg, tensors["response_avg"],
@@ -510,12 +513,12 @@ def test_run_end_to_end_tiny(tmp_path, model):
 def test_band_measures_gate_the_random_band(model):
     """A valid measure outside `band_measures` gets no band (and says why) and cannot count as above the band; an
     invalid one is skipped for its validity whatever the config; a name that is not a measure is rejected."""
-    units = pv.random_directions(1, 20, 16, 1.0)
-    items, valid = pv.item_pairs(ITEMS), {"valid": True}
+    units = D.random_directions(1, 20, 16, 1.0)
+    items, valid = steering.item_pairs(ITEMS), {"valid": True}
     only_response = pv.Config(band_measures=("response_likelihood",))
     skipped = pv.band_or_skip(model, items, units, 1, 2.0, 3.0, only_response, valid)
     assert skipped["band"] is None and skipped["skipped"] == pv.BAND_SKIPPED_BY_CONFIG
-    assert not pv.outside_band(10.0, skipped)
+    assert not steering.outside_band(10.0, skipped)
     assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), {"valid": False})["skipped"] \
         == pv.BAND_SKIPPED_INVALID
     assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), valid)["band"]["n"] == 20
@@ -566,8 +569,8 @@ def test_answer_trait_score_matches_unpadded_forward(model):
 
 def test_outside_band_and_targets():
     band = {"band": {"low": -0.1, "high": 0.2}}
-    assert pv.outside_band(0.3, band) and not pv.outside_band(0.1, band)
-    assert not pv.outside_band(5.0, {"band": None}) and not pv.outside_band(float("nan"), band)
+    assert steering.outside_band(0.3, band) and not steering.outside_band(0.1, band)
+    assert not steering.outside_band(5.0, {"band": None}) and not steering.outside_band(float("nan"), band)
 
     def trait(name, steer_ok, within, valid=True):
         mono = {"increasing_within_ceiling_outside_band": steer_ok}
@@ -677,7 +680,7 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
                 "last_prompt": rng.normal(size=(n, n_layers, d)) + sign * shift}
             for k, sign in (("pos", 1.0), ("neg", -1.0))}
     questions = np.arange(n) % 4
-    sep = pv.crossfit_separation(acts, questions, questions)
+    sep = PE.crossfit_separation(acts, questions, questions)
     for layer in range(n_layers):
         ds = []
         for f in (0, 1):
@@ -688,9 +691,9 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
             pooled = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)  # equal group sizes
             ds.append((a.mean() - b.mean()) / pooled)
         assert sep[layer] == pytest.approx(np.mean(ds), rel=1e-6)
-    assert pv.rule_layer(sep) == 1 and sep[1] > 2
-    assert pv.crossfit_separation(acts, np.zeros(n, int), np.zeros(n, int)) is None
-    assert pv.rule_layer(None) is None and pv.rule_layer(np.full(3, np.nan)) is None
+    assert PE.rule_layer(sep) == 1 and sep[1] > 2
+    assert PE.crossfit_separation(acts, np.zeros(n, int), np.zeros(n, int)) is None
+    assert PE.rule_layer(None) is None and PE.rule_layer(np.full(3, np.nan)) is None
 
     systems = [monitoring.MonitorPrompt(k, 0, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(5)]
     mon_acts = {"last_prompt": rng.normal(size=(10, n_layers, d)), "response_mean": rng.normal(size=(10, n_layers, d))}
@@ -736,8 +739,8 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
         scored.append((system, len(questions)))
         return 0.0, np.full(len(questions), 0.05 * held_prompts[index[system]]["level"] + p1[index[system]])
 
-    monkeypatch.setattr(pv.rollouts, "generate_responses", fake_generate)
-    monkeypatch.setattr(pv.rollouts, "activation_means",
+    monkeypatch.setattr(rollouts, "generate_responses", fake_generate)
+    monkeypatch.setattr(rollouts, "activation_means",
                         lambda model, convs, **kw: {"last_prompt": acts, "response_mean": acts})
     monkeypatch.setattr(monitoring, "response_measure", fake_measure)
     held = [{"question": f"q{i}", "pos": "a", "neg": "b", "pair": i} for i in range(3)]

@@ -4,6 +4,8 @@
     prompts      trait / role / graded system prompts and message lists
     rollouts     batched chat generation, response-token activation means, log-prob scoring of given answers
     directions   mean differences, the Assistant Axis, persona space, typical norms, projections
+    extraction   persona vectors from contrasting conversations (three variants), the cross-fitted layer rule,
+                 data screening by projection difference
     axis         the Assistant Axis on a model: role and default vectors from sampled answers, per-turn projections
     measures     behavioural measures of a trait, each with its validity check; fluency (answer NLL, an edit's
                  cost on held-out chats)
