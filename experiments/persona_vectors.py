@@ -110,9 +110,9 @@ from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slot
                                      trait_system_prompt)
 from psm_jax.persona.specificity import MIN_Z, cross_effects, specific_part, specificity_scores, symmetric_effects
 from psm_jax.persona.stats import cohens_d, monotonic, pearson, within_groups_r
-from psm_jax.persona.steering import (ContrastPairs, answer_pairs, behaviour_measure, item_pairs, outside_band,
-                                      perplexity_ratios, random_band, select_layer, steering_curve,
-                                      steering_fn, steering_vector)
+from psm_jax.persona.steering import (ContrastPairs, above_random_band, answer_pairs, behaviour_measure, item_pairs,
+                                      perplexity_ratios, random_band, select_layer, steering_curve, steering_fn,
+                                      steering_vector)
 
 MEASURE_KEYS = (("items", "steering"), ("response_likelihood", "response"))  # measure name, key in a trait's result
 
@@ -252,7 +252,7 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
     norm = float(np.linalg.norm(np.asarray(direction)[best]))
     mono = monotonic(coefs, curve, ppl, max_ppl_ratio=cfg.max_ppl_ratio)
     control["vector_effect"] = float(curve[-1] - curve[0])
-    mono["outside_band"] = outside_band(control["vector_effect"], control)
+    mono["outside_band"] = above_random_band(control["vector_effect"], control)
     mono["increasing_within_ceiling_outside_band"] = bool(mono["increasing_within_ceiling"] and mono["outside_band"])
     return {"layer": best, "coefs": list(coefs), "measure": curve, "n_units": len(held), "ppl_ratio": ppl,
             "monotonic": mono, "random_control": control,

@@ -518,7 +518,7 @@ def test_band_measures_gate_the_random_band(model):
     only_response = pv.Config(band_measures=("response_likelihood",))
     skipped = pv.band_or_skip(model, items, units, 1, 2.0, 3.0, only_response, valid)
     assert skipped["band"] is None and skipped["skipped"] == pv.BAND_SKIPPED_BY_CONFIG
-    assert not steering.outside_band(10.0, skipped)
+    assert not steering.above_random_band(10.0, skipped)
     assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), {"valid": False})["skipped"] \
         == pv.BAND_SKIPPED_INVALID
     assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), valid)["band"]["n"] == 20
@@ -567,10 +567,10 @@ def test_answer_trait_score_matches_unpadded_forward(model):
         measures.answer_trait_score(model, RQ, RPOS, "", neg_sys)
 
 
-def test_outside_band_and_targets():
+def test_above_random_band_and_targets():
     band = {"band": {"low": -0.1, "high": 0.2}}
-    assert steering.outside_band(0.3, band) and not steering.outside_band(0.1, band)
-    assert not steering.outside_band(5.0, {"band": None}) and not steering.outside_band(float("nan"), band)
+    assert steering.above_random_band(0.3, band) and not steering.above_random_band(0.1, band)
+    assert not steering.above_random_band(5.0, {"band": None}) and not steering.above_random_band(float("nan"), band)
 
     def trait(name, steer_ok, within, valid=True):
         mono = {"increasing_within_ceiling_outside_band": steer_ok}

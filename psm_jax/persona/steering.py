@@ -259,7 +259,7 @@ def perplexity_ratios(model, prompts, answers, vectors, layer: int, *, batch_siz
     return out
 
 
-def outside_band(effect: float, control: dict) -> bool:
+def above_random_band(effect: float, control: dict) -> bool:
     """Whether the vector's effect m(+cmax) - m(-cmax) lies above the random directions' 95% band at the same norm
     and layer (False without a band: a skipped control or fewer than MIN_NULL_DRAWS directions)."""
     band = control.get("band")
