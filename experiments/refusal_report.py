@@ -148,7 +148,7 @@ refusal log-odds with orthogonalised weights {_mean(res.orth_scores):.3f}.
 def _ce_text(cfg: Config, ce: dict) -> str:
     """The cross-entropy cost of the ablation on held-out chat, with its interval over conversations."""
     ci = ce.get("ce_pct_change_ci")
-    interval = f" [{ci[0]:+.2f}%, {ci[1]:+.2f}%] (95% interval over conversations)" if ci else ""
+    interval = f", 95% interval over conversations [{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else ""
     return (f"Cross-entropy on the assistant tokens of {ce['n_conversations']} held-out ShareGPT conversations "
             f"({ce['tokens']} tokens; each cut to its first {cfg.ce_max_messages} messages and {cfg.ce_max_chars} "
             f"characters; seed {cfg.seed}): {ce['ce']:.4f} -> {ce['ce_edited']:.4f} nats "

@@ -214,7 +214,10 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     np.testing.assert_array_equal(res2.random_drops, res.random_drops)
     np.testing.assert_array_equal(res2.random_rises, res.random_rises)
     np.testing.assert_array_equal(res2.dirs, res.dirs)
-    assert "refuses" in (out / "report.md").read_text()  # the baseline-refusal reading
+    text = (out / "report.md").read_text()
+    assert "refuses" in text  # the baseline-refusal reading
+    low, high = res.ce["ce_pct_change_ci"]
+    assert f"95% interval over conversations [{low:+.2f}%, {high:+.2f}%]" in text
 
 
 def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
