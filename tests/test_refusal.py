@@ -83,6 +83,31 @@ def test_candidate_scores_match_direct_and_do_not_recompile(tiny):
     assert rows[1]["norm"] == pytest.approx(float(np.linalg.norm(v)), rel=1e-5)
 
 
+def test_random_direction_nulls_match_edits_built_here(tiny):
+    """Each random direction's drop (ablated on the harmful prompts) and rise (added at the given norm and layer on the
+    harmless ones) equal those from edits built here with the edit constructors and log-odds taken here."""
+    from psm_jax.persona.directions import random_directions
+
+    params, config, harm, safe = tiny
+    base_h, base_s = 0.3, -0.2  # any unedited means: the nulls are differences from them
+    drops, rises = RL.random_direction_nulls(params, config, harm, safe, TOKEN_IDS, harmful_base=base_h,
+                                             harmless_base=base_s, norm=2.5, layer=1, n=3, seed=4, batch_size=4)
+    units = random_directions(4, 3, config.d_model, 1.0)
+    ids = jnp.asarray(TOKEN_IDS)
+    for k in (0, 2):
+        ablate = tuple(E.project_out(config, units[k], layers="all", site=s) for s in ("resid_pre", "attn_out",
+                                                                                   "mlp_out"))
+        add = (E.add(config, 2.5 * units[k], layers=[1], site="resid_pre"),)
+        scores = {}
+        for name, p, edits in (("harm", harm, ablate), ("safe", safe, add)):
+            logits = jit_forward(params, config, jnp.asarray(p.tokens), attention_mask=jnp.asarray(p.mask),
+                                 edits=edits).logits[:, -1]
+            scores[name] = float(jnp.mean(token_set_log_odds(logits, ids)))
+        assert drops[k] == pytest.approx(base_h - scores["harm"], abs=1e-4)
+        assert rises[k] == pytest.approx(scores["safe"] - base_s, abs=1e-4)
+    assert len(set(np.round(drops, 6))) == 3  # the directions differ
+
+
 def test_zero_direction_is_skipped(tiny):
     params, config, harm, safe = tiny
     dirs = np.random.default_rng(2).normal(size=(1, config.n_layers, config.d_model))

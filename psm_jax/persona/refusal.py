@@ -33,8 +33,8 @@ from psm_jax.model import Capture, forward
 from psm_jax.persona.directions import random_directions
 from psm_jax.persona.rollouts import static_batches
 
-ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
-PAD_MULTIPLE = 16
+ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")  # the stream's input and every write into it: nothing re-adds it
+PAD_MULTIPLE = 16  # prompt lengths padded to a multiple of this: few compiled shapes across prompt sets
 
 
 # ------------------------------------------------------------------------------------ prompts
