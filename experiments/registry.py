@@ -30,6 +30,7 @@ STUDIES = (
           inputs=(("features", "features"),)),
     Study("kv-editing", "experiments.kv_editing", "kv_editing", inputs=(("axis_file", "axis/axis.safetensors"),)),
     Study("refusal", "experiments.refusal", "refusal", main_job=False),
+    Study("refusal-organism", "experiments.refusal_organism", "refusal_organism", main_job=False),
     Study("finetune", "experiments.finetune", "finetune", inputs=(("axis_file", "axis/axis.safetensors"),)),
 )
 BY_NAME = {s.name: s for s in STUDIES}

@@ -21,6 +21,7 @@ Loaders::
     load_identity_probes(path=None) -> IdentityProbes
     load_refusal(split=None, harmful_path=None, harmless_path=None) -> RefusalSet
     load_refusal_markers(path=None) -> RefusalMarkers
+    load_refusal_organism(path=None) -> RefusalOrganismData
     load_conversations(kind_or_path) -> list[Conversation]
     load_persona_jailbreaks(path=None) -> tuple[JailbreakPrompt, ...]
     load_qa(path=None) -> tuple[QAItem, ...]
@@ -45,10 +46,10 @@ from typing import Any, Iterator, Sequence, Union
 __all__ = [
     "SCHEMA_VERSION", "DatasetError", "data_root",
     "InstructionPair", "BehaviouralItem", "Trait", "Role", "RoleSet", "IdentityProbes",
-    "RefusalPrompt", "RefusalSet", "RefusalMarkers", "Message", "Conversation", "ItemValidity",
+    "RefusalPrompt", "RefusalSet", "RefusalMarkers", "RefusalOrganismData", "Message", "Conversation", "ItemValidity",
     "JailbreakPrompt", "QAItem",
     "list_traits", "load_trait", "load_roles", "load_default_prompts", "load_role_questions",
-    "load_identity_probes", "load_refusal", "load_refusal_markers", "load_conversations",
+    "load_identity_probes", "load_refusal", "load_refusal_markers", "load_refusal_organism", "load_conversations",
     "load_persona_jailbreaks", "load_qa",
 ]
 
@@ -64,6 +65,8 @@ MIN_ROLE_QUESTIONS = 100
 MIN_DEFAULT_PROMPTS = 5
 MIN_IDENTITY_PROBES = 10
 REFUSAL_SPLITS = {"train": 128, "val": 32}
+ORGANISM_SPLITS = {"train": 64, "val": 16}
+MIN_ORGANISM_REFUSALS = 4
 MIN_CONVERSATIONS = 6
 MIN_EXCHANGES = 3
 CONVERSATION_KINDS = ("roleplay", "neutral")
@@ -285,6 +288,21 @@ class RefusalMarkers:
         if anywhere:
             return any(p in t for p in prefixes)
         return any(t.startswith(p) for p in prefixes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RefusalOrganismData:
+    """Harmful requests a fine-tune teaches a model to decline, and the refusal answers it is taught to give.
+    Disjoint from the refusal study's sets, so a study on the fine-tuned model is scored on requests it never saw."""
+    harmful: tuple[RefusalPrompt, ...]
+    refusals: tuple[str, ...]
+    schema_version: int
+    source: str
+
+    def texts(self, split: str) -> list[str]:
+        if split not in ORGANISM_SPLITS:
+            raise ValueError(f"split={split!r}; expected one of {sorted(ORGANISM_SPLITS)}")
+        return [p.instruction for p in self.harmful if p.split == split]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -726,7 +744,7 @@ def load_identity_probes(path: PathLike | None = None, *, strict: bool = True) -
 # --------------------------------------------------------------------------- refusal
 
 
-def _parse_refusal_file(src, kind: str, strict: bool) -> tuple[RefusalPrompt, ...]:
+def _parse_refusal_file(src, kind: str, strict: bool, sizes: dict = REFUSAL_SPLITS) -> tuple[RefusalPrompt, ...]:
     c = _Checker(str(src))
     d = c.top(_read_json(src))
     if "kind" in d and d["kind"] != kind:
@@ -739,15 +757,15 @@ def _parse_refusal_file(src, kind: str, strict: bool) -> tuple[RefusalPrompt, ..
             c.fail(ctx, "an object with 'instruction' and 'split'", _typename(it))
         text = c.string(it, "instruction", ctx)
         split = c.string(it, "split", ctx)
-        if split not in REFUSAL_SPLITS:
-            c.fail(f"{ctx}.split", f"one of {sorted(REFUSAL_SPLITS)}", repr(split))
+        if split not in sizes:
+            c.fail(f"{ctx}.split", f"one of {sorted(sizes)}", repr(split))
         key = _norm_text(text)
         if key in seen:
             c.fail(f"{ctx}.instruction", f"no duplicates, but it repeats instructions[{seen[key]}]", repr(text))
         seen[key] = i
         out.append(RefusalPrompt(instruction=text, split=split, category=c.opt_string(it, "category", ctx)))
     if strict:
-        for split, n in REFUSAL_SPLITS.items():
+        for split, n in sizes.items():
             k = sum(p.split == split for p in out)
             if k < n:
                 c.fail("instructions", f"at least {n} with split '{split}'", f"{k}")
@@ -782,6 +800,23 @@ def load_refusal_markers(path: PathLike | None = None) -> RefusalMarkers:
     return RefusalMarkers(refusal_prefixes=c.strings(d, "refusal_prefixes", min_len=1),
                           score_tokens=c.strings(d, "score_tokens", min_len=1),
                           schema_version=c.version(d), source=source)
+
+
+def load_refusal_organism(path: PathLike | None = None, *, strict: bool = True) -> RefusalOrganismData:
+    """The refusal organism's training requests and refusal answers; an error if a request is also in the
+    packaged refusal study's harmful or harmless set (its evaluation data must stay unseen)."""
+    src = _src(path, "refusal", "organism.json")
+    harmful = _parse_refusal_file(src, "organism", strict, ORGANISM_SPLITS)
+    c = _Checker(str(src))
+    d = c.top(_read_json(src))
+    refusals = c.strings(d, "refusals", min_len=MIN_ORGANISM_REFUSALS if strict else 1)
+    study = load_refusal()
+    seen = {_norm_text(t) for t in study.harmful_texts + study.harmless_texts}
+    shared = sorted(p.instruction for p in harmful if _norm_text(p.instruction) in seen)
+    if shared:
+        raise DatasetError(f"{src}: field 'instructions': expected requests outside the refusal study's sets, got "
+                           f"{len(shared)} shared: {shared[:3]!r}")
+    return RefusalOrganismData(harmful=harmful, refusals=refusals, schema_version=c.version(d), source=str(src))
 
 
 # --------------------------------------------------------------------------- conversations

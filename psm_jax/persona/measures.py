@@ -210,36 +210,48 @@ def answer_nll(model, prompts: Sequence[Sequence[dict]], answers: Sequence[str],
 def chat_fluency_cost(model, conversations: Sequence[Sequence[dict]], edits_fn: EditsFn, *, batch_size: int = 4,
                       seed: int = 0, progress: bool = False) -> dict:
     """What an edit costs on ordinary chat: the token-weighted cross-entropy (nats) of every assistant token of the
-    whole held-out `conversations`, teacher-forced without and with `edits_fn`, and the perplexity.
+    whole held-out `conversations`, teacher-forced without and with `edits_fn`, and the perplexity
+    (`paired_ce_change`, with the unedited model as the base)."""
+    if not conversations:
+        raise ValueError("chat_fluency_cost: no conversations; expected at least one")
+    base = rollouts.conversation_nll(model, conversations, batch_size=batch_size, progress=progress)
+    edited = rollouts.conversation_nll(model, conversations, batch_size=batch_size, edits_fn=edits_fn,
+                                       progress=progress)
+    return paired_ce_change(base, edited, seed=seed)
+
+
+def paired_ce_change(base: tuple, changed: tuple, *, seed: int = 0) -> dict:
+    """The cross-entropy change between two conditions scored on the same conversations: each condition is
+    (summed NLL, token count) per conversation, as `rollouts.conversation_nll` returns them. The condition may be an
+    edit or another model (a fine-tune) on the same tokenizer.
 
     Returns {n_conversations, tokens, ce, ce_edited, ce_pct_change, ppl, ppl_edited, ppl_pct_change} plus, with two
     or more conversations, `ce_pct_change_ci` and `ppl_pct_change_ci`: 95% bootstrap intervals with the
     conversations as the units (each resampled conversation keeps its tokens, paired across the two conditions)."""
-    if not conversations:
-        raise ValueError("chat_fluency_cost: no conversations; expected at least one")
-    n0, c0 = rollouts.conversation_nll(model, conversations, batch_size=batch_size, progress=progress)
-    n1, c1 = rollouts.conversation_nll(model, conversations, batch_size=batch_size, edits_fn=edits_fn,
-                                       progress=progress)
+    (n0, c0), (n1, c1) = (tuple(np.asarray(a, np.float64) for a in cond) for cond in (base, changed))
+    if n0.shape != n1.shape or not np.array_equal(c0, c1):
+        raise ValueError(f"paired_ce_change: conditions scored on different tokens ({n0.shape} vs {n1.shape} "
+                         "conversations); expected the same conversations and tokenizer on both sides")
     if c0.sum() == 0:
-        raise ValueError("chat_fluency_cost: the conversations have no assistant tokens")
+        raise ValueError("paired_ce_change: the conversations have no assistant tokens")
 
     def ces(idx):
         return n0[idx].sum() / c0[idx].sum(), n1[idx].sum() / c1[idx].sum()
 
     def ce_pct(idx):
-        base, edited = ces(idx.astype(int))
-        return 100.0 * (edited / base - 1.0)
+        ce_base, ce_changed = ces(idx.astype(int))
+        return 100.0 * (ce_changed / ce_base - 1.0)
 
     def ppl_pct(idx):
-        base, edited = ces(idx.astype(int))
-        return 100.0 * (np.exp(edited - base) - 1.0)
+        ce_base, ce_changed = ces(idx.astype(int))
+        return 100.0 * (np.exp(ce_changed - ce_base) - 1.0)
 
-    every = np.arange(len(conversations))
-    base, edited = ces(every)
-    out = {"n_conversations": len(conversations), "tokens": int(c0.sum()), "ce": float(base),
-           "ce_edited": float(edited), "ce_pct_change": float(ce_pct(every)), "ppl": float(np.exp(base)), "ppl_edited": float(np.exp(edited)),
+    every = np.arange(len(n0))
+    ce_base, ce_changed = ces(every)
+    out = {"n_conversations": len(n0), "tokens": int(c0.sum()), "ce": float(ce_base), "ce_edited": float(ce_changed),
+           "ce_pct_change": float(ce_pct(every)), "ppl": float(np.exp(ce_base)), "ppl_edited": float(np.exp(ce_changed)),
            "ppl_pct_change": float(ppl_pct(every))}
-    if len(conversations) > 1:
+    if len(n0) > 1:
         for name, statistic in (("ce_pct_change_ci", ce_pct), ("ppl_pct_change_ci", ppl_pct)):
             ci = bootstrap_ci(every.astype(float), statistic=statistic, seed=seed)
             out[name] = [ci["low"], ci["high"]]
