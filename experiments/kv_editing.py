@@ -20,10 +20,11 @@ an AI assistant (keyword scorer), the per-token identity log-odds of an assistan
 mean axis projection of the sampled answers' tokens. The identity log-odds carries a validity check: unedited, it
 must read higher (more Assistant) after the same user turns answered by the model as its default Assistant than
 after the persona history (`identity_validity`, paired over units); its shifts are evidence only where it passes.
-Controls at the largest strength: the same edit on the
-user-token positions, and a band of random directions at the axis edit's per-layer displacement (matched norm;
-log-odds only, one compiled body mapped over the directions); capping on assistant tokens only, and how much it
-moves user-token projections compared with assistant ones.
+Controls at the largest strength: the same edit on the user-token positions, and a band of random directions at
+the axis edit's per-layer displacement (matched norm; log-odds only, one compiled body mapped over the
+directions); capping on assistant tokens only, and how much it moves user-token projections compared with
+assistant ones. The measures on a cache and the row statistics (shifts, intervals, validity, controls) are
+`psm_jax.persona.kv_identity`; this module builds the histories, caches, edits and rows.
 
 Shapes: histories are left-padded (and probes left-padded, identity answers right-padded) with masked slots to a
 few bucket lengths (`bucket`), so one compiled function serves every conversation and probe of a bucket; masked
@@ -54,7 +55,9 @@ from psm_jax.model import Capture, forward, jit_forward
 from psm_jax.persona import DEFAULT_MODEL
 from psm_jax.persona.capping import capping_edit
 from psm_jax.persona.directions import unit
-from psm_jax.persona.stats import MIN_NULL_DRAWS, bootstrap_ci, null_band, outside_band, paired_effect
+from psm_jax.persona.kv_identity import (CONTROLS, EDIT_MODES, MATCHED, UNEDITED, identity_logodds,
+                                         identity_logodds_band, matched_positions, projection_readout)
+from psm_jax.persona.stats import MIN_NULL_DRAWS
 
 PERSONA_SOURCE = {
     "conversation": "The persona is established by the conversation only: its role-play system prompt is left out, "
@@ -71,10 +74,6 @@ HISTORIES = {
     "generated": "the model's own replies, sampled turn by turn under the role-play system prompt (then left out)",
 }
 KINDS = {"norm": ("norm",), "scale": ("scale",), "both": ("norm", "scale")}
-CONTROLS = ("control_user", "control_random")  # same edit on user-token positions; random directions (a band)
-# the direct edit on a seeded subset of the assistant-token positions as large as the user-token ones: the user-token
-# control's comparison at an equal number of edited positions
-MATCHED = "direct_matched"
 PROBE_ROOM = 64  # cache slots reserved for a probe turn (template included)
 ANSWER_ROOM = 32  # cache slots reserved for a scored identity answer
 ASSISTANT_ANSWER = "I am an AI assistant, a language model made to help people."
@@ -236,49 +235,6 @@ def _edit(model, kind: str, strength: float, layers, positions, u, scale_l):
     return E.add(model.config, u, layers=layers, coef=coef, site="resid_pre", positions=positions, extend=False)
 
 
-def _ones(x):
-    return jnp.ones(x.shape, bool)
-
-
-def _masked_mean(x, mask):
-    """Mean of x [B, T] over the positions where mask is true (float32 weights; 0 where none is), so padded
-    slots do not count."""
-    m = mask.astype(jnp.float32)
-    return jnp.sum(x * m, -1) / jnp.maximum(jnp.sum(m, -1), 1.0)
-
-
-def _per_token_logprob(params, config, cache, probe, answer, probe_mask=None, answer_mask=None):
-    """Mean log p(answer token) after the probe turn, continuing `cache`: [B]. probe [B, P] (left-padded where
-    probe_mask is false), answer [B, A] (right-padded where answer_mask is false; the mean is over its real
-    tokens)."""
-    probe_mask = _ones(probe) if probe_mask is None else probe_mask
-    answer_mask = _ones(answer) if answer_mask is None else answer_mask
-    tokens = jnp.concatenate([probe, answer], axis=1)
-    out = forward(params, config, tokens, attention_mask=jnp.concatenate([probe_mask, answer_mask], axis=1),
-                  cache=cache)
-    P, A = probe.shape[1], answer.shape[1]
-    lp = jax.nn.log_softmax(out.logits[:, P - 1:P + A - 1].astype(jnp.float32), -1)
-    tok = jnp.take_along_axis(lp, answer[..., None], -1)[..., 0]
-    return _masked_mean(tok, answer_mask)
-
-
-def _identity_logodds(params, config, cache, probe, assistant, persona, masks=(None, None, None)):
-    """Per-token log-odds of the assistant identity answer over the persona answer after the probe: [B].
-    masks: (probe, assistant, persona) masks of padded inputs (None: unpadded)."""
-    pm, am, bm = masks
-    return (_per_token_logprob(params, config, cache, probe, assistant, pm, am)
-            - _per_token_logprob(params, config, cache, probe, persona, pm, bm))
-
-
-def _band_logodds(params, config, cache, resid, probe, assistant, persona, edit, vectors, masks=(None, None, None)):
-    """Identity log-odds after the direct edit `edit` with its vector replaced by each of `vectors` [n, L, D]
-    (one compiled body mapped over the directions, in batches): [n, B]."""
-    def one(v):
-        edited = edit_cache_direct(params, config, cache, resid, edit.replace(vector=v))
-        return _identity_logodds(params, config, edited, probe, assistant, persona, masks)
-    return jax.lax.map(one, vectors, batch_size=10)
-
-
 class _Runner:
     """Jitted pieces shared by all conditions: one compilation per bucket of padded shapes (the cache size is a
     function of the history's bucket, so a shape fixes it)."""
@@ -293,27 +249,21 @@ class _Runner:
         self.decode = jax.jit(lambda p, cache, logits, key: decode(
             p, c, cache, logits, max_new_tokens=cfg.max_new_tokens, key=key, temperature=cfg.temperature,
             top_p=cfg.top_p, sample=True, use_top_p=cfg.top_p < 1.0, eos_ids=self.eos, pad_id=self.pad))
-        self.readout = jax.jit(lambda p, cache, t, mask: _readout(p, c, cache, t, mask, cfg.readout_layer,
-                                                                  u_all[cfg.readout_layer]))
-        self.logodds = jax.jit(lambda p, cache, t, a, b, masks: _identity_logodds(p, c, cache, t, a, b, masks))
+        self.readout = jax.jit(lambda p, cache, t, mask: projection_readout(p, c, cache, t, mask, cfg.readout_layer,
+                                                                            u_all[cfg.readout_layer]))
+        self.logodds = jax.jit(lambda p, cache, t, a, b, masks: identity_logodds(p, c, cache, t, a, b, masks))
         self.direct = jax.jit(lambda p, cache, resid, e: edit_cache_direct(p, c, cache, resid, e))
-        self.band = jax.jit(lambda p, cache, resid, t, a, b, e, v, masks: _band_logodds(p, c, cache, resid, t, a, b,
-                                                                                        e, v, masks))
+        self.band = jax.jit(lambda p, cache, resid, t, a, b, e, v, masks: identity_logodds_band(
+            p, c, cache, resid, t, a, b, e, v, masks))
 
     def set_sizes(self, size, eos, pad):
         self._size, self.eos, self.pad = size, eos, pad
 
 
-def _readout(params, config, cache, tokens, mask, layer, u):
-    out = forward(params, config, tokens, attention_mask=mask, cache=cache,
-                  capture=Capture(sites=("resid_post",), layers=(layer,)), return_logits=False)
-    return _masked_mean(out.captured["resid_post"][0] @ u, mask)
-
-
 def _conditions(cfg: Config) -> list[tuple]:
     """(mode, kind, strength, layer range) for every condition; "none" is the unedited cache."""
     kinds = KINDS[cfg.strength_kind]
-    out = [("none", "-", 0.0, None)] + [(mode, kind, s, lr) for kind in kinds for mode in ("recompute", "direct")
+    out = [(UNEDITED, "-", 0.0, None)] + [(mode, kind, s, lr) for kind in kinds for mode in EDIT_MODES
                                         for lr in cfg.layer_ranges for s in cfg.strengths]
     if cfg.controls and max(cfg.strengths) > 0:  # the largest positive edit, where the hypothesis says it cannot act
         out += [(ctl, kind, max(cfg.strengths), cfg.layer_ranges[0]) for kind in kinds
@@ -522,7 +472,7 @@ def _history_rows(st: _Study, conv, ci: int, history_kind: str, history: list[di
             key = jax.random.fold_in(jax.random.key(cfg.seed), first + len(rows))
             row, texts = _sampled_row(st, caches[cond], inputs, key, row)
             rows.append(row)
-            if probe == st.probes[0] and (mode == "none" or strength == max(cfg.strengths)):
+            if probe == st.probes[0] and (mode == UNEDITED or strength == max(cfg.strengths)):
                 shown.append((conv.id, history_kind, mode, kind, strength, row["layers"], texts[:2]))
     return rows, shown
 
@@ -585,14 +535,6 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
                   histories=shown_histories, reference=reference, reference_histories=reference_histories)
 
 
-def matched_positions(assistant: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """A seeded subset of min(n, count) of the True positions of `assistant` [S], spread over all assistant turns."""
-    idx = np.flatnonzero(assistant)
-    out = np.zeros_like(assistant, dtype=bool)
-    out[rng.choice(idx, size=min(int(n), idx.size), replace=False)] = True
-    return out
-
-
 def _slots(positions: np.ndarray, rows: int, size: int) -> np.ndarray:
     """A [rows, size] cache-slot mask: `positions` [n_pad] over the history's slots, False over the room left for
     the probe and the answers."""
@@ -621,7 +563,7 @@ def _history_caches(model, cfg: Config, runner: _Runner, hist, n_pad: int, size:
     caches, band = {}, {}
     for cond in conditions:
         mode, kind, strength, lr = cond
-        if mode == "none":
+        if mode == UNEDITED:
             caches[cond] = base.cache
             continue
         layers = list(range(*lr))
@@ -675,163 +617,6 @@ def capping_control(model, conversations: list[tuple[str, list[dict]]], u_all, c
         out.append(dict(conversation=conv_id, tau=tau, assistant_shift=float(d[asst].mean()),
                         user_shift=float(d[user].mean()), user_abs_shift=float(np.abs(d[user]).mean()),
                         user_tokens=int(user.sum()), assistant_tokens=int(asst.sum())))
-    return out
-
-
-def _nanmean(values) -> float:
-    x = np.asarray(values, np.float64)
-    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Per condition (mode, kind, layers, strength): means over rows; n = (conversation, probe) units (the
-    histories of one conversation share its persona and user turns, so they are not separate units)."""
-    keys = sorted({(r["mode"], r["kind"], r["layers"], r["strength"]) for r in rows},
-                  key=lambda k: (k[0] != "none", k[0] in CONTROLS, k))
-    agg = []
-    for mode, kind, layers, s in keys:
-        sel = [r for r in rows if (r["mode"], r["kind"], r["layers"], r["strength"]) == (mode, kind, layers, s)]
-        agg.append(dict(mode=mode, kind=kind, layers=layers, strength=s,
-                        n=len({(r["conversation"], r["probe"]) for r in sel}), samples=sum(r["n"] for r in sel),
-                        assistant_rate=_nanmean([r["assistant_rate"] for r in sel]),
-                        identity_logodds=_nanmean([r["identity_logodds"] for r in sel]),
-                        answer_projection=_nanmean([r["answer_projection"] for r in sel])))
-    return agg
-
-
-def _cell(r: dict) -> tuple:
-    """The (conversation, history, probe) a row was measured on: where it meets its unedited baseline."""
-    return r["conversation"], r["history"], r["probe"]
-
-
-def _unedited(rows: list[dict], field: str = "identity_logodds") -> dict:
-    """`field` of the unedited cache per (conversation, history, probe): the baseline every shift is taken from."""
-    return {_cell(r): r[field] for r in rows if r["mode"] == "none"}
-
-
-def _kinds(rows: list[dict], mode: str) -> list[str]:
-    """The strength kinds that `mode` was run with, norm first (the order of the report's keys)."""
-    return sorted({r["kind"] for r in rows if r["mode"] == mode}, key=lambda k: k != "norm")
-
-
-def _unit_shifts(rows: list[dict], sel: list[dict], field: str = "identity_logodds") -> dict:
-    """Per (conversation, probe) unit: the mean over its histories of `field` in `sel` minus the unedited cache's."""
-    base = _unedited(rows, field)
-    per_unit: dict = {}
-    for r in sel:
-        per_unit.setdefault((r["conversation"], r["probe"]), []).append(r[field] - base[_cell(r)])
-    return {k: float(np.mean(v)) for k, v in per_unit.items()}
-
-
-def _mean_shift(rows: list[dict], sel: list[dict], field: str = "identity_logodds") -> float:
-    """The mean over units of `_unit_shifts`: a point estimate without an interval."""
-    return float(np.mean(list(_unit_shifts(rows, sel, field).values())))
-
-
-def _shift(rows: list[dict], sel: list[dict], seed: int) -> dict:
-    """The identity log-odds shift of `sel` against the unedited cache, 95% bootstrap interval over units."""
-    ci = bootstrap_ci(list(_unit_shifts(rows, sel).values()), seed=seed)
-    return dict(n=ci["n"], logodds_shift=ci["estimate"], ci_low=ci["low"], ci_high=ci["high"])
-
-
-def _only(rows: list[dict], history: str | None) -> list[dict]:
-    return rows if history is None else [r for r in rows if r["history"] == history]
-
-
-def identity_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
-    """Per edit mode and strength kind ("mode/kind"), at the largest positive strength (first layer range): the
-    identity log-odds shift against the unedited cache, with a 95% bootstrap interval over (conversation, probe)
-    units (`history`: only that history kind; None: their mean within a unit)."""
-    rows = _only(rows, history)
-    out = {}
-    for mode in ("recompute", "direct"):
-        for kind in _kinds(rows, mode):
-            cand = [r for r in rows if r["mode"] == mode and r["kind"] == kind and r["strength"] > 0]
-            if not cand:
-                continue
-            top = max(r["strength"] for r in cand)
-            layers = sorted({r["layers"] for r in cand if r["strength"] == top})[0]
-            sel = [r for r in cand if r["strength"] == top and r["layers"] == layers]
-            out[f"{mode}/{kind}"] = dict(
-                mode=mode, kind=kind, strength=top, layers=layers, samples_per_unit=sel[0]["n"],
-                **_shift(rows, sel, seed),
-                assistant_rate_shift=_mean_shift(rows, sel, "assistant_rate"),
-                projection_shift=_mean_shift(rows, sel, "answer_projection"))
-    return out
-
-
-def identity_validity(rows: list[dict], reference: list[dict], seed: int = 0) -> dict | None:
-    """The identity measure's validity check, paired over (conversation, probe) units: the unedited log-odds after
-    the Assistant's own replies (`reference`) minus after the persona history (the mean over its history kinds),
-    with a 95% bootstrap interval. Valid when the interval lies above 0: the measure reads the persona that the
-    history carries, so its shifts under an edit can be read as moving that persona. None without reference rows."""
-    base: dict = {}
-    for r in rows:
-        if r["mode"] == "none":
-            base.setdefault((r["conversation"], r["probe"]), []).append(r["identity_logodds"])
-    ref = {(r["conversation"], r["probe"]): r["identity_logodds"] for r in reference}
-    units = [u for u in ref if u in base]
-    if not units:
-        return None
-    persona = [float(np.mean(base[u])) for u in units]
-    d = paired_effect([ref[u] for u in units], persona, seed=seed)
-    return dict(effect=d["estimate"], low=d["low"], high=d["high"], n=d["n"], valid=bool(d["low"] > 0),
-                assistant_history_logodds=float(np.mean([ref[u] for u in units])),
-                persona_history_logodds=float(np.mean(persona)))
-
-
-def _minus_user(rows: list[dict], user_rows: list[dict], axis_rows: list[dict], seed: int) -> dict:
-    """Paired over units: the shift of an axis edit on assistant tokens minus the same edit's on user tokens."""
-    on_user, on_asst = _unit_shifts(rows, user_rows), _unit_shifts(rows, axis_rows)
-    units = sorted(set(on_user) & set(on_asst))
-    d = paired_effect([on_asst[u] for u in units], [on_user[u] for u in units], seed=seed)
-    return dict(estimate=d["estimate"], low=d["low"], high=d["high"], n=d["n"])
-
-
-def _assistant_vs_user(rows: list[dict], user_rows: list[dict], seed: int) -> dict:
-    """The user-token control against the same edit on assistant tokens, paired over units: on every assistant
-    token ("all_tokens"), and on a seeded subset as large as the user turns ("matched_tokens"; the edit acts per
-    position, so more edited positions move the cache more), with the mean edited-token counts per history."""
-    ref = user_rows[0]
-    same = lambda r: (r["kind"], r["strength"], r["layers"]) == (ref["kind"], ref["strength"], ref["layers"])  # noqa: E731
-    out = {}
-    for name, mode in (("all_tokens", "direct"), ("matched_tokens", MATCHED)):
-        axis_rows = [r for r in rows if r["mode"] == mode and same(r)]
-        if axis_rows:
-            out[name] = _minus_user(rows, user_rows, axis_rows, seed)
-    tokens = {k: float(np.mean([r[k] for r in user_rows])) if all(k in r for r in user_rows) else None
-              for k in ("assistant_tokens", "user_tokens")}
-    return dict(assistant_minus_user=out, **tokens) if out else {}
-
-
-def control_shifts(rows: list[dict], seed: int = 0, history: str | None = None) -> dict:
-    """Per control and kind ("control/kind"): the identity log-odds shift against the unedited cache, 95% bootstrap
-    interval over units; a control that works has an interval containing 0. For the user-token control also its
-    paired differences from the direct axis edit on every assistant token and on as many assistant tokens as there
-    are user tokens (`_assistant_vs_user`). For the random directions the null band: the central 95% of the
-    per-direction mean shifts, and whether the direct axis edit of the same kind, strength and layers lies outside
-    it."""
-    rows = _only(rows, history)
-    out = {}
-    for ctl in CONTROLS:
-        for kind in _kinds(rows, ctl):
-            sel = [r for r in rows if r["mode"] == ctl and r["kind"] == kind]
-            v = dict(control=ctl, kind=kind, strength=sel[0]["strength"], layers=sel[0]["layers"],
-                     **_shift(rows, sel, seed))
-            if ctl == "control_user":
-                v.update(_assistant_vs_user(rows, sel, seed))
-            if ctl == "control_random":
-                per_dir = np.asarray([r["band_logodds"] for r in sel])  # [rows, directions]
-                base = _unedited(rows)
-                b = np.asarray([base[_cell(r)] for r in sel])
-                band = null_band((per_dir - b[:, None]).mean(axis=0))
-                axis_edit = [r for r in rows if r["mode"] == "direct" and r["kind"] == kind
-                             and r["strength"] == v["strength"] and r["layers"] == v["layers"]]
-                axis_shift = _mean_shift(rows, axis_edit) if axis_edit else None
-                v.update(band_low=band["low"], band_high=band["high"], n_directions=band["n"],
-                         direct_axis_shift=axis_shift,
-                         axis_outside_band=None if axis_shift is None else outside_band(axis_shift, band))
-            out[f"{ctl}/{kind}"] = v
     return out
 
 

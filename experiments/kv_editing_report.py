@@ -1,11 +1,14 @@
 """The KV-editing study's report folder and its lines for benchmarks/results.jsonl: the text is read from the
-numbers (`experiments.kv_editing` computes them; this module only writes)."""
+numbers (`experiments.kv_editing` computes the rows, `psm_jax.persona.kv_identity` their statistics; this module
+only writes)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.kv_editing import (CONVERSATION_SETS, HISTORIES, KINDS, MATCHED, PERSONA_SOURCE, Config, Result,
-                                    aggregate, control_shifts, identity_shifts, identity_validity)
+from experiments.kv_editing import CONVERSATION_SETS, HISTORIES, KINDS, PERSONA_SOURCE, Config, Result
+from psm_jax.persona.kv_identity import (MATCHED, condition_means, control_shifts, identity_shifts,
+                                         identity_validity)
+
 
 def _validity_text(v: dict | None) -> str:
     if v is None:
@@ -184,7 +187,7 @@ def write_report(result: Result, folder) -> Path:
     histories = sorted({r["history"] for r in rows})
     rep = Report(folder, "KV-cache editing of a persisted persona", cfg)
     rep.section("Setup", _setup_text(result, histories))
-    agg = aggregate(rows)
+    agg = condition_means(rows)
     rep.table("Effect of cache edits (mean over rows; n = conversation x probe units)", agg)
     rep.figure("kv_edit_effects", _effects_figure(plt, agg),
                "Identity log-odds and answer projection vs edit strength.")

@@ -9,6 +9,7 @@ from experiments import kv_editing as K
 from experiments import kv_editing_report as KR
 from experiments.report import write_vectors
 from experiments.study import execute
+from psm_jax.persona import kv_identity as KI
 
 
 @pytest.mark.slow  # the whole study twice over histories, strengths and modes
@@ -27,7 +28,7 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert (tmp_path / "run" / "kv_edit_effects.png").is_file()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["samples"] == 2
     assert {r["mode"] for r in m["rows"]} == {"none", "recompute", "direct", "control_user", "control_random",
-                                             K.MATCHED}
+                                             KI.MATCHED}
     assert {r["history"] for r in m["rows"]} == {"scripted", "generated"}
     assert {(r["mode"], r["kind"]) for r in m["rows"] if r["mode"] == "direct"} == {("direct", "norm"),
                                                                                    ("direct", "scale")}
@@ -60,7 +61,7 @@ def test_kv_editing_end_to_end_tiny(tiny_chat_model, tmp_path):
     pairs = user["assistant_minus_user"]
     assert pairs["all_tokens"]["estimate"] == pytest.approx(shifts["direct/norm"]["logodds_shift"]
                                                             - user["logodds_shift"])
-    matched = [r for r in m["rows"] if r["mode"] == K.MATCHED and r["kind"] == "norm"]
+    matched = [r for r in m["rows"] if r["mode"] == KI.MATCHED and r["kind"] == "norm"]
     assert len(matched) == 2 * 2  # (scripted, generated) x 2 probes
     assert user["assistant_tokens"] > user["user_tokens"] > 0
     assert all("n=2" in ln["reference"] for ln in lines)
@@ -91,10 +92,10 @@ def test_band_matches_single_direct_edits(tiny_chat_model):
     edit = E.add(c, dirs[0], layers=[0, 1], coef=2.0, site="resid_pre", positions=asst, extend=False)
     a, b = (jnp.asarray(K._answer_ids(m, t)[None]) for t in (K.ASSISTANT_ANSWER, "I am a pirate."))
     p = jnp.asarray(probe[None])
-    band = np.asarray(K._band_logodds(m.params, c, base.cache, resid, p, a, b, edit, jnp.asarray(dirs)))
+    band = np.asarray(KI.identity_logodds_band(m.params, c, base.cache, resid, p, a, b, edit, jnp.asarray(dirs)))
     for i in range(3):
         cache = edit_cache_direct(m.params, c, base.cache, resid, edit.replace(vector=jnp.asarray(dirs[i])))
-        np.testing.assert_allclose(band[i], K._identity_logodds(m.params, c, cache, p, a, b), atol=1e-4)
+        np.testing.assert_allclose(band[i], KI.identity_logodds(m.params, c, cache, p, a, b), atol=1e-4)
     assert abs(band[0, 0] - band[1, 0]) > 1e-6  # the directions differ, and so do their effects
 
 
@@ -109,19 +110,6 @@ def test_kv_editing_is_deterministic(tiny_chat_model, tmp_path):
     assert first == second  # as JSON: a control row's unsampled rates are NaN, which == never matches
 
 
-def test_identity_shift_interval_over_units():
-    rows = [dict(conversation="c", history=h, probe=p, mode=m, kind=k, strength=s, layers=lr, n=4,
-                 assistant_rate=0.0, identity_logodds=v + (0.2 if h == "generated" else 0.0), answer_projection=0.0)
-            for h in ("scripted", "generated")
-            for p, (b, e) in enumerate([(0.0, 1.0), (0.5, 1.4), (-0.2, 0.9)])
-            for m, k, s, lr, v in (("none", "-", 0.0, "-", b), ("direct", "norm", 0.3, "0-1", e))]
-    shift = K.identity_shifts(rows)["direct/norm"]
-    # three (conversation, probe) units; each unit's two histories are averaged, not counted twice
-    assert shift["n"] == 3 and shift["logodds_shift"] == pytest.approx(np.mean([1.0, 0.9, 1.1]))
-    assert 0.85 <= shift["ci_low"] <= shift["ci_high"] <= 1.15
-    assert K.identity_shifts(rows, history="generated")["direct/norm"]["n"] == 3
-
-
 def test_user_token_control_paired_with_the_assistant_edits():
     """The user-token control carries its paired differences from the same edit on every assistant token and on as
     many assistant tokens as there are user tokens, per unit."""
@@ -129,9 +117,9 @@ def test_user_token_control_paired_with_the_assistant_edits():
     rows = [dict(conversation="c", history="scripted", probe=p, mode=m, kind="norm", strength=s, layers=lr, n=4,
                  assistant_rate=0.0, identity_logodds=v, answer_projection=0.0, assistant_tokens=40, user_tokens=12)
             for p, (b, a, t, u) in enumerate(units)
-            for m, s, lr, v in (("none", 0.0, "-", b), ("direct", 0.3, "0-1", a), (K.MATCHED, 0.3, "0-1", t),
+            for m, s, lr, v in (("none", 0.0, "-", b), ("direct", 0.3, "0-1", a), (KI.MATCHED, 0.3, "0-1", t),
                                 ("control_user", 0.3, "0-1", u))]
-    user = K.control_shifts(rows)["control_user/norm"]
+    user = KI.control_shifts(rows)["control_user/norm"]
     assert user["logodds_shift"] == pytest.approx(np.mean([0.3, 0.1, 0.5]))
     pairs = user["assistant_minus_user"]
     assert pairs["all_tokens"]["estimate"] == pytest.approx(np.mean([0.7, 0.8, 0.6]))
@@ -149,15 +137,6 @@ def test_user_token_control_paired_with_the_assistant_edits():
     assert lines[1]["ci"] == [pairs["matched_tokens"]["low"], pairs["matched_tokens"]["high"]]
     control, = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_control_shift_ci"]
     assert control["ci"] == [user["ci_low"], user["ci_high"]] and control["null"].startswith("0: a control edit")
-
-
-def test_matched_positions_are_a_seeded_subset_of_the_assistant_tokens():
-    assistant = np.zeros(40, bool)
-    assistant[5:15] = assistant[25:35] = True
-    picked = K.matched_positions(assistant, 6, np.random.default_rng(0))
-    assert picked.sum() == 6 and not (picked & ~assistant).any()
-    assert (picked == K.matched_positions(assistant, 6, np.random.default_rng(0))).all()
-    assert K.matched_positions(assistant, 50, np.random.default_rng(0)).sum() == 20  # at most every assistant token
 
 
 def test_kv_editing_bad_inputs(tiny_chat_model, tmp_path):
@@ -213,7 +192,7 @@ def test_padded_cache_and_logodds_equal_the_unpadded_ones(tiny_chat_model):
             cache = edit_cache_direct(m.params, c, cache, resid, edit)
         pt, pm = K.left_pad(probe, p_pad, 0)
         (at, am), (bt, bm) = (K.right_pad(a, n, 0) for a, n in zip(answers, a_pads))
-        return float(K._identity_logodds(m.params, c, cache, *(jnp.asarray(x[None]) for x in (pt, at, bt)),
+        return float(KI.identity_logodds(m.params, c, cache, *(jnp.asarray(x[None]) for x in (pt, at, bt)),
                                          masks=tuple(jnp.asarray(x[None]) for x in (pm, am, bm)))[0])
 
     exact = [len(hist), len(probe), [len(a) for a in answers]]
@@ -313,7 +292,7 @@ def test_kv_editing_on_open_role_conversations(tiny_chat_model):
                                                                          for c in ("dragon", "librarian")]
     assert set(res.reference_histories) == {"dragon", "librarian"}
     assert res.reference_histories["dragon"] != res.histories["dragon/generated"]
-    v = K.identity_validity(res.rows, res.reference)
+    v = KI.identity_validity(res.rows, res.reference)
     base = {r["conversation"]: r["identity_logodds"] for r in res.rows if r["mode"] == "none"}
     want = np.mean([r["identity_logodds"] - base[r["conversation"]] for r in res.reference])
     assert v["n"] == 2 and v["effect"] == pytest.approx(want)
@@ -331,9 +310,9 @@ def test_identity_validity_on_planted_rows():
                      for h, d in (("scripted", -0.1), ("generated", 0.1))]
             rows.append(dict(conversation=f"c{c}", probe=p, history="scripted", mode="direct", identity_logodds=9.0))
             reference.append(dict(conversation=f"c{c}", probe=p, identity_logodds=persona + 1.0 + 0.05 * rng.normal()))
-    v = K.identity_validity(rows, reference, seed=0)
+    v = KI.identity_validity(rows, reference, seed=0)
     assert v["n"] == 12 and v["effect"] == pytest.approx(1.0, abs=0.05) and v["valid"]
     flat = [dict(r, identity_logodds=r["identity_logodds"] - 1.0) for r in reference]
-    assert not K.identity_validity(rows, flat, seed=0)["valid"]
-    assert K.identity_validity(rows, [], seed=0) is None
-    assert "NOT valid" in KR._validity_text(K.identity_validity(rows, flat, seed=0))
+    assert not KI.identity_validity(rows, flat, seed=0)["valid"]
+    assert KI.identity_validity(rows, [], seed=0) is None
+    assert "NOT valid" in KR._validity_text(KI.identity_validity(rows, flat, seed=0))

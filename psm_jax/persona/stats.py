@@ -431,6 +431,12 @@ def within_groups_reliability(values, groups, *, n_splits: int = 200, seed: int 
             "n_rows": int(x.shape[0]), "n_units": int(n_units), "n_splits": int(len(half))}
 
 
+def finite_mean(values) -> float:
+    """The mean of the finite values; NaN when there are none (a condition whose rows carry no value)."""
+    x = np.asarray(values, np.float64)
+    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+
 def _row_means(x: np.ndarray) -> np.ndarray:
     """Mean of each row over its finite entries; NaN for a row with none."""
     finite = np.isfinite(x)
