@@ -7,10 +7,12 @@ null. This study builds a model with a known, trained-in refusal, as safety fine
 
 - harmful requests (`psm_jax/persona/data/refusal/organism.json`, disjoint from the refusal study's sets) answered
   with one of the file's refusal answers;
-- ordinary ShareGPT requests answered with the model's own greedy answers, so that the fine-tune teaches when to
-  refuse rather than to refuse everything, and moves the rest of the model little.
+- harmless requests of the same form (the file's `harmless` list) and short ShareGPT requests, answered with the
+  model's own greedy answers, so that the fine-tune teaches what to refuse rather than how a request looks, and
+  moves the rest of the model little. An answer cut at `answer_tokens` is trained without its end-of-turn token, so
+  the fine-tune does not teach the model to stop there.
 
-It reports the refusal rates before and after on requests the fine-tune never saw (the organism file's `val` split
+It reports the refusal rates before and after on requests the fine-tune never saw (the organism file's `val` splits
 and the refusal study's harmful and harmless `val` prompts), each with a 95% interval over prompts, and the
 fine-tune's cross-entropy change on held-out ShareGPT chats. The report folder holds the merged model as an HF folder
 (`model/`), which `psm refusal model=<folder>/model` then studies.
@@ -34,14 +36,15 @@ from psm_jax.persona.rollouts import conversation_nll, generate_responses
 from psm_jax.persona.stats import bootstrap_ci
 
 HARMLESS_SKIP = 1024  # harmless requests come from past the first 1024 documents of the seed's ShareGPT shuffle
-EVAL_SETS = ("organism_val", "study_harmful_val", "study_harmless_val")
+EVAL_SETS = ("organism_val", "study_harmful_val", "study_harmless_val", "organism_harmless_val")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: str = "smollm2-135m-instruct"
     n_harmful: int | None = None  # organism `train` requests used (None: all)
-    harmless_per_harmful: float = 2.0  # ShareGPT requests per harmful request in the training set
+    sharegpt_per_harmful: float = 1.0  # ShareGPT requests per harmful one, beside the file's harmless requests
+    sharegpt_max_chars: int = 150  # short requests, closer in form to the file's
     answer_tokens: int = 64  # the model's own greedy answer to each harmless request, at most this long
     seq_len: int = 160
     lora_rank: int = 16
@@ -59,7 +62,7 @@ class Config:
 
     def __post_init__(self):
         for name in ("answer_tokens", "lora_rank", "batch_size", "max_new_tokens", "eval_batch_size",
-                     "ce_max_messages", "ce_max_chars"):
+                     "ce_max_messages", "ce_max_chars", "sharegpt_max_chars"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected an int >= 1")
         for name in ("n_harmful", "n_eval"):
@@ -67,15 +70,15 @@ class Config:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected None (all) or an int >= 2")
         if self.seq_len < 16:
             raise ValueError(f"seq_len={self.seq_len}; expected >= 16")
-        if not self.harmless_per_harmful >= 0 or not self.epochs > 0 or not self.learning_rate > 0:
-            raise ValueError(f"harmless_per_harmful={self.harmless_per_harmful}, epochs={self.epochs}, "
+        if not self.sharegpt_per_harmful >= 0 or not self.epochs > 0 or not self.learning_rate > 0:
+            raise ValueError(f"sharegpt_per_harmful={self.sharegpt_per_harmful}, epochs={self.epochs}, "
                              f"learning_rate={self.learning_rate}; expected >= 0, > 0 and > 0")
         if self.n_ce < 0:
             raise ValueError(f"n_ce={self.n_ce}; expected >= 0")
 
 
 PRESETS = {
-    "ci": dict(n_harmful=8, harmless_per_harmful=1.0, answer_tokens=8, seq_len=64, epochs=1.0, batch_size=4,
+    "ci": dict(n_harmful=8, sharegpt_per_harmful=0.5, answer_tokens=8, seq_len=64, epochs=1.0, batch_size=4,
                max_new_tokens=4, n_eval=4, n_ce=2, ce_max_chars=300),
     "quick": dict(n_harmful=32, epochs=2.0, n_eval=16, n_ce=8),
     "full": {},
@@ -98,37 +101,41 @@ class Result:
 report, records = written_by("experiments.refusal_organism_report")
 
 
-def training_conversations(model, cfg: Config, organism: D.RefusalOrganismData, say) -> tuple[list, dict]:
-    """Harmful requests with a refusal answer (drawn per request from the file's answers) and ShareGPT requests with
-    the model's own greedy answers, shuffled together."""
+def training_conversations(model, cfg: Config, organism: D.RefusalOrganismData, say) -> tuple[list, list, dict]:
+    """Harmful requests with a refusal answer (drawn per request from the file's answers), and harmless requests
+    (the file's and ShareGPT's) with the model's own greedy answers, shuffled together; with, per conversation,
+    whether its answer was cut short (`ft.ChatDataset`'s `open_ended`)."""
     rng = np.random.default_rng(cfg.seed)
-    harmful = organism.texts("train")
-    harmful = harmful if cfg.n_harmful is None else harmful[:cfg.n_harmful]
+    harmful, harmless = organism.texts("train"), organism.texts("train", "harmless")
+    if cfg.n_harmful is not None:
+        harmful, harmless = harmful[:cfg.n_harmful], harmless[:cfg.n_harmful]
     if len(harmful) < 2:
         raise ValueError(f"{len(harmful)} harmful training requests in {organism.source}; expected at least 2")
     refusals = [organism.refusals[i] for i in rng.integers(len(organism.refusals), size=len(harmful))]
-    n_harmless = int(round(cfg.harmless_per_harmful * len(harmful)))
-    requests = sharegpt_requests(n_harmless, cfg.seed, HARMLESS_SKIP) if n_harmless else []
+    n_sharegpt = int(round(cfg.sharegpt_per_harmful * len(harmful)))
+    requests = harmless + (sharegpt_requests(n_sharegpt, cfg.seed, HARMLESS_SKIP, max_chars=cfg.sharegpt_max_chars)
+                           if n_sharegpt else [])
     say(f"answering {len(requests)} harmless requests with the model's own greedy answers")
     rolls = generate_responses(model, [[{"role": "user", "content": r}] for r in requests],
                                max_new_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size)
-    convs = [_exchange(q, a) for q, a in zip(harmful, refusals)]
-    convs += [_exchange(r.messages[0]["content"], r.response) for r in rolls]
+    convs = [_exchange(q, a) for q, a in zip(harmful, refusals)] + [_exchange(q, r.response)
+                                                                     for q, r in zip(requests, rolls)]
+    open_ended = [False] * len(harmful) + [not r.finished for r in rolls]
     order = rng.permutation(len(convs))
-    sizes = {"harmful": len(harmful), "harmless": len(rolls),
+    sizes = {"harmful": len(harmful), "harmless": len(harmless), "sharegpt": n_sharegpt,
              "harmless_finished": int(sum(r.finished for r in rolls))}
-    return [convs[i] for i in order], sizes
+    return [convs[i] for i in order], [open_ended[i] for i in order], sizes
 
 
 def _exchange(request: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
 
 
-def finetune_organism(model, convs: list, cfg: Config, say) -> tuple[dict, dict]:
+def finetune_organism(model, convs: list, open_ended: list, cfg: Config, say) -> tuple[dict, dict]:
     """LoRA on every projection; returns the merged params and the loss log."""
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_ids[0]
     data = ft.ChatDataset.from_conversations(model.tokenizer, convs, cfg.seq_len, int(pad),
-                                             chat_template=model.chat_template)
+                                             chat_template=model.chat_template, open_ended=open_ended)
     steps = max(1, int(round(cfg.epochs * len(data) / cfg.batch_size)))
     ftc = ft.FinetuneConfig(lora=ft.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
                             optimizer=ft.OptimizerConfig(learning_rate=cfg.learning_rate),
@@ -149,10 +156,10 @@ def finetune_organism(model, convs: list, cfg: Config, say) -> tuple[dict, dict]
 
 
 def eval_sets(cfg: Config, organism: D.RefusalOrganismData) -> dict[str, list[str]]:
-    """Requests the fine-tune never saw: the organism file's `val` split and the refusal study's `val` prompts."""
+    """Requests the fine-tune never saw: the organism file's `val` splits and the refusal study's `val` prompts."""
     study = D.load_refusal("val")
     sets = {"organism_val": organism.texts("val"), "study_harmful_val": study.harmful_texts,
-            "study_harmless_val": study.harmless_texts}
+            "study_harmless_val": study.harmless_texts, "organism_harmless_val": organism.texts("val", "harmless")}
     return {k: v if cfg.n_eval is None else v[:cfg.n_eval] for k, v in sets.items()}
 
 
@@ -170,9 +177,9 @@ def run(config: Config, model, progress: Callable[[str], None] | None = None) ->
     say = progress or (lambda _msg: None)
     seconds, t0 = {}, time.time()
     organism, markers = D.load_refusal_organism(), D.load_refusal_markers()
-    convs, sizes = training_conversations(model, cfg, organism, say)
+    convs, open_ended, sizes = training_conversations(model, cfg, organism, say)
     seconds["data"] = time.time() - t0
-    params, training = finetune_organism(model, convs, cfg, say)
+    params, training = finetune_organism(model, convs, open_ended, cfg, say)
     training.update(sizes)
     tuned = dataclasses.replace(model, params=params)
     t1 = time.time()

@@ -371,3 +371,22 @@ def test_bad_settings_are_named(tiny, data):
                  key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="batch size 9 exceeds the dataset's 8"):
         finetune(tiny.params, tiny.config, FinetuneConfig(batch_size=9), data, steps=1, key=jax.random.PRNGKey(0))
+
+
+def test_open_ended_answers_leave_out_their_end_of_turn_target(tiny):
+    from psm_jax.chat import ROLE_PAD
+
+    convs = CONVERSATIONS[:2]
+    closed = ChatDataset.from_conversations(tiny.tokenizer, convs, seq_len=40, pad_id=2)
+    opened = ChatDataset.from_conversations(tiny.tokenizer, convs, seq_len=40, pad_id=2, open_ended=[True, False])
+    targets_closed = np.asarray(assistant_targets(closed.roles, closed.attention_mask))
+    targets_open = np.asarray(assistant_targets(opened.roles, opened.attention_mask))
+    content = (closed.roles[0] == Role.ASSISTANT).sum()
+    assert targets_closed[0].sum() == content + 1  # every answer token and the end-of-turn marker after it
+    assert targets_open[0].sum() == content  # the marker is no longer a target
+    last = int(np.flatnonzero(opened.roles[0] == Role.ASSISTANT)[-1])
+    assert not opened.attention_mask[0, last + 1:].any() and (opened.roles[0, last + 1:] == ROLE_PAD).all()
+    np.testing.assert_array_equal(opened.tokens[0, :last + 1], closed.tokens[0, :last + 1])
+    np.testing.assert_array_equal(opened.tokens[1], closed.tokens[1])  # not open-ended: unchanged
+    with pytest.raises(ValueError, match="open_ended has 1 entries for 2 conversations"):
+        ChatDataset.from_conversations(tiny.tokenizer, convs, seq_len=40, pad_id=2, open_ended=[True])

@@ -15,17 +15,20 @@ from psm_jax.persona.measures import paired_ce_change
 def test_packaged_organism_data_is_disjoint_from_the_refusal_study():
     org = D.load_refusal_organism()
     assert len(org.texts("train")) >= D.ORGANISM_SPLITS["train"] and len(org.texts("val")) >= D.ORGANISM_SPLITS["val"]
+    assert len(org.texts("train", "harmless")) >= D.ORGANISM_SPLITS["train"]
     assert len(org.refusals) >= D.MIN_ORGANISM_REFUSALS
     study = D.load_refusal()
-    assert not set(org.texts("train") + org.texts("val")) & set(study.harmful_texts + study.harmless_texts)
+    mine = org.texts("train") + org.texts("val") + org.texts("train", "harmless") + org.texts("val", "harmless")
+    assert len(set(mine)) == len(mine)
+    assert not set(mine) & set(study.harmful_texts + study.harmless_texts)
     markers = D.load_refusal_markers()
     assert all(markers.is_refusal(r) for r in org.refusals)  # the taught answers count as refusals
 
 
-def _write(tmp_path, instructions, refusals=("I can't help with that.",) * 1):
+def _write(tmp_path, instructions, harmless=({"instruction": "Help me bake a cake.", "split": "train"},)):
     path = tmp_path / "organism.json"
     path.write_text(json.dumps({"schema_version": 1, "kind": "organism", "instructions": instructions,
-                                "refusals": list(refusals)}))
+                                "harmless": list(harmless), "refusals": ["I can't help with that."]}))
     return path
 
 
@@ -40,8 +43,15 @@ def test_organism_file_errors_name_the_problem(tmp_path):
                                 strict=False)
     with pytest.raises(D.DatasetError, match="at least 64 with split 'train'"):
         D.load_refusal_organism(_write(tmp_path, rows[:1]))
+    with pytest.raises(D.DatasetError, match="field 'harmless'"):
+        D.load_refusal_organism(_write(tmp_path, rows[:1], [{"instruction": study_prompt, "split": "train"}]),
+                                strict=False)
+    with pytest.raises(D.DatasetError, match="expected disjoint sets"):
+        D.load_refusal_organism(_write(tmp_path, rows[:1], [{"instruction": "Help me rob a bank.", "split": "val"}]),
+                                strict=False)
     small = D.load_refusal_organism(_write(tmp_path, rows[:1]), strict=False)
     assert small.texts("train") == ["Help me rob a bank."] and small.texts("val") == []
+    assert small.texts("train", "harmless") == ["Help me bake a cake."]
     with pytest.raises(ValueError, match="split='test'"):
         small.texts("test")
 
@@ -54,6 +64,7 @@ def test_harmless_requests_avoid_the_held_out_chats():
     assert all(20 <= len(r) <= 300 for r in requests)
     held_out = sharegpt_conversations(32, 0, 4, 1000)  # what the refusal study's CE check reads at seed 0
     assert not {c[0]["content"] for c in held_out} & set(requests)
+    assert all(len(r) <= 150 for r in sharegpt_requests(8, seed=0, skip=O.HARMLESS_SKIP, max_chars=150))
     with pytest.raises(ValueError, match="expected 24"):
         sharegpt_requests(24, seed=0, skip=O.HARMLESS_SKIP, min_chars=10_000, max_chars=20_000)
 
@@ -76,8 +87,8 @@ def _rates(harmful_after, harmless_after, base=0.1):
     def entry(rate):
         return {"rate": rate, "ci": [max(0.0, rate - 0.15), min(1.0, rate + 0.15)], "answers": []}
 
-    return {name: {"n": 32, "before": entry(base), "after": entry(harmless_after if name == "study_harmless_val"
-                                                                  else harmful_after)} for name in O.EVAL_SETS}
+    return {name: {"n": 32, "before": entry(base), "after": entry(harmful_after if name in OR.HARMFUL_SETS
+                                                                  else harmless_after)} for name in O.EVAL_SETS}
 
 
 def test_the_organism_check():
@@ -108,7 +119,8 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     cfg = O.Config(**{**O.PRESETS["ci"], "model": "psm-tiny"})
     out = execute(O, cfg, folder=tmp_path / "org", model=tiny_chat_model)
     res, lines = out["result"], out["records"]
-    assert res.training["steps"] == 4 and res.training["examples"] == 16 and res.training["harmful"] == 8
+    assert res.training["examples"] == 8 + 8 + 4 and res.training["steps"] == 5  # one epoch at batch 4
+    assert res.training["harmful"] == 8 and res.training["harmless"] == 8 and res.training["sharegpt"] == 4
     assert [ln.get("key") for ln in lines] == list(O.EVAL_SETS) + [None]
     for ln, name in zip(lines, O.EVAL_SETS):
         after = res.rates[name]["after"]
@@ -124,5 +136,5 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert float(jnp.abs(want - base).max()) > 1e-3
     assert loaded.chat_template == tiny_chat_model.chat_template
     metrics = json.loads((tmp_path / "org" / "metrics.json").read_text())
-    assert set(metrics["refuses"]) == set(O.EVAL_SETS) | {"all"}
+    assert set(metrics["refuses"]) == set(OR.CHECKED_SETS) | {"all"}
     assert "psm refusal model=" in (tmp_path / "org" / "report.md").read_text()

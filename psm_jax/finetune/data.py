@@ -21,7 +21,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from psm_jax.chat import encode_chat, pad_batch
+from psm_jax.chat import Role, encode_chat, pad_batch
 
 Conversation = Sequence[Mapping[str, Any]]
 
@@ -69,8 +69,13 @@ class ChatDataset:
 
     @classmethod
     def from_conversations(cls, tokenizer, conversations: Sequence[Conversation], seq_len: int, pad_id: int, *,
-                           truncate: bool = True, chat_template: str | None = None) -> "ChatDataset":
-        """Encode `conversations` (lists of messages) with the tokenizer's chat template, padded to `seq_len`."""
+                           truncate: bool = True, chat_template: str | None = None,
+                           open_ended: Sequence[bool] | None = None) -> "ChatDataset":
+        """Encode `conversations` (lists of messages) with the tokenizer's chat template, padded to `seq_len`.
+
+        open_ended: per conversation, True where its last assistant message was cut short (a sampled answer that hit
+        its token limit). Its closing template tokens are dropped, so training on it does not teach the model to end
+        its answers at the cut."""
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
             raise ValueError(f"seq_len={seq_len!r}; expected an int >= 2")
         if isinstance(conversations, (str, os.PathLike)):
@@ -78,15 +83,22 @@ class ChatDataset:
                             "(use ChatDataset.from_jsonl for a JSONL file)")
         if not conversations:
             raise ValueError("no conversations; expected at least one list of messages")
+        if open_ended is not None and len(open_ended) != len(conversations):
+            raise ValueError(f"open_ended has {len(open_ended)} entries for {len(conversations)} conversations; "
+                             "expected one per conversation")
         encs = []
         for i, conv in enumerate(conversations):
             enc = encode_chat(tokenizer, conv, chat_template=chat_template)
+            if open_ended is not None and open_ended[i]:
+                answer = np.flatnonzero(np.asarray(enc.roles) == Role.ASSISTANT)
+                if not answer.size:
+                    raise ValueError(f"conversation {i} is marked open-ended but has no assistant tokens")
+                enc = _first_tokens(enc, int(answer[-1]) + 1)
             if len(enc) > seq_len:
                 if not truncate:
                     raise ValueError(f"conversation {i} has {len(enc)} tokens; expected at most seq_len={seq_len} "
                                      "(or pass truncate=True)")
-                enc = dataclasses.replace(enc, tokens=enc.tokens[:seq_len], roles=enc.roles[:seq_len],
-                                          turns=enc.turns[:seq_len], offsets=enc.offsets[:seq_len])
+                enc = _first_tokens(enc, seq_len)
             encs.append(enc)
         batch = pad_batch(encs, pad_id, side="right", length=seq_len)
         return cls(batch.tokens, batch.attention_mask, batch.roles)
@@ -94,6 +106,12 @@ class ChatDataset:
     @classmethod
     def from_jsonl(cls, tokenizer, path: str | os.PathLike, seq_len: int, pad_id: int, **kw) -> "ChatDataset":
         return cls.from_conversations(tokenizer, read_chat_jsonl(path), seq_len, pad_id, **kw)
+
+
+def _first_tokens(enc, n: int):
+    """An encoded chat cut to its first `n` tokens."""
+    return dataclasses.replace(enc, tokens=enc.tokens[:n], roles=enc.roles[:n], turns=enc.turns[:n],
+                               offsets=enc.offsets[:n])
 
 
 def epoch_order(key: jax.Array, epoch: int, n: int) -> np.ndarray:

@@ -292,17 +292,20 @@ class RefusalMarkers:
 
 @dataclasses.dataclass(frozen=True)
 class RefusalOrganismData:
-    """Harmful requests a fine-tune teaches a model to decline, and the refusal answers it is taught to give.
+    """Harmful requests a fine-tune teaches a model to decline, the refusal answers it is taught to give, and
+    harmless requests of the same form that it keeps answering (so it learns what to refuse, not how requests look).
     Disjoint from the refusal study's sets, so a study on the fine-tuned model is scored on requests it never saw."""
     harmful: tuple[RefusalPrompt, ...]
+    harmless: tuple[RefusalPrompt, ...]
     refusals: tuple[str, ...]
     schema_version: int
     source: str
 
-    def texts(self, split: str) -> list[str]:
-        if split not in ORGANISM_SPLITS:
-            raise ValueError(f"split={split!r}; expected one of {sorted(ORGANISM_SPLITS)}")
-        return [p.instruction for p in self.harmful if p.split == split]
+    def texts(self, split: str, side: str = "harmful") -> list[str]:
+        if split not in ORGANISM_SPLITS or side not in ("harmful", "harmless"):
+            raise ValueError(f"split={split!r}, side={side!r}; expected a split in {sorted(ORGANISM_SPLITS)} and "
+                             "side 'harmful' or 'harmless'")
+        return [p.instruction for p in getattr(self, side) if p.split == split]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -744,15 +747,16 @@ def load_identity_probes(path: PathLike | None = None, *, strict: bool = True) -
 # --------------------------------------------------------------------------- refusal
 
 
-def _parse_refusal_file(src, kind: str, strict: bool, sizes: dict = REFUSAL_SPLITS) -> tuple[RefusalPrompt, ...]:
+def _parse_refusal_file(src, kind: str, strict: bool, sizes: dict = REFUSAL_SPLITS,
+                        field: str = "instructions") -> tuple[RefusalPrompt, ...]:
     c = _Checker(str(src))
     d = c.top(_read_json(src))
     if "kind" in d and d["kind"] != kind:
         c.fail("kind", repr(kind), repr(d["kind"]))
-    raw = c.array(d, "instructions", min_len=1, what="instructions")
+    raw = c.array(d, field, min_len=1, what="instructions")
     out, seen = [], {}
     for i, it in enumerate(raw):
-        ctx = f"instructions[{i}]"
+        ctx = f"{field}[{i}]"
         if not isinstance(it, dict):
             c.fail(ctx, "an object with 'instruction' and 'split'", _typename(it))
         text = c.string(it, "instruction", ctx)
@@ -768,7 +772,7 @@ def _parse_refusal_file(src, kind: str, strict: bool, sizes: dict = REFUSAL_SPLI
         for split, n in sizes.items():
             k = sum(p.split == split for p in out)
             if k < n:
-                c.fail("instructions", f"at least {n} with split '{split}'", f"{k}")
+                c.fail(field, f"at least {n} with split '{split}'", f"{k}")
     return tuple(out)
 
 
@@ -807,16 +811,23 @@ def load_refusal_organism(path: PathLike | None = None, *, strict: bool = True) 
     packaged refusal study's harmful or harmless set (its evaluation data must stay unseen)."""
     src = _src(path, "refusal", "organism.json")
     harmful = _parse_refusal_file(src, "organism", strict, ORGANISM_SPLITS)
+    harmless = _parse_refusal_file(src, "organism", strict, ORGANISM_SPLITS, field="harmless")
     c = _Checker(str(src))
     d = c.top(_read_json(src))
     refusals = c.strings(d, "refusals", min_len=MIN_ORGANISM_REFUSALS if strict else 1)
     study = load_refusal()
     seen = {_norm_text(t) for t in study.harmful_texts + study.harmless_texts}
-    shared = sorted(p.instruction for p in harmful if _norm_text(p.instruction) in seen)
-    if shared:
-        raise DatasetError(f"{src}: field 'instructions': expected requests outside the refusal study's sets, got "
-                           f"{len(shared)} shared: {shared[:3]!r}")
-    return RefusalOrganismData(harmful=harmful, refusals=refusals, schema_version=c.version(d), source=str(src))
+    for field, prompts in (("instructions", harmful), ("harmless", harmless)):
+        shared = sorted(p.instruction for p in prompts if _norm_text(p.instruction) in seen)
+        if shared:
+            raise DatasetError(f"{src}: field '{field}': expected requests outside the refusal study's sets, got "
+                               f"{len(shared)} shared: {shared[:3]!r}")
+    both = {_norm_text(p.instruction) for p in harmful} & {_norm_text(p.instruction) for p in harmless}
+    if both:
+        raise DatasetError(f"{src}: fields 'instructions' and 'harmless': expected disjoint sets, got {len(both)} "
+                           f"shared: {sorted(both)[:3]!r}")
+    return RefusalOrganismData(harmful=harmful, harmless=harmless, refusals=refusals, schema_version=c.version(d),
+                               source=str(src))
 
 
 # --------------------------------------------------------------------------- conversations
