@@ -102,16 +102,17 @@ import numpy as np
 from experiments.report import load_vectors
 from experiments.study import written_by
 from psm_jax.persona import measures, monitoring, rollouts
-from psm_jax.persona.directions import SITE, cosine, project, random_directions, split_half_cosine, typical_norms
+from psm_jax.persona import specificity as SP
+from psm_jax.persona.directions import SITE, cosine, random_directions, split_half_cosine, typical_norms
 from psm_jax.persona.extraction import (VARIANTS, crossfit_separation, extraction_activations, projection_difference,
                                         rule_layer, vectors_from_activations)
 from psm_jax.persona.judge import COHERENCE_RUBRIC, make_judge
+from psm_jax.persona.measures import is_valid, prompt_validity
 from psm_jax.persona.prompts import (extraction_rows, load_traits, response_slots, split_items, system_conv,
                                      trait_system_prompt)
-from psm_jax.persona.specificity import MIN_Z, cross_effects, specific_part, specificity_scores, symmetric_effects
-from psm_jax.persona.stats import cohens_d, monotonic, pearson, within_groups_r
-from psm_jax.persona.steering import (ContrastPairs, above_random_band, answer_pairs, behaviour_measure, item_pairs,
-                                      perplexity_ratios, random_band, select_layer, steering_curve, steering_fn,
+from psm_jax.persona.stats import count_monotonic, monotonic, pearson, within_groups_r
+from psm_jax.persona.steering import (ContrastPairs, above_random_band, answer_pairs, band_or_skip, behaviour_measure,
+                                      item_pairs, perplexity_ratios, select_layer, steering_curve, steering_fn,
                                       steering_vector)
 
 MEASURE_KEYS = (("items", "steering"), ("response_likelihood", "response"))  # measure name, key in a trait's result
@@ -211,31 +212,6 @@ PRESETS = {
 # ------------------------------------------------------------------------------ vectors and steering edits
 
 
-BAND_SKIPPED_INVALID = "the measure failed its validity check"
-BAND_SKIPPED_BY_CONFIG = "the measure is not in band_measures"
-
-
-def skipped_band(cmax: float, reason: str = BAND_SKIPPED_INVALID) -> dict:
-    """The control of a measure that is not tested against random directions: one that failed its validity check
-    (it could not be evidence) or one left out of `band_measures` to save time (its curve is then descriptive)."""
-    return {"n": 0, "effects": [], "ends": [], "band": None, "measure": None, "coefs": [-cmax, cmax],
-            "skipped": reason}
-
-
-def band_or_skip(model, held: ContrastPairs, rand_units, layer: int, norm: float, cmax: float, cfg,
-                 validity: dict | None) -> dict:
-    """The random band of a valid measure named in `cfg.band_measures`; otherwise a skipped control saying why."""
-    if not is_valid(validity):
-        return skipped_band(cmax)
-    if held.name not in cfg.band_measures:
-        return skipped_band(cmax, BAND_SKIPPED_BY_CONFIG)
-    return random_band(model, held, rand_units, layer, norm, cmax)
-
-
-def is_valid(check: dict | None) -> bool:
-    return bool(check and check.get("valid"))
-
-
 def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction, scales, layers, rand_units, cfg,
                        validity: dict | None, fluency: tuple) -> dict:
     """Layer chosen on the selection half, the steering curve on the held-out half with its perplexity ratios and
@@ -248,7 +224,7 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
     curve = steering_curve(model, held, direction, scales, best, coefs)
     ppl = perplexity_ratios(model, *fluency, [c * steering_vector(direction, scales, best) for c in coefs], best,
                             batch_size=cfg.batch_size)
-    control = band_or_skip(model, held, rand_units, best, float(scales[best]), cmax, cfg, validity)
+    control = band_or_skip(model, held, rand_units, best, float(scales[best]), cmax, cfg.band_measures, validity)
     norm = float(np.linalg.norm(np.asarray(direction)[best]))
     mono = monotonic(coefs, curve, ppl, max_ppl_ratio=cfg.max_ppl_ratio)
     control["vector_effect"] = float(curve[-1] - curve[0])
@@ -274,12 +250,6 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
     return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
-def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
-    """Traits whose sweep (psm_jax.persona.stats.monotonic) meets `criterion` ("increasing": strictly over the
-    whole sweep; "run": the lenient criterion; "increasing_within_ceiling": strictly over the fluent points)."""
-    return sum(bool(m.get(criterion, False)) for m in monotonics)
-
-
 def load_persona_vectors(path, model=None, *, model_name: str | None = None):
     """Read a vectors file written by this experiment, checking it fits `model` (width, layer count)."""
     width = model.config.d_model if model is not None else None
@@ -290,16 +260,6 @@ def load_persona_vectors(path, model=None, *, model_name: str | None = None):
                 raise ValueError(f"vector {k!r} in {str(path)!r} has shape {v.shape}; expected "
                                  f"[n_layers={model.config.n_layers}, d_model={model.config.d_model}]")
     return tensors, meta
-
-
-def _unit_validity(per_unit: np.ndarray, kinds: np.ndarray) -> dict | None:
-    """Validity of a measure: per unit, its mean under the positive system prompts minus its mean under the
-    negative ones (NaN entries: a prompt that skips that unit), with a 95% bootstrap interval over units. None when
-    no unit has both."""
-    pos = np.nanmean(np.where((kinds == "pos")[:, None], per_unit, np.nan), axis=0)
-    neg = np.nanmean(np.where((kinds == "neg")[:, None], per_unit, np.nan), axis=0)
-    ok = np.isfinite(pos) & np.isfinite(neg)
-    return measures.validity(pos[ok], neg[ok]) if ok.any() else None
 
 
 # ------------------------------------------------------------------------------ one trait, step by step
@@ -457,7 +417,7 @@ def _items_measure(model, trait, systems) -> dict:
     sel_items, held_items = split_items(trait.behavioural_items)
     per_unit = np.stack([behaviour_measure(model, held_items, system=s.system)[1] for s in systems])
     return {"selection": item_pairs(sel_items), "held_out": item_pairs(held_items), "per_system": per_unit,
-            "behaviour": per_unit.mean(1), "validity": _unit_validity(per_unit, monitoring.validity_kinds(systems))}
+            "behaviour": per_unit.mean(1), "validity": prompt_validity(per_unit, monitoring.validity_kinds(systems))}
 
 
 def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
@@ -484,24 +444,16 @@ def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) 
 
 def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
     """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
-    pos vs neg projections at every layer."""
+    pos vs neg projections at every layer (`monitoring.separation_by_layer`)."""
     p_last, p_resp = monitoring.prompt_projections(mon_acts, direction, layer, len(systems))
     kind_arr = monitoring.validity_kinds(systems)
-    row_kinds = np.repeat(kind_arr, n_questions)
-
-    def separation(key: str, L: int) -> float:
-        proj = project(mon_acts[key][:, L], direction[L])
-        return float(cohens_d(proj[row_kinds == "pos"], proj[row_kinds == "neg"]))
-
-    sep = {name: np.asarray([separation(key, L) for L in range(direction.shape[0])])
-           for name, key in (("last_prompt", "last_prompt"), ("response", "response_mean"))}
     return {"layer": layer, "systems": [{"kind": s.kind, "index": s.pair, "system": s.system, "level": s.level}
                                         for s in systems],
             "behaviour": behaviour, "proj_last_prompt": p_last, "proj_response": p_resp,
             "r_last_prompt": pearson(p_last, behaviour), "r_response": pearson(p_resp, behaviour),
             "n_questions": n_questions,
             "system_prompt_effect": float(behaviour[kind_arr == "pos"].mean() - behaviour[kind_arr == "neg"].mean()),
-            "separation_by_layer": sep}
+            "separation_by_layer": monitoring.separation_by_layer(mon_acts, direction, systems)}
 
 
 def _screening(model, rows, pos_idx, neg_idx, own_responses, vector, layer: int, batch_size: int) -> dict:
@@ -658,7 +610,7 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     ContrastPairs)."""
     ref, sel, held = _reference_units(model, trait, cfg, progress)
     per_unit, n_used = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
-    validity = _unit_validity(per_unit, monitoring.validity_kinds(systems))
+    validity = prompt_validity(per_unit, monitoring.validity_kinds(systems))
     held_pairs = _units_pairs(held)
     out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
                              fluency)
@@ -706,27 +658,21 @@ def _steering_vector_of(r: dict, coef: float) -> np.ndarray:
     return coef * steering_vector(r["vectors"]["response_avg"], r["scales"], _steering_layer(r))
 
 
-def specificity_cells(model, results: list[dict], coef: float) -> dict:
-    """Steer with trait i's vector (`_steering_vector_of`) and with its random unit directions at the same norm and
-    layer; measure trait j on its valid measure's held-out units (`specificity.cross_effects`: symmetric effects
-    m(+coef) - m(-coef)). Returns the cells [T, T], the random directions' effects [T, T, n_random] (NaN rows where
-    trait j has no valid measure), and the measures used."""
-    measure = [primary_measure(r) for r in results]
-    layers = [_steering_layer(r) for r in results]
-    targets = [r["held_out_pairs"][m] if m is not None else None for r, m in zip(results, measure)]
-    cells, band = cross_effects(model, [_steering_vector_of(r, coef) for r in results], layers,
-                                [r["random_units"] for r in results], targets)
-    return {"traits": [r["trait"] for r in results], "measure": measure, "cells": cells, "random": band,
-            "layers": layers, "coef": coef}
+def _specificity_targets(results: list[dict], measure: Sequence[str | None]) -> list[ContrastPairs | None]:
+    """Trait j's column of the specificity matrix: the held-out units of its valid measure (None: none valid)."""
+    return [r["held_out_pairs"][m] if m is not None else None for r, m in zip(results, measure)]
 
 
 def specificity_matrix(model, results: list[dict], coef: float) -> dict:
-    """The specificity matrix: raw cells, random bands and z-scores (see `specificity_cells`,
-    `specificity.specificity_scores`)."""
-    cells = specificity_cells(model, results, coef)
-    valid = [m is not None for m in cells["measure"]]
-    return {**cells, **specificity_scores(cells["cells"], cells["random"], valid), "valid": valid,
-            "n_random": int(np.asarray(cells["random"]).shape[2]), "min_z": MIN_Z}
+    """The specificity matrix over the traits (`specificity.specificity_matrix`): steer with trait i's vector
+    (`_steering_vector_of`) and with its random unit directions at the same norm and layer, measure trait j on its
+    valid measure's held-out units (symmetric effects m(+coef) - m(-coef); NaN columns where trait j has no valid
+    measure), each cell as a z-score against its random band. Adds the trait names, the measures, layers and coef."""
+    measure = [primary_measure(r) for r in results]
+    layers = [_steering_layer(r) for r in results]
+    matrix = SP.specificity_matrix(model, [_steering_vector_of(r, coef) for r in results], layers,
+                                   [r["random_units"] for r in results], _specificity_targets(results, measure))
+    return {"traits": [r["trait"] for r in results], "measure": measure, "layers": layers, "coef": coef, **matrix}
 
 
 def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.ndarray | None, float]:
@@ -737,25 +683,19 @@ def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.
     layer = _steering_layer(results[i])
     own = np.asarray(results[i]["vectors"]["response_avg"], np.float64)[layer]
     others = [np.asarray(r["vectors"]["response_avg"], np.float64)[layer] for j, r in enumerate(results) if j != i]
-    return specific_part(own, others, float(np.linalg.norm(_steering_vector_of(results[i], coef))))
+    return SP.specific_part(own, others, float(np.linalg.norm(_steering_vector_of(results[i], coef))))
 
 
 def trait_specific_matrix(model, results: list[dict], whole: dict) -> dict:
     """The specificity matrix of each vector's trait-specific part (`trait_specific_vector`), scored against the
     whole-vector matrix's random bands: the same random units at the same norm and layer, so the steered vector is
-    the only thing that differs between the two matrices. `whole` is `specificity_matrix`'s output."""
-    T = len(results)
-    cells, kept = np.full((T, T), np.nan), []
-    for i in range(T):
-        vec, k = trait_specific_vector(results, i, whole["coef"])
-        kept.append(k)
-        for j, tgt in enumerate(results):
-            if vec is not None and whole["measure"][j] is not None:
-                pairs = tgt["held_out_pairs"][whole["measure"][j]]
-                cells[i, j] = symmetric_effects(model, pairs, vec[None], whole["layers"][i])[0]
+    the only thing that differs between the two matrices (`specificity.matrix_against_band`). `whole` is
+    `specificity_matrix`'s output."""
+    parts = [trait_specific_vector(results, i, whole["coef"]) for i in range(len(results))]
+    matrix = SP.matrix_against_band(model, [vec for vec, _ in parts], whole["layers"],
+                                    _specificity_targets(results, whole["measure"]), whole["random"], whole["min_z"])
     shared = {k: whole[k] for k in ("traits", "measure", "layers", "coef", "random", "valid", "n_random", "min_z")}
-    return {**shared, "cells": cells, **specificity_scores(cells, whole["random"], whole["valid"]),
-            "kept_fraction": kept}
+    return {**shared, **matrix, "kept_fraction": [kept for _, kept in parts]}
 
 
 @dataclasses.dataclass

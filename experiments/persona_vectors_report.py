@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from experiments.persona_vectors import (MIN_SPECIFICITY_TRAITS, MIN_TARGET_TRAITS,
-                                         MONITOR_MIN_WITHIN_R, TARGET_NAMES, Config, Result, cosine_matrix, is_valid)
+                                         MONITOR_MIN_WITHIN_R, TARGET_NAMES, Config, Result, cosine_matrix)
 from experiments.report import Report, atomic_write_bytes, few_splits_text, jsonable, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona.extraction import LAYER_INDEXING
@@ -51,7 +51,7 @@ def _steering_figure(report: Report, results: Sequence[dict], key: str, name: st
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for r in results:
         st = r[key]
-        valid = is_valid(st.get("validity"))
+        valid = measures.is_valid(st.get("validity"))
         ax.plot(st["coefs"], st["measure"], marker="o", ls="-" if valid else "--",
                 label=f"{r['trait']} (L{st['layer']})" + ("" if valid else ", NOT valid"))
         if st["random_control"]["measure"] is not None:
@@ -172,7 +172,7 @@ def _control_cell(control: dict) -> str:
 
 def _curve_row(r: dict, st: dict) -> dict:
     """The summary-table columns shared by both measures."""
-    return {"trait": r["trait"], "validity": "valid" if is_valid(st.get("validity")) else "NOT valid",
+    return {"trait": r["trait"], "validity": "valid" if measures.is_valid(st.get("validity")) else "NOT valid",
             "layer": st["layer"], "m(c_min)": float(st["measure"][0]),
             "m(0)": float(st["measure"][st["coefs"].index(0.0)]), "m(c_max)": float(st["measure"][-1]),
             "increasing": st["monotonic"]["increasing"],

@@ -1,5 +1,6 @@
 """`measures.chat_fluency_cost`: an edit's cost on held-out chats, checked against per-answer log-likelihoods scored
-one conversation at a time (`score_answers`), with the interval's units being the conversations."""
+one conversation at a time (`score_answers`), with the interval's units being the conversations; and the validity
+check of a measure read under many system prompts (`prompt_validity`, `is_valid`), against hand-made unit means."""
 import numpy as np
 import pytest
 
@@ -57,3 +58,20 @@ def test_chat_fluency_cost_of_no_edit_is_zero_and_bad_input_is_named(tiny_chat_m
     assert "ce_pct_change_ci" not in cost  # one conversation: no interval
     with pytest.raises(ValueError, match="no conversations"):
         measures.chat_fluency_cost(m, [], lambda batch: ())
+
+
+def test_prompt_validity_averages_each_unit_over_the_prompts_that_scored_it():
+    """Per unit: the mean over the "pos" prompts that scored it minus the mean over the "neg" ones (NaN: not scored;
+    other kinds left out), then the paired check over the units that have both; None when no unit has both."""
+    kinds = np.array(["pos", "pos", "neg", "neg", "other"])
+    per_unit = np.array([[1.0, 2.0, np.nan, 5.0], [1.2, np.nan, 3.0, np.nan], [0.0, 0.5, 1.0, np.nan],
+                         [0.2, 0.7, np.nan, np.nan], [9.0, -9.0, 9.0, 9.0]])
+    v = measures.prompt_validity(per_unit, kinds)
+    pos, neg = [1.1, 2.0, 3.0], [0.1, 0.6, 1.0]  # by hand; unit 3 has no negative value and is left out
+    assert v["n"] == 3 and v["effect"] == pytest.approx(np.mean(np.subtract(pos, neg)))
+    want = measures.validity(pos, neg)
+    assert v["valid"] == want["valid"] is True
+    assert [v[k] for k in ("low", "high")] == pytest.approx([want["low"], want["high"]], rel=1e-12)
+    assert measures.prompt_validity(per_unit[:, 3:], kinds) is None
+    assert measures.is_valid(v) and not measures.is_valid(measures.validity(neg, pos))
+    assert not measures.is_valid(None) and not measures.is_valid({}) and measures.is_valid({"valid": True})

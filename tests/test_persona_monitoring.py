@@ -84,6 +84,31 @@ def test_monitor_at_layer_matches_numpy_statistics():
     assert mon["system_prompt_effect"] == pytest.approx(m[:5].mean() - m[5:10].mean())
 
 
+def test_separation_by_layer_is_cohens_d_of_the_full_instructions_rows():
+    """At every layer, Cohen's d (pooled sd, ddof 1) of the rows' projections onto the layer's unit direction, the
+    full positive instructions' rows against the full negative ones' (the mild and default prompts' rows left out),
+    for both activation kinds, against numpy; a shift planted along layer 1's direction shows there."""
+    rng = np.random.default_rng(5)
+    prompts = [monitoring.MonitorPrompt(k, i, f"{k}{i}", lvl) for k, lvl in (("pos", 2), ("neg", -2)) for i in range(3)]
+    prompts += [monitoring.MonitorPrompt("pos", -1, "mild", 1), monitoring.MonitorPrompt("default", -1, None, 0)]
+    n_q, n_layers, d = 2, 3, 5
+    direction = rng.normal(size=(n_layers, d))
+    acts = {key: rng.normal(size=(len(prompts) * n_q, n_layers, d)) for key in ("last_prompt", "response_mean")}
+    acts["last_prompt"][:3 * n_q, 1] += 3.0 * direction[1] / np.linalg.norm(direction[1])
+    acts["last_prompt"][6 * n_q:, 1] += 100.0  # the extras' rows would swamp d if they were counted
+    sep = monitoring.separation_by_layer(acts, direction, prompts)
+    for name, key in (("last_prompt", "last_prompt"), ("response", "response_mean")):
+        assert sep[name].shape == (n_layers,)
+        for layer in range(n_layers):
+            proj = acts[key][:, layer] @ direction[layer] / np.linalg.norm(direction[layer])
+            pos, neg = proj[:3 * n_q], proj[3 * n_q:6 * n_q]
+            pooled = np.sqrt((pos.var(ddof=1) + neg.var(ddof=1)) / 2)  # equal group sizes
+            assert sep[name][layer] == pytest.approx((pos.mean() - neg.mean()) / pooled, rel=1e-9)
+    assert sep["last_prompt"][1] > 2 and abs(sep["response"][1]) < 2
+    with pytest.raises(ValueError, match="rows of"):
+        monitoring.separation_by_layer({k: v[:-1] for k, v in acts.items()}, direction, prompts)
+
+
 def test_too_few_measured_prompts_give_no_correlation():
     prompts = [monitoring.MonitorPrompt(k, 0, k, lvl) for k, lvl in (("pos", 2), ("neg", -2), ("default", 0))]
     per_unit = np.array([[1.0, 2.0], [np.nan, np.nan], [0.5, 0.5]])

@@ -1,5 +1,6 @@
 """psm_jax.persona.specificity: symmetric steering effects, the cross-trait cells against random bands, their
-z-scores and pass rule, and the trait-specific part of a direction."""
+z-scores and pass rule, the whole matrix in one call, other vectors scored on a given band, and the trait-specific
+part of a direction."""
 import numpy as np
 import pytest
 
@@ -65,6 +66,53 @@ def test_cross_effects_read_each_target_under_each_vector_and_its_band(model):
     assert cells[2, 0] != pytest.approx(cells[0, 0], abs=1e-6)  # row 2 steers at another layer than row 0
     with pytest.raises(ValueError, match="expected T of each"):
         S.cross_effects(model, vecs, [0], units, targets[:2])
+
+
+def _items_effect(model, vector, layer):
+    """m(+v) - m(-v) on the items, each side steered with the one vector through `behaviour_measure`."""
+    return (St.behaviour_measure(model, ITEMS, vector=vector, layer=layer, coef=1.0)[0]
+            - St.behaviour_measure(model, ITEMS, vector=vector, layer=layer, coef=-1.0)[0])
+
+
+def test_specificity_matrix_scores_each_cell_against_its_own_random_band(model):
+    """Cell (i, j) is vector i's symmetric effect on target j at layer i and band (i, j, r) random unit r at |v_i|
+    (both checked against one-vector steered measures); z = (cell - band mean) / band sd (ddof 1); a None target is
+    an invalid NaN column that no pass reads."""
+    rng = np.random.default_rng(6)
+    vecs = rng.normal(size=(2, 16)) * 3
+    units = np.stack([random_directions(10 + i, 20, 16, 1.0) for i in range(2)])
+    m = S.specificity_matrix(model, vecs, [1, 0], units, [St.item_pairs(ITEMS), None])
+    assert m["cells"][0, 0] == pytest.approx(_items_effect(model, vecs[0], 1), abs=1e-5)
+    assert m["cells"][1, 0] == pytest.approx(_items_effect(model, vecs[1], 0), abs=1e-5)
+    assert m["random"][1, 0, 4] == pytest.approx(_items_effect(model, units[1][4] * np.linalg.norm(vecs[1]), 0),
+                                                 abs=1e-5)
+    for i in range(2):
+        band = m["random"][i, 0]
+        assert m["z"][i, 0] == pytest.approx((m["cells"][i, 0] - band.mean()) / band.std(ddof=1), rel=1e-9)
+    assert np.isnan(m["cells"][:, 1]).all() and np.isnan(m["random"][:, 1]).all() and np.isnan(m["z"][:, 1]).all()
+    assert m["valid"] == [True, False] and m["n_random"] == 20 and m["min_z"] == S.MIN_Z == 3.0
+    first, second = m["per_trait"]
+    assert first["diag_z"] == m["z"][0, 0] and first["n_offdiag"] == 0
+    assert first["pass"] == bool(m["z"][0, 0] > 3.0) and not second["pass"] and not second["valid"]
+    assert second["n_offdiag"] == 1 and second["offdiag_max_abs_z"] == pytest.approx(abs(m["z"][1, 0]))
+
+
+def test_matrix_against_band_scores_other_vectors_on_the_band_it_is_given(model):
+    """Each cell is the new vector's symmetric effect (checked against one-vector steered measures), its z read
+    against the band passed in, not a band of its own; a None vector is a NaN row, a None target a NaN, invalid
+    column; mismatched lengths are refused."""
+    rng = np.random.default_rng(9)
+    vec = rng.normal(size=16) * 3
+    band = 0.1 + 0.05 * rng.normal(size=(2, 2, 20))
+    m = S.matrix_against_band(model, [None, vec], [1, 0], [None, St.item_pairs(ITEMS)], band)
+    want = _items_effect(model, vec, 0)
+    assert m["cells"][1, 1] == pytest.approx(want, abs=1e-5)
+    assert m["z"][1, 1] == pytest.approx((m["cells"][1, 1] - band[1, 1].mean()) / band[1, 1].std(ddof=1), rel=1e-9)
+    assert np.isnan(m["cells"][0]).all() and np.isnan(m["cells"][:, 0]).all() and np.isnan(m["z"][:, 0]).all()
+    assert np.isnan(m["z"][0, 1]) and not m["per_trait"][0]["valid"] and m["per_trait"][1]["valid"]
+    assert m["per_trait"][1]["pass"] == bool(m["z"][1, 1] > 3.0) and m["per_trait"][1]["offdiag_max_abs_z"] is None
+    with pytest.raises(ValueError, match="T of each"):
+        S.matrix_against_band(model, [vec], [0, 1], [None, None], band)
 
 
 def test_specific_part_is_orthogonal_to_the_others_at_the_given_norm():

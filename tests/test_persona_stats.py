@@ -159,6 +159,18 @@ def test_monotonic_strict_and_under_a_perplexity_ceiling():
         S.monotonic([0, 0, 1], [1, 2, 3])
 
 
+def test_count_monotonic_counts_the_sweeps_that_meet_a_criterion():
+    """Counted over `monotonic` results whose verdicts are known by construction; a field the caller added counts
+    like the others, and a sweep without the field does not meet it."""
+    c = [-1, 0, 1, 2]
+    sweeps = [S.monotonic(c, v) for v in ([0, 1, 2, 3], [0, 1, 0.5, 3], [3, 2, 1, 0], [-1, 0, 1, 0.5])]
+    # increasing: only the first; decreasing: only the third; run (>= 4 rising points of both signs): the first
+    assert [S.count_monotonic(sweeps, k) for k in ("increasing", "decreasing", "strict", "run")] == [1, 1, 2, 1]
+    banded = [{**sweeps[0], "outside_band": True}, {**sweeps[2], "outside_band": False}, sweeps[1]]
+    assert S.count_monotonic(banded, "outside_band") == 1 and S.count_monotonic(banded, "no_such_field") == 0
+    assert S.count_monotonic([], "increasing") == 0
+
+
 def test_within_polarity_r_exposes_a_two_cluster_correlation():
     """Two clusters far apart along both x and y, with no association inside either: r overall is high,
     within polarity it is about 0."""

@@ -112,6 +112,30 @@ def test_random_band_is_the_per_direction_loop(model):
     assert St.random_band(model, St.item_pairs(ITEMS), units[:3], 1, norm=2.0, cmax=3.0)["band"] is None
 
 
+def test_band_or_skip_bands_only_a_valid_measure_it_is_asked_to(model):
+    """A valid measure named in `band_measures` gets the random band (effects checked against steering with one
+    direction at a time, the band against numpy's quantiles); one whose check failed or is missing is skipped for
+    its validity whatever the names; a valid one left out of the names is skipped and says so; a skipped control
+    is never above the band."""
+    units = random_directions(1, 20, 16, 1.0)
+    items = St.item_pairs(ITEMS)
+    ctl = St.band_or_skip(model, items, units, 1, 2.0, 3.0, ("items",), {"valid": True})
+    for r in (0, 13):
+        ends = [St.behaviour_measure(model, ITEMS, vector=2.0 * units[r], layer=1, coef=c)[0] for c in (-3.0, 3.0)]
+        assert ctl["effects"][r] == pytest.approx(ends[1] - ends[0], abs=1e-5)
+    low, high = np.quantile(ctl["effects"], [0.025, 0.975])
+    assert (ctl["band"]["low"], ctl["band"]["high"]) == pytest.approx((low, high)) and "skipped" not in ctl
+    invalid = {"n": 0, "effects": [], "ends": [], "band": None, "measure": None, "coefs": [-3.0, 3.0],
+               "skipped": "the measure failed its validity check"}
+    for check in (None, {"valid": False}):
+        for names in (("items",), ()):
+            assert St.band_or_skip(model, items, units, 1, 2.0, 3.0, names, check) == invalid
+    left_out = St.band_or_skip(model, items, units, 1, 2.0, 3.0, ("response_likelihood",), {"valid": True})
+    assert left_out == {**invalid, "skipped": "the measure is not in band_measures"}
+    assert left_out == St.skipped_band(3.0, St.BAND_SKIPPED_BY_CONFIG) and St.skipped_band(3.0) == invalid
+    assert not St.above_random_band(1e6, left_out) and St.above_random_band(high + 1.0, ctl)
+
+
 def test_perplexity_ratios_equal_the_per_vector_nll(model):
     """Every (vector, answer) pair as one batch row gives the ratio that `measures.answer_nll` gives with the vector
     added to a whole batch; a zero vector is 1 exactly; a mis-shaped vector is refused."""

@@ -125,7 +125,6 @@ def test_monotonic_pearson_split():
     assert not m["increasing"] and m["run"] and m["run_coefs"] == [-0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
     assert not S.monotonic(c7, [0, 1, 2, 3, 2, 1, 0])["run"]  # the only increasing run is [-1, 0]: no positive c
     assert not S.monotonic([0, 0.5, 1, 2], [0, 1, 2, 3])["run"]  # no negative coefficient
-    assert pv.count_monotonic([m, {"run": False}, {"increasing": True}], "run") == 1
     assert S.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
     assert S.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="equal-length"):
@@ -510,31 +509,14 @@ def test_run_end_to_end_tiny(tmp_path, model):
     np.testing.assert_allclose(res.results[0]["vectors"]["response_avg"], res2.results[0]["vectors"]["response_avg"])
 
 
-def test_band_measures_gate_the_random_band(model):
-    """A valid measure outside `band_measures` gets no band (and says why) and cannot count as above the band; an
-    invalid one is skipped for its validity whatever the config; a name that is not a measure is rejected."""
-    units = D.random_directions(1, 20, 16, 1.0)
-    items, valid = steering.item_pairs(ITEMS), {"valid": True}
-    only_response = pv.Config(band_measures=("response_likelihood",))
-    skipped = pv.band_or_skip(model, items, units, 1, 2.0, 3.0, only_response, valid)
-    assert skipped["band"] is None and skipped["skipped"] == pv.BAND_SKIPPED_BY_CONFIG
-    assert not steering.above_random_band(10.0, skipped)
-    assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), {"valid": False})["skipped"] \
-        == pv.BAND_SKIPPED_INVALID
-    assert pv.band_or_skip(model, items, units, 1, 2.0, 3.0, pv.Config(), valid)["band"]["n"] == 20
+def test_band_measures_name_the_measures_that_get_the_random_band():
+    """`band_measures` names the measures whose curve gets the random band (`steering.band_or_skip`, which
+    `steer_with_measure` passes it to); the quick preset bands only the response measure; a name that is not a
+    measure is rejected."""
+    assert pv.Config().band_measures == tuple(name for name, _ in pv.MEASURE_KEYS)
     assert pv.PRESETS["quick"]["band_measures"] == ("response_likelihood",)
-    assert pv.skipped_band(3.0)["measure"] is None
     with pytest.raises(ValueError, match="band_measures"):
         pv.Config(band_measures=("judge",))
-
-
-def test_unit_validity_pairs_units():
-    kinds = np.array(["pos", "pos", "neg", "neg", "default"])
-    per_unit = np.array([[1.0, 2.0, np.nan], [1.2, np.nan, 3.0], [0.0, 0.5, 1.0], [0.2, 0.7, np.nan],
-                         [9.0, 9.0, 9.0]])
-    v = pv._unit_validity(per_unit, kinds)
-    assert v["n"] == 3 and v["effect"] == pytest.approx(np.mean([1.1 - 0.1, 2.0 - 0.6, 3.0 - 1.0]))
-    assert v["valid"] and v["low"] > 0
 
 
 def test_answer_trait_score_matches_unpadded_forward(model):

@@ -19,6 +19,9 @@ check next to every result that uses the measure.
                                                   under the positive system prompt minus under the negative one,
                                                   scored by the model itself
     validity(pos_values, neg_values)              the system-prompt effect with its interval, paired by unit
+    prompt_validity(per_unit, kinds)              the same check for a measure read under many system prompts
+                                                  (per unit: mean under the positive ones minus the negative ones)
+    is_valid(check)                               whether a check exists and passed (what gates a measure's use)
     answer_nll(model, prompts, answers, ...)      mean per-token NLL of given answers (fluency; perplexity ratios)
     chat_fluency_cost(model, conversations, edits_fn)
                                                   an edit's cost on held-out chats: cross-entropy and perplexity of
@@ -30,6 +33,7 @@ recompiling (vectors and coefficients are traced). Values are numpy arrays, one 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -187,6 +191,29 @@ def validity(pos_values, neg_values) -> dict:
     eff = paired_effect(pos_values, neg_values, n_resamples=VALIDITY_RESAMPLES, seed=VALIDITY_KEY)
     return {"effect": eff["estimate"], "low": eff["low"], "high": eff["high"], "n": eff["n"],
             "valid": bool(eff["n"] > 1 and eff["low"] > 0)}
+
+
+def prompt_validity(per_unit, kinds) -> dict | None:
+    """The validity check of a measure read under many system prompts: per unit (column of `per_unit` [n_prompts,
+    n_units]), its mean over the prompts whose kind is "pos" minus its mean over those whose kind is "neg", then
+    `validity` over the units that have both, paired by unit. `kinds` [n_prompts] names each prompt's kind (e.g.
+    `monitoring.validity_kinds`: the full positive and negative instructions; other kinds are left out). A NaN entry
+    is a prompt that does not score that unit (e.g. it wrote the unit's answers) and is skipped, so every unit
+    contributes what the prompts allowed to score. None when no unit has both a positive and a negative value."""
+    per_unit, kinds = np.asarray(per_unit), np.asarray(kinds)
+    with warnings.catch_warnings():  # a unit no prompt of one kind scored is NaN there and left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pos = np.nanmean(np.where((kinds == "pos")[:, None], per_unit, np.nan), axis=0)
+        neg = np.nanmean(np.where((kinds == "neg")[:, None], per_unit, np.nan), axis=0)
+    ok = np.isfinite(pos) & np.isfinite(neg)
+    return validity(pos[ok], neg[ok]) if ok.any() else None
+
+
+def is_valid(check: dict | None) -> bool:
+    """Whether a validity check (`validity`, `prompt_validity`) exists and passed. A measure whose check was not
+    run or had no units (None) counts as not valid: what is gated on validity (a random band, a headline count, a
+    specificity column) runs only on a measure shown to respond to the trait."""
+    return bool(check and check.get("valid"))
 
 
 def validity_text(check: dict) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from psm_jax.persona.directions import project
 from psm_jax.persona.prompts import graded_system_prompts, holdout_system_prompts
-from psm_jax.persona.stats import (attenuation_ceiling, centre_within_groups, pearson, within_groups_null,
+from psm_jax.persona.stats import (attenuation_ceiling, centre_within_groups, cohens_d, pearson, within_groups_null,
                                    within_groups_r, within_groups_reliability)
 from psm_jax.persona.steering import response_measure
 
@@ -69,6 +69,26 @@ def question_projections(acts: dict, direction, layer: int, n_prompts: int) -> t
 def prompt_projections(acts: dict, direction, layer: int, n_prompts: int) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt, the mean over its questions of the last-prompt-token and the response-average projections."""
     return tuple(q.mean(1) for q in question_projections(acts, direction, layer, n_prompts))
+
+
+def separation_by_layer(acts: dict, direction, prompts: Sequence[MonitorPrompt]) -> dict[str, np.ndarray]:
+    """How well the projection onto direction[L] tells the full positive from the full negative instructions'
+    rows (`validity_kinds`), at every layer L: Cohen's d (`stats.cohens_d`) of the rows' projections, for the last
+    prompt token ("last_prompt") and the response average ("response"), each [n_layers]. `acts` has rows of
+    (prompt, question) in prompt-major order, as `question_projections` reads them. A layer profile of the
+    direction as a polarity detector; within-polarity tracking is `monitor_statistics`' question."""
+    n_rows = len(acts["last_prompt"])
+    if not prompts or n_rows % len(prompts):
+        raise ValueError(f"{n_rows} activation rows for {len(prompts)} prompts; expected rows of (prompt, question), "
+                         "the same number of questions per prompt")
+    row_kinds = np.repeat(validity_kinds(prompts), n_rows // len(prompts))
+
+    def separation(key: str, layer: int) -> float:
+        proj = project(acts[key][:, layer], direction[layer])
+        return float(cohens_d(proj[row_kinds == "pos"], proj[row_kinds == "neg"]))
+
+    return {name: np.asarray([separation(key, L) for L in range(direction.shape[0])])
+            for name, key in (("last_prompt", "last_prompt"), ("response", "response_mean"))}
 
 
 def measure_per_prompt(model, units: Sequence[dict], prompts: Sequence[MonitorPrompt],

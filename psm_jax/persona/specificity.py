@@ -80,6 +80,40 @@ def specificity_scores(cells, random, valid, min_z: float = MIN_Z) -> dict:
     return {"z": z, "per_trait": rows}
 
 
+def specificity_matrix(model, vectors, layers: Sequence[int], random_units, targets: Sequence[ContrastPairs | None],
+                       min_z: float = MIN_Z) -> dict:
+    """The specificity matrix of T directions over T measures in one call: the cells and their random bands
+    (`cross_effects`: vectors[i] steered at layers[i], random_units[i] [R, D] at its norm, targets[j] read on its
+    units) with their z-scores and per-direction pass (`specificity_scores`). A target that is None (its measure
+    failed its validity check) is not valid: its column stays NaN and no pass looks at it. Returns {cells [T, T],
+    random [T, T, R], z [T, T], per_trait, valid [T], n_random, min_z}."""
+    cells, band = cross_effects(model, vectors, layers, random_units, targets)
+    valid = [t is not None for t in targets]
+    return {"cells": cells, "random": band, **specificity_scores(cells, band, valid, min_z), "valid": valid,
+            "n_random": int(np.asarray(band).shape[2]), "min_z": min_z}
+
+
+def matrix_against_band(model, vectors, layers: Sequence[int], targets: Sequence[ContrastPairs | None], random,
+                        min_z: float = MIN_Z) -> dict:
+    """Another set of steering vectors scored against an existing matrix's random bands (`specificity_matrix`'s
+    "random" [T, T, R]): vectors[i] (e.g. direction i's trait-specific part, `specific_part`, at the whole vector's
+    norm) steered at layers[i] and read on targets[j] (`symmetric_effects`). With the same layers, norms and
+    targets, the random directions are the same ones, so the steered vector is the only thing that differs between
+    the two matrices. vectors[i] None (nothing left of it) leaves row i NaN; targets[j] None leaves column j NaN and
+    not valid. Returns {cells [T, T], z [T, T], per_trait} (`specificity_scores`)."""
+    T = len(vectors)
+    if len(layers) != T or len(targets) != T:
+        raise ValueError(f"{T} vectors, {len(layers)} layers and {len(targets)} targets; expected T of each")
+    cells = np.full((T, T), np.nan)
+    for i, vec in enumerate(vectors):
+        if vec is None:
+            continue
+        for j, pairs in enumerate(targets):
+            if pairs is not None:
+                cells[i, j] = symmetric_effects(model, pairs, np.asarray(vec)[None], int(layers[i]))[0]
+    return {"cells": cells, **specificity_scores(cells, random, [t is not None for t in targets], min_z)}
+
+
 def specific_part(own, others, norm: float) -> tuple[np.ndarray | None, float]:
     """The part of direction `own` [D] orthogonal to every row of `others` [K, D] (`directions.orthogonal_component`),
     rescaled to `norm` so that it meets the same random band as the whole vector. Returns (vector, or None where

@@ -12,6 +12,7 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     zscore(value, null_values)                 distance from the null's mean in null standard deviations
     shuffled_label_null(stat, a, b, n)         a statistic under random relabelling of two groups
     monotonic(coefs, values, ppl_ratios)       strictly increasing over the sweep, optionally under a fluency ceiling
+    count_monotonic(monotonics, criterion)     how many sweeps (`monotonic` results) meet one of its criteria
     pearson / pearson_ci                       correlation with a bootstrap interval over units
     within_groups_r(x, y, groups)              the correlation inside each group (e.g. polarity) and pooled within
     centre_within_groups(values, groups)       values minus their group's mean (the step both of the above share)
@@ -257,6 +258,14 @@ def _longest_increasing_run(c: np.ndarray, up: np.ndarray, min_run: int) -> list
             if c[i] < 0 < c[j] and np.all(up[i:j]) and j - i + 1 > len(best):
                 best = [float(x) for x in c[i:j + 1]]
     return best
+
+
+def count_monotonic(monotonics: Sequence[dict], criterion: str) -> int:
+    """How many sweeps meet `criterion`, a boolean field of their `monotonic` results ("increasing": strictly over
+    the whole sweep; "run": the lenient criterion; "increasing_within_ceiling": strictly over the fluent points; or
+    a field the caller added, such as one combining it with a random band). A sweep without the field counts as not
+    meeting it, so a count covers only the sweeps shown to pass."""
+    return sum(bool(m.get(criterion, False)) for m in monotonics)
 
 
 def pearson(x, y) -> float:

@@ -198,6 +198,28 @@ def random_band(model, pairs: ContrastPairs, unit_dirs, layer: int, norm: float,
             "coefs": [-cmax, cmax]}
 
 
+BAND_SKIPPED_INVALID = "the measure failed its validity check"
+BAND_SKIPPED_BY_CONFIG = "the measure is not in band_measures"
+
+
+def skipped_band(cmax: float, reason: str = BAND_SKIPPED_INVALID) -> dict:
+    """The control of a measure that is not tested against random directions, in `random_band`'s layout with no
+    draws and the reason under "skipped": one that failed its validity check (its curve could not be evidence, so
+    the band's cost buys nothing) or one left out of the measures to band to save time (its curve is then
+    descriptive). `above_random_band` is False for it."""
+    return {"n": 0, "effects": [], "ends": [], "band": None, "measure": None, "coefs": [-cmax, cmax],
+            "skipped": reason}
+
+
+def band_or_skip(model, pairs: ContrastPairs, unit_dirs, layer: int, norm: float, cmax: float,
+                 band_measures: Sequence[str], validity: dict | None) -> dict:
+    """`random_band` for a measure that passed its validity check (`measures.is_valid`) and whose name
+    (`pairs.name`) is in `band_measures`; otherwise `skipped_band` saying which condition failed (validity first)."""
+    if not measures.is_valid(validity):
+        return skipped_band(cmax)
+    if pairs.name not in band_measures:
+        return skipped_band(cmax, BAND_SKIPPED_BY_CONFIG)
+    return random_band(model, pairs, unit_dirs, layer, norm, cmax)
 
 
 def row_add_edit(config, layer: int, vectors) -> E.Add:
