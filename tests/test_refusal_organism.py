@@ -137,4 +137,6 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert loaded.chat_template == tiny_chat_model.chat_template
     metrics = json.loads((tmp_path / "org" / "metrics.json").read_text())
     assert set(metrics["refuses"]) == set(OR.CHECKED_SETS) | {"all"}
-    assert "psm refusal model=" in (tmp_path / "org" / "report.md").read_text()
+    text = (tmp_path / "org" / "report.md").read_text()
+    assert "psm refusal model=" in text and f"greedy answers ({cfg.max_new_tokens} tokens)" in text
+    assert "{" not in text.split("## Example answers")[0]  # no unformatted field in the text written from the run
