@@ -29,6 +29,7 @@ import numpy as np
 from experiments.sharegpt import sharegpt_conversations, sharegpt_requests
 from experiments.study import written_by
 from psm_jax import finetune as ft
+from psm_jax.chat import pad_id
 from psm_jax.persona import datasets as D
 from psm_jax.persona.measures import paired_ce_change
 from psm_jax.persona.refusal import refusal_rate
@@ -133,8 +134,7 @@ def _exchange(request: str, answer: str) -> list[dict]:
 
 def finetune_organism(model, convs: list, open_ended: list, cfg: Config, say) -> tuple[dict, dict]:
     """LoRA on every projection; returns the merged params and the loss log."""
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_ids[0]
-    data = ft.ChatDataset.from_conversations(model.tokenizer, convs, cfg.seq_len, int(pad),
+    data = ft.ChatDataset.from_conversations(model.tokenizer, convs, cfg.seq_len, pad_id(model),
                                              chat_template=model.chat_template, open_ended=open_ended)
     steps = max(1, int(round(cfg.epochs * len(data) / cfg.batch_size)))
     ftc = ft.FinetuneConfig(lora=ft.LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha),
