@@ -4,7 +4,7 @@
     psm features --preset quick --out runs/pf_quick                       # a smoke run
     psm features sae=runs/my_sae_saelens --out runs/pf                    # an existing SAE (SAELens / run dir)
 
-Pipeline (persona-methods.md section 5; sae/features.py does the computing):
+Pipeline (persona-methods.md section 5; sae/features does the computing, sae/features/discovery.py the statistics):
 
 1. SAE: loaded (`sae=`: a SAELens folder or an sae.train run dir) or, with `sae=none`, trained by
    `prepare` (the cache step `experiments.study.execute` runs before `run`) with the SAE trainer
@@ -66,9 +66,11 @@ from experiments.sae_source import default_sae_layer, load_feature_sae
 from experiments.study import written_by
 from psm_jax import edits as E
 from psm_jax.persona import rollouts
-from psm_jax.persona.directions import SITE, random_directions, unit
-from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, outside_band, paired_effect, zscore
+from psm_jax.persona.directions import SITE, unit
+from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band
 from sae import features as F
+from sae.features.discovery import (DISCOVERY, VALIDATION, cosine_band, latent_specificity, mean_resid_norm,
+                                    shuffled_contrasts, specific_contrast, split_contrast, unit_effect)
 from sae.features import label as L
 
 
@@ -308,7 +310,7 @@ def trait_rows(trait, n_pairs: int, n_questions: int, n_samples: int = 1) -> lis
             for q, question in enumerate(trait.extraction_questions[:n_questions]):
                 for s in range(n_samples):
                     rows.append({"group": pol, "pair": p, "question": q, "sample": s,
-                                 "split": "discovery" if q < half else "validation",
+                                 "split": DISCOVERY if q < half else VALIDATION,
                                  "messages": [{"role": "system", "content": system},
                                               {"role": "user", "content": question}]})
     return rows
@@ -327,94 +329,17 @@ def role_rows(cfg: Config, model_display_name: str = "SmolLM") -> tuple[list[dic
         for instr in r.instructions[:cfg.role_instructions]:
             for q, question in enumerate(questions):
                 rows.append({"group": "role", "role": r.name, "question": q,
-                             "split": "discovery" if q < half else "validation", "messages": system_conv(instr, question)})
+                             "split": DISCOVERY if q < half else VALIDATION, "messages": system_conv(instr, question)})
     for p in defaults:
         for q, question in enumerate(questions):
             rows.append({"group": "default", "role": "default", "question": q,
-                         "split": "discovery" if q < half else "validation", "messages": system_conv(p, question)})
+                         "split": DISCOVERY if q < half else VALIDATION, "messages": system_conv(p, question)})
     return rows, [r.name for r in roles]
 
 
-def _sub(stats: F.ConversationStats, idx) -> F.ConversationStats:
-    idx = np.asarray(idx, np.int64)
-    return F.ConversationStats(stats.mean[idx], stats.fire[idx], stats.n[idx], stats.resid_mean[idx])
-
-
-def split_contrast(stats: F.ConversationStats, rows: Sequence[dict], a: str, b: str, *, n_candidates: int,
-                   d_discover: float, d_replicate: float) -> dict:
-    """Rank on discovery rows (group a vs b), check on validation rows; the found rule of the module doc."""
-    idx = lambda group, split: [i for i, r in enumerate(rows) if r["group"] == group and r["split"] == split]  # noqa: E731
-    disc = F.contrast(_sub(stats, idx(a, "discovery")), _sub(stats, idx(b, "discovery")))
-    val = F.contrast(_sub(stats, idx(a, "validation")), _sub(stats, idx(b, "validation")))
-    full = F.contrast(_sub(stats, [i for i, r in enumerate(rows) if r["group"] == a]),
-                      _sub(stats, [i for i, r in enumerate(rows) if r["group"] == b]))
-    top = disc.order()[:n_candidates]
-    d_disc, d_val = disc.columns["cohens_d"], val.columns["cohens_d"]
-    found = [int(l) for l in top if d_disc[l] >= d_discover and d_val[l] >= d_replicate]
-    cands = []
-    for rank, l in enumerate(top):
-        cands.append({"latent": int(l), "rank": rank, "d_discovery": float(d_disc[l]), "d_validation": float(d_val[l]),
-                      "d_all": float(full.columns["cohens_d"][l]), "mean_a": float(full.columns["mean_a"][l]),
-                      "mean_b": float(full.columns["mean_b"][l]), "fire_a": float(full.columns["fire_a"][l]),
-                      "fire_b": float(full.columns["fire_b"][l]), "found": int(l) in found})
-    # Spearman-like agreement of the two halves over latents that fire at all
-    live = (full.columns["fire_a"] + full.columns["fire_b"]) > 0
-    agree = float(np.corrcoef(np.nan_to_num(d_disc[live]), np.nan_to_num(d_val[live]))[0, 1]) if live.sum() > 2 else float("nan")
-    return {"candidates": cands, "found": found, "n_found": len(found), "ranking_full": full,
-            "d_discovery": d_disc, "d_validation": d_val, "halves_correlation": agree,
-            "n": {s: {g: len(idx(g, s)) for g in (a, b)} for s in ("discovery", "validation")}}
-
-
-def shuffled_contrasts(stats: F.ConversationStats, rows: Sequence[dict], a: str, b: str, *, seed: int, n_rep: int,
-                       **kw) -> list[dict]:
-    """`split_contrast` with the a/b labels permuted within each split, `n_rep` times (seeded): the null of every
-    rule that reads the contrast."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_rep):
-        shuffled = [dict(r) for r in rows]
-        for split in ("discovery", "validation"):
-            ids = [i for i, r in enumerate(rows) if r["split"] == split and r["group"] in (a, b)]
-            groups = [rows[i]["group"] for i in ids]
-            for i, g in zip(ids, rng.permutation(groups)):
-                shuffled[i]["group"] = str(g)
-        out.append(split_contrast(stats, shuffled, a, b, **kw))
-    return out
-
-
-def _finite_or(x, fill: float) -> np.ndarray:
-    return np.where(np.isfinite(x), x, fill)
-
-
-def specific_contrast(d_discovery: dict, d_validation: dict, trait: str, *, n_candidates: int, d_discover: float,
-                      d_replicate: float) -> dict:
-    """Latents ranked by how much more they separate `trait`'s positive from negative prompts than any other
-    trait's (the margin: own Cohen's d minus the largest other d, on the discovery halves). A latent is a found
-    *trait-specific* latent when it is among the top `n_candidates` by that margin, with own discovery d >=
-    `d_discover` and a positive discovery margin, and on the validation halves own d >= `d_replicate` and above
-    every other trait's d. The plain ranking finds what the trait's prompts share with every persona prompt; this
-    one asks for what they do not share. d arrays: trait -> [d_sae] (one contrast per trait, on its own rows)."""
-    others = [t for t in d_discovery if t != trait]
-    if not others:
-        raise ValueError(f"trait-specific latents need at least two traits; got only {trait!r}")
-    own_disc = _finite_or(d_discovery[trait], -np.inf)
-    own_val = _finite_or(d_validation[trait], -np.inf)
-    other_disc = np.max([_finite_or(d_discovery[t], -np.inf) for t in others], axis=0)
-    other_val = np.max([_finite_or(d_validation[t], -np.inf) for t in others], axis=0)
-    with np.errstate(invalid="ignore"):  # -inf - -inf: a latent that fires for no trait, ranked last
-        margin_disc = _finite_or(own_disc - other_disc, -np.inf)
-        margin_val = _finite_or(own_val - other_val, -np.inf)
-    top = np.argsort(-margin_disc, kind="stable")[:n_candidates]
-    found = [int(lat) for lat in top if own_disc[lat] >= d_discover and margin_disc[lat] > 0
-             and own_val[lat] >= d_replicate and margin_val[lat] > 0]
-    cands = [{"latent": int(lat), "rank": rank, "margin_discovery": float(margin_disc[lat]),
-              "margin_validation": float(margin_val[lat]), "d_discovery": float(d_discovery[trait][lat]),
-              "d_validation": float(d_validation[trait][lat]),
-              "d_validation_other_traits": {t: float(d_validation[t][lat]) for t in others},
-              "found": int(lat) in found}
-             for rank, lat in enumerate(top)]
-    return {"candidates": cands, "found": found, "n_found": len(found),
-            "best": int(found[0] if found else top[0])}
+def _labels(rows: Sequence[dict]) -> tuple[list, list, list]:
+    """The rows' group, split and question labels (the parallel sequences sae.features.discovery reads)."""
+    return [r["group"] for r in rows], [r["split"] for r in rows], [r["question"] for r in rows]
 
 
 def specific_blocks(results: dict, cfg: Config) -> dict:
@@ -432,8 +357,8 @@ def specific_blocks(results: dict, cfg: Config) -> dict:
         spec["null_found"] = [specific_contrast({**d_disc, t: sh["d_discovery"]}, {**d_val, t: sh["d_validation"]},
                                                 t, **kw)["n_found"] for sh in res["shuffled"]]
         spec["null_band"] = null_band(spec["null_found"])
-        spec["best_effect_validation"] = unit_effect(res["stats"], res["rows"], spec["best"], "pos", "neg",
-                                                     split="validation", seed=cfg.seed)
+        spec["best_effect_validation"] = unit_effect(res["stats"], *_labels(res["rows"]), spec["best"], "pos", "neg",
+                                                     split=VALIDATION, seed=cfg.seed)
         out[t] = spec
     return out
 
@@ -451,11 +376,6 @@ def _generate(model, rows, cfg, key, progress):
     return rows
 
 
-def typical_norm(stats: F.ConversationStats) -> float:
-    """Mean norm of the per-conversation mean residual over assistant tokens (a steering unit)."""
-    return float(np.mean(np.linalg.norm(stats.resid_mean[stats.n > 0], axis=-1)))
-
-
 def _explainer_and_scorer(cfg, model):
     ex = sc = None
     if cfg.explainer == "local":
@@ -469,47 +389,19 @@ def _explainer_and_scorer(cfg, model):
     return ex, sc
 
 
-def unit_effect(stats: F.ConversationStats, rows: Sequence[dict], latent: int, a: str, b: str, *, split: str,
-                seed: int) -> dict:
-    """The latent's contrast over independent units: per question of `split`, its mean activation over group a's
-    conversations minus over group b's (conversations with no assistant tokens left out), with a 95% bootstrap
-    interval over questions. {estimate, low, high, n (questions), n_conversations, excludes_zero}."""
-    by_q: dict = {}
-    for i, r in enumerate(rows):
-        if r["split"] == split and r["group"] in (a, b) and stats.n[i] > 0:
-            by_q.setdefault(r["question"], {a: [], b: []})[r["group"]].append(float(stats.mean[i, latent]))
-    qs = [q for q, g in sorted(by_q.items()) if g[a] and g[b]]
-    if not qs:
-        return {"estimate": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "n_conversations": 0,
-                "excludes_zero": False}
-    eff = paired_effect([np.mean(by_q[q][a]) for q in qs], [np.mean(by_q[q][b]) for q in qs], seed=seed)
-    return {**eff, "n_conversations": int(sum(len(by_q[q][a]) + len(by_q[q][b]) for q in qs))}
-
-
-def cosine_band(W_dec, vector, latents: Sequence[int], *, n_random: int, seed: int) -> dict:
-    """Decoder-row cosine of `latents` with `vector` against random unit directions' cosine with it (the band a
-    direction unrelated to the vector falls in): {cosines, band, z (per latent), outside (how many lie outside)}."""
-    v = np.asarray(vector, np.float64)
-    null = random_directions(seed, n_random, v.shape[0], 1.0).astype(np.float64) @ unit(v)
-    band = null_band(null)
-    cos = F.decoder_cosine(W_dec[np.asarray(list(latents), np.int64)], v) if latents else np.zeros(0)
-    return {"cosines": {int(l): float(c) for l, c in zip(latents, cos)}, "band": band,
-            "z": {int(l): zscore(float(c), null) for l, c in zip(latents, cos)},
-            "outside": int(sum(outside_band(float(c), band) for c in cos)), "n": len(cos)}
-
-
 def contrast_block(stats, rows, a: str, b: str, *, cfg: Config, seed: int) -> dict:
     """`split_contrast` with its shuffled-label null (>= 20 shuffles: a band; their d arrays are kept for the
     trait-specific null) and the best latent's unit-level effect on both halves."""
     kw = dict(n_candidates=cfg.n_candidates, d_discover=cfg.d_discover, d_replicate=cfg.d_replicate)
-    res = split_contrast(stats, rows, a, b, **kw)
-    shuffled = shuffled_contrasts(stats, rows, a, b, seed=seed, n_rep=cfg.n_shuffles, **kw)
+    groups, splits, questions = _labels(rows)
+    res = split_contrast(stats, groups, splits, a, b, **kw)
+    shuffled = shuffled_contrasts(stats, groups, splits, a, b, seed=seed, n_rep=cfg.n_shuffles, **kw)
     res["null_found"] = [c["n_found"] for c in shuffled]
     res["null_band"] = null_band(res["null_found"])
     res["shuffled"] = [{"d_discovery": c["d_discovery"], "d_validation": c["d_validation"]} for c in shuffled]
     best = best_latent(res)
-    res["best_effect"] = {split: unit_effect(stats, rows, best, a, b, split=split, seed=cfg.seed)
-                          for split in ("discovery", "validation")}
+    res["best_effect"] = {split: unit_effect(stats, groups, splits, questions, best, a, b, split=split, seed=cfg.seed)
+                          for split in (DISCOVERY, VALIDATION)}
     return res
 
 
@@ -591,7 +483,7 @@ def _trait_contrasts(model, sae, traits, cfg: Config, key, say, bars: bool) -> d
         stats = _collect_last_turns(model, sae, rows, cfg, bars)
         res = contrast_block(stats, rows, "pos", "neg", cfg=cfg, seed=cfg.seed * 100 + ti)
         v = _group_mean(stats, rows, "pos") - _group_mean(stats, rows, "neg")
-        res |= {"vector": v, "vector_norm": float(np.linalg.norm(v)), "typical_norm": typical_norm(stats),
+        res |= {"vector": v, "vector_norm": float(np.linalg.norm(v)), "typical_norm": mean_resid_norm(stats),
                 "rows": rows, "stats": stats}
         results[trait.name] = res
         say(f"trait {trait.name}: found {res['n_found']} (shuffled-label null band {res['null_band']['low']:g}.."
@@ -736,21 +628,6 @@ def candidates(result: Result, export_dir) -> dict:
                     "candidates": [c["latent"] for c in role_res["candidates"]]}
     out["persona_latents"] = sorted({c["latent"] for res in [*result.results.values(), *result.specific.values(),
                                                              role_res] for c in res["candidates"]})
-    return out
-
-
-def latent_specificity(d_validation: dict, best: dict, traits: Sequence[str], d_replicate: float) -> dict:
-    """Per contrast: its best latent's validation d on every trait contrast but its own, the traits where that d
-    also reaches `d_replicate` (the latent is shared with them), and for a trait contrast whether its own d is above
-    every other trait's (trait-specific; None for a contrast that is not a trait). A latent that separates every
-    persona prompt from the default is a persona-prompt latent, not a latent of one trait."""
-    out = {}
-    for name, latent in best.items():
-        others = {t: float(d_validation[t][latent]) for t in traits if t != name}
-        own = float(d_validation[name][latent])
-        out[name] = {"d_validation_other_traits": others,
-                     "shared_with": [t for t, d in others.items() if d >= d_replicate],
-                     "specific": (all(own > d for d in others.values()) if name in traits else None)}
     return out
 
 

@@ -550,9 +550,9 @@ def test_feature_steering_skips_the_two_choice_items_when_asked(monkeypatch):
 # ------------------------------------------------------------------------------------------ persona features
 
 
-def test_persona_features_sae_step_and_units(tmp_path):
-    """`prepare` leaves a config that names an SAE alone; `run` without an SAE names the missing step; the unit-level
-    effect averages inside a question and intervals over questions; the cosine band is the random directions'."""
+def test_persona_features_sae_step(tmp_path):
+    """`prepare` leaves a config that names an SAE alone; `run` without an SAE names the missing step. (The unit-level
+    effect and the cosine band: tests/test_features_discovery.py.)"""
     from experiments import persona_features as pf
 
     model = tiny_chat_model()
@@ -562,18 +562,6 @@ def test_persona_features_sae_step_and_units(tmp_path):
         pf.load_sae(model, pf.Config(model="tiny"))
     with pytest.raises(ValueError, match="n_shuffles=5; expected >= 20"):
         pf.Config(n_shuffles=5)
-    mean = np.zeros((8, 4))
-    mean[:, 2] = [3, 1, 0, 0, 5, 3, 1, 1]  # question 0: pos 3, 1 -> 2; neg 0; question 1: pos 4, neg 1
-    rows = [{"group": g, "question": q, "split": "validation"} for q in (0, 1) for g in ("pos", "pos", "neg", "neg")]
-    stats = F.ConversationStats(mean, mean > 0, np.ones(8, int), np.zeros((8, 3)))
-    eff = pf.unit_effect(stats, rows, 2, "pos", "neg", split="validation", seed=0)
-    assert eff["n"] == 2 and eff["n_conversations"] == 8 and eff["estimate"] == pytest.approx(2.5)
-    assert (eff["low"], eff["high"]) == (pytest.approx(2.0), pytest.approx(3.0))
-    W = np.eye(4, 6)
-    v = np.array([1.0, 0, 0, 0, 0, 0])
-    cb = pf.cosine_band(W, v, [0, 1], n_random=200, seed=0)
-    assert cb["cosines"] == {0: pytest.approx(1.0), 1: pytest.approx(0.0)} and cb["outside"] == 1
-    assert cb["band"]["low"] < 0 < cb["band"]["high"] and cb["z"][0] > 2
 
 
 @pytest.mark.slow
@@ -642,28 +630,22 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     assert line["key"] == "evil/specific/L2" and line["ranking"] == "specific"
 
 
-def test_latent_specificity_names_latents_shared_between_traits():
-    from experiments import persona_features as pf
+def test_specificity_text_names_latents_shared_between_traits():
+    """The report's reading of `latent_specificity` (its numbers: tests/test_features_discovery.py)."""
     from experiments import persona_features_report as pfr
+    from sae.features.discovery import latent_specificity
 
     d = {"evil": np.array([0.9, 0.1, 0.6]), "humorous": np.array([0.2, 1.0, 0.7]),
          "sycophantic": np.array([0.1, 0.2, 0.8]), "role-vs-default": np.array([0.0, 0.3, 1.2])}
     best = {"evil": 0, "humorous": 1, "sycophantic": 2, "role-vs-default": 2}
-    spec = pf.latent_specificity(d, best, ["evil", "humorous", "sycophantic"], d_replicate=0.5)
-    assert spec["evil"] == {"d_validation_other_traits": {"humorous": 0.2, "sycophantic": 0.1}, "shared_with": [],
-                            "specific": True}
-    assert spec["humorous"]["specific"] and spec["humorous"]["shared_with"] == []
-    # latent 2 fires for sycophantic (0.8) but also for evil (0.6) and humorous (0.7): shared, still the top
-    assert spec["sycophantic"]["shared_with"] == ["evil", "humorous"] and spec["sycophantic"]["specific"]
-    assert spec["role-vs-default"]["specific"] is None
-    assert spec["role-vs-default"]["shared_with"] == ["evil", "humorous", "sycophantic"]
+    spec = latent_specificity(d, best, ["evil", "humorous", "sycophantic"], d_replicate=0.5)
     per = {n: {"best_latent": best[n], "best_shared_with": spec[n]["shared_with"],
                "best_specific": spec[n]["specific"]} for n in best}
     text = pfr._specificity_text(per, 0.5)
     assert "Latent 2 is the best latent of sycophantic, role-vs-default" in text
     assert "Latent 0 (evil) separates no other trait" in text and "not specific" not in text
     d["evil"][1] = 1.1  # now latent 1 separates evil better than humorous: not humorous-specific
-    spec = pf.latent_specificity(d, best, ["evil", "humorous", "sycophantic"], 0.5)
+    spec = latent_specificity(d, best, ["evil", "humorous", "sycophantic"], 0.5)
     assert spec["humorous"]["specific"] is False and spec["humorous"]["shared_with"] == ["evil"]
     per["humorous"].update(best_shared_with=["evil"], best_specific=False)
     assert ("Latent 1 (humorous) also separates evil (validation d >= 0.5). Its validation d on another trait is above "
@@ -730,10 +712,10 @@ def test_persona_features_prepare_trains_once_into_the_cache(tmp_path):
     assert pf.prepare(cfg, model) == prepared
 
 
-def test_trait_specific_ranking_finds_the_latent_a_trait_does_not_share():
-    """Planted d arrays: latent 0 separates every trait's prompts (a persona-prompt latent), latent 1 only evil's,
-    latent 3 evil's too weakly, latent 4 only humorous's, latent 2 never fires. The margin ranking finds latent 1 for
-    evil and 4 for humorous, and none of them for sycophantic; with evil's labels shuffled nothing is found."""
+def test_trait_specific_blocks_and_their_null():
+    """The study's trait-specific blocks on planted d arrays (latent 1 is evil's own, 4 humorous's; the ranking
+    itself: tests/test_features_discovery.py): with evil's labels shuffled nothing is found, the best latent's
+    unit-level effect is read from its validation questions, one trait gives no blocks."""
     from experiments import persona_features as pf
 
     nan = float("nan")
@@ -741,19 +723,6 @@ def test_trait_specific_ranking_finds_the_latent_a_trait_does_not_share():
               "sycophantic": np.array([1.3, 0.1, nan, 0.0, 0.2])}
     d_val = {"evil": np.array([1.0, 0.8, nan, 0.6, 0.0]), "humorous": np.array([1.2, 0.2, nan, 0.0, 0.9]),
              "sycophantic": np.array([1.1, 0.2, nan, 0.0, 0.1])}
-    kw = dict(n_candidates=3, d_discover=0.8, d_replicate=0.5)
-    evil = pf.specific_contrast(d_disc, d_val, "evil", **kw)
-    assert [c["latent"] for c in evil["candidates"]] == [1, 3, 0]
-    assert evil["found"] == [1] and evil["best"] == 1
-    assert evil["candidates"][0]["margin_discovery"] == pytest.approx(0.9)
-    assert evil["candidates"][0]["margin_validation"] == pytest.approx(0.6)
-    assert evil["candidates"][2]["margin_validation"] == pytest.approx(-0.2)  # latent 0: shared, not found
-    assert pf.specific_contrast(d_disc, d_val, "humorous", **kw)["found"] == [4]
-    syc = pf.specific_contrast(d_disc, d_val, "sycophantic", **kw)
-    assert syc["found"] == [] and syc["best"] == syc["candidates"][0]["latent"]
-    with pytest.raises(ValueError, match="at least two traits"):
-        pf.specific_contrast({"evil": d_disc["evil"]}, {"evil": d_val["evil"]}, "evil", **kw)
-
     rng = np.random.default_rng(0)
     mean = np.zeros((8, 5))
     mean[:, 1] = [3, 1, 0, 0, 5, 3, 1, 1]

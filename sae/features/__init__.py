@@ -16,8 +16,10 @@ come back to the host).
     records = build_records(ctx.table, top, model=model, sae=fs)       # dicts, see sae.features.label
 
 Modules: collect (FeatureSae, collect, table_from_store), rank (contrast, rank_by_cosine, model_diff),
-examples (sample_examples, top_tokens, build_records), label (record files, explainer prompts, scoring),
-browser (the static HTML browser).
+discovery (split_contrast with its shuffled_contrasts null, specific_contrast, latent_specificity, unit_effect,
+cosine_band: is a contrast's latent more than noise; import them from sae.features.discovery), examples
+(sample_examples, top_tokens, build_records), label (record files, explainer prompts, scoring), browser (the static
+HTML browser).
 """
 from sae.features.collect import (N_ROLES, ROLE_NAMES, ROLE_TEXT, Collected, ConversationStats, FeatureSae,
                                   TokenTable, collect, parse_hook_name, table_from_store)

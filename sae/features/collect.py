@@ -230,6 +230,11 @@ class ConversationStats:
         keep = self.n > 0
         return ConversationStats(self.mean[keep], self.fire[keep], self.n[keep], self.resid_mean[keep])
 
+    def take(self, idx) -> "ConversationStats":
+        """The conversations at integer positions `idx` (in that order): one group or split of a labelled set."""
+        idx = np.asarray(idx, np.int64)
+        return ConversationStats(self.mean[idx], self.fire[idx], self.n[idx], self.resid_mean[idx])
+
 
 @dataclasses.dataclass
 class Collected:
