@@ -101,7 +101,7 @@ def execute(module, config, *, folder: str | Path, model=None, progress=None, re
         config = mod.prepare(config, model, progress)
     result = mod.run(config, model, progress)
     path = mod.report(result, Path(folder))
-    lines = with_seed(mod.records(result), config)
+    lines = with_run_labels(mod.records(result), config)
     if record:
         from psm_jax.records import record_lines
 
@@ -109,11 +109,12 @@ def execute(module, config, *, folder: str | Path, model=None, progress=None, re
     return {"result": result, "report": Path(path), "records": lines, "seconds": time.time() - t0}
 
 
-def with_seed(lines, config) -> list[dict]:
-    """Each record line with the `seed` of the config that ran (a line that names its own seed keeps it), so runs
-    that differ only in their seed stay apart in the results file and in its latest-values table."""
-    seed = getattr(config, "seed", None)
-    return [dict(ln) if seed is None or "seed" in ln else {**ln, "seed": seed} for ln in lines]
+def with_run_labels(lines, config) -> list[dict]:
+    """Each record line with the `seed` and the `model` of the config that ran (a line that names its own keeps
+    it), so runs that differ only in their seed or model stay apart in the results file and in its latest-values
+    table."""
+    labels = {k: getattr(config, k) for k in ("seed", "model") if getattr(config, k, None) is not None}
+    return [{**ln, **{k: v for k, v in labels.items() if k not in ln}} for ln in lines]
 
 
 def usage(name: str, config_cls, doc: str | None) -> str:

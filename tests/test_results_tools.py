@@ -15,6 +15,13 @@ def test_a_nonzero_seed_gets_its_own_row_and_seed_zero_shares_the_unseeded_one()
     assert row_key(_line(trait="evil", key="evil", measure="items")) == ("m", "evil, items")
 
 
+def test_a_run_on_another_model_gets_its_own_row():
+    from psm_jax.persona import DEFAULT_MODEL
+
+    assert row_key(_line(key="a", model=DEFAULT_MODEL)) == ("m", "a")
+    assert row_key(_line(key="a", model="runs/organism/model", seed=1)) == ("m", "a, model runs/organism/model, seed 1")
+
+
 def test_the_latest_line_of_each_row_wins():
     lines = [_line(key="a", value=1.0), _line(key="a", value=2.0, seed=1), _line(key="a", value=3.0, seed=0)]
     rows = latest_rows("\n".join(json.dumps(ln) for ln in lines) + "\n\n")

@@ -131,7 +131,8 @@ def test_execute_prepares_runs_then_reports(tmp_path):
     calls: list = []
     res = study.execute(_toy_study(calls, True), Toy(n=2), folder=tmp_path / "r", model=object())
     assert calls == [("prepare", 2), ("run", 3), ("report", 3)]  # run sees the prepared config
-    assert res["report"] == tmp_path / "r" / "report.md" and res["records"] == [{"metric": "toy", "value": 3}]
+    assert res["report"] == tmp_path / "r" / "report.md"
+    assert res["records"] == [{"metric": "toy", "value": 3, "model": "m"}]
     calls.clear()
     study.execute(_toy_study(calls, False), Toy(n=2), folder=tmp_path / "s", model=object())
     assert calls == [("run", 2), ("report", 2)]
@@ -141,7 +142,7 @@ def test_execute_prepares_runs_then_reports(tmp_path):
         study.load_study(broken)
 
 
-def test_execute_stamps_the_configs_seed_on_lines_that_lack_one(tmp_path):
+def test_execute_stamps_the_configs_seed_and_model_on_lines_that_lack_them(tmp_path):
     @dataclasses.dataclass(frozen=True)
     class Seeded:
         model: str = "m"
@@ -152,9 +153,10 @@ def test_execute_stamps_the_configs_seed_on_lines_that_lack_one(tmp_path):
     mod.Config = Seeded
     mod.records = lambda result: [{"metric": "a", "value": 1}, {"metric": "b", "value": 2, "seed": 7}]
     res = study.execute(mod, Seeded(), folder=tmp_path / "r", model=object())
-    assert res["records"] == [{"metric": "a", "value": 1, "seed": 3}, {"metric": "b", "value": 2, "seed": 7}]
+    assert res["records"] == [{"metric": "a", "value": 1, "seed": 3, "model": "m"},
+                              {"metric": "b", "value": 2, "seed": 7, "model": "m"}]
     unseeded = study.execute(_toy_study([], False), Toy(n=2), folder=tmp_path / "s", model=object())
-    assert unseeded["records"] == [{"metric": "toy", "value": 2}]
+    assert unseeded["records"] == [{"metric": "toy", "value": 2, "model": "m"}]
 
 
 def test_record_lines_append_with_command(tmp_path, monkeypatch):
