@@ -255,7 +255,7 @@ def paired_ce_change(base: tuple, changed: tuple, *, seed: int = 0) -> dict:
     Returns {n_conversations, tokens, ce, ce_edited, ce_pct_change, ppl, ppl_edited, ppl_pct_change} plus, with two
     or more conversations, `ce_pct_change_ci` and `ppl_pct_change_ci`: 95% bootstrap intervals with the
     conversations as the units (each resampled conversation keeps its tokens, paired across the two conditions)."""
-    (n0, c0), (n1, c1) = (tuple(np.asarray(a, np.float64) for a in cond) for cond in (base, changed))
+    (n0, c0), (n1, c1) = (tuple(np.asarray(a) for a in cond) for cond in (base, changed))
     if n0.shape != n1.shape or not np.array_equal(c0, c1):
         raise ValueError(f"paired_ce_change: conditions scored on different tokens ({n0.shape} vs {n1.shape} "
                          "conversations); expected the same conversations and tokenizer on both sides")
