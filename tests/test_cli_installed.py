@@ -23,8 +23,11 @@ def run_psm(*args, cwd=None, timeout=300):
 def test_psm_help_lists_the_commands():
     res = run_psm("--help")
     assert res.returncode == 0, res.stderr
-    for command in ("quickstart", "persona-vectors", "assistant-axis", "capping", "refusal", "kv-editing", "sae"):
+    for command in ("quickstart", "persona-vectors", "assistant-axis", "capping", "refusal", "refusal-organism",
+                    "kv-editing", "sae"):
         assert command in res.stdout
+    organism = run_psm("refusal-organism", "--help")
+    assert organism.returncode == 0 and "sharegpt_per_harmful=1.0" in organism.stdout, organism.stderr
 
 
 def test_unknown_command_is_a_one_line_error_with_status_2():
