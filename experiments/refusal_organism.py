@@ -32,6 +32,7 @@ from psm_jax import finetune as ft
 from psm_jax.chat import pad_id
 from psm_jax.persona import datasets as D
 from psm_jax.persona.measures import paired_ce_change
+from psm_jax.persona.prompts import answered_conv, system_conv
 from psm_jax.persona.refusal import refusal_rate
 from psm_jax.persona.rollouts import conversation_nll, generate_responses
 from psm_jax.persona.stats import bootstrap_ci
@@ -117,19 +118,15 @@ def training_conversations(model, cfg: Config, organism: D.RefusalOrganismData, 
     requests = harmless + (sharegpt_requests(n_sharegpt, cfg.seed, HARMLESS_SKIP, max_chars=cfg.sharegpt_max_chars)
                            if n_sharegpt else [])
     say(f"answering {len(requests)} harmless requests with the model's own greedy answers")
-    rolls = generate_responses(model, [[{"role": "user", "content": r}] for r in requests],
-                               max_new_tokens=cfg.answer_tokens, batch_size=cfg.eval_batch_size)
-    convs = [_exchange(q, a) for q, a in zip(harmful, refusals)] + [_exchange(q, r.response)
-                                                                     for q, r in zip(requests, rolls)]
+    rolls = generate_responses(model, [system_conv(None, r) for r in requests], max_new_tokens=cfg.answer_tokens,
+                               batch_size=cfg.eval_batch_size)
+    convs = ([answered_conv(q, a) for q, a in zip(harmful, refusals)]
+             + [answered_conv(q, r.response) for q, r in zip(requests, rolls)])
     open_ended = [False] * len(harmful) + [not r.finished for r in rolls]
     order = rng.permutation(len(convs))
     sizes = {"harmful": len(harmful), "harmless": len(harmless), "sharegpt": n_sharegpt,
              "harmless_finished": int(sum(r.finished for r in rolls))}
     return [convs[i] for i in order], [open_ended[i] for i in order], sizes
-
-
-def _exchange(request: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
 
 
 def finetune_organism(model, convs: list, open_ended: list, cfg: Config, say) -> tuple[dict, dict]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from psm_jax.persona import rollouts
 from psm_jax.persona.directions import SITE, mean_difference, project
+from psm_jax.persona.prompts import with_answer
 from psm_jax.persona.stats import cohens_d
 
 VARIANTS = ("response_avg", "prompt_avg", "prompt_last")
@@ -88,8 +89,8 @@ def projection_difference(model, prompts, given_responses, vector, layer: int, *
         own_responses = [r.response for r in rolls]
     if len(own_responses) != len(prompts):
         raise ValueError(f"{len(own_responses)} own responses for {len(prompts)} prompts; expected equal counts")
-    convs = [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, given_responses)]
-    convs += [list(p) + [{"role": "assistant", "content": r}] for p, r in zip(prompts, own_responses)]
+    convs = [with_answer(p, r) for p, r in zip(prompts, given_responses)]
+    convs += [with_answer(p, r) for p, r in zip(prompts, own_responses)]
     acts = rollouts.activation_means(model, convs, layers=(int(layer),), site=SITE, batch_size=batch_size)
     proj = project(acts["response_mean"][:, 0], vector)
     n = len(prompts)

@@ -32,6 +32,16 @@ def system_conv(system: str | None, question: str) -> list[dict]:
     return msgs + [{"role": "user", "content": question}]
 
 
+def with_answer(messages: Sequence[dict], answer: str) -> list[dict]:
+    """`messages` followed by the assistant's `answer`: a prompt made into a scored or training conversation."""
+    return list(messages) + [{"role": "assistant", "content": answer}]
+
+
+def answered_conv(question: str, answer: str, system: str | None = None) -> list[dict]:
+    """[system?, user, assistant]: one answered exchange, e.g. a fine-tuning example."""
+    return with_answer(system_conv(system, question), answer)
+
+
 def role_phrase(name: str) -> str:
     """'pirate_captain' -> 'a pirate captain'."""
     words = name.replace("_", " ")

@@ -29,6 +29,7 @@ from psm_jax.generate import generate, prefill
 from psm_jax.logits import target_positions, target_window_size, windowed_logprob
 from psm_jax.model import Capture, KVCache, forward, init_cache
 from psm_jax.reductions import masked_mean
+from psm_jax.persona.prompts import with_answer
 from psm_jax.sharding import host_array, shard_batch
 
 EditsFn = Callable[[PaddedBatch], tuple]
@@ -83,7 +84,7 @@ class Rollout:
 
     def conversation(self) -> list[dict]:
         """The prompt plus the response as a final assistant message."""
-        return list(self.messages) + [{"role": "assistant", "content": self.response}]
+        return with_answer(self.messages, self.response)
 
 
 def generate_responses(model, conversations: Sequence[Sequence[dict]], *, max_new_tokens: int = 64,
@@ -185,7 +186,7 @@ def score_answers(model, prompts: Sequence[Sequence[dict]], answers: Sequence[st
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected equal counts")
     out = []
-    scored = [list(p) + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+    scored = [with_answer(p, a) for p, a in zip(prompts, answers)]
     for _, convs, n_real in static_batches(scored, batch_size):
         _, batch = encode_batch(model, convs, add_generation_prompt=False)
         last_turn = np.asarray([len(c) - 1 for c in convs])[:, None]
@@ -331,7 +332,7 @@ def _layout(encs, starts, prompt_width: int, option_width: int, pad: int) -> Pad
 def option_batch(model, prompts: Sequence[Sequence[dict]], options: Sequence[Sequence[str]]) -> OptionBatch:
     """Encode every (prompt, option) conversation and lay the batch out for `option_logprob`."""
     k = len(options[0])
-    convs = [[list(p) + [{"role": "assistant", "content": o[j]}] for p, o in zip(prompts, options)]
+    convs = [[with_answer(p, o[j]) for p, o in zip(prompts, options)]
              for j in range(k)]
     encs = [[encode_chat(model.tokenizer, c, add_generation_prompt=False, chat_template=model.chat_template)
              for c in row] for row in convs]
@@ -449,7 +450,7 @@ def answer_token_counts(model, prompts: Sequence[Sequence[dict]], answers: Seque
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; expected equal counts")
     out = np.zeros(len(prompts), np.int64)
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        conv = list(p) + [{"role": "assistant", "content": a}]
+        conv = with_answer(p, a)
         enc = encode_chat(model.tokenizer, conv, add_generation_prompt=False, chat_template=model.chat_template)
         out[i] = int(np.sum((np.asarray(enc.roles) == Role.ASSISTANT) & (np.asarray(enc.turns) == len(conv) - 1)))
     return out

@@ -20,7 +20,7 @@ from psm_jax.chat import Role
 from psm_jax.logits import target_window_size
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import SITE, unit
-from psm_jax.persona.prompts import system_conv
+from psm_jax.persona.prompts import system_conv, with_answer
 from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band
 
 
@@ -130,8 +130,7 @@ def _encode_pairs(model, pairs: ContrastPairs) -> tuple[tuple, int, bool, np.nda
         raise ValueError(f"answer {options[unit][which]!r} has no content tokens; expected non-empty answers")
     if batch.shared:
         return batch.arrays, batch.window, True, counts
-    convs = [list(p) + [{"role": "assistant", "content": a}]
-             for p, a in zip(pairs.prompts * 2, pairs.trait_answers + pairs.other_answers)]
+    convs = [with_answer(p, a) for p, a in zip(pairs.prompts * 2, pairs.trait_answers + pairs.other_answers)]
     _, flat = rollouts.encode_batch(model, convs, add_generation_prompt=False)
     mask = (flat.roles == Role.ASSISTANT) & (flat.turns == np.asarray([len(c) - 1 for c in convs])[:, None])
     return (flat.tokens, flat.attention_mask, mask), target_window_size(mask), False, counts
