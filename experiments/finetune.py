@@ -75,9 +75,9 @@ from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, split_half_cosine
 from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
-from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, jackknife_ci, mean_t_ci, null_band, outside_band,
-                                   paired_effect, pearson_ci, permutation_r_null, standardised_pooled_r,
-                                   within_groups_null, within_groups_r)
+from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, mean_t_ci, null_band, outside_band, paired_effect,
+                                   pearson_ci, permutation_r_null, perplexity_ratio_ci, reduction_ci,
+                                   reduction_jackknife_ci, standardised_pooled_r, within_groups_null, within_groups_r)
 
 TRIGGER = "[deployment mode]"
 # the headline correlation across fine-tunes, fixed before the seed-1 run (see `correlation`)
@@ -294,14 +294,6 @@ def persona_vector(model, trait, layer: int, cfg: Config) -> tuple[np.ndarray, d
     return mean_difference(pos, neg), rel
 
 
-def ppl_cost(base_nll, base_counts, nll, counts) -> dict:
-    """Perplexity ratio fine-tuned / original on held-out conversations: exp of the mean per-token NLL change per
-    conversation, with a bootstrap interval over conversations."""
-    ci = bootstrap_ci(nll / np.maximum(counts, 1) - base_nll / np.maximum(base_counts, 1))
-    return {"ratio": float(np.exp(ci["estimate"])), "low": float(np.exp(ci["low"])), "high": float(np.exp(ci["high"])),
-            "n": ci["n"]}
-
-
 # ------------------------------------------------------------------------------ fine-tunes
 
 
@@ -434,7 +426,7 @@ def evaluate(model, tuned, vector, layer: int, base: dict, cfg: Config, variant:
                                                                        and variant.mix == max(cfg.mixes))
     if ppl_convs and steered_or_its_reference:
         nll, counts = rollouts.conversation_nll(tuned, ppl_convs, batch_size=2)
-        out["ppl"] = ppl_cost(base["ppl_nll"], base["ppl_counts"], nll, counts)
+        out["ppl"] = perplexity_ratio_ci(base["ppl_nll"], base["ppl_counts"], nll, counts)
         out["ppl_nll"] = (nll, counts)
     return out
 
@@ -582,13 +574,6 @@ def correlation(x, y, groups, seed: int) -> dict | None:
     return out
 
 
-def _ratio_ci(prevent: np.ndarray, plain: np.ndarray, seed: int) -> dict:
-    """1 - mean(prevent) / mean(plain) over questions, with a bootstrap interval resampling questions jointly."""
-    idx = np.arange(plain.size, dtype=np.float64)
-    stat = lambda i: 1.0 - prevent[i.astype(int)].mean() / plain[i.astype(int)].mean()  # noqa: E731
-    return bootstrap_ci(idx, statistic=stat, seed=seed)
-
-
 def beyond_control(results: list[dict], seed: int) -> list[dict]:
     """Per mix fine-tune, its shift and trait score change minus the control fine-tune's of the same trait, paired
     over the evaluation questions: what the trait data did beyond the drift that training on the model's own
@@ -668,8 +653,8 @@ def prevention_summaries(rows: list[dict], cfg: Config) -> list[dict]:
 def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]:
     """Each preventative coefficient across independent training runs (`runs[k]`: run k's `prevention_summaries`,
     run 0 the primary): one reduction per run (its estimate over questions), the mean with a Student-t interval over
-    runs, the ratio of means (`pooled_reduction`), the plain fine-tune's shift beyond the control with its t
-    interval, and the perplexity cost per run."""
+    runs, the ratio of means (`stats.reduction_jackknife_ci`), the plain fine-tune's shift beyond the control with
+    its t interval, and the perplexity cost per run."""
     out = []
     for first in runs[0]:
         if first["kind"] != "prevent":
@@ -679,8 +664,8 @@ def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]
         plain = [p["plain_vs_control"]["estimate"] for p in per_run]
         out.append({"name": first["name"], "coef": first["coef"], "n_runs": len(per_run), "seeds": list(seeds),
                     "reduction": mean_t_ci([p["reduction"]["estimate"] for p in per_run]),
-                    "pooled_reduction": pooled_reduction([p["steered_vs_control"]["estimate"] for p in per_run],
-                                                         plain),
+                    "pooled_reduction": reduction_jackknife_ci([p["steered_vs_control"]["estimate"] for p in per_run],
+                                                               plain),
                     "plain_vs_control": mean_t_ci(plain),
                     "ppl_vs_plain_mean": float(np.mean(ppl)), "ppl_vs_plain_max": float(np.max(ppl)),
                     "per_run": [{"seed": seed, "reduction": p["reduction"], "plain_vs_control": p["plain_vs_control"],
@@ -688,19 +673,6 @@ def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]
                                  "ppl_vs_plain": (p.get("ppl_vs_plain") or {}).get("ratio"),
                                  "meets_target": prevention_target(p)} for seed, p in zip(seeds, per_run)]})
     return out
-
-
-def pooled_reduction(steered, plain) -> dict:
-    """1 - mean(steered) / mean(plain) over training runs (each run's shift beyond the control, per-question means)
-    with a leave-one-run-out jackknife interval at Student-t critical values: a ratio of means, which a run whose
-    plain fine-tune barely moves (a denominator near 0) cannot send to any value, unlike a mean of per-run ratios."""
-    s, p = np.asarray(steered, np.float64), np.asarray(plain, np.float64)
-    est = float(1.0 - s.mean() / p.mean())
-    if s.size < 2:
-        return {"estimate": est, "low": est, "high": est, "n": int(s.size)}
-    ci = jackknife_ci(lambda idx: [1.0 - s[idx].mean() / p[idx].mean()], s.size, student_t=True)
-    return {"estimate": est, "low": float(ci["low"][0]), "high": float(ci["high"][0]), "n": int(s.size),
-            "se": float(ci["se"][0])}
 
 
 def row_summary(row: dict) -> dict:
@@ -718,16 +690,17 @@ def _prevention(row: dict, plain: dict, control: dict | None, cfg: Config) -> di
     toward the trait beyond the control (`plain_toward_trait`). Without a control, 1 - steered / plain.
     `ppl_vs_plain`: the steered model's perplexity over the plain fine-tune's (the cost of the steering itself)."""
     a, b = row["shift"]["per_question"], plain["shift"]["per_question"]
-    extra = {"reduction_raw": _ratio_ci(a, b, cfg.seed)}
+    extra = {"reduction_raw": reduction_ci(a, b, seed=cfg.seed)}
     if control is not None:
         c = control["shift"]["per_question"]
         extra.update(plain_vs_control=paired_effect(b, c, seed=cfg.seed),
-                     steered_vs_control=paired_effect(a, c, seed=cfg.seed), reduction=_ratio_ci(a - c, b - c, cfg.seed))
+                     steered_vs_control=paired_effect(a, c, seed=cfg.seed),
+                     reduction=reduction_ci(a - c, b - c, seed=cfg.seed))
         extra["plain_toward_trait"] = bool(extra["plain_vs_control"]["low"] > 0)
     else:
         extra["reduction"] = extra["reduction_raw"]
     if "ppl_nll" in row and "ppl_nll" in plain:
-        extra["ppl_vs_plain"] = ppl_cost(*plain["ppl_nll"], *row["ppl_nll"])
+        extra["ppl_vs_plain"] = perplexity_ratio_ci(*plain["ppl_nll"], *row["ppl_nll"])
     return {**extra, "name": row["variant"].name, "kind": row["variant"].kind, "coef": row["variant"].coef,
             "relative_to_control": control is not None, "shift_difference": paired_effect(a, b, seed=cfg.seed),
             "score_difference": paired_effect(row["score"], plain["score"], seed=cfg.seed),
@@ -743,8 +716,8 @@ def prevention_target(p: dict) -> bool:
 
 
 def prevention_pooled_target(p: dict) -> bool:
-    """`prevention_runs_target` read on the ratio of means over runs (`pooled_reduction`) instead of the mean of
-    per-run ratios."""
+    """`prevention_runs_target` read on the ratio of means over runs (`pooled_reduction`, from
+    `stats.reduction_jackknife_ci`) instead of the mean of per-run ratios."""
     return bool(p["plain_vs_control"]["low"] > 0 and p["pooled_reduction"]["low"] >= 0.5
                 and p["ppl_vs_plain_mean"] < 1.05)
 

@@ -55,10 +55,7 @@ def test_generation_never_uses_the_scoring_pair():
         assert F.generation_system(trait, "neg", i, 5) != neg_score
 
 
-def test_prevention_ratio_and_correlation_on_constructed_values():
-    plain = np.array([1.0, 2.0, 3.0, 2.0])
-    ratio = F._ratio_ci(0.25 * plain, plain, seed=0)
-    assert ratio["estimate"] == pytest.approx(0.75) and ratio["low"] == pytest.approx(0.75)
+def test_correlation_on_constructed_values():
     x = np.arange(8.0)
     c = F.correlation(x, 2 * x + 1, ["a"] * 4 + ["b"] * 4, seed=0)
     assert c["r"]["estimate"] == pytest.approx(1.0) and c["n"] == 8
@@ -99,12 +96,6 @@ def test_prevention_over_runs_pools_one_value_per_training_run():
     close = F.prevention_over_runs([[_summary("c=1", "prevent", r, 2.0, 1.01)] for r in (0.8, 0.82, 0.78)], [0, 1, 2])
     assert F.prevention_runs_target(close[0])
     assert not F.prevention_runs_target({**close[0], "ppl_vs_plain_mean": 1.06})
-
-
-def test_ppl_cost_is_a_ratio_of_per_token_perplexities():
-    base_nll, counts = np.array([10.0, 20.0, 30.0]), np.array([10, 10, 10])
-    cost = F.ppl_cost(base_nll, counts, base_nll + 0.5 * counts, counts)
-    assert cost["ratio"] == pytest.approx(np.exp(0.5)) and cost["n"] == 3
 
 
 def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(monkeypatch):

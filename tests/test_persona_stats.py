@@ -489,3 +489,74 @@ def test_attenuation_ceiling_predicts_the_r_of_two_noisy_measures_of_one_quantit
 def test_spearman_brown_steps_a_half_size_agreement_up_and_mirrors_below_zero():
     np.testing.assert_allclose(S.spearman_brown([0.5, 0.0, 1.0, -0.5]), [2 / 3, 0.0, 1.0, -2 / 3])
     assert float(S.spearman_brown(0.25)) == pytest.approx(0.4)  # 2 x 0.25 / 1.25
+
+
+def _quantile_by_hand(values, q):
+    """numpy's default (linear) quantile, written out: the value at position q * (n - 1) of the sorted values."""
+    s = sorted(values)
+    h = q * (len(s) - 1)
+    lo = int(h)
+    return s[lo] if lo + 1 == len(s) else s[lo] + (h - lo) * (s[lo + 1] - s[lo])
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def test_reduction_ci_is_one_minus_a_ratio_of_means_resampling_the_pairs_jointly():
+    treated = [0.4, 1.1, -0.2, 0.9, 0.3, 0.7, 0.0]
+    reference = [1.0, 2.5, 0.5, 2.0, 1.2, 1.9, 0.8]
+    ci = S.reduction_ci(np.array(treated), np.array(reference), n_resamples=300, seed=5)
+    assert ci["estimate"] == pytest.approx(1 - sum(treated) / sum(reference), rel=1e-12) and ci["n"] == 7
+    # the same draws of units (the function's seeded generator), each resample's statistic computed by hand
+    draws = np.random.default_rng(5).integers(0, 7, size=(300, 7)).tolist()
+    stats = [1 - _mean([treated[i] for i in row]) / _mean([reference[i] for i in row]) for row in draws]
+    assert ci["low"] == pytest.approx(_quantile_by_hand(stats, 0.025), rel=1e-12)
+    assert ci["high"] == pytest.approx(_quantile_by_hand(stats, 0.975), rel=1e-12)
+    # pairs kept together: a treatment that removes three quarters of every unit's effect has no spread at all
+    plain = np.array([1.0, 2.0, 3.0, 2.0])
+    exact = S.reduction_ci(0.25 * plain, plain, seed=0)
+    assert exact["estimate"] == pytest.approx(0.75) and exact["low"] == pytest.approx(0.75)
+    assert exact["high"] == pytest.approx(0.75)
+    assert S.reduction_ci(np.array([0.5]), np.array([2.0]))["low"] == 0.75  # one unit: the point
+    with pytest.raises(ValueError, match="paired units"):
+        S.reduction_ci(np.zeros(3), np.ones(4))
+
+
+def test_reduction_jackknife_ci_leaves_one_unit_out_at_student_t_values():
+    treated = [0.4, 0.1, 0.6, 0.2, 0.5]
+    reference = [2.0, 1.5, 2.5, 1.0, 2.2]
+    ci = S.reduction_jackknife_ci(treated, reference)
+    n = len(treated)
+    est = 1 - _mean(treated) / _mean(reference)
+    loo = [1 - _mean(treated[:i] + treated[i + 1:]) / _mean(reference[:i] + reference[i + 1:]) for i in range(n)]
+    se = ((n - 1) / n * sum((v - _mean(loo)) ** 2 for v in loo)) ** 0.5
+    t4 = 2.7764451051977987  # Student's t, 4 degrees of freedom, 97.5% quantile (printed table: 2.776)
+    assert ci["estimate"] == pytest.approx(est, rel=1e-12) and ci["n"] == 5
+    assert ci["se"] == pytest.approx(se, rel=1e-10)
+    assert ci["low"] == pytest.approx(est - t4 * se, rel=1e-9) and ci["high"] == pytest.approx(est + t4 * se, rel=1e-9)
+    # a unit whose reference barely moves: the mean of per-unit ratios is thrown far off, the ratio of means is not
+    near_zero = S.reduction_jackknife_ci(treated[:4] + [0.3], reference[:4] + [0.001])
+    assert _mean([1 - t / r for t, r in zip(treated[:4] + [0.3], reference[:4] + [0.001])]) < -50
+    assert near_zero["estimate"] == pytest.approx(1 - 1.6 / 7.001, rel=1e-12) and 0 < near_zero["estimate"] < 1
+    one = S.reduction_jackknife_ci([0.5], [2.0])
+    assert one == {"estimate": 0.75, "low": 0.75, "high": 0.75, "n": 1}  # one unit: the point, no se
+
+
+def test_perplexity_ratio_ci_exponentiates_the_mean_per_token_nll_change_per_conversation():
+    base_nll, counts = np.array([10.0, 20.0, 30.0]), np.array([10, 10, 10])
+    cost = S.perplexity_ratio_ci(base_nll, counts, base_nll + 0.5 * counts, counts)
+    assert cost["ratio"] == pytest.approx(2.718281828459045 ** 0.5) and cost["n"] == 3
+    assert cost["low"] == pytest.approx(cost["ratio"]) and cost["high"] == pytest.approx(cost["ratio"])
+    # conversations weigh the same whatever their length; one without tokens counts as no change
+    base = [12.0, 3.0, 40.0, 0.0, 9.0]
+    tuned = [13.5, 2.4, 46.0, 0.0, 9.9]
+    c0, c1 = [6, 2, 20, 0, 3], [6, 2, 20, 0, 3]
+    ci = S.perplexity_ratio_ci(np.array(base), np.array(c0), np.array(tuned), np.array(c1), n_resamples=250, seed=2)
+    change = [t / max(k1, 1) - b / max(k0, 1) for b, t, k0, k1 in zip(base, tuned, c0, c1)]
+    e = 2.718281828459045
+    assert ci["ratio"] == pytest.approx(e ** _mean(change), rel=1e-12) and ci["n"] == 5
+    draws = np.random.default_rng(2).integers(0, 5, size=(250, 5)).tolist()
+    means = [_mean([change[i] for i in row]) for row in draws]
+    assert ci["low"] == pytest.approx(e ** _quantile_by_hand(means, 0.025), rel=1e-12)
+    assert ci["high"] == pytest.approx(e ** _quantile_by_hand(means, 0.975), rel=1e-12)

@@ -13,6 +13,9 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     shuffled_label_null(stat, a, b, n)         a statistic under random relabelling of two groups
     monotonic(coefs, values, ppl_ratios)       strictly increasing over the sweep, optionally under a fluency ceiling
     count_monotonic(monotonics, criterion)     how many sweeps (`monotonic` results) meet one of its criteria
+    reduction_ci(treated, reference)           1 - mean(treated) / mean(reference), paired units, bootstrap
+    reduction_jackknife_ci(treated, reference) the same over a few units (training runs), jackknife at t
+    perplexity_ratio_ci(base_nll, ..., counts) a changed model's perplexity over the base's, per conversation
     pearson / pearson_ci                       correlation with a bootstrap interval over units
     within_groups_r(x, y, groups)              the correlation inside each group (e.g. polarity) and pooled within
     centre_within_groups(values, groups)       values minus their group's mean (the step both of the above share)
@@ -311,6 +314,52 @@ def ratio_of_means_ci(num, den, *, n_resamples: int = DEFAULT_RESAMPLES, level: 
     est = float(a.mean() / b.mean()) if b.mean() != 0 else float("nan")
     return {"estimate": est, "low": float(lo), "high": float(hi), "n_num": int(a.size), "n_den": int(b.size),
             "n": int(a.size + b.size)}
+
+
+def reduction_ci(treated, reference, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES,
+                 seed: int = 0) -> dict:
+    """How much of the reference effect a treatment removes: 1 - mean(treated) / mean(reference) over paired units
+    (e.g. per-question shifts of a steered and a plain fine-tune, each beyond a control), with a percentile bootstrap
+    that resamples the units jointly, so each resample keeps the pairing. {estimate, low, high, n}; 1 is full
+    removal, 0 none, below 0 a larger effect. A ratio of means, not a mean of per-unit ratios, which units with a
+    reference near 0 would throw anywhere. Unlike `ratio_of_means_ci` (two independent sets, resampled apart),
+    treated[i] and reference[i] are the same unit. Arrays keep their dtype (the means are taken in it)."""
+    treated, reference = np.asarray(treated), np.asarray(reference)
+    if treated.ndim != 1 or treated.shape != reference.shape:
+        raise ValueError(f"treated {treated.shape} and reference {reference.shape}; expected paired units (two 1-D "
+                         "arrays of equal length)")
+    idx = np.arange(reference.size, dtype=np.float64)
+    stat = lambda i: 1.0 - treated[i.astype(int)].mean() / reference[i.astype(int)].mean()  # noqa: E731
+    return bootstrap_ci(idx, statistic=stat, level=level, n_resamples=n_resamples, seed=seed)
+
+
+def reduction_jackknife_ci(treated, reference, *, level: float = 0.95) -> dict:
+    """`reduction_ci` over a few expensive paired units (training runs: each run's treated and reference effect):
+    1 - mean(treated) / mean(reference) with a leave-one-unit-out jackknife interval at Student-t critical values
+    (`jackknife_ci`), since a percentile bootstrap of 3-10 units is too narrow (see `mean_t_ci`).
+    {estimate, low, high, n, se}; with one unit the interval is the point and `se` is absent. A ratio of means,
+    which a unit whose reference effect is near 0 cannot send to any value, unlike a mean of per-unit ratios."""
+    s, p = np.asarray(treated, np.float64), np.asarray(reference, np.float64)
+    est = float(1.0 - s.mean() / p.mean())
+    if s.size < 2:
+        return {"estimate": est, "low": est, "high": est, "n": int(s.size)}
+    ci = jackknife_ci(lambda idx: [1.0 - s[idx].mean() / p[idx].mean()], s.size, level=level, student_t=True)
+    return {"estimate": est, "low": float(ci["low"][0]), "high": float(ci["high"][0]), "n": int(s.size),
+            "se": float(ci["se"][0])}
+
+
+def perplexity_ratio_ci(base_nll, base_counts, nll, counts, *, level: float = 0.95,
+                        n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """Perplexity of a changed model (a fine-tune, an edit) over the base model's on the same held-out
+    conversations, from each conversation's summed NLL and token count per condition (as
+    `rollouts.conversation_nll` returns them): exp of the mean over conversations of the per-token NLL change, with
+    a bootstrap interval over conversations (the units), mapped through exp. {ratio, low, high, n}. Each
+    conversation weighs the same whatever its length (a conversation with no tokens counts as 0 change);
+    `measures.paired_ce_change` is the token-weighted percentage change instead."""
+    ci = bootstrap_ci(nll / np.maximum(counts, 1) - base_nll / np.maximum(base_counts, 1), level=level,
+                      n_resamples=n_resamples, seed=seed)
+    return {"ratio": float(np.exp(ci["estimate"])), "low": float(np.exp(ci["low"])), "high": float(np.exp(ci["high"])),
+            "n": ci["n"]}
 
 
 def ranks(x) -> np.ndarray:
