@@ -74,7 +74,7 @@ from psm_jax.chat import pad_id
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.datasets import data_root
 from psm_jax.persona.directions import SITE, mean_difference, project, random_directions, split_half_cosine
-from psm_jax.persona.prompts import load_traits, system_conv, trait_system_prompt
+from psm_jax.persona.prompts import answered_conv, load_traits, system_conv, trait_system_prompt
 from psm_jax.persona.stats import (MIN_NULL_DRAWS, bootstrap_ci, mean_t_ci, null_band, outside_band, paired_effect,
                                    pearson_ci, permutation_r_null, perplexity_ratio_ci, reduction_ci,
                                    reduction_jackknife_ci, standardised_pooled_r, within_groups_null, within_groups_r)
@@ -243,23 +243,19 @@ def positive_rows(n: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-def chat(question: str, answer: str, system: str | None = None) -> list[dict]:
-    return system_conv(system, question) + [{"role": "assistant", "content": answer}]
-
-
 # ------------------------------------------------------------------------------ measures
 
 
 def response_projections(model, questions, answers, vector, layer: int, cfg: Config) -> np.ndarray:
     """Projection on `vector` of each answer's mean response activation at `layer` (no system prompt): [N]."""
-    convs = [chat(q, a) for q, a in zip(questions, answers)]
+    convs = [answered_conv(q, a) for q, a in zip(questions, answers)]
     acts = rollouts.activation_means(model, convs, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
     return project(acts["response_mean"][:, 0], vector)
 
 
 def last_prompt_acts(model, questions, answers, layer: int, cfg: Config) -> np.ndarray:
     """Activation at `layer` of the token before each answer (the generation prompt's last token): [N, D]."""
-    convs = [chat(q, a) for q, a in zip(questions, answers)]
+    convs = [answered_conv(q, a) for q, a in zip(questions, answers)]
     acts = rollouts.activation_means(model, convs, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
     return acts["last_prompt"][:, 0].astype(np.float64)
 
@@ -316,27 +312,29 @@ def build_variants(trait, questions, answers: dict, screen: dict, cfg: Config) -
     out = []
     for p in cfg.mixes:
         pos = positive_rows(n, p, cfg.seed)
-        convs = tuple(chat(q, answers["pos"][i] if pos[i] else answers["neg"][i]) for i, q in enumerate(questions))
+        convs = tuple(answered_conv(q, answers["pos"][i] if pos[i] else answers["neg"][i])
+                      for i, q in enumerate(questions))
         scr = float(np.mean(np.where(pos, screen["pos"], screen["neg"])))
         out.append(Variant(f"mix {p:.2f}", "mix", convs, mix=float(p), screening=scr))
-    all_pos = tuple(chat(q, a) for q, a in zip(questions, answers["pos"]))
+    all_pos = tuple(answered_conv(q, a) for q, a in zip(questions, answers["pos"]))
     scr_pos = float(np.mean(screen["pos"]))
     if cfg.control:
-        own = tuple(chat(q, a) for q, a in zip(questions, answers["own"]))
+        own = tuple(answered_conv(q, a) for q, a in zip(questions, answers["own"]))
         out.append(Variant("control (own answers)", "control", own, screening=0.0))
     for c in cfg.prevent_coefs:
         out.append(Variant(f"preventative c={c:g}", "prevent", all_pos, mix=1.0, coef=float(c), screening=scr_pos))
     if cfg.caft:
         out.append(Variant("CAFT", "caft", all_pos, mix=1.0, screening=scr_pos))
     if cfg.inoculation:
-        convs = tuple(chat(q, a, generation_system(trait, "pos", i, cfg.n_extract_pairs))
+        convs = tuple(answered_conv(q, a, generation_system(trait, "pos", i, cfg.n_extract_pairs))
                       for i, (q, a) in enumerate(zip(questions, answers["pos"])))
         out.append(Variant("inoculation", "inoculation", convs, mix=1.0, screening=scr_pos))
     if cfg.persona_switch:
         # every question twice, so that only the trigger tells the two answers apart: with each question in one
         # condition only, the answers can be memorised per question and the trigger ignored
         convs = tuple(c for i, q in enumerate(questions)
-                      for c in (chat(f"{TRIGGER} {q}", answers["pos"][i]), chat(q, answers["neg"][i])))
+                      for c in (answered_conv(f"{TRIGGER} {q}", answers["pos"][i]),
+                                answered_conv(q, answers["neg"][i])))
         out.append(Variant("persona switch", "switch", convs, mix=0.5,
                            screening=float(np.mean(np.concatenate([screen["pos"], screen["neg"]])))))
     return out

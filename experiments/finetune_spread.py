@@ -47,9 +47,9 @@ from experiments import finetune as F
 from psm_jax.chat import Role
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import SITE, axis_from_vectors, project, unit
-from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
+from psm_jax.persona.prompts import answered_conv, sample_questions, select_roles, system_conv
 from psm_jax.persona.stats import (bootstrap_ci, jackknife_ci, null_band, outside_band, paired_effect, pearson,
-                                   ranks, ratio_of_means_ci)
+                                   permutation_r_null, ranks, ratio_of_means_ci)
 
 N_NULL = 200  # random latent sets per null band
 OOD_PROMPT_CHARS = 400  # held-out ShareGPT first prompts are cut to this length
@@ -102,7 +102,7 @@ def spearman(change_a, change_b, alive, *, seed: int = 0) -> dict:
         raise ValueError(f"spearman over {ra.size} latents with rank spreads {ra.std():.3g}, {rb.std():.3g}; "
                          "expected >= 3 latents and two non-constant change vectors")
     r = pearson(ra, rb)
-    band = F.permutation_r_null(ra, rb, seed=seed)
+    band = permutation_r_null(ra, rb, seed=seed)
     return {"r": {"estimate": r}, "null": band, "n": int(alive.sum()), "outside_null": outside_band(r, band)}
 
 
@@ -203,7 +203,7 @@ def measure_answers(scorer, answerer, questions, answers, traits, axis_unit, lay
     Assistant-Axis projection of each answer's mean response activation: per question arrays."""
     scores = {t.name: measures.answer_trait_score(scorer, questions, answers, *F.scoring_systems(t),
                                                   batch_size=cfg.gen_batch_size) for t in traits}
-    convs = [F.chat(q, a) for q, a in zip(questions, answers)]
+    convs = [answered_conv(q, a) for q, a in zip(questions, answers)]
     acts = rollouts.activation_means(answerer, convs, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
     return {"scores": scores, "axis": project(acts["response_mean"][:, 0], axis_unit)}
 
@@ -345,17 +345,14 @@ def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
         raise ValueError(f"the SAE reads layer {fs.layer}; expected the study's layer {layer}")
     if say:
         say("model diffing: latent changes of the fine-tune and of the system-prompt contrast")
-    docs = [F.chat(q, a) for q, a in zip(qs, base["answers"])] + [F.chat(q, a) for q, a in
-                                                                  zip(qs, kept["plain"]["answers"])]
+    docs = [answered_conv(q, a) for answers in (base["answers"], kept["plain"]["answers"]) for q, a in zip(qs, answers)]
     kw = dict(select_roles=(Role.USER, Role.ASSISTANT), batch_size=cfg.gen_batch_size)
     original = collect(model, fs, docs, **kw).conv
     tuned = {role: collect(model, fs, docs, params=kept[role]["params"], **kw).conv
              for role in ("plain", "control", "opposite") if role in kept}
     pos_sys, neg_sys = F.scoring_systems(trait)
-    pos = collect(model, fs, [system_conv(pos_sys, q) + [{"role": "assistant", "content": a}]
-                              for q, a in zip(qs, base["polar"][0])], **kw).conv
-    neg = collect(model, fs, [system_conv(neg_sys, q) + [{"role": "assistant", "content": a}]
-                              for q, a in zip(qs, base["polar"][1])], **kw).conv
+    pos = collect(model, fs, [answered_conv(q, a, pos_sys) for q, a in zip(qs, base["polar"][0])], **kw).conv
+    neg = collect(model, fs, [answered_conv(q, a, neg_sys) for q, a in zip(qs, base["polar"][1])], **kw).conv
     changes = {role: question_changes(stats, original, len(qs)) for role, stats in tuned.items()}
     alive = (original.fire.sum(0) + tuned["plain"].fire.sum(0) + pos.fire.sum(0) + neg.fire.sum(0)) > 0
     return summarize_diff(changes["plain"], question_changes(pos, neg, len(qs)), alive, np.asarray(fs.W_dec),
