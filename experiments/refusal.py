@@ -21,9 +21,12 @@
    refusal marker found anywhere in the answer) before and after ablation (and with the direction
    added on harmless prompts); cross-entropy on held-out ShareGPT assistant tokens with and without the
    ablation (interval over conversations); the max |logit difference| between runtime ablation and
-   orthogonalised weights. The nulls: the same ablation along each of `n_random` random unit directions
-   (the drop's 95% band), and each of those directions at the selected direction's norm added like it (the
-   induce rise's band); every headline's interval is a bootstrap over the held-out prompts.
+   orthogonalised weights. Two nulls, each a 95% band of the drop and of the induce rise: `n_random` random unit
+   directions, and `n_shuffled` difference-in-means directions at the selected position and layer with the
+   harmful / harmless labels of the train prompts shuffled (the same activations and recipe, no harmfulness);
+   each is ablated like the selected direction and added at its norm like it. Beside the drops, the KL each
+   ablation costs on the held-out harmless prompts (the selection rule's measure), so a drop can be read against
+   the damage that comes with it. Every headline's interval is a bootstrap over the held-out prompts.
 
 The method (prompts, scores, candidates, selection, edits, nulls) is `psm_jax.persona.refusal`; this module runs it
 end to end, and `experiments.refusal_report` writes what it found.
@@ -40,9 +43,11 @@ import numpy as np
 from experiments.sharegpt import sharegpt_conversations
 from experiments.study import written_by
 from psm_jax.persona import measures
-from psm_jax.persona.refusal import (Prompts, condition_edits, encode_prompts, evaluate_candidates,
-                                     mean_diff_directions, orthogonalized_check, random_direction_nulls,
-                                     refusal_rate, refusal_scores, refusal_token_ids, select_with_fallback)
+from psm_jax.persona.directions import random_directions
+from psm_jax.persona.refusal import (Prompts, ablation_kl, condition_edits, direction_nulls, encode_prompts,
+                                     evaluate_candidates, last_logits, mean_diff_directions, orthogonalized_check,
+                                     refusal_rate, refusal_scores, refusal_token_ids, select_with_fallback,
+                                     shuffled_label_directions)
 from psm_jax.persona.stats import MIN_NULL_DRAWS
 
 
@@ -68,6 +73,7 @@ class Config:
     ce_max_messages: int = 4  # each cut to its first messages and characters
     ce_max_chars: int = 1000
     n_random: int = 20  # random directions ablated / added like the selected one: the nulls' bands (0: none)
+    n_shuffled: int = 20  # label-shuffled difference-in-means directions, ablated / added like it (0: none)
     seed: int = 0
 
     def __post_init__(self):
@@ -75,8 +81,10 @@ class Config:
                      "ce_max_chars"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected an int >= 1")
-        if self.n_random != 0 and self.n_random < MIN_NULL_DRAWS:
-            raise ValueError(f"n_random={self.n_random}; expected 0 (no null band) or >= {MIN_NULL_DRAWS}")
+        for name in ("n_random", "n_shuffled"):
+            n = getattr(self, name)
+            if n != 0 and n < MIN_NULL_DRAWS:
+                raise ValueError(f"{name}={n}; expected 0 (no null band) or >= {MIN_NULL_DRAWS}")
         if self.n_ce < 0 or self.min_filtered < 1:
             raise ValueError(f"n_ce={self.n_ce}, min_filtered={self.min_filtered}; "
                              "expected n_ce >= 0, min_filtered >= 1")
@@ -143,8 +151,8 @@ class Result:
     orth_scores: np.ndarray
     ce: dict
     seconds: dict
-    random_drops: np.ndarray | None = None  # the drop when each of n_random random unit directions is ablated
-    random_rises: np.ndarray | None = None  # the induce rise when each is added at the direction's norm instead
+    ablation_kl: np.ndarray | None = None  # per held-out harmless prompt: KL(unedited || selected ablated)
+    nulls: dict = dataclasses.field(default_factory=dict)  # "random" / "shuffled": {drops, rises, kls} per direction
 
 
 def _candidate_layers(cfg: Config, mc) -> tuple:
@@ -219,15 +227,26 @@ def _selected_direction(dirs: np.ndarray, best: dict) -> tuple[np.ndarray, np.nd
     return direction, direction / np.linalg.norm(direction)
 
 
-def _random_nulls(params, mc, harmful: Prompts, harmless: Prompts, token_ids, ev: dict, norm: float, layer: int,
-                  cfg: Config) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Both headlines' random-direction nulls (`random_direction_nulls`), or (None, None) when n_random = 0."""
-    if cfg.n_random == 0:
-        return None, None
-    return random_direction_nulls(params, mc, harmful, harmless, token_ids,
+def _null_units(cfg: Config, model, train_sets: tuple[Prompts, Prompts], best: dict) -> dict[str, np.ndarray]:
+    """The stand-in unit directions of each null the config asks for: random (seed + 1) and label-shuffled
+    difference in means at the selected offset and layer over the (filtered) train prompts (seed + 2)."""
+    units = {}
+    if cfg.n_random:
+        units["random"] = random_directions(cfg.seed + 1, cfg.n_random, model.config.d_model, 1.0)
+    if cfg.n_shuffled:
+        units["shuffled"] = shuffled_label_directions(model.params, model.config, *train_sets, offset=best["offset"],
+                                                      layer=best["layer"], n=cfg.n_shuffled, seed=cfg.seed + 2,
+                                                      batch_size=cfg.batch_size)
+    return units
+
+
+def _nulls(cfg: Config, model, units: dict, harmful: Prompts, harmless: Prompts, token_ids, ev: dict, norm: float,
+           layer: int) -> dict:
+    """Each null's drops, rises and KL costs (`direction_nulls`), keyed like `units`."""
+    return {name: direction_nulls(model.params, model.config, u, harmful, harmless, token_ids,
                                   harmful_base=float(ev["harmful_base"].mean()),
                                   harmless_base=float(ev["harmless_base"].mean()), norm=norm, layer=layer,
-                                  n=cfg.n_random, seed=cfg.seed + 1, batch_size=cfg.batch_size)
+                                  batch_size=cfg.batch_size) for name, u in units.items()}
 
 
 def _conditions(harmful: Prompts, harmless: Prompts, base, ablate, induce) -> dict[str, tuple[Prompts, tuple]]:
@@ -292,8 +311,10 @@ def run(config: Config, model, progress=None) -> Result:
     with _timed(seconds, "logodds_eval"):
         ev = {k: refusal_scores(params, mc, p, token_ids, edits, bs) for k, (p, edits) in conditions.items()}
         drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
-        random_drops, random_rises = _random_nulls(params, mc, e_harm, e_safe, token_ids, ev,
-                                                   float(np.linalg.norm(direction)), best["layer"], cfg)
+        kl = ablation_kl(params, mc, e_safe, unit, last_logits(params, mc, e_safe, base, bs), bs)
+        units = _null_units(cfg, model, (p_harm.subset(keep_h), p_safe.subset(keep_s)), best)
+        nulls = _nulls(cfg, model, units, e_harm, e_safe, token_ids, ev, float(np.linalg.norm(direction)),
+                       best["layer"])
         orth_diff, orth_scores = orthogonalized_check(params, mc, unit, e_harm, token_ids, bs)
     with _timed(seconds, "generation"):
         gen = {k: refusal_rate(model, p.texts, markers, edits, max_new_tokens=cfg.max_new_tokens, batch_size=bs)
@@ -308,7 +329,7 @@ def run(config: Config, model, progress=None) -> Result:
                   fallback_used=tier != "strict", filt=filt, harmful_val_base=harmful_val_base,
                   harmless_val_base=harmless_val_base, direction=direction, unit=unit, e_harm=e_harm, e_safe=e_safe,
                   ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds,
-                  random_drops=random_drops, random_rises=random_rises)
+                  ablation_kl=kl, nulls=nulls)
 
 
 

@@ -9,23 +9,39 @@ import numpy as np
 
 from experiments.refusal import Config, Result
 from psm_jax.persona.refusal import Prompts
-from psm_jax.persona.stats import bootstrap_ci, null_band
+from psm_jax.persona.stats import bootstrap_ci, null_band, pearson, ranks
+
+NULL_NAMES = {"random": "random directions",
+              "shuffled": "label-shuffled difference-in-means directions (same position and layer)"}
 
 
-def _band_null(draws: np.ndarray | None, how: str) -> str:
-    """The null text of a headline read against random directions: the band of `draws`, or why there is none."""
-    if draws is None:
-        return "0; no random-direction control in this run (n_random=0)"
-    band = null_band(draws)
-    return f"{len(draws)} random directions {how}: 95% band [{band['low']:+.3f}, {band['high']:+.3f}]"
+def _band_null(res: Result, key: str, how: str) -> str:
+    """The null text of a headline: the 95% band of each null's `key` draws (drops, rises or kls), or why there
+    is none."""
+    if not res.nulls:
+        return "0; no null directions in this run (n_random=0, n_shuffled=0)"
+    parts = []
+    for name, null in res.nulls.items():
+        band = null_band(null[key])
+        parts.append(f"{len(null[key])} {NULL_NAMES[name]} {how}: 95% band [{band['low']:+.3f}, {band['high']:+.3f}]")
+    return "; ".join(parts)
 
 
 def _drop_null(res: Result) -> str:
-    return _band_null(res.random_drops, "(unit norm) ablated the same way")
+    return _band_null(res, "drops", "(unit norm) ablated the same way")
 
 
 def _rise_null(res: Result) -> str:
-    return _band_null(res.random_rises, f"at the direction's norm added at L{res.best['layer']}")
+    return _band_null(res, "rises", f"at the direction's norm added at L{res.best['layer']}")
+
+
+def _kl_null(res: Result) -> str:
+    return _band_null(res, "kls", "(unit norm) ablated the same way")
+
+
+def _null_draws(res: Result, key: str) -> dict:
+    """Each null's draws of `key`, rounded, as record fields (e.g. random_drops, shuffled_drops)."""
+    return {f"{name}_{key}": [round(float(x), 4) for x in null[key]] for name, null in res.nulls.items()}
 
 
 
@@ -51,6 +67,10 @@ def write_report(res: Result, folder) -> Path:
     rep.figure("heldout_logodds", _logodds_figure(plt, res.ev),
                "Held-out refusal log-odds before/after ablation and with the direction added.")
     rep.figure("direction_norms", _norms_figure(plt, res), "Norm of the difference in means per layer and position.")
+    if res.nulls:
+        rep.figure("ablation_damage", _damage_figure(plt, res),
+                   "Refusal log-odds drop on the held-out harmful prompts against the KL the same ablation costs on "
+                   "the held-out harmless prompts: the selected direction and each null direction.")
     rep.save_vectors("refusal_direction", {"direction": res.direction, "unit": res.unit},
                      dict(model=cfg.model, layer=best["layer"], site="resid_pre", method="diff-in-means",
                           position_offset=best["offset"], position_token=best["token"], d_model=res.d_model))
@@ -137,12 +157,31 @@ Mean refusal log-odds drop on held-out harmful prompts: **{res.drop:.3f} nats**
 Null: {_drop_null(res)}.
 Adding the direction to the held-out harmless prompts raises their refusal log-odds by
 **{_mean(ev['harmless_induced'] - ev['harmless_base']):.3f} nats**; null: {_rise_null(res)}.
+{_damage_text(res)}
 Weight orthogonalisation (embedding, o_proj, down_proj; untied unembedding) vs runtime ablation:
 max |logit difference| at the last position over {len(res.e_harm)} prompts = {res.orth_diff:.3g};
 refusal log-odds with orthogonalised weights {_mean(res.orth_scores):.3f}.
 """ + (f"""
 {_ce_text(c, ce)}
 """ if ce else "")
+
+
+def _damage_text(res: Result) -> str:
+    """What the ablation costs where refusal is not wanted (the selection rule's KL, on the held-out harmless
+    prompts), against the nulls' costs, and how the nulls' drops follow their costs."""
+    ci = bootstrap_ci(res.ablation_kl, seed=res.config.seed)
+    text = (f"The ablation costs KL **{ci['mean']:.4f} nats** on the next token after the held-out harmless prompts "
+            f"(95% interval over prompts [{ci['low']:.4f}, {ci['high']:.4f}]; the selection rule's threshold is "
+            f"{res.config.kl_threshold:g}); null: {_kl_null(res)}.")
+    for name, null in res.nulls.items():
+        text += (f" Over the {NULL_NAMES[name]}, the rank correlation of drop with KL is "
+                 f"{_rank_r(null['drops'], null['kls']):+.2f}.")
+    return text
+
+
+def _rank_r(x, y) -> float:
+    """Spearman's rank correlation (descriptive: how far a null's drops follow the damage its ablations do)."""
+    return pearson(ranks(x), ranks(y))
 
 
 def _ce_text(cfg: Config, ce: dict) -> str:
@@ -215,12 +254,27 @@ def _norms_figure(plt, res: Result):
     return fig
 
 
+def _damage_figure(plt, res: Result):
+    """Drop against KL (log scale) for the selected direction and every null direction."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, null), colour in zip(res.nulls.items(), ("grey", "tab:blue")):
+        ax.scatter(np.maximum(null["kls"], 1e-6), null["drops"], s=18, color=colour, label=NULL_NAMES[name])
+    ax.scatter([max(_mean(res.ablation_kl), 1e-6)], [res.drop], marker="*", s=160, color="red", label="selected")
+    ax.axvline(res.config.kl_threshold, ls="--", color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL on held-out harmless prompts (nats)")
+    ax.set_ylabel("refusal log-odds drop on held-out harmful prompts")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _metrics(res: Result) -> dict:
     """metrics.json, in file order: the headline numbers first, then the selection, the evaluation, timings."""
     ev, gen, ce = res.ev, res.gen, res.ce
     return {"refusal_logodds_drop": res.drop, "refusal_ce_change": ce.get("ce_pct_change"), "ce": ce,
-            "random_ablation_drops": None if res.random_drops is None else [float(x) for x in res.random_drops],
-            "random_induce_rises": None if res.random_rises is None else [float(x) for x in res.random_rises],
+            "ablation_kl": dict(mean=_mean(res.ablation_kl), values=res.ablation_kl),
+            "nulls": {name: {k: [float(x) for x in v] for k, v in null.items()} for name, null in res.nulls.items()},
             "selected": dict(res.best, tier=res.tier),
             "val_baseline_logodds": dict(harmful=res.harmful_val_base, harmless=res.harmless_val_base),
             "candidates": res.annotated, "filtering": res.filt,
@@ -258,17 +312,21 @@ def result_records(res: Result) -> list[dict]:
                 unit="nats (mean refusal log-odds, baseline - ablated)",
                 reference=ref + "; Arditi et al. 2024: ablation removes refusal",
                 target="> 0 and above the random band",
-                null=_drop_null(res), **({} if res.random_drops is None else
-                                         {"random_drops": [round(float(x), 4) for x in res.random_drops]}),
+                null=_drop_null(res), **_null_draws(res, "drops"),
                 **_prompt_ci(res.ev["harmful_base"] - res.ev["harmful_ablated"], cfg.seed)),
            dict(metric="refusal_induce_rise", value=round(float(np.mean(res.ev["harmless_induced"]
                                                                       - res.ev["harmless_base"])), 4),
                 unit="nats (mean refusal log-odds, induced - baseline, harmless prompts)",
                 reference=ref.replace("harmful prompts", "harmful and harmless prompts")
                 + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0 and above the random band",
-                null=_rise_null(res), **({} if res.random_rises is None else
-                                         {"random_rises": [round(float(x), 4) for x in res.random_rises]}),
-                **_prompt_ci(res.ev["harmless_induced"] - res.ev["harmless_base"], cfg.seed))]
+                null=_rise_null(res), **_null_draws(res, "rises"),
+                **_prompt_ci(res.ev["harmless_induced"] - res.ev["harmless_base"], cfg.seed)),
+           dict(metric="refusal_ablation_kl", value=round(_mean(res.ablation_kl), 4),
+                unit="nats (mean KL(unedited || ablated) of the next token after held-out harmless prompts)",
+                reference=ref.replace("harmful prompts", "harmless prompts")
+                + "; Arditi et al. 2024 select directions with KL < 0.1 on harmless prompts",
+                target=f"<= {cfg.kl_threshold:g} (the selection rule's threshold)", null=_kl_null(res),
+                **_null_draws(res, "kls"), **_prompt_ci(res.ablation_kl, cfg.seed))]
     if res.ce:
         ce = res.ce
         out.append(dict(metric="refusal_ce_change", value=round(ce["ce_pct_change"], 4),

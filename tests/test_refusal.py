@@ -83,29 +83,61 @@ def test_candidate_scores_match_direct_and_do_not_recompile(tiny):
     assert rows[1]["norm"] == pytest.approx(float(np.linalg.norm(v)), rel=1e-5)
 
 
-def test_random_direction_nulls_match_edits_built_here(tiny):
-    """Each random direction's drop (ablated on the harmful prompts) and rise (added at the given norm and layer on the
-    harmless ones) equal those from edits built here with the edit constructors and log-odds taken here."""
+def test_direction_nulls_match_edits_built_here(tiny):
+    """Each stand-in direction's drop (ablated on the harmful prompts), rise (added at the given norm and layer on the
+    harmless ones) and KL (ablated on the harmless ones) equal those from edits built here with the edit
+    constructors, and log-odds and KL taken here."""
     from psm_jax.persona.directions import random_directions
 
     params, config, harm, safe = tiny
     base_h, base_s = 0.3, -0.2  # any unedited means: the nulls are differences from them
-    drops, rises = RL.random_direction_nulls(params, config, harm, safe, TOKEN_IDS, harmful_base=base_h,
-                                             harmless_base=base_s, norm=2.5, layer=1, n=3, seed=4, batch_size=4)
     units = random_directions(4, 3, config.d_model, 1.0)
+    null = RL.direction_nulls(params, config, units, harm, safe, TOKEN_IDS, harmful_base=base_h,
+                              harmless_base=base_s, norm=2.5, layer=1, batch_size=4)
     ids = jnp.asarray(TOKEN_IDS)
+
+    def last(p, edits):
+        return jit_forward(params, config, jnp.asarray(p.tokens), attention_mask=jnp.asarray(p.mask),
+                           edits=edits).logits[:, -1]
+
     for k in (0, 2):
         ablate = tuple(E.project_out(config, units[k], layers="all", site=s) for s in ("resid_pre", "attn_out",
                                                                                    "mlp_out"))
         add = (E.add(config, 2.5 * units[k], layers=[1], site="resid_pre"),)
-        scores = {}
-        for name, p, edits in (("harm", harm, ablate), ("safe", safe, add)):
-            logits = jit_forward(params, config, jnp.asarray(p.tokens), attention_mask=jnp.asarray(p.mask),
-                                 edits=edits).logits[:, -1]
-            scores[name] = float(jnp.mean(token_set_log_odds(logits, ids)))
-        assert drops[k] == pytest.approx(base_h - scores["harm"], abs=1e-4)
-        assert rises[k] == pytest.approx(scores["safe"] - base_s, abs=1e-4)
-    assert len(set(np.round(drops, 6))) == 3  # the directions differ
+        harm_score = float(jnp.mean(token_set_log_odds(last(harm, ablate), ids)))
+        safe_score = float(jnp.mean(token_set_log_odds(last(safe, add), ids)))
+        assert null["drops"][k] == pytest.approx(base_h - harm_score, abs=1e-4)
+        assert null["rises"][k] == pytest.approx(safe_score - base_s, abs=1e-4)
+        p, q = np.asarray(last(safe, ()), np.float64), np.asarray(last(safe, ablate), np.float64)
+        lp = p - np.log(np.exp(p - p.max(1, keepdims=True)).sum(1, keepdims=True)) - p.max(1, keepdims=True)
+        lq = q - np.log(np.exp(q - q.max(1, keepdims=True)).sum(1, keepdims=True)) - q.max(1, keepdims=True)
+        kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=1)))
+        assert null["kls"][k] == pytest.approx(kl, rel=1e-3, abs=1e-6)
+    assert len(set(np.round(null["drops"], 6))) == 3  # the directions differ
+
+
+def test_shuffled_label_directions_follow_the_permutations(tiny):
+    """Each shuffled-label direction is the unit difference of group means (numpy, from activations captured here)
+    under the seeded relabelling, and the prompt activations' own group difference is the candidate direction."""
+    params, config, harm, safe = tiny
+    offset, layer = -2, 1
+    acts = []
+    for p in (harm, safe):
+        out = jit_forward(params, config, jnp.asarray(p.tokens), attention_mask=jnp.asarray(p.mask),
+                          capture=Capture(sites=("resid_pre",)))
+        acts.append(np.asarray(out.captured["resid_pre"], np.float64)[layer, :, p.tokens.shape[1] + offset])
+    a, b = acts
+    np.testing.assert_allclose(RL.prompt_activations(params, config, harm, offset, layer, batch_size=3), a,
+                               rtol=1e-5, atol=1e-5)
+    got = RL.shuffled_label_directions(params, config, harm, safe, offset=offset, layer=layer, n=4, seed=9,
+                                       batch_size=3)
+    pooled, rng = np.concatenate([a, b]), np.random.default_rng(9)
+    for k in range(4):
+        perm = rng.permutation(len(pooled))
+        d = pooled[perm[:len(a)]].mean(0) - pooled[perm[len(a):]].mean(0)
+        np.testing.assert_allclose(got[k], d / np.linalg.norm(d), rtol=1e-4, atol=1e-5)
+    dirs = RL.mean_diff_directions(params, config, harm, safe, np.array([offset]), batch_size=3)
+    np.testing.assert_allclose(dirs[0, layer], a.mean(0) - b.mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_zero_direction_is_skipped(tiny):
@@ -175,7 +207,7 @@ def test_refusal_token_ids():
 @pytest.mark.parametrize("kw,match", [
     (dict(n_train=0), "n_train"), (dict(max_layer_frac=1.5), "max_layer_frac"), (dict(kl_threshold=0.0), "kl"),
     (dict(positions=(1,)), "negative"), (dict(layers=(-1,)), "layer"), (dict(n_ce=-1), "n_ce"),
-    (dict(n_random=5), "n_random=5"),
+    (dict(n_random=5), "n_random=5"), (dict(n_shuffled=3), "n_shuffled=3; expected 0"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -213,18 +245,25 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert meta["site"] == "resid_pre" and vecs["direction"].shape == (32,)
     # same config + seed -> same numbers
     lines = R.records(res)
-    assert [ln["metric"] for ln in lines] == ["refusal_logodds_drop", "refusal_induce_rise", "refusal_ce_change"]
+    assert [ln["metric"] for ln in lines] == ["refusal_logodds_drop", "refusal_induce_rise", "refusal_ablation_kl",
+                                              "refusal_ce_change"]
     drop = res.ev["harmful_base"] - res.ev["harmful_ablated"]
     assert lines[0]["ci"][0] <= np.mean(drop) <= lines[0]["ci"][1] and lines[0]["n"] == len(drop)
-    assert lines[2]["n"] == 2 and lines[2]["ci"][0] <= lines[2]["value"] <= lines[2]["ci"][1]
+    assert lines[3]["n"] == 2 and lines[3]["ci"][0] <= lines[3]["value"] <= lines[3]["ci"][1]
     assert lines[1]["value"] == pytest.approx(np.mean(res.ev["harmless_induced"] - res.ev["harmless_base"]), abs=1e-4)
     assert all(ln["null"] for ln in lines)
-    assert len(res.random_drops) == R.Config().n_random and np.isfinite(res.random_drops).all()
+    rnd, shuf = res.nulls["random"], res.nulls["shuffled"]
+    for null, n in ((rnd, R.Config().n_random), (shuf, R.Config().n_shuffled)):
+        assert all(len(v) == n and np.isfinite(v).all() for v in null.values())
     assert lines[0]["null"].startswith("20 random directions (unit norm) ablated the same way: 95% band [")
-    assert lines[0]["random_drops"] == [round(float(x), 4) for x in res.random_drops]
-    assert len(res.random_rises) == R.Config().n_random and np.isfinite(res.random_rises).all()
+    assert "; 20 label-shuffled difference-in-means directions (same position and layer) (unit norm) ablated" \
+        in lines[0]["null"]
+    assert lines[0]["random_drops"] == [round(float(x), 4) for x in rnd["drops"]]
+    assert lines[0]["shuffled_drops"] == [round(float(x), 4) for x in shuf["drops"]]
     assert lines[1]["null"].startswith(f"20 random directions at the direction's norm added at L{res.best['layer']}")
-    assert lines[1]["random_rises"] == [round(float(x), 4) for x in res.random_rises]
+    assert lines[1]["random_rises"] == [round(float(x), 4) for x in rnd["rises"]]
+    assert lines[2]["value"] == pytest.approx(np.mean(res.ablation_kl), abs=1e-4) and lines[2]["n"] == 4
+    assert lines[2]["shuffled_kls"] == [round(float(x), 4) for x in shuf["kls"]]
     # the null adds each random direction the way the induce condition adds the selected one: one draw by hand
     from psm_jax.persona.directions import random_directions
 
@@ -233,14 +272,18 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
                               induce_layer=res.best["layer"])
     by_hand = RL.refusal_scores(tiny_chat_model.params, tiny_chat_model.config, res.e_safe, res.token_ids, edits,
                                res.config.batch_size).mean() - res.ev["harmless_base"].mean()
-    assert res.random_rises[0] == pytest.approx(by_hand, abs=1e-5)
+    assert rnd["rises"][0] == pytest.approx(by_hand, abs=1e-5)
     res2 = R.run(R.Config(**kw), tiny_chat_model)
     assert res2.drop == res.drop and res2.ce == res.ce
-    np.testing.assert_array_equal(res2.random_drops, res.random_drops)
-    np.testing.assert_array_equal(res2.random_rises, res.random_rises)
+    for name in ("random", "shuffled"):
+        for key in ("drops", "rises", "kls"):
+            np.testing.assert_array_equal(res2.nulls[name][key], res.nulls[name][key])
+    np.testing.assert_array_equal(res2.ablation_kl, res.ablation_kl)
     np.testing.assert_array_equal(res2.dirs, res.dirs)
     text = (out / "report.md").read_text()
     assert "refuses" in text  # the baseline-refusal reading
+    assert f"The ablation costs KL **{np.mean(res.ablation_kl):.4f} nats**" in text and "{" not in text
+    assert (out / "ablation_damage.png").is_file()
     low, high = res.ce["ce_pct_change_ci"]
     assert f"95% interval over conversations [{low:+.2f}%, {high:+.2f}%]" in text
 

@@ -10,7 +10,9 @@ selection rules, directional ablation and induction as edits, and the random-dir
                                      vector at one layer (switched-off parts leave activations bit-identical)
     evaluate_candidates(...)         bypass, induce and KL per candidate through one compiled forward
     select_direction / select_with_fallback   the selection rules and their pre-declared relaxations
-    random_direction_nulls(...)      the drop and the rise along random directions, the headlines' nulls
+    direction_nulls(...)             the drop, the rise and the KL cost along stand-in directions: the nulls
+    shuffled_label_directions(...)   difference in means with the harmful / harmless labels shuffled
+    ablation_kl(...)                 the KL an ablation costs per prompt (the selection rule's measure)
     orthogonalized_check(...)        the weight edit against the runtime ablation
     refusal_rate(model, ...)         greedy answers and the share containing a refusal marker
 
@@ -30,7 +32,7 @@ from psm_jax import edits as E
 from psm_jax.chat import encode_chat, pad_batch, pad_id, post_instruction_positions
 from psm_jax.logits import kl_divergence, token_set_log_odds
 from psm_jax.model import Capture, forward
-from psm_jax.persona.directions import random_directions
+from psm_jax.persona.stats import shuffled_label_null
 from psm_jax.persona.rollouts import static_batches
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")  # the stream's input and every write into it: nothing re-adds it
@@ -216,10 +218,9 @@ def evaluate_candidates(params, config, directions: np.ndarray, candidates: Sequ
             rows.append(dict(position=int(p), layer=int(layer), bypass=float("nan"), induce=float("nan"),
                              kl=float("nan"), norm=norm))
             continue
-        abl = condition_edits(config, unit=vec / norm, ablate=True)
-        bypass = refusal_scores(params, config, harmful_val, token_ids, abl, batch_size)
-        abl_harmless = last_logits(params, config, harmless_val, abl, batch_size)
-        kl = np.asarray(_kl_rows(jnp.asarray(base_harmless), jnp.asarray(abl_harmless)), np.float64)
+        bypass = refusal_scores(params, config, harmful_val, token_ids,
+                                condition_edits(config, unit=vec / norm, ablate=True), batch_size)
+        kl = ablation_kl(params, config, harmless_val, vec / norm, base_harmless, batch_size)
         induce = refusal_scores(params, config, harmless_val, token_ids,
                                 condition_edits(config, vector=vec, induce_layer=layer), batch_size)
         rows.append(dict(position=int(p), layer=int(layer), bypass=float(bypass.mean()), induce=float(induce.mean()),
@@ -292,15 +293,25 @@ def select_with_fallback(scores: Sequence[dict], n_layers: int, *, harmless_base
 # ------------------------------------------------------------------------------------ nulls and checks
 
 
-def random_direction_nulls(params, config, harmful: Prompts, harmless: Prompts, token_ids, *, harmful_base: float,
-                           harmless_base: float, norm: float, layer: int, n: int, seed: int,
-                           batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """The nulls of both headlines, one value per random unit direction (`n` of them, seeded): the mean refusal
-    log-odds drop on `harmful` when it is ablated instead of the selected direction (what removing any one direction
-    costs), and the mean rise on `harmless` when it is added at the selected direction's `norm` at `layer` (what any
-    push of that size does). `harmful_base` / `harmless_base`: the unedited mean scores. The directions are traced
-    inputs, so every one runs through the same compiled forwards."""
-    units = random_directions(seed, n, config.d_model, 1.0)
+def ablation_kl(params, config, prompts: Prompts, unit: np.ndarray, base_logits: np.ndarray,
+                batch_size: int = 16) -> np.ndarray:
+    """Per prompt, KL(unedited || ablated) of the next-token distribution at the last position when `unit` is
+    ablated everywhere: the selection rule's measure of what an ablation costs on prompts it should leave alone.
+    `base_logits`: the prompts' unedited last logits (`last_logits`), computed once for many directions."""
+    ablated = last_logits(params, config, prompts, condition_edits(config, unit=unit, ablate=True), batch_size)
+    return np.asarray(_kl_rows(jnp.asarray(base_logits), jnp.asarray(ablated)), np.float64)
+
+
+def direction_nulls(params, config, units: np.ndarray, harmful: Prompts, harmless: Prompts, token_ids, *,
+                    harmful_base: float, harmless_base: float, norm: float, layer: int,
+                    batch_size: int = 16) -> dict[str, np.ndarray]:
+    """What each of `units` [n, D] (unit directions standing in for the selected one) does, one value per direction:
+    `drops`, the mean refusal log-odds drop on `harmful` when it is ablated (what removing some other direction does
+    to refusal); `rises`, the mean rise on `harmless` when it is added at the selected direction's `norm` at `layer`
+    (what any push of that size does); `kls`, the mean KL it costs on `harmless` when ablated (how much it damages
+    the model where refusal is not wanted). `harmful_base` / `harmless_base`: the unedited mean scores. The
+    directions are traced inputs, so every one runs through the same compiled forwards."""
+    base_logits = last_logits(params, config, harmless, condition_edits(config), batch_size)
 
     def mean_score(prompts, edits):
         return float(refusal_scores(params, config, prompts, token_ids, edits, batch_size).mean())
@@ -308,7 +319,30 @@ def random_direction_nulls(params, config, harmful: Prompts, harmless: Prompts, 
     drops = [harmful_base - mean_score(harmful, condition_edits(config, unit=u, ablate=True)) for u in units]
     rises = [mean_score(harmless, condition_edits(config, vector=norm * u, induce_layer=layer)) - harmless_base
              for u in units]
-    return np.array(drops, np.float64), np.array(rises, np.float64)
+    kls = [float(ablation_kl(params, config, harmless, u, base_logits, batch_size).mean()) for u in units]
+    return {"drops": np.array(drops, np.float64), "rises": np.array(rises, np.float64),
+            "kls": np.array(kls, np.float64)}
+
+
+def prompt_activations(params, config, prompts: Prompts, offset: int, layer: int,
+                       batch_size: int = 16) -> np.ndarray:
+    """resid_pre at one post-instruction `offset` and `layer` for every prompt: [N, D] float64 (the rows whose
+    group means `mean_diff_directions` differences)."""
+    offsets = jnp.asarray(np.array([offset], np.int32))
+    rows = [np.asarray(_capture_resid_pre(params, config, tok, mask, offsets))[layer, :n, 0]
+            for tok, mask, n in batches(prompts, batch_size)]
+    return np.concatenate(rows).astype(np.float64)
+
+
+def shuffled_label_directions(params, config, harmful: Prompts, harmless: Prompts, *, offset: int, layer: int,
+                              n: int, seed: int, batch_size: int = 16) -> np.ndarray:
+    """`n` unit difference-in-means directions at `offset` and `layer` with the harmful / harmless labels of the
+    prompts shuffled (group sizes kept): directions from the same activations and the same recipe as the selected
+    one, but carrying no harmfulness, so their effects are the null for what the labels add. [n, D] float64."""
+    a = prompt_activations(params, config, harmful, offset, layer, batch_size)
+    b = prompt_activations(params, config, harmless, offset, layer, batch_size)
+    diffs = shuffled_label_null(lambda x, y: x.mean(axis=0) - y.mean(axis=0), a, b, n_shuffles=n, seed=seed)
+    return diffs / np.linalg.norm(diffs, axis=1, keepdims=True)
 
 
 def orthogonalized_check(params, config, unit: np.ndarray, prompts: Prompts, token_ids,

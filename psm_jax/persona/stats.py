@@ -189,7 +189,8 @@ def zscore(value: float, null_values, *, min_draws: int = MIN_NULL_DRAWS) -> flo
 def shuffled_label_null(statistic: Callable[[np.ndarray, np.ndarray], float], a, b, *, n_shuffles: int = 100,
                         seed: int = 0) -> np.ndarray:
     """`statistic(group_a, group_b)` over `n_shuffles` random relabellings of the pooled units (group sizes kept):
-    the null a discovery statistic is compared with. a, b: [n_a, ...], [n_b, ...]."""
+    the null a discovery statistic is compared with. a, b: [n_a, ...], [n_b, ...]. The statistic may be a scalar
+    or an array (e.g. a difference of mean vectors): the result is [n_shuffles, *its shape], float64."""
     a, b = np.asarray(a), np.asarray(b)
     if len(a) == 0 or len(b) == 0:
         raise ValueError(f"shuffled_label_null needs units in both groups; got {len(a)} and {len(b)}")
@@ -197,11 +198,11 @@ def shuffled_label_null(statistic: Callable[[np.ndarray, np.ndarray], float], a,
         raise ValueError(f"groups have unit shapes {a.shape[1:]} and {b.shape[1:]}; expected equal")
     pooled = np.concatenate([a, b])
     rng = np.random.default_rng(seed)
-    out = np.empty(int(n_shuffles))
-    for i in range(int(n_shuffles)):
+    out = []
+    for _ in range(int(n_shuffles)):
         perm = rng.permutation(len(pooled))
-        out[i] = statistic(pooled[perm[:len(a)]], pooled[perm[len(a):]])
-    return out
+        out.append(statistic(pooled[perm[:len(a)]], pooled[perm[len(a):]]))
+    return np.asarray(out, np.float64)
 
 
 MIN_MONOTONIC_RUN = 4  # the lenient criterion: increasing over >= 4 consecutive coefficients of both signs
