@@ -27,6 +27,9 @@
    each is ablated like the selected direction and added at its norm like it. Beside the drops, the KL each
    ablation costs on the held-out harmless prompts (the selection rule's measure), so a drop can be read against
    the damage that comes with it. Every headline's interval is a bootstrap over the held-out prompts.
+6. The score's validity check: the AUROC of the unedited refusal log-odds for telling the held-out prompts (both
+   sides) whose greedy answer refuses from those whose answer does not; the log-odds headlines are evidence about
+   refusal only where its interval lies above 0.5.
 
 The method (prompts, scores, candidates, selection, edits, nulls) is `psm_jax.persona.refusal`; this module runs it
 end to end, and `experiments.refusal_report` writes what it found.
@@ -46,8 +49,8 @@ from psm_jax.persona import measures
 from psm_jax.persona.directions import random_directions
 from psm_jax.persona.refusal import (Prompts, ablation_kl, condition_edits, direction_nulls, encode_prompts,
                                      evaluate_candidates, last_logits, mean_diff_directions, orthogonalized_check,
-                                     refusal_rate, refusal_scores, refusal_token_ids, select_with_fallback,
-                                     shuffled_label_directions)
+                                     refusal_rate, refusal_scores, refusal_token_ids, score_validity,
+                                     select_with_fallback, shuffled_label_directions)
 from psm_jax.persona.stats import MIN_NULL_DRAWS
 
 
@@ -152,6 +155,7 @@ class Result:
     ce: dict
     seconds: dict
     ablation_kl: np.ndarray | None = None  # per held-out harmless prompt: KL(unedited || selected ablated)
+    validity: dict | None = None  # the refusal score's AUROC for the refusing answers (`score_validity`)
     nulls: dict = dataclasses.field(default_factory=dict)  # "random" / "shuffled": {drops, rises, kls} per direction
 
 
@@ -319,6 +323,8 @@ def run(config: Config, model, progress=None) -> Result:
     with _timed(seconds, "generation"):
         gen = {k: refusal_rate(model, p.texts, markers, edits, max_new_tokens=cfg.max_new_tokens, batch_size=bs)
                for k, (p, edits) in conditions.items()}
+    validity = score_validity(np.concatenate([ev["harmful_base"], ev["harmless_base"]]),
+                              gen["harmful_base"][2] + gen["harmless_base"][2], markers, seed=cfg.seed)
     with _timed(seconds, "ce"):
         ce = _ce_check(model, cfg, abl)
     seconds["total"] = time.time() - t0
@@ -329,7 +335,7 @@ def run(config: Config, model, progress=None) -> Result:
                   fallback_used=tier != "strict", filt=filt, harmful_val_base=harmful_val_base,
                   harmless_val_base=harmless_val_base, direction=direction, unit=unit, e_harm=e_harm, e_safe=e_safe,
                   ev=ev, gen=gen, drop=drop, orth_diff=orth_diff, orth_scores=orth_scores, ce=ce, seconds=seconds,
-                  ablation_kl=kl, nulls=nulls)
+                  ablation_kl=kl, nulls=nulls, validity=validity)
 
 
 

@@ -52,7 +52,8 @@ def write_report(res: Result, folder) -> Path:
     cfg, best = res.config, res.best
     rep = Report(folder, "Refusal direction (difference in means, directional ablation)", cfg)
     rep.section("Setup", _setup_text(res))
-    rep.section("Baseline refusal", _baseline_text(res.gen["harmful_base"][0], res.gen["harmless_induced"][0]))
+    rep.section("Baseline refusal", _baseline_text(res.gen["harmful_base"][0], res.gen["harmless_induced"][0])
+                + "\n\n" + _validity_text(res))
     rep.table("Selected direction", [dict(position=_candidate_name(best), layer=best["layer"], bypass=best["bypass"],
                                           induce=best["induce"], kl=best["kl"], norm=best["norm"], tier=res.tier)])
     rep.table("Candidates, lowest bypass first (top 15)",
@@ -170,7 +171,7 @@ def _damage_text(res: Result) -> str:
     """What the ablation costs where refusal is not wanted (the selection rule's KL, on the held-out harmless
     prompts), against the nulls' costs, and how the nulls' drops follow their costs."""
     ci = bootstrap_ci(res.ablation_kl, seed=res.config.seed)
-    text = (f"The ablation costs KL **{ci['mean']:.4f} nats** on the next token after the held-out harmless prompts "
+    text = (f"The ablation costs KL **{ci['estimate']:.4f} nats** on the next token after the held-out harmless prompts "
             f"(95% interval over prompts [{ci['low']:.4f}, {ci['high']:.4f}]; the selection rule's threshold is "
             f"{res.config.kl_threshold:g}); null: {_kl_null(res)}.")
     for name, null in res.nulls.items():
@@ -273,6 +274,7 @@ def _metrics(res: Result) -> dict:
     """metrics.json, in file order: the headline numbers first, then the selection, the evaluation, timings."""
     ev, gen, ce = res.ev, res.gen, res.ce
     return {"refusal_logodds_drop": res.drop, "refusal_ce_change": ce.get("ce_pct_change"), "ce": ce,
+            "score_validity": res.validity,
             "ablation_kl": dict(mean=_mean(res.ablation_kl), values=res.ablation_kl),
             "nulls": {name: {k: [float(x) for x in v] for k, v in null.items()} for name, null in res.nulls.items()},
             "selected": dict(res.best, tier=res.tier),
@@ -296,6 +298,24 @@ def _baseline_text(harmful_rate: float, induced_rate: float) -> str:
     return text + "The log-odds drop under ablation below is read against that baseline."
 
 
+def _validity_text(res: Result) -> str:
+    """The refusal score's validity check, as the report states it."""
+    v = res.validity
+    n = 2 * res.config.n_eval
+    if v is None:
+        return (f"Validity of the refusal score: not checkable here, since the greedy answers to all {n} held-out "
+                "prompts fall on one side (all refuse or none does); the log-odds headlines are read without it.")
+    verdict = "valid" if v["valid"] else "**not valid**: the log-odds headlines below are not evidence about refusal"
+    return (f"Validity of the refusal score: its AUROC for telling the held-out prompts (both sides, n = {v['n']}) "
+            f"whose greedy answer refuses ({v['n_pos']}) from the rest is **{v['estimate']:.2f}** (95% interval over "
+            f"prompts [{v['low']:.2f}, {v['high']:.2f}]; chance 0.5): {verdict}.")
+
+
+def _validity_fields(res: Result) -> dict:
+    """`measure_valid` for a log-odds record line: the score's check, or None where it could not run."""
+    return {"measure_valid": None if res.validity is None else res.validity["valid"]}
+
+
 def _prompt_ci(diff: np.ndarray, seed: int) -> dict:
     """A 95% bootstrap interval over held-out prompts (the independent units) of a per-prompt difference."""
     ci = bootstrap_ci(np.asarray(diff, np.float64), seed=seed)
@@ -312,14 +332,14 @@ def result_records(res: Result) -> list[dict]:
                 unit="nats (mean refusal log-odds, baseline - ablated)",
                 reference=ref + "; Arditi et al. 2024: ablation removes refusal",
                 target="> 0 and above the random band",
-                null=_drop_null(res), **_null_draws(res, "drops"),
+                null=_drop_null(res), **_null_draws(res, "drops"), **_validity_fields(res),
                 **_prompt_ci(res.ev["harmful_base"] - res.ev["harmful_ablated"], cfg.seed)),
            dict(metric="refusal_induce_rise", value=round(float(np.mean(res.ev["harmless_induced"]
                                                                       - res.ev["harmless_base"])), 4),
                 unit="nats (mean refusal log-odds, induced - baseline, harmless prompts)",
                 reference=ref.replace("harmful prompts", "harmful and harmless prompts")
                 + "; Arditi et al. 2024: adding the direction induces refusal", target="> 0 and above the random band",
-                null=_rise_null(res), **_null_draws(res, "rises"),
+                null=_rise_null(res), **_null_draws(res, "rises"), **_validity_fields(res),
                 **_prompt_ci(res.ev["harmless_induced"] - res.ev["harmless_base"], cfg.seed)),
            dict(metric="refusal_ablation_kl", value=round(_mean(res.ablation_kl), 4),
                 unit="nats (mean KL(unedited || ablated) of the next token after held-out harmless prompts)",
@@ -327,6 +347,14 @@ def result_records(res: Result) -> list[dict]:
                 + "; Arditi et al. 2024 select directions with KL < 0.1 on harmless prompts",
                 target=f"<= {cfg.kl_threshold:g} (the selection rule's threshold)", null=_kl_null(res),
                 **_null_draws(res, "kls"), **_prompt_ci(res.ablation_kl, cfg.seed))]
+    if res.validity is not None:
+        v = res.validity
+        out.append(dict(metric="refusal_score_validity", value=round(v["estimate"], 4),
+                        unit="AUROC of the unedited refusal log-odds for the held-out prompts whose answer refuses",
+                        reference=f"{cfg.model}; {v['n']} held-out prompts (both sides), {v['n_pos']} greedy answers "
+                                  f"with a refusal marker; seed {cfg.seed}", target="interval above 0.5",
+                        null="0.5 (a score unrelated to whether the answer refuses)",
+                        ci=[round(v["low"], 4), round(v["high"], 4)], n=v["n"], valid=v["valid"]))
     if res.ce:
         ce = res.ce
         out.append(dict(metric="refusal_ce_change", value=round(ce["ce_pct_change"], 4),

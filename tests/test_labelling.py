@@ -33,11 +33,7 @@ def test_balanced_accuracy_by_hand():
         L.balanced_accuracy([1, 0], [1])
 
 
-def test_auroc_by_hand():
-    assert L.auroc([1, 1, 0, 0], [3, 2, 1, 0]) == 1.0
-    assert L.auroc([1, 1, 0, 0], [0, 1, 2, 3]) == 0.0
-    assert L.auroc([1, 0], [1, 1]) == 0.5  # ties count 1/2
-    assert L.auroc([1, 1, 0, 0], [3, 1, 2, 0]) == pytest.approx(0.75)
+def test_detection_metrics_by_hand():
     m = L.detection_metrics([1, 1, 0, 0, 0], [0.5, -1, -2, 0.1, -0.1])
     assert m["tpr"] == 0.5 and m["tnr"] == pytest.approx(2 / 3) and m["balanced_accuracy"] == pytest.approx(7 / 12)
     assert m["n_pos"] == 2 and m["n_neg"] == 3 and m["threshold"] == 0.0

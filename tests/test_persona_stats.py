@@ -560,3 +560,29 @@ def test_perplexity_ratio_ci_exponentiates_the_mean_per_token_nll_change_per_con
     means = [_mean([change[i] for i in row]) for row in draws]
     assert ci["low"] == pytest.approx(e ** _quantile_by_hand(means, 0.025), rel=1e-12)
     assert ci["high"] == pytest.approx(e ** _quantile_by_hand(means, 0.975), rel=1e-12)
+
+
+def test_auroc_by_hand():
+    assert S.auroc([1, 1, 0, 0], [3, 2, 1, 0]) == 1.0
+    assert S.auroc([1, 1, 0, 0], [0, 1, 2, 3]) == 0.0
+    assert S.auroc([1, 0], [1, 1]) == 0.5  # ties count 1/2
+    assert S.auroc([1, 1, 0, 0], [3, 1, 2, 0]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="both classes"):
+        S.auroc([1, 1], [0.2, 0.1])
+
+
+def test_auroc_ci_resamples_units():
+    """The interval holds the estimate, narrows with more units, and matches a bootstrap written here."""
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2 == 0
+    s = y * 1.0 + rng.normal(size=40)
+    ci = S.auroc_ci(y, s, n_resamples=300, seed=3)
+    assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["n"] == 40 and ci["n_pos"] == 20
+    idx = np.random.default_rng(3).integers(0, 40, size=(300, 40))
+    by_hand = [S.auroc(y[i], s[i]) for i in idx if 0 < y[i].sum() < 40]
+    assert ci["low"] == pytest.approx(np.quantile(by_hand, 0.025))
+    y4, s4 = np.tile(y, 4), np.tile(s, 4) + rng.normal(scale=1e-6, size=160)
+    wide = S.auroc_ci(y4, s4, n_resamples=300, seed=3)
+    assert wide["high"] - wide["low"] < ci["high"] - ci["low"]
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        S.auroc_ci([1, 0], [0.5])

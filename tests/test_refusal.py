@@ -1,6 +1,7 @@
 """Refusal direction: difference in means, candidate scores without recompiling, selection rules,
 and a tiny end-to-end run (random tiny model + the real SmolLM2 tokenizer)."""
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -282,8 +283,11 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     np.testing.assert_array_equal(res2.dirs, res.dirs)
     text = (out / "report.md").read_text()
     assert "refuses" in text  # the baseline-refusal reading
-    assert f"The ablation costs KL **{np.mean(res.ablation_kl):.4f} nats**" in text and "{" not in text
+    assert f"The ablation costs KL **{np.mean(res.ablation_kl):.4f} nats**" in text
+    assert not re.search(r"\{(ci|res|v|_|null|name)\W", text)  # every field of the new sections formatted
     assert (out / "ablation_damage.png").is_file()
+    assert ("Validity of the refusal score: not checkable" in text) == (res.validity is None)
+    assert lines[0]["measure_valid"] == (None if res.validity is None else res.validity["valid"])
     low, high = res.ce["ce_pct_change_ci"]
     assert f"95% interval over conversations [{low:+.2f}%, {high:+.2f}%]" in text
 
@@ -293,3 +297,23 @@ def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):
         R.run(R.Config(n_train=120, n_eval=32), tiny_chat_model)
     with pytest.raises(ValueError, match="out of range"):
         R.run(R.Config(layers=(7,)), tiny_chat_model)
+
+
+def test_score_validity_reads_the_answers():
+    """The score's AUROC for the answers with a refusal marker anywhere, against the AUROC written here; None when all
+    answers fall on one side; a length mismatch is an error."""
+    from psm_jax.persona import datasets
+    from psm_jax.persona.stats import auroc
+
+    markers = datasets.load_refusal_markers()
+    refusal = markers.refusal_prefixes[0] + " that."
+    answers = [refusal, "Sure, here it is.", refusal, "Here you go.", "Well, " + refusal, "Fine."] * 4
+    refused = np.array([markers.is_refusal(a, anywhere=True) for a in answers])
+    assert refused.sum() == 12
+    scores = refused * 2.0 + np.random.default_rng(1).normal(size=len(answers))
+    v = RL.score_validity(scores, answers, markers, seed=2)
+    assert v["estimate"] == pytest.approx(auroc(refused, scores)) and v["n"] == 24 and v["n_pos"] == 12
+    assert v["valid"] == (v["low"] > 0.5)
+    assert RL.score_validity(scores[:2], ["Fine."] * 2, markers) is None
+    with pytest.raises(ValueError, match="one answer per score"):
+        RL.score_validity(scores, answers[:3], markers)

@@ -15,6 +15,7 @@ selection rules, directional ablation and induction as edits, and the random-dir
     ablation_kl(...)                 the KL an ablation costs per prompt (the selection rule's measure)
     orthogonalized_check(...)        the weight edit against the runtime ablation
     refusal_rate(model, ...)         greedy answers and the share containing a refusal marker
+    score_validity(scores, answers)  whether the score reads refusal here: its AUROC for the answers that refuse
 
 Pure functions over a model and arrays; no files, no printing (progress bars only when asked).
 """
@@ -32,7 +33,7 @@ from psm_jax import edits as E
 from psm_jax.chat import encode_chat, pad_batch, pad_id, post_instruction_positions
 from psm_jax.logits import kl_divergence, token_set_log_odds
 from psm_jax.model import Capture, forward
-from psm_jax.persona.stats import shuffled_label_null
+from psm_jax.persona.stats import auroc_ci, shuffled_label_null
 from psm_jax.persona.rollouts import static_batches
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")  # the stream's input and every write into it: nothing re-adds it
@@ -371,3 +372,17 @@ def refusal_rate(model, instructions: Sequence[str], markers, edits=(), *, max_n
     anywhere = float(np.mean([markers.is_refusal(a, anywhere=True) for a in answers])) if answers else float("nan")
     prefix = float(np.mean([markers.is_refusal(a) for a in answers])) if answers else float("nan")
     return anywhere, prefix, answers
+
+
+def score_validity(scores: np.ndarray, answers: Sequence[str], markers, *, seed: int = 0) -> dict | None:
+    """The refusal score's validity check on this model: how well the unedited score of each prompt tells the
+    prompts whose greedy answer refuses (a marker anywhere) from those whose answer does not, as an AUROC with a
+    bootstrap interval over prompts (`stats.auroc_ci`; chance 0.5). The log-odds is evidence about refusal only
+    where the interval lies above 0.5. None when every answer falls on one side (nothing to separate)."""
+    refused = np.array([markers.is_refusal(a, anywhere=True) for a in answers], bool)
+    if len(refused) != len(scores):
+        raise ValueError(f"{len(scores)} scores and {len(answers)} answers; expected one answer per score")
+    if refused.all() or not refused.any():
+        return None
+    ci = auroc_ci(refused, np.asarray(scores, np.float64), seed=seed)
+    return dict(ci, valid=bool(ci["low"] > 0.5))

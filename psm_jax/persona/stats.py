@@ -11,6 +11,7 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
     null_band(null_values)                     the (2.5%, 97.5%) band of a null distribution (>= 20 draws)
     zscore(value, null_values)                 distance from the null's mean in null standard deviations
     shuffled_label_null(stat, a, b, n)         a statistic under random relabelling of two groups
+    auroc / auroc_ci(y, scores)                how well a score separates two classes, with its interval
     monotonic(coefs, values, ppl_ratios)       strictly increasing over the sweep, optionally under a fluency ceiling
     count_monotonic(monotonics, criterion)     how many sweeps (`monotonic` results) meet one of its criteria
     reduction_ci(treated, reference)           1 - mean(treated) / mean(reference), paired units, bootstrap
@@ -78,6 +79,31 @@ def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] = np.mean, 
     stats = np.asarray([statistic(x[i]) for i in idx], np.float64)
     lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
     return {"estimate": est, "low": float(lo), "high": float(hi), "n": int(x.size)}
+
+
+def auroc(y_true, scores) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties counted 1/2)."""
+    y, s = np.asarray(y_true, bool), np.asarray(scores, np.float64)
+    pos, neg = s[y], s[~y]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError(f"AUROC needs both classes; got {len(pos)} positives and {len(neg)} negatives")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def auroc_ci(y_true, scores, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+    """`auroc` with a percentile bootstrap interval over the units (resamples with one class only are skipped):
+    {estimate, low, high, n, n_pos}. How well a score reads a behaviour, e.g. a refusal score against whether the
+    answer refuses: chance is 0.5."""
+    y, s = np.asarray(y_true, bool), np.asarray(scores, np.float64)
+    if y.shape != s.shape or y.ndim != 1:
+        raise ValueError(f"y_true has shape {y.shape}, scores {s.shape}; expected equal 1-d shapes")
+    est, level = auroc(y, s), _check_level(level)
+    idx = np.random.default_rng(seed).integers(0, y.size, size=(int(n_resamples), y.size))
+    stats = np.asarray([auroc(y[i], s[i]) for i in idx if 0 < y[i].sum() < y.size], np.float64)
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"estimate": est, "low": float(lo), "high": float(hi), "n": int(y.size), "n_pos": int(y.sum())}
 
 
 def t_critical(level: float, df: int) -> float:

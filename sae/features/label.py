@@ -57,6 +57,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from psm_jax.persona.llm_client import ChatClient, Transport
+from psm_jax.persona.stats import auroc
 
 SCHEMA_VERSION = 1
 ROLE_KEYS = ("template", "system", "user", "assistant", "text")
@@ -263,17 +264,6 @@ def balanced_accuracy(y_true, y_pred) -> float:
     if npos == 0 or nneg == 0:
         raise ValueError(f"balanced accuracy needs both classes; got {npos} positives and {nneg} negatives")
     return float(0.5 * ((p & y).sum() / npos + (~p & ~y).sum() / nneg))
-
-
-def auroc(y_true, scores) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted 1/2)."""
-    y, s = np.asarray(y_true, bool), np.asarray(scores, np.float64)
-    pos, neg = s[y], s[~y]
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError(f"AUROC needs both classes; got {len(pos)} positives and {len(neg)} negatives")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
 def detection_metrics(y_true, scores, threshold: float = 0.0) -> dict:
