@@ -10,7 +10,7 @@ import pytest
 from psm_jax.persona import datasets as ds
 
 REQUIRED_TRAITS = {"evil", "sycophantic", "hallucinating", "apathetic", "humorous", "impolite", "optimistic"}
-DATA = Path(ds.__file__).parent / "data"
+DATA = Path(str(ds.data_root()))
 
 
 def _write(tmp_path: Path, name: str, obj) -> Path:

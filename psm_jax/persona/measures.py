@@ -110,7 +110,7 @@ JAILBREAK_PERSONA_SIGN = {"identity": -1.0, "compliance": +1.0}
 
 def jailbreak(model, messages: Sequence[Sequence[dict]], prompts, *, edits_fn: EditsFn | None = None,
               batch_size: int = 16) -> dict:
-    """Persona-jailbreak measures per prompt (`datasets.load_jailbreaks`), each read as the reply to `messages[i]`:
+    """Persona-jailbreak measures per prompt (`datasets.load_persona_jailbreaks`), each read as the reply to `messages[i]`:
     identity = per-token log P(the Assistant's self-description) - log P(the persona's); compliance = per-token
     log P(a compliant opening) - log P(a declining one). {"identity": [n], "compliance": [n]}."""
     return jailbreak_band(model, messages, prompts, [edits_fn], batch_size=batch_size)[0]
