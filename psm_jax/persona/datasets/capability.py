@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .checking import PathLike, _Checker, _norm_text, _read_json, _src, _typename
+from .checking import PathLike, _norm_text, _open, _src
 
 # Sizes enforced when strict=True.
 MIN_QA_ITEMS = 40
@@ -36,15 +36,12 @@ def load_qa(path: PathLike | None = None, *, strict: bool = True) -> tuple[QAIte
     `answer` in range, no repeated question; strict also needs MIN_QA_ITEMS items with every answer position
     used."""
     src = _src(path, "capability", "qa.json")
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
-    c.version(d)
+    c, d = _open(src)
     raw = c.array(d, "items", min_len=MIN_QA_ITEMS if strict else 1, what="questions")
     out, seen = [], {}
     for i, it in enumerate(raw):
         ctx = f"items[{i}]"
-        if not isinstance(it, dict):
-            c.fail(ctx, "an object with question, options, answer", _typename(it))
+        c.obj(it, ctx, "question, options, answer")
         q = c.string(it, "question", ctx)
         key = _norm_text(q)
         if key in seen:

@@ -72,6 +72,12 @@ def _typename(x: Any) -> str:
     return type(x).__name__
 
 
+def _open(src) -> tuple["_Checker", dict]:
+    """The checker of data file `src` and its top-level object (its schema version already checked)."""
+    c = _Checker(str(src))
+    return c, c.top(_read_json(src))
+
+
 class _Checker:
     """Schema checks that raise DatasetError('<file>: field '<path>': expected ..., got ...')."""
 
@@ -98,6 +104,12 @@ class _Checker:
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= SCHEMA_VERSION:
             self.fail("schema_version", f"an integer from 1 to {SCHEMA_VERSION}", repr(v))
         return v
+
+    def obj(self, x: Any, ctx: str, fields: str) -> dict:
+        """`x` itself, which must be a JSON object (`fields`: what it should hold, named in the error)."""
+        if not isinstance(x, dict):
+            self.fail(ctx, f"an object with {fields}", _typename(x))
+        return x
 
     def field(self, d: dict, key: str, ctx: str = "") -> Any:
         path = f"{ctx}.{key}" if ctx else key

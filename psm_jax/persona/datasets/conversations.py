@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .checking import DatasetError, PathLike, _Checker, _is_path, _packaged, _read_json, _typename
+from .checking import DatasetError, PathLike, _Checker, _is_path, _open, _packaged
 
 # Sizes enforced when strict=True.
 MIN_CONVERSATIONS = 6
@@ -53,8 +53,7 @@ def load_conversations(kind_or_path: PathLike, *, strict: bool = True) -> list[C
             raise DatasetError(f"unknown conversation kind {kind!r}: expected one of {list(CONVERSATION_KINDS)} "
                                "or a path to a .json file")
         src = _packaged("conversations", f"{kind}.json")
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     file_kind = c.string(d, "kind")
     if file_kind not in CONVERSATION_KINDS:
         c.fail("kind", f"one of {list(CONVERSATION_KINDS)}", repr(file_kind))
@@ -64,8 +63,7 @@ def load_conversations(kind_or_path: PathLike, *, strict: bool = True) -> list[C
     out, seen = [], set()
     for i, conv in enumerate(raw):
         ctx = f"conversations[{i}]"
-        if not isinstance(conv, dict):
-            c.fail(ctx, "an object with id and messages", _typename(conv))
+        c.obj(conv, ctx, "id and messages")
         cid = c.string(conv, "id", ctx)
         if cid in seen:
             c.fail(f"{ctx}.id", "a unique id", repr(cid))
@@ -82,8 +80,7 @@ def _parse_messages(c: "_Checker", conv: dict, ctx: str) -> list[Message]:
     msgs = []
     for j, m in enumerate(raw_msgs):
         mctx = f"{ctx}.messages[{j}]"
-        if not isinstance(m, dict):
-            c.fail(mctx, "an object with role and content", _typename(m))
+        c.obj(m, mctx, "role and content")
         r = c.string(m, "role", mctx)
         if r not in ("system", "user", "assistant"):
             c.fail(f"{mctx}.role", "'system', 'user' or 'assistant'", repr(r))

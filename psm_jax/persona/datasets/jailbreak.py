@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .checking import MAX_WORD_GAP, PathLike, _Checker, _norm_text, _read_json, _src, _typename, _words
+from .checking import MAX_WORD_GAP, PathLike, _norm_text, _open, _src, _words
 
 # Sizes enforced when strict=True.
 MIN_JAILBREAKS = 24
@@ -46,17 +46,14 @@ def load_persona_jailbreaks(path: PathLike | None = None, *, strict: bool = True
     """Persona-jailbreak prompts (jailbreak/persona_jailbreaks.json, or ``path``). Each names its persona in its
     set-up and in-role identity answer; paired answers differ by at most MAX_WORD_GAP words."""
     src = _src(path, "jailbreak", "persona_jailbreaks.json")
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
-    c.version(d)
+    c, d = _open(src)
     raw = c.array(d, "items", min_len=MIN_JAILBREAKS if strict else 1, what="jailbreak prompts")
     out, seen = [], set()
     fields = ("id", "persona", "framing", "setup", "request", "assistant_identity", "persona_identity", "comply",
               "decline")
     for i, it in enumerate(raw):
         ctx = f"items[{i}]"
-        if not isinstance(it, dict):
-            c.fail(ctx, "an object with " + ", ".join(fields), _typename(it))
+        c.obj(it, ctx, ", ".join(fields))
         v = {k: c.string(it, k, ctx) for k in fields}
         if v["id"] in seen:
             c.fail(f"{ctx}.id", "a unique id", repr(v["id"]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .checking import DatasetError, PathLike, _Checker, _norm_text, _read_json, _src, _typename
+from .checking import DatasetError, PathLike, _norm_text, _open, _src
 
 # Sizes enforced when strict=True.
 REFUSAL_SPLITS = {"train": 128, "val": 32}
@@ -80,16 +80,14 @@ class RefusalOrganismData:
 
 def _parse_refusal_file(src, kind: str, strict: bool, sizes: dict = REFUSAL_SPLITS,
                         field: str = "instructions") -> tuple[RefusalPrompt, ...]:
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     if "kind" in d and d["kind"] != kind:
         c.fail("kind", repr(kind), repr(d["kind"]))
     raw = c.array(d, field, min_len=1, what="instructions")
     out, seen = [], {}
     for i, it in enumerate(raw):
         ctx = f"{field}[{i}]"
-        if not isinstance(it, dict):
-            c.fail(ctx, "an object with 'instruction' and 'split'", _typename(it))
+        c.obj(it, ctx, "'instruction' and 'split'")
         text = c.string(it, "instruction", ctx)
         split = c.string(it, "split", ctx)
         if split not in sizes:
@@ -130,8 +128,7 @@ def load_refusal_markers(path: PathLike | None = None) -> RefusalMarkers:
     """Refusal-answer prefixes (refusal rate) and the token strings of the refusal score."""
     src = _src(path, "refusal", "refusal_markers.json")
     source = str(src)
-    c = _Checker(source)
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     return RefusalMarkers(refusal_prefixes=c.strings(d, "refusal_prefixes", min_len=1),
                           score_tokens=c.strings(d, "score_tokens", min_len=1),
                           schema_version=c.version(d), source=source)
@@ -143,8 +140,7 @@ def load_refusal_organism(path: PathLike | None = None, *, strict: bool = True) 
     src = _src(path, "refusal", "organism.json")
     harmful = _parse_refusal_file(src, "organism", strict, ORGANISM_SPLITS)
     harmless = _parse_refusal_file(src, "organism", strict, ORGANISM_SPLITS, field="harmless")
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     refusals = c.strings(d, "refusals", min_len=MIN_ORGANISM_REFUSALS if strict else 1)
     study = load_refusal()
     seen = {_norm_text(t) for t in study.harmful_texts + study.harmless_texts}

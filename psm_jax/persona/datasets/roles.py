@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Iterator
 
-from .checking import PathLike, _Checker, _read_json, _src, _typename
+from .checking import PathLike, _open, _src
 
 # Sizes enforced when strict=True.
 MIN_ROLES = 120
@@ -106,15 +106,13 @@ def load_roles(path: PathLike | None = None, *, strict: bool = True) -> RoleSet:
     """Role archetypes (roles/roles.json, or ``path``)."""
     src = _src(path, "roles", "roles.json")
     source = str(src)
-    c = _Checker(source)
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     version = c.version(d)
     raw = c.array(d, "roles", min_len=MIN_ROLES if strict else 1, what="roles")
     roles, seen = [], set()
     for i, r in enumerate(raw):
         ctx = f"roles[{i}]"
-        if not isinstance(r, dict):
-            c.fail(ctx, "an object with name, category, description, instructions", _typename(r))
+        c.obj(r, ctx, "name, category, description, instructions")
         name = c.string(r, "name", ctx)
         ctx = f"roles[{i}] ({name!r})"
         if name in seen:
@@ -138,8 +136,7 @@ def load_default_prompts(model_name: str, path: PathLike | None = None, *, stric
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     src = _src(path, "roles", "default_prompts.json")
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     prompts = c.strings(d, "prompts", min_len=MIN_DEFAULT_PROMPTS if strict else 1, allow_empty=True)
     for i, p in enumerate(prompts):
         c.template(p, f"prompts[{i}]", (), allowed=("model_name",))
@@ -151,8 +148,7 @@ def load_default_prompts(model_name: str, path: PathLike | None = None, *, stric
 def load_role_questions(path: PathLike | None = None, *, strict: bool = True) -> list[str]:
     """The shared extraction questions asked to every role."""
     src = _src(path, "roles", "questions.json")
-    c = _Checker(str(src))
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     return list(c.strings(d, "questions", min_len=MIN_ROLE_QUESTIONS if strict else 1))
 
 
@@ -160,8 +156,7 @@ def load_identity_probes(path: PathLike | None = None, *, strict: bool = True) -
     """Identity questions, assistant-identity keyword markers and the 0-9 persona rubric."""
     src = _src(path, "roles", "identity_probes.json")
     source = str(src)
-    c = _Checker(source)
-    d = c.top(_read_json(src))
+    c, d = _open(src)
     version = c.version(d)
     questions = c.strings(d, "questions", min_len=MIN_IDENTITY_PROBES if strict else 1)
     markers = c.strings(d, "assistant_markers", min_len=1)

@@ -149,8 +149,7 @@ def _parse_instruction_pairs(c: "_Checker", d: dict, strict: bool) -> tuple[Inst
     pairs = []
     for i, p in enumerate(raw_pairs):
         ctx = f"instruction_pairs[{i}]"
-        if not isinstance(p, dict):
-            c.fail(ctx, "an object with 'pos' and 'neg'", _typename(p))
+        c.obj(p, ctx, "'pos' and 'neg'")
         pairs.append(InstructionPair(pos=c.string(p, "pos", ctx), neg=c.string(p, "neg", ctx)))
     return tuple(pairs)
 
@@ -179,8 +178,7 @@ def _parse_behavioural_items(c: "_Checker", d: dict, strict: bool) -> tuple[Beha
 
 
 def _parse_behavioural_item(c: "_Checker", it: Any, ctx: str) -> BehaviouralItem:
-    if not isinstance(it, dict):
-        c.fail(ctx, "an object with prompt, choices, trait_choice", _typename(it))
+    c.obj(it, ctx, "prompt, choices, trait_choice")
     prompt = c.string(it, "prompt", ctx)
     choices = c.strings(it, "choices", ctx)
     if len(choices) != 2:
@@ -214,8 +212,7 @@ def _parse_graded_prompts(c: "_Checker", d: dict) -> tuple[GradedPrompt, ...]:
     out = []
     for i, g in enumerate(c.array(d, "monitor_holdout", what="graded system prompts")):
         ctx = f"monitor_holdout[{i}]"
-        if not isinstance(g, dict):
-            c.fail(ctx, "an object with prompt and level", _typename(g))
+        c.obj(g, ctx, "prompt and level")
         level = c.field(g, "level", ctx)
         if not isinstance(level, int) or isinstance(level, bool) or level == 0 or abs(level) > 3:
             c.fail(f"{ctx}.level", "a non-zero integer from -3 to 3", repr(level))
@@ -231,8 +228,7 @@ def _parse_item_validity(c: "_Checker", d: dict) -> tuple[ItemValidity, ...]:
     out, seen = [], set()
     for i, v in enumerate(c.array(d, "behavioural_validity", what="validity checks (one per model)")):
         ctx = f"behavioural_validity[{i}]"
-        if not isinstance(v, dict):
-            c.fail(ctx, "an object with model, effect, low, high, n, valid", _typename(v))
+        c.obj(v, ctx, "model, effect, low, high, n, valid")
         model = c.string(v, "model", ctx)
         if model in seen:
             c.fail(f"{ctx}.model", "one check per model", f"a second check for {model!r}")
