@@ -26,8 +26,9 @@ Sections (`--only`, comma-separated; all by default):
   decode         `gpu_decode_b{1,8}_vs_hf`: greedy decoding of 128 new tokens after a 32-token prompt, fp32,
                  psm-jax `generate` vs HF `generate` (`min_new_tokens` forces all 128 on the HF side too).
   sae_mfu        `gpu_sae_step_mfu` (one line per d_sae and compute dtype, `mode` names both): model-FLOP utilisation of the jitted
-                 TopK SAE training step (`sae.train.build_step` / `init_state` / `stacked_hyperparams` /
-                 `static_config`, as `benchmarks/sae_step.py`'s `ours_step` builds it).
+                 TopK SAE training step (`sae.step.build_step` / `sae.state.init_state` /
+                 `sae.optim.stacked_hyperparams` / `static_config`, as `benchmarks/sae_step.py`'s `ours_step`
+                 builds it).
   harvest_train  `gpu_harvest_train_tokens_per_s`: psm-jax `sae.data.sources.StreamSource` (harvest of
                  resid_post 15 -> shuffle buffer) into `sae.train.train`, steady state (a second run in the
                  process; compile excluded);
@@ -395,7 +396,9 @@ def time_sae_step(d_in: int, d_sae: int, k: int, batch: int, steps: int, rounds:
     import numpy as np
 
     from sae.config import SaeConfig
-    from sae.train import build_step, init_state, stacked_hyperparams, static_config
+    from sae.optim import stacked_hyperparams, static_config
+    from sae.state import init_state
+    from sae.step import build_step
 
     cfg = SaeConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k, batch_size=batch, lr=2e-4, warmup_steps=0,
                     decay="none", grad_clip_norm=1.0, compute_dtype=compute_dtype)

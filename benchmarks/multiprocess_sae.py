@@ -83,7 +83,8 @@ def host_state(state) -> dict[str, np.ndarray]:
 
 def reference(model_dir: str, job: str, run_dir, total_steps: int = 6) -> dict[str, np.ndarray]:
     """The single-process run (one device, a 1x1 mesh) on the global batches: its final flat state."""
-    from sae.train import make_mesh, train
+    from sae.distributed import make_mesh
+    from sae.train import train
 
     res = train(job_configs(job, total_steps), global_batches(model_dir, job), run_dir, mesh=make_mesh(1, 1),
                 checkpoint_every=0)
@@ -100,7 +101,8 @@ def worker(model_dir: str, out_dir: str, spec: str) -> None:
     import jax
 
     from psm_jax.atomic import kill_point
-    from sae.train import make_mesh, train
+    from sae.distributed import make_mesh
+    from sae.train import train
 
     spec = json.loads(spec)
     pid = jax.process_index()

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sae_step.py --quick --no-record   # smoke test at small sizes
 
 What is timed (fp32, d_in 576 -> d_sae 4608, batch 4096 tokens, Adam, gradient clipping at 1.0 on both sides):
-  * psm-jax: the jitted `sae.train` step (loss + gradient + decoder-parallel gradient removal + Adam + decoder
+  * psm-jax: the jitted `sae.step` step (loss + gradient + decoder-parallel gradient removal + Adam + decoder
     renormalisation + dead-latent counters + NaN guard), one call per step with a host numpy batch, blocked on.
   * SAELens: `SAETrainer.step(batch)` of SAELens' own TrainingSAE + trainer (its loss, backward, clipping, Adam,
     scheduler, feature-sparsity bookkeeping), run in a separate venv (`.venv-saelens` in the repo, or $PSM_SAELENS_VENV; `make saelens-env` creates it, and so
@@ -91,7 +91,9 @@ def ours_step(arch: str, d_in: int, d_sae: int, k: int, batch: int, steps: int, 
     import numpy as np
 
     from sae.config import SaeConfig
-    from sae.train import build_step, init_state, stacked_hyperparams, static_config
+    from sae.optim import stacked_hyperparams, static_config
+    from sae.state import init_state
+    from sae.step import build_step
 
     cfg = SaeConfig(architecture=arch, d_in=d_in, d_sae=d_sae, k=k, batch_size=batch, lr=lr, warmup_steps=0,
                     decay="none", grad_clip_norm=1.0)

@@ -305,7 +305,8 @@ def feature_sae(model, documents, layer: int, cfg, say=None):
     from sae.config import SaeConfig
     from sae.features import FeatureSae
     from sae.metrics import evaluate_reconstruction
-    from sae.train import ArraySource, train
+    from sae.data.sources import ArraySource
+    from sae.train import train
 
     if say:
         say(f"model diffing: harvesting {cfg.sae_tokens} activations at layer {layer} for the SAE")

@@ -2,16 +2,21 @@
 
 Three jobs, three places:
   core          config (SaeConfig), archs/ (one module per architecture + registry: training forward, inference
-                activation, export mapping), model (params + architecture-independent encode/decode/loss), train
-                (jitted stacked training), checkpoint (orbax run dirs), metrics (field-standard metrics), interop
-                (SAELens / sparsify / Gemma Scope), cli (`psm sae ...`), synthetic (planted-feature data)
+                activation, export mapping), model (params + architecture-independent encode/decode/loss);
+                training: optim (Adam, learning-rate schedule, stacked hyperparameters), state (the stacked
+                training state), step (the jitted step), distributed (mesh, shardings, multi-process helpers),
+                train (the loop: logging, checkpoints, exact resume); checkpoint (orbax run dirs), metrics
+                (field-standard metrics), interop (SAELens / sparsify / Gemma Scope), cli (`psm sae ...`),
+                synthetic (planted-feature data)
   sae.data      corpus, contexts (tokenisation, token filters), harvest, store (activation stores), sources
+                (training batch sources: arrays, stores, live harvests)
   sae.features  collect, rank, examples, label, browser (feature analysis on a trained SAE)
 Heavy imports happen in the submodules; `from sae import SaeConfig, load_sae` works lazily.
 
 Quick start (Python):
     from sae.config import SaeConfig, sweep
-    from sae.train import train, ArraySource            # or sae.data.sources.StoreSource(store, site, layer, bs)
+    from sae.train import train
+    from sae.data.sources import ArraySource            # or StoreSource(store, site, layer, bs), StreamSource(...)
     from sae.metrics import evaluate_reconstruction, evaluate_lm, port_runner
     from sae.interop import export_saelens, hf_hook_name
     from sae.model import to_edit_sae
@@ -36,7 +41,7 @@ _EXPORTS = {
     "SaeConfig": "sae.config", "sweep": "sae.config",
     "init_params": "sae.model", "encode": "sae.model", "decode": "sae.model", "forward": "sae.model",
     "to_edit_sae": "sae.model",
-    "load_run": "sae.train", "ArraySource": "sae.train", "NanLossError": "sae.train",
+    "load_run": "sae.train", "ArraySource": "sae.data.sources", "NanLossError": "sae.train",
     "export_saelens": "sae.interop", "load_sae": "sae.interop",
 }
 

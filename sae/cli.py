@@ -14,7 +14,7 @@ Config file sections (all optional except what a command needs):
     [data]   npy = "acts.npy"                       a [n_tokens, d_in] array (memory-mapped), or
              store = "acts/", site = "resid_post", layer = 15, roles = ["assistant"]   an ActivationStore
              (sae.data.sources.StoreSource: exact cursors); seed = 0, shuffle = true, epochs = null;
-             layers = [6, 15, 24] instead of layer: one SAE per layer in one run (sae.train.StoreStackSource);
+             layers = [6, 15, 24] instead of layer: one SAE per layer in one run (sae.data.sources.StoreStackSource);
              or model = "smollm2-135m-instruct", hooks = "resid_post:3,6,9" (sites x layers; groups joined by ";"),
              corpus = "sharegpt" (or a local file), tokens = 200000, context_len = 256, mode, roles, take,
              system_prompts = "roles" (every packaged role-play instruction) or a file (a JSON list of strings, or
@@ -258,7 +258,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -
 def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = None, loop: bool = True, model=None):
     """An activation source from the [data] section (see module doc); `model`: an already loaded model for
     data.model (else psm_jax.load(data.model))."""
-    from sae.train import ArraySource
+    from sae.data.sources import ArraySource
 
     if "hooks" in data:
         return _harvest_source(data, batch_size, model)
@@ -273,7 +273,7 @@ def make_source(data: dict[str, Any], batch_size: int, *, d_in: int | None = Non
         if "site" not in data or ("layer" not in data and "layers" not in data):
             raise CliError("data.store needs data.site and data.layer (or data.layers, one SAE per layer)")
         if "layers" in data:
-            from sae.train import StoreStackSource
+            from sae.data.sources import StoreStackSource
             return StoreStackSource(data["store"], [(data["site"], int(l)) for l in data["layers"]], batch_size,
                                     seed=int(_opt(data, DataSection, "seed")), epochs=data.get("epochs") if loop else 1,
                                     roles=data.get("roles"))
@@ -340,7 +340,7 @@ def _with_system_prompts(corpus, data: dict[str, Any]):
 def _harvest_source(data: dict[str, Any], batch_size: int, model=None):
     """One harvest pass of data.model over data.corpus feeding one SAE per hook point: streamed
     (sae.data.StreamStackSource), or with data.store through a resumable activation store (harvested there first,
-    a killed harvest continuing where it stopped; then sae.train.StoreStackSource)."""
+    a killed harvest continuing where it stopped; then sae.data.sources.StoreStackSource)."""
     import psm_jax
     from sae.data.contexts import TokenFilter
     from sae.data.corpus import load_corpus
@@ -372,7 +372,7 @@ def _harvest_source(data: dict[str, Any], batch_size: int, model=None):
     forward_batch = int(_opt(data, DataSection, "forward_batch_size"))
     if "store" in data:
         from sae.data.store import harvest_to_store
-        from sae.train import StoreStackSource
+        from sae.data.sources import StoreStackSource
 
         harvest_to_store(model, corpus, data["store"], hooks, batch_size=forward_batch, **kw)
         source = StoreStackSource(data["store"], hooks, batch_size, seed=int(_opt(data, DataSection, "seed")),
@@ -420,7 +420,8 @@ def cmd_train(conf: dict[str, Any], *, model=None) -> dict:
     """Train (or resume) the SAEs of a config; `model`: a loaded model standing in for data.model."""
     from sae.data.harvest import site_key
     from sae.metrics import plot_training_curves
-    from sae.train import LOG_FILE, make_mesh, train
+    from sae.distributed import make_mesh
+    from sae.train import LOG_FILE, train
 
     run_dir = conf.get("run_dir")
     if not run_dir:

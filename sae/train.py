@@ -1,41 +1,26 @@
-"""Training: one jitted step for a stack of SAEs on one activation stream (or one stream per SAE), checkpoints,
-exact resume.
+"""Training: the loop that feeds a stack of SAEs (one activation stream, or one stream per SAE) to the jitted step,
+logs every step, checkpoints the run dir and resumes it exactly.
 
     from sae.config import SaeConfig, sweep
-    from sae.train import train, ArraySource
+    from sae.data.sources import ArraySource
+    from sae.train import train
     cfgs = sweep(SaeConfig(d_in=576, d_sae=4608, k=32, total_steps=2000), k=[16, 32, 64])
     result = train(cfgs, ArraySource("acts.npy", batch_size=4096), "runs/l15", checkpoint_every=500)
 
-State (a pytree; every SAE array has a leading stack axis n):
-    params       dict W_enc [n, d_in, d_sae], b_enc, W_dec, b_dec[, threshold]
-    opt          optax Adam state (scale_by_adam: count, mu, nu), same layout
-    since_fired  [n, d_sae] int32 tokens since each latent last fired (capped at 2^30)
-    step         int32 completed steps
-    key          [n, 2] uint32 PRNG key data (from each SAE's seed; kept for stochastic extensions)
-    act_scale    f32 input scale (normalize_activations; 1.0 for "none"), folded into weights on export
-    bad_step     int32, -1 until a step produced a non-finite loss or gradient
+The parts it drives: sae.optim (Adam, learning-rate schedule, the stack's traced hyperparameters), sae.state (the
+stacked state, its checkpoint template, the folded per-SAE params), sae.step (the jitted step), sae.distributed
+(mesh, shardings, multi-process gathers) and sae.data.sources (the batch sources and their cursors).
 
-The step (one XLA program, state donated), over the stack axis (`stack="map"`: lax.map, the default, keeps the
-sparse TopK kernels unbatched; `"vmap"` vectorises; one SAE skips both): phase 1 per SAE: loss + gradient (AuxK
-under `lax.cond`, only when that SAE has a dead latent), decoder-parallel gradient component removed, gradient
-norm; phase 2 under one `lax.cond` on "every loss and gradient finite": optional global-norm clipping, Adam,
-lr = base * warm-up * decay, decoder rows renormalised, JumpReLU thresholds kept >= 0, BatchTopK threshold EMA,
-dead counters. A non-finite step (and every later one) changes nothing and is recorded; the host raises
-NanLossError naming the step, the batch and the SAE, and no checkpoint is written after it. Values that travel
-traced (sweepable fields, schedule lengths, dead threshold) do not trigger recompiles.
-
-Data sources: any iterator of float arrays [batch, d_in], or [n_saes, batch, d_in] for one stream per SAE (e.g.
-`StoreStackSource`: one SAE per layer). For exact resume it should expose a JSON-able `cursor`
-(attribute, property or method) and `seek(cursor)` (or `state_dict()` / `load_state_dict(d)`); otherwise resume
-replays the iterator and skips the consumed batches (only right for deterministic iterators).
+The host reads each step's metrics one step late, so the device is not waited on. A non-finite step changes
+nothing on the device; the host raises NanLossError naming the step, the batch and the SAE, and no checkpoint is
+written after it. A checkpoint holds the state and the data cursor after its step (every process's), so a resumed
+run sees the very batches an uninterrupted one would; log.jsonl loses the steps after the checkpoint it resumes.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -44,481 +29,27 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from psm_jax.sharding import host_array
 from sae import checkpoint as ckpt_mod
-from sae.config import SWEEPABLE, SaeConfig, check_stackable
-from sae.archs import registry
-from sae.model import (Params, SaeShapeError, after_update, fold_activation_scale, hyperparams, init_params,
-                       normalize_decoder, project_decoder_grad, training_loss)
+from sae.config import SaeConfig
+from sae.data.sources import get_cursor, set_cursor
+from sae.distributed import (barrier, batch_shardings, check_mesh, gather_json, gather_rows, place_batch,
+                             place_state, replicate_global, spans_processes)
+from sae.model import SaeShapeError
+from sae.optim import stacked_hyperparams, static_config
+from sae.state import activation_scale, compiled_init_state, folded_params, zero_state
+from sae.step import build_step
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
-SINCE_CAP = 2 ** 30
-TRACED_SCHEDULE_FIELDS = ("warmup_steps", "total_steps", "decay_start", "sparsity_warmup_steps",
-                          "dead_tokens_threshold", "threshold_ema_rate")
 
 
 class NanLossError(FloatingPointError):
     """Training produced a non-finite loss/gradient; the message names the step, batch and SAE."""
 
-
-# ---------------------------------------------------------------------------------------------------
-# optimiser and schedule
-# ---------------------------------------------------------------------------------------------------
-
-def make_optimizer(cfg: SaeConfig) -> optax.GradientTransformation:
-    """Adam direction (the learning rate, which may differ per stacked SAE, is applied by the step; global-norm
-    clipping, when configured, is applied by the step with the gradient norm it already computes)."""
-    return optax.scale_by_adam(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_eps)
-
-
-def learning_rate(cfg: SaeConfig, step, hp: Mapping[str, jax.Array]):
-    """hp["lr"] * linear warm-up over warmup_steps * decay (cfg.decay: linear or cosine to 0 from
-    decay_start * total_steps; none when total_steps is None). Schedule values come traced from `hp`."""
-    s = jnp.asarray(step, jnp.float32)
-    lr = jnp.asarray(hp["lr"], jnp.float32)
-    w = hp["warmup_steps"]
-    lr = lr * jnp.where(w > 0, jnp.minimum((s + 1.0) / jnp.maximum(w, 1.0), 1.0), 1.0)
-    if cfg.decay != "none":
-        total = hp["total_steps"]
-        start = hp["decay_start"] * total
-        frac = jnp.clip((s - start) / jnp.maximum(total - start, 1.0), 0.0, 1.0)
-        dec = (1.0 - frac) if cfg.decay == "linear" else 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-        lr = lr * jnp.where(total > 0, dec, 1.0)
-    return lr
-
-
-# ---------------------------------------------------------------------------------------------------
-# stacked state
-# ---------------------------------------------------------------------------------------------------
-
-def static_config(cfgs: Sequence[SaeConfig]) -> SaeConfig:
-    """The config the traced step sees: shared fields, k = the largest k, and every value that travels traced in
-    `hyperparams` (sweepable and schedule fields) canonical, so changing them reuses the compiled step."""
-    check_stackable(cfgs)
-    base = SaeConfig()
-    canon = {f: getattr(base, f) for f in SWEEPABLE + TRACED_SCHEDULE_FIELDS}
-    canon["k"] = max(c.k for c in cfgs)
-    return cfgs[0].replace(**canon)
-
-
-def stacked_hyperparams(cfgs: Sequence[SaeConfig]) -> dict[str, jax.Array]:
-    hps = [hyperparams(c) for c in cfgs]
-    return {k: jnp.stack([h[k] for h in hps]) for k in hps[0]}
-
-
-def activation_scale(cfg: SaeConfig, sample) -> float:
-    if cfg.normalize_activations == "none":
-        return 1.0
-    norms = np.linalg.norm(np.asarray(sample, np.float64).reshape(-1, cfg.d_in), axis=-1)
-    return float(math.sqrt(cfg.d_in) / max(norms.mean(), 1e-12))
-
-
-def init_state(cfgs: Sequence[SaeConfig], sample: jax.Array, act_scale: float | jax.Array = 1.0) -> dict:
-    """Fresh stacked state; b_dec from `sample` (scaled by act_scale). Traceable (for jax.eval_shape)."""
-    seeds = jnp.asarray([c.seed for c in cfgs], jnp.uint32)
-    thr = jnp.asarray([c.jumprelu_init_threshold for c in cfgs], jnp.float32)
-    return _init_state(static_config(cfgs), sample, act_scale, seeds, thr)
-
-
-def _init_state(scfg: SaeConfig, sample, act_scale, seeds, init_thresholds) -> dict:
-    tx = make_optimizer(scfg)
-    sample = jnp.asarray(sample, jnp.float32) * act_scale
-    keys = jax.vmap(jax.random.PRNGKey)(seeds)
-
-    def one(key, thr, smp):
-        return init_params(jax.random.split(key)[0], scfg, smp, init_threshold=thr)
-
-    per_sae = sample.ndim == 3               # [n, N, d_in]: each SAE's b_dec from its own stream
-    params = jax.vmap(one, in_axes=(0, 0, 0 if per_sae else None))(keys, init_thresholds, sample)
-    return {
-        "params": params,
-        "opt": jax.vmap(tx.init)(params),
-        "since_fired": jnp.zeros((len(seeds), scfg.d_sae), jnp.int32),
-        "step": jnp.zeros((), jnp.int32),
-        "key": keys.astype(jnp.uint32),
-        "act_scale": jnp.asarray(act_scale, jnp.float32),
-        "bad_step": jnp.full((), -1, jnp.int32),
-    }
-
-
-@functools.lru_cache(maxsize=16)
-def _init_fn(scfg: SaeConfig):
-    return jax.jit(functools.partial(_init_state, scfg))
-
-
-def unstack_params(params: Params, n: int) -> list[dict[str, np.ndarray]]:
-    host = {k: host_array(v) for k, v in params.items()}
-    return [{k: np.asarray(v[i]) for k, v in host.items()} for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# sharding
-# ---------------------------------------------------------------------------------------------------
-
-def make_mesh(data: int = 1, latent: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A ("data", "latent") mesh with Auto axes over the first data*latent devices."""
-    devices = jax.devices() if devices is None else devices
-    if data * latent > len(devices):
-        raise ValueError(f"mesh {data}x{latent} needs {data * latent} devices, have {len(devices)}")
-    arr = np.asarray(devices[: data * latent]).reshape(data, latent)
-    auto = jax.sharding.AxisType.Auto
-    return jax.sharding.Mesh(arr, ("data", "latent"), axis_types=(auto, auto))
-
-
-_LATENT_LAST = {"W_enc"}
-_LATENT_FIRST = {"W_dec", "b_enc", "threshold", "since_fired"}
-
-
-def state_shardings(state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """NamedShardings for a stacked state: latent-parallel over d_sae, everything else replicated."""
-
-    def spec(path, leaf):
-        names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-        nd = len(np.shape(leaf))
-        if any(n in _LATENT_LAST for n in names) and nd == 3:
-            return NamedSharding(mesh, P(None, None, "latent"))
-        if any(n in _LATENT_FIRST for n in names) and nd >= 2:
-            return NamedSharding(mesh, P(None, "latent", *([None] * (nd - 2))))
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map_with_path(spec, state)
-
-
-def _check_mesh(scfg: SaeConfig, mesh) -> None:
-    if mesh is None:
-        return
-    nd, nl = mesh.shape["data"], mesh.shape["latent"]
-    if scfg.batch_size % nd:
-        raise ValueError(f"batch_size={scfg.batch_size} is not divisible by the mesh's data axis ({nd})")
-    if scfg.d_sae % nl:
-        raise ValueError(f"d_sae={scfg.d_sae} is not divisible by the mesh's latent axis ({nl})")
-    if spans_processes(mesh):
-        _check_process_blocks(mesh)
-
-
-def spans_processes(mesh) -> bool:
-    """True when `mesh` holds devices of other processes (a multi-process data-parallel run)."""
-    return mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat)
-
-
-def _check_process_blocks(mesh) -> None:
-    """In a multi-process run each process feeds its own rows of every global batch: process p's devices must be
-    exactly the p-th block of mesh.shape["data"] / process_count rows of the data axis (what `make_mesh` builds
-    from jax.devices(), which lists the processes' devices in process order)."""
-    nproc, nd = jax.process_count(), mesh.shape["data"]
-    if nd % nproc:
-        raise ValueError(f"the mesh's data axis ({nd}) is not divisible by the process count ({nproc}); each "
-                         "process feeds an equal share of every batch")
-    block = nd // nproc
-    for row, devs in enumerate(np.asarray(mesh.devices).reshape(nd, -1)):
-        owners = {d.process_index for d in devs}
-        if owners != {row // block}:
-            raise ValueError(f"data row {row} of the mesh holds devices of processes {sorted(owners)}, expected only "
-                             f"process {row // block}: build the mesh with sae.train.make_mesh over jax.devices()")
-
-
-def _gather_rows(x: np.ndarray) -> np.ndarray:
-    """Every process's rows of one batch ([..., rows, d]), concatenated in process order: the global batch."""
-    from jax.experimental import multihost_utils
-
-    return np.concatenate(list(np.asarray(multihost_utils.process_allgather(x, tiled=False))), axis=-2)
-
-
-def _gather_json(obj: Any) -> list:
-    """A JSON-able value of every process, as a list indexed by process (e.g. each process's data cursor)."""
-    from jax.experimental import multihost_utils
-
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32), tiled=False)).reshape(-1)
-    buf = np.zeros(int(sizes.max()), np.uint8)
-    buf[:raw.size] = raw
-    parts = np.asarray(multihost_utils.process_allgather(buf, tiled=False))
-    return [json.loads(bytes(parts[i, :int(sizes[i])]).decode()) for i in range(len(sizes))]
-
-
-def _put_global(tree: Any, shardings: Any) -> Any:
-    """Place host values that every process holds in full onto shardings that span processes."""
-    from psm_jax.sharding import put_global
-
-    return jax.tree_util.tree_map(put_global, tree, shardings)
-
-
-def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# the step
-# ---------------------------------------------------------------------------------------------------
-
-def _in_compute_dtype(scfg: SaeConfig, tree):
-    """The step's view of fp32 parameters / inputs: cast to cfg.compute_dtype (a no-op for float32). The cast sits
-    inside the differentiated function, so gradients arrive in fp32 for the fp32 master weights."""
-    dtype = jnp.dtype(scfg.compute_dtype)
-    return tree if dtype == jnp.float32 else jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)
-
-
-def _as_f32(tree):
-    return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                                  tree)
-
-
-def _sae_grads(scfg: SaeConfig, kernel_opts, stacked, shared):
-    """Phase 1 for one SAE: loss, gradient (AuxK added only when this SAE has a dead latent; decoder-parallel
-    component removed) and the metrics that do not depend on the update. Under a bf16 compute dtype the forward and
-    backward run on bf16 casts; the loss (jnp.sum accumulates bf16 in fp32), metrics and gradients come back fp32."""
-    params, since, hp, x = stacked if len(stacked) == 4 else (*stacked, shared[0])
-    step = shared[-1]
-    xc = _in_compute_dtype(scfg, x)
-
-    def lossf(p):
-        loss, info = training_loss(_in_compute_dtype(scfg, p), scfg, xc, hp, since, step, with_aux=False,
-                                   **kernel_opts)
-        return loss.astype(jnp.float32), _as_f32(info)
-
-    (loss, info), grads = jax.value_and_grad(lossf, has_aux=True)(params)
-    aux = jnp.zeros((), jnp.float32)
-    if scfg.uses_aux:
-        recon = _in_compute_dtype(scfg, info["recon"])
-        dead_latent_loss = registry.get(scfg.architecture).dead_latent_loss
-
-        def aux_loss(p):
-            return dead_latent_loss(_in_compute_dtype(scfg, p), scfg, hp, xc, recon, since).astype(jnp.float32)
-
-        def add_aux(g):
-            a, ga = jax.value_and_grad(aux_loss)(params)
-            return a, jax.tree_util.tree_map(lambda u, v: u + hp["aux_coef"] * v, g, ga)
-
-        aux, grads = lax.cond(jnp.any(since >= hp["dead_tokens_threshold"]), add_aux, lambda g: (aux, g), grads)
-        loss = loss + hp["aux_coef"] * aux
-    if scfg.normalize_decoder:
-        grads = dict(grads, W_dec=project_decoder_grad(grads["W_dec"], params["W_dec"], unit=True))
-    gnorm = optax.tree.norm(grads)
-    metrics = {"loss": loss, "mse": info["mse"], "sparsity_loss": info["sparsity"], "aux_loss": aux,
-               "l0": info["l0"], "explained_variance": info["explained_variance"], "grad_norm": gnorm,
-               "ok": jnp.isfinite(loss) & jnp.isfinite(gnorm)}
-    extra = {"fired": info["fired"], "min_kept": info.get("min_kept", jnp.zeros((), jnp.float32)), "gnorm": gnorm}
-    return grads, metrics, extra
-
-
-def _sae_apply(scfg: SaeConfig, stacked, shared):
-    """Phase 2 for one SAE: Adam, learning rate, decoder renormalisation, thresholds, dead counters."""
-    params, opt, since, hp, grads, extra = stacked
-    step, batch = shared
-    tx = make_optimizer(scfg)
-    if scfg.grad_clip_norm is not None:        # same as optax.clip_by_global_norm, reusing the norm
-        c = scfg.grad_clip_norm
-        scale = jnp.where(extra["gnorm"] < c, 1.0, c / jnp.maximum(extra["gnorm"], 1e-30))
-        grads = jax.tree_util.tree_map(lambda g: g * scale, grads)
-    updates, opt = tx.update(grads, opt, params)
-    lr = learning_rate(scfg, step, hp)
-    new = {k: params[k] - lr * updates[k] for k in params}
-    if scfg.normalize_decoder:
-        new["W_dec"] = normalize_decoder(new["W_dec"])
-    new = after_update(new, params, scfg, hp, extra)
-    since = jnp.where(extra["fired"], 0, jnp.minimum(since + batch, SINCE_CAP))
-    return new, opt, since, {"lr": lr, "dead_fraction": (since >= hp["dead_tokens_threshold"]).mean()}
-
-
-STACK_MODES = ("map", "vmap")
-
-
-def build_step(scfg: SaeConfig, n: int = 1, *, stack: str = "map", mesh=None, shardings=None) -> Callable:
-    """jit(step)(state, hp, x) -> (state, metrics) for a stack of n SAEs; `state` is donated. Cached per
-    (config, n, stack, mesh, shardings) so one process compiles each step once."""
-    if stack not in STACK_MODES:
-        raise ValueError(f"stack={stack!r}; expected one of {STACK_MODES}")
-    if shardings is None:
-        return _build_step_cached(scfg, n, stack, None, None, None)
-    return _build_step_cached(scfg, n, stack, mesh, jax.tree_util.tree_structure(shardings),
-                              tuple(jax.tree_util.tree_leaves(shardings)))
-
-
-@functools.lru_cache(maxsize=16)
-def _build_step_cached(scfg: SaeConfig, n, stack, mesh, treedef, shard_leaves):
-    shardings = None if treedef is None else jax.tree_util.tree_unflatten(treedef, shard_leaves)
-    return _make_step(scfg, n, stack, mesh, shardings)
-
-
-def _map_stack(fn, n: int, stack: str, stacked: tuple, shared: tuple):
-    """fn(stacked_i, shared) for each SAE i of the leading stack axis of `stacked`: n == 1 squeezes the axis (no
-    batching transform at all), "map" loops with lax.map (keeps the sparse TopK kernels unbatched; best on CPU),
-    "vmap" vectorises. Outputs get the stack axis back."""
-    if n == 1:
-        out = fn(jax.tree_util.tree_map(lambda a: a[0], stacked), shared)
-        return jax.tree_util.tree_map(lambda a: a[None], out)
-    if stack == "vmap":
-        return jax.vmap(fn, in_axes=(0, None))(stacked, shared)
-    return lax.map(lambda st: fn(st, shared), stacked)
-
-
-def _make_step(scfg: SaeConfig, n: int, stack: str, mesh, shardings):
-    # under a device mesh the TopK kernels stay XLA ops in one chunk (GSPMD partitions them); the compiled CPU
-    # kernels are fp32, so a bf16 step uses the XLA ones; else auto
-    kernel_opts = {} if mesh is None else {"chunks": 1, "impl": "xla"}
-    if scfg.compute_dtype != "float32":
-        kernel_opts = dict(kernel_opts, impl="xla")
-    grads_fn = functools.partial(_sae_grads, scfg, kernel_opts)
-    apply_fn = functools.partial(_sae_apply, scfg)
-
-    def step_fn(state, hp, x):
-        x = x.astype(jnp.float32)
-        if scfg.normalize_activations != "none":
-            x = x * state["act_scale"]
-        params, opt, since, step = state["params"], state["opt"], state["since_fired"], state["step"]
-        if x.ndim == 3:                            # [n, B, d_in]: one stream per SAE (e.g. one per layer)
-            grads, m, extra = _map_stack(grads_fn, n, stack, (params, since, hp, x), (step,))
-        else:
-            grads, m, extra = _map_stack(grads_fn, n, stack, (params, since, hp), (x, step))
-        ok = jnp.all(m["ok"]) & (state["bad_step"] < 0)
-
-        def apply(_):
-            return _map_stack(apply_fn, n, stack, (params, opt, since, hp, grads, extra), (step, x.shape[-2]))
-
-        def keep(_):                               # a non-finite step changes nothing (and neither do later ones)
-            return params, opt, since, {"lr": jnp.zeros((n,), jnp.float32),
-                                        "dead_fraction": jnp.zeros((n,), jnp.float32)}
-
-        params, opt, since, m2 = lax.cond(ok, apply, keep, None)
-        new = dict(state, params=params, opt=opt, since_fired=since, step=step + ok.astype(jnp.int32),
-                   bad_step=jnp.where((state["bad_step"] < 0) & ~ok, step, state["bad_step"]))
-        return new, {**m, **m2}
-
-    if shardings is None:
-        return jax.jit(step_fn, donate_argnums=0)
-    rep = NamedSharding(mesh, P())
-    return jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, rep))
-
-
-# ---------------------------------------------------------------------------------------------------
-# data sources
-# ---------------------------------------------------------------------------------------------------
-
-class ArraySource:
-    """Batches of rows from an in-memory array or a .npy file (memory-mapped), shuffled per epoch with a seeded
-    permutation. cursor = {"epoch", "pos"}; `seek(cursor)` restores it exactly. `loop=False` stops after one epoch
-    (an incomplete last batch is dropped)."""
-
-    def __init__(self, data: np.ndarray | str | os.PathLike, batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0, loop: bool = True):
-        if isinstance(data, (str, os.PathLike)):
-            path = Path(data)
-            if not path.exists():
-                raise FileNotFoundError(f"activation file {path} does not exist")
-            data = np.load(path, mmap_mode="r")
-        if np.ndim(data) != 2:
-            raise SaeShapeError(f"activation array must be [n_tokens, d_in], got shape {np.shape(data)}")
-        if len(data) < batch_size:
-            raise ValueError(f"activation array has {len(data)} rows, fewer than one batch of {batch_size}")
-        self.data, self.batch_size, self.shuffle, self.seed, self.loop = data, batch_size, shuffle, seed, loop
-        self.epoch, self.pos = 0, 0
-        self._perm_epoch, self._perm = -1, None
-
-    @property
-    def d_in(self) -> int:
-        return int(self.data.shape[1])
-
-    @property
-    def cursor(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def seek(self, cursor: Mapping[str, int]) -> None:
-        self.epoch, self.pos = int(cursor["epoch"]), int(cursor["pos"])
-
-    def _order(self):
-        if not self.shuffle:
-            return None
-        if self._perm_epoch != self.epoch:
-            self._perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.data))
-            self._perm_epoch = self.epoch
-        return self._perm
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self.pos + self.batch_size > len(self.data):
-            if not self.loop:
-                raise StopIteration
-            self.epoch, self.pos = self.epoch + 1, 0
-        order = self._order()
-        sl = slice(self.pos, self.pos + self.batch_size)
-        rows = self.data[sl] if order is None else self.data[np.sort(order[sl])]
-        self.pos += self.batch_size
-        return np.asarray(rows, np.float32)
-
-
-class StoreStackSource:
-    """[n_keys, batch_size, d] batches of several (site, layer) keys of one `sae.data.store.ActivationStore`, rows
-    aligned (the same tokens for every key): one SAE per layer (or site) trained in one run, each on its own
-    stream. JSON `cursor` and exact `seek`, like `sae.data.sources.StoreSource`."""
-
-    def __init__(self, store, keys: Sequence[tuple[str, int]], batch_size: int, *, seed: int = 0,
-                 epochs: int | None = None, roles: Sequence[int | str] | None = None, window_chunks: int = 4):
-        from sae.data.store import ActivationStore
-
-        self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-        self.keys = [(str(s), int(l)) for s, l in keys]
-        widths = {k: self.store.d(*k) for k in self.keys}
-        if len(set(widths.values())) != 1:
-            raise SaeShapeError(f"stacked keys must share one width, got {widths}")
-        self.d_in = next(iter(widths.values()))
-        self.batch_size, self.seed = int(batch_size), int(seed)
-        self._kw = dict(epochs=epochs, roles=roles, window_chunks=window_chunks, with_meta=False)
-        self._cursor = self.store.start_cursor(self.keys, batch_size, seed, window_chunks=window_chunks, roles=roles)
-        self._it = None
-
-    @property
-    def cursor(self) -> dict:
-        return dict(self._cursor)
-
-    def seek(self, cursor: Mapping[str, Any]) -> None:
-        if self._it is not None:
-            self._it.close()
-            self._it = None
-        self._cursor = dict(cursor)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> np.ndarray:
-        if self._it is None:
-            self._it = self.store.iter_batches(self.keys, self.batch_size, self.seed, start_cursor=self._cursor,
-                                               **self._kw)
-        batch, self._cursor = next(self._it)
-        return np.stack([np.asarray(batch.acts[k], np.float32) for k in self.keys])
-
-
-def get_cursor(source: Any) -> Any:
-    c = getattr(source, "cursor", None)
-    if c is not None:
-        return c() if callable(c) else c
-    if hasattr(source, "state_dict"):
-        return source.state_dict()
-    return None
-
-
-def set_cursor(source: Any, cursor: Any) -> bool:
-    if hasattr(source, "seek"):
-        source.seek(cursor)
-        return True
-    if hasattr(source, "load_state_dict"):
-        source.load_state_dict(cursor)
-        return True
-    return False
-
-
-# ---------------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class TrainResult:
@@ -533,6 +64,7 @@ class TrainResult:
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Drops the log's records after `step` (and any line cut by a kill)."""
     if not path.exists():
         return
     keep = []
@@ -543,7 +75,7 @@ def _truncate_log(path: Path, step: int) -> None:
             continue  # a line cut by a kill
         if rec.get("step", 0) <= step:
             keep.append(line)
-    ckpt_mod.atomic_write_text(path, "".join(l + "\n" for l in keep))
+    ckpt_mod.atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _to_batch(x, scfg: SaeConfig, n: int, rows: int | None = None) -> np.ndarray | None:
@@ -600,7 +132,7 @@ def train(cfg: SaeConfig | Sequence[SaeConfig], batches: Iterable[np.ndarray], r
                     break
                 consumed += 1
             prog.cursors[host_step + 1] = get_cursor(run.source)
-            state, m = step_fn(state, hp, _to_device(run, x))
+            state, m = step_fn(state, hp, place_batch(x, run.data_sharding, run.scfg.batch_size, run.multi))
             host_step += 1
             if pending is not None:
                 _record_step(run, prog, *pending)
@@ -650,7 +182,7 @@ def _open_run(cfg, batches, run_dir, mesh, sae_names, extra_config, keep_checkpo
     run dir already held it (written by `_write_run_config`)."""
     cfgs = [cfg] if isinstance(cfg, SaeConfig) else list(cfg)
     scfg = static_config(cfgs)
-    _check_mesh(scfg, mesh)
+    check_mesh(scfg, mesh)
     n = len(cfgs)
     multi = spans_processes(mesh)
     pid, nproc = (jax.process_index(), jax.process_count()) if multi else (0, 1)
@@ -660,8 +192,7 @@ def _open_run(cfg, batches, run_dir, mesh, sae_names, extra_config, keep_checkpo
     resumed = _write_run_config(run_dir, cfgs, names, extra_config, pid, multi)
     checkpointer = (ckpt_mod.PerSaeCheckpointer(run_dir, names, keep=keep_checkpoints) if names else
                     ckpt_mod.Checkpointer(run_dir, keep=keep_checkpoints))
-    data_sharding = None if mesh is None else {2: NamedSharding(mesh, P("data", None)),
-                                                 3: NamedSharding(mesh, P(None, "data", None))}
+    data_sharding = None if mesh is None else batch_shardings(mesh)
     run = _Run(cfgs=cfgs, scfg=scfg, n=n, source=batches, run_dir=run_dir, mesh=mesh, multi=multi, pid=pid,
                nproc=nproc, local_rows=scfg.batch_size // nproc, names=names, checkpointer=checkpointer,
                log_path=run_dir / LOG_FILE, writes_log=pid == 0, data_sharding=data_sharding)
@@ -685,7 +216,7 @@ def _write_run_config(run_dir: Path, cfgs, names, extra_config, pid: int, multi:
     if pid == 0:
         resumed = write_configs()
     if multi:
-        _barrier("sae-run-config")
+        barrier("sae-run-config")
         if pid != 0:
             resumed = write_configs()
     return resumed
@@ -694,17 +225,7 @@ def _write_run_config(run_dir: Path, cfgs, names, extra_config, pid: int, multi:
 def _run_hyperparams(run: _Run) -> dict[str, jax.Array]:
     """The traced hyperparameters of the stack, replicated on every process's devices when the mesh spans them."""
     hp = stacked_hyperparams(run.cfgs)
-    if run.multi:
-        hp = _put_global(hp, jax.tree_util.tree_map(lambda _: NamedSharding(run.mesh, P()), hp))
-    return hp
-
-
-def _place(run: _Run, state):
-    """(state laid out on the mesh, its shardings), which the step is compiled for; (state, None) without a mesh."""
-    if run.mesh is None:
-        return state, None
-    sh = state_shardings(state, run.mesh)
-    return (_put_global(state, sh) if run.multi else jax.device_put(state, sh)), sh
+    return replicate_global(hp, run.mesh) if run.multi else hp
 
 
 def _initial_state(run: _Run, resume_step: int | None, resumed: bool):
@@ -720,12 +241,13 @@ def _resume(run: _Run, resume_step: int | None):
     """Restores a checkpoint and moves the data source past the batches it had consumed, so the run goes on exactly
     as one that never stopped; the log loses the steps after the checkpoint."""
     scfg = run.scfg
-    template = _zero_state(run.cfgs, scfg.batch_size)
+    template = zero_state(run.cfgs, scfg.batch_size)
     if run.names:                              # restored on the host from each SAE's folder, then placed
         state, meta = run.checkpointer.restore(template, step=resume_step)
-        state, shardings = _place(run, jax.tree_util.tree_map(jnp.asarray, state) if run.mesh is None else state)
+        state = jax.tree_util.tree_map(jnp.asarray, state) if run.mesh is None else state
+        state, shardings = place_state(state, run.mesh, run.multi)
     else:
-        template, shardings = _place(run, template)
+        template, shardings = place_state(template, run.mesh, run.multi)
         state, meta = run.checkpointer.restore(template, step=resume_step)
     consumed = int(meta.get("batches_consumed", meta["step"]))
     cursor = _own_cursor(meta, run.pid, run.nproc, run.checkpointer.directory)
@@ -754,12 +276,9 @@ def _start(run: _Run):
     if first is None:
         raise ValueError(f"the first activation batch does not hold {run.local_rows} rows (batch_size="
                          f"{run.scfg.batch_size} over {run.nproc} process(es))")
-    whole = _gather_rows(first) if run.multi else first   # b_dec and the scale come from the global batch
-    scale = activation_scale(run.scfg, whole)
-    state = _init_fn(run.scfg)(whole, jnp.float32(scale),
-                               jnp.asarray([c.seed for c in run.cfgs], jnp.uint32),
-                               jnp.asarray([c.jumprelu_init_threshold for c in run.cfgs], jnp.float32))
-    state, shardings = _place(run, state)
+    whole = gather_rows(first) if run.multi else first    # b_dec and the scale come from the global batch
+    state = compiled_init_state(run.cfgs, whole, activation_scale(run.scfg, whole))
+    state, shardings = place_state(state, run.mesh, run.multi)
     if run.writes_log:
         _truncate_log(run.log_path, 0)
     return state, shardings, it, first, 1
@@ -805,16 +324,6 @@ def _next_batch(run: _Run, it) -> np.ndarray | None:
     return x
 
 
-def _to_device(run: _Run, x):
-    """A host batch sharded on the mesh's data axis; in a multi-process run x is this process's rows of it."""
-    if run.data_sharding is None:
-        return x
-    if run.multi:
-        global_shape = x.shape[:-2] + (run.scfg.batch_size, x.shape[-1])
-        return jax.make_array_from_process_local_data(run.data_sharding[x.ndim], x, global_shape)
-    return jax.device_put(x, run.data_sharding[x.ndim])
-
-
 def _record_step(run: _Run, prog: _Progress, rec_step: int, m) -> None:
     """Reads one step's metrics on the host (a step late, so the device is not waited on): stops the run at a
     non-finite step, then logs, moves the bar and calls on_step."""
@@ -850,7 +359,7 @@ def _record_step(run: _Run, prog: _Progress, rec_step: int, m) -> None:
 def _save_checkpoint(run: _Run, prog: _Progress, state, at_step: int, consumed: int) -> None:
     """Checkpoints the state with the data cursor after step at_step (every process's), which exact resume needs."""
     cursor = prog.cursors[at_step] if at_step in prog.cursors else get_cursor(run.source)
-    place_cursor = ({"process_cursors": _gather_json(cursor), "processes": run.nproc} if run.multi else
+    place_cursor = ({"process_cursors": gather_json(cursor), "processes": run.nproc} if run.multi else
                     {"cursor": cursor})
     meta = {**place_cursor,
             "batches_consumed": consumed, "tokens": at_step * run.scfg.batch_size,
@@ -860,7 +369,7 @@ def _save_checkpoint(run: _Run, prog: _Progress, state, at_step: int, consumed: 
 
 def _result(run: _Run, state, host_step: int, stopped: str, last_metrics: list[dict]) -> TrainResult:
     """The run's outcome, each SAE's params with the activation scale folded in so they run on raw activations."""
-    return TrainResult(params=_folded_params(state, run.cfgs), cfgs=run.cfgs, step=host_step,
+    return TrainResult(params=folded_params(state, run.cfgs), cfgs=run.cfgs, step=host_step,
                        tokens=host_step * run.scfg.batch_size, stopped=stopped, run_dir=run.run_dir,
                        last_metrics=last_metrics, state=state)
 
@@ -901,25 +410,13 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> tuple[list[
         raise FileNotFoundError(f"{run_dir} is not an SAE run dir (no {ckpt_mod.CONFIG_FILE})")
     conf = json.loads(path.read_text())
     cfgs = [SaeConfig.from_dict(d) for d in conf["saes"]]
-    template = _zero_state(cfgs, 8)
+    template = zero_state(cfgs, 8)
     names = conf.get(ckpt_mod.SAE_DIRS_KEY)
     checkpointer = ckpt_mod.PerSaeCheckpointer(run_dir, names) if names else ckpt_mod.Checkpointer(run_dir)
     try:
         state, meta = checkpointer.restore(template, step=step)
     finally:
         checkpointer.close()
-    return _folded_params(state, cfgs), cfgs, meta
+    return folded_params(state, cfgs), cfgs, meta
 
 
-def _zero_state(cfgs: Sequence[SaeConfig], rows: int):
-    """A zero-filled state of the stack's shapes: the template a checkpoint is restored into."""
-    d_in = static_config(cfgs).d_in
-    template = jax.eval_shape(lambda s: init_state(cfgs, s), jax.ShapeDtypeStruct((rows, d_in), jnp.float32))
-    return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), template)
-
-
-def _folded_params(state, cfgs: Sequence[SaeConfig]) -> list[dict[str, np.ndarray]]:
-    """Each SAE's params as host arrays, with the activation scale folded in so they run on raw activations."""
-    scale = float(host_array(state["act_scale"]))
-    params = unstack_params(state["params"], len(cfgs))
-    return [{k: np.asarray(v) for k, v in fold_activation_scale(p, c, scale).items()} for p, c in zip(params, cfgs)]

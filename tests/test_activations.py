@@ -384,7 +384,7 @@ def test_harvest_sharegpt_with_chat_template(tiny_chat_model):
 
 
 def test_sources_follow_the_trainer_protocol(tiny_model, tmp_path):
-    """StoreSource / StreamSource: arrays, JSON cursor, seek -> the same continuation (sae.train's protocol)."""
+    """StoreSource / StreamSource: arrays, JSON cursor, seek -> the same continuation (the data-source protocol)."""
     st = _harvest_store(tiny_model, tmp_path / "s")
     src = A.StoreSource(st, "resid_post", 1, 8, seed=3)
     assert src.d_in == 64 and src.cursor["epoch"] == 0

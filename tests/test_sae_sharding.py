@@ -14,7 +14,8 @@ SCRIPT = textwrap.dedent("""
     import jax
     from sae.config import SaeConfig, sweep
     from sae.synthetic import PlantedSource
-    from sae.train import make_mesh, train
+    from sae.distributed import make_mesh
+    from sae.train import train
     assert len(jax.devices()) == 8, jax.devices()
     out = {}
     for arch in ("topk", "relu"):

@@ -7,8 +7,9 @@ import pytest
 
 from sae import data as A
 from sae.cli import main
-from sae.train import StoreStackSource, train
 from sae.config import SaeConfig
+from sae.data.sources import StoreStackSource
+from sae.train import train
 
 BOS, PAD, EOT = 1, 0, 2
 

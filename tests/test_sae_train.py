@@ -6,10 +6,13 @@ import pytest
 
 from sae.checkpoint import Checkpointer, RunConfigMismatchError
 from sae.config import SaeConfig
+from sae.data.sources import ArraySource
 from sae.model import SaeShapeError
+from sae.optim import stacked_hyperparams, static_config
+from sae.state import init_state
+from sae.step import build_step
 from sae.synthetic import PlantedSource, max_cosine
-from sae.train import (ArraySource, NanLossError, build_step, init_state, load_run, stacked_hyperparams,
-                       static_config, train)
+from sae.train import NanLossError, load_run, train
 
 D, F, B = 32, 64, 256
 BASE = SaeConfig(architecture="topk", d_in=D, d_sae=128, k=3, batch_size=B, lr=3e-3, warmup_steps=10,

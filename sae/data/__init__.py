@@ -4,11 +4,11 @@
       --batch_contexts--> ContextBatch [B, T] (left padded, attention mask, token keep mask)
       --sae.data.harvest.harvest--> ActivationBatch (kept tokens: acts[(site, layer)] [n, D] + metadata)
       --ShuffleBuffer--> shuffled training batches             (streaming: `stream_batches`, `StreamSource`)
-      --sae.data.store.harvest_to_store--> ActivationStore     (on disk: `StoreSource`, sae.train.StoreStackSource)
+      --sae.data.store.harvest_to_store--> ActivationStore     (on disk: `StoreSource`, `StoreStackSource`)
 
 Modules: corpus (ShareGPT and local files), contexts (tokenisation into fixed-length contexts, token filters),
 harvest (the jitted capture forward, shuffling), store (chunked resumable store), sources (training batch
-iterators with exact cursors). Nothing here imports jax at module import.
+iterators with exact cursors, also over in-memory arrays). Nothing here imports jax at module import.
 """
 
 from sae.data.contexts import (ActivationError, ContextBatch, ContextRow, Encoded, MODES, ROLE_ASSISTANT,
