@@ -6,7 +6,8 @@ Three jobs, three places:
                 training: optim (Adam, learning-rate schedule, stacked hyperparameters), state (the stacked
                 training state), step (the jitted step), distributed (mesh, shardings, multi-process helpers),
                 train (the loop: logging, checkpoints, exact resume); checkpoint (orbax run dirs), metrics
-                (field-standard metrics), interop (SAELens / sparsify / Gemma Scope), cli (`psm sae ...`),
+                (field-standard metrics), interop (SAELens / sparsify / Gemma Scope), cli (`psm sae ...`: arguments,
+                help) with commands/ (config schema, data sources, one module per command),
                 synthetic (planted-feature data)
   sae.data      corpus, contexts (tokenisation, token filters), harvest, store (activation stores), sources
                 (training batch sources: arrays, stores, live harvests)
@@ -31,7 +32,7 @@ Quick start (Python):
 
 Command line: `psm sae train CONFIG key=value ...` (data.model + data.hooks=resid_post:3,6,9: one harvest pass, one
 SAE per hook point), `psm sae eval RUN_DIR data.npy=...`,
-`psm sae export RUN_DIR OUT_DIR export.model_name=...` (sae/cli.py).
+`psm sae export RUN_DIR OUT_DIR export.model_name=...` (sae/cli.py, sae/commands/).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from psm_jax.atomic import atomic_write_text  # also re-exported: sae.train and sae.cli use it from here
+from psm_jax.atomic import atomic_write_text
 from psm_jax.sharding import host_array
 
 RUN_FORMAT = "psm-sae-run/1"

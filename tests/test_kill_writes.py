@@ -1,5 +1,5 @@
 """Writes that fail (an injected exception) or are killed (SIGKILL) half-way leave the previous file or folder intact:
-psm_jax.atomic itself, the evaluation's density .npy (sae.cli), training-curve plots (sae.metrics) and
+psm_jax.atomic itself, the evaluation's density .npy (sae.commands.evaluate), training-curve plots (sae.metrics) and
 export_saelens(overwrite=True) (sae.interop, through psm_jax.atomic.replace_dir)."""
 import json
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from psm_jax import atomic
-from sae import cli
+from sae.commands import evaluate
 from sae.config import SaeConfig
 from sae.interop import export_saelens, load_sae
 from sae.metrics import plot_training_curves
@@ -49,7 +49,7 @@ def test_atomic_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
 def test_density_npy_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
     f = tmp_path / "eval_log10_density_0.npy"
     old = np.arange(8, dtype=np.float32)
-    cli._write_npy(f, old)
+    evaluate._write_npy(f, old)
 
     def half_then_fail(file, arr, **kw):
         file.write(b"\x93NUMPY partial")
@@ -58,11 +58,11 @@ def test_density_npy_write_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(np, "save", half_then_fail)
         with pytest.raises(Injected):
-            cli._write_npy(f, -old)
+            evaluate._write_npy(f, -old)
     np.testing.assert_array_equal(np.load(f), old)
     fail_on_call(monkeypatch, atomic.os, "replace")
     with pytest.raises(Injected):
-        cli._write_npy(f, -old)
+        evaluate._write_npy(f, -old)
     np.testing.assert_array_equal(np.load(f), old)
     assert leftovers(tmp_path) == []
 

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from sae.cli import load_config, main
+from sae.cli import main
+from sae.commands.config import load_config
 from sae.interop import load_sae
 from sae.synthetic import PlantedSource
 
@@ -155,7 +156,7 @@ def _lm_conf(d, **kw):
 
 def test_eval_lm_metrics_lossless_sae(lm_setup, tiny_chat_model, capsys):
     """A perfectly reconstructing SAE recovers all of the CE loss, under both position conventions."""
-    from sae.cli import cmd_eval
+    from sae.commands.evaluate import cmd_eval
     from sae.data.corpus import load_corpus
 
     d = lm_setup
@@ -181,7 +182,7 @@ def test_eval_lm_metrics_of_a_run_match_a_direct_computation(tmp_path, lm_setup,
     """A stacked run (two SAEs) on the model's width: eval.json holds each SAE's LM metrics, equal to
     evaluate_lm(port_runner(...)) on the same batches; held-out documents skip the store's training ids."""
     from sae.data.store import STORE_FORMAT, STORE_VERSION
-    from sae.cli import cmd_eval
+    from sae.commands.evaluate import cmd_eval
     from sae.metrics import corpus_token_batches, evaluate_lm, port_runner
     from sae.train import load_run
 
@@ -217,7 +218,8 @@ def test_eval_lm_metrics_of_a_run_match_a_direct_computation(tmp_path, lm_setup,
 
 
 def test_eval_lm_errors(tmp_path, lm_setup, tiny_chat_model, capsys):
-    from sae.cli import CliError, cmd_eval
+    from sae.commands.config import CliError
+    from sae.commands.evaluate import cmd_eval
     from sae.interop import export_saelens
 
     d = lm_setup
@@ -249,7 +251,9 @@ def test_eval_lm_errors(tmp_path, lm_setup, tiny_chat_model, capsys):
 def test_train_many_hooks_from_one_harvest_pass(tmp_path, lm_setup, tiny_chat_model, capsys):
     """`psm sae train data.model=... data.hooks=resid_post:1,2`: one streamed harvest feeds one SAE per hook point;
     each gets a SAELens folder with its hook name and metrics, and equals the SAE a single-hook job trains."""
-    from sae.cli import CliError, cmd_train, parse_hooks
+    from sae.commands.config import CliError
+    from sae.commands.source import parse_hooks
+    from sae.commands.train import cmd_train
 
     def conf(run, hooks):
         return load_config(None, [f"run_dir={tmp_path / run}", "data.model=psm-tiny",
@@ -295,7 +299,8 @@ def test_train_harvests_conversations_under_the_given_system_prompts(tmp_path, l
     """data.system_prompts with data.system_prompt_fraction=1: every conversation the harvest reads opens with one of
     the prompts (more tokens stored than without), and the run records both keys; a fraction without prompts, or a
     missing prompts file, is an error naming it."""
-    from sae.cli import cmd_train, system_prompt_list
+    from sae.commands.source import system_prompt_list
+    from sae.commands.train import cmd_train
     from sae.data.store import ActivationStore
 
     prompts = tmp_path / "prompts.txt"
@@ -319,7 +324,7 @@ def test_train_harvests_conversations_under_the_given_system_prompts(tmp_path, l
     roles = system_prompt_list("roles")
     from psm_jax.persona.datasets import load_roles
     assert len(roles) > 100 and set(load_roles().roles[0].instructions).isdisjoint(roles)  # not the assistant's
-    from sae.cli import CliError
+    from sae.commands.config import CliError
     from sae.data.corpus import CorpusError
     with pytest.raises(CliError, match="data.system_prompt_fraction=0.5 needs data.system_prompts"):
         cmd_train(conf("bad", "data.system_prompt_fraction=0.5"), model=tiny_chat_model)
