@@ -110,9 +110,12 @@ def test_train_resume_eval_export(setup, capsys):
 
 def test_errors_are_one_line(setup, capsys):
     d = setup
-    assert main(["train", str(d / "run.toml"), "sae.d_in=17"]) == 2
+    own = f"run_dir={d / 'errors_run'}"  # a run dir of its own: no dependence on which test ran first in this worker
+    assert main(["train", str(d / "run.toml"), own, "train.max_steps=10"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(d / "run.toml"), own, "sae.d_in=17"]) == 2
     assert "sae.d_in=17 but the activations have width 16" in capsys.readouterr().err
-    assert main(["train", str(d / "run.toml"), "sae.k=4", "train.max_steps=1"]) == 2
+    assert main(["train", str(d / "run.toml"), own, "sae.k=4", "train.max_steps=1"]) == 2
     assert "differing field(s): saes[0].k: 3 in the run dir vs 4 requested" in capsys.readouterr().err
     assert main(["train", str(d / "run.toml"), "sae.k=100"]) == 2
     assert "k=100" in capsys.readouterr().err
