@@ -106,10 +106,15 @@ def test_bf16_cache_generation_matches_hf_with_a_rounding_cache(model):
     ref_tokens, ref_logprobs = _hf_greedy_with_bf16_cache(torch_model, prompt, 10)
     gen = generate(params, config, prompt, max_new_tokens=10, eos_ids=(), cache_dtype=jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(gen.tokens), ref_tokens)
-    np.testing.assert_allclose(np.asarray(gen.logprobs), ref_logprobs, atol=1e-4)
     assert gen.cache.k.dtype == jnp.bfloat16 and gen.cache.v.dtype == jnp.bfloat16
     f32 = generate(params, config, prompt, max_new_tokens=10, eos_ids=())
     assert f32.cache.k.dtype == jnp.float32
+    # A last-bit f32 difference from torch can round a K/V element to the neighbouring bf16 value (1/256 relative),
+    # which moves a log-probability by up to about 1e-3 on gemma3's larger activations. An unrounded cache misses
+    # the reference by far more (2e-3 on llama, 0.3 on gemma3), so the bound still tells the two apart.
+    err = np.abs(np.asarray(gen.logprobs) - ref_logprobs).max()
+    err_f32 = np.abs(np.asarray(f32.logprobs) - ref_logprobs).max()
+    assert err <= 1e-3 and err < err_f32 / 2, (err, err_f32)
     for got, full in ((gen.cache.k, f32.cache.k), (gen.cache.v, f32.cache.v)):
         np.testing.assert_array_equal(np.asarray(got[0, :, :9]), np.asarray(full[0, :, :9].astype(jnp.bfloat16)))
 
