@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.refusal import Config, Result
-from psm_jax.persona.refusal import Prompts
+from psm_jax.persona.refusal import Prompts, matched_damage_null
 from psm_jax.persona.stats import bootstrap_ci, null_band, pearson, ranks
 
 NULL_NAMES = {"random": "random directions",
@@ -177,6 +177,12 @@ def _damage_text(res: Result) -> str:
     for name, null in res.nulls.items():
         text += (f" Over the {NULL_NAMES[name]}, the rank correlation of drop with KL is "
                  f"{_rank_r(null['drops'], null['kls']):+.2f}.")
+    if res.nulls and ci["estimate"] > 0:
+        m = matched_damage_null(res.drop, ci["estimate"], [x for n in res.nulls.values() for x in n["drops"]],
+                                [x for n in res.nulls.values() for x in n["kls"]])
+        text += (f" At matched damage ({m['n_matched']} null directions whose KL lies within a factor "
+                 f"{m['factor']:g} of this one's), {m['n_at_least']} drop refusal at least as much: rank p = "
+                 f"{m['p']:.3f}" + ("" if m["enough"] else " (too few matched directions for p <= 0.1)") + ".")
     return text
 
 

@@ -317,3 +317,41 @@ def test_score_validity_reads_the_answers():
     assert RL.score_validity(scores[:2], ["Fine."] * 2, markers) is None
     with pytest.raises(ValueError, match="one answer per score"):
         RL.score_validity(scores, answers[:3], markers)
+
+
+def test_matched_damage_null_counts_equally_damaging_directions():
+    """Only null directions whose KL lies within the factor of the selected one's count; p is their rank p."""
+    drops, kls = [0.5, 2.0, 1.0, 3.0, 0.1, 1.5], [0.1, 0.15, 0.3, 1.0, 0.04, 0.05]
+    r = RL.matched_damage_null(1.5, 0.1, drops, kls)  # matched: KL in [0.05, 0.2] -> drops 0.5, 2.0, 1.5
+    assert (r["n_matched"], r["n_at_least"], r["enough"], r["matched_max_drop"]) == (3, 2, False, 2.0)
+    assert r["p"] == pytest.approx(3 / 4)
+    assert RL.matched_damage_null(1.5, 10.0, drops, kls)["matched_max_drop"] is None
+    many = RL.matched_damage_null(9.0, 0.1, [1.0] * 12, [0.1] * 12)
+    assert many["enough"] and many["p"] == pytest.approx(1 / 13)
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        RL.matched_damage_null(1.0, 0.1, [1.0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="kl > 0"):
+        RL.matched_damage_null(1.0, 0.0, [1.0], [0.1])
+
+
+def test_matched_null_script_reads_a_report_and_records(tmp_path, monkeypatch):
+    """benchmarks/refusal_matched_null.py pools both nulls of a report and records the rank p; a report without
+    null directions is a clear error."""
+    from benchmarks import refusal_matched_null as script
+
+    folder = tmp_path / "rep"
+    folder.mkdir()
+    nulls = {"random": {"drops": [0.1, 0.2, 3.0], "rises": [0, 0, 0], "kls": [0.2, 0.25, 5.0]},
+             "shuffled": {"drops": [1.1, 0.3], "rises": [0, 0], "kls": [0.3, 0.1]}}
+    (folder / "metrics.json").write_text(json.dumps({"refusal_logodds_drop": 1.0, "ablation_kl": {"mean": 0.2},
+                                                     "nulls": nulls}))
+    (folder / "config.json").write_text(json.dumps({"model": "m"}))
+    results = tmp_path / "results.jsonl"
+    monkeypatch.setenv("PSM_RESULTS", str(results))
+    assert script.main([str(folder), "--record"]) == 0
+    line = json.loads(results.read_text())
+    assert line["metric"] == "refusal_drop_matched_damage_p" and line["n"] == 4  # KL 0.2, 0.25, 0.3, 0.1 match
+    assert line["value"] == pytest.approx(2 / 5) and "3 random + 2 shuffled" in line["reference"]
+    (folder / "metrics.json").write_text(json.dumps({"refusal_logodds_drop": 1.0}))
+    with pytest.raises(ValueError, match="no null directions"):
+        script.main([str(folder)])

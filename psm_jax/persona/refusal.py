@@ -16,6 +16,7 @@ selection rules, directional ablation and induction as edits, and the random-dir
     orthogonalized_check(...)        the weight edit against the runtime ablation
     refusal_rate(model, ...)         greedy answers and the share containing a refusal marker
     score_validity(scores, answers)  whether the score reads refusal here: its AUROC for the answers that refuse
+    matched_damage_null(...)         the drop against null directions whose ablation does as much damage
 
 Pure functions over a model and arrays; no files, no printing (progress bars only when asked).
 """
@@ -386,3 +387,24 @@ def score_validity(scores: np.ndarray, answers: Sequence[str], markers, *, seed:
         return None
     ci = auroc_ci(refused, np.asarray(scores, np.float64), seed=seed)
     return dict(ci, valid=bool(ci["low"] > 0.5))
+
+
+MATCH_FACTOR = 2.0  # null directions whose KL lies within this factor of the selected direction's count as matched
+MIN_MATCHED = 9  # with fewer matched directions the rank p cannot reach 0.1
+
+
+def matched_damage_null(drop: float, kl: float, null_drops, null_kls, *, factor: float = MATCH_FACTOR) -> dict:
+    """The selected direction's refusal drop against null directions that do as much damage: those whose ablation
+    KL on the harmless prompts lies within `factor` of the selected one's `kl` (either way). An ablation that
+    damages the model also moves the refusal score, so only equally damaging directions say what the selected
+    one adds. Returns {n_matched, n_at_least (matched drops >= `drop`), p = (1 + n_at_least) / (1 + n_matched),
+    enough (n_matched >= MIN_MATCHED), matched_max_drop (None when nothing matches)}."""
+    d, k = np.asarray(null_drops, np.float64), np.asarray(null_kls, np.float64)
+    if d.shape != k.shape or d.ndim != 1:
+        raise ValueError(f"null_drops has shape {d.shape}, null_kls {k.shape}; expected equal 1-d shapes")
+    if not (kl > 0 and factor > 1):
+        raise ValueError(f"kl={kl}, factor={factor}; expected kl > 0 and factor > 1")
+    matched = (k >= kl / factor) & (k <= kl * factor)
+    n, at_least = int(matched.sum()), int((d[matched] >= drop).sum())
+    return {"n_matched": n, "n_at_least": at_least, "p": (1 + at_least) / (1 + n), "enough": n >= MIN_MATCHED,
+            "matched_max_drop": float(d[matched].max()) if n else None, "factor": float(factor)}
