@@ -53,6 +53,7 @@ def main(argv=None) -> int:
                        f"{len(r['null_kls'])} null directions ({pooled}) within a factor {res['factor']:g} of that "
                        f"KL, {res['n_at_least']} of them dropping refusal at least as much"),
                    target="<= 0.1 with >= 9 matched directions", n=res["n_matched"], enough=res["enough"],
+                   key=folder.name, model=r["model"],
                    null=f"the drops of the {res['n_matched']} matched null directions (max "
                         + ("none" if res["matched_max_drop"] is None else f"{res['matched_max_drop']:+.3f}") + ")")
     return 0

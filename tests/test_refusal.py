@@ -352,6 +352,7 @@ def test_matched_null_script_reads_a_report_and_records(tmp_path, monkeypatch):
     line = json.loads(results.read_text())
     assert line["metric"] == "refusal_drop_matched_damage_p" and line["n"] == 4  # KL 0.2, 0.25, 0.3, 0.1 match
     assert line["value"] == pytest.approx(2 / 5) and "3 random + 2 shuffled" in line["reference"]
+    assert line["key"] == "rep" and line["model"] == "m"
     (folder / "metrics.json").write_text(json.dumps({"refusal_logodds_drop": 1.0}))
     with pytest.raises(ValueError, match="no null directions"):
         script.main([str(folder)])
