@@ -26,11 +26,12 @@ def report_numbers(folder: Path) -> dict:
     if not m.get("nulls") or not m.get("ablation_kl"):
         raise ValueError(f"{folder}: metrics.json has no null directions with their KL; expected a report of the "
                          "refusal study with n_random or n_shuffled > 0")
-    nulls = m["nulls"].values()
+    from psm_jax.persona.refusal import pooled_nulls
+
+    drops, kls = pooled_nulls(m["nulls"])
     return {"drop": m["refusal_logodds_drop"], "kl": m["ablation_kl"]["mean"], "model": json.loads(
                 (folder / "config.json").read_text()).get("model", "?"),
-            "null_drops": [x for n in nulls for x in n["drops"]], "null_kls": [x for n in nulls for x in n["kls"]],
-            "kinds": {k: len(n["drops"]) for k, n in m["nulls"].items()}}
+            "null_drops": drops, "null_kls": kls, "kinds": {k: len(n["drops"]) for k, n in m["nulls"].items()}}
 
 
 def main(argv=None) -> int:

@@ -245,12 +245,13 @@ def _null_units(cfg: Config, model, train_sets: tuple[Prompts, Prompts], best: d
 
 
 def _nulls(cfg: Config, model, units: dict, harmful: Prompts, harmless: Prompts, token_ids, ev: dict, norm: float,
-           layer: int) -> dict:
+           layer: int, harmless_logits: np.ndarray) -> dict:
     """Each null's drops, rises and KL costs (`direction_nulls`), keyed like `units`."""
     return {name: direction_nulls(model.params, model.config, u, harmful, harmless, token_ids,
                                   harmful_base=float(ev["harmful_base"].mean()),
                                   harmless_base=float(ev["harmless_base"].mean()), norm=norm, layer=layer,
-                                  batch_size=cfg.batch_size) for name, u in units.items()}
+                                  batch_size=cfg.batch_size, harmless_logits=harmless_logits)
+            for name, u in units.items()}
 
 
 def _conditions(harmful: Prompts, harmless: Prompts, base, ablate, induce) -> dict[str, tuple[Prompts, tuple]]:
@@ -315,10 +316,11 @@ def run(config: Config, model, progress=None) -> Result:
     with _timed(seconds, "logodds_eval"):
         ev = {k: refusal_scores(params, mc, p, token_ids, edits, bs) for k, (p, edits) in conditions.items()}
         drop = float(ev["harmful_base"].mean() - ev["harmful_ablated"].mean())
-        kl = ablation_kl(params, mc, e_safe, unit, last_logits(params, mc, e_safe, base, bs), bs)
+        safe_logits = last_logits(params, mc, e_safe, base, bs)
+        kl = ablation_kl(params, mc, e_safe, unit, safe_logits, bs)
         units = _null_units(cfg, model, (p_harm.subset(keep_h), p_safe.subset(keep_s)), best)
         nulls = _nulls(cfg, model, units, e_harm, e_safe, token_ids, ev, float(np.linalg.norm(direction)),
-                       best["layer"])
+                       best["layer"], safe_logits)
         orth_diff, orth_scores = orthogonalized_check(params, mc, unit, e_harm, token_ids, bs)
     with _timed(seconds, "generation"):
         gen = {k: refusal_rate(model, p.texts, markers, edits, max_new_tokens=cfg.max_new_tokens, batch_size=bs)

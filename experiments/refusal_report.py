@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.refusal import Config, Result
-from psm_jax.persona.refusal import Prompts, matched_damage_null
+from psm_jax.persona.refusal import Prompts, matched_damage_null, pooled_nulls
 from psm_jax.persona.stats import bootstrap_ci, null_band, pearson, ranks
 
 NULL_NAMES = {"random": "random directions",
@@ -171,15 +171,14 @@ def _damage_text(res: Result) -> str:
     """What the ablation costs where refusal is not wanted (the selection rule's KL, on the held-out harmless
     prompts), against the nulls' costs, and how the nulls' drops follow their costs."""
     ci = bootstrap_ci(res.ablation_kl, seed=res.config.seed)
-    text = (f"The ablation costs KL **{ci['estimate']:.4f} nats** on the next token after the held-out harmless prompts "
-            f"(95% interval over prompts [{ci['low']:.4f}, {ci['high']:.4f}]; the selection rule's threshold is "
-            f"{res.config.kl_threshold:g}); null: {_kl_null(res)}.")
+    text = (f"The ablation costs KL **{ci['estimate']:.4f} nats** on the next token after the held-out harmless "
+            f"prompts (95% interval over prompts [{ci['low']:.4f}, {ci['high']:.4f}]; the selection rule's threshold "
+            f"is {res.config.kl_threshold:g}); null: {_kl_null(res)}.")
     for name, null in res.nulls.items():
         text += (f" Over the {NULL_NAMES[name]}, the rank correlation of drop with KL is "
                  f"{_rank_r(null['drops'], null['kls']):+.2f}.")
     if res.nulls and ci["estimate"] > 0:
-        m = matched_damage_null(res.drop, ci["estimate"], [x for n in res.nulls.values() for x in n["drops"]],
-                                [x for n in res.nulls.values() for x in n["kls"]])
+        m = matched_damage_null(res.drop, ci["estimate"], *pooled_nulls(res.nulls))
         text += (f" At matched damage ({m['n_matched']} null directions whose KL lies within a factor "
                  f"{m['factor']:g} of this one's), {m['n_at_least']} drop refusal at least as much: rank p = "
                  f"{m['p']:.3f}" + ("" if m["enough"] else " (too few matched directions for p <= 0.1)") + ".")

@@ -305,15 +305,17 @@ def ablation_kl(params, config, prompts: Prompts, unit: np.ndarray, base_logits:
 
 
 def direction_nulls(params, config, units: np.ndarray, harmful: Prompts, harmless: Prompts, token_ids, *,
-                    harmful_base: float, harmless_base: float, norm: float, layer: int,
-                    batch_size: int = 16) -> dict[str, np.ndarray]:
+                    harmful_base: float, harmless_base: float, norm: float, layer: int, batch_size: int = 16,
+                    harmless_logits: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """What each of `units` [n, D] (unit directions standing in for the selected one) does, one value per direction:
     `drops`, the mean refusal log-odds drop on `harmful` when it is ablated (what removing some other direction does
     to refusal); `rises`, the mean rise on `harmless` when it is added at the selected direction's `norm` at `layer`
     (what any push of that size does); `kls`, the mean KL it costs on `harmless` when ablated (how much it damages
-    the model where refusal is not wanted). `harmful_base` / `harmless_base`: the unedited mean scores. The
-    directions are traced inputs, so every one runs through the same compiled forwards."""
-    base_logits = last_logits(params, config, harmless, condition_edits(config), batch_size)
+    the model where refusal is not wanted). `harmful_base` / `harmless_base`: the unedited mean scores;
+    `harmless_logits`: the harmless prompts' unedited last logits when the caller has them. The directions are
+    traced inputs, so every one runs through the same compiled forwards."""
+    base_logits = (last_logits(params, config, harmless, condition_edits(config), batch_size)
+                   if harmless_logits is None else harmless_logits)
 
     def mean_score(prompts, edits):
         return float(refusal_scores(params, config, prompts, token_ids, edits, batch_size).mean())
@@ -391,6 +393,14 @@ def score_validity(scores: np.ndarray, answers: Sequence[str], markers, *, seed:
 
 MATCH_FACTOR = 2.0  # null directions whose KL lies within this factor of the selected direction's count as matched
 MIN_MATCHED = 9  # with fewer matched directions the rank p cannot reach 0.1
+
+
+def pooled_nulls(nulls: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The drops and KLs of every null direction, all kinds pooled (`nulls`: kind -> {drops, kls, ...}, as the
+    study's result and its metrics.json hold them): the candidates of `matched_damage_null`."""
+    kinds = list(nulls.values())
+    return (np.array([x for n in kinds for x in n["drops"]], np.float64),
+            np.array([x for n in kinds for x in n["kls"]], np.float64))
 
 
 def matched_damage_null(drop: float, kl: float, null_drops, null_kls, *, factor: float = MATCH_FACTOR) -> dict:
