@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from experiments import persona_vectors as pv
-from experiments import persona_vectors_report as pvr
+from experiments.persona_vectors import extraction as pv_extraction
+from experiments.persona_vectors import monitoring as pv_monitoring
+from experiments.persona_vectors import pipeline as pv_pipeline
+from experiments.persona_vectors import report_folder, report_records, report_text
+from experiments.persona_vectors import summary as pv_summary
 from psm_jax.persona import directions as D
 from psm_jax.persona import extraction as PE
 from psm_jax.persona import prompts as P
@@ -240,7 +244,7 @@ def test_records_carry_the_named_fields():
     assert all(ln["null"] for ln in lines)
     assert head["strict_ppl1.5"]["target"] == ">= 2 of the 2 traits run (two thirds)"
     assert head["strict_ppl1.5"]["null"].startswith("none")
-    band_line, = pvr._monotonic_records({"monotonic_traits": {"items": {
+    band_line, = report_records._monotonic_records({"monotonic_traits": {"items": {
         "counts": {"strict_ppl1.5_band": 1}, "n_traits": 3, "n_valid": 2, "valid_traits": ["evil", "humorous"]}}})
     assert "random directions" in band_line["null"] and band_line["target"] == ">= 2 of the 3 traits run (two thirds)"
 
@@ -338,20 +342,20 @@ def test_reliability_compares_the_predicted_rerun_cosine_with_the_nearest_other_
     assert rel["evil"]["largest_cross_trait_cosine"] == pytest.approx(max(cos(a[1], b[1]), cos(a[1], c[1])))
     assert rel["evil"]["stable"]
     assert rel["humorous"]["stable"] == (0.05 > max(cos(b[1], a[1]), cos(b[1], c[1])))
-    lines = pvr._reliability_records(rel)
+    lines = report_records._reliability_records(rel)
     assert [(ln["key"], ln["value"], ln["stable"]) for ln in lines] == [
         ("evil", 0.95, True), ("humorous", 0.05, rel["humorous"]["stable"]),
         ("sycophantic", 0.6, rel["sycophantic"]["stable"])]
     assert lines[0]["metric"] == "persona_vector_split_half_cosine"
     assert "4 extraction questions" in lines[0]["reference"]
     rep = Report(tmp_path, "t")
-    pvr._write_reliability_section(rep, pv.Config(), rel)
+    report_folder._write_reliability_section(rep, pv.Config(), rel)
     text = "\n".join(rep.sections)
     n_stable = sum(x["stable"] for x in rel.values())
     assert f"{n_stable} of 3 vectors are stable" in text and (tmp_path / "vector_reliability.png").is_file()
     assert "4 questions allow only 3 distinct split(s)" in text
     alone = pv.reliability_metrics(results[:1])
-    assert alone["evil"]["stable"] is None and "single trait" in pvr._reliability_reading(alone)
+    assert alone["evil"]["stable"] is None and "single trait" in report_text._reliability_reading(alone)
     assert pv.reliability_metrics([{**results[0], "reliability": None}]) == {}
 
 
@@ -360,11 +364,12 @@ def test_trait_specific_reading_follows_the_rule_fixed_before_the_run():
         return {"per_trait": {f"t{i}": {"valid": v, "pass": p, "diag_z": z} for i, (v, p) in enumerate(passes)},
                 "n_random": 20}
 
-    assert pvr._trait_specific_reading(rows((True, True), (True, True), (True, False))).startswith(
+    assert report_text._trait_specific_reading(rows((True, True), (True, True), (True, False))).startswith(
         "2 of 3 traits with a valid measure pass on their trait-specific part (t0, t1): the whole vectors' cross-trait")
-    text = pvr._trait_specific_reading(rows((True, True), (False, True), (True, False)))
+    text = report_text._trait_specific_reading(rows((True, True), (False, True), (True, False)))
     assert text.startswith("1 of 2 traits") and "(t0)" in text and "not specific on this model" in text
-    assert pvr._trait_specific_reading(rows((True, False), z=float("nan"))).startswith("No trait-specific part was")
+    assert report_text._trait_specific_reading(rows((True, False), z=float("nan"))).startswith(
+        "No trait-specific part was")
 
 
 def test_bad_inputs(tmp_path, model):
@@ -403,16 +408,17 @@ def test_filter_pairs_and_fallback():
     trait = [80, 60, 10, 20, 70, 5]  # pos q0..q2, neg q0..q2
     coh = [90, 90, 90, 90, 90, None]
     cfg = pv.Config(min_kept_pairs=1)
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, True, cfg)
+    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, True, cfg)
     assert (pos, neg) == ([0], [3]) and info["n_pairs_kept"] == 1 and not info["fallback"]
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, True, pv.Config(min_kept_pairs=2))
+    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, True, pv.Config(min_kept_pairs=2))
     assert info["fallback"] and len(pos) == 3
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, True, pv.Config(filter=False))
+    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, True, pv.Config(filter=False))
     assert len(pos) == 3 and not info["filter"] and not info["judge_not_valid"]
-    pos, neg, info = pv._filter_pairs(rows, trait, coh, False, cfg)
+    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, False, cfg)
     assert len(pos) == 3 and not info["filter"] and info["judge_not_valid"]
-    assert "failed its validity check" in pvr._filter_words(info)
-    assert "1/3 pos/neg pairs kept." in pvr._filter_words(pv._filter_pairs(rows, trait, coh, True, cfg)[2])
+    assert "failed its validity check" in report_text._filter_words(info)
+    info = pv_extraction._filter_pairs(rows, trait, coh, True, cfg)[2]
+    assert "1/3 pos/neg pairs kept." in report_text._filter_words(info)
 
 
 def test_judge_validity_over_questions():
@@ -573,10 +579,12 @@ def test_specificity_matrix_needs_two_traits(monkeypatch):
     """One trait has no off-diagonal cell: run skips both matrices (their cost) and passes None on; two traits build
     the whole vectors' matrix and, from it, their trait-specific parts'."""
     calls, seen = [], []
-    monkeypatch.setattr(pv, "run_trait", lambda model, trait, cfg, ti, judge, progress: {"trait": trait.name})
-    monkeypatch.setattr(pv, "specificity_matrix", lambda model, results, coef: calls.append(len(results)) or "matrix")
-    monkeypatch.setattr(pv, "trait_specific_matrix", lambda model, results, whole: f"parts of {whole}")
-    monkeypatch.setattr(pv, "summary_metrics", lambda results, spec, ppl, parts: seen.append((spec, parts)) or {})
+    monkeypatch.setattr(pv_pipeline, "run_trait", lambda model, trait, cfg, ti, judge, progress: {"trait": trait.name})
+    monkeypatch.setattr(pv_pipeline, "specificity_matrix",
+                        lambda model, results, coef: calls.append(len(results)) or "matrix")
+    monkeypatch.setattr(pv_pipeline, "trait_specific_matrix", lambda model, results, whole: f"parts of {whole}")
+    monkeypatch.setattr(pv_pipeline, "summary_metrics",
+                        lambda results, spec, ppl, parts: seen.append((spec, parts)) or {})
     model = types.SimpleNamespace(config=types.SimpleNamespace(n_layers=2, d_model=4))
     pv.run(pv.Config(traits=("evil",), judge="none"), model)
     pv.run(pv.Config(traits=("evil", "humorous"), judge="none"), model)
@@ -618,7 +626,7 @@ def test_monitoring_within_polarity_by_layer_and_its_shuffled_null():
           "system_prompt_effect": 1.0, "validity": {"valid": True}, **mon}
     t = {"monitor_r_last_prompt": 0.1, "monitor_r_response": 0.2, "chosen_layer": 2, "system_prompt_effect": 0.0,
          "validity": {"valid": True}, "response_measure": rm}
-    line, = pvr._monitor_records("evil", t)[2:]
+    line, = report_records._monitor_records("evil", t)[2:]
     assert line["metric"] == "persona_monitor_within_r" and line["null_band"] == null
     assert line["ci"] == [within["low"], within["high"]] and "shuffled within polarity" in line["reference"]
     assert line["null"] == (f"measure shuffled within polarity: 95% band [{null['low']:.3f}, {null['high']:.3f}] "
@@ -644,10 +652,10 @@ def test_monitoring_ceiling_reads_the_noise_of_each_series_within_polarity():
     assert low["projection"]["n_units"] == n_q and low["ceiling"] < 0.5
     assert high["projection"]["reliability"] > 0.95 and high["ceiling"] > 0.95
     assert high["ceiling"] == pytest.approx(np.sqrt(high["projection"]["reliability"]))
-    text = pvr._ceiling_text(low)
-    assert f"about {low['ceiling']:.2f} is not expected" in text and pvr._ceiling_text(None) == ""
-    assert pvr.ceiling_fields({"within_reliability": high})["within_ceiling"] == high["ceiling"]
-    assert pvr.ceiling_fields({}) == {}
+    text = report_text._ceiling_text(low)
+    assert f"about {low['ceiling']:.2f} is not expected" in text and report_text._ceiling_text(None) == ""
+    assert report_records.ceiling_fields({"within_reliability": high})["within_ceiling"] == high["ceiling"]
+    assert report_records.ceiling_fields({}) == {}
 
 
 def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
@@ -682,16 +690,17 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
     direction = rng.normal(size=(n_layers, d))
     p_rule = monitoring.prompt_projections(mon_acts, direction, 1, 10)[0]
     per_unit = (p_rule + rng.normal(scale=0.1, size=10))[:, None] * np.ones((1, 3))
-    rule = pv._rule_monitoring(per_unit, systems, mon_acts, direction, sep, seed=0)
+    rule = pv_monitoring._rule_monitoring(per_unit, systems, mon_acts, direction, sep, seed=0)
     assert rule["layer"] == 1 and rule["monitor_within_polarity"]["pooled_within"]["estimate"] > 0.9
     np.testing.assert_allclose(rule["proj_last_prompt"], p_rule)
-    assert pv._rule_monitoring(per_unit, systems, mon_acts, direction, None, seed=0) is None
-    line, = pvr._rule_monitor_records("evil", {"layer": 2, "validity": {"valid": True}, "rule_monitoring": rule})
+    assert pv_monitoring._rule_monitoring(per_unit, systems, mon_acts, direction, None, seed=0) is None
+    line, = report_records._rule_monitor_records("evil", {"layer": 2, "validity": {"valid": True},
+                                                          "rule_monitoring": rule})
     assert line["metric"] == "persona_monitor_within_r_rule_layer"
     assert line["layer"] == 1 and line["steering_layer"] == 2
     assert line["value"] == rule["monitor_within_polarity"]["pooled_within"]["estimate"]
     assert line["rule_separation"] == pytest.approx(sep[1]) and line["null_band"] == rule["monitor_within_null"]
-    assert "cross-fitted" in pvr._rule_words(rule) and "too few rows" in pvr._rule_words(None)
+    assert "cross-fitted" in report_text._rule_words(rule) and "too few rows" in report_text._rule_words(None)
 
 
 def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch):
@@ -727,7 +736,8 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     monkeypatch.setattr(monitoring, "response_measure", fake_measure)
     held = [{"question": f"q{i}", "pos": "a", "neg": "b", "pair": i} for i in range(3)]
     cfg = pv.Config(traits=("evil",), judge="none", n_monitor_questions=n_q)
-    hold = pv._holdout_monitoring(None, trait, cfg, held, direction, {"steering": 0, "rule": 1, "skipped": None})
+    hold = pv_monitoring._holdout_monitoring(None, trait, cfg, held, direction,
+                                             {"steering": 0, "rule": 1, "skipped": None})
 
     assert [c[0]["content"] for c in generated] == [g["prompt"] for g in held_prompts for _ in range(n_q)]
     assert [c[1]["content"] for c in generated[:n_q]] == list(trait.evaluation_questions[:n_q])
@@ -747,11 +757,11 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     rs = {"validity": {"valid": True}, "holdout_monitoring": hold}
     r_rule = hold["rule"]["monitor_within_polarity"]["pooled_within"]["estimate"]
     expect = r_rule > pv.MONITOR_MIN_WITHIN_R and r_rule > hold["rule"]["monitor_within_null"]["high"]
-    assert pv._holdout_target(rs) == {"monitoring_holdout": expect, "monitor_holdout_r": r_rule}
-    assert pv._holdout_target({**rs, "validity": {"valid": False}})["monitoring_holdout"] is False
-    assert pv._holdout_target({})["monitoring_holdout"] is False
-    lines = pvr._holdout_monitor_records("evil", rs)
+    assert pv_summary._holdout_target(rs) == {"monitoring_holdout": expect, "monitor_holdout_r": r_rule}
+    assert pv_summary._holdout_target({**rs, "validity": {"valid": False}})["monitoring_holdout"] is False
+    assert pv_summary._holdout_target({})["monitoring_holdout"] is False
+    lines = report_records._holdout_monitor_records("evil", rs)
     assert [ln["key"] for ln in lines] == ["evil/steering", "evil/rule"] and lines[1]["value"] == r_rule
     assert all(ln["metric"] == "persona_monitor_within_r_holdout" for ln in lines)
-    assert "Held-out graded prompts (14" in pvr._holdout_words(hold) and pvr._holdout_words(None) == ""
-    assert pv._holdout_monitoring(None, load_trait("apathetic"), cfg, held, direction, {"rule": 1}) is None
+    assert "Held-out graded prompts (14" in report_text._holdout_words(hold) and report_text._holdout_words(None) == ""
+    assert pv_monitoring._holdout_monitoring(None, load_trait("apathetic"), cfg, held, direction, {"rule": 1}) is None
