@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from experiments import finetune as F
-from experiments import finetune_report as FR
+from experiments.finetune import report_records, report_text
+from experiments.finetune import summary as ft_summary
 
 
 def _row(kind, name, shift_q, score, screening=0.0, mix=None, coef=0.0, ppl_nll=None):
@@ -35,7 +36,7 @@ def _trait(name, drift, noise_seed):
 def test_correlations_are_taken_beyond_each_traits_control():
     cfg = F.Config(traits=("a", "b"), mixes=(0.0, 0.5, 1.0))
     results = [_trait("a", -6.0, 0), _trait("b", 9.0, 1)]
-    m = F._correlations(results, cfg)
+    m = ft_summary._correlations(results, cfg)
     assert m["relative_to_control"] and m["shift_behaviour"]["n"] == 6  # mixes only: the control is 0 by construction
     assert m["shift_behaviour"]["r"]["estimate"] > 0.95 and m["screening_shift"]["r"]["estimate"] > 0.95
     # raw: the drift differs between traits, which breaks the unstandardised pooled relation between screening and
@@ -50,7 +51,7 @@ def test_correlations_are_taken_beyond_each_traits_control():
 def test_without_a_control_the_raw_correlations_are_the_headline():
     cfg = F.Config(traits=("a",), mixes=(0.0, 0.5, 1.0), control=False, narrow=False)
     results = [{"trait": "a", "rows": _trait("a", -6.0, 0)["rows"][1:]}]
-    m = F._correlations(results, cfg)
+    m = ft_summary._correlations(results, cfg)
     assert not m["relative_to_control"] and m["shift_behaviour"] is m["shift_behaviour_raw"]
     assert m["shift_behaviour"]["n"] == 3
 
@@ -64,16 +65,16 @@ def test_prevention_is_judged_beyond_the_control_with_cost_over_the_plain_fine_t
     # steered: the shift beyond the control is 0.5 of plain's 2.0 -> a 75% cut; NLL +0.01 per token over plain
     steered = _row("prevent", "preventative c=1", [-5.5, -5.7, -5.3, -5.5], np.full(4, 0.1), mix=1.0, coef=1.0,
                    ppl_nll=(base + 1.0, counts))
-    p = F._prevention(steered, plain, control, cfg)
+    p = ft_summary._prevention(steered, plain, control, cfg)
     assert p["relative_to_control"] and p["plain_toward_trait"]
     assert p["reduction"]["estimate"] == pytest.approx(0.75) and p["reduction_raw"]["estimate"] < 0
     assert p["ppl_vs_plain"]["ratio"] == pytest.approx(np.exp(0.01))
     assert F.prevention_target(p)
     costly = _row("prevent", "c=4", steered["shift"]["per_question"], np.zeros(4), coef=4.0,
                   ppl_nll=(base + 10.0, counts))
-    assert not F.prevention_target(F._prevention(costly, plain, control, cfg))  # exp(0.1) > 1.05
+    assert not F.prevention_target(ft_summary._prevention(costly, plain, control, cfg))  # exp(0.1) > 1.05
     weak = _row("prevent", "c=0.1", [-4.1, -4.3, -3.9, -4.1], np.zeros(4), coef=0.1, ppl_nll=(base, counts))
-    assert not F.prevention_target(F._prevention(weak, plain, control, cfg))  # a 5% cut
+    assert not F.prevention_target(ft_summary._prevention(weak, plain, control, cfg))  # a 5% cut
 
 
 def test_within_trait_null_shuffles_inside_traits_only():
@@ -102,7 +103,7 @@ def test_headline_correlation_is_the_pre_registered_standardised_pooled_r():
     assert c["r"]["estimate"] > 0.99 and c["outside_null"] and c["null_kind"] == "pairs shuffled inside each trait"
     assert set(c["per_trait"]) == {"a", "b", "c"} and all(p["n"] == 5 and "low" in p for p in c["per_trait"].values())
     assert c["unstandardised"]["r"]["estimate"] < 0.5
-    text = FR._corr_text(c, "Shift vs behaviour")
+    text = report_text._corr_text(c, "Shift vs behaviour")
     assert "pre-registered" in text and "per trait: a r = " in text and "unstandardised pooled r = " in text
 
 
@@ -111,13 +112,13 @@ def test_a_correlation_between_traits_only_is_reported_with_its_caveat_and_not_r
     groups = ["a", "a", "b", "b", "c", "c"]
     c = F.correlation([0.0, 1.0, 5.0, 6.0, 2.0, 3.0], [1.0, 0.5, 4.0, 3.0, 2.0, 2.5], groups, seed=0)
     assert c["statistic"] == F.RAW_STATISTIC and "within_trait" in c
-    assert "compares the traits with each other" in FR._corr_text(c, "Shift vs behaviour")
+    assert "compares the traits with each other" in report_text._corr_text(c, "Shift vs behaviour")
     cfg = F.Config(traits=("evil", "humorous", "sycophantic"), mixes=(1.0,), caft=False, inoculation=False,
                    persona_switch=False, narrow=False, model_diff=False)
     metrics = {"shift_behaviour": c, "screening_shift": c, "shift_behaviour_raw": None, "screening_shift_raw": None,
                "relative_to_control": True, "traits": {}}
     result = F.Result(cfg, [], metrics, "psm-tiny", 2, 8, 0.0)
-    assert FR.result_records(result) == []
+    assert report_records.result_records(result) == []
     one_trait = F.Result(dataclasses.replace(cfg, traits=("evil",)), [], metrics, "psm-tiny", 2, 8, 0.0)
-    assert {ln["metric"] for ln in FR.result_records(one_trait)} == {"finetune_shift_behaviour_r",
-                                                                     "finetune_screening_r"}
+    assert {ln["metric"] for ln in report_records.result_records(one_trait)} == {"finetune_shift_behaviour_r",
+                                                                                 "finetune_screening_r"}

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from experiments import finetune as F
-from experiments import finetune_report as FR
 from experiments import registry, study
+from experiments.finetune import report_text
+from experiments.finetune import vector as ft_vector
+from psm_jax.persona import rollouts
 from psm_jax.persona.datasets import list_traits, load_trait
+from psm_jax.persona.stats import mean_t_ci
 
 
 def _norm(text: str) -> str:
@@ -77,7 +80,7 @@ def test_prevention_over_runs_pools_one_value_per_training_run():
             for k, (r, t, q) in enumerate([(0.8, 2.0, 1.01), (0.55, 1.0, 1.02), (1.0, 3.0, 1.00)])]
     (p,) = F.prevention_over_runs(runs, [4, 5, 6])  # CAFT is not repeated across runs
     assert p["n_runs"] == 3 and p["seeds"] == [4, 5, 6] and [r["seed"] for r in p["per_run"]] == [4, 5, 6]
-    assert p["reduction"] == F.mean_t_ci([0.8, 0.55, 1.0]) and p["plain_vs_control"]["estimate"] == pytest.approx(2.0)
+    assert p["reduction"] == mean_t_ci([0.8, 0.55, 1.0]) and p["plain_vs_control"]["estimate"] == pytest.approx(2.0)
     assert p["ppl_vs_plain_max"] == 1.02 and p["ppl_vs_plain_mean"] == pytest.approx(1.01)
     assert [r["meets_target"] for r in p["per_run"]] == [True, False, True]  # run 2's interval dips under 0.5
     assert not F.prevention_runs_target(p)  # 3 runs this far apart: the t interval reaches below 0.5
@@ -104,7 +107,7 @@ def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(m
     they would be identical (1)."""
     cfg = F.Config(n_extract_pairs=3, n_extract_questions=4)
     trait = load_trait("evil")
-    monkeypatch.setattr(F, "greedy_answers", lambda model, prompts, cfg: ["a"] * len(prompts))
+    monkeypatch.setattr(ft_vector, "greedy_answers", lambda model, prompts, cfg: ["a"] * len(prompts))
 
     def activation_means(model, convs, **kw):
         n = len(convs) // 2
@@ -114,14 +117,14 @@ def test_persona_vector_reliability_splits_by_question_not_by_instruction_pair(m
             pos[row, 0, qs.index(conv[-2]["content"])] = 1.0
         return {"response_mean": np.concatenate([pos, np.zeros_like(pos)])}
 
-    monkeypatch.setattr(F.rollouts, "activation_means", activation_means)
+    monkeypatch.setattr(rollouts, "activation_means", activation_means)
     vector, rel = F.persona_vector(None, trait, 0, cfg)
     np.testing.assert_allclose(vector, [0.25] * 4 + [0.0] * 4)
     assert rel["n_groups"] == 4 and rel["distinct_splits"] == 3
     assert rel["predicted"] == pytest.approx(0.0, abs=1e-9) and rel["high"] == pytest.approx(0.0, abs=1e-9)
-    assert "4 questions allow only 3 distinct split(s)" in FR.reliability_text(rel)
+    assert "4 questions allow only 3 distinct split(s)" in report_text.reliability_text(rel)
     assert F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=1))[1] is None
-    assert "not measured" in FR.reliability_text(None)
+    assert "not measured" in report_text.reliability_text(None)
     with pytest.raises(ValueError, match="n_extract_questions=21"):
         F.persona_vector(None, trait, 0, dataclasses.replace(cfg, n_extract_questions=21))
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from experiments import finetune as F
-from experiments import finetune_report as FR
-from experiments import finetune_spread as S
+from experiments.finetune import report_text
+from experiments.finetune import spread as S
 from psm_jax.persona import stats
 
 
@@ -240,14 +240,14 @@ def test_quick_preset_is_the_compact_main_job_stage():
     assert not (cfg.narrow or cfg.model_diff or cfg.caft or cfg.inoculation or cfg.persona_switch)
     full = study.preset_config(F, "full")
     assert full.narrow and full.model_diff and len(full.kl_weights) >= 2
-    scope = FR._scope(cfg)  # the report states what the compact stage can and cannot show
+    scope = report_text._scope(cfg)  # the report states what the compact stage can and cannot show
     assert "preventative steering at c = 4" in scope and "the control fine-tune" in scope
     assert "need >= 3 plain fine-tunes (this run has 2" in scope and "narrow vs general (study 5)" in scope
-    assert "narrow vs general" not in FR._scope(full)
+    assert "narrow vs general" not in report_text._scope(full)
 
 
 def test_overlap_text_says_whether_one_left_out_question_reaches_the_random_band():
-    from experiments.finetune_report import _overlap_text
+    from experiments.finetune.report_text import _overlap_text
 
     def ov(left_out_min):
         return {"overlap": 4, "null": {"low": 0, "high": 1},

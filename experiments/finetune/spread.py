@@ -43,7 +43,8 @@ import tempfile
 
 import numpy as np
 
-from experiments import finetune as F
+from experiments.finetune.data import greedy_answers, scoring_systems
+from experiments.finetune.training import chat_dataset, train
 from psm_jax.chat import Role
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import SITE, axis_from_vectors, project, unit
@@ -201,7 +202,7 @@ def assistant_axis(model, cfg, layer: int) -> tuple[np.ndarray, dict]:
 def measure_answers(scorer, answerer, questions, answers, traits, axis_unit, layer: int, cfg) -> dict:
     """Every trait's score of the answers (scored by `scorer`, the original model) and the answering model's
     Assistant-Axis projection of each answer's mean response activation: per question arrays."""
-    scores = {t.name: measures.answer_trait_score(scorer, questions, answers, *F.scoring_systems(t),
+    scores = {t.name: measures.answer_trait_score(scorer, questions, answers, *scoring_systems(t),
                                                   batch_size=cfg.gen_batch_size) for t in traits}
     convs = [answered_conv(q, a) for q, a in zip(questions, answers)]
     acts = rollouts.activation_means(answerer, convs, layers=(layer,), site=SITE, batch_size=cfg.gen_batch_size)
@@ -210,8 +211,8 @@ def measure_answers(scorer, answerer, questions, answers, traits, axis_unit, lay
 
 def _answer_and_measure(model, tuned, id_qs, ood_qs, id_answers, traits, axis_unit, layer, cfg) -> dict:
     if id_answers is None:
-        id_answers = F.greedy_answers(tuned, [system_conv(None, q) for q in id_qs], cfg)
-    ood_answers = F.greedy_answers(tuned, [system_conv(None, q) for q in ood_qs], cfg)
+        id_answers = greedy_answers(tuned, [system_conv(None, q) for q in id_qs], cfg)
+    ood_answers = greedy_answers(tuned, [system_conv(None, q) for q in ood_qs], cfg)
     return {"in": measure_answers(model, tuned, id_qs, id_answers, traits, axis_unit, layer, cfg),
             "out": measure_answers(model, tuned, ood_qs, ood_answers, traits, axis_unit, layer, cfg),
             "examples": {"in": [id_qs[0], id_answers[0]], "out": [ood_qs[-1], ood_answers[-1]]}}
@@ -228,7 +229,7 @@ def narrow_vs_general(model, kept: dict, traits, held, cfg, say=None) -> dict:
         say(f"narrow vs general: axis, {len(id_qs)} in-domain and {len(ood_qs)} out-of-domain questions")
     axis_unit, axis_info = assistant_axis(model, cfg, layer)
     ref = held[cfg.n_ood_sharegpt:cfg.n_ood_sharegpt + cfg.n_kl_reference]
-    ref_data = F.chat_dataset(model, ref, cfg) if any(w > 0 for w in cfg.kl_weights) else None
+    ref_data = chat_dataset(model, ref, cfg) if any(w > 0 for w in cfg.kl_weights) else None
     tuned = lambda params: dataclasses.replace(model, params=params)  # noqa: E731
     measure = lambda m, answers: _answer_and_measure(model, m, id_qs, ood_qs, answers, traits, axis_unit,  # noqa
                                                      layer, cfg)
@@ -241,8 +242,8 @@ def narrow_vs_general(model, kept: dict, traits, held, cfg, say=None) -> dict:
                          **measure(tuned(kept["plain"]["params"]), kept["plain"]["answers"])})
             continue
         variant = dataclasses.replace(kept["plain"]["variant"], name=f"narrow, KL {w:g}", kind="narrow")
-        trained = F.train(model, variant, kept["vector"], layer, cfg, kept["key"], say, kl_weight=w,
-                          ref_data=ref_data)
+        trained = train(model, variant, kept["vector"], layer, cfg, kept["key"], say, kl_weight=w,
+                        ref_data=ref_data)
         fits.append({"kl_weight": float(w), "training": trained, **measure(tuned(trained.pop("params")), None)})
     return summarize_narrow(evals, fits, [t.name for t in traits], cfg) | {
         "axis": axis_info, "n_in": len(id_qs), "n_out": len(ood_qs),
@@ -351,7 +352,7 @@ def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
     original = collect(model, fs, docs, **kw).conv
     tuned = {role: collect(model, fs, docs, params=kept[role]["params"], **kw).conv
              for role in ("plain", "control", "opposite") if role in kept}
-    pos_sys, neg_sys = F.scoring_systems(trait)
+    pos_sys, neg_sys = scoring_systems(trait)
     pos = collect(model, fs, [answered_conv(q, a, pos_sys) for q, a in zip(qs, base["polar"][0])], **kw).conv
     neg = collect(model, fs, [answered_conv(q, a, neg_sys) for q, a in zip(qs, base["polar"][1])], **kw).conv
     changes = {role: question_changes(stats, original, len(qs)) for role, stats in tuned.items()}
