@@ -29,7 +29,7 @@
    the damage that comes with it. Every headline's interval is a bootstrap over the held-out prompts.
 6. The score's validity check: the AUROC of the unedited refusal log-odds for telling the held-out prompts (both
    sides) whose greedy answer refuses from those whose answer does not; the log-odds headlines are evidence about
-   refusal only where its interval lies above 0.5.
+   refusal only where its interval lies above 0.5 and at least 5 answers fall on each side.
 
 The method (prompts, scores, candidates, selection, edits, nulls) is `psm_jax.persona.refusal`; this module runs it
 end to end, and `experiments.refusal_report` writes what it found.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.refusal import Config, Result
-from psm_jax.persona.refusal import Prompts, matched_damage_null, pooled_nulls
+from psm_jax.persona.refusal import VALIDITY_MIN_PER_SIDE, Prompts, matched_damage_null, pooled_nulls
 from psm_jax.persona.stats import bootstrap_ci, null_band, pearson, ranks
 
 NULL_NAMES = {"random": "random directions",
@@ -310,7 +310,13 @@ def _validity_text(res: Result) -> str:
     if v is None:
         return (f"Validity of the refusal score: not checkable here, since the greedy answers to all {n} held-out "
                 "prompts fall on one side (all refuse or none does); the log-odds headlines are read without it.")
-    verdict = "valid" if v["valid"] else "**not valid**: the log-odds headlines below are not evidence about refusal"
+    if v["valid"]:
+        verdict = "valid"
+    elif not v["enough"]:
+        verdict = (f"**not valid here**: fewer than {VALIDITY_MIN_PER_SIDE} answers on one side leave the interval "
+                   "unsupported, so the log-odds headlines below are not evidence about refusal")
+    else:
+        verdict = "**not valid**: the log-odds headlines below are not evidence about refusal"
     return (f"Validity of the refusal score: its AUROC for telling the held-out prompts (both sides, n = {v['n']}) "
             f"whose greedy answer refuses ({v['n_pos']}) from the rest is **{v['estimate']:.2f}** (95% interval over "
             f"prompts [{v['low']:.2f}, {v['high']:.2f}]; chance 0.5): {verdict}.")
@@ -357,9 +363,11 @@ def result_records(res: Result) -> list[dict]:
         out.append(dict(metric="refusal_score_validity", value=round(v["estimate"], 4),
                         unit="AUROC of the unedited refusal log-odds for the held-out prompts whose answer refuses",
                         reference=f"{cfg.model}; {v['n']} held-out prompts (both sides), {v['n_pos']} greedy answers "
-                                  f"with a refusal marker; seed {cfg.seed}", target="interval above 0.5",
+                                  f"with a refusal marker; seed {cfg.seed}",
+                        target=f"interval above 0.5, with >= {VALIDITY_MIN_PER_SIDE} answers on each side",
                         null="0.5 (a score unrelated to whether the answer refuses)",
-                        ci=[round(v["low"], 4), round(v["high"], 4)], n=v["n"], valid=v["valid"]))
+                        ci=[round(v["low"], 4), round(v["high"], 4)], n=v["n"], enough=v["enough"],
+                        valid=v["valid"]))
     if res.ce:
         ce = res.ce
         out.append(dict(metric="refusal_ce_change", value=round(ce["ce_pct_change"], 4),

@@ -313,8 +313,11 @@ def test_score_validity_reads_the_answers():
     scores = refused * 2.0 + np.random.default_rng(1).normal(size=len(answers))
     v = RL.score_validity(scores, answers, markers, seed=2)
     assert v["estimate"] == pytest.approx(auroc(refused, scores)) and v["n"] == 24 and v["n_pos"] == 12
-    assert v["valid"] == (v["low"] > 0.5)
+    assert v["enough"] and v["valid"] == (v["low"] > 0.5)
     assert RL.score_validity(scores[:2], ["Fine."] * 2, markers) is None
+    few = [refusal] * 3 + ["Fine."] * 21  # three refusals, perfectly separated: the interval is unsupported
+    v_few = RL.score_validity(np.r_[np.full(3, 5.0), np.zeros(21)], few, markers)
+    assert v_few["estimate"] == 1.0 and v_few["low"] > 0.5 and not v_few["enough"] and not v_few["valid"]
     with pytest.raises(ValueError, match="one answer per score"):
         RL.score_validity(scores, answers[:3], markers)
 

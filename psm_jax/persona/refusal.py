@@ -377,18 +377,23 @@ def refusal_rate(model, instructions: Sequence[str], markers, edits=(), *, max_n
     return anywhere, prefix, answers
 
 
+VALIDITY_MIN_PER_SIDE = 5  # fewer refusing (or non-refusing) answers than this leave the AUROC's interval unsupported
+
+
 def score_validity(scores: np.ndarray, answers: Sequence[str], markers, *, seed: int = 0) -> dict | None:
     """The refusal score's validity check on this model: how well the unedited score of each prompt tells the
     prompts whose greedy answer refuses (a marker anywhere) from those whose answer does not, as an AUROC with a
     bootstrap interval over prompts (`stats.auroc_ci`; chance 0.5). The log-odds is evidence about refusal only
-    where the interval lies above 0.5. None when every answer falls on one side (nothing to separate)."""
+    where the interval lies above 0.5 and each side holds at least VALIDITY_MIN_PER_SIDE answers (`enough`): a
+    bootstrap over three refusals cannot support an interval. None when every answer falls on one side."""
     refused = np.array([markers.is_refusal(a, anywhere=True) for a in answers], bool)
     if len(refused) != len(scores):
         raise ValueError(f"{len(scores)} scores and {len(answers)} answers; expected one answer per score")
     if refused.all() or not refused.any():
         return None
     ci = auroc_ci(refused, np.asarray(scores, np.float64), seed=seed)
-    return dict(ci, valid=bool(ci["low"] > 0.5))
+    enough = bool(min(refused.sum(), (~refused).sum()) >= VALIDITY_MIN_PER_SIDE)
+    return dict(ci, enough=enough, valid=bool(enough and ci["low"] > 0.5))
 
 
 MATCH_FACTOR = 2.0  # null directions whose KL lies within this factor of the selected direction's count as matched
