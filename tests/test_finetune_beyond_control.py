@@ -103,7 +103,7 @@ def test_headline_correlation_is_the_pre_registered_standardised_pooled_r():
     assert c["r"]["estimate"] > 0.99 and c["outside_null"] and c["null_kind"] == "pairs shuffled inside each trait"
     assert set(c["per_trait"]) == {"a", "b", "c"} and all(p["n"] == 5 and "low" in p for p in c["per_trait"].values())
     assert c["unstandardised"]["r"]["estimate"] < 0.5
-    text = report_text._corr_text(c, "Shift vs behaviour")
+    text = report_text.corr_text(c, "Shift vs behaviour")
     assert "pre-registered" in text and "per trait: a r = " in text and "unstandardised pooled r = " in text
 
 
@@ -112,7 +112,7 @@ def test_a_correlation_between_traits_only_is_reported_with_its_caveat_and_not_r
     groups = ["a", "a", "b", "b", "c", "c"]
     c = F.correlation([0.0, 1.0, 5.0, 6.0, 2.0, 3.0], [1.0, 0.5, 4.0, 3.0, 2.0, 2.5], groups, seed=0)
     assert c["statistic"] == F.RAW_STATISTIC and "within_trait" in c
-    assert "compares the traits with each other" in report_text._corr_text(c, "Shift vs behaviour")
+    assert "compares the traits with each other" in report_text.corr_text(c, "Shift vs behaviour")
     cfg = F.Config(traits=("evil", "humorous", "sycophantic"), mixes=(1.0,), caft=False, inoculation=False,
                    persona_switch=False, narrow=False, model_diff=False)
     metrics = {"shift_behaviour": c, "screening_shift": c, "shift_behaviour_raw": None, "screening_shift_raw": None,

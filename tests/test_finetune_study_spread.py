@@ -240,18 +240,18 @@ def test_quick_preset_is_the_compact_main_job_stage():
     assert not (cfg.narrow or cfg.model_diff or cfg.caft or cfg.inoculation or cfg.persona_switch)
     full = study.preset_config(F, "full")
     assert full.narrow and full.model_diff and len(full.kl_weights) >= 2
-    scope = report_text._scope(cfg)  # the report states what the compact stage can and cannot show
+    scope = report_text.scope(cfg)  # the report states what the compact stage can and cannot show
     assert "preventative steering at c = 4" in scope and "the control fine-tune" in scope
     assert "need >= 3 plain fine-tunes (this run has 2" in scope and "narrow vs general (study 5)" in scope
-    assert "narrow vs general" not in report_text._scope(full)
+    assert "narrow vs general" not in report_text.scope(full)
 
 
 def test_overlap_text_says_whether_one_left_out_question_reaches_the_random_band():
-    from experiments.finetune.report_text import _overlap_text
+    from experiments.finetune.report_text import overlap_text
 
     def ov(left_out_min):
         return {"overlap": 4, "null": {"low": 0, "high": 1},
                 "interval": {"low": 0.0, "high": 8.2, "left_out_min": left_out_min, "left_out_max": 5}}
 
-    assert _overlap_text(ov(3)) == "4 [0, 8] (one question left out: 3-5, always above the random band)"
-    assert _overlap_text(ov(1)) == "4 [0, 8] (one question left out: 1-5, down into the random band)"
+    assert overlap_text(ov(3)) == "4 [0, 8] (one question left out: 3-5, always above the random band)"
+    assert overlap_text(ov(1)) == "4 [0, 8] (one question left out: 1-5, down into the random band)"

@@ -355,7 +355,7 @@ def test_reliability_compares_the_predicted_rerun_cosine_with_the_nearest_other_
     assert f"{n_stable} of 3 vectors are stable" in text and (tmp_path / "vector_reliability.png").is_file()
     assert "4 questions allow only 3 distinct split(s)" in text
     alone = pv.reliability_metrics(results[:1])
-    assert alone["evil"]["stable"] is None and "single trait" in report_text._reliability_reading(alone)
+    assert alone["evil"]["stable"] is None and "single trait" in report_text.reliability_reading(alone)
     assert pv.reliability_metrics([{**results[0], "reliability": None}]) == {}
 
 
@@ -364,11 +364,11 @@ def test_trait_specific_reading_follows_the_rule_fixed_before_the_run():
         return {"per_trait": {f"t{i}": {"valid": v, "pass": p, "diag_z": z} for i, (v, p) in enumerate(passes)},
                 "n_random": 20}
 
-    assert report_text._trait_specific_reading(rows((True, True), (True, True), (True, False))).startswith(
+    assert report_text.trait_specific_reading(rows((True, True), (True, True), (True, False))).startswith(
         "2 of 3 traits with a valid measure pass on their trait-specific part (t0, t1): the whole vectors' cross-trait")
-    text = report_text._trait_specific_reading(rows((True, True), (False, True), (True, False)))
+    text = report_text.trait_specific_reading(rows((True, True), (False, True), (True, False)))
     assert text.startswith("1 of 2 traits") and "(t0)" in text and "not specific on this model" in text
-    assert report_text._trait_specific_reading(rows((True, False), z=float("nan"))).startswith(
+    assert report_text.trait_specific_reading(rows((True, False), z=float("nan"))).startswith(
         "No trait-specific part was")
 
 
@@ -408,16 +408,16 @@ def test_filter_pairs_and_fallback():
     trait = [80, 60, 10, 20, 70, 5]  # pos q0..q2, neg q0..q2
     coh = [90, 90, 90, 90, 90, None]
     cfg = pv.Config(min_kept_pairs=1)
-    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, True, cfg)
+    pos, neg, info = pv_extraction.filter_pairs(rows, trait, coh, True, cfg)
     assert (pos, neg) == ([0], [3]) and info["n_pairs_kept"] == 1 and not info["fallback"]
-    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, True, pv.Config(min_kept_pairs=2))
+    pos, neg, info = pv_extraction.filter_pairs(rows, trait, coh, True, pv.Config(min_kept_pairs=2))
     assert info["fallback"] and len(pos) == 3
-    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, True, pv.Config(filter=False))
+    pos, neg, info = pv_extraction.filter_pairs(rows, trait, coh, True, pv.Config(filter=False))
     assert len(pos) == 3 and not info["filter"] and not info["judge_not_valid"]
-    pos, neg, info = pv_extraction._filter_pairs(rows, trait, coh, False, cfg)
+    pos, neg, info = pv_extraction.filter_pairs(rows, trait, coh, False, cfg)
     assert len(pos) == 3 and not info["filter"] and info["judge_not_valid"]
     assert "failed its validity check" in report_text._filter_words(info)
-    info = pv_extraction._filter_pairs(rows, trait, coh, True, cfg)[2]
+    info = pv_extraction.filter_pairs(rows, trait, coh, True, cfg)[2]
     assert "1/3 pos/neg pairs kept." in report_text._filter_words(info)
 
 
@@ -690,10 +690,10 @@ def test_monitoring_layer_rule_is_crossfitted_on_extraction_rows():
     direction = rng.normal(size=(n_layers, d))
     p_rule = monitoring.prompt_projections(mon_acts, direction, 1, 10)[0]
     per_unit = (p_rule + rng.normal(scale=0.1, size=10))[:, None] * np.ones((1, 3))
-    rule = pv_monitoring._rule_monitoring(per_unit, systems, mon_acts, direction, sep, seed=0)
+    rule = pv_monitoring.rule_monitoring(per_unit, systems, mon_acts, direction, sep, seed=0)
     assert rule["layer"] == 1 and rule["monitor_within_polarity"]["pooled_within"]["estimate"] > 0.9
     np.testing.assert_allclose(rule["proj_last_prompt"], p_rule)
-    assert pv_monitoring._rule_monitoring(per_unit, systems, mon_acts, direction, None, seed=0) is None
+    assert pv_monitoring.rule_monitoring(per_unit, systems, mon_acts, direction, None, seed=0) is None
     line, = report_records._rule_monitor_records("evil", {"layer": 2, "validity": {"valid": True},
                                                           "rule_monitoring": rule})
     assert line["metric"] == "persona_monitor_within_r_rule_layer"
@@ -736,8 +736,8 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     monkeypatch.setattr(monitoring, "response_measure", fake_measure)
     held = [{"question": f"q{i}", "pos": "a", "neg": "b", "pair": i} for i in range(3)]
     cfg = pv.Config(traits=("evil",), judge="none", n_monitor_questions=n_q)
-    hold = pv_monitoring._holdout_monitoring(None, trait, cfg, held, direction,
-                                             {"steering": 0, "rule": 1, "skipped": None})
+    hold = pv_monitoring.holdout_monitoring(None, trait, cfg, held, direction,
+                                            {"steering": 0, "rule": 1, "skipped": None})
 
     assert [c[0]["content"] for c in generated] == [g["prompt"] for g in held_prompts for _ in range(n_q)]
     assert [c[1]["content"] for c in generated[:n_q]] == list(trait.evaluation_questions[:n_q])
@@ -764,4 +764,4 @@ def test_holdout_monitoring_scores_every_unit_at_layers_fixed_before(monkeypatch
     assert [ln["key"] for ln in lines] == ["evil/steering", "evil/rule"] and lines[1]["value"] == r_rule
     assert all(ln["metric"] == "persona_monitor_within_r_holdout" for ln in lines)
     assert "Held-out graded prompts (14" in report_text._holdout_words(hold) and report_text._holdout_words(None) == ""
-    assert pv_monitoring._holdout_monitoring(None, load_trait("apathetic"), cfg, held, direction, {"rule": 1}) is None
+    assert pv_monitoring.holdout_monitoring(None, load_trait("apathetic"), cfg, held, direction, {"rule": 1}) is None

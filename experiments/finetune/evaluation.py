@@ -53,7 +53,7 @@ def evaluate(model, tuned, vector, layer: int, base: dict, cfg: Config, variant:
     return out
 
 
-def _baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
+def baseline(model, trait, layer: int, cfg: Config, ppl_convs) -> dict:
     """The original model on the evaluation questions: answers, activations, scores, validity, perplexity."""
     qs = list(trait.evaluation_questions[:cfg.n_eval_questions])
     if len(qs) < 3:

@@ -11,7 +11,7 @@ import numpy as np
 
 from experiments.finetune.config import Config
 from experiments.finetune.data import build_variants, training_data
-from experiments.finetune.evaluation import _baseline, evaluate
+from experiments.finetune.evaluation import baseline, evaluate
 from experiments.finetune.spread import model_diffing, narrow_vs_general
 from experiments.finetune.summary import prevention_summaries, summarize
 from experiments.finetune.training import train, training_key
@@ -32,7 +32,7 @@ def run_trait(model, trait, trait_index: int, cfg: Config, ppl_convs, say, keep:
         say(f"{trait.name}: persona vector at layer {layer}")
     vector, reliability = persona_vector(model, trait, layer, cfg)
     questions, answers, screen = training_data(model, trait, trait_index, vector, layer, cfg, say)
-    base = _baseline(model, trait, layer, cfg, ppl_convs)
+    base = baseline(model, trait, layer, cfg, ppl_convs)
     key = training_key(cfg, trait_index)
     rows, kept = train_and_evaluate(model, build_variants(trait, questions, answers, screen, cfg), vector, layer, base,
                                     cfg, key, ppl_convs, say, keep)

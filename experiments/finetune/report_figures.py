@@ -8,7 +8,7 @@ from experiments.finetune.summary import row_summary
 from experiments.report import Report, pyplot
 
 
-def _scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: str, xlabel: str, ylabel: str) -> None:
+def scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: str, xlabel: str, ylabel: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in results:
@@ -25,7 +25,7 @@ def _scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: s
     rep.figure(name, fig, caption)
 
 
-def _shift_bars(rep: Report, r: dict) -> None:
+def shift_bars(rep: Report, r: dict) -> None:
     plt = pyplot()
     rows = [row_summary(row) for row in r["rows"]]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.5))
@@ -42,7 +42,7 @@ def _shift_bars(rep: Report, r: dict) -> None:
                                            "of the first fine-tune).")
 
 
-def _loss_plot(rep: Report, results) -> None:
+def loss_plot(rep: Report, results) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in results:
@@ -54,7 +54,7 @@ def _loss_plot(rep: Report, results) -> None:
     rep.figure("training_loss", fig, "Training loss per fine-tune.")
 
 
-def _spread_plot(rep: Report, nv: dict) -> None:
+def spread_plot(rep: Report, nv: dict) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     w = [r["kl_weight"] for r in nv["per_kl"]]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from experiments.finetune.config import Config
 from experiments.finetune.pipeline import Result
-from experiments.finetune.report_figures import _loss_plot, _scatter, _shift_bars, _spread_plot
-from experiments.finetune.report_text import (PREREGISTERED_TEXT, _beyond_headlines, _ci_text, _comparison_lines,
-                                              _corr_text, _finetune_row, _overlap_text, _prevention_headlines,
-                                              _scope, _setup_text, _trait_lines)
+from experiments.finetune.report_figures import loss_plot, scatter, shift_bars, spread_plot
+from experiments.finetune.report_text import (PREREGISTERED_TEXT, beyond_headlines, ci_text, comparison_lines,
+                                              corr_text, finetune_row, overlap_text, prevention_headlines,
+                                              scope, setup_text, trait_lines)
 from experiments.report import Report
 from psm_jax.persona import measures
 
@@ -18,42 +18,42 @@ from psm_jax.persona import measures
 def write_report(result: Result, folder) -> Path:
     cfg, m = result.config, result.metrics
     rep = Report(folder, "Fine-tuning studies: data mixes, shift, screening, preventative steering", cfg)
-    rep.section("Setup", _setup_text(result))
+    rep.section("Setup", setup_text(result))
     rel = " beyond the control, mix fine-tunes" if m["relative_to_control"] else ""
     rep.section("Headlines", "\n".join([
-        "- " + _corr_text(m["shift_behaviour"], f"Shift vs behaviour change{rel} (finetune_shift_behaviour_r)"),
-        "- " + _corr_text(m["screening_shift"], f"Screening (before training) vs shift{rel} (finetune_screening_r)")]
-        + _prevention_headlines(m) + _beyond_headlines(result.beyond) + ["", PREREGISTERED_TEXT]))
+        "- " + corr_text(m["shift_behaviour"], f"Shift vs behaviour change{rel} (finetune_shift_behaviour_r)"),
+        "- " + corr_text(m["screening_shift"], f"Screening (before training) vs shift{rel} (finetune_screening_r)")]
+        + prevention_headlines(m) + beyond_headlines(result.beyond) + ["", PREREGISTERED_TEXT]))
     if m["relative_to_control"]:
         rep.section("Changes from the original model (control included)", "\n".join([
-            "- " + _corr_text(m["shift_behaviour_raw"], "Shift vs behaviour change, raw"),
-            "- " + _corr_text(m["screening_shift_raw"], "Screening vs shift, raw"),
+            "- " + corr_text(m["shift_behaviour_raw"], "Shift vs behaviour change, raw"),
+            "- " + corr_text(m["screening_shift_raw"], "Screening vs shift, raw"),
             "The headline correlations use each mix fine-tune's change minus its trait's control fine-tune's (same "
             "questions, key and batch order), so the drift that training on the model's own answers causes, and its "
             "difference between traits, is not counted as the trait's shift."]))
     for r in result.results:
         per = m["traits"][r["trait"]]
-        rep.section(f"Trait {r['trait']} (layer {r['layer']})", "\n".join(_trait_lines(r, per)))
-        rep.table(f"{r['trait']}: fine-tunes", [_finetune_row(s) for s in per["finetunes"]])
+        rep.section(f"Trait {r['trait']} (layer {r['layer']})", "\n".join(trait_lines(r, per)))
+        rep.table(f"{r['trait']}: fine-tunes", [finetune_row(s) for s in per["finetunes"]])
         if per.get("prevention_over_runs"):
             _runs_table(rep, r["trait"], per["prevention_over_runs"])
-        _shift_bars(rep, r)
+        shift_bars(rep, r)
         ex = r["example_training"]
         rep.section(f"{r['trait']}: example training answers", "\n".join(
             f"- {pol}: Q: {ex[pol][0]} A: {' '.join(ex[pol][1].split())[:200]}" for pol in ex))
-    _scatter(rep, result.results, "shift", "score", "shift_vs_behaviour",
-             "Plain fine-tunes: projection shift vs trait score change (labels: mix or control).",
-             "last-prompt projection shift", "trait score change")
-    _scatter(rep, result.results, "screening", "shift", "screening_vs_shift",
-             "Plain fine-tunes: screening score before training vs projection shift after.",
-             "screening (projection difference of the data)", "last-prompt projection shift")
-    _loss_plot(rep, result.results)
+    scatter(rep, result.results, "shift", "score", "shift_vs_behaviour",
+            "Plain fine-tunes: projection shift vs trait score change (labels: mix or control).",
+            "last-prompt projection shift", "trait score change")
+    scatter(rep, result.results, "screening", "shift", "screening_vs_shift",
+            "Plain fine-tunes: screening score before training vs projection shift after.",
+            "screening (projection difference of the data)", "last-prompt projection shift")
+    loss_plot(rep, result.results)
     validity = {r["trait"]: r["validity"] for r in result.results}
     if "narrow" in result.beyond:
         _narrow_section(rep, result.beyond["narrow"], validity, cfg)
     if "model_diff" in result.beyond:
         _diff_section(rep, result.beyond["model_diff"], result.results[0], cfg)
-    rep.section("Scope: what this run can and cannot show", _scope(cfg))
+    rep.section("Scope: what this run can and cannot show", scope(cfg))
     rep.metric("finetune", m)
     rep.metric("beyond_training", result.beyond)
     return rep.finish()
@@ -61,8 +61,8 @@ def write_report(result: Result, folder) -> Path:
 
 def _runs_table(rep: Report, trait: str, over_runs: list[dict]) -> None:
     """One row per training run and preventative coefficient: the run's reduction with its interval over questions."""
-    rows = [{"coefficient": p["name"], "seed": r["seed"], "reduction [95% CI over questions]": _ci_text(r["reduction"]),
-             "plain beyond control": _ci_text(r["plain_vs_control"]),
+    rows = [{"coefficient": p["name"], "seed": r["seed"], "reduction [95% CI over questions]": ci_text(r["reduction"]),
+             "plain beyond control": ci_text(r["plain_vs_control"]),
              "ppl vs plain": "-" if r["ppl_vs_plain"] is None else f"{r['ppl_vs_plain']:.3f}",
              "meets target alone": r["meets_target"]} for p in over_runs for r in p["per_run"]]
     rep.table(f"{trait}: prevention in each training run", rows)
@@ -81,19 +81,19 @@ def _narrow_section(rep: Report, nv: dict, validity: dict, cfg: Config) -> None:
              f"Spread = out-of-domain change / in-domain change of the {trained} score, each per question beyond the "
              "control fine-tune (0: stayed in domain; 1: spread fully); 95% interval resampling the two question "
              "sets independently. Null: the control fine-tune's own change from the original model, "
-             + ", ".join(f"{split} domain {_ci_text(nv['control_changes'][k][trained])}"
+             + ", ".join(f"{split} domain {ci_text(nv['control_changes'][k][trained])}"
                          for k, split in (("in", "in"), ("out", "out of"))) + "."]
     for row in nv["per_kl"]:
         verdict = ("" if row["readable"] else " -- the in-domain effect's interval includes 0, so the spread ratio "
                    "is not readable at this weight")
-        lines.append(f"- KL {row['kl_weight']:g}: spread {_ci_text(row['spread'])} (in-domain effect "
-                     f"{_ci_text(row['in_domain'])}, out-of-domain {_ci_text(row['out_of_domain'])}; vs the original "
-                     f"instead of the control {_ci_text(row['spread_vs_original'])}){verdict}.")
+        lines.append(f"- KL {row['kl_weight']:g}: spread {ci_text(row['spread'])} (in-domain effect "
+                     f"{ci_text(row['in_domain'])}, out-of-domain {ci_text(row['out_of_domain'])}; vs the original "
+                     f"instead of the control {ci_text(row['spread_vs_original'])}){verdict}.")
     rep.section("Narrow vs general (study 5)", "\n".join(lines))
     measures_ = list(nv["control_changes"]["in"])
-    rows = [{"model": "control", **{f"{m} {sp}": _ci_text(nv["control_changes"][sp][m]) for sp in ("in", "out")
+    rows = [{"model": "control", **{f"{m} {sp}": ci_text(nv["control_changes"][sp][m]) for sp in ("in", "out")
                                     for m in measures_}}]
-    rows += [{"model": f"narrow, KL {row['kl_weight']:g}", **{f"{m} {sp}": _ci_text(row["changes"][sp][m])
+    rows += [{"model": f"narrow, KL {row['kl_weight']:g}", **{f"{m} {sp}": ci_text(row["changes"][sp][m])
                                                              for sp in ("in", "out") for m in measures_}}
              for row in nv["per_kl"]]
     rep.table("Narrow vs general: change from the original model per measure (in = in domain, out = out of "
@@ -101,7 +101,7 @@ def _narrow_section(rep: Report, nv: dict, validity: dict, cfg: Config) -> None:
     ex = nv["per_kl"][0]["examples"]
     rep.section("Narrow vs general: example answers (KL 0)", "\n".join(
         f"- {sp}: Q: {' '.join(q.split())[:160]} A: {' '.join(a.split())[:200]}" for sp, (q, a) in ex.items()))
-    _spread_plot(rep, nv)
+    spread_plot(rep, nv)
 
 
 def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
@@ -116,15 +116,15 @@ def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
              f"Intervals: 95% leave-one-question-out jackknife over the {sp['r']['n']} questions, both change "
              "vectors recomputed without each question in turn.",
              f"- Top-{ov['k']} latents by |change|, plain 100% fine-tune vs positive-vs-negative system prompt: "
-             f"overlap {_overlap_text(ov)}, of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, "
+             f"overlap {overlap_text(ov)}, of {ov['k']} (chance {ov['chance']:.2f}; random {ov['k']}-latent sets, "
              f"95% band [{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]; {ov['n_latents']} latents fire on the "
              "documents)"
              + ("" if ov["above_null"] else " -- not above the random band") + "."
              + (f" The control fine-tune's overlap: {md['control_overlap']}." if "control_overlap" in md else ""),
-             f"- Spearman r of the two change vectors: {_ci_text(sp['r'])}, over {sp['n']} latents; shuffled band "
+             f"- Spearman r of the two change vectors: {ci_text(sp['r'])}, over {sp['n']} latents; shuffled band "
              f"[{sp['null']['low']:.2f}, {sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else
                                                                       " -- inside the band") + ".",
-             *_comparison_lines(md),
+             *comparison_lines(md),
              f"- Persona vector |cosine| with the decoder rows of the fine-tune's top latents: "
              f"{da['mean_abs_cos']:.3f} (random latents' band [{da['null']['low']:.3f}, {da['null']['high']:.3f}]); "
              f"of the system prompt's top latents: {pa['mean_abs_cos']:.3f}."]

@@ -7,7 +7,7 @@ import numpy as np
 
 from experiments.finetune.config import RAW_STATISTIC
 from experiments.finetune.pipeline import Result
-from experiments.finetune.report_text import DIFF_COMPARISONS, _overlap_text, _seeds_text
+from experiments.finetune.report_text import DIFF_COMPARISONS, overlap_text, seeds_text
 from experiments.finetune.summary import prevention_pooled_target, prevention_runs_target, prevention_target
 
 
@@ -102,7 +102,7 @@ def _prevention_over_runs_records(trait: str, per: dict, valid: bool, common: di
                       target=">= 0.5 (interval over runs) at < 5% perplexity cost, plain shift beyond the control "
                              "above 0 over runs",
                       null="0: no reduction of the plain fine-tune's shift beyond the control", **common)
-        runs = f"{p['n_runs']} training runs (seeds {_seeds_text(p['seeds'])})"
+        runs = f"{p['n_runs']} training runs (seeds {seeds_text(p['seeds'])})"
         out.append(dict(shared, metric="preventative_steering_reduction_over_runs", value=red["estimate"],
                         low=red["low"], high=red["high"], ci=[red["low"], red["high"]],
                         per_run=[r["reduction"]["estimate"] for r in p["per_run"]],
@@ -194,7 +194,7 @@ def _overlap_record(ov: dict, sp: dict, md: dict, common: dict, *, key: str | No
                 ci=[ov["interval"]["low"] / ov["k"], ov["interval"]["high"] / ov["k"]],
                 null=f"random top-{ov['k']} sets among {ov['n_latents']} latents: 95% band "
                      f"[{ov['null']['low'] / ov['k']:.3g}, {ov['null']['high'] / ov['k']:.3g}]",
-                reference=f"{what}top-{ov['k']} overlap {_overlap_text(ov)} (chance {ov['chance']:.2f}, random band "
+                reference=f"{what}top-{ov['k']} overlap {overlap_text(ov)} (chance {ov['chance']:.2f}, random band "
                           f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}]) among {ov['n_latents']} latents; "
                           f"Spearman r {sp['r']['estimate']:.3f} [{sp['r']['low']:.3f}, {sp['r']['high']:.3f}]; "
                           f"intervals over {sp['r']['n']} questions",

@@ -10,22 +10,22 @@ from experiments.report import few_splits_text, fmt_num
 from psm_jax.persona import measures
 
 
-def _ci_text(ci: dict | None, f: str = ".3g") -> str:
+def ci_text(ci: dict | None, f: str = ".3g") -> str:
     if ci is None:
         return "n/a"
     est = ci.get("estimate", ci.get("ratio"))
     return f"{fmt_num(est, f)} [{fmt_num(ci['low'], f)}, {fmt_num(ci['high'], f)}]"
 
 
-def _corr_text(c: dict | None, what: str) -> str:
+def corr_text(c: dict | None, what: str) -> str:
     if c is None:
         return f"{what}: not computed (fewer than 3 plain fine-tunes or no spread)."
-    text = (f"{what}: r = {_ci_text(c['r'])}, n = {c['n']} fine-tunes ({c['statistic']}); null band "
+    text = (f"{what}: r = {ci_text(c['r'])}, n = {c['n']} fine-tunes ({c['statistic']}); null band "
             f"({c['null_kind']}) [{c['null']['low']:.2f}, {c['null']['high']:.2f}]"
             + ("" if c["outside_null"] else " -- inside the null band: not evidence of a relation"))
     if c.get("per_trait"):
         text += "; per trait: " + ", ".join(
-            f"{t} r = {_ci_text(pt) if 'low' in pt else fmt_num(pt['estimate'], '.3g')} (n = {pt['n']})"
+            f"{t} r = {ci_text(pt) if 'low' in pt else fmt_num(pt['estimate'], '.3g')} (n = {pt['n']})"
             for t, pt in c["per_trait"].items())
     if c.get("dropped_traits"):
         text += f" (left out, < 3 fine-tunes or no spread: {', '.join(c['dropped_traits'])})"
@@ -34,11 +34,11 @@ def _corr_text(c: dict | None, what: str) -> str:
         text += (" -- no trait has 3 fine-tunes of its own, so this compares the traits with each other, not the "
                  "relation inside a trait (not recorded)")
     if c["statistic"] != RAW_STATISTIC:
-        text += (f"; unstandardised pooled r = {_ci_text(raw['r'])}, pairs shuffled across all fine-tunes: band "
+        text += (f"; unstandardised pooled r = {ci_text(raw['r'])}, pairs shuffled across all fine-tunes: band "
                  f"[{raw['null']['low']:.2f}, {raw['null']['high']:.2f}]" + (", outside it" if raw["outside_null"]
                                                                              else ", inside it"))
     if "within_trait" in c:
-        text += f"; centred within trait (not scaled) r = {_ci_text(c['within_trait'])}"
+        text += f"; centred within trait (not scaled) r = {ci_text(c['within_trait'])}"
         if "within_trait_null" in c:
             band = c["within_trait_null"]
             text += (f" (pairs shuffled inside each trait: band [{band['low']:.2f}, {band['high']:.2f}]"
@@ -59,7 +59,7 @@ PREREGISTERED_TEXT = (
     "unstandardised pooled r are given beside it.")
 
 
-def _setup_text(result: Result) -> str:
+def setup_text(result: Result) -> str:
     """What ran: model, traits, the persona vector's layer, the training data and LoRA settings, the evaluation."""
     cfg = result.config
     layer_from = "the middle block" if cfg.layer is None else "given in the configuration, not chosen on this run"
@@ -90,43 +90,43 @@ def reliability_text(rel: dict | None) -> str:
             " The shifts below are measured along this vector, so they are only as reproducible as it is.")
 
 
-def _trait_lines(r: dict, per: dict) -> list[str]:
+def trait_lines(r: dict, per: dict) -> list[str]:
     """One trait's validity and screening checks, each steered fine-tune's prevention, inoculation and the switch."""
     lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
              ("" if r["validity"]["valid"] else " -- behaviour changes below are not evidence for this trait"),
              f"- Screening sanity (projection minus own answer's, per training question): positive answers "
-             f"{_ci_text(r['screening_validity']['pos'])}, negative answers "
-             f"{_ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}.",
+             f"{ci_text(r['screening_validity']['pos'])}, negative answers "
+             f"{ci_text(r['screening_validity']['neg'])}; persona vector norm {r['vector_norm']:.3g}.",
              f"- {reliability_text(r.get('vector_reliability'))}"]
     for p in per.get("prevention", []):
         what = "beyond the control" if p["relative_to_control"] else "raw"
-        lines.append(f"- {p['name']}: shift reduction vs plain 100% ({what}) {_ci_text(p['reduction'])} (raw "
-                     f"{_ci_text(p['reduction_raw'])}; plain shift {_ci_text(p['plain_shift'])}); trait score vs "
-                     f"plain {_ci_text(p['score_difference'])}; perplexity ratio vs original "
-                     f"{_ci_text(p['ppl'])} (plain {_ci_text(p['plain_ppl'])}), vs the plain fine-tune "
-                     f"{_ci_text(p.get('ppl_vs_plain'))}.")
+        lines.append(f"- {p['name']}: shift reduction vs plain 100% ({what}) {ci_text(p['reduction'])} (raw "
+                     f"{ci_text(p['reduction_raw'])}; plain shift {ci_text(p['plain_shift'])}); trait score vs "
+                     f"plain {ci_text(p['score_difference'])}; perplexity ratio vs original "
+                     f"{ci_text(p['ppl'])} (plain {ci_text(p['plain_ppl'])}), vs the plain fine-tune "
+                     f"{ci_text(p.get('ppl_vs_plain'))}.")
         if "plain_vs_control" in p:
-            lines.append(f"  Relative to the control fine-tune: plain {_ci_text(p['plain_vs_control'])}, steered "
-                         f"{_ci_text(p['steered_vs_control'])}" + ("" if p["plain_toward_trait"] else
+            lines.append(f"  Relative to the control fine-tune: plain {ci_text(p['plain_vs_control'])}, steered "
+                         f"{ci_text(p['steered_vs_control'])}" + ("" if p["plain_toward_trait"] else
                          "; the plain fine-tune did not move toward the trait beyond the control, so the "
                          "reduction ratio is not a measure of prevention here") + ".")
     if "inoculation_effect" in per:
         lines.append(f"- Inoculation effect (trait score, inoculated minus plain 100%, no system prompt at test): "
-                     f"{_ci_text(per['inoculation_effect'])}.")
+                     f"{ci_text(per['inoculation_effect'])}.")
     if "persona_switch_effect" in per:
         lines.append(f"- Persona switch effect (trigger minus no trigger, beyond the original model's): "
-                     f"{_ci_text(per['persona_switch_effect'])}.")
+                     f"{ci_text(per['persona_switch_effect'])}.")
     return lines
 
 
-def _finetune_row(s: dict) -> dict:
-    return {"fine-tune": s["name"], "screening": s["screening"], "shift [95% CI]": _ci_text(s["shift"]),
+def finetune_row(s: dict) -> dict:
+    return {"fine-tune": s["name"], "screening": s["screening"], "shift [95% CI]": ci_text(s["shift"]),
             "random band": f"[{s['shift_null']['low']:.3g}, {s['shift_null']['high']:.3g}]",
-            "trait score change": _ci_text(s["score_change"]), "ppl ratio": _ci_text(s["ppl"]),
+            "trait score change": ci_text(s["score_change"]), "ppl ratio": ci_text(s["ppl"]),
             "final loss": s["final_loss"], "train s": s["train_seconds"], "tok/s": s["tokens_per_s"]}
 
 
-def _prevention_headlines(m: dict) -> list[str]:
+def prevention_headlines(m: dict) -> list[str]:
     out = []
     for trait, per in m["traits"].items():
         for p in per.get("prevention", []):
@@ -134,36 +134,36 @@ def _prevention_headlines(m: dict) -> list[str]:
                        "does not meet the target" + ("" if p.get("plain_toward_trait", True) else
                                                      ": the plain fine-tune did not move toward the trait"))
             out.append(f"- Prevention, {trait}, {p['name']} (preventative_steering_shift_reduction): "
-                       f"{_ci_text(p['reduction'])} of the shift{' beyond the control' * p['relative_to_control']}, "
-                       f"perplexity vs plain {_ci_text(p.get('ppl_vs_plain'))} -- {verdict}.")
+                       f"{ci_text(p['reduction'])} of the shift{' beyond the control' * p['relative_to_control']}, "
+                       f"perplexity vs plain {ci_text(p.get('ppl_vs_plain'))} -- {verdict}.")
         for p in per.get("prevention_over_runs", []):
             verdict = ("meets the target over runs" if prevention_runs_target(p) else
                        "does not meet the target over runs")
             pooled = ("meets it" if prevention_pooled_target(p) else "does not meet it")
-            out.append(f"- Prevention over {p['n_runs']} independent training runs (seeds {_seeds_text(p['seeds'])}), "
+            out.append(f"- Prevention over {p['n_runs']} independent training runs (seeds {seeds_text(p['seeds'])}), "
                        f"{trait}, {p['name']} (preventative_steering_reduction_over_runs): mean reduction "
-                       f"{_ci_text(p['reduction'])} (Student-t interval over runs); the plain fine-tune's shift beyond "
-                       f"the control {_ci_text(p['plain_vs_control'])}; perplexity vs plain "
+                       f"{ci_text(p['reduction'])} (Student-t interval over runs); the plain fine-tune's shift beyond "
+                       f"the control {ci_text(p['plain_vs_control'])}; perplexity vs plain "
                        f"{p['ppl_vs_plain_mean']:.3f} on average, at most {p['ppl_vs_plain_max']:.3f}; "
                        f"{sum(r['meets_target'] for r in p['per_run'])} of {p['n_runs']} runs meet the target alone "
                        f"-- {verdict}. The ratio of means over runs (preventative_steering_pooled_reduction_over_runs: "
                        f"1 - mean steered / mean plain shift beyond the control, leave-one-run-out jackknife at "
-                       f"Student-t values) is {_ci_text(p['pooled_reduction'])} and {pooled}.")
+                       f"Student-t values) is {ci_text(p['pooled_reduction'])} and {pooled}.")
     return out
 
 
 
 
-def _seeds_text(seeds: list[int]) -> str:
+def seeds_text(seeds: list[int]) -> str:
     return f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) and len(seeds) > 2 else \
         ", ".join(map(str, seeds))
 
 
-def _beyond_headlines(beyond: dict) -> list[str]:
+def beyond_headlines(beyond: dict) -> list[str]:
     out = []
     for row in beyond.get("narrow", {}).get("per_kl", []):
         out.append(f"- Narrow vs general spread at KL {row['kl_weight']:g} (narrow_vs_general_spread): "
-                   f"{_ci_text(row['spread'])}, in-domain effect {_ci_text(row['in_domain'])}" +
+                   f"{ci_text(row['spread'])}, in-domain effect {ci_text(row['in_domain'])}" +
                    ("." if row["readable"] else " -- the in-domain effect is not distinguishable from 0, so the "
                     "ratio is not readable."))
     md = beyond.get("model_diff")
@@ -171,13 +171,13 @@ def _beyond_headlines(beyond: dict) -> list[str]:
         for what, comparison in [("", md)] + [(f" on {w}", md[k]) for k, w in DIFF_COMPARISONS.items() if k in md]:
             ov, sp = comparison["overlap"], comparison["spearman"]
             out.append(f"- Model diffing{what} (model_diff_latent_overlap): top-{ov['k']} overlap "
-                       f"{_overlap_text(ov)} (chance {ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, "
-                       f"{ov['null']['high']:.0f}]); Spearman r {_ci_text(sp['r'])}; intervals over "
+                       f"{overlap_text(ov)} (chance {ov['chance']:.2f}, random band [{ov['null']['low']:.0f}, "
+                       f"{ov['null']['high']:.0f}]); Spearman r {ci_text(sp['r'])}; intervals over "
                        f"{sp['r']['n']} questions.")
     return out
 
 
-def _scope(cfg: Config) -> str:
+def scope(cfg: Config) -> str:
     """What this configuration can and cannot show (the report's last section), from the variants it ran."""
     n_plain = len(cfg.mixes) + int(cfg.control)
     can = [f"per trait ({', '.join(cfg.traits)}), whether each fine-tune moved the last-prompt projection on the "
@@ -219,7 +219,7 @@ DIFF_COMPARISONS = {  # summarize_diff's key -> what its change vector is (repor
 }
 
 
-def _comparison_lines(md: dict) -> list[str]:
+def comparison_lines(md: dict) -> list[str]:
     """The overlap and rank correlation of each further change vector: beyond the control (the drift of training
     on the model's own answers removed) and the polarity contrast (100% minus 0% fine-tune)."""
     lines = []
@@ -227,15 +227,15 @@ def _comparison_lines(md: dict) -> list[str]:
         if key not in md:
             continue
         ov, sp = md[key]["overlap"], md[key]["spearman"]
-        lines.append(f"- {what[0].upper()}{what[1:]}: top-{ov['k']} overlap {_overlap_text(ov)} (random band "
+        lines.append(f"- {what[0].upper()}{what[1:]}: top-{ov['k']} overlap {overlap_text(ov)} (random band "
                      f"[{ov['null']['low']:.0f}, {ov['null']['high']:.0f}])"
                      + ("" if ov["above_null"] else " -- not above the random band")
-                     + f"; Spearman r {_ci_text(sp['r'])}, shuffled band [{sp['null']['low']:.2f}, "
+                     + f"; Spearman r {ci_text(sp['r'])}, shuffled band [{sp['null']['low']:.2f}, "
                        f"{sp['null']['high']:.2f}]" + ("" if sp["outside_null"] else " -- inside the band") + ".")
     return lines
 
 
-def _overlap_text(ov: dict) -> str:
+def overlap_text(ov: dict) -> str:
     """The top-k overlap with its interval over questions and its range when one question is left out, and whether
     that range stays above the random band (no single question carries the agreement)."""
     iv = ov["interval"]

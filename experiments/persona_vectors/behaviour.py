@@ -14,7 +14,7 @@ from psm_jax.persona.prompts import response_slots, split_items, trait_system_pr
 from psm_jax.persona.steering import ContrastPairs, answer_pairs, behaviour_measure, item_pairs
 
 
-def _items_measure(model, trait, systems) -> dict:
+def items_measure(model, trait, systems) -> dict:
     """The two-choice items split into selection and held-out halves, and their validity check: the held-out
     items unsteered under each monitoring system prompt ([system, item]) and the paired pos - neg effect."""
     sel_items, held_items = split_items(trait.behavioural_items)
@@ -34,7 +34,7 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
     return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
-def _reference_units(model, trait, cfg: Config, progress: bool) -> tuple[list[dict], list[dict], list[dict]]:
+def reference_units(model, trait, cfg: Config, progress: bool) -> tuple[list[dict], list[dict], list[dict]]:
     """The greedy reference answers per (question, pair), each marked kept (both answers non-empty) and its half
     (selection: even question index; held-out: odd): (all, kept selection, kept held-out)."""
     slots = response_slots(trait, cfg.n_response_questions, cfg.n_response_pairs)
@@ -54,5 +54,5 @@ def _reference_units(model, trait, cfg: Config, progress: bool) -> tuple[list[di
     return ref, sel, held
 
 
-def _units_pairs(units: Sequence[dict], system: str | None = None) -> ContrastPairs:
+def units_pairs(units: Sequence[dict], system: str | None = None) -> ContrastPairs:
     return answer_pairs([x["question"] for x in units], [x["pos"] for x in units], [x["neg"] for x in units], system)

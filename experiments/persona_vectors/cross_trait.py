@@ -20,7 +20,7 @@ def primary_measure(r: dict) -> str | None:
     return None
 
 
-def _steering_layer(r: dict) -> int:
+def steering_layer(r: dict) -> int:
     """Where trait r's vector is steered across traits: its valid measure's chosen layer (else the last measure's)."""
     name = primary_measure(r)
     keys = [key for n, key in MEASURE_KEYS if key in r and (name is None or n == name)]
@@ -32,8 +32,8 @@ MIN_SPECIFICITY_TRAITS = 2  # specificity compares a trait's effect with its eff
 
 def _steering_vector_of(r: dict, coef: float) -> np.ndarray:
     """Trait r's vector as it is steered across traits: coef steering units of its response-average direction at
-    `_steering_layer`."""
-    return coef * steering_vector(r["vectors"]["response_avg"], r["scales"], _steering_layer(r))
+    `steering_layer`."""
+    return coef * steering_vector(r["vectors"]["response_avg"], r["scales"], steering_layer(r))
 
 
 def _specificity_targets(results: list[dict], measure: Sequence[str | None]) -> list[ContrastPairs | None]:
@@ -47,7 +47,7 @@ def specificity_matrix(model, results: list[dict], coef: float) -> dict:
     valid measure's held-out units (symmetric effects m(+coef) - m(-coef); NaN columns where trait j has no valid
     measure), each cell as a z-score against its random band. Adds the trait names, the measures, layers and coef."""
     measure = [primary_measure(r) for r in results]
-    layers = [_steering_layer(r) for r in results]
+    layers = [steering_layer(r) for r in results]
     matrix = SP.specificity_matrix(model, [_steering_vector_of(r, coef) for r in results], layers,
                                    [r["random_units"] for r in results], _specificity_targets(results, measure))
     return {"traits": [r["trait"] for r in results], "measure": measure, "layers": layers, "coef": coef, **matrix}
@@ -58,7 +58,7 @@ def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.
     response-average direction at its steering layer orthogonal to the other traits' response-average directions at
     that layer, at the whole vector's norm (`specificity.specific_part`). Returns (vector or None where nothing is
     left, the fraction of the direction's length the component keeps)."""
-    layer = _steering_layer(results[i])
+    layer = steering_layer(results[i])
     own = np.asarray(results[i]["vectors"]["response_avg"], np.float64)[layer]
     others = [np.asarray(r["vectors"]["response_avg"], np.float64)[layer] for j, r in enumerate(results) if j != i]
     return SP.specific_part(own, others, float(np.linalg.norm(_steering_vector_of(results[i], coef))))

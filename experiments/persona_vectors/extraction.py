@@ -18,7 +18,7 @@ from psm_jax.persona.judge import COHERENCE_RUBRIC
 from psm_jax.persona.prompts import extraction_rows, system_conv
 
 
-def _sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> list[dict]:
+def sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> list[dict]:
     """Step 1: the pos/neg extraction conversations with their sampled responses."""
     rows = extraction_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples)
     rolls = rollouts.generate_responses(model, [r["messages"] for r in rows], max_new_tokens=cfg.max_new_tokens,
@@ -29,7 +29,7 @@ def _sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> l
     return rows
 
 
-def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
+def greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
     """The model's own greedy answers to the extraction questions (no system prompt: screening, residual norms,
     fluency) and to the monitoring questions under every monitoring system prompt, in one generation."""
     questions = list(trait.extraction_questions[:cfg.n_questions])
@@ -44,7 +44,7 @@ def _greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
             "mon_questions": mon_questions, "mon_rolls": greedy[len(own_prompts):]}
 
 
-def _judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | None, dict]:
+def judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | None, dict]:
     """Step 2: trait scores of every row, the judge's validity check, and coherence where the trait condition holds
     (only when the filter will run: it needs both), written into the rows; (trait scores, coherence scores, summary
     per polarity and the check under "validity"). No judge: (None, None, {})."""
@@ -98,7 +98,7 @@ def _nanmean(xs):
     return float(np.mean(vals)) if vals else None
 
 
-def _filter_pairs(rows, trait_scores, coh_scores, judge_valid: bool, cfg) -> tuple[list[int], list[int], dict]:
+def filter_pairs(rows, trait_scores, coh_scores, judge_valid: bool, cfg) -> tuple[list[int], list[int], dict]:
     """Indices of kept pos and neg rows (paired by pair/question/sample) and a summary. The filter applies only
     with a judge whose validity check passed (`judge_valid`)."""
     by_key = _rows_by_pair(rows)
@@ -140,7 +140,7 @@ class Extraction(NamedTuple):
     reliability: dict | None
 
 
-def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool) -> Extraction:
+def vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool) -> Extraction:
     """Step 3 (`Extraction`)."""
     conv = lambda i: rows[i]["messages"] + [{"role": "assistant", "content": rows[i]["response"]}]  # noqa: E731
     acts = extraction_activations(model, [conv(i) for i in pos_idx], [conv(i) for i in neg_idx],
@@ -157,7 +157,7 @@ def _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config
     return Extraction(vecs, norms, typical, scales, crossfit_separation(acts, pos_q, neg_q), reliability)
 
 
-def _screening(model, rows, pos_idx, neg_idx, own_responses, vector, layer: int, batch_size: int) -> dict:
+def screening(model, rows, pos_idx, neg_idx, own_responses, vector, layer: int, batch_size: int) -> dict:
     """Step 7: projection of the given extraction responses minus the model's own answers (expect pos > 0 > neg)."""
     scr = {}
     for pol, idx in (("pos", pos_idx), ("neg", neg_idx)):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from experiments.persona_vectors.behaviour import _reference_units
+from experiments.persona_vectors.behaviour import reference_units
 from experiments.persona_vectors.config import Config
-from experiments.persona_vectors.extraction import _greedy_rollouts
+from experiments.persona_vectors.extraction import greedy_rollouts
 from psm_jax.persona import monitoring, rollouts
 from psm_jax.persona.directions import SITE
 from psm_jax.persona.extraction import rule_layer
@@ -15,7 +15,7 @@ from psm_jax.persona.prompts import system_conv
 from psm_jax.persona.stats import pearson, within_groups_r
 
 
-def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
+def graded_monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
     """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
     pos vs neg projections at every layer (`monitoring.separation_by_layer`)."""
     p_last, p_resp = monitoring.prompt_projections(mon_acts, direction, layer, len(systems))
@@ -29,7 +29,7 @@ def _monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions
             "separation_by_layer": monitoring.separation_by_layer(mon_acts, direction, systems)}
 
 
-def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> dict | None:
+def rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> dict | None:
     """Monitoring at the layer the extraction-data rule fixes (`crossfit_separation`, `rule_layer`): the same
     statistics as at the steering layer. None when the rule has no layer."""
     layer = rule_layer(separations)
@@ -41,8 +41,8 @@ def _rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: 
     return {"layer": layer, "separation": np.asarray(separations), **{k: mon[k] for k in keep}}
 
 
-def _holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, layers: dict, *,
-                        progress: bool = False) -> dict | None:
+def holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, layers: dict, *,
+                       progress: bool = False) -> dict | None:
     """Monitoring on the trait's held-out graded prompts (`monitor_holdout`), at layers fixed before any of them was
     run ({name: layer}; None skips a name): greedy answers to the monitoring questions under each prompt, the
     response measure per prompt on every held-out unit, the same statistics as the main monitoring, and a check
@@ -78,11 +78,11 @@ def monitoring_from_vectors(model, trait, cfg: Config, direction, layers: dict[s
     direction [n_layers, d]: the greedy answers, held-out reference units and per-prompt measure are those that
     `run_trait` computes (all greedy, so the same for the same config and model), so a finished report can be
     re-analysed without sampling its vectors again."""
-    greedy = _greedy_rollouts(model, trait, cfg, progress)
+    greedy = greedy_rollouts(model, trait, cfg, progress)
     systems = greedy["systems"]
     mon_acts = rollouts.activation_means(model, [r.conversation() for r in greedy["mon_rolls"]], site=SITE,
                                          batch_size=cfg.batch_size)
-    held = _reference_units(model, trait, cfg, progress)[2]
+    held = reference_units(model, trait, cfg, progress)[2]
     per_unit, _ = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
     return {name: monitoring.monitor_at_layer(per_unit, systems, mon_acts, direction, layer, cfg.seed)
             for name, layer in layers.items()}

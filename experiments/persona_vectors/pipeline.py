@@ -8,13 +8,13 @@ import time
 import jax
 import numpy as np
 
-from experiments.persona_vectors.behaviour import _items_measure, _reference_units, _units_pairs
+from experiments.persona_vectors.behaviour import items_measure, reference_units, units_pairs
 from experiments.persona_vectors.config import Config
 from experiments.persona_vectors.cross_trait import MIN_SPECIFICITY_TRAITS, specificity_matrix, trait_specific_matrix
-from experiments.persona_vectors.extraction import (_filter_pairs, _greedy_rollouts, _judge_rows,
-                                                    _sample_extraction_rows, _screening, _vectors_and_scales)
-from experiments.persona_vectors.monitoring import _holdout_monitoring, _monitoring, _rule_monitoring
-from experiments.persona_vectors.steering import _steered_examples, default_sweep_layers, steer_with_measure
+from experiments.persona_vectors.extraction import (filter_pairs, greedy_rollouts, judge_rows,
+                                                    sample_extraction_rows, screening, vectors_and_scales)
+from experiments.persona_vectors.monitoring import holdout_monitoring, graded_monitoring, rule_monitoring
+from experiments.persona_vectors.steering import steered_examples, default_sweep_layers, steer_with_measure
 from experiments.persona_vectors.summary import summary_metrics
 from psm_jax.persona import monitoring, rollouts
 from psm_jax.persona.directions import SITE, random_directions
@@ -38,12 +38,12 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     """Every step of the package doc for one trait. Validity checks run before the steering they gate."""
     t0 = time.time()
     key = jax.random.fold_in(jax.random.key(cfg.seed), trait_index)
-    rows = _sample_extraction_rows(model, trait, cfg, key, progress)
-    greedy = _greedy_rollouts(model, trait, cfg, progress)
-    trait_scores, coh_scores, judge_summary = _judge_rows(judge, rows, trait, cfg)
-    pos_idx, neg_idx, finfo = _filter_pairs(rows, trait_scores, coh_scores,
-                                            bool(judge_summary.get("validity", {}).get("valid")), cfg)
-    ex = _vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
+    rows = sample_extraction_rows(model, trait, cfg, key, progress)
+    greedy = greedy_rollouts(model, trait, cfg, progress)
+    trait_scores, coh_scores, judge_summary = judge_rows(judge, rows, trait, cfg)
+    pos_idx, neg_idx, finfo = filter_pairs(rows, trait_scores, coh_scores,
+                                           bool(judge_summary.get("validity", {}).get("valid")), cfg)
+    ex = vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
     vecs, norms, typical, scales, rule_sep = ex.vectors, ex.norms, ex.typical, ex.scales, ex.rule_separation
     direction = vecs["response_avg"]
     layers = cfg.sweep_layers or default_sweep_layers(model.config.n_layers)
@@ -52,7 +52,7 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     rand = random_directions(cfg.seed * 1000 + trait_index, cfg.n_random, model.config.d_model, 1.0)
     fluency = (greedy["own_prompts"], greedy["own_responses"])
 
-    items = _items_measure(model, trait, greedy["systems"])
+    items = items_measure(model, trait, greedy["systems"])
     steering = steer_with_measure(model, items["selection"], items["held_out"], direction, scales, layers, rand, cfg,
                                   items["validity"], fluency)
     best = steering["layer"]
@@ -61,9 +61,9 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
                                          batch_size=cfg.batch_size)
     res = {"trait": trait.name, "filter": finfo, "judge": judge_summary, "vector_norm": norms, "typical_norm": typical,
            "layer_sweep": steering.pop("layer_sweep"), "steering": steering,
-           "steered_examples": _steered_examples(model, trait, direction, scales, best, cfg),
-           "monitoring": _monitoring(mon_acts, direction, best, greedy["systems"], items["behaviour"],
-                                     len(greedy["mon_questions"]))}
+           "steered_examples": steered_examples(model, trait, direction, scales, best, cfg),
+           "monitoring": graded_monitoring(mon_acts, direction, best, greedy["systems"], items["behaviour"],
+                                           len(greedy["mon_questions"]))}
     res["monitor_responses"] = [{"system_kind": k, "pair": i, "question": q, "response": r.response}
                                 for (k, i, _, _), q, r in zip([x for x in greedy["systems"] for _ in greedy["mon_questions"]],
                                                            greedy["mon_questions"] * len(greedy["systems"]),
@@ -74,8 +74,8 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
             model, trait, cfg, direction, scales, layers, rand, mon_acts, greedy["systems"], fluency, rule_sep,
             progress=progress)
     if cfg.screening:
-        res["screening"] = _screening(model, rows, pos_idx, neg_idx, greedy["own_responses"], direction[best], best,
-                                      cfg.batch_size)
+        res["screening"] = screening(model, rows, pos_idx, neg_idx, greedy["own_responses"], direction[best], best,
+                                     cfg.batch_size)
     res.update(vectors=vecs, rows=rows, own_responses=list(zip(greedy["questions"], greedy["own_responses"])),
                scales=np.asarray(scales), random_units=rand, held_out_pairs=held, reliability=ex.reliability,
                seconds=time.time() - t0)
@@ -88,19 +88,19 @@ def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, 
     selection questions, the steering curve and (when valid) the random band on the held-out ones, and monitoring
     at the steering layer and at the layer of the extraction-data rule. Returns (results, the held-out units as
     ContrastPairs)."""
-    ref, sel, held = _reference_units(model, trait, cfg, progress)
+    ref, sel, held = reference_units(model, trait, cfg, progress)
     per_unit, n_used = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
     validity = prompt_validity(per_unit, monitoring.validity_kinds(systems))
-    held_pairs = _units_pairs(held)
-    out = steer_with_measure(model, _units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
+    held_pairs = units_pairs(held)
+    out = steer_with_measure(model, units_pairs(sel), held_pairs, direction, scales, layers, rand, cfg, validity,
                              fluency)
     out["layer_sweep"]["n_pairs"] = len(sel)
     out.update(monitoring.monitor_at_layer(per_unit, systems, mon_acts, direction, out["layer"], cfg.seed))
     out["within_r_by_layer"] = monitoring.within_r_by_layer(mon_acts, direction, out["system_measure"],
                                                             monitoring.polarity_kinds(systems))
-    out["rule_monitoring"] = _rule_monitoring(per_unit, systems, mon_acts, direction, rule_separations, cfg.seed)
+    out["rule_monitoring"] = rule_monitoring(per_unit, systems, mon_acts, direction, rule_separations, cfg.seed)
     if cfg.holdout_monitoring:
-        out["holdout_monitoring"] = _holdout_monitoring(
+        out["holdout_monitoring"] = holdout_monitoring(
             model, trait, cfg, held, direction, {"steering": out["layer"], "rule": rule_layer(rule_separations)},
             progress=progress)
     out.update(n_selection=len(sel), n_held_out=len(held), n_dropped=sum(not x["kept"] for x in ref),

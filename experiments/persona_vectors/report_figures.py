@@ -23,8 +23,8 @@ def _line_figure(report: Report, fig, ax, name: str, caption: str, *, title: str
     report.figure(name, fig, caption)
 
 
-def _steering_figure(report: Report, results: Sequence[dict], key: str, name: str, caption: str, *, title: str,
-                     ylabel: str) -> None:
+def steering_figure(report: Report, results: Sequence[dict], key: str, name: str, caption: str, *, title: str,
+                    ylabel: str) -> None:
     """Measure vs coefficient per trait at its chosen layer (results[i][key]), the random directions' mean dotted
     (absent where the measure failed its validity check), a failing measure's curve dashed."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
@@ -43,7 +43,7 @@ def _steering_figure(report: Report, results: Sequence[dict], key: str, name: st
     _line_figure(report, fig, ax, name, caption, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
-def _specificity_figure(report: Report, sp: dict) -> None:
+def specificity_figure(report: Report, sp: dict) -> None:
     """The specificity matrix (as metrics.json holds it) as a heat map of z-scores, failing measures' columns
     marked."""
     names = sp["traits"]
@@ -68,7 +68,7 @@ def _specificity_figure(report: Report, sp: dict) -> None:
                   f"{sp['n_random']} random directions of the same norm at the same layer on the same measure.")
 
 
-def _reliability_figure(report: Report, rel: dict) -> None:
+def reliability_figure(report: Report, rel: dict) -> None:
     """Each vector's predicted rerun cosine per layer (`reliability_metrics`), its steering layer marked."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for name, x in rel.items():
@@ -80,7 +80,7 @@ def _reliability_figure(report: Report, rel: dict) -> None:
                  title="Vector reliability per layer", xlabel="layer (resid_post)", ylabel="predicted rerun cosine")
 
 
-def _write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> None:
+def write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> None:
     """Layer selection effect, projection separation and vector norms per layer."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -127,7 +127,7 @@ def _monitor_panels(r: dict) -> list[tuple[str, dict]]:
     return panels
 
 
-def _write_monitoring_figure(report: Report, results: list[dict]) -> None:
+def write_monitoring_figure(report: Report, results: list[dict]) -> None:
     panels = [_monitor_panels(r) for r in results]
     n_rows = max(len(p) for p in panels)
     fig, axes = pyplot().subplots(n_rows, len(results), figsize=(4 * len(results), 3.6 * n_rows), squeeze=False)
@@ -169,7 +169,7 @@ def _write_monitoring_figure(report: Report, results: list[dict]) -> None:
                      xlabel="layer (resid_post)", ylabel="r within polarity")
 
 
-def _cosine_figure(report: Report, common: int, names: list[str], cos) -> None:
+def cosine_figure(report: Report, common: int, names: list[str], cos) -> None:
     """The cosine matrix across traits (`cosine_matrix`) as a heat map."""
     fig, ax = pyplot().subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
     im = ax.imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r")

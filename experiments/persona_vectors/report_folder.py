@@ -9,11 +9,11 @@ from pathlib import Path
 from experiments.persona_vectors.config import Config
 from experiments.persona_vectors.cross_trait import MIN_SPECIFICITY_TRAITS, cosine_matrix
 from experiments.persona_vectors.pipeline import Result
-from experiments.persona_vectors.report_figures import (_cosine_figure, _reliability_figure, _specificity_figure,
-                                                        _steering_figure, _write_layer_figures,
-                                                        _write_monitoring_figure)
-from experiments.persona_vectors.report_text import (_headline_text, _reliability_reading, _targets_text, _trait_body,
-                                                     _trait_specific_reading, _unit_words, _validity_words)
+from experiments.persona_vectors.report_figures import (cosine_figure, reliability_figure, specificity_figure,
+                                                        steering_figure, write_layer_figures,
+                                                        write_monitoring_figure)
+from experiments.persona_vectors.report_text import (headline_text, reliability_reading, targets_text, trait_body,
+                                                     trait_specific_reading, unit_words, validity_words)
 from experiments.report import Report, atomic_write_bytes, few_splits_text, jsonable
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona import measures
@@ -39,11 +39,11 @@ def _write_report(report: Report, result: Result) -> None:
         _write_response_section(report, cfg, resp)
     _write_specificity_section(report, result)
     _write_reliability_section(report, cfg, result.metrics.get("vector_reliability"))
-    _write_layer_figures(report, cfg, results)
-    _write_monitoring_figure(report, results)
+    write_layer_figures(report, cfg, results)
+    write_monitoring_figure(report, results)
     _write_cosine_matrix(report, results)
     for r in results:
-        report.section(f"Trait: {r['trait']}", "\n\n".join(_trait_body(r)))
+        report.section(f"Trait: {r['trait']}", "\n\n".join(trait_body(r)))
         _write_trait_tables(report, r)
         _save_trait_vectors(report, result, r)
     _write_responses(report, results)
@@ -78,7 +78,7 @@ def _write_summary(report: Report, result: Result) -> None:
     report.section("Summary", f"""
 Model `{cfg.model}` ({result.n_layers} layers, d_model {result.d_model}); traits: {', '.join(r['trait'] for r in results)}.
 Vectors at site `resid_post` of every layer ({LAYER_INDEXING}).
-Steering coefficients are in units of {_unit_words(cfg)} at the steered layer.
+Steering coefficients are in units of {unit_words(cfg)} at the steered layer.
 Every measure is used as evidence only where its validity check passes (its effect under the trait's positive minus
 negative system prompts, no steering, 95% interval over held-out units above 0); a failing measure's numbers are
 shown marked NOT valid and no random band is computed for it. The layer is chosen on the selection half of a
@@ -86,9 +86,9 @@ measure's units and the curve is reported on the held-out half; each point's flu
 of the model's own unsteered answers under the edit.
 
 Steering is monotonic for (counts over traits whose measure is valid):
-{_headline_text(m)}
+{headline_text(m)}
 
-{_targets_text(m["targets"], m["max_ppl_ratio"])}
+{targets_text(m["targets"], m["max_ppl_ratio"])}
 
 Judge: `{cfg.judge}`; its filter runs only where its own validity check passes, and the per-trait sections show
 that check and how many pairs the filter kept (a fallback to all pairs is reported); claims rest on the behavioural log-prob measures and their validity checks. Sizes: {cfg.n_pairs}
@@ -103,7 +103,7 @@ def _write_items_section(report: Report, cfg: Config, results: list[dict]) -> No
     rows = []
     for r in results:
         st, mon = r["steering"], r["monitoring"]
-        rows.append({**_curve_row(r, st), "validity effect": _validity_words(st.get("validity")),
+        rows.append({**_curve_row(r, st), "validity effect": validity_words(st.get("validity")),
                      "r last-prompt": mon["r_last_prompt"], "r response": mon["r_response"],
                      "proj separation d (last prompt, chosen L)": float(mon["separation_by_layer"]["last_prompt"][st["layer"]]),
                      "pairs kept": f"{r['filter']['n_pairs_kept']}/{r['filter']['n_pairs_total']}"
@@ -119,11 +119,11 @@ above 0. *Projection separation d* is the effect size (pooled-sd units) between 
 the vector under positive vs negative system prompts ({cfg.n_monitor_questions} evaluation questions each): it says
 whether the vector reads the induced persona at all, layer by layer (plot below).
 """)
-    _steering_figure(report, results, "steering", "steering_curves",
-                     "Two-choice measure vs steering coefficient at the chosen layer; dotted: the mean of the random "
-                     "directions of the same length (valid measures only); dashed: a measure that failed its "
-                     "validity check.", title="Steering: two-choice items vs coefficient",
-                     ylabel="log P(trait) - log P(other), held-out items")
+    steering_figure(report, results, "steering", "steering_curves",
+                    "Two-choice measure vs steering coefficient at the chosen layer; dotted: the mean of the random "
+                    "directions of the same length (valid measures only); dashed: a measure that failed its "
+                    "validity check.", title="Steering: two-choice items vs coefficient",
+                    ylabel="log P(trait) - log P(other), held-out items")
 
 
 def _write_response_section(report: Report, cfg: Config, resp: list[dict]) -> None:
@@ -137,7 +137,7 @@ pair(s) per question (question q uses pairs (q + k) mod 5), the model's own gree
 ({cfg.response_max_new_tokens} new tokens, no steering) under the positive system prompt and under the negative one.
 **Measure:** m = mean over (question, pair) of log P(pos answer | question) / n_pos - log P(neg answer | question) /
 n_neg, i.e. the per-token log-likelihood difference over the answers' content tokens, scored in a conversation
-*without* the trait system prompt; steering adds c x unit(vector) x ({_unit_words(cfg)}) at resid_post of the layer
+*without* the trait system prompt; steering adds c x unit(vector) x ({unit_words(cfg)}) at resid_post of the layer
 at every position of the scoring forward. **Layer:** chosen by this measure on the selection half of the questions
 (even question indices; largest m(+{cfg.select_coef}) - m(-{cfg.select_coef}) over the same sweep layers), so it may
 differ from the items' layer; the curve, the random-direction band (the same random directions as for the items,
@@ -165,17 +165,17 @@ reports. Caveat: the likelihood of an answer is not the same as the trait being 
     rows = []
     for r in resp:
         rs = r["response"]
-        rows.append({**_curve_row(r, rs), "validity effect": _validity_words(rs.get("validity")),
+        rows.append({**_curve_row(r, rs), "validity effect": validity_words(rs.get("validity")),
                      "r last-prompt": rs["r_last_prompt"], "r response": rs["r_response"],
                      "held-out pairs": rs["n_held_out"]})
     report.table("Response-likelihood measure: results per trait", rows)
-    _steering_figure(report, resp, "response", "response_steering_curves",
-                     "Response-likelihood measure (per-token log-likelihood of the model's own positive-prompted "
-                     "answer minus the negative-prompted one, held-out questions) vs steering coefficient at its "
-                     "chosen layer; dotted: the mean of the random directions of the same length (valid measures "
-                     "only); dashed: a measure that failed its validity check.",
-                     title="Steering: response-likelihood measure vs coefficient",
-                     ylabel="per-token log P(pos answer) - log P(neg answer)")
+    steering_figure(report, resp, "response", "response_steering_curves",
+                    "Response-likelihood measure (per-token log-likelihood of the model's own positive-prompted "
+                    "answer minus the negative-prompted one, held-out questions) vs steering coefficient at its "
+                    "chosen layer; dotted: the mean of the random directions of the same length (valid measures "
+                    "only); dashed: a measure that failed its validity check.",
+                    title="Steering: response-likelihood measure vs coefficient",
+                    ylabel="per-token log P(pos answer) - log P(neg answer)")
 
 
 def _write_specificity_section(report: Report, result: Result) -> None:
@@ -186,7 +186,7 @@ def _write_specificity_section(report: Report, result: Result) -> None:
         report.section("Specificity", f"Not computed: the run has {len(result.results)} trait(s) and the matrix needs "
                        f"at least {MIN_SPECIFICITY_TRAITS} (a trait's effect is compared with its effect on the others).")
         return
-    _specificity_figure(report, sp)
+    specificity_figure(report, sp)
     report.section("Specificity", f"""
 Each cell steers with trait i's vector at its layer (the layer its valid measure chose) at coefficients
 +-{abs(sp['coef']):g}, and measures trait j with trait j's valid measure on its held-out units; the cell is the
@@ -222,7 +222,7 @@ Each row steers with the part of trait i's vector orthogonal to the other traits
 kept": its length as a fraction of the vector's), rescaled to the whole vector's norm, and is scored against the
 same {ts['n_random']} random directions as the whole-vector matrix, with the same pass rule. The targets are scored
 on the whole vectors; this matrix asks whether their cross-trait effects travel on the part they share.
-{_trait_specific_reading(ts)}
+{trait_specific_reading(ts)}
 """)
 
 
@@ -247,15 +247,15 @@ vector, and the cosine of the two ("half cosine") is stepped up to the full size
 cosine that a rerun with a fresh sample of the same size is expected to share with this vector. Brackets: 2.5% and
 97.5% over the splits. The halves hold different questions, so the prediction also counts the questions' own
 spread as noise. A vector is called stable when its predicted rerun cosine exceeds its largest cosine with another
-trait's vector at the same layer.{few} {_reliability_reading(rel)}
+trait's vector at the same layer.{few} {reliability_reading(rel)}
 """)
-    _reliability_figure(report, rel)
+    reliability_figure(report, rel)
 
 
 def _write_cosine_matrix(report: Report, results: list[dict]) -> None:
     common, names, cos = cosine_matrix(results)
     if len(results) > 1:
-        _cosine_figure(report, common, names, cos)
+        cosine_figure(report, common, names, cos)
     report.table(f"Cosine matrix at layer {common}", [{"trait": a, **{b: float(cos[i, j]) for j, b in enumerate(names)}}
                                                      for i, a in enumerate(names)])
 
@@ -300,7 +300,7 @@ def _save_trait_vectors(report: Report, result: Result, r: dict) -> None:
             "trait": r["trait"], "chosen_layer": st["layer"], "d_model": result.d_model, "n_pos": len(r["rows"]) // 2,
             "n_pairs_used": fi["n_pairs_kept"] if fi["filter"] and not fi.get("fallback") else fi["n_pairs_total"],
             "filtered": bool(fi["filter"] and not fi.get("fallback")),
-            "typical_norm": r["typical_norm"], "steering_unit": f"coef x unit(vector[layer]) x {_unit_words(cfg)}"}
+            "typical_norm": r["typical_norm"], "steering_unit": f"coef x unit(vector[layer]) x {unit_words(cfg)}"}
     report.save_vectors(f"vectors_{r['trait']}", r["vectors"], meta)
 
 

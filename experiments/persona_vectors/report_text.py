@@ -12,7 +12,7 @@ from psm_jax.persona import measures
 from psm_jax.persona.stats import MIN_MONOTONIC_RUN, MIN_NULL_DRAWS
 
 
-def _validity_words(check: dict | None) -> str:
+def validity_words(check: dict | None) -> str:
     return measures.validity_text(check) if check else "n/a (no unit under both polarities)"
 
 
@@ -35,7 +35,7 @@ def _curve_words(st: dict) -> str:
 def _response_trait_line(rs: dict) -> str:
     ls = rs["layer_sweep"]
     return (f"Response-likelihood measure: validity (no steering, pos minus neg system prompts, per held-out unit): "
-            f"{_validity_words(rs.get('validity'))}. Layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
+            f"{validity_words(rs.get('validity'))}. Layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
             "(effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"]))
             + f"); held-out curve ({rs['n_held_out']} pairs): {_curve_words(rs)}; {_control_words(rs['random_control'])}. "
             f"r(last-prompt projection at L{rs['layer']}, measure) = {_fmt(rs['r_last_prompt'])}"
@@ -72,7 +72,7 @@ def _rule_words(rule: dict | None) -> str:
             f"{_fmt(rule['r_last_prompt'])}{within}.")
 
 
-def _unit_words(cfg: Config) -> str:
+def unit_words(cfg: Config) -> str:
     return ("|vector| (c = 1 adds the raw persona vector)" if cfg.coef_unit == "vector"
             else "the typical residual norm (mean per-token |h| over the model's own responses)")
 
@@ -112,7 +112,7 @@ def _ceiling_text(rel: dict | None) -> str:
             f"about {_fmt(rel['ceiling'], '.2f')} is not expected even of a perfect monitor")
 
 
-def _headline_text(m: dict) -> str:
+def headline_text(m: dict) -> str:
     """The monotonic-trait counts of every measure, valid measures only."""
     lines = []
     for name, h in m["monotonic_traits"].items():
@@ -127,7 +127,7 @@ def _headline_text(m: dict) -> str:
     return "\n".join(lines)
 
 
-def _targets_text(t: dict, ppl: float) -> str:
+def targets_text(t: dict, ppl: float) -> str:
     """One line per target: met or not, and which traits pass it."""
     words = {"specificity": "diagonal z > 3 and every off-diagonal |z| below it",
              "steering": f"strictly increasing over the points with perplexity ratio <= {ppl:g} on a valid measure, "
@@ -141,7 +141,7 @@ def _targets_text(t: dict, ppl: float) -> str:
         for name in TARGET_NAMES)
 
 
-def _trait_specific_reading(ts: dict) -> str:
+def trait_specific_reading(ts: dict) -> str:
     """The secondary analysis' reading, fixed before its first run: the whole vectors' cross-trait effects travel
     on their shared part when at least MIN_TARGET_TRAITS traits pass on their trait-specific parts."""
     passed = [a for a, p in ts["per_trait"].items() if p["valid"] and p["pass"]]
@@ -157,7 +157,7 @@ def _trait_specific_reading(ts: dict) -> str:
     return f"{head}: even the part unique to each trait's vector is not specific on this model at this norm."
 
 
-def _reliability_reading(rel: dict) -> str:
+def reliability_reading(rel: dict) -> str:
     """How many vectors are closer to a rerun of themselves than to another trait's vector, and what follows."""
     judged = {name: x for name, x in rel.items() if x["stable"] is not None}
     if not judged:
@@ -183,10 +183,10 @@ def _filter_words(fi: dict) -> str:
             + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "") + ".")
 
 
-def _trait_body(r: dict) -> list[str]:
+def trait_body(r: dict) -> list[str]:
     """The paragraphs of one trait's section: items, response measure, monitoring, filter, judge, screening."""
     st, mon, ls, fi = r["steering"], r["monitoring"], r["layer_sweep"], r["filter"]
-    body = [f"Two-choice items: validity {_validity_words(st.get('validity'))}. Chosen layer {st['layer']} (selection "
+    body = [f"Two-choice items: validity {validity_words(st.get('validity'))}. Chosen layer {st['layer']} (selection "
             "effect per layer: " + ", ".join(f"L{L}: {e:+.3f}" for L, e in zip(ls["layers"], ls["effect"])) + ").",
             f"Typical residual norm at L{st['layer']}: {r['typical_norm'][st['layer']]:.2f}; raw vector norm = "
             f"{st['raw_vector_norm_in_units']:.3f} steering units.",
@@ -208,7 +208,7 @@ def _trait_body(r: dict) -> list[str]:
                     f"{j['pos']['coherence_judged'] + j['neg']['coherence_judged']} of {j['pos']['n'] + j['neg']['n']} "
                     f"responses); no-number (None) trait scores: {j['pos']['trait_none'] + j['neg']['trait_none']}."
                     + (f" Judge validity (trait score, positive minus negative answers, per extraction question): "
-                       f"{_validity_words(j['validity'])}." if j.get("validity") else ""))
+                       f"{validity_words(j['validity'])}." if j.get("validity") else ""))
     if "screening" in r:
         s = r["screening"]
         body.append(f"Data screening (projection of the given response minus the model's own greedy response, layer "

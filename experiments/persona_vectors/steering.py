@@ -43,7 +43,7 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
             "raw_vector_norm_in_units": norm / float(scales[best])}
 
 
-def _steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
+def steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
     """Greedy answers to the first evaluation questions steered at `layer`, each with its judge-free trait score
     (the unsteered model's per-token likelihood under the first positive minus the first negative system prompt)."""
     questions = list(trait.evaluation_questions[:cfg.n_steer_examples])

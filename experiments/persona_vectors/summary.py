@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.persona_vectors.config import MEASURE_KEYS
-from experiments.persona_vectors.cross_trait import _steering_layer, cosine_matrix
+from experiments.persona_vectors.cross_trait import steering_layer, cosine_matrix
 from psm_jax.persona.directions import cosine
 from psm_jax.persona.measures import is_valid
 from psm_jax.persona.stats import count_monotonic
@@ -111,7 +111,7 @@ def reliability_metrics(results: list[dict]) -> dict:
         rel = r.get("reliability")
         if rel is None:
             continue
-        layer = _steering_layer(r)
+        layer = steering_layer(r)
         vec = r["vectors"]["response_avg"][layer]
         cross = [cosine(vec, other["vectors"]["response_avg"][layer]) for other in results if other is not r]
         largest = max(cross) if cross else None
