@@ -135,7 +135,8 @@ def write_vectors(folder: str | os.PathLike, name: str, tensors: dict[str, np.nd
 
     folder = Path(folder)
     meta = {k: json.dumps(jsonable(v)) if not isinstance(v, str) else v for k, v in metadata.items()}
-    data = save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}, metadata=meta)
+    data = canonical_safetensors(save({k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()},
+                                      metadata=meta))
     sidecar = {**jsonable(metadata), "sha256": hashlib.sha256(data).hexdigest()}
     staging = folder / f".{name}.{uuid.uuid4().hex}.staging"
     try:
@@ -146,6 +147,20 @@ def write_vectors(folder: str | os.PathLike, name: str, tensors: dict[str, np.nd
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return folder / f"{name}.safetensors"
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted, so that equal tensors and metadata give equal bytes.
+
+    The safetensors writer orders the metadata by a hash seeded per process, so the same vectors written twice
+    would differ in bytes and in their sidecar's sha256. Only the header is rewritten: its tensor offsets count from
+    the end of the header, so the data section is kept as it is; the header is padded with spaces to a multiple of
+    8 bytes, as the format's writer pads it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def _check_sidecar(path: Path) -> None:

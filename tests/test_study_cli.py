@@ -1,6 +1,7 @@
 """The study contract: the command-line grammar generated from Config, recording, and atomic vector pairs."""
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,28 @@ def test_report_table_escapes_pipes_inside_cells(tmp_path):
     row = rep.sections[-1].splitlines()[-1]
     assert row == "| axis_assistant_pc_cosine | \\|cos\\| > 0.6 | 0.5 |"
     assert len(re.findall(r"(?<!\\)\|", row)) == 4  # three cells: four unescaped separators
+
+
+def test_vectors_written_twice_are_the_same_bytes(tmp_path):
+    """The safetensors writer orders metadata by a per-process hash; written in two processes, the same vectors
+    must still give the same file (and sidecar sha256), and the rewritten header must load in safetensors and
+    torch."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as torch_load_file
+
+    script = ("import sys, numpy as np; from experiments.report import write_vectors; "
+              "write_vectors(sys.argv[1], 'vec', {'b': np.arange(6.0).reshape(2, 3), 'a': np.ones(5)}, "
+              "{f'key{i}': i for i in range(10)})")
+    for name in ("one", "two"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name)], check=True, cwd=Path(__file__).parents[1])
+    one, two = (tmp_path / "one" / "vec.safetensors"), (tmp_path / "two" / "vec.safetensors")
+    assert one.read_bytes() == two.read_bytes()
+    assert (tmp_path / "one" / "vec.json").read_bytes() == (tmp_path / "two" / "vec.json").read_bytes()
+    assert np.array_equal(load_file(str(one))["b"], np.arange(6.0, dtype=np.float32).reshape(2, 3))
+    assert torch.equal(torch_load_file(str(one))["a"], torch.ones(5))
+    tensors, meta = load_vectors(one)
+    assert meta["key7"] == 7 and np.array_equal(tensors["a"], np.ones(5, np.float32))
