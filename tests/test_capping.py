@@ -183,8 +183,8 @@ def test_records_carry_intervals_and_band():
 
 def test_identity_gain_interval_counts_roles_not_probes():
     gain = np.array([1.0, 1.2, 0.0, 0.2, 2.0, 2.2])  # 3 roles x 2 probes
-    out = C._identity_gain_ci(gain, 2, seed=0)
+    out = C.identity_gain_ci(gain, 2, seed=0)
     assert out["capping_identity_gain_n_roles"] == 3
     low, high = out["capping_identity_gain_ci"]
     assert 0.1 <= low <= 1.1 <= high <= 2.1  # role means 1.1, 0.1, 2.1 bound every resample's mean
-    assert C._identity_gain_ci(gain[:2], 2, seed=0) == {}  # one role: no interval
+    assert C.identity_gain_ci(gain[:2], 2, seed=0) == {}  # one role: no interval

@@ -1,0 +1,136 @@
+"""The capping report folder: report.md with its sections, tables and plots, metrics.json, config.json and the axis
+with the capping settings, all read from a finished `Result` (`pipeline.run`), so that the computation never writes
+and the writing never computes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from experiments.capping.pipeline import Result
+from experiments.capping.report_figures import jailbreak_figure, plots
+from experiments.capping.report_text import (POSITIONS_NOTE, interval, jailbreak_reading, qa_reading, qa_verdict,
+                                             setup_text)
+from experiments.report import Report
+from psm_jax.persona import measures
+from psm_jax.persona.directions import SITE
+
+
+def write_report(res: Result, folder) -> Path:
+    """report.md with its tables and plots, the axis with the capping settings (capping.safetensors), the metrics."""
+
+    cfg, m = res.config, res.m
+    rep = Report(folder, "Activation capping along the Assistant Axis", config=cfg)
+    rep.section("Setup", setup_text(res))
+    rep.table("Thresholds (floors on the unit-axis projection)", [
+        {"layer": layer, "floor": float(f), "default tokens below": f"{fb:.0%}"}
+        for layer, f, fb in zip(res.layers, res.floors, res.frac_below)])
+    rep.table("Headline (role-inducing system prompts)", _headline_rows(res))
+    if res.jb:
+        _jailbreak_sections(rep, cfg, res.jb)
+    if res.qa:
+        _qa_section(rep, res.qa)
+    if res.trait_rows:
+        rep.table("Behavioural items (per-token log P(trait answer) - log P(other), mean; evidence only where the "
+                  "validity check run here passes)", res.trait_rows)
+        if cfg.positions == "assistant":
+            rep.section("Note on assistant-only capping", POSITIONS_NOTE)
+    if cfg.roleplay:
+        rep.table("Long role-play conversations: identity log-odds after k scripted exchanges", res.rp_rows)
+        rep.section("Role-play end-of-conversation identity answers",
+                    f"Keyword rate without capping {res.rp_kw['plain']:.0%}, with capping {res.rp_kw['capped']:.0%} "
+                    f"({len(res.end_convs)} greedy answers).")
+    plots(rep, m, res.proj_layers, res.layers, res.readout, res.rp_rows, res.d_plain, res.d_cap)
+    ex = _example_rows(res)
+    if ex:
+        rep.table("Examples (greedy)", ex)
+    _save_axis(rep, res)
+    for k, v in m.items():
+        rep.metric(k, v)
+    return rep.finish()
+
+
+def _headline_rows(res: Result) -> list[dict]:
+    """One row per identity measure under role prompts (default, role, role + capping, gain) and the perplexity
+    cost: the table the study is read by."""
+    m, gain, kw_rate, proj_layers, ppl = res.m, res.gain, res.kw_rate, res.proj_layers, res.ppl
+    layers, readout = res.layers, res.readout
+    head = [{"measure": "identity log-odds (assistant - persona answer), role prompts", "default prompt":
+             m["identity_logodds_default"], "role": m["identity_logodds_role"], "role + capping":
+             m["identity_logodds_role_capped"], "gain": gain}]
+    if kw_rate:
+        head.append({"measure": "identity answers with assistant keywords", "default prompt": kw_rate["default"],
+                     "role": kw_rate["role"], "role + capping": kw_rate["role+cap"],
+                     "gain": m["capping_identity_keyword_gain"]})
+    if proj_layers:
+        for lab, key in ((f"axis projection of answers, layer {readout}", "projection_readout"),
+                         (f"axis projection of answers, layer {max(layers)} (last capped)", "projection_last_capped")):
+            head.append({"measure": lab, "default prompt": m[key]["default"], "role": m[key]["role"],
+                         "role + capping": m[key]["role+cap"], "gain": m[key]["role+cap"] - m[key]["role"]})
+    if "behaviour_distance_to_default" in m:
+        bd = m["behaviour_distance_to_default"]
+        head.append({"measure": "trait behaviour (valid items only): mean |log-odds - default|",
+                     "default prompt": 0.0,
+                     "role": bd["role"], "role + capping": bd["role+cap"], "gain": bd["role"] - bd["role+cap"]})
+    if ppl:
+        head.append({"measure": "ShareGPT assistant-token perplexity", "default prompt": ppl["ppl"], "role": "",
+                     "role + capping": ppl["ppl_capped"], "gain": f"{ppl['pct_change']:+.2f}% (cost)"})
+    return head
+
+
+def _example_rows(res: Result) -> list[dict]:
+    """Greedy answers without and with capping (the first probe of each role and of each role-play conversation), so
+    the numbers can be read against text."""
+    cfg, eval_roles, rp = res.config, res.eval_roles, res.rp
+    gen_out, gen_probes, role_gen = res.gen_out, res.gen_probes, res.role_gen
+    end_convs, end_plain, end_cap = res.end_convs, res.end_plain, res.end_cap
+    ex = []
+    if gen_out:
+        for i in range(0, len(role_gen), max(1, len(gen_probes))):
+            ex.append({"role": eval_roles[i // max(1, len(gen_probes))].name, "probe": role_gen[i][-1]["content"],
+                       "no cap": gen_out["role"][i].response.replace("\n", " ")[:120],
+                       "capped": gen_out["role+cap"][i].response.replace("\n", " ")[:120]})
+    for i in range(0, len(end_convs), max(1, len(cfg.roleplay_probes))):
+        ex.append({"role": rp[i // max(1, len(cfg.roleplay_probes))].id + " (role-play, end)",
+                   "probe": end_convs[i][-1]["content"], "no cap": end_plain[i].response.replace("\n", " ")[:120],
+                   "capped": end_cap[i].response.replace("\n", " ")[:120]})
+    return ex
+
+
+def _save_axis(rep, res: Result) -> None:
+    """The axis with the capping settings and floors, so the cap can be re-applied without re-running the study."""
+    cfg = res.config
+    # (strings are kept out of the top level where they could look like JSON to load_vectors)
+    rep.save_vectors("capping", {"axis": res.axis},
+                     {"model": cfg.model, "site": SITE, "layers": list(res.layers),
+                      "method": "activation capping: floor on <h, axis/|axis|> per capped layer",
+                      "capping": {"form": cfg.form, "positions": cfg.positions, "percentile": cfg.percentile,
+                                  "floors": [float(x) for x in res.floors],
+                                  "axis_source": res.axis_info.get("source")}})
+
+
+def _jailbreak_sections(rep, cfg, jb) -> None:
+    """The jailbreak table (validity, shift, random band per measure), how to read it, and its figure."""
+    summ = jb["summary"]
+    rows = []
+    for k in measures.JAILBREAK_MEASURES:
+        r = summ[k]
+        band = r.get("band")
+        rows.append({"measure": k, "validity (default vs persona prompt)": measures.validity_text(r["validity"]),
+                     "default prompt": r["default"], "persona prompt": r["persona"],
+                     "persona + capping": r["persona_capped"], "capping shift [95% CI]": interval(r["shift"]),
+                     f"random caps band ({jb['n_random']})": f"[{band['low']:.3f}, {band['high']:.3f}]" if band else
+                     "none", "outside band": r.get("outside_band", "")})
+    rep.table(f"Persona jailbreaks ({len(jb['ids'])} prompts): capping off vs on", rows)
+    rep.section("How to read the jailbreak table", jailbreak_reading(cfg, jb))
+    jailbreak_figure(rep, jb)
+
+
+def _qa_section(rep, qa) -> None:
+    """The chance-level check and the accuracy table without and with capping, with the paired change."""
+    a0, a1, ch = qa["accuracy"], qa["accuracy_capped"], qa["change"]
+    verdict = qa_verdict(qa)
+    rep.section("Capability check against chance", qa_reading(qa))
+    rep.table(f"Capability: held-out multiple-choice questions ({qa['n']} items, likelihood choice; {verdict})", [
+        {"condition": "no capping", "accuracy [95% CI]": interval(a0, ".2f"), "chance": qa["chance"]},
+        {"condition": "capping", "accuracy [95% CI]": interval(a1, ".2f"), "chance": qa["chance"]},
+        {"condition": "change (paired)", "accuracy [95% CI]": interval(ch, "+.3f"),
+         "chance": f"{qa['changed_answers']} answers changed"}])
