@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 
 from experiments import kv_editing as K
-from experiments import kv_editing_report as KR
+from experiments.kv_editing import padding
+from experiments.kv_editing import pipeline as KP
+from experiments.kv_editing import report_text as KR
+from experiments.kv_editing.runner import Runner
 from experiments.report import write_vectors
 from experiments.study import execute
 from psm_jax.persona import kv_identity as KI
@@ -82,7 +85,7 @@ def test_band_matches_single_direct_edits(tiny_chat_model):
 
     m, c = tiny_chat_model, tiny_chat_model.config
     conv = datasets.load_conversations("roleplay")[0]
-    hist, probe = K._history_and_probe(m, conv.as_dicts()[1:], "Who are you?")
+    hist, probe = K.history_and_probe(m, conv.as_dicts()[1:], "Who are you?")
     n, size = len(hist), len(hist) + K.PROBE_ROOM + K.ANSWER_ROOM
     base = prefill(m.params, c, jnp.asarray(hist.tokens[None]), cache_size=size, capture=Capture(sites=("resid_pre",)))
     resid = jnp.pad(base.captured["resid_pre"], ((0, 0), (0, 0), (0, size - n), (0, 0)))
@@ -90,7 +93,7 @@ def test_band_matches_single_direct_edits(tiny_chat_model):
     asst[0, :n] = hist.roles == Role.ASSISTANT
     dirs = np.asarray(np.random.default_rng(0).normal(size=(3, c.n_layers, c.d_model)), np.float32)
     edit = E.add(c, dirs[0], layers=[0, 1], coef=2.0, site="resid_pre", positions=asst, extend=False)
-    a, b = (jnp.asarray(K._answer_ids(m, t)[None]) for t in (K.ASSISTANT_ANSWER, "I am a pirate."))
+    a, b = (jnp.asarray(K.answer_ids(m, t)[None]) for t in (K.ASSISTANT_ANSWER, "I am a pirate."))
     p = jnp.asarray(probe[None])
     band = np.asarray(KI.identity_logodds_band(m.params, c, base.cache, resid, p, a, b, edit, jnp.asarray(dirs)))
     for i in range(3):
@@ -127,7 +130,7 @@ def test_user_token_control_paired_with_the_assistant_edits():
     assert pairs["matched_tokens"]["estimate"] == pytest.approx(np.mean([-0.1, -0.1, -0.3]))
     assert pairs["matched_tokens"]["high"] < 0
     assert (user["assistant_tokens"], user["user_tokens"]) == (40, 12)
-    assert "assistant turns are not shown to carry more" in KR._target_text({}, {"control_user/norm": user})
+    assert "assistant turns are not shown to carry more" in KR.target_text({}, {"control_user/norm": user})
     cfg = K.Config(n_conversations=1, probes=3, samples=4, strengths=(0.3,), layer_ranges=((0, 2),))
     result = K.Result(config=cfg, rows=rows, control=[], samples=[], seconds=0.0)
     lines = [ln for ln in K.records(result) if ln["metric"] == "kv_edit_assistant_minus_user_shift"]
@@ -174,8 +177,8 @@ def test_padded_cache_and_logodds_equal_the_unpadded_ones(tiny_chat_model):
 
     m, c = tiny_chat_model, tiny_chat_model.config
     conv = datasets.load_conversations("roleplay")[1]
-    hist, probe = K._history_and_probe(m, conv.as_dicts()[1:], "Who are you?")
-    answers = [K._answer_ids(m, t) for t in (K.ASSISTANT_ANSWER, "I am a dragon.")]
+    hist, probe = K.history_and_probe(m, conv.as_dicts()[1:], "Who are you?")
+    answers = [K.answer_ids(m, t) for t in (K.ASSISTANT_ANSWER, "I am a dragon.")]
     u = np.random.default_rng(1).normal(size=(c.n_layers, c.d_model)).astype(np.float32)
 
     def logodds(n_pad, p_pad, a_pads, mode):
@@ -221,14 +224,14 @@ def test_padded_run_equals_unpadded_with_fewer_compiles(tiny_chat_model, tmp_pat
                    axis_file=str(tmp_path / "axis.safetensors"))
     made = []
 
-    class Spy(K._Runner):
+    class Spy(Runner):
         def __init__(self, *args):
             super().__init__(*args)
             made.append(self)
 
-    monkeypatch.setattr(K, "_Runner", Spy)
+    monkeypatch.setattr(KP, "Runner", Spy)
     padded = K.run(cfg, tiny_chat_model).rows
-    monkeypatch.setattr(K, "bucket", lambda n: n)
+    monkeypatch.setattr(padding, "bucket", lambda n: n)
     exact = K.run(cfg, tiny_chat_model).rows
     assert len(padded) == len(exact) > 0
     sampled, differ = 0, []
@@ -315,4 +318,4 @@ def test_identity_validity_on_planted_rows():
     flat = [dict(r, identity_logodds=r["identity_logodds"] - 1.0) for r in reference]
     assert not KI.identity_validity(rows, flat, seed=0)["valid"]
     assert KI.identity_validity(rows, [], seed=0) is None
-    assert "NOT valid" in KR._validity_text(KI.identity_validity(rows, flat, seed=0))
+    assert "NOT valid" in KR.validity_text(KI.identity_validity(rows, flat, seed=0))
