@@ -632,7 +632,7 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
 
 def test_specificity_text_names_latents_shared_between_traits():
     """The report's reading of `latent_specificity` (its numbers: tests/test_features_discovery.py)."""
-    from experiments import persona_features_report as pfr
+    from experiments.persona_features import report_text as pfr
     from sae.features.discovery import latent_specificity
 
     d = {"evil": np.array([0.9, 0.1, 0.6]), "humorous": np.array([0.2, 1.0, 0.7]),
@@ -641,7 +641,7 @@ def test_specificity_text_names_latents_shared_between_traits():
     spec = latent_specificity(d, best, ["evil", "humorous", "sycophantic"], d_replicate=0.5)
     per = {n: {"best_latent": best[n], "best_shared_with": spec[n]["shared_with"],
                "best_specific": spec[n]["specific"]} for n in best}
-    text = pfr._specificity_text(per, 0.5)
+    text = pfr.specificity_text(per, 0.5)
     assert "Latent 2 is the best latent of sycophantic, role-vs-default" in text
     assert "Latent 0 (evil) separates no other trait" in text and "not specific" not in text
     d["evil"][1] = 1.1  # now latent 1 separates evil better than humorous: not humorous-specific
@@ -649,7 +649,7 @@ def test_specificity_text_names_latents_shared_between_traits():
     assert spec["humorous"]["specific"] is False and spec["humorous"]["shared_with"] == ["evil"]
     per["humorous"].update(best_shared_with=["evil"], best_specific=False)
     assert ("Latent 1 (humorous) also separates evil (validation d >= 0.5). Its validation d on another trait is above "
-            "its own: it is not specific to humorous.") in pfr._specificity_text(per, 0.5)
+            "its own: it is not specific to humorous.") in pfr.specificity_text(per, 0.5)
 
 
 def test_sae_cache_dirs_change_with_every_field_that_shapes_the_sae():
@@ -674,7 +674,7 @@ def test_sae_training_role_prompts_leave_out_the_role_contrast_and_the_assistant
     """The role-play prompts mixed into the SAE's training data never include a prompt of a role the study's role
     contrast uses, nor the default assistant's; every other role's instructions are there."""
     from experiments import persona_features as pf
-    from experiments import persona_features_report as pfr
+    from experiments.persona_features import report_text as pfr
     from psm_jax.persona import datasets
     from psm_jax.persona.prompts import select_roles
 
@@ -717,6 +717,7 @@ def test_trait_specific_blocks_and_their_null():
     itself: tests/test_features_discovery.py): with evil's labels shuffled nothing is found, the best latent's
     unit-level effect is read from its validation questions, one trait gives no blocks."""
     from experiments import persona_features as pf
+    from experiments.persona_features import metrics as pf_metrics
 
     nan = float("nan")
     d_disc = {"evil": np.array([1.5, 1.0, nan, 0.5, 0.1]), "humorous": np.array([1.4, 0.1, nan, 0.0, 1.2]),
@@ -736,7 +737,7 @@ def test_trait_specific_blocks_and_their_null():
     assert blocks["evil"]["null_band"]["high"] == 0
     assert blocks["evil"]["best_effect_validation"]["estimate"] == pytest.approx(2.5)  # latent 1's unit effect
     assert pf.specific_blocks({"evil": results["evil"]}, pf.Config()) == {}
-    summary = pf._specific_summary(blocks["humorous"])
+    summary = pf_metrics._specific_summary(blocks["humorous"])
     assert summary["best_latent"] == 4 and summary["best_is_found"]
     assert summary["best_d_validation_other_traits"] == {"evil": 0.0, "sycophantic": pytest.approx(0.1)}
 
