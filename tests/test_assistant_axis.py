@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import assistant_axis as AA
-from experiments import assistant_axis_report as AAR
+from experiments.assistant_axis import report_text as AAR
 from psm_jax.chat import Role, encode_chat
 from psm_jax.persona.axis import per_turn_projections, response_means, role_and_default_vectors
 from psm_jax.persona.directions import (axis_from_vectors, axis_pc1_cosines, group_means, persona_space,
@@ -102,12 +102,12 @@ def test_role_pool_keeps_the_named_categories():
     from psm_jax.persona import datasets
 
     roleset = datasets.load_roles()
-    pool = AA._role_pool(roleset, ("mythic", "animal"))
+    pool = AA.role_pool(roleset, ("mythic", "animal"))
     assert pool and {r.category for r in pool} == {"mythic", "animal"}
     assert [r.name for r in pool] == [r.name for r in roleset.roles if r.category in ("mythic", "animal")]
-    assert AA._role_pool(roleset, ()) == list(roleset.roles)
+    assert AA.role_pool(roleset, ()) == list(roleset.roles)
     with pytest.raises(ValueError, match=r"role_categories=\('mythic', 'elves'\): unknown \['elves'\]"):
-        AA._role_pool(roleset, ("mythic", "elves"))
+        AA.role_pool(roleset, ("mythic", "elves"))
 
 
 def test_config_errors():
@@ -266,7 +266,7 @@ def test_space_summary_names_the_carrying_component():
     roles = (3.0 * rng.normal(size=R))[:, None] * e[0] + (1.0 * rng.normal(size=R))[:, None] * e[1] \
         + 0.05 * rng.normal(size=(R, D))
     default = 6.0 * e[1]
-    s = AA._space_summary(roles, default, 0.7, seed=0)
+    s = AA.space_summary(roles, default, 0.7, seed=0)
     assert s["carrier"] == 1 and s["percentile"] == 1.0 and abs(s["cosine"]) > 0.9 and s["target_met"]
     lo, hi = s["percentile_ci"]
     assert lo <= s["percentile"] <= hi
@@ -274,7 +274,7 @@ def test_space_summary_names_the_carrying_component():
     text = AAR.carrier_text("All roles", dict(c, pc="PC2"))
     assert "PC2 carries the Assistant" in text and "met." in text and "not met" not in text
     # the default inside the role cloud: the target fails, and the text says which number falls short
-    s2 = AA._space_summary(roles, roles.mean(0) + 0.1 * e[1], 0.7, seed=0)
+    s2 = AA.space_summary(roles, roles.mean(0) + 0.1 * e[1], 0.7, seed=0)
     c2 = {k: v for k, v in s2.items() if k not in ("space", "ci")}
     text2 = AAR.carrier_text("All roles", dict(c2, pc=f"PC{s2['carrier'] + 1}"))
     assert not s2["target_met"] and "Target not met: the default is above only" in text2
@@ -333,10 +333,10 @@ def test_the_human_subset_is_analysed_only_when_it_is_a_proper_subset():
     roles = [types.SimpleNamespace(name=f"r{i}", category=c) for i, c in enumerate(cats)]
     vecs = rng.normal(size=(10, 2, 6))
     cfg = AA.Config(n_roles=None)
-    mixed = AA._Vectors(vecs, roles, np.ones(10, bool), rng.normal(size=(2, 6)), np.ones(3, bool), None)
-    subsets, human = AA._subsets(cfg, mixed, 1)
+    mixed = AA.Vectors(vecs, roles, np.ones(10, bool), rng.normal(size=(2, 6)), np.ones(3, bool), None)
+    subsets, human = AA.space_subsets(cfg, mixed, 1)
     assert set(subsets) == {"all", "human"} and human == [0, 1, 2, 3, 4]
     assert subsets["human"]["n_roles"] == 5 and subsets["all"]["n_roles"] == 10
     only_human = mixed._replace(role_vecs=vecs[:5], kept_roles=roles[:5])
-    subsets, human = AA._subsets(cfg, only_human, 1)
+    subsets, human = AA.space_subsets(cfg, only_human, 1)
     assert set(subsets) == {"all"} and human == [0, 1, 2, 3, 4]

@@ -9,7 +9,7 @@ from experiments.kv_editing.config import Config
 
 def estimate_axis(model, n_roles: int, n_questions: int, seed: int = 0, batch_size: int = 16) -> np.ndarray:
     """A small Assistant Axis [L, D]: mean(default-prompt responses) - mean(role responses),
-    response-token means of resid_post (see experiments/assistant_axis.py for the full method)."""
+    response-token means of resid_post (the `experiments.assistant_axis` study has the full method)."""
     from psm_jax.persona import datasets
     from psm_jax.persona.axis import role_and_default_vectors
     from psm_jax.persona.directions import axis_from_vectors
