@@ -340,3 +340,44 @@ def test_the_human_subset_is_analysed_only_when_it_is_a_proper_subset():
     only_human = mixed._replace(role_vecs=vecs[:5], kept_roles=roles[:5])
     subsets, human = AA.space_subsets(cfg, only_human, 1)
     assert set(subsets) == {"all"} and human == [0, 1, 2, 3, 4]
+
+
+class _RubricJudge:
+    """A stand-in judge: `score(question, answer)` for each pair, whatever the rubric."""
+
+    def __init__(self, score):
+        self.score = score
+
+    def rubric_score_many(self, pairs, rubric, max_score):
+        assert "{role}" not in rubric and max_score == 3
+        return [self.score(q, a) for q, a in pairs]
+
+
+@pytest.mark.parametrize("kind", ["tells_apart", "scores_nothing", "scores_all_alike"])
+def test_judge_filter_applies_only_where_its_check_passes(kind, monkeypatch):
+    """The judge filter keeps responses scored >= judge_min_score only when the judge scores the roles' own answers
+    above default answers under the same rubric (paired over roles); a judge that scores nothing or cannot tell
+    them apart drops nothing, and says what it would have dropped."""
+    import psm_jax.persona.judge as J
+    from experiments.assistant_axis import filters
+
+    cfg = AA.Config(n_roles=4, n_questions=3, judge="local", judge_min_score=2, adherence="none")
+    pr = AA.prompts(cfg)
+    n = len(pr.convs)
+    answers = [f"in role {i}" for i in range(n)]
+    answers[1] = "in role but weak"
+    by_q = {q: f"default answer to {q}" for q in pr.questions}
+    scores = {"tells_apart": lambda q, a: 0 if a.startswith("default") else (1 if "weak" in a else 3),
+              "scores_nothing": lambda q, a: None,
+              "scores_all_alike": lambda q, a: 1 if "weak" in a else 3}[kind]
+    monkeypatch.setattr(J, "make_judge", lambda name, model=None, **kw: _RubricJudge(scores))
+    keep, info = filters._judge_filter(None, cfg, pr, answers, by_q)
+    assert info["judge_validity"]["n"] == (0 if kind == "scores_nothing" else len(set(pr.groups.tolist())))
+    if kind == "tells_apart":
+        assert info["judge_applied"] and info["judge_validity"]["low"] > 0
+        assert keep.tolist() == [i != 1 for i in range(n)] and info["judge_dropped"] == 1
+    else:
+        assert not info["judge_applied"] and keep.all() and info["judge_dropped"] == 0
+        assert info["judge_would_drop"] == (n if kind == "scores_nothing" else 1)
+    cfg_text = AAR._judge_text(cfg, info)
+    assert ("applied: 1 role responses dropped" in cfg_text) == (kind == "tells_apart")

@@ -29,7 +29,7 @@ def run(cfg: Config, model, progress=None) -> AxisResult:
 
     pr = prompts(cfg)
     rolls, means, ntok = rollout_step(cfg, model, pr, bars)
-    filtered = response_filter(model, cfg, pr, rolls, ntok, bars)
+    filtered = response_filter(model, cfg, pr, rolls, ntok)
     keep = filtered[0]
     vv = mean_vectors(cfg, pr, means, ntok, keep)
     axis, space, cosines, n_pcs_by_layer = axis_and_space(cfg, vv, target, L)

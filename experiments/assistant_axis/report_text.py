@@ -56,12 +56,23 @@ def _adherence_text(cfg: Config, m: dict) -> str:
             f"'{ASSISTANT_SYSTEM}'); mean {m['adherence_mean_score']:.3f}): {check}; {act}.")
 
 
+def _judge_text(cfg: Config, m: dict) -> str:
+    """The judge filter's rule, its validity check and what it dropped (or would have)."""
+    v = m["judge_validity"]
+    check = (f"validity check (role responses vs default answers, each under the role's rubric, paired over {v['n']} "
+             f"roles): effect {v['effect']:.2f} [{v['low']:.2f}, {v['high']:.2f}] rubric points, "
+             f"{'passed' if v['valid'] else 'NOT passed'}")
+    act = (f"applied: {m['judge_dropped']} role responses dropped" if m["judge_applied"] else
+           f"not applied, since the check did not pass (it would have dropped {m['judge_would_drop']})")
+    return (f"(keeps score >= {cfg.judge_min_score} of 3; {m['judge_scored']} role responses scored; {check}; "
+            f"{act})")
+
+
 def setup_text(res: AxisResult) -> str:
     """What ran: model, roles, questions, sampling, the vectors' definition, filtering, against the paper's sizes."""
     cfg, m, target, L = res.config, res.metrics, res.target_layer, res.metrics["n_layers"]
     samples = f"{cfg.default_samples} sample(s) ({m['n_default_responses']} responses)"
-    judge = ("(off: every non-empty response counts)" if cfg.judge == "none" else
-             f"(kept score >= {cfg.judge_min_score})")
+    judge = "(off: every non-empty response counts)" if cfg.judge == "none" else _judge_text(cfg, m)
     return f"""
 Model `{cfg.model}` ({L} layers, d_model {res.d_model}); site `{SITE}` (block output), every layer.
 {m["n_roles"]} roles (stratified over categories, seed {cfg.seed}) x {cfg.instructions_per_role} system

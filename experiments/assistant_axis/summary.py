@@ -76,12 +76,13 @@ def response_metrics(rolls, ntok) -> dict:
 
 
 def filter_metrics(cfg: Config, filtered, n_generated: int) -> dict:
-    """What the response filters kept (`filtered`: `response_filter`'s keep, adherence summary and judge scores):
-    the judge's share when it ran, the adherence filter's summary without its per-response scores."""
-    keep, adherence, judge_scores = filtered
+    """What the response filters kept (`filtered`: `response_filter`'s keep, adherence summary and judge summary):
+    the judge's check and share when it ran, the adherence filter's summary without its per-response scores."""
+    keep, adherence, judge = filtered
     m = {}
-    if judge_scores is not None:
+    if judge is not None:
         m["judge_kept_fraction"] = float(keep.mean())
+        m.update(judge)
     m["adherence"] = cfg.adherence
     m.update({k: v for k, v in adherence.items() if k != "adherence_scores"})
     m["n_role_responses_generated"] = n_generated
