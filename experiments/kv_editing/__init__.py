@@ -47,7 +47,7 @@ from experiments.kv_editing.probes import answer_ids, probes_and_scorer
 from experiments.kv_editing.caches import conditions, history_caches
 from experiments.kv_editing.controls import capping_control, random_directions
 from experiments.kv_editing.rows import history_rows, reference_rows
-from experiments.kv_editing.pipeline import Result, run, study
+from experiments.kv_editing.pipeline import Result, run, run_context
 from experiments.kv_editing.report_folder import write_report as report
 from experiments.kv_editing.report_records import result_records as records
 
@@ -56,4 +56,4 @@ __all__ = ["Config", "PRESETS", "run", "Result", "report", "records", "PERSONA_S
            "BUCKET_BASE", "bucket", "left_pad", "right_pad", "cache_size", "estimate_axis", "unit_axis",
            "select_conversations", "generated_history", "full_history", "cached_messages", "history_and_probe",
            "token_counts", "answer_ids", "probes_and_scorer", "conditions", "history_caches", "random_directions",
-           "capping_control", "history_rows", "reference_rows", "study"]
+           "capping_control", "history_rows", "reference_rows", "run_context"]

@@ -1,4 +1,4 @@
-"""What every (conversation, history, probe) of one run shares, built once per run (`pipeline.study`) and passed
+"""What every (conversation, history, probe) of one run shares, built once per run (`pipeline.run_context`) and passed
 to the modules that build caches and score probes."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from experiments.kv_editing.runner import Runner
 
 
 @dataclasses.dataclass(frozen=True)
-class Study:
+class RunContext:
     """What every (conversation, history, probe) of one run shares."""
     cfg: Config
     model: object

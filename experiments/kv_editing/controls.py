@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.kv_editing.config import Config
-from experiments.kv_editing.context import Study
+from experiments.kv_editing.context import RunContext
 from experiments.kv_editing import padding  # padding.bucket: one attribute sets every padded length
 from experiments.kv_editing.padding import left_pad
 from experiments.kv_editing.probes import ProbeInputs
@@ -36,7 +36,7 @@ def band_template(model, runner: Runner, hist_tokens, hist_mask, resid, asst, di
     return b1.cache, resid[:, :1], edit1
 
 
-def band_row(st: Study, band: tuple, inputs: ProbeInputs, row: dict) -> dict:
+def band_row(st: RunContext, band: tuple, inputs: ProbeInputs, row: dict) -> dict:
     """The random-direction control on one probe: identity log-odds after the direct edit along each direction (one
     batch row; nothing is sampled, so the rates are NaN and the row's log-odds is the mean over directions)."""
     cache1, resid1, edit1 = band

@@ -12,7 +12,7 @@ import numpy as np
 from experiments.kv_editing.axis import unit_axis
 from experiments.kv_editing.caches import conditions
 from experiments.kv_editing.config import ASSISTANT_ANSWER, Config, check_layers
-from experiments.kv_editing.context import Study
+from experiments.kv_editing.context import RunContext
 from experiments.kv_editing.controls import capping_control, random_directions
 from experiments.kv_editing.histories import assistant_turns, cached_messages, full_history, select_conversations
 from experiments.kv_editing.probes import answer_ids, probes_and_scorer
@@ -34,12 +34,12 @@ class Result:
     reference_histories: dict = dataclasses.field(default_factory=dict)  # conversation -> the Assistant's turns
 
 
-def study(cfg: Config, model, u_all: np.ndarray) -> Study:
+def run_context(cfg: Config, model, u_all: np.ndarray) -> RunContext:
     """The jitted runner, conditions, probes, scorer, control directions and assistant answer, built once per run."""
     from psm_jax.persona.rollouts import eos_ids
 
     probes, is_assistant = probes_and_scorer(cfg)
-    return Study(cfg=cfg, model=model, runner=Runner(model, cfg, jnp.asarray(u_all)), probes=probes,
+    return RunContext(cfg=cfg, model=model, runner=Runner(model, cfg, jnp.asarray(u_all)), probes=probes,
                  is_assistant=is_assistant, eos=eos_ids(model), pad=model.config.pad_token_id or 0,
                  conditions=conditions(cfg), u_all=u_all, u_random=random_directions(cfg, u_all.shape),
                  assistant_ids=answer_ids(model, ASSISTANT_ANSWER))
@@ -51,7 +51,7 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
     check_layers(cfg, model.config)
     u_all = unit_axis(cfg, model)
     convs = select_conversations(cfg)
-    st = study(cfg, model, u_all)
+    st = run_context(cfg, model, u_all)
     result = Result(config=cfg, rows=[], control=[], samples=[], seconds=0.0)
     capped = [_add_conversation(result, st, conv, ci, progress) for ci, conv in enumerate(convs)]
     result.control = capping_control(model, capped, u_all, cfg)
@@ -59,7 +59,7 @@ def run(cfg: Config, model, progress: Callable[[str], None] | None = None) -> Re
     return result
 
 
-def _add_conversation(result: Result, st: Study, conv, ci: int, progress) -> tuple[str, list[dict]]:
+def _add_conversation(result: Result, st: RunContext, conv, ci: int, progress) -> tuple[str, list[dict]]:
     """One conversation's validity reference and every history kind's rows, added to `result`. Returns the
     conversation the capping control runs on: (id, messages), the scripted turns where there are any, else the
     generated ones."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.kv_editing.config import ANSWER_ROOM, PROBE_ROOM, Config
-from experiments.kv_editing.context import Study
+from experiments.kv_editing.context import RunContext
 from experiments.kv_editing.histories import history_and_probe
 from experiments.kv_editing import padding  # padding.bucket: one attribute sets every padded length
 from experiments.kv_editing.padding import left_pad, repeat, right_pad
@@ -53,12 +53,12 @@ def probe_inputs(model, history: list[dict], probe: str, answers: list[tuple], p
                        (mask, *(repeat(m, n) for _, m in answers)))
 
 
-def padded_answers(st: Study, persona_ids: np.ndarray) -> list[tuple]:
+def padded_answers(st: RunContext, persona_ids: np.ndarray) -> list[tuple]:
     """The assistant and persona identity answers, each right-padded to its bucket (tokens, mask)."""
     return [right_pad(a, padding.bucket(len(a)), st.pad) for a in (st.assistant_ids, persona_ids)]
 
 
-def sampled_row(st: Study, cache, inputs: ProbeInputs, key, row: dict) -> tuple[dict, list[str]]:
+def sampled_row(st: RunContext, cache, inputs: ProbeInputs, key, row: dict) -> tuple[dict, list[str]]:
     """A decoded condition on one probe: answers sampled from `cache` with `key` (their assistant rate and mean axis
     projection) and the identity log-odds on the cache; also the answer texts."""
     params, runner = st.model.params, st.runner

@@ -8,7 +8,7 @@ import numpy as np
 
 from experiments.kv_editing.caches import history_caches
 from experiments.kv_editing.config import REFERENCE_STREAM
-from experiments.kv_editing.context import Study
+from experiments.kv_editing.context import RunContext
 from experiments.kv_editing.controls import band_row
 from experiments.kv_editing.histories import generated_history, history_and_probe, token_counts
 from experiments.kv_editing import padding  # padding.bucket: one attribute sets every padded length
@@ -17,7 +17,7 @@ from experiments.kv_editing.probes import ProbeInputs, padded_answers, probe_inp
 from psm_jax.persona.kv_identity import UNEDITED
 
 
-def history_rows(st: Study, conv, ci: int, history_kind: str, history: list[dict], persona_ids: np.ndarray,
+def history_rows(st: RunContext, conv, ci: int, history_kind: str, history: list[dict], persona_ids: np.ndarray,
                  first: int, progress) -> tuple[list[dict], list[tuple]]:
     """Every probe under every condition for one history, whose edited caches are built once; sampling keys fold in
     each row's index in the whole run (`first` rows came before). Also the first probe's sample answers to show."""
@@ -43,7 +43,7 @@ def history_rows(st: Study, conv, ci: int, history_kind: str, history: list[dict
     return rows, shown
 
 
-def _probe_rows(st: Study, caches: dict, band: dict, inputs: ProbeInputs, labels: dict, counts: dict, first: int,
+def _probe_rows(st: RunContext, caches: dict, band: dict, inputs: ProbeInputs, labels: dict, counts: dict, first: int,
                 show: bool) -> tuple[list[dict], list[tuple]]:
     """Every condition on one probe, sampled with keys that fold in each row's index in the whole run (`first` rows
     came before); with `show`, also the first answers of the unedited cache and of the largest strength."""
@@ -64,7 +64,7 @@ def _probe_rows(st: Study, caches: dict, band: dict, inputs: ProbeInputs, labels
     return rows, shown
 
 
-def reference_rows(st: Study, conv, ci: int, persona_ids: np.ndarray) -> tuple[list[dict], list[dict]]:
+def reference_rows(st: RunContext, conv, ci: int, persona_ids: np.ndarray) -> tuple[list[dict], list[dict]]:
     """The validity reference of the identity measure for one conversation: its user turns answered by the model with
     no role prompt (its default Assistant, sampled like a generated history on a key of its own), and per probe the
     unedited identity log-odds after that history. A valid measure reads a higher (more Assistant) value here than
