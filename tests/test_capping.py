@@ -49,7 +49,7 @@ def test_run_end_to_end_tiny(tiny_chat_4layers, tmp_path):
     assert [ln["metric"] for ln in lines] == ["capping_identity_gain", "capping_jailbreak_identity_shift",
                                               "capping_jailbreak_compliance_shift", "capping_ppl_cost",
                                               "capping_qa_accuracy_cost"]
-    m = res["result"].m
+    m = res["result"].metrics
     # every headline carries its interval over the independent units (roles, prompts, conversations) and its null
     for ln in lines:
         assert ln["ci"][0] <= ln["value"] <= ln["ci"][1] and ln["null"], ln["metric"]
@@ -166,7 +166,7 @@ def test_records_carry_intervals_and_band():
                 "accuracy_capped": {"estimate": 0.55},
                 "change": {"estimate": -0.05, "low": -0.12, "high": 0.0, "n": 48}}}
     res = C.Result(**{f.name: None for f in dataclasses.fields(C.Result)})
-    res.m = m
+    res.metrics = m
     lines = {ln["metric"]: check_line(ln) for ln in C.records(res)}
     jb = lines["capping_jailbreak_identity_shift"]
     assert (jb["value"], jb["ci_low"], jb["ci_high"], jb["band_low"], jb["band_high"]) == (0.4, 0.2, 0.6, -0.05, 0.04)

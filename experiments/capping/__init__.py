@@ -35,11 +35,11 @@ from __future__ import annotations
 
 from experiments.capping.config import PRESETS, Config
 from experiments.capping.thresholds import Thresholds, capped_layers, load_axis, threshold_step
-from experiments.capping.identity import (held_out_roles, identity_answers, identity_logodds, keyword_rate, logodds,
-                                          projections_by_layer)
-from experiments.capping.behaviour import trait_behaviour, trait_items_check
+from experiments.capping.identity import (IdentityAnswers, held_out_roles, identity_answers, identity_logodds,
+                                          keyword_rate, logodds, projections_by_layer)
+from experiments.capping.behaviour import TraitBehaviour, trait_behaviour, trait_items_check
 from experiments.capping.roleplay import RolePlay, roleplay_step
-from experiments.capping.jailbreak import jailbreak_step, jailbreak_summary, run_jailbreaks
+from experiments.capping.jailbreak import Jailbreaks, jailbreak_step, jailbreak_summary, run_jailbreaks
 from experiments.capping.capability import perplexity_cost, qa_cost, qa_step
 from experiments.capping.summary import identity_gain_ci, metrics
 from experiments.capping.pipeline import Result, run
@@ -48,7 +48,8 @@ from experiments.capping.report_records import result_records as records
 from psm_jax.persona.prompts import role_phrase  # the "{role}" phrasing of the persona answers
 
 __all__ = ["Config", "PRESETS", "run", "Result", "report", "records", "Thresholds", "load_axis", "capped_layers",
-           "threshold_step", "held_out_roles", "identity_answers", "keyword_rate", "projections_by_layer", "logodds",
-           "identity_logodds", "trait_items_check", "trait_behaviour", "RolePlay", "roleplay_step",
-           "jailbreak_summary", "run_jailbreaks", "jailbreak_step", "qa_cost", "qa_step", "perplexity_cost",
+           "threshold_step", "held_out_roles", "IdentityAnswers", "identity_answers", "keyword_rate",
+           "projections_by_layer", "logodds", "identity_logodds", "trait_items_check", "TraitBehaviour",
+           "trait_behaviour", "RolePlay", "roleplay_step", "Jailbreaks", "jailbreak_summary", "run_jailbreaks",
+           "jailbreak_step", "qa_cost", "qa_step", "perplexity_cost",
            "identity_gain_ci", "metrics", "role_phrase"]

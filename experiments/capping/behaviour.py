@@ -3,11 +3,21 @@ default-prompt baseline, used as evidence only where their validity check, re-ru
 (shown next to the stored per-model check, `Trait.items_are_evidence`, benchmarks/trait_items_validity.py)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from experiments.capping.config import Config
 from psm_jax.persona import measures
 from psm_jax.persona.prompts import trait_system_prompt
+
+
+class TraitBehaviour(NamedTuple):
+    """The trait step's outputs (`trait_behaviour`)."""
+
+    rows: list[dict]  # one row of the behaviour table per trait with items
+    # "role", "role+cap" -> per trait whose items passed their check: |log-odds - default prompt's| per role prompt
+    distances: dict[str, list[np.ndarray]]
 
 
 def trait_items_check(model, trait, items, *, batch_size: int) -> dict:
@@ -21,7 +31,7 @@ def trait_items_check(model, trait, items, *, batch_size: int) -> dict:
     return measures.validity(pos, neg)
 
 
-def trait_behaviour(cfg: Config, model, instr, cap_fn) -> tuple[list[dict], dict]:
+def trait_behaviour(cfg: Config, model, instr, cap_fn) -> TraitBehaviour:
     """Trait two-choice items under the role prompts without and with capping, against the default prompt. Items are
     used as evidence only where their validity check passes on this model (run here)."""
     from psm_jax.persona import datasets
@@ -42,7 +52,7 @@ def trait_behaviour(cfg: Config, model, instr, cap_fn) -> tuple[list[dict], dict
             trait_dist["role"].append(np.abs(d_role - d0))
             trait_dist["role+cap"].append(np.abs(d_cap - d0))
         trait_rows.append(_trait_row(cfg, t, trait, items, check, d0, d_role, d_cap))
-    return trait_rows, trait_dist
+    return TraitBehaviour(trait_rows, trait_dist)
 
 
 def _trait_row(cfg: Config, name: str, trait, items, check: dict, d0: float, d_role, d_cap) -> dict:

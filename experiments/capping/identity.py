@@ -2,15 +2,27 @@
 answers (keyword scorer), their axis projection by layer, and the judge-free identity log-odds."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from experiments.capping.config import Config
 from psm_jax.persona import measures
+from psm_jax.persona.datasets import Role
 from psm_jax.persona.directions import SITE, unit
 from psm_jax.persona.prompts import role_phrase, select_roles, system_conv
+from psm_jax.persona.rollouts import Rollout
 
 
-def held_out_roles(cfg: Config, axis_info: dict) -> tuple[list, list[str]]:
+class IdentityAnswers(NamedTuple):
+    """The greedy identity answers of `identity_answers`."""
+
+    questions: list[str]  # the identity probes asked
+    role_prompts: list[list[dict]]  # each held-out role's instruction as the system prompt, then each question
+    answers: dict[str, list[Rollout]]  # "default", "role", "role+cap" -> the answers; {} without questions
+
+
+def held_out_roles(cfg: Config, axis_info: dict) -> tuple[list[Role], list[str]]:
     """Held-out roles (not among the axis's own where possible) with their held-out instruction, so the evaluation
     does not reuse the prompts the axis was built from."""
     from psm_jax.persona import datasets
@@ -24,20 +36,21 @@ def held_out_roles(cfg: Config, axis_info: dict) -> tuple[list, list[str]]:
     return roles, instr
 
 
-def identity_answers(cfg: Config, model, instr, gen_probes, cap_fn, progress: bool) -> tuple[list, dict]:
+def identity_answers(cfg: Config, model, instr, gen_probes: list[str], cap_fn, progress: bool) -> IdentityAnswers:
     """Greedy identity answers under the default prompt, the role prompts and the role prompts with capping: the
-    generated-text view of whether capping keeps the Assistant's identity. ({} without probes.)"""
+    generated-text view of whether capping keeps the Assistant's identity. (No answers without probes.)"""
     from psm_jax.persona.rollouts import generate_responses
 
     role_gen = [system_conv(s, q) for s in instr for q in gen_probes]
     default_gen = [system_conv(None, q) for q in gen_probes]
     if not gen_probes:
-        return role_gen, {}
+        return IdentityAnswers(gen_probes, role_gen, {})
     plain = generate_responses(model, default_gen + role_gen, max_new_tokens=cfg.max_new_tokens,
                                batch_size=cfg.batch_size, progress=progress)
     capped = generate_responses(model, role_gen, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                 edits_fn=cap_fn, progress=progress)
-    return role_gen, {"default": plain[:len(default_gen)], "role": plain[len(default_gen):], "role+cap": capped}
+    return IdentityAnswers(gen_probes, role_gen, {"default": plain[:len(default_gen)],
+                                                  "role": plain[len(default_gen):], "role+cap": capped})
 
 
 def keyword_rate(probes, rollouts) -> float:
@@ -56,7 +69,8 @@ def _mean_proj_by_layer(model, conversations, axis, edits_fn, batch_size, progre
     return proj[acts["n_response"] > 0]
 
 
-def projections_by_layer(cfg: Config, model, axis, gen_out: dict, cap_fn, progress: bool) -> dict:
+def projections_by_layer(cfg: Config, model, axis, gen_out: dict[str, list[Rollout]], cap_fn,
+                         progress: bool) -> dict[str, np.ndarray]:
     """The identity answers' axis projection at every layer per condition: where along the depth capping moves the
     answers, and whether the shift holds past the capped range."""
     if not gen_out:

@@ -6,53 +6,46 @@ import dataclasses
 import time
 from typing import Any
 
-from experiments.capping.behaviour import trait_behaviour
+import numpy as np
+
+from experiments.capping.behaviour import TraitBehaviour, trait_behaviour
 from experiments.capping.capability import perplexity_cost, qa_step
 from experiments.capping.config import Config
-from experiments.capping.identity import (held_out_roles, identity_answers, identity_logodds, keyword_rate,
-                                          projections_by_layer)
-from experiments.capping.jailbreak import jailbreak_step
+from experiments.capping.identity import (IdentityAnswers, held_out_roles, identity_answers, identity_logodds,
+                                          keyword_rate, projections_by_layer)
+from experiments.capping.jailbreak import Jailbreaks, jailbreak_step
 from experiments.capping.roleplay import RolePlay, roleplay_step
 from experiments.capping.summary import metrics
-from experiments.capping.thresholds import capped_layers, load_axis, threshold_step
+from experiments.capping.thresholds import Thresholds, capped_layers, load_axis, threshold_step
 from psm_jax.persona.capping import capping_edit, make_edits_fn
+from psm_jax.persona.datasets import IdentityProbes, Role
 
 
 @dataclasses.dataclass
 class Result:
-    """What the report shows (named as in `run`): thresholds, the evaluation under role prompts with and without
-    capping, the role-play conversations, the perplexity cost, and the metrics `m`."""
+    """What the report shows, grouped by the step of `run` that produced it."""
 
     config: Config
-    L: Any
-    axis: Any
-    axis_info: Any
-    d_cap: Any
-    d_plain: Any
-    end_cap: Any
-    end_convs: Any
-    end_plain: Any
-    eval_roles: Any
-    floors: Any
-    frac_below: Any
-    gain: Any
-    gen_out: Any
-    gen_probes: Any
-    kw_rate: Any
-    layers: Any
-    m: Any
-    ppl: Any
-    probes: Any
-    proj_layers: Any
-    readout: Any
-    role_gen: Any
-    rp: Any
-    rp_kw: Any
-    rp_rows: Any
-    tconvs: Any
-    trait_rows: Any
-    jb: Any = None  # run_jailbreaks(...) or {}
-    qa: Any = None  # qa_cost(...) or {}
+    n_layers: int  # the model's number of layers
+    capped_layers: tuple[int, ...]
+    readout_layer: int  # the first layer after the capped range, where the role-play drift is read
+    axis: np.ndarray  # [n_layers, d_model]
+    # where the axis came from (`load_axis`): "source", the "roles" it was built from, the file's "n_roles" and "seed"
+    axis_info: dict[str, Any]  # values of mixed types (str, list[str], int)
+    thresholds: Thresholds
+    eval_roles: list[Role]  # the held-out roles whose system prompts the evaluation uses
+    identity_probes: IdentityProbes
+    identity_answers: IdentityAnswers
+    identity_keyword_rate: dict[str, float]  # per condition of `identity_answers.answers`
+    # per condition of `identity_answers.answers`: each answer's mean projection on the unit axis, [answer, layer]
+    answer_projections: dict[str, np.ndarray]
+    traits: TraitBehaviour
+    roleplay: RolePlay
+    jailbreaks: Jailbreaks | None  # None when skipped
+    # `qa_cost`: held-out multiple-choice accuracy without and with capping; counts, intervals and the validity flag
+    qa_accuracy: dict[str, Any]  # ({} when skipped)
+    perplexity: dict[str, Any]  # `perplexity_cost`: counts, perplexities and the change ({} when skipped)
+    metrics: dict[str, Any]  # metrics.json: JSON values of every kind, by key
 
 
 def run(cfg: Config, model, progress=None) -> Result:
@@ -72,12 +65,11 @@ def run(cfg: Config, model, progress=None) -> Result:
     # ---- role-inducing system prompts
     eval_roles, instr = held_out_roles(cfg, axis_info)
     probes = datasets.load_identity_probes()
-    gen_probes = list(probes.questions[:cfg.n_identity_probes])
-    role_gen, gen_out = identity_answers(cfg, model, instr, gen_probes, cap_fn, progress)
-    kw_rate = {k: keyword_rate(probes, v) for k, v in gen_out.items()}
-    proj_layers = projections_by_layer(cfg, model, axis, gen_out, cap_fn, progress)
+    answers = identity_answers(cfg, model, instr, list(probes.questions[:cfg.n_identity_probes]), cap_fn, progress)
+    kw_rate = {k: keyword_rate(probes, v) for k, v in answers.answers.items()}
+    proj_layers = projections_by_layer(cfg, model, axis, answers.answers, cap_fn, progress)
     identity = identity_logodds(cfg, model, probes, eval_roles, instr, cap_fn)
-    trait_rows, trait_dist = trait_behaviour(cfg, model, instr, cap_fn)
+    traits = trait_behaviour(cfg, model, instr, cap_fn)
 
     # ---- long role-play conversations, persona jailbreaks, capability costs
     rpl = roleplay_step(cfg, model, axis, readout, probes, cap_fn, progress) if cfg.roleplay else RolePlay()
@@ -86,14 +78,11 @@ def run(cfg: Config, model, progress=None) -> Result:
     ppl = perplexity_cost(cfg, model, cap_fn, progress)
 
     m = metrics(cfg, layers=layers, readout=readout, axis_info=axis_info, th=th, eval_roles=eval_roles,
-                identity=identity, kw_rate=kw_rate, proj_layers=proj_layers, rpl=rpl,
-                traits=(trait_rows, trait_dist), jb=jb, qa=qa, ppl=ppl)
+                identity=identity, kw_rate=kw_rate, proj_layers=proj_layers, rpl=rpl, traits=traits, jb=jb, qa=qa,
+                ppl=ppl)
     m["elapsed_s"] = round(time.time() - t0, 1)
 
-    return Result(config=cfg, L=mc.n_layers, axis=axis, axis_info=axis_info, d_cap=rpl.drift_capped,
-                  d_plain=rpl.drift_plain, end_cap=rpl.end_cap, end_convs=rpl.end_convs, end_plain=rpl.end_plain,
-                  eval_roles=eval_roles, floors=th.floors, frac_below=th.frac_below,
-                  gain=m["capping_identity_gain"], gen_out=gen_out, gen_probes=gen_probes, kw_rate=kw_rate,
-                  layers=layers, m=m, ppl=ppl, probes=probes, proj_layers=proj_layers, readout=readout,
-                  role_gen=role_gen, rp=rpl.conversations, rp_kw=rpl.keyword_rate, rp_rows=rpl.rows,
-                  tconvs=th.convs, trait_rows=trait_rows, jb=jb, qa=qa)
+    return Result(config=cfg, n_layers=mc.n_layers, capped_layers=layers, readout_layer=readout, axis=axis,
+                  axis_info=axis_info, thresholds=th, eval_roles=eval_roles, identity_probes=probes,
+                  identity_answers=answers, identity_keyword_rate=kw_rate, answer_projections=proj_layers,
+                  traits=traits, roleplay=rpl, jailbreaks=jb, qa_accuracy=qa, perplexity=ppl, metrics=m)

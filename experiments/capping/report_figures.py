@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments.capping.jailbreak import Jailbreaks
+from experiments.capping.pipeline import Result
+from experiments.capping.roleplay import RolePlay
 from experiments.report import pyplot
 from psm_jax.persona import measures
 
 
-def jailbreak_figure(rep, jb) -> None:
+def jailbreak_figure(rep, jb: Jailbreaks) -> None:
     plt = pyplot()
     fig, axs = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, k in zip(axs, measures.JAILBREAK_MEASURES):
-        r = jb["summary"][k]
+        r = jb.summary[k]
         if "random_shifts" in r:
             ax.axhspan(r["band"]["low"], r["band"]["high"], color="0.85", label="random caps, 95% band")
             ax.plot(np.zeros(len(r["random_shifts"])) + 0.3, r["random_shifts"], "k.", ms=3, alpha=0.6)
@@ -29,12 +32,13 @@ def jailbreak_figure(rep, jb) -> None:
                "along random directions at matched thresholds.")
 
 
-def _projection_figure(rep, plt, m, proj_layers, layers) -> None:
+def _projection_figure(rep, plt, res: Result) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for k, v in proj_layers.items():
+    for k, v in res.answer_projections.items():
         ax.plot(np.arange(v.shape[1]), v.mean(0), "o-", ms=2.5, label=k)
+    layers = res.capped_layers
     ax.axvspan(min(layers) - 0.5, max(layers) + 0.5, color="C3", alpha=0.08, label="capped layers")
-    ax.plot(list(layers), m["thresholds_floor"], "k_", ms=10, label="floor")
+    ax.plot(list(layers), res.metrics["thresholds_floor"], "k_", ms=10, label="floor")
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("mean projection on unit axis")
     ax.set_title("Identity answers under role prompts: axis projection by layer")
@@ -43,7 +47,8 @@ def _projection_figure(rep, plt, m, proj_layers, layers) -> None:
                "Mean assistant-token projection of the greedy answers on the unit axis.")
 
 
-def _roleplay_figure(rep, plt, readout, rp_rows, d_plain, d_cap) -> None:
+def _roleplay_figure(rep, plt, readout: int, rpl: RolePlay) -> None:
+    rp_rows, d_plain, d_cap = rpl.rows, rpl.drift_plain, rpl.drift_capped
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
     k = [r["exchanges before probe"] for r in rp_rows]
     axs[0].plot(k, [r["log-odds (no cap)"] for r in rp_rows], "o-", label="no capping")
@@ -62,10 +67,10 @@ def _roleplay_figure(rep, plt, readout, rp_rows, d_plain, d_cap) -> None:
     rep.figure("roleplay", fig, "Long role-play conversations with and without capping.")
 
 
-def plots(rep, m, proj_layers, layers, readout, rp_rows, d_plain, d_cap):
+def plots(rep, res: Result) -> None:
     """The projection-by-layer figure (with generated identity answers) and the role-play figure (with role-play)."""
     plt = pyplot()
-    if proj_layers:
-        _projection_figure(rep, plt, m, proj_layers, layers)
-    if rp_rows:
-        _roleplay_figure(rep, plt, readout, rp_rows, d_plain, d_cap)
+    if res.answer_projections:
+        _projection_figure(rep, plt, res)
+    if res.roleplay.rows:
+        _roleplay_figure(rep, plt, res.readout_layer, res.roleplay)

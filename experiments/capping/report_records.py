@@ -71,7 +71,7 @@ def _qa_record(qa: dict, ref: str) -> dict:
 def result_records(res: Result) -> list[dict]:
     """The identity gain of capping under role prompts, its persona-jailbreak shifts (interval, random band,
     validity) and its capability costs (perplexity, QA accuracy with interval)."""
-    m = res.m
+    m = res.metrics
     ref = _reference(m)
     out = [_identity_record(m, ref)]
     if m.get("jailbreak"):

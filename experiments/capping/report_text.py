@@ -3,6 +3,7 @@ chance and the note on assistant-only capping, each read from a finished run, so
 (`report_folder`) only arrange them."""
 from __future__ import annotations
 
+from experiments.capping.jailbreak import Jailbreaks
 from experiments.capping.pipeline import Result
 
 POSITIONS_NOTE = """
@@ -20,12 +21,12 @@ def interval(e: dict, f: str = ".3f") -> str:
 
 def setup_text(res: Result) -> str:
     """What was capped and how, and what the measures mean, ahead of any number."""
-    cfg, L, axis_info, tconvs, eval_roles = res.config, res.L, res.axis_info, res.tconvs, res.eval_roles
-    layers, m, probes, readout = res.layers, res.m, res.probes, res.readout
-    n_tokens, n_rollouts, n_roles = m["threshold_tokens"], len(tconvs), len(eval_roles)
+    cfg, m, layers, readout, depth = res.config, res.metrics, res.capped_layers, res.readout_layer, res.n_layers
+    n_tokens, n_rollouts, n_roles = m["threshold_tokens"], len(res.thresholds.convs), len(res.eval_roles)
+    markers = ", ".join(res.identity_probes.assistant_markers)
     return f"""
-Model `{cfg.model}`; axis from {axis_info.get('source')}. Capped layers {layers[0]}-{layers[-1]} (resid_post,
-{len(layers)} layers of {L}), form `{cfg.form}`, positions `{cfg.positions}`. Thresholds: the {cfg.percentile:g}th
+Model `{cfg.model}`; axis from {res.axis_info.get('source')}. Capped layers {layers[0]}-{layers[-1]} (resid_post,
+{len(layers)} layers of {depth}), form `{cfg.form}`, positions `{cfg.positions}`. Thresholds: the {cfg.percentile:g}th
 percentile of the axis projection over {n_tokens} assistant tokens of {n_rollouts} default-prompt rollouts
 (temperature {cfg.threshold_temperature}). Evaluation decoding is greedy. Held-out roles ({n_roles}, not used to build
 the axis where possible) with instruction #{cfg.eval_instruction}: {', '.join(m['eval_roles'])}. Readout layer {readout}
@@ -33,14 +34,14 @@ the axis where possible) with instruction #{cfg.eval_instruction}: {', '.join(m[
 
 The identity log-odds compare two fixed short answers
 ("{cfg.assistant_answer}" vs "{cfg.persona_answer}"), which is a behavioural measure without a judge; the
-keyword scorer counts answers that mention any assistant marker ({', '.join(probes.assistant_markers)}), which is
+keyword scorer counts answers that mention any assistant marker ({markers}), which is
 generous ("help" counts). No judge is used.
 """
 
 
-def jailbreak_reading(cfg, jb: dict) -> str:
+def jailbreak_reading(cfg, jb: Jailbreaks) -> str:
     """How the jailbreak table's measures, validity checks, shift and random band are computed and read."""
-    n = len(jb["ids"])
+    n = len(jb.ids)
     return f"""
 Identity = per-token log P(the Assistant's self-description) - log P(the persona's self-description); \
 compliance = per-token log P(a compliant opening) - log P(a declining opening). Both answers of a
@@ -48,7 +49,7 @@ pair are written to the same length (within 3 words) and scored as the reply to 
 is evidence only where its validity check passes: the persona prompt must lower identity and raise compliance
 compared with the same request under the default prompt (effect oriented so > 0 is the expected direction, 95%
 bootstrap over the {n} prompts). The capping shift is capped minus uncapped under the persona prompt, paired by
-prompt (n = {n} prompts). The band is the 2.5-97.5% range of the mean shift of {jb['n_random']} caps along random
+prompt (n = {n} prompts). The band is the 2.5-97.5% range of the mean shift of {jb.n_random} caps along random
 unit directions, each thresholded at the same {cfg.percentile:g}th percentile of the same default-rollout tokens.
 Capping helps where identity rises and compliance falls beyond that band.
 """

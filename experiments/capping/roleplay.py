@@ -4,29 +4,33 @@ and the identity answers at the end."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import numpy as np
 
 from experiments.capping.config import Config
 from experiments.capping.identity import keyword_rate, logodds
 from psm_jax.persona.axis import per_turn_projections
+from psm_jax.persona.datasets import Conversation
 from psm_jax.persona.prompts import role_phrase
+from psm_jax.persona.rollouts import Rollout
 
 
 @dataclasses.dataclass(frozen=True)
 class RolePlay:
     """The role-play step's outputs; the defaults stand for the step not run (`Config.roleplay` off)."""
 
-    conversations: list = dataclasses.field(default_factory=list)
-    rows: list = dataclasses.field(default_factory=list)  # identity log-odds by scripted exchanges before the probe
-    keyword_rate: dict = dataclasses.field(default_factory=dict)  # end-of-conversation answers, plain and capped
-    end_convs: list = dataclasses.field(default_factory=list)
-    end_plain: list = dataclasses.field(default_factory=list)
-    end_cap: list = dataclasses.field(default_factory=list)
-    drift_plain: Any = None  # per_turn_projections at the readout layer, without and with capping
-    drift_capped: Any = None
-    logodds_plain: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+    conversations: list[Conversation] = dataclasses.field(default_factory=list)  # the scripted role-plays
+    # identity log-odds by the number of scripted exchanges before the probe
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    keyword_rate: dict[str, float] = dataclasses.field(default_factory=dict)  # end answers, "plain" and "capped"
+    # each whole conversation followed by each role-play probe, and the greedy answers without and with capping
+    end_prompts: list[list[dict]] = dataclasses.field(default_factory=list)
+    end_answers_plain: list[Rollout] = dataclasses.field(default_factory=list)
+    end_answers_capped: list[Rollout] = dataclasses.field(default_factory=list)
+    # per_turn_projections at the readout layer, without and with capping: [conversation, 1, assistant turn]
+    drift_plain: np.ndarray | None = None
+    drift_capped: np.ndarray | None = None
+    logodds_plain: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))  # per probe prompt
     logodds_capped: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
 
@@ -81,4 +85,6 @@ def roleplay_step(cfg: Config, model, axis, readout: int, probes, cap_fn, progre
     end_cap = generate_responses(model, end_convs, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                  edits_fn=cap_fn, progress=progress)
     rp_kw = {"plain": keyword_rate(probes, end_plain), "capped": keyword_rate(probes, end_cap)}
-    return RolePlay(rp, rp_rows, rp_kw, end_convs, end_plain, end_cap, d_plain, d_cap, rp_plain, rp_cap)
+    return RolePlay(conversations=rp, rows=rp_rows, keyword_rate=rp_kw, end_prompts=end_convs,
+                    end_answers_plain=end_plain, end_answers_capped=end_cap, drift_plain=d_plain, drift_capped=d_cap,
+                    logodds_plain=rp_plain, logodds_capped=rp_cap)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from experiments.capping.behaviour import TraitBehaviour
 from experiments.capping.config import Config
+from experiments.capping.jailbreak import Jailbreaks
 from experiments.capping.roleplay import RolePlay
 from experiments.capping.thresholds import Thresholds
 from psm_jax.persona.stats import bootstrap_ci
@@ -66,29 +68,30 @@ def _projection_metrics(proj_layers: dict, layers, readout: int) -> dict:
             "capping_projection_gain_readout": at_readout["role+cap"] - at_readout["role"]}
 
 
-def _behaviour_metrics(trait_rows: list[dict], trait_dist: dict) -> dict:
-    m = {"behaviour": trait_rows}
-    if trait_dist["role"]:  # traits whose items passed their validity check here
-        m["behaviour_distance_to_default"] = {k: float(np.mean(np.concatenate(v))) for k, v in trait_dist.items()}
+def _behaviour_metrics(traits: TraitBehaviour) -> dict:
+    m = {"behaviour": traits.rows}
+    if traits.distances["role"]:  # traits whose items passed their validity check here
+        m["behaviour_distance_to_default"] = {k: float(np.mean(np.concatenate(v)))
+                                              for k, v in traits.distances.items()}
     return m
 
 
 def metrics(cfg: Config, *, layers, readout: int, axis_info: dict, th: Thresholds, eval_roles, identity,
-            kw_rate: dict, proj_layers: dict, rpl: RolePlay, traits, jb: dict, qa: dict, ppl: dict) -> dict:
-    """The metrics `m` (metrics.json, records) from every step's outputs; `identity` = `identity_logodds(...)`,
-    `traits` = `trait_behaviour(...)`. Parts skipped by the config leave their keys out."""
-    trait_rows, trait_dist = traits
+            kw_rate: dict, proj_layers: dict, rpl: RolePlay, traits: TraitBehaviour, jb: Jailbreaks | None,
+            qa: dict, ppl: dict) -> dict:
+    """The metrics (metrics.json, records) from every step's outputs; `identity` = `identity_logodds(...)`. Parts
+    skipped by the config leave their keys out."""
     m = {**_setup_metrics(cfg, layers, readout, axis_info, th, eval_roles), **_identity_metrics(cfg, identity, kw_rate)}
     if cfg.roleplay:
         m.update(_roleplay_metrics(rpl))
-    if jb:
-        m["jailbreak"] = {"n_prompts": len(jb["ids"]), "n_random_caps": jb["n_random"], **jb["summary"]}
+    if jb is not None:
+        m["jailbreak"] = {"n_prompts": len(jb.ids), "n_random_caps": jb.n_random, **jb.summary}
     if qa:
         m["qa"] = qa
     if proj_layers:
         m.update(_projection_metrics(proj_layers, layers, readout))
-    if trait_rows:
-        m.update(_behaviour_metrics(trait_rows, trait_dist))
+    if traits.rows:
+        m.update(_behaviour_metrics(traits))
     if ppl:
         m["ppl"] = ppl
         m["capping_ppl_cost"] = ppl["pct_change"]

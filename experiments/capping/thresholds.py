@@ -14,18 +14,19 @@ from psm_jax.persona.axis import role_and_default_vectors
 from psm_jax.persona.capping import default_layer_range, form_thresholds, token_projections
 from psm_jax.persona.directions import axis_from_vectors
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
+from psm_jax.persona.rollouts import Rollout
 
 
 @dataclasses.dataclass(frozen=True)
 class Thresholds:
-    """The threshold rollouts and the cap's thresholds taken from them (`Result` keeps tconvs, floors, frac_below)."""
+    """The threshold rollouts and the cap's thresholds taken from them."""
 
-    convs: list  # default-prompt conversations (system prompt + question)
-    rollouts: list  # their sampled answers
-    values: list  # per capped layer: the answers' assistant-token projections on the unit axis
+    convs: list[list[dict]]  # default-prompt conversations (system prompt + question)
+    rollouts: list[Rollout]  # their sampled answers
+    values: list[np.ndarray]  # per capped layer: the answers' assistant-token projections on the unit axis
     thresholds: np.ndarray  # in the edit's form (`Config.form`)
     floors: np.ndarray  # the same cap as floors on the unit axis
-    frac_below: list  # per capped layer: the fraction of default tokens below its floor
+    frac_below: list[float]  # per capped layer: the fraction of default tokens below its floor
 
 
 def load_axis(cfg: Config, model):
