@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from experiments.sharegpt import sharegpt_conversations, sharegpt_requests
 from experiments.study import written_by
 from psm_jax import finetune as ft
 from psm_jax.chat import pad_id
+from psm_jax.config import ModelConfig
 from psm_jax.persona import datasets as D
 from psm_jax.persona.measures import paired_ce_change
 from psm_jax.persona.prompts import answered_conv, system_conv
@@ -92,8 +93,8 @@ class Result:
     config: Config
     model_name: str
     params: dict  # the merged fine-tuned weights
-    model_config: object
-    tokenizer: object
+    model_config: ModelConfig
+    tokenizer: Any  # the base model's transformers tokenizer, saved beside the weights (`save_hf`)
     training: dict  # sizes, loss log, speed
     rates: dict  # set -> {"before"|"after": {"rate", "ci", "answers"}, "n"}
     ce: dict | None  # paired_ce_change: base model vs organism

@@ -3,21 +3,22 @@ conversations on the same questions (`prompts`), the sampled responses with thei
 at every layer (`rollout_step`), and a few of the responses for the report to show (`examples`)."""
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from experiments.assistant_axis.config import Config
 from psm_jax.persona.axis import response_means
+from psm_jax.persona.datasets import Role, RoleSet
 from psm_jax.persona.prompts import sample_questions, select_roles, system_conv
 
 
 class Prompts(NamedTuple):
     """What is sampled: every (role instruction, question) conversation and the default prompts' conversations."""
-    roleset: Any
-    roles: list  # the sampled roles (never "assistant")
-    role_objs: list  # roles, plus the "assistant" role as a reference point when configured
+    roleset: RoleSet
+    roles: list[Role]  # the sampled roles (never "assistant")
+    role_objs: list[Role]  # roles, plus the "assistant" role as a reference point when configured
     questions: list[str]
     defaults: list[str]
     convs: list  # role conversations, grouped by role_objs index in `groups`, question index in `qids`
@@ -26,7 +27,7 @@ class Prompts(NamedTuple):
     dconvs: list  # default-prompt conversations, in (prompt, question, sample) order
 
 
-def role_pool(roleset, categories: Sequence[str]) -> list:
+def role_pool(roleset: RoleSet, categories: Sequence[str]) -> list[Role]:
     """The roles of `categories` (every role when empty), in file order; an unknown category is an error."""
     if not categories:
         return list(roleset.roles)
