@@ -489,9 +489,10 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
     import os
 
     from experiments import feature_steering as fs
+    from experiments.feature_steering import pipeline as fs_pipeline
 
     model = tiny_chat_model()
-    monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)  # the ShareGPT slice, without loading the corpus
+    monkeypatch.setattr(fs_pipeline, "ppl_docs", _fixed_ppl_docs)  # the ShareGPT slice, without loading the corpus
     cfg = fs.Config(model="tiny", **{**fs.PRESETS["ci"], "two_choice": True})
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -502,7 +503,7 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
     finally:
         os.chmod(ro, 0o755)
     assert list(ro.iterdir()) == []
-    r = res.traits["evil"]
+    r = res.trait_results["evil"]
     best = r["edits"][r["best"]]
     assert r["best"] == "latent 3" and set(r["edits"]) == {"latent 3", "persona vector"}
     assert len(r["random_effects"]) == cfg.n_random and best["band"]["n"] >= 20 and best["strength"] == 0.5
@@ -516,8 +517,9 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
               "vector_z", "measure", "n_random"):
         assert k in line, k
     assert line["metric"] == "feature_steering_effect_z" and line["key"] == "evil" and line["value"] == best["z"]
-    assert res.layer == res.default_layer  # a run at another layer keys its rows by that layer
-    assert fs.records(dataclasses.replace(res, layer=res.layer + 1))[0]["key"] == f"evil/L{res.layer + 1}"
+    assert res.sae_layer == res.default_sae_layer  # a run at another layer keys its rows by that layer
+    moved = dataclasses.replace(res, sae_layer=res.sae_layer + 1)
+    assert fs.records(moved)[0]["key"] == f"evil/L{res.sae_layer + 1}"
     assert line["effect_low"] <= line["effect"] <= line["effect_high"] and line["n_random"] == cfg.n_random
     assert line["ci"] == [line["effect_low"], line["effect_high"]] and "questions" in line["ci_of"]
     assert line["null"].startswith(f"{cfg.n_random} random directions") or line["null"].startswith("none: ")
@@ -534,17 +536,19 @@ def test_feature_steering_is_pure_gated_and_records(tmp_path, monkeypatch):
 def test_feature_steering_skips_the_two_choice_items_when_asked(monkeypatch):
     """two_choice=False (the quick preset) never evaluates the secondary items measure."""
     from experiments import feature_steering as fs
+    from experiments.feature_steering import pipeline as fs_pipeline
+    from experiments.feature_steering import trait as fs_trait
 
     model = tiny_chat_model()
-    monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)
+    monkeypatch.setattr(fs_pipeline, "ppl_docs", _fixed_ppl_docs)
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the two-choice block ran with two_choice=False")
 
-    monkeypatch.setattr(fs, "two_choice_block", must_not_run)
+    monkeypatch.setattr(fs_trait, "two_choice_block", must_not_run)
     res = fs.run(fs.Config(model="tiny", **{**fs.PRESETS["ci"], "two_choice": False}), model,
                  features=_steering_inputs(model))
-    assert res.traits["evil"]["two_choice"] is None and fs.PRESETS["quick"]["two_choice"] is False
+    assert res.trait_results["evil"]["two_choice"] is None and fs.PRESETS["quick"]["two_choice"] is False
 
 
 # ------------------------------------------------------------------------------------------ persona features
@@ -572,6 +576,7 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     import os
 
     from experiments import feature_steering as fs
+    from experiments.feature_steering import pipeline as fs_pipeline
     from experiments import persona_features as pf
     from sae.features.label import read_jsonl
 
@@ -618,14 +623,14 @@ def test_persona_features_run_is_pure_and_feeds_feature_steering(tmp_path, monke
     text = (out / "report.md").read_text()
     assert "## Specificity of the best latents" in text and "## Trait-specific latents" in text
 
-    monkeypatch.setattr(fs, "ppl_docs", _fixed_ppl_docs)
+    monkeypatch.setattr(fs_pipeline, "ppl_docs", _fixed_ppl_docs)
     dirs, _ = fs.read_directions(out, width=model.config.d_model)
     r2 = fs.run(fs.Config(model="tiny", features=str(out), traits=("evil",), **fs.PRESETS["ci"]), model,
                 features=(cand, dirs, sae))
-    assert r2.traits["evil"]["latents"][0] == cand["traits"]["evil"]["best"]
+    assert r2.trait_results["evil"]["latents"][0] == cand["traits"]["evil"]["best"]
     r3 = fs.run(fs.Config(model="tiny", features=str(out), traits=("evil",), ranking="specific", **fs.PRESETS["ci"]),
                 model, features=(cand, dirs, sae))
-    assert r3.traits["evil"]["latents"][0] == spec["best"]
+    assert r3.trait_results["evil"]["latents"][0] == spec["best"]
     (line,) = fs.records(r3)
     assert line["key"] == "evil/specific/L2" and line["ranking"] == "specific"
 
