@@ -239,7 +239,7 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert np.isfinite(m["refusal_logodds_drop"]) and np.isfinite(m["refusal_ce_change"])
     assert len(m["candidates"]) == 4 and m["selected"]["tier"] in RL.FALLBACK_TIERS
     assert m["orthogonalized_max_abs_logit_diff"] < 1e-4
-    assert res.dirs.shape == (6, 3, 32)  # every post-instruction position x every layer
+    assert res.mean_diffs.shape == (6, 3, 32)  # every post-instruction position x every layer
     from experiments.report import load_vectors
 
     vecs, meta = load_vectors(out / "refusal_direction.safetensors", expect_model="psm-tiny", expect_width=32)
@@ -248,10 +248,11 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     lines = R.records(res)
     assert [ln["metric"] for ln in lines] == ["refusal_logodds_drop", "refusal_induce_rise", "refusal_ablation_kl",
                                               "refusal_ce_change"]
-    drop = res.ev["harmful_base"] - res.ev["harmful_ablated"]
+    drop = res.heldout_logodds["harmful_base"] - res.heldout_logodds["harmful_ablated"]
     assert lines[0]["ci"][0] <= np.mean(drop) <= lines[0]["ci"][1] and lines[0]["n"] == len(drop)
     assert lines[3]["n"] == 2 and lines[3]["ci"][0] <= lines[3]["value"] <= lines[3]["ci"][1]
-    assert lines[1]["value"] == pytest.approx(np.mean(res.ev["harmless_induced"] - res.ev["harmless_base"]), abs=1e-4)
+    assert lines[1]["value"] == pytest.approx(np.mean(res.heldout_logodds["harmless_induced"]
+                                                      - res.heldout_logodds["harmless_base"]), abs=1e-4)
     assert all(ln["null"] for ln in lines)
     rnd, shuf = res.nulls["random"], res.nulls["shuffled"]
     for null, n in ((rnd, R.Config().n_random), (shuf, R.Config().n_shuffled)):
@@ -261,7 +262,8 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
         in lines[0]["null"]
     assert lines[0]["random_drops"] == [round(float(x), 4) for x in rnd["drops"]]
     assert lines[0]["shuffled_drops"] == [round(float(x), 4) for x in shuf["drops"]]
-    assert lines[1]["null"].startswith(f"20 random directions at the direction's norm added at L{res.best['layer']}")
+    assert lines[1]["null"].startswith(
+        f"20 random directions at the direction's norm added at L{res.selected['layer']}")
     assert lines[1]["random_rises"] == [round(float(x), 4) for x in rnd["rises"]]
     assert lines[2]["value"] == pytest.approx(np.mean(res.ablation_kl), abs=1e-4) and lines[2]["n"] == 4
     assert lines[2]["shuffled_kls"] == [round(float(x), 4) for x in shuf["kls"]]
@@ -270,17 +272,18 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
 
     u = random_directions(res.config.seed + 1, res.config.n_random, res.d_model, 1.0)[0]
     edits = RL.condition_edits(tiny_chat_model.config, vector=np.linalg.norm(res.direction) * u,
-                              induce_layer=res.best["layer"])
-    by_hand = RL.refusal_scores(tiny_chat_model.params, tiny_chat_model.config, res.e_safe, res.token_ids, edits,
-                               res.config.batch_size).mean() - res.ev["harmless_base"].mean()
+                              induce_layer=res.selected["layer"])
+    by_hand = RL.refusal_scores(tiny_chat_model.params, tiny_chat_model.config, res.heldout_harmless,
+                               res.score_token_ids, edits,
+                               res.config.batch_size).mean() - res.heldout_logodds["harmless_base"].mean()
     assert rnd["rises"][0] == pytest.approx(by_hand, abs=1e-5)
     res2 = R.run(R.Config(**kw), tiny_chat_model)
-    assert res2.drop == res.drop and res2.ce == res.ce
+    assert res2.logodds_drop == res.logodds_drop and res2.chat_ce == res.chat_ce
     for name in ("random", "shuffled"):
         for key in ("drops", "rises", "kls"):
             np.testing.assert_array_equal(res2.nulls[name][key], res.nulls[name][key])
     np.testing.assert_array_equal(res2.ablation_kl, res.ablation_kl)
-    np.testing.assert_array_equal(res2.dirs, res.dirs)
+    np.testing.assert_array_equal(res2.mean_diffs, res.mean_diffs)
     text = (out / "report.md").read_text()
     assert "refuses" in text  # the baseline-refusal reading
     assert f"The ablation costs KL **{np.mean(res.ablation_kl):.4f} nats**" in text
@@ -288,7 +291,7 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert (out / "ablation_damage.png").is_file()
     assert ("Validity of the refusal score: not checkable" in text) == (res.validity is None)
     assert lines[0]["measure_valid"] == (None if res.validity is None else res.validity["valid"])
-    low, high = res.ce["ce_pct_change_ci"]
+    low, high = res.chat_ce["ce_pct_change_ci"]
     assert f"95% interval over conversations [{low:+.2f}%, {high:+.2f}%]" in text
 
 
