@@ -1,1 +1,1 @@
-"""Studies on the persona method library (`psm_jax.persona`): one module per study on one contract (`experiments.study`)."""
+"""Studies on the persona method library (`psm_jax.persona`): one package per study on one contract (`experiments.study`)."""

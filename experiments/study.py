@@ -52,22 +52,6 @@ def load_study(module: str | types.ModuleType) -> types.ModuleType:
     return mod
 
 
-def written_by(module: str) -> tuple[Callable, Callable]:
-    """The contract's `report` and `records` for a study whose writing lives in a module of its own (with
-    `write_report(result, folder)` and `result_records(result)`): `report, records = written_by("...")`. That
-    module reads the study's `Result`, so it is imported at the first call, not when the study loads."""
-    def report(result, folder) -> Path:
-        return importlib.import_module(module).write_report(result, folder)
-
-    def records(result) -> list[dict]:
-        return importlib.import_module(module).result_records(result)
-
-    report.__doc__ = f"Write the report folder (`{module}.write_report`)."
-    records.__doc__ = f"The lines for benchmarks/results.jsonl (`{module}.result_records`)."
-    report.writer = records.writer = module
-    return report, records
-
-
 def preset_config(module, preset: str = "full", **overrides):
     """`module.Config` at a named preset, with field overrides (typed values) on top."""
     mod = load_study(module)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from experiments import refusal_organism as O
-from experiments import refusal_organism_report as OR
 from psm_jax.persona import datasets as D
 from psm_jax.persona.measures import paired_ce_change
 
@@ -87,14 +86,12 @@ def _rates(harmful_after, harmless_after, base=0.1):
     def entry(rate):
         return {"rate": rate, "ci": [max(0.0, rate - 0.15), min(1.0, rate + 0.15)], "answers": []}
 
-    return {name: {"n": 32, "before": entry(base), "after": entry(harmful_after if name in OR.HARMFUL_SETS
+    return {name: {"n": 32, "before": entry(base), "after": entry(harmful_after if name in O.HARMFUL_SETS
                                                                   else harmless_after)} for name in O.EVAL_SETS}
 
 
 def test_the_organism_check():
-    def check(rates):
-        return OR.refuses(O.Result(O.Config(), "m", {}, None, None, {}, rates, None, {}))
-
+    check = O.refuses
     assert check(_rates(0.8, 0.1))["all"]
     assert not check(_rates(0.8, 0.3))["all"]  # refuses the harmless prompts too often
     assert not check(_rates(0.4, 0.0))["study_harmful_val"]  # below half
@@ -136,7 +133,7 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert float(jnp.abs(want - base).max()) > 1e-3
     assert loaded.chat_template == tiny_chat_model.chat_template
     metrics = json.loads((tmp_path / "org" / "metrics.json").read_text())
-    assert set(metrics["refuses"]) == set(OR.CHECKED_SETS) | {"all"}
+    assert set(metrics["refuses"]) == set(O.CHECKED_SETS) | {"all"}
     text = (tmp_path / "org" / "report.md").read_text()
     assert "psm refusal model=" in text and f"greedy answers ({cfg.max_new_tokens} tokens)" in text
     assert "{" not in text.split("## Example answers")[0]  # no unformatted field in the text written from the run

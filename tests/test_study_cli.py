@@ -72,33 +72,9 @@ def test_registry_modules_expose_their_contract():
         for field, _ in s.inputs:
             assert field in study.field_types(mod.Config), (s.name, field)
         assert not hasattr(mod, "run_into"), s.name  # compute in run, write in report
-        writer = getattr(mod.report, "writer", None)
-        if writer is not None:  # the writing lives in a module of its own: it must define both halves
-            import importlib
-
-            wmod = importlib.import_module(writer)
-            assert callable(wmod.write_report) and callable(wmod.result_records), (s.name, writer)
-            assert mod.records.writer == writer
+        assert callable(mod.report) and callable(mod.records), s.name
     with pytest.raises(ValueError, match="unknown study 'nope'"):
         registry.get("nope")
-
-
-def test_written_by_imports_the_writer_at_the_first_call(tmp_path, monkeypatch):
-    """A study's `report` and `records` delegate to its writer module, which is imported only when first called (it
-    imports the study's Result, so importing it with the study would be circular)."""
-    import sys
-    import types
-
-    fake = types.ModuleType("fake_writer_module")
-    fake.write_report = lambda result, folder: folder / f"{result}.md"
-    fake.result_records = lambda result: [{"metric": result}]
-    monkeypatch.setitem(sys.modules, "fake_writer_module", fake)
-    report, records = study.written_by("fake_writer_module")
-    assert report("r", tmp_path) == tmp_path / "r.md" and records("m") == [{"metric": "m"}]
-    assert report.writer == records.writer == "fake_writer_module"
-    late_report, _ = study.written_by("no_such_writer_module")  # nothing is imported yet
-    with pytest.raises(ModuleNotFoundError, match="no_such_writer_module"):
-        late_report("r", tmp_path)
 
 
 def _toy_study(calls: list, with_prepare: bool):
