@@ -16,7 +16,7 @@ from experiments.kv_editing.context import RunContext
 from experiments.kv_editing.controls import capping_control, random_directions
 from experiments.kv_editing.histories import assistant_turns, cached_messages, full_history, select_conversations
 from experiments.kv_editing.probes import answer_ids, probes_and_scorer
-from experiments.kv_editing.rows import history_rows, reference_rows
+from experiments.kv_editing.rows import ShownAnswers, history_rows, reference_rows
 from experiments.kv_editing.runner import Runner
 
 
@@ -25,7 +25,7 @@ class Result:
     config: Config
     rows: list[dict]  # one per (conversation, history, probe, condition)
     control: list[dict]  # assistant-token capping: projection shifts per conversation
-    samples: list[tuple]  # (conversation, history, mode, kind, strength, layers, first answers) for the report
+    samples: list[ShownAnswers]  # the first answers of each shown condition, for the report
     seconds: float
     histories: dict = dataclasses.field(default_factory=dict)  # "conversation/history" -> assistant turns shown
     # the identity measure's validity reference: per (conversation, probe), the unedited log-odds after the same user

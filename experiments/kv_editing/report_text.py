@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from experiments.kv_editing.config import CONVERSATION_SETS, HISTORIES, KINDS, PERSONA_SOURCE
 from experiments.kv_editing.pipeline import Result
+from experiments.kv_editing.rows import ShownAnswers
 from psm_jax.persona.kv_identity import MATCHED
 
 ASSISTANT_TOKENS = {"all_tokens": "on every assistant token",
@@ -101,10 +102,10 @@ Readout: mean projection of the sampled answer tokens on the unit axis at resid_
 assistant-rate scorer is a keyword check. {PERSONA_SOURCE[cfg.persona_source]} Run time {result.seconds:.0f} s."""
 
 
-def samples_text(samples: list[tuple]) -> str:
+def samples_text(samples: list[ShownAnswers]) -> str:
     """The first sampled answers per shown condition, one line each, clipped to 120 characters."""
-    return "\n".join(f"- {cid} ({h}) / {mode} {kind} s={s} L{lr}: " + " | ".join(repr(t[:120]) for t in texts)
-                     for cid, h, mode, kind, s, lr, texts in samples)
+    return "\n".join(f"- {s.conversation} ({s.history}) / {s.mode} {s.kind} s={s.strength} L{s.layers}: "
+                     + " | ".join(repr(t[:120]) for t in s.answers) for s in samples)
 
 
 def histories_text(histories: dict) -> str:

@@ -3,6 +3,8 @@ once; and for one conversation the identity measure's validity reference (its us
 as its default Assistant)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 
@@ -17,8 +19,20 @@ from experiments.kv_editing.probes import ProbeInputs, padded_answers, probe_inp
 from psm_jax.persona.kv_identity import UNEDITED
 
 
+class ShownAnswers(NamedTuple):
+    """The first sampled answers of one condition on a conversation's first probe, shown in the report."""
+
+    conversation: str
+    history: str  # "scripted" or "generated"
+    mode: str
+    kind: str
+    strength: float
+    layers: str  # "first-last" edited layers, or "-"
+    answers: list[str]
+
+
 def history_rows(st: RunContext, conv, ci: int, history_kind: str, history: list[dict], persona_ids: np.ndarray,
-                 first: int, progress) -> tuple[list[dict], list[tuple]]:
+                 first: int, progress) -> tuple[list[dict], list[ShownAnswers]]:
     """Every probe under every condition for one history, whose edited caches are built once; sampling keys fold in
     each row's index in the whole run (`first` rows came before). Also the first probe's sample answers to show."""
     cfg, model = st.cfg, st.model
@@ -44,7 +58,7 @@ def history_rows(st: RunContext, conv, ci: int, history_kind: str, history: list
 
 
 def _probe_rows(st: RunContext, caches: dict, band: dict, inputs: ProbeInputs, labels: dict, counts: dict, first: int,
-                show: bool) -> tuple[list[dict], list[tuple]]:
+                show: bool) -> tuple[list[dict], list[ShownAnswers]]:
     """Every condition on one probe, sampled with keys that fold in each row's index in the whole run (`first` rows
     came before); with `show`, also the first answers of the unedited cache and of the largest strength."""
     cfg = st.cfg
@@ -60,7 +74,8 @@ def _probe_rows(st: RunContext, caches: dict, band: dict, inputs: ProbeInputs, l
         row, texts = sampled_row(st, caches[cond], inputs, key, row)
         rows.append(row)
         if show and (mode == UNEDITED or strength == max(cfg.strengths)):
-            shown.append((labels["conversation"], labels["history"], mode, kind, strength, row["layers"], texts[:2]))
+            shown.append(ShownAnswers(labels["conversation"], labels["history"], mode, kind, strength, row["layers"],
+                                      texts[:2]))
     return rows, shown
 
 
