@@ -192,6 +192,38 @@ def test_selection_fallback_tiers():
     assert tier == "strict" and best["layer"] == 5
 
 
+def test_matched_damage_selection_on_synthetic_scores():
+    """The winner has the largest drop z among the null directions of matched KL, computed here by hand; the layer
+    cut, the induce floor, too few matched directions and NaN drop candidates, whatever their drop."""
+    null_kls = np.array([0.1] * 10 + [1.0] * 10 + [0.01] * 3)
+    null_drops = np.array([0.0, 0.2, 0.4, 0.1, 0.3, 0.5, 0.2, 0.1, 0.3, 0.4] + [3.0, 3.5, 2.5, 4.0, 3.2, 2.8, 3.1,
+                                                                                  3.3, 2.9, 3.4] + [0.0] * 3)
+    rows = [_row(2, 1.0, 0.5, 0.12),  # drop 1.0 at KL 0.12: matched to the ten 0.1-KL nulls
+            _row(3, -2.0, 0.5, 0.9),  # drop 4.0 at KL 0.9: matched to the ten 1.0-KL nulls, a smaller z
+            _row(9, -5.0, 0.5, 0.1),  # past the layer cut
+            _row(4, 0.0, -2.0, 0.1),  # induce below the harmless mean
+            _row(5, 0.0, 0.5, 0.01),  # only 3 matched
+            _row(6, float("nan"), 0.5, 0.1)]
+    best, ann = RL.select_matched_damage(rows, 10, null_drops=null_drops, null_kls=null_kls, harmful_baseline=2.0,
+                                         harmless_baseline=-1.0)
+    low, high = null_drops[:10], null_drops[10:20]
+    z0 = (1.0 - low.mean()) / low.std(ddof=1)
+    z1 = (4.0 - high.mean()) / high.std(ddof=1)
+    assert z0 > z1 and best["layer"] == 2
+    assert ann[0]["matched_z"] == pytest.approx(z0) and ann[1]["matched_z"] == pytest.approx(z1)
+    assert ann[0]["n_matched"] == 10 and ann[0]["matched_p"] == pytest.approx(1 / 11)
+    assert ann[1]["matched_p"] == pytest.approx(2 / 11) and ann[1]["drop"] == pytest.approx(4.0)  # ties count
+    assert [r["kept"] for r in ann] == [True, True, False, False, False, False]
+    assert "layer" in ann[2]["reason"] and "induce" in ann[3]["reason"]
+    assert "matched KL" in ann[4]["reason"] and "non-finite" in ann[5]["reason"]
+    best, _ = RL.select_matched_damage(rows[2:], 10, null_drops=null_drops, null_kls=null_kls,
+                                       harmful_baseline=2.0, harmless_baseline=-1.0)
+    assert best is None
+    with pytest.raises(ValueError, match="equal 1-d shapes"):
+        RL.select_matched_damage(rows, 10, null_drops=[1.0], null_kls=[0.1], harmful_baseline=0.0,
+                                 harmless_baseline=0.0)
+
+
 class _FakeTok:
     def encode(self, text, add_special_tokens=False):
         return {"I": [5], " I": [6], "Sorry": [7, 8], " Sorry": [9, 10], "As": [5]}.get(text, [])
@@ -209,6 +241,10 @@ def test_refusal_token_ids():
     (dict(n_train=0), "n_train"), (dict(max_layer_frac=1.5), "max_layer_frac"), (dict(kl_threshold=0.0), "kl"),
     (dict(positions=(1,)), "negative"), (dict(layers=(-1,)), "layer"), (dict(n_ce=-1), "n_ce"),
     (dict(n_random=5), "n_random=5"), (dict(n_shuffled=3), "n_shuffled=3; expected 0"),
+    (dict(selection_rule="lowest"), "selection_rule='lowest'"),
+    (dict(selection_rule="matched_damage"), "n_random_selection >= 1 exactly when"),
+    (dict(n_random_selection=20), "n_random_selection >= 1 exactly when"),
+    (dict(selection_rule="matched_damage", n_random_selection=5), "n_random_selection=5; expected 0"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -293,6 +329,44 @@ def test_run_end_to_end_tiny(tiny_chat_model, tmp_path):
     assert lines[0]["measure_valid"] == (None if res.validity is None else res.validity["valid"])
     low, high = res.chat_ce["ce_pct_change_ci"]
     assert f"95% interval over conversations [{low:+.2f}%, {high:+.2f}%]" in text
+
+
+@pytest.mark.slow  # the study under the matched-damage rule on a tiny model
+def test_run_matched_damage_rule_tiny(tiny_chat_model, tmp_path):
+    """The val null is the hand-checked `direction_nulls` on the val prompts with key seed + 3; the winner is the
+    largest z recomputed here from metrics.json; the report and the KL line say no threshold applied."""
+    from experiments.refusal.prompts import load_prompt_sets, score_tokens
+    from experiments.study import execute
+    from psm_jax.persona.directions import random_directions
+
+    cfg = R.Config(model="psm-tiny", n_train=4, n_val=4, n_eval=4, n_ce=0, max_new_tokens=2, batch_size=4,
+                   positions=(-1, -2, -3), layers=(0, 1, 2), max_layer_frac=1.0, min_filtered=2, n_random=0,
+                   n_shuffled=0, selection_rule="matched_damage", n_random_selection=40)
+    res = execute(R, cfg, folder=tmp_path / "md", model=tiny_chat_model)["result"]
+    m = json.loads((tmp_path / "md" / "metrics.json").read_text())
+    assert res.selection_tier == m["selected"]["tier"] == "matched_damage" and not res.fallback_used
+    model, sets = tiny_chat_model, load_prompt_sets(cfg, tiny_chat_model)
+    units = random_directions(cfg.seed + 3, 40, model.config.d_model, 1.0)
+    ref = RL.direction_nulls(model.params, model.config, units, sets.val_harmful, sets.val_harmless,
+                             score_tokens(model, res.markers)[0], harmful_base=res.harmful_val_logodds,
+                             harmless_base=res.harmless_val_logodds, norm=1.0, layer=0, batch_size=4)
+    for key in ("drops", "kls"):
+        np.testing.assert_allclose(m["selection_nulls"][key], ref[key], rtol=1e-6, atol=1e-7)
+    d, k = np.array(m["selection_nulls"]["drops"]), np.array(m["selection_nulls"]["kls"])
+    zs = {}
+    for c in m["candidates"]:
+        if c["kl"] is None:  # a zero direction: NaN scores, written as null
+            continue
+        matched = d[(k >= c["kl"] / 2) & (k <= c["kl"] * 2)]
+        if c["induce"] >= res.harmless_val_logodds and matched.size >= 9:
+            zs[(c["position"], c["layer"])] = (res.harmful_val_logodds - c["bypass"] - matched.mean()) / matched.std(
+                ddof=1)
+    assert max(zs, key=zs.get) == (res.selected["position"], res.selected["layer"])
+    assert res.selected["matched_z"] == pytest.approx(max(zs.values()))
+    text = (tmp_path / "md" / "report.md").read_text()
+    assert "Selection (matched damage): 40 random unit directions" in text and "## Selection against damage" in text
+    assert "no threshold: the matched-damage rule selected it" in text
+    assert R.records(res)[2]["target"].startswith("none (the matched-damage rule")
 
 
 def test_run_rejects_bad_sizes(tiny_chat_model, tmp_path):

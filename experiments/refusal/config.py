@@ -21,6 +21,8 @@ class Config:
     kl_threshold: float = 0.1
     induce_threshold: float = 0.0
     fallback: bool = True  # if no candidate passes the rules, relax them in order (see select_with_fallback)
+    selection_rule: str = "rules"  # "rules": lowest bypass under the KL threshold; "matched_damage": see below
+    n_random_selection: int = 0  # random directions ablated on the val prompts: the matched_damage rule's null
     batch_size: int = 16
     max_new_tokens: int = 32
     n_ce: int = 32  # held-out ShareGPT conversations for the CE check (the interval's units)
@@ -48,7 +50,7 @@ def _check_counts(cfg: Config) -> None:
     for name in ("n_train", "n_val", "n_eval", "batch_size", "max_new_tokens", "ce_max_messages", "ce_max_chars"):
         if int(getattr(cfg, name)) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)!r}; expected an int >= 1")
-    for name in ("n_random", "n_shuffled"):
+    for name in ("n_random", "n_shuffled", "n_random_selection"):
         n = getattr(cfg, name)
         if n != 0 and n < MIN_NULL_DRAWS:
             raise ValueError(f"{name}={n}; expected 0 (no null band) or >= {MIN_NULL_DRAWS}")
@@ -56,8 +58,16 @@ def _check_counts(cfg: Config) -> None:
         raise ValueError(f"n_ce={cfg.n_ce}, min_filtered={cfg.min_filtered}; expected n_ce >= 0, min_filtered >= 1")
 
 
+SELECTION_RULES = ("rules", "matched_damage")
+
+
 def _check_selection(cfg: Config) -> None:
-    """The selection rules' layer cut and KL threshold."""
+    """The selection rules' layer cut and KL threshold; the matched-damage rule needs its own null draws."""
+    if cfg.selection_rule not in SELECTION_RULES:
+        raise ValueError(f"selection_rule={cfg.selection_rule!r}; expected one of {SELECTION_RULES}")
+    if (cfg.selection_rule == "matched_damage") != (cfg.n_random_selection > 0):
+        raise ValueError(f"selection_rule={cfg.selection_rule!r} with n_random_selection={cfg.n_random_selection}; "
+                         "expected n_random_selection >= 1 exactly when selection_rule='matched_damage'")
     if not 0.0 < cfg.max_layer_frac <= 1.0:
         raise ValueError(f"max_layer_frac={cfg.max_layer_frac}; expected a fraction in (0, 1]")
     if not cfg.kl_threshold > 0:

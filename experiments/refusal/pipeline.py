@@ -41,8 +41,9 @@ class Result:
     filtering: dict[str, int | bool]  # the score-sign filter's counts (`directions.sign_filter`)
     candidate_scores: list[dict]  # bypass, induce, KL, norm per candidate, annotated by the strict rules
     selected: dict  # the winning candidate's row
-    selection_tier: str  # "strict" or the fallback tier that found it
+    selection_tier: str  # "strict", the fallback tier that found it, or "matched_damage"
     fallback_used: bool
+    selection_nulls: dict[str, np.ndarray] | None  # matched_damage: the val random directions' drops and kls
     harmful_val_logodds: float  # mean unedited refusal log-odds on the val prompts
     harmless_val_logodds: float
     direction: np.ndarray  # the selected difference in means, float64: added in the induce condition
@@ -129,7 +130,8 @@ def run(config: Config, model, progress: Callable[[str], None] | None = None) ->
         score_token_strings=token_strings, position_offsets=sets.offsets, position_tokens=sets.position_tokens,
         candidate_layers=layers, candidate_offsets=offsets, candidate_indices=indices, mean_diffs=diffs,
         filtering=train.filtering, candidate_scores=selection.candidate_scores, selected=selection.selected,
-        selection_tier=selection.tier, fallback_used=selection.tier != "strict",
+        selection_tier=selection.tier, fallback_used=selection.tier not in ("strict", "matched_damage"),
+        selection_nulls=selection.selection_nulls,
         harmful_val_logodds=selection.harmful_val_logodds, harmless_val_logodds=selection.harmless_val_logodds,
         direction=direction, unit_direction=unit, heldout_harmful=sets.heldout_harmful,
         heldout_harmless=sets.heldout_harmless, heldout_logodds=scored.logodds, heldout_answers=answers,

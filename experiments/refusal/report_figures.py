@@ -64,7 +64,8 @@ def damage_figure(plt, res: Result):
         ax.scatter(np.maximum(null["kls"], 1e-6), null["drops"], s=18, color=colour, label=NULL_NAMES[name])
     ax.scatter([max(mean(res.ablation_kl), 1e-6)], [res.logodds_drop], marker="*", s=160, color="red",
                label="selected")
-    ax.axvline(res.config.kl_threshold, ls="--", color="k", lw=0.8)
+    if res.selection_nulls is None:
+        ax.axvline(res.config.kl_threshold, ls="--", color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("KL on held-out harmless prompts (nats)")
     ax.set_ylabel("refusal log-odds drop on held-out harmful prompts")

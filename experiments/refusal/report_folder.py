@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from experiments.refusal.pipeline import Result
 from experiments.refusal.report_figures import damage_figure, logodds_figure, norms_figure, selection_figure
 from experiments.refusal.report_text import (ablation_text, baseline_text, candidate_name, examples_text, mean,
-                                             setup_text, validity_text)
+                                             selection_damage_text, setup_text, validity_text)
 
 
 def _heldout_rows(res: Result) -> list[dict]:
@@ -28,9 +30,18 @@ def _selection_tables(rep, res: Result) -> None:
     rep.table("Selected direction", [dict(position=candidate_name(best), layer=best["layer"], bypass=best["bypass"],
                                           induce=best["induce"], kl=best["kl"], norm=best["norm"],
                                           tier=res.selection_tier)])
-    rep.table("Candidates, lowest bypass first (top 15)",
-              [dict(candidate=candidate_name(r), bypass=r["bypass"], induce=r["induce"], kl=r["kl"], kept=r["kept"],
-                    dropped_for=r["reason"]) for r in sorted(res.candidate_scores, key=lambda r: r["bypass"])[:15]])
+    if res.selection_nulls is None:
+        rep.table("Candidates, lowest bypass first (top 15)",
+                  [dict(candidate=candidate_name(r), bypass=r["bypass"], induce=r["induce"], kl=r["kl"],
+                        kept=r["kept"], dropped_for=r["reason"])
+                   for r in sorted(res.candidate_scores, key=lambda r: r["bypass"])[:15]])
+        return
+    rep.section("Selection against damage", selection_damage_text(res))
+    ranked = sorted(res.candidate_scores, key=lambda r: -r["matched_z"] if np.isfinite(r["matched_z"]) else np.inf)
+    rep.table("Candidates, largest matched-damage z first (top 15)",
+              [dict(candidate=candidate_name(r), drop=r["drop"], kl=r["kl"], induce=r["induce"],
+                    n_matched=r["n_matched"], z=r["matched_z"], p=r["matched_p"], kept=r["kept"],
+                    dropped_for=r["reason"]) for r in ranked[:15]])
 
 
 def _figures(rep, plt, res: Result) -> None:
@@ -74,7 +85,9 @@ def _metrics(res: Result) -> dict:
             "answers": {k: v.answers for k, v in answers.items()},
             "orthogonalized_max_abs_logit_diff": res.orthogonalized_max_logit_diff,
             "orthogonalized_logodds_mean": mean(res.orthogonalized_logodds),
-            "refusal_token_ids": res.score_token_ids, "seconds": res.seconds}
+            "refusal_token_ids": res.score_token_ids, "seconds": res.seconds,
+            **({} if res.selection_nulls is None else {"selection_nulls": {
+                k: [float(x) for x in v] for k, v in res.selection_nulls.items()}})}
 
 
 def write_report(res: Result, folder) -> Path:

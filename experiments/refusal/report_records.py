@@ -35,6 +35,13 @@ def _reference(res: Result) -> str:
             f"seed {cfg.seed}")
 
 
+def _kl_target(res: Result) -> str:
+    """The KL line's target: the fixed rules' threshold, or none under the matched-damage rule."""
+    if res.config.selection_rule == "matched_damage":
+        return "none (the matched-damage rule selects without a KL threshold)"
+    return f"<= {res.config.kl_threshold:g} (the selection rule's threshold)"
+
+
 def _logodds_records(res: Result) -> list[dict]:
     """The drop under ablation, the rise when the direction is added and the ablation's KL cost, each with its
     interval over prompts and its nulls' bands and draws."""
@@ -56,7 +63,7 @@ def _logodds_records(res: Result) -> list[dict]:
                  unit="nats (mean KL(unedited || ablated) of the next token after held-out harmless prompts)",
                  reference=ref.replace("harmful prompts", "harmless prompts")
                  + "; Arditi et al. 2024 select directions with KL < 0.1 on harmless prompts",
-                 target=f"<= {cfg.kl_threshold:g} (the selection rule's threshold)", null=kl_null(res),
+                 target=_kl_target(res), null=kl_null(res),
                  **_null_draws(res, "kls"), **_prompt_ci(res.ablation_kl, cfg.seed))]
 
 

@@ -7,7 +7,8 @@ import numpy as np
 
 from experiments.refusal.config import Config
 from experiments.refusal.pipeline import Result
-from psm_jax.persona.refusal import VALIDITY_MIN_PER_SIDE, Prompts, matched_damage_null, pooled_nulls
+from psm_jax.persona.refusal import (MATCH_FACTOR, MIN_MATCHED, VALIDITY_MIN_PER_SIDE, Prompts, matched_damage_null,
+                                     pooled_nulls)
 from psm_jax.persona.stats import bootstrap_ci, null_band, pearson, ranks
 
 NULL_NAMES = {"random": "random directions",
@@ -87,10 +88,23 @@ Filtering of train prompts by score sign: {'on' if c.filter_train else 'off'}; {
 Post-instruction positions (offsets from the prompt end): {dict(zip(offsets.tolist(), res.position_tokens))}.
 Candidates evaluated: positions {res.candidate_offsets} x layers {layers} = {len(res.candidate_indices)} candidates
 (difference in means is computed and saved for all {len(offsets)} positions x {L} layers).
-Selection: drop layer >= {c.max_layer_frac} * {L}, KL > {c.kl_threshold}, induce < {c.induce_threshold};
-lowest bypass wins. Unsteered val means: harmful {res.harmful_val_logodds:.3f}, harmless {res.harmless_val_logodds:.3f}.
+{selection_rule_text(res)}
+Unsteered val means: harmful {res.harmful_val_logodds:.3f}, harmless {res.harmless_val_logodds:.3f}.
 Selection tier used: **{res.selection_tier}**{fallback_text}
 """
+
+
+def selection_rule_text(res: Result) -> str:
+    """The rule that picked the direction, as configured."""
+    c, L = res.config, res.n_layers
+    if c.selection_rule == "matched_damage":
+        return (f"Selection (matched damage): {c.n_random_selection} random unit directions (key seed + 3) ablated "
+                f"on the val prompts; each candidate's val drop (harmful val mean - its bypass) is read against "
+                f"those whose val KL lies within a factor {MATCH_FACTOR:g} of its own, z = (drop - their mean) / "
+                f"their sd. Dropped: layer >= {c.max_layer_frac} * {L}, induce < the unsteered harmless val mean, "
+                f"fewer than {MIN_MATCHED} matched directions; the largest z wins (no KL threshold).")
+    return (f"Selection: drop layer >= {c.max_layer_frac} * {L}, KL > {c.kl_threshold}, induce < "
+            f"{c.induce_threshold}; lowest bypass wins.")
 
 
 def baseline_text(harmful_rate: float, induced_rate: float) -> str:
@@ -142,13 +156,31 @@ refusal log-odds with orthogonalised weights {mean(res.orthogonalized_logodds):.
 """ if ce else "")
 
 
+def kl_target(res: Result) -> str:
+    """What the ablation's KL is held to: the fixed rules' threshold, or nothing under the matched-damage rule."""
+    if res.config.selection_rule == "matched_damage":
+        return "no threshold: the matched-damage rule selected it"
+    return f"the selection rule's threshold is {res.config.kl_threshold:g}"
+
+
+def selection_damage_text(res: Result) -> str:
+    """Under the matched-damage rule: the winner's val drop against its matched val null directions."""
+    if res.selection_nulls is None:
+        return ""
+    s = res.selected
+    return (f"On the val prompts the selected direction drops refusal by {s['drop']:+.3f} at KL {s['kl']:.4f}; "
+            f"{s['n_matched']} of the {len(res.selection_nulls['kls'])} val random directions match that KL "
+            f"(z = {s['matched_z']:+.2f}, rank p = {s['matched_p']:.3f}). These prompts chose the direction, so this "
+            "is not a test; the held-out nulls below are.")
+
+
 def _damage_text(res: Result) -> str:
     """What the ablation costs where refusal is not wanted (the selection rule's KL, on the held-out harmless
     prompts), against the nulls' costs, and how the nulls' drops follow their costs."""
     ci = bootstrap_ci(res.ablation_kl, seed=res.config.seed)
     text = (f"The ablation costs KL **{ci['estimate']:.4f} nats** on the next token after the held-out harmless "
-            f"prompts (95% interval over prompts [{ci['low']:.4f}, {ci['high']:.4f}]; the selection rule's threshold "
-            f"is {res.config.kl_threshold:g}); null: {kl_null(res)}.")
+            f"prompts (95% interval over prompts [{ci['low']:.4f}, {ci['high']:.4f}]; {kl_target(res)}); null: "
+            f"{kl_null(res)}.")
     for name, null in res.nulls.items():
         text += (f" Over the {NULL_NAMES[name]}, the rank correlation of drop with KL is "
                  f"{_rank_r(null['drops'], null['kls']):+.2f}.")

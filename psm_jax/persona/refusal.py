@@ -10,7 +10,10 @@ selection rules, directional ablation and induction as edits, and the random-dir
                                      vector at one layer (switched-off parts leave activations bit-identical)
     evaluate_candidates(...)         bypass, induce and KL per candidate through one compiled forward
     select_direction / select_with_fallback   the selection rules and their pre-declared relaxations
+    select_matched_damage(...)       the rule calibrated against damage: the largest drop z among null directions
+                                     of matched KL on the validation prompts
     direction_nulls(...)             the drop, the rise and the KL cost along stand-in directions: the nulls
+    ablation_nulls(...)              the drop and the KL cost alone (what the matched-damage rule reads)
     shuffled_label_directions(...)   difference in means with the harmful / harmless labels shuffled
     ablation_kl(...)                 the KL an ablation costs per prompt (the selection rule's measure)
     orthogonalized_check(...)        the weight edit against the runtime ablation
@@ -39,6 +42,8 @@ from psm_jax.persona.rollouts import static_batches
 
 ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")  # the stream's input and every write into it: nothing re-adds it
 PAD_MULTIPLE = 16  # prompt lengths padded to a multiple of this: few compiled shapes across prompt sets
+MATCH_FACTOR = 2.0  # null directions whose KL lies within this factor of the selected direction's count as matched
+MIN_MATCHED = 9  # with fewer matched directions the rank p cannot reach 0.1
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -292,6 +297,43 @@ def select_with_fallback(scores: Sequence[dict], n_layers: int, *, harmless_base
     return None, annotated, None
 
 
+def select_matched_damage(scores: Sequence[dict], n_layers: int, *, null_drops, null_kls, harmful_baseline: float,
+                          harmless_baseline: float, max_layer_frac: float = 0.8, factor: float = MATCH_FACTOR,
+                          min_matched: int = MIN_MATCHED) -> tuple[dict | None, list[dict]]:
+    """The selection rule calibrated against damage: each candidate's validation drop (`harmful_baseline` minus its
+    bypass) is read against the null directions whose validation KL lies within `factor` of its own, as
+    z = (drop - their mean drop) / their standard deviation; the largest z wins. Ablating anything lowers the
+    refusal score in proportion to the damage it does, so the fixed-threshold rules' lowest bypass favours damaging
+    directions; here damage is matched instead of capped. A candidate is dropped when layer >= max_layer_frac *
+    n_layers, any score is NaN, induce < `harmless_baseline` (adding it does not raise the harmless prompts'
+    refusal score), or fewer than `min_matched` null directions match its KL. Every row gains `drop`, `n_matched`,
+    `matched_z` and `matched_p` (the rank p of `matched_damage_null`). Returns (winner or None, annotated rows)."""
+    d, k = np.asarray(null_drops, np.float64), np.asarray(null_kls, np.float64)
+    if d.shape != k.shape or d.ndim != 1 or d.size < 2:
+        raise ValueError(f"null_drops has shape {d.shape}, null_kls {k.shape}; expected equal 1-d shapes of >= 2")
+    annotated = []
+    for s in scores:
+        row, reasons = dict(s, drop=harmful_baseline - s["bypass"], n_matched=0, matched_z=float("nan"),
+                            matched_p=float("nan")), []
+        if s["layer"] >= max_layer_frac * n_layers:
+            reasons.append(f"layer >= {max_layer_frac:g} * n_layers")
+        if not all(np.isfinite(s[name]) for name in ("bypass", "induce", "kl")) or not s["kl"] > 0:
+            reasons.append("zero direction or non-finite score")
+        else:
+            if s["induce"] < harmless_baseline:
+                reasons.append("induce < unsteered harmless mean")
+            matched = d[(k >= s["kl"] / factor) & (k <= s["kl"] * factor)]
+            row["n_matched"] = int(matched.size)
+            if matched.size < min_matched:
+                reasons.append(f"< {min_matched} null directions of matched KL")
+            else:
+                row["matched_z"] = float((row["drop"] - matched.mean()) / max(matched.std(ddof=1), 1e-12))
+                row["matched_p"] = float((1 + (matched >= row["drop"]).sum()) / (1 + matched.size))
+        annotated.append(dict(row, kept=not reasons, reason="; ".join(reasons)))
+    kept = [r for r in annotated if r["kept"]]
+    return (max(kept, key=lambda r: r["matched_z"]) if kept else None), annotated
+
+
 # ------------------------------------------------------------------------------------ nulls and checks
 
 
@@ -314,18 +356,27 @@ def direction_nulls(params, config, units: np.ndarray, harmful: Prompts, harmles
     the model where refusal is not wanted). `harmful_base` / `harmless_base`: the unedited mean scores;
     `harmless_logits`: the harmless prompts' unedited last logits when the caller has them. The directions are
     traced inputs, so every one runs through the same compiled forwards."""
+    ablated = ablation_nulls(params, config, units, harmful, harmless, token_ids, harmful_base=harmful_base,
+                             batch_size=batch_size, harmless_logits=harmless_logits)
+    rises = [float(refusal_scores(params, config, harmless, token_ids,
+                                  condition_edits(config, vector=norm * u, induce_layer=layer), batch_size).mean())
+             - harmless_base for u in units]
+    return {"drops": ablated["drops"], "rises": np.array(rises, np.float64), "kls": ablated["kls"]}
+
+
+def ablation_nulls(params, config, units: np.ndarray, harmful: Prompts, harmless: Prompts, token_ids, *,
+                   harmful_base: float, batch_size: int = 16,
+                   harmless_logits: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The ablation half of `direction_nulls`: per unit direction of `units` [n, D], the mean refusal log-odds
+    drop on `harmful` from `harmful_base` and the mean KL the ablation costs on `harmless`. The matched-damage
+    selection rule reads these on the validation prompts, where no induce null is needed."""
     base_logits = (last_logits(params, config, harmless, condition_edits(config), batch_size)
                    if harmless_logits is None else harmless_logits)
-
-    def mean_score(prompts, edits):
-        return float(refusal_scores(params, config, prompts, token_ids, edits, batch_size).mean())
-
-    drops = [harmful_base - mean_score(harmful, condition_edits(config, unit=u, ablate=True)) for u in units]
-    rises = [mean_score(harmless, condition_edits(config, vector=norm * u, induce_layer=layer)) - harmless_base
+    drops = [harmful_base - float(refusal_scores(params, config, harmful, token_ids,
+                                                 condition_edits(config, unit=u, ablate=True), batch_size).mean())
              for u in units]
     kls = [float(ablation_kl(params, config, harmless, u, base_logits, batch_size).mean()) for u in units]
-    return {"drops": np.array(drops, np.float64), "rises": np.array(rises, np.float64),
-            "kls": np.array(kls, np.float64)}
+    return {"drops": np.array(drops, np.float64), "kls": np.array(kls, np.float64)}
 
 
 def prompt_activations(params, config, prompts: Prompts, offset: int, layer: int,
@@ -395,9 +446,6 @@ def score_validity(scores: np.ndarray, answers: Sequence[str], markers, *, seed:
     enough = bool(min(refused.sum(), (~refused).sum()) >= VALIDITY_MIN_PER_SIDE)
     return dict(ci, enough=enough, valid=bool(enough and ci["low"] > 0.5))
 
-
-MATCH_FACTOR = 2.0  # null directions whose KL lies within this factor of the selected direction's count as matched
-MIN_MATCHED = 9  # with fewer matched directions the rank p cannot reach 0.1
 
 
 def pooled_nulls(nulls: dict) -> tuple[np.ndarray, np.ndarray]:
