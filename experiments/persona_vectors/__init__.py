@@ -102,6 +102,8 @@ from experiments.persona_vectors.cross_trait import (MIN_SPECIFICITY_TRAITS, cos
 from experiments.persona_vectors.summary import (HEADLINE_CRITERIA, MIN_TARGET_TRAITS, MONITOR_MIN_WITHIN_R,
                                                  TARGET_NAMES, monotonic_counts, reliability_metrics, summary_metrics,
                                                  targets)
+from experiments.persona_vectors.trait_result import (ItemsSteering, MeasureSteering, ResponseBlock, ResponseMeasure,
+                                                      TraitMetrics, TraitResult)
 from experiments.persona_vectors.pipeline import Result, run, run_trait
 from experiments.persona_vectors.report_folder import write_report as report
 from experiments.persona_vectors.report_records import result_records as records
@@ -111,4 +113,5 @@ __all__ = ["Config", "PRESETS", "MEASURE_KEYS", "run", "Result", "report", "reco
            "steer_with_measure", "monitoring_from_vectors", "MIN_SPECIFICITY_TRAITS", "primary_measure",
            "specificity_matrix", "trait_specific_vector", "trait_specific_matrix", "cosine_matrix",
            "HEADLINE_CRITERIA", "MIN_TARGET_TRAITS", "MONITOR_MIN_WITHIN_R", "TARGET_NAMES", "monotonic_counts",
-           "targets", "reliability_metrics", "summary_metrics"]
+           "targets", "reliability_metrics", "summary_metrics", "TraitResult", "TraitMetrics", "ItemsSteering",
+           "MeasureSteering", "ResponseBlock", "ResponseMeasure"]

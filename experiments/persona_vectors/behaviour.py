@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from experiments.persona_vectors.config import Config
+from experiments.persona_vectors.trait_result import ReferenceAnswer
 from psm_jax.persona import monitoring, rollouts
 from psm_jax.persona.measures import prompt_validity
 from psm_jax.persona.prompts import response_slots, split_items, trait_system_prompt
@@ -34,7 +35,8 @@ def generate_reference_answers(model, trait, slots: list[dict], *, max_new_token
     return [{**s, "pos": rolls[i].response, "neg": rolls[n + i].response} for i, s in enumerate(slots)]
 
 
-def reference_units(model, trait, cfg: Config, progress: bool) -> tuple[list[dict], list[dict], list[dict]]:
+def reference_units(model, trait, cfg: Config,
+                    progress: bool) -> tuple[list[ReferenceAnswer], list[ReferenceAnswer], list[ReferenceAnswer]]:
     """The greedy reference answers per (question, pair), each marked kept (both answers non-empty) and its half
     (selection: even question index; held-out: odd): (all, kept selection, kept held-out)."""
     slots = response_slots(trait, cfg.n_response_questions, cfg.n_response_pairs)

@@ -7,12 +7,13 @@ from typing import Sequence
 import numpy as np
 
 from experiments.persona_vectors.config import MEASURE_KEYS
+from experiments.persona_vectors.trait_result import TraitResult
 from psm_jax.persona import specificity as SP
 from psm_jax.persona.measures import is_valid
 from psm_jax.persona.steering import ContrastPairs, steering_vector
 
 
-def primary_measure(r: dict) -> str | None:
+def primary_measure(r: TraitResult) -> str | None:
     """The trait's first measure (items, then response likelihood) whose validity check passed; None if none."""
     for name, key in MEASURE_KEYS:
         if key in r and is_valid(r[key].get("validity")):
@@ -20,7 +21,7 @@ def primary_measure(r: dict) -> str | None:
     return None
 
 
-def steering_layer(r: dict) -> int:
+def steering_layer(r: TraitResult) -> int:
     """Where trait r's vector is steered across traits: its valid measure's chosen layer (else the last measure's)."""
     name = primary_measure(r)
     keys = [key for n, key in MEASURE_KEYS if key in r and (name is None or n == name)]
@@ -30,18 +31,18 @@ def steering_layer(r: dict) -> int:
 MIN_SPECIFICITY_TRAITS = 2  # specificity compares a trait's effect with its effect on the others
 
 
-def _steering_vector_of(r: dict, coef: float) -> np.ndarray:
+def _steering_vector_of(r: TraitResult, coef: float) -> np.ndarray:
     """Trait r's vector as it is steered across traits: coef steering units of its response-average direction at
     `steering_layer`."""
     return coef * steering_vector(r["vectors"]["response_avg"], r["scales"], steering_layer(r))
 
 
-def _specificity_targets(results: list[dict], measure: Sequence[str | None]) -> list[ContrastPairs | None]:
+def _specificity_targets(results: list[TraitResult], measure: Sequence[str | None]) -> list[ContrastPairs | None]:
     """Trait j's column of the specificity matrix: the held-out units of its valid measure (None: none valid)."""
     return [r["held_out_pairs"][m] if m is not None else None for r, m in zip(results, measure)]
 
 
-def specificity_matrix(model, results: list[dict], coef: float) -> dict:
+def specificity_matrix(model, results: list[TraitResult], coef: float) -> dict:
     """The specificity matrix over the traits (`specificity.specificity_matrix`): steer with trait i's vector
     (`_steering_vector_of`) and with its random unit directions at the same norm and layer, measure trait j on its
     valid measure's held-out units (symmetric effects m(+coef) - m(-coef); NaN columns where trait j has no valid
@@ -53,7 +54,7 @@ def specificity_matrix(model, results: list[dict], coef: float) -> dict:
     return {"traits": [r["trait"] for r in results], "measure": measure, "layers": layers, "coef": coef, **matrix}
 
 
-def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.ndarray | None, float]:
+def trait_specific_vector(results: list[TraitResult], i: int, coef: float) -> tuple[np.ndarray | None, float]:
     """Trait i's steering vector without the part it shares with the other traits' vectors: the component of its
     response-average direction at its steering layer orthogonal to the other traits' response-average directions at
     that layer, at the whole vector's norm (`specificity.specific_part`). Returns (vector or None where nothing is
@@ -64,7 +65,7 @@ def trait_specific_vector(results: list[dict], i: int, coef: float) -> tuple[np.
     return SP.specific_part(own, others, float(np.linalg.norm(_steering_vector_of(results[i], coef))))
 
 
-def trait_specific_matrix(model, results: list[dict], whole: dict) -> dict:
+def trait_specific_matrix(model, results: list[TraitResult], whole: dict) -> dict:
     """The specificity matrix of each vector's trait-specific part (`trait_specific_vector`), scored against the
     whole-vector matrix's random bands: the same random units at the same norm and layer, so the steered vector is
     the only thing that differs between the two matrices (`specificity.matrix_against_band`). `whole` is
@@ -76,7 +77,7 @@ def trait_specific_matrix(model, results: list[dict], whole: dict) -> dict:
     return {**shared, **matrix, "kept_fraction": [kept for _, kept in parts]}
 
 
-def cosine_matrix(results: list[dict]) -> tuple[int, list[str], np.ndarray]:
+def cosine_matrix(results: list[TraitResult]) -> tuple[int, list[str], np.ndarray]:
     """Cosines between the traits' response_avg vectors at the layer chosen most often: (layer, names, [T, T])."""
     chosen = [r["steering"]["layer"] for r in results]
     common = max(sorted(set(chosen)), key=chosen.count)

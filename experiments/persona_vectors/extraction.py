@@ -9,6 +9,8 @@ import jax
 import numpy as np
 
 from experiments.persona_vectors.config import Config
+from experiments.persona_vectors.trait_result import (ExtractionRow, FilterInfo, JudgeSummary, Screening, Validity,
+                                                      VectorReliability)
 from experiments.report import load_vectors
 from psm_jax.persona import measures, monitoring, rollouts
 from psm_jax.persona.directions import split_half_cosine, typical_norms
@@ -18,7 +20,7 @@ from psm_jax.persona.judge import COHERENCE_RUBRIC
 from psm_jax.persona.prompts import extraction_rows, system_conv
 
 
-def sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> list[dict]:
+def sample_extraction_rows(model, trait, cfg: Config, key, progress: bool) -> list[ExtractionRow]:
     """Step 1: the pos/neg extraction conversations with their sampled responses."""
     rows = extraction_rows(trait, cfg.n_pairs, cfg.n_questions, cfg.n_samples)
     rolls = rollouts.generate_responses(model, [r["messages"] for r in rows], max_new_tokens=cfg.max_new_tokens,
@@ -44,7 +46,8 @@ def greedy_rollouts(model, trait, cfg: Config, progress: bool) -> dict:
             "mon_questions": mon_questions, "mon_rolls": greedy[len(own_prompts):]}
 
 
-def judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | None, dict]:
+def judge_rows(judge, rows: list[ExtractionRow], trait,
+               cfg: Config) -> tuple[list | None, list | None, JudgeSummary]:
     """Step 2: trait scores of every row, the judge's validity check, and coherence where the trait condition holds
     (only when the filter will run: it needs both), written into the rows; (trait scores, coherence scores, summary
     per polarity and the check under "validity"). No judge: (None, None, {})."""
@@ -63,7 +66,7 @@ def judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | Non
             coh_scores[i] = c
     for r, ts, cs in zip(rows, trait_scores, coh_scores):
         r["trait_score"], r["coherence"] = ts, cs
-    summary = {}
+    summary: JudgeSummary = {}
     for pol in ("pos", "neg"):
         sel = [i for i, r in enumerate(rows) if r["polarity"] == pol]
         summary[pol] = {"trait_mean": _nanmean([trait_scores[i] for i in sel]),
@@ -74,7 +77,7 @@ def judge_rows(judge, rows, trait, cfg: Config) -> tuple[list | None, list | Non
     return trait_scores, coh_scores, summary
 
 
-def judge_validity(rows, trait_scores) -> dict:
+def judge_validity(rows, trait_scores) -> Validity:
     """The judge's validity check: per extraction question, its mean trait score of the positive answers minus
     that of the negative ones (rows it could not score are left out), with a 95% interval over questions."""
     per_q: dict = {}
@@ -98,7 +101,8 @@ def _nanmean(xs):
     return float(np.mean(vals)) if vals else None
 
 
-def filter_pairs(rows, trait_scores, coh_scores, judge_valid: bool, cfg) -> tuple[list[int], list[int], dict]:
+def filter_pairs(rows: list[ExtractionRow], trait_scores, coh_scores, judge_valid: bool,
+                 cfg) -> tuple[list[int], list[int], FilterInfo]:
     """Indices of kept pos and neg rows (paired by pair/question/sample) and a summary. The filter applies only
     with a judge whose validity check passed (`judge_valid`)."""
     by_key = _rows_by_pair(rows)
@@ -137,7 +141,7 @@ class Extraction(NamedTuple):
     typical: np.ndarray
     scales: np.ndarray
     rule_separation: np.ndarray | None
-    reliability: dict | None
+    reliability: VectorReliability | None
 
 
 def vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config, progress: bool) -> Extraction:
@@ -157,7 +161,8 @@ def vectors_and_scales(model, rows, pos_idx, neg_idx, greedy: dict, cfg: Config,
     return Extraction(vecs, norms, typical, scales, crossfit_separation(acts, pos_q, neg_q), reliability)
 
 
-def screening(model, rows, pos_idx, neg_idx, own_responses, vector, layer: int, batch_size: int) -> dict:
+def screening(model, rows: list[ExtractionRow], pos_idx, neg_idx, own_responses, vector, layer: int,
+              batch_size: int) -> Screening:
     """Step 7: projection of the given extraction responses minus the model's own answers (expect pos > 0 > neg)."""
     scr = {}
     for pol, idx in (("pos", pos_idx), ("neg", neg_idx)):

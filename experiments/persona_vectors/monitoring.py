@@ -8,6 +8,8 @@ import numpy as np
 from experiments.persona_vectors.behaviour import reference_units
 from experiments.persona_vectors.config import Config
 from experiments.persona_vectors.extraction import greedy_rollouts
+from experiments.persona_vectors.trait_result import (GradedMonitoring, HoldoutMonitoring, MonitorStatistics,
+                                                      ReferenceAnswer, RuleMonitoring)
 from psm_jax.persona import monitoring, rollouts
 from psm_jax.persona.directions import SITE
 from psm_jax.persona.extraction import rule_layer
@@ -15,7 +17,7 @@ from psm_jax.persona.prompts import system_conv
 from psm_jax.persona.stats import pearson, within_groups_r
 
 
-def graded_monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> dict:
+def graded_monitoring(mon_acts, direction, layer: int, systems, behaviour, n_questions: int) -> GradedMonitoring:
     """Step 5: projection vs the items' behavioural measure across the system prompts, and the separation of the
     pos vs neg projections at every layer (`monitoring.separation_by_layer`)."""
     p_last, p_resp = monitoring.prompt_projections(mon_acts, direction, layer, len(systems))
@@ -29,7 +31,7 @@ def graded_monitoring(mon_acts, direction, layer: int, systems, behaviour, n_que
             "separation_by_layer": monitoring.separation_by_layer(mon_acts, direction, systems)}
 
 
-def rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> dict | None:
+def rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: int) -> RuleMonitoring | None:
     """Monitoring at the layer the extraction-data rule fixes (`crossfit_separation`, `rule_layer`): the same
     statistics as at the steering layer. None when the rule has no layer."""
     layer = rule_layer(separations)
@@ -41,8 +43,8 @@ def rule_monitoring(per_unit, systems, mon_acts, direction, separations, seed: i
     return {"layer": layer, "separation": np.asarray(separations), **{k: mon[k] for k in keep}}
 
 
-def holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, layers: dict, *,
-                       progress: bool = False) -> dict | None:
+def holdout_monitoring(model, trait, cfg: Config, held: list[ReferenceAnswer], direction, layers: dict, *,
+                       progress: bool = False) -> HoldoutMonitoring | None:
     """Monitoring on the trait's held-out graded prompts (`monitor_holdout`), at layers fixed before any of them was
     run ({name: layer}; None skips a name): greedy answers to the monitoring questions under each prompt, the
     response measure per prompt on every held-out unit, the same statistics as the main monitoring, and a check
@@ -73,7 +75,7 @@ def holdout_monitoring(model, trait, cfg: Config, held: list[dict], direction, l
 
 
 def monitoring_from_vectors(model, trait, cfg: Config, direction, layers: dict[str, int], *,
-                            progress: bool = False) -> dict:
+                            progress: bool = False) -> dict[str, MonitorStatistics]:
     """The main monitoring with the response measure ({name: layer} -> `monitoring.monitor_statistics`) for a saved
     direction [n_layers, d]: the greedy answers, held-out reference units and per-prompt measure are those that
     `run_trait` computes (all greedy, so the same for the same config and model), so a finished report can be

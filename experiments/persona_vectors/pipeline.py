@@ -1,5 +1,6 @@
 """The study's computation: every step of the package doc for one trait (`run_trait`, with step 6b in
-`_response_block`), then the cross-trait matrices and the headline numbers (`run`). No files, no printing."""
+`_response_block`; their results are typed in `trait_result`), then the cross-trait matrices and the headline
+numbers (`run`). No files, no printing."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,8 @@ from experiments.persona_vectors.extraction import (filter_pairs, greedy_rollout
 from experiments.persona_vectors.monitoring import holdout_monitoring, graded_monitoring, rule_monitoring
 from experiments.persona_vectors.steering import steered_examples, default_sweep_layers, steer_with_measure
 from experiments.persona_vectors.summary import summary_metrics
+from experiments.persona_vectors.trait_result import (HeldOutPairs, ItemsSteering, LayerSweep, MeasureSteering,
+                                                      MonitorResponse, ResponseBlock, TraitResult)
 from psm_jax.persona import monitoring, rollouts
 from psm_jax.persona.directions import SITE, random_directions
 from psm_jax.persona.extraction import rule_layer
@@ -28,21 +31,21 @@ from psm_jax.persona.steering import ContrastPairs
 @dataclasses.dataclass
 class Result:
     config: Config
-    results: list[dict]  # one per trait (`run_trait`)
+    results: list[TraitResult]  # one per trait (`run_trait`)
     n_layers: int
     d_model: int
     metrics: dict  # the headline numbers (`summary_metrics`)
 
 
-def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool = True) -> dict:
+def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool = True) -> TraitResult:
     """Every step of the package doc for one trait. Validity checks run before the steering they gate."""
     t0 = time.time()
     key = jax.random.fold_in(jax.random.key(cfg.seed), trait_index)
     rows = sample_extraction_rows(model, trait, cfg, key, progress)
     greedy = greedy_rollouts(model, trait, cfg, progress)
     trait_scores, coh_scores, judge_summary = judge_rows(judge, rows, trait, cfg)
-    pos_idx, neg_idx, finfo = filter_pairs(rows, trait_scores, coh_scores,
-                                           bool(judge_summary.get("validity", {}).get("valid")), cfg)
+    pos_idx, neg_idx, filter_info = filter_pairs(rows, trait_scores, coh_scores,
+                                                 bool(judge_summary.get("validity", {}).get("valid")), cfg)
     ex = vectors_and_scales(model, rows, pos_idx, neg_idx, greedy, cfg, progress)
     vecs, norms, typical, scales, rule_sep = ex.vectors, ex.norms, ex.typical, ex.scales, ex.rule_separation
     direction = vecs["response_avg"]
@@ -53,22 +56,20 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     fluency = (greedy["own_prompts"], greedy["own_responses"])
 
     items = items_measure(model, trait, greedy["systems"])
-    steering = steer_with_measure(model, items["selection"], items["held_out"], direction, scales, layers, rand, cfg,
-                                  items["validity"], fluency)
+    steering, layer_sweep = _items_steering(
+        steer_with_measure(model, items["selection"], items["held_out"], direction, scales, layers, rand, cfg,
+                           items["validity"], fluency), norms, typical)
     best = steering["layer"]
-    steering["raw_vector_over_typical_norm"] = float(norms["response_avg"][best] / typical[best])
     mon_acts = rollouts.activation_means(model, [r.conversation() for r in greedy["mon_rolls"]], site=SITE,
                                          batch_size=cfg.batch_size)
-    res = {"trait": trait.name, "filter": finfo, "judge": judge_summary, "vector_norm": norms, "typical_norm": typical,
-           "layer_sweep": steering.pop("layer_sweep"), "steering": steering,
-           "steered_examples": steered_examples(model, trait, direction, scales, best, cfg),
-           "monitoring": graded_monitoring(mon_acts, direction, best, greedy["systems"], items["behaviour"],
-                                           len(greedy["mon_questions"]))}
-    res["monitor_responses"] = [{"system_kind": k, "pair": i, "question": q, "response": r.response}
-                                for (k, i, _, _), q, r in zip([x for x in greedy["systems"] for _ in greedy["mon_questions"]],
-                                                           greedy["mon_questions"] * len(greedy["systems"]),
-                                                           greedy["mon_rolls"])]
-    held = {"items": items["held_out"]}
+    res: TraitResult = {
+        "trait": trait.name, "filter": filter_info, "judge": judge_summary, "vector_norm": norms,
+        "typical_norm": typical, "layer_sweep": layer_sweep, "steering": steering,
+        "steered_examples": steered_examples(model, trait, direction, scales, best, cfg),
+        "monitoring": graded_monitoring(mon_acts, direction, best, greedy["systems"], items["behaviour"],
+                                        len(greedy["mon_questions"])),
+        "monitor_responses": _monitor_responses(greedy)}
+    held: HeldOutPairs = {"items": items["held_out"]}
     if cfg.response_measure:
         res["response"], held["response_likelihood"] = _response_block(
             model, trait, cfg, direction, scales, layers, rand, mon_acts, greedy["systems"], fluency, rule_sep,
@@ -82,12 +83,30 @@ def run_trait(model, trait, cfg: Config, trait_index: int, judge, progress: bool
     return res
 
 
+def _items_steering(curve: MeasureSteering, norms: dict, typical: np.ndarray) -> tuple[ItemsSteering, LayerSweep]:
+    """The items' `steer_with_measure` result as `TraitResult` holds it (changed in place): its layer sweep taken out,
+    since the report and metrics.json read the items' sweep at the trait's top level, and the raw vector's norm over
+    the typical residual norm at the chosen layer added, so that the vector's size reads in the residual unit whatever
+    coef_unit is."""
+    layer = curve["layer"]
+    curve["raw_vector_over_typical_norm"] = float(norms["response_avg"][layer] / typical[layer])
+    return curve, curve.pop("layer_sweep")
+
+
+def _monitor_responses(greedy: dict) -> list[MonitorResponse]:
+    """Every greedy monitoring answer with its system prompt's kind and instruction pair, for responses.jsonl.
+    `greedy_rollouts` generates them prompt-major: every monitoring question under one prompt, then the next."""
+    slots = [(s, q) for s in greedy["systems"] for q in greedy["mon_questions"]]
+    return [{"system_kind": s.kind, "pair": s.pair, "question": q, "response": r.response}
+            for (s, q), r in zip(slots, greedy["mon_rolls"])]
+
+
 def _response_block(model, trait, cfg: Config, direction, scales, layers, rand, mon_acts, systems, fluency,
-                    rule_separations, *, progress: bool = False) -> tuple[dict, ContrastPairs]:
+                    rule_separations, *, progress: bool = False) -> tuple[ResponseBlock, ContrastPairs]:
     """Step 6b: reference answers, the validity check (no steering, per held-out unit), layer selection on the
     selection questions, the steering curve and (when valid) the random band on the held-out ones, and monitoring
-    at the steering layer and at the layer of the extraction-data rule. Returns (results, the held-out units as
-    ContrastPairs)."""
+    at the steering layer and at the layer of the extraction-data rule. Returns (the trait's `ResponseBlock`, the
+    held-out units as ContrastPairs)."""
     ref, sel, held = reference_units(model, trait, cfg, progress)
     per_unit, n_used = monitoring.measure_per_prompt(model, held, systems, cfg.batch_size)
     validity = prompt_validity(per_unit, monitoring.validity_kinds(systems))

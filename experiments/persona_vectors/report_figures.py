@@ -8,6 +8,7 @@ import numpy as np
 
 from experiments.persona_vectors.config import Config
 from experiments.persona_vectors.summary import MONITOR_MIN_WITHIN_R
+from experiments.persona_vectors.trait_result import SteeringCurve, TraitResult
 from experiments.report import Report, pyplot
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona import measures
@@ -23,13 +24,13 @@ def _line_figure(report: Report, fig, ax, name: str, caption: str, *, title: str
     report.figure(name, fig, caption)
 
 
-def steering_figure(report: Report, results: Sequence[dict], key: str, name: str, caption: str, *, title: str,
+def steering_figure(report: Report, results: Sequence[TraitResult], key: str, name: str, caption: str, *, title: str,
                     ylabel: str) -> None:
     """Measure vs coefficient per trait at its chosen layer (results[i][key]), the random directions' mean dotted
     (absent where the measure failed its validity check), a failing measure's curve dashed."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
     for r in results:
-        st = r[key]
+        st: SteeringCurve = r[key]
         valid = measures.is_valid(st.get("validity"))
         ax.plot(st["coefs"], st["measure"], marker="o", ls="-" if valid else "--",
                 label=f"{r['trait']} (L{st['layer']})" + ("" if valid else ", NOT valid"))
@@ -80,7 +81,7 @@ def reliability_figure(report: Report, rel: dict) -> None:
                  title="Vector reliability per layer", xlabel="layer (resid_post)", ylabel="predicted rerun cosine")
 
 
-def write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> None:
+def write_layer_figures(report: Report, cfg: Config, results: list[TraitResult]) -> None:
     """Layer selection effect, projection separation and vector norms per layer."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -109,7 +110,7 @@ def write_layer_figures(report: Report, cfg: Config, results: list[dict]) -> Non
                  xlabel="layer (resid_post)", ylabel="|v| / typical residual norm")
 
 
-def _monitor_panels(r: dict) -> list[tuple[str, dict]]:
+def _monitor_panels(r: TraitResult) -> list[tuple[str, dict]]:
     """The monitoring scatters of one trait: (measure label, {layer, proj, measure, kinds, title r}) for the items
     and, when it ran, the response-likelihood measure (the monitoring headline)."""
     mon = r["monitoring"]
@@ -127,7 +128,7 @@ def _monitor_panels(r: dict) -> list[tuple[str, dict]]:
     return panels
 
 
-def write_monitoring_figure(report: Report, results: list[dict]) -> None:
+def write_monitoring_figure(report: Report, results: list[TraitResult]) -> None:
     panels = [_monitor_panels(r) for r in results]
     n_rows = max(len(p) for p in panels)
     fig, axes = pyplot().subplots(n_rows, len(results), figsize=(4 * len(results), 3.6 * n_rows), squeeze=False)

@@ -14,6 +14,7 @@ from experiments.persona_vectors.report_figures import (cosine_figure, reliabili
                                                         write_monitoring_figure)
 from experiments.persona_vectors.report_text import (headline_text, reliability_reading, targets_text, trait_body,
                                                      trait_specific_reading, unit_words, validity_words)
+from experiments.persona_vectors.trait_result import RandomControl, SteeringCurve, TraitResult
 from experiments.report import Report, atomic_write_bytes, few_splits_text, jsonable
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona import measures
@@ -54,13 +55,13 @@ def _short(text: str, n: int = 220) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
-def _control_cell(control: dict) -> str:
+def _control_cell(control: RandomControl) -> str:
     if control["measure"] is None:
         return "not computed (measure not valid)"
     return f"{control['measure'][0]:.3f}, {control['measure'][1]:.3f}"
 
 
-def _curve_row(r: dict, st: dict) -> dict:
+def _curve_row(r: TraitResult, st: SteeringCurve) -> dict:
     """The summary-table columns shared by both measures."""
     return {"trait": r["trait"], "validity": "valid" if measures.is_valid(st.get("validity")) else "NOT valid",
             "layer": st["layer"], "m(c_min)": float(st["measure"][0]),
@@ -99,7 +100,7 @@ evaluation questions{resp_sizes}; seed {cfg.seed}.
 """)
 
 
-def _write_items_section(report: Report, cfg: Config, results: list[dict]) -> None:
+def _write_items_section(report: Report, cfg: Config, results: list[TraitResult]) -> None:
     rows = []
     for r in results:
         st, mon = r["steering"], r["monitoring"]
@@ -126,7 +127,7 @@ whether the vector reads the induced persona at all, layer by layer (plot below)
                     ylabel="log P(trait) - log P(other), held-out items")
 
 
-def _write_response_section(report: Report, cfg: Config, resp: list[dict]) -> None:
+def _write_response_section(report: Report, cfg: Config, resp: list[TraitResult]) -> None:
     """The second behavioural measure: definition, per-trait table and steering curves."""
     r0 = resp[0]["response"]
     report.section("Response-likelihood measure", f"""
@@ -252,7 +253,7 @@ trait's vector at the same layer.{few} {reliability_reading(rel)}
     reliability_figure(report, rel)
 
 
-def _write_cosine_matrix(report: Report, results: list[dict]) -> None:
+def _write_cosine_matrix(report: Report, results: list[TraitResult]) -> None:
     common, names, cos = cosine_matrix(results)
     if len(results) > 1:
         cosine_figure(report, common, names, cos)
@@ -260,7 +261,7 @@ def _write_cosine_matrix(report: Report, results: list[dict]) -> None:
                                                      for i, a in enumerate(names)])
 
 
-def _write_trait_tables(report: Report, r: dict) -> None:
+def _write_trait_tables(report: Report, r: TraitResult) -> None:
     """Monitoring per system prompt, reference answers, steered generations and sample extraction responses."""
     mon, st = r["monitoring"], r["steering"]
     mon_rows = [{"kind": s["kind"], "level": s.get("level"), "pair": s["index"], "items m": float(b), "proj last prompt": float(pl),
@@ -291,7 +292,7 @@ def _write_trait_tables(report: Report, r: dict) -> None:
     report.table(f"{r['trait']}: sample extraction responses", ex)
 
 
-def _save_trait_vectors(report: Report, result: Result, r: dict) -> None:
+def _save_trait_vectors(report: Report, result: Result, r: TraitResult) -> None:
     cfg, st, fi = result.config, r["steering"], r["filter"]
     meta = {"model": cfg.model, "site": SITE, "layers": list(range(result.n_layers)), "layer_indexing": LAYER_INDEXING,
             "method": "mean difference, positive minus negative, of per-response mean activations "
@@ -304,7 +305,7 @@ def _save_trait_vectors(report: Report, result: Result, r: dict) -> None:
     report.save_vectors(f"vectors_{r['trait']}", r["vectors"], meta)
 
 
-def _write_responses(report: Report, results: list[dict]) -> None:
+def _write_responses(report: Report, results: list[TraitResult]) -> None:
     """Every generated text, for auditing."""
     lines = []
     for r in results:

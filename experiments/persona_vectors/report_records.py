@@ -8,6 +8,8 @@ import math
 import numpy as np
 
 from experiments.persona_vectors.pipeline import Result
+from experiments.persona_vectors.trait_result import (NullBand, ResponseMeasure, TraitMetrics, WithinPolarity,
+                                                      WithinR)
 from psm_jax.persona.stats import MIN_MONOTONIC_RUN, pearson_ci
 
 
@@ -46,11 +48,11 @@ OVERALL_R_NULL = ("none: r across both polarities is mostly the gap between thei
                   "line carries the shuffled null")
 
 
-def _null_band_text(null: dict | None, what: str = "measure shuffled within polarity") -> str:
+def _null_band_text(null: NullBand | None, what: str = "measure shuffled within polarity") -> str:
     return f"{what}: 95% band [{null['low']:.3f}, {null['high']:.3f}] ({null['n']} shuffles)" if null else "none"
 
 
-def _items_monitor_ci(t: dict) -> dict:
+def _items_monitor_ci(t: TraitMetrics) -> dict:
     """The items' overall r's interval over prompts, where the per-prompt values were kept."""
     x, y = t.get("monitor_proj_last_prompt"), t.get("monitor_behaviour")
     if x is None or y is None or len(x) < 3:
@@ -59,7 +61,7 @@ def _items_monitor_ci(t: dict) -> dict:
     return {"ci": [ci["low"], ci["high"]]} if np.isfinite([ci["low"], ci["high"]]).all() else {}
 
 
-def _monitor_records(name: str, t: dict) -> list[dict]:
+def _monitor_records(name: str, t: TraitMetrics) -> list[dict]:
     out = [dict(metric="persona_monitor_r", value=t["monitor_r_last_prompt"], unit="pearson r", reference=REFERENCE,
                 target="> 0 (paper 0.75-0.83)", trait=name, layer=t["chosen_layer"], r_response=t["monitor_r_response"],
                 measure="items", validity=t.get("validity"), system_prompt_effect=t["system_prompt_effect"],
@@ -86,11 +88,11 @@ def _monitor_records(name: str, t: dict) -> list[dict]:
     return out
 
 
-def _overall_ci(w: dict | None) -> dict:
+def _overall_ci(w: WithinR | None) -> dict:
     return {"ci": [w["overall"]["low"], w["overall"]["high"]]} if w else {}
 
 
-def _holdout_monitor_records(name: str, rm: dict) -> list[dict]:
+def _holdout_monitor_records(name: str, rm: ResponseMeasure) -> list[dict]:
     """The within-polarity r on the held-out graded prompts at each layer it ran (key <trait>/<steering|rule>)."""
     hold = rm.get("holdout_monitoring") or {}
     out = []
@@ -114,7 +116,7 @@ def _holdout_monitor_records(name: str, rm: dict) -> list[dict]:
     return out
 
 
-def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
+def _rule_monitor_records(name: str, rm: ResponseMeasure) -> list[dict]:
     """The within-polarity r at the layer of the extraction-data rule, with its interval and null band."""
     rule = rm.get("rule_monitoring")
     w = (rule or {}).get("monitor_within_polarity")
@@ -132,7 +134,7 @@ def _rule_monitor_records(name: str, rm: dict) -> list[dict]:
                  null=_null_band_text(null), **ceiling_fields(rule))]
 
 
-def ceiling_fields(mon: dict) -> dict:
+def ceiling_fields(mon: WithinPolarity) -> dict:
     """Record fields for one monitoring result's noise ceiling (`monitoring.within_reliability`); none where it was not
     computed."""
     rel = mon.get("within_reliability")

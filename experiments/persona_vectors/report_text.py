@@ -7,16 +7,19 @@ import numpy as np
 
 from experiments.persona_vectors.config import Config
 from experiments.persona_vectors.summary import MIN_TARGET_TRAITS, MONITOR_MIN_WITHIN_R, TARGET_NAMES
+from experiments.persona_vectors.trait_result import (FilterInfo, HoldoutMonitoring, RandomControl, ResponseBlock,
+                                                      RuleMonitoring, SteeringCurve, TraitResult, Validity,
+                                                      WithinPolarity, WithinReliability)
 from experiments.report import fmt_num as _fmt
 from psm_jax.persona import measures
 from psm_jax.persona.stats import MIN_MONOTONIC_RUN, MIN_NULL_DRAWS
 
 
-def validity_words(check: dict | None) -> str:
+def validity_words(check: Validity | None) -> str:
     return measures.validity_text(check) if check else "n/a (no unit under both polarities)"
 
 
-def _control_words(control: dict) -> str:
+def _control_words(control: RandomControl) -> str:
     """The random-direction control at +-cmax, or why it was not computed."""
     if control["measure"] is None:
         return f"random-direction control not computed ({control['skipped']})"
@@ -24,7 +27,7 @@ def _control_words(control: dict) -> str:
             + _band_text(control))
 
 
-def _curve_words(st: dict) -> str:
+def _curve_words(st: SteeringCurve) -> str:
     mono = st["monotonic"]
     return (", ".join(f"c={c:+g}: {m:+.3f} (ppl x{p:.2f})" for c, m, p in zip(st["coefs"], st["measure"],
                                                                            st["ppl_ratio"]))
@@ -32,7 +35,7 @@ def _curve_words(st: dict) -> str:
               f"{mono['increasing_within_ceiling']}; monotonic for c<=0: {mono['neg']}, for c>=0: {mono['pos']}")
 
 
-def _response_trait_line(rs: dict) -> str:
+def _response_trait_line(rs: ResponseBlock) -> str:
     ls = rs["layer_sweep"]
     return (f"Response-likelihood measure: validity (no steering, pos minus neg system prompts, per held-out unit): "
             f"{validity_words(rs.get('validity'))}. Layer {rs['layer']} chosen on {rs['n_selection']} selection pairs "
@@ -45,7 +48,7 @@ def _response_trait_line(rs: dict) -> str:
             f"Reference pairs with an empty answer (dropped): {rs['n_dropped']}.")
 
 
-def _holdout_words(hold: dict | None) -> str:
+def _holdout_words(hold: HoldoutMonitoring | None) -> str:
     """Monitoring on the held-out graded prompts, at each layer it ran, after the prompts' own grading check."""
     if not hold:
         return ""
@@ -62,7 +65,7 @@ def _holdout_words(hold: dict | None) -> str:
     return "; ".join(parts) + "."
 
 
-def _rule_words(rule: dict | None) -> str:
+def _rule_words(rule: RuleMonitoring | None) -> str:
     """Monitoring at the layer of the extraction-data rule, or why there is none."""
     if rule is None:
         return " The extraction-data layer rule had too few rows per half to fix a layer."
@@ -77,7 +80,7 @@ def unit_words(cfg: Config) -> str:
             else "the typical residual norm (mean per-token |h| over the model's own responses)")
 
 
-def _band_text(control: dict) -> str:
+def _band_text(control: RandomControl) -> str:
     """The random-direction band (>= 20 directions) or, with fewer, how many directions the control has."""
     if control.get("band"):
         b = control["band"]
@@ -86,7 +89,7 @@ def _band_text(control: dict) -> str:
     return f" (mean of {control.get('n', 1)} random direction(s); fewer than {MIN_NULL_DRAWS}: no null band)"
 
 
-def _within_text(mon: dict) -> str:
+def _within_text(mon: WithinPolarity) -> str:
     """r within polarity (the association not explained by positive vs negative prompts) of one monitoring result,
     with its interval, the band of the measure shuffled within polarity and the ceiling the series' noise sets."""
     w, null = mon.get("monitor_within_polarity"), mon.get("monitor_within_null")
@@ -100,7 +103,7 @@ def _within_text(mon: dict) -> str:
             f"{_ceiling_text(mon.get('within_reliability'))}, n={o['n']} prompts)")
 
 
-def _ceiling_text(rel: dict | None) -> str:
+def _ceiling_text(rel: WithinReliability | None) -> str:
     """The within-polarity reliabilities of the measure and the projection, and the r their noise leaves
     reachable."""
     if not rel:
@@ -172,7 +175,7 @@ def reliability_reading(rel: dict) -> str:
     return text
 
 
-def _filter_words(fi: dict) -> str:
+def _filter_words(fi: FilterInfo) -> str:
     """One sentence on the judge's filter: off, not run because the judge failed its check, or what it kept."""
     if fi.get("judge_not_valid"):
         return (f"Filter: not applied, because the judge failed its validity check; all {fi['n_pairs_total']} pos/neg "
@@ -183,7 +186,7 @@ def _filter_words(fi: dict) -> str:
             + (" -- fewer than min_kept_pairs, so all pairs were used" if fi.get("fallback") else "") + ".")
 
 
-def trait_body(r: dict) -> list[str]:
+def trait_body(r: TraitResult) -> list[str]:
     """The paragraphs of one trait's section: items, response measure, monitoring, filter, judge, screening."""
     st, mon, ls, fi = r["steering"], r["monitoring"], r["layer_sweep"], r["filter"]
     body = [f"Two-choice items: validity {validity_words(st.get('validity'))}. Chosen layer {st['layer']} (selection "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.persona_vectors.config import Config
+from experiments.persona_vectors.trait_result import MeasureSteering, SteeredExample, Validity
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.prompts import trait_system_prompt
 from psm_jax.persona.stats import monotonic
@@ -20,7 +21,7 @@ def default_sweep_layers(n_layers: int) -> tuple[int, ...]:
 
 
 def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction, scales, layers, rand_units, cfg,
-                       validity: dict | None, fluency: tuple) -> dict:
+                       validity: Validity | None, fluency: tuple) -> MeasureSteering:
     """Layer chosen on the selection half, the steering curve on the held-out half with its perplexity ratios and
     monotonicity, and the random-direction band at the curve's ends (only for a measure that passed its validity
     check). `fluency`: (prompts, answers), the model's own unsteered answers whose perplexity prices each point."""
@@ -43,7 +44,7 @@ def steer_with_measure(model, sel: ContrastPairs, held: ContrastPairs, direction
             "raw_vector_norm_in_units": norm / float(scales[best])}
 
 
-def steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[dict]:
+def steered_examples(model, trait, direction, scales, layer: int, cfg: Config) -> list[SteeredExample]:
     """Greedy answers to the first evaluation questions steered at `layer`, each with its judge-free trait score
     (the unsteered model's per-token likelihood under the first positive minus the first negative system prompt)."""
     questions = list(trait.evaluation_questions[:cfg.n_steer_examples])

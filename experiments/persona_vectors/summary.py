@@ -7,6 +7,7 @@ import numpy as np
 
 from experiments.persona_vectors.config import MEASURE_KEYS
 from experiments.persona_vectors.cross_trait import steering_layer, cosine_matrix
+from experiments.persona_vectors.trait_result import ResponseBlock, TraitMetrics, TraitResult
 from psm_jax.persona.directions import cosine
 from psm_jax.persona.measures import is_valid
 from psm_jax.persona.stats import count_monotonic
@@ -16,7 +17,7 @@ HEADLINE_CRITERIA = (("strict", "increasing"), ("run4", "run"), ("strict_ppl{ppl
                      ("strict_ppl{ppl:g}_band", "increasing_within_ceiling_outside_band"))
 
 
-def monotonic_counts(results: list[dict], max_ppl_ratio: float) -> dict:
+def monotonic_counts(results: list[TraitResult], max_ppl_ratio: float) -> dict:
     """Per measure: how many traits pass each monotonicity criterion, counting only traits whose measure passed
     its validity check (held-out curve, layer chosen on the selection half)."""
     out = {}
@@ -32,16 +33,19 @@ def monotonic_counts(results: list[dict], max_ppl_ratio: float) -> dict:
     return out
 
 
-def _trait_metrics(r: dict) -> dict:
+def _trait_metrics(r: TraitResult) -> TraitMetrics:
+    """What metrics.json and the record lines keep of one trait: the items' curve and monitoring under flat names,
+    and the response block without its reference answers (responses.jsonl holds those)."""
     st, mon = r["steering"], r["monitoring"]
-    out = {"chosen_layer": st["layer"], "coefs": st["coefs"], "measure": st["measure"], "monotonic": st["monotonic"],
-           "ppl_ratio": st["ppl_ratio"], "validity": st["validity"], "random_control": st["random_control"],
-           "unit_norm": st["unit_norm"], "raw_vector_norm_in_units": st["raw_vector_norm_in_units"],
-           "layer_sweep": r["layer_sweep"], "monitor_r_last_prompt": mon["r_last_prompt"],
-           "monitor_r_response": mon["r_response"], "monitor_behaviour": mon["behaviour"],
-           "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
-           "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
-           "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
+    out: TraitMetrics = {
+        "chosen_layer": st["layer"], "coefs": st["coefs"], "measure": st["measure"], "monotonic": st["monotonic"],
+        "ppl_ratio": st["ppl_ratio"], "validity": st["validity"], "random_control": st["random_control"],
+        "unit_norm": st["unit_norm"], "raw_vector_norm_in_units": st["raw_vector_norm_in_units"],
+        "layer_sweep": r["layer_sweep"], "monitor_r_last_prompt": mon["r_last_prompt"],
+        "monitor_r_response": mon["r_response"], "monitor_behaviour": mon["behaviour"],
+        "monitor_proj_last_prompt": mon["proj_last_prompt"], "monitor_proj_response": mon["proj_response"],
+        "system_prompt_effect": mon["system_prompt_effect"], "separation_by_layer": mon["separation_by_layer"],
+        "filter": r["filter"], "judge": r["judge"], "screening": r.get("screening"), "seconds": r["seconds"]}
     if "response" in r:
         out["response_measure"] = {k: v for k, v in r["response"].items() if k != "reference"}
     return out
@@ -52,7 +56,7 @@ MONITOR_MIN_WITHIN_R = 0.5
 TARGET_NAMES = ("specificity", "steering", "monitoring", "monitoring_holdout")
 
 
-def targets(results: list[dict], specificity: dict | None) -> dict:
+def targets(results: list[TraitResult], specificity: dict | None) -> dict:
     """The three persona-vector targets, per trait and overall (met with >= MIN_TARGET_TRAITS traits):
     specificity (the matrix's pass per steered trait), steering (some valid measure strictly increasing over its
     fluent points and above the random band) and monitoring (the response measure's within-polarity r above
@@ -76,9 +80,10 @@ def targets(results: list[dict], specificity: dict | None) -> dict:
                for t in TARGET_NAMES}}
 
 
-def _holdout_target(rs: dict) -> dict:
+def _holdout_target(rs: ResponseBlock | dict) -> dict:
     """The blind monitoring test: on the held-out graded prompts, at the layer of the extraction-data rule, the
-    within-polarity r above MONITOR_MIN_WITHIN_R and above its null band's upper edge, the measure valid."""
+    within-polarity r above MONITOR_MIN_WITHIN_R and above its null band's upper edge, the measure valid. `rs` is
+    the trait's response block ({} where the response measure did not run)."""
     rule = (rs.get("holdout_monitoring") or {}).get("rule") or {}
     w = (rule.get("monitor_within_polarity") or {}).get("pooled_within") or {}
     r, null = w.get("estimate"), rule.get("monitor_within_null")
@@ -101,7 +106,7 @@ def _specificity_metrics(sp: dict) -> dict:
             "pass": bool(any(sp["valid"]) and all(p["pass"] for p, v in zip(sp["per_trait"], sp["valid"]) if v))}
 
 
-def reliability_metrics(results: list[dict]) -> dict:
+def reliability_metrics(results: list[TraitResult]) -> dict:
     """Per trait, its vector's split-half reliability (`directions.split_half_cosine` over extraction questions) at
     its steering layer, beside the largest cosine at that layer between its vector and another trait's. A vector
     whose predicted replicate cosine is below that largest cross-trait cosine is closer to another trait's vector
@@ -126,7 +131,7 @@ def reliability_metrics(results: list[dict]) -> dict:
     return out
 
 
-def summary_metrics(results: list[dict], specificity: dict | None = None, max_ppl_ratio: float = 1.5,
+def summary_metrics(results: list[TraitResult], specificity: dict | None = None, max_ppl_ratio: float = 1.5,
                     trait_specific: dict | None = None) -> dict:
     """Monotonic-trait counts per measure and criterion (valid measures only), the cosine and specificity matrices
     (the whole vectors', and their trait-specific parts' as a secondary analysis), and per trait its steering,
