@@ -255,11 +255,11 @@ def test_a_prevention_run_under_the_primary_seed_repeats_the_primary_run(tiny_ch
                               n_ppl_conversations=2, layer=1, mixes=(0.0, 1.0))
     trait = load_trait("evil")
     r = F.run_trait(tiny_chat_model, trait, 0, cfg, [], None)
-    again = F.prevention_run(tiny_chat_model, trait, 0, cfg, r["_fixed"], [], None)
-    primary = F.prevention_summaries(r["rows"], cfg)
+    again = F.prevention_run(tiny_chat_model, trait, 0, cfg, r.fixed, [], None)
+    primary = F.prevention_summaries(r.result["rows"], cfg)
     assert [p["name"] for p in again] == [p["name"] for p in primary] == ["preventative c=4"]
     for key in ("reduction", "plain_vs_control", "steered_vs_control"):
         assert again[0][key]["estimate"] == pytest.approx(primary[0][key]["estimate"], rel=1e-5), key
-    other = F.prevention_run(tiny_chat_model, trait, 0, dataclasses.replace(cfg, seed=cfg.seed + 1), r["_fixed"], [],
+    other = F.prevention_run(tiny_chat_model, trait, 0, dataclasses.replace(cfg, seed=cfg.seed + 1), r.fixed, [],
                              None)
     assert other[0]["plain_vs_control"]["estimate"] != pytest.approx(primary[0]["plain_vs_control"]["estimate"])

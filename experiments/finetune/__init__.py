@@ -68,6 +68,7 @@ from experiments.finetune.evaluation import evaluate, last_prompt_acts
 from experiments.finetune.summary import (beyond_control, correlation, prevention_over_runs,
                                           prevention_pooled_target, prevention_runs_target, prevention_summaries,
                                           prevention_target, row_summary, summarize)
+from experiments.finetune.trait_result import Beyond, FineTuneRow, Metrics, TraitMetrics, TraitResult, TraitRun
 from experiments.finetune.pipeline import Result, beyond_training, prevention_run, run, run_trait, train_and_evaluate
 from experiments.finetune.report_folder import write_report as report
 from experiments.finetune.report_records import result_records as records
@@ -79,4 +80,4 @@ __all__ = ["Config", "PRESETS", "TRIGGER", "KINDS", "HEADLINE_STATISTIC", "RAW_S
            "training_steps", "train", "training_key", "last_prompt_acts", "evaluate", "correlation", "beyond_control",
            "summarize", "prevention_summaries", "prevention_over_runs", "row_summary", "prevention_target",
            "prevention_pooled_target", "prevention_runs_target", "run_trait", "train_and_evaluate", "prevention_run",
-           "beyond_training"]
+           "beyond_training", "TraitResult", "FineTuneRow", "TraitRun", "Metrics", "TraitMetrics", "Beyond"]

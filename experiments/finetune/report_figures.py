@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.finetune.summary import row_summary
+from experiments.finetune.trait_result import Narrow, TraitResult
 from experiments.report import Report, pyplot
 
 
-def scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: str, xlabel: str, ylabel: str) -> None:
+def scatter(rep: Report, results: list[TraitResult], key_x: str, key_y: str, name: str, caption: str, xlabel: str,
+            ylabel: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for r in results:
@@ -25,7 +27,7 @@ def scatter(rep: Report, results, key_x: str, key_y: str, name: str, caption: st
     rep.figure(name, fig, caption)
 
 
-def shift_bars(rep: Report, r: dict) -> None:
+def shift_bars(rep: Report, r: TraitResult) -> None:
     plt = pyplot()
     rows = [row_summary(row) for row in r["rows"]]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.5))
@@ -42,7 +44,7 @@ def shift_bars(rep: Report, r: dict) -> None:
                                            "of the first fine-tune).")
 
 
-def loss_plot(rep: Report, results) -> None:
+def loss_plot(rep: Report, results: list[TraitResult]) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in results:
@@ -54,7 +56,7 @@ def loss_plot(rep: Report, results) -> None:
     rep.figure("training_loss", fig, "Training loss per fine-tune.")
 
 
-def spread_plot(rep: Report, nv: dict) -> None:
+def spread_plot(rep: Report, nv: Narrow) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     w = [r["kl_weight"] for r in nv["per_kl"]]

@@ -11,6 +11,7 @@ from experiments.finetune.report_figures import loss_plot, scatter, shift_bars, 
 from experiments.finetune.report_text import (PREREGISTERED_TEXT, beyond_headlines, ci_text, comparison_lines,
                                               corr_text, finetune_row, overlap_text, prevention_headlines,
                                               scope, setup_text, trait_lines)
+from experiments.finetune.trait_result import ModelDiff, Narrow, PreventionOverRuns, TraitResult, Validity
 from experiments.report import Report
 from psm_jax.persona import measures
 
@@ -59,7 +60,7 @@ def write_report(result: Result, folder) -> Path:
     return rep.finish()
 
 
-def _runs_table(rep: Report, trait: str, over_runs: list[dict]) -> None:
+def _runs_table(rep: Report, trait: str, over_runs: list[PreventionOverRuns]) -> None:
     """One row per training run and preventative coefficient: the run's reduction with its interval over questions."""
     rows = [{"coefficient": p["name"], "seed": r["seed"], "reduction [95% CI over questions]": ci_text(r["reduction"]),
              "plain beyond control": ci_text(r["plain_vs_control"]),
@@ -68,7 +69,7 @@ def _runs_table(rep: Report, trait: str, over_runs: list[dict]) -> None:
     rep.table(f"{trait}: prevention in each training run", rows)
 
 
-def _narrow_section(rep: Report, nv: dict, validity: dict, cfg: Config) -> None:
+def _narrow_section(rep: Report, nv: Narrow, validity: dict[str, Validity], cfg: Config) -> None:
     trained = nv["trait"]
     src = ", ".join(f"{n} {k}" for k, n in nv["out_sources"].items())
     lines = [f"Narrow set: {trained}'s 100% set ({cfg.n_train_questions} questions), trained plainly (KL weight 0 = "
@@ -104,7 +105,7 @@ def _narrow_section(rep: Report, nv: dict, validity: dict, cfg: Config) -> None:
     spread_plot(rep, nv)
 
 
-def _diff_section(rep: Report, md: dict, r0: dict, cfg: Config) -> None:
+def _diff_section(rep: Report, md: ModelDiff, r0: TraitResult, cfg: Config) -> None:
     sae, ov, sp = md["sae"], md["overlap"], md["spearman"]
     da, pa = md["decoder_alignment"], md["prompt_decoder_alignment"]
     made = (f"trained here with sae.train on {sae['tokens']} tokens of the original model (TopK, d_sae "

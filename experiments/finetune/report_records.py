@@ -9,6 +9,7 @@ from experiments.finetune.config import RAW_STATISTIC
 from experiments.finetune.pipeline import Result
 from experiments.finetune.report_text import DIFF_COMPARISONS, overlap_text, seeds_text
 from experiments.finetune.summary import prevention_pooled_target, prevention_runs_target, prevention_target
+from experiments.finetune.trait_result import Correlation, Metrics, ModelDiff, Overlap, Spearman, TraitMetrics
 
 
 def result_records(result: Result) -> list[dict]:
@@ -27,7 +28,7 @@ def result_records(result: Result) -> list[dict]:
     return [ln for ln in out if np.isfinite(ln["value"])]
 
 
-def _correlation_records(m: dict, cfg, common: dict) -> list[dict]:
+def _correlation_records(m: Metrics, cfg, common: dict) -> list[dict]:
     """The shift-behaviour and screening correlations across fine-tunes.
 
     A correlation over fine-tunes of several traits where no trait has 3 of its own (`RAW_STATISTIC`, e.g. one mix
@@ -58,7 +59,7 @@ def _correlation_records(m: dict, cfg, common: dict) -> list[dict]:
     return out
 
 
-def _reliability_records(trait: str, per: dict, cfg, common: dict) -> list[dict]:
+def _reliability_records(trait: str, per: TraitMetrics, cfg, common: dict) -> list[dict]:
     """The split-half cosine of the trait's fine-tuning vector, where the run measured it."""
     rel = per.get("vector_reliability")
     if rel is None:
@@ -73,7 +74,7 @@ def _reliability_records(trait: str, per: dict, cfg, common: dict) -> list[dict]
                  null="none: a reliability, read beside the shifts", **common)]
 
 
-def _prevention_records(trait: str, per: dict, valid: bool, common: dict) -> list[dict]:
+def _prevention_records(trait: str, per: TraitMetrics, valid: bool, common: dict) -> list[dict]:
     """Preventative steering's shift reduction per method and strength, over questions of one training run."""
     out = []
     for p in per.get("prevention", []):
@@ -92,7 +93,7 @@ def _prevention_records(trait: str, per: dict, valid: bool, common: dict) -> lis
     return out
 
 
-def _prevention_over_runs_records(trait: str, per: dict, valid: bool, common: dict) -> list[dict]:
+def _prevention_over_runs_records(trait: str, per: TraitMetrics, valid: bool, common: dict) -> list[dict]:
     """Preventative steering over independent training runs: the mean of per-run reductions and the ratio of means."""
     out = []
     for p in per.get("prevention_over_runs", []):
@@ -123,7 +124,7 @@ def _prevention_over_runs_records(trait: str, per: dict, valid: bool, common: di
     return out
 
 
-def _effect_records(trait: str, per: dict, valid: bool, common: dict) -> list[dict]:
+def _effect_records(trait: str, per: TraitMetrics, valid: bool, common: dict) -> list[dict]:
     """Inoculation's and the persona switch's effect on the trait score, where the run has them."""
     out = []
     for name in ("inoculation_effect", "persona_switch_effect"):
@@ -137,7 +138,7 @@ def _effect_records(trait: str, per: dict, valid: bool, common: dict) -> list[di
     return out
 
 
-def _within_fields(c: dict) -> dict:
+def _within_fields(c: Correlation) -> dict:
     """The within-trait r of a correlation record, with its interval and its shuffled-inside-traits band."""
     if "within_trait_null" not in c:
         return {}
@@ -179,7 +180,7 @@ def _beyond_records(result: Result, common: dict) -> list[dict]:
     return out
 
 
-def _overlap_record(ov: dict, sp: dict, md: dict, common: dict, *, key: str | None = None, what: str = "",
+def _overlap_record(ov: Overlap, sp: Spearman, md: ModelDiff, common: dict, *, key: str | None = None, what: str = "",
                     control_overlap: int | None = None) -> dict:
     """A model_diff_latent_overlap line: the top-k overlap with its chance and random band, and the Spearman r."""
     line = dict(metric="model_diff_latent_overlap", value=ov["overlap"] / ov["k"], unit="fraction of top-k",

@@ -6,6 +6,8 @@ from __future__ import annotations
 from experiments.finetune.config import RAW_STATISTIC, Config
 from experiments.finetune.pipeline import Result
 from experiments.finetune.summary import prevention_pooled_target, prevention_runs_target, prevention_target
+from experiments.finetune.trait_result import (Beyond, Correlation, Metrics, ModelDiff, Overlap, RowSummary,
+                                               TraitMetrics, TraitResult, VectorReliability)
 from experiments.report import few_splits_text, fmt_num
 from psm_jax.persona import measures
 
@@ -17,7 +19,7 @@ def ci_text(ci: dict | None, f: str = ".3g") -> str:
     return f"{fmt_num(est, f)} [{fmt_num(ci['low'], f)}, {fmt_num(ci['high'], f)}]"
 
 
-def corr_text(c: dict | None, what: str) -> str:
+def corr_text(c: Correlation | None, what: str) -> str:
     if c is None:
         return f"{what}: not computed (fewer than 3 plain fine-tunes or no spread)."
     text = (f"{what}: r = {ci_text(c['r'])}, n = {c['n']} fine-tunes ({c['statistic']}); null band "
@@ -78,7 +80,7 @@ def setup_text(result: Result) -> str:
             f"fine-tune) or fine-tunes (correlations). Ran in {result.seconds:.0f} s.")
 
 
-def reliability_text(rel: dict | None) -> str:
+def reliability_text(rel: VectorReliability | None) -> str:
     """The persona vector's split-half reliability in one sentence, with a warning when the questions allow fewer
     distinct splits than were drawn."""
     if rel is None:
@@ -90,7 +92,7 @@ def reliability_text(rel: dict | None) -> str:
             " The shifts below are measured along this vector, so they are only as reproducible as it is.")
 
 
-def trait_lines(r: dict, per: dict) -> list[str]:
+def trait_lines(r: TraitResult, per: TraitMetrics) -> list[str]:
     """One trait's validity and screening checks, each steered fine-tune's prevention, inoculation and the switch."""
     lines = [f"- Trait score validity: {measures.validity_text(r['validity'])}" +
              ("" if r["validity"]["valid"] else " -- behaviour changes below are not evidence for this trait"),
@@ -119,14 +121,15 @@ def trait_lines(r: dict, per: dict) -> list[str]:
     return lines
 
 
-def finetune_row(s: dict) -> dict:
+def finetune_row(s: RowSummary) -> dict:
+    """One fine-tune's row of the report table: its statistics as text, so the table shows the intervals."""
     return {"fine-tune": s["name"], "screening": s["screening"], "shift [95% CI]": ci_text(s["shift"]),
             "random band": f"[{s['shift_null']['low']:.3g}, {s['shift_null']['high']:.3g}]",
             "trait score change": ci_text(s["score_change"]), "ppl ratio": ci_text(s["ppl"]),
             "final loss": s["final_loss"], "train s": s["train_seconds"], "tok/s": s["tokens_per_s"]}
 
 
-def prevention_headlines(m: dict) -> list[str]:
+def prevention_headlines(m: Metrics) -> list[str]:
     out = []
     for trait, per in m["traits"].items():
         for p in per.get("prevention", []):
@@ -159,7 +162,7 @@ def seeds_text(seeds: list[int]) -> str:
         ", ".join(map(str, seeds))
 
 
-def beyond_headlines(beyond: dict) -> list[str]:
+def beyond_headlines(beyond: Beyond) -> list[str]:
     out = []
     for row in beyond.get("narrow", {}).get("per_kl", []):
         out.append(f"- Narrow vs general spread at KL {row['kl_weight']:g} (narrow_vs_general_spread): "
@@ -219,7 +222,7 @@ DIFF_COMPARISONS = {  # summarize_diff's key -> what its change vector is (repor
 }
 
 
-def comparison_lines(md: dict) -> list[str]:
+def comparison_lines(md: ModelDiff) -> list[str]:
     """The overlap and rank correlation of each further change vector: beyond the control (the drift of training
     on the model's own answers removed) and the polarity contrast (100% minus 0% fine-tune)."""
     lines = []
@@ -235,7 +238,7 @@ def comparison_lines(md: dict) -> list[str]:
     return lines
 
 
-def overlap_text(ov: dict) -> str:
+def overlap_text(ov: Overlap) -> str:
     """The top-k overlap with its interval over questions and its range when one question is left out, and whether
     that range stays above the random band (no single question carries the agreement)."""
     iv = ov["interval"]

@@ -40,17 +40,25 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from experiments.finetune.data import greedy_answers, scoring_systems
 from experiments.finetune.training import chat_dataset, train
+from experiments.finetune.trait_result import (AnswerMeasures, AxisInfo, Changes, Comparison, DecoderAlignment,
+                                               DiffSummary, Kept, ModelAnswers, ModelDiff, Narrow, NarrowFit,
+                                               NarrowSummary, Overlap, QuestionIntervals, SaeInfo, Spearman,
+                                               SpreadStats)
 from psm_jax.chat import Role
 from psm_jax.persona import measures, rollouts
 from psm_jax.persona.directions import SITE, axis_from_vectors, project, unit
 from psm_jax.persona.prompts import answered_conv, sample_questions, select_roles, system_conv
 from psm_jax.persona.stats import (bootstrap_ci, jackknife_ci, null_band, outside_band, paired_effect, pearson,
                                    permutation_r_null, ranks, ratio_of_means_ci)
+
+if TYPE_CHECKING:
+    from sae.features import FeatureSae
 
 N_NULL = 200  # random latent sets per null band
 OOD_PROMPT_CHARS = 400  # held-out ShareGPT first prompts are cut to this length
@@ -59,7 +67,7 @@ OOD_PROMPT_CHARS = 400  # held-out ShareGPT first prompts are cut to this length
 # ------------------------------------------------------------------------------ statistics (pure)
 
 
-def spread(fine_in, fine_out, null_in, null_out, *, seed: int = 0) -> dict:
+def spread(fine_in, fine_out, null_in, null_out, *, seed: int = 0) -> SpreadStats:
     """Out-of-domain change as a fraction of the in-domain change, each per question beyond the null model's
     (fine-tune minus control on the same question). `readable`: the in-domain effect's interval excludes 0."""
     d_in = np.asarray(fine_in, np.float64) - np.asarray(null_in, np.float64)
@@ -76,7 +84,7 @@ def top_k(change, k: int, alive) -> np.ndarray:
     return idx[np.lexsort((idx, -c))[:k]]
 
 
-def overlap_stats(change_a, change_b, k: int, alive, *, n_null: int = N_NULL, seed: int = 0) -> dict:
+def overlap_stats(change_a, change_b, k: int, alive, *, n_null: int = N_NULL, seed: int = 0) -> Overlap:
     """|top-k(a) & top-k(b)| by |change| among the alive latents, the k^2/S expected for two random sets, and the
     band of the overlap of random k-latent sets with top-k(b)."""
     alive = np.asarray(alive, bool)
@@ -94,7 +102,7 @@ def overlap_stats(change_a, change_b, k: int, alive, *, n_null: int = N_NULL, se
             "top_b": tb.tolist()}
 
 
-def spearman(change_a, change_b, alive, *, seed: int = 0) -> dict:
+def spearman(change_a, change_b, alive, *, seed: int = 0) -> Spearman:
     """Spearman rank correlation of two change vectors over the alive latents, with a shuffled-pairing band. Its
     interval comes from `question_intervals`: latents are not independent units, questions are."""
     alive = np.asarray(alive, bool)
@@ -107,7 +115,7 @@ def spearman(change_a, change_b, alive, *, seed: int = 0) -> dict:
     return {"r": {"estimate": r}, "null": band, "n": int(alive.sum()), "outside_null": outside_band(r, band)}
 
 
-def question_intervals(change_q, prompt_q, k: int, alive, *, level: float = 0.95) -> dict:
+def question_intervals(change_q, prompt_q, k: int, alive, *, level: float = 0.95) -> QuestionIntervals:
     """Intervals of the top-k overlap and of the Spearman r over the evaluation questions, the independent units:
     leave-one-question-out jackknife (`stats.jackknife_ci`), both change vectors recomputed without each question
     in turn, clipped to each statistic's range. change_q, prompt_q: [Q, S] per-question latent changes.
@@ -141,7 +149,7 @@ def _per_question(name: str, values) -> np.ndarray:
     return x
 
 
-def decoder_alignment(W_dec, vector, latents, alive, *, n_null: int = N_NULL, seed: int = 0) -> dict:
+def decoder_alignment(W_dec, vector, latents, alive, *, n_null: int = N_NULL, seed: int = 0) -> DecoderAlignment:
     """Mean |cosine| of the persona vector with the decoder rows of `latents`, against the band of random sets of
     as many alive latents."""
     from sae.features import decoder_cosine
@@ -174,7 +182,7 @@ def out_of_domain_questions(traits, held_prompts, cfg) -> tuple[list[str], list[
     return qs, src
 
 
-def assistant_axis(model, cfg, layer: int) -> tuple[np.ndarray, dict]:
+def assistant_axis(model, cfg, layer: int) -> tuple[np.ndarray, AxisInfo]:
     """The unit Assistant Axis at `layer`: from `axis_file`, or the small stand-in estimated here."""
     c = model.config
     if cfg.axis_file:
@@ -199,7 +207,7 @@ def assistant_axis(model, cfg, layer: int) -> tuple[np.ndarray, dict]:
                                          f"{len(qs)} questions, greedy", "n_roles": int(ok.sum())}
 
 
-def measure_answers(scorer, answerer, questions, answers, traits, axis_unit, layer: int, cfg) -> dict:
+def measure_answers(scorer, answerer, questions, answers, traits, axis_unit, layer: int, cfg) -> AnswerMeasures:
     """Every trait's score of the answers (scored by `scorer`, the original model) and the answering model's
     Assistant-Axis projection of each answer's mean response activation: per question arrays."""
     scores = {t.name: measures.answer_trait_score(scorer, questions, answers, *scoring_systems(t),
@@ -209,7 +217,7 @@ def measure_answers(scorer, answerer, questions, answers, traits, axis_unit, lay
     return {"scores": scores, "axis": project(acts["response_mean"][:, 0], axis_unit)}
 
 
-def _answer_and_measure(model, tuned, id_qs, ood_qs, id_answers, traits, axis_unit, layer, cfg) -> dict:
+def _answer_and_measure(model, tuned, id_qs, ood_qs, id_answers, traits, axis_unit, layer, cfg) -> ModelAnswers:
     if id_answers is None:
         id_answers = greedy_answers(tuned, [system_conv(None, q) for q in id_qs], cfg)
     ood_answers = greedy_answers(tuned, [system_conv(None, q) for q in ood_qs], cfg)
@@ -218,8 +226,8 @@ def _answer_and_measure(model, tuned, id_qs, ood_qs, id_answers, traits, axis_un
             "examples": {"in": [id_qs[0], id_answers[0]], "out": [ood_qs[-1], ood_answers[-1]]}}
 
 
-def narrow_vs_general(model, kept: dict, traits, held, cfg, say=None) -> dict:
-    """Study 5 on the first trait (see the module doc). kept: `finetune.run_trait(..., keep=True)['_kept']`;
+def narrow_vs_general(model, kept: Kept, traits, held, cfg, say=None) -> Narrow:
+    """Study 5 on the first trait (see the module doc). kept: `finetune.run_trait(..., keep=True).kept`;
     held: held-out ShareGPT conversations (the first n_ood_sharegpt give out-of-domain prompts, the next
     n_kl_reference the KL reference set)."""
     layer, base = kept["layer"], kept["base"]
@@ -233,9 +241,9 @@ def narrow_vs_general(model, kept: dict, traits, held, cfg, say=None) -> dict:
     tuned = lambda params: dataclasses.replace(model, params=params)  # noqa: E731
     measure = lambda m, answers: _answer_and_measure(model, m, id_qs, ood_qs, answers, traits, axis_unit,  # noqa
                                                      layer, cfg)
-    evals = {"original": measure(model, base["answers"]),
+    evals: dict[str, ModelAnswers] = {"original": measure(model, base["answers"]),
              "control": measure(tuned(kept["control"]["params"]), kept["control"]["answers"])}
-    fits = []
+    fits: list[NarrowFit] = []
     for w in cfg.kl_weights:
         if w == 0:
             fits.append({"kl_weight": 0.0, "training": None,
@@ -250,7 +258,7 @@ def narrow_vs_general(model, kept: dict, traits, held, cfg, say=None) -> dict:
         "out_sources": {s: ood_src.count(s) for s in dict.fromkeys(ood_src)}}
 
 
-def _changes(ev: dict, ref: dict, trait_names, seed: int) -> dict:
+def _changes(ev: ModelAnswers, ref: ModelAnswers, trait_names, seed: int) -> Changes:
     """Per split and measure: the paired change from `ref` (the original model) with its interval."""
     out = {}
     for split in ("in", "out"):
@@ -261,7 +269,7 @@ def _changes(ev: dict, ref: dict, trait_names, seed: int) -> dict:
     return out
 
 
-def summarize_narrow(evals: dict, fits: list[dict], trait_names, cfg) -> dict:
+def summarize_narrow(evals: dict[str, ModelAnswers], fits: list[NarrowFit], trait_names, cfg) -> NarrowSummary:
     """Per KL weight: the spread of the training trait's score beyond the control, and every measure's change
     from the original in and out of domain; the control's changes (the null)."""
     trained, orig, ctrl = trait_names[0], evals["original"], evals["control"]
@@ -295,7 +303,7 @@ def harvest_activations(model, documents, layer: int, max_tokens: int) -> np.nda
     return acts
 
 
-def feature_sae(model, documents, layer: int, cfg, say=None):
+def feature_sae(model, documents, layer: int, cfg, say=None) -> tuple[FeatureSae, SaeInfo]:
     """The SAE at `layer`: loaded from `cfg.sae`, or a TopK SAE trained here (sae.train, a temporary run dir) on
     the original model's activations over `documents`. (FeatureSae, description)."""
     if cfg.sae:
@@ -334,7 +342,7 @@ def feature_sae(model, documents, layer: int, cfg, say=None):
                 "tokens": int(len(acts)), "steps": int(res.step), "eval_on_training_acts": fve}
 
 
-def model_diffing(model, kept: dict, trait, cfg, say=None) -> dict:
+def model_diffing(model, kept: Kept, trait, cfg, say=None) -> ModelDiff:
     """Study 8 on the first trait (see the module doc)."""
     from sae.data.corpus import load_sharegpt
     from sae.features import collect
@@ -376,7 +384,7 @@ def question_changes(b, a, n_questions: int) -> np.ndarray:
     return diff.reshape(-1, n_questions, diff.shape[1]).mean(0)
 
 
-def _compare(d_q, sp_q, alive, cfg) -> dict:
+def _compare(d_q, sp_q, alive, cfg) -> Comparison:
     """Top-k overlap (chance, random band) and Spearman r (shuffled band) of the mean change vectors over latents,
     each with its interval over questions."""
     d, sp = d_q.mean(0), sp_q.mean(0)
@@ -387,7 +395,7 @@ def _compare(d_q, sp_q, alive, cfg) -> dict:
     return {"overlap": ov, "spearman": rank}
 
 
-def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None, d_opposite=None) -> dict:
+def summarize_diff(d_ft, d_sp, alive, W_dec, vector, cfg, d_ctrl=None, d_opposite=None) -> DiffSummary:
     """Per-question latent changes [Q, S] in; the top-k overlap with its chance level and null band, Spearman r,
     both with intervals over questions, and the persona vector's decoder alignment of the fine-tune's top latents.
     With the control fine-tune's changes: its own overlap, and the comparison repeated on the fine-tune's change

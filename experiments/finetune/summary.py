@@ -6,12 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.finetune.config import HEADLINE_STATISTIC, RAW_STATISTIC, Config
+from experiments.finetune.trait_result import (BeyondControl, Correlation, Correlations, FineTuneRow, Metrics,
+                                               Prevention, PreventionOverRuns, RawCorrelation, RowSummary, TraitMetrics,
+                                               TraitResult)
 from psm_jax.persona.stats import (mean_t_ci, outside_band, paired_effect, pearson_ci, permutation_r_null,
                                    perplexity_ratio_ci, reduction_ci, reduction_jackknife_ci, standardised_pooled_r,
                                    within_groups_null, within_groups_r)
 
 
-def correlation(x, y, groups, seed: int) -> dict | None:
+def correlation(x, y, groups, seed: int) -> Correlation | None:
     """The correlation across fine-tunes of several traits; None with fewer than 3 fine-tunes or no spread.
 
     Headline (`r`, `null`, `outside_null`, named by `statistic`): the pooled r over per-trait standardised values
@@ -28,9 +31,10 @@ def correlation(x, y, groups, seed: int) -> dict | None:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.size < 3 or x.std() == 0 or y.std() == 0:
         return None
-    raw = {"r": pearson_ci(x, y, seed=seed), "null": permutation_r_null(x, y, seed=seed), "n": int(x.size)}
-    raw["outside_null"] = outside_band(raw["r"]["estimate"], raw["null"])
+    r, null = pearson_ci(x, y, seed=seed), permutation_r_null(x, y, seed=seed)
+    raw = RawCorrelation(r=r, null=null, n=int(x.size), outside_null=outside_band(r["estimate"], null))
     std = standardised_pooled_r(x, y, list(groups), seed=seed)
+    out: Correlation
     if std is None:
         out = {**raw, "statistic": RAW_STATISTIC, "null_kind": "pairs shuffled across all fine-tunes"}
     else:
@@ -46,7 +50,7 @@ def correlation(x, y, groups, seed: int) -> dict | None:
     return out
 
 
-def beyond_control(results: list[dict], seed: int) -> list[dict]:
+def beyond_control(results: list[TraitResult], seed: int) -> list[BeyondControl]:
     """Per mix fine-tune, its shift and trait score change minus the control fine-tune's of the same trait, paired
     over the evaluation questions: what the trait data did beyond the drift that training on the model's own
     answers causes (the same questions, key and batch order). Empty for traits without a control."""
@@ -64,7 +68,7 @@ def beyond_control(results: list[dict], seed: int) -> list[dict]:
     return out
 
 
-def _correlations(results: list[dict], cfg: Config) -> dict:
+def _correlations(results: list[TraitResult], cfg: Config) -> Correlations:
     """Shift vs behaviour and screening vs shift across fine-tunes of every trait. Headline ('shift_behaviour',
     'screening_shift'): on the mix fine-tunes' changes beyond their trait's control (the control is 0 by
     construction and left out of n); without a control fine-tune, on the raw changes. '*_raw': on the raw changes
@@ -87,15 +91,15 @@ def _correlations(results: list[dict], cfg: Config) -> dict:
             "relative_to_control": True, "n_plain_finetunes": len(plain), "beyond_control": rel, **raw}
 
 
-def summarize(results: list[dict], cfg: Config) -> dict:
+def summarize(results: list[TraitResult], cfg: Config) -> Metrics:
     """Headline numbers: the two correlations, the prevention and the optional variants per trait."""
-    m = {**_correlations(results, cfg), "traits": {}}
+    m: Metrics = {**_correlations(results, cfg), "traits": {}}
     for r in results:
-        by_kind = {}
+        by_kind: dict[str, list[FineTuneRow]] = {}
         for row in r["rows"]:
             by_kind.setdefault(row["variant"].kind, []).append(row)
         full_mix = [row for row in by_kind.get("mix", []) if row["variant"].mix == max(cfg.mixes)]
-        per = {"layer": r["layer"], "validity": r["validity"], "vector_norm": r["vector_norm"],
+        per: TraitMetrics = {"layer": r["layer"], "validity": r["validity"], "vector_norm": r["vector_norm"],
                "vector_reliability": r.get("vector_reliability"),
                "screening_validity": r["screening_validity"], "finetunes": [row_summary(row) for row in r["rows"]]}
         if full_mix and max(cfg.mixes) > 0:
@@ -113,7 +117,7 @@ def summarize(results: list[dict], cfg: Config) -> dict:
     return m
 
 
-def prevention_summaries(rows: list[dict], cfg: Config) -> list[dict]:
+def prevention_summaries(rows: list[FineTuneRow], cfg: Config) -> list[Prevention]:
     """Each preventative and CAFT fine-tune of one trait and run against the plain fine-tune at the largest mix
     (and the control, where there is one)."""
     plain = next(row for row in rows if row["variant"].kind == "mix" and row["variant"].mix == max(cfg.mixes))
@@ -122,7 +126,7 @@ def prevention_summaries(rows: list[dict], cfg: Config) -> list[dict]:
             if row["variant"].kind == kind]
 
 
-def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]:
+def prevention_over_runs(runs: list[list[Prevention]], seeds: list[int]) -> list[PreventionOverRuns]:
     """Each preventative coefficient across independent training runs (`runs[k]`: run k's `prevention_summaries`,
     run 0 the primary): one reduction per run (its estimate over questions), the mean with a Student-t interval over
     runs, the ratio of means (`stats.reduction_jackknife_ci`), the plain fine-tune's shift beyond the control with
@@ -147,7 +151,9 @@ def prevention_over_runs(runs: list[list[dict]], seeds: list[int]) -> list[dict]
     return out
 
 
-def row_summary(row: dict) -> dict:
+def row_summary(row: FineTuneRow) -> RowSummary:
+    """One fine-tune as metrics.json and the report keep it: the variant and its summary statistics, without the
+    per-question arrays, answers and loss log that only the computation and the figures read."""
     v = row["variant"]
     return {"name": v.name, "kind": v.kind, "mix": v.mix, "coef": v.coef, "screening": v.screening,
             "shift": row["shift"]["ci"], "shift_null": row["shift"]["null"], "score_change": row["score_change"],
@@ -155,7 +161,7 @@ def row_summary(row: dict) -> dict:
             "train_seconds": row["training"]["seconds"], "tokens_per_s": row["training"]["tokens_per_s"]}
 
 
-def _prevention(row: dict, plain: dict, control: dict | None, cfg: Config) -> dict:
+def _prevention(row: FineTuneRow, plain: FineTuneRow, control: FineTuneRow | None, cfg: Config) -> Prevention:
     """The steered fine-tune vs the plain one on the same data. With a control fine-tune, the reduction is of the
     shift beyond the control (the drift any fine-tune causes removed from both): 1 - mean(steered - control) /
     mean(plain - control) per question; it reads as prevention only where the plain fine-tune moved the projection
@@ -179,7 +185,7 @@ def _prevention(row: dict, plain: dict, control: dict | None, cfg: Config) -> di
             "ppl": row.get("ppl"), "plain_ppl": plain.get("ppl"), "plain_shift": plain["shift"]["ci"]}
 
 
-def prevention_target(p: dict) -> bool:
+def prevention_target(p: Prevention) -> bool:
     """Issue 12's target for one steered fine-tune: the plain fine-tune moved toward the trait (beyond the control
     where there is one), the shift is cut by >= 50% (interval's low end) and the perplexity over the plain
     fine-tune's is < 1.05."""
@@ -188,14 +194,14 @@ def prevention_target(p: dict) -> bool:
                 and cost is not None and cost["ratio"] < 1.05)
 
 
-def prevention_pooled_target(p: dict) -> bool:
+def prevention_pooled_target(p: PreventionOverRuns) -> bool:
     """`prevention_runs_target` read on the ratio of means over runs (`pooled_reduction`, from
     `stats.reduction_jackknife_ci`) instead of the mean of per-run ratios."""
     return bool(p["plain_vs_control"]["low"] > 0 and p["pooled_reduction"]["low"] >= 0.5
                 and p["ppl_vs_plain_mean"] < 1.05)
 
 
-def prevention_runs_target(p: dict) -> bool:
+def prevention_runs_target(p: PreventionOverRuns) -> bool:
     """The target read over training runs: the plain fine-tune moves toward the trait beyond the control (interval
     over runs above 0), the mean reduction's interval over runs has its low end >= 0.5, and the steered fine-tunes'
     perplexity over the plain ones' is < 1.05 on average."""

@@ -11,6 +11,7 @@ import numpy as np
 
 from experiments.finetune.config import Config
 from experiments.finetune.data import Variant
+from experiments.finetune.trait_result import Training
 from psm_jax import edits as E
 from psm_jax import finetune as ft
 from psm_jax.chat import pad_id
@@ -45,7 +46,7 @@ def training_steps(variant: Variant, cfg: Config) -> int:
 
 
 def train(model, variant: Variant, vector, layer: int, cfg: Config, key, say, kl_weight: float = 0.0,
-          ref_data: ft.ChatDataset | None = None) -> dict:
+          ref_data: ft.ChatDataset | None = None) -> Training:
     """LoRA fine-tune on the variant's conversations with its training edit (and, with kl_weight > 0, the KL term
     toward the original model on `ref_data`): merged params, loss log, speed."""
     data = chat_dataset(model, variant.conversations, cfg)

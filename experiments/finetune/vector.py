@@ -7,6 +7,7 @@ import numpy as np
 
 from experiments.finetune.config import Config
 from experiments.finetune.data import generation_system, greedy_answers
+from experiments.finetune.trait_result import VectorReliability
 from psm_jax.persona import rollouts
 from psm_jax.persona.directions import SITE, mean_difference, split_half_cosine
 from psm_jax.persona.prompts import system_conv
@@ -31,7 +32,7 @@ def extraction_activations(model, trait, layer: int, cfg: Config) -> tuple[np.nd
     return acts["response_mean"][:n, 0], acts["response_mean"][n:, 0], question
 
 
-def persona_vector(model, trait, layer: int, cfg: Config) -> tuple[np.ndarray, dict | None]:
+def persona_vector(model, trait, layer: int, cfg: Config) -> tuple[np.ndarray, VectorReliability | None]:
     """Mean response activation under the positive minus the negative system prompts over the extraction questions
     ([D]), and its split-half reliability over those questions (`directions.split_half_cosine`: the cosine a
     vector from other questions of the same number is expected to share with it; None with one question)."""
