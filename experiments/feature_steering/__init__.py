@@ -41,7 +41,7 @@ is `report_text`, `report_figures`, `report_folder` and `report_records`.
 from __future__ import annotations
 
 from experiments.feature_steering.config import PRESETS, RANKINGS, Config
-from experiments.feature_steering.trait_result import (PERSONA_VECTOR, Band, ClampEffect, EditEffect, Effect,
+from experiments.feature_steering.trait_result import (PERSONA_VECTOR, NullBand, ClampEffect, EditEffect, Effect,
                                                        TraitSteering, TwoChoice, Validity, is_evidence, latent_name)
 from experiments.feature_steering.inputs import FeaturesRun, load_features, ranked_info, read_directions, top_latents
 from experiments.feature_steering.strength import (PerplexityDocs, StrengthMatch, common_strength, match_strength,
@@ -57,7 +57,7 @@ from experiments.feature_steering.report_folder import write_report as report
 from experiments.feature_steering.report_records import result_records as records
 
 __all__ = ["Config", "PRESETS", "RANKINGS", "run", "Result", "report", "records", "MEASURE", "PERSONA_VECTOR",
-           "latent_name", "Effect", "Band", "Validity", "EditEffect", "ClampEffect", "TwoChoice", "TraitSteering",
+           "latent_name", "Effect", "NullBand", "Validity", "EditEffect", "ClampEffect", "TwoChoice", "TraitSteering",
            "is_evidence", "FeaturesRun", "read_directions", "load_features", "ranked_info", "top_latents",
            "PerplexityDocs", "ppl_docs", "typical_residual_norm", "strength_grid_ratios", "common_strength",
            "StrengthMatch", "match_strength", "trait_systems", "score_answers_by_unit", "paired_unit_effect",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from experiments.feature_steering.pipeline import Result
 from experiments.feature_steering.scores import MEASURE
-from experiments.feature_steering.trait_result import (PERSONA_VECTOR, Band, ClampEffect, EditEffect, Effect,
+from experiments.feature_steering.trait_result import (PERSONA_VECTOR, NullBand, ClampEffect, EditEffect, Effect,
                                                        TraitSteering, TwoChoice, is_evidence)
 from experiments.report import fmt_num as _f
 from psm_jax.persona import measures
@@ -18,7 +18,7 @@ def ci_text(e: Effect) -> str:
     return f"{_f(e['estimate'], '+.3f')} [{_f(e['low'], '+.3f')}, {_f(e['high'], '+.3f')}]"
 
 
-def band_text(b: Band | None) -> str:
+def band_text(b: NullBand | None) -> str:
     return "n/a" if b is None else f"[{_f(b['low'], '+.3f')}, {_f(b['high'], '+.3f')}] (n={b['n']})"
 
 

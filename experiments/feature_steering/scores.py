@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from experiments.feature_steering.trait_result import Band, Effect, Validity
+from experiments.feature_steering.trait_result import NullBand, Effect, Validity
 from psm_jax.persona import measures
 from psm_jax.persona.prompts import trait_system_prompt
 from psm_jax.persona.stats import MIN_NULL_DRAWS, null_band, paired_effect, zscore
@@ -50,7 +50,7 @@ def random_effects(random_scores: np.ndarray, base: np.ndarray) -> np.ndarray:
     return np.asarray([np.nanmean(r - base) if np.isfinite(r - base).any() else np.nan for r in random_scores])
 
 
-def band_z(value: float, null_effects: np.ndarray) -> tuple[Band | None, float]:
+def band_z(value: float, null_effects: np.ndarray) -> tuple[NullBand | None, float]:
     """(null band, z) of `value` against the random directions' effects (NaN effects dropped)."""
     x = np.asarray(null_effects, np.float64)
     x = x[np.isfinite(x)]

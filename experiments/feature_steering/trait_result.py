@@ -7,42 +7,15 @@ from typing import TypedDict
 
 import numpy as np
 
+from psm_jax.persona.measures import Validity
+from psm_jax.persona.stats import Effect, NullBand
+
 PERSONA_VECTOR = "persona vector"  # the edit along the trait's persona vector
 
 
 def latent_name(latent: int) -> str:
     """The edit that adds latent `latent`'s decoder row: the key of `TraitSteering["edits"]`."""
     return f"latent {latent}"
-
-
-class Effect(TypedDict):
-    """`psm_jax.persona.stats.paired_effect`: the mean paired change over questions and its 95% bootstrap interval."""
-
-    estimate: float
-    low: float
-    high: float
-    n: int
-    excludes_zero: bool
-
-
-class Band(TypedDict):
-    """`psm_jax.persona.stats.null_band`: the central 95% of the random directions' effects."""
-
-    low: float
-    high: float
-    mean: float
-    std: float
-    n: int
-
-
-class Validity(TypedDict):
-    """`psm_jax.persona.measures.validity`: a measure under the positive minus the negative prompt, paired by unit."""
-
-    effect: float
-    low: float
-    high: float
-    n: int
-    valid: bool
 
 
 class EditEffect(TypedDict):
@@ -52,7 +25,7 @@ class EditEffect(TypedDict):
     ppl_ratio: float  # at `strength`
     ppl_ratios: list[float]  # over the sorted strength grid
     effect: Effect  # on the judge-free score, steered minus unsteered answer
-    band: Band | None  # the random directions' effects; None with fewer than a band needs
+    band: NullBand | None  # the random directions' effects; None with fewer than a band needs
     z: float  # the effect against the band (NaN without one)
     answers: list[str]  # the steered answers, one per question
     empty: int  # answers with no content (left out of the effect)
@@ -75,7 +48,7 @@ class TwoChoice(TypedDict, total=False):
     n_items: int
     unsteered: float  # the mean log P(trait choice) - log P(other choice) without steering
     edits: dict[str, Effect]  # empty when the check fails
-    band: Band | None
+    band: NullBand | None
     z: float
 
 

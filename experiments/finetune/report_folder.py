@@ -11,9 +11,10 @@ from experiments.finetune.report_figures import loss_plot, scatter, shift_bars, 
 from experiments.finetune.report_text import (PREREGISTERED_TEXT, beyond_headlines, ci_text, comparison_lines,
                                               corr_text, finetune_row, overlap_text, prevention_headlines,
                                               scope, setup_text, trait_lines)
-from experiments.finetune.trait_result import ModelDiff, Narrow, PreventionOverRuns, TraitResult, Validity
+from experiments.finetune.trait_result import ModelDiff, Narrow, PreventionOverRuns, TraitResult
 from experiments.report import Report
 from psm_jax.persona import measures
+from psm_jax.persona.measures import Validity
 
 
 def write_report(result: Result, folder) -> Path:

@@ -9,24 +9,11 @@ import jax
 import numpy as np
 
 from experiments.finetune.data import Variant
+from psm_jax.persona.measures import Validity
+from psm_jax.persona.stats import Effect, Interval, NullBand
 
 
 # ---- shared layouts of psm_jax.persona's statistics ----
-
-class Interval(TypedDict):
-    """`stats.bootstrap_ci` (also `reduction_ci` and `pearson_ci`): an estimate with its 95% bootstrap interval."""
-
-    estimate: float
-    low: float
-    high: float
-    n: int  # units resampled
-
-
-class Effect(Interval):
-    """`stats.paired_effect`: the mean paired change over questions."""
-
-    excludes_zero: bool  # n > 1 and the interval lies on one side of 0
-
 
 class TInterval(Interval):
     """`stats.mean_t_ci`: the mean over a few expensive units (training runs) with a Student-t interval."""
@@ -48,16 +35,6 @@ class RatioOfMeans(Interval):
     n_den: int
 
 
-class NullBand(TypedDict):
-    """`stats.null_band`: the central 95% of a null distribution (random directions, shuffles or latent sets)."""
-
-    low: float
-    high: float
-    mean: float
-    std: float
-    n: int
-
-
 class PerplexityRatio(TypedDict):
     """`stats.perplexity_ratio_ci`: a model's perplexity over a reference's on the held-out conversations."""
 
@@ -65,16 +42,6 @@ class PerplexityRatio(TypedDict):
     low: float
     high: float
     n: int  # conversations
-
-
-class Validity(TypedDict):
-    """`measures.validity`: the trait score under the positive minus the negative system prompt, paired by question."""
-
-    effect: float
-    low: float
-    high: float
-    n: int
-    valid: bool  # the 95% interval lies above 0
 
 
 class VectorReliability(TypedDict):

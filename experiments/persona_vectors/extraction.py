@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from experiments.persona_vectors.config import Config
-from experiments.persona_vectors.trait_result import (ExtractionRow, FilterInfo, JudgeSummary, Screening, Validity,
+from experiments.persona_vectors.trait_result import (ExtractionRow, FilterInfo, JudgeSummary, Screening,
                                                       VectorReliability)
 from experiments.report import load_vectors
 from psm_jax.persona import measures, monitoring, rollouts
@@ -17,6 +17,7 @@ from psm_jax.persona.directions import split_half_cosine, typical_norms
 from psm_jax.persona.extraction import (VARIANTS, crossfit_separation, extraction_activations, projection_difference,
                                         vectors_from_activations)
 from psm_jax.persona.judge import COHERENCE_RUBRIC
+from psm_jax.persona.measures import Validity
 from psm_jax.persona.prompts import extraction_rows, system_conv
 
 

@@ -8,9 +8,8 @@ import math
 import numpy as np
 
 from experiments.persona_vectors.pipeline import Result
-from experiments.persona_vectors.trait_result import (NullBand, ResponseMeasure, TraitMetrics, WithinPolarity,
-                                                      WithinR)
-from psm_jax.persona.stats import MIN_MONOTONIC_RUN, pearson_ci
+from experiments.persona_vectors.trait_result import ResponseMeasure, TraitMetrics, WithinPolarity, WithinR
+from psm_jax.persona.stats import MIN_MONOTONIC_RUN, NullBand, pearson_ci
 
 
 REFERENCE = "Chen et al. 2025 (persona vectors): steering moves trait expression monotonically; r = 0.75-0.83"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from experiments.persona_vectors.config import Config
-from experiments.persona_vectors.trait_result import MeasureSteering, SteeredExample, Validity
+from experiments.persona_vectors.trait_result import MeasureSteering, SteeredExample
 from psm_jax.persona import measures, rollouts
+from psm_jax.persona.measures import Validity
 from psm_jax.persona.prompts import trait_system_prompt
 from psm_jax.persona.stats import monotonic
 from psm_jax.persona.steering import (ContrastPairs, above_random_band, band_or_skip, perplexity_ratios, select_layer,

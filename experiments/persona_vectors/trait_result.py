@@ -6,45 +6,18 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 
+from psm_jax.persona.measures import Validity
+from psm_jax.persona.stats import Interval, NullBand
 from psm_jax.persona.steering import ContrastPairs
 
 
 # ---- shared layouts of psm_jax.persona's statistics ----
 
-class Validity(TypedDict):
-    """`measures.validity`: a measure under the positive minus the negative system prompts, paired by unit."""
-
-    effect: float
-    low: float
-    high: float
-    n: int
-    valid: bool  # the 95% interval lies above 0
-
-
-class NullBand(TypedDict):
-    """`stats.null_band`: the central 95% of a null distribution (random directions or shuffles)."""
-
-    low: float
-    high: float
-    mean: float
-    std: float
-    n: int
-
-
-class Correlation(TypedDict):
-    """`stats.pearson_ci`: Pearson r with its bootstrap interval."""
-
-    estimate: float
-    low: float
-    high: float
-    n: int
-
-
 class WithinR(TypedDict):
     """`stats.within_groups_r`: r over all prompts, and r once each polarity's means are removed."""
 
-    overall: Correlation
-    pooled_within: Correlation
+    overall: Interval
+    pooled_within: Interval
     per_group: dict[str, float | None]  # polarity -> r inside it (None with < 3 prompts or no spread)
 
 

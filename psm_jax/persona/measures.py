@@ -34,7 +34,7 @@ recompiling (vectors and coefficients are traced). Values are numpy arrays, one 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Sequence, TypedDict
 
 import numpy as np
 
@@ -179,7 +179,17 @@ VALIDITY_RESAMPLES = 10000  # the interval's ends then carry a resampling error 
 VALIDITY_KEY = 0  # one fixed resampling key: the verdict is a property of the measure and the model, not the run
 
 
-def validity(pos_values, neg_values) -> dict:
+class Validity(TypedDict):
+    """`validity`: the measure under the trait's positive minus its negative system prompt, paired by unit."""
+
+    effect: float
+    low: float
+    high: float
+    n: int
+    valid: bool  # the 95% interval lies above 0
+
+
+def validity(pos_values, neg_values) -> Validity:
     """The validity check: the measure under the trait's positive minus its negative system prompt, paired by
     unit, with a 95% bootstrap interval. {effect, low, high, n, valid}; valid = the interval is above 0.
 

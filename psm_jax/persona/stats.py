@@ -31,13 +31,39 @@ uses an explicit `numpy.random.Generator` seed, so a report is reproducible. Pur
 from __future__ import annotations
 
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypedDict
 
 import numpy as np
 
 MIN_NULL_DRAWS = 20  # a null band from fewer random directions or shuffles is a line, not a band
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SHUFFLES = 200  # pairings drawn for a shuffled-pairing null band of a correlation
+
+
+class Interval(TypedDict):
+    """`bootstrap_ci` and `pearson_ci`: an estimate with its 95% bootstrap interval over independent units. Studies
+    keep these as plain dicts (metrics.json writes them as they are); the declaration says which keys exist."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int  # units resampled
+
+
+class Effect(Interval):
+    """`paired_effect`: the mean paired change over units."""
+
+    excludes_zero: bool  # n > 1 and the interval lies on one side of 0
+
+
+class NullBand(TypedDict):
+    """`null_band`: the central 95% of a null distribution (random directions, shuffles or latent sets)."""
+
+    low: float
+    high: float
+    mean: float
+    std: float
+    n: int
 
 
 def _finite_1d(name: str, values) -> np.ndarray:
@@ -63,7 +89,7 @@ def _check_level(level: float) -> float:
 
 
 def bootstrap_ci(values, *, statistic: Callable[[np.ndarray], float] = np.mean, level: float = 0.95,
-                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+                 n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
     """Percentile bootstrap interval of `statistic` over independent units: {estimate, low, high, n}.
 
     With one unit the interval is the point itself (n says so)."""
@@ -178,7 +204,7 @@ def jackknife_ci(statistic: Callable[[np.ndarray], Sequence[float]], n_units: in
             "left_out": left_out}
 
 
-def paired_effect(pos, neg, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+def paired_effect(pos, neg, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Effect:
     """Mean of pos[i] - neg[i] over paired units with its bootstrap interval; `excludes_zero` says whether the
     interval lies entirely on one side of 0 (the effect is distinguishable from none)."""
     p, q = _finite_1d("pos", pos), _finite_1d("neg", neg)
@@ -188,7 +214,7 @@ def paired_effect(pos, neg, *, level: float = 0.95, n_resamples: int = DEFAULT_R
     return {**ci, "excludes_zero": bool(ci["n"] > 1 and (ci["low"] > 0 or ci["high"] < 0))}
 
 
-def null_band(null_values, *, level: float = 0.95, min_draws: int = MIN_NULL_DRAWS) -> dict:
+def null_band(null_values, *, level: float = 0.95, min_draws: int = MIN_NULL_DRAWS) -> NullBand:
     """The central `level` band of a null distribution: {low, high, mean, std, n}. Needs >= `min_draws` draws."""
     x = _finite_1d("null_values", null_values)
     level = _check_level(level)
@@ -308,7 +334,7 @@ def pearson(x, y) -> float:
     return float((xs * ys).sum() / den) if den > 0 else float("nan")
 
 
-def pearson_ci(x, y, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+def pearson_ci(x, y, *, level: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
     """Pearson r with a bootstrap interval over (x, y) units: {estimate, low, high, n}. Resamples where one
     series is constant are skipped; the interval is NaN when too few remain."""
     x, y = _finite_1d("x", x), _finite_1d("y", y)
