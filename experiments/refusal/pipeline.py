@@ -39,7 +39,7 @@ class Result:
     candidate_indices: list[tuple[int, int]]  # (position index, layer) of every scored candidate
     mean_diffs: np.ndarray  # [position, layer, d_model] float64: the difference in means at every offset and layer
     filtering: dict[str, int | bool]  # the score-sign filter's counts (`directions.sign_filter`)
-    candidate_scores: list[dict]  # bypass, induce, KL, norm per candidate, annotated by the strict rules
+    candidate_scores: list[dict]  # bypass, induce, KL, norm per candidate, annotated by the configured rule
     selected: dict  # the winning candidate's row
     selection_tier: str  # "strict", the fallback tier that found it, or "matched_damage"
     fallback_used: bool

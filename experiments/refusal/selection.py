@@ -19,7 +19,7 @@ class Selection:
     """The selected candidate, every candidate's scores and the unedited val means the rules read."""
 
     selected: dict  # the winner's row: position, layer, bypass, induce, kl, norm, offset, token
-    candidate_scores: list[dict]  # every candidate's row, annotated by the strict rules (kept, reason)
+    candidate_scores: list[dict]  # every candidate's row, annotated by the configured rule (kept, reason)
     tier: str  # "strict", the fallback tier that found the winner, or "matched_damage"
     harmful_val_logodds: float  # mean unedited refusal log-odds on the val prompts
     harmless_val_logodds: float
